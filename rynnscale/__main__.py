@@ -1,0 +1,5 @@
+import sys
+
+from rynnscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""Load a YAML recipe (with inheritance and dotlist overrides) into a validated ``RootConfig``.
+
+- ``extends: other.yaml`` (or a list) at the top of a recipe merges it over its parents; paths are
+  relative to the recipe that names them. Children override parents; lists are replaced, not merged.
+- ``key=value`` overrides (omegaconf dotlist syntax) are applied last.
+- Errors are ``ConfigError`` whose message names the key, the value and what is allowed, raised before
+  any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .schema import CHOICES, RootConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += _all_keys(f.default_factory, name + ".")
+    return keys
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+    parents = node.pop("extends", None)
+    if parents is None:
+        return node
+    parents = [parents] if isinstance(parents, str) else list(parents)
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    if isinstance(e, ConfigKeyError) and key:
+        close = difflib.get_close_matches(key, _all_keys(RootConfig), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = sorted(k.rsplit(".", 1)[-1] for k in _all_keys(RootConfig)
+                         if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+        return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
+    if isinstance(e, ValidationError) and key:
+        return f"config key '{key}': {msg}"
+    return f"{key + ': ' if key else ''}{msg}"
+
+
+def load_config(recipe: str | Path | None, overrides: Iterable[str] = ()) -> RootConfig:
+    """Recipe file + dotlist overrides -> validated RootConfig (a plain dataclass tree)."""
+    schema = OmegaConf.structured(RootConfig)
+    try:
+        layers = [schema]
+        if recipe is not None:
+            layers.append(_read_yaml(Path(recipe)))
+        overrides = list(overrides)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RootConfig) -> None:
+    """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
+    ckpt_resume = cfg.checkpoint.resume
+    positive = {
+        "train.max_steps": cfg.train.max_steps, "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
+        "train.grad_accum": cfg.train.grad_accum, "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,
+        "train.log_every": cfg.train.log_every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "model.activation_checkpointing_every": cfg.model.activation_checkpointing_every,
+        "data.pack_window": cfg.data.pack_window, "parallel.ep": cfg.parallel.ep,
+        "parallel.dp_replicate": cfg.parallel.dp_replicate,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' = {value} must be >= 1")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"config key 'parallel.dp_shard' = {cfg.parallel.dp_shard} must be -1 (all remaining) or >= 1")
+    for key in ("optim.lr", "optim.eps"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' = {_get(cfg, key)} must be > 0")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio} must be in [0, 1]")
+    if not 0 <= cfg.optim.warmup_steps <= cfg.train.max_steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' = {cfg.optim.warmup_steps} must be in "
+                          f"[0, train.max_steps={cfg.train.max_steps}]")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_bad_fraction' = {cfg.data.max_bad_fraction} must be in [0, 1]")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"config key 'checkpoint.every_steps' = {cfg.checkpoint.every_steps} must be >= 0")
+    if ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
+        raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
+                          "checkpoint directory")
+    # model: exactly one source of architecture
+    if (cfg.model.init_from is None) == (cfg.model.arch is None):
+        raise ConfigError("set exactly one of 'model.init_from' (a local Hugging Face directory) and 'model.arch' "
+                          f"(an inline architecture); got init_from={cfg.model.init_from!r}, "
+                          f"arch={'set' if cfg.model.arch is not None else 'unset'}")
+    if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
+        raise ConfigError(f"config key 'model.init_from' = {cfg.model.init_from!r}: no config.json there "
+                          "(expected a local Hugging Face Qwen3-VL checkpoint directory)")
+    if cfg.model.arch is not None:
+        from rynnscale.models.qwen3_vl.args import ArchConfigError, Qwen3VLArgs
+        try:
+            Qwen3VLArgs.from_hf_config(cfg.model.arch, strict=True, where="model.arch")
+        except ArchConfigError as e:
+            raise ConfigError(f"config key {e}") from None
+    if not cfg.data.train_shards and cfg.data.synthetic.num_samples <= 0:
+        raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns) or "
+                          "'data.synthetic.num_samples' > 0")
+    if cfg.train.micro_batch_tokens < 16:
+        raise ConfigError(f"config key 'train.micro_batch_tokens' = {cfg.train.micro_batch_tokens} is too small")
+
+
+def to_yaml(cfg: RootConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_resolved(cfg: RootConfig, path: str | Path) -> None:
+    """Write the fully resolved config (what the run actually used) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)

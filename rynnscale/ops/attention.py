@@ -1,0 +1,88 @@
+"""Variable-length (packed) attention: one interface, several backends computing the same function.
+
+``varlen_attention(q_thd, k_thd, v_thd, cu_seqlens, max_seqlen, causal)`` attends within each
+document ``cu_seqlens[i]:cu_seqlens[i+1]`` of a packed row and never across documents.
+Shapes: q [T, Hq, D], k/v [T, Hkv, D] with Hq % Hkv == 0 (GQA), output [T, Hq, D].
+
+Backends
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash kernel inside torch, CUDA only).
+- ``sdpa_mask``: one SDPA call over the whole row with a block-diagonal (causal) mask.
+- ``loop``: one SDPA call per document; the plain reference and the CPU default (memory
+  O(max s^2) instead of O(T^2)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "varlen", "sdpa_mask", "loop")
+
+
+def _varlen_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "varlen" if _varlen_available(device) else "loop"
+    return backend
+
+
+def _expand_kv(x_thd: torch.Tensor, groups: int) -> torch.Tensor:
+    return x_thd if groups == 1 else x_thd.repeat_interleave(groups, dim=1)
+
+
+def varlen_attention(
+    q_thd: torch.Tensor,
+    k_thd: torch.Tensor,
+    v_thd: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    backend = resolve_backend(backend, q_thd.device)
+    groups = q_thd.shape[1] // k_thd.shape[1]
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        # torch 2.11's varlen_attn has no GQA switch: expand k/v heads.
+        k_thd, v_thd = _expand_kv(k_thd, groups), _expand_kv(v_thd, groups)
+        cu = cu_seqlens.to(device=q_thd.device, dtype=torch.int32)
+        kwargs = {"scale": scale} if scale is not None else {}
+        if causal:
+            kwargs["window_size"] = (-1, 0)
+        return varlen_attn(q_thd, k_thd, v_thd, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    if backend == "sdpa_mask":
+        T = q_thd.shape[0]
+        doc_t = torch.repeat_interleave(
+            torch.arange(cu_seqlens.numel() - 1, device=q_thd.device),
+            (cu_seqlens[1:] - cu_seqlens[:-1]).to(q_thd.device).long(), output_size=T)
+        mask_tt = doc_t[:, None] == doc_t[None, :]
+        if causal:
+            mask_tt &= torch.ones(T, T, dtype=torch.bool, device=q_thd.device).tril()
+        out_htd = F.scaled_dot_product_attention(
+            q_thd.transpose(0, 1), _expand_kv(k_thd, groups).transpose(0, 1),
+            _expand_kv(v_thd, groups).transpose(0, 1), attn_mask=mask_tt, scale=scale)
+        return out_htd.transpose(0, 1)
+    # loop: the reference
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        q = q_thd[start:end].transpose(0, 1)
+        k = _expand_kv(k_thd[start:end], groups).transpose(0, 1)
+        v = _expand_kv(v_thd[start:end], groups).transpose(0, 1)
+        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else q_thd.new_empty(q_thd.shape)

@@ -1,0 +1,94 @@
+"""Recipe loading: inheritance, overrides, validation errors naming the key."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rynnscale.config import ConfigError, load_config, save_resolved
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_ARCH = """
+model:
+  arch:
+    text_config: {vocab_size: 151936, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2,
+                  num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, mrope_section: [2, 3, 3]}
+    vision_config: {depth: 1, hidden_size: 32, num_heads: 2, intermediate_size: 64, out_hidden_size: 32,
+                    deepstack_visual_indexes: [0]}
+data:
+  synthetic: {num_samples: 8}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_ARCH + "train: {max_steps: 7, micro_batch_tokens: 512}\noptim: {lr: 0.001}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrain: {max_steps: 9}\nrun: {seed: 3}\n")
+    return child
+
+
+def test_inheritance_and_overrides(recipe):
+    cfg = load_config(recipe, ["optim.lr=0.01", "data.train_shards=[a.tar,b.tar]"])
+    assert cfg.train.max_steps == 9            # child overrides parent
+    assert cfg.train.micro_batch_tokens == 512  # parent value kept
+    assert cfg.run.seed == 3
+    assert cfg.optim.lr == 0.01                 # dotlist override wins
+    assert cfg.data.train_shards == ["a.tar", "b.tar"]
+    assert cfg.model.arch["text_config"]["hidden_size"] == 32
+
+
+def test_typo_names_key_and_suggests(recipe):
+    with pytest.raises(ConfigError, match=r"train\.max_step'.*did you mean 'train\.max_steps'"):
+        load_config(recipe, ["train.max_step=5"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.max_steps=abc", r"train\.max_steps"),
+    ("optim.schedule=cosin", r"optim\.schedule.*cosine"),
+    ("logging.wandb.mode=loud", r"logging\.wandb\.mode.*offline"),
+    ("train.grad_accum=0", r"train\.grad_accum"),
+    ("parallel.dp_shard=0", r"parallel\.dp_shard"),
+    ("optim.warmup_steps=100", r"optim\.warmup_steps"),
+    ("model.arch.text_config.hidden_sze=3", r"hidden_sze"),
+    ("model.arch.text_config.num_key_value_heads=3", r"num_key_value_heads"),
+    ("model.init_from=/nonexistent", r"exactly one of 'model.init_from'"),
+    ("checkpoint.resume=/no/such/ckpt", r"checkpoint\.resume"),
+])
+def test_invalid_values_fail_naming_key(recipe, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(recipe, [override])
+
+
+def test_inheritance_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_resolved_config_round_trips(recipe, tmp_path):
+    cfg = load_config(recipe, ["optim.lr=0.02"])
+    out = tmp_path / "out" / "config.yaml"
+    save_resolved(cfg, out)
+    assert load_config(out) == cfg
+
+
+def test_cli_typo_fails_fast_naming_key(recipe):
+    """The issue's acceptance check: a recipe typo fails in under 5 s with a message naming the key."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rynnscale", "train", str(recipe), "train.max_step=5"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 2
+    assert "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+
+
+def test_demo_recipe_is_valid():
+    cfg = load_config(REPO / "recipes" / "demo_tiny.yaml")
+    assert cfg.model.arch is not None and cfg.data.synthetic.num_samples > 0
