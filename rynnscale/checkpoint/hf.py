@@ -1,0 +1,699 @@
+"""Hugging Face checkpoint import / export for Qwen3-VL (dense) and Qwen3-VL-MoE.
+
+Our model's state-dict keys and layouts are transformers' own (``model.visual.*``,
+``model.language_model.*``, ``lm_head.weight``; experts fused as ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]``), so import / export is a key mapping plus validation, not a conversion.
+Only safetensors and JSON are read or written (no pickle).
+
+Fused-expert layouts ("expert_layout")
+- ``"v5"``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]`` (``F.linear`` weights). The layout
+  of our model and of transformers 5 modules; transformers 5 ``save_pretrained`` writes it
+  (checked with 5.24, also after loading a hub-layout checkpoint).
+- ``"hub"``: ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``. What Qwen's released
+  Qwen3-VL-MoE checkpoints store (written by transformers 4.57) and what transformers 5 transposes
+  on load (``conversion_mapping.py``: ``qwen3_vl_moe`` -> ``Transpose(1, 2, check_dims=True)``).
+  Released checkpoints hold no per-expert ``experts.{e}.gate_proj.weight`` tensors.
+
+A non-square expert tensor's shape names its layout. When ``H == 2I`` (``gate_up_proj``) or
+``H == I`` (``down_proj``) both layouts have the same shape; transformers then assumes "v5" and
+silently loads a hub checkpoint transposed (huggingface/transformers#47031). We never guess: a
+square tensor takes the checkpoint's *declared* layout, in this order: the ``expert_layout``
+argument, the ``rynnscale.expert_layout`` metadata our export writes into every shard, the
+``transformers_version`` in config.json (< 5: "hub"; >= 5: "v5"). No declaration -> error. A
+declaration that a non-square tensor of the same checkpoint contradicts is not trusted for the
+square ones (error); an explicit ``expert_layout`` argument that a shape contradicts is an error too.
+Otherwise non-square tensors follow their shape, as in transformers. All checks read safetensors
+headers only, before any parameter is written, so a refused checkpoint leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+
+SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+EXPERT_LAYOUTS = ("v5", "hub")
+LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LM_HEAD = "lm_head.weight"
+EMBED = "model.language_model.embed_tokens.weight"
+# Tokenizer / processor files copied verbatim from ``copy_from`` on export (plus ``chat_template*``).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+)
+_MAX_LISTED = 20
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+# Module-wrapper name segments that never belong in an HF key (torch.compile, activation checkpointing).
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face checkpoint directory is unusable; the message names the file / tensors."""
+
+
+# ---------------------------------------------------------------------------------------- config
+def read_hf_config(path: str | os.PathLike) -> tuple[Qwen3VLArgs, dict[str, Any]]:
+    """Read ``config.json`` (``path`` is the checkpoint directory or the file itself).
+
+    Returns our args and the raw dict (for keys args do not carry, e.g. ``transformers_version``)."""
+    path = Path(path)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not cfg_path.is_file():
+        raise HFCheckpointError(f"{cfg_path}: no such file (a Hugging Face checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HFCheckpointError(
+            f"{cfg_path}: model_type={model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}")
+    quant = raw.get("quantization_config")
+    if quant:
+        raise HFCheckpointError(
+            f"{cfg_path}: quantized checkpoints are not supported "
+            f"(quantization_config.quant_method={quant.get('quant_method')!r}); use the bf16 release")
+    return Qwen3VLArgs.from_hf_config(raw, where=str(cfg_path)), raw
+
+
+def hf_param_shapes(args: Qwen3VLArgs, *, include_tied: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF state dict implied by ``args`` -> its shape (experts in "v5" layout).
+
+    ``lm_head.weight`` is left out when embeddings are tied (not stored in a checkpoint) unless
+    ``include_tied``. This is the contract export validates against."""
+    t, v = args.text, args.vision
+    out: dict[str, tuple[int, ...]] = {}
+    vis = "model.visual."
+    hv, merged = v.hidden_size, v.hidden_size * v.spatial_merge_size ** 2
+    out[vis + "patch_embed.proj.weight"] = (hv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    out[vis + "patch_embed.proj.bias"] = (hv,)
+    out[vis + "pos_embed.weight"] = (v.num_position_embeddings, hv)
+
+    def linear(prefix: str, n_out: int, n_in: int, bias: bool) -> None:
+        out[prefix + ".weight"] = (n_out, n_in)
+        if bias:
+            out[prefix + ".bias"] = (n_out,)
+
+    def layer_norm(prefix: str, n: int) -> None:
+        out[prefix + ".weight"] = (n,)
+        out[prefix + ".bias"] = (n,)
+
+    for i in range(v.depth):
+        b = f"{vis}blocks.{i}."
+        layer_norm(b + "norm1", hv)
+        layer_norm(b + "norm2", hv)
+        linear(b + "attn.qkv", 3 * hv, hv, True)
+        linear(b + "attn.proj", hv, hv, True)
+        linear(b + "mlp.linear_fc1", v.intermediate_size, hv, True)
+        linear(b + "mlp.linear_fc2", hv, v.intermediate_size, True)
+    # the final merger normalises before the 2x2 shuffle (width hv), the deepstack mergers after it
+    for prefix, norm_width in [(vis + "merger", hv)] + [
+            (f"{vis}deepstack_merger_list.{j}", merged) for j in range(len(v.deepstack_visual_indexes))]:
+        layer_norm(prefix + ".norm", norm_width)
+        linear(prefix + ".linear_fc1", merged, merged, True)
+        linear(prefix + ".linear_fc2", v.out_hidden_size, merged, True)
+
+    lm = "model.language_model."
+    h, hd = t.hidden_size, t.head_dim
+    out[lm + "embed_tokens.weight"] = (t.vocab_size, h)
+    for i in range(t.num_hidden_layers):
+        b = f"{lm}layers.{i}."
+        linear(b + "self_attn.q_proj", t.num_attention_heads * hd, h, t.attention_bias)
+        linear(b + "self_attn.k_proj", t.num_key_value_heads * hd, h, t.attention_bias)
+        linear(b + "self_attn.v_proj", t.num_key_value_heads * hd, h, t.attention_bias)
+        linear(b + "self_attn.o_proj", h, t.num_attention_heads * hd, t.attention_bias)
+        out[b + "self_attn.q_norm.weight"] = (hd,)
+        out[b + "self_attn.k_norm.weight"] = (hd,)
+        if t.layer_is_moe(i):
+            e, inter = t.num_experts, t.moe_intermediate_size
+            out[b + "mlp.experts.gate_up_proj"] = (e, 2 * inter, h)
+            out[b + "mlp.experts.down_proj"] = (e, h, inter)
+            out[b + "mlp.gate.weight"] = (e, h)
+        else:
+            linear(b + "mlp.gate_proj", t.intermediate_size, h, False)
+            linear(b + "mlp.up_proj", t.intermediate_size, h, False)
+            linear(b + "mlp.down_proj", h, t.intermediate_size, False)
+        out[b + "input_layernorm.weight"] = (h,)
+        out[b + "post_attention_layernorm.weight"] = (h,)
+    out[lm + "norm.weight"] = (h,)
+    if include_tied or not args.tie_word_embeddings:
+        out[LM_HEAD] = (t.vocab_size, h)
+    return out
+
+
+# ------------------------------------------------------------------------------------ key helpers
+def _expert_kind(name: str) -> str | None:
+    """"gate_up" / "down" for a fused expert tensor name, else None."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        return "gate_up"
+    if name.endswith(".mlp.experts.down_proj"):
+        return "down"
+    return None
+
+
+def _to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Convert a fused expert tensor between "hub" and "v5" (the two differ by a transpose of dims 1, 2)."""
+    return x if src == dst else x.transpose(1, 2).contiguous()
+
+
+def _canonical_key(key: str) -> str:
+    """Map a checkpoint key to transformers' ``Qwen3VLForConditionalGeneration`` name.
+
+    The one prefix variant transformers itself accepts for these classes is a bare ``Qwen3VLModel``
+    save (``visual.*`` / ``language_model.*``, no ``model.``: its ``base_model_prefix`` rule). The
+    Qwen3-VL classes define no other ``_checkpoint_conversion_mapping`` / conversion renames."""
+    if key.startswith(("visual.", "language_model.")):
+        return "model." + key
+    return key
+
+
+def _strip_wrappers(name: str) -> str:
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
+def _listing(title: str, items: Iterable[str]) -> str:
+    items = sorted(items)
+    shown = items[:_MAX_LISTED]
+    more = f", ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"- {title} ({len(items)}): " + ", ".join(shown) + more
+
+
+def _raise_if(problems: list[str], where: str) -> None:
+    if problems:
+        raise HFCheckpointError(f"{where}:\n" + "\n".join(problems))
+
+
+def _version_layout(raw_cfg: dict[str, Any]) -> str | None:
+    """Expert layout implied by the transformers version that wrote the checkpoint (None if unknown)."""
+    m = re.match(r"\s*(\d+)\.", str(raw_cfg.get("transformers_version", "")))
+    if not m:
+        return None
+    return "hub" if int(m.group(1)) < 5 else "v5"
+
+
+# ---------------------------------------------------------------------------------------- reading
+@dataclass
+class _Source:
+    file: Path
+    key: str                     # name inside the file
+    shape: tuple[int, ...]
+    dtype: str                   # safetensors dtype string, e.g. "BF16"
+
+
+def _checkpoint_sources(path: Path) -> tuple[list[Path], dict[str, _Source], list[str]]:
+    """Shard files, checkpoint key -> source (from headers only), and problems found."""
+    single, index = path / SINGLE_FILE, path / INDEX_FILE
+    problems: list[str] = []
+    if index.is_file() and single.is_file():
+        raise HFCheckpointError(f"{path}: both {SINGLE_FILE} and {INDEX_FILE} exist; remove the stale one")
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HFCheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise HFCheckpointError(f"{index}: shard file(s) listed but missing: {absent}")
+    elif single.is_file():
+        weight_map, files = None, [single]
+    else:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {pickled}: pickle checkpoints are not loaded; convert to safetensors)" if pickled else ""
+        raise HFCheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    sources: dict[str, _Source] = {}
+    duplicates, unindexed = [], []
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                if k in sources:
+                    duplicates.append(f"{k} ({sources[k].file.name} and {f.name})")
+                sources[k] = _Source(f, k, tuple(sl.get_shape()), sl.get_dtype())
+                if weight_map is not None and weight_map.get(k) != f.name:
+                    unindexed.append(f"{k} (in {f.name}, index says {weight_map.get(k)})")
+    if duplicates:
+        problems.append(_listing("tensors stored in more than one shard", duplicates))
+    if unindexed:
+        problems.append(_listing(f"tensors whose shard disagrees with {INDEX_FILE}", unindexed))
+    if weight_map is not None:
+        lost = [f"{k} (index says {v})" for k, v in weight_map.items() if k not in sources]
+        if lost:
+            problems.append(_listing(f"tensors listed in {INDEX_FILE} but absent from their shard", lost))
+    return files, sources, problems
+
+
+def _declared_layout(arg: str | None, files: list[Path], raw_cfg: dict[str, Any]) -> tuple[str | None, str]:
+    """The checkpoint's declared expert layout and where the declaration comes from."""
+    if arg is not None:
+        if arg not in EXPERT_LAYOUTS:
+            raise ValueError(f"expert_layout={arg!r} is not one of {EXPERT_LAYOUTS}")
+        return arg, "the expert_layout argument"
+    tagged = set()
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            tagged.add((st.metadata() or {}).get(LAYOUT_METADATA_KEY))
+    tagged.discard(None)
+    if len(tagged) > 1:
+        raise HFCheckpointError(f"shards disagree on metadata {LAYOUT_METADATA_KEY}: {sorted(tagged)}")
+    if tagged:
+        layout = tagged.pop()
+        if layout not in EXPERT_LAYOUTS:
+            raise HFCheckpointError(f"shard metadata {LAYOUT_METADATA_KEY}={layout!r} is not one of {EXPERT_LAYOUTS}")
+        return layout, f"shard metadata {LAYOUT_METADATA_KEY}"
+    version_layout = _version_layout(raw_cfg)
+    if version_layout is not None:
+        return version_layout, f"config.json transformers_version={raw_cfg['transformers_version']}"
+    return None, "nothing (no expert_layout argument, shard metadata or config.json transformers_version)"
+
+
+@dataclass
+class LoadReport:
+    """What ``load_hf_weights`` did."""
+    path: str
+    files: list[str]
+    num_tensors: int = 0                      # checkpoint tensors copied into the model
+    num_bytes: int = 0                        # bytes read from the checkpoint
+    expert_layout: dict[str, int] = field(default_factory=dict)   # "v5"/"hub" -> fused expert tensors read in it
+    transposed: list[str] = field(default_factory=list)          # expert tensors converted hub -> v5
+    renamed: int = 0                          # keys mapped from a prefix variant (bare Qwen3VLModel save)
+    tied: list[str] = field(default_factory=list)                # model names filled through a tied alias
+    dtype_casts: dict[str, int] = field(default_factory=dict)    # "BF16->torch.float32" -> count
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def copy_into(target: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy one full (unsharded, CPU) checkpoint tensor into one model tensor, in place.
+
+    ``target`` is a plain parameter/buffer or a DTensor (FSDP2 / expert-parallel shard): each rank
+    cuts its own piece from the full tensor it read itself (``src_data_rank=None``: no scatter)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            src = src.to(device=target.to_local().device, dtype=target.dtype)
+            piece = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(piece.to_local())
+        else:
+            target.copy_(src)
+
+
+def load_hf_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    expert_layout: str | None = None,
+) -> LoadReport:
+    """Load a Hugging Face Qwen3-VL(-MoE) safetensors checkpoint into ``model``'s tensors in place.
+
+    Reads ``model.safetensors`` or the shards of ``model.safetensors.index.json``, one tensor at a
+    time (peak extra memory ~ one tensor). The model must hold real storage (build on meta, then
+    ``to_empty`` and re-tie embeddings). Every missing / unexpected / mis-shaped tensor and every
+    undecidable expert layout is collected from the headers first and reported in one
+    ``HFCheckpointError`` before anything is written. ``lm_head.weight`` may be absent when the
+    model ties it to ``embed_tokens``. ``dtype``: floating model tensors are re-allocated in this
+    dtype as they are loaded (plain tensors only; Parameter objects and ties are kept).
+    ``expert_layout`` ("v5" / "hub") overrides the checkpoint's declared layout (module docstring).
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_dir():
+        raise HFCheckpointError(f"{path}: not a directory")
+    raw_cfg: dict[str, Any] = {}
+    if (path / "config.json").is_file():
+        _, raw_cfg = read_hf_config(path)
+    tied_in_config = bool(raw_cfg.get("tie_word_embeddings", False))
+    files, sources, problems = _checkpoint_sources(path)
+    report = LoadReport(path=str(path), files=[f.name for f in files])
+
+    # --- model side: names -> tensor, aliases (tied weights) grouped by object identity
+    targets: dict[str, torch.Tensor] = {}
+    alias_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        name = _strip_wrappers(name)
+        targets[name] = tensor
+        alias_of.setdefault(id(tensor), []).append(name)
+    on_meta = [n for n, x in targets.items() if x.is_meta]
+    if on_meta:
+        raise HFCheckpointError(
+            f"model has {len(on_meta)} tensor(s) on the meta device (e.g. {on_meta[:3]}); "
+            "call model.to_empty(device=...) (and re-tie embeddings) before loading")
+    from torch.distributed.tensor import DTensor
+    if dtype is not None and any(isinstance(x, DTensor) for x in targets.values()):
+        raise HFCheckpointError("dtype= cannot re-allocate DTensor (sharded) parameters; build the model in "
+                                f"{dtype} before sharding and call without dtype=")
+
+    # --- checkpoint side: canonical names, collisions
+    by_name: dict[str, _Source] = {}
+    collisions = []
+    for key, src in sources.items():
+        name = _canonical_key(key)
+        if name != key:
+            report.renamed += 1
+        if name in by_name:
+            collisions.append(f"{name} (from {by_name[name].key} and {key})")
+        by_name[name] = src
+    if collisions:
+        problems.append(_listing("keys that map to the same model name", collisions))
+
+    # --- pair them up; aliases (tied weights) are filled once
+    plan: list[str] = []               # names read from the checkpoint and copied into the model
+    missing, extra_alias = [], []
+    for group in alias_of.values():
+        present = [n for n in group if n in by_name]
+        if not present:
+            hint = ""
+            if LM_HEAD in group and tied_in_config:
+                hint = (f" [config.json ties embeddings, but the model's {LM_HEAD} is not the same tensor as "
+                        f"{EMBED}: re-tie it after to_empty]")
+            missing.append(group[0] + hint)
+            continue
+        if len(present) > 1 and not tied_in_config:
+            extra_alias.append(" / ".join(present))
+        plan.append(present[0])
+        report.tied += [n for n in group if n != present[0]]
+        for dup in present[1:]:
+            report.notes.append(f"{dup}: tied to {present[0]} in the model; its checkpoint copy was not read")
+    if missing:
+        problems.append(_listing("tensors the model needs but the checkpoint lacks", missing))
+    if extra_alias:
+        problems.append(_listing("tensors tied in the model but stored separately while config.json says "
+                                 "tie_word_embeddings=false", extra_alias))
+    aliased = {n for group in alias_of.values() for n in group}
+    unexpected = [n for n in by_name if n not in aliased]
+    if unexpected:
+        hint = ""
+        if any(re.search(r"\.mlp\.experts\.\d+\.", n) for n in unexpected):
+            hint = " [per-expert tensors (experts.{e}.*_proj.weight): fuse them into experts.gate_up_proj / " \
+                   "experts.down_proj; released Qwen3-VL-MoE checkpoints are fused]"
+        problems.append(_listing("tensors in the checkpoint the model does not have", unexpected) + hint)
+
+    # --- shapes and expert layouts (headers only)
+    declared, declared_by = _declared_layout(expert_layout, files, raw_cfg)
+    layout_of: dict[str, str] = {}
+    mismatched, square, contradicting = [], [], []
+    for name in plan:
+        src, want = by_name[name], tuple(targets[name].shape)
+        kind = _expert_kind(name)
+        if kind is None or len(want) != 3:
+            if src.shape != want:
+                mismatched.append(f"{name}: checkpoint {list(src.shape)} vs model {list(want)}")
+            continue
+        hub_shape = (want[0], want[2], want[1])
+        fits = [lay for lay, shp in (("v5", want), ("hub", hub_shape)) if src.shape == shp]
+        if not fits:
+            mismatched.append(f"{name}: checkpoint {list(src.shape)} vs model {list(want)} "
+                              f"(or {list(hub_shape)} in the hub layout)")
+        elif len(fits) == 2:
+            square.append(name)
+        else:
+            layout_of[name] = fits[0]
+            if declared is not None and fits[0] != declared:
+                contradicting.append(f"{name}: stored {fits[0]}")
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if contradicting and (expert_layout is not None or square):
+        problems.append(_listing(
+            f"expert tensors whose shape contradicts the layout {declared!r} declared by {declared_by}"
+            + (f", so it cannot decide the {len(square)} square ones (e.g. {square[0]})" if square else ""),
+            contradicting))
+    elif contradicting:
+        report.notes.append(f"{len(contradicting)} expert tensor(s) stored in a layout other than {declared!r} "
+                            f"declared by {declared_by}; their (non-square) shapes decided")
+    if square and declared is None:
+        problems.append(_listing(
+            "square expert tensors (H == 2I or H == I: 'v5' and 'hub' layouts have the same shape) and the "
+            f"checkpoint declares {declared_by}; pass expert_layout='v5' or 'hub'", square))
+    elif square:
+        layout_of.update({n: declared for n in square})
+    bad_dtype = [f"{n} ({by_name[n].dtype})" for n in plan if by_name[n].dtype not in _SAFETENSORS_DTYPES]
+    if bad_dtype:
+        problems.append(_listing("tensors with an unsupported dtype", bad_dtype))
+    _raise_if(problems, f"cannot load Hugging Face checkpoint {path}")
+
+    # --- copy, shard by shard, one tensor at a time
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(by_name[name].file, []).append(name)
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in by_file.get(f, []):
+                src = by_name[name]
+                x = st.get_tensor(src.key)
+                report.num_bytes += x.numel() * x.element_size()
+                if name in layout_of:
+                    report.expert_layout[layout_of[name]] = report.expert_layout.get(layout_of[name], 0) + 1
+                    if layout_of[name] != "v5":
+                        report.transposed.append(name)
+                    x = _to_layout(x, layout_of[name], "v5")
+                target = targets[name]
+                if dtype is not None and target.is_floating_point() and target.dtype != dtype:
+                    target.data = torch.empty_like(target, dtype=dtype)
+                if x.dtype != target.dtype:
+                    cast = f"{src.dtype}->{target.dtype}"
+                    report.dtype_casts[cast] = report.dtype_casts.get(cast, 0) + 1
+                copy_into(target, x)
+                report.num_tensors += 1
+                del x
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------- writing
+@dataclass
+class ExportReport:
+    """What ``export_hf`` wrote."""
+    out_dir: str
+    files: list[str]
+    num_tensors: int
+    total_bytes: int
+    dtype: str
+    expert_layout: str
+    seconds: float
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def export_hf(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    args: Qwen3VLArgs,
+    out_dir: str | os.PathLike,
+    *,
+    copy_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    expert_layout: str = "v5",
+    overwrite: bool = False,
+) -> ExportReport:
+    """Write a Hugging Face directory that ``transformers`` loads with ``from_pretrained``.
+
+    ``named_tensors`` yields HF-named full tensors (our model's names; experts in "v5" layout). They
+    are consumed one at a time; a shard is flushed before it would exceed ``max_shard_bytes`` (a
+    single larger tensor gets its own shard), so peak memory is about one shard. Output:
+    ``model.safetensors`` (one shard) or ``model-XXXXX-of-YYYYY.safetensors`` + index, ``config.json``
+    (``args.to_hf_config()`` + dtype), and from ``copy_from`` (the init model) ``generation_config.json``
+    and tokenizer / processor files. Names and shapes are checked against ``hf_param_shapes(args)``
+    (one ``HFCheckpointError`` listing every problem). ``dtype`` casts floating tensors.
+    ``expert_layout="v5"`` (default) is what transformers 5 writes and loads for any shape; "hub" is
+    the released checkpoints' layout for older readers (refused when square: transformers 5 would
+    load it transposed). Everything is written into a temporary directory beside ``out_dir`` and
+    renamed when complete; a non-empty ``out_dir`` is refused unless ``overwrite``.
+    DTensor values are gathered with ``full_tensor()`` (a collective: single-process use for now).
+    """
+    t0 = time.perf_counter()
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPERT_LAYOUTS}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    copy_from = Path(copy_from) if copy_from is not None else None
+    if copy_from is not None and not copy_from.is_dir():
+        raise HFCheckpointError(f"copy_from={copy_from}: not a directory")
+    expected = hf_param_shapes(args)
+    if expert_layout == "hub":
+        square = [n for n, s in expected.items() if _expert_kind(n) and s[1] == s[2]]
+        if square:
+            raise HFCheckpointError(
+                f"expert_layout='hub' with square expert tensors ({square[0]} {list(expected[square[0]])}, ...): "
+                "transformers 5 would load them transposed (transformers#47031); use expert_layout='v5'")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        report = _write_dir(named_tensors, args, tmp, expected, copy_from, max_shard_bytes, dtype, expert_layout)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.out_dir = str(out_dir)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ...]], copy_from: Path | None,
+               max_shard_bytes: int, dtype: torch.dtype | None, expert_layout: str) -> ExportReport:
+    from torch.distributed.tensor import DTensor
+
+    meta = {"format": "pt", LAYOUT_METADATA_KEY: expert_layout}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, parts, weight_map = 0, [], {}
+    seen: set[str] = set()
+    unexpected, mismatched, duplicated = [], [], []
+    float_bytes: Counter[torch.dtype] = Counter()
+    total = total_params = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            part = tmp / f"part-{len(parts):05d}.safetensors"
+            save_file(shard, str(part), metadata=meta)
+            parts.append((part, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for name, x in named_tensors:
+        if name in seen:
+            duplicated.append(name)
+            continue
+        seen.add(name)
+        if name not in expected:
+            unexpected.append(name)
+        elif tuple(x.shape) != expected[name]:
+            mismatched.append(f"{name}: {list(x.shape)} vs {list(expected[name])} from args")
+        if unexpected or mismatched or duplicated:
+            continue  # keep consuming to list every problem, write nothing more
+        if isinstance(x, DTensor):
+            x = x.full_tensor()
+        x = x.detach().to("cpu")
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        if _expert_kind(name):
+            x = _to_layout(x, "v5", expert_layout)
+        x = x.contiguous()
+        if any(x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for y in shard.values()):
+            x = x.clone()  # safetensors refuses tensors sharing storage (e.g. tied weights)
+        nbytes = x.numel() * x.element_size()
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = x
+        shard_bytes += nbytes
+        total += nbytes
+        total_params += x.numel()
+        if x.is_floating_point():
+            float_bytes[x.dtype] += nbytes
+    missing = [n for n in expected if n not in seen]
+    problems = []
+    if missing:
+        problems.append(_listing("tensors args require but the stream lacks", missing))
+    if unexpected:
+        problems.append(_listing("tensors not in the Hugging Face layout of these args", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if duplicated:
+        problems.append(_listing("tensors yielded more than once", duplicated))
+    _raise_if(problems, "cannot export to Hugging Face format")
+    flush()
+
+    files = []
+    if len(parts) == 1:
+        parts[0][0].rename(tmp / SINGLE_FILE)
+        files.append(SINGLE_FILE)
+    else:
+        for i, (part, names) in enumerate(parts):
+            fname = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+            part.rename(tmp / fname)
+            files.append(fname)
+            weight_map.update(dict.fromkeys(names, fname))
+        index = {"metadata": {"total_parameters": total_params, "total_size": total},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(INDEX_FILE)
+
+    main_dtype = dtype or (float_bytes.most_common(1)[0][0] if float_bytes else torch.float32)
+    config = args.to_hf_config()
+    config["dtype"] = config["torch_dtype"] = _dtype_name(main_dtype)  # transformers 5 / 4.x spelling
+    # no transformers_version: we are not transformers; the shards' metadata declares the expert layout
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files.append("config.json")
+    if copy_from is not None:
+        names = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
+            p.name for p in copy_from.glob("chat_template*") if p.is_file())
+        for fname in dict.fromkeys(names):
+            if (copy_from / fname).is_file():
+                shutil.copy2(copy_from / fname, tmp / fname)
+                files.append(fname)
+    return ExportReport(out_dir="", files=files, num_tensors=len(seen), total_bytes=total,
+                        dtype=_dtype_name(main_dtype), expert_layout=expert_layout, seconds=0.0)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` to ``out_dir`` (renames only; an existing out_dir is removed after)."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        tmp.rename(out_dir)
+
+
+def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict()`` as HF names, lazily; ``lm_head.weight`` left out when ``args`` ties it.
+
+    Refuses to drop a tied ``lm_head`` whose values differ from the embedding (e.g. a tie lost
+    by ``to_empty`` before training): exporting it tied would silently change the model."""
+    sd = {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings and LM_HEAD in sd and EMBED in sd and sd[LM_HEAD] is not sd[EMBED]:
+        from torch.distributed.tensor import DTensor
+
+        def full(x: torch.Tensor) -> torch.Tensor:
+            return x.full_tensor() if isinstance(x, DTensor) else x
+        if not torch.equal(full(sd[LM_HEAD]), full(sd[EMBED])):
+            raise HFCheckpointError(
+                f"args tie word embeddings but the model's {LM_HEAD} differs from {EMBED}; "
+                "re-tie them or export with tie_word_embeddings=False")
+    for name, x in sd.items():
+        if args.tie_word_embeddings and name == LM_HEAD:
+            continue
+        yield name, x
+
+
+def export_model(model: nn.Module, args: Qwen3VLArgs, out_dir: str | os.PathLike, **kwargs: Any) -> ExportReport:
+    """``export_hf`` of ``model.state_dict()`` (tied ``lm_head`` skipped); kwargs as ``export_hf``."""
+    return export_hf(model_hf_tensors(model, args), args, out_dir, **kwargs)
