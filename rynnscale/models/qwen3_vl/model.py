@@ -1,0 +1,189 @@
+"""Qwen3-VL / Qwen3-VL-MoE for training on packed rows.
+
+``Qwen3VLForConditionalGeneration`` has exactly transformers' module tree and ``state_dict()`` keys
+(``model.visual.*``, ``model.language_model.*``, ``lm_head.weight``) for both the dense and the MoE
+variant, so HF weights load with ``load_state_dict(strict=True)`` and export is a plain key copy.
+
+``forward(batch: PackedBatch) -> ModelOutput``: embeds the tokens, runs the vision tower once over
+all images and videos of the row (one call; each frame is its own attention document), writes the
+visual embeddings at the ``<|image_pad|>`` / ``<|video_pad|>`` positions, runs the decoder with the
+DeepStack features, and returns the final-normed hidden states. Logits are NOT materialised:
+``loss_sum`` uses the chunked fused ``linear_cross_entropy``; ``logits`` is there for tests/eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from rynnscale.data.batch import PackedBatch
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
+from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
+from rynnscale.ops.loss import IGNORE_INDEX, linear_cross_entropy
+
+
+@dataclass
+class ModelOutput:
+    """``hidden_ld`` [L, H] final-normed hidden states; ``aux_loss`` 0-dim (load balancing, already
+    times ``router_aux_loss_coef * top_k``, i.e. on transformers' per-layer scale; 0 for dense); ``expert_counts`` [n_moe_layers, E] int64 local
+    top-k assignment counts (detached) or None for dense."""
+
+    hidden_ld: torch.Tensor
+    aux_loss: torch.Tensor
+    expert_counts: torch.Tensor | None = None
+
+
+class LMHead(nn.Linear):
+    """HF's ``lm_head`` (``weight`` [V, H], no bias). ``lm_head(hidden)`` gives logits;
+    ``lm_head(hidden, targets_l, chunk_tokens)`` gives the fused chunked cross-entropy SUM instead.
+
+    The loss goes through this module's ``forward`` on purpose: wrapped by FSDP2, its unshard,
+    pre-backward and reduce-scatter hooks then fire around the loss like around any other layer."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+
+    def forward(self, hidden_ld: torch.Tensor, targets_l: torch.Tensor | None = None,
+                chunk_tokens: int = 4096) -> torch.Tensor:
+        if targets_l is None:
+            return super().forward(hidden_ld)
+        return linear_cross_entropy(hidden_ld, self.weight, targets_l, chunk_tokens)
+
+
+class Qwen3VLModel(nn.Module):
+    """HF's ``model``: ``visual`` + ``language_model``."""
+
+    def __init__(self, args: Qwen3VLArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
+        super().__init__()
+        from rynnscale.models.qwen3_vl.vision import Qwen3VLVisionModel
+
+        self.visual = Qwen3VLVisionModel(args.vision, attn_backend=attn_backend)
+        self.language_model = TextModel(args.text, attn_backend=attn_backend, gemm_backend=gemm_backend)
+
+
+class Qwen3VLForConditionalGeneration(nn.Module):
+    """Dense or MoE Qwen3-VL (chosen by ``args.text.num_experts``) with HF's parameter names.
+
+    ``counts_reducer``: optional ``f(local_counts [n_moe, E]) -> global counts`` used by the
+    load-balancing loss (e.g. all_reduce over data-parallel ranks); set it after construction.
+    Meta-device construction: ``with torch.device("meta"): m = cls(args)``, then
+    ``m.to_empty(device=...)`` and ``m.init_weights(seed)`` (which also re-ties tied embeddings)."""
+
+    def __init__(self, args: Qwen3VLArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.model = Qwen3VLModel(args, attn_backend, gemm_backend)
+        self.lm_head = LMHead(args.text.hidden_size, args.text.vocab_size)
+        self.counts_reducer: CountsReducer | None = None
+        self.tie_weights()
+
+    # ------------------------------------------------------------------ structure
+    def tie_weights(self) -> None:
+        """Share ``lm_head.weight`` with the token embedding when ``tie_word_embeddings``."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Qwen3VLForConditionalGeneration":
+        """``nn.Module.to_empty`` creates a new tensor per parameter slot, which unties tied
+        embeddings; re-tie right away so loading or init never sees two copies."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    def activation_checkpoint_targets(self) -> list[nn.ModuleList]:
+        """The per-layer block lists (decoder layers, vision blocks) that checkpointing / FSDP wrap."""
+        return [self.model.language_model.layers, self.model.visual.blocks]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """HF's init: normal(0, std) for linear / embedding / router / expert weights, zero biases,
+        norms to one. Re-ties embeddings first (``to_empty`` unties them). Leaves the global RNG as is."""
+        self.tie_weights()
+        devices = sorted({p.device for p in self.parameters() if p.device.type not in ("cpu", "meta")}, key=str)
+        with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
+            torch.manual_seed(seed)
+            for mod in self.model.language_model.modules():
+                if isinstance(mod, nn.Linear):
+                    nn.init.normal_(mod.weight, 0.0, std)
+                    if mod.bias is not None:
+                        nn.init.zeros_(mod.bias)
+                elif isinstance(mod, nn.Embedding):
+                    nn.init.normal_(mod.weight, 0.0, std)
+                elif isinstance(mod, TopKRouter):
+                    nn.init.normal_(mod.weight, 0.0, std)
+                elif isinstance(mod, GroupedExperts):
+                    nn.init.normal_(mod.gate_up_proj, 0.0, std)
+                    nn.init.normal_(mod.down_proj, 0.0, std)
+                elif isinstance(mod, RMSNorm):
+                    mod.reset_parameters()
+            if not self.args.tie_word_embeddings:
+                nn.init.normal_(self.lm_head.weight, 0.0, std)
+            self.model.visual.init_weights(std)
+
+    # ------------------------------------------------------------------ forward
+    def _visual_inputs(self, batch: PackedBatch, embeds_lh: torch.Tensor):
+        """Vision tower over images + videos in one call -> (embeds with visual rows replaced,
+        visual row indices [V], deepstack features list of [V, H]) or (embeds, None, None)."""
+        pix, grids, kinds = [], [], []
+        a = self.args
+        for pv, grid, tok, name in ((batch.pixel_values, batch.image_grid_thw, a.image_token_id, "image"),
+                                    (batch.pixel_values_videos, batch.video_grid_thw, a.video_token_id, "video")):
+            if pv is None:
+                continue
+            if grid is None:
+                raise ValueError(f"PackedBatch has {name} pixel values but no {name}_grid_thw")
+            pix.append(pv)
+            grids.append(grid)
+            kinds.append((tok, name, int(grid.prod(-1).sum()) // self.args.vision.spatial_merge_size ** 2))
+        if not pix:
+            return embeds_lh, None, None
+        # the tower casts pixels to its compute dtype itself (FSDP mixed precision keeps fp32 storage)
+        vis_mh, deepstack = self.model.visual(torch.cat(pix), torch.cat(grids))
+        idx_parts, start = [], 0
+        for tok, name, n in kinds:
+            idx_v = (batch.input_ids_l == tok).nonzero().squeeze(1)
+            if idx_v.numel() != n:
+                raise ValueError(f"PackedBatch has {idx_v.numel()} <|{name}_pad|> tokens (id {tok}) but its "
+                                 f"{name}_grid_thw gives {n} merged {name} tokens")
+            embeds_lh = embeds_lh.index_copy(0, idx_v, vis_mh[start:start + n].to(embeds_lh.dtype))
+            idx_parts.append(idx_v)
+            start += n
+        return embeds_lh, torch.cat(idx_parts), deepstack
+
+    def forward(self, batch: PackedBatch) -> ModelOutput:
+        lm = self.model.language_model
+        embeds_lh = lm.embed_tokens(batch.input_ids_l)
+        embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
+        hidden_lh, stats = lm(embeds_lh, batch.position_ids_3l, batch.cu_seqlens, batch.max_seqlen,
+                              visual_idx_v, deepstack)
+        if not stats:
+            return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None)
+        prob_mean_le = torch.stack([s.prob_mean_e for s in stats])
+        counts_le = torch.stack([s.counts_e for s in stats])
+        lb = load_balancing_loss(prob_mean_le, counts_le, self.counts_reducer)
+        # x top_k: transformers' per-layer value is top_k x ours (its f_e sums to k), and checkpoints'
+        # router_aux_loss_coef was tuned on that scale; keep the coefficient's meaning.
+        coef = self.args.text.router_aux_loss_coef * self.args.text.num_experts_per_tok
+        return ModelOutput(hidden_lh, lb * coef, counts_le)
+
+    # ------------------------------------------------------------------ heads
+    def logits(self, hidden_ld: torch.Tensor) -> torch.Tensor:
+        """Full logits [L, V] (tests / evaluation; training uses ``loss_sum``)."""
+        return self.lm_head(hidden_ld)
+
+    def loss_sum(self, batch: PackedBatch, output: ModelOutput, chunk_tokens: int = 4096) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the row (divide by the global target count yourself).
+
+        Shifts the labels by one within the row: the first label of every sample is -100 by the
+        PackedBatch contract, so no target crosses a sample boundary (checked)."""
+        labels_l = batch.labels_l
+        starts = batch.cu_seqlens[1:-1].to(device=labels_l.device, dtype=torch.long)
+        if starts.numel() and bool((labels_l.index_select(0, starts) != IGNORE_INDEX).any()):
+            raise ValueError("PackedBatch.labels_l must be -100 at the first token of every sample "
+                             f"(cu_seqlens={batch.cu_seqlens.tolist()}); a row shift would cross samples")
+        targets_l = torch.cat([labels_l[1:], labels_l.new_full((1,), IGNORE_INDEX)])
+        return self.lm_head(output.hidden_ld, targets_l, chunk_tokens)

@@ -1,0 +1,179 @@
+"""Qwen3-VL-MoE sparse MLP: softmax top-k router, dropless experts on a grouped GEMM.
+
+Parameter names and layouts are transformers' (5.x) ``Qwen3VLMoeTextSparseMoeBlock`` ones, so a
+decoder layer's ``mlp.*`` keys load 1:1:
+- ``gate.weight``            [E, H]      router (``Qwen3VLMoeTextTopKRouter``)
+- ``experts.gate_up_proj``   [E, 2I, H]  gate rows first, then up rows
+- ``experts.down_proj``      [E, H, I]
+
+Forward = route -> dispatch -> compute -> combine, as separate methods so expert parallelism can
+later put an all-to-all between dispatch and compute (and its inverse between compute and combine)
+without touching the math:
+- route:    probs = softmax(x @ Wg.T) in fp32, top-k, renormalised (as HF), weights in x's dtype.
+- dispatch: the T*k (token, expert) pairs are stably sorted by expert (one argsort, no Python loop
+            over experts); ``offsets_e`` (cumulative ends) come from ``searchsorted`` on the device,
+            so nothing syncs with the host.
+- compute:  grouped GEMM gate_up -> SiLU(gate) * up -> grouped GEMM down.
+- combine:  routing weights applied in the sorted order, rows scattered back by the inverse
+            permutation, then summed over the k choices per token (deterministic; no atomics).
+
+Load balancing. Each layer returns ``RouterStats``: the mean router probability per expert
+``P_e`` (differentiable) and the local top-k assignment counts (detached). The model computes
+``load_balancing_loss`` OUTSIDE any activation-checkpointed region, so the optional
+``counts_reducer`` (e.g. an all_reduce over data-parallel ranks = global-batch balancing) runs once
+per step for all layers together and is never re-run by checkpoint recomputation.
+
+Definition (per MoE layer l, then averaged over layers):
+    lb_l = E * sum_e f_e * P_e,   f_e = (global) share of the layer's top-k assignments sent to e
+so a perfectly balanced router gives lb_l = 1. transformers' ``load_balancing_loss_func`` instead
+(1) sums counts and probabilities over ALL layers before multiplying (a product of averages, not an
+average of per-layer products) and (2) uses f_e = assignments / tokens, which sums to k, so its
+balanced value is k. For a single layer HF's value is exactly k * ours; the model multiplies by
+``router_aux_loss_coef * k`` so a coefficient taken from a transformers config keeps its strength.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rynnscale.models.qwen3_vl.args import TextArgs
+from rynnscale.ops.grouped_gemm import grouped_mm
+
+CountsReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics of one forward.
+
+    ``prob_mean_e`` fp32 [E]: mean router probability per expert over this rank's tokens (has grad).
+    ``counts_e`` int64 [E]: top-k assignments per expert on this rank (no grad)."""
+
+    prob_mean_e: torch.Tensor
+    counts_e: torch.Tensor
+
+
+@dataclass
+class Dispatch:
+    """What ``combine`` needs to undo ``dispatch``.
+
+    ``perm_s`` [S=T*k]: sorted slot -> flat (token, choice) slot; ``weight_s`` [S]: routing weight
+    in sorted order; ``offsets_e`` int32 [E]: cumulative end row of each expert in sorted order."""
+
+    perm_s: torch.Tensor
+    weight_s: torch.Tensor
+    offsets_e: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+
+class TopKRouter(nn.Module):
+    """Softmax router: ``weight`` [E, H] (HF: ``mlp.gate.weight``)."""
+
+    def __init__(self, args: TextArgs):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.top_k = args.num_experts_per_tok
+        self.norm_topk_prob = args.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+
+    def forward(self, x_th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> probs_te fp32 [T, E], topk_weight_tk [T, k] (x's dtype), topk_idx_tk int64 [T, k]."""
+        logits_te = F.linear(x_th, self.weight)
+        probs_te = torch.softmax(logits_te, dim=-1, dtype=torch.float32)
+        topk_weight_tk, topk_idx_tk = torch.topk(probs_te, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            topk_weight_tk = topk_weight_tk / topk_weight_tk.sum(dim=-1, keepdim=True)
+        return probs_te, topk_weight_tk.to(logits_te.dtype), topk_idx_tk
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored fused as 3-D tensors (HF: ``mlp.experts.*``)."""
+
+    def __init__(self, args: TextArgs, gemm_backend: str = "auto"):
+        super().__init__()
+        if args.hidden_act != "silu":
+            raise ValueError(f"text_config.hidden_act={args.hidden_act!r} is not supported by the MoE experts; "
+                             "allowed: 'silu'")
+        E, H, inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        self.num_experts = E
+        self.intermediate_size = inter
+        self.gemm_backend = gemm_backend
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+
+    def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert [S, H] -> expert outputs [S, H] (unweighted)."""
+        gate_up_s2i = grouped_mm(x_sorted_sh, self.gate_up_proj, offsets_e, backend=self.gemm_backend)
+        gate_si, up_si = gate_up_s2i.chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate_si) * up_si, self.down_proj, offsets_e, backend=self.gemm_backend)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts; ``forward(x_th) -> (y_th, RouterStats)``."""
+
+    def __init__(self, args: TextArgs, gemm_backend: str = "auto"):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.top_k = args.num_experts_per_tok
+        self.gate = TopKRouter(args)
+        self.experts = GroupedExperts(args, gemm_backend)
+
+    def dispatch(self, x_th: torch.Tensor, topk_weight_tk: torch.Tensor,
+                 topk_idx_tk: torch.Tensor) -> tuple[torch.Tensor, Dispatch]:
+        """Permute token copies into expert order: -> x_sorted [T*k, H] and the Dispatch record."""
+        T, k = topk_idx_tk.shape
+        expert_s = topk_idx_tk.reshape(-1)
+        expert_sorted_s, perm_s = torch.sort(expert_s, stable=True)
+        ids_e = torch.arange(self.num_experts, device=expert_s.device, dtype=expert_sorted_s.dtype)
+        offsets_e = torch.searchsorted(expert_sorted_s, ids_e, right=True).to(torch.int32)
+        x_sorted_sh = x_th.index_select(0, perm_s // k)
+        weight_s = topk_weight_tk.reshape(-1).index_select(0, perm_s)
+        return x_sorted_sh, Dispatch(perm_s, weight_s, offsets_e, T, k)
+
+    def compute(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        return self.experts(x_sorted_sh, offsets_e)
+
+    def combine(self, y_sorted_sh: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Weight, un-permute and sum over the k choices: [T*k, H] sorted -> [T, H]."""
+        y_weighted_sh = y_sorted_sh * d.weight_s[:, None].to(y_sorted_sh.dtype)
+        # inverse permutation as a scatter with unique indices (deterministic), then sum over k
+        y_flat_sh = torch.empty_like(y_weighted_sh).index_copy(0, d.perm_s, y_weighted_sh)
+        return y_flat_sh.view(d.num_tokens, d.top_k, y_flat_sh.shape[-1]).sum(dim=1)
+
+    def forward(self, x_th: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        probs_te, topk_weight_tk, topk_idx_tk = self.gate(x_th)
+        x_sorted_sh, d = self.dispatch(x_th, topk_weight_tk, topk_idx_tk)
+        y_sorted_sh = self.compute(x_sorted_sh, d.offsets_e)
+        y_th = self.combine(y_sorted_sh, d)
+        with torch.no_grad():
+            counts_e = torch.diff(d.offsets_e.long(), prepend=d.offsets_e.new_zeros(1).long())
+        if x_th.shape[0] == 0:  # keep the graph connected; no tokens, no probability mass
+            prob_mean_e = probs_te.sum(0)
+        else:
+            prob_mean_e = probs_te.mean(0)
+        return y_th, RouterStats(prob_mean_e, counts_e)
+
+
+def load_balancing_loss(
+    prob_mean_le: torch.Tensor,
+    counts_le: torch.Tensor,
+    counts_reducer: CountsReducer | None = None,
+) -> torch.Tensor:
+    """Mean over MoE layers of ``E * sum_e f_e * P_e`` (see the module docstring).
+
+    ``prob_mean_le`` [n_layers, E] (differentiable), ``counts_le`` [n_layers, E] local top-k counts.
+    ``counts_reducer`` maps local counts to global ones (e.g. all_reduce SUM over data-parallel ranks;
+    None = this process only). Not multiplied by ``router_aux_loss_coef``."""
+    E = prob_mean_le.shape[-1]
+    counts = counts_le.detach()
+    if counts_reducer is not None:
+        counts = counts_reducer(counts)
+    counts = counts.to(prob_mean_le.dtype)
+    f_le = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
+    return (E * (f_le * prob_mean_le).sum(dim=-1)).mean()

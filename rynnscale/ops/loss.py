@@ -1,0 +1,90 @@
+"""Fused lm_head + cross-entropy that never materialises the full [L, V] fp32 logits.
+
+``linear_cross_entropy(hidden_ld, weight_vh, labels_l, chunk_tokens)`` returns the SUM over tokens of
+``-log softmax(hidden @ weight.T)[label]`` (labels already shifted; ``-100`` = ignored). The caller
+divides by its own token count (e.g. across micro-batches and ranks), which is why this is a sum.
+
+How: only labelled rows are kept (one host sync to count them), then rows are processed in chunks of
+``chunk_tokens``: logits [chunk, V] in the input dtype, upcast to fp32, logsumexp, and -- when a
+gradient is needed -- the gradients w.r.t. hidden and weight right away (``softmax - onehot``), as
+Liger's fused linear cross-entropy does. Backward then only scales those by the incoming scalar
+gradient, so the vocabulary matmul runs 3 times per chunk instead of 4 (no recompute) and peak extra
+memory is one chunk of logits plus one fp32 [V, H] weight-gradient accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ld, weight_vh, labels_l, chunk_tokens: int, ignore_index: int, grad_enabled: bool):
+        L, H = hidden_ld.shape
+        acc = _acc_dtype(hidden_ld.dtype)
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        rows_n = (labels_l != ignore_index).nonzero().squeeze(1)  # host sync: the labelled row count
+        h_nh = hidden_ld.index_select(0, rows_n)
+        y_n = labels_l.index_select(0, rows_n)
+        loss = torch.zeros((), dtype=acc, device=hidden_ld.device)
+        grad_h_nh = torch.empty_like(h_nh) if need_h else None
+        grad_w_vh = torch.zeros(weight_vh.shape, dtype=acc, device=weight_vh.device) if need_w else None
+        for s in range(0, h_nh.shape[0], chunk_tokens):
+            h_ch = h_nh[s:s + chunk_tokens]
+            y_c = y_n[s:s + chunk_tokens]
+            logits_cv = (h_ch @ weight_vh.t()).to(acc)
+            lse_c = torch.logsumexp(logits_cv, dim=-1)
+            loss = loss + (lse_c - logits_cv.gather(1, y_c[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d loss_sum / d logits = softmax - onehot, computed in place on the chunk's logits
+                dlogits_cv = logits_cv.sub_(lse_c[:, None]).exp_()
+                dlogits_cv.scatter_add_(1, y_c[:, None], dlogits_cv.new_full((y_c.shape[0], 1), -1.0))
+                d_cv = dlogits_cv.to(hidden_ld.dtype)
+                if need_h:
+                    grad_h_nh[s:s + chunk_tokens] = d_cv @ weight_vh
+                if need_w:
+                    grad_w_vh += (d_cv.t() @ h_ch).to(acc)
+        ctx.save_for_backward(rows_n, grad_h_nh if need_h else None, grad_w_vh if need_w else None)
+        ctx.shape_ld, ctx.h_dtype, ctx.w_dtype = (L, H), hidden_ld.dtype, weight_vh.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        rows_n, grad_h_nh, grad_w_vh = ctx.saved_tensors
+        grad_h = grad_w = None
+        if grad_h_nh is not None:
+            grad_h = grad_h_nh.new_zeros(ctx.shape_ld)
+            grad_h.index_copy_(0, rows_n, grad_h_nh * grad_loss.to(grad_h_nh.dtype))
+        if grad_w_vh is not None:
+            grad_w = (grad_w_vh * grad_loss).to(ctx.w_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden_ld: torch.Tensor,
+    weight_vh: torch.Tensor,
+    labels_l: torch.Tensor,
+    chunk_tokens: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Sum over labelled tokens of the cross-entropy of ``hidden_ld [L, H] @ weight_vh[V, H].T``.
+
+    ``labels_l`` [L] are the already-shifted targets (``ignore_index`` = no loss). Returns a 0-dim
+    fp32 tensor (fp64 for fp64 inputs); 0 with zero gradients if no token is labelled."""
+    if hidden_ld.dim() != 2 or weight_vh.dim() != 2 or hidden_ld.shape[1] != weight_vh.shape[1]:
+        raise ValueError(f"linear_cross_entropy: expected hidden [L, H] and weight [V, H], got "
+                         f"{tuple(hidden_ld.shape)} and {tuple(weight_vh.shape)}")
+    if labels_l.shape != hidden_ld.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: labels shape {tuple(labels_l.shape)} != ({hidden_ld.shape[0]},)")
+    if chunk_tokens <= 0:
+        raise ValueError(f"linear_cross_entropy: chunk_tokens must be positive, got {chunk_tokens}")
+    # inside Function.forward grad mode is off, so decide here whether gradients are wanted (eval: no)
+    return _LinearCrossEntropy.apply(hidden_ld, weight_vh, labels_l, int(chunk_tokens), int(ignore_index),
+                                     torch.is_grad_enabled())
