@@ -1,0 +1,117 @@
+"""Run observability: metrics.jsonl, console progress with ETA, wandb (offline by default), end-of-run plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from rynnscale.config.schema import RootConfig
+
+log = logging.getLogger("rynnscale")
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def expert_load_max_over_mean(counts_le) -> tuple[float, list[float]]:
+    """Worst (over MoE layers) ratio of the busiest expert's tokens to the mean; plus the per-layer ratios."""
+    per_layer = []
+    for row in counts_le.double():
+        mean = row.mean().item()
+        per_layer.append(row.max().item() / mean if mean > 0 else float("nan"))
+    worst = max((r for r in per_layer if not math.isnan(r)), default=float("nan"))
+    return worst, per_layer
+
+
+class MetricsLogger:
+    """Writes one JSON line per step, drives the progress bar and wandb. Only rank 0 writes."""
+
+    def __init__(self, cfg: RootConfig, output_dir: Path, *, is_main: bool, start_step: int = 0):
+        self.is_main = is_main
+        self.path = output_dir / METRICS_FILE
+        self._bar = None
+        self._wandb = None
+        if not is_main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.logging.progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True, smoothing=0.1)
+        if cfg.logging.wandb.mode != "disabled":
+            self._wandb = _init_wandb(cfg, output_dir)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _init_wandb(cfg: RootConfig, output_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; logging to %s only", output_dir / METRICS_FILE)
+        return None
+    wcfg = cfg.logging.wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from rynnscale.config import to_yaml
+    import yaml
+    return wandb.init(
+        project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
+        name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),
+        settings=wandb.Settings(console="off"))
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
+    """PNG with loss (and aux loss), learning rate and tokens/s against the step."""
+    records = read_metrics(output_dir)
+    if not records:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in records], label="loss")
+    if any(r.get("aux_loss") for r in records):
+        axes[0].plot(steps, [r["aux_loss"] for r in records], label="aux (load balance)")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("loss (mean over assistant tokens)")
+    axes[1].plot(steps, [r["lr"] for r in records])
+    axes[1].set_title("learning rate")
+    axes[2].plot(steps, [r["tokens_per_s"] for r in records])
+    axes[2].set_title("tokens / s")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(output_dir) / out_name
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,130 @@
+"""Training-step numerics: accumulation equals one big batch; schedule shape; checkpointing is exact."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from rynnscale.config.schema import OptimConfig
+from rynnscale.data.batch import PackedBatch
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+from rynnscale.train.optim import build_optimizer, lr_factor
+from rynnscale.train.trainer import train_step
+
+VOCAB = 151936
+
+
+def tiny_args(num_experts: int, aux_coef: float = 0.0) -> Qwen3VLArgs:
+    return Qwen3VLArgs.from_hf_config({
+        "model_type": "qwen3_vl_moe" if num_experts else "qwen3_vl",
+        "text_config": {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "mrope_section": [1, 1, 2],
+                        "num_experts": num_experts, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                        "router_aux_loss_coef": aux_coef},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                          "num_position_embeddings": 16, "deepstack_visual_indexes": [0]},
+    }, strict=False)
+
+
+def text_sample(gen: torch.Generator, length: int) -> dict:
+    ids = torch.randint(0, 5000, (length,), generator=gen)
+    labels = ids.clone()
+    labels[: length // 3] = -100  # a "prompt" without loss
+    labels[0] = -100
+    pos = torch.arange(length).expand(3, length)
+    return {"ids": ids, "labels": labels, "pos": pos}
+
+
+def pack(samples: list[dict]) -> PackedBatch:
+    lens = [s["ids"].numel() for s in samples]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    return PackedBatch(
+        input_ids_l=torch.cat([s["ids"] for s in samples]), labels_l=torch.cat([s["labels"] for s in samples]),
+        position_ids_3l=torch.cat([s["pos"] for s in samples], dim=1), cu_seqlens=cu, max_seqlen=max(lens))
+
+
+def make_model(args, seed=0):
+    model = Qwen3VLForConditionalGeneration(args, attn_backend="loop")
+    model.init_weights(seed)
+    return model
+
+
+@pytest.mark.parametrize("num_experts", [0, 4])
+def test_grad_accum_equals_one_big_batch(num_experts):
+    """Loss = mean over all target tokens of the step, so 2 micro-batches == 1 row with both (no aux loss)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    samples = [text_sample(gen, n) for n in (17, 29, 11, 23)]
+    args = tiny_args(num_experts)
+    m1 = make_model(args)
+    m2 = copy.deepcopy(m1)
+    m2.tie_weights()
+    # SGD: parameter differences are then exactly lr x gradient differences (Adam's first step is
+    # ~lr*sign(g) and would amplify fp32 rounding of near-zero gradients)
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+    s1 = train_step(m1, o1, [pack(samples[:2]), pack(samples[2:])], **kw)
+    s2 = train_step(m2, o2, [pack(samples)], **kw)
+    assert s1.target_tokens == s2.target_tokens > 0
+    assert math.isclose(s1.loss, s2.loss, rel_tol=1e-6)
+    assert math.isclose(s1.grad_norm, s2.grad_norm, rel_tol=1e-5)
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+    if num_experts:
+        assert torch.equal(s1.expert_counts, s2.expert_counts)
+        assert s1.expert_counts.sum() == 2 * 2 * sum(s["ids"].numel() for s in samples)  # layers * top-k * tokens
+
+
+def test_loss_is_token_mean_cross_entropy():
+    """Our step loss equals a plain float64 cross-entropy mean over shifted targets, per sample."""
+    gen = torch.Generator().manual_seed(2)
+    samples = [text_sample(gen, n) for n in (13, 21)]
+    model = make_model(tiny_args(0)).double()
+    batch = pack(samples)
+    with torch.no_grad():
+        out = model(batch)
+        ours = model.loss_sum(batch, out, chunk_tokens=7) / batch.num_target_tokens
+        logits = model.logits(out.hidden_ld)
+        total, count = 0.0, 0
+        cu = batch.cu_seqlens.tolist()
+        for a, b in zip(cu[:-1], cu[1:]):
+            t = batch.labels_l[a + 1:b]
+            keep = t != -100
+            total += torch.nn.functional.cross_entropy(logits[a:b - 1][keep], t[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert count == batch.num_target_tokens
+    assert math.isclose(ours.item(), total / count, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("mode,every", [("full", 1), ("every_k", 2)])
+def test_activation_checkpointing_is_exact(mode, every):
+    gen = torch.Generator().manual_seed(3)
+    batch = pack([text_sample(gen, n) for n in (19, 14)])
+    args = tiny_args(4, aux_coef=0.01)
+    ref = make_model(args)
+    ckpt = copy.deepcopy(ref)
+    ckpt.tie_weights()
+    apply_activation_checkpointing(ckpt, mode, every=every)
+    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=0.0)
+    opt_cfg = OptimConfig(lr=1e-3)
+    s_ref = train_step(ref, build_optimizer(ref, opt_cfg), [batch], **kw)
+    s_ck = train_step(ckpt, build_optimizer(ckpt, opt_cfg), [batch], **kw)
+    assert s_ref.loss == s_ck.loss and s_ref.aux_loss == s_ck.aux_loss
+    ref_params = dict(ref.named_parameters())
+    for n, p in ckpt.named_parameters():
+        torch.testing.assert_close(p, ref_params[n.replace("._checkpoint_wrapped_module", "")], rtol=0, atol=0, msg=n)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 110) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert f[60] == pytest.approx(0.55)                  # half way: mid point of [0.1, 1]
+    assert f[110] == pytest.approx(0.1)
+    lin = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert lr_factor(50, lin, 100) == pytest.approx(0.5)
+    assert lr_factor(7, OptimConfig(lr=1.0, schedule="constant"), 100) == 1.0
