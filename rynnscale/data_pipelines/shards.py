@@ -1,0 +1,530 @@
+"""Shard writer and ``manifest.json``: webdataset-compatible, deterministic, atomic, restartable.
+
+A shard is a POSIX (pax/ustar) tar of samples; sample ``key`` is stored as members
+``{key}.meta.json``, ``{key}.conv.json``, ``{key}.video.mp4``, ... (meta.json first, conv.json
+second, the rest sorted), so ``webdataset.WebDataset`` and plain ``tarfile`` both read it.
+Tar headers are fixed (mtime 0, uid/gid 0, empty owner names, mode 0644): the same samples
+give byte-identical shards. A shard is written under a hidden temporary name in the same
+directory and renamed only when complete, so a final-named shard is never half-written.
+
+``manifest.json`` beside the shards lists every finished shard (name, sample count, byte size,
+sha256, optional per-sample cost hints) and is itself replaced atomically. A shard counts as
+finished for restarts (``completed_shards``) only when the manifest lists it and its size
+matches, so a crash between the shard rename and the manifest update just redoes that shard.
+The format is documented in ``docs/data_format.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rynnscale.data.schema import CONV_MEMBER, META_MEMBER, SchemaError, validate_key, validate_member_name
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "ManifestError",
+    "ShardInfo",
+    "Manifest",
+    "ShardWriter",
+    "shard_name",
+    "sha256_file",
+    "write_manifest",
+    "read_manifest",
+    "update_manifest",
+    "completed_shards",
+    "remove_stale_temp_files",
+]
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "rynnscale-shards"
+MANIFEST_VERSION = 1
+TAR_MTIME = 0
+TAR_MODE = 0o644
+_TMP_MARK = ".tmp-"
+_SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.tar")
+_COST_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
+_PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+_TAR_BLOCK = 512
+_TAR_RECORD = 10240  # tarfile pads the archive to a multiple of this
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """A manifest.json that is missing, unreadable or does not follow the format."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as recorded in the manifest.
+
+    ``sample_costs`` maps a cost-hint name (e.g. ``num_tokens``, ``vision_patches``) to one
+    value per sample, in the order the samples appear in the tar."""
+
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    sample_costs: dict[str, list[float | int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"name": self.name, "num_samples": self.num_samples, "num_bytes": self.num_bytes, "sha256": self.sha256}
+        if self.sample_costs:
+            d["sample_costs"] = {k: list(v) for k, v in sorted(self.sample_costs.items())}
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Parsed manifest.json: finished shards sorted by name plus free-form dataset ``info``."""
+
+    shards: tuple[ShardInfo, ...]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.num_bytes for s in self.shards)
+
+    def by_name(self) -> dict[str, ShardInfo]:
+        return {s.name: s for s in self.shards}
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "info": self.info,
+            "shards": [s.to_json() for s in self.shards],
+        }
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """Final file name of shard ``index``: ``{prefix}-{index:06d}.tar``."""
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"shard prefix {prefix!r} must be 1-64 characters of letters, digits, '_' or '-' starting with a letter or '_'")
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{prefix}-{index:06d}.tar"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- manifest
+
+
+def _check_shard_entry(d: Any, i: int, where: str) -> ShardInfo:
+    w = f"{where}: shards[{i}]"
+    if not isinstance(d, Mapping):
+        raise ManifestError(f"{w}: must be an object")
+    unknown = set(d) - {"name", "num_samples", "num_bytes", "sha256", "sample_costs"}
+    if unknown:
+        raise ManifestError(f"{w}: unknown fields {sorted(unknown)}")
+    name = d.get("name")
+    # shard names come from an untrusted file: they must be plain file names in the directory
+    if not isinstance(name, str) or not _SHARD_NAME_RE.fullmatch(name) or ".." in name:
+        raise ManifestError(f"{w}.name: {name!r} is not a plain shard file name ending in .tar")
+    for k in ("num_samples", "num_bytes"):
+        v = d.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ManifestError(f"{w}.{k}: must be a non-negative integer, got {v!r}")
+    sha = d.get("sha256")
+    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+        raise ManifestError(f"{w}.sha256: must be 64 lowercase hex characters, got {sha!r}")
+    costs = d.get("sample_costs", {})
+    if not isinstance(costs, Mapping):
+        raise ManifestError(f"{w}.sample_costs: must be an object of name -> list")
+    out_costs: dict[str, list] = {}
+    for cname, vals in costs.items():
+        if not isinstance(cname, str) or not _COST_NAME_RE.fullmatch(cname):
+            raise ManifestError(f"{w}.sample_costs: bad cost name {cname!r} (lowercase identifier expected)")
+        if not isinstance(vals, list) or len(vals) != d["num_samples"]:
+            raise ManifestError(
+                f"{w}.sample_costs.{cname}: must be a list with one value per sample ({d['num_samples']}), "
+                f"got {len(vals) if isinstance(vals, list) else type(vals).__name__}"
+            )
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            raise ManifestError(f"{w}.sample_costs.{cname}: values must be finite numbers")
+        out_costs[cname] = list(vals)
+    return ShardInfo(name=name, num_samples=d["num_samples"], num_bytes=d["num_bytes"], sha256=sha, sample_costs=out_costs)
+
+
+def manifest_from_json(obj: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a parsed manifest object; raises ManifestError naming the bad field."""
+    if not isinstance(obj, Mapping):
+        raise ManifestError(f"{where}: must be a JSON object")
+    if obj.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{where}: format must be {MANIFEST_FORMAT!r}, got {obj.get('format')!r}")
+    if obj.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{where}: version {obj.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
+    shards_raw = obj.get("shards")
+    if not isinstance(shards_raw, list):
+        raise ManifestError(f"{where}: shards must be a list")
+    shards = [_check_shard_entry(d, i, where) for i, d in enumerate(shards_raw)]
+    seen: set[str] = set()
+    for s in shards:
+        if s.name in seen:
+            raise ManifestError(f"{where}: shard {s.name!r} is listed twice")
+        seen.add(s.name)
+    info = obj.get("info", {})
+    if not isinstance(info, Mapping):
+        raise ManifestError(f"{where}: info must be an object")
+    m = Manifest(shards=tuple(sorted(shards, key=lambda s: s.name)), info=dict(info))
+    for k, actual in (("total_samples", m.total_samples), ("total_bytes", m.total_bytes)):
+        if k in obj and obj[k] != actual:
+            raise ManifestError(f"{where}: {k} is {obj[k]!r} but the shards add up to {actual}")
+    return m
+
+
+def _dump_manifest(m: Manifest) -> str:
+    """JSON text of a manifest: top level indented, one compact line per shard (diff-friendly
+    and small even with per-sample cost lists)."""
+    obj = m.to_json()
+    shards = obj.pop("shards")
+    head = json.dumps(obj, indent=1)[:-2]  # drop the closing "\n}"
+    lines = [json.dumps(s, separators=(",", ":")) for s in shards]
+    body = ",\n  ".join(lines)
+    return f'{head},\n "shards": [\n  {body}\n ]\n}}\n' if lines else f'{head},\n "shards": []\n}}\n'
+
+
+def _manifest_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate ``manifest.json`` (``path`` is the file or the shard directory)."""
+    p = _manifest_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no manifest here (expected {MANIFEST_NAME} beside the shards)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{p}: cannot read manifest: {e}") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{p}: invalid JSON: {e}") from e
+    return manifest_from_json(obj, where=str(p))
+
+
+def write_manifest(out_dir: str | os.PathLike, shards: Iterable[ShardInfo], info: Mapping | None = None) -> Path:
+    """Write ``out_dir/manifest.json`` atomically (temp file + rename); returns its path."""
+    out = Path(out_dir)
+    m = Manifest(shards=tuple(sorted(shards, key=lambda s: s.name)), info=dict(info or {}))
+    manifest_from_json(json.loads(json.dumps(m.to_json())), where=str(out / MANIFEST_NAME))  # refuse to write a bad one
+    data = _dump_manifest(m).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}{_TMP_MARK}", dir=out)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(out)
+    return out / MANIFEST_NAME
+
+
+def update_manifest(out_dir: str | os.PathLike, shards: Iterable[ShardInfo], info: Mapping | None = None) -> Path:
+    """Merge ``shards`` into the existing manifest (same name replaces) and rewrite it atomically.
+
+    ``info`` replaces the stored info when given. Not safe against concurrent writers: in a
+    multi-process converter only the parent process calls this."""
+    out = Path(out_dir)
+    old = read_manifest(out) if (out / MANIFEST_NAME).exists() else Manifest(shards=())
+    merged = old.by_name()
+    for s in shards:
+        merged[s.name] = s
+    return write_manifest(out, merged.values(), old.info if info is None else info)
+
+
+def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False) -> dict[str, ShardInfo]:
+    """Shards that are finished: listed in the manifest and present with the recorded size
+    (and sha256 if ``verify_sha256``). Converters skip these on restart. Missing manifest -> {}."""
+    out = Path(out_dir)
+    if not (out / MANIFEST_NAME).exists():
+        return {}
+    done = {}
+    for s in read_manifest(out).shards:
+        p = out / s.name
+        try:
+            if p.stat().st_size != s.num_bytes:
+                continue
+        except FileNotFoundError:
+            continue
+        if verify_sha256 and sha256_file(p) != s.sha256:
+            continue
+        done[s.name] = s
+    return done
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[str]:
+    """Delete temporary shard/manifest files left by a crashed run; returns their names.
+
+    Call it only while no writer is active in ``out_dir`` (e.g. in a converter's parent
+    process before it starts workers)."""
+    removed = []
+    for p in Path(out_dir).glob(f".*{_TMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+# --------------------------------------------------------------------------------------- writer
+
+
+class _HashingFile:
+    """Write-only file wrapper that hashes and counts everything written (for tarfile)."""
+
+    def __init__(self, f):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.num_bytes = 0
+
+    def write(self, b) -> int:
+        self._f.write(b)
+        self._h.update(b)
+        self.num_bytes += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.num_bytes
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = TAR_MTIME
+    ti.mode = TAR_MODE
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def _sample_tar_bytes(payload: list[tuple[str, bytes]]) -> int:
+    """Bytes the members take in the tar: a header block each (plus a pax header and its
+    record block for names over 100 bytes) and the data padded to whole blocks."""
+    n = 0
+    for name, data in payload:
+        n += _TAR_BLOCK * (1 if len(name.encode()) <= 100 else 3)
+        n += -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK
+    return n
+
+
+def _final_tar_size(content_bytes: int) -> int:
+    """Size of the closed archive: content + two zero blocks, padded to a whole record."""
+    return -(-(content_bytes + 2 * _TAR_BLOCK) // _TAR_RECORD) * _TAR_RECORD
+
+
+def _member_order(name: str) -> tuple[int, str]:
+    return ({META_MEMBER: 0, CONV_MEMBER: 1}.get(name, 2), name)
+
+
+class ShardWriter:
+    """Write samples into size-capped tar shards ``{prefix}-{index:06d}.tar`` in ``out_dir``.
+
+    A new shard starts when the current one holds ``max_samples`` samples or the next sample
+    would push it past ``max_bytes`` (a single larger sample gets a shard of its own).
+    With ``update_manifest`` (default) every finished shard is merged into
+    ``out_dir/manifest.json`` at once, so a crash loses at most the shard being written; a
+    multi-process converter passes ``update_manifest=False`` to its workers and merges
+    ``writer.shards`` in the parent. Used as a context manager, an exception inside the
+    ``with`` block deletes the unfinished shard (finished ones stay).
+
+    Example::
+
+        with ShardWriter(out, max_samples=1000) as w:
+            w.write("ep0001_clip000", {"meta.json": b"...", "conv.json": b"...", "video.mp4": mp4},
+                    costs={"num_tokens": 812, "vision_patches": 1024})
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "shard",
+        max_samples: int = 1000,
+        max_bytes: int = 1 << 30,
+        *,
+        start_index: int = 0,
+        update_manifest: bool = True,
+        manifest_info: Mapping | None = None,
+    ):
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        shard_name(prefix, start_index)  # validates prefix and index
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.update_manifest = update_manifest
+        self.manifest_info = dict(manifest_info) if manifest_info is not None else None
+        self.shards: list[ShardInfo] = []  # finished shards, in order
+        self._next_index = start_index
+        self._keys: set[str] = set()
+        self._closed = False
+        self._cur: dict[str, Any] | None = None  # the shard being written
+
+    # -- context manager
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- shard lifecycle
+    def _open_shard(self) -> None:
+        name = shard_name(self.prefix, self._next_index)
+        self._next_index += 1
+        tmp = self.out_dir / f".{name}{_TMP_MARK}{os.getpid()}"
+        f = open(tmp, "wb")
+        hf = _HashingFile(f)
+        tar = tarfile.open(fileobj=hf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
+        self._cur = {"name": name, "tmp": tmp, "file": f, "hfile": hf, "tar": tar, "n": 0, "costs": None}
+
+    def _finish_shard(self) -> ShardInfo:
+        cur, self._cur = self._cur, None
+        try:
+            cur["tar"].close()  # writes the end-of-archive blocks, leaves our file open
+            cur["file"].flush()
+            os.fsync(cur["file"].fileno())
+            cur["file"].close()
+            os.replace(cur["tmp"], self.out_dir / cur["name"])
+        except BaseException:
+            cur["file"].close()
+            Path(cur["tmp"]).unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.out_dir)
+        info = ShardInfo(
+            name=cur["name"],
+            num_samples=cur["n"],
+            num_bytes=cur["hfile"].num_bytes,
+            sha256=cur["hfile"].hexdigest(),
+            sample_costs=cur["costs"] or {},
+        )
+        self.shards.append(info)
+        if self.update_manifest:
+            update_manifest(self.out_dir, [info], self.manifest_info)
+        return info
+
+    def write(self, key: str, members: Mapping[str, bytes], costs: Mapping[str, float | int] | None = None) -> str:
+        """Add one sample; returns the shard file name it went into.
+
+        ``members`` maps member names (``meta.json``, ``video.mp4``, ...) to bytes; every name
+        is checked with the schema before anything is written, so a rejected sample leaves
+        the shard untouched. ``costs`` are optional per-sample hints for load balancing; all
+        samples of a shard must give the same hint names."""
+        if self._closed:
+            raise RuntimeError("ShardWriter is closed")
+        where = f"sample {key!r}"
+        validate_key(key, where=where)
+        if key in self._keys:
+            raise SchemaError(f"{where}: key written twice (keys must be unique within a writer)")
+        if not members:
+            raise SchemaError(f"{where}: has no members")
+        for m in members:
+            validate_member_name(m, where=where)
+        payload: list[tuple[str, bytes]] = []
+        for m in sorted(members, key=_member_order):
+            data = members[m]
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{where}: member {m!r} must be bytes, got {type(data).__name__}")
+            payload.append((f"{key}.{m}", bytes(data)))
+        costs = dict(costs or {})
+        for cname, v in costs.items():
+            if not isinstance(cname, str) or not _COST_NAME_RE.fullmatch(cname):
+                raise ValueError(f"{where}: cost hint name {cname!r} must be a lowercase identifier")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{where}: cost hint {cname!r} must be a finite number, got {v!r}")
+
+        if self._cur is not None and (
+            self._cur["n"] >= self.max_samples
+            or _final_tar_size(self._cur["hfile"].num_bytes + _sample_tar_bytes(payload)) > self.max_bytes
+        ):
+            self._finish_shard()
+        if self._cur is None:
+            self._open_shard()
+        cur = self._cur
+        if cur["costs"] is None:
+            cur["costs"] = {k: [] for k in sorted(costs)}
+        elif set(costs) != set(cur["costs"]):
+            raise ValueError(
+                f"{where}: cost hints {sorted(costs)} differ from the other samples of shard {cur['name']} "
+                f"({sorted(cur['costs'])}); give the same hints for every sample"
+            )
+        for name, data in payload:
+            cur["tar"].addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        for k, v in costs.items():
+            cur["costs"][k].append(v)
+        cur["n"] += 1
+        self._keys.add(key)
+        return cur["name"]
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the current shard (if any) and return all shards this writer finished."""
+        if not self._closed:
+            self._closed = True
+            if self._cur is not None and self._cur["n"] > 0:
+                self._finish_shard()
+            elif self._cur is not None:
+                self.abort()
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file is deleted); finished shards stay."""
+        self._closed = True
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            try:
+                cur["file"].close()
+            finally:
+                Path(cur["tmp"]).unlink(missing_ok=True)
