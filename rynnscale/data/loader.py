@@ -1,0 +1,493 @@
+"""TrainLoader: one rank's endless, resumable stream of packed micro-batches.
+
+Pipeline of each dataloader worker (``torch.utils.data.DataLoader`` processes, or the main
+process when ``num_workers=0``)::
+
+    shards of this reader split -> tar stream -> shuffle buffer -> encode -> WindowPacker -> PackedBatch
+
+Splits. The shard order of each epoch is a seeded permutation; reader split ``i`` of ``n`` reads
+``order[i::n]``, so splits are disjoint and cover every shard once per epoch. Without balancing
+(``balance_group=1``, the default) a split is (rank, worker): ``n = world_size * workers``.
+
+Balancing (``balance_group=G > 1``; 0 = all ranks). The G ranks of a group read the SAME stream
+(split = (group, worker)), so they see identical windows of samples. Each rank estimates every
+sample's size cheaply -- from the per-sample cost hints in ``manifest.json`` (``num_tokens``,
+``vision_patches``), else from ``cost_estimator(key, members)``, else by encoding it (exact but
+G times the CPU) -- and all of them run the same deterministic plan: FFD packing of the window,
+steps of ``G x micro_batches_per_step`` packs assigned to ranks by cost (LPT + swaps). Each rank
+then encodes only the samples of its own packs, so every sample is still trained on exactly once,
+every rank yields the same number of micro-batches per step, and the step's slowest rank is close
+to the mean. Costs: the group reads each shard G times (use G = ranks per node: the page cache
+serves the other G-1 reads) and estimating must be cheap. If an estimate was low and a pack
+overflows the budget after encoding, it is re-packed (FFD) into as many micro-batches as needed
+(counted in ``stats()['estimate_overflow']``); that rank then runs one pack ahead of its group
+for the rest of the stream (correct, but per-step pairing of similar packs is lost), as it does
+when all samples of a pack turn out bad. Exact hints (converters that measure with the encoder)
+avoid both.
+
+Merging and resume. Workers' outputs are taken round-robin (the DataLoader's own order), and every
+batch carries its worker's state right after producing it: reader position, shuffle buffer and
+packer contents (as sample positions, re-read on restore), packs not yet emitted, counters. The
+loader's ``state_dict()`` is the state of the batches *consumed*; ``load_state_dict`` into a fresh
+loader (same config, shards, world size) continues with exactly the same batches.
+
+Bad samples (corrupt tar, bad member, encoder ``SampleError``, too long) are skipped, counted by
+reason and logged with shard and key; ``BadDataError`` stops the run when more than
+``max_bad_fraction`` of at least ``min_samples_for_bad_check`` samples were bad.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rynnscale.data.balance import CostModel
+from rynnscale.data.batch import EncodedSample, PackedBatch
+from rynnscale.data.encode import SampleError
+from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
+from rynnscale.data.reader import (
+    RawSample,
+    ReaderLimits,
+    ReaderStateError,
+    ShardPatternError,
+    ShardStream,
+    ShuffleBuffer,
+    expand_shard_patterns,
+    mix64,
+    read_positions,
+    shuffled,
+)
+
+log = logging.getLogger("rynnscale.data")
+
+STATE_VERSION = 1
+_MAX_BAD_WARNINGS = 200   # per worker; later bad samples are logged at DEBUG level
+CostEstimator = Callable[[str, dict], tuple[int, int]]
+
+
+class BadDataError(RuntimeError):
+    """Too large a fraction of the samples was bad."""
+
+
+class LoaderStateError(ReaderStateError):
+    """A loader state that does not fit this loader (other config, world size, shards...)."""
+
+
+@dataclass
+class LoaderConfig:
+    """Everything the loader needs; ``from_run_config`` maps the run config onto it."""
+
+    train_shards: list[str] = field(default_factory=list)  # paths, globs, brace patterns
+    seed: int = 0
+    micro_batch_tokens: int = 4096        # token budget of one packed micro-batch
+    pack_window: int = 64                 # look-ahead samples per rank for FFD packing
+    shuffle_buffer: int = 256             # samples; 0 = no sample-level shuffle
+    shuffle_shards: bool = True
+    num_workers: int = 0                  # dataloader worker processes per rank
+    prefetch_factor: int = 2              # batches queued per worker
+    multiprocessing_context: str | None = None  # None = torch's default (fork on Linux)
+    max_bad_fraction: float = 0.05
+    min_samples_for_bad_check: int = 200
+    balance_group: int = 1                # ranks planning together; 1 = none, 0 = all ranks
+    micro_batches_per_step: int = 1       # micro-batches per rank per optimizer step (grad_accum)
+    num_epochs: int | None = None         # None = endless
+    cost_model: CostModel = field(default_factory=CostModel)
+    limits: ReaderLimits = field(default_factory=ReaderLimits)
+
+    @classmethod
+    def from_run_config(cls, cfg: Any, **overrides: Any) -> LoaderConfig:
+        """From a RootConfig-like object (``cfg.data.*``, ``cfg.train.micro_batch_tokens``,
+        ``cfg.train.grad_accum``)."""
+        d, t = cfg.data, cfg.train
+        kw = dict(train_shards=list(d.train_shards), seed=d.seed, micro_batch_tokens=t.micro_batch_tokens,
+                  pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
+                  max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum)
+        kw.update(overrides)
+        return cls(**kw)
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"LoaderConfig.{key}={getattr(self, key)!r} is invalid: {rule}")
+        need(bool(self.train_shards), "train_shards", "give at least one shard path, glob or brace pattern")
+        for k in ("micro_batch_tokens", "pack_window", "prefetch_factor", "micro_batches_per_step"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "must be an int >= 1")
+        for k in ("shuffle_buffer", "num_workers", "balance_group", "min_samples_for_bad_check"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "must be an int >= 0")
+        need(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be None (endless) or >= 1")
+
+
+# ----------------------------------------------------------------------------- per-worker pipeline
+
+
+class _Entry:
+    """A sample inside the packer or a pending pack: its position, raw members until encoded."""
+
+    __slots__ = ("pos", "members", "encoded")
+
+    def __init__(self, pos: tuple[str, int, str], members: dict | None, encoded: EncodedSample | None = None):
+        self.pos, self.members, self.encoded = pos, members, encoded
+
+
+class _ManifestHints:
+    """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard."""
+
+    def __init__(self):
+        self._dirs: dict[str, dict | None] = {}
+
+    def get(self, shard: str, index: int) -> tuple[int, int] | None:
+        from rynnscale.data_pipelines.shards import ManifestError, read_manifest
+
+        d = os.path.dirname(shard)
+        if d not in self._dirs:
+            try:
+                self._dirs[d] = read_manifest(d).by_name()
+            except (ManifestError, OSError):
+                self._dirs[d] = None
+        infos = self._dirs[d]
+        info = infos.get(os.path.basename(shard)) if infos else None
+        if info is None or "num_tokens" not in info.sample_costs or index >= info.num_samples:
+            return None
+        vp = info.sample_costs.get("vision_patches")
+        return int(info.sample_costs["num_tokens"][index]), int(vp[index]) if vp is not None else 0
+
+
+class _WorkerPipeline:
+    """One reader split -> shuffled samples -> encode/estimate -> packer -> this rank's batches."""
+
+    def __init__(self, cfg: LoaderConfig, encoder: Any, estimator: CostEstimator | None, shards: list[str],
+                 rank: int, world_size: int, worker: int, num_workers: int, state: dict | None):
+        G = cfg.balance_group or world_size
+        W = max(1, num_workers)
+        self.cfg, self.encoder, self.estimator = cfg, encoder, estimator
+        self.G, self.grank = G, rank % G
+        self.where = f"rank {rank} worker {worker} (reader split {(rank // G) * W + worker})"
+        self.split, self.num_splits = (rank // G) * W + worker, (world_size // G) * W
+        self.stream = ShardStream(shards, seed=cfg.seed, split=self.split, num_splits=self.num_splits,
+                                  shuffle=cfg.shuffle_shards, epochs=cfg.num_epochs, limits=cfg.limits)
+        self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.seed, stream=self.split)
+        self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * G, num_ranks=G,
+                                   micro_batches_per_step=cfg.micro_batches_per_step if G > 1 else 1,
+                                   cost_model=cfg.cost_model, seed=mix64(cfg.seed, self.split))
+        self.shards = shards
+        self.shard_index = {p: i for i, p in enumerate(shards)}
+        self.hints = _ManifestHints()
+        self.pending: deque[list[PackItem]] = deque()   # this rank's packs, in emission order
+        self.counter = 0          # samples pulled from the shuffled stream (owner of early-bad ones)
+        self.seen = 0
+        self.bad: Counter[str] = Counter()
+        self.batches = 0
+        self.samples_out = 0
+        self.overflow = 0
+        self._warned_encode_estimate = False
+        if state is not None:
+            self._restore(state)
+
+    # -- samples in
+    def _encode(self, shard: str, key: str, members: dict) -> EncodedSample:
+        try:
+            return self.encoder.encode(key, members)
+        except SampleError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"encoder failed on shard {shard!r} key {key!r}: {type(e).__name__}: {e}") from e
+
+    def _estimate(self, s: RawSample) -> tuple[int, int]:
+        hint = self.hints.get(s.shard, s.index)
+        if hint is not None and 1 <= hint[0] <= self.cfg.micro_batch_tokens:
+            return hint  # the manifest is untrusted too: implausible hints are measured instead
+        if self.estimator is not None:
+            t, v = self.estimator(s.key, s.members)
+            return int(t), int(v)
+        if not self._warned_encode_estimate:
+            self._warned_encode_estimate = True
+            log.warning("balance_group=%d but shard %s has no per-sample cost hints and no cost_estimator was "
+                        "given: every rank encodes every sample of its group to measure it", self.G, s.shard)
+        enc = self._encode(s.shard, s.key, s.members)
+        return enc.num_tokens, enc.num_vision_patches
+
+    def _item(self, s: RawSample, carried: int = 0) -> PackItem:
+        """PackItem for a raw sample (may raise SampleError)."""
+        if self.G == 1:
+            enc = self._encode(s.shard, s.key, s.members)
+            return PackItem(s.key, enc.num_tokens, enc.num_vision_patches, _Entry(s.position, None, enc), carried)
+        t, v = self._estimate(s)
+        return PackItem(s.key, t, v, _Entry(s.position, s.members), carried)
+
+    def _count_bad(self, reason: str, shard: str, key: str, detail: str) -> None:
+        self.bad[reason] += 1
+        total = sum(self.bad.values())
+        level = logging.WARNING if total <= _MAX_BAD_WARNINGS else logging.DEBUG
+        log.log(level, "skipping bad sample (%s) shard=%s key=%s: %s", reason, shard, key, detail)
+        if total == _MAX_BAD_WARNINGS:
+            log.warning("%s: %d bad samples so far; further ones are logged at DEBUG level (counts continue)",
+                        self.where, total)
+        if self.seen >= self.cfg.min_samples_for_bad_check and total > self.cfg.max_bad_fraction * self.seen:
+            raise BadDataError(_bad_message(total, self.seen, self.bad, self.cfg.max_bad_fraction, self.where))
+
+    def _ingest(self, s: RawSample) -> None:
+        owner = self.counter % self.G == self.grank
+        self.counter += 1
+        if owner:
+            self.seen += 1
+        if s.is_bad:
+            if owner:
+                self._count_bad(s.bad_reason, s.shard, s.key, s.bad_detail)
+            return
+        try:
+            plan = self.packer.push(self._item(s))
+        except SampleError as e:
+            if owner:
+                self._count_bad(e.reason, s.shard, s.key, e.detail)
+            return
+        if plan is not None:
+            self.pending.extend(plan[self.grank])
+
+    # -- batches out
+    def _materialize(self) -> PackedBatch | None:
+        """Encode (if needed) and build the first pending pack; None if all its samples went bad."""
+        items = self.pending.popleft()
+        good: list[PackItem] = []
+        for it in items:
+            e: _Entry = it.ref
+            if e.encoded is None:
+                try:
+                    e.encoded = self._encode(e.pos[0], e.pos[2], e.members)
+                except SampleError as err:
+                    self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail)
+                    continue
+                finally:
+                    e.members = None
+            good.append(PackItem(it.key, e.encoded.num_tokens, e.encoded.num_vision_patches, e))
+        budget = self.cfg.micro_batch_tokens
+        too_long = [it for it in good if it.num_tokens > budget]
+        for it in too_long:
+            self._count_bad("too_long", it.ref.pos[0], it.key,
+                            f"{it.num_tokens} tokens after encoding (estimate was lower) exceed the budget {budget}")
+        good = [it for it in good if it.num_tokens <= budget]
+        if not good:
+            return None
+        if sum(it.num_tokens for it in good) > budget:  # estimates were low: split this pack
+            self.overflow += 1
+            parts = [[good[i] for i in b] for b in ffd_bins([it.num_tokens for it in good], budget)]
+            self.pending.extendleft(reversed(parts[1:]))
+            good = parts[0]
+        return build_packed_batch([it.ref.encoded for it in good])
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, dict]]:
+        src = shuffled(iter(self.stream), self.buffer)
+        while True:
+            if self.pending:
+                batch = self._materialize()
+                if batch is not None:
+                    self.batches += 1
+                    self.samples_out += batch.num_samples
+                    yield batch, self.state()
+                continue
+            s = next(src, None)
+            if s is None:
+                plan = self.packer.flush()
+                if plan is None:
+                    return
+                self.pending.extend(plan[self.grank])
+                continue
+            self._ingest(s)
+
+    # -- state
+    def _pos_out(self, pos: tuple[str, int, str]) -> list:
+        return [self.shard_index[pos[0]], pos[1], pos[2]]
+
+    def _pos_in(self, x: list) -> tuple[str, int, str]:
+        i = int(x[0])
+        if not 0 <= i < len(self.shards):
+            raise LoaderStateError(f"loader state names shard #{i} but there are {len(self.shards)} shards")
+        return (self.shards[i], int(x[1]), str(x[2]))
+
+    def state(self) -> dict:
+        """Plain-data snapshot; samples are [shard index, ordinal in the shard, key]."""
+        def pos(it: PackItem) -> list:
+            return self._pos_out(it.ref.pos)
+
+        shuffle = self.buffer.state
+        shuffle["buffer"] = [self._pos_out(tuple(p)) for p in shuffle["buffer"]]
+        return {
+            "split": self.split, "num_splits": self.num_splits, "group_rank": self.grank,
+            "stream": self.stream.state,
+            "shuffle": shuffle,
+            "packer": {"plans": self.packer.plans, "emitted_bins": self.packer.emitted_bins,
+                       "emitted_tokens": self.packer.emitted_tokens,
+                       "items": [pos(it) + [it.carried] for it in self.packer.items]},
+            "pending": [[pos(it) for it in b] for b in self.pending],
+            "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "batches": self.batches,
+            "samples_out": self.samples_out, "estimate_overflow": self.overflow,
+        }
+
+    def _restore(self, st: dict) -> None:
+        if (st["split"], st["num_splits"], st["group_rank"]) != (self.split, self.num_splits, self.grank):
+            raise LoaderStateError(
+                f"worker state is for reader split {st['split']}/{st['num_splits']} (group rank {st['group_rank']}) "
+                f"but this worker reads split {self.split}/{self.num_splits} (group rank {self.grank})")
+        self.stream.load_state(st["stream"])
+        sh = st["shuffle"]
+        self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
+                               self.cfg.limits)
+        p = st["packer"]
+        self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
+        self.packer.emitted_tokens = int(p["emitted_tokens"])
+        raws = read_positions([self._pos_in(x) for x in p["items"]], self.cfg.limits)
+        self.packer.items = [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        for b in st["pending"]:
+            raws = read_positions([self._pos_in(x) for x in b], self.cfg.limits)
+            self.pending.append([PackItem(s.key, 0, 0, _Entry(s.position, s.members)) for s in raws])
+        self.counter, self.seen, self.batches = int(st["counter"]), int(st["seen"]), int(st["batches"])
+        self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
+        self.samples_out, self.overflow = int(st["samples_out"]), int(st["estimate_overflow"])
+
+
+def _bad_message(total: int, seen: int, bad: dict, limit: float, where: str) -> str:
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+    return (f"{total} of {seen} samples ({100 * total / max(seen, 1):.1f}%) were bad in {where}, more than "
+            f"max_bad_fraction={limit:g} ({reasons}); see the warnings above for shards and keys")
+
+
+# ----------------------------------------------------------------------------- the rank's loader
+
+
+def _identity(x):
+    return x
+
+
+class _RankDataset(IterableDataset):
+    """What each DataLoader worker runs: the pipeline of its (rotated) logical worker id."""
+
+    def __init__(self, loader: TrainLoader, states: list[dict | None], rotation: int):
+        self.cfg, self.encoder, self.estimator = loader.cfg, loader.encoder, loader.cost_estimator
+        self.shards, self.rank, self.world_size = loader.shards, loader.rank, loader.world_size
+        self.states, self.rotation = states, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        W = max(1, self.cfg.num_workers)
+        w = ((info.id if info is not None else 0) + self.rotation) % W
+        pipe = _WorkerPipeline(self.cfg, self.encoder, self.estimator, self.shards, self.rank, self.world_size,
+                               w, self.cfg.num_workers, self.states[w])
+        for batch, state in pipe:
+            yield batch, w, state
+
+
+class TrainLoader:
+    """Iterable of ``PackedBatch`` for one data-parallel rank; endless unless ``num_epochs``.
+
+    ``encoder`` is any object with ``encode(key, members) -> EncodedSample`` raising
+    ``SampleError`` for bad samples (``rynnscale.data.encode.SampleEncoder``); it must be
+    picklable when workers are spawned. ``cost_estimator(key, members) -> (tokens, patches)`` is
+    an optional cheap size estimate for ``balance_group > 1`` when the manifest has no hints.
+    Iterating again continues from the current ``state_dict()``."""
+
+    def __init__(self, cfg: LoaderConfig, encoder: Any, rank: int = 0, world_size: int = 1, *,
+                 cost_estimator: CostEstimator | None = None):
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        G = cfg.balance_group or world_size
+        if world_size % G:
+            raise ValueError(f"LoaderConfig.balance_group={cfg.balance_group} must divide world_size={world_size}")
+        self.cfg, self.encoder, self.cost_estimator = cfg, encoder, cost_estimator
+        self.rank, self.world_size = rank, world_size
+        self.shards = expand_shard_patterns(cfg.train_shards)
+        readers = (world_size // G) * max(1, cfg.num_workers)
+        if len(self.shards) < readers:
+            raise ShardPatternError(
+                f"{len(self.shards)} shards from {cfg.train_shards!r} cannot feed {readers} readers "
+                f"({world_size // G} rank groups x {max(1, cfg.num_workers)} workers): every reader needs at "
+                f"least one shard; write more, smaller shards or use fewer dataloader workers")
+        W = max(1, cfg.num_workers)
+        self._worker_states: list[dict | None] = [None] * W
+        self._next_worker = 0
+        self._generation = 0
+
+    # -- iteration
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self._generation += 1
+        gen = self._generation
+        ds = _RankDataset(self, list(self._worker_states), self._next_worker)
+        kw: dict[str, Any] = {}
+        if self.cfg.num_workers > 0:
+            kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
+        W = max(1, self.cfg.num_workers)
+        for batch, w, state in dl:
+            if gen != self._generation:
+                return  # a newer iterator (or a load_state_dict) took over
+            self._worker_states[w] = state
+            self._next_worker = (w + 1) % W
+            self._check_bad()
+            yield batch
+
+    def _check_bad(self) -> None:
+        seen, bad = self.samples_seen, self.bad_counts
+        total = sum(bad.values())
+        if seen >= self.cfg.min_samples_for_bad_check and total > self.cfg.max_bad_fraction * seen:
+            raise BadDataError(_bad_message(total, seen, bad, self.cfg.max_bad_fraction, f"rank {self.rank}"))
+
+    # -- counters
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        """Skipped samples by reason (this rank, all workers), as of the last consumed batch."""
+        c: Counter[str] = Counter()
+        for st in self._worker_states:
+            if st is not None:
+                c.update(st["bad"])
+        return dict(c)
+
+    @property
+    def samples_seen(self) -> int:
+        return sum(st["seen"] for st in self._worker_states if st is not None)
+
+    def stats(self) -> dict:
+        """Counters for metrics: samples seen / packed, bad by reason, batches, packing efficiency."""
+        sts = [st for st in self._worker_states if st is not None]
+        bins = sum(st["packer"]["emitted_bins"] for st in sts)
+        toks = sum(st["packer"]["emitted_tokens"] for st in sts)
+        return {"samples_seen": self.samples_seen, "samples_packed": sum(st["samples_out"] for st in sts),
+                "bad": self.bad_counts, "batches": sum(st["batches"] for st in sts),
+                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
+                "estimate_overflow": sum(st["estimate_overflow"] for st in sts)}
+
+    # -- state
+    def _fingerprint(self) -> dict:
+        names = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
+        c = self.cfg
+        return {"world_size": self.world_size, "rank": self.rank, "num_workers": max(1, c.num_workers),
+                "balance_group": c.balance_group or self.world_size, "seed": c.seed,
+                "micro_batch_tokens": c.micro_batch_tokens, "pack_window": c.pack_window,
+                "micro_batches_per_step": c.micro_batches_per_step, "shuffle_buffer": c.shuffle_buffer,
+                "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
+
+    def state_dict(self) -> dict:
+        """Position of this rank's data (as of the last batch consumed): plain JSON-able data."""
+        return {"version": STATE_VERSION, "config": self._fingerprint(), "next_worker": self._next_worker,
+                "workers": copy.deepcopy(self._worker_states)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue from ``sd``. Raises LoaderStateError naming the first field that differs
+        (another world size, worker count, seed, budget or shard list cannot replay exactly)."""
+        if sd.get("version") != STATE_VERSION:
+            raise LoaderStateError(f"loader state version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
+        mine = self._fingerprint()
+        for k, v in mine.items():
+            if sd["config"].get(k) != v:
+                raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
+                                       f"{k}={v!r}; the data order cannot be replayed exactly")
+        self._worker_states = copy.deepcopy(sd["workers"])
+        self._next_worker = int(sd["next_worker"])
+        self._generation += 1

@@ -1,0 +1,196 @@
+"""Packing whole samples into token-budget micro-batches (first-fit decreasing over a window).
+
+``WindowPacker`` collects items (a sample's token count, vision patches and a caller handle)
+until its look-ahead window is full, packs the window with first-fit decreasing (FFD) into bins
+of ``budget`` tokens, and emits whole *steps*: a step is ``num_ranks x micro_batches_per_step``
+bins, assigned to ranks by cost (``rynnscale.data.balance``) so that every rank gets the same
+number of micro-batches and close to the same work. The least-filled bins are carried over into
+the next window (between 1 and one step's worth), which is what keeps packing efficiency high;
+items carried over are placed first next time, and a bin holding an item already carried
+``max_carry`` times is emitted before fuller ones, so no sample waits forever.
+With ``num_ranks=1`` this is plain per-rank packing. Everything is deterministic: the order of
+items in, the seed and the plan counter decide the output; the items not yet emitted
+(``items``) and ``plans`` are the whole state.
+
+``build_packed_batch`` concatenates EncodedSamples into a ``PackedBatch`` (rynnscale/data/batch.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rynnscale.data.balance import CostModel, assign_equal_count
+from rynnscale.data.batch import EncodedSample, PackedBatch
+from rynnscale.data.encode import SampleError
+from rynnscale.data.reader import mix64
+
+
+@dataclass
+class PackItem:
+    """What packing needs to know about one sample; ``ref`` is the caller's handle."""
+
+    key: str
+    num_tokens: int
+    vision_patches: int = 0
+    ref: Any = None
+    carried: int = 0        # windows this item has already been carried over
+
+
+Bin = list[PackItem]
+
+
+def ffd_bins(lengths: Sequence[int], budget: int, first: Sequence[bool] | None = None) -> list[list[int]]:
+    """First-fit decreasing: item indices into bins of at most ``budget`` tokens.
+
+    Items flagged in ``first`` are placed before all others (each group by decreasing length,
+    ties by index). Bins are returned in creation order. Every length must be <= budget."""
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: (0 if first is not None and first[i] else 1, -lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        L = lengths[i]
+        if L > budget:
+            raise ValueError(f"item {i} has {L} tokens, more than the budget {budget}")
+        for b in range(len(bins)):
+            if room[b] >= L:
+                bins[b].append(i)
+                room[b] -= L
+                break
+        else:
+            bins.append([i])
+            room.append(budget - L)
+    return bins
+
+
+class WindowPacker:
+    """FFD packing over a look-ahead window with carry-over, emitting balanced steps.
+
+    ``push(item)`` returns None or, when a plan was made, ``out[rank] = [bin, ...]`` where every
+    rank gets the same number of bins (a multiple of ``micro_batches_per_step``). ``flush()``
+    packs everything left (ranks may then get unequal counts)."""
+
+    def __init__(self, budget: int, window: int, *, num_ranks: int = 1, micro_batches_per_step: int = 1,
+                 cost_model: CostModel | None = None, seed: int = 0, max_carry: int = 2):
+        if budget < 1 or window < 1 or num_ranks < 1 or micro_batches_per_step < 1:
+            raise ValueError(f"WindowPacker: budget={budget}, window={window}, num_ranks={num_ranks}, "
+                             f"micro_batches_per_step={micro_batches_per_step} must all be >= 1")
+        self.budget, self.window = budget, window
+        self.num_ranks, self.per_step = num_ranks, micro_batches_per_step
+        self.cost_model = cost_model or CostModel()
+        self.seed, self.max_carry = seed, max_carry
+        self.items: list[PackItem] = []   # not yet emitted: carried-over first, then new arrivals
+        self.plans = 0
+        # statistics of emitted bins
+        self.emitted_bins = 0
+        self.emitted_tokens = 0
+
+    def cost(self, b: Bin) -> float:
+        return sum(self.cost_model.sample_cost(it.num_tokens, it.vision_patches) for it in b)
+
+    def push(self, item: PackItem) -> list[list[Bin]] | None:
+        """Add one sample; SampleError("too_long") if it cannot fit a micro-batch at all."""
+        if item.num_tokens < 1:
+            raise ValueError(f"sample {item.key!r} has {item.num_tokens} tokens")
+        if item.num_tokens > self.budget:
+            raise SampleError("too_long", item.key,
+                              f"{item.num_tokens} tokens do not fit the micro-batch budget of {self.budget} tokens")
+        self.items.append(item)
+        if len(self.items) < self.window:
+            return None
+        return self._plan(force=False)
+
+    def flush(self) -> list[list[Bin]] | None:
+        """Emit every remaining item (end of a finite stream)."""
+        return self._plan(force=True) if self.items else None
+
+    def _plan(self, force: bool) -> list[list[Bin]] | None:
+        items = self.items
+        bins_idx = ffd_bins([it.num_tokens for it in items], self.budget, [it.carried > 0 for it in items])
+        bins = [[items[i] for i in b] for b in bins_idx]
+        nb, step = len(bins), self.num_ranks * self.per_step
+        if force:
+            n_emit = nb
+        else:
+            if nb <= step:
+                return None  # not even one step plus a carried bin yet: keep collecting
+            n_emit = step * ((nb - 1) // step)
+        fill = [sum(it.num_tokens for it in b) for b in bins]
+        aged = [any(it.carried >= self.max_carry for it in b) for b in bins]
+        ranked = sorted(range(nb), key=lambda b: (not aged[b], -fill[b], b))
+        emit = sorted(ranked[:n_emit])
+        keep = sorted(ranked[n_emit:])
+        self.items = [it for b in keep for it in bins[b]]
+        for it in self.items:
+            it.carried += 1
+        out: list[list[Bin]] = [[] for _ in range(self.num_ranks)]
+        if self.num_ranks == 1:
+            out[0] = [bins[b] for b in emit]
+        else:
+            cost = {b: self.cost(bins[b]) for b in emit}
+            by_cost = sorted(emit, key=lambda b: (-cost[b], b))      # similar-cost bins share a step
+            steps = [by_cost[k:k + step] for k in range(0, len(by_cost), step)]
+            for k in range(len(steps) - 1, 0, -1):                   # seeded shuffle of step order
+                j = mix64(self.seed, self.plans, 0x57E9, k) % (k + 1)
+                steps[k], steps[j] = steps[j], steps[k]
+            for st in steps:
+                parts = assign_equal_count([cost[b] for b in st], self.num_ranks)
+                for r, p in enumerate(parts):
+                    out[r].extend(bins[b] for b in sorted(st[j] for j in p))
+        self.plans += 1
+        self.emitted_bins += len(emit)
+        self.emitted_tokens += sum(fill[b] for b in emit)
+        return out
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / (bins x budget) over everything emitted so far."""
+        return self.emitted_tokens / (self.emitted_bins * self.budget) if self.emitted_bins else 0.0
+
+
+def build_packed_batch(samples: Sequence[EncodedSample]) -> PackedBatch:
+    """Concatenate whole samples into one packed row (order kept).
+
+    input_ids/labels [L], position_ids [3, L] (each sample's positions start at 0), cu_seqlens
+    int32 [S+1], pixel values and grids of images/videos concatenated in sample order (that is the
+    order of their placeholder tokens in the row). Raises ValueError naming the broken sample."""
+    if not samples:
+        raise ValueError("build_packed_batch needs at least one sample")
+    lens = []
+    for s in samples:
+        L = s.num_tokens
+        if s.input_ids_l.dim() != 1 or L < 1:
+            raise ValueError(f"sample {s.key!r}: input_ids_l must be 1-D and non-empty, got {tuple(s.input_ids_l.shape)}")
+        if tuple(s.labels_l.shape) != (L,):
+            raise ValueError(f"sample {s.key!r}: labels_l has shape {tuple(s.labels_l.shape)}, expected ({L},)")
+        if tuple(s.position_ids_3l.shape) != (3, L):
+            raise ValueError(f"sample {s.key!r}: position_ids_3l has shape {tuple(s.position_ids_3l.shape)}, "
+                             f"expected (3, {L})")
+        if int(s.labels_l[0]) != -100:
+            raise ValueError(f"sample {s.key!r}: the first label must be -100 (a packed row is shifted as one)")
+        lens.append(L)
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
+
+    def cat(name: str, dim: int = 0) -> torch.Tensor | None:
+        parts = [getattr(s, name) for s in samples if getattr(s, name) is not None]
+        return torch.cat(parts, dim) if parts else None
+
+    batch = PackedBatch(
+        input_ids_l=torch.cat([s.input_ids_l.to(torch.int64) for s in samples]),
+        labels_l=torch.cat([s.labels_l.to(torch.int64) for s in samples]),
+        position_ids_3l=torch.cat([s.position_ids_3l.to(torch.int64) for s in samples], dim=1),
+        cu_seqlens=cu,
+        max_seqlen=max(lens),
+        pixel_values=cat("pixel_values"),
+        image_grid_thw=cat("image_grid_thw"),
+        pixel_values_videos=cat("pixel_values_videos"),
+        video_grid_thw=cat("video_grid_thw"),
+        sample_keys=[s.key for s in samples],
+    )
+    batch.validate()
+    return batch

@@ -1,0 +1,436 @@
+"""Streaming shard reader: pattern expansion, deterministic shard splits, tar streaming, shuffle buffer.
+
+Shards are webdataset tars whose members are named ``{key}.{member}``; consecutive members with
+the same key form one sample. Tars are untrusted input: every name goes through
+``rynnscale.data.schema.split_tar_name`` (no path separators, ``..``, control characters, ...),
+members are size-limited before their bytes are read, and a corrupt or truncated tar ends that
+shard with one bad sample of reason ``corrupt_tar`` instead of crashing the run.
+
+Determinism and resume. A sample is addressed by its *position* ``(shard path, ordinal, key)``:
+the ordinal counts the key groups of the tar in order (bad groups included). The stream of one
+reader split is a pure function of (shard list, seed, epoch, split): the shard order of an epoch
+is a seeded permutation of all shards, split ``i`` of ``n`` takes ``order[i::n]`` (disjoint, and
+every shard exactly once per epoch over all splits). ``ShardStream.state`` is (epoch, index in the
+split's shard order, groups consumed in the current shard); ``ShuffleBuffer.state`` is a draw
+counter plus the positions of its contents, which ``read_positions`` re-reads on restore.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from braceexpand import braceexpand
+
+from rynnscale.data.schema import SchemaError, member_kind, split_tar_name
+
+log = logging.getLogger("rynnscale.data")
+
+#: Reasons the reader reports for samples it cannot deliver (the encoder adds its own).
+READER_REASONS = ("corrupt_tar", "bad_member", "too_large")
+
+_GLOB_CHARS = set("*?[")
+_MASK64 = (1 << 64) - 1
+
+
+class ShardPatternError(ValueError):
+    """A shard pattern that matches no file (or is malformed)."""
+
+
+class ReaderStateError(ValueError):
+    """A saved reader/loader state that does not fit the shards or configuration at hand."""
+
+
+# ----------------------------------------------------------------------------- shard patterns
+
+
+def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
+    """Paths, globs and webdataset brace patterns (``shard-{000..009}.tar``) -> shard paths.
+
+    Brace patterns are expanded first, then each result is globbed if it holds ``* ? [``
+    (matches sorted) or must name an existing file. Order follows the patterns; a path listed
+    twice is kept once. Raises ShardPatternError naming the pattern that matched nothing."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    if not patterns:
+        raise ShardPatternError("no shard patterns given (data.train_shards is empty)")
+    out: list[str] = []
+    seen: set[str] = set()
+    for pat in patterns:
+        pat = os.fspath(pat)
+        try:
+            expanded = list(braceexpand(pat))
+        except Exception as e:  # braceexpand raises on unbalanced braces
+            raise ShardPatternError(f"shard pattern {pat!r} is malformed: {e}") from None
+        found: list[str] = []
+        for p in expanded:
+            p = os.path.expanduser(p)
+            if _GLOB_CHARS & set(p):
+                found.extend(m for m in sorted(glob.glob(p)) if os.path.isfile(m))
+            elif os.path.isfile(p):
+                found.append(p)
+            elif len(expanded) > 1:
+                raise ShardPatternError(f"shard pattern {pat!r}: expanded name {p!r} is not a file")
+        if not found:
+            raise ShardPatternError(f"shard pattern {pat!r} matches no file")
+        for p in found:
+            ap = os.path.abspath(p)
+            if ap not in seen:
+                seen.add(ap)
+                out.append(ap)
+    return out
+
+
+# ----------------------------------------------------------------------------- deterministic randomness
+
+
+def mix64(*values: int) -> int:
+    """Counter-based 64-bit hash (splitmix64 chain): the loader's only source of randomness,
+    so a random draw is a pure function of (seed, stream, counter) and state is just a counter."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The epoch's order of all shard indices: a permutation seeded by (seed, epoch)."""
+    if not shuffle:
+        return list(range(num_shards))
+    rng = np.random.Generator(np.random.PCG64(mix64(seed, epoch, 0x5A4D)))
+    return [int(i) for i in rng.permutation(num_shards)]
+
+
+def split_shard_order(order: Sequence[int], split: int, num_splits: int) -> list[int]:
+    """Split ``split`` of ``num_splits``: every ``num_splits``-th shard of the epoch order."""
+    if not 0 <= split < num_splits:
+        raise ValueError(f"split {split} is outside [0, {num_splits})")
+    return list(order[split::num_splits])
+
+
+# ----------------------------------------------------------------------------- tar streaming
+
+
+@dataclass(frozen=True)
+class ReaderLimits:
+    """Size limits on untrusted tars, checked from the headers before any bytes are read."""
+
+    max_member_bytes: int = 1 << 30      # one member
+    max_sample_bytes: int = 2 << 30      # all members of one sample
+    max_members: int = 4096              # members of one sample (frame sequences can be long)
+
+
+@dataclass
+class RawSample:
+    """One key group of a tar: ``members`` maps member name (``conv.json``) -> bytes.
+
+    ``bad_reason`` is set (one of READER_REASONS) when the group cannot be used; ``members`` is
+    then empty and ``bad_detail`` says why."""
+
+    shard: str
+    index: int
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    bad_reason: str | None = None
+    bad_detail: str = ""
+
+    @property
+    def position(self) -> tuple[str, int, str]:
+        return (self.shard, self.index, self.key)
+
+    @property
+    def is_bad(self) -> bool:
+        return self.bad_reason is not None
+
+
+def _raw_key(name: str) -> str:
+    """Group key of a tar entry name: everything before the first dot (webdataset style)."""
+    return name.split(".", 1)[0]
+
+
+def _printable_key(raw: str) -> str:
+    return raw if raw.isprintable() and len(raw) <= 128 else repr(raw[:128])
+
+
+class _Group:
+    """Members of one key group being collected."""
+
+    __slots__ = ("key", "members", "nbytes", "bad_reason", "bad_detail")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.members: dict[str, bytes] = {}
+        self.nbytes = 0
+        self.bad_reason: str | None = None
+        self.bad_detail = ""
+
+    def fail(self, reason: str, detail: str) -> None:
+        if self.bad_reason is None:
+            self.bad_reason, self.bad_detail = reason, detail
+            self.members = {}
+
+
+def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: int = 0,
+                     wanted: set[int] | None = None) -> Iterator[RawSample]:
+    """Stream the key groups of one tar in order, as RawSamples with their ordinal ``index``.
+
+    Groups before ``start`` (or not in ``wanted``) are walked over without reading their bytes.
+    Never raises on bad data: an unreadable/corrupt/truncated tar yields a ``corrupt_tar`` sample
+    (the group being read when the damage was found) and stops; unsafe names, links and
+    duplicates give ``bad_member``; size limits ``too_large``. Unknown but safe member names
+    are dropped (the encoder only reads members the schema knows)."""
+    max_wanted = max(wanted) if wanted else None
+    where = os.path.basename(path)
+
+    def keep(i: int) -> bool:
+        return i >= start and (wanted is None or i in wanted)
+
+    def emit(g: _Group, i: int) -> RawSample:
+        return RawSample(path, i, _printable_key(g.key), g.members, g.bad_reason, g.bad_detail)
+
+    try:
+        tf = tarfile.open(path, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        if keep(0):
+            yield RawSample(path, 0, "<shard>", {}, "corrupt_tar", f"cannot open tar: {e}")
+        return
+    index, group = -1, None
+    keys_seen: set[str] = set()
+    with tf:
+        try:
+            while (ti := tf.next()) is not None:
+                tf.members.clear()  # tarfile keeps every header it read; a shard can have millions
+                if ti.isdir():
+                    continue
+                raw = _raw_key(ti.name)
+                if group is None or raw != group.key:
+                    if group is not None and keep(index):
+                        yield emit(group, index)
+                    if max_wanted is not None and index >= max_wanted:
+                        return
+                    index += 1
+                    group = _Group(raw)
+                    if raw in keys_seen:
+                        group.fail("bad_member", f"key {_printable_key(raw)!r} appears twice in the shard")
+                    keys_seen.add(raw)
+                if group.bad_reason is not None or not keep(index):
+                    continue  # groups we do not deliver are walked over without reading their data
+                _add_member(tf, ti, group, limits, where)
+            end_problem = _check_end_of_archive(tf)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            i = max(index, 0)
+            if keep(i):
+                bad = _Group(group.key if group is not None else "<shard>")
+                bad.fail("corrupt_tar", f"tar is corrupt or truncated: {e}")
+                yield emit(bad, i)
+            return
+    if end_problem is not None:
+        # tarfile stopped early without an error: the last group may be cut, so it is the bad one
+        i = max(index, 0)
+        if keep(i):
+            bad = _Group(group.key if group is not None else "<shard>")
+            bad.fail("corrupt_tar", end_problem)
+            yield emit(bad, i)
+    elif group is not None and keep(index):
+        yield emit(group, index)
+
+
+def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits: ReaderLimits, where: str) -> None:
+    """Validate one tar entry and add its bytes to ``group`` (or mark the group bad)."""
+    try:
+        _, member = split_tar_name(ti.name, allow_unknown=True, where=where)
+    except SchemaError as e:
+        group.fail("bad_member", str(e))
+        return
+    if not ti.isreg():
+        group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r})")
+        return
+    if member in group.members:
+        group.fail("bad_member", f"{where}: member {ti.name!r} appears twice")
+        return
+    if ti.size > limits.max_member_bytes:
+        group.fail("too_large", f"{where}: member {ti.name!r} has {ti.size} bytes, limit {limits.max_member_bytes}")
+        return
+    group.nbytes += ti.size
+    if group.nbytes > limits.max_sample_bytes:
+        group.fail("too_large", f"{where}: sample has more than {limits.max_sample_bytes} bytes")
+        return
+    if len(group.members) >= limits.max_members:
+        group.fail("too_large", f"{where}: sample has more than {limits.max_members} members")
+        return
+    if member_kind(member) is None:
+        return  # safe but not part of the schema: dropped
+    f = tf.extractfile(ti)
+    data = f.read() if f is not None else b""
+    if len(data) != ti.size:
+        raise tarfile.ReadError(f"member {ti.name!r} is truncated ({len(data)} of {ti.size} bytes)")
+    group.members[member] = data
+
+
+def _check_end_of_archive(tf: tarfile.TarFile) -> str | None:
+    """tarfile stops silently at a truncated or invalid header after the first member. A
+    well-formed archive ends with a zero block followed only by zeros; anything else is corrupt."""
+    f = tf.fileobj
+    try:
+        f.seek(tf.offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            return f"tar ends without an end-of-archive block at byte {tf.offset} (truncated)"
+        if block.count(0) != len(block):
+            return f"invalid tar header at byte {tf.offset}"
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return f"non-zero data after the end-of-archive block (from byte {tf.offset})"
+    except (OSError, EOFError, zlib.error) as e:
+        return f"cannot read the end of the tar: {e}"
+    return None
+
+
+def read_positions(positions: Sequence[tuple[str, int, str]], limits: ReaderLimits = ReaderLimits()
+                   ) -> list[RawSample]:
+    """Re-read samples by position (restore of shuffle buffers / carry-over); same order as given.
+
+    Raises ReaderStateError when a shard no longer holds the sample (missing file, fewer groups
+    or a different key): the data changed since the state was saved."""
+    by_shard: dict[str, set[int]] = {}
+    for shard, idx, _ in positions:
+        by_shard.setdefault(shard, set()).add(int(idx))
+    got: dict[tuple[str, int], RawSample] = {}
+    for shard, wanted in by_shard.items():
+        if not os.path.isfile(shard):
+            raise ReaderStateError(f"cannot restore loader state: shard {shard!r} no longer exists")
+        for s in iter_tar_samples(shard, limits, wanted=wanted):
+            got[(shard, s.index)] = s
+    out = []
+    for shard, idx, key in positions:
+        s = got.get((shard, int(idx)))
+        if s is None or s.key != key:
+            found = "nothing" if s is None else f"key {s.key!r}"
+            raise ReaderStateError(
+                f"cannot restore loader state: shard {shard!r} sample #{idx} should be key {key!r} but holds "
+                f"{found}; the shards changed since the state was saved")
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the split stream
+
+
+class ShardStream:
+    """Endless (or ``epochs``-long) stream of RawSamples from one split of the shards.
+
+    ``split`` / ``num_splits`` identify the reader among all readers that share the data (e.g.
+    rank * workers + worker). Every epoch reshuffles the shard order with (seed, epoch)."""
+
+    def __init__(self, shards: Sequence[str], *, seed: int, split: int, num_splits: int, shuffle: bool = True,
+                 epochs: int | None = None, limits: ReaderLimits = ReaderLimits()):
+        if num_splits < 1 or not 0 <= split < num_splits:
+            raise ValueError(f"split {split} of {num_splits} is invalid")
+        if len(shards) < num_splits:
+            raise ShardPatternError(
+                f"{len(shards)} shards cannot feed {num_splits} readers (ranks x dataloader workers); every "
+                f"reader needs at least one shard: write more, smaller shards or use fewer workers")
+        self.shards = list(shards)
+        self.seed, self.split, self.num_splits = seed, split, num_splits
+        self.shuffle, self.epochs, self.limits = shuffle, epochs, limits
+        self.epoch = 0
+        self.order_pos = 0      # index into this split's shard list of the current epoch
+        self.in_shard = 0       # groups of the current shard already delivered
+
+    def split_shards(self, epoch: int) -> list[str]:
+        order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        return [self.shards[i] for i in split_shard_order(order, self.split, self.num_splits)]
+
+    @property
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "order_pos": self.order_pos, "in_shard": self.in_shard}
+
+    def load_state(self, st: dict) -> None:
+        self.epoch, self.order_pos, self.in_shard = int(st["epoch"]), int(st["order_pos"]), int(st["in_shard"])
+
+    def __iter__(self) -> Iterator[RawSample]:
+        while self.epochs is None or self.epoch < self.epochs:
+            mine = self.split_shards(self.epoch)
+            resumed_mid_epoch = self.order_pos > 0 or self.in_shard > 0
+            delivered = 0
+            while self.order_pos < len(mine):
+                shard = mine[self.order_pos]
+                for s in iter_tar_samples(shard, self.limits, start=self.in_shard):
+                    self.in_shard = s.index + 1
+                    delivered += 1
+                    yield s
+                self.order_pos += 1
+                self.in_shard = 0
+            if delivered == 0 and not resumed_mid_epoch:  # an endless loop over empty shards otherwise
+                raise ShardPatternError(f"reader split {self.split}/{self.num_splits}: its shards hold no samples "
+                                        f"at all ({', '.join(os.path.basename(p) for p in mine)})")
+            self.epoch += 1
+            self.order_pos = 0
+
+
+class ShuffleBuffer:
+    """Seeded sample-level shuffle buffer (webdataset style: fill, then emit a random slot and
+    refill it). Draw ``n`` picks slot ``mix64(seed, stream, n) % size``, so the RNG state is ``n``."""
+
+    def __init__(self, size: int, seed: int, stream: int):
+        self.size, self.seed, self.stream = max(0, int(size)), seed, stream
+        self.buf: list[RawSample] = []
+        self.draws = 0
+
+    def _slot(self, n: int) -> int:
+        j = mix64(self.seed, self.stream, 0xB0FF, self.draws) % n
+        self.draws += 1
+        return j
+
+    def push(self, s: RawSample) -> RawSample | None:
+        """Add ``s``; returns the sample to emit, or None while the buffer is filling."""
+        if self.size == 0:
+            return s
+        if len(self.buf) < self.size:
+            self.buf.append(s)
+            return None
+        j = self._slot(len(self.buf))
+        out, self.buf[j] = self.buf[j], s
+        return out
+
+    def pop(self) -> RawSample | None:
+        """Drain one sample at the end of a finite stream (None when empty)."""
+        if not self.buf:
+            return None
+        j = self._slot(len(self.buf))
+        out = self.buf[j]
+        self.buf[j] = self.buf[-1]
+        self.buf.pop()
+        return out
+
+    @property
+    def state(self) -> dict:
+        return {"draws": self.draws, "buffer": [list(s.position) for s in self.buf]}
+
+    def load_state(self, st: dict, limits: ReaderLimits = ReaderLimits()) -> None:
+        self.draws = int(st["draws"])
+        self.buf = read_positions([tuple(p) for p in st["buffer"]], limits)
+
+
+def shuffled(stream: Iterator[RawSample], buffer: ShuffleBuffer) -> Iterator[RawSample]:
+    """Pass a stream through a shuffle buffer; bad samples skip the buffer (reported at once)."""
+    for s in stream:
+        if s.is_bad:
+            yield s
+            continue
+        out = buffer.push(s)
+        if out is not None:
+            yield out
+    while (out := buffer.pop()) is not None:
+        yield out
