@@ -123,9 +123,8 @@ def validate(cfg: RootConfig) -> None:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)} must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio} must be in [0, 1]")
-    if not 0 <= cfg.optim.warmup_steps <= cfg.train.max_steps:
-        raise ConfigError(f"config key 'optim.warmup_steps' = {cfg.optim.warmup_steps} must be in "
-                          f"[0, train.max_steps={cfg.train.max_steps}]")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps' = {cfg.optim.warmup_steps} must be >= 0")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"config key 'data.max_bad_fraction' = {cfg.data.max_bad_fraction} must be in [0, 1]")
     if cfg.checkpoint.every_steps < 0:

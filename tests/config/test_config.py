@@ -53,7 +53,7 @@ def test_typo_names_key_and_suggests(recipe):
     ("logging.wandb.mode=loud", r"logging\.wandb\.mode.*offline"),
     ("train.grad_accum=0", r"train\.grad_accum"),
     ("parallel.dp_shard=0", r"parallel\.dp_shard"),
-    ("optim.warmup_steps=100", r"optim\.warmup_steps"),
+    ("optim.warmup_steps=-1", r"optim\.warmup_steps"),
     ("model.arch.text_config.hidden_sze=3", r"hidden_sze"),
     ("model.arch.text_config.num_key_value_heads=3", r"num_key_value_heads"),
     ("model.init_from=/nonexistent", r"exactly one of 'model.init_from'"),

@@ -1,0 +1,540 @@
+"""One webdataset sample (``conv.json`` + media members) -> :class:`EncodedSample`.
+
+The conversation is rendered like the Qwen3-VL-Instruct chat template, token for token:
+
+    <|im_start|>system\\n{text}<|im_end|>\\n            (only if the first message is a system one)
+    <|im_start|>user\\n{text | media ...}<|im_end|>\\n
+    <|im_start|>assistant\\n{text}<|im_end|>\\n
+
+An image becomes ``<|vision_start|><|image_pad|>*n<|vision_end|>``. A video becomes what
+transformers' ``Qwen3VLProcessor`` makes of the template's ``<|vision_start|><|video_pad|><|vision_end|>``:
+the single pad is replaced by, per temporal patch, ``<{t:.1f} seconds>`` +
+``<|vision_start|><|video_pad|>*n<|vision_end|>``, so the template's OUTER start/end tokens stay
+around the whole thing (a transformers quirk the Qwen3-VL checkpoints were trained with; we match it).
+
+Labels (HF convention, unshifted): the assistant's content tokens and its ``<|im_end|>``; all else
+is -100, so the first token of a sample is always -100. Media are decoded, sized and counted
+first; the expensive patchify runs only for media that survive the length check / truncation,
+and writes straight into the sample's one ``pixel_values`` tensor (no concatenation copy).
+
+Errors are :class:`SampleError` with a ``reason`` from :data:`REASONS` and the sample key, so the
+loader can skip the sample and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rynnscale.data.batch import EncodedSample
+from rynnscale.data.schema import SchemaError, validate_member_name
+from rynnscale.data.tokenizer import VisionTokenIds, as_rust_tokenizer
+from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
+from rynnscale.data.vision_preprocess import (
+    ImageError,
+    VisionSpec,
+    as_uint8_tensor,
+    decode_image,
+    format_timestamp,
+    image_size,
+    image_target_size,
+    patch_times,
+    patchify_normalize,
+    resize_thwc,
+    video_target_size,
+)
+from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
+
+#: Why a sample was rejected (the loader counts by these).
+REASONS = (
+    "bad_json",            # conv.json / meta.json is not valid UTF-8 JSON
+    "missing_member",      # conv.json, or a media member it names, is not in the sample
+    "unsafe_path",         # a media reference is not a plain member name (path traversal, ...)
+    "bad_conversation",    # structure / roles / item types wrong, no assistant turn, special tokens in text
+    "undecodable_image",
+    "undecodable_video",
+    "too_large",           # byte / frame / pixel / media-count limits
+    "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
+)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used. ``reason`` is one of :data:`REASONS`; ``key`` names the sample."""
+
+    def __init__(self, reason: str, key: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown SampleError reason {reason!r}; allowed: {REASONS}")
+        super().__init__(f"sample {key!r}: {reason}: {detail}")
+        self.reason = reason
+        self.key = key
+        self.detail = detail
+
+
+@dataclass
+class EncoderConfig:
+    """How samples are decoded, preprocessed and tokenised (defaults: Qwen3-VL checkpoint settings).
+
+    Pixel bounds are pixel COUNTS (HF's ``shortest_edge`` / ``longest_edge``); video bounds count all
+    frames of a clip together. ``frames_fps`` is the frame rate assumed for frame-list videos when
+    neither the conv item (``"fps"``) nor ``meta.json`` (``video.fps``, else top-level ``fps`` /
+    ``video_fps`` / ``frames_fps``) gives one; None means "already sampled at ``fps``"."""
+
+    image_min_pixels: int = 65536
+    image_max_pixels: int = 16777216
+    video_min_pixels: int = 4096
+    video_max_pixels: int = 25165824
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    cap_pixels_per_frame: bool = False
+    max_video_tokens: int = 768
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    max_tokens: int = 16384
+    truncate: bool = False
+    frames_fps: float | None = None
+    # limits on untrusted input
+    max_media_bytes: int = 1 << 30      # one media member
+    max_json_bytes: int = 16 << 20      # conv.json / meta.json
+    max_frame_pixels: int = 4096 * 4096  # one decoded image / frame, before resizing
+    max_total_frames: int = 200_000     # frames in one video container / frame list
+    max_media: int = 256                # media items in one sample
+    decode_method: str = "auto"         # video decode: auto (seek, falling back) | seek | sequential
+    decode_threads: int = 1
+
+    def vision_spec(self) -> VisionSpec:
+        return VisionSpec(
+            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
+            image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
+            video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels,
+            cap_pixels_per_frame=self.cap_pixels_per_frame, max_video_tokens=self.max_video_tokens)
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"EncoderConfig.{key}={getattr(self, key)!r} is invalid: {rule}")
+        for k in ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "min_frames",
+                  "max_frames", "patch_size", "temporal_patch_size", "merge_size", "max_tokens", "max_media_bytes",
+                  "max_json_bytes", "max_frame_pixels", "max_total_frames", "max_media", "max_video_tokens"):
+            need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, k, "must be a positive int")
+        need(self.image_min_pixels <= self.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
+        need(self.video_min_pixels <= self.video_max_pixels, "video_min_pixels", "must be <= video_max_pixels")
+        need(self.min_frames <= self.max_frames, "min_frames", "must be <= max_frames")
+        need(math.isfinite(self.fps) and self.fps > 0, "fps", "must be > 0")
+        need(self.frames_fps is None or (math.isfinite(self.frames_fps) and self.frames_fps > 0), "frames_fps",
+             "must be None or > 0")
+        need(self.decode_method in ("auto", "seek", "sequential"), "decode_method", "allowed: auto, seek, sequential")
+
+
+# ----------------------------------------------------------------------------- internals
+@dataclass
+class _Media:
+    """A decoded media item waiting for patchify (uint8 frames, target size known)."""
+
+    kind: str                       # "image" | "video"
+    frames_thwc: torch.Tensor | None  # uint8 [T, H, W, 3] (T = 1 for images); None when only estimated
+    size_hw: tuple[int, int]
+    grid_thw: tuple[int, int, int]
+    patch_times_s: list[float] | None = None
+
+
+@dataclass
+class _Render:
+    """Rendered sample before tokenisation: a list of pieces."""
+
+    # ("text", str, labeled) | ("special", id, labeled) | ("media", index)
+    pieces: list[tuple] = field(default_factory=list)
+
+    def text(self, s: str, labeled: bool = False) -> None:
+        if s:
+            self.pieces.append(("text", s, labeled))
+
+    def special(self, tid: int, labeled: bool = False) -> None:
+        self.pieces.append(("special", tid, labeled))
+
+
+_ROLES = ("system", "user", "assistant")
+_META_FPS_KEYS = ("fps", "video_fps", "frames_fps")
+
+
+class SampleEncoder:
+    """Decodes, preprocesses and tokenises one webdataset sample into an :class:`EncodedSample`."""
+
+    def __init__(self, tokenizer: Any, cfg: EncoderConfig | None = None,
+                 token_ids: VisionTokenIds | Any | None = None):
+        self.cfg = cfg or EncoderConfig()
+        self.cfg.validate()
+        self.tok = as_rust_tokenizer(tokenizer)
+        if token_ids is None:
+            token_ids = VisionTokenIds.from_tokenizer(self.tok)
+        elif not isinstance(token_ids, VisionTokenIds):  # a Qwen3VLArgs
+            v = token_ids.vision
+            for k in ("patch_size", "temporal_patch_size"):
+                if getattr(v, k) != getattr(self.cfg, k):
+                    raise ValueError(f"EncoderConfig.{k}={getattr(self.cfg, k)} but the model's vision_config.{k}="
+                                     f"{getattr(v, k)}")
+            if v.spatial_merge_size != self.cfg.merge_size:
+                raise ValueError(f"EncoderConfig.merge_size={self.cfg.merge_size} but the model's "
+                                 f"vision_config.spatial_merge_size={v.spatial_merge_size}")
+            token_ids = VisionTokenIds.from_args(token_ids, self.tok)
+        token_ids.check(self.tok)
+        self.ids = token_ids
+        self.spec = self.cfg.vision_spec()
+        self._structural = np.array(sorted(token_ids.structural()), dtype=np.int64)
+        self._text_cache: dict[str, np.ndarray] = {}
+        self._video_limits = VideoLimits(max_bytes=self.cfg.max_media_bytes, max_total_frames=self.cfg.max_total_frames,
+                                         max_pixels=self.cfg.max_frame_pixels, max_frames=self.cfg.max_frames)
+
+    # ------------------------------------------------------------------ public
+    def encode(self, key: str, members: dict[str, bytes]) -> EncodedSample:
+        """Encode one sample; raises :class:`SampleError` naming ``key`` and the reason."""
+        ids, labels, media = self._prepare(key, members, decode=True)
+        return self._finish(key, ids, labels, media)
+
+    def estimate(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
+        """(tokens, vision patches) that :meth:`encode` would produce, without decoding any pixels.
+
+        Reads only container packet indexes and image headers (plus the tokenizer), so a loader can
+        cost and balance samples before paying for decoding. Raises the SampleErrors that need no
+        decoding (bad JSON, missing members, too long, ...); an undecodable frame surfaces at encode.
+        Exact whenever the decoded frame size equals the stream header's (all codecs we test)."""
+        ids, _, media = self._prepare(key, members, decode=False)
+        return len(ids), sum(m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] for m in media)
+
+    def _prepare(self, key: str, members: dict[str, bytes], decode: bool
+                 ) -> tuple[np.ndarray, np.ndarray, list[_Media]]:
+        conv = self._load_json(key, members, "conv.json", required=True)
+        meta = self._load_json(key, members, "meta.json", required=False) or {}
+        if not isinstance(meta, dict):
+            raise SampleError("bad_json", key, f"meta.json must hold an object, got {type(meta).__name__}")
+        messages = self._messages(key, conv)
+        render, media = self._render(key, messages, members, meta, decode)
+        ids, labels, spans = self._tokenize(key, render, media)
+        ids, labels, media, spans = self._fit(key, ids, labels, media, spans)
+        if not (labels != -100).any():
+            raise SampleError("bad_conversation", key, "no assistant tokens to train on")
+        return ids, labels, media
+
+    # ------------------------------------------------------------------ parsing
+    def _load_json(self, key: str, members: dict[str, bytes], name: str, required: bool) -> Any:
+        raw = members.get(name)
+        if raw is None:
+            if required:
+                raise SampleError("missing_member", key, f"no {name} in the sample (members: {sorted(members)})")
+            return None
+        if len(raw) > self.cfg.max_json_bytes:
+            raise SampleError("too_large", key, f"{name} has {len(raw)} bytes > max_json_bytes={self.cfg.max_json_bytes}")
+        try:
+            return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError("bad_json", key, f"{name}: {e}") from None
+
+    def _messages(self, key: str, conv: Any) -> list[dict]:
+        msgs = conv.get("conversation") if isinstance(conv, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise SampleError("bad_conversation", key, 'conv.json must be {"conversation": [non-empty list of messages]}')
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES:
+                raise SampleError("bad_conversation", key, f"message {i}: role must be one of {_ROLES}, "
+                                                           f"got {m.get('role') if isinstance(m, dict) else m!r}")
+            if m["role"] == "system" and i != 0:
+                raise SampleError("bad_conversation", key, f"message {i}: a system message may only come first")
+            c = m.get("content")
+            if not isinstance(c, (str, list)):
+                raise SampleError("bad_conversation", key, f"message {i}: content must be a string or a list of items")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise SampleError("bad_conversation", key, "no assistant message")
+        return msgs
+
+    # ------------------------------------------------------------------ rendering + media
+    def _render(self, key: str, messages: list[dict], members: dict[str, bytes], meta: dict, decode: bool = True
+                ) -> tuple[_Render, list[_Media]]:
+        r, media = _Render(), []
+        for i, m in enumerate(messages):
+            role, content = m["role"], m["content"]
+            assistant = role == "assistant"
+            r.special(self.ids.im_start)
+            r.text(role + "\n")
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for j, item in enumerate(items):
+                where = f"message {i} item {j}"
+                if not isinstance(item, dict):
+                    raise SampleError("bad_conversation", key, f"{where}: expected an object, got {item!r:.80}")
+                kind = item.get("type") or next((k for k in ("image", "video", "text") if k in item), None)
+                if kind == "text":
+                    text = item.get("text")
+                    if not isinstance(text, str):
+                        raise SampleError("bad_conversation", key, f"{where}: text item needs a string 'text'")
+                    r.text(text, labeled=assistant)
+                elif kind in ("image", "video"):
+                    if role == "system":
+                        raise SampleError("bad_conversation", key, f"{where}: system messages cannot hold media")
+                    if len(media) >= self.cfg.max_media:
+                        raise SampleError("too_large", key, f"more than max_media={self.cfg.max_media} media items")
+                    ref = item.get(kind)
+                    media.append(self._load_media(key, where, kind, ref, item, members, meta, decode))
+                    r.pieces.append(("media", len(media) - 1))
+                else:
+                    raise SampleError("bad_conversation", key, f"{where}: unknown item type {kind!r} "
+                                                               "(allowed: text, image, video)")
+            r.special(self.ids.im_end, labeled=assistant)
+            r.text("\n")
+        return r, media
+
+    def _member(self, key: str, where: str, name: Any, members: dict[str, bytes]) -> bytes:
+        """Bytes of the member ``name``; only plain member names of this sample are allowed."""
+        if not isinstance(name, str) or not name:
+            raise SampleError("bad_conversation", key, f"{where}: media reference must be a member name, got {name!r:.80}")
+        if key and name.startswith(key + "."):  # tolerate the full tar member name
+            name = name[len(key) + 1:]
+        try:
+            validate_member_name(name, allow_unknown=True, where=where)
+        except SchemaError as e:
+            raise SampleError("unsafe_path", key, f"media reference is not a plain member name of this sample: {e}"
+                              ) from None
+        data = members.get(name)
+        if data is None:
+            raise SampleError("missing_member", key, f"{where}: member {name!r} is not in the sample "
+                                                     f"(members: {sorted(members)})")
+        if len(data) > self.cfg.max_media_bytes:
+            raise SampleError("too_large", key, f"{where}: {name} has {len(data)} bytes > max_media_bytes="
+                                                f"{self.cfg.max_media_bytes}")
+        return data
+
+    def _image(self, key: str, where: str, data: bytes) -> np.ndarray:
+        try:
+            return decode_image(data, max_pixels=self.cfg.max_frame_pixels, max_bytes=self.cfg.max_media_bytes)
+        except ImageError as e:
+            raise SampleError(e.reason, key, f"{where}: {e.detail}") from None
+
+    def _image_size(self, key: str, where: str, data: bytes) -> tuple[int, int]:
+        """(H, W) from the image header, without decoding pixels (for :meth:`estimate`)."""
+        try:
+            return image_size(data, max_pixels=self.cfg.max_frame_pixels, max_bytes=self.cfg.max_media_bytes)
+        except ImageError as e:
+            raise SampleError(e.reason, key, f"{where}: {e.detail}") from None
+
+    def _load_media(self, key: str, where: str, kind: str, ref: Any, item: dict, members: dict[str, bytes],
+                    meta: dict, decode: bool) -> _Media:
+        """Decode (or, with ``decode=False``, only size up) one media item."""
+        spec = self.spec
+        if kind == "image":
+            data = self._member(key, where, ref, members)
+            if decode:
+                img = as_uint8_tensor(self._image(key, where, data), where)
+                H, W = int(img.shape[0]), int(img.shape[1])
+            else:
+                img, (H, W) = None, self._image_size(key, where, data)
+            try:
+                h, w = image_target_size(H, W, spec)
+            except ValueError as e:
+                raise SampleError("undecodable_image", key, f"{where}: {e}") from None
+            return _Media("image", None if img is None else img.unsqueeze(0), (h, w),
+                          (1, h // spec.patch_size, w // spec.patch_size))
+        if isinstance(ref, list):  # a frame sequence: list of image members
+            frames, (T, H, W), times = self._frame_list(key, where, ref, item, members, meta, decode)
+            what = "undecodable_image"
+        else:
+            data = self._member(key, where, ref, members)
+            what = "undecodable_video"
+            sampling = dict(fps=self.cfg.fps, min_frames=self.cfg.min_frames, max_frames=self.cfg.max_frames)
+            try:
+                if decode:
+                    dv = decode_frames(data, **sampling, method=self.cfg.decode_method, limits=self._video_limits,
+                                       threads=self.cfg.decode_threads)
+                    frames, times = torch.from_numpy(dv.frames_thwc), dv.timestamps_s.tolist()
+                    T, H, W = (int(d) for d in dv.frames_thwc.shape[:3])
+                else:
+                    info = probe_video(data, self._video_limits)
+                    idx = sample_frame_indices(info.total_frames, info.fps, **sampling)
+                    times = (info.timestamps_s(idx) if info.pts.size == info.total_frames else idx / info.fps).tolist()
+                    frames, (T, H, W) = None, (len(idx), info.height, info.width)
+            except VideoError as e:
+                raise SampleError(e.reason, key, f"{where} ({ref}): {e.detail}") from None
+        try:
+            h, w = video_target_size(T, H, W, spec)
+        except ValueError as e:
+            raise SampleError(what, key, f"{where}: {e}") from None
+        gt = -(-T // spec.temporal_patch_size)
+        return _Media("video", frames, (h, w), (gt, h // spec.patch_size, w // spec.patch_size),
+                      patch_times(times, spec.temporal_patch_size))
+
+    def _frame_list(self, key: str, where: str, names: list, item: dict, members: dict[str, bytes], meta: dict,
+                    decode: bool) -> tuple[torch.Tensor | None, tuple[int, int, int], list[float]]:
+        """Sampled frames uint8 [T, H, W, 3] (None unless ``decode``), (T, H, W) and frame times."""
+        if not names:
+            raise SampleError("bad_conversation", key, f"{where}: empty frame list")
+        if len(names) > self.cfg.max_total_frames:
+            raise SampleError("too_large", key, f"{where}: {len(names)} frames > max_total_frames="
+                                                f"{self.cfg.max_total_frames}")
+        fps = item.get("fps")
+        if fps is None and isinstance(meta.get("video"), dict):
+            fps = meta["video"].get("fps")
+        if fps is None:
+            fps = next((meta[k] for k in _META_FPS_KEYS if k in meta), None)
+        if fps is None:
+            fps = self.cfg.frames_fps if self.cfg.frames_fps is not None else self.cfg.fps
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise SampleError("bad_conversation", key, f"{where}: frame-list fps must be a positive number, got {fps!r}")
+        idx = sample_frame_indices(len(names), float(fps), fps=self.cfg.fps, min_frames=self.cfg.min_frames,
+                                   max_frames=self.cfg.max_frames)
+        times = (idx / float(fps)).tolist()
+        for i in idx.tolist():  # every referenced frame must be a safe, present member, decoded or not
+            self._member(key, where, names[i], members)
+        if not decode:
+            H, W = self._image_size(key, f"{where} frame {int(idx[0])}", self._member(key, where, names[idx[0]], members))
+            return None, (len(idx), H, W), times
+        first = None
+        out = None
+        for k, i in enumerate(idx.tolist()):
+            if k and i == idx[k - 1]:
+                out[k] = out[k - 1]
+                continue
+            img = self._image(key, f"{where} frame {i}", self._member(key, where, names[i], members))
+            if first is None:
+                first = img.shape
+                out = np.empty((len(idx),) + img.shape, dtype=np.uint8)
+            elif img.shape != first:
+                raise SampleError("undecodable_image", key, f"{where}: frame {i} is {img.shape[:2]}, frame 0 is "
+                                                            f"{first[:2]} (frames of a video must share one size)")
+            out[k] = img
+        return torch.from_numpy(out), tuple(int(d) for d in out.shape[:3]), times
+
+    # ------------------------------------------------------------------ tokenising
+    def _encode_text(self, text: str) -> np.ndarray:
+        ids = self._text_cache.get(text)
+        if ids is None:
+            ids = np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            if len(self._text_cache) < 4096 and len(text) < 64:  # role headers, timestamps, newlines
+                self._text_cache[text] = ids
+        return ids
+
+    def _tokenize(self, key: str, r: _Render, media: list[_Media]
+                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """-> input ids [L], labels [L], and per media its token span [start, end) incl. outer start/end."""
+        ids_chunks: list[np.ndarray] = []
+        lab_chunks: list[np.ndarray] = []
+        spans: list[tuple[int, int]] = []
+        n = 0
+        run: list[tuple[str, bool]] = []  # consecutive text pieces, tokenised together as HF would
+
+        def emit(ids: np.ndarray, labeled: bool | np.ndarray) -> None:
+            nonlocal n
+            ids_chunks.append(ids)
+            if isinstance(labeled, np.ndarray):
+                lab_chunks.append(labeled)
+            else:
+                lab_chunks.append(ids if labeled else np.full(len(ids), -100, dtype=np.int64))
+            n += len(ids)
+
+        def flush() -> None:
+            if not run:
+                return
+            text = "".join(s for s, _ in run)
+            if not any(lab for _, lab in run):
+                ids = self._encode_text(text)
+                lab: bool | np.ndarray = False
+            else:
+                enc = self.tok.encode(text, add_special_tokens=False)
+                ids = np.asarray(enc.ids, dtype=np.int64)
+                if all(lab for _, lab in run):
+                    lab = True
+                else:  # a token is labeled if it covers any labeled character
+                    mask_c = np.zeros(len(text) + 1, dtype=np.int64)
+                    pos = 0
+                    for s, labd in run:
+                        if labd:
+                            mask_c[pos + 1: pos + len(s) + 1] = 1
+                        pos += len(s)
+                    csum = np.cumsum(mask_c)
+                    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                    covered = csum[off[:, 1]] - csum[off[:, 0]] > 0
+                    lab = np.where(covered, ids, -100)
+            if np.isin(ids, self._structural).any():
+                raise SampleError("bad_conversation", key, "conversation text contains chat / vision special tokens "
+                                                           "(e.g. <|image_pad|>, <|im_start|>)")
+            emit(ids, lab)
+            run.clear()
+
+        sp = lambda t: np.array([t], dtype=np.int64)  # noqa: E731
+        m2 = self.spec.merge_size ** 2
+        for piece in r.pieces:
+            if piece[0] == "text":
+                run.append((piece[1], piece[2]))
+                continue
+            flush()
+            if piece[0] == "special":
+                emit(sp(piece[1]), piece[2])
+                continue
+            md = media[piece[1]]
+            start = n
+            t, gh, gw = md.grid_thw
+            per_t = gh * gw // m2
+            emit(sp(self.ids.vision_start), False)
+            if md.kind == "image":
+                emit(np.full(per_t, self.ids.image_pad, dtype=np.int64), False)
+            else:
+                pads = np.full(per_t, self.ids.video_pad, dtype=np.int64)
+                for ts in md.patch_times_s:
+                    emit(self._encode_text(format_timestamp(ts)), False)
+                    emit(sp(self.ids.vision_start), False)
+                    emit(pads, False)
+                    emit(sp(self.ids.vision_end), False)
+            emit(sp(self.ids.vision_end), False)
+            spans.append((start, n))
+        flush()
+        return np.concatenate(ids_chunks), np.concatenate(lab_chunks), spans
+
+    def _fit(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media], spans: list[tuple[int, int]]):
+        """Enforce ``max_tokens``: raise too_long, or truncate without cutting into a vision span."""
+        L, cap = len(ids), self.cfg.max_tokens
+        if L <= cap:
+            return ids, labels, media, spans
+        if not self.cfg.truncate:
+            raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} "
+                                               f"({sum(e - s for s, e in spans)} in {len(spans)} media)")
+        cut = cap
+        for s, e in spans:
+            if s < cut < e:
+                cut = s
+        keep = [i for i, (s, e) in enumerate(spans) if e <= cut]
+        ids, labels = ids[:cut], labels[:cut]
+        if not (labels != -100).any():
+            raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} and no assistant token is left "
+                                               f"after truncating to {cut}")
+        return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
+
+    # ------------------------------------------------------------------ pixels + positions
+    def _pixels(self, kind: str, media: list[_Media]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        items = [m for m in media if m.kind == kind]
+        if not items:
+            return None, None
+        spec = self.spec
+        D = 3 * spec.temporal_patch_size * spec.patch_size ** 2
+        rows = [m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] for m in items]
+        out = torch.empty(sum(rows), D, dtype=torch.float32)
+        r0 = 0
+        for m, nrows in zip(items, rows):
+            frames = resize_thwc(m.frames_thwc, m.size_hw)
+            _, grid = patchify_normalize(frames, spec, out=out[r0:r0 + nrows])
+            assert grid == m.grid_thw, (grid, m.grid_thw)
+            r0 += nrows
+        return out, torch.tensor([m.grid_thw for m in items], dtype=torch.long)
+
+    def _finish(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media]) -> EncodedSample:
+        pv, img_grid = self._pixels("image", media)
+        pvv, vid_grid = self._pixels("video", media)
+        input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
+        labels_l = torch.from_numpy(np.ascontiguousarray(labels))
+        labels_l[0] = -100
+        pos_3l = mrope_position_ids(input_ids_l, img_grid, vid_grid, spatial_merge_size=self.spec.merge_size,
+                                    image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad)
+        return EncodedSample(key=key, input_ids_l=input_ids_l, labels_l=labels_l, position_ids_3l=pos_3l,
+                             pixel_values=pv, image_grid_thw=img_grid, pixel_values_videos=pvv,
+                             video_grid_thw=vid_grid)

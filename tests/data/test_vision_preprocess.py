@@ -1,0 +1,214 @@
+"""Qwen3-VL visual preprocessing against the parts of transformers that import without torchvision
+(smart_resize, patchify layouts, timestamps, RGB conversion) and torch's own resize call as
+torchvision makes it. End-to-end parity with the full HF processors: test_hf_processor_parity.py."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rynnscale.data.vision_preprocess import (
+    ImageError,
+    VisionSpec,
+    decode_image,
+    patch_times,
+    patchify_normalize,
+    preprocess_image,
+    preprocess_video,
+    resize_thwc,
+    smart_resize_image,
+    smart_resize_video,
+    tune_malloc_for_pixel_buffers,
+    video_target_size,
+)
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("RYNNSCALE_SHARED_DATA",
+                               Path(__file__).resolve().parents[2] / ".." / "shared" / "data")).resolve()
+
+
+FRAMES = shared_data() / "rynnbrain_frames"
+needs_frames = pytest.mark.skipif(not FRAMES.is_dir(), reason=f"shared frames not found at {FRAMES} "
+                                                              "(set RYNNSCALE_SHARED_DATA)")
+
+
+def hf_normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """HF's fused rescale+normalise for mean = std = 0.5: (x - 0.5/(1/255)) / (0.5/(1/255)) in float32."""
+    mean = torch.tensor([0.5] * 3) * (1.0 / (1 / 255))
+    std = torch.tensor([0.5] * 3) * (1.0 / (1 / 255))
+    return x_uint8.float().sub(mean.view(-1, 1, 1)).div(std.view(-1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- sizes
+def test_smart_resize_image_matches_transformers():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    sizes = [(480, 720), (480, 640), (2, 300), (33, 33), (1080, 1920), (4000, 3000), (17, 2000), (256, 256)]
+    bounds = [(65536, 16777216), (4096, 200 * 200), (256 * 256, 512 * 512)]
+    for (h, w), (lo, hi) in itertools.product(sizes, bounds):
+        assert smart_resize_image(h, w, 32, lo, hi) == hf_smart_resize(h, w, factor=32, min_pixels=lo, max_pixels=hi)
+    assert smart_resize_image(480, 720, 32, 65536, 16777216) == (480, 704)  # ANCHORS: 720x480 -> 704x480
+    for fn in (smart_resize_image, hf_smart_resize):  # both refuse extreme aspect ratios
+        with pytest.raises(ValueError, match="aspect ratio"):
+            fn(1, 300, 32, 4096, 16777216)
+
+
+def test_smart_resize_video_matches_transformers():
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize
+
+    for t, (h, w), (lo, hi) in itertools.product(
+            [2, 3, 16, 26, 27, 768], [(480, 640), (448, 448), (20, 500), (1080, 1920), (97, 33)],
+            [(4096, 25165824), (4096, 2_000_000), (128 * 32 * 32, 768 * 32 * 32)]):
+        assert smart_resize_video(t, h, w, 2, 32, lo, hi) == hf_smart_resize(t, h, w, 2, 32, lo, hi), (t, h, w, lo, hi)
+    # one frame: HF refuses; we size it as two frames (what patchify pads it to)
+    assert smart_resize_video(1, 480, 640, 2, 32, 4096, 25165824) == hf_smart_resize(2, 480, 640, 2, 32, 4096, 25165824)
+
+
+def test_per_frame_cap_matches_transformers_rule():
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize
+
+    spec = VisionSpec(cap_pixels_per_frame=True)
+    for t in (4, 16, 64, 512):
+        per_frame = max(min(768 * 32 * 32, 25165824 // t), int(4096 * 1.05))
+        assert video_target_size(t, 1080, 1920, spec) == hf_smart_resize(t, 1080, 1920, 2, 32, 4096, per_frame * t)
+
+
+# ----------------------------------------------------------------------------- resize kernel
+@pytest.mark.parametrize("src,dst", [((96, 160), (64, 96)), ((50, 70), (96, 128)), ((64, 64), (64, 64))])
+def test_resize_equals_torchvision_call(src, dst):
+    """torchvision (what HF calls) runs F.interpolate(uint8 NCHW contiguous, bicubic, antialias) on CPU;
+    our channels-last view must give the same bytes."""
+    torch.manual_seed(0)
+    x_thwc = torch.randint(0, 256, (3, *src, 3), dtype=torch.uint8)
+    want = x_thwc.permute(0, 3, 1, 2).contiguous()
+    if src != dst:
+        want = F.interpolate(want, size=dst, mode="bicubic", align_corners=False, antialias=True)
+    got = resize_thwc(x_thwc, dst)
+    assert got.is_contiguous() and got.dtype == torch.uint8
+    torch.testing.assert_close(got.permute(0, 3, 1, 2), want, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- patchify layout
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5])
+def test_patchify_matches_transformers_video_layout(T):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    torch.manual_seed(T)
+    spec = VisionSpec()
+    x_thwc = torch.randint(0, 256, (T, 64, 96, 3), dtype=torch.uint8)
+    got, grid = patchify_normalize(x_thwc, spec)
+    video = hf_normalize(x_thwc.permute(0, 3, 1, 2)).unsqueeze(0)  # [1, T, C, H, W] float, as HF holds it
+    want, gt, gh, gw = Qwen3VLVideoProcessor.patchify(None, video, patch_size=16, merge_size=2, temporal_patch_size=2)
+    assert grid == (gt, gh, gw) == ((T + 1) // 2, 4, 6)
+    torch.testing.assert_close(got, want[0], rtol=0, atol=0)
+
+
+def test_image_patchify_matches_transformers_image_layout():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    x_hwc = torch.randint(0, 256, (96, 64, 3), dtype=torch.uint8)
+    got, grid = patchify_normalize(x_hwc.unsqueeze(0), VisionSpec())
+    chw = hf_normalize(x_hwc.permute(2, 0, 1)).numpy()
+    want, gh, gw = Qwen2VLImageProcessorPil.patchify(None, chw, patch_size=16, merge_size=2, temporal_patch_size=2)
+    assert grid == (1, gh, gw) == (1, 6, 4)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_patchify_writes_into_out_and_checks_it():
+    spec = VisionSpec()
+    x = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    big = torch.zeros(10, 1536)
+    ref, _ = patchify_normalize(x, spec)
+    patchify_normalize(x, spec, out=big[2:10])
+    torch.testing.assert_close(big[2:10], ref, rtol=0, atol=0)
+    assert (big[:2] == 0).all()
+    with pytest.raises(ValueError, match="out must be"):
+        patchify_normalize(x, spec, out=big[:5])
+    with pytest.raises(ValueError, match="multiple of"):
+        patchify_normalize(torch.zeros(2, 40, 32, 3, dtype=torch.uint8), spec)
+
+
+# ----------------------------------------------------------------------------- timestamps + images
+@pytest.mark.parametrize("indices,fps", [([0, 16, 31, 47, 63], 30.0), ([0, 3, 6, 10], 10.0), ([5], 2.0),
+                                         (list(range(0, 392, 15)), 30.0)])
+def test_patch_times_match_transformers(indices, fps):
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    want = Qwen3VLProcessor._calculate_timestamps(None, list(indices), fps, 2)
+    got = patch_times([i / fps for i in indices], 2)
+    assert [f"{t:.1f}" for t in got] == [f"{t:.1f}" for t in want]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def _png(mode: str, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(0)
+    chans = {"RGBA": 4, "RGB": 3, "L": 1, "LA": 2}[mode]
+    arr = rng.integers(0, 256, (size[1], size[0], chans), dtype=np.uint8).squeeze()
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "RGB", "L", "LA"])
+def test_decode_image_rgb_conversion_matches_transformers(mode):
+    from transformers.image_transforms import convert_to_rgb
+
+    data = _png(mode)
+    want = convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    np.testing.assert_array_equal(decode_image(data), want)
+
+
+def test_decode_image_errors():
+    with pytest.raises(ImageError) as e:
+        decode_image(b"not an image at all")
+    assert e.value.reason == "undecodable_image"
+    with pytest.raises(ImageError) as e:
+        decode_image(_png("RGB", (100, 100)), max_pixels=100 * 100 - 1)
+    assert e.value.reason == "too_large"
+    with pytest.raises(ImageError) as e:
+        decode_image(_png("RGB"), max_bytes=10)
+    assert e.value.reason == "too_large"
+
+
+@needs_frames
+def test_real_frame_shapes_and_values():
+    f = sorted((FRAMES / "trajectory_location").glob("*.jpg"))[0]
+    img = decode_image(f.read_bytes())
+    assert img.shape == (480, 720, 3)
+    out = preprocess_image(img)
+    assert out.grid_thw == (1, 30, 44) and out.num_tokens(2) == 330  # ANCHORS: 720x480 -> 704x480, 330 tokens
+    assert out.pixel_values.shape == (1320, 1536) and out.pixel_values.dtype == torch.float32
+    assert out.pixel_values.min() >= -1 and out.pixel_values.max() <= 1
+    # both temporal copies of an image patch are identical
+    pv = out.pixel_values.view(1320, 3, 2, 256)
+    torch.testing.assert_close(pv[:, :, 0], pv[:, :, 1], rtol=0, atol=0)
+
+
+def test_preprocess_video_odd_length_repeats_last_frame():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    out = preprocess_video(frames.numpy(), [0.0, 0.5, 1.0], VisionSpec(video_min_pixels=16))
+    assert out.grid_thw == (2, 4, 4) and out.patch_times_s == [0.25, 1.0]
+    last = out.pixel_values[16:].view(16, 3, 2, 256)
+    torch.testing.assert_close(last[:, :, 0], last[:, :, 1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="timestamps"):
+        preprocess_video(frames.numpy(), [0.0], VisionSpec())
+
+
+def test_malloc_tuning_on_glibc_keeps_results():
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    before = preprocess_video(frames, [0.0, 0.5, 1.0, 1.5]).pixel_values
+    assert tune_malloc_for_pixel_buffers() is (platform.libc_ver()[0] == "glibc")
+    torch.testing.assert_close(preprocess_video(frames, [0.0, 0.5, 1.0, 1.5]).pixel_values, before, rtol=0, atol=0)
