@@ -9,7 +9,7 @@ message naming the key. Keys listed in the issue as a contract (``run.output_dir
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 @dataclass
@@ -22,8 +22,8 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    init_from: Optional[str] = None     # local Hugging Face Qwen3-VL(-MoE) directory
-    arch: Optional[Dict[str, Any]] = None   # inline architecture in config.json form (text_config/vision_config)
+    init_from: str | None = None     # local Hugging Face Qwen3-VL(-MoE) directory
+    arch: dict[str, Any] | None = None   # inline architecture in config.json form (text_config/vision_config)
     activation_checkpointing: str = "none"  # none | full | every_k
     activation_checkpointing_every: int = 2  # k for every_k
     attn_backend: str = "auto"          # auto | varlen | sdpa_mask | loop
@@ -33,7 +33,7 @@ class ModelConfig:
 class SyntheticDataConfig:
     """Built-in synthetic egocentric dataset, generated once into ``output_dir`` (default: under the run)."""
     num_samples: int = 0                # 0 = off
-    output_dir: Optional[str] = None    # default: <run.output_dir>/synthetic_data
+    output_dir: str | None = None    # default: <run.output_dir>/synthetic_data
     frames: int = 4
     width: int = 64
     height: int = 64
@@ -44,9 +44,9 @@ class SyntheticDataConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: List[str] = field(default_factory=list)   # paths, globs or brace patterns
+    train_shards: list[str] = field(default_factory=list)   # paths, globs or brace patterns
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    tokenizer: Optional[str] = None     # tokenizer directory; default: init_from, else the bundled Qwen3 one
+    tokenizer: str | None = None     # tokenizer directory; default: init_from, else the bundled Qwen3 one
     seed: int = 0
     shuffle_buffer: int = 256
     pack_window: int = 64
@@ -103,8 +103,8 @@ class CheckpointConfig:
 @dataclass
 class WandbConfig:
     mode: str = "offline"               # offline | online | disabled
-    project: Optional[str] = None
-    entity: Optional[str] = None
+    project: str | None = None
+    entity: str | None = None
 
 
 @dataclass

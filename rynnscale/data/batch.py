@@ -50,7 +50,7 @@ class PackedBatch:
         """Tokens that carry a loss (after the causal shift)."""
         return int((self.labels_l[1:] != -100).sum())
 
-    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> "PackedBatch":
+    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> PackedBatch:
         """Move every tensor to ``device``; cast floating tensors to ``float_dtype`` if given."""
         out = {}
         for f in fields(self):

@@ -71,8 +71,9 @@ def _init_wandb(cfg: RootConfig, output_dir: Path):
         return None
     wcfg = cfg.logging.wandb
     os.environ.setdefault("WANDB_SILENT", "true")
-    from rynnscale.config import to_yaml
     import yaml
+
+    from rynnscale.config import to_yaml
     return wandb.init(
         project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
         name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),

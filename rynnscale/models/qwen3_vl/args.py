@@ -94,7 +94,7 @@ class Qwen3VLArgs:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], strict: bool = False, where: str = "config") -> "Qwen3VLArgs":
+    def from_hf_config(cls, cfg: dict[str, Any], strict: bool = False, where: str = "config") -> Qwen3VLArgs:
         """Build from a transformers Qwen3-VL / Qwen3-VL-MoE config dict.
 
         ``strict`` rejects keys that are neither ours nor HF bookkeeping (used for recipes,

@@ -87,7 +87,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def to_empty(self, *, device, recurse: bool = True) -> "Qwen3VLForConditionalGeneration":
+    def to_empty(self, *, device, recurse: bool = True) -> Qwen3VLForConditionalGeneration:
         """``nn.Module.to_empty`` creates a new tensor per parameter slot, which unties tied
         embeddings; re-tie right away so loading or init never sees two copies."""
         super().to_empty(device=device, recurse=recurse)

@@ -34,8 +34,8 @@ balanced value is k. For a single layer HF's value is exactly k * ours; the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn

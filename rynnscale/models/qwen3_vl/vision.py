@@ -55,7 +55,7 @@ class VisionPatchMeta:
     def num_patches(self) -> int:
         return int(self.coords_4p.shape[1])
 
-    def to(self, device: torch.device | str) -> "VisionPatchMeta":
+    def to(self, device: torch.device | str) -> VisionPatchMeta:
         return VisionPatchMeta(self.coords_4p.to(device, non_blocking=True),
                                self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen)
 
