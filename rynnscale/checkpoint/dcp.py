@@ -1,0 +1,658 @@
+"""Training checkpoints: atomic, sharded (DCP) saves; resume with exact continuation or resharding.
+
+Layout of one checkpoint (``<output_dir>/checkpoints/step_000100/``)::
+
+    dcp/.metadata, dcp/__<rank>_0.distcp   model + optimiser, sharded (``get_state_dict``), one file per rank
+    trainer_state.json                      step, tokens seen, scheduler, world size, layout, config (rank 0)
+    rank_00000.json ...                     per rank: loader state and RNG states (python/numpy/torch/CUDA)
+    COMPLETE                                written last, before the rename (JSON: step, world size, files)
+
+Atomicity. Everything is written into ``step_000100.tmp-<id>/``; when every rank has finished, rank 0
+writes ``COMPLETE``, renames the directory to ``step_000100/``, then rewrites ``checkpoints/latest``
+(a one-line file, replaced atomically) and prunes to ``keep_last``. A crash at any point leaves either
+the previous checkpoints untouched plus a ``*.tmp-*`` directory (ignored by ``auto`` with a warning), or
+a complete new checkpoint. Assumes all ranks see one shared filesystem.
+
+Resume. ``find_resume_checkpoint`` picks the checkpoint; ``load_checkpoint`` loads model and optimiser
+through DCP into however the model is sharded now (resharding is DCP's job), restores the scheduler and,
+when world size and layout are the ones saved, returns this rank's per-rank state and restores its RNG
+(exact continuation). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
+deterministically from the recorded progress.
+
+Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor items (e.g. optimiser
+``lr``) with ``torch.load(weights_only=False)``: a checkpoint from elsewhere could run code. We read with
+``SafeFileSystemReader`` (metadata through an allow-listed unpickler) and ``SafeLoadPlanner``
+(``weights_only=True``); everything else is JSON. Nothing here calls ``pickle.load`` or unrestricted
+``torch.load``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+log = logging.getLogger("rynnscale.checkpoint")
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+DCP_DIR = "dcp"
+TRAINER_STATE = "trainer_state.json"
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_FINAL_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^step_(\d+)\.tmp-([0-9A-Za-z]+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, unsafe or does not fit; the message names the path / key."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint after optimiser step ``step`` (zero-padded so names sort)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step:06d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
+
+
+# ------------------------------------------------------------------------------------------ safe reading
+# Every global a DCP ``.metadata`` pickle of this torch version references (checked on dense, MoE, FSDP2 saves).
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"), ("pathlib", "Path"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the classes DCP metadata is made of (and torch dtypes)."""
+
+    def __init__(self, f, where: str):
+        super().__init__(f)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"{self.where}: refuses to unpickle global {module}.{name} (not part of DCP metadata; "
+                              "the checkpoint may be malicious or written by an unsupported torch version)")
+
+
+def read_dcp_metadata(dcp_dir: str | os.PathLike) -> Metadata:
+    """DCP ``.metadata`` of ``dcp_dir`` through the allow-listed unpickler."""
+    path = Path(dcp_dir) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (not a DCP checkpoint directory)")
+    with open(path, "rb") as f:
+        try:
+            md = _MetadataUnpickler(f, str(path)).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated / corrupt file
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    return md
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP ``FileSystemReader`` whose metadata goes through the allow-listed unpickler (tensor data is
+    already read with ``torch.load(weights_only=True)`` by the base class)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md = read_dcp_metadata(self.path)
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` that reads non-tensor items (optimiser hyper-parameters) with
+    ``torch.load(weights_only=True)`` instead of unrestricted pickle."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"DCP item {read_item.dest_index.fqn!r}: refused by the weights_only loader "
+                                  f"({type(e).__name__}: {e})") from e
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_dcp_load(state_dict: dict[str, Any], dcp_dir: str | os.PathLike, process_group=None) -> None:
+    """``dcp.load`` in place with the safe reader and planner (single process when dist is off)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(dcp_dir), planner=SafeLoadPlanner(),
+                 process_group=process_group, no_dist=not _dist_on())
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's python / numpy / torch CPU / CUDA generator states as plain JSON data."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "numpy": {"kind": np_kind, "keys": np.asarray(np_keys, dtype=np.uint32).tolist(), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch_cpu": _b64(torch.get_rng_state()),
+        "cuda": None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [_b64(s.cpu()) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(_unb64(state["torch_cpu"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = [_unb64(s) for s in state["cuda"]]
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("checkpoint has CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
+                        len(cuda), torch.cuda.device_count())
+        else:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def _dist_on(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank(group=None) -> int:
+    return dist.get_rank(group) if _dist_on() else 0
+
+
+def _world(group=None) -> int:
+    return dist.get_world_size(group) if _dist_on() else 1
+
+
+def _barrier(group=None) -> None:
+    if _dist_on() and _world(group) > 1:
+        dist.barrier(group=group)
+
+
+def _broadcast(obj: Any, group=None) -> Any:
+    """Rank 0's ``obj`` on every rank (small JSON-able values only)."""
+    if not _dist_on() or _world(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return box[0]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, replace)."""
+    try:
+        text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=True)
+    except TypeError as e:
+        raise CheckpointError(f"{path.name}: state is not JSON-serialisable ({e}); pass plain data "
+                              "(numbers, strings, lists, dicts)") from e
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+# ------------------------------------------------------------------------------------------ discovery
+@dataclass
+class CheckpointEntry:
+    """One directory under ``checkpoints/``: its step and whether it is a usable, complete checkpoint."""
+    path: Path
+    step: int
+    complete: bool
+    reason: str = ""    # why it is not complete
+
+
+def check_complete(path: str | os.PathLike) -> str:
+    """'' if ``path`` is a complete checkpoint, else the reason it is not."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    if _TMP_RE.match(path.name):
+        return "temporary name (the save never finished)"
+    if not (path / COMPLETE).is_file():
+        return f"no {COMPLETE} marker (the save never finished)"
+    if not (path / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE}"
+    if not (path / DCP_DIR / ".metadata").is_file():
+        return f"no {DCP_DIR}/.metadata"
+    return ""
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
+    """Every ``step_*`` directory (final or temporary name) under ``output_dir/checkpoints``, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = _FINAL_RE.match(p.name) or _TMP_RE.match(p.name)
+        if m and p.is_dir():
+            reason = check_complete(p)
+            out.append(CheckpointEntry(p, int(m.group(1)), not reason, reason))
+    out.sort(key=lambda e: (e.step, e.complete, e.path.name))
+    return out
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_group=None) -> Path | None:
+    """The checkpoint to resume from, per ``checkpoint.resume``.
+
+    ``"none"``: None. ``"auto"``: the newest complete checkpoint under ``output_dir/checkpoints`` (None if
+    there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
+    checkpoint directory, which must be complete (``CheckpointError`` otherwise). Rank 0 decides and
+    broadcasts, so every rank resumes from the same directory."""
+    if resume == "none":
+        return None
+    chosen: str | None
+    error: str | None = None
+    if _rank(process_group) == 0:
+        chosen = None
+        if resume == "auto":
+            entries = list_checkpoints(output_dir)
+            complete = [e for e in entries if e.complete]
+            newest = complete[-1] if complete else None
+            skipped = [e for e in entries if not e.complete and (newest is None or e.step >= newest.step)]
+            older_bad = [e for e in entries if not e.complete and e not in skipped]
+            for e in skipped + older_bad:
+                log.warning("ignoring incomplete checkpoint %s (%s)", e.path, e.reason)
+            chosen = str(newest.path) if newest else None
+            if newest is None:
+                log.info("resume=auto: no complete checkpoint under %s; starting fresh",
+                         Path(output_dir) / CHECKPOINTS_DIR)
+        else:
+            reason = check_complete(resume)
+            if reason:
+                error = f"checkpoint.resume={resume!r}: not a complete checkpoint ({reason})"
+            chosen = resume
+        res = (chosen, error)
+    else:
+        res = None
+    chosen, error = _broadcast(res, process_group)
+    if error:
+        raise CheckpointError(error)
+    return Path(chosen) if chosen is not None else None
+
+
+# ------------------------------------------------------------------------------------------ preemption
+@dataclass
+class PreemptionFlag:
+    """Set by the signal handler; the trainer checks it once per step (``preemption_requested``)."""
+    requested: bool = False
+    signum: int | None = None
+    previous: dict[int, Any] = field(default_factory=dict)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
+def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
+    """Install a handler that only records the signal (call from the main thread). The trainer then saves
+    a checkpoint at the end of the current step and exits, instead of dying mid-step."""
+    flag = PreemptionFlag()
+
+    def handler(signum, frame):
+        flag.requested = True
+        flag.signum = signum
+        log.warning("received signal %d: will save a checkpoint after this step and exit", signum)
+
+    for sig in signals:
+        flag.previous[sig] = signal.signal(sig, handler)
+    return flag
+
+
+def preemption_requested(flag: PreemptionFlag, process_group=None) -> bool:
+    """True on every rank if any rank got the signal (an all-reduce: call it on all ranks at the same step)."""
+    if not _dist_on() or _world(process_group) == 1:
+        return flag.requested
+    backend = dist.get_backend(process_group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag.requested else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
+    return bool(t.item())
+
+
+# ------------------------------------------------------------------------------------------ save / load
+@dataclass
+class ResumeState:
+    """What ``load_checkpoint`` restored besides model / optimiser / scheduler."""
+    path: Path
+    step: int
+    tokens_seen: int
+    exact: bool                         # same world size and layout: per-rank state and RNG restored
+    per_rank: dict[str, Any] | None     # this rank's ``per_rank_state`` as saved (None when not exact)
+    trainer_state: dict[str, Any]       # the whole trainer_state.json (config, extra, ...)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.trainer_state.get("extra", {})
+
+
+def _scheduler_state(scheduler) -> dict[str, Any] | None:
+    if scheduler is None:
+        return None
+    sd = scheduler.state_dict()
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"scheduler {type(scheduler).__name__} state has tensors {bad}; only JSON state is saved")
+    return sd
+
+
+def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
+    """Rank 0: write COMPLETE into the finished ``tmp`` and rename it to ``final`` (an existing ``final``, e.g.
+    the same step saved again, is moved aside first and deleted after)."""
+    _write_json(tmp / COMPLETE, complete)
+    _fsync_dir(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Saves checkpoints of a run under ``output_dir/checkpoints`` and loads them back.
+
+    Call ``save`` on every rank at the same step; ``wait`` (also called by the next ``save``) finishes
+    an asynchronous save. ``process_group`` is the group spanning all ranks (default: the world)."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int = 2, *, async_save: bool = False,
+                 process_group=None):
+        if keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / CHECKPOINTS_DIR
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.process_group = process_group
+        self._async_group = None
+        self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, *,
+             tokens_seen: int = 0, config: dict[str, Any] | None = None, layout: dict[str, Any] | None = None,
+             model_config: dict[str, Any] | None = None, extra_state: dict[str, Any] | None = None,
+             per_rank_state: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint of optimiser step ``step``; returns its final path.
+
+        - ``config``: the resolved run config as a plain dict (``trainer_state.json``; export reads
+          ``model.arch`` / ``model.init_from`` from it). ``model_config``: the HF ``config.json`` dict of
+          the model (``Qwen3VLArgs.to_hf_config()``), preferred by export.
+        - ``layout``: the parallel layout (e.g. ``{"dp_replicate": 1, "dp_shard": 4, "ep": 2}``); resume
+          is exact only with the same world size and layout.
+        - ``extra_state``: more JSON data for ``trainer_state.json``. ``per_rank_state``: this rank's
+          JSON data (loader state, ...); RNG states are added by the manager.
+        With ``async_save`` the DCP write continues in the background; the rename / ``latest`` happen
+        in ``wait()`` (called by the next ``save``)."""
+        self.wait()
+        pg = self.process_group
+        rank, world = _rank(pg), _world(pg)
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / _broadcast(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}", pg)
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        _barrier(pg)
+
+        t0 = time.perf_counter()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        # small JSON files first, so that the DCP write is the last thing that can still be in flight
+        _write_json(tmp / rank_file(rank), {
+            "format_version": FORMAT_VERSION, "step": step, "rank": rank, "world_size": world,
+            "rng": capture_rng_state(), "state": per_rank_state or {}})
+        if rank == 0:
+            _write_json(tmp / TRAINER_STATE, {
+                "format_version": FORMAT_VERSION, "step": step, "tokens_seen": int(tokens_seen),
+                "world_size": world, "layout": layout or {}, "scheduler": _scheduler_state(scheduler),
+                "config": config, "model_config": model_config, "extra": extra_state or {},
+                "torch_version": torch.__version__, "saved_at": time.time()})
+        complete = {"format_version": FORMAT_VERSION, "step": step, "world_size": world,
+                    "rank_files": [rank_file(r) for r in range(world)]}
+        if self.async_save:
+            if self._async_group is None and _dist_on() and world > 1:
+                # a separate group: the background thread's collectives must not interleave with training's
+                self._async_group = dist.new_group(ranks=None if pg is None else dist.get_process_group_ranks(pg),
+                                                   backend="gloo")
+            future = dcp.async_save(state, checkpoint_id=tmp / DCP_DIR,
+                                    process_group=self._async_group if self._async_group is not None else pg,
+                                    no_dist=not _dist_on())
+            self._pending = (future, tmp, final, complete)
+            log.info("checkpoint %s: staged in %.2fs, writing in the background", final.name, time.perf_counter() - t0)
+            return final
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp / DCP_DIR, process_group=pg, no_dist=not _dist_on())
+        self._finish(tmp, final, complete)
+        log.info("checkpoint %s saved in %.2fs", final, time.perf_counter() - t0)
+        return final
+
+    def wait(self) -> Path | None:
+        """Finish a pending asynchronous save (rename, ``latest``, prune); returns its path or None."""
+        if self._pending is None:
+            return None
+        future, tmp, final, complete = self._pending
+        self._pending = None
+        result = future.result()
+        upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
+        if upload is not None:
+            upload.result()
+        self._finish(tmp, final, complete)
+        return final
+
+    def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
+        pg = self.process_group
+        _barrier(pg)   # every rank's DCP shard and rank file is on disk
+        if _rank(pg) == 0:
+            _commit(tmp, final, complete)
+            self._write_latest(final.name)   # last: points only at a complete checkpoint
+            self._prune()
+        _barrier(pg)
+
+    def _write_latest(self, name: str) -> None:
+        tmp = self.root / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints; delete older complete ones and temporary
+        directories of steps at or below the newest complete one (left by crashed saves)."""
+        entries = list_checkpoints(self.output_dir)
+        complete = [e for e in entries if e.complete]
+        if not complete:
+            return
+        newest = complete[-1].step
+        doomed = complete[:-self.keep_last] if self.keep_last > 0 else []
+        doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
+        for e in doomed:
+            log.info("pruning checkpoint %s", e.path)
+            shutil.rmtree(e.path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ load
+    def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True) -> ResumeState:
+        """``load_checkpoint`` with this manager's process group."""
+        return load_checkpoint(path, model, optimizer, scheduler, layout=layout, restore_rng=restore_rng,
+                               process_group=self.process_group)
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
+                    process_group=None) -> ResumeState:
+    """Load checkpoint ``path`` into ``model`` / ``optimizer`` (however they are sharded now: DCP reshards)
+    and ``scheduler``; call on every rank.
+
+    If the world size and ``layout`` equal the saved ones, this rank's per-rank state is returned and
+    (``restore_rng``) its RNG states restored: the run continues exactly. Otherwise ``per_rank`` is None
+    and a warning says the data order restarts deterministically from the recorded step / tokens."""
+    path = Path(path)
+    reason = check_complete(path)
+    if reason:
+        raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
+    ts = _read_json(path / TRAINER_STATE)
+    if ts.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / TRAINER_STATE}: format_version={ts.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
+    t0 = time.perf_counter()
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(model)}
+    _check_keys(path, state)
+    absent = _drop_absent_optimizer_state(path, state)
+    safe_dcp_load(state, path / DCP_DIR, process_group=process_group)
+    if optimizer is not None:
+        # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not absent))
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state["model"])
+    if scheduler is not None:
+        if ts.get("scheduler") is None:
+            raise CheckpointError(f"{path / TRAINER_STATE}: has no scheduler state but a scheduler was given")
+        scheduler.load_state_dict(ts["scheduler"])
+
+    world = _world(process_group)
+    saved_layout = ts.get("layout") or {}
+    same = ts["world_size"] == world and (layout is None or saved_layout == layout)
+    per_rank = None
+    if same:
+        rf = _read_json(path / rank_file(_rank(process_group)))
+        if rf.get("world_size") != world:
+            raise CheckpointError(f"{path / rank_file(_rank(process_group))}: world_size={rf.get('world_size')} "
+                                  f"but {TRAINER_STATE} says {ts['world_size']}")
+        per_rank = rf["state"]
+        if restore_rng:
+            restore_rng_state(rf["rng"])
+    elif _rank(process_group) == 0:
+        log.warning(
+            "checkpoint %s was saved with world size %d, layout %s; now world size %d, layout %s: weights and "
+            "optimiser were resharded, but per-rank data-loader and RNG state cannot be reused. The data order "
+            "restarts deterministically from the recorded progress (step %d, %d tokens seen).",
+            path, ts["world_size"], saved_layout, world, layout, ts["step"], ts["tokens_seen"])
+    log.info("loaded checkpoint %s (step %d) in %.2fs", path, ts["step"], time.perf_counter() - t0)
+    return ResumeState(path=path, step=int(ts["step"]), tokens_seen=int(ts["tokens_seen"]), exact=same,
+                       per_rank=per_rank, trainer_state=ts)
+
+
+def _check_keys(path: Path, state: dict[str, Any]) -> None:
+    """Fail listing the model tensors the checkpoint lacks (DCP's own error names only the first)."""
+    md = read_dcp_metadata(path / DCP_DIR)
+    have = set(md.state_dict_metadata)
+    missing = [f"model.{k}" for k in state["model"] if f"model.{k}" not in have]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise CheckpointError(f"{path / DCP_DIR}: the model has {len(missing)} tensor(s) the checkpoint lacks: {shown}")
+
+
+def _drop_absent_optimizer_state(path: Path, state: dict[str, Any]) -> list[str]:
+    """Remove optimiser state of parameters that had none when saved (never got a gradient, e.g. a vision
+    tower in a text-only run): ``get_state_dict`` invents it for a fresh optimiser, and keeping it would
+    both fail the DCP load and make those parameters' later Adam steps differ from an uninterrupted run."""
+    if "optim" not in state:
+        return []
+    have = set(read_dcp_metadata(path / DCP_DIR).state_dict_metadata)
+    per_param = state["optim"].get("state", {})
+    absent = [fqn for fqn, st in per_param.items() if not any(f"optim.state.{fqn}.{k}" in have for k in st)]
+    for fqn in absent:
+        del per_param[fqn]
+    if absent:
+        log.info("%s: %d parameter(s) had no optimiser state when saved (e.g. %s); left without state",
+                 path, len(absent), absent[0])
+    return absent

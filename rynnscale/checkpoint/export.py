@@ -1,0 +1,251 @@
+"""Export a training checkpoint (DCP) to a Hugging Face directory, streaming one tensor at a time.
+
+The safetensors format puts a JSON header with every tensor's dtype, shape and byte offsets before the
+data. DCP metadata tells us all of them up front, so each shard's header is written first and tensors
+are then loaded one by one (``dcp.load`` of a one-tensor state dict, all chunks of all saving ranks
+assembled by DCP) and their bytes appended. Peak memory: the tensor being written plus the largest
+chunk DCP reads for it (at most 2x the largest tensor, about 1x + 1/N for a checkpoint saved by N
+ranks), independent of the shard size and of the model size. Runs in one process, no process group.
+
+Output is what ``rynnscale.checkpoint.hf.export_hf`` writes (same file names, index, config.json,
+``rynnscale.expert_layout`` shard metadata = "v5", tokenizer / processor files from ``copy_from``), so
+transformers loads it with ``from_pretrained`` and ``load_hf_weights`` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rynnscale.checkpoint.dcp import (
+    DCP_DIR,
+    TRAINER_STATE,
+    CheckpointError,
+    check_complete,
+    read_dcp_metadata,
+    safe_dcp_load,
+)
+from rynnscale.checkpoint.hf import (
+    EMBED,
+    INDEX_FILE,
+    LAYOUT_METADATA_KEY,
+    LM_HEAD,
+    PROCESSOR_FILES,
+    SINGLE_FILE,
+    HFCheckpointError,
+    _listing,
+    _replace_dir,
+    hf_param_shapes,
+    read_hf_config,
+)
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+
+MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
+_ST_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass
+class CheckpointExportReport:
+    out_dir: str
+    files: list[str]
+    num_tensors: int
+    total_bytes: int
+    largest_tensor_bytes: int
+    dtype: str
+    seconds: float
+
+
+def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Qwen3VLArgs:
+    """The model architecture of checkpoint ``ckpt``, from its ``trainer_state.json``: ``model_config``
+    (HF config.json dict written by the trainer), else the run config's ``model.arch``, else the
+    ``config.json`` of ``model.init_from``, else of ``copy_from``."""
+    ckpt = Path(ckpt)
+    ts_path = ckpt / TRAINER_STATE
+    if not ts_path.is_file():
+        raise CheckpointError(f"{ts_path}: no such file (not a rynnscale checkpoint)")
+    ts = json.loads(ts_path.read_text())
+    if ts.get("model_config"):
+        return Qwen3VLArgs.from_hf_config(ts["model_config"], where=f"{ts_path}:model_config")
+    model_cfg = (ts.get("config") or {}).get("model") or {}
+    if model_cfg.get("arch"):
+        return Qwen3VLArgs.from_hf_config(dict(model_cfg["arch"]), strict=True, where=f"{ts_path}:config.model.arch")
+    tried = []
+    for src in (model_cfg.get("init_from"), copy_from):
+        if src is not None:
+            tried.append(str(src))
+            if (Path(src) / "config.json").is_file():
+                return read_hf_config(src)[0]
+    raise CheckpointError(f"{ts_path}: no model_config or config.model.arch, and no config.json in "
+                          f"{tried or 'model.init_from / --copy-from (neither given)'}; pass --copy-from INIT_DIR")
+
+
+def _model_tensors_md(ckpt: Path) -> dict[str, Any]:
+    """HF name -> DCP TensorStorageMetadata of every model tensor in the checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = read_dcp_metadata(Path(ckpt) / DCP_DIR)
+    return {k[len(MODEL_PREFIX):]: v for k, v in md.state_dict_metadata.items()
+            if k.startswith(MODEL_PREFIX) and isinstance(v, TensorStorageMetadata)}
+
+
+def load_checkpoint_tensor(ckpt: str | os.PathLike, name: str, meta: Any | None = None) -> torch.Tensor:
+    """One model tensor of checkpoint ``ckpt`` as a full CPU tensor (all saved shards assembled)."""
+    ckpt = Path(ckpt)
+    if meta is None:
+        meta = _model_tensors_md(ckpt).get(name)
+        if meta is None:
+            raise CheckpointError(f"{ckpt / DCP_DIR}: no model tensor {name!r}")
+    target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    safe_dcp_load({"model": {name: target}}, ckpt / DCP_DIR)
+    return target
+
+
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """safetensors header (8-byte length + JSON padded to 8 bytes) for tensors written in this order."""
+    head: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dt, shape in entries:
+        n = _nbytes(dt, shape)
+        head[name] = {"dtype": _ST_DTYPE[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dt).element_size()
+
+
+def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
+                         copy_from: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                         max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> CheckpointExportReport:
+    """Write a transformers directory from the model tensors of checkpoint ``ckpt``.
+
+    ``copy_from``: the init model directory (tokenizer / processor / generation config are copied from it;
+    also the architecture when the checkpoint records none). ``dtype`` casts floating tensors (e.g.
+    ``torch.bfloat16``); default keeps the stored dtype. Names and shapes are checked against the
+    architecture before anything is written (one ``HFCheckpointError`` listing every problem). The
+    directory is written under a temporary name beside ``out_dir`` and renamed when complete."""
+    t0 = time.perf_counter()
+    ckpt = Path(ckpt)
+    reason = check_complete(ckpt)
+    if reason:
+        raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    copy_from = Path(copy_from) if copy_from is not None else None
+    if copy_from is not None and not copy_from.is_dir():
+        raise HFCheckpointError(f"copy_from={copy_from}: not a directory")
+    args = checkpoint_model_args(ckpt, copy_from)
+    expected = hf_param_shapes(args)
+    stored = _model_tensors_md(ckpt)
+
+    problems = []
+    missing = [n for n in expected if n not in stored]
+    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)]
+    mismatched = [f"{n}: checkpoint {list(stored[n].size)} vs {list(expected[n])} from the model config"
+                  for n in expected if n in stored and tuple(stored[n].size) != expected[n]]
+    if missing:
+        problems.append(_listing("tensors the model config requires but the checkpoint lacks", missing))
+    if unexpected:
+        problems.append(_listing("checkpoint model tensors not in the Hugging Face layout", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if problems:
+        raise HFCheckpointError(f"cannot export checkpoint {ckpt}:\n" + "\n".join(problems))
+
+    def out_dtype(name: str) -> torch.dtype:
+        dt = stored[name].properties.dtype
+        return dtype if dtype is not None and dt.is_floating_point else dt
+
+    # plan shards in the architecture's order: a shard closes before it would exceed max_shard_bytes
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in expected:
+        n = _nbytes(out_dtype(name), expected[name])
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    fnames = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    total = largest = 0
+    tied_checked = False
+    try:
+        meta = {"format": "pt", LAYOUT_METADATA_KEY: "v5"}
+        for fname, names in zip(fnames, shards):
+            entries = [(n, out_dtype(n), expected[n]) for n in names]
+            with open(tmp / fname, "wb") as f:
+                f.write(_header(entries, meta))
+                for name, dt, _ in entries:
+                    x = load_checkpoint_tensor(ckpt, name, stored[name])
+                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and not tied_checked:
+                        tied_checked = True
+                        head = load_checkpoint_tensor(ckpt, LM_HEAD, stored[LM_HEAD])
+                        if not torch.equal(head, x):
+                            raise HFCheckpointError(f"{ckpt}: the config ties word embeddings but the checkpoint's "
+                                                    f"{LM_HEAD} differs from {EMBED}")
+                        del head
+                    if x.dtype != dt:
+                        x = x.to(dt)
+                    nbytes = x.numel() * x.element_size()
+                    if nbytes:
+                        f.write(memoryview(x.contiguous().view(torch.uint8).numpy()))
+                    total += nbytes
+                    largest = max(largest, nbytes)
+                    del x
+                f.flush()
+                os.fsync(f.fileno())
+        files = list(fnames)
+        if len(fnames) > 1:
+            weight_map = {n: fname for fname, names in zip(fnames, shards) for n in names}
+            index = {"metadata": {"total_parameters": sum(_nbytes(torch.uint8, s) for s in expected.values()),
+                                  "total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            files.append(INDEX_FILE)
+        float_dts = [out_dtype(n) for n in expected if out_dtype(n).is_floating_point]
+        main_dtype = dtype or (max(set(float_dts), key=float_dts.count) if float_dts else torch.float32)
+        config = args.to_hf_config()
+        config["dtype"] = config["torch_dtype"] = str(main_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.append("config.json")
+        if copy_from is not None:
+            extra = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
+                p.name for p in copy_from.glob("chat_template*") if p.is_file())
+            for fname in dict.fromkeys(extra):
+                if (copy_from / fname).is_file():
+                    shutil.copy2(copy_from / fname, tmp / fname)
+                    files.append(fname)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CheckpointExportReport(out_dir=str(out_dir), files=files, num_tensors=len(expected), total_bytes=total,
+                                  largest_tensor_bytes=largest, dtype=str(main_dtype).removeprefix("torch."),
+                                  seconds=time.perf_counter() - t0)

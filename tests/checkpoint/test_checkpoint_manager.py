@@ -1,0 +1,226 @@
+"""CheckpointManager: atomic layout, latest/prune, kill during a save, exact continuation in a fresh process,
+async save, safe loading (no pickle executed), preemption flag. Single process (in-process or one subprocess).
+
+Exactness is bit-for-bit: losses compared as float.hex, tensors with torch.equal."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import signal
+from pathlib import Path
+
+import ckpt_worker as w
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rynnscale.checkpoint import dcp as ckpt
+from rynnscale.checkpoint.dcp import (
+    CheckpointError,
+    CheckpointManager,
+    SafeLoadPlanner,
+    capture_rng_state,
+    find_resume_checkpoint,
+    install_preemption_handler,
+    list_checkpoints,
+    load_checkpoint,
+    preemption_requested,
+    restore_rng_state,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_state_equal(model, opt, ref_file: Path) -> None:
+    ref = load_file(str(ref_file))
+    got, groups = w.full_state(model, opt)
+    assert sorted(got) == sorted(ref)
+    bad = [k for k in ref if not torch.equal(got[k], ref[k])]
+    assert not bad, f"differ: {bad[:5]}"
+    assert json.loads(json.dumps(groups)) == json.loads(Path(str(ref_file).replace(".safetensors", ".groups.json")).read_text())
+
+
+def test_rng_state_roundtrips_through_json():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    random.seed(1)
+    np.random.seed(2)
+    st = json.loads(json.dumps(capture_rng_state()))
+    a = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), random.gauss(0, 1))
+    restore_rng_state(st)
+    b = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist(), random.gauss(0, 1))
+    assert a == b
+
+
+def test_layout_latest_and_prune(tmp_path):
+    torch.manual_seed(0)
+    w.run(tmp_path, 4, save_at=(1, 2, 3, 4), keep_last=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000004"]
+    assert (root / "latest").read_text().strip() == "step_000004"
+    c = root / "step_000004"
+    assert {p.name for p in c.iterdir()} == {"COMPLETE", "dcp", "trainer_state.json", "rank_00000.json"}
+    ts = json.loads((c / "trainer_state.json").read_text())
+    assert (ts["step"], ts["tokens_seen"], ts["world_size"]) == (4, 400, 1)
+    assert ts["scheduler"]["last_epoch"] == 4 and ts["model_config"]["model_type"] == "qwen3_vl_moe"
+    rank = json.loads((c / "rank_00000.json").read_text())
+    assert rank["state"] == {"batches_drawn": 4} and set(rank["rng"]) == {"python", "numpy", "torch_cpu", "cuda"}
+    assert find_resume_checkpoint(tmp_path, "auto") == c
+    assert find_resume_checkpoint(tmp_path, "none") is None
+    assert find_resume_checkpoint(tmp_path, str(root / "step_000003")) == root / "step_000003"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        find_resume_checkpoint(tmp_path, str(root / "step_000099"))
+    assert find_resume_checkpoint(tmp_path / "nothing_here", "auto") is None
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, caplog):
+    """A real process exit (os._exit) between the DCP write of step 4 and its rename: step 2 still loads
+    bit-exactly, ``auto`` skips the half-written step 4 with a warning naming it, ``latest`` is unchanged."""
+    r = w.launch(1, [str(tmp_path), "--total", "5", "--save-at", "2", "4", "--crash-at", "4", "--dump-at", "2"])
+    assert r[0].returncode == 17, r[0].stderr[-3000:]
+    root = tmp_path / "checkpoints"
+    entries = list_checkpoints(tmp_path)
+    assert [(e.step, e.complete) for e in entries] == [(2, True), (4, False)]
+    torn = entries[1].path
+    assert torn.name.startswith("step_000004.tmp-") and (torn / "dcp" / ".metadata").is_file()
+    assert (root / "latest").read_text().strip() == "step_000002"
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        chosen = find_resume_checkpoint(tmp_path, "auto")
+    assert chosen == root / "step_000002"
+    assert any(torn.name in rec.getMessage() and "incomplete" in rec.getMessage() for rec in caplog.records)
+    with pytest.raises(CheckpointError, match="temporary name"):
+        find_resume_checkpoint(tmp_path, str(torn))
+
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config(), seed=5)   # different init: everything must come from the file
+    opt, sched = w.build_optim(model, 5)
+    rs = load_checkpoint(chosen, model, opt, sched, layout={"dp_shard": 1, "ep": 1, "fsdp": False})
+    assert (rs.step, rs.tokens_seen, rs.exact, rs.per_rank) == (2, 200, True, {"batches_drawn": 2})
+    assert sched.last_epoch == 2
+    assert_state_equal(model, opt, tmp_path / "full_2.safetensors")
+    # the next successful save clears the torn directory
+    CheckpointManager(tmp_path, keep_last=2).save(5, model, opt, sched)
+    assert [(e.step, e.complete) for e in list_checkpoints(tmp_path)] == [(2, True), (5, True)]
+
+
+def test_exact_continuation_in_fresh_process(tmp_path):
+    """2N steps straight == N steps, save, new process loads, N steps (losses bit for bit)."""
+    a = w.launch(1, [str(tmp_path / "run"), "--total", "6", "--save-at", "3", "--losses", str(tmp_path / "straight")])
+    assert a[0].returncode == 0, a[0].stderr[-3000:]
+    b = w.launch(1, [str(tmp_path / "run"), "--total", "6", "--resume", str(tmp_path / "run/checkpoints/step_000003"),
+                     "--losses", str(tmp_path / "resumed")])
+    assert b[0].returncode == 0, b[0].stderr[-3000:]
+    straight = json.loads((tmp_path / "straight.rank0.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.rank0.json").read_text())
+    assert sorted(resumed, key=int) == ["4", "5", "6"]
+    assert {k: straight[k] for k in resumed} == resumed
+
+
+def test_lost_rng_or_loader_state_would_be_caught(tmp_path):
+    """Guard for the test above: resuming without the RNG restore gives different losses."""
+    straight = w.run(tmp_path, 4, save_at=(2,))
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 4)
+    w.seed_rank(0)
+    load_checkpoint(tmp_path / "checkpoints/step_000002", model, opt, sched, restore_rng=False)
+    assert w.train_step(model, opt, sched).hex() != straight[3]
+
+
+def test_async_save_snapshots_state_at_save_time(tmp_path):
+    torch.manual_seed(0)
+    w.seed_rank(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 6)
+    mgr = CheckpointManager(tmp_path, keep_last=3, async_save=True)
+    w.train_step(model, opt, sched)
+    ref, groups = w.full_state(model, opt)
+    path = mgr.save(1, model, opt, sched, tokens_seen=7)
+    w.train_step(model, opt, sched)   # mutates parameters and optimiser state while the write may be in flight
+    w.train_step(model, opt, sched)
+    assert mgr.wait() == path and ckpt.check_complete(path) == ""
+    assert (tmp_path / "checkpoints/latest").read_text().strip() == path.name
+    fresh = w.build_model(w.tiny_hf_config(), seed=9)
+    fopt, fsched = w.build_optim(fresh, 6)
+    rs = load_checkpoint(path, fresh, fopt, fsched)
+    got, got_groups = w.full_state(fresh, fopt)
+    assert rs.tokens_seen == 7 and sorted(got) == sorted(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref) and got_groups == groups
+
+
+def test_world_size_change_returns_no_per_rank_state(tmp_path, caplog):
+    w.run(tmp_path, 2, save_at=(2,))
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 2)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        rs = load_checkpoint(tmp_path / "checkpoints/step_000002", model, opt, sched, layout={"dp_shard": 1, "ep": 2})
+    assert rs.per_rank is None and not rs.exact and rs.step == 2
+    assert any("restarts deterministically" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_model_tensors_are_listed(tmp_path):
+    w.run(tmp_path, 1, save_at=(1,))
+    bigger = w.build_model(w.tiny_hf_config(layers=3))
+    with pytest.raises(CheckpointError, match="lacks: model.model.language_model.layers.2"):
+        load_checkpoint(tmp_path / "checkpoints/step_000001", bigger)
+
+
+class _Evil:
+    """Pickles to a call that would create ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_malicious_pickles_are_never_executed(tmp_path):
+    w.run(tmp_path, 1, save_at=(1,))
+    c = tmp_path / "checkpoints/step_000001"
+    sentinel = tmp_path / "pwned"
+    # 1. a pickle beside the checkpoint files is ignored entirely
+    (c / "model.pt").write_bytes(pickle.dumps(_Evil(sentinel)))
+    (c / "optimizer.bin").write_bytes(pickle.dumps(_Evil(sentinel)))
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    load_checkpoint(c, model, opt, sched)
+    assert not sentinel.exists()
+    # 2. non-tensor DCP items (optimiser hyper-parameters) go through weights_only
+    planner = SafeLoadPlanner()
+    planner.set_up_planner({"x": 1}, None, False)
+    buf = io.BytesIO()
+    torch.save(_Evil(sentinel), buf)
+    buf.seek(0)
+    item = type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})()
+    with pytest.raises(CheckpointError, match="weights_only"):
+        planner.load_bytes(item, buf)
+    assert not sentinel.exists()
+    # 3. a DCP .metadata that is a malicious pickle is refused before anything is called
+    (c / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil(sentinel)))
+    with pytest.raises(CheckpointError, match="refuses to unpickle global posix.system"):
+        load_checkpoint(c, model, opt, sched)
+    assert not sentinel.exists()
+
+
+def test_preemption_flag_set_by_sigterm():
+    flag = install_preemption_handler()
+    try:
+        assert not preemption_requested(flag)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption_requested(flag) and flag.signum == signal.SIGTERM
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
