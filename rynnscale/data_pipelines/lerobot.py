@@ -1,0 +1,865 @@
+"""LeRobotDataset (v2.0/v2.1 and v3.0) -> shards (``rynnscale data convert lerobot SRC OUT``).
+
+Layouts read (``meta/info.json`` gives ``codebase_version``, ``fps``, ``robot_type``, ``features``
+and the ``data_path`` / ``video_path`` templates):
+
+- v2.x: ``meta/episodes.jsonl`` (episode_index, tasks, length), ``meta/tasks.jsonl``; one parquet
+  per episode ``data/chunk-XXX/episode_XXXXXX.parquet`` and one video per episode and camera
+  ``videos/chunk-XXX/<video_key>/episode_XXXXXX.mp4``.
+- v3.0: ``meta/episodes/chunk-XXX/file-XXX.parquet`` (episode_index, tasks, length,
+  ``data/chunk_index``, ``data/file_index``, ``dataset_from_index``, ``dataset_to_index``,
+  ``videos/<key>/chunk_index|file_index|from_timestamp|to_timestamp``), ``meta/tasks.parquet``;
+  data files hold the rows of many episodes, video files many episodes back to back (an
+  episode's frames are those between its from/to timestamps).
+
+Episodes listed in the metadata whose files are missing are skipped with a warning. Every file
+path comes from templates in an untrusted ``info.json``: templates may only use the known fields
+and every path must stay inside SRC (``jsonl.resolve_under``).
+
+Clips and alignment. Each episode is cut into clips of ``clip_seconds`` every ``stride_seconds``
+(full clips only; an episode shorter than one clip gives one shorter clip). In a clip starting at
+``s`` the wanted times are ``s + i / fps``; sampled frame i is the episode's video frame nearest
+that time (its presentation time ``t_i`` on the episode clock), and its action / state row is the
+parquet row whose ``timestamp`` is nearest ``t_i``, which must lie within ``tolerance_s``
+(default half a source frame) or the conversion stops naming the episode and time. The episode's
+video frame count must equal its parquet row count. Output per clip: the sampled frames
+re-encoded as ``video.mp4`` at ``fps`` (H.264 via PyAV, as the synthetic generator) or stored as
+``f000.jpg``... (``media="frames"``); ``action.npy`` [T, D] float32, ``state.npy`` [T, S] float32,
+``action_ts.npy`` [T] = ``i / fps`` (the clip's video clock, starting at 0); ``meta.json`` with
+source, licence (info.json / README front matter / LICENSE, else "unknown" + warning), task,
+embodiment (``robot_type``), fps, source frame indices, the clip-clock timestamps, the source
+times and rows under ``extra``, and the action/state dimension names.
+
+Conversation. User: the video and the task string (``question`` template, default ``"{task}"``).
+Assistant (RynnBrain-style text; the image-space ``<traj>`` tag would need camera calibration
+the data does not have, so joint-space actions are written as plain text):
+
+    Over 4.0 s the largest action changes are kRightElbow -0.42, kRightShoulderPitch +0.31 and kRightHandIndex -0.58.
+    Per step (kRightElbow, kRightShoulderPitch, kLeftElbow, kRightHandIndex): <frame 0> (1.10, -0.52, 1.17, 0.99) <frame 1> (...) ...
+
+"Largest changes" ranks all dims by |end - start| / (dataset std of that dim); the per-step dims
+are ``answer_dims`` (default: the ``answer_top_k`` dims with the largest dataset std). ``<frame i>``
+is the i-th sampled frame, i.e. the i-th frame the encoder sees when it samples the clip at the
+same fps. With ``action_bins=N`` the answer ends with discretised action tokens, one line per
+frame, D zero-padded bin numbers (width of ``N - 1``)::
+
+    Action bins:
+    <frame 0> 017 250 003 ...
+    <frame 1> ...
+
+Bins are per dimension (``binning="quantile"``: edges at the dataset's 0, 1/N, ..., 1 quantiles;
+``"minmax"``: N equal bins between min and max); bin = number of inner edges <= value, so values
+outside the range clamp to the first/last bin. Edges and per-dimension statistics (count, min,
+max, mean, std over every row of the converted episodes) are saved beside the shards as
+``action_stats.json``; :func:`action_to_bins` / :func:`parse_action_bins` apply and invert them.
+Plain digits are used because the Qwen3 tokenizer has no spare special tokens and splits digits
+one per token: a 3-digit bin costs 4 tokens with its separator (``<a_017>`` would cost 6).
+
+Parallel over episodes (``episodes_per_shard`` episodes make one shard), with a progress bar;
+restartable and atomic through ``shards.run_shard_jobs``. Reading parquet needs ``pyarrow``
+(the ``lerobot`` extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
+from rynnscale.data_pipelines.frames import detect_licence
+from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
+from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.shards import (
+    ShardJob,
+    ShardWriter,
+    atomic_write_bytes,
+    check_dataset_info,
+    run_shard_jobs,
+)
+
+__all__ = [
+    "STATS_NAME",
+    "Episode",
+    "LeRobotMeta",
+    "LeRobotConfig",
+    "read_lerobot",
+    "read_episode_table",
+    "episode_video_frames",
+    "plan_clips",
+    "compute_action_stats",
+    "action_to_bins",
+    "bin_centres",
+    "format_action_bins",
+    "parse_action_bins",
+    "describe_actions",
+    "episode_samples",
+    "convert_lerobot",
+]
+
+log = logging.getLogger("rynnscale.data_pipelines")
+
+STATS_NAME = "action_stats.json"
+_EPS = 1e-6
+
+
+def _pq():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading LeRobot parquet files needs pyarrow: pip install pyarrow "
+                          "(or pip install -e '.[lerobot]')") from None
+    return pq
+
+
+# ------------------------------------------------------------------------------------ metadata
+
+
+@dataclass
+class Episode:
+    """One episode: where its rows and video frames are (paths relative to the dataset root)."""
+
+    index: int
+    length: int | None
+    tasks: list[str]
+    data_file: str
+    video_file: str | None
+    video_from_s: float = 0.0        # v3: start of the episode in the (shared) video file
+    video_to_s: float | None = None  # v3: end (exclusive)
+
+
+@dataclass
+class LeRobotMeta:
+    """What ``meta/`` says about a dataset, restricted to the episodes whose files exist."""
+
+    root: str
+    version: str
+    fps: float
+    robot_type: str
+    info: dict
+    tasks: dict[int, str]
+    episodes: list[Episode]
+    missing: list[int]
+    video_key: str | None
+    video_keys: list[str]
+
+
+_TEMPLATE_FIELDS = {"v2": {"episode_chunk", "episode_index", "video_key"}, "v3": {"chunk_index", "file_index", "video_key"}}
+
+
+def _format_path(template: Any, fields: dict, allowed: set[str], what: str) -> str:
+    """Fill an info.json path template, allowing only plain ``{name[:spec]}`` fields from ``allowed``."""
+    if not isinstance(template, str) or not template:
+        raise ConvertError(f"meta/info.json: {what} must be a non-empty string, got {template!r:.80}")
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is not None and name not in allowed:
+                raise ConvertError(f"meta/info.json: {what} {template!r} uses field {{{name}}}; allowed: {sorted(allowed)}")
+        return template.format(**fields)
+    except (ValueError, KeyError, IndexError) as e:
+        raise ConvertError(f"meta/info.json: {what} {template!r} cannot be filled: {e}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"{path} does not exist (is this a LeRobot dataset root?)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: invalid JSON: {e}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ConvertError(f"{path}: line {ln}: invalid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise ConvertError(f"{path}: line {ln}: expected an object")
+                out.append(obj)
+    return out
+
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ConvertError(f"{what}: expected an integer, got {v!r:.60}")
+    return int(v)
+
+
+def _exists(root: Path, rel: str, where: str) -> bool:
+    try:
+        resolve_under(root, rel, where)
+        return True
+    except BadItem as e:
+        if e.reason == "missing_media":
+            return False
+        raise ConvertError(str(e)) from None
+
+
+def _tasks_v3(root: Path) -> dict[int, str]:
+    pq = _pq()
+    p = root / "meta" / "tasks.parquet"
+    if not p.is_file():
+        raise ConvertError(f"{p} does not exist (v3.0 datasets keep their tasks there)")
+    t = pq.read_table(p)
+    names = t.column_names
+    task_col = "task" if "task" in names else None
+    if task_col is None:  # pandas writes the task strings as the index
+        pmeta = t.schema.pandas_metadata or {}
+        idx = [c for c in pmeta.get("index_columns", []) if isinstance(c, str)]
+        task_col = idx[0] if idx and idx[0] in names else ("__index_level_0__" if "__index_level_0__" in names else None)
+    if task_col is None or "task_index" not in names:
+        raise ConvertError(f"{p}: expected columns task_index and task (or the task strings as the index), got {names}")
+    return {_int(i, f"{p}: task_index"): str(s) for i, s in zip(t.column("task_index").to_pylist(), t.column(task_col).to_pylist())}
+
+
+def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes: list[int] | None = None) -> LeRobotMeta:
+    """Parse a LeRobot dataset's metadata; keeps the episodes (of ``episodes``, default all)
+    whose data (and video) files exist. ``video_key`` defaults to the first video feature."""
+    root = Path(root)
+    info = _read_json(root / "meta" / "info.json")
+    if not isinstance(info, dict):
+        raise ConvertError(f"{root / 'meta/info.json'}: expected an object")
+    version = str(info.get("codebase_version", ""))
+    major = "v3" if version.startswith("v3") else "v2" if version.startswith("v2") else None
+    if major is None:
+        raise ConvertError(f"{root}: codebase_version {version!r} is not supported (v2.0, v2.1, v3.0)")
+    fps = info.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ConvertError(f"{root / 'meta/info.json'}: fps must be a positive number, got {fps!r}")
+    feats = info.get("features")
+    if not isinstance(feats, dict):
+        raise ConvertError(f"{root / 'meta/info.json'}: features must be an object")
+    vkeys = [k for k, v in feats.items() if isinstance(v, dict) and v.get("dtype") == "video"]
+    if video_key is None:
+        if not vkeys:
+            raise ConvertError(f"{root}: no video feature in meta/info.json (image-only datasets are not supported)")
+        video_key = vkeys[0]
+    elif video_key not in vkeys:
+        raise ConvertError(f"{root}: video key {video_key!r} is not a video feature (have: {vkeys})")
+    allowed = _TEMPLATE_FIELDS[major]
+    eps: list[Episode] = []
+    if major == "v2":
+        chunks = info.get("chunks_size", 1000)
+        tasks = {_int(t.get("task_index"), "meta/tasks.jsonl: task_index"): str(t.get("task", ""))
+                 for t in _read_jsonl(root / "meta" / "tasks.jsonl")}
+        for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
+            idx = _int(e.get("episode_index"), "meta/episodes.jsonl: episode_index")
+            f = {"episode_chunk": idx // chunks, "episode_index": idx, "video_key": video_key}
+            eps.append(Episode(idx, e.get("length"), [str(t) for t in e.get("tasks", [])],
+                               _format_path(info.get("data_path"), f, allowed, "data_path"),
+                               _format_path(info.get("video_path"), f, allowed, "video_path")))
+    else:
+        pq = _pq()
+        tasks = _tasks_v3(root)
+        files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not files:
+            raise ConvertError(f"{root}: no meta/episodes/chunk-*/file-*.parquet (v3.0 episode metadata)")
+        vp = f"videos/{video_key}/"
+        want = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+                vp + "chunk_index", vp + "file_index", vp + "from_timestamp", vp + "to_timestamp"]
+        for p in files:
+            names = pq.read_schema(p).names
+            missing = [c for c in want if c not in names]
+            if missing:
+                raise ConvertError(f"{p}: missing columns {missing}")
+            rows = pq.read_table(p, columns=want).to_pylist()
+            for r in rows:
+                idx = _int(r["episode_index"], f"{p}: episode_index")
+                fd = {"chunk_index": _int(r["data/chunk_index"], f"{p}: data/chunk_index"),
+                      "file_index": _int(r["data/file_index"], f"{p}: data/file_index"), "video_key": video_key}
+                fv = {"chunk_index": _int(r[vp + "chunk_index"], f"{p}: {vp}chunk_index"),
+                      "file_index": _int(r[vp + "file_index"], f"{p}: {vp}file_index"), "video_key": video_key}
+                eps.append(Episode(idx, r["length"], [str(t) for t in (r["tasks"] or [])],
+                                   _format_path(info.get("data_path"), fd, allowed, "data_path"),
+                                   _format_path(info.get("video_path"), fv, allowed, "video_path"),
+                                   float(r[vp + "from_timestamp"]), float(r[vp + "to_timestamp"])))
+    if len({e.index for e in eps}) != len(eps):
+        raise ConvertError(f"{root}: an episode index is listed twice in the episode metadata")
+    if episodes is not None:
+        known = {e.index for e in eps}
+        unknown = sorted(set(episodes) - known)
+        if unknown:
+            raise ConvertError(f"{root}: episodes {unknown[:10]} are not in the episode metadata")
+        eps = [e for e in eps if e.index in set(episodes)]
+    present, missing = [], []
+    for e in sorted(eps, key=lambda e: e.index):
+        w = f"episode {e.index}"
+        if _exists(root, e.data_file, w) and _exists(root, e.video_file, w):
+            present.append(e)
+        else:
+            missing.append(e.index)
+    return LeRobotMeta(root=str(root), version=version, fps=float(fps), robot_type=str(info.get("robot_type") or "unknown"),
+                       info=info, tasks=tasks, episodes=present, missing=missing, video_key=video_key, video_keys=vkeys)
+
+
+def _dim_names(info: dict, key: str, d: int) -> list[str]:
+    """Per-dimension names of feature ``key`` from info.json (list, nested list or {"motors": [...]})."""
+    names = (info.get("features", {}).get(key) or {}).get("names")
+    cand = names
+    if isinstance(cand, dict) and len(cand) == 1:
+        cand = next(iter(cand.values()))
+    if isinstance(cand, list) and len(cand) == 1 and isinstance(cand[0], list):
+        cand = cand[0]
+    if isinstance(cand, list) and len(cand) == d and all(isinstance(n, str) and n for n in cand) and len(set(cand)) == d:
+        return [n[:64] for n in cand]
+    return [f"{key.split('.')[-1]}_{i}" for i in range(d)]
+
+
+# ------------------------------------------------------------------------------------ episode data
+
+
+def _col2d(table, name: str, where: str) -> np.ndarray:
+    """A list / fixed-size-list (or scalar) numeric column -> float32 [N, D]."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = table.column(name).combine_chunks()
+    n = len(col)
+    if col.null_count:
+        raise ConvertError(f"{where}: column {name!r} has {col.null_count} null values")
+    t = col.type
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False) if n else np.zeros(0, np.int64)
+        if n and (lens.min() != lens.max() or lens[0] == 0):
+            raise ConvertError(f"{where}: column {name!r} has rows of different lengths ({lens.min()}..{lens.max()})")
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        out = flat.reshape(n, int(lens[0]) if n else 0)
+    else:
+        out = col.to_numpy(zero_copy_only=False).reshape(n, 1)
+    out = out.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ConvertError(f"{where}: column {name!r} has non-finite values")
+    return out
+
+
+def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_key: str | None) -> dict[str, np.ndarray]:
+    """The episode's rows sorted by time: ``timestamp`` float64 [N], ``action`` [N, D],
+    ``state`` [N, S] (if ``state_key``), ``task_index`` int64 [N] (if present), ``frame_index``."""
+    pq = _pq()
+    path = resolve_under(meta.root, ep.data_file, f"episode {ep.index}")
+    where = f"episode {ep.index} ({ep.data_file})"
+    names = pq.read_schema(path).names
+    want = [c for c in ("timestamp", "frame_index", "episode_index", "task_index", action_key, state_key) if c and c in names]
+    for c in ("timestamp", action_key) + ((state_key,) if state_key else ()):
+        if c not in names:
+            raise ConvertError(f"{where}: no column {c!r} (columns: {names})")
+    filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
+    if filters and "episode_index" not in names:
+        raise ConvertError(f"{where}: v3 data files need an episode_index column")
+    t = pq.read_table(path, columns=want, filters=filters)
+    if t.num_rows == 0:
+        raise ConvertError(f"{where}: no rows for this episode")
+    ts = t.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)
+    order = np.argsort(ts, kind="stable")
+    if np.any(np.diff(ts[order]) <= 0):
+        raise ConvertError(f"{where}: timestamps are not strictly increasing (duplicate times?)")
+    out = {"timestamp": ts[order], "action": _col2d(t, action_key, where)[order]}
+    if state_key:
+        out["state"] = _col2d(t, state_key, where)[order]
+    for c in ("task_index", "frame_index"):
+        if c in t.column_names:
+            out[c] = t.column(c).to_numpy(zero_copy_only=False).astype(np.int64)[order]
+    return out
+
+
+_VIDEO_CACHE: dict[str, Any] = {}
+
+
+def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
+    """(bytes, VideoInfo) of the episode's video file; the last file is cached (v3 files hold many episodes)."""
+    from rynnscale.data.video import VideoError, probe_video
+
+    path = str(resolve_under(meta.root, ep.video_file, f"episode {ep.index}"))
+    if _VIDEO_CACHE.get("path") != path:
+        _VIDEO_CACHE.clear()
+        data = Path(path).read_bytes()
+        try:
+            info = probe_video(data, limits)
+        except VideoError as e:
+            raise ConvertError(f"episode {ep.index}: video {ep.video_file}: {e}") from None
+        _VIDEO_CACHE.update(path=path, data=data, info=info)
+    return _VIDEO_CACHE["data"], _VIDEO_CACHE["info"]
+
+
+def episode_video_frames(info: Any, ep: Episode, src_fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the video file [F], their times on the episode clock [F] in seconds).
+
+    v2: every frame of the file; v3: the frames whose times fall in [from, to) of the episode
+    (half a source frame of slack at both ends). Times are rounded to whole nanoseconds."""
+    if info.pts.size != info.total_frames:
+        raise ConvertError(f"episode {ep.index}: video {ep.video_file} has frames without timestamps")
+    t = info.timestamps_s(np.arange(info.total_frames))
+    half = 0.5 / src_fps
+    if ep.video_to_s is None:
+        idx = np.arange(info.total_frames)
+    else:
+        idx = np.nonzero((t >= ep.video_from_s - half) & (t < ep.video_to_s - half))[0]
+    return idx, np.round(t[idx] - ep.video_from_s, 9)  # nanosecond grid: v2 and v3 files give the same times
+
+
+def plan_clips(duration_s: float, t0: float, clip_s: float, stride_s: float, fps: float) -> list[np.ndarray]:
+    """Wanted sample times of each clip (episode clock): clips start at t0, t0 + stride, ...
+    while a whole clip fits before ``t0 + duration_s``; an episode shorter than one clip gives one
+    clip of what it has."""
+    n = max(1, math.floor(clip_s * fps + _EPS))
+    starts = []
+    k = 0
+    while t0 + k * stride_s + clip_s <= t0 + duration_s + _EPS:
+        starts.append(t0 + k * stride_s)
+        k += 1
+    if not starts:
+        n = max(1, math.floor(duration_s * fps + _EPS))
+        starts = [t0]
+    return [s + np.arange(n) / fps for s in starts]
+
+
+def _nearest(sorted_vals: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest value in ``sorted_vals`` for each ``x`` (ties go to the earlier one)."""
+    x = np.asarray(x, np.float64)
+    if len(sorted_vals) == 1:
+        return np.zeros(len(x), np.int64)
+    j = np.clip(np.searchsorted(sorted_vals, x), 1, len(sorted_vals) - 1)
+    return np.where(x - sorted_vals[j - 1] <= sorted_vals[j] - x, j - 1, j).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ action text
+
+
+def compute_action_stats(actions: list[np.ndarray], dims: list[str], units: str | list[str], key: str,
+                         num_bins: int = 0, binning: str = "quantile") -> dict:
+    """Per-dimension statistics over all rows (``actions`` is a list of [N_e, D] arrays) and, with
+    ``num_bins``, the bin edges [D][num_bins + 1]. The dict is what ``action_stats.json`` holds."""
+    if binning not in ("quantile", "minmax"):
+        raise ValueError(f"binning must be 'quantile' or 'minmax', got {binning!r}")
+    x = np.concatenate(actions, axis=0).astype(np.float64)
+    st = {"format": "rynnscale-action-stats", "version": 1, "key": key, "dims": list(dims), "units": units,
+          "count": int(x.shape[0]), "min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(),
+          "std": x.std(0).tolist(), "num_bins": int(num_bins), "binning": binning if num_bins else None, "edges": None}
+    if num_bins:
+        if num_bins < 2:
+            raise ValueError(f"action_bins must be >= 2 (or 0 for none), got {num_bins}")
+        if binning == "quantile":
+            edges = np.quantile(x, np.linspace(0.0, 1.0, num_bins + 1), axis=0).T
+        else:
+            edges = np.linspace(x.min(0), x.max(0), num_bins + 1).T
+        st["edges"] = np.round(edges, 9).tolist()
+    return st
+
+
+def action_to_bins(actions_td: np.ndarray, stats: dict) -> np.ndarray:
+    """Bin index per value, int64 [T, D]: the number of inner edges <= value (clamped to 0..N-1)."""
+    edges = np.asarray(stats["edges"], np.float64)
+    a = np.asarray(actions_td, np.float64)
+    if a.ndim != 2 or a.shape[1] != edges.shape[0]:
+        raise ValueError(f"actions must be [T, {edges.shape[0]}], got {a.shape}")
+    return np.stack([np.searchsorted(edges[d, 1:-1], a[:, d], side="right") for d in range(a.shape[1])], axis=1).astype(np.int64)
+
+
+def bin_centres(bins_td: np.ndarray, stats: dict) -> np.ndarray:
+    """Mid-points of the bins, float64 [T, D] (the value a bin token decodes to)."""
+    edges = np.asarray(stats["edges"], np.float64)
+    b = np.asarray(bins_td, np.int64)
+    d = np.arange(b.shape[1])[None, :]
+    return (edges[d, b] + edges[d, b + 1]) / 2
+
+
+def format_action_bins(bins_td: np.ndarray, num_bins: int) -> str:
+    """``<frame i> 017 250 003 ...`` lines (zero-padded to the width of ``num_bins - 1``)."""
+    w = len(str(num_bins - 1))
+    return "\n".join(f"<frame {i}> " + " ".join(f"{int(v):0{w}d}" for v in row) for i, row in enumerate(bins_td))
+
+
+_BIN_LINE_RE = re.compile(r"<frame (\d+)>((?: \d+)+)")
+
+
+def parse_action_bins(text: str, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of the answer's "Action bins" block: (bins int64 [T, D], bin centres float64 [T, D])."""
+    rows, frames = [], []
+    d, n = len(stats["dims"]), int(stats["num_bins"])
+    for m in _BIN_LINE_RE.finditer(text):
+        vals = [int(v) for v in m.group(2).split()]
+        if len(vals) != d or max(vals) >= n:
+            raise ValueError(f"action bin line {m.group(0)[:80]!r}: need {d} values in 0..{n - 1}")
+        frames.append(int(m.group(1)))
+        rows.append(vals)
+    if not rows:
+        raise ValueError("no '<frame i> b b b ...' action bin lines in the text")
+    if frames != list(range(len(frames))):
+        raise ValueError(f"action bin lines must be frames 0..T-1 in order, got {frames[:10]}")
+    b = np.asarray(rows, np.int64)
+    return b, bin_centres(b, stats)
+
+
+def _unit(units: str | list[str], d: int) -> str:
+    u = units if isinstance(units, str) else units[d]
+    return "" if u == "unknown" else f" {u}"
+
+
+def describe_actions(actions_td: np.ndarray, dims: list[str], units: str | list[str], fps: float, std: np.ndarray,
+                     show: list[int], decimals: int = 2, top_k: int = 3) -> str:
+    """The assistant's text: the dims that change most over the clip (|end - start| in dataset
+    std units) and the per-step values of the ``show`` dims."""
+    a = np.asarray(actions_td, np.float64)
+    T = a.shape[0]
+    delta = a[-1] - a[0]
+    score = np.where(std > 0, np.abs(delta) / np.where(std > 0, std, 1.0), 0.0)
+    order = [int(i) for i in np.argsort(-score, kind="stable")[:top_k] if score[i] >= 0.05]
+    dur = f"{T / fps:.1f} s"
+    if order:
+        parts = [f"{dims[i]} {delta[i]:+.{decimals}f}{_unit(units, i)}" for i in order]
+        said = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
+        text = f"Over {dur} the largest action changes are {said}." if len(parts) > 1 else f"Over {dur} the largest action change is {said}."
+    else:
+        text = f"Over {dur} the action stays nearly constant."
+    if show:
+        steps = " ".join(f"<frame {t}> (" + ", ".join(f"{a[t, i]:.{decimals}f}" for i in show) + ")" for t in range(T))
+        text += f"\nPer step ({', '.join(dims[i] for i in show)}): {steps}"
+    return text
+
+
+# ------------------------------------------------------------------------------------ samples
+
+
+@dataclass
+class LeRobotConfig:
+    """Settings of a LeRobot conversion (stored in the manifest ``info``; picklable for workers)."""
+
+    clip_seconds: float = 4.0
+    stride_seconds: float | None = None   # default: clip_seconds (no overlap)
+    fps: float = 2.0                      # frames sampled per second (use the training fps)
+    video_key: str | None = None          # default: the first video feature
+    media: str = "video"                  # "video": re-encode (H.264); "frames": f000.jpg ...
+    codec: str = "auto"
+    jpeg_quality: int = 95
+    max_side: int | None = None           # downscale so the longer side is at most this (even sizes)
+    tolerance_s: float | None = None      # frame <-> row time tolerance; default half a source frame
+    action_key: str = "action"
+    state_key: str | None = "observation.state"
+    action_space: str | None = None       # default: the feature key
+    action_units: str | None = None       # default: info.json's "units"/"unit" of the feature, else "unknown"
+    action_bins: int = 0                  # 0 = no discretised action tokens
+    binning: str = "quantile"
+    answer_dims: list[str] | None = None  # per-step dims in the answer; default: answer_top_k by std
+    answer_top_k: int = 4
+    decimals: int = 2
+    question: str = "{task}"
+    source: str | None = None             # default: "lerobot/<dataset folder name>"
+    licence: str | None = None            # default: detected (info.json, README front matter, LICENSE)
+    cost_hints: bool = True
+    tokenizer: str | None = None
+    encoder_cfg: Any = None
+
+    def validate(self) -> None:
+        for k in ("clip_seconds", "fps"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{k} must be a positive number, got {v!r}")
+        if self.stride_seconds is not None and not self.stride_seconds > 0:
+            raise ValueError(f"stride_seconds must be > 0, got {self.stride_seconds}")
+        if self.media not in ("video", "frames"):
+            raise ValueError(f"media must be 'video' or 'frames', got {self.media!r}")
+        if self.action_bins and self.action_bins < 2:
+            raise ValueError(f"action_bins must be 0 (off) or >= 2, got {self.action_bins}")
+        if self.binning not in ("quantile", "minmax"):
+            raise ValueError(f"binning must be 'quantile' or 'minmax', got {self.binning!r}")
+        if self.tolerance_s is not None and not self.tolerance_s >= 0:
+            raise ValueError(f"tolerance_s must be >= 0, got {self.tolerance_s}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be >= 16, got {self.max_side}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _resize(frames_thwc: np.ndarray, max_side: int | None) -> np.ndarray:
+    T, H, W, _ = frames_thwc.shape
+    if max_side is None or max(H, W) <= max_side:
+        return frames_thwc
+    from PIL import Image
+
+    s = max_side / max(H, W)
+    w, h = max(2, int(round(W * s / 2)) * 2), max(2, int(round(H * s / 2)) * 2)
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames_thwc])
+
+
+def _jpeg(frame_hwc: np.ndarray, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame_hwc).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dict, key_prefix: str = "lerobot"
+                    ) -> tuple[list[tuple[str, dict[str, bytes]]], dict]:
+    """All clip samples of one episode: ([(key, members)], episode report).
+
+    ``ctx`` holds what the parent computed once: ``stats`` (action statistics), ``dims`` /
+    ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
+    from rynnscale.data.video import VideoError, VideoLimits, decode_frames
+    from rynnscale.data_pipelines.synthetic import encode_video_frames
+
+    where = f"episode {ep.index}"
+    rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+    ts, act = rows["timestamp"], rows["action"]
+    N = len(ts)
+    limits = VideoLimits()
+    data, vinfo = _video(meta, ep, limits)
+    vidx, vt = episode_video_frames(vinfo, ep, meta.fps)
+    if len(vidx) != N:
+        raise ConvertError(f"{where}: the video {ep.video_file} has {len(vidx)} frames for this episode but the parquet "
+                           f"has {N} rows (they must match one to one)")
+    if ep.length is not None and int(ep.length) != N:
+        raise ConvertError(f"{where}: the episode metadata says length {ep.length} but the parquet has {N} rows")
+    src_dt = 1.0 / meta.fps
+    tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 * src_dt
+    stride = cfg.stride_seconds or cfg.clip_seconds
+    clips = plan_clips(ts[-1] - ts[0] + src_dt, float(ts[0]), cfg.clip_seconds, stride, cfg.fps)
+    picked = []  # per clip: (frame j [T] into vidx, row r [T])
+    for tau in clips:
+        j = _nearest(vt, tau)
+        off = np.abs(vt[j] - tau)
+        if np.any(off > 0.5 * src_dt + _EPS):
+            k = int(np.argmax(off))
+            raise ConvertError(f"{where}: no video frame within half a frame of t={tau[k]:.4f} s (nearest at {vt[j[k]]:.4f} s)")
+        t_frames = vt[j]
+        r = _nearest(ts, t_frames)
+        gap = np.abs(ts[r] - t_frames)
+        if np.any(gap > tol + _EPS):
+            k = int(np.argmax(gap))
+            raise ConvertError(f"{where}: no parquet row within tolerance_s={tol:.4g} of the frame at t={t_frames[k]:.4f} s "
+                               f"(nearest row {int(r[k])} at timestamp {ts[r[k]]:.4f} s)")
+        picked.append((j, r))
+    need = np.unique(np.concatenate([vidx[j] for j, _ in picked]))
+    try:
+        dv = decode_frames(data, indices=need, limits=limits)
+    except VideoError as e:
+        raise ConvertError(f"{where}: video {ep.video_file}: {e}") from None
+    pos = {int(g): i for i, g in enumerate(need)}
+    stats, show = ctx["stats"], ctx["show"]
+    std = np.asarray(stats["std"], np.float64)
+    task_of = lambda r0: meta.tasks.get(int(rows["task_index"][r0])) if "task_index" in rows else None  # noqa: E731
+    samples = []
+    for k, (j, r) in enumerate(picked):
+        frames = _resize(dv.frames_thwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
+        T, H, W, _ = frames.shape
+        key = f"{key_prefix}-e{ep.index:06d}-c{k:04d}"
+        members: dict[str, bytes] = {}
+        if cfg.media == "video":
+            vid, vname = encode_video_frames(frames, cfg.fps, cfg.codec)
+            members[vname] = vid
+            media_ref: Any = vname
+        else:
+            media_ref = [f"f{i:03d}.jpg" for i in range(T)]
+            for i, name in enumerate(media_ref):
+                members[name] = _jpeg(frames[i], cfg.jpeg_quality)
+        a = act[r]
+        task = task_of(int(r[0])) or (ep.tasks[0] if ep.tasks else "")
+        t_clip = [i / cfg.fps for i in range(T)]
+        values = {"task": task, "fps": cfg.fps, "duration_s": round(T / cfg.fps, 3), "num_frames": T,
+                  "robot": meta.robot_type}
+        try:
+            question = cfg.question.format(**values)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"question template {cfg.question!r}: {e} (placeholders: {sorted(values)})") from None
+        answer = describe_actions(a, ctx["dims"], ctx["units"], cfg.fps, std, show, cfg.decimals)
+        if cfg.action_bins:
+            answer += "\nAction bins:\n" + format_action_bins(action_to_bins(a, stats), cfg.action_bins)
+        meta_json = {
+            "source": ctx["source"],
+            "licence": ctx["licence"],
+            "task": task,
+            "embodiment": meta.robot_type,
+            "episode": ep.index,
+            "clip_start_s": float(vt[j[0]]),
+            "video": {"fps": float(cfg.fps), "num_frames": T, "width": int(W), "height": int(H),
+                      "frame_indices": [int(x) for x in j], "timestamps": t_clip},
+            "action": {"space": cfg.action_space or cfg.action_key, "units": ctx["units"], "dims": ctx["dims"]},
+            "extra": {
+                "lerobot_version": meta.version, "video_key": meta.video_key, "clip_index": k, "source_fps": meta.fps,
+                "source_timestamps": [round(float(x), 6) for x in vt[j]],
+                "rows": [int(x) for x in r], "row_timestamps": [round(float(x), 6) for x in ts[r]],
+                "episode_rows": N, "episode_video_frames": int(len(vidx)), "tasks": ep.tasks,
+            },
+        }
+        members["action.npy"] = _npy(a.astype(np.float32))
+        members["action_ts.npy"] = _npy(np.asarray(t_clip, np.float64))
+        if cfg.state_key:
+            members["state.npy"] = _npy(rows["state"][r].astype(np.float32))
+            meta_json["state"] = {"space": cfg.state_key, "units": ctx["state_units"], "dims": ctx["state_dims"]}
+        conv = {"conversation": [
+            {"role": "user", "content": [{"type": "video", "video": media_ref}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]}
+        meta_json = validate_meta(meta_json, where=f"{where} clip {k}: meta.json")
+        validate_conv(conv, members, where=f"{where} clip {k}: conv.json")
+        members = {"meta.json": json.dumps(meta_json, separators=(",", ":")).encode(),
+                   "conv.json": json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **members}
+        validate_sample_members(members, meta_json, where=f"{where} clip {k}")
+        samples.append((key, members))
+    return samples, {"episode": ep.index, "rows": N, "video_frames": int(len(vidx)), "clips": len(samples),
+                     "frames_sampled": sum(len(j) for j, _ in picked)}
+
+
+def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
+    """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports])."""
+    from rynnscale.data.encode import SampleError
+    from rynnscale.data_pipelines.inspect import cost_hints
+
+    cfg: LeRobotConfig = payload["cfg"]
+    reports = []
+    with ShardWriter(out_dir, prefix, max_samples=1 << 62, max_bytes=1 << 62, start_index=index,
+                     update_manifest=False) as w:
+        for ep in payload["episodes"]:
+            samples, rep = episode_samples(payload["meta"], ep, cfg, payload["ctx"], key_prefix=prefix)
+            rep["skipped"] = []
+            for key, members in samples:
+                try:
+                    costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+                except SampleError as e:  # e.g. too_long for the training encoder: training would skip it too
+                    rep["skipped"].append([key, e.reason, e.detail])
+                    continue
+                w.write(key, members, costs=costs)
+            reports.append(rep)
+    return (w.shards[0] if w.shards else None), reports
+
+
+def _units_of(info: dict, key: str, override: str | None) -> str | list[str]:
+    if override:
+        return override
+    f = (info.get("features", {}).get(key) or {})
+    u = f.get("units", f.get("unit"))
+    if isinstance(u, str) and u.strip():
+        return u
+    if isinstance(u, list) and u and all(isinstance(x, str) and x.strip() for x in u):
+        return u
+    return "unknown"
+
+
+def convert_lerobot(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    episodes: list[int] | None = None,
+    episodes_per_shard: int = 8,
+    workers: int = 1,
+    prefix: str = "lerobot",
+    progress: bool = True,
+    **options: Any,
+) -> dict:
+    """Convert a LeRobot dataset at ``src`` into clip shards under ``out_dir``; returns the report.
+
+    ``options`` are :class:`LeRobotConfig` fields. Writes ``action_stats.json`` and
+    ``convert_report.json`` beside the shards. Restartable; a rerun with other settings, other
+    episodes or changed action statistics is refused."""
+    cfg = LeRobotConfig(**options)
+    cfg.validate()
+    if episodes_per_shard < 1:
+        raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
+    root = Path(src)
+    meta = read_lerobot(root, cfg.video_key, episodes)
+    warnings = []
+    if meta.missing:
+        warnings.append(f"{len(meta.missing)} of {len(meta.missing) + len(meta.episodes)} episodes listed in {root}/meta "
+                        f"have no data/video files and are skipped: {meta.missing[:20]}{' ...' if len(meta.missing) > 20 else ''}")
+        log.warning(warnings[-1])
+    if not meta.episodes:
+        raise ConvertError(f"{root}: none of the listed episodes has its files")
+    licence, found = (cfg.licence, "option") if cfg.licence else detect_licence(root, info=meta.info)
+    if found is None:
+        warnings.append(f"{root}: no licence in info.json, README front matter or LICENSE; marked 'unknown'")
+        log.warning(warnings[-1])
+    source = cfg.source or f"lerobot/{root.resolve().name}"
+    # dataset-wide action statistics (bins, answer dims), from every row of the converted episodes
+    tables = [read_episode_table(meta, ep, cfg.action_key, cfg.state_key) for ep in meta.episodes]
+    D = tables[0]["action"].shape[1]
+    if any(t["action"].shape[1] != D for t in tables):
+        raise ConvertError(f"{root}: episodes have different action sizes")
+    dims = _dim_names(meta.info, cfg.action_key, D)
+    units = _units_of(meta.info, cfg.action_key, cfg.action_units)
+    if isinstance(units, list) and len(units) != D:
+        raise ConvertError(f"{root}: {cfg.action_key} has {D} dims but {len(units)} units")
+    stats = compute_action_stats([t["action"] for t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
+    std = np.asarray(stats["std"])
+    if cfg.answer_dims is not None:
+        show = []
+        for name in cfg.answer_dims:
+            if name in dims:
+                show.append(dims.index(name))
+            elif str(name).isdigit() and int(name) < D:
+                show.append(int(name))
+            else:
+                raise ValueError(f"answer_dims: {name!r} is neither a dim name of {cfg.action_key} ({dims[:6]}...) nor an index < {D}")
+    else:
+        show = sorted(int(i) for i in np.argsort(-std, kind="stable")[: cfg.answer_top_k])
+    ctx = {"stats": stats, "dims": dims, "units": units, "show": show, "source": source, "licence": licence}
+    if cfg.state_key:
+        S = tables[0]["state"].shape[1]
+        ctx["state_dims"] = _dim_names(meta.info, cfg.state_key, S)
+        ctx["state_units"] = _units_of(meta.info, cfg.state_key, None)
+    stats_json = json.dumps(stats, indent=1).encode()
+
+    info = {"converter": "rynnscale.data_pipelines.lerobot", "input": str(root.resolve()), "lerobot_version": meta.version,
+            "episodes": [e.index for e in meta.episodes], "episodes_per_shard": episodes_per_shard, "prefix": prefix,
+            "source_used": source, "licence_used": licence, "answer_dims_used": [dims[i] for i in show],
+            "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
+            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")},
+            "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
+    out = Path(out_dir)
+    jobs = []
+    for j in range(0, len(meta.episodes), episodes_per_shard):
+        chunk = meta.episodes[j:j + episodes_per_shard]
+        jobs.append(ShardJob(j // episodes_per_shard, {"cfg": cfg, "meta": meta, "episodes": chunk, "ctx": ctx},
+                             weight=len(chunk)))
+    check_dataset_info(out, info)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / STATS_NAME, stats_json)
+    try:
+        results, skipped = run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers,
+                                          progress=progress, desc=f"lerobot {root.name}", unit="episode")
+    finally:
+        _VIDEO_CACHE.clear()
+    eps = [rep for res in results.values() for rep in res]
+    old = {}
+    if (out / REPORT_NAME).is_file():
+        try:
+            old = {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            old = {}
+    by_ep = {int(e["episode"]): e for e in eps}
+    for j in skipped:  # shards finished in an earlier run keep their episode reports
+        for ep in jobs[j].payload["episodes"]:
+            if ep.index in old:
+                by_ep[ep.index] = old[ep.index]
+    episodes_rep = [by_ep[k] for k in sorted(by_ep)]
+    bad: dict[str, int] = {}
+    for e in episodes_rep:
+        for _, reason, _ in e.get("skipped", []):
+            bad[reason] = bad.get(reason, 0) + 1
+    rep = {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
+           "totals": {"episodes": len(meta.episodes), "episodes_missing": len(meta.missing),
+                      "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
+                      "samples": sum(e["clips"] - len(e.get("skipped", [])) for e in episodes_rep)},
+           "bad": bad, "episodes": episodes_rep}
+    atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
+    return rep

@@ -1,0 +1,339 @@
+"""LeRobot converter on the real G1 subset (v2.1, AV1): frame/action alignment in time against the
+parquet rows and the source video (decoded here with PyAV directly), row counts, answer text and
+action bins, a v3.0 fixture built from the same data giving the same samples, restart after a
+mid-run failure, and the shards through TrainLoader with the real SampleEncoder.
+
+Needs pyarrow (`pip install pyarrow`, the `lerobot` extra); skipped without it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pa = pytest.importorskip("pyarrow", reason="LeRobot parquet needs pyarrow: pip install pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+av = pytest.importorskip("av")
+
+from rynnscale.data_pipelines.jsonl import ConvertError  # noqa: E402
+from rynnscale.data_pipelines.lerobot import (  # noqa: E402
+    STATS_NAME,
+    action_to_bins,
+    convert_lerobot,
+    parse_action_bins,
+    plan_clips,
+)
+from rynnscale.data_pipelines.shards import MANIFEST_NAME, completed_shards, read_manifest  # noqa: E402
+
+SHARED = Path(os.environ.get("RYNNSCALE_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
+G1 = SHARED / "lerobot_g1_subset"
+pytestmark = pytest.mark.skipif(not (G1 / "meta" / "info.json").is_file(),
+                                reason=f"shared G1 LeRobot subset not found at {G1} (set RYNNSCALE_SHARED_DATA)")
+VKEY = "observation.images.cam_high"
+EPISODES = (1, 2, 4)
+# 2 s clips every 4 s at 2 fps: 4 frames per clip, 3 clips per ~12 s episode; 16 quantile bins
+OPTS = dict(clip_seconds=2.0, stride_seconds=4.0, fps=2.0, action_bins=16, source="lerobot/g1", progress=False,
+            episodes_per_shard=1)
+CODEC_MAE, CODEC_PSNR = 2.5, 38.0  # H.264 crf 16 re-encode of the AV1 source: measured MAE ~1.45, PSNR ~42.8 dB
+
+
+def _samples(d: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for s in read_manifest(d).shards:
+        with tarfile.open(d / s.name) as tf:
+            for m in tf.getmembers():
+                key, member = m.name.split(".", 1)
+                out.setdefault(key, {})[member] = tf.extractfile(m).read()
+    return out
+
+def _copy_writable(src: Path, dst: Path) -> None:
+    """Copy a read-only shared tree as plain writable files (no permission bits copied)."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for d, _, _ in os.walk(dst):
+        os.chmod(d, 0o755)
+
+
+
+def _npy(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def _decode_all(video: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(video)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _source_frames(path: Path, times: list[float]) -> list[tuple[float, np.ndarray]]:
+    """(pts time, RGB) of the source frame shown at each time, by seeking with PyAV (independent of our decoder)."""
+    out = []
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        for t in times:
+            c.seek(int(max(t - 0.2, 0.0) / s.time_base), stream=s, backward=True)
+            for f in c.decode(s):
+                if f.time >= t - 0.5 / 30:
+                    out.append((f.time, f.to_ndarray(format="rgb24")))
+                    break
+    return out
+
+
+def _parquet(ep: int) -> dict[str, np.ndarray]:
+    t = pq.read_table(G1 / f"data/chunk-000/episode_{ep:06d}.parquet")
+    return {"timestamp": np.asarray(t.column("timestamp").to_pylist(), np.float64),
+            "action": np.asarray(t.column("action").to_pylist(), np.float32),
+            "state": np.asarray(t.column("observation.state").to_pylist(), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def v21(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("g1_v21")
+    report = convert_lerobot(G1, out, **OPTS)
+    return out, report
+
+
+def test_clip_plan():
+    clips = plan_clips(13.1, 0.0, 2.0, 4.0, 2.0)
+    assert [c.tolist() for c in clips] == [[0.0, 0.5, 1.0, 1.5], [4.0, 4.5, 5.0, 5.5], [8.0, 8.5, 9.0, 9.5]]
+    assert len(plan_clips(13.1, 0.0, 4.0, 3.0, 2.0)) == 4  # starts 0, 3, 6, 9 (9 + 4 <= 13.1)
+    short = plan_clips(1.2, 0.0, 4.0, 4.0, 2.0)  # shorter than a clip: one clip of what there is
+    assert len(short) == 1 and short[0].tolist() == [0.0, 0.5]
+
+
+def test_frames_and_actions_align_in_time(v21):
+    """Frame i of each clip: its source time t_i is a real frame of the source video at the planned
+    time (clip start + i / fps); action/state rows are the parquet rows nearest t_i; the clip's frame
+    i decodes to the source frame at t_i within codec tolerance."""
+    out, report = v21
+    samples = _samples(out)
+    assert len(samples) == 9 and report["totals"]["samples"] == 9
+    tables = {e: _parquet(e) for e in EPISODES}
+    seen = set()
+    for key, m in sorted(samples.items()):
+        meta = json.loads(m["meta.json"])
+        ep, k = meta["episode"], meta["extra"]["clip_index"]
+        seen.add((ep, k))
+        tab = tables[ep]
+        t_src = np.asarray(meta["extra"]["source_timestamps"])
+        planned = 4.0 * k + np.arange(4) / 2.0  # stride 4 s, fps 2
+        assert np.all(np.abs(t_src - planned) <= 0.5 / 30 + 1e-6), (key, t_src)
+        rows = np.abs(tab["timestamp"][None, :] - t_src[:, None]).argmin(1)  # nearest parquet row per frame
+        assert meta["extra"]["rows"] == rows.tolist()
+        np.testing.assert_array_equal(_npy(m["action.npy"]), tab["action"][rows])
+        np.testing.assert_array_equal(_npy(m["state.npy"]), tab["state"][rows])
+        ts = _npy(m["action_ts.npy"])
+        assert ts.dtype == np.float64 and ts.tolist() == [0.0, 0.5, 1.0, 1.5] == meta["video"]["timestamps"]
+        assert meta["video"]["frame_indices"] == rows.tolist()  # source fps 30, frame j at j / 30
+        assert meta["clip_start_s"] == pytest.approx(t_src[0])
+        out_frames = _decode_all(m["video.mp4"])
+        assert out_frames.shape == (4, 480, 640, 3)
+        src = _source_frames(G1 / f"videos/chunk-000/{VKEY}/episode_{ep:06d}.mp4", t_src.tolist())
+        for i, (t_pts, ref) in enumerate(src):
+            assert t_pts == pytest.approx(t_src[i], abs=1e-6)
+            err = out_frames[i].astype(np.float64) - ref
+            psnr = 10 * np.log10(255.0**2 / np.mean(err**2))
+            assert np.abs(err).mean() < CODEC_MAE and psnr > CODEC_PSNR, (key, i, np.abs(err).mean(), psnr)
+    assert seen == {(e, k) for e in EPISODES for k in range(3)}
+
+
+def test_counts_meta_answer_and_bins(v21, caplog):
+    out, report = v21
+    eps = {e["episode"]: e for e in report["episodes"]}
+    for e in EPISODES:
+        n = pq.read_metadata(G1 / f"data/chunk-000/episode_{e:06d}.parquet").num_rows
+        assert eps[e]["rows"] == eps[e]["video_frames"] == n
+    assert report["totals"]["rows"] == 393 + 343 + 357
+    assert report["totals"]["episodes_missing"] == 97 and "97 of 100 episodes" in report["warnings"][0]
+    stats = json.loads((out / STATS_NAME).read_text())
+    allact = np.concatenate([_parquet(e)["action"] for e in EPISODES]).astype(np.float64)
+    assert stats["count"] == len(allact) and stats["num_bins"] == 16 and stats["binning"] == "quantile"
+    np.testing.assert_allclose(stats["min"], allact.min(0), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(stats["max"], allact.max(0), rtol=0, atol=1e-7)
+    # quantile bins: each bin holds 1/16 of all rows in every dimension without heavily repeated values
+    counts = np.stack([np.bincount(b, minlength=16) for b in action_to_bins(allact, stats).T])
+    few_ties = np.array([np.unique(col, return_counts=True)[1].max() <= 4 for col in allact.T])
+    assert few_ties.sum() >= 10
+    assert np.abs(counts[few_ties] - len(allact) / 16).max() <= 6
+
+    key, m = sorted(_samples(out).items())[4]
+    meta = json.loads(m["meta.json"])
+    conv = json.loads(m["conv.json"])["conversation"]
+    assert meta["licence"] == "MIT" and meta["source"] == "lerobot/g1" and meta["embodiment"] == "Unitree_G1_Inspire"
+    assert meta["task"] == "Pick up the yellow bottle on the table."
+    assert len(meta["action"]["dims"]) == 26 and meta["action"]["dims"][0] == "kLeftShoulderPitch"
+    assert conv[0]["content"] == [{"type": "video", "video": "video.mp4"}, {"type": "text", "text": meta["task"]}]
+    answer = conv[1]["content"][0]["text"]
+    act = _npy(m["action.npy"]).astype(np.float64)
+    # per-step values are the actions (2 decimals) of the dims the manifest names
+    shown = read_manifest(out).info["answer_dims_used"]
+    idx = [meta["action"]["dims"].index(n) for n in shown]
+    line = next(s for s in answer.split("\n") if s.startswith("Per step ("))
+    assert line.startswith(f"Per step ({', '.join(shown)}): <frame 0> (")
+    vals = [[float(v) for v in grp.split(", ")] for grp in line.split("(")[2:] for grp in [grp.split(")")[0]]]
+    np.testing.assert_allclose(vals, act[:, idx], atol=0.0051)
+    # the bins decode to centres of bins that contain the true values
+    bins, centres = parse_action_bins(answer, stats)
+    np.testing.assert_array_equal(bins, action_to_bins(act, stats))
+    edges = np.asarray(stats["edges"])
+    d = np.arange(26)[None, :]
+    assert np.all(edges[d, bins] <= act + 1e-6) and np.all(act <= edges[d, bins + 1] + 1e-6)
+    assert np.all(np.abs(centres - act) <= (edges[d, bins + 1] - edges[d, bins]) / 2 + 1e-6)
+
+
+def _remux(paths: list[Path], dst: Path) -> list[float]:
+    """Concatenate AV1 mp4s without re-encoding (packets re-timed); returns each part's start time."""
+    starts, offset = [], 0
+    with av.open(str(dst), "w", format="mp4") as oc:
+        ost = None
+        for p in paths:
+            with av.open(str(p)) as ic:
+                ist = ic.streams.video[0]
+                ost = ost or oc.add_stream_from_template(ist, opaque=True)
+                starts.append(float(offset * ist.time_base))
+                end = 0
+                for pkt in ic.demux(ist):
+                    if pkt.dts is None:
+                        continue
+                    end = max(end, pkt.pts + pkt.duration)
+                    pkt.pts += offset
+                    pkt.dts += offset
+                    pkt.stream = ost
+                    oc.mux(pkt)
+                offset += end
+    return starts + [float(offset * ist.time_base)]
+
+
+def _make_v3(dst: Path) -> None:
+    """LeRobot v3.0 layout of the same three episodes: one data file, one concatenated video,
+    meta/episodes parquet with data/video file indices and from/to timestamps, tasks parquet."""
+    info = json.loads((G1 / "meta/info.json").read_text())
+    info.update(codebase_version="v3.0", total_episodes=3, data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+    (dst / "meta/episodes/chunk-000").mkdir(parents=True)
+    (dst / "data/chunk-000").mkdir(parents=True)
+    (dst / f"videos/{VKEY}/chunk-000").mkdir(parents=True)
+    (dst / "meta/info.json").write_text(json.dumps(info))
+    shutil.copy(G1 / "LICENSE", dst / "LICENSE")
+    tables, lengths = [], []
+    for e in EPISODES:
+        t = pq.read_table(G1 / f"data/chunk-000/episode_{e:06d}.parquet")
+        tables.append(t)
+        lengths.append(t.num_rows)
+    data = pa.concat_tables(tables)
+    data = data.set_column(data.schema.get_field_index("index"), "index", pa.array(np.arange(data.num_rows), pa.int64()))
+    pq.write_table(data, dst / "data/chunk-000/file-000.parquet")
+    bounds = _remux([G1 / f"videos/chunk-000/{VKEY}/episode_{e:06d}.mp4" for e in EPISODES],
+                    dst / f"videos/{VKEY}/chunk-000/file-000.mp4")
+    cum = np.concatenate([[0], np.cumsum(lengths)])
+    task = "Pick up the yellow bottle on the table."
+    vp = f"videos/{VKEY}/"
+    pq.write_table(pa.table({
+        "episode_index": pa.array(list(EPISODES), pa.int64()), "tasks": pa.array([[task]] * 3),
+        "length": pa.array(lengths, pa.int64()),
+        "data/chunk_index": pa.array([0] * 3, pa.int64()), "data/file_index": pa.array([0] * 3, pa.int64()),
+        "dataset_from_index": pa.array(cum[:-1].tolist(), pa.int64()), "dataset_to_index": pa.array(cum[1:].tolist(), pa.int64()),
+        vp + "chunk_index": pa.array([0] * 3, pa.int64()), vp + "file_index": pa.array([0] * 3, pa.int64()),
+        vp + "from_timestamp": pa.array(bounds[:-1]), vp + "to_timestamp": pa.array(bounds[1:]),
+    }), dst / "meta/episodes/chunk-000/file-000.parquet")
+    # as pandas writes it: task strings as the index, task_index as the column
+    tasks = pa.table({"task_index": pa.array([0], pa.int64()), "__index_level_0__": pa.array([task])})
+    tasks = tasks.replace_schema_metadata({b"pandas": json.dumps({"index_columns": ["__index_level_0__"]}).encode()})
+    pq.write_table(tasks, dst / "meta/tasks.parquet")
+
+
+def test_v3_fixture_gives_the_same_samples(v21, tmp_path):
+    torch.manual_seed(0)
+    out21, _ = v21
+    src = tmp_path / "g1_v3"
+    _make_v3(src)
+    out3 = tmp_path / "out3"
+    rep = convert_lerobot(src, out3, **OPTS)
+    assert rep["totals"]["rows"] == 1093 and rep["totals"]["episodes_missing"] == 0
+    assert [(e["rows"], e["video_frames"]) for e in rep["episodes"]] == [(393, 393), (343, 343), (357, 357)]
+    a, b = _samples(out21), _samples(out3)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        for member in ("action.npy", "action_ts.npy", "state.npy", "conv.json"):
+            assert a[key][member] == b[key][member], (key, member)
+        ma, mb = json.loads(a[key]["meta.json"]), json.loads(b[key]["meta.json"])
+        assert (ma["extra"].pop("lerobot_version"), mb["extra"].pop("lerobot_version")) == ("v2.1", "v3.0")
+        assert ma == mb
+        # the remux keeps the AV1 frames bit-exact, so the re-encoded clips decode identically
+        np.testing.assert_array_equal(_decode_all(a[key]["video.mp4"]), _decode_all(b[key]["video.mp4"]))
+    assert (out21 / STATS_NAME).read_bytes() == (out3 / STATS_NAME).read_bytes()
+
+
+def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
+    """Episode 4's video is corrupt: the run stops naming it after shards 0-1 landed; with the file
+    repaired the rerun writes only shard 2, and the result equals an uninterrupted run."""
+    torch.manual_seed(0)
+    out21, _ = v21
+    src = tmp_path / "g1"
+    _copy_writable(G1, src)
+    bad = src / f"videos/chunk-000/{VKEY}/episode_000004.mp4"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:2000] + b"\0" * 5000)  # header intact, stream destroyed
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match="episode 4"):
+        convert_lerobot(src, out, **OPTS)
+    assert sorted(completed_shards(out)) == ["lerobot-000000.tar", "lerobot-000001.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["lerobot-000000.tar", "lerobot-000001.tar"]
+    assert not list(out.glob(".*tmp*"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    bad.write_bytes(good)
+    (out / ".lerobot-000002.tar.tmp-4242").write_bytes(b"leftover of a killed worker")
+    convert_lerobot(src, out, **OPTS)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("lerobot-00000[01].tar")} == stamps
+    assert not list(out.glob(".*tmp*"))
+    for s in read_manifest(out).shards:
+        assert (out / s.name).read_bytes() == (out21 / s.name).read_bytes(), s.name
+    # a truncated shard (listed, wrong size) is rewritten; other settings are refused
+    (out / "lerobot-000001.tar").write_bytes((out / "lerobot-000001.tar").read_bytes()[:5000])
+    convert_lerobot(src, out, **OPTS)
+    assert (out / "lerobot-000001.tar").read_bytes() == (out21 / "lerobot-000001.tar").read_bytes()
+    with pytest.raises(ValueError, match="fps"):
+        convert_lerobot(src, out, **{**OPTS, "fps": 4.0})
+    assert sorted(completed_shards(out, verify_sha256=True)) == [f"lerobot-00000{i}.tar" for i in range(3)]
+    assert json.loads((out / MANIFEST_NAME).read_text())["total_samples"] == 9
+
+
+def test_jpg_frames_through_train_loader(v21, tmp_path):
+    """Both media modes load through TrainLoader with the real SampleEncoder; manifest hints are exact."""
+    from rynnscale.data.encode import SampleEncoder
+    from rynnscale.data.loader import LoaderConfig, TrainLoader
+    from rynnscale.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    out21, _ = v21
+    out = tmp_path / "frames"
+    convert_lerobot(G1, out, **{**OPTS, "episodes": [2], "media": "frames", "max_side": 320})
+    m = next(iter(_samples(out).values()))
+    assert sorted(n for n in m if n.startswith("f")) == ["f000.jpg", "f001.jpg", "f002.jpg", "f003.jpg"]
+    assert json.loads(m["conv.json"])["conversation"][0]["content"][0]["video"] == ["f000.jpg", "f001.jpg", "f002.jpg", "f003.jpg"]
+    assert json.loads(m["meta.json"])["video"]["width"] == 320
+    enc = SampleEncoder(load_tokenizer())
+    for d, n in ((out21, 9), (out, 3)):
+        hints = {}
+        for s in read_manifest(d).shards:
+            with tarfile.open(d / s.name) as tf:
+                keys = list(dict.fromkeys(x.name.split(".", 1)[0] for x in tf.getmembers()))
+            hints.update(zip(keys, s.sample_costs["num_tokens"]))
+        cfg = LoaderConfig(train_shards=[str(d / "*.tar")], micro_batch_tokens=4096, pack_window=4, shuffle_buffer=0,
+                           num_workers=0, num_epochs=1)
+        loader = TrainLoader(cfg, enc)
+        keys = []
+        for b in loader:
+            b.validate()
+            assert b.pixel_values_videos is not None
+            keys += b.sample_keys
+            lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
+            assert lens == [hints[k] for k in b.sample_keys]
+        assert sorted(keys) == sorted(hints) and len(keys) == n
+        assert loader.bad_counts == {}
