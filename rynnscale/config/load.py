@@ -72,8 +72,12 @@ def _explain(e: OmegaConfBaseException) -> str:
     return f"{key + ': ' if key else ''}{msg}"
 
 
-def load_config(recipe: str | Path | None, overrides: Iterable[str] = ()) -> RootConfig:
-    """Recipe file + dotlist overrides -> validated RootConfig (a plain dataclass tree)."""
+def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, check_paths: bool = True) -> RootConfig:
+    """Recipe file + dotlist overrides -> validated RootConfig (a plain dataclass tree).
+
+    ``check_paths=False`` skips the checks that need this machine's files (``model.init_from``'s
+    config.json, ``checkpoint.resume``): for planning a run off-cluster (the architecture then comes
+    from ``model.preset``)."""
     schema = OmegaConf.structured(RootConfig)
     try:
         layers = [schema]
@@ -89,7 +93,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = ()) -> Roo
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -99,7 +103,7 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def validate(cfg: RootConfig) -> None:
+def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -130,7 +134,7 @@ def validate(cfg: RootConfig) -> None:
         raise ConfigError(f"config key 'data.max_bad_fraction' = {cfg.data.max_bad_fraction} must be in [0, 1]")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"config key 'checkpoint.every_steps' = {cfg.checkpoint.every_steps} must be >= 0")
-    if ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
+    if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
     # model: exactly one source of architecture
@@ -138,20 +142,102 @@ def validate(cfg: RootConfig) -> None:
         raise ConfigError("set exactly one of 'model.init_from' (a local Hugging Face directory) and 'model.arch' "
                           f"(an inline architecture); got init_from={cfg.model.init_from!r}, "
                           f"arch={'set' if cfg.model.arch is not None else 'unset'}")
-    if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
+    if cfg.model.preset is not None:
+        from rynnscale.models.qwen3_vl.presets import PRESETS
+        if cfg.model.preset not in PRESETS:
+            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} is not allowed; choose one of "
+                              f"{sorted(PRESETS)}")
+        if cfg.model.arch is not None:
+            raise ConfigError("'model.preset' names the architecture of 'model.init_from'; it cannot be combined "
+                              "with an inline 'model.arch'")
+    init_cfg_there = cfg.model.init_from is not None and (Path(cfg.model.init_from) / "config.json").is_file()
+    if check_paths and cfg.model.init_from is not None and not init_cfg_there:
         raise ConfigError(f"config key 'model.init_from' = {cfg.model.init_from!r}: no config.json there "
                           "(expected a local Hugging Face Qwen3-VL checkpoint directory)")
     if cfg.model.arch is not None:
         from rynnscale.models.qwen3_vl.args import ArchConfigError, Qwen3VLArgs
         try:
-            Qwen3VLArgs.from_hf_config(cfg.model.arch, strict=True, where="model.arch")
+            arch = Qwen3VLArgs.from_hf_config(cfg.model.arch, strict=True, where="model.arch")
         except ArchConfigError as e:
             raise ConfigError(f"config key {e}") from None
-    if not cfg.data.train_shards and cfg.data.synthetic.num_samples <= 0:
-        raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns) or "
-                          "'data.synthetic.num_samples' > 0")
+        _validate_layout(cfg, arch.text.num_experts)
+    else:
+        _validate_layout(cfg, None)
+    if init_cfg_there and cfg.model.preset is not None:
+        from rynnscale.checkpoint.hf import read_hf_config
+        from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+        from rynnscale.models.qwen3_vl.presets import preset_config
+        if read_hf_config(cfg.model.init_from)[0] != Qwen3VLArgs.from_hf_config(preset_config(cfg.model.preset)):
+            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} does not describe the model in "
+                              f"'model.init_from' = {cfg.model.init_from!r} (their architectures differ); fix or "
+                              "remove the preset")
+    _validate_lists(cfg)
+    if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
+        raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
+                          "or 'data.synthetic.num_samples' > 0")
     if cfg.train.micro_batch_tokens < 16:
         raise ConfigError(f"config key 'train.micro_batch_tokens' = {cfg.train.micro_batch_tokens} is too small")
+
+
+def _validate_lists(cfg: RootConfig) -> None:
+    """data.mixture, optim.groups, model.freeze, optim.warmup_ratio and plan.* checks."""
+    mix = cfg.data.mixture
+    if mix and cfg.data.train_shards:
+        raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
+                          "a mixture source of their own)")
+    names: set[str] = set()
+    for i, src in enumerate(mix):
+        key = f"data.mixture[{i}]"
+        if not src.name or src.name in names:
+            raise ConfigError(f"config key '{key}.name' = {src.name!r} must be a non-empty name unique in the mixture")
+        names.add(src.name)
+        if not src.shards:
+            raise ConfigError(f"config key '{key}.shards' of source {src.name!r} is empty; give paths, globs or "
+                              "brace patterns")
+        if not src.weight > 0:
+            raise ConfigError(f"config key '{key}.weight' = {src.weight} of source {src.name!r} must be > 0")
+    for i, g in enumerate(cfg.optim.groups):
+        if not g.pattern:
+            raise ConfigError(f"config key 'optim.groups[{i}].pattern' is empty; give an fnmatch pattern over HF "
+                              "parameter names, e.g. 'model.visual.*'")
+        if g.lr_scale < 0:
+            raise ConfigError(f"config key 'optim.groups[{i}].lr_scale' = {g.lr_scale} must be >= 0 (to freeze "
+                              "parameters use 'model.freeze')")
+        if g.weight_decay is not None and g.weight_decay < 0:
+            raise ConfigError(f"config key 'optim.groups[{i}].weight_decay' = {g.weight_decay} must be >= 0")
+    for i, pat in enumerate(cfg.model.freeze):
+        if not pat:
+            raise ConfigError(f"config key 'model.freeze[{i}]' is empty")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(f"config key 'optim.warmup_ratio' = {cfg.optim.warmup_ratio} must be in [0, 1)")
+    pl = cfg.plan
+    for key in ("nodes", "gpus_per_node"):
+        if getattr(pl, key) < 1:
+            raise ConfigError(f"config key 'plan.{key}' = {getattr(pl, key)} must be >= 1")
+    for key in ("gpu_mem_gib", "peak_tflops", "nvlink_gbps", "ib_gbps"):
+        if not getattr(pl, key) > 0:
+            raise ConfigError(f"config key 'plan.{key}' = {getattr(pl, key)} must be > 0")
+    if not 0 < pl.mfu <= 1:
+        raise ConfigError(f"config key 'plan.mfu' = {pl.mfu} must be in (0, 1]")
+    if pl.visual_tokens_per_micro_batch < 0 or pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
+        raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
+                          f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
+
+
+def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:
+    """What can be checked without the world size (that is checked at launch by
+    ``rynnscale.parallel.mesh.ParallelLayout.resolve``). ``num_experts`` None = not known yet (init_from)."""
+    p = cfg.parallel
+    if p.timeout_s <= 0:
+        raise ConfigError(f"config key 'parallel.timeout_s' = {p.timeout_s} must be > 0")
+    if p.dp_shard != -1 and p.dp_shard % p.ep:
+        raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide 'parallel.dp_shard' = {p.dp_shard} "
+                          "(expert parallelism is carved out of the FSDP ranks)")
+    if p.ep > 1 and num_experts is not None:
+        if num_experts == 0:
+            raise ConfigError(f"config key 'parallel.ep' = {p.ep} needs an MoE model, but model.arch has no experts")
+        if num_experts % p.ep:
+            raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide the model's num_experts = {num_experts}")
 
 
 def to_yaml(cfg: RootConfig) -> str:

@@ -24,9 +24,13 @@ class RunConfig:
 class ModelConfig:
     init_from: str | None = None     # local Hugging Face Qwen3-VL(-MoE) directory
     arch: dict[str, Any] | None = None   # inline architecture in config.json form (text_config/vision_config)
-    activation_checkpointing: str = "none"  # none | full | every_k
+    activation_checkpointing: str = "none"  # none | full | every_k | selective
     activation_checkpointing_every: int = 2  # k for every_k
     attn_backend: str = "auto"          # auto | varlen | sdpa_mask | loop
+    # Published architecture (rynnscale.models.qwen3_vl.presets) used where init_from's config.json is
+    # not on this machine (planning on a laptop); when both exist they must describe the same model.
+    preset: str | None = None
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns over HF parameter names
 
 
 @dataclass
@@ -43,8 +47,18 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class MixtureSourceConfig:
+    """One shard set of a data mixture: samples are drawn from it with probability weight / sum(weights)."""
+    name: str = ""
+    shards: list[str] = field(default_factory=list)   # paths, globs or brace patterns
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
+    root: str = ""                      # base directory for ${data.root}/... shard patterns in recipes
     train_shards: list[str] = field(default_factory=list)   # paths, globs or brace patterns
+    mixture: list[MixtureSourceConfig] = field(default_factory=list)  # weighted shard sets (instead of train_shards)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     tokenizer: str | None = None     # tokenizer directory; default: init_from, else the bundled Qwen3 one
     seed: int = 0
@@ -74,6 +88,14 @@ class TrainConfig:
 
 
 @dataclass
+class OptimGroupConfig:
+    """Parameters whose HF name matches ``pattern`` (fnmatch) train with lr * lr_scale."""
+    pattern: str = ""
+    lr_scale: float = 1.0
+    weight_decay: float | None = None   # None = optim.weight_decay
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1           # cosine floor as a fraction of lr
@@ -83,13 +105,29 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    warmup_ratio: float = 0.0           # > 0: warmup over this fraction of train.max_steps (overrides warmup_steps)
+    groups: list[OptimGroupConfig] = field(default_factory=list)  # per-module lr / weight decay, first match wins
 
 
 @dataclass
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1                  # -1 = all remaining ranks
-    ep: int = 1
+    ep: int = 1                         # expert parallel degree, carved out of dp_shard (must divide it)
+    timeout_s: float = 600.0            # timeout of every collective: a dead / diverged rank fails the job
+
+
+@dataclass
+class PlanConfig:
+    """Target cluster and workload assumptions for ``rynnscale plan`` (command-line flags override)."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    visual_tokens_per_micro_batch: int = 0  # merged visual tokens assumed inside one micro-batch (budget)
+    peak_tflops: float = 790.0           # dense bf16 matmul rate per GPU (H100 SXM measured ~747-789)
+    mfu: float = 0.35                    # expected model-FLOPs utilisation for the step-time estimate
+    nvlink_gbps: float = 360.0           # achievable intra-node collective bandwidth per GPU, GB/s
+    ib_gbps: float = 45.0                # achievable inter-node bandwidth per GPU (400 Gb/s NIC), GB/s
 
 
 @dataclass
@@ -122,6 +160,7 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -129,7 +168,7 @@ class RootConfig:
 # Allowed values of string-enum keys (checked in load.validate with a message listing them).
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
-    "model.activation_checkpointing": ("none", "full", "every_k"),
+    "model.activation_checkpointing": ("none", "full", "every_k", "selective"),
     "model.attn_backend": ("auto", "varlen", "sdpa_mask", "loop"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "optim.schedule": ("cosine", "constant", "linear"),

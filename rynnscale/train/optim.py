@@ -1,46 +1,160 @@
-"""Optimiser and learning-rate schedule."""
+"""Optimiser (AdamW with per-module learning rates), parameter freezing and the LR schedule.
+
+Name patterns are shell-style (``fnmatch``) patterns over the parameter names of the Hugging Face
+state dict (``model.visual.blocks.0.attn.qkv.weight``, ``model.language_model.layers.3.mlp.experts.
+gate_up_proj``, ``lm_head.weight``); wrapper prefixes that activation checkpointing or compilation
+insert into ``named_parameters()`` are stripped before matching, so a recipe's patterns mean the same
+thing with or without them. A pattern that matches no parameter is an error naming the config key
+(a typo would otherwise silently train, or freeze, nothing).
+
+- ``freeze_parameters(model, patterns)`` sets ``requires_grad=False`` on matching parameters
+  (``model.freeze`` in a recipe). Frozen parameters get no gradient and no optimiser state.
+- ``optim.groups``: ``[{pattern, lr_scale, weight_decay}]``; each trainable parameter joins the FIRST
+  group whose pattern matches (else the default group: ``optim.lr``, ``optim.weight_decay``). Its
+  learning rate is ``optim.lr * lr_scale`` times the schedule's factor (warmup/cosine apply to every
+  group alike). Inside each group norms, biases and embeddings get no weight decay.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from rynnscale.config.schema import OptimConfig
 
+# Prefixes inserted into named_parameters() by wrappers (activation checkpointing, torch.compile).
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and 3-D expert weights) only; none on norms, biases and embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
+
+def canonical_name(name: str) -> str:
+    """Parameter name as in the HF state dict (wrapper prefixes removed)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(canonical_name(n), p) for n, p in model.named_parameters()]
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str], key: str = "model.freeze") -> int:
+    """``requires_grad=False`` for parameters matching any pattern; returns how many elements were frozen.
+
+    Raises ValueError naming ``key[i]`` for a pattern that matches nothing."""
+    named = _named(model)
+    frozen = 0
+    for i, pat in enumerate(patterns):
+        hits = [p for n, p in named if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ValueError(f"config key '{key}[{i}]' = {pat!r} matches no parameter "
+                             f"(names look like {named[0][0]!r}, {named[-1][0]!r})")
+        for p in hits:
+            if p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+    return frozen
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or "embed_tokens" in name or "pos_embed" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, groups: Iterable[Any] = (),
+                 lr: float | None = None) -> list[dict]:
+    """AdamW param groups: the default group, then the configured pattern groups (a parameter joins the
+    first pattern that matches it, else the default group),
+    each split into weight-decay (matrices, 3-D expert weights) and no-decay (norms, biases,
+    embeddings) parts. Empty groups are dropped. Each group carries ``name`` and ``lr_scale``; with
+    ``lr`` given, also ``lr = lr * lr_scale``."""
+    groups = list(groups or ())
+    buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[] for _ in range(len(groups) + 1)]
+    hits = [0] * len(groups)
+    seen: set[int] = set()
+    for name, p in _named(model):
+        if id(p) in seen:  # tied weights are listed once
             continue
-        if p.ndim < 2 or "embed_tokens" in name or "pos_embed" in name:
-            no_decay.append(p)
+        seen.add(id(p))
+        for gi, g in enumerate(groups):
+            if fnmatch.fnmatchcase(name, _field(g, "pattern")):
+                hits[gi] += 1
+                if p.requires_grad:
+                    buckets[gi].append((name, p))
+                break
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if p.requires_grad:
+                buckets[-1].append((name, p))
+    for gi, g in enumerate(groups):
+        if hits[gi] == 0:
+            raise ValueError(f"config key 'optim.groups[{gi}].pattern' = {_field(g, 'pattern')!r} matches no "
+                             "parameter (or only parameters an earlier group already took)")
+    out = []
+    order = [len(groups)] + list(range(len(groups)))  # default group first: get_last_lr()[0] is the base lr
+    for gi in order:
+        members = buckets[gi]
+        if gi < len(groups):
+            g = groups[gi]
+            gname, scale = _field(g, "pattern"), float(_field(g, "lr_scale", 1.0))
+            wd = _field(g, "weight_decay", None)
+            wd = weight_decay if wd is None else float(wd)
+        else:
+            gname, scale, wd = "default", 1.0, weight_decay
+        for decay in (True, False):
+            params = [p for n, p in members if _no_decay(n, p) != decay]
+            if not params:
+                continue
+            d = {"params": params, "weight_decay": wd if decay else 0.0, "name": f"{gname}{'' if decay else ' (no decay)'}",
+                 "lr_scale": scale}
+            if lr is not None:
+                d["lr"] = lr * scale
+            out.append(d)
+    return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        fused=on_gpu or None, foreach=None if on_gpu else True)
+def _field(g: Any, name: str, default: Any = ...) -> Any:
+    if isinstance(g, dict):
+        return g[name] if default is ... else g.get(name, default)
+    return getattr(g, name) if default is ... else getattr(g, name, default)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, model_cfg: Any = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with ``cfg.groups`` learning-rate groups.
+
+    ``model_cfg`` (the recipe's ``model`` section) is optional: when given, its ``freeze`` patterns
+    are applied first (the trainer may also call ``freeze_parameters`` itself before wrapping)."""
+    if model_cfg is not None and getattr(model_cfg, "freeze", None):
+        freeze_parameters(model, model_cfg.freeze)
+    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "groups", ()), lr=cfg.lr)
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter is frozen (check 'model.freeze')")
+    on_gpu = groups[0]["params"][0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=on_gpu or None, foreach=None if on_gpu else True)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Multiplier of ``cfg.lr`` for optimiser step ``step`` (0-based): linear warmup then the schedule."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    """Multiplier of each group's base lr for optimiser step ``step`` (0-based): linear warmup then the schedule.
+
+    ``warmup_ratio`` > 0 (fraction of ``max_steps``) takes precedence over ``warmup_steps``."""
+    warmup = warmup_steps(cfg, max_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
     if cfg.schedule == "constant":
         return 1.0
-    decay_steps = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     floor = cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    ratio = getattr(cfg, "warmup_ratio", 0.0) or 0.0
+    return int(math.ceil(ratio * max_steps)) if ratio > 0 else cfg.warmup_steps
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
