@@ -16,8 +16,16 @@ def synthetic_data_dir(cfg: RootConfig) -> Path:
     return Path(cfg.data.synthetic.output_dir or Path(cfg.run.output_dir) / "synthetic_data")
 
 
+def synthetic_shard_patterns(cfg: RootConfig) -> list[str]:
+    """Glob of the synthetic shards (without generating them); [] when synthetic data is off."""
+    return [str(synthetic_data_dir(cfg) / "*.tar")] if cfg.data.synthetic.num_samples > 0 else []
+
+
 def ensure_synthetic_data(cfg: RootConfig) -> list[str]:
-    """Generate the built-in synthetic egocentric shards once (restartable); return their glob pattern."""
+    """Generate the built-in synthetic egocentric shards once (restartable); return their glob pattern.
+
+    Writes files: under torch.distributed call it on ONE rank per file system, then barrier
+    (``rynnscale.train.trainer.prepare_data_files``), and build the loaders with ``generate=False``."""
     s = cfg.data.synthetic
     if s.num_samples <= 0:
         return []
@@ -52,13 +60,17 @@ def build_encoder(cfg: RootConfig, args: Qwen3VLArgs):
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=args)
 
 
-def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int):
-    """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts)."""
+def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int, generate: bool = True):
+    """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
+
+    ``generate=False``: the synthetic shards were already generated (by one rank); only read them."""
     from rynnscale.data.balance import CostModel
     from rynnscale.data.loader import LoaderConfig, TrainLoader
 
-    shards = list(cfg.data.train_shards) + ensure_synthetic_data(cfg)
+    synthetic = ensure_synthetic_data(cfg) if generate else synthetic_shard_patterns(cfg)
+    shards = list(cfg.data.train_shards) + synthetic
     loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args))
-    log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step", shards,
+    log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
+             shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)
     return TrainLoader(loader_cfg, build_encoder(cfg, args), rank=rank, world_size=world_size)

@@ -7,21 +7,47 @@ strips its ``_checkpoint_wrapped_module.`` prefix from ``state_dict()`` keys and
 keys in ``load_state_dict``, so HF key parity is unchanged (``named_parameters()`` do carry the
 prefix; DCP's state-dict helpers understand it).
 
-Modes: ``none`` (nothing), ``full`` (every block), ``every_k`` (blocks 0, k, 2k, ... of each list).
+Modes: ``none`` (nothing), ``full`` (every block), ``every_k`` (blocks 0, k, 2k, ... of each list),
+``selective`` (every block, but the outputs of matmuls, grouped GEMMs and attention kernels are SAVED
+by torch's selective-checkpoint policy, so backward recomputes only the cheap element-wise ops: norms,
+rotary, SiLU, routing softmax; attention, whose cost grows with s^2, is never recomputed).
 Anything computed outside the blocks (embedding, DeepStack adds, the load-balancing loss and its
 counts all-reduce, the loss head) is not recomputed.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     CheckpointWrapper,
     checkpoint_wrapper,
 )
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-MODES = ("none", "full", "every_k")
+MODES = ("none", "full", "every_k", "selective")
+
+_aten = torch.ops.aten
+# ops whose outputs ``selective`` keeps (matmuls and attention kernels; names that this torch lacks are skipped)
+_SAVE_OP_NAMES = ("mm", "addmm", "bmm", "linear", "_grouped_mm", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                  "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                  "_efficient_attention_forward", "_scaled_dot_product_fused_attention_overrideable")
+SELECTIVE_SAVE_OPS = frozenset(getattr(_aten, n).default for n in _SAVE_OP_NAMES if hasattr(_aten, n))
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _wrap(block: nn.Module, selective: bool) -> nn.Module:
+    if selective:
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                  context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy))
+    return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def _targets(model: nn.Module) -> list[nn.ModuleList]:
@@ -39,11 +65,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "none", every: 
         raise ValueError(f"activation checkpointing every={every!r} must be a positive integer for mode 'every_k'")
     if mode == "none":
         return 0
-    step = 1 if mode == "full" else every
+    step = every if mode == "every_k" else 1
     wrapped = 0
     for blocks in _targets(model):
         for i in range(0, len(blocks), step):
             if not isinstance(blocks[i], CheckpointWrapper):
-                blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                blocks[i] = _wrap(blocks[i], selective=mode == "selective")
             wrapped += 1
     return wrapped

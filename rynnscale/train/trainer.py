@@ -1,9 +1,20 @@
-"""The training loop, readable top to bottom: build -> for each step: fetch micro-batches, forward/backward,
-clip, step, log -> plot.
+"""The training loop, readable top to bottom: set up the process group -> build model, optimiser, data ->
+for each step: fetch micro-batches, forward/backward, clip, step, log -> plot.
 
-Loss of a step = sum of token cross-entropies over all assistant tokens of the step's micro-batches divided
-by their count (so gradient accumulation and, later, data parallelism give the same loss as one big batch),
-plus the MoE load-balancing loss averaged over micro-batches.
+One process or many (``torchrun``): every rank is a data-parallel rank with its own micro-batches (EP
+ranks too; expert parallelism is carved out of data parallelism), and the step's quantities are global:
+
+- loss = sum of token cross-entropies over the assistant tokens of ALL ranks' micro-batches of the step,
+  divided by their total count (all-reduced BEFORE backward), so N ranks x M micro-batches give the same
+  loss and gradient as one process with N*M micro-batches of gradient accumulation; FSDP sums (does not
+  average) the ranks' gradients (see ``rynnscale.parallel.fsdp``);
+- plus the MoE load-balancing loss averaged over all (rank, micro-batch) forwards, each computed with
+  expert counts all-reduced over the data-parallel ranks (global-batch balance);
+- the gradient norm for clipping covers every shard and every expert group;
+- logged loss / tokens / tokens-per-second are sums or means over all ranks.
+
+Seams for checkpoint/resume: ``build_components`` returns model + optimiser + scheduler + data +
+``TrainState`` (step, tokens_seen); the loop starts from ``state.step``.
 """
 
 from __future__ import annotations
@@ -12,14 +23,16 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from rynnscale.config import RootConfig, save_resolved
 from rynnscale.data.batch import PackedBatch
+from rynnscale.parallel.distributed import DistContext, clip_grad_norm_, init_distributed, report_failures
 from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, plot_run
 from rynnscale.train.optim import build_optimizer, build_scheduler
 
@@ -48,8 +61,11 @@ def autocast_context(dtype_name: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+# ----------------------------------------------------------------------------------------- one step
 @dataclass
 class StepStats:
+    """Global (all ranks) quantities of one optimiser step; ``expert_counts`` [n_moe, E] summed over ranks."""
+
     loss: float
     aux_loss: float
     grad_norm: float
@@ -60,10 +76,14 @@ class StepStats:
 
 
 def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
-               loss_chunk_tokens: int, max_grad_norm: float) -> StepStats:
-    """One optimiser step over ``micro_batches`` (gradient accumulation)."""
-    n_targets = sum(b.num_target_tokens for b in micro_batches)
+               loss_chunk_tokens: int, max_grad_norm: float, ctx: DistContext | None = None) -> StepStats:
+    """One optimiser step over this rank's ``micro_batches`` (gradient accumulation), with the loss
+    normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process)."""
+    ctx = ctx or DistContext(device=device)
+    local_targets = sum(b.num_target_tokens for b in micro_batches)
+    n_targets = int(ctx.sum([local_targets])[0])  # before any backward: every rank divides by the same count
     denom = max(n_targets, 1)
+    n_forwards = len(micro_batches) * ctx.dp_size  # the aux loss is a mean over all (rank, micro-batch)
     loss_total = 0.0
     aux_total = 0.0
     counts = None
@@ -72,71 +92,159 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
         with autocast_context(dtype_name, device):
             out = model(batch)
             loss_sum = model.loss_sum(batch, out, loss_chunk_tokens)
-        aux = out.aux_loss / len(micro_batches)
+        aux = out.aux_loss / n_forwards
         (loss_sum / denom + aux).backward()
         loss_total += loss_sum.detach().item()
         aux_total += float(aux.detach())
         if out.expert_counts is not None:
             c = out.expert_counts.detach().to("cpu", torch.long)
             counts = c if counts is None else counts + c
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(
-        loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm),
-        tokens=sum(b.num_tokens for b in micro_batches), target_tokens=n_targets,
-        samples=sum(b.num_samples for b in micro_batches), expert_counts=counts)
+    loss_total, aux_total, tokens, samples = ctx.sum([
+        loss_total, aux_total, sum(b.num_tokens for b in micro_batches), sum(b.num_samples for b in micro_batches)])
+    if counts is not None:
+        counts = ctx.sum_tensor(counts).cpu()
+    return StepStats(loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm), tokens=int(tokens),
+                     target_tokens=n_targets, samples=int(samples), expert_counts=counts)
 
 
-def run_training(cfg: RootConfig) -> Path:
-    """Run a whole training job in this process; returns the output directory."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# ----------------------------------------------------------------------------------------- setup
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides model / optimiser / scheduler / data loader state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(sd["step"]), int(sd["tokens_seen"])
+
+
+@dataclass
+class TrainComponents:
+    args: Any                    # Qwen3VLArgs
+    model: torch.nn.Module       # FSDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any                    # TrainLoader of this rank
+    ctx: DistContext
+    state: TrainState = field(default_factory=TrainState)
+
+
+def setup_distributed(cfg: RootConfig) -> DistContext:
+    """Process group (torchrun env) + device; meshes are built later, once the model is known."""
+    rank, local_rank, world_size, device = init_distributed(resolve_device(cfg.run.device), cfg.parallel.timeout_s)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def prepare_data_files(cfg: RootConfig, ctx: DistContext) -> None:
+    """Generate the synthetic dataset once: global rank 0 first (shared file system), then local rank 0
+    of every other node if its file system does not see it yet; the others wait at barriers."""
+    from rynnscale.data.pipeline import ensure_synthetic_data
+
+    if cfg.data.synthetic.num_samples <= 0:
+        return
+    if ctx.rank == 0:
+        ensure_synthetic_data(cfg)
+    ctx.barrier()
+    if ctx.rank != 0 and ctx.local_rank == 0:
+        from rynnscale.data.pipeline import synthetic_data_dir
+        from rynnscale.data_pipelines.shards import MANIFEST_NAME
+        if not (synthetic_data_dir(cfg) / MANIFEST_NAME).exists():
+            ensure_synthetic_data(cfg)
+    ctx.barrier()
+
+
+def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
+    """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
     from rynnscale.data.pipeline import build_train_data  # data + model imports are heavy: keep CLI fast
-    from rynnscale.models.build import build_model
+    from rynnscale.models.build import build_model, model_args
     from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+    from rynnscale.train.optim import freeze_parameters
 
-    output_dir = Path(cfg.run.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, output_dir / "config.yaml")
-    device = resolve_device(cfg.run.device)
-    seed_everything(cfg.run.seed)
+    args = model_args(cfg.model)
+    freeze = list(getattr(cfg.model, "freeze", None) or [])  # applied before wrapping (names are HF names)
+    if ctx.distributed:
+        from rynnscale.parallel.fsdp import parallelize_model
+        from rynnscale.parallel.mesh import ParallelLayout, build_meshes, device_type_of
 
-    args, model = build_model(cfg.model, device, seed=cfg.run.seed)
-    apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
-                                   every=cfg.model.activation_checkpointing_every)
+        p = cfg.parallel
+        layout = ParallelLayout.resolve(ctx.world_size, p.dp_replicate, p.dp_shard, p.ep, args.text.num_experts)
+        ctx.meshes = build_meshes(layout, device_type_of(ctx.device))
+        # materialised on the CPU (every rank builds / loads the same full model), then EP keeps this
+        # rank's experts and FSDP2 moves only this rank's shards to the device
+        args, model = build_model(cfg.model, torch.device("cpu"), seed=cfg.run.seed)
+        if freeze:
+            freeze_parameters(model, freeze)
+        parallelize_model(model, ctx.meshes, dtype_name=cfg.train.dtype, ac_mode=cfg.model.activation_checkpointing,
+                          ac_every=cfg.model.activation_checkpointing_every)
+        model.counts_reducer = ctx.counts_reducer
+        log.info("parallel layout: %s", layout)
+    else:
+        args, model = build_model(cfg.model, ctx.device, seed=cfg.run.seed)
+        if freeze:
+            freeze_parameters(model, freeze)
+        apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
+                                       every=cfg.model.activation_checkpointing_every)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %.2fM parameters, device %s", "MoE" if args.text.is_moe else "dense", n_params / 1e6, device)
-
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    data = build_train_data(cfg, args, rank=0, world_size=1)
-    batches = iter(data)
+    prepare_data_files(cfg, ctx)
+    # every rank is a data-parallel rank (EP ranks hold different data): data rank = global rank
+    data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size, generate=False)
+    return TrainComponents(args, model, optimizer, scheduler, data, ctx)
 
-    metrics = MetricsLogger(cfg, output_dir, is_main=True)
-    tokens_seen = 0
+
+# ----------------------------------------------------------------------------------------- the loop
+def run_training(cfg: RootConfig) -> Path:
+    """Run a whole training job (this rank's part of it under torchrun); returns the output directory."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx = setup_distributed(cfg)
+    with report_failures(ctx.rank, ctx.world_size):
+        return _train(cfg, ctx)
+
+
+def _train(cfg: RootConfig, ctx: DistContext) -> Path:
+    if not ctx.is_main:
+        log.setLevel(logging.WARNING)
+    output_dir = Path(cfg.run.output_dir)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, output_dir / "config.yaml")
+    seed_everything(cfg.run.seed)
+    c = build_components(cfg, ctx)
+    model, data, state = c.model, c.data, c.state
+    n_params = sum(p.numel() for p in model.parameters())  # this rank's shards when distributed
+    log.info("model: %s, %.2fM parameters on rank 0, device %s, world size %d",
+             "MoE" if c.args.text.is_moe else "dense", n_params / 1e6, ctx.device, ctx.world_size)
+    batches = iter(data)
+    metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     try:
-        for step in range(cfg.train.max_steps):
+        while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             t_data = time.perf_counter() - t0
-            lr = scheduler.get_last_lr()[0]
-            stats = train_step(model, optimizer, micro, device=device, dtype_name=cfg.train.dtype,
-                               loss_chunk_tokens=cfg.train.loss_chunk_tokens, max_grad_norm=cfg.train.max_grad_norm)
-            scheduler.step()
-            if device.type == "cuda":
+            lr = c.scheduler.get_last_lr()[0]
+            stats = train_step(model, c.optimizer, micro, device=ctx.device, dtype_name=cfg.train.dtype,
+                               loss_chunk_tokens=cfg.train.loss_chunk_tokens, max_grad_norm=cfg.train.max_grad_norm,
+                               ctx=ctx)
+            c.scheduler.step()
+            if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            tokens_seen += stats.tokens
+            t_data_mean = ctx.sum([t_data])[0] / ctx.world_size  # mean over ranks
+            state.step += 1
+            state.tokens_seen += stats.tokens
             record = {
-                "step": step + 1, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
+                "step": state.step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
                 "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
-                "samples": stats.samples, "tokens_seen": tokens_seen, "tokens_per_s": stats.tokens / dt,
-                "step_time_s": dt, "data_wait_share": t_data / dt,
+                "samples": stats.samples, "tokens_seen": state.tokens_seen, "tokens_per_s": stats.tokens / dt,
+                "step_time_s": dt, "data_wait_share": t_data_mean / dt, "world_size": ctx.world_size,
             }
             if stats.expert_counts is not None:
                 worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
@@ -147,15 +255,15 @@ def run_training(cfg: RootConfig) -> Path:
             bad = getattr(data, "bad_counts", None)
             if bad:
                 record["skipped_samples"] = dict(bad)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(record)
     finally:
         metrics.close()
         bad = getattr(data, "bad_counts", None)
         if bad:
-            log.warning("skipped samples by reason: %s", dict(bad))
-    if cfg.logging.plot:
+            log.warning("rank %d skipped samples by reason: %s", ctx.rank, dict(bad))
+    if cfg.logging.plot and ctx.is_main:
         path = plot_run(output_dir)
         log.info("plot: %s", path)
-    log.info("done: %d steps, %d tokens; metrics in %s", cfg.train.max_steps, tokens_seen, output_dir / "metrics.jsonl")
+    log.info("done: %d steps, %d tokens; metrics in %s", state.step, state.tokens_seen, output_dir / "metrics.jsonl")
     return output_dir

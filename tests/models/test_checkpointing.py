@@ -33,7 +33,7 @@ def _loss_and_grads(mode: str, every: int = 1):
 def test_modes_give_identical_loss_and_grads():
     ref_model, n0, ref_loss, ref_counts, ref_grads = _loss_and_grads("none")
     assert n0 == 0
-    for mode, every, expected in (("full", 1, 4 + 2), ("every_k", 2, 2 + 1)):
+    for mode, every, expected in (("full", 1, 4 + 2), ("every_k", 2, 2 + 1), ("selective", 1, 4 + 2)):
         model, n, loss, counts, grads = _loss_and_grads(mode, every)
         assert n == expected
         assert sum(isinstance(m, CheckpointWrapper) for m in model.modules()) == expected
@@ -51,6 +51,6 @@ def test_modes_give_identical_loss_and_grads():
 def test_bad_mode():
     model = Qwen3VLForConditionalGeneration(tiny_args(moe=False))
     with pytest.raises(ValueError, match="not one of"):
-        apply_activation_checkpointing(model, "selective")
+        apply_activation_checkpointing(model, "bogus")
     with pytest.raises(ValueError, match="positive integer"):
         apply_activation_checkpointing(model, "every_k", 0)

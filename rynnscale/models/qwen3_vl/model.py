@@ -79,6 +79,10 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.model = Qwen3VLModel(args, attn_backend, gemm_backend)
         self.lm_head = LMHead(args.text.hidden_size, args.text.vocab_size)
         self.counts_reducer: CountsReducer | None = None
+        # data parallel (FSDP): every rank must run the vision tower in every forward, or a rank with a
+        # text-only micro-batch would skip the tower's all-gathers while the others wait (set by
+        # rynnscale.parallel.fsdp); without visual inputs it then runs on one dummy patch group times 0
+        self.always_run_vision = False
         self.tie_weights()
 
     # ------------------------------------------------------------------ structure
@@ -140,6 +144,8 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             grids.append(grid)
             kinds.append((tok, name, int(grid.prod(-1).sum()) // self.args.vision.spatial_merge_size ** 2))
         if not pix:
+            if self.always_run_vision:
+                return self._dummy_vision(embeds_lh), None, None
             return embeds_lh, None, None
         # the tower casts pixels to its compute dtype itself (FSDP mixed precision keeps fp32 storage)
         vis_mh, deepstack = self.model.visual(torch.cat(pix), torch.cat(grids))
@@ -153,6 +159,17 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             idx_parts.append(idx_v)
             start += n
         return embeds_lh, torch.cat(idx_parts), deepstack
+
+    def _dummy_vision(self, embeds_lh: torch.Tensor) -> torch.Tensor:
+        """Run the tower on one zero image of ``merge x merge`` patches and add 0 x its outputs: the
+        values are unchanged (exactly), the tower's FSDP collectives and (zero) gradients happen."""
+        m = self.args.vision.spatial_merge_size
+        visual = self.model.visual
+        pixels = embeds_lh.new_zeros(m * m, visual.patch_embed.patch_dim, dtype=torch.float32)
+        grid = torch.tensor([[1, m, m]], dtype=torch.long, device=embeds_lh.device)
+        vis_mh, deepstack = visual(pixels, grid)
+        zero = sum((d.sum() for d in deepstack), vis_mh.sum()) * 0.0
+        return embeds_lh + zero.to(embeds_lh.dtype)
 
     def forward(self, batch: PackedBatch) -> ModelOutput:
         lm = self.model.language_model

@@ -6,9 +6,9 @@ decoder layer's ``mlp.*`` keys load 1:1:
 - ``experts.gate_up_proj``   [E, 2I, H]  gate rows first, then up rows
 - ``experts.down_proj``      [E, H, I]
 
-Forward = route -> dispatch -> compute -> combine, as separate methods so expert parallelism can
-later put an all-to-all between dispatch and compute (and its inverse between compute and combine)
-without touching the math:
+Forward = route -> dispatch -> compute -> combine, as separate methods so expert parallelism puts an
+all-to-all between dispatch and compute (and its inverse between compute and combine) without touching
+the math (``ep_dispatcher``, set by ``rynnscale.parallel.expert_parallel``):
 - route:    probs = softmax(x @ Wg.T) in fp32, top-k, renormalised (as HF), weights in x's dtype.
 - dispatch: the T*k (token, expert) pairs are stably sorted by expert (one argsort, no Python loop
             over experts); ``offsets_e`` (cumulative ends) come from ``searchsorted`` on the device,
@@ -123,6 +123,9 @@ class SparseMoeBlock(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.gate = TopKRouter(args)
         self.experts = GroupedExperts(args, gemm_backend)
+        # set by rynnscale.parallel.expert_parallel: f(experts, x_sorted, offsets over all E) -> y_sorted,
+        # all-to-all to the experts' ranks and back; None = all experts are local
+        self.ep_dispatcher: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def dispatch(self, x_th: torch.Tensor, topk_weight_tk: torch.Tensor,
                  topk_idx_tk: torch.Tensor) -> tuple[torch.Tensor, Dispatch]:
@@ -137,6 +140,9 @@ class SparseMoeBlock(nn.Module):
         return x_sorted_sh, Dispatch(perm_s, weight_s, offsets_e, T, k)
 
     def compute(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        """Expert outputs in sorted order; ``offsets_e`` are cumulative ends over all E experts."""
+        if self.ep_dispatcher is not None:
+            return self.ep_dispatcher(self.experts, x_sorted_sh, offsets_e)
         return self.experts(x_sorted_sh, offsets_e)
 
     def combine(self, y_sorted_sh: torch.Tensor, d: Dispatch) -> torch.Tensor:

@@ -1,0 +1,171 @@
+"""Process-group setup from the torchrun environment and the step's global quantities.
+
+- ``init_distributed``: NCCL on GPU, gloo on CPU, chosen from the device; a timeout on every collective
+  (``parallel.timeout_s``), so a rank that dies or diverges makes the others fail instead of hanging.
+- ``report_failures``: an exception on any rank is logged with that rank (and host) before the process
+  exits non-zero; torchrun then tears the other ranks down.
+- ``DistContext``: what the training step needs from the world: sums over all ranks (target-token count
+  before backward, metrics), the load-balancing counts reducer, and the global gradient norm.
+
+Global gradient norm. Dense parameters are FSDP-sharded over ``dp_shard``; expert parameters over
+``edp_shard`` and split by expert over ``ep``. Within one replica (``dp_replicate`` copies are identical)
+every rank of the ``dp_shard`` group (= ``edp_shard x ep``) holds a distinct piece of every parameter, so
+the squared norm of the whole model is ONE all-reduce (sum) over ``dp_shard`` of each rank's local sum of
+squares over all its shards, dense and expert alike (DTensors on different meshes need no special case).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rynnscale.parallel.mesh import Meshes
+
+log = logging.getLogger("rynnscale")
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, local_rank, world_size) from torchrun's environment, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, int, torch.device]:
+    """Initialise the default process group when launched by torchrun with WORLD_SIZE > 1.
+
+    Returns ``(rank, local_rank, world_size, device)``; on GPU the device becomes ``cuda:<local_rank>``.
+    Outside torchrun (or with one rank) nothing is initialised and ``(0, 0, 1, device)`` comes back."""
+    env = torchrun_env()
+    if env is None or env[2] == 1:
+        return 0, 0, 1, device
+    rank, local_rank, world_size = env
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank}: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs "
+                               "are visible; lower --nproc-per-node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return rank, local_rank, world_size, device
+
+
+@contextlib.contextmanager
+def report_failures(rank: int, world_size: int):
+    """Log any exception with this rank's identity (then re-raise: the process exits non-zero and
+    torchrun stops the other ranks). On success, destroy the process group cleanly."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 - logged with the rank, then re-raised
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            msg = (f"rynnscale: rank {rank}/{world_size} on {socket.gethostname()} failed with "
+                   f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            log.error(msg)
+            print(msg, file=sys.stderr, flush=True)
+        raise
+    else:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+@dataclass
+class DistContext:
+    """One rank's view of the world for the training step. ``meshes`` is None for a single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    meshes: Meshes | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (all ranks: EP ranks see different data)."""
+        return self.world_size
+
+    def sum(self, values: Iterable[float]) -> list[float]:
+        """Element-wise float64 sum over all ranks (identity for one process)."""
+        values = list(values)
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) a tensor over all ranks; returns it (identity for one process)."""
+        if self.distributed:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t
+
+    def counts_reducer(self, counts_le: torch.Tensor) -> torch.Tensor:
+        """Load-balancing counts [n_moe_layers, E] summed over all data-parallel ranks (global-batch balance)."""
+        return self.sum_tensor(counts_le.clone())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def norm_group(self) -> dist.ProcessGroup | None:
+        """The group whose ranks hold disjoint pieces of every parameter (see the module docstring)."""
+        return None if self.meshes is None else self.meshes.dp_shard.get_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def global_grad_norm(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """L2 norm of all gradients of the model (all shards, all expert groups) as an fp32 0-dim tensor."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if grads:
+        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32)
+    if group is not None:
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
+                    group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole sharded model: the norm is global (all ranks),
+    the scaling is applied to each rank's local shards. ``max_norm <= 0`` only measures. Returns the
+    total norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    total = global_grad_norm(params, group)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            g = _local(p.grad)
+            g.mul_(coef.to(g.device, g.dtype))
+    return total

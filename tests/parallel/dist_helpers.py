@@ -1,0 +1,110 @@
+"""Shared pieces of the multi-process tests: a tiny MoE Qwen3-VL, deterministic packed micro-batches per
+(step, rank, micro-batch), and a spawner that runs a function on N gloo ranks and collects its results."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rynnscale.data.batch import PackedBatch
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
+from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+
+IMG, VID, VS, VE = 250, 251, 252, 253
+PATCH_DIM = 3 * 2 * 4 * 4  # C * temporal_patch * ps * ps
+
+
+def tiny_moe_args(aux_coef: float = 0.01, num_experts: int = 8, tie: bool = True) -> Qwen3VLArgs:
+    return Qwen3VLArgs(
+        text=TextArgs(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, mrope_section=[1, 1, 2],
+                      rope_theta=10000.0, num_experts=num_experts, num_experts_per_tok=2,
+                      moe_intermediate_size=16, mlp_only_layers=[1], router_aux_loss_coef=aux_coef),
+        vision=VisionArgs(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                          num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=4),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+        tie_word_embeddings=tie)
+
+
+def make_model(args: Qwen3VLArgs, seed: int = 0) -> Qwen3VLForConditionalGeneration:
+    model = Qwen3VLForConditionalGeneration(args, attn_backend="loop", gemm_backend="loop")
+    model.init_weights(seed, std=0.1)
+    return model
+
+
+def _sample(gen: torch.Generator, length: int, image: bool) -> dict:
+    """One sample: [VS, 4 x IMG, VE] + text when ``image`` (a 1x4x4 patch grid = 4 merged tokens)."""
+    ids = torch.randint(0, 200, (length,), generator=gen)
+    pix = grid = None
+    if image:
+        ids[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
+        pix = torch.randn(16, PATCH_DIM, generator=gen)
+        grid = torch.tensor([[1, 4, 4]])
+    labels = ids.clone()
+    labels[: max(7, length // 3)] = -100
+    return {"ids": ids, "labels": labels, "pos": torch.arange(length).expand(3, length), "pix": pix, "grid": grid}
+
+
+def micro_batch(step: int, rank: int, micro: int) -> PackedBatch:
+    """Deterministic packed row for (step, rank, micro-batch): 1-3 samples, uneven lengths, an image in
+    some rows and not in others (so ranks without images must still run the vision tower under FSDP)."""
+    gen = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    n = 1 + int(torch.randint(0, 3, (1,), generator=gen))
+    with_image = (step + rank + micro) % 3 == 0
+    samples = [_sample(gen, int(torch.randint(9, 24, (1,), generator=gen)), with_image and i == 0) for i in range(n)]
+    lens = [s["ids"].numel() for s in samples]
+    pix = [s["pix"] for s in samples if s["pix"] is not None]
+    grids = [s["grid"] for s in samples if s["grid"] is not None]
+    return PackedBatch(
+        input_ids_l=torch.cat([s["ids"] for s in samples]), labels_l=torch.cat([s["labels"] for s in samples]),
+        position_ids_3l=torch.cat([s["pos"] for s in samples], dim=1),
+        cu_seqlens=torch.tensor([0] + lens).cumsum(0).to(torch.int32), max_seqlen=max(lens),
+        pixel_values=torch.cat(pix) if pix else None, image_grid_thw=torch.cat(grids) if grids else None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, out_dir: str, kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result_path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        import datetime
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        result = fn(rank, world, **kwargs)
+        torch.save({"ok": True, "result": result}, result_path)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, result_path)
+        raise
+
+
+def run_ranks(fn, world: int, tmp_path: Path, **kwargs) -> list:
+    """Run ``fn(rank, world, **kwargs)`` on ``world`` spawned gloo ranks; returns the per-rank results
+    (``fn`` must be importable, i.e. defined at module level). Raises with the failing rank's traceback."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.start_processes(_entry, args=(world, free_port(), fn, str(tmp_path), kwargs), nprocs=world,
+                           join=True, start_method="spawn")
+    except Exception as e:
+        errors = []
+        for r in range(world):
+            p = tmp_path / f"rank{r}.pt"
+            if p.exists():
+                rec = torch.load(p, weights_only=False)
+                if not rec["ok"]:
+                    errors.append(f"rank {r}:\n{rec['error']}")
+        raise RuntimeError("\n".join(errors) or str(e)) from e
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["result"] for r in range(world)]

@@ -1,0 +1,157 @@
+"""Expert-parallel all-to-all with uneven and zero token counts (4 gloo ranks, EP 4, 2 experts per rank)
+against the same ``SparseMoeBlock`` run in one process; plus collective timeouts and layout validation."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_helpers import run_ranks  # noqa: E402
+
+from rynnscale.models.qwen3_vl.args import TextArgs  # noqa: E402
+from rynnscale.models.qwen3_vl.moe import SparseMoeBlock  # noqa: E402
+from rynnscale.parallel.mesh import LayoutError, ParallelLayout  # noqa: E402
+
+E, K, H, INTER, WORLD = 8, 2, 16, 8, 4
+TOKENS = (5, 0, 11, 3)  # tokens per rank: rank 1 sends nothing at all
+
+
+def _block(forced: bool) -> SparseMoeBlock:
+    torch.manual_seed(0)
+    args = TextArgs(vocab_size=64, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=8, mrope_section=[1, 1, 2], num_experts=E, num_experts_per_tok=K,
+                    moe_intermediate_size=INTER)
+    block = SparseMoeBlock(args, gemm_backend="loop")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+        if forced:  # (positive inputs) every token picks experts 0 and 5: ranks 1 and 3 receive nothing
+            block.gate.weight.fill_(-2.0)
+            block.gate.weight[0] = 3.0
+            block.gate.weight[5] = 2.0
+    return block
+
+
+def _inputs(rank: int, forced: bool) -> torch.Tensor:
+    x = torch.randn(TOKENS[rank], H, generator=torch.Generator().manual_seed(rank))
+    return x.abs() + 0.1 if forced else x
+
+
+def _ep_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from rynnscale.parallel.expert_parallel import apply_expert_parallel
+
+    out = {}
+    for forced in (True, False):
+        block = _block(forced)
+        apply_expert_parallel(block, dist.group.WORLD, world, rank)
+        x = _inputs(rank, forced).requires_grad_()
+        y, stats = block(x)
+        (y * torch.arange(1.0, H + 1)).sum().backward()
+        out[forced] = {"y": y.detach(), "x_grad": x.grad, "counts": stats.counts_e,
+                       "gate_up_grad": block.experts.gate_up_proj.grad, "down_grad": block.experts.down_proj.grad,
+                       "gate_grad": block.gate.weight.grad}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_results(tmp_path_factory):
+    return run_ranks(_ep_worker, WORLD, tmp_path_factory.mktemp("ep"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forced", [True, False], ids=["forced_router", "random_router"])
+def test_all_to_all_matches_local_block(ep_results, forced):
+    ref = _block(forced)
+    gate_grad = torch.zeros_like(ref.gate.weight)
+    counts_total = torch.zeros(E, dtype=torch.long)
+    for r in range(WORLD):
+        ref.zero_grad()
+        x = _inputs(r, forced).requires_grad_()
+        y, stats = ref(x)
+        (y * torch.arange(1.0, H + 1)).sum().backward()
+        got = ep_results[r][forced]
+        torch.testing.assert_close(got["y"], y.detach(), rtol=1e-5, atol=1e-6)
+        if TOKENS[r]:
+            torch.testing.assert_close(got["x_grad"], x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["gate_grad"], ref.gate.weight.grad, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got["counts"], stats.counts_e)
+        counts_total += stats.counts_e
+        gate_grad += ref.gate.weight.grad
+    # expert gradients: each rank holds experts [2r, 2r+2); their gradient sums every rank's tokens
+    ref_gu, ref_down = torch.zeros_like(ref.experts.gate_up_proj), torch.zeros_like(ref.experts.down_proj)
+    for r in range(WORLD):
+        ref.zero_grad()
+        y, _ = ref(_inputs(r, forced))
+        (y * torch.arange(1.0, H + 1)).sum().backward()
+        ref_gu += ref.experts.gate_up_proj.grad
+        ref_down += ref.experts.down_proj.grad
+    got_gu = torch.cat([ep_results[r][forced]["gate_up_grad"] for r in range(WORLD)])
+    got_down = torch.cat([ep_results[r][forced]["down_grad"] for r in range(WORLD)])
+    # (one matmul over all ranks' rows vs a sum of per-rank matmuls: fp32 summation order differs)
+    torch.testing.assert_close(got_gu, ref_gu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_down, ref_down, rtol=1e-5, atol=1e-5)
+    if forced:  # really uneven and zero: experts 0 and 5 got every token copy, the rest none
+        assert counts_total[0] == counts_total[5] == sum(TOKENS)
+        assert counts_total.sum() == counts_total[0] + counts_total[5]
+        assert got_gu[[1, 2, 3, 4, 6, 7]].abs().sum() == 0 and got_gu[[0, 5]].abs().sum() > 0
+    else:
+        assert (counts_total > 0).sum() >= 4 and len(set(counts_total.tolist())) > 1
+
+
+def _timeout_worker(rank: int, world: int) -> float:
+    """Rank 1 skips a collective: rank 0 must fail after the group's timeout, not hang."""
+    import datetime
+
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    t0 = time.perf_counter()
+    if rank == 0:
+        try:
+            dist.all_reduce(torch.ones(1), group=group)
+        except RuntimeError as e:
+            assert "timeout" in str(e).lower() or "timed out" in str(e).lower(), e
+            return time.perf_counter() - t0
+        raise AssertionError("all_reduce returned although rank 1 never joined it")
+    time.sleep(4)
+    return -1.0
+
+
+@pytest.mark.slow
+def test_collective_timeout_raises(tmp_path):
+    waited = run_ranks(_timeout_worker, 2, tmp_path)[0]
+    assert 1.5 < waited < 10
+
+
+@pytest.mark.parametrize("world,rep,shard,ep,experts,match", [
+    (4, 3, -1, 1, 8, "dp_replicate=3 does not divide"),
+    (4, 1, 3, 1, 8, "must equal the world size"),
+    (4, 1, 4, 3, 9, "must divide parallel.dp_shard"),
+    (8, 1, -1, 8, 4, "not divisible by parallel.ep"),
+    (4, 1, -1, 2, 0, "needs an MoE model"),
+    (4, 2, 2, 4, 8, "must divide parallel.dp_shard=2"),
+])
+def test_impossible_layouts_are_rejected(world, rep, shard, ep, experts, match):
+    with pytest.raises(LayoutError, match=match):
+        ParallelLayout.resolve(world, rep, shard, ep, experts)
+
+
+def test_layout_resolves_remaining_ranks():
+    lay = ParallelLayout.resolve(16, dp_replicate=2, dp_shard=-1, ep=4, num_experts=8)
+    assert (lay.dp_shard, lay.edp_shard, lay.dp_size) == (8, 2, 16)
+
+
+def test_config_rejects_ep_that_does_not_divide_experts():
+    from rynnscale.config import ConfigError, load_config
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    with pytest.raises(ConfigError, match="num_experts = 8"):
+        load_config(recipe, ["parallel.ep=3"])
+    with pytest.raises(ConfigError, match="must divide 'parallel.dp_shard'"):
+        load_config(recipe, ["parallel.ep=4", "parallel.dp_shard=2"])
