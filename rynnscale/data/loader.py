@@ -7,7 +7,18 @@ process when ``num_workers=0``)::
 
 Splits. The shard order of each epoch is a seeded permutation; reader split ``i`` of ``n`` reads
 ``order[i::n]``, so splits are disjoint and cover every shard once per epoch. Without balancing
-(``balance_group=1``, the default) a split is (rank, worker): ``n = world_size * workers``.
+(``balance_group=1``, the default) a split is (rank, worker): ``n = world_size * workers``. A shard
+set with fewer shards than readers is split at the sample level instead (every reader walks all
+shards and keeps every ``n``-th sample; a warning says so, since each reader then walks every tar).
+
+Mixtures. ``mixture=[MixtureSource(name, shards, weight)]`` replaces ``train_shards``: each reader
+split interleaves one stream per source (``rynnscale.data.reader.MixtureStream``), drawing source
+``k`` with probability ``weight_k / sum(weights)`` per sample from a counter-based hash, before
+the shuffle buffer. Every source is split over the readers on its own and cycles through its
+epochs independently; ``stats()['sources']`` has per-source samples seen and epochs completed.
+With ``num_epochs`` each source is read that many times (a finished source drops out of the
+draw). Sample positions index the concatenation of the sources' shard lists (a shard may belong
+to one source only). A one-source mixture reads exactly like ``train_shards``.
 
 Balancing (``balance_group=G > 1``; 0 = all ranks). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every
@@ -54,6 +65,7 @@ from rynnscale.data.batch import EncodedSample, PackedBatch
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 from rynnscale.data.reader import (
+    MixtureStream,
     RawSample,
     ReaderLimits,
     ReaderStateError,
@@ -82,10 +94,21 @@ class LoaderStateError(ReaderStateError):
 
 
 @dataclass
+class MixtureSource:
+    """One weighted shard set of a mixture (the loader-side twin of ``config.schema.MixtureSourceConfig``)."""
+
+    name: str
+    shards: list[str]                     # paths, globs, brace patterns
+    weight: float = 1.0                   # relative sampling probability per sample
+
+
+@dataclass
 class LoaderConfig:
-    """Everything the loader needs; ``from_run_config`` maps the run config onto it."""
+    """Everything the loader needs; ``from_run_config`` maps the run config onto it.
+    Give exactly one of ``train_shards`` and ``mixture``."""
 
     train_shards: list[str] = field(default_factory=list)  # paths, globs, brace patterns
+    mixture: list[MixtureSource] = field(default_factory=list)  # weighted sources, instead of train_shards
     seed: int = 0
     micro_batch_tokens: int = 4096        # token budget of one packed micro-batch
     pack_window: int = 64                 # look-ahead samples per rank for FFD packing
@@ -104,10 +127,13 @@ class LoaderConfig:
 
     @classmethod
     def from_run_config(cls, cfg: Any, **overrides: Any) -> LoaderConfig:
-        """From a RootConfig-like object (``cfg.data.*``, ``cfg.train.micro_batch_tokens``,
-        ``cfg.train.grad_accum``)."""
+        """From a RootConfig-like object (``cfg.data.*`` including ``data.mixture``,
+        ``cfg.train.micro_batch_tokens``, ``cfg.train.grad_accum``)."""
         d, t = cfg.data, cfg.train
-        kw = dict(train_shards=list(d.train_shards), seed=d.seed, micro_batch_tokens=t.micro_batch_tokens,
+        mixture = [MixtureSource(str(m.name), [str(x) for x in m.shards], float(m.weight))
+                   for m in getattr(d, "mixture", None) or []]
+        kw = dict(train_shards=list(d.train_shards), mixture=mixture, seed=d.seed,
+                  micro_batch_tokens=t.micro_batch_tokens,
                   pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum)
         kw.update(overrides)
@@ -117,7 +143,27 @@ class LoaderConfig:
         def need(ok: bool, key: str, rule: str) -> None:
             if not ok:
                 raise ValueError(f"LoaderConfig.{key}={getattr(self, key)!r} is invalid: {rule}")
-        need(bool(self.train_shards), "train_shards", "give at least one shard path, glob or brace pattern")
+        if self.mixture and self.train_shards:
+            raise ValueError(
+                f"LoaderConfig: both train_shards={self.train_shards!r} and a mixture "
+                f"({', '.join(repr(getattr(m, 'name', m)) for m in self.mixture)}) are set; give one of them "
+                "(plain shards, e.g. data.train_shards or the data.synthetic set, go into a mixture source of their own)")
+        if not self.mixture:
+            need(bool(self.train_shards), "train_shards",
+                 "give at least one shard path, glob or brace pattern (or a mixture)")
+        names: set[str] = set()
+        for i, m in enumerate(self.mixture):
+            if not isinstance(m, MixtureSource):
+                raise ValueError(f"LoaderConfig.mixture[{i}]={m!r} is invalid: must be a MixtureSource(name, shards, weight)")
+            if not m.name or m.name in names:
+                raise ValueError(f"LoaderConfig.mixture[{i}].name={m.name!r} is invalid: must be non-empty and unique")
+            names.add(m.name)
+            if not m.shards or isinstance(m.shards, str):
+                raise ValueError(f"LoaderConfig.mixture[{i}] (source {m.name!r}).shards={m.shards!r} is invalid: "
+                                 "give a non-empty list of shard paths, globs or brace patterns")
+            if not (isinstance(m.weight, (int, float)) and 0 < m.weight < float("inf")):
+                raise ValueError(f"LoaderConfig.mixture[{i}] (source {m.name!r}).weight={m.weight!r} is invalid: "
+                                 "must be a finite number > 0")
         for k in ("micro_batch_tokens", "pack_window", "prefetch_factor", "micro_batches_per_step"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "must be an int >= 1")
         for k in ("shuffle_buffer", "num_workers", "balance_group", "min_samples_for_bad_check"):
@@ -127,6 +173,15 @@ class LoaderConfig:
 
 
 # ----------------------------------------------------------------------------- per-worker pipeline
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A mixture source with its shard patterns expanded (``train_shards`` is one source named 'train')."""
+
+    name: str
+    weight: float
+    shards: list[str]
 
 
 class _Entry:
@@ -164,7 +219,7 @@ class _ManifestHints:
 class _WorkerPipeline:
     """One reader split -> shuffled samples -> encode/estimate -> packer -> this rank's batches."""
 
-    def __init__(self, cfg: LoaderConfig, encoder: Any, estimator: CostEstimator | None, shards: list[str],
+    def __init__(self, cfg: LoaderConfig, encoder: Any, estimator: CostEstimator | None, sources: list[_Source],
                  rank: int, world_size: int, worker: int, num_workers: int, state: dict | None):
         G = cfg.balance_group or world_size
         W = max(1, num_workers)
@@ -172,8 +227,19 @@ class _WorkerPipeline:
         self.G, self.grank = G, rank % G
         self.where = f"rank {rank} worker {worker} (reader split {(rank // G) * W + worker})"
         self.split, self.num_splits = (rank // G) * W + worker, (world_size // G) * W
-        self.stream = ShardStream(shards, seed=cfg.seed, split=self.split, num_splits=self.num_splits,
-                                  shuffle=cfg.shuffle_shards, epochs=cfg.num_epochs, limits=cfg.limits)
+        self.mixed = bool(cfg.mixture)
+        self.stream: ShardStream | MixtureStream
+        if self.mixed:
+            self.stream = MixtureStream([(s.name, s.weight, s.shards) for s in sources], seed=cfg.seed,
+                                        split=self.split, num_splits=self.num_splits, shuffle=cfg.shuffle_shards,
+                                        epochs=cfg.num_epochs, limits=cfg.limits)
+        else:
+            self.stream = ShardStream(sources[0].shards, seed=cfg.seed, split=self.split, num_splits=self.num_splits,
+                                      shuffle=cfg.shuffle_shards, epochs=cfg.num_epochs, limits=cfg.limits,
+                                      sample_split=True)
+        shards = [p for s in sources for p in s.shards]   # positions index this concatenation
+        self.source_of = {p: k for k, s in enumerate(sources) for p in s.shards}
+        self.source_seen = [0] * len(sources)   # owned samples per source (mixture stats)
         self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.seed, stream=self.split)
         self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * G, num_ranks=G,
                                    micro_batches_per_step=cfg.micro_batches_per_step if G > 1 else 1,
@@ -239,6 +305,7 @@ class _WorkerPipeline:
         self.counter += 1
         if owner:
             self.seen += 1
+            self.source_seen[self.source_of[s.shard]] += 1
         if s.is_bad:
             if owner:
                 self._count_bad(s.bad_reason, s.shard, s.key, s.bad_detail)
@@ -319,7 +386,8 @@ class _WorkerPipeline:
 
         shuffle = self.buffer.state
         shuffle["buffer"] = [self._pos_out(tuple(p)) for p in shuffle["buffer"]]
-        return {
+        extra = {"source_seen": list(self.source_seen)} if self.mixed else {}
+        return extra | {
             "split": self.split, "num_splits": self.num_splits, "group_rank": self.grank,
             "stream": self.stream.state,
             "shuffle": shuffle,
@@ -351,6 +419,8 @@ class _WorkerPipeline:
         self.counter, self.seen, self.batches = int(st["counter"]), int(st["seen"]), int(st["batches"])
         self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
         self.samples_out, self.overflow = int(st["samples_out"]), int(st["estimate_overflow"])
+        if self.mixed:
+            self.source_seen = [int(x) for x in st["source_seen"]]
 
 
 def _bad_message(total: int, seen: int, bad: dict, limit: float, where: str) -> str:
@@ -362,6 +432,25 @@ def _bad_message(total: int, seen: int, bad: dict, limit: float, where: str) -> 
 # ----------------------------------------------------------------------------- the rank's loader
 
 
+def _expand_sources(cfg: LoaderConfig) -> list[_Source]:
+    """Expand every source's patterns; a shard file may belong to one source only."""
+    if not cfg.mixture:
+        return [_Source("train", 1.0, expand_shard_patterns(cfg.train_shards))]
+    out, owner = [], {}
+    for m in cfg.mixture:
+        try:
+            shards = expand_shard_patterns(m.shards)
+        except ShardPatternError as e:
+            raise ShardPatternError(f"mixture source {m.name!r}: {e}") from None
+        for p in shards:
+            if p in owner:
+                raise ShardPatternError(f"shard {p!r} is in mixture sources {owner[p]!r} and {m.name!r}; a shard may "
+                                        "belong to one source only (weights would be wrong otherwise)")
+            owner[p] = m.name
+        out.append(_Source(m.name, float(m.weight), shards))
+    return out
+
+
 def _identity(x):
     return x
 
@@ -371,14 +460,14 @@ class _RankDataset(IterableDataset):
 
     def __init__(self, loader: TrainLoader, states: list[dict | None], rotation: int):
         self.cfg, self.encoder, self.estimator = loader.cfg, loader.encoder, loader.cost_estimator
-        self.shards, self.rank, self.world_size = loader.shards, loader.rank, loader.world_size
+        self.sources, self.rank, self.world_size = loader.sources, loader.rank, loader.world_size
         self.states, self.rotation = states, rotation
 
     def __iter__(self):
         info = get_worker_info()
         W = max(1, self.cfg.num_workers)
         w = ((info.id if info is not None else 0) + self.rotation) % W
-        pipe = _WorkerPipeline(self.cfg, self.encoder, self.estimator, self.shards, self.rank, self.world_size,
+        pipe = _WorkerPipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
                                w, self.cfg.num_workers, self.states[w])
         for batch, state in pipe:
             yield batch, w, state
@@ -403,13 +492,15 @@ class TrainLoader:
             raise ValueError(f"LoaderConfig.balance_group={cfg.balance_group} must divide world_size={world_size}")
         self.cfg, self.encoder, self.cost_estimator = cfg, encoder, cost_estimator
         self.rank, self.world_size = rank, world_size
-        self.shards = expand_shard_patterns(cfg.train_shards)
+        self.sources = _expand_sources(cfg)
+        self.shards = [p for s in self.sources for p in s.shards]
         readers = (world_size // G) * max(1, cfg.num_workers)
-        if len(self.shards) < readers:
-            raise ShardPatternError(
-                f"{len(self.shards)} shards from {cfg.train_shards!r} cannot feed {readers} readers "
-                f"({world_size // G} rank groups x {max(1, cfg.num_workers)} workers): every reader needs at "
-                f"least one shard; write more, smaller shards or use fewer dataloader workers")
+        for s in self.sources:
+            if len(s.shards) < readers and rank == 0:
+                log.warning("%s has %d shards for %d readers (%d rank groups x %d workers): splitting it at the sample "
+                            "level, so every reader walks all of its tars; write more, smaller shards to avoid that",
+                            f"mixture source {s.name!r}" if cfg.mixture else "train_shards", len(s.shards), readers,
+                            world_size // G, max(1, cfg.num_workers))
         W = max(1, cfg.num_workers)
         self._worker_states: list[dict | None] = [None] * W
         self._next_worker = 0
@@ -458,20 +549,42 @@ class TrainLoader:
         sts = [st for st in self._worker_states if st is not None]
         bins = sum(st["packer"]["emitted_bins"] for st in sts)
         toks = sum(st["packer"]["emitted_tokens"] for st in sts)
-        return {"samples_seen": self.samples_seen, "samples_packed": sum(st["samples_out"] for st in sts),
-                "bad": self.bad_counts, "batches": sum(st["batches"] for st in sts),
-                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
-                "estimate_overflow": sum(st["estimate_overflow"] for st in sts)}
+        out = {"samples_seen": self.samples_seen, "samples_packed": sum(st["samples_out"] for st in sts),
+               "bad": self.bad_counts, "batches": sum(st["batches"] for st in sts),
+               "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
+               "estimate_overflow": sum(st["estimate_overflow"] for st in sts)}
+        if self.cfg.mixture:
+            out["sources"] = self._source_stats()
+        return out
+
+    def _source_stats(self) -> dict[str, dict]:
+        """Per mixture source: samples seen by this rank (bad ones included), their share, and the
+        epochs completed by every reader of this rank (a worker without a batch yet counts 0)."""
+        seen = [0] * len(self.sources)
+        epochs: list[int | None] = [None] * len(self.sources)
+        for st in self._worker_states:
+            for k in range(len(self.sources)):
+                n = st["source_seen"][k] if st is not None else 0
+                e = st["stream"]["sources"][k]["epoch"] if st is not None else 0
+                seen[k] += n
+                epochs[k] = e if epochs[k] is None else min(epochs[k], e)
+        total = sum(seen)
+        return {s.name: {"samples_seen": seen[k], "share": seen[k] / total if total else 0.0,
+                         "weight": s.weight / sum(x.weight for x in self.sources), "epochs": int(epochs[k] or 0)}
+                for k, s in enumerate(self.sources)}
 
     # -- state
     def _fingerprint(self) -> dict:
         names = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
         c = self.cfg
-        return {"world_size": self.world_size, "rank": self.rank, "num_workers": max(1, c.num_workers),
-                "balance_group": c.balance_group or self.world_size, "seed": c.seed,
-                "micro_batch_tokens": c.micro_batch_tokens, "pack_window": c.pack_window,
-                "micro_batches_per_step": c.micro_batches_per_step, "shuffle_buffer": c.shuffle_buffer,
-                "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
+        fp = {"world_size": self.world_size, "rank": self.rank, "num_workers": max(1, c.num_workers),
+              "balance_group": c.balance_group or self.world_size, "seed": c.seed,
+              "micro_batch_tokens": c.micro_batch_tokens, "pack_window": c.pack_window,
+              "micro_batches_per_step": c.micro_batches_per_step, "shuffle_buffer": c.shuffle_buffer,
+              "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
+        if c.mixture:  # absent for train_shards, so states saved before mixtures existed still load
+            fp["mixture"] = [[s.name, s.weight, len(s.shards)] for s in self.sources]
+        return fp
 
     def state_dict(self) -> dict:
         """Position of this rank's data (as of the last batch consumed): plain JSON-able data."""
@@ -484,7 +597,8 @@ class TrainLoader:
         if sd.get("version") != STATE_VERSION:
             raise LoaderStateError(f"loader state version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
         mine = self._fingerprint()
-        for k, v in mine.items():
+        for k in list(mine) + [k for k in sd["config"] if k not in mine]:
+            v = mine.get(k)
             if sd["config"].get(k) != v:
                 raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
                                        f"{k}={v!r}; the data order cannot be replayed exactly")

@@ -13,6 +13,16 @@ is a seeded permutation of all shards, split ``i`` of ``n`` takes ``order[i::n]`
 every shard exactly once per epoch over all splits). ``ShardStream.state`` is (epoch, index in the
 split's shard order, groups consumed in the current shard); ``ShuffleBuffer.state`` is a draw
 counter plus the positions of its contents, which ``read_positions`` re-reads on restore.
+
+Small shard sets. With ``sample_split=True`` a ShardStream over fewer shards than splits splits at
+the sample level instead of raising: every split walks all shards of the epoch order and keeps
+the groups whose ordinal ``i`` in the shard at order position ``p`` has ``(i + p) % n == split``
+(the others are walked over by header only). Still disjoint, still every sample once per epoch.
+
+Mixtures. ``MixtureStream`` interleaves one ShardStream per source (each split over the readers
+on its own): draw ``n`` picks source ``k`` with probability ``weight_k / sum(weights)`` from
+``mix64(seed, split, n)``, so its state is the draw counter plus every source's stream state.
+Sources cycle independently (a small source starts its next epoch while a large one continues).
 """
 
 from __future__ import annotations
@@ -182,10 +192,11 @@ class _Group:
 
 
 def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: int = 0,
-                     wanted: set[int] | None = None) -> Iterator[RawSample]:
+                     wanted: set[int] | None = None, every: tuple[int, int] | None = None) -> Iterator[RawSample]:
     """Stream the key groups of one tar in order, as RawSamples with their ordinal ``index``.
 
-    Groups before ``start`` (or not in ``wanted``) are walked over without reading their bytes.
+    Groups before ``start`` (or not in ``wanted``, or with ``index % every[0] != every[1]``) are
+    walked over without reading their bytes.
     Never raises on bad data: an unreadable/corrupt/truncated tar yields a ``corrupt_tar`` sample
     (the group being read when the damage was found) and stops; unsafe names, links and
     duplicates give ``bad_member``; size limits ``too_large``. Unknown but safe member names
@@ -194,7 +205,7 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
     where = os.path.basename(path)
 
     def keep(i: int) -> bool:
-        return i >= start and (wanted is None or i in wanted)
+        return i >= start and (wanted is None or i in wanted) and (every is None or i % every[0] == every[1])
 
     def emit(g: _Group, i: int) -> RawSample:
         return RawSample(path, i, _printable_key(g.key), g.members, g.bad_reason, g.bad_detail)
@@ -331,26 +342,41 @@ class ShardStream:
     """Endless (or ``epochs``-long) stream of RawSamples from one split of the shards.
 
     ``split`` / ``num_splits`` identify the reader among all readers that share the data (e.g.
-    rank * workers + worker). Every epoch reshuffles the shard order with (seed, epoch)."""
+    rank * workers + worker). Every epoch reshuffles the shard order with (seed, epoch).
+    Fewer shards than splits raise ShardPatternError unless ``sample_split`` (then every split
+    reads every ``num_splits``-th sample of every shard, see the module docstring). ``name``
+    (e.g. a mixture source) prefixes error messages."""
 
     def __init__(self, shards: Sequence[str], *, seed: int, split: int, num_splits: int, shuffle: bool = True,
-                 epochs: int | None = None, limits: ReaderLimits = ReaderLimits()):
+                 epochs: int | None = None, limits: ReaderLimits = ReaderLimits(), sample_split: bool = False,
+                 name: str = ""):
         if num_splits < 1 or not 0 <= split < num_splits:
             raise ValueError(f"split {split} of {num_splits} is invalid")
-        if len(shards) < num_splits:
+        self.where = f"source {name!r}: " if name else ""
+        if not shards:
+            raise ShardPatternError(f"{self.where}no shards given")
+        if len(shards) < num_splits and not sample_split:
             raise ShardPatternError(
-                f"{len(shards)} shards cannot feed {num_splits} readers (ranks x dataloader workers); every "
-                f"reader needs at least one shard: write more, smaller shards or use fewer workers")
+                f"{self.where}{len(shards)} shards cannot feed {num_splits} readers (ranks x dataloader workers); "
+                f"every reader needs at least one shard: write more, smaller shards or use fewer workers")
         self.shards = list(shards)
         self.seed, self.split, self.num_splits = seed, split, num_splits
         self.shuffle, self.epochs, self.limits = shuffle, epochs, limits
+        self.strided = len(self.shards) < num_splits   # sample-level split (only reachable with sample_split)
         self.epoch = 0
         self.order_pos = 0      # index into this split's shard list of the current epoch
         self.in_shard = 0       # groups of the current shard already delivered
 
     def split_shards(self, epoch: int) -> list[str]:
+        """The shards this split reads in ``epoch`` (all of them, in epoch order, when strided)."""
         order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        if self.strided:
+            return [self.shards[i] for i in order]
         return [self.shards[i] for i in split_shard_order(order, self.split, self.num_splits)]
+
+    def _every(self) -> tuple[int, int] | None:
+        """Sample filter for the shard at ``order_pos`` when strided: ordinal i with (i + pos) % n == split."""
+        return (self.num_splits, (self.split - self.order_pos) % self.num_splits) if self.strided else None
 
     @property
     def state(self) -> dict:
@@ -366,17 +392,102 @@ class ShardStream:
             delivered = 0
             while self.order_pos < len(mine):
                 shard = mine[self.order_pos]
-                for s in iter_tar_samples(shard, self.limits, start=self.in_shard):
+                for s in iter_tar_samples(shard, self.limits, start=self.in_shard, every=self._every()):
                     self.in_shard = s.index + 1
                     delivered += 1
                     yield s
                 self.order_pos += 1
                 self.in_shard = 0
             if delivered == 0 and not resumed_mid_epoch:  # an endless loop over empty shards otherwise
-                raise ShardPatternError(f"reader split {self.split}/{self.num_splits}: its shards hold no samples "
-                                        f"at all ({', '.join(os.path.basename(p) for p in mine)})")
+                names = ", ".join(os.path.basename(p) for p in mine)
+                if self.strided:
+                    raise ShardPatternError(
+                        f"{self.where}reader split {self.split}/{self.num_splits} got no samples in epoch {self.epoch}: "
+                        f"its {len(mine)} shards ({names}) are fewer than the {self.num_splits} readers, so each reader "
+                        f"takes every {self.num_splits}-th sample, and they hold too few samples for that")
+                raise ShardPatternError(f"{self.where}reader split {self.split}/{self.num_splits}: its shards hold no "
+                                        f"samples at all ({names})")
             self.epoch += 1
             self.order_pos = 0
+
+
+def source_seed(seed: int, k: int) -> int:
+    """Shard-order seed of mixture source ``k``: source 0 uses the run seed (so a one-source
+    mixture reads exactly like ``train_shards``), the others independent hashes of it."""
+    return seed if k == 0 else mix64(seed, 0x50BCE, k)
+
+
+class MixtureStream:
+    """Weighted interleaving of one ShardStream per mixture source, for one reader split.
+
+    ``sources`` is ``[(name, weight, shards)]``. Draw ``n`` takes the next sample of source ``k``
+    with probability ``weight_k / sum(weights of live sources)``, from the 53-bit uniform
+    ``mix64(seed, split, 0x4D1C, n)``; the state is the draw counter, per-source draw counts and
+    exhausted flags, and every source's ShardStream state (plain JSON data, no RNG object).
+    Each source is split over ``num_splits`` readers on its own (sample-level when it has fewer
+    shards than readers) and cycles through its epochs independently. With ``epochs`` set, a
+    source that finished its epochs drops out and the draw is repeated (same counter) over the
+    remaining ones; the stream ends when every source is done, so each sample is read exactly
+    ``epochs`` times and only the interleaving follows the weights."""
+
+    def __init__(self, sources: Sequence[tuple[str, float, Sequence[str]]], *, seed: int, split: int, num_splits: int,
+                 shuffle: bool = True, epochs: int | None = None, limits: ReaderLimits = ReaderLimits()):
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        self.names = [str(n) for n, _, _ in sources]
+        self.weights = [float(w) for _, w, _ in sources]
+        for name, w in zip(self.names, self.weights):
+            if not (w > 0 and w < float("inf")):
+                raise ValueError(f"mixture source {name!r} has weight {w!r}; weights must be finite and > 0")
+        self.seed, self.split = seed, split
+        self.streams = [ShardStream(shards, seed=source_seed(seed, k), split=split, num_splits=num_splits,
+                                    shuffle=shuffle, epochs=epochs, limits=limits, sample_split=True, name=name)
+                        for k, (name, _, shards) in enumerate(sources)]
+        self.draws = 0
+        self.taken = [0] * len(sources)          # samples delivered per source
+        self.exhausted = [False] * len(sources)  # finished all its epochs (only with ``epochs``)
+
+    def pick(self, n: int) -> int:
+        """The source of draw ``n`` among the live sources (pure function of n and the live set)."""
+        live = [k for k in range(len(self.weights)) if not self.exhausted[k]]
+        if len(live) == 1:
+            return live[0]
+        u = (mix64(self.seed, self.split, 0x4D1C, n) >> 11) * 2.0 ** -53   # uniform in [0, 1)
+        target, acc = u * sum(self.weights[k] for k in live), 0.0
+        for k in live:
+            acc += self.weights[k]
+            if target < acc:
+                return k
+        return live[-1]  # rounding at the top end
+
+    @property
+    def state(self) -> dict:
+        return {"draws": self.draws, "taken": list(self.taken), "exhausted": list(self.exhausted),
+                "sources": [st.state for st in self.streams]}
+
+    def load_state(self, st: dict) -> None:
+        if len(st["sources"]) != len(self.streams):
+            raise ReaderStateError(f"mixture state has {len(st['sources'])} sources but this mixture has "
+                                   f"{len(self.streams)} ({', '.join(self.names)})")
+        self.draws = int(st["draws"])
+        self.taken = [int(x) for x in st["taken"]]
+        self.exhausted = [bool(x) for x in st["exhausted"]]
+        for stream, s in zip(self.streams, st["sources"]):
+            stream.load_state(s)
+
+    def __iter__(self) -> Iterator[RawSample]:
+        its: list[Iterator[RawSample] | None] = [None] * len(self.streams)  # opened lazily, from the current state
+        while not all(self.exhausted):
+            k = self.pick(self.draws)
+            if its[k] is None:
+                its[k] = iter(self.streams[k])
+            s = next(its[k], None)
+            if s is None:
+                self.exhausted[k] = True   # redraw with the same counter among the others
+                continue
+            self.draws += 1
+            self.taken[k] += 1
+            yield s
 
 
 class ShuffleBuffer:
