@@ -1,0 +1,476 @@
+"""Training-step benchmark: transformers (plain, + liger-kernel) vs rynnscale, same weights, one process.
+
+For each case the model is built in transformers from the case's config with random weights
+(HF's own init), the same state dict is loaded into rynnscale's model (HF-identical keys), the
+losses of the first step (same weights, same data) are checked to agree (rel 1e-5 in fp32 on
+CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant:
+tokens/s, model TFLOP/s (rynnscale/train/flops.py: decoder + lm_head + causal attention as
+sum s^2 + vision tower), MFU against a matmul rate measured in this run (bf16 8192^3 on GPU, the
+run's dtype on CPU), peak memory, and ours' ratios against each transformers variant. Then one
+extra step of ours runs under ``StepProfiler`` (rynnscale/train/profile.py) and its step-time
+breakdown is printed. The transformers rows run first, liger-kernel's rows after all others
+(its patches replace transformers' classes for the rest of the process); "n/a" when
+``liger_kernel`` does not import.
+
+Cases (``--tiny`` shrinks each to CPU size, same structure):
+- ``a3b``: Qwen3-VL-30B-A3B decoder widths, 8 layers, 128 experts top-8, 4 x 4096 tokens.
+- ``dense8b``: Qwen3-VL-8B decoder widths, 8 layers, 4 x 4096 tokens.
+- ``video``: 8B widths, 4 layers + the full 27-block vision tower, 2 x 4096 tokens, each row
+  holding one 16-frame 448x448 video (8 x 28 x 28 patches, 1,568 visual tokens) laid out as the
+  processor does (one vision_start / pads / vision_end run per temporal patch).
+- ``packed``: the A3B slice on documents of 200-6,000 tokens packed into one 16,384-token row;
+  transformers gets the same packing through ``position_ids`` (4, 1, L) with attention_mask=None
+  and use_cache=False; ours through ``cu_seqlens``.
+Unpacked cases give ours the B rows as one packed row of B documents (same math).
+
+CPU smoke run (tests/bench/test_train_step_bench.py)::
+
+    python bench/train_step.py --tiny --steps 1 --warmup 0
+
+GPU (H100, torch 2.11, transformers 5.17, no liger installed: carry its wheel). Once, here::
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
+
+then with the device tool, ``carry: [".whl"]``, ``timeout_s: 600`` (one case per call keeps each
+call inside the 10-minute limit)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1; \
+        python3 bench/train_step.py --cases a3b --ckpt none,full --steps 5 --warmup 2 --json $OUT/a3b.json
+    (likewise --cases dense8b, --cases video, --cases packed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rynnscale.data.batch import EncodedSample, PackedBatch  # noqa: E402
+from rynnscale.data.packing import build_packed_batch  # noqa: E402
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # noqa: E402
+from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # noqa: E402
+from rynnscale.models.qwen3_vl.mrope import mrope_position_ids  # noqa: E402
+from rynnscale.parallel.checkpointing import MODES, apply_activation_checkpointing  # noqa: E402
+from rynnscale.plan.model_stats import build_meta_model, param_stats  # noqa: E402
+from rynnscale.train.flops import StepFlops, packed_batch_flops  # noqa: E402
+from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
+
+CASES = ("a3b", "dense8b", "video", "packed")
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- case definitions
+@dataclass
+class Case:
+    name: str
+    args: Qwen3VLArgs
+    batch: PackedBatch          # ours: one packed row (CPU)
+    hf_inputs: dict             # transformers kwargs (CPU tensors)
+    n_targets: int
+
+
+def case_args(name: str, tiny: bool) -> Qwen3VLArgs:
+    """Architecture of a case (full widths, or the tiny CPU version with the same structure)."""
+    moe = name in ("a3b", "packed")
+    if tiny:
+        tok = dict(image_token_id=501, video_token_id=502, vision_start_token_id=503, vision_end_token_id=504)
+        text = TextArgs(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=8 if moe else 4,
+                        num_key_value_heads=1, head_dim=16, mrope_section=[2, 3, 3], intermediate_size=192,
+                        num_experts=8 if moe else 0, num_experts_per_tok=2, moe_intermediate_size=32)
+        vision = VisionArgs(depth=3 if name == "video" else 2, hidden_size=32, intermediate_size=64, num_heads=2,
+                            out_hidden_size=64, patch_size=8, num_position_embeddings=16,
+                            deepstack_visual_indexes=[0, 1])
+        return Qwen3VLArgs(text=text, vision=vision, **tok)
+    if moe:
+        text = TextArgs(hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+                        head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                        intermediate_size=6144, vocab_size=151936)
+        vision = VisionArgs(depth=2, out_hidden_size=2048, deepstack_visual_indexes=[0, 1])
+    else:
+        text = TextArgs(hidden_size=4096, num_hidden_layers=4 if name == "video" else 8, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, intermediate_size=12288, vocab_size=151936)
+        vision = VisionArgs(depth=27, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]) \
+            if name == "video" else VisionArgs(depth=2, out_hidden_size=4096, deepstack_visual_indexes=[0, 1])
+    return Qwen3VLArgs(text=text, vision=vision)
+
+
+def _text_sample(key: str, ids: torch.Tensor) -> EncodedSample:
+    labels = ids.clone()
+    labels[0] = IGNORE
+    pos = torch.arange(ids.numel()).expand(3, -1).clone()
+    return EncodedSample(key, ids, labels, pos)
+
+
+def doc_lengths(total: int, lo: int, hi: int, seed: int) -> list[int]:
+    """Document lengths drawn log-uniformly in [lo, hi] filling exactly ``total`` tokens (the last
+    one takes the remainder, or joins the previous document if the remainder is below ``lo``)."""
+    rng = random.Random(seed)
+    lens: list[int] = []
+    left = total
+    while left > hi:
+        n = min(int(math.exp(rng.uniform(math.log(lo), math.log(hi)))), left - lo)
+        lens.append(n)
+        left -= n
+    if left >= lo or not lens:
+        lens.append(left)
+    else:
+        lens[-1] += left
+    return lens
+
+
+def build_case(name: str, tiny: bool, seed: int = 0) -> Case:
+    args = case_args(name, tiny)
+    g = torch.Generator().manual_seed(seed)
+    text_hi = min(args.vision_start_token_id, args.image_token_id, 151643) - 1
+    if name in ("a3b", "dense8b"):
+        B, S = (4, 64) if tiny else (4, 4096)
+        ids_bs = torch.randint(0, text_hi, (B, S), generator=g)
+        batch = build_packed_batch([_text_sample(f"row{i}", ids_bs[i]) for i in range(B)])
+        labels_bs = batch.labels_l.view(B, S)
+        hf = dict(input_ids=ids_bs, labels=labels_bs)
+    elif name == "packed":
+        total, lo, hi = (256, 8, 96) if tiny else (16384, 200, 6000)
+        lens = doc_lengths(total, lo, hi, seed)
+        ids = torch.randint(0, text_hi, (total,), generator=g)
+        bounds = [0, *torch.tensor(lens).cumsum(0).tolist()]
+        batch = build_packed_batch([_text_sample(f"doc{i}", ids[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+        text_pos = torch.cat([torch.arange(n) for n in lens])
+        hf = dict(input_ids=batch.input_ids_l[None], labels=batch.labels_l[None],
+                  position_ids=torch.cat([text_pos[None], batch.position_ids_3l])[:, None, :])
+    elif name == "video":
+        B, S, frames, res = (2, 64, 4, 32) if tiny else (2, 4096, 16, 448)
+        v = args.vision
+        grid = (frames // v.temporal_patch_size, res // v.patch_size, res // v.patch_size)
+        per = grid[1] * grid[2] // v.spatial_merge_size ** 2
+        npatch = grid[0] * grid[1] * grid[2]
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        samples = []
+        for i in range(B):
+            ids = torch.randint(0, text_hi, (S,), generator=g)
+            pos = 1  # one text token first, then one <vision_start> pads <vision_end> run per temporal patch
+            for _ in range(grid[0]):
+                ids[pos] = args.vision_start_token_id
+                ids[pos + 1:pos + 1 + per] = args.video_token_id
+                ids[pos + 1 + per] = args.vision_end_token_id
+                pos += per + 2
+            labels = ids.clone()
+            labels[0] = IGNORE
+            labels[(ids == args.video_token_id) | (ids == args.vision_start_token_id)] = IGNORE
+            vgrid = torch.tensor([grid])
+            samples.append(EncodedSample(
+                f"video{i}", ids, labels,
+                mrope_position_ids(ids, None, vgrid, spatial_merge_size=v.spatial_merge_size,
+                                   image_token_id=args.image_token_id, video_token_id=args.video_token_id),
+                pixel_values_videos=torch.randn(npatch, patch_dim, generator=g), video_grid_thw=vgrid))
+        batch = build_packed_batch(samples)
+        ids_bs = batch.input_ids_l.view(B, S)
+        hf = dict(input_ids=ids_bs, labels=batch.labels_l.view(B, S),
+                  mm_token_type_ids=(ids_bs == args.video_token_id).long() * 2,
+                  pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw)
+    else:
+        raise ValueError(f"unknown case {name!r}; allowed: {CASES}")
+    return Case(name, args, batch, hf, batch.num_target_tokens)
+
+
+# ----------------------------------------------------------------------------- models
+def build_hf(args: Qwen3VLArgs, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    cfg_dict = {k: v for k, v in args.to_hf_config().items() if k not in ("architectures", "model_type")}
+    moe = args.text.is_moe
+    cfg = (transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig)(**cfg_dict)
+    cls = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    if moe:
+        kw["experts_implementation"] = "grouped_mm"
+    with torch.device(device):
+        return cls._from_config(cfg, **kw)
+
+
+def build_ours(args: Qwen3VLArgs, weights: dict, device: torch.device, dtype: torch.dtype):
+    with torch.device("meta"):
+        m = Qwen3VLForConditionalGeneration(args)
+    m = m.to(dtype=dtype)
+    m.to_empty(device=device)
+    m.load_state_dict(weights, strict=True)
+    return m
+
+
+def apply_liger(moe: bool) -> None:
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl, apply_liger_kernel_to_qwen3_vl_moe
+
+    (apply_liger_kernel_to_qwen3_vl_moe if moe else apply_liger_kernel_to_qwen3_vl)()
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate of this device in ``dtype`` (median of several n^3 products)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ts = []
+    for i in range(13 if device.type == "cuda" else 4):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= (3 if device.type == "cuda" else 1):
+            ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts) / 1e12
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtype, steps: int, warmup: int,
+                flops: StepFlops, ceiling: float, profile: bool) -> dict:
+    """Build one variant, run warmup + timed steps (fwd + bwd + AdamW); losses of every step."""
+    row = dict(case=case.name, variant=variant, ckpt=ckpt, tokens=case.batch.num_tokens)
+    if variant != "ours" and ckpt not in ("none", "full"):
+        return row | dict(na=f"transformers has no '{ckpt}' checkpointing")
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    breakdown = None
+    if variant == "ours":
+        model = build_ours(case.args, weights, device, dtype)
+        apply_activation_checkpointing(model, ckpt)
+        batch = case.batch.to(device, float_dtype=dtype)
+
+        def step():
+            out = model(batch)
+            ce = model.loss_sum(batch, out) / case.n_targets
+            (ce + out.aux_loss).backward()
+            return ce.detach()
+    else:
+        model = build_hf(case.args, device, dtype)
+        model.load_state_dict(weights, strict=True)
+        if ckpt == "full":  # transformers 5.24 renamed it; 5.17 (GPU machine) has the old name only
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in case.hf_inputs.items()}
+        coef = case.args.text.router_aux_loss_coef
+
+        def step():
+            out = model(**inputs, use_cache=False)
+            out.loss.backward()
+            aux = getattr(out, "aux_loss", None)   # only with output_router_logits; compare the CE part
+            return (out.loss - coef * aux if aux is not None else out.loss).detach()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+    losses, times = [], []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if profile and variant == "ours":
+        prof = StepProfiler(model)
+        host_batch = case.batch
+        with prof.region("data wait"):
+            batch = host_batch.to(device, float_dtype=dtype)
+        step()
+        with prof.region("optimiser"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        breakdown = prof.stop()
+        prof.remove()
+    t = statistics.median(times)
+    tflops = flops.total / t / 1e12
+    row |= dict(step_s=t, tokens_per_s=case.batch.num_tokens / t, tflops=tflops, mfu=tflops / ceiling,
+                decoder_tflops=flops.decoder / t / 1e12,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                losses=losses, breakdown=breakdown)
+    model = opt = None  # free before the next variant (the step closures hold the name, not the object)
+    _free(device)
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x, spec: str, na: str = "n/a") -> str:
+    return na if x is None else format(x, spec)
+
+
+def add_comparisons(rows: list[dict], rtol: float) -> bool:
+    """Loss check vs plain transformers (same case, same ckpt, first step) and ours' speed ratios."""
+    ok = True
+    key = {(r["case"], r["ckpt"], r["variant"]): r for r in rows}
+    for r in rows:
+        if "losses" not in r:
+            continue
+        ref = key.get((r["case"], r["ckpt"], "hf"))
+        if ref is None or "losses" not in ref:
+            ref = next((x for x in rows if x["case"] == r["case"] and x["variant"] == "hf" and "losses" in x), None)
+        if ref is not None and ref is not r:
+            rel = abs(r["losses"][0] - ref["losses"][0]) / abs(ref["losses"][0])
+            r["loss_rel_vs_hf"] = rel
+            r["loss_max_rel_vs_hf"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
+            r["loss_ok"] = rel <= rtol
+            ok &= r["loss_ok"]
+        if r["variant"] == "ours":
+            for v in ("hf", "liger"):
+                other = key.get((r["case"], r["ckpt"], v))
+                if other is not None and "tokens_per_s" in other:
+                    r[f"x_{v}"] = r["tokens_per_s"] / other["tokens_per_s"]
+                best = [x["tokens_per_s"] for x in rows if x["case"] == r["case"] and x["variant"] == v
+                        and "tokens_per_s" in x]
+                if best:
+                    r[f"x_best_{v}"] = r["tokens_per_s"] / max(best)
+    return ok
+
+
+def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> str:
+    out = [f"device {device_name}; {str(dtype).removeprefix('torch.')} matmul rate measured {ceiling:.3g} TFLOP/s",
+           f"{'case':8} {'variant':7} {'ckpt':9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peakGiB':>8} "
+           f"{'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8}"]
+    for r in rows:
+        head = f"{r['case']:8} {r['variant']:7} {r['ckpt']:9}"
+        if "na" in r or "error" in r:
+            out.append(f"{head} {'n/a' if 'na' in r else 'ERROR'}: {r.get('na') or r.get('error')}")
+            continue
+        rel = r.get("loss_rel_vs_hf")
+        flag = "" if r.get("loss_ok", True) else " LOSS MISMATCH"
+        out.append(f"{head} {r['tokens_per_s']:10.0f} {r['tflops']:8.3g} {100 * r['mfu']:5.1f}% "
+                   f"{_fmt(r['peak_gib'], '8.1f'):>8} {r['losses'][0]:9.5f} {_fmt(rel, '9.1e', '-'):>9} "
+                   f"{_fmt(r.get('x_hf'), '6.2f', '-'):>6} {_fmt(r.get('x_liger'), '6.2f', '-'):>6} "
+                   f"{_fmt(r.get('x_best_hf'), '7.2f', '-'):>7} {_fmt(r.get('x_best_liger'), '8.2f', '-'):>8}{flag}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
+    p.add_argument("--ckpt", default=None, help=f"comma list of activation checkpointing modes {MODES} "
+                   "(default: none,full on GPU, none on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2 GPU, 1 CPU)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized shapes with the same structure")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--variants", default="hf,liger,ours", help="comma list of hf, liger, ours")
+    p.add_argument("--json", type=Path, help="write all rows, FLOPs and breakdowns here")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    cases = [c for c in a.cases.split(",") if c]
+    ckpts = (a.ckpt or ("none,full" if gpu else "none")).split(",")
+    variants = a.variants.split(",")
+    for c in cases:
+        if c not in CASES:
+            p.error(f"--cases: unknown case {c!r}; allowed: {CASES}")
+    for c in ckpts:
+        if c not in MODES:
+            p.error(f"--ckpt: unknown mode {c!r}; allowed: {MODES}")
+    steps = a.steps if a.steps is not None else (5 if gpu else 2)
+    warmup = a.warmup if a.warmup is not None else (2 if gpu else 1)
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if gpu else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}, liger: "
+          f"{'yes' if liger_available() else 'no'}", flush=True)
+    ceiling = matmul_tflops(device, dtype)
+    torch.manual_seed(0)
+
+    rows, weights_of, flops_of = [], {}, {}
+    built = {}
+    for name in cases:
+        case = build_case(name, a.tiny)
+        built[name] = case
+        st = param_stats(build_meta_model(case.args))
+        flops_of[name] = packed_batch_flops(case.args, st, case.batch)
+        torch.manual_seed(0)
+        hf = build_hf(case.args, device, dtype)
+        weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
+        del hf
+        _free(device)
+        for ckpt in ckpts:
+            for variant in [v for v in variants if v in ("hf", "ours")]:
+                try:
+                    r = run_variant(variant, case, weights_of[name], ckpt, device, dtype, steps, warmup,
+                                    flops_of[name], ceiling, profile=True)
+                except Exception as e:  # e.g. out of memory: keep the other rows
+                    r = dict(case=name, variant=variant, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
+                    _free(device)
+                rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("breakdown",)}), flush=True)
+    if "liger" in variants:
+        have = liger_available()
+        for name in cases:
+            for ckpt in ckpts:
+                if not have:
+                    rows.append(dict(case=name, variant="liger", ckpt=ckpt, na="liger_kernel does not import"))
+                    continue
+                try:
+                    apply_liger(built[name].args.text.is_moe)
+                    r = run_variant("liger", built[name], weights_of[name], ckpt, device, dtype, steps, warmup,
+                                    flops_of[name], ceiling, profile=False)
+                except Exception as e:
+                    r = dict(case=name, variant="liger", ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
+                    _free(device)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    order = {v: i for i, v in enumerate(("hf", "liger", "ours"))}
+    rows.sort(key=lambda r: (cases.index(r["case"]), ckpts.index(r["ckpt"]), order[r["variant"]]))
+    ok = add_comparisons(rows, rtol)
+
+    print()
+    print(format_table(rows, ceiling, device_name, dtype))
+    print(f"(model FLOPs incl. the vision tower; loss = first-step CE, rel tol {rtol:g}; ratios = ours tok/s / "
+          "theirs, same ckpt or their best row)")
+    for name in cases:
+        f = flops_of[name]
+        print(f"FLOPs/step {name}: total {f.total / 1e12:.4g} T (decoder {f.decoder / 1e12:.4g}, "
+              f"vision {f.vision / 1e12:.4g}, attention {f.text_attention / 1e12:.4g})")
+    for r in rows:
+        if r.get("breakdown"):
+            print(format_breakdown(r["breakdown"], f"ours {r['case']} ckpt={r['ckpt']}: step-time breakdown "
+                                   "(one profiled step)"))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(dict(
+            device=device_name, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
+            matmul_tflops=ceiling, tiny=a.tiny, steps=steps, warmup=warmup, loss_rtol=rtol, loss_ok=ok,
+            flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
+    if not ok:
+        print("LOSS MISMATCH between transformers and rynnscale (see rel.vsHF)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

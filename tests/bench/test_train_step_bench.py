@@ -1,0 +1,80 @@
+"""Smoke test of bench/train_step.py on CPU at tiny shapes: it runs every case (no activation
+checkpointing, to stay well under a minute on a shared 2-core machine), transformers' and
+rynnscale's first-step losses agree (rel 1e-5, fp32), the table and the step-time breakdown print,
+and the breakdown sees each case's parts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "train_step.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("train_step_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_bench_runs_and_losses_agree(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--steps", "1", "--warmup", "0",
+                           "--ckpt", "none", "--json", str(out_json)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    assert "tok/s" in text and "MFU" in text and "step-time breakdown" in text
+    data = json.loads(out_json.read_text())
+    assert data["loss_ok"] and data["loss_rtol"] == 1e-5 and data["matmul_tflops"] > 0
+    rows = data["rows"]
+    cases = ("a3b", "dense8b", "video", "packed")
+    for case in cases:
+        for ckpt in ("none",):
+            got = {r["variant"]: r for r in rows if r["case"] == case and r["ckpt"] == ckpt}
+            assert set(got) == {"hf", "liger", "ours"}, (case, ckpt, set(got))
+            hf, ours = got["hf"], got["ours"]
+            assert "error" not in hf and "error" not in ours, (hf.get("error"), ours.get("error"))
+            assert abs(ours["losses"][0] - hf["losses"][0]) <= 1e-5 * abs(hf["losses"][0])
+            assert ours["loss_ok"] and ours["tokens_per_s"] > 0 and ours["x_hf"] > 0
+            assert f"{case:8} ours    {ckpt:9}" in text
+            if "na" in got["liger"]:
+                assert f"{case:8} liger   {ckpt:9} n/a" in text
+            b = ours["breakdown"]
+            assert b["attention"] > 0 and b["loss"] > 0 and b["optimiser"] > 0
+            expected = {"a3b": ("experts", "router/permute"), "packed": ("experts", "router/permute"),
+                        "dense8b": ("mlp",), "video": ("vision", "mlp")}[case]
+            for part in expected:
+                assert b[part] > 0, (case, ckpt, part, b)
+            if case != "video":
+                assert b["vision"] == 0.0
+        assert data["flops"][case]["total"] > 0
+    assert data["flops"]["video"]["vision"] > 0 and data["flops"]["a3b"]["vision"] == 0
+
+
+def test_loss_mismatch_is_flagged():
+    bench = _load_bench()
+    rows = [dict(case="a3b", variant="hf", ckpt="none", tokens_per_s=100.0, losses=[2.0]),
+            dict(case="a3b", variant="ours", ckpt="none", tokens_per_s=150.0, losses=[2.0 * (1 + 3e-5)])]
+    assert bench.add_comparisons(rows, rtol=1e-5) is False
+    assert rows[1]["loss_ok"] is False and abs(rows[1]["x_hf"] - 1.5) < 1e-12
+    rows[1]["losses"] = [2.0 * (1 + 5e-6)]
+    assert bench.add_comparisons(rows, rtol=1e-5) is True
+
+
+def test_packed_doc_lengths():
+    bench = _load_bench()
+    for seed in range(5):
+        lens = bench.doc_lengths(16384, 200, 6000, seed)
+        assert sum(lens) == 16384 and len(lens) >= 3
+        assert all(200 <= n for n in lens) and max(lens) <= 6000 + 200
