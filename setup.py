@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "omegaconf>=2.3",
         "webdataset>=0.2.90",
+        "braceexpand>=0.1.7",   # shard patterns like shard-{000..099}.tar
         "av>=12",
         "numpy>=1.24",
         "pillow>=10",

