@@ -175,6 +175,7 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
                           "or 'data.synthetic.num_samples' > 0")
+    _validate_eval(cfg)
     if cfg.train.micro_batch_tokens < 16:
         raise ConfigError(f"config key 'train.micro_batch_tokens' = {cfg.train.micro_batch_tokens} is too small")
 
@@ -222,6 +223,22 @@ def _validate_lists(cfg: RootConfig) -> None:
     if pl.visual_tokens_per_micro_batch < 0 or pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
         raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
                           f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
+
+
+def _validate_eval(cfg: RootConfig) -> None:
+    """eval.* ranges, and that an enabled evaluation has held-out data."""
+    e = cfg.eval
+    for key in ("every_steps", "max_batches", "grounding_samples", "synthetic_samples"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"config key 'eval.{key}' = {getattr(e, key)} must be >= 0")
+    if e.max_new_tokens < 1:
+        raise ConfigError(f"config key 'eval.max_new_tokens' = {e.max_new_tokens} must be >= 1")
+    if any(not str(p) for p in e.shards):
+        raise ConfigError(f"config key 'eval.shards' = {list(e.shards)} has an empty pattern")
+    if e.every_steps > 0 and not e.shards and (cfg.data.synthetic.num_samples <= 0 or e.synthetic_samples <= 0):
+        raise ConfigError(f"config key 'eval.every_steps' = {e.every_steps} enables evaluation but there is no "
+                          "held-out data: set 'eval.shards' (paths/globs/brace patterns), or use "
+                          "'data.synthetic.num_samples' > 0 with 'eval.synthetic_samples' > 0")
 
 
 def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:

@@ -65,6 +65,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     pack_window: int = 64
     num_workers: int = 0
+    tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     max_bad_fraction: float = 0.05
     truncate: bool = False              # truncate over-long samples instead of skipping them
     video_fps: float = 2.0
@@ -135,7 +136,20 @@ class CheckpointConfig:
     every_steps: int = 0                # 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"                # auto | none | PATH
-    export_hf: bool = False
+    export_hf: bool = False             # export the final checkpoint to <run.output_dir>/hf
+    async_save: bool = False            # DCP write in the background (finished at the next save / the end)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (``rynnscale.train.evaluate``): eval loss on held-out shards and a
+    grounding metric on greedy generations of tagged answers."""
+    shards: list[str] = field(default_factory=list)   # held-out shard patterns; [] = a synthetic eval set
+    every_steps: int = 0                # 0 = off
+    max_batches: int = 0                # packed micro-batches per rank per evaluation; 0 = the whole held-out set
+    grounding_samples: int = 8          # samples greedily generated for the grounding metric; 0 = none
+    max_new_tokens: int = 96            # generation length cap for the grounding metric
+    synthetic_samples: int = 64         # size of the synthetic eval set (other seed) when eval.shards is empty
 
 
 @dataclass
@@ -162,6 +176,7 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -163,8 +163,36 @@ _ROLES = ("system", "user", "assistant")
 _META_FPS_KEYS = ("fps", "video_fps", "frames_fps")
 
 
+@dataclass
+class PreparedSample:
+    """A sample decoded (uint8 frames) and tokenised, pixels not patchified yet: the first half of
+    :meth:`SampleEncoder.encode`. Its exact sizes are known, so a packer can allocate one pixel
+    buffer for a whole pack and :meth:`SampleEncoder.finish` each sample into a slice of it."""
+
+    key: str
+    input_ids: np.ndarray               # int64 [L]
+    labels: np.ndarray                  # int64 [L]
+    media: list[_Media]
+    pixel_dim: int                      # columns of the pixel tensors: C * temporal_patch * patch**2
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def patches(self, kind: str) -> int:
+        """Rows of ``pixel_values`` (kind "image") or ``pixel_values_videos`` ("video")."""
+        return sum(m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] for m in self.media if m.kind == kind)
+
+    @property
+    def num_vision_patches(self) -> int:
+        return self.patches("image") + self.patches("video")
+
+
 class SampleEncoder:
-    """Decodes, preprocesses and tokenises one webdataset sample into an :class:`EncodedSample`."""
+    """Decodes, preprocesses and tokenises one webdataset sample into an :class:`EncodedSample`.
+
+    ``encode`` = ``finish(prepare(...))``; the loader uses the two halves to write pixels straight
+    into a pack's buffer, and ``estimate`` to pack before decoding anything."""
 
     def __init__(self, tokenizer: Any, cfg: EncoderConfig | None = None,
                  token_ids: VisionTokenIds | Any | None = None):
@@ -194,8 +222,21 @@ class SampleEncoder:
     # ------------------------------------------------------------------ public
     def encode(self, key: str, members: dict[str, bytes]) -> EncodedSample:
         """Encode one sample; raises :class:`SampleError` naming ``key`` and the reason."""
+        return self.finish(self.prepare(key, members))
+
+    def prepare(self, key: str, members: dict[str, bytes]) -> PreparedSample:
+        """Decode media and tokenise (raises :class:`SampleError`); pixels are patchified by :meth:`finish`."""
         ids, labels, media = self._prepare(key, members, decode=True)
-        return self._finish(key, ids, labels, media)
+        spec = self.spec
+        return PreparedSample(key, ids, labels, media, 3 * spec.temporal_patch_size * spec.patch_size ** 2)
+
+    def finish(self, p: PreparedSample, *, pixel_values_out: torch.Tensor | None = None,
+               pixel_values_videos_out: torch.Tensor | None = None) -> EncodedSample:
+        """Resize + patchify + normalise the prepared media and build positions.
+
+        ``*_out`` (float32 [P, C*T*ps*ps], contiguous, P = ``p.patches(kind)``) receive the pixels in
+        place, e.g. a slice of a pack's buffer; the EncodedSample's pixel tensors are then those views."""
+        return self._finish(p.key, p.input_ids, p.labels, p.media, pixel_values_out, pixel_values_videos_out)
 
     def estimate(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
         """(tokens, vision patches) that :meth:`encode` would produce, without decoding any pixels.
@@ -511,14 +552,20 @@ class SampleEncoder:
         return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
 
     # ------------------------------------------------------------------ pixels + positions
-    def _pixels(self, kind: str, media: list[_Media]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _pixels(self, key: str, kind: str, media: list[_Media], out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         items = [m for m in media if m.kind == kind]
-        if not items:
-            return None, None
         spec = self.spec
         D = 3 * spec.temporal_patch_size * spec.patch_size ** 2
         rows = [m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] for m in items]
-        out = torch.empty(sum(rows), D, dtype=torch.float32)
+        if out is not None and (tuple(out.shape) != (sum(rows), D) or out.dtype != torch.float32
+                                or not out.is_contiguous()):
+            raise ValueError(f"sample {key!r}: the {kind} pixel buffer must be a contiguous float32 "
+                             f"({sum(rows)}, {D}) tensor, got {out.dtype} {tuple(out.shape)}")
+        if not items:
+            return None, None
+        if out is None:
+            out = torch.empty(sum(rows), D, dtype=torch.float32)
         r0 = 0
         for m, nrows in zip(items, rows):
             frames = resize_thwc(m.frames_thwc, m.size_hw)
@@ -527,9 +574,10 @@ class SampleEncoder:
             r0 += nrows
         return out, torch.tensor([m.grid_thw for m in items], dtype=torch.long)
 
-    def _finish(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media]) -> EncodedSample:
-        pv, img_grid = self._pixels("image", media)
-        pvv, vid_grid = self._pixels("video", media)
+    def _finish(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media],
+                pixel_out: torch.Tensor | None = None, video_out: torch.Tensor | None = None) -> EncodedSample:
+        pv, img_grid = self._pixels(key, "image", media, pixel_out)
+        pvv, vid_grid = self._pixels(key, "video", media, video_out)
         input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
         labels_l = torch.from_numpy(np.ascontiguousarray(labels))
         labels_l[0] = -100

@@ -36,6 +36,15 @@ for the rest of the stream (correct, but per-step pairing of similar packs is lo
 when all samples of a pack turn out bad. Exact hints (converters that measure with the encoder)
 avoid both.
 
+Memory and copies. With an encoder that has ``estimate`` / ``prepare`` / ``finish``
+(``SampleEncoder``) samples are packed on their exact ``estimate`` (container probe + tokeniser, no
+pixel decoding), so the window holds compressed samples only; a pack's samples are decoded when it
+is materialised and patchified straight into ONE pixel buffer per pack (in shared memory inside a
+DataLoader worker, so handing the batch to the main process copies no pixels). Peak pixel memory
+per worker is then about one pack (plus the ``prefetch_factor`` batches queued). Each loader process
+calls ``tune_malloc_for_pixel_buffers()`` once (``tune_malloc``, default on). Encoders with only
+``encode`` are encoded on arrival and concatenated, as before; both paths give identical batches.
+
 Merging and resume. Workers' outputs are taken round-robin (the DataLoader's own order), and every
 batch carries its worker's state right after producing it: reader position, shuffle buffer and
 packer contents (as sample positions, re-read on restore), packs not yet emitted, counters. The
@@ -58,6 +67,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rynnscale.data.balance import CostModel
@@ -77,6 +87,7 @@ from rynnscale.data.reader import (
     read_positions,
     shuffled,
 )
+from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 
 log = logging.getLogger("rynnscale.data")
 
@@ -122,6 +133,7 @@ class LoaderConfig:
     balance_group: int = 1                # ranks planning together; 1 = none, 0 = all ranks
     micro_batches_per_step: int = 1       # micro-batches per rank per optimizer step (grad_accum)
     num_epochs: int | None = None         # None = endless
+    tune_malloc: bool = True              # tune_malloc_for_pixel_buffers() once per loader process / worker
     cost_model: CostModel = field(default_factory=CostModel)
     limits: ReaderLimits = field(default_factory=ReaderLimits)
 
@@ -135,7 +147,8 @@ class LoaderConfig:
         kw = dict(train_shards=list(d.train_shards), mixture=mixture, seed=d.seed,
                   micro_batch_tokens=t.micro_batch_tokens,
                   pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
-                  max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum)
+                  max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
+                  tune_malloc=bool(getattr(d, "tune_malloc", True)))
         kw.update(overrides)
         return cls(**kw)
 
@@ -185,12 +198,38 @@ class _Source:
 
 
 class _Entry:
-    """A sample inside the packer or a pending pack: its position, raw members until encoded."""
+    """A sample inside the packer or a pending pack: its position, raw members until decoded, then
+    the prepared (decoded, tokenised) sample or, from encoders without ``prepare``, the encoded one."""
 
-    __slots__ = ("pos", "members", "encoded")
+    __slots__ = ("pos", "members", "encoded", "prepared")
 
     def __init__(self, pos: tuple[str, int, str], members: dict | None, encoded: EncodedSample | None = None):
         self.pos, self.members, self.encoded = pos, members, encoded
+        self.prepared: Any = None
+
+
+_MALLOC_TUNED = False
+
+
+def _tune_malloc_once() -> None:
+    """Process-wide glibc tuning for big pixel buffers (a forked worker inherits it with the flag)."""
+    global _MALLOC_TUNED
+    if not _MALLOC_TUNED:
+        _MALLOC_TUNED = True
+        if not tune_malloc_for_pixel_buffers():
+            log.info("data: glibc mallopt is unavailable; pixel buffers use the default allocator")
+
+
+def _pixel_buffer(rows: int, cols: int, shared: bool) -> torch.Tensor:
+    """float32 [rows, cols], uninitialised; in shared memory when ``shared`` (a DataLoader worker),
+    so sending the batch to the main process passes a file descriptor instead of copying the pixels."""
+    if not shared:
+        return torch.empty(rows, cols, dtype=torch.float32)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # allocates shm without a copy
+    if new_shared is None:
+        return torch.empty(rows, cols, dtype=torch.float32).share_memory_()
+    storage = new_shared(rows * cols * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (rows, cols))
 
 
 class _ManifestHints:
@@ -255,17 +294,26 @@ class _WorkerPipeline:
         self.samples_out = 0
         self.overflow = 0
         self._warned_encode_estimate = False
+        # encoders with estimate/prepare/finish (SampleEncoder): pack on exact estimates without decoding,
+        # decode a pack's samples when it is materialised and patchify them straight into its pixel buffer
+        self.can_estimate = callable(getattr(encoder, "estimate", None))
+        self.staged = callable(getattr(encoder, "prepare", None)) and callable(getattr(encoder, "finish", None))
+        self.shared_pixels = get_worker_info() is not None
         if state is not None:
             self._restore(state)
 
     # -- samples in
-    def _encode(self, shard: str, key: str, members: dict) -> EncodedSample:
+    def _call(self, what: str, shard: str, key: str, *args: Any, **kw: Any) -> Any:
+        """``encoder.<what>(*args)``; SampleError passes, anything else is re-raised naming shard and key."""
         try:
-            return self.encoder.encode(key, members)
+            return getattr(self.encoder, what)(*args, **kw)
         except SampleError:
             raise
         except Exception as e:
-            raise RuntimeError(f"encoder failed on shard {shard!r} key {key!r}: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"encoder.{what} failed on shard {shard!r} key {key!r}: {type(e).__name__}: {e}") from e
+
+    def _encode(self, shard: str, key: str, members: dict) -> EncodedSample:
+        return self._call("encode", shard, key, key, members)
 
     def _estimate(self, s: RawSample) -> tuple[int, int]:
         hint = self.hints.get(s.shard, s.index)
@@ -273,6 +321,9 @@ class _WorkerPipeline:
             return hint  # the manifest is untrusted too: implausible hints are measured instead
         if self.estimator is not None:
             t, v = self.estimator(s.key, s.members)
+            return int(t), int(v)
+        if self.can_estimate:
+            t, v = self._call("estimate", s.shard, s.key, s.key, s.members)
             return int(t), int(v)
         if not self._warned_encode_estimate:
             self._warned_encode_estimate = True
@@ -282,7 +333,12 @@ class _WorkerPipeline:
         return enc.num_tokens, enc.num_vision_patches
 
     def _item(self, s: RawSample, carried: int = 0) -> PackItem:
-        """PackItem for a raw sample (may raise SampleError)."""
+        """PackItem for a raw sample (may raise SampleError). Without balancing, an encoder with
+        ``estimate`` sizes it (exact, no pixel decoding) and it is encoded when its pack is built,
+        so the window holds compressed samples, not ~40 MB of float pixels per clip."""
+        if self.G == 1 and self.can_estimate:
+            t, v = self._call("estimate", s.shard, s.key, s.key, s.members)
+            return PackItem(s.key, int(t), int(v), _Entry(s.position, s.members), carried)
         if self.G == 1:
             enc = self._encode(s.shard, s.key, s.members)
             return PackItem(s.key, enc.num_tokens, enc.num_vision_patches, _Entry(s.position, None, enc), carried)
@@ -321,20 +377,24 @@ class _WorkerPipeline:
 
     # -- batches out
     def _materialize(self) -> PackedBatch | None:
-        """Encode (if needed) and build the first pending pack; None if all its samples went bad."""
+        """Decode (if needed) and build the first pending pack; None if all its samples went bad."""
         items = self.pending.popleft()
         good: list[PackItem] = []
         for it in items:
             e: _Entry = it.ref
-            if e.encoded is None:
+            if e.encoded is None and e.prepared is None:
                 try:
-                    e.encoded = self._encode(e.pos[0], e.pos[2], e.members)
+                    if self.staged:
+                        e.prepared = self._call("prepare", e.pos[0], e.pos[2], e.pos[2], e.members)
+                    else:
+                        e.encoded = self._encode(e.pos[0], e.pos[2], e.members)
                 except SampleError as err:
                     self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail)
                     continue
                 finally:
                     e.members = None
-            good.append(PackItem(it.key, e.encoded.num_tokens, e.encoded.num_vision_patches, e))
+            done = e.encoded if e.encoded is not None else e.prepared
+            good.append(PackItem(it.key, done.num_tokens, done.num_vision_patches, e))
         budget = self.cfg.micro_batch_tokens
         too_long = [it for it in good if it.num_tokens > budget]
         for it in too_long:
@@ -348,7 +408,31 @@ class _WorkerPipeline:
             parts = [[good[i] for i in b] for b in ffd_bins([it.num_tokens for it in good], budget)]
             self.pending.extendleft(reversed(parts[1:]))
             good = parts[0]
-        return build_packed_batch([it.ref.encoded for it in good])
+        return self._build([it.ref for it in good])
+
+    def _build(self, entries: list[_Entry]) -> PackedBatch:
+        """PackedBatch of decoded entries: prepared ones are finished straight into one pixel buffer per
+        kind (shared memory in a worker), so every pixel is written once and never copied again."""
+        bufs: dict[str, torch.Tensor | None] = {"image": None, "video": None}
+        slices: list[dict[str, torch.Tensor]] = [{} for _ in entries]
+        all_prepared = all(e.prepared is not None for e in entries)  # else some were encoded eagerly: concatenate
+        for kind in bufs if all_prepared else ():
+            rows = [e.prepared.patches(kind) for e in entries]
+            if sum(rows):
+                buf = bufs[kind] = _pixel_buffer(sum(rows), entries[0].prepared.pixel_dim, self.shared_pixels)
+                r0 = 0
+                for sl, n in zip(slices, rows):
+                    if n:
+                        sl[kind] = buf[r0:r0 + n]
+                    r0 += n
+        samples: list[EncodedSample] = []
+        for e, sl in zip(entries, slices):
+            if e.encoded is None:
+                e.encoded = self._call("finish", e.pos[0], e.pos[2], e.prepared, pixel_values_out=sl.get("image"),
+                                       pixel_values_videos_out=sl.get("video"))
+                e.prepared = None
+            samples.append(e.encoded)
+        return build_packed_batch(samples, pixel_values=bufs["image"], pixel_values_videos=bufs["video"])
 
     def __iter__(self) -> Iterator[tuple[PackedBatch, dict]]:
         src = shuffled(iter(self.stream), self.buffer)
@@ -467,6 +551,8 @@ class _RankDataset(IterableDataset):
         info = get_worker_info()
         W = max(1, self.cfg.num_workers)
         w = ((info.id if info is not None else 0) + self.rotation) % W
+        if self.cfg.tune_malloc:
+            _tune_malloc_once()
         pipe = _WorkerPipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
                                w, self.cfg.num_workers, self.states[w])
         for batch, state in pipe:

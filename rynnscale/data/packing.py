@@ -152,12 +152,17 @@ class WindowPacker:
         return self.emitted_tokens / (self.emitted_bins * self.budget) if self.emitted_bins else 0.0
 
 
-def build_packed_batch(samples: Sequence[EncodedSample]) -> PackedBatch:
+def build_packed_batch(samples: Sequence[EncodedSample], *, pixel_values: torch.Tensor | None = None,
+                       pixel_values_videos: torch.Tensor | None = None) -> PackedBatch:
     """Concatenate whole samples into one packed row (order kept).
 
     input_ids/labels [L], position_ids [3, L] (each sample's positions start at 0), cu_seqlens
     int32 [S+1], pixel values and grids of images/videos concatenated in sample order (that is the
-    order of their placeholder tokens in the row). Raises ValueError naming the broken sample."""
+    order of their placeholder tokens in the row). Raises ValueError naming the broken sample.
+
+    ``pixel_values`` / ``pixel_values_videos``: a pack buffer the samples' pixels were already
+    encoded into, back to back in sample order (``SampleEncoder.finish(..., *_out=buf[r0:r1])``);
+    it becomes the batch's tensor as is, saving a copy of every pixel (checked by address)."""
     if not samples:
         raise ValueError("build_packed_batch needs at least one sample")
     lens = []
@@ -176,9 +181,22 @@ def build_packed_batch(samples: Sequence[EncodedSample]) -> PackedBatch:
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
 
-    def cat(name: str, dim: int = 0) -> torch.Tensor | None:
-        parts = [getattr(s, name) for s in samples if getattr(s, name) is not None]
-        return torch.cat(parts, dim) if parts else None
+    def cat(name: str, buf: torch.Tensor | None = None) -> torch.Tensor | None:
+        parts = [(s.key, getattr(s, name)) for s in samples if getattr(s, name) is not None]
+        if buf is None:
+            if len(parts) == 1:
+                return parts[0][1]  # one sample: its tensor as is, no copy
+            return torch.cat([t for _, t in parts]) if parts else None
+        r0 = 0
+        for key, t in parts:
+            if t.dim() != 2 or t.shape[1] != buf.shape[1] or r0 + t.shape[0] > buf.shape[0] \
+                    or t.data_ptr() != buf[r0].data_ptr():
+                raise ValueError(f"sample {key!r}: its {name} {tuple(t.shape)} is not rows {r0}.. of the pack buffer "
+                                 f"{tuple(buf.shape)} (encode the samples into the buffer in order)")
+            r0 += t.shape[0]
+        if r0 != buf.shape[0]:
+            raise ValueError(f"the {name} pack buffer has {buf.shape[0]} rows but the samples fill {r0}")
+        return buf
 
     batch = PackedBatch(
         input_ids_l=torch.cat([s.input_ids_l.to(torch.int64) for s in samples]),
@@ -186,9 +204,9 @@ def build_packed_batch(samples: Sequence[EncodedSample]) -> PackedBatch:
         position_ids_3l=torch.cat([s.position_ids_3l.to(torch.int64) for s in samples], dim=1),
         cu_seqlens=cu,
         max_seqlen=max(lens),
-        pixel_values=cat("pixel_values"),
+        pixel_values=cat("pixel_values", pixel_values),
         image_grid_thw=cat("image_grid_thw"),
-        pixel_values_videos=cat("pixel_values_videos"),
+        pixel_values_videos=cat("pixel_values_videos", pixel_values_videos),
         video_grid_thw=cat("video_grid_thw"),
         sample_keys=[s.key for s in samples],
     )
