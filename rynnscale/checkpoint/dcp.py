@@ -41,6 +41,7 @@ import signal
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def safe_dcp_load(state_dict: dict[str, Any], dcp_dir: str | os.PathLike, process_group=None) -> None:
-    """``dcp.load`` in place with the safe reader and planner (single process when dist is off)."""
+def safe_dcp_load(state_dict: dict[str, Any], dcp_dir: str | os.PathLike, process_group=None, *,
+                  local_only: bool = False) -> None:
+    """``dcp.load`` in place with the safe reader and planner: a collective over ``process_group`` when
+    torch.distributed is on, else (or with ``local_only``: this process alone, e.g. rank 0 exporting
+    while the others wait) a single-process load."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state_dict, storage_reader=SafeFileSystemReader(dcp_dir), planner=SafeLoadPlanner(),
-                 process_group=process_group, no_dist=not _dist_on())
+                 process_group=process_group, no_dist=local_only or not _dist_on())
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -438,14 +442,21 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
+# must share storage with its input (see ``rynnscale.checkpoint.ep_layout``).
+StateAdapter = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 class CheckpointManager:
     """Saves checkpoints of a run under ``output_dir/checkpoints`` and loads them back.
 
     Call ``save`` on every rank at the same step; ``wait`` (also called by the next ``save``) finishes
-    an asynchronous save. ``process_group`` is the group spanning all ranks (default: the world)."""
+    an asynchronous save. ``process_group`` is the group spanning all ranks (default: the world).
+    ``state_adapter`` rewrites the state dict DCP sees, e.g. ``ExpertCheckpointLayout`` so that
+    expert-parallel shards are saved as slices of the global expert tensors."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 2, *, async_save: bool = False,
-                 process_group=None):
+                 process_group=None, state_adapter: StateAdapter | None = None):
         if keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
         self.output_dir = Path(output_dir)
@@ -453,6 +464,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self.process_group = process_group
+        self.state_adapter = state_adapter
         self._async_group = None
         self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
 
@@ -484,6 +496,8 @@ class CheckpointManager:
         t0 = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        if self.state_adapter is not None:
+            state = self.state_adapter(state)
         # small JSON files first, so that the DCP write is the last thing that can still be in flight
         _write_json(tmp / rank_file(rank), {
             "format_version": FORMAT_VERSION, "step": step, "rank": rank, "world_size": world,
@@ -564,18 +578,20 @@ class CheckpointManager:
              scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True) -> ResumeState:
         """``load_checkpoint`` with this manager's process group."""
         return load_checkpoint(path, model, optimizer, scheduler, layout=layout, restore_rng=restore_rng,
-                               process_group=self.process_group)
+                               process_group=self.process_group, state_adapter=self.state_adapter)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
-                    process_group=None) -> ResumeState:
+                    process_group=None, state_adapter: StateAdapter | None = None) -> ResumeState:
     """Load checkpoint ``path`` into ``model`` / ``optimizer`` (however they are sharded now: DCP reshards)
     and ``scheduler``; call on every rank.
 
     If the world size and ``layout`` equal the saved ones, this rank's per-rank state is returned and
     (``restore_rng``) its RNG states restored: the run continues exactly. Otherwise ``per_rank`` is None
-    and a warning says the data order restarts deterministically from the recorded step / tokens."""
+    and a warning says the data order restarts deterministically from the recorded step / tokens.
+    ``state_adapter``: as in ``CheckpointManager`` (e.g. global expert tensors under EP); it must share
+    storage with the state it adapts, since DCP loads in place."""
     path = Path(path)
     reason = check_complete(path)
     if reason:
@@ -594,7 +610,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         state = {"model": get_model_state_dict(model)}
     _check_keys(path, state)
     absent = _drop_absent_optimizer_state(path, state)
-    safe_dcp_load(state, path / DCP_DIR, process_group=process_group)
+    safe_dcp_load(state_adapter(state) if state_adapter is not None else state, path / DCP_DIR,
+                  process_group=process_group)
     if optimizer is not None:
         # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -109,7 +109,7 @@ def load_checkpoint_tensor(ckpt: str | os.PathLike, name: str, meta: Any | None 
         if meta is None:
             raise CheckpointError(f"{ckpt / DCP_DIR}: no model tensor {name!r}")
     target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-    safe_dcp_load({"model": {name: target}}, ckpt / DCP_DIR)
+    safe_dcp_load({"model": {name: target}}, ckpt / DCP_DIR, local_only=True)  # one process, even inside a job
     return target
 
 

@@ -13,16 +13,37 @@ ranks too; expert parallelism is carved out of data parallelism), and the step's
 - the gradient norm for clipping covers every shard and every expert group;
 - logged loss / tokens / tokens-per-second are sums or means over all ranks.
 
-Seams for checkpoint/resume: ``build_components`` returns model + optimiser + scheduler + data +
-``TrainState`` (step, tokens_seen); the loop starts from ``state.step``.
+Checkpoints (``checkpoint.*``, see ``rynnscale.checkpoint.dcp``):
+
+- resume (``auto`` = newest complete checkpoint of ``run.output_dir``, default; ``none``; or a path) loads
+  model, optimiser, scheduler, step and tokens seen. Same world size and layout: this rank's loader state
+  and RNG states are restored too, and the run continues exactly (bitwise-equal losses on CPU). Other world
+  size / layout: weights and optimiser reshard through DCP, and the data order restarts deterministically
+  from the recorded step: every rank's loader is rebuilt with the data seed ``restart_data_seed(data.seed,
+  step)`` and skips nothing (a warning says so); the seed in use is saved, so later exact resumes keep it.
+- ``metrics.jsonl`` on (re)start keeps only the lines of steps <= the start step (a resumed run rewrites
+  the tail the killed run had logged after its last checkpoint: every step appears once).
+- saves every ``checkpoint.every_steps`` steps and after the last step (never before the first optimiser
+  step); with expert parallelism the state dict DCP sees holds global expert tensors
+  (``ExpertCheckpointLayout``), so checkpoints reshard to any ``ep`` and export without gathering.
+- SIGTERM (preemption): the current step finishes, a checkpoint is saved, the process exits 0.
+- ``checkpoint.export_hf``: the final checkpoint is exported by rank 0 (streaming, after a barrier) to
+  ``run.output_dir/hf`` with the tokenizer files of ``model.init_from`` (else ``data.tokenizer``, else the
+  bundled Qwen3 tokenizer), so the directory is self-contained.
+- ``hooks``: objects with an ``on_step_end(step, ctx)`` method called after each step's log and save
+  (tests inject faults through them; nothing reads environment variables here).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +183,7 @@ def prepare_data_files(cfg: RootConfig, ctx: DistContext) -> None:
 
 def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
+
     from rynnscale.data.pipeline import build_train_data  # data + model imports are heavy: keep CLI fast
     from rynnscale.models.build import build_model, model_args
     from rynnscale.parallel.checkpointing import apply_activation_checkpointing
@@ -200,16 +222,105 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     return TrainComponents(args, model, optimizer, scheduler, data, ctx)
 
 
+def restart_data_seed(seed: int, step: int) -> int:
+    """Data seed of a loader restarted (not resumed) at ``step`` after a layout change: a fixed function of
+    (``data.seed``, step), so the restarted order is deterministic and differs from the order at step 0."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
+
+
+def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
+    """Replace ``c.data`` by this rank's loader built with ``data.seed = data_seed``."""
+    from rynnscale.data.pipeline import build_train_data
+
+    cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
+    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.rank, world_size=c.ctx.world_size, generate=False)
+
+
+def layout_dict(cfg: RootConfig, ctx: DistContext) -> dict[str, int]:
+    """The resolved parallel layout recorded in checkpoints (resume is exact only under the same one)."""
+    if ctx.meshes is None:
+        return {"dp_replicate": 1, "dp_shard": 1, "ep": 1}
+    lay = ctx.meshes.layout
+    return {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "ep": lay.ep}
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (and drop a torn last line); atomic
+    rewrite. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
 # ----------------------------------------------------------------------------------------- the loop
-def run_training(cfg: RootConfig) -> Path:
-    """Run a whole training job (this rank's part of it under torchrun); returns the output directory."""
+def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
+    """Run a whole training job (this rank's part of it under torchrun); returns the output directory.
+
+    ``hooks``: objects with ``on_step_end(step: int, ctx: DistContext)``, called on every rank after each
+    step's metrics and checkpoint (for tests: fault injection)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     with report_failures(ctx.rank, ctx.world_size):
-        return _train(cfg, ctx)
+        return _train(cfg, ctx, hooks)
 
 
-def _train(cfg: RootConfig, ctx: DistContext) -> Path:
+def _resume(cfg: RootConfig, c: TrainComponents, manager, output_dir: Path) -> int:
+    """Load the checkpoint ``checkpoint.resume`` selects (if any) into ``c``; returns the data seed in use."""
+    from rynnscale.checkpoint.dcp import find_resume_checkpoint
+
+    data_seed = cfg.data.seed
+    path = find_resume_checkpoint(output_dir, cfg.checkpoint.resume)
+    if path is None:
+        return data_seed
+    rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx))
+    c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
+    if rs.exact:
+        saved_seed = int(rs.per_rank.get("data_seed", cfg.data.seed))
+        if saved_seed != cfg.data.seed:  # this layout had restarted its data order with another seed
+            rebuild_data(cfg, c, saved_seed)
+        data_seed = saved_seed
+        c.data.load_state_dict(rs.per_rank["loader"])
+        log.info("resumed exactly from %s at step %d", path, rs.step)
+    else:
+        data_seed = restart_data_seed(cfg.data.seed, rs.step)
+        rebuild_data(cfg, c, data_seed)
+        if c.ctx.is_main:
+            log.warning("resumed from %s at step %d under another world size / layout: the data order restarts "
+                        "deterministically (data seed %d = restart_data_seed(data.seed=%d, step=%d), nothing "
+                        "skipped); it is not the order the original run would have seen", path, rs.step,
+                        data_seed, cfg.data.seed, rs.step)
+        seed_everything(data_seed)
+    return data_seed
+
+
+def _export_hf(cfg: RootConfig, ckpt: Path, output_dir: Path) -> Path:
+    """Export checkpoint ``ckpt`` to ``output_dir/hf`` with the run's tokenizer files (rank 0 only)."""
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+    from rynnscale.data.tokenizer import default_tokenizer_dir
+
+    copy_from = cfg.model.init_from or cfg.data.tokenizer or default_tokenizer_dir()
+    report = export_checkpoint_hf(ckpt, output_dir / "hf", copy_from=copy_from, overwrite=True)
+    log.info("exported %s to %s (%d tensors, %.1f MB, tokenizer from %s)", ckpt.name, report.out_dir,
+             report.num_tensors, report.total_bytes / 1e6, copy_from)
+    return Path(report.out_dir)
+
+
+def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path:
     if not ctx.is_main:
         log.setLevel(logging.WARNING)
     output_dir = Path(cfg.run.output_dir)
@@ -218,12 +329,36 @@ def _train(cfg: RootConfig, ctx: DistContext) -> Path:
         save_resolved(cfg, output_dir / "config.yaml")
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
+    from rynnscale.checkpoint.dcp import CheckpointManager, install_preemption_handler, preemption_requested
+    from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
+    from rynnscale.config import to_yaml
+
+    ck = cfg.checkpoint
+    manager = CheckpointManager(output_dir, keep_last=ck.keep_last, async_save=ck.async_save,
+                                state_adapter=ExpertCheckpointLayout.for_model(c.model, ctx.meshes))
+    data_seed = _resume(cfg, c, manager, output_dir)
     model, data, state = c.model, c.data, c.state
+    if ctx.is_main:
+        dropped = truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) of steps after the start step %d", dropped, state.step)
+    ctx.barrier()
+    import yaml
+    run_config = yaml.safe_load(to_yaml(cfg))
+    layout = layout_dict(cfg, ctx)
+
+    def save() -> Path:
+        return manager.save(state.step, model, c.optimizer, c.scheduler, tokens_seen=state.tokens_seen,
+                            config=run_config, layout=layout, model_config=c.args.to_hf_config(),
+                            per_rank_state={"loader": data.state_dict(), "data_seed": data_seed})
+
     n_params = sum(p.numel() for p in model.parameters())  # this rank's shards when distributed
     log.info("model: %s, %.2fM parameters on rank 0, device %s, world size %d",
              "MoE" if c.args.text.is_moe else "dense", n_params / 1e6, ctx.device, ctx.world_size)
     batches = iter(data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
+    preempt = install_preemption_handler()
+    preempted = False
     try:
         while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -257,11 +392,27 @@ def _train(cfg: RootConfig, ctx: DistContext) -> Path:
                 record["skipped_samples"] = dict(bad)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(record)
+            preempted = preemption_requested(preempt)
+            if preempted or state.step == cfg.train.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
+                save()
+            for hook in hooks:
+                hook.on_step_end(state.step, ctx)
+            if preempted:
+                log.warning("preempted (signal %s): saved step %d, exiting", preempt.signum, state.step)
+                break
+        manager.wait()
     finally:
+        preempt.uninstall()
         metrics.close()
         bad = getattr(data, "bad_counts", None)
         if bad:
             log.warning("rank %d skipped samples by reason: %s", ctx.rank, dict(bad))
+    if ck.export_hf and not preempted and state.step > 0:
+        from rynnscale.checkpoint.dcp import CHECKPOINTS_DIR, checkpoint_name
+        ctx.barrier()
+        if ctx.is_main:
+            _export_hf(cfg, output_dir / CHECKPOINTS_DIR / checkpoint_name(state.step), output_dir)
+        ctx.barrier()
     if cfg.logging.plot and ctx.is_main:
         path = plot_run(output_dir)
         log.info("plot: %s", path)

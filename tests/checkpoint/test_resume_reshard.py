@@ -1,0 +1,129 @@
+"""Expert-parallel checkpoints reshard: a checkpoint saved by 4 ranks with ``ep=2`` (experts split by EP
+and FSDP-sharded over edp_shard=2) loads at 2 ranks with ``ep=1`` and in 1 process with every parameter
+and every AdamW moment equal (bitwise) to the saved ones; the DCP metadata holds the global expert shapes
+[E, ...], so ``export-hf`` can read it. Without the EP layout adapter the ranks' different expert slices
+would be saved under one name with the same offsets (one EP rank's experts lost)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+from dist_helpers import make_model, micro_batch, run_ranks, tiny_moe_args  # noqa: E402
+
+STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+E = 8
+
+
+def _optim_cfg():
+    from rynnscale.config.schema import OptimConfig
+    return OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1)
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+
+
+def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
+    """Full tensor of a parameter-shaped value (FSDP all-gather, then EP all-gather for expert tensors)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from rynnscale.parallel.fsdp import is_expert_param
+    t = t.full_tensor() if isinstance(t, DTensor) else t
+    if meshes is not None and meshes.ep is not None and is_expert_param(name):
+        parts = [torch.empty_like(t) for _ in range(meshes.layout.ep)]
+        dist.all_gather(parts, t.contiguous(), group=meshes.ep_group)
+        t = torch.cat(parts)
+    return t.detach().cpu().clone()
+
+
+def full_state(model, opt, meshes) -> dict[str, torch.Tensor]:
+    """Every parameter and every optimiser moment of the whole model, keyed ``param:NAME`` / ``KIND:NAME``."""
+    out = {}
+    for name, p in model.named_parameters():
+        name = _clean(name)
+        out[f"param:{name}"] = _full(p, name, meshes)
+        for kind, v in opt.state.get(p, {}).items():
+            out[f"{kind}:{name}"] = _full(v, name, meshes) if v.dim() else v.detach().clone()
+    return out
+
+
+def _build(rank: int, world: int, ep: int):
+    from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.parallel.fsdp import parallelize_model
+    from rynnscale.parallel.mesh import ParallelLayout, build_meshes
+    from rynnscale.train.optim import build_optimizer, build_scheduler
+
+    args = tiny_moe_args()
+    model = make_model(args, seed=world)  # a different init per world size: the load must overwrite it
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+    if world > 1:
+        layout = ParallelLayout.resolve(world, 1, -1, ep, args.text.num_experts)
+        ctx.meshes = build_meshes(layout, "cpu")
+        parallelize_model(model, ctx.meshes, dtype_name="float32")
+        model.counts_reducer = ctx.counts_reducer
+    opt = build_optimizer(model, _optim_cfg())
+    sched = build_scheduler(opt, _optim_cfg(), 10)
+    return model, opt, sched, ctx, ExpertCheckpointLayout.for_model(model, ctx.meshes)
+
+
+def save_worker(rank: int, world: int, out: str, ep: int) -> dict:
+    from rynnscale.checkpoint.dcp import CheckpointManager
+    from rynnscale.train.trainer import train_step
+
+    torch.manual_seed(0)
+    model, opt, sched, ctx, adapter = _build(rank, world, ep)
+    assert adapter is not None
+    for step in range(2):
+        train_step(model, opt, [micro_batch(step, rank, 0)], ctx=ctx, **STEP_KW)
+        sched.step()
+    mgr = CheckpointManager(out, keep_last=1, state_adapter=adapter)
+    mgr.save(2, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": world, "ep": ep})
+    return full_state(model, opt, ctx.meshes)
+
+
+def load_worker(rank: int, world: int, ckpt: str, ep: int) -> dict:
+    from rynnscale.checkpoint.dcp import load_checkpoint
+
+    model, opt, sched, ctx, adapter = _build(rank, world, ep)
+    rs = load_checkpoint(ckpt, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": world, "ep": ep},
+                         state_adapter=adapter)
+    return {"state": full_state(model, opt, ctx.meshes), "exact": rs.exact, "lr": sched.get_last_lr()}
+
+
+def _assert_same(got: dict, want: dict, where: str) -> None:
+    assert set(got) == set(want), f"{where}: keys differ: {sorted(set(got) ^ set(want))[:5]}"
+    for k, v in want.items():
+        assert torch.equal(got[k], v), f"{where}: {k} differs"
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_reshards_to_ep1_and_one_process(tmp_path):
+    from rynnscale.checkpoint.dcp import load_checkpoint, read_dcp_metadata
+
+    saved = run_ranks(save_worker, 4, tmp_path / "save", out=str(tmp_path / "run"), ep=2)
+    want = saved[0]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    # the four ranks hold different expert slices: the gathered full tensors prove the save input is global
+    key = "param:model.language_model.layers.0.mlp.experts.gate_up_proj"
+    assert want[key].shape[0] == E and not torch.equal(want[key][:4], want[key][4:])
+    md = read_dcp_metadata(ckpt / "dcp").state_dict_metadata
+    assert tuple(md["model.model.language_model.layers.0.mlp.experts.gate_up_proj"].size)[0] == E
+    assert tuple(md["optim.state.model.language_model.layers.2.mlp.experts.down_proj.exp_avg"].size)[0] == E
+
+    two = run_ranks(load_worker, 2, tmp_path / "load2", ckpt=str(ckpt), ep=1)
+    for r in range(2):
+        _assert_same(two[r]["state"], want, f"2 ranks ep=1, rank {r}")
+        assert not two[r]["exact"]  # other world size: per-rank data state is not reused
+
+    model, opt, sched, _, _ = _build(0, 1, 1)
+    rs = load_checkpoint(ckpt, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": 1, "ep": 1})
+    _assert_same(full_state(model, opt, None), want, "1 process")
+    assert not rs.exact and rs.step == 2
+    assert sched.get_last_lr() == two[0]["lr"]
