@@ -355,6 +355,10 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
     n_params = sum(p.numel() for p in model.parameters())  # this rank's shards when distributed
     log.info("model: %s, %.2fM parameters on rank 0, device %s, world size %d",
              "MoE" if c.args.text.is_moe else "dense", n_params / 1e6, ctx.device, ctx.world_size)
+    evaluator = None
+    if cfg.eval.every_steps > 0:
+        from rynnscale.train.evaluate import Evaluator
+        evaluator = Evaluator.from_run(cfg, c.args, ctx)
     batches = iter(data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     preempt = install_preemption_handler()
@@ -390,6 +394,9 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
             bad = getattr(data, "bad_counts", None)
             if bad:
                 record["skipped_samples"] = dict(bad)
+            if evaluator is not None and (state.step % cfg.eval.every_steps == 0
+                                          or state.step == cfg.train.max_steps):
+                record.update(evaluator.evaluate(model, ctx))
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(record)
             preempted = preemption_requested(preempt)
@@ -411,7 +418,9 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
         from rynnscale.checkpoint.dcp import CHECKPOINTS_DIR, checkpoint_name
         ctx.barrier()
         if ctx.is_main:
-            _export_hf(cfg, output_dir / CHECKPOINTS_DIR / checkpoint_name(state.step), output_dir)
+            from rynnscale.checkpoint.model_card import summarize_run, write_model_card
+            hf_dir = _export_hf(cfg, output_dir / CHECKPOINTS_DIR / checkpoint_name(state.step), output_dir)
+            write_model_card(hf_dir, cfg, summarize_run(output_dir))
         ctx.barrier()
     if cfg.logging.plot and ctx.is_main:
         path = plot_run(output_dir)

@@ -1,0 +1,121 @@
+"""Model card (README.md) of an exported Hugging Face directory: what it was trained from, on what, for
+how long, with which final losses, under which config -- so an exported model explains itself.
+
+``summarize_run(output_dir)`` reads the run's ``metrics.jsonl`` (the last record per step wins, so a
+resumed run counts once); ``write_model_card(out_dir, cfg, summary)`` writes ``out_dir/README.md``
+(Hugging Face card: YAML front matter + markdown, the resolved config embedded at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+
+
+def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Steps, tokens, final train loss (mean of the last min(10, n) steps and the last step's), and the
+    latest eval metrics (``eval_*`` / ``grounding_*`` keys) from ``output_dir/metrics.jsonl``."""
+    from rynnscale.train.metrics import METRICS_FILE
+
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"summarize_run: {path} does not exist (has the run logged any step?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"summarize_run: {path} line {i} is not JSON: {e}") from None
+        by_step[int(rec["step"])] = rec
+    if not by_step:
+        raise ValueError(f"summarize_run: {path} has no records")
+    recs = [by_step[s] for s in sorted(by_step)]
+    last = recs[-1]
+    tail = [r["loss"] for r in recs[-10:] if r.get("loss") is not None]
+    summary: dict[str, Any] = {
+        "steps": int(last["step"]), "tokens_seen": int(last.get("tokens_seen", 0)),
+        "final_loss": float(last["loss"]), "final_loss_mean_last_steps": sum(tail) / len(tail) if tail else None,
+        "mean_over_last_steps": len(tail),
+    }
+    evals = [r for r in recs if r.get("eval_loss") is not None]
+    if evals:
+        summary["eval_step"] = int(evals[-1]["step"])
+        summary.update({k: v for k, v in evals[-1].items() if k.startswith(("eval_", "grounding_"))})
+    return summary
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) else str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any]) -> Path:
+    """Write ``out_dir/README.md`` for the run ``cfg`` (a RootConfig) with ``summary`` (from
+    :func:`summarize_run`, plus any extra keys, e.g. ``{"base": ...}`` to name the base explicitly).
+    The directory must exist (an export). Returns the card's path."""
+    from rynnscale.config import to_yaml
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"write_model_card: {out} is not a directory (export the model first)")
+    for key in ("steps", "tokens_seen", "final_loss"):
+        if key not in summary:
+            raise ValueError(f"write_model_card: summary lacks {key!r} (use rynnscale.checkpoint.model_card."
+                             "summarize_run(run.output_dir))")
+    name = cfg.run.name or out.parent.name
+    base = summary.get("base") or (cfg.model.init_from if cfg.model.init_from else
+                                   "random initialisation (inline architecture `model.arch`)")
+    arch = "MoE" if ((cfg.model.arch or {}).get("text_config", {}).get("num_experts") or 0) > 0 else None
+    if cfg.data.mixture:
+        data_rows = [f"| {m.name} | {m.weight:g} | {', '.join(f'`{s}`' for s in m.shards)} |" for m in cfg.data.mixture]
+    else:
+        shards = list(cfg.data.train_shards) or ([f"built-in synthetic egocentric set ({cfg.data.synthetic.num_samples} "
+                                                 f"samples, seed {cfg.data.synthetic.seed})"]
+                                                if cfg.data.synthetic.num_samples > 0 else [])
+        data_rows = [f"| train | 1 | {', '.join(shards)} |"]
+    metric_rows = [f"| {k} | {_fmt(v)} |" for k, v in summary.items()
+                   if k.startswith(("eval_", "grounding_")) and k != "eval_step"]
+    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:", "- rynnscale",
+             "- qwen3-vl", "- embodied"]
+    if cfg.model.init_from:
+        front.append(f"base_model: {json.dumps(str(base))}")
+    front.append("---")
+    lines = front + [
+        "", f"# {name}", "",
+        f"Trained with rynnscale from **{base}**{f' ({arch})' if arch else ''}. Load with "
+        "`transformers.AutoModelForImageTextToText.from_pretrained(<this directory>)`.", "",
+        "## Training", "",
+        "| | |", "|---|---|",
+        f"| base | {base} |",
+        f"| steps | {_fmt(summary['steps'])} |",
+        f"| tokens seen | {_fmt(summary['tokens_seen'])} |",
+        f"| final train loss (last step) | {_fmt(summary['final_loss'])} |",
+        f"| final train loss (mean of last {summary.get('mean_over_last_steps', 1)} steps) | "
+        f"{_fmt(summary.get('final_loss_mean_last_steps'))} |",
+        f"| tokens per micro-batch | {_fmt(cfg.train.micro_batch_tokens)} x {cfg.train.grad_accum} accumulation |",
+        f"| optimiser | AdamW, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule |",
+        "", "## Data", "", "| source | weight | shards |", "|---|---|---|", *data_rows, "",
+    ]
+    if metric_rows:
+        lines += ["## Evaluation", "", f"Held-out evaluation at step {summary.get('eval_step', summary['steps'])} "
+                  f"(shards: {', '.join(f'`{s}`' for s in cfg.eval.shards) or 'synthetic held-out set'}).", "",
+                  "| metric | value |", "|---|---|", *metric_rows, ""]
+    lines += ["## Config", "", "The resolved recipe this model was trained with:", "", "```yaml",
+              to_yaml(cfg).rstrip(), "```", ""]
+    path = out / CARD_NAME
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path

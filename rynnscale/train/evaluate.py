@@ -1,0 +1,365 @@
+"""Evaluation during training: held-out eval loss and a grounding metric on greedy generations.
+
+``Evaluator(cfg, args, rank, world_size)`` reads the held-out shards (``eval.shards``, else a synthetic
+eval set generated with another seed than the training set, see :func:`ensure_eval_data`).
+``evaluate(model, ctx)`` returns (all ranks' totals, identical on every rank):
+
+- ``eval_loss``: mean next-token cross-entropy over ALL assistant tokens of the held-out set (or its
+  first ``eval.max_batches`` packed micro-batches per rank); ``eval_tokens``: that token count.
+- grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
+  the prompt is the sample up to its first assistant token, the answer is greedily generated
+  (``rynnscale.models.qwen3_vl.generate``), both answers' tags are parsed (``parse_tags``, lenient for the
+  generation) and tags are paired by kind in order of appearance:
+
+  - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points (``<affordance>``,
+    ``<area>``, ``<grasp_pose>`` points index by index; ``<object>`` point vs point, or box vs point by
+    the box centre);
+  - ``grounding_box_iou``: mean IoU over paired ``<object>`` boxes;
+  - ``grounding_traj_error``: mean L2 over the trajectory points that fall on the same frame
+    (point k of a ``<traj>`` starting at ``<frame f>`` is frame f + k);
+  - ``grounding_tag_recall``: reference tags that got a same-kind tag in the generation;
+  - ``grounding_format_valid``: generations whose tags pass the strict training-data syntax (and that
+    have tags when the reference has);
+  - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped).
+
+  A metric with nothing to average is None (e.g. no boxes in the eval set).
+
+Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
+eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run
+exactly ``eval.max_new_tokens`` steps for the same number of prompts on every rank (truncated at eos
+afterwards). The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rynnscale.data.batch import EncodedSample, PackedBatch
+from rynnscale.data_pipelines.tags import Grounding, TagError, parse_tags
+
+log = logging.getLogger("rynnscale")
+
+#: seed offset of the synthetic eval set (its samples differ from the training set's)
+EVAL_SEED_OFFSET = 1_000_003
+IM_END = "<|im_end|>"
+
+
+# ----------------------------------------------------------------------------------------- data
+def eval_data_dir(cfg: Any) -> Path:
+    """Where the synthetic eval set lives: ``synthetic_eval`` beside the training synthetic set."""
+    from rynnscale.data.pipeline import synthetic_data_dir
+
+    return synthetic_data_dir(cfg).parent / "synthetic_eval"
+
+
+def eval_shard_patterns(cfg: Any) -> list[str]:
+    """``eval.shards``, else the synthetic eval set's glob (without generating it)."""
+    if cfg.eval.shards:
+        return [str(p) for p in cfg.eval.shards]
+    if cfg.data.synthetic.num_samples > 0 and cfg.eval.synthetic_samples > 0:
+        return [str(eval_data_dir(cfg) / "*.tar")]
+    raise ValueError("evaluation needs held-out data: set 'eval.shards', or 'data.synthetic.num_samples' > 0 with "
+                     "'eval.synthetic_samples' > 0")
+
+
+def ensure_eval_data(cfg: Any) -> list[str]:
+    """Generate the synthetic eval set once (seed = data.synthetic.seed + EVAL_SEED_OFFSET) if it is the
+    held-out set; call on ONE rank per file system, then barrier. Returns the eval shard patterns."""
+    if not cfg.eval.shards and cfg.data.synthetic.num_samples > 0 and cfg.eval.synthetic_samples > 0:
+        from rynnscale.data_pipelines.synthetic import generate_synthetic
+
+        s = cfg.data.synthetic
+        generate_synthetic(eval_data_dir(cfg), cfg.eval.synthetic_samples, seed=s.seed + EVAL_SEED_OFFSET,
+                           frames=s.frames, width=s.width, height=s.height, fps=s.fps,
+                           samples_per_shard=s.samples_per_shard, prefix="synthetic_eval", progress=False)
+    return eval_shard_patterns(cfg)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+def _l2(a: Sequence[float], b: Sequence[float]) -> float:
+    return math.hypot(a[0] - b[0], a[1] - b[1])
+
+
+def _box(g: Grounding) -> tuple[float, float, float, float]:
+    (x1, y1), (x2, y2) = g.points
+    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes; 1.0 for two identical degenerate boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    if union <= 0:
+        return 1.0 if tuple(a) == tuple(b) else 0.0
+    return inter / union
+
+
+def _centre(g: Grounding) -> tuple[float, float]:
+    xs, ys = zip(*g.points)
+    return sum(xs) / len(xs), sum(ys) / len(ys)
+
+
+GROUNDING_SUMS = ("point_err_sum", "points", "iou_sum", "boxes", "traj_err_sum", "traj_points", "ref_tags",
+                  "matched_tags", "format_valid", "exact_match", "samples")
+
+
+def grounding_scores(generated: str, reference: str) -> dict[str, float]:
+    """Sums and counts (keys GROUNDING_SUMS) comparing one generated answer with its reference;
+    :func:`summarize_grounding` turns totals of these into the metrics."""
+    out = dict.fromkeys(GROUNDING_SUMS, 0.0)
+    out["samples"] = 1.0
+    ref = parse_tags(reference, strict=False)
+    gen = parse_tags(generated, strict=False)
+    try:
+        strict_ok = bool(parse_tags(generated, strict=True)) or not ref
+    except TagError:
+        strict_ok = False
+    out["format_valid"] = float(strict_ok)
+    out["exact_match"] = float(generated.strip() == reference.strip())
+    out["ref_tags"] = float(len(ref))
+    by_kind: dict[str, list[Grounding]] = {}
+    for g in gen:
+        by_kind.setdefault(g.kind, []).append(g)
+    used: dict[str, int] = {}
+    for r in ref:
+        i = used.get(r.kind, 0)
+        cands = by_kind.get(r.kind, [])
+        if i >= len(cands):
+            continue
+        g = cands[i]
+        used[r.kind] = i + 1
+        out["matched_tags"] += 1
+        if r.kind == "traj":
+            f_ref = 0 if r.frame is None else r.frame
+            f_gen = 0 if g.frame is None else g.frame
+            gen_at = {f_gen + k: p for k, p in enumerate(g.points)}
+            for k, p in enumerate(r.points):
+                if f_ref + k in gen_at:
+                    out["traj_err_sum"] += _l2(p, gen_at[f_ref + k])
+                    out["traj_points"] += 1
+        elif r.kind == "object" and len(r.points) == 2 and len(g.points) == 2:
+            out["iou_sum"] += box_iou(_box(r), _box(g))
+            out["boxes"] += 1
+        elif r.kind == "object":   # point vs point, or box vs point: compare centres
+            out["point_err_sum"] += _l2(_centre(r), _centre(g))
+            out["points"] += 1
+        else:                      # affordance / area / grasp_pose: points index by index
+            for p, q in zip(r.points, g.points):
+                out["point_err_sum"] += _l2(p, q)
+                out["points"] += 1
+    return out
+
+
+def summarize_grounding(t: dict[str, float]) -> dict[str, float | int | None]:
+    """Totals of :func:`grounding_scores` (summed over samples and ranks) -> the grounding metrics."""
+    def ratio(a: str, b: str) -> float | None:
+        return t[a] / t[b] if t[b] > 0 else None
+    return {
+        "grounding_samples": int(t["samples"]),
+        "grounding_point_error": ratio("point_err_sum", "points"),
+        "grounding_box_iou": ratio("iou_sum", "boxes"),
+        "grounding_traj_error": ratio("traj_err_sum", "traj_points"),
+        "grounding_tag_recall": ratio("matched_tags", "ref_tags"),
+        "grounding_format_valid": ratio("format_valid", "samples"),
+        "grounding_exact_match": ratio("exact_match", "samples"),
+    }
+
+
+# ----------------------------------------------------------------------------------------- prompts
+def split_prompt(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
+    """(prompt, reference ids): the prompt is the sample up to its first assistant token (it ends with
+    ``<|im_start|>assistant\\n``); the reference is that assistant turn's labelled tokens (with its
+    ``<|im_end|>``). Raises ValueError naming the key if the sample has no labelled token."""
+    lab = sample.labels_l
+    nz = (lab != -100).nonzero()
+    if nz.numel() == 0:
+        raise ValueError(f"sample {sample.key!r} has no assistant tokens to evaluate")
+    first = int(nz[0])
+    end = first
+    while end < lab.numel() and int(lab[end]) != -100:
+        end += 1
+    prompt = replace(sample, input_ids_l=sample.input_ids_l[:first], labels_l=sample.labels_l[:first],
+                     position_ids_3l=sample.position_ids_3l[:, :first])
+    return prompt, sample.input_ids_l[first:end].tolist()
+
+
+def _text_prompt(ids: list[int]) -> EncodedSample:
+    """A text-only prompt (filler for ranks with fewer grounding samples than others)."""
+    from rynnscale.models.qwen3_vl.mrope import text_position_ids
+
+    t = torch.tensor(ids, dtype=torch.long)
+    return EncodedSample(key="filler", input_ids_l=t, labels_l=torch.full_like(t, -100),
+                         position_ids_3l=text_position_ids(len(ids)))
+
+
+# ----------------------------------------------------------------------------------------- evaluator
+class Evaluator:
+    """Held-out evaluation of one data-parallel rank (see the module docstring).
+
+    Trainer hook: ``Evaluator.from_run(cfg, args, ctx)`` once (generates the synthetic eval set on rank 0
+    if needed), then ``record.update(evaluator.evaluate(model, ctx))`` every ``eval.every_steps``."""
+
+    def __init__(self, cfg: Any, args: Any, rank: int = 0, world_size: int = 1):
+        from rynnscale.data.balance import CostModel
+        from rynnscale.data.pipeline import build_encoder
+        from rynnscale.data.reader import expand_shard_patterns
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Evaluator: rank {rank} is outside [0, world_size={world_size})")
+        self.cfg, self.args, self.rank, self.world_size = cfg, args, rank, world_size
+        self.patterns = eval_shard_patterns(cfg)
+        try:
+            self.shards = expand_shard_patterns(self.patterns)
+        except ValueError as e:
+            raise ValueError(f"eval.shards {self.patterns}: {e} (a synthetic eval set is generated by "
+                             "ensure_eval_data / Evaluator.from_run)") from None
+        self.encoder = build_encoder(cfg, args)
+        self.cost_model = CostModel.from_args(args)
+        tok = self.encoder.tok
+        self.eos_ids = [tok.token_to_id(IM_END)]
+        if self.eos_ids[0] is None:
+            raise ValueError(f"the tokenizer has no {IM_END} token (needed to end generations)")
+        self._samples: list[tuple[EncodedSample, list[int]]] | None = None
+
+    @classmethod
+    def from_run(cls, cfg: Any, args: Any, ctx: Any) -> Evaluator:
+        """Generate the synthetic eval set on rank 0 if it is the held-out set (others wait), then build."""
+        if ctx.rank == 0:
+            ensure_eval_data(cfg)
+        ctx.barrier()
+        return cls(cfg, args, ctx.rank, ctx.world_size)
+
+    # -- data
+    def loader(self):
+        """A fresh finite loader over the held-out shards: one epoch, no shuffling, this rank's split."""
+        from rynnscale.data.loader import LoaderConfig, TrainLoader
+
+        lc = LoaderConfig.from_run_config(self.cfg, train_shards=list(self.patterns), mixture=[], num_epochs=1,
+                                          shuffle_buffer=0, shuffle_shards=False, num_workers=0,
+                                          micro_batches_per_step=1, min_samples_for_bad_check=1 << 62,
+                                          cost_model=self.cost_model)
+        return TrainLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size)
+
+    def grounding_samples(self) -> list[tuple[EncodedSample, list[int]]]:
+        """This rank's (prompt, reference ids) pairs: of the first ``eval.grounding_samples`` held-out samples
+        (shard order) whose reference answer has tags, every ``world_size``-th one. Cached."""
+        if self._samples is not None:
+            return self._samples
+        from rynnscale.data.encode import SampleError
+        from rynnscale.data.reader import iter_tar_samples
+
+        want, found, mine = self.cfg.eval.grounding_samples, 0, []
+        for shard in self.shards:
+            if found >= want:
+                break
+            for raw in iter_tar_samples(shard):
+                if found >= want:
+                    break
+                if raw.is_bad:
+                    continue
+                try:
+                    sample = self.encoder.encode(raw.key, raw.members)
+                    prompt, ref_ids = split_prompt(sample)
+                except (SampleError, ValueError) as e:
+                    log.warning("eval: skipping %s in %s: %s", raw.key, shard, e)
+                    continue
+                if not parse_tags(self._decode(ref_ids), strict=False):
+                    continue
+                if found % self.world_size == self.rank:
+                    mine.append((prompt, ref_ids))
+                found += 1
+        if found < want:
+            log.warning("eval: only %d of eval.grounding_samples=%d held-out samples have tagged answers", found, want)
+        self._samples = mine
+        self._num_found = found
+        return mine
+
+    def _decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in self.eos_ids]
+        return self.encoder.tok.decode(ids, skip_special_tokens=True)
+
+    # -- the evaluation
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, ctx: Any | None = None) -> dict[str, Any]:
+        """Eval loss + grounding metrics (module docstring); ``ctx`` is the trainer's DistContext (its
+        ``sum(list) -> list`` over ranks and ``device``); None = one process on the model's device."""
+        from rynnscale.train.trainer import autocast_context
+
+        device = ctx.device if ctx is not None else next(model.parameters()).device
+        total: Callable[[list[float]], list[float]] = ctx.sum if ctx is not None else (lambda v: list(v))
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast_context(self.cfg.train.dtype, device):
+                loss_sum, n_tokens = self._eval_loss(model, device, total)
+                ground = self._grounding(model, device, total)
+        finally:
+            model.train(was_training)
+        out: dict[str, Any] = {"eval_loss": loss_sum / n_tokens if n_tokens else None, "eval_tokens": int(n_tokens)}
+        out.update(ground)
+        return out
+
+    def _eval_loss(self, model, device, total) -> tuple[float, int]:
+        cap = self.cfg.eval.max_batches
+        batches: list[PackedBatch] = []
+        for b in self.loader():
+            batches.append(b)
+            if cap and len(batches) >= cap:
+                break
+        counts = [0.0] * self.world_size
+        counts[self.rank] = float(len(batches))
+        n_forwards = int(max(total(counts)))       # every rank runs as many forwards as the busiest one
+        filler = batches[0] if batches else _filler_batch(self.eos_ids[0])
+        loss_sum, n_tok = 0.0, 0
+        chunk = self.cfg.train.loss_chunk_tokens
+        for i in range(n_forwards):
+            real = i < len(batches)
+            batch = (batches[i] if real else filler).to(device)
+            out = model(batch)
+            ls = model.loss_sum(batch, out, chunk)
+            if real:
+                loss_sum += float(ls)
+                n_tok += batch.num_target_tokens
+        loss_sum, n_tok = total([loss_sum, float(n_tok)])
+        return loss_sum, int(n_tok)
+
+    def _grounding(self, model, device, total) -> dict[str, Any]:
+        if self.cfg.eval.grounding_samples <= 0:
+            return {}
+        from rynnscale.models.qwen3_vl.generate import greedy_generate
+
+        mine = self.grounding_samples()
+        lockstep = self.world_size > 1
+        n_prompts = len(mine)
+        if lockstep:  # same number of prompts and forwards on every rank (FSDP collectives)
+            n_prompts = -(-self._num_found // self.world_size)
+        sums = dict.fromkeys(GROUNDING_SUMS, 0.0)
+        max_new = self.cfg.eval.max_new_tokens
+        for i in range(n_prompts):
+            real = i < len(mine)
+            prompt = mine[i][0] if real else _text_prompt([self.eos_ids[0]] * 2)
+            new_ids = greedy_generate(model, prompt, max_new, self.eos_ids, device=device, run_all_steps=lockstep)
+            if not real:
+                continue
+            s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
+            for k in GROUNDING_SUMS:
+                sums[k] += s[k]
+        totals = dict(zip(GROUNDING_SUMS, total([sums[k] for k in GROUNDING_SUMS])))
+        return summarize_grounding(totals)
+
+
+def _filler_batch(token_id: int) -> PackedBatch:
+    """A 2-token text row (forwards of ranks that ran out of eval batches; its loss is discarded)."""
+    ids = torch.tensor([token_id, token_id], dtype=torch.long)
+    return PackedBatch(input_ids_l=ids, labels_l=torch.tensor([-100, token_id]),
+                       position_ids_3l=torch.arange(2).expand(3, 2).clone(),
+                       cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2)
