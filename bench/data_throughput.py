@@ -23,16 +23,20 @@ other tenants of a shared core stretch the wall clock but not this (they still s
 bandwidth, so figures stay noisy). Wall-clock rates of our loader are printed too.
 
 - ours:  ``TrainLoader`` (num_workers=0) over the shards: tar reader -> shuffle -> ``SampleEncoder``
-  (PyAV seek decode, Qwen3-VL resize/patchify/normalise, chat tokenisation with labels, MRoPE positions)
-  -> ``WindowPacker`` -> ``PackedBatch`` of ``--budget`` tokens, every sample of the shards once.
+  (PyAV seek decode, Qwen3-VL resize/patchify into uint8, chat tokenisation with labels, MRoPE positions)
+  -> ``WindowPacker`` -> ``PackedBatch`` of ``--budget`` tokens (raw uint8 pixels + ``pixel_norm``: the
+  model normalises on its device), every sample of the shards once. For a like-for-like row, the same
+  pass is also timed with the rescale/normalise to float32 done on the CPU (what the GPU does).
 - HF:    transformers' own PyAV reader (``read_video_pyav``: sequential decode, what ``load_video``
   does) on the same clip bytes held in memory (no tar reading: favours HF), then
   ``Qwen3VLProcessor(text=..., videos=...)`` -> tensors (input_ids, pixel_values_videos, grid).
   No labels, no packing, no positions (all favour HF). Also timed alone on pre-decoded frames.
 
 Before timing, sample 0 of each variant is checked to give the same input_ids, grid and pixel values
-(1e-6) on both paths, so both do the same work. Each path is measured with glibc's default malloc
-and then after ``tune_malloc_for_pixel_buffers()`` (process-wide, so always second).
+(ours: the uint8 patches normalised with ``pixel_norm``; bitwise) on both paths, so both do the same
+work. Each path is measured with glibc's default malloc (the loader's own tuning switched off:
+``LoaderConfig(tune_malloc=False)``) and then after ``tune_malloc_for_pixel_buffers()`` (process-wide,
+so always second).
 
 The breakdown (ms per sample) times the components one by one on the same samples: tar read, video
 decode, visual preprocessing, tokenisation (``estimate`` minus the container probe), MRoPE positions,
@@ -364,7 +368,7 @@ def _measure(spec_path: str) -> None:
         items = [(s.key, s.members, _hf_template(json.loads(s.members["conv.json"])["conversation"]))
                  for sh in shards for s in iter_tar_samples(sh)]
         data[v] = (shards, items)
-        e0 = enc.encode(items[0][0], items[0][1])
+        e0 = enc.encode(items[0][0], items[0][1], normalize=False)  # the loader's form: raw uint8 + pixel_norm
         info: dict = {
             "samples": len(items),
             "tokens_per_clip": statistics.mean(enc.estimate(k, m)[0] for k, m, _ in items),
@@ -379,7 +383,7 @@ def _measure(spec_path: str) -> None:
             out = hf.process(items[0][2], frames, md)
             same_ids = out["input_ids"][0].tolist() == e0.input_ids_l.tolist()
             same_grid = out["video_grid_thw"].tolist() == e0.video_grid_thw.tolist()
-            pv_hf, pv = out["pixel_values_videos"], e0.pixel_values_videos
+            pv_hf, pv = out["pixel_values_videos"], e0.pixel_norm.normalize(e0.pixel_values_videos)
             diff = float((pv_hf - pv).abs().max()) if pv_hf.shape == pv.shape else float("inf")
             info["parity"] = {"input_ids_equal": same_ids, "grid_equal": same_grid, "pixel_max_abs_diff": diff,
                               "ok": same_ids and same_grid and diff <= 1e-6}
@@ -393,12 +397,14 @@ def _measure(spec_path: str) -> None:
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
-    def loader_pass(v: str, seed: int, workers: int = 0, epochs: int = 1) -> dict:
+    def loader_pass(v: str, seed: int, tuned: bool, workers: int = 0, epochs: int = 1, normalize: bool = False) -> dict:
         """Ours end to end: TrainLoader over the variant's shards, every sample once. With workers, the
-        CPU time is the main process's plus the (exited) worker's."""
+        CPU time is the main process's plus the (exited) worker's. ``tuned``: the loader's malloc tuning
+        (off in the default-malloc passes). ``normalize``: also turn each batch's uint8 pixels into the
+        model's float32 input on the CPU (``pixel_norm.normalize``, what the model does on its GPU)."""
         shards, items = data[v]
         cfg = LoaderConfig(train_shards=shards, seed=seed, micro_batch_tokens=budget, pack_window=spec["pack_window"],
-                           num_workers=workers, num_epochs=epochs)
+                           num_workers=workers, num_epochs=epochs, tune_malloc=tuned)
         loader = TrainLoader(cfg, enc)
         n = 0
         clock = cpu if workers == 0 else rusage_cpu
@@ -406,6 +412,11 @@ def _measure(spec_path: str) -> None:
         it = iter(loader)
         for b in it:
             n += b.num_samples
+            if normalize:
+                for pv in (b.pixel_values, b.pixel_values_videos):
+                    if pv is not None:
+                        del_me = b.pixel_norm.normalize(pv)
+                        del del_me
             del b
         del it  # shuts the workers down, so their CPU time is accounted
         c1, w1 = clock(), time.perf_counter()
@@ -445,7 +456,7 @@ def _measure(spec_path: str) -> None:
             c4 = cpu()
             probe_video(video)
             c5 = cpu()
-            es = enc.encode(key, members)
+            es = enc.encode(key, members, normalize=False)
             c6 = cpu()
             mrope_position_ids(es.input_ids_l, es.image_grid_thw, es.video_grid_thw,
                                spatial_merge_size=ecfg.merge_size, image_token_id=enc.ids.image_pad,
@@ -493,19 +504,23 @@ def _measure(spec_path: str) -> None:
     for mode in ("default_malloc", "tuned_malloc"):
         if mode == "tuned_malloc":
             res["malloc_tuned"] = tune_malloc_for_pixel_buffers()
+        tuned = mode == "tuned_malloc"
         for v in data:  # untimed warm-up: tokenizer caches, and (tuned) the heap grows to its working size
-            loader_pass(v, seed=0)
+            loader_pass(v, seed=0, tuned=tuned)
             if hf is not None:
                 for _, members, text in data[v][1]:
                     hf.process(text, *hf.decode(members["video.mp4"]))
-        acc = {v: {"loader": [], "ours": [], "hf": []} for v in data}
+        acc = {v: {"loader": [], "loader_norm": [], "ours": [], "hf": []} for v in data}
         for rep in range(R):
             breakdown = rep == R - 1 or not spec["quick"]  # quick: component timings in the last pass only
             for v in data:
                 n = len(data[v][1])
-                lp = loader_pass(v, seed=rep)
+                lp = loader_pass(v, seed=rep, tuned=tuned)
                 acc[v]["loader"].append(lp)
-                msg = f"  [{mode}] pass {rep + 1}/{R} {v}: ours {n / lp['cpu']:.1f} samples/cpu-s ({n / lp['wall']:.1f}/s wall)"
+                lpn = loader_pass(v, seed=rep, tuned=tuned, normalize=True)
+                acc[v]["loader_norm"].append(lpn)
+                msg = (f"  [{mode}] pass {rep + 1}/{R} {v}: ours {n / lp['cpu']:.1f} samples/cpu-s ({n / lp['wall']:.1f}/s "
+                       f"wall), + CPU normalise {n / lpn['cpu']:.1f}")
                 if hf is not None:
                     h = hf_components(v, split=breakdown)
                     acc[v]["hf"].append(h)
@@ -517,13 +532,14 @@ def _measure(spec_path: str) -> None:
             a, n = acc[v], len(data[v][1])
             med = lambda rows, k: statistics.median(r[k] for r in rows if k in r)  # noqa: E731
             r = {"ours": _rate_stats(n, [x["cpu"] for x in a["loader"]]),
+                 "ours_normalized": _rate_stats(n, [x["cpu"] for x in a["loader_norm"]]),
                  "ours_wall": _rate_stats(n, [x["wall"] for x in a["loader"]]),
                  "packing_efficiency": a["loader"][-1]["packing_efficiency"],
                  "ours_breakdown_ms": {k: med(a["ours"], k) for k in a["ours"][0]}}
             if spec["worker_epochs"]:
                 # training runs loader workers: pixel tensors then cross into the main process through shared
                 # memory. One pass of several epochs (the worker's start-up amortised), CPU of worker + main.
-                wp = loader_pass(v, seed=R, workers=1, epochs=spec["worker_epochs"])
+                wp = loader_pass(v, seed=R, tuned=tuned, workers=1, epochs=spec["worker_epochs"])
                 r["ours_1worker"] = _rate_stats(n * spec["worker_epochs"], [wp["cpu"]])
                 print(f"  [{mode}] {v}, 1 loader worker, {spec['worker_epochs']} epochs: "
                       f"{r['ours_1worker']['median']:.1f} samples/cpu-s", flush=True)
@@ -570,14 +586,22 @@ def report(res: dict, args, log) -> dict:
             r = info[mode]
             m = mode.split("_")[0]
             o = r["ours"]
-            rows = [("ours: shards -> PackedBatch (TrainLoader)", o, False)]
+            rows = [("ours: shards -> uint8 PackedBatch (TrainLoader)", o, False),
+                    ("ours + normalise to float32 on the CPU", r["ours_normalized"], True)]
             if "ours_1worker" in r:
                 rows.append(("ours, 1 loader worker (worker + main CPU)", r["ours_1worker"], False))
             if hf:
                 rows += [("HF: PyAV sequential decode + processor", r["hf"], True),
                          ("HF: processor on pre-decoded frames", r["hf_predecoded"], False)]
+            h_med = r["hf"]["median"] if hf else None
             for name, s, with_ratio in rows:
-                ratio = f"{o['median'] / s['median']:6.2f}x" if with_ratio else ""
+                # ours rows: ours/HF of that row; HF rows: ours (uint8) / HF
+                if not with_ratio or h_med is None:
+                    ratio = ""
+                elif name.startswith("ours"):
+                    ratio = f"{s['median'] / h_med:6.2f}x"
+                else:
+                    ratio = f"{o['median'] / s['median']:6.2f}x"
                 log(f"   {m:8s} {name:42s} {s['best']:6.1f} / {s['median']:6.1f} {1000 / s['median']:9.1f} {ratio:>7s} "
                     f"{_cores(target, info['tokens_per_clip'], s['median']):10.2f}")
             b = r["ours_breakdown_ms"]
@@ -588,6 +612,7 @@ def report(res: dict, args, log) -> dict:
                 f"{b['pack']:.1f} | loader rest {loader_rest:.1f}   (wall {r['ours_wall']['median']:.1f} samples/s; "
                 f"packing efficiency {100 * r['packing_efficiency']:.1f}%)")
             entry = {"ours_samples_per_s": o["median"], "ours_samples_per_s_best": o["best"],
+                     "ours_normalized_samples_per_s": r["ours_normalized"]["median"],
                      "cores_per_h100_ours": _cores(target, info["tokens_per_clip"], o["median"])}
             if "ours_1worker" in r:
                 entry.update(ours_1worker_samples_per_s=r["ours_1worker"]["median"],
@@ -600,6 +625,7 @@ def report(res: dict, args, log) -> dict:
                 log(f"   {'':8s}   decode excluded: ours {ours_nodec:.1f} ms vs HF processor {h['process']:.1f} ms "
                     f"-> {h['process'] / ours_nodec:.2f}x")
                 entry.update(hf_samples_per_s=r["hf"]["median"], ratio_vs_hf=o["median"] / r["hf"]["median"],
+                             ratio_normalized_vs_hf=r["ours_normalized"]["median"] / r["hf"]["median"],
                              ratio_vs_hf_best=o["best"] / r["hf"]["best"],
                              ratio_without_decode=h["process"] / ours_nodec,
                              cores_per_h100_hf=_cores(target, info["tokens_per_clip"], r["hf"]["median"]))
@@ -621,7 +647,8 @@ def report(res: dict, args, log) -> dict:
             e = sv[mode]
             cores = max(e["cores_per_h100_ours"], e.get("cores_per_h100_ours_1worker", 0.0))
             parts.append(f"{v} {cores:.1f} cores {'MET' if cores <= 8 else 'NOT MET'}" + (
-                f", {e['ratio_vs_hf']:.2f}x HF {'MET' if e['ratio_vs_hf'] >= 2 else 'NOT MET'}" if hf else ""))
+                f", {e['ratio_vs_hf']:.2f}x HF {'MET' if e['ratio_vs_hf'] >= 2 else 'NOT MET'}"
+                f" ({e['ratio_normalized_vs_hf']:.2f}x with the normalise on the CPU)" if hf else ""))
         with_w = any("cores_per_h100_ours_1worker" in sv[mode] for sv in summary["variants"].values())
         log(f"targets with {mode.replace('_', ' ')} on both paths (<= 8 cores per H100"
             + (", worst of 0/1 loader workers" if with_w else "") + ("; >= 2x HF" if hf else "; HF not measured")
@@ -636,7 +663,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed passes (default 3; quick 2)")
     ap.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)} (default {FULL_VARIANTS}; quick {QUICK_VARIANTS})")
     ap.add_argument("--budget", type=int, default=16384, help="tokens per packed micro-batch")
-    ap.add_argument("--pack-window", type=int, default=16, help="packer look-ahead (samples; each holds ~38 MB)")
+    ap.add_argument("--pack-window", type=int, default=16, help="packer look-ahead (samples; compressed until their pack is built)")
     ap.add_argument("--target-tokens-per-s", type=float, default=74000.0, help="trainer tokens/s per H100 to feed")
     ap.add_argument("--core", type=int, default=None, help="CPU to pin the measurement to (default: the last allowed)")
     ap.add_argument("--worker-epochs", type=int, default=3,

@@ -12,16 +12,75 @@ Tensor shapes (L = tokens in the row, P = vision patches, N = images or videos):
                                    row never pairs tokens of two different samples.
 - ``position_ids_3l``  int64 [3, L] MRoPE (temporal, height, width) positions per sample.
 - ``cu_seqlens``       int32 [S+1] sample boundaries, ``cu_seqlens[-1] == L``.
-- ``pixel_values``     float [P_img, C*T*ps*ps] image patches (HF processor layout) or None
+- ``pixel_values``     [P_img, C*T*ps*ps] image patches (HF processor layout) or None, either
+                       uint8 (raw pixel values, not normalised: 4x less host memory, worker
+                       transfer and H2D traffic; the model normalises them on its device with
+                       ``pixel_norm``) or floating (already normalised, as HF's processor outputs).
 - ``image_grid_thw``   int64 [N_img, 3] or None
 - ``pixel_values_videos`` / ``video_grid_thw`` likewise for videos.
+- ``pixel_norm``       :class:`PixelNorm`: how uint8 pixels become model input; required when a
+                       pixel tensor is uint8, set by the data path from its processor settings.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class PixelNorm:
+    """The processor's rescale + normalisation of uint8 pixels (mean / std per channel, rescale factor).
+
+    :meth:`normalize` is transformers' fast-processor arithmetic exactly (``rescale_and_normalize``):
+    the rescale is fused into float32 ``mean' = mean * (1 / rescale)``, ``std' = std * (1 / rescale)``,
+    then ``(x.float() - mean') / std'`` in float32, so it is bitwise equal to HF's ``pixel_values``
+    on any device with IEEE float32 division. Kept here, beside the batch that carries it, so the
+    data path (which knows the processor settings) and the model (which applies them) share one
+    implementation."""
+
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale: float = 1 / 255
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"PixelNorm: mean {self.mean} and std {self.std} need one value per channel")
+        if any(s == 0 for s in self.std) or not self.rescale > 0:
+            raise ValueError(f"PixelNorm: std {self.std} must be non-zero and rescale {self.rescale} > 0")
+
+    def fused(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 mean' and std' [C] with the rescale folded in (computed on the CPU as HF does, then
+        moved; cached per device so a training step makes no tiny host-to-device copies). Read-only."""
+        return _fused_mean_std(self, str(torch.device(device) if device is not None else "cpu"))
+
+    def normalize_(self, x_pd: torch.Tensor) -> torch.Tensor:
+        """In place on float32 patches [P, C*T*ps*ps] holding raw 0..255 values; returns ``x_pd``."""
+        if x_pd.dtype != torch.float32 or x_pd.dim() != 2:
+            raise ValueError(f"PixelNorm.normalize_: expected float32 [P, D] patches, got {x_pd.dtype} "
+                             f"{tuple(x_pd.shape)}")
+        C = len(self.mean)
+        if x_pd.shape[1] % C:
+            raise ValueError(f"PixelNorm: patch width {x_pd.shape[1]} is not a multiple of {C} channels")
+        mean_c, std_c = self.fused(x_pd.device)
+        view_pcx = x_pd.view(x_pd.shape[0], C, -1)  # HF column order: channel first
+        view_pcx.sub_(mean_c.view(1, C, 1)).div_(std_c.view(1, C, 1))
+        return x_pd
+
+    def normalize(self, x_pd: torch.Tensor) -> torch.Tensor:
+        """uint8 patches [P, C*T*ps*ps] -> new float32 normalised patches (same device)."""
+        if x_pd.dtype != torch.uint8:
+            raise ValueError(f"PixelNorm.normalize: expected uint8 patches, got {x_pd.dtype}")
+        return self.normalize_(x_pd.to(torch.float32))
+
+
+@functools.lru_cache(maxsize=32)
+def _fused_mean_std(norm: PixelNorm, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    mean_c = torch.tensor(norm.mean, dtype=torch.float32) * (1.0 / norm.rescale)
+    std_c = torch.tensor(norm.std, dtype=torch.float32) * (1.0 / norm.rescale)
+    return mean_c.to(device), std_c.to(device)
 
 
 @dataclass
@@ -36,6 +95,7 @@ class PackedBatch:
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
     sample_keys: list[str] = field(default_factory=list)
+    pixel_norm: PixelNorm | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +111,8 @@ class PackedBatch:
         return int((self.labels_l[1:] != -100).sum())
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> PackedBatch:
-        """Move every tensor to ``device``; cast floating tensors to ``float_dtype`` if given."""
+        """Move every tensor to ``device``; cast floating tensors to ``float_dtype`` if given (uint8
+        pixels stay uint8: the model normalises them in float32 before its own cast)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -78,6 +139,11 @@ class PackedBatch:
                 raise ValueError(f"{name} and its grid_thw must both be set or both be None")
             if pv is not None and int(grid.prod(-1).sum()) != pv.shape[0]:
                 raise ValueError(f"{name} has {pv.shape[0]} patches but its grid_thw sums to {int(grid.prod(-1).sum())}")
+            if pv is not None and pv.dtype == torch.uint8 and self.pixel_norm is None:
+                raise ValueError(f"{name} is uint8 (raw pixels) but pixel_norm is None: set it from the processor "
+                                 "settings (VisionSpec.pixel_norm) or pass normalised float pixels")
+            if pv is not None and pv.dtype != torch.uint8 and not pv.is_floating_point():
+                raise ValueError(f"{name} must be uint8 (raw) or floating (normalised), got {pv.dtype}")
 
 
 @dataclass
@@ -94,6 +160,7 @@ class EncodedSample:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    pixel_norm: PixelNorm | None = None     # set when the pixel tensors are uint8 (see PackedBatch)
 
     @property
     def num_tokens(self) -> int:

@@ -17,6 +17,11 @@ is -100, so the first token of a sample is always -100. Media are decoded, sized
 first; the expensive patchify runs only for media that survive the length check / truncation,
 and writes straight into the sample's one ``pixel_values`` tensor (no concatenation copy).
 
+Pixels: ``normalize=True`` (the default of :meth:`SampleEncoder.encode` / ``finish``) gives float32
+normalised patches, exactly HF's ``pixel_values`` (one sample for evaluation, generation, oracle
+tests); ``normalize=False`` gives raw uint8 patches plus ``pixel_norm`` (the training loader: 4x
+less memory and transfer, the model normalises on its device; bitwise the same model input).
+
 Errors are :class:`SampleError` with a ``reason`` from :data:`REASONS` and the sample key, so the
 loader can skip the sample and count it.
 """
@@ -44,7 +49,7 @@ from rynnscale.data.vision_preprocess import (
     image_size,
     image_target_size,
     patch_times,
-    patchify_normalize,
+    patchify,
     resize_thwc,
     video_target_size,
 )
@@ -220,9 +225,10 @@ class SampleEncoder:
                                          max_pixels=self.cfg.max_frame_pixels, max_frames=self.cfg.max_frames)
 
     # ------------------------------------------------------------------ public
-    def encode(self, key: str, members: dict[str, bytes]) -> EncodedSample:
-        """Encode one sample; raises :class:`SampleError` naming ``key`` and the reason."""
-        return self.finish(self.prepare(key, members))
+    def encode(self, key: str, members: dict[str, bytes], *, normalize: bool = True) -> EncodedSample:
+        """Encode one sample; raises :class:`SampleError` naming ``key`` and the reason.
+        ``normalize``: float32 normalised pixels (HF's) or raw uint8 ones + ``pixel_norm``."""
+        return self.finish(self.prepare(key, members), normalize=normalize)
 
     def prepare(self, key: str, members: dict[str, bytes]) -> PreparedSample:
         """Decode media and tokenise (raises :class:`SampleError`); pixels are patchified by :meth:`finish`."""
@@ -231,12 +237,14 @@ class SampleEncoder:
         return PreparedSample(key, ids, labels, media, 3 * spec.temporal_patch_size * spec.patch_size ** 2)
 
     def finish(self, p: PreparedSample, *, pixel_values_out: torch.Tensor | None = None,
-               pixel_values_videos_out: torch.Tensor | None = None) -> EncodedSample:
-        """Resize + patchify + normalise the prepared media and build positions.
+               pixel_values_videos_out: torch.Tensor | None = None, normalize: bool = True) -> EncodedSample:
+        """Resize + patchify (+ normalise if ``normalize``) the prepared media and build positions.
 
-        ``*_out`` (float32 [P, C*T*ps*ps], contiguous, P = ``p.patches(kind)``) receive the pixels in
-        place, e.g. a slice of a pack's buffer; the EncodedSample's pixel tensors are then those views."""
-        return self._finish(p.key, p.input_ids, p.labels, p.media, pixel_values_out, pixel_values_videos_out)
+        ``*_out`` ([P, C*T*ps*ps], contiguous, P = ``p.patches(kind)``; float32 if ``normalize`` else
+        uint8) receive the pixels in place, e.g. a slice of a pack's buffer; the EncodedSample's pixel
+        tensors are then those views. Raw uint8 pixels come with ``pixel_norm`` set."""
+        return self._finish(p.key, p.input_ids, p.labels, p.media, pixel_values_out, pixel_values_videos_out,
+                            normalize)
 
     def estimate(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
         """(tokens, vision patches) that :meth:`encode` would produce, without decoding any pixels.
@@ -552,32 +560,34 @@ class SampleEncoder:
         return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
 
     # ------------------------------------------------------------------ pixels + positions
-    def _pixels(self, key: str, kind: str, media: list[_Media], out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _pixels(self, key: str, kind: str, media: list[_Media], out: torch.Tensor | None = None,
+                normalize: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         items = [m for m in media if m.kind == kind]
         spec = self.spec
         D = 3 * spec.temporal_patch_size * spec.patch_size ** 2
         rows = [m.grid_thw[0] * m.grid_thw[1] * m.grid_thw[2] for m in items]
-        if out is not None and (tuple(out.shape) != (sum(rows), D) or out.dtype != torch.float32
+        dtype = torch.float32 if normalize else torch.uint8
+        if out is not None and (tuple(out.shape) != (sum(rows), D) or out.dtype != dtype
                                 or not out.is_contiguous()):
-            raise ValueError(f"sample {key!r}: the {kind} pixel buffer must be a contiguous float32 "
-                             f"({sum(rows)}, {D}) tensor, got {out.dtype} {tuple(out.shape)}")
+            raise ValueError(f"sample {key!r}: the {kind} pixel buffer must be a contiguous {dtype} "
+                             f"({sum(rows)}, {D}) tensor (normalize={normalize}), got {out.dtype} {tuple(out.shape)}")
         if not items:
             return None, None
         if out is None:
-            out = torch.empty(sum(rows), D, dtype=torch.float32)
+            out = torch.empty(sum(rows), D, dtype=dtype)
         r0 = 0
         for m, nrows in zip(items, rows):
             frames = resize_thwc(m.frames_thwc, m.size_hw)
-            _, grid = patchify_normalize(frames, spec, out=out[r0:r0 + nrows])
+            _, grid = patchify(frames, spec, out=out[r0:r0 + nrows], normalize=normalize)
             assert grid == m.grid_thw, (grid, m.grid_thw)
             r0 += nrows
         return out, torch.tensor([m.grid_thw for m in items], dtype=torch.long)
 
     def _finish(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media],
-                pixel_out: torch.Tensor | None = None, video_out: torch.Tensor | None = None) -> EncodedSample:
-        pv, img_grid = self._pixels(key, "image", media, pixel_out)
-        pvv, vid_grid = self._pixels(key, "video", media, video_out)
+                pixel_out: torch.Tensor | None = None, video_out: torch.Tensor | None = None,
+                normalize: bool = True) -> EncodedSample:
+        pv, img_grid = self._pixels(key, "image", media, pixel_out, normalize)
+        pvv, vid_grid = self._pixels(key, "video", media, video_out, normalize)
         input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
         labels_l = torch.from_numpy(np.ascontiguousarray(labels))
         labels_l[0] = -100
@@ -585,4 +595,5 @@ class SampleEncoder:
                                     image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad)
         return EncodedSample(key=key, input_ids_l=input_ids_l, labels_l=labels_l, position_ids_3l=pos_3l,
                              pixel_values=pv, image_grid_thw=img_grid, pixel_values_videos=pvv,
-                             video_grid_thw=vid_grid)
+                             video_grid_thw=vid_grid,
+                             pixel_norm=None if normalize else self.spec.pixel_norm)

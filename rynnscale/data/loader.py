@@ -39,7 +39,8 @@ avoid both.
 Memory and copies. With an encoder that has ``estimate`` / ``prepare`` / ``finish``
 (``SampleEncoder``) samples are packed on their exact ``estimate`` (container probe + tokeniser, no
 pixel decoding), so the window holds compressed samples only; a pack's samples are decoded when it
-is materialised and patchified straight into ONE pixel buffer per pack (in shared memory inside a
+is materialised and patchified straight into ONE uint8 pixel buffer per pack (raw pixels; the
+model normalises them on its device with the batch's ``pixel_norm``; in shared memory inside a
 DataLoader worker, so handing the batch to the main process copies no pixels). Peak pixel memory
 per worker is then about one pack (plus the ``prefetch_factor`` batches queued). Each loader process
 calls ``tune_malloc_for_pixel_buffers()`` once (``tune_malloc``, default on). Encoders with only
@@ -220,16 +221,17 @@ def _tune_malloc_once() -> None:
             log.info("data: glibc mallopt is unavailable; pixel buffers use the default allocator")
 
 
-def _pixel_buffer(rows: int, cols: int, shared: bool) -> torch.Tensor:
-    """float32 [rows, cols], uninitialised; in shared memory when ``shared`` (a DataLoader worker),
-    so sending the batch to the main process passes a file descriptor instead of copying the pixels."""
+def _pixel_buffer(rows: int, cols: int, shared: bool, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """``dtype`` [rows, cols] (raw uint8 pixels by default), uninitialised; in shared memory when ``shared``
+    (a DataLoader worker), so sending the batch to the main process passes a file descriptor instead of
+    copying the pixels."""
     if not shared:
-        return torch.empty(rows, cols, dtype=torch.float32)
+        return torch.empty(rows, cols, dtype=dtype)
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # allocates shm without a copy
     if new_shared is None:
-        return torch.empty(rows, cols, dtype=torch.float32).share_memory_()
-    storage = new_shared(rows * cols * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, (rows, cols))
+        return torch.empty(rows, cols, dtype=dtype).share_memory_()
+    storage = new_shared(rows * cols * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (rows, cols))
 
 
 class _ManifestHints:
@@ -313,6 +315,10 @@ class _WorkerPipeline:
             raise RuntimeError(f"encoder.{what} failed on shard {shard!r} key {key!r}: {type(e).__name__}: {e}") from e
 
     def _encode(self, shard: str, key: str, members: dict) -> EncodedSample:
+        """Encode eagerly; a staged encoder (SampleEncoder) gives raw uint8 pixels, as in the fast path."""
+        if self.staged:
+            prepared = self._call("prepare", shard, key, key, members)
+            return self._call("finish", shard, key, prepared, normalize=False)
         return self._call("encode", shard, key, key, members)
 
     def _estimate(self, s: RawSample) -> tuple[int, int]:
@@ -335,7 +341,7 @@ class _WorkerPipeline:
     def _item(self, s: RawSample, carried: int = 0) -> PackItem:
         """PackItem for a raw sample (may raise SampleError). Without balancing, an encoder with
         ``estimate`` sizes it (exact, no pixel decoding) and it is encoded when its pack is built,
-        so the window holds compressed samples, not ~40 MB of float pixels per clip."""
+        so the window holds compressed samples, not ~10 MB of decoded pixels per clip."""
         if self.G == 1 and self.can_estimate:
             t, v = self._call("estimate", s.shard, s.key, s.key, s.members)
             return PackItem(s.key, int(t), int(v), _Entry(s.position, s.members), carried)
@@ -429,7 +435,7 @@ class _WorkerPipeline:
         for e, sl in zip(entries, slices):
             if e.encoded is None:
                 e.encoded = self._call("finish", e.pos[0], e.pos[2], e.prepared, pixel_values_out=sl.get("image"),
-                                       pixel_values_videos_out=sl.get("video"))
+                                       pixel_values_videos_out=sl.get("video"), normalize=False)
                 e.prepared = None
             samples.append(e.encoded)
         return build_packed_batch(samples, pixel_values=bufs["image"], pixel_values_videos=bufs["video"])

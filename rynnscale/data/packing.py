@@ -162,9 +162,25 @@ def build_packed_batch(samples: Sequence[EncodedSample], *, pixel_values: torch.
 
     ``pixel_values`` / ``pixel_values_videos``: a pack buffer the samples' pixels were already
     encoded into, back to back in sample order (``SampleEncoder.finish(..., *_out=buf[r0:r1])``);
-    it becomes the batch's tensor as is, saving a copy of every pixel (checked by address)."""
+    it becomes the batch's tensor as is, saving a copy of every pixel (checked by address).
+
+    Pixels are uint8 (raw, the samples' common ``pixel_norm`` goes into the batch) or float
+    (normalised) in all samples of a pack, never mixed (``torch.cat`` would silently promote)."""
     if not samples:
         raise ValueError("build_packed_batch needs at least one sample")
+    norms = {s.pixel_norm for s in samples if s.pixel_norm is not None}
+    if len(norms) > 1:
+        raise ValueError(f"samples {[s.key for s in samples]} carry different pixel_norm values {sorted(map(str, norms))}: "
+                         "one pack must come from one processor setting")
+    pixel_norm = next(iter(norms)) if norms else None
+    raw = {(s.key, name, getattr(s, name).dtype == torch.uint8) for s in samples
+           for name in ("pixel_values", "pixel_values_videos") if getattr(s, name) is not None}
+    if len({r for _, _, r in raw}) > 1:
+        raise ValueError("a pack mixes raw uint8 and normalised float pixels: "
+                         f"{sorted((k, n, 'uint8' if r else 'float') for k, n, r in raw)}; encode all its samples "
+                         "the same way (SampleEncoder normalize=...)")
+    if any(r for _, _, r in raw) and pixel_norm is None:
+        raise ValueError(f"samples {[k for k, _, r in raw if r]} have uint8 pixels but no pixel_norm")
     lens = []
     for s in samples:
         L = s.num_tokens
@@ -209,6 +225,7 @@ def build_packed_batch(samples: Sequence[EncodedSample], *, pixel_values: torch.
         pixel_values_videos=cat("pixel_values_videos", pixel_values_videos),
         video_grid_thw=cat("video_grid_thw"),
         sample_keys=[s.key for s in samples],
+        pixel_norm=pixel_norm,
     )
     batch.validate()
     return batch

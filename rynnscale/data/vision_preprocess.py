@@ -4,15 +4,20 @@ Numerically equal to transformers' ``Qwen2VLImageProcessor`` (torchvision backen
 one) and ``Qwen3VLVideoProcessor`` with Qwen3-VL's checkpoint settings (patch 16, temporal patch
 2, merge 2, mean = std = 0.5, image pixels in [65536, 16777216], video pixels in
 [4096, 25165824] counted over ALL frames of the clip): the resize is torch's native uint8
-bicubic + antialias kernel (what torchvision calls on CPU), normalisation is
-``(x - mean * 255) / (std * 255)`` in float32, and patches come out as ``[P, C*T*ps*ps]`` in HF's
-order, so tests compare with the HF processor to 1e-6 (bitwise in practice).
+bicubic + antialias kernel (what torchvision calls on CPU), and patches come out as
+``[P, C*T*ps*ps]`` in HF's order.
 
-It is faster than the HF path because it stays in uint8 until the very last step: frames arrive
-as ``[T, H, W, 3]`` (what decoders produce) and are resized as a channels-last view (no layout
-copy); the patch permutation, the temporal padding (last frame repeated) and the image's
-temporal duplication are ONE strided copy that also converts to float32 straight into the
-output tensor; normalisation then runs in place. HF copies the float tensor 3-4 times.
+Patches are uint8 by default: the raw pixel values in HF's patch order, NOT normalised. The
+rescale + normalisation (``VisionSpec.pixel_norm``, i.e. ``(x - mean / rescale) / (std / rescale)``
+in float32, HF's fused arithmetic) runs where the pixels are used -- the model does it on its
+device -- which makes host pixel memory, DataLoader worker transfer and H2D copies 4x smaller.
+``normalize_patches(uint8, spec)`` gives exactly HF's float32 ``pixel_values`` (tests: bitwise).
+
+It is faster than the HF path because it stays in uint8: frames arrive as ``[T, H, W, 3]`` (what
+decoders produce) and are resized as a channels-last view (no layout copy); the patch permutation,
+the temporal padding (last frame repeated) and the image's temporal duplication are ONE strided
+copy straight into the output tensor (float32 output: the copy converts, normalisation then runs
+in place). HF copies a float tensor 3-4 times.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rynnscale.data.batch import PixelNorm
 
 
 class ImageError(ValueError):
@@ -62,12 +69,17 @@ class VisionSpec:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    @property
+    def pixel_norm(self) -> PixelNorm:
+        """The rescale + normalisation that turns this spec's uint8 patches into model input."""
+        return PixelNorm(tuple(self.image_mean), tuple(self.image_std), self.rescale_factor)
+
 
 @dataclass
 class VisualInput:
     """One preprocessed image or video."""
 
-    pixel_values: torch.Tensor          # float32 [P, C*T*ps*ps], P = t*h*w
+    pixel_values: torch.Tensor          # uint8 [P, C*T*ps*ps], P = t*h*w (raw; see normalize_patches)
     grid_thw: tuple[int, int, int]      # patch grid before the spatial merge
     patch_times_s: list[float] | None = None   # video only: mean time of each temporal patch
 
@@ -162,22 +174,22 @@ def resize_thwc(frames_thwc: torch.Tensor, size_hw: tuple[int, int]) -> torch.Te
     return y_tchw.permute(0, 2, 3, 1).contiguous()  # no copy when the kernel kept channels_last
 
 
-def _fused_mean_std(spec: VisionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF fuses the 1/255 rescale into mean/std (float32): mean' = mean / rescale, std' = std / rescale."""
-    mean = torch.tensor(spec.image_mean) * (1.0 / spec.rescale_factor)
-    std = torch.tensor(spec.image_std) * (1.0 / spec.rescale_factor)
-    return mean, std
+def normalize_patches(x_pd: torch.Tensor, spec: VisionSpec) -> torch.Tensor:
+    """uint8 patches [P, C*T*ps*ps] -> float32 model input, exactly HF's ``pixel_values``
+    (``spec.pixel_norm.normalize``; the model does the same on its device)."""
+    return spec.pixel_norm.normalize(x_pd)
 
 
-def patchify_normalize(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, C] (H, W multiples of patch*merge) -> float32 patches [P, C*tp*ps*ps], grid.
+def patchify(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | None = None, *,
+             normalize: bool = False) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 frames [T, H, W, C] (H, W multiples of patch*merge) -> patches [P, C*tp*ps*ps], grid.
 
+    uint8 raw patches by default; ``normalize=True``: float32 normalised (HF's ``pixel_values``).
     Row order: temporal patch, merged-block row, merged-block column, row in block, column in block;
     column order: channel, frame in temporal patch, patch row, patch column (HF's layout). A clip
     whose length is not a multiple of ``tp`` is padded by repeating its last frame; an image
-    (T = 1) becomes one temporal patch of ``tp`` identical frames. ``out`` (float32 [P, D], contiguous)
-    receives the result in place, e.g. a slice of a sample's pixel_values for several media."""
+    (T = 1) becomes one temporal patch of ``tp`` identical frames. ``out`` ([P, D], contiguous, uint8
+    or float32 per ``normalize``) receives the result in place, e.g. a slice of a pack's buffer."""
     T, H, W, C = frames_thwc.shape
     ps, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     if H % (ps * m) or W % (ps * m):
@@ -190,11 +202,13 @@ def patchify_normalize(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.T
     gt = gt_full + (1 if rem else 0)
     P_per_t = gh * gw
     shape = (gt * P_per_t, C * tp * ps * ps)
+    dtype = torch.float32 if normalize else torch.uint8
     if out is None:
-        out_pd = torch.empty(shape, dtype=torch.float32)
+        out_pd = torch.empty(shape, dtype=dtype)
     else:
-        if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 {shape} tensor, got {out.dtype} {tuple(out.shape)}")
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} {shape} tensor (normalize={normalize}), "
+                             f"got {out.dtype} {tuple(out.shape)}")
         out_pd = out
     # output block view: [gt, gh/m, gw/m, m, m, C, tp, ps, ps]
     out_blocks = out_pd.view(gt, gh // m, gw // m, m, m, C, tp, ps, ps)
@@ -212,10 +226,15 @@ def patchify_normalize(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.T
             tail = torch.cat([x_tchw[gt_full * tp:], x_tchw[T - 1:].expand(tp - rem, C, H, W)])
         src = tail.reshape(1, tp, C, gh // m, m, ps, gw // m, m, ps)
         out_blocks[gt_full:].copy_(src.permute(order))
-    mean, std = _fused_mean_std(spec)
-    view = out_pd.view(-1, C, tp * ps * ps)
-    view.sub_(mean.view(1, C, 1)).div_(std.view(1, C, 1))
+    if normalize:
+        spec.pixel_norm.normalize_(out_pd)
     return out_pd, (gt, gh, gw)
+
+
+def patchify_normalize(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """:func:`patchify` into float32 normalised patches (HF's ``pixel_values``)."""
+    return patchify(frames_thwc, spec, out, normalize=True)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -234,18 +253,18 @@ def as_uint8_tensor(x, what: str) -> torch.Tensor:
 
 
 def preprocess_image(image_hwc, spec: VisionSpec = VisionSpec()) -> VisualInput:
-    """RGB uint8 image [H, W, 3] -> patches [h*w, 3*tp*ps*ps] with grid (1, h, w)."""
+    """RGB uint8 image [H, W, 3] -> uint8 patches [h*w, 3*tp*ps*ps] with grid (1, h, w)."""
     img = as_uint8_tensor(image_hwc, "image")
     if img.dim() != 3 or img.shape[-1] != 3:
         raise ValueError(f"image: expected [H, W, 3], got {tuple(img.shape)}")
     h, w = image_target_size(int(img.shape[0]), int(img.shape[1]), spec)
     frames = resize_thwc(img.unsqueeze(0), (h, w))
-    pv, grid = patchify_normalize(frames, spec)
+    pv, grid = patchify(frames, spec)
     return VisualInput(pv, grid)
 
 
 def preprocess_video(frames_thwc, timestamps_s, spec: VisionSpec = VisionSpec()) -> VisualInput:
-    """RGB uint8 frames [T, H, W, 3] + their times (s) -> patches [t*h*w, 3*tp*ps*ps], grid, patch times."""
+    """RGB uint8 frames [T, H, W, 3] + their times (s) -> uint8 patches [t*h*w, 3*tp*ps*ps], grid, patch times."""
     frames = as_uint8_tensor(frames_thwc, "video")
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"video: expected [T>0, H, W, 3], got {tuple(frames.shape)}")
@@ -254,7 +273,7 @@ def preprocess_video(frames_thwc, timestamps_s, spec: VisionSpec = VisionSpec())
         raise ValueError(f"video: {frames.shape[0]} frames but {len(ts)} timestamps")
     T, H, W, _ = frames.shape
     h, w = video_target_size(int(T), int(H), int(W), spec)
-    pv, grid = patchify_normalize(resize_thwc(frames, (h, w)), spec)
+    pv, grid = patchify(resize_thwc(frames, (h, w)), spec)
     return VisualInput(pv, grid, patch_times(ts, spec.temporal_patch_size))
 
 
@@ -320,7 +339,7 @@ def decode_image(data: bytes, max_pixels: int = 8192 * 8192, max_bytes: int = 25
 def tune_malloc_for_pixel_buffers(threshold_bytes: int = 1 << 30) -> bool:
     """Let glibc reuse freed large blocks instead of mmap-ing fresh pages for every pixel tensor.
 
-    A 16-frame 448x448 clip makes a 38 MB float32 ``pixel_values``; glibc serves blocks that big
+    A 16-frame 448x448 clip makes a 9.6 MB uint8 (38 MB float32) ``pixel_values``; glibc serves blocks that big
     with a fresh ``mmap`` each time, and first-touch page faults then cost more than the
     preprocessing itself (measured: 34 ms -> 13 ms per clip on one core). Raising the mmap and trim
     thresholds keeps freed blocks in the heap for reuse. Process-wide, so it is opt-in: call it once

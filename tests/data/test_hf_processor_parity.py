@@ -38,6 +38,7 @@ from rynnscale.data.vision_preprocess import (  # noqa: E402
     VisionSpec,
     decode_image,
     format_timestamp,
+    normalize_patches,
     preprocess_image,
     preprocess_video,
 )
@@ -59,6 +60,7 @@ if not (G1_DIR.is_dir() and FRAMES.is_dir()):
 G1_VIDEOS = sorted(G1_DIR.glob("*.mp4"))
 ALL_JPGS = sorted(FRAMES.glob("*/*.jpg"))
 TOL = dict(rtol=0, atol=1e-6)
+EXACT = dict(rtol=0, atol=0)  # our uint8 patches normalised with HF's fused float32 arithmetic: bitwise
 
 
 def hf_image_processor(spec: VisionSpec) -> Qwen2VLImageProcessor:
@@ -94,7 +96,9 @@ def test_all_real_frames_default_settings():
         want = hf(images=[Image.open(f)], return_tensors="pt")
         got = preprocess_image(decode_image(f.read_bytes()))
         assert want["image_grid_thw"].tolist() == [list(got.grid_thw)], f
-        torch.testing.assert_close(got.pixel_values, want["pixel_values"], **TOL, msg=str(f))
+        assert got.pixel_values.dtype == torch.uint8
+        torch.testing.assert_close(normalize_patches(got.pixel_values, VisionSpec()), want["pixel_values"], **EXACT,
+                                   msg=str(f))
 
 
 @pytest.mark.parametrize("lo,hi", [(4096, 200 * 200), (1024 * 1024, 2048 * 2048), (65536, 300 * 257)])
@@ -105,7 +109,7 @@ def test_real_frames_resized(lo, hi):
         want = hf(images=[Image.open(f)], return_tensors="pt")
         got = preprocess_image(decode_image(f.read_bytes()), spec)
         assert want["image_grid_thw"].tolist() == [list(got.grid_thw)]
-        torch.testing.assert_close(got.pixel_values, want["pixel_values"], **TOL)
+        torch.testing.assert_close(normalize_patches(got.pixel_values, spec), want["pixel_values"], **EXACT)
 
 
 # ----------------------------------------------------------------------------- videos
@@ -123,7 +127,7 @@ def test_g1_videos_default_settings(path):
     np.testing.assert_array_equal(dv.indices, md.frames_indices)
     got = preprocess_video(dv.frames_thwc, dv.timestamps_s, spec)
     assert want["video_grid_thw"].tolist() == [list(got.grid_thw)]
-    torch.testing.assert_close(got.pixel_values, want["pixel_values_videos"], **TOL)
+    torch.testing.assert_close(normalize_patches(got.pixel_values, spec), want["pixel_values_videos"], **EXACT)
     hf_times = Qwen3VLProcessor._calculate_timestamps(None, md.frames_indices, md.fps, 2)
     assert [format_timestamp(t) for t in got.patch_times_s] == [format_timestamp(t) for t in hf_times]
 
@@ -140,7 +144,7 @@ def test_g1_video_resized_and_odd(fps, spec):
     np.testing.assert_array_equal(dv.indices, md.frames_indices)
     got = preprocess_video(dv.frames_thwc, dv.timestamps_s, spec)
     assert want["video_grid_thw"].tolist() == [list(got.grid_thw)]
-    torch.testing.assert_close(got.pixel_values, want["pixel_values_videos"], **TOL)
+    torch.testing.assert_close(normalize_patches(got.pixel_values, spec), want["pixel_values_videos"], **EXACT)
 
 
 # ----------------------------------------------------------------------------- whole conversations
@@ -195,8 +199,13 @@ def test_conversation_matches_hf_processor(hf_processor):
         assert int((ours.input_ids_l == tid).sum()) == int((hf["input_ids"][0] == tid).sum())
     assert ours.image_grid_thw.tolist() == hf["image_grid_thw"].tolist()
     assert ours.video_grid_thw.tolist() == hf["video_grid_thw"].tolist()
-    torch.testing.assert_close(ours.pixel_values, hf["pixel_values"], **TOL)
-    torch.testing.assert_close(ours.pixel_values_videos, hf["pixel_values_videos"], **TOL)
+    torch.testing.assert_close(ours.pixel_values, hf["pixel_values"], **EXACT)
+    torch.testing.assert_close(ours.pixel_values_videos, hf["pixel_values_videos"], **EXACT)
+    # the training loader's form: raw uint8 + pixel_norm, normalised where the model runs
+    raw = SampleEncoder(load_tokenizer(None), EncoderConfig()).encode("conv-1", members, normalize=False)
+    assert raw.pixel_values.dtype == raw.pixel_values_videos.dtype == torch.uint8
+    torch.testing.assert_close(raw.pixel_norm.normalize(raw.pixel_values), hf["pixel_values"], **EXACT)
+    torch.testing.assert_close(raw.pixel_norm.normalize(raw.pixel_values_videos), hf["pixel_values_videos"], **EXACT)
     # the two answers (and their <|im_end|>) are the only labeled tokens
     lab = ours.labels_l[ours.labels_l != -100].tolist()
     assert hf_processor.tokenizer.decode(lab) == (

@@ -1,6 +1,7 @@
 """The loader's fast path (estimate -> pack -> prepare -> finish into one pack buffer) gives batches
 byte-identical to the eager path (encode every sample, pack, concatenate), holds no decoded pixels in
-the packing window, and puts worker pack buffers in shared memory."""
+the packing window, and puts worker pack buffers in shared memory. Batches carry raw uint8 pixels
+plus the encoder's ``pixel_norm``; normalising them gives the encoder's float32 pixels bitwise."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class EagerOnly:
         self.enc = enc
 
     def encode(self, key: str, members: dict[str, bytes]):
-        return self.enc.encode(key, members)
+        return self.enc.encode(key, members, normalize=False)
 
 
 def _jpeg(h: int, w: int, seed: int) -> bytes:
@@ -96,6 +97,10 @@ def test_fast_path_batches_equal_eager_path(shards, enc, workers: int, balance_g
         assert fast_loader.stats()["estimate_overflow"] == 0 and fast_loader.bad_counts == {}
         kinds = {(b.pixel_values is not None, b.pixel_values_videos is not None) for b in fast}
         assert (True, True) in kinds or ws == 2  # packs mixing images and videos went through the buffers
+        for b in fast:
+            assert b.pixel_norm == enc.spec.pixel_norm
+            for pv in (b.pixel_values, b.pixel_values_videos):
+                assert pv is None or pv.dtype == torch.uint8
     if ws == 1:
         assert sum(b.num_samples for b in fast) == 36
 
@@ -128,20 +133,32 @@ def test_build_packed_batch_uses_the_pack_buffer_only_when_samples_fill_it(enc, 
     buf = _pixel_buffer(sum(rows), prepared[0].pixel_dim, shared=False)
     samples, r0 = [], 0
     for p, n in zip(prepared, rows):
-        samples.append(enc.finish(p, pixel_values_videos_out=buf[r0:r0 + n]))
+        samples.append(enc.finish(p, pixel_values_videos_out=buf[r0:r0 + n], normalize=False))
         r0 += n
     b = build_packed_batch(samples, pixel_values_videos=buf)
     assert b.pixel_values_videos is buf
-    ref = build_packed_batch([enc.encode(s.key, s.members) for s in raws])
+    ref = build_packed_batch([enc.encode(s.key, s.members, normalize=False) for s in raws])
     _assert_same([b], [ref])
+    assert b.pixel_values_videos.dtype == torch.uint8 and b.pixel_norm == enc.spec.pixel_norm
+    # raw + pixel_norm is bitwise the normalised float32 the encoder gives by default (HF's pixel_values)
+    floats = build_packed_batch([enc.encode(s.key, s.members) for s in raws])
+    assert floats.pixel_norm is None and floats.pixel_values_videos.dtype == torch.float32
+    assert torch.equal(b.pixel_norm.normalize(b.pixel_values_videos), floats.pixel_values_videos)
+    with pytest.raises(ValueError, match="mixes raw uint8 and normalised float"):
+        build_packed_batch([samples[0], enc.encode(raws[1].key, raws[1].members)])
     with pytest.raises(ValueError, match="is not rows"):
         build_packed_batch(samples[::-1], pixel_values_videos=buf)
     with pytest.raises(ValueError, match="pack buffer has"):
         build_packed_batch(samples[:2], pixel_values_videos=buf)
     with pytest.raises(ValueError, match="pixel buffer must be"):
-        enc.finish(prepared[0], pixel_values_videos_out=buf[:1])
+        enc.finish(prepared[0], pixel_values_videos_out=buf[:1], normalize=False)
+    with pytest.raises(ValueError, match="pixel buffer must be a contiguous torch.uint8"):
+        enc.finish(prepared[0], pixel_values_videos_out=buf[:rows[0]].float(), normalize=False)
     shm = _pixel_buffer(4, 6, shared=True)
-    assert shm.is_shared() and shm.shape == (4, 6) and shm.dtype == torch.float32 and shm.is_contiguous()
+    assert shm.is_shared() and shm.shape == (4, 6) and shm.dtype == torch.uint8 and shm.is_contiguous()
+    shm[:] = 7  # the whole allocation is addressable (storage sized in bytes of the dtype)
+    shm32 = _pixel_buffer(4, 6, shared=True, dtype=torch.float32)
+    assert shm32.is_shared() and shm32.dtype == torch.float32 and shm32.untyped_storage().nbytes() == 96
 
 
 def test_tune_malloc_config_key() -> None:

@@ -20,7 +20,9 @@ from rynnscale.data.vision_preprocess import (
     ImageError,
     VisionSpec,
     decode_image,
+    normalize_patches,
     patch_times,
+    patchify,
     patchify_normalize,
     preprocess_image,
     preprocess_video,
@@ -111,6 +113,13 @@ def test_patchify_matches_transformers_video_layout(T):
     want, gt, gh, gw = Qwen3VLVideoProcessor.patchify(None, video, patch_size=16, merge_size=2, temporal_patch_size=2)
     assert grid == (gt, gh, gw) == ((T + 1) // 2, 4, 6)
     torch.testing.assert_close(got, want[0], rtol=0, atol=0)
+    # the uint8 path: the same rearrangement of the raw values; normalising it gives HF's floats bitwise
+    raw, grid_raw = patchify(x_thwc, spec)
+    want_raw = Qwen3VLVideoProcessor.patchify(None, x_thwc.permute(0, 3, 1, 2).float().unsqueeze(0), patch_size=16,
+                                              merge_size=2, temporal_patch_size=2)[0]
+    assert raw.dtype == torch.uint8 and grid_raw == grid
+    torch.testing.assert_close(raw.float(), want_raw[0], rtol=0, atol=0)
+    torch.testing.assert_close(normalize_patches(raw, spec), want[0], rtol=0, atol=0)
 
 
 def test_image_patchify_matches_transformers_image_layout():
@@ -123,6 +132,8 @@ def test_image_patchify_matches_transformers_image_layout():
     want, gh, gw = Qwen2VLImageProcessorPil.patchify(None, chw, patch_size=16, merge_size=2, temporal_patch_size=2)
     assert grid == (1, gh, gw) == (1, 6, 4)
     np.testing.assert_array_equal(got.numpy(), want)
+    raw, _ = patchify(x_hwc.unsqueeze(0), VisionSpec())
+    np.testing.assert_array_equal(normalize_patches(raw, VisionSpec()).numpy(), want)
 
 
 def test_patchify_writes_into_out_and_checks_it():
@@ -135,6 +146,11 @@ def test_patchify_writes_into_out_and_checks_it():
     assert (big[:2] == 0).all()
     with pytest.raises(ValueError, match="out must be"):
         patchify_normalize(x, spec, out=big[:5])
+    with pytest.raises(ValueError, match="out must be a contiguous torch.uint8"):
+        patchify(x, spec, out=big[2:10])  # raw patches need a uint8 buffer
+    raw_big = torch.zeros(10, 1536, dtype=torch.uint8)
+    patchify(x, spec, out=raw_big[2:10])
+    torch.testing.assert_close(normalize_patches(raw_big[2:10], spec), ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiple of"):
         patchify_normalize(torch.zeros(2, 40, 32, 3, dtype=torch.uint8), spec)
 
@@ -188,8 +204,8 @@ def test_real_frame_shapes_and_values():
     assert img.shape == (480, 720, 3)
     out = preprocess_image(img)
     assert out.grid_thw == (1, 30, 44) and out.num_tokens(2) == 330  # ANCHORS: 720x480 -> 704x480, 330 tokens
-    assert out.pixel_values.shape == (1320, 1536) and out.pixel_values.dtype == torch.float32
-    assert out.pixel_values.min() >= -1 and out.pixel_values.max() <= 1
+    assert out.pixel_values.shape == (1320, 1536) and out.pixel_values.dtype == torch.uint8
+    assert normalize_patches(out.pixel_values, VisionSpec()).abs().max() <= 1
     # both temporal copies of an image patch are identical
     pv = out.pixel_values.view(1320, 3, 2, 256)
     torch.testing.assert_close(pv[:, :, 0], pv[:, :, 1], rtol=0, atol=0)
@@ -212,3 +228,19 @@ def test_malloc_tuning_on_glibc_keeps_results():
     before = preprocess_video(frames, [0.0, 0.5, 1.0, 1.5]).pixel_values
     assert tune_malloc_for_pixel_buffers() is (platform.libc_ver()[0] == "glibc")
     torch.testing.assert_close(preprocess_video(frames, [0.0, 0.5, 1.0, 1.5]).pixel_values, before, rtol=0, atol=0)
+
+
+def test_pixel_norm_other_settings_and_errors():
+    """Non-default mean / std / rescale follow HF's fused float32 arithmetic per channel."""
+    torch.manual_seed(0)
+    spec = VisionSpec(image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+                      rescale_factor=1 / 127.5)
+    raw, _ = patchify(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8), spec)
+    mean = torch.tensor(spec.image_mean) * (1.0 / spec.rescale_factor)
+    std = torch.tensor(spec.image_std) * (1.0 / spec.rescale_factor)
+    want = raw.float().view(-1, 3, 512).sub(mean.view(1, 3, 1)).div(std.view(1, 3, 1)).view(-1, 1536)
+    torch.testing.assert_close(normalize_patches(raw, spec), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected uint8"):
+        spec.pixel_norm.normalize(raw.float())
+    with pytest.raises(ValueError, match="non-zero"):
+        VisionSpec(image_std=(0.5, 0.0, 0.5)).pixel_norm

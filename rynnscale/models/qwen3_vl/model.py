@@ -140,6 +140,11 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"PackedBatch has {name} pixel values but no {name}_grid_thw")
+            if pv.dtype == torch.uint8:  # raw pixels from the data path: normalise here, on the model's device
+                if batch.pixel_norm is None:
+                    raise ValueError(f"PackedBatch {name} pixel values are uint8 (raw) but batch.pixel_norm is None; "
+                                     "the data path must set it (VisionSpec.pixel_norm)")
+                pv = batch.pixel_norm.normalize(pv)  # float32, bitwise HF's pixel_values
             pix.append(pv)
             grids.append(grid)
             kinds.append((tok, name, int(grid.prod(-1).sum()) // self.args.vision.spatial_merge_size ** 2))
