@@ -23,9 +23,11 @@ def test_crashed_rank_restarts_and_resumes_from_last_checkpoint(tmp_path):
     steps, every, crash_at = 6, 2, 3
     # 3 restarts allowed although one crash is injected: on 2 busy cores a restarted gloo job sometimes fails
     # its first connectFullMesh ("Connection refused"), a torch-level race unrelated to rynnscale; another
-    # restart then resumes the same way
-    cmd = command(2, overrides(out, data, steps=steps, every=every, ep=2), script=HOOKED, max_restarts=3)
-    rc, log = run(cmd, env_extra={"RYNNSCALE_TEST_CRASH_AT_STEP": str(crash_at), "RYNNSCALE_TEST_CRASH_RANK": "1"})
+    # restart then resumes the same way. Under load a restarted attempt has also been seen to hang while
+    # forming its gloo group: a short collective timeout turns that into a failed attempt and a restart.
+    cmd = command(2, overrides(out, data, steps=steps, every=every, ep=2, extra=("parallel.timeout_s=30",)),
+                  script=HOOKED, max_restarts=3)
+    rc, log = run(cmd, timeout=480, env_extra={"RYNNSCALE_TEST_CRASH_AT_STEP": str(crash_at), "RYNNSCALE_TEST_CRASH_RANK": "1"})
     assert rc == 0, log[-5000:]
     assert f"injected crash after step {crash_at} on rank 1" in log, log[-5000:]
     m = re.search(r"resumed exactly from (\S+) at step (\d+)", log)
