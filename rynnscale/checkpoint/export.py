@@ -44,6 +44,7 @@ from rynnscale.checkpoint.hf import (
     HFCheckpointError,
     _listing,
     _replace_dir,
+    check_export_target,
     hf_param_shapes,
     read_hf_config,
 )
@@ -148,14 +149,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     reason = check_complete(ckpt)
     if reason:
         raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    copy_from = Path(copy_from) if copy_from is not None else None
-    if copy_from is not None and not copy_from.is_dir():
-        raise HFCheckpointError(f"copy_from={copy_from}: not a directory")
+    out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
     stored = _model_tensors_md(ckpt)

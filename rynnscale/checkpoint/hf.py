@@ -503,6 +503,21 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def check_export_target(out_dir: str | os.PathLike, copy_from: str | os.PathLike | None, max_shard_bytes: int,
+                        overwrite: bool) -> tuple[Path, Path | None]:
+    """Checks shared by every HF export before anything is written: shard size, a non-empty ``out_dir``
+    (refused unless ``overwrite``), ``copy_from`` a directory. Returns them as Paths."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    copy_from = Path(copy_from) if copy_from is not None else None
+    if copy_from is not None and not copy_from.is_dir():
+        raise HFCheckpointError(f"copy_from={copy_from}: not a directory")
+    return out_dir, copy_from
+
+
 def export_hf(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     args: Qwen3VLArgs,
@@ -532,14 +547,7 @@ def export_hf(
     t0 = time.perf_counter()
     if expert_layout not in EXPERT_LAYOUTS:
         raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPERT_LAYOUTS}")
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    copy_from = Path(copy_from) if copy_from is not None else None
-    if copy_from is not None and not copy_from.is_dir():
-        raise HFCheckpointError(f"copy_from={copy_from}: not a directory")
+    out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     expected = hf_param_shapes(args)
     if expert_layout == "hub":
         square = [n for n, s in expected.items() if _expert_kind(n) and s[1] == s[2]]
