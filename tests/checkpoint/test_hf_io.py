@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from shared_data import SHARED_DATA
 
 from rynnscale.checkpoint.hf import (
     INDEX_FILE,
@@ -39,7 +39,6 @@ from transformers import (  # noqa: E402
     Qwen3VLMoeForConditionalGeneration,
 )
 
-SHARED_DATA = Path(os.environ.get("RYNNSCALE_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
 OUR_MODEL = importlib.util.find_spec("rynnscale.models.qwen3_vl.model") is not None
 HIDDEN = 32
 EXPERT_NAMES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import SHARED_DATA
 
 from rynnscale.data.encode import REASONS, EncoderConfig, SampleEncoder, SampleError
 from rynnscale.data.tokenizer import VisionTokenIds, default_tokenizer_dir, load_tokenizer
@@ -19,8 +19,7 @@ from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, VisionArgs
 
 
 def shared_data() -> Path:
-    return Path(os.environ.get("RYNNSCALE_SHARED_DATA",
-                               Path(__file__).resolve().parents[2] / ".." / "shared" / "data")).resolve()
+    return SHARED_DATA
 
 
 DATA = shared_data()

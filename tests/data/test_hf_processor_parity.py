@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 try:
     import torchvision  # noqa: F401
@@ -45,8 +46,7 @@ from rynnscale.data.vision_preprocess import (  # noqa: E402
 
 
 def shared_data() -> Path:
-    return Path(os.environ.get("RYNNSCALE_SHARED_DATA",
-                               Path(__file__).resolve().parents[2] / ".." / "shared" / "data")).resolve()
+    return SHARED_DATA
 
 
 DATA = shared_data()

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 
 av = pytest.importorskip("av")
 
@@ -24,8 +25,7 @@ from rynnscale.data.video import (  # noqa: E402
 
 
 def shared_data() -> Path:
-    return Path(os.environ.get("RYNNSCALE_SHARED_DATA",
-                               Path(__file__).resolve().parents[2] / ".." / "shared" / "data")).resolve()
+    return SHARED_DATA
 
 
 G1 = shared_data() / "lerobot_g1_subset"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import platform
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from shared_data import SHARED_DATA
 
 from rynnscale.data.vision_preprocess import (
     ImageError,
@@ -35,8 +35,7 @@ from rynnscale.data.vision_preprocess import (
 
 
 def shared_data() -> Path:
-    return Path(os.environ.get("RYNNSCALE_SHARED_DATA",
-                               Path(__file__).resolve().parents[2] / ".." / "shared" / "data")).resolve()
+    return SHARED_DATA
 
 
 FRAMES = shared_data() / "rynnbrain_frames"

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 from rynnscale.data_pipelines.frames import convert_frames, detect_licence, frame_clips, list_frames, natural_key
 from rynnscale.data_pipelines.shards import completed_shards, read_manifest
 from rynnscale.data_pipelines.tags import parse_tags
 
-SHARED = Path(os.environ.get("RYNNSCALE_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
+SHARED = SHARED_DATA
 NAV = SHARED / "rynnbrain_frames" / "navigation"
 pytestmark = pytest.mark.skipif(not NAV.is_dir(), reason=f"shared navigation frames not found at {NAV} (set RYNNSCALE_SHARED_DATA)")
 TASK = "Walk down the corridor."

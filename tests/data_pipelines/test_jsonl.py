@@ -7,20 +7,20 @@ synthetic H.264 clip."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, convert_jsonl, resolve_under
 from rynnscale.data_pipelines.shards import completed_shards, read_manifest
 from rynnscale.data_pipelines.synthetic import synthetic_sample
 from rynnscale.data_pipelines.tags import parse_tags
 
-SHARED = Path(os.environ.get("RYNNSCALE_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
+SHARED = SHARED_DATA
 NAV = SHARED / "rynnbrain_frames" / "navigation"
 pytestmark = pytest.mark.skipif(not NAV.is_dir(), reason=f"shared navigation frames not found at {NAV} (set RYNNSCALE_SHARED_DATA)")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 pa = pytest.importorskip("pyarrow", reason="LeRobot parquet needs pyarrow: pip install pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -32,7 +33,7 @@ from rynnscale.data_pipelines.lerobot import (  # noqa: E402
 )
 from rynnscale.data_pipelines.shards import MANIFEST_NAME, completed_shards, read_manifest  # noqa: E402
 
-SHARED = Path(os.environ.get("RYNNSCALE_SHARED_DATA", Path(__file__).resolve().parents[2] / "../shared/data"))
+SHARED = SHARED_DATA
 G1 = SHARED / "lerobot_g1_subset"
 pytestmark = pytest.mark.skipif(not (G1 / "meta" / "info.json").is_file(),
                                 reason=f"shared G1 LeRobot subset not found at {G1} (set RYNNSCALE_SHARED_DATA)")

@@ -9,13 +9,13 @@ LeRobot G1 subset through the converters. Every tiny twin of recipes/base and re
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from shared_data import SHARED_DATA
 
 from rynnscale.checkpoint.model_card import summarize_run, write_model_card
 from rynnscale.cli import main as cli_main
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny"
-SHARED = Path(os.environ.get("RYNNSCALE_SHARED_DATA", ROOT / "../shared/data")).resolve()
+SHARED = SHARED_DATA
 SYNTHETIC_SETS = {"ego_video_qa": 11, "spatial_grounding": 12, "trajectories": 13, "general": 14, "planning": 15,
                   "chain_of_point": 16, "heldout": 99}
 IMG, VID, IM_END = 151655, 151656, 151645
