@@ -39,7 +39,6 @@ from rynnscale.checkpoint.hf import (
     INDEX_FILE,
     LAYOUT_METADATA_KEY,
     LM_HEAD,
-    PROCESSOR_FILES,
     SINGLE_FILE,
     HFCheckpointError,
     _listing,
@@ -47,6 +46,7 @@ from rynnscale.checkpoint.hf import (
     check_export_target,
     hf_param_shapes,
     read_hf_config,
+    write_config_and_side_files,
 )
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
@@ -225,17 +225,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
             files.append(INDEX_FILE)
         float_dts = [out_dtype(n) for n in expected if out_dtype(n).is_floating_point]
         main_dtype = dtype or (max(set(float_dts), key=float_dts.count) if float_dts else torch.float32)
-        config = args.to_hf_config()
-        config["dtype"] = config["torch_dtype"] = str(main_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        files.append("config.json")
-        if copy_from is not None:
-            extra = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
-                p.name for p in copy_from.glob("chat_template*") if p.is_file())
-            for fname in dict.fromkeys(extra):
-                if (copy_from / fname).is_file():
-                    shutil.copy2(copy_from / fname, tmp / fname)
-                    files.append(fname)
+        files += write_config_and_side_files(tmp, args, main_dtype, copy_from)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -503,6 +503,25 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def write_config_and_side_files(tmp: Path, args: Qwen3VLArgs, main_dtype: torch.dtype,
+                                copy_from: Path | None) -> list[str]:
+    """config.json (``args`` + dtype) and the tokenizer / processor / generation files of ``copy_from``
+    into an export directory being written; returns the file names written."""
+    config = args.to_hf_config()
+    config["dtype"] = config["torch_dtype"] = _dtype_name(main_dtype)  # transformers 5 / 4.x spelling
+    # no transformers_version: we are not transformers; the shards' metadata declares the expert layout
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = ["config.json"]
+    if copy_from is not None:
+        names = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
+            p.name for p in copy_from.glob("chat_template*") if p.is_file())
+        for fname in dict.fromkeys(names):
+            if (copy_from / fname).is_file():
+                shutil.copy2(copy_from / fname, tmp / fname)
+                files.append(fname)
+    return files
+
+
 def check_export_target(out_dir: str | os.PathLike, copy_from: str | os.PathLike | None, max_shard_bytes: int,
                         overwrite: bool) -> tuple[Path, Path | None]:
     """Checks shared by every HF export before anything is written: shard size, a non-empty ``out_dir``
@@ -649,18 +668,7 @@ def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ..
         files.append(INDEX_FILE)
 
     main_dtype = dtype or (float_bytes.most_common(1)[0][0] if float_bytes else torch.float32)
-    config = args.to_hf_config()
-    config["dtype"] = config["torch_dtype"] = _dtype_name(main_dtype)  # transformers 5 / 4.x spelling
-    # no transformers_version: we are not transformers; the shards' metadata declares the expert layout
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    files.append("config.json")
-    if copy_from is not None:
-        names = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
-            p.name for p in copy_from.glob("chat_template*") if p.is_file())
-        for fname in dict.fromkeys(names):
-            if (copy_from / fname).is_file():
-                shutil.copy2(copy_from / fname, tmp / fname)
-                files.append(fname)
+    files += write_config_and_side_files(tmp, args, main_dtype, copy_from)
     return ExportReport(out_dir="", files=files, num_tensors=len(seen), total_bytes=total,
                         dtype=_dtype_name(main_dtype), expert_layout=expert_layout, seconds=0.0)
 
