@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -46,6 +46,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+
+if TYPE_CHECKING:
+    from rynnscale.parallel.fsdp import LocalPiece
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 EXPERT_LAYOUTS = ("v5", "hub")
@@ -308,67 +311,42 @@ class LoadReport:
     seconds: float = 0.0
 
 
-def copy_into(target: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy one full (unsharded, CPU) checkpoint tensor into one model tensor, in place.
+def _model_targets(model: nn.Module) -> tuple[dict[str, LocalPiece], list[list[str]]]:
+    """HF name -> what this process holds of that state-dict tensor, and the alias groups (names sharing
+    one tensor, e.g. a tied ``lm_head``)."""
+    from rynnscale.parallel.fsdp import local_pieces
 
-    ``target`` is a plain parameter/buffer or a DTensor (FSDP2 / expert-parallel shard): each rank
-    cuts its own piece from the full tensor it read itself (``src_data_rank=None``: no scatter)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            src = src.to(device=target.to_local().device, dtype=target.dtype)
-            piece = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
-            target.to_local().copy_(piece.to_local())
-        else:
-            target.copy_(src)
+    piece_of = {id(p.tensor): p for p in local_pieces(model).values()}
+    targets: dict[str, LocalPiece] = {}
+    alias_of: dict[int, list[str]] = {}
+    for raw, tensor in model.state_dict(keep_vars=True).items():
+        name = _strip_wrappers(raw)
+        targets[name] = piece_of[id(tensor)]
+        alias_of.setdefault(id(tensor), []).append(name)
+    return targets, list(alias_of.values())
 
 
-def load_hf_weights(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    expert_layout: str | None = None,
-) -> LoadReport:
-    """Load a Hugging Face Qwen3-VL(-MoE) safetensors checkpoint into ``model``'s tensors in place.
+@dataclass
+class _LoadPlan:
+    """What passed validation: the model names to read (one per alias group), their sources, and the
+    stored layout of every fused expert tensor."""
+    files: list[Path]
+    sources: dict[str, _Source]   # model name -> where its tensor is stored
+    names: list[str]
+    layout_of: dict[str, str]
 
-    Reads ``model.safetensors`` or the shards of ``model.safetensors.index.json``, one tensor at a
-    time (peak extra memory ~ one tensor). The model must hold real storage (build on meta, then
-    ``to_empty`` and re-tie embeddings). Every missing / unexpected / mis-shaped tensor and every
-    undecidable expert layout is collected from the headers first and reported in one
-    ``HFCheckpointError`` before anything is written. ``lm_head.weight`` may be absent when the
-    model ties it to ``embed_tokens``. ``dtype``: floating model tensors are re-allocated in this
-    dtype as they are loaded (plain tensors only; Parameter objects and ties are kept).
-    ``expert_layout`` ("v5" / "hub") overrides the checkpoint's declared layout (module docstring).
-    """
-    t0 = time.perf_counter()
-    path = Path(path)
-    if not path.is_dir():
-        raise HFCheckpointError(f"{path}: not a directory")
+
+def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str]], expert_layout: str | None,
+               report: LoadReport) -> _LoadPlan:
+    """Check the checkpoint against the model from headers only: key canonicalisation, missing /
+    unexpected / tied / mis-shaped tensors (against the FULL shapes), expert layouts, dtypes. Raises one
+    ``HFCheckpointError`` listing every problem, before anything is read into the model."""
     raw_cfg: dict[str, Any] = {}
     if (path / "config.json").is_file():
         _, raw_cfg = read_hf_config(path)
     tied_in_config = bool(raw_cfg.get("tie_word_embeddings", False))
     files, sources, problems = _checkpoint_sources(path)
-    report = LoadReport(path=str(path), files=[f.name for f in files])
-
-    # --- model side: names -> tensor, aliases (tied weights) grouped by object identity
-    targets: dict[str, torch.Tensor] = {}
-    alias_of: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        name = _strip_wrappers(name)
-        targets[name] = tensor
-        alias_of.setdefault(id(tensor), []).append(name)
-    on_meta = [n for n, x in targets.items() if x.is_meta]
-    if on_meta:
-        raise HFCheckpointError(
-            f"model has {len(on_meta)} tensor(s) on the meta device (e.g. {on_meta[:3]}); "
-            "call model.to_empty(device=...) (and re-tie embeddings) before loading")
-    from torch.distributed.tensor import DTensor
-    if dtype is not None and any(isinstance(x, DTensor) for x in targets.values()):
-        raise HFCheckpointError("dtype= cannot re-allocate DTensor (sharded) parameters; build the model in "
-                                f"{dtype} before sharding and call without dtype=")
+    report.files = [f.name for f in files]
 
     # --- checkpoint side: canonical names, collisions
     by_name: dict[str, _Source] = {}
@@ -386,7 +364,7 @@ def load_hf_weights(
     # --- pair them up; aliases (tied weights) are filled once
     plan: list[str] = []               # names read from the checkpoint and copied into the model
     missing, extra_alias = [], []
-    for group in alias_of.values():
+    for group in groups:
         present = [n for n in group if n in by_name]
         if not present:
             hint = ""
@@ -406,8 +384,7 @@ def load_hf_weights(
     if extra_alias:
         problems.append(_listing("tensors tied in the model but stored separately while config.json says "
                                  "tie_word_embeddings=false", extra_alias))
-    aliased = {n for group in alias_of.values() for n in group}
-    unexpected = [n for n in by_name if n not in aliased]
+    unexpected = [n for n in by_name if n not in targets]
     if unexpected:
         hint = ""
         if any(re.search(r"\.mlp\.experts\.\d+\.", n) for n in unexpected):
@@ -415,12 +392,12 @@ def load_hf_weights(
                    "experts.down_proj; released Qwen3-VL-MoE checkpoints are fused]"
         problems.append(_listing("tensors in the checkpoint the model does not have", unexpected) + hint)
 
-    # --- shapes and expert layouts (headers only)
+    # --- shapes (of the full tensors: all experts, unsharded) and expert layouts
     declared, declared_by = _declared_layout(expert_layout, files, raw_cfg)
     layout_of: dict[str, str] = {}
     mismatched, square, contradicting = [], [], []
     for name in plan:
-        src, want = by_name[name], tuple(targets[name].shape)
+        src, want = by_name[name], targets[name].full_shape
         kind = _expert_kind(name)
         if kind is None or len(want) != 3:
             if src.shape != want:
@@ -457,29 +434,78 @@ def load_hf_weights(
     if bad_dtype:
         problems.append(_listing("tensors with an unsupported dtype", bad_dtype))
     _raise_if(problems, f"cannot load Hugging Face checkpoint {path}")
+    return _LoadPlan(files, {n: by_name[n] for n in plan}, plan, layout_of)
 
-    # --- copy, shard by shard, one tensor at a time
+
+def _read_rows(st: Any, src: _Source, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of dim 0 of a stored tensor, reading only those bytes (``get_slice``). Dim 0 is
+    the expert dim in both fused-expert layouts, so an EP rank reads only its experts."""
+    if not src.shape or (lo, hi) == (0, src.shape[0]):
+        return st.get_tensor(src.key)
+    return st.get_slice(src.key)[lo:hi]
+
+
+def load_hf_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    expert_layout: str | None = None,
+) -> LoadReport:
+    """Load a Hugging Face Qwen3-VL(-MoE) safetensors checkpoint into ``model``'s tensors in place.
+
+    Reads ``model.safetensors`` or the shards of ``model.safetensors.index.json``, one tensor at a
+    time. The model must hold real storage (build on meta, then ``to_empty`` and re-tie embeddings).
+    It may be sharded (FSDP2 DTensors, expert parallelism): each process then reads only the rows of
+    each tensor it holds (``safe_open(...).get_slice``; the full tensor is never materialised), so the
+    extra memory is about one local shard. Every missing / unexpected / mis-shaped tensor (shapes of the
+    FULL tensors: all experts, unsharded) and every undecidable expert layout is collected from the
+    headers first and reported in one ``HFCheckpointError`` before anything is written. ``lm_head.weight``
+    may be absent when the model ties it to ``embed_tokens``. ``dtype``: floating model tensors are
+    re-allocated in this dtype as they are loaded (plain tensors only; Parameter objects and ties are
+    kept). ``expert_layout`` ("v5" / "hub") overrides the checkpoint's declared layout (module docstring).
+    """
+    from torch.distributed.tensor import DTensor
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.is_dir():
+        raise HFCheckpointError(f"{path}: not a directory")
+    targets, groups = _model_targets(model)
+    on_meta = [n for n, t in targets.items() if t.tensor.is_meta]
+    if on_meta:
+        raise HFCheckpointError(
+            f"model has {len(on_meta)} tensor(s) on the meta device (e.g. {on_meta[:3]}); "
+            "call model.to_empty(device=...) (and re-tie embeddings) before loading")
+    if dtype is not None and any(isinstance(t.tensor, DTensor) for t in targets.values()):
+        raise HFCheckpointError("dtype= cannot re-allocate DTensor (sharded) parameters; build the model in "
+                                f"{dtype} before sharding and call without dtype=")
+    report = LoadReport(path=str(path), files=[])
+    plan = _plan_load(path, targets, groups, expert_layout, report)
+
+    # --- copy, file by file, one tensor (this process's rows of it) at a time
     by_file: dict[Path, list[str]] = {}
-    for name in plan:
-        by_file.setdefault(by_name[name].file, []).append(name)
-    for f in files:
-        with safe_open(f, framework="pt", device="cpu") as st:
+    for name in plan.names:
+        by_file.setdefault(plan.sources[name].file, []).append(name)
+    for f in plan.files:
+        with safe_open(f, framework="pt", device="cpu") as st, torch.no_grad():
             for name in by_file.get(f, []):
-                src = by_name[name]
-                x = st.get_tensor(src.key)
+                src, target = plan.sources[name], targets[name]
+                x = _read_rows(st, src, target.lo, target.hi)
                 report.num_bytes += x.numel() * x.element_size()
-                if name in layout_of:
-                    report.expert_layout[layout_of[name]] = report.expert_layout.get(layout_of[name], 0) + 1
-                    if layout_of[name] != "v5":
+                layout = plan.layout_of.get(name)
+                if layout is not None:
+                    report.expert_layout[layout] = report.expert_layout.get(layout, 0) + 1
+                    if layout != "v5":
                         report.transposed.append(name)
-                    x = _to_layout(x, layout_of[name], "v5")
-                target = targets[name]
-                if dtype is not None and target.is_floating_point() and target.dtype != dtype:
-                    target.data = torch.empty_like(target, dtype=dtype)
-                if x.dtype != target.dtype:
-                    cast = f"{src.dtype}->{target.dtype}"
+                    x = _to_layout(x, layout, "v5")
+                local = target.local
+                if dtype is not None and local.is_floating_point() and local.dtype != dtype:
+                    local.data = torch.empty_like(local, dtype=dtype)
+                if x.dtype != local.dtype:
+                    cast = f"{src.dtype}->{local.dtype}"
                     report.dtype_casts[cast] = report.dtype_casts.get(cast, 0) + 1
-                copy_into(target, x)
+                local.copy_(x)
                 report.num_tensors += 1
                 del x
     report.seconds = time.perf_counter() - t0

@@ -81,7 +81,9 @@ def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
 
 @torch.no_grad()
 def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
-    """Keep experts ``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of the 3-D expert weights (in place)."""
+    """Keep experts ``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of the 3-D expert weights (in place).
+
+    Works on meta parameters too (a sharded build applies EP before any storage exists)."""
     E = experts.num_experts_total if hasattr(experts, "num_experts_total") else experts.num_experts
     n = E // ep_size
     lo = ep_rank * n
@@ -93,6 +95,19 @@ def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
     experts.num_experts_total = E
     experts.num_experts = n
     experts.expert_offset = lo
+
+
+def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Expert weights that EP split: parameter FQN (as ``named_parameters`` spells it) ->
+    ``(expert_offset, num_experts_total)``, i.e. this rank holds experts ``[offset, offset + local E)``
+    of the full ``[E_total, ...]`` tensor. Empty without EP."""
+    out = {}
+    for name, module in model.named_modules():
+        if getattr(module, "expert_offset", None) is None or getattr(module, "num_experts_total", None) is None:
+            continue
+        for p in ("gate_up_proj", "down_proj"):
+            out[f"{name}.{p}"] = (int(module.expert_offset), int(module.num_experts_total))
+    return out
 
 
 def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, ep_size: int, ep_rank: int) -> int:

@@ -18,13 +18,15 @@ Mixed precision (GPU): bf16 parameters for compute, fp32 gradient reduction, fp3
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rynnscale.parallel.checkpointing import apply_activation_checkpointing
-from rynnscale.parallel.expert_parallel import apply_expert_parallel, moe_blocks
+from rynnscale.parallel.expert_parallel import apply_expert_parallel, expert_shards, moe_blocks
 from rynnscale.parallel.mesh import Meshes
 
 log = logging.getLogger("rynnscale")
@@ -40,9 +42,13 @@ def mixed_precision_policy(device: torch.device, dtype_name: str) -> MixedPrecis
 
 def parallelize_model(model: nn.Module, meshes: Meshes, *, dtype_name: str = "auto",
                       ac_mode: str = "none", ac_every: int = 1, reshard_after_forward: bool = True) -> nn.Module:
-    """EP -> activation checkpointing -> FSDP2 on a materialised (CPU or device) model, in place.
+    """EP -> activation checkpointing -> FSDP2 on the model, in place. Returns it (now an ``FSDPModule``).
 
-    FSDP2 moves the shards to the mesh's device. Returns the model (now an ``FSDPModule``)."""
+    On a META model (the distributed build, ``rynnscale.models.build.build_sharded_model``) nothing is
+    allocated: EP slices the meta expert weights, FSDP2 makes meta DTensor shards; then
+    ``model.to_empty(device=...)`` allocates only this rank's shards and ``init_sharded_weights`` /
+    ``load_hf_weights`` fill them. On a materialised (CPU or device) model FSDP2 moves the shards to the
+    mesh's device. A tied ``lm_head`` stays one parameter of the root (FSDP2 keeps the alias)."""
     layout = meshes.layout
     device = torch.device(meshes.dense.device_type)
     if layout.ep > 1:
@@ -93,3 +99,87 @@ def gather_full_state_dict(model: nn.Module, meshes: Meshes | None) -> dict[str,
             t = torch.cat(parts, dim=0)
         out[name] = t.detach().cpu().clone()
     return out
+
+
+# ------------------------------------------------------------------ filling a sharded model
+@dataclass(frozen=True)
+class LocalPiece:
+    """One parameter / buffer of a (possibly sharded) model and where this rank's data sits in its FULL
+    tensor (all experts, unsharded): rows ``[lo, hi)`` of dim 0 of a tensor of shape ``full_shape``.
+    FSDP2 shards dim 0 (``Shard(0)``, ``torch.chunk`` sizes) and EP splits experts on dim 0, so one
+    row range says it all."""
+
+    tensor: torch.Tensor          # the module's attribute (Parameter / buffer; a DTensor under FSDP2)
+    local: torch.Tensor           # this rank's storage to write into: the whole tensor or its shard
+    full_shape: tuple[int, ...]
+    lo: int
+    hi: int
+
+    def of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the full tensor ``full`` (a view; 0-dim tensors are whole)."""
+        return full[self.lo:self.hi] if full.dim() else full
+
+
+def _shard_rows(t: torch.Tensor, name: str) -> tuple[int, int]:
+    """Rows of ``t``'s GLOBAL dim 0 held by this rank (DTensor placements Replicate / Shard(0) only)."""
+    from torch.distributed.tensor import DTensor
+
+    if t.dim() == 0:
+        return 0, 1
+    lo, hi = 0, t.shape[0]
+    if not isinstance(t, DTensor):
+        return lo, hi
+    mesh = t.device_mesh
+    for d, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard(dim=0):
+            raise NotImplementedError(f"{name}: placement {placement} (only Replicate / Shard(0) are supported)")
+        n, k, r = hi - lo, mesh.size(d), mesh.get_local_rank(d)
+        chunk = -(-n // k)  # torch.chunk: ceil-sized pieces, the last ranks may get fewer or none
+        lo, hi = lo + min(r * chunk, n), lo + min((r + 1) * chunk, n)
+    local_rows = t.to_local().shape[0]
+    if hi - lo != local_rows:
+        raise RuntimeError(f"{name}: computed rows [{lo}, {hi}) of {t.shape[0]} but the local shard has "
+                           f"{local_rows} (placements {t.placements})")
+    return lo, hi
+
+
+def local_pieces(model: nn.Module) -> dict[str, LocalPiece]:
+    """Every parameter and buffer (tied aliases included), named as ``named_parameters`` spells them
+    (activation-checkpoint wrapper segments included) -> its ``LocalPiece``. Plain tensors: the whole
+    tensor. FSDP2 DTensors: the local shard. EP expert weights: offset by this rank's first expert,
+    ``full_shape`` with all ``E`` experts."""
+    from torch.distributed.tensor import DTensor
+
+    ep = expert_shards(model)
+    out = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        lo, hi = _shard_rows(t, name)
+        shape = tuple(t.shape)
+        if name in ep:
+            offset, total = ep[name]
+            lo, hi, shape = lo + offset, hi + offset, (total, *shape[1:])
+        with torch.no_grad():  # no_grad: to_local() is the shard itself, not an autograd view
+            local = t.to_local() if isinstance(t, DTensor) else t
+        out[name] = LocalPiece(t, local, shape, lo, hi)
+    return out
+
+
+@torch.no_grad()
+def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """``model.init_weights(seed, std)`` for a sharded (FSDP2 / EP) model with storage (after
+    ``to_empty``): every FULL tensor is generated on the shard's device with the same draws in the same
+    order as the single-process init, this rank keeps its piece, and the full tensor is dropped before
+    the next (peak: the shards plus one full tensor). Bitwise equal to the single-process init on the
+    same device type."""
+    pieces = local_pieces(model)
+
+    def fill(name: str, init: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        piece = pieces[name]
+        full = torch.empty(piece.full_shape, dtype=piece.local.dtype, device=piece.local.device)
+        init(full)
+        piece.local.copy_(piece.of(full))
+
+    model.init_weights(seed, std, fill=fill)

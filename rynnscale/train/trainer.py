@@ -185,26 +185,23 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
 
     from rynnscale.data.pipeline import build_train_data  # data + model imports are heavy: keep CLI fast
-    from rynnscale.models.build import build_model, model_args
+    from rynnscale.models.build import build_model, build_sharded_model, model_args
     from rynnscale.parallel.checkpointing import apply_activation_checkpointing
     from rynnscale.train.optim import freeze_parameters
 
     args = model_args(cfg.model)
     freeze = list(getattr(cfg.model, "freeze", None) or [])  # applied before wrapping (names are HF names)
     if ctx.distributed:
-        from rynnscale.parallel.fsdp import parallelize_model
         from rynnscale.parallel.mesh import ParallelLayout, build_meshes, device_type_of
 
         p = cfg.parallel
         layout = ParallelLayout.resolve(ctx.world_size, p.dp_replicate, p.dp_shard, p.ep, args.text.num_experts)
         ctx.meshes = build_meshes(layout, device_type_of(ctx.device))
-        # materialised on the CPU (every rank builds / loads the same full model), then EP keeps this
-        # rank's experts and FSDP2 moves only this rank's shards to the device
-        args, model = build_model(cfg.model, torch.device("cpu"), seed=cfg.run.seed)
-        if freeze:
-            freeze_parameters(model, freeze)
-        parallelize_model(model, ctx.meshes, dtype_name=cfg.train.dtype, ac_mode=cfg.model.activation_checkpointing,
-                          ac_every=cfg.model.activation_checkpointing_every)
+        # built on the meta device and parallelised there (EP keeps this rank's experts, FSDP2 shards the
+        # rest); only this rank's shards are allocated on the device and filled from init_from or the seed
+        args, model = build_sharded_model(
+            cfg.model, ctx.meshes, ctx.device, seed=cfg.run.seed, freeze=freeze, dtype_name=cfg.train.dtype,
+            ac_mode=cfg.model.activation_checkpointing, ac_every=cfg.model.activation_checkpointing_every)
         model.counts_reducer = ctx.counts_reducer
         log.info("parallel layout: %s", layout)
     else:

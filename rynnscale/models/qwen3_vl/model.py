@@ -13,7 +13,9 @@ DeepStack features, and returns the final-normed hidden states. Logits are NOT m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -102,31 +104,51 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         """The per-layer block lists (decoder layers, vision blocks) that checkpointing / FSDP wrap."""
         return [self.model.language_model.layers, self.model.visual.blocks]
 
+    def init_plan(self, std: float = 0.02) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """HF's init as ``(parameter name, in-place init of the FULL tensor)`` in the order the RNG is
+        consumed: normal(0, std) for linear / embedding / router / expert weights, zero biases, norms to
+        one; the untied ``lm_head``; then the vision tower's plan. Every parameter appears once (a tied
+        ``lm_head`` is the embedding); raises naming any parameter no rule covers."""
+        normal = partial(nn.init.normal_, mean=0.0, std=std)
+        plan: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+        for name, mod in self.model.language_model.named_modules(prefix="model.language_model"):
+            if isinstance(mod, nn.Linear):
+                plan.append((f"{name}.weight", normal))
+                if mod.bias is not None:
+                    plan.append((f"{name}.bias", nn.init.zeros_))
+            elif isinstance(mod, (nn.Embedding, TopKRouter)):
+                plan.append((f"{name}.weight", normal))
+            elif isinstance(mod, GroupedExperts):
+                plan += [(f"{name}.gate_up_proj", normal), (f"{name}.down_proj", normal)]
+            elif isinstance(mod, RMSNorm):
+                plan.append((f"{name}.weight", nn.init.ones_))
+        if self.lm_head.weight is not self.model.language_model.embed_tokens.weight:
+            plan.append(("lm_head.weight", normal))
+        plan += self.model.visual.init_plan(std, prefix="model.visual.")
+        uncovered = sorted({n for n, _ in self.named_parameters()} - {n for n, _ in plan})
+        if uncovered:
+            raise RuntimeError(f"init_plan has no rule for {len(uncovered)} parameter(s): {uncovered[:10]}")
+        return plan
+
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """HF's init: normal(0, std) for linear / embedding / router / expert weights, zero biases,
-        norms to one. Re-ties embeddings first (``to_empty`` unties them). Leaves the global RNG as is."""
+    def init_weights(self, seed: int = 0, std: float = 0.02, *,
+                     fill: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], None] | None = None) -> None:
+        """Run ``init_plan`` under ``torch.manual_seed(seed)``, leaving the global RNG as is. Re-ties
+        embeddings first (``to_empty`` unties them). ``fill(name, init)`` applies one entry; the default
+        inits this model's parameter in place. A sharded model passes one that inits the FULL tensor
+        (same draws, same order) and keeps this rank's piece (``rynnscale.parallel.fsdp.init_sharded_weights``)."""
         self.tie_weights()
+        plan = self.init_plan(std)
+        if fill is None:
+            params = dict(self.named_parameters())
+
+            def fill(name: str, init: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                init(params[name])
         devices = sorted({p.device for p in self.parameters() if p.device.type not in ("cpu", "meta")}, key=str)
         with torch.random.fork_rng(devices=devices, device_type=devices[0].type if devices else "cuda"):
             torch.manual_seed(seed)
-            for mod in self.model.language_model.modules():
-                if isinstance(mod, nn.Linear):
-                    nn.init.normal_(mod.weight, 0.0, std)
-                    if mod.bias is not None:
-                        nn.init.zeros_(mod.bias)
-                elif isinstance(mod, nn.Embedding):
-                    nn.init.normal_(mod.weight, 0.0, std)
-                elif isinstance(mod, TopKRouter):
-                    nn.init.normal_(mod.weight, 0.0, std)
-                elif isinstance(mod, GroupedExperts):
-                    nn.init.normal_(mod.gate_up_proj, 0.0, std)
-                    nn.init.normal_(mod.down_proj, 0.0, std)
-                elif isinstance(mod, RMSNorm):
-                    mod.reset_parameters()
-            if not self.args.tie_word_embeddings:
-                nn.init.normal_(self.lm_head.weight, 0.0, std)
-            self.model.visual.init_weights(std)
+            for name, init in plan:
+                fill(name, init)
 
     # ------------------------------------------------------------------ forward
     def _visual_inputs(self, batch: PackedBatch, embeds_lh: torch.Tensor):

@@ -18,7 +18,9 @@ Shapes: P = patches, M = P / merge^2 merged tokens, D = hidden_size, Dh = head_d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -216,19 +218,31 @@ class Qwen3VLVisionModel(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ init
+    def init_plan(self, std: float = 0.02,
+                  prefix: str = "") -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """HF's init as ``(parameter name, in-place init of the FULL tensor)`` in the order the RNG is
+        consumed: normal(0, std) for linear/conv/embedding weights, zero biases, LayerNorm 1/0.
+        ``init_weights`` runs it in place; a sharded build runs it on one full tensor at a time."""
+        normal = partial(nn.init.normal_, mean=0.0, std=std)
+        plan: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
+        for name, mod in self.named_modules(prefix=prefix.removesuffix(".")):
+            p = f"{name}." if name else ""
+            if isinstance(mod, (nn.Linear, nn.Conv3d)):
+                plan.append((p + "weight", normal))
+                if mod.bias is not None:
+                    plan.append((p + "bias", nn.init.zeros_))
+            elif isinstance(mod, nn.Embedding):
+                plan.append((p + "weight", normal))
+            elif isinstance(mod, nn.LayerNorm):
+                plan += [(p + "weight", nn.init.ones_), (p + "bias", nn.init.zeros_)]
+        return plan
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """HF's init: normal(0, std) for linear/conv/embedding weights, zero biases, LayerNorm 1/0."""
-        for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv3d)):
-                nn.init.normal_(mod.weight, mean=0.0, std=std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, mean=0.0, std=std)
-            elif isinstance(mod, nn.LayerNorm):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        """``init_plan`` applied in place (draws from the global RNG)."""
+        params = dict(self.named_parameters())
+        for name, init in self.init_plan(std):
+            init(params[name])
 
     # ------------------------------------------------------------------ position inputs
     def rotary_cos_sin(self, coords_4p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
