@@ -27,6 +27,8 @@ class ModelConfig:
     activation_checkpointing: str = "none"  # none | full | every_k | selective
     activation_checkpointing_every: int = 2  # k for every_k
     attn_backend: str = "auto"          # auto | varlen | sdpa_mask | loop
+    kernels: str = "auto"               # auto | torch | liger: RMSNorm / RoPE / SwiGLU / fused loss (ops/fused.py)
+    compile: bool = False               # torch.compile each decoder layer and vision block (parallel/compile.py)
     # Published architecture (rynnscale.models.qwen3_vl.presets) used where init_from's config.json is
     # not on this machine (planning on a laptop); when both exist they must describe the same model.
     preset: str | None = None
@@ -185,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "model.activation_checkpointing": ("none", "full", "every_k", "selective"),
     "model.attn_backend": ("auto", "varlen", "sdpa_mask", "loop"),
+    "model.kernels": ("auto", "torch", "liger"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "optim.schedule": ("cosine", "constant", "linear"),
     "logging.wandb.mode": ("offline", "online", "disabled"),

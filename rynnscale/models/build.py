@@ -35,7 +35,24 @@ def _meta_model(cfg: ModelConfig):
     args = model_args(cfg)
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(args, attn_backend=cfg.attn_backend)
+    model.set_kernels(cfg.kernels)
     return args, model
+
+
+def check_kernels_usable(cfg: ModelConfig, device: torch.device) -> None:
+    """``model.kernels: liger`` fails at build time, naming the key, where liger cannot run (``auto``
+    falls back per call instead)."""
+    if cfg.kernels != "liger":
+        return
+    from rynnscale.ops.fused import liger_import_error
+
+    if device.type != "cuda":
+        raise ValueError(f"model.kernels=liger needs a CUDA device, this run uses {device}; "
+                         "use model.kernels=auto or torch")
+    err = liger_import_error()
+    if err is not None:
+        raise ValueError(f"model.kernels=liger but liger-kernel does not import ({err}); "
+                         "pip install -e '.[gpu]' or use model.kernels=auto")
 
 
 def restore_buffers(model: nn.Module) -> None:
@@ -60,7 +77,10 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int):
     """Construct on the meta device, materialise on ``device``, then load HF weights or initialise randomly.
 
     Returns ``(args, model)``. Loading validates every tensor (missing / unexpected / shape) and fails
-    listing the names rather than leaving anything randomly initialised."""
+    listing the names rather than leaving anything randomly initialised. ``cfg.kernels`` is applied
+    (``set_kernels``); ``cfg.compile`` is not: compile after activation checkpointing
+    (``rynnscale.parallel.compile.compile_blocks``)."""
+    check_kernels_usable(cfg, device)
     args, model = _meta_model(cfg)
     model.to_empty(device=device)
     restore_buffers(model)
@@ -84,9 +104,11 @@ def build_sharded_model(cfg: ModelConfig, meshes: Meshes, device: torch.device, 
     ``load_hf_weights`` (each rank reads only its rows of each tensor: its experts, its FSDP shard),
     else ``init_sharded_weights`` (each FULL tensor drawn exactly as the single-process
     ``init_weights(seed)`` draws it, then cut). Returns ``(args, model)``; equal, gathered, to
-    ``build_model(cfg, device, seed)``."""
+    ``build_model(cfg, device, seed)``. Pass ``compile=cfg.compile`` in ``parallelize_kw`` to compile the
+    blocks between checkpointing and FSDP2."""
     from rynnscale.parallel.fsdp import init_sharded_weights, parallelize_model
 
+    check_kernels_usable(cfg, device)
     args, model = _meta_model(cfg)
     if freeze:
         from rynnscale.train.optim import freeze_parameters

@@ -13,6 +13,9 @@ Backends
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +30,13 @@ def _varlen_available(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -56,12 +66,15 @@ def varlen_attention(
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        # torch 2.11's varlen_attn has no GQA switch: expand k/v heads.
-        k_thd, v_thd = _expand_kv(k_thd, groups), _expand_kv(v_thd, groups)
-        cu = cu_seqlens.to(device=q_thd.device, dtype=torch.int32)
+        params = _varlen_params()
         kwargs = {"scale": scale} if scale is not None else {}
-        if causal:
-            kwargs["window_size"] = (-1, 0)
+        if groups > 1 and "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # releases without the GQA switch: expand k/v heads
+            k_thd, v_thd = _expand_kv(k_thd, groups), _expand_kv(v_thd, groups)
+        if causal:  # torch 2.10 spelled it is_causal; later releases take a (left, right) window
+            kwargs.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+        cu = cu_seqlens.to(device=q_thd.device, dtype=torch.int32)
         return varlen_attn(q_thd, k_thd, v_thd, cu, cu, max_seqlen, max_seqlen, **kwargs)
     if backend == "sdpa_mask":
         T = q_thd.shape[0]
@@ -75,7 +88,12 @@ def varlen_attention(
             q_thd.transpose(0, 1), _expand_kv(k_thd, groups).transpose(0, 1),
             _expand_kv(v_thd, groups).transpose(0, 1), attn_mask=mask_tt, scale=scale)
         return out_htd.transpose(0, 1)
-    # loop: the reference
+    return _loop_attention(q_thd, k_thd, v_thd, cu_seqlens, causal, scale, groups)
+
+
+@torch.compiler.disable  # data-dependent Python loop: run it eagerly inside compiled blocks
+def _loop_attention(q_thd, k_thd, v_thd, cu_seqlens, causal: bool, scale: float | None, groups: int) -> torch.Tensor:
+    """The reference backend: one SDPA call per document."""
     outs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -40,8 +40,14 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    """16-byte aligned strides and (in eager mode) data pointer. Under ``torch.compile`` the pointer is not
+    known at trace time; the operands there are fresh allocations (the dispatch's index_select) or
+    parameters (FSDP2 copies each unsharded parameter out into its own allocation), both aligned."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
+    strides_ok = all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
+    if torch.compiler.is_compiling():
+        return strides_ok
+    return strides_ok and t.data_ptr() % 16 == 0
 
 
 def grouped_mm_usable(x_sorted_tk: torch.Tensor, w_enk: torch.Tensor) -> bool:
@@ -50,6 +56,8 @@ def grouped_mm_usable(x_sorted_tk: torch.Tensor, w_enk: torch.Tensor) -> bool:
         return False
     if x_sorted_tk.shape[0] == 0:
         return False  # the kernel's backward rejects an empty operand
+    if torch.compiler.is_compiling() and w_enk.dtype != torch.bfloat16:
+        return False  # the op's meta (tracing) function accepts bf16 only, though the CPU kernel takes fp32
     if w_enk.device.type == "cuda":
         if torch.cuda.get_device_capability(w_enk.device) < (8, 0) or w_enk.dtype == torch.float32:
             return False  # CUDA kernels are bf16/fp16 (SM80+)
@@ -69,6 +77,7 @@ def _check(x_sorted_tk: torch.Tensor, w_enk: torch.Tensor, offsets_e: torch.Tens
         raise ValueError(f"grouped_mm: offsets must have shape [E]=({w_enk.shape[0]},), got {tuple(offsets_e.shape)}")
 
 
+@torch.compiler.disable  # data-dependent Python loop: run it eagerly inside compiled blocks (no graph break resume)
 def grouped_mm_loop(x_sorted_tk: torch.Tensor, w_enk: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
     """Reference: one matmul per expert (host sync on the offsets). Rows past ``offsets[-1]`` are zero."""
     _check(x_sorted_tk, w_enk, offsets_e)

@@ -10,11 +10,18 @@ gradient is needed -- the gradients w.r.t. hidden and weight right away (``softm
 Liger's fused linear cross-entropy does. Backward then only scales those by the incoming scalar
 gradient, so the vocabulary matmul runs 3 times per chunk instead of 4 (no recompute) and peak extra
 memory is one chunk of logits plus one fp32 [V, H] weight-gradient accumulator.
+
+Backends (``backend``; the ``model.kernels`` choice): ``torch`` = the chunked PyTorch code above (CPU
+path and reference); ``liger`` = liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (CUDA; its
+Triton cross-entropy works on the chunk's logits in place in their own dtype, no fp32 copy), with
+fp32 gradient accumulation and ``reduction="sum"`` so both return the same sum.
 """
 
 from __future__ import annotations
 
 import torch
+
+from rynnscale.ops import fused
 
 IGNORE_INDEX = -100
 
@@ -67,17 +74,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+def _liger_linear_cross_entropy(hidden_ld, weight_vh, labels_l, ignore_index: int) -> torch.Tensor:
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    out = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden_ld, weight_vh, labels_l, None, None, ignore_index, 0.0, 0.0, "sum", None, False, torch.float32)
+    loss = out[0] if isinstance(out, tuple) else out
+    return loss.float()
+
+
 def linear_cross_entropy(
     hidden_ld: torch.Tensor,
     weight_vh: torch.Tensor,
     labels_l: torch.Tensor,
     chunk_tokens: int = 4096,
     ignore_index: int = IGNORE_INDEX,
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """Sum over labelled tokens of the cross-entropy of ``hidden_ld [L, H] @ weight_vh[V, H].T``.
 
     ``labels_l`` [L] are the already-shifted targets (``ignore_index`` = no loss). Returns a 0-dim
-    fp32 tensor (fp64 for fp64 inputs); 0 with zero gradients if no token is labelled."""
+    fp32 tensor (fp64 for fp64 inputs); 0 with zero gradients if no token is labelled. ``kernels``:
+    ``rynnscale.ops.fused`` choice (auto / torch / liger)."""
     if hidden_ld.dim() != 2 or weight_vh.dim() != 2 or hidden_ld.shape[1] != weight_vh.shape[1]:
         raise ValueError(f"linear_cross_entropy: expected hidden [L, H] and weight [V, H], got "
                          f"{tuple(hidden_ld.shape)} and {tuple(weight_vh.shape)}")
@@ -85,6 +103,9 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: labels shape {tuple(labels_l.shape)} != ({hidden_ld.shape[0]},)")
     if chunk_tokens <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be positive, got {chunk_tokens}")
+    # liger computes the gradients inside its forward: use it for training only
+    if torch.is_grad_enabled() and labels_l.numel() and fused.pick(kernels, hidden_ld, weight_vh) == "liger":
+        return _liger_linear_cross_entropy(hidden_ld, weight_vh, labels_l, ignore_index)
     # inside Function.forward grad mode is off, so decide here whether gradients are wanted (eval: no)
     return _LinearCrossEntropy.apply(hidden_ld, weight_vh, labels_l, int(chunk_tokens), int(ignore_index),
                                      torch.is_grad_enabled())

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+from rynnscale.parallel.compile import compile_blocks
 from rynnscale.parallel.expert_parallel import apply_expert_parallel, expert_shards, moe_blocks
 from rynnscale.parallel.mesh import Meshes
 
@@ -41,8 +42,10 @@ def mixed_precision_policy(device: torch.device, dtype_name: str) -> MixedPrecis
 
 
 def parallelize_model(model: nn.Module, meshes: Meshes, *, dtype_name: str = "auto",
-                      ac_mode: str = "none", ac_every: int = 1, reshard_after_forward: bool = True) -> nn.Module:
-    """EP -> activation checkpointing -> FSDP2 on the model, in place. Returns it (now an ``FSDPModule``).
+                      ac_mode: str = "none", ac_every: int = 1, reshard_after_forward: bool = True,
+                      compile: bool = False) -> nn.Module:
+    """EP -> activation checkpointing -> (``compile``: torch.compile per block) -> FSDP2 on the model, in
+    place. Returns it (now an ``FSDPModule``).
 
     On a META model (the distributed build, ``rynnscale.models.build.build_sharded_model``) nothing is
     allocated: EP slices the meta expert weights, FSDP2 makes meta DTensor shards; then
@@ -56,6 +59,8 @@ def parallelize_model(model: nn.Module, meshes: Meshes, *, dtype_name: str = "au
         log.info("expert parallel: %d MoE layers, %d experts per rank", n,
                  moe_blocks(model)[0].experts.num_experts if n else 0)
     apply_activation_checkpointing(model, ac_mode, every=ac_every)
+    if compile:
+        compile_blocks(model)
     mp = mixed_precision_policy(device, dtype_name)
     kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for block in moe_blocks(model):

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from rynnscale.config import RootConfig, save_resolved
 from rynnscale.data.batch import PackedBatch
@@ -105,26 +106,34 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
     n_targets = int(ctx.sum([local_targets])[0])  # before any backward: every rank divides by the same count
     denom = max(n_targets, 1)
     n_forwards = len(micro_batches) * ctx.dp_size  # the aux loss is a mean over all (rank, micro-batch)
-    loss_total = 0.0
-    aux_total = 0.0
+    # metrics stay on the device until the step ends: no host sync between micro-batches, so the
+    # next micro-batch's kernels are queued while the GPU still runs this one's backward
+    loss_dev = torch.zeros((), dtype=torch.float64, device=device)
+    aux_dev = torch.zeros((), dtype=torch.float64, device=device)
     counts = None
-    for batch in micro_batches:
+    # HSDP: replicas all-reduce the (reduce-scattered) gradients once per step, after the last
+    # micro-batch, instead of once per micro-batch (a no-op without a replicate dimension)
+    hsdp_defer = ctx.distributed and isinstance(model, FSDPModule) and len(micro_batches) > 1
+    for i, batch in enumerate(micro_batches):
+        if hsdp_defer:
+            model.set_requires_all_reduce(i == len(micro_batches) - 1)
         batch = batch.to(device)
         with autocast_context(dtype_name, device):
             out = model(batch)
             loss_sum = model.loss_sum(batch, out, loss_chunk_tokens)
         aux = out.aux_loss / n_forwards
         (loss_sum / denom + aux).backward()
-        loss_total += loss_sum.detach().item()
-        aux_total += float(aux.detach())
+        loss_dev += loss_sum.detach()
+        aux_dev += aux.detach()
         if out.expert_counts is not None:
-            c = out.expert_counts.detach().to("cpu", torch.long)
+            c = out.expert_counts.detach().long()
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss_total, aux_total, tokens, samples = ctx.sum([
-        loss_total, aux_total, sum(b.num_tokens for b in micro_batches), sum(b.num_samples for b in micro_batches)])
+        loss_dev.item(), aux_dev.item(), sum(b.num_tokens for b in micro_batches),
+        sum(b.num_samples for b in micro_batches)])
     if counts is not None:
         counts = ctx.sum_tensor(counts).cpu()
     return StepStats(loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm), tokens=int(tokens),
@@ -201,7 +210,8 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
         # rest); only this rank's shards are allocated on the device and filled from init_from or the seed
         args, model = build_sharded_model(
             cfg.model, ctx.meshes, ctx.device, seed=cfg.run.seed, freeze=freeze, dtype_name=cfg.train.dtype,
-            ac_mode=cfg.model.activation_checkpointing, ac_every=cfg.model.activation_checkpointing_every)
+            ac_mode=cfg.model.activation_checkpointing, ac_every=cfg.model.activation_checkpointing_every,
+            compile=cfg.model.compile)
         model.counts_reducer = ctx.counts_reducer
         log.info("parallel layout: %s", layout)
     else:
@@ -210,6 +220,10 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
             freeze_parameters(model, freeze)
         apply_activation_checkpointing(model, cfg.model.activation_checkpointing,
                                        every=cfg.model.activation_checkpointing_every)
+        if cfg.model.compile:
+            from rynnscale.parallel.compile import compile_blocks
+
+            compile_blocks(model)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

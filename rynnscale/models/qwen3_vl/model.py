@@ -24,6 +24,7 @@ from rynnscale.data.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
+from rynnscale.ops import fused
 from rynnscale.ops.loss import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -47,12 +48,13 @@ class LMHead(nn.Linear):
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__(hidden_size, vocab_size, bias=False)
+        self.kernels = "torch"
 
     def forward(self, hidden_ld: torch.Tensor, targets_l: torch.Tensor | None = None,
                 chunk_tokens: int = 4096) -> torch.Tensor:
         if targets_l is None:
             return super().forward(hidden_ld)
-        return linear_cross_entropy(hidden_ld, self.weight, targets_l, chunk_tokens)
+        return linear_cross_entropy(hidden_ld, self.weight, targets_l, chunk_tokens, kernels=self.kernels)
 
 
 class Qwen3VLModel(nn.Module):
@@ -85,6 +87,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         # text-only micro-batch would skip the tower's all-gathers while the others wait (set by
         # rynnscale.parallel.fsdp); without visual inputs it then runs on one dummy patch group times 0
         self.always_run_vision = False
+        self.kernels = "torch"  # see set_kernels
         self.tie_weights()
 
     # ------------------------------------------------------------------ structure
@@ -92,6 +95,19 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         """Share ``lm_head.weight`` with the token embedding when ``tie_word_embeddings``."""
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def set_kernels(self, kernels: str) -> int:
+        """Choose the element-wise kernels (RMSNorm, RoPE, SwiGLU, fused loss) of every module that has a
+        ``kernels`` attribute: ``auto`` / ``torch`` / ``liger`` (``rynnscale.ops.fused``). Returns how
+        many modules were set. The function computed is the same; only speed and memory differ."""
+        fused.check_kernels(kernels)
+        n = 0
+        for m in self.modules():
+            if hasattr(m, "kernels") and m is not self:
+                m.kernels = kernels
+                n += 1
+        self.kernels = kernels
+        return n
 
     def to_empty(self, *, device, recurse: bool = True) -> Qwen3VLForConditionalGeneration:
         """``nn.Module.to_empty`` creates a new tensor per parameter slot, which unties tied

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rynnscale.models.qwen3_vl.args import TextArgs
+from rynnscale.ops import fused
 from rynnscale.ops.grouped_gemm import grouped_mm
 
 CountsReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -104,14 +105,15 @@ class GroupedExperts(nn.Module):
         self.num_experts = E
         self.intermediate_size = inter
         self.gemm_backend = gemm_backend
+        self.kernels = "torch"  # rynnscale.ops.fused choice for the SwiGLU
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
 
     def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert [S, H] -> expert outputs [S, H] (unweighted)."""
         gate_up_s2i = grouped_mm(x_sorted_sh, self.gate_up_proj, offsets_e, backend=self.gemm_backend)
-        gate_si, up_si = gate_up_s2i.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_si) * up_si, self.down_proj, offsets_e, backend=self.gemm_backend)
+        h_si = fused.silu_mul_packed(gate_up_s2i, fused.pick(self.kernels, gate_up_s2i))
+        return grouped_mm(h_si, self.down_proj, offsets_e, backend=self.gemm_backend)
 
 
 class SparseMoeBlock(nn.Module):

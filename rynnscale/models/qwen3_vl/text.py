@@ -17,23 +17,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rynnscale.models.qwen3_vl.args import TextArgs
 from rynnscale.models.qwen3_vl.moe import RouterStats, SparseMoeBlock
+from rynnscale.ops import fused
 from rynnscale.ops.attention import varlen_attention
 
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / rms(x)) with the normalisation in fp32, cast back before the weight (HF)."""
+    """y = weight * (x / rms(x)) with the normalisation in fp32, cast back before the weight (HF).
+
+    ``kernels``: ``rynnscale.ops.fused`` choice (set by ``Qwen3VLForConditionalGeneration.set_kernels``)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
+        self.kernels = "torch"
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        backend = backend or fused.pick(self.kernels, x, self.weight)
+        return fused.rms_norm(x, self.weight, self.eps, backend)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -66,15 +70,6 @@ def mrope_cos_sin(position_ids_3l: torch.Tensor, args: TextArgs,
     return angles_ld.cos().to(dtype), angles_ld.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x_lhd: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor) -> torch.Tensor:
-    return x_lhd * cos_ld[:, None] + _rotate_half(x_lhd) * sin_ld[:, None]
-
-
 class Attention(nn.Module):
     """GQA self-attention with per-head q/k RMSNorm and MRoPE, varlen over the packed row."""
 
@@ -83,6 +78,7 @@ class Attention(nn.Module):
         H, D = args.hidden_size, args.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, D
         self.attn_backend = attn_backend
+        self.kernels = "torch"
         self.q_proj = nn.Linear(H, self.num_heads * D, bias=args.attention_bias)
         self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=args.attention_bias)
         self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=args.attention_bias)
@@ -93,10 +89,14 @@ class Attention(nn.Module):
     def forward(self, x_lh: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
                 cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         L = x_lh.shape[0]
-        q_lhd = self.q_norm(self.q_proj(x_lh).view(L, self.num_heads, self.head_dim))
-        k_lhd = self.k_norm(self.k_proj(x_lh).view(L, self.num_kv_heads, self.head_dim))
+        q_lhd = self.q_proj(x_lh).view(L, self.num_heads, self.head_dim)
+        k_lhd = self.k_proj(x_lh).view(L, self.num_kv_heads, self.head_dim)
         v_lhd = self.v_proj(x_lh).view(L, self.num_kv_heads, self.head_dim)
-        q_lhd, k_lhd = apply_rotary(q_lhd, cos_ld, sin_ld), apply_rotary(k_lhd, cos_ld, sin_ld)
+        # one backend for the q/k norms AND the rotary: liger's RoPE writes into q/k in place, which
+        # is only safe on the outputs of liger's RMSNorm (it saves its input, not its output)
+        backend = fused.pick(self.kernels, q_lhd, k_lhd, self.q_norm.weight, self.k_norm.weight, cos_ld, sin_ld)
+        q_lhd, k_lhd = self.q_norm(q_lhd, backend), self.k_norm(k_lhd, backend)
+        q_lhd, k_lhd = fused.rotary_qk(q_lhd, k_lhd, cos_ld, sin_ld, backend)
         o_lhd = varlen_attention(q_lhd, k_lhd, v_lhd, cu_seqlens, max_seqlen, causal=True,
                                  backend=self.attn_backend)
         return self.o_proj(o_lhd.reshape(L, self.num_heads * self.head_dim))
@@ -109,12 +109,14 @@ class DenseMLP(nn.Module):
         super().__init__()
         if args.hidden_act != "silu":
             raise ValueError(f"text_config.hidden_act={args.hidden_act!r} is not supported; allowed: 'silu'")
+        self.kernels = "torch"
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fused.silu_mul(gate, up, fused.pick(self.kernels, gate, up)))
 
 
 class DecoderLayer(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rynnscale.models.qwen3_vl.args import VisionArgs
 from rynnscale.ops.attention import varlen_attention
+from rynnscale.ops.fused import rotary
 
 ROPE_THETA = 10_000.0  # HF Qwen3VLVisionConfig default (rope_parameters: axial, theta 10000)
 LAYER_NORM_EPS = 1e-6
@@ -94,16 +95,9 @@ def vision_patch_meta(grid_thw: torch.Tensor, spatial_merge_size: int) -> Vision
     return VisionPatchMeta(torch.stack([row_p, col_p, h_p, w_p]), cu_seqlens, max_seqlen)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_vision_rotary(x_phd: torch.Tensor, cos_pd: torch.Tensor, sin_pd: torch.Tensor) -> torch.Tensor:
     """Rotate q or k [P, H, Dh] by the 2-D angles (cos/sin [P, Dh], fp32); math in fp32 as HF."""
-    x = x_phd.float()
-    out = x * cos_pd[:, None] + _rotate_half(x) * sin_pd[:, None]
-    return out.to(x_phd.dtype)
+    return rotary(x_phd.float(), cos_pd, sin_pd).to(x_phd.dtype)
 
 
 # ----------------------------------------------------------------------------- modules

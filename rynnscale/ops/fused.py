@@ -1,0 +1,126 @@
+"""Element-wise hot spots of a decoder layer with two implementations of the same function.
+
+``rms_norm``, ``rotary_qk``, ``silu_mul`` and ``silu_mul_packed`` each run either
+- ``torch``: plain PyTorch ops (the CPU path and the reference; what ``torch.compile`` fuses), or
+- ``liger``: liger-kernel's Triton kernels (CUDA only), which fuse each op into one kernel and keep
+  fewer activations for backward.
+
+``kernels`` (the ``model.kernels`` recipe key) is ``auto`` (liger where it applies, else torch),
+``torch`` or ``liger`` (fails with a clear error where liger cannot run). ``pick`` resolves it per
+call: liger needs every tensor on CUDA in ONE dtype (liger's RMSNorm would otherwise return
+the input dtype where transformers promotes to the weight's dtype).
+
+In-place hazard: liger's RoPE writes into contiguous q/k. That is only safe when nothing saved
+q/k for backward, i.e. when they come from liger's RMSNorm (which saves its input, not its output);
+callers therefore pick ONE backend for the q/k norms and the rotary together (see
+``rynnscale.models.qwen3_vl.text.Attention``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("auto", "torch", "liger")
+
+
+@functools.lru_cache(maxsize=1)
+def liger_import_error() -> str | None:
+    """None when liger-kernel's ops import, else why not (one line)."""
+    try:
+        import liger_kernel.ops.rms_norm  # noqa: F401
+        import liger_kernel.ops.rope  # noqa: F401
+        import liger_kernel.ops.swiglu  # noqa: F401
+    except Exception as e:  # ImportError, or triton failing to find a GPU driver
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_kernels(kernels: str) -> str:
+    if kernels not in KERNELS:
+        raise ValueError(f"model.kernels={kernels!r} is not one of {KERNELS}")
+    return kernels
+
+
+def pick(kernels: str, *tensors: torch.Tensor) -> str:
+    """``"liger"`` or ``"torch"`` for an op over ``tensors`` (see the module docstring)."""
+    check_kernels(kernels)
+    if kernels == "torch":
+        return "torch"
+    dtypes = {t.dtype for t in tensors}
+    fits = all(t.device.type == "cuda" for t in tensors) and len(dtypes) == 1 and dtypes <= {
+        torch.bfloat16, torch.float16, torch.float32}
+    if kernels == "auto":
+        return "liger" if fits and liger_import_error() is None else "torch"
+    if not fits:
+        raise ValueError(f"model.kernels=liger needs CUDA tensors of one floating dtype, got "
+                         f"{sorted({str(t.device) for t in tensors})} / {sorted(str(d) for d in dtypes)}; "
+                         "use model.kernels=auto to fall back to the torch path")
+    err = liger_import_error()
+    if err is not None:
+        raise RuntimeError(f"model.kernels=liger but liger-kernel does not import ({err}); "
+                           "install the 'gpu' extra or use model.kernels=auto")
+    return "liger"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
+    """``weight * (x / rms(x))`` with the normalisation in fp32, cast back to x's dtype before the
+    weight (transformers' Qwen3 RMSNorm). ``backend`` as returned by ``pick``."""
+    if backend == "liger":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        # casting_mode "llama" = the fp32 rms then cast-back above; in_place=False keeps dY intact
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(x_lhd: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of one [L, heads, D] tensor by per-row angles (cos/sin [L, D])."""
+    return x_lhd * cos_ld[:, None] + rotate_half(x_lhd) * sin_ld[:, None]
+
+
+def rotary_qk(q_lhd: torch.Tensor, k_lhd: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
+              backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q [L, Hq, D] and k [L, Hkv, D] (GQA: head counts may differ) in one call.
+
+    ``liger`` rotates q and k IN PLACE when they are contiguous (one kernel for both); only pass
+    tensors nothing else has saved for backward."""
+    if backend == "liger":
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        # liger wants (B, heads, L, D) views of (B, L, heads, D) storage: exactly our [L, heads, D]
+        q_o, k_o = LigerRopeFunction.apply(q_lhd.unsqueeze(0).transpose(1, 2), k_lhd.unsqueeze(0).transpose(1, 2),
+                                           cos_ld.unsqueeze(0), sin_ld.unsqueeze(0))
+        return q_o.transpose(1, 2).squeeze(0), k_o.transpose(1, 2).squeeze(0)
+    return rotary(q_lhd, cos_ld, sin_ld), rotary(k_lhd, cos_ld, sin_ld)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up``."""
+    if backend == "liger":
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        return LigerSiLUMulFunction.apply(gate, up)
+    return F.silu(gate) * up
+
+
+def silu_mul_packed(gate_up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """``silu(gate) * up`` for one [..., 2I] tensor holding gate then up on the last dim (the fused
+    expert projection's layout) -> [..., I], without materialising the two halves."""
+    if backend == "liger":
+        from liger_kernel.ops import swiglu
+
+        fused = getattr(swiglu, "LigerFusedGateUpSiLUMulFunction", None)  # liger >= 0.8
+        if fused is not None:
+            return fused.apply(gate_up, False)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return swiglu.LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
