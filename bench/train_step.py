@@ -23,6 +23,12 @@ Cases (``--tiny`` shrinks each to CPU size, same structure):
   and use_cache=False; ours through ``cu_seqlens``.
 Unpacked cases give ours the B rows as one packed row of B documents (same math).
 
+Variants: ``hf`` (transformers, sdpa attention, grouped_mm experts), ``liger`` (the same + liger-kernel's
+Qwen3-VL patches), ``ours`` (rynnscale as a recipe runs it by default: ``model.kernels=auto``, i.e.
+liger's RMSNorm / RoPE / SwiGLU / fused loss where liger imports), ``ours-torch`` (plain PyTorch
+element-wise ops) and ``ours-compile`` (plain ops + regional ``torch.compile``, ``model.compile=true``;
+its warmup steps include the compile). All variants of a case share the weights and the data.
+
 CPU smoke run (tests/bench/test_train_step_bench.py)::
 
     python bench/train_step.py --tiny --steps 1 --warmup 0
@@ -38,8 +44,14 @@ call inside the 10-minute limit)::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1; \
-        python3 bench/train_step.py --cases a3b --ckpt none,full --steps 5 --warmup 2 --json $OUT/a3b.json
-    (likewise --cases dense8b, --cases video, --cases packed)
+        python3 bench/train_step.py --cases a3b --ckpt none --steps 5 --warmup 2 --json $OUT/a3b_none.json
+    (likewise --ckpt full, and --cases dense8b / video / packed: one case and one ckpt mode per call keeps
+    the five variants, ours-compile's compile included, inside the 10-minute limit)
+
+and the GPU-only tests (liger and flash-varlen paths against the torch paths), same install line, then::
+
+    python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused.py tests/ops/test_attention.py \
+        tests/ops/test_grouped_gemm.py tests/models/test_compile.py
 """
 
 from __future__ import annotations
@@ -65,11 +77,16 @@ from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # 
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # noqa: E402
 from rynnscale.models.qwen3_vl.mrope import mrope_position_ids  # noqa: E402
 from rynnscale.parallel.checkpointing import MODES, apply_activation_checkpointing  # noqa: E402
+from rynnscale.parallel.compile import compile_blocks  # noqa: E402
 from rynnscale.plan.model_stats import build_meta_model, param_stats  # noqa: E402
 from rynnscale.train.flops import StepFlops, packed_batch_flops  # noqa: E402
 from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
 
 CASES = ("a3b", "dense8b", "video", "packed")
+# ours = the default recipe (model.kernels=auto: liger's kernels where they import); ours-torch = plain
+# PyTorch element-wise ops; ours-compile = plain ops + regional torch.compile (model.compile=true)
+OURS = ("ours", "ours-torch", "ours-compile")
+VARIANTS = ("hf", "liger", *OURS)
 IGNORE = -100
 
 
@@ -256,15 +273,18 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
                 flops: StepFlops, ceiling: float, profile: bool) -> dict:
     """Build one variant, run warmup + timed steps (fwd + bwd + AdamW); losses of every step."""
     row = dict(case=case.name, variant=variant, ckpt=ckpt, tokens=case.batch.num_tokens)
-    if variant != "ours" and ckpt not in ("none", "full"):
+    if variant not in OURS and ckpt not in ("none", "full"):
         return row | dict(na=f"transformers has no '{ckpt}' checkpointing")
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     breakdown = None
-    if variant == "ours":
+    if variant in OURS:
         model = build_ours(case.args, weights, device, dtype)
+        model.set_kernels("auto" if variant == "ours" else "torch")
         apply_activation_checkpointing(model, ckpt)
+        if variant == "ours-compile":
+            compile_blocks(model)
         batch = case.batch.to(device, float_dtype=dtype)
 
         def step():
@@ -298,7 +318,7 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
         losses.append(float(loss))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    if profile and variant == "ours":
+    if profile and variant in OURS:
         prof = StepProfiler(model)
         host_batch = case.batch
         with prof.region("data wait"):
@@ -341,7 +361,7 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
             r["loss_max_rel_vs_hf"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
             r["loss_ok"] = rel <= rtol
             ok &= r["loss_ok"]
-        if r["variant"] == "ours":
+        if r["variant"] in OURS:
             for v in ("hf", "liger"):
                 other = key.get((r["case"], r["ckpt"], v))
                 if other is not None and "tokens_per_s" in other:
@@ -355,10 +375,10 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
 
 def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> str:
     out = [f"device {device_name}; {str(dtype).removeprefix('torch.')} matmul rate measured {ceiling:.3g} TFLOP/s",
-           f"{'case':8} {'variant':7} {'ckpt':9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peakGiB':>8} "
+           f"{'case':8} {'variant':12} {'ckpt':9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peakGiB':>8} "
            f"{'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8}"]
     for r in rows:
-        head = f"{r['case']:8} {r['variant']:7} {r['ckpt']:9}"
+        head = f"{r['case']:8} {r['variant']:12} {r['ckpt']:9}"
         if "na" in r or "error" in r:
             out.append(f"{head} {'n/a' if 'na' in r else 'ERROR'}: {r.get('na') or r.get('error')}")
             continue
@@ -380,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2 GPU, 1 CPU)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized shapes with the same structure")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--variants", default="hf,liger,ours", help="comma list of hf, liger, ours")
+    p.add_argument("--variants", default=None, help=f"comma list of {VARIANTS} (default: all on GPU; "
+                   "hf,liger,ours on CPU, where Inductor's C++ compile would dominate)")
     p.add_argument("--json", type=Path, help="write all rows, FLOPs and breakdowns here")
     a = p.parse_args(argv)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -390,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     cases = [c for c in a.cases.split(",") if c]
     ckpts = (a.ckpt or ("none,full" if gpu else "none")).split(",")
-    variants = a.variants.split(",")
+    variants = (a.variants or (",".join(VARIANTS) if gpu else "hf,liger,ours")).split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; allowed: {VARIANTS}")
     for c in cases:
         if c not in CASES:
             p.error(f"--cases: unknown case {c!r}; allowed: {CASES}")
@@ -420,10 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         del hf
         _free(device)
         for ckpt in ckpts:
-            for variant in [v for v in variants if v in ("hf", "ours")]:
+            for variant in [v for v in variants if v != "liger"]:
                 try:
                     r = run_variant(variant, case, weights_of[name], ckpt, device, dtype, steps, warmup,
-                                    flops_of[name], ceiling, profile=True)
+                                    flops_of[name], ceiling, profile=variant == "ours")
                 except Exception as e:  # e.g. out of memory: keep the other rows
                     r = dict(case=name, variant=variant, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
@@ -445,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                     _free(device)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    order = {v: i for i, v in enumerate(("hf", "liger", "ours"))}
+    order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (cases.index(r["case"]), ckpts.index(r["ckpt"]), order[r["variant"]]))
     ok = add_comparisons(rows, rtol)
 

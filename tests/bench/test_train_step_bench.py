@@ -47,9 +47,9 @@ def test_tiny_bench_runs_and_losses_agree(tmp_path):
             assert "error" not in hf and "error" not in ours, (hf.get("error"), ours.get("error"))
             assert abs(ours["losses"][0] - hf["losses"][0]) <= 1e-5 * abs(hf["losses"][0])
             assert ours["loss_ok"] and ours["tokens_per_s"] > 0 and ours["x_hf"] > 0
-            assert f"{case:8} ours    {ckpt:9}" in text
+            assert f"{case:8} {'ours':12} {ckpt:9}" in text
             if "na" in got["liger"]:
-                assert f"{case:8} liger   {ckpt:9} n/a" in text
+                assert f"{case:8} {'liger':12} {ckpt:9} n/a" in text
             b = ours["breakdown"]
             assert b["attention"] > 0 and b["loss"] > 0 and b["optimiser"] > 0
             expected = {"a3b": ("experts", "router/permute"), "packed": ("experts", "router/permute"),
@@ -60,6 +60,22 @@ def test_tiny_bench_runs_and_losses_agree(tmp_path):
                 assert b["vision"] == 0.0
         assert data["flops"][case]["total"] > 0
     assert data["flops"]["video"]["vision"] > 0 and data["flops"]["a3b"]["vision"] == 0
+
+
+@pytest.mark.slow  # Inductor's C++ compile on the CPU
+def test_torch_and_compiled_variants_run_and_agree(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--steps", "1", "--warmup", "1", "--ckpt", "full",
+                           "--cases", "a3b", "--variants", "hf,ours-torch,ours-compile", "--json", str(out_json)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out_json.read_text())["rows"]}
+    assert set(rows) == {"hf", "ours-torch", "ours-compile"}
+    for v in ("ours-torch", "ours-compile"):
+        assert "error" not in rows[v], rows[v].get("error")
+        assert rows[v]["loss_ok"] and rows[v]["x_hf"] > 0
+        assert rows[v]["breakdown"] is None  # only the default variant is profiled
+    assert f"{'a3b':8} {'ours-compile':12} {'full':9}" in proc.stdout
 
 
 def test_loss_mismatch_is_flagged():
