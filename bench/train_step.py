@@ -78,6 +78,7 @@ from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # n
 from rynnscale.models.qwen3_vl.mrope import mrope_position_ids  # noqa: E402
 from rynnscale.parallel.checkpointing import MODES, apply_activation_checkpointing  # noqa: E402
 from rynnscale.parallel.compile import compile_blocks  # noqa: E402
+from rynnscale.plan.measure import LiveTensorBytes  # noqa: E402
 from rynnscale.plan.model_stats import build_meta_model, param_stats  # noqa: E402
 from rynnscale.train.flops import StepFlops, packed_batch_flops  # noqa: E402
 from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
@@ -100,8 +101,16 @@ class Case:
     n_targets: int
 
 
-def case_args(name: str, tiny: bool) -> Qwen3VLArgs:
-    """Architecture of a case (full widths, or the tiny CPU version with the same structure)."""
+def case_args(name: str, tiny: bool, layers: int | None = None) -> Qwen3VLArgs:
+    """Architecture of a case (full widths, or the tiny CPU version with the same structure);
+    ``layers`` overrides the decoder depth."""
+    args = _case_args(name, tiny)
+    if layers is not None:
+        args.text.num_hidden_layers = layers
+    return args
+
+
+def _case_args(name: str, tiny: bool) -> Qwen3VLArgs:
     moe = name in ("a3b", "packed")
     if tiny:
         tok = dict(image_token_id=501, video_token_id=502, vision_start_token_id=503, vision_end_token_id=504)
@@ -149,18 +158,23 @@ def doc_lengths(total: int, lo: int, hi: int, seed: int) -> list[int]:
     return lens
 
 
-def build_case(name: str, tiny: bool, seed: int = 0) -> Case:
-    args = case_args(name, tiny)
+def build_case(name: str, tiny: bool, seed: int = 0, layers: int | None = None, seq_div: int = 1) -> Case:
+    """``seq_div`` divides the text-case token counts (a3b, dense8b, packed), e.g. for CPU memory runs
+    at real widths."""
+    args = case_args(name, tiny, layers)
     g = torch.Generator().manual_seed(seed)
     text_hi = min(args.vision_start_token_id, args.image_token_id, 151643) - 1
     if name in ("a3b", "dense8b"):
         B, S = (4, 64) if tiny else (4, 4096)
+        S //= seq_div
         ids_bs = torch.randint(0, text_hi, (B, S), generator=g)
         batch = build_packed_batch([_text_sample(f"row{i}", ids_bs[i]) for i in range(B)])
         labels_bs = batch.labels_l.view(B, S)
         hf = dict(input_ids=ids_bs, labels=labels_bs)
     elif name == "packed":
         total, lo, hi = (256, 8, 96) if tiny else (16384, 200, 6000)
+        total //= seq_div
+        lo, hi = min(lo, total), min(hi, total)
         lens = doc_lengths(total, lo, hi, seed)
         ids = torch.randint(0, text_hi, (total,), generator=g)
         bounds = [0, *torch.tensor(lens).cumsum(0).tolist()]
@@ -329,11 +343,19 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
             opt.zero_grad(set_to_none=True)
         breakdown = prof.stop()
         prof.remove()
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    step_gib = None
+    if variant != "ours-compile":  # (a dispatch mode does not see inside compiled graphs)
+        # bytes of every tensor created by one forward + backward (activations, temporaries, gradients;
+        # not parameters or optimiser state): a like-for-like memory figure on any device, CPU included
+        with LiveTensorBytes() as mem:
+            step()
+        opt.zero_grad(set_to_none=True)
+        step_gib = mem.peak / 2 ** 30
     t = statistics.median(times)
     tflops = flops.total / t / 1e12
     row |= dict(step_s=t, tokens_per_s=case.batch.num_tokens / t, tflops=tflops, mfu=tflops / ceiling,
-                decoder_tflops=flops.decoder / t / 1e12,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                decoder_tflops=flops.decoder / t / 1e12, peak_gib=peak_gib, step_alloc_gib=step_gib,
                 losses=losses, breakdown=breakdown)
     model = opt = None  # free before the next variant (the step closures hold the name, not the object)
     _free(device)
@@ -366,6 +388,8 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
                 other = key.get((r["case"], r["ckpt"], v))
                 if other is not None and "tokens_per_s" in other:
                     r[f"x_{v}"] = r["tokens_per_s"] / other["tokens_per_s"]
+                    if r.get("step_alloc_gib") and other.get("step_alloc_gib"):
+                        r[f"mem_vs_{v}"] = r["step_alloc_gib"] / other["step_alloc_gib"]
                 best = [x["tokens_per_s"] for x in rows if x["case"] == r["case"] and x["variant"] == v
                         and "tokens_per_s" in x]
                 if best:
@@ -376,7 +400,7 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
 def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> str:
     out = [f"device {device_name}; {str(dtype).removeprefix('torch.')} matmul rate measured {ceiling:.3g} TFLOP/s",
            f"{'case':8} {'variant':12} {'ckpt':9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peakGiB':>8} "
-           f"{'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8}"]
+           f"{'stepGiB':>8} {'memxHF':>6} {'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8}"]
     for r in rows:
         head = f"{r['case']:8} {r['variant']:12} {r['ckpt']:9}"
         if "na" in r or "error" in r:
@@ -385,7 +409,8 @@ def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> s
         rel = r.get("loss_rel_vs_hf")
         flag = "" if r.get("loss_ok", True) else " LOSS MISMATCH"
         out.append(f"{head} {r['tokens_per_s']:10.0f} {r['tflops']:8.3g} {100 * r['mfu']:5.1f}% "
-                   f"{_fmt(r['peak_gib'], '8.1f'):>8} {r['losses'][0]:9.5f} {_fmt(rel, '9.1e', '-'):>9} "
+                   f"{_fmt(r['peak_gib'], '8.1f'):>8} {_fmt(r.get('step_alloc_gib'), '8.3f'):>8} "
+                   f"{_fmt(r.get('mem_vs_hf'), '6.2f', '-'):>6} {r['losses'][0]:9.5f} {_fmt(rel, '9.1e', '-'):>9} "
                    f"{_fmt(r.get('x_hf'), '6.2f', '-'):>6} {_fmt(r.get('x_liger'), '6.2f', '-'):>6} "
                    f"{_fmt(r.get('x_best_hf'), '7.2f', '-'):>7} {_fmt(r.get('x_best_liger'), '8.2f', '-'):>8}{flag}")
     return "\n".join(out)
@@ -399,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2 GPU, 1 CPU)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized shapes with the same structure")
+    p.add_argument("--layers", type=int, default=None, help="override the decoder depth of every case")
+    p.add_argument("--seq-div", type=int, default=1, help="divide the text cases' token counts (CPU memory runs "
+                   "at real widths)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--variants", default=None, help=f"comma list of {VARIANTS} (default: all on GPU; "
                    "hf,liger,ours on CPU, where Inductor's C++ compile would dominate)")
@@ -434,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, weights_of, flops_of = [], {}, {}
     built = {}
     for name in cases:
-        case = build_case(name, a.tiny)
+        case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div)
         built[name] = case
         st = param_stats(build_meta_model(case.args))
         flops_of[name] = packed_batch_flops(case.args, st, case.batch)
@@ -476,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, ceiling, device_name, dtype))
     print(f"(model FLOPs incl. the vision tower; loss = first-step CE, rel tol {rtol:g}; ratios = ours tok/s / "
-          "theirs, same ckpt or their best row)")
+          "theirs, same ckpt or their best row; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
+          "forward + backward creates (activations, temporaries, gradients), memxHF = ours / transformers)")
     for name in cases:
         f = flops_of[name]
         print(f"FLOPs/step {name}: total {f.total / 1e12:.4g} T (decoder {f.decoder / 1e12:.4g}, "

@@ -55,6 +55,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from rynnscale.fsutil import atomic_write_bytes, fsync_dir
+
 log = logging.getLogger("rynnscale.checkpoint")
 
 FORMAT_VERSION = 1
@@ -244,19 +246,6 @@ def _broadcast(obj: Any, group=None) -> Any:
     return box[0]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, replace)."""
     try:
@@ -264,12 +253,7 @@ def _write_json(path: Path, obj: Any) -> None:
     except TypeError as e:
         raise CheckpointError(f"{path.name}: state is not JSON-serialisable ({e}); pass plain data "
                               "(numbers, strings, lists, dicts)") from e
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -431,13 +415,13 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
     """Rank 0: write COMPLETE into the finished ``tmp`` and rename it to ``final`` (an existing ``final``, e.g.
     the same step saved again, is moved aside first and deleted after)."""
     _write_json(tmp / COMPLETE, complete)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(old)
     tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -551,13 +535,7 @@ class CheckpointManager:
         _barrier(pg)
 
     def _write_latest(self, name: str) -> None:
-        tmp = self.root / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        atomic_write_bytes(self.root / LATEST, name + "\n")
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; delete older complete ones and temporary

@@ -27,8 +27,6 @@ import torch.nn as nn
 
 from rynnscale.checkpoint.dcp import CheckpointError
 
-_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-
 
 def _clean(name: str) -> str:
     """State-dict FQN of a module name (activation-checkpoint / FSDP wrapper prefixes removed)."""
@@ -60,13 +58,9 @@ class ExpertCheckpointLayout:
         """The adapter for ``model`` under ``meshes`` (None without EP)."""
         if meshes is None or meshes.layout.ep <= 1:
             return None
-        fqns = {}
-        for name, module in model.named_modules():
-            total = getattr(module, "num_experts_total", None)
-            if total is None or getattr(module, "expert_offset", None) is None:
-                continue
-            for p in _EXPERT_PARAMS:
-                fqns[f"{_clean(name)}.{p}"] = int(total)
+        from rynnscale.parallel.expert_parallel import expert_shards
+
+        fqns = {_clean(name): total for name, (_offset, total) in expert_shards(model).items()}
         if not fqns:
             return None
         return cls(fqns, meshes)

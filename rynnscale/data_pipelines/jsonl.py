@@ -45,13 +45,13 @@ from rynnscale.data_pipelines.inspect import REPORT_NAME
 from rynnscale.data_pipelines.shards import (
     ShardJob,
     ShardWriter,
-    atomic_write_bytes,
     check_dataset_info,
     completed_shards,
     run_shard_jobs,
     shard_name,
 )
 from rynnscale.data_pipelines.tags import TagError, parse_tags
+from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
     "ConvertError",

@@ -83,10 +83,10 @@ from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shards import (
     ShardJob,
     ShardWriter,
-    atomic_write_bytes,
     check_dataset_info,
     run_shard_jobs,
 )
+from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
     "STATS_NAME",

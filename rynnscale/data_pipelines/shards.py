@@ -23,13 +23,13 @@ import math
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rynnscale.data.schema import CONV_MEMBER, META_MEMBER, SchemaError, validate_key, validate_member_name
+from rynnscale.fsutil import TMP_MARK, atomic_write_bytes, fsync_dir
 
 __all__ = [
     "MANIFEST_NAME",
@@ -46,7 +46,6 @@ __all__ = [
     "update_manifest",
     "completed_shards",
     "remove_stale_temp_files",
-    "atomic_write_bytes",
     "check_dataset_info",
     "ShardJob",
     "run_shard_jobs",
@@ -57,7 +56,6 @@ MANIFEST_FORMAT = "rynnscale-shards"
 MANIFEST_VERSION = 1
 TAR_MTIME = 0
 TAR_MODE = 0o644
-_TMP_MARK = ".tmp-"
 _SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.tar")
 _COST_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -135,19 +133,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -253,19 +238,7 @@ def write_manifest(out_dir: str | os.PathLike, shards: Iterable[ShardInfo], info
     out = Path(out_dir)
     m = Manifest(shards=tuple(sorted(shards, key=lambda s: s.name)), info=dict(info or {}))
     manifest_from_json(json.loads(json.dumps(m.to_json())), where=str(out / MANIFEST_NAME))  # refuse to write a bad one
-    data = _dump_manifest(m).encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}{_TMP_MARK}", dir=out)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(out)
-    return out / MANIFEST_NAME
+    return atomic_write_bytes(out / MANIFEST_NAME, _dump_manifest(m).encode())
 
 
 def update_manifest(out_dir: str | os.PathLike, shards: Iterable[ShardInfo], info: Mapping | None = None) -> Path:
@@ -307,7 +280,7 @@ def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[str]:
     Call it only while no writer is active in ``out_dir`` (e.g. in a converter's parent
     process before it starts workers)."""
     removed = []
-    for p in Path(out_dir).glob(f".*{_TMP_MARK}*"):
+    for p in Path(out_dir).glob(f".*{TMP_MARK}*"):
         if p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p.name)
@@ -429,7 +402,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = shard_name(self.prefix, self._next_index)
         self._next_index += 1
-        tmp = self.out_dir / f".{name}{_TMP_MARK}{os.getpid()}"
+        tmp = self.out_dir / f".{name}{TMP_MARK}{os.getpid()}"
         f = open(tmp, "wb")
         hf = _HashingFile(f)
         tar = tarfile.open(fileobj=hf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8")
@@ -447,7 +420,7 @@ class ShardWriter:
             cur["file"].close()
             Path(cur["tmp"]).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         info = ShardInfo(
             name=cur["name"],
             num_samples=cur["n"],
@@ -535,23 +508,6 @@ class ShardWriter:
 
 
 # ------------------------------------------------------------------------ converter job runner
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a hidden temp file in the same directory + rename (never half-written)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}{_TMP_MARK}", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(p.parent)
-    return p
 
 
 def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:

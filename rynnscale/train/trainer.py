@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from rynnscale.config import RootConfig, save_resolved
 from rynnscale.data.batch import PackedBatch
+from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.parallel.distributed import DistContext, clip_grad_norm_, init_distributed, report_failures
 from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, plot_run
 from rynnscale.train.optim import build_optimizer, build_scheduler
@@ -272,9 +272,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, "".join(x + "\n" for x in keep))
     return dropped
 
 
