@@ -107,6 +107,8 @@ def case_args(name: str, tiny: bool, layers: int | None = None) -> Qwen3VLArgs:
     args = _case_args(name, tiny)
     if layers is not None:
         args.text.num_hidden_layers = layers
+        # DeepStack adds one vision feature per decoder layer: at most `layers` of them
+        args.vision.deepstack_visual_indexes = args.vision.deepstack_visual_indexes[:layers]
     return args
 
 

@@ -99,8 +99,11 @@ def _loop_attention(q_thd, k_thd, v_thd, cu_seqlens, causal: bool, scale: float 
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        q = q_thd[start:end].transpose(0, 1)
-        k = _expand_kv(k_thd[start:end], groups).transpose(0, 1)
-        v = _expand_kv(v_thd[start:end], groups).transpose(0, 1)
-        outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale).transpose(0, 1))
+        # 4-D [1, heads, s, D] (torch's fused CPU kernel needs a batch dim; 3-D inputs take the math path,
+        # which keeps the [heads, s, s] probabilities for backward) and GQA without expanding k/v
+        q = q_thd[start:end].transpose(0, 1)[None]
+        k = k_thd[start:end].transpose(0, 1)[None]
+        v = v_thd[start:end].transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=groups > 1)
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if outs else q_thd.new_empty(q_thd.shape)

@@ -8,8 +8,8 @@ global expert):
 2. dispatch all-to-all: rows for experts of rank j go to rank j (split sizes = per-rank sums).
 3. the received rows are grouped ``[source rank][local expert]``; a stable sort by local expert makes them
    ``[local expert][source rank]`` for the grouped GEMM over the local experts.
-4. un-sort, combine all-to-all back (splits reversed); the caller applies the routing weights and
-   un-permutes (``SparseMoeBlock.combine``), exactly as without EP.
+4. un-sort (a gather by the inverse permutation), combine all-to-all back (splits reversed); the caller
+   applies the routing weights and un-permutes (``SparseMoeBlock.compute`` / ``combine``).
 Autograd runs through both all-to-alls (``_AllToAll``: the backward is the reverse all-to-all), so the
 expert gradients of rank j accumulate the contributions of every token any rank of the group sent there.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rynnscale.models.qwen3_vl.moe import GroupedExperts, SparseMoeBlock
+from rynnscale.models.qwen3_vl.moe import GroupedExperts, SparseMoeBlock, inverse_permutation
 
 
 class _AllToAll(torch.autograd.Function):
@@ -71,7 +71,7 @@ class ExpertParallelDispatcher:
         perm_s = torch.sort(local_expert_s, stable=True).indices
         offsets_local = recv_counts_rl.sum(0).cumsum(0).to(torch.int32)
         y_local_sh = experts(x_recv_sh.index_select(0, perm_s), offsets_local)
-        y_recv_sh = torch.empty_like(y_local_sh).index_copy(0, perm_s, y_local_sh)
+        y_recv_sh = y_local_sh.index_select(0, inverse_permutation(perm_s))
         return all_to_all(y_recv_sh, send_splits, recv_splits, self.group)
 
 

@@ -65,6 +65,13 @@ def ep_results(tmp_path_factory):
     return run_ranks(_ep_worker, WORLD, tmp_path_factory.mktemp("ep"))
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """rel 1e-5, atol scaled to the tensor: without EP the routing weight multiplies the down
+    projection's input, with EP its output (same function, rounded in another order)."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale + 1e-7)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("forced", [True, False], ids=["forced_router", "random_router"])
 def test_all_to_all_matches_local_block(ep_results, forced):
@@ -77,10 +84,10 @@ def test_all_to_all_matches_local_block(ep_results, forced):
         y, stats = ref(x)
         (y * torch.arange(1.0, H + 1)).sum().backward()
         got = ep_results[r][forced]
-        torch.testing.assert_close(got["y"], y.detach(), rtol=1e-5, atol=1e-6)
+        _close(got["y"], y.detach())
         if TOKENS[r]:
-            torch.testing.assert_close(got["x_grad"], x.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got["gate_grad"], ref.gate.weight.grad, rtol=1e-5, atol=1e-6)
+            _close(got["x_grad"], x.grad)
+        _close(got["gate_grad"], ref.gate.weight.grad)
         assert torch.equal(got["counts"], stats.counts_e)
         counts_total += stats.counts_e
         gate_grad += ref.gate.weight.grad

@@ -13,9 +13,14 @@ the math (``ep_dispatcher``, set by ``rynnscale.parallel.expert_parallel``):
 - dispatch: the T*k (token, expert) pairs are stably sorted by expert (one argsort, no Python loop
             over experts); ``offsets_e`` (cumulative ends) come from ``searchsorted`` on the device,
             so nothing syncs with the host.
-- compute:  grouped GEMM gate_up -> SiLU(gate) * up -> grouped GEMM down.
-- combine:  routing weights applied in the sorted order, rows scattered back by the inverse
-            permutation, then summed over the k choices per token (deterministic; no atomics).
+- compute:  grouped GEMM gate_up -> SiLU(gate) * up -> x routing weight -> grouped GEMM down. The
+            weight is applied to the [S, I] input of the (linear) down projection rather than to its
+            [S, H] output: the same function, but backward keeps an [S, I] tensor instead of an [S, H]
+            one (I = 768 vs H = 2048 in Qwen3-VL-30B-A3B). Under EP the weights stay on the token's
+            rank and multiply the [S, H] rows that come back.
+- combine:  rows gathered back by the inverse permutation (an index_select, which keeps only the
+            index for backward; a scatter would keep its [S, H] source), then summed over the k
+            choices per token (deterministic; no atomics).
 
 Load balancing. Each layer returns ``RouterStats``: the mean router probability per expert
 ``P_e`` (differentiable) and the local top-k assignment counts (detached). The model computes
@@ -63,14 +68,21 @@ class RouterStats:
 class Dispatch:
     """What ``combine`` needs to undo ``dispatch``.
 
-    ``perm_s`` [S=T*k]: sorted slot -> flat (token, choice) slot; ``weight_s`` [S]: routing weight
-    in sorted order; ``offsets_e`` int32 [E]: cumulative end row of each expert in sorted order."""
+    ``perm_s`` [S=T*k]: sorted slot -> flat (token, choice) slot; ``inv_perm_s`` [S]: its inverse;
+    ``weight_s`` [S]: routing weight in sorted order; ``offsets_e`` int32 [E]: cumulative end row of
+    each expert in sorted order."""
 
     perm_s: torch.Tensor
+    inv_perm_s: torch.Tensor
     weight_s: torch.Tensor
     offsets_e: torch.Tensor
     num_tokens: int
     top_k: int
+
+
+def inverse_permutation(perm_s: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` (a scatter of unique indices: deterministic, no host sync)."""
+    return torch.empty_like(perm_s).scatter_(0, perm_s, torch.arange(perm_s.numel(), device=perm_s.device))
 
 
 class TopKRouter(nn.Module):
@@ -109,10 +121,14 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
 
-    def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert [S, H] -> expert outputs [S, H] (unweighted)."""
+    def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor,
+                weight_s: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows sorted by expert [S, H] -> expert outputs [S, H], each row times ``weight_s`` [S] if given
+        (applied before the down projection, see the module docstring)."""
         gate_up_s2i = grouped_mm(x_sorted_sh, self.gate_up_proj, offsets_e, backend=self.gemm_backend)
         h_si = fused.silu_mul_packed(gate_up_s2i, fused.pick(self.kernels, gate_up_s2i))
+        if weight_s is not None:
+            h_si = h_si * weight_s[:, None].to(h_si.dtype)
         return grouped_mm(h_si, self.down_proj, offsets_e, backend=self.gemm_backend)
 
 
@@ -139,25 +155,24 @@ class SparseMoeBlock(nn.Module):
         offsets_e = torch.searchsorted(expert_sorted_s, ids_e, right=True).to(torch.int32)
         x_sorted_sh = x_th.index_select(0, perm_s // k)
         weight_s = topk_weight_tk.reshape(-1).index_select(0, perm_s)
-        return x_sorted_sh, Dispatch(perm_s, weight_s, offsets_e, T, k)
+        return x_sorted_sh, Dispatch(perm_s, inverse_permutation(perm_s), weight_s, offsets_e, T, k)
 
-    def compute(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
-        """Expert outputs in sorted order; ``offsets_e`` are cumulative ends over all E experts."""
+    def compute(self, x_sorted_sh: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Routing-weighted expert outputs in sorted order [S, H] (``d.offsets_e``: ends over all E experts)."""
         if self.ep_dispatcher is not None:
-            return self.ep_dispatcher(self.experts, x_sorted_sh, offsets_e)
-        return self.experts(x_sorted_sh, offsets_e)
+            y_sorted_sh = self.ep_dispatcher(self.experts, x_sorted_sh, d.offsets_e)
+            return y_sorted_sh * d.weight_s[:, None].to(y_sorted_sh.dtype)
+        return self.experts(x_sorted_sh, d.offsets_e, d.weight_s)
 
-    def combine(self, y_sorted_sh: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        """Weight, un-permute and sum over the k choices: [T*k, H] sorted -> [T, H]."""
-        y_weighted_sh = y_sorted_sh * d.weight_s[:, None].to(y_sorted_sh.dtype)
-        # inverse permutation as a scatter with unique indices (deterministic), then sum over k
-        y_flat_sh = torch.empty_like(y_weighted_sh).index_copy(0, d.perm_s, y_weighted_sh)
+    def combine(self, y_weighted_sh: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Un-permute and sum over the k choices: [T*k, H] sorted (already weighted) -> [T, H]."""
+        y_flat_sh = y_weighted_sh.index_select(0, d.inv_perm_s)
         return y_flat_sh.view(d.num_tokens, d.top_k, y_flat_sh.shape[-1]).sum(dim=1)
 
     def forward(self, x_th: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         probs_te, topk_weight_tk, topk_idx_tk = self.gate(x_th)
         x_sorted_sh, d = self.dispatch(x_th, topk_weight_tk, topk_idx_tk)
-        y_sorted_sh = self.compute(x_sorted_sh, d.offsets_e)
+        y_sorted_sh = self.compute(x_sorted_sh, d)
         y_th = self.combine(y_sorted_sh, d)
         with torch.no_grad():
             counts_e = torch.diff(d.offsets_e.long(), prepend=d.offsets_e.new_zeros(1).long())
