@@ -73,7 +73,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 
         # casting_mode "llama" = the fp32 rms then cast-back above; in_place=False keeps dY intact
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # F.rms_norm upcasts bf16/fp16 internally and rounds once, i.e. equals rms_norm(x.float()).to(x.dtype)
+    # (tests/ops/test_fused.py checks it bitwise), without an fp32 copy of x kept for backward
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,12 @@ def test_rms_norm_matches_float64_reference():
     ref = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16) * w
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref, rtol=0, atol=0)  # fp32 math then one bf16 rounding == fp64 then rounding
+    # the bf16 kernel upcasts internally: bitwise the explicit fp32 path (transformers' formula)
+    hf_formula = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    torch.testing.assert_close(y, hf_formula, rtol=0, atol=0)
+    big = torch.randn(512, 2048, dtype=torch.bfloat16) * 3
+    torch.testing.assert_close(fused.rms_norm(big, torch.ones(2048, dtype=torch.bfloat16), 1e-6),
+                               F.rms_norm(big.float(), (2048,), eps=1e-6).to(torch.bfloat16), rtol=0, atol=0)
 
 
 def test_rotary_qk_matches_transformers():
