@@ -101,10 +101,13 @@ class Case:
     n_targets: int
 
 
-def case_args(name: str, tiny: bool, layers: int | None = None) -> Qwen3VLArgs:
+def case_args(name: str, tiny: bool, layers: int | None = None, experts: int | None = None) -> Qwen3VLArgs:
     """Architecture of a case (full widths, or the tiny CPU version with the same structure);
-    ``layers`` overrides the decoder depth."""
+    ``layers`` overrides the decoder depth, ``experts`` the expert count of MoE cases (it changes the
+    parameter count, not the activations: those depend on tokens, top-k and the widths)."""
     args = _case_args(name, tiny)
+    if experts is not None and args.text.is_moe:
+        args.text.num_experts = experts
     if layers is not None:
         args.text.num_hidden_layers = layers
         # DeepStack adds one vision feature per decoder layer: at most `layers` of them
@@ -160,10 +163,11 @@ def doc_lengths(total: int, lo: int, hi: int, seed: int) -> list[int]:
     return lens
 
 
-def build_case(name: str, tiny: bool, seed: int = 0, layers: int | None = None, seq_div: int = 1) -> Case:
+def build_case(name: str, tiny: bool, seed: int = 0, layers: int | None = None, seq_div: int = 1,
+               experts: int | None = None) -> Case:
     """``seq_div`` divides the text-case token counts (a3b, dense8b, packed), e.g. for CPU memory runs
     at real widths."""
-    args = case_args(name, tiny, layers)
+    args = case_args(name, tiny, layers, experts)
     g = torch.Generator().manual_seed(seed)
     text_hi = min(args.vision_start_token_id, args.image_token_id, 151643) - 1
     if name in ("a3b", "dense8b"):
@@ -427,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 2 GPU, 1 CPU)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized shapes with the same structure")
     p.add_argument("--layers", type=int, default=None, help="override the decoder depth of every case")
+    p.add_argument("--experts", type=int, default=None, help="override the expert count of the MoE cases")
     p.add_argument("--seq-div", type=int, default=1, help="divide the text cases' token counts (CPU memory runs "
                    "at real widths)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -464,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, weights_of, flops_of = [], {}, {}
     built = {}
     for name in cases:
-        case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div)
+        case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
         built[name] = case
         st = param_stats(build_meta_model(case.args))
         flops_of[name] = packed_batch_flops(case.args, st, case.batch)
