@@ -29,7 +29,9 @@ def compile_blocks(model: nn.Module, *, fullgraph: bool = False) -> int:
     """Compile every block of ``model.activation_checkpoint_targets()`` in place; returns the count.
 
     Call after activation checkpointing and before ``fully_shard``. ``fullgraph=True`` turns graph
-    breaks into errors (useful to check a kernel path is traceable)."""
+    breaks into errors (useful to check a kernel path is traceable). Modules of the blocks whose
+    ``kernels`` is ``auto`` switch to ``torch`` (Inductor fuses those ops); the loss head, outside
+    the blocks, keeps its choice."""
     if not hasattr(model, "activation_checkpoint_targets"):
         raise TypeError(f"{type(model).__name__} has no activation_checkpoint_targets(); cannot find its blocks")
     # every block of one list shares the code; allow a recompile per list for the dynamic-shape switch
@@ -37,6 +39,11 @@ def compile_blocks(model: nn.Module, *, fullgraph: bool = False) -> int:
     n = 0
     for blocks in model.activation_checkpoint_targets():
         for block in blocks:
+            # inside a compiled block Inductor does the fusing: "auto" kernels become the plain ops
+            # (liger's hand-written kernels would be opaque calls in the graph); an explicit "liger" stays
+            for m in block.modules():
+                if getattr(m, "kernels", None) == "auto":
+                    m.kernels = "torch"
             block.compile(fullgraph=fullgraph)
             n += 1
     log.info("torch.compile: %d blocks compiled", n)

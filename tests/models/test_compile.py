@@ -25,9 +25,12 @@ pytestmark = pytest.mark.slow  # Inductor compiles C++ on the CPU: ~1 min on 2 c
 def _model(ac: str, compiled: bool):
     model = Qwen3VLForConditionalGeneration(tiny_args(moe=True), attn_backend="sdpa_mask", gemm_backend="auto")
     model.init_weights(seed=5, std=0.1)
+    model.set_kernels("auto")
     apply_activation_checkpointing(model, ac)
     if compiled:
         assert compile_blocks(model) == len(model.model.language_model.layers) + len(model.model.visual.blocks)
+        kernels = {m.kernels for m in model.model.language_model.layers.modules() if hasattr(m, "kernels")}
+        assert kernels == {"torch"} and model.lm_head.kernels == "auto"  # Inductor fuses inside the blocks
     return model
 
 
