@@ -18,7 +18,8 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
 - activations (``micro_batch_tokens`` per micro-batch): the tensors our modules save for backward,
   counted per token from the code (see ``decoder_layer_bytes_per_token``); checkpointed blocks save
   only their input and recompute one block at a time in backward. Attention ``flash`` (GPU varlen
-  kernel) saves O(s); ``math`` (CPU SDPA) saves the heads x s^2 probabilities per document.
+  kernel) and ``loop`` (CPU: one fused SDPA per document, plus the concatenated output) save O(s);
+  ``math`` (an SDPA over 3-D inputs or with a mask) saves the heads x s^2 probabilities per document.
 - vision tower: the same for ``plan.visual_tokens_per_micro_batch`` merged tokens (x merge^2 patches).
 - loss: the chunked fused linear + cross-entropy keeps an fp32 [V, H] weight-gradient accumulator and
   the [N, H] input gradient from forward to backward, plus one chunk of fp32 logits while it runs.
@@ -46,14 +47,15 @@ class PlanError(ValueError):
 @dataclass
 class Profile:
     """Numeric formats and kernels of a run. ``gpu``: FSDP2 bf16 mixed precision, fused AdamW, flash
-    attention; ``cpu``: fp32 everywhere, foreach AdamW, math attention (what a CPU run does)."""
+    attention; ``cpu``: fp32 everywhere, foreach AdamW, per-document fused attention (what a CPU run
+    does)."""
 
     name: str = "gpu"
     act_bytes: int = 2            # compute dtype of activations
     param_bytes: int = 4          # stored (sharded) parameters
     grad_bytes: int = 4           # sharded gradients (FSDP2 reduce dtype)
     optim_bytes: int = 8          # AdamW exp_avg + exp_avg_sq
-    attention: str = "flash"      # flash | math
+    attention: str = "flash"      # flash | loop | math
     fsdp_working_set: bool = True
     foreach_optimizer: bool = False
     reserve_gib: float = 2.5      # CUDA context + NCCL buffers
@@ -64,7 +66,7 @@ class Profile:
         if name == "gpu":
             return cls()
         if name == "cpu":
-            return cls(name="cpu", act_bytes=4, attention="math", fsdp_working_set=False, foreach_optimizer=True,
+            return cls(name="cpu", act_bytes=4, attention="loop", fsdp_working_set=False, foreach_optimizer=True,
                        reserve_gib=0.0, fragmentation=0.0)
         raise PlanError(f"unknown plan profile {name!r}; choose 'gpu' or 'cpu'")
 
@@ -126,30 +128,43 @@ def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_ex
 # ----------------------------------------------------------------------------- activations per token
 
 
-def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile) -> float:
+def _gqa_kernel() -> bool:
+    """Whether this torch's varlen flash kernel takes GQA k/v as they are (else they are expanded)."""
+    try:
+        from rynnscale.ops.attention import _varlen_params
+
+        return "enable_gqa" in _varlen_params()
+    except ImportError:
+        return False
+
+
+def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 1) -> float:
     """Bytes our decoder layer saves for backward per token (without the attention s^2 term).
 
-    Counted from the code (rynnscale/models/qwen3_vl/text.py, moe.py): RMSNorm saves its fp32
-    input (a copy under bf16) and the normalised value, the weight multiply its output feeds the
-    projections; q/k get a per-head RMSNorm; rotary saves q/k after rotation; attention saves q and
-    the GQA-expanded k, v, its output (+ the row concat of per-document outputs on the math path);
-    SwiGLU saves gate, silu(gate), up and their product; a MoE block saves the router probabilities
-    (fp32), the k token copies sorted by expert, gate_up, silu, product, the expert outputs and the
-    weighted outputs, plus int64 routing indices."""
+    Counted from the code (rynnscale/models/qwen3_vl/text.py, moe.py, ops/): RMSNorm saves its input
+    (in the compute dtype: the kernel upcasts internally) and fp32 rstd, the weight multiply the
+    normalised value, its output feeds the projections; q/k get a per-head RMSNorm; rotary saves q/k
+    after rotation; attention saves q, k, v (GQA-expanded only where the GPU kernel lacks the GQA
+    switch), its output and the per-head log-sum-exp (+ the row concat of per-document outputs on the
+    CPU loop / math paths); SwiGLU saves gate, silu(gate), up and their product; a MoE block saves the
+    router probabilities (fp32), the k token copies sorted by expert, gate_up, silu, their product
+    and the routing-weighted product (the down projection's input), plus int64 routing indices;
+    under EP the weight multiplies the returned [S, H] rows instead, which are then kept."""
     a, f = p.act_bytes, 4
     H, inter, D = t.hidden_size, t.intermediate_size, t.head_dim
     qd, kvd = t.num_attention_heads * D, t.num_key_value_heads * D
-    grouped = t.num_attention_heads != t.num_key_value_heads
-    fp32_inputs = (2 * H + qd + kvd) * f + (2 + t.num_attention_heads + t.num_key_value_heads) * 4
+    expanded = t.num_attention_heads != t.num_key_value_heads and p.attention == "flash" and not _gqa_kernel()
+    norm_inputs = (2 * H + qd + kvd) * a + (2 + t.num_attention_heads + t.num_key_value_heads) * f
     norms_out = (4 * H + qd + kvd) * a                          # y and weight*y of both layer norms, y of q/k norms
-    rotary_attn = qd * a + ((2 * qd) if grouped else (2 * kvd)) * a   # q_rot, k (expanded), v (expanded)
-    attn_out = (2 * qd if p.attention == "math" else qd) * a + (t.num_attention_heads * 4 if p.attention == "flash" else 0)
+    rotary_attn = qd * a + 2 * (qd if expanded else kvd) * a   # q_rot, k, v
+    attn_out = (qd if p.attention == "flash" else 2 * qd) * a + (t.num_attention_heads * 4 if p.attention != "math" else 0)
     if moe:
         k, MI = t.num_experts_per_tok, t.moe_intermediate_size
-        mlp = (3 * k * H + 4 * k * MI) * a + t.num_experts * 4 + 4 * k * 8 + 3 * k * a
+        rows = (2 * k * H + 4 * k * MI) if ep > 1 else (k * H + 5 * k * MI)
+        mlp = rows * a + t.num_experts * 4 + 5 * k * 8 + 3 * k * a
     else:
         mlp = 4 * inter * a
-    return fp32_inputs + norms_out + rotary_attn + attn_out + mlp
+    return norm_inputs + norms_out + rotary_attn + attn_out + mlp
 
 
 def attention_s2_bytes(heads: int, doc_tokens: int, tokens: int, p: Profile) -> float:
@@ -264,7 +279,7 @@ def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: Layout, w: Workload,
 
     # activations
     moe_layers = [t.layer_is_moe(i) for i in range(n_layers)]
-    full_layer = [decoder_layer_bytes_per_token(t, m, p) * T + attention_s2_bytes(t.num_attention_heads, doc, T, p)
+    full_layer = [decoder_layer_bytes_per_token(t, m, p, lay.ep) * T + attention_s2_bytes(t.num_attention_heads, doc, T, p)
                   for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]

@@ -4,7 +4,7 @@ Each case runs ``python -m rynnscale.plan.measure`` in a fresh process: it build
 inside a TorchDispatchMode that counts live tensor-storage bytes (allocation and weakref-on-free),
 then runs 2 real steps (forward incl. one image through the vision tower, fused chunked loss,
 backward, clipping, foreach AdamW). The planner is asked about the same model, tokens, documents,
-image, checkpointing and the CPU profile (fp32, math attention, foreach AdamW, no reserve), so both
+image, checkpointing and the CPU profile (fp32, per-document fused attention, foreach AdamW, no reserve), so both
 sides are "peak live tensor bytes". Tolerance: 15%."""
 
 from __future__ import annotations
