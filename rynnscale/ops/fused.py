@@ -104,13 +104,53 @@ def rotary_qk(q_lhd: torch.Tensor, k_lhd: torch.Tensor, cos_ld: torch.Tensor, si
     return rotary(q_lhd, cos_ld, sin_ld), rotary(k_lhd, cos_ld, sin_ld)
 
 
+def _silu_mul_grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d/dgate and d/dup of ``silu(gate) * up`` (math in fp32 for half inputs, cast back)."""
+    g, u, dy = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in (gate, up, grad))
+    sig = torch.sigmoid(g)
+    d_up = dy * g * sig
+    d_gate = dy * u * sig * (1 + g * (1 - sig))
+    return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
+class _SiLUMul(torch.autograd.Function):
+    """``silu(gate) * up`` that keeps only gate and up for backward (autograd would also keep
+    ``silu(gate)``, one more [.., I] tensor per MLP); backward recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return _silu_mul_grads(gate, up, grad)
+
+
+class _SiLUMulPacked(torch.autograd.Function):
+    """The same over one [.., 2I] gate|up tensor: keeps only that tensor, returns its gradient whole."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.cat(_silu_mul_grads(gate, up, grad), dim=-1)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """SwiGLU's ``silu(gate) * up``."""
     if backend == "liger":
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
         return LigerSiLUMulFunction.apply(gate, up)
-    return F.silu(gate) * up
+    return _SiLUMul.apply(gate, up)
 
 
 def silu_mul_packed(gate_up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
@@ -124,5 +164,4 @@ def silu_mul_packed(gate_up: torch.Tensor, backend: str = "torch") -> torch.Tens
             return fused.apply(gate_up, False)
         gate, up = gate_up.chunk(2, dim=-1)
         return swiglu.LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _SiLUMulPacked.apply(gate_up)

@@ -146,9 +146,10 @@ def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 
     normalised value, its output feeds the projections; q/k get a per-head RMSNorm; rotary saves q/k
     after rotation; attention saves q, k, v (GQA-expanded only where the GPU kernel lacks the GQA
     switch), its output and the per-head log-sum-exp (+ the row concat of per-document outputs on the
-    CPU loop / math paths); SwiGLU saves gate, silu(gate), up and their product; a MoE block saves the
-    router probabilities (fp32), the k token copies sorted by expert, gate_up, silu, their product
-    and the routing-weighted product (the down projection's input), plus int64 routing indices;
+    CPU loop / math paths); SwiGLU saves gate, up and their product (``ops/fused.py`` recomputes
+    silu in backward); a MoE block saves the router probabilities (fp32), the k token copies sorted
+    by expert, gate_up, the SwiGLU product and the routing-weighted product (the down projection's
+    input), plus int64 routing indices;
     under EP the weight multiplies the returned [S, H] rows instead, which are then kept."""
     a, f = p.act_bytes, 4
     H, inter, D = t.hidden_size, t.intermediate_size, t.head_dim
@@ -160,10 +161,10 @@ def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 
     attn_out = (qd if p.attention == "flash" else 2 * qd) * a + (t.num_attention_heads * 4 if p.attention != "math" else 0)
     if moe:
         k, MI = t.num_experts_per_tok, t.moe_intermediate_size
-        rows = (2 * k * H + 4 * k * MI) if ep > 1 else (k * H + 5 * k * MI)
+        rows = (2 * k * H + 3 * k * MI) if ep > 1 else (k * H + 4 * k * MI)
         mlp = rows * a + t.num_experts * 4 + 5 * k * 8 + 3 * k * a
     else:
-        mlp = 4 * inter * a
+        mlp = 3 * inter * a
     return norm_inputs + norms_out + rotary_attn + attn_out + mlp
 
 
