@@ -210,30 +210,21 @@ def patchify(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | No
             raise ValueError(f"out must be a contiguous {dtype} {shape} tensor (normalize={normalize}), "
                              f"got {out.dtype} {tuple(out.shape)}")
         out_pd = out
-    # The copy below moves runs of ps contiguous pixels (one patch row of one channel). On uint8 data
-    # with ps % 8 == 0 both sides are viewed as int64 so each element moved is 8 pixels, not one:
-    # same bytes, ~3x faster than a byte-granular strided copy.
-    wide = dtype == torch.uint8 and ps % 8 == 0 and W % 8 == 0
-    if wide:
-        x_tchw, out_pd_w, run = x_tchw.view(torch.int64), out_pd.view(torch.int64), ps // 8
-    else:
-        out_pd_w, run = out_pd, ps
-    Ww = x_tchw.shape[-1]
-    # output block view: [gt, gh/m, gw/m, m, m, C, tp, ps, ps(run)]
-    out_blocks = out_pd_w.view(gt, gh // m, gw // m, m, m, C, tp, ps, run)
-    # source view [gt, tp, C, gh/m, m, ps, gw/m, m, ps(run)] -> permuted to the output's dim order
+    # output block view: [gt, gh/m, gw/m, m, m, C, tp, ps, ps]
+    out_blocks = out_pd.view(gt, gh // m, gw // m, m, m, C, tp, ps, ps)
+    # source view [gt, tp, C, gh/m, m, ps, gw/m, m, ps] -> permuted to the output's dim order
     order = (0, 3, 6, 4, 7, 2, 1, 5, 8)
     if gt_full:
-        src = x_tchw[: gt_full * tp].view(gt_full, tp, C, gh // m, m, ps, gw // m, m, run)
+        src = x_tchw[: gt_full * tp].view(gt_full, tp, C, gh // m, m, ps, gw // m, m, ps)
         out_blocks[:gt_full].copy_(src.permute(order))
     if rem:
         # last temporal patch: the remaining frames, then the last frame repeated. With one frame
         # left (always, for tp = 2) that is a stride-0 view of it: no copy.
         if rem == 1:
-            tail = x_tchw[T - 1:].expand(tp, C, H, Ww)
+            tail = x_tchw[T - 1:].expand(tp, C, H, W)
         else:
-            tail = torch.cat([x_tchw[gt_full * tp:], x_tchw[T - 1:].expand(tp - rem, C, H, Ww)])
-        src = tail.reshape(1, tp, C, gh // m, m, ps, gw // m, m, run)
+            tail = torch.cat([x_tchw[gt_full * tp:], x_tchw[T - 1:].expand(tp - rem, C, H, W)])
+        src = tail.reshape(1, tp, C, gh // m, m, ps, gw // m, m, ps)
         out_blocks[gt_full:].copy_(src.permute(order))
     if normalize:
         spec.pixel_norm.normalize_(out_pd)
