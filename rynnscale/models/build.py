@@ -40,19 +40,11 @@ def _meta_model(cfg: ModelConfig):
 
 
 def check_kernels_usable(cfg: ModelConfig, device: torch.device) -> None:
-    """``model.kernels: liger`` fails at build time, naming the key, where liger cannot run (``auto``
-    falls back per call instead)."""
-    if cfg.kernels != "liger":
-        return
-    from rynnscale.ops.fused import liger_import_error
+    """``model.kernels: liger`` fails at build time where liger cannot run (``auto`` falls back per call)."""
+    if cfg.kernels == "liger":
+        from rynnscale.ops.fused import require_liger
 
-    if device.type != "cuda":
-        raise ValueError(f"model.kernels=liger needs a CUDA device, this run uses {device}; "
-                         "use model.kernels=auto or torch")
-    err = liger_import_error()
-    if err is not None:
-        raise ValueError(f"model.kernels=liger but liger-kernel does not import ({err}); "
-                         "pip install -e '.[gpu]' or use model.kernels=auto")
+        require_liger(device)
 
 
 def restore_buffers(model: nn.Module) -> None:

@@ -22,21 +22,23 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "varlen", "sdpa_mask", "loop")
 
 
-def _varlen_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=1)
 def _varlen_params() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
+    """Keyword names of this torch's ``varlen_attn`` (empty where it does not exist)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
     return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_takes_gqa() -> bool:
+    """Whether the flash varlen kernel takes GQA k/v as they are (else ``varlen`` expands them)."""
+    return "enable_gqa" in _varlen_params()
+
+
+def _varlen_available(device: torch.device) -> bool:
+    return device.type == "cuda" and bool(_varlen_params())
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -68,7 +70,7 @@ def varlen_attention(
 
         params = _varlen_params()
         kwargs = {"scale": scale} if scale is not None else {}
-        if groups > 1 and "enable_gqa" in params:
+        if groups > 1 and varlen_takes_gqa():
             kwargs["enable_gqa"] = True
         else:  # releases without the GQA switch: expand k/v heads
             k_thd, v_thd = _expand_kv(k_thd, groups), _expand_kv(v_thd, groups)

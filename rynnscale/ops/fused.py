@@ -44,24 +44,31 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
+def require_liger(device: torch.device) -> None:
+    """Raise, naming ``model.kernels``, unless liger-kernel can run on ``device`` (CUDA, and it imports)."""
+    if device.type != "cuda":
+        raise ValueError(f"model.kernels=liger needs a CUDA device, this run uses {device}; "
+                         "use model.kernels=auto or torch")
+    err = liger_import_error()
+    if err is not None:
+        raise ValueError(f"model.kernels=liger but liger-kernel does not import ({err}); "
+                         "pip install -e '.[gpu]' or use model.kernels=auto")
+
+
 def pick(kernels: str, *tensors: torch.Tensor) -> str:
     """``"liger"`` or ``"torch"`` for an op over ``tensors`` (see the module docstring)."""
     check_kernels(kernels)
     if kernels == "torch":
         return "torch"
     dtypes = {t.dtype for t in tensors}
-    fits = all(t.device.type == "cuda" for t in tensors) and len(dtypes) == 1 and dtypes <= {
-        torch.bfloat16, torch.float16, torch.float32}
+    on_cuda = all(t.device.type == "cuda" for t in tensors)
+    one_dtype = len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16, torch.float32}
     if kernels == "auto":
-        return "liger" if fits and liger_import_error() is None else "torch"
-    if not fits:
-        raise ValueError(f"model.kernels=liger needs CUDA tensors of one floating dtype, got "
-                         f"{sorted({str(t.device) for t in tensors})} / {sorted(str(d) for d in dtypes)}; "
+        return "liger" if on_cuda and one_dtype and liger_import_error() is None else "torch"
+    require_liger(torch.device("cuda") if on_cuda else next(t.device for t in tensors if t.device.type != "cuda"))
+    if not one_dtype:
+        raise ValueError(f"model.kernels=liger needs tensors of one floating dtype, got {sorted(map(str, dtypes))}; "
                          "use model.kernels=auto to fall back to the torch path")
-    err = liger_import_error()
-    if err is not None:
-        raise RuntimeError(f"model.kernels=liger but liger-kernel does not import ({err}); "
-                           "install the 'gpu' extra or use model.kernels=auto")
     return "liger"
 
 

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
+from rynnscale.ops.attention import varlen_takes_gqa
 from rynnscale.plan.model_stats import ParamStats
 
 GIB = 1024 ** 3
@@ -128,16 +129,6 @@ def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_ex
 # ----------------------------------------------------------------------------- activations per token
 
 
-def _gqa_kernel() -> bool:
-    """Whether this torch's varlen flash kernel takes GQA k/v as they are (else they are expanded)."""
-    try:
-        from rynnscale.ops.attention import _varlen_params
-
-        return "enable_gqa" in _varlen_params()
-    except ImportError:
-        return False
-
-
 def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 1) -> float:
     """Bytes our decoder layer saves for backward per token (without the attention s^2 term).
 
@@ -154,7 +145,7 @@ def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 
     a, f = p.act_bytes, 4
     H, inter, D = t.hidden_size, t.intermediate_size, t.head_dim
     qd, kvd = t.num_attention_heads * D, t.num_key_value_heads * D
-    expanded = t.num_attention_heads != t.num_key_value_heads and p.attention == "flash" and not _gqa_kernel()
+    expanded = t.num_attention_heads != t.num_key_value_heads and p.attention == "flash" and not varlen_takes_gqa()
     norm_inputs = (2 * H + qd + kvd) * a + (2 + t.num_attention_heads + t.num_key_value_heads) * f
     norms_out = (4 * H + qd + kvd) * a                          # y and weight*y of both layer norms, y of q/k norms
     rotary_attn = qd * a + 2 * (qd if expanded else kvd) * a   # q_rot, k, v

@@ -90,7 +90,7 @@ def test_silu_mul_backward_is_exact_and_keeps_only_its_inputs():
 def test_pick_rules_on_cpu():
     x = torch.zeros(2, 4)
     assert fused.pick("auto", x) == "torch" and fused.pick("torch", x) == "torch"
-    with pytest.raises(ValueError, match="model.kernels=liger needs CUDA"):
+    with pytest.raises(ValueError, match="model.kernels=liger needs a CUDA device"):
         fused.pick("liger", x)
     with pytest.raises(ValueError, match="not one of"):
         fused.pick("triton", x)
