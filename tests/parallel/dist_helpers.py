@@ -1,5 +1,7 @@
 """Shared pieces of the multi-process tests: a tiny MoE Qwen3-VL, deterministic packed micro-batches per
-(step, rank, micro-batch), and a spawner that runs a function on N gloo ranks and collects its results."""
+(step, rank, micro-batch), a spawner that runs a function on N gloo ranks and collects its results, and
+helpers that record every rank's gradient pieces, put the full (unsharded, all-expert) gradients together
+and compare tensors relative to their norm."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.multiprocessing as mp
 from rynnscale.data.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from rynnscale.parallel.fsdp import is_expert_param
 
 IMG, VID, VS, VE = 250, 251, 252, 253
 PATCH_DIM = 3 * 2 * 4 * 4  # C * temporal_patch * ps * ps
@@ -108,3 +111,119 @@ def run_ranks(fn, world: int, tmp_path: Path, **kwargs) -> list:
                     errors.append(f"rank {r}:\n{rec['error']}")
         raise RuntimeError("\n".join(errors) or str(e)) from e
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["result"] for r in range(world)]
+
+
+# ------------------------------------------------------------------ full gradients and norm-relative checks
+# wrapper segments that ``named_parameters()`` carries and ``state_dict()`` keys / an unwrapped model do not
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def plain_name(name: str) -> str:
+    for seg in WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
+def _rows_in_full(g: torch.Tensor, key: str, meshes) -> tuple[int, int, int]:
+    """Rows ``[lo, hi)`` of dim 0 of the FULL tensor (unsharded, all experts) held by this rank's local
+    piece of ``g``, and the full tensor's row count. FSDP2 placements are Replicate / Shard(0) (torch.chunk
+    sizes: ceil-sized pieces, the last ranks may get fewer or none); EP ranks hold consecutive experts."""
+    from torch.distributed.tensor import DTensor
+
+    assert g.dim() > 0, f"{key}: 0-dim parameters are not supported"
+    rows = g.shape[0]  # the global shape for a DTensor
+    lo, hi = 0, rows
+    if isinstance(g, DTensor):
+        for d, placement in enumerate(g.placements):
+            if placement.is_replicate():
+                continue
+            assert placement.is_shard(dim=0), f"{key}: placement {placement} (only Replicate / Shard(0))"
+            n, k, r = hi - lo, g.device_mesh.size(d), g.device_mesh.get_local_rank(d)
+            chunk = -(-n // k)
+            lo, hi = lo + min(r * chunk, n), lo + min((r + 1) * chunk, n)
+        assert hi - lo == g.to_local().shape[0], f"{key}: rows [{lo}, {hi}) vs local {tuple(g.to_local().shape)}"
+    if meshes is not None and meshes.ep is not None and is_expert_param(key):
+        offset = meshes.ep.get_local_rank() * rows
+        lo, hi, rows = lo + offset, hi + offset, rows * meshes.layout.ep
+    return lo, hi, rows
+
+
+@torch.no_grad()
+def local_grad_pieces(model: torch.nn.Module, meshes=None) -> dict[str, tuple | None]:
+    """This rank's piece of every parameter's gradient: plain name -> ``(local tensor (CPU copy), lo, hi,
+    full_rows)`` (see ``_rows_in_full``), None where a parameter has no gradient. No collectives (a
+    gloo collective per tensor per step costs more than the tiny model's step on a busy CPU): the
+    pieces of all ranks are put together by ``assemble_full``. ``meshes=None``: one process, whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        key, g = plain_name(name), p.grad
+        if g is None:
+            out[key] = None
+            continue
+        local = g.to_local() if isinstance(g, DTensor) else g
+        out[key] = (local.detach().cpu().clone(), *_rows_in_full(g, key, meshes))
+    return out
+
+
+def assemble_full(per_rank: list[dict]) -> dict[str, torch.Tensor | None]:
+    """Full tensors from the ``local_grad_pieces`` of all ranks (FSDP shards and EP experts placed at
+    their rows). Every row must be covered; rows held by several ranks (replicas) must be identical."""
+    keys = set(per_rank[0])
+    assert all(set(p) == keys for p in per_rank), "ranks report different parameter names"
+    out = {}
+    for key in per_rank[0]:
+        pieces = [p[key] for p in per_rank]
+        if all(x is None for x in pieces):
+            out[key] = None
+            continue
+        assert all(x is not None for x in pieces), f"{key}: a gradient on some ranks only"
+        rows = pieces[0][3]
+        full = pieces[0][0].new_zeros((rows, *pieces[0][0].shape[1:]))
+        covered = torch.zeros(rows, dtype=torch.bool)
+        for r, (local, lo, hi, n) in enumerate(pieces):
+            assert n == rows and local.shape[0] == hi - lo, f"{key}: rank {r} rows [{lo}, {hi}) of {n}"
+            seen = covered[lo:hi]
+            assert torch.equal(full[lo:hi][seen], local[seen]), f"{key}: replicas differ (rank {r})"
+            full[lo:hi], covered[lo:hi] = local, True
+        assert covered.all(), f"{key}: rows {torch.nonzero(~covered).flatten().tolist()} held by no rank"
+        out[key] = full
+    return out
+
+
+class GradRecordingOptimizer:
+    """Stands in for the optimiser given to ``train_step``: ``step()`` first appends this rank's gradient
+    pieces (``local_grad_pieces``, i.e. after accumulation, reduction and clipping) to ``self.grads``,
+    then steps the real optimiser. Full tensors: ``assemble_full`` over the ranks' ``grads[step]``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, meshes=None):
+        self.optimizer, self.model, self.meshes = optimizer, model, meshes
+        self.grads: list[dict[str, tuple | None]] = []
+
+    def step(self) -> None:
+        self.grads.append(local_grad_pieces(self.model, self.meshes))
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getattr__(self, name):  # param_groups, state, state_dict, ...
+        return getattr(self.optimizer, name)
+
+
+def norm_relative_errors(got: dict, want: dict, zero_floor: float) -> dict[str, float]:
+    """Per key ``max|got - want| / ||want||`` (Frobenius norm of the reference tensor); where the reference
+    is exactly zero the denominator is the absolute ``zero_floor`` instead. Keys must match exactly and
+    no tensor may be None (a missing gradient) on either side."""
+    assert set(got) == set(want), f"names differ: only got {sorted(set(got) - set(want))}, " \
+                                  f"only reference {sorted(set(want) - set(got))}"
+    missing = sorted(k for k in want if got[k] is None or want[k] is None)
+    assert not missing, f"no gradient for {missing}"
+    out = {}
+    for key, ref in want.items():
+        a, b = got[key].double(), ref.double()
+        assert a.shape == b.shape, f"{key}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        scale = float(b.norm())
+        out[key] = float((a - b).abs().max()) / (scale if scale > 0 else zero_floor) if b.numel() else 0.0
+    return out
