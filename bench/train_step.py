@@ -71,7 +71,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rynnscale.data.batch import EncodedSample, PackedBatch  # noqa: E402
+from rynnscale.batch import EncodedSample, PackedBatch  # noqa: E402
 from rynnscale.data.packing import build_packed_batch  # noqa: E402
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # noqa: E402
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # noqa: E402

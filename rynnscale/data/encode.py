@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rynnscale.data.batch import EncodedSample
+from rynnscale.batch import IGNORE_INDEX, EncodedSample
 from rynnscale.data.schema import SchemaError, validate_member_name
 from rynnscale.data.tokenizer import VisionTokenIds, as_rust_tokenizer
 from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
@@ -266,7 +266,7 @@ class SampleEncoder:
         render, media = self._render(key, messages, members, meta, decode)
         ids, labels, spans = self._tokenize(key, render, media)
         ids, labels, media, spans = self._fit(key, ids, labels, media, spans)
-        if not (labels != -100).any():
+        if not (labels != IGNORE_INDEX).any():
             raise SampleError("bad_conversation", key, "no assistant tokens to train on")
         return ids, labels, media
 
@@ -479,7 +479,7 @@ class SampleEncoder:
             if isinstance(labeled, np.ndarray):
                 lab_chunks.append(labeled)
             else:
-                lab_chunks.append(ids if labeled else np.full(len(ids), -100, dtype=np.int64))
+                lab_chunks.append(ids if labeled else np.full(len(ids), IGNORE_INDEX, dtype=np.int64))
             n += len(ids)
 
         def flush() -> None:
@@ -504,7 +504,7 @@ class SampleEncoder:
                     csum = np.cumsum(mask_c)
                     off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
                     covered = csum[off[:, 1]] - csum[off[:, 0]] > 0
-                    lab = np.where(covered, ids, -100)
+                    lab = np.where(covered, ids, IGNORE_INDEX)
             if np.isin(ids, self._structural).any():
                 raise SampleError("bad_conversation", key, "conversation text contains chat / vision special tokens "
                                                            "(e.g. <|image_pad|>, <|im_start|>)")
@@ -554,7 +554,7 @@ class SampleEncoder:
                 cut = s
         keep = [i for i, (s, e) in enumerate(spans) if e <= cut]
         ids, labels = ids[:cut], labels[:cut]
-        if not (labels != -100).any():
+        if not (labels != IGNORE_INDEX).any():
             raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} and no assistant token is left "
                                                f"after truncating to {cut}")
         return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
@@ -590,7 +590,7 @@ class SampleEncoder:
         pvv, vid_grid = self._pixels(key, "video", media, video_out, normalize)
         input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
         labels_l = torch.from_numpy(np.ascontiguousarray(labels))
-        labels_l[0] = -100
+        labels_l[0] = IGNORE_INDEX
         pos_3l = mrope_position_ids(input_ids_l, img_grid, vid_grid, spatial_merge_size=self.spec.merge_size,
                                     image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad)
         return EncodedSample(key=key, input_ids_l=input_ids_l, labels_l=labels_l, position_ids_3l=pos_3l,

@@ -71,8 +71,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rynnscale.batch import EncodedSample, PackedBatch
 from rynnscale.data.balance import CostModel
-from rynnscale.data.batch import EncodedSample, PackedBatch
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 from rynnscale.data.reader import (

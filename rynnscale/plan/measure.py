@@ -62,7 +62,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: int = 0):
     """One packed row of ``docs`` equal-length samples, every token labelled (worst case for the loss);
     with ``image_patches`` > 0 the first sample starts with one image of that many patches."""
-    from rynnscale.data.batch import EncodedSample
+    from rynnscale.batch import IGNORE_INDEX, EncodedSample
     from rynnscale.data.packing import build_packed_batch
 
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +85,7 @@ def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: 
             grid = torch.tensor([[1, side, side]])
             pix = torch.randn(image_patches, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, generator=g)
         labels = ids.clone()
-        labels[0] = -100
+        labels[0] = IGNORE_INDEX
         samples.append(EncodedSample(f"s{i}", ids, labels, pos, pix, grid))
     return build_packed_batch(samples)
 

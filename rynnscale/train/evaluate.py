@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from rynnscale.data.batch import EncodedSample, PackedBatch
+from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch
 from rynnscale.data_pipelines.tags import Grounding, TagError, parse_tags
 
 log = logging.getLogger("rynnscale")
@@ -180,12 +180,12 @@ def split_prompt(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
     ``<|im_start|>assistant\\n``); the reference is that assistant turn's labelled tokens (with its
     ``<|im_end|>``). Raises ValueError naming the key if the sample has no labelled token."""
     lab = sample.labels_l
-    nz = (lab != -100).nonzero()
+    nz = (lab != IGNORE_INDEX).nonzero()
     if nz.numel() == 0:
         raise ValueError(f"sample {sample.key!r} has no assistant tokens to evaluate")
     first = int(nz[0])
     end = first
-    while end < lab.numel() and int(lab[end]) != -100:
+    while end < lab.numel() and int(lab[end]) != IGNORE_INDEX:
         end += 1
     prompt = replace(sample, input_ids_l=sample.input_ids_l[:first], labels_l=sample.labels_l[:first],
                      position_ids_3l=sample.position_ids_3l[:, :first])
@@ -197,7 +197,7 @@ def _text_prompt(ids: list[int]) -> EncodedSample:
     from rynnscale.models.qwen3_vl.mrope import text_position_ids
 
     t = torch.tensor(ids, dtype=torch.long)
-    return EncodedSample(key="filler", input_ids_l=t, labels_l=torch.full_like(t, -100),
+    return EncodedSample(key="filler", input_ids_l=t, labels_l=torch.full_like(t, IGNORE_INDEX),
                          position_ids_3l=text_position_ids(len(ids)))
 
 
@@ -360,6 +360,6 @@ class Evaluator:
 def _filler_batch(token_id: int) -> PackedBatch:
     """A 2-token text row (forwards of ranks that ran out of eval batches; its loss is discarded)."""
     ids = torch.tensor([token_id, token_id], dtype=torch.long)
-    return PackedBatch(input_ids_l=ids, labels_l=torch.tensor([-100, token_id]),
+    return PackedBatch(input_ids_l=ids, labels_l=torch.tensor([IGNORE_INDEX, token_id]),
                        position_ids_3l=torch.arange(2).expand(3, 2).clone(),
                        cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2)

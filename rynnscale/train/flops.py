@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.plan.model_stats import ParamStats
 

@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from rynnscale.batch import PackedBatch
 from rynnscale.config import RootConfig, save_resolved
-from rynnscale.data.batch import PackedBatch
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.parallel.distributed import DistContext, clip_grad_norm_, init_distributed, report_failures
 from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, plot_run

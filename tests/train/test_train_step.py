@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from rynnscale.batch import PackedBatch
 from rynnscale.config.schema import OptimConfig
-from rynnscale.data.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.checkpointing import apply_activation_checkpointing

@@ -20,12 +20,12 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import IGNORE_INDEX, PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
 from rynnscale.ops import fused
-from rynnscale.ops.loss import IGNORE_INDEX, linear_cross_entropy
+from rynnscale.ops.loss import linear_cross_entropy
 
 
 @dataclass
