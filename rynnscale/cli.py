@@ -50,8 +50,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "inspect":
         import json
 
+        from rynnscale.data.manifest import ManifestError
         from rynnscale.data_pipelines.inspect import format_report, inspect_shards
-        from rynnscale.data_pipelines.shards import ManifestError
 
         try:
             rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer,

@@ -241,7 +241,7 @@ class _ManifestHints:
         self._dirs: dict[str, dict | None] = {}
 
     def get(self, shard: str, index: int) -> tuple[int, int] | None:
-        from rynnscale.data_pipelines.shards import ManifestError, read_manifest
+        from rynnscale.data.manifest import ManifestError, read_manifest
 
         d = os.path.dirname(shard)
         if d not in self._dirs:

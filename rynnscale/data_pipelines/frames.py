@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from rynnscale.data.schema import IMAGE_EXTENSIONS, validate_conv, validate_meta, validate_sample_members
+from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, run_shard_jobs
-from rynnscale.data_pipelines.tags import TagError, parse_tags
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = ["detect_licence", "natural_key", "list_frames", "FramesConfig", "frame_clips", "convert_frames"]

@@ -170,9 +170,9 @@ def inspect_shards(
     ``estimate`` runs ``SampleEncoder.estimate`` per sample (tokens and vision patches); without
     it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present.
     ``max_samples`` stops early (the counts then cover the samples read)."""
+    from rynnscale.data.manifest import read_manifest, sha256_file
     from rynnscale.data.reader import iter_tar_samples
     from rynnscale.data.schema import SchemaError, validate_conv, validate_meta
-    from rynnscale.data_pipelines.shards import read_manifest, sha256_file
 
     d = Path(directory)
     m = read_manifest(d)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import (
     VIDEO_EXTENSIONS,
     SchemaError,
@@ -41,16 +42,9 @@ from rynnscale.data.schema import (
     validate_meta,
     validate_sample_members,
 )
+from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.inspect import REPORT_NAME
-from rynnscale.data_pipelines.shards import (
-    ShardJob,
-    ShardWriter,
-    check_dataset_info,
-    completed_shards,
-    run_shard_jobs,
-    shard_name,
-)
-from rynnscale.data_pipelines.tags import TagError, parse_tags
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [

@@ -80,12 +80,7 @@ from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_
 from rynnscale.data_pipelines.frames import detect_licence
 from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
-from rynnscale.data_pipelines.shards import (
-    ShardJob,
-    ShardWriter,
-    check_dataset_info,
-    run_shard_jobs,
-)
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [

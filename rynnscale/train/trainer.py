@@ -55,6 +55,7 @@ from rynnscale.batch import PackedBatch
 from rynnscale.config import RootConfig, save_resolved
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.parallel.distributed import DistContext, clip_grad_norm_, init_distributed, report_failures
+from rynnscale.train.data_files import prepare_data_files
 from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, plot_run
 from rynnscale.train.optim import build_optimizer, build_scheduler
 
@@ -172,24 +173,6 @@ def setup_distributed(cfg: RootConfig) -> DistContext:
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def prepare_data_files(cfg: RootConfig, ctx: DistContext) -> None:
-    """Generate the synthetic dataset once: global rank 0 first (shared file system), then local rank 0
-    of every other node if its file system does not see it yet; the others wait at barriers."""
-    from rynnscale.data.pipeline import ensure_synthetic_data
-
-    if cfg.data.synthetic.num_samples <= 0:
-        return
-    if ctx.rank == 0:
-        ensure_synthetic_data(cfg)
-    ctx.barrier()
-    if ctx.rank != 0 and ctx.local_rank == 0:
-        from rynnscale.data.pipeline import synthetic_data_dir
-        from rynnscale.data_pipelines.shards import MANIFEST_NAME
-        if not (synthetic_data_dir(cfg) / MANIFEST_NAME).exists():
-            ensure_synthetic_data(cfg)
-    ctx.barrier()
-
-
 def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
 
@@ -229,7 +212,7 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     prepare_data_files(cfg, ctx)
     # every rank is a data-parallel rank (EP ranks hold different data): data rank = global rank
-    data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size, generate=False)
+    data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size)
     return TrainComponents(args, model, optimizer, scheduler, data, ctx)
 
 
@@ -244,7 +227,7 @@ def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
     from rynnscale.data.pipeline import build_train_data
 
     cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
-    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.rank, world_size=c.ctx.world_size, generate=False)
+    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.rank, world_size=c.ctx.world_size)
 
 
 def layout_dict(cfg: RootConfig, ctx: DistContext) -> dict[str, int]:
