@@ -10,13 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-NOT_BUILT_EXIT = 3
-
-
-def _not_built(what: str, issue: int) -> int:
-    print(f"rynnscale: '{what}' is not built yet (tracked in issue {issue}).", file=sys.stderr)
-    return NOT_BUILT_EXIT
-
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from rynnscale.config import ConfigError, load_config
@@ -166,10 +159,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rynnscale", description="Distributed training for embodied Qwen3-VL brain models.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub) -> None:
+    """``rynnscale train RECIPE [key=value ...]``."""
     t = sub.add_parser("train", help="train from a YAML recipe", description=(
         "Train from a YAML recipe. Overrides use dotlist syntax, e.g. train.max_steps=10 run.output_dir=runs/x. "
         "Under torchrun every rank runs this same command."))
@@ -178,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_data_parser(sub) -> None:
+    """``rynnscale data synth | convert | inspect``."""
     d = sub.add_parser("data", help="prepare and inspect datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("synth", help="generate the built-in synthetic egocentric dataset")
@@ -189,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=64)
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--workers", type=int, default=1)
+    _add_convert_parsers(dsub)
+    _add_inspect_parser(dsub)
+    d.set_defaults(func=_cmd_data)
+
+
+def _add_convert_parsers(dsub) -> None:
+    """``rynnscale data convert lerobot | jsonl | frames``."""
     c = dsub.add_parser("convert", help="convert LeRobot / jsonl / frame folders to shards")
     csub = c.add_subparsers(dest="source", required=True)
 
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--embodiment", default="unknown")
     cf.add_argument("--clips-per-shard", type=int, default=256)
 
+
+def _add_inspect_parser(dsub) -> None:
+    """``rynnscale data inspect DIR``."""
     i = dsub.add_parser("inspect", help="counts and histograms of a shard directory")
     i.add_argument("dir", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -253,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-samples", type=int, default=None)
     i.add_argument("--verify", action="store_true", help="also re-hash every shard")
     i.add_argument("--bins", type=int, default=10)
-    d.set_defaults(func=_cmd_data)
 
+
+def _add_ckpt_parser(sub) -> None:
+    """``rynnscale ckpt export-hf | inspect``."""
     k = sub.add_parser("ckpt", help="checkpoint tools (export to Hugging Face, inspect)")
     ksub = k.add_subparsers(dest="ckpt_cmd", required=True)
     e = ksub.add_parser("export-hf", help="export a checkpoint to a transformers directory", description=(
@@ -273,10 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     ki.add_argument("--max-tensors", type=int, default=None, help="list at most this many tensors")
     k.set_defaults(func=_cmd_ckpt)
 
-    b = sub.add_parser("bench", help="benchmarks (see bench/)")
-    b.add_argument("name", nargs="?", default="")
-    b.set_defaults(func=lambda a: _not_built("bench", 7))
 
+def _add_plan_parser(sub) -> None:
+    """``rynnscale plan RECIPE``."""
     pl = sub.add_parser("plan", help="memory / communication planner for a recipe", description=(
         "Per-GPU memory, communication per step, a fits / does-not-fit verdict and an estimated step time for a "
         "recipe on a cluster, computed on paper (the model is built on the meta device). Cluster flags default "
@@ -294,8 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gpu: FSDP2 bf16 + flash attention (default); cpu: fp32 + math attention")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
-    return p
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rynnscale", description="Distributed training for embodied Qwen3-VL brain models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_data_parser, _add_ckpt_parser, _add_plan_parser):
+        add(sub)
+    return p
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rynnscale.fsutil import atomic_write_bytes, fsync_dir
 
-log = logging.getLogger("rynnscale.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"

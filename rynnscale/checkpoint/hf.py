@@ -46,11 +46,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.hf_config import HFCheckpointError, read_hf_config
+from rynnscale.parallel.fqn import clean_fqn
 
 if TYPE_CHECKING:
     from rynnscale.parallel.fsdp import LocalPiece
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 EXPERT_LAYOUTS = ("v5", "hub")
 LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
 SINGLE_FILE = "model.safetensors"
@@ -68,37 +69,6 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-# Module-wrapper name segments that never belong in an HF key (torch.compile, activation checkpointing).
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint directory is unusable; the message names the file / tensors."""
-
-
-# ---------------------------------------------------------------------------------------- config
-def read_hf_config(path: str | os.PathLike) -> tuple[Qwen3VLArgs, dict[str, Any]]:
-    """Read ``config.json`` (``path`` is the checkpoint directory or the file itself).
-
-    Returns our args and the raw dict (for keys args do not carry, e.g. ``transformers_version``)."""
-    path = Path(path)
-    cfg_path = path / "config.json" if path.is_dir() else path
-    if not cfg_path.is_file():
-        raise HFCheckpointError(f"{cfg_path}: no such file (a Hugging Face checkpoint directory needs config.json)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFCheckpointError(
-            f"{cfg_path}: model_type={model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}")
-    quant = raw.get("quantization_config")
-    if quant:
-        raise HFCheckpointError(
-            f"{cfg_path}: quantized checkpoints are not supported "
-            f"(quantization_config.quant_method={quant.get('quant_method')!r}); use the bf16 release")
-    return Qwen3VLArgs.from_hf_config(raw, where=str(cfg_path)), raw
 
 
 def hf_param_shapes(args: Qwen3VLArgs, *, include_tied: bool = False) -> dict[str, tuple[int, ...]]:
@@ -190,12 +160,6 @@ def _canonical_key(key: str) -> str:
     if key.startswith(("visual.", "language_model.")):
         return "model." + key
     return key
-
-
-def _strip_wrappers(name: str) -> str:
-    for seg in _WRAPPER_SEGMENTS:
-        name = name.replace(seg, "")
-    return name
 
 
 def _listing(title: str, items: Iterable[str]) -> str:
@@ -320,7 +284,7 @@ def _model_targets(model: nn.Module) -> tuple[dict[str, LocalPiece], list[list[s
     targets: dict[str, LocalPiece] = {}
     alias_of: dict[int, list[str]] = {}
     for raw, tensor in model.state_dict(keep_vars=True).items():
-        name = _strip_wrappers(raw)
+        name = clean_fqn(raw)
         targets[name] = piece_of[id(tensor)]
         alias_of.setdefault(id(tensor), []).append(name)
     return targets, list(alias_of.values())
@@ -720,7 +684,7 @@ def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str,
 
     Refuses to drop a tied ``lm_head`` whose values differ from the embedding (e.g. a tie lost
     by ``to_empty`` before training): exporting it tied would silently change the model."""
-    sd = {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+    sd = {clean_fqn(k): v for k, v in model.state_dict().items()}
     if args.tie_word_embeddings and LM_HEAD in sd and EMBED in sd and sd[LM_HEAD] is not sd[EMBED]:
         from torch.distributed.tensor import DTensor
 

@@ -18,11 +18,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .schema import CHOICES, RootConfig
+from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key."""
+from .model_args import resolve_model_args
+from .schema import CHOICES, ConfigError, RootConfig
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -115,14 +114,11 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
         "train.grad_accum": cfg.train.grad_accum, "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,
         "train.log_every": cfg.train.log_every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "model.activation_checkpointing_every": cfg.model.activation_checkpointing_every,
-        "data.pack_window": cfg.data.pack_window, "parallel.ep": cfg.parallel.ep,
-        "parallel.dp_replicate": cfg.parallel.dp_replicate,
+        "data.pack_window": cfg.data.pack_window,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value} must be >= 1")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"config key 'parallel.dp_shard' = {cfg.parallel.dp_shard} must be -1 (all remaining) or >= 1")
     for key in ("optim.lr", "optim.eps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)} must be > 0")
@@ -137,40 +133,10 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
-    # model: exactly one source of architecture
-    if (cfg.model.init_from is None) == (cfg.model.arch is None):
-        raise ConfigError("set exactly one of 'model.init_from' (a local Hugging Face directory) and 'model.arch' "
-                          f"(an inline architecture); got init_from={cfg.model.init_from!r}, "
-                          f"arch={'set' if cfg.model.arch is not None else 'unset'}")
-    if cfg.model.preset is not None:
-        from rynnscale.models.qwen3_vl.presets import PRESETS
-        if cfg.model.preset not in PRESETS:
-            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} is not allowed; choose one of "
-                              f"{sorted(PRESETS)}")
-        if cfg.model.arch is not None:
-            raise ConfigError("'model.preset' names the architecture of 'model.init_from'; it cannot be combined "
-                              "with an inline 'model.arch'")
-    init_cfg_there = cfg.model.init_from is not None and (Path(cfg.model.init_from) / "config.json").is_file()
-    if check_paths and cfg.model.init_from is not None and not init_cfg_there:
-        raise ConfigError(f"config key 'model.init_from' = {cfg.model.init_from!r}: no config.json there "
-                          "(expected a local Hugging Face Qwen3-VL checkpoint directory)")
-    if cfg.model.arch is not None:
-        from rynnscale.models.qwen3_vl.args import ArchConfigError, Qwen3VLArgs
-        try:
-            arch = Qwen3VLArgs.from_hf_config(cfg.model.arch, strict=True, where="model.arch")
-        except ArchConfigError as e:
-            raise ConfigError(f"config key {e}") from None
-        _validate_layout(cfg, arch.text.num_experts)
-    else:
-        _validate_layout(cfg, None)
-    if init_cfg_there and cfg.model.preset is not None:
-        from rynnscale.checkpoint.hf import read_hf_config
-        from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-        from rynnscale.models.qwen3_vl.presets import preset_config
-        if read_hf_config(cfg.model.init_from)[0] != Qwen3VLArgs.from_hf_config(preset_config(cfg.model.preset)):
-            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} does not describe the model in "
-                              f"'model.init_from' = {cfg.model.init_from!r} (their architectures differ); fix or "
-                              "remove the preset")
+    # model: one source of architecture, resolved the way the build and the planner resolve it
+    arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
+    num_experts = arch.args.text.num_experts if arch is not None else None
+    _validate_layout(cfg, num_experts)
     _validate_lists(cfg)
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
@@ -242,19 +208,15 @@ def _validate_eval(cfg: RootConfig) -> None:
 
 
 def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:
-    """What can be checked without the world size (that is checked at launch by
-    ``rynnscale.parallel.mesh.ParallelLayout.resolve``). ``num_experts`` None = not known yet (init_from)."""
+    """The layout rules that hold for every world size (``rynnscale.parallel.layout``; the world size
+    itself is checked at launch)."""
     p = cfg.parallel
     if p.timeout_s <= 0:
         raise ConfigError(f"config key 'parallel.timeout_s' = {p.timeout_s} must be > 0")
-    if p.dp_shard != -1 and p.dp_shard % p.ep:
-        raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide 'parallel.dp_shard' = {p.dp_shard} "
-                          "(expert parallelism is carved out of the FSDP ranks)")
-    if p.ep > 1 and num_experts is not None:
-        if num_experts == 0:
-            raise ConfigError(f"config key 'parallel.ep' = {p.ep} needs an MoE model, but model.arch has no experts")
-        if num_experts % p.ep:
-            raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide the model's num_experts = {num_experts}")
+    try:
+        check_layout_keys(p.dp_replicate, p.dp_shard, p.ep, num_experts)
+    except LayoutError as e:
+        raise ConfigError(f"config key 'parallel': {e}") from None
 
 
 def to_yaml(cfg: RootConfig) -> str:

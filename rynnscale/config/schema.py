@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"   # metrics.jsonl, resolved config, checkpoints live here

@@ -90,7 +90,7 @@ from rynnscale.data.reader import (
 )
 from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 
-log = logging.getLogger("rynnscale.data")
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_BAD_WARNINGS = 200   # per worker; later bad samples are logged at DEBUG level

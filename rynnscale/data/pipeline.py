@@ -9,7 +9,7 @@ from pathlib import Path
 from rynnscale.config.schema import RootConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 
 def synthetic_data_dir(cfg: RootConfig) -> Path:

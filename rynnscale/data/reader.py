@@ -40,7 +40,7 @@ from braceexpand import braceexpand
 
 from rynnscale.data.schema import SchemaError, member_kind, split_tar_name
 
-log = logging.getLogger("rynnscale.data")
+log = logging.getLogger(__name__)
 
 #: Reasons the reader reports for samples it cannot deliver (the encoder adds its own).
 READER_REASONS = ("corrupt_tar", "bad_member", "too_large")

@@ -40,7 +40,7 @@ from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = ["detect_licence", "natural_key", "list_frames", "FramesConfig", "frame_clips", "convert_frames"]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "What task is being performed in this video?"
 DEFAULT_ANSWER = "{task}"

@@ -56,7 +56,7 @@ __all__ = [
     "convert_jsonl",
 ]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 #: why a jsonl line was skipped (plus the encoder's reasons, e.g. ``too_long``, from the cost hints)
 LINE_REASONS = ("bad_json", "bad_conversation", "unsafe_path", "missing_media", "bad_media", "bad_tags", "too_large")

@@ -102,7 +102,7 @@ __all__ = [
     "convert_lerobot",
 ]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 STATS_NAME = "action_stats.json"
 _EPS = 1e-6

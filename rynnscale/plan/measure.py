@@ -95,23 +95,20 @@ def measure_train_step(arch: dict[str, Any], *, tokens: int, docs: int = 2, imag
                        steps: int = 2, freeze: list[str] | None = None, weight_decay: float = 0.0,
                        seed: int = 0) -> dict[str, Any]:
     """Peak live tensor bytes of ``steps`` CPU fp32 training steps of the model ``arch`` (config.json dict)."""
-    from rynnscale.config.schema import OptimConfig
+    from rynnscale.config.schema import ModelConfig, OptimConfig
     from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-    from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-    from rynnscale.parallel.checkpointing import apply_activation_checkpointing
-    from rynnscale.train.optim import build_optimizer, freeze_parameters
+    from rynnscale.train.build import build_model
+    from rynnscale.train.optim import build_optimizer
 
     torch.manual_seed(seed)
     args = Qwen3VLArgs.from_hf_config(arch, strict=True, where="arch")
     batch = synthetic_batch(args, tokens, docs, image_patches, seed)
     mode = LiveTensorBytes()
     phases: dict[str, int] = {}
+    mc = ModelConfig(arch=arch, attn_backend="loop", activation_checkpointing=checkpointing,
+                     activation_checkpointing_every=every, freeze=list(freeze or []))
     with mode:
-        model = Qwen3VLForConditionalGeneration(args, attn_backend="loop")
-        model.init_weights(seed)
-        apply_activation_checkpointing(model, checkpointing, every=every)
-        if freeze:
-            freeze_parameters(model, freeze)
+        _, model = build_model(mc, "cpu", seed)  # the training build path, inside the count
         model.train()
         opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=weight_decay))
         phases["model"] = mode.live

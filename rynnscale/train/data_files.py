@@ -62,10 +62,13 @@ def generate_eval_synthetic(cfg: RootConfig) -> None:
                        samples_per_shard=s.samples_per_shard, prefix="synthetic_eval", progress=False)
 
 
-def prepare_data_files(cfg: RootConfig, ctx: Any, *, eval_set: bool = False) -> None:
-    """Generate the synthetic training set (and, with ``eval_set``, the held-out one) where the recipe
-    uses them, once per file system. A no-op for runs on real shards."""
+def prepare_data_files(cfg: RootConfig, ctx: Any) -> None:
+    """Generate the synthetic training set where the recipe uses it, once per file system."""
     if cfg.data.synthetic.num_samples > 0:
         once_per_filesystem(ctx, synthetic_data_dir(cfg), lambda: generate_train_synthetic(cfg))
-    if eval_set and synthetic_eval_enabled(cfg):
+
+
+def prepare_eval_files(cfg: RootConfig, ctx: Any) -> None:
+    """Generate the synthetic held-out set where it is the eval data, once per file system."""
+    if synthetic_eval_enabled(cfg):
         once_per_filesystem(ctx, eval_data_dir(cfg), lambda: generate_eval_synthetic(cfg))

@@ -17,12 +17,12 @@ import torch
 import transformers
 from shared_data import SHARED_DATA
 
-from rynnscale.checkpoint.model_card import summarize_run, write_model_card
 from rynnscale.cli import main as cli_main
 from rynnscale.config import load_config
 from rynnscale.data.reader import iter_tar_samples
-from rynnscale.models.build import build_model
+from rynnscale.train.build import build_model
 from rynnscale.train.evaluate import Evaluator, split_prompt
+from rynnscale.train.model_card import summarize_run, write_model_card
 from rynnscale.train.trainer import run_training
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import transformers
 from rynnscale.checkpoint.hf import export_model
 from rynnscale.config import ConfigError, load_config
 from rynnscale.data.reader import expand_shard_patterns, iter_tar_samples
-from rynnscale.models.build import build_model
+from rynnscale.train.build import build_model
 from rynnscale.train.data_files import generate_eval_synthetic
 from rynnscale.train.evaluate import (
     Evaluator,

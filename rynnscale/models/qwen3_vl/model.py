@@ -71,8 +71,9 @@ class Qwen3VLModel(nn.Module):
 class Qwen3VLForConditionalGeneration(nn.Module):
     """Dense or MoE Qwen3-VL (chosen by ``args.text.num_experts``) with HF's parameter names.
 
-    ``counts_reducer``: optional ``f(local_counts [n_moe, E]) -> global counts`` used by the
-    load-balancing loss (e.g. all_reduce over data-parallel ranks); set it after construction.
+    ``forward(batch, counts_reducer=None)``: ``counts_reducer`` is an optional ``f(local_counts [n_moe, E])
+    -> global counts`` used by the load-balancing loss (e.g. all_reduce over data-parallel ranks).
+    ``always_run_vision`` is set by the parallel plan (``parallelize.py``) when the tower is sharded.
     Meta-device construction: ``with torch.device("meta"): m = cls(args)``, then
     ``m.to_empty(device=...)`` and ``m.init_weights(seed)`` (which also re-ties tied embeddings)."""
 
@@ -82,10 +83,9 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.args = args
         self.model = Qwen3VLModel(args, attn_backend, gemm_backend)
         self.lm_head = LMHead(args.text.hidden_size, args.text.vocab_size)
-        self.counts_reducer: CountsReducer | None = None
         # data parallel (FSDP): every rank must run the vision tower in every forward, or a rank with a
-        # text-only micro-batch would skip the tower's all-gathers while the others wait (set by
-        # rynnscale.parallel.fsdp); without visual inputs it then runs on one dummy patch group times 0
+        # text-only micro-batch would skip the tower's all-gathers while the others wait (set by the
+        # parallel plan, parallelize.py); without visual inputs it then runs on one dummy patch group times 0
         self.always_run_vision = False
         self.kernels = "torch"  # see set_kernels
         self.tie_weights()
@@ -214,7 +214,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         zero = sum((d.sum() for d in deepstack), vis_mh.sum()) * 0.0
         return embeds_lh + zero.to(embeds_lh.dtype)
 
-    def forward(self, batch: PackedBatch) -> ModelOutput:
+    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None) -> ModelOutput:
         lm = self.model.language_model
         embeds_lh = lm.embed_tokens(batch.input_ids_l)
         embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
@@ -224,7 +224,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None)
         prob_mean_le = torch.stack([s.prob_mean_e for s in stats])
         counts_le = torch.stack([s.counts_e for s in stats])
-        lb = load_balancing_loss(prob_mean_le, counts_le, self.counts_reducer)
+        lb = load_balancing_loss(prob_mean_le, counts_le, counts_reducer)
         # x top_k: transformers' per-layer value is top_k x ours (its f_e sums to k), and checkpoints'
         # router_aux_loss_coef was tuned on that scale; keep the coefficient's meaning.
         coef = self.args.text.router_aux_loss_coef * self.args.text.num_experts_per_tok

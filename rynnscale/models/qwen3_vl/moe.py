@@ -8,7 +8,7 @@ decoder layer's ``mlp.*`` keys load 1:1:
 
 Forward = route -> dispatch -> compute -> combine, as separate methods so expert parallelism puts an
 all-to-all between dispatch and compute (and its inverse between compute and combine) without touching
-the math (``ep_dispatcher``, set by ``rynnscale.parallel.expert_parallel``):
+the math (``ep_dispatcher``, set by the parallel plan: ``parallelize.apply_expert_parallel``):
 - route:    probs = softmax(x @ Wg.T) in fp32, top-k, renormalised (as HF), weights in x's dtype.
 - dispatch: the T*k (token, expert) pairs are stably sorted by expert (one argsort, no Python loop
             over experts); ``offsets_e`` (cumulative ends) come from ``searchsorted`` on the device,
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from rynnscale.models.qwen3_vl.args import TextArgs
 from rynnscale.ops import fused
 from rynnscale.ops.grouped_gemm import grouped_mm
+from rynnscale.ops.permute import inverse_permutation
 
 CountsReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,11 +79,6 @@ class Dispatch:
     offsets_e: torch.Tensor
     num_tokens: int
     top_k: int
-
-
-def inverse_permutation(perm_s: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[perm[i]] = i`` (a scatter of unique indices: deterministic, no host sync)."""
-    return torch.empty_like(perm_s).scatter_(0, perm_s, torch.arange(perm_s.numel(), device=perm_s.device))
 
 
 class TopKRouter(nn.Module):
@@ -141,7 +137,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.gate = TopKRouter(args)
         self.experts = GroupedExperts(args, gemm_backend)
-        # set by rynnscale.parallel.expert_parallel: f(experts, x_sorted, offsets over all E) -> y_sorted,
+        # set by the parallel plan (parallelize.apply_expert_parallel): f(experts, x_sorted, offsets over all E) -> y_sorted,
         # all-to-all to the experts' ranks and back; None = all experts are local
         self.ep_dispatcher: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
