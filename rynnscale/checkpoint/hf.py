@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rynnscale.models.lora import is_adapter_param, lora_spec_of, merge_lora_state
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.hf_config import HFCheckpointError, read_hf_config
 from rynnscale.parallel.fqn import clean_fqn
@@ -285,6 +286,8 @@ def _model_targets(model: nn.Module) -> tuple[dict[str, LocalPiece], list[list[s
     alias_of: dict[int, list[str]] = {}
     for raw, tensor in model.state_dict(keep_vars=True).items():
         name = clean_fqn(raw)
+        if is_adapter_param(name):  # LoRA factors are not in a base checkpoint: initialised by the build
+            continue
         targets[name] = piece_of[id(tensor)]
         alias_of.setdefault(id(tensor), []).append(name)
     return targets, list(alias_of.values())
@@ -683,8 +686,12 @@ def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str,
     """``model.state_dict()`` as HF names, lazily; ``lm_head.weight`` left out when ``args`` ties it.
 
     Refuses to drop a tied ``lm_head`` whose values differ from the embedding (e.g. a tie lost
-    by ``to_empty`` before training): exporting it tied would silently change the model."""
+    by ``to_empty`` before training): exporting it tied would silently change the model. A LoRA model
+    exports merged (``W + (alpha/r) B A``; its adapters alone: ``rynnscale.checkpoint.adapter``)."""
     sd = {clean_fqn(k): v for k, v in model.state_dict().items()}
+    spec = lora_spec_of(model)
+    if spec is not None:
+        sd = merge_lora_state(sd, spec)
     if args.tie_word_embeddings and LM_HEAD in sd and EMBED in sd and sd[LM_HEAD] is not sd[EMBED]:
         from torch.distributed.tensor import DTensor
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
     num_experts = arch.args.text.num_experts if arch is not None else None
     _validate_layout(cfg, num_experts)
+    _validate_lora(cfg)
     _validate_lists(cfg)
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
@@ -189,6 +191,24 @@ def _validate_lists(cfg: RootConfig) -> None:
     if pl.visual_tokens_per_micro_batch < 0 or pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
         raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
                           f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
+
+
+def _validate_lora(cfg: RootConfig) -> None:
+    lc = cfg.model.lora
+    if lc.rank < 0:
+        raise ConfigError(f"config key 'model.lora.rank' = {lc.rank} must be >= 0 (0 = no LoRA)")
+    if lc.rank == 0:
+        return
+    if not (math.isfinite(lc.alpha) and lc.alpha > 0):
+        raise ConfigError(f"config key 'model.lora.alpha' = {lc.alpha} must be a finite number > 0")
+    if not 0 <= lc.dropout < 1:
+        raise ConfigError(f"config key 'model.lora.dropout' = {lc.dropout} must be in [0, 1)")
+    for key in ("targets", "trainable"):
+        if any(not p for p in getattr(lc, key)):
+            raise ConfigError(f"config key 'model.lora.{key}' has an empty pattern")
+    if not lc.targets and not lc.experts:
+        raise ConfigError("model.lora.rank > 0 but 'model.lora.targets' is empty and 'model.lora.experts' is off: "
+                          "nothing would be adapted")
 
 
 def _validate_eval(cfg: RootConfig) -> None:

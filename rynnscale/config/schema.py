@@ -25,6 +25,21 @@ class RunConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (``rynnscale/models/lora.py``): base weights frozen, low-rank adapters trained."""
+    rank: int = 0                       # 0 = off (full fine-tune)
+    alpha: float = 16.0                 # update scale alpha / rank
+    dropout: float = 0.0                # on the adapters' input (Linear targets; experts use none)
+    # fnmatch patterns over module names (HF names); default: language-model attention q/k/v/o + dense MLP
+    targets: list[str] = field(default_factory=lambda: ["*.self_attn.q_proj", "*.self_attn.k_proj",
+                                                        "*.self_attn.v_proj", "*.self_attn.o_proj",
+                                                        "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"])
+    experts: bool = False               # adapters on every MoE layer's fused expert tensors (per expert)
+    vision: bool = False                # adapt the vision tower's blocks too
+    trainable: list[str] = field(default_factory=list)  # parameter patterns kept fully trainable (e.g. 'lm_head.*')
+
+
+@dataclass
 class ModelConfig:
     init_from: str | None = None     # local Hugging Face Qwen3-VL(-MoE) directory
     arch: dict[str, Any] | None = None   # inline architecture in config.json form (text_config/vision_config)
@@ -37,6 +52,7 @@ class ModelConfig:
     # not on this machine (planning on a laptop); when both exist they must describe the same model.
     preset: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns over HF parameter names
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

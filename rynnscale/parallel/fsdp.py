@@ -133,7 +133,8 @@ def local_pieces(model: nn.Module) -> dict[str, LocalPiece]:
 
 
 @torch.no_grad()
-def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02,
+                         select: Callable[[str], bool] | None = None) -> None:
     """``model.init_weights(seed, std)`` for a sharded (FSDP2 / EP) model with storage (after
     ``to_empty``): every FULL tensor is generated on the shard's device with the same draws in the same
     order as the single-process init, this rank keeps its piece, and the full tensor is dropped before
@@ -147,4 +148,4 @@ def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02) -> None
         init(full)
         piece.local.copy_(piece.of(full))
 
-    model.init_weights(seed, std, fill=fill)
+    model.init_weights(seed, std, fill=fill, select=select)

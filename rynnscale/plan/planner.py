@@ -1,6 +1,7 @@
 """``rynnscale plan``: per-GPU memory, communication and step time of a recipe on a cluster, on paper.
 
-Everything is derived from the recipe: the model is built on the meta device (``model_stats``), the
+Everything is derived from the recipe: the model is built on the meta device by the training build path
+(``rynnscale.train.build``, counted by ``rynnscale.train.model_stats``), the
 layout comes from ``parallel.*`` and the cluster from ``plan.*`` / command-line flags. Numbers are
 estimates with stated assumptions; ``tests/plan`` checks the memory model against the measured peak
 of real CPU training steps of tiny models (within 15%).

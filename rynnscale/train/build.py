@@ -20,8 +20,10 @@ from torch import nn
 from rynnscale.checkpoint.hf import load_hf_weights
 from rynnscale.config.model_args import resolve_model_args
 from rynnscale.config.schema import ModelConfig, RootConfig
+from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from rynnscale.models.qwen3_vl.moe import GroupedExperts
 from rynnscale.models.qwen3_vl.parallelize import parallelize
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel.fsdp import init_sharded_weights
@@ -74,6 +76,10 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(args, attn_backend=cfg.attn_backend)
     model.set_kernels(cfg.kernels)
+    spec = lora_spec(cfg)
+    if spec is not None:  # adapters on the meta model, before the plan: EP and FSDP2 split them too
+        apply_lora(model, spec, experts_of=lambda m: isinstance(m, GroupedExperts))
+        model.lora_spec = spec
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
     parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
@@ -89,13 +95,26 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         raise RuntimeError("lm_head.weight is no longer tied to embed_tokens.weight after to_empty (FSDP2 must "
                            "keep the alias)")
     restore_buffers(model)
+    select = None
     if cfg.init_from is not None:
         log.info("loaded %s", load_hf_weights(model, cfg.init_from))
-    elif meshes is not None:
-        init_sharded_weights(model, seed)
+        if spec is None:
+            return args, model
+        select = is_adapter_param  # the base came from the checkpoint; draw the adapters only
+    if meshes is not None:
+        init_sharded_weights(model, seed, select=select)
     else:
-        model.init_weights(seed)
+        model.init_weights(seed, select=select)
     return args, model
+
+
+def lora_spec(cfg: ModelConfig) -> LoRASpec | None:
+    """``model.lora`` as a ``LoRASpec`` (None when ``rank`` is 0: a full fine-tune)."""
+    lc = cfg.lora
+    if lc.rank <= 0:
+        return None
+    return LoRASpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+                    experts=lc.experts, vision=lc.vision, trainable=tuple(lc.trainable))
 
 
 def resolve_layout(cfg: RootConfig, world_size: int, num_experts: int) -> ParallelLayout:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from rynnscale.batch import IGNORE_INDEX, PackedBatch
+from rynnscale.models.lora import LoRALinear, expert_lora_init_plan
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
@@ -132,10 +133,13 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 plan.append((f"{name}.weight", normal))
                 if mod.bias is not None:
                     plan.append((f"{name}.bias", nn.init.zeros_))
+                if isinstance(mod, LoRALinear):
+                    plan += mod.init_plan(f"{name}.")
             elif isinstance(mod, (nn.Embedding, TopKRouter)):
                 plan.append((f"{name}.weight", normal))
             elif isinstance(mod, GroupedExperts):
                 plan += [(f"{name}.gate_up_proj", normal), (f"{name}.down_proj", normal)]
+                plan += expert_lora_init_plan(mod, f"{name}.")
             elif isinstance(mod, RMSNorm):
                 plan.append((f"{name}.weight", nn.init.ones_))
         if self.lm_head.weight is not self.model.language_model.embed_tokens.weight:
@@ -148,13 +152,16 @@ class Qwen3VLForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02, *,
-                     fill: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], None] | None = None) -> None:
+                     fill: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
+                     select: Callable[[str], bool] | None = None) -> None:
         """Run ``init_plan`` under ``torch.manual_seed(seed)``, leaving the global RNG as is. Re-ties
         embeddings first (``to_empty`` unties them). ``fill(name, init)`` applies one entry; the default
         inits this model's parameter in place. A sharded model passes one that inits the FULL tensor
         (same draws, same order) and keeps this rank's piece (``rynnscale.parallel.fsdp.init_sharded_weights``)."""
         self.tie_weights()
         plan = self.init_plan(std)
+        if select is not None:  # e.g. only the LoRA adapters after loading the base: same draws on every layout
+            plan = [(name, init) for name, init in plan if select(name)]
         if fill is None:
             params = dict(self.named_parameters())
 

@@ -116,16 +116,22 @@ class GroupedExperts(nn.Module):
         self.kernels = "torch"  # rynnscale.ops.fused choice for the SwiGLU
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.lora = None  # ``rynnscale.models.lora.ExpertLoRA`` when the experts carry adapters
+
+    def _project(self, name: str, x_tk: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None:
+            return self.lora.project(self, name, x_tk, offsets_e, self.gemm_backend)
+        return grouped_mm(x_tk, getattr(self, name), offsets_e, backend=self.gemm_backend)
 
     def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor,
                 weight_s: torch.Tensor | None = None) -> torch.Tensor:
         """Rows sorted by expert [S, H] -> expert outputs [S, H], each row times ``weight_s`` [S] if given
         (applied before the down projection, see the module docstring)."""
-        gate_up_s2i = grouped_mm(x_sorted_sh, self.gate_up_proj, offsets_e, backend=self.gemm_backend)
+        gate_up_s2i = self._project("gate_up_proj", x_sorted_sh, offsets_e)
         h_si = fused.silu_mul_packed(gate_up_s2i, fused.pick(self.kernels, gate_up_s2i))
         if weight_s is not None:
             h_si = h_si * weight_s[:, None].to(h_si.dtype)
-        return grouped_mm(h_si, self.down_proj, offsets_e, backend=self.gemm_backend)
+        return self._project("down_proj", h_si, offsets_e)
 
 
 class SparseMoeBlock(nn.Module):

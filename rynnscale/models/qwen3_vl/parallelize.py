@@ -44,7 +44,10 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, ep_size
     (``model`` may be a whole model or one ``SparseMoeBlock``). Returns the number of MoE layers converted."""
     blocks = moe_blocks(model)
     for block in blocks:
-        shard_experts(block.experts, ep_rank, ep_size, ("gate_up_proj", "down_proj"))
+        # every direct parameter of the experts module is expert-major (dim 0 = E): the fused weights and,
+        # with LoRA, their adapters, which thereby live with their experts
+        names = tuple(n for n, _ in block.experts.named_parameters(recurse=False))
+        shard_experts(block.experts, ep_rank, ep_size, names)
         block.ep_dispatcher = ExpertParallelDispatcher(ep_group, ep_size, block.num_experts)
     return len(blocks)
 
