@@ -119,15 +119,19 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_cmd == "export-hf":
             import torch
 
-            from rynnscale.checkpoint.export import export_checkpoint_hf
+            from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf
 
             dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
             report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
             print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "
                   f"({report.dtype}) in {len(report.files)} files, {report.seconds:.1f}s")
+            if args.adapter is not None:
+                out = export_checkpoint_adapter(args.ckpt, args.adapter, overwrite=args.overwrite,
+                                                base_model_name_or_path=str(args.copy_from) if args.copy_from else None)
+                print(f"wrote the LoRA adapter (PEFT format) to {out}")
             return 0
-    except (CheckpointError, HFCheckpointError, FileExistsError) as e:
+    except (CheckpointError, HFCheckpointError, FileExistsError, ValueError) as e:
         print(f"rynnscale ckpt {args.ckpt_cmd}: {e}", file=sys.stderr)
         return 2
     return 2
@@ -273,6 +277,8 @@ def _add_ckpt_parser(sub) -> None:
     e.add_argument("--dtype", choices=["keep", "bfloat16", "float16", "float32"], default="keep")
     e.add_argument("--max-shard-gb", type=float, default=5.0)
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA runs: also write the adapter in PEFT format to this directory (OUT gets the merged model)")
     ki = ksub.add_parser("inspect", help="print a checkpoint's step, tokens, config and tensors")
     ki.add_argument("ckpt", type=Path)
     ki.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rynnscale.checkpoint.adapter import export_adapter
 from rynnscale.checkpoint.dcp import (
     DCP_DIR,
     TRAINER_STATE,
@@ -48,6 +49,7 @@ from rynnscale.checkpoint.hf import (
     read_hf_config,
     write_config_and_side_files,
 )
+from rynnscale.models.lora import LoRASpec, is_adapter_param
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
 MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
@@ -91,6 +93,48 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
                 return read_hf_config(src)[0]
     raise CheckpointError(f"{ts_path}: no model_config or config.model.arch, and no config.json in "
                           f"{tried or 'model.init_from / --copy-from (neither given)'}; pass --copy-from INIT_DIR")
+
+
+def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
+    """The ``model.lora`` of the run that wrote ``ckpt`` (from its saved config), None for a full fine-tune."""
+    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    lc = ((ts.get("config") or {}).get("model") or {}).get("lora") or {}
+    if int(lc.get("rank") or 0) <= 0:
+        return None
+    return LoRASpec(rank=int(lc["rank"]), alpha=float(lc["alpha"]), trainable=tuple(lc.get("trainable") or ()))
+
+
+def _adapters_of(name: str, stored: dict[str, Any]) -> tuple[str, str] | None:
+    """The (A, B) adapter names of base tensor ``name`` in the checkpoint, if it was LoRA-trained."""
+    for a in (name.removesuffix(".weight") + ".lora_A", name + "_lora_A"):
+        if a in stored and a[:-1] + "B" in stored:
+            return a, a[:-1] + "B"
+    return None
+
+
+def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None) -> torch.Tensor:
+    """Base tensor ``name`` with its LoRA update folded in (``W + (alpha/r) B A``), or as stored."""
+    x = load_checkpoint_tensor(ckpt, name, stored[name])
+    pair = _adapters_of(name, stored) if spec is not None else None
+    if pair is None:
+        return x
+    a, b = (load_checkpoint_tensor(ckpt, n, stored[n]).float() for n in pair)
+    delta = b @ a if a.dim() == 2 else torch.bmm(b, a)
+    return (x.float() + spec.scaling * delta).to(x.dtype)
+
+
+def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
+                              base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``)."""
+    ckpt = Path(ckpt)
+    spec = checkpoint_lora_spec(ckpt)
+    if spec is None:
+        raise CheckpointError(f"{ckpt}: not a LoRA run (its config has model.lora.rank = 0); nothing to export "
+                              "as an adapter")
+    stored = _model_tensors_md(ckpt)
+    adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
+    return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
+                          overwrite=overwrite)
 
 
 def _model_tensors_md(ckpt: Path) -> dict[str, Any]:
@@ -153,10 +197,12 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
     stored = _model_tensors_md(ckpt)
+    spec = checkpoint_lora_spec(ckpt)   # a LoRA run exports merged
 
     problems = []
     missing = [n for n in expected if n not in stored]
-    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)]
+    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)
+                  and not (spec is not None and is_adapter_param(n))]
     mismatched = [f"{n}: checkpoint {list(stored[n].size)} vs {list(expected[n])} from the model config"
                   for n in expected if n in stored and tuple(stored[n].size) != expected[n]]
     if missing:
@@ -197,7 +243,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
             with open(tmp / fname, "wb") as f:
                 f.write(_header(entries, meta))
                 for name, dt, _ in entries:
-                    x = load_checkpoint_tensor(ckpt, name, stored[name])
+                    x = _merged(ckpt, name, stored, spec)
                     if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and not tied_checked:
                         tied_checked = True
                         head = load_checkpoint_tensor(ckpt, LM_HEAD, stored[LM_HEAD])

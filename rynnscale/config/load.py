@@ -88,13 +88,29 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         if overrides:
-            layers.append(OmegaConf.from_dotlist(overrides))
+            cli = OmegaConf.from_dotlist(overrides)
+            _replace_architecture_source(layers, cli)
+            layers.append(cli)
         merged = OmegaConf.merge(*layers)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _replace_architecture_source(layers: list, cli: DictConfig) -> None:
+    """A command-line ``model.init_from`` (or ``model.arch``) replaces the recipe's source of the
+    architecture: ``rynnscale train demo.yaml model.init_from=DIR`` fine-tunes DIR instead of failing on
+    two sources. Setting both on the command line is still an error (``validate``)."""
+    model = cli.get("model") if isinstance(cli, DictConfig) else None
+    if not isinstance(model, DictConfig):
+        return
+    for given, other in (("init_from", "arch"), ("arch", "init_from")):
+        if model.get(given) is not None and other not in model:
+            for layer in layers[1:]:  # recipe layers (the schema holds the defaults)
+                if OmegaConf.select(layer, f"model.{other}") is not None:
+                    OmegaConf.update(layer, f"model.{other}", None, force_add=True)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
