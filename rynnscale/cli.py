@@ -44,7 +44,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         import json
 
         from rynnscale.data.manifest import ManifestError
-        from rynnscale.data_pipelines.inspect import format_report, inspect_shards
+        from rynnscale.data_pipelines.shard_stats import format_report, inspect_shards
 
         try:
             rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer,
@@ -111,7 +111,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_cmd == "inspect":
             import json
 
-            from rynnscale.checkpoint.inspect import format_inspection, inspect_checkpoint
+            from rynnscale.checkpoint.inspection import format_inspection, inspect_checkpoint
 
             info = inspect_checkpoint(args.ckpt)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info, args.max_tensors))

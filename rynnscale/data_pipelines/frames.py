@@ -33,8 +33,8 @@ from typing import Any
 
 from rynnscale.data.schema import IMAGE_EXTENSIONS, validate_conv, validate_meta, validate_sample_members
 from rynnscale.data.tags import TagError, parse_tags
-from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, run_shard_jobs
 from rynnscale.fsutil import atomic_write_bytes
 
@@ -265,7 +265,7 @@ def _clip_sample(folder: str, names: list[str], clip: dict, cfg: FramesConfig, k
 
 def _frames_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the clips of one job -> shard ``index``."""
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: FramesConfig = payload["cfg"]
     with ShardWriter(out_dir, prefix, max_samples=1 << 62, max_bytes=1 << 62, start_index=index,

@@ -43,7 +43,7 @@ from rynnscale.data.schema import (
     validate_sample_members,
 )
 from rynnscale.data.tags import TagError, parse_tags
-from rynnscale.data_pipelines.inspect import REPORT_NAME
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
@@ -135,7 +135,7 @@ class JsonlConfig:
     encoder_cfg: Any = None             # rynnscale.data.encode.EncoderConfig for the hints
 
     def settings(self) -> dict:
-        from rynnscale.data_pipelines.inspect import hint_settings
+        from rynnscale.data_pipelines.shard_stats import hint_settings
 
         d = {k: v for k, v in asdict(self).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")}
         d["media_root"] = os.path.realpath(self.media_root)
@@ -339,7 +339,7 @@ def _read_lines(path: str, offset: int, count: int, max_line_bytes: int):
 def _jsonl_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: lines [first, first + count) -> shard ``index``; returns (ShardInfo|None, job report)."""
     from rynnscale.data.encode import SampleError
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: JsonlConfig = payload["cfg"]
     first, bad, good = payload["first_line"], [], 0

@@ -78,8 +78,8 @@ import numpy as np
 
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
-from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs
 from rynnscale.fsutil import atomic_write_bytes
 
@@ -719,7 +719,7 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
 def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports])."""
     from rynnscale.data.encode import SampleError
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: LeRobotConfig = payload["cfg"]
     reports = []

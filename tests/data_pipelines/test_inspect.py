@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rynnscale.data.manifest import read_manifest
-from rynnscale.data_pipelines.inspect import REPORT_NAME, format_histogram, format_report, histogram, inspect_shards
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, format_histogram, format_report, histogram, inspect_shards
 from rynnscale.data_pipelines.shards import ShardWriter
 from rynnscale.data_pipelines.synthetic import generate_synthetic, synthetic_sample
 
