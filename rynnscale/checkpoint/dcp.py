@@ -306,11 +306,26 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
     return out
 
 
+def read_latest(output_dir: str | os.PathLike) -> tuple[str | None, str]:
+    """(name in ``checkpoints/latest``, '') or (None, why it is unusable)."""
+    path = Path(output_dir) / CHECKPOINTS_DIR / LATEST
+    if not path.is_file():
+        return None, "no latest pointer"
+    try:
+        name = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
+        return None, f"latest pointer unreadable ({e})"
+    if not _FINAL_RE.match(name):
+        return None, f"latest pointer does not name a step_N checkpoint ({name[:40]!r})"
+    return name, ""
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_group=None) -> Path | None:
     """The checkpoint to resume from, per ``checkpoint.resume``.
 
-    ``"none"``: None. ``"auto"``: the newest complete checkpoint under ``output_dir/checkpoints`` (None if
-    there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
+    ``"none"``: None. ``"auto"``: the complete checkpoint ``checkpoints/latest`` names (after a rollback
+    with ``resume=PATH``, the new branch); if ``latest`` is missing or broken, the newest complete
+    checkpoint, with a warning (None if there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
     checkpoint directory, which must be complete (``CheckpointError`` otherwise). Rank 0 decides and
     broadcasts, so every rank resumes from the same directory."""
     if resume == "none":
@@ -322,7 +337,15 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             complete = [e for e in entries if e.complete]
-            newest = complete[-1] if complete else None
+            # follow ``latest`` (after a rollback with resume=PATH it names the new branch, not the highest
+            # step); the newest complete checkpoint only when ``latest`` is missing or broken
+            pointed, why = read_latest(output_dir)
+            newest = next((e for e in complete if e.path.name == pointed), None) if pointed else None
+            if newest is None and complete:
+                newest = complete[-1]
+                log.warning("resume=auto: %s (%s); falling back to the newest complete checkpoint %s",
+                            Path(output_dir) / CHECKPOINTS_DIR / LATEST,
+                            why or f"names {pointed!r}, which is not a complete checkpoint", newest.path)
             skipped = [e for e in entries if not e.complete and (newest is None or e.step >= newest.step)]
             older_bad = [e for e in entries if not e.complete and e not in skipped]
             for e in skipped + older_bad:
@@ -424,6 +447,18 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _saved_at(e: CheckpointEntry) -> tuple[float, int]:
+    """When checkpoint ``e`` was saved (``trainer_state.json``'s ``saved_at``, else its COMPLETE marker's mtime)."""
+    try:
+        t = float(json.loads((e.path / TRAINER_STATE).read_text()).get("saved_at"))
+    except Exception:
+        try:
+            t = (e.path / COMPLETE).stat().st_mtime
+        except OSError:
+            t = 0.0
+    return t, e.step
 
 
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
@@ -545,7 +580,12 @@ class CheckpointManager:
         if not complete:
             return
         newest = complete[-1].step
-        doomed = complete[:-self.keep_last] if self.keep_last > 0 else []
+        # keep the most recently *saved* ones, and always the one ``latest`` names: after a rollback
+        # (resume=PATH to an older step) the abandoned branch has higher steps but older saves
+        pointed, _ = read_latest(self.output_dir)
+        by_time = sorted(complete, key=_saved_at)
+        kept = by_time[-self.keep_last:] if self.keep_last > 0 else by_time
+        doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
             log.info("pruning checkpoint %s", e.path)
