@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from rynnscale.checkpoint.dcp import (
+    CheckpointManager,
     find_resume_checkpoint,
     list_checkpoints,
 )
+from rynnscale.cli import main as cli_main
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +58,31 @@ def test_auto_resume_falls_back_with_warning_when_latest_is_broken(tmp_path, cap
     (root / "latest").unlink()
     with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
         assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000004"
+
+
+# ------------------------------------------------------------------------------------------ 4. export target
+def _tiny_ckpt(run: Path) -> Path:
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    w.train_step(model, opt, sched)
+    return CheckpointManager(run).save(1, model, opt, sched, model_config=w.tiny_hf_config())
+
+
+def test_export_refuses_output_that_contains_or_is_inside_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    c = _tiny_ckpt(run)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "tokenizer_config.json").write_text("{}")
+    before = sorted(str(p) for p in run.rglob("*"))
+    for out, extra in [(run, []), (c, []), (c / "hf", []), (run / "checkpoints", []),
+                       (tmp_path, ["--copy-from", str(init)]), (init, ["--copy-from", str(init)])]:
+        rc = cli_main(["ckpt", "export-hf", str(c), str(out), "--overwrite", *extra])
+        err = capsys.readouterr().err
+        assert rc != 0, out
+        assert "would delete" in err or "inside the checkpoint" in err, err
+    assert sorted(str(p) for p in run.rglob("*")) == before
+    assert (init / "tokenizer_config.json").is_file()
+    # a separate directory still works
+    assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf"), "--copy-from", str(init)]) == 0
