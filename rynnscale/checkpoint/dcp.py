@@ -29,6 +29,7 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import logging
@@ -505,13 +506,60 @@ class CheckpointManager:
         in ``wait()`` (called by the next ``save``)."""
         self.wait()
         pg = self.process_group
-        rank, world = _rank(pg), _world(pg)
+        rank = _rank(pg)
         final = self.root / checkpoint_name(step)
         tmp = self.root / _broadcast(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}", pg)
         if rank == 0:
+            self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
             tmp.mkdir(parents=True)
         _barrier(pg)
+        try:
+            return self._save_into(tmp, final, step, model, optimizer, scheduler, tokens_seen, config, layout,
+                                   model_config, extra_state, per_rank_state)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
 
+    def _remove_stale_tmp(self) -> None:
+        """Rank 0, no save pending: delete every ``step_*.tmp-*`` directory (left by a crash or a failed save)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if _TMP_RE.match(p.name) and p.is_dir():
+                log.warning("removing stale temporary checkpoint directory %s (a save that never finished)", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _abandon(self, tmp: Path, final: Path, e: BaseException) -> None:
+        """A save failed: remove its temporary directory (the previous checkpoints and ``latest`` were not
+        touched) and raise a ``CheckpointError`` naming the directory and, for a full disk, ENOSPC."""
+        if _rank(self.process_group) == 0 or not _dist_on():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or (
+                isinstance(e, CheckpointError) and "save failed" in str(e)):
+            return
+        chain, cur = [], e
+        while cur is not None and len(chain) < 20:
+            chain.append(cur)
+            # DCP's CheckpointException (a BaseException) carries each rank's error in ``failures``
+            chain += [x for x in (getattr(cur, "failures", None) or {}).values() if isinstance(x, BaseException)]
+            cur = cur.__cause__ or cur.__context__
+        text = " ".join(str(x) for x in chain)
+        nospace = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or \
+            "No space left" in text or "unexpected pos" in text
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        what = (f"no space left on device (ENOSPC) in {self.root} ({free})" if nospace else
+                f"writing into {self.root} failed ({type(e).__name__}: {str(e)[:300]})")
+        raise CheckpointError(
+            f"checkpoint {final.name} save failed: {what}; the partial directory {tmp.name} was removed, the "
+            f"previous checkpoints and '{LATEST}' are unchanged") from e
+
+    def _save_into(self, tmp: Path, final: Path, step: int, model, optimizer, scheduler, tokens_seen, config,
+                   layout, model_config, extra_state, per_rank_state) -> Path:
+        pg = self.process_group
+        rank, world = _rank(pg), _world(pg)
         t0 = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -553,11 +601,15 @@ class CheckpointManager:
             return None
         future, tmp, final, complete = self._pending
         self._pending = None
-        result = future.result()
-        upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
-        if upload is not None:
-            upload.result()
-        self._finish(tmp, final, complete)
+        try:
+            result = future.result()
+            upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
+            if upload is not None:
+                upload.result()
+            self._finish(tmp, final, complete)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
         return final
 
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:

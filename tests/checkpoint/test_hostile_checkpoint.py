@@ -4,7 +4,12 @@ copy called complete by ``inspect``. Single process, tiny model (``ckpt_worker``
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
+import subprocess
+import uuid
 from pathlib import Path
 
 import ckpt_worker as w
@@ -12,9 +17,11 @@ import pytest
 import torch
 
 from rynnscale.checkpoint.dcp import (
+    CheckpointError,
     CheckpointManager,
     find_resume_checkpoint,
     list_checkpoints,
+    load_checkpoint,
 )
 from rynnscale.cli import main as cli_main
 
@@ -86,3 +93,88 @@ def test_export_refuses_output_that_contains_or_is_inside_the_checkpoint(tmp_pat
     assert (init / "tokenizer_config.json").is_file()
     # a separate directory still works
     assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf"), "--copy-from", str(init)]) == 0
+
+
+# ------------------------------------------------------------------------------------------ 5. disk full
+def test_enospc_during_save_removes_partial_dir_and_keeps_previous(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    w.train_step(model, opt, sched)
+    mgr.save(1, model, opt, sched, model_config=w.tiny_hf_config())
+    from torch.distributed.checkpoint import filesystem
+
+    real = filesystem._write_item
+    calls = {"n": 0}
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(filesystem, "_write_item", full_disk)
+    w.train_step(model, opt, sched)
+    with pytest.raises(CheckpointError, match=r"ENOSPC.*partial directory .* removed") as ei:
+        mgr.save(2, model, opt, sched, model_config=w.tiny_hf_config())
+    assert str(tmp_path / "checkpoints") in str(ei.value)
+    assert calls["n"] > 3
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
+    assert (root / "latest").read_text().strip() == "step_000001"
+    monkeypatch.setattr(filesystem, "_write_item", real)
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000001"
+    m2 = w.build_model(w.tiny_hf_config(), seed=3)
+    assert load_checkpoint(root / "step_000001", m2, w.build_optim(m2, 3)[0]).step == 1
+    mgr.save(2, model, opt, sched, model_config=w.tiny_hf_config())
+    assert _steps(tmp_path) == [1, 2]
+
+
+def test_stale_tmp_dir_is_removed_by_the_next_save(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    root = tmp_path / "checkpoints"
+    stale = root / f"step_000009.tmp-{uuid.uuid4().hex[:12]}"   # a crash at a later step than anything saved
+    (stale / "dcp").mkdir(parents=True)
+    (stale / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 4096)
+    assert find_resume_checkpoint(tmp_path, "auto") is None
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        CheckpointManager(tmp_path).save(1, model, opt, sched)
+    assert not stale.exists()
+    assert any("stale temporary" in r.getMessage() for r in caplog.records)
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if r.returncode == 0:
+        subprocess.run(["umount", str(where)], capture_output=True)
+        return True
+    return False
+
+
+def test_real_full_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    w.train_step(model, opt, sched)
+    probe = tmp_path / "probe"
+    CheckpointManager(probe).save(1, model, opt, sched)
+    one = sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
+    size_kib = int(one * 1.6 / 1024) + 64   # room for one checkpoint, not two
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mnt)], check=True)
+    try:
+        mgr = CheckpointManager(mnt, keep_last=2)
+        mgr.save(1, model, opt, sched)
+        with pytest.raises(CheckpointError, match="ENOSPC"):
+            mgr.save(2, model, opt, sched)
+        assert sorted(p.name for p in (mnt / "checkpoints").iterdir()) == ["latest", "step_000001"]
+        assert find_resume_checkpoint(mnt, "auto") == mnt / "checkpoints" / "step_000001"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
