@@ -132,7 +132,44 @@ def read_dcp_metadata(dcp_dir: str | os.PathLike) -> Metadata:
             raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    _check_storage_paths(md, path)
     return md
+
+
+def _check_storage_paths(md: Metadata, where: Path) -> None:
+    """Every storage item must name a file inside the DCP directory: a ``../`` or absolute
+    ``relative_path`` would make the reader open (and ``inspect`` trust) files anywhere."""
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = getattr(info, "relative_path", None)
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} has no file name ({rel!r})")
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or (len(rel) > 1 and rel[1] == ":") \
+                or "\0" in rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} points outside the checkpoint directory "
+                                  f"({rel!r}); refusing to read it (the checkpoint may be malicious)")
+        for attr in ("offset", "length"):
+            v = getattr(info, attr, 0)
+            if not isinstance(v, int) or v < 0:
+                raise CheckpointError(f"{where}: storage item {fqn!r} has an invalid {attr} ({v!r})")
+
+
+def missing_storage_files(dcp_dir: str | os.PathLike, md: Metadata | None = None) -> list[str]:
+    """Problems with the data files ``.metadata`` references: absent, or shorter than an item's end."""
+    dcp_dir = Path(dcp_dir)
+    md = md if md is not None else read_dcp_metadata(dcp_dir)
+    need: dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    out = []
+    for rel, end in sorted(need.items()):
+        f = dcp_dir / rel
+        if not f.is_file():
+            out.append(f"{DCP_DIR}/{rel} missing")
+        elif f.stat().st_size < end:
+            out.append(f"{DCP_DIR}/{rel} truncated ({f.stat().st_size} bytes, metadata needs {end})")
+    return out
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -666,6 +703,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     reason = check_complete(path)
     if reason:
         raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
+    gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
+    if gone:
+        raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
     ts = _read_json(path / TRAINER_STATE)
     if ts.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / TRAINER_STATE}: format_version={ts.get('format_version')!r}, "

@@ -5,8 +5,10 @@ copy called complete by ``inspect``. Single process, tiny model (``ckpt_worker``
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import uuid
@@ -16,12 +18,14 @@ import ckpt_worker as w
 import pytest
 import torch
 
+from rynnscale.checkpoint import dcp as ckpt
 from rynnscale.checkpoint.dcp import (
     CheckpointError,
     CheckpointManager,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_dcp_metadata,
 )
 from rynnscale.cli import main as cli_main
 
@@ -178,3 +182,52 @@ def test_real_full_tmpfs(tmp_path):
         assert find_resume_checkpoint(mnt, "auto") == mnt / "checkpoints" / "step_000001"
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------ 7. storage paths
+def _rewrite_storage(c: Path, fn) -> None:
+    """Rewrite the checkpoint's DCP ``.metadata`` with ``fn(relative_path) -> new path`` (as an attacker would)."""
+    md = read_dcp_metadata(c / "dcp")
+    for info in md.storage_data.values():
+        info.relative_path = fn(info.relative_path)
+    (c / "dcp" / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("bad", ["../{}", "/etc/{}", "sub/../../{}"])
+def test_metadata_paths_outside_checkpoint_are_refused(tmp_path, bad, capsys):
+    c = _tiny_ckpt(tmp_path / "run")
+    outside = tmp_path / "run" / "checkpoints"
+    for f in (c / "dcp").glob("*.distcp"):
+        shutil.copy(f, outside / f.name)   # the data is really there, outside: must still be refused
+    _rewrite_storage(c, lambda rel: bad.format(rel))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        read_dcp_metadata(c / "dcp")
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    with pytest.raises(CheckpointError, match="points outside"):
+        load_checkpoint(c, model, opt, sched)
+    assert cli_main(["ckpt", "inspect", str(c)]) != 0
+    assert "points outside the checkpoint directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 8. truncated copy
+def test_inspect_reports_truncated_or_missing_data_files(tmp_path):
+    from rynnscale.checkpoint.inspect import inspect_checkpoint
+
+    c = _tiny_ckpt(tmp_path / "run")
+    assert inspect_checkpoint(c)["complete"]
+    data = next((c / "dcp").glob("*.distcp"))
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    info = inspect_checkpoint(c)
+    assert not info["complete"] and "truncated" in info["incomplete_reason"] and data.name in info["incomplete_reason"]
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(c, model, opt, sched)
+    data.unlink()
+    info = inspect_checkpoint(c)
+    assert not info["complete"] and "missing" in info["incomplete_reason"]
+    assert json.loads((c / "COMPLETE").read_text())["step"] == 1   # the marker alone is not trusted
+    assert ckpt.check_complete(c) == ""   # (the cheap marker check, unchanged)
