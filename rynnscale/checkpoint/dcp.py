@@ -29,6 +29,7 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import logging
@@ -131,7 +132,44 @@ def read_dcp_metadata(dcp_dir: str | os.PathLike) -> Metadata:
             raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    _check_storage_paths(md, path)
     return md
+
+
+def _check_storage_paths(md: Metadata, where: Path) -> None:
+    """Every storage item must name a file inside the DCP directory: a ``../`` or absolute
+    ``relative_path`` would make the reader open (and ``inspect`` trust) files anywhere."""
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = getattr(info, "relative_path", None)
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} has no file name ({rel!r})")
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or (len(rel) > 1 and rel[1] == ":") \
+                or "\0" in rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} points outside the checkpoint directory "
+                                  f"({rel!r}); refusing to read it (the checkpoint may be malicious)")
+        for attr in ("offset", "length"):
+            v = getattr(info, attr, 0)
+            if not isinstance(v, int) or v < 0:
+                raise CheckpointError(f"{where}: storage item {fqn!r} has an invalid {attr} ({v!r})")
+
+
+def missing_storage_files(dcp_dir: str | os.PathLike, md: Metadata | None = None) -> list[str]:
+    """Problems with the data files ``.metadata`` references: absent, or shorter than an item's end."""
+    dcp_dir = Path(dcp_dir)
+    md = md if md is not None else read_dcp_metadata(dcp_dir)
+    need: dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    out = []
+    for rel, end in sorted(need.items()):
+        f = dcp_dir / rel
+        if not f.is_file():
+            out.append(f"{DCP_DIR}/{rel} missing")
+        elif f.stat().st_size < end:
+            out.append(f"{DCP_DIR}/{rel} truncated ({f.stat().st_size} bytes, metadata needs {end})")
+    return out
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -306,11 +344,26 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
     return out
 
 
+def read_latest(output_dir: str | os.PathLike) -> tuple[str | None, str]:
+    """(name in ``checkpoints/latest``, '') or (None, why it is unusable)."""
+    path = Path(output_dir) / CHECKPOINTS_DIR / LATEST
+    if not path.is_file():
+        return None, "no latest pointer"
+    try:
+        name = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
+        return None, f"latest pointer unreadable ({e})"
+    if not _FINAL_RE.match(name):
+        return None, f"latest pointer does not name a step_N checkpoint ({name[:40]!r})"
+    return name, ""
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_group=None) -> Path | None:
     """The checkpoint to resume from, per ``checkpoint.resume``.
 
-    ``"none"``: None. ``"auto"``: the newest complete checkpoint under ``output_dir/checkpoints`` (None if
-    there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
+    ``"none"``: None. ``"auto"``: the complete checkpoint ``checkpoints/latest`` names (after a rollback
+    with ``resume=PATH``, the new branch); if ``latest`` is missing or broken, the newest complete
+    checkpoint, with a warning (None if there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
     checkpoint directory, which must be complete (``CheckpointError`` otherwise). Rank 0 decides and
     broadcasts, so every rank resumes from the same directory."""
     if resume == "none":
@@ -322,7 +375,15 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             complete = [e for e in entries if e.complete]
-            newest = complete[-1] if complete else None
+            # follow ``latest`` (after a rollback with resume=PATH it names the new branch, not the highest
+            # step); the newest complete checkpoint only when ``latest`` is missing or broken
+            pointed, why = read_latest(output_dir)
+            newest = next((e for e in complete if e.path.name == pointed), None) if pointed else None
+            if newest is None and complete:
+                newest = complete[-1]
+                log.warning("resume=auto: %s (%s); falling back to the newest complete checkpoint %s",
+                            Path(output_dir) / CHECKPOINTS_DIR / LATEST,
+                            why or f"names {pointed!r}, which is not a complete checkpoint", newest.path)
             skipped = [e for e in entries if not e.complete and (newest is None or e.step >= newest.step)]
             older_bad = [e for e in entries if not e.complete and e not in skipped]
             for e in skipped + older_bad:
@@ -426,6 +487,18 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _saved_at(e: CheckpointEntry) -> tuple[float, int]:
+    """When checkpoint ``e`` was saved (``trainer_state.json``'s ``saved_at``, else its COMPLETE marker's mtime)."""
+    try:
+        t = float(json.loads((e.path / TRAINER_STATE).read_text()).get("saved_at"))
+    except Exception:
+        try:
+            t = (e.path / COMPLETE).stat().st_mtime
+        except OSError:
+            t = 0.0
+    return t, e.step
+
+
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
 # must share storage with its input (see ``rynnscale.checkpoint.ep_layout``).
 StateAdapter = Callable[[dict[str, Any]], dict[str, Any]]
@@ -470,13 +543,60 @@ class CheckpointManager:
         in ``wait()`` (called by the next ``save``)."""
         self.wait()
         pg = self.process_group
-        rank, world = _rank(pg), _world(pg)
+        rank = _rank(pg)
         final = self.root / checkpoint_name(step)
         tmp = self.root / _broadcast(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}", pg)
         if rank == 0:
+            self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
             tmp.mkdir(parents=True)
         _barrier(pg)
+        try:
+            return self._save_into(tmp, final, step, model, optimizer, scheduler, tokens_seen, config, layout,
+                                   model_config, extra_state, per_rank_state)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
 
+    def _remove_stale_tmp(self) -> None:
+        """Rank 0, no save pending: delete every ``step_*.tmp-*`` directory (left by a crash or a failed save)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if _TMP_RE.match(p.name) and p.is_dir():
+                log.warning("removing stale temporary checkpoint directory %s (a save that never finished)", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _abandon(self, tmp: Path, final: Path, e: BaseException) -> None:
+        """A save failed: remove its temporary directory (the previous checkpoints and ``latest`` were not
+        touched) and raise a ``CheckpointError`` naming the directory and, for a full disk, ENOSPC."""
+        if _rank(self.process_group) == 0 or not _dist_on():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or (
+                isinstance(e, CheckpointError) and "save failed" in str(e)):
+            return
+        chain, cur = [], e
+        while cur is not None and len(chain) < 20:
+            chain.append(cur)
+            # DCP's CheckpointException (a BaseException) carries each rank's error in ``failures``
+            chain += [x for x in (getattr(cur, "failures", None) or {}).values() if isinstance(x, BaseException)]
+            cur = cur.__cause__ or cur.__context__
+        text = " ".join(str(x) for x in chain)
+        nospace = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or \
+            "No space left" in text or "unexpected pos" in text
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        what = (f"no space left on device (ENOSPC) in {self.root} ({free})" if nospace else
+                f"writing into {self.root} failed ({type(e).__name__}: {str(e)[:300]})")
+        raise CheckpointError(
+            f"checkpoint {final.name} save failed: {what}; the partial directory {tmp.name} was removed, the "
+            f"previous checkpoints and '{LATEST}' are unchanged") from e
+
+    def _save_into(self, tmp: Path, final: Path, step: int, model, optimizer, scheduler, tokens_seen, config,
+                   layout, model_config, extra_state, per_rank_state) -> Path:
+        pg = self.process_group
+        rank, world = _rank(pg), _world(pg)
         t0 = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -518,11 +638,15 @@ class CheckpointManager:
             return None
         future, tmp, final, complete = self._pending
         self._pending = None
-        result = future.result()
-        upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
-        if upload is not None:
-            upload.result()
-        self._finish(tmp, final, complete)
+        try:
+            result = future.result()
+            upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
+            if upload is not None:
+                upload.result()
+            self._finish(tmp, final, complete)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
         return final
 
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
@@ -545,7 +669,12 @@ class CheckpointManager:
         if not complete:
             return
         newest = complete[-1].step
-        doomed = complete[:-self.keep_last] if self.keep_last > 0 else []
+        # keep the most recently *saved* ones, and always the one ``latest`` names: after a rollback
+        # (resume=PATH to an older step) the abandoned branch has higher steps but older saves
+        pointed, _ = read_latest(self.output_dir)
+        by_time = sorted(complete, key=_saved_at)
+        kept = by_time[-self.keep_last:] if self.keep_last > 0 else by_time
+        doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
             log.info("pruning checkpoint %s", e.path)
@@ -574,6 +703,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     reason = check_complete(path)
     if reason:
         raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
+    gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
+    if gone:
+        raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
     ts = _read_json(path / TRAINER_STATE)
     if ts.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / TRAINER_STATE}: format_version={ts.get('format_version')!r}, "

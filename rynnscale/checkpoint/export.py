@@ -178,6 +178,22 @@ def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dt).element_size()
 
 
+def _refuse_overlapping_output(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None) -> None:
+    """Replacing ``out_dir`` (``overwrite``) deletes it: refuse one that is, holds or lies inside the checkpoint,
+    or is / holds ``copy_from`` (e.g. ``export-hf RUN/checkpoints/step_N RUN --overwrite`` would delete the run)."""
+    out = Path(out_dir).resolve()
+    named = [("the checkpoint", ckpt.resolve())]
+    if copy_from is not None:
+        named.append(("the --copy-from directory", Path(copy_from).resolve()))
+    for what, src in named:
+        if out == src or out in src.parents:
+            raise CheckpointError(f"output directory {out_dir} {'is' if out == src else 'contains'} {what} {src}: "
+                                  "exporting there would delete it; choose a separate output directory")
+    if ckpt.resolve() in out.parents:
+        raise CheckpointError(f"output directory {out_dir} lies inside the checkpoint {ckpt}; choose a directory "
+                              "outside it")
+
+
 def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                          copy_from: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                          max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> CheckpointExportReport:
@@ -193,6 +209,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     reason = check_complete(ckpt)
     if reason:
         raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
+    _refuse_overlapping_output(ckpt, out_dir, copy_from)
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
