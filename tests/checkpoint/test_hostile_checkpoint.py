@@ -212,7 +212,7 @@ def test_metadata_paths_outside_checkpoint_are_refused(tmp_path, bad, capsys):
 
 # ------------------------------------------------------------------------------------------ 8. truncated copy
 def test_inspect_reports_truncated_or_missing_data_files(tmp_path):
-    from rynnscale.checkpoint.inspect import inspect_checkpoint
+    from rynnscale.checkpoint.inspection import inspect_checkpoint
 
     c = _tiny_ckpt(tmp_path / "run")
     assert inspect_checkpoint(c)["complete"]
