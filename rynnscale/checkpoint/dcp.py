@@ -16,7 +16,7 @@ a complete new checkpoint. Assumes all ranks see one shared filesystem.
 Resume. ``find_resume_checkpoint`` picks the checkpoint; ``load_checkpoint`` loads model and optimiser
 through DCP into however the model is sharded now (resharding is DCP's job), restores the scheduler and,
 when world size and layout are the ones saved, returns this rank's per-rank state and restores its RNG
-(exact continuation). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
+(exact continuation; ``rynnscale.checkpoint.rng``). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
 deterministically from the recorded progress.
 
 Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor items (e.g. optimiser
@@ -28,26 +28,22 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 
 from __future__ import annotations
 
-import base64
 import errno
 import io
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-import signal
 import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -56,6 +52,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from rynnscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from rynnscale.fsutil import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -215,48 +212,6 @@ def safe_dcp_load(state_dict: dict[str, Any], dcp_dir: str | os.PathLike, proces
                  process_group=process_group, no_dist=local_only or not _dist_on())
 
 
-# ------------------------------------------------------------------------------------------ RNG state
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's python / numpy / torch CPU / CUDA generator states as plain JSON data."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {"kind": np_kind, "keys": np.asarray(np_keys, dtype=np.uint32).tolist(), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "torch_cpu": _b64(torch.get_rng_state()),
-        "cuda": None,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s.cpu()) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(_unb64(state["torch_cpu"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        cuda = [_unb64(s) for s in state["cuda"]]
-        if len(cuda) != torch.cuda.device_count():
-            log.warning("checkpoint has CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
-                        len(cuda), torch.cuda.device_count())
-        else:
-            torch.cuda.set_rng_state_all(cuda)
-
-
 # ------------------------------------------------------------------------------------------ small helpers
 def _dist_on(group=None) -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -404,46 +359,6 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
     if error:
         raise CheckpointError(error)
     return Path(chosen) if chosen is not None else None
-
-
-# ------------------------------------------------------------------------------------------ preemption
-@dataclass
-class PreemptionFlag:
-    """Set by the signal handler; the trainer checks it once per step (``preemption_requested``)."""
-    requested: bool = False
-    signum: int | None = None
-    previous: dict[int, Any] = field(default_factory=dict)
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
-
-
-def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
-    """Install a handler that only records the signal (call from the main thread). The trainer then saves
-    a checkpoint at the end of the current step and exits, instead of dying mid-step."""
-    flag = PreemptionFlag()
-
-    def handler(signum, frame):
-        flag.requested = True
-        flag.signum = signum
-        log.warning("received signal %d: will save a checkpoint after this step and exit", signum)
-
-    for sig in signals:
-        flag.previous[sig] = signal.signal(sig, handler)
-    return flag
-
-
-def preemption_requested(flag: PreemptionFlag, process_group=None) -> bool:
-    """True on every rank if any rank got the signal (an all-reduce: call it on all ranks at the same step)."""
-    if not _dist_on() or _world(process_group) == 1:
-        return flag.requested
-    backend = dist.get_backend(process_group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag.requested else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
-    return bool(t.item())
 
 
 # ------------------------------------------------------------------------------------------ save / load

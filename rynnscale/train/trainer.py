@@ -33,13 +33,9 @@ from typing import Any
 import torch
 import yaml
 
-from rynnscale.checkpoint.dcp import (
-    CheckpointManager,
-    find_resume_checkpoint,
-    install_preemption_handler,
-    preemption_requested,
-)
+from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
+from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import RootConfig, save_resolved, to_yaml
 from rynnscale.parallel.distributed import DistContext, report_failures
 from rynnscale.train.hooks import call_hooks, recipe_hooks
