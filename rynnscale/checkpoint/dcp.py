@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from rynnscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from rynnscale.fsutil import atomic_write_bytes, fsync_dir
+from rynnscale.parallel.fqn import clean_fqn
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +363,19 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
 
 
 # ------------------------------------------------------------------------------------------ save / load
+def _options(trainable_only: bool) -> StateDictOptions:
+    """State-dict options of a checkpoint: everything, or only what trains (frozen parameters left out;
+    with strict=False so that loading such a state leaves the frozen base as the build loaded it)."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else StateDictOptions()
+
+
+def _only_trainable(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """``model_sd`` without frozen tensors (``ignore_frozen_params`` keeps a frozen one that is tied to
+    another name, e.g. a tied ``lm_head``)."""
+    frozen = {clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
+
+
 @dataclass
 class ResumeState:
     """What ``load_checkpoint`` restored besides model / optimiser / scheduler."""
@@ -425,10 +439,12 @@ class CheckpointManager:
     Call ``save`` on every rank at the same step; ``wait`` (also called by the next ``save``) finishes
     an asynchronous save. ``process_group`` is the group spanning all ranks (default: the world).
     ``state_adapter`` rewrites the state dict DCP sees, e.g. ``ExpertCheckpointLayout`` so that
-    expert-parallel shards are saved as slices of the global expert tensors."""
+    expert-parallel shards are saved as slices of the global expert tensors. ``trainable_only``: save
+    and load only parameters that train (and their optimiser state) -- a LoRA run's checkpoint is its
+    adapters; the frozen base comes from ``model.init_from`` again on resume."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 2, *, async_save: bool = False,
-                 process_group=None, state_adapter: StateAdapter | None = None):
+                 process_group=None, state_adapter: StateAdapter | None = None, trainable_only: bool = False):
         if keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
         self.output_dir = Path(output_dir)
@@ -437,6 +453,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.process_group = process_group
         self.state_adapter = state_adapter
+        self.trainable_only = trainable_only
         self._async_group = None
         self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
 
@@ -513,8 +530,8 @@ class CheckpointManager:
         pg = self.process_group
         rank, world = _rank(pg), _world(pg)
         t0 = time.perf_counter()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(self.trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if self.trainable_only else model_sd, "optim": optim_sd}
         if self.state_adapter is not None:
             state = self.state_adapter(state)
         # small JSON files first, so that the DCP write is the last thing that can still be in flight
@@ -600,12 +617,14 @@ class CheckpointManager:
              scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True) -> ResumeState:
         """``load_checkpoint`` with this manager's process group."""
         return load_checkpoint(path, model, optimizer, scheduler, layout=layout, restore_rng=restore_rng,
-                               process_group=self.process_group, state_adapter=self.state_adapter)
+                               process_group=self.process_group, state_adapter=self.state_adapter,
+                               trainable_only=self.trainable_only)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
-                    process_group=None, state_adapter: StateAdapter | None = None) -> ResumeState:
+                    process_group=None, state_adapter: StateAdapter | None = None,
+                    trainable_only: bool = False) -> ResumeState:
     """Load checkpoint ``path`` into ``model`` / ``optimizer`` (however they are sharded now: DCP reshards)
     and ``scheduler``; call on every rank.
 
@@ -627,12 +646,13 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
                               f"expected {FORMAT_VERSION}")
     t0 = time.perf_counter()
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd, "optim": optim_sd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        model_sd = get_model_state_dict(model, options=_options(trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd}
     _check_keys(path, state)
     absent = _drop_absent_optimizer_state(path, state)
     safe_dcp_load(state_adapter(state) if state_adapter is not None else state, path / DCP_DIR,
@@ -640,11 +660,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     if optimizer is not None:
         # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=not absent))
+                       options=StateDictOptions(strict=not absent and not trainable_only,
+                                                ignore_frozen_params=trainable_only))
     else:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=_options(trainable_only))
     if scheduler is not None:
         if ts.get("scheduler") is None:
             raise CheckpointError(f"{path / TRAINER_STATE}: has no scheduler state but a scheduler was given")

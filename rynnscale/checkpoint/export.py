@@ -42,6 +42,7 @@ from rynnscale.checkpoint.hf import (
     LM_HEAD,
     SINGLE_FILE,
     HFCheckpointError,
+    HFTensorReader,
     _listing,
     _replace_dir,
     check_export_target,
@@ -104,6 +105,16 @@ def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
     return LoRASpec(rank=int(lc["rank"]), alpha=float(lc["alpha"]), trainable=tuple(lc.get("trainable") or ()))
 
 
+def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
+    """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
+    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    for src in (((ts.get("config") or {}).get("model") or {}).get("init_from"), copy_from):
+        if src is not None and (Path(src) / "config.json").is_file():
+            return Path(src)
+    raise CheckpointError(f"{ckpt}: holds only the LoRA adapters and its base model (model.init_from) is not on "
+                          "this machine; pass --copy-from BASE_DIR")
+
+
 def _adapters_of(name: str, stored: dict[str, Any]) -> tuple[str, str] | None:
     """The (A, B) adapter names of base tensor ``name`` in the checkpoint, if it was LoRA-trained."""
     for a in (name.removesuffix(".weight") + ".lora_A", name + "_lora_A"):
@@ -112,9 +123,11 @@ def _adapters_of(name: str, stored: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None) -> torch.Tensor:
-    """Base tensor ``name`` with its LoRA update folded in (``W + (alpha/r) B A``), or as stored."""
-    x = load_checkpoint_tensor(ckpt, name, stored[name])
+def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None,
+            base: HFTensorReader | None) -> torch.Tensor:
+    """Base tensor ``name`` with its LoRA update folded in (``W + (alpha/r) B A``), or as stored. A LoRA
+    run's checkpoint holds only what trained: frozen tensors come from its base (``base``)."""
+    x = load_checkpoint_tensor(ckpt, name, stored[name]) if name in stored else base(name)
     pair = _adapters_of(name, stored) if spec is not None else None
     if pair is None:
         return x
@@ -215,9 +228,12 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     expected = hf_param_shapes(args)
     stored = _model_tensors_md(ckpt)
     spec = checkpoint_lora_spec(ckpt)   # a LoRA run exports merged
+    base = None
+    if spec is not None and any(n not in stored for n in expected):  # adapter-only checkpoint
+        base = HFTensorReader(checkpoint_base_dir(ckpt, copy_from), args)
 
     problems = []
-    missing = [n for n in expected if n not in stored]
+    missing = [n for n in expected if n not in stored and base is None]
     unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)
                   and not (spec is not None and is_adapter_param(n))]
     mismatched = [f"{n}: checkpoint {list(stored[n].size)} vs {list(expected[n])} from the model config"
@@ -232,7 +248,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise HFCheckpointError(f"cannot export checkpoint {ckpt}:\n" + "\n".join(problems))
 
     def out_dtype(name: str) -> torch.dtype:
-        dt = stored[name].properties.dtype
+        dt = stored[name].properties.dtype if name in stored else base.dtype(name)
         return dtype if dtype is not None and dt.is_floating_point else dt
 
     # plan shards in the architecture's order: a shard closes before it would exceed max_shard_bytes
@@ -260,8 +276,9 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
             with open(tmp / fname, "wb") as f:
                 f.write(_header(entries, meta))
                 for name, dt, _ in entries:
-                    x = _merged(ckpt, name, stored, spec)
-                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and not tied_checked:
+                    x = _merged(ckpt, name, stored, spec, base)
+                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and EMBED in stored \
+                            and not tied_checked:
                         tied_checked = True
                         head = load_checkpoint_tensor(ckpt, LM_HEAD, stored[LM_HEAD])
                         if not torch.equal(head, x):

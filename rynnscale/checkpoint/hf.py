@@ -412,6 +412,33 @@ def _read_rows(st: Any, src: _Source, lo: int, hi: int) -> torch.Tensor:
     return st.get_slice(src.key)[lo:hi]
 
 
+class HFTensorReader:
+    """Read single tensors of a Hugging Face checkpoint by model name, in our ("v5") expert layout, with
+    the same validation as ``load_hf_weights`` (against the full shapes ``args`` implies) -- for
+    streaming work that never builds the model (e.g. merging LoRA adapters into a base on export)."""
+
+    def __init__(self, path: str | os.PathLike, args: Qwen3VLArgs, expert_layout: str | None = None):
+        from rynnscale.parallel.fsdp import LocalPiece
+
+        self.path = Path(path)
+        targets = {}
+        for name, shape in hf_param_shapes(args).items():
+            t = torch.empty(shape, device="meta")
+            targets[name] = LocalPiece(t, t, tuple(shape), 0, shape[0] if shape else 1)
+        self.plan = _plan_load(self.path, targets, [[n] for n in targets], expert_layout,
+                               LoadReport(path=str(self.path), files=[]))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self.plan.sources[name].dtype]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        src = self.plan.sources[name]
+        with safe_open(src.file, framework="pt", device="cpu") as st:
+            x = st.get_tensor(src.key)
+        layout = self.plan.layout_of.get(name)
+        return _to_layout(x, layout, "v5") if layout is not None else x
+
+
 def load_hf_weights(
     model: nn.Module,
     path: str | os.PathLike,

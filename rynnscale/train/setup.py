@@ -5,6 +5,7 @@ the metrics file's tail)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rynnscale.checkpoint.dcp import CheckpointError
 from rynnscale.config import RootConfig
 from rynnscale.data.pipeline import build_train_data
 from rynnscale.fsutil import atomic_write_bytes
@@ -61,6 +63,7 @@ class TrainComponents:
     data: Any                    # TrainLoader of this rank
     ctx: DistContext
     state: TrainState = field(default_factory=TrainState)
+    base: dict[str, Any] | None = None  # LoRA: content fingerprint of the frozen base (model.init_from)
 
 
 def setup_distributed(cfg: RootConfig) -> DistContext:
@@ -80,6 +83,62 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     # every rank is a data-parallel rank (EP ranks hold different data): data rank = global rank
     data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size)
     return TrainComponents(args, model, optimizer, scheduler, data, ctx)
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:
+    """Content hash of a LoRA run's base model directory (``config.json`` + weight files + index): a
+    sha256 over the per-file sha256s. Per-file hashes are cached in ``cache`` by (size, mtime), so a
+    restart re-reads only files that changed. Rank 0 only (it reads the whole base once per change)."""
+    root = Path(init_from)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"
+                                                                 or p.name.endswith(".safetensors.index.json")))
+    try:
+        old = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    per_file = {}
+    for p in files:
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        hit = old.get(p.name)
+        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else _file_sha256(p)}
+    atomic_write_bytes(cache, json.dumps(per_file, indent=1).encode())
+    total = hashlib.sha256("".join(f"{n}:{v['sha256']}\n" for n, v in per_file.items()).encode()).hexdigest()
+    return {"init_from": str(root.resolve()), "sha256": total, "files": len(per_file)}
+
+
+def shared_base_fingerprint(cfg: RootConfig, ctx: DistContext) -> dict[str, Any] | None:
+    """``base_fingerprint`` of a LoRA run's ``model.init_from``, computed on rank 0 and given to all ranks;
+    None for full fine-tunes and LoRA on a random base."""
+    if cfg.model.lora.rank <= 0 or cfg.model.init_from is None:
+        return None
+    fp = [base_fingerprint(cfg.model.init_from, Path(cfg.run.output_dir) / "base_fingerprint.json")
+          if ctx.is_main else None]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(fp, src=0)
+    return fp[0]
+
+
+def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Path) -> None:
+    """A LoRA checkpoint holds adapters only: resuming it on another base would train nonsense."""
+    if saved is None or current is None:
+        return
+    if saved["sha256"] != current["sha256"]:
+        raise CheckpointError(
+            f"{path}: this LoRA checkpoint was trained on the base {saved['init_from']} (content sha256 "
+            f"{saved['sha256'][:16]}...), but model.init_from={current['init_from']} now hashes to "
+            f"{current['sha256'][:16]}...; the adapters only make sense on their own base. Point model.init_from "
+            "at the original base, or start a new run (checkpoint.resume=none).")
 
 
 def restart_data_seed(seed: int, step: int) -> int:

@@ -43,11 +43,13 @@ from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, pl
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
+    check_same_base,
     layout_dict,
     rebuild_data,
     restart_data_seed,
     seed_everything,
     setup_distributed,
+    shared_base_fingerprint,
     truncate_metrics,
 )
 from rynnscale.train.step import StepStats, train_step
@@ -73,6 +75,7 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     if path is None:
         return data_seed
     rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx))
+    check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
     if rs.exact:
         saved_seed = int(rs.per_rank.get("data_seed", cfg.data.seed))
@@ -101,8 +104,11 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
     ck = cfg.checkpoint
+    # a LoRA run checkpoints only what trains (adapters + their optimiser state) and a hash of its base
+    c.base = shared_base_fingerprint(cfg, ctx)
     manager = CheckpointManager(output_dir, keep_last=ck.keep_last, async_save=ck.async_save,
-                                state_adapter=ExpertCheckpointLayout.for_model(c.model, ctx.meshes))
+                                state_adapter=ExpertCheckpointLayout.for_model(c.model, ctx.meshes),
+                                trainable_only=cfg.model.lora.rank > 0)
     data_seed = _resume(cfg, c, manager, output_dir)
     if ctx.is_main:
         dropped = truncate_metrics(output_dir / "metrics.jsonl", c.state.step)
@@ -147,7 +153,8 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
     def save() -> Path:
         return manager.save(state.step, model, c.optimizer, c.scheduler, tokens_seen=state.tokens_seen,
                             config=run_config, layout=layout, model_config=c.args.to_hf_config(),
-                            per_rank_state={"loader": c.data.state_dict(), "data_seed": data_seed})
+                            per_rank_state={"loader": c.data.state_dict(), "data_seed": data_seed},
+                            extra_state={"lora_base": c.base} if c.base is not None else None)
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
     batches = iter(c.data)

@@ -69,3 +69,72 @@ def test_lora_finetune_trains_and_exports_merged_and_adapter(tmp_path):
         got = merged(input_ids=ids, use_cache=False).logits
     assert float((got - adapted).abs().max() / adapted.abs().max()) < 1e-5   # merged == base + adapter
     assert float((adapted - ref).abs().max() / ref.abs().max()) > 1e-4       # training moved the adapters
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class CrashAfter:
+    """Hook: the process 'dies' after step ``n`` (after that step's checkpoint was written)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, step, ctx):
+        if step == self.n:
+            raise _Crash(f"killed after step {step}")
+
+
+def _run(base: Path, out: Path, steps: int, *extra: str, hooks=()) -> list[float]:
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    cfg = load_config(REPO / "recipes" / "demo_tiny.yaml", [
+        f"model.init_from={base}", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.experts=true",
+        f"run.output_dir={out}", f"train.max_steps={steps}", "optim.lr=2e-2", "optim.warmup_steps=1",
+        "checkpoint.every_steps=3", "data.synthetic.num_samples=60", "data.synthetic.samples_per_shard=30",
+        "data.num_workers=0", "logging.progress=false", "logging.plot=false", "logging.wandb.mode=disabled", *extra])
+    run_training(cfg, hooks=hooks)
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_adapters_only_resumes_exactly_and_pins_its_base(tmp_path):
+    from rynnscale.checkpoint.dcp import CheckpointError
+    from rynnscale.checkpoint.export import _model_tensors_md
+    from rynnscale.models.lora import is_adapter_param
+
+    base = tiny_moe_dir(tmp_path)
+    straight = _run(base, tmp_path / "straight", 6)
+    with pytest.raises(_Crash):
+        _run(base, tmp_path / "resumed", 6, hooks=[CrashAfter(4)])   # last checkpoint: step 3
+    resumed = _run(base, tmp_path / "resumed", 6)            # checkpoint.resume=auto: continues from step 3
+    assert resumed == straight, (resumed, straight)           # bitwise on CPU
+
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step_000006"
+    stored = _model_tensors_md(ckpt)
+    assert stored and all(is_adapter_param(n) for n in stored), sorted(stored)[:5]
+    adapter_bytes = sum(p.stat().st_size for p in (ckpt / "dcp").iterdir())
+    base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert adapter_bytes < 0.2 * base_bytes, (adapter_bytes, base_bytes)
+
+    # the merged export streams the frozen base from model.init_from and folds the adapters in
+    from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf
+    export_checkpoint_hf(ckpt, tmp_path / "merged")
+    export_checkpoint_adapter(ckpt, tmp_path / "adapter")
+    ids = torch.tensor([[151644, 872, 198, 3838, 374, 389, 279, 1965, 30, 151645]])
+    with torch.no_grad():
+        merged = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+        plain = transformers.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+        want = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()(input_ids=ids).logits
+        got = merged.eval()(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+    # another base under the same path: resuming the adapters on it is refused, naming both hashes
+    f = next(base.glob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="trained on the base"):
+        _run(base, tmp_path / "resumed", 8)
