@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rynnscale.data.schema import IMAGE_EXTENSIONS, validate_conv, validate_meta, validate_sample_members
+from rynnscale.data.schema import IMAGE_EXTENSIONS, build_sample_members
 from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
@@ -255,12 +255,7 @@ def _clip_sample(folder: str, names: list[str], clip: dict, cfg: FramesConfig, k
         {"role": "user", "content": [{"type": "video", "video": frame_names}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]}
-    meta = validate_meta(meta)
-    validate_conv(conv, members)
-    members = {"meta.json": json.dumps(meta, separators=(",", ":")).encode(),
-               "conv.json": json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **members}
-    validate_sample_members(members, meta)
-    return members
+    return build_sample_members(meta, conv, members)
 
 
 def _frames_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
