@@ -103,8 +103,63 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# Numeric keys that may be negative (everything else numeric must be >= 0; every float must be finite).
+_SIGNED_KEYS = {"run.seed", "data.seed", "data.synthetic.seed", "parallel.dp_shard", "train.max_grad_norm"}
+# Numeric keys that must be >= 1 (sizes and counts where 0 means nothing sensible) or > 0 (rates, times).
+_AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.video_max_frames",
+                 "data.image_min_pixels", "data.image_max_pixels", "data.video_min_pixels", "data.video_max_pixels",
+                 "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
+                 "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
+_POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.lr", "optim.eps"}
+_UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)
+_MAX_INT = 2**62
+
+
+def _numeric_fields(node: Any, prefix: str = ""):
+    """(dotted key, schema key, value) of every int / float field of the config tree, lists of sections included
+    (``data.mixture[0].weight``); free-form dicts (``model.arch``) are left to their own validation."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from ((k, s.replace(f"{key}[{i}]", key), v)
+                                for k, s, v in _numeric_fields(item, f"{key}[{i}]."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, key, value
+
+
+def validate_numbers(cfg: RootConfig) -> None:
+    """Every numeric key, generically over the schema: floats finite (``optim.lr=inf`` or ``nan`` would train
+    NaN checkpoints), integers of a sane magnitude, non-negative unless signed, and the ranges above."""
+    import math
+
+    for key, schema_key, v in _numeric_fields(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' = {v} must be a finite number")
+        if isinstance(v, int) and abs(v) > _MAX_INT:
+            raise ConfigError(f"config key '{key}' = {v} is out of range (|value| must be <= 2**62)")
+        if schema_key not in _SIGNED_KEYS and v < 0:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 0")
+        if schema_key in _AT_LEAST_ONE and v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 1")
+        if schema_key in _POSITIVE and not v > 0:
+            raise ConfigError(f"config key '{key}' = {v} must be > 0")
+        if schema_key in _UNIT_OPEN and not 0 <= v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
+    d = cfg.data
+    for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
+                   ("video_min_pixels", "video_max_pixels")):
+        if getattr(d, lo) > getattr(d, hi):
+            raise ConfigError(f"config key 'data.{lo}' = {getattr(d, lo)} must be <= 'data.{hi}' = {getattr(d, hi)}")
+
+
 def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
+    validate_numbers(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

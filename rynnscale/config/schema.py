@@ -88,6 +88,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 2048       # tokens per chunk of the fused linear + cross-entropy
     log_every: int = 1
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
 
 
 @dataclass

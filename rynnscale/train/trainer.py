@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -84,6 +85,10 @@ def autocast_context(dtype_name: str, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------- one step
+class NonFiniteLossError(RuntimeError):
+    """``train.max_nonfinite_steps`` steps in a row had an inf/NaN loss or gradient norm."""
+
+
 @dataclass
 class StepStats:
     """Global (all ranks) quantities of one optimiser step; ``expert_counts`` [n_moe, E] summed over ranks."""
@@ -95,6 +100,7 @@ class StepStats:
     target_tokens: int
     samples: int
     expert_counts: torch.Tensor | None
+    finite: bool = True   # False: loss or grad norm was inf/NaN and the optimiser step was skipped
 
 
 def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
@@ -129,15 +135,18 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
             c = out.expert_counts.detach().long()
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     loss_total, aux_total, tokens, samples = ctx.sum([
         loss_dev.item(), aux_dev.item(), sum(b.num_tokens for b in micro_batches),
         sum(b.num_samples for b in micro_batches)])
+    # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
+    finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if counts is not None:
         counts = ctx.sum_tensor(counts).cpu()
     return StepStats(loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm), tokens=int(tokens),
-                     target_tokens=n_targets, samples=int(samples), expert_counts=counts)
+                     target_tokens=n_targets, samples=int(samples), expert_counts=counts, finite=finite)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -372,6 +381,7 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     preempt = install_preemption_handler()
     preempted = False
+    nonfinite_run = nonfinite_total = 0   # non-finite steps in a row / in this process
     try:
         while state.step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -388,11 +398,14 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
             t_data_mean = ctx.sum([t_data])[0] / ctx.world_size  # mean over ranks
             state.step += 1
             state.tokens_seen += stats.tokens
+            nonfinite_run = 0 if stats.finite else nonfinite_run + 1
+            nonfinite_total += 0 if stats.finite else 1
             record = {
                 "step": state.step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
                 "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
                 "samples": stats.samples, "tokens_seen": state.tokens_seen, "tokens_per_s": stats.tokens / dt,
                 "step_time_s": dt, "data_wait_share": t_data_mean / dt, "world_size": ctx.world_size,
+                "nonfinite_steps": nonfinite_total,
             }
             if stats.expert_counts is not None:
                 worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
@@ -409,7 +422,17 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 metrics.log(record)
             preempted = preemption_requested(preempt)
-            if preempted or state.step == cfg.train.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
+            if not stats.finite:
+                log.warning("step %d: non-finite loss %s / grad norm %s: optimiser step skipped (%d in a row, limit "
+                            "train.max_nonfinite_steps=%d); no checkpoint is saved from this step", state.step,
+                            stats.loss, stats.grad_norm, nonfinite_run, cfg.train.max_nonfinite_steps)
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"step {state.step}: loss or gradient norm non-finite for {nonfinite_run} steps in a row "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}; last loss {stats.loss}, grad norm "
+                        f"{stats.grad_norm}); stopping without saving. Lower optim.lr or check the data; resume from "
+                        "the last checkpoint")
+            elif preempted or state.step == cfg.train.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
                 save()
             for hook in hooks:
                 hook.on_step_end(state.step, ctx)
@@ -426,7 +449,9 @@ def _train(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path
     if ck.export_hf and not preempted and state.step > 0:
         from rynnscale.checkpoint.dcp import CHECKPOINTS_DIR, checkpoint_name
         ctx.barrier()
-        if ctx.is_main:
+        if ctx.is_main and not (output_dir / CHECKPOINTS_DIR / checkpoint_name(state.step)).is_dir():
+            log.warning("no checkpoint of the last step %d (it was non-finite): nothing exported", state.step)
+        elif ctx.is_main:
             from rynnscale.checkpoint.model_card import summarize_run, write_model_card
             hf_dir = _export_hf(cfg, output_dir / CHECKPOINTS_DIR / checkpoint_name(state.step), output_dir)
             write_model_card(hf_dir, cfg, summarize_run(output_dir))
