@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .schema import CHOICES, RootConfig
@@ -43,10 +44,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"recipe {path} does not exist")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except Exception as e:  # yaml syntax errors; their text quotes the file: name only where it failed
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
+                          "recipe mapping") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping (its top level is a "
+                          f"{'list' if isinstance(node, ListConfig) else 'scalar'}, not key: value pairs)")
+    bad = [k for k in node.keys() if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k))]
+    if bad:   # e.g. extends: /etc/passwd parses as one huge key: never echo a file that is not a recipe
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping: its top level must be section names "
+                          f"({', '.join(f.name for f in dataclasses.fields(RootConfig))}, extends); "
+                          f"{len(bad)} top-level key(s) are not names (content not shown)")
+    _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
         return node
@@ -55,6 +66,27 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
     return OmegaConf.merge(merged, node)
+
+
+# ``${name:...}`` calls a resolver (``oc.env`` reads the environment, ``oc.decode`` parses strings, custom ones
+# run code); plain ``${other.key}`` references have no colon after the name. ``\${`` is a literal.
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+
+
+def _refuse_resolvers(tree: Any, where: str, prefix: str = "") -> None:
+    """Refuse any value (or key) of ``tree`` that interpolates through an omegaconf resolver, naming the key."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}{'.' if prefix else ''}{k}"
+        for text in (k, v):
+            if isinstance(text, str) and _RESOLVER_CALL.search(text):
+                m = _RESOLVER_CALL.search(text)
+                raise ConfigError(f"{where}: config key '{key}' uses the interpolation resolver "
+                                  f"'{m.group(0)[2:-1].strip()}' ({m.group(0)}...}}); resolvers are not allowed in "
+                                  "recipes or overrides (they read the environment or run code); only plain "
+                                  "${other.key} references are")
+        if isinstance(v, (dict, list)):
+            _refuse_resolvers(v, where, key)
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -88,7 +120,9 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         if overrides:
-            layers.append(OmegaConf.from_dotlist(overrides))
+            dot = OmegaConf.from_dotlist(overrides)
+            _refuse_resolvers(OmegaConf.to_container(dot, resolve=False), "override")
+            layers.append(dot)
         merged = OmegaConf.merge(*layers)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:

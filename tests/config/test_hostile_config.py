@@ -83,3 +83,61 @@ def test_shipped_recipes_still_validate():
     assert recipes
     for r in recipes:
         load_config(r, check_paths=False)
+
+
+# ---------------------------------------------------------------------------------------- 9. extends / resolvers
+SECRET = "root:x:0:0:TOPSECRET-CONTENT:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+@pytest.mark.parametrize("content", [SECRET, "- TOPSECRET-CONTENT\n- b\n", "TOPSECRET-CONTENT: [unclosed\n",
+                                     "a: b: TOPSECRET-CONTENT\n", "TOPSECRET-CONTENT\n"])
+def test_extends_of_a_non_recipe_file_names_it_without_echoing(tmp_path, content):
+    secret = tmp_path / "passwd"
+    secret.write_text(content)
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {secret}\n" + TINY)
+    with pytest.raises(ConfigError) as ei:
+        load_config(child, check_paths=False)
+    msg = str(ei.value)
+    assert str(secret) in msg and "not a valid recipe mapping" in msg, msg
+    assert "TOPSECRET" not in msg and "root:x" not in msg, msg
+
+
+def test_extends_etc_passwd(tmp_path):
+    if not Path("/etc/passwd").is_file():
+        pytest.skip("no /etc/passwd")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: /etc/passwd\n" + TINY)
+    with pytest.raises(ConfigError) as ei:
+        load_config(child, check_paths=False)
+    assert "/etc/passwd" in str(ei.value) and "/bin/" not in str(ei.value) and "nologin" not in str(ei.value)
+
+
+@pytest.mark.parametrize("expr", ["${oc.env:HOME}", "${oc.env:HOME,x}", "${ oc.decode:'1'}", "a/${oc.env:PATH}/b",
+                                  "${oc.create:{a: 1}}", "${my_custom:1}"])
+def test_resolver_interpolations_are_refused_naming_the_key(tmp_path, monkeypatch, expr):
+    monkeypatch.setenv("HOME", "/home/SECRET-HOME")
+    p = tmp_path / "r.yaml"
+    p.write_text(TINY + f"run:\n  name: \"{expr}\"\n")
+    with pytest.raises(ConfigError, match=r"config key 'run.name' uses the interpolation resolver"):
+        load_config(p, check_paths=False)
+    p.write_text(TINY)
+    with pytest.raises(ConfigError, match=r"override: config key 'run.output_dir.*uses the interpolation resolver"):
+        load_config(p, [f"run.output_dir={expr}"], check_paths=False)
+
+
+def test_resolver_in_a_list_is_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(TINY.replace("data:\n  synthetic: {num_samples: 8}",
+                              "data:\n  train_shards: [a.tar, '${oc.env:HOME}/b.tar']"))
+    with pytest.raises(ConfigError, match=r"'data.train_shards\[1\]' uses the interpolation resolver 'oc.env'"):
+        load_config(p, check_paths=False)
+
+
+def test_plain_references_still_work(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(TINY.replace("data:\n  synthetic: {num_samples: 8}",
+                              "data:\n  root: /data\n  train_shards: ['${data.root}/a-{0..1}.tar']") +
+                 "run:\n  name: run-${train.max_steps}\n")
+    cfg = load_config(p, check_paths=False)
+    assert cfg.data.train_shards == ["/data/a-{0..1}.tar"] and cfg.run.name == "run-100"
