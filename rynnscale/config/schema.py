@@ -69,6 +69,7 @@ class DataConfig:
     num_workers: int = 0
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     max_bad_fraction: float = 0.05
+    verify_shards: bool = False         # sha256 of each shard vs manifest.json when opened (size is always checked)
     truncate: bool = False              # truncate over-long samples instead of skipping them
     video_fps: float = 2.0
     video_max_frames: int = 768
