@@ -15,7 +15,7 @@ ranks too; expert parallelism is carved out of data parallelism), and the step's
 
 Checkpoints (``checkpoint.*``, see ``rynnscale.checkpoint.dcp``):
 
-- resume (``auto`` = newest complete checkpoint of ``run.output_dir``, default; ``none``; or a path) loads
+- resume (``auto`` = the checkpoint ``checkpoints/latest`` names, default; ``none``; or a path) loads
   model, optimiser, scheduler, step and tokens seen. Same world size and layout: this rank's loader state
   and RNG states are restored too, and the run continues exactly (bitwise-equal losses on CPU). Other world
   size / layout: weights and optimiser reshard through DCP, and the data order restarts deterministically
