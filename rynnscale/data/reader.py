@@ -311,8 +311,9 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
     except SchemaError as e:
         group.fail("bad_member", str(e))
         return
-    if not ti.isreg():
-        group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r})")
+    if not ti.isreg() or ti.issparse():   # isreg() is True for GNU sparse members, which expand on read
+        group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r}"
+                                 f"{', sparse' if ti.issparse() else ''})")
         return
     if member in group.members:
         group.fail("bad_member", f"{where}: member {ti.name!r} appears twice")
