@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from rynnscale.parallel.layout import LayoutError, check_layout_keys
@@ -43,10 +44,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"recipe {path} does not exist")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except Exception as e:  # yaml syntax errors; their text quotes the file: name only where it failed
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
+                          "recipe mapping") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping (its top level is a "
+                          f"{'list' if isinstance(node, ListConfig) else 'scalar'}, not key: value pairs)")
+    bad = [k for k in node.keys() if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k))]
+    if bad:   # e.g. extends: /etc/passwd parses as one huge key: never echo a file that is not a recipe
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping: its top level must be section names "
+                          f"({', '.join(f.name for f in dataclasses.fields(RootConfig))}, extends); "
+                          f"{len(bad)} top-level key(s) are not names (content not shown)")
+    _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
         return node
@@ -55,6 +66,27 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
     return OmegaConf.merge(merged, node)
+
+
+# ``${name:...}`` calls a resolver (``oc.env`` reads the environment, ``oc.decode`` parses strings, custom ones
+# run code); plain ``${other.key}`` references have no colon after the name. ``\${`` is a literal.
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+
+
+def _refuse_resolvers(tree: Any, where: str, prefix: str = "") -> None:
+    """Refuse any value (or key) of ``tree`` that interpolates through an omegaconf resolver, naming the key."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}{'.' if prefix else ''}{k}"
+        for text in (k, v):
+            if isinstance(text, str) and _RESOLVER_CALL.search(text):
+                m = _RESOLVER_CALL.search(text)
+                raise ConfigError(f"{where}: config key '{key}' uses the interpolation resolver "
+                                  f"'{m.group(0)[2:-1].strip()}' ({m.group(0)}...}}); resolvers are not allowed in "
+                                  "recipes or overrides (they read the environment or run code); only plain "
+                                  "${other.key} references are")
+        if isinstance(v, (dict, list)):
+            _refuse_resolvers(v, where, key)
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -89,6 +121,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
                 raise ConfigError(f"override {item!r} must look like key=value")
         if overrides:
             cli = OmegaConf.from_dotlist(overrides)
+            _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
             _replace_architecture_source(layers, cli)
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
@@ -119,8 +152,63 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# Numeric keys that may be negative (everything else numeric must be >= 0; every float must be finite).
+_SIGNED_KEYS = {"run.seed", "data.seed", "data.synthetic.seed", "parallel.dp_shard", "train.max_grad_norm"}
+# Numeric keys that must be >= 1 (sizes and counts where 0 means nothing sensible) or > 0 (rates, times).
+_AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.video_max_frames",
+                 "data.image_min_pixels", "data.image_max_pixels", "data.video_min_pixels", "data.video_max_pixels",
+                 "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
+                 "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
+_POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.lr", "optim.eps"}
+_UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)
+_MAX_INT = 2**62
+
+
+def _numeric_fields(node: Any, prefix: str = ""):
+    """(dotted key, schema key, value) of every int / float field of the config tree, lists of sections included
+    (``data.mixture[0].weight``); free-form dicts (``model.arch``) are left to their own validation."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from ((k, s.replace(f"{key}[{i}]", key), v)
+                                for k, s, v in _numeric_fields(item, f"{key}[{i}]."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, key, value
+
+
+def validate_numbers(cfg: RootConfig) -> None:
+    """Every numeric key, generically over the schema: floats finite (``optim.lr=inf`` or ``nan`` would train
+    NaN checkpoints), integers of a sane magnitude, non-negative unless signed, and the ranges above."""
+    import math
+
+    for key, schema_key, v in _numeric_fields(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' = {v} must be a finite number")
+        if isinstance(v, int) and abs(v) > _MAX_INT:
+            raise ConfigError(f"config key '{key}' = {v} is out of range (|value| must be <= 2**62)")
+        if schema_key not in _SIGNED_KEYS and v < 0:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 0")
+        if schema_key in _AT_LEAST_ONE and v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 1")
+        if schema_key in _POSITIVE and not v > 0:
+            raise ConfigError(f"config key '{key}' = {v} must be > 0")
+        if schema_key in _UNIT_OPEN and not 0 <= v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
+    d = cfg.data
+    for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
+                   ("video_min_pixels", "video_max_pixels")):
+        if getattr(d, lo) > getattr(d, hi):
+            raise ConfigError(f"config key 'data.{lo}' = {getattr(d, lo)} must be <= 'data.{hi}' = {getattr(d, hi)}")
+
+
 def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
+    validate_numbers(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

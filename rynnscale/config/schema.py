@@ -89,6 +89,7 @@ class DataConfig:
     num_workers: int = 0
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     max_bad_fraction: float = 0.05
+    verify_shards: bool = False         # sha256 of each shard vs manifest.json when opened (size is always checked)
     truncate: bool = False              # truncate over-long samples instead of skipping them
     video_fps: float = 2.0
     video_max_frames: int = 768
@@ -108,6 +109,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 2048       # tokens per chunk of the fused linear + cross-entropy
     log_every: int = 1
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
 
 
 @dataclass

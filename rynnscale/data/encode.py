@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,24 @@ REASONS = (
     "too_large",           # byte / frame / pixel / media-count limits
     "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
 )
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(key: str, name: str, obj: Any) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) anywhere in parsed JSON: the tokenizer cannot encode it."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError("bad_json", key, f"{name}: a string holds a lone surrogate {obj[e.start]!r} at "
+                                               f"character {e.start} (not valid Unicode)") from None
+        return
+    for k, v in items:
+        _check_unicode(key, name, k)
+        _check_unicode(key, name, v)
 
 
 class SampleError(Exception):
@@ -280,9 +299,14 @@ class SampleEncoder:
         if len(raw) > self.cfg.max_json_bytes:
             raise SampleError("too_large", key, f"{name} has {len(raw)} bytes > max_json_bytes={self.cfg.max_json_bytes}")
         try:
-            return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SampleError("bad_json", key, f"{name}: {e}") from None
+            obj = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        except RecursionError:
+            raise SampleError("bad_json", key, f"{name}: nested too deeply to parse (RecursionError)") from None
+        except (UnicodeDecodeError, ValueError) as e:   # ValueError: also a > 4300-digit integer (int-str limit)
+            raise SampleError("bad_json", key, f"{name}: {str(e)[:200]}") from None
+        if _SURROGATE_ESCAPE.search(raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8", "replace")):
+            _check_unicode(key, name, obj)   # only escapes can smuggle a lone surrogate past the UTF-8 decode
+        return obj
 
     def _messages(self, key: str, conv: Any) -> list[dict]:
         msgs = conv.get("conversation") if isinstance(conv, dict) else None

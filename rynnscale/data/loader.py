@@ -149,7 +149,8 @@ class LoaderConfig:
                   micro_batch_tokens=t.micro_batch_tokens,
                   pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
-                  tune_malloc=bool(getattr(d, "tune_malloc", True)))
+                  tune_malloc=bool(getattr(d, "tune_malloc", True)),
+                  limits=ReaderLimits(verify_sha256=bool(getattr(d, "verify_shards", False))))
         kw.update(overrides)
         return cls(**kw)
 
@@ -232,6 +233,15 @@ def _pixel_buffer(rows: int, cols: int, shared: bool, dtype: torch.dtype = torch
         return torch.empty(rows, cols, dtype=dtype).share_memory_()
     storage = new_shared(rows * cols * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage, 0, (rows, cols))
+
+
+def _relative_names(shards: list[str]) -> list[str]:
+    """Shard paths relative to the deepest directory holding all of them (order kept)."""
+    if not shards:
+        return []
+    absolute = [os.path.abspath(p) for p in shards]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.relpath(p, root) for p in absolute]
 
 
 class _ManifestHints:
@@ -666,8 +676,11 @@ class TrainLoader:
                 for k, s in enumerate(self.sources)}
 
     # -- state
-    def _fingerprint(self) -> dict:
-        names = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
+    def _fingerprint(self, absolute: bool = False) -> dict:
+        # shard paths relative to their common directory: a moved run / data directory still resumes
+        # (``absolute``: the hash of absolute paths that states saved before had)
+        names = hashlib.sha256("\n".join(self.shards if absolute else _relative_names(self.shards)).encode()
+                               ).hexdigest()[:16]
         c = self.cfg
         fp = {"world_size": self.world_size, "rank": self.rank, "num_workers": max(1, c.num_workers),
               "balance_group": c.balance_group or self.world_size, "seed": c.seed,
@@ -676,6 +689,8 @@ class TrainLoader:
               "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
         if c.mixture:  # absent for train_shards, so states saved before mixtures existed still load
             fp["mixture"] = [[s.name, s.weight, len(s.shards)] for s in self.sources]
+        if not absolute:
+            fp["shard_paths"] = "relative"
         return fp
 
     def state_dict(self) -> dict:
@@ -688,7 +703,7 @@ class TrainLoader:
         (another world size, worker count, seed, budget or shard list cannot replay exactly)."""
         if sd.get("version") != STATE_VERSION:
             raise LoaderStateError(f"loader state version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
-        mine = self._fingerprint()
+        mine = self._fingerprint(absolute=sd["config"].get("shard_paths") != "relative")   # old states: absolute
         for k in list(mine) + [k for k in sd["config"] if k not in mine]:
             v = mine.get(k)
             if sd["config"].get(k) != v:

@@ -59,9 +59,11 @@ class HFExportHook:
         if preempted or step == 0:
             return
         ctx.barrier()
-        if ctx.is_main:
+        ckpt = output_dir / CHECKPOINTS_DIR / checkpoint_name(step)
+        if ctx.is_main and not ckpt.is_dir():
+            log.warning("no checkpoint of the last step %d (it was non-finite): nothing exported", step)
+        elif ctx.is_main:
             cfg = self.cfg
-            ckpt = output_dir / CHECKPOINTS_DIR / checkpoint_name(step)
             copy_from = cfg.model.init_from or cfg.data.tokenizer or default_tokenizer_dir()
             report = export_checkpoint_hf(ckpt, output_dir / "hf", copy_from=copy_from, overwrite=True)
             log.info("exported %s to %s (%d tensors, %.1f MB, tokenizer from %s)", ckpt.name, report.out_dir,

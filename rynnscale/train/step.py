@@ -11,12 +11,16 @@ carved out of data parallelism), and the step's quantities are global:
   expert counts all-reduced over the data-parallel ranks (``DistContext.counts_reducer``: global-batch
   balance);
 - the gradient norm for clipping covers every shard and every expert group;
-- logged loss / tokens are sums over all ranks.
+- logged loss / tokens are sums over all ranks;
+- a step whose global loss, aux loss or gradient norm is inf/NaN skips the optimiser step
+  (``StepStats.finite``); the loop then saves nothing from it and stops after
+  ``train.max_nonfinite_steps`` such steps in a row (``NonFiniteLossError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,10 @@ def autocast_context(dtype_name: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+class NonFiniteLossError(RuntimeError):
+    """``train.max_nonfinite_steps`` steps in a row had an inf/NaN loss or gradient norm."""
+
+
 @dataclass
 class StepStats:
     """Global (all ranks) quantities of one optimiser step; ``expert_counts`` [n_moe, E] summed over ranks."""
@@ -45,6 +53,7 @@ class StepStats:
     target_tokens: int
     samples: int
     expert_counts: torch.Tensor | None
+    finite: bool = True   # False: loss or grad norm was inf/NaN and the optimiser step was skipped
 
 
 def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
@@ -79,12 +88,15 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
             c = out.expert_counts.detach().long()
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     loss_total, aux_total, tokens, samples = ctx.sum([
         loss_dev.item(), aux_dev.item(), sum(b.num_tokens for b in micro_batches),
         sum(b.num_samples for b in micro_batches)])
+    # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
+    finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     if counts is not None:
         counts = ctx.sum_tensor(counts).cpu()
     return StepStats(loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm), tokens=int(tokens),
-                     target_tokens=n_targets, samples=int(samples), expert_counts=counts)
+                     target_tokens=n_targets, samples=int(samples), expert_counts=counts, finite=finite)

@@ -52,7 +52,7 @@ from rynnscale.train.setup import (
     shared_base_fingerprint,
     truncate_metrics,
 )
-from rynnscale.train.step import StepStats, train_step
+from rynnscale.train.step import NonFiniteLossError, StepStats, train_step
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     return c, manager, data_seed
 
 
-def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt: float, t_data: float) -> dict:
+def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt: float, t_data: float,
+                 nonfinite_total: int) -> dict:
     """The ``metrics.jsonl`` line of one step (global quantities; data wait is the mean over ranks)."""
     ctx = c.ctx
     t_data_mean = ctx.sum([t_data])[0] / ctx.world_size
@@ -130,7 +131,7 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
         "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
         "samples": stats.samples, "tokens_seen": c.state.tokens_seen, "tokens_per_s": stats.tokens / dt,
         "step_time_s": dt, "data_wait_share": t_data_mean / dt, "world_size": ctx.world_size,
-        "expert_load_max_over_mean": None,
+        "expert_load_max_over_mean": None, "nonfinite_steps": nonfinite_total,
     }
     if stats.expert_counts is not None:
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
@@ -140,6 +141,19 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
     if bad:
         record["skipped_samples"] = dict(bad)
     return record
+
+
+def _check_nonfinite(step: int, stats: StepStats, run: int, limit: int) -> None:
+    """A non-finite step saves nothing; ``limit`` of them in a row stop the run (the last good checkpoint
+    and ``latest`` stay as they are)."""
+    log.warning("step %d: non-finite loss %s / grad norm %s: optimiser step skipped (%d in a row, limit "
+                "train.max_nonfinite_steps=%d); no checkpoint is saved from this step", step, stats.loss,
+                stats.grad_norm, run, limit)
+    if run >= limit:
+        raise NonFiniteLossError(
+            f"step {step}: loss or gradient norm non-finite for {run} steps in a row (train.max_nonfinite_steps="
+            f"{limit}; last loss {stats.loss}, grad norm {stats.grad_norm}); stopping without saving. Lower "
+            "optim.lr or check the data; resume from the last checkpoint")
 
 
 def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -> Path:
@@ -161,6 +175,7 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     preempt = install_preemption_handler()
     preempted = False
+    nonfinite_run = nonfinite_total = 0
     try:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
@@ -175,12 +190,16 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += stats.tokens
-            record = _step_record(state.step, c, stats, lr, dt, t_data)
+            nonfinite_run = 0 if stats.finite else nonfinite_run + 1
+            nonfinite_total += 0 if stats.finite else 1
+            record = _step_record(state.step, c, stats, lr, dt, t_data, nonfinite_total)
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 metrics.log(record)
             preempted = preemption_requested(preempt)
-            if preempted or state.step == tc.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
+            if not stats.finite:
+                _check_nonfinite(state.step, stats, nonfinite_run, tc.max_nonfinite_steps)
+            elif preempted or state.step == tc.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
                 save()
             call_hooks(hooks, "on_step_end", state.step, ctx)
             if preempted:
