@@ -43,7 +43,7 @@ def test_every_recipe_loads_and_validates(recipe: Path, tmp_path: Path) -> None:
     assert all(sh.startswith("/shards/") for s in cfg.data.mixture for sh in s.shards)  # ${data.root} resolved
     assert cfg.data.video_fps > 0 and cfg.data.video_max_frames <= 512
     assert cfg.optim.schedule == "cosine" and cfg.model.activation_checkpointing == "full"
-    assert cfg.optim.groups, "expected per-module learning rates"
+    assert cfg.optim.groups or cfg.model.lora.rank > 0, "expected per-module learning rates (or LoRA)"
 
 
 def test_inheritance_overrides_parent_and_keeps_the_rest() -> None:
