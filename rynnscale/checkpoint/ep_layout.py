@@ -26,11 +26,7 @@ import torch
 import torch.nn as nn
 
 from rynnscale.checkpoint.dcp import CheckpointError
-
-
-def _clean(name: str) -> str:
-    """State-dict FQN of a module name (activation-checkpoint / FSDP wrapper prefixes removed)."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+from rynnscale.parallel.fqn import clean_fqn
 
 
 class ExpertCheckpointLayout:
@@ -60,7 +56,7 @@ class ExpertCheckpointLayout:
             return None
         from rynnscale.parallel.expert_parallel import expert_shards
 
-        fqns = {_clean(name): total for name, (_offset, total) in expert_shards(model).items()}
+        fqns = {clean_fqn(name): total for name, (_offset, total) in expert_shards(model).items()}
         if not fqns:
             return None
         return cls(fqns, meshes)

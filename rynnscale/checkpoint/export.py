@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rynnscale.checkpoint.adapter import export_adapter
 from rynnscale.checkpoint.dcp import (
     DCP_DIR,
     TRAINER_STATE,
@@ -41,6 +42,7 @@ from rynnscale.checkpoint.hf import (
     LM_HEAD,
     SINGLE_FILE,
     HFCheckpointError,
+    HFTensorReader,
     _listing,
     _replace_dir,
     check_export_target,
@@ -48,6 +50,7 @@ from rynnscale.checkpoint.hf import (
     read_hf_config,
     write_config_and_side_files,
 )
+from rynnscale.models.lora import LoRASpec, is_adapter_param
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
 MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
@@ -93,6 +96,60 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
                           f"{tried or 'model.init_from / --copy-from (neither given)'}; pass --copy-from INIT_DIR")
 
 
+def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
+    """The ``model.lora`` of the run that wrote ``ckpt`` (from its saved config), None for a full fine-tune."""
+    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    lc = ((ts.get("config") or {}).get("model") or {}).get("lora") or {}
+    if int(lc.get("rank") or 0) <= 0:
+        return None
+    return LoRASpec(rank=int(lc["rank"]), alpha=float(lc["alpha"]), trainable=tuple(lc.get("trainable") or ()))
+
+
+def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
+    """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
+    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    for src in (((ts.get("config") or {}).get("model") or {}).get("init_from"), copy_from):
+        if src is not None and (Path(src) / "config.json").is_file():
+            return Path(src)
+    raise CheckpointError(f"{ckpt}: holds only the LoRA adapters and its base model (model.init_from) is not on "
+                          "this machine; pass --copy-from BASE_DIR")
+
+
+def _adapters_of(name: str, stored: dict[str, Any]) -> tuple[str, str] | None:
+    """The (A, B) adapter names of base tensor ``name`` in the checkpoint, if it was LoRA-trained."""
+    for a in (name.removesuffix(".weight") + ".lora_A", name + "_lora_A"):
+        if a in stored and a[:-1] + "B" in stored:
+            return a, a[:-1] + "B"
+    return None
+
+
+def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None,
+            base: HFTensorReader | None) -> torch.Tensor:
+    """Base tensor ``name`` with its LoRA update folded in (``W + (alpha/r) B A``), or as stored. A LoRA
+    run's checkpoint holds only what trained: frozen tensors come from its base (``base``)."""
+    x = load_checkpoint_tensor(ckpt, name, stored[name]) if name in stored else base(name)
+    pair = _adapters_of(name, stored) if spec is not None else None
+    if pair is None:
+        return x
+    a, b = (load_checkpoint_tensor(ckpt, n, stored[n]).float() for n in pair)
+    delta = b @ a if a.dim() == 2 else torch.bmm(b, a)
+    return (x.float() + spec.scaling * delta).to(x.dtype)
+
+
+def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
+                              base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``)."""
+    ckpt = Path(ckpt)
+    spec = checkpoint_lora_spec(ckpt)
+    if spec is None:
+        raise CheckpointError(f"{ckpt}: not a LoRA run (its config has model.lora.rank = 0); nothing to export "
+                              "as an adapter")
+    stored = _model_tensors_md(ckpt)
+    adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
+    return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
+                          overwrite=overwrite)
+
+
 def _model_tensors_md(ckpt: Path) -> dict[str, Any]:
     """HF name -> DCP TensorStorageMetadata of every model tensor in the checkpoint."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -134,6 +191,22 @@ def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dt).element_size()
 
 
+def _refuse_overlapping_output(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None) -> None:
+    """Replacing ``out_dir`` (``overwrite``) deletes it: refuse one that is, holds or lies inside the checkpoint,
+    or is / holds ``copy_from`` (e.g. ``export-hf RUN/checkpoints/step_N RUN --overwrite`` would delete the run)."""
+    out = Path(out_dir).resolve()
+    named = [("the checkpoint", ckpt.resolve())]
+    if copy_from is not None:
+        named.append(("the --copy-from directory", Path(copy_from).resolve()))
+    for what, src in named:
+        if out == src or out in src.parents:
+            raise CheckpointError(f"output directory {out_dir} {'is' if out == src else 'contains'} {what} {src}: "
+                                  "exporting there would delete it; choose a separate output directory")
+    if ckpt.resolve() in out.parents:
+        raise CheckpointError(f"output directory {out_dir} lies inside the checkpoint {ckpt}; choose a directory "
+                              "outside it")
+
+
 def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                          copy_from: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                          max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> CheckpointExportReport:
@@ -149,14 +222,20 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     reason = check_complete(ckpt)
     if reason:
         raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
+    _refuse_overlapping_output(ckpt, out_dir, copy_from)
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
     stored = _model_tensors_md(ckpt)
+    spec = checkpoint_lora_spec(ckpt)   # a LoRA run exports merged
+    base = None
+    if spec is not None and any(n not in stored for n in expected):  # adapter-only checkpoint
+        base = HFTensorReader(checkpoint_base_dir(ckpt, copy_from), args)
 
     problems = []
-    missing = [n for n in expected if n not in stored]
-    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)]
+    missing = [n for n in expected if n not in stored and base is None]
+    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)
+                  and not (spec is not None and is_adapter_param(n))]
     mismatched = [f"{n}: checkpoint {list(stored[n].size)} vs {list(expected[n])} from the model config"
                   for n in expected if n in stored and tuple(stored[n].size) != expected[n]]
     if missing:
@@ -169,7 +248,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise HFCheckpointError(f"cannot export checkpoint {ckpt}:\n" + "\n".join(problems))
 
     def out_dtype(name: str) -> torch.dtype:
-        dt = stored[name].properties.dtype
+        dt = stored[name].properties.dtype if name in stored else base.dtype(name)
         return dtype if dtype is not None and dt.is_floating_point else dt
 
     # plan shards in the architecture's order: a shard closes before it would exceed max_shard_bytes
@@ -197,8 +276,9 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
             with open(tmp / fname, "wb") as f:
                 f.write(_header(entries, meta))
                 for name, dt, _ in entries:
-                    x = load_checkpoint_tensor(ckpt, name, stored[name])
-                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and not tied_checked:
+                    x = _merged(ckpt, name, stored, spec, base)
+                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and EMBED in stored \
+                            and not tied_checked:
                         tied_checked = True
                         head = load_checkpoint_tensor(ckpt, LM_HEAD, stored[LM_HEAD])
                         if not torch.equal(head, x):

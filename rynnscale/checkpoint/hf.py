@@ -45,12 +45,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rynnscale.models.lora import is_adapter_param, lora_spec_of, merge_lora_state
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.hf_config import HFCheckpointError, read_hf_config
+from rynnscale.parallel.fqn import clean_fqn
 
 if TYPE_CHECKING:
     from rynnscale.parallel.fsdp import LocalPiece
 
-SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 EXPERT_LAYOUTS = ("v5", "hub")
 LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
 SINGLE_FILE = "model.safetensors"
@@ -68,37 +70,6 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-# Module-wrapper name segments that never belong in an HF key (torch.compile, activation checkpointing).
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint directory is unusable; the message names the file / tensors."""
-
-
-# ---------------------------------------------------------------------------------------- config
-def read_hf_config(path: str | os.PathLike) -> tuple[Qwen3VLArgs, dict[str, Any]]:
-    """Read ``config.json`` (``path`` is the checkpoint directory or the file itself).
-
-    Returns our args and the raw dict (for keys args do not carry, e.g. ``transformers_version``)."""
-    path = Path(path)
-    cfg_path = path / "config.json" if path.is_dir() else path
-    if not cfg_path.is_file():
-        raise HFCheckpointError(f"{cfg_path}: no such file (a Hugging Face checkpoint directory needs config.json)")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFCheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HFCheckpointError(
-            f"{cfg_path}: model_type={model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}")
-    quant = raw.get("quantization_config")
-    if quant:
-        raise HFCheckpointError(
-            f"{cfg_path}: quantized checkpoints are not supported "
-            f"(quantization_config.quant_method={quant.get('quant_method')!r}); use the bf16 release")
-    return Qwen3VLArgs.from_hf_config(raw, where=str(cfg_path)), raw
 
 
 def hf_param_shapes(args: Qwen3VLArgs, *, include_tied: bool = False) -> dict[str, tuple[int, ...]]:
@@ -190,12 +161,6 @@ def _canonical_key(key: str) -> str:
     if key.startswith(("visual.", "language_model.")):
         return "model." + key
     return key
-
-
-def _strip_wrappers(name: str) -> str:
-    for seg in _WRAPPER_SEGMENTS:
-        name = name.replace(seg, "")
-    return name
 
 
 def _listing(title: str, items: Iterable[str]) -> str:
@@ -320,7 +285,9 @@ def _model_targets(model: nn.Module) -> tuple[dict[str, LocalPiece], list[list[s
     targets: dict[str, LocalPiece] = {}
     alias_of: dict[int, list[str]] = {}
     for raw, tensor in model.state_dict(keep_vars=True).items():
-        name = _strip_wrappers(raw)
+        name = clean_fqn(raw)
+        if is_adapter_param(name):  # LoRA factors are not in a base checkpoint: initialised by the build
+            continue
         targets[name] = piece_of[id(tensor)]
         alias_of.setdefault(id(tensor), []).append(name)
     return targets, list(alias_of.values())
@@ -443,6 +410,33 @@ def _read_rows(st: Any, src: _Source, lo: int, hi: int) -> torch.Tensor:
     if not src.shape or (lo, hi) == (0, src.shape[0]):
         return st.get_tensor(src.key)
     return st.get_slice(src.key)[lo:hi]
+
+
+class HFTensorReader:
+    """Read single tensors of a Hugging Face checkpoint by model name, in our ("v5") expert layout, with
+    the same validation as ``load_hf_weights`` (against the full shapes ``args`` implies) -- for
+    streaming work that never builds the model (e.g. merging LoRA adapters into a base on export)."""
+
+    def __init__(self, path: str | os.PathLike, args: Qwen3VLArgs, expert_layout: str | None = None):
+        from rynnscale.parallel.fsdp import LocalPiece
+
+        self.path = Path(path)
+        targets = {}
+        for name, shape in hf_param_shapes(args).items():
+            t = torch.empty(shape, device="meta")
+            targets[name] = LocalPiece(t, t, tuple(shape), 0, shape[0] if shape else 1)
+        self.plan = _plan_load(self.path, targets, [[n] for n in targets], expert_layout,
+                               LoadReport(path=str(self.path), files=[]))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self.plan.sources[name].dtype]
+
+    def __call__(self, name: str) -> torch.Tensor:
+        src = self.plan.sources[name]
+        with safe_open(src.file, framework="pt", device="cpu") as st:
+            x = st.get_tensor(src.key)
+        layout = self.plan.layout_of.get(name)
+        return _to_layout(x, layout, "v5") if layout is not None else x
 
 
 def load_hf_weights(
@@ -719,8 +713,12 @@ def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str,
     """``model.state_dict()`` as HF names, lazily; ``lm_head.weight`` left out when ``args`` ties it.
 
     Refuses to drop a tied ``lm_head`` whose values differ from the embedding (e.g. a tie lost
-    by ``to_empty`` before training): exporting it tied would silently change the model."""
-    sd = {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+    by ``to_empty`` before training): exporting it tied would silently change the model. A LoRA model
+    exports merged (``W + (alpha/r) B A``; its adapters alone: ``rynnscale.checkpoint.adapter``)."""
+    sd = {clean_fqn(k): v for k, v in model.state_dict().items()}
+    spec = lora_spec_of(model)
+    if spec is not None:
+        sd = merge_lora_state(sd, spec)
     if args.tie_word_embeddings and LM_HEAD in sd and EMBED in sd and sd[LM_HEAD] is not sd[EMBED]:
         from torch.distributed.tensor import DTensor
 

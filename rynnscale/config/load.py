@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .schema import CHOICES, RootConfig
+from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key."""
+from .model_args import resolve_model_args
+from .schema import CHOICES, ConfigError, RootConfig
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -43,10 +44,20 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"recipe {path} does not exist")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+    except Exception as e:  # yaml syntax errors; their text quotes the file: name only where it failed
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
+                          "recipe mapping") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping (its top level is a "
+                          f"{'list' if isinstance(node, ListConfig) else 'scalar'}, not key: value pairs)")
+    bad = [k for k in node.keys() if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k))]
+    if bad:   # e.g. extends: /etc/passwd parses as one huge key: never echo a file that is not a recipe
+        raise ConfigError(f"recipe {path} is not a valid recipe mapping: its top level must be section names "
+                          f"({', '.join(f.name for f in dataclasses.fields(RootConfig))}, extends); "
+                          f"{len(bad)} top-level key(s) are not names (content not shown)")
+    _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
         return node
@@ -55,6 +66,27 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
     return OmegaConf.merge(merged, node)
+
+
+# ``${name:...}`` calls a resolver (``oc.env`` reads the environment, ``oc.decode`` parses strings, custom ones
+# run code); plain ``${other.key}`` references have no colon after the name. ``\${`` is a literal.
+_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+
+
+def _refuse_resolvers(tree: Any, where: str, prefix: str = "") -> None:
+    """Refuse any value (or key) of ``tree`` that interpolates through an omegaconf resolver, naming the key."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}{'.' if prefix else ''}{k}"
+        for text in (k, v):
+            if isinstance(text, str) and _RESOLVER_CALL.search(text):
+                m = _RESOLVER_CALL.search(text)
+                raise ConfigError(f"{where}: config key '{key}' uses the interpolation resolver "
+                                  f"'{m.group(0)[2:-1].strip()}' ({m.group(0)}...}}); resolvers are not allowed in "
+                                  "recipes or overrides (they read the environment or run code); only plain "
+                                  "${other.key} references are")
+        if isinstance(v, (dict, list)):
+            _refuse_resolvers(v, where, key)
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -88,7 +120,10 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         if overrides:
-            layers.append(OmegaConf.from_dotlist(overrides))
+            cli = OmegaConf.from_dotlist(overrides)
+            _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
+            _replace_architecture_source(layers, cli)
+            layers.append(cli)
         merged = OmegaConf.merge(*layers)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -97,14 +132,83 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
     return cfg
 
 
+def _replace_architecture_source(layers: list, cli: DictConfig) -> None:
+    """A command-line ``model.init_from`` (or ``model.arch``) replaces the recipe's source of the
+    architecture: ``rynnscale train demo.yaml model.init_from=DIR`` fine-tunes DIR instead of failing on
+    two sources. Setting both on the command line is still an error (``validate``)."""
+    model = cli.get("model") if isinstance(cli, DictConfig) else None
+    if not isinstance(model, DictConfig):
+        return
+    for given, other in (("init_from", "arch"), ("arch", "init_from")):
+        if model.get(given) is not None and other not in model:
+            for layer in layers[1:]:  # recipe layers (the schema holds the defaults)
+                if OmegaConf.select(layer, f"model.{other}") is not None:
+                    OmegaConf.update(layer, f"model.{other}", None, force_add=True)
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
 
 
+# Numeric keys that may be negative (everything else numeric must be >= 0; every float must be finite).
+_SIGNED_KEYS = {"run.seed", "data.seed", "data.synthetic.seed", "parallel.dp_shard", "train.max_grad_norm"}
+# Numeric keys that must be >= 1 (sizes and counts where 0 means nothing sensible) or > 0 (rates, times).
+_AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.video_max_frames",
+                 "data.image_min_pixels", "data.image_max_pixels", "data.video_min_pixels", "data.video_max_pixels",
+                 "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
+                 "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
+_POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.lr", "optim.eps"}
+_UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)
+_MAX_INT = 2**62
+
+
+def _numeric_fields(node: Any, prefix: str = ""):
+    """(dotted key, schema key, value) of every int / float field of the config tree, lists of sections included
+    (``data.mixture[0].weight``); free-form dicts (``model.arch``) are left to their own validation."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_fields(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from ((k, s.replace(f"{key}[{i}]", key), v)
+                                for k, s, v in _numeric_fields(item, f"{key}[{i}]."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, key, value
+
+
+def validate_numbers(cfg: RootConfig) -> None:
+    """Every numeric key, generically over the schema: floats finite (``optim.lr=inf`` or ``nan`` would train
+    NaN checkpoints), integers of a sane magnitude, non-negative unless signed, and the ranges above."""
+    import math
+
+    for key, schema_key, v in _numeric_fields(cfg):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' = {v} must be a finite number")
+        if isinstance(v, int) and abs(v) > _MAX_INT:
+            raise ConfigError(f"config key '{key}' = {v} is out of range (|value| must be <= 2**62)")
+        if schema_key not in _SIGNED_KEYS and v < 0:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 0")
+        if schema_key in _AT_LEAST_ONE and v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be >= 1")
+        if schema_key in _POSITIVE and not v > 0:
+            raise ConfigError(f"config key '{key}' = {v} must be > 0")
+        if schema_key in _UNIT_OPEN and not 0 <= v < 1:
+            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
+    d = cfg.data
+    for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
+                   ("video_min_pixels", "video_max_pixels")):
+        if getattr(d, lo) > getattr(d, hi):
+            raise ConfigError(f"config key 'data.{lo}' = {getattr(d, lo)} must be <= 'data.{hi}' = {getattr(d, hi)}")
+
+
 def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
+    validate_numbers(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -115,14 +219,11 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
         "train.grad_accum": cfg.train.grad_accum, "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,
         "train.log_every": cfg.train.log_every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "model.activation_checkpointing_every": cfg.model.activation_checkpointing_every,
-        "data.pack_window": cfg.data.pack_window, "parallel.ep": cfg.parallel.ep,
-        "parallel.dp_replicate": cfg.parallel.dp_replicate,
+        "data.pack_window": cfg.data.pack_window,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value} must be >= 1")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"config key 'parallel.dp_shard' = {cfg.parallel.dp_shard} must be -1 (all remaining) or >= 1")
     for key in ("optim.lr", "optim.eps"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key '{key}' = {_get(cfg, key)} must be > 0")
@@ -137,40 +238,11 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
-    # model: exactly one source of architecture
-    if (cfg.model.init_from is None) == (cfg.model.arch is None):
-        raise ConfigError("set exactly one of 'model.init_from' (a local Hugging Face directory) and 'model.arch' "
-                          f"(an inline architecture); got init_from={cfg.model.init_from!r}, "
-                          f"arch={'set' if cfg.model.arch is not None else 'unset'}")
-    if cfg.model.preset is not None:
-        from rynnscale.models.qwen3_vl.presets import PRESETS
-        if cfg.model.preset not in PRESETS:
-            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} is not allowed; choose one of "
-                              f"{sorted(PRESETS)}")
-        if cfg.model.arch is not None:
-            raise ConfigError("'model.preset' names the architecture of 'model.init_from'; it cannot be combined "
-                              "with an inline 'model.arch'")
-    init_cfg_there = cfg.model.init_from is not None and (Path(cfg.model.init_from) / "config.json").is_file()
-    if check_paths and cfg.model.init_from is not None and not init_cfg_there:
-        raise ConfigError(f"config key 'model.init_from' = {cfg.model.init_from!r}: no config.json there "
-                          "(expected a local Hugging Face Qwen3-VL checkpoint directory)")
-    if cfg.model.arch is not None:
-        from rynnscale.models.qwen3_vl.args import ArchConfigError, Qwen3VLArgs
-        try:
-            arch = Qwen3VLArgs.from_hf_config(cfg.model.arch, strict=True, where="model.arch")
-        except ArchConfigError as e:
-            raise ConfigError(f"config key {e}") from None
-        _validate_layout(cfg, arch.text.num_experts)
-    else:
-        _validate_layout(cfg, None)
-    if init_cfg_there and cfg.model.preset is not None:
-        from rynnscale.checkpoint.hf import read_hf_config
-        from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-        from rynnscale.models.qwen3_vl.presets import preset_config
-        if read_hf_config(cfg.model.init_from)[0] != Qwen3VLArgs.from_hf_config(preset_config(cfg.model.preset)):
-            raise ConfigError(f"config key 'model.preset' = {cfg.model.preset!r} does not describe the model in "
-                              f"'model.init_from' = {cfg.model.init_from!r} (their architectures differ); fix or "
-                              "remove the preset")
+    # model: one source of architecture, resolved the way the build and the planner resolve it
+    arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
+    num_experts = arch.args.text.num_experts if arch is not None else None
+    _validate_layout(cfg, num_experts)
+    _validate_lora(cfg)
     _validate_lists(cfg)
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
@@ -225,6 +297,24 @@ def _validate_lists(cfg: RootConfig) -> None:
                           f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
 
 
+def _validate_lora(cfg: RootConfig) -> None:
+    lc = cfg.model.lora
+    if lc.rank < 0:
+        raise ConfigError(f"config key 'model.lora.rank' = {lc.rank} must be >= 0 (0 = no LoRA)")
+    if lc.rank == 0:
+        return
+    if not (math.isfinite(lc.alpha) and lc.alpha > 0):
+        raise ConfigError(f"config key 'model.lora.alpha' = {lc.alpha} must be a finite number > 0")
+    if not 0 <= lc.dropout < 1:
+        raise ConfigError(f"config key 'model.lora.dropout' = {lc.dropout} must be in [0, 1)")
+    for key in ("targets", "trainable"):
+        if any(not p for p in getattr(lc, key)):
+            raise ConfigError(f"config key 'model.lora.{key}' has an empty pattern")
+    if not lc.targets and not lc.experts:
+        raise ConfigError("model.lora.rank > 0 but 'model.lora.targets' is empty and 'model.lora.experts' is off: "
+                          "nothing would be adapted")
+
+
 def _validate_eval(cfg: RootConfig) -> None:
     """eval.* ranges, and that an enabled evaluation has held-out data."""
     e = cfg.eval
@@ -242,19 +332,15 @@ def _validate_eval(cfg: RootConfig) -> None:
 
 
 def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:
-    """What can be checked without the world size (that is checked at launch by
-    ``rynnscale.parallel.mesh.ParallelLayout.resolve``). ``num_experts`` None = not known yet (init_from)."""
+    """The layout rules that hold for every world size (``rynnscale.parallel.layout``; the world size
+    itself is checked at launch)."""
     p = cfg.parallel
     if p.timeout_s <= 0:
         raise ConfigError(f"config key 'parallel.timeout_s' = {p.timeout_s} must be > 0")
-    if p.dp_shard != -1 and p.dp_shard % p.ep:
-        raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide 'parallel.dp_shard' = {p.dp_shard} "
-                          "(expert parallelism is carved out of the FSDP ranks)")
-    if p.ep > 1 and num_experts is not None:
-        if num_experts == 0:
-            raise ConfigError(f"config key 'parallel.ep' = {p.ep} needs an MoE model, but model.arch has no experts")
-        if num_experts % p.ep:
-            raise ConfigError(f"config key 'parallel.ep' = {p.ep} must divide the model's num_experts = {num_experts}")
+    try:
+        check_layout_keys(p.dp_replicate, p.dp_shard, p.ep, num_experts)
+    except LayoutError as e:
+        raise ConfigError(f"config key 'parallel': {e}") from None
 
 
 def to_yaml(cfg: RootConfig) -> str:

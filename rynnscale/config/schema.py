@@ -12,12 +12,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key."""
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"   # metrics.jsonl, resolved config, checkpoints live here
     seed: int = 0
     name: str = ""                      # free-form run name (wandb, plots)
     device: str = "auto"                # auto | cpu | cuda
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (``rynnscale/models/lora.py``): base weights frozen, low-rank adapters trained."""
+    rank: int = 0                       # 0 = off (full fine-tune)
+    alpha: float = 16.0                 # update scale alpha / rank
+    dropout: float = 0.0                # on the adapters' input (Linear targets; experts use none)
+    # fnmatch patterns over module names (HF names); default: language-model attention q/k/v/o + dense MLP
+    targets: list[str] = field(default_factory=lambda: ["*.self_attn.q_proj", "*.self_attn.k_proj",
+                                                        "*.self_attn.v_proj", "*.self_attn.o_proj",
+                                                        "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"])
+    experts: bool = False               # adapters on every MoE layer's fused expert tensors (per expert)
+    vision: bool = False                # adapt the vision tower's blocks too
+    trainable: list[str] = field(default_factory=list)  # parameter patterns kept fully trainable (e.g. 'lm_head.*')
 
 
 @dataclass
@@ -33,6 +52,7 @@ class ModelConfig:
     # not on this machine (planning on a laptop); when both exist they must describe the same model.
     preset: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns over HF parameter names
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -69,6 +89,7 @@ class DataConfig:
     num_workers: int = 0
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     max_bad_fraction: float = 0.05
+    verify_shards: bool = False         # sha256 of each shard vs manifest.json when opened (size is always checked)
     truncate: bool = False              # truncate over-long samples instead of skipping them
     video_fps: float = 2.0
     video_max_frames: int = 768
@@ -88,6 +109,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 2048       # tokens per chunk of the fused linear + cross-entropy
     log_every: int = 1
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
 
 
 @dataclass

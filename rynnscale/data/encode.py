@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from rynnscale.data.batch import EncodedSample
+from rynnscale.batch import IGNORE_INDEX, EncodedSample
 from rynnscale.data.schema import SchemaError, validate_member_name
 from rynnscale.data.tokenizer import VisionTokenIds, as_rust_tokenizer
 from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
@@ -66,6 +67,24 @@ REASONS = (
     "too_large",           # byte / frame / pixel / media-count limits
     "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
 )
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(key: str, name: str, obj: Any) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) anywhere in parsed JSON: the tokenizer cannot encode it."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError("bad_json", key, f"{name}: a string holds a lone surrogate {obj[e.start]!r} at "
+                                               f"character {e.start} (not valid Unicode)") from None
+        return
+    for k, v in items:
+        _check_unicode(key, name, k)
+        _check_unicode(key, name, v)
 
 
 class SampleError(Exception):
@@ -266,7 +285,7 @@ class SampleEncoder:
         render, media = self._render(key, messages, members, meta, decode)
         ids, labels, spans = self._tokenize(key, render, media)
         ids, labels, media, spans = self._fit(key, ids, labels, media, spans)
-        if not (labels != -100).any():
+        if not (labels != IGNORE_INDEX).any():
             raise SampleError("bad_conversation", key, "no assistant tokens to train on")
         return ids, labels, media
 
@@ -280,9 +299,14 @@ class SampleEncoder:
         if len(raw) > self.cfg.max_json_bytes:
             raise SampleError("too_large", key, f"{name} has {len(raw)} bytes > max_json_bytes={self.cfg.max_json_bytes}")
         try:
-            return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SampleError("bad_json", key, f"{name}: {e}") from None
+            obj = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        except RecursionError:
+            raise SampleError("bad_json", key, f"{name}: nested too deeply to parse (RecursionError)") from None
+        except (UnicodeDecodeError, ValueError) as e:   # ValueError: also a > 4300-digit integer (int-str limit)
+            raise SampleError("bad_json", key, f"{name}: {str(e)[:200]}") from None
+        if _SURROGATE_ESCAPE.search(raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8", "replace")):
+            _check_unicode(key, name, obj)   # only escapes can smuggle a lone surrogate past the UTF-8 decode
+        return obj
 
     def _messages(self, key: str, conv: Any) -> list[dict]:
         msgs = conv.get("conversation") if isinstance(conv, dict) else None
@@ -479,7 +503,7 @@ class SampleEncoder:
             if isinstance(labeled, np.ndarray):
                 lab_chunks.append(labeled)
             else:
-                lab_chunks.append(ids if labeled else np.full(len(ids), -100, dtype=np.int64))
+                lab_chunks.append(ids if labeled else np.full(len(ids), IGNORE_INDEX, dtype=np.int64))
             n += len(ids)
 
         def flush() -> None:
@@ -504,7 +528,7 @@ class SampleEncoder:
                     csum = np.cumsum(mask_c)
                     off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
                     covered = csum[off[:, 1]] - csum[off[:, 0]] > 0
-                    lab = np.where(covered, ids, -100)
+                    lab = np.where(covered, ids, IGNORE_INDEX)
             if np.isin(ids, self._structural).any():
                 raise SampleError("bad_conversation", key, "conversation text contains chat / vision special tokens "
                                                            "(e.g. <|image_pad|>, <|im_start|>)")
@@ -554,7 +578,7 @@ class SampleEncoder:
                 cut = s
         keep = [i for i, (s, e) in enumerate(spans) if e <= cut]
         ids, labels = ids[:cut], labels[:cut]
-        if not (labels != -100).any():
+        if not (labels != IGNORE_INDEX).any():
             raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} and no assistant token is left "
                                                f"after truncating to {cut}")
         return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
@@ -590,7 +614,7 @@ class SampleEncoder:
         pvv, vid_grid = self._pixels(key, "video", media, video_out, normalize)
         input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
         labels_l = torch.from_numpy(np.ascontiguousarray(labels))
-        labels_l[0] = -100
+        labels_l[0] = IGNORE_INDEX
         pos_3l = mrope_position_ids(input_ids_l, img_grid, vid_grid, spatial_merge_size=self.spec.merge_size,
                                     image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad)
         return EncodedSample(key=key, input_ids_l=input_ids_l, labels_l=labels_l, position_ids_3l=pos_3l,

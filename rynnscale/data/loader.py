@@ -71,8 +71,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rynnscale.batch import EncodedSample, PackedBatch
 from rynnscale.data.balance import CostModel
-from rynnscale.data.batch import EncodedSample, PackedBatch
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 from rynnscale.data.reader import (
@@ -90,7 +90,7 @@ from rynnscale.data.reader import (
 )
 from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 
-log = logging.getLogger("rynnscale.data")
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_BAD_WARNINGS = 200   # per worker; later bad samples are logged at DEBUG level
@@ -149,7 +149,8 @@ class LoaderConfig:
                   micro_batch_tokens=t.micro_batch_tokens,
                   pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
-                  tune_malloc=bool(getattr(d, "tune_malloc", True)))
+                  tune_malloc=bool(getattr(d, "tune_malloc", True)),
+                  limits=ReaderLimits(verify_sha256=bool(getattr(d, "verify_shards", False))))
         kw.update(overrides)
         return cls(**kw)
 
@@ -234,6 +235,15 @@ def _pixel_buffer(rows: int, cols: int, shared: bool, dtype: torch.dtype = torch
     return torch.empty(0, dtype=dtype).set_(storage, 0, (rows, cols))
 
 
+def _relative_names(shards: list[str]) -> list[str]:
+    """Shard paths relative to the deepest directory holding all of them (order kept)."""
+    if not shards:
+        return []
+    absolute = [os.path.abspath(p) for p in shards]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.relpath(p, root) for p in absolute]
+
+
 class _ManifestHints:
     """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard."""
 
@@ -241,7 +251,7 @@ class _ManifestHints:
         self._dirs: dict[str, dict | None] = {}
 
     def get(self, shard: str, index: int) -> tuple[int, int] | None:
-        from rynnscale.data_pipelines.shards import ManifestError, read_manifest
+        from rynnscale.data.manifest import ManifestError, read_manifest
 
         d = os.path.dirname(shard)
         if d not in self._dirs:
@@ -666,8 +676,11 @@ class TrainLoader:
                 for k, s in enumerate(self.sources)}
 
     # -- state
-    def _fingerprint(self) -> dict:
-        names = hashlib.sha256("\n".join(self.shards).encode()).hexdigest()[:16]
+    def _fingerprint(self, absolute: bool = False) -> dict:
+        # shard paths relative to their common directory: a moved run / data directory still resumes
+        # (``absolute``: the hash of absolute paths that states saved before had)
+        names = hashlib.sha256("\n".join(self.shards if absolute else _relative_names(self.shards)).encode()
+                               ).hexdigest()[:16]
         c = self.cfg
         fp = {"world_size": self.world_size, "rank": self.rank, "num_workers": max(1, c.num_workers),
               "balance_group": c.balance_group or self.world_size, "seed": c.seed,
@@ -676,6 +689,8 @@ class TrainLoader:
               "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
         if c.mixture:  # absent for train_shards, so states saved before mixtures existed still load
             fp["mixture"] = [[s.name, s.weight, len(s.shards)] for s in self.sources]
+        if not absolute:
+            fp["shard_paths"] = "relative"
         return fp
 
     def state_dict(self) -> dict:
@@ -688,7 +703,7 @@ class TrainLoader:
         (another world size, worker count, seed, budget or shard list cannot replay exactly)."""
         if sd.get("version") != STATE_VERSION:
             raise LoaderStateError(f"loader state version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
-        mine = self._fingerprint()
+        mine = self._fingerprint(absolute=sd["config"].get("shard_paths") != "relative")   # old states: absolute
         for k in list(mine) + [k for k in sd["config"] if k not in mine]:
             v = mine.get(k)
             if sd["config"].get(k) != v:

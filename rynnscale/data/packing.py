@@ -12,7 +12,7 @@ With ``num_ranks=1`` this is plain per-rank packing. Everything is deterministic
 items in, the seed and the plan counter decide the output; the items not yet emitted
 (``items``) and ``plans`` are the whole state.
 
-``build_packed_batch`` concatenates EncodedSamples into a ``PackedBatch`` (rynnscale/data/batch.py).
+``build_packed_batch`` concatenates EncodedSamples into a ``PackedBatch`` (rynnscale/batch.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch
 from rynnscale.data.balance import CostModel, assign_equal_count
-from rynnscale.data.batch import EncodedSample, PackedBatch
 from rynnscale.data.encode import SampleError
 from rynnscale.data.reader import mix64
 
@@ -191,7 +191,7 @@ def build_packed_batch(samples: Sequence[EncodedSample], *, pixel_values: torch.
         if tuple(s.position_ids_3l.shape) != (3, L):
             raise ValueError(f"sample {s.key!r}: position_ids_3l has shape {tuple(s.position_ids_3l.shape)}, "
                              f"expected (3, {L})")
-        if int(s.labels_l[0]) != -100:
+        if int(s.labels_l[0]) != IGNORE_INDEX:
             raise ValueError(f"sample {s.key!r}: the first label must be -100 (a packed row is shifted as one)")
         lens.append(L)
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)

@@ -1,5 +1,5 @@
-"""Wire a recipe's ``data`` section into a ``TrainLoader``: shards (or the built-in synthetic set),
-tokenizer, sample encoder and packing budget."""
+"""Wire a recipe's ``data`` section into a ``TrainLoader``: shards (or the built-in synthetic set, which
+``rynnscale.train.data_files`` generates), tokenizer, sample encoder and packing budget."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from rynnscale.config.schema import RootConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 
 def synthetic_data_dir(cfg: RootConfig) -> Path:
@@ -19,22 +19,6 @@ def synthetic_data_dir(cfg: RootConfig) -> Path:
 def synthetic_shard_patterns(cfg: RootConfig) -> list[str]:
     """Glob of the synthetic shards (without generating them); [] when synthetic data is off."""
     return [str(synthetic_data_dir(cfg) / "*.tar")] if cfg.data.synthetic.num_samples > 0 else []
-
-
-def ensure_synthetic_data(cfg: RootConfig) -> list[str]:
-    """Generate the built-in synthetic egocentric shards once (restartable); return their glob pattern.
-
-    Writes files: under torch.distributed call it on ONE rank per file system, then barrier
-    (``rynnscale.train.trainer.prepare_data_files``), and build the loaders with ``generate=False``."""
-    s = cfg.data.synthetic
-    if s.num_samples <= 0:
-        return []
-    from rynnscale.data_pipelines.synthetic import generate_synthetic
-
-    out = synthetic_data_dir(cfg)
-    generate_synthetic(out, s.num_samples, seed=s.seed, frames=s.frames, width=s.width, height=s.height, fps=s.fps,
-                       samples_per_shard=s.samples_per_shard, progress=cfg.logging.progress)
-    return [str(out / "*.tar")]
 
 
 def tokenizer_source(cfg: RootConfig) -> str | None:
@@ -60,15 +44,14 @@ def build_encoder(cfg: RootConfig, args: Qwen3VLArgs):
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=args)
 
 
-def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int, generate: bool = True):
+def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int):
     """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
 
-    ``generate=False``: the synthetic shards were already generated (by one rank); only read them."""
+    Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``)."""
     from rynnscale.data.balance import CostModel
     from rynnscale.data.loader import LoaderConfig, TrainLoader
 
-    synthetic = ensure_synthetic_data(cfg) if generate else synthetic_shard_patterns(cfg)
-    shards = list(cfg.data.train_shards) + synthetic
+    shards = list(cfg.data.train_shards) + synthetic_shard_patterns(cfg)
     loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args))
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],

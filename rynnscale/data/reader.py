@@ -40,7 +40,7 @@ from braceexpand import braceexpand
 
 from rynnscale.data.schema import SchemaError, member_kind, split_tar_name
 
-log = logging.getLogger("rynnscale.data")
+log = logging.getLogger(__name__)
 
 #: Reasons the reader reports for samples it cannot deliver (the encoder adds its own).
 READER_REASONS = ("corrupt_tar", "bad_member", "too_large")
@@ -55,6 +55,49 @@ class ShardPatternError(ValueError):
 
 class ReaderStateError(ValueError):
     """A saved reader/loader state that does not fit the shards or configuration at hand."""
+
+
+class ShardIntegrityError(ValueError):
+    """A shard's size (or sha256) differs from what the ``manifest.json`` beside it records."""
+
+
+# dir -> {shard name: ShardInfo} (None: no readable manifest); (path, size, mtime_ns, hashed) already checked
+_MANIFESTS: dict[str, dict | None] = {}
+_VERIFIED: set[tuple[str, int, int, bool]] = set()
+
+
+def verify_shard(path: str, verify_sha256: bool = False) -> None:
+    """Check ``path`` against the manifest beside it (size always, sha256 if asked), once per process per
+    (size, mtime). A shard the manifest does not list, or without a manifest, is not checked. A mismatch is a
+    ``ShardIntegrityError`` naming the shard: the whole shard changed or is damaged since it was written, so
+    skipping it sample by sample would hide a data problem (and shift every resume position in it)."""
+    from rynnscale.data.manifest import ManifestError, read_manifest, sha256_file
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return   # iter_tar_samples reports an unopenable shard as corrupt_tar
+    key = (path, st.st_size, st.st_mtime_ns, bool(verify_sha256))
+    if key in _VERIFIED:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if d not in _MANIFESTS:
+        try:
+            _MANIFESTS[d] = read_manifest(d).by_name()
+        except (ManifestError, OSError):
+            _MANIFESTS[d] = None
+    info = (_MANIFESTS[d] or {}).get(os.path.basename(path))
+    if info is not None:
+        if st.st_size != info.num_bytes:
+            raise ShardIntegrityError(f"shard {path}: {st.st_size} bytes but its manifest.json records "
+                                      f"{info.num_bytes}; the shard is truncated or was replaced (rewrite it or "
+                                      "its manifest)")
+        if verify_sha256:
+            got = sha256_file(path)
+            if got != info.sha256:
+                raise ShardIntegrityError(f"shard {path}: sha256 {got} but its manifest.json records {info.sha256} "
+                                          "(data.verify_shards=true); the shard is corrupt or was replaced")
+    _VERIFIED.add(key)
 
 
 # ----------------------------------------------------------------------------- shard patterns
@@ -139,6 +182,7 @@ class ReaderLimits:
     max_member_bytes: int = 1 << 30      # one member
     max_sample_bytes: int = 2 << 30      # all members of one sample
     max_members: int = 4096              # members of one sample (frame sequences can be long)
+    verify_sha256: bool = False          # data.verify_shards: hash each shard against its manifest.json once
 
 
 @dataclass
@@ -192,7 +236,8 @@ class _Group:
 
 
 def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: int = 0,
-                     wanted: set[int] | None = None, every: tuple[int, int] | None = None) -> Iterator[RawSample]:
+                     wanted: set[int] | None = None, every: tuple[int, int] | None = None,
+                     verify: bool = True) -> Iterator[RawSample]:
     """Stream the key groups of one tar in order, as RawSamples with their ordinal ``index``.
 
     Groups before ``start`` (or not in ``wanted``, or with ``index % every[0] != every[1]``) are
@@ -210,6 +255,8 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
     def emit(g: _Group, i: int) -> RawSample:
         return RawSample(path, i, _printable_key(g.key), g.members, g.bad_reason, g.bad_detail)
 
+    if verify:   # off only for tools that report manifest mismatches themselves (data inspect)
+        verify_shard(path, limits.verify_sha256)   # raises ShardIntegrityError: a manifest mismatch is not per-sample
     try:
         tf = tarfile.open(path, mode="r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -264,8 +311,9 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
     except SchemaError as e:
         group.fail("bad_member", str(e))
         return
-    if not ti.isreg():
-        group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r})")
+    if not ti.isreg() or ti.issparse():   # isreg() is True for GNU sparse members, which expand on read
+        group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r}"
+                                 f"{', sparse' if ti.issparse() else ''})")
         return
     if member in group.members:
         group.fail("bad_member", f"{where}: member {ti.name!r} appears twice")

@@ -12,6 +12,7 @@ See ``docs/data_format.md`` for the prose version of this module.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "validate_meta",
     "validate_conv",
     "validate_sample_members",
+    "build_sample_members",
 ]
 
 
@@ -383,3 +385,19 @@ def validate_sample_members(member_names: Iterable[str], meta: Mapping | None = 
             if k in by_kind and k not in meta:
                 raise _fail(where, f"sample has {k}.npy but meta.json has no {k!r} section (space, units)")
     return {k: sorted(v) for k, v in by_kind.items()}
+
+
+def build_sample_members(meta: Mapping, conv: Mapping, media: Mapping[str, bytes], *, where: str = "",
+                         meta_where: str = "meta.json", conv_where: str = "conv.json") -> dict[str, bytes]:
+    """A converter's sample, checked and serialised: ``{meta.json, conv.json, **media}``.
+
+    ``meta`` is validated (and normalised) first, then ``conv`` against the ``media`` member
+    names, then the whole member set. Both JSON members are compact (``conv.json`` keeps
+    non-ASCII text as UTF-8), so the same sample always gives the same bytes (shards are
+    deterministic). ``where`` / ``meta_where`` / ``conv_where`` prefix the error messages."""
+    meta = validate_meta(meta, where=meta_where)
+    validate_conv(conv, media, where=conv_where)
+    members = {META_MEMBER: json.dumps(meta, separators=(",", ":")).encode(),
+               CONV_MEMBER: json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **media}
+    validate_sample_members(members, meta, where=where)
+    return members

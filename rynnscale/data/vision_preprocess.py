@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rynnscale.data.batch import PixelNorm
+from rynnscale.batch import PixelNorm
 
 
 class ImageError(ValueError):

@@ -31,16 +31,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rynnscale.data.schema import IMAGE_EXTENSIONS, validate_conv, validate_meta, validate_sample_members
-from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
+from rynnscale.data.schema import IMAGE_EXTENSIONS, build_sample_members
+from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, run_shard_jobs
-from rynnscale.data_pipelines.tags import TagError, parse_tags
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = ["detect_licence", "natural_key", "list_frames", "FramesConfig", "frame_clips", "convert_frames"]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "What task is being performed in this video?"
 DEFAULT_ANSWER = "{task}"
@@ -255,17 +255,12 @@ def _clip_sample(folder: str, names: list[str], clip: dict, cfg: FramesConfig, k
         {"role": "user", "content": [{"type": "video", "video": frame_names}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]}
-    meta = validate_meta(meta)
-    validate_conv(conv, members)
-    members = {"meta.json": json.dumps(meta, separators=(",", ":")).encode(),
-               "conv.json": json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **members}
-    validate_sample_members(members, meta)
-    return members
+    return build_sample_members(meta, conv, members)
 
 
 def _frames_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the clips of one job -> shard ``index``."""
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: FramesConfig = payload["cfg"]
     with ShardWriter(out_dir, prefix, max_samples=1 << 62, max_bytes=1 << 62, start_index=index,

@@ -30,27 +30,15 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rynnscale.data.schema import (
-    VIDEO_EXTENSIONS,
-    SchemaError,
-    validate_conv,
-    validate_meta,
-    validate_sample_members,
-)
-from rynnscale.data_pipelines.inspect import REPORT_NAME
-from rynnscale.data_pipelines.shards import (
-    ShardJob,
-    ShardWriter,
-    check_dataset_info,
-    completed_shards,
-    run_shard_jobs,
-    shard_name,
-)
-from rynnscale.data_pipelines.tags import TagError, parse_tags
+from rynnscale.data.manifest import completed_shards
+from rynnscale.data.schema import VIDEO_EXTENSIONS, SchemaError, build_sample_members
+from rynnscale.data.tags import TagError, parse_tags
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -62,7 +50,7 @@ __all__ = [
     "convert_jsonl",
 ]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 #: why a jsonl line was skipped (plus the encoder's reasons, e.g. ``too_long``, from the cost hints)
 LINE_REASONS = ("bad_json", "bad_conversation", "unsafe_path", "missing_media", "bad_media", "bad_tags", "too_large")
@@ -141,7 +129,7 @@ class JsonlConfig:
     encoder_cfg: Any = None             # rynnscale.data.encode.EncoderConfig for the hints
 
     def settings(self) -> dict:
-        from rynnscale.data_pipelines.inspect import hint_settings
+        from rynnscale.data_pipelines.shard_stats import hint_settings
 
         d = {k: v for k, v in asdict(self).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")}
         d["media_root"] = os.path.realpath(self.media_root)
@@ -192,25 +180,93 @@ def _check_tags(text: str, where: str) -> None:
         raise BadItem("bad_tags", f"{where}: {e}") from None
 
 
-def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_source: str, key_prefix: str = "jsonl"
-                   ) -> tuple[str, dict[str, bytes]]:
-    """One jsonl line -> (key, members); raises ``BadItem`` naming the line and the reason."""
-    where = f"line {line_no}"
+@dataclass
+class _LineMedia:
+    """The media of one line as it is read, before member names are given.
+
+    Names depend on the whole line (frames are numbered ``f000``... across all items, a lone
+    video is ``video.<ext>`` but several are ``video.v<i>.<ext>``), so each item first gets a
+    placeholder dict that ``_name_media`` fills in once every item has been read."""
+
+    # (placeholder item, None for a frame list | 0 for an image, [(ext, bytes)] per frame)
+    frames: list[tuple[dict, int | None, list[tuple[str, bytes]]]] = field(default_factory=list)
+    videos: list[tuple[dict, bytes, str, Any]] = field(default_factory=list)  # (placeholder item, data, ext, VideoInfo)
+    n_frames: int = 0
+    n_media: int = 0
+
+
+def _parse_line(raw: bytes | str, where: str) -> dict:
+    """The line's JSON object; it must carry a ``conversation`` list."""
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadItem("bad_json", f"{where}: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("conversation"), list):
         raise BadItem("bad_conversation", f"{where}: a line must be an object with a 'conversation' list")
-    ignored = sorted(str(k)[:40] for k in obj if k not in _LINE_KEYS)
-    media_root = cfg.media_root
-    members: dict[str, bytes] = {}
-    frames: list[tuple[dict, int | None, list[str]]] = []   # pending frame members: (item, None|index, names)
-    videos: list[tuple[dict, bytes, str, Any]] = []          # (item, data, ext, VideoInfo)
+    return obj
+
+
+def _read_frame_list(refs: list, cfg: JsonlConfig, iw: str) -> list[tuple[str, bytes]]:
+    """Read and decode every frame of a ``{"type": "video", "video": [PATH, ...]}`` item -> [(ext, bytes)]."""
+    if not refs:
+        raise BadItem("bad_conversation", f"{iw}: empty frame list")
+    frames = []
+    for fi, r in enumerate(refs):
+        data = _read_limited(resolve_under(cfg.media_root, r, f"{iw} frame {fi}"), cfg.max_media_bytes, iw)
+        ext, _ = _image_member(data, cfg, f"{iw} frame {fi} ({r!s:.80})")
+        frames.append((ext, data))
+    return frames
+
+
+def _media_item(typ: str, ref: Any, cfg: JsonlConfig, iw: str, media: _LineMedia) -> dict:
+    """Read and check one image / video file / frame-list item, record its bytes in ``media`` and
+    return the item's placeholder for conv.json (member names are filled in by ``_name_media``)."""
+    if typ == "video" and isinstance(ref, list):
+        frames = _read_frame_list(ref, cfg, iw)
+        new = {"type": "video", "video": []}
+        media.frames.append((new, None, frames))
+        media.n_frames += len(frames)
+        return new
+    path = resolve_under(cfg.media_root, ref, iw)
+    data = _read_limited(path, cfg.max_media_bytes, iw)
+    if typ == "image":
+        ext, _ = _image_member(data, cfg, f"{iw} ({ref!s:.80})")
+        new = {"type": "image", "image": ""}
+        media.frames.append((new, 0, [(ext, data)]))
+        media.n_frames += 1
+        return new
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in VIDEO_EXTENSIONS:
+        raise BadItem("bad_media", f"{iw}: video {ref!s:.80} must end in one of {VIDEO_EXTENSIONS}")
+    info = _video_check(data, cfg, f"{iw} ({ref!s:.80})")
+    new = {"type": "video", "video": ""}
+    media.videos.append((new, data, ext, info))
+    return new
+
+
+def _content_item(item: Any, cfg: JsonlConfig, iw: str, where: str, media: _LineMedia) -> dict:
+    """One ``content`` entry -> its conv.json item: text is tag-checked, media read (at most ``max_media``)."""
+    if not isinstance(item, dict):
+        raise BadItem("bad_conversation", f"{iw}: must be an object")
+    typ = item.get("type")
+    if typ == "text":
+        if not isinstance(item.get("text"), str):
+            raise BadItem("bad_conversation", f"{iw}: text item needs a string 'text'")
+        _check_tags(item["text"], iw)
+        return {"type": "text", "text": item["text"]}
+    if typ not in ("image", "video"):
+        raise BadItem("bad_conversation", f"{iw}: type must be text, image or video, got {typ!r:.40}")
+    media.n_media += 1
+    if media.n_media > cfg.max_media:
+        raise BadItem("too_large", f"{where}: more than max_media={cfg.max_media} media items")
+    return _media_item(typ, item.get(typ), cfg, iw, media)
+
+
+def _read_conversation(conversation: list, cfg: JsonlConfig, where: str) -> tuple[list[dict], _LineMedia]:
+    """The line's turns with every item checked and every media file read, in order of appearance."""
+    media = _LineMedia()
     turns = []
-    n_frames = n_media = 0
-    fps_line = obj.get("fps")
-    for ti, turn in enumerate(obj["conversation"]):
+    for ti, turn in enumerate(conversation):
         tw = f"{where}: conversation[{ti}]"
         if not isinstance(turn, dict):
             raise BadItem("bad_conversation", f"{tw}: must be an object with 'role' and 'content'")
@@ -219,58 +275,21 @@ def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
             raise BadItem("bad_conversation", f"{tw}: content must be a list of items or a string")
-        items = []
-        for ci, item in enumerate(content):
-            iw = f"{tw}.content[{ci}]"
-            if not isinstance(item, dict):
-                raise BadItem("bad_conversation", f"{iw}: must be an object")
-            typ = item.get("type")
-            if typ == "text":
-                if not isinstance(item.get("text"), str):
-                    raise BadItem("bad_conversation", f"{iw}: text item needs a string 'text'")
-                _check_tags(item["text"], iw)
-                items.append({"type": "text", "text": item["text"]})
-                continue
-            if typ not in ("image", "video"):
-                raise BadItem("bad_conversation", f"{iw}: type must be text, image or video, got {typ!r:.40}")
-            n_media += 1
-            if n_media > cfg.max_media:
-                raise BadItem("too_large", f"{where}: more than max_media={cfg.max_media} media items")
-            ref = item.get(typ)
-            if typ == "video" and isinstance(ref, list):
-                if not ref:
-                    raise BadItem("bad_conversation", f"{iw}: empty frame list")
-                names = []
-                for fi, r in enumerate(ref):
-                    data = _read_limited(resolve_under(media_root, r, f"{iw} frame {fi}"), cfg.max_media_bytes, iw)
-                    ext, _ = _image_member(data, cfg, f"{iw} frame {fi} ({r!s:.80})")
-                    names.append((ext, data))
-                new = {"type": "video", "video": []}
-                frames.append((new, None, names))
-                n_frames += len(names)
-            else:
-                path = resolve_under(media_root, ref, iw)
-                data = _read_limited(path, cfg.max_media_bytes, iw)
-                if typ == "image":
-                    ext, _ = _image_member(data, cfg, f"{iw} ({ref!s:.80})")
-                    new = {"type": "image", "image": ""}
-                    frames.append((new, 0, [(ext, data)]))
-                    n_frames += 1
-                else:
-                    ext = path.suffix.lower().lstrip(".")
-                    if ext not in VIDEO_EXTENSIONS:
-                        raise BadItem("bad_media", f"{iw}: video {ref!s:.80} must end in one of {VIDEO_EXTENSIONS}")
-                    info = _video_check(data, cfg, f"{iw} ({ref!s:.80})")
-                    new = {"type": "video", "video": ""}
-                    videos.append((new, data, ext, info))
-            items.append(new)
+        items = [_content_item(item, cfg, f"{tw}.content[{ci}]", where, media) for ci, item in enumerate(content)]
         turns.append({"role": turn.get("role"), "content": items})
-    # member names: frames f000.. in order of appearance, videos video.<ext> or video.v<i>.<ext>
+    return turns, media
+
+
+def _name_media(media: _LineMedia, where: str) -> dict[str, bytes]:
+    """Give the media their member names (frames ``f000``... in order of appearance, then videos)
+    and write the names into the placeholders; -> {member name: bytes}."""
+    n_frames = media.n_frames
     width = max(3, len(str(max(n_frames - 1, 0))))
     if width > 6:
         raise BadItem("too_large", f"{where}: {n_frames} frames, more than the schema's f999999 naming allows")
+    members: dict[str, bytes] = {}
     k = 0
-    for new, single, lst in frames:
+    for new, single, lst in media.frames:
         names = []
         for ext, data in lst:
             name = f"f{k:0{width}d}.{ext}"
@@ -281,11 +300,34 @@ def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_
             new["video"] = names
         else:
             new["image"] = names[0]
-    for vi, (new, data, ext, _) in enumerate(videos):
-        name = f"video.{ext}" if len(videos) == 1 else f"video.v{vi}.{ext}"
+    for vi, (new, data, ext, _) in enumerate(media.videos):
+        name = f"video.{ext}" if len(media.videos) == 1 else f"video.v{vi}.{ext}"
         new["video"] = name
         members[name] = data
-    conv = {"conversation": turns}
+    return members
+
+
+def _line_video_meta(fps_line: Any, media: _LineMedia, cfg: JsonlConfig) -> dict[str, Any]:
+    """meta.json ``video``: the line's fps, else a lone video file's own fps, else ``frames_fps``;
+    a line with exactly one video file (and no frames) also records its size and frame count."""
+    frames, videos = media.frames, media.videos
+    if fps_line is not None:
+        fps = fps_line
+    elif videos and not frames:
+        fps = videos[0][3].fps
+    else:
+        fps = cfg.frames_fps
+    video: dict[str, Any] = {"fps": fps}
+    if len(videos) == 1 and not frames:
+        info = videos[0][3]
+        video.update(num_frames=info.total_frames, width=info.width, height=info.height)
+    return video
+
+
+def _line_meta(obj: dict, line_no: int, cfg: JsonlConfig, default_source: str, media: _LineMedia) -> dict[str, Any]:
+    """meta.json of a line: its own fields, else the run's defaults; the line number, id, free-form
+    ``extra``/``meta`` and the names of unknown fields go under ``extra``."""
+    ignored = sorted(str(k)[:40] for k in obj if k not in _LINE_KEYS)
     meta: dict[str, Any] = {
         "source": obj.get("source") or cfg.source or default_source,
         "licence": obj.get("licence") or obj.get("license") or cfg.licence,
@@ -300,24 +342,22 @@ def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_
         meta["extra"]["line"] = obj.get("extra") or obj.get("meta")
     if ignored:
         meta["extra"]["ignored_fields"] = ignored
-    if frames or videos:
-        if fps_line is not None:
-            fps = fps_line
-        elif videos and not frames:
-            fps = videos[0][3].fps
-        else:
-            fps = cfg.frames_fps
-        video: dict[str, Any] = {"fps": fps}
-        if len(videos) == 1 and not frames:
-            info = videos[0][3]
-            video.update(num_frames=info.total_frames, width=info.width, height=info.height)
-        meta["video"] = video
+    if media.frames or media.videos:
+        meta["video"] = _line_video_meta(obj.get("fps"), media, cfg)
+    return meta
+
+
+def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_source: str, key_prefix: str = "jsonl"
+                   ) -> tuple[str, dict[str, bytes]]:
+    """One jsonl line -> (key, members); raises ``BadItem`` naming the line and the reason."""
+    where = f"line {line_no}"
+    obj = _parse_line(raw, where)
+    turns, media = _read_conversation(obj["conversation"], cfg, where)
+    members = _name_media(media, where)
+    meta = _line_meta(obj, line_no, cfg, default_source, media)
     try:
-        meta = validate_meta(meta, where=f"{where}: meta")
-        validate_conv(conv, members, where=f"{where}: conversation")
-        members = {"meta.json": json.dumps(meta, separators=(",", ":")).encode(),
-                   "conv.json": json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **members}
-        validate_sample_members(members, meta, where=where)
+        members = build_sample_members(meta, {"conversation": turns}, members, where=where,
+                                       meta_where=f"{where}: meta", conv_where=f"{where}: conversation")
     except SchemaError as e:
         raise BadItem("bad_conversation", str(e)) from None
     return f"{key_prefix}-{line_no:09d}", members
@@ -345,7 +385,7 @@ def _read_lines(path: str, offset: int, count: int, max_line_bytes: int):
 def _jsonl_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: lines [first, first + count) -> shard ``index``; returns (ShardInfo|None, job report)."""
     from rynnscale.data.encode import SampleError
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: JsonlConfig = payload["cfg"]
     first, bad, good = payload["first_line"], [], 0
@@ -388,6 +428,97 @@ def _scan(path: Path, lines_per_shard: int) -> tuple[list[tuple[int, int, int]],
     return [tuple(j) for j in jobs], n, h.hexdigest()
 
 
+def _check_jsonl_args(path: Path, media_root: str | os.PathLike, lines_per_shard: int, max_bad_fraction: float,
+                      licence: str) -> None:
+    """Refuse a missing input / media root and out-of-range settings; warn when no licence is given."""
+    if not path.is_file():
+        raise FileNotFoundError(f"jsonl file {path} does not exist")
+    if not Path(media_root).is_dir():
+        raise FileNotFoundError(f"--media-root {media_root} is not a directory")
+    if lines_per_shard < 1:
+        raise ValueError(f"lines_per_shard must be >= 1, got {lines_per_shard}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    if licence == "unknown":
+        log.warning("jsonl %s: no --licence given; lines without a 'licence' field are marked 'unknown'", path)
+
+
+def _old_job_reports(report_path: Path) -> dict:
+    """The per-job entries of an earlier run's report ({} when there is none or it is unreadable)."""
+    if not report_path.is_file():
+        return {}
+    try:
+        return json.loads(report_path.read_text(encoding="utf-8")).get("jobs", {})
+    except (ValueError, OSError, AttributeError):
+        return {}
+
+
+@dataclass
+class _JsonlRun:
+    """Bad-line bookkeeping of one conversion: the per-job results (``str(job index)`` ->
+    {lines, good, bad}), the ``max_bad_fraction`` threshold and the report beside the shards."""
+
+    path: Path
+    out: Path
+    n_lines: int
+    max_bad_fraction: float
+    per_job: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / REPORT_NAME
+
+    @property
+    def allowed_bad(self) -> float:
+        return self.max_bad_fraction * self.n_lines
+
+    def n_bad(self) -> int:
+        return sum(len(r["bad"]) for r in self.per_job.values())
+
+    def write_report(self, final: bool) -> dict:
+        """Write ``convert_report.json`` (totals, bad lines by reason, the first 1000 bad lines) and return it."""
+        bad = Counter()
+        items, good = [], 0
+        for j in sorted(self.per_job, key=int):
+            r = self.per_job[j]
+            good += r["good"]
+            for ln, reason, detail in r["bad"]:
+                bad[reason] += 1
+                if len(items) < 1000:
+                    items.append({"line": ln, "reason": reason, "detail": detail[:500]})
+        rep = {"converter": "jsonl", "input": str(self.path), "complete": final,
+               "totals": {"lines": self.n_lines, "samples": good, "bad_lines": sum(bad.values())},
+               "bad": dict(sorted(bad.items())), "bad_items": items, "jobs": self.per_job}
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.report_path, json.dumps(rep, indent=1).encode())
+        return rep
+
+    def on_result(self, job: ShardJob, res: dict) -> None:
+        """Record a finished job; stop the run (report written) once the bad lines pass the threshold."""
+        self.per_job[str(job.index)] = res
+        for ln, _reason, detail in res["bad"]:
+            log.warning("jsonl %s: skipped %s", self.path.name, detail if detail.startswith("line ") else f"line {ln}: {detail}")
+        n_bad = self.n_bad()
+        if n_bad > self.allowed_bad:
+            self.write_report(False)
+            raise ConvertError(f"{self.path}: {n_bad} of {self.n_lines} lines are bad, more than max_bad_fraction="
+                               f"{self.max_bad_fraction}; see {self.report_path} (shards written so far are kept)")
+
+    def resume(self, jobs: list[ShardJob], prefix: str, old: dict) -> None:
+        """Keep the report entries of shards finished earlier; a finished shard whose entry is lost
+        is redone (its skipped lines must be counted again). Fails if they already pass the threshold."""
+        done = completed_shards(self.out)
+        for jb in jobs:
+            name = shard_name(prefix, jb.index)
+            if name in done and str(jb.index) in old:
+                self.per_job[str(jb.index)] = old[str(jb.index)]
+            elif name in done:
+                (self.out / name).unlink()
+        if self.n_bad() > self.allowed_bad:
+            raise ConvertError(f"{self.path}: more than max_bad_fraction={self.max_bad_fraction} of the lines are bad; "
+                               f"see {self.report_path}")
+
+
 def convert_jsonl(
     jsonl: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -412,74 +543,19 @@ def convert_jsonl(
     lines (raised as soon as that is certain; finished shards stay and a rerun resumes).
     Rerunning into a directory made from another file or with other settings is an error."""
     path = Path(jsonl)
-    if not path.is_file():
-        raise FileNotFoundError(f"jsonl file {path} does not exist")
-    if not Path(media_root).is_dir():
-        raise FileNotFoundError(f"--media-root {media_root} is not a directory")
-    if lines_per_shard < 1:
-        raise ValueError(f"lines_per_shard must be >= 1, got {lines_per_shard}")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    if licence == "unknown":
-        log.warning("jsonl %s: no --licence given; lines without a 'licence' field are marked 'unknown'", path)
+    _check_jsonl_args(path, media_root, lines_per_shard, max_bad_fraction, licence)
     cfg = JsonlConfig(media_root=str(media_root), source=source, licence=licence, frames_fps=float(frames_fps),
                       cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg)
     spans, n_lines, sha = _scan(path, lines_per_shard)
     default_source = f"jsonl/{path.stem}"
     info = {"converter": "rynnscale.data_pipelines.jsonl", "input": str(path.resolve()), "input_sha256": sha,
             "input_lines": n_lines, "lines_per_shard": lines_per_shard, "prefix": prefix, **cfg.settings()}
-    out = Path(out_dir)
-    report_path = out / REPORT_NAME
-    old = {}
-    if report_path.is_file():
-        try:
-            old = json.loads(report_path.read_text(encoding="utf-8")).get("jobs", {})
-        except (ValueError, OSError, AttributeError):
-            old = {}
-    per_job: dict[str, dict] = {}
+    run = _JsonlRun(path, Path(out_dir), n_lines, max_bad_fraction)
+    old = _old_job_reports(run.report_path)
     jobs = [ShardJob(j, {"cfg": cfg, "path": str(path), "first_line": first, "offset": off, "count": cnt,
                          "default_source": default_source}, weight=cnt) for j, (first, off, cnt) in enumerate(spans)]
-    allowed_bad = max_bad_fraction * n_lines
-
-    def write_report(final: bool) -> dict:
-        bad = Counter()
-        items, good = [], 0
-        for j in sorted(per_job, key=int):
-            r = per_job[j]
-            good += r["good"]
-            for ln, reason, detail in r["bad"]:
-                bad[reason] += 1
-                if len(items) < 1000:
-                    items.append({"line": ln, "reason": reason, "detail": detail[:500]})
-        rep = {"converter": "jsonl", "input": str(path), "complete": final,
-               "totals": {"lines": n_lines, "samples": good, "bad_lines": sum(bad.values())},
-               "bad": dict(sorted(bad.items())), "bad_items": items, "jobs": per_job}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(report_path, json.dumps(rep, indent=1).encode())
-        return rep
-
-    def on_result(job: ShardJob, res: dict) -> None:
-        per_job[str(job.index)] = res
-        for ln, _reason, detail in res["bad"]:
-            log.warning("jsonl %s: skipped %s", path.name, detail if detail.startswith("line ") else f"line {ln}: {detail}")
-        n_bad = sum(len(r["bad"]) for r in per_job.values())
-        if n_bad > allowed_bad:
-            write_report(False)
-            raise ConvertError(f"{path}: {n_bad} of {n_lines} lines are bad, more than max_bad_fraction="
-                               f"{max_bad_fraction}; see {report_path} (shards written so far are kept)")
-
-    # resume: shards finished earlier keep their report entries; a finished shard whose entry is
-    # lost is redone (its skipped lines must be counted again)
-    check_dataset_info(out, info)  # before trusting anything in out_dir
-    done = completed_shards(out)
-    for jb in jobs:
-        name = shard_name(prefix, jb.index)
-        if name in done and str(jb.index) in old:
-            per_job[str(jb.index)] = old[str(jb.index)]
-        elif name in done:
-            (out / name).unlink()
-    if sum(len(r["bad"]) for r in per_job.values()) > allowed_bad:
-        raise ConvertError(f"{path}: more than max_bad_fraction={max_bad_fraction} of the lines are bad; see {report_path}")
-    run_shard_jobs(out, jobs, _jsonl_job, info=info, prefix=prefix, workers=workers, progress=progress,
-                   desc=f"jsonl {path.name}", unit="line", on_result=on_result)
-    return write_report(True)
+    check_dataset_info(run.out, info)  # before trusting anything in out_dir
+    run.resume(jobs, prefix, old)
+    run_shard_jobs(run.out, jobs, _jsonl_job, info=info, prefix=prefix, workers=workers, progress=progress,
+                   desc=f"jsonl {path.name}", unit="line", on_result=run.on_result)
+    return run.write_report(True)

@@ -76,16 +76,11 @@ from typing import Any
 
 import numpy as np
 
-from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
+from rynnscale.data.schema import build_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
-from rynnscale.data_pipelines.inspect import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
-from rynnscale.data_pipelines.shards import (
-    ShardJob,
-    ShardWriter,
-    check_dataset_info,
-    run_shard_jobs,
-)
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -107,7 +102,7 @@ __all__ = [
     "convert_lerobot",
 ]
 
-log = logging.getLogger("rynnscale.data_pipelines")
+log = logging.getLogger(__name__)
 
 STATS_NAME = "action_stats.json"
 _EPS = 1e-6
@@ -227,10 +222,8 @@ def _tasks_v3(root: Path) -> dict[int, str]:
     return {_int(i, f"{p}: task_index"): str(s) for i, s in zip(t.column("task_index").to_pylist(), t.column(task_col).to_pylist())}
 
 
-def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes: list[int] | None = None) -> LeRobotMeta:
-    """Parse a LeRobot dataset's metadata; keeps the episodes (of ``episodes``, default all)
-    whose data (and video) files exist. ``video_key`` defaults to the first video feature."""
-    root = Path(root)
+def _read_info(root: Path) -> tuple[dict, str, str, float]:
+    """``meta/info.json`` checked: (info, codebase_version, major "v2" | "v3", fps)."""
     info = _read_json(root / "meta" / "info.json")
     if not isinstance(info, dict):
         raise ConvertError(f"{root / 'meta/info.json'}: expected an object")
@@ -241,6 +234,11 @@ def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes
     fps = info.get("fps")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
         raise ConvertError(f"{root / 'meta/info.json'}: fps must be a positive number, got {fps!r}")
+    return info, version, major, fps
+
+
+def _pick_video_key(root: Path, info: dict, video_key: str | None) -> tuple[str, list[str]]:
+    """(the camera to convert, all video feature keys); ``video_key`` defaults to the first one."""
     feats = info.get("features")
     if not isinstance(feats, dict):
         raise ConvertError(f"{root / 'meta/info.json'}: features must be an object")
@@ -251,43 +249,61 @@ def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes
         video_key = vkeys[0]
     elif video_key not in vkeys:
         raise ConvertError(f"{root}: video key {video_key!r} is not a video feature (have: {vkeys})")
-    allowed = _TEMPLATE_FIELDS[major]
-    eps: list[Episode] = []
-    if major == "v2":
-        chunks = info.get("chunks_size", 1000)
-        tasks = {_int(t.get("task_index"), "meta/tasks.jsonl: task_index"): str(t.get("task", ""))
-                 for t in _read_jsonl(root / "meta" / "tasks.jsonl")}
-        for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
-            idx = _int(e.get("episode_index"), "meta/episodes.jsonl: episode_index")
-            f = {"episode_chunk": idx // chunks, "episode_index": idx, "video_key": video_key}
-            eps.append(Episode(idx, e.get("length"), [str(t) for t in e.get("tasks", [])],
-                               _format_path(info.get("data_path"), f, allowed, "data_path"),
-                               _format_path(info.get("video_path"), f, allowed, "video_path")))
-    else:
-        pq = _pq()
-        tasks = _tasks_v3(root)
-        files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
-        if not files:
-            raise ConvertError(f"{root}: no meta/episodes/chunk-*/file-*.parquet (v3.0 episode metadata)")
-        vp = f"videos/{video_key}/"
-        want = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
-                vp + "chunk_index", vp + "file_index", vp + "from_timestamp", vp + "to_timestamp"]
-        for p in files:
-            names = pq.read_schema(p).names
-            missing = [c for c in want if c not in names]
-            if missing:
-                raise ConvertError(f"{p}: missing columns {missing}")
-            rows = pq.read_table(p, columns=want).to_pylist()
-            for r in rows:
-                idx = _int(r["episode_index"], f"{p}: episode_index")
-                fd = {"chunk_index": _int(r["data/chunk_index"], f"{p}: data/chunk_index"),
-                      "file_index": _int(r["data/file_index"], f"{p}: data/file_index"), "video_key": video_key}
-                fv = {"chunk_index": _int(r[vp + "chunk_index"], f"{p}: {vp}chunk_index"),
-                      "file_index": _int(r[vp + "file_index"], f"{p}: {vp}file_index"), "video_key": video_key}
-                eps.append(Episode(idx, r["length"], [str(t) for t in (r["tasks"] or [])],
-                                   _format_path(info.get("data_path"), fd, allowed, "data_path"),
-                                   _format_path(info.get("video_path"), fv, allowed, "video_path"),
-                                   float(r[vp + "from_timestamp"]), float(r[vp + "to_timestamp"])))
+    return video_key, vkeys
+
+
+def _episodes_v2(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
+    """v2.x: (tasks from ``meta/tasks.jsonl``, episodes from ``meta/episodes.jsonl``), one file per episode."""
+    allowed = _TEMPLATE_FIELDS["v2"]
+    chunks = info.get("chunks_size", 1000)
+    tasks = {_int(t.get("task_index"), "meta/tasks.jsonl: task_index"): str(t.get("task", ""))
+             for t in _read_jsonl(root / "meta" / "tasks.jsonl")}
+    eps = []
+    for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
+        idx = _int(e.get("episode_index"), "meta/episodes.jsonl: episode_index")
+        f = {"episode_chunk": idx // chunks, "episode_index": idx, "video_key": video_key}
+        eps.append(Episode(idx, e.get("length"), [str(t) for t in e.get("tasks", [])],
+                           _format_path(info.get("data_path"), f, allowed, "data_path"),
+                           _format_path(info.get("video_path"), f, allowed, "video_path")))
+    return tasks, eps
+
+
+def _episode_v3(r: dict, p: Path, info: dict, video_key: str) -> Episode:
+    """One row of a v3.0 ``meta/episodes`` parquet ``p`` -> Episode (data / video file and time span)."""
+    allowed, vp = _TEMPLATE_FIELDS["v3"], f"videos/{video_key}/"
+    idx = _int(r["episode_index"], f"{p}: episode_index")
+    fd = {"chunk_index": _int(r["data/chunk_index"], f"{p}: data/chunk_index"),
+          "file_index": _int(r["data/file_index"], f"{p}: data/file_index"), "video_key": video_key}
+    fv = {"chunk_index": _int(r[vp + "chunk_index"], f"{p}: {vp}chunk_index"),
+          "file_index": _int(r[vp + "file_index"], f"{p}: {vp}file_index"), "video_key": video_key}
+    return Episode(idx, r["length"], [str(t) for t in (r["tasks"] or [])],
+                   _format_path(info.get("data_path"), fd, allowed, "data_path"),
+                   _format_path(info.get("video_path"), fv, allowed, "video_path"),
+                   float(r[vp + "from_timestamp"]), float(r[vp + "to_timestamp"]))
+
+
+def _episodes_v3(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
+    """v3.0: (tasks from ``meta/tasks.parquet``, episodes from ``meta/episodes/chunk-*/file-*.parquet``)."""
+    pq = _pq()
+    tasks = _tasks_v3(root)
+    files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not files:
+        raise ConvertError(f"{root}: no meta/episodes/chunk-*/file-*.parquet (v3.0 episode metadata)")
+    vp = f"videos/{video_key}/"
+    want = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+            vp + "chunk_index", vp + "file_index", vp + "from_timestamp", vp + "to_timestamp"]
+    eps = []
+    for p in files:
+        names = pq.read_schema(p).names
+        missing = [c for c in want if c not in names]
+        if missing:
+            raise ConvertError(f"{p}: missing columns {missing}")
+        eps += [_episode_v3(r, p, info, video_key) for r in pq.read_table(p, columns=want).to_pylist()]
+    return tasks, eps
+
+
+def _select_episodes(root: Path, eps: list[Episode], episodes: list[int] | None) -> list[Episode]:
+    """Refuse duplicate episode indices; keep the requested ``episodes`` (all when None), which must be listed."""
     if len({e.index for e in eps}) != len(eps):
         raise ConvertError(f"{root}: an episode index is listed twice in the episode metadata")
     if episodes is not None:
@@ -296,6 +312,11 @@ def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes
         if unknown:
             raise ConvertError(f"{root}: episodes {unknown[:10]} are not in the episode metadata")
         eps = [e for e in eps if e.index in set(episodes)]
+    return eps
+
+
+def _split_present(root: Path, eps: list[Episode]) -> tuple[list[Episode], list[int]]:
+    """(episodes whose data and video files exist, indices of the others), by episode index."""
     present, missing = [], []
     for e in sorted(eps, key=lambda e: e.index):
         w = f"episode {e.index}"
@@ -303,6 +324,18 @@ def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes
             present.append(e)
         else:
             missing.append(e.index)
+    return present, missing
+
+
+def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes: list[int] | None = None) -> LeRobotMeta:
+    """Parse a LeRobot dataset's metadata; keeps the episodes (of ``episodes``, default all)
+    whose data (and video) files exist. ``video_key`` defaults to the first video feature."""
+    root = Path(root)
+    info, version, major, fps = _read_info(root)
+    video_key, vkeys = _pick_video_key(root, info, video_key)
+    tasks, eps = (_episodes_v2 if major == "v2" else _episodes_v3)(root, info, video_key)
+    eps = _select_episodes(root, eps, episodes)
+    present, missing = _split_present(root, eps)
     return LeRobotMeta(root=str(root), version=version, fps=float(fps), robot_type=str(info.get("robot_type") or "unknown"),
                        info=info, tasks=tasks, episodes=present, missing=missing, video_key=video_key, video_keys=vkeys)
 
@@ -610,81 +643,145 @@ def _jpeg(frame_hwc: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dict, key_prefix: str = "lerobot"
-                    ) -> tuple[list[tuple[str, dict[str, bytes]]], dict]:
-    """All clip samples of one episode: ([(key, members)], episode report).
-
-    ``ctx`` holds what the parent computed once: ``stats`` (action statistics), ``dims`` /
-    ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
-    from rynnscale.data.video import VideoError, VideoLimits, decode_frames
-    from rynnscale.data_pipelines.synthetic import encode_video_frames
-
-    where = f"episode {ep.index}"
-    rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
-    ts, act = rows["timestamp"], rows["action"]
-    N = len(ts)
-    limits = VideoLimits()
+def _episode_video(meta: LeRobotMeta, ep: Episode, n_rows: int, limits: Any, where: str
+                   ) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(video file bytes, the episode's frame indices ``vidx`` [N], their times ``vt`` [N]); the
+    frame count must equal the parquet row count ``n_rows`` (and the metadata's length)."""
     data, vinfo = _video(meta, ep, limits)
     vidx, vt = episode_video_frames(vinfo, ep, meta.fps)
-    if len(vidx) != N:
+    if len(vidx) != n_rows:
         raise ConvertError(f"{where}: the video {ep.video_file} has {len(vidx)} frames for this episode but the parquet "
-                           f"has {N} rows (they must match one to one)")
-    if ep.length is not None and int(ep.length) != N:
-        raise ConvertError(f"{where}: the episode metadata says length {ep.length} but the parquet has {N} rows")
+                           f"has {n_rows} rows (they must match one to one)")
+    if ep.length is not None and int(ep.length) != n_rows:
+        raise ConvertError(f"{where}: the episode metadata says length {ep.length} but the parquet has {n_rows} rows")
+    return data, vidx, vt
+
+
+def _align_clip(tau: np.ndarray, vt: np.ndarray, ts: np.ndarray, src_dt: float, tol: float, where: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Wanted times ``tau`` [T] -> (nearest video frames ``j`` [T] into ``vt``, parquet rows ``r`` [T]
+    nearest those frames' times); a frame over half a source frame or a row over ``tol`` away is an error."""
+    j = _nearest(vt, tau)
+    off = np.abs(vt[j] - tau)
+    if np.any(off > 0.5 * src_dt + _EPS):
+        k = int(np.argmax(off))
+        raise ConvertError(f"{where}: no video frame within half a frame of t={tau[k]:.4f} s (nearest at {vt[j[k]]:.4f} s)")
+    t_frames = vt[j]
+    r = _nearest(ts, t_frames)
+    gap = np.abs(ts[r] - t_frames)
+    if np.any(gap > tol + _EPS):
+        k = int(np.argmax(gap))
+        raise ConvertError(f"{where}: no parquet row within tolerance_s={tol:.4g} of the frame at t={t_frames[k]:.4f} s "
+                           f"(nearest row {int(r[k])} at timestamp {ts[r[k]]:.4f} s)")
+    return j, r
+
+
+def _pick_clips(meta: LeRobotMeta, cfg: LeRobotConfig, ts: np.ndarray, vt: np.ndarray, where: str
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Plan the episode's clips and align each one: per clip (frame ``j`` [T] into vidx, row ``r`` [T])."""
     src_dt = 1.0 / meta.fps
     tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 * src_dt
     stride = cfg.stride_seconds or cfg.clip_seconds
     clips = plan_clips(ts[-1] - ts[0] + src_dt, float(ts[0]), cfg.clip_seconds, stride, cfg.fps)
-    picked = []  # per clip: (frame j [T] into vidx, row r [T])
-    for tau in clips:
-        j = _nearest(vt, tau)
-        off = np.abs(vt[j] - tau)
-        if np.any(off > 0.5 * src_dt + _EPS):
-            k = int(np.argmax(off))
-            raise ConvertError(f"{where}: no video frame within half a frame of t={tau[k]:.4f} s (nearest at {vt[j[k]]:.4f} s)")
-        t_frames = vt[j]
-        r = _nearest(ts, t_frames)
-        gap = np.abs(ts[r] - t_frames)
-        if np.any(gap > tol + _EPS):
-            k = int(np.argmax(gap))
-            raise ConvertError(f"{where}: no parquet row within tolerance_s={tol:.4g} of the frame at t={t_frames[k]:.4f} s "
-                               f"(nearest row {int(r[k])} at timestamp {ts[r[k]]:.4f} s)")
-        picked.append((j, r))
+    return [_align_clip(tau, vt, ts, src_dt, tol, where) for tau in clips]
+
+
+def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str
+                   ) -> tuple[np.ndarray, dict[int, int]]:
+    """Decode each video frame some clip samples, once: (frames [F, H, W, 3], file frame index -> row in it)."""
+    from rynnscale.data.video import VideoError, decode_frames
+
     need = np.unique(np.concatenate([vidx[j] for j, _ in picked]))
     try:
         dv = decode_frames(data, indices=need, limits=limits)
     except VideoError as e:
         raise ConvertError(f"{where}: video {ep.video_file}: {e}") from None
-    pos = {int(g): i for i, g in enumerate(need)}
-    stats, show = ctx["stats"], ctx["show"]
-    std = np.asarray(stats["std"], np.float64)
-    task_of = lambda r0: meta.tasks.get(int(rows["task_index"][r0])) if "task_index" in rows else None  # noqa: E731
-    samples = []
-    for k, (j, r) in enumerate(picked):
-        frames = _resize(dv.frames_thwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
-        T, H, W, _ = frames.shape
+    return dv.frames_thwc, {int(g): i for i, g in enumerate(need)}
+
+
+@dataclass
+class _EpisodeClips:
+    """What every clip sample of one episode is built from: the dataset, the episode, the settings,
+    the parent's ``ctx`` (see ``episode_samples``), the episode's parquet ``rows`` (sorted by time)
+    and its video frames (indices ``vidx`` [N] into the file, times ``vt`` [N] on the episode clock)."""
+
+    meta: LeRobotMeta
+    ep: Episode
+    cfg: LeRobotConfig
+    ctx: dict
+    rows: dict[str, np.ndarray]
+    vidx: np.ndarray
+    vt: np.ndarray
+
+    def sample(self, k: int, j: np.ndarray, r: np.ndarray, frames_thwc: np.ndarray, key_prefix: str
+               ) -> tuple[str, dict[str, bytes]]:
+        """Clip ``k`` (video frames ``j`` [T], rows ``r`` [T], its frames resized) -> (key, members)."""
+        cfg, ep = self.cfg, self.ep
+        T = frames_thwc.shape[0]
         key = f"{key_prefix}-e{ep.index:06d}-c{k:04d}"
-        members: dict[str, bytes] = {}
-        if cfg.media == "video":
-            vid, vname = encode_video_frames(frames, cfg.fps, cfg.codec)
-            members[vname] = vid
-            media_ref: Any = vname
-        else:
-            media_ref = [f"f{i:03d}.jpg" for i in range(T)]
-            for i, name in enumerate(media_ref):
-                members[name] = _jpeg(frames[i], cfg.jpeg_quality)
-        a = act[r]
-        task = task_of(int(r[0])) or (ep.tasks[0] if ep.tasks else "")
+        members, media_ref = self._media(frames_thwc)
+        actions_td = self.rows["action"][r]
+        task = self._task(int(r[0]))
         t_clip = [i / cfg.fps for i in range(T)]
+        question = self._question(task, T)
+        answer = self._answer(actions_td)
+        meta_json = self._meta_json(k, j, r, task, frames_thwc.shape, t_clip)
+        members["action.npy"] = _npy(actions_td.astype(np.float32))
+        members["action_ts.npy"] = _npy(np.asarray(t_clip, np.float64))
+        if cfg.state_key:
+            members["state.npy"] = _npy(self.rows["state"][r].astype(np.float32))
+        conv = {"conversation": [
+            {"role": "user", "content": [{"type": "video", "video": media_ref}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]}
+        where = f"episode {ep.index} clip {k}"
+        return key, build_sample_members(meta_json, conv, members, where=where,
+                                         meta_where=f"{where}: meta.json", conv_where=f"{where}: conv.json")
+
+    def _media(self, frames_thwc: np.ndarray) -> tuple[dict[str, bytes], Any]:
+        """The clip's frames [T, H, W, 3] as ``video.mp4`` (re-encoded at ``fps``) or ``f000.jpg``...;
+        -> (members, what conv.json's video item names)."""
+        from rynnscale.data_pipelines.synthetic import encode_video_frames
+
+        cfg = self.cfg
+        if cfg.media == "video":
+            vid, vname = encode_video_frames(frames_thwc, cfg.fps, cfg.codec)
+            return {vname: vid}, vname
+        names = [f"f{i:03d}.jpg" for i in range(frames_thwc.shape[0])]
+        return {name: _jpeg(frames_thwc[i], cfg.jpeg_quality) for i, name in enumerate(names)}, names
+
+    def _task(self, r0: int) -> str:
+        """The task of the clip's first row (``task_index``), else the episode's first task, else ""."""
+        rows, ep = self.rows, self.ep
+        task = self.meta.tasks.get(int(rows["task_index"][r0])) if "task_index" in rows else None
+        return task or (ep.tasks[0] if ep.tasks else "")
+
+    def _question(self, task: str, T: int) -> str:
+        """The user's text: the ``question`` template filled with the clip's task, fps, duration, ..."""
+        cfg = self.cfg
         values = {"task": task, "fps": cfg.fps, "duration_s": round(T / cfg.fps, 3), "num_frames": T,
-                  "robot": meta.robot_type}
+                  "robot": self.meta.robot_type}
         try:
-            question = cfg.question.format(**values)
+            return cfg.question.format(**values)
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"question template {cfg.question!r}: {e} (placeholders: {sorted(values)})") from None
-        answer = describe_actions(a, ctx["dims"], ctx["units"], cfg.fps, std, show, cfg.decimals)
+
+    def _answer(self, actions_td: np.ndarray) -> str:
+        """The assistant's text for the clip's actions [T, D], with the action-bin block when asked for."""
+        cfg, ctx = self.cfg, self.ctx
+        stats = ctx["stats"]
+        std = np.asarray(stats["std"], np.float64)
+        answer = describe_actions(actions_td, ctx["dims"], ctx["units"], cfg.fps, std, ctx["show"], cfg.decimals)
         if cfg.action_bins:
-            answer += "\nAction bins:\n" + format_action_bins(action_to_bins(a, stats), cfg.action_bins)
+            answer += "\nAction bins:\n" + format_action_bins(action_to_bins(actions_td, stats), cfg.action_bins)
+        return answer
+
+    def _meta_json(self, k: int, j: np.ndarray, r: np.ndarray, task: str, shape_thwc: tuple, t_clip: list[float]) -> dict:
+        """meta.json of clip ``k``: provenance, the sampled frames' indices and clip-clock times, the
+        action (and state) description; source times and rows go under ``extra``."""
+        meta, ep, cfg, ctx, vt = self.meta, self.ep, self.cfg, self.ctx, self.vt
+        T, H, W, _ = shape_thwc
+        ts = self.rows["timestamp"]
         meta_json = {
             "source": ctx["source"],
             "licence": ctx["licence"],
@@ -699,24 +796,34 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
                 "lerobot_version": meta.version, "video_key": meta.video_key, "clip_index": k, "source_fps": meta.fps,
                 "source_timestamps": [round(float(x), 6) for x in vt[j]],
                 "rows": [int(x) for x in r], "row_timestamps": [round(float(x), 6) for x in ts[r]],
-                "episode_rows": N, "episode_video_frames": int(len(vidx)), "tasks": ep.tasks,
+                "episode_rows": len(ts), "episode_video_frames": int(len(self.vidx)), "tasks": ep.tasks,
             },
         }
-        members["action.npy"] = _npy(a.astype(np.float32))
-        members["action_ts.npy"] = _npy(np.asarray(t_clip, np.float64))
         if cfg.state_key:
-            members["state.npy"] = _npy(rows["state"][r].astype(np.float32))
             meta_json["state"] = {"space": cfg.state_key, "units": ctx["state_units"], "dims": ctx["state_dims"]}
-        conv = {"conversation": [
-            {"role": "user", "content": [{"type": "video", "video": media_ref}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]}
-        meta_json = validate_meta(meta_json, where=f"{where} clip {k}: meta.json")
-        validate_conv(conv, members, where=f"{where} clip {k}: conv.json")
-        members = {"meta.json": json.dumps(meta_json, separators=(",", ":")).encode(),
-                   "conv.json": json.dumps(conv, separators=(",", ":"), ensure_ascii=False).encode(), **members}
-        validate_sample_members(members, meta_json, where=f"{where} clip {k}")
-        samples.append((key, members))
+        return meta_json
+
+
+def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dict, key_prefix: str = "lerobot"
+                    ) -> tuple[list[tuple[str, dict[str, bytes]]], dict]:
+    """All clip samples of one episode: ([(key, members)], episode report).
+
+    ``ctx`` holds what the parent computed once: ``stats`` (action statistics), ``dims`` /
+    ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
+    from rynnscale.data.video import VideoLimits
+
+    where = f"episode {ep.index}"
+    rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+    N = len(rows["timestamp"])
+    limits = VideoLimits()
+    data, vidx, vt = _episode_video(meta, ep, N, limits, where)
+    picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
+    frames_fhwc, pos = _decode_picked(data, vidx, picked, limits, ep, where)
+    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt)
+    samples = []
+    for k, (j, r) in enumerate(picked):
+        frames_thwc = _resize(frames_fhwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
+        samples.append(clips.sample(k, j, r, frames_thwc, key_prefix))
     return samples, {"episode": ep.index, "rows": N, "video_frames": int(len(vidx)), "clips": len(samples),
                      "frames_sampled": sum(len(j) for j, _ in picked)}
 
@@ -724,7 +831,7 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
 def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports])."""
     from rynnscale.data.encode import SampleError
-    from rynnscale.data_pipelines.inspect import cost_hints
+    from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: LeRobotConfig = payload["cfg"]
     reports = []
@@ -756,6 +863,117 @@ def _units_of(info: dict, key: str, override: str | None) -> str | list[str]:
     return "unknown"
 
 
+def _episode_warnings(root: Path, meta: LeRobotMeta) -> list[str]:
+    """Warnings (also logged) about listed episodes without files; no episode with files is an error."""
+    warnings = []
+    if meta.missing:
+        warnings.append(f"{len(meta.missing)} of {len(meta.missing) + len(meta.episodes)} episodes listed in {root}/meta "
+                        f"have no data/video files and are skipped: {meta.missing[:20]}{' ...' if len(meta.missing) > 20 else ''}")
+        log.warning(warnings[-1])
+    if not meta.episodes:
+        raise ConvertError(f"{root}: none of the listed episodes has its files")
+    return warnings
+
+
+def _licence_and_source(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, warnings: list[str]) -> tuple[str, str]:
+    """(licence: the option, else detected, else "unknown" with a warning; source: the option, else lerobot/<folder>)."""
+    licence, found = (cfg.licence, "option") if cfg.licence else detect_licence(root, info=meta.info)
+    if found is None:
+        warnings.append(f"{root}: no licence in info.json, README front matter or LICENSE; marked 'unknown'")
+        log.warning(warnings[-1])
+    return licence, cfg.source or f"lerobot/{root.resolve().name}"
+
+
+def _answer_dims(cfg: LeRobotConfig, dims: list[str], D: int, std: np.ndarray) -> list[int]:
+    """Indices of the per-step answer dims: ``answer_dims`` (names or indices), else the
+    ``answer_top_k`` dims with the largest dataset std, in dim order."""
+    if cfg.answer_dims is None:
+        return sorted(int(i) for i in np.argsort(-std, kind="stable")[: cfg.answer_top_k])
+    show = []
+    for name in cfg.answer_dims:
+        if name in dims:
+            show.append(dims.index(name))
+        elif str(name).isdigit() and int(name) < D:
+            show.append(int(name))
+        else:
+            raise ValueError(f"answer_dims: {name!r} is neither a dim name of {cfg.action_key} ({dims[:6]}...) nor an index < {D}")
+    return show
+
+
+def _dataset_context(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, licence: str, source: str) -> dict:
+    """The ``ctx`` every episode's samples share: dataset-wide action statistics (bins, answer dims)
+    from every row of the converted episodes, dim names / units, source and licence."""
+    tables = [read_episode_table(meta, ep, cfg.action_key, cfg.state_key) for ep in meta.episodes]
+    D = tables[0]["action"].shape[1]
+    if any(t["action"].shape[1] != D for t in tables):
+        raise ConvertError(f"{root}: episodes have different action sizes")
+    dims = _dim_names(meta.info, cfg.action_key, D)
+    units = _units_of(meta.info, cfg.action_key, cfg.action_units)
+    if isinstance(units, list) and len(units) != D:
+        raise ConvertError(f"{root}: {cfg.action_key} has {D} dims but {len(units)} units")
+    stats = compute_action_stats([t["action"] for t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
+    show = _answer_dims(cfg, dims, D, np.asarray(stats["std"]))
+    ctx = {"stats": stats, "dims": dims, "units": units, "show": show, "source": source, "licence": licence}
+    if cfg.state_key:
+        S = tables[0]["state"].shape[1]
+        ctx["state_dims"] = _dim_names(meta.info, cfg.state_key, S)
+        ctx["state_units"] = _units_of(meta.info, cfg.state_key, None)
+    return ctx
+
+
+def _lerobot_info(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, stats_json: bytes,
+                  episodes_per_shard: int, prefix: str) -> dict:
+    """The manifest ``info`` of the run: input, episodes, resolved defaults and every setting (a
+    rerun with any of them changed is refused)."""
+    return {"converter": "rynnscale.data_pipelines.lerobot", "input": str(root.resolve()), "lerobot_version": meta.version,
+            "episodes": [e.index for e in meta.episodes], "episodes_per_shard": episodes_per_shard, "prefix": prefix,
+            "source_used": ctx["source"], "licence_used": ctx["licence"], "answer_dims_used": [ctx["dims"][i] for i in ctx["show"]],
+            "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
+            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")},
+            "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
+
+
+def _episode_jobs(meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, episodes_per_shard: int) -> list[ShardJob]:
+    """One job (one shard) per ``episodes_per_shard`` consecutive episodes."""
+    jobs = []
+    for j in range(0, len(meta.episodes), episodes_per_shard):
+        chunk = meta.episodes[j:j + episodes_per_shard]
+        jobs.append(ShardJob(j // episodes_per_shard, {"cfg": cfg, "meta": meta, "episodes": chunk, "ctx": ctx},
+                             weight=len(chunk)))
+    return jobs
+
+
+def _episode_reports(out: Path, results: dict, skipped: list[int], jobs: list[ShardJob]) -> list[dict]:
+    """Per-episode reports by episode index: this run's, plus (from the old report) those of
+    shards finished in an earlier run."""
+    eps = [rep for res in results.values() for rep in res]
+    old = {}
+    if (out / REPORT_NAME).is_file():
+        try:
+            old = {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            old = {}
+    by_ep = {int(e["episode"]): e for e in eps}
+    for j in skipped:
+        for ep in jobs[j].payload["episodes"]:
+            if ep.index in old:
+                by_ep[ep.index] = old[ep.index]
+    return [by_ep[k] for k in sorted(by_ep)]
+
+
+def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[str], episodes_rep: list[dict]) -> dict:
+    """``convert_report.json``: totals over the episodes, skipped samples counted by reason, the episode reports."""
+    bad: dict[str, int] = {}
+    for e in episodes_rep:
+        for _, reason, _ in e.get("skipped", []):
+            bad[reason] = bad.get(reason, 0) + 1
+    return {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
+            "totals": {"episodes": len(meta.episodes), "episodes_missing": len(meta.missing),
+                       "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
+                       "samples": sum(e["clips"] - len(e.get("skipped", [])) for e in episodes_rep)},
+            "bad": bad, "episodes": episodes_rep}
+
+
 def convert_lerobot(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -778,59 +996,13 @@ def convert_lerobot(
         raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
     root = Path(src)
     meta = read_lerobot(root, cfg.video_key, episodes)
-    warnings = []
-    if meta.missing:
-        warnings.append(f"{len(meta.missing)} of {len(meta.missing) + len(meta.episodes)} episodes listed in {root}/meta "
-                        f"have no data/video files and are skipped: {meta.missing[:20]}{' ...' if len(meta.missing) > 20 else ''}")
-        log.warning(warnings[-1])
-    if not meta.episodes:
-        raise ConvertError(f"{root}: none of the listed episodes has its files")
-    licence, found = (cfg.licence, "option") if cfg.licence else detect_licence(root, info=meta.info)
-    if found is None:
-        warnings.append(f"{root}: no licence in info.json, README front matter or LICENSE; marked 'unknown'")
-        log.warning(warnings[-1])
-    source = cfg.source or f"lerobot/{root.resolve().name}"
-    # dataset-wide action statistics (bins, answer dims), from every row of the converted episodes
-    tables = [read_episode_table(meta, ep, cfg.action_key, cfg.state_key) for ep in meta.episodes]
-    D = tables[0]["action"].shape[1]
-    if any(t["action"].shape[1] != D for t in tables):
-        raise ConvertError(f"{root}: episodes have different action sizes")
-    dims = _dim_names(meta.info, cfg.action_key, D)
-    units = _units_of(meta.info, cfg.action_key, cfg.action_units)
-    if isinstance(units, list) and len(units) != D:
-        raise ConvertError(f"{root}: {cfg.action_key} has {D} dims but {len(units)} units")
-    stats = compute_action_stats([t["action"] for t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
-    std = np.asarray(stats["std"])
-    if cfg.answer_dims is not None:
-        show = []
-        for name in cfg.answer_dims:
-            if name in dims:
-                show.append(dims.index(name))
-            elif str(name).isdigit() and int(name) < D:
-                show.append(int(name))
-            else:
-                raise ValueError(f"answer_dims: {name!r} is neither a dim name of {cfg.action_key} ({dims[:6]}...) nor an index < {D}")
-    else:
-        show = sorted(int(i) for i in np.argsort(-std, kind="stable")[: cfg.answer_top_k])
-    ctx = {"stats": stats, "dims": dims, "units": units, "show": show, "source": source, "licence": licence}
-    if cfg.state_key:
-        S = tables[0]["state"].shape[1]
-        ctx["state_dims"] = _dim_names(meta.info, cfg.state_key, S)
-        ctx["state_units"] = _units_of(meta.info, cfg.state_key, None)
-    stats_json = json.dumps(stats, indent=1).encode()
-
-    info = {"converter": "rynnscale.data_pipelines.lerobot", "input": str(root.resolve()), "lerobot_version": meta.version,
-            "episodes": [e.index for e in meta.episodes], "episodes_per_shard": episodes_per_shard, "prefix": prefix,
-            "source_used": source, "licence_used": licence, "answer_dims_used": [dims[i] for i in show],
-            "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
-            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")},
-            "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
+    warnings = _episode_warnings(root, meta)
+    licence, source = _licence_and_source(root, meta, cfg, warnings)
+    ctx = _dataset_context(root, meta, cfg, licence, source)
+    stats_json = json.dumps(ctx["stats"], indent=1).encode()
+    info = _lerobot_info(root, meta, cfg, ctx, stats_json, episodes_per_shard, prefix)
     out = Path(out_dir)
-    jobs = []
-    for j in range(0, len(meta.episodes), episodes_per_shard):
-        chunk = meta.episodes[j:j + episodes_per_shard]
-        jobs.append(ShardJob(j // episodes_per_shard, {"cfg": cfg, "meta": meta, "episodes": chunk, "ctx": ctx},
-                             weight=len(chunk)))
+    jobs = _episode_jobs(meta, cfg, ctx, episodes_per_shard)
     check_dataset_info(out, info)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / STATS_NAME, stats_json)
@@ -839,27 +1011,6 @@ def convert_lerobot(
                                           progress=progress, desc=f"lerobot {root.name}", unit="episode")
     finally:
         _VIDEO_CACHE.clear()
-    eps = [rep for res in results.values() for rep in res]
-    old = {}
-    if (out / REPORT_NAME).is_file():
-        try:
-            old = {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
-            old = {}
-    by_ep = {int(e["episode"]): e for e in eps}
-    for j in skipped:  # shards finished in an earlier run keep their episode reports
-        for ep in jobs[j].payload["episodes"]:
-            if ep.index in old:
-                by_ep[ep.index] = old[ep.index]
-    episodes_rep = [by_ep[k] for k in sorted(by_ep)]
-    bad: dict[str, int] = {}
-    for e in episodes_rep:
-        for _, reason, _ in e.get("skipped", []):
-            bad[reason] = bad.get(reason, 0) + 1
-    rep = {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
-           "totals": {"episodes": len(meta.episodes), "episodes_missing": len(meta.missing),
-                      "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
-                      "samples": sum(e["clips"] - len(e.get("skipped", [])) for e in episodes_rep)},
-           "bad": bad, "episodes": episodes_rep}
+    rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(out, results, skipped, jobs))
     atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
     return rep

@@ -36,24 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
+from rynnscale.data.manifest import MANIFEST_NAME, ShardInfo, completed_shards, read_manifest
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
-from rynnscale.data_pipelines.shards import (
-    MANIFEST_NAME,
-    ShardInfo,
-    ShardWriter,
-    completed_shards,
-    read_manifest,
-    remove_stale_temp_files,
-    shard_name,
-    update_manifest,
-)
-from rynnscale.data_pipelines.tags import (
+from rynnscale.data.tags import (
     box_pixel_to_norm,
     format_affordance,
     format_object,
     format_traj,
     pixel_to_norm,
 )
+from rynnscale.data_pipelines.shards import ShardWriter, remove_stale_temp_files, shard_name, update_manifest
 
 __all__ = [
     "GENERATOR_VERSION",

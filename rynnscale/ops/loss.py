@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from rynnscale.batch import IGNORE_INDEX
 from rynnscale.ops import fused
-
-IGNORE_INDEX = -100
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn as nn
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 
 def compile_blocks(model: nn.Module, *, fullgraph: bool = False) -> int:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from rynnscale.parallel.mesh import Meshes
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rynnscale.models.qwen3_vl.moe import GroupedExperts, SparseMoeBlock, inverse_permutation
+from rynnscale.ops.permute import inverse_permutation
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,19 +75,20 @@ class ExpertParallelDispatcher:
         return all_to_all(y_recv_sh, send_splits, recv_splits, self.group)
 
 
-def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
-    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
-
-
 @torch.no_grad()
-def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
-    """Keep experts ``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of the 3-D expert weights (in place).
+def shard_experts(experts: nn.Module, ep_rank: int, ep_size: int,
+                  param_names: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> None:
+    """Keep experts ``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` of the 3-D expert weights ``param_names``
+    (dim 0 = expert) of an experts module that has ``num_experts`` (in place).
 
-    Works on meta parameters too (a sharded build applies EP before any storage exists)."""
-    E = experts.num_experts_total if hasattr(experts, "num_experts_total") else experts.num_experts
+    Records ``num_experts_total``, ``expert_offset`` and ``ep_param_names`` on the module (read by
+    ``expert_shards``). Works on meta parameters too (a sharded build applies EP before any storage)."""
+    E = getattr(experts, "num_experts_total", experts.num_experts)
+    if E % ep_size:
+        raise ValueError(f"num_experts={E} is not divisible by parallel.ep={ep_size}")
     n = E // ep_size
     lo = ep_rank * n
-    for name in ("gate_up_proj", "down_proj"):
+    for name in param_names:
         full = getattr(experts, name)
         if full.shape[0] != E:
             raise ValueError(f"experts.{name} has {full.shape[0]} experts, expected all {E} before EP sharding")
@@ -95,6 +96,7 @@ def shard_experts(experts: GroupedExperts, ep_rank: int, ep_size: int) -> None:
     experts.num_experts_total = E
     experts.num_experts = n
     experts.expert_offset = lo
+    experts.ep_param_names = tuple(param_names)
 
 
 def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -103,20 +105,9 @@ def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
     of the full ``[E_total, ...]`` tensor. Empty without EP."""
     out = {}
     for name, module in model.named_modules():
-        if getattr(module, "expert_offset", None) is None or getattr(module, "num_experts_total", None) is None:
+        names = getattr(module, "ep_param_names", None)
+        if not names:
             continue
-        for p in ("gate_up_proj", "down_proj"):
+        for p in names:
             out[f"{name}.{p}"] = (int(module.expert_offset), int(module.num_experts_total))
     return out
-
-
-def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, ep_size: int, ep_rank: int) -> int:
-    """Split every MoE layer's experts over the EP group and route its tokens through the all-to-all.
-    Returns the number of MoE layers converted."""
-    blocks = moe_blocks(model)
-    for block in blocks:
-        if block.num_experts % ep_size:
-            raise ValueError(f"num_experts={block.num_experts} is not divisible by parallel.ep={ep_size}")
-        shard_experts(block.experts, ep_rank, ep_size)
-        block.ep_dispatcher = ExpertParallelDispatcher(ep_group, ep_size, block.num_experts)
-    return len(blocks)

@@ -1,18 +1,14 @@
-"""Apply expert parallelism, activation checkpointing and FSDP2 to a Qwen3-VL model, in that order.
+"""FSDP2 mechanisms every model's parallel plan uses (the Qwen3-VL plan, which decides WHAT is wrapped,
+is ``rynnscale.models.qwen3_vl.parallelize``):
 
-FSDP2 units (``fully_shard``), innermost first:
-- each MoE layer's ``mlp.experts`` on the expert mesh ``[dp_replicate,] edp_shard`` (after EP kept this
-  rank's E/ep experts): their gradients are reduced over those ranks only;
-- each decoder layer and each vision block on the dense mesh ``[dp_replicate,] dp_shard``;
-- ``lm_head`` when it is not tied to the embedding (a tied head stays with the embedding in the root);
-- the root (embedding, vision patch embed / mergers, final norm, tied head), NOT resharded after
-  forward, because ``model.loss_sum`` (the head) is called after the root's forward has returned.
-Gradients are SUMMED, not averaged, over data-parallel ranks (``set_gradient_divide_factor(1)``): the
-training step already divides the loss by the global target-token count of the step, so the sum of the
-ranks' gradients is the gradient of the global-batch loss.
-
-Mixed precision (GPU): bf16 parameters for compute, fp32 gradient reduction, fp32 sharded master weights
-(the optimiser sees the fp32 shards). CPU: fp32 throughout.
+- ``mixed_precision_policy``: bf16 parameters for compute with fp32 gradient reduction and fp32 sharded
+  master weights on GPU (the optimiser sees the fp32 shards); fp32 throughout on CPU.
+- ``sum_gradient_reduction``: gradients are SUMMED, not averaged, over data-parallel ranks: the training
+  step already divides the loss by the global target-token count of the step, so the sum of the ranks'
+  gradients is the gradient of the global-batch loss.
+- ``gather_full_state_dict``: the whole model on every rank (tests, small models).
+- ``local_pieces`` / ``init_sharded_weights``: where this rank's shard sits in each full tensor, and a
+  sharded random init bitwise equal to the single-process one.
 """
 
 from __future__ import annotations
@@ -23,14 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
-from rynnscale.parallel.checkpointing import apply_activation_checkpointing
-from rynnscale.parallel.compile import compile_blocks
-from rynnscale.parallel.expert_parallel import apply_expert_parallel, expert_shards, moe_blocks
+from rynnscale.parallel.expert_parallel import expert_shards
+from rynnscale.parallel.fqn import clean_fqn
 from rynnscale.parallel.mesh import Meshes
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 
 def mixed_precision_policy(device: torch.device, dtype_name: str) -> MixedPrecisionPolicy:
@@ -41,48 +36,12 @@ def mixed_precision_policy(device: torch.device, dtype_name: str) -> MixedPrecis
     return MixedPrecisionPolicy()
 
 
-def parallelize_model(model: nn.Module, meshes: Meshes, *, dtype_name: str = "auto",
-                      ac_mode: str = "none", ac_every: int = 1, reshard_after_forward: bool = True,
-                      compile: bool = False) -> nn.Module:
-    """EP -> activation checkpointing -> (``compile``: torch.compile per block) -> FSDP2 on the model, in
-    place. Returns it (now an ``FSDPModule``).
-
-    On a META model (the distributed build, ``rynnscale.models.build.build_sharded_model``) nothing is
-    allocated: EP slices the meta expert weights, FSDP2 makes meta DTensor shards; then
-    ``model.to_empty(device=...)`` allocates only this rank's shards and ``init_sharded_weights`` /
-    ``load_hf_weights`` fill them. On a materialised (CPU or device) model FSDP2 moves the shards to the
-    mesh's device. A tied ``lm_head`` stays one parameter of the root (FSDP2 keeps the alias)."""
-    layout = meshes.layout
-    device = torch.device(meshes.dense.device_type)
-    if layout.ep > 1:
-        n = apply_expert_parallel(model, meshes.ep_group, layout.ep, meshes.ep_rank)
-        log.info("expert parallel: %d MoE layers, %d experts per rank", n,
-                 moe_blocks(model)[0].experts.num_experts if n else 0)
-    apply_activation_checkpointing(model, ac_mode, every=ac_every)
-    if compile:
-        compile_blocks(model)
-    mp = mixed_precision_policy(device, dtype_name)
-    kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for block in moe_blocks(model):
-        fully_shard(block.experts, mesh=meshes.expert, **kw)
-    for blocks in model.activation_checkpoint_targets():
-        for block in blocks:
-            fully_shard(block, mesh=meshes.dense, **kw)
-    if model.lm_head.weight is not model.model.language_model.embed_tokens.weight:
-        fully_shard(model.lm_head, mesh=meshes.dense, **kw)
-    # the root stays unsharded from forward to backward: the loss head (``model.loss_sum`` ->
-    # ``lm_head``) runs AFTER the root's forward, and a tied head's weight is a root parameter
-    fully_shard(model, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=False)
+def sum_gradient_reduction(model: nn.Module) -> None:
+    """Every FSDP unit of ``model`` reduces gradients as a plain SUM (no 1/N; gloo has no PREMUL_SUM)."""
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-    model.always_run_vision = True
-    return model
-
-
-def is_expert_param(name: str) -> bool:
-    return name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+            m.set_force_sum_reduction_for_comms(True)
 
 
 @torch.no_grad()
@@ -95,10 +54,11 @@ def gather_full_state_dict(model: nn.Module, meshes: Meshes | None) -> dict[str,
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    split = {clean_fqn(n) for n in expert_shards(model)} if meshes is not None and meshes.ep is not None else set()
     out = {}
     for name, value in model.state_dict().items():
         t = value.full_tensor() if isinstance(value, DTensor) else value
-        if meshes is not None and meshes.ep is not None and is_expert_param(name):
+        if name in split:
             parts = [torch.empty_like(t) for _ in range(meshes.layout.ep)]
             dist.all_gather(parts, t.contiguous(), group=meshes.ep_group)
             t = torch.cat(parts, dim=0)
@@ -173,7 +133,8 @@ def local_pieces(model: nn.Module) -> dict[str, LocalPiece]:
 
 
 @torch.no_grad()
-def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02,
+                         select: Callable[[str], bool] | None = None) -> None:
     """``model.init_weights(seed, std)`` for a sharded (FSDP2 / EP) model with storage (after
     ``to_empty``): every FULL tensor is generated on the shard's device with the same draws in the same
     order as the single-process init, this rank keeps its piece, and the full tensor is dropped before
@@ -187,4 +148,4 @@ def init_sharded_weights(model: nn.Module, seed: int, std: float = 0.02) -> None
         init(full)
         piece.local.copy_(piece.of(full))
 
-    model.init_weights(seed, std, fill=fill)
+    model.init_weights(seed, std, fill=fill, select=select)

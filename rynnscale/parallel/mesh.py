@@ -1,5 +1,5 @@
-"""Parallel layout and device meshes: ``dp_replicate x dp_shard`` for dense parameters, with expert
-parallelism (EP) carved out of ``dp_shard``.
+"""Device meshes of a ``ParallelLayout`` (``rynnscale.parallel.layout``: the rules): ``dp_replicate x
+dp_shard`` for dense parameters, with expert parallelism (EP) carved out of ``dp_shard``.
 
 Every rank is a data-parallel rank (EP ranks hold different data), so ``world = dp_replicate x dp_shard``
 and ``ep`` must divide ``dp_shard``. The ranks of one replica are laid out as ``[edp_shard, ep]`` with
@@ -22,57 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from rynnscale.parallel.layout import LayoutError, ParallelLayout
 
-class LayoutError(ValueError):
-    """An impossible ``parallel.*`` layout for this world size / model."""
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Resolved sizes of the mesh axes (``dp_shard`` never -1 here)."""
-
-    world_size: int
-    dp_replicate: int
-    dp_shard: int
-    ep: int
-
-    @property
-    def edp_shard(self) -> int:
-        """FSDP degree of the expert parameters (data-parallel ranks left inside ``dp_shard`` after EP)."""
-        return self.dp_shard // self.ep
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel world: every rank (EP ranks see different data)."""
-        return self.world_size
-
-    @classmethod
-    def resolve(cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1,
-                num_experts: int = 0) -> ParallelLayout:
-        """Check ``parallel.{dp_replicate, dp_shard, ep}`` against the world size and the model;
-        ``dp_shard=-1`` takes all remaining ranks. Raises ``LayoutError`` naming the keys."""
-        where = f"(world size {world_size}: parallel.dp_replicate={dp_replicate}, parallel.dp_shard={dp_shard}, " \
-                f"parallel.ep={ep})"
-        if world_size < 1:
-            raise LayoutError(f"world size must be >= 1, got {world_size}")
-        if dp_replicate < 1 or ep < 1 or (dp_shard < 1 and dp_shard != -1):
-            raise LayoutError(f"parallel sizes must be >= 1 (dp_shard may be -1) {where}")
-        if world_size % dp_replicate:
-            raise LayoutError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size} {where}")
-        if dp_shard == -1:
-            dp_shard = world_size // dp_replicate
-        if dp_replicate * dp_shard != world_size:
-            raise LayoutError(f"parallel.dp_replicate x parallel.dp_shard = {dp_replicate * dp_shard} must equal the "
-                              f"world size {world_size} {where}")
-        if dp_shard % ep:
-            raise LayoutError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (EP is carved out of the "
-                              f"FSDP ranks) {where}")
-        if ep > 1:
-            if num_experts <= 0:
-                raise LayoutError(f"parallel.ep={ep} needs an MoE model, but the model has no experts {where}")
-            if num_experts % ep:
-                raise LayoutError(f"num_experts={num_experts} is not divisible by parallel.ep={ep} {where}")
-        return cls(world_size, dp_replicate, dp_shard, ep)
+__all__ = ["LayoutError", "Meshes", "ParallelLayout", "build_meshes", "device_type_of"]
 
 
 @dataclass

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from rynnscale.plan.model_stats import ParamStats, build_meta_model, param_stats
+from rynnscale.config.model_args import resolve_model_args
 from rynnscale.plan.planner import (
     Cluster,
-    Layout,
     Plan,
     PlanError,
     Profile,
@@ -18,37 +16,19 @@ from rynnscale.plan.planner import (
     make_plan,
     resolve_layout,
 )
-
-
-def recipe_arch(cfg: Any) -> tuple[Any, str]:
-    """(Qwen3VLArgs, description) of a recipe's model: init_from's config.json if it is on this
-    machine, else ``model.preset``, else the inline ``model.arch``."""
-    from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-    from rynnscale.models.qwen3_vl.presets import preset_config
-
-    m = cfg.model
-    if m.init_from is not None and (Path(m.init_from) / "config.json").is_file():
-        from rynnscale.checkpoint.hf import read_hf_config
-
-        return read_hf_config(m.init_from)[0], f"{m.init_from}/config.json"
-    if m.preset is not None:
-        return Qwen3VLArgs.from_hf_config(preset_config(m.preset), strict=True, where=f"preset {m.preset}"), \
-            f"preset {m.preset}"
-    if m.arch is not None:
-        return Qwen3VLArgs.from_hf_config(dict(m.arch), strict=True, where="model.arch"), "inline model.arch"
-    raise PlanError(f"model.init_from={m.init_from!r} has no config.json on this machine and no 'model.preset' "
-                    "names its architecture; set model.preset (see rynnscale/models/qwen3_vl/presets.py)")
+from rynnscale.train.build import build_model
+from rynnscale.train.model_stats import ParamStats, param_stats
 
 
 def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, profile: str = "gpu",
                 doc_tokens: int = 0) -> Plan:
-    """Plan a loaded RootConfig on ``cluster`` (default: the recipe's ``plan`` section)."""
-    args, where = recipe_arch(cfg)
+    """Plan a loaded RootConfig on ``cluster`` (default: the recipe's ``plan`` section). The model is the
+    one training would build (``rynnscale.train.build``), on the meta device."""
+    where = resolve_model_args(cfg.model, check_paths=False).source
     pc = cfg.plan
     c = cluster or Cluster(pc.nodes, pc.gpus_per_node, pc.gpu_mem_gib, pc.peak_tflops, pc.mfu, pc.nvlink_gbps,
                            pc.ib_gbps)
-    model = build_meta_model(args, list(cfg.model.freeze), cfg.model.activation_checkpointing,
-                             cfg.model.activation_checkpointing_every)
+    args, model = build_model(cfg.model, meta=True)
     st = param_stats(model, list(cfg.optim.groups), cfg.optim.weight_decay)
     lay = resolve_layout(c.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.ep,
                          args.text.num_experts)
@@ -59,6 +39,5 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, p
     return make_plan(recipe, where, args, st, lay, w, c, Profile.named(profile))
 
 
-__all__ = ["Cluster", "Layout", "ParamStats", "Plan", "PlanError", "Profile", "Workload", "build_meta_model",
-           "estimate_memory", "format_plan", "make_plan", "param_stats", "plan_recipe", "recipe_arch",
-           "resolve_layout"]
+__all__ = ["Cluster", "ParamStats", "Plan", "PlanError", "Profile", "Workload", "estimate_memory", "format_plan",
+           "make_plan", "param_stats", "plan_recipe", "resolve_layout"]

@@ -62,7 +62,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: int = 0):
     """One packed row of ``docs`` equal-length samples, every token labelled (worst case for the loss);
     with ``image_patches`` > 0 the first sample starts with one image of that many patches."""
-    from rynnscale.data.batch import EncodedSample
+    from rynnscale.batch import IGNORE_INDEX, EncodedSample
     from rynnscale.data.packing import build_packed_batch
 
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +85,7 @@ def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: 
             grid = torch.tensor([[1, side, side]])
             pix = torch.randn(image_patches, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, generator=g)
         labels = ids.clone()
-        labels[0] = -100
+        labels[0] = IGNORE_INDEX
         samples.append(EncodedSample(f"s{i}", ids, labels, pos, pix, grid))
     return build_packed_batch(samples)
 
@@ -95,23 +95,20 @@ def measure_train_step(arch: dict[str, Any], *, tokens: int, docs: int = 2, imag
                        steps: int = 2, freeze: list[str] | None = None, weight_decay: float = 0.0,
                        seed: int = 0) -> dict[str, Any]:
     """Peak live tensor bytes of ``steps`` CPU fp32 training steps of the model ``arch`` (config.json dict)."""
-    from rynnscale.config.schema import OptimConfig
+    from rynnscale.config.schema import ModelConfig, OptimConfig
     from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-    from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-    from rynnscale.parallel.checkpointing import apply_activation_checkpointing
-    from rynnscale.train.optim import build_optimizer, freeze_parameters
+    from rynnscale.train.build import build_model
+    from rynnscale.train.optim import build_optimizer
 
     torch.manual_seed(seed)
     args = Qwen3VLArgs.from_hf_config(arch, strict=True, where="arch")
     batch = synthetic_batch(args, tokens, docs, image_patches, seed)
     mode = LiveTensorBytes()
     phases: dict[str, int] = {}
+    mc = ModelConfig(arch=arch, attn_backend="loop", activation_checkpointing=checkpointing,
+                     activation_checkpointing_every=every, freeze=list(freeze or []))
     with mode:
-        model = Qwen3VLForConditionalGeneration(args, attn_backend="loop")
-        model.init_weights(seed)
-        apply_activation_checkpointing(model, checkpointing, every=every)
-        if freeze:
-            freeze_parameters(model, freeze)
+        _, model = build_model(mc, "cpu", seed)  # the training build path, inside the count
         model.train()
         opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=weight_decay))
         phases["model"] = mode.live

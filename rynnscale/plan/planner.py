@@ -1,6 +1,7 @@
 """``rynnscale plan``: per-GPU memory, communication and step time of a recipe on a cluster, on paper.
 
-Everything is derived from the recipe: the model is built on the meta device (``model_stats``), the
+Everything is derived from the recipe: the model is built on the meta device by the training build path
+(``rynnscale.train.build``, counted by ``rynnscale.train.model_stats``), the
 layout comes from ``parallel.*`` and the cluster from ``plan.*`` / command-line flags. Numbers are
 estimates with stated assumptions; ``tests/plan`` checks the memory model against the measured peak
 of real CPU training steps of tiny models (within 15%).
@@ -36,7 +37,8 @@ from typing import Any
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.ops.attention import varlen_takes_gqa
-from rynnscale.plan.model_stats import ParamStats
+from rynnscale.parallel.layout import LayoutError, ParallelLayout
+from rynnscale.train.model_stats import ParamStats
 
 GIB = 1024 ** 3
 
@@ -100,30 +102,12 @@ class Workload:
     every: int = 2
 
 
-@dataclass
-class Layout:
-    world: int
-    dp_replicate: int
-    dp_shard: int
-    ep: int
-
-    @property
-    def edp_shard(self) -> int:
-        return self.dp_shard // self.ep
-
-
-def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int) -> Layout:
-    """``parallel.*`` on ``world`` GPUs (same rules as rynnscale.parallel: EP carved out of dp_shard)."""
-    if world % dp_replicate:
-        raise PlanError(f"parallel.dp_replicate={dp_replicate} does not divide the {world} GPUs")
-    shard = world // dp_replicate if dp_shard == -1 else dp_shard
-    if dp_replicate * shard != world:
-        raise PlanError(f"parallel.dp_replicate={dp_replicate} x parallel.dp_shard={shard} != {world} GPUs")
-    if shard % ep:
-        raise PlanError(f"parallel.ep={ep} must divide parallel.dp_shard={shard}")
-    if ep > 1 and (num_experts == 0 or num_experts % ep):
-        raise PlanError(f"parallel.ep={ep} needs a MoE model whose num_experts ({num_experts}) it divides")
-    return Layout(world, dp_replicate, shard, ep)
+def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int) -> ParallelLayout:
+    """``parallel.*`` on ``world`` GPUs, by the launch's own rules (``rynnscale.parallel.layout``)."""
+    try:
+        return ParallelLayout.resolve(world, dp_replicate, dp_shard, ep, num_experts)
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- activations per token
@@ -246,7 +230,7 @@ class Plan:
         return asdict(self)
 
 
-def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: Layout, w: Workload, p: Profile,
+def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, p: Profile,
                     cluster: Cluster | None = None) -> MemoryBreakdown:
     """Per-GPU memory of one training step (see the module docstring for the model)."""
     t, v = args.text, args.vision
@@ -347,7 +331,7 @@ def _layer_backward_workspace(t: TextArgs, moe: bool, T: int, doc: int, p: Profi
     return max(mlp, attn)
 
 
-def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: Layout, w: Workload, c: Cluster) -> Comm:
+def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster) -> Comm:
     """Per-GPU bytes per optimiser step. FSDP2 all-gathers bf16 parameters in forward and again in
     backward (reshard after forward) and reduce-scatters fp32 gradients, once per micro-batch; a ring
     collective moves (n-1)/n of the buffer per GPU. HSDP all-reduces the shard's gradients over
@@ -389,7 +373,7 @@ def model_flops_per_step(args: Qwen3VLArgs, st: ParamStats, w: Workload) -> floa
     return f * w.grad_accum
 
 
-def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, lay: Layout, w: Workload,
+def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload,
               c: Cluster, p: Profile) -> Plan:
     mem = estimate_memory(args, st, lay, w, p, c)
     comm = estimate_comm(args, st, lay, w, c)
@@ -403,7 +387,7 @@ def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, l
         recipe=recipe, model=model_name,
         params={"total": st.total, "active": st.active, "text_total": st.text_total, "text_active": st.text_active,
                 "vision": st.vision_total, "experts": st.expert_total, "trainable": st.trainable, "frozen": st.frozen},
-        cluster=asdict(c), layout=asdict(lay) | {"edp_shard": lay.edp_shard}, workload=asdict(w), profile=p.name,
+        cluster=asdict(c), layout={"world": lay.world_size, **lay.as_dict(), "edp_shard": lay.edp_shard}, workload=asdict(w), profile=p.name,
         memory=mem, comm=comm, flops_per_step=flops, compute_s=compute_s, step_s=step_s,
         tokens_per_s_per_gpu=w.micro_batch_tokens * w.grad_accum / step_s, fits=fits,
         assumptions=[
@@ -519,5 +503,5 @@ def format_plan(pl: Plan) -> str:
 
 
 
-__all__ = ["Cluster", "Layout", "Plan", "PlanError", "Profile", "Workload", "estimate_comm", "estimate_memory",
+__all__ = ["Cluster", "Plan", "PlanError", "Profile", "Workload", "estimate_comm", "estimate_memory",
            "format_plan", "make_plan", "model_flops_per_step", "resolve_layout"]

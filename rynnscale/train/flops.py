@@ -1,7 +1,7 @@
 """Model FLOPs of one training step (forward + backward, recomputation NOT counted) for a packed batch.
 
 Used for model TFLOP/s and MFU (bench/train_step.py, metrics). Parameter counts come from
-``rynnscale.plan.model_stats.param_stats`` (the same module tree the trainer builds); only the
+``rynnscale.train.model_stats.param_stats`` (the same module tree the trainer builds); only the
 weights that take part in a matmul count. Per part (T tokens, P vision patches):
 
 - ``text_linear``    = 6 * N_lin * T. N_lin per token = every decoder layer's parameters minus its
@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.plan.model_stats import ParamStats
+from rynnscale.train.model_stats import ParamStats
 
 
 @dataclass(frozen=True)

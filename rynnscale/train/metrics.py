@@ -11,7 +11,7 @@ from typing import Any
 
 from rynnscale.config.schema import RootConfig
 
-log = logging.getLogger("rynnscale")
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -25,20 +25,11 @@ from typing import Any
 import torch
 
 from rynnscale.config.schema import OptimConfig
-
-# Prefixes inserted into named_parameters() by wrappers (activation checkpointing, torch.compile).
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def canonical_name(name: str) -> str:
-    """Parameter name as in the HF state dict (wrapper prefixes removed)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from rynnscale.parallel.fqn import clean_fqn
 
 
 def _named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(canonical_name(n), p) for n, p in model.named_parameters()]
+    return [(clean_fqn(n), p) for n, p in model.named_parameters()]
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str], key: str = "model.freeze") -> int:

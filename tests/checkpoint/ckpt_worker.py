@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from rynnscale.batch import PackedBatch  # noqa: E402
 from rynnscale.checkpoint import dcp as ckpt_dcp  # noqa: E402
 from rynnscale.checkpoint.dcp import CheckpointManager  # noqa: E402
-from rynnscale.data.batch import PackedBatch  # noqa: E402
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs  # noqa: E402
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration  # noqa: E402
 

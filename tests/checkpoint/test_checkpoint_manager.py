@@ -23,14 +23,12 @@ from rynnscale.checkpoint.dcp import (
     CheckpointError,
     CheckpointManager,
     SafeLoadPlanner,
-    capture_rng_state,
     find_resume_checkpoint,
-    install_preemption_handler,
     list_checkpoints,
     load_checkpoint,
-    preemption_requested,
-    restore_rng_state,
 )
+from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
+from rynnscale.checkpoint.rng import capture_rng_state, restore_rng_state
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def text_logits_ours(model, ids_2l: torch.Tensor) -> torch.Tensor:
-    from rynnscale.data.batch import PackedBatch
+    from rynnscale.batch import PackedBatch
 
     n = ids_2l.shape[1]
     pos = torch.arange(n).repeat(2)

@@ -121,7 +121,7 @@ def text_logits(model, seed: int = 3) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(model, transformers.PreTrainedModel):
             return model(input_ids=input_ids, use_cache=False).logits
-        from rynnscale.data.batch import PackedBatch
+        from rynnscale.batch import PackedBatch
 
         pos_l = torch.arange(11).repeat(2)  # text-only MRoPE: t = h = w, restarting per sample
         batch = PackedBatch(input_ids_l=input_ids.flatten(), labels_l=torch.full((22,), -100),

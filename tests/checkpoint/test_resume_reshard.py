@@ -24,8 +24,7 @@ def _optim_cfg():
     return OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1)
 
 
-def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_fsdp_wrapped_module.", "")
+EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")  # split over EP by expert (dim 0)
 
 
 def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
@@ -33,9 +32,8 @@ def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from rynnscale.parallel.fsdp import is_expert_param
     t = t.full_tensor() if isinstance(t, DTensor) else t
-    if meshes is not None and meshes.ep is not None and is_expert_param(name):
+    if meshes is not None and meshes.ep is not None and name.endswith(EXPERT_WEIGHTS):
         parts = [torch.empty_like(t) for _ in range(meshes.layout.ep)]
         dist.all_gather(parts, t.contiguous(), group=meshes.ep_group)
         t = torch.cat(parts)
@@ -44,9 +42,11 @@ def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
 
 def full_state(model, opt, meshes) -> dict[str, torch.Tensor]:
     """Every parameter and every optimiser moment of the whole model, keyed ``param:NAME`` / ``KIND:NAME``."""
+    from rynnscale.parallel.fqn import clean_fqn
+
     out = {}
     for name, p in model.named_parameters():
-        name = _clean(name)
+        name = clean_fqn(name)
         out[f"param:{name}"] = _full(p, name, meshes)
         for kind, v in opt.state.get(p, {}).items():
             out[f"{kind}:{name}"] = _full(v, name, meshes) if v.dim() else v.detach().clone()
@@ -55,8 +55,8 @@ def full_state(model, opt, meshes) -> dict[str, torch.Tensor]:
 
 def _build(rank: int, world: int, ep: int):
     from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
+    from rynnscale.models.qwen3_vl.parallelize import parallelize
     from rynnscale.parallel.distributed import DistContext
-    from rynnscale.parallel.fsdp import parallelize_model
     from rynnscale.parallel.mesh import ParallelLayout, build_meshes
     from rynnscale.train.optim import build_optimizer, build_scheduler
 
@@ -66,8 +66,7 @@ def _build(rank: int, world: int, ep: int):
     if world > 1:
         layout = ParallelLayout.resolve(world, 1, -1, ep, args.text.num_experts)
         ctx.meshes = build_meshes(layout, "cpu")
-        parallelize_model(model, ctx.meshes, dtype_name="float32")
-        model.counts_reducer = ctx.counts_reducer
+        parallelize(model, ctx.meshes, dtype_name="float32")
     opt = build_optimizer(model, _optim_cfg())
     sched = build_scheduler(opt, _optim_cfg(), 10)
     return model, opt, sched, ctx, ExpertCheckpointLayout.for_model(model, ctx.meshes)
@@ -75,7 +74,7 @@ def _build(rank: int, world: int, ep: int):
 
 def save_worker(rank: int, world: int, out: str, ep: int) -> dict:
     from rynnscale.checkpoint.dcp import CheckpointManager
-    from rynnscale.train.trainer import train_step
+    from rynnscale.train.step import train_step
 
     torch.manual_seed(0)
     model, opt, sched, ctx, adapter = _build(rank, world, ep)

@@ -56,7 +56,7 @@ def test_typo_names_key_and_suggests(recipe):
     ("optim.warmup_steps=-1", r"optim\.warmup_steps"),
     ("model.arch.text_config.hidden_sze=3", r"hidden_sze"),
     ("model.arch.text_config.num_key_value_heads=3", r"num_key_value_heads"),
-    ("model.init_from=/nonexistent", r"exactly one of 'model.init_from'"),
+    ("model.init_from=/nonexistent", r"'model\.init_from' = '/nonexistent': no config\.json there"),
     ("checkpoint.resume=/no/such/ckpt", r"checkpoint\.resume"),
 ])
 def test_invalid_values_fail_naming_key(recipe, override, pattern):
@@ -92,3 +92,15 @@ def test_cli_typo_fails_fast_naming_key(recipe):
 def test_demo_recipe_is_valid():
     cfg = load_config(REPO / "recipes" / "demo_tiny.yaml")
     assert cfg.model.arch is not None and cfg.data.synthetic.num_samples > 0
+
+
+def test_command_line_init_from_replaces_the_recipe_arch(tmp_path):
+    """``rynnscale train demo.yaml model.init_from=DIR`` fine-tunes DIR (the recipe's inline arch yields);
+    in a recipe file, two architecture sources are still an error."""
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    cfg = load_config(recipe, ["model.init_from=/somewhere"], check_paths=False)
+    assert cfg.model.init_from == "/somewhere" and cfg.model.arch is None
+    both = tmp_path / "both.yaml"
+    both.write_text(f"extends: {recipe}\nmodel:\n  init_from: /somewhere\n")
+    with pytest.raises(ConfigError, match="exactly one of 'model.init_from'"):
+        load_config(both, check_paths=False)

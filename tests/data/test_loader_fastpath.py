@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.data.encode import SampleEncoder
 from rynnscale.data.loader import LoaderConfig, TrainLoader, _expand_sources, _pixel_buffer, _WorkerPipeline
 from rynnscale.data.packing import build_packed_batch

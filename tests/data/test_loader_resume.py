@@ -14,8 +14,8 @@ import torch
 import webdataset as wds
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from rynnscale.batch import EncodedSample, PackedBatch
 from rynnscale.data.balance import CostModel, imbalance
-from rynnscale.data.batch import EncodedSample, PackedBatch
 from rynnscale.data.encode import SampleError
 from rynnscale.data.loader import BadDataError, LoaderConfig, LoaderStateError, TrainLoader
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
+from rynnscale.batch import EncodedSample
 from rynnscale.data.balance import CostModel, imbalance
-from rynnscale.data.batch import EncodedSample
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from shared_data import SHARED_DATA
 
+from rynnscale.data.manifest import completed_shards, read_manifest
+from rynnscale.data.tags import parse_tags
 from rynnscale.data_pipelines.frames import convert_frames, detect_licence, frame_clips, list_frames, natural_key
-from rynnscale.data_pipelines.shards import completed_shards, read_manifest
-from rynnscale.data_pipelines.tags import parse_tags
 
 SHARED = SHARED_DATA
 NAV = SHARED / "rynnbrain_frames" / "navigation"

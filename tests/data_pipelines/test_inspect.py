@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rynnscale.data_pipelines.inspect import REPORT_NAME, format_histogram, format_report, histogram, inspect_shards
-from rynnscale.data_pipelines.shards import ShardWriter, read_manifest
+from rynnscale.data.manifest import read_manifest
+from rynnscale.data_pipelines.shard_stats import REPORT_NAME, format_histogram, format_report, histogram, inspect_shards
+from rynnscale.data_pipelines.shards import ShardWriter
 from rynnscale.data_pipelines.synthetic import generate_synthetic, synthetic_sample
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from shared_data import SHARED_DATA
 
+from rynnscale.data.manifest import completed_shards, read_manifest
+from rynnscale.data.tags import parse_tags
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, convert_jsonl, resolve_under
-from rynnscale.data_pipelines.shards import completed_shards, read_manifest
 from rynnscale.data_pipelines.synthetic import synthetic_sample
-from rynnscale.data_pipelines.tags import parse_tags
 
 SHARED = SHARED_DATA
 NAV = SHARED / "rynnbrain_frames" / "navigation"

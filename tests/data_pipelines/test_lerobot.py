@@ -23,6 +23,7 @@ pa = pytest.importorskip("pyarrow", reason="LeRobot parquet needs pyarrow: pip i
 pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
+from rynnscale.data.manifest import MANIFEST_NAME, completed_shards, read_manifest  # noqa: E402
 from rynnscale.data_pipelines.jsonl import ConvertError  # noqa: E402
 from rynnscale.data_pipelines.lerobot import (  # noqa: E402
     STATS_NAME,
@@ -31,7 +32,6 @@ from rynnscale.data_pipelines.lerobot import (  # noqa: E402
     parse_action_bins,
     plan_clips,
 )
-from rynnscale.data_pipelines.shards import MANIFEST_NAME, completed_shards, read_manifest  # noqa: E402
 
 SHARED = SHARED_DATA
 G1 = SHARED / "lerobot_g1_subset"

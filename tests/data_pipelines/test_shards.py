@@ -15,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from rynnscale.data.manifest import MANIFEST_NAME, ManifestError, ShardInfo, completed_shards, read_manifest
 from rynnscale.data.schema import (
     SchemaError,
     member_kind,
@@ -26,12 +27,7 @@ from rynnscale.data.schema import (
     validate_sample_members,
 )
 from rynnscale.data_pipelines.shards import (
-    MANIFEST_NAME,
-    ManifestError,
-    ShardInfo,
     ShardWriter,
-    completed_shards,
-    read_manifest,
     remove_stale_temp_files,
     shard_name,
     update_manifest,

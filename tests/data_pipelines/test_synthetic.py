@@ -14,10 +14,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from rynnscale.data.manifest import MANIFEST_NAME, completed_shards, read_manifest
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
-from rynnscale.data_pipelines.shards import MANIFEST_NAME, completed_shards, read_manifest
+from rynnscale.data.tags import norm_to_pixel, parse_tags
 from rynnscale.data_pipelines.synthetic import PALETTE, generate_synthetic, pick_video_codec, synthetic_sample
-from rynnscale.data_pipelines.tags import norm_to_pixel, parse_tags
 
 W, H, T = 64, 64, 4
 COLOR_TOL = 40  # max |decoded - rendered| per channel at an object's centre (measured worst: 18 with libx264 crf 16)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rynnscale.data_pipelines.tags import (
+from rynnscale.data.tags import (
     Grounding,
     TagError,
     box_pixel_to_norm,

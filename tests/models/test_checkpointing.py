@@ -11,7 +11,7 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_text_parity import make_samples, pack, tiny_args  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
 from rynnscale.parallel.compile import compile_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.models.qwen3_vl.mrope import mrope_position_ids

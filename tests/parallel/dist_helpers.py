@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.parallel.fsdp import is_expert_param
 
 IMG, VID, VS, VE = 250, 251, 252, 253
 PATCH_DIM = 3 * 2 * 4 * 4  # C * temporal_patch * ps * ps
@@ -114,56 +113,28 @@ def run_ranks(fn, world: int, tmp_path: Path, **kwargs) -> list:
 
 
 # ------------------------------------------------------------------ full gradients and norm-relative checks
-# wrapper segments that ``named_parameters()`` carries and ``state_dict()`` keys / an unwrapped model do not
-WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def plain_name(name: str) -> str:
-    for seg in WRAPPER_SEGMENTS:
-        name = name.replace(seg, "")
-    return name
-
-
-def _rows_in_full(g: torch.Tensor, key: str, meshes) -> tuple[int, int, int]:
-    """Rows ``[lo, hi)`` of dim 0 of the FULL tensor (unsharded, all experts) held by this rank's local
-    piece of ``g``, and the full tensor's row count. FSDP2 placements are Replicate / Shard(0) (torch.chunk
-    sizes: ceil-sized pieces, the last ranks may get fewer or none); EP ranks hold consecutive experts."""
-    from torch.distributed.tensor import DTensor
-
-    assert g.dim() > 0, f"{key}: 0-dim parameters are not supported"
-    rows = g.shape[0]  # the global shape for a DTensor
-    lo, hi = 0, rows
-    if isinstance(g, DTensor):
-        for d, placement in enumerate(g.placements):
-            if placement.is_replicate():
-                continue
-            assert placement.is_shard(dim=0), f"{key}: placement {placement} (only Replicate / Shard(0))"
-            n, k, r = hi - lo, g.device_mesh.size(d), g.device_mesh.get_local_rank(d)
-            chunk = -(-n // k)
-            lo, hi = lo + min(r * chunk, n), lo + min((r + 1) * chunk, n)
-        assert hi - lo == g.to_local().shape[0], f"{key}: rows [{lo}, {hi}) vs local {tuple(g.to_local().shape)}"
-    if meshes is not None and meshes.ep is not None and is_expert_param(key):
-        offset = meshes.ep.get_local_rank() * rows
-        lo, hi, rows = lo + offset, hi + offset, rows * meshes.layout.ep
-    return lo, hi, rows
-
-
 @torch.no_grad()
-def local_grad_pieces(model: torch.nn.Module, meshes=None) -> dict[str, tuple | None]:
+def local_grad_pieces(model: torch.nn.Module) -> dict[str, tuple | None]:
     """This rank's piece of every parameter's gradient: plain name -> ``(local tensor (CPU copy), lo, hi,
-    full_rows)`` (see ``_rows_in_full``), None where a parameter has no gradient. No collectives (a
-    gloo collective per tensor per step costs more than the tiny model's step on a busy CPU): the
-    pieces of all ranks are put together by ``assemble_full``. ``meshes=None``: one process, whole tensors."""
+    full_rows)``: rows ``[lo, hi)`` of the FULL tensor (unsharded, all experts), as the library's
+    ``local_pieces`` places the parameter itself (FSDP2 Shard(0) rows, EP expert offset); None where a
+    parameter has no gradient. No collectives (a gloo collective per tensor per step costs more than the
+    tiny model's step on a busy CPU): ``assemble_full`` puts the pieces of all ranks together."""
     from torch.distributed.tensor import DTensor
 
+    from rynnscale.parallel.fqn import clean_fqn
+    from rynnscale.parallel.fsdp import local_pieces
+
+    where = local_pieces(model)
     out = {}
     for name, p in model.named_parameters():
-        key, g = plain_name(name), p.grad
+        key, g = clean_fqn(name), p.grad
         if g is None:
             out[key] = None
             continue
         local = g.to_local() if isinstance(g, DTensor) else g
-        out[key] = (local.detach().cpu().clone(), *_rows_in_full(g, key, meshes))
+        piece = where[name]
+        out[key] = (local.detach().cpu().clone(), piece.lo, piece.hi, piece.full_shape[0] if piece.full_shape else 1)
     return out
 
 
@@ -197,12 +168,12 @@ class GradRecordingOptimizer:
     pieces (``local_grad_pieces``, i.e. after accumulation, reduction and clipping) to ``self.grads``,
     then steps the real optimiser. Full tensors: ``assemble_full`` over the ranks' ``grads[step]``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, meshes=None):
-        self.optimizer, self.model, self.meshes = optimizer, model, meshes
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module):
+        self.optimizer, self.model = optimizer, model
         self.grads: list[dict[str, tuple | None]] = []
 
     def step(self) -> None:
-        self.grads.append(local_grad_pieces(self.model, self.meshes))
+        self.grads.append(local_grad_pieces(self.model))
         self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

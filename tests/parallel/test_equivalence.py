@@ -42,7 +42,8 @@ from dist_helpers import (  # noqa: E402
     tiny_moe_args,
 )
 
-from rynnscale.train.trainer import train_step  # noqa: E402
+from rynnscale.parallel.distributed import DistContext  # noqa: E402
+from rynnscale.train.step import train_step  # noqa: E402
 
 WORLD, STEPS, MICRO = 4, 3, 2
 MAX_NORM, LR = 0.5, 0.05
@@ -71,8 +72,9 @@ def _optimizer(model):
 
 
 def equivalence_worker(rank: int, world: int, configs: dict) -> dict:
+    from rynnscale.models.qwen3_vl.parallelize import parallelize
     from rynnscale.parallel.distributed import DistContext
-    from rynnscale.parallel.fsdp import gather_full_state_dict, parallelize_model
+    from rynnscale.parallel.fsdp import gather_full_state_dict
     from rynnscale.parallel.mesh import ParallelLayout, build_meshes
 
     results = {}
@@ -83,9 +85,8 @@ def equivalence_worker(rank: int, world: int, configs: dict) -> dict:
         layout = ParallelLayout.resolve(world, rep, shard, ep, args.text.num_experts)
         ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
                           meshes=build_meshes(layout, "cpu"))
-        parallelize_model(model, ctx.meshes, dtype_name="float32", ac_mode=ac, ac_every=2)
-        model.counts_reducer = ctx.counts_reducer
-        opt = GradRecordingOptimizer(_optimizer(model), model, ctx.meshes)
+        parallelize(model, ctx.meshes, dtype_name="float32", ac_mode=ac, ac_every=2)
+        opt = GradRecordingOptimizer(_optimizer(model), model)
         stats = []
         for step in range(STEPS):
             micro = [micro_batch(step, rank, m) for m in range(MICRO)]
@@ -109,11 +110,11 @@ def reference_run() -> dict:
     for step in range(STEPS):
         rows = [[micro_batch(step, r, m) for m in range(MICRO)] for r in range(WORLD)]
         with torch.no_grad():
-            model.counts_reducer = None
             glob = [sum(model(rows[r][m]).expert_counts for r in range(WORLD)) for m in range(MICRO)]
         calls = iter(range(WORLD * MICRO))
-        model.counts_reducer = lambda c, glob=glob, calls=calls: glob[next(calls) % MICRO]
-        s = train_step(model, opt, [b for rank_rows in rows for b in rank_rows], **STEP_KW)
+        ctx = DistContext()  # one process whose load-balancing "all-reduce" yields the global counts
+        ctx.counts_reducer = lambda c, glob=glob, calls=calls: glob[next(calls) % MICRO]
+        s = train_step(model, opt, [b for rank_rows in rows for b in rank_rows], ctx=ctx, **STEP_KW)
         stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
     return {"stats": stats, "grads": opt.grads, "init": init,
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}

@@ -45,7 +45,7 @@ def _inputs(rank: int, forced: bool) -> torch.Tensor:
 def _ep_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from rynnscale.parallel.expert_parallel import apply_expert_parallel
+    from rynnscale.models.qwen3_vl.parallelize import apply_expert_parallel
 
     out = {}
     for forced in (True, False):
@@ -158,7 +158,7 @@ def test_layout_resolves_remaining_ranks():
 def test_config_rejects_ep_that_does_not_divide_experts():
     from rynnscale.config import ConfigError, load_config
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
-    with pytest.raises(ConfigError, match="num_experts = 8"):
+    with pytest.raises(ConfigError, match="num_experts=8 is not divisible by parallel.ep=3"):
         load_config(recipe, ["parallel.ep=3"])
-    with pytest.raises(ConfigError, match="must divide 'parallel.dp_shard'"):
+    with pytest.raises(ConfigError, match="must divide parallel.dp_shard=2"):
         load_config(recipe, ["parallel.ep=4", "parallel.dp_shard=2"])

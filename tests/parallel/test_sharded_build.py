@@ -1,4 +1,4 @@
-"""The distributed build (``rynnscale.models.build.build_sharded_model``): meta construction, EP + FSDP2 on
+"""The distributed build (``rynnscale.train.build.build_model`` with meshes): meta construction, EP + FSDP2 on
 the meta model, ``to_empty``, then each rank fills only its shards. Gathered back, the model is bitwise the
 single-process ``build_model`` of the same recipe:
 
@@ -105,11 +105,13 @@ SOURCES = [f"{kind}_{head}" for head in ("tied", "untied") for kind in ("hf", "h
 
 
 def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
+    import dataclasses
+
     from rynnscale.checkpoint.hf import HFCheckpointError
     from rynnscale.config.schema import ModelConfig
-    from rynnscale.models.build import build_sharded_model
     from rynnscale.parallel.fsdp import gather_full_state_dict
     from rynnscale.parallel.mesh import ParallelLayout, build_meshes
+    from rynnscale.train.build import build_model
 
     torch.manual_seed(0)
     batch = micro_batch(0, rank, 0)
@@ -118,8 +120,8 @@ def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
         meshes = build_meshes(ParallelLayout.resolve(world, rep, shard, ep, num_experts=8), "cpu")
         for source in SOURCES:
             cfg = model_cfg(source, sources)
-            args, model = build_sharded_model(cfg, meshes, torch.device("cpu"), seed=SEED, dtype_name="float32",
-                                              ac_mode=ac)
+            cfg = dataclasses.replace(cfg, activation_checkpointing=ac)
+            args, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, dtype_name="float32")
             tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
             with torch.no_grad():
                 loss = float(model.loss_sum(batch, model(batch)))
@@ -130,12 +132,13 @@ def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
                 "local_expert_shape": tuple(experts.to_local().shape),
                 "requires_grad": all(p.requires_grad for p in model.parameters())}
         # model.freeze patterns are applied on the meta model and survive parallelize + to_empty
-        _, model = build_sharded_model(model_cfg("random_tied", sources), meshes, torch.device("cpu"), seed=SEED,
-                                       freeze=["model.visual.*"], dtype_name="float32", ac_mode=ac)
+        cfg = dataclasses.replace(model_cfg("random_tied", sources), freeze=["model.visual.*"],
+                                  activation_checkpointing=ac)
+        _, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, dtype_name="float32")
         results[(layout_name, "frozen")] = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
         try:
-            build_sharded_model(ModelConfig(init_from=sources["bad"], attn_backend="loop"), meshes,
-                                torch.device("cpu"), seed=SEED, dtype_name="float32")
+            build_model(ModelConfig(init_from=sources["bad"], attn_backend="loop"), torch.device("cpu"), seed=SEED,
+                        meshes=meshes, dtype_name="float32")
             results[(layout_name, "bad")] = None
         except HFCheckpointError as e:
             results[(layout_name, "bad")] = str(e)
@@ -144,7 +147,7 @@ def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(sources, tmp_path_factory):
-    from rynnscale.models.build import build_model
+    from rynnscale.train.build import build_model
 
     results = run_ranks(sharded_build_worker, WORLD, tmp_path_factory.mktemp("sharded_build"), sources=sources)
     reference = {}
@@ -207,7 +210,7 @@ def test_buffers_are_recomputed_after_to_empty_or_refused():
     recompute it in ``reset_buffers()``; otherwise the build names the buffer instead of training on it."""
     from torch import nn
 
-    from rynnscale.models.build import restore_buffers
+    from rynnscale.train.build import restore_buffers
 
     class Rotary(nn.Module):
         def __init__(self, with_reset: bool):
@@ -268,21 +271,21 @@ def memory_worker(rank: int, world: int, arch: dict, hf_dir: str) -> dict:
     import gc
 
     from rynnscale.config.schema import ModelConfig
-    from rynnscale.models.build import build_model, build_sharded_model
-    from rynnscale.parallel.fsdp import parallelize_model
+    from rynnscale.models.qwen3_vl.parallelize import parallelize
     from rynnscale.parallel.mesh import ParallelLayout, build_meshes
+    from rynnscale.train.build import build_model
 
     meshes = build_meshes(ParallelLayout.resolve(world, 1, 2, 2, num_experts=8), "cpu")
     # warm-up on a tiny model: imports and torch's lazy one-time setup are not the build's memory
     from dist_helpers import tiny_moe_args
-    build_sharded_model(ModelConfig(arch=tiny_moe_args().to_hf_config(), attn_backend="loop"), meshes,
-                        torch.device("cpu"), seed=0, dtype_name="float32")
+    build_model(ModelConfig(arch=tiny_moe_args().to_hf_config(), attn_backend="loop"), torch.device("cpu"), seed=0,
+                meshes=meshes, dtype_name="float32")
     gc.collect()
     out = {}
     for name, cfg in (("random", ModelConfig(arch=arch, attn_backend="loop")),
                       ("hf", ModelConfig(init_from=hf_dir, attn_backend="loop"))):
         (_, model), peak = _peak_added_bytes(
-            lambda cfg=cfg: build_sharded_model(cfg, meshes, torch.device("cpu"), seed=0, dtype_name="float32"))
+            lambda cfg=cfg: build_model(cfg, torch.device("cpu"), seed=0, meshes=meshes, dtype_name="float32"))
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         out[name] = {"peak": peak, "local_bytes": local}
         del model
@@ -290,7 +293,7 @@ def memory_worker(rank: int, world: int, arch: dict, hf_dir: str) -> dict:
 
     def old_path():  # what build_components did before: the whole model on every rank, then parallelised
         _, m = build_model(ModelConfig(arch=arch, attn_backend="loop"), torch.device("cpu"), seed=0)
-        return parallelize_model(m, meshes, dtype_name="float32")
+        return parallelize(m, meshes, dtype_name="float32")
     _, out["old_peak"] = _peak_added_bytes(old_path)
     return out
 
@@ -306,8 +309,8 @@ def test_rank_never_holds_the_full_model(tmp_path):
         pytest.skip("/proc/self/clear_refs is not writable here: cannot reset the RSS high-water mark")
     from rynnscale.checkpoint.hf import export_model, hf_param_shapes
     from rynnscale.config.schema import ModelConfig
-    from rynnscale.models.build import build_model
     from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+    from rynnscale.train.build import build_model
 
     arch = _mem_arch()
     args = Qwen3VLArgs.from_hf_config(arch)

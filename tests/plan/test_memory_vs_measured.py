@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.plan import Profile, Workload, build_meta_model, estimate_memory, param_stats, resolve_layout
+from rynnscale.plan import Profile, Workload, estimate_memory, param_stats, resolve_layout
+from rynnscale.train.build import build_model, model_config_for
 
 TEXT = {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "mrope_section": [4, 6, 6],
@@ -64,7 +65,7 @@ def measured() -> dict[str, dict]:
 def test_planner_within_15_percent_of_measured_peak(case, measured) -> None:
     name, moe, ckpt, tokens, docs, patches = case
     args = Qwen3VLArgs.from_hf_config(arch(moe), strict=True)
-    st = param_stats(build_meta_model(args, [], ckpt))
+    st = param_stats(build_model(model_config_for(args, activation_checkpointing=ckpt), meta=True)[1])
     m = measured[name]
     assert st.total == m["params"]
     w = Workload(micro_batch_tokens=tokens, visual_tokens=patches // 4, doc_tokens=tokens // docs,

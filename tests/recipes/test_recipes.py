@@ -13,7 +13,8 @@ from rynnscale.cli import main as cli_main
 from rynnscale.config import ConfigError, load_config
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.presets import PUBLISHED_PARAMS, preset_config
-from rynnscale.plan import build_meta_model, param_stats
+from rynnscale.plan import param_stats
+from rynnscale.train.build import build_model, model_config_for
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ALL = sorted(p for p in RECIPES.rglob("*.yaml") if not p.name.startswith("_"))
@@ -42,7 +43,7 @@ def test_every_recipe_loads_and_validates(recipe: Path, tmp_path: Path) -> None:
     assert all(sh.startswith("/shards/") for s in cfg.data.mixture for sh in s.shards)  # ${data.root} resolved
     assert cfg.data.video_fps > 0 and cfg.data.video_max_frames <= 512
     assert cfg.optim.schedule == "cosine" and cfg.model.activation_checkpointing == "full"
-    assert cfg.optim.groups, "expected per-module learning rates"
+    assert cfg.optim.groups or cfg.model.lora.rank > 0, "expected per-module learning rates (or LoRA)"
 
 
 def test_inheritance_overrides_parent_and_keeps_the_rest() -> None:
@@ -79,7 +80,7 @@ def test_meta_build_has_published_parameter_counts(recipe: str, preset: str) -> 
     model against the Qwen3 report's 30.5B total / 3.3B activated within 2% / 5% (rounded figures)."""
     cfg = load_config(RECIPES / recipe, check_paths=False)
     args = Qwen3VLArgs.from_hf_config(preset_config(cfg.model.preset), strict=True)
-    model = build_meta_model(args)
+    _, model = build_model(model_config_for(args), meta=True)
     assert all(p.device.type == "meta" for p in model.parameters())
     st = param_stats(model)
     pub = PUBLISHED_PARAMS[preset]
@@ -116,7 +117,7 @@ def test_plan_does_not_fit_and_says_what_to_change(capsys) -> None:
 def test_optimizer_groups_and_freezing() -> None:
     from rynnscale.config.schema import OptimConfig, OptimGroupConfig
     from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-    from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+    from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
     from rynnscale.train.optim import build_optimizer, build_scheduler, freeze_parameters
 
     torch.manual_seed(0)

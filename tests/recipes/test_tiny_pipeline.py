@@ -17,12 +17,12 @@ import torch
 import transformers
 from shared_data import SHARED_DATA
 
-from rynnscale.checkpoint.model_card import summarize_run, write_model_card
 from rynnscale.cli import main as cli_main
 from rynnscale.config import load_config
 from rynnscale.data.reader import iter_tar_samples
-from rynnscale.models.build import build_model
+from rynnscale.train.build import build_model
 from rynnscale.train.evaluate import Evaluator, split_prompt
+from rynnscale.train.model_card import summarize_run, write_model_card
 from rynnscale.train.trainer import run_training
 
 pytestmark = pytest.mark.slow
@@ -130,18 +130,22 @@ def test_base_to_finetune_to_export_to_transformers_generate(data_root, base_exp
 
 
 OTHER_TWINS = ["base/qwen3_vl_2b.yaml", "base/qwen3_vl_30b_a3b.yaml", "finetune/navigation.yaml",
-               "finetune/chain_of_point.yaml", "finetune/action.yaml"]
+               "finetune/chain_of_point.yaml", "finetune/action.yaml", "finetune/planning_lora.yaml",
+               "finetune/navigation_lora.yaml"]
 
 
 @pytest.mark.parametrize("recipe", OTHER_TWINS)
 def test_every_other_tiny_twin_trains_and_exports(recipe: str, data_root, base_export, tmp_path) -> None:
     torch.manual_seed(0)
     extra = [f"model.init_from={base_export}"] if recipe.startswith("finetune/") else []
-    needs = {"finetune/navigation.yaml": "navigation", "finetune/action.yaml": "lerobot_actions"}.get(recipe)
+    needs = {"finetune/navigation.yaml": "navigation", "finetune/navigation_lora.yaml": "navigation",
+             "finetune/action.yaml": "lerobot_actions"}.get(recipe)
     if needs and not (data_root / needs).is_dir():
         pytest.skip(f"shared data for {recipe} not found under {SHARED} (set RYNNSCALE_SHARED_DATA)")
     cfg, hf_dir = train(recipe, data_root, tmp_path / "run", *extra)
     write_model_card(hf_dir, cfg, summarize_run(tmp_path / "run"))
     hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
     assert hf.config.model_type == ("qwen3_vl_moe" if "30b" in recipe else "qwen3_vl")
+    if cfg.model.lora.rank > 0:  # a LoRA twin also writes its PEFT adapter, and trains adapters only
+        assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     shutil.rmtree(tmp_path / "run" / "checkpoints", ignore_errors=True)

@@ -21,11 +21,12 @@ import transformers
 from rynnscale.checkpoint.hf import export_model
 from rynnscale.config import ConfigError, load_config
 from rynnscale.data.reader import expand_shard_patterns, iter_tar_samples
-from rynnscale.models.build import build_model
+from rynnscale.train.build import build_model
+from rynnscale.train.data_files import generate_eval_synthetic
 from rynnscale.train.evaluate import (
     Evaluator,
     box_iou,
-    ensure_eval_data,
+    eval_shard_patterns,
     grounding_scores,
     split_prompt,
     summarize_grounding,
@@ -89,7 +90,8 @@ def hf_inputs(s) -> dict:
 def test_evaluator_matches_transformers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     cfg = tiny_cfg(tmp_path)
-    patterns = ensure_eval_data(cfg)
+    generate_eval_synthetic(cfg)
+    patterns = eval_shard_patterns(cfg)
     args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
     model.train()
     ev = Evaluator(cfg, args, rank=0, world_size=1)

@@ -17,9 +17,9 @@ from rynnscale.data.encode import EncoderConfig, SampleEncoder
 from rynnscale.data.packing import build_packed_batch
 from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from rynnscale.data_pipelines.synthetic import synthetic_sample
-from rynnscale.models.build import build_model
+from rynnscale.train.build import build_model
 from rynnscale.train.optim import build_optimizer
-from rynnscale.train.trainer import train_step
+from rynnscale.train.step import train_step
 
 IMG, VID = 151655, 151656
 

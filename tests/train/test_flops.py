@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
-from rynnscale.plan.model_stats import build_meta_model, param_stats
+from rynnscale.train.build import build_model, model_config_for
 from rynnscale.train.flops import anchor_flops_per_step, packed_batch_flops, step_flops
+from rynnscale.train.model_stats import param_stats
 
 IMG, VID, VS, VE = 250, 251, 252, 253
 
@@ -38,7 +39,7 @@ def tiny_args() -> Qwen3VLArgs:
 
 def test_hand_count_tiny():
     args = tiny_args()
-    st = param_stats(build_meta_model(args))
+    st = param_stats(build_model(model_config_for(args), meta=True)[1])
     grid = torch.tensor([[1, 4, 6], [2, 4, 4]])
     f = step_flops(args, st, [10, 30], grid)
     H, d, Hq, Hkv, E, k, I_moe, I_dense, V = 64, 16, 4, 2, 8, 2, 32, 96, 256
@@ -74,7 +75,7 @@ def test_matches_anchor_formula_unpacked_rows(moe):
         text |= dict(hidden_size=4096, num_key_value_heads=8, intermediate_size=12288)
     args = Qwen3VLArgs(text=TextArgs(**text), vision=VisionArgs(depth=2, out_hidden_size=text["hidden_size"],
                                                                   deepstack_visual_indexes=[0, 1]))
-    st = param_stats(build_meta_model(args))
+    st = param_stats(build_model(model_config_for(args), meta=True)[1])
     ours = step_flops(args, st, [4096] * 4)
     assert ours.total == anchor_flops_per_step(args, 4, 4096)
     if moe:  # ANCHORS: 319.2 TFLOP/s at 59,074 tokens/s -> 5.40 TFLOP per 16k-token step
@@ -147,7 +148,7 @@ def test_matches_torch_flop_counter():
         loss.backward()
     counted = counter.get_total_flops()
     # the fused linear + CE runs on the rows that have a target after the shift
-    st = param_stats(build_meta_model(args))
+    st = param_stats(build_model(model_config_for(args), meta=True)[1])
     ours = packed_batch_flops(args, st, batch, loss_tokens=batch.num_target_tokens)
     expected = ours.total + ours.text_attention  # torch counts causal attention as full: 2 x ours
     assert counted > 0

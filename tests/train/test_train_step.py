@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
+from rynnscale.batch import PackedBatch
 from rynnscale.config.schema import OptimConfig
-from rynnscale.data.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.parallel.checkpointing import apply_activation_checkpointing
+from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
 from rynnscale.train.optim import build_optimizer, lr_factor
-from rynnscale.train.trainer import train_step
+from rynnscale.train.step import train_step
 
 VOCAB = 151936
 

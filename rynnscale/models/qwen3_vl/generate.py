@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import IGNORE_INDEX, PackedBatch
 from rynnscale.models.qwen3_vl.mrope import mrope_next_position, text_position_ids
 
 
@@ -35,7 +35,7 @@ def prompt_batch(prompt: Any, new_ids: list[int], device: torch.device | None = 
         pos_3l = torch.cat([pos_3l, text_position_ids(len(new_ids), mrope_next_position(pos_3l))], dim=1)
     L = int(ids_l.numel())
     batch = PackedBatch(
-        input_ids_l=ids_l, labels_l=torch.full_like(ids_l, -100), position_ids_3l=pos_3l,
+        input_ids_l=ids_l, labels_l=torch.full_like(ids_l, IGNORE_INDEX), position_ids_3l=pos_3l,
         cu_seqlens=torch.tensor([0, L], dtype=torch.int32), max_seqlen=L,
         pixel_values=getattr(prompt, "pixel_values", None), image_grid_thw=getattr(prompt, "image_grid_thw", None),
         pixel_values_videos=getattr(prompt, "pixel_values_videos", None),

@@ -20,12 +20,13 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from rynnscale.data.batch import PackedBatch
+from rynnscale.batch import IGNORE_INDEX, PackedBatch
+from rynnscale.models.lora import LoRALinear, expert_lora_init_plan
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
 from rynnscale.ops import fused
-from rynnscale.ops.loss import IGNORE_INDEX, linear_cross_entropy
+from rynnscale.ops.loss import linear_cross_entropy
 
 
 @dataclass
@@ -71,8 +72,9 @@ class Qwen3VLModel(nn.Module):
 class Qwen3VLForConditionalGeneration(nn.Module):
     """Dense or MoE Qwen3-VL (chosen by ``args.text.num_experts``) with HF's parameter names.
 
-    ``counts_reducer``: optional ``f(local_counts [n_moe, E]) -> global counts`` used by the
-    load-balancing loss (e.g. all_reduce over data-parallel ranks); set it after construction.
+    ``forward(batch, counts_reducer=None)``: ``counts_reducer`` is an optional ``f(local_counts [n_moe, E])
+    -> global counts`` used by the load-balancing loss (e.g. all_reduce over data-parallel ranks).
+    ``always_run_vision`` is set by the parallel plan (``parallelize.py``) when the tower is sharded.
     Meta-device construction: ``with torch.device("meta"): m = cls(args)``, then
     ``m.to_empty(device=...)`` and ``m.init_weights(seed)`` (which also re-ties tied embeddings)."""
 
@@ -82,10 +84,9 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.args = args
         self.model = Qwen3VLModel(args, attn_backend, gemm_backend)
         self.lm_head = LMHead(args.text.hidden_size, args.text.vocab_size)
-        self.counts_reducer: CountsReducer | None = None
         # data parallel (FSDP): every rank must run the vision tower in every forward, or a rank with a
-        # text-only micro-batch would skip the tower's all-gathers while the others wait (set by
-        # rynnscale.parallel.fsdp); without visual inputs it then runs on one dummy patch group times 0
+        # text-only micro-batch would skip the tower's all-gathers while the others wait (set by the
+        # parallel plan, parallelize.py); without visual inputs it then runs on one dummy patch group times 0
         self.always_run_vision = False
         self.kernels = "torch"  # see set_kernels
         self.tie_weights()
@@ -132,10 +133,13 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 plan.append((f"{name}.weight", normal))
                 if mod.bias is not None:
                     plan.append((f"{name}.bias", nn.init.zeros_))
+                if isinstance(mod, LoRALinear):
+                    plan += mod.init_plan(f"{name}.")
             elif isinstance(mod, (nn.Embedding, TopKRouter)):
                 plan.append((f"{name}.weight", normal))
             elif isinstance(mod, GroupedExperts):
                 plan += [(f"{name}.gate_up_proj", normal), (f"{name}.down_proj", normal)]
+                plan += expert_lora_init_plan(mod, f"{name}.")
             elif isinstance(mod, RMSNorm):
                 plan.append((f"{name}.weight", nn.init.ones_))
         if self.lm_head.weight is not self.model.language_model.embed_tokens.weight:
@@ -148,13 +152,16 @@ class Qwen3VLForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02, *,
-                     fill: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], None] | None = None) -> None:
+                     fill: Callable[[str, Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
+                     select: Callable[[str], bool] | None = None) -> None:
         """Run ``init_plan`` under ``torch.manual_seed(seed)``, leaving the global RNG as is. Re-ties
         embeddings first (``to_empty`` unties them). ``fill(name, init)`` applies one entry; the default
         inits this model's parameter in place. A sharded model passes one that inits the FULL tensor
         (same draws, same order) and keeps this rank's piece (``rynnscale.parallel.fsdp.init_sharded_weights``)."""
         self.tie_weights()
         plan = self.init_plan(std)
+        if select is not None:  # e.g. only the LoRA adapters after loading the base: same draws on every layout
+            plan = [(name, init) for name, init in plan if select(name)]
         if fill is None:
             params = dict(self.named_parameters())
 
@@ -214,7 +221,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         zero = sum((d.sum() for d in deepstack), vis_mh.sum()) * 0.0
         return embeds_lh + zero.to(embeds_lh.dtype)
 
-    def forward(self, batch: PackedBatch) -> ModelOutput:
+    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None) -> ModelOutput:
         lm = self.model.language_model
         embeds_lh = lm.embed_tokens(batch.input_ids_l)
         embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
@@ -224,7 +231,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None)
         prob_mean_le = torch.stack([s.prob_mean_e for s in stats])
         counts_le = torch.stack([s.counts_e for s in stats])
-        lb = load_balancing_loss(prob_mean_le, counts_le, self.counts_reducer)
+        lb = load_balancing_loss(prob_mean_le, counts_le, counts_reducer)
         # x top_k: transformers' per-layer value is top_k x ours (its f_e sums to k), and checkpoints'
         # router_aux_loss_coef was tuned on that scale; keep the coefficient's meaning.
         coef = self.args.text.router_aux_loss_coef * self.args.text.num_experts_per_tok

@@ -8,7 +8,7 @@ decoder layer's ``mlp.*`` keys load 1:1:
 
 Forward = route -> dispatch -> compute -> combine, as separate methods so expert parallelism puts an
 all-to-all between dispatch and compute (and its inverse between compute and combine) without touching
-the math (``ep_dispatcher``, set by ``rynnscale.parallel.expert_parallel``):
+the math (``ep_dispatcher``, set by the parallel plan: ``parallelize.apply_expert_parallel``):
 - route:    probs = softmax(x @ Wg.T) in fp32, top-k, renormalised (as HF), weights in x's dtype.
 - dispatch: the T*k (token, expert) pairs are stably sorted by expert (one argsort, no Python loop
             over experts); ``offsets_e`` (cumulative ends) come from ``searchsorted`` on the device,
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from rynnscale.models.qwen3_vl.args import TextArgs
 from rynnscale.ops import fused
 from rynnscale.ops.grouped_gemm import grouped_mm
+from rynnscale.ops.permute import inverse_permutation
 
 CountsReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -78,11 +79,6 @@ class Dispatch:
     offsets_e: torch.Tensor
     num_tokens: int
     top_k: int
-
-
-def inverse_permutation(perm_s: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[perm[i]] = i`` (a scatter of unique indices: deterministic, no host sync)."""
-    return torch.empty_like(perm_s).scatter_(0, perm_s, torch.arange(perm_s.numel(), device=perm_s.device))
 
 
 class TopKRouter(nn.Module):
@@ -120,16 +116,22 @@ class GroupedExperts(nn.Module):
         self.kernels = "torch"  # rynnscale.ops.fused choice for the SwiGLU
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.lora = None  # ``rynnscale.models.lora.ExpertLoRA`` when the experts carry adapters
+
+    def _project(self, name: str, x_tk: torch.Tensor, offsets_e: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None:
+            return self.lora.project(self, name, x_tk, offsets_e, self.gemm_backend)
+        return grouped_mm(x_tk, getattr(self, name), offsets_e, backend=self.gemm_backend)
 
     def forward(self, x_sorted_sh: torch.Tensor, offsets_e: torch.Tensor,
                 weight_s: torch.Tensor | None = None) -> torch.Tensor:
         """Rows sorted by expert [S, H] -> expert outputs [S, H], each row times ``weight_s`` [S] if given
         (applied before the down projection, see the module docstring)."""
-        gate_up_s2i = grouped_mm(x_sorted_sh, self.gate_up_proj, offsets_e, backend=self.gemm_backend)
+        gate_up_s2i = self._project("gate_up_proj", x_sorted_sh, offsets_e)
         h_si = fused.silu_mul_packed(gate_up_s2i, fused.pick(self.kernels, gate_up_s2i))
         if weight_s is not None:
             h_si = h_si * weight_s[:, None].to(h_si.dtype)
-        return grouped_mm(h_si, self.down_proj, offsets_e, backend=self.gemm_backend)
+        return self._project("down_proj", h_si, offsets_e)
 
 
 class SparseMoeBlock(nn.Module):
@@ -141,7 +143,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.gate = TopKRouter(args)
         self.experts = GroupedExperts(args, gemm_backend)
-        # set by rynnscale.parallel.expert_parallel: f(experts, x_sorted, offsets over all E) -> y_sorted,
+        # set by the parallel plan (parallelize.apply_expert_parallel): f(experts, x_sorted, offsets over all E) -> y_sorted,
         # all-to-all to the experts' ranks and back; None = all experts are local
         self.ep_dispatcher: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 

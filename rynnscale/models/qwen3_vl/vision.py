@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rynnscale.models.lora import LoRALinear
 from rynnscale.models.qwen3_vl.args import VisionArgs
 from rynnscale.ops.attention import varlen_attention
 from rynnscale.ops.fused import rotary
@@ -225,6 +226,8 @@ class Qwen3VLVisionModel(nn.Module):
                 plan.append((p + "weight", normal))
                 if mod.bias is not None:
                     plan.append((p + "bias", nn.init.zeros_))
+                if isinstance(mod, LoRALinear):
+                    plan += mod.init_plan(p)
             elif isinstance(mod, nn.Embedding):
                 plan.append((p + "weight", normal))
             elif isinstance(mod, nn.LayerNorm):

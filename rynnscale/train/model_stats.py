@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.train.optim import param_groups
 
 
 @dataclass
@@ -52,21 +53,6 @@ class ParamStats:
         return self.total - self.trainable
 
 
-def build_meta_model(args: Qwen3VLArgs, freeze: list[str] | None = None, checkpointing: str = "none",
-                     every: int = 2) -> torch.nn.Module:
-    """The trainer's model class on the meta device, with the recipe's checkpointing and freezing."""
-    from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-    from rynnscale.parallel.checkpointing import apply_activation_checkpointing
-    from rynnscale.train.optim import freeze_parameters
-
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(args)
-    apply_activation_checkpointing(model, checkpointing, every=every)
-    if freeze:
-        freeze_parameters(model, freeze)
-    return model
-
-
 def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
     seen, n = set(), 0
     for p in module.parameters():
@@ -78,9 +64,8 @@ def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
 
 
 def param_stats(model: torch.nn.Module, groups: list | None = None, weight_decay: float = 0.0) -> ParamStats:
-    """Counts of ``model`` (a ``Qwen3VLForConditionalGeneration``, any device incl. meta)."""
-    from rynnscale.train.optim import param_groups
-
+    """Counts of ``model`` (a ``Qwen3VLForConditionalGeneration``, any device incl. meta: the planner
+    passes ``rynnscale.train.build.build_model(..., meta=True)``)."""
     args: Qwen3VLArgs = model.args
     lm = model.model.language_model
     vis = model.model.visual

@@ -72,7 +72,7 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
         raise FileNotFoundError(f"write_model_card: {out} is not a directory (export the model first)")
     for key in ("steps", "tokens_seen", "final_loss"):
         if key not in summary:
-            raise ValueError(f"write_model_card: summary lacks {key!r} (use rynnscale.checkpoint.model_card."
+            raise ValueError(f"write_model_card: summary lacks {key!r} (use rynnscale.train.model_card."
                              "summarize_run(run.output_dir))")
     name = cfg.run.name or out.parent.name
     base = summary.get("base") or (cfg.model.init_from if cfg.model.init_from else

@@ -14,6 +14,7 @@ from rynnscale.checkpoint.dcp import (
     TRAINER_STATE,
     CheckpointError,
     check_complete,
+    missing_storage_files,
     read_dcp_metadata,
 )
 
@@ -55,7 +56,12 @@ def inspect_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
     out["rank_files"] = sorted(p.name for p in ckpt.glob("rank_*.json"))
     tensors, optim = [], {"tensors": 0, "bytes": 0, "by_kind": {}}
     if (ckpt / DCP_DIR / ".metadata").is_file():
-        md = read_dcp_metadata(ckpt / DCP_DIR)
+        md = read_dcp_metadata(ckpt / DCP_DIR)   # refuses storage paths outside the checkpoint
+        problems = missing_storage_files(ckpt / DCP_DIR, md)
+        if problems:   # a truncated copy: every file the metadata references must be there, long enough
+            shown = "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+            out["complete"] = False
+            out["incomplete_reason"] = (reason + "; " if reason else "") + f"data files: {shown}"
         for key, meta in md.state_dict_metadata.items():
             if not isinstance(meta, TensorStorageMetadata):
                 continue

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+#: label of a token that carries no loss (transformers' convention; ``cross_entropy``'s default ``ignore_index``)
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class PixelNorm:
@@ -108,7 +111,7 @@ class PackedBatch:
     @property
     def num_target_tokens(self) -> int:
         """Tokens that carry a loss (after the causal shift)."""
-        return int((self.labels_l[1:] != -100).sum())
+        return int((self.labels_l[1:] != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> PackedBatch:
         """Move every tensor to ``device``; cast floating tensors to ``float_dtype`` if given (uint8

@@ -1,0 +1,197 @@
+"""``manifest.json``: the index of a shard directory (name, sample count, byte size, sha256 and
+optional per-sample cost hints of every finished shard), read by the training loader, evaluation,
+``data inspect`` and the converters (which write it: ``rynnscale.data_pipelines.shards``).
+
+Everything here only READS and validates (a manifest is untrusted input: shard names must be plain
+file names in the directory). The format is documented in ``docs/data_format.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "rynnscale-shards"
+MANIFEST_VERSION = 1
+_SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}\.tar")
+COST_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """A manifest.json that is missing, unreadable or does not follow the format."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as recorded in the manifest.
+
+    ``sample_costs`` maps a cost-hint name (e.g. ``num_tokens``, ``vision_patches``) to one
+    value per sample, in the order the samples appear in the tar."""
+
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+    sample_costs: dict[str, list[float | int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"name": self.name, "num_samples": self.num_samples, "num_bytes": self.num_bytes, "sha256": self.sha256}
+        if self.sample_costs:
+            d["sample_costs"] = {k: list(v) for k, v in sorted(self.sample_costs.items())}
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Parsed manifest.json: finished shards sorted by name plus free-form dataset ``info``."""
+
+    shards: tuple[ShardInfo, ...]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.num_bytes for s in self.shards)
+
+    def by_name(self) -> dict[str, ShardInfo]:
+        return {s.name: s for s in self.shards}
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "info": self.info,
+            "shards": [s.to_json() for s in self.shards],
+        }
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- manifest
+
+
+def _check_shard_entry(d: Any, i: int, where: str) -> ShardInfo:
+    w = f"{where}: shards[{i}]"
+    if not isinstance(d, Mapping):
+        raise ManifestError(f"{w}: must be an object")
+    unknown = set(d) - {"name", "num_samples", "num_bytes", "sha256", "sample_costs"}
+    if unknown:
+        raise ManifestError(f"{w}: unknown fields {sorted(unknown)}")
+    name = d.get("name")
+    # shard names come from an untrusted file: they must be plain file names in the directory
+    if not isinstance(name, str) or not _SHARD_NAME_RE.fullmatch(name) or ".." in name:
+        raise ManifestError(f"{w}.name: {name!r} is not a plain shard file name ending in .tar")
+    for k in ("num_samples", "num_bytes"):
+        v = d.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ManifestError(f"{w}.{k}: must be a non-negative integer, got {v!r}")
+    sha = d.get("sha256")
+    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+        raise ManifestError(f"{w}.sha256: must be 64 lowercase hex characters, got {sha!r}")
+    costs = d.get("sample_costs", {})
+    if not isinstance(costs, Mapping):
+        raise ManifestError(f"{w}.sample_costs: must be an object of name -> list")
+    out_costs: dict[str, list] = {}
+    for cname, vals in costs.items():
+        if not isinstance(cname, str) or not COST_NAME_RE.fullmatch(cname):
+            raise ManifestError(f"{w}.sample_costs: bad cost name {cname!r} (lowercase identifier expected)")
+        if not isinstance(vals, list) or len(vals) != d["num_samples"]:
+            raise ManifestError(
+                f"{w}.sample_costs.{cname}: must be a list with one value per sample ({d['num_samples']}), "
+                f"got {len(vals) if isinstance(vals, list) else type(vals).__name__}"
+            )
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+            raise ManifestError(f"{w}.sample_costs.{cname}: values must be finite numbers")
+        out_costs[cname] = list(vals)
+    return ShardInfo(name=name, num_samples=d["num_samples"], num_bytes=d["num_bytes"], sha256=sha, sample_costs=out_costs)
+
+
+def manifest_from_json(obj: Any, where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a parsed manifest object; raises ManifestError naming the bad field."""
+    if not isinstance(obj, Mapping):
+        raise ManifestError(f"{where}: must be a JSON object")
+    if obj.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{where}: format must be {MANIFEST_FORMAT!r}, got {obj.get('format')!r}")
+    if obj.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{where}: version {obj.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
+    shards_raw = obj.get("shards")
+    if not isinstance(shards_raw, list):
+        raise ManifestError(f"{where}: shards must be a list")
+    shards = [_check_shard_entry(d, i, where) for i, d in enumerate(shards_raw)]
+    seen: set[str] = set()
+    for s in shards:
+        if s.name in seen:
+            raise ManifestError(f"{where}: shard {s.name!r} is listed twice")
+        seen.add(s.name)
+    info = obj.get("info", {})
+    if not isinstance(info, Mapping):
+        raise ManifestError(f"{where}: info must be an object")
+    m = Manifest(shards=tuple(sorted(shards, key=lambda s: s.name)), info=dict(info))
+    for k, actual in (("total_samples", m.total_samples), ("total_bytes", m.total_bytes)):
+        if k in obj and obj[k] != actual:
+            raise ManifestError(f"{where}: {k} is {obj[k]!r} but the shards add up to {actual}")
+    return m
+
+
+def _manifest_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and validate ``manifest.json`` (``path`` is the file or the shard directory)."""
+    p = _manifest_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no manifest here (expected {MANIFEST_NAME} beside the shards)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{p}: cannot read manifest: {e}") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{p}: invalid JSON: {e}") from e
+    return manifest_from_json(obj, where=str(p))
+
+
+def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False) -> dict[str, ShardInfo]:
+    """Shards that are finished: listed in the manifest and present with the recorded size
+    (and sha256 if ``verify_sha256``). Converters skip these on restart. Missing manifest -> {}."""
+    out = Path(out_dir)
+    if not (out / MANIFEST_NAME).exists():
+        return {}
+    done = {}
+    for s in read_manifest(out).shards:
+        p = out / s.name
+        try:
+            if p.stat().st_size != s.num_bytes:
+                continue
+        except FileNotFoundError:
+            continue
+        if verify_sha256 and sha256_file(p) != s.sha256:
+            continue
+        done[s.name] = s
+    return done
+
+

@@ -1,0 +1,204 @@
+"""LoRA: low-rank updates of frozen weights, for ``nn.Linear`` layers and for fused 3-D expert tensors.
+
+- ``LoRALinear`` is an ``nn.Linear`` (same ``weight`` / ``bias`` keys, so Hugging Face loading and
+  checkpoint keys are unchanged) with ``lora_A`` [r, in] and ``lora_B`` [out, r]:
+  ``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T``.
+- Experts (``GroupedExperts``): per expert ``e`` and fused tensor ``W [E, out, in]`` (``gate_up_proj``,
+  ``down_proj``), ``{name}_lora_A [E, r, in]`` and ``{name}_lora_B [E, out, r]``; the update runs as two
+  extra grouped GEMMs over the same expert offsets (never an ``[E, out, in]`` delta), and dim 0 is the
+  expert, so expert parallelism and FSDP2 split the adapters with their experts.
+
+At init ``B = 0``: a model with fresh adapters computes exactly (bitwise) what the base computes.
+Adapter tensors are always named ``*lora_A`` / ``*lora_B`` (``is_adapter_param``); the PEFT export
+(``rynnscale.checkpoint.adapter``) maps them to peft's keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rynnscale.ops.grouped_gemm import grouped_mm
+
+#: default ``model.lora.targets``: attention q/k/v/o and dense MLP projections of the language model
+DEFAULT_TARGETS = ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj",
+                   "*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj")
+#: with ``model.lora.vision``: every vision block's attention and MLP projections
+VISION_TARGETS = ("model.visual.blocks.*.attn.qkv", "model.visual.blocks.*.attn.proj",
+                  "model.visual.blocks.*.mlp.linear_fc1", "model.visual.blocks.*.mlp.linear_fc2")
+VISION_PREFIX = "model.visual."
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What gets adapters. ``targets``: fnmatch patterns over module names (HF names); modules under
+    ``model.visual.`` are adapted only with ``vision``; ``experts``: every MoE layer's fused experts."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    experts: bool = False
+    vision: bool = False
+    trainable: tuple[str, ...] = field(default=())   # parameter-name patterns that stay fully trainable
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def wants_linear(self, name: str) -> bool:
+        if name.startswith(VISION_PREFIX):
+            if not self.vision:
+                return False
+            return any(fnmatch.fnmatchcase(name, p) for p in (*self.targets, *VISION_TARGETS))
+        return any(fnmatch.fnmatchcase(name, p) for p in self.targets)
+
+
+def is_adapter_param(name: str) -> bool:
+    """A LoRA factor's parameter name (``...lora_A`` / ``...lora_B``, e.g. ``q_proj.lora_A``,
+    ``experts.gate_up_proj_lora_B``)."""
+    return name.endswith(("lora_A", "lora_B"))
+
+
+def _init_a(fan_in: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``A`` ~ U(-1/sqrt(in), 1/sqrt(in)): peft's default (kaiming-uniform with a = sqrt(5)) per expert."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda t: nn.init.uniform_(t, -bound, bound)
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update (module docstring). Built from an existing ``nn.Linear`` whose
+    parameters it takes over (``from_linear``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, alpha: float,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.rank, self.scaling, self.dropout = rank, alpha / rank, dropout
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, spec: LoRASpec) -> LoRALinear:
+        m = cls(base.in_features, base.out_features, base.bias is not None, spec.rank, spec.alpha, spec.dropout,
+                device=base.weight.device, dtype=base.weight.dtype)
+        m.weight = base.weight
+        if base.bias is not None:
+            m.bias = base.bias
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        x_in = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        a, b = self.lora_A.to(x_in.dtype), self.lora_B.to(x_in.dtype)
+        return y + self.scaling * F.linear(F.linear(x_in, a), b)
+
+    def init_plan(self, prefix: str) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        return [(f"{prefix}lora_A", _init_a(self.in_features)), (f"{prefix}lora_B", nn.init.zeros_)]
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) B A`` [out, in] in fp32 (merging)."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scaling={self.scaling:g}"
+
+
+class ExpertLoRA:
+    """LoRA factors of the fused expert tensors of one experts module (attached by ``add_expert_lora``).
+
+    ``project(experts, name, x_sorted_tk, offsets_e) -> [T, out]``: the base grouped GEMM plus the
+    low-rank update over the same expert groups."""
+
+    def __init__(self, names: Sequence[str], rank: int, alpha: float):
+        self.names, self.rank, self.scaling = tuple(names), rank, alpha / rank
+
+    def project(self, experts: nn.Module, name: str, x_tk: torch.Tensor, offsets_e: torch.Tensor,
+                backend: str) -> torch.Tensor:
+        y = grouped_mm(x_tk, getattr(experts, name), offsets_e, backend=backend)
+        if name not in self.names:
+            return y
+        a = getattr(experts, f"{name}_lora_A").to(x_tk.dtype)    # [E, r, in]
+        b = getattr(experts, f"{name}_lora_B").to(x_tk.dtype)    # [E, out, r]
+        t_tr = grouped_mm(x_tk, a, offsets_e, backend=backend)
+        return y + self.scaling * grouped_mm(t_tr, b, offsets_e, backend=backend)
+
+
+def add_expert_lora(experts: nn.Module, spec: LoRASpec, names: Sequence[str] = ("gate_up_proj", "down_proj")) -> None:
+    """Attach ``{name}_lora_A [E, r, in]`` / ``{name}_lora_B [E, out, r]`` (fp32) for each fused expert
+    tensor ``name`` [E, out, in], on its device (meta included), before any EP / FSDP sharding."""
+    for name in names:
+        w = getattr(experts, name)
+        E, out_f, in_f = w.shape
+        experts.register_parameter(f"{name}_lora_A", nn.Parameter(
+            torch.empty(E, spec.rank, in_f, device=w.device, dtype=torch.float32)))
+        experts.register_parameter(f"{name}_lora_B", nn.Parameter(
+            torch.empty(E, out_f, spec.rank, device=w.device, dtype=torch.float32)))
+    experts.lora = ExpertLoRA(names, spec.rank, spec.alpha)
+
+
+def expert_lora_init_plan(experts: nn.Module, prefix: str) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    lora = getattr(experts, "lora", None)
+    if lora is None:
+        return []
+    plan = []
+    for name in lora.names:
+        in_f = getattr(experts, name).shape[-1]
+        plan += [(f"{prefix}{name}_lora_A", _init_a(in_f)), (f"{prefix}{name}_lora_B", nn.init.zeros_)]
+    return plan
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module], bool]) -> list[str]:
+    """Give the targeted modules of ``model`` (before checkpointing / sharding; meta is fine) their
+    adapters and freeze everything else except ``spec.trainable`` patterns. ``experts_of(module)`` says
+    whether a module holds fused experts. Returns the adapted module names; raises naming the patterns
+    when nothing matches (a typo must not silently train nothing)."""
+    if spec.rank < 1:
+        raise ValueError(f"model.lora.rank={spec.rank} must be >= 1")
+    adapted: list[str] = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and spec.wants_linear(full):
+                setattr(module, child_name, LoRALinear.from_linear(child, spec))
+                adapted.append(full)
+            elif spec.experts and experts_of(child) and (spec.vision or not full.startswith(VISION_PREFIX)):
+                add_expert_lora(child, spec)
+                adapted.append(full)
+    if not adapted:
+        raise ValueError(f"model.lora: no module matches targets {list(spec.targets)}"
+                         f"{' (experts on)' if spec.experts else ''}; module names look like "
+                         "'model.language_model.layers.0.self_attn.q_proj'")
+    for pname, p in model.named_parameters():
+        trainable = is_adapter_param(pname) or any(fnmatch.fnmatchcase(pname, pat) for pat in spec.trainable)
+        p.requires_grad_(trainable)
+    return adapted
+
+
+def lora_spec_of(model: nn.Module) -> LoRASpec | None:
+    return getattr(model, "lora_spec", None)
+
+
+@torch.no_grad()
+def merge_lora_state(state: dict[str, torch.Tensor], spec: LoRASpec) -> dict[str, torch.Tensor]:
+    """Full (unsharded) HF-named state with adapters -> the merged base state: ``W + (alpha/r) B A`` per
+    adapted weight (experts per expert), adapter entries dropped, dtypes of the base kept."""
+    out = {k: v for k, v in state.items() if not is_adapter_param(k)}
+    for key in state:
+        if not key.endswith("lora_A"):
+            continue
+        if key.endswith(".lora_A"):        # Linear: prefix.lora_A -> prefix.weight
+            base = key[: -len(".lora_A")] + ".weight"
+            delta = state[key[:-1] + "B"].float() @ state[key].float()
+        else:                              # experts: prefix.{name}_lora_A -> prefix.{name}
+            base = key[: -len("_lora_A")]
+            delta = torch.bmm(state[key[:-1] + "B"].float(), state[key].float())
+        w = out[base]
+        out[base] = (w.float() + spec.scaling * delta).to(w.dtype)
+    return out

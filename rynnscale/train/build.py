@@ -1,0 +1,140 @@
+"""The one model build path, used by training, evaluation, the planner, the memory measurement and the
+benchmarks: recipe -> architecture (``rynnscale.config.model_args``) -> model on the META device ->
+kernels -> ``model.freeze`` -> the model's parallel plan (EP, activation checkpointing, compile, FSDP2;
+``rynnscale.models.qwen3_vl.parallelize``) -> ``to_empty`` allocates only this rank's shards -> fill
+them from ``model.init_from`` (each rank reads only its rows of each tensor) or a random init drawn
+exactly as the single-process init draws it.
+
+No rank ever holds the whole model: a 30B model on 16 ranks costs each rank its shards plus one tensor.
+A single process is the same path with no meshes (checkpointing and compile only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from rynnscale.checkpoint.hf import load_hf_weights
+from rynnscale.config.model_args import resolve_model_args
+from rynnscale.config.schema import ModelConfig, RootConfig
+from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+from rynnscale.models.qwen3_vl.moe import GroupedExperts
+from rynnscale.models.qwen3_vl.parallelize import parallelize
+from rynnscale.ops.fused import require_liger
+from rynnscale.parallel.fsdp import init_sharded_weights
+from rynnscale.parallel.layout import ParallelLayout
+from rynnscale.parallel.mesh import build_meshes, device_type_of
+from rynnscale.train.optim import freeze_parameters
+
+if TYPE_CHECKING:
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.parallel.mesh import Meshes
+
+log = logging.getLogger(__name__)
+
+
+def restore_buffers(model: nn.Module) -> None:
+    """After ``to_empty`` buffers hold garbage (they are not in HF checkpoints nor in ``init_weights``):
+    every module owning buffers must recompute them in a ``reset_buffers()`` method, else this raises
+    naming them (rather than train with uninitialised rotary tables or the like)."""
+    bad = []
+    for name, module in model.named_modules():
+        own = [b for b, _ in module.named_buffers(recurse=False)]
+        if not own:
+            continue
+        if callable(getattr(module, "reset_buffers", None)):
+            module.reset_buffers()
+        else:
+            bad += [f"{name}.{b}" if name else b for b in own]
+    if bad:
+        raise RuntimeError(f"buffers {bad} cannot be restored after meta-device construction: give their module "
+                           "a reset_buffers() that recomputes them")
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0, *,
+                meshes: Meshes | None = None, dtype_name: str = "auto", meta: bool = False,
+                param_dtype: torch.dtype | None = None,
+                reshard_after_forward: bool = True) -> tuple[Qwen3VLArgs, nn.Module]:
+    """Build ``(args, model)`` from a recipe's ``model`` section.
+
+    ``meshes`` (from ``build_meshes``): EP + FSDP2 over them, this rank's shards only; None: one process.
+    ``meta=True``: stop before any storage (the planner counts parameters; ``init_from`` may then be off
+    this machine when ``model.preset`` names its architecture). ``dtype_name`` is ``train.dtype``
+    (FSDP2 mixed precision); ``param_dtype`` stores the parameters in that dtype instead of fp32 (no
+    fp32 master copy: benchmarks, frozen weights). Loading validates every tensor (missing / unexpected /
+    shape) and fails listing the names rather than leave anything randomly initialised; random init
+    (no ``init_from``) is bitwise the single-process ``init_weights(seed)`` on every layout."""
+    args = resolve_model_args(cfg, check_paths=not meta).args
+    device = torch.device(device or "cpu")
+    if cfg.kernels == "liger" and not meta:
+        require_liger(device)  # ``auto`` falls back per call; an explicit ``liger`` must be usable
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(args, attn_backend=cfg.attn_backend)
+    model.set_kernels(cfg.kernels)
+    spec = lora_spec(cfg)
+    if spec is not None:  # adapters on the meta model, before the plan: EP and FSDP2 split them too
+        apply_lora(model, spec, experts_of=lambda m: isinstance(m, GroupedExperts))
+        model.lora_spec = spec
+    if cfg.freeze:
+        freeze_parameters(model, cfg.freeze)
+    parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
+                ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
+                reshard_after_forward=reshard_after_forward)
+    if param_dtype is not None:
+        model.to(dtype=param_dtype)
+    if meta:
+        return args, model
+    model.to_empty(device=device)
+    embed = model.model.language_model.embed_tokens.weight
+    if args.tie_word_embeddings and model.lm_head.weight is not embed:
+        raise RuntimeError("lm_head.weight is no longer tied to embed_tokens.weight after to_empty (FSDP2 must "
+                           "keep the alias)")
+    restore_buffers(model)
+    select = None
+    if cfg.init_from is not None:
+        log.info("loaded %s", load_hf_weights(model, cfg.init_from))
+        if spec is None:
+            return args, model
+        select = is_adapter_param  # the base came from the checkpoint; draw the adapters only
+    if meshes is not None:
+        init_sharded_weights(model, seed, select=select)
+    else:
+        model.init_weights(seed, select=select)
+    return args, model
+
+
+def lora_spec(cfg: ModelConfig) -> LoRASpec | None:
+    """``model.lora`` as a ``LoRASpec`` (None when ``rank`` is 0: a full fine-tune)."""
+    lc = cfg.lora
+    if lc.rank <= 0:
+        return None
+    return LoRASpec(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+                    experts=lc.experts, vision=lc.vision, trainable=tuple(lc.trainable))
+
+
+def resolve_layout(cfg: RootConfig, world_size: int, num_experts: int) -> ParallelLayout:
+    """``parallel.*`` of a recipe on ``world_size`` ranks (``LayoutError`` naming the keys)."""
+    p = cfg.parallel
+    return ParallelLayout.resolve(world_size, p.dp_replicate, p.dp_shard, p.ep, num_experts)
+
+
+def build(cfg: RootConfig, ctx: DistContext) -> tuple[Qwen3VLArgs, nn.Module]:
+    """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under the recipe's
+    layout, whose meshes are stored in ``ctx.meshes``."""
+    if ctx.distributed:
+        args = resolve_model_args(cfg.model).args
+        layout = resolve_layout(cfg, ctx.world_size, args.text.num_experts)
+        ctx.meshes = build_meshes(layout, device_type_of(ctx.device))
+        log.info("parallel layout: %s", layout)
+    return build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes, dtype_name=cfg.train.dtype)
+
+
+def model_config_for(args: Qwen3VLArgs, **model_keys) -> ModelConfig:
+    """A ``model`` section whose inline architecture is ``args`` (plus any other ``model.*`` keys), for
+    callers that hold an architecture rather than a recipe (tests, benchmarks)."""
+    return ModelConfig(arch=args.to_hf_config(), **model_keys)

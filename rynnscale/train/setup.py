@@ -1,0 +1,179 @@
+"""Run setup: the device and process group, the model (``rynnscale.train.build``), optimiser and schedule,
+this rank's data loader, and the bookkeeping a resume needs (layout, data seed after a layout change,
+the metrics file's tail)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rynnscale.checkpoint.dcp import CheckpointError
+from rynnscale.config import RootConfig
+from rynnscale.data.pipeline import build_train_data
+from rynnscale.fsutil import atomic_write_bytes
+from rynnscale.parallel.distributed import DistContext, init_distributed
+from rynnscale.parallel.layout import ParallelLayout
+from rynnscale.train.build import build
+from rynnscale.train.data_files import prepare_data_files
+from rynnscale.train.optim import build_optimizer, build_scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides model / optimiser / scheduler / data loader state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(sd["step"]), int(sd["tokens_seen"])
+
+
+@dataclass
+class TrainComponents:
+    args: Any                    # Qwen3VLArgs
+    model: torch.nn.Module       # FSDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any                    # TrainLoader of this rank
+    ctx: DistContext
+    state: TrainState = field(default_factory=TrainState)
+    base: dict[str, Any] | None = None  # LoRA: content fingerprint of the frozen base (model.init_from)
+
+
+def setup_distributed(cfg: RootConfig) -> DistContext:
+    """Process group (torchrun env) + device; meshes are built later, once the model is known."""
+    rank, local_rank, world_size, device = init_distributed(resolve_device(cfg.run.device), cfg.parallel.timeout_s)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
+    """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
+
+    args, model = build(cfg, ctx)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    prepare_data_files(cfg, ctx)
+    # every rank is a data-parallel rank (EP ranks hold different data): data rank = global rank
+    data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size)
+    return TrainComponents(args, model, optimizer, scheduler, data, ctx)
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:
+    """Content hash of a LoRA run's base model directory (``config.json`` + weight files + index): a
+    sha256 over the per-file sha256s. Per-file hashes are cached in ``cache`` by (size, mtime), so a
+    restart re-reads only files that changed. Rank 0 only (it reads the whole base once per change)."""
+    root = Path(init_from)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"
+                                                                 or p.name.endswith(".safetensors.index.json")))
+    try:
+        old = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    per_file = {}
+    for p in files:
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        hit = old.get(p.name)
+        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else _file_sha256(p)}
+    atomic_write_bytes(cache, json.dumps(per_file, indent=1).encode())
+    total = hashlib.sha256("".join(f"{n}:{v['sha256']}\n" for n, v in per_file.items()).encode()).hexdigest()
+    return {"init_from": str(root.resolve()), "sha256": total, "files": len(per_file)}
+
+
+def shared_base_fingerprint(cfg: RootConfig, ctx: DistContext) -> dict[str, Any] | None:
+    """``base_fingerprint`` of a LoRA run's ``model.init_from``, computed on rank 0 and given to all ranks;
+    None for full fine-tunes and LoRA on a random base."""
+    if cfg.model.lora.rank <= 0 or cfg.model.init_from is None:
+        return None
+    fp = [base_fingerprint(cfg.model.init_from, Path(cfg.run.output_dir) / "base_fingerprint.json")
+          if ctx.is_main else None]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(fp, src=0)
+    return fp[0]
+
+
+def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Path) -> None:
+    """A LoRA checkpoint holds adapters only: resuming it on another base would train nonsense."""
+    if saved is None or current is None:
+        return
+    if saved["sha256"] != current["sha256"]:
+        raise CheckpointError(
+            f"{path}: this LoRA checkpoint was trained on the base {saved['init_from']} (content sha256 "
+            f"{saved['sha256'][:16]}...), but model.init_from={current['init_from']} now hashes to "
+            f"{current['sha256'][:16]}...; the adapters only make sense on their own base. Point model.init_from "
+            "at the original base, or start a new run (checkpoint.resume=none).")
+
+
+def restart_data_seed(seed: int, step: int) -> int:
+    """Data seed of a loader restarted (not resumed) at ``step`` after a layout change: a fixed function of
+    (``data.seed``, step), so the restarted order is deterministic and differs from the order at step 0."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
+
+
+def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
+    """Replace ``c.data`` by this rank's loader built with ``data.seed = data_seed``."""
+    cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
+    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.rank, world_size=c.ctx.world_size)
+
+
+def layout_dict(cfg: RootConfig, ctx: DistContext) -> dict[str, int]:
+    """The resolved parallel layout recorded in checkpoints (resume is exact only under the same one)."""
+    return (ParallelLayout.single() if ctx.meshes is None else ctx.meshes.layout).as_dict()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the lines of ``metrics.jsonl`` with ``step <= step`` (and drop a torn last line); atomic
+    rewrite. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(x + "\n" for x in keep))
+    return dropped

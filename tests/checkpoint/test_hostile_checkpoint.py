@@ -1,0 +1,233 @@
+"""Checkpoints under hostile conditions (issue 17): rollback then ``resume=auto``, an export target that
+would delete the run, a full disk during a save, DCP metadata pointing outside the checkpoint, a truncated
+copy called complete by ``inspect``. Single process, tiny model (``ckpt_worker``)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import ckpt_worker as w
+import pytest
+import torch
+
+from rynnscale.checkpoint import dcp as ckpt
+from rynnscale.checkpoint.dcp import (
+    CheckpointError,
+    CheckpointManager,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_dcp_metadata,
+)
+from rynnscale.cli import main as cli_main
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _steps(run: Path) -> list[int]:
+    return [e.step for e in list_checkpoints(run) if e.complete]
+
+
+# ------------------------------------------------------------------------------------------ 3. rollback
+def test_auto_resume_follows_latest_after_rollback_and_prune_keeps_it(tmp_path):
+    """Saves at 2, 4, 6; roll back with resume=step_4 and save step 5 (keep_last=1): ``latest`` names step 5,
+    pruning keeps it (not the abandoned step 6), and ``auto`` resumes from it."""
+    torch.manual_seed(0)
+    w.run(tmp_path, 6, save_at=(2, 4, 6), keep_last=3)
+    root = tmp_path / "checkpoints"
+    assert _steps(tmp_path) == [2, 4, 6]
+    w.run(tmp_path, 5, save_at=(5,), resume=str(root / "step_000004"), keep_last=1)
+    assert (root / "latest").read_text().strip() == "step_000005"
+    assert (root / "step_000005").is_dir(), "pruning deleted the checkpoint 'latest' points to"
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000005"
+
+
+def test_auto_resume_falls_back_with_warning_when_latest_is_broken(tmp_path, caplog):
+    torch.manual_seed(0)
+    w.run(tmp_path, 4, save_at=(2, 4), keep_last=3)
+    root = tmp_path / "checkpoints"
+    for text in ("step_000009\n", "garbage\x00\n"):
+        (root / "latest").write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+            assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000004"
+        assert any("falling back" in r.getMessage() for r in caplog.records)
+    (root / "latest").unlink()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000004"
+
+
+# ------------------------------------------------------------------------------------------ 4. export target
+def _tiny_ckpt(run: Path) -> Path:
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    w.train_step(model, opt, sched)
+    return CheckpointManager(run).save(1, model, opt, sched, model_config=w.tiny_hf_config())
+
+
+def test_export_refuses_output_that_contains_or_is_inside_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    c = _tiny_ckpt(run)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "tokenizer_config.json").write_text("{}")
+    before = sorted(str(p) for p in run.rglob("*"))
+    for out, extra in [(run, []), (c, []), (c / "hf", []), (run / "checkpoints", []),
+                       (tmp_path, ["--copy-from", str(init)]), (init, ["--copy-from", str(init)])]:
+        rc = cli_main(["ckpt", "export-hf", str(c), str(out), "--overwrite", *extra])
+        err = capsys.readouterr().err
+        assert rc != 0, out
+        assert "would delete" in err or "inside the checkpoint" in err, err
+    assert sorted(str(p) for p in run.rglob("*")) == before
+    assert (init / "tokenizer_config.json").is_file()
+    # a separate directory still works
+    assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf"), "--copy-from", str(init)]) == 0
+
+
+# ------------------------------------------------------------------------------------------ 5. disk full
+def test_enospc_during_save_removes_partial_dir_and_keeps_previous(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    w.train_step(model, opt, sched)
+    mgr.save(1, model, opt, sched, model_config=w.tiny_hf_config())
+    from torch.distributed.checkpoint import filesystem
+
+    real = filesystem._write_item
+    calls = {"n": 0}
+
+    def full_disk(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(filesystem, "_write_item", full_disk)
+    w.train_step(model, opt, sched)
+    with pytest.raises(CheckpointError, match=r"ENOSPC.*partial directory .* removed") as ei:
+        mgr.save(2, model, opt, sched, model_config=w.tiny_hf_config())
+    assert str(tmp_path / "checkpoints") in str(ei.value)
+    assert calls["n"] > 3
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001"]
+    assert (root / "latest").read_text().strip() == "step_000001"
+    monkeypatch.setattr(filesystem, "_write_item", real)
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000001"
+    m2 = w.build_model(w.tiny_hf_config(), seed=3)
+    assert load_checkpoint(root / "step_000001", m2, w.build_optim(m2, 3)[0]).step == 1
+    mgr.save(2, model, opt, sched, model_config=w.tiny_hf_config())
+    assert _steps(tmp_path) == [1, 2]
+
+
+def test_stale_tmp_dir_is_removed_by_the_next_save(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    root = tmp_path / "checkpoints"
+    stale = root / f"step_000009.tmp-{uuid.uuid4().hex[:12]}"   # a crash at a later step than anything saved
+    (stale / "dcp").mkdir(parents=True)
+    (stale / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 4096)
+    assert find_resume_checkpoint(tmp_path, "auto") is None
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        CheckpointManager(tmp_path).save(1, model, opt, sched)
+    assert not stale.exists()
+    assert any("stale temporary" in r.getMessage() for r in caplog.records)
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if r.returncode == 0:
+        subprocess.run(["umount", str(where)], capture_output=True)
+        return True
+    return False
+
+
+def test_real_full_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _can_mount_tmpfs(mnt):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 3)
+    w.train_step(model, opt, sched)
+    probe = tmp_path / "probe"
+    CheckpointManager(probe).save(1, model, opt, sched)
+    one = sum(f.stat().st_size for f in probe.rglob("*") if f.is_file())
+    size_kib = int(one * 1.6 / 1024) + 64   # room for one checkpoint, not two
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mnt)], check=True)
+    try:
+        mgr = CheckpointManager(mnt, keep_last=2)
+        mgr.save(1, model, opt, sched)
+        with pytest.raises(CheckpointError, match="ENOSPC"):
+            mgr.save(2, model, opt, sched)
+        assert sorted(p.name for p in (mnt / "checkpoints").iterdir()) == ["latest", "step_000001"]
+        assert find_resume_checkpoint(mnt, "auto") == mnt / "checkpoints" / "step_000001"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------ 7. storage paths
+def _rewrite_storage(c: Path, fn) -> None:
+    """Rewrite the checkpoint's DCP ``.metadata`` with ``fn(relative_path) -> new path`` (as an attacker would)."""
+    md = read_dcp_metadata(c / "dcp")
+    for info in md.storage_data.values():
+        info.relative_path = fn(info.relative_path)
+    (c / "dcp" / ".metadata").write_bytes(pickle.dumps(md))
+
+
+@pytest.mark.parametrize("bad", ["../{}", "/etc/{}", "sub/../../{}"])
+def test_metadata_paths_outside_checkpoint_are_refused(tmp_path, bad, capsys):
+    c = _tiny_ckpt(tmp_path / "run")
+    outside = tmp_path / "run" / "checkpoints"
+    for f in (c / "dcp").glob("*.distcp"):
+        shutil.copy(f, outside / f.name)   # the data is really there, outside: must still be refused
+    _rewrite_storage(c, lambda rel: bad.format(rel))
+    with pytest.raises(CheckpointError, match="points outside the checkpoint directory"):
+        read_dcp_metadata(c / "dcp")
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    with pytest.raises(CheckpointError, match="points outside"):
+        load_checkpoint(c, model, opt, sched)
+    assert cli_main(["ckpt", "inspect", str(c)]) != 0
+    assert "points outside the checkpoint directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 8. truncated copy
+def test_inspect_reports_truncated_or_missing_data_files(tmp_path):
+    from rynnscale.checkpoint.inspection import inspect_checkpoint
+
+    c = _tiny_ckpt(tmp_path / "run")
+    assert inspect_checkpoint(c)["complete"]
+    data = next((c / "dcp").glob("*.distcp"))
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    info = inspect_checkpoint(c)
+    assert not info["complete"] and "truncated" in info["incomplete_reason"] and data.name in info["incomplete_reason"]
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 1)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(c, model, opt, sched)
+    data.unlink()
+    info = inspect_checkpoint(c)
+    assert not info["complete"] and "missing" in info["incomplete_reason"]
+    assert json.loads((c / "COMPLETE").read_text())["step"] == 1   # the marker alone is not trusted
+    assert ckpt.check_complete(c) == ""   # (the cheap marker check, unchanged)

@@ -1,0 +1,82 @@
+"""One hostile sample must never stop training or ``rynnscale data inspect`` (issue 17): JSON nested 200k
+deep (RecursionError), a 5000-digit integer (int-str conversion limit), a lone surrogate in text (tokenizer
+TypeError). Each becomes a counted ``bad_json`` skip naming the sample key, under ``data.max_bad_fraction``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rynnscale.data.encode import SampleEncoder, SampleError
+from rynnscale.data.loader import LoaderConfig, TrainLoader
+from rynnscale.data.reader import iter_tar_samples
+from rynnscale.data.tokenizer import load_tokenizer
+from rynnscale.data_pipelines.shard_stats import inspect_shards
+from rynnscale.data_pipelines.shards import ShardWriter
+from rynnscale.data_pipelines.synthetic import generate_synthetic
+
+GOOD = {"conversation": [{"role": "user", "content": "Where is the cup?"},
+                         {"role": "assistant", "content": "On the table."}]}
+DEEP = b"[" * 200_000 + b"]" * 200_000
+BIGINT = b'{"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "n": ' + \
+    b"9" * 5000 + b"}"
+SURROGATE = json.dumps({"conversation": [{"role": "user", "content": "bad \ud800 text"},
+                                         {"role": "assistant", "content": "ok"}]}).encode()
+PAIR = json.dumps({"conversation": [{"role": "user", "content": "emoji \U0001F600"},
+                                    {"role": "assistant", "content": "ok"}]}).encode()   # \ud83d\ude00: valid
+HOSTILE = {"deep": (DEEP, "nested too deeply"), "bigint": (BIGINT, "integer string conversion"),
+           "surrogate": (SURROGATE, "lone surrogate")}
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return SampleEncoder(load_tokenizer())
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_encoder_turns_hostile_json_into_bad_json(enc, name):
+    raw, detail = HOSTILE[name]
+    for call in (enc.encode, enc.estimate):
+        with pytest.raises(SampleError) as ei:
+            call(f"key-{name}", {"conv.json": raw})
+        assert ei.value.reason == "bad_json" and ei.value.key == f"key-{name}" and detail in ei.value.detail
+
+
+def test_valid_surrogate_pair_escape_still_encodes(enc):
+    assert b"\\ud83d\\ude00" in PAIR
+    assert enc.encode("emoji", {"conv.json": PAIR}).num_tokens > 0
+
+
+def _dataset(tmp_path: Path) -> Path:
+    """Synthetic samples (valid meta.json) rewritten with three hostile conv.json among them."""
+    src = tmp_path / "src"
+    generate_synthetic(src, 9, seed=1, samples_per_shard=9, progress=False)
+    samples = [s for shard in sorted(src.glob("*.tar")) for s in iter_tar_samples(str(shard))]
+    out = tmp_path / "hostile"
+    with ShardWriter(out, max_samples=4) as w:
+        for i, s in enumerate(samples):
+            members = dict(s.members)
+            if i < len(HOSTILE):
+                members["conv.json"] = HOSTILE[sorted(HOSTILE)[i]][0]
+            w.write(s.key, members)
+    return out
+
+
+def test_loader_skips_and_counts_them(tmp_path, enc):
+    d = _dataset(tmp_path)
+    cfg = LoaderConfig(train_shards=[str(d / "*.tar")], micro_batch_tokens=4096, pack_window=4, shuffle_buffer=0,
+                       num_workers=0, num_epochs=1, max_bad_fraction=0.5)
+    loader = TrainLoader(cfg, enc)
+    keys = [k for b in loader for k in b.sample_keys]
+    assert len(keys) == 6 and loader.bad_counts == {"bad_json": 3}
+
+
+def test_data_inspect_counts_them(tmp_path):
+    d = _dataset(tmp_path)
+    for estimate in (True, False):
+        rep = inspect_shards(d, estimate=estimate)
+        assert sum(rep["bad"].values()) == 3 and rep["bad"]["bad_json"] >= 2, rep["bad"]   # counted, no crash
+        assert any("nested too deeply" in x for x in rep["bad_examples"]["bad_json"])
+        assert any("integer string conversion" in x for x in rep["bad_examples"]["bad_json"])

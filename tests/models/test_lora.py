@@ -1,0 +1,193 @@
+"""LoRA (``rynnscale.models.lora``, ``rynnscale.checkpoint.adapter``) against peft on transformers.
+
+- our model with adapters == ``peft.PeftModel.from_pretrained(transformers model, exported adapter)``:
+  logits rel 1e-5 (fp32, CPU) per sample of a packed row of text + video samples; dense and MoE, expert
+  adapters on and off;
+- merged export == adapter applied (rel 1e-5); fresh adapters leave the output bitwise unchanged;
+- adapter gradients == a float64 reference, max|diff| < 1e-5 x max|grad| (dense Linear and per-expert
+  fused tensors, one expert without rows); frozen base weights get no gradient.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rynnscale.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+from rynnscale.checkpoint.hf import export_model
+from rynnscale.config.schema import LoRAConfig, ModelConfig
+from rynnscale.data.encode import EncoderConfig, SampleEncoder
+from rynnscale.data.packing import build_packed_batch
+from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
+from rynnscale.data_pipelines.synthetic import synthetic_sample
+from rynnscale.models.lora import LoRALinear, LoRASpec, add_expert_lora, is_adapter_param
+from rynnscale.parallel.fqn import clean_fqn
+from rynnscale.train.build import build_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+IMG, VID = 151655, 151656
+RANK, ALPHA = 4, 8.0
+
+
+def tiny_hf_config(moe: bool):
+    text = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1])
+        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096))
+    return [enc.encode(*synthetic_sample(i, seed=11)) for i in range(3)]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+def init_dir(request, tmp_path_factory):
+    torch.manual_seed(0)
+    src = tmp_path_factory.mktemp("lora_init") / ("moe" if request.param else "dense")
+    hf = transformers.AutoModelForImageTextToText.from_config(tiny_hf_config(request.param))
+    with torch.no_grad():  # biases / norms away from their init values, so every tensor is exercised
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    hf.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(Path(default_tokenizer_dir()) / f, src / f)
+    return src, request.param
+
+
+def hf_logits(hf, s):
+    ids = s.input_ids_l
+    tt = torch.zeros_like(ids)
+    tt[ids == IMG] = 1
+    tt[ids == VID] = 2
+    return hf(input_ids=ids[None], mm_token_type_ids=tt[None], use_cache=False, pixel_values=s.pixel_values,
+              image_grid_thw=s.image_grid_thw, pixel_values_videos=s.pixel_values_videos,
+              video_grid_thw=s.video_grid_thw).logits[0]
+
+
+def lora_model(src: Path, experts: bool, vision: bool = False):
+    lc = LoRAConfig(rank=RANK, alpha=ALPHA, experts=experts, vision=vision)
+    return build_model(ModelConfig(init_from=str(src), attn_backend="loop", lora=lc), torch.device("cpu"), seed=0)
+
+
+def randomize_adapters(model, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if is_adapter_param(n):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                out[clean_fqn(n)] = p.detach().clone()
+    return out
+
+
+def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def _case_ids(moe: bool) -> list[bool]:
+    return [False, True] if moe else [False]
+
+
+def test_fresh_adapters_leave_the_model_bitwise_unchanged(init_dir, samples):
+    src, moe = init_dir
+    batch = build_packed_batch(samples)
+    _, base = build_model(ModelConfig(init_from=str(src), attn_backend="loop"), torch.device("cpu"), seed=0)
+    _, ours = lora_model(src, experts=moe, vision=True)
+    with torch.no_grad():
+        assert torch.equal(ours.logits(ours(batch).hidden_ld), base.logits(base(batch).hidden_ld))
+    trainable = {clean_fqn(n) for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter_param(n) for n in trainable)
+    assert any("visual.blocks.0.attn.qkv.lora_A" in n for n in trainable)
+    assert any("experts.gate_up_proj_lora_A" in n for n in trainable) == moe
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["attn_mlp", "with_experts"])
+def test_matches_peft_on_transformers_and_merged_export(init_dir, samples, tmp_path, experts):
+    src, moe = init_dir
+    if experts and not moe:
+        pytest.skip("a dense model has no experts")
+    args, ours = lora_model(src, experts=experts)
+    adapters = randomize_adapters(ours)
+    spec = ours.lora_spec
+    out = export_adapter(adapters, spec, tmp_path / "adapter", base_model_name_or_path=str(src))
+    assert (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file()
+
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, str(out))
+    pm.eval()
+    ours.eval()
+    merged_dir = tmp_path / "merged"
+    export_model(ours, args, merged_dir, copy_from=src)
+    merged = transformers.AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)
+    merged.eval()
+    batch = build_packed_batch(samples)
+    assert batch.video_grid_thw is not None
+    with torch.no_grad():
+        ours_ld = ours.logits(ours(batch).hidden_ld)
+        cu = batch.cu_seqlens.tolist()
+        for i, s in enumerate(samples):
+            ref = hf_logits(pm, s)
+            assert max_rel(ours_ld[cu[i]:cu[i + 1]], ref) < 1e-5, f"sample {i}: ours vs peft"
+            assert max_rel(hf_logits(merged, s), ref) < 1e-5, f"sample {i}: merged export vs peft"
+        base = hf_logits(transformers.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32), samples[0])
+        assert max_rel(ours_ld[: cu[1]], base) > 1e-3  # the adapters really changed the model
+
+
+def test_adapter_gradients_match_float64_and_base_gets_none():
+    torch.manual_seed(0)
+    spec = LoRASpec(rank=3, alpha=6.0)
+    lin = LoRALinear.from_linear(torch.nn.Linear(5, 7), spec)
+    for p in (lin.lora_A, lin.lora_B):
+        torch.nn.init.normal_(p)
+    lin.weight.requires_grad_(False)
+    lin.bias.requires_grad_(False)
+    x = torch.randn(6, 5)
+    w_out = torch.randn(6, 7)
+    (lin(x) * w_out).sum().backward()
+    A, B = lin.lora_A.detach().double().requires_grad_(), lin.lora_B.detach().double().requires_grad_()
+    y = x.double() @ lin.weight.double().T + lin.bias.double() + 2.0 * (x.double() @ A.T) @ B.T
+    (y * w_out.double()).sum().backward()
+    for got, want in ((lin.lora_A.grad, A.grad), (lin.lora_B.grad, B.grad)):
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5  # fp32 vs float64
+    assert lin.weight.grad is None and lin.bias.grad is None
+
+    from rynnscale.models.qwen3_vl.args import TextArgs
+    from rynnscale.models.qwen3_vl.moe import GroupedExperts
+    targs = TextArgs(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=4, mrope_section=[1, 0, 1], num_experts=3, num_experts_per_tok=1, moe_intermediate_size=4)
+    ex = GroupedExperts(targs, gemm_backend="loop")
+    add_expert_lora(ex, spec)
+    for n, p in ex.named_parameters():
+        torch.nn.init.normal_(p, std=0.3)
+        p.requires_grad_(is_adapter_param(n))
+    x = torch.randn(7, 8)
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)   # expert 1 gets no rows
+    (ex(x, offsets) ** 2).sum().backward()
+    ref = {n: p.detach().double().requires_grad_() for n, p in ex.named_parameters()}
+    ys = []
+    for e, (lo, hi) in enumerate(((0, 2), (2, 2), (2, 7))):
+        xe = x[lo:hi].double()
+        gu = xe @ ref["gate_up_proj"][e].T + 2.0 * (xe @ ref["gate_up_proj_lora_A"][e].T) @ ref["gate_up_proj_lora_B"][e].T
+        g, u = gu.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(g) * u
+        ys.append(h @ ref["down_proj"][e].T + 2.0 * (h @ ref["down_proj_lora_A"][e].T) @ ref["down_proj_lora_B"][e].T)
+    (torch.cat(ys) ** 2).sum().backward()
+    for n, p in ex.named_parameters():
+        if is_adapter_param(n):
+            err = float((p.grad.double() - ref[n].grad).abs().max() / ref[n].grad.abs().max())
+            assert err < 1e-5, f"{n}: max|diff| = {err:.1e} x max|grad|"  # fp32 vs float64
+        else:
+            assert p.grad is None, n

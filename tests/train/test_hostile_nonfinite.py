@@ -1,0 +1,58 @@
+"""Non-finite steps (issue 17): an inf/NaN loss or gradient norm skips the optimiser step, is counted in
+``metrics.jsonl`` as ``nonfinite_steps``, never produces a checkpoint, and ``train.max_nonfinite_steps`` in a
+row stop the run without saving (so NaN checkpoints can never push good ones out under keep_last)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rynnscale.config import load_config
+from rynnscale.train import step, trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path: Path, **over):
+    items = {"run.output_dir": tmp_path / "run", "train.max_steps": 5, "data.synthetic.num_samples": 24,
+             "data.synthetic.samples_per_shard": 24, "data.synthetic.output_dir": tmp_path / "data",
+             "checkpoint.every_steps": 1, "checkpoint.keep_last": 9, "logging.progress": "false",
+             "logging.plot": "false", "logging.wandb.mode": "disabled", "data.shuffle_buffer": 8,
+             "data.pack_window": 8, **over}
+    return load_config(REPO / "recipes" / "demo_tiny.yaml", [f"{k}={v}" for k, v in items.items()])
+
+
+def _nan_grad_norm_at(monkeypatch, bad_steps: set[int]):
+    real = step.clip_grad_norm_
+    calls = {"n": 0}
+
+    def fake(params, max_norm, group):
+        calls["n"] += 1
+        total = real(params, max_norm, group)
+        return torch.full_like(total, float("nan")) if calls["n"] in bad_steps else total
+    monkeypatch.setattr(step, "clip_grad_norm_", fake)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_nonfinite_step_is_skipped_and_not_saved(tmp_path, monkeypatch):
+    _nan_grad_norm_at(monkeypatch, {3})
+    run = trainer.run_training(_cfg(tmp_path, **{"train.max_steps": 4}))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_000001", "step_000002", "step_000004"]
+    m = _metrics(run)
+    assert [r["nonfinite_steps"] for r in m] == [0, 0, 1, 1]
+
+
+def test_nonfinite_steps_in_a_row_abort_without_saving(tmp_path, monkeypatch):
+    _nan_grad_norm_at(monkeypatch, {3, 4, 5})
+    with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite for 2 steps in a row.*max_nonfinite_steps=2"):
+        trainer.run_training(_cfg(tmp_path, **{"train.max_nonfinite_steps": 2}))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert (root / "latest").read_text().strip() == "step_000002"
