@@ -12,8 +12,12 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
     from rynnscale.config import ConfigError, load_config
 
+    # before loading: the config's own notes (a command-line source replacing the recipe's) are start-up lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:

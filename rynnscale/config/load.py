@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import typing
@@ -25,6 +26,8 @@ from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
 from .model_args import resolve_model_args
 from .schema import CHOICES, ConfigError, RootConfig
+
+log = logging.getLogger(__name__)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -221,7 +224,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             cli = _from_dotlist(overrides)
             _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
             _coerce_lists(cli, RootConfig, "override")
-            _replace_architecture_source(layers, cli)
+            _replace_recipe_sources(layers, cli)
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -257,18 +260,43 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
     return cli
 
 
-def _replace_architecture_source(layers: list, cli: DictConfig) -> None:
-    """A command-line ``model.init_from`` (or ``model.arch``) replaces the recipe's source of the
-    architecture: ``rynnscale train demo.yaml model.init_from=DIR`` fine-tunes DIR instead of failing on
-    two sources. Setting both on the command line is still an error (``validate``)."""
-    model = cli.get("model") if isinstance(cli, DictConfig) else None
-    if not isinstance(model, DictConfig):
-        return
-    for given, other in (("init_from", "arch"), ("arch", "init_from")):
-        if model.get(given) is not None and other not in model:
-            for layer in layers[1:]:  # recipe layers (the schema holds the defaults)
-                if OmegaConf.select(layer, f"model.{other}") is not None:
-                    OmegaConf.update(layer, f"model.{other}", None, force_add=True)
+# A command-line key replaces the recipe's sources of the same thing: (command-line key, [(recipe key, value that
+# switches it off, command-line prefix that keeps it)]). ``rynnscale train demo.yaml model.init_from=DIR``
+# fine-tunes DIR instead of failing on two architectures; ``data.train_shards=OUT`` trains on OUT only instead of
+# silently mixing in the recipe's synthetic set (unless the command line also sets ``data.synthetic.*``).
+_COMMAND_LINE_REPLACES: tuple[tuple[str, tuple[tuple[str, Any, str], ...]], ...] = (
+    ("model.init_from", (("model.arch", None, "model.arch"),)),
+    ("model.arch", (("model.init_from", None, "model.init_from"),)),
+    ("data.train_shards", (("data.mixture", [], "data.mixture"),
+                           ("data.synthetic.num_samples", 0, "data.synthetic"))),
+    ("data.mixture", (("data.train_shards", [], "data.train_shards"),
+                      ("data.synthetic.num_samples", 0, "data.synthetic"))),
+)
+
+
+def _replace_recipe_sources(layers: list, cli: DictConfig) -> None:
+    """Apply ``_COMMAND_LINE_REPLACES`` to the recipe layers (``layers[1:]``; ``layers[0]`` is the schema's
+    defaults) and log one line per command-line key that replaced something. Setting two sources of the same
+    thing on the command line is still an error (``validate``)."""
+    for given, replaced in _COMMAND_LINE_REPLACES:
+        value = OmegaConf.select(cli, given, default=None)
+        if value is None or (isinstance(value, ListConfig) and len(value) == 0):
+            continue
+        changes = []
+        for key, off, keep_prefix in replaced:
+            if OmegaConf.select(cli, keep_prefix, default=None) is not None:
+                continue
+            for layer in layers[1:]:
+                old = OmegaConf.select(layer, key, default=None)
+                if old is None or old == off or (isinstance(old, ListConfig) and len(old) == 0):
+                    continue
+                shown = (f"{len(old)} item(s)" if isinstance(old, ListConfig) else
+                         "inline architecture" if isinstance(old, DictConfig) else repr(old))
+                keep = f"; any {keep_prefix}.* on the command line keeps it" if keep_prefix != key else ""
+                changes.append(f"{key} ({shown}) -> {off!r}{keep}")
+                OmegaConf.update(layer, key, off, force_add=True, merge=False)
+        if changes:
+            log.info("command-line %s replaces the recipe's %s", given, ", ".join(changes))
 
 
 def _get(cfg: Any, dotted: str) -> Any:

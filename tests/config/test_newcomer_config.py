@@ -52,3 +52,36 @@ def test_interpolated_string_stays_an_interpolation(tmp_path: Path) -> None:
 def test_wrong_type_says_what_to_write(override: str, expect: str) -> None:
     with pytest.raises(ConfigError, match=expect):
         load_config(DEMO, [override], check_paths=False)
+
+
+# ----------------------------------------------------------------------------- command-line data replaces the recipe's
+
+
+def test_command_line_train_shards_replace_the_recipes_synthetic_set(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="rynnscale.config.load"):
+        cfg = load_config(DEMO, ["data.train_shards=/data/x"], check_paths=False)
+    assert cfg.data.train_shards == ["/data/x"] and cfg.data.synthetic.num_samples == 0
+    lines = [r.getMessage() for r in caplog.records if "replaces the recipe" in r.getMessage()]
+    assert len(lines) == 1 and "data.synthetic.num_samples" in lines[0] and "2000" in lines[0], lines
+
+
+def test_command_line_synthetic_keys_keep_the_synthetic_set() -> None:
+    cfg = load_config(DEMO, ["data.train_shards=/data/x", "data.synthetic.frames=2"], check_paths=False)
+    assert cfg.data.synthetic.num_samples == 2000 and cfg.data.synthetic.frames == 2
+    cfg = load_config(DEMO, ["data.train_shards=/data/x", "data.synthetic.num_samples=10"], check_paths=False)
+    assert cfg.data.synthetic.num_samples == 10
+
+
+def test_recipe_data_without_command_line_data_is_kept() -> None:
+    assert load_config(DEMO, ["train.max_steps=3"], check_paths=False).data.synthetic.num_samples == 2000
+
+
+def test_command_line_mixture_replaces_recipe_train_shards_and_back(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"extends: {DEMO}\ndata:\n  train_shards: [/data/recipe.tar]\n")
+    cfg = load_config(recipe, ["data.mixture=[{name: a, shards: /data/a}]"], check_paths=False)
+    assert cfg.data.train_shards == [] and cfg.data.synthetic.num_samples == 0
+    assert [m.shards for m in cfg.data.mixture] == [["/data/a"]]
+    recipe.write_text(f"extends: {DEMO}\ndata:\n  mixture: [{{name: r, shards: [/data/r]}}]\n")
+    cfg = load_config(recipe, ["data.train_shards=/data/x"], check_paths=False)
+    assert cfg.data.mixture == [] and cfg.data.train_shards == ["/data/x"]
