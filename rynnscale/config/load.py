@@ -45,12 +45,18 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if path in chain:
         raise ConfigError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
+        by = f" (named by 'extends:' in {chain[-1]})" if chain else ""
+        raise ConfigError(f"recipe {path}{by} does not exist" + ("; 'extends:' paths are relative to the recipe "
+                                                                  "that names them" if chain else ""))
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors; their text quotes the file: name only where it failed
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        tag = re.search(r"tag '([^']{1,80})", str(getattr(e, "problem", "") or ""))
+        if tag:   # !!python/object/apply:... : yaml's safe loader refuses it; say so, never build the object
+            raise ConfigError(f"recipe {path} uses the YAML tag {tag.group(1)!r}{where}: tags are not allowed in "
+                              "recipes (they would build Python objects); write plain values") from None
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
                           "recipe mapping") from None
     if not isinstance(node, DictConfig):

@@ -85,3 +85,27 @@ def test_command_line_mixture_replaces_recipe_train_shards_and_back(tmp_path: Pa
     recipe.write_text(f"extends: {DEMO}\ndata:\n  mixture: [{{name: r, shards: [/data/r]}}]\n")
     cfg = load_config(recipe, ["data.train_shards=/data/x"], check_paths=False)
     assert cfg.data.mixture == [] and cfg.data.train_shards == ["/data/x"]
+
+
+# ----------------------------------------------------------------------------- recipe files
+
+
+def test_yaml_python_tag_is_refused_naming_the_file(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f"run:\n  name: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"recipe .*evil\.yaml uses the YAML tag 'tag:yaml.org,2002:python/object"
+                                          r"/apply:os.system' \(line 2, column 9\): tags are not allowed"):
+        load_config(recipe, check_paths=False)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=r"override .run\.name=!!python.*ConstructorError"):
+        load_config(DEMO, [f"run.name=!!python/object/apply:os.system ['touch {marker}']"], check_paths=False)
+    assert not marker.exists()
+
+
+def test_missing_parent_names_the_recipe_that_extends_it(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parents/base.yaml\nrun: {name: x}\n")
+    with pytest.raises(ConfigError, match=r"recipe .*parents/base\.yaml \(named by 'extends:' in .*child\.yaml\) "
+                                          r"does not exist; 'extends:' paths are relative"):
+        load_config(child, check_paths=False)
