@@ -12,8 +12,12 @@ from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
     from rynnscale.config import ConfigError, load_config
 
+    # before loading: the config's own notes (a command-line source replacing the recipe's) are start-up lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as e:
@@ -76,7 +80,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
             rep = convert_lerobot(
                 args.src, args.out, episodes=args.episodes, episodes_per_shard=args.episodes_per_shard,
                 clip_seconds=args.clip_seconds, stride_seconds=args.stride_seconds, fps=args.fps,
-                video_key=args.video_key, media=args.media, codec=args.codec, max_side=args.max_side,
+                video_key=args.video_key, video_path=args.video_path, data_path=args.data_path, media=args.media, codec=args.codec, max_side=args.max_side,
                 tolerance_s=args.tolerance_s, action_key=args.action_key,
                 state_key=None if args.state_key in ("", "none") else args.state_key, action_space=args.action_space,
                 action_units=args.action_units, action_bins=args.action_bins, binning=args.binning,
@@ -218,6 +222,11 @@ def _add_convert_parsers(dsub) -> None:
                     help="comma-separated episode indices (default: all present)")
     cl.add_argument("--episodes-per-shard", type=int, default=8)
     cl.add_argument("--video-key", default=None, help="camera feature (default: the first video feature)")
+    cl.add_argument("--video-path", default=None, metavar="TEMPLATE",
+                    help="video file template relative to SRC, replacing meta/info.json's video_path (same fields: "
+                         "{episode_chunk:03d} {episode_index:06d} {video_key}; v3.0: {chunk_index} {file_index})")
+    cl.add_argument("--data-path", default=None, metavar="TEMPLATE",
+                    help="parquet file template relative to SRC, replacing meta/info.json's data_path")
     cl.add_argument("--media", choices=["video", "frames"], default="video", help="re-encoded mp4 or jpg frames")
     cl.add_argument("--codec", default="auto", help="auto | libx264 | mpeg4 | libvpx-vp9")
     cl.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")

@@ -192,6 +192,29 @@ class _Source:
     dtype: str                   # safetensors dtype string, e.g. "BF16"
 
 
+def check_safetensors_file(f: Path, max_header: int = 100 << 20) -> None:
+    """Refuse a safetensors file whose header cannot be read or claims more bytes than the file has (a truncated
+    download or copy), naming both sizes, before any tensor is read."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(max_header, size - 8):
+                raise HFCheckpointError(f"{f}: not a complete safetensors file ({size} bytes; its header length "
+                                        f"field says {n}): truncated or not safetensors; copy it again")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise HFCheckpointError(f"{f}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise HFCheckpointError(f"{f}: safetensors header is not an object")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max((int(e) for e in ends if isinstance(e, int)), default=0)
+    if need > size:
+        raise HFCheckpointError(f"{f}: truncated: {size} bytes but its safetensors header needs {need} "
+                                f"({need - size} missing); copy or download it again")
+
+
 def _checkpoint_sources(path: Path) -> tuple[list[Path], dict[str, _Source], list[str]]:
     """Shard files, checkpoint key -> source (from headers only), and problems found."""
     single, index = path / SINGLE_FILE, path / INDEX_FILE
@@ -217,6 +240,7 @@ def _checkpoint_sources(path: Path) -> tuple[list[Path], dict[str, _Source], lis
     sources: dict[str, _Source] = {}
     duplicates, unindexed = [], []
     for f in files:
+        check_safetensors_file(f)
         with safe_open(f, framework="pt", device="cpu") as st:
             for k in st.keys():
                 sl = st.get_slice(k)

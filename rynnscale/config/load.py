@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
 from .model_args import resolve_model_args
 from .schema import CHOICES, ConfigError, RootConfig
+
+log = logging.getLogger(__name__)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -41,12 +45,18 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if path in chain:
         raise ConfigError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in chain + (path,))}")
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
+        by = f" (named by 'extends:' in {chain[-1]})" if chain else ""
+        raise ConfigError(f"recipe {path}{by} does not exist" + ("; 'extends:' paths are relative to the recipe "
+                                                                  "that names them" if chain else ""))
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors; their text quotes the file: name only where it failed
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        tag = re.search(r"tag '([^']{1,80})", str(getattr(e, "problem", "") or ""))
+        if tag:   # !!python/object/apply:... : yaml's safe loader refuses it; say so, never build the object
+            raise ConfigError(f"recipe {path} uses the YAML tag {tag.group(1)!r}{where}: tags are not allowed in "
+                              "recipes (they would build Python objects); write plain values") from None
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
                           "recipe mapping") from None
     if not isinstance(node, DictConfig):
@@ -89,6 +99,101 @@ def _refuse_resolvers(tree: Any, where: str, prefix: str = "") -> None:
             _refuse_resolvers(v, where, key)
 
 
+# ----------------------------------------------------------------------------- types against the schema
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _schema_type(key: str) -> Any:
+    """The schema's type hint of dotted ``key`` (list indices ``[i]`` stepped into), or None if not a schema key."""
+    tp: Any = RootConfig
+    for part in re.sub(r"\[\d+\]", "", key).split("."):
+        while typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)) or part not in _hints(tp):
+            return None
+        tp = _hints(tp)[part]
+    return tp
+
+
+def _example(key: str, tp: Any) -> str:
+    """What to write for ``key`` of type ``tp``: a short phrase and a command-line example."""
+    leaf = key.rsplit(".", 1)[-1]
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(elem):
+            fields = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(elem))
+            return f"a list of mappings ({elem.__name__}), e.g. {key}=[{{{fields}}}]"
+        sample = {"train_shards": "data/shards", "shards": "data/shards"}.get(leaf, "pattern")
+        return (f"a list of strings (one string means a one-element list), e.g. {key}=[{sample}/a-*.tar,"
+                f"{sample}/b.tar] or {key}={sample}/a-*.tar" if "shards" in leaf else
+                f"a list of strings (one string means a one-element list), e.g. {key}=['model.visual.*']")
+    base = [a for a in typing.get_args(tp) if a is not type(None)] or [tp] if typing.get_origin(tp) else [tp]
+    t = base[0]
+    default = _schema_default(key)
+    if t is bool:
+        return f"expected true or false, e.g. {key}={'false' if default else 'true'}"
+    if t is int:
+        return f"expected an integer, e.g. {key}={default if isinstance(default, int) else 1}"
+    if t is float:
+        return f"expected a number, e.g. {key}={default if isinstance(default, float) else 1.0}"
+    if t is str:
+        return f"expected a string, e.g. {key}={default or 'value'}"
+    return f"expected {getattr(t, '__name__', t)}"
+
+
+def _schema_default(key: str) -> Any:
+    node: Any = RootConfig()
+    for part in key.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> None:
+    """In one layer (recipe or command line), make a scalar given for a list-typed schema field a one-element list
+    (``data.train_shards=path/*.tar``), generically over the schema, lists of sections included
+    (``data.mixture[i].shards``). A value of the wrong kind (a mapping for a list of strings, a scalar for a list
+    of sections) is a ConfigError naming the key, the type expected and an example. Unknown keys are left to the
+    merge (which names them with a suggestion); interpolations are kept as they are."""
+    hints = _hints(cls)
+    for k in list(node.keys()):
+        if not isinstance(k, str) or k not in hints:
+            continue
+        tp, key = hints[k], f"{prefix}{k}"
+        child = node._get_node(k)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+                _coerce_lists(child, tp, where, key + ".")
+            continue
+        if typing.get_origin(tp) is not list:
+            continue
+        (elem,) = typing.get_args(tp)
+        is_section = isinstance(elem, type) and dataclasses.is_dataclass(elem)
+        if isinstance(child, ListConfig):
+            if is_section and not child._is_none() and not child._is_interpolation():
+                for i, item in enumerate(child):
+                    if isinstance(item, DictConfig):
+                        _coerce_lists(item, elem, where, f"{key}[{i}].")
+            continue
+        if isinstance(child, DictConfig):
+            if is_section and not child._is_none():
+                node[k] = [child]
+                _coerce_lists(node[k][0], elem, where, f"{key}[0].")
+                continue
+            raise ConfigError(f"{where}: config key '{key}' is a mapping; expected {_example(key, tp)}")
+        value = child._value()
+        if value is None or (isinstance(value, str) and value.startswith("${") and value.endswith("}")
+                             and value.count("${") == 1):
+            continue   # null, or a whole-value reference to another list
+        if is_section:
+            raise ConfigError(f"{where}: config key '{key}' = {value!r} is not a list; expected {_example(key, tp)}")
+        node[k] = [value]
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
@@ -100,7 +205,8 @@ def _explain(e: OmegaConfBaseException) -> str:
                          if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
         return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
     if isinstance(e, ValidationError) and key:
-        return f"config key '{key}': {msg}"
+        tp = _schema_type(key)
+        return f"config key '{key}': {msg}" + (f"; {_example(key, tp)}" if tp is not None else "")
     return f"{key + ': ' if key else ''}{msg}"
 
 
@@ -115,14 +221,16 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
         layers = [schema]
         if recipe is not None:
             layers.append(_read_yaml(Path(recipe)))
+            _coerce_lists(layers[-1], RootConfig, f"recipe {Path(recipe)}")
         overrides = list(overrides)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         if overrides:
-            cli = OmegaConf.from_dotlist(overrides)
+            cli = _from_dotlist(overrides)
             _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
-            _replace_architecture_source(layers, cli)
+            _coerce_lists(cli, RootConfig, "override")
+            _replace_recipe_sources(layers, cli)
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -132,18 +240,69 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
     return cfg
 
 
-def _replace_architecture_source(layers: list, cli: DictConfig) -> None:
-    """A command-line ``model.init_from`` (or ``model.arch``) replaces the recipe's source of the
-    architecture: ``rynnscale train demo.yaml model.init_from=DIR`` fine-tunes DIR instead of failing on
-    two sources. Setting both on the command line is still an error (``validate``)."""
-    model = cli.get("model") if isinstance(cli, DictConfig) else None
-    if not isinstance(model, DictConfig):
-        return
-    for given, other in (("init_from", "arch"), ("arch", "init_from")):
-        if model.get(given) is not None and other not in model:
-            for layer in layers[1:]:  # recipe layers (the schema holds the defaults)
-                if OmegaConf.select(layer, f"model.{other}") is not None:
-                    OmegaConf.update(layer, f"model.{other}", None, force_add=True)
+def _from_dotlist(overrides: list[str]) -> DictConfig:
+    """omegaconf's dotlist parsing, except that a value YAML cannot parse as a scalar is the plain string it reads
+    as (``model.lora.targets=*.q_proj``: a leading ``*`` is a YAML alias); a broken ``[...]`` / ``{...}`` or a YAML
+    tag is an error naming the override."""
+    import yaml
+    try:   # omegaconf's loader: yaml's SafeLoader plus its float / key rules (no tags that build objects)
+        from omegaconf._yaml import get_yaml_loader
+    except ImportError:   # omegaconf < 2.4
+        from omegaconf._utils import get_yaml_loader  # type: ignore[attr-defined,no-redef]
+
+    cli = OmegaConf.create()
+    for item in overrides:
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.load(text, Loader=get_yaml_loader())
+        except yaml.YAMLError as e:
+            if text.lstrip()[:1] in ("[", "{", "!"):
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: "
+                                  f"{getattr(e, 'problem', None) or e}); write lists as key=[a,b] and mappings as "
+                                  "key={a: 1}, and quote a value that starts with a special character: "
+                                  f"{key}='\"{text}\"'") from None
+            value = text
+        OmegaConf.update(cli, key, value)
+    return cli
+
+
+# A command-line key replaces the recipe's sources of the same thing: (command-line key, [(recipe key, value that
+# switches it off, command-line prefix that keeps it)]). ``rynnscale train demo.yaml model.init_from=DIR``
+# fine-tunes DIR instead of failing on two architectures; ``data.train_shards=OUT`` trains on OUT only instead of
+# silently mixing in the recipe's synthetic set (unless the command line also sets ``data.synthetic.*``).
+_COMMAND_LINE_REPLACES: tuple[tuple[str, tuple[tuple[str, Any, str], ...]], ...] = (
+    ("model.init_from", (("model.arch", None, "model.arch"),)),
+    ("model.arch", (("model.init_from", None, "model.init_from"),)),
+    ("data.train_shards", (("data.mixture", [], "data.mixture"),
+                           ("data.synthetic.num_samples", 0, "data.synthetic"))),
+    ("data.mixture", (("data.train_shards", [], "data.train_shards"),
+                      ("data.synthetic.num_samples", 0, "data.synthetic"))),
+)
+
+
+def _replace_recipe_sources(layers: list, cli: DictConfig) -> None:
+    """Apply ``_COMMAND_LINE_REPLACES`` to the recipe layers (``layers[1:]``; ``layers[0]`` is the schema's
+    defaults) and log one line per command-line key that replaced something. Setting two sources of the same
+    thing on the command line is still an error (``validate``)."""
+    for given, replaced in _COMMAND_LINE_REPLACES:
+        value = OmegaConf.select(cli, given, default=None)
+        if value is None or (isinstance(value, ListConfig) and len(value) == 0):
+            continue
+        changes = []
+        for key, off, keep_prefix in replaced:
+            if OmegaConf.select(cli, keep_prefix, default=None) is not None:
+                continue
+            for layer in layers[1:]:
+                old = OmegaConf.select(layer, key, default=None)
+                if old is None or old == off or (isinstance(old, ListConfig) and len(old) == 0):
+                    continue
+                shown = (f"{len(old)} item(s)" if isinstance(old, ListConfig) else
+                         "inline architecture" if isinstance(old, DictConfig) else repr(old))
+                keep = f"; any {keep_prefix}.* on the command line keeps it" if keep_prefix != key else ""
+                changes.append(f"{key} ({shown}) -> {off!r}{keep}")
+                OmegaConf.update(layer, key, off, force_add=True, merge=False)
+        if changes:
+            log.info("command-line %s replaces the recipe's %s", given, ", ".join(changes))
 
 
 def _get(cfg: Any, dotted: str) -> Any:

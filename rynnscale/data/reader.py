@@ -107,8 +107,10 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
     """Paths, globs and webdataset brace patterns (``shard-{000..009}.tar``) -> shard paths.
 
     Brace patterns are expanded first, then each result is globbed if it holds ``* ? [``
-    (matches sorted) or must name an existing file. Order follows the patterns; a path listed
-    twice is kept once. Raises ShardPatternError naming the pattern that matched nothing."""
+    (matches sorted) or must name an existing file or directory. A directory (what ``rynnscale data
+    convert`` writes) means its shards: those its ``manifest.json`` lists, in manifest order, else its
+    ``*.tar`` files sorted. Order follows the patterns; a path listed twice is kept once. Raises
+    ShardPatternError naming the pattern that matched nothing."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     if not patterns:
@@ -128,6 +130,8 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
                 found.extend(m for m in sorted(glob.glob(p)) if os.path.isfile(m))
             elif os.path.isfile(p):
                 found.append(p)
+            elif os.path.isdir(p):
+                found.extend(_directory_shards(p))
             elif len(expanded) > 1:
                 raise ShardPatternError(f"shard pattern {pat!r}: expanded name {p!r} is not a file")
         if not found:
@@ -138,6 +142,29 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
                 seen.add(ap)
                 out.append(ap)
     return out
+
+
+def _directory_shards(d: str) -> list[str]:
+    """The shards of directory ``d``: its manifest's (all must exist), else its ``*.tar`` sorted."""
+    from rynnscale.data.manifest import MANIFEST_NAME, ManifestError, read_manifest
+
+    if os.path.isfile(os.path.join(d, MANIFEST_NAME)):
+        try:
+            names = [s.name for s in read_manifest(d).shards]
+        except ManifestError as e:
+            raise ShardPatternError(f"shard directory {d!r}: {e}") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(d, n))]
+        if missing:
+            raise ShardPatternError(f"shard directory {d!r}: its {MANIFEST_NAME} lists {missing[0]} but that file is "
+                                    f"missing ({len(missing)} of {len(names)} listed shards missing); re-run the "
+                                    "conversion into this directory (it resumes) or name the shards with a glob")
+        if not names:
+            raise ShardPatternError(f"shard directory {d!r}: its {MANIFEST_NAME} lists no shard")
+        return [os.path.join(d, n) for n in names]
+    tars = sorted(m for m in glob.glob(os.path.join(glob.escape(d), "*.tar")) if os.path.isfile(m))
+    if not tars:
+        raise ShardPatternError(f"shard directory {d!r} holds no {MANIFEST_NAME} and no *.tar file")
+    return tars
 
 
 # ----------------------------------------------------------------------------- deterministic randomness

@@ -256,6 +256,13 @@ def _content_item(item: Any, cfg: JsonlConfig, iw: str, where: str, media: _Line
         return {"type": "text", "text": item["text"]}
     if typ not in ("image", "video"):
         raise BadItem("bad_conversation", f"{iw}: type must be text, image or video, got {typ!r:.40}")
+    if item.get(typ) is None:
+        misplaced = next(((k, item[k]) for k in ("text", "path", "url", f"{typ}_url", "file")
+                          if isinstance(item.get(k), str) and item[k]), None)
+        if misplaced is not None:   # RynnScale's own README writes {"type": "image", "text": PATH}
+            k, v = misplaced
+            raise BadItem("bad_conversation", f"{iw}: {typ} item has no {typ!r} key but a path under {k!r}; did you "
+                          f"mean {typ!r}: {{\"type\": \"{typ}\", \"{typ}\": {json.dumps(v)[:120]}}}?")
     media.n_media += 1
     if media.n_media > cfg.max_media:
         raise BadItem("too_large", f"{where}: more than max_media={cfg.max_media} media items")

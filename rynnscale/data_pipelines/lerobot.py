@@ -70,7 +70,7 @@ import math
 import os
 import re
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,7 @@ class LeRobotMeta:
     missing: list[int]
     video_key: str | None
     video_keys: list[str]
+    missing_detail: str = ""   # the first listed episode's expected path that is missing, and what is there
 
 
 _TEMPLATE_FIELDS = {"v2": {"episode_chunk", "episode_index", "video_key"}, "v3": {"chunk_index", "file_index", "video_key"}}
@@ -327,17 +328,103 @@ def _split_present(root: Path, eps: list[Episode]) -> tuple[list[Episode], list[
     return present, missing
 
 
-def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes: list[int] | None = None) -> LeRobotMeta:
+_KINDS = (("data_file", "data_path", "--data-path"), ("video_file", "video_path", "--video-path"))
+
+
+def _relocations(root: Path, rel: str) -> list[tuple[str, Any]]:
+    """Plausible other places of ``rel``: one folder name differing only in plurality (``video/`` for
+    ``videos/``), or the same relative path under another top folder of ``root``. [(what, rel -> rel')]."""
+    parts = rel.split("/")
+    out = []
+    for i, c in enumerate(parts[:-1]):
+        if c in ("", ".", ".."):
+            continue
+        alt = c[:-1] if c.endswith("s") and len(c) > 1 else c + "s"
+
+        def swap(r: str, i: int = i, c: str = c, alt: str = alt) -> str:
+            q = r.split("/")
+            return "/".join(q[:i] + [alt] + q[i + 1:]) if len(q) > i and q[i] == c else r
+        out.append((f"folder {alt!r} instead of {c!r}", swap))
+    try:
+        tops = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        tops = []
+    for d in tops:
+        if d not in (parts[0], "meta"):
+            out.append((f"the same path under {d + '/'!r}", lambda r, d=d: f"{d}/{r}"))
+    return out
+
+
+def _relocate(root: Path, eps: list[Episode]) -> list[Episode]:
+    """No listed episode has its files where info.json's templates say: look where they plausibly are (per kind,
+    judged on the first episode, applied to all), with a warning naming the template and the fix."""
+    first = eps[0]
+    for attr, template, flag in _KINDS:
+        rel = getattr(first, attr)
+        if rel is None or _exists(root, rel, f"episode {first.index}"):
+            continue
+        for what, fn in _relocations(root, rel):
+            if _exists(root, fn(rel), f"episode {first.index}"):
+                log.warning("%s: meta/info.json's %s gives %s for episode %d, which does not exist; found %s (%s) and "
+                            "use it for every episode; pass %s TEMPLATE to say where the files are", root, template,
+                            rel, first.index, fn(rel), what, flag)
+                eps = [replace(e, **{attr: fn(getattr(e, attr))}) for e in eps]
+                break
+    return eps
+
+
+def _what_is_there(root: Path, rel: str) -> str:
+    """The nearest existing folder on the way to ``rel`` and (up to 12 of) its entries."""
+    parts = rel.split("/")[:-1]
+    d, shown = root, "the dataset root"
+    for c in parts:
+        if not (d / c).is_dir():
+            break
+        d, shown = d / c, f"{(d / c).relative_to(root)}/"
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in d.iterdir())
+    except OSError:
+        names = []
+    return f"{shown} holds {names[:12]}{' ...' if len(names) > 12 else ''}"
+
+
+def _missing_detail(root: Path, eps: list[Episode]) -> str:
+    """The first missing expected path of the first listed episode, what is there instead and the fix."""
+    if not eps:
+        return ""
+    e = eps[0]
+    for attr, template, flag in _KINDS:
+        rel = getattr(e, attr)
+        if rel is not None and not _exists(root, rel, f"episode {e.index}"):
+            return (f"episode {e.index}: expected {rel} (meta/info.json {template}), not found; {_what_is_there(root, rel)}; "
+                    f"pass {flag} TEMPLATE (fields as in info.json, e.g. {{episode_chunk:03d}}, {{episode_index:06d}}"
+                    f"{', {video_key}' if attr == 'video_file' else ''}) if the files sit elsewhere")
+    return ""
+
+
+def read_lerobot(root: str | os.PathLike, video_key: str | None = None, episodes: list[int] | None = None, *,
+                 video_path: str | None = None, data_path: str | None = None) -> LeRobotMeta:
     """Parse a LeRobot dataset's metadata; keeps the episodes (of ``episodes``, default all)
-    whose data (and video) files exist. ``video_key`` defaults to the first video feature."""
+    whose data (and video) files exist. ``video_key`` defaults to the first video feature.
+    ``video_path`` / ``data_path`` replace info.json's path templates (same fields). When no listed episode has
+    its files where the templates say, plausible other places are tried (``_relocate``, with a warning)."""
     root = Path(root)
     info, version, major, fps = _read_info(root)
+    overrides = {k: v for k, v in (("video_path", video_path), ("data_path", data_path)) if v is not None}
+    if overrides:
+        log.info("%s: path templates from the command line instead of meta/info.json: %s", root, overrides)
+        info = {**info, **overrides}
     video_key, vkeys = _pick_video_key(root, info, video_key)
     tasks, eps = (_episodes_v2 if major == "v2" else _episodes_v3)(root, info, video_key)
     eps = _select_episodes(root, eps, episodes)
     present, missing = _split_present(root, eps)
+    detail = ""
+    if not present and eps:
+        detail = _missing_detail(root, sorted(eps, key=lambda e: e.index))
+        present, missing = _split_present(root, _relocate(root, sorted(eps, key=lambda e: e.index)))
     return LeRobotMeta(root=str(root), version=version, fps=float(fps), robot_type=str(info.get("robot_type") or "unknown"),
-                       info=info, tasks=tasks, episodes=present, missing=missing, video_key=video_key, video_keys=vkeys)
+                       info=info, tasks=tasks, episodes=present, missing=missing, video_key=video_key, video_keys=vkeys,
+                       missing_detail=detail)
 
 
 def _dim_names(info: dict, key: str, d: int) -> list[str]:
@@ -576,6 +663,8 @@ class LeRobotConfig:
     stride_seconds: float | None = None   # default: clip_seconds (no overlap)
     fps: float = 2.0                      # frames sampled per second (use the training fps)
     video_key: str | None = None          # default: the first video feature
+    video_path: str | None = None         # default: meta/info.json's video_path template
+    data_path: str | None = None          # default: meta/info.json's data_path template
     media: str = "video"                  # "video": re-encode (H.264); "frames": f000.jpg ...
     codec: str = "auto"
     jpeg_quality: int = 95
@@ -871,7 +960,8 @@ def _episode_warnings(root: Path, meta: LeRobotMeta) -> list[str]:
                         f"have no data/video files and are skipped: {meta.missing[:20]}{' ...' if len(meta.missing) > 20 else ''}")
         log.warning(warnings[-1])
     if not meta.episodes:
-        raise ConvertError(f"{root}: none of the listed episodes has its files")
+        raise ConvertError(f"{root}: none of the listed episodes has its files"
+                           + (f" ({meta.missing_detail})" if meta.missing_detail else ""))
     return warnings
 
 
@@ -929,7 +1019,8 @@ def _lerobot_info(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, 
             "episodes": [e.index for e in meta.episodes], "episodes_per_shard": episodes_per_shard, "prefix": prefix,
             "source_used": ctx["source"], "licence_used": ctx["licence"], "answer_dims_used": [ctx["dims"][i] for i in ctx["show"]],
             "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
-            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")},
+            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")
+               and not (k in ("video_path", "data_path") and v is None)},   # absent unless given: older runs resume
             "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
 
 
@@ -995,7 +1086,7 @@ def convert_lerobot(
     if episodes_per_shard < 1:
         raise ValueError(f"episodes_per_shard must be >= 1, got {episodes_per_shard}")
     root = Path(src)
-    meta = read_lerobot(root, cfg.video_key, episodes)
+    meta = read_lerobot(root, cfg.video_key, episodes, video_path=cfg.video_path, data_path=cfg.data_path)
     warnings = _episode_warnings(root, meta)
     licence, source = _licence_and_source(root, meta, cfg, warnings)
     ctx = _dataset_context(root, meta, cfg, licence, source)

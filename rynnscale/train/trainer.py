@@ -47,6 +47,7 @@ from rynnscale.train.setup import (
     layout_dict,
     rebuild_data,
     restart_data_seed,
+    run_dir_lock,
     seed_everything,
     setup_distributed,
     shared_base_fingerprint,
@@ -160,6 +161,11 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
     if not ctx.is_main:  # one rank reports progress; the others only warnings and errors
         logging.getLogger("rynnscale").setLevel(logging.WARNING)
     output_dir = Path(cfg.run.output_dir)
+    with run_dir_lock(output_dir, enabled=ctx.is_main):
+        return _train_locked(cfg, ctx, output_dir, extra_hooks)
+
+
+def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hooks: Sequence[Any]) -> Path:
     c, manager, data_seed = _start(cfg, ctx, output_dir)
     model, state, tc, ck = c.model, c.state, cfg.train, cfg.checkpoint
     run_config, layout = yaml.safe_load(to_yaml(cfg)), layout_dict(cfg, ctx)

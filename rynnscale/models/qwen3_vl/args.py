@@ -29,6 +29,16 @@ class ArchConfigError(ValueError):
     """An architecture description is invalid; the message names the key."""
 
 
+# Documented maxima of architecture sizes (far above any published model; refused before allocation so that an
+# absurd config.json fails with the key named instead of an out-of-memory kill). See README "Troubleshooting".
+MAX_TEXT_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
+                  "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+                  "head_dim": 1024, "num_experts": 4096, "moe_intermediate_size": 1 << 18}
+MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_heads": 1024,
+                    "patch_size": 1024, "num_position_embeddings": 1 << 22}
+MAX_PARAMS = 2 * 10**12
+
+
 @dataclass
 class TextArgs:
     vocab_size: int = 151936
@@ -154,11 +164,30 @@ class Qwen3VLArgs:
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 
+    def estimated_params(self) -> int:
+        """Parameter count from the sizes alone (embeddings, attention, MLP / experts, vision blocks): what
+        ``validate`` bounds before anything is allocated."""
+        t, v = self.text, self.vision
+        emb = t.vocab_size * t.hidden_size * (1 if self.tie_word_embeddings else 2)
+        attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+        mlp = 3 * t.hidden_size * (t.num_experts * t.moe_intermediate_size if t.is_moe else t.intermediate_size)
+        vision = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+        return emb + t.num_hidden_layers * (attn + mlp) + vision
+
     def validate(self, where: str = "config") -> None:
         t, v = self.text, self.vision
         def need(ok: bool, key: str, value: Any, allowed: str) -> None:
             if not ok:
                 raise ArchConfigError(f"{where}.{key}={value!r} is invalid: {allowed}")
+        # sizes first, before any product of them is used: a config.json is untrusted input
+        for part, obj, bounds in (("text_config", t, MAX_TEXT_SIZES), ("vision_config", v, MAX_VISION_SIZES)):
+            for key, hi in bounds.items():
+                lo = 0 if key == "num_experts" else 1
+                val = getattr(obj, key)
+                need(lo <= val <= hi, f"{part}.{key}", val, f"must be in [{lo}, {hi}] (the documented maximum)")
+        n = self.estimated_params()
+        need(n <= MAX_PARAMS, "text_config", f"~{n:.3g} parameters", f"the sizes give an estimated {n:.3g} "
+             f"parameters, more than the maximum {MAX_PARAMS:.0e}; is this config.json the intended one?")
         need(t.num_attention_heads % t.num_key_value_heads == 0, "text_config.num_key_value_heads",
              t.num_key_value_heads, f"must divide num_attention_heads={t.num_attention_heads}")
         need(sum(t.mrope_section) * 2 == t.head_dim, "text_config.mrope_section", t.mrope_section,
