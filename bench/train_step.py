@@ -26,8 +26,10 @@ Unpacked cases give ours the B rows as one packed row of B documents (same math)
 Variants: ``hf`` (transformers, sdpa attention, grouped_mm experts), ``liger`` (the same + liger-kernel's
 Qwen3-VL patches), ``ours`` (rynnscale as a recipe runs it by default: ``model.kernels=auto``, i.e.
 liger's RMSNorm / RoPE / SwiGLU / fused loss where liger imports), ``ours-torch`` (plain PyTorch
-element-wise ops) and ``ours-compile`` (plain ops + regional ``torch.compile``, ``model.compile=true``;
-its warmup steps include the compile). All variants of a case share the weights and the data.
+element-wise ops), ``ours-compile`` (plain ops + regional ``torch.compile``, ``model.compile=true``;
+its warmup steps include the compile) and ``ours-lora`` (``ours`` as a LoRA fine-tune: base frozen, rank-16
+adapters on attention, dense MLP and, for MoE cases, every expert; its first loss equals the base's since
+fresh adapters change nothing). All variants of a case share the weights and the data.
 
 CPU smoke run (tests/bench/test_train_step_bench.py)::
 
@@ -85,7 +87,8 @@ from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
 CASES = ("a3b", "dense8b", "video", "packed")
 # ours = the default recipe (model.kernels=auto: liger's kernels where they import); ours-torch = plain
 # PyTorch element-wise ops; ours-compile = plain ops + regional torch.compile (model.compile=true)
-OURS = ("ours", "ours-torch", "ours-compile")
+OURS = ("ours", "ours-torch", "ours-compile", "ours-lora")
+LORA_RANK = 16  # ours-lora: rank-16 adapters on attention, dense MLP and (MoE) every expert; base frozen
 VARIANTS = ("hf", "liger", *OURS)
 IGNORE = -100
 
@@ -238,11 +241,15 @@ def build_hf(args: Qwen3VLArgs, device: torch.device, dtype: torch.dtype):
 
 
 def build_ours(args: Qwen3VLArgs, weights: dict, device: torch.device, dtype: torch.dtype, *, kernels: str = "auto",
-               ckpt: str = "none", compile: bool = False):
-    """Our model as training builds it (``rynnscale.train.build``), in ``dtype``, with ``weights``."""
-    mc = model_config_for(args, kernels=kernels, activation_checkpointing=ckpt, compile=compile)
+               ckpt: str = "none", compile: bool = False, lora: bool = False):
+    """Our model as training builds it (``rynnscale.train.build``), in ``dtype``, with ``weights``
+    (``lora``: plus fresh adapters, which leave the first loss unchanged)."""
+    from rynnscale.config.schema import LoRAConfig
+
+    lc = LoRAConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, experts=args.text.is_moe) if lora else LoRAConfig()
+    mc = model_config_for(args, kernels=kernels, activation_checkpointing=ckpt, compile=compile, lora=lc)
     _, m = build_model(mc, device, param_dtype=dtype)
-    m.load_state_dict(weights, strict=True)
+    m.load_state_dict(weights, strict=not lora)  # the adapters are not in the base weights
     return m
 
 
@@ -299,8 +306,9 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
         torch.cuda.reset_peak_memory_stats()
     breakdown = None
     if variant in OURS:
-        model = build_ours(case.args, weights, device, dtype, kernels="auto" if variant == "ours" else "torch",
-                           ckpt=ckpt, compile=variant == "ours-compile")
+        model = build_ours(case.args, weights, device, dtype,
+                           kernels="auto" if variant in ("ours", "ours-lora") else "torch",
+                           ckpt=ckpt, compile=variant == "ours-compile", lora=variant == "ours-lora")
         batch = case.batch.to(device, float_dtype=dtype)
 
         def step():
