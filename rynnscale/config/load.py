@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
 from .model_args import resolve_model_args
-from .schema import CHOICES, ConfigError, RootConfig
+from .schema import CHOICES, ConfigError, RootConfig, check_mixture_sources
 
 log = logging.getLogger(__name__)
 
@@ -417,17 +417,7 @@ def _validate_lists(cfg: RootConfig) -> None:
     if mix and cfg.data.train_shards:
         raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
                           "a mixture source of their own)")
-    names: set[str] = set()
-    for i, src in enumerate(mix):
-        key = f"data.mixture[{i}]"
-        if not src.name or src.name in names:
-            raise ConfigError(f"config key '{key}.name' = {src.name!r} must be a non-empty name unique in the mixture")
-        names.add(src.name)
-        if not src.shards:
-            raise ConfigError(f"config key '{key}.shards' of source {src.name!r} is empty; give paths, globs or "
-                              "brace patterns")
-        if not src.weight > 0:
-            raise ConfigError(f"config key '{key}.weight' = {src.weight} of source {src.name!r} must be > 0")
+    check_mixture_sources(mix, "data.mixture")
     for i, g in enumerate(cfg.optim.groups):
         if not g.pattern:
             raise ConfigError(f"config key 'optim.groups[{i}].pattern' is empty; give an fnmatch pattern over HF "

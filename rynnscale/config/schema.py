@@ -214,3 +214,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "constant", "linear"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
+
+
+def check_mixture_sources(sources, key: str = "data.mixture") -> None:
+    """The rules of a weighted data mixture, one place for recipe validation and the loader: every
+    source has a non-empty unique ``name``, a non-empty list of ``shards`` and a finite ``weight`` > 0.
+    ``sources``: objects with those attributes; ``key`` names them in the error (``ConfigError``)."""
+    names: set[str] = set()
+    for i, src in enumerate(sources):
+        k = f"{key}[{i}]"
+        name, shards, weight = getattr(src, "name", None), getattr(src, "shards", None), getattr(src, "weight", None)
+        if not isinstance(name, str) or not name or name in names:
+            raise ConfigError(f"config key '{k}.name' = {name!r} must be a non-empty name unique in the mixture")
+        names.add(name)
+        if not shards or isinstance(shards, str):
+            raise ConfigError(f"config key '{k}.shards' = {shards!r} of source {name!r}: give a non-empty list of "
+                              "shard paths, globs or brace patterns")
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
+            raise ConfigError(f"config key '{k}.weight' = {weight!r} of source {name!r} must be a finite number > 0")

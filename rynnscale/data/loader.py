@@ -72,6 +72,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rynnscale.batch import EncodedSample, PackedBatch
+from rynnscale.config.schema import check_mixture_sources
 from rynnscale.data.balance import CostModel
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
@@ -166,19 +167,10 @@ class LoaderConfig:
         if not self.mixture:
             need(bool(self.train_shards), "train_shards",
                  "give at least one shard path, glob or brace pattern (or a mixture)")
-        names: set[str] = set()
         for i, m in enumerate(self.mixture):
             if not isinstance(m, MixtureSource):
                 raise ValueError(f"LoaderConfig.mixture[{i}]={m!r} is invalid: must be a MixtureSource(name, shards, weight)")
-            if not m.name or m.name in names:
-                raise ValueError(f"LoaderConfig.mixture[{i}].name={m.name!r} is invalid: must be non-empty and unique")
-            names.add(m.name)
-            if not m.shards or isinstance(m.shards, str):
-                raise ValueError(f"LoaderConfig.mixture[{i}] (source {m.name!r}).shards={m.shards!r} is invalid: "
-                                 "give a non-empty list of shard paths, globs or brace patterns")
-            if not (isinstance(m.weight, (int, float)) and 0 < m.weight < float("inf")):
-                raise ValueError(f"LoaderConfig.mixture[{i}] (source {m.name!r}).weight={m.weight!r} is invalid: "
-                                 "must be a finite number > 0")
+        check_mixture_sources(self.mixture, "LoaderConfig.mixture")
         for k in ("micro_batch_tokens", "pack_window", "prefetch_factor", "micro_batches_per_step"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "must be an int >= 1")
         for k in ("shuffle_buffer", "num_workers", "balance_group", "min_samples_for_bad_check"):

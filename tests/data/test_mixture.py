@@ -212,9 +212,9 @@ def test_mixture_errors_are_clear(mix_dir: Path) -> None:
     big, small = [str(mix_dir / "big" / "*.tar")], [str(mix_dir / "small" / "*.tar")]
     with pytest.raises(ValueError, match="both train_shards=.* and a mixture"):
         TrainLoader(LoaderConfig(train_shards=big, mixture=[MixtureSource("a", small)]), ByteEncoder())
-    with pytest.raises(ValueError, match=r"mixture\[1\] \(source 'b'\).weight=0 is invalid"):
+    with pytest.raises(ValueError, match=r"mixture\[1\].weight' = 0 of source 'b' must be a finite number > 0"):
         TrainLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("b", big, 0)]), ByteEncoder())
-    with pytest.raises(ValueError, match=r"mixture\[1\].name='a' is invalid"):
+    with pytest.raises(ValueError, match=r"mixture\[1\].name' = 'a' must be a non-empty name unique"):
         TrainLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("a", big)]), ByteEncoder())
     with pytest.raises(ShardPatternError, match="mixture source 'gone': shard pattern .* matches no file"):
         TrainLoader(LoaderConfig(mixture=[MixtureSource("gone", [str(mix_dir / "nope-*.tar")])]), ByteEncoder())
