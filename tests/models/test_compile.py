@@ -1,6 +1,7 @@
 """Regional torch.compile computes the same function as eager: loss, aux loss, expert counts and every
 parameter gradient of a tiny MoE model with an image and a video (decoder layers AND vision blocks
-compiled), alone and under activation checkpointing; a second packed row of another length reuses
+compiled), alone, under activation checkpointing, and with LoRA adapters (attention, MLP, experts, vision;
+base frozen) under full checkpointing; a second packed row of another length reuses
 the compiled blocks (dynamic shapes) and still matches eager. Tolerance: Inductor reorders fp32
 reductions, so max |diff| <= 1e-4 x max |grad| per gradient tensor, rel 1e-5 on the loss (eager vs eager is bit-exact)."""
 
@@ -22,9 +23,20 @@ from test_text_parity import make_samples, pack, tiny_args  # noqa: E402
 pytestmark = pytest.mark.slow  # Inductor compiles C++ on the CPU: ~1 min on 2 cores
 
 
-def _model(ac: str, compiled: bool):
+def _model(ac: str, compiled: bool, lora: bool = False):
     model = Qwen3VLForConditionalGeneration(tiny_args(moe=True), attn_backend="sdpa_mask", gemm_backend="auto")
     model.init_weights(seed=5, std=0.1)
+    if lora:  # adapters on attention, MLP, every expert and the vision blocks; B non-zero so all factors move
+        from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+        from rynnscale.models.qwen3_vl.moe import GroupedExperts
+
+        apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, vision=True),
+                   experts_of=lambda m: isinstance(m, GroupedExperts))
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if is_adapter_param(n):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     model.set_kernels("auto")
     apply_activation_checkpointing(model, ac)
     if compiled:
@@ -44,10 +56,11 @@ def _step(model, batch):
     return loss.detach(), out.expert_counts, grads
 
 
-@pytest.mark.parametrize("ac", ["none", "selective"])
-def test_compiled_blocks_match_eager(ac):
+@pytest.mark.parametrize("ac,lora", [("none", False), ("selective", False), ("full", True)],
+                         ids=["none", "selective", "lora+full"])
+def test_compiled_blocks_match_eager(ac, lora):
     torch._dynamo.reset()
-    eager, comp = _model(ac, False), _model(ac, True)
+    eager, comp = _model(ac, False, lora), _model(ac, True, lora)
     assert set(comp.state_dict()) == set(eager.state_dict())  # compile in place: HF keys unchanged
     lengths = set()
     for seed, keep in ((7, 3), (8, 2)):  # the second row is shorter: dynamic shapes, no wrong reuse

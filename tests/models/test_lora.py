@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_hf import hf_logits, tiny_hf_config
 
 from rynnscale.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
 from rynnscale.checkpoint.hf import export_model
@@ -30,21 +31,7 @@ from rynnscale.train.build import build_model
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-IMG, VID = 151655, 151656
 RANK, ALPHA = 4, 8.0
-
-
-def tiny_hf_config(moe: bool):
-    text = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    if moe:
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1])
-        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
-    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +52,6 @@ def init_dir(request, tmp_path_factory):
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(Path(default_tokenizer_dir()) / f, src / f)
     return src, request.param
-
-
-def hf_logits(hf, s):
-    ids = s.input_ids_l
-    tt = torch.zeros_like(ids)
-    tt[ids == IMG] = 1
-    tt[ids == VID] = 2
-    return hf(input_ids=ids[None], mm_token_type_ids=tt[None], use_cache=False, pixel_values=s.pixel_values,
-              image_grid_thw=s.image_grid_thw, pixel_values_videos=s.pixel_values_videos,
-              video_grid_thw=s.video_grid_thw).logits[0]
 
 
 def lora_model(src: Path, experts: bool, vision: bool = False):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny_hf import hf_logits, tiny_hf_config
 
 from rynnscale.checkpoint.hf import export_model
 from rynnscale.config.schema import ModelConfig, OptimConfig
@@ -21,37 +22,11 @@ from rynnscale.train.build import build_model
 from rynnscale.train.optim import build_optimizer
 from rynnscale.train.step import train_step
 
-IMG, VID = 151655, 151656
-
-
-def tiny_hf_config(moe: bool):
-    text = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    if moe:
-        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1])
-        return transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
-    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
-
 
 @pytest.fixture(scope="module")
 def encoded_samples():
     enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096))
     return [enc.encode(*synthetic_sample(i, seed=7)) for i in range(3)]
-
-
-def hf_logits(hf, s):
-    ids = s.input_ids_l
-    tt = torch.zeros_like(ids)
-    tt[ids == IMG] = 1
-    tt[ids == VID] = 2
-    out = hf(input_ids=ids[None], mm_token_type_ids=tt[None], use_cache=False,
-             pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
-             pixel_values_videos=s.pixel_values_videos, video_grid_thw=s.video_grid_thw)
-    return out.logits[0]
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
