@@ -27,16 +27,9 @@ def _model(ac: str, compiled: bool, lora: bool = False):
     model = Qwen3VLForConditionalGeneration(tiny_args(moe=True), attn_backend="sdpa_mask", gemm_backend="auto")
     model.init_weights(seed=5, std=0.1)
     if lora:  # adapters on attention, MLP, every expert and the vision blocks; B non-zero so all factors move
-        from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
-        from rynnscale.models.qwen3_vl.moe import GroupedExperts
+        from lora_helpers import add_random_lora
 
-        apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, vision=True),
-                   experts_of=lambda m: isinstance(m, GroupedExperts))
-        g = torch.Generator().manual_seed(6)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if is_adapter_param(n):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        add_random_lora(model, seed=6)
     model.set_kernels("auto")
     apply_activation_checkpointing(model, ac)
     if compiled:

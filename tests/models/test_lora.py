@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import randomize_adapters
 from tiny_hf import hf_logits, tiny_hf_config
 
 from rynnscale.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
@@ -59,17 +60,6 @@ def lora_model(src: Path, experts: bool, vision: bool = False):
     return build_model(ModelConfig(init_from=str(src), attn_backend="loop", lora=lc), torch.device("cpu"), seed=0)
 
 
-def randomize_adapters(model, seed: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if is_adapter_param(n):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-                out[clean_fqn(n)] = p.detach().clone()
-    return out
-
-
 def max_rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
@@ -97,7 +87,7 @@ def test_matches_peft_on_transformers_and_merged_export(init_dir, samples, tmp_p
     if experts and not moe:
         pytest.skip("a dense model has no experts")
     args, ours = lora_model(src, experts=experts)
-    adapters = randomize_adapters(ours)
+    adapters = {clean_fqn(n): t for n, t in randomize_adapters(ours, seed=3, std=0.05).items()}
     spec = ours.lora_spec
     out = export_adapter(adapters, spec, tmp_path / "adapter", base_model_name_or_path=str(src))
     assert (out / ADAPTER_CONFIG).is_file() and (out / ADAPTER_WEIGHTS).is_file()

@@ -198,3 +198,19 @@ def norm_relative_errors(got: dict, want: dict, zero_floor: float) -> dict[str, 
         scale = float(b.norm())
         out[key] = float((a - b).abs().max()) / (scale if scale > 0 else zero_floor) if b.numel() else 0.0
     return out
+
+
+def reference_step(model, optimizer, step: int, world: int, micro: int, **step_kw):
+    """One single-process step standing in for ``world`` ranks x ``micro`` micro-batches: gradient
+    accumulation over all of them (rank-major), each forward's load-balancing counts replaced by the
+    global counts of its micro-batch index (what the ranks' all-reduce yields)."""
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.step import train_step
+
+    rows = [[micro_batch(step, r, m) for m in range(micro)] for r in range(world)]
+    with torch.no_grad():
+        glob = [sum(model(rows[r][m]).expert_counts for r in range(world)) for m in range(micro)]
+    calls = iter(range(world * micro))
+    ctx = DistContext()
+    ctx.counts_reducer = lambda c: glob[next(calls) % micro]
+    return train_step(model, optimizer, [b for rank_rows in rows for b in rank_rows], ctx=ctx, **step_kw)

@@ -38,6 +38,7 @@ from dist_helpers import (  # noqa: E402
     make_model,
     micro_batch,
     norm_relative_errors,
+    reference_step,
     run_ranks,
     tiny_moe_args,
 )
@@ -73,7 +74,6 @@ def _optimizer(model):
 
 def equivalence_worker(rank: int, world: int, configs: dict) -> dict:
     from rynnscale.models.qwen3_vl.parallelize import parallelize
-    from rynnscale.parallel.distributed import DistContext
     from rynnscale.parallel.fsdp import gather_full_state_dict
     from rynnscale.parallel.mesh import ParallelLayout, build_meshes
 
@@ -108,13 +108,7 @@ def reference_run() -> dict:
     opt = GradRecordingOptimizer(_optimizer(model), model)
     stats = []
     for step in range(STEPS):
-        rows = [[micro_batch(step, r, m) for m in range(MICRO)] for r in range(WORLD)]
-        with torch.no_grad():
-            glob = [sum(model(rows[r][m]).expert_counts for r in range(WORLD)) for m in range(MICRO)]
-        calls = iter(range(WORLD * MICRO))
-        ctx = DistContext()  # one process whose load-balancing "all-reduce" yields the global counts
-        ctx.counts_reducer = lambda c, glob=glob, calls=calls: glob[next(calls) % MICRO]
-        s = train_step(model, opt, [b for rank_rows in rows for b in rank_rows], ctx=ctx, **STEP_KW)
+        s = reference_step(model, opt, step, WORLD, MICRO, **STEP_KW)
         stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
     return {"stats": stats, "grads": opt.grads, "init": init,
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}

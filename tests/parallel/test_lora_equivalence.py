@@ -21,6 +21,7 @@ from dist_helpers import (  # noqa: E402
     make_model,
     micro_batch,
     norm_relative_errors,
+    reference_step,
     run_ranks,
     tiny_moe_args,
 )
@@ -31,19 +32,10 @@ STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_toke
 
 
 def lora_model():
-    from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
-    from rynnscale.models.qwen3_vl.moe import GroupedExperts
+    from lora_helpers import add_random_lora
 
     torch.manual_seed(0)
-    model = make_model(tiny_moe_args())
-    apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, vision=True),
-               experts_of=lambda m: isinstance(m, GroupedExperts))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if is_adapter_param(n):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return add_random_lora(make_model(tiny_moe_args()), seed=5)
 
 
 def _sgd(model):
@@ -71,20 +63,9 @@ def lora_worker(rank: int, world: int) -> dict:
 
 
 def reference() -> dict:
-    from rynnscale.parallel.distributed import DistContext
-    from rynnscale.train.step import train_step
-
     model = lora_model()
     opt = GradRecordingOptimizer(_sgd(model), model)
-    stats = []
-    for s in range(STEPS):
-        rows = [[micro_batch(s, r, m) for m in range(MICRO)] for r in range(WORLD)]
-        with torch.no_grad():
-            glob = [sum(model(rows[r][m]).expert_counts for r in range(WORLD)) for m in range(MICRO)]
-        calls = iter(range(WORLD * MICRO))
-        ctx = DistContext()  # one process whose load-balancing "all-reduce" yields the global counts
-        ctx.counts_reducer = lambda c, glob=glob, calls=calls: glob[next(calls) % MICRO]
-        stats.append(train_step(model, opt, [b for rr in rows for b in rr], ctx=ctx, **STEP_KW))
+    stats = [reference_step(model, opt, s, WORLD, MICRO, **STEP_KW) for s in range(STEPS)]
     return {"loss": [s.loss for s in stats], "aux": [s.aux_loss for s in stats], "grads": opt.grads}
 
 
