@@ -1,4 +1,4 @@
-"""Crash-safe file writes, shared by checkpoints, shard sets, converters and the metrics log.
+"""Crash-safe file writes (shared by checkpoints, shard sets, converters and the metrics log) and file checksums.
 
 A reader must never see a half-written file: data goes to a hidden temp file in the same directory
 (``.<name>.tmp-<random>``, which shard-set and checkpoint scans skip and clean up), is fsynced, then
@@ -8,6 +8,7 @@ a power loss.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -46,3 +47,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
         raise
     fsync_dir(p.parent)
     return p
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -50,7 +50,7 @@ from rynnscale.checkpoint.hf import (
     read_hf_config,
     write_config_and_side_files,
 )
-from rynnscale.models.lora import LoRASpec, is_adapter_param
+from rynnscale.models.lora import LoRASpec, is_adapter_param, lora_delta
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
 MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
@@ -131,9 +131,8 @@ def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None
     pair = _adapters_of(name, stored) if spec is not None else None
     if pair is None:
         return x
-    a, b = (load_checkpoint_tensor(ckpt, n, stored[n]).float() for n in pair)
-    delta = b @ a if a.dim() == 2 else torch.bmm(b, a)
-    return (x.float() + spec.scaling * delta).to(x.dtype)
+    a, b = (load_checkpoint_tensor(ckpt, n, stored[n]) for n in pair)
+    return (x.float() + spec.scaling * lora_delta(a, b)).to(x.dtype)
 
 
 def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,

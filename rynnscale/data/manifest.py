@@ -8,7 +8,6 @@ file names in the directory). The format is documented in ``docs/data_format.md`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rynnscale.fsutil import sha256_file
+
+__all__ = ["sha256_file"]  # re-exported: the manifest's checksum, read by loader and converters
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "rynnscale-shards"
@@ -77,15 +80,6 @@ class Manifest:
             "info": self.info,
             "shards": [s.to_json() for s in self.shards],
         }
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- manifest

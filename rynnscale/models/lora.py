@@ -101,11 +101,6 @@ class LoRALinear(nn.Linear):
     def init_plan(self, prefix: str) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         return [(f"{prefix}lora_A", _init_a(self.in_features)), (f"{prefix}lora_B", nn.init.zeros_)]
 
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """``(alpha / r) B A`` [out, in] in fp32 (merging)."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scaling={self.scaling:g}"
 
@@ -185,6 +180,12 @@ def lora_spec_of(model: nn.Module) -> LoRASpec | None:
     return getattr(model, "lora_spec", None)
 
 
+def lora_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``B A`` in fp32 (not yet scaled): [out, in] for a Linear's factors, [E, out, in] for experts'."""
+    a, b = a.float(), b.float()
+    return b @ a if a.dim() == 2 else torch.bmm(b, a)
+
+
 @torch.no_grad()
 def merge_lora_state(state: dict[str, torch.Tensor], spec: LoRASpec) -> dict[str, torch.Tensor]:
     """Full (unsharded) HF-named state with adapters -> the merged base state: ``W + (alpha/r) B A`` per
@@ -193,12 +194,8 @@ def merge_lora_state(state: dict[str, torch.Tensor], spec: LoRASpec) -> dict[str
     for key in state:
         if not key.endswith("lora_A"):
             continue
-        if key.endswith(".lora_A"):        # Linear: prefix.lora_A -> prefix.weight
-            base = key[: -len(".lora_A")] + ".weight"
-            delta = state[key[:-1] + "B"].float() @ state[key].float()
-        else:                              # experts: prefix.{name}_lora_A -> prefix.{name}
-            base = key[: -len("_lora_A")]
-            delta = torch.bmm(state[key[:-1] + "B"].float(), state[key].float())
+        # Linear: prefix.lora_A -> prefix.weight; experts: prefix.{name}_lora_A -> prefix.{name}
+        base = key[: -len(".lora_A")] + ".weight" if key.endswith(".lora_A") else key[: -len("_lora_A")]
         w = out[base]
-        out[base] = (w.float() + spec.scaling * delta).to(w.dtype)
+        out[base] = (w.float() + spec.scaling * lora_delta(state[key], state[key[:-1] + "B"])).to(w.dtype)
     return out

@@ -23,7 +23,7 @@ import torch
 from rynnscale.checkpoint.dcp import CheckpointError
 from rynnscale.config import RootConfig
 from rynnscale.data.pipeline import build_train_data
-from rynnscale.fsutil import atomic_write_bytes
+from rynnscale.fsutil import atomic_write_bytes, sha256_file
 from rynnscale.parallel.distributed import DistContext, init_distributed
 from rynnscale.parallel.layout import ParallelLayout
 from rynnscale.train.build import build
@@ -133,14 +133,6 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     return TrainComponents(args, model, optimizer, scheduler, data, ctx)
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:
     """Content hash of a LoRA run's base model directory (``config.json`` + weight files + index): a
     sha256 over the per-file sha256s. Per-file hashes are cached in ``cache`` by (size, mtime), so a
@@ -157,7 +149,7 @@ def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:
         st = p.stat()
         key = [st.st_size, st.st_mtime_ns]
         hit = old.get(p.name)
-        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else _file_sha256(p)}
+        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else sha256_file(p)}
     atomic_write_bytes(cache, json.dumps(per_file, indent=1).encode())
     total = hashlib.sha256("".join(f"{n}:{v['sha256']}\n" for n, v in per_file.items()).encode()).hexdigest()
     return {"init_from": str(root.resolve()), "sha256": total, "files": len(per_file)}
