@@ -87,6 +87,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     pack_window: int = 64
     num_workers: int = 0
+    balance: str = "cost"               # cost | tokens | none: how a step's packs are assigned to data-parallel ranks
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     max_bad_fraction: float = 0.05
     verify_shards: bool = False         # sha256 of each shard vs manifest.json when opened (size is always checked)
@@ -188,6 +189,7 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True               # console progress bar with ETA
     plot: bool = True                   # PNG of loss / lr / throughput at the end
+    sample_log: bool = False            # OUTPUT_DIR/samples.jsonl: the "<shard>:<key>" list of every step's global batch
 
 
 @dataclass
@@ -212,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.kernels": ("auto", "torch", "liger"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "optim.schedule": ("cosine", "constant", "linear"),
+    "data.balance": ("cost", "tokens", "none"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
 

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rynnscale.batch import EncodedSample, PackedBatch
 from rynnscale.config.schema import check_mixture_sources
-from rynnscale.data.balance import CostModel
+from rynnscale.data.balance import CostModel, assign_equal_count
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 from rynnscale.data.reader import (
@@ -94,6 +94,8 @@ from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+GLOBAL_STATE_VERSION = 2      # the layout-free state of global-order loaders
+BALANCE_MODES = ("cost", "tokens", "none")
 _MAX_BAD_WARNINGS = 200   # per worker; later bad samples are logged at DEBUG level
 CostEstimator = Callable[[str, dict], tuple[int, int]]
 
@@ -135,6 +137,8 @@ class LoaderConfig:
     balance_group: int = 1                # ranks planning together; 1 = none, 0 = all ranks
     micro_batches_per_step: int = 1       # micro-batches per rank per optimizer step (grad_accum)
     num_epochs: int | None = None         # None = endless
+    global_order: bool = False            # one global sample stream, independent of the layout (see "Global order")
+    balance: str = "cost"                 # global order: packs to ranks by cost | tokens | none (in order)
     tune_malloc: bool = True              # tune_malloc_for_pixel_buffers() once per loader process / worker
     cost_model: CostModel = field(default_factory=CostModel)
     limits: ReaderLimits = field(default_factory=ReaderLimits)
@@ -150,6 +154,7 @@ class LoaderConfig:
                   micro_batch_tokens=t.micro_batch_tokens,
                   pack_window=d.pack_window, shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers,
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
+                  balance=str(getattr(d, "balance", "cost")),
                   tune_malloc=bool(getattr(d, "tune_malloc", True)),
                   limits=ReaderLimits(verify_sha256=bool(getattr(d, "verify_shards", False))))
         kw.update(overrides)
@@ -176,6 +181,7 @@ class LoaderConfig:
         for k in ("shuffle_buffer", "num_workers", "balance_group", "min_samples_for_bad_check"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "must be an int >= 0")
         need(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        need(self.balance in BALANCE_MODES, "balance", f"must be one of {list(BALANCE_MODES)}")
         need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be None (endless) or >= 1")
 
 
@@ -267,9 +273,18 @@ class _WorkerPipeline:
         G = cfg.balance_group or world_size
         W = max(1, num_workers)
         self.cfg, self.encoder, self.estimator = cfg, encoder, estimator
+        self.glob = cfg.global_order
+        self.worker, self.W, self.rank, self.world = worker, W, rank, world_size
+        if self.glob:   # every (rank, worker) reads the one global stream and plans every step
+            G = world_size
+            self.N = world_size * cfg.micro_batches_per_step   # micro-batches of one global step
         self.G, self.grank = G, rank % G
-        self.where = f"rank {rank} worker {worker} (reader split {(rank // G) * W + worker})"
-        self.split, self.num_splits = (rank // G) * W + worker, (world_size // G) * W
+        if self.glob:
+            self.where = f"rank {rank} worker {worker} (global order)"
+            self.split, self.num_splits = 0, 1
+        else:
+            self.where = f"rank {rank} worker {worker} (reader split {(rank // G) * W + worker})"
+            self.split, self.num_splits = (rank // G) * W + worker, (world_size // G) * W
         self.mixed = bool(cfg.mixture)
         self.stream: ShardStream | MixtureStream
         if self.mixed:
@@ -284,9 +299,18 @@ class _WorkerPipeline:
         self.source_of = {p: k for k, s in enumerate(sources) for p in s.shards}
         self.source_seen = [0] * len(sources)   # owned samples per source (mixture stats)
         self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.seed, stream=self.split)
-        self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * G, num_ranks=G,
-                                   micro_batches_per_step=cfg.micro_batches_per_step if G > 1 else 1,
-                                   cost_model=cfg.cost_model, seed=mix64(cfg.seed, self.split))
+        if self.glob:   # steps of N packs; which rank trains which pack is decided per step (_assign)
+            cm = CostModel(1.0, 0.0, 0.0) if cfg.balance == "tokens" else cfg.cost_model
+            self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * self.N, num_ranks=self.N,
+                                       micro_batches_per_step=1, cost_model=cm, seed=mix64(cfg.seed, 0))
+        else:
+            self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * G, num_ranks=G,
+                                       micro_batches_per_step=cfg.micro_batches_per_step if G > 1 else 1,
+                                       cost_model=cfg.cost_model, seed=mix64(cfg.seed, self.split))
+        self.steps: deque[list[list[PackItem]]] = deque()   # global order: planned steps not yet taken
+        self.step_no = self.base = 0   # global steps taken from ``steps`` (all workers); at the restore
+        self.names = _relative_names(shards)   # "<shard>:<key>" names of the sample log
+        self.bad_step: Counter[str] = Counter()  # bad samples found decoding this step's packs (global order)
         self.shards = shards
         self.shard_index = {p: i for i, p in enumerate(shards)}
         self.hints = _ManifestHints()
@@ -335,8 +359,9 @@ class _WorkerPipeline:
             return int(t), int(v)
         if not self._warned_encode_estimate:
             self._warned_encode_estimate = True
-            log.warning("balance_group=%d but shard %s has no per-sample cost hints and no cost_estimator was "
-                        "given: every rank encodes every sample of its group to measure it", self.G, s.shard)
+            log.warning("%s but shard %s has no per-sample cost hints and no cost_estimator was given: every rank "
+                        "encodes every sample of its group to measure it",
+                        "global order" if self.glob else f"balance_group={self.G}", s.shard)
         enc = self._encode(s.shard, s.key, s.members)
         return enc.num_tokens, enc.num_vision_patches
 
@@ -344,16 +369,20 @@ class _WorkerPipeline:
         """PackItem for a raw sample (may raise SampleError). Without balancing, an encoder with
         ``estimate`` sizes it (exact, no pixel decoding) and it is encoded when its pack is built,
         so the window holds compressed samples, not ~10 MB of decoded pixels per clip."""
-        if self.G == 1 and self.can_estimate:
+        if self.G == 1 and not self.glob and self.can_estimate:
             t, v = self._call("estimate", s.shard, s.key, s.key, s.members)
             return PackItem(s.key, int(t), int(v), _Entry(s.position, s.members), carried)
-        if self.G == 1:
+        if self.G == 1 and not self.glob:
             enc = self._encode(s.shard, s.key, s.members)
             return PackItem(s.key, enc.num_tokens, enc.num_vision_patches, _Entry(s.position, None, enc), carried)
         t, v = self._estimate(s)
         return PackItem(s.key, t, v, _Entry(s.position, s.members), carried)
 
-    def _count_bad(self, reason: str, shard: str, key: str, detail: str) -> None:
+    def _count_bad(self, reason: str, shard: str, key: str, detail: str, decoding: bool = False) -> None:
+        if self.glob and decoding:  # found by this rank only: reported with the step (TrainLoader sums them)
+            self.bad_step[reason] += 1
+            log.warning("skipping bad sample (%s) shard=%s key=%s: %s", reason, shard, key, detail)
+            return
         self.bad[reason] += 1
         total = sum(self.bad.values())
         level = logging.WARNING if total <= _MAX_BAD_WARNINGS else logging.DEBUG
@@ -365,7 +394,7 @@ class _WorkerPipeline:
             raise BadDataError(_bad_message(total, self.seen, self.bad, self.cfg.max_bad_fraction, self.where))
 
     def _ingest(self, s: RawSample) -> None:
-        owner = self.counter % self.G == self.grank
+        owner = self.glob or self.counter % self.G == self.grank   # global order: global counts on every rank
         self.counter += 1
         if owner:
             self.seen += 1
@@ -381,7 +410,14 @@ class _WorkerPipeline:
                 self._count_bad(e.reason, s.shard, s.key, e.detail)
             return
         if plan is not None:
+            self._add_plan(plan)
+
+    def _add_plan(self, plan: list[list[list[PackItem]]]) -> None:
+        if not self.glob:
             self.pending.extend(plan[self.grank])
+            return
+        for i in range(max(len(p) for p in plan)):   # plan[slot][i] is pack ``slot`` of the plan's step i
+            self.steps.append([p[i] for p in plan if i < len(p)])
 
     # -- batches out
     def _materialize(self) -> PackedBatch | None:
@@ -397,7 +433,7 @@ class _WorkerPipeline:
                     else:
                         e.encoded = self._encode(e.pos[0], e.pos[2], e.members)
                 except SampleError as err:
-                    self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail)
+                    self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail, decoding=True)
                     continue
                 finally:
                     e.members = None
@@ -407,7 +443,8 @@ class _WorkerPipeline:
         too_long = [it for it in good if it.num_tokens > budget]
         for it in too_long:
             self._count_bad("too_long", it.ref.pos[0], it.key,
-                            f"{it.num_tokens} tokens after encoding (estimate was lower) exceed the budget {budget}")
+                            f"{it.num_tokens} tokens after encoding (estimate was lower) exceed the budget {budget}",
+                            decoding=True)
         good = [it for it in good if it.num_tokens <= budget]
         if not good:
             return None
@@ -442,7 +479,66 @@ class _WorkerPipeline:
             samples.append(e.encoded)
         return build_packed_batch(samples, pixel_values=bufs["image"], pixel_values_videos=bufs["video"])
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, dict]]:
+    def _pack_cost(self, b: list[PackItem]) -> float:
+        return float(sum(it.num_tokens for it in b)) if self.cfg.balance == "tokens" else self.packer.cost(b)
+
+    def _assign(self, step: list[list[PackItem]]) -> tuple[list[list[int]], list[float]]:
+        """Pack indices of each rank for one global step (each rank's in pack order) and the rank costs."""
+        costs = [self._pack_cost(b) for b in step]
+        if self.cfg.balance == "none" or self.world == 1:
+            per = -(-len(step) // self.world)
+            parts = [list(range(r * per, min(len(step), (r + 1) * per))) for r in range(self.world)]
+        else:
+            parts = assign_equal_count(costs, self.world)
+        return parts, [sum(costs[i] for i in p) for p in parts]
+
+    def _take_step(self, step: list[list[PackItem]]) -> tuple[list[PackedBatch], dict]:
+        """This rank's micro-batches of a global step, and what the trainer logs about the whole step."""
+        parts, rank_costs = self._assign(step)
+        self.bad_step = Counter()
+        out: list[PackedBatch] = []
+        for i in parts[self.rank]:
+            self.pending.append([PackItem(it.key, it.num_tokens, it.vision_patches,
+                                          _Entry(it.ref.pos, it.ref.members)) for it in step[i]])
+            while self.pending:
+                batch = self._materialize()
+                if batch is not None:
+                    out.append(batch)
+        for b in step:   # members of other ranks' samples are not needed any more
+            for it in b:
+                it.ref.members = None
+        info = {"step": self.step_no, "rank_costs": rank_costs, "bad": dict(self.bad_step),
+                "samples": sorted(f"{self.names[self.shard_index[it.ref.pos[0]]]}:{it.key}" for b in step for it in b)}
+        return out, info
+
+    def _iter_global(self) -> Iterator[tuple[tuple[list[PackedBatch], dict], dict]]:
+        """Global order: every worker plans every step; worker w takes steps base + w, base + w + W, ..."""
+        src = shuffled(iter(self.stream), self.buffer)
+        while True:
+            if self.steps:
+                step = self.steps.popleft()
+                mine = (self.step_no - self.base) % self.W == self.worker
+                if mine:
+                    batches, info = self._take_step(step)
+                self.step_no += 1
+                if mine:
+                    self.batches += len(batches)
+                    self.samples_out += sum(b.num_samples for b in batches)
+                    yield (batches, info), self.state()
+                continue
+            s = next(src, None)
+            if s is None:
+                plan = self.packer.flush()
+                if plan is None:
+                    return
+                self._add_plan(plan)
+                continue
+            self._ingest(s)
+
+    def __iter__(self) -> Iterator[tuple[Any, dict]]:
+        if self.glob:
+            yield from self._iter_global()
+            return
         src = shuffled(iter(self.stream), self.buffer)
         while True:
             if self.pending:
@@ -476,6 +572,19 @@ class _WorkerPipeline:
         def pos(it: PackItem) -> list:
             return self._pos_out(it.ref.pos)
 
+        if self.glob:   # layout-free: nothing here depends on the rank, the world size or the worker
+            shuffle = self.buffer.state
+            shuffle["buffer"] = [self._pos_out(tuple(p)) for p in shuffle["buffer"]]
+            return {
+                "stream": self.stream.state, "shuffle": shuffle, "step_no": self.step_no, "N": self.N,
+                "packer": {"plans": self.packer.plans, "emitted_bins": self.packer.emitted_bins,
+                           "emitted_tokens": self.packer.emitted_tokens,
+                           "items": [pos(it) + [it.carried] for it in self.packer.items]},
+                "steps": [[[pos(it) + [it.num_tokens, it.vision_patches] for it in b] for b in st] for st in self.steps],
+                "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "source_seen": list(self.source_seen),
+                "estimate_overflow": self.overflow,
+            }
+
         shuffle = self.buffer.state
         shuffle["buffer"] = [self._pos_out(tuple(p)) for p in shuffle["buffer"]]
         extra = {"source_seen": list(self.source_seen)} if self.mixed else {}
@@ -491,7 +600,41 @@ class _WorkerPipeline:
             "samples_out": self.samples_out, "estimate_overflow": self.overflow,
         }
 
+    def _restore_global(self, st: dict) -> None:
+        self.stream.load_state(st["stream"])
+        sh = st["shuffle"]
+        self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
+                               self.cfg.limits)
+        p = st["packer"]
+        self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
+        self.packer.emitted_tokens = int(p["emitted_tokens"])
+        raws = read_positions([self._pos_in(x) for x in p["items"]], self.cfg.limits)
+        items = [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        steps = []
+        for saved in st["steps"]:
+            bins = []
+            for b in saved:
+                raws = read_positions([self._pos_in(x) for x in b], self.cfg.limits)
+                bins.append([PackItem(s.key, int(x[3]), int(x[4]), _Entry(s.position, s.members))
+                             for s, x in zip(raws, b)])
+            steps.append(bins)
+        if int(st["N"]) == self.N:
+            self.steps = deque(steps)
+        else:  # another number of micro-batches per step: the planned steps' samples are re-packed, first
+            pending = [PackItem(it.key, it.num_tokens, it.vision_patches, it.ref, carried=1)
+                       for bins in steps for b in bins for it in b]
+            items = pending + items
+        self.packer.items = items
+        self.step_no = self.base = int(st["step_no"])
+        self.counter, self.seen = int(st["counter"]), int(st["seen"])
+        self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
+        self.source_seen = [int(x) for x in st["source_seen"]]
+        self.overflow = int(st["estimate_overflow"])
+
     def _restore(self, st: dict) -> None:
+        if self.glob:
+            self._restore_global(st)
+            return
         if (st["split"], st["num_splits"], st["group_rank"]) != (self.split, self.num_splits, self.grank):
             raise LoaderStateError(
                 f"worker state is for reader split {st['split']}/{st['num_splits']} (group rank {st['group_rank']}) "
@@ -562,7 +705,7 @@ class _RankDataset(IterableDataset):
         if self.cfg.tune_malloc:
             _tune_malloc_once()
         pipe = _WorkerPipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
-                               w, self.cfg.num_workers, self.states[w])
+                               w, self.cfg.num_workers, self.states[0] if self.cfg.global_order else self.states[w])
         for batch, state in pipe:
             yield batch, w, state
 
@@ -590,7 +733,7 @@ class TrainLoader:
         self.shards = [p for s in self.sources for p in s.shards]
         readers = (world_size // G) * max(1, cfg.num_workers)
         for s in self.sources:
-            if len(s.shards) < readers and rank == 0:
+            if len(s.shards) < readers and rank == 0 and not cfg.global_order:
                 log.warning("%s has %d shards for %d readers (%d rank groups x %d workers): splitting it at the sample "
                             "level, so every reader walks all of its tars; write more, smaller shards to avoid that",
                             f"mixture source {s.name!r}" if cfg.mixture else "train_shards", len(s.shards), readers,
@@ -599,17 +742,42 @@ class TrainLoader:
         self._worker_states: list[dict | None] = [None] * W
         self._next_worker = 0
         self._generation = 0
+        # global order: the layout-free state after the last step consumed, and what the trainer logs of it
+        self._global: dict | None = None
+        self._bad_decoding: Counter[str] = Counter()   # bad samples this rank found decoding its packs
+        self._batches = self._samples_packed = 0   # this rank's, since this loader was built
+        self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
+        self.last_step_rank_costs: list[float] = []  # estimated cost of every rank's micro-batches
+
+    @property
+    def elastic(self) -> bool:
+        """True when the state is layout-free (``global_order``): it resumes on any world size / accumulation."""
+        return self.cfg.global_order
 
     # -- iteration
     def __iter__(self) -> Iterator[PackedBatch]:
         self._generation += 1
         gen = self._generation
-        ds = _RankDataset(self, list(self._worker_states), self._next_worker)
+        states = [self._global] if self.cfg.global_order else list(self._worker_states)
+        ds = _RankDataset(self, states, self._next_worker)
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
         W = max(1, self.cfg.num_workers)
+        if self.cfg.global_order:  # workers yield whole steps in step order (worker w: steps w, w + W, ...)
+            for (batches, info), _w, state in dl:
+                if gen != self._generation:
+                    return
+                self._global = state
+                self._bad_decoding.update(info["bad"])
+                self.last_step_samples, self.last_step_rank_costs = info["samples"], info["rank_costs"]
+                self._check_bad()
+                for b in batches:
+                    self._batches += 1
+                    self._samples_packed += b.num_samples
+                    yield b
+            return
         for batch, w, state in dl:
             if gen != self._generation:
                 return  # a newer iterator (or a load_state_dict) took over
@@ -629,6 +797,10 @@ class TrainLoader:
     def bad_counts(self) -> dict[str, int]:
         """Skipped samples by reason (this rank, all workers), as of the last consumed batch."""
         c: Counter[str] = Counter()
+        if self.cfg.global_order:
+            c.update(self._bad_decoding)
+            c.update(self._global["bad"] if self._global else {})
+            return dict(c)
         for st in self._worker_states:
             if st is not None:
                 c.update(st["bad"])
@@ -636,15 +808,21 @@ class TrainLoader:
 
     @property
     def samples_seen(self) -> int:
+        if self.cfg.global_order:  # the whole global stream read so far (every rank reads all of it)
+            return self._global["seen"] if self._global else 0
         return sum(st["seen"] for st in self._worker_states if st is not None)
 
     def stats(self) -> dict:
         """Counters for metrics: samples seen / packed, bad by reason, batches, packing efficiency."""
         sts = [st for st in self._worker_states if st is not None]
+        if self.cfg.global_order:
+            sts = [self._global] if self._global else []
         bins = sum(st["packer"]["emitted_bins"] for st in sts)
         toks = sum(st["packer"]["emitted_tokens"] for st in sts)
-        out = {"samples_seen": self.samples_seen, "samples_packed": sum(st["samples_out"] for st in sts),
-               "bad": self.bad_counts, "batches": sum(st["batches"] for st in sts),
+        packed = self._samples_packed if self.cfg.global_order else sum(st["samples_out"] for st in sts)
+        out = {"samples_seen": self.samples_seen, "samples_packed": packed,
+               "bad": self.bad_counts,
+               "batches": self._batches if self.cfg.global_order else sum(st["batches"] for st in sts),
                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
                "estimate_overflow": sum(st["estimate_overflow"] for st in sts)}
         if self.cfg.mixture:
@@ -656,7 +834,7 @@ class TrainLoader:
         epochs completed by every reader of this rank (a worker without a batch yet counts 0)."""
         seen = [0] * len(self.sources)
         epochs: list[int | None] = [None] * len(self.sources)
-        for st in self._worker_states:
+        for st in [self._global] if self.cfg.global_order else self._worker_states:
             for k in range(len(self.sources)):
                 n = st["source_seen"][k] if st is not None else 0
                 e = st["stream"]["sources"][k]["epoch"] if st is not None else 0
@@ -685,14 +863,28 @@ class TrainLoader:
             fp["shard_paths"] = "relative"
         return fp
 
+    def _global_fingerprint(self) -> dict:
+        c = self.cfg
+        fp = {k: v for k, v in self._fingerprint().items()
+              if k not in ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step")}
+        return fp | {"order": "global", "num_epochs": c.num_epochs}
+
     def state_dict(self) -> dict:
-        """Position of this rank's data (as of the last batch consumed): plain JSON-able data."""
+        """Position of this rank's data (as of the last batch consumed): plain JSON-able data. Global order:
+        the position in the global stream and the samples drawn but not trained yet, the same on every
+        rank and free of the layout (loadable at any world size, worker count, grad_accum)."""
+        if self.cfg.global_order:
+            return {"version": GLOBAL_STATE_VERSION, "config": self._global_fingerprint(),
+                    "state": copy.deepcopy(self._global), "bad_decoding": dict(self._bad_decoding)}
         return {"version": STATE_VERSION, "config": self._fingerprint(), "next_worker": self._next_worker,
                 "workers": copy.deepcopy(self._worker_states)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Continue from ``sd``. Raises LoaderStateError naming the first field that differs
         (another world size, worker count, seed, budget or shard list cannot replay exactly)."""
+        if self.cfg.global_order or sd.get("version") == GLOBAL_STATE_VERSION:
+            self._load_global(sd)
+            return
         if sd.get("version") != STATE_VERSION:
             raise LoaderStateError(f"loader state version {sd.get('version')!r} is not supported (expected {STATE_VERSION})")
         mine = self._fingerprint(absolute=sd["config"].get("shard_paths") != "relative")   # old states: absolute
@@ -703,4 +895,22 @@ class TrainLoader:
                                        f"{k}={v!r}; the data order cannot be replayed exactly")
         self._worker_states = copy.deepcopy(sd["workers"])
         self._next_worker = int(sd["next_worker"])
+        self._generation += 1
+
+    def _load_global(self, sd: dict) -> None:
+        if not self.cfg.global_order:
+            raise LoaderStateError("loader state is a global-order (layout-free) state but this loader reads "
+                                   "per-rank splits (global_order=False)")
+        if sd.get("version") != GLOBAL_STATE_VERSION:
+            raise LoaderStateError(
+                f"loader state version {sd.get('version')!r} was saved by the per-rank split loader (before the "
+                "global sample order); it cannot be continued in the global order (the trainer then restarts the "
+                "data order deterministically, with a warning)")
+        mine = self._global_fingerprint()
+        for k in list(mine) + [k for k in sd["config"] if k not in mine]:
+            if sd["config"].get(k) != mine.get(k):
+                raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
+                                       f"{k}={mine.get(k)!r}; the global sample order cannot be continued")
+        self._global = copy.deepcopy(sd["state"])
+        self._bad_decoding = Counter({k: int(v) for k, v in sd.get("bad_decoding", {}).items()})
         self._generation += 1

@@ -1,0 +1,80 @@
+"""Global sample order (``LoaderConfig.global_order``): the samples of a step depend on the data, the seed
+and the global micro-batch count only -- not on the world size, the workers or the accumulation -- and
+the layout-free state resumes on another layout with nothing lost or repeated."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from rynnscale.data.loader import LoaderConfig, LoaderStateError, TrainLoader
+from tests.data.test_loader_resume import ByteEncoder, write_text_shards
+
+
+def _cfg(d: Path, **kw) -> LoaderConfig:
+    base = dict(train_shards=[str(d / "shard-{000..003}.tar")], seed=3, micro_batch_tokens=300, pack_window=4,
+                shuffle_buffer=6, global_order=True)
+    return LoaderConfig(**(base | kw))
+
+
+def _steps(loaders: list[TrainLoader], ga: int, n: int, its: list | None = None) -> list[list[str]]:
+    """``n`` global steps of a layout (one loader per rank): sorted sample keys of each step."""
+    its = its if its is not None else [iter(x) for x in loaders]
+    out = []
+    for _ in range(n):
+        keys = [k for it in its for _ in range(ga) for k in next(it).sample_keys]
+        assert sorted(k.split(":")[-1] for k in loaders[0].last_step_samples) == sorted(keys)
+        out.append(sorted(keys))
+    return out
+
+
+def _layout(d: Path, world: int, ga: int, workers: int = 0, **kw) -> list[TrainLoader]:
+    return [TrainLoader(_cfg(d, micro_batches_per_step=ga, num_workers=workers, **kw), ByteEncoder(), rank=r,
+                        world_size=world) for r in range(world)]
+
+
+def test_steps_do_not_depend_on_layout(tmp_path: Path) -> None:
+    write_text_shards(tmp_path, 4, 12)
+    ref = _steps(_layout(tmp_path, 1, 4), 4, 8)                # 1 rank x grad_accum 4
+    assert _steps(_layout(tmp_path, 2, 2), 2, 8) == ref         # 2 ranks x 2
+    assert _steps(_layout(tmp_path, 4, 1, workers=2), 1, 8) == ref  # 4 ranks x 1, 2 workers each
+    flat: list[str] = []                                        # steps within the first epoch (48 samples)
+    for st in ref:
+        if len(flat) + len(st) > 48:
+            break
+        flat += st
+    assert flat and len(flat) == len(set(flat))
+
+
+@pytest.mark.parametrize("balance", ["cost", "tokens", "none"])
+def test_resume_on_another_layout(tmp_path: Path, balance: str) -> None:
+    """2 ranks x ga 1 for 3 steps, then the state of rank 0 continues on 1 rank x ga 2 (and 2 workers)
+    exactly like a straight 1-rank run; and the planned steps are re-packed when the step size changes."""
+    write_text_shards(tmp_path, 4, 40)
+    straight = _steps(_layout(tmp_path, 1, 2, balance=balance), 2, 9)
+    first = _layout(tmp_path, 2, 1, balance=balance)
+    assert _steps(first, 1, 3) == straight[:3]
+    sd = first[0].state_dict()
+    assert sd == first[1].state_dict()   # the same on every rank
+    resumed = _layout(tmp_path, 1, 2, workers=2, balance=balance)
+    resumed[0].load_state_dict(sd)
+    assert _steps(resumed, 2, 6) == straight[3:]
+    # another global micro-batch count (4 per step): nothing lost or repeated across the change
+    wider = _layout(tmp_path, 2, 2, balance=balance)
+    for x in wider:
+        x.load_state_dict(sd)
+    after = [k for st in _steps(wider, 2, 2) for k in st]
+    before = [k for st in straight[:3] for k in st]
+    assert len(before + after) <= 160, "the test wants to stay inside the first epoch"
+    assert max(Counter(before + after).values()) == 1
+
+
+def test_old_state_is_refused_clearly(tmp_path: Path) -> None:
+    write_text_shards(tmp_path, 4, 12)
+    old = TrainLoader(_cfg(tmp_path, global_order=False), ByteEncoder())
+    next(iter(old))
+    new = TrainLoader(_cfg(tmp_path), ByteEncoder())
+    with pytest.raises(LoaderStateError, match="per-rank split loader"):
+        new.load_state_dict(old.state_dict())
