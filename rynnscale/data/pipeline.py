@@ -52,7 +52,10 @@ def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_siz
     from rynnscale.data.loader import LoaderConfig, TrainLoader
 
     shards = list(cfg.data.train_shards) + synthetic_shard_patterns(cfg)
-    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args))
+    # training reads the global sample order: a step's samples do not depend on the layout, so a resume on
+    # another world size / ep / grad_accum continues exactly (evaluation keeps the per-rank split)
+    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args),
+                                              global_order=True)
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)

@@ -14,6 +14,7 @@ from rynnscale.config.schema import RootConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def expert_load_max_over_mean(counts_le) -> tuple[float, list[float]]:
@@ -24,6 +25,27 @@ def expert_load_max_over_mean(counts_le) -> tuple[float, list[float]]:
         per_layer.append(row.max().item() / mean if mean > 0 else float("nan"))
     worst = max((r for r in per_layer if not math.isnan(r)), default=float("nan"))
     return worst, per_layer
+
+
+def max_over_mean(values) -> float | None:
+    """max / mean of per-rank values (rank cost, rank step time); None without values or a zero mean."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values) if values else 0.0
+    return max(values) / mean if mean > 0 else None
+
+
+class SampleLog:
+    """``logging.sample_log``: ``samples.jsonl``, one line ``{"step": k, "samples": ["<shard>:<key>", ...]}``
+    per step for the whole global batch (sorted). Only rank 0 writes; the trainer truncates the lines of
+    steps after the resumed step first (``truncate_metrics``), so every step appears once."""
+
+    def __init__(self, output_dir: Path, *, enabled: bool):
+        self.path = output_dir / SAMPLES_FILE if enabled else None
+
+    def log(self, step: int, samples: list[str]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, "samples": sorted(samples)}) + "\n")
 
 
 class MetricsLogger:

@@ -39,7 +39,14 @@ from rynnscale.checkpoint.preemption import install_preemption_handler, preempti
 from rynnscale.config import RootConfig, save_resolved, to_yaml
 from rynnscale.parallel.distributed import DistContext, report_failures
 from rynnscale.train.hooks import call_hooks, recipe_hooks
-from rynnscale.train.metrics import MetricsLogger, expert_load_max_over_mean, plot_run
+from rynnscale.train.metrics import (
+    SAMPLES_FILE,
+    MetricsLogger,
+    SampleLog,
+    expert_load_max_over_mean,
+    max_over_mean,
+    plot_run,
+)
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
@@ -78,7 +85,23 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx))
     check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
-    if rs.exact:
+    order = rs.extra.get("data_order")   # the layout-free loader state (global sample order), if saved
+    if getattr(c.data, "elastic", False) and order is not None:
+        data_seed = int(order.get("data_seed", cfg.data.seed))
+        if data_seed != cfg.data.seed:
+            rebuild_data(cfg, c, data_seed)
+        c.data.load_state_dict(order["loader"])
+        if not rs.exact:
+            seed_everything(data_seed)
+            if c.ctx.is_main:
+                log.info("resumed from %s at step %d on another layout: the weights resharded and the global "
+                         "sample order continues exactly (nothing lost or repeated)", path, rs.step)
+        log.info("resumed %s from %s at step %d", "exactly" if rs.exact else "elastically", path, rs.step)
+        return data_seed
+    if getattr(c.data, "elastic", False) and c.ctx.is_main:
+        log.warning("checkpoint %s has no global-order loader state (saved before the global sample order): "
+                    "the data order restarts deterministically", path)
+    if rs.exact and not getattr(c.data, "elastic", False):
         saved_seed = int(rs.per_rank.get("data_seed", cfg.data.seed))
         if saved_seed != cfg.data.seed:  # this layout had restarted its data order with another seed
             rebuild_data(cfg, c, saved_seed)
@@ -112,9 +135,10 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
                                 trainable_only=cfg.model.lora.rank > 0)
     data_seed = _resume(cfg, c, manager, output_dir)
     if ctx.is_main:
-        dropped = truncate_metrics(output_dir / "metrics.jsonl", c.state.step)
-        if dropped:
-            log.info("metrics.jsonl: dropped %d line(s) of steps after the start step %d", dropped, c.state.step)
+        for name in ("metrics.jsonl", SAMPLES_FILE):
+            dropped = truncate_metrics(output_dir / name, c.state.step)
+            if dropped:
+                log.info("%s: dropped %d line(s) of steps after the start step %d", name, dropped, c.state.step)
     ctx.barrier()
     n_params = sum(p.numel() for p in c.model.parameters())  # this rank's shards when distributed
     log.info("model: %s, %.2fM parameters on rank 0, device %s, world size %d",
@@ -126,13 +150,18 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
                  nonfinite_total: int) -> dict:
     """The ``metrics.jsonl`` line of one step (global quantities; data wait is the mean over ranks)."""
     ctx = c.ctx
-    t_data_mean = ctx.sum([t_data])[0] / ctx.world_size
+    times = ctx.sum([t_data] + [dt if r == ctx.rank else 0.0 for r in range(ctx.world_size)])  # one all-reduce
+    t_data_mean = times[0] / ctx.world_size
     record = {
         "step": step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
         "grad_norm": stats.grad_norm, "tokens": stats.tokens, "target_tokens": stats.target_tokens,
         "samples": stats.samples, "tokens_seen": c.state.tokens_seen, "tokens_per_s": stats.tokens / dt,
         "step_time_s": dt, "data_wait_share": t_data_mean / dt, "world_size": ctx.world_size,
         "expert_load_max_over_mean": None, "nonfinite_steps": nonfinite_total,
+        # data-parallel balance: estimated cost of each rank's micro-batches (the loader's plan) and the
+        # measured step time of each rank, as max / mean over ranks
+        "rank_cost_max_over_mean": max_over_mean(getattr(c.data, "last_step_rank_costs", None) or []),
+        "rank_time_max_over_mean": max_over_mean(times[1:]),
     }
     if stats.expert_counts is not None:
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
@@ -174,11 +203,18 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         return manager.save(state.step, model, c.optimizer, c.scheduler, tokens_seen=state.tokens_seen,
                             config=run_config, layout=layout, model_config=c.args.to_hf_config(),
                             per_rank_state={"loader": c.data.state_dict(), "data_seed": data_seed},
-                            extra_state={"lora_base": c.base} if c.base is not None else None)
+                            extra_state=extra_state())
+
+    def extra_state() -> dict | None:
+        extra: dict = {"lora_base": c.base} if c.base is not None else {}
+        if getattr(c.data, "elastic", False):  # the same on every rank: rank 0 writes it, any layout reads it
+            extra["data_order"] = {"loader": c.data.state_dict(), "data_seed": data_seed}
+        return extra or None
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
     batches = iter(c.data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
+    sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
     preempt = install_preemption_handler()
     preempted = False
     nonfinite_run = nonfinite_total = 0
@@ -196,6 +232,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += stats.tokens
+            sample_log.log(state.step, getattr(c.data, "last_step_samples", None) or [])
             nonfinite_run = 0 if stats.finite else nonfinite_run + 1
             nonfinite_total += 0 if stats.finite else 1
             record = _step_record(state.step, c, stats, lr, dt, t_data, nonfinite_total)
