@@ -23,8 +23,8 @@ from resume_run import _children, command, latest_step, metrics, overrides, run,
 STEPS = 10
 
 
-def _args(out: Path, data: Path, ga: int, ep: int) -> list[str]:
-    return overrides(out, data, steps=STEPS, every=0, ep=ep,
+def _args(out: Path, data: Path, ga: int, ep: int, steps: int = STEPS) -> list[str]:
+    return overrides(out, data, steps=steps, every=0, ep=ep,
                      extra=(f"train.grad_accum={ga}", "logging.sample_log=true"))
 
 
@@ -32,10 +32,10 @@ def _samples(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-def _compare(got: Path, want: Path, rel: float) -> None:
+def _compare(got: Path, want: Path, rel: float, steps: int = STEPS) -> None:
     assert _samples(got) == _samples(want)
     g, w = metrics(got), metrics(want)
-    assert [r["step"] for r in g] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in g] == list(range(1, steps + 1))
     for a, b in zip(g, w):
         assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
 
@@ -45,9 +45,9 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("elastic_data")
 
 
-def _straight(tmp_path_factory, data_dir: Path, nproc: int, ga: int, ep: int) -> Path:
+def _straight(tmp_path_factory, data_dir: Path, nproc: int, ga: int, ep: int, steps: int = STEPS) -> Path:
     out = tmp_path_factory.mktemp(f"straight_{nproc}x{ga}") / "run"
-    rc, log = run(command(nproc, _args(out, data_dir, ga, ep)))
+    rc, log = run(command(nproc, _args(out, data_dir, ga, ep, steps)))
     assert rc == 0, log[-4000:]
     return out
 
@@ -57,21 +57,21 @@ def straight_1x2(tmp_path_factory, data_dir):
     return _straight(tmp_path_factory, data_dir, 1, 2, 1)
 
 
-def _stop_and_resume(tmp_path: Path, data_dir: Path, first: tuple[int, int, int], then: tuple[int, int, int]
-                     ) -> Path:
-    """Run layout ``first`` = (processes, grad_accum, ep), SIGTERM it (every rank) after step 3, resume on
-    ``then``; returns the run directory."""
+def _stop_and_resume(tmp_path: Path, data_dir: Path, first: tuple[int, int, int], then: tuple[int, int, int],
+                     steps: int = STEPS, after: int = 3) -> Path:
+    """Run layout ``first`` = (processes, grad_accum, ep), SIGTERM it (every rank) after step ``after``,
+    resume on ``then``; returns the run directory."""
     out = tmp_path / "run"
-    p = start(command(first[0], _args(out, data_dir, first[1], first[2])))
-    wait_for(p, lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3)
+    p = start(command(first[0], _args(out, data_dir, first[1], first[2], steps)))
+    wait_for(p, lambda: (out / "metrics.jsonl").is_file() and len(metrics(out)) >= after)
     pids = [p.pid] if first[0] == 1 else _children().get(p.pid, [])
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     log, _ = p.communicate(timeout=180)
     assert p.returncode == 0, log[-4000:]
     stopped = latest_step(out)
-    assert 3 <= stopped < STEPS, log[-3000:]
-    rc, log = run(command(then[0], _args(out, data_dir, then[1], then[2])))
+    assert after <= stopped < steps, log[-3000:]
+    rc, log = run(command(then[0], _args(out, data_dir, then[1], then[2], steps)))
     assert rc == 0, log[-4000:]
     assert f"resumed elastically from {out / 'checkpoints'}" in log, log[-3000:]
     return out
@@ -98,5 +98,6 @@ def test_sigterm_on_1_process_resume_on_2(tmp_path, data_dir, straight_1x2):
 
 @pytest.mark.slow
 def test_sigterm_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, data_dir):
-    straight = _straight(tmp_path_factory, data_dir, 2, 2, 1)    # 4 micro-batches per step, like 4 x 1
-    _compare(_stop_and_resume(tmp_path, data_dir, (4, 1, 2), (2, 2, 1)), straight, 1e-4)
+    # 4 micro-batches per step, like 4 x 1; fewer steps (4 processes on 2 cores are slow)
+    straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=6)
+    _compare(_stop_and_resume(tmp_path, data_dir, (4, 1, 2), (2, 2, 1), steps=6, after=2), straight, 1e-4, steps=6)
