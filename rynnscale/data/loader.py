@@ -20,7 +20,32 @@ With ``num_epochs`` each source is read that many times (a finished source drops
 draw). Sample positions index the concatenation of the sources' shard lists (a shard may belong
 to one source only). A one-source mixture reads exactly like ``train_shards``.
 
-Balancing (``balance_group=G > 1``; 0 = all ranks). The G ranks of a group read the SAME stream
+Global order (``global_order=True``; what training uses, ``rynnscale.data.pipeline``). There is ONE
+sample stream: the shard order of epoch e is the seeded permutation above read as a single split
+(``split 0 of 1``), then one shuffle buffer (stream 0), so the sample order depends on the data, the
+seed and the epoch only. Every (rank, worker) reads that whole stream and runs the same deterministic
+plan: FFD packing over a window of ``pack_window x N`` samples into global steps of
+``N = world_size x micro_batches_per_step`` packs (``WindowPacker`` with N slots: similar-cost packs
+share a step, seeded step order). The step's packs are assigned to ranks only when the step is taken
+(``balance``: ``cost`` = LPT with equal counts on ``cost_model``, ``tokens``, ``none`` = in order), so
+the samples of step k depend on N, not on how N splits into ranks x accumulation; each rank decodes
+only its own packs (other ranks' samples are only sized: manifest hints, ``cost_estimator``, the
+encoder's ``estimate``, else encoding, as in balance groups). Worker w of W takes steps base+w,
+base+w+W, ... (base = the step at the restore) and yields each as one item, so steps arrive in order and
+the worker count does not matter. ``world_size`` / ``rank`` are the DATA-parallel ones (ranks of a
+context-parallel group would pass the same data rank). The state is layout-free: stream position,
+shuffle buffer, packer items and the planned steps (samples with their sizes), the same on every rank;
+it loads at any world size, worker count and accumulation. With the same N the continuation is exact;
+with another N the planned steps' samples go back to the packer (placed first) and are re-packed, so
+nothing is lost or repeated. ``last_step_samples`` ("<shard>:<key>" of the whole global batch, shard
+names relative to the shards' common directory) and ``last_step_rank_costs`` describe the last step
+taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
+``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
+Known limits: every rank reads every shard (the page cache serves the repeats on one node; members
+of other ranks' samples are held only until their step is taken), and a rank whose pack overflows
+after encoding (low estimate) or goes all-bad yields a different number of micro-batches that step.
+
+Balancing (``balance_group=G > 1``; 0 = all ranks; per-rank split mode only). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every
 sample's size cheaply -- from the per-sample cost hints in ``manifest.json`` (``num_tokens``,
 ``vision_patches``), else from ``cost_estimator(key, members)``, else by encoding it (exact but

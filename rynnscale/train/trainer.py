@@ -8,9 +8,15 @@ Checkpoints (``checkpoint.*``, see ``rynnscale.checkpoint.dcp``):
 - resume (``auto`` = newest complete checkpoint of ``run.output_dir``, default; ``none``; or a path) loads
   model, optimiser, scheduler, step and tokens seen. Same world size and layout: this rank's loader state
   and RNG states are restored too, and the run continues exactly (bitwise-equal losses on CPU). Other world
-  size / layout: weights and optimiser reshard through DCP, and the data order restarts deterministically
-  from the recorded step: every rank's loader is rebuilt with the data seed ``restart_data_seed(data.seed,
-  step)`` and skips nothing (a warning says so); the seed in use is saved, so later exact resumes keep it.
+  size / layout / grad_accum: weights and optimiser reshard through DCP, and the data continues exactly
+  from the layout-free loader state rank 0 saved in ``trainer_state.json`` (``extra.data_order``; the
+  loader reads the global sample order, ``rynnscale.data.loader``): nothing lost or repeated, and the
+  same samples per step as a straight run when ranks x grad_accum is unchanged. A checkpoint without
+  that state (saved before the global order) restarts the data order deterministically instead: every
+  rank's loader is rebuilt with the data seed ``restart_data_seed(data.seed, step)`` (a warning says so);
+  the seed in use is saved, so later exact resumes keep it.
+- ``samples.jsonl`` (``logging.sample_log``): the samples of every step's global batch, cut back to the
+  start step on (re)start like ``metrics.jsonl``.
 - ``metrics.jsonl`` on (re)start keeps only the lines of steps <= the start step (a resumed run rewrites
   the tail the killed run had logged after its last checkpoint: every step appears once).
 - saves every ``checkpoint.every_steps`` steps and after the last step (never before the first optimiser
