@@ -51,6 +51,7 @@ def test_typo_names_key_and_suggests(recipe):
     ("train.max_steps=abc", r"train\.max_steps"),
     ("optim.schedule=cosin", r"optim\.schedule.*cosine"),
     ("logging.wandb.mode=loud", r"logging\.wandb\.mode.*offline"),
+    ("data.balance=lpt", r"data\.balance.*cost.*tokens.*none"),
     ("train.grad_accum=0", r"train\.grad_accum"),
     ("parallel.dp_shard=0", r"parallel\.dp_shard"),
     ("optim.warmup_steps=-1", r"optim\.warmup_steps"),
