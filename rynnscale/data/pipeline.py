@@ -47,7 +47,9 @@ def build_encoder(cfg: RootConfig, args: Qwen3VLArgs):
 def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int):
     """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
 
-    Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``)."""
+    Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``).
+    ``rank`` / ``world_size`` are the DATA-parallel rank and size (EP ranks hold different data, so today
+    the whole world; ranks of one context-parallel group would pass the same data rank)."""
     from rynnscale.data.balance import CostModel
     from rynnscale.data.loader import LoaderConfig, TrainLoader
 
