@@ -6,7 +6,8 @@ both ranks fed the SAME micro-batches) == 1 process on the same global batch, pe
   sides): ``max|g - g_ref| <= 1e-4 * ||g_ref||``.
 
 Configs cover dense and MoE, ``ulysses`` and ``ring``, kv heads < cp (Ulysses replicates them), full
-activation checkpointing and cp=2 with ep=2 (the EP group is the CP group). Rows mix text-only documents,
+activation checkpointing and cp=2 with ep=2 (the EP group is the CP group); a second launch of 4 processes
+runs 2 sample streams x cp=2 (FSDP over all 4 ranks), with ring attention, and with EP 2 + full checkpointing. Rows mix text-only documents,
 an image and a 2-frame video (so the vision tower's frames are split over the ranks, and a rank with no
 frame runs the tower on a dummy), 1-3 documents of uneven lengths that cross the zigzag shard boundaries,
 and lengths that need padding to a multiple of 2*cp. All configs run in ONE launch (runtime)."""
@@ -69,7 +70,8 @@ def cp_batch(step: int, rank: int, micro: int) -> PackedBatch:
     ids, labels, pix, grids, vpix, vgrids = [], [], [], [], [], []
     for i in range(n):
         length = int(torch.randint(9, 41, (1,), generator=gen))
-        t = torch.randint(0, 200, (max(length, 16),), generator=gen)
+        both = i == 0 and i == n - 1 and kind == 3  # image at [1, 7) and video at [-13, -1) of one document
+        t = torch.randint(0, 200, (max(length, 24 if both else 16),), generator=gen)
         if i == 0 and kind in (0, 3):
             t[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
             pix.append(torch.randn(16, PATCH_DIM, generator=gen))
@@ -173,6 +175,26 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cp2_matches_one_process(runs, name):
     worst = check_cp_equivalence(*runs, name, moe=CONFIGS[name][0])
+    print(f"{name}: worst gradient error {worst:.3g} of the norm")
+
+
+# 4 processes: 2 sample streams x cp=2 (dp_shard 2; FSDP over all 4), with EP 2 carved out of the 4 FSDP ranks
+CONFIGS_4 = {
+    "dp2xcp2_moe_ring": (True, 2, "ring", "none", 1),
+    "dp2xcp2_moe_ulysses_ep2+ac_full": (True, 2, "ulysses", "full", 2),
+}
+
+
+@pytest.fixture(scope="module")
+def runs4(tmp_path_factory):
+    results = run_ranks(cp_worker, 4, tmp_path_factory.mktemp("cp_equivalence4"), configs=CONFIGS_4, cp=2)
+    return results, reference_run(CONFIGS_4, streams=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS_4))
+def test_dp2_cp2_matches_one_process(runs4, name):
+    worst = check_cp_equivalence(*runs4, name, moe=CONFIGS_4[name][0])
     print(f"{name}: worst gradient error {worst:.3g} of the norm")
 
 
