@@ -487,7 +487,7 @@ def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:
     if p.timeout_s <= 0:
         raise ConfigError(f"config key 'parallel.timeout_s' = {p.timeout_s} must be > 0")
     try:
-        check_layout_keys(p.dp_replicate, p.dp_shard, p.ep, num_experts)
+        check_layout_keys(p.dp_replicate, p.dp_shard, p.ep, num_experts, p.cp)
     except LayoutError as e:
         raise ConfigError(f"config key 'parallel': {e}") from None
 

@@ -48,6 +48,7 @@ class ModelConfig:
     attn_backend: str = "auto"          # auto | varlen | sdpa_mask | loop
     kernels: str = "auto"               # auto | torch | liger: RMSNorm / RoPE / SwiGLU / fused loss (ops/fused.py)
     compile: bool = False               # torch.compile each decoder layer and vision block (parallel/compile.py)
+    cp_attention: str = "auto"          # ulysses | ring | auto: decoder attention under parallel.cp > 1
     # Published architecture (rynnscale.models.qwen3_vl.presets) used where init_from's config.json is
     # not on this machine (planning on a laptop); when both exist they must describe the same model.
     preset: str | None = None
@@ -139,7 +140,8 @@ class OptimConfig:
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1                  # -1 = all remaining ranks
-    ep: int = 1                         # expert parallel degree, carved out of dp_shard (must divide it)
+    ep: int = 1                         # expert parallel degree, carved out of dp_shard x cp (must divide it)
+    cp: int = 1                         # context parallel degree: ranks splitting one sequence (same samples)
     timeout_s: float = 600.0            # timeout of every collective: a dead / diverged rank fails the job
 
 
@@ -212,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation_checkpointing": ("none", "full", "every_k", "selective"),
     "model.attn_backend": ("auto", "varlen", "sdpa_mask", "loop"),
     "model.kernels": ("auto", "torch", "liger"),
+    "model.cp_attention": ("auto", "ulysses", "ring"),
     "train.dtype": ("auto", "float32", "bfloat16"),
     "optim.schedule": ("cosine", "constant", "linear"),
     "data.balance": ("cost", "tokens", "none"),

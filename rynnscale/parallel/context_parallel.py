@@ -374,3 +374,107 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CPShar
     if mode == "ulysses":
         return ulysses_attention(q, k, v, plan, group, causal=causal, scale=scale, backend=backend)
     return ring_attention(q, k, v, plan, group, causal=causal, scale=scale)
+
+
+# -------------------------------------------------------------------------------------- model-side pieces
+
+
+def resolve_mode(mode: str, num_heads: int, cp: int) -> str:
+    """``auto`` -> ``ulysses`` when ``cp`` divides the q heads (the local kernel sees whole documents; GQA kv
+    heads fewer than ``cp`` are replicated), else ``ring`` (any head count)."""
+    if mode not in (*MODES, "auto"):
+        raise ValueError(f"model.cp_attention={mode!r} is not one of {(*MODES, 'auto')}")
+    if mode == "auto":
+        return "ulysses" if num_heads % cp == 0 else "ring"
+    if mode == "ulysses" and num_heads % cp:
+        raise ValueError(f"model.cp_attention=ulysses needs the q heads ({num_heads}) divisible by parallel.cp={cp}; "
+                         "use model.cp_attention=ring (or auto)")
+    return mode
+
+
+@dataclass(frozen=True)
+class CPGroup:
+    """This rank's context-parallel group, set on a model by its parallel plan: ``size`` ranks (> 1),
+    this rank's position ``rank`` in it, the process ``group`` and the ``model.cp_attention`` choice."""
+
+    group: object
+    size: int
+    rank: int
+    mode: str = "auto"
+    multiple: int | None = None  # shard_plan's padding multiple (None: 2 * size)
+
+    def plan(self, cu_seqlens: torch.Tensor) -> CPShardPlan:
+        return shard_plan(cu_seqlens, self.size, self.multiple)
+
+
+@dataclass(frozen=True)
+class CPShard:
+    """One forward's view of a sharded row on this rank: the plan, the rank, the group and the mode."""
+
+    plan: CPShardPlan
+    rank: int
+    group: object
+    mode: str
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.plan.indices[self.rank]
+
+    def shard(self, x: torch.Tensor, dim: int = 0, pad_value: float | int = 0) -> torch.Tensor:
+        return self.plan.shard(x, self.rank, dim=dim, pad_value=pad_value)
+
+    def valid(self, device=None) -> torch.Tensor:
+        """bool [shard_length]: the local tokens that are real (not row padding)."""
+        return self.indices.to(device) < self.plan.length
+
+    def attention(self, q, k, v, backend: str = "auto") -> torch.Tensor:
+        mode = resolve_mode(self.mode, q.shape[1], self.plan.cp)
+        return cp_attention(q, k, v, self.plan, self.group, mode=mode, causal=True, backend=backend)
+
+
+def balanced_ranges(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Split items with ``weights`` (e.g. vision patches per frame) into ``parts`` contiguous ranges of
+    nearly equal weight: item ``i`` goes to part ``floor((W_before_i + w_i / 2) * parts / W)``. Ranges
+    may be empty (fewer items than parts)."""
+    total = sum(weights)
+    owner, before = [], 0
+    for w in weights:
+        owner.append(min(parts - 1, int((before + w / 2) * parts / total)) if total else 0)
+        before += w
+    out, i = [], 0
+    for p in range(parts):
+        lo = i
+        while i < len(owner) and owner[i] == p:
+            i += 1
+        out.append((lo, i))
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of row blocks of different sizes along dim 0 (padded to the largest for the collective);
+    backward: the gradient of the whole result summed over the group, this rank's rows kept."""
+
+    @staticmethod
+    def forward(ctx, x, sizes: tuple[int, ...], rank: int, group):
+        n_max = max(sizes)
+        buf = x.new_zeros((n_max, *x.shape[1:]))
+        buf[: x.shape[0]] = x
+        pieces = [torch.empty_like(buf) for _ in sizes]
+        dist.all_gather(pieces, buf.contiguous(), group=group)
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return torch.cat([p[:n] for p, n in zip(pieces, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        lo = sum(ctx.sizes[: ctx.rank])
+        return grad[lo: lo + ctx.sizes[ctx.rank]], None, None, None
+
+
+def gather_rows(x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
+    """Differentiable all-gather of ``x`` [sizes[rank], ...] from every rank of ``group`` -> [sum(sizes), ...]
+    in rank order (gloo-safe: equal-size collective on padded blocks)."""
+    if x.shape[0] != sizes[rank]:
+        raise ValueError(f"gather_rows: this rank has {x.shape[0]} rows, sizes says {sizes[rank]}")
+    return _GatherRows.apply(x, tuple(int(s) for s in sizes), rank, group)

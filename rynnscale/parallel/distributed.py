@@ -103,9 +103,36 @@ class DistContext:
         return self.world_size > 1
 
     @property
+    def cp_size(self) -> int:
+        """Ranks of this rank's context-parallel group (they hold the same samples); 1 without CP."""
+        return 1 if self.meshes is None else self.meshes.layout.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.meshes is None else self.meshes.cp_rank
+
+    @property
+    def data_world_size(self) -> int:
+        """Distinct sample streams (the loader's world): all ranks except that a CP group is one stream."""
+        return self.world_size // self.cp_size
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's sample stream (the loader's rank): equal on the ranks of one CP group."""
+        return self.rank // self.cp_size
+
+    @property
     def dp_size(self) -> int:
-        """Data-parallel ranks (all ranks: EP ranks see different data)."""
-        return self.world_size
+        """Data-parallel ranks (= ``data_world_size``: EP ranks see different data, CP ranks the same)."""
+        return self.data_world_size
+
+    def sum_data(self, values: Iterable[float]) -> list[float]:
+        """Element-wise sum over the sample streams of quantities every rank of a CP group holds alike
+        (per-batch token / sample counts): each CP group counts once. Same single all-reduce as ``sum``."""
+        values = list(values)
+        if self.cp_size > 1 and self.cp_rank != 0:
+            values = [0.0] * len(values)
+        return self.sum(values)
 
     def sum(self, values: Iterable[float]) -> list[float]:
         """Element-wise float64 sum over all ranks (identity for one process)."""
@@ -124,7 +151,8 @@ class DistContext:
         return t
 
     def counts_reducer(self, counts_le: torch.Tensor) -> torch.Tensor:
-        """Load-balancing counts [n_moe_layers, E] summed over all data-parallel ranks (global-batch balance)."""
+        """Load-balancing counts [n_moe_layers, E] summed over all ranks (global-batch balance); under CP
+        each rank counts only the tokens of its shard, so the sum counts every token once."""
         return self.sum_tensor(counts_le.clone())
 
     def barrier(self) -> None:

@@ -1,10 +1,14 @@
-"""The parallel layout rules: ``dp_replicate x dp_shard`` data-parallel ranks, with expert parallelism
-(EP) carved out of ``dp_shard``. The one place these rules live: recipe validation (no world size yet),
-the launch (``rynnscale.parallel.mesh.build_meshes``) and ``rynnscale plan`` all call ``ParallelLayout``.
+"""The parallel layout rules: ``dp_replicate x dp_shard`` data-parallel groups of ``cp`` context-parallel
+ranks each, with expert parallelism (EP) carved out of the FSDP ranks. The one place these rules live:
+recipe validation (no world size yet), the launch (``rynnscale.parallel.mesh.build_meshes``) and
+``rynnscale plan`` all call ``ParallelLayout``.
 
-Every rank is a data-parallel rank (EP ranks hold different data), so ``world = dp_replicate x dp_shard``
-and ``ep`` must divide ``dp_shard`` and the model's ``num_experts``. Pure Python (no torch import): the
-CLI validates a recipe in well under a second.
+``world = dp_replicate x dp_shard x cp``. The ``cp`` ranks of a context-parallel (CP) group hold the SAME
+samples (one sequence split along its length), so the data-parallel world the loader sees is
+``dp_replicate x dp_shard`` (``data_world_size``). Parameters are FSDP-sharded over ``dp_shard x cp`` (the
+``fsdp`` degree; torchtitan's ``dp_shard_cp``), and ``ep`` must divide that degree and the model's
+``num_experts`` (EP ranks hold different tokens: different samples, or different pieces of one sequence).
+Pure Python (no torch import): the CLI validates a recipe in well under a second.
 """
 
 from __future__ import annotations
@@ -16,19 +20,27 @@ class LayoutError(ValueError):
     """An impossible ``parallel.*`` layout for this world size / model; the message names the keys."""
 
 
-def check_layout_keys(dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, num_experts: int | None = None) -> None:
+def _fsdp_keys(dp_shard: int, cp: int) -> str:
+    """The FSDP degree as the user wrote it (``parallel.dp_shard=N``, or ``... x parallel.cp = N`` under CP)."""
+    return f"parallel.dp_shard={dp_shard}" if cp == 1 else f"parallel.dp_shard x parallel.cp = {dp_shard * cp}"
+
+
+def check_layout_keys(dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, num_experts: int | None = None,
+                      cp: int = 1) -> None:
     """The rules that hold for every world size: sizes >= 1 (``dp_shard`` may be -1 = all remaining
-    ranks), ``ep`` divides a given ``dp_shard``, and ``ep > 1`` needs an MoE model whose ``num_experts``
-    it divides (``num_experts=None``: not known yet, skipped)."""
+    ranks), ``ep`` divides a given ``dp_shard x cp`` (the FSDP ranks), and ``ep > 1`` needs an MoE model
+    whose ``num_experts`` it divides (``num_experts=None``: not known yet, skipped)."""
     if dp_replicate < 1:
         raise LayoutError(f"parallel.dp_replicate={dp_replicate} must be >= 1")
     if ep < 1:
         raise LayoutError(f"parallel.ep={ep} must be >= 1")
+    if cp < 1:
+        raise LayoutError(f"parallel.cp={cp} must be >= 1")
     if dp_shard < 1 and dp_shard != -1:
         raise LayoutError(f"parallel.dp_shard={dp_shard} must be -1 (all remaining ranks) or >= 1")
-    if dp_shard != -1 and dp_shard % ep:
-        raise LayoutError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (expert parallelism is "
-                          "carved out of the FSDP ranks)")
+    if dp_shard != -1 and (dp_shard * cp) % ep:
+        raise LayoutError(f"parallel.ep={ep} must divide {_fsdp_keys(dp_shard, cp)} (expert parallelism is carved "
+                          "out of the FSDP ranks)")
     if ep > 1 and num_experts is not None:
         if num_experts <= 0:
             raise LayoutError(f"parallel.ep={ep} needs an MoE model, but the model has no experts")
@@ -45,47 +57,72 @@ class ParallelLayout:
     dp_replicate: int
     dp_shard: int
     ep: int
+    cp: int = 1
+
+    @property
+    def fsdp(self) -> int:
+        """FSDP degree of the dense parameters: ``dp_shard x cp`` (CP ranks shard parameters too)."""
+        return self.dp_shard * self.cp
 
     @property
     def edp_shard(self) -> int:
-        """FSDP degree of the expert parameters (data-parallel ranks left inside ``dp_shard`` after EP)."""
-        return self.dp_shard // self.ep
+        """FSDP degree of the expert parameters (FSDP ranks left after EP)."""
+        return self.fsdp // self.ep
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel world: every rank (EP ranks see different data)."""
-        return self.world_size
+        """Data-parallel world = ``data_world_size`` (a CP group consumes ONE stream of samples)."""
+        return self.data_world_size
+
+    @property
+    def data_world_size(self) -> int:
+        """Distinct sample streams: ``dp_replicate x dp_shard`` (EP ranks see different data, CP ranks the same)."""
+        return self.world_size // self.cp
+
+    def data_rank(self, rank: int) -> int:
+        """The sample stream of global ``rank`` (CP groups are ``cp`` consecutive ranks)."""
+        return rank // self.cp
+
+    def cp_rank(self, rank: int) -> int:
+        """The position of global ``rank`` in its CP group."""
+        return rank % self.cp
 
     def as_dict(self) -> dict[str, int]:
-        """The layout as recorded in checkpoints (resume is exact only under the same one)."""
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "ep": self.ep}
+        """The layout as recorded in checkpoints (resume is exact only under the same one); ``cp`` only
+        when > 1, so checkpoints written before CP existed still compare equal."""
+        d = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "ep": self.ep}
+        if self.cp > 1:
+            d["cp"] = self.cp
+        return d
 
     @classmethod
     def single(cls) -> ParallelLayout:
         """One process."""
-        return cls(1, 1, 1, 1)
+        return cls(1, 1, 1, 1, 1)
 
     @classmethod
     def resolve(cls, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1,
-                num_experts: int | None = None) -> ParallelLayout:
-        """Check ``parallel.{dp_replicate, dp_shard, ep}`` against the world size and the model;
+                num_experts: int | None = None, cp: int = 1) -> ParallelLayout:
+        """Check ``parallel.{dp_replicate, dp_shard, ep, cp}`` against the world size and the model;
         ``dp_shard=-1`` takes all remaining ranks. Raises ``LayoutError`` naming the keys."""
         where = (f"(world size {world_size}: parallel.dp_replicate={dp_replicate}, parallel.dp_shard={dp_shard}, "
-                 f"parallel.ep={ep})")
+                 f"parallel.ep={ep}, parallel.cp={cp})")
         if world_size < 1:
             raise LayoutError(f"world size must be >= 1, got {world_size}")
         try:
-            check_layout_keys(dp_replicate, dp_shard, ep, num_experts)
+            check_layout_keys(dp_replicate, dp_shard, ep, num_experts, cp)
         except LayoutError as e:
             raise LayoutError(f"{e} {where}") from None
-        if world_size % dp_replicate:
-            raise LayoutError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size} {where}")
+        if world_size % (dp_replicate * cp):
+            what = (f"parallel.dp_replicate={dp_replicate}" if cp == 1
+                    else f"parallel.dp_replicate x parallel.cp = {dp_replicate * cp}")
+            raise LayoutError(f"{what} does not divide the world size {world_size} {where}")
         if dp_shard == -1:
-            dp_shard = world_size // dp_replicate
-        if dp_replicate * dp_shard != world_size:
-            raise LayoutError(f"parallel.dp_replicate x parallel.dp_shard = {dp_replicate * dp_shard} must equal the "
-                              f"world size {world_size} {where}")
-        if dp_shard % ep:
-            raise LayoutError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (EP is carved out of the "
+            dp_shard = world_size // (dp_replicate * cp)
+        if dp_replicate * dp_shard * cp != world_size:
+            raise LayoutError(f"parallel.dp_replicate x parallel.dp_shard x parallel.cp = "
+                              f"{dp_replicate * dp_shard * cp} must equal the world size {world_size} {where}")
+        if (dp_shard * cp) % ep:
+            raise LayoutError(f"parallel.ep={ep} must divide {_fsdp_keys(dp_shard, cp)} (EP is carved out of the "
                               f"FSDP ranks) {where}")
-        return cls(world_size, dp_replicate, dp_shard, ep)
+        return cls(world_size, dp_replicate, dp_shard, ep, cp)

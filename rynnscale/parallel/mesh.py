@@ -1,14 +1,18 @@
 """Device meshes of a ``ParallelLayout`` (``rynnscale.parallel.layout``: the rules): ``dp_replicate x
-dp_shard`` for dense parameters, with expert parallelism (EP) carved out of ``dp_shard``.
+(dp_shard x cp)`` for dense parameters, with expert parallelism (EP) carved out of the ``dp_shard x cp``
+FSDP ranks, and context-parallel (CP) groups of ``cp`` consecutive ranks that hold the same samples.
 
-Every rank is a data-parallel rank (EP ranks hold different data), so ``world = dp_replicate x dp_shard``
-and ``ep`` must divide ``dp_shard``. The ranks of one replica are laid out as ``[edp_shard, ep]`` with
-``ep`` innermost, so an EP group is ``ep`` consecutive ranks (the same node when ``ep <= GPUs per node``,
-where the all-to-all runs over NVLink):
+``world = dp_replicate x dp_shard x cp``; ``ep`` must divide ``fsdp = dp_shard x cp``. The ``fsdp`` ranks of
+one replica are laid out as ``[edp_shard, ep]`` with ``ep`` innermost, so an EP group is ``ep`` consecutive
+ranks (the same node when ``ep <= GPUs per node``, where the all-to-all runs over NVLink):
 
-    global rank = ((replica * edp_shard) + edp) * ep + ep_rank
+    global rank = ((replica * edp_shard) + edp) * ep + ep_rank = (replica * dp_shard + data) * cp + cp_rank
 
-- dense params: FSDP over ``dp_shard`` (= ``edp_shard x ep`` flattened), HSDP-replicated over ``dp_replicate``.
+(the same ranks, factored two ways: a CP group is ``cp`` consecutive ranks too, its data rank
+``rank // cp``).
+
+- dense params: FSDP over ``dp_shard`` (the flattened mesh of all ``fsdp = dp_shard x cp`` ranks of a
+  replica, torchtitan's ``dp_shard_cp``; named ``dp_shard`` below), HSDP-replicated over ``dp_replicate``.
 - expert params: split over ``ep`` by expert index (rank ``ep_rank`` holds experts
   ``[ep_rank * E/ep, (ep_rank+1) * E/ep)``), FSDP over ``edp_shard``, replicated over ``dp_replicate``;
   their gradients are reduced over those ``dp_replicate x edp_shard`` ranks only.
@@ -31,8 +35,9 @@ __all__ = ["LayoutError", "Meshes", "ParallelLayout", "build_meshes", "device_ty
 class Meshes:
     """The meshes one rank needs. ``dense``: [dp_replicate, dp_shard] (1-D [dp_shard] without HSDP);
     ``expert``: [dp_replicate, edp_shard] (1-D [edp_shard] without HSDP), the FSDP mesh of expert params;
-    ``ep``: 1-D EP group mesh (None if ep == 1); ``dp_shard``: 1-D mesh over which every rank holds a
-    distinct piece of every parameter (the group for global norms)."""
+    ``ep``: 1-D EP group mesh (None if ep == 1); ``dp_shard``: 1-D mesh of the ``dp_shard x cp`` FSDP
+    ranks, over which every rank holds a distinct piece of every parameter (the group for global norms);
+    ``cp``: 1-D CP group mesh (None if cp == 1)."""
 
     layout: ParallelLayout
     world: DeviceMesh
@@ -40,6 +45,15 @@ class Meshes:
     expert: DeviceMesh
     dp_shard: DeviceMesh
     ep: DeviceMesh | None
+    cp: DeviceMesh | None = None
+
+    @property
+    def cp_rank(self) -> int:
+        return 0 if self.cp is None else self.cp.get_local_rank()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup | None:
+        return None if self.cp is None else self.cp.get_group()
 
     @property
     def ep_rank(self) -> int:
@@ -51,8 +65,9 @@ class Meshes:
 
 
 def build_meshes(layout: ParallelLayout, device_type: str) -> Meshes:
-    """Create the world mesh ``[dp_replicate, edp_shard, ep]`` and its views (needs an initialised
-    default process group of ``layout.world_size`` ranks)."""
+    """Create the world mesh ``[dp_replicate, edp_shard, ep]`` and its views, and (cp > 1) the CP mesh
+    ``[data, cp]`` over the same ranks (needs an initialised default process group of
+    ``layout.world_size`` ranks)."""
     if dist.get_world_size() != layout.world_size:
         raise LayoutError(f"layout is for {layout.world_size} ranks but the process group has {dist.get_world_size()}")
     world = init_device_mesh(device_type, (layout.dp_replicate, layout.edp_shard, layout.ep),
@@ -62,7 +77,11 @@ def build_meshes(layout: ParallelLayout, device_type: str) -> Meshes:
     dense = world["dp_replicate", "dp_shard"] if hsdp else dp_shard
     expert = world["dp_replicate", "edp_shard"] if hsdp else world["edp_shard"]
     ep = world["ep"] if layout.ep > 1 else None
-    return Meshes(layout, world, dense, expert, dp_shard, ep)
+    cp = None
+    if layout.cp > 1:
+        ranks = torch.arange(layout.world_size).reshape(layout.data_world_size, layout.cp)
+        cp = DeviceMesh(device_type, ranks, mesh_dim_names=("data", "cp"))["cp"]
+    return Meshes(layout, world, dense, expert, dp_shard, ep, cp)
 
 
 def device_type_of(device: torch.device) -> str:

@@ -31,7 +31,7 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, p
     args, model = build_model(cfg.model, meta=True)
     st = param_stats(model, list(cfg.optim.groups), cfg.optim.weight_decay)
     lay = resolve_layout(c.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.ep,
-                         args.text.num_experts)
+                         args.text.num_experts, cfg.parallel.cp)
     w = Workload(micro_batch_tokens=cfg.train.micro_batch_tokens, grad_accum=cfg.train.grad_accum,
                  visual_tokens=pc.visual_tokens_per_micro_batch, doc_tokens=doc_tokens,
                  loss_chunk_tokens=cfg.train.loss_chunk_tokens, checkpointing=cfg.model.activation_checkpointing,

@@ -24,6 +24,13 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
 - vision tower: the same for ``plan.visual_tokens_per_micro_batch`` merged tokens (x merge^2 patches).
 - loss: the chunked fused linear + cross-entropy keeps an fp32 [V, H] weight-gradient accumulator and
   the [N, H] input gradient from forward to backward, plus one chunk of fp32 logits while it runs.
+- context parallelism (``parallel.cp``): parameters, gradients and optimiser states are sharded over
+  ``dp_shard x cp``; every per-token term (decoder and vision activations, loss buffers) counts the
+  rank's ``micro_batch_tokens / cp`` tokens (and ``1/cp`` of the frames); Ulysses (``cp_attention_mode``:
+  the q heads divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
+  output per layer (``cp_attention_bytes_per_token``). Traffic per layer: Ulysses moves q, k, v and the
+  output through all-to-alls, (cp-1)/cp of them, forward and backward; ring passes k/v cp-1 times in
+  forward and k/v plus their fp32 gradients in backward (``estimate_comm``).
 - peak = max(forward/loss peak, every point of backward (saved activations of the layers not yet
   back-propagated + gradients already produced + the current layer's recompute / workspace),
   optimiser step (gradients + foreach temporaries)). The GPU profile adds a reserve for the CUDA
@@ -102,10 +109,11 @@ class Workload:
     every: int = 2
 
 
-def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int) -> ParallelLayout:
+def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int,
+                   cp: int = 1) -> ParallelLayout:
     """``parallel.*`` on ``world`` GPUs, by the launch's own rules (``rynnscale.parallel.layout``)."""
     try:
-        return ParallelLayout.resolve(world, dp_replicate, dp_shard, ep, num_experts)
+        return ParallelLayout.resolve(world, dp_replicate, dp_shard, ep, num_experts, cp)
     except LayoutError as e:
         raise PlanError(str(e)) from None
 
@@ -141,6 +149,26 @@ def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 
     else:
         mlp = 3 * inter * a
     return norm_inputs + norms_out + rotary_attn + attn_out + mlp
+
+
+def cp_attention_mode(t: TextArgs, cp: int) -> str:
+    """What ``model.cp_attention=auto`` picks: Ulysses when cp divides the q heads, else ring."""
+    return "ulysses" if t.num_attention_heads % cp == 0 else "ring"
+
+
+def cp_attention_bytes_per_token(t: TextArgs, cp: int, p: Profile) -> float:
+    """Extra bytes per LOCAL token a decoder layer saves under context parallelism: Ulysses keeps the
+    head-sharded q, k, v (kv heads repeated ``cp / gcd(Hkv, cp)`` times) and output, which together hold as
+    many elements as the local tokens' full-head ones; ring saves only what plain attention saves (+ fp32
+    output and log-sum-exp of its CPU block kernel, counted as 4-byte output)."""
+    import math
+    if cp <= 1:
+        return 0.0
+    D = t.head_dim
+    if cp_attention_mode(t, cp) == "ulysses":
+        rep = cp // math.gcd(t.num_key_value_heads, cp)
+        return (2 * t.num_attention_heads + 2 * t.num_key_value_heads * rep) * D * p.act_bytes
+    return t.num_attention_heads * (D + 1) * 4
 
 
 def attention_s2_bytes(heads: int, doc_tokens: int, tokens: int, p: Profile) -> float:
@@ -205,6 +233,10 @@ class Comm:
     ep_link: str
     fsdp_s: float
     ep_s: float
+    cp_bytes: float = 0.0           # context-parallel attention traffic (all layers, all passes)
+    cp_bytes_per_layer: float = 0.0  # one decoder layer, forward + backward, one micro-batch
+    cp_mode: str = ""
+    cp_s: float = 0.0
 
 
 @dataclass
@@ -225,6 +257,7 @@ class Plan:
     fits: bool
     suggestions: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    recommended_cp: int | None = None  # smallest parallel.cp that fits (recommend_cp)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,9 +267,10 @@ def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: W
                     cluster: Cluster | None = None) -> MemoryBreakdown:
     """Per-GPU memory of one training step (see the module docstring for the model)."""
     t, v = args.text, args.vision
-    shard = lay.dp_shard
-    T = w.micro_batch_tokens
-    doc = w.doc_tokens or T
+    shard = lay.fsdp  # dp_shard x cp
+    cp = lay.cp
+    T = -(-w.micro_batch_tokens // cp)  # this rank's tokens of the row
+    doc = min(w.doc_tokens or T, T)
     a = p.act_bytes
     n_layers = len(st.layer_dense)
 
@@ -255,11 +289,11 @@ def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: W
 
     # activations
     moe_layers = [t.layer_is_moe(i) for i in range(n_layers)]
-    full_layer = [decoder_layer_bytes_per_token(t, m, p, lay.ep) * T + attention_s2_bytes(t.num_attention_heads, doc, T, p)
-                  for m in moe_layers]
+    full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p)) * T
+                  + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
-    patches = w.visual_tokens * v.spatial_merge_size ** 2
+    patches = -(-w.visual_tokens // cp) * v.spatial_merge_size ** 2  # CP: each rank encodes 1/cp of the frames
     n_blocks = len(st.vision_block)
     vckpt = _checkpointed(n_blocks, w)
     vblock_full = (vision_block_bytes_per_patch(v, p) * patches
@@ -337,7 +371,7 @@ def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Wor
     collective moves (n-1)/n of the buffer per GPU. HSDP all-reduces the shard's gradients over
     ``dp_replicate`` (2x (r-1)/r). EP all-to-all: every token's top-k copies (bf16 hidden) go out
     and come back (dispatch + combine), in forward and backward (+ forward again when recomputed)."""
-    n, r, ep = lay.dp_shard, lay.dp_replicate, lay.ep
+    n, r, ep = lay.fsdp, lay.dp_replicate, lay.ep
     dense = st.total - st.expert_total
     ring = (n - 1) / n if n > 1 else 0.0
     eng = (lay.edp_shard - 1) / lay.edp_shard if lay.edp_shard > 1 else 0.0
@@ -354,8 +388,54 @@ def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Wor
     fsdp_inter = n > c.gpus_per_node or r > 1 and c.nodes > 1
     fsdp_bw = (c.ib_gbps if fsdp_inter else c.nvlink_gbps) * 1e9
     ep_bw = (c.ib_gbps if ep > c.gpus_per_node else c.nvlink_gbps) * 1e9
+    if ep > 1 and moe_layers and lay.cp > 1:
+        a2a /= lay.cp  # each rank routes its own shard's tokens
+    cp_layer, mode = cp_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.checkpointing == "full")
+    cp_total = cp_layer * len(st.layer_dense) * w.grad_accum
+    cp_bw = (c.ib_gbps if lay.cp > c.gpus_per_node else c.nvlink_gbps) * 1e9
     return Comm(ag, rs, hs, a2a, "InfiniBand" if fsdp_inter else "NVLink",
-                "InfiniBand" if ep > c.gpus_per_node else "NVLink", (ag + rs + hs) / fsdp_bw, a2a / ep_bw)
+                "InfiniBand" if ep > c.gpus_per_node else "NVLink", (ag + rs + hs) / fsdp_bw, a2a / ep_bw,
+                cp_total, cp_layer, mode, cp_total / cp_bw)
+
+
+def cp_traffic_per_layer(t: TextArgs, cp: int, row_tokens: int, recompute: bool,
+                         act_bytes: int = 2) -> tuple[float, str]:
+    """Bytes one rank sends for one decoder layer's attention under context parallelism (one micro-batch,
+    forward + backward, + the recomputed forward under full checkpointing) and the mode ``auto`` picks.
+    Ulysses: q, k (repeated), v and the output through all-to-alls, (cp-1)/cp of the local bytes each way
+    and pass. Ring: k/v shards passed cp-1 times forward; backward passes k/v again and their fp32 grads."""
+    import math
+    if cp <= 1:
+        return 0.0, ""
+    L_r = -(-row_tokens // cp)
+    D, mode = t.head_dim, cp_attention_mode(t, cp)
+    fwd_passes = 2 if recompute else 1
+    if mode == "ulysses":
+        rep = cp // math.gcd(t.num_key_value_heads, cp)
+        per_pass = (2 * t.num_attention_heads + 2 * t.num_key_value_heads * rep) * D * L_r * act_bytes * (cp - 1) / cp
+        return per_pass * (fwd_passes + 1), mode
+    kv = 2 * t.num_key_value_heads * D * L_r
+    fwd = (cp - 1) * kv * act_bytes
+    bwd = (cp - 1) * kv * act_bytes + cp * kv * 4
+    return fwd * fwd_passes + bwd, mode
+
+
+def recommend_cp(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster,
+                 p: Profile) -> int | None:
+    """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
+    NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
+    <= GPU memory), other keys unchanged; None if none does."""
+    budget = c.gpu_mem_gib * GIB / 1.15
+    cp = 1
+    while cp <= c.gpus_per_node:
+        try:
+            lay2 = resolve_layout(lay.world_size, lay.dp_replicate, -1, lay.ep, st.num_experts, cp)
+        except PlanError:
+            lay2 = None
+        if lay2 is not None and estimate_memory(args, st, lay2, w, p, c).total_with_reserve <= budget:
+            return cp
+        cp *= 2
+    return None
 
 
 def model_flops_per_step(args: Qwen3VLArgs, st: ParamStats, w: Workload) -> float:
@@ -380,7 +460,8 @@ def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, l
     flops = model_flops_per_step(args, st, w)
     recompute = 4 / 3 if w.checkpointing == "full" else 1.0   # full checkpointing re-runs the forward
     compute_s = flops * recompute / (c.peak_tflops * 1e12 * c.mfu)
-    step_s = max(compute_s, comm.fsdp_s) + comm.ep_s
+    compute_s /= lay.cp  # the CP ranks share one sample stream's work
+    step_s = max(compute_s, comm.fsdp_s) + comm.ep_s + comm.cp_s
     budget = c.gpu_mem_gib * GIB
     fits = mem.total_with_reserve <= budget
     plan = Plan(
@@ -389,10 +470,11 @@ def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, l
                 "vision": st.vision_total, "experts": st.expert_total, "trainable": st.trainable, "frozen": st.frozen},
         cluster=asdict(c), layout={"world": lay.world_size, **lay.as_dict(), "edp_shard": lay.edp_shard}, workload=asdict(w), profile=p.name,
         memory=mem, comm=comm, flops_per_step=flops, compute_s=compute_s, step_s=step_s,
-        tokens_per_s_per_gpu=w.micro_batch_tokens * w.grad_accum / step_s, fits=fits,
+        tokens_per_s_per_gpu=w.micro_batch_tokens * w.grad_accum / lay.cp / step_s, fits=fits,
         assumptions=[
             f"profile {p.name}: activations {p.act_bytes} B, fp32 master params + fp32 grads + AdamW fp32 states "
-            f"({p.param_bytes}+{p.grad_bytes}+{p.optim_bytes} B per parameter, sharded over dp_shard={lay.dp_shard}); "
+            f"({p.param_bytes}+{p.grad_bytes}+{p.optim_bytes} B per parameter, sharded over dp_shard x cp="
+            f"{lay.fsdp}); "
             f"attention {p.attention}",
             f"reserve: {p.reserve_gib} GiB (CUDA context, NCCL buffers) + {p.fragmentation:.0%} of the estimate "
             "(allocator fragmentation)",
@@ -401,6 +483,7 @@ def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, l
             "every token labelled (upper bound for the loss buffers)" if w.label_fraction >= 1 else
             f"{w.label_fraction:.0%} of tokens labelled",
         ])
+    plan.recommended_cp = recommend_cp(args, st, lay, w, c, p)
     if not fits:
         plan.suggestions = _suggest(recipe, model_name, args, st, lay, w, c, p)
     return plan
@@ -418,6 +501,10 @@ def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
 
     if w.checkpointing != "full" and fits(w2=replace(w, checkpointing="full")):
         out.append("model.activation_checkpointing=full")
+    cp = recommend_cp(args, st, lay, w, c, p)
+    if cp is not None and cp != lay.cp:
+        out.append(f"parallel.cp={cp} (context parallelism: the row split over {cp} GPUs, "
+                   f"{cp_attention_mode(args.text, cp)} attention)")
     T = w.micro_batch_tokens
     while T > 512:
         T //= 2
@@ -461,7 +548,7 @@ def format_plan(pl: Plan) -> str:
         f"frozen {pr['frozen'] / 1e9:.3f}B)",
         f"cluster    {c['nodes']} node(s) x {c['gpus_per_node']} GPUs x {c['gpu_mem_gib']:g} GiB "
         f"(profile {pl.profile})",
-        f"layout     dp_replicate={lay['dp_replicate']} dp_shard={lay['dp_shard']} ep={lay['ep']} "
+        f"layout     dp_replicate={lay['dp_replicate']} dp_shard={lay['dp_shard']} ep={lay['ep']} cp={lay.get('cp', 1)} "
         f"(experts FSDP over edp_shard={lay['edp_shard']})",
         f"workload   {pl.workload['micro_batch_tokens']} tokens/micro-batch x grad_accum {pl.workload['grad_accum']}, "
         f"{pl.workload['visual_tokens']} visual tokens, checkpointing {pl.workload['checkpointing']}",
@@ -486,9 +573,12 @@ def format_plan(pl: Plan) -> str:
         f"  FSDP reduce-scatter (fp32)     {cm.fsdp_reduce_scatter_bytes / 1e9:8.2f} GB",
         f"  HSDP all-reduce                {cm.hsdp_allreduce_bytes / 1e9:8.2f} GB",
         f"  EP all-to-all (bf16)           {cm.ep_all_to_all_bytes / 1e9:8.2f} GB   over {cm.ep_link}",
+        f"  CP attention ({cm.cp_mode or 'off'})" + " " * max(1, 17 - len(cm.cp_mode or 'off'))
+        + f"{cm.cp_bytes / 1e9:8.2f} GB   ({cm.cp_bytes_per_layer / 1e6:.1f} MB per layer per micro-batch)",
+        f"  recommended parallel.cp        {pl.recommended_cp if pl.recommended_cp else 'none fits'}",
         "",
         f"step time  compute {pl.compute_s:.2f} s, FSDP comm {cm.fsdp_s:.2f} s (overlapped), EP all-to-all "
-        f"{cm.ep_s:.2f} s -> ~{pl.step_s:.2f} s/step, ~{pl.tokens_per_s_per_gpu:,.0f} tokens/s/GPU "
+        f"{cm.ep_s:.2f} s, CP attention {cm.cp_s:.2f} s -> ~{pl.step_s:.2f} s/step, ~{pl.tokens_per_s_per_gpu:,.0f} tokens/s/GPU "
         f"({pl.flops_per_step / 1e12:.1f} model TFLOP per step per GPU)",
         "",
         f"verdict    {'FITS' if pl.fits else 'DOES NOT FIT'}"

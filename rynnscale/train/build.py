@@ -84,7 +84,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         freeze_parameters(model, cfg.freeze)
     parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
                 ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
-                reshard_after_forward=reshard_after_forward)
+                reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
     if param_dtype is not None:
         model.to(dtype=param_dtype)
     if meta:
@@ -120,7 +120,7 @@ def lora_spec(cfg: ModelConfig) -> LoRASpec | None:
 def resolve_layout(cfg: RootConfig, world_size: int, num_experts: int) -> ParallelLayout:
     """``parallel.*`` of a recipe on ``world_size`` ranks (``LayoutError`` naming the keys)."""
     p = cfg.parallel
-    return ParallelLayout.resolve(world_size, p.dp_replicate, p.dp_shard, p.ep, num_experts)
+    return ParallelLayout.resolve(world_size, p.dp_replicate, p.dp_shard, p.ep, num_experts, p.cp)
 
 
 def build(cfg: RootConfig, ctx: DistContext) -> tuple[Qwen3VLArgs, nn.Module]:

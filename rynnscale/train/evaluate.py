@@ -214,7 +214,8 @@ class Evaluator:
     def from_run(cls, cfg: Any, args: Any, ctx: Any) -> Evaluator:
         """Generate the synthetic eval set on rank 0 if it is the held-out set (others wait), then build."""
         prepare_eval_files(cfg, ctx)
-        return cls(cfg, args, ctx.rank, ctx.world_size)
+        # a CP group is one data-parallel rank (its ranks evaluate the same samples, see ``evaluate``)
+        return cls(cfg, args, ctx.data_rank, ctx.data_world_size)
 
     # -- data
     def loader(self):
@@ -271,8 +272,12 @@ class Evaluator:
         """Eval loss + grounding metrics (module docstring); ``ctx`` is the trainer's DistContext (its
         ``sum(list) -> list`` over ranks and ``device``); None = one process on the model's device."""
         device = ctx.device if ctx is not None else next(model.parameters()).device
-        total: Callable[[list[float]], list[float]] = ctx.sum if ctx is not None else (lambda v: list(v))
+        # context parallelism: evaluation runs the whole rows with CP off on every rank of a CP group (same
+        # samples, same forwards, so FSDP's collectives match; correct but not memory-sharded), and each
+        # group's sums count once
+        total: Callable[[list[float]], list[float]] = ctx.sum_data if ctx is not None else (lambda v: list(v))
         was_training = model.training
+        cp, model.cp = getattr(model, "cp", None), None
         model.eval()
         try:
             with autocast_context(self.cfg.train.dtype, device):
@@ -280,6 +285,7 @@ class Evaluator:
                 ground = self._grounding(model, device, total)
         finally:
             model.train(was_training)
+            model.cp = cp
         out: dict[str, Any] = {"eval_loss": loss_sum / n_tokens if n_tokens else None, "eval_tokens": int(n_tokens)}
         out.update(ground)
         return out

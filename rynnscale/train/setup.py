@@ -128,8 +128,9 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     prepare_data_files(cfg, ctx)
-    # every rank is a data-parallel rank (EP ranks hold different data): data rank = global rank
-    data = build_train_data(cfg, args, rank=ctx.rank, world_size=ctx.world_size)
+    # every CP group is one data-parallel rank (EP ranks hold different data; the cp ranks of a CP group
+    # the same micro-batches): data rank = global rank // cp
+    data = build_train_data(cfg, args, rank=ctx.data_rank, world_size=ctx.data_world_size)
     return TrainComponents(args, model, optimizer, scheduler, data, ctx)
 
 
@@ -190,7 +191,7 @@ def restart_data_seed(seed: int, step: int) -> int:
 def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
     """Replace ``c.data`` by this rank's loader built with ``data.seed = data_seed``."""
     cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
-    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.rank, world_size=c.ctx.world_size)
+    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.data_rank, world_size=c.ctx.data_world_size)
 
 
 def layout_dict(cfg: RootConfig, ctx: DistContext) -> dict[str, int]:

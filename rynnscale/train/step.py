@@ -12,6 +12,10 @@ carved out of data parallelism), and the step's quantities are global:
   balance);
 - the gradient norm for clipping covers every shard and every expert group;
 - logged loss / tokens are sums over all ranks;
+- context parallelism (``parallel.cp``): the ranks of a CP group get the SAME micro-batches and the model
+  computes the loss and load-balancing terms of its shard of each row only, so per-row counts (target
+  tokens, tokens, samples) are counted once per CP group (``DistContext.sum_data``) while loss sums are
+  summed over every rank; the aux loss is a mean over (sample stream, micro-batch) forwards;
 - a step whose global loss, aux loss or gradient norm is inf/NaN skips the optimiser step
   (``StepStats.finite``); the loop then saves nothing from it and stops after
   ``train.max_nonfinite_steps`` such steps in a row (``NonFiniteLossError``).
@@ -62,9 +66,10 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
     normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process)."""
     ctx = ctx or DistContext(device=device)
     local_targets = sum(b.num_target_tokens for b in micro_batches)
-    n_targets = int(ctx.sum([local_targets])[0])  # before any backward: every rank divides by the same count
+    # before any backward: every rank divides by the same count (a CP group's rows counted once)
+    n_targets = int(ctx.sum_data([local_targets])[0])
     denom = max(n_targets, 1)
-    n_forwards = len(micro_batches) * ctx.dp_size  # the aux loss is a mean over all (rank, micro-batch)
+    n_forwards = len(micro_batches) * ctx.dp_size  # the aux loss is a mean over all (sample stream, micro-batch)
     # metrics stay on the device until the step ends: no host sync between micro-batches, so the
     # next micro-batch's kernels are queued while the GPU still runs this one's backward
     loss_dev = torch.zeros((), dtype=torch.float64, device=device)
@@ -88,9 +93,11 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
             c = out.expert_counts.detach().long()
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
+    # loss / aux: every rank's own share (CP shards); tokens / samples: once per CP group; one all-reduce
+    once = 1 if ctx.cp_rank == 0 else 0
     loss_total, aux_total, tokens, samples = ctx.sum([
-        loss_dev.item(), aux_dev.item(), sum(b.num_tokens for b in micro_batches),
-        sum(b.num_samples for b in micro_batches)])
+        loss_dev.item(), aux_dev.item(), once * sum(b.num_tokens for b in micro_batches),
+        once * sum(b.num_samples for b in micro_batches)])
     # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
     finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
     if finite:

@@ -200,17 +200,20 @@ def norm_relative_errors(got: dict, want: dict, zero_floor: float) -> dict[str, 
     return out
 
 
-def reference_step(model, optimizer, step: int, world: int, micro: int, **step_kw):
-    """One single-process step standing in for ``world`` ranks x ``micro`` micro-batches: gradient
-    accumulation over all of them (rank-major), each forward's load-balancing counts replaced by the
-    global counts of its micro-batch index (what the ranks' all-reduce yields)."""
+def reference_step(model, optimizer, step: int, world: int, micro: int, batch_fn=None, **step_kw):
+    """One single-process step standing in for ``world`` ranks (sample streams) x ``micro`` micro-batches:
+    gradient accumulation over all of them (rank-major), each forward's load-balancing counts replaced by
+    the global counts of its micro-batch index (what the ranks' all-reduce yields). ``batch_fn(step, rank,
+    micro)`` makes the rows (default ``micro_batch``)."""
     from rynnscale.parallel.distributed import DistContext
     from rynnscale.train.step import train_step
 
-    rows = [[micro_batch(step, r, m) for m in range(micro)] for r in range(world)]
-    with torch.no_grad():
-        glob = [sum(model(rows[r][m]).expert_counts for r in range(world)) for m in range(micro)]
-    calls = iter(range(world * micro))
+    batch_fn = batch_fn or micro_batch
+    rows = [[batch_fn(step, r, m) for m in range(micro)] for r in range(world)]
     ctx = DistContext()
-    ctx.counts_reducer = lambda c: glob[next(calls) % micro]
+    if model.args.text.is_moe:
+        with torch.no_grad():
+            glob = [sum(model(rows[r][m]).expert_counts for r in range(world)) for m in range(micro)]
+        calls = iter(range(world * micro))
+        ctx.counts_reducer = lambda c: glob[next(calls) % micro]
     return train_step(model, optimizer, [b for rank_rows in rows for b in rank_rows], ctx=ctx, **step_kw)

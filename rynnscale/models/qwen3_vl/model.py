@@ -9,6 +9,23 @@ all images and videos of the row (one call; each frame is its own attention docu
 visual embeddings at the ``<|image_pad|>`` / ``<|video_pad|>`` positions, runs the decoder with the
 DeepStack features, and returns the final-normed hidden states. Logits are NOT materialised:
 ``loss_sum`` uses the chunked fused ``linear_cross_entropy``; ``logits`` is there for tests/eval.
+
+Context parallelism (``self.cp``, a ``CPGroup`` set by the parallel plan when ``parallel.cp > 1``): every
+rank of the CP group gets the SAME packed row and keeps only its shard of it
+(``rynnscale.parallel.context_parallel.shard_plan``: zigzag, padded to a multiple of ``2*cp`` with one pad
+document at the end). Per token, in this order:
+- tokens and MRoPE position ids (computed on the full row by the data path) are sharded by the plan and
+  only the local tokens are embedded;
+- the vision tower: the frames (temporal patches; each is its own attention document in the tower) of
+  the row's images and videos are split into ``cp`` contiguous ranges balanced by patches, each rank
+  encodes its range only, and the merged features (+ DeepStack features) are all-gathered
+  (differentiable: the backward sums the group's gradients) so that each rank writes the rows of the
+  visual tokens it owns -- no rank encodes the whole video;
+- decoder attention through ``cp_attention`` (``model.cp_attention``); DeepStack features are added at
+  the local visual rows; the MoE statistics count real tokens only;
+- ``loss_sum``: labels are shifted on the FULL row, then sharded by the same plan (padding gets
+  ``IGNORE_INDEX``), so the sum over the group of the shards' sums is the row's loss sum.
+``ModelOutput.hidden_ld`` is then this rank's shard and ``ModelOutput.cp`` its ``CPShard``.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRou
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
 from rynnscale.ops import fused
 from rynnscale.ops.loss import linear_cross_entropy
+from rynnscale.parallel.context_parallel import CPGroup, CPShard, balanced_ranges, gather_rows
 
 
 @dataclass
@@ -38,6 +56,7 @@ class ModelOutput:
     hidden_ld: torch.Tensor
     aux_loss: torch.Tensor
     expert_counts: torch.Tensor | None = None
+    cp: CPShard | None = None  # context parallel: hidden_ld holds this rank's shard of the row
 
 
 class LMHead(nn.Linear):
@@ -89,6 +108,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         # parallel plan, parallelize.py); without visual inputs it then runs on one dummy patch group times 0
         self.always_run_vision = False
         self.kernels = "torch"  # see set_kernels
+        self.cp: CPGroup | None = None  # context parallelism (set by the parallel plan when parallel.cp > 1)
         self.tie_weights()
 
     # ------------------------------------------------------------------ structure
@@ -221,21 +241,95 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         zero = sum((d.sum() for d in deepstack), vis_mh.sum()) * 0.0
         return embeds_lh + zero.to(embeds_lh.dtype)
 
+    def _visual_inputs_cp(self, batch: PackedBatch, embeds_lh: torch.Tensor, cp: CPShard):
+        """``_visual_inputs`` on a context-parallel shard: this rank encodes its share of the row's frames
+        (balanced by patches), the merged + DeepStack features of all ranks are gathered, and the rows of
+        the local visual tokens are written. -> (embeds, local visual rows [V_r], deepstack [V_r, H] list)."""
+        a, m2 = self.args, self.args.vision.spatial_merge_size ** 2
+        pix, frames, toks = [], [], []  # frames: (h, w) grid of every temporal patch, images first, then videos
+        for pv, grid, tok, name in ((batch.pixel_values, batch.image_grid_thw, a.image_token_id, "image"),
+                                    (batch.pixel_values_videos, batch.video_grid_thw, a.video_token_id, "video")):
+            if pv is None:
+                continue
+            if grid is None:
+                raise ValueError(f"PackedBatch has {name} pixel values but no {name}_grid_thw")
+            pix.append(pv)
+            g = grid.detach().to("cpu", torch.long).reshape(-1, 3)
+            frames += [(int(h), int(w)) for t, h, w in g.tolist() for _ in range(int(t))]
+            toks.append((tok, name, int(g.prod(-1).sum()) // m2))
+        if not pix:
+            if self.always_run_vision:
+                return self._dummy_vision(embeds_lh), None, None
+            return embeds_lh, None, None
+        patches = [h * w for h, w in frames]
+        lo, hi = balanced_ranges(patches, cp.plan.cp)[cp.rank]
+        rows_per_rank = [sum(patches[a_:b_]) // m2 for a_, b_ in balanced_ranges(patches, cp.plan.cp)]
+        visual = self.model.visual
+        if hi > lo:
+            p_lo, p_hi = sum(patches[:lo]), sum(patches[:hi])
+            all_pix = torch.cat(pix) if len(pix) > 1 else pix[0]
+            pv = all_pix[p_lo:p_hi]
+            if pv.dtype == torch.uint8:
+                if batch.pixel_norm is None:
+                    raise ValueError("PackedBatch pixel values are uint8 (raw) but batch.pixel_norm is None; "
+                                     "the data path must set it (VisionSpec.pixel_norm)")
+                pv = batch.pixel_norm.normalize(pv)
+            grid = torch.tensor([[1, h, w] for h, w in frames[lo:hi]], dtype=torch.long)
+            vis_mh, deepstack = visual(pv, grid)
+            feats = torch.cat([vis_mh, *deepstack], dim=1)
+        else:  # no frame for this rank: the tower still runs (its FSDP collectives), on one dummy patch group
+            s = a.vision.spatial_merge_size
+            pixels = embeds_lh.new_zeros(s * s, visual.patch_embed.patch_dim, dtype=torch.float32)
+            vis_mh, deepstack = visual(pixels, torch.tensor([[1, s, s]], dtype=torch.long))
+            feats = torch.cat([vis_mh, *deepstack], dim=1)[:0]  # 0 rows, still in the graph
+        feats = gather_rows(feats, rows_per_rank, cp.rank, cp.group)  # [V, O * (1 + n_deepstack)]
+        # feature row of every padded-row position (-1: not a visual token), then this rank's positions
+        feat_of = torch.full((cp.plan.padded_length,), -1, dtype=torch.long, device=embeds_lh.device)
+        start = 0
+        ids = batch.input_ids_l.to(embeds_lh.device)
+        for tok, name, n in toks:
+            idx_v = (ids == tok).nonzero().squeeze(1)
+            if idx_v.numel() != n:
+                raise ValueError(f"PackedBatch has {idx_v.numel()} <|{name}_pad|> tokens (id {tok}) but its "
+                                 f"{name}_grid_thw gives {n} merged {name} tokens")
+            feat_of[idx_v] = torch.arange(start, start + n, device=feat_of.device)
+            start += n
+        local_feat = feat_of.index_select(0, cp.indices.to(feat_of.device))
+        local_rows = (local_feat >= 0).nonzero().squeeze(1)
+        mine = feats.index_select(0, local_feat.index_select(0, local_rows))
+        out = self.args.vision.out_hidden_size
+        embeds_lh = embeds_lh.index_copy(0, local_rows, mine[:, :out].to(embeds_lh.dtype))
+        deep = [mine[:, out * (j + 1):out * (j + 2)] for j in range(mine.shape[1] // out - 1)]
+        return embeds_lh, local_rows, deep
+
+    def cp_shard(self, batch: PackedBatch) -> CPShard | None:
+        """This rank's ``CPShard`` of ``batch``'s row (None without context parallelism)."""
+        if self.cp is None or self.cp.size == 1:
+            return None
+        return CPShard(self.cp.plan(batch.cu_seqlens), self.cp.rank, self.cp.group, self.cp.mode)
+
     def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None) -> ModelOutput:
         lm = self.model.language_model
-        embeds_lh = lm.embed_tokens(batch.input_ids_l)
-        embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
-        hidden_lh, stats = lm(embeds_lh, batch.position_ids_3l, batch.cu_seqlens, batch.max_seqlen,
-                              visual_idx_v, deepstack)
+        cp = self.cp_shard(batch)
+        if cp is None:
+            embeds_lh = lm.embed_tokens(batch.input_ids_l)
+            embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
+            hidden_lh, stats = lm(embeds_lh, batch.position_ids_3l, batch.cu_seqlens, batch.max_seqlen,
+                                  visual_idx_v, deepstack)
+        else:
+            embeds_lh = lm.embed_tokens(cp.shard(batch.input_ids_l))
+            embeds_lh, visual_idx_v, deepstack = self._visual_inputs_cp(batch, embeds_lh, cp)
+            hidden_lh, stats = lm(embeds_lh, cp.shard(batch.position_ids_3l, dim=1), cp.plan.cu_seqlens,
+                                  cp.plan.max_seqlen, visual_idx_v, deepstack, cp=cp)
         if not stats:
-            return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None)
+            return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None, cp)
         prob_mean_le = torch.stack([s.prob_mean_e for s in stats])
         counts_le = torch.stack([s.counts_e for s in stats])
         lb = load_balancing_loss(prob_mean_le, counts_le, counts_reducer)
         # x top_k: transformers' per-layer value is top_k x ours (its f_e sums to k), and checkpoints'
         # router_aux_loss_coef was tuned on that scale; keep the coefficient's meaning.
         coef = self.args.text.router_aux_loss_coef * self.args.text.num_experts_per_tok
-        return ModelOutput(hidden_lh, lb * coef, counts_le)
+        return ModelOutput(hidden_lh, lb * coef, counts_le, cp)
 
     # ------------------------------------------------------------------ heads
     def logits(self, hidden_ld: torch.Tensor) -> torch.Tensor:
@@ -253,4 +347,6 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             raise ValueError("PackedBatch.labels_l must be -100 at the first token of every sample "
                              f"(cu_seqlens={batch.cu_seqlens.tolist()}); a row shift would cross samples")
         targets_l = torch.cat([labels_l[1:], labels_l.new_full((1,), IGNORE_INDEX)])
+        if output.cp is not None:  # shifted on the full row above, THEN this rank's tokens (pad: ignored)
+            targets_l = output.cp.shard(targets_l, pad_value=IGNORE_INDEX)
         return self.lm_head(output.hidden_ld, targets_l, chunk_tokens)

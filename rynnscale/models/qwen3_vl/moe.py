@@ -171,11 +171,21 @@ class SparseMoeBlock(nn.Module):
         y_flat_sh = y_weighted_sh.index_select(0, d.inv_perm_s)
         return y_flat_sh.view(d.num_tokens, d.top_k, y_flat_sh.shape[-1]).sum(dim=1)
 
-    def forward(self, x_th: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x_th: torch.Tensor, valid_t: torch.Tensor | None = None,
+                row_tokens: int | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """``valid_t`` bool [T] / ``row_tokens`` (context parallelism): the statistics count only the valid
+        tokens and the mean probability divides by ``row_tokens`` (the whole row's length), so the sums of
+        the CP ranks' statistics are the unsharded row's. Every token is routed and computed either way."""
         probs_te, topk_weight_tk, topk_idx_tk = self.gate(x_th)
         x_sorted_sh, d = self.dispatch(x_th, topk_weight_tk, topk_idx_tk)
         y_sorted_sh = self.compute(x_sorted_sh, d)
         y_th = self.combine(y_sorted_sh, d)
+        if valid_t is not None:
+            with torch.no_grad():
+                idx = topk_idx_tk[valid_t].reshape(-1)
+                counts_e = torch.bincount(idx, minlength=self.num_experts).long()
+            prob_mean_e = (probs_te * valid_t[:, None].to(probs_te.dtype)).sum(0) / max(int(row_tokens or 1), 1)
+            return y_th, RouterStats(prob_mean_e, counts_e)
         with torch.no_grad():
             counts_e = torch.diff(d.offsets_e.long(), prepend=d.offsets_e.new_zeros(1).long())
         if x_th.shape[0] == 0:  # keep the graph connected; no tokens, no probability mass

@@ -2,10 +2,14 @@
 ``torch.compile`` and FSDP2, in that order (as torchtitan's per-model ``parallelize.py``). The generic
 mechanisms live in ``rynnscale.parallel``; this file knows the model's structure.
 
+Context parallelism (``parallel.cp > 1``): the model's ``cp`` is set to this rank's ``CPGroup`` (with the
+``model.cp_attention`` choice, checked against the head count here); the FSDP meshes already span the
+``dp_shard x cp`` ranks, so parameters are sharded and gradients summed over the CP ranks too.
+
 FSDP2 units (``fully_shard``), innermost first:
 - each MoE layer's ``mlp.experts`` on the expert mesh ``[dp_replicate,] edp_shard`` (after EP kept this
   rank's E/ep experts): their gradients are reduced over those ranks only;
-- each decoder layer and each vision block on the dense mesh ``[dp_replicate,] dp_shard``;
+- each decoder layer and each vision block on the dense mesh ``[dp_replicate,] dp_shard`` (x cp);
 - ``lm_head`` when it is not tied to the embedding (a tied head stays with the embedding in the root);
 - the root (embedding, vision patch embed / mergers, final norm, tied head), NOT resharded after
   forward, because ``model.loss_sum`` (the head) is called after the root's forward has returned.
@@ -28,6 +32,7 @@ from torch.distributed.fsdp import fully_shard
 from rynnscale.models.qwen3_vl.moe import SparseMoeBlock
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
 from rynnscale.parallel.compile import compile_blocks
+from rynnscale.parallel.context_parallel import CPGroup, resolve_mode
 from rynnscale.parallel.expert_parallel import ExpertParallelDispatcher, shard_experts
 from rynnscale.parallel.fsdp import mixed_precision_policy, sum_gradient_reduction
 from rynnscale.parallel.mesh import Meshes
@@ -53,7 +58,8 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, ep_size
 
 
 def parallelize(model: nn.Module, meshes: Meshes | None, *, dtype_name: str = "auto", ac_mode: str = "none",
-                ac_every: int = 1, compile: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                ac_every: int = 1, compile: bool = False, reshard_after_forward: bool = True,
+                cp_attention: str = "auto") -> nn.Module:
     """EP -> activation checkpointing -> (``compile``: torch.compile per block) -> FSDP2, in place; returns
     the model (an ``FSDPModule`` when ``meshes`` is given). ``meshes=None`` (one process): checkpointing
     and compile only.
@@ -61,6 +67,12 @@ def parallelize(model: nn.Module, meshes: Meshes | None, *, dtype_name: str = "a
     On a META model (``rynnscale.train.build``) nothing is allocated: EP slices the meta expert weights,
     FSDP2 makes meta DTensor shards; ``model.to_empty(device=...)`` then allocates only this rank's
     shards. A tied ``lm_head`` stays one parameter of the root (FSDP2 keeps the alias)."""
+    if meshes is not None and meshes.layout.cp > 1:
+        cp = meshes.layout.cp
+        resolve_mode(cp_attention, model.args.text.num_attention_heads, cp)  # fail at build, naming the keys
+        model.cp = CPGroup(meshes.cp_group, cp, meshes.cp_rank, cp_attention)
+        log.info("context parallel: cp=%d, attention %s", cp,
+                 resolve_mode(cp_attention, model.args.text.num_attention_heads, cp))
     if meshes is not None and meshes.layout.ep > 1:
         n = apply_expert_parallel(model, meshes.ep_group, meshes.layout.ep, meshes.ep_rank)
         log.info("expert parallel: %d MoE layers, %d experts per rank", n,

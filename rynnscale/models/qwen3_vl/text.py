@@ -11,6 +11,12 @@ j % 3 == 1 and j < 3*mrope_section[1], the W positions if j % 3 == 2 and j < 3*m
 else the T positions), GQA with per-head q/k RMSNorm, SwiGLU MLP or ``SparseMoeBlock``, and
 DeepStack: the vision tower's intermediate features are added to the hidden states at the visual
 token positions after decoder layers 0..n-1.
+
+Context parallelism: with ``cp`` (a ``rynnscale.parallel.context_parallel.CPShard``) the row given is this
+rank's shard (its tokens of the padded row, positions and visual rows already sharded by the caller);
+attention goes through ``cp.attention`` (Ulysses or ring over the CP group) with the padded row's
+documents, and the MoE load-balancing statistics count only the real (not padding) tokens, normalised
+by the whole row's length, so their sums over the CP group are the unsharded row's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from rynnscale.models.qwen3_vl.args import TextArgs
 from rynnscale.models.qwen3_vl.moe import RouterStats, SparseMoeBlock
 from rynnscale.ops import fused
 from rynnscale.ops.attention import varlen_attention
+from rynnscale.parallel.context_parallel import CPShard
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +94,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, args.rms_norm_eps)
 
     def forward(self, x_lh: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None) -> torch.Tensor:
         L = x_lh.shape[0]
         q_lhd = self.q_proj(x_lh).view(L, self.num_heads, self.head_dim)
         k_lhd = self.k_proj(x_lh).view(L, self.num_kv_heads, self.head_dim)
@@ -97,8 +104,11 @@ class Attention(nn.Module):
         backend = fused.pick(self.kernels, q_lhd, k_lhd, self.q_norm.weight, self.k_norm.weight, cos_ld, sin_ld)
         q_lhd, k_lhd = self.q_norm(q_lhd, backend), self.k_norm(k_lhd, backend)
         q_lhd, k_lhd = fused.rotary_qk(q_lhd, k_lhd, cos_ld, sin_ld, backend)
-        o_lhd = varlen_attention(q_lhd, k_lhd, v_lhd, cu_seqlens, max_seqlen, causal=True,
-                                 backend=self.attn_backend)
+        if cp is not None:
+            o_lhd = cp.attention(q_lhd, k_lhd, v_lhd, backend=self.attn_backend)
+        else:
+            o_lhd = varlen_attention(q_lhd, k_lhd, v_lhd, cu_seqlens, max_seqlen, causal=True,
+                                     backend=self.attn_backend)
         return self.o_proj(o_lhd.reshape(L, self.num_heads * self.head_dim))
 
 
@@ -134,11 +144,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, h_lh: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, RouterStats | None]:
-        h_lh = h_lh + self.self_attn(self.input_layernorm(h_lh), cos_ld, sin_ld, cu_seqlens, max_seqlen)
+                cu_seqlens: torch.Tensor, max_seqlen: int,
+                cp: CPShard | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        h_lh = h_lh + self.self_attn(self.input_layernorm(h_lh), cos_ld, sin_ld, cu_seqlens, max_seqlen, cp)
         x_lh = self.post_attention_layernorm(h_lh)
         if self.is_moe:
-            y_lh, stats = self.mlp(x_lh)
+            if cp is None:
+                y_lh, stats = self.mlp(x_lh)
+            else:
+                y_lh, stats = self.mlp(x_lh, valid_t=cp.valid(x_lh.device), row_tokens=cp.plan.length)
             return h_lh + y_lh, stats
         return h_lh + self.mlp(x_lh), None
 
@@ -148,7 +162,8 @@ class TextModel(nn.Module):
 
     ``forward(inputs_embeds_lh, position_ids_3l, cu_seqlens, max_seqlen, visual_idx_v, deepstack)``
     -> ``(hidden_lh final-normed, [RouterStats per MoE layer])``. ``deepstack`` is a list of [V, H]
-    features added at rows ``visual_idx_v`` [V] after layers 0..len-1."""
+    features added at rows ``visual_idx_v`` [V] after layers 0..len-1. ``cp``: the row is this rank's
+    context-parallel shard (see the module docstring)."""
 
     def __init__(self, args: TextArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
         super().__init__()
@@ -166,6 +181,7 @@ class TextModel(nn.Module):
         max_seqlen: int,
         visual_idx_v: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
+        cp: CPShard | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         if deepstack and len(deepstack) > len(self.layers):
             raise ValueError(f"{len(deepstack)} deepstack features but only {len(self.layers)} decoder layers")
@@ -173,7 +189,10 @@ class TextModel(nn.Module):
         h_lh = inputs_embeds_lh
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
-            h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen)
+            if cp is None:
+                h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen)
+            else:
+                h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen, cp=cp)
             if layer_stats is not None:
                 stats.append(layer_stats)
             if deepstack and i < len(deepstack):
