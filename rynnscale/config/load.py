@@ -316,7 +316,8 @@ _SIGNED_KEYS = {"run.seed", "data.seed", "data.synthetic.seed", "parallel.dp_sha
 # Numeric keys that must be >= 1 (sizes and counts where 0 means nothing sensible) or > 0 (rates, times).
 _AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.video_max_frames",
                  "data.image_min_pixels", "data.image_max_pixels", "data.video_min_pixels", "data.video_max_pixels",
-                 "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
+                 "data.max_member_bytes", "data.max_sample_bytes", "data.shuffle_buffer_bytes",
+                 "data.max_image_pixels", "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
                  "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
 _POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.lr", "optim.eps"}
 _UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)
@@ -360,7 +361,7 @@ def validate_numbers(cfg: RootConfig) -> None:
             raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
     d = cfg.data
     for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
-                   ("video_min_pixels", "video_max_pixels")):
+                   ("video_min_pixels", "video_max_pixels"), ("max_member_bytes", "max_sample_bytes")):
         if getattr(d, lo) > getattr(d, hi):
             raise ConfigError(f"config key 'data.{lo}' = {getattr(d, lo)} must be <= 'data.{hi}' = {getattr(d, hi)}")
 

@@ -100,6 +100,11 @@ class DataConfig:
     image_max_pixels: int = 16777216
     video_min_pixels: int = 4096
     video_max_pixels: int = 25165824
+    # bounds on untrusted shards (README "Guarantees on hostile input"); all must be >= 1
+    max_member_bytes: int = 1 << 30     # one tar member, checked from its header before reading
+    max_sample_bytes: int = 2 << 30     # all members of one sample
+    shuffle_buffer_bytes: int = 1 << 30  # payload bytes the shuffle buffer holds; over it, samples leave early
+    max_image_pixels: int = 4096 * 4096  # one image / frame / video frame as its header states, before decoding
 
 
 @dataclass

@@ -153,6 +153,7 @@ class LoaderConfig:
     micro_batch_tokens: int = 4096        # token budget of one packed micro-batch
     pack_window: int = 64                 # look-ahead samples per rank for FFD packing
     shuffle_buffer: int = 256             # samples; 0 = no sample-level shuffle
+    shuffle_buffer_bytes: int = 1 << 30   # payload bytes in the shuffle buffer; over it samples leave early (0 = no bound)
     shuffle_shards: bool = True
     num_workers: int = 0                  # dataloader worker processes per rank
     prefetch_factor: int = 2              # batches queued per worker
@@ -181,7 +182,10 @@ class LoaderConfig:
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
                   balance=str(getattr(d, "balance", "cost")),
                   tune_malloc=bool(getattr(d, "tune_malloc", True)),
-                  limits=ReaderLimits(verify_sha256=bool(getattr(d, "verify_shards", False))))
+                  shuffle_buffer_bytes=int(getattr(d, "shuffle_buffer_bytes", 1 << 30)),
+                  limits=ReaderLimits(max_member_bytes=int(getattr(d, "max_member_bytes", 1 << 30)),
+                                      max_sample_bytes=int(getattr(d, "max_sample_bytes", 2 << 30)),
+                                      verify_sha256=bool(getattr(d, "verify_shards", False))))
         kw.update(overrides)
         return cls(**kw)
 
@@ -203,7 +207,7 @@ class LoaderConfig:
         check_mixture_sources(self.mixture, "LoaderConfig.mixture")
         for k in ("micro_batch_tokens", "pack_window", "prefetch_factor", "micro_batches_per_step"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 1, k, "must be an int >= 1")
-        for k in ("shuffle_buffer", "num_workers", "balance_group", "min_samples_for_bad_check"):
+        for k in ("shuffle_buffer", "shuffle_buffer_bytes", "num_workers", "balance_group", "min_samples_for_bad_check"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "must be an int >= 0")
         need(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {list(BALANCE_MODES)}")
@@ -323,7 +327,8 @@ class _WorkerPipeline:
         shards = [p for s in sources for p in s.shards]   # positions index this concatenation
         self.source_of = {p: k for k, s in enumerate(sources) for p in s.shards}
         self.source_seen = [0] * len(sources)   # owned samples per source (mixture stats)
-        self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.seed, stream=self.split)
+        self.buffer = ShuffleBuffer(cfg.shuffle_buffer, cfg.seed, stream=self.split,
+                                    max_bytes=cfg.shuffle_buffer_bytes)
         if self.glob:   # steps of N packs; which rank trains which pack is decided per step (_assign)
             cm = CostModel(1.0, 0.0, 0.0) if cfg.balance == "tokens" else cfg.cost_model
             self.packer = WindowPacker(cfg.micro_batch_tokens, cfg.pack_window * self.N, num_ranks=self.N,
@@ -623,6 +628,7 @@ class _WorkerPipeline:
             "pending": [[pos(it) for it in b] for b in self.pending],
             "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "batches": self.batches,
             "samples_out": self.samples_out, "estimate_overflow": self.overflow,
+            "shuffle_early_emits": self.buffer.early_emits,
         }
 
     def _restore_global(self, st: dict) -> None:
@@ -849,7 +855,8 @@ class TrainLoader:
                "bad": self.bad_counts,
                "batches": self._batches if self.cfg.global_order else sum(st["batches"] for st in sts),
                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
-               "estimate_overflow": sum(st["estimate_overflow"] for st in sts)}
+               "estimate_overflow": sum(st["estimate_overflow"] for st in sts),
+               "shuffle_early_emits": sum(st.get("shuffle_early_emits", 0) for st in sts)}
         if self.cfg.mixture:
             out["sources"] = self._source_stats()
         return out
@@ -882,6 +889,8 @@ class TrainLoader:
               "micro_batch_tokens": c.micro_batch_tokens, "pack_window": c.pack_window,
               "micro_batches_per_step": c.micro_batches_per_step, "shuffle_buffer": c.shuffle_buffer,
               "shuffle_shards": c.shuffle_shards, "num_shards": len(self.shards), "shards_sha": names}
+        if c.shuffle_buffer_bytes != 1 << 30:  # the default is absent, so states saved before the bound still load
+            fp["shuffle_buffer_bytes"] = c.shuffle_buffer_bytes
         if c.mixture:  # absent for train_shards, so states saved before mixtures existed still load
             fp["mixture"] = [[s.name, s.weight, len(s.shards)] for s in self.sources]
         if not absolute:

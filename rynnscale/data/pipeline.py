@@ -40,7 +40,8 @@ def build_encoder(cfg: RootConfig, args: Qwen3VLArgs):
         video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
         fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
         patch_size=args.vision.patch_size, temporal_patch_size=args.vision.temporal_patch_size,
-        merge_size=args.vision.spatial_merge_size, max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate)
+        merge_size=args.vision.spatial_merge_size, max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate,
+        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes)
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=args)
 
 

@@ -204,7 +204,10 @@ def split_shard_order(order: Sequence[int], split: int, num_splits: int) -> list
 
 @dataclass(frozen=True)
 class ReaderLimits:
-    """Size limits on untrusted tars, checked from the headers before any bytes are read."""
+    """Size limits on untrusted tars, checked from the headers before any bytes are read
+    (``data.max_member_bytes`` / ``data.max_sample_bytes``). Only plain tars are read: a member of a
+    gzip / bzip2 / xz / zstd shard can expand ~1000x from a few KiB on disk, so compressed shards are
+    refused (one ``corrupt_tar`` of reason text ``compressed``), as are GNU sparse members."""
 
     max_member_bytes: int = 1 << 30      # one member
     max_sample_bytes: int = 2 << 30      # all members of one sample
@@ -284,8 +287,15 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
 
     if verify:   # off only for tools that report manifest mismatches themselves (data inspect)
         verify_shard(path, limits.verify_sha256)   # raises ShardIntegrityError: a manifest mismatch is not per-sample
+    compressed = _compression(path)
+    if compressed is not None:
+        if keep(0):
+            yield RawSample(path, 0, "<shard>", {}, "corrupt_tar",
+                            f"shard {where} is {compressed}-compressed: only plain tar shards are read (a member of a "
+                            f"compressed tar can expand ~1000x past the size checks; decompress the shard first)")
+        return
     try:
-        tf = tarfile.open(path, mode="r:*")
+        tf = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         if keep(0):
             yield RawSample(path, 0, "<shard>", {}, "corrupt_tar", f"cannot open tar: {e}")
@@ -329,6 +339,22 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
             yield emit(bad, i)
     elif group is not None and keep(index):
         yield emit(group, index)
+
+
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                      (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
+
+
+def _compression(path: str) -> str | None:
+    """The compression a shard's first bytes announce (None: plain or unreadable, tarfile reports those)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head[257:262] == b"ustar":   # a plain tar header (whatever its first member's name starts with)
+        return None
+    return next((name for magic, name in _COMPRESSION_MAGIC if head.startswith(magic)), None)
 
 
 def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits: ReaderLimits, where: str) -> None:
@@ -565,14 +591,29 @@ class MixtureStream:
             yield s
 
 
+def sample_bytes(s: RawSample) -> int:
+    """Bytes a RawSample holds (its members' payloads)."""
+    return sum(len(v) for v in s.members.values())
+
+
 class ShuffleBuffer:
     """Seeded sample-level shuffle buffer (webdataset style: fill, then emit a random slot and
-    refill it). Draw ``n`` picks slot ``mix64(seed, stream, n) % size``, so the RNG state is ``n``."""
+    refill it). Draw ``n`` picks slot ``mix64(seed, stream, n) % size``, so the RNG state is ``n``.
 
-    def __init__(self, size: int, seed: int, stream: int):
+    ``max_bytes`` (``data.shuffle_buffer_bytes``; 0 = unbounded) bounds the bytes the buffer holds:
+    while its samples' payloads total more, random samples are emitted early (:meth:`pop_excess`).
+    Early emits shrink the effective shuffle window below ``size`` samples (to roughly
+    ``max_bytes / mean sample bytes``); they are counted in ``early_emits`` and logged once. Emits
+    are draws like any other, so the stream stays a pure function of the seed and the data."""
+
+    def __init__(self, size: int, seed: int, stream: int, max_bytes: int = 0):
         self.size, self.seed, self.stream = max(0, int(size)), seed, stream
+        self.max_bytes = max(0, int(max_bytes))
         self.buf: list[RawSample] = []
+        self.nbytes = 0
         self.draws = 0
+        self.early_emits = 0
+        self._warned = False
 
     def _slot(self, n: int) -> int:
         j = mix64(self.seed, self.stream, 0xB0FF, self.draws) % n
@@ -580,15 +621,31 @@ class ShuffleBuffer:
         return j
 
     def push(self, s: RawSample) -> RawSample | None:
-        """Add ``s``; returns the sample to emit, or None while the buffer is filling."""
+        """Add ``s``; returns the sample to emit, or None while the buffer is filling. Call
+        :meth:`pop_excess` after it until None to keep the byte bound."""
         if self.size == 0:
             return s
+        self.nbytes += sample_bytes(s)
         if len(self.buf) < self.size:
             self.buf.append(s)
             return None
         j = self._slot(len(self.buf))
         out, self.buf[j] = self.buf[j], s
+        self.nbytes -= sample_bytes(out)
         return out
+
+    def pop_excess(self) -> RawSample | None:
+        """A random sample emitted early while the buffer holds more than ``max_bytes`` (else None)."""
+        if not self.max_bytes or self.nbytes <= self.max_bytes or not self.buf:
+            return None
+        self.early_emits += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("shuffle buffer (stream %d) holds %d samples of %d bytes > data.shuffle_buffer_bytes=%d: "
+                        "emitting samples early, so the shuffle window is smaller than data.shuffle_buffer=%d "
+                        "samples (counted as shuffle_early_emits; logged once)", self.stream, len(self.buf),
+                        self.nbytes, self.max_bytes, self.size)
+        return self.pop()
 
     def pop(self) -> RawSample | None:
         """Drain one sample at the end of a finite stream (None when empty)."""
@@ -598,6 +655,7 @@ class ShuffleBuffer:
         out = self.buf[j]
         self.buf[j] = self.buf[-1]
         self.buf.pop()
+        self.nbytes -= sample_bytes(out)
         return out
 
     @property
@@ -607,6 +665,7 @@ class ShuffleBuffer:
     def load_state(self, st: dict, limits: ReaderLimits = ReaderLimits()) -> None:
         self.draws = int(st["draws"])
         self.buf = read_positions([tuple(p) for p in st["buffer"]], limits)
+        self.nbytes = sum(sample_bytes(s) for s in self.buf)
 
 
 def shuffled(stream: Iterator[RawSample], buffer: ShuffleBuffer) -> Iterator[RawSample]:
@@ -617,6 +676,8 @@ def shuffled(stream: Iterator[RawSample], buffer: ShuffleBuffer) -> Iterator[Raw
             continue
         out = buffer.push(s)
         if out is not None:
+            yield out
+        while (out := buffer.pop_excess()) is not None:
             yield out
     while (out := buffer.pop()) is not None:
         yield out

@@ -1,0 +1,160 @@
+"""Byte bounds on untrusted shards (issues 15 and 17): compressed shards are refused (a member of a gzip'd tar
+expands ~1000x past the header checks), the shuffle buffer holds at most ``data.shuffle_buffer_bytes`` of
+payload (emitting early, counted), and the per-member / per-sample caps are recipe keys, validated."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from rynnscale.config.load import ConfigError, load_config
+from rynnscale.data.loader import LoaderConfig
+from rynnscale.data.reader import (
+    RawSample,
+    ReaderLimits,
+    ShardStream,
+    ShuffleBuffer,
+    iter_tar_samples,
+    sample_bytes,
+    shuffled,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CONV = json.dumps({"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+
+
+def _tar_bytes(entries: list[tuple[str, bytes]]) -> bytes:
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return bio.getvalue()
+
+
+@pytest.mark.parametrize("codec", ["gzip", "xz"])
+def test_compressed_shard_is_refused_not_expanded(tmp_path, codec):
+    """A 64 MiB member in a ~64 KiB gzip'd (or xz'd) shard: before, tarfile's ``r:*`` inflated it into memory
+    as a good sample (a 1000 MiB one passed the 1 GiB member cap); now one counted corrupt_tar naming the
+    compression."""
+    raw = _tar_bytes([("k000.conv.json", CONV.encode()), ("k000.action.npy", bytes(64 << 20))])
+    shard = tmp_path / "bomb.tar"
+    shard.write_bytes(gzip.compress(raw, 1) if codec == "gzip" else lzma.compress(raw, preset=0))
+    assert shard.stat().st_size < (1 << 20)
+    out = list(iter_tar_samples(str(shard)))
+    assert len(out) == 1 and out[0].bad_reason == "corrupt_tar" and not out[0].members, out
+    assert f"{codec}-compressed" in out[0].bad_detail and "bomb.tar" in out[0].bad_detail
+
+
+def test_plain_tar_whose_first_key_looks_like_a_magic_still_reads(tmp_path):
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar_bytes([("BZh91AY.conv.json", CONV.encode())]))
+    out = list(iter_tar_samples(str(shard)))
+    assert [(s.key, s.bad_reason) for s in out] == [("BZh91AY", None)]
+
+
+def _samples(sizes: list[int]) -> list[RawSample]:
+    return [RawSample("s.tar", i, f"k{i:03d}", {"conv.json": bytes(n)}) for i, n in enumerate(sizes)]
+
+
+def test_shuffle_buffer_bytes_bound_emits_early_and_counts():
+    """Before: 64 samples of 1 MiB sat in a 64-sample buffer (64 MiB); with max_bytes=8 MiB it never holds more
+    than 8 MiB after a push, every sample still comes out exactly once, and the early emits are counted."""
+    sizes = [1 << 20] * 200
+    buf = ShuffleBuffer(64, seed=1, stream=0, max_bytes=8 << 20)
+    peak = 0
+    out = []
+    for s in _samples(sizes):
+        if (o := buf.push(s)) is not None:
+            out.append(o)
+        while (o := buf.pop_excess()) is not None:
+            out.append(o)
+        peak = max(peak, buf.nbytes)
+        assert buf.nbytes == sum(sample_bytes(x) for x in buf.buf)
+    while (o := buf.pop()) is not None:
+        out.append(o)
+    assert peak <= 8 << 20 and len(buf.buf) == 0 and buf.nbytes == 0
+    assert sorted(s.index for s in out) == list(range(200))
+    assert [s.index for s in out] != list(range(200))   # still shuffled, within the smaller window
+    assert buf.early_emits >= 190
+
+
+def test_shuffle_buffer_one_huge_sample_leaves_at_once():
+    buf = ShuffleBuffer(16, seed=0, stream=0, max_bytes=1000)
+    small, huge = _samples([10, 5000])
+    assert buf.push(small) is None and buf.pop_excess() is None
+    assert buf.push(huge) is None
+    gone = [buf.pop_excess(), buf.pop_excess()]
+    assert buf.nbytes <= 1000 and gone[0] is not None and buf.early_emits >= 1
+
+
+def test_shuffle_buffer_without_bound_is_unchanged(tmp_path):
+    """Same order as before the bound existed when it is never reached (default 1 GiB, tiny samples)."""
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar_bytes([(f"k{i:03d}.conv.json", CONV.encode()) for i in range(40)]))
+
+    def order(max_bytes: int) -> list[str]:
+        st = ShardStream([str(shard)], seed=3, split=0, num_splits=1, epochs=1)
+        return [s.key for s in shuffled(iter(st), ShuffleBuffer(8, seed=3, stream=0, max_bytes=max_bytes))]
+
+    assert order(0) == order(1 << 30)
+    assert order(len(CONV) * 3) != order(0)   # a 3-sample byte window shuffles differently
+
+
+def test_state_restore_recomputes_bytes(tmp_path):
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar_bytes([(f"k{i:03d}.conv.json", CONV.encode()) for i in range(10)]))
+    st = ShardStream([str(shard)], seed=3, split=0, num_splits=1, epochs=1)
+    buf = ShuffleBuffer(4, seed=3, stream=0, max_bytes=1 << 20)
+    it = shuffled(iter(st), buf)
+    head = [next(it).key for _ in range(3)]
+    state = (dict(st.state), buf.state)
+    tail = [s.key for s in it]
+    st2 = ShardStream([str(shard)], seed=3, split=0, num_splits=1, epochs=1)
+    buf2 = ShuffleBuffer(4, seed=3, stream=0, max_bytes=1 << 20)
+    st2.load_state(state[0])
+    buf2.load_state(state[1])
+    assert buf2.nbytes == 4 * len(CONV)
+    assert [s.key for s in shuffled(iter(st2), buf2)] == tail and len(head + tail) == 10
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text((REPO / "recipes" / "demo_tiny.yaml").read_text())
+    return p
+
+
+@pytest.mark.parametrize("override,match", [
+    ("data.max_member_bytes=0", "'data.max_member_bytes' = 0 must be >= 1"),
+    ("data.max_sample_bytes=-5", "'data.max_sample_bytes' = -5 must be >= 0"),
+    ("data.shuffle_buffer_bytes=0", "'data.shuffle_buffer_bytes' = 0 must be >= 1"),
+    ("data.max_image_pixels=0", "'data.max_image_pixels' = 0 must be >= 1"),
+    ("data.max_member_bytes=4096", None),
+])
+def test_byte_bound_keys_are_validated(recipe, override, match):
+    if match is None:   # max_member_bytes above max_sample_bytes
+        with pytest.raises(ConfigError, match="'data.max_member_bytes' = 100 must be <= 'data.max_sample_bytes' = 10"):
+            load_config(recipe, ["data.max_member_bytes=100", "data.max_sample_bytes=10"], check_paths=False)
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, [override], check_paths=False)
+
+
+def test_recipe_keys_reach_the_loader_and_encoder(recipe):
+    cfg = load_config(recipe, ["data.max_member_bytes=1000", "data.max_sample_bytes=5000",
+                               "data.shuffle_buffer_bytes=7000", "data.max_image_pixels=123456"], check_paths=False)
+    lc = LoaderConfig.from_run_config(cfg, train_shards=["x.tar"])
+    assert lc.limits == ReaderLimits(max_member_bytes=1000, max_sample_bytes=5000)
+    assert lc.shuffle_buffer_bytes == 7000
+    from rynnscale.config.model_args import resolve_model_args
+    from rynnscale.data.pipeline import build_encoder
+    enc = build_encoder(cfg, resolve_model_args(cfg.model).args)
+    assert enc.cfg.max_frame_pixels == 123456 and enc.cfg.max_media_bytes == 1000
