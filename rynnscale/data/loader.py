@@ -631,7 +631,8 @@ class _WorkerPipeline:
             "shuffle_early_emits": self.buffer.early_emits,
         }
 
-    def _restore_global(self, st: dict) -> None:
+    def _restore_reading(self, st: dict) -> list[PackItem]:
+        """Restore the reader position, shuffle buffer and packer counters; the packer's items, re-read."""
         self.stream.load_state(st["stream"])
         sh = st["shuffle"]
         self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
@@ -640,7 +641,10 @@ class _WorkerPipeline:
         self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
         self.packer.emitted_tokens = int(p["emitted_tokens"])
         raws = read_positions([self._pos_in(x) for x in p["items"]], self.cfg.limits)
-        items = [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        return [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+
+    def _restore_global(self, st: dict) -> None:
+        items = self._restore_reading(st)
         steps = []
         for saved in st["steps"]:
             bins = []
@@ -670,15 +674,7 @@ class _WorkerPipeline:
             raise LoaderStateError(
                 f"worker state is for reader split {st['split']}/{st['num_splits']} (group rank {st['group_rank']}) "
                 f"but this worker reads split {self.split}/{self.num_splits} (group rank {self.grank})")
-        self.stream.load_state(st["stream"])
-        sh = st["shuffle"]
-        self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
-                               self.cfg.limits)
-        p = st["packer"]
-        self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
-        self.packer.emitted_tokens = int(p["emitted_tokens"])
-        raws = read_positions([self._pos_in(x) for x in p["items"]], self.cfg.limits)
-        self.packer.items = [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        self.packer.items = self._restore_reading(st)
         for b in st["pending"]:
             raws = read_positions([self._pos_in(x) for x in b], self.cfg.limits)
             self.pending.append([PackItem(s.key, 0, 0, _Entry(s.position, s.members)) for s in raws])
