@@ -330,6 +330,7 @@ class SampleEncoder:
     def _render(self, key: str, messages: list[dict], members: dict[str, bytes], meta: dict, decode: bool = True
                 ) -> tuple[_Render, list[_Media]]:
         r, media = _Render(), []
+        vision_tokens = 0   # a lower bound on where the next media item starts in the token sequence
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             assistant = role == "assistant"
@@ -352,7 +353,13 @@ class SampleEncoder:
                     if len(media) >= self.cfg.max_media:
                         raise SampleError("too_large", key, f"more than max_media={self.cfg.max_media} media items")
                     ref = item.get(kind)
-                    media.append(self._load_media(key, where, kind, ref, item, members, meta, decode))
+                    # A media item starting at or past max_tokens is cut by _fit (truncate) or makes the sample
+                    # too_long, so it is only sized, never decoded: decoded pixels per sample stay below
+                    # ~max_tokens tokens' worth plus one item, however many items the sample lists.
+                    live = decode and vision_tokens < self.cfg.max_tokens
+                    md = self._load_media(key, where, kind, ref, item, members, meta, live)
+                    media.append(md)
+                    vision_tokens += md.grid_thw[0] * md.grid_thw[1] * md.grid_thw[2] // self.spec.merge_size ** 2
                     r.pieces.append(("media", len(media) - 1))
                 else:
                     raise SampleError("bad_conversation", key, f"{where}: unknown item type {kind!r} "
@@ -617,6 +624,8 @@ class SampleEncoder:
             out = torch.empty(sum(rows), D, dtype=dtype)
         r0 = 0
         for m, nrows in zip(items, rows):
+            if m.frames_thwc is None:   # only past max_tokens, which _fit never keeps
+                raise AssertionError(f"sample {key!r}: a {kind} past max_tokens was kept without its pixels")
             frames = resize_thwc(m.frames_thwc, m.size_hw)
             _, grid = patchify(frames, spec, out=out[r0:r0 + nrows], normalize=normalize)
             assert grid == m.grid_thw, (grid, m.grid_thw)

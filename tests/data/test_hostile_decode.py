@@ -270,3 +270,32 @@ def test_loader_worker_peak_rss_on_a_hostile_shard_is_bounded(tmp_path):
     assert out["keys"] == ["framebomb", "framebomb2", "good"], out
     assert out["bad"] == {"too_large": 2, "undecodable_video": 3, "corrupt_tar": 1}, out["bad"]
     assert growth_mib < PEAK_GROWTH_BOUND_MIB, out
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_media_past_max_tokens_are_not_decoded(monkeypatch, truncate):
+    """64 image items naming one 1024x1024 PNG (1024 tokens each) under max_tokens=4096: before, all 64 were
+    decoded (and held at 1024x1024) before the length check; now only the items starting below max_tokens."""
+    enc = SampleEncoder(load_tokenizer(), EncoderConfig(max_tokens=4096, truncate=truncate))
+    conv = json.dumps({"conversation": [
+        {"role": "user", "content": [{"type": "text", "text": "look"}] + [{"type": "image", "image": "f000.png"}] * 64},
+        {"role": "assistant", "content": "a cup"}]}).encode()
+    members = {"conv.json": conv, "f000.png": png(1024, 1024)}
+    calls = _count_decodes(monkeypatch)
+    if truncate:   # nothing trainable survives the cut: too_long either way, after at most 4 decodes
+        with pytest.raises(SampleError, match="no assistant token is left"):
+            enc.encode("many", members)
+    else:
+        with pytest.raises(SampleError, match="too_long"):
+            enc.encode("many", members)
+    assert 1 <= len(calls) <= 4, len(calls)
+    # an answer before the images: truncation keeps it and the images that fit, all decoded
+    conv2 = json.dumps({"conversation": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a cup"},
+        {"role": "user", "content": [{"type": "image", "image": "f000.png"}] * 64},
+        {"role": "assistant", "content": "ok"}]}).encode()
+    if truncate:
+        calls.clear()
+        s = enc.encode("many2", {"conv.json": conv2, "f000.png": members["f000.png"]})
+        kept = s.image_grid_thw.shape[0]
+        assert 1 <= kept <= 3 and len(calls) <= 4 and s.num_tokens <= 4096, (kept, len(calls))
