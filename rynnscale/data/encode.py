@@ -28,6 +28,7 @@ loader can skip the sample and count it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -329,6 +330,7 @@ class SampleEncoder:
     def _render(self, key: str, messages: list[dict], members: dict[str, bytes], meta: dict, decode: bool = True
                 ) -> tuple[_Render, list[_Media]]:
         r, media = _Render(), []
+        vision_tokens = 0   # a lower bound on where the next media item starts in the token sequence
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             assistant = role == "assistant"
@@ -351,7 +353,13 @@ class SampleEncoder:
                     if len(media) >= self.cfg.max_media:
                         raise SampleError("too_large", key, f"more than max_media={self.cfg.max_media} media items")
                     ref = item.get(kind)
-                    media.append(self._load_media(key, where, kind, ref, item, members, meta, decode))
+                    # A media item starting at or past max_tokens is cut by _fit (truncate) or makes the sample
+                    # too_long, so it is only sized, never decoded: decoded pixels per sample stay below
+                    # ~max_tokens tokens' worth plus one item, however many items the sample lists.
+                    live = decode and vision_tokens < self.cfg.max_tokens
+                    md = self._load_media(key, where, kind, ref, item, members, meta, live)
+                    media.append(md)
+                    vision_tokens += md.grid_thw[0] * md.grid_thw[1] * md.grid_thw[2] // self.spec.merge_size ** 2
                     r.pieces.append(("media", len(media) - 1))
                 else:
                     raise SampleError("bad_conversation", key, f"{where}: unknown item type {kind!r} "
@@ -408,8 +416,9 @@ class SampleEncoder:
                 h, w = image_target_size(H, W, spec)
             except ValueError as e:
                 raise SampleError("undecodable_image", key, f"{where}: {e}") from None
-            return _Media("image", None if img is None else img.unsqueeze(0), (h, w),
-                          (1, h // spec.patch_size, w // spec.patch_size))
+            if img is not None:   # resized now: a prepared sample never holds full-size pixels
+                img = resize_thwc(img.unsqueeze(0), (h, w))
+            return _Media("image", img, (h, w), (1, h // spec.patch_size, w // spec.patch_size))
         if isinstance(ref, list):  # a frame sequence: list of image members
             frames, (T, H, W), times = self._frame_list(key, where, ref, item, members, meta, decode)
             what = "undecodable_image"
@@ -418,11 +427,12 @@ class SampleEncoder:
             what = "undecodable_video"
             sampling = dict(fps=self.cfg.fps, min_frames=self.cfg.min_frames, max_frames=self.cfg.max_frames)
             try:
-                if decode:
+                if decode:   # each frame is resized as it is decoded (one full-size frame at a time)
                     dv = decode_frames(data, **sampling, method=self.cfg.decode_method, limits=self._video_limits,
-                                       threads=self.cfg.decode_threads)
+                                       threads=self.cfg.decode_threads,
+                                       resize_to=lambda t, h, w: video_target_size(t, h, w, spec))
                     frames, times = torch.from_numpy(dv.frames_thwc), dv.timestamps_s.tolist()
-                    T, H, W = (int(d) for d in dv.frames_thwc.shape[:3])
+                    T, (H, W) = int(dv.frames_thwc.shape[0]), dv.source_hw
                 else:
                     info = probe_video(data, self._video_limits)
                     idx = sample_frame_indices(info.total_frames, info.fps, **sampling)
@@ -460,24 +470,37 @@ class SampleEncoder:
         times = (idx / float(fps)).tolist()
         for i in idx.tolist():  # every referenced frame must be a safe, present member, decoded or not
             self._member(key, where, names[i], members)
+        H, W = self._image_size(key, f"{where} frame {int(idx[0])}", self._member(key, where, names[idx[0]], members))
         if not decode:
-            H, W = self._image_size(key, f"{where} frame {int(idx[0])}", self._member(key, where, names[idx[0]], members))
             return None, (len(idx), H, W), times
-        first = None
-        out = None
+        # Frames are decoded one at a time and resized at once into the clip's buffer at its target size, so
+        # memory is one full-size frame plus the resized clip (bounded by video_max_pixels), not T full-size
+        # frames; a member listed again (or another member with the same bytes) is decoded once.
+        try:
+            h, w = video_target_size(len(idx), H, W, self.spec)
+        except ValueError as e:
+            raise SampleError("undecodable_image", key, f"{where}: {e}") from None
+        out = torch.empty((len(idx), h, w, 3), dtype=torch.uint8)
+        done: dict[bytes, int] = {}     # digest of a frame's bytes -> the slot holding it decoded
         for k, i in enumerate(idx.tolist()):
-            if k and i == idx[k - 1]:
-                out[k] = out[k - 1]
+            data = self._member(key, where, names[i], members)
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if digest in done:
+                out[k] = out[done[digest]]
                 continue
-            img = self._image(key, f"{where} frame {i}", self._member(key, where, names[i], members))
-            if first is None:
-                first = img.shape
-                out = np.empty((len(idx),) + img.shape, dtype=np.uint8)
-            elif img.shape != first:
-                raise SampleError("undecodable_image", key, f"{where}: frame {i} is {img.shape[:2]}, frame 0 is "
-                                                            f"{first[:2]} (frames of a video must share one size)")
-            out[k] = img
-        return torch.from_numpy(out), tuple(int(d) for d in out.shape[:3]), times
+            fi = f"{where} frame {i}"
+            if k and self._image_size(key, fi, data) != (H, W):
+                raise SampleError("undecodable_image", key, f"{where}: frame {i} is {self._image_size(key, fi, data)}, "
+                                                            f"frame {int(idx[0])} is {(H, W)} (frames of a video must "
+                                                            "share one size)")
+            img = as_uint8_tensor(self._image(key, fi, data), fi)
+            if tuple(img.shape[:2]) != (H, W):
+                raise SampleError("undecodable_image", key, f"{fi}: decoded to {tuple(img.shape[:2])}, its header "
+                                                            f"says {(H, W)}")
+            out[k] = resize_thwc(img.unsqueeze(0), (h, w))[0]
+            del img
+            done[digest] = k
+        return out, (len(idx), H, W), times
 
     # ------------------------------------------------------------------ tokenising
     def _encode_text(self, text: str) -> np.ndarray:
@@ -601,6 +624,8 @@ class SampleEncoder:
             out = torch.empty(sum(rows), D, dtype=dtype)
         r0 = 0
         for m, nrows in zip(items, rows):
+            if m.frames_thwc is None:   # only past max_tokens, which _fit never keeps
+                raise AssertionError(f"sample {key!r}: a {kind} past max_tokens was kept without its pixels")
             frames = resize_thwc(m.frames_thwc, m.size_hw)
             _, grid = patchify(frames, spec, out=out[r0:r0 + nrows], normalize=normalize)
             assert grid == m.grid_thw, (grid, m.grid_thw)

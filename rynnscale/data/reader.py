@@ -28,6 +28,7 @@ Sources cycle independently (a small source starts its next epoch while a large 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import tarfile
@@ -250,7 +251,7 @@ def _printable_key(raw: str) -> str:
 class _Group:
     """Members of one key group being collected."""
 
-    __slots__ = ("key", "members", "nbytes", "bad_reason", "bad_detail")
+    __slots__ = ("key", "members", "nbytes", "bad_reason", "bad_detail", "refs")
 
     def __init__(self, key: str):
         self.key = key
@@ -258,6 +259,7 @@ class _Group:
         self.nbytes = 0
         self.bad_reason: str | None = None
         self.bad_detail = ""
+        self.refs: set[str] | None = None   # media members conv.json names, once it was read (None: unknown)
 
     def fail(self, reason: str, detail: str) -> None:
         if self.bad_reason is None:
@@ -381,13 +383,37 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
     if len(group.members) >= limits.max_members:
         group.fail("too_large", f"{where}: sample has more than {limits.max_members} members")
         return
-    if member_kind(member) is None:
+    kind = member_kind(member)
+    if kind is None:
         return  # safe but not part of the schema: dropped
+    if kind in ("video", "frame") and group.refs is not None and member not in group.refs:
+        return  # media that the sample's conv.json (read before it) never names: skipped, payload not read
     f = tf.extractfile(ti)
     data = f.read() if f is not None else b""
     if len(data) != ti.size:
         raise tarfile.ReadError(f"member {ti.name!r} is truncated ({len(data)} of {ti.size} bytes)")
     group.members[member] = data
+    if kind == "conv":
+        group.refs = _media_refs(data, group.key)
+
+
+def _media_refs(conv: bytes, key: str) -> set[str] | None:
+    """Member names the media items of a ``conv.json`` reference (None when it does not parse: then every
+    member is read and the encoder reports the bad JSON)."""
+    try:
+        msgs = json.loads(conv).get("conversation")
+        refs: set[str] = set()
+        for m in msgs:
+            content = m.get("content")
+            for item in content if isinstance(content, list) else ():
+                for kind in ("image", "video"):
+                    ref = item.get(kind) if isinstance(item, dict) else None
+                    for name in ref if isinstance(ref, list) else [ref]:
+                        if isinstance(name, str):
+                            refs.add(name[len(key) + 1:] if name.startswith(key + ".") else name)
+        return refs
+    except (ValueError, TypeError, AttributeError, RecursionError, UnicodeDecodeError):
+        return None
 
 
 def _check_end_of_archive(tf: tarfile.TarFile) -> str | None:

@@ -15,6 +15,7 @@ count and per-frame pixel limits are checked before anything is decoded.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -75,6 +76,7 @@ class DecodedVideo:
     total_frames: int
     fps: float
     method: str                 # "seek" or "sequential" (what actually produced the frames)
+    source_hw: tuple[int, int] = (0, 0)   # (height, width) of the stream's frames before any resize
 
 
 def sample_frame_indices(
@@ -175,10 +177,20 @@ class _SeekFailed(Exception):
 
 
 def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
+    """RGB pixels of ``frame`` into ``out_hwc``, resized to its size when that differs from the stream's
+    (torch's bicubic + antialias kernel, as :func:`~rynnscale.data.vision_preprocess.resize_thwc`)."""
     if frame.width != w or frame.height != h:
         raise VideoError("undecodable_video", f"frame size changed mid-stream: {frame.width}x{frame.height} "
                                               f"vs {w}x{h} in the stream header")
-    out_hwc[...] = frame.to_ndarray(format="rgb24")
+    if out_hwc.shape[:2] == (h, w):
+        out_hwc[...] = frame.to_ndarray(format="rgb24")
+        return
+    import torch
+
+    from rynnscale.data.vision_preprocess import resize_thwc
+
+    full = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+    torch.from_numpy(out_hwc).copy_(resize_thwc(full.unsqueeze(0), out_hwc.shape[:2])[0])
 
 
 def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray) -> None:
@@ -262,13 +274,18 @@ def decode_frames(
     data: bytes, indices: np.ndarray | None = None, *, fps: float | None = 2.0, min_frames: int = 4,
     max_frames: int = 768, num_frames: int | None = None, method: str = "auto",
     limits: VideoLimits = VideoLimits(), threads: int = 1,
+    resize_to: Callable[[int, int, int], tuple[int, int]] | None = None,
 ) -> DecodedVideo:
     """Decode the frames of a video held in ``data``.
 
     ``indices`` (int [T], sorted) picks frames explicitly; otherwise they are sampled with
     :func:`sample_frame_indices` (``fps`` / ``num_frames``, ``min_frames``, ``max_frames``).
     ``method``: ``"seek"`` (fails if seeking is unusable), ``"sequential"``, or ``"auto"`` (seek,
-    falling back to sequential). Raises :class:`VideoError`."""
+    falling back to sequential). ``resize_to(T, H, W) -> (h, w)`` resizes every frame as it is
+    decoded (the output is [T, h, w, 3]; one full-size frame is alive at a time, bitwise the same as
+    resizing the full-size clip afterwards). Memory: the packet index (``max_total_frames``) plus
+    ``T`` output frames, ``T <= max_frames``; the pixel count of a frame is checked from the stream
+    header before anything is decoded. Raises :class:`VideoError`."""
     if method not in ("auto", "seek", "sequential"):
         raise ValueError(f"method must be auto|seek|sequential, got {method!r}")
     container = _open(data, limits)
@@ -285,7 +302,13 @@ def decode_frames(
                              f"got {indices.tolist()}")
         if indices.size > limits.max_frames:
             raise VideoError("too_large", f"{indices.size} frames requested > max_frames={limits.max_frames}")
-        out = np.empty((indices.size, info.height, info.width, 3), dtype=np.uint8)
+        hw = (info.height, info.width)
+        if resize_to is not None:
+            try:
+                hw = tuple(int(x) for x in resize_to(int(indices.size), info.height, info.width))
+            except ValueError as e:
+                raise VideoError("undecodable_video", f"frame {info.width}x{info.height}: {e}") from None
+        out = np.empty((indices.size,) + hw + (3,), dtype=np.uint8)
         stream = container.streams.video[0]
         stream.codec_context.thread_count = max(1, int(threads))
         used = method
@@ -310,6 +333,6 @@ def decode_frames(
         else:  # no usable pts: nominal frame clock
             ts = indices.astype(np.float64) / info.fps
         return DecodedVideo(frames_thwc=out, timestamps_s=ts, indices=indices, total_frames=info.total_frames,
-                            fps=info.fps, method=used)
+                            fps=info.fps, method=used, source_hw=(info.height, info.width))
     finally:
         container.close()

@@ -292,18 +292,29 @@ def format_timestamp(seconds: float) -> str:
 
 
 def _open_image(data: bytes, max_pixels: int, max_bytes: int):
-    """PIL image with its header read and the size limits checked; pixels not decoded yet."""
+    """PIL image with its header read and the size limits checked; pixels not decoded yet.
+
+    ``max_pixels`` (``data.max_image_pixels``) is the pixel bound, checked right after the header is read.
+    PIL's own decompression-bomb guard is subsumed: its warning (above ``Image.MAX_IMAGE_PIXELS``, 89 Mpx)
+    is silenced because the check below decides, and its error (above twice that, 179 Mpx, so also the
+    ceiling of ``max_pixels``) becomes the same ``too_large`` refusal instead of an exception of another
+    type."""
     from PIL import Image
 
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{len(data)} bytes > max_bytes={max_bytes}")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"decompression bomb refused before decoding: {e}") from None
     except Exception as e:
         raise ImageError("undecodable_image", f"{type(e).__name__}: {e}") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageError("too_large", f"image {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+        raise ImageError("too_large", f"image header says {w}x{h} = {w * h} pixels > max_pixels={max_pixels} "
+                                      "(data.max_image_pixels; refused before decoding)")
     return im
 
 
@@ -326,9 +337,11 @@ def decode_image(data: bytes, max_pixels: int = 8192 * 8192, max_bytes: int = 25
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
             im = Image.alpha_composite(bg, im).convert("RGB")
+            del bg
         elif im.mode != "RGB":
             im = im.convert("RGB")
         arr = np.asarray(im)
+        del im   # PIL's own copy of the pixels: freed before the caller resizes
     except Exception as e:
         raise ImageError("undecodable_image", f"{type(e).__name__}: {e}") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:

@@ -158,3 +158,25 @@ def test_recipe_keys_reach_the_loader_and_encoder(recipe):
     from rynnscale.data.pipeline import build_encoder
     enc = build_encoder(cfg, resolve_model_args(cfg.model).args)
     assert enc.cfg.max_frame_pixels == 123456 and enc.cfg.max_media_bytes == 1000
+
+
+def _conv_naming(*refs) -> bytes:
+    return json.dumps({"conversation": [{"role": "user", "content": [{"type": "image", "image": r} for r in refs]},
+                                        {"role": "assistant", "content": "ok"}]}).encode()
+
+
+def test_unreferenced_media_members_are_not_read(tmp_path):
+    """Before: a 32 MiB video.mp4 (and a frame) that conv.json never names was read into the sample's members
+    (held by the shuffle buffer, counted against the byte caps). Now, when conv.json comes first in the tar (as
+    rynnscale's ShardWriter writes it), unnamed media are skipped without reading their payload."""
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(_tar_bytes([
+        ("k000.meta.json", b"{}"), ("k000.conv.json", _conv_naming("f000.png", "k000.f002.png")),
+        ("k000.f000.png", b"a"), ("k000.f001.png", b"b"), ("k000.f002.png", b"c"),
+        ("k000.video.mp4", bytes(32 << 20)), ("k000.action.npy", b"npy"),
+        ("k001.conv.json", b"[not json"), ("k001.video.mp4", b"v"),            # unparsable: everything read
+        ("k002.video.mp4", b"v"), ("k002.conv.json", _conv_naming("f000.png")),  # media before conv: read
+    ]))
+    out = {s.key: sorted(s.members) for s in iter_tar_samples(str(shard))}
+    assert out["k000"] == ["action.npy", "conv.json", "f000.png", "f002.png", "meta.json"], out
+    assert out["k001"] == ["conv.json", "video.mp4"] and out["k002"] == ["conv.json", "video.mp4"]
