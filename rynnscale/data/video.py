@@ -183,7 +183,15 @@ def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
         raise VideoError("undecodable_video", f"frame size changed mid-stream: {frame.width}x{frame.height} "
                                               f"vs {w}x{h} in the stream header")
     if out_hwc.shape[:2] == (h, w):
-        out_hwc[...] = frame.to_ndarray(format="rgb24")
+        if out_hwc.strides[-1] == 1 or w % 16:
+            out_hwc[...] = frame.to_ndarray(format="rgb24")
+        else:   # channel-planar memory: libswscale writes planar RGB (gbrp), each plane copied contiguously.
+            # Bitwise rgb24's values (what transformers' reader asks for) when the width is a multiple of 16;
+            # other widths differ in their last columns (swscale's rgb24 tail), so they take the rgb24 path.
+            chw = out_hwc.transpose(2, 0, 1)
+            planes = frame.reformat(format="gbrp").planes   # G, B, R
+            for c, p in ((0, planes[2]), (1, planes[0]), (2, planes[1])):
+                chw[c] = np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
         return
     import torch
 
@@ -274,7 +282,7 @@ def decode_frames(
     data: bytes, indices: np.ndarray | None = None, *, fps: float | None = 2.0, min_frames: int = 4,
     max_frames: int = 768, num_frames: int | None = None, method: str = "auto",
     limits: VideoLimits = VideoLimits(), threads: int = 1,
-    resize_to: Callable[[int, int, int], tuple[int, int]] | None = None,
+    resize_to: Callable[[int, int, int], tuple[int, int]] | None = None, channels_first: bool = False,
 ) -> DecodedVideo:
     """Decode the frames of a video held in ``data``.
 
@@ -285,7 +293,9 @@ def decode_frames(
     decoded (the output is [T, h, w, 3]; one full-size frame is alive at a time, bitwise the same as
     resizing the full-size clip afterwards). Memory: the packet index (``max_total_frames``) plus
     ``T`` output frames, ``T <= max_frames``; the pixel count of a frame is checked from the stream
-    header before anything is decoded. Raises :class:`VideoError`."""
+    header before anything is decoded. ``channels_first``: ``frames_thwc`` is a [T, H, W, 3] view of
+    channel-planar [T, 3, H, W] memory (what :func:`~rynnscale.data.vision_preprocess.patchify` reads
+    without a reorder copy; same values). Raises :class:`VideoError`."""
     if method not in ("auto", "seek", "sequential"):
         raise ValueError(f"method must be auto|seek|sequential, got {method!r}")
     container = _open(data, limits)
@@ -308,7 +318,10 @@ def decode_frames(
                 hw = tuple(int(x) for x in resize_to(int(indices.size), info.height, info.width))
             except ValueError as e:
                 raise VideoError("undecodable_video", f"frame {info.width}x{info.height}: {e}") from None
-        out = np.empty((indices.size,) + hw + (3,), dtype=np.uint8)
+        if channels_first:
+            out = np.empty((indices.size, 3) + hw, dtype=np.uint8).transpose(0, 2, 3, 1)
+        else:
+            out = np.empty((indices.size,) + hw + (3,), dtype=np.uint8)
         stream = container.streams.video[0]
         stream.codec_context.thread_count = max(1, int(threads))
         used = method
