@@ -176,7 +176,7 @@ class _SeekFailed(Exception):
     pass
 
 
-def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
+def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int, reformatter=None) -> None:
     """RGB pixels of ``frame`` into ``out_hwc``, resized to its size when that differs from the stream's
     (torch's bicubic + antialias kernel, as :func:`~rynnscale.data.vision_preprocess.resize_thwc`)."""
     if frame.width != w or frame.height != h:
@@ -189,7 +189,9 @@ def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
             # Bitwise rgb24's values (what transformers' reader asks for) when the width is a multiple of 16;
             # other widths differ in their last columns (swscale's rgb24 tail), so they take the rgb24 path.
             chw = out_hwc.transpose(2, 0, 1)
-            planes = frame.reformat(format="gbrp").planes   # G, B, R
+            # one reformatter per clip keeps its libswscale context across frames (half the cost per frame)
+            fmt = reformatter.reformat(frame, format="gbrp") if reformatter is not None else frame.reformat(format="gbrp")
+            planes = fmt.planes   # G, B, R
             for c, p in ((0, planes[2]), (1, planes[0]), (2, planes[1])):
                 chw[c] = np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
         return
@@ -201,7 +203,7 @@ def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
     torch.from_numpy(out_hwc).copy_(resize_thwc(full.unsqueeze(0), out_hwc.shape[:2])[0])
 
 
-def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray) -> None:
+def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray, reformatter=None) -> None:
     """Decode ``indices`` by seeking to the keyframe before a target whenever that skips frames.
 
     Decoding continues in order while the next target is reachable without passing a keyframe
@@ -236,7 +238,7 @@ def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarra
                     break
                 raise _SeekFailed(f"expected pts {int(targets[k])}, decoder gave {frame.pts}")
             first = False
-            _to_rgb(frame, out[k], info.width, info.height)
+            _to_rgb(frame, out[k], info.width, info.height, reformatter)
             k += 1
             while k < n and targets[k] == targets[k - 1]:  # same frame twice (short clip): reuse it
                 out[k] = out[k - 1]
@@ -256,7 +258,7 @@ def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarra
             back = 0
 
 
-def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray) -> None:
+def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray, reformatter=None) -> None:
     """Decode frames in order and keep those at ``indices`` (decode order == display order count)."""
     stream = container.streams.video[0]
     container.seek(0)
@@ -270,7 +272,7 @@ def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.
             if k > 0 and indices[k - 1] == i:
                 out[k] = out[k - 1]
             else:
-                _to_rgb(frame, out[k], info.width, info.height)
+                _to_rgb(frame, out[k], info.width, info.height, reformatter)
             k += 1
         if k == n:
             return
@@ -325,17 +327,20 @@ def decode_frames(
         stream = container.streams.video[0]
         stream.codec_context.thread_count = max(1, int(threads))
         used = method
+        if channels_first:
+            from av.video.reformatter import VideoReformatter
+        rf = VideoReformatter() if channels_first else None
         try:
             if method == "sequential":
-                _decode_sequential(container, info, indices, out)
+                _decode_sequential(container, info, indices, out, rf)
             else:
                 try:
-                    _decode_seek(container, info, indices, out)
+                    _decode_seek(container, info, indices, out, rf)
                     used = "seek"
                 except (_SeekFailed, av.FFmpegError) as e:
                     if method == "seek":
                         raise VideoError("undecodable_video", f"seek decode failed: {e}") from None
-                    _decode_sequential(container, info, indices, out)
+                    _decode_sequential(container, info, indices, out, rf)
                     used = "sequential"
         except VideoError:
             raise
