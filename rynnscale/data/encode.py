@@ -430,7 +430,8 @@ class SampleEncoder:
                 if decode:   # each frame is resized as it is decoded (one full-size frame at a time)
                     dv = decode_frames(data, **sampling, method=self.cfg.decode_method, limits=self._video_limits,
                                        threads=self.cfg.decode_threads,
-                                       resize_to=lambda t, h, w: video_target_size(t, h, w, spec))
+                                       resize_to=lambda t, h, w: video_target_size(t, h, w, spec),
+                                       channels_first=True)
                     frames, times = torch.from_numpy(dv.frames_thwc), dv.timestamps_s.tolist()
                     T, (H, W) = int(dv.frames_thwc.shape[0]), dv.source_hw
                 else:

@@ -176,14 +176,24 @@ class _SeekFailed(Exception):
     pass
 
 
-def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
+def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int, reformatter=None) -> None:
     """RGB pixels of ``frame`` into ``out_hwc``, resized to its size when that differs from the stream's
     (torch's bicubic + antialias kernel, as :func:`~rynnscale.data.vision_preprocess.resize_thwc`)."""
     if frame.width != w or frame.height != h:
         raise VideoError("undecodable_video", f"frame size changed mid-stream: {frame.width}x{frame.height} "
                                               f"vs {w}x{h} in the stream header")
     if out_hwc.shape[:2] == (h, w):
-        out_hwc[...] = frame.to_ndarray(format="rgb24")
+        if out_hwc.strides[-1] == 1 or w % 16:
+            out_hwc[...] = frame.to_ndarray(format="rgb24")
+        else:   # channel-planar memory: libswscale writes planar RGB (gbrp), each plane copied contiguously.
+            # Bitwise rgb24's values (what transformers' reader asks for) when the width is a multiple of 16;
+            # other widths differ in their last columns (swscale's rgb24 tail), so they take the rgb24 path.
+            chw = out_hwc.transpose(2, 0, 1)
+            # one reformatter per clip keeps its libswscale context across frames (half the cost per frame)
+            fmt = reformatter.reformat(frame, format="gbrp") if reformatter is not None else frame.reformat(format="gbrp")
+            planes = fmt.planes   # G, B, R
+            for c, p in ((0, planes[2]), (1, planes[0]), (2, planes[1])):
+                chw[c] = np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
         return
     import torch
 
@@ -193,7 +203,7 @@ def _to_rgb(frame, out_hwc: np.ndarray, w: int, h: int) -> None:
     torch.from_numpy(out_hwc).copy_(resize_thwc(full.unsqueeze(0), out_hwc.shape[:2])[0])
 
 
-def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray) -> None:
+def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray, reformatter=None) -> None:
     """Decode ``indices`` by seeking to the keyframe before a target whenever that skips frames.
 
     Decoding continues in order while the next target is reachable without passing a keyframe
@@ -228,7 +238,7 @@ def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarra
                     break
                 raise _SeekFailed(f"expected pts {int(targets[k])}, decoder gave {frame.pts}")
             first = False
-            _to_rgb(frame, out[k], info.width, info.height)
+            _to_rgb(frame, out[k], info.width, info.height, reformatter)
             k += 1
             while k < n and targets[k] == targets[k - 1]:  # same frame twice (short clip): reuse it
                 out[k] = out[k - 1]
@@ -248,7 +258,7 @@ def _decode_seek(container, info: VideoInfo, indices: np.ndarray, out: np.ndarra
             back = 0
 
 
-def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray) -> None:
+def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.ndarray, reformatter=None) -> None:
     """Decode frames in order and keep those at ``indices`` (decode order == display order count)."""
     stream = container.streams.video[0]
     container.seek(0)
@@ -262,7 +272,7 @@ def _decode_sequential(container, info: VideoInfo, indices: np.ndarray, out: np.
             if k > 0 and indices[k - 1] == i:
                 out[k] = out[k - 1]
             else:
-                _to_rgb(frame, out[k], info.width, info.height)
+                _to_rgb(frame, out[k], info.width, info.height, reformatter)
             k += 1
         if k == n:
             return
@@ -274,7 +284,7 @@ def decode_frames(
     data: bytes, indices: np.ndarray | None = None, *, fps: float | None = 2.0, min_frames: int = 4,
     max_frames: int = 768, num_frames: int | None = None, method: str = "auto",
     limits: VideoLimits = VideoLimits(), threads: int = 1,
-    resize_to: Callable[[int, int, int], tuple[int, int]] | None = None,
+    resize_to: Callable[[int, int, int], tuple[int, int]] | None = None, channels_first: bool = False,
 ) -> DecodedVideo:
     """Decode the frames of a video held in ``data``.
 
@@ -285,7 +295,9 @@ def decode_frames(
     decoded (the output is [T, h, w, 3]; one full-size frame is alive at a time, bitwise the same as
     resizing the full-size clip afterwards). Memory: the packet index (``max_total_frames``) plus
     ``T`` output frames, ``T <= max_frames``; the pixel count of a frame is checked from the stream
-    header before anything is decoded. Raises :class:`VideoError`."""
+    header before anything is decoded. ``channels_first``: ``frames_thwc`` is a [T, H, W, 3] view of
+    channel-planar [T, 3, H, W] memory (what :func:`~rynnscale.data.vision_preprocess.patchify` reads
+    without a reorder copy; same values). Raises :class:`VideoError`."""
     if method not in ("auto", "seek", "sequential"):
         raise ValueError(f"method must be auto|seek|sequential, got {method!r}")
     container = _open(data, limits)
@@ -308,21 +320,27 @@ def decode_frames(
                 hw = tuple(int(x) for x in resize_to(int(indices.size), info.height, info.width))
             except ValueError as e:
                 raise VideoError("undecodable_video", f"frame {info.width}x{info.height}: {e}") from None
-        out = np.empty((indices.size,) + hw + (3,), dtype=np.uint8)
+        if channels_first:
+            out = np.empty((indices.size, 3) + hw, dtype=np.uint8).transpose(0, 2, 3, 1)
+        else:
+            out = np.empty((indices.size,) + hw + (3,), dtype=np.uint8)
         stream = container.streams.video[0]
         stream.codec_context.thread_count = max(1, int(threads))
         used = method
+        if channels_first:
+            from av.video.reformatter import VideoReformatter
+        rf = VideoReformatter() if channels_first else None
         try:
             if method == "sequential":
-                _decode_sequential(container, info, indices, out)
+                _decode_sequential(container, info, indices, out, rf)
             else:
                 try:
-                    _decode_seek(container, info, indices, out)
+                    _decode_seek(container, info, indices, out, rf)
                     used = "seek"
                 except (_SeekFailed, av.FFmpegError) as e:
                     if method == "seek":
                         raise VideoError("undecodable_video", f"seek decode failed: {e}") from None
-                    _decode_sequential(container, info, indices, out)
+                    _decode_sequential(container, info, indices, out, rf)
                     used = "sequential"
         except VideoError:
             raise

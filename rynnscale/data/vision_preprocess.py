@@ -162,14 +162,16 @@ def resize_thwc(frames_thwc: torch.Tensor, size_hw: tuple[int, int]) -> torch.Te
     """Bicubic + antialias resize of uint8 frames [T, H, W, C] -> uint8 [T, h, w, C] (contiguous).
 
     Runs torch's native uint8 kernel on a channels-last view (no NCHW copy); identical to
-    torchvision's ``resize`` (which HF calls) on the same frames. A no-op when the size is unchanged,
-    as in torchvision."""
+    torchvision's ``resize`` (which HF calls) on the same frames. A no-op returning the input itself
+    (whatever its strides) when the size is unchanged, as in torchvision."""
     if frames_thwc.dtype != torch.uint8 or frames_thwc.dim() != 4:
         raise ValueError(f"expected uint8 [T, H, W, C] frames, got {frames_thwc.dtype} {tuple(frames_thwc.shape)}")
     h, w = size_hw
     if (frames_thwc.shape[1], frames_thwc.shape[2]) == (h, w):
-        return frames_thwc.contiguous()
-    x_tchw = frames_thwc.permute(0, 3, 1, 2)  # channels_last view
+        return frames_thwc   # as given: a channel-planar view (the video decoder's) stays planar for patchify
+    x_tchw = frames_thwc.permute(0, 3, 1, 2)  # channels_last view (of contiguous [T, H, W, C] frames)
+    if not x_tchw.is_contiguous(memory_format=torch.channels_last):
+        x_tchw = x_tchw.contiguous(memory_format=torch.channels_last)   # the kernel HF's torchvision call runs
     y_tchw = F.interpolate(x_tchw, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
     return y_tchw.permute(0, 2, 3, 1).contiguous()  # no copy when the kernel kept channels_last
 
@@ -194,9 +196,12 @@ def patchify(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | No
     ps, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     if H % (ps * m) or W % (ps * m):
         raise ValueError(f"frame size {H}x{W} is not a multiple of patch*merge={ps * m}")
-    # A uint8 channel-first copy first (cheap: 1 byte per value) makes the float32 patch permute below
-    # read runs of ps contiguous bytes instead of stride-C single bytes: ~25% faster, same values.
-    x_tchw = frames_thwc.permute(0, 3, 1, 2).contiguous()
+    # Channel-planar frames first, so the patch copy below reads runs of ps contiguous bytes instead of
+    # stride-C single bytes. Frames from ``decode_frames(channels_first=True)`` already are (their
+    # [T, H, W, C] is a view of [T, C, H, W] memory): no copy; others pay one uint8 reorder.
+    x_tchw = frames_thwc.permute(0, 3, 1, 2)
+    if not x_tchw.is_contiguous():
+        x_tchw = x_tchw.contiguous()
     gh, gw = H // ps, W // ps
     gt_full, rem = divmod(T, tp)
     gt = gt_full + (1 if rem else 0)
@@ -210,13 +215,26 @@ def patchify(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | No
             raise ValueError(f"out must be a contiguous {dtype} {shape} tensor (normalize={normalize}), "
                              f"got {out.dtype} {tuple(out.shape)}")
         out_pd = out
-    # output block view: [gt, gh/m, gw/m, m, m, C, tp, ps, ps]
-    out_blocks = out_pd.view(gt, gh // m, gw // m, m, m, C, tp, ps, ps)
-    # source view [gt, tp, C, gh/m, m, ps, gw/m, m, ps] -> permuted to the output's dim order
+    # The copy moves runs of ps bytes (one patch row). For uint8 output, each run is moved as ONE wide
+    # element (ps=16: complex128, a plain 16-byte copy; no arithmetic touches the bytes), so the
+    # strided copy has ps x fewer elements: 2.6x faster than byte by byte, bitwise the same.
+    wide = _wide_dtype(ps) if not normalize else None
+    if wide is not None and any(t.data_ptr() % wide.itemsize or any(st % wide.itemsize for st in t.stride()[:-1])
+                                for t in (x_tchw, out_pd)):
+        wide = None   # a misaligned view (never from our buffers): byte copy
+    q = ps if wide is None else 1
+    # output block view: [gt, gh/m, gw/m, m, m, C, tp, ps, ps/q]
+    out_w = out_pd if wide is None else out_pd.view(wide)
+    out_blocks = out_w.view(gt, gh // m, gw // m, m, m, C, tp, ps, q)
+    # source view [gt, tp, C, gh/m, m, ps, gw/m, m, ps/q] -> permuted to the output's dim order
     order = (0, 3, 6, 4, 7, 2, 1, 5, 8)
+
+    def src_of(x: torch.Tensor, n: int) -> torch.Tensor:
+        x = x if wide is None else x.view(wide)
+        return x.reshape(n, tp, C, gh // m, m, ps, gw // m, m, q).permute(order)
+
     if gt_full:
-        src = x_tchw[: gt_full * tp].view(gt_full, tp, C, gh // m, m, ps, gw // m, m, ps)
-        out_blocks[:gt_full].copy_(src.permute(order))
+        out_blocks[:gt_full].copy_(src_of(x_tchw[: gt_full * tp], gt_full))
     if rem:
         # last temporal patch: the remaining frames, then the last frame repeated. With one frame
         # left (always, for tp = 2) that is a stride-0 view of it: no copy.
@@ -224,11 +242,18 @@ def patchify(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | No
             tail = x_tchw[T - 1:].expand(tp, C, H, W)
         else:
             tail = torch.cat([x_tchw[gt_full * tp:], x_tchw[T - 1:].expand(tp - rem, C, H, W)])
-        src = tail.reshape(1, tp, C, gh // m, m, ps, gw // m, m, ps)
-        out_blocks[gt_full:].copy_(src.permute(order))
+        out_blocks[gt_full:].copy_(src_of(tail, 1))
     if normalize:
         spec.pixel_norm.normalize_(out_pd)
     return out_pd, (gt, gh, gw)
+
+
+def _wide_dtype(ps: int) -> torch.dtype | None:
+    """The widest plain-copy dtype whose size divides ``ps`` bytes (None: copy bytes)."""
+    for dt in (torch.complex128, torch.int64, torch.int32, torch.int16):
+        if ps % dt.itemsize == 0:
+            return dt
+    return None
 
 
 def patchify_normalize(frames_thwc: torch.Tensor, spec: VisionSpec, out: torch.Tensor | None = None

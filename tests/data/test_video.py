@@ -163,3 +163,44 @@ def test_limits_and_garbage():
         with pytest.raises(VideoError) as e:
             decode_frames(bad)
         assert e.value.reason == "undecodable_video"
+
+
+# ----------------------------------------------------------------------------- channel-planar output
+def _noisy(codec: str, fmt: str, w: int, h: int, n: int = 6) -> bytes:
+    """Random-texture frames (so chroma rounding differences would show), odd sizes allowed."""
+    rng = np.random.default_rng(w * h)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for _ in range(n):
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("codec,fmt,w,h", [
+    ("libx264", "mp4", 448, 448), ("libx264", "mp4", 640, 50), ("libx264", "mp4", 66, 50), ("libx264", "mp4", 854, 48),
+    ("libvpx-vp9", "webm", 100, 62), ("libvpx-vp9", "webm", 128, 62), ("libsvtav1", "mp4", 192, 128)])
+def test_channels_first_decode_equals_rgb24(codec, fmt, w, h):
+    """libswscale's planar RGB (gbrp) gives exactly the rgb24 values transformers' reader uses (widths that are
+    multiples of 16; other widths decode as rgb24 into the planar buffer); the planar buffer is what patchify
+    reads without a channel reorder (issue 14's throughput item)."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} encoder not in this PyAV build")
+    data = _noisy(codec, fmt, w, h)
+    a = decode_frames(data, fps=None, num_frames=5)
+    b = decode_frames(data, fps=None, num_frames=5, channels_first=True)
+    assert b.frames_thwc.shape == a.frames_thwc.shape and b.frames_thwc.strides[-1] == h * w
+    np.testing.assert_array_equal(a.frames_thwc, b.frames_thwc)
+
+
+@needs_g1
+def test_g1_channels_first_decode_equals_rgb24():
+    data = g1_video(1)
+    a = decode_frames(data, fps=2.0)
+    b = decode_frames(data, fps=2.0, channels_first=True)
+    np.testing.assert_array_equal(a.frames_thwc, b.frames_thwc)

@@ -243,3 +243,28 @@ def test_pixel_norm_other_settings_and_errors():
         spec.pixel_norm.normalize(raw.float())
     with pytest.raises(ValueError, match="non-zero"):
         _ = VisionSpec(image_std=(0.5, 0.0, 0.5)).pixel_norm  # the property validates
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 6])
+@pytest.mark.parametrize("planar", [False, True])
+def test_wide_patch_copy_and_planar_frames_equal_the_byte_copy(T, planar):
+    """The uint8 patch copy moves 16-byte patch rows as one element, and channel-planar frames (the video
+    decoder's ``channels_first`` buffer, seen as [T, H, W, 3]) skip the channel reorder: both bitwise equal to
+    the plain byte-by-byte permute-copy, into a slice of a larger buffer as the loader does."""
+    spec = VisionSpec()
+    g = torch.Generator().manual_seed(T)
+    thwc = torch.randint(0, 256, (T, 64, 96, 3), dtype=torch.uint8, generator=g)
+    frames = thwc.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) if planar else thwc
+    assert torch.equal(frames, thwc) and frames.is_contiguous() != planar
+    ps, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    x = thwc.permute(0, 3, 1, 2)
+    x = torch.cat([x, x[-1:].expand((-T) % tp, *x.shape[1:])]) if T % tp else x
+    gt, gh, gw = x.shape[0] // tp, 64 // ps, 96 // ps
+    ref = (x.reshape(gt, tp, 3, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+           .reshape(gt * gh * gw, -1))
+    buf = torch.zeros(ref.shape[0] + 7, ref.shape[1], dtype=torch.uint8)
+    out, grid = patchify(frames, spec, out=buf[5:5 + ref.shape[0]])
+    assert grid == (gt, gh, gw) and torch.equal(out, ref)
+    assert not buf[:5].any() and not buf[5 + ref.shape[0]:].any()
+    assert torch.equal(resize_thwc(frames, (64, 96)), thwc)   # unchanged size: returned as is
+    assert torch.equal(resize_thwc(frames, (32, 64)), resize_thwc(thwc, (32, 64)))
