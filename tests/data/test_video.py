@@ -204,3 +204,69 @@ def test_g1_channels_first_decode_equals_rgb24():
     a = decode_frames(data, fps=2.0)
     b = decode_frames(data, fps=2.0, channels_first=True)
     np.testing.assert_array_equal(a.frames_thwc, b.frames_thwc)
+
+
+# ----------------------------------------------------------------------------- opening without decoding
+def _plain_pyav_frames(data: bytes) -> np.ndarray:
+    """Every frame, rgb24, in display order, from a plain PyAV open and decode (the reference)."""
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+@pytest.mark.parametrize("codec,fmt,opts", [
+    ("libx264", "mp4", {"g": 8, "bf": 2}), ("libx264", "mp4", {"g": 8, "bf": 0}),
+    ("libx264", "matroska", {"g": 5, "bf": 3}), ("libx264", "mpegts", {"g": 6, "bf": 2}),
+    ("libvpx-vp9", "webm", {"g": 8}), ("libsvtav1", "mp4", {})])
+def test_open_without_decoding_gives_the_plain_frames(codec, fmt, opts):
+    """Containers are opened with find_stream_info's decoding skipped (video.py's docstring); every frame must
+    still be the one a plain PyAV open decodes, bitwise, by seek and by sequential decoding, and the probe
+    must report the same stream."""
+    if codec not in av.codecs_available:
+        pytest.skip(f"{codec} encoder not in this PyAV build")
+    data = _noisy(codec, fmt, 96, 64, n=24) if not opts else _noisy_gop(codec, fmt, opts)
+    ref = _plain_pyav_frames(data)
+    idx = np.arange(len(ref))
+    for method in ("auto", "sequential"):   # auto: seek (MPEG-TS falls back to sequential, as before)
+        got = decode_frames(data, idx, method=method)
+        np.testing.assert_array_equal(got.frames_thwc, ref)
+    assert fmt == "mpegts" or got.method == "sequential" and decode_frames(data, idx).method == "seek"
+    info = probe_video(data)
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        assert (info.width, info.height) == (s.codec_context.width, s.codec_context.height)
+    assert info.total_frames == len(ref)
+
+
+def _noisy_gop(codec: str, fmt: str, opts: dict, w: int = 96, h: int = 64, n: int = 24) -> bytes:
+    rng = np.random.default_rng(n)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.options = {k: str(v) for k, v in opts.items()}
+        base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for i in range(n):   # a moving texture, so P/B-frames predict from neighbours
+            for p in s.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def test_h264_open_skips_the_frames_find_stream_info_would_decode():
+    """The H.264 open really skips decoding (pixel format unknown until the first frame), and a stream with
+    B-frames keeps the declared reorder depth, so no plain re-open is needed."""
+    from rynnscale.data.video import _index, _needs_plain_open, _open
+    data = _noisy_gop("libx264", "mp4", {"g": 8, "bf": 2})
+    c = _open(data, VideoLimits())
+    try:
+        assert c.streams.video[0].codec_context.format is None
+        info = _index(c, VideoLimits())
+        assert info.reordered and not _needs_plain_open(c, info)
+    finally:
+        c.close()
+    c = _open(data, VideoLimits(), plain=True)
+    try:
+        assert c.streams.video[0].codec_context.format is not None
+    finally:
+        c.close()
