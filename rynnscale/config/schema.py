@@ -90,6 +90,7 @@ class DataConfig:
     num_workers: int = 0
     balance: str = "cost"               # cost | tokens | none: how a step's packs are assigned to data-parallel ranks
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
+    defer_media: bool = True            # read each sample's media by position, only on the rank that decodes it
     max_bad_fraction: float = 0.05
     verify_shards: bool = False         # sha256 of each shard vs manifest.json when opened (size is always checked)
     truncate: bool = False              # truncate over-long samples instead of skipping them

@@ -90,7 +90,7 @@ import logging
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -102,6 +102,8 @@ from rynnscale.data.balance import CostModel, assign_equal_count
 from rynnscale.data.encode import SampleError
 from rynnscale.data.packing import PackItem, WindowPacker, build_packed_batch, ffd_bins
 from rynnscale.data.reader import (
+    DeferredMedia,
+    MediaReadError,
     MixtureStream,
     RawSample,
     ReaderLimits,
@@ -111,6 +113,7 @@ from rynnscale.data.reader import (
     ShuffleBuffer,
     expand_shard_patterns,
     mix64,
+    read_deferred,
     read_positions,
     shuffled,
 )
@@ -166,6 +169,7 @@ class LoaderConfig:
     global_order: bool = False            # one global sample stream, independent of the layout (see "Global order")
     balance: str = "cost"                 # global order: packs to ranks by cost | tokens | none (in order)
     tune_malloc: bool = True              # tune_malloc_for_pixel_buffers() once per loader process / worker
+    defer_media: bool = True              # global order: read media by position, only for this rank's samples
     cost_model: CostModel = field(default_factory=CostModel)
     limits: ReaderLimits = field(default_factory=ReaderLimits)
 
@@ -182,6 +186,7 @@ class LoaderConfig:
                   max_bad_fraction=d.max_bad_fraction, micro_batches_per_step=t.grad_accum,
                   balance=str(getattr(d, "balance", "cost")),
                   tune_malloc=bool(getattr(d, "tune_malloc", True)),
+                  defer_media=bool(getattr(d, "defer_media", True)),
                   shuffle_buffer_bytes=int(getattr(d, "shuffle_buffer_bytes", 1 << 30)),
                   limits=ReaderLimits(max_member_bytes=int(getattr(d, "max_member_bytes", 1 << 30)),
                                       max_sample_bytes=int(getattr(d, "max_sample_bytes", 2 << 30)),
@@ -227,14 +232,23 @@ class _Source:
 
 
 class _Entry:
-    """A sample inside the packer or a pending pack: its position, raw members until decoded, then
-    the prepared (decoded, tokenised) sample or, from encoders without ``prepare``, the encoded one."""
+    """A sample inside the packer or a pending pack: its position, raw members until decoded (media members
+    possibly ``deferred``: not read yet), then the prepared (decoded, tokenised) sample or, from encoders
+    without ``prepare``, the encoded one."""
 
-    __slots__ = ("pos", "members", "encoded", "prepared")
+    __slots__ = ("pos", "members", "encoded", "prepared", "deferred")
 
-    def __init__(self, pos: tuple[str, int, str], members: dict | None, encoded: EncodedSample | None = None):
-        self.pos, self.members, self.encoded = pos, members, encoded
+    def __init__(self, pos: tuple[str, int, str], members: dict | None, encoded: EncodedSample | None = None,
+                 deferred: DeferredMedia | None = None):
+        self.pos, self.members, self.encoded, self.deferred = pos, members, encoded, deferred
         self.prepared: Any = None
+
+    def copy(self) -> _Entry:
+        """The same sample, not decoded yet (what a rank takes for its pack)."""
+        return _Entry(self.pos, self.members, deferred=self.deferred)
+
+    def drop(self) -> None:
+        self.members = self.deferred = None
 
 
 _MALLOC_TUNED = False
@@ -315,14 +329,16 @@ class _WorkerPipeline:
             self.where = f"rank {rank} worker {worker} (reader split {(rank // G) * W + worker})"
             self.split, self.num_splits = (rank // G) * W + worker, (world_size // G) * W
         self.mixed = bool(cfg.mixture)
+        # global order: media are read by position, by the rank that decodes them (the others only size them)
+        self.limits = replace(cfg.limits, defer_media=self.glob and cfg.defer_media)
         self.stream: ShardStream | MixtureStream
         if self.mixed:
             self.stream = MixtureStream([(s.name, s.weight, s.shards) for s in sources], seed=cfg.seed,
                                         split=self.split, num_splits=self.num_splits, shuffle=cfg.shuffle_shards,
-                                        epochs=cfg.num_epochs, limits=cfg.limits)
+                                        epochs=cfg.num_epochs, limits=self.limits)
         else:
             self.stream = ShardStream(sources[0].shards, seed=cfg.seed, split=self.split, num_splits=self.num_splits,
-                                      shuffle=cfg.shuffle_shards, epochs=cfg.num_epochs, limits=cfg.limits,
+                                      shuffle=cfg.shuffle_shards, epochs=cfg.num_epochs, limits=self.limits,
                                       sample_split=True)
         shards = [p for s in sources for p in s.shards]   # positions index this concatenation
         self.source_of = {p: k for k, s in enumerate(sources) for p in s.shards}
@@ -351,6 +367,7 @@ class _WorkerPipeline:
         self.batches = 0
         self.samples_out = 0
         self.overflow = 0
+        self.media_bytes_read = 0   # deferred media bytes this pipeline read (not state: a per-process cost)
         self._warned_encode_estimate = False
         # encoders with estimate/prepare/finish (SampleEncoder): pack on exact estimates without decoding,
         # decode a pack's samples when it is materialised and patchify them straight into its pixel buffer
@@ -377,10 +394,18 @@ class _WorkerPipeline:
             return self._call("finish", shard, key, prepared, normalize=False)
         return self._call("encode", shard, key, key, members)
 
+    def _read_deferred(self, shard: str, key: str, members: dict, deferred: DeferredMedia) -> dict:
+        """``members`` with the deferred media read in (MediaReadError: a ``corrupt_tar`` bad sample)."""
+        media = read_deferred(shard, deferred)
+        self.media_bytes_read += deferred.nbytes
+        return members | media
+
     def _estimate(self, s: RawSample) -> tuple[int, int]:
         hint = self.hints.get(s.shard, s.index)
         if hint is not None and 1 <= hint[0] <= self.cfg.micro_batch_tokens:
             return hint  # the manifest is untrusted too: implausible hints are measured instead
+        if s.deferred is not None:   # measuring needs the media: read them now, once (every rank does)
+            s.members, s.deferred = self._read_deferred(s.shard, s.key, s.members, s.deferred), None
         if self.estimator is not None:
             t, v = self.estimator(s.key, s.members)
             return int(t), int(v)
@@ -406,7 +431,7 @@ class _WorkerPipeline:
             enc = self._encode(s.shard, s.key, s.members)
             return PackItem(s.key, enc.num_tokens, enc.num_vision_patches, _Entry(s.position, None, enc), carried)
         t, v = self._estimate(s)
-        return PackItem(s.key, t, v, _Entry(s.position, s.members), carried)
+        return PackItem(s.key, t, v, _Entry(s.position, s.members, deferred=s.deferred), carried)
 
     def _count_bad(self, reason: str, shard: str, key: str, detail: str, decoding: bool = False) -> None:
         if self.glob and decoding:  # found by this rank only: reported with the step (TrainLoader sums them)
@@ -439,6 +464,10 @@ class _WorkerPipeline:
             if owner:
                 self._count_bad(e.reason, s.shard, s.key, e.detail)
             return
+        except MediaReadError as e:   # deferred media read to measure the sample (every rank does)
+            if owner:
+                self._count_bad("corrupt_tar", s.shard, s.key, str(e))
+            return
         if plan is not None:
             self._add_plan(plan)
 
@@ -458,6 +487,8 @@ class _WorkerPipeline:
             e: _Entry = it.ref
             if e.encoded is None and e.prepared is None:
                 try:
+                    if e.deferred is not None:
+                        e.members, e.deferred = self._read_deferred(e.pos[0], e.pos[2], e.members, e.deferred), None
                     if self.staged:
                         e.prepared = self._call("prepare", e.pos[0], e.pos[2], e.pos[2], e.members)
                     else:
@@ -465,8 +496,11 @@ class _WorkerPipeline:
                 except SampleError as err:
                     self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail, decoding=True)
                     continue
+                except MediaReadError as err:
+                    self._count_bad("corrupt_tar", e.pos[0], e.pos[2], str(err), decoding=True)
+                    continue
                 finally:
-                    e.members = None
+                    e.drop()
             done = e.encoded if e.encoded is not None else e.prepared
             good.append(PackItem(it.key, done.num_tokens, done.num_vision_patches, e))
         budget = self.cfg.micro_batch_tokens
@@ -528,15 +562,15 @@ class _WorkerPipeline:
         self.bad_step = Counter()
         out: list[PackedBatch] = []
         for i in parts[self.rank]:
-            self.pending.append([PackItem(it.key, it.num_tokens, it.vision_patches,
-                                          _Entry(it.ref.pos, it.ref.members)) for it in step[i]])
+            self.pending.append([PackItem(it.key, it.num_tokens, it.vision_patches, it.ref.copy())
+                                 for it in step[i]])
             while self.pending:
                 batch = self._materialize()
                 if batch is not None:
                     out.append(batch)
         for b in step:   # members of other ranks' samples are not needed any more
             for it in b:
-                it.ref.members = None
+                it.ref.drop()
         info = {"step": self.step_no, "rank_costs": rank_costs, "bad": dict(self.bad_step),
                 "samples": sorted(f"{self.names[self.shard_index[it.ref.pos[0]]]}:{it.key}" for b in step for it in b)}
         return out, info
@@ -554,6 +588,7 @@ class _WorkerPipeline:
                 if mine:
                     self.batches += len(batches)
                     self.samples_out += sum(b.num_samples for b in batches)
+                    info["media_bytes_read"], self.media_bytes_read = self.media_bytes_read, 0
                     yield (batches, info), self.state()
                 continue
             s = next(src, None)
@@ -636,11 +671,11 @@ class _WorkerPipeline:
         self.stream.load_state(st["stream"])
         sh = st["shuffle"]
         self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
-                               self.cfg.limits)
+                               self.limits)
         p = st["packer"]
         self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
         self.packer.emitted_tokens = int(p["emitted_tokens"])
-        raws = read_positions([self._pos_in(x) for x in p["items"]], self.cfg.limits)
+        raws = read_positions([self._pos_in(x) for x in p["items"]], self.limits)
         return [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
 
     def _restore_global(self, st: dict) -> None:
@@ -649,8 +684,8 @@ class _WorkerPipeline:
         for saved in st["steps"]:
             bins = []
             for b in saved:
-                raws = read_positions([self._pos_in(x) for x in b], self.cfg.limits)
-                bins.append([PackItem(s.key, int(x[3]), int(x[4]), _Entry(s.position, s.members))
+                raws = read_positions([self._pos_in(x) for x in b], self.limits)
+                bins.append([PackItem(s.key, int(x[3]), int(x[4]), _Entry(s.position, s.members, deferred=s.deferred))
                              for s, x in zip(raws, b)])
             steps.append(bins)
         if int(st["N"]) == self.N:
@@ -676,7 +711,7 @@ class _WorkerPipeline:
                 f"but this worker reads split {self.split}/{self.num_splits} (group rank {self.grank})")
         self.packer.items = self._restore_reading(st)
         for b in st["pending"]:
-            raws = read_positions([self._pos_in(x) for x in b], self.cfg.limits)
+            raws = read_positions([self._pos_in(x) for x in b], self.limits)
             self.pending.append([PackItem(s.key, 0, 0, _Entry(s.position, s.members)) for s in raws])
         self.counter, self.seen, self.batches = int(st["counter"]), int(st["seen"]), int(st["batches"])
         self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
@@ -773,6 +808,7 @@ class TrainLoader:
         self._global: dict | None = None
         self._bad_decoding: Counter[str] = Counter()   # bad samples this rank found decoding its packs
         self._batches = self._samples_packed = 0   # this rank's, since this loader was built
+        self._media_bytes_read = 0   # deferred media this rank read (its own samples', plus any measured)
         self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
         self.last_step_rank_costs: list[float] = []  # estimated cost of every rank's micro-batches
 
@@ -798,6 +834,7 @@ class TrainLoader:
                     return
                 self._global = state
                 self._bad_decoding.update(info["bad"])
+                self._media_bytes_read += info["media_bytes_read"]
                 self.last_step_samples, self.last_step_rank_costs = info["samples"], info["rank_costs"]
                 self._check_bad()
                 for b in batches:
@@ -853,6 +890,8 @@ class TrainLoader:
                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
                "estimate_overflow": sum(st["estimate_overflow"] for st in sts),
                "shuffle_early_emits": sum(st.get("shuffle_early_emits", 0) for st in sts)}
+        if self.cfg.global_order:
+            out["media_bytes_read"] = self._media_bytes_read
         if self.cfg.mixture:
             out["sources"] = self._source_stats()
         return out

@@ -205,15 +205,60 @@ def split_shard_order(order: Sequence[int], split: int, num_splits: int) -> list
 
 @dataclass(frozen=True)
 class ReaderLimits:
-    """Size limits on untrusted tars, checked from the headers before any bytes are read
+    """How untrusted tars are read. Size limits are checked from the headers before any bytes are read
     (``data.max_member_bytes`` / ``data.max_sample_bytes``). Only plain tars are read: a member of a
     gzip / bzip2 / xz / zstd shard can expand ~1000x from a few KiB on disk, so compressed shards are
-    refused (one ``corrupt_tar`` of reason text ``compressed``), as are GNU sparse members."""
+    refused (one ``corrupt_tar`` of reason text ``compressed``), as are GNU sparse members.
+
+    ``defer_media``: media members (videos, frames) are not read while walking the tar; the sample
+    carries where their bytes lie (:class:`DeferredMedia`) and :func:`read_deferred` fetches them by
+    random access when the sample is decoded. The global-order loader uses it so a rank reads only its
+    own samples' media (``data.defer_media``). Everything else is the same either way: the same samples,
+    bad reasons and keys, and :func:`sample_bytes` counts deferred bytes too, so shuffles do not change."""
 
     max_member_bytes: int = 1 << 30      # one member
     max_sample_bytes: int = 2 << 30      # all members of one sample
     max_members: int = 4096              # members of one sample (frame sequences can be long)
     verify_sha256: bool = False          # data.verify_shards: hash each shard against its manifest.json once
+    defer_media: bool = False            # record media members' byte ranges instead of reading them
+
+
+class MediaReadError(ValueError):
+    """Deferred media could not be read back (the shard shrank, changed or cannot be opened)."""
+
+
+@dataclass(frozen=True)
+class DeferredMedia:
+    """Media members of a sample that were not read: ``spans`` is ((member, data offset, size), ...) in
+    the shard, whose size was ``shard_bytes`` when it was walked (a rewritten shard is detected)."""
+
+    shard_bytes: int
+    spans: tuple[tuple[str, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, _, size in self.spans)
+
+
+def read_deferred(shard: str, media: DeferredMedia) -> dict[str, bytes]:
+    """The bytes of deferred media members, read by position; raises MediaReadError naming the shard."""
+    where = os.path.basename(shard)
+    out: dict[str, bytes] = {}
+    try:
+        with open(shard, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != media.shard_bytes:
+                raise MediaReadError(f"shard {where} has {size} bytes, {media.shard_bytes} when it was indexed: "
+                                     f"it changed while being read")
+            for member, offset, n in media.spans:
+                f.seek(offset)
+                data = f.read(n)
+                if len(data) != n:
+                    raise MediaReadError(f"{where}: member {member!r} is truncated ({len(data)} of {n} bytes)")
+                out[member] = data
+    except OSError as e:
+        raise MediaReadError(f"cannot read media from shard {where}: {e}") from e
+    return out
 
 
 @dataclass
@@ -229,6 +274,7 @@ class RawSample:
     members: dict[str, bytes] = field(default_factory=dict)
     bad_reason: str | None = None
     bad_detail: str = ""
+    deferred: DeferredMedia | None = None   # media members not read yet (ReaderLimits.defer_media)
 
     @property
     def position(self) -> tuple[str, int, str]:
@@ -251,11 +297,12 @@ def _printable_key(raw: str) -> str:
 class _Group:
     """Members of one key group being collected."""
 
-    __slots__ = ("key", "members", "nbytes", "bad_reason", "bad_detail", "refs")
+    __slots__ = ("key", "members", "nbytes", "bad_reason", "bad_detail", "refs", "spans")
 
     def __init__(self, key: str):
         self.key = key
         self.members: dict[str, bytes] = {}
+        self.spans: dict[str, tuple[int, int]] = {}   # deferred media: member -> (data offset, size)
         self.nbytes = 0
         self.bad_reason: str | None = None
         self.bad_detail = ""
@@ -265,6 +312,7 @@ class _Group:
         if self.bad_reason is None:
             self.bad_reason, self.bad_detail = reason, detail
             self.members = {}
+            self.spans = {}
 
 
 def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: int = 0,
@@ -284,8 +332,11 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
     def keep(i: int) -> bool:
         return i >= start and (wanted is None or i in wanted) and (every is None or i % every[0] == every[1])
 
+    shard_bytes = 0
+
     def emit(g: _Group, i: int) -> RawSample:
-        return RawSample(path, i, _printable_key(g.key), g.members, g.bad_reason, g.bad_detail)
+        deferred = DeferredMedia(shard_bytes, tuple((m, o, n) for m, (o, n) in g.spans.items())) if g.spans else None
+        return RawSample(path, i, _printable_key(g.key), g.members, g.bad_reason, g.bad_detail, deferred)
 
     if verify:   # off only for tools that report manifest mismatches themselves (data inspect)
         verify_shard(path, limits.verify_sha256)   # raises ShardIntegrityError: a manifest mismatch is not per-sample
@@ -305,6 +356,10 @@ def iter_tar_samples(path: str, limits: ReaderLimits = ReaderLimits(), start: in
     index, group = -1, None
     keys_seen: set[str] = set()
     with tf:
+        try:
+            shard_bytes = os.fstat(tf.fileobj.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            shard_bytes = -1   # unknown: read_deferred then reports the shard as changed
         try:
             while (ti := tf.next()) is not None:
                 tf.members.clear()  # tarfile keeps every header it read; a shard can have millions
@@ -370,7 +425,7 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
         group.fail("bad_member", f"{where}: member {ti.name!r} is not a regular file (tar type {ti.type!r}"
                                  f"{', sparse' if ti.issparse() else ''})")
         return
-    if member in group.members:
+    if member in group.members or member in group.spans:
         group.fail("bad_member", f"{where}: member {ti.name!r} appears twice")
         return
     if ti.size > limits.max_member_bytes:
@@ -380,7 +435,7 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
     if group.nbytes > limits.max_sample_bytes:
         group.fail("too_large", f"{where}: sample has more than {limits.max_sample_bytes} bytes")
         return
-    if len(group.members) >= limits.max_members:
+    if len(group.members) + len(group.spans) >= limits.max_members:
         group.fail("too_large", f"{where}: sample has more than {limits.max_members} members")
         return
     kind = member_kind(member)
@@ -388,6 +443,9 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, group: _Group, limits:
         return  # safe but not part of the schema: dropped
     if kind in ("video", "frame") and group.refs is not None and member not in group.refs:
         return  # media that the sample's conv.json (read before it) never names: skipped, payload not read
+    if kind in ("video", "frame") and limits.defer_media:
+        group.spans[member] = (ti.offset_data, ti.size)   # read by position when the sample is decoded
+        return
     f = tf.extractfile(ti)
     data = f.read() if f is not None else b""
     if len(data) != ti.size:
@@ -618,8 +676,8 @@ class MixtureStream:
 
 
 def sample_bytes(s: RawSample) -> int:
-    """Bytes a RawSample holds (its members' payloads)."""
-    return sum(len(v) for v in s.members.values())
+    """Payload bytes of a RawSample's members, deferred ones included (so the shuffle is the same either way)."""
+    return sum(len(v) for v in s.members.values()) + (s.deferred.nbytes if s.deferred is not None else 0)
 
 
 class ShuffleBuffer:
