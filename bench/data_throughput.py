@@ -22,7 +22,10 @@ of that process (``time.process_time``: user + system time of all its threads, s
 other tenants of a shared core stretch the wall clock but not this (they still share caches and memory
 bandwidth, so figures stay noisy). Wall-clock rates of our loader are printed too.
 
-- ours:  ``TrainLoader`` (num_workers=0) over the shards: tar reader -> shuffle -> ``SampleEncoder``
+- ours:  ``TrainLoader`` as training builds it (global order, num_workers=0) over the shards, whose
+  manifest carries the exact per-sample cost hints the converters write (so samples are packed without
+  an estimate pass; a second row reads the same tars beside a manifest without hints, where every
+  sample is first sized by ``SampleEncoder.estimate``): tar reader -> shuffle -> ``SampleEncoder``
   (PyAV seek decode, Qwen3-VL resize/patchify into uint8, chat tokenisation with labels, MRoPE positions)
   -> ``WindowPacker`` -> ``PackedBatch`` of ``--budget`` tokens (raw uint8 pixels + ``pixel_norm``: the
   model normalises on its device), every sample of the shards once. For a like-for-like row, the same
@@ -57,6 +60,7 @@ measured, and the run says so. Figures are best / median over ``--repeats`` pass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -80,7 +84,7 @@ FRAMES = 16                   # frames per clip after 2 fps sampling
 SRC_STEP = 15                 # 30 fps source -> 2 fps
 FPS = 2.0
 SHARD_SAMPLES = 8
-BUILD_VERSION = 1             # bump when the clip recipe changes (invalidates the cache)
+BUILD_VERSION = 2             # bump when the clip recipe changes (invalidates the cache); 2: manifest cost hints
 
 VARIANTS = {
     # name: (codec, encoder options, stored fps, stored frames, keyframe interval)
@@ -198,8 +202,10 @@ def _resize(batch, torch, F):
 
 def build_shards(work: Path, variants: list[str], n_clips: int, log) -> dict[str, Path]:
     """Shards of ``n_clips`` clips per variant under ``work`` (reused if complete). Returns variant -> dir."""
+    from rynnscale.data.encode import EncoderConfig
     from rynnscale.data.manifest import completed_shards
     from rynnscale.data.schema import validate_meta
+    from rynnscale.data_pipelines.shard_stats import cost_hints
     from rynnscale.data_pipelines.shards import ShardWriter
 
     episodes = sorted(G1_VIDEOS.glob("episode_*.mp4"))
@@ -252,7 +258,8 @@ def build_shards(work: Path, variants: list[str], n_clips: int, log) -> dict[str
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=work))
         with ShardWriter(tmp, prefix=v, max_samples=SHARD_SAMPLES) as w:
             for i, members in sorted(clips[v], key=lambda x: x[0]):
-                w.write(f"g1clip{i:05d}", members)
+                key = f"g1clip{i:05d}"   # exact size hints, as the converters write them
+                w.write(key, members, costs=cost_hints(key, members, encoder_cfg=EncoderConfig(fps=FPS)))
         if d.exists():
             shutil.rmtree(d)
         os.replace(tmp, d)
@@ -392,20 +399,37 @@ def _measure(spec_path: str) -> None:
         res["variants"][v] = info
         del e0
 
+    # the same tars beside a manifest without cost hints (links; the manifest's sizes and hashes still match)
+    from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
+
+    unhinted: dict = {}
+    for v, d in spec["dirs"].items():
+        nd = Path(tempfile.mkdtemp(prefix=f"{v}-nohints-"))
+        m = read_manifest(d)
+        m = dataclasses.replace(m, shards=tuple(dataclasses.replace(x, sample_costs={}) for x in m.shards))
+        (nd / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
+        for sh in data[v][0]:
+            os.symlink(sh, nd / Path(sh).name)
+        unhinted[v] = sorted(str(p) for p in nd.glob("*.tar"))
+
     # ---- one pass of each measurement
     def rusage_cpu() -> float:
         """CPU seconds of this process and of its reaped children (loader workers exit after each pass)."""
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
-    def loader_pass(v: str, seed: int, tuned: bool, workers: int = 0, epochs: int = 1, normalize: bool = False) -> dict:
-        """Ours end to end: TrainLoader over the variant's shards, every sample once. With workers, the
-        CPU time is the main process's plus the (exited) worker's. ``tuned``: the loader's malloc tuning
-        (off in the default-malloc passes). ``normalize``: also turn each batch's uint8 pixels into the
-        model's float32 input on the CPU (``pixel_norm.normalize``, what the model does on its GPU)."""
-        shards, items = data[v]
+    def loader_pass(v: str, seed: int, tuned: bool, workers: int = 0, epochs: int = 1, normalize: bool = False,
+                    hints: bool = True) -> dict:
+        """Ours end to end: TrainLoader as training builds it (global order) over the variant's shards, every
+        sample once. With workers, the CPU time is the main process's plus the (exited) worker's. ``tuned``:
+        the loader's malloc tuning (off in the default-malloc passes). ``normalize``: also turn each batch's
+        uint8 pixels into the model's float32 input on the CPU (``pixel_norm.normalize``, what the model does
+        on its GPU). ``hints``: the shards' manifest has the converters' cost hints; without them (the same
+        tars beside a manifest without hints) every sample is sized by ``estimate`` first (a container probe
+        and a tokenisation more per sample)."""
+        shards, items = data[v] if hints else (unhinted[v], data[v][1])
         cfg = LoaderConfig(train_shards=shards, seed=seed, micro_batch_tokens=budget, pack_window=spec["pack_window"],
-                           num_workers=workers, num_epochs=epochs, tune_malloc=tuned)
+                           num_workers=workers, num_epochs=epochs, tune_malloc=tuned, global_order=True)
         loader = TrainLoader(cfg, enc)
         n = 0
         clock = cpu if workers == 0 else rusage_cpu
@@ -511,7 +535,7 @@ def _measure(spec_path: str) -> None:
             if hf is not None:
                 for _, members, text in data[v][1]:
                     hf.process(text, *hf.decode(members["video.mp4"]))
-        acc = {v: {"loader": [], "loader_norm": [], "ours": [], "hf": []} for v in data}
+        acc = {v: {"loader": [], "loader_norm": [], "loader_nohints": [], "ours": [], "hf": []} for v in data}
         for rep in range(R):
             breakdown = rep == R - 1 or not spec["quick"]  # quick: component timings in the last pass only
             for v in data:
@@ -520,6 +544,7 @@ def _measure(spec_path: str) -> None:
                 acc[v]["loader"].append(lp)
                 lpn = loader_pass(v, seed=rep, tuned=tuned, normalize=True)
                 acc[v]["loader_norm"].append(lpn)
+                acc[v]["loader_nohints"].append(loader_pass(v, seed=rep, tuned=tuned, hints=False))
                 msg = (f"  [{mode}] pass {rep + 1}/{R} {v}: ours {n / lp['cpu']:.1f} samples/cpu-s ({n / lp['wall']:.1f}/s "
                        f"wall), + CPU normalise {n / lpn['cpu']:.1f}")
                 if hf is not None:
@@ -534,6 +559,7 @@ def _measure(spec_path: str) -> None:
             med = lambda rows, k: statistics.median(r[k] for r in rows if k in r)  # noqa: E731
             r = {"ours": _rate_stats(n, [x["cpu"] for x in a["loader"]]),
                  "ours_normalized": _rate_stats(n, [x["cpu"] for x in a["loader_norm"]]),
+                 "ours_nohints": _rate_stats(n, [x["cpu"] for x in a["loader_nohints"]]),
                  "ours_wall": _rate_stats(n, [x["wall"] for x in a["loader"]]),
                  "packing_efficiency": a["loader"][-1]["packing_efficiency"],
                  "ours_breakdown_ms": {k: med(a["ours"], k) for k in a["ours"][0]}}
@@ -588,7 +614,8 @@ def report(res: dict, args, log) -> dict:
             m = mode.split("_")[0]
             o = r["ours"]
             rows = [("ours: shards -> uint8 PackedBatch (TrainLoader)", o, False),
-                    ("ours + normalise to float32 on the CPU", r["ours_normalized"], True)]
+                    ("ours + normalise to float32 on the CPU", r["ours_normalized"], True),
+                    ("ours, shards without cost hints", r["ours_nohints"], True)]
             if "ours_1worker" in r:
                 rows.append(("ours, 1 loader worker (worker + main CPU)", r["ours_1worker"], False))
             if hf:
@@ -627,6 +654,7 @@ def report(res: dict, args, log) -> dict:
                     f"-> {h['process'] / ours_nodec:.2f}x")
                 entry.update(hf_samples_per_s=r["hf"]["median"], ratio_vs_hf=o["median"] / r["hf"]["median"],
                              ratio_normalized_vs_hf=r["ours_normalized"]["median"] / r["hf"]["median"],
+                             ratio_nohints_vs_hf=r["ours_nohints"]["median"] / r["hf"]["median"],
                              ratio_vs_hf_best=o["best"] / r["hf"]["best"],
                              ratio_without_decode=h["process"] / ours_nodec,
                              cores_per_h100_hf=_cores(target, info["tokens_per_clip"], r["hf"]["median"]))
@@ -649,7 +677,8 @@ def report(res: dict, args, log) -> dict:
             cores = max(e["cores_per_h100_ours"], e.get("cores_per_h100_ours_1worker", 0.0))
             parts.append(f"{v} {cores:.1f} cores {'MET' if cores <= 8 else 'NOT MET'}" + (
                 f", {e['ratio_vs_hf']:.2f}x HF {'MET' if e['ratio_vs_hf'] >= 2 else 'NOT MET'}"
-                f" ({e['ratio_normalized_vs_hf']:.2f}x with the normalise on the CPU)" if hf else ""))
+                f" ({e['ratio_normalized_vs_hf']:.2f}x with the normalise on the CPU, {e['ratio_nohints_vs_hf']:.2f}x "
+                f"without cost hints)" if hf else ""))
         with_w = any("cores_per_h100_ours_1worker" in sv[mode] for sv in summary["variants"].values())
         log(f"targets with {mode.replace('_', ' ')} on both paths (<= 8 cores per H100"
             + (", worst of 0/1 loader workers" if with_w else "") + ("; >= 2x HF" if hf else "; HF not measured")

@@ -239,7 +239,10 @@ class SampleEncoder:
         token_ids.check(self.tok)
         self.ids = token_ids
         self.spec = self.cfg.vision_spec()
-        self._structural = np.array(sorted(token_ids.structural()), dtype=np.int64)
+        structural = np.array(sorted(token_ids.structural()), dtype=np.int64)
+        # id -> is a chat / vision token; one extra False entry that every larger id is clipped to
+        self._is_structural = np.zeros(int(structural.max()) + 2, dtype=bool)
+        self._is_structural[structural] = True
         self._text_cache: dict[str, np.ndarray] = {}
         self._video_limits = VideoLimits(max_bytes=self.cfg.max_media_bytes, max_total_frames=self.cfg.max_total_frames,
                                          max_pixels=self.cfg.max_frame_pixels, max_frames=self.cfg.max_frames)
@@ -553,7 +556,7 @@ class SampleEncoder:
                     off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
                     covered = csum[off[:, 1]] - csum[off[:, 0]] > 0
                     lab = np.where(covered, ids, IGNORE_INDEX)
-            if np.isin(ids, self._structural).any():
+            if ids.size and self._is_structural[np.minimum(ids, self._is_structural.size - 1)].any():
                 raise SampleError("bad_conversation", key, "conversation text contains chat / vision special tokens "
                                                            "(e.g. <|image_pad|>, <|im_start|>)")
             emit(ids, lab)

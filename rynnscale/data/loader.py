@@ -41,9 +41,12 @@ nothing is lost or repeated. ``last_step_samples`` ("<shard>:<key>" of the whole
 names relative to the shards' common directory) and ``last_step_rank_costs`` describe the last step
 taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
 ``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
-Known limits: every rank reads every shard (the page cache serves the repeats on one node; members
-of other ranks' samples are held only until their step is taken), and a rank whose pack overflows
-after encoding (low estimate) or goes all-bad yields a different number of micro-batches that step.
+Reading: every rank walks the tar headers of every shard and reads the JSON members; media members are
+only located (``defer_media``, ``ReaderLimits.defer_media``) and read by position by the rank whose pack
+holds the sample, or by every rank when a sample must be measured (no usable manifest hint), in which
+case they are held until the step is taken. ``stats()['media_bytes_read']`` counts them per rank.
+Known limit: a rank whose pack overflows after encoding (low estimate) or goes all-bad yields a
+different number of micro-batches that step.
 
 Balancing (``balance_group=G > 1``; 0 = all ranks; per-rank split mode only). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every

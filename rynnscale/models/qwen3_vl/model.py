@@ -194,10 +194,8 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 fill(name, init)
 
     # ------------------------------------------------------------------ forward
-    def _visual_inputs(self, batch: PackedBatch, embeds_lh: torch.Tensor):
-        """Vision tower over images + videos in one call -> (embeds with visual rows replaced,
-        visual row indices [V], deepstack features list of [V, H]) or (embeds, None, None)."""
-        pix, grids, kinds = [], [], []
+    def _visual_parts(self, batch: PackedBatch):
+        """(pixels, grid_thw, pad token id, name) of the batch's images, then its videos (those present)."""
         a = self.args
         for pv, grid, tok, name in ((batch.pixel_values, batch.image_grid_thw, a.image_token_id, "image"),
                                     (batch.pixel_values_videos, batch.video_grid_thw, a.video_token_id, "video")):
@@ -205,14 +203,42 @@ class Qwen3VLForConditionalGeneration(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"PackedBatch has {name} pixel values but no {name}_grid_thw")
-            if pv.dtype == torch.uint8:  # raw pixels from the data path: normalise here, on the model's device
-                if batch.pixel_norm is None:
-                    raise ValueError(f"PackedBatch {name} pixel values are uint8 (raw) but batch.pixel_norm is None; "
-                                     "the data path must set it (VisionSpec.pixel_norm)")
-                pv = batch.pixel_norm.normalize(pv)  # float32, bitwise HF's pixel_values
-            pix.append(pv)
+            yield pv, grid, tok, name
+
+    @staticmethod
+    def _float_pixels(batch: PackedBatch, pv: torch.Tensor, name: str) -> torch.Tensor:
+        """Raw uint8 pixels from the data path normalised here, on the model's device (bitwise HF's)."""
+        if pv.dtype != torch.uint8:
+            return pv
+        if batch.pixel_norm is None:
+            raise ValueError(f"PackedBatch {name} pixel values are uint8 (raw) but batch.pixel_norm is None; "
+                             "the data path must set it (VisionSpec.pixel_norm)")
+        return batch.pixel_norm.normalize(pv)
+
+    @staticmethod
+    def _pad_rows(ids_l: torch.Tensor, tok: int, name: str, n: int) -> torch.Tensor:
+        """Row indices [n] of the ``<|name_pad|>`` tokens; their count must be the grid's merged tokens."""
+        idx_v = (ids_l == tok).nonzero().squeeze(1)
+        if idx_v.numel() != n:
+            raise ValueError(f"PackedBatch has {idx_v.numel()} <|{name}_pad|> tokens (id {tok}) but its "
+                             f"{name}_grid_thw gives {n} merged {name} tokens")
+        return idx_v
+
+    def _dummy_vision_inputs(self, embeds_lh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One zero image of ``merge x merge`` patches: (pixels, grid) that run the tower on no real input."""
+        m = self.args.vision.spatial_merge_size
+        pixels = embeds_lh.new_zeros(m * m, self.model.visual.patch_embed.patch_dim, dtype=torch.float32)
+        return pixels, torch.tensor([[1, m, m]], dtype=torch.long, device=embeds_lh.device)
+
+    def _visual_inputs(self, batch: PackedBatch, embeds_lh: torch.Tensor):
+        """Vision tower over images + videos in one call -> (embeds with visual rows replaced,
+        visual row indices [V], deepstack features list of [V, H]) or (embeds, None, None)."""
+        pix, grids, kinds = [], [], []
+        m2 = self.args.vision.spatial_merge_size ** 2
+        for pv, grid, tok, name in self._visual_parts(batch):
+            pix.append(self._float_pixels(batch, pv, name))
             grids.append(grid)
-            kinds.append((tok, name, int(grid.prod(-1).sum()) // self.args.vision.spatial_merge_size ** 2))
+            kinds.append((tok, name, int(grid.prod(-1).sum()) // m2))
         if not pix:
             if self.always_run_vision:
                 return self._dummy_vision(embeds_lh), None, None
@@ -221,23 +247,16 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         vis_mh, deepstack = self.model.visual(torch.cat(pix), torch.cat(grids))
         idx_parts, start = [], 0
         for tok, name, n in kinds:
-            idx_v = (batch.input_ids_l == tok).nonzero().squeeze(1)
-            if idx_v.numel() != n:
-                raise ValueError(f"PackedBatch has {idx_v.numel()} <|{name}_pad|> tokens (id {tok}) but its "
-                                 f"{name}_grid_thw gives {n} merged {name} tokens")
+            idx_v = self._pad_rows(batch.input_ids_l, tok, name, n)
             embeds_lh = embeds_lh.index_copy(0, idx_v, vis_mh[start:start + n].to(embeds_lh.dtype))
             idx_parts.append(idx_v)
             start += n
         return embeds_lh, torch.cat(idx_parts), deepstack
 
     def _dummy_vision(self, embeds_lh: torch.Tensor) -> torch.Tensor:
-        """Run the tower on one zero image of ``merge x merge`` patches and add 0 x its outputs: the
-        values are unchanged (exactly), the tower's FSDP collectives and (zero) gradients happen."""
-        m = self.args.vision.spatial_merge_size
-        visual = self.model.visual
-        pixels = embeds_lh.new_zeros(m * m, visual.patch_embed.patch_dim, dtype=torch.float32)
-        grid = torch.tensor([[1, m, m]], dtype=torch.long, device=embeds_lh.device)
-        vis_mh, deepstack = visual(pixels, grid)
+        """Run the tower on one zero image and add 0 x its outputs: the values are unchanged (exactly),
+        the tower's FSDP collectives and (zero) gradients happen."""
+        vis_mh, deepstack = self.model.visual(*self._dummy_vision_inputs(embeds_lh))
         zero = sum((d.sum() for d in deepstack), vis_mh.sum()) * 0.0
         return embeds_lh + zero.to(embeds_lh.dtype)
 
@@ -245,14 +264,9 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         """``_visual_inputs`` on a context-parallel shard: this rank encodes its share of the row's frames
         (balanced by patches), the merged + DeepStack features of all ranks are gathered, and the rows of
         the local visual tokens are written. -> (embeds, local visual rows [V_r], deepstack [V_r, H] list)."""
-        a, m2 = self.args, self.args.vision.spatial_merge_size ** 2
+        m2 = self.args.vision.spatial_merge_size ** 2
         pix, frames, toks = [], [], []  # frames: (h, w) grid of every temporal patch, images first, then videos
-        for pv, grid, tok, name in ((batch.pixel_values, batch.image_grid_thw, a.image_token_id, "image"),
-                                    (batch.pixel_values_videos, batch.video_grid_thw, a.video_token_id, "video")):
-            if pv is None:
-                continue
-            if grid is None:
-                raise ValueError(f"PackedBatch has {name} pixel values but no {name}_grid_thw")
+        for pv, grid, tok, name in self._visual_parts(batch):
             pix.append(pv)
             g = grid.detach().to("cpu", torch.long).reshape(-1, 3)
             frames += [(int(h), int(w)) for t, h, w in g.tolist() for _ in range(int(t))]
@@ -268,19 +282,12 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         if hi > lo:
             p_lo, p_hi = sum(patches[:lo]), sum(patches[:hi])
             all_pix = torch.cat(pix) if len(pix) > 1 else pix[0]
-            pv = all_pix[p_lo:p_hi]
-            if pv.dtype == torch.uint8:
-                if batch.pixel_norm is None:
-                    raise ValueError("PackedBatch pixel values are uint8 (raw) but batch.pixel_norm is None; "
-                                     "the data path must set it (VisionSpec.pixel_norm)")
-                pv = batch.pixel_norm.normalize(pv)
+            pv = self._float_pixels(batch, all_pix[p_lo:p_hi], "image/video")
             grid = torch.tensor([[1, h, w] for h, w in frames[lo:hi]], dtype=torch.long)
             vis_mh, deepstack = visual(pv, grid)
             feats = torch.cat([vis_mh, *deepstack], dim=1)
         else:  # no frame for this rank: the tower still runs (its FSDP collectives), on one dummy patch group
-            s = a.vision.spatial_merge_size
-            pixels = embeds_lh.new_zeros(s * s, visual.patch_embed.patch_dim, dtype=torch.float32)
-            vis_mh, deepstack = visual(pixels, torch.tensor([[1, s, s]], dtype=torch.long))
+            vis_mh, deepstack = visual(*self._dummy_vision_inputs(embeds_lh))
             feats = torch.cat([vis_mh, *deepstack], dim=1)[:0]  # 0 rows, still in the graph
         feats = gather_rows(feats, rows_per_rank, cp.rank, cp.group)  # [V, O * (1 + n_deepstack)]
         # feature row of every padded-row position (-1: not a visual token), then this rank's positions
@@ -288,10 +295,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         start = 0
         ids = batch.input_ids_l.to(embeds_lh.device)
         for tok, name, n in toks:
-            idx_v = (ids == tok).nonzero().squeeze(1)
-            if idx_v.numel() != n:
-                raise ValueError(f"PackedBatch has {idx_v.numel()} <|{name}_pad|> tokens (id {tok}) but its "
-                                 f"{name}_grid_thw gives {n} merged {name} tokens")
+            idx_v = self._pad_rows(ids, tok, name, n)
             feat_of[idx_v] = torch.arange(start, start + n, device=feat_of.device)
             start += n
         local_feat = feat_of.index_select(0, cp.indices.to(feat_of.device))
