@@ -43,8 +43,9 @@ taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle win
 ``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
 Reading: every rank walks the tar headers of every shard and reads the JSON members; media members are
 only located (``defer_media``, ``ReaderLimits.defer_media``) and read by position by the rank whose pack
-holds the sample, or by every rank when a sample must be measured (no usable manifest hint), in which
-case they are held until the step is taken. ``stats()['media_bytes_read']`` counts them per rank.
+holds the sample. A sample without a usable manifest hint is measured by every rank, which reads its
+media for that and drops them again, so the packing window holds no media whatever the world size (the
+decoding rank reads them a second time). ``stats()['media_bytes_read']`` counts the reads per rank.
 Known limit: a rank whose pack overflows after encoding (low estimate) or goes all-bad yields a
 different number of micro-batches that step.
 
@@ -407,20 +408,21 @@ class _WorkerPipeline:
         hint = self.hints.get(s.shard, s.index)
         if hint is not None and 1 <= hint[0] <= self.cfg.micro_batch_tokens:
             return hint  # the manifest is untrusted too: implausible hints are measured instead
-        if s.deferred is not None:   # measuring needs the media: read them now, once (every rank does)
-            s.members, s.deferred = self._read_deferred(s.shard, s.key, s.members, s.deferred), None
+        # measuring needs the media: every rank reads them for that, then lets them go (the window holds no
+        # media whatever the world size; the rank that decodes the sample reads them again)
+        members = s.members if s.deferred is None else self._read_deferred(s.shard, s.key, s.members, s.deferred)
         if self.estimator is not None:
-            t, v = self.estimator(s.key, s.members)
+            t, v = self.estimator(s.key, members)
             return int(t), int(v)
         if self.can_estimate:
-            t, v = self._call("estimate", s.shard, s.key, s.key, s.members)
+            t, v = self._call("estimate", s.shard, s.key, s.key, members)
             return int(t), int(v)
         if not self._warned_encode_estimate:
             self._warned_encode_estimate = True
             log.warning("%s but shard %s has no per-sample cost hints and no cost_estimator was given: every rank "
                         "encodes every sample of its group to measure it",
                         "global order" if self.glob else f"balance_group={self.G}", s.shard)
-        enc = self._encode(s.shard, s.key, s.members)
+        enc = self._encode(s.shard, s.key, members)
         return enc.num_tokens, enc.num_vision_patches
 
     def _item(self, s: RawSample, carried: int = 0) -> PackItem:

@@ -159,3 +159,33 @@ def test_media_that_cannot_be_read_back_are_counted_not_fatal(hinted: Path, enc,
     assert loader.bad_counts == {"corrupt_tar": len(victims)}
     assert len(keys) == 24 - len(victims) and not victims & set(keys)
     assert "it changed" in caplog.text and sorted(victims)[0] in caplog.text
+
+
+def test_without_hints_every_rank_measures_then_lets_the_media_go(hinted: Path, enc, tmp_path: Path) -> None:
+    """No cost hints: every rank reads each sample's media to measure it and drops them (the packing window
+    holds no media at any world size); the decoding rank reads them again. Batches stay bitwise the eager ones."""
+    from rynnscale.data.loader import _expand_sources, _WorkerPipeline
+    from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
+
+    m = read_manifest(hinted)
+    m = replace(m, shards=tuple(replace(x, sample_costs={}) for x in m.shards))
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(m.to_json()))
+    for p in hinted.glob("*.tar"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    total_media = sum(s.deferred.nbytes for p in sorted(tmp_path.glob("*.tar"))
+                      for s in iter_tar_samples(str(p), DEFER) if s.deferred is not None)
+    read = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        lazy = TrainLoader(_cfg(tmp_path), enc, rank=rank, world_size=2)
+        got = list(lazy)
+        torch.manual_seed(0)
+        _assert_same(got, list(TrainLoader(_cfg(tmp_path, defer_media=False), enc, rank=rank, world_size=2)))
+        read.append(lazy.stats()["media_bytes_read"])
+    assert sum(read) == 3 * total_media   # measured by both ranks, decoded by one
+    cfg = _cfg(tmp_path)
+    pipe = _WorkerPipeline(cfg, enc, None, _expand_sources(cfg), 0, 2, 0, 0, None)
+    it = iter(pipe)
+    next(it)
+    held = [it_.ref for it_ in pipe.packer.items] + [x.ref for st in pipe.steps for b in st for x in b]
+    assert held and all(e.deferred is not None and not any(k.endswith(".mp4") for k in e.members) for e in held)
