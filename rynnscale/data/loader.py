@@ -38,8 +38,8 @@ shuffle buffer, packer items and the planned steps (samples with their sizes), t
 it loads at any world size, worker count and accumulation. With the same N the continuation is exact;
 with another N the planned steps' samples go back to the packer (placed first) and are re-packed, so
 nothing is lost or repeated. ``last_step_samples`` ("<shard>:<key>" of the whole global batch, shard
-names relative to the shards' common directory) and ``last_step_rank_costs`` describe the last step
-taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
+names relative to the shards' common directory) and ``last_step_rank_costs`` (every rank's
+``cost_model`` estimate, whatever ``balance`` assigned by) describe the last step taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
 ``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
 Reading: every rank walks the tar headers of every shard and reads the JSON members; media members are
 only located (``defer_media``, ``ReaderLimits.defer_media``) and read by position by the rank whose pack
@@ -548,17 +548,19 @@ class _WorkerPipeline:
             samples.append(e.encoded)
         return build_packed_batch(samples, pixel_values=bufs["image"], pixel_values_videos=bufs["video"])
 
-    def _pack_cost(self, b: list[PackItem]) -> float:
-        return float(sum(it.num_tokens for it in b)) if self.cfg.balance == "tokens" else self.packer.cost(b)
-
     def _assign(self, step: list[list[PackItem]]) -> tuple[list[list[int]], list[float]]:
-        """Pack indices of each rank for one global step (each rank's in pack order) and the rank costs."""
-        costs = [self._pack_cost(b) for b in step]
+        """Pack indices of each rank for one global step (each rank's in pack order) and the rank costs.
+
+        The packs go to ranks by ``balance`` (cost model, token count, or in order); the rank costs are
+        always the cost model's estimate, so the logged max/mean compares the balance modes on one scale."""
+        cm = self.cfg.cost_model
+        costs = [sum(cm.sample_cost(it.num_tokens, it.vision_patches) for it in b) for b in step]
         if self.cfg.balance == "none" or self.world == 1:
             per = -(-len(step) // self.world)
             parts = [list(range(r * per, min(len(step), (r + 1) * per))) for r in range(self.world)]
         else:
-            parts = assign_equal_count(costs, self.world)
+            keys = [float(sum(it.num_tokens for it in b)) for b in step] if self.cfg.balance == "tokens" else costs
+            parts = assign_equal_count(keys, self.world)
         return parts, [sum(costs[i] for i in p) for p in parts]
 
     def _take_step(self, step: list[list[PackItem]]) -> tuple[list[PackedBatch], dict]:
@@ -815,7 +817,7 @@ class TrainLoader:
         self._batches = self._samples_packed = 0   # this rank's, since this loader was built
         self._media_bytes_read = 0   # deferred media this rank read (its own samples', plus any measured)
         self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
-        self.last_step_rank_costs: list[float] = []  # estimated cost of every rank's micro-batches
+        self.last_step_rank_costs: list[float] = []  # every rank's micro-batches' cost (cost_model estimate, any balance mode)
 
     @property
     def elastic(self) -> bool:
