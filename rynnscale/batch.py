@@ -99,6 +99,7 @@ class PackedBatch:
     video_grid_thw: torch.Tensor | None = None
     sample_keys: list[str] = field(default_factory=list)
     pixel_norm: PixelNorm | None = None
+    filler: bool = False    # a row that only keeps a rank in lockstep (same forwards as its peers); trains nothing
 
     @property
     def num_tokens(self) -> int:
@@ -147,6 +148,17 @@ class PackedBatch:
                                  "settings (VisionSpec.pixel_norm) or pass normalised float pixels")
             if pv is not None and pv.dtype != torch.uint8 and not pv.is_floating_point():
                 raise ValueError(f"{name} must be uint8 (raw) or floating (normalised), got {pv.dtype}")
+
+
+def filler_batch(token_id: int = 0) -> PackedBatch:
+    """A 2-token text row with ``filler=True``: the micro-batch of a rank that has no real one left where its
+    peers do (a training step whose packs all went bad, the end of an evaluation set), so every rank runs
+    the same forwards and collectives. Consumers discard its loss: the trainer weights it 0 and does not
+    count its tokens; the row itself is ordinary (one target token), so every loss path runs unchanged."""
+    ids = torch.tensor([token_id, token_id], dtype=torch.long)
+    return PackedBatch(input_ids_l=ids, labels_l=torch.tensor([IGNORE_INDEX, token_id]),
+                       position_ids_3l=torch.arange(2).expand(3, 2).clone(),
+                       cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2, filler=True)
 
 
 @dataclass

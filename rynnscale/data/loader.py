@@ -46,8 +46,13 @@ only located (``defer_media``, ``ReaderLimits.defer_media``) and read by positio
 holds the sample. A sample without a usable manifest hint is measured by every rank, which reads its
 media for that and drops them again, so the packing window holds no media whatever the world size (the
 decoding rank reads them a second time). ``stats()['media_bytes_read']`` counts the reads per rank.
-Known limit: a rank whose pack overflows after encoding (low estimate) or goes all-bad yields a
-different number of micro-batches that step.
+Every rank yields exactly ``micro_batches_per_step`` micro-batches per step (the last, short step of a
+finite stream too), so the trainer's steps stay aligned with the loader's (one ``last_step_samples``, one
+checkpointed state on every rank) whatever the data does: a pack over the budget after
+decoding (a low estimate) passes its last samples to this rank's other packs of the step, or to a new
+one while the rank has fewer than its share, else skips them (counted, ``estimate_overflow``); packs that
+bad samples emptied are refilled by splitting this rank's fullest multi-sample pack, and when nothing is
+left to split a ``filler`` micro-batch (trains nothing, ``stats()['filler_batches']``) takes the slot.
 
 Balancing (``balance_group=G > 1``; 0 = all ranks; per-rank split mode only). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every
@@ -100,7 +105,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rynnscale.batch import EncodedSample, PackedBatch
+from rynnscale.batch import EncodedSample, PackedBatch, filler_batch
 from rynnscale.config.schema import check_mixture_sources
 from rynnscale.data.balance import CostModel, assign_equal_count
 from rynnscale.data.encode import SampleError
@@ -484,9 +489,9 @@ class _WorkerPipeline:
             self.steps.append([p[i] for p in plan if i < len(p)])
 
     # -- batches out
-    def _materialize(self) -> PackedBatch | None:
-        """Decode (if needed) and build the first pending pack; None if all its samples went bad."""
-        items = self.pending.popleft()
+    def _decode_items(self, items: list[PackItem]) -> list[PackItem]:
+        """Decode (read deferred media, prepare or encode) a pack's samples -> PackItems with their real
+        sizes, ``ref`` the entry; bad ones (and ones over the budget after all) are counted and left out."""
         good: list[PackItem] = []
         for it in items:
             e: _Entry = it.ref
@@ -507,22 +512,67 @@ class _WorkerPipeline:
                 finally:
                     e.drop()
             done = e.encoded if e.encoded is not None else e.prepared
+            if done.num_tokens > self.cfg.micro_batch_tokens:
+                self._count_bad("too_long", e.pos[0], it.key,
+                                f"{done.num_tokens} tokens after encoding (estimate was {it.num_tokens}) exceed the "
+                                f"budget {self.cfg.micro_batch_tokens}", decoding=True)
+                continue
             good.append(PackItem(it.key, done.num_tokens, done.num_vision_patches, e))
-        budget = self.cfg.micro_batch_tokens
-        too_long = [it for it in good if it.num_tokens > budget]
-        for it in too_long:
-            self._count_bad("too_long", it.ref.pos[0], it.key,
-                            f"{it.num_tokens} tokens after encoding (estimate was lower) exceed the budget {budget}",
-                            decoding=True)
-        good = [it for it in good if it.num_tokens <= budget]
+        return good
+
+    def _materialize(self) -> PackedBatch | None:
+        """Decode (if needed) and build the first pending pack; None if all its samples went bad."""
+        good = self._decode_items(self.pending.popleft())
         if not good:
             return None
+        budget = self.cfg.micro_batch_tokens
         if sum(it.num_tokens for it in good) > budget:  # estimates were low: split this pack
             self.overflow += 1
             parts = [[good[i] for i in b] for b in ffd_bins([it.num_tokens for it in good], budget)]
             self.pending.extendleft(reversed(parts[1:]))
             good = parts[0]
         return self._build([it.ref for it in good])
+
+    def _fit_rank_step(self, packs: list[list[PackItem]], estimates: dict[int, int], k: int) -> tuple[list[list[PackItem]], int]:
+        """This rank's decoded packs of a step -> exactly ``k`` packs within the budget (an empty one becomes a
+        filler micro-batch), and how many packs overflowed. As planned when nothing went wrong. A pack over the
+        budget (low estimate) gives up its last samples, which go first-fit (largest first) into this step's
+        packs with room, else into a new pack while there are fewer than ``k``; a sample that fits nowhere
+        is skipped and counted (``estimate_overflow``). Fewer than ``k`` packs (bad samples emptied some):
+        the pack with most tokens among those holding 2+ samples is split in two, until ``k``."""
+        budget = self.cfg.micro_batch_tokens
+        bins = [list(p) for p in packs if p]
+        spill: list[PackItem] = []
+        overflowed = 0
+        for b in bins:
+            if sum(it.num_tokens for it in b) > budget:
+                overflowed += 1
+                while sum(it.num_tokens for it in b) > budget:
+                    spill.append(b.pop())
+        for it in sorted(spill, key=lambda x: -x.num_tokens):
+            room = [budget - sum(x.num_tokens for x in b) for b in bins]
+            j = next((j for j, r in enumerate(room) if r >= it.num_tokens), None)
+            if j is not None:
+                bins[j].append(it)
+            elif len(bins) < k:
+                bins.append([it])
+            else:
+                e = it.ref
+                self._count_bad("estimate_overflow", e.pos[0], it.key,
+                                f"{it.num_tokens} tokens after encoding, estimated {estimates[id(e)]}: the step's {k} "
+                                f"micro-batches of {budget} tokens have no room left for it (fix the cost hints: "
+                                "rynnscale data stats)", decoding=True)
+        while len(bins) < k:
+            splittable = [j for j, b in enumerate(bins) if len(b) > 1]
+            if not splittable:
+                bins.append([])  # nothing left to spread: a filler keeps this rank in step with its peers
+                continue
+            j = max(splittable, key=lambda j: (sum(it.num_tokens for it in bins[j]), -j))
+            halves: list[list[PackItem]] = [[], []]
+            for it in sorted(bins[j], key=lambda x: -x.num_tokens):   # greedy: larger items to the lighter half
+                min(halves, key=lambda h: sum(x.num_tokens for x in h)).append(it)
+            bins[j:j + 1] = halves
+        return bins, overflowed
 
     def _build(self, entries: list[_Entry]) -> PackedBatch:
         """PackedBatch of decoded entries: prepared ones are finished straight into one pixel buffer per
@@ -564,22 +614,27 @@ class _WorkerPipeline:
         return parts, [sum(costs[i] for i in p) for p in parts]
 
     def _take_step(self, step: list[list[PackItem]]) -> tuple[list[PackedBatch], dict]:
-        """This rank's micro-batches of a global step, and what the trainer logs about the whole step."""
+        """This rank's micro-batches of a global step (always as many as its share of the step's packs, so the
+        trainer's steps stay aligned with the loader's: a filler stands in for a pack that went wholly bad),
+        and what the trainer logs about the whole step."""
         parts, rank_costs = self._assign(step)
+        # every rank's micro-batch count, the last (short) step of a finite stream included
+        k = max(self.cfg.micro_batches_per_step, -(-len(step) // self.world))
         self.bad_step = Counter()
-        out: list[PackedBatch] = []
-        for i in parts[self.rank]:
-            self.pending.append([PackItem(it.key, it.num_tokens, it.vision_patches, it.ref.copy())
-                                 for it in step[i]])
-            while self.pending:
-                batch = self._materialize()
-                if batch is not None:
-                    out.append(batch)
+        mine = [[PackItem(it.key, it.num_tokens, it.vision_patches, it.ref.copy()) for it in step[i]]
+                for i in parts[self.rank]]
+        estimates = {id(it.ref): it.num_tokens for b in mine for it in b}
+        packs, overflowed = self._fit_rank_step([self._decode_items(b) for b in mine], estimates, k)
+        out = [self._build([it.ref for it in b]) if b else filler_batch() for b in packs]
         for b in step:   # members of other ranks' samples are not needed any more
             for it in b:
                 it.ref.drop()
-        info = {"step": self.step_no, "rank_costs": rank_costs, "bad": dict(self.bad_step),
+        info = {"step": self.step_no, "rank_costs": rank_costs, "bad": dict(self.bad_step), "overflow": overflowed,
+                "fillers": sum(1 for b in out if b.filler),
                 "samples": sorted(f"{self.names[self.shard_index[it.ref.pos[0]]]}:{it.key}" for b in step for it in b)}
+        if info["fillers"]:
+            log.warning("global step %d: %d of this rank's %d micro-batches are fillers (all their samples were bad)",
+                        self.step_no, info["fillers"], k)
         return out, info
 
     def _iter_global(self) -> Iterator[tuple[tuple[list[PackedBatch], dict], dict]]:
@@ -594,7 +649,7 @@ class _WorkerPipeline:
                 self.step_no += 1
                 if mine:
                     self.batches += len(batches)
-                    self.samples_out += sum(b.num_samples for b in batches)
+                    self.samples_out += sum(b.num_samples for b in batches if not b.filler)
                     info["media_bytes_read"], self.media_bytes_read = self.media_bytes_read, 0
                     yield (batches, info), self.state()
                 continue
@@ -816,6 +871,7 @@ class TrainLoader:
         self._bad_decoding: Counter[str] = Counter()   # bad samples this rank found decoding its packs
         self._batches = self._samples_packed = 0   # this rank's, since this loader was built
         self._media_bytes_read = 0   # deferred media this rank read (its own samples', plus any measured)
+        self._overflow = self._fillers = 0   # this rank's packs over budget after decoding / filler micro-batches
         self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
         self.last_step_rank_costs: list[float] = []  # every rank's micro-batches' cost (cost_model estimate, any balance mode)
 
@@ -842,11 +898,13 @@ class TrainLoader:
                 self._global = state
                 self._bad_decoding.update(info["bad"])
                 self._media_bytes_read += info["media_bytes_read"]
+                self._overflow += info["overflow"]
+                self._fillers += info["fillers"]
                 self.last_step_samples, self.last_step_rank_costs = info["samples"], info["rank_costs"]
                 self._check_bad()
                 for b in batches:
                     self._batches += 1
-                    self._samples_packed += b.num_samples
+                    self._samples_packed += 0 if b.filler else b.num_samples
                     yield b
             return
         for batch, w, state in dl:
@@ -897,8 +955,9 @@ class TrainLoader:
                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
                "estimate_overflow": sum(st["estimate_overflow"] for st in sts),
                "shuffle_early_emits": sum(st.get("shuffle_early_emits", 0) for st in sts)}
-        if self.cfg.global_order:
-            out["media_bytes_read"] = self._media_bytes_read
+        if self.cfg.global_order:   # found decoding this rank's packs (since this loader was built)
+            out["estimate_overflow"] = self._overflow
+            out["media_bytes_read"], out["filler_batches"] = self._media_bytes_read, self._fillers
         if self.cfg.mixture:
             out["sources"] = self._source_stats()
         return out

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch
+from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch, filler_batch
 from rynnscale.data.tags import Grounding, TagError, parse_tags
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
 from rynnscale.train.step import autocast_context
@@ -300,7 +300,7 @@ class Evaluator:
         counts = [0.0] * self.world_size
         counts[self.rank] = float(len(batches))
         n_forwards = int(max(total(counts)))       # every rank runs as many forwards as the busiest one
-        filler = batches[0] if batches else _filler_batch(self.eos_ids[0])
+        filler = batches[0] if batches else filler_batch(self.eos_ids[0])
         loss_sum, n_tok = 0.0, 0
         chunk = self.cfg.train.loss_chunk_tokens
         for i in range(n_forwards):
@@ -337,11 +337,3 @@ class Evaluator:
                 sums[k] += s[k]
         totals = dict(zip(GROUNDING_SUMS, total([sums[k] for k in GROUNDING_SUMS])))
         return summarize_grounding(totals)
-
-
-def _filler_batch(token_id: int) -> PackedBatch:
-    """A 2-token text row (forwards of ranks that ran out of eval batches; its loss is discarded)."""
-    ids = torch.tensor([token_id, token_id], dtype=torch.long)
-    return PackedBatch(input_ids_l=ids, labels_l=torch.tensor([IGNORE_INDEX, token_id]),
-                       position_ids_3l=torch.arange(2).expand(3, 2).clone(),
-                       cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=2)

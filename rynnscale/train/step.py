@@ -63,9 +63,12 @@ class StepStats:
 def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
                loss_chunk_tokens: int, max_grad_norm: float, ctx: DistContext | None = None) -> StepStats:
     """One optimiser step over this rank's ``micro_batches`` (gradient accumulation), with the loss
-    normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process)."""
+    normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process).
+    A ``filler`` micro-batch runs forward and backward like any other (its rank stays in lockstep with
+    its peers' collectives) with its loss weighted 0, and counts no tokens, samples or expert loads."""
     ctx = ctx or DistContext(device=device)
-    local_targets = sum(b.num_target_tokens for b in micro_batches)
+    real = [b for b in micro_batches if not b.filler]
+    local_targets = sum(b.num_target_tokens for b in real)
     # before any backward: every rank divides by the same count (a CP group's rows counted once)
     n_targets = int(ctx.sum_data([local_targets])[0])
     denom = max(n_targets, 1)
@@ -86,6 +89,9 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
             out = model(batch, counts_reducer=ctx.counts_reducer)
             loss_sum = model.loss_sum(batch, out, loss_chunk_tokens)
         aux = out.aux_loss / n_forwards
+        if batch.filler:   # the same graph, so the same collectives in backward; exactly zero gradients
+            ((loss_sum / denom + aux) * 0.0).backward()
+            continue
         (loss_sum / denom + aux).backward()
         loss_dev += loss_sum.detach()
         aux_dev += aux.detach()
@@ -96,8 +102,8 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
     # loss / aux: every rank's own share (CP shards); tokens / samples: once per CP group; one all-reduce
     once = 1 if ctx.cp_rank == 0 else 0
     loss_total, aux_total, tokens, samples = ctx.sum([
-        loss_dev.item(), aux_dev.item(), once * sum(b.num_tokens for b in micro_batches),
-        once * sum(b.num_samples for b in micro_batches)])
+        loss_dev.item(), aux_dev.item(), once * sum(b.num_tokens for b in real),
+        once * sum(b.num_samples for b in real)])
     # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
     finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
     if finite:

@@ -4,6 +4,7 @@ the layout-free state resumes on another layout with nothing lost or repeated.""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -123,3 +124,83 @@ def test_mixture_weights_and_elastic_resume(tmp_path: Path) -> None:
     resumed = layout(1, 2)
     resumed[0].load_state_dict(first[1].state_dict())
     assert _steps(resumed, 2, 5) == straight[5:10]
+
+
+def _uneven_shards(d: Path) -> tuple[set[str], set[str], set[str]]:
+    """4 shards: short texts, texts of a whole budget's length (299 bytes: alone in a pack) some of them BAD,
+    and texts whose size estimate is 40% low. -> (all keys, BAD keys, keys with a low estimate)."""
+    import json
+
+    import numpy as np
+    import webdataset as wds
+
+    rng = np.random.default_rng(7)
+    keys, bad, low = set(), set(), set()
+    for s in range(4):
+        with wds.TarWriter(str(d / f"shard-{s:03d}.tar")) as w:
+            for i in range(14):
+                k = f"s{s}-{i:02d}"
+                kind = i % 7
+                if kind == 0:
+                    text = ("BAD" if i % 2 == 0 else "OK ") + "x" * 296   # 299 tokens
+                    bad |= {k} if text.startswith("BAD") else set()
+                elif kind in (1, 2):
+                    text = "L" + "y" * int(rng.integers(120, 200))
+                    low.add(k)
+                else:
+                    text = (k + " ") * int(rng.integers(2, 12))
+                w.write({"__key__": k, "conv.json": json.dumps({"text": text}).encode()})
+                keys.add(k)
+    return keys, bad, low
+
+
+def _low_estimate(key: str, members: dict) -> tuple[int, int]:
+    import json
+
+    n = len(json.loads(members["conv.json"])["text"].encode())
+    return (max(1, int(0.6 * n)) if json.loads(members["conv.json"])["text"].startswith("L") else n), 0
+
+
+@pytest.mark.parametrize(("world", "ga"), [(2, 1), (2, 2), (1, 3)])
+def test_every_rank_yields_its_share_whatever_the_data_does(tmp_path: Path, world: int, ga: int) -> None:
+    """Low size estimates (packs over the budget after encoding) and packs that go wholly bad do not change
+    how many micro-batches a rank yields per step: the trainer's steps stay aligned with the loader's on
+    every rank (the same step's samples), every micro-batch fits the budget, fillers take the slots of
+    packs with nothing left, and over one epoch every good sample is trained exactly once unless counted
+    as ``estimate_overflow``."""
+    keys, bad, low = _uneven_shards(tmp_path)
+    cfg = _cfg(tmp_path, micro_batches_per_step=ga, num_epochs=1, max_bad_fraction=1.0)
+    loaders = [TrainLoader(cfg, ByteEncoder(), rank=r, world_size=world, cost_estimator=_low_estimate)
+               for r in range(world)]
+    its = [iter(x) for x in loaders]
+    trained: list[str] = []
+    steps = fillers = 0
+    while True:
+        got = []
+        for it in its:
+            chunk = list(itertools.islice(it, ga))
+            assert len(chunk) in (0, ga), f"a rank yielded {len(chunk)} of a step's {ga} micro-batches"
+            got.append(chunk or None)
+        if all(g is None for g in got):
+            break
+        assert all(g is not None for g in got), "ranks ended at different steps"
+        steps += 1
+        step_keys = {s.split(":")[-1] for s in loaders[0].last_step_samples}
+        assert all(x.last_step_samples == loaders[0].last_step_samples for x in loaders)   # aligned
+        for b in (b for g in got for b in g):
+            b.validate()
+            assert b.num_tokens <= 300
+            fillers += b.filler
+            assert not b.filler or (b.sample_keys == [] and b.num_tokens == 2)
+            assert set(b.sample_keys) <= step_keys
+            trained += b.sample_keys
+    dropped = sum(x.bad_counts.get("estimate_overflow", 0) for x in loaders)
+    overflowed = sum(x.stats()["estimate_overflow"] for x in loaders)
+    assert steps > 3 and overflowed > 0                     # the low estimates did overflow packs
+    assert len(trained) == len(set(trained)) and not set(trained) & bad
+    assert len(trained) + len(bad) + dropped == len(keys) and set(trained) <= keys, [x.bad_counts for x in loaders]
+    assert sum(x.stats()["filler_batches"] for x in loaders) == fillers
+    if ga == 1:
+        assert fillers > 0   # a rank whose only pack was one BAD sample
+    print(f"world={world} ga={ga}: {steps} steps, {overflowed} packs overflowed, {dropped} samples dropped, "
+          f"{fillers} fillers")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rynnscale.batch import PackedBatch
+from rynnscale.batch import PackedBatch, filler_batch
 from rynnscale.config.schema import OptimConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
@@ -76,6 +76,35 @@ def test_grad_accum_equals_one_big_batch(num_experts):
     if num_experts:
         assert torch.equal(s1.expert_counts, s2.expert_counts)
         assert s1.expert_counts.sum() == 2 * 2 * sum(s["ids"].numel() for s in samples)  # layers * top-k * tokens
+
+
+@pytest.mark.parametrize("num_experts", [0, 4])
+def test_filler_micro_batch_trains_nothing(num_experts):
+    """[batch, filler] == [batch]: same loss, token / sample / expert counts and updated weights; the filler
+    still runs forward and backward (it keeps a rank's collectives in step with its peers)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    real = pack([text_sample(gen, n) for n in (19, 13)])
+    args = tiny_args(num_experts)
+    m1 = make_model(args)
+    m2 = copy.deepcopy(m1)
+    m2.tie_weights()
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+    fill = filler_batch(7)
+    assert fill.filler and fill.num_target_tokens == 1 and not real.filler
+    calls = []
+    hook = m1.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    s1 = train_step(m1, o1, [real, fill], **kw)
+    hook.remove()
+    s2 = train_step(m2, o2, [real], **kw)
+    assert len(calls) == 2                       # the filler ran
+    assert (s1.loss, s1.tokens, s1.samples, s1.target_tokens) == (s2.loss, s2.tokens, s2.samples, s2.target_tokens)
+    assert s1.grad_norm == pytest.approx(s2.grad_norm, rel=1e-6)
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7, msg=n)
+    if num_experts:
+        assert torch.equal(s1.expert_counts, s2.expert_counts)
 
 
 def test_loss_is_token_mean_cross_entropy():
