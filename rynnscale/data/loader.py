@@ -49,10 +49,10 @@ decoding rank reads them a second time). ``stats()['media_bytes_read']`` counts 
 Every rank yields exactly ``micro_batches_per_step`` micro-batches per step (the last, short step of a
 finite stream too), so the trainer's steps stay aligned with the loader's (one ``last_step_samples``, one
 checkpointed state on every rank) whatever the data does: a pack over the budget after
-decoding (a low estimate) passes its last samples to this rank's other packs of the step, or to a new
-one while the rank has fewer than its share, else skips them (counted, ``estimate_overflow``); packs that
-bad samples emptied are refilled by splitting this rank's fullest multi-sample pack, and when nothing is
-left to split a ``filler`` micro-batch (trains nothing, ``stats()['filler_batches']``) takes the slot.
+decoding (a low estimate) passes its last samples to this rank's other micro-batch slots of the step
+with room, else skips them (counted, ``estimate_overflow``); a pack that bad samples emptied keeps its
+slot as a ``filler`` micro-batch (trains nothing, ``stats()['filler_batches']``), so micro-batch
+composition stays the plan's on every layout.
 
 Balancing (``balance_group=G > 1``; 0 = all ranks; per-rank split mode only). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every
@@ -534,14 +534,14 @@ class _WorkerPipeline:
         return self._build([it.ref for it in good])
 
     def _fit_rank_step(self, packs: list[list[PackItem]], estimates: dict[int, int], k: int) -> tuple[list[list[PackItem]], int]:
-        """This rank's decoded packs of a step -> exactly ``k`` packs within the budget (an empty one becomes a
-        filler micro-batch), and how many packs overflowed. As planned when nothing went wrong. A pack over the
-        budget (low estimate) gives up its last samples, which go first-fit (largest first) into this step's
-        packs with room, else into a new pack while there are fewer than ``k``; a sample that fits nowhere
-        is skipped and counted (``estimate_overflow``). Fewer than ``k`` packs (bad samples emptied some):
-        the pack with most tokens among those holding 2+ samples is split in two, until ``k``."""
+        """This rank's decoded packs of a step -> exactly ``k`` packs within the budget, in plan order (an empty
+        one becomes a filler micro-batch), and how many packs overflowed. As planned when nothing went wrong:
+        a pack keeps its slot even when bad samples emptied it, so micro-batch composition stays the plan's on
+        any layout (a split would change the MoE aux loss's grouping and save no work). A pack over the budget
+        (low estimate) gives up its last samples, which go first-fit (largest first) into this rank's slots
+        with room; a sample that fits nowhere is skipped and counted (``estimate_overflow``)."""
         budget = self.cfg.micro_batch_tokens
-        bins = [list(p) for p in packs if p]
+        bins = [list(p) for p in packs] + [[] for _ in range(k - len(packs))]
         spill: list[PackItem] = []
         overflowed = 0
         for b in bins:
@@ -550,28 +550,15 @@ class _WorkerPipeline:
                 while sum(it.num_tokens for it in b) > budget:
                     spill.append(b.pop())
         for it in sorted(spill, key=lambda x: -x.num_tokens):
-            room = [budget - sum(x.num_tokens for x in b) for b in bins]
-            j = next((j for j, r in enumerate(room) if r >= it.num_tokens), None)
+            j = next((j for j, b in enumerate(bins) if budget - sum(x.num_tokens for x in b) >= it.num_tokens), None)
             if j is not None:
                 bins[j].append(it)
-            elif len(bins) < k:
-                bins.append([it])
-            else:
-                e = it.ref
-                self._count_bad("estimate_overflow", e.pos[0], it.key,
-                                f"{it.num_tokens} tokens after encoding, estimated {estimates[id(e)]}: the step's {k} "
-                                f"micro-batches of {budget} tokens have no room left for it (fix the cost hints: "
-                                "rynnscale data stats)", decoding=True)
-        while len(bins) < k:
-            splittable = [j for j, b in enumerate(bins) if len(b) > 1]
-            if not splittable:
-                bins.append([])  # nothing left to spread: a filler keeps this rank in step with its peers
                 continue
-            j = max(splittable, key=lambda j: (sum(it.num_tokens for it in bins[j]), -j))
-            halves: list[list[PackItem]] = [[], []]
-            for it in sorted(bins[j], key=lambda x: -x.num_tokens):   # greedy: larger items to the lighter half
-                min(halves, key=lambda h: sum(x.num_tokens for x in h)).append(it)
-            bins[j:j + 1] = halves
+            e = it.ref
+            self._count_bad("estimate_overflow", e.pos[0], it.key,
+                            f"{it.num_tokens} tokens after encoding, estimated {estimates[id(e)]}: the step's {k} "
+                            f"micro-batches of {budget} tokens have no room left for it (fix the cost hints: "
+                            "rynnscale data stats)", decoding=True)
         return bins, overflowed
 
     def _build(self, entries: list[_Entry]) -> PackedBatch:

@@ -65,7 +65,8 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
     """One optimiser step over this rank's ``micro_batches`` (gradient accumulation), with the loss
     normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process).
     A ``filler`` micro-batch runs forward and backward like any other (its rank stays in lockstep with
-    its peers' collectives) with its loss weighted 0, and counts no tokens, samples or expert loads."""
+    its peers' collectives) with its loss weighted 0, and counts no tokens, samples or expert loads; a step
+    with no target token on any rank skips the optimiser update (every rank knows the global count)."""
     ctx = ctx or DistContext(device=device)
     real = [b for b in micro_batches if not b.filler]
     local_targets = sum(b.num_target_tokens for b in real)
@@ -91,12 +92,13 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
         aux = out.aux_loss / n_forwards
         if batch.filler:   # the same graph, so the same collectives in backward; exactly zero gradients
             ((loss_sum / denom + aux) * 0.0).backward()
-            continue
-        (loss_sum / denom + aux).backward()
-        loss_dev += loss_sum.detach()
-        aux_dev += aux.detach()
-        if out.expert_counts is not None:
+        else:
+            (loss_sum / denom + aux).backward()
+            loss_dev += loss_sum.detach()
+            aux_dev += aux.detach()
+        if out.expert_counts is not None:   # a filler's as zeros: every rank joins the counts' all-reduce
             c = out.expert_counts.detach().long()
+            c = torch.zeros_like(c) if batch.filler else c
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
     # loss / aux: every rank's own share (CP shards); tokens / samples: once per CP group; one all-reduce
@@ -106,7 +108,9 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
         once * sum(b.num_samples for b in real)])
     # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
     finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
-    if finite:
+    # a step whose micro-batches hold no target token anywhere (all fillers) leaves the weights alone: with zero
+    # gradients Adam would still move them by its momentum, i.e. train on nothing
+    if finite and n_targets > 0:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if counts is not None:

@@ -107,6 +107,24 @@ def test_filler_micro_batch_trains_nothing(num_experts):
         assert torch.equal(s1.expert_counts, s2.expert_counts)
 
 
+def test_step_of_fillers_only_leaves_weights_alone():
+    """After a real AdamW step (momentum set), a step of fillers only does not move the weights (Adam would
+    move them by its momentum on zero gradients); the next real step proceeds normally."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    m = make_model(tiny_args(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+    train_step(m, opt, [pack([text_sample(gen, 21)])], **kw)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    s = train_step(m, opt, [filler_batch(), filler_batch(5)], **kw)
+    assert s.target_tokens == 0 and s.tokens == 0 and s.samples == 0 and s.loss == 0.0 and s.finite
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]), n
+    train_step(m, opt, [pack([text_sample(gen, 21)])], **kw)
+    assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+
 def test_loss_is_token_mean_cross_entropy():
     """Our step loss equals a plain float64 cross-entropy mean over shifted targets, per sample."""
     gen = torch.Generator().manual_seed(2)
