@@ -52,22 +52,27 @@ def make_model(args, seed=0):
     return model
 
 
+STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+
+
+def twin_models(args):
+    """Two identical models with SGD each. SGD: parameter differences are then exactly lr x gradient
+    differences (Adam's first step is ~lr*sign(g) and would amplify fp32 rounding of near-zero gradients)."""
+    m1 = make_model(args)
+    m2 = copy.deepcopy(m1)
+    m2.tie_weights()
+    return m1, m2, torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+
+
 @pytest.mark.parametrize("num_experts", [0, 4])
 def test_grad_accum_equals_one_big_batch(num_experts):
     """Loss = mean over all target tokens of the step, so 2 micro-batches == 1 row with both (no aux loss)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     samples = [text_sample(gen, n) for n in (17, 29, 11, 23)]
-    args = tiny_args(num_experts)
-    m1 = make_model(args)
-    m2 = copy.deepcopy(m1)
-    m2.tie_weights()
-    # SGD: parameter differences are then exactly lr x gradient differences (Adam's first step is
-    # ~lr*sign(g) and would amplify fp32 rounding of near-zero gradients)
-    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
-    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
-    s1 = train_step(m1, o1, [pack(samples[:2]), pack(samples[2:])], **kw)
-    s2 = train_step(m2, o2, [pack(samples)], **kw)
+    m1, m2, o1, o2 = twin_models(tiny_args(num_experts))
+    s1 = train_step(m1, o1, [pack(samples[:2]), pack(samples[2:])], **STEP_KW)
+    s2 = train_step(m2, o2, [pack(samples)], **STEP_KW)
     assert s1.target_tokens == s2.target_tokens > 0
     assert math.isclose(s1.loss, s2.loss, rel_tol=1e-6)
     assert math.isclose(s1.grad_norm, s2.grad_norm, rel_tol=1e-5)
@@ -85,19 +90,14 @@ def test_filler_micro_batch_trains_nothing(num_experts):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
     real = pack([text_sample(gen, n) for n in (19, 13)])
-    args = tiny_args(num_experts)
-    m1 = make_model(args)
-    m2 = copy.deepcopy(m1)
-    m2.tie_weights()
-    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
-    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+    m1, m2, o1, o2 = twin_models(tiny_args(num_experts))
     fill = filler_batch(7)
     assert fill.filler and fill.num_target_tokens == 1 and not real.filler
     calls = []
     hook = m1.lm_head.register_forward_hook(lambda *_: calls.append(1))
-    s1 = train_step(m1, o1, [real, fill], **kw)
+    s1 = train_step(m1, o1, [real, fill], **STEP_KW)
     hook.remove()
-    s2 = train_step(m2, o2, [real], **kw)
+    s2 = train_step(m2, o2, [real], **STEP_KW)
     assert len(calls) == 2                       # the filler ran
     assert (s1.loss, s1.tokens, s1.samples, s1.target_tokens) == (s2.loss, s2.tokens, s2.samples, s2.target_tokens)
     assert s1.grad_norm == pytest.approx(s2.grad_norm, rel=1e-6)
@@ -114,7 +114,7 @@ def test_step_of_fillers_only_leaves_weights_alone():
     gen = torch.Generator().manual_seed(3)
     m = make_model(tiny_args(0))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+    kw = STEP_KW
     train_step(m, opt, [pack([text_sample(gen, 21)])], **kw)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     s = train_step(m, opt, [filler_batch(), filler_batch(5)], **kw)
