@@ -39,7 +39,8 @@ it loads at any world size, worker count and accumulation. With the same N the c
 with another N the planned steps' samples go back to the packer (placed first) and are re-packed, so
 nothing is lost or repeated. ``last_step_samples`` ("<shard>:<key>" of the whole global batch, shard
 names relative to the shards' common directory) and ``last_step_rank_costs`` (every rank's
-``cost_model`` estimate, whatever ``balance`` assigned by) describe the last step taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
+``cost_model`` estimate, whatever ``balance`` assigned by) describe the last step taken, for
+``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
 ``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
 Reading: every rank walks the tar headers of every shard and reads the JSON members; media members are
 only located (``defer_media``, ``ReaderLimits.defer_media``) and read by position by the rank whose pack
@@ -48,11 +49,11 @@ media for that and drops them again, so the packing window holds no media whatev
 decoding rank reads them a second time). ``stats()['media_bytes_read']`` counts the reads per rank.
 Every rank yields exactly ``micro_batches_per_step`` micro-batches per step (the last, short step of a
 finite stream too), so the trainer's steps stay aligned with the loader's (one ``last_step_samples``, one
-checkpointed state on every rank) whatever the data does: a pack over the budget after
-decoding (a low estimate) passes its last samples to this rank's other micro-batch slots of the step
-with room, else skips them (counted, ``estimate_overflow``); a pack that bad samples emptied keeps its
-slot as a ``filler`` micro-batch (trains nothing, ``stats()['filler_batches']``), so micro-batch
-composition stays the plan's on every layout.
+checkpointed state on every rank) whatever the data does: a pack over the budget after decoding (a low
+estimate) passes its last samples to this rank's other micro-batch slots of the step with room, else
+skips them (counted, ``estimate_overflow``); a pack that bad samples emptied keeps its slot as a ``filler``
+micro-batch (trains nothing, ``stats()['filler_batches']``), so micro-batch composition stays the plan's
+on every layout.
 
 Balancing (``balance_group=G > 1``; 0 = all ranks; per-rank split mode only). The G ranks of a group read the SAME stream
 (split = (group, worker)), so they see identical windows of samples. Each rank estimates every
@@ -590,8 +591,8 @@ class _WorkerPipeline:
 
         The packs go to ranks by ``balance`` (cost model, token count, or in order); the rank costs are
         always the cost model's estimate, so the logged max/mean compares the balance modes on one scale."""
-        cm = self.cfg.cost_model
-        costs = [sum(cm.sample_cost(it.num_tokens, it.vision_patches) for it in b) for b in step]
+        costs = [self.cfg.cost_model.pack_cost([it.num_tokens for it in b], [it.vision_patches for it in b])
+                 for b in step]
         if self.cfg.balance == "none" or self.world == 1:
             per = -(-len(step) // self.world)
             parts = [list(range(r * per, min(len(step), (r + 1) * per))) for r in range(self.world)]
@@ -696,7 +697,6 @@ class _WorkerPipeline:
                            "items": [pos(it) + [it.carried] for it in self.packer.items]},
                 "steps": [[[pos(it) + [it.num_tokens, it.vision_patches] for it in b] for b in st] for st in self.steps],
                 "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "source_seen": list(self.source_seen),
-                "estimate_overflow": self.overflow,
             }
 
         shuffle = self.buffer.state
@@ -748,7 +748,6 @@ class _WorkerPipeline:
         self.counter, self.seen = int(st["counter"]), int(st["seen"])
         self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
         self.source_seen = [int(x) for x in st["source_seen"]]
-        self.overflow = int(st["estimate_overflow"])
 
     def _restore(self, st: dict) -> None:
         if self.glob:
@@ -940,11 +939,12 @@ class TrainLoader:
                "bad": self.bad_counts,
                "batches": self._batches if self.cfg.global_order else sum(st["batches"] for st in sts),
                "packing_efficiency": toks / (bins * self.cfg.micro_batch_tokens) if bins else 0.0,
-               "estimate_overflow": sum(st["estimate_overflow"] for st in sts),
                "shuffle_early_emits": sum(st.get("shuffle_early_emits", 0) for st in sts)}
         if self.cfg.global_order:   # found decoding this rank's packs (since this loader was built)
-            out["estimate_overflow"] = self._overflow
-            out["media_bytes_read"], out["filler_batches"] = self._media_bytes_read, self._fillers
+            out["estimate_overflow"], out["filler_batches"] = self._overflow, self._fillers
+            out["media_bytes_read"] = self._media_bytes_read
+        else:
+            out["estimate_overflow"] = sum(st["estimate_overflow"] for st in sts)
         if self.cfg.mixture:
             out["sources"] = self._source_stats()
         return out

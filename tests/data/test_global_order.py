@@ -5,10 +5,13 @@ the layout-free state resumes on another layout with nothing lost or repeated.""
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import webdataset as wds
 
 from rynnscale.data.loader import LoaderConfig, LoaderStateError, TrainLoader
 from tests.data.test_loader_resume import ByteEncoder, write_text_shards
@@ -129,11 +132,6 @@ def test_mixture_weights_and_elastic_resume(tmp_path: Path) -> None:
 def _uneven_shards(d: Path) -> tuple[set[str], set[str], set[str]]:
     """4 shards: short texts, texts of a whole budget's length (299 bytes: alone in a pack) some of them BAD,
     and texts whose size estimate is 40% low. -> (all keys, BAD keys, keys with a low estimate)."""
-    import json
-
-    import numpy as np
-    import webdataset as wds
-
     rng = np.random.default_rng(7)
     keys, bad, low = set(), set(), set()
     for s in range(4):
@@ -155,10 +153,9 @@ def _uneven_shards(d: Path) -> tuple[set[str], set[str], set[str]]:
 
 
 def _low_estimate(key: str, members: dict) -> tuple[int, int]:
-    import json
-
-    n = len(json.loads(members["conv.json"])["text"].encode())
-    return (max(1, int(0.6 * n)) if json.loads(members["conv.json"])["text"].startswith("L") else n), 0
+    text = json.loads(members["conv.json"])["text"]
+    n = len(text.encode())
+    return (max(1, int(0.6 * n)) if text.startswith("L") else n), 0
 
 
 @pytest.mark.parametrize(("world", "ga"), [(2, 1), (2, 2), (1, 3)])
