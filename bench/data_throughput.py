@@ -351,7 +351,7 @@ def _measure(spec_path: str) -> None:
     from rynnscale.data.tokenizer import load_tokenizer
     from rynnscale.data.video import decode_frames, probe_video
     from rynnscale.data.vision_preprocess import preprocess_video, tune_malloc_for_pixel_buffers
-    from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
+    from rynnscale.models.mrope import mrope_position_ids
 
     cpu = time.process_time
     ecfg = EncoderConfig(fps=FPS)

@@ -4,7 +4,7 @@ For each case the model is built in transformers from the case's config with ran
 (HF's own init), the same state dict is loaded into rynnscale's model (HF-identical keys), the
 losses of the first step (same weights, same data) are checked to agree (rel 1e-5 in fp32 on
 CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant:
-tokens/s, model TFLOP/s (rynnscale/train/flops.py: decoder + lm_head + causal attention as
+tokens/s, model TFLOP/s (the family's step_flops, rynnscale/models/qwen3_vl/flops.py: decoder + lm_head + causal attention as
 sum s^2 + vision tower), MFU against a matmul rate measured in this run (bf16 8192^3 on GPU, the
 run's dtype on CPU), peak memory, and ours' ratios against each transformers variant. Then one
 extra step of ours runs under ``StepProfiler`` (rynnscale/train/profile.py) and its step-time
@@ -75,13 +75,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rynnscale.batch import EncodedSample, PackedBatch  # noqa: E402
 from rynnscale.data.packing import build_packed_batch  # noqa: E402
+from rynnscale.models.mrope import mrope_position_ids  # noqa: E402
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # noqa: E402
-from rynnscale.models.qwen3_vl.mrope import mrope_position_ids  # noqa: E402
+from rynnscale.models.stats import StepFlops, batch_flops, param_stats  # noqa: E402
 from rynnscale.parallel.activation_checkpoint import MODES  # noqa: E402
 from rynnscale.plan.measure import LiveTensorBytes  # noqa: E402
 from rynnscale.train.build import build_model, model_config_for  # noqa: E402
-from rynnscale.train.flops import StepFlops, packed_batch_flops  # noqa: E402
-from rynnscale.train.model_stats import param_stats  # noqa: E402
 from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
 
 CASES = ("a3b", "dense8b", "video", "packed")
@@ -476,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
         built[name] = case
         st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
-        flops_of[name] = packed_batch_flops(case.args, st, case.batch)
+        flops_of[name] = batch_flops(case.args, st, case.batch)
         torch.manual_seed(0)
         hf = build_hf(case.args, device, dtype)
         weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}

@@ -1,5 +1,6 @@
 """The package's layers import downward only, function-local and TYPE_CHECKING imports included
-(docs/architecture.md has the picture). A new subpackage must be given its place in ``LAYERS``.
+(docs/architecture.md has the picture). A new subpackage must be given its place in ``LAYERS``. Model
+families sit behind the registry: nothing outside ``rynnscale/models/`` imports a family's package.
 
 Parsing, not importing: every ``import rynnscale.x`` / ``from rynnscale.x import`` / relative import in
 every module is an edge from the importing module's layer to the imported one's."""
@@ -7,6 +8,7 @@ every module is an edge from the importing module's layer to the imported one's.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rynnscale"
@@ -16,7 +18,7 @@ LAYERS = [
     ("batch", "fsutil"),       # the batch contract, crash-safe file writes: import nothing of ours
     ("ops",),                  # kernels with a CPU path
     ("parallel",),             # mesh, layout rules, FSDP2 helpers, all-to-all, activation checkpointing, compile
-    ("models",),               # Qwen3-VL and its own parallel plan
+    ("models",),               # the model registry and its families, each with its own parallel plan
     ("config",),               # recipe schema, loading, the recipe -> architecture resolver
     ("data",),                 # online data path, manifest and tag formats
     ("data_pipelines",),       # offline writers and converters
@@ -49,7 +51,8 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def imports_in(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, absolute module) of every rynnscale import in ``source`` of a module in ``package``."""
+    """(line, absolute module) of every rynnscale import in ``source`` of a module in ``package``; a
+    ``from X import y`` also counts as an import of ``X.y`` (y may be a submodule)."""
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -61,7 +64,27 @@ def imports_in(source: str, package: str) -> list[tuple[int, str]]:
             else:
                 target = node.module or ""
             out.append((node.lineno, target))
+            out += [(node.lineno, f"{target}.{a.name}") for a in node.names if a.name != "*"]
     return [(line, t) for line, t in out if t == "rynnscale" or t.startswith("rynnscale.")]
+
+
+def family_packages() -> set[str]:
+    """Model family packages: the subpackages of ``rynnscale/models``."""
+    models = PACKAGE / "models"
+    return {p.name for p in models.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+
+def family_imports_outside_models(families: set[str]) -> list[str]:
+    """'file:line -> module' of every import of a family package by a module outside ``rynnscale/models``."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (PACKAGE / "models") in path.parents:
+            continue
+        for line, target in imported_modules(path):
+            parts = target.split(".")
+            if len(parts) >= 3 and parts[1] == "models" and parts[2] in families:
+                out.append(f"{path.relative_to(PACKAGE.parent)}:{line} -> {target}")
+    return out
 
 
 def edges() -> list[tuple[str, str, str]]:
@@ -85,6 +108,32 @@ def test_every_subpackage_has_a_layer() -> None:
 def test_imports_point_downward_only() -> None:
     upward = [where for src, dst, where in edges() if RANK[dst] > RANK[src]]
     assert not upward, "imports reaching an upper layer (a cycle in disguise):\n" + "\n".join(upward)
+
+
+def test_only_models_imports_a_model_family() -> None:
+    """The rest of the code asks the registry (``rynnscale.models``) for a family's spec."""
+    families = family_packages()
+    assert "qwen3_vl" in families
+    found = family_imports_outside_models(families)
+    assert not found, "modules outside rynnscale/models import a model family's package:\n" + "\n".join(found)
+
+
+def test_the_family_checker_sees_every_form(tmp_path, monkeypatch) -> None:
+    """A plain, a from-, a submodule-as-name and a function-local import of a family are all found."""
+    pkg = tmp_path / "rynnscale"
+    (pkg / "models" / "fam").mkdir(parents=True)
+    (pkg / "train").mkdir()
+    for d in (pkg, pkg / "models", pkg / "models" / "fam", pkg / "train"):
+        (d / "__init__.py").write_text("")
+    (pkg / "models" / "registry.py").write_text("from rynnscale.models.fam import x\n")   # inside models: allowed
+    (pkg / "train" / "a.py").write_text("import rynnscale.models.fam.model\n")
+    (pkg / "train" / "b.py").write_text("from rynnscale.models import fam\n")
+    (pkg / "train" / "c.py").write_text("def f():\n    from ..models.fam.args import A\n")
+    (pkg / "train" / "d.py").write_text("from rynnscale.models import family_of\n")          # the registry: allowed
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    found = family_imports_outside_models(family_packages())
+    assert sorted({f.split(":")[0] for f in found}) == ["rynnscale/train/a.py", "rynnscale/train/b.py",
+                                                     "rynnscale/train/c.py"], found
 
 
 def test_subpackage_graph_is_acyclic() -> None:
@@ -119,5 +168,6 @@ def test_the_checker_sees_every_kind_of_import() -> None:
         "def f():\n    from rynnscale.train.trainer import run_training\n"
     )
     found = sorted(t for _, t in imports_in(source, "rynnscale.data"))
-    assert found == ["rynnscale.checkpoint.dcp", "rynnscale.data", "rynnscale.ops.loss", "rynnscale.plan",
-                     "rynnscale.train.trainer"]
+    assert found == ["rynnscale.checkpoint.dcp", "rynnscale.checkpoint.dcp.CheckpointManager", "rynnscale.data",
+                     "rynnscale.data.tags", "rynnscale.ops.loss", "rynnscale.plan", "rynnscale.plan.Plan",
+                     "rynnscale.train.trainer", "rynnscale.train.trainer.run_training"]

@@ -65,12 +65,14 @@ def to_peft_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
 def adapter_config(spec: LoRASpec, names: Iterable[str], base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """peft's ``LoraConfig`` fields for the adapters ``names`` (our names)."""
     linear = sorted({_split(n)[0] for n in names if _split(n)[1] is None})
-    experts = sorted({_split(n)[1] for n in names if _split(n)[1] is not None}, key=EXPERT_PARAMS.index)
+    # peft matches target_parameters by suffix: the experts module's last two name parts (e.g. "mlp.experts")
+    experts = sorted({(".".join(_split(n)[0].split(".")[-2:]), _split(n)[1]) for n in names
+                      if _split(n)[1] is not None}, key=lambda mp: (mp[0], EXPERT_PARAMS.index(mp[1])))
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": linear or None,
-        "target_parameters": [f"mlp.experts.{p}" for p in experts] or None,
+        "target_parameters": [f"{module}.{param}" for module, param in experts] or None,
         "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }

@@ -36,10 +36,8 @@ from rynnscale.checkpoint.dcp import (
     safe_dcp_load,
 )
 from rynnscale.checkpoint.hf import (
-    EMBED,
     INDEX_FILE,
     LAYOUT_METADATA_KEY,
-    LM_HEAD,
     SINGLE_FILE,
     HFCheckpointError,
     HFTensorReader,
@@ -47,11 +45,10 @@ from rynnscale.checkpoint.hf import (
     _replace_dir,
     check_export_target,
     hf_param_shapes,
-    read_hf_config,
     write_config_and_side_files,
 )
+from rynnscale.models import args_from_hf_config, family_of, read_hf_config
 from rynnscale.models.lora import LoRASpec, is_adapter_param, lora_delta
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 
 MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
 _ST_DTYPE = {
@@ -72,7 +69,7 @@ class CheckpointExportReport:
     seconds: float
 
 
-def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Qwen3VLArgs:
+def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Any:
     """The model architecture of checkpoint ``ckpt``, from its ``trainer_state.json``: ``model_config``
     (HF config.json dict written by the trainer), else the run config's ``model.arch``, else the
     ``config.json`` of ``model.init_from``, else of ``copy_from``."""
@@ -82,10 +79,10 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
         raise CheckpointError(f"{ts_path}: no such file (not a rynnscale checkpoint)")
     ts = json.loads(ts_path.read_text())
     if ts.get("model_config"):
-        return Qwen3VLArgs.from_hf_config(ts["model_config"], where=f"{ts_path}:model_config")
+        return args_from_hf_config(ts["model_config"], where=f"{ts_path}:model_config")
     model_cfg = (ts.get("config") or {}).get("model") or {}
     if model_cfg.get("arch"):
-        return Qwen3VLArgs.from_hf_config(dict(model_cfg["arch"]), strict=True, where=f"{ts_path}:config.model.arch")
+        return args_from_hf_config(dict(model_cfg["arch"]), strict=True, where=f"{ts_path}:config.model.arch")
     tried = []
     for src in (model_cfg.get("init_from"), copy_from):
         if src is not None:
@@ -225,6 +222,8 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
+    keys = family_of(args).state_dict
+    head_key, embed_key = keys.lm_head_key, keys.embed_key
     stored = _model_tensors_md(ckpt)
     spec = checkpoint_lora_spec(ckpt)   # a LoRA run exports merged
     base = None
@@ -233,7 +232,7 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     problems = []
     missing = [n for n in expected if n not in stored and base is None]
-    unexpected = [n for n in stored if n not in expected and not (n == LM_HEAD and args.tie_word_embeddings)
+    unexpected = [n for n in stored if n not in expected and not (n == head_key and args.tie_word_embeddings)
                   and not (spec is not None and is_adapter_param(n))]
     mismatched = [f"{n}: checkpoint {list(stored[n].size)} vs {list(expected[n])} from the model config"
                   for n in expected if n in stored and tuple(stored[n].size) != expected[n]]
@@ -276,13 +275,13 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                 f.write(_header(entries, meta))
                 for name, dt, _ in entries:
                     x = _merged(ckpt, name, stored, spec, base)
-                    if args.tie_word_embeddings and name == EMBED and LM_HEAD in stored and EMBED in stored \
-                            and not tied_checked:
+                    if args.tie_word_embeddings and name == embed_key and head_key in stored \
+                            and embed_key in stored and not tied_checked:
                         tied_checked = True
-                        head = load_checkpoint_tensor(ckpt, LM_HEAD, stored[LM_HEAD])
+                        head = load_checkpoint_tensor(ckpt, head_key, stored[head_key])
                         if not torch.equal(head, x):
                             raise HFCheckpointError(f"{ckpt}: the config ties word embeddings but the checkpoint's "
-                                                    f"{LM_HEAD} differs from {EMBED}")
+                                                    f"{head_key} differs from {embed_key}")
                         del head
                     if x.dtype != dt:
                         x = x.to(dt)

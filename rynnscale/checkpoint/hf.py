@@ -1,9 +1,9 @@
-"""Hugging Face checkpoint import / export for Qwen3-VL (dense) and Qwen3-VL-MoE.
+"""Hugging Face checkpoint import / export for every model family.
 
-Our model's state-dict keys and layouts are transformers' own (``model.visual.*``,
-``model.language_model.*``, ``lm_head.weight``; experts fused as ``gate_up_proj [E, 2I, H]`` and
-``down_proj [E, H, I]``), so import / export is a key mapping plus validation, not a conversion.
-Only safetensors and JSON are read or written (no pickle).
+Our models' state-dict keys and layouts are transformers' own, so import / export is a key mapping plus
+validation, not a conversion; the family's ``StateDictAdapter`` (``rynnscale.models.spec``) gives the
+tensor names and shapes, the key variants it accepts and which tensors are fused experts (e.g. Qwen3-VL-MoE:
+``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``). Only safetensors and JSON are read or written (no pickle).
 
 Fused-expert layouts ("expert_layout")
 - ``"v5"``: ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]`` (``F.linear`` weights). The layout
@@ -45,9 +45,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rynnscale.models import HFCheckpointError, StateDictAdapter, family, family_of, read_hf_config
 from rynnscale.models.lora import is_adapter_param, lora_spec_of, merge_lora_state
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.models.qwen3_vl.hf_config import HFCheckpointError, read_hf_config
 from rynnscale.parallel.fqn import clean_fqn
 
 if TYPE_CHECKING:
@@ -57,8 +56,6 @@ EXPERT_LAYOUTS = ("v5", "hub")
 LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LM_HEAD = "lm_head.weight"
-EMBED = "model.language_model.embed_tokens.weight"
 # Tokenizer / processor files copied verbatim from ``copy_from`` on export (plus ``chat_template*``).
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -72,95 +69,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def hf_param_shapes(args: Qwen3VLArgs, *, include_tied: bool = False) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF state dict implied by ``args`` -> its shape (experts in "v5" layout).
-
-    ``lm_head.weight`` is left out when embeddings are tied (not stored in a checkpoint) unless
-    ``include_tied``. This is the contract export validates against."""
-    t, v = args.text, args.vision
-    out: dict[str, tuple[int, ...]] = {}
-    vis = "model.visual."
-    hv, merged = v.hidden_size, v.hidden_size * v.spatial_merge_size ** 2
-    out[vis + "patch_embed.proj.weight"] = (hv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    out[vis + "patch_embed.proj.bias"] = (hv,)
-    out[vis + "pos_embed.weight"] = (v.num_position_embeddings, hv)
-
-    def linear(prefix: str, n_out: int, n_in: int, bias: bool) -> None:
-        out[prefix + ".weight"] = (n_out, n_in)
-        if bias:
-            out[prefix + ".bias"] = (n_out,)
-
-    def layer_norm(prefix: str, n: int) -> None:
-        out[prefix + ".weight"] = (n,)
-        out[prefix + ".bias"] = (n,)
-
-    for i in range(v.depth):
-        b = f"{vis}blocks.{i}."
-        layer_norm(b + "norm1", hv)
-        layer_norm(b + "norm2", hv)
-        linear(b + "attn.qkv", 3 * hv, hv, True)
-        linear(b + "attn.proj", hv, hv, True)
-        linear(b + "mlp.linear_fc1", v.intermediate_size, hv, True)
-        linear(b + "mlp.linear_fc2", hv, v.intermediate_size, True)
-    # the final merger normalises before the 2x2 shuffle (width hv), the deepstack mergers after it
-    for prefix, norm_width in [(vis + "merger", hv)] + [
-            (f"{vis}deepstack_merger_list.{j}", merged) for j in range(len(v.deepstack_visual_indexes))]:
-        layer_norm(prefix + ".norm", norm_width)
-        linear(prefix + ".linear_fc1", merged, merged, True)
-        linear(prefix + ".linear_fc2", v.out_hidden_size, merged, True)
-
-    lm = "model.language_model."
-    h, hd = t.hidden_size, t.head_dim
-    out[lm + "embed_tokens.weight"] = (t.vocab_size, h)
-    for i in range(t.num_hidden_layers):
-        b = f"{lm}layers.{i}."
-        linear(b + "self_attn.q_proj", t.num_attention_heads * hd, h, t.attention_bias)
-        linear(b + "self_attn.k_proj", t.num_key_value_heads * hd, h, t.attention_bias)
-        linear(b + "self_attn.v_proj", t.num_key_value_heads * hd, h, t.attention_bias)
-        linear(b + "self_attn.o_proj", h, t.num_attention_heads * hd, t.attention_bias)
-        out[b + "self_attn.q_norm.weight"] = (hd,)
-        out[b + "self_attn.k_norm.weight"] = (hd,)
-        if t.layer_is_moe(i):
-            e, inter = t.num_experts, t.moe_intermediate_size
-            out[b + "mlp.experts.gate_up_proj"] = (e, 2 * inter, h)
-            out[b + "mlp.experts.down_proj"] = (e, h, inter)
-            out[b + "mlp.gate.weight"] = (e, h)
-        else:
-            linear(b + "mlp.gate_proj", t.intermediate_size, h, False)
-            linear(b + "mlp.up_proj", t.intermediate_size, h, False)
-            linear(b + "mlp.down_proj", h, t.intermediate_size, False)
-        out[b + "input_layernorm.weight"] = (h,)
-        out[b + "post_attention_layernorm.weight"] = (h,)
-    out[lm + "norm.weight"] = (h,)
-    if include_tied or not args.tie_word_embeddings:
-        out[LM_HEAD] = (t.vocab_size, h)
-    return out
+def hf_param_shapes(args: Any, *, include_tied: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF state dict implied by ``args`` -> its shape (experts in "v5" layout), from its
+    family's ``StateDictAdapter``. ``lm_head.weight`` is left out when embeddings are tied (not stored in a
+    checkpoint) unless ``include_tied``. This is the contract export validates against."""
+    return family_of(args).state_dict.param_shapes(args, include_tied=include_tied)
 
 
 # ------------------------------------------------------------------------------------ key helpers
-def _expert_kind(name: str) -> str | None:
-    """"gate_up" / "down" for a fused expert tensor name, else None."""
-    if name.endswith(".mlp.experts.gate_up_proj"):
-        return "gate_up"
-    if name.endswith(".mlp.experts.down_proj"):
-        return "down"
-    return None
-
-
 def _to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     """Convert a fused expert tensor between "hub" and "v5" (the two differ by a transpose of dims 1, 2)."""
     return x if src == dst else x.transpose(1, 2).contiguous()
-
-
-def _canonical_key(key: str) -> str:
-    """Map a checkpoint key to transformers' ``Qwen3VLForConditionalGeneration`` name.
-
-    The one prefix variant transformers itself accepts for these classes is a bare ``Qwen3VLModel``
-    save (``visual.*`` / ``language_model.*``, no ``model.``: its ``base_model_prefix`` rule). The
-    Qwen3-VL classes define no other ``_checkpoint_conversion_mapping`` / conversion renames."""
-    if key.startswith(("visual.", "language_model.")):
-        return "model." + key
-    return key
 
 
 def _listing(title: str, items: Iterable[str]) -> str:
@@ -328,7 +247,7 @@ class _LoadPlan:
 
 
 def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str]], expert_layout: str | None,
-               report: LoadReport) -> _LoadPlan:
+               report: LoadReport, sd: StateDictAdapter) -> _LoadPlan:
     """Check the checkpoint against the model from headers only: key canonicalisation, missing /
     unexpected / tied / mis-shaped tensors (against the FULL shapes), expert layouts, dtypes. Raises one
     ``HFCheckpointError`` listing every problem, before anything is read into the model."""
@@ -343,7 +262,7 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
     by_name: dict[str, _Source] = {}
     collisions = []
     for key, src in sources.items():
-        name = _canonical_key(key)
+        name = sd.canonical_key(key)
         if name != key:
             report.renamed += 1
         if name in by_name:
@@ -359,9 +278,9 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
         present = [n for n in group if n in by_name]
         if not present:
             hint = ""
-            if LM_HEAD in group and tied_in_config:
-                hint = (f" [config.json ties embeddings, but the model's {LM_HEAD} is not the same tensor as "
-                        f"{EMBED}: re-tie it after to_empty]")
+            if sd.lm_head_key in group and tied_in_config:
+                hint = (f" [config.json ties embeddings, but the model's {sd.lm_head_key} is not the same tensor "
+                        f"as {sd.embed_key}: re-tie it after to_empty]")
             missing.append(group[0] + hint)
             continue
         if len(present) > 1 and not tied_in_config:
@@ -389,7 +308,7 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
     mismatched, square, contradicting = [], [], []
     for name in plan:
         src, want = by_name[name], targets[name].full_shape
-        kind = _expert_kind(name)
+        kind = sd.expert_kind(name)
         if kind is None or len(want) != 3:
             if src.shape != want:
                 mismatched.append(f"{name}: checkpoint {list(src.shape)} vs model {list(want)}")
@@ -441,7 +360,7 @@ class HFTensorReader:
     the same validation as ``load_hf_weights`` (against the full shapes ``args`` implies) -- for
     streaming work that never builds the model (e.g. merging LoRA adapters into a base on export)."""
 
-    def __init__(self, path: str | os.PathLike, args: Qwen3VLArgs, expert_layout: str | None = None):
+    def __init__(self, path: str | os.PathLike, args: Any, expert_layout: str | None = None):
         from rynnscale.parallel.fsdp import LocalPiece
 
         self.path = Path(path)
@@ -450,7 +369,7 @@ class HFTensorReader:
             t = torch.empty(shape, device="meta")
             targets[name] = LocalPiece(t, t, tuple(shape), 0, shape[0] if shape else 1)
         self.plan = _plan_load(self.path, targets, [[n] for n in targets], expert_layout,
-                               LoadReport(path=str(self.path), files=[]))
+                               LoadReport(path=str(self.path), files=[]), family_of(args).state_dict)
 
     def dtype(self, name: str) -> torch.dtype:
         return _SAFETENSORS_DTYPES[self.plan.sources[name].dtype]
@@ -461,6 +380,15 @@ class HFTensorReader:
             x = st.get_tensor(src.key)
         layout = self.plan.layout_of.get(name)
         return _to_layout(x, layout, "v5") if layout is not None else x
+
+
+def _key_layout(model: nn.Module, path: Path) -> StateDictAdapter:
+    """The tensor layout to load ``path`` by: the model's family, or (a transformers model, e.g. in parity tests)
+    the family that the checkpoint's config.json names."""
+    try:
+        return family_of(model).state_dict
+    except TypeError:
+        return family(read_hf_config(path)[1].get("model_type")).state_dict
 
 
 def load_hf_weights(
@@ -499,7 +427,7 @@ def load_hf_weights(
         raise HFCheckpointError("dtype= cannot re-allocate DTensor (sharded) parameters; build the model in "
                                 f"{dtype} before sharding and call without dtype=")
     report = LoadReport(path=str(path), files=[])
-    plan = _plan_load(path, targets, groups, expert_layout, report)
+    plan = _plan_load(path, targets, groups, expert_layout, report, _key_layout(model, path))
 
     # --- copy, file by file, one tensor (this process's rows of it) at a time
     by_file: dict[Path, list[str]] = {}
@@ -547,7 +475,7 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def write_config_and_side_files(tmp: Path, args: Qwen3VLArgs, main_dtype: torch.dtype,
+def write_config_and_side_files(tmp: Path, args: Any, main_dtype: torch.dtype,
                                 copy_from: Path | None) -> list[str]:
     """config.json (``args`` + dtype) and the tokenizer / processor / generation files of ``copy_from``
     into an export directory being written; returns the file names written."""
@@ -583,7 +511,7 @@ def check_export_target(out_dir: str | os.PathLike, copy_from: str | os.PathLike
 
 def export_hf(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
-    args: Qwen3VLArgs,
+    args: Any,
     out_dir: str | os.PathLike,
     *,
     copy_from: str | os.PathLike | None = None,
@@ -613,7 +541,7 @@ def export_hf(
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     expected = hf_param_shapes(args)
     if expert_layout == "hub":
-        square = [n for n, s in expected.items() if _expert_kind(n) and s[1] == s[2]]
+        square = [n for n, s in expected.items() if family_of(args).state_dict.expert_kind(n) and s[1] == s[2]]
         if square:
             raise HFCheckpointError(
                 f"expert_layout='hub' with square expert tensors ({square[0]} {list(expected[square[0]])}, ...): "
@@ -669,7 +597,7 @@ def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ..
         x = x.detach().to("cpu")
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
-        if _expert_kind(name):
+        if family_of(args).state_dict.expert_kind(name):
             x = _to_layout(x, "v5", expert_layout)
         x = x.contiguous()
         if any(x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for y in shard.values()):
@@ -733,7 +661,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         tmp.rename(out_dir)
 
 
-def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str, torch.Tensor]]:
+def model_hf_tensors(model: nn.Module, args: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """``model.state_dict()`` as HF names, lazily; ``lm_head.weight`` left out when ``args`` ties it.
 
     Refuses to drop a tied ``lm_head`` whose values differ from the embedding (e.g. a tie lost
@@ -743,21 +671,23 @@ def model_hf_tensors(model: nn.Module, args: Qwen3VLArgs) -> Iterator[tuple[str,
     spec = lora_spec_of(model)
     if spec is not None:
         sd = merge_lora_state(sd, spec)
-    if args.tie_word_embeddings and LM_HEAD in sd and EMBED in sd and sd[LM_HEAD] is not sd[EMBED]:
+    keys = family_of(args).state_dict
+    head, embed = keys.lm_head_key, keys.embed_key
+    if args.tie_word_embeddings and head in sd and embed in sd and sd[head] is not sd[embed]:
         from torch.distributed.tensor import DTensor
 
         def full(x: torch.Tensor) -> torch.Tensor:
             return x.full_tensor() if isinstance(x, DTensor) else x
-        if not torch.equal(full(sd[LM_HEAD]), full(sd[EMBED])):
+        if not torch.equal(full(sd[head]), full(sd[embed])):
             raise HFCheckpointError(
-                f"args tie word embeddings but the model's {LM_HEAD} differs from {EMBED}; "
+                f"args tie word embeddings but the model's {head} differs from {embed}; "
                 "re-tie them or export with tie_word_embeddings=False")
     for name, x in sd.items():
-        if args.tie_word_embeddings and name == LM_HEAD:
+        if args.tie_word_embeddings and name == head:
             continue
         yield name, x
 
 
-def export_model(model: nn.Module, args: Qwen3VLArgs, out_dir: str | os.PathLike, **kwargs: Any) -> ExportReport:
+def export_model(model: nn.Module, args: Any, out_dir: str | os.PathLike, **kwargs: Any) -> ExportReport:
     """``export_hf`` of ``model.state_dict()`` (tied ``lm_head`` skipped); kwargs as ``export_hf``."""
     return export_hf(model_hf_tensors(model, args), args, out_dir, **kwargs)

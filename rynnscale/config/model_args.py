@@ -1,5 +1,6 @@
-"""The one resolver from a recipe's ``model`` section to the architecture (``Qwen3VLArgs``), used by
-recipe validation, the model build (``rynnscale.train.build``) and the planner.
+"""The one resolver from a recipe's ``model`` section to the architecture (the family's args, through the
+model registry ``rynnscale.models``), used by recipe validation, the model build (``rynnscale.train.build``)
+and the planner.
 
 Sources, in order: ``model.init_from``'s ``config.json`` when it is on this machine (and then a
 ``model.preset`` must describe the same model); else ``model.preset`` (planning a run whose weights
@@ -9,17 +10,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rynnscale.config.schema import ConfigError, ModelConfig
-from rynnscale.models.qwen3_vl.args import ArchConfigError, Qwen3VLArgs
-from rynnscale.models.qwen3_vl.hf_config import HFCheckpointError, read_hf_config
-from rynnscale.models.qwen3_vl.presets import PRESETS, preset_config
+from rynnscale.models import (
+    ArchConfigError,
+    HFCheckpointError,
+    ModelSpec,
+    args_from_hf_config,
+    family_of,
+    preset_config,
+    presets,
+    read_hf_config,
+)
 
 
 @dataclass(frozen=True)
 class ResolvedArch:
-    args: Qwen3VLArgs
+    args: Any            # the family's args (``rynnscale.models.spec.ModelArgs``)
     source: str          # where the architecture came from, for logs and plans
+
+    @property
+    def family(self) -> ModelSpec:
+        return family_of(self.args)
 
 
 def resolve_model_args(m: ModelConfig, *, check_paths: bool = True, required: bool = True) -> ResolvedArch | None:
@@ -32,15 +45,15 @@ def resolve_model_args(m: ModelConfig, *, check_paths: bool = True, required: bo
                           f"(an inline architecture); got init_from={m.init_from!r}, "
                           f"arch={'set' if m.arch is not None else 'unset'}")
     if m.preset is not None:
-        if m.preset not in PRESETS:
+        if m.preset not in presets():
             raise ConfigError(f"config key 'model.preset' = {m.preset!r} is not allowed; choose one of "
-                              f"{sorted(PRESETS)}")
+                              f"{sorted(presets())}")
         if m.arch is not None:
             raise ConfigError("'model.preset' names the architecture of 'model.init_from'; it cannot be combined "
                               "with an inline 'model.arch'")
     if m.arch is not None:
         try:
-            return ResolvedArch(Qwen3VLArgs.from_hf_config(dict(m.arch), strict=True, where="model.arch"),
+            return ResolvedArch(args_from_hf_config(dict(m.arch), strict=True, where="model.arch"),
                                 "inline model.arch")
         except ArchConfigError as e:
             raise ConfigError(f"config key {e}") from None
@@ -49,18 +62,18 @@ def resolve_model_args(m: ModelConfig, *, check_paths: bool = True, required: bo
             args = read_hf_config(m.init_from)[0]
         except (HFCheckpointError, ArchConfigError) as e:
             raise ConfigError(f"config key 'model.init_from' = {m.init_from!r}: {e}") from None
-        if m.preset is not None and args != Qwen3VLArgs.from_hf_config(preset_config(m.preset)):
+        if m.preset is not None and args != args_from_hf_config(preset_config(m.preset)):
             raise ConfigError(f"config key 'model.preset' = {m.preset!r} does not describe the model in "
                               f"'model.init_from' = {m.init_from!r} (their architectures differ); fix or "
                               "remove the preset")
         return ResolvedArch(args, f"{m.init_from}/config.json")
     if check_paths:
         raise ConfigError(f"config key 'model.init_from' = {m.init_from!r}: no config.json there "
-                          "(expected a local Hugging Face Qwen3-VL checkpoint directory)")
+                          "(expected a local Hugging Face checkpoint directory)")
     if m.preset is not None:
-        return ResolvedArch(Qwen3VLArgs.from_hf_config(preset_config(m.preset), strict=True,
-                                                       where=f"preset {m.preset}"), f"preset {m.preset}")
+        return ResolvedArch(args_from_hf_config(preset_config(m.preset), strict=True, where=f"preset {m.preset}"),
+                            f"preset {m.preset}")
     if not required:
         return None
     raise ConfigError(f"model.init_from={m.init_from!r} has no config.json on this machine and no 'model.preset' "
-                      "names its architecture; set model.preset (see rynnscale/models/qwen3_vl/presets.py)")
+                      f"names its architecture; set model.preset (one of {sorted(presets())})")

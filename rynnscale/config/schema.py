@@ -49,7 +49,7 @@ class ModelConfig:
     kernels: str = "auto"               # auto | torch | liger: RMSNorm / RoPE / SwiGLU / fused loss (ops/fused.py)
     compile: bool = False               # torch.compile each decoder layer and vision block (parallel/compile.py)
     cp_attention: str = "auto"          # ulysses | ring | auto: decoder attention under parallel.cp > 1
-    # Published architecture (rynnscale.models.qwen3_vl.presets) used where init_from's config.json is
+    # Published architecture (a model family's presets: rynnscale.models.presets()) used where init_from's config.json is
     # not on this machine (planning on a laptop); when both exist they must describe the same model.
     preset: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns over HF parameter names

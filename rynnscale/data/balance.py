@@ -11,7 +11,7 @@ Cost of one sample of ``s`` tokens with ``v`` vision patches (in "decoder token"
   Qwen3-VL-30B-A3B (~6e-5); attention then adds ~65% to a 16k-token sample.
 - ``c``: vision tower per patch, ~ N_vision / N_active. Default 0.15 (Qwen3-VL-30B-A3B: 0.44B
   vision parameters vs ~3.3B active decoder ones; per-frame vision attention is ignored).
-``CostModel.from_args(Qwen3VLArgs)`` derives a, b, c from a model's dimensions.
+``CostModel.from_args(args)`` derives a, b, c from a model's dimensions (its family's ``cost_coefficients``).
 
 A pack's cost is the sum of its samples' costs (attention never crosses sample boundaries).
 Algorithms: LPT (longest processing time first) with a swap/move refinement pass, an
@@ -25,6 +25,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from rynnscale.models import family_of
 
 #: Defaults of CostModel (see module docstring for where they come from).
 DEFAULT_A, DEFAULT_B, DEFAULT_C = 1.0, 4e-5, 0.15
@@ -48,30 +51,11 @@ class CostModel:
         return sum(self.sample_cost(s, v) for s, v in zip(lengths, vp))
 
     @classmethod
-    def from_args(cls, args) -> CostModel:
-        """Coefficients from a ``Qwen3VLArgs``: FLOP ratios of attention and the vision tower to the
-        decoder's linear layers. Counts matmul weights only: decoder attention + MLP (MoE: top-k
-        experts + router) + lm_head; vision blocks + patch embedding + mergers (per patch)."""
-        t, v = args.text, args.vision
-        h, hd = t.hidden_size, t.head_dim
-        attn = h * t.num_attention_heads * hd * 2 + h * t.num_key_value_heads * hd * 2
-        n_active = 0
-        for i in range(t.num_hidden_layers):
-            if t.num_experts > 0 and t.layer_is_moe(i):
-                mlp = t.num_experts_per_tok * 3 * h * t.moe_intermediate_size + h * t.num_experts
-            else:
-                mlp = 3 * h * t.intermediate_size
-            n_active += attn + mlp
-        n_active += h * t.vocab_size
-        b = t.num_hidden_layers * t.num_attention_heads * hd / n_active
-        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-        merged = v.hidden_size * v.spatial_merge_size ** 2
-        n_vision = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-        n_vision += patch_dim * v.hidden_size
-        # the patch merger and the DeepStack mergers run once per merged token (= merge^2 patches)
-        n_mergers = 1 + len(v.deepstack_visual_indexes)
-        n_vision += n_mergers * (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size ** 2
-        return cls(a=1.0, b=b, c=n_vision / n_active)
+    def from_args(cls, args: Any) -> CostModel:
+        """Coefficients from a model's architecture: its family's FLOP ratios of attention and of the vision
+        tower to the decoder's linear layers (``ModelSpec.cost_coefficients``)."""
+        a, b, c = family_of(args).cost_coefficients(args)
+        return cls(a=a, b=b, c=c)
 
 
 def imbalance(loads: Sequence[float]) -> float:

@@ -33,6 +33,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,8 @@ from rynnscale.data.vision_preprocess import (
     resize_thwc,
     video_target_size,
 )
-from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
+from rynnscale.models.mrope import mrope_position_ids
+from rynnscale.models.spec import DataContract
 
 #: Why a sample was rejected (the loader counts by these).
 REASONS = (
@@ -67,6 +69,7 @@ REASONS = (
     "undecodable_video",
     "too_large",           # byte / frame / pixel / media-count limits
     "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
+    "media_unsupported",   # an image / video for a model without a vision tower
 )
 
 
@@ -220,25 +223,33 @@ class SampleEncoder:
     into a pack's buffer, and ``estimate`` to pack before decoding anything."""
 
     def __init__(self, tokenizer: Any, cfg: EncoderConfig | None = None,
-                 token_ids: VisionTokenIds | Any | None = None):
+                 token_ids: VisionTokenIds | DataContract | None = None):
+        """``token_ids``: the model's ``DataContract`` (its family's: vision token ids, patching, position
+        ids), or bare ``VisionTokenIds`` / None (the tokenizer's ids) with Qwen3-VL's MRoPE positions."""
         self.cfg = cfg or EncoderConfig()
         self.cfg.validate()
         self.tok = as_rust_tokenizer(tokenizer)
-        if token_ids is None:
-            token_ids = VisionTokenIds.from_tokenizer(self.tok)
-        elif not isinstance(token_ids, VisionTokenIds):  # a Qwen3VLArgs
-            v = token_ids.vision
-            for k in ("patch_size", "temporal_patch_size"):
-                if getattr(v, k) != getattr(self.cfg, k):
-                    raise ValueError(f"EncoderConfig.{k}={getattr(self.cfg, k)} but the model's vision_config.{k}="
-                                     f"{getattr(v, k)}")
-            if v.spatial_merge_size != self.cfg.merge_size:
-                raise ValueError(f"EncoderConfig.merge_size={self.cfg.merge_size} but the model's "
-                                 f"vision_config.spatial_merge_size={v.spatial_merge_size}")
-            token_ids = VisionTokenIds.from_args(token_ids, self.tok)
+        self.spec = self.cfg.vision_spec()
+        self.text_only = False
+        if isinstance(token_ids, DataContract):
+            contract, self.text_only = token_ids, token_ids.vision is None
+            for k, model_k in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+                               ("merge_size", "merge_size")):
+                if not self.text_only and getattr(contract.vision, model_k) != getattr(self.cfg, k):
+                    raise ValueError(f"EncoderConfig.{k}={getattr(self.cfg, k)} but the model's {model_k} is "
+                                     f"{getattr(contract.vision, model_k)}")
+            chat = VisionTokenIds.from_tokenizer(self.tok)
+            token_ids = VisionTokenIds(image_pad=contract.image_token_id, video_pad=contract.video_token_id,
+                                       vision_start=contract.vision_start_token_id,
+                                       vision_end=contract.vision_end_token_id, im_start=chat.im_start,
+                                       im_end=chat.im_end)
+            self._position_ids = contract.position_ids
+        else:
+            token_ids = token_ids if token_ids is not None else VisionTokenIds.from_tokenizer(self.tok)
+            self._position_ids = partial(mrope_position_ids, spatial_merge_size=self.spec.merge_size,
+                                         image_token_id=token_ids.image_pad, video_token_id=token_ids.video_pad)
         token_ids.check(self.tok)
         self.ids = token_ids
-        self.spec = self.cfg.vision_spec()
         structural = np.array(sorted(token_ids.structural()), dtype=np.int64)
         # id -> is a chat / vision token; one extra False entry that every larger id is clipped to
         self._is_structural = np.zeros(int(structural.max()) + 2, dtype=bool)
@@ -351,6 +362,9 @@ class SampleEncoder:
                         raise SampleError("bad_conversation", key, f"{where}: text item needs a string 'text'")
                     r.text(text, labeled=assistant)
                 elif kind in ("image", "video"):
+                    if self.text_only:
+                        raise SampleError("media_unsupported", key, f"{where}: a {kind} item, but the model has "
+                                                                    "no vision tower (a text-only model family)")
                     if role == "system":
                         raise SampleError("bad_conversation", key, f"{where}: system messages cannot hold media")
                     if len(media) >= self.cfg.max_media:
@@ -644,8 +658,7 @@ class SampleEncoder:
         input_ids_l = torch.from_numpy(np.ascontiguousarray(ids))
         labels_l = torch.from_numpy(np.ascontiguousarray(labels))
         labels_l[0] = IGNORE_INDEX
-        pos_3l = mrope_position_ids(input_ids_l, img_grid, vid_grid, spatial_merge_size=self.spec.merge_size,
-                                    image_token_id=self.ids.image_pad, video_token_id=self.ids.video_pad)
+        pos_3l = self._position_ids(input_ids_l, img_grid, vid_grid)
         return EncodedSample(key=key, input_ids_l=input_ids_l, labels_l=labels_l, position_ids_3l=pos_3l,
                              pixel_values=pv, image_grid_thw=img_grid, pixel_values_videos=pvv,
                              video_grid_thw=vid_grid,

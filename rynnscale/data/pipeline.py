@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from rynnscale.config.schema import RootConfig
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models import family_of
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,27 @@ def tokenizer_source(cfg: RootConfig) -> str | None:
     return None
 
 
-def build_encoder(cfg: RootConfig, args: Qwen3VLArgs):
+def build_encoder(cfg: RootConfig, args: Any):
+    """The sample encoder for the model ``args`` describe: its family's ``DataContract`` (vision token ids,
+    patching, position ids) with the recipe's ``data`` settings and token budget."""
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
 
     d = cfg.data
+    contract = family_of(args).data(args)
+    geometry = {} if contract.vision is None else dict(
+        patch_size=contract.vision.patch_size, temporal_patch_size=contract.vision.temporal_patch_size,
+        merge_size=contract.vision.merge_size)
     enc_cfg = EncoderConfig(
         image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
         video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
         fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
-        patch_size=args.vision.patch_size, temporal_patch_size=args.vision.temporal_patch_size,
-        merge_size=args.vision.spatial_merge_size, max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate,
-        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes)
-    return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=args)
+        max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate,
+        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes, **geometry)
+    return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=contract)
 
 
-def build_train_data(cfg: RootConfig, args: Qwen3VLArgs, *, rank: int, world_size: int):
+def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
     """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
 
     Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``).

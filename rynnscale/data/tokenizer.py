@@ -67,14 +67,6 @@ class VisionTokenIds:
               "vision_end": "<|vision_end|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
 
     @classmethod
-    def from_args(cls, args: Any, tokenizer: Any | None = None) -> VisionTokenIds:
-        """From a ``Qwen3VLArgs`` (vision ids) plus the chat ids of ``tokenizer`` (if given)."""
-        base = cls.from_tokenizer(tokenizer) if tokenizer is not None else cls()
-        return cls(image_pad=args.image_token_id, video_pad=args.video_token_id,
-                   vision_start=args.vision_start_token_id, vision_end=args.vision_end_token_id,
-                   im_start=base.im_start, im_end=base.im_end)
-
-    @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> VisionTokenIds:
         tok = as_rust_tokenizer(tokenizer)
         ids = {}

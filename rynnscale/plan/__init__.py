@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rynnscale.config.model_args import resolve_model_args
+from rynnscale.models.stats import ParamStats, param_stats
 from rynnscale.plan.planner import (
     Cluster,
     Plan,
@@ -17,7 +18,7 @@ from rynnscale.plan.planner import (
     resolve_layout,
 )
 from rynnscale.train.build import build_model
-from rynnscale.train.model_stats import ParamStats, param_stats
+from rynnscale.train.optim import largest_param_group
 
 
 def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, profile: str = "gpu",
@@ -29,7 +30,7 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, p
     c = cluster or Cluster(pc.nodes, pc.gpus_per_node, pc.gpu_mem_gib, pc.peak_tflops, pc.mfu, pc.nvlink_gbps,
                            pc.ib_gbps)
     args, model = build_model(cfg.model, meta=True)
-    st = param_stats(model, list(cfg.optim.groups), cfg.optim.weight_decay)
+    st = param_stats(model, largest_param_group(model, cfg.optim))
     lay = resolve_layout(c.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.ep,
                          args.text.num_experts, cfg.parallel.cp)
     w = Workload(micro_batch_tokens=cfg.train.micro_batch_tokens, grad_accum=cfg.train.grad_accum,

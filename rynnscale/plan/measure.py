@@ -26,6 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from rynnscale.models import family_of
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Live / peak bytes of tensor storages created under the mode (CPU and any other device)."""
@@ -66,14 +68,15 @@ def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: 
     from rynnscale.data.packing import build_packed_batch
 
     g = torch.Generator().manual_seed(seed)
+    contract = family_of(args).data(args)
     v = args.vision
-    m2 = v.spatial_merge_size ** 2
+    m2 = v.spatial_merge_size ** 2 if v is not None else 1
     samples = []
     per = tokens // docs
     for i in range(docs):
         L = per if i < docs - 1 else tokens - per * (docs - 1)
-        ids = torch.randint(0, min(args.text.vocab_size, args.image_token_id, args.video_token_id,
-                                   args.vision_start_token_id, args.vision_end_token_id), (L,), generator=g)
+        ids = torch.randint(0, min(args.text.vocab_size, contract.image_token_id, contract.video_token_id,
+                                   contract.vision_start_token_id, contract.vision_end_token_id), (L,), generator=g)
         pos = torch.arange(L).expand(3, -1).clone()
         pix = grid = None
         if i == 0 and image_patches:
@@ -81,7 +84,7 @@ def synthetic_batch(args, tokens: int, docs: int, image_patches: int = 0, seed: 
             if side * side != image_patches or side % v.spatial_merge_size:
                 raise ValueError(f"image_patches={image_patches} must be a square of a multiple of the merge size")
             n_vis = image_patches // m2
-            ids[1:1 + n_vis] = args.image_token_id
+            ids[1:1 + n_vis] = contract.image_token_id
             grid = torch.tensor([[1, side, side]])
             pix = torch.randn(image_patches, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, generator=g)
         labels = ids.clone()
@@ -96,12 +99,12 @@ def measure_train_step(arch: dict[str, Any], *, tokens: int, docs: int = 2, imag
                        seed: int = 0) -> dict[str, Any]:
     """Peak live tensor bytes of ``steps`` CPU fp32 training steps of the model ``arch`` (config.json dict)."""
     from rynnscale.config.schema import ModelConfig, OptimConfig
-    from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+    from rynnscale.models import args_from_hf_config
     from rynnscale.train.build import build_model
     from rynnscale.train.optim import build_optimizer
 
     torch.manual_seed(seed)
-    args = Qwen3VLArgs.from_hf_config(arch, strict=True, where="arch")
+    args = args_from_hf_config(arch, strict=True, where="arch")
     batch = synthetic_batch(args, tokens, docs, image_patches, seed)
     mode = LiveTensorBytes()
     phases: dict[str, int] = {}

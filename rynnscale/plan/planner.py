@@ -1,7 +1,7 @@
 """``rynnscale plan``: per-GPU memory, communication and step time of a recipe on a cluster, on paper.
 
 Everything is derived from the recipe: the model is built on the meta device by the training build path
-(``rynnscale.train.build``, counted by ``rynnscale.train.model_stats``), the
+(``rynnscale.train.build``, counted by ``rynnscale.models.stats.param_stats``), the
 layout comes from ``parallel.*`` and the cluster from ``plan.*`` / command-line flags. Numbers are
 estimates with stated assumptions; ``tests/plan`` checks the memory model against the measured peak
 of real CPU training steps of tiny models (within 15%).
@@ -17,7 +17,8 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
   and the current block's bf16 unsharded gradient plus its fp32 reduce-scatter copy; a MoE block
   holds its ``E/ep`` local experts unsharded.
 - activations (``micro_batch_tokens`` per micro-batch): the tensors our modules save for backward,
-  counted per token from the code (see ``decoder_layer_bytes_per_token``); checkpointed blocks save
+  counted per token from the code of the Qwen3-VL family's layers (see ``decoder_layer_bytes_per_token``;
+  the architecture is read through the generic ``rynnscale.models.spec.ModelArgs`` fields); checkpointed blocks save
   only their input and recompute one block at a time in backward. Attention ``flash`` (GPU varlen
   kernel) and ``loop`` (CPU: one fused SDPA per document, plus the concatenated output) save O(s);
   ``math`` (an SDPA over 3-D inputs or with a mask) saves the heads x s^2 probabilities per document.
@@ -42,10 +43,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
+from rynnscale.models.stats import ParamStats
 from rynnscale.ops.attention import varlen_takes_gqa
 from rynnscale.parallel.layout import LayoutError, ParallelLayout
-from rynnscale.train.model_stats import ParamStats
 
 GIB = 1024 ** 3
 
@@ -121,7 +121,7 @@ def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_ex
 # ----------------------------------------------------------------------------- activations per token
 
 
-def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 1) -> float:
+def decoder_layer_bytes_per_token(t: Any, moe: bool, p: Profile, ep: int = 1) -> float:
     """Bytes our decoder layer saves for backward per token (without the attention s^2 term).
 
     Counted from the code (rynnscale/models/qwen3_vl/text.py, moe.py, ops/): RMSNorm saves its input
@@ -151,12 +151,12 @@ def decoder_layer_bytes_per_token(t: TextArgs, moe: bool, p: Profile, ep: int = 
     return norm_inputs + norms_out + rotary_attn + attn_out + mlp
 
 
-def cp_attention_mode(t: TextArgs, cp: int) -> str:
+def cp_attention_mode(t: Any, cp: int) -> str:
     """What ``model.cp_attention=auto`` picks: Ulysses when cp divides the q heads, else ring."""
     return "ulysses" if t.num_attention_heads % cp == 0 else "ring"
 
 
-def cp_attention_bytes_per_token(t: TextArgs, cp: int, p: Profile) -> float:
+def cp_attention_bytes_per_token(t: Any, cp: int, p: Profile) -> float:
     """Extra bytes per LOCAL token a decoder layer saves under context parallelism: Ulysses keeps the
     head-sharded q, k, v (kv heads repeated ``cp / gcd(Hkv, cp)`` times) and output, which together hold as
     many elements as the local tokens' full-head ones; ring saves only what plain attention saves (+ fp32
@@ -180,14 +180,14 @@ def attention_s2_bytes(heads: int, doc_tokens: int, tokens: int, p: Profile) -> 
     return heads * p.act_bytes * (full * doc_tokens ** 2 + rest ** 2)
 
 
-def vision_block_bytes_per_patch(v: VisionArgs, p: Profile) -> float:
+def vision_block_bytes_per_patch(v: Any, p: Profile) -> float:
     """A ViT block: LayerNorm outputs, the fused qkv output (kept whole: v is a view of it), rotated
     q/k (fp32 math, cast back), attention output (+ concat), residual, fc1 and GELU outputs."""
     D, inter = v.hidden_size, v.intermediate_size
     return (12 * D + 2 * inter) * p.act_bytes + 4 * 4
 
 
-def vision_other_bytes_per_patch(v: VisionArgs, p: Profile) -> float:
+def vision_other_bytes_per_patch(v: Any, p: Profile) -> float:
     """Patch embedding + position embedding sum + fp32 rotary tables + every merger's norm/fc1/GELU
     (per patch) and fc2 (per merged token)."""
     D, out_h, m2 = v.hidden_size, v.out_hidden_size, v.spatial_merge_size ** 2
@@ -263,7 +263,7 @@ class Plan:
         return asdict(self)
 
 
-def estimate_memory(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, p: Profile,
+def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, p: Profile,
                     cluster: Cluster | None = None) -> MemoryBreakdown:
     """Per-GPU memory of one training step (see the module docstring for the model)."""
     t, v = args.text, args.vision
@@ -354,7 +354,7 @@ def _checkpointed(n: int, w: Workload) -> list[bool]:
     return [False] * n
 
 
-def _layer_backward_workspace(t: TextArgs, moe: bool, T: int, doc: int, p: Profile) -> float:
+def _layer_backward_workspace(t: Any, moe: bool, T: int, doc: int, p: Profile) -> float:
     """Transient gradients inside one layer's backward, on top of its saved tensors: the MLP's
     intermediate gradients (2 x its inner width per token) or, later in the same backward, one
     document's attention-probability gradient on the math path (the MLP's tensors are freed by then),
@@ -365,7 +365,7 @@ def _layer_backward_workspace(t: TextArgs, moe: bool, T: int, doc: int, p: Profi
     return max(mlp, attn)
 
 
-def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster) -> Comm:
+def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster) -> Comm:
     """Per-GPU bytes per optimiser step. FSDP2 all-gathers bf16 parameters in forward and again in
     backward (reshard after forward) and reduce-scatters fp32 gradients, once per micro-batch; a ring
     collective moves (n-1)/n of the buffer per GPU. HSDP all-reduces the shard's gradients over
@@ -398,7 +398,7 @@ def estimate_comm(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Wor
                 cp_total, cp_layer, mode, cp_total / cp_bw)
 
 
-def cp_traffic_per_layer(t: TextArgs, cp: int, row_tokens: int, recompute: bool,
+def cp_traffic_per_layer(t: Any, cp: int, row_tokens: int, recompute: bool,
                          act_bytes: int = 2) -> tuple[float, str]:
     """Bytes one rank sends for one decoder layer's attention under context parallelism (one micro-batch,
     forward + backward, + the recomputed forward under full checkpointing) and the mode ``auto`` picks.
@@ -420,7 +420,7 @@ def cp_traffic_per_layer(t: TextArgs, cp: int, row_tokens: int, recompute: bool,
     return fwd * fwd_passes + bwd, mode
 
 
-def recommend_cp(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster,
+def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster,
                  p: Profile) -> int | None:
     """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
     NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
@@ -438,7 +438,7 @@ def recommend_cp(args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Work
     return None
 
 
-def model_flops_per_step(args: Qwen3VLArgs, st: ParamStats, w: Workload) -> float:
+def model_flops_per_step(args: Any, st: ParamStats, w: Workload) -> float:
     """6 x active matmul params per token (decoder incl. lm_head, without the embedding lookup) +
     causal attention 6 x layers x s x heads x head_dim per token (half of the full 12: causal), the
     same for the vision tower's patches (non-causal: 12 x ...), per micro-batch x grad_accum."""
@@ -453,7 +453,7 @@ def model_flops_per_step(args: Qwen3VLArgs, st: ParamStats, w: Workload) -> floa
     return f * w.grad_accum
 
 
-def make_plan(recipe: str, model_name: str, args: Qwen3VLArgs, st: ParamStats, lay: ParallelLayout, w: Workload,
+def make_plan(recipe: str, model_name: str, args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
               c: Cluster, p: Profile) -> Plan:
     mem = estimate_memory(args, st, lay, w, p, c)
     comm = estimate_comm(args, st, lay, w, c)

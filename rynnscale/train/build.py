@@ -1,7 +1,7 @@
 """The one model build path, used by training, evaluation, the planner, the memory measurement and the
-benchmarks: recipe -> architecture (``rynnscale.config.model_args``) -> model on the META device ->
-kernels -> ``model.freeze`` -> the model's parallel plan (EP, activation checkpointing, compile, FSDP2;
-``rynnscale.models.qwen3_vl.parallelize``) -> ``to_empty`` allocates only this rank's shards -> fill
+benchmarks: recipe -> architecture (``rynnscale.config.model_args``) -> the family's model (``rynnscale.models`` registry)
+on the META device -> kernels -> LoRA -> ``model.freeze`` -> the family's parallel plan (EP, activation
+checkpointing, compile, FSDP2) -> ``to_empty`` allocates only this rank's shards -> fill
 them from ``model.init_from`` (each rank reads only its rows of each tensor) or a random init drawn
 exactly as the single-process init draws it.
 
@@ -12,7 +12,7 @@ A single process is the same path with no meshes (checkpointing and compile only
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,11 +20,8 @@ from torch import nn
 from rynnscale.checkpoint.hf import load_hf_weights
 from rynnscale.config.model_args import resolve_model_args
 from rynnscale.config.schema import ModelConfig, RootConfig
+from rynnscale.models import family_of
 from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.models.qwen3_vl.moe import GroupedExperts
-from rynnscale.models.qwen3_vl.parallelize import parallelize
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel.fsdp import init_sharded_weights
 from rynnscale.parallel.layout import ParallelLayout
@@ -59,7 +56,7 @@ def restore_buffers(model: nn.Module) -> None:
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0, *,
                 meshes: Meshes | None = None, dtype_name: str = "auto", meta: bool = False,
                 param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True) -> tuple[Qwen3VLArgs, nn.Module]:
+                reshard_after_forward: bool = True) -> tuple[Any, nn.Module]:
     """Build ``(args, model)`` from a recipe's ``model`` section.
 
     ``meshes`` (from ``build_meshes``): EP + FSDP2 over them, this rank's shards only; None: one process.
@@ -70,27 +67,28 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     shape) and fails listing the names rather than leave anything randomly initialised; random init
     (no ``init_from``) is bitwise the single-process ``init_weights(seed)`` on every layout."""
     args = resolve_model_args(cfg, check_paths=not meta).args
+    spec = family_of(args)
     device = torch.device(device or "cpu")
     if cfg.kernels == "liger" and not meta:
         require_liger(device)  # ``auto`` falls back per call; an explicit ``liger`` must be usable
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(args, attn_backend=cfg.attn_backend)
+        model = spec.new_model(args, attn_backend=cfg.attn_backend)
     model.set_kernels(cfg.kernels)
-    spec = lora_spec(cfg)
-    if spec is not None:  # adapters on the meta model, before the plan: EP and FSDP2 split them too
-        apply_lora(model, spec, experts_of=lambda m: isinstance(m, GroupedExperts))
-        model.lora_spec = spec
+    lora = lora_spec(cfg)
+    if lora is not None:  # adapters on the meta model, before the plan: EP and FSDP2 split them too
+        apply_lora(model, lora, experts_of=spec.is_experts)
+        model.lora_spec = lora
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
-    parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
-                ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
-                reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
+    spec.parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
+                     ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
+                     reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
     if param_dtype is not None:
         model.to(dtype=param_dtype)
     if meta:
         return args, model
     model.to_empty(device=device)
-    embed = model.model.language_model.embed_tokens.weight
+    embed = model.input_embeddings().weight
     if args.tie_word_embeddings and model.lm_head.weight is not embed:
         raise RuntimeError("lm_head.weight is no longer tied to embed_tokens.weight after to_empty (FSDP2 must "
                            "keep the alias)")
@@ -98,7 +96,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     select = None
     if cfg.init_from is not None:
         log.info("loaded %s", load_hf_weights(model, cfg.init_from))
-        if spec is None:
+        if lora is None:
             return args, model
         select = is_adapter_param  # the base came from the checkpoint; draw the adapters only
     if meshes is not None:
@@ -123,7 +121,7 @@ def resolve_layout(cfg: RootConfig, world_size: int, num_experts: int) -> Parall
     return ParallelLayout.resolve(world_size, p.dp_replicate, p.dp_shard, p.ep, num_experts, p.cp)
 
 
-def build(cfg: RootConfig, ctx: DistContext) -> tuple[Qwen3VLArgs, nn.Module]:
+def build(cfg: RootConfig, ctx: DistContext) -> tuple[Any, nn.Module]:
     """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under the recipe's
     layout, whose meshes are stored in ``ctx.meshes``."""
     if ctx.distributed:
@@ -134,7 +132,7 @@ def build(cfg: RootConfig, ctx: DistContext) -> tuple[Qwen3VLArgs, nn.Module]:
     return build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes, dtype_name=cfg.train.dtype)
 
 
-def model_config_for(args: Qwen3VLArgs, **model_keys) -> ModelConfig:
+def model_config_for(args: Any, **model_keys) -> ModelConfig:
     """A ``model`` section whose inline architecture is ``args`` (plus any other ``model.*`` keys), for
     callers that hold an architecture rather than a recipe (tests, benchmarks)."""
     return ModelConfig(arch=args.to_hf_config(), **model_keys)

@@ -8,7 +8,7 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   first ``eval.max_batches`` packed micro-batches per rank); ``eval_tokens``: that token count.
 - grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
   the prompt is the sample up to its first assistant token, the answer is greedily generated
-  (``rynnscale.models.qwen3_vl.generate``), both answers' tags are parsed (``parse_tags``, lenient for the
+  (``rynnscale.models.generate``), both answers' tags are parsed (``parse_tags``, lenient for the
   generation) and tags are paired by kind in order of appearance:
 
   - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points (``<affordance>``,
@@ -174,7 +174,7 @@ def split_prompt(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
 
 def _text_prompt(ids: list[int]) -> EncodedSample:
     """A text-only prompt (filler for ranks with fewer grounding samples than others)."""
-    from rynnscale.models.qwen3_vl.mrope import text_position_ids
+    from rynnscale.models.mrope import text_position_ids
 
     t = torch.tensor(ids, dtype=torch.long)
     return EncodedSample(key="filler", input_ids_l=t, labels_l=torch.full_like(t, IGNORE_INDEX),
@@ -317,7 +317,7 @@ class Evaluator:
     def _grounding(self, model, device, total) -> dict[str, Any]:
         if self.cfg.eval.grounding_samples <= 0:
             return {}
-        from rynnscale.models.qwen3_vl.generate import greedy_generate
+        from rynnscale.models.generate import greedy_generate
 
         mine = self.grounding_samples()
         lockstep = self.world_size > 1

@@ -105,6 +105,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, groups: Iterable[A
     return out
 
 
+def largest_param_group(model: torch.nn.Module, cfg: OptimConfig) -> int:
+    """Elements of the largest AdamW param group (the foreach update's temporaries scale with it)."""
+    groups = param_groups(model, cfg.weight_decay, getattr(cfg, "groups", ()))
+    return max((sum(p.numel() for p in g["params"]) for g in groups), default=0)
+
+
 def _field(g: Any, name: str, default: Any = ...) -> Any:
     if isinstance(g, dict):
         return g[name] if default is ... else g.get(name, default)

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from rynnscale.models import family_of
+
 PARTS = ("attention", "experts", "router/permute", "mlp", "loss", "vision", "optimiser", "data wait", "other")
 
 
@@ -54,28 +56,17 @@ class StepProfiler:
     """Exclusive wall-clock (CPU) or CUDA-event (GPU) time per part of a training step."""
 
     def __init__(self, model: nn.Module):
-        from rynnscale.models.qwen3_vl.model import LMHead
-        from rynnscale.models.qwen3_vl.moe import GroupedExperts, SparseMoeBlock
-        from rynnscale.models.qwen3_vl.text import Attention, DenseMLP
-        from rynnscale.models.qwen3_vl.vision import Qwen3VLVisionModel
-
         self.cuda = next(model.parameters()).device.type == "cuda"
         self._handles = []
         self._marks: list[tuple[object, str]] = []   # (timestamp or event, part active AFTER the mark)
         self._open: list[tuple[int, str]] = []       # open intervals, innermost last
         self._next_id = 0
         self._active = False
-        parts = {Attention: "attention", GroupedExperts: "experts", SparseMoeBlock: "router/permute",
-                 DenseMLP: "mlp", LMHead: "loss", Qwen3VLVisionModel: "vision"}
+        parts = {p.module: p for p in family_of(model).profile_parts()}
         for mod in model.modules():
             part = parts.get(type(mod))
-            if part is None:
-                continue
-            if isinstance(mod, Qwen3VLVisionModel):
-                # pixels carry no gradient: the tower's backward ends at the patch embedding's output
-                self._hook(mod, part, close_on=mod.patch_embed)
-            else:
-                self._hook(mod, part)
+            if part is not None:  # a tower whose input needs no gradient: its backward ends at close_on's output
+                self._hook(mod, part.part, close_on=getattr(mod, part.close_on) if part.close_on else None)
 
     # ------------------------------------------------------------------ timeline
     def _now(self):

@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import save_file
 
 from rynnscale.checkpoint.hf import HFCheckpointError, _checkpoint_sources
+from rynnscale.models import read_hf_config
 from rynnscale.models.qwen3_vl.args import MAX_PARAMS, ArchConfigError
-from rynnscale.models.qwen3_vl.hf_config import read_hf_config
 
 DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
 

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_ARCH = """
 model:
   arch:
+    model_type: qwen3_vl
     text_config: {vocab_size: 151936, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2,
                   num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, mrope_section: [2, 3, 3]}
     vision_config: {depth: 1, hidden_size: 32, num_heads: 2, intermediate_size: 64, out_hidden_size: 32,

@@ -15,6 +15,7 @@ from shared_data import SHARED_DATA
 
 from rynnscale.data.encode import REASONS, EncoderConfig, SampleEncoder, SampleError
 from rynnscale.data.tokenizer import VisionTokenIds, default_tokenizer_dir, load_tokenizer
+from rynnscale.models import family_of
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, VisionArgs
 
 
@@ -257,10 +258,11 @@ def test_size_limits(tok):
 
 def test_full_member_name_and_model_args(tok):
     args = Qwen3VLArgs()
-    enc = SampleEncoder(tok, EncoderConfig(), args)
+    enc = SampleEncoder(tok, EncoderConfig(), family_of(args).data(args))
     out = enc.encode("k9", sample(_with_image_ref("k9.f000.jpg"), **{"f000.jpg": jpeg()}))
     assert out.image_grid_thw is not None
+    other = Qwen3VLArgs(vision=VisionArgs(patch_size=14))
     with pytest.raises(ValueError, match="patch_size"):
-        SampleEncoder(tok, EncoderConfig(), Qwen3VLArgs(vision=VisionArgs(patch_size=14)))
+        SampleEncoder(tok, EncoderConfig(), family_of(other).data(other))
     with pytest.raises(ValueError, match="max_frames"):
         SampleEncoder(tok, EncoderConfig(max_frames=0))

@@ -19,7 +19,7 @@ from rynnscale.config.schema import ModelConfig
 from rynnscale.data.encode import EncoderConfig, SampleEncoder
 from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from rynnscale.data_pipelines.synthetic import render_clip, synthetic_sample
-from rynnscale.models.qwen3_vl.generate import greedy_generate, prompt_batch
+from rynnscale.models.generate import greedy_generate, prompt_batch
 from rynnscale.train.build import build_model
 
 IMG, VID, IM_END = 151655, 151656, 151645

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rynnscale.models.qwen3_vl.mrope import (
+from rynnscale.models.mrope import (
     mrope_next_position,
     mrope_position_ids,
     mrope_rope_delta,

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from rynnscale.batch import PackedBatch
+from rynnscale.models.mrope import mrope_position_ids
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rynnscale.batch import PackedBatch, PixelNorm
+from rynnscale.models.mrope import mrope_position_ids
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
 
 IMG, VID, VS, VE = 250, 251, 252, 253
 PATCH_DIM = 3 * 2 * 4 * 4  # C * temporal_patch * ps * ps

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rynnscale.config.load import load_config
+from rynnscale.models import preset_config
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.models.qwen3_vl.presets import preset_config
 from rynnscale.plan import plan_recipe
 from rynnscale.plan.planner import cp_attention_mode, cp_traffic_per_layer
 

@@ -12,7 +12,8 @@ import torch
 from rynnscale.cli import main as cli_main
 from rynnscale.config import ConfigError, load_config
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.models.qwen3_vl.presets import PUBLISHED_PARAMS, preset_config
+from rynnscale.models.qwen3_vl.presets import PUBLISHED_PARAMS
+from rynnscale.models.registry import preset_config
 from rynnscale.plan import param_stats
 from rynnscale.train.build import build_model, model_config_for
 

@@ -121,7 +121,7 @@ def test_base_to_finetune_to_export_to_transformers_generate(data_root, base_exp
     hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     raw = next(iter_tar_samples(str(next((data_root / "heldout").glob("*.tar")))))
     prompt, _ = split_prompt(ev.encoder.encode(raw.key, raw.members))
-    from rynnscale.models.qwen3_vl.generate import greedy_generate
+    from rynnscale.models.generate import greedy_generate
 
     with torch.no_grad():
         want = hf_generate(hf, prompt, 8)

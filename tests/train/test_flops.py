@@ -1,4 +1,4 @@
-"""Model-FLOP accounting (rynnscale/train/flops.py) against a hand count, ANCHORS.md's formula and
+"""Model-FLOP accounting (rynnscale/models/qwen3_vl/flops.py, rynnscale/models/stats.py) against a hand count, ANCHORS.md's formula and
 torch's own FlopCounterMode on a tiny multimodal MoE model.
 
 Tolerances: the hand count and ANCHORS' formula must match exactly (integers in float64); torch's
@@ -16,12 +16,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rynnscale.batch import PackedBatch
+from rynnscale.models.mrope import mrope_position_ids
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
+from rynnscale.models.qwen3_vl.flops import anchor_flops_per_step, step_flops
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
-from rynnscale.models.qwen3_vl.mrope import mrope_position_ids
+from rynnscale.models.stats import batch_flops, param_stats
 from rynnscale.train.build import build_model, model_config_for
-from rynnscale.train.flops import anchor_flops_per_step, packed_batch_flops, step_flops
-from rynnscale.train.model_stats import param_stats
 
 IMG, VID, VS, VE = 250, 251, 252, 253
 
@@ -149,7 +149,7 @@ def test_matches_torch_flop_counter():
     counted = counter.get_total_flops()
     # the fused linear + CE runs on the rows that have a target after the shift
     st = param_stats(build_model(model_config_for(args), meta=True)[1])
-    ours = packed_batch_flops(args, st, batch, loss_tokens=batch.num_target_tokens)
+    ours = batch_flops(args, st, batch, loss_tokens=batch.num_target_tokens)
     expected = ours.total + ours.text_attention  # torch counts causal attention as full: 2 x ours
     assert counted > 0
     assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())

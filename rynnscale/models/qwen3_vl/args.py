@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from rynnscale.models.spec import ArchConfigError
+
 # Keys transformers writes into every config that carry no architecture information.
 _HF_BOOKKEEPING = {
     "architectures", "output_hidden_states", "return_dict", "dtype", "torch_dtype",
@@ -23,10 +25,6 @@ _HF_BOOKKEEPING = {
     "max_window_layers", "layer_types", "quantization_config", "rope_scaling", "rope_parameters",
     "num_local_experts", "rope_theta",
 }
-
-
-class ArchConfigError(ValueError):
-    """An architecture description is invalid; the message names the key."""
 
 
 # Documented maxima of architecture sizes (far above any published model; refused before allocation so that an

@@ -31,7 +31,6 @@ document at the end). Per token, in this order:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -42,21 +41,12 @@ from rynnscale.models.lora import LoRALinear, expert_lora_init_plan
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
 from rynnscale.models.qwen3_vl.text import RMSNorm, TextModel
+from rynnscale.models.spec import ModelOutput
 from rynnscale.ops import fused
 from rynnscale.ops.loss import linear_cross_entropy
 from rynnscale.parallel.context_parallel import CPGroup, CPShard, balanced_ranges, gather_rows
 
-
-@dataclass
-class ModelOutput:
-    """``hidden_ld`` [L, H] final-normed hidden states; ``aux_loss`` 0-dim (load balancing, already
-    times ``router_aux_loss_coef * top_k``, i.e. on transformers' per-layer scale; 0 for dense); ``expert_counts`` [n_moe_layers, E] int64 local
-    top-k assignment counts (detached) or None for dense."""
-
-    hidden_ld: torch.Tensor
-    aux_loss: torch.Tensor
-    expert_counts: torch.Tensor | None = None
-    cp: CPShard | None = None  # context parallel: hidden_ld holds this rank's shard of the row
+__all__ = ["LMHead", "ModelOutput", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"]
 
 
 class LMHead(nn.Linear):
@@ -137,9 +127,21 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         self.tie_weights()
         return self
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.language_model.embed_tokens
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.language_model.layers
+
+    def vision_tower(self) -> nn.Module:
+        return self.model.visual
+
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.model.visual.blocks
+
     def activation_checkpoint_targets(self) -> list[nn.ModuleList]:
         """The per-layer block lists (decoder layers, vision blocks) that checkpointing / FSDP wrap."""
-        return [self.model.language_model.layers, self.model.visual.blocks]
+        return [self.decoder_layers(), self.vision_blocks()]
 
     def init_plan(self, std: float = 0.02) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
         """HF's init as ``(parameter name, in-place init of the FULL tensor)`` in the order the RNG is

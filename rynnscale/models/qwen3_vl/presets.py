@@ -15,7 +15,6 @@ compare against the count of the module built from the preset on the meta device
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 _VISION_SMALL = {  # Qwen3-VL-2B / -4B vision tower (24 blocks, width 1024)
@@ -80,9 +79,3 @@ PUBLISHED_PARAMS: dict[str, dict[str, float]] = {
     "qwen3-vl-30b-a3b": {"total": 31.07, "text_total": 30.5, "text_active": 3.3},
 }
 
-
-def preset_config(name: str) -> dict[str, Any]:
-    """A deep copy of preset ``name``'s config.json dict; KeyError lists the known names."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])

@@ -8,7 +8,8 @@ with t=1 (exactly like transformers' ``Qwen3VLModel.get_rope_index``). Inside a 
 are ``(start, start + h, start + w)`` over the merged ``h x w`` grid, and the next text token starts
 at ``start + max(h, w)``.
 
-The functions here work on one sample (positions start at 0) so packing can concatenate samples
+Shared by the Qwen vision-language families (Qwen3-VL, Qwen3.5 use the same rule); ``text_position_ids``
+and ``mrope_next_position`` are the 1-D case every family's generation uses. The functions here work on one sample (positions start at 0) so packing can concatenate samples
 whose positions restart at 0; they run on CPU in the data loader (numpy inside, no torch ops per run).
 """
 

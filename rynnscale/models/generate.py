@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, PackedBatch
-from rynnscale.models.qwen3_vl.mrope import mrope_next_position, text_position_ids
+from rynnscale.models.mrope import mrope_next_position, text_position_ids
 
 
 def prompt_batch(prompt: Any, new_ids: list[int], device: torch.device | None = None) -> PackedBatch:

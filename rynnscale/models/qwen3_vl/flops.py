@@ -1,7 +1,8 @@
-"""Model FLOPs of one training step (forward + backward, recomputation NOT counted) for a packed batch.
+"""Qwen3-VL's model FLOPs of one training step (forward + backward, recomputation NOT counted) over packed
+documents: the family's ``step_flops`` (``rynnscale.models.stats.batch_flops`` applies it to a batch).
 
-Used for model TFLOP/s and MFU (bench/train_step.py, metrics). Parameter counts come from
-``rynnscale.train.model_stats.param_stats`` (the same module tree the trainer builds); only the
+Used for model TFLOP/s and MFU (metrics, bench/train_step.py, the planner). Parameter counts come from
+``rynnscale.models.stats.param_stats`` (the same module tree the trainer builds); only the
 weights that take part in a matmul count. Per part (T tokens, P vision patches):
 
 - ``text_linear``    = 6 * N_lin * T. N_lin per token = every decoder layer's parameters minus its
@@ -28,40 +29,11 @@ as full (2 x ``text_attention``); tests/train/test_flops.py checks both.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 
-from rynnscale.batch import PackedBatch
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
-from rynnscale.train.model_stats import ParamStats
-
-
-@dataclass(frozen=True)
-class StepFlops:
-    """FLOPs of one forward + backward, by part (floats: they exceed 2**53 only at absurd sizes)."""
-
-    text_linear: float
-    lm_head: float
-    text_attention: float
-    vision_linear: float = 0.0
-    vision_attention: float = 0.0
-
-    @property
-    def decoder(self) -> float:
-        """Decoder + lm_head only (what ANCHORS.md's MFU counts, also for the video case)."""
-        return self.text_linear + self.lm_head + self.text_attention
-
-    @property
-    def vision(self) -> float:
-        return self.vision_linear + self.vision_attention
-
-    @property
-    def total(self) -> float:
-        return self.decoder + self.vision
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self) | {"decoder": self.decoder, "vision": self.vision, "total": self.total}
+from rynnscale.models.stats import ParamStats, StepFlops
 
 
 def text_linear_params_per_token(args: Qwen3VLArgs, st: ParamStats) -> int:
@@ -117,15 +89,6 @@ def step_flops(
     return StepFlops(text_linear, lm_head, text_attention, vision_linear, vision_attention)
 
 
-def packed_batch_flops(args: Qwen3VLArgs, st: ParamStats, batch: PackedBatch,
-                       loss_tokens: int | None = None) -> StepFlops:
-    """``step_flops`` of one ``PackedBatch`` row (its samples from ``cu_seqlens``, all its images and videos)."""
-    cu = batch.cu_seqlens.detach().to("cpu", torch.int64)
-    grids = [g for g in (batch.image_grid_thw, batch.video_grid_thw) if g is not None]
-    grid = torch.cat([g.detach().to("cpu", torch.int64) for g in grids]) if grids else None
-    return step_flops(args, st, (cu[1:] - cu[:-1]).tolist(), grid, loss_tokens)
-
-
 def anchor_flops_per_step(args: Qwen3VLArgs, batch: int, seq: int) -> float:
     """ANCHORS.md's formula for B unpacked rows of S tokens, written out from the dimensions alone
     (``6 x active params + 6 x layers x S x heads x head_dim`` per token; active = attention +
@@ -140,3 +103,30 @@ def anchor_flops_per_step(args: Qwen3VLArgs, batch: int, seq: int) -> float:
     active = L * (attn + mlp) + h * t.vocab_size
     per_token = 6 * active + 6 * L * seq * t.num_attention_heads * t.head_dim
     return float(per_token * batch * seq)
+
+
+def cost_coefficients(args: Qwen3VLArgs) -> tuple[float, float, float]:
+    """``(a, b, c)`` of the data path's balancing cost ``a * tokens + b * tokens^2 + c * vision_patches``
+    (``rynnscale.data.balance``), in units of one token's decoder linear work: FLOP ratios of attention and
+    of the vision tower to the decoder's matmul weights. Counts matmul weights only: decoder attention +
+    MLP (MoE: top-k experts + router) + lm_head; vision blocks + patch embedding + mergers (per patch)."""
+    t, v = args.text, args.vision
+    h, hd = t.hidden_size, t.head_dim
+    attn = h * t.num_attention_heads * hd * 2 + h * t.num_key_value_heads * hd * 2
+    n_active = 0
+    for i in range(t.num_hidden_layers):
+        if t.num_experts > 0 and t.layer_is_moe(i):
+            mlp = t.num_experts_per_tok * 3 * h * t.moe_intermediate_size + h * t.num_experts
+        else:
+            mlp = 3 * h * t.intermediate_size
+        n_active += attn + mlp
+    n_active += h * t.vocab_size
+    b = t.num_hidden_layers * t.num_attention_heads * hd / n_active
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    merged = v.hidden_size * v.spatial_merge_size ** 2
+    n_vision = v.depth * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    n_vision += patch_dim * v.hidden_size
+    # the patch merger and the DeepStack mergers run once per merged token (= merge^2 patches)
+    n_mergers = 1 + len(v.deepstack_visual_indexes)
+    n_vision += n_mergers * (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size ** 2
+    return 1.0, b, n_vision / n_active
