@@ -48,7 +48,7 @@ def is_experts(module: Any) -> bool:
 
 
 def profile_parts() -> tuple[ProfilePart, ...]:
-    from rynnscale.models.qwen3_vl.model import LMHead
+    from rynnscale.models.causal_lm import LMHead
     from rynnscale.models.qwen3_vl.moe import GroupedExperts, SparseMoeBlock
     from rynnscale.models.qwen3_vl.text import Attention, DenseMLP
     from rynnscale.models.qwen3_vl.vision import Qwen3VLVisionModel

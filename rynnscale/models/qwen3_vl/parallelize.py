@@ -89,7 +89,7 @@ def parallelize(model: nn.Module, meshes: Meshes | None, *, dtype_name: str = "a
     for blocks in model.activation_checkpoint_targets():
         for block in blocks:
             fully_shard(block, mesh=meshes.dense, **kw)
-    if model.lm_head.weight is not model.model.language_model.embed_tokens.weight:
+    if model.lm_head.weight is not model.input_embeddings().weight:
         fully_shard(model.lm_head, mesh=meshes.dense, **kw)
     # the root stays unsharded from forward to backward: the loss head (``model.loss_sum`` ->
     # ``lm_head``) runs AFTER the root's forward, and a tied head's weight is a root parameter
