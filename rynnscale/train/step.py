@@ -1,7 +1,8 @@
 """One optimiser step, the same on one process and on many (torchrun).
 
 Every rank is a data-parallel rank with its own micro-batches (EP ranks too; expert parallelism is
-carved out of data parallelism), and the step's quantities are global:
+carved out of data parallelism), and the step's quantities are global. The loss comes from an objective
+(``rynnscale.train.objectives``; the default, supervised ``TokenCrossEntropy``, is described here):
 
 - loss = sum of token cross-entropies over the assistant tokens of ALL ranks' micro-batches of the step,
   divided by their total count (all-reduced BEFORE backward), so N ranks x M micro-batches give the same
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
 from rynnscale.batch import PackedBatch
 from rynnscale.parallel.distributed import DistContext, clip_grad_norm_
+from rynnscale.train.objectives import Objective, TokenCrossEntropy
 
 
 def autocast_context(dtype_name: str, device: torch.device):
@@ -48,7 +50,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepStats:
-    """Global (all ranks) quantities of one optimiser step; ``expert_counts`` [n_moe, E] summed over ranks."""
+    """Global (all ranks) quantities of one optimiser step; ``expert_counts`` [n_moe, E] summed over ranks;
+    ``metrics``: the objective's logged values (``loss`` and ``aux_loss`` also as fields)."""
 
     loss: float
     aux_loss: float
@@ -58,26 +61,24 @@ class StepStats:
     samples: int
     expert_counts: torch.Tensor | None
     finite: bool = True   # False: loss or grad norm was inf/NaN and the optimiser step was skipped
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
-               loss_chunk_tokens: int, max_grad_norm: float, ctx: DistContext | None = None) -> StepStats:
-    """One optimiser step over this rank's ``micro_batches`` (gradient accumulation), with the loss
-    normalised by the target-token count of the whole step across ``ctx``'s ranks (None = one process).
-    A ``filler`` micro-batch runs forward and backward like any other (its rank stays in lockstep with
-    its peers' collectives) with its loss weighted 0, and counts no tokens, samples or expert loads; a step
-    with no target token on any rank skips the optimiser update (every rank knows the global count)."""
+               max_grad_norm: float, objective: Objective | None = None, ctx: DistContext | None = None,
+               loss_chunk_tokens: int = 4096) -> StepStats:
+    """One optimiser step over this rank's ``micro_batches`` (gradient accumulation) minimising ``objective``
+    (default: ``TokenCrossEntropy(loss_chunk_tokens)``), normalised over the whole step across ``ctx``'s ranks
+    (None = one process). A ``filler`` micro-batch runs forward and backward like any other (its rank stays
+    in lockstep with its peers' collectives) with its loss weighted 0, and counts no tokens, samples, loss or
+    expert loads; a step whose objective has nothing to learn from on any rank skips the optimiser update."""
     ctx = ctx or DistContext(device=device)
+    objective = objective or TokenCrossEntropy(loss_chunk_tokens)
     real = [b for b in micro_batches if not b.filler]
-    local_targets = sum(b.num_target_tokens for b in real)
-    # before any backward: every rank divides by the same count (a CP group's rows counted once)
-    n_targets = int(ctx.sum_data([local_targets])[0])
-    denom = max(n_targets, 1)
-    n_forwards = len(micro_batches) * ctx.dp_size  # the aux loss is a mean over all (sample stream, micro-batch)
+    norm = objective.normalizer(micro_batches, ctx)   # before any backward: every rank divides by the same
     # metrics stay on the device until the step ends: no host sync between micro-batches, so the
     # next micro-batch's kernels are queued while the GPU still runs this one's backward
-    loss_dev = torch.zeros((), dtype=torch.float64, device=device)
-    aux_dev = torch.zeros((), dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {}
     counts = None
     # HSDP: replicas all-reduce the (reduce-scattered) gradients once per step, after the last
     # micro-batch, instead of once per micro-batch (a no-op without a replicate dimension)
@@ -87,33 +88,35 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
             model.set_requires_all_reduce(i == len(micro_batches) - 1)
         batch = batch.to(device)
         with autocast_context(dtype_name, device):
-            out = model(batch, counts_reducer=ctx.counts_reducer)
-            loss_sum = model.loss_sum(batch, out, loss_chunk_tokens)
-        aux = out.aux_loss / n_forwards
+            part = objective.loss(model, batch, norm, ctx)
         if batch.filler:   # the same graph, so the same collectives in backward; exactly zero gradients
-            ((loss_sum / denom + aux) * 0.0).backward()
+            (part.loss * 0.0).backward()
         else:
-            (loss_sum / denom + aux).backward()
-            loss_dev += loss_sum.detach()
-            aux_dev += aux.detach()
-        if out.expert_counts is not None:   # a filler's as zeros: every rank joins the counts' all-reduce
-            c = out.expert_counts.detach().long()
+            part.loss.backward()
+            for name, value in part.sums.items():
+                sums[name] = sums[name] + value.double() if name in sums else value.double()
+        if part.expert_counts is not None:   # a filler's as zeros: every rank joins the counts' all-reduce
+            c = part.expert_counts.detach().long()
             c = torch.zeros_like(c) if batch.filler else c
             counts = c if counts is None else counts + c
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, ctx.norm_group)
-    # loss / aux: every rank's own share (CP shards); tokens / samples: once per CP group; one all-reduce
+    # objective sums: every rank's own share (CP shards); tokens / samples / targets: once per CP group; one
+    # all-reduce (every rank lists the same names: a rank whose micro-batches were all fillers reports zeros)
+    names = sorted(set(sums) | {"loss", "aux_loss"})
     once = 1 if ctx.cp_rank == 0 else 0
-    loss_total, aux_total, tokens, samples = ctx.sum([
-        loss_dev.item(), aux_dev.item(), once * sum(b.num_tokens for b in real),
-        once * sum(b.num_samples for b in real)])
+    totals = ctx.sum([float(sums[n].item()) if n in sums else 0.0 for n in names] + [
+        once * sum(b.num_tokens for b in real), once * sum(b.num_samples for b in real),
+        once * sum(b.num_target_tokens for b in real)])
+    metrics = {n: v / max(norm.count, 1) if n in objective.per_count else v for n, v in zip(names, totals)}
+    tokens, samples, targets = (int(x) for x in totals[len(names):])
     # global values (all ranks agree): an inf/NaN loss or gradient must not reach the weights
-    finite = math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(float(grad_norm))
-    # a step whose micro-batches hold no target token anywhere (all fillers) leaves the weights alone: with zero
+    finite = all(math.isfinite(v) for v in metrics.values()) and math.isfinite(float(grad_norm))
+    # a step with nothing to learn from anywhere (e.g. all fillers) leaves the weights alone: with zero
     # gradients Adam would still move them by its momentum, i.e. train on nothing
-    if finite and n_targets > 0:
+    if finite and norm.count > 0:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if counts is not None:
         counts = ctx.sum_tensor(counts).cpu()
-    return StepStats(loss=loss_total / denom, aux_loss=aux_total, grad_norm=float(grad_norm), tokens=int(tokens),
-                     target_tokens=n_targets, samples=int(samples), expert_counts=counts, finite=finite)
+    return StepStats(loss=metrics["loss"], aux_loss=metrics["aux_loss"], grad_norm=float(grad_norm), tokens=tokens,
+                     target_tokens=targets, samples=samples, expert_counts=counts, finite=finite, metrics=metrics)

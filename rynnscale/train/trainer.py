@@ -66,6 +66,7 @@ from rynnscale.train.setup import (
     shared_base_fingerprint,
     truncate_metrics,
 )
+from rynnscale.train.objectives import TokenCrossEntropy
 from rynnscale.train.step import NonFiniteLossError, StepStats, train_step
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         return extra or None
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
+    objective = TokenCrossEntropy(tc.loss_chunk_tokens)
     batches = iter(c.data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
@@ -230,8 +232,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             micro = [next(batches) for _ in range(tc.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = c.scheduler.get_last_lr()[0]
-            stats = train_step(model, c.optimizer, micro, device=ctx.device, dtype_name=tc.dtype,
-                               loss_chunk_tokens=tc.loss_chunk_tokens, max_grad_norm=tc.max_grad_norm, ctx=ctx)
+            stats = train_step(model, c.optimizer, micro, device=ctx.device, dtype_name=tc.dtype, objective=objective,
+                               max_grad_norm=tc.max_grad_norm, ctx=ctx)
             c.scheduler.step()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()
