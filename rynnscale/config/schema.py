@@ -198,6 +198,7 @@ class LoggingConfig:
     progress: bool = True               # console progress bar with ETA
     plot: bool = True                   # PNG of loss / lr / throughput at the end
     sample_log: bool = False            # OUTPUT_DIR/samples.jsonl: the "<shard>:<key>" list of every step's global batch
+    peak_tflops: float = 0.0            # per-device dense bf16 TFLOP/s for mfu; 0 = the detected GPU's spec (none on CPU)
 
 
 @dataclass

@@ -34,6 +34,48 @@ def max_over_mean(values) -> float | None:
     return max(values) / mean if mean > 0 else None
 
 
+#: dense bf16 tensor-core rate (TFLOP/s, the vendor's spec) by device-name fragment, for MFU when
+#: ``logging.peak_tflops`` is 0; first match wins (H100 PCIe before the generic H100 = SXM)
+KNOWN_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("H20", 148.0),
+                     ("GH200", 989.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+                     ("L40S", 362.0), ("A10G", 70.0))
+
+
+def peak_tflops(device: Any, configured: float = 0.0) -> float | None:
+    """Per-device peak used for MFU: ``configured`` (> 0), else the known rate of this CUDA device's name,
+    else None (CPU, or an unknown card: MFU is then not logged)."""
+    if configured > 0:
+        return float(configured)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((rate for frag, rate in KNOWN_PEAK_TFLOPS if frag in name), None)
+
+
+class StepFlopsMeter:
+    """Model FLOPs of a step (forward + backward of the family's ``step_flops``: decoder, lm_head on every
+    token, causal attention over the packed documents, the vision tower; recomputation not counted) from the
+    micro-batches a rank trained, for ``model_tflops_per_s`` and ``mfu`` in metrics.jsonl."""
+
+    def __init__(self, args: Any, stats: Any, peak: float | None):
+        self.args, self.stats, self.peak = args, stats, peak
+
+    def local(self, micro_batches: list, cp_rank: int = 0) -> float:
+        """This rank's share of the step's model FLOPs (a context-parallel group's rows count once)."""
+        from rynnscale.models.stats import batch_flops
+
+        if cp_rank:
+            return 0.0
+        return sum(batch_flops(self.args, self.stats, b).total for b in micro_batches if not b.filler)
+
+    def record(self, step_flops: float, seconds: float, world_size: int) -> dict[str, float | None]:
+        tflops = step_flops / seconds / 1e12 if seconds > 0 else 0.0
+        return {"model_tflops_per_s": tflops,
+                "mfu": tflops / (self.peak * world_size) if self.peak else None}
+
+
 class SampleLog:
     """``logging.sample_log``: ``samples.jsonl``, one line ``{"step": k, "samples": ["<shard>:<key>", ...]}``
     per step for the whole global batch (sorted). Only rank 0 writes; the trainer truncates the lines of

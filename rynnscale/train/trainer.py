@@ -43,14 +43,18 @@ from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import RootConfig, save_resolved, to_yaml
+from rynnscale.models.stats import param_stats
 from rynnscale.parallel.distributed import DistContext, report_failures
+from rynnscale.train.build import build_model
 from rynnscale.train.hooks import call_hooks, recipe_hooks
 from rynnscale.train.metrics import (
     SAMPLES_FILE,
     MetricsLogger,
     SampleLog,
+    StepFlopsMeter,
     expert_load_max_over_mean,
     max_over_mean,
+    peak_tflops,
     plot_run,
 )
 from rynnscale.train.setup import (
@@ -154,10 +158,11 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
 
 
 def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt: float, t_data: float,
-                 nonfinite_total: int) -> dict:
+                 nonfinite_total: int, flops: StepFlopsMeter, local_flops: float) -> dict:
     """The ``metrics.jsonl`` line of one step (global quantities; data wait is the mean over ranks)."""
     ctx = c.ctx
-    times = ctx.sum([t_data] + [dt if r == ctx.rank else 0.0 for r in range(ctx.world_size)])  # one all-reduce
+    # one all-reduce: data wait, model FLOPs, each rank's step time
+    times = ctx.sum([t_data, local_flops] + [dt if r == ctx.rank else 0.0 for r in range(ctx.world_size)])
     t_data_mean = times[0] / ctx.world_size
     record = {
         "step": step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
@@ -168,7 +173,8 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
         # data-parallel balance: estimated cost of each rank's micro-batches (the loader's plan) and the
         # measured step time of each rank, as max / mean over ranks
         "rank_cost_max_over_mean": max_over_mean(getattr(c.data, "last_step_rank_costs", None) or []),
-        "rank_time_max_over_mean": max_over_mean(times[1:]),
+        "rank_time_max_over_mean": max_over_mean(times[2:]),
+        **flops.record(times[1], dt, ctx.world_size),
     }
     if stats.expert_counts is not None:
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
@@ -220,6 +226,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
     objective = TokenCrossEntropy(tc.loss_chunk_tokens)
+    flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True)[1]),
+                           peak_tflops(ctx.device, cfg.logging.peak_tflops))
     batches = iter(c.data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
@@ -243,7 +251,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             sample_log.log(state.step, getattr(c.data, "last_step_samples", None) or [])
             nonfinite_run = 0 if stats.finite else nonfinite_run + 1
             nonfinite_total += 0 if stats.finite else 1
-            record = _step_record(state.step, c, stats, lr, dt, t_data, nonfinite_total)
+            record = _step_record(state.step, c, stats, lr, dt, t_data, nonfinite_total, flops,
+                                  flops.local(micro, ctx.cp_rank))
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 metrics.log(record)

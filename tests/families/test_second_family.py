@@ -99,8 +99,9 @@ def _run(tmp_path: Path, out: str, *overrides: str) -> list[dict]:
 
 def test_trains_resumes_and_exports_through_the_real_trainer(tmp_path: Path) -> None:
     _text_shards(tmp_path / "shards")
-    straight = _run(tmp_path, "straight", "checkpoint.export_hf=true")
+    straight = _run(tmp_path, "straight", "checkpoint.export_hf=true", "logging.peak_tflops=0.5")
     losses = [r["loss"] for r in straight]
+    assert all(r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.5) and r["mfu"] > 0 for r in straight)
     assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]) - 0.5, losses
     # a new run resumed from the straight run's step-4 checkpoint trains steps 5-8 with the same losses, bit for bit
     resumed = _run(tmp_path, "resumed", f"checkpoint.resume={tmp_path / 'straight' / 'checkpoints' / 'step_000004'}")

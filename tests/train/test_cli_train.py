@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "expert_load_max_over_mean"}
+METRIC_KEYS = {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "expert_load_max_over_mean",
+               "model_tflops_per_s", "mfu"}
 
 
 @pytest.mark.slow
@@ -24,6 +25,7 @@ def test_demo_recipe_trains_and_writes_outputs(tmp_path):
     for r in records:
         assert METRIC_KEYS <= r.keys(), METRIC_KEYS - r.keys()
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["expert_load_max_over_mean"] >= 1.0
+        assert r["model_tflops_per_s"] > 0 and r["mfu"] is None    # no peak rate is known for a CPU
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert first > 11 and last < first - 2, (first, last)  # starts at ~ln(151936) and falls clearly

@@ -155,3 +155,20 @@ def test_matches_torch_flop_counter():
     assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
     # every part is really present in this model and batch
     assert min(ours.as_dict().values()) > 0
+
+
+def test_step_flops_meter_counts_real_micro_batches_once_per_cp_group() -> None:
+    """The trainer's model TFLOP/s and MFU (metrics.jsonl): the family's FLOPs of the rank's real micro-batches,
+    none for fillers nor for ranks other than the first of a context-parallel group."""
+    from rynnscale.batch import filler_batch
+    from rynnscale.train.metrics import StepFlopsMeter
+
+    args = tiny_args()
+    st = param_stats(build_model(model_config_for(args), meta=True)[1])
+    batch = _batch(args, torch.Generator().manual_seed(0))
+    meter = StepFlopsMeter(args, st, peak=2.0)
+    assert meter.local([batch, filler_batch(), batch]) == 2 * batch_flops(args, st, batch).total
+    assert meter.local([batch], cp_rank=1) == 0.0
+    rec = meter.record(4e12, 2.0, world_size=2)
+    assert rec == {"model_tflops_per_s": 2.0, "mfu": 0.5}
+    assert StepFlopsMeter(args, st, peak=None).record(4e12, 2.0, 1)["mfu"] is None
