@@ -28,11 +28,11 @@ from rynnscale.parallel.mesh import Meshes
 log = logging.getLogger(__name__)
 
 
-def mixed_precision_policy(device: torch.device, dtype_name: str) -> MixedPrecisionPolicy:
-    """bf16 compute + fp32 reduce on GPU (``train.dtype`` auto/bfloat16); fp32 on CPU or ``float32``."""
-    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda")
-    if use_bf16:
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+def mixed_precision_policy(compute: torch.dtype) -> MixedPrecisionPolicy:
+    """Parameters cast to ``compute`` (``rynnscale.parallel.precision.compute_dtype``) for forward / backward,
+    gradients reduced in fp32; fp32 compute: no casts."""
+    if compute != torch.float32:
+        return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 

@@ -12,17 +12,19 @@ A single process is the same path with no meshes (checkpointing and compile only
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from rynnscale.checkpoint.hf import load_hf_weights
-from rynnscale.config.model_args import resolve_model_args
+from rynnscale.config.model_args import ResolvedArch, resolve_model_args
 from rynnscale.config.schema import ModelConfig, RootConfig
 from rynnscale.models import family_of
 from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
 from rynnscale.ops.fused import require_liger
+from rynnscale.parallel import precision
 from rynnscale.parallel.fsdp import init_sharded_weights
 from rynnscale.parallel.layout import ParallelLayout
 from rynnscale.parallel.mesh import build_meshes, device_type_of
@@ -54,21 +56,24 @@ def restore_buffers(model: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed: int = 0, *,
-                meshes: Meshes | None = None, dtype_name: str = "auto", meta: bool = False,
-                param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True) -> tuple[Any, nn.Module]:
+                meshes: Meshes | None = None, compute_dtype: torch.dtype | None = None, meta: bool = False,
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                arch: ResolvedArch | None = None) -> tuple[Any, nn.Module]:
     """Build ``(args, model)`` from a recipe's ``model`` section.
 
     ``meshes`` (from ``build_meshes``): EP + FSDP2 over them, this rank's shards only; None: one process.
     ``meta=True``: stop before any storage (the planner counts parameters; ``init_from`` may then be off
-    this machine when ``model.preset`` names its architecture). ``dtype_name`` is ``train.dtype``
-    (FSDP2 mixed precision); ``param_dtype`` stores the parameters in that dtype instead of fp32 (no
+    this machine when ``model.preset`` names its architecture). ``compute_dtype``: FSDP2's mixed precision
+    (default: ``train.dtype: auto`` on ``device``); ``arch``: the architecture already resolved from ``cfg``
+    (``ResolvedRun.arch``; default: resolve it); ``param_dtype`` stores the parameters in that dtype instead of fp32 (no
     fp32 master copy: benchmarks, frozen weights). Loading validates every tensor (missing / unexpected /
     shape) and fails listing the names rather than leave anything randomly initialised; random init
     (no ``init_from``) is bitwise the single-process ``init_weights(seed)`` on every layout."""
-    args = resolve_model_args(cfg, check_paths=not meta).args
+    args = (arch or resolve_model_args(cfg, check_paths=not meta)).args
     spec = family_of(args)
     device = torch.device(device or "cpu")
+    if compute_dtype is None:
+        compute_dtype = precision.compute_dtype("auto", device)
     if cfg.kernels == "liger" and not meta:
         require_liger(device)  # ``auto`` falls back per call; an explicit ``liger`` must be usable
     with torch.device("meta"):
@@ -80,7 +85,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         model.lora_spec = lora
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
-    spec.parallelize(model, meshes, dtype_name=dtype_name, ac_mode=cfg.activation_checkpointing,
+    spec.parallelize(model, meshes, compute_dtype=compute_dtype, ac_mode=cfg.activation_checkpointing,
                      ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
                      reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
     if param_dtype is not None:
@@ -121,15 +126,38 @@ def resolve_layout(cfg: RootConfig, world_size: int, num_experts: int) -> Parall
     return ParallelLayout.resolve(world_size, p.dp_replicate, p.dp_shard, p.ep, num_experts, p.cp)
 
 
-def build(cfg: RootConfig, ctx: DistContext) -> tuple[Any, nn.Module]:
-    """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under the recipe's
-    layout, whose meshes are stored in ``ctx.meshes``."""
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A recipe resolved once at start-up and passed down: the architecture (its family's args, read once
+    from ``config.json`` / the preset / ``model.arch``), the parallel layout on this world size and the
+    compute dtype on this device."""
+
+    cfg: RootConfig
+    arch: ResolvedArch
+    layout: ParallelLayout
+    compute_dtype: torch.dtype
+
+    @property
+    def args(self) -> Any:
+        return self.arch.args
+
+
+def resolve_run(cfg: RootConfig, ctx: DistContext) -> ResolvedRun:
+    """``cfg`` on ``ctx``'s world size and device (errors name the keys)."""
+    arch = resolve_model_args(cfg.model)
+    layout = resolve_layout(cfg, ctx.world_size, arch.args.text.num_experts) if ctx.distributed \
+        else ParallelLayout.single()
+    return ResolvedRun(cfg, arch, layout, precision.compute_dtype(cfg.train.dtype, ctx.device))
+
+
+def build(run: ResolvedRun, ctx: DistContext) -> nn.Module:
+    """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under ``run.layout``, whose
+    meshes are stored in ``ctx.meshes``."""
     if ctx.distributed:
-        args = resolve_model_args(cfg.model).args
-        layout = resolve_layout(cfg, ctx.world_size, args.text.num_experts)
-        ctx.meshes = build_meshes(layout, device_type_of(ctx.device))
-        log.info("parallel layout: %s", layout)
-    return build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes, dtype_name=cfg.train.dtype)
+        ctx.meshes = build_meshes(run.layout, device_type_of(ctx.device))
+        log.info("parallel layout: %s", run.layout)
+    return build_model(run.cfg.model, ctx.device, run.cfg.run.seed, meshes=ctx.meshes,
+                       compute_dtype=run.compute_dtype, arch=run.arch)[1]
 
 
 def model_config_for(args: Any, **model_keys) -> ModelConfig:

@@ -42,8 +42,8 @@ import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch, filler_batch
 from rynnscale.data.tags import Grounding, TagError, parse_tags
+from rynnscale.parallel.precision import autocast, compute_dtype
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
-from rynnscale.train.step import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class Evaluator:
         cp, model.cp = getattr(model, "cp", None), None
         model.eval()
         try:
-            with autocast_context(self.cfg.train.dtype, device):
+            with autocast(compute_dtype(self.cfg.train.dtype, device), device):
                 loss_sum, n_tokens = self._eval_loss(model, device, total)
                 ground = self._grounding(model, device, total)
         finally:

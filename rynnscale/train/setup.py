@@ -26,7 +26,7 @@ from rynnscale.data.pipeline import build_train_data
 from rynnscale.fsutil import atomic_write_bytes, sha256_file
 from rynnscale.parallel.distributed import DistContext, init_distributed
 from rynnscale.parallel.layout import ParallelLayout
-from rynnscale.train.build import build
+from rynnscale.train.build import ResolvedRun, build, resolve_run
 from rynnscale.train.data_files import prepare_data_files
 from rynnscale.train.optim import build_optimizer, build_scheduler
 
@@ -112,6 +112,7 @@ class TrainComponents:
     ctx: DistContext
     state: TrainState = field(default_factory=TrainState)
     base: dict[str, Any] | None = None  # LoRA: content fingerprint of the frozen base (model.init_from)
+    run: ResolvedRun | None = None       # the recipe resolved once (architecture, layout, compute dtype)
 
 
 def setup_distributed(cfg: RootConfig) -> DistContext:
@@ -123,15 +124,16 @@ def setup_distributed(cfg: RootConfig) -> DistContext:
 def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     """Model (EP + activation checkpointing + FSDP2 when distributed), optimiser, schedule, this rank's data."""
 
-    args, model = build(cfg, ctx)
+    run = resolve_run(cfg, ctx)   # the architecture, layout and compute dtype, resolved once for the run
+    model = build(run, ctx)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     prepare_data_files(cfg, ctx)
     # every CP group is one data-parallel rank (EP ranks hold different data; the cp ranks of a CP group
     # the same micro-batches): data rank = global rank // cp
-    data = build_train_data(cfg, args, rank=ctx.data_rank, world_size=ctx.data_world_size)
-    return TrainComponents(args, model, optimizer, scheduler, data, ctx)
+    data = build_train_data(cfg, run.args, rank=ctx.data_rank, world_size=ctx.data_world_size)
+    return TrainComponents(run.args, model, optimizer, scheduler, data, ctx, run=run)
 
 
 def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ carved out of data parallelism), and the step's quantities are global. The loss 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -33,15 +32,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from rynnscale.batch import PackedBatch
 from rynnscale.parallel.distributed import DistContext, clip_grad_norm_
+from rynnscale.parallel.precision import autocast
 from rynnscale.train.objectives import Objective, TokenCrossEntropy
-
-
-def autocast_context(dtype_name: str, device: torch.device):
-    """bf16 autocast on GPU by default; fp32 on CPU (exact, reproducible)."""
-    use_bf16 = dtype_name == "bfloat16" or (dtype_name == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +56,7 @@ class StepStats:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, dtype_name: str,
+def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: torch.device, compute_dtype: torch.dtype,
                max_grad_norm: float, objective: Objective | None = None, ctx: DistContext | None = None,
                loss_chunk_tokens: int = 4096) -> StepStats:
     """One optimiser step over this rank's ``micro_batches`` (gradient accumulation) minimising ``objective``
@@ -87,7 +79,7 @@ def train_step(model, optimizer, micro_batches: list[PackedBatch], *, device: to
         if hsdp_defer:
             model.set_requires_all_reduce(i == len(micro_batches) - 1)
         batch = batch.to(device)
-        with autocast_context(dtype_name, device):
+        with autocast(compute_dtype, device):
             part = objective.loss(model, batch, norm, ctx)
         if batch.filler:   # the same graph, so the same collectives in backward; exactly zero gradients
             (part.loss * 0.0).backward()

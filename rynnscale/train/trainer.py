@@ -57,6 +57,7 @@ from rynnscale.train.metrics import (
     peak_tflops,
     plot_run,
 )
+from rynnscale.train.objectives import TokenCrossEntropy
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
@@ -70,7 +71,6 @@ from rynnscale.train.setup import (
     shared_base_fingerprint,
     truncate_metrics,
 )
-from rynnscale.train.objectives import TokenCrossEntropy
 from rynnscale.train.step import NonFiniteLossError, StepStats, train_step
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
     objective = TokenCrossEntropy(tc.loss_chunk_tokens)
-    flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True)[1]),
+    flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True, arch=c.run.arch)[1]),
                            peak_tflops(ctx.device, cfg.logging.peak_tflops))
     batches = iter(c.data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
@@ -240,8 +240,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             micro = [next(batches) for _ in range(tc.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = c.scheduler.get_last_lr()[0]
-            stats = train_step(model, c.optimizer, micro, device=ctx.device, dtype_name=tc.dtype, objective=objective,
-                               max_grad_norm=tc.max_grad_norm, ctx=ctx)
+            stats = train_step(model, c.optimizer, micro, device=ctx.device, compute_dtype=c.run.compute_dtype,
+                               objective=objective, max_grad_norm=tc.max_grad_norm, ctx=ctx)
             c.scheduler.step()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize()

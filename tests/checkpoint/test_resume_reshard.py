@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 from dist_helpers import make_model, micro_batch, run_ranks, tiny_moe_args  # noqa: E402
 
-STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=1.0)
 E = 8
 
 
@@ -66,7 +66,7 @@ def _build(rank: int, world: int, ep: int):
     if world > 1:
         layout = ParallelLayout.resolve(world, 1, -1, ep, args.text.num_experts)
         ctx.meshes = build_meshes(layout, "cpu")
-        parallelize(model, ctx.meshes, dtype_name="float32")
+        parallelize(model, ctx.meshes, compute_dtype=torch.float32)
     opt = build_optimizer(model, _optim_cfg())
     sched = build_scheduler(opt, _optim_cfg(), 10)
     return model, opt, sched, ctx, ExpertCheckpointLayout.for_model(model, ctx.meshes)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from families.qwen3_text import Qwen3TextArgs, register_family
+
 from rynnscale.batch import IGNORE_INDEX, EncodedSample
 from rynnscale.checkpoint.hf import export_model
 from rynnscale.config import load_config

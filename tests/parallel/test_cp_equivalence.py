@@ -44,7 +44,7 @@ from rynnscale.train.step import train_step  # noqa: E402
 STEPS, MICRO = 2, 2
 MAX_NORM, LR = 0.5, 0.05
 LOSS_RTOL, GRAD_RTOL, ZERO_FLOOR = 1e-5, 1e-4, 1e-6
-STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
+STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
 # name -> (moe, kv heads, cp_attention, activation checkpointing, ep); world 2, cp 2
 CONFIGS = {
     "moe_ulysses": (True, 2, "ulysses", "none", 1),
@@ -109,7 +109,7 @@ def cp_worker(rank: int, world: int, configs: dict, cp: int) -> dict:
         layout = ParallelLayout.resolve(world, 1, -1, ep, args.text.num_experts, cp=cp)
         ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
                           meshes=build_meshes(layout, "cpu"))
-        parallelize(model, ctx.meshes, dtype_name="float32", ac_mode=ac, cp_attention=mode)
+        parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode=ac, cp_attention=mode)
         opt = GradRecordingOptimizer(_optimizer(model), model)
         stats = []
         for step in range(STEPS):

@@ -65,7 +65,7 @@ CONFIGS_EP = {
     "ep4": (1, 4, 4, "none"),
     "ep4+ac_every_k": (1, 4, 4, "every_k"),
 }
-STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
+STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
 
 
 def _optimizer(model):
@@ -85,7 +85,7 @@ def equivalence_worker(rank: int, world: int, configs: dict) -> dict:
         layout = ParallelLayout.resolve(world, rep, shard, ep, args.text.num_experts)
         ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
                           meshes=build_meshes(layout, "cpu"))
-        parallelize(model, ctx.meshes, dtype_name="float32", ac_mode=ac, ac_every=2)
+        parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode=ac, ac_every=2)
         opt = GradRecordingOptimizer(_optimizer(model), model)
         stats = []
         for step in range(STEPS):

@@ -28,7 +28,7 @@ from dist_helpers import (  # noqa: E402
 
 WORLD, STEPS, MICRO = 4, 2, 2
 LAYOUTS = {"fsdp4": (4, 1, "none"), "fsdp4_ep2": (4, 2, "none"), "fsdp4+ac_full": (4, 1, "full")}
-STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=0.0)
+STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=0.0)
 
 
 def lora_model():
@@ -54,7 +54,7 @@ def lora_worker(rank: int, world: int) -> dict:
         layout = ParallelLayout.resolve(world, 1, shard, ep, 8)
         ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
                           meshes=build_meshes(layout, "cpu"))
-        parallelize(model, ctx.meshes, dtype_name="float32", ac_mode=ac)
+        parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode=ac)
         opt = GradRecordingOptimizer(_sgd(model), model)
         stats = [train_step(model, opt, [micro_batch(s, rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
                  for s in range(STEPS)]

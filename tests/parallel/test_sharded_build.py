@@ -121,7 +121,7 @@ def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
         for source in SOURCES:
             cfg = model_cfg(source, sources)
             cfg = dataclasses.replace(cfg, activation_checkpointing=ac)
-            args, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, dtype_name="float32")
+            args, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, compute_dtype=torch.float32)
             tied = model.lm_head.weight is model.model.language_model.embed_tokens.weight
             with torch.no_grad():
                 loss = float(model.loss_sum(batch, model(batch)))
@@ -134,11 +134,11 @@ def sharded_build_worker(rank: int, world: int, sources: dict) -> dict:
         # model.freeze patterns are applied on the meta model and survive parallelize + to_empty
         cfg = dataclasses.replace(model_cfg("random_tied", sources), freeze=["model.visual.*"],
                                   activation_checkpointing=ac)
-        _, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, dtype_name="float32")
+        _, model = build_model(cfg, torch.device("cpu"), seed=SEED, meshes=meshes, compute_dtype=torch.float32)
         results[(layout_name, "frozen")] = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
         try:
             build_model(ModelConfig(init_from=sources["bad"], attn_backend="loop"), torch.device("cpu"), seed=SEED,
-                        meshes=meshes, dtype_name="float32")
+                        meshes=meshes, compute_dtype=torch.float32)
             results[(layout_name, "bad")] = None
         except HFCheckpointError as e:
             results[(layout_name, "bad")] = str(e)
@@ -279,13 +279,13 @@ def memory_worker(rank: int, world: int, arch: dict, hf_dir: str) -> dict:
     # warm-up on a tiny model: imports and torch's lazy one-time setup are not the build's memory
     from dist_helpers import tiny_moe_args
     build_model(ModelConfig(arch=tiny_moe_args().to_hf_config(), attn_backend="loop"), torch.device("cpu"), seed=0,
-                meshes=meshes, dtype_name="float32")
+                meshes=meshes, compute_dtype=torch.float32)
     gc.collect()
     out = {}
     for name, cfg in (("random", ModelConfig(arch=arch, attn_backend="loop")),
                       ("hf", ModelConfig(init_from=hf_dir, attn_backend="loop"))):
         (_, model), peak = _peak_added_bytes(
-            lambda cfg=cfg: build_model(cfg, torch.device("cpu"), seed=0, meshes=meshes, dtype_name="float32"))
+            lambda cfg=cfg: build_model(cfg, torch.device("cpu"), seed=0, meshes=meshes, compute_dtype=torch.float32))
         local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         out[name] = {"peak": peak, "local_bytes": local}
         del model
@@ -293,7 +293,7 @@ def memory_worker(rank: int, world: int, arch: dict, hf_dir: str) -> dict:
 
     def old_path():  # what build_components did before: the whole model on every rank, then parallelised
         _, m = build_model(ModelConfig(arch=arch, attn_backend="loop"), torch.device("cpu"), seed=0)
-        return parallelize(m, meshes, dtype_name="float32")
+        return parallelize(m, meshes, compute_dtype=torch.float32)
     _, out["old_peak"] = _peak_added_bytes(old_path)
     return out
 

@@ -42,7 +42,7 @@ def test_export_after_training_matches_transformers(tmp_path, encoded_samples, m
     batch = build_packed_batch(encoded_samples)
     assert batch.video_grid_thw is not None and batch.num_samples == 3
     opt = build_optimizer(model, OptimConfig(lr=1e-2))
-    losses = [train_step(model, opt, [batch], device=torch.device("cpu"), dtype_name="float32",
+    losses = [train_step(model, opt, [batch], device=torch.device("cpu"), compute_dtype=torch.float32,
                          loss_chunk_tokens=64, max_grad_norm=1.0).loss for _ in range(3)]
     assert losses[-1] < losses[0]  # it trained (the weights moved away from the init)
 

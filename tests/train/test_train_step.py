@@ -52,7 +52,7 @@ def make_model(args, seed=0):
     return model
 
 
-STEP_KW = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=1.0)
+STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=1.0)
 
 
 def twin_models(args):
@@ -155,7 +155,7 @@ def test_activation_checkpointing_is_exact(mode, every):
     ckpt = copy.deepcopy(ref)
     ckpt.tie_weights()
     apply_activation_checkpointing(ckpt, mode, every=every)
-    kw = dict(device=torch.device("cpu"), dtype_name="float32", loss_chunk_tokens=16, max_grad_norm=0.0)
+    kw = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=0.0)
     opt_cfg = OptimConfig(lr=1e-3)
     s_ref = train_step(ref, build_optimizer(ref, opt_cfg), [batch], **kw)
     s_ck = train_step(ckpt, build_optimizer(ckpt, opt_cfg), [batch], **kw)

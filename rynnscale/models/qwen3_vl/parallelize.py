@@ -57,7 +57,8 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup, ep_size
     return len(blocks)
 
 
-def parallelize(model: nn.Module, meshes: Meshes | None, *, dtype_name: str = "auto", ac_mode: str = "none",
+def parallelize(model: nn.Module, meshes: Meshes | None, *, compute_dtype: torch.dtype = torch.float32,
+                ac_mode: str = "none",
                 ac_every: int = 1, compile: bool = False, reshard_after_forward: bool = True,
                 cp_attention: str = "auto") -> nn.Module:
     """EP -> activation checkpointing -> (``compile``: torch.compile per block) -> FSDP2, in place; returns
@@ -82,7 +83,7 @@ def parallelize(model: nn.Module, meshes: Meshes | None, *, dtype_name: str = "a
         compile_blocks(model)
     if meshes is None:
         return model
-    mp = mixed_precision_policy(torch.device(meshes.dense.device_type), dtype_name)
+    mp = mixed_precision_policy(compute_dtype)
     kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for block in moe_blocks(model):
         fully_shard(block.experts, mesh=meshes.expert, **kw)
