@@ -472,6 +472,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, weights_of, flops_of = [], {}, {}
     built = {}
+
+    def dump(loss_ok: bool | None) -> None:
+        """Write ``--json`` (after every row too, ``partial`` until the end, so a run cut short by a time
+        limit still leaves the rows it measured)."""
+        if not a.json:
+            return
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps(dict(
+            device=device_name, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
+            matmul_tflops=ceiling, tiny=a.tiny, steps=steps, warmup=warmup, loss_rtol=rtol, loss_ok=loss_ok,
+            partial=loss_ok is None, flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
+        tmp.replace(a.json)
     for name in cases:
         case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
         built[name] = case
@@ -491,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = dict(case=name, variant=variant, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
                 rows.append(r)
+                dump(None)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("breakdown",)}), flush=True)
     if "liger" in variants:
         have = liger_available()
@@ -507,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = dict(case=name, variant="liger", ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
                 rows.append(r)
+                dump(None)
                 print(json.dumps(r), flush=True)
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (cases.index(r["case"]), ckpts.index(r["ckpt"]), order[r["variant"]]))
@@ -525,12 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("breakdown"):
             print(format_breakdown(r["breakdown"], f"ours {r['case']} ckpt={r['ckpt']}: step-time breakdown "
                                    "(one profiled step)"))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(dict(
-            device=device_name, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
-            matmul_tflops=ceiling, tiny=a.tiny, steps=steps, warmup=warmup, loss_rtol=rtol, loss_ok=ok,
-            flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
+    dump(ok)
     if not ok:
         print("LOSS MISMATCH between transformers and rynnscale (see rel.vsHF)", file=sys.stderr)
     return 0 if ok else 1
