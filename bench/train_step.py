@@ -35,25 +35,13 @@ CPU smoke run (tests/bench/test_train_step_bench.py)::
 
     python bench/train_step.py --tiny --steps 1 --warmup 0
 
-GPU (H100, torch 2.11, transformers 5.17, no liger installed: carry its wheel). Once, here::
+GPU (H100, torch 2.11, transformers 5.17; the image lacks liger-kernel and also omegaconf, webdataset,
+braceexpand and PyAV, which rynnscale imports): ``bash bench/gpu_check.sh`` installs the carried wheels
+(``bash bench/gpu_wheels.sh`` here first) and runs these cases one process each, after the GPU tests and
+the trainer, under one deadline (bench/README.md, "GPU check"). Only some cases, same device call
+(``carry: [".whl"]``, ``timeout_s: 600``)::
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
-
-then with the device tool, ``carry: [".whl"]``, ``timeout_s: 600`` (one case per call keeps each
-call inside the 10-minute limit)::
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1; \
-        python3 bench/train_step.py --cases a3b --ckpt none --steps 5 --warmup 2 --json $OUT/a3b_none.json
-    (likewise --ckpt full, and --cases dense8b / video / packed: one case and one ckpt mode per call keeps
-    the five variants, ours-compile's compile included, inside the 10-minute limit)
-
-and the GPU-only tests (liger and flash-varlen paths against the torch paths), same install line, then::
-
-    python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused.py tests/ops/test_attention.py \
-        tests/ops/test_grouped_gemm.py tests/models/test_compile.py
+    bash bench/gpu_check.sh --sections bench_packed,bench_video --deadline 540
 """
 
 from __future__ import annotations
