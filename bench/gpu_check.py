@@ -157,7 +157,9 @@ def sec_env(c: Check) -> dict:
     o = c.run("env", [PY, str(Path(__file__)), "--probe", "env", "--json", str(out)])
     r = _read_json(out) or {}
     ok = o.status == "ok" and r.get("matmul_tflops", 0) > 0
-    key = (f"{r.get('device', '?')}, torch {r.get('versions', {}).get('torch')}, transformers "
+    smi = r.get("nvidia_smi")
+    driver = f" (driver {smi['driver_version']})" if isinstance(smi, dict) and "driver_version" in smi else ""
+    key = (f"{r.get('device', '?')}{driver}, torch {r.get('versions', {}).get('torch')}, transformers "
            f"{r.get('versions', {}).get('transformers')}, liger {r.get('versions', {}).get('liger-kernel')}, "
            f"kernels=auto -> {r.get('kernels_auto', '?')}, bf16 matmul {_fmt(r.get('matmul_tflops'), '.3g')} TFLOP/s")
     missing = [m for m, v in r.get("imports", {}).items() if v != "ok"]
@@ -558,8 +560,9 @@ def probe_env(out_json: Path) -> int:
     if shutil.which("nvidia-smi"):
         q = "name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
         try:
-            r["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True,
-                                             text=True, timeout=20).stdout.strip()
+            csv = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"], capture_output=True,
+                                 text=True, timeout=20).stdout.strip().splitlines()
+            r["nvidia_smi"] = dict(zip(q.split(","), (v.strip() for v in csv[1].split(",")))) if len(csv) > 1 else csv
         except (OSError, subprocess.SubprocessError) as e:
             r["nvidia_smi"] = f"{type(e).__name__}: {e}"
     # bf16 matmul rate: median of timed products on random data, after warm-up
