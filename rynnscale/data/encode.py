@@ -29,9 +29,7 @@ loader can skip the sample and count it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample
-from rynnscale.data.schema import SchemaError, validate_member_name
+from rynnscale.data.schema import SchemaError, parse_json, validate_member_name
 from rynnscale.data.tokenizer import VisionTokenIds, as_rust_tokenizer
 from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
 from rynnscale.data.vision_preprocess import (
@@ -68,24 +66,6 @@ REASONS = (
     "too_large",           # byte / frame / pixel / media-count limits
     "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
 )
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _check_unicode(key: str, name: str, obj: Any) -> None:
-    """Refuse a lone surrogate (``"\\ud800"``) anywhere in parsed JSON: the tokenizer cannot encode it."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise SampleError("bad_json", key, f"{name}: a string holds a lone surrogate {obj[e.start]!r} at "
-                                               f"character {e.start} (not valid Unicode)") from None
-        return
-    for k, v in items:
-        _check_unicode(key, name, k)
-        _check_unicode(key, name, v)
 
 
 class SampleError(Exception):
@@ -303,14 +283,9 @@ class SampleEncoder:
         if len(raw) > self.cfg.max_json_bytes:
             raise SampleError("too_large", key, f"{name} has {len(raw)} bytes > max_json_bytes={self.cfg.max_json_bytes}")
         try:
-            obj = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except RecursionError:
-            raise SampleError("bad_json", key, f"{name}: nested too deeply to parse (RecursionError)") from None
-        except (UnicodeDecodeError, ValueError) as e:   # ValueError: also a > 4300-digit integer (int-str limit)
-            raise SampleError("bad_json", key, f"{name}: {str(e)[:200]}") from None
-        if _SURROGATE_ESCAPE.search(raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8", "replace")):
-            _check_unicode(key, name, obj)   # only escapes can smuggle a lone surrogate past the UTF-8 decode
-        return obj
+            return parse_json(raw, name)
+        except SchemaError as e:
+            raise SampleError("bad_json", key, str(e)) from None
 
     def _messages(self, key: str, conv: Any) -> list[dict]:
         msgs = conv.get("conversation") if isinstance(conv, dict) else None
