@@ -154,8 +154,8 @@ def test_a_text_bomb_is_too_long_after_one_window(tok):
 #: Stated bound on a loader worker's, ``data inspect``'s and ``data convert jsonl``'s peak RSS growth over their
 #: baseline for these text bombs (README: the text term of the per-worker bound). Before: 5.8-7.8 GiB.
 TEXT_PEAK_GROWTH_BOUND_MIB = 256
-#: Wall time of all three over the bombs (each sized by estimate, the good sample also encoded); before: > 75 s.
-TEXT_WALL_BOUND_S = 60
+#: Wall time of all three over these samples (measured 3-15 s on a shared 2-core machine); before: > 75 s.
+TEXT_WALL_BOUND_S = 120
 
 _TEXT_WORKER = r"""
 import json, resource, sys, time
@@ -169,7 +169,12 @@ from rynnscale.data_pipelines.shard_stats import get_estimator, inspect_shards
 shards, jsonl, media, out = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 enc = SampleEncoder(load_tokenizer())
 get_estimator()   # what data inspect and the converter's cost hints use, loaded once
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def kib(field):   # VmRSS / VmHWM (peak) of this process
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field + ":")))
+
+open("/proc/self/clear_refs", "w").write("5")   # the peak restarts here: loading two tokenizers peaks higher
+base = kib("VmRSS")
 t = time.perf_counter()
 cfg = LoaderConfig(train_shards=shards, micro_batch_tokens=16384, pack_window=4, shuffle_buffer=4, num_workers=0,
                    num_epochs=1, max_bad_fraction=1.0, tune_malloc=False)
@@ -178,13 +183,14 @@ keys = [k for b in loader for k in b.sample_keys]
 rep = inspect_shards(shards[0].rsplit("/", 1)[0])
 conv = convert_jsonl(jsonl, out, media_root=media, max_bad_fraction=1.0, progress=False)
 took = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = kib("VmHWM")
 print(json.dumps({"keys": keys, "bad": loader.bad_counts, "inspect_bad": rep["bad"], "convert_bad": conv["bad"],
                   "base_kib": base, "peak_kib": peak, "seconds": took}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_text_bombs_peak_rss_and_time_are_bounded(tmp_path):
     from rynnscale.data_pipelines.shards import ShardWriter
 
@@ -192,7 +198,7 @@ def test_text_bombs_peak_rss_and_time_are_bounded(tmp_path):
              "mixed": "1 a, " * 2_000_000}
     d = tmp_path / "shards"
     meta = json.dumps({"source": "test", "licence": "MIT", "task": ""}).encode()
-    fits = " " * (1 << 20)   # one 1 MiB piece that fits (8193 tokens): the bound cannot refuse it, it is tokenised
+    fits = " " * (1 << 18)   # one 256 KiB piece that fits (2049 tokens): the bound cannot refuse it, it is tokenised
     with ShardWriter(d, max_samples=100) as w:
         for k, text in bombs.items():
             w.write(k, {"meta.json": meta, "conv.json": conv(text, "ok")})
