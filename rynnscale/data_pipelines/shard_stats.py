@@ -269,7 +269,8 @@ def inspect_shards(
         "bad": dict(sorted(bad.items())),
         "bad_examples": bad_examples,
         "converter_report": None if converter is None else {
-            k: converter.get(k) for k in ("converter", "totals", "bad", "warnings", "error") if k in converter},
+            k: converter.get(k) for k in ("converter", "totals", "bad", "bad_episodes", "warnings", "error")
+            if k in converter},
     }
 
 
@@ -307,6 +308,8 @@ def format_report(r: Mapping) -> str:
         lines.append(f"\nconverter ({cr.get('converter', '?')}): totals {json.dumps(cr.get('totals', {}))}")
         if cr.get("bad"):
             lines.append("  skipped by reason: " + ", ".join(f"{k} {v}" for k, v in cr["bad"].items()))
+        if cr.get("bad_episodes"):
+            lines.append("  episodes skipped by reason: " + ", ".join(f"{k} {v}" for k, v in cr["bad_episodes"].items()))
         for w in (cr.get("warnings") or [])[:10]:
             lines.append(f"  warning: {w}")
         if cr.get("error"):
