@@ -194,6 +194,8 @@ class BudgetTokenizer:
 
     def __init__(self, tok: Any, window: int = 16384, must_be_added: Iterable[int] = ()):
         self.tok = as_rust_tokenizer(tok)
+        if int(window) < 2:
+            raise ValueError(f"BudgetTokenizer window must be >= 2 characters, got {window}")
         self.window = int(window)
         self.added_ids = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
         missing = set(must_be_added) - set(self.added_ids.values())   # ids a caller looks for with added_in
