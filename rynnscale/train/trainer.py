@@ -137,6 +137,9 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, output_dir / "config.yaml")
+        if cfg.optim.lr == 0:
+            log.warning("optim.lr=0: every step runs forward, backward and the optimiser, but no weight changes "
+                        "(a dry run); checkpoints and exports hold the initial model")
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
     ck = cfg.checkpoint
