@@ -112,3 +112,33 @@ def test_rank_failure_is_reported_not_hung(tmp_path):
     assert "rank 1/2" in log and "ValueError: synthetic failure on purpose" in log, log[-4000:]
     assert time.perf_counter() - t0 < 100  # far below the 300 s collective timeout
 
+
+@pytest.mark.slow
+def test_restarted_round_does_not_read_the_previous_rounds_addresses(tmp_path):
+    """torchrun keeps one agent store across restarts: a restarted rank that forms its gloo group before its peer
+    (ranks of a round start seconds apart on a loaded machine; here rank 0 is held back 3 s) must not read the dead
+    peer's address of the previous round ("connectFullMesh ... Connection refused" on every restart)."""
+    script = tmp_path / "restart.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        import torch, torch.distributed as dist
+        from rynnscale.parallel.distributed import init_distributed
+        rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        if attempt == 1 and rank == 0:
+            time.sleep(3)
+        init_distributed(torch.device("cpu"), timeout_s=30)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        print(f"round {attempt} rank {rank} sum {t.item():.0f}", flush=True)
+        if attempt == 0 and rank == 1:
+            sys.exit(3)   # a crashed rank: torchrun restarts the job
+        dist.barrier()
+        dist.destroy_process_group()
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "round 1 rank 0 sum 2" in proc.stdout and "round 1 rank 1 sum 2" in proc.stdout, proc.stdout[-4000:]
