@@ -875,7 +875,11 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
+        # its own generator: by default each iterator draws its worker base seed from torch's global generator,
+        # so a resumed run (a new iterator after the RNG restore) would draw once more than the straight run and
+        # shift every later dropout mask; the data path seeds itself explicitly and needs none of the global state
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
+                        generator=torch.Generator(), **kw)
         W = max(1, self.cfg.num_workers)
         if self.cfg.global_order:  # workers yield whole steps in step order (worker w: steps w, w + W, ...)
             for (batches, info), _w, state in dl:

@@ -1,7 +1,11 @@
 """Process-group setup from the torchrun environment and the step's global quantities.
 
 - ``init_distributed``: NCCL on GPU, gloo on CPU, chosen from the device; a timeout on every collective
-  (``parallel.timeout_s``), so a rank that dies or diverges makes the others fail instead of hanging.
+  (``parallel.timeout_s``), so a rank that dies or diverges makes the others fail instead of hanging. Under
+  torchrun's agent store (the default) the process group's keys live under a prefix of this restart round:
+  the agent keeps ONE store across restarts and torch's env:// path reuses it unprefixed, so a restarted rank
+  could read a dead rank's gloo address from the previous round ("connectFullMesh ... Connection refused" on
+  every restart of a loaded machine, where the ranks of a round start seconds apart).
 - ``report_failures``: an exception on any rank is logged with that rank (and host) before the process
   exits non-zero; torchrun then tears the other ranks down.
 - ``DistContext``: what the training step needs from the world: sums over all ranks (target-token count
@@ -58,11 +62,26 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, 
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = dict(device_id=device) if device.type == "cuda" else {}
+        store = _round_store(world_size, timeout)
+        if store is None:   # not under torchrun's agent store: env:// (rank 0 hosts the store)
+            dist.init_process_group(backend, timeout=timeout, **kw)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kw)
     return rank, local_rank, world_size, device
+
+
+def _round_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's agent store under a prefix of this restart round (restart count and world size: an elastic
+    membership change without a failure keeps the count but changes the size), or None outside it. The agent's
+    store outlives the workers; without the prefix a restarted rank reads the previous round's keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"rynnscale/round_{attempt}_world_{world_size}", store)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import yaml
 
-from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint
+from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint, read_trainer_state
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import RootConfig, save_resolved, to_yaml
@@ -56,6 +56,7 @@ from rynnscale.train.metrics import (
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
+    check_same_adapters,
     check_same_base,
     layout_dict,
     rebuild_data,
@@ -88,7 +89,12 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     path = find_resume_checkpoint(output_dir, cfg.checkpoint.resume)
     if path is None:
         return data_seed
-    rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx))
+    saved_lora = ((read_trainer_state(path).get("config") or {}).get("model") or {}).get("lora")
+    check_same_adapters(saved_lora, cfg.model.lora, path)
+    args_type = type(c.args)
+    rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx),
+                      model_config=c.args.to_hf_config(),
+                      normalize_model_config=lambda d: args_type.from_hf_config(d).to_hf_config())
     check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
     order = rs.extra.get("data_order")   # the layout-free loader state (global sample order), if saved
@@ -131,6 +137,9 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, output_dir / "config.yaml")
+        if cfg.optim.lr == 0:
+            log.warning("optim.lr=0: every step runs forward, backward and the optimiser, but no weight changes "
+                        "(a dry run); checkpoints and exports hold the initial model")
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
     ck = cfg.checkpoint

@@ -277,3 +277,18 @@ def test_config_from_run_config(tmp_path: Path) -> None:
 
     with pytest.raises(ShardPatternError, match="x-\\*.tar' matches no file"):
         TrainLoader(cfg, ByteEncoder())
+
+
+@pytest.mark.parametrize("global_order", [False, True])
+def test_iterating_draws_nothing_from_the_global_generators(tmp_path: Path, global_order: bool) -> None:
+    """A resumed run restores torch's generator and then starts a new iterator: a draw there (DataLoader's worker
+    base seed, by default) would shift every later dropout mask against the straight run."""
+    write_text_shards(tmp_path, 8, 4)
+    loader = TrainLoader(config(tmp_path, num_workers=0, global_order=global_order), ByteEncoder(), rank=0,
+                         world_size=2)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    it = iter(loader)
+    take(it, 2)
+    it.close()
+    assert torch.equal(torch.get_rng_state(), before)
