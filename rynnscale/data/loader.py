@@ -99,9 +99,14 @@ packer contents (as sample positions, re-read on restore), packs not yet emitted
 loader's ``state_dict()`` is the state of the batches *consumed*; ``load_state_dict`` into a fresh
 loader (same config, shards, world size) continues with exactly the same batches.
 
-Bad samples (corrupt tar, bad member, encoder ``SampleError``, too long) are skipped, counted by
-reason and logged with shard and key; ``BadDataError`` stops the run when more than
-``max_bad_fraction`` of at least ``min_samples_for_bad_check`` samples were bad.
+Bad samples (corrupt tar, bad member, encoder ``SampleError``, too long) are skipped and counted by
+reason, as occurrences (``bad_counts``) and as distinct samples (``bad_distinct``: a sample skipped in
+every epoch counts once); the first few of a reason are logged with shard and key, then a count summary
+each time the count doubles (the global order logs stream-level ones on rank 0 worker 0 only: every rank
+reads the same stream). ``BadDataError`` stops the run when more than ``max_bad_fraction`` of the samples
+were bad, once ``min_samples_for_bad_check`` were read or (global order) every source was read once. Before
+training, ``budget_fit`` tells from the manifests' cost hints how many samples fit ``micro_batch_tokens``
+(``rynnscale.data.pipeline.check_budget`` turns it into an error or a warning naming the recipe key).
 """
 
 from __future__ import annotations
@@ -134,6 +139,7 @@ from rynnscale.data.reader import (
     ShardStream,
     ShuffleBuffer,
     expand_shard_patterns,
+    iter_tar_samples,
     mix64,
     read_deferred,
     read_positions,
@@ -328,6 +334,25 @@ class _ManifestHints:
             return None
         vp = info.sample_costs.get("vision_patches")
         return int(info.sample_costs["num_tokens"][index]), int(vp[index]) if vp is not None else 0
+
+    def tokens(self, shard: str) -> list[int] | None:
+        """Every sample's ``num_tokens`` hint of ``shard`` (None: no hints)."""
+        if self.get(shard, 0) is None:
+            return None
+        return [int(t) for t in self._dirs[os.path.dirname(shard)][os.path.basename(shard)].sample_costs["num_tokens"]]
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """What the manifests' per-sample cost hints say about the micro-batch budget, before reading any data."""
+
+    budget: int
+    hinted: int                 # samples with a ``num_tokens`` hint
+    fitting: int                # ... of them within the budget
+    largest: int                # tokens of the longest hinted sample
+    too_long_share: float       # expected share of the samples read that are too long (mixture weights applied)
+    unhinted_shards: int        # shards without hints (not counted)
+    probe: tuple[str, int] | None = None   # (shard, ordinal) of the shortest sample too long by its hint
 
 
 class _WorkerPipeline:
@@ -1071,6 +1096,49 @@ class TrainLoader:
         self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
         self.last_step_rank_costs: list[float] = []  # every rank's micro-batches' cost (cost_model estimate, any balance mode)
         self.last_step_packs = 0   # packs the plan gave the whole step: world x micro-batches, fewer in a short step
+
+    def budget_fit(self) -> BudgetFit:
+        """How many samples fit ``micro_batch_tokens`` by the shards' ``num_tokens`` hints (manifests only)."""
+        hints, budget = _ManifestHints(), self.cfg.micro_batch_tokens
+        hinted = fitting = largest = unhinted = 0
+        share = weight = 0.0
+        probe: tuple[int, str, int] | None = None
+        for src in self.sources:
+            n = fit = 0
+            for shard in src.shards:
+                toks = hints.tokens(shard)
+                if toks is None:
+                    unhinted += 1
+                    continue
+                n, fit = n + len(toks), fit + sum(t <= budget for t in toks)
+                largest = max([largest, *toks])
+                for i, t in enumerate(toks):
+                    if t > budget and (probe is None or t < probe[0]):
+                        probe = (t, shard, i)
+            hinted, fitting = hinted + n, fitting + fit
+            if n:
+                share, weight = share + src.weight * (n - fit) / n, weight + src.weight
+        return BudgetFit(budget, hinted, fitting, largest, share / weight if weight else 0.0, unhinted,
+                         probe[1:] if probe else None)
+
+    def sample_fits(self, shard: str, index: int) -> bool | None:
+        """Whether sample ``index`` of ``shard`` fits ``micro_batch_tokens`` as this loader sizes it (cost
+        estimator, the encoder's ``estimate``, else encoding): None when it cannot be read or is bad for
+        another reason. Checks a manifest hint against the encoder the run uses (hints may come from other
+        settings)."""
+        s = next(iter_tar_samples(shard, replace(self.cfg.limits, defer_media=False), wanted={index}), None)
+        if s is None or s.is_bad:
+            return None
+        try:
+            if self.cost_estimator is not None:
+                tokens = self.cost_estimator(s.key, s.members)[0]
+            elif callable(getattr(self.encoder, "estimate", None)):
+                tokens = self.encoder.estimate(s.key, s.members)[0]
+            else:
+                tokens = self.encoder.encode(s.key, s.members).num_tokens
+        except SampleError as e:
+            return False if e.reason == "too_long" else None
+        return int(tokens) <= self.cfg.micro_batch_tokens
 
     @property
     def elastic(self) -> bool:
