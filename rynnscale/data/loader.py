@@ -572,7 +572,7 @@ class _WorkerPipeline:
         ``avoid``), so a sample's copies of two epochs are not trained in consecutive steps."""
         self.packer.avoid = (lambda it: _sample_id(it) in ids) if ids else None
 
-    # -- global order: the epoch barrier
+    # -- the epoch barrier (both modes)
     def _source_epoch(self, k: int) -> int:
         """The epoch of the sample source ``k`` delivered last."""
         return self.stream.streams[k].epoch if isinstance(self.stream, MixtureStream) else self.stream.epoch
