@@ -188,9 +188,9 @@ def _rank0_steps(shards: list[str], budget: int, grad_accum: int, balance: str, 
 @pytest.mark.slow
 def test_cost_balance_on_g1_clips_and_synthetic_set(balance_sets, tmp_path) -> None:
     """``data.balance: cost`` over 4 simulated ranks: the logged rank-cost max/mean is <= 1.05 on
-    average per step on every set, at accumulation 1 and 2, and no worse than assigning in order. The
-    logged cost of rank 0 is the cost model's value of the micro-batches it really trained (hints exact).
-    Prints the figures of all three modes (``pytest -s``)."""
+    average per full step on every set, at accumulation 1 and 2, and no worse than assigning in order (an
+    epoch's short last step is left out). The logged cost of rank 0 is the cost model's value of the
+    micro-batches it really trained (hints exact). Prints the figures of all three modes (``pytest -s``)."""
     torch.manual_seed(0)
     steps = 20
     for name, (shards, budget) in balance_sets.items():
