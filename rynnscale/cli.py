@@ -27,9 +27,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from rynnscale.config import to_yaml
         print(to_yaml(cfg))
         return 0
+    from rynnscale.parallel.distributed import reported
     from rynnscale.train.trainer import run_training
 
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except Exception as e:  # the run logged it (once, with its rank): exit non-zero without a second copy
+        if not reported(e):
+            raise
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 

@@ -6,7 +6,7 @@
   the agent keeps ONE store across restarts and torch's env:// path reuses it unprefixed, so a restarted rank
   could read a dead rank's gloo address from the previous round ("connectFullMesh ... Connection refused" on
   every restart of a loaded machine, where the ranks of a round start seconds apart).
-- ``report_failures``: an exception on any rank is logged with that rank (and host) before the process
+- ``report_failures``: an exception on any rank is logged once with that rank (and host) before the process
   exits non-zero; torchrun then tears the other ranks down.
 - ``DistContext``: what the training step needs from the world: sums over all ranks (target-token count
   before backward, metrics), the load-balancing counts reducer, and the global gradient norm.
@@ -25,7 +25,6 @@ import datetime
 import logging
 import os
 import socket
-import sys
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,22 +84,29 @@ def _round_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | N
 
 
 @contextlib.contextmanager
-def report_failures(rank: int, world_size: int):
-    """Log any exception with this rank's identity (then re-raise: the process exits non-zero and
-    torchrun stops the other ranks). On success, destroy the process group cleanly."""
+def report_failures(rank: int, world_size: int, brief: tuple[type[BaseException], ...] = ()):
+    """Log any exception once, with this rank's identity, then re-raise: the process exits non-zero and
+    torchrun stops the other ranks. ``brief`` types (errors whose message says it all: a bad setting, bad
+    data) are logged without the traceback. ``reported(e)`` then tells the caller (the command line) not
+    to print it again. On success, destroy the process group cleanly."""
     try:
         yield
     except BaseException as e:  # noqa: BLE001 - logged with the rank, then re-raised
-        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            msg = (f"rynnscale: rank {rank}/{world_size} on {socket.gethostname()} failed with "
-                   f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-            log.error(msg)
-            print(msg, file=sys.stderr, flush=True)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and not reported(e):
+            msg = f"rynnscale: rank {rank}/{world_size} on {socket.gethostname()} failed with {type(e).__name__}: {e}"
+            log.error("%s", msg if isinstance(e, brief) else f"{msg}\n{traceback.format_exc()}")
+            with contextlib.suppress(AttributeError):   # (an exception without attributes is reported again)
+                e._rynnscale_reported = True  # type: ignore[union-attr]
         raise
     else:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def reported(e: BaseException) -> bool:
+    """Whether ``report_failures`` logged ``e`` already."""
+    return bool(getattr(e, "_rynnscale_reported", False))
 
 
 @dataclass

@@ -42,7 +42,8 @@ import yaml
 from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint, read_trainer_state
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
-from rynnscale.config import RootConfig, save_resolved, to_yaml
+from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
+from rynnscale.data.loader import BadDataError
 from rynnscale.parallel.distributed import DistContext, report_failures
 from rynnscale.train.hooks import call_hooks, recipe_hooks
 from rynnscale.train.metrics import (
@@ -79,7 +80,8 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     after the recipe's own hooks."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
-    with report_failures(ctx.rank, ctx.world_size):
+    # a bad setting or bad data: the message says it all (no traceback)
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError)):
         return _train(cfg, ctx, hooks)
 
 
@@ -267,9 +269,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     finally:
         preempt.uninstall()
         metrics.close()
-        bad = getattr(c.data, "bad_counts", None)
-        if bad:
-            log.warning("rank %d skipped samples by reason: %s", ctx.rank, dict(bad))
+        if getattr(c.data, "bad_counts", None):
+            log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)
     if cfg.logging.plot and ctx.is_main:
         log.info("plot: %s", plot_run(output_dir))
