@@ -35,25 +35,13 @@ CPU smoke run (tests/bench/test_train_step_bench.py)::
 
     python bench/train_step.py --tiny --steps 1 --warmup 0
 
-GPU (H100, torch 2.11, transformers 5.17, no liger installed: carry its wheel). Once, here::
+GPU (H100, torch 2.11, transformers 5.17; the image lacks liger-kernel and also omegaconf, webdataset,
+braceexpand and PyAV, which rynnscale imports): ``bash bench/gpu_check.sh`` installs the carried wheels
+(``bash bench/gpu_wheels.sh`` here first) and runs these cases one process each, after the GPU tests and
+the trainer, under one deadline (bench/README.md, "GPU check"). Only some cases, same device call
+(``carry: [".whl"]``, ``timeout_s: 600``)::
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5
-
-then with the device tool, ``carry: [".whl"]``, ``timeout_s: 600`` (one case per call keeps each
-call inside the 10-minute limit)::
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; export PYTHONUNBUFFERED=1; \
-        python3 bench/train_step.py --cases a3b --ckpt none --steps 5 --warmup 2 --json $OUT/a3b_none.json
-    (likewise --ckpt full, and --cases dense8b / video / packed: one case and one ckpt mode per call keeps
-    the five variants, ours-compile's compile included, inside the 10-minute limit)
-
-and the GPU-only tests (liger and flash-varlen paths against the torch paths), same install line, then::
-
-    python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused.py tests/ops/test_attention.py \
-        tests/ops/test_grouped_gemm.py tests/models/test_compile.py
+    bash bench/gpu_check.sh --sections bench_packed,bench_video --deadline 540
 """
 
 from __future__ import annotations
@@ -471,6 +459,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, weights_of, flops_of = [], {}, {}
     built = {}
+
+    def dump(loss_ok: bool | None) -> None:
+        """Write ``--json`` (after every row too, ``partial`` until the end, so a run cut short by a time
+        limit still leaves the rows it measured)."""
+        if not a.json:
+            return
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps(dict(
+            device=device_name, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
+            matmul_tflops=ceiling, tiny=a.tiny, steps=steps, warmup=warmup, loss_rtol=rtol, loss_ok=loss_ok,
+            partial=loss_ok is None, flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
+        tmp.replace(a.json)
     for name in cases:
         case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
         built[name] = case
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = dict(case=name, variant=variant, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
                 rows.append(r)
+                dump(None)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("breakdown",)}), flush=True)
     if "liger" in variants:
         have = liger_available()
@@ -506,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = dict(case=name, variant="liger", ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
                 rows.append(r)
+                dump(None)
                 print(json.dumps(r), flush=True)
     order = {v: i for i, v in enumerate(VARIANTS)}
     rows.sort(key=lambda r: (cases.index(r["case"]), ckpts.index(r["ckpt"]), order[r["variant"]]))
@@ -524,12 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("breakdown"):
             print(format_breakdown(r["breakdown"], f"ours {r['case']} ckpt={r['ckpt']}: step-time breakdown "
                                    "(one profiled step)"))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(dict(
-            device=device_name, dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
-            matmul_tflops=ceiling, tiny=a.tiny, steps=steps, warmup=warmup, loss_rtol=rtol, loss_ok=ok,
-            flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
+    dump(ok)
     if not ok:
         print("LOSS MISMATCH between transformers and rynnscale (see rel.vsHF)", file=sys.stderr)
     return 0 if ok else 1

@@ -27,9 +27,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from rynnscale.config import to_yaml
         print(to_yaml(cfg))
         return 0
+    from rynnscale.parallel.distributed import reported
     from rynnscale.train.trainer import run_training
 
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except Exception as e:  # the run logged it (once, with its rank): exit non-zero without a second copy
+        if not reported(e):
+            raise
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 
@@ -81,7 +87,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
                 args.src, args.out, episodes=args.episodes, episodes_per_shard=args.episodes_per_shard,
                 clip_seconds=args.clip_seconds, stride_seconds=args.stride_seconds, fps=args.fps,
                 video_key=args.video_key, video_path=args.video_path, data_path=args.data_path, media=args.media, codec=args.codec, max_side=args.max_side,
-                tolerance_s=args.tolerance_s, action_key=args.action_key,
+                tolerance_s=args.tolerance_s, skip_nonfinite=args.skip_nonfinite, action_key=args.action_key,
                 state_key=None if args.state_key in ("", "none") else args.state_key, action_space=args.action_space,
                 action_units=args.action_units, action_bins=args.action_bins, binning=args.binning,
                 answer_dims=args.answer_dims.split(",") if args.answer_dims else None, answer_top_k=args.answer_top_k,
@@ -103,7 +109,10 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     except (ConvertError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"out": str(args.out), "totals": rep["totals"], "bad": rep.get("bad", {})}, indent=1))
+    printed = {"out": str(args.out), "totals": rep["totals"], "bad": rep.get("bad", {})}
+    if rep.get("bad_episodes"):
+        printed["bad_episodes"] = rep["bad_episodes"]
+    print(json.dumps(printed, indent=1))
     return 0
 
 
@@ -230,9 +239,14 @@ def _add_convert_parsers(dsub) -> None:
     cl.add_argument("--media", choices=["video", "frames"], default="video", help="re-encoded mp4 or jpg frames")
     cl.add_argument("--codec", default="auto", help="auto | libx264 | mpeg4 | libvpx-vp9")
     cl.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
-    cl.add_argument("--tolerance-s", type=float, default=None, help="frame/row time tolerance (default half a frame)")
-    cl.add_argument("--action-key", default="action")
-    cl.add_argument("--state-key", default="observation.state", help="'none' to skip state.npy")
+    cl.add_argument("--tolerance-s", type=float, default=None,
+                    help="video frames and parquet rows pair when this close in time (default half a frame); "
+                         "unpaired ones are left out and counted")
+    cl.add_argument("--skip-nonfinite", action="store_true",
+                    help="skip (and count) episodes with NaN / inf actions or states instead of stopping")
+    cl.add_argument("--action-key", default="action", help="parquet column of the actions")
+    cl.add_argument("--state-key", default="observation.state", help="parquet column of the state; 'none' to skip "
+                                                                     "state.npy")
     cl.add_argument("--action-space", default=None)
     cl.add_argument("--action-units", default=None)
     cl.add_argument("--action-bins", type=int, default=0, help="add discretised action tokens with N bins per dim")

@@ -17,7 +17,9 @@ Resume. ``find_resume_checkpoint`` picks the checkpoint; ``load_checkpoint`` loa
 through DCP into however the model is sharded now (resharding is DCP's job), restores the scheduler and,
 when world size and layout are the ones saved, returns this rank's per-rank state and restores its RNG
 (exact continuation; ``rynnscale.checkpoint.rng``). Otherwise the per-rank state is ``None`` and a warning says the data order restarts
-deterministically from the recorded progress.
+deterministically from the recorded progress. Before any tensor is read, ``trainer_state.json`` is validated field by
+field, the recorded model config is compared with the caller's (any architectural difference is refused, naming each
+field; see ``config_changes``), and every saved tensor's shape with the model's.
 
 Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor items (e.g. optimiser
 ``lr``) with ``torch.load(weights_only=False)``: a checkpoint from elsewhere could run code. We read with
@@ -32,6 +34,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -259,6 +262,135 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """``trainer_state.json`` of checkpoint ``path``, every field type- and range-checked (``CheckpointError``
+    naming the file and the field): a hand-edited or corrupt file must not resume at step -5."""
+    where = Path(path) / TRAINER_STATE
+    ts = _read_json(where)
+    if not isinstance(ts, dict):
+        raise CheckpointError(f"{where}: holds a JSON {type(ts).__name__}, expected an object")
+
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(f"{where}: field {field!r} = {ts.get(field)!r} is invalid: {want}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if ts.get("format_version") != FORMAT_VERSION or not is_int(ts.get("format_version")):
+        raise bad("format_version", f"expected {FORMAT_VERSION} (written by another rynnscale version?)")
+    for field, lo in (("step", 0), ("tokens_seen", 0), ("world_size", 1)):
+        if field not in ts:
+            raise CheckpointError(f"{where}: field {field!r} is missing")
+        if not is_int(ts[field]) or ts[field] < lo:
+            raise bad(field, f"must be an integer >= {lo}")
+    for field, optional in (("layout", False), ("extra", False), ("scheduler", True), ("config", True),
+                            ("model_config", True)):
+        v = ts.get(field)
+        if field not in ts and not optional:
+            raise CheckpointError(f"{where}: field {field!r} is missing")
+        if not isinstance(v, dict) and not (optional and v is None):
+            raise bad(field, "must be a JSON object" + (" or null" if optional else ""))
+    if "torch_version" in ts and not isinstance(ts["torch_version"], str):
+        raise bad("torch_version", "must be a string")
+    if "saved_at" in ts:
+        v = ts["saved_at"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise bad("saved_at", "must be a finite number of seconds >= 0")
+    return ts
+
+
+def _read_rank_file(path: Path, rank: int, world: int, step: int) -> dict[str, Any]:
+    """This rank's ``rank_<r>.json``, checked against ``trainer_state.json`` (rank, world size, step)."""
+    where = path / rank_file(rank)
+    rf = _read_json(where)
+    if not isinstance(rf, dict):
+        raise CheckpointError(f"{where}: holds a JSON {type(rf).__name__}, expected an object")
+    for field, want in (("rank", rank), ("world_size", world), ("step", step)):
+        if rf.get(field) != want or isinstance(rf.get(field), bool):
+            raise CheckpointError(f"{where}: field {field!r} = {rf.get(field)!r} but {TRAINER_STATE} and this "
+                                  f"process say {want}")
+    for field in ("rng", "state"):
+        if not isinstance(rf.get(field), dict):
+            raise CheckpointError(f"{where}: field {field!r} = {str(rf.get(field))[:80]!r} must be a JSON object")
+    return rf
+
+
+# Keys of a model's config.json (at any depth) that describe no architecture: transformers' bookkeeping and
+# training choices recorded beside the architecture. Resuming with other values of these is allowed; any other
+# difference (sizes, layer counts, rope, routing, vocabulary and token ids, vision tower, tied embeddings, model
+# type...) is refused. Attention backend, kernels, compile, checkpointing, dtype and the parallel layout are not
+# in the model config at all.
+NON_ARCHITECTURE_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "return_dict",
+    "output_attentions", "output_hidden_states", "output_router_logits", "_attn_implementation_autoset",
+    "chunk_size_feed_forward", "problem_type", "id2label", "label2id", "tokenizer_class",
+    "pad_token_id", "bos_token_id", "eos_token_id",     # generation / tokenizer bookkeeping
+    "initializer_range",                               # random init only: a resume loads every weight
+    "router_aux_loss_coef",                            # a loss weight, not part of the model's function
+    "attention_dropout",                               # a training regulariser
+})
+_ABSENT = object()
+
+
+def config_changes(old: Any, new: Any, ignore: frozenset[str] = NON_ARCHITECTURE_KEYS,
+                   prefix: str = "") -> list[str]:
+    """``'key: old -> new'`` for every difference between two nested JSON configs (dotted keys, lists compared
+    whole, keys in ``ignore`` skipped at any depth, ``1 == 1.0`` but ``True != 1``); generic over model families."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            if k not in ignore:
+                out += config_changes(old.get(k, _ABSENT), new.get(k, _ABSENT), ignore, f"{prefix}{k}.")
+        return out
+    if _same_json(old, new):
+        return []
+
+    def show(v: Any) -> str:
+        return "(absent)" if v is _ABSENT else json.dumps(v, sort_keys=True)
+    return [f"{prefix.rstrip('.') or '(root)'}: {show(old)} -> {show(new)}"]
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None or a is _ABSENT or b is _ABSENT:
+        return a is b or (type(a) is type(b) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return not config_changes(a, b, frozenset())
+    return type(a) is type(b) and a == b
+
+
+def check_same_architecture(path: Path, saved: dict[str, Any] | None, current: dict[str, Any],
+                            normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Refuse to resume checkpoint ``path`` (recorded model config ``saved``) into a model of config ``current``
+    when they differ in anything architectural, naming every differing field (old -> new). ``normalize`` (e.g. the
+    family's ``from_hf_config(d).to_hf_config()``) fills defaults on both sides first, so that a field added to the
+    family since the save does not count as a change; a config it cannot read is compared as written."""
+    if saved is None:
+        log.warning("%s records no model_config: the architecture cannot be compared with the model's", path)
+        return
+
+    def norm(d: dict[str, Any]) -> dict[str, Any]:
+        d = json.loads(json.dumps(d))
+        if normalize is not None:
+            try:
+                return json.loads(json.dumps(normalize(d)))
+            except Exception as e:  # noqa: BLE001 - another family / a broken config: compare it as written
+                log.debug("model config not normalised (%s: %s)", type(e).__name__, e)
+        return d
+
+    changes = config_changes(norm(saved), norm(current))
+    if changes:
+        shown = "; ".join(changes[:40]) + (f"; ... and {len(changes) - 40} more" if len(changes) > 40 else "")
+        raise CheckpointError(
+            f"{path}: the checkpoint was saved with another model architecture ({len(changes)} field(s), "
+            f"checkpoint -> now): {shown}. Resuming would drop, misplace or misread weights. Resume with the "
+            "recorded architecture (model.arch / model.preset / model.init_from as in the checkpoint's "
+            f"{TRAINER_STATE}), or start a new run (another run.output_dir, or checkpoint.resume=none).")
+
+
 # ------------------------------------------------------------------------------------------ discovery
 @dataclass
 class CheckpointEntry:
@@ -466,7 +598,7 @@ class CheckpointManager:
 
         - ``config``: the resolved run config as a plain dict (``trainer_state.json``; export reads
           ``model.arch`` / ``model.init_from`` from it). ``model_config``: the HF ``config.json`` dict of
-          the model (``Qwen3VLArgs.to_hf_config()``), preferred by export.
+          the model (its args' ``to_hf_config()``), preferred by export.
         - ``layout``: the parallel layout (e.g. ``{"dp_replicate": 1, "dp_shard": 4, "ep": 2}``); resume
           is exact only with the same world size and layout.
         - ``extra_state``: more JSON data for ``trainer_state.json``. ``per_rank_state``: this rank's
@@ -614,17 +746,21 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ load
     def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True) -> ResumeState:
+             scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
+             model_config: dict[str, Any] | None = None,
+             normalize_model_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> ResumeState:
         """``load_checkpoint`` with this manager's process group."""
         return load_checkpoint(path, model, optimizer, scheduler, layout=layout, restore_rng=restore_rng,
                                process_group=self.process_group, state_adapter=self.state_adapter,
-                               trainable_only=self.trainable_only)
+                               trainable_only=self.trainable_only, model_config=model_config,
+                               normalize_model_config=normalize_model_config)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler=None, *, layout: dict[str, Any] | None = None, restore_rng: bool = True,
                     process_group=None, state_adapter: StateAdapter | None = None,
-                    trainable_only: bool = False) -> ResumeState:
+                    trainable_only: bool = False, model_config: dict[str, Any] | None = None,
+                    normalize_model_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> ResumeState:
     """Load checkpoint ``path`` into ``model`` / ``optimizer`` (however they are sharded now: DCP reshards)
     and ``scheduler``; call on every rank.
 
@@ -632,7 +768,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     (``restore_rng``) its RNG states restored: the run continues exactly. Otherwise ``per_rank`` is None
     and a warning says the data order restarts deterministically from the recorded step / tokens.
     ``state_adapter``: as in ``CheckpointManager`` (e.g. global expert tensors under EP); it must share
-    storage with the state it adapts, since DCP loads in place."""
+    storage with the state it adapts, since DCP loads in place. ``model_config``: the model's config.json
+    dict; any architectural difference from the recorded one is refused (``check_same_architecture``, with
+    ``normalize_model_config``). A tensor whose saved shape differs from the model's is refused by name."""
     path = Path(path)
     reason = check_complete(path)
     if reason:
@@ -640,10 +778,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
     if gone:
         raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
-    ts = _read_json(path / TRAINER_STATE)
-    if ts.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / TRAINER_STATE}: format_version={ts.get('format_version')!r}, "
-                              f"expected {FORMAT_VERSION}")
+    ts = read_trainer_state(path)
+    if model_config is not None:
+        check_same_architecture(path, ts.get("model_config"), model_config, normalize_model_config)
     t0 = time.perf_counter()
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
@@ -655,8 +792,9 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd}
     _check_keys(path, state)
     absent = _drop_absent_optimizer_state(path, state)
-    safe_dcp_load(state_adapter(state) if state_adapter is not None else state, path / DCP_DIR,
-                  process_group=process_group)
+    adapted = state_adapter(state) if state_adapter is not None else state
+    _check_shapes(path, adapted)
+    safe_dcp_load(adapted, path / DCP_DIR, process_group=process_group)
     if optimizer is not None:
         # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -672,14 +810,11 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         scheduler.load_state_dict(ts["scheduler"])
 
     world = _world(process_group)
-    saved_layout = ts.get("layout") or {}
+    saved_layout = ts["layout"]
     same = ts["world_size"] == world and (layout is None or saved_layout == layout)
     per_rank = None
     if same:
-        rf = _read_json(path / rank_file(_rank(process_group)))
-        if rf.get("world_size") != world:
-            raise CheckpointError(f"{path / rank_file(_rank(process_group))}: world_size={rf.get('world_size')} "
-                                  f"but {TRAINER_STATE} says {ts['world_size']}")
+        rf = _read_rank_file(path, _rank(process_group), world, ts["step"])
         per_rank = rf["state"]
         if restore_rng:
             restore_rng_state(rf["rng"])
@@ -702,6 +837,32 @@ def _check_keys(path: Path, state: dict[str, Any]) -> None:
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise CheckpointError(f"{path / DCP_DIR}: the model has {len(missing)} tensor(s) the checkpoint lacks: {shown}")
+
+
+def _tensor_leaves(obj: Any, prefix: str = ""):
+    """(DCP key, tensor) of every tensor in a nested state dict, keyed as DCP flattens it (``optim.state.<fqn>.exp_avg``)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensor_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensor_leaves(v, f"{prefix}.{i}")
+
+
+def _check_shapes(path: Path, state: dict[str, Any]) -> None:
+    """Fail naming every tensor whose saved (global) shape differs from the model's, with both shapes (DCP's own
+    error is a bare ``ValueError`` about the first one)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = read_dcp_metadata(path / DCP_DIR).state_dict_metadata
+    bad = [f"{key} is {list(md[key].size)} in the checkpoint but {list(t.shape)} in the model"
+           for key, t in _tensor_leaves(state)
+           if isinstance(md.get(key), TensorStorageMetadata) and tuple(md[key].size) != tuple(t.shape)]
+    if bad:
+        shown = "; ".join(bad[:20]) + (f"; ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise CheckpointError(f"{path / DCP_DIR}: {len(bad)} tensor(s) do not fit the model: {shown}")
 
 
 def _drop_absent_optimizer_state(path: Path, state: dict[str, Any]) -> list[str]:

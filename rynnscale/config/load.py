@@ -319,7 +319,8 @@ _AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.vid
                  "data.max_member_bytes", "data.max_sample_bytes", "data.shuffle_buffer_bytes",
                  "data.max_image_pixels", "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
                  "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
-_POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.lr", "optim.eps"}
+# optim.lr may be 0 (a dry run, checking a pipeline, exporting an unchanged model): the trainer warns once.
+_POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.eps"}
 _UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)
 _MAX_INT = 2**62
 
@@ -384,9 +385,8 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}' = {value} must be >= 1")
-    for key in ("optim.lr", "optim.eps"):
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)} must be > 0")
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"config key 'optim.eps' = {cfg.optim.eps} must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio} must be in [0, 1]")
     if cfg.optim.warmup_steps < 0:

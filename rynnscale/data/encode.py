@@ -29,9 +29,7 @@ loader can skip the sample and count it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -40,8 +38,8 @@ import numpy as np
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample
-from rynnscale.data.schema import SchemaError, validate_member_name
-from rynnscale.data.tokenizer import VisionTokenIds, as_rust_tokenizer
+from rynnscale.data.schema import SchemaError, parse_json, validate_member_name
+from rynnscale.data.tokenizer import BudgetTokenizer, TextTokens, VisionTokenIds, as_rust_tokenizer
 from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
 from rynnscale.data.vision_preprocess import (
     ImageError,
@@ -71,24 +69,6 @@ REASONS = (
     "too_long",            # more tokens than max_tokens (and truncate is off, or nothing trainable is left)
     "media_unsupported",   # an image / video for a model without a vision tower
 )
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _check_unicode(key: str, name: str, obj: Any) -> None:
-    """Refuse a lone surrogate (``"\\ud800"``) anywhere in parsed JSON: the tokenizer cannot encode it."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise SampleError("bad_json", key, f"{name}: a string holds a lone surrogate {obj[e.start]!r} at "
-                                               f"character {e.start} (not valid Unicode)") from None
-        return
-    for k, v in items:
-        _check_unicode(key, name, k)
-        _check_unicode(key, name, v)
 
 
 class SampleError(Exception):
@@ -255,6 +235,9 @@ class SampleEncoder:
         self._is_structural = np.zeros(int(structural.max()) + 2, dtype=bool)
         self._is_structural[structural] = True
         self._text_cache: dict[str, np.ndarray] = {}
+        # text is tokenised only up to max_tokens (a 10 MB conv.json of digits was 10M tokens, 7 GiB, 25 s)
+        self._budget_tok = BudgetTokenizer(self.tok, must_be_added=token_ids.structural())
+        self._structural_ids = set(token_ids.structural())
         self._video_limits = VideoLimits(max_bytes=self.cfg.max_media_bytes, max_total_frames=self.cfg.max_total_frames,
                                          max_pixels=self.cfg.max_frame_pixels, max_frames=self.cfg.max_frames)
 
@@ -298,8 +281,8 @@ class SampleEncoder:
             raise SampleError("bad_json", key, f"meta.json must hold an object, got {type(meta).__name__}")
         messages = self._messages(key, conv)
         render, media = self._render(key, messages, members, meta, decode)
-        ids, labels, spans = self._tokenize(key, render, media)
-        ids, labels, media, spans = self._fit(key, ids, labels, media, spans)
+        ids, labels, spans, at_least = self._tokenize(key, render, media)
+        ids, labels, media, spans = self._fit(key, ids, labels, media, spans, at_least)
         if not (labels != IGNORE_INDEX).any():
             raise SampleError("bad_conversation", key, "no assistant tokens to train on")
         return ids, labels, media
@@ -314,14 +297,9 @@ class SampleEncoder:
         if len(raw) > self.cfg.max_json_bytes:
             raise SampleError("too_large", key, f"{name} has {len(raw)} bytes > max_json_bytes={self.cfg.max_json_bytes}")
         try:
-            obj = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except RecursionError:
-            raise SampleError("bad_json", key, f"{name}: nested too deeply to parse (RecursionError)") from None
-        except (UnicodeDecodeError, ValueError) as e:   # ValueError: also a > 4300-digit integer (int-str limit)
-            raise SampleError("bad_json", key, f"{name}: {str(e)[:200]}") from None
-        if _SURROGATE_ESCAPE.search(raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8", "replace")):
-            _check_unicode(key, name, obj)   # only escapes can smuggle a lone surrogate past the UTF-8 decode
-        return obj
+            return parse_json(raw, name)
+        except SchemaError as e:
+            raise SampleError("bad_json", key, str(e)) from None
 
     def _messages(self, key: str, conv: Any) -> list[dict]:
         msgs = conv.get("conversation") if isinstance(conv, dict) else None
@@ -529,13 +507,36 @@ class SampleEncoder:
                 self._text_cache[text] = ids
         return ids
 
+    def _encode_run(self, run: list[tuple[str, bool]], budget: int) -> tuple[TextTokens, bool | np.ndarray]:
+        """Consecutive text pieces, tokenised together as HF would (up to ``budget`` tokens, see
+        ``BudgetTokenizer``) -> (tokens, labels: True / False for all, else per token)."""
+        text = "".join(s for s, _ in run)
+        if not any(lab for _, lab in run):
+            if len(text) < 64:
+                ids = self._encode_text(text)
+                return TextTokens(ids, None, len(text), True, len(ids)), False
+            return self._budget_tok.encode(text, budget), False
+        if all(lab for _, lab in run):
+            return self._budget_tok.encode(text, budget), True
+        t = self._budget_tok.encode(text, budget, offsets=True)
+        # a token is labeled if it covers any labeled character: pieces are non-empty and contiguous
+        starts = np.cumsum([0] + [len(s) for s, _ in run[:-1]])
+        labcum = np.concatenate([[0], np.cumsum([lab for _, lab in run])])
+        first = np.searchsorted(starts, t.offsets[:, 0], side="right") - 1
+        last = np.searchsorted(starts, t.offsets[:, 1] - 1, side="right") - 1
+        covered = (t.offsets[:, 1] > t.offsets[:, 0]) & (labcum[last + 1] - labcum[first] > 0)
+        return t, np.where(covered, t.ids, IGNORE_INDEX)
+
     def _tokenize(self, key: str, r: _Render, media: list[_Media]
-                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-        """-> input ids [L], labels [L], and per media its token span [start, end) incl. outer start/end."""
+                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]], int | None]:
+        """-> input ids [L], labels [L], per media its token span [start, end) incl. outer start/end, and None;
+        or, once a text run is found to pass ``max_tokens`` before its end, the exact ids so far and a lower bound
+        on the sample's tokens (later text is only checked for special tokens, later media not emitted)."""
         ids_chunks: list[np.ndarray] = []
         lab_chunks: list[np.ndarray] = []
         spans: list[tuple[int, int]] = []
         n = 0
+        at_least: int | None = None
         run: list[tuple[str, bool]] = []  # consecutive text pieces, tokenised together as HF would
 
         def emit(ids: np.ndarray, labeled: bool | np.ndarray) -> None:
@@ -547,33 +548,26 @@ class SampleEncoder:
                 lab_chunks.append(ids if labeled else np.full(len(ids), IGNORE_INDEX, dtype=np.int64))
             n += len(ids)
 
+        def special_text(ids: np.ndarray) -> bool:
+            return bool(ids.size) and bool(self._is_structural[np.minimum(ids, self._is_structural.size - 1)].any())
+
         def flush() -> None:
+            nonlocal at_least
             if not run:
                 return
-            text = "".join(s for s, _ in run)
-            if not any(lab for _, lab in run):
-                ids = self._encode_text(text)
-                lab: bool | np.ndarray = False
+            if at_least is not None:   # past the budget: the text still may not hold chat / vision tokens
+                bad = self._budget_tok.added_in("".join(s for s, _ in run), 0, self._structural_ids)
             else:
-                enc = self.tok.encode(text, add_special_tokens=False)
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                if all(lab for _, lab in run):
-                    lab = True
-                else:  # a token is labeled if it covers any labeled character
-                    mask_c = np.zeros(len(text) + 1, dtype=np.int64)
-                    pos = 0
-                    for s, labd in run:
-                        if labd:
-                            mask_c[pos + 1: pos + len(s) + 1] = 1
-                        pos += len(s)
-                    csum = np.cumsum(mask_c)
-                    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-                    covered = csum[off[:, 1]] - csum[off[:, 0]] > 0
-                    lab = np.where(covered, ids, IGNORE_INDEX)
-            if ids.size and self._is_structural[np.minimum(ids, self._is_structural.size - 1)].any():
+                t, lab = self._encode_run(run, self.cfg.max_tokens - n)
+                bad = special_text(t.ids) or (not t.complete and self._budget_tok.added_in(
+                    "".join(s for s, _ in run), t.end, self._structural_ids))
+                if not bad:
+                    if not t.complete:
+                        at_least = n + t.at_least
+                    emit(t.ids, lab)
+            if bad:
                 raise SampleError("bad_conversation", key, "conversation text contains chat / vision special tokens "
                                                            "(e.g. <|image_pad|>, <|im_start|>)")
-            emit(ids, lab)
             run.clear()
 
         sp = lambda t: np.array([t], dtype=np.int64)  # noqa: E731
@@ -583,6 +577,8 @@ class SampleEncoder:
                 run.append((piece[1], piece[2]))
                 continue
             flush()
+            if at_least is not None:
+                continue
             if piece[0] == "special":
                 emit(sp(piece[1]), piece[2])
                 continue
@@ -603,16 +599,23 @@ class SampleEncoder:
             emit(sp(self.ids.vision_end), False)
             spans.append((start, n))
         flush()
-        return np.concatenate(ids_chunks), np.concatenate(lab_chunks), spans
+        return np.concatenate(ids_chunks), np.concatenate(lab_chunks), spans, at_least
 
-    def _fit(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media], spans: list[tuple[int, int]]):
-        """Enforce ``max_tokens``: raise too_long, or truncate without cutting into a vision span."""
+    def _fit(self, key: str, ids: np.ndarray, labels: np.ndarray, media: list[_Media], spans: list[tuple[int, int]],
+             at_least: int | None = None):
+        """Enforce ``max_tokens``: raise too_long, or truncate without cutting into a vision span. ``at_least``:
+        ``ids`` are only the exact start of a sample of at least that many tokens (see ``_tokenize``)."""
         L, cap = len(ids), self.cfg.max_tokens
-        if L <= cap:
+        if L <= cap and at_least is None:
             return ids, labels, media, spans
+        counted = (f"{L} tokens > max_tokens={cap} ({sum(e - s for s, e in spans)} in {len(spans)} media)"
+                   if at_least is None else f"more than {at_least - 1} tokens > max_tokens={cap} (text is tokenised "
+                                            "only until it passes the budget)")
         if not self.cfg.truncate:
-            raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} "
-                                               f"({sum(e - s for s, e in spans)} in {len(spans)} media)")
+            raise SampleError("too_long", key, counted)
+        if L < cap:   # a bound ended the count before the exact tokens reached the budget
+            raise SampleError("too_long", key, f"{counted}; truncating it would need the tokens of a stretch of text "
+                                               "with no provable token boundary that alone is longer than the budget")
         cut = cap
         for s, e in spans:
             if s < cut < e:
@@ -620,8 +623,7 @@ class SampleEncoder:
         keep = [i for i, (s, e) in enumerate(spans) if e <= cut]
         ids, labels = ids[:cut], labels[:cut]
         if not (labels != IGNORE_INDEX).any():
-            raise SampleError("too_long", key, f"{L} tokens > max_tokens={cap} and no assistant token is left "
-                                               f"after truncating to {cut}")
+            raise SampleError("too_long", key, f"{counted} and no assistant token is left after truncating to {cut}")
         return ids, labels, [media[i] for i in keep], [spans[i] for i in keep]
 
     # ------------------------------------------------------------------ pixels + positions

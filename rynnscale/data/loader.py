@@ -36,12 +36,24 @@ the worker count does not matter. ``world_size`` / ``rank`` are the DATA-paralle
 context-parallel group would pass the same data rank). The state is layout-free: stream position,
 shuffle buffer, packer items and the planned steps (samples with their sizes), the same on every rank;
 it loads at any world size, worker count and accumulation. With the same N the continuation is exact;
-with another N the planned steps' samples go back to the packer (placed first) and are re-packed, so
-nothing is lost or repeated. ``last_step_samples`` ("<shard>:<key>" of the whole global batch, shard
-names relative to the shards' common directory) and ``last_step_rank_costs`` (every rank's
-``cost_model`` estimate, whatever ``balance`` assigned by) describe the last step taken, for
-``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
-``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window.
+with another N the planned steps' samples are re-packed on their own into the first steps, so nothing is
+lost or repeated (the last of them may be short). ``last_step_samples`` ("<shard>:<key>" of the whole
+global batch, shard names relative to the shards' common directory), ``last_step_rank_costs`` (every
+rank's ``cost_model`` estimate, whatever ``balance`` assigned by) and ``last_step_packs`` describe the last
+step taken, for ``samples.jsonl`` and the rank-balance metrics. Effective shuffle window: about
+``shuffle_buffer`` samples (geometric wait, mean ``shuffle_buffer`` draws) plus the packing window, within
+an epoch.
+
+Epochs (both modes). Each source's epochs stay whole, however small the data (the epoch barrier): when
+a source's next epoch starts, its samples leave the shuffle buffer for the packing window and the next
+plan emits all of them (``WindowPacker.push(must=)``; until then the source's new samples wait,
+``held``); a one-source stream, or a source that comes round again first, packs the window out at once
+(``WindowPacker.close``), so an epoch's last step may be short (fewer packs than N: filler micro-batches).
+So every epoch trains each sample exactly once, counts are equal after every epoch, and an epoch's copies
+never share a window (nor a step) with the next epoch's. A plan keeps the samples of the step before it
+out of its first step where its packs allow (``WindowPacker.avoid``), so a sample is not trained in two
+consecutive steps unless two steps hold about the whole data. The cost: one plan per source epoch made
+before the window is full, and with one source one short step per epoch.
 Reading: every rank walks the tar headers of every shard and reads the JSON members; media members are
 only located (``defer_media``, ``ReaderLimits.defer_media``) and read by position by the rank whose pack
 holds the sample. A sample without a usable manifest hint is measured by every rank, which reads its
@@ -87,9 +99,14 @@ packer contents (as sample positions, re-read on restore), packs not yet emitted
 loader's ``state_dict()`` is the state of the batches *consumed*; ``load_state_dict`` into a fresh
 loader (same config, shards, world size) continues with exactly the same batches.
 
-Bad samples (corrupt tar, bad member, encoder ``SampleError``, too long) are skipped, counted by
-reason and logged with shard and key; ``BadDataError`` stops the run when more than
-``max_bad_fraction`` of at least ``min_samples_for_bad_check`` samples were bad.
+Bad samples (corrupt tar, bad member, encoder ``SampleError``, too long) are skipped and counted by
+reason, as occurrences (``bad_counts``) and as distinct samples (``bad_distinct``: a sample skipped in
+every epoch counts once); the first few of a reason are logged with shard and key, then a count summary
+each time the count doubles (the global order logs stream-level ones on rank 0 worker 0 only: every rank
+reads the same stream). ``BadDataError`` stops the run when more than ``max_bad_fraction`` of the samples
+were bad, once ``min_samples_for_bad_check`` were read or (global order) every source was read once. Before
+training, ``budget_fit`` tells from the manifests' cost hints how many samples fit ``micro_batch_tokens``
+(``rynnscale.data.pipeline.check_budget`` turns it into an error or a warning naming the recipe key).
 """
 
 from __future__ import annotations
@@ -122,10 +139,10 @@ from rynnscale.data.reader import (
     ShardStream,
     ShuffleBuffer,
     expand_shard_patterns,
+    iter_tar_samples,
     mix64,
     read_deferred,
     read_positions,
-    shuffled,
 )
 from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 
@@ -134,7 +151,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 GLOBAL_STATE_VERSION = 2      # the layout-free state of global-order loaders
 BALANCE_MODES = ("cost", "tokens", "none")
-_MAX_BAD_WARNINGS = 200   # per worker; later bad samples are logged at DEBUG level
+_NAMED_BAD = 5            # bad samples named per reason and process; later ones are summarised (DEBUG names them)
+_MAX_DISTINCT_BAD = 10_000  # distinct bad samples remembered per reason (a count beyond it is a lower bound)
 CostEstimator = Callable[[str, dict], tuple[int, int]]
 
 
@@ -317,6 +335,25 @@ class _ManifestHints:
         vp = info.sample_costs.get("vision_patches")
         return int(info.sample_costs["num_tokens"][index]), int(vp[index]) if vp is not None else 0
 
+    def tokens(self, shard: str) -> list[int] | None:
+        """Every sample's ``num_tokens`` hint of ``shard`` (None: no hints)."""
+        if self.get(shard, 0) is None:
+            return None
+        return [int(t) for t in self._dirs[os.path.dirname(shard)][os.path.basename(shard)].sample_costs["num_tokens"]]
+
+
+@dataclass(frozen=True)
+class BudgetFit:
+    """What the manifests' per-sample cost hints say about the micro-batch budget, before reading any data."""
+
+    budget: int
+    hinted: int                 # samples with a ``num_tokens`` hint
+    fitting: int                # ... of them within the budget
+    largest: int                # tokens of the longest hinted sample
+    too_long_share: float       # expected share of the samples read that are too long (mixture weights applied)
+    unhinted_shards: int        # shards without hints (not counted)
+    probe: tuple[str, int] | None = None   # (shard, ordinal) of the shortest sample too long by its hint
+
 
 class _WorkerPipeline:
     """One reader split -> shuffled samples -> encode/estimate -> packer -> this rank's batches."""
@@ -367,6 +404,7 @@ class _WorkerPipeline:
         self.step_no = self.base = 0   # global steps taken from ``steps`` (all workers); at the restore
         self.names = _relative_names(shards)   # "<shard>:<key>" names of the sample log
         self.bad_step: Counter[str] = Counter()  # bad samples found decoding this step's packs (global order)
+        self.bad_step_keys: list[list] = []      # ... as [reason, shard #, ordinal]
         self.shards = shards
         self.shard_index = {p: i for i, p in enumerate(shards)}
         self.hints = _ManifestHints()
@@ -374,6 +412,18 @@ class _WorkerPipeline:
         self.counter = 0          # samples pulled from the shuffled stream (owner of early-bad ones)
         self.seen = 0
         self.bad: Counter[str] = Counter()
+        self.bad_keys: dict[str, set[tuple[int, int]]] = {}   # distinct bad samples by reason: (shard #, ordinal)
+        # bad samples this process logged, by reason, and the distinct ones (logging only, not state)
+        self.noted: Counter[str] = Counter()
+        self.noted_keys: dict[str, set[tuple[int, int]]] = {}
+        # global order: stream-level bad samples are the same on every rank and worker; one of them names them
+        self.log_stream_bad = not self.glob or (rank == 0 and worker == 0)
+        # global order, epoch barrier: the epoch of each source's samples entering the pipeline, and the
+        # samples (shard, ordinal) of the last step taken (a re-pack keeps them out of its first step)
+        self.epoch_in = [0] * len(sources)
+        self.closing: set[int] = set()      # sources whose last epoch is still in the packing window
+        self.held: list[RawSample] = []     # ... and their next epoch's samples, waiting for it to leave
+        self.last_step: set[tuple[str, int]] = set()
         self.batches = 0
         self.samples_out = 0
         self.overflow = 0
@@ -444,20 +494,44 @@ class _WorkerPipeline:
         t, v = self._estimate(s)
         return PackItem(s.key, t, v, _Entry(s.position, s.members, deferred=s.deferred), carried)
 
-    def _count_bad(self, reason: str, shard: str, key: str, detail: str, decoding: bool = False) -> None:
+    def _count_bad(self, reason: str, pos: tuple[str, int, str], detail: str, decoding: bool = False) -> None:
+        """Count a skipped sample (occurrences and distinct samples by reason) and log it: the first
+        ``_NAMED_BAD`` of a reason by shard and key, then a summary whenever the count doubles."""
+        shard = pos[0]
         if self.glob and decoding:  # found by this rank only: reported with the step (TrainLoader sums them)
             self.bad_step[reason] += 1
-            log.warning("skipping bad sample (%s) shard=%s key=%s: %s", reason, shard, key, detail)
+            self.bad_step_keys.append([reason, self.shard_index[shard], pos[1]])
+            self._log_bad(reason, pos, detail)
             return
         self.bad[reason] += 1
+        _remember(self.bad_keys, reason, (self.shard_index[shard], pos[1]))
+        if self.log_stream_bad:
+            self._log_bad(reason, pos, detail)
+        self._check_fraction()
+
+    def _log_bad(self, reason: str, pos: tuple[str, int, str], detail: str) -> None:
+        """Name the first ``_NAMED_BAD`` bad samples of a reason (this process); after that, a count summary
+        each time the reason's count doubles (the others are named at DEBUG level)."""
+        self.noted[reason] += 1
+        _remember(self.noted_keys, reason, (self.shard_index[pos[0]], pos[1]))
+        n = self.noted[reason]
+        log.log(logging.WARNING if n <= _NAMED_BAD else logging.DEBUG, "skipping bad sample (%s) shard=%s key=%s: %s",
+                reason, pos[0], pos[2], detail)
+        if n == _NAMED_BAD:
+            log.warning("%s: further bad samples of reason %s are counted, not named (DEBUG level names them)",
+                        self.where, reason)
+        elif n > _NAMED_BAD and n & (n - 1) == 0:   # 8, 16, 32, ...
+            log.warning("%s: %d bad samples so far (%s)", self.where, sum(self.noted.values()),
+                        _reasons(self.noted, _distinct(self.noted_keys)))
+
+    def _check_fraction(self) -> None:
+        """BadDataError when too many samples were bad: once ``min_samples_for_bad_check`` samples were read,
+        or (global order) once every source finished an epoch, whichever comes first."""
         total = sum(self.bad.values())
-        level = logging.WARNING if total <= _MAX_BAD_WARNINGS else logging.DEBUG
-        log.log(level, "skipping bad sample (%s) shard=%s key=%s: %s", reason, shard, key, detail)
-        if total == _MAX_BAD_WARNINGS:
-            log.warning("%s: %d bad samples so far; further ones are logged at DEBUG level (counts continue)",
-                        self.where, total)
-        if self.seen >= self.cfg.min_samples_for_bad_check and total > self.cfg.max_bad_fraction * self.seen:
-            raise BadDataError(_bad_message(total, self.seen, self.bad, self.cfg.max_bad_fraction, self.where))
+        whole = self.glob and min(self.epoch_in) >= 1
+        if (self.seen >= self.cfg.min_samples_for_bad_check or whole) and total > self.cfg.max_bad_fraction * self.seen:
+            raise BadDataError(_bad_message(total, self.seen, self.bad, self.cfg.max_bad_fraction, self.where,
+                                            _distinct(self.bad_keys), self.cfg.micro_batch_tokens))
 
     def _ingest(self, s: RawSample) -> None:
         owner = self.glob or self.counter % self.G == self.grank   # global order: global counts on every rank
@@ -467,27 +541,96 @@ class _WorkerPipeline:
             self.source_seen[self.source_of[s.shard]] += 1
         if s.is_bad:
             if owner:
-                self._count_bad(s.bad_reason, s.shard, s.key, s.bad_detail)
+                self._count_bad(s.bad_reason, s.position, s.bad_detail)
             return
         try:
-            plan = self.packer.push(self._item(s))
+            plan = self.packer.push(self._item(s), must=self._closing_item if self.closing else None)
         except SampleError as e:
             if owner:
-                self._count_bad(e.reason, s.shard, s.key, e.detail)
+                self._count_bad(e.reason, s.position, e.detail)
             return
         except MediaReadError as e:   # deferred media read to measure the sample (every rank does)
             if owner:
-                self._count_bad("corrupt_tar", s.shard, s.key, str(e))
+                self._count_bad("corrupt_tar", s.position, str(e))
             return
         if plan is not None:
             self._add_plan(plan)
+            if self.closing and not any(self._closing_item(it) for it in self.packer.items):
+                self._release()
 
     def _add_plan(self, plan: list[list[list[PackItem]]]) -> None:
         if not self.glob:
             self.pending.extend(plan[self.grank])
             return
-        for i in range(max(len(p) for p in plan)):   # plan[slot][i] is pack ``slot`` of the plan's step i
-            self.steps.append([p[i] for p in plan if i < len(p)])
+        # plan[slot][i] is pack ``slot`` of the plan's step i (a short step is the plan's last)
+        steps = [[p[i] for p in plan if i < len(p)] for i in range(max(len(p) for p in plan))]
+        self.steps.extend(steps)
+        self._step_before({_sample_id(it) for b in steps[-1] for it in b})
+
+    def _step_before(self, ids: set[tuple[str, int]]) -> None:
+        """The samples of the last step planned: the next plan keeps them out of its first step (the packer's
+        ``avoid``), so a sample's copies of two epochs are not trained in consecutive steps."""
+        self.packer.avoid = (lambda it: _sample_id(it) in ids) if ids else None
+
+    # -- the epoch barrier (both modes)
+    def _source_epoch(self, k: int) -> int:
+        """The epoch of the sample source ``k`` delivered last."""
+        return self.stream.streams[k].epoch if isinstance(self.stream, MixtureStream) else self.stream.epoch
+
+    def _admit(self, s: RawSample) -> None:
+        """One sample of the global stream into the shuffle buffer and on to the packer, behind the epoch
+        barrier: the first sample of a source's next epoch starts closing its current one (``_wrap``), and
+        until that left the packing window the source's new samples wait (``held``)."""
+        k = self.source_of[s.shard]
+        e = self._source_epoch(k)
+        if e != self.epoch_in[k]:
+            self._wrap(k, e)
+        if s.is_bad:   # bad samples skip the buffer (reported at once)
+            self._ingest(s)
+        elif k in self.closing:
+            self.held.append(s)
+        else:
+            self._shuffle_in(s)
+
+    def _shuffle_in(self, s: RawSample) -> None:
+        out = self.buffer.push(s)
+        if out is not None:
+            self._ingest(out)
+        while (out := self.buffer.pop_excess()) is not None:
+            self._ingest(out)
+
+    def _wrap(self, k: int, epoch: int) -> None:
+        """Source ``k`` starts epoch ``epoch``: its samples leave the shuffle buffer (seeded order) for the
+        packing window, and the next plan that packs the window must emit all of them (``closing``) before
+        its new epoch's samples enter, so an epoch trains each sample once and two epochs' copies never share
+        a window. With one source, or when the source comes round again before that plan, the window is
+        packed out at once (``WindowPacker.close``: the epoch's last step may be short). Runs between steps."""
+        if k in self.closing:
+            self._close_now()
+        mine = self.source_of
+        for out in self.buffer.evict(lambda x: mine[x.shard] == k):
+            self._ingest(out)
+        self.epoch_in[k] = epoch
+        if any(mine[it.ref.pos[0]] == k for it in self.packer.items):
+            self.closing.add(k)
+            if len(self.epoch_in) == 1:   # nothing else fills the window
+                self._close_now()
+        self._check_fraction()   # every source read once: the bad fraction is known whatever the data size
+
+    def _closing_item(self, it: PackItem) -> bool:
+        return self.source_of[it.ref.pos[0]] in self.closing
+
+    def _close_now(self) -> None:
+        plan = self.packer.close(self._closing_item)
+        if plan is not None:
+            self._add_plan(plan)
+        self._release()
+
+    def _release(self) -> None:
+        """The closing sources' epochs left the window: their held samples go on into the shuffle buffer."""
+        self.closing, held, self.held = set(), self.held, []
+        for s in held:
+            self._shuffle_in(s)
 
     # -- batches out
     def _decode_items(self, items: list[PackItem]) -> list[PackItem]:
@@ -505,16 +648,16 @@ class _WorkerPipeline:
                     else:
                         e.encoded = self._encode(e.pos[0], e.pos[2], e.members)
                 except SampleError as err:
-                    self._count_bad(err.reason, e.pos[0], e.pos[2], err.detail, decoding=True)
+                    self._count_bad(err.reason, e.pos, err.detail, decoding=True)
                     continue
                 except MediaReadError as err:
-                    self._count_bad("corrupt_tar", e.pos[0], e.pos[2], str(err), decoding=True)
+                    self._count_bad("corrupt_tar", e.pos, str(err), decoding=True)
                     continue
                 finally:
                     e.drop()
             done = e.encoded if e.encoded is not None else e.prepared
             if done.num_tokens > self.cfg.micro_batch_tokens:
-                self._count_bad("too_long", e.pos[0], it.key,
+                self._count_bad("too_long", e.pos,
                                 f"{done.num_tokens} tokens after encoding (estimate was {it.num_tokens}) exceed the "
                                 f"budget {self.cfg.micro_batch_tokens}", decoding=True)
                 continue
@@ -556,7 +699,7 @@ class _WorkerPipeline:
                 bins[j].append(it)
                 continue
             e = it.ref
-            self._count_bad("estimate_overflow", e.pos[0], it.key,
+            self._count_bad("estimate_overflow", e.pos,
                             f"{it.num_tokens} tokens after encoding, estimated {estimates[id(e)]}: the step's {k} "
                             f"micro-batches of {budget} tokens have no room left for it (fix the cost hints: "
                             "rynnscale data stats)", decoding=True)
@@ -608,7 +751,7 @@ class _WorkerPipeline:
         parts, rank_costs = self._assign(step)
         # every rank's micro-batch count, the last (short) step of a finite stream included
         k = max(self.cfg.micro_batches_per_step, -(-len(step) // self.world))
-        self.bad_step = Counter()
+        self.bad_step, self.bad_step_keys = Counter(), []
         mine = [[PackItem(it.key, it.num_tokens, it.vision_patches, it.ref.copy()) for it in step[i]]
                 for i in parts[self.rank]]
         estimates = {id(it.ref): it.num_tokens for b in mine for it in b}
@@ -617,20 +760,26 @@ class _WorkerPipeline:
         for b in step:   # members of other ranks' samples are not needed any more
             for it in b:
                 it.ref.drop()
-        info = {"step": self.step_no, "rank_costs": rank_costs, "bad": dict(self.bad_step), "overflow": overflowed,
+        info = {"step": self.step_no, "rank_costs": rank_costs, "packs": len(step), "bad": dict(self.bad_step),
+                "bad_keys": self.bad_step_keys, "overflow": overflowed,
                 "fillers": sum(1 for b in out if b.filler),
                 "samples": sorted(f"{self.names[self.shard_index[it.ref.pos[0]]]}:{it.key}" for b in step for it in b)}
-        if info["fillers"]:
+        short = k - len(parts[self.rank])   # slots the plan left empty: a short step (epoch end, re-pack)
+        if info["fillers"] > short:
             log.warning("global step %d: %d of this rank's %d micro-batches are fillers (all their samples were bad)",
-                        self.step_no, info["fillers"], k)
+                        self.step_no, info["fillers"] - short, k)
+        elif short:
+            log.debug("global step %d is short: %d of this rank's %d micro-batches are fillers", self.step_no, short, k)
         return out, info
 
     def _iter_global(self) -> Iterator[tuple[tuple[list[PackedBatch], dict], dict]]:
-        """Global order: every worker plans every step; worker w takes steps base + w, base + w + W, ..."""
-        src = shuffled(iter(self.stream), self.buffer)
+        """Global order: every worker plans every step; worker w takes steps base + w, base + w + W, ...
+        Samples move from the stream to the packer only between steps taken, so a state is never mid-sample."""
+        src = iter(self.stream)
         while True:
             if self.steps:
                 step = self.steps.popleft()
+                self.last_step = {_sample_id(it) for b in step for it in b}
                 mine = (self.step_no - self.base) % self.W == self.worker
                 if mine:
                     batches, info = self._take_step(step)
@@ -641,20 +790,34 @@ class _WorkerPipeline:
                     info["media_bytes_read"], self.media_bytes_read = self.media_bytes_read, 0
                     yield (batches, info), self.state()
                 continue
-            s = next(src, None)
-            if s is None:
-                plan = self.packer.flush()
-                if plan is None:
-                    return
-                self._add_plan(plan)
-                continue
-            self._ingest(s)
+            if not self._feed(src):
+                return
+
+    def _feed(self, src: Iterator[RawSample]) -> bool:
+        """One sample of the stream in (``_admit``); at the end of a finite stream, the held samples, the
+        shuffle buffer and the packing window drain in turn. False when nothing is left."""
+        s = next(src, None)
+        if s is not None:
+            self._admit(s)
+            return True
+        if self.closing:
+            self._close_now()
+            return True
+        out = self.buffer.pop()
+        if out is not None:
+            self._ingest(out)
+            return True
+        plan = self.packer.flush()
+        if plan is None:
+            return False
+        self._add_plan(plan)
+        return True
 
     def __iter__(self) -> Iterator[tuple[Any, dict]]:
         if self.glob:
             yield from self._iter_global()
             return
-        src = shuffled(iter(self.stream), self.buffer)
+        src = iter(self.stream)
         while True:
             if self.pending:
                 batch = self._materialize()
@@ -663,14 +826,8 @@ class _WorkerPipeline:
                     self.samples_out += batch.num_samples
                     yield batch, self.state()
                 continue
-            s = next(src, None)
-            if s is None:
-                plan = self.packer.flush()
-                if plan is None:
-                    return
-                self.pending.extend(plan[self.grank])
-                continue
-            self._ingest(s)
+            if not self._feed(src):
+                return
 
     # -- state
     def _pos_out(self, pos: tuple[str, int, str]) -> list:
@@ -681,6 +838,12 @@ class _WorkerPipeline:
         if not 0 <= i < len(self.shards):
             raise LoaderStateError(f"loader state names shard #{i} but there are {len(self.shards)} shards")
         return (self.shards[i], int(x[1]), str(x[2]))
+
+    def _keys_out(self, keys: dict[str, set[tuple[int, int]]]) -> dict[str, list]:
+        return {k: sorted([a, b] for a, b in v) for k, v in keys.items()}
+
+    def _keys_in(self, keys: dict) -> dict[str, set[tuple[int, int]]]:
+        return {str(k): {(int(a), int(b)) for a, b in v} for k, v in keys.items()}
 
     def state(self) -> dict:
         """Plain-data snapshot; samples are [shard index, ordinal in the shard, key]."""
@@ -697,6 +860,9 @@ class _WorkerPipeline:
                            "items": [pos(it) + [it.carried] for it in self.packer.items]},
                 "steps": [[[pos(it) + [it.num_tokens, it.vision_patches] for it in b] for b in st] for st in self.steps],
                 "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "source_seen": list(self.source_seen),
+                "bad_keys": self._keys_out(self.bad_keys), "epochs_in": list(self.epoch_in),
+                "closing": sorted(self.closing), "held": [self._pos_out(x.position) for x in self.held],
+                "last_step": sorted([self.shard_index[p], i] for p, i in self.last_step),
             }
 
         shuffle = self.buffer.state
@@ -710,7 +876,9 @@ class _WorkerPipeline:
                        "emitted_tokens": self.packer.emitted_tokens,
                        "items": [pos(it) + [it.carried] for it in self.packer.items]},
             "pending": [[pos(it) for it in b] for b in self.pending],
-            "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "batches": self.batches,
+            "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "bad_keys": self._keys_out(self.bad_keys),
+            "epochs_in": list(self.epoch_in), "closing": sorted(self.closing),
+            "held": [self._pos_out(x.position) for x in self.held], "batches": self.batches,
             "samples_out": self.samples_out, "estimate_overflow": self.overflow,
             "shuffle_early_emits": self.buffer.early_emits,
         }
@@ -737,17 +905,46 @@ class _WorkerPipeline:
                 bins.append([PackItem(s.key, int(x[3]), int(x[4]), _Entry(s.position, s.members, deferred=s.deferred))
                              for s, x in zip(raws, b)])
             steps.append(bins)
-        if int(st["N"]) == self.N:
-            self.steps = deque(steps)
-        else:  # another number of micro-batches per step: the planned steps' samples are re-packed, first
-            pending = [PackItem(it.key, it.num_tokens, it.vision_patches, it.ref, carried=1)
-                       for bins in steps for b in bins for it in b]
-            items = pending + items
         self.packer.items = items
         self.step_no = self.base = int(st["step_no"])
         self.counter, self.seen = int(st["counter"]), int(st["seen"])
         self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
+        self.bad_keys = self._keys_in(st.get("bad_keys", {}))
         self.source_seen = [int(x) for x in st["source_seen"]]
+        self._restore_barrier(st)
+        self.last_step = {self._pos_in([*x, ""])[:2] for x in st.get("last_step", [])}
+        same = int(st["N"]) == self.N
+        self._step_before({_sample_id(it) for b in steps[-1] for it in b} if steps and same else self.last_step)
+        if same:
+            self.steps = deque(steps)
+        else:
+            self._repack(steps)
+
+    def _repack(self, steps: list[list[list[PackItem]]]) -> None:
+        """Another number of micro-batches per step: the planned steps' samples become the first steps again,
+        re-packed on their own (in order, a new group wherever a sample's copy of the next epoch follows),
+        so nothing is lost or repeated and the epoch barrier holds; the last re-packed step may be short."""
+        groups: list[list[PackItem]] = [[]]
+        ids: set[tuple[str, int]] = set()
+        for it in (it for bins in steps for b in bins for it in b):
+            if _sample_id(it) in ids:
+                groups.append([])
+                ids = set()
+            groups[-1].append(PackItem(it.key, it.num_tokens, it.vision_patches, it.ref))
+            ids.add(_sample_id(it))
+        for items in groups:
+            if items:
+                p = self.packer
+                tmp = WindowPacker(p.budget, p.window, num_ranks=p.num_ranks, cost_model=p.cost_model,
+                                   seed=p.seed, max_carry=p.max_carry)
+                tmp.items, tmp.plans, tmp.avoid = items, p.plans, p.avoid
+                self._add_plan(tmp.flush())
+
+    def _restore_barrier(self, st: dict) -> None:
+        """The epoch barrier's state (states saved before it existed: the epochs the stream is in)."""
+        self.epoch_in = [int(x) for x in st.get("epochs_in", [self._source_epoch(k) for k in range(len(self.epoch_in))])]
+        self.closing = {int(k) for k in st.get("closing", [])}
+        self.held = read_positions([self._pos_in(x) for x in st.get("held", [])], self.limits)
 
     def _restore(self, st: dict) -> None:
         if self.glob:
@@ -763,15 +960,52 @@ class _WorkerPipeline:
             self.pending.append([PackItem(s.key, 0, 0, _Entry(s.position, s.members)) for s in raws])
         self.counter, self.seen, self.batches = int(st["counter"]), int(st["seen"]), int(st["batches"])
         self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
+        self.bad_keys = self._keys_in(st.get("bad_keys", {}))
+        self._restore_barrier(st)
         self.samples_out, self.overflow = int(st["samples_out"]), int(st["estimate_overflow"])
         if self.mixed:
             self.source_seen = [int(x) for x in st["source_seen"]]
 
 
-def _bad_message(total: int, seen: int, bad: dict, limit: float, where: str) -> str:
-    reasons = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-    return (f"{total} of {seen} samples ({100 * total / max(seen, 1):.1f}%) were bad in {where}, more than "
-            f"max_bad_fraction={limit:g} ({reasons}); see the warnings above for shards and keys")
+def _sample_id(it: PackItem) -> tuple[str, int]:
+    """A packed sample's identity: (shard path, ordinal in the shard)."""
+    return it.ref.pos[0], it.ref.pos[1]
+
+
+def _remember(keys: dict[str, set], reason: str, sample: tuple[int, int]) -> None:
+    """Add a bad sample (shard #, ordinal) to its reason's distinct set (up to ``_MAX_DISTINCT_BAD``)."""
+    got = keys.setdefault(reason, set())
+    if len(got) < _MAX_DISTINCT_BAD:
+        got.add(sample)
+
+
+def _distinct(keys: dict[str, set]) -> dict[str, int]:
+    return {k: len(v) for k, v in keys.items()}
+
+
+def _reasons(bad: dict, distinct: dict[str, int]) -> str:
+    """``too_long=200 (7 distinct), corrupt_tar=1``: occurrences by reason, with the distinct samples behind
+    them where a sample was read (and skipped) more than once."""
+    def one(k: str) -> str:
+        d = distinct.get(k)
+        if d is None or d >= bad[k]:
+            return f"{k}={bad[k]}"
+        return f"{k}={bad[k]} ({d}{'+' if d >= _MAX_DISTINCT_BAD else ''} distinct)"
+    return ", ".join(one(k) for k in sorted(bad))
+
+
+def _bad_message(total: int, seen: int, bad: dict, limit: float, where: str, distinct: dict[str, int] | None = None,
+                 budget: int | None = None) -> str:
+    distinct = distinct or {}
+    msg = (f"{total} of {seen} samples ({100 * total / max(seen, 1):.1f}%) were bad in {where}, more than "
+           f"max_bad_fraction={limit:g} ({_reasons(bad, distinct)})")
+    n = sum(distinct.get(k, v) for k, v in bad.items())
+    if n < total:
+        msg += f"; {n} distinct samples (the data was read more than once)"
+    if bad.get("too_long") and budget is not None:
+        msg += (f"; too_long: a sample has more tokens than one micro-batch holds (micro_batch_tokens={budget}: "
+                "raise train.micro_batch_tokens)")
+    return msg + "; see the warnings above for shards and keys"
 
 
 # ----------------------------------------------------------------------------- the rank's loader
@@ -855,11 +1089,56 @@ class TrainLoader:
         # global order: the layout-free state after the last step consumed, and what the trainer logs of it
         self._global: dict | None = None
         self._bad_decoding: Counter[str] = Counter()   # bad samples this rank found decoding its packs
+        self._bad_decoding_keys: dict[str, set[tuple[int, int]]] = {}   # ... the distinct ones
         self._batches = self._samples_packed = 0   # this rank's, since this loader was built
         self._media_bytes_read = 0   # deferred media this rank read (its own samples', plus any measured)
         self._overflow = self._fillers = 0   # this rank's packs over budget after decoding / filler micro-batches
         self.last_step_samples: list[str] = []      # "<shard>:<key>" of the whole global batch, sorted
         self.last_step_rank_costs: list[float] = []  # every rank's micro-batches' cost (cost_model estimate, any balance mode)
+        self.last_step_packs = 0   # packs the plan gave the whole step: world x micro-batches, fewer in a short step
+
+    def budget_fit(self) -> BudgetFit:
+        """How many samples fit ``micro_batch_tokens`` by the shards' ``num_tokens`` hints (manifests only)."""
+        hints, budget = _ManifestHints(), self.cfg.micro_batch_tokens
+        hinted = fitting = largest = unhinted = 0
+        share = weight = 0.0
+        probe: tuple[int, str, int] | None = None
+        for src in self.sources:
+            n = fit = 0
+            for shard in src.shards:
+                toks = hints.tokens(shard)
+                if toks is None:
+                    unhinted += 1
+                    continue
+                n, fit = n + len(toks), fit + sum(t <= budget for t in toks)
+                largest = max([largest, *toks])
+                for i, t in enumerate(toks):
+                    if t > budget and (probe is None or t < probe[0]):
+                        probe = (t, shard, i)
+            hinted, fitting = hinted + n, fitting + fit
+            if n:
+                share, weight = share + src.weight * (n - fit) / n, weight + src.weight
+        return BudgetFit(budget, hinted, fitting, largest, share / weight if weight else 0.0, unhinted,
+                         probe[1:] if probe else None)
+
+    def sample_fits(self, shard: str, index: int) -> bool | None:
+        """Whether sample ``index`` of ``shard`` fits ``micro_batch_tokens`` as this loader sizes it (cost
+        estimator, the encoder's ``estimate``, else encoding): None when it cannot be read or is bad for
+        another reason. Checks a manifest hint against the encoder the run uses (hints may come from other
+        settings)."""
+        s = next(iter_tar_samples(shard, replace(self.cfg.limits, defer_media=False), wanted={index}), None)
+        if s is None or s.is_bad:
+            return None
+        try:
+            if self.cost_estimator is not None:
+                tokens = self.cost_estimator(s.key, s.members)[0]
+            elif callable(getattr(self.encoder, "estimate", None)):
+                tokens = self.encoder.estimate(s.key, s.members)[0]
+            else:
+                tokens = self.encoder.encode(s.key, s.members).num_tokens
+        except SampleError as e:
+            return False if e.reason == "too_long" else None
+        return int(tokens) <= self.cfg.micro_batch_tokens
 
     @property
     def elastic(self) -> bool:
@@ -875,7 +1154,11 @@ class TrainLoader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity, **kw)
+        # its own generator: by default each iterator draws its worker base seed from torch's global generator,
+        # so a resumed run (a new iterator after the RNG restore) would draw once more than the straight run and
+        # shift every later dropout mask; the data path seeds itself explicitly and needs none of the global state
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
+                        generator=torch.Generator(), **kw)
         W = max(1, self.cfg.num_workers)
         if self.cfg.global_order:  # workers yield whole steps in step order (worker w: steps w, w + W, ...)
             for (batches, info), _w, state in dl:
@@ -883,10 +1166,13 @@ class TrainLoader:
                     return
                 self._global = state
                 self._bad_decoding.update(info["bad"])
+                for reason, shard, ordinal in info["bad_keys"]:
+                    _remember(self._bad_decoding_keys, reason, (shard, ordinal))
                 self._media_bytes_read += info["media_bytes_read"]
                 self._overflow += info["overflow"]
                 self._fillers += info["fillers"]
                 self.last_step_samples, self.last_step_rank_costs = info["samples"], info["rank_costs"]
+                self.last_step_packs = info["packs"]
                 self._check_bad()
                 for b in batches:
                     self._batches += 1
@@ -904,8 +1190,10 @@ class TrainLoader:
     def _check_bad(self) -> None:
         seen, bad = self.samples_seen, self.bad_counts
         total = sum(bad.values())
-        if seen >= self.cfg.min_samples_for_bad_check and total > self.cfg.max_bad_fraction * seen:
-            raise BadDataError(_bad_message(total, seen, bad, self.cfg.max_bad_fraction, f"rank {self.rank}"))
+        whole = self.cfg.global_order and self._global is not None and min(self._global.get("epochs_in", [0])) >= 1
+        if (seen >= self.cfg.min_samples_for_bad_check or whole) and total > self.cfg.max_bad_fraction * seen:
+            raise BadDataError(_bad_message(total, seen, bad, self.cfg.max_bad_fraction, f"rank {self.rank}",
+                                            self.bad_distinct, self.cfg.micro_batch_tokens))
 
     # -- counters
     @property
@@ -920,6 +1208,23 @@ class TrainLoader:
             if st is not None:
                 c.update(st["bad"])
         return dict(c)
+
+    @property
+    def bad_distinct(self) -> dict[str, int]:
+        """Distinct samples behind ``bad_counts`` by reason (a sample skipped in every epoch counts once; a
+        count of ``_MAX_DISTINCT_BAD`` is a lower bound)."""
+        keys: dict[str, set] = {}
+        sts = [self._global] if self.cfg.global_order else self._worker_states
+        for part in [st.get("bad_keys", {}) for st in sts if st is not None]:
+            for k, v in part.items():
+                keys.setdefault(k, set()).update(map(tuple, v))
+        for k, v in self._bad_decoding_keys.items():
+            keys.setdefault(k, set()).update(v)
+        return {k: min(len(v), _MAX_DISTINCT_BAD) for k, v in keys.items()}
+
+    def bad_summary(self) -> str:
+        """``too_long=200 (7 distinct), ...``: skipped samples by reason, for logs."""
+        return _reasons(self.bad_counts, self.bad_distinct)
 
     @property
     def samples_seen(self) -> int:
@@ -997,7 +1302,8 @@ class TrainLoader:
         rank and free of the layout (loadable at any world size, worker count, grad_accum)."""
         if self.cfg.global_order:
             return {"version": GLOBAL_STATE_VERSION, "config": self._global_fingerprint(),
-                    "state": copy.deepcopy(self._global), "bad_decoding": dict(self._bad_decoding)}
+                    "state": copy.deepcopy(self._global), "bad_decoding": dict(self._bad_decoding),
+                    "bad_decoding_keys": {k: sorted([a, b] for a, b in v) for k, v in self._bad_decoding_keys.items()}}
         return {"version": STATE_VERSION, "config": self._fingerprint(), "next_worker": self._next_worker,
                 "workers": copy.deepcopy(self._worker_states)}
 
@@ -1035,4 +1341,6 @@ class TrainLoader:
                                        f"{k}={mine.get(k)!r}; the global sample order cannot be continued")
         self._global = copy.deepcopy(sd["state"])
         self._bad_decoding = Counter({k: int(v) for k, v in sd.get("bad_decoding", {}).items()})
+        self._bad_decoding_keys = {str(k): {(int(a), int(b)) for a, b in v}
+                                   for k, v in sd.get("bad_decoding_keys", {}).items()}
         self._generation += 1

@@ -8,16 +8,21 @@ number of micro-batches and close to the same work. The least-filled bins are ca
 the next window (between 1 and one step's worth), which is what keeps packing efficiency high;
 items carried over are placed first next time, and a bin holding an item already carried
 ``max_carry`` times is emitted before fuller ones, so no sample waits forever.
-With ``num_ranks=1`` this is plain per-rank packing. Everything is deterministic: the order of
-items in, the seed and the plan counter decide the output; the items not yet emitted
-(``items``) and ``plans`` are the whole state.
+With ``num_ranks=1`` this is plain per-rank packing (a step is ``micro_batches_per_step`` bins).
+Everything is deterministic: the order of items in, the seed and the plan counter decide the
+output; the items not yet emitted (``items``) and ``plans`` are the whole state. ``close(pred)`` plans early so that no item matching
+``pred`` stays behind (the loader's epoch barrier: a source's samples leave the window before its
+next epoch's copies enter it); a step with fewer bins than ``num_ranks x micro_batches_per_step``
+(only from ``flush`` or ``close``) is always the plan's last. Items ``avoid`` marks (the samples of the
+step before, whose copies of another epoch must not follow them at once) are carried rather than emitted
+where possible and kept out of the plan's first step.
 
 ``build_packed_batch`` concatenates EncodedSamples into a ``PackedBatch`` (rynnscale/batch.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +89,9 @@ class WindowPacker:
         self.cost_model = cost_model or CostModel()
         self.seed, self.max_carry = seed, max_carry
         self.items: list[PackItem] = []   # not yet emitted: carried-over first, then new arrivals
+        # items the step before the next plan holds (the caller's: its samples' copies of another epoch):
+        # kept out of the plan's first step where possible (``_first_step_apart``)
+        self.avoid: Callable[[PackItem], bool] | None = None
         self.plans = 0
         # statistics of emitted bins
         self.emitted_bins = 0
@@ -92,8 +100,10 @@ class WindowPacker:
     def cost(self, b: Bin) -> float:
         return sum(self.cost_model.sample_cost(it.num_tokens, it.vision_patches) for it in b)
 
-    def push(self, item: PackItem) -> list[list[Bin]] | None:
-        """Add one sample; SampleError("too_long") if it cannot fit a micro-batch at all."""
+    def push(self, item: PackItem, must: Callable[[PackItem], bool] | None = None) -> list[list[Bin]] | None:
+        """Add one sample; SampleError("too_long") if it cannot fit a micro-batch at all. With ``must``, a plan
+        made now also emits every bin holding an item with ``must(item)`` (more whole steps if needed; until
+        the window packs into enough bins for that, it keeps collecting)."""
         if item.num_tokens < 1:
             raise ValueError(f"sample {item.key!r} has {item.num_tokens} tokens")
         if item.num_tokens > self.budget:
@@ -102,49 +112,101 @@ class WindowPacker:
         self.items.append(item)
         if len(self.items) < self.window:
             return None
-        return self._plan(force=False)
+        return self._plan(force=False, must=must)
 
     def flush(self) -> list[list[Bin]] | None:
         """Emit every remaining item (end of a finite stream)."""
         return self._plan(force=True) if self.items else None
 
-    def _plan(self, force: bool) -> list[list[Bin]] | None:
+    def close(self, pred: Callable[[PackItem], bool]) -> list[list[Bin]] | None:
+        """Plan now so that no item with ``pred(item)`` stays in the window: the bins holding one are emitted,
+        topped up to whole steps with the fullest other bins (every bin when there are not enough: the last
+        step is then short); the rest is carried as usual. None when no item matches."""
+        if not any(pred(it) for it in self.items):
+            return None
+        return self._plan(force=False, must=pred, early=True)
+
+    def _plan(self, force: bool, must: Callable[[PackItem], bool] | None = None, early: bool = False
+              ) -> list[list[Bin]] | None:
         items = self.items
         bins_idx = ffd_bins([it.num_tokens for it in items], self.budget, [it.carried > 0 for it in items])
         bins = [[items[i] for i in b] for b in bins_idx]
         nb, step = len(bins), self.num_ranks * self.per_step
+        needed = [must is not None and any(must(it) for it in b) for b in bins]
+        n_need = step * -(-sum(needed) // step)   # whole steps holding every needed bin
         if force:
             n_emit = nb
+        elif early:
+            n_emit = min(nb, n_need)
         else:
-            if nb <= step:
-                return None  # not even one step plus a carried bin yet: keep collecting
-            n_emit = step * ((nb - 1) // step)
+            if nb <= step or n_need > nb:
+                return None  # not even one step plus a carried bin (or the needed bins' steps) yet: keep collecting
+            n_emit = max(step * ((nb - 1) // step), n_need)
         fill = [sum(it.num_tokens for it in b) for b in bins]
         aged = [any(it.carried >= self.max_carry for it in b) for b in bins]
-        ranked = sorted(range(nb), key=lambda b: (not aged[b], -fill[b], b))
+        marked = [self.avoid is not None and any(self.avoid(it) for it in b) for b in bins]
+        ranked = sorted(range(nb), key=lambda b: (not needed[b], not aged[b], marked[b], -fill[b], b))
         emit = sorted(ranked[:n_emit])
         keep = sorted(ranked[n_emit:])
         self.items = [it for b in keep for it in bins[b]]
         for it in self.items:
             it.carried += 1
         out: list[list[Bin]] = [[] for _ in range(self.num_ranks)]
-        if self.num_ranks == 1:
-            out[0] = [bins[b] for b in emit]
-        else:
+        cost = {b: self.cost(bins[b]) for b in emit}
+        by_cost = sorted(emit, key=lambda b: (-cost[b], b))      # similar-cost bins share a step
+        steps = [by_cost[k:k + step] for k in range(0, len(by_cost), step)]
+        # seeded shuffle of the step order (also with one rank: FFD's order would train each window's
+        # largest samples first, and a small data set in the same order every epoch); a short step stays last
+        full = len(steps) - (len(steps[-1]) < step if steps else 0)
+        for k in range(full - 1, 0, -1):
+            j = mix64(self.seed, self.plans, 0x57E9, k) % (k + 1)
+            steps[k], steps[j] = steps[j], steps[k]
+        if any(marked[b] for b in steps[0]):
+            self._first_step_apart(steps, bins)
             cost = {b: self.cost(bins[b]) for b in emit}
-            by_cost = sorted(emit, key=lambda b: (-cost[b], b))      # similar-cost bins share a step
-            steps = [by_cost[k:k + step] for k in range(0, len(by_cost), step)]
-            for k in range(len(steps) - 1, 0, -1):                   # seeded shuffle of step order
-                j = mix64(self.seed, self.plans, 0x57E9, k) % (k + 1)
-                steps[k], steps[j] = steps[j], steps[k]
-            for st in steps:
-                parts = assign_equal_count([cost[b] for b in st], self.num_ranks)
-                for r, p in enumerate(parts):
-                    out[r].extend(bins[b] for b in sorted(st[j] for j in p))
+        for st in steps:
+            parts = assign_equal_count([cost[b] for b in st], self.num_ranks)
+            for r, p in enumerate(parts):
+                out[r].extend(bins[b] for b in sorted(st[j] for j in p))
         self.plans += 1
         self.emitted_bins += len(emit)
         self.emitted_tokens += sum(fill[b] for b in emit)
         return out
+
+    def _first_step_apart(self, steps: list[list[int]], bins: list[Bin]) -> None:
+        """Rearrange a plan (bin indices per step; bins in place) so its first step holds no item ``avoid``
+        marks: a full step without one moves to the front; else the first step's marked bins trade places
+        with unmarked bins of later steps, then its marked items with unmarked items of later steps where both
+        bins stay within the budget (closest size first). Best effort: with fewer samples than about two
+        steps hold, an overlap can remain."""
+        avoid = self.avoid
+        assert avoid is not None
+
+        def marked(b: int) -> bool:
+            return any(avoid(it) for it in bins[b])
+
+        size = max(len(st) for st in steps)
+        j = next((j for j, st in enumerate(steps) if len(st) == size and not any(marked(b) for b in st)), None)
+        if j is not None:
+            steps[0], steps[j] = steps[j], steps[0]
+            return
+        spare = [(j, i) for j in range(1, len(steps)) for i, b in enumerate(steps[j]) if not marked(b)]
+        for i, b in enumerate(steps[0]):
+            if marked(b) and spare:
+                j, t = spare.pop(0)
+                steps[0][i], steps[j][t] = steps[j][t], b
+        later = [(bins[b], t) for st in steps[1:] for b in st for t, it in enumerate(bins[b]) if not avoid(it)]
+        for b in (bins[b] for b in steps[0]):
+            for i, x in enumerate(b):
+                if not avoid(x):
+                    continue
+                room = self.budget - sum(it.num_tokens for it in b) + x.num_tokens
+                fits = [n for n, (c, t) in enumerate(later) if c[t].num_tokens <= room
+                        and sum(it.num_tokens for it in c) - c[t].num_tokens + x.num_tokens <= self.budget]
+                if fits:
+                    n = min(fits, key=lambda n: (abs(later[n][0][later[n][1]].num_tokens - x.num_tokens), n))
+                    c, t = later.pop(n)
+                    b[i], c[t] = c[t], x
 
     @property
     def efficiency(self) -> float:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rynnscale.config.schema import RootConfig
+from rynnscale.config.schema import ConfigError, RootConfig
 from rynnscale.models import family_of
 
 log = logging.getLogger(__name__)
@@ -68,4 +68,33 @@ def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)
-    return TrainLoader(loader_cfg, build_encoder(cfg, args), rank=rank, world_size=world_size)
+    loader = TrainLoader(loader_cfg, build_encoder(cfg, args), rank=rank, world_size=world_size)
+    check_budget(cfg, loader, rank)
+    return loader
+
+
+def check_budget(cfg: RootConfig, loader, rank: int = 0) -> None:
+    """Before training: do the samples fit ``train.micro_batch_tokens``? By the shards' cost hints, confirmed
+    with the run's encoder on the shortest sample that does not fit (hints may come from other settings).
+    More too-long samples than ``data.max_bad_fraction`` -> ConfigError naming the value that fits; fewer -> a
+    warning with the count (rank 0). Nothing to say without hints, or with ``data.truncate`` (cut, not skipped)."""
+    fit = loader.budget_fit()
+    if fit.hinted == 0 or fit.fitting == fit.hinted or cfg.data.truncate:
+        return
+    budget, long_ = fit.budget, fit.hinted - fit.fitting
+    value = -(-fit.largest // 512) * 512
+    counts = (f"{fit.fitting} of {fit.hinted} samples ({100 * fit.fitting / fit.hinted:.1f}%) fit "
+              f"train.micro_batch_tokens={budget} by the shards' cost hints (the longest has {fit.largest} tokens)")
+    if fit.too_long_share <= cfg.data.max_bad_fraction:
+        if rank == 0:
+            log.warning("data: %s; the other %d will be skipped as too_long (train.micro_batch_tokens=%d fits them "
+                        "all)", counts, long_, value)
+        return
+    if fit.probe is not None and loader.sample_fits(*fit.probe) is not True:
+        raise ConfigError(
+            f"{counts}: the other {long_} would be skipped as too_long, more than data.max_bad_fraction="
+            f"{cfg.data.max_bad_fraction:g} allows. Set train.micro_batch_tokens={value} (>= {fit.largest} fits every "
+            "sample), or data.truncate=true to cut long samples")
+    if rank == 0:
+        log.warning("data: by the shards' cost hints %s, but this run's encoder fits %s:%d (hints from other "
+                    "settings?); the budget is not checked up front", counts, *fit.probe)

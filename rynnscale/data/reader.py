@@ -33,7 +33,7 @@ import logging
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -740,6 +740,19 @@ class ShuffleBuffer:
         self.buf[j] = self.buf[-1]
         self.buf.pop()
         self.nbytes -= sample_bytes(out)
+        return out
+
+    def evict(self, pred: Callable[[RawSample], bool]) -> list[RawSample]:
+        """Take every sample with ``pred(sample)`` out, in a seeded random order (draws, like ``pop``); the
+        others keep their order (an epoch barrier: a source's samples leave before its next epoch enters)."""
+        out, rest = [s for s in self.buf if pred(s)], [s for s in self.buf if not pred(s)]
+        if not out:
+            return []
+        for k in range(len(out) - 1, 0, -1):
+            j = self._slot(k + 1)
+            out[k], out[j] = out[j], out[k]
+        self.buf = rest
+        self.nbytes -= sum(sample_bytes(s) for s in out)
         return out
 
     @property

@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "SchemaError",
+    "parse_json",
     "META_SCHEMA_VERSION",
     "MAX_KEY_LEN",
     "MAX_MEMBER_NAME_LEN",
@@ -63,6 +64,47 @@ _FRAME_RE = re.compile(r"f([0-9]{3,6})\.(" + "|".join(IMAGE_EXTENSIONS) + r")")
 
 def _fail(where: str, msg: str) -> SchemaError:
     return SchemaError(f"{where}: {msg}" if where else msg)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes | str, where: str = "") -> Any:
+    """Untrusted JSON (a member, a jsonl line) -> object; ``SchemaError`` naming ``where`` for what ``json.loads``
+    would crash a long job on: invalid UTF-8 or JSON, nesting too deep (RecursionError), an integer over
+    Python's 4300-digit conversion limit, and (as an escape) a lone surrogate, which no UTF-8 writer or
+    tokenizer accepts."""
+    try:
+        obj = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+    except RecursionError:
+        raise _fail(where, "nested too deeply to parse (RecursionError)") from None
+    except (UnicodeDecodeError, ValueError) as e:   # ValueError: also a > 4300-digit integer (int-str limit)
+        raise _fail(where, str(e)[:200]) from None
+    try:
+        data = raw if isinstance(raw, (bytes, bytearray)) else raw.encode("utf-8")
+    except UnicodeEncodeError:   # a str holding a lone surrogate itself
+        data = None
+    if data is None or _SURROGATE_ESCAPE.search(data):   # else only escapes could smuggle one past the decode
+        _check_surrogates(obj, where)
+    return obj
+
+
+def _check_surrogates(obj: Any, where: str) -> None:
+    """Raise on a lone surrogate in any string (key or value) of parsed JSON; iterative, so as deep as json
+    parsed it."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            try:
+                o.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _fail(where, f"a string holds a lone surrogate {o[e.start]!r} at character {e.start} "
+                                   "(not valid Unicode)") from None
+        elif isinstance(o, dict):
+            stack += list(o.keys()) + list(o.values())
+        elif isinstance(o, list):
+            stack += o
 
 
 def member_kind(name: str) -> str | None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rynnscale.data.manifest import completed_shards
-from rynnscale.data.schema import VIDEO_EXTENSIONS, SchemaError, build_sample_members
+from rynnscale.data.schema import VIDEO_EXTENSIONS, SchemaError, build_sample_members, parse_json
 from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME
 from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
@@ -196,11 +196,12 @@ class _LineMedia:
 
 
 def _parse_line(raw: bytes | str, where: str) -> dict:
-    """The line's JSON object; it must carry a ``conversation`` list."""
+    """The line's JSON object (``schema.parse_json``: deep nesting, huge integers and lone surrogates are
+    ``bad_json`` too); it must carry a ``conversation`` list."""
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadItem("bad_json", f"{where}: {e}") from None
+        obj = parse_json(raw, where)
+    except SchemaError as e:
+        raise BadItem("bad_json", str(e)) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("conversation"), list):
         raise BadItem("bad_conversation", f"{where}: a line must be an object with a 'conversation' list")
     return obj
@@ -414,6 +415,9 @@ def _jsonl_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
                 continue
             except SampleError as e:
                 bad.append([line_no, e.reason, f"line {line_no}: {e.detail}"])
+                continue
+            except RecursionError:   # parsed, but too deep to copy or write back (json.dumps) this far down the stack
+                bad.append([line_no, "bad_json", f"line {line_no}: nested too deeply to convert (RecursionError)"])
                 continue
             w.write(key, members, costs=costs)
             good += 1

@@ -16,13 +16,15 @@ Episodes listed in the metadata whose files are missing are skipped with a warni
 path comes from templates in an untrusted ``info.json``: templates may only use the known fields
 and every path must stay inside SRC (``jsonl.resolve_under``).
 
-Clips and alignment. Each episode is cut into clips of ``clip_seconds`` every ``stride_seconds``
-(full clips only; an episode shorter than one clip gives one shorter clip). In a clip starting at
-``s`` the wanted times are ``s + i / fps``; sampled frame i is the episode's video frame nearest
-that time (its presentation time ``t_i`` on the episode clock), and its action / state row is the
-parquet row whose ``timestamp`` is nearest ``t_i``, which must lie within ``tolerance_s``
-(default half a source frame) or the conversion stops naming the episode and time. The episode's
-video frame count must equal its parquet row count. Output per clip: the sampled frames
+Clips and alignment. An episode's video frames and parquet rows are paired by time (each the other's
+nearest, within ``tolerance_s``, default half a source frame); unpaired ones are left out and counted,
+and an episode pairing less than half of them is skipped and counted (``EpisodeError``), never the whole
+run. Each episode is cut into clips of ``clip_seconds`` every ``stride_seconds`` (full clips only; an
+episode shorter than one clip gives one shorter clip). In a clip starting at ``s`` the wanted times are
+``s + i / fps``; sampled frame i is the paired video frame nearest that time (its presentation time
+``t_i`` on the episode clock), its action / state row that frame's partner (a wanted time with no frame
+within half a source frame skips the clip, counted). Episodes with NaN / inf actions or states stop the
+run unless ``skip_nonfinite`` (then skipped and counted). Output per clip: the sampled frames
 re-encoded as ``video.mp4`` at ``fps`` (H.264 via PyAV, as the synthetic generator) or stored as
 ``f000.jpg``... (``media="frames"``); ``action.npy`` [T, D] float32, ``state.npy`` [T, S] float32,
 ``action_ts.npy`` [T] = ``i / fps`` (the clip's video clock, starting at 0); ``meta.json`` with
@@ -85,6 +87,7 @@ from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
     "STATS_NAME",
+    "EpisodeError",
     "Episode",
     "LeRobotMeta",
     "LeRobotConfig",
@@ -115,6 +118,14 @@ def _pq():
         raise ImportError("reading LeRobot parquet files needs pyarrow: pip install pyarrow "
                           "(or pip install -e '.[lerobot]')") from None
     return pq
+
+
+class EpisodeError(ConvertError):
+    """One episode that cannot become samples (``reason``): skipped and counted in the report, the others go on."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------ metadata
@@ -463,8 +474,33 @@ def _col2d(table, name: str, where: str) -> np.ndarray:
         out = col.to_numpy(zero_copy_only=False).reshape(n, 1)
     out = out.astype(np.float32)
     if not np.isfinite(out).all():
-        raise ConvertError(f"{where}: column {name!r} has non-finite values")
+        rows = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        raise EpisodeError("nonfinite_values", f"{where}: column {name!r} has non-finite values (NaN / inf) in "
+                                               f"{len(rows)} rows, e.g. {rows[:5].tolist()}; pass --skip-nonfinite "
+                                               "(skip_nonfinite=True) to skip and count such episodes")
     return out
+
+
+_ACTION_WORDS = ("action", "joint", "command", "cmd", "target", "state", "qpos", "position", "effort")
+
+
+def _column_hint(schema, missing: str) -> str:
+    """Columns that may hold what ``missing`` names: names with action / joint / command / state ... in them and
+    float list columns (the LeRobot layout of per-frame vectors), those sharing a word with it first."""
+    import pyarrow as pa
+
+    def float_list(t) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and \
+            pa.types.is_floating(t.value_type)
+
+    own = [w for w in re.split(r"[._\W]+", missing.lower()) if len(w) > 2]
+
+    def rank(name: str) -> int:   # like the name asked for, then action-ish names, then other float vectors
+        low = name.lower()
+        return 0 if any(w in low for w in own) else 1 if any(w in low for w in _ACTION_WORDS) else 2
+
+    cands = [f.name for f in schema if any(w in f.name.lower() for w in _ACTION_WORDS) or float_list(f.type)]
+    return ", ".join(repr(c) for c in sorted(cands, key=rank)) or "none"
 
 
 def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_key: str | None) -> dict[str, np.ndarray]:
@@ -475,9 +511,13 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
     where = f"episode {ep.index} ({ep.data_file})"
     names = pq.read_schema(path).names
     want = [c for c in ("timestamp", "frame_index", "episode_index", "task_index", action_key, state_key) if c and c in names]
-    for c in ("timestamp", action_key) + ((state_key,) if state_key else ()):
-        if c not in names:
-            raise ConvertError(f"{where}: no column {c!r} (columns: {names})")
+    if "timestamp" not in names:
+        raise ConvertError(f"{where}: no column 'timestamp' (columns: {names})")
+    for c, flag, extra in ((action_key, "--action-key", ""), (state_key, "--state-key", " (or 'none' to leave out "
+                                                                                        "state.npy)")):
+        if c and c not in names:
+            raise ConvertError(f"{where}: no column {c!r}; pass {flag} NAME{extra}: columns that look like per-frame "
+                               f"vectors: {_column_hint(pq.read_schema(path), c)} (all columns: {names})")
     filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
     if filters and "episode_index" not in names:
         raise ConvertError(f"{where}: v3 data files need an episode_index column")
@@ -669,7 +709,8 @@ class LeRobotConfig:
     codec: str = "auto"
     jpeg_quality: int = 95
     max_side: int | None = None           # downscale so the longer side is at most this (even sizes)
-    tolerance_s: float | None = None      # frame <-> row time tolerance; default half a source frame
+    tolerance_s: float | None = None      # frame <-> row pairing tolerance; default half a source frame
+    skip_nonfinite: bool = False          # skip (and count) episodes with NaN / inf actions or states
     action_key: str = "action"
     state_key: str | None = "observation.state"
     action_space: str | None = None       # default: the feature key
@@ -732,47 +773,55 @@ def _jpeg(frame_hwc: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _episode_video(meta: LeRobotMeta, ep: Episode, n_rows: int, limits: Any, where: str
-                   ) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """(video file bytes, the episode's frame indices ``vidx`` [N], their times ``vt`` [N]); the
-    frame count must equal the parquet row count ``n_rows`` (and the metadata's length)."""
+def _episode_video(meta: LeRobotMeta, ep: Episode, limits: Any) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(video file bytes, the episode's frame indices ``vidx`` [F] in it, their times ``vt`` [F] on its clock)."""
     data, vinfo = _video(meta, ep, limits)
     vidx, vt = episode_video_frames(vinfo, ep, meta.fps)
-    if len(vidx) != n_rows:
-        raise ConvertError(f"{where}: the video {ep.video_file} has {len(vidx)} frames for this episode but the parquet "
-                           f"has {n_rows} rows (they must match one to one)")
-    if ep.length is not None and int(ep.length) != n_rows:
-        raise ConvertError(f"{where}: the episode metadata says length {ep.length} but the parquet has {n_rows} rows")
     return data, vidx, vt
 
 
-def _align_clip(tau: np.ndarray, vt: np.ndarray, ts: np.ndarray, src_dt: float, tol: float, where: str
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Wanted times ``tau`` [T] -> (nearest video frames ``j`` [T] into ``vt``, parquet rows ``r`` [T]
-    nearest those frames' times); a frame over half a source frame or a row over ``tol`` away is an error."""
+#: an episode whose frames and rows pair up for less than this share of the shorter of the two is skipped
+MIN_MATCHED = 0.5
+
+
+def match_frames_rows(vt: np.ndarray, ts: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pair video frames (times ``vt``) with parquet rows (``ts``), both sorted: a frame and a row pair when
+    each is the other's nearest and they lie within ``tol`` seconds. -> (frame indices, row indices), increasing;
+    frames and rows left out have no partner (a video one frame short of its table, a dropped frame)."""
+    if not len(vt) or not len(ts):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r = _nearest(ts, vt)
+    back = _nearest(vt, ts)
+    ok = (back[r] == np.arange(len(vt))) & (np.abs(ts[r] - vt) <= tol + _EPS)
+    return np.flatnonzero(ok), r[ok]
+
+
+def _align_clip(tau: np.ndarray, vt: np.ndarray, src_dt: float, where: str) -> np.ndarray:
+    """Wanted times ``tau`` [T] -> the nearest paired video frames ``j`` [T] (indices into ``vt``); a wanted time
+    with no frame within half a source frame (a gap where frames or rows were dropped) is an EpisodeError."""
     j = _nearest(vt, tau)
     off = np.abs(vt[j] - tau)
     if np.any(off > 0.5 * src_dt + _EPS):
         k = int(np.argmax(off))
-        raise ConvertError(f"{where}: no video frame within half a frame of t={tau[k]:.4f} s (nearest at {vt[j[k]]:.4f} s)")
-    t_frames = vt[j]
-    r = _nearest(ts, t_frames)
-    gap = np.abs(ts[r] - t_frames)
-    if np.any(gap > tol + _EPS):
-        k = int(np.argmax(gap))
-        raise ConvertError(f"{where}: no parquet row within tolerance_s={tol:.4g} of the frame at t={t_frames[k]:.4f} s "
-                           f"(nearest row {int(r[k])} at timestamp {ts[r[k]]:.4f} s)")
-    return j, r
+        raise EpisodeError("no_frame_near_time", f"{where}: no paired video frame within half a frame of "
+                                                 f"t={tau[k]:.4f} s (nearest at {vt[j[k]]:.4f} s)")
+    return j
 
 
 def _pick_clips(meta: LeRobotMeta, cfg: LeRobotConfig, ts: np.ndarray, vt: np.ndarray, where: str
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Plan the episode's clips and align each one: per clip (frame ``j`` [T] into vidx, row ``r`` [T])."""
+                ) -> list[np.ndarray | EpisodeError]:
+    """Plan the episode's clips over its paired frames / rows (``vt[i]`` goes with row ``ts[i]``) and align each:
+    per clip the frames ``j`` [T] (row i is frame i's), or the EpisodeError saying why the clip is skipped."""
     src_dt = 1.0 / meta.fps
-    tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 * src_dt
     stride = cfg.stride_seconds or cfg.clip_seconds
     clips = plan_clips(ts[-1] - ts[0] + src_dt, float(ts[0]), cfg.clip_seconds, stride, cfg.fps)
-    return [_align_clip(tau, vt, ts, src_dt, tol, where) for tau in clips]
+    out: list[np.ndarray | EpisodeError] = []
+    for k, tau in enumerate(clips):
+        try:
+            out.append(_align_clip(tau, vt, src_dt, f"{where} clip {k}"))
+        except EpisodeError as e:
+            out.append(e)
+    return out
 
 
 def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str
@@ -780,7 +829,7 @@ def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep:
     """Decode each video frame some clip samples, once: (frames [F, H, W, 3], file frame index -> row in it)."""
     from rynnscale.data.video import VideoError, decode_frames
 
-    need = np.unique(np.concatenate([vidx[j] for j, _ in picked]))
+    need = np.unique(np.concatenate([vidx[j] for j in picked]))
     try:
         dv = decode_frames(data, indices=need, limits=limits)
     except VideoError as e:
@@ -791,8 +840,10 @@ def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep:
 @dataclass
 class _EpisodeClips:
     """What every clip sample of one episode is built from: the dataset, the episode, the settings,
-    the parent's ``ctx`` (see ``episode_samples``), the episode's parquet ``rows`` (sorted by time)
-    and its video frames (indices ``vidx`` [N] into the file, times ``vt`` [N] on the episode clock)."""
+    the parent's ``ctx`` (see ``episode_samples``), and the episode's paired frames and rows: ``rows`` (parquet
+    columns, row i belongs to frame i), the frames' indices ``vidx`` [P] into the file and times ``vt`` [P] on the
+    episode clock, and where each pair came from (``frame_index`` / ``row_index`` into the episode's frames and
+    its rows sorted by time, of ``n_frames`` / ``n_rows``)."""
 
     meta: LeRobotMeta
     ep: Episode
@@ -801,6 +852,10 @@ class _EpisodeClips:
     rows: dict[str, np.ndarray]
     vidx: np.ndarray
     vt: np.ndarray
+    frame_index: np.ndarray
+    row_index: np.ndarray
+    n_frames: int
+    n_rows: int
 
     def sample(self, k: int, j: np.ndarray, r: np.ndarray, frames_thwc: np.ndarray, key_prefix: str
                ) -> tuple[str, dict[str, bytes]]:
@@ -879,13 +934,13 @@ class _EpisodeClips:
             "episode": ep.index,
             "clip_start_s": float(vt[j[0]]),
             "video": {"fps": float(cfg.fps), "num_frames": T, "width": int(W), "height": int(H),
-                      "frame_indices": [int(x) for x in j], "timestamps": t_clip},
+                      "frame_indices": [int(x) for x in self.frame_index[j]], "timestamps": t_clip},
             "action": {"space": cfg.action_space or cfg.action_key, "units": ctx["units"], "dims": ctx["dims"]},
             "extra": {
                 "lerobot_version": meta.version, "video_key": meta.video_key, "clip_index": k, "source_fps": meta.fps,
                 "source_timestamps": [round(float(x), 6) for x in vt[j]],
-                "rows": [int(x) for x in r], "row_timestamps": [round(float(x), 6) for x in ts[r]],
-                "episode_rows": len(ts), "episode_video_frames": int(len(self.vidx)), "tasks": ep.tasks,
+                "rows": [int(x) for x in self.row_index[r]], "row_timestamps": [round(float(x), 6) for x in ts[r]],
+                "episode_rows": self.n_rows, "episode_video_frames": self.n_frames, "tasks": ep.tasks,
             },
         }
         if cfg.state_key:
@@ -897,28 +952,51 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
                     ) -> tuple[list[tuple[str, dict[str, bytes]]], dict]:
     """All clip samples of one episode: ([(key, members)], episode report).
 
-    ``ctx`` holds what the parent computed once: ``stats`` (action statistics), ``dims`` /
-    ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
+    Video frames and parquet rows are paired by time (``match_frames_rows``, within ``tolerance_s``); unpaired
+    ones are left out and counted (``frames_unpaired`` / ``rows_unpaired``), a clip with a wanted time in a gap
+    is skipped and counted, an episode pairing less than ``MIN_MATCHED`` of its frames or rows is an
+    EpisodeError (``frames_rows_misaligned``). ``ctx`` holds what the parent computed once: ``stats`` (action
+    statistics), ``dims`` / ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
     from rynnscale.data.video import VideoLimits
 
     where = f"episode {ep.index}"
     rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
     N = len(rows["timestamp"])
     limits = VideoLimits()
-    data, vidx, vt = _episode_video(meta, ep, N, limits, where)
+    data, vidx, vt = _episode_video(meta, ep, limits)
+    tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 / meta.fps
+    fi, ri = match_frames_rows(vt, rows["timestamp"], tol)
+    rep = {"episode": ep.index, "rows": N, "video_frames": int(len(vidx)), "rows_unpaired": N - len(ri),
+           "frames_unpaired": int(len(vidx)) - len(fi), "clips": 0, "frames_sampled": 0, "skipped": []}
+    if len(fi) < max(1.0, MIN_MATCHED * min(N, len(vidx))):
+        raise EpisodeError("frames_rows_misaligned", f"{where}: only {len(fi)} of its {len(vidx)} video frames "
+                           f"({ep.video_file}) and {N} parquet rows lie within tolerance_s={tol:.4g} of each other; "
+                           "are the timestamps on one clock? (--tolerance-s widens the pairing)")
+    if len(fi) < len(vidx) or len(ri) < N:
+        log.warning("%s: %d video frames and %d parquet rows have no partner within tolerance_s=%.4g and are left out "
+                    "(video %d frames, parquet %d rows)", where, len(vidx) - len(fi), N - len(ri), tol, len(vidx), N)
+    if ep.length is not None and int(ep.length) != N:
+        log.warning("%s: the episode metadata says length %s but the parquet has %d rows", where, ep.length, N)
+    rows = {k: v[ri] for k, v in rows.items()}
+    vidx, vt = vidx[fi], vt[fi]
     picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
-    frames_fhwc, pos = _decode_picked(data, vidx, picked, limits, ep, where)
-    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt)
+    good = [j for j in picked if not isinstance(j, EpisodeError)]
+    frames_fhwc, pos = _decode_picked(data, vidx, good, limits, ep, where) if good else (None, {})
+    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt, fi, ri, rep["video_frames"], N)
     samples = []
-    for k, (j, r) in enumerate(picked):
+    for k, j in enumerate(picked):
+        if isinstance(j, EpisodeError):
+            rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
+            continue
         frames_thwc = _resize(frames_fhwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
-        samples.append(clips.sample(k, j, r, frames_thwc, key_prefix))
-    return samples, {"episode": ep.index, "rows": N, "video_frames": int(len(vidx)), "clips": len(samples),
-                     "frames_sampled": sum(len(j) for j, _ in picked)}
+        samples.append(clips.sample(k, j, j, frames_thwc, key_prefix))
+    rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in good))
+    return samples, rep
 
 
 def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
-    """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports])."""
+    """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports]). An
+    EpisodeError skips its episode (reported) unless it is non-finite values without ``skip_nonfinite``."""
     from rynnscale.data.encode import SampleError
     from rynnscale.data_pipelines.shard_stats import cost_hints
 
@@ -927,8 +1005,15 @@ def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     with ShardWriter(out_dir, prefix, max_samples=1 << 62, max_bytes=1 << 62, start_index=index,
                      update_manifest=False) as w:
         for ep in payload["episodes"]:
-            samples, rep = episode_samples(payload["meta"], ep, cfg, payload["ctx"], key_prefix=prefix)
-            rep["skipped"] = []
+            try:
+                samples, rep = episode_samples(payload["meta"], ep, cfg, payload["ctx"], key_prefix=prefix)
+            except EpisodeError as e:
+                if e.reason == "nonfinite_values" and not cfg.skip_nonfinite:
+                    raise
+                log.warning("skipping %s", e)
+                reports.append({"episode": ep.index, "rows": 0, "video_frames": 0, "clips": 0, "skipped": [],
+                                "skipped_episode": {"reason": e.reason, "detail": str(e)}})
+                continue
             for key, members in samples:
                 try:
                     costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
@@ -990,10 +1075,27 @@ def _answer_dims(cfg: LeRobotConfig, dims: list[str], D: int, std: np.ndarray) -
     return show
 
 
-def _dataset_context(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, licence: str, source: str) -> dict:
+def _readable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[list[dict], list[dict]]:
+    """Every episode's parquet rows, and the episodes skipped for non-finite values (``skip_nonfinite``; else such
+    an episode stops the run, its message saying how to skip): (tables, [{episode, reason, detail}])."""
+    tables, skipped = [], []
+    for ep in meta.episodes:
+        try:
+            tables.append(read_episode_table(meta, ep, cfg.action_key, cfg.state_key))
+        except EpisodeError as e:
+            if not cfg.skip_nonfinite:
+                raise
+            log.warning("skipping %s", e)
+            skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
+    if not tables:
+        raise ConvertError(f"{root}: every episode was skipped ({skipped[0]['detail'] if skipped else 'none listed'})")
+    return tables, skipped
+
+
+def _dataset_context(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, licence: str, source: str,
+                     tables: list[dict]) -> dict:
     """The ``ctx`` every episode's samples share: dataset-wide action statistics (bins, answer dims)
-    from every row of the converted episodes, dim names / units, source and licence."""
-    tables = [read_episode_table(meta, ep, cfg.action_key, cfg.state_key) for ep in meta.episodes]
+    from every row of the converted episodes (``tables``), dim names / units, source and licence."""
     D = tables[0]["action"].shape[1]
     if any(t["action"].shape[1] != D for t in tables):
         raise ConvertError(f"{root}: episodes have different action sizes")
@@ -1020,7 +1122,8 @@ def _lerobot_info(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, 
             "source_used": ctx["source"], "licence_used": ctx["licence"], "answer_dims_used": [ctx["dims"][i] for i in ctx["show"]],
             "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
             **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")
-               and not (k in ("video_path", "data_path") and v is None)},   # absent unless given: older runs resume
+               and not (k in ("video_path", "data_path") and v is None)   # absent unless given: older runs resume
+               and not (k == "skip_nonfinite" and not v)},
             "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
 
 
@@ -1052,17 +1155,30 @@ def _episode_reports(out: Path, results: dict, skipped: list[int], jobs: list[Sh
     return [by_ep[k] for k in sorted(by_ep)]
 
 
-def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[str], episodes_rep: list[dict]) -> dict:
-    """``convert_report.json``: totals over the episodes, skipped samples counted by reason, the episode reports."""
+def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[str], episodes_rep: list[dict],
+                    skipped_before: list[dict]) -> dict:
+    """``convert_report.json``: totals over the episodes, skipped samples and skipped episodes counted by reason
+    (``bad`` / ``bad_episodes``), unpaired frames and rows, the episode reports."""
     bad: dict[str, int] = {}
     for e in episodes_rep:
         for _, reason, _ in e.get("skipped", []):
             bad[reason] = bad.get(reason, 0) + 1
+    skipped = skipped_before + [{"episode": e["episode"], **e["skipped_episode"]} for e in episodes_rep
+                                if "skipped_episode" in e]
+    bad_episodes: dict[str, int] = {}
+    for e in skipped:
+        bad_episodes[e["reason"]] = bad_episodes.get(e["reason"], 0) + 1
+    if skipped:
+        warnings = warnings + [f"{len(skipped)} episodes skipped: " + ", ".join(f"{k} {v}" for k, v in
+                                                                           sorted(bad_episodes.items()))]
     return {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
-            "totals": {"episodes": len(meta.episodes), "episodes_missing": len(meta.missing),
+            "totals": {"episodes": len(meta.episodes) + len(skipped_before), "episodes_missing": len(meta.missing),
+                       "episodes_skipped": len(skipped),
                        "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
-                       "samples": sum(e["clips"] - len(e.get("skipped", [])) for e in episodes_rep)},
-            "bad": bad, "episodes": episodes_rep}
+                       "samples": sum(e["clips"] - len(e.get("skipped", [])) for e in episodes_rep),
+                       "rows_unpaired": sum(e.get("rows_unpaired", 0) for e in episodes_rep),
+                       "frames_unpaired": sum(e.get("frames_unpaired", 0) for e in episodes_rep)},
+            "bad": bad, "bad_episodes": bad_episodes, "skipped_episodes": skipped, "episodes": episodes_rep}
 
 
 def convert_lerobot(
@@ -1089,7 +1205,10 @@ def convert_lerobot(
     meta = read_lerobot(root, cfg.video_key, episodes, video_path=cfg.video_path, data_path=cfg.data_path)
     warnings = _episode_warnings(root, meta)
     licence, source = _licence_and_source(root, meta, cfg, warnings)
-    ctx = _dataset_context(root, meta, cfg, licence, source)
+    tables, skipped_before = _readable_tables(root, meta, cfg)
+    gone = {e["episode"] for e in skipped_before}
+    meta = replace(meta, episodes=[e for e in meta.episodes if e.index not in gone])
+    ctx = _dataset_context(root, meta, cfg, licence, source, tables)
     stats_json = json.dumps(ctx["stats"], indent=1).encode()
     info = _lerobot_info(root, meta, cfg, ctx, stats_json, episodes_per_shard, prefix)
     out = Path(out_dir)
@@ -1102,6 +1221,6 @@ def convert_lerobot(
                                           progress=progress, desc=f"lerobot {root.name}", unit="episode")
     finally:
         _VIDEO_CACHE.clear()
-    rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(out, results, skipped, jobs))
+    rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(out, results, skipped, jobs), skipped_before)
     atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
     return rep

@@ -172,7 +172,7 @@ def inspect_shards(
     ``max_samples`` stops early (the counts then cover the samples read)."""
     from rynnscale.data.manifest import read_manifest, sha256_file
     from rynnscale.data.reader import iter_tar_samples
-    from rynnscale.data.schema import SchemaError, validate_conv, validate_meta
+    from rynnscale.data.schema import SchemaError, parse_json, validate_conv, validate_meta
 
     d = Path(directory)
     m = read_manifest(d)
@@ -213,13 +213,10 @@ def inspect_shards(
                 fail(raw.bad_reason, f"{where}: {raw.bad_detail}")
                 continue
             try:
-                meta_obj = json.loads(raw.members.get("meta.json", b"null"))
-                conv_obj = json.loads(raw.members.get("conv.json", b"null"))
-            except RecursionError:
-                fail("bad_json", f"{where}: JSON nested too deeply to parse (RecursionError)")
-                continue
-            except (ValueError, UnicodeDecodeError) as e:   # incl. a > 4300-digit integer (int-str limit)
-                fail("bad_json", f"{where}: {str(e)[:200]}")
+                meta_obj = parse_json(raw.members.get("meta.json", b"null"), f"{where}: meta.json")
+                conv_obj = parse_json(raw.members.get("conv.json", b"null"), f"{where}: conv.json")
+            except SchemaError as e:   # deep nesting, a > 4300-digit integer, a lone surrogate, bad UTF-8 / JSON
+                fail("bad_json", str(e))
                 continue
             try:
                 meta = validate_meta(meta_obj)
@@ -272,7 +269,8 @@ def inspect_shards(
         "bad": dict(sorted(bad.items())),
         "bad_examples": bad_examples,
         "converter_report": None if converter is None else {
-            k: converter.get(k) for k in ("converter", "totals", "bad", "warnings", "error") if k in converter},
+            k: converter.get(k) for k in ("converter", "totals", "bad", "bad_episodes", "warnings", "error")
+            if k in converter},
     }
 
 
@@ -310,6 +308,8 @@ def format_report(r: Mapping) -> str:
         lines.append(f"\nconverter ({cr.get('converter', '?')}): totals {json.dumps(cr.get('totals', {}))}")
         if cr.get("bad"):
             lines.append("  skipped by reason: " + ", ".join(f"{k} {v}" for k, v in cr["bad"].items()))
+        if cr.get("bad_episodes"):
+            lines.append("  episodes skipped by reason: " + ", ".join(f"{k} {v}" for k, v in cr["bad_episodes"].items()))
         for w in (cr.get("warnings") or [])[:10]:
             lines.append(f"  warning: {w}")
         if cr.get("error"):

@@ -1,8 +1,12 @@
 """Process-group setup from the torchrun environment and the step's global quantities.
 
 - ``init_distributed``: NCCL on GPU, gloo on CPU, chosen from the device; a timeout on every collective
-  (``parallel.timeout_s``), so a rank that dies or diverges makes the others fail instead of hanging.
-- ``report_failures``: an exception on any rank is logged with that rank (and host) before the process
+  (``parallel.timeout_s``), so a rank that dies or diverges makes the others fail instead of hanging. Under
+  torchrun's agent store (the default) the process group's keys live under a prefix of this restart round:
+  the agent keeps ONE store across restarts and torch's env:// path reuses it unprefixed, so a restarted rank
+  could read a dead rank's gloo address from the previous round ("connectFullMesh ... Connection refused" on
+  every restart of a loaded machine, where the ranks of a round start seconds apart).
+- ``report_failures``: an exception on any rank is logged once with that rank (and host) before the process
   exits non-zero; torchrun then tears the other ranks down.
 - ``DistContext``: what the training step needs from the world: sums over all ranks (target-token count
   before backward, metrics), the load-balancing counts reducer, and the global gradient norm.
@@ -21,7 +25,6 @@ import datetime
 import logging
 import os
 import socket
-import sys
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,30 +61,52 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, 
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = dict(device_id=device) if device.type == "cuda" else {}
+        store = _round_store(world_size, timeout)
+        if store is None:   # not under torchrun's agent store: env:// (rank 0 hosts the store)
+            dist.init_process_group(backend, timeout=timeout, **kw)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kw)
     return rank, local_rank, world_size, device
 
 
+def _round_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's agent store under a prefix of this restart round (restart count and world size: an elastic
+    membership change without a failure keeps the count but changes the size), or None outside it. The agent's
+    store outlives the workers; without the prefix a restarted rank reads the previous round's keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"rynnscale/round_{attempt}_world_{world_size}", store)
+
+
 @contextlib.contextmanager
-def report_failures(rank: int, world_size: int):
-    """Log any exception with this rank's identity (then re-raise: the process exits non-zero and
-    torchrun stops the other ranks). On success, destroy the process group cleanly."""
+def report_failures(rank: int, world_size: int, brief: tuple[type[BaseException], ...] = ()):
+    """Log any exception once, with this rank's identity, then re-raise: the process exits non-zero and
+    torchrun stops the other ranks. ``brief`` types (errors whose message says it all: a bad setting, bad
+    data) are logged without the traceback. ``reported(e)`` then tells the caller (the command line) not
+    to print it again. On success, destroy the process group cleanly."""
     try:
         yield
     except BaseException as e:  # noqa: BLE001 - logged with the rank, then re-raised
-        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            msg = (f"rynnscale: rank {rank}/{world_size} on {socket.gethostname()} failed with "
-                   f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-            log.error(msg)
-            print(msg, file=sys.stderr, flush=True)
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)) and not reported(e):
+            msg = f"rynnscale: rank {rank}/{world_size} on {socket.gethostname()} failed with {type(e).__name__}: {e}"
+            log.error("%s", msg if isinstance(e, brief) else f"{msg}\n{traceback.format_exc()}")
+            with contextlib.suppress(AttributeError):   # (an exception without attributes is reported again)
+                e._rynnscale_reported = True  # type: ignore[union-attr]
         raise
     else:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def reported(e: BaseException) -> bool:
+    """Whether ``report_failures`` logged ``e`` already."""
+    return bool(getattr(e, "_rynnscale_reported", False))
 
 
 @dataclass

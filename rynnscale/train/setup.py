@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rynnscale.checkpoint.dcp import CheckpointError
+from rynnscale.checkpoint.dcp import CheckpointError, config_changes
 from rynnscale.config import RootConfig
 from rynnscale.data.pipeline import build_train_data
 from rynnscale.fsutil import atomic_write_bytes, sha256_file
@@ -104,7 +104,7 @@ class TrainState:
 
 @dataclass
 class TrainComponents:
-    args: Any                    # Qwen3VLArgs
+    args: Any                    # the model family's args (rynnscale.models.spec.ModelArgs)
     model: torch.nn.Module       # FSDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -182,6 +182,20 @@ def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None
             f"{saved['sha256'][:16]}...), but model.init_from={current['init_from']} now hashes to "
             f"{current['sha256'][:16]}...; the adapters only make sense on their own base. Point model.init_from "
             "at the original base, or start a new run (checkpoint.resume=none).")
+
+
+def check_same_adapters(saved: dict[str, Any] | None, current: Any, path: Path) -> None:
+    """A run's LoRA structure (rank, alpha, targets, experts, vision, fully trained modules) is part of what its
+    checkpoint holds: resuming under another one would drop adapters or rescale them. Only ``dropout`` may change.
+    ``saved``: the checkpoint's recorded ``model.lora`` section; ``current``: this run's ``LoRAConfig``."""
+    if saved is None:
+        return
+    changes = config_changes(saved, dataclasses.asdict(current), ignore=frozenset({"dropout"}), prefix="model.lora.")
+    if changes:
+        raise CheckpointError(
+            f"{path}: the checkpoint was trained with another LoRA structure (checkpoint -> now): {'; '.join(changes)}. "
+            "Resume with the recorded model.lora.* values, or start a new run (another run.output_dir, or "
+            "checkpoint.resume=none).")
 
 
 def restart_data_seed(seed: int, step: int) -> int:

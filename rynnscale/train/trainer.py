@@ -39,10 +39,12 @@ from typing import Any
 import torch
 import yaml
 
-from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint
+from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint, read_trainer_state
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
-from rynnscale.config import RootConfig, save_resolved, to_yaml
+from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
+from rynnscale.data.loader import BadDataError
+from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
 from rynnscale.parallel.distributed import DistContext, report_failures
 from rynnscale.train.build import build_model
@@ -61,6 +63,7 @@ from rynnscale.train.objectives import TokenCrossEntropy
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
+    check_same_adapters,
     check_same_base,
     layout_dict,
     rebuild_data,
@@ -83,7 +86,8 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     after the recipe's own hooks."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
-    with report_failures(ctx.rank, ctx.world_size):
+    # a bad setting or bad data: the message says it all (no traceback)
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError)):
         return _train(cfg, ctx, hooks)
 
 
@@ -93,7 +97,11 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     path = find_resume_checkpoint(output_dir, cfg.checkpoint.resume)
     if path is None:
         return data_seed
-    rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx))
+    saved_lora = ((read_trainer_state(path).get("config") or {}).get("model") or {}).get("lora")
+    check_same_adapters(saved_lora, cfg.model.lora, path)
+    rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx),
+                      model_config=c.args.to_hf_config(),
+                      normalize_model_config=lambda d: args_from_hf_config(d).to_hf_config())
     check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
     order = rs.extra.get("data_order")   # the layout-free loader state (global sample order), if saved
@@ -136,6 +144,9 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, output_dir / "config.yaml")
+        if cfg.optim.lr == 0:
+            log.warning("optim.lr=0: every step runs forward, backward and the optimiser, but no weight changes "
+                        "(a dry run); checkpoints and exports hold the initial model")
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
     ck = cfg.checkpoint
@@ -269,9 +280,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     finally:
         preempt.uninstall()
         metrics.close()
-        bad = getattr(c.data, "bad_counts", None)
-        if bad:
-            log.warning("rank %d skipped samples by reason: %s", ctx.rank, dict(bad))
+        if getattr(c.data, "bad_counts", None):
+            log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)
     if cfg.logging.plot and ctx.is_main:
         log.info("plot: %s", plot_run(output_dir))

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -197,8 +196,9 @@ def main() -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     import torch.distributed as dist
-    if world > 1:
-        dist.init_process_group("gloo")
+    if world > 1:   # the store is hosted by ``launch`` (no rank binds a port)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=int(os.environ["RANK"]), world_size=world)
     losses = run(a.out, a.total, save_at=tuple(a.save_at), resume=a.resume, fsdp=a.fsdp, crash_at=a.crash_at,
                  dump_at=a.dump_at, dump_after_load=a.dump_after_load)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -209,15 +209,16 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Run this script as ``world`` ranks (gloo over 127.0.0.1); returns the finished processes."""
-    port = _free_port()
+    """Run this script as ``world`` ranks (gloo over 127.0.0.1, on a TCPStore this process hosts for the job:
+    its port is bound once and held, never chosen and released); returns the finished processes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    port = store.port
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -2,7 +2,8 @@
 a step's samples depend on the global micro-batch count only, so
 
 - 2 processes (ep=2, grad_accum=1) train on the samples of 1 process with grad_accum=2 at every step
-  (``samples.jsonl`` equal) with losses within rel 1e-5 for 10 steps;
+  (``samples.jsonl`` equal) with losses within rel 1e-4 for 10 steps (the balance loss groups counts by
+  micro-batch index across ranks, so the layouts differ by routing flips only);
 - a run stopped by SIGTERM on one layout and resumed on another (2 -> 1 process, 1 -> 2, 4 processes with
   ep=2 -> 2 with ep=1) trains every later step on exactly the samples of a straight run (nothing lost or
   repeated) with losses within rel 1e-4."""
@@ -82,7 +83,10 @@ def test_two_ranks_train_like_one_rank_accumulating(tmp_path, data_dir, straight
     out = tmp_path / "run"
     rc, log = run(command(2, _args(out, data_dir, 1, 2)))
     assert rc == 0, log[-4000:]
-    _compare(out, straight_1x2, 1e-5)
+    # rel 1e-4, not 1e-5: the MoE balance loss sums expert counts over the ranks of one micro-batch index, so
+    # 2 x 1 and 1 x 2 give it slightly different values and a token's top-k choice can flip (step 10 here,
+    # 7e-5; with router_aux_loss_coef=0 the two layouts agree within 6e-8)
+    _compare(out, straight_1x2, 1e-4)
     assert all(r["rank_cost_max_over_mean"] >= 1.0 and r["rank_time_max_over_mean"] >= 1.0 for r in metrics(out))
 
 

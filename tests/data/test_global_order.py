@@ -54,25 +54,27 @@ def test_steps_do_not_depend_on_layout(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("balance", ["cost", "tokens", "none"])
 def test_resume_on_another_layout(tmp_path: Path, balance: str) -> None:
-    """2 ranks x ga 1 for 3 steps, then the state of rank 0 continues on 1 rank x ga 2 (and 2 workers)
-    exactly like a straight 1-rank run; and the planned steps are re-packed when the step size changes."""
-    write_text_shards(tmp_path, 4, 40)
-    straight = _steps(_layout(tmp_path, 1, 2, balance=balance), 2, 9)
-    first = _layout(tmp_path, 2, 1, balance=balance)
-    assert _steps(first, 1, 3) == straight[:3]
+    """2 ranks x ga 1 for 6 steps, then the state of rank 0 (with planned steps) continues on 1 rank x ga 2
+    (and 2 workers) exactly like a straight 1-rank run; and the planned steps are re-packed when the step size
+    changes: to the end of the epoch every sample is trained exactly once (nothing lost, nothing repeated)."""
+    keys = write_text_shards(tmp_path, 4, 40)
+    kw = dict(balance=balance, num_epochs=1, micro_batch_tokens=100, pack_window=8)   # plans of several steps
+    straight = _steps(_layout(tmp_path, 1, 2, **kw), 2, 12)
+    first = _layout(tmp_path, 2, 1, **kw)
+    assert _steps(first, 1, 6) == straight[:6]
     sd = first[0].state_dict()
     assert sd == first[1].state_dict()   # the same on every rank
-    resumed = _layout(tmp_path, 1, 2, workers=2, balance=balance)
+    assert sd["state"]["steps"], "the test wants a state with planned steps"
+    resumed = _layout(tmp_path, 1, 2, workers=2, **kw)
     resumed[0].load_state_dict(sd)
-    assert _steps(resumed, 2, 6) == straight[3:]
-    # another global micro-batch count (4 per step): nothing lost or repeated across the change
-    wider = _layout(tmp_path, 2, 2, balance=balance)
+    assert _steps(resumed, 2, 6) == straight[6:]
+    # another global micro-batch count (4 per step): the epoch ends with every sample trained exactly once
+    wider = _layout(tmp_path, 2, 2, **kw)
     for x in wider:
         x.load_state_dict(sd)
-    after = [k for st in _steps(wider, 2, 2) for k in st]
-    before = [k for st in straight[:3] for k in st]
-    assert len(before + after) <= 160, "the test wants to stay inside the first epoch"
-    assert max(Counter(before + after).values()) == 1
+    after = [k for st in _to_the_end(wider, 2) for k in st]
+    before = [k for st in straight[:6] for k in st]
+    assert Counter(before + after) == Counter(keys)
 
 
 def test_old_state_is_refused_clearly(tmp_path: Path) -> None:
@@ -116,7 +118,7 @@ def test_mixture_weights_and_elastic_resume(tmp_path: Path) -> None:
     def layout(world: int, ga: int) -> list[TrainLoader]:
         return _layout(tmp_path, world, ga, train_shards=[], mixture=mix)
 
-    straight = _steps(layout(1, 2), 2, 60)
+    straight = _steps(layout(1, 2), 2, 66)
     share = Counter(source_of(k) for st in straight for k in st)
     total = sum(share.values())
     assert total >= 600
@@ -201,3 +203,102 @@ def test_every_rank_yields_its_share_whatever_the_data_does(tmp_path: Path, worl
         assert fillers > 0   # a rank whose only pack was one BAD sample
     print(f"world={world} ga={ga}: {steps} steps, {overflowed} packs overflowed, {dropped} samples dropped, "
           f"{fillers} fillers")
+
+
+# -- epochs of data smaller than the packing window (issue 27.4) ---------------------------------------------
+
+
+def _epoch_walk(steps: list[list[str]], keys: set[str]) -> int:
+    """Assert that ``steps`` (sample keys per step, in order) run through whole epochs: every sample once per
+    epoch, an epoch's last step before the next epoch's first (counts equal at every epoch end); returns the
+    epochs completed."""
+    left, done = set(keys), 0
+    for i, st in enumerate(steps):
+        assert len(st) == len(set(st)), f"step {i} trains a sample twice: {st}"
+        if not left:
+            left, done = set(keys), done + 1
+        assert set(st) <= left, f"step {i} repeats {sorted(set(st) - left)} before the epoch trained {sorted(left)}"
+        left -= set(st)
+    return done + (not left)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 4, 64])
+@pytest.mark.parametrize(("world", "ga"), [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_small_data_set_trains_each_sample_once_per_epoch(tmp_path: Path, world: int, ga: int,
+                                                          shuffle_buffer: int) -> None:
+    """12 samples, a packing window of 16 x N samples and shuffle buffers of none, 4 and 64 samples: over 6
+    epochs every epoch trains each sample exactly once (the next epoch's copies never join a window of the
+    current one), so counts are equal after every epoch; the order is the same on every layout; with steps of
+    <= 2 packs of ~2 samples no sample is in two consecutive steps and epochs are not replays of each other."""
+    keys = set(write_text_shards(tmp_path, 2, 6))
+    cfg = dict(train_shards=[str(tmp_path / "shard-*.tar")], micro_batch_tokens=100, pack_window=16,
+               shuffle_buffer=shuffle_buffer)
+    steps = _steps(_layout(tmp_path, world, ga, **cfg), ga, 60)
+    n = world * ga
+    if (world, ga) != (1, 1):   # the same global order as one rank accumulating
+        assert steps == _steps(_layout(tmp_path, 1, n, **cfg), n, 60)
+    flat = [k for st in steps for k in st]
+    epochs = _epoch_walk(steps, keys)
+    assert epochs >= 6 and len(flat) >= 6 * len(keys)
+    if n <= 2:   # (4 micro-batches of ~2 samples: two steps hold more than the 12 samples)
+        repeats = [i for i in range(1, len(steps)) if set(steps[i]) & set(steps[i - 1])]
+        assert not repeats, [(steps[i - 1], steps[i]) for i in repeats]
+        orders = {tuple(flat[e * len(keys):(e + 1) * len(keys)]) for e in range(6)}
+        assert len(orders) >= 3, orders   # steps in another order each epoch, not a replay
+
+
+def _to_the_end(loaders: list[TrainLoader], ga: int) -> list[list[str]]:
+    """The remaining steps of a finite stream (sorted sample keys of each)."""
+    its, out = [iter(x) for x in loaders], []
+    while True:
+        chunks = [list(itertools.islice(it, ga)) for it in its]
+        if not any(chunks):
+            return out
+        assert all(len(c) == ga for c in chunks)
+        out.append(sorted(k for c in chunks for b in c for k in b.sample_keys))
+
+
+def test_small_data_set_resumes_mid_epoch_on_any_layout(tmp_path: Path) -> None:
+    """A state saved mid-epoch with planned steps continues exactly on the same micro-batch count and, on
+    another one, re-packs the planned steps with nothing lost or repeated: over the 3 epochs every sample
+    is trained 3 times, in whole epochs."""
+    keys = set(write_text_shards(tmp_path, 2, 6))
+    cfg = dict(train_shards=[str(tmp_path / "shard-*.tar")], micro_batch_tokens=100, pack_window=16,
+               shuffle_buffer=4, num_epochs=3)
+    straight = _to_the_end(_layout(tmp_path, 1, 2, **cfg), 2)
+    assert _epoch_walk(straight, keys) == 3
+    first = _layout(tmp_path, 2, 1, **cfg)
+    before = _steps(first, 1, 5)
+    assert before == straight[:5]
+    sd = first[0].state_dict()
+    assert sd["state"]["steps"], "the test wants a state with planned steps"
+    assert sd["state"]["stream"]["epoch"] >= 1 and sum(map(len, before)) % len(keys), "... saved mid-epoch"
+    same = _layout(tmp_path, 1, 2, **cfg)
+    same[0].load_state_dict(sd)
+    assert _to_the_end(same, 2) == straight[5:]
+    for world, ga in ((2, 2), (1, 3)):   # 4 and 3 micro-batches per step instead of 2
+        other = _layout(tmp_path, world, ga, **cfg)
+        for x in other:
+            x.load_state_dict(sd)
+        after = _to_the_end(other, ga)
+        assert Counter(k for st in before + after for k in st) == Counter({k: 3 for k in keys}), (world, ga)
+        assert _epoch_walk(before + after, keys) == 3
+
+
+def test_mixture_sources_cycle_whole_epochs(tmp_path: Path) -> None:
+    """In a mixture every source cycles its own epochs: a source's next-epoch copies enter the packing window
+    only after its current epoch left it, so each source's samples run through whole epochs (the 8- and
+    12-sample sources more than 10 times in 80 steps), whatever the layout."""
+    from rynnscale.data.loader import MixtureSource
+    from tests.data.test_mixture import SOURCES, source_of, write_source
+
+    keys = {name: set(write_source(tmp_path, name, n, per, seed=i)) for i, (name, n, per, _) in enumerate(SOURCES)}
+    mix = [MixtureSource(name, [str(tmp_path / name / "*.tar")], w) for name, _, _, w in SOURCES]
+    steps = _steps(_layout(tmp_path, 1, 2, train_shards=[], mixture=mix), 2, 80)
+    assert _steps(_layout(tmp_path, 2, 1, train_shards=[], mixture=mix), 1, 80) == steps
+    for name in keys:
+        mine = [[k for k in st if source_of(k) == name] for st in steps]
+        epochs = _epoch_walk([st for st in mine if st], keys[name])
+        assert epochs >= (10 if name != "big" else 1), (name, epochs)
+    repeats = sum(bool(set(a) & set(b)) for a, b in zip(steps, steps[1:]))
+    print(f"{repeats} of {len(steps) - 1} consecutive step pairs share a sample")

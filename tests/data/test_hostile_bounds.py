@@ -180,3 +180,80 @@ def test_unreferenced_media_members_are_not_read(tmp_path):
     out = {s.key: sorted(s.members) for s in iter_tar_samples(str(shard))}
     assert out["k000"] == ["action.npy", "conv.json", "f000.png", "f002.png", "meta.json"], out
     assert out["k001"] == ["conv.json", "video.mp4"] and out["k002"] == ["conv.json", "video.mp4"]
+
+
+# ---------------------------------------------------------------------------- the per-sample caps, each on its own
+def _group_tar(path: Path, groups: list[tuple[str, list[tuple[str, bytes]]]]) -> None:
+    """A plain shard of samples ``(key, [(member, bytes), ...])`` in the given member order."""
+    path.write_bytes(_tar_bytes([(f"{key}.{m}", data) for key, members in groups for m, data in members]))
+
+
+def test_max_sample_bytes_refuses_a_sample_from_its_headers(tmp_path, monkeypatch):
+    """Three 100-byte members under a 250-byte sample cap (each under the 1000-byte member cap): the third member
+    crosses the sum, the sample is one ``too_large`` naming the cap, the crossing member and everything after it
+    are never read, and the next sample (300 bytes under a 300-byte cap elsewhere) still reads."""
+    conv = _conv_naming("f000.png", "f001.png")
+    pad = b"x" * (100 - len(conv))
+    shard = tmp_path / "s.tar"
+    _group_tar(shard, [("k000", [("meta.json", pad), ("conv.json", conv), ("f000.png", bytes(100)),
+                                 ("f001.png", bytes(100))]),
+                       ("k001", [("conv.json", CONV.encode())])])
+    read: list[str] = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, ti: read.append(ti.name) or real(self, ti))
+    limits = ReaderLimits(max_member_bytes=1000, max_sample_bytes=250)
+    out = {s.key: s for s in iter_tar_samples(str(shard), limits)}
+    bad = out["k000"]
+    assert bad.bad_reason == "too_large" and "sample has more than 250 bytes" in bad.bad_detail and not bad.members
+    assert read == ["k000.meta.json", "k000.conv.json", "k001.conv.json"], read   # f000/f001 payloads never read
+    assert out["k001"].bad_reason is None and out["k001"].members["conv.json"] == CONV.encode()
+    # at the cap exactly: readable
+    exact = ReaderLimits(max_member_bytes=1000, max_sample_bytes=100 + len(conv) + 200)
+    ok = next(iter_tar_samples(str(shard), exact))
+    assert ok.bad_reason is None and sorted(ok.members) == ["conv.json", "f000.png", "f001.png", "meta.json"]
+
+
+def test_max_sample_bytes_recipe_key_makes_the_loader_skip_and_count(recipe, tmp_path):
+    """``data.max_sample_bytes`` from a recipe reaches the loader's reader: the sample over it (two 1500-byte members,
+    each under ``data.max_member_bytes``) is a counted ``too_large`` skip, the one under it trains."""
+    import torch
+
+    from rynnscale.batch import EncodedSample
+    from rynnscale.data.loader import TrainLoader
+
+    class Lengths:   # one token per byte of conv.json: no tokenizer needed
+        def encode(self, key, members):
+            n = len(members["conv.json"])
+            labels = torch.arange(n)
+            labels[0] = -100
+            return EncodedSample(key, torch.arange(n), labels, torch.arange(n).expand(3, -1).clone())
+
+    small = b'{"a": 1}'
+    _group_tar(tmp_path / "s.tar", [("k000", [("conv.json", small), ("action.npy", bytes(1500)),
+                                              ("state.npy", bytes(1500))]),
+                                    ("k001", [("conv.json", small), ("action.npy", bytes(1500))])])
+    cfg = load_config(recipe, ["data.max_sample_bytes=2000", "data.max_member_bytes=1600"], check_paths=False)
+    lc = LoaderConfig.from_run_config(cfg, train_shards=[str(tmp_path / "s.tar")], num_workers=0, num_epochs=1,
+                                      shuffle_buffer=0, pack_window=2, max_bad_fraction=1.0, micro_batch_tokens=64)
+    assert lc.limits.max_sample_bytes == 2000
+    loader = TrainLoader(lc, Lengths())
+    keys = [k for b in loader for k in b.sample_keys]
+    assert keys == ["k001"] and loader.bad_counts == {"too_large": 1}
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_member_count_cap_refuses_a_sample_with_too_many_members(tmp_path, limit):
+    """A frame list of more members than ``ReaderLimits.max_members`` (default 4096; 5 here): a ``too_large``
+    skip naming the cap (before: every member was read into the sample, ~1 KiB of tar per member). A sample with
+    exactly the cap's number of members reads."""
+    cap = ReaderLimits().max_members if limit is None else limit
+    names = [f"f{i:05d}.png" for i in range(cap + 1)]
+    many = [("conv.json", _conv_naming(*names))] + [(n, b"p") for n in names]
+    at_cap = [("conv.json", _conv_naming(*names[: cap - 1]))] + [(n, b"p") for n in names[: cap - 1]]
+    shard = tmp_path / "s.tar"
+    _group_tar(shard, [("k000", many), ("k001", at_cap)])
+    limits = ReaderLimits() if limit is None else ReaderLimits(max_members=limit)
+    out = {s.key: s for s in iter_tar_samples(str(shard), limits)}
+    assert out["k000"].bad_reason == "too_large" and f"more than {cap} members" in out["k000"].bad_detail
+    assert not out["k000"].members
+    assert out["k001"].bad_reason is None and len(out["k001"].members) == cap

@@ -80,3 +80,33 @@ def test_data_inspect_counts_them(tmp_path):
         assert sum(rep["bad"].values()) == 3 and rep["bad"]["bad_json"] >= 2, rep["bad"]   # counted, no crash
         assert any("nested too deeply" in x for x in rep["bad_examples"]["bad_json"])
         assert any("integer string conversion" in x for x in rep["bad_examples"]["bad_json"])
+
+
+def test_jsonl_converter_counts_them_and_goes_on(tmp_path):
+    """Issue 27.3: the same inputs as jsonl lines (JSON nested 100k deep, a 5000-digit integer, a lone surrogate;
+    plus an ``extra`` nested just under the parser's limit, which json.dumps then has to write) among good lines:
+    before, the first one aborted the whole conversion with a traceback and no report. Now each is a bad line
+    counted by reason in convert_report.json, naming its line, and the good lines become samples."""
+    import sys
+
+    from rynnscale.data_pipelines.jsonl import convert_jsonl
+
+    depth = sys.getrecursionlimit() - 60
+    deep_extra = json.dumps({**GOOD, "extra": {"x": json.loads("[" * depth + "]" * depth)}}).encode()
+    hostile = [b"[" * 100_000 + b"]" * 100_000, BIGINT, SURROGATE, deep_extra]
+    lines = [json.dumps(GOOD).encode()] + hostile + [json.dumps(GOOD).encode()]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "media").mkdir()
+    rep = convert_jsonl(src, tmp_path / "out", media_root=tmp_path / "media", max_bad_fraction=1.0, progress=False,
+                        cost_hints=False)
+    saved = json.loads((tmp_path / "out" / "convert_report.json").read_text())
+    assert saved["totals"] == rep["totals"] and saved["complete"] is True
+    by_line = {b["line"]: b for b in saved["bad_items"]}
+    assert by_line[2]["reason"] == "bad_json" and "nested too deeply" in by_line[2]["detail"], by_line
+    assert by_line[3]["reason"] == "bad_json" and "integer string conversion" in by_line[3]["detail"]
+    assert by_line[4]["reason"] == "bad_json" and "lone surrogate" in by_line[4]["detail"]
+    assert all(f"line {n}" in by_line[n]["detail"] for n in (2, 3, 4))
+    good = rep["totals"]["samples"]
+    assert good + rep["totals"]["bad_lines"] == 6 and good >= 2   # the deep extra: a sample or a counted bad line
+    assert sum(rep["bad"].values()) == rep["totals"]["bad_lines"] and rep["bad"]["bad_json"] >= 3

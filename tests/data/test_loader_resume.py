@@ -80,9 +80,10 @@ def test_resume_two_ranks_two_workers(tmp_path: Path, balance_group: int) -> Non
     torch.manual_seed(0)
     write_text_shards(tmp_path, 8, 12)
     # a window of several packs, so the saved state holds packs not yet emitted as well as carry-over
-    cfg = config(tmp_path, balance_group=balance_group, micro_batch_tokens=200, pack_window=24,
+    # (half an epoch: a window of a whole worker's epoch is packed out at the epoch barrier)
+    cfg = config(tmp_path, balance_group=balance_group, micro_batch_tokens=200, pack_window=12,
                  micro_batches_per_step=2 if balance_group > 1 else 1)
-    N, M = 9, 14
+    N, M = 3, 14
     seen_by_rank = []
     for rank in range(2):
         loader = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
@@ -208,6 +209,46 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pyte
     assert loader.stats()["bad"] == loader.bad_counts
 
 
+def _too_long_shard(d: Path, n: int, budget: int) -> None:
+    with wds.TarWriter(str(d / "shard-009.tar")) as w:
+        for i in range(n):
+            w.write({"__key__": f"long{i:02d}", "conv.json": json.dumps({"text": "x" * (budget + 1 + i)}).encode()})
+
+
+@pytest.mark.parametrize("global_order", [True, False])
+def test_a_flood_of_bad_samples_is_summarised_and_counted_distinct(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                   global_order: bool) -> None:
+    """20 too-long samples read in each of 4 epochs: the first 5 are named, then a count summary at 8, 16, 32
+    and 64 (not 80 warnings); the counts say 80 skipped, 20 distinct samples."""
+    write_text_shards(tmp_path, 2, 20)
+    _too_long_shard(tmp_path, 20, 300)
+    cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[019].tar")], num_workers=0, num_epochs=4,
+                 max_bad_fraction=0.5, global_order=global_order)
+    loader = TrainLoader(cfg, ByteEncoder())
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data"):
+        assert sum(b.num_samples for b in loader) == 4 * 40
+    assert loader.bad_counts == {"too_long": 80} and loader.bad_distinct == {"too_long": 20}
+    assert loader.bad_summary() == "too_long=80 (20 distinct)"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("skipping bad sample (too_long)" in m for m in msgs) == 5
+    summaries = [m for m in msgs if "bad samples so far" in m]
+    assert [m.split(": ")[1].split(" bad")[0] for m in summaries] == ["8", "16", "32", "64"], summaries
+    assert summaries[-1].endswith("64 bad samples so far (too_long=64 (20 distinct))")
+
+
+def test_bad_fraction_is_checked_once_a_small_data_set_was_read(tmp_path: Path) -> None:
+    """Fewer samples than ``min_samples_for_bad_check``: the global order checks the bad fraction once the
+    data was read once (not after reading the same 60 samples again and again up to 200)."""
+    write_text_shards(tmp_path, 2, 20)
+    _too_long_shard(tmp_path, 20, 300)
+    cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[019].tar")], num_workers=0, global_order=True)
+    with pytest.raises(BadDataError, match=r"^20 of 60 samples \(33.3%\) were bad in rank 0 worker 0 \(global order\), "
+                                           r"more than max_bad_fraction=0.05 \(too_long=20\); too_long: .*"
+                                           r"micro_batch_tokens=300: raise train.micro_batch_tokens"):
+        for _ in TrainLoader(cfg, ByteEncoder()):
+            pass
+
+
 def test_bad_fraction_guard(tmp_path: Path) -> None:
     torch.manual_seed(0)
     write_text_shards(tmp_path, 1, 10)
@@ -277,3 +318,18 @@ def test_config_from_run_config(tmp_path: Path) -> None:
 
     with pytest.raises(ShardPatternError, match="x-\\*.tar' matches no file"):
         TrainLoader(cfg, ByteEncoder())
+
+
+@pytest.mark.parametrize("global_order", [False, True])
+def test_iterating_draws_nothing_from_the_global_generators(tmp_path: Path, global_order: bool) -> None:
+    """A resumed run restores torch's generator and then starts a new iterator: a draw there (DataLoader's worker
+    base seed, by default) would shift every later dropout mask against the straight run."""
+    write_text_shards(tmp_path, 8, 4)
+    loader = TrainLoader(config(tmp_path, num_workers=0, global_order=global_order), ByteEncoder(), rank=0,
+                         world_size=2)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    it = iter(loader)
+    take(it, 2)
+    it.close()
+    assert torch.equal(torch.get_rng_state(), before)

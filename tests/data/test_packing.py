@@ -145,6 +145,41 @@ def test_window_packer_state_is_items_plus_plan_counter() -> None:
     assert rest_c != rest_a
 
 
+def test_close_must_and_avoid_shape_a_plan() -> None:
+    """The epoch barrier's packer side: ``close(pred)`` emits every matching item now, topped up to whole steps
+    with the fullest other bins (all bins, the last step short, when too few); ``push(must=)`` plans only when
+    the needed bins fill whole steps; ``avoid`` keeps marked items out of a plan's first step."""
+    def item(key: str, n: int) -> PackItem:
+        return PackItem(key, n, ref=key)
+
+    def keys(plan) -> list[list[str]]:   # step i = pack i of every slot (a short step is the last)
+        return [sorted(it.ref for p in plan if i < len(p) for it in p[i]) for i in range(max(map(len, plan)))]
+
+    p = WindowPacker(100, window=100, num_ranks=2)
+    for k in ["a0", "a1", "b0", "b1", "b2", "b3", "b4"]:
+        assert p.push(item(k, 60)) is None                         # one per bin: 7 bins
+    plan = p.close(lambda it: it.ref.startswith("a"))
+    steps = keys(plan)
+    assert len(steps) == 1 and {"a0", "a1"} == set(steps[0])          # one whole step holds both
+    assert sorted(it.ref for it in p.items) == ["b0", "b1", "b2", "b3", "b4"]
+    assert p.close(lambda it: it.ref.startswith("a")) is None
+    plan = p.close(lambda it: it.ref in ("b0", "b1", "b2", "b3"))   # 4 needed bins of 5: two whole steps
+    assert [len(s) for s in keys(plan)] == [2, 2] and [it.ref for it in p.items] == ["b4"]
+    assert [len(s) for s in keys(p.close(lambda it: True))] == [1]   # the last bin alone: a short step
+    q = WindowPacker(100, window=3, num_ranks=2)
+    q.push(item("a0", 60))
+    q.push(item("b0", 60))
+    assert q.push(item("b1", 60), must=lambda it: it.ref == "a0") is not None   # 3 bins: a0 goes in the step
+    assert "a0" not in [it.ref for it in q.items]
+    r = WindowPacker(100, window=6, num_ranks=1, seed=3)
+    r.avoid = lambda it: it.ref in ("x0", "x1")
+    plan = None
+    for k in ["x0", "x1", "y0", "y1", "y2", "y3"]:
+        plan = r.push(item(k, 60)) or plan
+    first = [it.ref for it in plan[0][0]]
+    assert first and not {"x0", "x1"} & set(first), plan
+
+
 def test_too_long_sample_is_a_sample_error() -> None:
     packer = WindowPacker(100, window=4)
     with pytest.raises(SampleError) as e:

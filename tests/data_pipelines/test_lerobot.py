@@ -211,12 +211,17 @@ def _remux(paths: list[Path], dst: Path) -> list[float]:
     return starts + [float(offset * ist.time_base)]
 
 
-def _make_v3(dst: Path) -> None:
+def _make_v3(dst: Path, *, extra_row: int | None = None, ms_timestamps: int | None = None,
+             action_name: str = "action") -> None:
     """LeRobot v3.0 layout of the same three episodes: one data file, one concatenated video,
-    meta/episodes parquet with data/video file indices and from/to timestamps, tasks parquet."""
+    meta/episodes parquet with data/video file indices and from/to timestamps, tasks parquet.
+    Defects of recorded data: ``extra_row`` (an episode) gets one more parquet row than its video has frames,
+    a copy of its last row 1/fps later; ``ms_timestamps`` (an episode) writes its timestamps in milliseconds;
+    ``action_name`` renames the action column (and feature)."""
     info = json.loads((G1 / "meta/info.json").read_text())
     info.update(codebase_version="v3.0", total_episodes=3, data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
                 video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+    info["features"] = {(action_name if k == "action" else k): v for k, v in info["features"].items()}
     (dst / "meta/episodes/chunk-000").mkdir(parents=True)
     (dst / "data/chunk-000").mkdir(parents=True)
     (dst / f"videos/{VKEY}/chunk-000").mkdir(parents=True)
@@ -225,7 +230,14 @@ def _make_v3(dst: Path) -> None:
     tables, lengths = [], []
     for e in EPISODES:
         t = pq.read_table(G1 / f"data/chunk-000/episode_{e:06d}.parquet")
-        tables.append(t)
+        if e == extra_row:
+            last = t.slice(t.num_rows - 1).to_pylist()[0]
+            last.update(timestamp=last["timestamp"] + 1 / info["fps"], frame_index=last["frame_index"] + 1)
+            t = pa.concat_tables([t, pa.Table.from_pylist([last], schema=t.schema)])
+        if e == ms_timestamps:
+            ms = np.asarray(t.column("timestamp").to_pylist()) * 1000.0
+            t = t.set_column(t.schema.get_field_index("timestamp"), "timestamp", pa.array(ms, t.schema.field("timestamp").type))
+        tables.append(t.rename_columns([action_name if c == "action" else c for c in t.column_names]))
         lengths.append(t.num_rows)
     data = pa.concat_tables(tables)
     data = data.set_column(data.schema.get_field_index("index"), "index", pa.array(np.arange(data.num_rows), pa.int64()))
@@ -269,6 +281,86 @@ def test_v3_fixture_gives_the_same_samples(v21, tmp_path):
         # the remux keeps the AV1 frames bit-exact, so the re-encoded clips decode identically
         np.testing.assert_array_equal(_decode_all(a[key]["video.mp4"]), _decode_all(b[key]["video.mp4"]))
     assert (out21 / STATS_NAME).read_bytes() == (out3 / STATS_NAME).read_bytes()
+
+
+def test_v3_video_a_frame_short_of_its_table_pairs_by_time(v21, tmp_path):
+    """Issue 28.5: episode 2's table has one row more than its video has frames (427 vs 426 in the report) and
+    episode 4's timestamps are in milliseconds. Before, the whole conversion stopped at the first ('video has 343
+    frames ... parquet has 344 rows (must match one to one)'), and --tolerance-s did not help. Now frames and rows
+    pair by time: episode 2's extra row is left out and counted, its clips are exactly the v2.1 ones; episode 4
+    pairs one frame of 357 and is skipped and counted (frames_rows_misaligned); episode 1 converts as before."""
+    torch.manual_seed(0)
+    out21, _ = v21
+    src = tmp_path / "g1_v3"
+    _make_v3(src, extra_row=2, ms_timestamps=4)
+    out = tmp_path / "out"
+    rep = convert_lerobot(src, out, **OPTS)
+    eps = {e["episode"]: e for e in rep["episodes"]}
+    assert (eps[2]["rows"], eps[2]["video_frames"], eps[2]["rows_unpaired"], eps[2]["frames_unpaired"]) == (344, 343, 1, 0)
+    assert eps[1]["rows_unpaired"] == eps[1]["frames_unpaired"] == 0
+    assert eps[4]["skipped_episode"]["reason"] == "frames_rows_misaligned"
+    assert "episode 4" in eps[4]["skipped_episode"]["detail"] and "--tolerance-s" in eps[4]["skipped_episode"]["detail"]
+    assert rep["totals"]["episodes_skipped"] == 1 and rep["bad_episodes"] == {"frames_rows_misaligned": 1}
+    assert rep["totals"]["rows_unpaired"] == 1 and rep["totals"]["samples"] == 6
+    saved = json.loads((out / "convert_report.json").read_text())
+    assert saved["bad_episodes"] == {"frames_rows_misaligned": 1} and saved["skipped_episodes"][0]["episode"] == 4
+    a, b = _samples(out21), _samples(out)
+    assert sorted(b) == sorted(k for k in a if "-e000004-" not in k)
+    for key in b:
+        for member in ("action.npy", "action_ts.npy", "state.npy"):
+            assert a[key][member] == b[key][member], (key, member)
+        ma, mb = json.loads(a[key]["meta.json"]), json.loads(b[key]["meta.json"])
+        assert ma["video"] == mb["video"] and ma["clip_start_s"] == mb["clip_start_s"]
+        for f in ("rows", "row_timestamps", "source_timestamps"):
+            assert ma["extra"][f] == mb["extra"][f], (key, f)
+        assert mb["extra"]["episode_rows"] == (344 if "-e000002-" in key else 393)
+        np.testing.assert_array_equal(_decode_all(a[key]["video.mp4"]), _decode_all(b[key]["video.mp4"]))
+
+
+def test_v3_action_column_named_differently_names_the_flag_and_the_candidates(v21, tmp_path):
+    """Issue 28.5: 'no column action' said nothing about --action-key; now it names the flag and the columns that
+    look like actions, and with --action-key the dataset converts."""
+    torch.manual_seed(0)
+    out21, _ = v21
+    src = tmp_path / "g1_v3"
+    _make_v3(src, action_name="actions.joint_position")
+    with pytest.raises(ConvertError) as e:
+        convert_lerobot(src, tmp_path / "out", **{**OPTS, "episodes": [1]})
+    msg = str(e.value)
+    assert "no column 'action'" in msg and "--action-key" in msg, msg
+    candidates = msg.split("vectors: ")[1].split(" (all columns")[0]
+    assert candidates.startswith("'actions.joint_position'") and "'observation.state'" in candidates, msg
+    rep = convert_lerobot(src, tmp_path / "out", **{**OPTS, "episodes": [1], "action_key": "actions.joint_position"})
+    assert rep["totals"]["samples"] == 3
+    a, b = _samples(out21), _samples(tmp_path / "out")
+    for key in b:
+        assert a[key]["action.npy"] == b[key]["action.npy"]
+    assert json.loads(b[key]["meta.json"])["action"]["dims"][0] == "kLeftShoulderPitch"   # names follow the feature
+
+
+def test_nonfinite_actions_stop_the_run_or_are_skipped_and_counted(tmp_path, capsys):
+    """Issue 27.3: an episode with a NaN action stopped the run with no way on; the message now says how to skip,
+    and --skip-nonfinite skips and counts such episodes (CLI and report)."""
+    from rynnscale.cli import main
+
+    src = tmp_path / "g1"
+    _copy_writable(G1, src)
+    p = src / "data/chunk-000/episode_000004.parquet"
+    t = pq.read_table(p)
+    acts = t.column("action").to_pylist()
+    acts[5][3] = float("nan")
+    pq.write_table(t.set_column(t.schema.get_field_index("action"), "action", pa.array(acts, t.schema.field("action").type)), p)
+    with pytest.raises(ConvertError, match=r"episode 4 .*'action' has non-finite values .* --skip-nonfinite"):
+        convert_lerobot(src, tmp_path / "strict", **{**OPTS, "episodes": [2, 4]})
+    assert not list((tmp_path / "strict").glob("*.tar"))
+    args = ["data", "convert", "lerobot", str(src), str(tmp_path / "out"), "--episodes", "2,4", "--clip-seconds", "2",
+            "--stride-seconds", "4", "--no-progress", "--skip-nonfinite"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["totals"]["episodes_skipped"] == 1 and printed["totals"]["samples"] == 3
+    rep = json.loads((tmp_path / "out" / "convert_report.json").read_text())
+    assert rep["bad_episodes"] == {"nonfinite_values": 1} and rep["skipped_episodes"][0]["episode"] == 4
+    assert read_manifest(tmp_path / "out").info["episodes"] == [2]
 
 
 def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):

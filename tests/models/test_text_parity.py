@@ -38,10 +38,10 @@ def tiny_args(moe: bool, tie: bool = False) -> Qwen3VLArgs:
         tie_word_embeddings=tie)
 
 
-def build_pair(moe: bool, tie: bool = False, seed: int = 0):
+def build_pair(moe: bool, tie: bool = False, seed: int = 0, args: Qwen3VLArgs | None = None):
     """HF model with randomised weights (std 0.1, norms around 1) and ours loaded from it strictly."""
     torch.manual_seed(seed)
-    args = tiny_args(moe, tie)
+    args = args or tiny_args(moe, tie)
     hf_cfg = args.to_hf_config()
     cfg_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
     cfg = cfg_cls(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")})
@@ -129,9 +129,10 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def run_parity(moe: bool, multimodal: bool, tie: bool = False):
-    args, hf, ours = build_pair(moe, tie)
-    samples = make_samples(torch.Generator().manual_seed(1), multimodal)
+def run_parity(moe: bool, multimodal: bool, tie: bool = False, args: Qwen3VLArgs | None = None,
+               samples: list[dict] | None = None):
+    args, hf, ours = build_pair(moe, tie, args=args)
+    samples = samples or make_samples(torch.Generator().manual_seed(1), multimodal)
     batch = pack(samples)
 
     # HF, one sample at a time; loss as a sum over targets so the packed gradient is comparable
@@ -217,6 +218,38 @@ def test_multimodal_parity_packed(moe):
         for i, s in enumerate(samples):
             alone = ours.logits(ours(pack([s])).hidden_ld)
             torch.testing.assert_close(packed[bounds[i]:bounds[i + 1]], alone, rtol=1e-5, atol=1e-5)
+
+
+def non_square_samples(g: torch.Generator):
+    """Text; a wide image (4 x 8 patches); a tall 2-frame video (8 x 4 patches per frame): H != W extents."""
+    def text(n):
+        return torch.randint(0, 200, (n,), generator=g).tolist()
+
+    samples = [dict(ids=text(9), image_grid=None, video_grid=None),
+               dict(ids=text(3) + [VS] + [IMG] * 8 + [VE] + text(4), image_grid=torch.tensor([[1, 4, 8]]),
+                    video_grid=None),
+               dict(ids=text(2) + [VS] + [VID] * 8 + [VE] + text(1) + [VS] + [VID] * 8 + [VE] + text(5),
+                    image_grid=None, video_grid=torch.tensor([[2, 8, 4]]))]
+    for s in samples:
+        s["ids"] = torch.tensor(s["ids"])
+        labels = s["ids"].clone()
+        labels[0] = -100
+        labels[(labels == IMG) | (labels == VID) | (labels == VS)] = -100
+        s["labels"] = labels
+        for key, grid in (("pixel_values", s["image_grid"]), ("pixel_values_videos", s["video_grid"])):
+            s[key] = None if grid is None else torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g)
+    return samples
+
+
+@pytest.mark.parametrize("sections", [[4, 1, 3], [3, 4, 1]], ids=["h_shorter", "w_shorter"])
+def test_asymmetric_mrope_sections_match_hf(sections):
+    """Every other config has equal H and W rotary sections, where using one for the other is invisible; here
+    they differ (head_dim 16: the sections decide which of frequencies 4, 5, 7 rotate by T, H or W) and the
+    image and video grids are not square, so H and W positions differ too. rope_theta 100 keeps those
+    frequencies far from zero."""
+    args = tiny_args(moe=False)
+    args.text.mrope_section, args.text.rope_theta = list(sections), 100.0
+    run_parity(False, multimodal=True, args=args, samples=non_square_samples(torch.Generator().manual_seed(5)))
 
 
 def test_errors_name_the_problem():

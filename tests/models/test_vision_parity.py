@@ -156,6 +156,30 @@ def test_interpolation_grids_match_hf_end_to_end():
         _assert_rel(d, d_hf, 1e-5, f"deepstack[{i}] (interpolation grids)")
 
 
+@torch.no_grad()
+def test_eps_sensitive_inputs_match_hf():
+    """Patch features whose variance is near the LayerNorm eps (tiny pixels, position table and patch bias): the
+    first block's norm then depends on eps strongly, so an eps 10x off in either direction fails (random inputs
+    have a variance far above eps and hide it; 100x was caught only by the multimodal text test)."""
+    from rynnscale.models.qwen3_vl.vision import LAYER_NORM_EPS
+
+    hf, ours = _build_pair(TINY)
+    hf.pos_embed.weight.mul_(1e-3)
+    hf.patch_embed.proj.bias.mul_(1e-3)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    pix, grid = _inputs(TINY, GRIDS, seed=7)
+    pix = pix * 3e-4
+    seen = []
+    hook = ours.blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.append(args[0].var(-1).mean()))
+    emb, deep = ours(pix, grid)
+    hook.remove()
+    assert 0.3 * LAYER_NORM_EPS < float(seen[0]) < 10 * LAYER_NORM_EPS   # the premise: variance ~ eps
+    emb_hf, deep_hf = _hf_forward(hf, pix, grid)
+    _assert_rel(emb, emb_hf, 1e-5, "merged embeddings (eps-sensitive inputs)")
+    for i, (d, d_hf) in enumerate(zip(deep, deep_hf)):
+        _assert_rel(d, d_hf, 1e-5, f"deepstack[{i}] (eps-sensitive inputs)")
+
+
 @pytest.mark.parametrize("backend", ["loop", "sdpa_mask"])
 @torch.no_grad()
 def test_attention_backends_match_hf(backend):

@@ -85,6 +85,7 @@ def test_all_documents_empty_and_bad_backend():
         varlen_attention(q, k, v, cu, 0, backend="flash9")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen backend needs CUDA (torch varlen_attn)")
 def test_varlen_backend_on_cuda():
     q, k, v, cu, max_len = _inputs(3, [37, 0, 64, 5], 8, 2, d=64, dtype=torch.bfloat16)
@@ -94,6 +95,7 @@ def test_varlen_backend_on_cuda():
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen backend needs CUDA (torch varlen_attn)")
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_backend_gradients_match_loop_on_cuda(causal):

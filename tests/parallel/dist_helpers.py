@@ -5,8 +5,8 @@ and compare tensors relative to their norm."""
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -70,10 +70,18 @@ def micro_batch(step: int, rank: int, micro: int) -> PackedBatch:
         pixel_values=torch.cat(pix) if pix else None, image_grid_thw=torch.cat(grids) if grids else None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HOSTED: list[dist.TCPStore] = []
+
+
+def hosted_store_port() -> int:
+    """Port of a fresh TCPStore server this process hosts until it exits (the kernel picks the port at bind time
+    and it is never released, so no other process can take it between choosing and using, as with a bound and
+    released "free" port). Ranks and torchrun agents connect to it as clients (``--rdzv-conf=is_host=0``); one
+    store per job: a rendezvous must not see a previous job's keys."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=300))
+    _HOSTED.append(store)
+    return store.port
 
 
 def _entry(rank: int, world: int, port: int, fn, out_dir: str, kwargs: dict) -> None:
@@ -82,8 +90,9 @@ def _entry(rank: int, world: int, port: int, fn, out_dir: str, kwargs: dict) -> 
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
-        import datetime
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        timeout = datetime.timedelta(seconds=120)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)   # hosted by the parent
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         result = fn(rank, world, **kwargs)
         torch.save({"ok": True, "result": result}, result_path)
         dist.barrier()
@@ -98,7 +107,7 @@ def run_ranks(fn, world: int, tmp_path: Path, **kwargs) -> list:
     (``fn`` must be importable, i.e. defined at module level). Raises with the failing rank's traceback."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     try:
-        mp.start_processes(_entry, args=(world, free_port(), fn, str(tmp_path), kwargs), nprocs=world,
+        mp.start_processes(_entry, args=(world, hosted_store_port(), fn, str(tmp_path), kwargs), nprocs=world,
                            join=True, start_method="spawn")
     except Exception as e:
         errors = []

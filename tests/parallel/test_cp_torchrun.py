@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import free_port  # noqa: E402
+from dist_helpers import hosted_store_port  # noqa: E402
 from test_torchrun import REPO, _torchrun, _wait  # noqa: E402
 
 STEPS = 3
@@ -32,9 +32,9 @@ def _metrics(out: Path) -> list[dict]:
 def test_cp2_trains_like_one_process_and_resumes_on_one(tmp_path):
     recipe = ["-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml")]
     data, one, cp2 = tmp_path / "data", tmp_path / "one", tmp_path / "cp2"
-    [(rc, log)] = _wait([_torchrun(1, 1, free_port(), recipe + _overrides(one, data))])
+    [(rc, log)] = _wait([_torchrun(1, 1, hosted_store_port(), recipe + _overrides(one, data))])
     assert rc == 0, log[-4000:]
-    [(rc, log)] = _wait([_torchrun(1, 2, free_port(), recipe + _overrides(cp2, data) + ["parallel.cp=2"])])
+    [(rc, log)] = _wait([_torchrun(1, 2, hosted_store_port(), recipe + _overrides(cp2, data) + ["parallel.cp=2"])])
     assert rc == 0, log[-4000:]
     assert "context parallel: cp=2" in log
     a, b = _metrics(one), _metrics(cp2)
@@ -43,7 +43,7 @@ def test_cp2_trains_like_one_process_and_resumes_on_one(tmp_path):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     assert [r["aux_loss"] for r in b] == pytest.approx([r["aux_loss"] for r in a], rel=1e-4)
     # cp=2 -> cp=1: the same run directory, one process, one more step
-    [(rc, log)] = _wait([_torchrun(1, 1, free_port(), recipe + _overrides(cp2, data, STEPS + 1))])
+    [(rc, log)] = _wait([_torchrun(1, 1, hosted_store_port(), recipe + _overrides(cp2, data, STEPS + 1))])
     assert rc == 0, log[-4000:]
     resumed = _metrics(cp2)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 2))

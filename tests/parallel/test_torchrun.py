@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import free_port  # noqa: E402
+from dist_helpers import hosted_store_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -30,8 +30,10 @@ def _overrides(out: Path, data: Path) -> list[str]:
 
 
 def _torchrun(nnodes: int, nproc: int, port: int, args: list[str], node_rank: int | None = None) -> subprocess.Popen:
+    """``torchrun`` with c10d rendezvous on the store this test process hosts at ``port`` (``hosted_store_port``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=rynnscale-test", *args]
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=is_host=0",
+           "--rdzv-id=rynnscale-test", *args]
     if node_rank is not None:
         cmd.insert(5, f"--node-rank={node_rank}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -61,9 +63,9 @@ def test_two_nodes_match_single_node(tmp_path):
     recipe = ["-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml")]
     data = tmp_path / "data"
     single, multi = tmp_path / "single", tmp_path / "multi"
-    [(rc, log)] = _wait([_torchrun(1, 2, free_port(), recipe + _overrides(single, data))])
+    [(rc, log)] = _wait([_torchrun(1, 2, hosted_store_port(), recipe + _overrides(single, data))])
     assert rc == 0, log[-4000:]
-    port = free_port()
+    port = hosted_store_port()
     nodes = [_torchrun(2, 1, port, recipe + _overrides(multi, data), node_rank=n) for n in (0, 1)]
     results = _wait(nodes)
     for n, (rc, log) in enumerate(results):
@@ -83,7 +85,7 @@ def test_compiled_blocks_under_fsdp2_and_ep_match_eager(tmp_path):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["model.compile=true"])):
         runs[name] = tmp_path / name
-        [(rc, log)] = _wait([_torchrun(1, 2, free_port(), recipe + _overrides(runs[name], data) + extra)], timeout=400)
+        [(rc, log)] = _wait([_torchrun(1, 2, hosted_store_port(), recipe + _overrides(runs[name], data) + extra)], timeout=400)
         assert rc == 0, log[-4000:]
     eager, compiled = _losses(runs["eager"]), _losses(runs["compiled"])
     assert [(s, t) for s, _, t in compiled] == [(s, t) for s, _, t in eager]
@@ -105,7 +107,38 @@ def test_rank_failure_is_reported_not_hung(tmp_path):
             dist.all_reduce(torch.ones(1))
     """))
     t0 = time.perf_counter()
-    [(rc, log)] = _wait([_torchrun(1, 2, free_port(), [str(script)])], timeout=120)
+    [(rc, log)] = _wait([_torchrun(1, 2, hosted_store_port(), [str(script)])], timeout=120)
     assert rc != 0
     assert "rank 1/2" in log and "ValueError: synthetic failure on purpose" in log, log[-4000:]
     assert time.perf_counter() - t0 < 100  # far below the 300 s collective timeout
+
+
+@pytest.mark.slow
+def test_restarted_round_does_not_read_the_previous_rounds_addresses(tmp_path):
+    """torchrun keeps one agent store across restarts: a restarted rank that forms its gloo group before its peer
+    (ranks of a round start seconds apart on a loaded machine; here rank 0 is held back 3 s) must not read the dead
+    peer's address of the previous round ("connectFullMesh ... Connection refused" on every restart)."""
+    script = tmp_path / "restart.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        import torch, torch.distributed as dist
+        from rynnscale.parallel.distributed import init_distributed
+        rank, attempt = int(os.environ["RANK"]), int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+        if attempt == 1 and rank == 0:
+            time.sleep(3)
+        init_distributed(torch.device("cpu"), timeout_s=30)
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        print(f"round {attempt} rank {rank} sum {t.item():.0f}", flush=True)
+        if attempt == 0 and rank == 1:
+            sys.exit(3)   # a crashed rank: torchrun restarts the job
+        dist.barrier()
+        dist.destroy_process_group()
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "round 1 rank 0 sum 2" in proc.stdout and "round 1 rank 1 sum 2" in proc.stdout, proc.stdout[-4000:]
