@@ -5,6 +5,13 @@ that survive ``to_empty``, the element-wise kernel choice, the seeded init from 
 ``init_plan`` (bitwise the same draws on any layout), the context-parallel shard of a row, logits and the
 fused, chunked next-token cross-entropy (``LMHead``: no [L, V] fp32 logits). A subclass builds its modules,
 sets ``args`` / ``lm_head`` and writes ``input_embeddings``, ``decoder_layers``, ``init_plan`` and ``forward``.
+
+Generation (``rynnscale.models.generate``) asks the model for a cache (``new_cache``; a ``KVCache`` over the
+decoder layers by default) and runs ``model(batch, cache=cache)`` on rows whose documents continue the
+cache's sequences (``generate.cached_forward`` brackets the call with ``cache.begin`` / ``end``). A family
+sets ``supports_cache = True`` once its ``forward`` takes ``cache``: it gives its attention layers
+``cache.layer(i)`` and skips its vision tower when ``cache.continuing``; others generate without a cache
+(a full forward per token).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from rynnscale.batch import IGNORE_INDEX, PackedBatch
+from rynnscale.models.kv_cache import KVCache
 from rynnscale.models.spec import ModelOutput
 from rynnscale.ops import fused
 from rynnscale.ops.loss import linear_cross_entropy
@@ -45,6 +53,7 @@ class CausalLM(nn.Module):
 
     args: object
     lm_head: LMHead
+    supports_cache: bool = False   # True: ``forward(batch, counts_reducer=None, cache=None)`` decodes incrementally
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,6 +130,12 @@ class CausalLM(nn.Module):
             torch.manual_seed(seed)
             for name, init in plan:
                 fill(name, init)
+
+    # ------------------------------------------------------------------ generation
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``capacity`` tokens (one K/V slot per decoder
+        layer); a family with other per-layer state (linear attention) overrides this."""
+        return KVCache(len(self.decoder_layers()), batch_size, capacity)
 
     # ------------------------------------------------------------------ context parallelism, heads
     def cp_shard(self, batch: PackedBatch) -> CPShard | None:

@@ -9,6 +9,9 @@ Backends
 - ``sdpa_mask``: one SDPA call over the whole row with a block-diagonal (causal) mask.
 - ``loop``: one SDPA call per document; the plain reference and the CPU default (memory
   O(max s^2) instead of O(T^2)).
+
+``cached_attention`` is the decoding step of generation: one query per sequence over a padded KV cache
+(``rynnscale.models.kv_cache``).
 """
 
 from __future__ import annotations
@@ -109,3 +112,18 @@ def _loop_attention(q_thd, k_thd, v_thd, cu_seqlens, causal: bool, scale: float 
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=groups > 1)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if outs else q_thd.new_empty(q_thd.shape)
+
+
+def cached_attention(q_bhd: torch.Tensor, k_bhcd: torch.Tensor, v_bhcd: torch.Tensor, lengths_b: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """One decoding step over a padded KV cache: query b (one token, [B, Hq, D]) attends keys
+    ``0 .. lengths_b[b]-1`` of its cache row (``k`` / ``v`` [B, Hkv, C, D], C >= max length; slots past a
+    row's length are masked out). GQA without expanding k / v. -> [B, Hq, D]."""
+    B, _, C, _ = k_bhcd.shape
+    if q_bhd.shape[0] != B or lengths_b.shape != (B,):
+        raise ValueError(f"cached_attention: q {tuple(q_bhd.shape)}, cache {tuple(k_bhcd.shape)} and lengths "
+                         f"{tuple(lengths_b.shape)} disagree on the batch size")
+    mask_b11c = (torch.arange(C, device=q_bhd.device)[None, :] < lengths_b.to(q_bhd.device)[:, None])[:, None, None]
+    out_bh1d = F.scaled_dot_product_attention(q_bhd[:, :, None], k_bhcd, v_bhcd, attn_mask=mask_b11c, scale=scale,
+                                              enable_gqa=q_bhd.shape[1] != k_bhcd.shape[1])
+    return out_bh1d[:, :, 0]

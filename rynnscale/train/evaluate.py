@@ -8,7 +8,7 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   first ``eval.max_batches`` packed micro-batches per rank); ``eval_tokens``: that token count.
 - grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
   the prompt is the sample up to its first assistant token, the answer is greedily generated
-  (``rynnscale.models.generate``), both answers' tags are parsed (``parse_tags``, lenient for the
+  (``rynnscale.models.generate``: batches of prompts, KV cache), both answers' tags are parsed (``parse_tags``, lenient for the
   generation) and tags are paired by kind in order of appearance:
 
   - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points (``<affordance>``,
@@ -25,9 +25,9 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   A metric with nothing to average is None (e.g. no boxes in the eval set).
 
 Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
-eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run
-exactly ``eval.max_new_tokens`` steps for the same number of prompts on every rank (truncated at eos
-afterwards). The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
+eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run for
+the same number of prompts on every rank (filler prompts) until every rank's prompts have stopped (an
+all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthe
 log = logging.getLogger(__name__)
 
 IM_END = "<|im_end|>"
+GENERATION_BATCH = 16   # grounding prompts decoded together (one prefill row, one KV cache)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -317,23 +318,25 @@ class Evaluator:
     def _grounding(self, model, device, total) -> dict[str, Any]:
         if self.cfg.eval.grounding_samples <= 0:
             return {}
-        from rynnscale.models.generate import greedy_generate
+        from rynnscale.models.generate import SamplingParams, generate
 
         mine = self.grounding_samples()
         lockstep = self.world_size > 1
         n_prompts = len(mine)
+        all_done = None
         if lockstep:  # same number of prompts and forwards on every rank (FSDP collectives)
             n_prompts = -(-self._num_found // self.world_size)
+            all_done = lambda done: total([0.0 if done else 1.0])[0] == 0  # noqa: E731
         sums = dict.fromkeys(GROUNDING_SUMS, 0.0)
-        max_new = self.cfg.eval.max_new_tokens
-        for i in range(n_prompts):
-            real = i < len(mine)
-            prompt = mine[i][0] if real else _text_prompt([self.eos_ids[0]] * 2)
-            new_ids = greedy_generate(model, prompt, max_new, self.eos_ids, device=device, run_all_steps=lockstep)
-            if not real:
-                continue
-            s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
-            for k in GROUNDING_SUMS:
-                sums[k] += s[k]
+        params = SamplingParams(self.cfg.eval.max_new_tokens, stop_ids=tuple(self.eos_ids))
+        prompts = [mine[i][0] if i < len(mine) else _text_prompt([self.eos_ids[0]] * 2) for i in range(n_prompts)]
+        for start in range(0, n_prompts, GENERATION_BATCH):   # batched greedy decoding with a KV cache
+            gens = generate(model, prompts[start:start + GENERATION_BATCH], params, device=device, all_done=all_done)
+            for i, new_ids in enumerate(gens, start):
+                if i >= len(mine):
+                    continue
+                s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
+                for k in GROUNDING_SUMS:
+                    sums[k] += s[k]
         totals = dict(zip(GROUNDING_SUMS, total([sums[k] for k in GROUNDING_SUMS])))
         return summarize_grounding(totals)

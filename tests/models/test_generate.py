@@ -1,6 +1,13 @@
-"""greedy_generate (our model, no cache, re-running the packed forward per token) must produce exactly
-the token ids of transformers' greedy ``generate`` (its KV cache, its MRoPE rope_deltas) on the same
-exported weights, for a video prompt and an image prompt, dense and MoE."""
+"""Generation (``rynnscale.models.generate``): batched prompts with a KV cache, greedy and sampled.
+
+- greedy KV-cache continuations of a batch of prompts of different lengths (video, image, text) equal
+  transformers' greedy ``generate`` (its own cache, its MRoPE rope_deltas) prompt by prompt, token for token,
+  on the same exported weights, dense and MoE; the cache-less path gives the same tokens;
+- the KV cache's logits equal the full forward's (fp64: rel 1e-12; fp32: rel 1e-5) in prefill, decode and
+  multi-token continuation steps;
+- the sampling distribution (temperature, top-k, top-p) equals transformers' logits warpers (rel 1e-6), the
+  inverse-CDF draw follows it, and sampled generation is reproducible from its seeds.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +22,22 @@ import torch
 import transformers
 from PIL import Image
 
+from rynnscale.batch import EncodedSample
 from rynnscale.config.schema import ModelConfig
 from rynnscale.data.encode import EncoderConfig, SampleEncoder
 from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from rynnscale.data_pipelines.synthetic import render_clip, synthetic_sample
-from rynnscale.models.generate import greedy_generate, prompt_batch
+from rynnscale.models.generate import (
+    SamplingParams,
+    cached_forward,
+    filtered_probs,
+    generate,
+    greedy_generate,
+    pack_rows,
+    prompt_batch,
+    sample_from,
+)
+from rynnscale.models.mrope import mrope_next_position, text_position_ids
 from rynnscale.train.build import build_model
 
 IMG, VID, IM_END = 151655, 151656, 151645
@@ -73,18 +91,28 @@ def hf_greedy(hf, prompt) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def text_prompt(enc) -> EncodedSample:
+    """A text-only chat prompt (ends with ``<|im_start|>assistant\n``)."""
+    conv = {"conversation": [
+        {"role": "user", "content": [{"type": "text", "text": "Name three colours of balls on a table."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red, blue and green."}]}]}
+    return prompt_of(enc.encode("txt-0", {"conv.json": json.dumps(conv).encode()}))
+
+
 @pytest.fixture(scope="module")
 def prompts():
     enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096, image_min_pixels=1024,
                                                             image_max_pixels=96 * 64))
     video = prompt_of(enc.encode(*synthetic_sample(0, seed=7)))
     image = prompt_of(enc.encode(*image_sample()))
+    text = text_prompt(enc)
     assert video.video_grid_thw is not None and image.image_grid_thw is not None
-    return {"video": video, "image": image}
+    assert len({p.input_ids_l.numel() for p in (video, image, text)}) == 3   # different lengths
+    return {"video": video, "image": image, "text": text}
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_greedy_generate_matches_transformers(tmp_path: Path, prompts, moe: bool) -> None:
+def exported_pair(tmp_path: Path, moe: bool):
+    """(transformers model, our model) with the same weights: HF's init, saved, loaded by both."""
     torch.manual_seed(0)
     src = tmp_path / "hf"
     hf = transformers.AutoModelForImageTextToText.from_config(tiny_hf_config(moe))
@@ -93,12 +121,109 @@ def test_greedy_generate_matches_transformers(tmp_path: Path, prompts, moe: bool
         shutil.copy(Path(default_tokenizer_dir()) / f, src / f)
     hf = transformers.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
     _, ours = build_model(ModelConfig(init_from=str(src), attn_backend="loop"), torch.device("cpu"), seed=0)
-    ours.eval()
-    for name, prompt in prompts.items():
-        want = hf_greedy(hf, prompt)
-        got = greedy_generate(ours, prompt, NEW_TOKENS, eos_ids=[IM_END])
-        assert got == want, f"{name} prompt: ours {got} != transformers {want}"
+    return hf, ours.eval()
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_greedy_generate_matches_transformers(tmp_path: Path, prompts, moe: bool) -> None:
+    hf, ours = exported_pair(tmp_path, moe)
+    names = list(prompts)
+    params = SamplingParams(NEW_TOKENS, stop_ids=(IM_END,))
+    batched = generate(ours, [prompts[n] for n in names], params)            # one prefill row, KV cache
+    no_cache = generate(ours, [prompts[n] for n in names], params, use_cache=False)
+    for name, got, got_nc in zip(names, batched, no_cache):
+        want = hf_greedy(hf, prompts[name])
+        assert got == want, f"{name} prompt (batched, KV cache): ours {got} != transformers {want}"
+        assert got_nc == want, f"{name} prompt (no cache): ours {got_nc} != transformers {want}"
         assert len(set(got)) > 1, f"{name}: degenerate continuation {got} would make parity meaningless"
+    assert greedy_generate(ours, prompts["image"], NEW_TOKENS, eos_ids=[IM_END]) == batched[names.index("image")]
+
+
+def as_dtype(batch, dtype):
+    for k in ("pixel_values", "pixel_values_videos"):
+        if getattr(batch, k) is not None:
+            setattr(batch, k, getattr(batch, k).to(dtype))
+    return batch
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_kv_cache_logits_equal_full_forward(prompts, moe: bool, dtype, rtol: float) -> None:
+    """Prefill, 3 decode steps, then a 3-token continuation step: the cached forward's logits of the new
+    tokens equal the full forward's over prompt + everything so far (error relative to the logits' max)."""
+    _, model = build_model(ModelConfig(arch=tiny_hf_config(moe).to_dict(), attn_backend="loop"), seed=0)
+    model.eval().to(dtype)
+    ps = [prompts["video"], prompts["image"], prompts["text"]]
+    g = torch.Generator().manual_seed(0)
+    conts: list[list[int]] = [[] for _ in ps]
+    nxt = [mrope_next_position(p.position_ids_3l) for p in ps]
+    with torch.no_grad():
+        row = as_dtype(pack_rows(ps), dtype)
+        cache = model.new_cache(len(ps), 64 + int(row.max_seqlen))
+        got = model.logits(cached_forward(model, row, cache).hidden_ld)
+        want = model.logits(model(row).hidden_ld)
+        assert (got - want).abs().max() <= rtol * want.abs().max()
+        for step, n_new in enumerate([1, 1, 1, 3]):
+            new = [torch.randint(0, 151000, (n_new,), generator=g).tolist() for _ in ps]
+            row = pack_rows([EncodedSample(key="", input_ids_l=torch.tensor(t), labels_l=torch.tensor(t),
+                                           position_ids_3l=text_position_ids(n_new, p + len(c)))
+                             for t, p, c in zip(new, nxt, conts)])
+            got = model.logits(cached_forward(model, row, cache).hidden_ld)
+            conts = [c + t for c, t in zip(conts, new)]
+            full = as_dtype(pack_rows(ps, conts), dtype)
+            ends = full.cu_seqlens[1:].long()
+            rows = torch.cat([torch.arange(e - n_new, e) for e in ends.tolist()])
+            want = model.logits(model(full).hidden_ld)[rows]
+            err = float((got - want).abs().max() / want.abs().max())
+            assert err <= rtol, f"step {step} ({n_new} new token(s) per sequence): rel err {err:.2e}"
+
+
+def test_filtered_probs_match_transformers_warpers() -> None:
+    """temperature -> top-k -> top-p as transformers' ``generate`` applies its warpers (rel 1e-6)."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g) * 3
+    for temperature, top_k, top_p in [(0.7, 50, 0.9), (1.3, 0, 0.5), (1.0, 7, 1.0), (0.5, 0, 1.0), (1.0, 1, 0.3)]:
+        warpers = [TemperatureLogitsWarper(temperature)]
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+        want = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), dim=-1)
+        got = filtered_probs(logits, temperature, top_k, top_p)
+        assert torch.equal(got > 0, want > 0), (temperature, top_k, top_p)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), (temperature, top_k, top_p)
+
+
+def test_inverse_cdf_draws_follow_the_distribution() -> None:
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(40_000, 5)
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    freq = torch.bincount(sample_from(probs, u), minlength=5).double() / 40_000
+    assert freq[1] == 0 and freq[4] == 0                        # probability 0: never drawn
+    assert torch.allclose(freq, probs[0].double(), atol=0.01)   # 4 sigma of a binomial at n=40k is ~0.01
+    assert sample_from(probs[:2], torch.tensor([0.0, 0.9999999])).tolist() == [0, 3]
+
+
+def test_sampled_generation_is_reproducible_from_its_seeds(prompts) -> None:
+    _, model = build_model(ModelConfig(arch=tiny_hf_config(True).to_dict(), attn_backend="loop"), seed=0)
+    model.eval()
+    ps = [prompts["image"], prompts["text"]]
+    params = SamplingParams(8, temperature=1.0, top_k=100, top_p=0.95)
+    a = generate(model, ps, params, num_samples=3, seeds=[11, 12, 13, 21, 22, 23])
+    assert generate(model, ps, params, num_samples=3, seeds=[11, 12, 13, 21, 22, 23]) == a
+    assert len({tuple(x) for x in a}) == 6                       # samples of one prompt differ
+    b = generate(model, ps, params, num_samples=3, seeds=[11, 12, 99, 21, 22, 23])
+    assert b[:2] == a[:2] and b[3:] == a[3:] and b[2] != a[2]    # a sequence's draws are its own seed's
+    assert generate(model, [ps[1]], params, seeds=[21]) == [a[3]]   # ... whatever else is in the batch
+    # top-k 1 leaves one token: sampling is greedy
+    greedy = generate(model, ps, SamplingParams(8))
+    assert generate(model, ps, SamplingParams(8, temperature=0.8, top_k=1), seeds=[5, 6]) == greedy
+    with pytest.raises(ValueError, match="one seed per sequence"):
+        generate(model, ps, params, seeds=[1])
 
 
 def test_positions_continue_after_the_prompt(prompts) -> None:

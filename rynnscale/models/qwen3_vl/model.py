@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from rynnscale.batch import PackedBatch
 from rynnscale.models.causal_lm import CausalLM, LMHead
+from rynnscale.models.kv_cache import KVCache
 from rynnscale.models.lora import LoRALinear, expert_lora_init_plan
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
@@ -62,11 +63,13 @@ class Qwen3VLModel(nn.Module):
 class Qwen3VLForConditionalGeneration(CausalLM):
     """Dense or MoE Qwen3-VL (chosen by ``args.text.num_experts``) with HF's parameter names.
 
-    ``forward(batch, counts_reducer=None)``: ``counts_reducer`` is an optional ``f(local_counts [n_moe, E])
+    ``forward(batch, counts_reducer=None, cache=None)``: ``counts_reducer`` is an optional ``f(local_counts [n_moe, E])
     -> global counts`` used by the load-balancing loss (e.g. all_reduce over data-parallel ranks).
     ``always_run_vision`` is set by the parallel plan (``parallelize.py``) when the tower is sharded.
     Meta-device construction: ``with torch.device("meta"): m = cls(args)``, then
     ``m.to_empty(device=...)`` and ``m.init_weights(seed)`` (which also re-ties tied embeddings)."""
+
+    supports_cache = True
 
     def __init__(self, args: Qwen3VLArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
         super().__init__()
@@ -234,8 +237,13 @@ class Qwen3VLForConditionalGeneration(CausalLM):
         deep = [mine[:, out * (j + 1):out * (j + 2)] for j in range(mine.shape[1] // out - 1)]
         return embeds_lh, local_rows, deep
 
-    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None) -> ModelOutput:
+    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """``cache`` (generation): the row's documents continue the cache's sequences (prefill, then one token
+        per sequence); a continuation is text only, so the vision tower does not run for it on any rank."""
         lm = self.model.language_model
+        if cache is not None:
+            return self._forward_cached(batch, cache, counts_reducer)
         cp = self.cp_shard(batch)
         if cp is None:
             embeds_lh = lm.embed_tokens(batch.input_ids_l)
@@ -247,6 +255,22 @@ class Qwen3VLForConditionalGeneration(CausalLM):
             embeds_lh, visual_idx_v, deepstack = self._visual_inputs_cp(batch, embeds_lh, cp)
             hidden_lh, stats = lm(embeds_lh, cp.shard(batch.position_ids_3l, dim=1), cp.plan.cu_seqlens,
                                   cp.plan.max_seqlen, visual_idx_v, deepstack, cp=cp)
+        return self._output(hidden_lh, stats, counts_reducer, cp)
+
+    def _forward_cached(self, batch: PackedBatch, cache: KVCache, counts_reducer: CountsReducer | None) -> ModelOutput:
+        lm = self.model.language_model
+        embeds_lh = lm.embed_tokens(batch.input_ids_l)
+        visual_idx_v = deepstack = None
+        if not cache.continuing:
+            embeds_lh, visual_idx_v, deepstack = self._visual_inputs(batch, embeds_lh)
+        elif next(self._visual_parts(batch), None) is not None:
+            raise ValueError("a KV-cache continuation row carries pixel values: media belong in the prefill")
+        hidden_lh, stats = lm(embeds_lh, batch.position_ids_3l, batch.cu_seqlens, batch.max_seqlen,
+                              visual_idx_v, deepstack, cache=cache)
+        return self._output(hidden_lh, stats, counts_reducer, None)
+
+    def _output(self, hidden_lh: torch.Tensor, stats: list, counts_reducer: CountsReducer | None,
+                cp: CPShard | None) -> ModelOutput:
         if not stats:
             return ModelOutput(hidden_lh, hidden_lh.new_zeros((), dtype=torch.float32), None, cp)
         prob_mean_le = torch.stack([s.prob_mean_e for s in stats])

@@ -4,7 +4,11 @@ Same function and parameter names as transformers' ``Qwen3VLTextModel`` / ``Qwen
 (``embed_tokens``, ``layers.N.{self_attn.{q,k,v,o}_proj, self_attn.{q,k}_norm, mlp.*,
 input_layernorm, post_attention_layernorm}``, ``norm``), but on a packed [L, H] row: attention is
 ``varlen_attention`` over ``cu_seqlens`` (never across samples), MRoPE positions come from the batch
-(restarting at 0 per sample), and there is no padding, KV cache or batch dimension.
+(restarting at 0 per sample), and there is no padding or batch dimension.
+
+Generation (``cache``, a ``rynnscale.models.kv_cache.KVCache``): the row's documents continue the cache's
+sequences (prefill: the prompts; decode: one token per sequence); each attention layer stores its keys /
+values in the cache and attends over them (``LayerKV.attend``), everything else is the same code.
 
 Pieces: RMSNorm (fp32 math, as HF), interleaved MRoPE (frequency j uses the H positions if
 j % 3 == 1 and j < 3*mrope_section[1], the W positions if j % 3 == 2 and j < 3*mrope_section[2],
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from rynnscale.models.kv_cache import KVCache, LayerKV
 from rynnscale.models.qwen3_vl.args import TextArgs
 from rynnscale.models.qwen3_vl.moe import RouterStats, SparseMoeBlock
 from rynnscale.ops import fused
@@ -94,7 +99,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, args.rms_norm_eps)
 
     def forward(self, x_lh: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None,
+                cache: LayerKV | None = None) -> torch.Tensor:
         L = x_lh.shape[0]
         q_lhd = self.q_proj(x_lh).view(L, self.num_heads, self.head_dim)
         k_lhd = self.k_proj(x_lh).view(L, self.num_kv_heads, self.head_dim)
@@ -104,7 +110,9 @@ class Attention(nn.Module):
         backend = fused.pick(self.kernels, q_lhd, k_lhd, self.q_norm.weight, self.k_norm.weight, cos_ld, sin_ld)
         q_lhd, k_lhd = self.q_norm(q_lhd, backend), self.k_norm(k_lhd, backend)
         q_lhd, k_lhd = fused.rotary_qk(q_lhd, k_lhd, cos_ld, sin_ld, backend)
-        if cp is not None:
+        if cache is not None:
+            o_lhd = cache.attend(q_lhd, k_lhd, v_lhd, backend=self.attn_backend)
+        elif cp is not None:
             o_lhd = cp.attention(q_lhd, k_lhd, v_lhd, backend=self.attn_backend)
         else:
             o_lhd = varlen_attention(q_lhd, k_lhd, v_lhd, cu_seqlens, max_seqlen, causal=True,
@@ -144,9 +152,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, h_lh: torch.Tensor, cos_ld: torch.Tensor, sin_ld: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int,
-                cp: CPShard | None = None) -> tuple[torch.Tensor, RouterStats | None]:
-        h_lh = h_lh + self.self_attn(self.input_layernorm(h_lh), cos_ld, sin_ld, cu_seqlens, max_seqlen, cp)
+                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None,
+                cache: LayerKV | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        h_lh = h_lh + self.self_attn(self.input_layernorm(h_lh), cos_ld, sin_ld, cu_seqlens, max_seqlen, cp, cache)
         x_lh = self.post_attention_layernorm(h_lh)
         if self.is_moe:
             if cp is None:
@@ -163,7 +171,7 @@ class TextModel(nn.Module):
     ``forward(inputs_embeds_lh, position_ids_3l, cu_seqlens, max_seqlen, visual_idx_v, deepstack)``
     -> ``(hidden_lh final-normed, [RouterStats per MoE layer])``. ``deepstack`` is a list of [V, H]
     features added at rows ``visual_idx_v`` [V] after layers 0..len-1. ``cp``: the row is this rank's
-    context-parallel shard (see the module docstring)."""
+    context-parallel shard; ``cache``: the row continues the cache's sequences (the module docstring)."""
 
     def __init__(self, args: TextArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
         super().__init__()
@@ -182,14 +190,19 @@ class TextModel(nn.Module):
         visual_idx_v: torch.Tensor | None = None,
         deepstack: list[torch.Tensor] | None = None,
         cp: CPShard | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         if deepstack and len(deepstack) > len(self.layers):
             raise ValueError(f"{len(deepstack)} deepstack features but only {len(self.layers)} decoder layers")
+        if cache is not None and cp is not None:
+            raise ValueError("a KV-cache forward (generation) runs whole rows: context parallelism must be off")
         cos_ld, sin_ld = mrope_cos_sin(position_ids_3l, self.args, inputs_embeds_lh.dtype)
         h_lh = inputs_embeds_lh
         stats: list[RouterStats] = []
         for i, layer in enumerate(self.layers):
-            if cp is None:
+            if cache is not None:
+                h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen, cache=cache.layer(i))
+            elif cp is None:
                 h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen)
             else:
                 h_lh, layer_stats = layer(h_lh, cos_ld, sin_ld, cu_seqlens, max_seqlen, cp=cp)

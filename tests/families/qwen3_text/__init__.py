@@ -60,6 +60,8 @@ class Qwen3TextArgs:
 
 
 class Qwen3TextForCausalLM(CausalLM):
+    supports_cache = True   # the shared text decoder keeps a KV cache; a text family has no tower to skip
+
     def __init__(self, args: Qwen3TextArgs, attn_backend: str = "auto"):
         super().__init__()
         self.args = args
@@ -84,7 +86,11 @@ class Qwen3TextForCausalLM(CausalLM):
                 plan.append((f"{name}.weight", nn.init.ones_))
         return plan + ([("lm_head.weight", normal)] if not self.args.tie_word_embeddings else [])
 
-    def forward(self, batch, counts_reducer=None) -> ModelOutput:
+    def forward(self, batch, counts_reducer=None, cache=None) -> ModelOutput:
+        if cache is not None:
+            h_lh, _ = self.model(self.model.embed_tokens(batch.input_ids_l), batch.position_ids_3l, batch.cu_seqlens,
+                                 batch.max_seqlen, cache=cache)
+            return ModelOutput(h_lh, h_lh.new_zeros((), dtype=torch.float32))
         cp = self.cp_shard(batch)
         shard = (lambda x, dim=0: x) if cp is None else cp.shard
         cu, mx = (batch.cu_seqlens, batch.max_seqlen) if cp is None else (cp.plan.cu_seqlens, cp.plan.max_seqlen)
