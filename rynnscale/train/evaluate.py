@@ -33,17 +33,19 @@ all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is p
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch, filler_batch
-from rynnscale.data.tags import Grounding, TagError, parse_tags
+from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.parallel.precision import autocast, compute_dtype
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
+from rynnscale.train.rewards import box_iou, box_of, centre, l2, pair_by_kind
+
+__all__ = ["Evaluator", "box_iou", "eval_shard_patterns", "grounding_scores", "split_prompt", "summarize_grounding"]
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +66,6 @@ def eval_shard_patterns(cfg: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- metrics
-def _l2(a: Sequence[float], b: Sequence[float]) -> float:
-    return math.hypot(a[0] - b[0], a[1] - b[1])
-
-
-def _box(g: Grounding) -> tuple[float, float, float, float]:
-    (x1, y1), (x2, y2) = g.points
-    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes; 1.0 for two identical degenerate boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    if union <= 0:
-        return 1.0 if tuple(a) == tuple(b) else 0.0
-    return inter / union
-
-
-def _centre(g: Grounding) -> tuple[float, float]:
-    xs, ys = zip(*g.points)
-    return sum(xs) / len(xs), sum(ys) / len(ys)
-
-
 GROUNDING_SUMS = ("point_err_sum", "points", "iou_sum", "boxes", "traj_err_sum", "traj_points", "ref_tags",
                   "matched_tags", "format_valid", "exact_match", "samples")
 
@@ -107,17 +84,9 @@ def grounding_scores(generated: str, reference: str) -> dict[str, float]:
     out["format_valid"] = float(strict_ok)
     out["exact_match"] = float(generated.strip() == reference.strip())
     out["ref_tags"] = float(len(ref))
-    by_kind: dict[str, list[Grounding]] = {}
-    for g in gen:
-        by_kind.setdefault(g.kind, []).append(g)
-    used: dict[str, int] = {}
-    for r in ref:
-        i = used.get(r.kind, 0)
-        cands = by_kind.get(r.kind, [])
-        if i >= len(cands):
+    for r, g in pair_by_kind(ref, gen):
+        if g is None:
             continue
-        g = cands[i]
-        used[r.kind] = i + 1
         out["matched_tags"] += 1
         if r.kind == "traj":
             f_ref = 0 if r.frame is None else r.frame
@@ -125,17 +94,17 @@ def grounding_scores(generated: str, reference: str) -> dict[str, float]:
             gen_at = {f_gen + k: p for k, p in enumerate(g.points)}
             for k, p in enumerate(r.points):
                 if f_ref + k in gen_at:
-                    out["traj_err_sum"] += _l2(p, gen_at[f_ref + k])
+                    out["traj_err_sum"] += l2(p, gen_at[f_ref + k])
                     out["traj_points"] += 1
         elif r.kind == "object" and len(r.points) == 2 and len(g.points) == 2:
-            out["iou_sum"] += box_iou(_box(r), _box(g))
+            out["iou_sum"] += box_iou(box_of(r), box_of(g))
             out["boxes"] += 1
         elif r.kind == "object":   # point vs point, or box vs point: compare centres
-            out["point_err_sum"] += _l2(_centre(r), _centre(g))
+            out["point_err_sum"] += l2(centre(r), centre(g))
             out["points"] += 1
         else:                      # affordance / area / grasp_pose: points index by index
             for p, q in zip(r.points, g.points):
-                out["point_err_sum"] += _l2(p, q)
+                out["point_err_sum"] += l2(p, q)
                 out["points"] += 1
     return out
 
