@@ -125,7 +125,7 @@ class PackedBatch:
                 if float_dtype is not None and v.is_floating_point():
                     v = v.to(float_dtype)
             out[f.name] = v
-        return PackedBatch(**out)
+        return type(self)(**out)   # a subclass (an objective's batch with extra per-token tensors) stays one
 
     def validate(self) -> None:
         """Cheap structural checks; raises ValueError naming the broken field."""

@@ -25,13 +25,15 @@ from rynnscale.batch import IGNORE_INDEX, PackedBatch
 from rynnscale.models.kv_cache import KVCache
 from rynnscale.models.spec import ModelOutput
 from rynnscale.ops import fused
-from rynnscale.ops.loss import linear_cross_entropy
+from rynnscale.ops.loss import linear_cross_entropy, linear_log_probs
 from rynnscale.parallel.context_parallel import CPGroup, CPShard
 
 
 class LMHead(nn.Linear):
     """HF's ``lm_head`` (``weight`` [V, H], no bias). ``lm_head(hidden)`` gives logits;
-    ``lm_head(hidden, targets_l, chunk_tokens)`` gives the fused chunked cross-entropy SUM instead.
+    ``lm_head(hidden, targets_l, chunk_tokens)`` gives the fused chunked cross-entropy SUM instead, and with
+    ``log_probs=True`` the per-token log-probabilities of the targets [L] (policy gradients; ``temperature``
+    divides the logits).
 
     The loss goes through this module's ``forward`` on purpose: wrapped by FSDP2, its unshard,
     pre-backward and reduce-scatter hooks then fire around the loss like around any other layer."""
@@ -41,9 +43,11 @@ class LMHead(nn.Linear):
         self.kernels = "torch"
 
     def forward(self, hidden_ld: torch.Tensor, targets_l: torch.Tensor | None = None,
-                chunk_tokens: int = 4096) -> torch.Tensor:
+                chunk_tokens: int = 4096, log_probs: bool = False, temperature: float = 1.0) -> torch.Tensor:
         if targets_l is None:
             return super().forward(hidden_ld)
+        if log_probs:
+            return linear_log_probs(hidden_ld, self.weight, targets_l, chunk_tokens, temperature)
         return linear_cross_entropy(hidden_ld, self.weight, targets_l, chunk_tokens, kernels=self.kernels)
 
 
@@ -148,17 +152,31 @@ class CausalLM(nn.Module):
         """Full logits [L, V] (tests / evaluation; training uses ``loss_sum``)."""
         return self.lm_head(hidden_ld)
 
-    def loss_sum(self, batch: PackedBatch, output: ModelOutput, chunk_tokens: int = 4096) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the row (divide by the global target count yourself).
-
-        Shifts the labels by one within the row: the first label of every sample is -100 by the
-        PackedBatch contract, so no target crosses a sample boundary (checked)."""
+    @staticmethod
+    def _targets(batch: PackedBatch) -> torch.Tensor:
+        """The labels shifted by one within the row: row t predicts ``labels_l[t + 1]``. The first label of
+        every sample is -100 by the PackedBatch contract, so no target crosses a sample boundary (checked)."""
         labels_l = batch.labels_l
         starts = batch.cu_seqlens[1:-1].to(device=labels_l.device, dtype=torch.long)
         if starts.numel() and bool((labels_l.index_select(0, starts) != IGNORE_INDEX).any()):
             raise ValueError("PackedBatch.labels_l must be -100 at the first token of every sample "
                              f"(cu_seqlens={batch.cu_seqlens.tolist()}); a row shift would cross samples")
-        targets_l = torch.cat([labels_l[1:], labels_l.new_full((1,), IGNORE_INDEX)])
+        return torch.cat([labels_l[1:], labels_l.new_full((1,), IGNORE_INDEX)])
+
+    def loss_sum(self, batch: PackedBatch, output: ModelOutput, chunk_tokens: int = 4096) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the row (divide by the global target count yourself)."""
+        targets_l = self._targets(batch)
         if output.cp is not None:  # shifted on the full row above, THEN this rank's tokens (pad: ignored)
             targets_l = output.cp.shard(targets_l, pad_value=IGNORE_INDEX)
         return self.lm_head(output.hidden_ld, targets_l, chunk_tokens)
+
+    def token_log_probs(self, batch: PackedBatch, output: ModelOutput, chunk_tokens: int = 4096,
+                        temperature: float = 1.0) -> torch.Tensor:
+        """Log-probability [L] (fp32; fp64 for an fp64 model) of every labelled token given the tokens before it
+        in its sample, at the token's own row (``out[t] = log p(input_ids[t] | < t)`` where ``labels_l[t] !=
+        -100``; 0 elsewhere), the logits divided by ``temperature``. Fused and chunked: no [L, V] logits."""
+        if output.cp is not None:
+            raise NotImplementedError("per-token log-probabilities under context parallelism (parallel.cp > 1)")
+        logp_l = self.lm_head(output.hidden_ld, self._targets(batch), chunk_tokens, log_probs=True,
+                              temperature=temperature)
+        return torch.cat([logp_l.new_zeros(1), logp_l[:-1]])   # row t - 1 predicted token t

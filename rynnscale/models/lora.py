@@ -8,7 +8,9 @@
   extra grouped GEMMs over the same expert offsets (never an ``[E, out, in]`` delta), and dim 0 is the
   expert, so expert parallelism and FSDP2 split the adapters with their experts.
 
-At init ``B = 0``: a model with fresh adapters computes exactly (bitwise) what the base computes.
+At init ``B = 0``: a model with fresh adapters computes exactly (bitwise) what the base computes. Inside
+``adapters_disabled(model)`` every adapter is skipped: the model computes its frozen base (GRPO's reference
+policy of a LoRA run, with no second copy of the weights).
 Adapter tensors are always named ``*lora_A`` / ``*lora_B`` (``is_adapter_param``); the PEFT export
 (``rynnscale.checkpoint.adapter``) maps them to peft's keys.
 """
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +83,7 @@ class LoRALinear(nn.Linear):
                  dropout: float = 0.0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.rank, self.scaling, self.dropout = rank, alpha / rank, dropout
+        self.lora_enabled = True   # adapters_disabled() turns it off
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=torch.float32))
 
@@ -94,6 +98,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
+        if not self.lora_enabled:
+            return y
         x_in = F.dropout(x, self.dropout, self.training) if self.dropout else x
         a, b = self.lora_A.to(x_in.dtype), self.lora_B.to(x_in.dtype)
         return y + self.scaling * F.linear(F.linear(x_in, a), b)
@@ -113,11 +119,12 @@ class ExpertLoRA:
 
     def __init__(self, names: Sequence[str], rank: int, alpha: float):
         self.names, self.rank, self.scaling = tuple(names), rank, alpha / rank
+        self.enabled = True   # adapters_disabled() turns it off
 
     def project(self, experts: nn.Module, name: str, x_tk: torch.Tensor, offsets_e: torch.Tensor,
                 backend: str) -> torch.Tensor:
         y = grouped_mm(x_tk, getattr(experts, name), offsets_e, backend=backend)
-        if name not in self.names:
+        if name not in self.names or not self.enabled:
             return y
         a = getattr(experts, f"{name}_lora_A").to(x_tk.dtype)    # [E, r, in]
         b = getattr(experts, f"{name}_lora_B").to(x_tk.dtype)    # [E, out, r]
@@ -174,6 +181,29 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         trainable = is_adapter_param(pname) or any(fnmatch.fnmatchcase(pname, pat) for pat in spec.trainable)
         p.requires_grad_(trainable)
     return adapted
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[int]:
+    """Within the block every LoRA adapter of ``model`` is skipped (the base model's function); yields how many
+    adapted modules were switched off (0: the model has none)."""
+    switched = []
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and m.lora_enabled:
+            m.lora_enabled = False
+            switched.append(m)
+        lora = getattr(m, "lora", None)
+        if isinstance(lora, ExpertLoRA) and lora.enabled:
+            lora.enabled = False
+            switched.append(lora)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            if isinstance(m, LoRALinear):
+                m.lora_enabled = True
+            else:
+                m.enabled = True
 
 
 def lora_spec_of(model: nn.Module) -> LoRASpec | None:

@@ -11,6 +11,11 @@ Liger's fused linear cross-entropy does. Backward then only scales those by the 
 gradient, so the vocabulary matmul runs 3 times per chunk instead of 4 (no recompute) and peak extra
 memory is one chunk of logits plus one fp32 [V, H] weight-gradient accumulator.
 
+``linear_log_probs(hidden_ld, weight_vh, targets_l, chunk_tokens, temperature)`` returns the per-token
+``log softmax(hidden @ weight.T / temperature)[target]`` [L] (0 at ignored rows) for policy-gradient losses,
+chunked the same way; since the incoming gradient differs per token, its backward recomputes each chunk's
+logits (4 vocabulary matmuls per chunk instead of 3) and keeps only the log-sum-exp per token in between.
+
 Backends (``backend``; the ``model.kernels`` choice): ``torch`` = the chunked PyTorch code above (CPU
 path and reference); ``liger`` = liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (CUDA; its
 Triton cross-entropy works on the chunk's logits in place in their own dtype, no fp32 copy), with
@@ -108,3 +113,70 @@ def linear_cross_entropy(
     # inside Function.forward grad mode is off, so decide here whether gradients are wanted (eval: no)
     return _LinearCrossEntropy.apply(hidden_ld, weight_vh, labels_l, int(chunk_tokens), int(ignore_index),
                                      torch.is_grad_enabled())
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_ld, weight_vh, targets_l, chunk_tokens: int, ignore_index: int, inv_temp: float):
+        acc = _acc_dtype(hidden_ld.dtype)
+        rows_n = (targets_l != ignore_index).nonzero().squeeze(1)  # host sync: the labelled row count
+        h_nh = hidden_ld.index_select(0, rows_n)
+        y_n = targets_l.index_select(0, rows_n)
+        logp_n = torch.empty(h_nh.shape[0], dtype=acc, device=hidden_ld.device)
+        lse_n = torch.empty_like(logp_n)
+        for s in range(0, h_nh.shape[0], chunk_tokens):
+            logits_cv = (h_nh[s:s + chunk_tokens] @ weight_vh.t()).to(acc) * inv_temp
+            lse_n[s:s + chunk_tokens] = torch.logsumexp(logits_cv, dim=-1)
+            logp_n[s:s + chunk_tokens] = logits_cv.gather(1, y_n[s:s + chunk_tokens, None]).squeeze(1)
+        logp_n -= lse_n
+        ctx.save_for_backward(rows_n, h_nh, weight_vh, y_n, lse_n)
+        ctx.chunk_tokens, ctx.inv_temp, ctx.length = chunk_tokens, inv_temp, hidden_ld.shape[0]
+        return logp_n.new_zeros(hidden_ld.shape[0]).index_copy_(0, rows_n, logp_n)
+
+    @staticmethod
+    def backward(ctx, grad_l):
+        rows_n, h_nh, weight_vh, y_n, lse_n = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g_n = grad_l.index_select(0, rows_n).to(lse_n.dtype)
+        grad_h_nh = torch.empty_like(h_nh) if need_h else None
+        grad_w_vh = torch.zeros(weight_vh.shape, dtype=lse_n.dtype, device=weight_vh.device) if need_w else None
+        c = ctx.chunk_tokens
+        for s in range(0, h_nh.shape[0], c):
+            h_ch = h_nh[s:s + c]
+            logits_cv = (h_ch @ weight_vh.t()).to(lse_n.dtype) * ctx.inv_temp
+            # d logp / d logits = onehot - softmax, times the token's incoming gradient, times 1/T (chain rule)
+            d_cv = logits_cv.sub_(lse_n[s:s + c, None]).exp_().mul_(-g_n[s:s + c, None])
+            d_cv.scatter_add_(1, y_n[s:s + c, None], g_n[s:s + c, None])
+            d_cv = (d_cv * ctx.inv_temp).to(h_nh.dtype)
+            if need_h:
+                grad_h_nh[s:s + c] = d_cv @ weight_vh
+            if need_w:
+                grad_w_vh += (d_cv.t() @ h_ch).to(lse_n.dtype)
+        grad_h = grad_w = None
+        if need_h:
+            grad_h = grad_h_nh.new_zeros(ctx.length, h_nh.shape[1]).index_copy_(0, rows_n, grad_h_nh)
+        if need_w:
+            grad_w = grad_w_vh.to(weight_vh.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_log_probs(
+    hidden_ld: torch.Tensor,
+    weight_vh: torch.Tensor,
+    targets_l: torch.Tensor,
+    chunk_tokens: int = 4096,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-token log-probability [L] of ``targets_l`` under ``softmax(hidden_ld @ weight_vh.T / temperature)``:
+    fp32 (fp64 for fp64 inputs), 0 (and no gradient) where the target is ``ignore_index``. Never holds more
+    than one chunk of logits (module docstring)."""
+    if hidden_ld.dim() != 2 or weight_vh.dim() != 2 or hidden_ld.shape[1] != weight_vh.shape[1]:
+        raise ValueError(f"linear_log_probs: expected hidden [L, H] and weight [V, H], got "
+                         f"{tuple(hidden_ld.shape)} and {tuple(weight_vh.shape)}")
+    if targets_l.shape != hidden_ld.shape[:1]:
+        raise ValueError(f"linear_log_probs: targets shape {tuple(targets_l.shape)} != ({hidden_ld.shape[0]},)")
+    if chunk_tokens <= 0 or not temperature > 0:
+        raise ValueError(f"linear_log_probs: chunk_tokens={chunk_tokens} and temperature={temperature} must be > 0")
+    return _LinearLogProbs.apply(hidden_ld, weight_vh, targets_l, int(chunk_tokens), int(ignore_index),
+                                 1.0 / float(temperature))

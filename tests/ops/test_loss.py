@@ -1,4 +1,5 @@
-"""linear_cross_entropy (chunked, fused gradients) == F.cross_entropy on full float64 logits."""
+"""linear_cross_entropy (chunked, fused gradients) == F.cross_entropy on full float64 logits; linear_log_probs
+(chunked, recomputed in backward) == log_softmax of full float64 logits, values and gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rynnscale.ops.loss import linear_cross_entropy
+from rynnscale.ops.loss import linear_cross_entropy, linear_log_probs
 
 
 def _reference(h, w, y):
@@ -62,3 +63,28 @@ def test_bf16_close_and_all_ignored_and_no_grad():
     torch.testing.assert_close(val.double(), _reference(h32, w32, torch.arange(5))[0])
     with pytest.raises(ValueError, match="labels shape"):
         linear_cross_entropy(h32, w32, torch.arange(4))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+@pytest.mark.parametrize("dtype,temperature", [(torch.float64, 1.0), (torch.float64, 0.7), (torch.float32, 1.3)])
+def test_log_probs_match_full_logits(chunk_tokens, dtype, temperature):
+    torch.manual_seed(2)
+    L, H, V = 29, 16, 50
+    h = torch.randn(L, H, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, V, (L,))
+    y[torch.rand(L) < 0.3] = -100
+    g = torch.randn(L, dtype=dtype)   # a different incoming gradient per token
+    got = linear_log_probs(h, w, y, chunk_tokens=chunk_tokens, temperature=temperature)
+    (got * g).sum().backward()
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    keep = y != -100
+    ref = torch.zeros(L, dtype=torch.float64)
+    ref[keep] = torch.log_softmax(hr @ wr.t() / temperature, -1)[keep].gather(1, y[keep, None]).squeeze(1)
+    (ref * g.double()).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    torch.testing.assert_close(h.grad.double(), hr.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), wr.grad, **tol)
+    assert torch.count_nonzero(got[~keep]) == 0 and torch.count_nonzero(h.grad[~keep]) == 0
