@@ -202,6 +202,37 @@ class LoggingConfig:
 
 
 @dataclass
+class RewardConfig:
+    """GRPO rewards (``rynnscale.train.rewards``): weights of the built-in components (point, box, traj, format,
+    exact) and of user functions (``module:function`` -> weight), and the distance scales of the [0, 1] mapping."""
+    weights: dict[str, float] = field(default_factory=lambda: {"point": 1.0, "box": 1.0, "traj": 1.0,
+                                                               "format": 0.2, "exact": 0.0})
+    point_scale: float = 100.0          # 0-1000 units at which a point scores 1/e
+    traj_scale: float = 100.0           # discrete Frechet distance (0-1000 units) at which a trajectory scores 1/e
+    functions: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RLConfig:
+    """GRPO (``train.objective: grpo``; ``rynnscale.train.grpo``): prompts, sampling, the loss."""
+    prompts: list[str] = field(default_factory=list)   # prompt shard patterns; [] = the run's training data
+    prompts_per_step: int = 8           # prompts per rollout step over all data-parallel ranks (a multiple of them)
+    group_size: int = 5                 # sampled answers per prompt (RynnBrain's GRPO: 5)
+    max_new_tokens: int = 128
+    temperature: float = 1.0            # sampling temperature; the policy's log-probs use it too
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = off
+    kl_coef: float = 0.02               # beta of the k3 KL to the reference policy (RynnBrain: 0.02); 0 = no reference
+    clip_low: float = 0.2               # importance ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    loss_averaging: str = "token"       # token | sequence
+    scale_rewards: bool = True          # advantages divided by the group's reward std
+    policy_steps: int = 1               # optimiser steps per rollout batch (its samples split into this many parts)
+    epochs: int = 1                     # passes over each rollout batch
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
 class RootConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,6 +244,7 @@ class RootConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # Allowed values of string-enum keys (checked in load.validate with a message listing them).

@@ -1,0 +1,175 @@
+"""GRPO rollouts and steps (``rynnscale.train.grpo``) on a tiny Qwen3-VL-MoE and synthetic grounding questions.
+
+- the prompt set: tagged questions only, a layout-free order (the union of the ranks' prompts of a step is the
+  same for any world size), epochs reshuffled;
+- rollouts packed for the objective: labels only on the answer, advantages on its tokens, positions continuing
+  the prompt's;
+- one GRPO step: reproducible rollouts (same seeds, same answers), the KL is exactly 0 and the ratio exactly 1
+  before the first update (reference = policy), the weights change, the metrics are in range;
+- a reward function that raises or returns NaN on one sample: counted (``reward_failures``), named in the log,
+  the sample's advantage is 0, and the step goes on;
+- a LoRA run's reference is the adapter-disabled base: no second model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rynnscale.batch import IGNORE_INDEX
+from rynnscale.config import load_config
+from rynnscale.data_pipelines.synthetic import generate_synthetic
+from rynnscale.parallel.distributed import DistContext
+from rynnscale.train.build import build_model
+from rynnscale.train.grpo import GRPOStage, PromptSet, Rollout, pack_rollouts, rollout_seed
+from rynnscale.train.objectives import RolloutBatch
+from rynnscale.train.optim import build_optimizer, build_scheduler
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("syn")
+    generate_synthetic(out, 12, seed=5, samples_per_shard=6, progress=False)
+    return sorted(str(p) for p in out.glob("*.tar"))
+
+
+def cfg_for(tmp_path: Path, shards: list[str], *extra: str):
+    return load_config(RECIPES / "demo_tiny.yaml", [
+        f"run.output_dir={tmp_path / 'run'}", "data.synthetic.num_samples=0", f"data.train_shards={shards}",
+        "model.attn_backend=loop", "model.arch.text_config.num_hidden_layers=2", "train.micro_batch_tokens=600",
+        "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6", "optim.lr=1e-3", "optim.warmup_steps=0",
+        *extra])
+
+
+def test_prompt_set_is_layout_free(shards) -> None:
+    ps = PromptSet(shards, seed=3)
+    assert len(ps) == 12 and ps.skipped == 0       # every synthetic answer has tags
+    for step in range(3):
+        one = ps.positions(step, 4)
+        two = sorted(ps.positions(step, 4, 0, 2) + ps.positions(step, 4, 1, 2))
+        assert one == two == list(range(4 * step, 4 * step + 4))
+    epoch0 = [ps.at(p).key for p in range(12)]
+    epoch1 = [ps.at(p).key for p in range(12, 24)]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1 and len(set(epoch0)) == 12
+    with pytest.raises(ValueError, match="multiple of the data-parallel ranks"):
+        ps.positions(0, 3, 0, 2)
+    assert rollout_seed(0, 5, 1) == rollout_seed(0, 5, 1) != rollout_seed(0, 5, 2)
+
+
+def test_pack_rollouts_labels_only_the_answer(tmp_path: Path, shards) -> None:
+    from rynnscale.train.grpo import load_prompts
+
+    cfg = cfg_for(tmp_path, shards)
+    args, _ = build_model(cfg.model, meta=True)
+    from rynnscale.data.pipeline import build_encoder
+
+    ps = PromptSet(shards, seed=0)
+    prompts = load_prompts([ps.at(0), ps.at(1)], build_encoder(cfg, args))
+    rolls = [Rollout(k, p, comp, "", 0.5, {}, advantage=a)
+             for (p, _, k), comp, a in zip(prompts, [[11, 12, 13], [21, 22]], [1.5, -0.5])]
+    n0, n1 = (int(p.input_ids_l.numel()) for p, _, _ in prompts)
+    (one,) = pack_rollouts(rolls, budget_tokens=10_000)
+    assert isinstance(one, RolloutBatch) and one.cu_seqlens.tolist() == [0, n0 + 3, n0 + 3 + n1 + 2]
+    one.validate()
+    assert one.labels_l[n0:n0 + 3].tolist() == [11, 12, 13] and (one.labels_l[:n0] == IGNORE_INDEX).all()
+    assert one.advantages_l[n0:n0 + 3].tolist() == [1.5] * 3 and one.advantages_l[-2:].tolist() == [-0.5] * 2
+    assert (one.advantages_l[:n0] == 0).all() and one.num_target_tokens == 5
+    nxt = int(prompts[0][0].position_ids_3l.max()) + 1
+    assert one.position_ids_3l[:, n0:n0 + 3].tolist() == [[nxt, nxt + 1, nxt + 2]] * 3
+    assert len(pack_rollouts(rolls, budget_tokens=n0 + 3)) == 2     # the budget splits the row
+
+
+def stage_for(cfg, model, args, shards, reference=None):
+    ctx = DistContext(device=torch.device("cpu"))
+    return GRPOStage(cfg, args, ctx, prompt_set=PromptSet(shards, seed=cfg.data.seed), reference=reference)
+
+
+def test_one_grpo_step(tmp_path: Path, shards) -> None:
+    cfg = cfg_for(tmp_path, shards, "rl.temperature=1.5")
+    args, model = build_model(cfg.model, seed=0)
+    _, reference = build_model(cfg.model, seed=0)
+    reference.requires_grad_(False)
+    stage = stage_for(cfg, model, args, shards, reference)
+    rs = stage.rollout(0, model, torch.float32)
+    again = stage.rollout(0, model, torch.float32)
+    assert [r.completion for r in rs.rollouts] == [r.completion for r in again.rollouts]   # seeded
+    assert len(rs.rollouts) == 6 and len({tuple(r.completion) for r in rs.rollouts}) > 1
+    assert all(0 <= r.reward <= 1 for r in rs.rollouts)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, cfg.train.max_steps)
+    stats = stage.train(model, opt, sched, rs, compute_dtype=torch.float32)
+    rec = stage.metrics(rs, stats, 0.0)
+    assert len(stats) == 1 and stats[0].finite
+    assert rec["kl"] == 0.0 and rec["ratio_mean"] == 1.0 and rec["clip_fraction"] == 0.0   # reference = policy
+    assert 0 <= rec["reward_mean"] <= 1 and rec["reward_std"] >= 0 and rec["reward_failures"] == 0
+    assert rec["response_length"] == pytest.approx(sum(len(r.completion) for r in rs.rollouts) / 6)
+    assert set(rec) >= {"reward_point", "reward_box", "reward_traj", "reward_format", "reward_exact", "rollout_s"}
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # after the update the policy moved away from the reference: KL > 0 on the next rollouts
+    rs2 = stage.rollout(1, model, torch.float32)
+    rec2 = stage.metrics(rs2, stage.train(model, opt, sched, rs2, compute_dtype=torch.float32), 0.0)
+    assert rec2["kl"] > 0
+
+
+def test_failing_reward_function_is_counted_and_named(tmp_path: Path, shards, monkeypatch, caplog) -> None:
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = []\n"
+        "def flaky(answer, reference, key):\n"
+        "    calls.append(key)\n"
+        "    if len(calls) == 2:\n        raise RuntimeError('gripper offline')\n"
+        "    if len(calls) == 4:\n        return float('nan')\n"
+        "    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("flaky_reward", None)
+    cfg = cfg_for(tmp_path, shards, "rl.kl_coef=0", "rl.reward.functions={flaky_reward:flaky: 1.0}")
+    args, model = build_model(cfg.model, seed=0)
+    stage = stage_for(cfg, model, args, shards)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.grpo"):
+        rs = stage.rollout(0, model, torch.float32)
+    failed = [r for r in rs.rollouts if r.error]
+    assert len(failed) == 2 and all(math.isnan(r.reward) and r.advantage == 0.0 for r in failed)
+    text = caplog.text
+    assert f"raised on sample {failed[0].key!r}: RuntimeError: gripper offline" in text
+    assert f"returned nan on sample {failed[1].key!r}" in text
+    opt = build_optimizer(model, cfg.optim)
+    stats = stage.train(model, opt, build_scheduler(opt, cfg.optim, 10), rs, compute_dtype=torch.float32)
+    rec = stage.metrics(rs, stats, 0.0)
+    assert rec["reward_failures"] == 2 and stats[0].finite and math.isfinite(rec["reward_mean"])
+    assert rec["reward_flaky"] == 0.5 and rec["kl"] == 0.0   # no reference: no KL term
+
+
+def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> None:
+    from rynnscale.config.schema import LoRAConfig
+    from rynnscale.models.lora import adapters_disabled, is_adapter_param
+
+    cfg = cfg_for(tmp_path, shards, "model.lora.rank=4", "rl.policy_steps=2", "optim.lr=3e-2")
+    args, model = build_model(cfg.model, seed=0)
+    _, base = build_model(dataclasses.replace(cfg.model, lora=LoRAConfig()), seed=0)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_adapter_param(k)})
+    stage = stage_for(cfg, model, args, shards)
+    assert stage.reference is None
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, 10)
+    rs = stage.rollout(0, model, torch.float32)
+    stats = stage.train(model, opt, sched, rs, compute_dtype=torch.float32)
+    assert len(stats) == 2 and all(s.finite for s in stats)
+    rec = stage.metrics(rs, stats, 0.0)
+    assert rec["kl"] > 0 and rec["policy_steps"] == 2
+    batch = stage.rollout(1, model, torch.float32).parts[0][0]
+    with torch.no_grad(), adapters_disabled(model) as n:
+        assert n > 0
+        off = model.token_log_probs(batch, model(batch))
+    with torch.no_grad():
+        on = model.token_log_probs(batch, model(batch))
+        want = base.token_log_probs(batch, base(batch))
+    assert torch.equal(off, want) and not torch.equal(on, want)
+    torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
