@@ -251,3 +251,30 @@ def test_stops_at_eos_and_checks_arguments(prompts) -> None:
     assert greedy_generate(ours, prompts["image"], 0) == []
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(ours, prompts["image"], -1)
+
+
+def test_generation_runs_through_active_lora_adapters(prompts) -> None:
+    """On a LoRA model the cache and the no-cache paths both decode through the adapters; inside
+    ``adapters_disabled`` the tokens are the base model's (GRPO's reference for a LoRA run)."""
+    import dataclasses
+
+    from rynnscale.config.schema import LoRAConfig
+    from rynnscale.models.lora import adapters_disabled, is_adapter_param
+
+    cfg = ModelConfig(arch=tiny_hf_config(False).to_dict(), attn_backend="loop", lora=LoRAConfig(rank=4, alpha=8))
+    _, model = build_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)   # fresh adapters (B = 0) would change nothing
+    _, base = build_model(dataclasses.replace(cfg, lora=LoRAConfig()), seed=0)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_adapter_param(k)})
+    model.eval(), base.eval()
+    ps, params = [prompts["image"], prompts["text"]], SamplingParams(8)
+    on = generate(model, ps, params)
+    assert generate(model, ps, params, use_cache=False) == on
+    with adapters_disabled(model):
+        off = generate(model, ps, params)
+    assert off == generate(base, ps, params) and off != on
+    assert generate(model, ps, params) == on   # adapters back on after the block
