@@ -52,7 +52,7 @@ def build_encoder(cfg: RootConfig, args: Any):
 
 
 def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
-    """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
+    """The rank's ``TrainLoader`` (an endless iterable of ``DataStep``s of the global sample order).
 
     Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``).
     ``rank`` / ``world_size`` are the DATA-parallel rank and size (EP ranks hold different data, so today
@@ -62,9 +62,8 @@ def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
 
     shards = list(cfg.data.train_shards) + synthetic_shard_patterns(cfg)
     # training reads the global sample order: a step's samples do not depend on the layout, so a resume on
-    # another world size / ep / grad_accum continues exactly (evaluation keeps the per-rank split)
-    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args),
-                                              global_order=True)
+    # another world size / ep / grad_accum continues exactly (evaluation reads per-rank splits: SplitLoader)
+    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args))
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)
