@@ -356,7 +356,7 @@ def _measure(spec_path: str) -> None:
     cpu = time.process_time
     ecfg = EncoderConfig(fps=FPS)
     enc = SampleEncoder(load_tokenizer(None), ecfg)
-    vspec = ecfg.vision_spec()
+    vspec = ecfg.vision
     hf, hf_note = None, "--no-hf given"
     if spec["hf"]:
         try:
@@ -484,7 +484,7 @@ def _measure(spec_path: str) -> None:
             es = enc.encode(key, members, normalize=False)
             c6 = cpu()
             mrope_position_ids(es.input_ids_l, es.image_grid_thw, es.video_grid_thw,
-                               spatial_merge_size=ecfg.merge_size, image_token_id=enc.ids.image_pad,
+                               spatial_merge_size=ecfg.vision.merge_size, image_token_id=enc.ids.image_pad,
                                video_token_id=enc.ids.video_pad)
             c7 = cpu()
             t["decode"] += c1 - c0

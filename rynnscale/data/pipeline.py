@@ -36,18 +36,19 @@ def build_encoder(cfg: RootConfig, args: Any):
     patching, position ids) with the recipe's ``data`` settings and token budget."""
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
 
     d = cfg.data
     contract = family_of(args).data(args)
     geometry = {} if contract.vision is None else dict(
         patch_size=contract.vision.patch_size, temporal_patch_size=contract.vision.temporal_patch_size,
         merge_size=contract.vision.merge_size)
+    vision = VisionSpec(image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
+                        video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels, **geometry)
     enc_cfg = EncoderConfig(
-        image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
-        video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
-        fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
+        vision=vision, fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
         max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate,
-        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes, **geometry)
+        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes)
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=contract)
 
 

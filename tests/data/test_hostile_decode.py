@@ -125,7 +125,7 @@ def test_repeated_frame_is_decoded_once_and_resized_while_decoding(enc, monkeypa
     (m,) = p.media
     T, h, w, _ = m.frames_thwc.shape
     assert T == 768 and (h, w) == m.size_hw == video_target_size(768, 512, 512, enc.spec)
-    assert m.frames_thwc.numel() <= 3 * enc.cfg.video_max_pixels   # the resized clip, not T full-size frames
+    assert m.frames_thwc.numel() <= 3 * enc.cfg.vision.video_max_pixels   # the resized clip, not T full-size frames
     assert torch.equal(m.frames_thwc[0], m.frames_thwc[-1])
 
 

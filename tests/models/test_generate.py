@@ -18,6 +18,7 @@ from PIL import Image
 from rynnscale.config.schema import ModelConfig
 from rynnscale.data.encode import EncoderConfig, SampleEncoder
 from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
+from rynnscale.data.vision_preprocess import VisionSpec
 from rynnscale.data_pipelines.synthetic import render_clip, synthetic_sample
 from rynnscale.models.generate import greedy_generate, prompt_batch
 from rynnscale.train.build import build_model
@@ -75,8 +76,8 @@ def hf_greedy(hf, prompt) -> list[int]:
 
 @pytest.fixture(scope="module")
 def prompts():
-    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096, image_min_pixels=1024,
-                                                            image_max_pixels=96 * 64))
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(
+        max_tokens=4096, vision=VisionSpec(image_min_pixels=1024, image_max_pixels=96 * 64)))
     video = prompt_of(enc.encode(*synthetic_sample(0, seed=7)))
     image = prompt_of(enc.encode(*image_sample()))
     assert video.video_grid_thw is not None and image.image_grid_thw is not None
