@@ -356,7 +356,7 @@ def _measure(spec_path: str) -> None:
     cpu = time.process_time
     ecfg = EncoderConfig(fps=FPS)
     enc = SampleEncoder(load_tokenizer(None), ecfg)
-    vspec = ecfg.vision_spec()
+    vspec = ecfg.vision
     hf, hf_note = None, "--no-hf given"
     if spec["hf"]:
         try:
@@ -429,15 +429,15 @@ def _measure(spec_path: str) -> None:
         and a tokenisation more per sample)."""
         shards, items = data[v] if hints else (unhinted[v], data[v][1])
         cfg = LoaderConfig(train_shards=shards, seed=seed, micro_batch_tokens=budget, pack_window=spec["pack_window"],
-                           num_workers=workers, num_epochs=epochs, tune_malloc=tuned, global_order=True)
+                           num_workers=workers, num_epochs=epochs, tune_malloc=tuned)
         loader = TrainLoader(cfg, enc)
         n = 0
         clock = cpu if workers == 0 else rusage_cpu
         w0, c0 = time.perf_counter(), clock()
-        it = iter(loader)
+        it = (b for step in loader for b in step.micro_batches)
         for b in it:
-            n += b.num_samples
-            if normalize:
+            n += 0 if b.filler else b.num_samples
+            if normalize and not b.filler:
                 for pv in (b.pixel_values, b.pixel_values_videos):
                     if pv is not None:
                         del_me = b.pixel_norm.normalize(pv)
@@ -484,7 +484,7 @@ def _measure(spec_path: str) -> None:
             es = enc.encode(key, members, normalize=False)
             c6 = cpu()
             mrope_position_ids(es.input_ids_l, es.image_grid_thw, es.video_grid_thw,
-                               spatial_merge_size=ecfg.merge_size, image_token_id=enc.ids.image_pad,
+                               spatial_merge_size=ecfg.vision.merge_size, image_token_id=enc.ids.image_pad,
                                video_token_id=enc.ids.video_pad)
             c7 = cpu()
             t["decode"] += c1 - c0

@@ -1,4 +1,5 @@
-"""The packed micro-batch: the one contract between the data path and the model.
+"""The packed micro-batch: the one contract between the data path and the model (and ``DataStep``, what the
+loader hands the trainer per optimiser step).
 
 A micro-batch is ONE row of concatenated whole samples (no padding inside a pack).
 Sample ``i`` occupies tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; attention never crosses
@@ -184,3 +185,25 @@ class EncodedSample:
     @property
     def num_vision_patches(self) -> int:
         return sum(int(g.prod(-1).sum()) for g in (self.image_grid_thw, self.video_grid_thw) if g is not None)
+
+
+@dataclass
+class DataStep:
+    """One optimiser step of data on one rank: the loader -> trainer contract (``rynnscale.data.loader``).
+
+    ``micro_batches``: this rank's, exactly ``grad_accum`` of them (a filler where the plan left a slot empty
+    or every sample of a pack went bad); ``packs``: the packs the plan gave the whole step (ranks x grad_accum,
+    fewer in an epoch's short last step); ``samples``: "<shard>:<key>" of the WHOLE global step (every rank's),
+    sorted; ``rank_costs``: the estimated cost of every data-parallel rank's micro-batches; ``bad`` /
+    ``bad_distinct``: this rank's skipped samples by reason so far (occurrences, distinct samples);
+    ``state``: the loader state after this step (JSON-able, the same on every rank, loadable on any layout:
+    resuming from it continues with the next step)."""
+
+    index: int
+    micro_batches: list[PackedBatch]
+    packs: int = 0
+    samples: list[str] = field(default_factory=list)
+    rank_costs: list[float] = field(default_factory=list)
+    bad: dict[str, int] = field(default_factory=dict)
+    bad_distinct: dict[str, int] = field(default_factory=dict)
+    state: dict | None = None

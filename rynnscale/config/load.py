@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from rynnscale.parallel.layout import LayoutError, check_layout_keys
 
 from .model_args import resolve_model_args
-from .schema import CHOICES, ConfigError, RootConfig, check_mixture_sources
+from .schema import CHOICES, ConfigError, RootConfig
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,6 @@ def _numeric_fields(node: Any, prefix: str = ""):
 def validate_numbers(cfg: RootConfig) -> None:
     """Every numeric key, generically over the schema: floats finite (``optim.lr=inf`` or ``nan`` would train
     NaN checkpoints), integers of a sane magnitude, non-negative unless signed, and the ranges above."""
-    import math
 
     for key, schema_key, v in _numeric_fields(cfg):
         if isinstance(v, float) and not math.isfinite(v):
@@ -360,133 +359,43 @@ def validate_numbers(cfg: RootConfig) -> None:
             raise ConfigError(f"config key '{key}' = {v} must be > 0")
         if schema_key in _UNIT_OPEN and not 0 <= v < 1:
             raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
-    d = cfg.data
-    for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
-                   ("video_min_pixels", "video_max_pixels"), ("max_member_bytes", "max_sample_bytes")):
-        if getattr(d, lo) > getattr(d, hi):
-            raise ConfigError(f"config key 'data.{lo}' = {getattr(d, lo)} must be <= 'data.{hi}' = {getattr(d, hi)}")
 
 
 def validate(cfg: RootConfig, check_paths: bool = True) -> None:
-    """Checks omegaconf cannot express: enums, ranges and impossible combinations."""
+    """Checks omegaconf cannot express: every numeric key generically (``validate_numbers``), enums, then each
+    section's own rules (its ``validate()``), then the rules that join sections."""
     validate_numbers(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
+    for section in (cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel, cfg.plan, cfg.checkpoint, cfg.eval):
+        section.validate()
     ckpt_resume = cfg.checkpoint.resume
-    positive = {
-        "train.max_steps": cfg.train.max_steps, "train.micro_batch_tokens": cfg.train.micro_batch_tokens,
-        "train.grad_accum": cfg.train.grad_accum, "train.loss_chunk_tokens": cfg.train.loss_chunk_tokens,
-        "train.log_every": cfg.train.log_every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "model.activation_checkpointing_every": cfg.model.activation_checkpointing_every,
-        "data.pack_window": cfg.data.pack_window,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}' = {value} must be >= 1")
-    if cfg.optim.eps <= 0:
-        raise ConfigError(f"config key 'optim.eps' = {cfg.optim.eps} must be > 0")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ConfigError(f"config key 'optim.min_lr_ratio' = {cfg.optim.min_lr_ratio} must be in [0, 1]")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"config key 'optim.warmup_steps' = {cfg.optim.warmup_steps} must be >= 0")
-    if not 0 <= cfg.data.max_bad_fraction <= 1:
-        raise ConfigError(f"config key 'data.max_bad_fraction' = {cfg.data.max_bad_fraction} must be in [0, 1]")
-    if cfg.checkpoint.every_steps < 0:
-        raise ConfigError(f"config key 'checkpoint.every_steps' = {cfg.checkpoint.every_steps} must be >= 0")
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
     # model: one source of architecture, resolved the way the build and the planner resolve it
     arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
-    num_experts = arch.args.text.num_experts if arch is not None else None
-    _validate_layout(cfg, num_experts)
-    _validate_lora(cfg)
-    _validate_lists(cfg)
+    _validate_layout(cfg, arch.args.text.num_experts if arch is not None else None)
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
                           "or 'data.synthetic.num_samples' > 0")
-    _validate_eval(cfg)
-    if cfg.train.micro_batch_tokens < 16:
-        raise ConfigError(f"config key 'train.micro_batch_tokens' = {cfg.train.micro_batch_tokens} is too small")
-
-
-def _validate_lists(cfg: RootConfig) -> None:
-    """data.mixture, optim.groups, model.freeze, optim.warmup_ratio and plan.* checks."""
-    mix = cfg.data.mixture
-    if mix and cfg.data.train_shards:
-        raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
-                          "a mixture source of their own)")
-    check_mixture_sources(mix, "data.mixture")
-    for i, g in enumerate(cfg.optim.groups):
-        if not g.pattern:
-            raise ConfigError(f"config key 'optim.groups[{i}].pattern' is empty; give an fnmatch pattern over HF "
-                              "parameter names, e.g. 'model.visual.*'")
-        if g.lr_scale < 0:
-            raise ConfigError(f"config key 'optim.groups[{i}].lr_scale' = {g.lr_scale} must be >= 0 (to freeze "
-                              "parameters use 'model.freeze')")
-        if g.weight_decay is not None and g.weight_decay < 0:
-            raise ConfigError(f"config key 'optim.groups[{i}].weight_decay' = {g.weight_decay} must be >= 0")
-    for i, pat in enumerate(cfg.model.freeze):
-        if not pat:
-            raise ConfigError(f"config key 'model.freeze[{i}]' is empty")
-    if not 0 <= cfg.optim.warmup_ratio < 1:
-        raise ConfigError(f"config key 'optim.warmup_ratio' = {cfg.optim.warmup_ratio} must be in [0, 1)")
-    pl = cfg.plan
-    for key in ("nodes", "gpus_per_node"):
-        if getattr(pl, key) < 1:
-            raise ConfigError(f"config key 'plan.{key}' = {getattr(pl, key)} must be >= 1")
-    for key in ("gpu_mem_gib", "peak_tflops", "nvlink_gbps", "ib_gbps"):
-        if not getattr(pl, key) > 0:
-            raise ConfigError(f"config key 'plan.{key}' = {getattr(pl, key)} must be > 0")
-    if not 0 < pl.mfu <= 1:
-        raise ConfigError(f"config key 'plan.mfu' = {pl.mfu} must be in (0, 1]")
-    if pl.visual_tokens_per_micro_batch < 0 or pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
-        raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
-                          f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
-
-
-def _validate_lora(cfg: RootConfig) -> None:
-    lc = cfg.model.lora
-    if lc.rank < 0:
-        raise ConfigError(f"config key 'model.lora.rank' = {lc.rank} must be >= 0 (0 = no LoRA)")
-    if lc.rank == 0:
-        return
-    if not (math.isfinite(lc.alpha) and lc.alpha > 0):
-        raise ConfigError(f"config key 'model.lora.alpha' = {lc.alpha} must be a finite number > 0")
-    if not 0 <= lc.dropout < 1:
-        raise ConfigError(f"config key 'model.lora.dropout' = {lc.dropout} must be in [0, 1)")
-    for key in ("targets", "trainable"):
-        if any(not p for p in getattr(lc, key)):
-            raise ConfigError(f"config key 'model.lora.{key}' has an empty pattern")
-    if not lc.targets and not lc.experts:
-        raise ConfigError("model.lora.rank > 0 but 'model.lora.targets' is empty and 'model.lora.experts' is off: "
-                          "nothing would be adapted")
-
-
-def _validate_eval(cfg: RootConfig) -> None:
-    """eval.* ranges, and that an enabled evaluation has held-out data."""
     e = cfg.eval
-    for key in ("every_steps", "max_batches", "grounding_samples", "synthetic_samples"):
-        if getattr(e, key) < 0:
-            raise ConfigError(f"config key 'eval.{key}' = {getattr(e, key)} must be >= 0")
-    if e.max_new_tokens < 1:
-        raise ConfigError(f"config key 'eval.max_new_tokens' = {e.max_new_tokens} must be >= 1")
-    if any(not str(p) for p in e.shards):
-        raise ConfigError(f"config key 'eval.shards' = {list(e.shards)} has an empty pattern")
     if e.every_steps > 0 and not e.shards and (cfg.data.synthetic.num_samples <= 0 or e.synthetic_samples <= 0):
         raise ConfigError(f"config key 'eval.every_steps' = {e.every_steps} enables evaluation but there is no "
                           "held-out data: set 'eval.shards' (paths/globs/brace patterns), or use "
                           "'data.synthetic.num_samples' > 0 with 'eval.synthetic_samples' > 0")
+    pl = cfg.plan
+    if pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
+        raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
+                          f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
 
 
 def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:
     """The layout rules that hold for every world size (``rynnscale.parallel.layout``; the world size
     itself is checked at launch)."""
     p = cfg.parallel
-    if p.timeout_s <= 0:
-        raise ConfigError(f"config key 'parallel.timeout_s' = {p.timeout_s} must be > 0")
     try:
         check_layout_keys(p.dp_replicate, p.dp_shard, p.ep, num_experts, p.cp)
     except LayoutError as e:

@@ -8,12 +8,18 @@ message naming the key. Keys listed in the issue as a contract (``run.output_dir
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key."""
+
+
+def _at_least_one(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"config key '{key}' = {value} must be >= 1")
 
 
 @dataclass
@@ -38,6 +44,22 @@ class LoRAConfig:
     vision: bool = False                # adapt the vision tower's blocks too
     trainable: list[str] = field(default_factory=list)  # parameter patterns kept fully trainable (e.g. 'lm_head.*')
 
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"config key 'model.lora.rank' = {self.rank} must be >= 0 (0 = no LoRA)")
+        if self.rank == 0:
+            return
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"config key 'model.lora.alpha' = {self.alpha} must be a finite number > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"config key 'model.lora.dropout' = {self.dropout} must be in [0, 1)")
+        for key in ("targets", "trainable"):
+            if any(not p for p in getattr(self, key)):
+                raise ConfigError(f"config key 'model.lora.{key}' has an empty pattern")
+        if not self.targets and not self.experts:
+            raise ConfigError("model.lora.rank > 0 but 'model.lora.targets' is empty and 'model.lora.experts' is "
+                              "off: nothing would be adapted")
+
 
 @dataclass
 class ModelConfig:
@@ -54,6 +76,14 @@ class ModelConfig:
     preset: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns over HF parameter names
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def validate(self) -> None:
+        """This section's own rules (the architecture is resolved by ``config.model_args``)."""
+        _at_least_one("model.activation_checkpointing_every", self.activation_checkpointing_every)
+        for i, pat in enumerate(self.freeze):
+            if not pat:
+                raise ConfigError(f"config key 'model.freeze[{i}]' is empty")
+        self.lora.validate()
 
 
 @dataclass
@@ -107,6 +137,20 @@ class DataConfig:
     shuffle_buffer_bytes: int = 1 << 30  # payload bytes the shuffle buffer holds; over it, samples leave early
     max_image_pixels: int = 4096 * 4096  # one image / frame / video frame as its header states, before decoding
 
+    def validate(self) -> None:
+        _at_least_one("data.pack_window", self.pack_window)
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"config key 'data.max_bad_fraction' = {self.max_bad_fraction} must be in [0, 1]")
+        for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),
+                       ("video_min_pixels", "video_max_pixels"), ("max_member_bytes", "max_sample_bytes")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ConfigError(f"config key 'data.{lo}' = {getattr(self, lo)} must be <= 'data.{hi}' = "
+                                  f"{getattr(self, hi)}")
+        if self.mixture and self.train_shards:
+            raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
+                              "a mixture source of their own)")
+        check_mixture_sources(self.mixture, "data.mixture")
+
 
 @dataclass
 class TrainConfig:
@@ -118,6 +162,12 @@ class TrainConfig:
     log_every: int = 1
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
+
+    def validate(self) -> None:
+        for key in ("max_steps", "micro_batch_tokens", "grad_accum", "loss_chunk_tokens", "log_every"):
+            _at_least_one(f"train.{key}", getattr(self, key))
+        if self.micro_batch_tokens < 16:
+            raise ConfigError(f"config key 'train.micro_batch_tokens' = {self.micro_batch_tokens} is too small")
 
 
 @dataclass
@@ -141,6 +191,25 @@ class OptimConfig:
     warmup_ratio: float = 0.0           # > 0: warmup over this fraction of train.max_steps (overrides warmup_steps)
     groups: list[OptimGroupConfig] = field(default_factory=list)  # per-module lr / weight decay, first match wins
 
+    def validate(self) -> None:
+        if self.eps <= 0:
+            raise ConfigError(f"config key 'optim.eps' = {self.eps} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"config key 'optim.min_lr_ratio' = {self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'optim.warmup_steps' = {self.warmup_steps} must be >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"config key 'optim.warmup_ratio' = {self.warmup_ratio} must be in [0, 1)")
+        for i, g in enumerate(self.groups):
+            if not g.pattern:
+                raise ConfigError(f"config key 'optim.groups[{i}].pattern' is empty; give an fnmatch pattern over HF "
+                                  "parameter names, e.g. 'model.visual.*'")
+            if g.lr_scale < 0:
+                raise ConfigError(f"config key 'optim.groups[{i}].lr_scale' = {g.lr_scale} must be >= 0 (to freeze "
+                                  "parameters use 'model.freeze')")
+            if g.weight_decay is not None and g.weight_decay < 0:
+                raise ConfigError(f"config key 'optim.groups[{i}].weight_decay' = {g.weight_decay} must be >= 0")
+
 
 @dataclass
 class ParallelConfig:
@@ -149,6 +218,11 @@ class ParallelConfig:
     ep: int = 1                         # expert parallel degree, carved out of dp_shard x cp (must divide it)
     cp: int = 1                         # context parallel degree: ranks splitting one sequence (same samples)
     timeout_s: float = 600.0            # timeout of every collective: a dead / diverged rank fails the job
+
+    def validate(self) -> None:
+        """This section's own rules; the layout's (which need the expert count) are checked by ``config.load``."""
+        if self.timeout_s <= 0:
+            raise ConfigError(f"config key 'parallel.timeout_s' = {self.timeout_s} must be > 0")
 
 
 @dataclass
@@ -163,6 +237,22 @@ class PlanConfig:
     nvlink_gbps: float = 360.0           # achievable intra-node collective bandwidth per GPU, GB/s
     ib_gbps: float = 45.0                # achievable inter-node bandwidth per GPU (400 Gb/s NIC), GB/s
 
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def validate(self) -> None:
+        for key in ("nodes", "gpus_per_node"):
+            _at_least_one(f"plan.{key}", getattr(self, key))
+        for key in ("gpu_mem_gib", "peak_tflops", "nvlink_gbps", "ib_gbps"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"config key 'plan.{key}' = {getattr(self, key)} must be > 0")
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"config key 'plan.mfu' = {self.mfu} must be in (0, 1]")
+        if self.visual_tokens_per_micro_batch < 0:
+            raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = "
+                              f"{self.visual_tokens_per_micro_batch} must be >= 0")
+
 
 @dataclass
 class CheckpointConfig:
@@ -171,6 +261,12 @@ class CheckpointConfig:
     resume: str = "auto"                # auto | none | PATH
     export_hf: bool = False             # export the final checkpoint to <run.output_dir>/hf
     async_save: bool = False            # DCP write in the background (finished at the next save / the end)
+
+    def validate(self) -> None:
+        """This section's own rules (whether ``resume`` names an existing checkpoint is checked by ``config.load``)."""
+        _at_least_one("checkpoint.keep_last", self.keep_last)
+        if self.every_steps < 0:
+            raise ConfigError(f"config key 'checkpoint.every_steps' = {self.every_steps} must be >= 0")
 
 
 @dataclass
@@ -183,6 +279,16 @@ class EvalConfig:
     grounding_samples: int = 8          # samples greedily generated for the grounding metric; 0 = none
     max_new_tokens: int = 96            # generation length cap for the grounding metric
     synthetic_samples: int = 64         # size of the synthetic eval set (other seed) when eval.shards is empty
+
+    def validate(self) -> None:
+        """This section's own ranges (that an enabled evaluation has held-out data is checked by ``config.load``)."""
+        for key in ("every_steps", "max_batches", "grounding_samples", "synthetic_samples"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'eval.{key}' = {getattr(self, key)} must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"config key 'eval.max_new_tokens' = {self.max_new_tokens} must be >= 1")
+        if any(not str(p) for p in self.shards):
+            raise ConfigError(f"config key 'eval.shards' = {list(self.shards)} has an empty pattern")
 
 
 @dataclass

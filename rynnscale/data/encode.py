@@ -87,23 +87,15 @@ class SampleError(Exception):
 class EncoderConfig:
     """How samples are decoded, preprocessed and tokenised (defaults: Qwen3-VL checkpoint settings).
 
-    Pixel bounds are pixel COUNTS (HF's ``shortest_edge`` / ``longest_edge``); video bounds count all
-    frames of a clip together. ``frames_fps`` is the frame rate assumed for frame-list videos when
-    neither the conv item (``"fps"``) nor ``meta.json`` (``video.fps``, else top-level ``fps`` /
-    ``video_fps`` / ``frames_fps``) gives one; None means "already sampled at ``fps``"."""
+    ``vision``: the processor's patching and pixel bounds (``VisionSpec``: pixel COUNTS, HF's ``shortest_edge``
+    / ``longest_edge``; video bounds count all frames of a clip together). ``frames_fps`` is the frame rate
+    assumed for frame-list videos when neither the conv item (``"fps"``) nor ``meta.json`` (``video.fps``, else
+    top-level ``fps`` / ``video_fps`` / ``frames_fps``) gives one; None means "already sampled at ``fps``"."""
 
-    image_min_pixels: int = 65536
-    image_max_pixels: int = 16777216
-    video_min_pixels: int = 4096
-    video_max_pixels: int = 25165824
+    vision: VisionSpec = field(default_factory=VisionSpec)
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
-    cap_pixels_per_frame: bool = False
-    max_video_tokens: int = 768
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    merge_size: int = 2
     max_tokens: int = 16384
     truncate: bool = False
     frames_fps: float | None = None
@@ -116,23 +108,14 @@ class EncoderConfig:
     decode_method: str = "auto"         # video decode: auto (seek, falling back) | seek | sequential
     decode_threads: int = 1
 
-    def vision_spec(self) -> VisionSpec:
-        return VisionSpec(
-            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
-            image_min_pixels=self.image_min_pixels, image_max_pixels=self.image_max_pixels,
-            video_min_pixels=self.video_min_pixels, video_max_pixels=self.video_max_pixels,
-            cap_pixels_per_frame=self.cap_pixels_per_frame, max_video_tokens=self.max_video_tokens)
-
     def validate(self) -> None:
         def need(ok: bool, key: str, rule: str) -> None:
             if not ok:
                 raise ValueError(f"EncoderConfig.{key}={getattr(self, key)!r} is invalid: {rule}")
-        for k in ("image_min_pixels", "image_max_pixels", "video_min_pixels", "video_max_pixels", "min_frames",
-                  "max_frames", "patch_size", "temporal_patch_size", "merge_size", "max_tokens", "max_media_bytes",
-                  "max_json_bytes", "max_frame_pixels", "max_total_frames", "max_media", "max_video_tokens"):
+        self.vision.validate("EncoderConfig.vision")
+        for k in ("min_frames", "max_frames", "max_tokens", "max_media_bytes", "max_json_bytes", "max_frame_pixels",
+                  "max_total_frames", "max_media"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) > 0, k, "must be a positive int")
-        need(self.image_min_pixels <= self.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
-        need(self.video_min_pixels <= self.video_max_pixels, "video_min_pixels", "must be <= video_max_pixels")
         need(self.min_frames <= self.max_frames, "min_frames", "must be <= max_frames")
         need(math.isfinite(self.fps) and self.fps > 0, "fps", "must be > 0")
         need(self.frames_fps is None or (math.isfinite(self.frames_fps) and self.frames_fps > 0), "frames_fps",
@@ -209,15 +192,14 @@ class SampleEncoder:
         self.cfg = cfg or EncoderConfig()
         self.cfg.validate()
         self.tok = as_rust_tokenizer(tokenizer)
-        self.spec = self.cfg.vision_spec()
+        self.spec = self.cfg.vision
         self.text_only = False
         if isinstance(token_ids, DataContract):
             contract, self.text_only = token_ids, token_ids.vision is None
-            for k, model_k in (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
-                               ("merge_size", "merge_size")):
-                if not self.text_only and getattr(contract.vision, model_k) != getattr(self.cfg, k):
-                    raise ValueError(f"EncoderConfig.{k}={getattr(self.cfg, k)} but the model's {model_k} is "
-                                     f"{getattr(contract.vision, model_k)}")
+            for k in ("patch_size", "temporal_patch_size", "merge_size"):
+                if not self.text_only and getattr(contract.vision, k) != getattr(self.spec, k):
+                    raise ValueError(f"EncoderConfig.vision.{k}={getattr(self.spec, k)} but the model's {k} is "
+                                     f"{getattr(contract.vision, k)}")
             chat = VisionTokenIds.from_tokenizer(self.tok)
             token_ids = VisionTokenIds(image_pad=contract.image_token_id, video_pad=contract.video_token_id,
                                        vision_start=contract.vision_start_token_id,

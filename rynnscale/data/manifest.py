@@ -189,3 +189,28 @@ def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False)
     return done
 
 
+class ManifestHints:
+    """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard."""
+
+    def __init__(self):
+        self._dirs: dict[str, dict | None] = {}
+
+    def get(self, shard: str, index: int) -> tuple[int, int] | None:
+        d = os.path.dirname(shard)
+        if d not in self._dirs:
+            try:
+                self._dirs[d] = read_manifest(d).by_name()
+            except (ManifestError, OSError):
+                self._dirs[d] = None
+        infos = self._dirs[d]
+        info = infos.get(os.path.basename(shard)) if infos else None
+        if info is None or "num_tokens" not in info.sample_costs or index >= info.num_samples:
+            return None
+        vp = info.sample_costs.get("vision_patches")
+        return int(info.sample_costs["num_tokens"][index]), int(vp[index]) if vp is not None else 0
+
+    def tokens(self, shard: str) -> list[int] | None:
+        """Every sample's ``num_tokens`` hint of ``shard`` (None: no hints)."""
+        if self.get(shard, 0) is None:
+            return None
+        return [int(t) for t in self._dirs[os.path.dirname(shard)][os.path.basename(shard)].sample_costs["num_tokens"]]

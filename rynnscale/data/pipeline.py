@@ -36,23 +36,24 @@ def build_encoder(cfg: RootConfig, args: Any):
     patching, position ids) with the recipe's ``data`` settings and token budget."""
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
 
     d = cfg.data
     contract = family_of(args).data(args)
     geometry = {} if contract.vision is None else dict(
         patch_size=contract.vision.patch_size, temporal_patch_size=contract.vision.temporal_patch_size,
         merge_size=contract.vision.merge_size)
+    vision = VisionSpec(image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
+                        video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels, **geometry)
     enc_cfg = EncoderConfig(
-        image_min_pixels=d.image_min_pixels, image_max_pixels=d.image_max_pixels,
-        video_min_pixels=d.video_min_pixels, video_max_pixels=d.video_max_pixels,
-        fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
+        vision=vision, fps=d.video_fps, min_frames=d.video_min_frames, max_frames=d.video_max_frames,
         max_tokens=cfg.train.micro_batch_tokens, truncate=d.truncate,
-        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes, **geometry)
+        max_frame_pixels=d.max_image_pixels, max_media_bytes=d.max_member_bytes)
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=contract)
 
 
 def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
-    """The rank's ``TrainLoader`` (an endless iterable of PackedBatch with state_dict / bad_counts).
+    """The rank's ``TrainLoader`` (an endless iterable of ``DataStep``s of the global sample order).
 
     Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``).
     ``rank`` / ``world_size`` are the DATA-parallel rank and size (EP ranks hold different data, so today
@@ -62,9 +63,8 @@ def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
 
     shards = list(cfg.data.train_shards) + synthetic_shard_patterns(cfg)
     # training reads the global sample order: a step's samples do not depend on the layout, so a resume on
-    # another world size / ep / grad_accum continues exactly (evaluation keeps the per-rank split)
-    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args),
-                                              global_order=True)
+    # another world size / ep / grad_accum continues exactly (evaluation reads per-rank splits: SplitLoader)
+    loader_cfg = LoaderConfig.from_run_config(cfg, train_shards=shards, cost_model=CostModel.from_args(args))
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)

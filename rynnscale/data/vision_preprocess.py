@@ -65,6 +65,18 @@ class VisionSpec:
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 768
 
+    def validate(self, where: str = "VisionSpec") -> None:
+        """ValueError naming the field unless every size is a positive int and every min <= its max."""
+        for k in ("patch_size", "temporal_patch_size", "merge_size", "image_min_pixels", "image_max_pixels",
+                  "video_min_pixels", "video_max_pixels", "max_video_tokens"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{where}.{k}={v!r} is invalid: must be a positive int")
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            if lo > hi:
+                raise ValueError(f"{where}.{kind}_min_pixels={lo} is invalid: must be <= {kind}_max_pixels={hi}")
+
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size

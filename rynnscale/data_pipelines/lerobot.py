@@ -1,65 +1,10 @@
 """LeRobotDataset (v2.0/v2.1 and v3.0) -> shards (``rynnscale data convert lerobot SRC OUT``).
 
-Layouts read (``meta/info.json`` gives ``codebase_version``, ``fps``, ``robot_type``, ``features``
-and the ``data_path`` / ``video_path`` templates):
-
-- v2.x: ``meta/episodes.jsonl`` (episode_index, tasks, length), ``meta/tasks.jsonl``; one parquet
-  per episode ``data/chunk-XXX/episode_XXXXXX.parquet`` and one video per episode and camera
-  ``videos/chunk-XXX/<video_key>/episode_XXXXXX.mp4``.
-- v3.0: ``meta/episodes/chunk-XXX/file-XXX.parquet`` (episode_index, tasks, length,
-  ``data/chunk_index``, ``data/file_index``, ``dataset_from_index``, ``dataset_to_index``,
-  ``videos/<key>/chunk_index|file_index|from_timestamp|to_timestamp``), ``meta/tasks.parquet``;
-  data files hold the rows of many episodes, video files many episodes back to back (an
-  episode's frames are those between its from/to timestamps).
-
-Episodes listed in the metadata whose files are missing are skipped with a warning. Every file
-path comes from templates in an untrusted ``info.json``: templates may only use the known fields
-and every path must stay inside SRC (``jsonl.resolve_under``).
-
-Clips and alignment. An episode's video frames and parquet rows are paired by time (each the other's
-nearest, within ``tolerance_s``, default half a source frame); unpaired ones are left out and counted,
-and an episode pairing less than half of them is skipped and counted (``EpisodeError``), never the whole
-run. Each episode is cut into clips of ``clip_seconds`` every ``stride_seconds`` (full clips only; an
-episode shorter than one clip gives one shorter clip). In a clip starting at ``s`` the wanted times are
-``s + i / fps``; sampled frame i is the paired video frame nearest that time (its presentation time
-``t_i`` on the episode clock), its action / state row that frame's partner (a wanted time with no frame
-within half a source frame skips the clip, counted). Episodes with NaN / inf actions or states stop the
-run unless ``skip_nonfinite`` (then skipped and counted). Output per clip: the sampled frames
-re-encoded as ``video.mp4`` at ``fps`` (H.264 via PyAV, as the synthetic generator) or stored as
-``f000.jpg``... (``media="frames"``); ``action.npy`` [T, D] float32, ``state.npy`` [T, S] float32,
-``action_ts.npy`` [T] = ``i / fps`` (the clip's video clock, starting at 0); ``meta.json`` with
-source, licence (info.json / README front matter / LICENSE, else "unknown" + warning), task,
-embodiment (``robot_type``), fps, source frame indices, the clip-clock timestamps, the source
-times and rows under ``extra``, and the action/state dimension names.
-
-Conversation. User: the video and the task string (``question`` template, default ``"{task}"``).
-Assistant (RynnBrain-style text; the image-space ``<traj>`` tag would need camera calibration
-the data does not have, so joint-space actions are written as plain text):
-
-    Over 4.0 s the largest action changes are kRightElbow -0.42, kRightShoulderPitch +0.31 and kRightHandIndex -0.58.
-    Per step (kRightElbow, kRightShoulderPitch, kLeftElbow, kRightHandIndex): <frame 0> (1.10, -0.52, 1.17, 0.99) <frame 1> (...) ...
-
-"Largest changes" ranks all dims by |end - start| / (dataset std of that dim); the per-step dims
-are ``answer_dims`` (default: the ``answer_top_k`` dims with the largest dataset std). ``<frame i>``
-is the i-th sampled frame, i.e. the i-th frame the encoder sees when it samples the clip at the
-same fps. With ``action_bins=N`` the answer ends with discretised action tokens, one line per
-frame, D zero-padded bin numbers (width of ``N - 1``)::
-
-    Action bins:
-    <frame 0> 017 250 003 ...
-    <frame 1> ...
-
-Bins are per dimension (``binning="quantile"``: edges at the dataset's 0, 1/N, ..., 1 quantiles;
-``"minmax"``: N equal bins between min and max); bin = number of inner edges <= value, so values
-outside the range clamp to the first/last bin. Edges and per-dimension statistics (count, min,
-max, mean, std over every row of the converted episodes) are saved beside the shards as
-``action_stats.json``; :func:`action_to_bins` / :func:`parse_action_bins` apply and invert them.
-Plain digits are used because the Qwen3 tokenizer has no spare special tokens and splits digits
-one per token: a 3-digit bin costs 4 tokens with its separator (``<a_017>`` would cost 6).
-
-Parallel over episodes (``episodes_per_shard`` episodes make one shard), with a progress bar;
-restartable and atomic through ``shards.run_shard_jobs``. Reading parquet needs ``pyarrow``
-(the ``lerobot`` extra).
+Each episode's video frames and parquet rows are paired by time (unpaired ones, misaligned or non-finite
+episodes skipped and counted, never the whole run), cut into clips, re-encoded (or stored as frames) with
+their action / state arrays and a RynnBrain-style answer (optionally with discretised action tokens), in
+parallel over episodes, restartable. The layouts read, the alignment rule, the members, the answer format
+and the action bins: docs/data_format.md, "LeRobot".
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def inspect_shards(
     d = Path(directory)
     m = read_manifest(d)
     enc = get_estimator(tokenizer, encoder_cfg) if estimate else None
-    merge2 = (enc.cfg.merge_size ** 2) if enc is not None else 4
+    merge2 = (enc.cfg.vision.merge_size ** 2) if enc is not None else 4
     if enc is not None:
         from rynnscale.data.encode import SampleError
     bad: Counter[str] = Counter()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from rynnscale.config.model_args import resolve_model_args
+from rynnscale.config.schema import PlanConfig
 from rynnscale.models.stats import ParamStats, param_stats
 from rynnscale.plan.planner import (
-    Cluster,
     Plan,
     PlanError,
     Profile,
@@ -21,15 +21,14 @@ from rynnscale.train.build import build_model
 from rynnscale.train.optim import largest_param_group
 
 
-def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, profile: str = "gpu",
+def plan_recipe(cfg: Any, recipe: str = "", *, cluster: PlanConfig | None = None, profile: str = "gpu",
                 doc_tokens: int = 0) -> Plan:
     """Plan a loaded RootConfig on ``cluster`` (default: the recipe's ``plan`` section). The model is the
     one training would build (``rynnscale.train.build``), on the meta device."""
-    where = resolve_model_args(cfg.model, check_paths=False).source
+    arch = resolve_model_args(cfg.model, check_paths=False)
     pc = cfg.plan
-    c = cluster or Cluster(pc.nodes, pc.gpus_per_node, pc.gpu_mem_gib, pc.peak_tflops, pc.mfu, pc.nvlink_gbps,
-                           pc.ib_gbps)
-    args, model = build_model(cfg.model, meta=True)
+    c = cluster or pc
+    args, model = build_model(cfg.model, meta=True, arch=arch)
     st = param_stats(model, largest_param_group(model, cfg.optim))
     lay = resolve_layout(c.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.ep,
                          args.text.num_experts, cfg.parallel.cp)
@@ -37,8 +36,8 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: Cluster | None = None, p
                  visual_tokens=pc.visual_tokens_per_micro_batch, doc_tokens=doc_tokens,
                  loss_chunk_tokens=cfg.train.loss_chunk_tokens, checkpointing=cfg.model.activation_checkpointing,
                  every=cfg.model.activation_checkpointing_every)
-    return make_plan(recipe, where, args, st, lay, w, c, Profile.named(profile))
+    return make_plan(recipe, arch.source, args, st, lay, w, c, Profile.named(profile))
 
 
-__all__ = ["Cluster", "ParamStats", "Plan", "PlanError", "Profile", "Workload", "estimate_memory", "format_plan",
+__all__ = ["ParamStats", "Plan", "PlanError", "Profile", "Workload", "estimate_memory", "format_plan",
            "make_plan", "param_stats", "plan_recipe", "resolve_layout"]

@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rynnscale.config.schema import PlanConfig
 from rynnscale.models.stats import ParamStats
 from rynnscale.ops.attention import varlen_takes_gqa
 from rynnscale.parallel.layout import LayoutError, ParallelLayout
@@ -79,21 +80,6 @@ class Profile:
             return cls(name="cpu", act_bytes=4, attention="loop", fsdp_working_set=False, foreach_optimizer=True,
                        reserve_gib=0.0, fragmentation=0.0)
         raise PlanError(f"unknown plan profile {name!r}; choose 'gpu' or 'cpu'")
-
-
-@dataclass
-class Cluster:
-    nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_mem_gib: float = 80.0
-    peak_tflops: float = 790.0
-    mfu: float = 0.35
-    nvlink_gbps: float = 360.0
-    ib_gbps: float = 45.0
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
 
 
 @dataclass
@@ -264,7 +250,7 @@ class Plan:
 
 
 def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, p: Profile,
-                    cluster: Cluster | None = None) -> MemoryBreakdown:
+                    cluster: PlanConfig | None = None) -> MemoryBreakdown:
     """Per-GPU memory of one training step (see the module docstring for the model)."""
     t, v = args.text, args.vision
     shard = lay.fsdp  # dp_shard x cp
@@ -365,7 +351,7 @@ def _layer_backward_workspace(t: Any, moe: bool, T: int, doc: int, p: Profile) -
     return max(mlp, attn)
 
 
-def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster) -> Comm:
+def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: PlanConfig) -> Comm:
     """Per-GPU bytes per optimiser step. FSDP2 all-gathers bf16 parameters in forward and again in
     backward (reshard after forward) and reduce-scatters fp32 gradients, once per micro-batch; a ring
     collective moves (n-1)/n of the buffer per GPU. HSDP all-reduces the shard's gradients over
@@ -420,7 +406,7 @@ def cp_traffic_per_layer(t: Any, cp: int, row_tokens: int, recompute: bool,
     return fwd * fwd_passes + bwd, mode
 
 
-def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: Cluster,
+def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: PlanConfig,
                  p: Profile) -> int | None:
     """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
     NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
@@ -454,7 +440,7 @@ def model_flops_per_step(args: Any, st: ParamStats, w: Workload) -> float:
 
 
 def make_plan(recipe: str, model_name: str, args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
-              c: Cluster, p: Profile) -> Plan:
+              c: PlanConfig, p: Profile) -> Plan:
     mem = estimate_memory(args, st, lay, w, p, c)
     comm = estimate_comm(args, st, lay, w, c)
     flops = model_flops_per_step(args, st, w)
@@ -593,5 +579,5 @@ def format_plan(pl: Plan) -> str:
 
 
 
-__all__ = ["Cluster", "Plan", "PlanError", "Profile", "Workload", "estimate_comm", "estimate_memory",
+__all__ = ["Plan", "PlanError", "Profile", "Workload", "estimate_comm", "estimate_memory",
            "format_plan", "make_plan", "model_flops_per_step", "resolve_layout"]

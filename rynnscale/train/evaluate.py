@@ -190,13 +190,13 @@ class Evaluator:
     # -- data
     def loader(self):
         """A fresh finite loader over the held-out shards: one epoch, no shuffling, this rank's split."""
-        from rynnscale.data.loader import LoaderConfig, TrainLoader
+        from rynnscale.data.loader import LoaderConfig, SplitLoader
 
         lc = LoaderConfig.from_run_config(self.cfg, train_shards=list(self.patterns), mixture=[], num_epochs=1,
                                           shuffle_buffer=0, shuffle_shards=False, num_workers=0,
                                           micro_batches_per_step=1, min_samples_for_bad_check=1 << 62,
                                           cost_model=self.cost_model)
-        return TrainLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size)
+        return SplitLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size)
 
     def grounding_samples(self) -> list[tuple[EncodedSample, list[int]]]:
         """This rank's (prompt, reference ids) pairs: of the first ``eval.grounding_samples`` held-out samples

@@ -108,7 +108,7 @@ class TrainComponents:
     model: torch.nn.Module       # FSDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    data: Any                    # TrainLoader of this rank
+    data: Any                    # this rank's TrainLoader (yields DataSteps)
     ctx: DistContext
     state: TrainState = field(default_factory=TrainState)
     base: dict[str, Any] | None = None  # LoRA: content fingerprint of the frozen base (model.init_from)

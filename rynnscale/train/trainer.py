@@ -1,20 +1,19 @@
 """The training loop, readable top to bottom: set up the process group -> build model, optimiser, data
-(``setup``) -> for each step: fetch micro-batches, one optimiser step (``step``), log, save, hooks ->
-plot. The step's global quantities (loss over all ranks' assistant tokens, load balancing, clipping) are
-documented in ``rynnscale.train.step``.
+(``setup``) -> for each ``DataStep`` the loader yields (this rank's micro-batches and the step's facts: sample
+ids, rank costs, bad-sample counts, the loader state after it): one optimiser step (``step``, the loss from an
+objective), log, save, hooks -> plot. The step's global quantities (loss over all ranks' assistant tokens,
+load balancing, clipping) are documented in ``rynnscale.train.step``.
 
 Checkpoints (``checkpoint.*``, see ``rynnscale.checkpoint.dcp``):
 
 - resume (``auto`` = newest complete checkpoint of ``run.output_dir``, default; ``none``; or a path) loads
-  model, optimiser, scheduler, step and tokens seen. Same world size and layout: this rank's loader state
-  and RNG states are restored too, and the run continues exactly (bitwise-equal losses on CPU). Other world
-  size / layout / grad_accum: weights and optimiser reshard through DCP, and the data continues exactly
-  from the layout-free loader state rank 0 saved in ``trainer_state.json`` (``extra.data_order``; the
-  loader reads the global sample order, ``rynnscale.data.loader``): nothing lost or repeated, and the
-  same samples per step as a straight run when ranks x grad_accum is unchanged. A checkpoint without
-  that state (saved before the global order) restarts the data order deterministically instead: every
-  rank's loader is rebuilt with the data seed ``restart_data_seed(data.seed, step)`` (a warning says so);
-  the seed in use is saved, so later exact resumes keep it.
+  model, optimiser, scheduler, step and tokens seen, and the loader state of the step saved (layout-free, in
+  ``trainer_state.json`` ``extra.data_order``). Same layout: RNG states are restored too and the run continues
+  exactly (bitwise-equal losses on CPU). Other world size / layout / grad_accum: weights and optimiser reshard
+  through DCP and the data continues exactly (nothing lost or repeated, the same samples per step as a straight
+  run when ranks x grad_accum is unchanged). A checkpoint without that state (saved before the global order)
+  restarts the data order deterministically instead, with the data seed ``restart_data_seed(data.seed, step)``
+  (a warning says so); the seed in use is saved, so later resumes keep it.
 - ``samples.jsonl`` (``logging.sample_log``): the samples of every step's global batch, cut back to the
   start step on (re)start like ``metrics.jsonl``.
 - ``metrics.jsonl`` on (re)start keeps only the lines of steps <= the start step (a resumed run rewrites
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 import yaml
 
+from rynnscale.batch import DataStep
 from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint, read_trainer_state
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
@@ -105,7 +105,7 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
     order = rs.extra.get("data_order")   # the layout-free loader state (global sample order), if saved
-    if getattr(c.data, "elastic", False) and order is not None:
+    if order is not None:
         data_seed = int(order.get("data_seed", cfg.data.seed))
         if data_seed != cfg.data.seed:
             rebuild_data(cfg, c, data_seed)
@@ -117,25 +117,15 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
                          "sample order continues exactly (nothing lost or repeated)", path, rs.step)
         log.info("resumed %s from %s at step %d", "exactly" if rs.exact else "elastically", path, rs.step)
         return data_seed
-    if getattr(c.data, "elastic", False) and c.ctx.is_main:
-        log.warning("checkpoint %s has no global-order loader state (saved before the global sample order): "
-                    "the data order restarts deterministically", path)
-    if rs.exact and not getattr(c.data, "elastic", False):
-        saved_seed = int(rs.per_rank.get("data_seed", cfg.data.seed))
-        if saved_seed != cfg.data.seed:  # this layout had restarted its data order with another seed
-            rebuild_data(cfg, c, saved_seed)
-        data_seed = saved_seed
-        c.data.load_state_dict(rs.per_rank["loader"])
-        log.info("resumed exactly from %s at step %d", path, rs.step)
-    else:
-        data_seed = restart_data_seed(cfg.data.seed, rs.step)
-        rebuild_data(cfg, c, data_seed)
-        if c.ctx.is_main:
-            log.warning("resumed from %s at step %d under another world size / layout: the data order restarts "
-                        "deterministically (data seed %d = restart_data_seed(data.seed=%d, step=%d), nothing "
-                        "skipped); it is not the order the original run would have seen", path, rs.step,
-                        data_seed, cfg.data.seed, rs.step)
-        seed_everything(data_seed)
+    # a checkpoint saved before the global sample order: its per-rank loader state cannot be continued
+    data_seed = restart_data_seed(cfg.data.seed, rs.step)
+    rebuild_data(cfg, c, data_seed)
+    if c.ctx.is_main:
+        log.warning("checkpoint %s has no global-order loader state (saved before the global sample order): the data "
+                    "order restarts deterministically (data seed %d = restart_data_seed(data.seed=%d, step=%d), "
+                    "nothing skipped); it is not the order the original run would have seen", path, data_seed,
+                    cfg.data.seed, rs.step)
+    seed_everything(data_seed)
     return data_seed
 
 
@@ -168,8 +158,8 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
     return c, manager, data_seed
 
 
-def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt: float, t_data: float,
-                 nonfinite_total: int, flops: StepFlopsMeter, local_flops: float) -> dict:
+def _step_record(step: int, c: TrainComponents, data: DataStep, stats: StepStats, lr: float, dt: float,
+                 t_data: float, nonfinite_total: int, flops: StepFlopsMeter, local_flops: float) -> dict:
     """The ``metrics.jsonl`` line of one step (global quantities; data wait is the mean over ranks)."""
     ctx = c.ctx
     # one all-reduce: data wait, model FLOPs, each rank's step time
@@ -183,7 +173,7 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
         "expert_load_max_over_mean": None, "nonfinite_steps": nonfinite_total,
         # data-parallel balance: estimated cost of each rank's micro-batches (the loader's plan) and the
         # measured step time of each rank, as max / mean over ranks
-        "rank_cost_max_over_mean": max_over_mean(getattr(c.data, "last_step_rank_costs", None) or []),
+        "rank_cost_max_over_mean": max_over_mean(data.rank_costs),
         "rank_time_max_over_mean": max_over_mean(times[2:]),
         **flops.record(times[1], dt, ctx.world_size),
     }
@@ -191,9 +181,7 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
         record["expert_load_max_over_mean"] = worst
         record["expert_load_per_layer"] = per_layer
-    bad = getattr(c.data, "bad_counts", None)
-    if bad:
-        record["skipped_samples"] = dict(bad)
+    record["skipped_samples"] = dict(data.bad)   # this rank's, by reason, so far (every step, 0 included)
     return record
 
 
@@ -223,23 +211,20 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     model, state, tc, ck = c.model, c.state, cfg.train, cfg.checkpoint
     run_config, layout = yaml.safe_load(to_yaml(cfg)), layout_dict(cfg, ctx)
 
-    def save() -> Path:
+    def save(data: DataStep) -> Path:
+        """Checkpoint after the step just trained; ``data.state`` (the loader state after it, the same on every
+        rank) continues the data on any layout."""
+        extra: dict = {"data_order": {"loader": data.state, "data_seed": data_seed}}
+        if c.base is not None:
+            extra["lora_base"] = c.base
         return manager.save(state.step, model, c.optimizer, c.scheduler, tokens_seen=state.tokens_seen,
-                            config=run_config, layout=layout, model_config=c.args.to_hf_config(),
-                            per_rank_state={"loader": c.data.state_dict(), "data_seed": data_seed},
-                            extra_state=extra_state())
-
-    def extra_state() -> dict | None:
-        extra: dict = {"lora_base": c.base} if c.base is not None else {}
-        if getattr(c.data, "elastic", False):  # the same on every rank: rank 0 writes it, any layout reads it
-            extra["data_order"] = {"loader": c.data.state_dict(), "data_seed": data_seed}
-        return extra or None
+                            config=run_config, layout=layout, model_config=c.args.to_hf_config(), extra_state=extra)
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
     objective = TokenCrossEntropy(tc.loss_chunk_tokens)
     flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True, arch=c.run.arch)[1]),
                            peak_tflops(ctx.device, cfg.logging.peak_tflops))
-    batches = iter(c.data)
+    steps = iter(c.data)
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
     preempt = install_preemption_handler()
@@ -248,10 +233,10 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     try:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(tc.grad_accum)]
+            data = next(steps)
             t_data = time.perf_counter() - t0
             lr = c.scheduler.get_last_lr()[0]
-            stats = train_step(model, c.optimizer, micro, device=ctx.device, compute_dtype=c.run.compute_dtype,
+            stats = train_step(model, c.optimizer, data.micro_batches, device=ctx.device, compute_dtype=c.run.compute_dtype,
                                objective=objective, max_grad_norm=tc.max_grad_norm, ctx=ctx)
             c.scheduler.step()
             if ctx.device.type == "cuda":
@@ -259,11 +244,11 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             dt = time.perf_counter() - t0
             state.step += 1
             state.tokens_seen += stats.tokens
-            sample_log.log(state.step, getattr(c.data, "last_step_samples", None) or [])
+            sample_log.log(state.step, data.samples)
             nonfinite_run = 0 if stats.finite else nonfinite_run + 1
             nonfinite_total += 0 if stats.finite else 1
-            record = _step_record(state.step, c, stats, lr, dt, t_data, nonfinite_total, flops,
-                                  flops.local(micro, ctx.cp_rank))
+            record = _step_record(state.step, c, data, stats, lr, dt, t_data, nonfinite_total, flops,
+                                  flops.local(data.micro_batches, ctx.cp_rank))
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 metrics.log(record)
@@ -271,7 +256,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             if not stats.finite:
                 _check_nonfinite(state.step, stats, nonfinite_run, tc.max_nonfinite_steps)
             elif preempted or state.step == tc.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
-                save()
+                save(data)
             call_hooks(hooks, "on_step_end", state.step, ctx)
             if preempted:
                 log.warning("preempted (signal %s): saved step %d, exiting", preempt.signum, state.step)
@@ -280,7 +265,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     finally:
         preempt.uninstall()
         metrics.close()
-        if getattr(c.data, "bad_counts", None):
+        if c.data.bad_counts:
             log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)
     if cfg.logging.plot and ctx.is_main:

@@ -180,8 +180,8 @@ def _rank0_steps(shards: list[str], budget: int, grad_accum: int, balance: str, 
     loader = build_train_data(cfg, args, rank=0, world_size=4)
     it, out = iter(loader), []
     for _ in range(steps):
-        mine = [next(it) for _ in range(grad_accum)]
-        out.append((list(loader.last_step_rank_costs), mine, loader.last_step_packs < 4 * grad_accum))
+        step = next(it)
+        out.append((list(step.rank_costs), step.micro_batches, step.packs < 4 * grad_accum))
     return out, CostModel.from_args(args)
 
 
@@ -263,22 +263,23 @@ def test_cost_balance_is_optimal_where_pack_order_matters(tmp_path: Path, world:
     worst: dict[str, list[float]] = {}
     for balance in ("cost", "none"):
         cfg = LoaderConfig(train_shards=[str(tmp_path / "shard-000.tar")], seed=1, micro_batch_tokens=budget,
-                           pack_window=1, shuffle_buffer=8, global_order=True, micro_batches_per_step=ga,
+                           pack_window=1, shuffle_buffer=8, micro_batches_per_step=ga,
                            balance=balance, num_epochs=1, cost_model=cm)
         loaders = [TrainLoader(cfg, ByteEncoder(), rank=r, world_size=world) for r in range(world)]
         its = [iter(x) for x in loaders]
         worst[balance] = []
         rr_worse = 0
         while True:
-            got = [list(itertools.islice(it, ga)) for it in its]
-            if not any(got):
+            steps = [next(it, None) for it in its]
+            if all(st is None for st in steps):
                 break
-            if loaders[0].last_step_packs < n:   # the epoch's last, short step
+            if steps[0].packs < n:   # the epoch's last, short step
                 continue
-            packs = [[cm.pack_cost([int(x) for x in b.cu_seqlens.diff()]) for b in g if not b.filler] for g in got]
+            packs = [[cm.pack_cost([int(x) for x in b.cu_seqlens.diff()]) for b in st.micro_batches if not b.filler]
+                     for st in steps]
             assert all(len(p) == ga for p in packs)
             loads = [sum(p) for p in packs]
-            assert loaders[0].last_step_rank_costs == pytest.approx(loads, rel=1e-9)
+            assert steps[0].rank_costs == pytest.approx(loads, rel=1e-9)
             costs = sorted((c for p in packs for c in p), reverse=True)
             best = _best_equal_split(costs, world)
             in_order = max(sum(costs[r * ga:(r + 1) * ga]) for r in range(world))

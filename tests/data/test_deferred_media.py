@@ -110,8 +110,12 @@ def test_changed_shard_is_refused_by_name(tmp_path: Path) -> None:
 
 def _cfg(d: Path, **kw) -> LoaderConfig:
     base = dict(train_shards=[str(d / "*.tar")], seed=4, micro_batch_tokens=700, pack_window=3, shuffle_buffer=5,
-                global_order=True, num_epochs=1)
+                num_epochs=1)
     return LoaderConfig(**(base | kw))
+
+
+def _batches(loader: TrainLoader) -> list:
+    return [b for st in loader for b in st.micro_batches]
 
 
 def _assert_same(a, b) -> None:
@@ -131,9 +135,9 @@ def test_each_rank_reads_only_its_own_media(hinted: Path, enc, world: int, ga: i
         kw = dict(micro_batches_per_step=ga, num_workers=workers)
         torch.manual_seed(0)
         lazy = TrainLoader(_cfg(hinted, **kw), enc, rank=rank, world_size=world)
-        got = list(lazy)
+        got = _batches(lazy)
         torch.manual_seed(0)
-        _assert_same(got, list(TrainLoader(_cfg(hinted, defer_media=False, **kw), enc, rank=rank, world_size=world)))
+        _assert_same(got, _batches(TrainLoader(_cfg(hinted, defer_media=False, **kw), enc, rank=rank, world_size=world)))
         assert lazy.bad_counts == {} and got
         read.append(lazy.stats()["media_bytes_read"])
     assert sum(read) == total_media                      # every clip's media read once, by the rank that trains it
@@ -143,7 +147,7 @@ def test_each_rank_reads_only_its_own_media(hinted: Path, enc, world: int, ga: i
 def test_media_that_cannot_be_read_back_are_counted_not_fatal(hinted: Path, enc, monkeypatch, caplog) -> None:
     """Deferred media that fail to read (the shard changed after its headers were walked): the rank that
     decodes the sample counts it bad (``corrupt_tar``, shard and key in the warning) and trains the rest."""
-    import rynnscale.data.loader as loader_mod
+    import rynnscale.data.worker as loader_mod
 
     victims = {s.key for s in iter_tar_samples(str(sorted(hinted.glob("*.tar"))[1]))}
     real = loader_mod.read_deferred
@@ -155,7 +159,7 @@ def test_media_that_cannot_be_read_back_are_counted_not_fatal(hinted: Path, enc,
 
     monkeypatch.setattr(loader_mod, "read_deferred", flaky)
     loader = TrainLoader(_cfg(hinted), enc)
-    keys = [k for b in loader for k in b.sample_keys]
+    keys = [k for b in _batches(loader) for k in b.sample_keys]
     assert loader.bad_counts == {"corrupt_tar": len(victims)}
     assert len(keys) == 24 - len(victims) and not victims & set(keys)
     assert "it changed" in caplog.text and sorted(victims)[0] in caplog.text
@@ -164,7 +168,8 @@ def test_media_that_cannot_be_read_back_are_counted_not_fatal(hinted: Path, enc,
 def test_without_hints_every_rank_measures_then_lets_the_media_go(hinted: Path, enc, tmp_path: Path) -> None:
     """No cost hints: every rank reads each sample's media to measure it and drops them (the packing window
     holds no media at any world size); the decoding rank reads them again. Batches stay bitwise the eager ones."""
-    from rynnscale.data.loader import _expand_sources, _WorkerPipeline
+    from rynnscale.data.global_order import GlobalPipeline
+    from rynnscale.data.loader import _expand_sources
     from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
 
     m = read_manifest(hinted)
@@ -178,13 +183,13 @@ def test_without_hints_every_rank_measures_then_lets_the_media_go(hinted: Path, 
     for rank in range(2):
         torch.manual_seed(0)
         lazy = TrainLoader(_cfg(tmp_path), enc, rank=rank, world_size=2)
-        got = list(lazy)
+        got = _batches(lazy)
         torch.manual_seed(0)
-        _assert_same(got, list(TrainLoader(_cfg(tmp_path, defer_media=False), enc, rank=rank, world_size=2)))
+        _assert_same(got, _batches(TrainLoader(_cfg(tmp_path, defer_media=False), enc, rank=rank, world_size=2)))
         read.append(lazy.stats()["media_bytes_read"])
     assert sum(read) == 3 * total_media   # measured by both ranks, decoded by one
     cfg = _cfg(tmp_path)
-    pipe = _WorkerPipeline(cfg, enc, None, _expand_sources(cfg), 0, 2, 0, 0, None)
+    pipe = GlobalPipeline(cfg, enc, None, _expand_sources(cfg), 0, 2, 0, 0, None)
     it = iter(pipe)
     next(it)
     held = [it_.ref for it_ in pipe.packer.items] + [x.ref for st in pipe.steps for b in st for x in b]

@@ -1,10 +1,9 @@
-"""Global sample order (``LoaderConfig.global_order``): the samples of a step depend on the data, the seed
+"""Global sample order (``TrainLoader``): the samples of a step depend on the data, the seed
 and the global micro-batch count only -- not on the world size, the workers or the accumulation -- and
 the layout-free state resumes on another layout with nothing lost or repeated."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from rynnscale.data.loader import LoaderConfig, LoaderStateError, TrainLoader
+from rynnscale.data.loader import LoaderConfig, LoaderStateError, SplitLoader, TrainLoader
 from tests.data.test_loader_resume import ByteEncoder, write_text_shards
 
 
 def _cfg(d: Path, **kw) -> LoaderConfig:
     base = dict(train_shards=[str(d / "shard-{000..003}.tar")], seed=3, micro_batch_tokens=300, pack_window=4,
-                shuffle_buffer=6, global_order=True)
+                shuffle_buffer=6)
     return LoaderConfig(**(base | kw))
 
 
@@ -28,8 +27,10 @@ def _steps(loaders: list[TrainLoader], ga: int, n: int, its: list | None = None)
     its = its if its is not None else [iter(x) for x in loaders]
     out = []
     for _ in range(n):
-        keys = [k for it in its for _ in range(ga) for k in next(it).sample_keys]
-        assert sorted(k.split(":")[-1] for k in loaders[0].last_step_samples) == sorted(keys)
+        steps = [next(it) for it in its]
+        assert all(len(st.micro_batches) == ga for st in steps)
+        keys = [k for st in steps for b in st.micro_batches for k in b.sample_keys]
+        assert sorted(k.split(":")[-1] for k in steps[0].samples) == sorted(keys)
         out.append(sorted(keys))
     return out
 
@@ -79,7 +80,7 @@ def test_resume_on_another_layout(tmp_path: Path, balance: str) -> None:
 
 def test_old_state_is_refused_clearly(tmp_path: Path) -> None:
     write_text_shards(tmp_path, 4, 12)
-    old = TrainLoader(_cfg(tmp_path, global_order=False), ByteEncoder())
+    old = SplitLoader(_cfg(tmp_path), ByteEncoder())
     next(iter(old))
     new = TrainLoader(_cfg(tmp_path), ByteEncoder())
     with pytest.raises(LoaderStateError, match="per-rank split loader"):
@@ -91,7 +92,7 @@ def test_epochs_are_not_periodic_and_cover_every_sample(tmp_path: Path) -> None:
     epoch's order differs from the previous one (shard order and shuffle draws are reseeded per epoch)."""
     write_text_shards(tmp_path, 4, 12)
     loader = TrainLoader(_cfg(tmp_path, num_epochs=3), ByteEncoder())
-    order = [k for b in loader for k in b.sample_keys]
+    order = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
     assert Counter(order) == Counter({k: 3 for k in set(order)}) and len(set(order)) == 48
     seen: Counter[str] = Counter()
     epochs: list[list[str]] = [[], [], []]
@@ -175,18 +176,15 @@ def test_every_rank_yields_its_share_whatever_the_data_does(tmp_path: Path, worl
     trained: list[str] = []
     steps = fillers = 0
     while True:
-        got = []
-        for it in its:
-            chunk = list(itertools.islice(it, ga))
-            assert len(chunk) in (0, ga), f"a rank yielded {len(chunk)} of a step's {ga} micro-batches"
-            got.append(chunk or None)
+        got = [next(it, None) for it in its]
         if all(g is None for g in got):
             break
         assert all(g is not None for g in got), "ranks ended at different steps"
+        assert all(len(g.micro_batches) == ga for g in got), "a rank yielded another number of micro-batches"
         steps += 1
-        step_keys = {s.split(":")[-1] for s in loaders[0].last_step_samples}
-        assert all(x.last_step_samples == loaders[0].last_step_samples for x in loaders)   # aligned
-        for b in (b for g in got for b in g):
+        step_keys = {s.split(":")[-1] for s in got[0].samples}
+        assert all(g.samples == got[0].samples and g.index == got[0].index for g in got)   # aligned
+        for b in (b for g in got for b in g.micro_batches):
             b.validate()
             assert b.num_tokens <= 300
             fillers += b.filler
@@ -251,11 +249,11 @@ def _to_the_end(loaders: list[TrainLoader], ga: int) -> list[list[str]]:
     """The remaining steps of a finite stream (sorted sample keys of each)."""
     its, out = [iter(x) for x in loaders], []
     while True:
-        chunks = [list(itertools.islice(it, ga)) for it in its]
-        if not any(chunks):
+        steps = [next(it, None) for it in its]
+        if all(st is None for st in steps):
             return out
-        assert all(len(c) == ga for c in chunks)
-        out.append(sorted(k for c in chunks for b in c for k in b.sample_keys))
+        assert all(st is not None and len(st.micro_batches) == ga for st in steps)
+        out.append(sorted(k for st in steps for b in st.micro_batches for k in b.sample_keys))
 
 
 def test_small_data_set_resumes_mid_epoch_on_any_layout(tmp_path: Path) -> None:

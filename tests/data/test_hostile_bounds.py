@@ -237,7 +237,7 @@ def test_max_sample_bytes_recipe_key_makes_the_loader_skip_and_count(recipe, tmp
                                       shuffle_buffer=0, pack_window=2, max_bad_fraction=1.0, micro_batch_tokens=64)
     assert lc.limits.max_sample_bytes == 2000
     loader = TrainLoader(lc, Lengths())
-    keys = [k for b in loader for k in b.sample_keys]
+    keys = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
     assert keys == ["k001"] and loader.bad_counts == {"too_large": 1}
 
 

@@ -125,7 +125,7 @@ def test_repeated_frame_is_decoded_once_and_resized_while_decoding(enc, monkeypa
     (m,) = p.media
     T, h, w, _ = m.frames_thwc.shape
     assert T == 768 and (h, w) == m.size_hw == video_target_size(768, 512, 512, enc.spec)
-    assert m.frames_thwc.numel() <= 3 * enc.cfg.video_max_pixels   # the resized clip, not T full-size frames
+    assert m.frames_thwc.numel() <= 3 * enc.cfg.vision.video_max_pixels   # the resized clip, not T full-size frames
     assert torch.equal(m.frames_thwc[0], m.frames_thwc[-1])
 
 
@@ -218,7 +218,7 @@ cfg = LoaderConfig(train_shards=json.loads(sys.argv[2]), micro_batch_tokens=1638
                    num_workers=0, num_epochs=1, max_bad_fraction=1.0, tune_malloc=False)
 loader = TrainLoader(cfg, enc)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-keys = [k for b in loader for k in b.sample_keys]
+keys = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"keys": sorted(keys), "bad": loader.bad_counts, "base_kib": base, "peak_kib": peak}))
 """

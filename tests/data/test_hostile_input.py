@@ -69,7 +69,7 @@ def test_loader_skips_and_counts_them(tmp_path, enc):
     cfg = LoaderConfig(train_shards=[str(d / "*.tar")], micro_batch_tokens=4096, pack_window=4, shuffle_buffer=0,
                        num_workers=0, num_epochs=1, max_bad_fraction=0.5)
     loader = TrainLoader(cfg, enc)
-    keys = [k for b in loader for k in b.sample_keys]
+    keys = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
     assert len(keys) == 6 and loader.bad_counts == {"bad_json": 3}
 
 

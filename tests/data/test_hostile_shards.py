@@ -15,7 +15,7 @@ import torch
 from rynnscale.batch import EncodedSample
 from rynnscale.config import load_config
 from rynnscale.data.encode import SampleError
-from rynnscale.data.loader import LoaderConfig, TrainLoader
+from rynnscale.data.loader import LoaderConfig, SplitLoader, TrainLoader
 from rynnscale.data.manifest import read_manifest
 from rynnscale.data.reader import ReaderLimits, ShardIntegrityError, iter_tar_samples
 from rynnscale.data_pipelines.shards import ShardWriter
@@ -46,8 +46,9 @@ def cfg(d: Path, **kw) -> LoaderConfig:
     return LoaderConfig(**base)
 
 
-def keys(batches) -> list[list[str]]:
-    return [list(b.sample_keys) for b in batches]
+def keys(items) -> list[list[str]]:
+    """Sample keys of each batch (a SplitLoader's) or of each step (a TrainLoader's, all its micro-batches)."""
+    return [[k for b in getattr(x, "micro_batches", [x]) for k in b.sample_keys] for x in items]
 
 
 # ---------------------------------------------------------------------------------------- 8. manifest checks
@@ -103,8 +104,9 @@ def test_moved_data_directory_resumes(tmp_path):
 
 
 def test_old_state_with_absolute_fingerprint_still_loads(tmp_path):
+    """A per-rank (SplitLoader) state saved before shard names became relative to their directory."""
     write(tmp_path)
-    ref = TrainLoader(cfg(tmp_path), ByteEncoder())
+    ref = SplitLoader(cfg(tmp_path), ByteEncoder())
     it = iter(ref)
     for _ in range(2):
         next(it)
@@ -112,7 +114,7 @@ def test_old_state_with_absolute_fingerprint_still_loads(tmp_path):
     expected = keys(next(it) for _ in range(3))
     state["config"] = ref._fingerprint(absolute=True)   # what loaders wrote before relative names
     assert "shard_paths" not in state["config"]
-    again = TrainLoader(cfg(tmp_path), ByteEncoder())
+    again = SplitLoader(cfg(tmp_path), ByteEncoder())
     again.load_state_dict(state)
     it2 = iter(again)
     assert keys(next(it2) for _ in range(3)) == expected

@@ -179,7 +179,7 @@ t = time.perf_counter()
 cfg = LoaderConfig(train_shards=shards, micro_batch_tokens=16384, pack_window=4, shuffle_buffer=4, num_workers=0,
                    num_epochs=1, max_bad_fraction=1.0, tune_malloc=False)
 loader = TrainLoader(cfg, enc)
-keys = [k for b in loader for k in b.sample_keys]
+keys = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
 rep = inspect_shards(shards[0].rsplit("/", 1)[0])
 conv = convert_jsonl(jsonl, out, media_root=media, max_bad_fraction=1.0, progress=False)
 took = time.perf_counter() - t

@@ -1,4 +1,5 @@
-"""TrainLoader: exact resume (2 ranks x 2 workers), epoch coverage, bad data, balancing, end to end."""
+"""The per-rank SplitLoader (exact resume, 2 ranks x 2 workers; epoch coverage) and what both loaders share:
+bad data skipped and counted, the bad-fraction guard, the real writer and encoder end to end."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import webdataset as wds
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from rynnscale.batch import EncodedSample, PackedBatch
-from rynnscale.data.balance import CostModel, imbalance
 from rynnscale.data.encode import SampleError
-from rynnscale.data.loader import BadDataError, LoaderConfig, LoaderStateError, TrainLoader
+from rynnscale.data.loader import BadDataError, LoaderConfig, LoaderStateError, SplitLoader, TrainLoader
 
 
 class ByteEncoder:
@@ -62,8 +62,13 @@ def batch_fingerprint(b: PackedBatch) -> tuple:
             b.cu_seqlens.tolist(), b.max_seqlen)
 
 
-def take(it, n: int) -> list[PackedBatch]:
+def take(it, n: int) -> list:
     return [next(it) for _ in range(n)]
+
+
+def micro_batches(loader) -> list[PackedBatch]:
+    """Every micro-batch a loader yields: a SplitLoader's batches, or the micro-batches of a TrainLoader's steps."""
+    return [b for item in loader for b in (item.micro_batches if isinstance(loader, TrainLoader) else [item])]
 
 
 def config(d: Path, **kw) -> LoaderConfig:
@@ -73,20 +78,18 @@ def config(d: Path, **kw) -> LoaderConfig:
     return LoaderConfig(**base)
 
 
-@pytest.mark.parametrize("balance_group", [1, 2])
-def test_resume_two_ranks_two_workers(tmp_path: Path, balance_group: int) -> None:
+def test_resume_two_ranks_two_workers(tmp_path: Path) -> None:
     """Read N batches, save, read M more; a fresh loader restored from the state yields the same M
     (across an epoch boundary: 48 samples per rank and epoch, ~5 per batch)."""
     torch.manual_seed(0)
     write_text_shards(tmp_path, 8, 12)
     # a window of several packs, so the saved state holds packs not yet emitted as well as carry-over
     # (half an epoch: a window of a whole worker's epoch is packed out at the epoch barrier)
-    cfg = config(tmp_path, balance_group=balance_group, micro_batch_tokens=200, pack_window=12,
-                 micro_batches_per_step=2 if balance_group > 1 else 1)
+    cfg = config(tmp_path, micro_batch_tokens=200, pack_window=12)
     N, M = 3, 14
     seen_by_rank = []
     for rank in range(2):
-        loader = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
+        loader = SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
         it = iter(loader)
         head = take(it, N)
         state = json.loads(json.dumps(loader.state_dict()))  # plain data, checkpointable as JSON
@@ -98,7 +101,7 @@ def test_resume_two_ranks_two_workers(tmp_path: Path, balance_group: int) -> Non
         for b in head + tail:
             b.validate()
             assert b.num_tokens <= cfg.micro_batch_tokens
-        fresh = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
+        fresh = SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
         fresh.load_state_dict(state)
         it2 = iter(fresh)
         again = take(it2, M)
@@ -117,55 +120,29 @@ def test_resume_two_ranks_two_workers(tmp_path: Path, balance_group: int) -> Non
 def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     write_text_shards(tmp_path, 8, 4)
     cfg = config(tmp_path, num_workers=0)
-    a = TrainLoader(cfg, ByteEncoder(), rank=0, world_size=2)
+    a = SplitLoader(cfg, ByteEncoder(), rank=0, world_size=2)
     it = iter(a)
     next(it)
     sd = a.state_dict()
-    b = TrainLoader(cfg, ByteEncoder(), rank=0, world_size=4)
+    b = SplitLoader(cfg, ByteEncoder(), rank=0, world_size=4)
     with pytest.raises(LoaderStateError, match="world_size=2 but this loader has world_size=4"):
         b.load_state_dict(sd)
-    c = TrainLoader(config(tmp_path, num_workers=0, micro_batch_tokens=512), ByteEncoder(), rank=0, world_size=2)
+    c = SplitLoader(config(tmp_path, num_workers=0, micro_batch_tokens=512), ByteEncoder(), rank=0, world_size=2)
     with pytest.raises(LoaderStateError, match="micro_batch_tokens"):
         c.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("balance_group", [1, 2])
-def test_epoch_covers_every_sample_exactly_once(tmp_path: Path, balance_group: int) -> None:
+def test_epoch_covers_every_sample_exactly_once(tmp_path: Path) -> None:
     torch.manual_seed(0)
     keys = write_text_shards(tmp_path, 8, 12)
-    cfg = config(tmp_path, num_epochs=1, balance_group=balance_group)
+    cfg = config(tmp_path, num_epochs=1)
     per_rank = []
     for rank in range(2):
-        got = [k for b in TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2) for k in b.sample_keys]
+        got = [k for b in SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2) for k in b.sample_keys]
         assert len(got) == len(set(got))
         per_rank.append(got)
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_group_balancing_pairs_similar_packs(tmp_path: Path, seed: int) -> None:
-    """balance_group=2: the two ranks' i-th micro-batches cost about the same (same number of
-    micro-batches per step by construction); without it (balance_group=1) they do not."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    for s in range(4):
-        with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as w:
-            for i in range(200):
-                n = 2 + int(min(rng.lognormal(np.log(40), 1.0), 500))  # long tail: s^2 matters
-                w.write({"__key__": f"s{s}-{i:03d}", "conv.json": json.dumps({"text": "x" * n}).encode()})
-    cm = CostModel(1.0, 2e-3, 0.0)
-    imb = {}
-    for G in (1, 2):
-        cfg = LoaderConfig(train_shards=[str(tmp_path / "*.tar")], seed=seed, micro_batch_tokens=512, pack_window=64,
-                           num_workers=0, balance_group=G, cost_model=cm)
-        costs = []
-        for r in range(2):
-            it = iter(TrainLoader(cfg, ByteEncoder(), r, 2))
-            costs.append([cm.pack_cost(b.cu_seqlens.diff().tolist()) for b in take(it, 30)])  # within epoch 0
-            it.close()
-        imb[G] = np.mean([imbalance([a, b]) for a, b in zip(*costs)])
-    assert imb[2] <= 1.05 and imb[2] < imb[1], imb
 
 
 def add_bad_shards(d: Path, budget: int) -> None:
@@ -195,7 +172,7 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pyte
     keys = write_text_shards(tmp_path, 8, 3)
     add_bad_shards(tmp_path, 300)
     cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-*.tar")], num_epochs=1, num_workers=0)
-    loader = TrainLoader(cfg, ByteEncoder())
+    loader = SplitLoader(cfg, ByteEncoder())
     with caplog.at_level(logging.WARNING, logger="rynnscale.data"):
         got = [k for b in loader for k in b.sample_keys]
     assert loader.bad_counts == {"bad_member": 1, "bad_conversation": 1, "too_long": 1, "corrupt_tar": 1}
@@ -223,10 +200,10 @@ def test_a_flood_of_bad_samples_is_summarised_and_counted_distinct(tmp_path: Pat
     write_text_shards(tmp_path, 2, 20)
     _too_long_shard(tmp_path, 20, 300)
     cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[019].tar")], num_workers=0, num_epochs=4,
-                 max_bad_fraction=0.5, global_order=global_order)
-    loader = TrainLoader(cfg, ByteEncoder())
+                 max_bad_fraction=0.5)
+    loader = (TrainLoader if global_order else SplitLoader)(cfg, ByteEncoder())
     with caplog.at_level(logging.WARNING, logger="rynnscale.data"):
-        assert sum(b.num_samples for b in loader) == 4 * 40
+        assert sum(b.num_samples for b in micro_batches(loader)) == 4 * 40
     assert loader.bad_counts == {"too_long": 80} and loader.bad_distinct == {"too_long": 20}
     assert loader.bad_summary() == "too_long=80 (20 distinct)"
     msgs = [r.getMessage() for r in caplog.records]
@@ -241,7 +218,7 @@ def test_bad_fraction_is_checked_once_a_small_data_set_was_read(tmp_path: Path) 
     data was read once (not after reading the same 60 samples again and again up to 200)."""
     write_text_shards(tmp_path, 2, 20)
     _too_long_shard(tmp_path, 20, 300)
-    cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[019].tar")], num_workers=0, global_order=True)
+    cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[019].tar")], num_workers=0)
     with pytest.raises(BadDataError, match=r"^20 of 60 samples \(33.3%\) were bad in rank 0 worker 0 \(global order\), "
                                            r"more than max_bad_fraction=0.05 \(too_long=20\); too_long: .*"
                                            r"micro_batch_tokens=300: raise train.micro_batch_tokens"):
@@ -258,21 +235,20 @@ def test_bad_fraction_guard(tmp_path: Path) -> None:
     cfg = config(tmp_path, train_shards=[str(tmp_path / "shard-00[01].tar")], num_workers=0, shuffle_shards=False,
                  shuffle_buffer=0, max_bad_fraction=0.3, min_samples_for_bad_check=12)
     with pytest.raises(BadDataError, match=r"of 1\d samples .* rank 0 worker 0.*max_bad_fraction=0.3 \(bad_conversation=\d+\)"):
-        for _ in TrainLoader(cfg, ByteEncoder()):
+        for _ in SplitLoader(cfg, ByteEncoder()):
             pass
     # at the limit (10 good shard first, then 10 bad: 50% bad, limit 0.5) the epoch runs through
     ok = config(tmp_path, train_shards=[str(tmp_path / "shard-00[01].tar")], num_workers=0, num_epochs=1,
                 shuffle_shards=False, shuffle_buffer=0, max_bad_fraction=0.5, min_samples_for_bad_check=5)
-    loader = TrainLoader(ok, ByteEncoder())
+    loader = SplitLoader(ok, ByteEncoder())
     assert sum(b.num_samples for b in loader) == 10
     assert loader.bad_counts == {"bad_conversation": 10} and loader.samples_seen == 20
 
 
 def test_real_writer_and_encoder_end_to_end(tmp_path: Path) -> None:
-    """Synthetic shards from the real generator/ShardWriter, the real SampleEncoder, 2 ranks
-    balanced as a group: with exact manifest cost hints the plan equals the one made by encoding
-    every sample, nothing overflows, every sample comes out once, and transformers recovers our
-    cu_seqlens from the position ids."""
+    """Synthetic shards from the real generator/ShardWriter, the real SampleEncoder, 2 ranks of the global
+    order: with exact manifest cost hints the plan equals the one made by encoding every sample, nothing
+    overflows, every sample comes out once, and transformers recovers our cu_seqlens from the position ids."""
     from rynnscale.data.encode import SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
     from rynnscale.data_pipelines.synthetic import generate_synthetic
@@ -289,9 +265,9 @@ def test_real_writer_and_encoder_end_to_end(tmp_path: Path) -> None:
     out = {}
     for name in ("hinted", "plain"):
         cfg = LoaderConfig(train_shards=[str(tmp_path / name / "*.tar")], seed=1, micro_batch_tokens=400,
-                           pack_window=6, shuffle_buffer=4, num_workers=1, num_epochs=1, balance_group=2)
+                           pack_window=6, shuffle_buffer=4, num_workers=1, num_epochs=1, micro_batches_per_step=2)
         ranks = [TrainLoader(cfg, enc, rank=r, world_size=2) for r in range(2)]
-        out[name] = [[batch_fingerprint(b) for b in L] for L in ranks]
+        out[name] = [[batch_fingerprint(b) for b in micro_batches(L) if not b.filler] for L in ranks]
         for L in ranks:
             assert L.stats()["estimate_overflow"] == 0 and L.bad_counts == {}
     assert out["hinted"] == out["plain"]
@@ -299,7 +275,7 @@ def test_real_writer_and_encoder_end_to_end(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys)) == 24
     cfg = LoaderConfig(train_shards=[str(tmp_path / "hinted" / "*.tar")], micro_batch_tokens=400, pack_window=6,
                        num_workers=0, num_epochs=1)
-    for b in TrainLoader(cfg, enc):
+    for b in SplitLoader(cfg, enc):
         b.validate()
         assert b.video_grid_thw is not None and b.video_grid_thw.shape[0] == b.num_samples
         (cu_hf, _), _ = prepare_fa_kwargs_from_position_ids(b.position_ids_3l[0][None])
@@ -312,8 +288,8 @@ def test_config_from_run_config(tmp_path: Path) -> None:
     rc = RootConfig()
     rc.data.train_shards = [str(tmp_path / "x-*.tar")]
     rc.data.pack_window, rc.train.micro_batch_tokens, rc.train.grad_accum = 16, 2048, 4
-    cfg = LoaderConfig.from_run_config(rc, balance_group=0)
-    assert (cfg.pack_window, cfg.micro_batch_tokens, cfg.micro_batches_per_step, cfg.balance_group) == (16, 2048, 4, 0)
+    cfg = LoaderConfig.from_run_config(rc, balance="tokens")
+    assert (cfg.pack_window, cfg.micro_batch_tokens, cfg.micro_batches_per_step, cfg.balance) == (16, 2048, 4, "tokens")
     from rynnscale.data.reader import ShardPatternError
 
     with pytest.raises(ShardPatternError, match="x-\\*.tar' matches no file"):
@@ -325,8 +301,8 @@ def test_iterating_draws_nothing_from_the_global_generators(tmp_path: Path, glob
     """A resumed run restores torch's generator and then starts a new iterator: a draw there (DataLoader's worker
     base seed, by default) would shift every later dropout mask against the straight run."""
     write_text_shards(tmp_path, 8, 4)
-    loader = TrainLoader(config(tmp_path, num_workers=0, global_order=global_order), ByteEncoder(), rank=0,
-                         world_size=2)
+    loader = (TrainLoader if global_order else SplitLoader)(config(tmp_path, num_workers=0), ByteEncoder(), rank=0,
+                                                          world_size=2)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     it = iter(loader)

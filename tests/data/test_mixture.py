@@ -14,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, TrainLoader
+from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader
 from rynnscale.data.reader import MixtureStream, ShardPatternError, ShardStream, iter_tar_samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,17 +117,15 @@ def test_sample_level_split_of_small_source(tmp_path: Path) -> None:
         next(iter(s))
 
 
-@pytest.mark.parametrize("balance_group", [1, 2])
-def test_mixture_resume_two_ranks_two_workers(mix_dir: Path, balance_group: int) -> None:
+def test_mixture_resume_two_ranks_two_workers(mix_dir: Path) -> None:
     """Read N batches, save (as JSON), read M more; a fresh loader restored from the state yields
     the same M batches and the same per-source counters; the small sources pass several epochs."""
     torch.manual_seed(0)
     cfg = LoaderConfig(mixture=mixture(mix_dir), seed=7, micro_batch_tokens=200, pack_window=16, shuffle_buffer=5,
-                       num_workers=2, balance_group=balance_group,
-                       micro_batches_per_step=2 if balance_group > 1 else 1)
+                       num_workers=2)
     N, M = 8, 12
     for rank in range(2):
-        loader = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
+        loader = SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
         it = iter(loader)
         head = take(it, N)
         state = json.loads(json.dumps(loader.state_dict()))
@@ -136,7 +134,7 @@ def test_mixture_resume_two_ranks_two_workers(mix_dir: Path, balance_group: int)
         it.close()
         for b in head + tail:
             b.validate()
-        fresh = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
+        fresh = SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
         fresh.load_state_dict(state)
         it2 = iter(fresh)
         again = take(it2, M)
@@ -161,7 +159,7 @@ def test_one_source_mixture_reads_like_train_shards(tmp_path: Path) -> None:
     for rank in range(2):
         out = []
         for kw in (dict(train_shards=pattern), dict(mixture=[MixtureSource("only", pattern, 1.0)])):
-            it = iter(TrainLoader(LoaderConfig(**base, **kw), ByteEncoder(), rank=rank, world_size=2))
+            it = iter(SplitLoader(LoaderConfig(**base, **kw), ByteEncoder(), rank=rank, world_size=2))
             out.append([batch_fingerprint(b) for b in take(it, 15)])
             it.close()
         assert out[0] == out[1]
@@ -178,7 +176,7 @@ def test_finite_mixture_reads_every_sample_num_epochs_times(mix_dir: Path, num_e
                 for s in iter_tar_samples(str(p))]
     per_rank = []
     for rank in range(2):
-        loader = TrainLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
+        loader = SplitLoader(cfg, ByteEncoder(), rank=rank, world_size=2)
         per_rank.append([k for b in loader for k in b.sample_keys])
         src = loader.stats()["sources"]
         assert all(s["epochs"] == num_epochs for s in src.values())
@@ -199,7 +197,7 @@ def test_bad_samples_in_a_mixture_are_counted_once(mix_dir: Path) -> None:
            MixtureSource("bad", [str(bad_dir / "*.tar")], 1.0)]
     cfg = LoaderConfig(mixture=mix, seed=2, micro_batch_tokens=300, pack_window=4, shuffle_buffer=3, num_workers=0,
                        num_epochs=1)
-    loader = TrainLoader(cfg, ByteEncoder())
+    loader = SplitLoader(cfg, ByteEncoder())
     got = [k for b in loader for k in b.sample_keys]
     assert loader.bad_counts == {"bad_member": 1, "bad_conversation": 1, "too_long": 1, "corrupt_tar": 1}
     assert sorted(got) == sorted([f"small0-{i:02d}" for i in range(8)] + ["b8-00", "b8-04", "b9-00", "b9-01"])
@@ -211,28 +209,28 @@ def test_bad_samples_in_a_mixture_are_counted_once(mix_dir: Path) -> None:
 def test_mixture_errors_are_clear(mix_dir: Path) -> None:
     big, small = [str(mix_dir / "big" / "*.tar")], [str(mix_dir / "small" / "*.tar")]
     with pytest.raises(ValueError, match="both train_shards=.* and a mixture"):
-        TrainLoader(LoaderConfig(train_shards=big, mixture=[MixtureSource("a", small)]), ByteEncoder())
+        SplitLoader(LoaderConfig(train_shards=big, mixture=[MixtureSource("a", small)]), ByteEncoder())
     with pytest.raises(ValueError, match=r"mixture\[1\].weight' = 0 of source 'b' must be a finite number > 0"):
-        TrainLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("b", big, 0)]), ByteEncoder())
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("b", big, 0)]), ByteEncoder())
     with pytest.raises(ValueError, match=r"mixture\[1\].name' = 'a' must be a non-empty name unique"):
-        TrainLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("a", big)]), ByteEncoder())
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("a", big)]), ByteEncoder())
     with pytest.raises(ShardPatternError, match="mixture source 'gone': shard pattern .* matches no file"):
-        TrainLoader(LoaderConfig(mixture=[MixtureSource("gone", [str(mix_dir / "nope-*.tar")])]), ByteEncoder())
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("gone", [str(mix_dir / "nope-*.tar")])]), ByteEncoder())
     with pytest.raises(ShardPatternError, match="is in mixture sources 'a' and 'b'"):
-        TrainLoader(LoaderConfig(mixture=[MixtureSource("a", small + big), MixtureSource("b", big)]), ByteEncoder())
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small + big), MixtureSource("b", big)]), ByteEncoder())
     # a state cannot be replayed under other weights, nor into a train_shards loader
     cfg = LoaderConfig(mixture=mixture(mix_dir), micro_batch_tokens=200, num_workers=0)
-    a = TrainLoader(cfg, ByteEncoder())
+    a = SplitLoader(cfg, ByteEncoder())
     it = iter(a)
     next(it)
     it.close()
     sd = a.state_dict()
-    b = TrainLoader(LoaderConfig(mixture=mixture(mix_dir, {"small": 0.5}), micro_batch_tokens=200, num_workers=0),
+    b = SplitLoader(LoaderConfig(mixture=mixture(mix_dir, {"small": 0.5}), micro_batch_tokens=200, num_workers=0),
                     ByteEncoder())
     with pytest.raises(LoaderStateError, match="saved with mixture=.*'small', 0.2.*but this loader has mixture="):
         b.load_state_dict(sd)
     shards = [s for m in mixture(mix_dir) for s in m.shards]
-    c = TrainLoader(LoaderConfig(train_shards=shards, micro_batch_tokens=200, num_workers=0), ByteEncoder())
+    c = SplitLoader(LoaderConfig(train_shards=shards, micro_batch_tokens=200, num_workers=0), ByteEncoder())
     with pytest.raises(LoaderStateError, match="but this loader has mixture=None"):
         c.load_state_dict(sd)
 
@@ -248,7 +246,7 @@ def test_recipe_mixture_reaches_the_loader(tmp_path: Path) -> None:
     rc = load_config(REPO / "recipes" / "finetune" / "planning.yaml", [f"data.root={tmp_path}"], check_paths=False)
     cfg = LoaderConfig.from_run_config(rc, micro_batch_tokens=300, num_workers=0, shuffle_buffer=4, pack_window=4)
     assert [(m.name, m.weight) for m in cfg.mixture] == [("planning", 0.8), ("spatial_grounding", 0.2)]
-    loader = TrainLoader(cfg, ByteEncoder())
+    loader = SplitLoader(cfg, ByteEncoder())
     it = iter(loader)
     keys = [k for b in take(it, 12) for k in b.sample_keys]
     it.close()

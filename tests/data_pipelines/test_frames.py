@@ -148,7 +148,7 @@ def test_cli_and_train_loader(tmp_path: Path, capsys):
                                       shuffle_buffer=0, num_workers=0, num_epochs=1), SampleEncoder(load_tokenizer()))
     hints = [t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"]]
     lens, keys = [], []
-    for b in loader:
+    for b in (b for st in loader for b in st.micro_batches):
         b.validate()
         keys += b.sample_keys
         lens += (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()

@@ -178,7 +178,7 @@ def test_shards_through_train_loader(media: Path, tmp_path: Path):
     loader = TrainLoader(LoaderConfig(train_shards=[str(out / "*.tar")], micro_batch_tokens=8192, pack_window=4,
                                       shuffle_buffer=0, num_workers=0, num_epochs=1), SampleEncoder(load_tokenizer()))
     keys = []
-    for b in loader:
+    for b in (b for st in loader for b in st.micro_batches):
         b.validate()
         keys += b.sample_keys
         assert (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist() == [hints[k] for k in b.sample_keys]

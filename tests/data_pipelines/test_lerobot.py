@@ -422,7 +422,7 @@ def test_jpg_frames_through_train_loader(v21, tmp_path):
                            num_workers=0, num_epochs=1)
         loader = TrainLoader(cfg, enc)
         keys = []
-        for b in loader:
+        for b in (b for st in loader for b in st.micro_batches):
             b.validate()
             assert b.pixel_values_videos is not None
             keys += b.sample_keys

@@ -26,6 +26,7 @@ from rynnscale.batch import EncodedSample
 from rynnscale.config.schema import ModelConfig
 from rynnscale.data.encode import EncoderConfig, SampleEncoder
 from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
+from rynnscale.data.vision_preprocess import VisionSpec
 from rynnscale.data_pipelines.synthetic import render_clip, synthetic_sample
 from rynnscale.models.generate import (
     SamplingParams,
@@ -101,8 +102,8 @@ def text_prompt(enc) -> EncodedSample:
 
 @pytest.fixture(scope="module")
 def prompts():
-    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096, image_min_pixels=1024,
-                                                            image_max_pixels=96 * 64))
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(
+        max_tokens=4096, vision=VisionSpec(image_min_pixels=1024, image_max_pixels=96 * 64)))
     video = prompt_of(enc.encode(*synthetic_sample(0, seed=7)))
     image = prompt_of(enc.encode(*image_sample()))
     text = text_prompt(enc)
