@@ -67,10 +67,11 @@ def prompts():
 
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
     from rynnscale.data_pipelines.synthetic import render_clip, synthetic_sample
 
-    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=8192, image_min_pixels=1024,
-                                                            image_max_pixels=128 * 96))
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(
+        max_tokens=8192, vision=VisionSpec(image_min_pixels=1024, image_max_pixels=128 * 96)))
 
     def cut(s):
         first = int((s.labels_l != -100).nonzero()[0])
