@@ -197,7 +197,8 @@ class DataStep:
     sorted; ``rank_costs``: the estimated cost of every data-parallel rank's micro-batches; ``bad`` /
     ``bad_distinct``: this rank's skipped samples by reason so far (occurrences, distinct samples);
     ``state``: the loader state after this step (JSON-able, the same on every rank, loadable on any layout:
-    resuming from it continues with the next step)."""
+    resuming from it continues with the next step); ``metrics``: facts of the step's data to log with it (global
+    values, the same on every rank: a GRPO step's rewards and rollout statistics)."""
 
     index: int
     micro_batches: list[PackedBatch]
@@ -207,3 +208,4 @@ class DataStep:
     bad: dict[str, int] = field(default_factory=dict)
     bad_distinct: dict[str, int] = field(default_factory=dict)
     state: dict | None = None
+    metrics: dict = field(default_factory=dict)

@@ -369,8 +369,13 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of {list(allowed)}")
-    for section in (cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel, cfg.plan, cfg.checkpoint, cfg.eval):
+    for section in (cfg.train, cfg.optim, cfg.data, cfg.model, cfg.parallel, cfg.plan, cfg.checkpoint, cfg.eval,
+                    cfg.rl):
         section.validate()
+    if cfg.train.objective == "grpo" and cfg.parallel.cp > 1:
+        raise ConfigError(f"config key 'parallel.cp' = {cfg.parallel.cp}: GRPO (train.objective=grpo) runs whole rows "
+                          "(generation and per-token log-probs); use parallel.cp=1")
+    _validate_stages(cfg)
     ckpt_resume = cfg.checkpoint.resume
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
@@ -390,6 +395,48 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if pl.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
         raise ConfigError(f"config key 'plan.visual_tokens_per_micro_batch' = {pl.visual_tokens_per_micro_batch} "
                           f"must be in [0, train.micro_batch_tokens={cfg.train.micro_batch_tokens}]")
+
+
+def _validate_stages(cfg: RootConfig) -> None:
+    names = [st.name for st in cfg.stages]
+    for i, st in enumerate(cfg.stages):
+        if not st.name or not st.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"config key 'stages[{i}].name' = {st.name!r} must be a non-empty name of letters, digits, "
+                              "'-' and '_' (the stage's directory under run.output_dir)")
+        if names.count(st.name) > 1:
+            raise ConfigError(f"config key 'stages[{i}].name' = {st.name!r} is used by another stage")
+        if "stages" in st.overrides:
+            raise ConfigError(f"config key 'stages[{i}].overrides' cannot hold 'stages'")
+        stage_config(cfg, i, check_paths=False)   # every stage's recipe is valid before the first one starts
+
+
+def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootConfig:
+    """Stage ``i`` of a staged recipe as a plain run: the recipe with ``stages[i].overrides`` laid over it, run in
+    ``<run.output_dir>/<name>``, the synthetic sets shared by all stages (``<run.output_dir>/synthetic_data``), and
+    after the first stage ``model.init_from`` = the previous stage's export (``<dir>/hf``, written because every
+    stage but the last exports). Errors name ``stages[i]``."""
+    st = cfg.stages[i]
+    root = Path(cfg.run.output_dir)
+    base = OmegaConf.structured(dataclasses.replace(cfg, stages=[]))
+    chain: dict[str, Any] = {"run": {"output_dir": str(root / st.name)}}
+    if cfg.data.synthetic.output_dir is None:
+        chain["data"] = {"synthetic": {"output_dir": str(root / "synthetic_data")}}
+    if i < len(cfg.stages) - 1:
+        chain["checkpoint"] = {"export_hf": True}
+    if i > 0:
+        chain["model"] = {"init_from": str(root / cfg.stages[i - 1].name / "hf"), "arch": None, "preset": None}
+    try:
+        over = OmegaConf.create(dict(st.overrides))
+        _coerce_lists(over, RootConfig, f"stages[{i}].overrides")
+        merged = OmegaConf.merge(base, over, OmegaConf.create(chain))
+        out: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stages[{i}] ({st.name}): {_explain(e)}") from None
+    try:
+        validate(out, check_paths=check_paths)
+    except ConfigError as e:
+        raise ConfigError(f"stages[{i}] ({st.name}): {e}") from None
+    return out
 
 
 def _validate_layout(cfg: RootConfig, num_experts: int | None) -> None:

@@ -162,6 +162,7 @@ class TrainConfig:
     log_every: int = 1
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
+    objective: str = "sft"              # sft (next-token cross-entropy) | grpo (rollouts + rewards, the rl.* section)
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_tokens", "grad_accum", "loss_chunk_tokens", "log_every"):
@@ -337,6 +338,43 @@ class RLConfig:
     epochs: int = 1                     # passes over each rollout batch
     reward: RewardConfig = field(default_factory=RewardConfig)
 
+    def validate(self) -> None:
+        for key in ("prompts_per_step", "group_size", "max_new_tokens", "policy_steps", "epochs"):
+            _at_least_one(f"rl.{key}", getattr(self, key))
+        if self.group_size < 2:
+            raise ConfigError(f"config key 'rl.group_size' = {self.group_size} must be >= 2 (advantages compare "
+                              "the answers of one prompt)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"config key 'rl.temperature' = {self.temperature} must be > 0 (GRPO samples)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"config key 'rl.top_p' = {self.top_p} must be in (0, 1]")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise ConfigError(f"config keys 'rl.clip_low' = {self.clip_low} must be in [0, 1) and 'rl.clip_high' = "
+                              f"{self.clip_high} >= 0")
+        r = self.reward
+        for name, w in {**r.weights, **r.functions}.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise ConfigError(f"config key 'rl.reward' weight of {name!r} = {w} must be a finite number >= 0")
+        unknown = sorted(set(r.weights) - {"point", "box", "traj", "format", "exact"})
+        if unknown:
+            raise ConfigError(f"config key 'rl.reward.weights' has unknown component(s) {unknown}; allowed: point, box, "
+                              "traj, format, exact (a user function goes under 'rl.reward.functions' as "
+                              "'module:function': weight)")
+        for path in r.functions:
+            if path.count(":") != 1 or not all(path.split(":")):
+                raise ConfigError(f"config key 'rl.reward.functions' entry {path!r} must be 'module:function'")
+        if not (r.point_scale > 0 and r.traj_scale > 0):
+            raise ConfigError("config keys 'rl.reward.point_scale' and 'rl.reward.traj_scale' must be > 0")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged recipe (``stages``): ``overrides`` is a recipe fragment (sections -> keys) laid over
+    the recipe for this stage; the stage runs in ``<run.output_dir>/<name>`` and, after the first, starts from
+    the previous stage's exported final checkpoint (``rynnscale.train.stages``)."""
+    name: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
 
 @dataclass
 class RootConfig:
@@ -351,6 +389,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    stages: list[StageConfig] = field(default_factory=list)   # [] = one run; else a chain (e.g. sft then grpo)
 
 
 # Allowed values of string-enum keys (checked in load.validate with a message listing them).
@@ -361,6 +400,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.kernels": ("auto", "torch", "liger"),
     "model.cp_attention": ("auto", "ulysses", "ring"),
     "train.dtype": ("auto", "float32", "bfloat16"),
+    "train.objective": ("sft", "grpo"),
+    "rl.loss_averaging": ("token", "sequence"),
     "optim.schedule": ("cosine", "constant", "linear"),
     "data.balance": ("cost", "tokens", "none"),
     "logging.wandb.mode": ("offline", "online", "disabled"),

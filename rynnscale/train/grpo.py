@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch, filler_batch
+from rynnscale.batch import IGNORE_INDEX, DataStep, EncodedSample, PackedBatch, filler_batch
 from rynnscale.data.tags import parse_tags
 from rynnscale.models.generate import SamplingParams, generate, pack_rows
 from rynnscale.models.lora import adapters_disabled
@@ -22,7 +21,6 @@ from rynnscale.parallel.precision import autocast
 from rynnscale.train.evaluate import split_prompt
 from rynnscale.train.objectives import GRPO, RolloutBatch
 from rynnscale.train.rewards import GroundingReward, RewardSpec
-from rynnscale.train.step import StepStats, train_step
 
 log = logging.getLogger(__name__)
 
@@ -234,34 +232,50 @@ def reward_spec(rc: Any) -> RewardSpec:
 
 
 def objective_of(rl: Any, chunk_tokens: int) -> GRPO:
+    """The ``GRPO`` objective of an ``rl`` section."""
     return GRPO(clip_low=rl.clip_low, clip_high=rl.clip_high, beta=rl.kl_coef, loss_averaging=rl.loss_averaging,
                 temperature=rl.temperature, chunk_tokens=chunk_tokens)
 
 
+def prompt_shards(cfg: Any) -> list[str]:
+    """The GRPO prompt shards: ``rl.prompts``, else the run's training data (train shards, mixture sources or the
+    synthetic set)."""
+    from rynnscale.data.pipeline import synthetic_data_dir
+    from rynnscale.data.reader import expand_shard_patterns
+
+    patterns = list(cfg.rl.prompts) or list(cfg.data.train_shards) or [p for m in cfg.data.mixture for p in m.shards]
+    if not patterns and cfg.data.synthetic.num_samples > 0:
+        patterns = [str(synthetic_data_dir(cfg) / "*.tar")]
+    if not patterns:
+        raise ValueError("GRPO has no prompts: set 'rl.prompts' (shard patterns) or the run's training data")
+    return expand_shard_patterns(patterns)
+
+
 @dataclass
 class RolloutStep:
-    """One step's rollouts on this rank: its prompts' positions, the scored rollouts, and the micro-batches of
-    each optimiser step (``parts[k]``; fillers where this rank has fewer than the busiest rank)."""
+    """One rollout step on this rank: its prompts' global positions, the scored rollouts (prompt-major, G per
+    prompt), and the micro-batches of each optimiser step (``parts[k]``; fillers where this rank has fewer than
+    the busiest rank), reference / rollout-policy log-probs filled in."""
 
+    step: int
     positions: list[int]
     rollouts: list[Rollout]
     parts: list[list[PackedBatch]]
-    seconds: float = 0.0
 
 
 class GRPOStage:
-    """Rollouts -> rewards -> advantages -> policy steps, one GRPO step at a time (``run_step``).
+    """Rollouts -> rewards -> advantages -> micro-batches of the ``GRPO`` objective, one rollout step at a time.
 
     Every rank generates for its own prompts (``PromptSet.positions``), G answers each, with the KV cache on
-    the training model in place; rewards and group advantages stay on the rank (a group never spans ranks).
-    The rollouts are packed into micro-batches of ``train.micro_batch_tokens``; the reference policy's
-    log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial weights for a full
-    fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``) and, when a rollout batch feeds
-    more than one optimiser step, the rollout policy's own log-probs are computed before any update. Then
-    ``rl.epochs`` x ``rl.policy_steps`` optimiser steps (``train_step`` with the ``GRPO`` objective).
+    the training model in place; rewards and group advantages stay on the rank (a group never spans ranks). A
+    prompt whose sample cannot be encoded is skipped and counted (``bad``). The rollouts are split into
+    ``rl.policy_steps`` parts of whole groups, each packed into micro-batches of ``train.micro_batch_tokens``;
+    the reference policy's log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial
+    weights for a full fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``) and, when a
+    rollout feeds more than one optimiser step, the rollout policy's own are computed before any update.
 
     Sampling seeds come from (``run.seed``, prompt position, answer index), so a step's rollouts depend on the
-    step only: a resumed run regenerates exactly the rollouts the killed one would have."""
+    step and the weights only: a resumed run regenerates exactly the rollouts the killed one would have."""
 
     def __init__(self, cfg: Any, args: Any, ctx: Any, *, reference: torch.nn.Module | None = None,
                  prompt_set: PromptSet | None = None, encoder: Any = None):
@@ -269,71 +283,93 @@ class GRPOStage:
 
         self.cfg, self.rl, self.ctx = cfg, cfg.rl, ctx
         self.encoder = encoder if encoder is not None else build_encoder(cfg, args)
-        self.prompts = prompt_set
+        self.prompts = prompt_set if prompt_set is not None else PromptSet(prompt_shards(cfg), seed=cfg.data.seed)
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
         self.objective = objective_of(cfg.rl, cfg.train.loss_chunk_tokens)
         self.reference = reference
-        tok = self.encoder.tok
-        stop = tok.token_to_id("<|im_end|>")
+        stop = self.encoder.tok.token_to_id("<|im_end|>")
         if stop is None:
             raise ValueError("the tokenizer has no <|im_end|> token (needed to end the answers)")
         self.stop_ids = (stop,)
         rl = cfg.rl
         self.params = SamplingParams(rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                                      stop_ids=self.stop_ids)
+        self.bad: dict[str, int] = {}
 
     def decode(self, ids: list[int]) -> str:
         return self.encoder.tok.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
+    def _count(self, reason: str, n: int = 1) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + n
+
     # -- rollouts
+    def _prompts(self, step: int) -> tuple[list[int], list[tuple[EncodedSample, str, str]]]:
+        """This rank's prompt positions and prompts at ``step``; a sample that cannot be encoded is skipped."""
+        from rynnscale.data.encode import SampleError
+        from rynnscale.data.reader import MediaReadError
+
+        ctx = self.ctx
+        positions, prompts = [], []
+        for p in self.prompts.positions(step, self.rl.prompts_per_step, ctx.data_rank, ctx.data_world_size):
+            try:
+                prompts += load_prompts([self.prompts.at(p)], self.encoder)
+                positions.append(p)
+            except (SampleError, MediaReadError) as e:
+                reason = f"prompt_{getattr(e, 'reason', 'media_read')}"
+                log.warning("step %d: prompt %s skipped (%s): %s", step + 1, self.prompts.at(p).key, reason, e)
+                self._count(reason)
+        return positions, prompts
+
     def rollout(self, step: int, model: torch.nn.Module, compute_dtype: torch.dtype) -> RolloutStep:
-        """Generate, score and pack this rank's rollouts of ``step`` (model in eval mode meanwhile)."""
+        """Generate, score, pack and score (log-probs) this rank's rollouts of ``step``."""
         ctx, rl = self.ctx, self.rl
-        t0 = time.perf_counter()
-        positions = self.prompts.positions(step, rl.prompts_per_step, ctx.data_rank, ctx.data_world_size)
-        prompts = load_prompts([self.prompts.at(p) for p in positions], self.encoder)
-        seeds = [rollout_seed(self.cfg.run.seed, p, j) for p in positions for j in range(rl.group_size)]
+        positions, prompts = self._prompts(step)
+        gen_prompts = [p for p, _, _ in prompts] or [_filler_prompt(self.stop_ids[0])]  # a rank never idles
+        seeds = [rollout_seed(self.cfg.run.seed, p, j) for p in (positions or [0]) for j in range(rl.group_size)]
         was_training = model.training
         model.eval()
         try:
             with autocast(compute_dtype, ctx.device):
-                completions = generate(model, [p for p, _, _ in prompts], self.params, num_samples=rl.group_size,
-                                       seeds=seeds, device=ctx.device, all_done=self._all_done)
+                completions = generate(model, gen_prompts, self.params, num_samples=rl.group_size, seeds=seeds,
+                                       device=ctx.device, all_done=self._all_done)
         finally:
             model.train(was_training)
-        rollouts = score_rollouts(prompts, completions, rl.group_size, self.reward, self.decode,
-                                  scale_rewards=rl.scale_rewards)
+        rollouts = score_rollouts(prompts, completions[:len(prompts) * rl.group_size], rl.group_size, self.reward,
+                                  self.decode, scale_rewards=rl.scale_rewards)
         for r in rollouts:
             if r.error:
                 log.warning("step %d: %s (the sample gets advantage 0; the run goes on)", step + 1, r.error)
-        parts = self._parts(rollouts)
-        self._score(model, parts, compute_dtype)
-        return RolloutStep(positions, rollouts, parts, time.perf_counter() - t0)
+                self._count("reward_failed")
+        return self._prepare(step, positions, rollouts, model, compute_dtype)
 
     def _all_done(self, done: bool) -> bool:
         return self.ctx.sum([0.0 if done else 1.0])[0] == 0
 
+    def _prepare(self, step: int, positions: list[int], rollouts: list[Rollout], model: torch.nn.Module,
+                 compute_dtype: torch.dtype, old_logps: list[list[float]] | None = None) -> RolloutStep:
+        parts = self._parts(rollouts)
+        self._score(model, parts, compute_dtype, old_logps)
+        return RolloutStep(step, positions, rollouts, parts)
+
     def _parts(self, rollouts: list[Rollout]) -> list[list[PackedBatch]]:
-        """Split into ``rl.policy_steps`` parts (whole groups, in order), each packed; every rank gets as many
-        micro-batches per part as the busiest rank (fillers)."""
+        """``rl.policy_steps`` parts of whole groups (in order, as even as can be), each packed; every rank gets as
+        many micro-batches per part as the busiest rank (fillers)."""
         k, g = self.rl.policy_steps, self.rl.group_size
-        groups = len(rollouts) // g
-        if groups % k:
-            raise ValueError(f"rl.policy_steps={k} must divide the prompts per rank ({groups} = rl.prompts_per_step "
-                             f"/ data-parallel ranks)")
-        per = groups // k * g
-        parts = [pack_rollouts(rollouts[i * per:(i + 1) * per], self.cfg.train.micro_batch_tokens) for i in range(k)]
+        bounds = np.linspace(0, len(rollouts) // g, k + 1).round().astype(int) * g
+        parts = [pack_rollouts(rollouts[a:b], self.cfg.train.micro_batch_tokens) for a, b in zip(bounds, bounds[1:])]
         counts = [0.0] * (k * self.ctx.world_size)
         for i, p in enumerate(parts):
             counts[self.ctx.rank * k + i] = float(len(p))
         totals = self.ctx.sum(counts)
         for i, p in enumerate(parts):
-            need = int(max(totals[r * k + i] for r in range(self.ctx.world_size)))
+            need = max(1, int(max(totals[r * k + i] for r in range(self.ctx.world_size))))
             p += [filler_batch(self.stop_ids[0]) for _ in range(need - len(p))]
         return parts
 
-    def _score(self, model: torch.nn.Module, parts: list[list[PackedBatch]], compute_dtype: torch.dtype) -> None:
-        """Reference and rollout-policy log-probs of every micro-batch (before any update)."""
+    def _score(self, model: torch.nn.Module, parts: list[list[PackedBatch]], compute_dtype: torch.dtype,
+               old_logps: list[list[float]] | None) -> None:
+        """Reference and rollout-policy log-probs of every micro-batch (before any update); ``old_logps``: the
+        rollout policy's per completion (a resumed rollout: its policy is gone)."""
         flat = [b for p in parts for b in p]
         kw = dict(device=self.ctx.device, compute_dtype=compute_dtype, temperature=self.rl.temperature,
                   chunk_tokens=self.cfg.train.loss_chunk_tokens)
@@ -349,26 +385,58 @@ class GRPOStage:
             for b, lp in zip(flat, ref):
                 if isinstance(b, RolloutBatch):
                     b.ref_logp_l = lp
-        if self.rl.policy_steps * self.rl.epochs > 1:   # the first update changes the policy: keep the rollout's
-            for b, lp in zip(flat, score_log_probs(model, flat, **kw)):
-                if isinstance(b, RolloutBatch):
-                    b.old_logp_l = lp
+        if self.rl.policy_steps * self.rl.epochs == 1:   # one update per rollout: the current policy's, detached
+            return
+        if old_logps is None:
+            scored = score_log_probs(model, flat, **kw)
+        else:
+            it = iter(old_logps)
+            scored = [_completion_tensor(b, it) for b in flat]
+        for b, lp in zip(flat, scored):
+            if isinstance(b, RolloutBatch):
+                b.old_logp_l = lp
 
-    # -- the step
-    def train(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, rs: RolloutStep, *,
-              compute_dtype: torch.dtype) -> list[StepStats]:
-        """``rl.epochs`` passes of ``rl.policy_steps`` optimiser steps over the rollouts."""
-        out = []
-        for _ in range(self.rl.epochs):
-            for part in rs.parts:
-                out.append(train_step(model, optimizer, part, device=self.ctx.device, compute_dtype=compute_dtype,
-                                      max_grad_norm=self.cfg.train.max_grad_norm, objective=self.objective,
-                                      ctx=self.ctx))
-                scheduler.step()
-        return out
+    # -- resuming inside a rollout (several optimiser steps per rollout)
+    def record(self, rs: RolloutStep) -> dict[str, Any]:
+        """The rollout of every rank as JSON (gathered: the same on every rank), keyed by prompt position:
+        completions, rewards, advantages and the rollout policy's log-probs -- what ``restore`` needs."""
+        mine: dict[str, list[dict]] = {}
+        olds = iter(_completion_lists(b) for part in rs.parts for b in part if isinstance(b, RolloutBatch))
+        per_sample = [x for lists in olds for x in lists]
+        g = self.rl.group_size
+        for i, r in enumerate(rs.rollouts):
+            mine.setdefault(str(rs.positions[i // g]), []).append({
+                "completion": r.completion, "reward": r.reward if math.isfinite(r.reward) else None,
+                "components": r.components, "error": r.error, "advantage": r.advantage,
+                "old_logp": per_sample[i] if i < len(per_sample) else None})
+        gathered = [mine]
+        if self.ctx.distributed:
+            import torch.distributed as dist
 
-    def metrics(self, rs: RolloutStep, stats: list[StepStats], train_s: float) -> dict[str, Any]:
-        """The step's global RL metrics (every rank gets the same)."""
+            gathered = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, mine)
+        out: dict[str, list[dict]] = {}
+        for part in gathered:
+            out.update(part)
+        return {"step": rs.step, "samples": out}
+
+    def restore(self, record: dict[str, Any], model: torch.nn.Module, compute_dtype: torch.dtype) -> RolloutStep:
+        """The RolloutStep ``record`` describes, on this rank's share of its prompts (any layout)."""
+        step = int(record["step"])
+        positions, prompts = self._prompts(step)
+        rollouts, olds = [], []
+        for p, (prompt, _, key) in zip(positions, prompts):
+            for s in record["samples"][str(p)]:
+                reward = float("nan") if s["reward"] is None else float(s["reward"])
+                rollouts.append(Rollout(key, prompt, list(s["completion"]), self.decode(list(s["completion"])),
+                                        reward, dict(s["components"]), float(s["advantage"]), s["error"]))
+                olds.append(s["old_logp"])
+        return self._prepare(step, positions, rollouts, model, compute_dtype,
+                             olds if self.rl.policy_steps * self.rl.epochs > 1 else None)
+
+    # -- what a step logs
+    def rollout_metrics(self, rs: RolloutStep) -> dict[str, Any]:
+        """Global reward and answer statistics of a rollout step (every rank gets the same)."""
         comps = self.reward.components
         rewards = [r.reward for r in rs.rollouts]
         ok = [x for x in rewards if math.isfinite(x)]
@@ -376,23 +444,122 @@ class GRPOStage:
                  float(sum(len(r.completion) for r in rs.rollouts)), float(len(rs.rollouts)),
                  float(sum(bool(r.completion) and r.completion[-1] in self.stop_ids for r in rs.rollouts))]
         for c in comps:
-            vals = [r.components.get(c) for r in rs.rollouts]
-            vals = [v for v in vals if v is not None]
+            vals = [v for v in (r.components.get(c) for r in rs.rollouts) if v is not None]
             local += [float(len(vals)), sum(vals)]
         t = self.ctx.sum(local)
         n, s, s2, failed, length, samples, stopped = t[:7]
         mean = s / n if n else None
         rec: dict[str, Any] = {
-            "reward_mean": mean, "reward_std": math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else None,
-            "reward_failures": int(failed), "response_length": length / samples if samples else None,
-            "response_stopped": stopped / samples if samples else None, "rollouts": int(samples),
-            "rollout_s": rs.seconds, "train_s": train_s}
+            "rollout_step": rs.step + 1, "reward_mean": mean,
+            "reward_std": math.sqrt(max(s2 / n - mean * mean, 0.0)) if n else None,
+            "reward_failures": int(failed), "rollouts": int(samples),
+            "response_length": length / samples if samples else None,
+            "response_stopped": stopped / samples if samples else None}
         for i, c in enumerate(comps):
             cnt, tot = t[7 + 2 * i], t[8 + 2 * i]
             rec[f"reward_{c}"] = tot / cnt if cnt else None
-        tok = sum(st.metrics.get("completion_tokens", 0.0) for st in stats)
-        rec["kl"] = sum(st.metrics.get("kl_sum", 0.0) for st in stats) / tok if tok else None
-        rec["clip_fraction"] = sum(st.metrics.get("clipped_tokens", 0.0) for st in stats) / tok if tok else None
-        rec["ratio_mean"] = sum(st.metrics.get("ratio_sum", 0.0) for st in stats) / tok if tok else None
-        rec["policy_steps"] = len(stats)
         return rec
+
+
+def _filler_prompt(token_id: int) -> EncodedSample:
+    ids = torch.tensor([token_id, token_id], dtype=torch.long)
+    return EncodedSample("filler", ids, torch.full_like(ids, IGNORE_INDEX), torch.arange(2).expand(3, 2).clone())
+
+
+def _completion_lists(b: RolloutBatch) -> list[list[float]]:
+    """Per document of ``b``: its completion tokens' ``old_logp_l`` values."""
+    out = []
+    bounds = b.cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        mask = b.labels_l[s:e] != IGNORE_INDEX
+        out.append(b.old_logp_l[s:e][mask].tolist() if b.old_logp_l is not None else [])
+    return out
+
+
+def _completion_tensor(b: PackedBatch, values: Any) -> torch.Tensor | None:
+    """[L] with the next documents' completion values (from the ``values`` iterator) at their completion tokens."""
+    if not isinstance(b, RolloutBatch):
+        return None
+    out = torch.zeros(b.num_tokens, dtype=torch.float32)
+    bounds = b.cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        idx = (b.labels_l[s:e] != IGNORE_INDEX).nonzero().squeeze(1) + s
+        out[idx] = torch.tensor(next(values), dtype=torch.float32)
+    return out
+
+
+class RolloutSource:
+    """The training data of a GRPO run, in the trainer's step contract: an iterator of ``DataStep``, one per
+    optimiser step. A rollout step (``GRPOStage.rollout``) happens every ``rl.policy_steps x rl.epochs``
+    optimiser steps; its parts are the micro-batches of those steps. ``DataStep.metrics`` carries the rollout's
+    reward statistics on its first optimiser step; ``DataStep.state`` (the same on every rank) holds the optimiser
+    step count and, inside a rollout, the rollout itself (``GRPOStage.record``), so a resume anywhere continues
+    exactly on any layout."""
+
+    def __init__(self, stage: GRPOStage, model: torch.nn.Module, compute_dtype: torch.dtype):
+        self.stage, self.model, self.compute_dtype = stage, model, compute_dtype
+        rl = stage.rl
+        self.per_rollout = rl.policy_steps * rl.epochs
+        self.steps_done = 0
+        self.current: RolloutStep | None = None
+        self.saved_record: dict | None = None
+        self.objective = stage.objective
+
+    def __iter__(self) -> RolloutSource:
+        return self
+
+    def __next__(self) -> DataStep:
+        rollout, k = divmod(self.steps_done, self.per_rollout)
+        metrics: dict[str, Any] = {}
+        if self.current is None or self.current.step != rollout:
+            if self.saved_record is not None and int(self.saved_record["step"]) == rollout and k > 0:
+                self.current = self.stage.restore(self.saved_record, self.model, self.compute_dtype)
+            else:
+                self.current = self.stage.rollout(rollout, self.model, self.compute_dtype)
+                metrics = self.stage.rollout_metrics(self.current)
+            self.saved_record = self.stage.record(self.current) if self.per_rollout > 1 else None
+        part = self.current.parts[k % self.stage.rl.policy_steps]
+        self.steps_done += 1
+        inside = self.steps_done % self.per_rollout != 0
+        ps = self.stage.prompts
+        refs = [ps.at(p) for p in range(rollout * self.stage.rl.prompts_per_step,
+                                        (rollout + 1) * self.stage.rl.prompts_per_step)]
+        return DataStep(index=self.steps_done - 1, micro_batches=list(part), packs=len(part),
+                        samples=sorted(f"{r.shard}:{r.key}" for r in refs), bad=dict(self.stage.bad),
+                        bad_distinct=dict(self.stage.bad), metrics=metrics,
+                        state={"grpo": {"optimizer_steps": self.steps_done,
+                                        "rollout": self.saved_record if inside else None}})
+
+    def load_state_dict(self, state: dict) -> None:
+        st = state.get("grpo") if isinstance(state, dict) else None
+        if st is None:
+            raise ValueError("the checkpoint's data state is not a GRPO run's (train.objective changed?)")
+        self.steps_done = int(st["optimizer_steps"])
+        self.saved_record = st.get("rollout")
+        self.current = None
+
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        return dict(self.stage.bad)
+
+    def bad_summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.stage.bad.items()))
+
+
+def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -> RolloutSource:
+    """A GRPO run's data (``train.objective: grpo``): its prompts, reward and reference policy -- with
+    ``rl.kl_coef`` > 0, a frozen copy of the initial weights built like the policy (same ``model.init_from`` or
+    seed, same shards), unless the run is LoRA (its reference is the adapter-disabled base, no copy)."""
+    from rynnscale.train.build import build_model
+
+    reference = None
+    if cfg.rl.kl_coef > 0 and cfg.model.lora.rank <= 0:
+        _, reference = build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes,
+                                   compute_dtype=run.compute_dtype, arch=run.arch)
+        reference.requires_grad_(False)
+        reference.eval()
+        log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)", cfg.rl.kl_coef)
+    stage = GRPOStage(cfg, run.args, ctx, reference=reference)
+    log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
+             len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)
+    return RolloutSource(stage, model, run.compute_dtype)

@@ -152,7 +152,8 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
-    """PNG with loss (and aux loss), learning rate and tokens/s against the step."""
+    """PNG with loss (and aux loss), learning rate and tokens/s against the step; a GRPO run (lines with
+    ``reward_mean``) gets a fourth panel: the mean reward with its components, and the KL to the reference."""
     records = read_metrics(output_dir)
     if not records:
         return None
@@ -161,17 +162,40 @@ def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    rl = [r for r in records if r.get("reward_mean") is not None]
+    fig, axes = plt.subplots(1, 4 if rl else 3, figsize=(20 if rl else 15, 4))
     axes[0].plot(steps, [r["loss"] for r in records], label="loss")
     if any(r.get("aux_loss") for r in records):
         axes[0].plot(steps, [r["aux_loss"] for r in records], label="aux (load balance)")
-    axes[0].set_yscale("log")
+    if all(r["loss"] > 0 for r in records):   # a policy-gradient loss can be negative
+        axes[0].set_yscale("log")
     axes[0].legend()
-    axes[0].set_title("loss (mean over assistant tokens)")
+    axes[0].set_title("loss (mean over assistant tokens)" if not rl else "loss")
     axes[1].plot(steps, [r["lr"] for r in records])
     axes[1].set_title("learning rate")
     axes[2].plot(steps, [r["tokens_per_s"] for r in records])
     axes[2].set_title("tokens / s")
+    if rl:
+        ax = axes[3]
+        rs = [r["step"] for r in rl]
+        mean = [r["reward_mean"] for r in rl]
+        std = [r.get("reward_std") or 0.0 for r in rl]
+        ax.plot(rs, mean, label="reward_mean", linewidth=2)
+        ax.fill_between(rs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.15)
+        for key in sorted({k for r in rl for k in r if k.startswith("reward_") and k not in
+                           ("reward_mean", "reward_std", "reward_failures")}):
+            vals = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
+            if vals:
+                ax.plot(*zip(*vals), label=key[len("reward_"):], alpha=0.6, linewidth=1)
+        ax.set_ylim(0, 1)
+        ax.set_title("reward (mean over answers) and KL")
+        kl = [(r["step"], r["kl"]) for r in records if r.get("kl") is not None]
+        if kl:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*kl), color="black", linestyle=":", label="kl")
+            ax2.set_ylabel("kl")
+            ax2.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

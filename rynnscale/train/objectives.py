@@ -57,6 +57,10 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, batch: PackedBatch, norm: StepNormalizer,
              ctx: DistContext) -> MicroBatchLoss: ...
 
+    def summary(self, metrics: dict[str, float]) -> dict[str, float | None]:
+        """Quantities to log derived from the step's global ``StepStats.metrics`` (ratios of its sums)."""
+        ...
+
 
 @dataclass(frozen=True)
 class TokenCrossEntropy:
@@ -80,6 +84,9 @@ class TokenCrossEntropy:
         aux = out.aux_loss / norm.forwards
         return MicroBatchLoss(loss_sum / max(norm.count, 1) + aux,
                               {"loss": loss_sum.detach(), "aux_loss": aux.detach()}, out.expert_counts)
+
+    def summary(self, metrics: dict[str, float]) -> dict[str, float | None]:
+        return {}
 
 
 # ----------------------------------------------------------------------------------------- GRPO
@@ -190,3 +197,10 @@ class GRPO:
                     "kl_sum": (terms["kl"] * mask_l).sum(), "clipped_tokens": (terms["clipped"] * mask_l).sum(),
                     "ratio_sum": (terms["ratio"] * mask_l).sum(), "completion_tokens": mask_l.sum()}
         return MicroBatchLoss(loss_sum / max(norm.count, 1) + aux, sums, out.expert_counts)
+
+    def summary(self, metrics: dict[str, float]) -> dict[str, float | None]:
+        """``kl`` (mean k3 estimate per completion token), ``clip_fraction`` (tokens the clip took out of the
+        gradient), ``ratio_mean`` (mean importance ratio) over the step's completion tokens."""
+        n = metrics.get("completion_tokens", 0.0)
+        return {k: (metrics.get(s, 0.0) / n if n else None)
+                for k, s in (("kl", "kl_sum"), ("clip_fraction", "clipped_tokens"), ("ratio_mean", "ratio_sum"))}

@@ -130,9 +130,14 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     prepare_data_files(cfg, ctx)
-    # every CP group is one data-parallel rank (EP ranks hold different data; the cp ranks of a CP group
-    # the same micro-batches): data rank = global rank // cp
-    data = build_train_data(cfg, run.args, rank=ctx.data_rank, world_size=ctx.data_world_size)
+    if cfg.train.objective == "grpo":   # the data are rollouts of the model being trained
+        from rynnscale.train.grpo import build_rollout_source
+
+        data = build_rollout_source(cfg, run, ctx, model)
+    else:
+        # every CP group is one data-parallel rank (EP ranks hold different data; the cp ranks of a CP group
+        # the same micro-batches): data rank = global rank // cp
+        data = build_train_data(cfg, run.args, rank=ctx.data_rank, world_size=ctx.data_world_size)
     return TrainComponents(run.args, model, optimizer, scheduler, data, ctx, run=run)
 
 

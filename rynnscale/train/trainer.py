@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 
 
 def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
-    """Run a whole training job (this rank's part of it under torchrun); returns the output directory.
+    """Run a whole training job (this rank's part of it under torchrun), or the chain of its ``stages``; returns
+    the output directory.
 
     ``hooks``: extra objects following the hook protocol (``rynnscale.train.hooks``), called on every rank
     after the recipe's own hooks."""
@@ -88,7 +89,16 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     ctx = setup_distributed(cfg)
     # a bad setting or bad data: the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError)):
+        if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
+            from rynnscale.train.stages import run_stages
+
+            return run_stages(cfg, ctx, hooks)
         return _train(cfg, ctx, hooks)
+
+
+def train_run(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path:
+    """One run (one stage of a chain) on an already set-up process group."""
+    return _train(cfg, ctx, hooks)
 
 
 def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, output_dir: Path) -> int:
@@ -221,7 +231,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
                             config=run_config, layout=layout, model_config=c.args.to_hf_config(), extra_state=extra)
 
     hooks = [*recipe_hooks(cfg, c.args, ctx), *extra_hooks]
-    objective = TokenCrossEntropy(tc.loss_chunk_tokens)
+    # the objective of the data: SFT cross-entropy, or GRPO on the rollout source's micro-batches
+    objective = getattr(c.data, "objective", None) or TokenCrossEntropy(tc.loss_chunk_tokens)
     flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True, arch=c.run.arch)[1]),
                            peak_tflops(ctx.device, cfg.logging.peak_tflops))
     steps = iter(c.data)
@@ -249,6 +260,9 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             nonfinite_total += 0 if stats.finite else 1
             record = _step_record(state.step, c, data, stats, lr, dt, t_data, nonfinite_total, flops,
                                   flops.local(data.micro_batches, ctx.cp_rank))
+            record.update(objective.summary(stats.metrics))
+            if tc.objective == "grpo":   # the data step was the rollout (generation, rewards, reference)
+                record.update(data.metrics, rollout_s=t_data, train_s=dt - t_data)
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
                 metrics.log(record)
