@@ -403,7 +403,7 @@ def _validate_stages(cfg: RootConfig) -> None:
         if not st.name or not st.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"config key 'stages[{i}].name' = {st.name!r} must be a non-empty name of letters, digits, "
                               "'-' and '_' (the stage's directory under run.output_dir)")
-        if names.count(st.name) > 1:
+        if st.name in names[:i]:
             raise ConfigError(f"config key 'stages[{i}].name' = {st.name!r} is used by another stage")
         if "stages" in st.overrides:
             raise ConfigError(f"config key 'stages[{i}].overrides' cannot hold 'stages'")

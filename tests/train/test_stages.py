@@ -1,0 +1,93 @@
+"""Staged recipes (``stages``: SFT then GRPO) through the real CLI.
+
+- each stage's recipe: its own directory, the previous stage's export as ``model.init_from``, every stage but the
+  last exporting, the synthetic set shared; a bad override fails naming the stage before anything runs;
+- a chain killed with SIGKILL inside its GRPO stage and run again: the finished SFT stage is skipped, the GRPO
+  stage resumes exactly, and its metrics equal those of a chain that ran straight (bit for bit)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rynnscale.config import ConfigError, load_config, stage_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))
+from resume_run import REPO, kill_tree, latest_step, run, start, wait_for  # noqa: E402
+
+TINY_GRPO = REPO / "recipes" / "tiny" / "finetune" / "grpo_grounding.yaml"
+
+
+def chain_recipe(tmp_path: Path, out: Path, data: Path, **stage_extra) -> Path:
+    recipe = {
+        "extends": str(REPO / "recipes" / "demo_tiny.yaml"),
+        "run": {"output_dir": str(out)},
+        "model": {"attn_backend": "loop", "arch": {"text_config": {"num_hidden_layers": 2}}},
+        "data": {"synthetic": {"num_samples": 24, "samples_per_shard": 12, "output_dir": str(data)}},
+        "train": {"micro_batch_tokens": 600},
+        "optim": {"warmup_steps": 0},
+        "checkpoint": {"every_steps": 1},
+        "logging": {"progress": False, "plot": False, "wandb": {"mode": "disabled"}},
+        "rl": {"prompts_per_step": 2, "group_size": 3, "max_new_tokens": 6},
+        "stages": [{"name": "sft", "overrides": {"train": {"max_steps": 3}}},
+                   {"name": "grpo", "overrides": {"train": {"objective": "grpo", "max_steps": 4},
+                                                  "optim": {"lr": 1e-3}, **stage_extra}}],
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_stage_recipes(tmp_path: Path) -> None:
+    cfg = load_config(TINY_GRPO, [f"run.output_dir={tmp_path / 'run'}"])
+    sft, grpo = stage_config(cfg, 0), stage_config(cfg, 1, check_paths=False)
+    assert sft.run.output_dir == str(tmp_path / "run" / "sft") and sft.train.objective == "sft"
+    assert sft.checkpoint.export_hf and sft.model.arch is not None and sft.model.init_from is None
+    assert grpo.run.output_dir == str(tmp_path / "run" / "grpo") and grpo.train.objective == "grpo"
+    assert grpo.model.init_from == str(tmp_path / "run" / "sft" / "hf") and grpo.model.arch is None
+    assert sft.data.synthetic.output_dir == grpo.data.synthetic.output_dir == str(tmp_path / "run" / "synthetic_data")
+    assert grpo.rl.group_size == 4 and grpo.optim.schedule == "constant"
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\).*train.objective"):
+        load_config(TINY_GRPO, ["stages=[{name: sft}, {name: grpo, overrides: {train: {objective: ppo}}}]"])
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\).*unknown config key 'rl.groups'"):
+        load_config(TINY_GRPO, ["stages=[{name: sft}, {name: grpo, overrides: {rl: {groups: 3}}}]"])
+    with pytest.raises(ConfigError, match=r"stages\[1\].name' = 'sft' is used by another stage"):
+        load_config(TINY_GRPO, ["stages=[{name: sft}, {name: sft}]"])
+    with pytest.raises(ConfigError, match="GRPO .* runs whole rows"):
+        load_config(TINY_GRPO, ["train.objective=grpo", "parallel.cp=2"])
+
+
+def grpo_lines(out: Path) -> list[tuple]:
+    recs = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["kl"], r.get("reward_mean")) for r in recs]
+
+
+@pytest.mark.slow
+def test_chain_resumes_inside_its_grpo_stage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    straight = tmp_path / "straight"
+    rc, log = run([sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, straight, data))])
+    assert rc == 0, log[-4000:]
+    assert (straight / "sft" / "stage_done.json").is_file() and (straight / "grpo" / "stage_done.json").is_file()
+    assert (straight / "sft" / "hf" / "config.json").is_file()
+    want = grpo_lines(straight)
+    assert [w[0] for w in want] == [1, 2, 3, 4] and all(w[3] is not None for w in want)
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, out, data))]
+    p = start(cmd)
+    wait_for(p, lambda: latest_step(out / "grpo") >= 2)
+    kill_tree(p)
+    p.communicate()
+    assert (out / "sft" / "stage_done.json").is_file() and not (out / "grpo" / "stage_done.json").exists()
+    rc, log = run(cmd)
+    assert rc == 0, log[-4000:]
+    assert re.search(r"stage 1/2 'sft': finished earlier", log), log[-3000:]
+    m = re.search(r"resumed exactly from \S+ at step (\d+)", log)
+    assert m and int(m.group(1)) >= 2, log[-3000:]
+    assert grpo_lines(out) == want
