@@ -37,8 +37,8 @@ _HF_BOOKKEEPING = {
     "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "full_attention_interval", "attn_output_gate",
     "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
 }
-_VISION_BOOKKEEPING = {"model_type", "initializer_range", "rope_parameters", "dtype", "torch_dtype",
-                       "_name_or_path", "transformers_version", "architectures"}
+# the vision tower's rope (axial, theta 10000) is fixed by the tower; its other keys are bookkeeping
+_VISION_BOOKKEEPING = (_HF_BOOKKEEPING - {"mrope_section", "partial_rotary_factor", "rope_theta"}) | {"rope_parameters"}
 
 # Documented maxima (far above any published model; refused before allocation so that an absurd config.json
 # fails naming the key instead of an out-of-memory kill). Same bounds as Qwen3-VL's where the key is shared.
@@ -51,6 +51,7 @@ MAX_TEXT_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_s
 MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_heads": 1024,
                     "patch_size": 1024, "num_position_embeddings": 1 << 22}
 MAX_PARAMS = 2 * 10**12
+VISION_ROPE_THETA = 10_000.0
 
 
 def default_layer_types(num_layers: int, interval: int = 4) -> list[str]:
@@ -232,6 +233,10 @@ class _Qwen35ArgsBase:
         text = _build(TextArgs, text_cfg, strict, text_where)
         vision = None if text_only else _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config",
                                                bookkeeping=_VISION_BOOKKEEPING)
+        vision_rope = (vision_cfg or {}).get("rope_parameters") or {}
+        if isinstance(vision_rope, dict) and vision_rope.get("rope_theta", VISION_ROPE_THETA) != VISION_ROPE_THETA:
+            raise ArchConfigError(f"{where}.vision_config.rope_parameters.rope_theta={vision_rope['rope_theta']!r}: "
+                                  f"the vision tower's 2-D rope uses {VISION_ROPE_THETA} (Qwen3-VL's tower)")
         top.pop("tie_word_embeddings", None)
         args = _build(cls, top, strict, where, skip={"text", "vision"})
         args.text, args.vision, args.tie_word_embeddings = text, vision, tie
