@@ -147,13 +147,14 @@ class StateDictAdapter:
 
     - ``param_shapes(args, include_tied)``: every tensor of the HF state dict -> shape (the contract export
       and import validate against; experts in transformers 5's layout);
-    - ``canonical_key(key)``: a checkpoint key (prefix variants transformers accepts) -> our name;
+    - ``canonical_key(key)``: a checkpoint key (prefix variants transformers accepts) -> our name, or None for a
+      tensor the family skips on purpose (e.g. a head transformers does not build either);
     - ``expert_kind(name)``: "gate_up" / "down" for a fused expert tensor (stored transposed by older
       checkpoints: ``rynnscale.checkpoint.hf``), else None;
     - ``embed_key`` / ``lm_head_key``: the tensors a tied embedding shares."""
 
     param_shapes: Callable[..., dict[str, tuple[int, ...]]]
-    canonical_key: Callable[[str], str]
+    canonical_key: Callable[[str], str | None]
     expert_kind: Callable[[str], str | None]
     embed_key: str
     lm_head_key: str = "lm_head.weight"
