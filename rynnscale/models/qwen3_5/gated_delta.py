@@ -89,6 +89,7 @@ def _prepare(q_thd, k_thd, v_thd, g_th, beta_th, use_qk_l2norm: bool):
     return q * (q.shape[-1] ** -0.5), k, v, g, beta
 
 
+@torch.compiler.disable  # data-dependent chunk layout and scan: runs eagerly inside compiled blocks
 def chunk_gated_delta_rule(
     q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, g_th: torch.Tensor, beta_th: torch.Tensor,
     cu_seqlens: torch.Tensor, *, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
