@@ -81,9 +81,22 @@ def data_contract(args: Any) -> DataContract:
                              image_token_id=args.image_token_id, video_token_id=args.video_token_id))
 
 
+def layer_activation_bytes(*a: Any, **kw: Any) -> float:
+    from rynnscale.models.qwen3_5.memory import layer_activation_bytes as count
+
+    return count(*a, **kw)
+
+
+def layer_backward_bytes(*a: Any, **kw: Any) -> float:
+    from rynnscale.models.qwen3_5.memory import layer_backward_bytes as count
+
+    return count(*a, **kw)
+
+
 _COMMON = dict(new_model=new_model, parallelize=parallelize, step_flops=step_flops,
                cost_coefficients=cost_coefficients, data=data_contract, is_experts=is_experts,
-               profile_parts=profile_parts)
+               profile_parts=profile_parts, layer_activation_bytes=layer_activation_bytes,
+               layer_backward_bytes=layer_backward_bytes)
 
 SPEC = register(ModelSpec(
     name="qwen3_5", model_types=Qwen35Args.MODEL_TYPES, args_cls=Qwen35Args,

@@ -36,9 +36,12 @@ _HF_BOOKKEEPING = {
     "_attn_implementation_autoset", "quantization_config", "rope_parameters", "rope_scaling",
     "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings", "full_attention_interval", "attn_output_gate",
     "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
+    "mamba_ssm_dtype",   # vLLM's state dtype hint in the released configs (serving only)
 }
 # the vision tower's rope (axial, theta 10000) is fixed by the tower; its other keys are bookkeeping
-_VISION_BOOKKEEPING = (_HF_BOOKKEEPING - {"mrope_section", "partial_rotary_factor", "rope_theta"}) | {"rope_parameters"}
+# ``deepstack_visual_indexes``: the released configs write ``[]`` (checked: DeepStack is not supported)
+_VISION_BOOKKEEPING = ((_HF_BOOKKEEPING - {"mrope_section", "partial_rotary_factor", "rope_theta"})
+                       | {"rope_parameters", "deepstack_visual_indexes"})
 
 # Documented maxima (far above any published model; refused before allocation so that an absurd config.json
 # fails naming the key instead of an out-of-memory kill). Same bounds as Qwen3-VL's where the key is shared.
@@ -233,6 +236,13 @@ class _Qwen35ArgsBase:
         text = _build(TextArgs, text_cfg, strict, text_where)
         vision = None if text_only else _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config",
                                                bookkeeping=_VISION_BOOKKEEPING)
+        if (vision_cfg or {}).get("deepstack_visual_indexes"):
+            raise ArchConfigError(f"{where}.vision_config.deepstack_visual_indexes="
+                                  f"{vision_cfg['deepstack_visual_indexes']!r}: Qwen3.5's tower has no DeepStack "
+                                  "layers (the released configs write [])")
+        if not text_only and "hidden_size" in top and top.pop("hidden_size") != text_cfg.get("hidden_size", 4096):
+            raise ArchConfigError(f"{where}.hidden_size={cfg['hidden_size']!r} (top level) differs from "
+                                  f"text_config.hidden_size={text_cfg.get('hidden_size')!r}")
         vision_rope = (vision_cfg or {}).get("rope_parameters") or {}
         if isinstance(vision_rope, dict) and vision_rope.get("rope_theta", VISION_ROPE_THETA) != VISION_ROPE_THETA:
             raise ArchConfigError(f"{where}.vision_config.rope_parameters.rope_theta={vision_rope['rope_theta']!r}: "
