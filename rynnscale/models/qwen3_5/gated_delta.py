@@ -187,6 +187,9 @@ def recurrent_gated_delta_rule_ref(
 
 
 # ---------------------------------------------------------------------------------------------- GPU kernels
+# flash-linear-attention (``fla-core``, pure Python + Triton): ``chunk_gated_delta_rule`` with ``cu_seqlens`` (the
+# state restarts per document; q / k l2-normalised in the kernel; GVA: Hv a multiple of Hk) and its varlen
+# ``causal_conv1d`` (backend "cuda" = the ``causal-conv1d`` package's kernel when that is installed, else Triton).
 @functools.lru_cache(maxsize=1)
 def fla_import_error() -> str | None:
     """None when flash-linear-attention's ``chunk_gated_delta_rule`` imports, else why not (one line)."""
@@ -205,3 +208,48 @@ def causal_conv1d_import_error() -> str | None:
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def pick_backend(kernels: str, x: torch.Tensor) -> str:
+    """``torch`` or ``fla`` for a DeltaNet layer's sequence operations: ``model.kernels`` ``auto`` / ``liger`` use fla
+    on CUDA when it imports (liger has no DeltaNet kernel), ``torch`` always the plain PyTorch path."""
+    if kernels == "torch" or x.device.type != "cuda":
+        return "torch"
+    if fla_import_error() is None:
+        return "fla"
+    _warn_no_fla()
+    return "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_fla() -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "Gated DeltaNet layers run the plain PyTorch chunked path on CUDA (flash-linear-attention does not import: "
+        "%s); pip install fla-core for its Triton kernels", fla_import_error())
+
+
+@torch.compiler.disable  # Triton kernels behind autograd Functions: eager inside compiled blocks
+def fla_causal_conv1d(x_tc: torch.Tensor, weight_ck: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``causal_conv1d`` (SiLU, restart per document) through fla's varlen kernel."""
+    from fla.modules.causal_conv1d import causal_conv1d as fla_conv
+
+    backend = "cuda" if causal_conv1d_import_error() is None else "triton"
+    y_1tc, _ = fla_conv(x_tc[None], weight_ck.to(x_tc.dtype), activation="silu", backend=backend,
+                        cu_seqlens=cu_seqlens.to(device=x_tc.device, dtype=torch.long))
+    return y_1tc[0]
+
+
+@torch.compiler.disable
+def fla_gated_delta_rule(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, g_th: torch.Tensor,
+                         beta_th: torch.Tensor, cu_seqlens: torch.Tensor, *, initial_state: torch.Tensor | None = None,
+                         output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunk_gated_delta_rule`` through fla's kernel (same arguments and results; q / k l2-normalised in it)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    o_1thv, state = fla_chunk(q_thd[None], k_thd[None], v_thd[None], g_th[None].float(), beta_th[None],
+                              initial_state=initial_state, output_final_state=output_final_state,
+                              use_qk_l2norm_in_kernel=True,
+                              cu_seqlens=cu_seqlens.to(device=q_thd.device, dtype=torch.long))
+    return o_1thv[0].to(v_thd.dtype), state

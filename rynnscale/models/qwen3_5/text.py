@@ -177,11 +177,14 @@ class GatedDeltaNet(nn.Module):
         if cp is not None:
             raise NotImplementedError("context parallelism of the Gated DeltaNet layers (refused by the plan)")
         L = x_lh.shape[0]
-        qkv_lc = gated_delta.causal_conv1d(self.in_proj_qkv(x_lh), self.conv1d.weight[:, 0], cu_seqlens)
+        fla = gated_delta.pick_backend(self.kernels, x_lh) == "fla"
+        conv = gated_delta.fla_causal_conv1d if fla else gated_delta.causal_conv1d
+        rule = gated_delta.fla_gated_delta_rule if fla else gated_delta.chunk_gated_delta_rule
+        qkv_lc = conv(self.in_proj_qkv(x_lh), self.conv1d.weight[:, 0], cu_seqlens)
         q_lc, k_lc, v_lc = qkv_lc.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta_lh = torch.sigmoid(self.in_proj_b(x_lh))
         g_lh = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_lh).float() + self.dt_bias)
-        o_lhv, _ = gated_delta.chunk_gated_delta_rule(
+        o_lhv, _ = rule(
             q_lc.reshape(L, self.num_k_heads, self.head_k_dim), k_lc.reshape(L, self.num_k_heads, self.head_k_dim),
             v_lc.reshape(L, self.num_v_heads, self.head_v_dim), g_lh, beta_lh, cu_seqlens)
         z_lhv = self.in_proj_z(x_lh).view(L, self.num_v_heads, self.head_v_dim)
