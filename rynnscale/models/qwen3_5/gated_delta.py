@@ -51,26 +51,30 @@ def position_in_doc(cu_seqlens: torch.Tensor, total: int, device: torch.device) 
 
 
 def causal_conv1d(x_tc: torch.Tensor, weight_ck: torch.Tensor, cu_seqlens: torch.Tensor,
-                  initial_tc: torch.Tensor | None = None) -> torch.Tensor:
+                  initial_ntc: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU of the causal depthwise convolution of ``x_tc`` [T, C] with ``weight_ck`` [C, K], within documents.
 
-    ``initial_tc`` [K-1, C] (context parallelism): the K-1 tokens that precede the row's FIRST document (the end
-    of the same document on the previous rank); other documents start from zeros. Computed in the weight's
+    ``initial_ntc`` [N, K-1, C] (context parallelism): the K-1 tokens that precede each of the N documents (the
+    end of the same document on other ranks; zeros for a document that starts here). Computed in the weight's
     dtype (as transformers), returned in x's."""
     T, K = x_tc.shape[0], weight_ck.shape[1]
     x = x_tc.to(weight_ck.dtype)
+    if initial_ntc is not None:   # put each document's context before it, convolve, keep the real rows
+        n = cu_seqlens.numel() - 1
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        lens = cu[1:] - cu[:-1]
+        doc_t = torch.repeat_interleave(torch.arange(n, device=x.device), lens, output_size=T)
+        real_rows = torch.arange(T, device=x.device) + (K - 1) * (doc_t + 1)       # rows of x in the layout
+        ctx_rows = (cu[:-1] + (K - 1) * torch.arange(n, device=x.device))[:, None] + torch.arange(K - 1, device=x.device)
+        ext = x.new_zeros(T + n * (K - 1), x.shape[1])
+        ext = ext.index_copy(0, real_rows, x).index_copy(0, ctx_rows.reshape(-1),
+                                                         initial_ntc.to(x.dtype).reshape(-1, x.shape[1]))
+        cu_ext = cu + (K - 1) * torch.arange(n + 1, device=x.device)
+        return causal_conv1d(ext, weight_ck, cu_ext).index_select(0, real_rows).to(x_tc.dtype)
     pos_t = position_in_doc(cu_seqlens, T, x.device)
-    if initial_tc is not None:
-        x = torch.cat([initial_tc.to(x.dtype), x])
-        first_doc = pos_t == torch.arange(T, device=x.device)   # tokens of the row's first document
-        pos_t = torch.where(first_doc, pos_t + (K - 1), pos_t)
-        off = K - 1
-    else:
-        off = 0
-    y_tc = x[off:off + T] * weight_ck[:, K - 1]
+    y_tc = x * weight_ck[:, K - 1]
     for j in range(1, K):
-        lo = off - j
-        shifted = x[lo:lo + T] if lo >= 0 else F.pad(x, (0, 0, -lo, 0))[:T]   # x_{t-j} (zeros before the row)
+        shifted = F.pad(x, (0, 0, j, 0))[:T]              # x_{t-j} (zeros before the row)
         keep_t = (pos_t >= j).to(x.dtype)[:, None]
         y_tc = y_tc + shifted * keep_t * weight_ck[:, K - 1 - j]
     return F.silu(y_tc).to(x_tc.dtype)

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rynnscale.models.qwen3_5 import cp as cp_scan
 from rynnscale.models.qwen3_5 import gated_delta
 from rynnscale.models.qwen3_5.args import TextArgs
 from rynnscale.models.qwen3_vl.moe import RouterStats, SparseMoeBlock
@@ -174,19 +175,31 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
 
     def forward(self, x_lh: torch.Tensor, cu_seqlens: torch.Tensor, cp: CPShard | None = None) -> torch.Tensor:
-        if cp is not None:
-            raise NotImplementedError("context parallelism of the Gated DeltaNet layers (refused by the plan)")
+        """``x_lh`` [L, H] of the row (``cu_seqlens``: its documents), or under context parallelism this rank's
+        shard (``cp``; ``cu_seqlens`` is then ignored: the runs of the shard come from the plan, ``cp.py``)."""
         L = x_lh.shape[0]
         fla = gated_delta.pick_backend(self.kernels, x_lh) == "fla"
         conv = gated_delta.fla_causal_conv1d if fla else gated_delta.causal_conv1d
         rule = gated_delta.fla_gated_delta_rule if fla else gated_delta.chunk_gated_delta_rule
-        qkv_lc = conv(self.in_proj_qkv(x_lh), self.conv1d.weight[:, 0], cu_seqlens)
+        qkv_lc = self.in_proj_qkv(x_lh)
+        weight_ck = self.conv1d.weight[:, 0]
+        if cp is None:
+            qkv_lc = conv(qkv_lc, weight_ck, cu_seqlens)
+        else:   # each run starts from the convolution inputs / state the runs before it leave (on other ranks)
+            lay = cp_scan.run_layout(cp)
+            cu_seqlens = lay.local_cu_seqlens(cp.rank)
+            context = cp_scan.conv_context(qkv_lc, lay, cp, weight_ck.shape[1] - 1)
+            qkv_lc = gated_delta.causal_conv1d(qkv_lc, weight_ck, cu_seqlens, initial_ntc=context)
         q_lc, k_lc, v_lc = qkv_lc.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta_lh = torch.sigmoid(self.in_proj_b(x_lh))
         g_lh = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_lh).float() + self.dt_bias)
-        o_lhv, _ = rule(
-            q_lc.reshape(L, self.num_k_heads, self.head_k_dim), k_lc.reshape(L, self.num_k_heads, self.head_k_dim),
-            v_lc.reshape(L, self.num_v_heads, self.head_v_dim), g_lh, beta_lh, cu_seqlens)
+        q_lhk = q_lc.reshape(L, self.num_k_heads, self.head_k_dim)
+        k_lhk = k_lc.reshape(L, self.num_k_heads, self.head_k_dim)
+        v_lhv = v_lc.reshape(L, self.num_v_heads, self.head_v_dim)
+        initial = None
+        if cp is not None:
+            initial = cp_scan.initial_states(rule, q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, lay, cp)
+        o_lhv, _ = rule(q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, initial_state=initial)
         z_lhv = self.in_proj_z(x_lh).view(L, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o_lhv, z_lhv).reshape(L, self.value_dim))
 

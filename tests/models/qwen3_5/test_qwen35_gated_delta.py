@@ -85,13 +85,15 @@ def test_causal_conv_restarts_per_document_and_continues_from_initial_tokens() -
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         ref = F.silu(F.conv1d(x[a:b].T[None], w[:, None], padding=K - 1, groups=C)[0, :, :b - a]).T
         assert torch.allclose(y[a:b], ref, rtol=0, atol=1e-12)
-    # initial_tc: the K-1 tokens before the row's first document (context parallelism)
-    prev = torch.randn(K - 1, C, generator=g, dtype=torch.float64)
-    y_cont = causal_conv1d(x, w, cu, initial_tc=prev)
-    whole = torch.cat([prev, x[:7]])
-    ref = F.silu(F.conv1d(whole.T[None], w[:, None], padding=K - 1, groups=C)[0, :, :whole.shape[0]]).T[K - 1:]
-    assert torch.allclose(y_cont[:7], ref, rtol=0, atol=1e-12)
-    assert torch.equal(y_cont[7:], y[7:])   # later documents start from zeros
+    # initial_ntc: the K-1 tokens before each document (context parallelism; zeros: the document starts here)
+    prev = torch.randn(3, K - 1, C, generator=g, dtype=torch.float64)
+    prev[1] = 0
+    y_cont = causal_conv1d(x, w, cu, initial_ntc=prev)
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        whole = torch.cat([prev[n], x[a:b]])
+        ref = F.silu(F.conv1d(whole.T[None], w[:, None], padding=K - 1, groups=C)[0, :, :whole.shape[0]]).T[K - 1:]
+        assert torch.allclose(y_cont[a:b], ref, rtol=0, atol=1e-12)
+    assert torch.equal(y_cont[7:8], y[7:8])   # a zero context is a document start
 
 
 def _reference_rule(q, k, v, g, beta, cu_seqlens, **kwargs):
