@@ -129,3 +129,46 @@ def test_data_contract_ids_from_config_and_positions_equal_transformers_get_rope
     text_only = args_from_hf_config(tiny_config(False, text_only=True))
     c = family_of(text_only).data(text_only)
     assert c.vision is None and torch.equal(c.position_ids(ids[:5], None, None), torch.arange(5).expand(3, 5))
+
+
+def test_a_released_config_json_is_read_strictly() -> None:
+    """The keys of a released Qwen3.5-MoE config.json (a verbatim copy of a Qwen3.5-35B-A3B fine-tune's, see
+    presets.py): top-level hidden_size and special ids, mtp / mamba_ssm_dtype / attn_output_gate in the text
+    config, an empty deepstack_visual_indexes in the vision config."""
+    from rynnscale.models import preset_config
+
+    published = {
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"], "bos_token_id": None, "dtype": "bfloat16",
+        "eos_token_id": 248046, "hidden_size": 2048, "image_token_id": 248056, "model_type": "qwen3_5_moe",
+        "pad_token_id": 248044, "tie_word_embeddings": False, "transformers_version": "5.13.0.dev0",
+        "video_token_id": 248057, "vision_end_token_id": 248054, "vision_start_token_id": 248053,
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "bos_token_id": 248044,
+            "dtype": "bfloat16", "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+            "linear_value_head_dim": 128, "mamba_ssm_dtype": "float32", "max_position_embeddings": 262144,
+            "model_type": "qwen3_5_moe_text", "moe_intermediate_size": 512, "mtp_num_hidden_layers": 1,
+            "mtp_use_dedicated_embeddings": False, "num_attention_heads": 16, "num_experts": 256,
+            "num_experts_per_tok": 8, "num_hidden_layers": 4, "num_key_value_heads": 2, "output_router_logits": False,
+            "pad_token_id": 248044, "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06,
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25,
+                                "rope_theta": 10000000, "rope_type": "default"},
+            "router_aux_loss_coef": 0.001, "shared_expert_intermediate_size": 512, "tie_word_embeddings": False,
+            "use_cache": False, "vocab_size": 248320},
+        "vision_config": {
+            "deepstack_visual_indexes": [], "depth": 27, "dtype": "bfloat16", "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": 1152, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304,
+            "model_type": "qwen3_5_moe_vision", "num_heads": 16, "num_position_embeddings": 2304,
+            "out_hidden_size": 2048, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    }
+    args = args_from_hf_config(published, strict=True)
+    preset = preset_config("qwen3.5-35b-a3b")
+    preset["text_config"].update(num_hidden_layers=4, layer_types=preset["text_config"]["layer_types"][:4])
+    assert args == args_from_hf_config(preset, strict=True)
+    with pytest.raises(ArchConfigError, match="deepstack_visual_indexes"):
+        args_from_hf_config({**published, "vision_config": {**published["vision_config"],
+                                                             "deepstack_visual_indexes": [8]}})
+    with pytest.raises(ArchConfigError, match="hidden_size"):
+        args_from_hf_config({**published, "hidden_size": 4096})
