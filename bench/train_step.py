@@ -21,6 +21,10 @@ Cases (``--tiny`` shrinks each to CPU size, same structure):
 - ``packed``: the A3B slice on documents of 200-6,000 tokens packed into one 16,384-token row;
   transformers gets the same packing through ``position_ids`` (4, 1, L) with attention_mask=None
   and use_cache=False; ours through ``cu_seqlens``.
+- ``q35moe`` (not in the default list: transformers >= 5.2x has Qwen3.5, the GPU image's 5.17 may not):
+  Qwen3.5-35B-A3B decoder widths (RynnBrain 1.1's MoE family), 8 hybrid layers (6 Gated DeltaNet + 2 gated
+  attention), 256 experts top-8 + shared expert, 4 x 4096 tokens. transformers runs its CPU torch fallbacks or
+  flash-linear-attention's kernels where it finds them; liger-kernel has no Qwen3.5 patches (n/a).
 Unpacked cases give ours the B rows as one packed row of B documents (same math).
 
 Variants: ``hf`` (transformers, sdpa attention, grouped_mm experts), ``liger`` (the same + liger-kernel's
@@ -64,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rynnscale.batch import EncodedSample, PackedBatch  # noqa: E402
 from rynnscale.data.packing import build_packed_batch  # noqa: E402
 from rynnscale.models.mrope import mrope_position_ids  # noqa: E402
+from rynnscale.models.qwen3_5.args import Qwen35Args  # noqa: E402
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs  # noqa: E402
 from rynnscale.models.stats import StepFlops, batch_flops, param_stats  # noqa: E402
 from rynnscale.parallel.activation_checkpoint import MODES  # noqa: E402
@@ -71,7 +76,8 @@ from rynnscale.plan.measure import LiveTensorBytes  # noqa: E402
 from rynnscale.train.build import build_model, model_config_for  # noqa: E402
 from rynnscale.train.profile import StepProfiler, format_breakdown  # noqa: E402
 
-CASES = ("a3b", "dense8b", "video", "packed")
+DEFAULT_CASES = ("a3b", "dense8b", "video", "packed")
+CASES = (*DEFAULT_CASES, "q35moe")
 # ours = the default recipe (model.kernels=auto: liger's kernels where they import); ours-torch = plain
 # PyTorch element-wise ops; ours-compile = plain ops + regional torch.compile (model.compile=true)
 OURS = ("ours", "ours-torch", "ours-compile", "ours-lora")
@@ -99,12 +105,39 @@ def case_args(name: str, tiny: bool, layers: int | None = None, experts: int | N
         args.text.num_experts = experts
     if layers is not None:
         args.text.num_hidden_layers = layers
-        # DeepStack adds one vision feature per decoder layer: at most `layers` of them
-        args.vision.deepstack_visual_indexes = args.vision.deepstack_visual_indexes[:layers]
+        if isinstance(args, Qwen35Args):   # keep the 3:1 hybrid pattern
+            args.text.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                                     for i in range(layers)]
+        else:  # DeepStack adds one vision feature per decoder layer: at most `layers` of them
+            args.vision.deepstack_visual_indexes = args.vision.deepstack_visual_indexes[:layers]
     return args
 
 
-def _case_args(name: str, tiny: bool) -> Qwen3VLArgs:
+def _qwen35_args(tiny: bool) -> Qwen35Args:
+    """Qwen3.5-35B-A3B's decoder widths (rynnscale/models/qwen3_5/presets.py) with 8 layers, or a tiny twin."""
+    from rynnscale.models import args_from_hf_config, preset_config
+
+    cfg = preset_config("qwen3.5-35b-a3b")
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    text.update(num_hidden_layers=8, layer_types=text["layer_types"][:8])
+    vision.update(depth=2)
+    if tiny:
+        text.update(vocab_size=512, hidden_size=64, num_hidden_layers=4, layer_types=text["layer_types"][:4],
+                    num_attention_heads=8, num_key_value_heads=1, head_dim=32, linear_num_key_heads=2,
+                    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
+                    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        text["rope_parameters"]["mrope_section"] = [2, 1, 1]
+        vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8,
+                      num_position_embeddings=16)
+        cfg.update(image_token_id=501, video_token_id=502, vision_start_token_id=503, vision_end_token_id=504)
+    else:
+        vision.update(out_hidden_size=text["hidden_size"])
+    return args_from_hf_config(cfg, strict=True)
+
+
+def _case_args(name: str, tiny: bool) -> Qwen3VLArgs | Qwen35Args:
+    if name == "q35moe":
+        return _qwen35_args(tiny)
     moe = name in ("a3b", "packed")
     if tiny:
         tok = dict(image_token_id=501, video_token_id=502, vision_start_token_id=503, vision_end_token_id=504)
@@ -159,7 +192,7 @@ def build_case(name: str, tiny: bool, seed: int = 0, layers: int | None = None, 
     args = case_args(name, tiny, layers, experts)
     g = torch.Generator().manual_seed(seed)
     text_hi = min(args.vision_start_token_id, args.image_token_id, 151643) - 1
-    if name in ("a3b", "dense8b"):
+    if name in ("a3b", "dense8b", "q35moe"):
         B, S = (4, 64) if tiny else (4, 4096)
         S //= seq_div
         ids_bs = torch.randint(0, text_hi, (B, S), generator=g)
@@ -213,9 +246,17 @@ def build_case(name: str, tiny: bool, seed: int = 0, layers: int | None = None, 
 
 
 # ----------------------------------------------------------------------------- models
-def build_hf(args: Qwen3VLArgs, device: torch.device, dtype: torch.dtype):
+def build_hf(args: Qwen3VLArgs | Qwen35Args, device: torch.device, dtype: torch.dtype):
     import transformers
 
+    if isinstance(args, Qwen35Args):   # transformers' own class of the config (Qwen3_5MoeForConditionalGeneration)
+        hf_cfg = args.to_hf_config()
+        cfg = transformers.AutoConfig.for_model(**hf_cfg)
+        kw = dict(dtype=dtype, attn_implementation="sdpa")
+        if args.text.is_moe:
+            kw["experts_implementation"] = "grouped_mm"
+        with torch.device(device):
+            return getattr(transformers, hf_cfg["architectures"][0])._from_config(cfg, **kw)
     cfg_dict = {k: v for k, v in args.to_hf_config().items() if k not in ("architectures", "model_type")}
     moe = args.text.is_moe
     cfg = (transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig)(**cfg_dict)
@@ -415,7 +456,7 @@ def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {CASES}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma list of {CASES}")
     p.add_argument("--ckpt", default=None, help=f"comma list of activation checkpointing modes {MODES} "
                    "(default: none,full on GPU, none on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 GPU, 2 CPU)")
@@ -499,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             for ckpt in ckpts:
                 if not have:
                     rows.append(dict(case=name, variant="liger", ckpt=ckpt, na="liger_kernel does not import"))
+                    continue
+                if isinstance(built[name].args, Qwen35Args):
+                    rows.append(dict(case=name, variant="liger", ckpt=ckpt, na="liger-kernel has no Qwen3.5 patches"))
                     continue
                 try:
                     apply_liger(built[name].args.text.is_moe)

@@ -12,7 +12,16 @@ Fused-expert layouts ("expert_layout")
 - ``"hub"``: ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``. What Qwen's released
   Qwen3-VL-MoE checkpoints store (written by transformers 4.57) and what transformers 5 transposes
   on load (``conversion_mapping.py``: ``qwen3_vl_moe`` -> ``Transpose(1, 2, check_dims=True)``).
-  Released checkpoints hold no per-expert ``experts.{e}.gate_proj.weight`` tensors.
+  Released Qwen3-VL-MoE checkpoints hold no per-expert tensors.
+- ``"per_expert"`` (read only): ``experts.{e}.gate_proj.weight [I, H]``, ``up_proj [I, H]``, ``down_proj [H, I]``
+  per expert, what transformers 5's ``save_pretrained`` writes for families whose conversion mapping fuses them
+  on load (``qwen2_moe`` rules: Qwen3.5-MoE; also the released Qwen3.5-MoE checkpoints). Such a group is read
+  as the fused tensor of the family's ``StateDictAdapter`` (``expert_kind``: ``{prefix}.gate_up_proj`` rows
+  ``[gate_e; up_e]``, ``{prefix}.down_proj``), expert by expert (an EP / FSDP rank reads only its experts);
+  every expert must be present, with consistent shapes.
+
+A family's ``canonical_key`` may map a checkpoint key to None: a tensor the model does not have on purpose (e.g.
+Qwen3.5's multi-token-prediction head ``mtp.*``, which transformers skips too); it is listed in the report's notes.
 
 A non-square expert tensor's shape names its layout. When ``H == 2I`` (``gate_up_proj``) or
 ``H == I`` (``down_proj``) both layouts have the same shape; transformers then assumes "v5" and
@@ -28,6 +37,7 @@ headers only, before any parameter is written, so a refused checkpoint leaves th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,6 +119,52 @@ class _Source:
     key: str                     # name inside the file
     shape: tuple[int, ...]
     dtype: str                   # safetensors dtype string, e.g. "BF16"
+    # a fused expert tensor stored per expert: for each expert, the sources concatenated along dim 0 into its row
+    # (gate_up: (gate, up); down: (down,)); ``shape`` is then the fused ("v5") shape
+    parts: list[tuple[_Source, ...]] | None = None
+
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _fuse_per_expert(by_name: dict[str, _Source], sd: StateDictAdapter, report: LoadReport) -> list[str]:
+    """Replace the per-expert tensors (``{prefix}.{e}.{gate,up,down}_proj.weight``) of every fused expert tensor
+    pair the adapter declares by one composite source per fused tensor, in place; returns the problems found."""
+    groups: dict[str, dict[str, dict[int, str]]] = {}
+    for name in by_name:
+        m = _PER_EXPERT.match(name)
+        if m and sd.expert_kind(m["prefix"] + ".gate_up_proj") == "gate_up" \
+                and sd.expert_kind(m["prefix"] + ".down_proj") == "down":
+            groups.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["e"])] = name
+    problems = []
+    for prefix, projs in groups.items():
+        ids = sorted(set().union(*(p.keys() for p in projs.values())))
+        n = len(ids)
+        lacking = [f"{prefix}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")
+                   for e in range(max(ids) + 1) if e not in projs.get(proj, {})]
+        if lacking:
+            problems.append(_listing(f"per-expert tensors of {prefix} missing", lacking))
+            continue
+        gate, up, down = ([by_name[projs[p][e]] for e in range(n)] for p in ("gate_proj", "up_proj", "down_proj"))
+        shapes = {(g.shape, u.shape, d.shape) for g, u, d in zip(gate, up, down)}
+        dtypes = {x.dtype for x in (*gate, *up, *down)}
+        g_shape, u_shape, d_shape = next(iter(shapes))
+        if len(shapes) != 1 or len(dtypes) != 1 or len(g_shape) != 2 or g_shape != u_shape \
+                or d_shape != g_shape[::-1]:
+            problems.append(f"- per-expert tensors of {prefix}: inconsistent shapes / dtypes "
+                            f"(gate, up, down: {sorted(map(str, shapes))[:3]}; {sorted(dtypes)})")
+            continue
+        for proj in projs.values():
+            for name in proj.values():
+                del by_name[name]
+        inter, hidden = g_shape
+        dtype = dtypes.pop()
+        by_name[prefix + ".gate_up_proj"] = _Source(gate[0].file, f"{prefix}.*.{{gate,up}}_proj.weight",
+                                                    (n, 2 * inter, hidden), dtype, list(zip(gate, up)))
+        by_name[prefix + ".down_proj"] = _Source(down[0].file, f"{prefix}.*.down_proj.weight", (n, hidden, inter),
+                                                 dtype, [(d,) for d in down])
+        report.expert_layout["per_expert"] = report.expert_layout.get("per_expert", 0) + 2
+    return problems
 
 
 def check_safetensors_file(f: Path, max_header: int = 100 << 20) -> None:
@@ -210,7 +266,7 @@ class LoadReport:
     files: list[str]
     num_tensors: int = 0                      # checkpoint tensors copied into the model
     num_bytes: int = 0                        # bytes read from the checkpoint
-    expert_layout: dict[str, int] = field(default_factory=dict)   # "v5"/"hub" -> fused expert tensors read in it
+    expert_layout: dict[str, int] = field(default_factory=dict)   # "v5"/"hub"/"per_expert" -> fused tensors read
     transposed: list[str] = field(default_factory=list)          # expert tensors converted hub -> v5
     renamed: int = 0                          # keys mapped from a prefix variant (bare Qwen3VLModel save)
     tied: list[str] = field(default_factory=list)                # model names filled through a tied alias
@@ -260,9 +316,12 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
 
     # --- checkpoint side: canonical names, collisions
     by_name: dict[str, _Source] = {}
-    collisions = []
+    collisions, skipped = [], []
     for key, src in sources.items():
         name = sd.canonical_key(key)
+        if name is None:
+            skipped.append(key)
+            continue
         if name != key:
             report.renamed += 1
         if name in by_name:
@@ -270,6 +329,9 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
         by_name[name] = src
     if collisions:
         problems.append(_listing("keys that map to the same model name", collisions))
+    if skipped:
+        report.notes.append(_listing("checkpoint tensors the model family skips on purpose", skipped)[2:])
+    problems += _fuse_per_expert(by_name, sd, report)
 
     # --- pair them up; aliases (tied weights) are filled once
     plan: list[str] = []               # names read from the checkpoint and copied into the model
@@ -309,6 +371,11 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
     for name in plan:
         src, want = by_name[name], targets[name].full_shape
         kind = sd.expert_kind(name)
+        if src.parts is not None:   # fused here from per-expert tensors: our layout by construction
+            if src.shape != want:
+                mismatched.append(f"{name}: per-expert checkpoint tensors give {list(src.shape)} vs model "
+                                  f"{list(want)}")
+            continue
         if kind is None or len(want) != 3:
             if src.shape != want:
                 mismatched.append(f"{name}: checkpoint {list(src.shape)} vs model {list(want)}")
@@ -355,6 +422,33 @@ def _read_rows(st: Any, src: _Source, lo: int, hi: int) -> torch.Tensor:
     return st.get_slice(src.key)[lo:hi]
 
 
+class _Files:
+    """Open safetensors files by path, each once (per-expert sources may span shards)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __call__(self, f: Path) -> Any:
+        if f not in self._open:
+            self._open[f] = self._stack.enter_context(safe_open(f, framework="pt", device="cpu"))
+        return self._open[f]
+
+    def __enter__(self) -> _Files:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+
+def _read_source(files: _Files, src: _Source, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of ``src``: a stored tensor, or a fused expert tensor assembled from its experts."""
+    if src.parts is None:
+        return _read_rows(files(src.file), src, lo, hi)
+    rows = [torch.cat([files(p.file).get_tensor(p.key) for p in parts]) for parts in src.parts[lo:hi]]
+    return torch.stack(rows) if rows else torch.empty((0, *src.shape[1:]))
+
+
 class HFTensorReader:
     """Read single tensors of a Hugging Face checkpoint by model name, in our ("v5") expert layout, with
     the same validation as ``load_hf_weights`` (against the full shapes ``args`` implies) -- for
@@ -376,8 +470,8 @@ class HFTensorReader:
 
     def __call__(self, name: str) -> torch.Tensor:
         src = self.plan.sources[name]
-        with safe_open(src.file, framework="pt", device="cpu") as st:
-            x = st.get_tensor(src.key)
+        with _Files() as files:
+            x = _read_source(files, src, 0, src.shape[0] if src.shape else 1)
         layout = self.plan.layout_of.get(name)
         return _to_layout(x, layout, "v5") if layout is not None else x
 
@@ -434,10 +528,10 @@ def load_hf_weights(
     for name in plan.names:
         by_file.setdefault(plan.sources[name].file, []).append(name)
     for f in plan.files:
-        with safe_open(f, framework="pt", device="cpu") as st, torch.no_grad():
+        with _Files() as files, torch.no_grad():
             for name in by_file.get(f, []):
                 src, target = plan.sources[name], targets[name]
-                x = _read_rows(st, src, target.lo, target.hi)
+                x = _read_source(files, src, target.lo, target.hi)
                 report.num_bytes += x.numel() * x.element_size()
                 layout = plan.layout_of.get(name)
                 if layout is not None:

@@ -17,7 +17,7 @@ from typing import Any
 from rynnscale.models.spec import ArchConfigError, HFCheckpointError, ModelSpec
 
 #: packages of the families shipped with rynnscale (each calls ``register`` when imported)
-BUILTIN_FAMILIES = ("rynnscale.models.qwen3_vl",)
+BUILTIN_FAMILIES = ("rynnscale.models.qwen3_vl", "rynnscale.models.qwen3_5")
 
 _by_name: dict[str, ModelSpec] = {}
 _by_type: dict[str, ModelSpec] = {}

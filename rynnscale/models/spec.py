@@ -13,7 +13,9 @@ callables may import the family's torch modules on first use, so that resolving 
   per-sample cost model (rank balancing) from the same FLOP ratios;
 - ``data``: what the data path needs (``DataContract``: vision token ids, patch geometry, position ids);
 - ``is_experts(module)``: whether a module holds fused experts (LoRA, statistics);
-- ``profile_parts()``: the module classes of the step-time breakdown.
+- ``profile_parts()``: the module classes of the step-time breakdown;
+- optionally ``layer_activation_bytes`` / ``layer_backward_bytes``: the planner's per-layer activation terms for
+  layers that are not Qwen3-VL-shaped (e.g. Qwen3.5's linear-attention layers and their chunk states).
 
 Args objects are the family's own dataclasses, named after transformers' config keys. The generic code
 reads only what ``ModelArgs`` lists; models follow ``TrainableModel``.
@@ -147,13 +149,14 @@ class StateDictAdapter:
 
     - ``param_shapes(args, include_tied)``: every tensor of the HF state dict -> shape (the contract export
       and import validate against; experts in transformers 5's layout);
-    - ``canonical_key(key)``: a checkpoint key (prefix variants transformers accepts) -> our name;
+    - ``canonical_key(key)``: a checkpoint key (prefix variants transformers accepts) -> our name, or None for a
+      tensor the family skips on purpose (e.g. a head transformers does not build either);
     - ``expert_kind(name)``: "gate_up" / "down" for a fused expert tensor (stored transposed by older
       checkpoints: ``rynnscale.checkpoint.hf``), else None;
     - ``embed_key`` / ``lm_head_key``: the tensors a tied embedding shares."""
 
     param_shapes: Callable[..., dict[str, tuple[int, ...]]]
-    canonical_key: Callable[[str], str]
+    canonical_key: Callable[[str], str | None]
     expert_kind: Callable[[str], str | None]
     embed_key: str
     lm_head_key: str = "lm_head.weight"
@@ -187,3 +190,9 @@ class ModelSpec:
     profile_parts: Callable[[], tuple[ProfilePart, ...]] = tuple
     presets: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     published_params: Mapping[str, dict[str, float]] = field(default_factory=dict)
+    # the planner's activation terms where a family's layers differ from Qwen3-VL's (None: the planner's own
+    # count): (args, layer_idx, profile, ep, tokens, doc_tokens) -> bytes decoder layer ``layer_idx`` saves for
+    # backward over ``tokens`` tokens; (args, layer_idx, profile, tokens, doc_tokens) -> extra transient bytes
+    # of that layer's backward
+    layer_activation_bytes: Callable[..., float] | None = None
+    layer_backward_bytes: Callable[..., float] | None = None

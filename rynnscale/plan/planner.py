@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rynnscale.config.schema import PlanConfig
+from rynnscale.models.registry import family_of
 from rynnscale.models.stats import ParamStats
 from rynnscale.ops.attention import varlen_takes_gqa
 from rynnscale.parallel.layout import LayoutError, ParallelLayout
@@ -177,7 +178,7 @@ def vision_other_bytes_per_patch(v: Any, p: Profile) -> float:
     """Patch embedding + position embedding sum + fp32 rotary tables + every merger's norm/fc1/GELU
     (per patch) and fc2 (per merged token)."""
     D, out_h, m2 = v.hidden_size, v.out_hidden_size, v.spatial_merge_size ** 2
-    mergers = 1 + len(v.deepstack_visual_indexes)
+    mergers = 1 + len(getattr(v, "deepstack_visual_indexes", ()))   # a tower without DeepStack: the final merger
     return 2 * D * p.act_bytes + 2 * (D // v.num_heads) * 4 + mergers * (3 * D + out_h / m2) * p.act_bytes
 
 
@@ -273,10 +274,15 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
         big = max(blocks) if blocks else 0
         ws = 2 * big * 2 + big * (2 + 4)
 
-    # activations
+    # activations (a family whose layers are not Qwen3-VL-shaped gives its own per-layer terms: ModelSpec)
+    spec = family_of(args)
     moe_layers = [t.layer_is_moe(i) for i in range(n_layers)]
-    full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p)) * T
-                  + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
+    if spec.layer_activation_bytes is not None:
+        full_layer = [spec.layer_activation_bytes(args, i, p, lay.ep, T, doc) + cp_attention_bytes_per_token(t, cp, p) * T
+                      for i in range(n_layers)]
+    else:
+        full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p)) * T
+                      + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
     patches = -(-w.visual_tokens // cp) * v.spatial_merge_size ** 2  # CP: each rank encodes 1/cp of the frames
@@ -311,6 +317,8 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
         live_saved = sum(saved_layer[:i]) + vision_acts + other_bwd
         current = full_layer[i] if ckpt[i] else 0.0   # recomputed activations of this layer
         work = _layer_backward_workspace(t, moe_layers[i], T, doc, p)
+        if spec.layer_backward_bytes is not None:
+            work += spec.layer_backward_bytes(args, i, p, T, doc)
         events.append(static + ws + live_saved + current + work + grad_flow + done_grads)
     vgrads = [n * p.grad_bytes / shard for n in st.vision_block_trainable]
     for j in reversed(range(n_blocks)):
