@@ -408,6 +408,10 @@ def check_complete(path: str | os.PathLike) -> str:
         return "not a directory"
     if _TMP_RE.match(path.name):
         return "temporary name (the save never finished)"
+    if path.name == DCP_DIR and ((path.parent / TRAINER_STATE).is_file() or (path.parent / COMPLETE).is_file()):
+        inner = check_complete(path.parent)   # a checkpoint's inner dcp/ folder, not the checkpoint itself
+        return (f"this is the {DCP_DIR}/ folder inside the checkpoint {path.parent}"
+                + (f", which is itself not complete: {inner}" if inner else f"; pass the step directory {path.parent}"))
     if not (path / COMPLETE).is_file():
         return f"no {COMPLETE} marker (the save never finished)"
     if not (path / TRAINER_STATE).is_file():

@@ -222,3 +222,32 @@ def test_preemption_flag_set_by_sigterm():
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_inner_dcp_folder_is_recognised_and_points_at_the_step_directory(tmp_path, capsys):
+    """Issue 28, item 4: passing ``step_N/dcp`` (the folder that holds the tensors) said "no COMPLETE marker (the
+    save never finished)" although the save finished; every command that takes a checkpoint now names the step
+    directory to pass instead (export, inspect, ``checkpoint.resume``)."""
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+    from rynnscale.cli import main as cli_main
+
+    model = w.build_model(w.tiny_hf_config(num_experts=0))
+    opt, sched = w.build_optim(model, 2)
+    step = CheckpointManager(tmp_path / "run").save(1, model, opt, sched, model_config=w.tiny_hf_config(num_experts=0))
+    inner = step / "dcp"
+    hint = f"this is the dcp/ folder inside the checkpoint {step}; pass the step directory {step}"
+    assert ckpt.check_complete(inner) == hint
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        export_checkpoint_hf(inner, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        find_resume_checkpoint(tmp_path / "run", str(inner))
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        load_checkpoint(inner, model)
+    assert cli_main(["ckpt", "export-hf", str(inner), str(tmp_path / "hf")]) == 2
+    assert hint in capsys.readouterr().err
+    assert cli_main(["ckpt", "inspect", str(inner)]) == 1
+    assert hint in capsys.readouterr().out
+    # the dcp/ folder of an unfinished save says why the checkpoint itself is not usable
+    (step / "COMPLETE").unlink()
+    assert ckpt.check_complete(inner) == (f"this is the dcp/ folder inside the checkpoint {step}, which is itself not "
+                                          "complete: no COMPLETE marker (the save never finished)")
