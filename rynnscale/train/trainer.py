@@ -184,9 +184,8 @@ def _step_record(step: int, c: TrainComponents, stats: StepStats, lr: float, dt:
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
         record["expert_load_max_over_mean"] = worst
         record["expert_load_per_layer"] = per_layer
-    bad = getattr(c.data, "bad_counts", None)
-    if bad:
-        record["skipped_samples"] = dict(bad)
+    bad = dict(getattr(c.data, "bad_counts", None) or {})   # this rank's count so far, 0 included
+    record["skipped_samples"], record["skipped_by_reason"] = sum(bad.values()), bad
     return record
 
 
