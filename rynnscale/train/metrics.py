@@ -50,6 +50,12 @@ class SampleLog:
                 f.write(json.dumps({"step": step, "samples": sorted(samples)}) + "\n")
 
 
+def progress_bars(cfg: RootConfig) -> bool:
+    """Whether a run draws tqdm bars (training, synthetic data generation): ``logging.progress`` and stderr is a
+    terminal. Redirected to a file, bars would fill it with carriage-return redraws."""
+    return cfg.logging.progress and sys.stderr is not None and sys.stderr.isatty()
+
+
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -74,7 +80,7 @@ class MetricsLogger:
         if not is_main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.logging.progress and sys.stderr is not None and sys.stderr.isatty():
+        if progress_bars(cfg):
             from tqdm.auto import tqdm
             self._bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, smoothing=0.1)

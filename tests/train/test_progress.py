@@ -61,3 +61,15 @@ def test_a_terminal_keeps_the_bar(tmp_path, caplog, monkeypatch, progress):
         _log_steps(MetricsLogger(cfg, tmp_path, is_main=True), range(1, 6))
     assert ("train:" in term.getvalue() and "5/5" in term.getvalue()) == progress
     assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
+
+
+def test_synthetic_generation_draws_no_bar_into_a_log(tmp_path, monkeypatch):
+    """The demo generates its synthetic set inside the run: its bar went to the redirected log too."""
+    from rynnscale.train.data_files import generate_train_synthetic
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    cfg = _cfg(5, 2)
+    cfg.data.synthetic.num_samples, cfg.data.synthetic.output_dir = 4, str(tmp_path / "synthetic")
+    generate_train_synthetic(cfg)
+    assert (tmp_path / "synthetic" / "manifest.json").is_file()
+    assert "\r" not in sys.stderr.getvalue(), sys.stderr.getvalue()[:300]
