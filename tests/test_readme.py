@@ -157,7 +157,7 @@ class Workspace:
             (root / "shared").mkdir()
             (root / "shared" / "data").symlink_to(SHARED_DATA)
         self.placeholders = {k: str(v) for k, v in placeholders.items()}
-        self.results: dict[int, Result] = {}
+        self.logged_params: dict[Path, str] = {}   # run dir -> "10.59": the parameter count (M) its run logged
 
     def argv(self, c: Command) -> list[str]:
         out = []
@@ -227,12 +227,15 @@ def check_train(ws: Workspace, c: Command, res: Result, before: dict[int, float]
     if cfg.logging.progress and c.argv[0] == "rynnscale":   # output redirected: plain lines, no bar redraws
         assert "\r" not in res.out and f"step {cfg.train.max_steps}/{cfg.train.max_steps} (100%)" in res.out, \
             res.out[-2000:]
+    m = re.search(r"model: \w+, ([\d.]+)M parameters", res.out)
+    if m and cfg.model.lora.rank == 0:
+        ws.logged_params[out] = m.group(1)
     if before:   # a rollback (checkpoint.resume=PATH) logs the losses of the steps it runs again, bit for bit
         again = {r["step"]: r["loss"] for r in records if r["step"] in before}
         assert again and again == {s: before[s] for s in again}, (again, before)
 
 
-def check_quick_start(ws: Workspace, res: Result) -> None:
+def check_quick_start(ws: Workspace) -> None:
     """The README's quick-start claims: loss from 11.9 (ln 151,936) to about 0.9, and the files it lists."""
     out = ws.dir / "runs/demo_tiny"
     records = _metrics(out)
@@ -246,7 +249,6 @@ def check_quick_start(ws: Workspace, res: Result) -> None:
         assert (out / name).is_file(), name
     assert (out / "training.png").stat().st_size > 10_000
     assert any((out / "wandb").glob("offline-run-*")), "wandb should log offline by default"
-    ws.demo_params = re.search(r"model: MoE, ([\d.]+)M parameters", res.out).group(1)
 
 
 def check_plan(c: Command, res: Result) -> None:
@@ -257,10 +259,12 @@ def check_plan(c: Command, res: Result) -> None:
         assert f"{needed:.{decimals}f}" == m.group(1), f"README says {m.group(1)} GiB, the plan {needed} GiB: {c.text}"
 
 
-def check_inspect(ws: Workspace, res: Result) -> None:
-    params = int(re.search(r"model:\s+\d+ tensors, ([\d,]+) parameters", res.out).group(1).replace(",", ""))
-    assert f"{params / 1e6:.2f}" == ws.demo_params, (params, ws.demo_params)   # the tied head counted once
+def check_inspect(ws: Workspace, argv: list[str], res: Result) -> None:
+    """Complete, and the parameters its run logged at start (a tied head counted once)."""
     assert "complete:   yes" in res.out
+    params = int(re.search(r"model:\s+\d+ tensors, ([\d,]+) parameters", res.out).group(1).replace(",", ""))
+    logged = ws.logged_params[(ws.dir / argv[3]).parents[1]]
+    assert f"{params / 1e6:.2f}" == logged, (params, logged)
 
 
 def check_export(ws: Workspace, argv: list[str]) -> None:
@@ -297,11 +301,11 @@ def run_blocks(ws: Workspace, blocks: list[list[Command]]) -> int:
         if sub == "train" and "--print-config" not in argv:
             check_train(ws, c, res, before)
             if argv == ["rynnscale", "train", "recipes/demo_tiny.yaml"]:
-                check_quick_start(ws, res)
+                check_quick_start(ws)
         elif sub == "plan":
             check_plan(c, res)
         elif argv[1:3] == ["ckpt", "inspect"]:
-            check_inspect(ws, res)
+            check_inspect(ws, argv, res)
         elif argv[1:3] == ["ckpt", "export-hf"]:
             check_export(ws, argv)
     return n
@@ -330,7 +334,7 @@ def test_readme_training_commands_run_as_written(tmp_path, tiny_moe_dir) -> None
     ws = Workspace(tmp_path, {"/path/to/Qwen3-VL-MoE-dir": tiny_moe_dir})
     blocks = [b for b in readme_blocks() if not needs_shared_data(b)]
     assert run_blocks(ws, blocks) == sum(map(len, blocks))
-    assert hasattr(ws, "demo_params"), "the quick start's `rynnscale train recipes/demo_tiny.yaml` did not run"
+    assert ws.dir / "runs/demo_tiny" in ws.logged_params, "the quick start did not run"
 
 
 @pytest.mark.slow
