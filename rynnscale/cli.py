@@ -132,13 +132,14 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
         if args.ckpt_cmd == "export-hf":
             import torch
 
-            from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf
+            from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf, tokenizer_origin
 
             dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
             report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
             print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "
-                  f"({report.dtype}) in {len(report.files)} files, {report.seconds:.1f}s")
+                  f"({report.dtype}) in {len(report.files)} files, {report.seconds:.1f}s; tokenizer from "
+                  f"{tokenizer_origin(report)}")
             if args.adapter is not None:
                 out = export_checkpoint_adapter(args.ckpt, args.adapter, overwrite=args.overwrite,
                                                 base_model_name_or_path=str(args.copy_from) if args.copy_from else None)
@@ -296,7 +297,8 @@ def _add_ckpt_parser(sub) -> None:
     e.add_argument("ckpt", type=Path, help="checkpoint directory, e.g. runs/x/checkpoints/step_000100")
     e.add_argument("out", type=Path, help="output directory (must be empty unless --overwrite)")
     e.add_argument("--copy-from", type=Path, default=None,
-                   help="init model directory: tokenizer/processor files (and config.json if the checkpoint lacks one)")
+                   help="directory whose tokenizer / processor files the export gets (and config.json if the checkpoint "
+                        "lacks one); default: the run's model.init_from and the tokenizer it read its data with")
     e.add_argument("--dtype", choices=["keep", "bfloat16", "float16", "float32"], default="keep")
     e.add_argument("--max-shard-gb", type=float, default=5.0)
     e.add_argument("--overwrite", action="store_true")

@@ -3,7 +3,9 @@
 A reader must never see a half-written file: data goes to a hidden temp file in the same directory
 (``.<name>.tmp-<random>``, which shard-set and checkpoint scans skip and clean up), is fsynced, then
 renamed over the target (atomic on POSIX), and the directory is fsynced so the rename itself survives
-a power loss.
+a power loss. The file gets the mode a plain ``open(path, "w")`` would give (0666 minus the umask):
+``mkstemp`` creates it 0600, which would hide manifests and checkpoint metadata from the other users of
+a shared cluster.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``); elsewhere
+    set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` (str is UTF-8 encoded) to ``path``: temp file + fsync + rename + directory fsync."""
     p = Path(path)
@@ -38,6 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}{TMP_MARK}", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())   # mkstemp's 0600 -> what open() would create
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -408,6 +408,10 @@ def check_complete(path: str | os.PathLike) -> str:
         return "not a directory"
     if _TMP_RE.match(path.name):
         return "temporary name (the save never finished)"
+    if path.name == DCP_DIR and ((path.parent / TRAINER_STATE).is_file() or (path.parent / COMPLETE).is_file()):
+        inner = check_complete(path.parent)   # a checkpoint's inner dcp/ folder, not the checkpoint itself
+        return (f"this is the {DCP_DIR}/ folder inside the checkpoint {path.parent}"
+                + (f", which is itself not complete: {inner}" if inner else f"; pass the step directory {path.parent}"))
     if not (path / COMPLETE).is_file():
         return f"no {COMPLETE} marker (the save never finished)"
     if not (path / TRAINER_STATE).is_file():
@@ -499,6 +503,26 @@ def _options(trainable_only: bool) -> StateDictOptions:
     """State-dict options of a checkpoint: everything, or only what trains (frozen parameters left out;
     with strict=False so that loading such a state leaves the frozen base as the build loaded it)."""
     return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else StateDictOptions()
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict name -> the name of the parameter it is tied to (e.g. a tied ``lm_head.weight`` -> the token
+    embedding): one tensor under two names, which a checkpoint stores once, under the first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        fqn = clean_fqn(name)
+        if first.setdefault(id(p), fqn) != fqn:
+            out[fqn] = first[id(p)]
+    return out
+
+
+def _stored_model_state(model: torch.nn.Module, model_sd: dict[str, Any], trainable_only: bool) -> dict[str, Any]:
+    """The model entries a checkpoint holds: all (only the trainable ones with ``trainable_only``), a tied tensor
+    once. Checkpoints written before also hold the tied copy; loading reads the first name only."""
+    sd = _only_trainable(model, model_sd) if trainable_only else model_sd
+    aliases = tied_aliases(model)
+    return {k: v for k, v in sd.items() if k not in aliases}
 
 
 def _only_trainable(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
@@ -663,7 +687,7 @@ class CheckpointManager:
         rank, world = _rank(pg), _world(pg)
         t0 = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(self.trainable_only))
-        state = {"model": _only_trainable(model, model_sd) if self.trainable_only else model_sd, "optim": optim_sd}
+        state = {"model": _stored_model_state(model, model_sd, self.trainable_only), "optim": optim_sd}
         if self.state_adapter is not None:
             state = self.state_adapter(state)
         # small JSON files first, so that the DCP write is the last thing that can still be in flight
@@ -784,17 +808,20 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     t0 = time.perf_counter()
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
-        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd, "optim": optim_sd}
+        state = {"model": _stored_model_state(model, model_sd, trainable_only), "optim": optim_sd}
     else:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         model_sd = get_model_state_dict(model, options=_options(trainable_only))
-        state = {"model": _only_trainable(model, model_sd) if trainable_only else model_sd}
+        state = {"model": _stored_model_state(model, model_sd, trainable_only)}
     _check_keys(path, state)
     absent = _drop_absent_optimizer_state(path, state)
     adapted = state_adapter(state) if state_adapter is not None else state
     _check_shapes(path, adapted)
     safe_dcp_load(adapted, path / DCP_DIR, process_group=process_group)
+    for alias, name in tied_aliases(model).items():   # set_state_dict wants every name: a tied one is the same tensor
+        if alias in model_sd and name in state["model"]:
+            state["model"][alias] = state["model"][name]
     if optimizer is not None:
         # strict=False only lets parameters without saved optimiser state stay without (model keys were checked)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],

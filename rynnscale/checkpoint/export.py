@@ -8,13 +8,15 @@ chunk DCP reads for it (at most 2x the largest tensor, about 1x + 1/N for a chec
 ranks), independent of the shard size and of the model size. Runs in one process, no process group.
 
 Output is what ``rynnscale.checkpoint.hf.export_hf`` writes (same file names, index, config.json,
-``rynnscale.expert_layout`` shard metadata = "v5", tokenizer / processor files from ``copy_from``), so
-transformers loads it with ``from_pretrained`` and ``load_hf_weights`` reads it back.
+``rynnscale.expert_layout`` shard metadata = "v5"), plus the tokenizer / processor files ``export_side_files``
+picks (the run's own, or ``copy_from``'s), so transformers loads it with ``from_pretrained`` (model, tokenizer
+and processor) and ``load_hf_weights`` reads it back.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -45,10 +47,14 @@ from rynnscale.checkpoint.hf import (
     _replace_dir,
     check_export_target,
     hf_param_shapes,
+    side_files,
     write_config_and_side_files,
 )
+from rynnscale.data.tokenizer import default_tokenizer_dir, run_tokenizer
 from rynnscale.models import args_from_hf_config, family_of, read_hf_config
 from rynnscale.models.lora import LoRASpec, is_adapter_param, lora_delta
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."   # DCP key prefix of model tensors in our checkpoints ({"model": ..., "optim": ...})
 _ST_DTYPE = {
@@ -67,6 +73,7 @@ class CheckpointExportReport:
     largest_tensor_bytes: int
     dtype: str
     seconds: float
+    side_files: dict[str, str]     # tokenizer / processor file -> the file it was copied from
 
 
 def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Any:
@@ -91,6 +98,34 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
                 return read_hf_config(src)[0]
     raise CheckpointError(f"{ts_path}: no model_config or config.model.arch, and no config.json in "
                           f"{tried or 'model.init_from / --copy-from (neither given)'}; pass --copy-from INIT_DIR")
+
+
+def export_side_files(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The tokenizer / processor / generation files an export of ``ckpt`` gets (name -> source), for the
+    ``checkpoint.export_hf`` hook and ``rynnscale ckpt export-hf`` alike: all of ``copy_from``'s when given;
+    else the processor / generation files of the run's ``model.init_from`` and the tokenizer files of the
+    tokenizer the run read its data with (``data.tokenizer``, else init_from's, else the bundled Qwen3 one),
+    both from the run config saved in the checkpoint. A source the run named but this machine lacks is an
+    error naming it: exporting another tokenizer in its place would go unnoticed."""
+    if copy_from is not None:
+        return side_files(copy_from)
+    ts_path = Path(ckpt) / TRAINER_STATE
+    cfg = json.loads(ts_path.read_text()).get("config") or {}
+    init_from = (cfg.get("model") or {}).get("init_from")
+    tokenizer = (cfg.get("data") or {}).get("tokenizer")
+    for key, path in (("model.init_from", init_from), ("data.tokenizer", tokenizer)):
+        if path and not Path(path).exists():
+            raise CheckpointError(f"{ts_path}: the run's {key}={path} does not exist on this machine, so its "
+                                  "tokenizer / processor files cannot be exported; pass --copy-from DIR (a directory "
+                                  "holding them, e.g. the init model)")
+    tok = run_tokenizer(tokenizer, init_from) or default_tokenizer_dir()
+    return side_files(init_from, None if tok == init_from else tok)
+
+
+def tokenizer_origin(report: CheckpointExportReport) -> str:
+    """Where an export's tokenizer came from, for its log line ("none" when nothing was copied)."""
+    src = report.side_files.get("tokenizer.json")
+    return str(Path(src).parent) if src else "none"
 
 
 def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
@@ -134,8 +169,12 @@ def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None
 
 def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                               base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
-    """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``)."""
+    """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``); its base model
+    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``."""
     ckpt = Path(ckpt)
+    if base_model_name_or_path is None:
+        ts = json.loads((ckpt / TRAINER_STATE).read_text())
+        base_model_name_or_path = ((ts.get("config") or {}).get("model") or {}).get("init_from")
     spec = checkpoint_lora_spec(ckpt)
     if spec is None:
         raise CheckpointError(f"{ckpt}: not a LoRA run (its config has model.lora.rank = 0); nothing to export "
@@ -187,13 +226,17 @@ def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:
     return n * torch.empty((), dtype=dt).element_size()
 
 
-def _refuse_overlapping_output(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None) -> None:
+def _refuse_overlapping_output(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None,
+                               sources: dict[str, Path]) -> None:
     """Replacing ``out_dir`` (``overwrite``) deletes it: refuse one that is, holds or lies inside the checkpoint,
-    or is / holds ``copy_from`` (e.g. ``export-hf RUN/checkpoints/step_N RUN --overwrite`` would delete the run)."""
+    or is / holds ``copy_from`` or a directory the side files come from (e.g. ``export-hf RUN/checkpoints/step_N
+    RUN --overwrite`` would delete the run, ``export-hf CKPT INIT_DIR --overwrite`` the init model)."""
     out = Path(out_dir).resolve()
     named = [("the checkpoint", ckpt.resolve())]
     if copy_from is not None:
         named.append(("the --copy-from directory", Path(copy_from).resolve()))
+    named += [("the directory the tokenizer / processor files come from", d)
+              for d in sorted({src.parent.resolve() for src in sources.values()})]
     for what, src in named:
         if out == src or out in src.parents:
             raise CheckpointError(f"output directory {out_dir} {'is' if out == src else 'contains'} {what} {src}: "
@@ -208,8 +251,8 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                          max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> CheckpointExportReport:
     """Write a transformers directory from the model tensors of checkpoint ``ckpt``.
 
-    ``copy_from``: the init model directory (tokenizer / processor / generation config are copied from it;
-    also the architecture when the checkpoint records none). ``dtype`` casts floating tensors (e.g.
+    ``copy_from``: the init model directory (tokenizer / processor / generation config are copied from it,
+    replacing the run's own, ``export_side_files``; also the architecture when the checkpoint records none). ``dtype`` casts floating tensors (e.g.
     ``torch.bfloat16``); default keeps the stored dtype. Names and shapes are checked against the
     architecture before anything is written (one ``HFCheckpointError`` listing every problem). The
     directory is written under a temporary name beside ``out_dir`` and renamed when complete."""
@@ -218,7 +261,8 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     reason = check_complete(ckpt)
     if reason:
         raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
-    _refuse_overlapping_output(ckpt, out_dir, copy_from)
+    sources = export_side_files(ckpt, copy_from)
+    _refuse_overlapping_output(ckpt, out_dir, copy_from, sources)
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     args = checkpoint_model_args(ckpt, copy_from)
     expected = hf_param_shapes(args)
@@ -303,11 +347,11 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
             files.append(INDEX_FILE)
         float_dts = [out_dtype(n) for n in expected if out_dtype(n).is_floating_point]
         main_dtype = dtype or (max(set(float_dts), key=float_dts.count) if float_dts else torch.float32)
-        files += write_config_and_side_files(tmp, args, main_dtype, copy_from)
+        files += write_config_and_side_files(tmp, args, main_dtype, sources)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CheckpointExportReport(out_dir=str(out_dir), files=files, num_tensors=len(expected), total_bytes=total,
                                   largest_tensor_bytes=largest, dtype=str(main_dtype).removeprefix("torch."),
-                                  seconds=time.perf_counter() - t0)
+                                  seconds=time.perf_counter() - t0, side_files={k: str(v) for k, v in sources.items()})

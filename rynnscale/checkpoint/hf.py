@@ -45,7 +45,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,10 +66,13 @@ EXPERT_LAYOUTS = ("v5", "hub")
 LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Tokenizer / processor files copied verbatim from ``copy_from`` on export (plus ``chat_template*``).
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+# Files an export copies verbatim besides the weights and config.json (``side_files``): the tokenizer's, and the
+# processor / generation files (plus ``chat_template*``) of the init model.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+)
+PROCESSOR_FILES = TOKENIZER_FILES + (
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
 )
 _MAX_LISTED = 20
 _SAFETENSORS_DTYPES = {
@@ -569,23 +572,34 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def side_files(model_dir: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Export file name -> source of the files an export copies besides weights and config.json: the tokenizer,
+    processor and generation files (and ``chat_template*``) found in ``model_dir``; ``tokenizer`` (a directory
+    or a ``tokenizer.json``), when given, supplies the tokenizer files instead of ``model_dir``'s."""
+    out: dict[str, Path] = {}
+    if model_dir is not None:
+        d = Path(model_dir)
+        names = [*PROCESSOR_FILES, *sorted(p.name for p in d.glob("chat_template*") if p.is_file())]
+        out = {n: d / n for n in names if (d / n).is_file()}
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        out = {n: f for n, f in out.items() if n not in TOKENIZER_FILES}
+        out.update({"tokenizer.json": t} if t.is_file() else
+                   {n: t / n for n in TOKENIZER_FILES if (t / n).is_file()})
+    return out
+
+
 def write_config_and_side_files(tmp: Path, args: Any, main_dtype: torch.dtype,
-                                copy_from: Path | None) -> list[str]:
-    """config.json (``args`` + dtype) and the tokenizer / processor / generation files of ``copy_from``
-    into an export directory being written; returns the file names written."""
+                                files_from: Mapping[str, Path]) -> list[str]:
+    """config.json (``args`` + dtype) and the files ``files_from`` maps (``side_files``) into an export
+    directory being written; returns the file names written."""
     config = args.to_hf_config()
     config["dtype"] = config["torch_dtype"] = _dtype_name(main_dtype)  # transformers 5 / 4.x spelling
     # no transformers_version: we are not transformers; the shards' metadata declares the expert layout
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    files = ["config.json"]
-    if copy_from is not None:
-        names = [*PROCESSOR_FILES, "generation_config.json"] + sorted(
-            p.name for p in copy_from.glob("chat_template*") if p.is_file())
-        for fname in dict.fromkeys(names):
-            if (copy_from / fname).is_file():
-                shutil.copy2(copy_from / fname, tmp / fname)
-                files.append(fname)
-    return files
+    for fname, src in files_from.items():
+        shutil.copy2(src, tmp / fname)
+    return ["config.json", *files_from]
 
 
 def check_export_target(out_dir: str | os.PathLike, copy_from: str | os.PathLike | None, max_shard_bytes: int,
@@ -734,7 +748,7 @@ def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ..
         files.append(INDEX_FILE)
 
     main_dtype = dtype or (float_bytes.most_common(1)[0][0] if float_bytes else torch.float32)
-    files += write_config_and_side_files(tmp, args, main_dtype, copy_from)
+    files += write_config_and_side_files(tmp, args, main_dtype, side_files(copy_from))
     return ExportReport(out_dir="", files=files, num_tensors=len(seen), total_bytes=total,
                         dtype=_dtype_name(main_dtype), expert_layout=expert_layout, seconds=0.0)
 

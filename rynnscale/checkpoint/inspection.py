@@ -17,6 +17,7 @@ from rynnscale.checkpoint.dcp import (
     missing_storage_files,
     read_dcp_metadata,
 )
+from rynnscale.models import ArchConfigError, args_from_hf_config, family_of
 
 
 def _nbytes(meta) -> int:
@@ -75,11 +76,25 @@ def inspect_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
                 optim["tensors"] += 1
                 optim["bytes"] += nb
                 optim["by_kind"][kind] = optim["by_kind"].get(kind, 0) + nb
+    # a tied lm_head is the embedding: counted once (checkpoints written before store it twice)
+    out["tied"] = _tied_names(mc) if mc.get("tie_word_embeddings", text.get("tie_word_embeddings")) else {}
+    for t in tensors:
+        if t["name"] in out["tied"]:
+            t["tied_to"] = out["tied"][t["name"]]
     out["model_tensors"] = tensors
     out["model_bytes"] = sum(t["bytes"] for t in tensors)
-    out["model_params"] = sum(_numel(t["shape"]) for t in tensors)
+    out["model_params"] = sum(_numel(t["shape"]) for t in tensors if "tied_to" not in t)
     out["optimizer"] = optim
     return out
+
+
+def _tied_names(model_config: dict[str, Any]) -> dict[str, str]:
+    """The family's tied head -> embedding tensor names for ``model_config``; none for an unknown family."""
+    try:
+        keys = family_of(args_from_hf_config(model_config)).state_dict
+    except ArchConfigError:
+        return {}
+    return {keys.lm_head_key: keys.embed_key}
 
 
 def _numel(shape: list[int]) -> int:
@@ -106,7 +121,7 @@ def format_inspection(info: dict[str, Any], max_tensors: int | None = None) -> s
              "config:     " + ", ".join(f"{k}={v}" for k, v in info["config_summary"].items() if v is not None),
              f"rank files: {len(info['rank_files'])}",
              f"model:      {len(info['model_tensors'])} tensors, {info['model_params']:,} parameters, "
-             f"{_human(info['model_bytes'])}",
+             f"{_human(info['model_bytes'])}" + "".join(f"; {a} tied to {b}" for a, b in info["tied"].items()),
              f"optimizer:  {info['optimizer']['tensors']} tensors, {_human(info['optimizer']['bytes'])} "
              + str({k: _human(v) for k, v in info["optimizer"]["by_kind"].items()}),
              "tensors:"]
@@ -114,7 +129,8 @@ def format_inspection(info: dict[str, Any], max_tensors: int | None = None) -> s
     width = max((len(t["name"]) for t in shown), default=0)
     for t in shown:
         lines.append(f"  {t['name']:<{width}}  {str(t['shape']):<18} {t['dtype']:<9} {_human(t['bytes']):>10}"
-                     f"  ({t['chunks']} chunk{'s' if t['chunks'] != 1 else ''})")
+                     f"  ({t['chunks']} chunk{'s' if t['chunks'] != 1 else ''})"
+                     + (f"  stored copy of the tied {t['tied_to']}, not counted" if "tied_to" in t else ""))
     if len(shown) < len(info["model_tensors"]):
         lines.append(f"  ... and {len(info['model_tensors']) - len(shown)} more")
     return "\n".join(lines)

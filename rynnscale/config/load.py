@@ -318,7 +318,7 @@ _AT_LEAST_ONE = {"train.max_nonfinite_steps", "data.video_min_frames", "data.vid
                  "data.image_min_pixels", "data.image_max_pixels", "data.video_min_pixels", "data.video_max_pixels",
                  "data.max_member_bytes", "data.max_sample_bytes", "data.shuffle_buffer_bytes",
                  "data.max_image_pixels", "data.synthetic.frames", "data.synthetic.width", "data.synthetic.height",
-                 "data.synthetic.samples_per_shard", "eval.max_new_tokens"}
+                 "data.synthetic.samples_per_shard", "eval.max_new_tokens", "logging.progress_every"}
 # optim.lr may be 0 (a dry run, checking a pipeline, exporting an unchanged model): the trainer warns once.
 _POSITIVE = {"data.video_fps", "data.synthetic.fps", "parallel.timeout_s", "optim.eps"}
 _UNIT_OPEN = {"optim.beta1", "optim.beta2"}   # in [0, 1)

@@ -302,7 +302,8 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: bool = True               # console progress bar with ETA
+    progress: bool = True               # console progress with ETA: a bar on a terminal, else a plain line ...
+    progress_every: int = 10            # ... every this many steps (output redirected to a file)
     plot: bool = True                   # PNG of loss / lr / throughput at the end
     sample_log: bool = False            # OUTPUT_DIR/samples.jsonl: the "<shard>:<key>" list of every step's global batch
     peak_tflops: float = 0.0            # per-device dense bf16 TFLOP/s for mfu; 0 = the detected GPU's spec (none on CPU)

@@ -24,11 +24,9 @@ def synthetic_shard_patterns(cfg: RootConfig) -> list[str]:
 
 def tokenizer_source(cfg: RootConfig) -> str | None:
     """``data.tokenizer``, else the init checkpoint's tokenizer, else the bundled Qwen3 tokenizer (None)."""
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
-        return cfg.model.init_from
-    return None
+    from rynnscale.data.tokenizer import run_tokenizer
+
+    return run_tokenizer(cfg.data.tokenizer, cfg.model.init_from)
 
 
 def build_encoder(cfg: RootConfig, args: Any):

@@ -33,6 +33,16 @@ def default_tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
+def run_tokenizer(tokenizer: str | None, init_from: str | None) -> str | None:
+    """The tokenizer a run reads its data with: ``data.tokenizer``, else the init checkpoint's (``model.init_from``
+    holding ``tokenizer.json``), else None (the bundled Qwen3 tokenizer)."""
+    if tokenizer:
+        return tokenizer
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return init_from
+    return None
+
+
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from a directory holding ``tokenizer.json`` (or that file itself).
 

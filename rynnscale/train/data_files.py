@@ -15,6 +15,7 @@ from typing import Any
 from rynnscale.config.schema import RootConfig
 from rynnscale.data.manifest import MANIFEST_NAME
 from rynnscale.data.pipeline import synthetic_data_dir
+from rynnscale.train.metrics import progress_bars
 
 #: seed offset of the synthetic eval set (its samples differ from the training set's)
 EVAL_SEED_OFFSET = 1_000_003
@@ -49,7 +50,7 @@ def generate_train_synthetic(cfg: RootConfig) -> None:
     s = cfg.data.synthetic
     generate_synthetic(synthetic_data_dir(cfg), s.num_samples, seed=s.seed, frames=s.frames, width=s.width,
                        height=s.height, fps=s.fps, samples_per_shard=s.samples_per_shard,
-                       progress=cfg.logging.progress)
+                       progress=progress_bars(cfg))
 
 
 def generate_eval_synthetic(cfg: RootConfig) -> None:

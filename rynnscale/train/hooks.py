@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rynnscale.checkpoint.dcp import CHECKPOINTS_DIR, checkpoint_name
-from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf
+from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf, tokenizer_origin
 from rynnscale.config import RootConfig
-from rynnscale.data.tokenizer import default_tokenizer_dir
 from rynnscale.train.model_card import summarize_run, write_model_card
 
 log = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ class EvaluationHook:
 
 class HFExportHook:
     """``checkpoint.export_hf``: the final checkpoint is exported by rank 0 (streaming, after a barrier) to
-    ``run.output_dir/hf`` with the tokenizer files of ``model.init_from`` (else ``data.tokenizer``, else
-    the bundled Qwen3 tokenizer), so the directory is self-contained, plus a model card. A LoRA run's
+    ``run.output_dir/hf`` with the run's tokenizer and processor files (``export_side_files``, as
+    ``rynnscale ckpt export-hf``), so the directory is self-contained, plus a model card. A LoRA run's
     ``hf`` is the merged model, and its adapters go to ``run.output_dir/adapter`` (PEFT format)."""
 
     def __init__(self, cfg: RootConfig):
@@ -64,14 +63,12 @@ class HFExportHook:
             log.warning("no checkpoint of the last step %d (it was non-finite): nothing exported", step)
         elif ctx.is_main:
             cfg = self.cfg
-            copy_from = cfg.model.init_from or cfg.data.tokenizer or default_tokenizer_dir()
-            report = export_checkpoint_hf(ckpt, output_dir / "hf", copy_from=copy_from, overwrite=True)
+            report = export_checkpoint_hf(ckpt, output_dir / "hf", overwrite=True)
             log.info("exported %s to %s (%d tensors, %.1f MB, tokenizer from %s)", ckpt.name, report.out_dir,
-                     report.num_tensors, report.total_bytes / 1e6, copy_from)
+                     report.num_tensors, report.total_bytes / 1e6, tokenizer_origin(report))
             write_model_card(Path(report.out_dir), cfg, summarize_run(output_dir))
             if cfg.model.lora.rank > 0 and not cfg.model.lora.trainable:
-                adapter = export_checkpoint_adapter(ckpt, output_dir / "adapter",
-                                                    base_model_name_or_path=cfg.model.init_from, overwrite=True)
+                adapter = export_checkpoint_adapter(ckpt, output_dir / "adapter", overwrite=True)
                 log.info("exported the LoRA adapter (PEFT format) to %s", adapter)
             elif cfg.model.lora.rank > 0:
                 log.warning("model.lora.trainable trains whole base tensors: only the merged export %s carries "

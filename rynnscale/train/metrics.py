@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +92,42 @@ class SampleLog:
                 f.write(json.dumps({"step": step, "samples": sorted(samples)}) + "\n")
 
 
+def progress_bars(cfg: RootConfig) -> bool:
+    """Whether a run draws tqdm bars (training, synthetic data generation): ``logging.progress`` and stderr is a
+    terminal. Redirected to a file, bars would fill it with carriage-return redraws."""
+    return cfg.logging.progress and sys.stderr is not None and sys.stderr.isatty()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 class MetricsLogger:
-    """Writes one JSON line per step, drives the progress bar and wandb. Only rank 0 writes."""
+    """Writes one JSON line per step, drives the progress display and wandb. Only rank 0 writes.
+
+    Progress (``logging.progress``): a tqdm bar when stderr is a terminal; otherwise (a log file, a batch
+    job's output) one plain line every ``logging.progress_every`` steps and at the last, so redirected logs
+    hold readable lines instead of carriage-return bar redraws."""
 
     def __init__(self, cfg: RootConfig, output_dir: Path, *, is_main: bool, start_step: int = 0):
         self.is_main = is_main
         self.path = output_dir / METRICS_FILE
         self._bar = None
         self._wandb = None
+        self._lines = False
+        self._every, self._total = cfg.logging.progress_every, cfg.train.max_steps
+        self._start = self._last_line = start_step
+        self._t0 = time.perf_counter()
         if not is_main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.logging.progress:
+        if progress_bars(cfg):
             from tqdm.auto import tqdm
             self._bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, smoothing=0.1)
+        else:
+            self._lines = cfg.logging.progress
         if cfg.logging.wandb.mode != "disabled":
             self._wandb = _init_wandb(cfg, output_dir)
 
@@ -113,10 +136,18 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        step = record["step"]
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                   tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        elif self._lines and (step - self._last_line >= self._every or step >= self._total):
+            self._last_line = step
+            elapsed = time.perf_counter() - self._t0
+            eta = elapsed / max(step - self._start, 1) * max(self._total - step, 0)
+            log.info("step %d/%d (%d%%) loss %.4f lr %.2e tok/s %.0f elapsed %s eta %s", step, self._total,
+                     100 * step // max(self._total, 1), record["loss"], record["lr"], record["tokens_per_s"],
+                     _clock(elapsed), _clock(eta))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 

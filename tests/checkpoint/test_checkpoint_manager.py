@@ -222,3 +222,71 @@ def test_preemption_flag_set_by_sigterm():
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_inner_dcp_folder_is_recognised_and_points_at_the_step_directory(tmp_path, capsys):
+    """Issue 28, item 4: passing ``step_N/dcp`` (the folder that holds the tensors) said "no COMPLETE marker (the
+    save never finished)" although the save finished; every command that takes a checkpoint now names the step
+    directory to pass instead (export, inspect, ``checkpoint.resume``)."""
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+    from rynnscale.cli import main as cli_main
+
+    model = w.build_model(w.tiny_hf_config(num_experts=0))
+    opt, sched = w.build_optim(model, 2)
+    step = CheckpointManager(tmp_path / "run").save(1, model, opt, sched, model_config=w.tiny_hf_config(num_experts=0))
+    inner = step / "dcp"
+    hint = f"this is the dcp/ folder inside the checkpoint {step}; pass the step directory {step}"
+    assert ckpt.check_complete(inner) == hint
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        export_checkpoint_hf(inner, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        find_resume_checkpoint(tmp_path / "run", str(inner))
+    with pytest.raises(CheckpointError, match="pass the step directory"):
+        load_checkpoint(inner, model)
+    assert cli_main(["ckpt", "export-hf", str(inner), str(tmp_path / "hf")]) == 2
+    assert hint in capsys.readouterr().err
+    assert cli_main(["ckpt", "inspect", str(inner)]) == 1
+    assert hint in capsys.readouterr().out
+    # the dcp/ folder of an unfinished save says why the checkpoint itself is not usable
+    (step / "COMPLETE").unlink()
+    assert ckpt.check_complete(inner) == (f"this is the dcp/ folder inside the checkpoint {step}, which is itself not "
+                                          "complete: no COMPLETE marker (the save never finished)")
+
+
+@pytest.mark.parametrize("written_by", ["now", "before"])
+def test_tied_embedding_is_stored_once_and_loads_exactly(tmp_path, monkeypatch, written_by):
+    """Issue 28, item 6: a tied ``lm_head.weight`` was stored beside the token embedding it is (``ckpt inspect``
+    counted 20.3M parameters for the 10.59M demo). It is stored once now; checkpoints written before (both
+    names stored) still load, and ``inspect`` counts the parameters once for either. Loading is exact: every
+    tensor equal, the head still tied, the next step's loss bit-for-bit that of the uninterrupted run."""
+    from rynnscale.checkpoint.inspection import inspect_checkpoint
+
+    cfg = w.tiny_hf_config(num_experts=0, tie=True)
+    w.seed_rank(0)
+    model = w.build_model(cfg)
+    opt, sched = w.build_optim(model, 4)
+    for _ in range(2):
+        w.train_step(model, opt, sched)
+    if written_by == "before":   # the old writer stored every state-dict name
+        monkeypatch.setattr(ckpt, "tied_aliases", lambda m: {})
+    path = CheckpointManager(tmp_path / "run").save(2, model, opt, sched, model_config=cfg)
+    monkeypatch.undo()
+    stored = set(ckpt.read_dcp_metadata(path / "dcp").state_dict_metadata)
+    assert ("model.lm_head.weight" in stored) == (written_by == "before")
+    assert "model.model.language_model.embed_tokens.weight" in stored
+    info = inspect_checkpoint(path)
+    assert info["model_params"] == sum(p.numel() for p in model.parameters())   # parameters() counts a tie once
+    assert info["tied"] == {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    rng = capture_rng_state()
+    want_state, _ = w.full_state(model, opt)
+    want_loss = w.train_step(model, opt, sched)
+    restore_rng_state(rng)
+    fresh = w.build_model(cfg, seed=1)
+    fopt, fsched = w.build_optim(fresh, 4)
+    load_checkpoint(path, fresh, fopt, fsched)
+    assert fresh.lm_head.weight is fresh.model.language_model.embed_tokens.weight
+    got_state, _ = w.full_state(fresh, fopt)
+    assert sorted(got_state) == sorted(want_state)
+    assert not [k for k in want_state if not torch.equal(got_state[k], want_state[k])]
+    assert w.train_step(fresh, fopt, fsched).hex() == want_loss.hex()

@@ -116,3 +116,60 @@ def test_export_peak_memory_is_bounded_by_largest_tensor(tmp_path):
     with safe_open(str(tmp_path / "hf/model.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("model.language_model.norm.weight"), torch.ones(256))
     shutil.rmtree(tmp_path / "run")
+
+
+def test_cli_export_gets_the_runs_tokenizer_and_processor_files(tmp_path, capsys):
+    """Issue 28, item 2: ``ckpt export-hf CKPT OUT`` without ``--copy-from`` wrote no tokenizer, and
+    ``AutoTokenizer.from_pretrained(OUT)`` silently became a one-token tokenizer mapping text to []. The export
+    now gets what the ``checkpoint.export_hf`` hook gets (``export_side_files``): the run's init model's processor
+    files, the tokenizer the run read its data with; ``--copy-from`` overrides both."""
+    from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    cfg = w.tiny_hf_config(num_experts=0)
+    model = w.build_model(cfg)
+    opt, sched = w.build_optim(model, 1)
+    text = "Where is the red cup? <traj> (500, 400) </traj>"
+    want = load_tokenizer(None).encode(text).ids
+
+    # a run with an inline architecture and no tokenizer settings read its data with the bundled Qwen3 tokenizer
+    ckpt = CheckpointManager(tmp_path / "arch").save(1, model, opt, sched, model_config=cfg,
+                                                     config={"model": {"arch": cfg}, "data": {"tokenizer": None}})
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_arch")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out_arch")
+    assert tok(text)["input_ids"] == want and len(want) > 5
+    assert f"tokenizer from {default_tokenizer_dir()}" in capsys.readouterr().out
+
+    # init model with processor files; data.tokenizer names the tokenizer the run used instead of init_from's
+    init, data_tok = tmp_path / "init", tmp_path / "data_tok"
+    shutil.copytree(default_tokenizer_dir(), init)
+    shutil.copytree(default_tokenizer_dir(), data_tok)
+    (init / "preprocessor_config.json").write_text('{"patch_size": 16}')
+    (init / "generation_config.json").write_text('{"do_sample": false}')
+    (init / "chat_template.jinja").write_text("{{ messages }}")
+    (data_tok / "tokenizer_config.json").write_text(json.dumps({
+        **json.loads((init / "tokenizer_config.json").read_text()), "model_max_length": 4321}))
+    run_cfg = {"model": {"init_from": str(init)}, "data": {"tokenizer": str(data_tok)}}
+    ckpt = CheckpointManager(tmp_path / "init_run").save(1, model, opt, sched, model_config=cfg, config=run_cfg)
+    from rynnscale.checkpoint.export import export_side_files
+
+    got = export_side_files(ckpt)
+    assert got["tokenizer_config.json"] == data_tok / "tokenizer_config.json"
+    assert got["tokenizer.json"] == data_tok / "tokenizer.json"
+    assert {got[n] for n in ("preprocessor_config.json", "generation_config.json", "chat_template.jinja")} == {
+        init / "preprocessor_config.json", init / "generation_config.json", init / "chat_template.jinja"}
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_init")]) == 0
+    out = tmp_path / "out_init"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 4321
+    assert (out / "preprocessor_config.json").read_text() == '{"patch_size": 16}'
+    # --copy-from replaces all of them
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_copy"), "--copy-from", str(init)]) == 0
+    assert (tmp_path / "out_copy" / "tokenizer_config.json").read_bytes() == (init / "tokenizer_config.json").read_bytes()
+    # exporting over the init model is refused (it would delete it), as is a run whose init model is gone
+    capsys.readouterr()
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(init), "--overwrite"]) == 2
+    assert "the directory the tokenizer / processor files come from" in capsys.readouterr().err
+    assert (init / "tokenizer.json").is_file()
+    shutil.rmtree(init)
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_gone")]) == 2
+    assert f"the run's model.init_from={init} does not exist on this machine" in capsys.readouterr().err
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_gone"), "--copy-from", str(data_tok)]) == 0

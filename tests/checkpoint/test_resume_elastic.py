@@ -2,15 +2,23 @@
 a step's samples depend on the global micro-batch count only, so
 
 - 2 processes (ep=2, grad_accum=1) train on the samples of 1 process with grad_accum=2 at every step
-  (``samples.jsonl`` equal) with losses within rel 1e-4 for 10 steps (the balance loss groups counts by
-  micro-batch index across ranks, so the layouts differ by routing flips only);
+  (``samples.jsonl`` equal);
 - a run stopped by SIGTERM on one layout and resumed on another (2 -> 1 process, 1 -> 2, 4 processes with
   ep=2 -> 2 with ep=1) trains every later step on exactly the samples of a straight run (nothing lost or
-  repeated) with losses within rel 1e-4."""
+  repeated).
+
+Samples are compared exactly, losses within ``LAYOUT_REL`` with the MoE balance loss off
+(``router_aux_loss_coef=0``). With it on (the demo: 0.001) two layouts optimise slightly different
+objectives: the balance loss sums expert counts over the ranks of one micro-batch index, so 2 x 1 and 1 x 2
+group the tokens differently, a near-tie top-k choice flips, and the losses drift apart (2 processes vs 1 x
+grad_accum 2 on the CPU dev machine: rel 7.0e-5 at step 10, 3.7e-4 by step 20, 5.6e-3 by step 40). A bound
+on that measures those flips, not the resume; without them the layouts agree to rel 1.2e-7 over 40 steps
+(summation order only, no growth), so a reshard or data position off by anything shows."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -22,23 +30,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resume_run import _children, command, latest_step, metrics, overrides, run, start, wait_for  # noqa: E402
 
 STEPS = 10
+LAYOUT_REL = 1e-6
+NO_BALANCE_LOSS = "model.arch.text_config.router_aux_loss_coef=0.0"
 
 
 def _args(out: Path, data: Path, ga: int, ep: int, steps: int = STEPS) -> list[str]:
     return overrides(out, data, steps=steps, every=0, ep=ep,
-                     extra=(f"train.grad_accum={ga}", "logging.sample_log=true"))
+                     extra=(f"train.grad_accum={ga}", "logging.sample_log=true", NO_BALANCE_LOSS))
 
 
 def _samples(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-def _compare(got: Path, want: Path, rel: float, steps: int = STEPS) -> None:
+def _compare(got: Path, want: Path, steps: int = STEPS) -> None:
     assert _samples(got) == _samples(want)
     g, w = metrics(got), metrics(want)
     assert [r["step"] for r in g] == list(range(1, steps + 1))
-    for a, b in zip(g, w):
-        assert abs(a["loss"] - b["loss"]) <= rel * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+    # a step of filler micro-batches only logs loss 0 on every layout
+    rel = [(abs(a["loss"] - b["loss"]) / abs(b["loss"]) if b["loss"] else math.inf * (a["loss"] != 0), a["step"])
+           for a, b in zip(g, w)]
+    worst = max(rel)
+    assert worst[0] <= LAYOUT_REL, f"losses differ by rel {worst[0]:.2e} at step {worst[1]} (bound {LAYOUT_REL})"
 
 
 @pytest.fixture(scope="module")
@@ -83,28 +96,25 @@ def test_two_ranks_train_like_one_rank_accumulating(tmp_path, data_dir, straight
     out = tmp_path / "run"
     rc, log = run(command(2, _args(out, data_dir, 1, 2)))
     assert rc == 0, log[-4000:]
-    # rel 1e-4, not 1e-5: the MoE balance loss sums expert counts over the ranks of one micro-batch index, so
-    # 2 x 1 and 1 x 2 give it slightly different values and a token's top-k choice can flip (step 10 here,
-    # 7e-5; with router_aux_loss_coef=0 the two layouts agree within 6e-8)
-    _compare(out, straight_1x2, 1e-4)
+    _compare(out, straight_1x2)
     assert all(r["rank_cost_max_over_mean"] >= 1.0 and r["rank_time_max_over_mean"] >= 1.0 for r in metrics(out))
 
 
 @pytest.mark.slow
 def test_sigterm_on_2_processes_resume_on_1(tmp_path, data_dir, straight_1x2):
-    _compare(_stop_and_resume(tmp_path, data_dir, (2, 1, 2), (1, 2, 1)), straight_1x2, 1e-4)
+    _compare(_stop_and_resume(tmp_path, data_dir, (2, 1, 2), (1, 2, 1)), straight_1x2)
 
 
 @pytest.mark.slow
 def test_sigterm_on_1_process_resume_on_2(tmp_path, data_dir, straight_1x2):
-    _compare(_stop_and_resume(tmp_path, data_dir, (1, 2, 1), (2, 1, 2)), straight_1x2, 1e-4)
+    _compare(_stop_and_resume(tmp_path, data_dir, (1, 2, 1), (2, 1, 2)), straight_1x2)
 
 
 @pytest.mark.slow
 def test_sigterm_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, data_dir):
     # 4 micro-batches per step, like 4 x 1; fewer steps (4 processes on 2 cores are slow)
     straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=6)
-    _compare(_stop_and_resume(tmp_path, data_dir, (4, 1, 2), (2, 2, 1), steps=6, after=2), straight, 1e-4, steps=6)
+    _compare(_stop_and_resume(tmp_path, data_dir, (4, 1, 2), (2, 2, 1), steps=6, after=2), straight, steps=6)
 
 
 def _spoil_videos(data: Path, keep_every: int) -> int:
@@ -128,7 +138,7 @@ def _spoil_videos(data: Path, keep_every: int) -> int:
 @pytest.mark.slow
 def test_packs_gone_bad_keep_ranks_aligned(tmp_path):
     """Most clips undecodable (so whole packs go bad): 2 processes (ep=2) and 1 process accumulating 2 still
-    train on the same samples at every step, with losses within rel 1e-5; the rank left without a pack runs a
+    train on the same samples at every step, with losses within LAYOUT_REL; the rank left without a pack runs a
     filler micro-batch (no deadlock, no shift against the other rank's steps)."""
     from rynnscale.data_pipelines.shard_stats import cost_hints
     from rynnscale.data_pipelines.synthetic import generate_synthetic
@@ -137,7 +147,8 @@ def test_packs_gone_bad_keep_ranks_aligned(tmp_path):
     # the converters' exact hints: samples are packed unseen, so a bad clip is only found by the rank decoding it
     generate_synthetic(data, 64, seed=2, samples_per_shard=16, progress=False, cost_fn=cost_hints)
     assert _spoil_videos(data, keep_every=4) > 30
-    bad_ok = ("data.max_bad_fraction=1.0", "data.synthetic.num_samples=0", f"data.train_shards=[{data}/*.tar]")
+    bad_ok = ("data.max_bad_fraction=1.0", "data.synthetic.num_samples=0", f"data.train_shards=[{data}/*.tar]",
+              NO_BALANCE_LOSS)
     one = tmp_path / "one"
     rc, log1 = run(command(1, overrides(one, data, steps=steps, every=0, extra=bad_ok + (
         "train.grad_accum=2", "logging.sample_log=true"))))
@@ -148,4 +159,4 @@ def test_packs_gone_bad_keep_ranks_aligned(tmp_path):
     assert rc == 0, log2[-4000:]
     assert "micro-batches are fillers" in log2, log2[-3000:]
     assert "skipping bad sample" in log1
-    _compare(two, one, 1e-5, steps=steps)
+    _compare(two, one, steps=steps)
