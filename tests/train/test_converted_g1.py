@@ -80,7 +80,8 @@ def test_some_clips_too_long_is_a_warning_and_the_run_trains(g1, tmp_path: Path)
     assert err.count("skipping bad sample (too_long)") == 5 and " ERROR " not in err, err[-3000:]
     assert "skipped samples by reason: too_long=7" in err
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and records[-1]["skipped_samples"] == {"too_long": 7}
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["skipped_samples"] == 7
+    assert records[-1]["skipped_by_reason"] == {"too_long": 7}
 
 
 @pytest.mark.parametrize(("world", "ga"), [(1, 1), (2, 1), (1, 3)])
