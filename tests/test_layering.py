@@ -171,3 +171,14 @@ def test_the_checker_sees_every_kind_of_import() -> None:
     assert found == ["rynnscale.checkpoint.dcp", "rynnscale.checkpoint.dcp.CheckpointManager", "rynnscale.data",
                      "rynnscale.data.tags", "rynnscale.ops.loss", "rynnscale.plan", "rynnscale.plan.Plan",
                      "rynnscale.train.trainer", "rynnscale.train.trainer.run_training"]
+
+
+def test_module_docstrings_are_short_summaries() -> None:
+    """A module docstring says what and why in at most ~40 lines; longer design notes belong in docs/ (a module
+    that grew one moves it there and keeps a summary pointing at it)."""
+    long = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        if doc.count("\n") + 1 > 40:
+            long[str(path.relative_to(PACKAGE.parent))] = doc.count("\n") + 1
+    assert not long, f"module docstrings over 40 lines (move the design note to docs/): {long}"
