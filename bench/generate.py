@@ -1,6 +1,8 @@
 """Generation benchmark: rynnscale's KV-cache generation vs its cache-less generator vs transformers' ``generate``.
 
-One tiny Qwen3-VL (transformers' init with wide logits, saved and loaded by both sides: the same weights),
+One tiny Qwen3-VL, or Qwen3.5 (``--family qwen3_5``: 3 Gated DeltaNet layers + 1 gated full-attention layer per 4,
+its tower without DeepStack; our cache keeps the DeltaNet states and conv windows) -- transformers' init with wide
+logits, saved and loaded by both sides: the same weights --
 the same prompts (two synthetic videos, one image, one text question; different lengths), greedy, a fixed
 number of new tokens (no stop token, so every variant decodes the same count). Variants:
 
@@ -15,7 +17,8 @@ Prints new tokens per CPU second (process time, median of ``--repeats`` round-ro
 wall time measures the other tenants) and each variant's ratio to ``ours-kv-batch``; checks that every variant
 produced transformers' tokens (exit 1 otherwise). Figures on a CPU are CPU figures: at these sizes a decoding
 step is dominated by the 151,936-row lm_head (one read of its 155 MB per step), so they show the cache's and
-the batch's effect, not GPU decoding speed. ``python bench/generate.py [--new-tokens 32] [--moe] [--json out.json]``
+the batch's effect, not GPU decoding speed.
+``python bench/generate.py [--family qwen3_vl|qwen3_5] [--new-tokens 32] [--moe] [--json out.json]``
 (one torch thread by default: ``--threads``).
 """
 
@@ -37,12 +40,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 IMG, VID, PAD = 151655, 151656, 151643
 
 
-def build(tmp: Path, hidden: int, layers: int, moe: bool):
+def qwen35_config(hidden: int, layers: int, moe: bool):
+    """A tiny Qwen3.5 with the Qwen3-VL tokenizer's vision ids (the prompts are encoded with it)."""
+    import transformers
+
+    rot_half = hidden // 4 // 4 // 2   # partial rotary 0.25 of head_dim hidden / 4; MRoPE sections over its half
+    text = dict(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, initializer_range=0.2,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=hidden // 8,
+                linear_value_head_dim=hidden // 8, linear_conv_kernel_dim=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [rot_half - 2 * (rot_half * 3 // 8), rot_half * 3 // 8,
+                                                   rot_half * 3 // 8], "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden,
+                  num_position_embeddings=64)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=151652, vision_end_token_id=151653,
+               tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden // 2,
+                    shared_expert_intermediate_size=hidden // 2)
+        return transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids)
+    return transformers.Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+
+
+def build(tmp: Path, hidden: int, layers: int, moe: bool, family: str = "qwen3_vl"):
     import transformers
 
     from rynnscale.config.schema import ModelConfig
     from rynnscale.train.build import build_model
 
+    if family == "qwen3_5":
+        torch.manual_seed(0)
+        transformers.AutoModelForImageTextToText.from_config(qwen35_config(hidden, layers, moe)).save_pretrained(tmp)
+        hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp, dtype=torch.float32).eval()
+        _, ours = build_model(ModelConfig(init_from=str(tmp), attn_backend="loop"), torch.device("cpu"), seed=0)
+        return hf, ours.eval()
     half = hidden // 8        # head_dim / 2 with 4 heads; MRoPE sections in Qwen3-VL's proportions
     text = dict(vocab_size=151936, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, initializer_range=0.2,
@@ -122,6 +154,7 @@ def cpu_timed(fn):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=("qwen3_vl", "qwen3_5"), default="qwen3_vl")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--moe", action="store_true")
@@ -137,7 +170,7 @@ def main() -> int:
     from rynnscale.models.generate import SamplingParams, generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf, ours = build(Path(tmp) / "hf", a.hidden, a.layers, a.moe)
+        hf, ours = build(Path(tmp) / "hf", a.hidden, a.layers, a.moe, a.family)
     ps = prompts()
     n = a.new_tokens
     params = SamplingParams(n)
@@ -175,7 +208,7 @@ def main() -> int:
         rows[name]["seconds"] = statistics.median(times[name])
     ok = True
     lens = [p.input_ids_l.numel() for p in ps]
-    print(f"CPU ({torch.get_num_threads()} threads), {'MoE' if a.moe else 'dense'} hidden {a.hidden} x {a.layers} "
+    print(f"CPU ({torch.get_num_threads()} threads), {a.family} {'MoE' if a.moe else 'dense'} hidden {a.hidden} x {a.layers} "
           f"layers, vocab 151936; prompts of {lens} tokens; {n} new tokens each, greedy")
     base = rows["ours-kv-batch"]
     print(f"{'variant':<14} {'CPU s':>8} {'new tok/s':>10} {'x ours-kv-batch':>16}  tokens == hf")
@@ -186,7 +219,8 @@ def main() -> int:
         r["matches_hf"] = same
         print(f"{name:<14} {r['seconds']:8.3f} {r['tokens_per_s']:10.1f} {base['seconds'] / r['seconds']:16.2f}  {same}")
     if a.json:
-        a.json.write_text(json.dumps({"device": "cpu", "threads": torch.get_num_threads(), "prompt_tokens": lens,
+        a.json.write_text(json.dumps({"device": "cpu", "family": a.family, "threads": torch.get_num_threads(),
+                                      "prompt_tokens": lens,
                                       "new_tokens": n, "moe": a.moe,
                                       "rows": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"}
                                                for k, v in rows.items()}, "ok": ok}, indent=1))

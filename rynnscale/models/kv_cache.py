@@ -47,6 +47,12 @@ class KVCache:
         """Whether the current forward continues non-empty sequences (its tokens are text: no vision tower)."""
         return self._step is not None and self._step.mode != "prefill"
 
+    @property
+    def mode(self) -> str | None:
+        """The current forward's shape: ``prefill``, ``decode`` or ``extend`` (module docstring); None outside
+        ``begin`` / ``end``."""
+        return None if self._step is None else self._step.mode
+
     def begin(self, cu_seqlens: torch.Tensor, device: torch.device) -> None:
         """Start a forward whose packed row has one document per sequence (``cu_seqlens`` [B+1])."""
         if self._step is not None:

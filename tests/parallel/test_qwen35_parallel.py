@@ -6,7 +6,13 @@ Per config and step: loss, aux loss, grad norm rel 1e-5, token and expert counts
 gradient (FSDP / EP pieces of both ranks put together, after clipping) within GRAD_RTOL = 1e-4 of its norm. The
 model is a tiny Qwen3.5-MoE with its vision tower (tied embeddings, 3 DeltaNet + 1 gated attention layer);
 micro-batches mix text-only rows and rows with an image (``dist_helpers.micro_batch``); the load-balancing loss
-is on (global counts all-reduced per forward; the reference gets the same global counts)."""
+is on (global counts all-reduced per forward; the reference gets the same global counts).
+
+Generation on the sharded model in place (FSDP2, FSDP2 + EP 2; before the training steps, so the weights are the
+reference's exactly): each rank its own text and image prompts of different lengths, 2 samples each, greedy and
+seeded sampling, with the hybrid cache -- the same tokens as one process generating them. Every answer of rank 0
+stops after one token while rank 1 decodes on: the ranks still run the same number of forwards (``all_done``),
+rank 0's decoding rows skip the vision tower as rank 1's do, or the collectives would hang."""
 
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ CONFIGS = {
 # generic path for Qwen3-VL too (torch 2.13: FSDP's post-forward record_function runs once more in the
 # recomputation than in the forward: "invocation index 2 encountered during backward but not found in storage")
 STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
+GEN_CONFIGS, NEW_TOKENS = ("fsdp2", "fsdp2_ep2"), 5
 
 
 def _model():
@@ -65,6 +72,41 @@ def _model():
     return model
 
 
+def _prompts(rank: int) -> list:
+    """Rank ``rank``'s prompts: a text prompt and an image prompt of different lengths."""
+    from dist_helpers import IMG, PATCH_DIM, VE, VS
+
+    from rynnscale.batch import EncodedSample
+    from rynnscale.models.mrope import mrope_position_ids
+
+    g = torch.Generator().manual_seed(50 + rank)
+    out = []
+    for n, image in ((5 + 3 * rank, False), (12 + rank, True)):
+        ids = torch.randint(0, 200, (n,), generator=g)
+        pix = grid = None
+        if image:
+            ids[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
+            pix, grid = torch.randn(16, PATCH_DIM, generator=g), torch.tensor([[1, 4, 4]])
+        pos = mrope_position_ids(ids, grid, None, spatial_merge_size=2, image_token_id=IMG, video_token_id=-1)
+        out.append(EncodedSample(f"p{rank}{n}", ids, torch.full_like(ids, -100), pos, pixel_values=pix,
+                                 image_grid_thw=grid))
+    return out
+
+
+def _generations(model, rank: int, all_done=None) -> dict:
+    """Greedy and sampled continuations of rank ``rank``'s prompts; rank 0's stop at their first token."""
+    from rynnscale.models.generate import SamplingParams, generate
+
+    stops = tuple(range(model.args.text.vocab_size)) if rank == 0 else ()
+    model.eval()
+    greedy = generate(model, _prompts(rank), SamplingParams(NEW_TOKENS, stop_ids=stops), num_samples=2,
+                      all_done=all_done)
+    sampled = generate(model, _prompts(rank), SamplingParams(NEW_TOKENS, temperature=1.0, top_k=50, stop_ids=stops),
+                       num_samples=2, seeds=[1000 * rank + i for i in range(4)], all_done=all_done)
+    model.train()
+    return {"greedy": greedy, "sampled": sampled}
+
+
 def _optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
@@ -80,13 +122,18 @@ def worker(rank: int, world: int, configs: dict) -> dict:
         ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
                           meshes=build_meshes(layout, "cpu"))
         family_of(model).parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode=ac, compile=compiled)
+        # the optimizer first, as the trainer builds it: after a forward FSDP2 leaves the root's parameters unsharded
+        # (reshard_after_forward=False), and an optimizer built then would hold those, not the sharded ones
         opt = GradRecordingOptimizer(_optimizer(model), model)
+        gens = None
+        if name in GEN_CONFIGS:
+            gens = _generations(model, rank, all_done=lambda done, ctx=ctx: ctx.sum([0.0 if done else 1.0])[0] == 0)
         stats = []
         for step in range(STEPS):
             s = train_step(model, opt, [micro_batch(step, rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
             stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
         mlp = model.model.language_model.layers[0].mlp
-        results[name] = {"stats": stats, "grads": opt.grads,
+        results[name] = {"stats": stats, "grads": opt.grads, "gens": gens,
                          "local_experts": tuple(mlp.experts.gate_up_proj.to_local().shape),
                          "shared_expert": tuple(mlp.shared_expert.gate_proj.weight.to_local().shape)}
     return results
@@ -94,12 +141,13 @@ def worker(rank: int, world: int, configs: dict) -> dict:
 
 def reference_run() -> dict:
     model = _model()
+    gens = [_generations(model, r) for r in range(WORLD)]
     opt = GradRecordingOptimizer(_optimizer(model), model)
     stats = []
     for step in range(STEPS):
         s = reference_step(model, opt, step, WORLD, MICRO, **STEP_KW)
         stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
-    return {"stats": stats, "grads": opt.grads}
+    return {"stats": stats, "grads": opt.grads, "gens": gens}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +173,16 @@ def test_two_ranks_equal_one_process(runs, name):
         key = max(errs, key=errs.get)
         worst = max(worst, (errs[key], key, step))
     assert worst[0] <= GRAD_RTOL, f"{name}: max|g - g_ref| / ||g_ref|| = {worst[0]:.3g} ({worst[1]}, step {worst[2]})"
+
+
+@pytest.mark.parametrize("name", GEN_CONFIGS)
+def test_generation_on_the_sharded_model_equals_one_process(runs, name):
+    results, ref = runs
+    for r in range(WORLD):
+        assert results[r][name]["gens"] == ref["gens"][r], f"rank {r}"
+    assert all(len(seq) == 1 for mode in ref["gens"][0].values() for seq in mode)              # rank 0 done
+    assert all(len(seq) == NEW_TOKENS for mode in ref["gens"][1].values() for seq in mode)     # rank 1 decoded on
+    assert len({tuple(seq) for seq in ref["gens"][1]["sampled"]}) > 1
 
 
 def test_routed_experts_split_over_ep_and_the_shared_expert_sharded_with_the_dense_weights(runs):

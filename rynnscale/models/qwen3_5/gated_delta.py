@@ -11,7 +11,9 @@ Gated delta rule (per value head h; state S [dk, dv]; q, k l2-normalised, q scal
   beta = 0); the intra-chunk part runs for all chunks of the row at once, then one scan over the chunks
   carries the state, which restarts (at ``initial_state`` or 0) at each document's first chunk. The CPU path
   and the reference of the GPU kernels; autograd gives its backward.
-- ``recurrent_gated_delta_rule_ref``: one token at a time, per document (float64 tests' reference).
+- ``recurrent_gated_delta_rule_ref``: one token at a time, per document (float64 tests' reference);
+- ``recurrent_gated_delta_step``: one token of each of B sequences from their cached states (generation's
+  decoding step, ``cache.py``).
 - ``fla``: flash-linear-attention's Triton ``chunk_gated_delta_rule`` with ``cu_seqlens`` (GPU, optional).
 
 Causal convolution (depthwise, kernel K, no bias, SiLU after): ``y_t = silu(sum_j w[:, K-1-j] * x_{t-j})`` over
@@ -188,6 +190,26 @@ def recurrent_gated_delta_rule_ref(
         finals.append(state)
     o = torch.stack(outs) if outs else v.new_zeros(0, Hv, dv)
     return o.to(v_thd.dtype), torch.stack(finals)
+
+
+def recurrent_gated_delta_step(
+    q_bhd: torch.Tensor, k_bhd: torch.Tensor, v_bhd: torch.Tensor, g_bh: torch.Tensor, beta_bh: torch.Tensor,
+    state_bhkv: torch.Tensor | None, *, use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of each of B sequences from their states (the decoding step of generation): the definition's
+    update (``recurrent_gated_delta_rule_ref``, transformers' ``torch_recurrent_gated_delta_rule``), batched.
+
+    q/k [B, Hk, dk], v [B, Hv, dv], g / beta [B, Hv], ``state_bhkv`` [B, Hv, dk, dv] (None: zeros). Returns (o [B, Hv,
+    dv] in v's dtype, the new states [B, Hv, dk, dv] in the compute dtype)."""
+    q, k, v, g, beta = _prepare(q_bhd, k_bhd, v_bhd, g_bh, beta_bh, use_qk_l2norm)
+    B, Hv, dv = v.shape
+    state = q.new_zeros(B, Hv, q.shape[-1], dv) if state_bhkv is None else state_bhkv.to(q.dtype)
+    state = state * g.exp()[..., None, None]
+    kv_mem = (state * k[..., None]).sum(dim=-2)                               # S^T k   [B, Hv, dv]
+    delta = (v - kv_mem) * beta[..., None]
+    state = state + k[..., None] * delta[..., None, :]
+    o = (state * q[..., None]).sum(dim=-2)
+    return o.to(v_bhd.dtype), state
 
 
 # ---------------------------------------------------------------------------------------------- GPU kernels

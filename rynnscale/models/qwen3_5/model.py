@@ -10,6 +10,11 @@ The vision path is Qwen3-VL's, unchanged but for DeepStack, which Qwen3.5 does n
 and the vision-language model inherits ``Qwen3VLForConditionalGeneration``'s forward (embed, run the tower once
 over the row's images and videos, write the merged features at the pad tokens, decoder, load-balancing loss)
 including its context-parallel frame split; only the decoder (``text.TextModel``) and the init plan differ.
+
+Generation: both models decode incrementally (``supports_cache``, ``forward(batch, cache=)``); their cache
+(``new_cache``) is a ``cache.HybridCache``: keys / values of the full-attention layers, recurrent state and
+convolution window of the DeltaNet layers. The vision-language model's cached forward is Qwen3-VL's (a continuation
+row is text only: the tower does not run for it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from rynnscale.batch import PackedBatch
 from rynnscale.models.causal_lm import CausalLM, LMHead
 from rynnscale.models.lora import LoRALinear, expert_lora_init_plan
 from rynnscale.models.qwen3_5.args import Qwen35Args
+from rynnscale.models.qwen3_5.cache import HybridCache
 from rynnscale.models.qwen3_5.text import GatedDeltaNet, RMSNorm, RMSNormGated, TextModel
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.models.qwen3_vl.moe import CountsReducer, GroupedExperts, TopKRouter, load_balancing_loss
@@ -97,7 +103,9 @@ def moe_output(args: Qwen35Args, hidden_lh: torch.Tensor, stats: list, cp,
 
 class Qwen35ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     """Dense or MoE Qwen3.5 with a vision tower (``args.vision`` set), HF's parameter names. Construction, ties,
-    ``always_run_vision`` and ``forward(batch, counts_reducer=None)`` as Qwen3-VL's (module docstring)."""
+    ``always_run_vision`` and ``forward(batch, counts_reducer=None, cache=None)`` as Qwen3-VL's (module docstring)."""
+
+    supports_cache = True
 
     def __init__(self, args: Qwen35Args, attn_backend: str = "auto", gemm_backend: str = "auto"):
         CausalLM.__init__(self)
@@ -118,9 +126,15 @@ class Qwen35ForConditionalGeneration(Qwen3VLForConditionalGeneration):
         plan += self.model.visual.init_plan(std, prefix="model.visual.")
         return _check_plan(self, plan)
 
+    def new_cache(self, batch_size: int, capacity: int) -> HybridCache:
+        """An empty generation cache (module docstring) of ``batch_size`` sequences of up to ``capacity`` tokens."""
+        return HybridCache(self.args.text.layer_types, batch_size, capacity)
+
 
 class Qwen35ForCausalLM(CausalLM):
     """Text-only Qwen3.5 / Qwen3.5-MoE (transformers' ``Qwen3_5(Moe)ForCausalLM``: ``model.*`` + ``lm_head``)."""
+
+    supports_cache = True
 
     def __init__(self, args: Qwen35Args, attn_backend: str = "auto", gemm_backend: str = "auto"):
         super().__init__()
@@ -145,10 +159,19 @@ class Qwen35ForCausalLM(CausalLM):
             plan.append(("lm_head.weight", partial(nn.init.normal_, mean=0.0, std=std)))
         return _check_plan(self, plan)
 
-    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None) -> ModelOutput:
+    def new_cache(self, batch_size: int, capacity: int) -> HybridCache:
+        return HybridCache(self.args.text.layer_types, batch_size, capacity)
+
+    def forward(self, batch: PackedBatch, counts_reducer: CountsReducer | None = None,
+                cache: HybridCache | None = None) -> ModelOutput:
+        """``cache`` (generation): the row's documents continue the cache's sequences (module docstring)."""
         for name in ("pixel_values", "pixel_values_videos"):
             if getattr(batch, name) is not None:
                 raise ValueError(f"PackedBatch has {name} but {self.args.model_type} is a text-only model")
+        if cache is not None:
+            hidden_lh, stats = self.model(self.model.embed_tokens(batch.input_ids_l), batch.position_ids_3l,
+                                          batch.cu_seqlens, batch.max_seqlen, cache=cache)
+            return moe_output(self.args, hidden_lh, stats, None, counts_reducer)
         cp = self.cp_shard(batch)
         if cp is None:
             hidden_lh, stats = self.model(self.model.embed_tokens(batch.input_ids_l), batch.position_ids_3l,

@@ -2,8 +2,13 @@
 
 Same function and parameter names as transformers' ``Qwen3_5TextModel`` / ``Qwen3_5MoeTextModel``
 (``embed_tokens``, ``layers.N.{linear_attn.* | self_attn.*, mlp.*, input_layernorm, post_attention_layernorm}``,
-``norm``), on a packed [L, H] row: no padding, batch dimension or KV cache; every token mixer restarts at each
-document of ``cu_seqlens``.
+``norm``), on a packed [L, H] row: no padding or batch dimension; every token mixer restarts at each document of
+``cu_seqlens``.
+
+Generation (``cache``, a ``rynnscale.models.qwen3_5.cache.HybridCache``): the row's documents continue the cache's
+sequences; a full-attention layer stores its keys / values and attends over them (``LayerKV.attend``, as
+Qwen3-VL's), a DeltaNet layer continues each sequence's convolution window and recurrent state
+(``LinearState.conv`` / ``delta_rule``); everything else is the same code.
 
 Per layer (``layer_types``) the token mixer is one of
 - ``GatedDeltaNet`` (``linear_attention``): projections ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` /
@@ -26,9 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rynnscale.models.kv_cache import LayerKV
 from rynnscale.models.qwen3_5 import cp as cp_scan
 from rynnscale.models.qwen3_5 import gated_delta
 from rynnscale.models.qwen3_5.args import TextArgs
+from rynnscale.models.qwen3_5.cache import HybridCache, LinearState
 from rynnscale.models.qwen3_vl.moe import RouterStats, SparseMoeBlock
 from rynnscale.models.qwen3_vl.text import mrope_axis_of_freq
 from rynnscale.ops import fused
@@ -132,14 +139,17 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(D, args.rms_norm_eps)
 
     def forward(self, x_lh: torch.Tensor, cos_lr: torch.Tensor, sin_lr: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None,
+                cache: LayerKV | None = None) -> torch.Tensor:
         L, D = x_lh.shape[0], self.head_dim
         qg_lh2d = self.q_proj(x_lh).view(L, self.num_heads, 2 * D)
         q_lhd, gate_lhd = qg_lh2d[..., :D], qg_lh2d[..., D:]
         q_lhd = partial_rotary(self.q_norm(q_lhd), cos_lr, sin_lr)
         k_lhd = partial_rotary(self.k_norm(self.k_proj(x_lh).view(L, self.num_kv_heads, D)), cos_lr, sin_lr)
         v_lhd = self.v_proj(x_lh).view(L, self.num_kv_heads, D)
-        if cp is not None:
+        if cache is not None:
+            o_lhd = cache.attend(q_lhd, k_lhd, v_lhd, backend=self.attn_backend)
+        elif cp is not None:
             o_lhd = cp.attention(q_lhd, k_lhd, v_lhd, backend=self.attn_backend)
         else:
             o_lhd = varlen_attention(q_lhd, k_lhd, v_lhd, cu_seqlens, max_seqlen, causal=True,
@@ -174,16 +184,20 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
         self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
 
-    def forward(self, x_lh: torch.Tensor, cu_seqlens: torch.Tensor, cp: CPShard | None = None) -> torch.Tensor:
+    def forward(self, x_lh: torch.Tensor, cu_seqlens: torch.Tensor, cp: CPShard | None = None,
+                cache: LinearState | None = None) -> torch.Tensor:
         """``x_lh`` [L, H] of the row (``cu_seqlens``: its documents), or under context parallelism this rank's
-        shard (``cp``; ``cu_seqlens`` is then ignored: the runs of the shard come from the plan, ``cp.py``)."""
+        shard (``cp``; ``cu_seqlens`` is then ignored: the runs of the shard come from the plan, ``cp.py``).
+        ``cache`` (generation): the documents continue the cache's sequences (window and state)."""
         L = x_lh.shape[0]
         fla = gated_delta.pick_backend(self.kernels, x_lh) == "fla"
         conv = gated_delta.fla_causal_conv1d if fla else gated_delta.causal_conv1d
         rule = gated_delta.fla_gated_delta_rule if fla else gated_delta.chunk_gated_delta_rule
         qkv_lc = self.in_proj_qkv(x_lh)
         weight_ck = self.conv1d.weight[:, 0]
-        if cp is None:
+        if cache is not None:
+            qkv_lc = cache.conv(qkv_lc, weight_ck, cu_seqlens, conv)
+        elif cp is None:
             qkv_lc = conv(qkv_lc, weight_ck, cu_seqlens)
         else:   # each run starts from the convolution inputs / state the runs before it leave (on other ranks)
             lay = cp_scan.run_layout(cp)
@@ -199,7 +213,10 @@ class GatedDeltaNet(nn.Module):
         initial = None
         if cp is not None:
             initial = cp_scan.initial_states(rule, q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, lay, cp)
-        o_lhv, _ = rule(q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, initial_state=initial)
+        if cache is not None:
+            o_lhv = cache.delta_rule(q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, rule)
+        else:
+            o_lhv, _ = rule(q_lhk, k_lhk, v_lhv, g_lh, beta_lh, cu_seqlens, initial_state=initial)
         z_lhv = self.in_proj_z(x_lh).view(L, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o_lhv, z_lhv).reshape(L, self.value_dim))
 
@@ -223,13 +240,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, h_lh: torch.Tensor, cos_lr: torch.Tensor, sin_lr: torch.Tensor,
-                cu_seqlens: torch.Tensor, max_seqlen: int,
-                cp: CPShard | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+                cu_seqlens: torch.Tensor, max_seqlen: int, cp: CPShard | None = None,
+                cache: LayerKV | LinearState | None = None) -> tuple[torch.Tensor, RouterStats | None]:
         x_lh = self.input_layernorm(h_lh)
         if self.layer_type == "linear_attention":
-            h_lh = h_lh + self.linear_attn(x_lh, cu_seqlens, cp)
+            h_lh = h_lh + self.linear_attn(x_lh, cu_seqlens, cp, cache)
         else:
-            h_lh = h_lh + self.self_attn(x_lh, cos_lr, sin_lr, cu_seqlens, max_seqlen, cp)
+            h_lh = h_lh + self.self_attn(x_lh, cos_lr, sin_lr, cu_seqlens, max_seqlen, cp, cache)
         x_lh = self.post_attention_layernorm(h_lh)
         if self.is_moe:
             if cp is None:
@@ -244,8 +261,8 @@ class TextModel(nn.Module):
     """Decoder stack (HF: ``model.language_model`` of the vision-language model, ``model`` of the text-only one).
 
     ``forward(inputs_embeds_lh, position_ids_3l, cu_seqlens, max_seqlen, visual_idx_v=None, deepstack=None,
-    cp=None) -> (hidden_lh final-normed, [RouterStats per MoE layer])``; the Qwen3-VL signature, whose DeepStack
-    features Qwen3.5 does not have (must be empty)."""
+    cp=None, cache=None) -> (hidden_lh final-normed, [RouterStats per MoE layer])``; the Qwen3-VL signature, whose
+    DeepStack features Qwen3.5 does not have (must be empty). ``cache``: a ``HybridCache`` (module docstring)."""
 
     def __init__(self, args: TextArgs, attn_backend: str = "auto", gemm_backend: str = "auto"):
         super().__init__()
@@ -258,14 +275,18 @@ class TextModel(nn.Module):
     def forward(self, inputs_embeds_lh: torch.Tensor, position_ids_3l: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, visual_idx_v: torch.Tensor | None = None,
                 deepstack: list[torch.Tensor] | None = None,
-                cp: CPShard | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
+                cp: CPShard | None = None, cache: HybridCache | None = None) -> tuple[torch.Tensor, list[RouterStats]]:
         if deepstack:
             raise ValueError(f"Qwen3.5 has no DeepStack injection; got {len(deepstack)} DeepStack features")
+        if cache is not None and cp is not None:
+            raise ValueError("a cached forward (generation) runs whole rows: context parallelism must be off")
         cos_lr, sin_lr = mrope_cos_sin(position_ids_3l, self.args, inputs_embeds_lh.dtype)
         h_lh = inputs_embeds_lh
         stats: list[RouterStats] = []
-        for layer in self.layers:
-            if cp is None:
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                h_lh, layer_stats = layer(h_lh, cos_lr, sin_lr, cu_seqlens, max_seqlen, cache=cache.layer(i))
+            elif cp is None:
                 h_lh, layer_stats = layer(h_lh, cos_lr, sin_lr, cu_seqlens, max_seqlen)
             else:
                 h_lh, layer_stats = layer(h_lh, cos_lr, sin_lr, cu_seqlens, max_seqlen, cp=cp)

@@ -7,6 +7,9 @@ definitions, and the whole linear-attention layer's gradients against a float64 
   own chunked rule (``torch_chunk_gated_delta_rule``, fp32, 1e-5);
 - causal convolution == ``F.conv1d`` per document (+ SiLU), and with ``initial_tc`` == the convolution of the
   document continued from its previous tokens;
+- generation's decoding step (``recurrent_gated_delta_step``: one token of each of B sequences from their states) ==
+  the definition over the same tokens (float64, 1e-12) and == transformers' ``torch_recurrent_gated_delta_rule``
+  (fp32, 1e-6); its convolution over a cached window (``cache.decode_conv``) == ``causal_conv1d`` (float64, 1e-14);
 - the layer (``GatedDeltaNet``) in fp32 with the chunked rule vs the same layer in float64 with the definition:
   output rel 1e-5 and every parameter / input gradient within 1e-4 of its norm.
 """
@@ -21,10 +24,12 @@ import torch.nn.functional as F
 
 from rynnscale.models.qwen3_5 import gated_delta
 from rynnscale.models.qwen3_5.args import TextArgs
+from rynnscale.models.qwen3_5.cache import decode_conv
 from rynnscale.models.qwen3_5.gated_delta import (
     causal_conv1d,
     chunk_gated_delta_rule,
     recurrent_gated_delta_rule_ref,
+    recurrent_gated_delta_step,
 )
 from rynnscale.models.qwen3_5.text import GatedDeltaNet
 
@@ -94,6 +99,56 @@ def test_causal_conv_restarts_per_document_and_continues_from_initial_tokens() -
         ref = F.silu(F.conv1d(whole.T[None], w[:, None], padding=K - 1, groups=C)[0, :, :whole.shape[0]]).T[K - 1:]
         assert torch.allclose(y_cont[a:b], ref, rtol=0, atol=1e-12)
     assert torch.equal(y_cont[7:8], y[7:8])   # a zero context is a document start
+
+
+def test_decoding_step_equals_the_definition_and_transformers() -> None:
+    """B = 3 sequences from random states (one from zeros: None), 5 steps of one token each."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_recurrent_gated_delta_rule
+
+    B, steps = 3, 5
+    q, k, v, gate, beta, _ = _inputs([B] * steps, seed=3)     # token t of sequence b: row t * B + b
+    init = torch.randn(B, 4, 8, 6, dtype=torch.float64)
+    init[2] = 0
+    # the definition: sequence b's tokens as one document, from its state
+    cu = torch.arange(0, B * steps + 1, steps)
+    by_seq = torch.arange(B * steps).view(steps, B).T.reshape(-1)
+    o_ref, s_ref = recurrent_gated_delta_rule_ref(q[by_seq], k[by_seq], v[by_seq], gate[by_seq], beta[by_seq], cu,
+                                                  initial_state=init)
+    state, outs = None, []
+    state32, outs32, outs_hf, state_hf = init.float(), [], [], init.float()
+    for t in range(steps):
+        sl = slice(t * B, (t + 1) * B)
+        o, state = recurrent_gated_delta_step(q[sl], k[sl], v[sl], gate[sl], beta[sl],
+                                              init.clone() if state is None else state)
+        outs.append(o)
+        o32, state32 = recurrent_gated_delta_step(*(x[sl].float() for x in (q, k, v, gate, beta)), state32)
+        outs32.append(o32)
+        o_hf, state_hf = torch_recurrent_gated_delta_rule(
+            *(x[sl].float()[:, None] for x in (q, k, v, gate, beta)), initial_state=state_hf,
+            output_final_state=True, use_qk_l2norm_in_kernel=True)
+        outs_hf.append(o_hf[:, 0])
+    o = torch.stack(outs, dim=1).reshape(B * steps, 4, 6)           # sequence-major, as o_ref
+    assert (o - o_ref).abs().max() <= 1e-12 * o_ref.abs().max()
+    assert (state - s_ref).abs().max() <= 1e-12 * s_ref.abs().max()
+    o32, o_hf = torch.stack(outs32), torch.stack(outs_hf)
+    assert (o32 - o_hf).abs().max() <= 1e-6 * o_hf.abs().max()
+    assert (state32 - state_hf).abs().max() <= 1e-6 * state_hf.abs().max()
+    o0, s0 = recurrent_gated_delta_step(q[:B], k[:B], v[:B], gate[:B], beta[:B], None)   # None: zero states
+    o0_ref, s0_ref = recurrent_gated_delta_step(q[:B], k[:B], v[:B], gate[:B], beta[:B], torch.zeros_like(init))
+    assert torch.equal(o0, o0_ref) and torch.equal(s0, s0_ref)
+
+
+def test_decoding_convolution_equals_the_varlen_convolution() -> None:
+    g = torch.Generator().manual_seed(4)
+    B, C, K, n = 3, 10, 4, 6
+    x = torch.randn(B * n, C, generator=g, dtype=torch.float64)   # sequence-major rows: n inputs of each sequence
+    w = torch.randn(C, K, generator=g, dtype=torch.float64)
+    y = causal_conv1d(x, w, torch.arange(0, B * n + 1, n))
+    xs = x.view(B, n, C)
+    for t in range(n):   # the window: the K-1 inputs before t (zeros before the sequence's start)
+        window = torch.cat([x.new_zeros(B, K - 1, C), xs], dim=1)[:, t:t + K - 1]
+        want = y.view(B, n, C)[:, t]     # the same sum in the same order; SiLU's vector / scalar paths may differ
+        assert (decode_conv(xs[:, t], window, w) - want).abs().max() <= 1e-14 * want.abs().max()
 
 
 def _reference_rule(q, k, v, g, beta, cu_seqlens, **kwargs):
