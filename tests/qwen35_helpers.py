@@ -4,10 +4,13 @@ loaded from them, and packed rows of text / image / video samples: shared by the
 from __future__ import annotations
 
 import copy
+import shutil
+from pathlib import Path
 
 import torch
 
 from rynnscale.batch import PackedBatch
+from rynnscale.data.tokenizer import default_tokenizer_dir
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.mrope import mrope_position_ids
 
@@ -150,3 +153,20 @@ def hf_forward(hf, s: dict):
         kw.update(mm_token_type_ids=tt[None], pixel_values=s["pixel_values"], image_grid_thw=s["image_grid"],
                   pixel_values_videos=s["pixel_values_videos"], video_grid_thw=s["video_grid"])
     return hf(**kw)
+
+
+QWEN3_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                    vision_end_token_id=151653)
+
+
+def tiny_moe_dir(path: Path, **ids: int) -> Path:
+    """A tiny transformers Qwen3.5-MoE directory (``save_pretrained``) with the bundled Qwen3 tokenizer, whose
+    special token ids the config's vision ids match (Qwen3-VL's), vocabulary 151,936."""
+    cfg = tiny_config(True, tie=True)
+    cfg["text_config"].update(vocab_size=151936)
+    cfg["vision_config"].update(patch_size=16)
+    cfg.update(QWEN3_VL_IDS | ids)
+    hf_model(cfg).save_pretrained(path)
+    for f in default_tokenizer_dir().iterdir():
+        shutil.copy(f, path / f.name)
+    return path

@@ -13,27 +13,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from qwen35_helpers import hf_model, make_samples, pack, tiny_config
+from qwen35_helpers import hf_model, make_samples, pack, tiny_config, tiny_moe_dir
 from safetensors.torch import load_file, save_file
 
 from rynnscale.checkpoint.hf import HFCheckpointError, export_model, load_hf_weights
-from rynnscale.data.tokenizer import default_tokenizer_dir
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.qwen3_5.model import new_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.qwen3_5")
 REPO = Path(__file__).resolve().parents[3]
-QWEN3_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                    vision_end_token_id=151653)
-
 
 def _ours_from(path: Path, cfg: dict):
     args = args_from_hf_config(cfg)
@@ -104,19 +99,6 @@ def test_our_export_loads_in_transformers_bit_for_bit(tmp_path: Path, moe: bool,
         ours = model.logits(model(pack(samples[:1])).hidden_ld)
         theirs = hf(input_ids=samples[0]["ids"][None], use_cache=False).logits[0]
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
-
-
-def tiny_moe_dir(path: Path, **ids: int) -> Path:
-    """A tiny transformers Qwen3.5-MoE directory (``save_pretrained``) with the bundled Qwen3 tokenizer, whose
-    special token ids the config's vision ids match (Qwen3-VL's), vocabulary 151,936."""
-    cfg = tiny_config(True, tie=True)
-    cfg["text_config"].update(vocab_size=151936)
-    cfg["vision_config"].update(patch_size=16)
-    cfg.update(QWEN3_VL_IDS | ids)
-    hf_model(cfg).save_pretrained(path)
-    for f in default_tokenizer_dir().iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 def _train(tmp_path: Path, init: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
