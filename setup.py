@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         # peft and trl: the LoRA and GRPO oracles of the tests
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pyarrow>=14", "peft>=0.17", "trl>=1.0"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14", "peft>=0.17", "trl>=1.0"],
         "gpu": ["liger-kernel>=0.8.5"],
         "lerobot": ["pyarrow>=14"],
     },
