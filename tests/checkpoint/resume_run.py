@@ -37,7 +37,7 @@ def command(nproc: int, args: list[str], *, script: Path | None = None, max_rest
 
 
 def start(cmd: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}   # env_extra may set PYTHONPATH
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
