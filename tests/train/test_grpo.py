@@ -7,15 +7,18 @@
 - one GRPO step: reproducible rollouts (same seeds, same answers), the KL is exactly 0 and the ratio exactly 1
   before the first update (reference = policy), the weights change, the metrics are in range;
 - a reward function that raises or returns NaN on one sample: counted (``reward_failures``), named in the log,
-  the sample's advantage is 0, and the step goes on;
+  the sample's advantage is 0, and the step goes on -- in a step as the trainer takes it, and in a real run
+  through the CLI;
 - a LoRA run's reference is the adapter-disabled base: no second model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -27,11 +30,13 @@ from rynnscale.config import load_config
 from rynnscale.data_pipelines.synthetic import generate_synthetic
 from rynnscale.parallel.distributed import DistContext
 from rynnscale.train.build import build_model
-from rynnscale.train.grpo import GRPOStage, PromptSet, Rollout, pack_rollouts, rollout_seed
+from rynnscale.train.grpo import GRPOStage, PromptSet, Rollout, RolloutSource, pack_rollouts, rollout_seed
 from rynnscale.train.objectives import RolloutBatch
 from rynnscale.train.optim import build_optimizer, build_scheduler
+from rynnscale.train.step import StepStats, train_step
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = REPO / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +97,17 @@ def stage_for(cfg, model, args, shards, reference=None):
     return GRPOStage(cfg, args, ctx, prompt_set=PromptSet(shards, seed=cfg.data.seed), reference=reference)
 
 
+def optimiser_step(source: RolloutSource, model, opt, sched) -> tuple[StepStats, dict]:
+    """One optimiser step as the trainer takes it: the source's next DataStep (a rollout on its first step),
+    ``train_step`` with the GRPO objective, and the step's logged GRPO values (rollout metrics + objective
+    summary)."""
+    data = next(source)
+    stats = train_step(model, opt, data.micro_batches, device=torch.device("cpu"), compute_dtype=torch.float32,
+                       max_grad_norm=1.0, objective=source.objective)
+    sched.step()
+    return stats, {**data.metrics, **source.objective.summary(stats.metrics)}
+
+
 def test_one_grpo_step(tmp_path: Path, shards) -> None:
     cfg = cfg_for(tmp_path, shards, "rl.temperature=1.5")
     args, model = build_model(cfg.model, seed=0)
@@ -106,18 +122,18 @@ def test_one_grpo_step(tmp_path: Path, shards) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, cfg.train.max_steps)
-    stats = stage.train(model, opt, sched, rs, compute_dtype=torch.float32)
-    rec = stage.metrics(rs, stats, 0.0)
-    assert len(stats) == 1 and stats[0].finite
+    source = RolloutSource(stage, model, torch.float32)
+    stats, rec = optimiser_step(source, model, opt, sched)
+    assert [r.completion for r in source.current.rollouts] == [r.completion for r in rs.rollouts]
+    assert stats.finite and rec["rollout_step"] == 1
     assert rec["kl"] == 0.0 and rec["ratio_mean"] == 1.0 and rec["clip_fraction"] == 0.0   # reference = policy
     assert 0 <= rec["reward_mean"] <= 1 and rec["reward_std"] >= 0 and rec["reward_failures"] == 0
     assert rec["response_length"] == pytest.approx(sum(len(r.completion) for r in rs.rollouts) / 6)
-    assert set(rec) >= {"reward_point", "reward_box", "reward_traj", "reward_format", "reward_exact", "rollout_s"}
+    assert set(rec) >= {"reward_point", "reward_box", "reward_traj", "reward_format", "reward_exact"}
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     # after the update the policy moved away from the reference: KL > 0 on the next rollouts
-    rs2 = stage.rollout(1, model, torch.float32)
-    rec2 = stage.metrics(rs2, stage.train(model, opt, sched, rs2, compute_dtype=torch.float32), 0.0)
-    assert rec2["kl"] > 0
+    _, rec2 = optimiser_step(source, model, opt, sched)
+    assert rec2["rollout_step"] == 2 and rec2["kl"] > 0
 
 
 def test_failing_reward_function_is_counted_and_named(tmp_path: Path, shards, monkeypatch, caplog) -> None:
@@ -133,18 +149,18 @@ def test_failing_reward_function_is_counted_and_named(tmp_path: Path, shards, mo
     cfg = cfg_for(tmp_path, shards, "rl.kl_coef=0", "rl.reward.functions={flaky_reward:flaky: 1.0}")
     args, model = build_model(cfg.model, seed=0)
     stage = stage_for(cfg, model, args, shards)
+    opt = build_optimizer(model, cfg.optim)
+    source = RolloutSource(stage, model, torch.float32)
     with caplog.at_level(logging.WARNING, logger="rynnscale.train.grpo"):
-        rs = stage.rollout(0, model, torch.float32)
-    failed = [r for r in rs.rollouts if r.error]
+        stats, rec = optimiser_step(source, model, opt, build_scheduler(opt, cfg.optim, 10))
+    failed = [r for r in source.current.rollouts if r.error]
     assert len(failed) == 2 and all(math.isnan(r.reward) and r.advantage == 0.0 for r in failed)
     text = caplog.text
     assert f"raised on sample {failed[0].key!r}: RuntimeError: gripper offline" in text
     assert f"returned nan on sample {failed[1].key!r}" in text
-    opt = build_optimizer(model, cfg.optim)
-    stats = stage.train(model, opt, build_scheduler(opt, cfg.optim, 10), rs, compute_dtype=torch.float32)
-    rec = stage.metrics(rs, stats, 0.0)
-    assert rec["reward_failures"] == 2 and stats[0].finite and math.isfinite(rec["reward_mean"])
+    assert rec["reward_failures"] == 2 and stats.finite and math.isfinite(rec["reward_mean"])
     assert rec["reward_flaky"] == 0.5 and rec["kl"] == 0.0   # no reference: no KL term
+    assert source.bad_counts == {"reward_failed": 2}
 
 
 def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> None:
@@ -159,11 +175,11 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> 
     assert stage.reference is None
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, 10)
-    rs = stage.rollout(0, model, torch.float32)
-    stats = stage.train(model, opt, sched, rs, compute_dtype=torch.float32)
-    assert len(stats) == 2 and all(s.finite for s in stats)
-    rec = stage.metrics(rs, stats, 0.0)
-    assert rec["kl"] > 0 and rec["policy_steps"] == 2
+    source = RolloutSource(stage, model, torch.float32)
+    first, rec1 = optimiser_step(source, model, opt, sched)     # the rollout's first part: adapters still B = 0
+    second, rec2 = optimiser_step(source, model, opt, sched)    # its second part, after one update
+    assert first.finite and second.finite and rec1["rollout_step"] == 1 and "rollout_step" not in rec2
+    assert rec1["kl"] == 0.0 and rec2["kl"] > 0
     batch = stage.rollout(1, model, torch.float32).parts[0][0]
     with torch.no_grad(), adapters_disabled(model) as n:
         assert n > 0
@@ -173,3 +189,43 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> 
         want = base.token_log_probs(batch, base(batch))
     assert torch.equal(off, want) and not torch.equal(on, want)
     torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
+
+
+FLAKY = '''
+calls = []
+
+
+def flaky(answer, reference, key):
+    """0.5 for every answer, except the run's 2nd call (raises) and 4th (NaN)."""
+    calls.append(key)
+    if len(calls) == 2:
+        raise RuntimeError("gripper offline")
+    if len(calls) == 4:
+        return float("nan")
+    return 0.5
+'''
+
+
+@pytest.mark.slow
+def test_failing_reward_function_in_a_real_run(tmp_path: Path) -> None:
+    """The same through the CLI and the trainer: the run finishes, the log names the samples and the function,
+    metrics.jsonl counts the failures (``reward_failures``, ``skipped_by_reason``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))
+    from resume_run import command, overrides, run
+
+    (tmp_path / "grpo_flaky.py").write_text(FLAKY)
+    out = tmp_path / "run"
+    args = overrides(out, tmp_path / "data", steps=2, every=0, extra=(
+        "train.objective=grpo", "model.arch.text_config.num_hidden_layers=2", "train.micro_batch_tokens=600",
+        "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6", "rl.kl_coef=0",
+        "rl.reward.functions={grpo_flaky:flaky: 1.0}", "optim.warmup_steps=0"))
+    rc, log = run(command(1, args), env_extra={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    assert rc == 0, log[-4000:]
+    assert re.search(r"step 1: reward function 'grpo_flaky:flaky' raised on sample '[^']+': RuntimeError: gripper "
+                     r"offline \(the sample gets advantage 0; the run goes on\)", log), log[-4000:]
+    assert re.search(r"step 1: reward function 'grpo_flaky:flaky' returned nan on sample '[^']+'", log), log[-4000:]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert [r["reward_failures"] for r in recs] == [2, 0]
+    assert [r["skipped_by_reason"] for r in recs] == [{"reward_failed": 2}] * 2    # running count of the run
+    assert all(math.isfinite(r["reward_mean"]) and r["reward_flaky"] == 0.5 for r in recs)
