@@ -152,7 +152,7 @@ def filtered_probs(logits_bv: torch.Tensor, temperature: float, top_k: int = 0, 
 def sample_from(probs_bv: torch.Tensor, uniforms_b: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw per row: the first token whose cumulative probability exceeds ``u * total``
     (``uniforms_b`` in [0, 1)); never a token of probability 0. -> [B] int64."""
-    cdf = probs_bv.double().cumsum(-1)
+    cdf = torch.cumsum(probs_bv, -1, dtype=torch.float64)   # = .double().cumsum(-1) bit for bit, without the copy
     target = uniforms_b.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs_bv.shape[-1] - 1)
 
