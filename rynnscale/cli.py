@@ -45,7 +45,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
         manifest = generate_synthetic(
             args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
-            height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers)
+            height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
+            questions=args.questions.split(","))
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":
@@ -201,6 +202,8 @@ def _add_data_parser(sub) -> None:
     s.add_argument("--height", type=int, default=64)
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--questions", default="traj,locate_last,locate_frame,which_moved,affordance",
+                   help="comma list of the question types to draw from (default all)")
     _add_convert_parsers(dsub)
     _add_inspect_parser(dsub)
     d.set_defaults(func=_cmd_data)

@@ -97,6 +97,10 @@ class SyntheticDataConfig:
     fps: float = 2.0
     samples_per_shard: int = 250
     seed: int = 1234
+    # question types drawn per clip (data_pipelines/synthetic.py QUESTION_TYPES); a subset narrows the task,
+    # e.g. [affordance, locate_frame] for a set of pointing and box questions
+    questions: list[str] = field(default_factory=lambda: ["traj", "locate_last", "locate_frame", "which_moved",
+                                                          "affordance"])
 
 
 @dataclass

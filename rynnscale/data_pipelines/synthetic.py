@@ -27,7 +27,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
@@ -50,6 +50,8 @@ from rynnscale.data_pipelines.shards import ShardWriter, remove_stale_temp_files
 __all__ = [
     "GENERATOR_VERSION",
     "PALETTE",
+    "QUESTION_TYPES",
+    "check_question_types",
     "SceneTruth",
     "render_clip",
     "encode_video_frames",
@@ -319,11 +321,21 @@ def _region(x: float, y: float, width: int, height: int, table_top: float) -> st
     return f"{depth} {side}"
 
 
-def _question_answer(rng: np.random.Generator, truth: SceneTruth, width: int, height: int) -> tuple[str, str, str]:
-    """(question type, question, answer) with tags of the true positions."""
+def check_question_types(questions: Sequence[str]) -> tuple[str, ...]:
+    """``questions`` as a tuple after checking it is a non-empty list of known question types."""
+    bad = [q for q in questions if q not in QUESTION_TYPES]
+    if not questions or bad or len(set(questions)) != len(questions):
+        raise ValueError(f"synthetic question types must be distinct names from {list(QUESTION_TYPES)}, got {list(questions)}")
+    return tuple(questions)
+
+
+def _question_answer(
+    rng: np.random.Generator, truth: SceneTruth, width: int, height: int, questions: Sequence[str] = QUESTION_TYPES
+) -> tuple[str, str, str]:
+    """(question type, question, answer) with tags of the true positions; the type is drawn from ``questions``."""
     T = len(truth.camera_offsets)
     table_top = truth.table_top
-    qtype = str(rng.choice(QUESTION_TYPES))
+    qtype = str(rng.choice(questions))
     mv = truth.moving
     obj = int(rng.integers(len(truth.names)))
     pick = lambda options: str(rng.choice(options))  # noqa: E731
@@ -370,15 +382,17 @@ def synthetic_sample(
     fps: float = 2.0,
     codec: str = "auto",
     with_actions: bool = True,
+    questions: Sequence[str] = QUESTION_TYPES,
 ) -> tuple[str, dict[str, bytes]]:
-    """Build sample ``index`` of the dataset ``seed`` in memory: (key, {member: bytes})."""
+    """Build sample ``index`` of the dataset ``seed`` in memory: (key, {member: bytes}); its question is of one
+    of the types ``questions`` (default all; the clip does not depend on them)."""
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got {index}, {seed}")
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps}")
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
     clip, truth = render_clip(rng, frames, width, height)
-    qtype, question, answer = _question_answer(rng, truth, width, height)
+    qtype, question, answer = _question_answer(rng, truth, width, height, check_question_types(questions))
     video, video_name = encode_video_frames(clip, fps, codec)
     timestamps = [t / fps for t in range(frames)]  # seconds on the video clock
     mv = truth.moving
@@ -463,6 +477,7 @@ def _write_one_shard(out_dir: str, prefix: str, shard: int, cfg: dict, cost_fn: 
                 fps=cfg["fps"],
                 codec=cfg["codec"],
                 with_actions=cfg["with_actions"],
+                questions=cfg.get("questions", QUESTION_TYPES),
             )
             w.write(key, members, costs=cost_fn(key, members))
     (info,) = w.shards
@@ -483,6 +498,7 @@ def generate_synthetic(
     prefix: str = "synthetic",
     codec: str = "auto",
     with_actions: bool = True,
+    questions: Sequence[str] = QUESTION_TYPES,
     cost_fn: Callable[[str, Mapping[str, bytes]], Mapping[str, float]] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -490,7 +506,8 @@ def generate_synthetic(
     manifest path. Deterministic given ``seed`` (and the render settings); one shard per task,
     ``workers`` processes; restartable: shards the manifest already lists are kept, so rerunning
     after a crash only writes the missing ones. Rerunning into a directory generated with other
-    settings is an error. ``cost_fn(key, members)`` may supply per-sample cost hints (default:
+    settings is an error. ``questions``: the question types to draw from (default all of
+``QUESTION_TYPES``; a subset, e.g. only pointing, gives a narrower task). ``cost_fn(key, members)`` may supply per-sample cost hints (default:
     ``text_bytes`` and ``video_pixels``); with workers > 1 it must be picklable."""
     from tqdm.auto import tqdm
 
@@ -515,9 +532,11 @@ def generate_synthetic(
         "with_actions": bool(with_actions),
         "cost_fn": None if cost_fn is None else f"{cost_fn.__module__}.{cost_fn.__qualname__}",
     }
+    if check_question_types(questions) != QUESTION_TYPES:  # recorded only when narrowed: older manifests stay valid
+        cfg["questions"] = list(questions)
     if (out / MANIFEST_NAME).exists():
         old = read_manifest(out).info
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
+        diff = {k: (old.get(k), cfg.get(k)) for k in {**old, **cfg} if old.get(k) != cfg.get(k)}
         if diff:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds a dataset generated with other settings ({detail}); use an empty directory")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rynnscale.config.schema import RootConfig
+from rynnscale.config.schema import ConfigError, RootConfig
 from rynnscale.data.manifest import MANIFEST_NAME
 from rynnscale.data.pipeline import synthetic_data_dir
 from rynnscale.train.metrics import progress_bars
@@ -43,6 +43,16 @@ def once_per_filesystem(ctx: Any, out_dir: Path, generate: Callable[[], Any]) ->
     ctx.barrier()
 
 
+def synthetic_questions(cfg: RootConfig) -> tuple[str, ...]:
+    """``data.synthetic.questions`` checked against the generator's question types (a ConfigError naming the key)."""
+    from rynnscale.data_pipelines.synthetic import check_question_types
+
+    try:
+        return check_question_types(cfg.data.synthetic.questions)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.synthetic.questions': {e}") from None
+
+
 def generate_train_synthetic(cfg: RootConfig) -> None:
     """Write the training synthetic set (restartable: finished shards are kept)."""
     from rynnscale.data_pipelines.synthetic import generate_synthetic
@@ -50,7 +60,7 @@ def generate_train_synthetic(cfg: RootConfig) -> None:
     s = cfg.data.synthetic
     generate_synthetic(synthetic_data_dir(cfg), s.num_samples, seed=s.seed, frames=s.frames, width=s.width,
                        height=s.height, fps=s.fps, samples_per_shard=s.samples_per_shard,
-                       progress=progress_bars(cfg))
+                       questions=synthetic_questions(cfg), progress=progress_bars(cfg))
 
 
 def generate_eval_synthetic(cfg: RootConfig) -> None:
@@ -60,7 +70,8 @@ def generate_eval_synthetic(cfg: RootConfig) -> None:
     s = cfg.data.synthetic
     generate_synthetic(eval_data_dir(cfg), cfg.eval.synthetic_samples, seed=s.seed + EVAL_SEED_OFFSET,
                        frames=s.frames, width=s.width, height=s.height, fps=s.fps,
-                       samples_per_shard=s.samples_per_shard, prefix="synthetic_eval", progress=False)
+                       samples_per_shard=s.samples_per_shard, prefix="synthetic_eval",
+                       questions=synthetic_questions(cfg), progress=False)
 
 
 def prepare_data_files(cfg: RootConfig, ctx: Any) -> None:
