@@ -17,7 +17,13 @@ import webdataset as wds
 from rynnscale.data.manifest import MANIFEST_NAME, completed_shards, read_manifest
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
 from rynnscale.data.tags import norm_to_pixel, parse_tags
-from rynnscale.data_pipelines.synthetic import PALETTE, generate_synthetic, pick_video_codec, synthetic_sample
+from rynnscale.data_pipelines.synthetic import (
+    PALETTE,
+    QUESTION_TYPES,
+    generate_synthetic,
+    pick_video_codec,
+    synthetic_sample,
+)
 
 W, H, T = 64, 64, 4
 COLOR_TOL = 40  # max |decoded - rendered| per channel at an object's centre (measured worst: 18 with libx264 crf 16)
@@ -187,3 +193,27 @@ def test_bad_arguments():
         synthetic_sample(0, codec="h265-magic")
     with pytest.raises(ValueError, match="frames >= 2"):
         synthetic_sample(0, frames=1)
+
+
+def test_question_types_narrow_the_set(tmp_path):
+    """``questions`` draws each clip's question from a subset; the default is every type with the same bytes as
+    before the option; a directory generated with other types is refused, both ways."""
+    assert synthetic_sample(7, seed=3) == synthetic_sample(7, seed=3, questions=QUESTION_TYPES)
+    for i in range(12):
+        _, m = synthetic_sample(i, seed=3, questions=["affordance", "locate_frame"])
+        qtype = json.loads(m["meta.json"])["extra"]["question_type"]
+        assert qtype in ("affordance", "locate_frame")
+        kinds = {g.kind for g in parse_tags(_answer(m))}
+        assert kinds == ({"affordance"} if qtype == "affordance" else {"object"}), (i, _answer(m))
+    kw = dict(seed=3, samples_per_shard=4, progress=False)
+    narrow = generate_synthetic(tmp_path / "narrow", 4, questions=["affordance"], **kw).parent
+    assert read_manifest(narrow).info["questions"] == ["affordance"]
+    with pytest.raises(ValueError, match="questions"):
+        generate_synthetic(narrow, 4, **kw)
+    full = generate_synthetic(tmp_path / "full", 4, **kw).parent
+    assert "questions" not in read_manifest(full).info
+    with pytest.raises(ValueError, match="questions"):
+        generate_synthetic(full, 4, questions=["traj"], **kw)
+    for bad in ([], ["pointing"], ["traj", "traj"]):
+        with pytest.raises(ValueError, match="question types"):
+            synthetic_sample(0, questions=bad)

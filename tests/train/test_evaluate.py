@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rynnscale.checkpoint.hf import export_model
 from rynnscale.config import ConfigError, load_config
 from rynnscale.data.reader import expand_shard_patterns, iter_tar_samples
 from rynnscale.train.build import build_model
-from rynnscale.train.data_files import generate_eval_synthetic
+from rynnscale.train.data_files import eval_data_dir, generate_eval_synthetic
 from rynnscale.train.evaluate import (
     Evaluator,
     box_iou,
@@ -142,3 +143,16 @@ def test_eval_config_is_validated(tmp_path: Path) -> None:
     cfg = tiny_cfg(tmp_path, "eval.shards=[/nowhere/*.tar]")
     with pytest.raises(ValueError, match=r"/nowhere"):
         Evaluator(cfg, None)
+
+
+def test_synthetic_question_types_reach_both_sets(tmp_path: Path) -> None:
+    """``data.synthetic.questions`` narrows the held-out set like the training set; an unknown type is a
+    ConfigError naming the key before anything is written."""
+    with pytest.raises(ConfigError, match=r"data.synthetic.questions.*'pointing'"):
+        generate_eval_synthetic(tiny_cfg(tmp_path, "data.synthetic.questions=[pointing]", "eval.synthetic_samples=4"))
+    cfg = tiny_cfg(tmp_path, "data.synthetic.questions=[affordance]", "eval.synthetic_samples=4")
+    generate_eval_synthetic(cfg)
+    (shard,) = expand_shard_patterns([str(eval_data_dir(cfg) / "*.tar")])
+    answers = [json.loads(s.members["conv.json"])["conversation"][-1]["content"][0]["text"]
+               for s in iter_tar_samples(shard)]
+    assert len(answers) == 4 and all("<affordance>" in a for a in answers), answers
