@@ -46,7 +46,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         manifest = generate_synthetic(
             args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
             height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
-            questions=args.questions.split(","))
+            questions=args.questions.split(","), objects=[int(n) for n in args.objects.split(",")])
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":
@@ -204,6 +204,7 @@ def _add_data_parser(sub) -> None:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--questions", default="traj,locate_last,locate_frame,which_moved,affordance",
                    help="comma list of the question types to draw from (default all)")
+    s.add_argument("--objects", default="2,4", help="fewest,most objects per clip")
     _add_convert_parsers(dsub)
     _add_inspect_parser(dsub)
     d.set_defaults(func=_cmd_data)

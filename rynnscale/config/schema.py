@@ -101,6 +101,7 @@ class SyntheticDataConfig:
     # e.g. [affordance, locate_frame] for a set of pointing and box questions
     questions: list[str] = field(default_factory=lambda: ["traj", "locate_last", "locate_frame", "which_moved",
                                                           "affordance"])
+    objects: list[int] = field(default_factory=lambda: [2, 4])   # [fewest, most] objects per clip
 
 
 @dataclass

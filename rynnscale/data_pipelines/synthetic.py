@@ -50,7 +50,9 @@ from rynnscale.data_pipelines.shards import ShardWriter, remove_stale_temp_files
 __all__ = [
     "GENERATOR_VERSION",
     "PALETTE",
+    "OBJECTS",
     "QUESTION_TYPES",
+    "check_object_counts",
     "check_question_types",
     "SceneTruth",
     "render_clip",
@@ -72,6 +74,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("cube", "ball")
 QUESTION_TYPES = ("traj", "locate_last", "locate_frame", "which_moved", "affordance")
+OBJECTS = (2, 4)  # fewest and most objects per clip
 # codec preference for codec="auto": (PyAV encoder, container format, member extension)
 _CODECS = {
     # bf=0 and no mb-tree lookahead: with B-frames + mb-tree, libx264 (PyAV 18 wheel) gave
@@ -191,15 +194,25 @@ def _draw_object(img: np.ndarray, shape: str, color: np.ndarray, cx: float, cy: 
     region[mask] = (color[None, :] * shade[mask][:, None]).astype(np.float32)
 
 
+def check_object_counts(objects: Sequence[int]) -> tuple[int, int]:
+    """``objects`` = (fewest, most) objects per clip, checked: 1 <= fewest <= most <= the palette's size."""
+    if len(objects) != 2 or not 1 <= objects[0] <= objects[1] <= len(PALETTE):
+        raise ValueError(f"synthetic object counts must be [fewest, most] with 1 <= fewest <= most <= {len(PALETTE)}, "
+                         f"got {list(objects)}")
+    return int(objects[0]), int(objects[1])
+
+
 def render_clip(
-    rng: np.random.Generator, frames: int = 4, width: int = 64, height: int = 64
+    rng: np.random.Generator, frames: int = 4, width: int = 64, height: int = 64, objects: Sequence[int] = OBJECTS
 ) -> tuple[np.ndarray, SceneTruth]:
-    """Render one clip: uint8 frames [T, H, W, 3] (RGB) and its ground truth."""
+    """Render one clip with ``objects[0]``..``objects[1]`` objects: uint8 frames [T, H, W, 3] (RGB) and its ground
+    truth."""
     if frames < 2 or width < 16 or height < 16:
         raise ValueError(f"need frames >= 2 (Qwen3-VL's temporal patch) and width, height >= 16, got {frames} frames of {width}x{height}")
+    fewest, most = check_object_counts(objects)
     lay = _Layout(width, height, rng)
     canvas = _background(lay, rng)
-    n_obj = int(rng.integers(2, 5))
+    n_obj = int(rng.integers(fewest, most + 1))
     colors = [str(c) for c in rng.choice(list(PALETTE), size=n_obj, replace=False)]
     shapes = [str(s) for s in rng.choice(SHAPES, size=n_obj)]
     names = [f"{c} {s}" for c, s in zip(colors, shapes)]
@@ -383,15 +396,17 @@ def synthetic_sample(
     codec: str = "auto",
     with_actions: bool = True,
     questions: Sequence[str] = QUESTION_TYPES,
+    objects: Sequence[int] = OBJECTS,
 ) -> tuple[str, dict[str, bytes]]:
     """Build sample ``index`` of the dataset ``seed`` in memory: (key, {member: bytes}); its question is of one
-    of the types ``questions`` (default all; the clip does not depend on them)."""
+    of the types ``questions`` (default all; the clip does not depend on them), its clip has ``objects`` =
+    [fewest, most] objects."""
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got {index}, {seed}")
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be a positive number, got {fps}")
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
-    clip, truth = render_clip(rng, frames, width, height)
+    clip, truth = render_clip(rng, frames, width, height, objects)
     qtype, question, answer = _question_answer(rng, truth, width, height, check_question_types(questions))
     video, video_name = encode_video_frames(clip, fps, codec)
     timestamps = [t / fps for t in range(frames)]  # seconds on the video clock
@@ -478,6 +493,7 @@ def _write_one_shard(out_dir: str, prefix: str, shard: int, cfg: dict, cost_fn: 
                 codec=cfg["codec"],
                 with_actions=cfg["with_actions"],
                 questions=cfg.get("questions", QUESTION_TYPES),
+                objects=cfg.get("objects", OBJECTS),
             )
             w.write(key, members, costs=cost_fn(key, members))
     (info,) = w.shards
@@ -499,6 +515,7 @@ def generate_synthetic(
     codec: str = "auto",
     with_actions: bool = True,
     questions: Sequence[str] = QUESTION_TYPES,
+    objects: Sequence[int] = OBJECTS,
     cost_fn: Callable[[str, Mapping[str, bytes]], Mapping[str, float]] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -507,7 +524,8 @@ def generate_synthetic(
     ``workers`` processes; restartable: shards the manifest already lists are kept, so rerunning
     after a crash only writes the missing ones. Rerunning into a directory generated with other
     settings is an error. ``questions``: the question types to draw from (default all of
-``QUESTION_TYPES``; a subset, e.g. only pointing, gives a narrower task). ``cost_fn(key, members)`` may supply per-sample cost hints (default:
+``QUESTION_TYPES``; a subset, e.g. only pointing, gives a narrower task); ``objects``: [fewest, most] objects per
+clip (default [2, 4]; [1, 1] leaves no doubt which object a question means). ``cost_fn(key, members)`` may supply per-sample cost hints (default:
     ``text_bytes`` and ``video_pixels``); with workers > 1 it must be picklable."""
     from tqdm.auto import tqdm
 
@@ -532,8 +550,11 @@ def generate_synthetic(
         "with_actions": bool(with_actions),
         "cost_fn": None if cost_fn is None else f"{cost_fn.__module__}.{cost_fn.__qualname__}",
     }
-    if check_question_types(questions) != QUESTION_TYPES:  # recorded only when narrowed: older manifests stay valid
+    # recorded only when not the default: manifests written before these options stay valid
+    if check_question_types(questions) != QUESTION_TYPES:
         cfg["questions"] = list(questions)
+    if check_object_counts(objects) != OBJECTS:
+        cfg["objects"] = list(objects)
     if (out / MANIFEST_NAME).exists():
         old = read_manifest(out).info
         diff = {k: (old.get(k), cfg.get(k)) for k in {**old, **cfg} if old.get(k) != cfg.get(k)}

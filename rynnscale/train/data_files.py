@@ -43,14 +43,18 @@ def once_per_filesystem(ctx: Any, out_dir: Path, generate: Callable[[], Any]) ->
     ctx.barrier()
 
 
-def synthetic_questions(cfg: RootConfig) -> tuple[str, ...]:
-    """``data.synthetic.questions`` checked against the generator's question types (a ConfigError naming the key)."""
-    from rynnscale.data_pipelines.synthetic import check_question_types
+def synthetic_content(cfg: RootConfig) -> dict[str, Any]:
+    """``data.synthetic.questions`` and ``objects`` checked by the generator (a ConfigError naming the key)."""
+    from rynnscale.data_pipelines.synthetic import check_object_counts, check_question_types
 
-    try:
-        return check_question_types(cfg.data.synthetic.questions)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data.synthetic.questions': {e}") from None
+    s = cfg.data.synthetic
+    out = {}
+    for key, check in (("questions", check_question_types), ("objects", check_object_counts)):
+        try:
+            out[key] = check(getattr(s, key))
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.synthetic.{key}': {e}") from None
+    return out
 
 
 def generate_train_synthetic(cfg: RootConfig) -> None:
@@ -60,7 +64,7 @@ def generate_train_synthetic(cfg: RootConfig) -> None:
     s = cfg.data.synthetic
     generate_synthetic(synthetic_data_dir(cfg), s.num_samples, seed=s.seed, frames=s.frames, width=s.width,
                        height=s.height, fps=s.fps, samples_per_shard=s.samples_per_shard,
-                       questions=synthetic_questions(cfg), progress=progress_bars(cfg))
+                       progress=progress_bars(cfg), **synthetic_content(cfg))
 
 
 def generate_eval_synthetic(cfg: RootConfig) -> None:
@@ -71,7 +75,7 @@ def generate_eval_synthetic(cfg: RootConfig) -> None:
     generate_synthetic(eval_data_dir(cfg), cfg.eval.synthetic_samples, seed=s.seed + EVAL_SEED_OFFSET,
                        frames=s.frames, width=s.width, height=s.height, fps=s.fps,
                        samples_per_shard=s.samples_per_shard, prefix="synthetic_eval",
-                       questions=synthetic_questions(cfg), progress=False)
+                       progress=False, **synthetic_content(cfg))
 
 
 def prepare_data_files(cfg: RootConfig, ctx: Any) -> None:

@@ -18,6 +18,7 @@ from rynnscale.data.manifest import MANIFEST_NAME, completed_shards, read_manife
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
 from rynnscale.data.tags import norm_to_pixel, parse_tags
 from rynnscale.data_pipelines.synthetic import (
+    OBJECTS,
     PALETTE,
     QUESTION_TYPES,
     generate_synthetic,
@@ -217,3 +218,29 @@ def test_question_types_narrow_the_set(tmp_path):
     for bad in ([], ["pointing"], ["traj", "traj"]):
         with pytest.raises(ValueError, match="question types"):
             synthetic_sample(0, questions=bad)
+
+
+def test_object_counts(tmp_path):
+    """``objects`` = [fewest, most] objects per clip: the default [2, 4] keeps the bytes; [1, 1] renders one (the
+    moving one, which every question then names); a mismatch with the directory's manifest is refused."""
+    assert synthetic_sample(5, seed=2) == synthetic_sample(5, seed=2, objects=OBJECTS) and OBJECTS == (2, 4)
+    counts = set()
+    for i in range(8):
+        _, m = synthetic_sample(i, seed=2, objects=[1, 1])
+        extra = json.loads(m["meta.json"])["extra"]
+        counts.add(len(extra["objects"]))
+        assert extra["objects"][0]["name"] in _answer(m)
+        frames = _decode(m["video.mp4"])
+        for g in parse_tags(_answer(m)):  # every tag points at the one object's colour
+            x, y = g.points[0] if len(g.points) != 2 or g.kind != "object" else np.mean(g.points, axis=0)
+            assert _nearest_palette(_colour_at(frames, g.frame or 0, (x, y))) == extra["objects"][0]["color"]
+    assert counts == {1}
+    assert {len(json.loads(synthetic_sample(i, seed=2, objects=[4, 5])[1]["meta.json"])["extra"]["objects"])
+            for i in range(12)} == {4, 5}
+    d = generate_synthetic(tmp_path / "one", 2, seed=2, objects=[1, 1], progress=False).parent
+    assert read_manifest(d).info["objects"] == [1, 1]
+    with pytest.raises(ValueError, match="objects"):
+        generate_synthetic(d, 2, seed=2, progress=False)
+    for bad in ([0, 1], [3, 2], [1, 6], [2]):
+        with pytest.raises(ValueError, match="object counts"):
+            synthetic_sample(0, objects=bad)
