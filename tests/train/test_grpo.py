@@ -9,6 +9,7 @@
 - a reward function that raises or returns NaN on one sample: counted (``reward_failures``), named in the log,
   the sample's advantage is 0, and the step goes on -- in a step as the trainer takes it, and in a real run
   through the CLI;
+- a step favours the answers with the larger advantages (the policy moves the right way);
 - a LoRA run's reference is the adapter-disabled base: no second model.
 """
 
@@ -30,7 +31,15 @@ from rynnscale.config import load_config
 from rynnscale.data_pipelines.synthetic import generate_synthetic
 from rynnscale.parallel.distributed import DistContext
 from rynnscale.train.build import build_model
-from rynnscale.train.grpo import GRPOStage, PromptSet, Rollout, RolloutSource, pack_rollouts, rollout_seed
+from rynnscale.train.grpo import (
+    GRPOStage,
+    PromptSet,
+    Rollout,
+    RolloutSource,
+    pack_rollouts,
+    rollout_seed,
+    score_log_probs,
+)
 from rynnscale.train.objectives import RolloutBatch
 from rynnscale.train.optim import build_optimizer, build_scheduler
 from rynnscale.train.step import StepStats, train_step
@@ -134,6 +143,37 @@ def test_one_grpo_step(tmp_path: Path, shards) -> None:
     # after the update the policy moved away from the reference: KL > 0 on the next rollouts
     _, rec2 = optimiser_step(source, model, opt, sched)
     assert rec2["rollout_step"] == 2 and rec2["kl"] > 0
+
+
+def test_a_grpo_step_favours_the_better_answers(tmp_path: Path, shards, monkeypatch) -> None:
+    """The step moves the policy toward the answers its advantages favour: sum_i A_i * (log p_after(answer_i) -
+    log p_before(answer_i)) > 0 over the step's rollouts (first order: the update descends the surrogate). A sign
+    flip, or advantages landing on another answer's tokens, fails it. The reward is a user function that spreads
+    the answers of one prompt (the built-in grounding rewards are 0 for a random model's answers)."""
+    (tmp_path / "spread_reward.py").write_text(
+        "def spread(answer, reference, key):\n    return (sum(map(ord, answer)) % 11) / 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("spread_reward", None)
+    cfg = cfg_for(tmp_path, shards, "rl.kl_coef=0", "rl.group_size=4", "rl.temperature=1.5", "optim.lr=1e-4",
+                  "rl.reward.weights={point: 0, box: 0, traj: 0, format: 0, exact: 0}",
+                  "rl.reward.functions={spread_reward:spread: 1.0}")
+    args, model = build_model(cfg.model, seed=0)
+    stage = stage_for(cfg, model, args, shards)
+    rs = stage.rollout(0, model, torch.float32)
+    adv = [r.advantage for r in rs.rollouts]
+    assert len(set(adv)) > 2, adv
+
+    def answer_log_probs() -> list[float]:
+        return [float(score_log_probs(model, pack_rollouts([r], 10_000), device=torch.device("cpu"),
+                                      compute_dtype=torch.float32)[0].sum()) for r in rs.rollouts]
+
+    before = answer_log_probs()
+    opt = build_optimizer(model, cfg.optim)
+    optimiser_step(RolloutSource(stage, model, torch.float32), model, opt, build_scheduler(opt, cfg.optim, 10))
+    moved = [a - b for a, b in zip(answer_log_probs(), before)]
+    assert sum(a * d for a, d in zip(adv, moved)) > 0, list(zip(adv, moved))
+    best, worst = max(range(len(adv)), key=adv.__getitem__), min(range(len(adv)), key=adv.__getitem__)
+    assert moved[best] > moved[worst], (adv, moved)
 
 
 def test_failing_reward_function_is_counted_and_named(tmp_path: Path, shards, monkeypatch, caplog) -> None:
