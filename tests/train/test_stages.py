@@ -53,6 +53,7 @@ def test_stage_recipes(tmp_path: Path) -> None:
     assert sft.data.synthetic.output_dir == grpo.data.synthetic.output_dir == str(tmp_path / "run" / "synthetic_data")
     assert grpo.rl.group_size == 8 and grpo.optim.schedule == "constant" and not grpo.rl.scale_rewards
     assert grpo.model.freeze == ["model.language_model.embed_tokens.weight"] and sft.model.freeze == []
+    assert grpo.rl.top_k == 10 and sft.data.synthetic.questions == grpo.data.synthetic.questions == ["affordance"]
     with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\).*train.objective"):
         load_config(TINY_GRPO, ["stages=[{name: sft}, {name: grpo, overrides: {train: {objective: ppo}}}]"])
     with pytest.raises(ConfigError, match=r"stages\[1\] \(grpo\).*unknown config key 'rl.groups'"):
