@@ -11,15 +11,12 @@ from __future__ import annotations
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resume_run import (  # noqa: E402
+from resume_run import (
     STEPS,
     command,
     kill_tree,
