@@ -1,11 +1,27 @@
-"""Test-suite root: makes ``tests/`` importable so test modules share helpers such as
-``shared_data.SHARED_DATA`` (pytest puts a rootdir conftest's folder on sys.path), and skips tests
-marked ``gpu`` where no CUDA device is present (``pytest -m gpu`` selects them on a GPU machine:
-bench/gpu_check.sh runs exactly that set)."""
+"""Test-suite root: one intra-op thread per process, and tests marked ``gpu`` skipped where no CUDA device is
+present (``pytest -m gpu`` selects them on a GPU machine: bench/gpu_check.sh runs exactly that set).
+
+Helper modules are importable by bare name through ``pythonpath`` in pyproject.toml.
+
+Threads: CI runs two pytest-xdist workers on two cores and many tests start more Python processes (trainer
+runs, torchrun ranks, bench scripts). With torch's default of one OpenMP thread per core, every process spins
+two threads at each op's barrier, and on an oversubscribed machine a descheduled thread stalls the other:
+tiny-model steps measured 20-100x slower (bench/train_step.py --tiny, 2 cases: 83 s with the default, 29 s
+with ``OMP_NUM_THREADS=1``, load average 4). The tests' models are tiny, so one thread per
+process loses nothing when the machine is idle. Set here, before the test modules import torch, so that
+every subprocess inherits it; an ``OMP_NUM_THREADS`` already set is kept."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:   # imported before this file (by a plugin): its pool is sized already
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
