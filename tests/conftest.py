@@ -24,7 +24,17 @@ if "OMP_NUM_THREADS" not in os.environ:
         sys.modules["torch"].set_num_threads(1)
 
 
+# Run first: the README's commands are one chain of training runs in one test (the quick start alone trains 200
+# steps), the longest test of the suite (7 min on the loaded 2-core CI machine). Collected last (tests/ files come
+# after its folders), it started when the other xdist worker had little left to take and that worker sat idle
+# for minutes at the end; first, the other worker spreads the rest beside it (--dist worksteal).
+FIRST = ("tests/test_readme.py",)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    first = [item for item in items if item.nodeid.startswith(FIRST)]
+    if first:   # a stable move: the order within the moved files and of all the others is kept
+        items[:] = first + [item for item in items if not item.nodeid.startswith(FIRST)]
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return
@@ -35,3 +45,15 @@ def pytest_collection_modifyitems(config, items) -> None:
     skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def qwen35_moe_init(tmp_path_factory):
+    """``qwen35_helpers.tiny_moe_dir``: a tiny transformers Qwen3.5-MoE directory (seeded weights, the bundled
+    tokenizer), built once per session (per xdist worker) for the tests that train from it
+    (``model.init_from``) or compare against it. Read-only: a test that changes the directory must build its
+    own."""
+    pytest.importorskip("transformers.models.qwen3_5_moe")
+    from qwen35_helpers import tiny_moe_dir
+
+    return tiny_moe_dir(tmp_path_factory.mktemp("qwen35_moe_init") / "init")
