@@ -21,13 +21,10 @@ import json
 import math
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resume_run import _children, command, latest_step, metrics, overrides, run, start, wait_for  # noqa: E402
+from resume_run import _children, command, latest_step, metrics, overrides, run, start, wait_for
 
 STEPS = 10
 LAYOUT_REL = 1e-6

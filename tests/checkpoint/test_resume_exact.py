@@ -11,15 +11,12 @@ from __future__ import annotations
 import random
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resume_run import (  # noqa: E402
+from resume_run import (
     STEPS,
     command,
     kill_tree,
@@ -91,13 +88,11 @@ def test_kill9_then_auto_resume_is_exact_4_processes_ep2(tmp_path, tmp_path_fact
 
 
 @pytest.mark.slow
-def test_kill9_then_auto_resume_is_exact_qwen35_moe_2_processes_ep2(tmp_path, tmp_path_factory, data_dir):
+def test_kill9_then_auto_resume_is_exact_qwen35_moe_2_processes_ep2(tmp_path, tmp_path_factory, data_dir,
+                                                                   qwen35_moe_init):
     """The RynnBrain 1.1 family resumes exactly too: a transformers Qwen3.5-MoE directory (Gated DeltaNet and
     gated attention layers, routed + shared experts) trained on 2 processes with ep=2, killed, resumed."""
-    pytest.importorskip("transformers.models.qwen3_5_moe")
-    from qwen35_helpers import tiny_moe_dir
-
-    extra = (f"model.init_from={tiny_moe_dir(tmp_path_factory.mktemp('qwen35') / 'init')}",)
+    extra = (f"model.init_from={qwen35_moe_init}",)
     straight = _straight(tmp_path_factory, data_dir, 2, 2, extra=extra)
     assert all(r["world_size"] == 2 for r in metrics(straight))
     _kill_and_resume(2, 2, tmp_path / "run", data_dir, straight, extra=extra)

@@ -6,13 +6,10 @@ resumed run) and the losses of the same job run without a crash, bit for bit."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resume_run import command, losses, overrides, run  # noqa: E402
+from resume_run import command, losses, overrides, run
 
 HOOKED = Path(__file__).resolve().parent / "train_with_hooks.py"
 

@@ -6,14 +6,9 @@ would be saved under one name with the same offsets (one EP rank's experts lost)
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
-from dist_helpers import make_model, micro_batch, run_ranks, tiny_moe_args  # noqa: E402
+from dist_helpers import make_model, micro_batch, run_ranks, tiny_moe_args
 
 STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=1.0)
 E = 8

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import SHARED_DATA
 
 from rynnscale.data import encode as encode_mod
 from rynnscale.data.encode import EncoderConfig, SampleEncoder, SampleError
@@ -33,8 +34,6 @@ from rynnscale.data.video import decode_frames
 from rynnscale.data.vision_preprocess import VisionSpec, decode_image, resize_thwc, video_target_size
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared_data import SHARED_DATA  # noqa: E402
 
 
 def png(w: int, h: int, seed: int = 0) -> bytes:

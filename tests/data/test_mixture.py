@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
-from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader
-from rynnscale.data.reader import MixtureStream, ShardPatternError, ShardStream, iter_tar_samples
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_loader_resume import (  # noqa: E402
+from test_loader_resume import (
     ByteEncoder,
     add_bad_shards,
     batch_fingerprint,
     take,
     text_of,
 )
+
+from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader
+from rynnscale.data.reader import MixtureStream, ShardPatternError, ShardStream, iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[2]
 

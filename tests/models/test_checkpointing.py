@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from test_text_parity import make_samples, pack, tiny_args
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_text_parity import make_samples, pack, tiny_args  # noqa: E402
 
 
 def _loss_and_grads(mode: str, every: int = 1):

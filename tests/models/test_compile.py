@@ -7,18 +7,13 @@ reductions, so max |diff| <= 1e-4 x max |grad| per gradient tensor, rel 1e-5 on 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from test_text_parity import make_samples, pack, tiny_args
 
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
 from rynnscale.parallel.compile import compile_blocks
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_text_parity import make_samples, pack, tiny_args  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Inductor compiles C++ on the CPU: ~1 min on 2 cores
 

@@ -5,9 +5,6 @@ model (loss and every gradient of a tiny MoE model with kernels=liger vs kernels
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,7 +94,6 @@ def test_pick_rules_on_cpu():
 
 
 def test_set_kernels_reaches_every_kernel_user():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
     from test_text_parity import tiny_args
 
     from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
@@ -186,7 +182,6 @@ def test_liger_linear_cross_entropy_matches_torch():
 def test_model_with_liger_kernels_matches_torch_kernels():
     """Tiny MoE model in bf16 on CUDA: loss rel 1e-2, every gradient max|diff| <= 5e-2 x max|grad|
     (bf16 end to end, different rounding points); exercises the in-place RoPE after liger's norms."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
     from test_text_parity import make_samples, pack, tiny_args
 
     from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration

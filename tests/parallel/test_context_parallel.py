@@ -6,18 +6,15 @@ with kv heads < cp)."""
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import run_ranks  # noqa: E402
-
-from rynnscale.batch import IGNORE_INDEX  # noqa: E402
-from rynnscale.ops.attention import varlen_attention  # noqa: E402
-from rynnscale.parallel.context_parallel import (  # noqa: E402
+from rynnscale.batch import IGNORE_INDEX
+from rynnscale.ops.attention import varlen_attention
+from rynnscale.parallel.context_parallel import (
     causal_work,
     cp_attention,
     gather_shards,

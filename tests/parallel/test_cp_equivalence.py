@@ -15,14 +15,10 @@ and lengths that need padding to a multiple of 2*cp. All configs run in ONE laun
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     IMG,
     PATCH_DIM,
     VE,
@@ -37,9 +33,9 @@ from dist_helpers import (  # noqa: E402
     tiny_moe_args,
 )
 
-from rynnscale.batch import PackedBatch  # noqa: E402
-from rynnscale.parallel.distributed import DistContext  # noqa: E402
-from rynnscale.train.step import train_step  # noqa: E402
+from rynnscale.batch import PackedBatch
+from rynnscale.parallel.distributed import DistContext
+from rynnscale.train.step import train_step
 
 STEPS, MICRO = 2, 2
 MAX_NORM, LR = 0.5, 0.05

@@ -6,14 +6,11 @@ a layout change, DCP reshards) and trains one more step."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import hosted_store_port  # noqa: E402
-from test_torchrun import REPO, _torchrun, _wait  # noqa: E402
+from dist_helpers import hosted_store_port
+from test_torchrun import REPO, _torchrun, _wait
 
 STEPS = 3
 

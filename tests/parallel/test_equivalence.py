@@ -25,14 +25,9 @@ fp32 rounding of near-zero gradients into large parameter differences)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     GradRecordingOptimizer,
     assemble_full,
     make_model,
@@ -43,8 +38,8 @@ from dist_helpers import (  # noqa: E402
     tiny_moe_args,
 )
 
-from rynnscale.parallel.distributed import DistContext  # noqa: E402
-from rynnscale.train.step import train_step  # noqa: E402
+from rynnscale.parallel.distributed import DistContext
+from rynnscale.train.step import train_step
 
 WORLD, STEPS, MICRO = 4, 3, 2
 MAX_NORM, LR = 0.5, 0.05

@@ -4,14 +4,9 @@ and without activation checkpointing, against the same single-process accumulati
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import run_ranks  # noqa: E402
-from test_equivalence import (  # noqa: E402
+from dist_helpers import run_ranks
+from test_equivalence import (
     CONFIGS_EP,
     WORLD,
     check_equivalence,

@@ -3,19 +3,16 @@ against the same ``SparseMoeBlock`` run in one process; plus collective timeouts
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import run_ranks  # noqa: E402
-
-from rynnscale.models.qwen3_vl.args import TextArgs  # noqa: E402
-from rynnscale.models.qwen3_vl.moe import SparseMoeBlock  # noqa: E402
-from rynnscale.parallel.mesh import LayoutError, ParallelLayout  # noqa: E402
+from rynnscale.models.qwen3_vl.args import TextArgs
+from rynnscale.models.qwen3_vl.moe import SparseMoeBlock
+from rynnscale.parallel.mesh import LayoutError, ParallelLayout
 
 E, K, H, INTER, WORLD = 8, 2, 16, 8, 4
 TOKENS = (5, 0, 11, 3)  # tokens per rank: rank 1 sends nothing at all

@@ -10,14 +10,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     IMG,
     PATCH_DIM,
     VE,

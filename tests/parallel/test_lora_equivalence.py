@@ -8,14 +8,9 @@ factors get gradients in the first step. SGD, 2 steps."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     GradRecordingOptimizer,
     assemble_full,
     make_model,

@@ -17,24 +17,19 @@ the SAME micro-batches) == 1 process. The Gated DeltaNet layers hand their state
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     GradRecordingOptimizer,
     assemble_full,
     norm_relative_errors,
     reference_step,
     run_ranks,
 )
-from test_cp_equivalence import cp_batch  # noqa: E402
+from test_cp_equivalence import cp_batch
 
-from rynnscale.parallel.distributed import DistContext  # noqa: E402
-from rynnscale.train.step import train_step  # noqa: E402
+from rynnscale.parallel.distributed import DistContext
+from rynnscale.train.step import train_step
 
 pytestmark = pytest.mark.slow
 STEPS, MICRO = 2, 2

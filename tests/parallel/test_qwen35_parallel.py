@@ -16,14 +16,9 @@ rank 0's decoding rows skip the vision tower as rank 1's do, or the collectives 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     GradRecordingOptimizer,
     assemble_full,
     micro_batch,
@@ -32,8 +27,8 @@ from dist_helpers import (  # noqa: E402
     run_ranks,
 )
 
-from rynnscale.parallel.distributed import DistContext  # noqa: E402
-from rynnscale.train.step import train_step  # noqa: E402
+from rynnscale.parallel.distributed import DistContext
+from rynnscale.train.step import train_step
 
 pytestmark = pytest.mark.slow
 WORLD, STEPS, MICRO = 2, 2, 2

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import IMG, VE, VID, VS, micro_batch, run_ranks  # noqa: E402
+from dist_helpers import IMG, VE, VID, VS, micro_batch, run_ranks
 
 transformers = pytest.importorskip("transformers")
 

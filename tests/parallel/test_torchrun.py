@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import hosted_store_port  # noqa: E402
+from dist_helpers import hosted_store_port
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3

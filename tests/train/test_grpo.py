@@ -250,7 +250,6 @@ def flaky(answer, reference, key):
 def test_failing_reward_function_in_a_real_run(tmp_path: Path) -> None:
     """The same through the CLI and the trainer: the run finishes, the log names the samples and the function,
     metrics.jsonl counts the failures (``reward_failures``, ``skipped_by_reason``)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))
     from resume_run import command, overrides, run
 
     (tmp_path / "grpo_flaky.py").write_text(FLAKY)

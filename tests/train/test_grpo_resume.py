@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))
-from resume_run import command, kill_tree, latest_step, metrics, overrides, run, start, wait_for  # noqa: E402
+from resume_run import command, kill_tree, latest_step, metrics, overrides, run, start, wait_for
 
 STEPS, KILL_AFTER = 10, 3   # 7 steps after the checkpoint: a kill within 1.5 s lands before the end
 RESUMED = re.compile(r"resumed exactly from \S+ at step (\d+)")

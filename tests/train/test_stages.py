@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from resume_run import REPO, kill_tree, latest_step, run, start, wait_for
 
 from rynnscale.config import ConfigError, load_config, stage_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))
-from resume_run import REPO, kill_tree, latest_step, run, start, wait_for  # noqa: E402
 
 TINY_GRPO = REPO / "recipes" / "tiny" / "finetune" / "grpo_grounding.yaml"
 

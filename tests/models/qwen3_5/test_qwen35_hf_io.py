@@ -111,8 +111,8 @@ def _train(tmp_path: Path, init: Path, out: str, *extra: str) -> subprocess.Comp
 
 
 @pytest.mark.slow
-def test_train_from_a_transformers_directory_at_lr_0_exports_it_unchanged(tmp_path: Path) -> None:
-    init = tiny_moe_dir(tmp_path / "init")
+def test_train_from_a_transformers_directory_at_lr_0_exports_it_unchanged(tmp_path: Path, qwen35_moe_init) -> None:
+    init = qwen35_moe_init
     proc = _train(tmp_path, init, "run", "train.max_steps=1", "optim.lr=0", "checkpoint.export_hf=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "hf", dtype=torch.float32)
@@ -130,10 +130,10 @@ def test_config_vision_ids_that_the_tokenizer_lacks_are_refused(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_demo_recipe_trains_a_transformers_qwen35_moe_and_its_loss_falls(tmp_path: Path) -> None:
+def test_demo_recipe_trains_a_transformers_qwen35_moe_and_its_loss_falls(tmp_path: Path, qwen35_moe_init) -> None:
     """``rynnscale train recipes/demo_tiny.yaml model.init_from=<tiny Qwen3.5-MoE directory>``: the command line's
     init_from replaces the recipe's inline architecture; the model trains on the demo's synthetic clips."""
-    init = tiny_moe_dir(tmp_path / "init")
+    init = qwen35_moe_init
     proc = _train(tmp_path, init, "run", "train.max_steps=14", "optim.warmup_steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
