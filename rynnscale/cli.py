@@ -46,7 +46,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         manifest = generate_synthetic(
             args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
             height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
-            questions=args.questions.split(","), objects=[int(n) for n in args.objects.split(",")])
+            **({"questions": args.questions.split(",")} if args.questions else {}),
+            **({"objects": [int(n) for n in args.objects.split(",")]} if args.objects else {}))
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":
@@ -202,9 +203,9 @@ def _add_data_parser(sub) -> None:
     s.add_argument("--height", type=int, default=64)
     s.add_argument("--samples-per-shard", type=int, default=250)
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--questions", default="traj,locate_last,locate_frame,which_moved,affordance",
-                   help="comma list of the question types to draw from (default all)")
-    s.add_argument("--objects", default="2,4", help="fewest,most objects per clip")
+    s.add_argument("--questions", help="comma list of the question types to draw from (default all: traj, "
+                   "locate_last, locate_frame, which_moved, affordance)")
+    s.add_argument("--objects", help="fewest,most objects per clip (default 2,4)")
     _add_convert_parsers(dsub)
     _add_inspect_parser(dsub)
     d.set_defaults(func=_cmd_data)

@@ -524,9 +524,10 @@ def generate_synthetic(
     ``workers`` processes; restartable: shards the manifest already lists are kept, so rerunning
     after a crash only writes the missing ones. Rerunning into a directory generated with other
     settings is an error. ``questions``: the question types to draw from (default all of
-``QUESTION_TYPES``; a subset, e.g. only pointing, gives a narrower task); ``objects``: [fewest, most] objects per
-clip (default [2, 4]; [1, 1] leaves no doubt which object a question means). ``cost_fn(key, members)`` may supply per-sample cost hints (default:
-    ``text_bytes`` and ``video_pixels``); with workers > 1 it must be picklable."""
+    ``QUESTION_TYPES``; a subset, e.g. only pointing, gives a narrower task); ``objects``: [fewest, most]
+    objects per clip (default [2, 4]; [1, 1] leaves no doubt which object a question means).
+    ``cost_fn(key, members)`` may supply per-sample cost hints (default: ``text_bytes`` and
+    ``video_pixels``); with workers > 1 it must be picklable."""
     from tqdm.auto import tqdm
 
     if num_samples < 1 or samples_per_shard < 1 or workers < 1:

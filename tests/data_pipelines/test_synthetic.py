@@ -244,3 +244,14 @@ def test_object_counts(tmp_path):
     for bad in ([0, 1], [3, 2], [1, 6], [2]):
         with pytest.raises(ValueError, match="object counts"):
             synthetic_sample(0, objects=bad)
+
+
+def test_cli_synth_narrows_and_defaults(tmp_path):
+    from rynnscale.cli import main as cli_main
+
+    assert cli_main(["data", "synth", str(tmp_path / "n"), "--num-samples", "2", "--questions", "affordance,traj",
+                     "--objects", "1,2"]) == 0
+    info = read_manifest(tmp_path / "n").info
+    assert info["questions"] == ["affordance", "traj"] and info["objects"] == [1, 2]
+    assert cli_main(["data", "synth", str(tmp_path / "d"), "--num-samples", "2"]) == 0
+    assert not {"questions", "objects"} & set(read_manifest(tmp_path / "d").info)
