@@ -35,7 +35,7 @@ its warmup steps include the compile) and ``ours-lora`` (``ours`` as a LoRA fine
 adapters on attention, dense MLP and, for MoE cases, every expert; its first loss equals the base's since
 fresh adapters change nothing). All variants of a case share the weights and the data.
 
-CPU smoke run (tests/bench/test_train_step_bench.py)::
+CPU smoke run (each case, as bench/gpu_check.sh --dry-run runs it: tests/bench/test_gpu_check.py)::
 
     python bench/train_step.py --tiny --steps 1 --warmup 0
 

@@ -1,7 +1,8 @@
 """bench/gpu_check.sh, the one-call GPU check, kept from rotting before a GPU comes: its dry run executes every
 section on the CPU at tiny shapes (with ``$OUT`` set, as on the device machine) and each must succeed and
 leave its JSON, its log in the archive and its line in the summary table printed last, within the device
-tool's return limits. Also: a section past its cap is killed with its whole process group, and sections past
+tool's return limits. Its bench sections are also the smoke test of bench/train_step.py on every tiny case
+(``check_bench_case``). Also: a section past its cap is killed with its whole process group, and sections past
 the deadline are skipped and reported rather than run."""
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def test_dry_run_runs_every_section_and_reports_it(tmp_path):
     # the archive holds every section's log and JSON
     with tarfile.open(out / "gpu_check.tgz") as tar:
         members = set(tar.getnames())
+        logs = {m: tar.extractfile(m).read().decode() for m in members if m.startswith("logs/bench_")}
+    for case in ("a3b", "dense8b", "video", "packed"):
+        [log] = [text for m, text in logs.items() if m.startswith(f"logs/bench_{case}")]
+        check_bench_case(res[f"bench_{case}"], case, log)
     for name in sections:
         assert any(m.startswith(f"logs/{name}") and m.endswith(".log") for m in members), name
         assert any(m.startswith(f"results/{name}") for m in members), name
@@ -122,6 +127,33 @@ def test_dry_run_runs_every_section_and_reports_it(tmp_path):
     assert (out / "gpu_check.log").read_text().rstrip().endswith(table[-1])
     print(f"dry run: {elapsed:.0f} s wall; per section: "
           + ", ".join(f"{n} {s['seconds']:.0f}s/{s.get('cpu_s', 0):.0f}s cpu" for n, s in sections.items()))
+
+
+def check_bench_case(data: dict, case: str, text: str) -> None:
+    """bench/train_step.py's result for one tiny case (``data``: its JSON, ``text``: its console): transformers'
+    and rynnscale's first-step losses agree (rel 1e-5, fp32), the table and the step-time breakdown print, and the
+    breakdown sees the case's parts."""
+    assert "tok/s" in text and "MFU" in text and "step-time breakdown" in text
+    assert data["loss_ok"] and data["loss_rtol"] == 1e-5 and data["matmul_tflops"] > 0
+    got = {r["variant"]: r for r in data["rows"] if r["case"] == case and r["ckpt"] == "none"}
+    assert set(got) == {"hf", "liger", "ours"}, (case, set(got))
+    hf, ours = got["hf"], got["ours"]
+    assert "error" not in hf and "error" not in ours, (hf.get("error"), ours.get("error"))
+    assert abs(ours["losses"][0] - hf["losses"][0]) <= 1e-5 * abs(hf["losses"][0])
+    assert ours["loss_ok"] and ours["tokens_per_s"] > 0 and ours["x_hf"] > 0
+    assert f"{case:8} {'ours':12} {'none':9}" in text
+    if "na" in got["liger"]:
+        assert f"{case:8} {'liger':12} {'none':9} n/a" in text
+    b = ours["breakdown"]
+    assert b["attention"] > 0 and b["loss"] > 0 and b["optimiser"] > 0
+    expected = {"a3b": ("experts", "router/permute"), "packed": ("experts", "router/permute"),
+                "dense8b": ("mlp",), "video": ("vision", "mlp")}[case]
+    for part in expected:
+        assert b[part] > 0, (case, part, b)
+    if case != "video":
+        assert b["vision"] == 0.0
+    assert data["flops"][case]["total"] > 0
+    assert (data["flops"][case]["vision"] > 0) == (case == "video")
 
 
 def _alive(pid: int) -> bool:

@@ -129,7 +129,7 @@ def seed_rank(rank: int) -> None:
 
 
 def run(out: Path, total: int, *, save_at: tuple[int, ...] = (), resume: str | None = None, fsdp: bool = False,
-        crash_at: int | None = None, dump_at: int | None = None, dump_after_load: str | None = None,
+        crash_at: int | None = None, dump_at: int | None = None,
         keep_last: int = 2, hf_config: dict | None = None) -> dict[int, str]:
     """Train steps [start, total) and return {step: loss.hex()}; see the flags in ``main``."""
     import torch.distributed as dist
@@ -151,12 +151,6 @@ def run(out: Path, total: int, *, save_at: tuple[int, ...] = (), resume: str | N
         if rs.per_rank is not None:
             drawn = rs.per_rank["batches_drawn"]
             assert drawn == start, (drawn, start)
-        if dump_after_load:
-            flat, groups = full_state(model, opt)
-            if rank == 0:
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in flat.items()}, dump_after_load)
-                Path(dump_after_load + ".groups.json").write_text(json.dumps(groups))
     if crash_at is not None:
         real_commit = ckpt_dcp._commit
 
@@ -190,7 +184,6 @@ def main() -> None:
     p.add_argument("--fsdp", action="store_true")
     p.add_argument("--crash-at", type=int)
     p.add_argument("--dump-at", type=int)
-    p.add_argument("--dump-after-load")
     p.add_argument("--losses", type=Path, help="write {step: loss hex} of this rank to <losses>.rank<r>.json")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -200,7 +193,7 @@ def main() -> None:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
         dist.init_process_group("gloo", store=store, rank=int(os.environ["RANK"]), world_size=world)
     losses = run(a.out, a.total, save_at=tuple(a.save_at), resume=a.resume, fsdp=a.fsdp, crash_at=a.crash_at,
-                 dump_at=a.dump_at, dump_after_load=a.dump_after_load)
+                 dump_at=a.dump_at)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if a.losses:
         Path(f"{a.losses}.rank{rank}.json").write_text(json.dumps(losses))

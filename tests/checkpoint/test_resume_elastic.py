@@ -1,11 +1,13 @@
 """Elastic data order through the real trainer (CPU, gloo, the shortened demo recipe, ``logging.sample_log``):
 a step's samples depend on the global micro-batch count only, so
 
-- 2 processes (ep=2, grad_accum=1) train on the samples of 1 process with grad_accum=2 at every step
-  (``samples.jsonl`` equal);
-- a run stopped by SIGTERM on one layout and resumed on another (2 -> 1 process, 1 -> 2, 4 processes with
-  ep=2 -> 2 with ep=1) trains every later step on exactly the samples of a straight run (nothing lost or
-  repeated).
+- a run stopped by SIGTERM on one layout and resumed on another (2 processes with ep=2 -> 1 process accumulating
+  2, and 1 -> 2) trains every step on exactly the samples of a straight run on 1 process (nothing lost or
+  repeated): the steps before the stop show that 2 processes train like 1 process accumulating 2, the steps
+  after it that the resume on the other layout lost and repeated nothing;
+- a run of 4 processes with ep=2 killed with SIGKILL (the whole process tree) at a random moment after a
+  periodic checkpoint and resumed on 2 processes with ep=1 (``checkpoint.resume=auto``): the steps the killed
+  run logged after its checkpoint are run again on the new layout, and every step matches a straight run.
 
 Samples are compared exactly, losses within ``LAYOUT_REL`` with the MoE balance loss off
 (``router_aux_loss_coef=0``). With it on (the demo: 0.001) two layouts optimise slightly different
@@ -20,19 +22,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
-from resume_run import _children, command, latest_step, metrics, overrides, run, start, wait_for
+from resume_run import _children, command, kill_tree, latest_step, metrics, overrides, run, start, wait_for
 
 STEPS = 10
 LAYOUT_REL = 1e-6
 NO_BALANCE_LOSS = "model.arch.text_config.router_aux_loss_coef=0.0"
 
 
-def _args(out: Path, data: Path, ga: int, ep: int, steps: int = STEPS) -> list[str]:
-    return overrides(out, data, steps=steps, every=0, ep=ep,
+def _args(out: Path, data: Path, ga: int, ep: int, steps: int = STEPS, every: int = 0) -> list[str]:
+    return overrides(out, data, steps=steps, every=every, ep=ep,
                      extra=(f"train.grad_accum={ga}", "logging.sample_log=true", NO_BALANCE_LOSS))
 
 
@@ -89,17 +93,11 @@ def _stop_and_resume(tmp_path: Path, data_dir: Path, first: tuple[int, int, int]
 
 
 @pytest.mark.slow
-def test_two_ranks_train_like_one_rank_accumulating(tmp_path, data_dir, straight_1x2):
-    out = tmp_path / "run"
-    rc, log = run(command(2, _args(out, data_dir, 1, 2)))
-    assert rc == 0, log[-4000:]
-    _compare(out, straight_1x2)
-    assert all(r["rank_cost_max_over_mean"] >= 1.0 and r["rank_time_max_over_mean"] >= 1.0 for r in metrics(out))
-
-
-@pytest.mark.slow
 def test_sigterm_on_2_processes_resume_on_1(tmp_path, data_dir, straight_1x2):
-    _compare(_stop_and_resume(tmp_path, data_dir, (2, 1, 2), (1, 2, 1)), straight_1x2)
+    out = _stop_and_resume(tmp_path, data_dir, (2, 1, 2), (1, 2, 1))
+    _compare(out, straight_1x2)
+    assert {r["world_size"] for r in metrics(out)} == {1, 2}
+    assert all(r["rank_cost_max_over_mean"] >= 1.0 and r["rank_time_max_over_mean"] >= 1.0 for r in metrics(out))
 
 
 @pytest.mark.slow
@@ -108,10 +106,27 @@ def test_sigterm_on_1_process_resume_on_2(tmp_path, data_dir, straight_1x2):
 
 
 @pytest.mark.slow
-def test_sigterm_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, data_dir):
-    # 4 micro-batches per step, like 4 x 1; fewer steps (4 processes on 2 cores are slow)
-    straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=6)
-    _compare(_stop_and_resume(tmp_path, data_dir, (4, 1, 2), (2, 2, 1), steps=6, after=2), straight, steps=6)
+def test_kill9_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, data_dir):
+    # 4 micro-batches per step, like 2 x 2; fewer steps (4 processes on 2 cores are slow)
+    steps, every = 6, 2
+    straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=steps)
+    out = tmp_path / "run"
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(0.0, 2.0)
+    p = start(command(4, _args(out, data_dir, 1, 2, steps, every)))
+    wait_for(p, lambda: latest_step(out) >= every)
+    time.sleep(delay)
+    kill_tree(p)
+    p.communicate()
+    killed_after = max((r["step"] for r in metrics(out)), default=0)
+    where = f"(kill {delay:.2f}s after step {every}'s checkpoint, seed {seed}, last logged step {killed_after})"
+    assert killed_after < steps, f"the run finished before the kill {where}"
+    resumed_at = latest_step(out)
+    rc, log = run(command(2, _args(out, data_dir, 2, 1, steps, every)))
+    assert rc == 0, f"{where}\n{log[-4000:]}"
+    assert f"resumed elastically from {out / 'checkpoints'}" in log, log[-3000:]
+    _compare(out, straight, steps=steps)
+    assert [r["world_size"] for r in metrics(out)] == [4] * resumed_at + [2] * (steps - resumed_at), where
 
 
 def _spoil_videos(data: Path, keep_every: int) -> int:

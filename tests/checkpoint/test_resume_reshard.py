@@ -1,6 +1,7 @@
-"""Expert-parallel checkpoints reshard: a checkpoint saved by 4 ranks with ``ep=2`` (experts split by EP
-and FSDP-sharded over edp_shard=2) loads at 2 ranks with ``ep=1`` and in 1 process with every parameter
-and every AdamW moment equal (bitwise) to the saved ones; the DCP metadata holds the global expert shapes
+"""Checkpoints reshard: a checkpoint saved by 4 ranks with ``ep=2`` (the dense weights FSDP-sharded over 4, the
+experts split by EP and FSDP-sharded over edp_shard=2) loads at 2 ranks with ``ep=1`` and in 1 process with every
+parameter, every AdamW moment (exp_avg, exp_avg_sq, step) and the param groups equal (bitwise) to the saved
+ones, and the loader warns that the data order restarts; the DCP metadata holds the global expert shapes
 [E, ...], so ``export-hf`` can read it. Without the EP layout adapter the ranks' different expert slices
 would be saved under one name with the same offsets (one EP rank's experts lost)."""
 
@@ -79,7 +80,7 @@ def save_worker(rank: int, world: int, out: str, ep: int) -> dict:
         sched.step()
     mgr = CheckpointManager(out, keep_last=1, state_adapter=adapter)
     mgr.save(2, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": world, "ep": ep})
-    return full_state(model, opt, ctx.meshes)
+    return {"state": full_state(model, opt, ctx.meshes), "groups": _groups(opt)}
 
 
 def load_worker(rank: int, world: int, ckpt: str, ep: int) -> dict:
@@ -88,7 +89,13 @@ def load_worker(rank: int, world: int, ckpt: str, ep: int) -> dict:
     model, opt, sched, ctx, adapter = _build(rank, world, ep)
     rs = load_checkpoint(ckpt, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": world, "ep": ep},
                          state_adapter=adapter)
-    return {"state": full_state(model, opt, ctx.meshes), "exact": rs.exact, "lr": sched.get_last_lr()}
+    return {"state": full_state(model, opt, ctx.meshes), "groups": _groups(opt), "exact": rs.exact,
+            "lr": sched.get_last_lr()}
+
+
+def _groups(opt) -> list[dict]:
+    """The optimiser's param groups without their parameters (lr, betas, weight decay, ...)."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
 def _assert_same(got: dict, want: dict, where: str) -> None:
@@ -98,12 +105,15 @@ def _assert_same(got: dict, want: dict, where: str) -> None:
 
 
 @pytest.mark.slow
-def test_ep2_checkpoint_reshards_to_ep1_and_one_process(tmp_path):
+def test_ep2_checkpoint_reshards_to_ep1_and_one_process(tmp_path, caplog):
     from rynnscale.checkpoint.dcp import load_checkpoint, read_dcp_metadata
 
     saved = run_ranks(save_worker, 4, tmp_path / "save", out=str(tmp_path / "run"), ep=2)
-    want = saved[0]
+    want, want_groups = saved[0]["state"], saved[0]["groups"]
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in (ckpt / "dcp").iterdir() if p.suffix == ".distcp") == \
+        [f"__{r}_0.distcp" for r in range(4)]
+    assert any(k.startswith("exp_avg_sq:") for k in want) and any(k.startswith("step:") for k in want)
     # the four ranks hold different expert slices: the gathered full tensors prove the save input is global
     key = "param:model.language_model.layers.0.mlp.experts.gate_up_proj"
     assert want[key].shape[0] == E and not torch.equal(want[key][:4], want[key][4:])
@@ -114,10 +124,14 @@ def test_ep2_checkpoint_reshards_to_ep1_and_one_process(tmp_path):
     two = run_ranks(load_worker, 2, tmp_path / "load2", ckpt=str(ckpt), ep=1)
     for r in range(2):
         _assert_same(two[r]["state"], want, f"2 ranks ep=1, rank {r}")
+        assert two[r]["groups"] == want_groups
         assert not two[r]["exact"]  # other world size: per-rank data state is not reused
 
     model, opt, sched, _, _ = _build(0, 1, 1)
-    rs = load_checkpoint(ckpt, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": 1, "ep": 1})
+    with caplog.at_level("WARNING"):
+        rs = load_checkpoint(ckpt, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": 1, "ep": 1})
+    assert "restarts deterministically" in caplog.text
     _assert_same(full_state(model, opt, None), want, "1 process")
+    assert _groups(opt) == want_groups
     assert not rs.exact and rs.step == 2
     assert sched.get_last_lr() == two[0]["lr"]

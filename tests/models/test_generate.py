@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from generate_checks import check_seeded_sampling
 from PIL import Image
 
 from rynnscale.batch import EncodedSample
@@ -212,19 +213,8 @@ def test_inverse_cdf_draws_follow_the_distribution() -> None:
 def test_sampled_generation_is_reproducible_from_its_seeds(prompts) -> None:
     _, model = build_model(ModelConfig(arch=tiny_hf_config(True).to_dict(), attn_backend="loop"), seed=0)
     model.eval()
-    ps = [prompts["image"], prompts["text"]]
-    params = SamplingParams(8, temperature=1.0, top_k=100, top_p=0.95)
-    a = generate(model, ps, params, num_samples=3, seeds=[11, 12, 13, 21, 22, 23])
-    assert generate(model, ps, params, num_samples=3, seeds=[11, 12, 13, 21, 22, 23]) == a
-    assert len({tuple(x) for x in a}) == 6                       # samples of one prompt differ
-    b = generate(model, ps, params, num_samples=3, seeds=[11, 12, 99, 21, 22, 23])
-    assert b[:2] == a[:2] and b[3:] == a[3:] and b[2] != a[2]    # a sequence's draws are its own seed's
-    assert generate(model, [ps[1]], params, seeds=[21]) == [a[3]]   # ... whatever else is in the batch
-    # top-k 1 leaves one token: sampling is greedy
-    greedy = generate(model, ps, SamplingParams(8))
-    assert generate(model, ps, SamplingParams(8, temperature=0.8, top_k=1), seeds=[5, 6]) == greedy
-    with pytest.raises(ValueError, match="one seed per sequence"):
-        generate(model, ps, params, seeds=[1])
+    check_seeded_sampling(model, [prompts["image"], prompts["text"]],
+                          SamplingParams(8, temperature=1.0, top_k=100, top_p=0.95))
 
 
 def test_positions_continue_after_the_prompt(prompts) -> None:

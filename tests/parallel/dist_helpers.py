@@ -70,6 +70,27 @@ def micro_batch(step: int, rank: int, micro: int) -> PackedBatch:
         pixel_values=torch.cat(pix) if pix else None, image_grid_thw=torch.cat(grids) if grids else None)
 
 
+
+def prompts(rank: int, *, mrope: bool = False) -> list:
+    """Rank ``rank``'s generation prompts: a text prompt and an image prompt (a 1x4x4 patch grid) of lengths that
+    differ between ranks; positions are MRoPE's (``mrope``) or plain ``arange`` on all three axes."""
+    from rynnscale.batch import EncodedSample
+    from rynnscale.models.mrope import mrope_position_ids
+
+    g = torch.Generator().manual_seed(50 + rank)
+    out = []
+    for n, image in ((5 + 3 * rank, False), (12 + rank, True)):
+        ids = torch.randint(0, 200, (n,), generator=g)
+        pix = grid = None
+        if image:
+            ids[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
+            pix, grid = torch.randn(16, PATCH_DIM, generator=g), torch.tensor([[1, 4, 4]])
+        pos = (mrope_position_ids(ids, grid, None, spatial_merge_size=2, image_token_id=IMG, video_token_id=-1)
+               if mrope else torch.arange(n).expand(3, n).clone())
+        out.append(EncodedSample(f"p{rank}{n}", ids, torch.full_like(ids, -100), pos, pixel_values=pix,
+                                 image_grid_thw=grid))
+    return out
+
 _HOSTED: list[dist.TCPStore] = []
 
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_helpers import (
-    IMG,
-    PATCH_DIM,
-    VE,
-    VS,
     GradRecordingOptimizer,
     assemble_full,
     make_model,
     micro_batch,
     norm_relative_errors,
+    prompts,
     reference_step,
     run_ranks,
     tiny_moe_args,
@@ -46,23 +43,6 @@ def rollout_batch(step: int, rank: int, micro: int):
     old = torch.where(mask, -5.5 + 0.4 * torch.randn(b.num_tokens, generator=g), 0.0)
     ref = torch.where(mask, -5.5 + 0.4 * torch.randn(b.num_tokens, generator=g), 0.0)
     return RolloutBatch(**vars(b), advantages_l=torch.where(mask, adv, 0.0), old_logp_l=old, ref_logp_l=ref)
-
-
-def prompts(rank: int) -> list:
-    """Rank ``rank``'s prompts: a text prompt and an image prompt of different lengths."""
-    from rynnscale.batch import EncodedSample
-
-    g = torch.Generator().manual_seed(50 + rank)
-    out = []
-    for n, image in ((5 + 3 * rank, False), (12 + rank, True)):
-        ids = torch.randint(0, 200, (n,), generator=g)
-        pix = grid = None
-        if image:
-            ids[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
-            pix, grid = torch.randn(16, PATCH_DIM, generator=g), torch.tensor([[1, 4, 4]])
-        out.append(EncodedSample(f"p{rank}{n}", ids, torch.full_like(ids, -100), torch.arange(n).expand(3, n).clone(),
-                                 pixel_values=pix, image_grid_thw=grid))
-    return out
 
 
 def generations(model, rank: int, stops: tuple[int, ...], all_done=None) -> dict:

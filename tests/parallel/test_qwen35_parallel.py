@@ -23,6 +23,7 @@ from dist_helpers import (
     assemble_full,
     micro_batch,
     norm_relative_errors,
+    prompts,
     reference_step,
     run_ranks,
 )
@@ -67,36 +68,15 @@ def _model():
     return model
 
 
-def _prompts(rank: int) -> list:
-    """Rank ``rank``'s prompts: a text prompt and an image prompt of different lengths."""
-    from dist_helpers import IMG, PATCH_DIM, VE, VS
-
-    from rynnscale.batch import EncodedSample
-    from rynnscale.models.mrope import mrope_position_ids
-
-    g = torch.Generator().manual_seed(50 + rank)
-    out = []
-    for n, image in ((5 + 3 * rank, False), (12 + rank, True)):
-        ids = torch.randint(0, 200, (n,), generator=g)
-        pix = grid = None
-        if image:
-            ids[1:7] = torch.tensor([VS, IMG, IMG, IMG, IMG, VE])
-            pix, grid = torch.randn(16, PATCH_DIM, generator=g), torch.tensor([[1, 4, 4]])
-        pos = mrope_position_ids(ids, grid, None, spatial_merge_size=2, image_token_id=IMG, video_token_id=-1)
-        out.append(EncodedSample(f"p{rank}{n}", ids, torch.full_like(ids, -100), pos, pixel_values=pix,
-                                 image_grid_thw=grid))
-    return out
-
-
 def _generations(model, rank: int, all_done=None) -> dict:
     """Greedy and sampled continuations of rank ``rank``'s prompts; rank 0's stop at their first token."""
     from rynnscale.models.generate import SamplingParams, generate
 
     stops = tuple(range(model.args.text.vocab_size)) if rank == 0 else ()
     model.eval()
-    greedy = generate(model, _prompts(rank), SamplingParams(NEW_TOKENS, stop_ids=stops), num_samples=2,
+    greedy = generate(model, prompts(rank, mrope=True), SamplingParams(NEW_TOKENS, stop_ids=stops), num_samples=2,
                       all_done=all_done)
-    sampled = generate(model, _prompts(rank), SamplingParams(NEW_TOKENS, temperature=1.0, top_k=50, stop_ids=stops),
+    sampled = generate(model, prompts(rank, mrope=True), SamplingParams(NEW_TOKENS, temperature=1.0, top_k=50, stop_ids=stops),
                        num_samples=2, seeds=[1000 * rank + i for i in range(4)], all_done=all_done)
     model.train()
     return {"greedy": greedy, "sampled": sampled}

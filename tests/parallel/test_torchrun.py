@@ -77,7 +77,10 @@ def test_two_nodes_match_single_node(tmp_path):
 @pytest.mark.slow
 def test_compiled_blocks_under_fsdp2_and_ep_match_eager(tmp_path):
     """model.compile=true with FSDP2 + EP 2 over 2 processes (compiled blocks inside FSDP2's hooks, the
-    all-to-all outside them): the same per-step losses as the eager run (rel 1e-5) and token counts."""
+    all-to-all outside them): the same per-step losses as the eager run (rel 1e-5: Inductor reorders fp32 sums)
+    and token counts; rows change length every step, so this also covers dynamic-shape recompiles through the
+    CLI. (A single process builds the same way without meshes; tests/models/test_compile.py compares its blocks
+    with eager ones under each activation-checkpointing mode and LoRA.)"""
     recipe = ["-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml")]
     data = tmp_path / "data"
     runs = {}

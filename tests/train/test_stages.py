@@ -3,25 +3,37 @@
 - each stage's recipe: its own directory, the previous stage's export as ``model.init_from``, every stage but the
   last exporting, the synthetic set shared; a bad override fails naming the stage before anything runs;
 - a chain killed with SIGKILL inside its GRPO stage and run again: the finished SFT stage is skipped, the GRPO
-  stage resumes exactly, and its metrics equal those of a chain that ran straight (bit for bit)."""
+  stage resumes exactly, and its metrics equal those of a chain that ran straight (bit for bit). The GRPO stage
+  takes 2 optimiser steps per rollout (``rl.policy_steps=2``) and checkpoints after every step, and the kill
+  lands at a random moment after step 3's checkpoint, the middle of the second rollout: the resumed stage
+  continues with the saved rollout, then the same seeds, so losses, rewards and KL equal the straight chain's. A
+  user reward function (``module:function``) gives the answers rewards a random-init model cannot earn from the
+  tags."""
 
 from __future__ import annotations
 
-import json
+import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from resume_run import REPO, kill_tree, latest_step, run, start, wait_for
+from resume_run import REPO, kill_tree, latest_step, metrics, run, start, wait_for
 
 from rynnscale.config import ConfigError, load_config, stage_config
 
 TINY_GRPO = REPO / "recipes" / "tiny" / "finetune" / "grpo_grounding.yaml"
+GRPO_STEPS, KILL_AFTER = 10, 3   # 7 GRPO steps after the checkpoint: a kill within 1.5 s lands before the end
+REWARD = '''
+def by_length(answer, reference, key):
+    """A reward any answer earns: its length's position in a cycle of 7 (varies between samples)."""
+    return (len(answer) % 7) / 6
+'''
 
 
-def chain_recipe(tmp_path: Path, out: Path, data: Path, **stage_extra) -> Path:
+def chain_recipe(tmp_path: Path, out: Path, data: Path) -> Path:
     recipe = {
         "extends": str(REPO / "recipes" / "demo_tiny.yaml"),
         "run": {"output_dir": str(out)},
@@ -33,8 +45,10 @@ def chain_recipe(tmp_path: Path, out: Path, data: Path, **stage_extra) -> Path:
         "logging": {"progress": False, "plot": False, "wandb": {"mode": "disabled"}},
         "rl": {"prompts_per_step": 2, "group_size": 3, "max_new_tokens": 6},
         "stages": [{"name": "sft", "overrides": {"train": {"max_steps": 3}}},
-                   {"name": "grpo", "overrides": {"train": {"objective": "grpo", "max_steps": 4},
-                                                  "optim": {"lr": 1e-3}, **stage_extra}}],
+                   {"name": "grpo", "overrides": {
+                       "train": {"objective": "grpo", "max_steps": GRPO_STEPS}, "optim": {"lr": 1e-3},
+                       "rl": {"policy_steps": 2, "reward": {"weights": {"format": 0.5},
+                                                            "functions": {"grpo_test_reward:by_length": 1.0}}}}}],
     }
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -63,31 +77,46 @@ def test_stage_recipes(tmp_path: Path) -> None:
 
 
 def grpo_lines(out: Path) -> list[tuple]:
-    recs = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["kl"], r.get("reward_mean")) for r in recs]
+    return [(r["step"], r["loss"], r["aux_loss"], r["kl"], r.get("reward_mean"), r.get("rollout_step"))
+            for r in metrics(out / "grpo")]
 
 
 @pytest.mark.slow
-def test_chain_resumes_inside_its_grpo_stage(tmp_path: Path) -> None:
+def test_chain_resumes_inside_its_grpo_stage_mid_rollout(tmp_path: Path) -> None:
+    reward_dir = tmp_path / "reward"
+    reward_dir.mkdir()
+    (reward_dir / "grpo_test_reward.py").write_text(REWARD)
+    env = {"PYTHONPATH": f"{REPO}:{reward_dir}"}
     data = tmp_path / "data"
     straight = tmp_path / "straight"
-    rc, log = run([sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, straight, data))])
+    rc, log = run([sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, straight, data))],
+                  env_extra=env)
     assert rc == 0, log[-4000:]
     assert (straight / "sft" / "stage_done.json").is_file() and (straight / "grpo" / "stage_done.json").is_file()
     assert (straight / "sft" / "hf" / "config.json").is_file()
     want = grpo_lines(straight)
-    assert [w[0] for w in want] == [1, 2, 3, 4] and all(w[3] is not None for w in want)
+    assert [w[0] for w in want] == list(range(1, GRPO_STEPS + 1))
+    assert [w[5] for w in want] == [1, None, 2, None, 3, None, 4, None, 5, None]   # a rollout every 2 steps
+    assert any(w[4] and w[4] > 0 for w in want) and any(w[3] > 0 for w in want[1:])
 
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(0.0, 1.5)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, out, data))]
-    p = start(cmd)
-    wait_for(p, lambda: latest_step(out / "grpo") >= 2)
+    p = start(cmd, env)
+    wait_for(p, lambda: latest_step(out / "grpo") >= KILL_AFTER)
+    time.sleep(delay)
     kill_tree(p)
     p.communicate()
+    killed_after = max((r["step"] for r in metrics(out / "grpo")), default=0)
+    where = f"(kill {delay:.2f}s after step {KILL_AFTER}'s checkpoint, seed {seed}, last logged step {killed_after})"
+    assert killed_after < GRPO_STEPS, f"the run finished before the kill {where}"
     assert (out / "sft" / "stage_done.json").is_file() and not (out / "grpo" / "stage_done.json").exists()
-    rc, log = run(cmd)
-    assert rc == 0, log[-4000:]
+    rc, log = run(cmd, env_extra=env)
+    assert rc == 0, f"{where}\n{log[-4000:]}"
     assert re.search(r"stage 1/2 'sft': finished earlier", log), log[-3000:]
     m = re.search(r"resumed exactly from \S+ at step (\d+)", log)
-    assert m and int(m.group(1)) >= 2, log[-3000:]
-    assert grpo_lines(out) == want
+    assert m and KILL_AFTER <= int(m.group(1)) <= killed_after, f"no exact resume {where}:\n{log[-3000:]}"
+    got = grpo_lines(out)
+    assert [g[0] for g in got] == list(range(1, GRPO_STEPS + 1)), f"every step once {where}"
+    assert got == want, f"{where}\n{got}\n!=\n{want}"

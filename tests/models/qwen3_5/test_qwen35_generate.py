@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generate_checks import check_seeded_sampling
 from qwen35_helpers import IMG, VID, build_pair, make_samples, pack, tiny_config
 
 from rynnscale.batch import EncodedSample
@@ -178,14 +179,4 @@ def test_samples_share_one_prefill_and_windows_follow_the_tokens() -> None:
 
 def test_sampled_generation_is_reproducible_from_its_seeds() -> None:
     _, _, model = build_pair(tiny_config(True))
-    ps = _prompts(False)[1:]
-    params = SamplingParams(8, temperature=1.0, top_k=50, top_p=0.95)
-    seeds = [11, 12, 13, 21, 22, 23]
-    a = generate(model, ps, params, num_samples=3, seeds=seeds)
-    assert generate(model, ps, params, num_samples=3, seeds=seeds) == a
-    assert len({tuple(x) for x in a}) == 6                       # samples of one prompt differ
-    b = generate(model, ps, params, num_samples=3, seeds=[11, 12, 99, 21, 22, 23])
-    assert b[:2] == a[:2] and b[3:] == a[3:] and b[2] != a[2]    # a sequence's draws are its own seed's
-    assert generate(model, [ps[1]], params, seeds=[21]) == [a[3]]   # ... whatever else is in the batch
-    greedy = generate(model, ps, SamplingParams(8))
-    assert generate(model, ps, SamplingParams(8, temperature=0.8, top_k=1), seeds=[5, 6]) == greedy
+    check_seeded_sampling(model, _prompts(False)[1:], SamplingParams(8, temperature=1.0, top_k=50, top_p=0.95))
