@@ -51,11 +51,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h_ch = h_nh[s:s + chunk_tokens]
             y_c = y_n[s:s + chunk_tokens]
             logits_cv = (h_ch @ weight_vh.t()).to(acc)
-            lse_c = torch.logsumexp(logits_cv, dim=-1)
-            loss = loss + (lse_c - logits_cv.gather(1, y_c[:, None]).squeeze(1)).sum()
+            target_c = logits_cv.gather(1, y_c[:, None]).squeeze(1)
+            max_c1 = logits_cv.amax(dim=-1, keepdim=True)
+            # one exp pass over the chunk, in place: exp(logits - max); its row sums give the log-sum-exp and,
+            # scaled by their reciprocals, the softmax (torch.logsumexp followed by exp(logits - lse) took two)
+            exp_cv = logits_cv.sub_(max_c1).exp_()
+            sum_c = exp_cv.sum(dim=-1)
+            lse_c = sum_c.log() + max_c1.squeeze(1)
+            loss = loss + (lse_c - target_c).sum()
             if need_h or need_w:
                 # d loss_sum / d logits = softmax - onehot, computed in place on the chunk's logits
-                dlogits_cv = logits_cv.sub_(lse_c[:, None]).exp_()
+                dlogits_cv = exp_cv.mul_(sum_c.reciprocal()[:, None])
                 dlogits_cv.scatter_add_(1, y_c[:, None], dlogits_cv.new_full((y_c.shape[0], 1), -1.0))
                 d_cv = dlogits_cv.to(hidden_ld.dtype)
                 if need_h:
