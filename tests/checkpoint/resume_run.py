@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def kill_tree(p: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
 
+
+
+def kill_at_random(p: subprocess.Popen, ready, max_delay_s: float) -> str:
+    """Once ``ready()`` holds, wait a random 0..``max_delay_s`` seconds and SIGKILL the job's whole tree; returns
+    the delay and its seed, for the failure messages (a failing kill point can be replayed from its seed)."""
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(0.0, max_delay_s)
+    wait_for(p, ready)
+    time.sleep(delay)
+    kill_tree(p)
+    p.communicate()
+    return f"kill {delay:.2f}s later, seed {seed}"
 
 def latest_step(out: Path) -> int:
     f = out / "checkpoints" / "latest"

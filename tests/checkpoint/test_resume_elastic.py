@@ -22,13 +22,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from resume_run import _children, command, kill_tree, latest_step, metrics, overrides, run, start, wait_for
+from resume_run import _children, command, kill_at_random, latest_step, metrics, overrides, run, start, wait_for
 
 STEPS = 10
 LAYOUT_REL = 1e-6
@@ -111,15 +109,10 @@ def test_kill9_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, da
     steps, every = 6, 2
     straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=steps)
     out = tmp_path / "run"
-    seed = random.randrange(10**6)
-    delay = random.Random(seed).uniform(0.0, 2.0)
-    p = start(command(4, _args(out, data_dir, 1, 2, steps, every)))
-    wait_for(p, lambda: latest_step(out) >= every)
-    time.sleep(delay)
-    kill_tree(p)
-    p.communicate()
+    how = kill_at_random(start(command(4, _args(out, data_dir, 1, 2, steps, every))),
+                         lambda: latest_step(out) >= every, 2.0)
     killed_after = max((r["step"] for r in metrics(out)), default=0)
-    where = f"(kill {delay:.2f}s after step {every}'s checkpoint, seed {seed}, last logged step {killed_after})"
+    where = f"(step {every}'s checkpoint, then {how}; last logged step {killed_after})"
     assert killed_after < steps, f"the run finished before the kill {where}"
     resumed_at = latest_step(out)
     rc, log = run(command(2, _args(out, data_dir, 2, 1, steps, every)))

@@ -9,10 +9,8 @@ run logged after its checkpoint. Also: SIGTERM saves at the step boundary and ex
 
 from __future__ import annotations
 
-import random
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from resume_run import (
     EVERY,
     STEPS,
     command,
-    kill_tree,
+    kill_at_random,
     latest_step,
     losses,
     metrics,
@@ -57,16 +55,10 @@ def _kill_and_resume(nproc: int, ep: int, out: Path, data_dir: Path, straight: P
                      every: int = EVERY) -> None:
     """Kill at a random moment after the checkpoint of step ``N = steps // 2`` (``every`` divides it)."""
     N = steps // 2
-    seed = random.randrange(10**6)
-    delay = random.Random(seed).uniform(0.0, 2.0)
     cmd = command(nproc, overrides(out, data_dir, steps=steps, every=every, ep=ep, extra=extra))
-    p = start(cmd)
-    wait_for(p, lambda: latest_step(out) >= N)
-    time.sleep(delay)
-    kill_tree(p)
-    p.communicate()
+    how = kill_at_random(start(cmd), lambda: latest_step(out) >= N, 2.0)
     killed_after = max((r["step"] for r in metrics(out)), default=0)
-    where = f"(kill {delay:.2f}s after step {N}'s checkpoint, seed {seed}, last logged step {killed_after})"
+    where = f"(step {N}'s checkpoint, then {how}; last logged step {killed_after})"
     assert killed_after < steps, f"the run finished before the kill {where}"
 
     rc, log = run(cmd)

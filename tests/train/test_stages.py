@@ -12,15 +12,13 @@
 
 from __future__ import annotations
 
-import random
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from resume_run import REPO, kill_tree, latest_step, metrics, run, start, wait_for
+from resume_run import REPO, kill_at_random, latest_step, metrics, run, start
 
 from rynnscale.config import ConfigError, load_config, stage_config
 
@@ -99,17 +97,11 @@ def test_chain_resumes_inside_its_grpo_stage_mid_rollout(tmp_path: Path) -> None
     assert [w[5] for w in want] == [1, None, 2, None, 3, None, 4, None, 5, None]   # a rollout every 2 steps
     assert any(w[4] and w[4] > 0 for w in want) and any(w[3] > 0 for w in want[1:])
 
-    seed = random.randrange(10**6)
-    delay = random.Random(seed).uniform(0.0, 1.5)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rynnscale", "train", str(chain_recipe(tmp_path, out, data))]
-    p = start(cmd, env)
-    wait_for(p, lambda: latest_step(out / "grpo") >= KILL_AFTER)
-    time.sleep(delay)
-    kill_tree(p)
-    p.communicate()
+    how = kill_at_random(start(cmd, env), lambda: latest_step(out / "grpo") >= KILL_AFTER, 1.5)
     killed_after = max((r["step"] for r in metrics(out / "grpo")), default=0)
-    where = f"(kill {delay:.2f}s after step {KILL_AFTER}'s checkpoint, seed {seed}, last logged step {killed_after})"
+    where = f"(step {KILL_AFTER}'s checkpoint, then {how}; last logged step {killed_after})"
     assert killed_after < GRPO_STEPS, f"the run finished before the kill {where}"
     assert (out / "sft" / "stage_done.json").is_file() and not (out / "grpo" / "stage_done.json").exists()
     rc, log = run(cmd, env_extra=env)
