@@ -322,7 +322,8 @@ def test_rank_never_holds_the_full_model(tmp_path):
     old_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        results = run_ranks(memory_worker, 2, tmp_path / "ranks", arch=arch, hf_dir=str(tmp_path / "hf"))
+        results = run_ranks(memory_worker, 2, tmp_path / "ranks", start_method="spawn", arch=arch,
+                            hf_dir=str(tmp_path / "hf"))   # a new interpreter reads the glibc variable
     finally:
         if old_env is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
