@@ -105,9 +105,10 @@ def test_sigterm_on_1_process_resume_on_2(tmp_path, data_dir, straight_1x2):
 
 @pytest.mark.slow
 def test_kill9_on_4_processes_ep2_resume_on_2_ep1(tmp_path, tmp_path_factory, data_dir):
-    # 4 micro-batches per step, like 2 x 2; fewer steps (4 processes on 2 cores are slow)
+    # 4 micro-batches per step on every layout: the reference is 1 process accumulating 4; fewer steps (4
+    # processes on 2 cores are slow)
     steps, every = 6, 2
-    straight = _straight(tmp_path_factory, data_dir, 2, 2, 1, steps=steps)
+    straight = _straight(tmp_path_factory, data_dir, 1, 4, 1, steps=steps)
     out = tmp_path / "run"
     how = kill_at_random(start(command(4, _args(out, data_dir, 1, 2, steps, every))),
                          lambda: latest_step(out) >= every, 2.0)
