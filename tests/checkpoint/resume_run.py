@@ -88,7 +88,6 @@ def kill_tree(p: subprocess.Popen) -> None:
         pass
 
 
-
 def kill_at_random(p: subprocess.Popen, ready, max_delay_s: float) -> str:
     """Once ``ready()`` holds, wait a random 0..``max_delay_s`` seconds and SIGKILL the job's whole tree; returns
     the delay and its seed, for the failure messages (a failing kill point can be replayed from its seed)."""
@@ -99,6 +98,7 @@ def kill_at_random(p: subprocess.Popen, ready, max_delay_s: float) -> str:
     kill_tree(p)
     p.communicate()
     return f"kill {delay:.2f}s later, seed {seed}"
+
 
 def latest_step(out: Path) -> int:
     f = out / "checkpoints" / "latest"
