@@ -185,12 +185,26 @@ def format_grasp_pose(corners: Iterable[Sequence[int]], frame: int | None = None
     return format_tag("grasp_pose", corners, frame)
 
 
+_MAX_DIGITS = 18  # longer integers are out of any range here; int() of 4,300+ digits raises ValueError
+
+
 def _num(s: str, strict: bool, ctx: str) -> int:
     if strict:
         if "." in s:
             raise TagError(f"{ctx}: coordinate {s!r} is not an integer")
+        if len(s.lstrip("-")) > _MAX_DIGITS:
+            raise TagError(f"{ctx}: coordinate {s[:24]}... ({len(s)} characters) is outside 0..{NORM_MAX}")
         return int(s)
-    return clamp_norm(float(s))
+    v = float(s)  # a model's answer may hold a number of hundreds of digits: float() gives inf, clamped
+    return clamp_norm(v) if math.isfinite(v) else (NORM_MAX if v > 0 else 0)
+
+
+def _frame(s: str, strict: bool, ctx: str) -> int:
+    if len(s) <= _MAX_DIGITS:
+        return int(s)
+    if strict:
+        raise TagError(f"{ctx}: frame number {s[:24]}... has {len(s)} digits")
+    return 10**_MAX_DIGITS  # matches no reference frame
 
 
 def parse_tags(text: str, kinds: Iterable[str] | None = None, *, strict: bool = True) -> list[Grounding]:
@@ -215,12 +229,12 @@ def parse_tags(text: str, kinds: Iterable[str] | None = None, *, strict: bool = 
             bm = _STRICT_BODY_RE.fullmatch(body)
             if bm is None:
                 raise TagError(f"{ctx}: body must be '[<frame n>:] (x, y), (x, y), ...'")
-            frame = int(bm.group(1)) if bm.group(1) is not None else None
+            frame = _frame(bm.group(1), True, ctx) if bm.group(1) is not None else None
             pts = [(_num(x, True, ctx), _num(y, True, ctx)) for x, y in _POINT_RE.findall(bm.group(2) or "")]
             _check_points(kind, pts, ctx)
         else:
             fm = _FRAME_RE.search(body)
-            frame = int(fm.group(1)) if fm else None
+            frame = _frame(fm.group(1), False, ctx) if fm else None
             pts = [(_num(x, False, ctx), _num(y, False, ctx)) for x, y in _POINT_RE.findall(body)]
             if not pts:
                 continue

@@ -24,9 +24,10 @@ rope_delta``). Greedy parity with transformers' ``generate`` on an exported chec
 
 Sampling (``temperature > 0``): logits / temperature, then top-k, then top-p (transformers' order and
 rules: top-k keeps every token at least as likely as the k-th; top-p keeps the smallest most-likely set
-whose probability reaches ``top_p``), then inverse-CDF sampling with one uniform number per sequence and
-step from that sequence's own ``torch.Generator`` (``seeds[i]``): a continuation depends on its seed, not
-on the other sequences of the batch or on the device's RNG.
+whose probability reaches ``top_p``; of tied tokens, ours keeps the higher ids, transformers' follows its
+unstable sort), then inverse-CDF sampling with one uniform number per sequence and step from that sequence's
+own ``torch.Generator`` (``seeds[i]``): a continuation depends on its seed, not on the other sequences of the
+batch or on the device's RNG.
 
 Lockstep (FSDP / EP: every forward is a collective): every rank must call ``generate`` with the same
 number of prompts and samples (pad with filler prompts), and pass ``all_done(local_done) -> bool`` telling
@@ -140,10 +141,10 @@ def filtered_probs(logits_bv: torch.Tensor, temperature: float, top_k: int = 0, 
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        p_sorted, order = torch.sort(probs, dim=-1, descending=True)
-        before = p_sorted.cumsum(-1) - p_sorted   # probability of the tokens ranked above each one
-        drop_sorted = before >= top_p             # the most likely token always stays (before = 0)
+    if top_p < 1.0:   # transformers' TopPLogitsWarper: ascending stable sort, drop while the mass <= 1 - top_p
+        p_sorted, order = torch.sort(probs, dim=-1, stable=True)
+        drop_sorted = p_sorted.cumsum(-1) <= 1 - top_p
+        drop_sorted[:, -1] = False                # the most likely token always stays (ties: the highest id)
         probs = probs.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
@@ -172,7 +173,7 @@ class _Picker:
     def __call__(self, logits_bv: torch.Tensor) -> list[int]:
         p = self.params
         if self.generators is None:
-            return logits_bv.float().argmax(-1).tolist()
+            return (logits_bv if logits_bv.dtype == torch.float64 else logits_bv.float()).argmax(-1).tolist()
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
         return sample_from(filtered_probs(logits_bv, p.temperature, p.top_k, p.top_p), u).tolist()
 

@@ -41,6 +41,7 @@ import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample, PackedBatch, filler_batch
 from rynnscale.data.tags import TagError, parse_tags
+from rynnscale.data.tokenizer import VisionTokenIds
 from rynnscale.parallel.precision import autocast, compute_dtype
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
 from rynnscale.train.rewards import box_iou, box_of, centre, l2, pair_by_kind
@@ -125,9 +126,10 @@ def summarize_grounding(t: dict[str, float]) -> dict[str, float | int | None]:
 
 
 # ----------------------------------------------------------------------------------------- prompts
-def split_prompt(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
+def split_prompt(sample: EncodedSample, ids: VisionTokenIds, merge_size: int) -> tuple[EncodedSample, list[int]]:
     """(prompt, reference ids): the prompt is the sample up to its first assistant token (it ends with
-    ``<|im_start|>assistant\\n``); the reference is that assistant turn's labelled tokens (with its
+    ``<|im_start|>assistant\\n``) with the images and videos of those tokens only (``ids``: the encoder's vision
+    token ids; ``merge_size``: its spatial merge); the reference is that assistant turn's labelled tokens (with its
     ``<|im_end|>``). Raises ValueError naming the key if the sample has no labelled token."""
     lab = sample.labels_l
     nz = (lab != IGNORE_INDEX).nonzero()
@@ -137,9 +139,32 @@ def split_prompt(sample: EncodedSample) -> tuple[EncodedSample, list[int]]:
     end = first
     while end < lab.numel() and int(lab[end]) != IGNORE_INDEX:
         end += 1
-    prompt = replace(sample, input_ids_l=sample.input_ids_l[:first], labels_l=sample.labels_l[:first],
-                     position_ids_3l=sample.position_ids_3l[:, :first])
+    ids_l = sample.input_ids_l[:first]
+    image_grid, image_pixels = _media_before(sample, ids_l, ids.image_pad, sample.image_grid_thw,
+                                             sample.pixel_values, merge_size, "image")
+    video_grid, video_pixels = _media_before(sample, ids_l, ids.video_pad, sample.video_grid_thw,
+                                             sample.pixel_values_videos, merge_size, "video")
+    prompt = replace(sample, input_ids_l=ids_l, labels_l=sample.labels_l[:first],
+                     position_ids_3l=sample.position_ids_3l[:, :first], pixel_values=image_pixels,
+                     image_grid_thw=image_grid, pixel_values_videos=video_pixels, video_grid_thw=video_grid)
     return prompt, sample.input_ids_l[first:end].tolist()
+
+
+def _media_before(sample: EncodedSample, ids_l: torch.Tensor, pad_id: int, grid_n3: torch.Tensor | None,
+                  pixels: torch.Tensor | None, merge_size: int, what: str):
+    """(grids, pixel rows) of the leading images (videos) whose pad tokens all lie in ``ids_l`` (a later turn's
+    media are not the prompt's); (None, None) when there are none."""
+    if grid_n3 is None or pixels is None:
+        return None, None
+    pads = int((ids_l == pad_id).sum())
+    tokens_n = (grid_n3.prod(-1) // (merge_size * merge_size)).cumsum(0)
+    k = int((tokens_n <= pads).sum())
+    if pads != (int(tokens_n[k - 1]) if k else 0):
+        raise ValueError(f"sample {sample.key!r}: its prompt has {pads} {what} pad tokens, which is not a whole "
+                         f"number of its {what}s' tokens ({tokens_n.tolist()} cumulative)")
+    if k == 0:
+        return None, None
+    return grid_n3[:k], pixels[: int(grid_n3[:k].prod(-1).sum())]
 
 
 def _text_prompt(ids: list[int]) -> EncodedSample:
@@ -217,7 +242,7 @@ class Evaluator:
                     continue
                 try:
                     sample = self.encoder.encode(raw.key, raw.members)
-                    prompt, ref_ids = split_prompt(sample)
+                    prompt, ref_ids = split_prompt(sample, self.encoder.ids, self.encoder.spec.merge_size)
                 except (SampleError, ValueError) as e:
                     log.warning("eval: skipping %s in %s: %s", raw.key, shard, e)
                     continue
@@ -252,7 +277,7 @@ class Evaluator:
         try:
             with autocast(compute_dtype(self.cfg.train.dtype, device), device):
                 loss_sum, n_tokens = self._eval_loss(model, device, total)
-                ground = self._grounding(model, device, total)
+                ground = self._grounding(model, device, total, lockstep=ctx is not None and ctx.distributed)
         finally:
             model.train(was_training)
             model.cp = cp
@@ -284,16 +309,19 @@ class Evaluator:
         loss_sum, n_tok = total([loss_sum, float(n_tok)])
         return loss_sum, int(n_tok)
 
-    def _grounding(self, model, device, total) -> dict[str, Any]:
+    def _grounding(self, model, device, total, lockstep: bool = False) -> dict[str, Any]:
+        """``lockstep`` (several processes): every rank decodes until all are done -- FSDP's collectives need the
+        same forwards everywhere, and the ranks of a CP group, though given the same prompts, must not rely on
+        stopping at the same token."""
         if self.cfg.eval.grounding_samples <= 0:
             return {}
         from rynnscale.models.generate import SamplingParams, generate
 
         mine = self.grounding_samples()
-        lockstep = self.world_size > 1
+        lockstep = lockstep or self.world_size > 1
         n_prompts = len(mine)
         all_done = None
-        if lockstep:  # same number of prompts and forwards on every rank (FSDP collectives)
+        if lockstep:  # same number of prompts and forwards on every rank
             n_prompts = -(-self._num_found // self.world_size)
             all_done = lambda done: total([0.0 if done else 1.0])[0] == 0  # noqa: E731
         sums = dict.fromkeys(GROUNDING_SUMS, 0.0)

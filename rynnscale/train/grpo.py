@@ -16,7 +16,7 @@ import torch
 from rynnscale.batch import IGNORE_INDEX, DataStep, EncodedSample, PackedBatch, filler_batch
 from rynnscale.data.tags import parse_tags
 from rynnscale.models.generate import SamplingParams, generate, pack_rows
-from rynnscale.models.lora import adapters_disabled
+from rynnscale.models.lora import adapters_disabled, is_adapter_param
 from rynnscale.parallel.precision import autocast
 from rynnscale.train.evaluate import split_prompt
 from rynnscale.train.objectives import GRPO, RolloutBatch
@@ -128,7 +128,7 @@ def load_prompts(refs: Sequence[PromptRef], encoder: Any) -> list[tuple[EncodedS
         members = dict(raw.members)
         if raw.deferred is not None:
             members.update(read_deferred(raw.shard, raw.deferred))
-        prompt, _ = split_prompt(encoder.encode(raw.key, members))
+        prompt, _ = split_prompt(encoder.encode(raw.key, members), encoder.ids, encoder.spec.merge_size)
         out.append((prompt, ref.reference, raw.key))
     return out
 
@@ -271,8 +271,9 @@ class GRPOStage:
     prompt whose sample cannot be encoded is skipped and counted (``bad``). The rollouts are split into
     ``rl.policy_steps`` parts of whole groups, each packed into micro-batches of ``train.micro_batch_tokens``;
     the reference policy's log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial
-    weights for a full fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``) and, when a
-    rollout feeds more than one optimiser step, the rollout policy's own are computed before any update.
+    weights for a full fine-tune -- or, for a LoRA run training adapters only, the same model inside
+    ``adapters_disabled``) and, when a rollout feeds more than one optimiser step, the rollout policy's own are
+    computed before any update.
 
     Sampling seeds come from (``run.seed``, prompt position, answer index), so a step's rollouts depend on the
     step and the weights only: a resumed run regenerates exactly the rollouts the killed one would have."""
@@ -282,6 +283,13 @@ class GRPOStage:
         from rynnscale.data.pipeline import build_encoder
 
         self.cfg, self.rl, self.ctx = cfg, cfg.rl, ctx
+        fewest = cfg.rl.prompts_per_step // ctx.data_world_size
+        if cfg.rl.policy_steps > fewest:
+            raise ValueError(f"rl.policy_steps={cfg.rl.policy_steps} exceeds the prompts some rank gets per rollout "
+                             f"({fewest}: rl.prompts_per_step={cfg.rl.prompts_per_step} over {ctx.data_world_size} "
+                             "data-parallel ranks): a rank's rollouts are split into policy_steps parts of whole "
+                             "groups, so some optimiser steps would train on nothing; lower rl.policy_steps or raise "
+                             "rl.prompts_per_step")
         self.encoder = encoder if encoder is not None else build_encoder(cfg, args)
         self.prompts = prompt_set if prompt_set is not None else PromptSet(prompt_shards(cfg), seed=cfg.data.seed)
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
@@ -338,7 +346,9 @@ class GRPOStage:
                                   self.decode, scale_rewards=rl.scale_rewards)
         for r in rollouts:
             if r.error:
-                log.warning("step %d: %s (the sample gets advantage 0; the run goes on)", step + 1, r.error)
+                log.warning("step %d: %s (%s; the run goes on)", step + 1, r.error,
+                            "the sample gets advantage 0" if math.isnan(r.reward) else "a weight-0 component: "
+                            "the reward does not use it")
                 self._count("reward_failed")
         return self._prepare(step, positions, rollouts, model, compute_dtype)
 
@@ -368,14 +378,25 @@ class GRPOStage:
 
     def _score(self, model: torch.nn.Module, parts: list[list[PackedBatch]], compute_dtype: torch.dtype,
                old_logps: list[list[float]] | None) -> None:
-        """Reference and rollout-policy log-probs of every micro-batch (before any update); ``old_logps``: the
-        rollout policy's per completion (a resumed rollout: its policy is gone)."""
+        """Reference and rollout-policy log-probs of every micro-batch (before any update), in eval mode like the
+        sampling (no LoRA dropout); ``old_logps``: the rollout policy's per completion (a resumed rollout: its
+        policy is gone)."""
+        was_training = model.training
+        model.eval()
+        try:
+            self._score_eval(model, parts, compute_dtype, old_logps)
+        finally:
+            model.train(was_training)
+
+    def _score_eval(self, model: torch.nn.Module, parts: list[list[PackedBatch]], compute_dtype: torch.dtype,
+                    old_logps: list[list[float]] | None) -> None:
         flat = [b for p in parts for b in p]
         kw = dict(device=self.ctx.device, compute_dtype=compute_dtype, temperature=self.rl.temperature,
                   chunk_tokens=self.cfg.train.loss_chunk_tokens)
         if self.rl.kl_coef > 0:
             if self.reference is not None:
-                ref = score_log_probs(self.reference, flat, **kw)
+                with adapters_disabled(self.reference):   # a LoRA run's copy: its base
+                    ref = score_log_probs(self.reference, flat, **kw)
             else:
                 with adapters_disabled(model) as n:
                     if n == 0:
@@ -546,19 +567,29 @@ class RolloutSource:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.stage.bad.items()))
 
 
+def trained_base_params(model: torch.nn.Module) -> list[str]:
+    """The trainable parameters of a LoRA model that are not adapters (``model.lora.trainable``): updated in
+    place, so the adapter-disabled model is no longer the initial base."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n)]
+
+
 def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -> RolloutSource:
     """A GRPO run's data (``train.objective: grpo``): its prompts, reward and reference policy -- with
     ``rl.kl_coef`` > 0, a frozen copy of the initial weights built like the policy (same ``model.init_from`` or
-    seed, same shards), unless the run is LoRA (its reference is the adapter-disabled base, no copy)."""
+    seed, same shards), unless the run is LoRA with nothing but adapters trained (its reference is then the
+    adapter-disabled base, no copy)."""
     from rynnscale.train.build import build_model
 
     reference = None
-    if cfg.rl.kl_coef > 0 and cfg.model.lora.rank <= 0:
+    moving = trained_base_params(model) if cfg.model.lora.rank > 0 else []
+    if cfg.rl.kl_coef > 0 and (cfg.model.lora.rank <= 0 or moving):
         _, reference = build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes,
                                    compute_dtype=run.compute_dtype, arch=run.arch)
         reference.requires_grad_(False)
         reference.eval()
-        log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)", cfg.rl.kl_coef)
+        log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)%s", cfg.rl.kl_coef,
+                 f"; a LoRA run, but model.lora.trainable trains {len(moving)} base parameter(s) ({moving[0]}, ...) "
+                 "that the adapter-disabled model would share with the policy" if moving else "")
     stage = GRPOStage(cfg, run.args, ctx, reference=reference)
     log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
              len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)

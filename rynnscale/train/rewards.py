@@ -17,22 +17,24 @@ with the k-th ``<object>`` of the answer; evaluation pairs the same way). Each r
   more, no fewer (an answer without tags to a reference without tags: 1);
 - ``exact``: 1 if the answer equals the reference (whitespace-stripped), else 0;
 - user functions (``module:function``, one component each, named by the function): ``fn(answer, reference,
-  key)`` must return a finite float in [0, 1].
+  key)`` must return a finite number in [0, 1] (float, int, numpy scalar, 0-d array or tensor).
 
 A sample's component value is the mean over its reference tags of that component, or None when it has none
 (``point`` / ``box`` / ``traj`` without such tags; ``format`` and ``exact`` always apply). The reward is
 ``sum_c w_c r_c / sum_c w_c`` over the applicable components with weight > 0: in [0, 1].
 
-A user function that raises, or returns anything but a finite float in [0, 1], does not stop the run: the
-sample's reward is NaN (GRPO gives it advantage 0 and leaves it out of its group's statistics, as TRL does
-with a None reward), ``RewardResult.error`` names the sample, the function and what happened, and the
-caller counts it (``reward_failures``).
+A user function that raises, or returns anything but a finite number in [0, 1], does not stop the run:
+``RewardResult.error`` names the sample, the function and what happened, the caller counts it
+(``reward_failures``), and, when the function's weight is above 0, the sample's reward is NaN (GRPO gives it
+advantage 0 and leaves it out of its group's statistics, as TRL does with a None reward); a weight-0 function
+(a metric only) leaves the reward as it is.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -213,30 +215,40 @@ class GroundingReward:
 
     def __call__(self, answer: str, reference: str, key: str = "?") -> RewardResult:
         comps = self.builtin(answer, reference)
-        error = None
+        errors, weighed_failed = [], False
         for path, fn in self.functions.items():
             name = function_component(path)
             try:
                 value = fn(answer, reference, key)
             except Exception as e:  # noqa: BLE001 - a user function's failure is counted, not fatal
-                error = f"reward function {path!r} raised on sample {key!r}: {type(e).__name__}: {e}"
-                comps[name] = None
-                continue
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or not 0.0 <= float(value) <= 1.0:
-                error = (f"reward function {path!r} returned {value!r} on sample {key!r}; expected a finite float in "
-                         "[0, 1]")
-                comps[name] = None
-                continue
-            comps[name] = float(value)
-        if error is not None:
+                errors.append(f"reward function {path!r} raised on sample {key!r}: {type(e).__name__}: {e}")
+                value = None
+            else:
+                if _as_reward(value) is None:
+                    errors.append(f"reward function {path!r} returned {value!r} on sample {key!r}; expected a finite "
+                                  "number in [0, 1]")
+            comps[name] = None if value is None else _as_reward(value)
+            weighed_failed |= comps[name] is None and self.weights[name] > 0
+        error = "; ".join(errors) or None
+        if weighed_failed:   # a weight-0 function (a metric only) leaves the reward alone
             return RewardResult(float("nan"), comps, error)
         num = den = 0.0
         for name, w in self.weights.items():
             if w > 0 and comps.get(name) is not None:
                 num += w * comps[name]
                 den += w
-        return RewardResult(num / den if den > 0 else 0.0, comps)
+        return RewardResult(num / den if den > 0 else 0.0, comps, error)
+
+
+def _as_reward(value: object) -> float | None:
+    """A user function's value as a float in [0, 1] (any real number type: float, int, numpy scalar, 0-d array
+    or tensor; not bool), else None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) and 0.0 <= v <= 1.0 else None
 
 
 def _tag_score(comp: str, r: Grounding, g: Grounding, point_scale: float, traj_scale: float) -> float:

@@ -265,7 +265,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             if tc.objective == "grpo":   # the data step was the rollout (generation, rewards, reference)
                 record.update(data.metrics, rollout_s=t_data, train_s=dt - t_data)
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+            # a GRPO step that rolled out carries that rollout's rewards, which no other step repeats
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps or data.metrics:
                 metrics.log(record)
             preempted = preemption_requested(preempt)
             if not stats.finite:

@@ -151,3 +151,17 @@ def test_pixel_norm_helpers():
         px, py = norm_to_pixel(nx, ny, 64, 64)
         assert int(px) == i and int(py) == i
     assert box_pixel_to_norm((48, 36, 16, 12), 64, 48) == ((250, 250), (750, 750))
+
+
+def test_numbers_of_hundreds_of_digits():
+    """A model's degenerate answer: lenient parsing clamps (float() of 309+ digits is inf), strict parsing raises
+    TagError (int() of 4,300+ digits would raise ValueError), for coordinates and frame numbers."""
+    huge = "9" * 5000
+    [g] = parse_tags(f"<affordance> <frame 2>: ({huge}, 12)</affordance>", strict=False)
+    assert g.points == ((1000, 12),) and g.frame == 2
+    [g] = parse_tags(f"<traj> <frame {huge}>: (-{huge}, 3), (4, 5)</traj>", strict=False)
+    assert g.points == ((0, 3), (4, 5)) and g.frame > 10**9
+    for text in (f"<affordance> ({huge}, 12)</affordance>", f"<affordance> <frame {huge}>: (1, 2)</affordance>",
+                 f"<affordance> ({'1' * 400}, 12)</affordance>"):
+        with pytest.raises(TagError, match="digits|outside 0..1000"):
+            parse_tags(text, strict=True)

@@ -181,7 +181,8 @@ def test_kv_cache_logits_equal_full_forward(prompts, moe: bool, dtype, rtol: flo
 
 
 def test_filtered_probs_match_transformers_warpers() -> None:
-    """temperature -> top-k -> top-p as transformers' ``generate`` applies its warpers (rel 1e-6)."""
+    """temperature -> top-k -> top-p as transformers' ``generate`` applies its warpers (rel 1e-6), on random
+    logits and on logits with many ties (there the kept probabilities agree, and ours keep the higher ids)."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -190,15 +191,22 @@ def test_filtered_probs_match_transformers_warpers() -> None:
     )
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 1000, generator=g) * 3
-    for temperature, top_k, top_p in [(0.7, 50, 0.9), (1.3, 0, 0.5), (1.0, 7, 1.0), (0.5, 0, 1.0), (1.0, 1, 0.3)]:
+    tied = torch.cat([torch.tensor([[0.5, 0.25, 0.25] + [0.0] * 47]).log(),
+                      torch.randint(0, 4, (5, 50), generator=g).float()])
+    cases = [(0.7, 50, 0.9), (1.3, 0, 0.5), (1.0, 7, 1.0), (0.5, 0, 1.0), (1.0, 1, 0.3), (1.0, 0, 0.75), (1.0, 9, 0.6)]
+    for logits, (temperature, top_k, top_p) in [(torch.randn(6, 1000, generator=g) * 3, c) for c in cases] + [
+            (tied, c) for c in cases]:
         warpers = [TemperatureLogitsWarper(temperature)]
         warpers += [TopKLogitsWarper(top_k)] if top_k else []
         warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
         want = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), dim=-1)
         got = filtered_probs(logits, temperature, top_k, top_p)
+        if logits is tied:   # which tied tokens stay is the order of transformers' unstable sort; the sets agree
+            want, got = want.sort(-1).values, got.sort(-1).values
         assert torch.equal(got > 0, want > 0), (temperature, top_k, top_p)
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), (temperature, top_k, top_p)
+    # of tied tokens straddling the top-p boundary, the higher ids stay (a stable rule, whatever the device)
+    assert (filtered_probs(tied[:1], 1.0, 0, 0.75)[0, :3] > 0).tolist() == [True, False, True]
 
 
 def test_inverse_cdf_draws_follow_the_distribution() -> None:

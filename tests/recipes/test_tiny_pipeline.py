@@ -120,7 +120,7 @@ def test_base_to_finetune_to_export_to_transformers_generate(data_root, base_exp
     # transformers loads the fine-tuned export and generates exactly what our greedy decoder generates
     hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     raw = next(iter_tar_samples(str(next((data_root / "heldout").glob("*.tar")))))
-    prompt, _ = split_prompt(ev.encoder.encode(raw.key, raw.members))
+    prompt, _ = split_prompt(ev.encoder.encode(raw.key, raw.members), ev.encoder.ids, ev.encoder.spec.merge_size)
     from rynnscale.models.generate import greedy_generate
 
     with torch.no_grad():

@@ -112,7 +112,7 @@ def test_evaluator_matches_transformers(tmp_path: Path) -> None:
             loss_sum += float(hf(**hf_inputs(s), labels=s.labels_l[None], use_cache=False).loss) * n
             n_tok += n
         for s in samples[:2]:
-            prompt, ref_ids = split_prompt(s)
+            prompt, ref_ids = split_prompt(s, ev.encoder.ids, ev.encoder.spec.merge_size)
             kw = hf_inputs(prompt)
             gen = hf.generate(**kw, attention_mask=torch.ones_like(kw["input_ids"]), do_sample=False,
                               max_new_tokens=6, eos_token_id=[IM_END], pad_token_id=IM_END)
@@ -156,3 +156,48 @@ def test_synthetic_question_types_reach_both_sets(tmp_path: Path) -> None:
     answers = [json.loads(s.members["conv.json"])["conversation"][-1]["content"][0]["text"]
                for s in iter_tar_samples(shard)]
     assert len(answers) == 4 and all("<affordance>" in a for a in answers), answers
+
+
+def test_split_prompt_keeps_only_the_prompts_media() -> None:
+    """A two-turn sample with an image (and a video) in each user turn: the prompt (up to the first answer) carries
+    the first turn's image and video only, equal to the prompt of that turn alone -- not every grid of the sample,
+    which the prefill rejects (pad tokens vs grid)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from rynnscale.data.encode import EncoderConfig, SampleEncoder
+    from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
+    from rynnscale.data_pipelines.synthetic import encode_video_frames
+
+    def png(seed: int, h: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, 96, 3), dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    video, video_name = encode_video_frames(np.random.default_rng(2).integers(0, 255, (4, 64, 64, 3), np.uint8), 2.0)
+    turn = lambda media, q, a: [  # noqa: E731
+        {"role": "user", "content": [*media, {"type": "text", "text": q}]},
+        {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    first = turn([{"type": "image", "image": "a.png"}, {"type": "video", "video": video_name}], "Point to the cup.",
+                 "<affordance> (10, 20) </affordance>")
+    second = turn([{"type": "image", "image": "b.png"}], "And here?", "<affordance> (30, 40) </affordance>")
+    members = {"a.png": png(0, 64), "b.png": png(1, 128), video_name: video, "meta.json": b'{"video": {"fps": 2.0}}'}
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(max_tokens=4096, vision=VisionSpec(
+        image_min_pixels=1024, image_max_pixels=96 * 128)))
+
+    def encode(conv: list) -> object:
+        return enc.encode("mt", {**members, "conv.json": json.dumps({"conversation": conv}).encode()})
+
+    both, alone = encode(first + second), encode(first)
+    assert both.image_grid_thw.shape[0] == 2   # the sample has both images
+    (p_both, ref_both), (p_alone, ref_alone) = (split_prompt(s, enc.ids, enc.spec.merge_size) for s in (both, alone))
+    assert ref_both == ref_alone
+    for name in ("input_ids_l", "position_ids_3l", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                 "video_grid_thw"):
+        assert torch.equal(getattr(p_both, name), getattr(p_alone, name)), name
+    # a text-only first turn: no media at all in its prompt
+    p_text, _ = split_prompt(encode(turn([], "Hello?", "Hi.") + second), enc.ids, enc.spec.merge_size)
+    assert p_text.pixel_values is None and p_text.image_grid_thw is None and p_text.pixel_values_videos is None

@@ -10,7 +10,10 @@
   the sample's advantage is 0, and the step goes on -- in a step as the trainer takes it, and in a real run
   through the CLI;
 - a step favours the answers with the larger advantages (the policy moves the right way);
-- a LoRA run's reference is the adapter-disabled base: no second model.
+- a LoRA run's reference is the adapter-disabled base: no second model; one that also trains base parameters
+  (``model.lora.trainable``) gets a frozen copy, whose log-probs stay the initial base's;
+- the rollout policy's log-probs are scored in eval mode, as sampled (LoRA dropout does not draw them);
+- more optimiser steps per rollout than prompts per rank is refused (some steps would train on nothing).
 """
 
 from __future__ import annotations
@@ -231,6 +234,63 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> 
     torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
 
 
+def test_lora_training_base_parameters_gets_a_frozen_reference(tmp_path: Path, shards) -> None:
+    """``model.lora.trainable`` trains a base parameter in place, so the adapter-disabled model would drift with
+    the policy: the run builds a frozen copy, and the reference log-probs stay the initial base's after updates."""
+    from types import SimpleNamespace
+
+    from rynnscale.config.schema import LoRAConfig
+    from rynnscale.models.lora import is_adapter_param
+    from rynnscale.train.grpo import build_rollout_source, trained_base_params
+
+    cfg = cfg_for(tmp_path, shards, "model.lora.rank=4", "model.lora.trainable=[model.language_model.norm.weight]",
+                  "rl.policy_steps=2", "optim.lr=3e-2")
+    args, model = build_model(cfg.model, seed=0)
+    assert trained_base_params(model) == ["model.language_model.norm.weight"]
+    _, base = build_model(dataclasses.replace(cfg.model, lora=LoRAConfig()), seed=0)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_adapter_param(k)})
+    run = SimpleNamespace(compute_dtype=torch.float32, arch=None, args=args)
+    source = build_rollout_source(cfg, run, DistContext(device=torch.device("cpu")), model)
+    assert source.stage.reference is not None
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, 10)
+    for _ in range(2):
+        optimiser_step(source, model, opt, sched)
+    norm = model.model.language_model.norm.weight
+    assert not torch.equal(norm, base.model.language_model.norm.weight)   # the base parameter has moved
+    batch = source.stage.rollout(1, model, torch.float32).parts[0][0]
+    with torch.no_grad():
+        want = base.token_log_probs(batch, base(batch))
+    torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
+
+
+def test_rollout_log_probs_are_the_sampling_policys(tmp_path: Path, shards) -> None:
+    """With LoRA dropout, the rollout policy's and the reference's log-probs are scored in eval mode, as the
+    answers were sampled: the same on every scoring, not a dropout draw."""
+    cfg = cfg_for(tmp_path, shards, "model.lora.rank=4", "model.lora.dropout=0.5", "rl.policy_steps=2")
+    args, model = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.5)          # adapters that do something, so dropout on them matters
+    stage = stage_for(cfg, model, args, shards)
+    model.train()
+    one, two = (stage.rollout(0, model, torch.float32).parts[0][0] for _ in range(2))
+    assert model.training
+    assert torch.equal(one.old_logp_l, two.old_logp_l) and torch.equal(one.ref_logp_l, two.ref_logp_l)
+    model.eval()
+    with torch.no_grad():
+        want = model.token_log_probs(one, model(one))
+    torch.testing.assert_close(one.old_logp_l, want, rtol=0, atol=0)
+
+
+def test_more_policy_steps_than_prompts_per_rank_is_refused(tmp_path: Path, shards) -> None:
+    cfg = cfg_for(tmp_path, shards, "rl.policy_steps=3")     # 2 prompts a step on 1 rank
+    args, model = build_model(cfg.model, seed=0)
+    with pytest.raises(ValueError, match=r"rl.policy_steps=3 exceeds the prompts some rank gets per rollout \(2"):
+        stage_for(cfg, model, args, shards)
+
+
 FLAKY = '''
 calls = []
 
@@ -257,7 +317,8 @@ def test_failing_reward_function_in_a_real_run(tmp_path: Path) -> None:
     args = overrides(out, tmp_path / "data", steps=2, every=0, extra=(
         "train.objective=grpo", "model.arch.text_config.num_hidden_layers=2", "train.micro_batch_tokens=600",
         "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6", "rl.kl_coef=0",
-        "rl.reward.functions={grpo_flaky:flaky: 1.0}", "optim.warmup_steps=0"))
+        "rl.reward.functions={grpo_flaky:flaky: 1.0}", "optim.warmup_steps=0",
+        "train.log_every=5"))      # a step that rolled out is logged whatever log_every says
     rc, log = run(command(1, args), env_extra={"PYTHONPATH": f"{REPO}:{tmp_path}"})
     assert rc == 0, log[-4000:]
     assert re.search(r"step 1: reward function 'grpo_flaky:flaky' raised on sample '[^']+': RuntimeError: gripper "

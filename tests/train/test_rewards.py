@@ -170,3 +170,42 @@ def test_reward_is_in_unit_interval_on_random_answers() -> None:
         res = r(*texts)
         assert 0.0 <= res.reward <= 1.0 and all(v is None or 0 <= v <= 1 for v in res.components.values())
     assert list(itertools.islice(r.components, 5)) == ["point", "box", "traj", "format", "exact"]
+
+
+def test_numpy_and_tensor_numbers_are_rewards(tmp_path: Path, monkeypatch) -> None:
+    """Any real number type a user function may return counts (numpy scalars, 0-d arrays and tensors); bool
+    does not."""
+    (tmp_path / "typed_rewards.py").write_text(
+        "import numpy as np, torch\n"
+        "VALUES = {'f32': np.float32(0.75), 'f64': np.float64(0.5), 'i64': np.int64(1), 'arr': np.array(0.25),\n"
+        "          'tensor': torch.tensor(0.125), 'int': 0, 'bool': True, 'vec': np.array([0.5])}\n"
+        "def typed(answer, reference, key):\n    return VALUES[answer]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("typed_rewards", None)
+    r = GroundingReward(RewardSpec(weights={"format": 0.0, "point": 1.0}, functions={"typed_rewards:typed": 1.0}))
+    for answer, want in {"f32": 0.75, "f64": 0.5, "i64": 1.0, "arr": 0.25, "tensor": 0.125, "int": 0.0}.items():
+        res = r(answer, "ref")
+        assert res.error is None and res.components["typed"] == want and res.reward == want, answer
+    for answer in ("bool", "vec"):
+        res = r(answer, "ref", "k")
+        assert math.isnan(res.reward) and "returned" in res.error and res.components["typed"] is None
+
+
+def test_a_weight_0_function_that_fails_leaves_the_reward(tmp_path: Path, monkeypatch) -> None:
+    """A weight-0 function is a metric only: its failure is reported (error, None component) but the sample
+    keeps its reward and so its advantage."""
+    mod = _user_module(tmp_path, monkeypatch)
+    r = GroundingReward(RewardSpec(weights={"format": 1.0}, functions={f"{mod}:picky": 0.0, f"{mod}:constant": 1.0}))
+    res = r("boom", "ref", "syn-9")
+    assert res.reward == pytest.approx((1.0 + 0.7) / 2) and "raised on sample 'syn-9'" in res.error
+    assert res.components["picky"] is None and res.components["constant"] == 0.7
+
+
+def test_a_number_of_hundreds_of_digits_scores_instead_of_crashing() -> None:
+    """A degenerate answer repeating digits (one token each: 400 tokens) is clamped and scored, not a crash."""
+    r = GroundingReward(RewardSpec(weights={"point": 1.0, "format": 0.5}))
+    ref = "<affordance> <frame 0>: (1000, 500) </affordance>"
+    res = r("<affordance> <frame 0>: (" + "9" * 400 + ", 500) </affordance>", ref)
+    assert res.components["point"] == 1.0 and res.components["format"] == 0.0   # clamped to 1000; not well formed
+    res = r("<affordance> <frame " + "7" * 5000 + ">: (1000, 500) </affordance>", ref)
+    assert res.components["point"] == 0.0 and res.error is None                 # another frame
