@@ -8,12 +8,15 @@ small readout per run to predict the three digits of the object's frame-0 centre
 - ``per-token linear``: one linear map of all vision tokens concatenated (a weight per token position);
 - ``mean pool``: an MLP on the mean of the vision tokens;
 - ``attention pool``: an MLP on an attention-weighted sum of the vision tokens (4 heads, a learned query each),
-  the operation a decoder's attention head applies to the vision tokens.
+  the operation a decoder's attention head applies to the vision tokens, with keys from their content only;
+- ``attention+pos``: the same with a learned vector per token position added to the keys (a decoder's RoPE lets
+  its attention pick tokens by position too).
 
 Prints the held-out error (mean distance of the greedy digits to the truth, 0-1000 units) every ``--every`` steps,
-next to the error of answering every clip with the training set's mean position. docs/rl.md quotes its figures.
+next to two answers that ignore the clip: the training set's mean position, and its most common digit at each of
+the six places (where a greedy digit readout that learnt nothing from the clip ends). docs/rl.md quotes its figures.
 
-    python bench/vision_readout.py                      # recipes/tiny/finetune/grpo_grounding.yaml, ~2 min on 1 core
+    python bench/vision_readout.py                      # recipes/tiny/finetune/grpo_grounding.yaml, ~4 min on 1 core
     python bench/vision_readout.py --readouts mean --steps 3000 model.arch.vision_config.spatial_merge_size=4
 """
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-READOUTS = ("per-token", "mean", "attention")
+READOUTS = ("per-token", "mean", "attention", "attention+pos")
 
 
 class PerTokenLinear(nn.Module):
@@ -55,16 +58,21 @@ class MeanPool(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    def __init__(self, tokens: int, dim: int, heads: int = 4):
+    """Learned queries over the tokens' keys; ``positional``: a learned vector per token position added to the
+    keys, so heads can pick tokens by position as RoPE lets a decoder's attention (values stay content only)."""
+
+    def __init__(self, tokens: int, dim: int, heads: int = 4, positional: bool = False):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.query_hd = nn.Parameter(torch.zeros(heads, self.head_dim))
         self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.key_pos_md = nn.Parameter(torch.randn(tokens, dim)) if positional else None
         self.mlp = _mlp(dim)
 
     def forward(self, x_bmd: torch.Tensor) -> torch.Tensor:
         b, m, _ = x_bmd.shape
-        k_bmhd = self.key(x_bmd).view(b, m, self.heads, self.head_dim)
+        k_bmd = self.key(x_bmd) if self.key_pos_md is None else self.key(x_bmd) + self.key_pos_md
+        k_bmhd = k_bmd.view(b, m, self.heads, self.head_dim)
         v_bmhd = self.value(x_bmd).view(b, m, self.heads, self.head_dim)
         w_bhm = torch.einsum("bmhd,hd->bhm", k_bmhd, self.query_hd).div(self.head_dim**0.5).softmax(-1)
         return self.mlp(torch.einsum("bhm,bmhd->bhd", w_bhm, v_bmhd).reshape(b, -1))
@@ -100,7 +108,7 @@ def main() -> None:
     ap.add_argument("--train-clips", type=int, default=None, help="default: the recipe's data.synthetic.num_samples")
     ap.add_argument("--eval-clips", type=int, default=400)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=12, help="clips per step (the SFT stage packs about 13)")
+    ap.add_argument("--batch", type=int, default=12, help="clips per step (the SFT stage packs 11.8 a step)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -120,14 +128,21 @@ def main() -> None:
     pixels, grid, centres = render(cfg, spec, train_n + a.eval_clips)
     merge = spec.merge_size
     tokens = grid[0] * grid[1] * grid[2] // (merge * merge)
-    baseline = (centres[train_n:] - centres[:train_n].mean(0)).norm(dim=1).mean()
+    held_out = centres[train_n:]
+    baseline = (held_out - centres[:train_n].mean(0)).norm(dim=1).mean()
+    modes_6 = digits_b6(centres[:train_n]).mode(0).values      # what a readout that ignores the clip answers
+    mode_xy = (modes_6.view(2, 3) * torch.tensor([100, 10, 1])).sum(-1).float()
+    blind = (held_out - mode_xy).norm(dim=1).mean()
     print(f"{a.recipe}: {cfg.data.synthetic.frames} frames of {cfg.data.synthetic.width}x{cfg.data.synthetic.height}, "
           f"patch grid {tuple(grid)}, {tokens} vision tokens a clip; {train_n} training / {a.eval_clips} held-out "
-          f"clips rendered in {time.time() - t0:.0f} s; mean-position answer: error {baseline:.0f}", flush=True)
+          f"clips rendered in {time.time() - t0:.0f} s; held-out error of answering every clip with the mean "
+          f"position: {baseline:.0f}, with the most common digits (a readout that ignores the clip): {blind:.0f}",
+          flush=True)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     vision = model.model.visual
     dim = vision.args.out_hidden_size
-    heads = {"per-token": PerTokenLinear, "mean": MeanPool, "attention": AttentionPool}
+    heads = {"per-token": PerTokenLinear, "mean": MeanPool, "attention": AttentionPool,
+             "attention+pos": lambda t, d: AttentionPool(t, d, positional=True)}
     eval_pixels = pixels[train_n:].flatten(0, 1)
     eval_grid = torch.tensor([grid] * a.eval_clips)
     results = {}
@@ -159,7 +174,8 @@ def main() -> None:
                       f"held-out error {err:4.0f} ({time.time() - t0:.0f} s)", flush=True)
         results[name] = errors[-1]
     print("held-out error after", a.steps * a.batch, "clips:",
-          ", ".join(f"{k} {v:.0f}" for k, v in results.items()), f"(mean-position answer {baseline:.0f})")
+          ", ".join(f"{k} {v:.0f}" for k, v in results.items()),
+          f"(most common digits {blind:.0f}, mean position {baseline:.0f})")
 
 
 if __name__ == "__main__":

@@ -192,16 +192,18 @@ def _num(s: str, strict: bool, ctx: str) -> int:
     if strict:
         if "." in s:
             raise TagError(f"{ctx}: coordinate {s!r} is not an integer")
-        if len(s.lstrip("-")) > _MAX_DIGITS:
+        digits = s.lstrip("-").lstrip("0") or "0"
+        if len(digits) > _MAX_DIGITS:
             raise TagError(f"{ctx}: coordinate {s[:24]}... ({len(s)} characters) is outside 0..{NORM_MAX}")
-        return int(s)
+        return -int(digits) if s.startswith("-") else int(digits)
     v = float(s)  # a model's answer may hold a number of hundreds of digits: float() gives inf, clamped
     return clamp_norm(v) if math.isfinite(v) else (NORM_MAX if v > 0 else 0)
 
 
 def _frame(s: str, strict: bool, ctx: str) -> int:
-    if len(s) <= _MAX_DIGITS:
-        return int(s)
+    digits = s.lstrip("0") or "0"
+    if len(digits) <= _MAX_DIGITS:
+        return int(digits)
     if strict:
         raise TagError(f"{ctx}: frame number {s[:24]}... has {len(s)} digits")
     return 10**_MAX_DIGITS  # matches no reference frame

@@ -88,6 +88,7 @@ class PromptSet:
 
         self.seed = int(seed)
         self.refs: list[PromptRef] = []
+        self._last_order: tuple[int, np.ndarray | None] = (-1, None)
         self.skipped = 0
         for shard in shards:
             for raw in iter_tar_samples(shard, ReaderLimits(defer_media=True)):
@@ -103,8 +104,14 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.refs)
 
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order, the last one kept (``at`` asks for it prompt by prompt: an O(N) draw each)."""
+        if self._last_order[0] != epoch:
+            self._last_order = (epoch, np.random.default_rng([self.seed, epoch, 0x9E0]).permutation(len(self.refs)))
+        return self._last_order[1]
+
     def order(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch, 0x9E0]).permutation(len(self.refs)).tolist()
+        return self._permutation(epoch).tolist()
 
     def positions(self, step: int, per_step: int, rank: int = 0, world: int = 1) -> list[int]:
         """Global positions of data rank ``rank``'s prompts at ``step``."""
@@ -114,7 +121,7 @@ class PromptSet:
 
     def at(self, position: int) -> PromptRef:
         n = len(self.refs)
-        return self.refs[self.order(position // n)[position % n]]
+        return self.refs[int(self._permutation(position // n)[position % n])]
 
 
 def load_prompts(refs: Sequence[PromptRef], encoder: Any) -> list[tuple[EncodedSample, str, str]]:
@@ -284,12 +291,12 @@ class GRPOStage:
 
         self.cfg, self.rl, self.ctx = cfg, cfg.rl, ctx
         fewest = cfg.rl.prompts_per_step // ctx.data_world_size
-        if cfg.rl.policy_steps > fewest:
-            raise ValueError(f"rl.policy_steps={cfg.rl.policy_steps} exceeds the prompts some rank gets per rollout "
-                             f"({fewest}: rl.prompts_per_step={cfg.rl.prompts_per_step} over {ctx.data_world_size} "
-                             "data-parallel ranks): a rank's rollouts are split into policy_steps parts of whole "
-                             "groups, so some optimiser steps would train on nothing; lower rl.policy_steps or raise "
-                             "rl.prompts_per_step")
+        if cfg.rl.policy_steps > fewest:   # a warning, not an error: a resume on more ranks must still run
+            log.warning("rl.policy_steps=%d exceeds the prompts some rank gets per rollout (%d: rl.prompts_per_step=%d "
+                        "over %d data-parallel ranks): a rank's rollouts are split into policy_steps parts of whole "
+                        "groups, so some of its optimiser steps train on nothing (fillers); lower rl.policy_steps or "
+                        "raise rl.prompts_per_step", cfg.rl.policy_steps, fewest, cfg.rl.prompts_per_step,
+                        ctx.data_world_size)
         self.encoder = encoder if encoder is not None else build_encoder(cfg, args)
         self.prompts = prompt_set if prompt_set is not None else PromptSet(prompt_shards(cfg), seed=cfg.data.seed)
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
@@ -461,7 +468,7 @@ class GRPOStage:
         comps = self.reward.components
         rewards = [r.reward for r in rs.rollouts]
         ok = [x for x in rewards if math.isfinite(x)]
-        local = [float(len(ok)), sum(ok), sum(x * x for x in ok), float(len(rewards) - len(ok)),
+        local = [float(len(ok)), sum(ok), sum(x * x for x in ok), float(sum(r.error is not None for r in rs.rollouts)),
                  float(sum(len(r.completion) for r in rs.rollouts)), float(len(rs.rollouts)),
                  float(sum(bool(r.completion) and r.completion[-1] in self.stop_ids for r in rs.rollouts))]
         for c in comps:
@@ -589,7 +596,8 @@ def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -
         reference.eval()
         log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)%s", cfg.rl.kl_coef,
                  f"; a LoRA run, but model.lora.trainable trains {len(moving)} base parameter(s) ({moving[0]}, ...) "
-                 "that the adapter-disabled model would share with the policy" if moving else "")
+                 "that the adapter-disabled model would share with the policy: the copy costs a second model's "
+                 "memory (train adapters only, or rl.kl_coef=0, to do without it)" if moving else "")
     stage = GRPOStage(cfg, run.args, ctx, reference=reference)
     log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
              len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)

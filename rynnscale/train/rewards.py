@@ -222,12 +222,12 @@ class GroundingReward:
                 value = fn(answer, reference, key)
             except Exception as e:  # noqa: BLE001 - a user function's failure is counted, not fatal
                 errors.append(f"reward function {path!r} raised on sample {key!r}: {type(e).__name__}: {e}")
-                value = None
+                comps[name] = None
             else:
-                if _as_reward(value) is None:
-                    errors.append(f"reward function {path!r} returned {value!r} on sample {key!r}; expected a finite "
-                                  "number in [0, 1]")
-            comps[name] = None if value is None else _as_reward(value)
+                comps[name] = _as_reward(value)
+                if comps[name] is None:
+                    errors.append(f"reward function {path!r} returned {value!r:.200} on sample {key!r}; expected a "
+                                  "finite number in [0, 1]")
             weighed_failed |= comps[name] is None and self.weights[name] > 0
         error = "; ".join(errors) or None
         if weighed_failed:   # a weight-0 function (a metric only) leaves the reward alone
@@ -247,7 +247,10 @@ def _as_reward(value: object) -> float | None:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    v = float(value)
+    try:
+        v = float(value)
+    except (OverflowError, ValueError):   # e.g. an int of 400 digits
+        return None
     return v if math.isfinite(v) and 0.0 <= v <= 1.0 else None
 
 
