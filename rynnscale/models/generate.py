@@ -27,7 +27,9 @@ rules: top-k keeps every token at least as likely as the k-th; top-p keeps the s
 whose probability reaches ``top_p``; of tied tokens, ours keeps the higher ids, transformers' follows its
 unstable sort), then inverse-CDF sampling with one uniform number per sequence and step from that sequence's
 own ``torch.Generator`` (``seeds[i]``): a continuation depends on its seed, not on the other sequences of the
-batch or on the device's RNG.
+batch or on the device's RNG -- up to the last bits of the logits, which can change with the batch's shape
+(matrix-multiply blocking: ~1e-6 relative on CPU in fp32), so a draw or a greedy pick at a near-tie may differ
+between a prompt decoded alone and in a batch.
 
 Lockstep (FSDP / EP: every forward is a collective): every rank must call ``generate`` with the same
 number of prompts and samples (pad with filler prompts), and pass ``all_done(local_done) -> bool`` telling

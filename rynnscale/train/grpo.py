@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -278,14 +279,16 @@ class GRPOStage:
     prompt whose sample cannot be encoded is skipped and counted (``bad``). The rollouts are split into
     ``rl.policy_steps`` parts of whole groups, each packed into micro-batches of ``train.micro_batch_tokens``;
     the reference policy's log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial
-    weights for a full fine-tune -- or, for a LoRA run training adapters only, the same model inside
-    ``adapters_disabled``) and, when a rollout feeds more than one optimiser step, the rollout policy's own are
-    computed before any update.
+    weights for a full fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``, with
+    ``base_values``, the initial values of the base parameters it trains, swapped in) and, when a rollout feeds
+    more than one optimiser step, the rollout policy's own are computed before any update.
 
     Sampling seeds come from (``run.seed``, prompt position, answer index), so a step's rollouts depend on the
-    step and the weights only: a resumed run regenerates exactly the rollouts the killed one would have."""
+    step and the weights only: a resumed run regenerates exactly the rollouts the killed one would have (on
+    another layout, up to draws at near-ties that the logits' last bits decide: ``rynnscale.models.generate``)."""
 
     def __init__(self, cfg: Any, args: Any, ctx: Any, *, reference: torch.nn.Module | None = None,
+                 base_values: dict[str, torch.Tensor] | None = None,
                  prompt_set: PromptSet | None = None, encoder: Any = None):
         from rynnscale.data.pipeline import build_encoder
 
@@ -302,6 +305,7 @@ class GRPOStage:
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
         self.objective = objective_of(cfg.rl, cfg.train.loss_chunk_tokens)
         self.reference = reference
+        self.base_values = base_values or {}
         stop = self.encoder.tok.token_to_id("<|im_end|>")
         if stop is None:
             raise ValueError("the tokenizer has no <|im_end|> token (needed to end the answers)")
@@ -402,10 +406,9 @@ class GRPOStage:
                   chunk_tokens=self.cfg.train.loss_chunk_tokens)
         if self.rl.kl_coef > 0:
             if self.reference is not None:
-                with adapters_disabled(self.reference):   # a LoRA run's copy: its base
-                    ref = score_log_probs(self.reference, flat, **kw)
+                ref = score_log_probs(self.reference, flat, **kw)
             else:
-                with adapters_disabled(model) as n:
+                with adapters_disabled(model) as n, swapped_values(model, self.base_values):
                     if n == 0:
                         raise ValueError("rl.kl_coef > 0 needs a reference policy: a LoRA run (its base) or a frozen "
                                          "copy of the initial weights")
@@ -576,29 +579,62 @@ class RolloutSource:
 
 def trained_base_params(model: torch.nn.Module) -> list[str]:
     """The trainable parameters of a LoRA model that are not adapters (``model.lora.trainable``): updated in
-    place, so the adapter-disabled model is no longer the initial base."""
+    place, so the adapter-disabled model alone is no longer the initial base."""
     return [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n)]
 
 
+@contextmanager
+def swapped_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block the parameters named in ``values`` hold those values (copied in place into FSDP2's
+    sharded parameters, which its next forward gathers), then their own again."""
+    _reshard(model)   # after a forward FSDP2 may leave the root's parameters unsharded (plain tensors)
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, v in values.items():
+            saved[name] = params[name].detach().clone()
+            params[name].copy_(v)
+    try:
+        yield
+    finally:
+        _reshard(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, v in saved.items():
+                params[name].copy_(v)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -> RolloutSource:
-    """A GRPO run's data (``train.objective: grpo``): its prompts, reward and reference policy -- with
-    ``rl.kl_coef`` > 0, a frozen copy of the initial weights built like the policy (same ``model.init_from`` or
-    seed, same shards), unless the run is LoRA with nothing but adapters trained (its reference is then the
-    adapter-disabled base, no copy)."""
+    """A GRPO run's data (``train.objective: grpo``): its prompts, reward and reference policy (``rl.kl_coef`` >
+    0). A full fine-tune's reference is a frozen copy of the initial weights built like the policy (same
+    ``model.init_from`` or seed, same shards); a LoRA run's is the same model with its adapters disabled, no copy,
+    and when ``model.lora.trainable`` trains base parameters too, their initial values are kept and swapped in
+    while the reference scores. Built before a resume loads the checkpoint, so these are the stage's initial
+    values."""
     from rynnscale.train.build import build_model
 
-    reference = None
-    moving = trained_base_params(model) if cfg.model.lora.rank > 0 else []
-    if cfg.rl.kl_coef > 0 and (cfg.model.lora.rank <= 0 or moving):
+    reference, base_values = None, {}
+    if cfg.rl.kl_coef > 0 and cfg.model.lora.rank <= 0:
         _, reference = build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes,
                                    compute_dtype=run.compute_dtype, arch=run.arch)
         reference.requires_grad_(False)
         reference.eval()
-        log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)%s", cfg.rl.kl_coef,
-                 f"; a LoRA run, but model.lora.trainable trains {len(moving)} base parameter(s) ({moving[0]}, ...) "
-                 "that the adapter-disabled model would share with the policy: the copy costs a second model's "
-                 "memory (train adapters only, or rl.kl_coef=0, to do without it)" if moving else "")
-    stage = GRPOStage(cfg, run.args, ctx, reference=reference)
+        log.info("GRPO reference policy: a frozen copy of the initial weights (rl.kl_coef=%g)", cfg.rl.kl_coef)
+    elif cfg.rl.kl_coef > 0:
+        params = dict(model.named_parameters())
+        base_values = {n: params[n].detach().clone() for n in trained_base_params(model)}
+        log.info("GRPO reference policy: the base model (adapters disabled)%s", "" if not base_values else
+                 f", with the initial values of the {len(base_values)} base parameter(s) model.lora.trainable trains "
+                 f"({next(iter(base_values))}, ...), kept: {sum(v.numel() for v in base_values.values()):,} numbers")
+    stage = GRPOStage(cfg, run.args, ctx, reference=reference, base_values=base_values)
     log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
              len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)
     return RolloutSource(stage, model, run.compute_dtype)

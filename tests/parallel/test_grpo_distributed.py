@@ -6,7 +6,10 @@
 - then KV-cache generation on the sharded model in place, each rank its own prompts (text and image, different
   lengths, 2 samples each, greedy and seeded sampling): the same tokens as one process generating them, with stop
   tokens that end every answer of rank 0 after one token while rank 1 decodes on -- the ranks still run the same
-  number of forwards (the ``all_done`` agreement), or the collectives would hang."""
+  number of forwards (the ``all_done`` agreement), or the collectives would hang;
+- ``swapped_values`` (a LoRA run's trained base parameters at their initial values while the reference scores)
+  on FSDP2-sharded parameters, right after a forward that left the root's parameters unsharded: the block
+  computes with the given values, and after it the model computes with its own again."""
 
 from __future__ import annotations
 
@@ -131,3 +134,35 @@ def test_generation_on_the_sharded_model_equals_one_process(runs, layout) -> Non
         assert results[r][layout]["gens"] == ref["gens"][r], f"rank {r}"
     assert all(len(seq) == 1 and seq[0] in stops for mode in ref["gens"][0].values() for seq in mode)  # rank 0 done
     assert all(len(seq) == NEW for mode in ref["gens"][1].values() for seq in mode)   # rank 1 decoded to the end
+
+
+def swap_worker(rank: int, world: int) -> list[torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from rynnscale.train.grpo import swapped_values
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x = torch.randn(3, 4)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with torch.no_grad():
+        y_initial = model(x)
+    model(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        y_moved = model(x)                  # the root keeps its gathered parameters after this forward
+        with swapped_values(model, initial):
+            y_swapped = model(x)
+        y_after = model(x)
+    return [y_initial, y_moved, y_swapped, y_after]
+
+
+def test_swapped_values_on_fsdp2_parameters(tmp_path) -> None:
+    for y_initial, y_moved, y_swapped, y_after in run_ranks(swap_worker, WORLD, tmp_path):
+        assert not torch.equal(y_moved, y_initial)
+        assert torch.equal(y_swapped, y_initial) and torch.equal(y_after, y_moved)

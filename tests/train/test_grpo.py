@@ -11,7 +11,7 @@
   through the CLI;
 - a step favours the answers with the larger advantages (the policy moves the right way);
 - a LoRA run's reference is the adapter-disabled base: no second model; one that also trains base parameters
-  (``model.lora.trainable``) gets a frozen copy, whose log-probs stay the initial base's;
+  (``model.lora.trainable``) keeps their initial values and swaps them in: its log-probs stay the initial base's;
 - the rollout policy's log-probs are scored in eval mode, as sampled (LoRA dropout does not draw them);
 - more optimiser steps per rollout than prompts per rank is warned of (some steps would train on nothing).
 """
@@ -241,9 +241,10 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path: Path, shards) -> 
     torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
 
 
-def test_lora_training_base_parameters_gets_a_frozen_reference(tmp_path: Path, shards) -> None:
-    """``model.lora.trainable`` trains a base parameter in place, so the adapter-disabled model would drift with
-    the policy: the run builds a frozen copy, and the reference log-probs stay the initial base's after updates."""
+def test_lora_training_base_parameters_keeps_their_initial_values(tmp_path: Path, shards) -> None:
+    """``model.lora.trainable`` trains a base parameter in place, so the adapter-disabled model alone would drift
+    with the policy: the run keeps that parameter's initial values (no model copy) and swaps them in while the
+    reference scores; its log-probs stay the initial base's after updates, and the policy keeps its own."""
     from types import SimpleNamespace
 
     from rynnscale.config.schema import LoRAConfig
@@ -258,17 +259,19 @@ def test_lora_training_base_parameters_gets_a_frozen_reference(tmp_path: Path, s
     base.load_state_dict({k: v for k, v in model.state_dict().items() if not is_adapter_param(k)})
     run = SimpleNamespace(compute_dtype=torch.float32, arch=None, args=args)
     source = build_rollout_source(cfg, run, DistContext(device=torch.device("cpu")), model)
-    assert source.stage.reference is not None
+    assert source.stage.reference is None and list(source.stage.base_values) == ["model.language_model.norm.weight"]
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, 10)
     for _ in range(2):
         optimiser_step(source, model, opt, sched)
     norm = model.model.language_model.norm.weight
-    assert not torch.equal(norm, base.model.language_model.norm.weight)   # the base parameter has moved
+    moved = norm.detach().clone()
+    assert not torch.equal(moved, base.model.language_model.norm.weight)   # the base parameter has moved
     batch = source.stage.rollout(1, model, torch.float32).parts[0][0]
     with torch.no_grad():
         want = base.token_log_probs(batch, base(batch))
     torch.testing.assert_close(batch.ref_logp_l, want, rtol=0, atol=0)
+    assert torch.equal(norm, moved) and norm.requires_grad      # the policy's own value is back
 
 
 def test_rollout_log_probs_are_the_sampling_policys(tmp_path: Path, shards) -> None:
