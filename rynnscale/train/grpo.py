@@ -587,6 +587,9 @@ def trained_base_params(model: torch.nn.Module) -> list[str]:
 def swapped_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block the parameters named in ``values`` hold those values (copied in place into FSDP2's
     sharded parameters, which its next forward gathers), then their own again."""
+    if not values:    # a LoRA run training adapters only: nothing to swap, nothing to regather
+        yield
+        return
     _reshard(model)   # after a forward FSDP2 may leave the root's parameters unsharded (plain tensors)
     params = dict(model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
