@@ -586,25 +586,25 @@ def trained_base_params(model: torch.nn.Module) -> list[str]:
 @contextmanager
 def swapped_values(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block the parameters named in ``values`` hold those values (copied in place into FSDP2's
-    sharded parameters, which its next forward gathers), then their own again."""
+    sharded parameters, which its next forward gathers), then their own again -- also when the block raises
+    (though a forward that raised midway can leave FSDP2 holding its gathered copy for one more forward)."""
     if not values:    # a LoRA run training adapters only: nothing to swap, nothing to regather
         yield
         return
     _reshard(model)   # after a forward FSDP2 may leave the root's parameters unsharded (plain tensors)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())   # now the sharded parameters themselves: kept for the restore
     saved: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, v in values.items():
-            saved[name] = params[name].detach().clone()
-            params[name].copy_(v)
     try:
+        with torch.no_grad():
+            for name, v in values.items():
+                saved[name] = params[name].detach().clone()
+                params[name].copy_(v)
         yield
     finally:
-        _reshard(model)
-        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, v in saved.items():
                 params[name].copy_(v)
+        _reshard(model)   # drop the gathered copies of the swapped values
 
 
 def _reshard(model: torch.nn.Module) -> None:

@@ -221,13 +221,14 @@ class GroundingReward:
             try:
                 value = fn(answer, reference, key)
             except Exception as e:  # noqa: BLE001 - a user function's failure is counted, not fatal
-                errors.append(f"reward function {path!r} raised on sample {key!r}: {type(e).__name__}: {e}")
+                errors.append(f"reward function {path!r} raised on sample {key!r}: {type(e).__name__}: "
+                              f"{_printable(e, str)}")
                 comps[name] = None
             else:
                 comps[name] = _as_reward(value)
                 if comps[name] is None:
-                    errors.append(f"reward function {path!r} returned {value!r:.200} on sample {key!r}; expected a "
-                                  "finite number in [0, 1]")
+                    errors.append(f"reward function {path!r} returned {_printable(value, repr)} on sample {key!r}; "
+                                  "expected a finite number in [0, 1]")
             weighed_failed |= comps[name] is None and self.weights[name] > 0
         error = "; ".join(errors) or None
         if weighed_failed:   # a weight-0 function (a metric only) leaves the reward alone
@@ -240,16 +241,25 @@ class GroundingReward:
         return RewardResult(num / den if den > 0 else 0.0, comps, error)
 
 
+def _printable(x: object, how: Callable[[object], str]) -> str:
+    """``how(x)`` cut to 200 characters, or a placeholder when it raises (``repr`` of an int of 4,300+ digits
+    does): the message of a failure must not be a failure of its own."""
+    try:
+        return how(x)[:200]
+    except Exception:  # noqa: BLE001 - any user object
+        return f"<unprintable {type(x).__name__}>"
+
+
 def _as_reward(value: object) -> float | None:
     """A user function's value as a float in [0, 1] (any real number type: float, int, numpy scalar, 0-d array
     or tensor; not bool), else None."""
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
     try:
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
         v = float(value)
-    except (OverflowError, ValueError):   # e.g. an int of 400 digits
+    except Exception:  # noqa: BLE001 - e.g. float() of an int of 400 digits; any user object's conversion
         return None
     return v if math.isfinite(v) and 0.0 <= v <= 1.0 else None
 

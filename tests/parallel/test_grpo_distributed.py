@@ -159,10 +159,21 @@ def swap_worker(rank: int, world: int) -> list[torch.Tensor]:
         with swapped_values(model, initial):
             y_swapped = model(x)
         y_after = model(x)
-    return [y_initial, y_moved, y_swapped, y_after]
+        model.reshard()                     # the root's sharded parameters, to read them
+        moved = {n: p.full_tensor() for n, p in model.named_parameters()}
+        try:                                # a failure inside the block: the policy's own values come back
+            with swapped_values(model, initial):
+                raise RuntimeError("out of memory, say")
+        except RuntimeError as e:
+            assert str(e) == "out of memory, say"
+        model.reshard()
+        restored = all(torch.equal(p.full_tensor(), moved[n]) for n, p in model.named_parameters())
+        y_again = model(x)
+    return [y_initial, y_moved, y_swapped, y_after, restored, y_again]
 
 
 def test_swapped_values_on_fsdp2_parameters(tmp_path) -> None:
-    for y_initial, y_moved, y_swapped, y_after in run_ranks(swap_worker, WORLD, tmp_path):
+    for y_initial, y_moved, y_swapped, y_after, restored, y_again in run_ranks(swap_worker, WORLD, tmp_path):
         assert not torch.equal(y_moved, y_initial)
         assert torch.equal(y_swapped, y_initial) and torch.equal(y_after, y_moved)
+        assert restored and torch.equal(y_again, y_moved)

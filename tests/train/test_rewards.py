@@ -178,7 +178,8 @@ def test_numpy_and_tensor_numbers_are_rewards(tmp_path: Path, monkeypatch) -> No
     (tmp_path / "typed_rewards.py").write_text(
         "import numpy as np, torch\n"
         "VALUES = {'f32': np.float32(0.75), 'f64': np.float64(0.5), 'i64': np.int64(1), 'arr': np.array(0.25),\n"
-        "          'tensor': torch.tensor(0.125), 'int': 0, 'bool': True, 'vec': np.array([0.5]), 'huge': 10**400}\n"
+        "          'tensor': torch.tensor(0.125), 'int': 0, 'bool': True, 'vec': np.array([0.5]), 'huge': 10**400,\n"
+        "          'huger': 10**5000}\n"
         "def typed(answer, reference, key):\n    return VALUES[answer]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("typed_rewards", None)
@@ -186,7 +187,7 @@ def test_numpy_and_tensor_numbers_are_rewards(tmp_path: Path, monkeypatch) -> No
     for answer, want in {"f32": 0.75, "f64": 0.5, "i64": 1.0, "arr": 0.25, "tensor": 0.125, "int": 0.0}.items():
         res = r(answer, "ref")
         assert res.error is None and res.components["typed"] == want and res.reward == want, answer
-    for answer in ("bool", "vec", "huge"):
+    for answer in ("bool", "vec", "huge", "huger"):     # huger: even its repr raises
         res = r(answer, "ref", "k")
         assert math.isnan(res.reward) and "returned" in res.error and res.components["typed"] is None
 
