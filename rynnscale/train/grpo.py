@@ -114,6 +114,10 @@ class PromptSet:
     def order(self, epoch: int) -> list[int]:
         return self._permutation(epoch).tolist()
 
+    def reseed(self, seed: int) -> None:
+        """Another order (a resume whose checkpoint recorded another ``data.seed`` than the config's)."""
+        self.seed, self._last_order = int(seed), (-1, None)
+
     def positions(self, step: int, per_step: int, rank: int = 0, world: int = 1) -> list[int]:
         """Global positions of data rank ``rank``'s prompts at ``step``."""
         if per_step % world:

@@ -210,7 +210,11 @@ def restart_data_seed(seed: int, step: int) -> int:
 
 
 def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
-    """Replace ``c.data`` by this rank's loader built with ``data.seed = data_seed``."""
+    """Replace ``c.data`` by this rank's loader built with ``data.seed = data_seed`` (GRPO: its prompt order
+    reseeded, the rollout source and its reference kept)."""
+    if cfg.train.objective == "grpo":
+        c.data.stage.prompts.reseed(data_seed)
+        return
     cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
     c.data = build_train_data(cfg_d, c.args, rank=c.ctx.data_rank, world_size=c.ctx.data_world_size)
 

@@ -81,6 +81,24 @@ def test_prompt_set_is_layout_free(shards) -> None:
     assert rollout_seed(0, 5, 1) == rollout_seed(0, 5, 1) != rollout_seed(0, 5, 2)
 
 
+def test_a_resume_with_another_data_seed_keeps_the_checkpoints_prompt_order(tmp_path: Path, shards) -> None:
+    """The trainer rebuilds the data with the checkpoint's data seed when the config's differs: for GRPO the
+    rollout source stays (its state loads next) and its prompt order takes that seed."""
+    from types import SimpleNamespace
+
+    from rynnscale.train.setup import rebuild_data
+
+    cfg = cfg_for(tmp_path, shards, "train.objective=grpo")
+    args, model = build_model(cfg.model, seed=0)
+    source = RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)
+    c = SimpleNamespace(data=source, args=args)
+    first = [source.stage.prompts.at(p).key for p in range(12)]
+    rebuild_data(cfg, c, cfg.data.seed + 7)
+    assert c.data is source
+    want = PromptSet(shards, seed=cfg.data.seed + 7)
+    assert [source.stage.prompts.at(p).key for p in range(12)] == [want.at(p).key for p in range(12)] != first
+
+
 def test_pack_rollouts_labels_only_the_answer(tmp_path: Path, shards) -> None:
     from rynnscale.train.grpo import load_prompts
 
