@@ -151,6 +151,7 @@ class _Render:
 
 
 _ROLES = ("system", "user", "assistant")
+_MIN_FPS, _MAX_FPS = 1e-6, 1e6   # frame-list rates outside are data errors (a frame every 11 days .. 1 MHz)
 _META_FPS_KEYS = ("fps", "video_fps", "frames_fps")
 
 
@@ -441,11 +442,16 @@ class SampleEncoder:
             fps = next((meta[k] for k in _META_FPS_KEYS if k in meta), None)
         if fps is None:
             fps = self.cfg.frames_fps if self.cfg.frames_fps is not None else self.cfg.fps
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-            raise SampleError("bad_conversation", key, f"{where}: frame-list fps must be a positive number, got {fps!r}")
-        idx = sample_frame_indices(len(names), float(fps), fps=self.cfg.fps, min_frames=self.cfg.min_frames,
+        try:   # a 400-digit int overflows float(); 1e-308 passes isfinite but makes every time infinite
+            rate = float(fps) if isinstance(fps, (int, float)) and not isinstance(fps, bool) else math.nan
+        except OverflowError:
+            rate = math.nan
+        if not _MIN_FPS <= rate <= _MAX_FPS:
+            raise SampleError("bad_conversation", key, f"{where}: frame-list fps must be a number in "
+                                                       f"[{_MIN_FPS:g}, {_MAX_FPS:g}], got {str(fps)[:40]}")
+        idx = sample_frame_indices(len(names), rate, fps=self.cfg.fps, min_frames=self.cfg.min_frames,
                                    max_frames=self.cfg.max_frames)
-        times = (idx / float(fps)).tolist()
+        times = (idx / rate).tolist()
         for i in idx.tolist():  # every referenced frame must be a safe, present member, decoded or not
             self._member(key, where, names[i], members)
         H, W = self._image_size(key, f"{where} frame {int(idx[0])}", self._member(key, where, names[idx[0]], members))

@@ -583,7 +583,9 @@ class ShardStream:
                     yield s
                 self.order_pos += 1
                 self.in_shard = 0
-            if delivered == 0 and not resumed_mid_epoch:  # an endless loop over empty shards otherwise
+            # an endless stream over empty shards would loop forever; a finite one (evaluation: one epoch) just
+            # ends -- a held-out set smaller than the ranks leaves some empty, and they must still take part
+            if delivered == 0 and not resumed_mid_epoch and self.epochs is None:
                 names = ", ".join(os.path.basename(p) for p in mine)
                 if self.strided:
                     raise ShardPatternError(

@@ -24,6 +24,7 @@ reordered (B-frames) while its parameter sets do not declare a reorder depth: on
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -103,7 +104,8 @@ def sample_frame_indices(
         raise ValueError("fps and num_frames are mutually exclusive")
     if num_frames is None and fps is not None:
         vfps = 24.0 if not video_fps else float(video_fps)
-        num_frames = int(total_frames / vfps * fps)
+        wanted = total_frames / vfps * fps
+        num_frames = int(wanted) if math.isfinite(wanted) else max_frames   # absurd rates: as many as allowed
         num_frames = min(max(num_frames, min_frames), max_frames, total_frames)
     if num_frames is None:
         num_frames = min(max(total_frames, min_frames), max_frames)

@@ -298,3 +298,19 @@ def test_media_past_max_tokens_are_not_decoded(monkeypatch, truncate):
         s = enc.encode("many2", {"conv.json": conv2, "f000.png": members["f000.png"]})
         kept = s.image_grid_thw.shape[0]
         assert 1 <= kept <= 3 and len(calls) <= 4 and s.num_tokens <= 4096, (kept, len(calls))
+
+
+@pytest.mark.parametrize("where", ["item", "meta.video", "meta"])
+@pytest.mark.parametrize("fps", ["1e-308", "1" + "0" * 400, "1e308", "0", "-2", "true", "\"2\""])
+def test_absurd_frame_list_fps_is_a_counted_bad_sample(enc, where: str, fps: str) -> None:
+    """A frame rate from the conversation or meta.json that overflows (a 400-digit int), makes the frame times
+    infinite (1e-308) or is no positive number: the sample is refused with SampleError (skipped and counted),
+    not an OverflowError that ends the run."""
+    item = '{"type":"video","video":["f0.png","f1.png"]' + (f',"fps":{fps}' if where == "item" else "") + "}"
+    meta = {"item": "{}", "meta.video": '{"video":{"fps":' + fps + "}}", "meta": '{"fps":' + fps + "}"}[where]
+    conv = ('{"conversation":[{"role":"user","content":[' + item + ',{"type":"text","text":"q"}]},'
+            '{"role":"assistant","content":"a"}]}')
+    members = {"conv.json": conv.encode(), "meta.json": meta.encode(), "f0.png": png(32, 32), "f1.png": png(32, 32, 1)}
+    for call in (enc.estimate, enc.encode):
+        with pytest.raises(SampleError, match="fps must be a number in"):
+            call("k1", members)

@@ -117,6 +117,20 @@ def test_resume_two_ranks_two_workers(tmp_path: Path) -> None:
     assert not seen_by_rank[0] & seen_by_rank[1]  # ranks read different samples
 
 
+def test_a_finite_split_with_no_samples_just_ends(tmp_path: Path) -> None:
+    """Evaluation's one-epoch split loaders over a held-out set of 3 samples on 4 ranks: rank 3 gets none and yields
+    nothing (it used to raise ShardPatternError, leaving the other ranks waiting in the evaluation's collectives);
+    the 4 ranks together see every sample once."""
+    keys = write_text_shards(tmp_path, 1, 3)
+    seen = []
+    for rank in range(4):
+        lc = LoaderConfig(train_shards=[str(tmp_path / "shard-000.tar")], num_epochs=1, shuffle_buffer=0,
+                          shuffle_shards=False, micro_batch_tokens=300, min_samples_for_bad_check=1 << 62,
+                          num_workers=0)
+        seen.append([k for b in SplitLoader(lc, ByteEncoder(), rank=rank, world_size=4) for k in b.sample_keys])
+    assert seen[3] == [] and sorted(k for ks in seen for k in ks) == sorted(keys)
+
+
 def test_state_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     write_text_shards(tmp_path, 8, 4)
     cfg = config(tmp_path, num_workers=0)

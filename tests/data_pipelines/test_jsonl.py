@@ -184,3 +184,16 @@ def test_shards_through_train_loader(media: Path, tmp_path: Path):
         assert (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist() == [hints[k] for k in b.sample_keys]
         assert b.pixel_values is not None and b.pixel_values_videos is not None
     assert sorted(keys) == sorted(hints) and len(keys) == 3 and loader.bad_counts == {}
+
+
+@pytest.mark.parametrize("cost_hints", [False, True])
+def test_numbers_too_large_for_a_float_are_bad_lines(media: Path, tmp_path: Path, cost_hints: bool):
+    """A 400-digit integer as a line's frame rate (``math.isfinite`` overflows on it) is a bad line, counted and
+    named; the conversion goes on."""
+    frames = [f"frames/{i:03d}.jpg" for i in range(4)]
+    bad = [{**_turns([{"type": "video", "video": frames}], "a"), "fps": int("1" + "0" * 400)}]      # line 4
+    src = _write(tmp_path / "data.jsonl", GOOD + bad)
+    rep = convert_jsonl(src, tmp_path / "out", media_root=media, lines_per_shard=100, max_bad_fraction=1.0,
+                        progress=False, cost_hints=cost_hints)
+    assert rep["totals"] == {"lines": 4, "samples": 3, "bad_lines": 1}
+    assert [b["line"] for b in rep["bad_items"]] == [4]

@@ -113,6 +113,20 @@ def test_manifest_counts_hashes_costs(tmp_path):
     assert raw["total_samples"] == 7 and raw["total_bytes"] == sum(s.num_bytes for s in m.shards)
 
 
+@pytest.mark.parametrize("digits", [401, 5000])
+def test_a_manifest_with_a_huge_integer_is_a_manifest_error(tmp_path, digits):
+    """A cost of 401 digits (too large for a float) or 5,000 (past json's integer limit): ManifestError naming the
+    file, as for any other malformed manifest (callers skip on it), not an OverflowError / ValueError."""
+    _write(tmp_path, _samples(3), manifest_info={"converter": "test"})
+    path = tmp_path / MANIFEST_NAME
+    text = path.read_text()
+    raw = json.loads(text)
+    first = raw["shards"][0]["sample_costs"]["num_tokens"][0]
+    path.write_text(text.replace(f"[{first},", "[1" + "0" * (digits - 1) + ",", 1))
+    with pytest.raises(ManifestError, match=str(tmp_path)):
+        read_manifest(tmp_path)
+
+
 def test_max_bytes_rollover(tmp_path):
     samples = _samples(12, seed=1)
     cap = 12 * 1024
