@@ -75,6 +75,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, unsafe or does not fit; the message names the path / key."""
 
 
+class CheckpointCommittedError(CheckpointError):
+    """A save failed after its checkpoint was committed (complete under its final name): only ``latest`` or the
+    pruning is behind."""
+
+
 def checkpoint_name(step: int) -> str:
     """Directory name of the checkpoint after optimiser step ``step`` (zero-padded so names sort)."""
     if step < 0:
@@ -471,6 +476,13 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
             # step); the newest complete checkpoint only when ``latest`` is missing or broken
             pointed, why = read_latest(output_dir)
             newest = next((e for e in complete if e.path.name == pointed), None) if pointed else None
+            later = max(complete, key=_save_order) if complete else None
+            if newest is not None and later is not newest and _save_order(later)[0] > _save_order(newest)[0]:
+                # committed, but the run died before rewriting ``latest`` (or that write failed)
+                log.warning("resume=auto: %s names %s, but %s was saved after it (save_seq %d > %d): resuming from "
+                            "the later one", Path(output_dir) / CHECKPOINTS_DIR / LATEST, pointed, later.path.name,
+                            _save_order(later)[0], _save_order(newest)[0])
+                newest = later
             if newest is None and complete:
                 newest = complete[-1]
                 log.warning("resume=auto: %s (%s); falling back to the newest complete checkpoint %s",
@@ -572,16 +584,30 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _saved_at(e: CheckpointEntry) -> tuple[float, int]:
-    """When checkpoint ``e`` was saved (``trainer_state.json``'s ``saved_at``, else its COMPLETE marker's mtime)."""
+def _save_order(e: CheckpointEntry) -> tuple[int, float, int]:
+    """Sort key of checkpoint ``e`` by when it was saved: ``trainer_state.json``'s ``save_seq`` (a counter of the
+    run directory's saves, immune to clock skew between hosts), then its ``saved_at`` (else the COMPLETE
+    marker's mtime) for checkpoints written before the counter, then the step."""
     try:
-        t = float(json.loads((e.path / TRAINER_STATE).read_text()).get("saved_at"))
+        ts = json.loads((e.path / TRAINER_STATE).read_text())
+    except Exception:
+        ts = {}
+    ts = ts if isinstance(ts, dict) else {}
+    seq = ts.get("save_seq")
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+    try:
+        t = float(ts.get("saved_at"))
     except Exception:
         try:
             t = (e.path / COMPLETE).stat().st_mtime
         except OSError:
             t = 0.0
-    return t, e.step
+    return seq, t, e.step
+
+
+def _next_save_seq(output_dir: str | os.PathLike) -> int:
+    """1 + the highest ``save_seq`` of the run directory's complete checkpoints (0 if none has one)."""
+    return 1 + max((_save_order(e)[0] for e in list_checkpoints(output_dir) if e.complete), default=-1)
 
 
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
@@ -659,7 +685,7 @@ class CheckpointManager:
         touched) and raise a ``CheckpointError`` naming the directory and, for a full disk, ENOSPC."""
         if _rank(self.process_group) == 0 or not _dist_on():
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)) or (
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit, CheckpointCommittedError)) or (
                 isinstance(e, CheckpointError) and "save failed" in str(e)):
             return
         chain, cur = [], e
@@ -699,7 +725,8 @@ class CheckpointManager:
                 "format_version": FORMAT_VERSION, "step": step, "tokens_seen": int(tokens_seen),
                 "world_size": world, "layout": layout or {}, "scheduler": _scheduler_state(scheduler),
                 "config": config, "model_config": model_config, "extra": extra_state or {},
-                "torch_version": torch.__version__, "saved_at": time.time()})
+                "torch_version": torch.__version__, "saved_at": time.time(),
+                "save_seq": _next_save_seq(self.output_dir)})
         complete = {"format_version": FORMAT_VERSION, "step": step, "world_size": world,
                     "rank_files": [rank_file(r) for r in range(world)]}
         if self.async_save:
@@ -742,8 +769,14 @@ class CheckpointManager:
         _barrier(pg)   # every rank's DCP shard and rank file is on disk
         if _rank(pg) == 0:
             _commit(tmp, final, complete)
-            self._write_latest(final.name)   # last: points only at a complete checkpoint
-            self._prune()
+            try:
+                self._write_latest(final.name)   # last: points only at a complete checkpoint
+                self._prune()
+            except Exception as e:
+                raise CheckpointCommittedError(
+                    f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
+                    f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
+                    "latest save)") from e
         _barrier(pg)
 
     def _write_latest(self, name: str) -> None:
@@ -760,7 +793,7 @@ class CheckpointManager:
         # keep the most recently *saved* ones, and always the one ``latest`` names: after a rollback
         # (resume=PATH to an older step) the abandoned branch has higher steps but older saves
         pointed, _ = read_latest(self.output_dir)
-        by_time = sorted(complete, key=_saved_at)
+        by_time = sorted(complete, key=_save_order)
         kept = by_time[-self.keep_last:] if self.keep_last > 0 else by_time
         doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]

@@ -15,6 +15,7 @@ and processor) and ``load_hf_weights`` reads it back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from rynnscale.checkpoint.hf import (
     write_config_and_side_files,
 )
 from rynnscale.data.tokenizer import default_tokenizer_dir, run_tokenizer
+from rynnscale.fsutil import atomic_write_bytes, sha256_file
 from rynnscale.models import args_from_hf_config, family_of, read_hf_config
 from rynnscale.models.lora import LoRASpec, is_adapter_param, lora_delta
 
@@ -137,6 +139,45 @@ def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
     return LoRASpec(rank=int(lc["rank"]), alpha=float(lc["alpha"]), trainable=tuple(lc.get("trainable") or ()))
 
 
+def base_fingerprint(init_from: str | os.PathLike, cache: Path | None = None) -> dict[str, Any]:
+    """Content hash of a LoRA run's base model directory (``config.json`` + weight files + index): a
+    sha256 over the per-file sha256s. Per-file hashes are cached in ``cache`` by (size, mtime), so a
+    restart re-reads only files that changed (None: no cache). Rank 0 only (it reads the whole base once per
+    change)."""
+    root = Path(init_from)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"
+                                                                 or p.name.endswith(".safetensors.index.json")))
+    try:
+        old = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    per_file = {}
+    for p in files:
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        hit = old.get(p.name)
+        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else sha256_file(p)}
+    if cache is not None:
+        atomic_write_bytes(cache, json.dumps(per_file, indent=1).encode())
+    total = hashlib.sha256("".join(f"{n}:{v['sha256']}\n" for n, v in per_file.items()).encode()).hexdigest()
+    return {"init_from": str(root.resolve()), "sha256": total, "files": len(per_file)}
+
+
+def check_export_base(ckpt: str | os.PathLike, base_dir: Path) -> None:
+    """An adapters-only checkpoint records its base's content hash (``extra.lora_base``): merging its adapters
+    into another base writes a wrong model, so that is refused, naming both hashes."""
+    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    saved = (ts.get("extra") or {}).get("lora_base")
+    if not isinstance(saved, dict) or "sha256" not in saved:
+        return
+    now = base_fingerprint(base_dir)
+    if now["sha256"] != saved["sha256"]:
+        raise CheckpointError(
+            f"{ckpt}: its LoRA adapters were trained on the base {saved.get('init_from')} (content sha256 "
+            f"{saved['sha256'][:16]}...), but {base_dir} hashes to {now['sha256'][:16]}...; merged into another "
+            "base they give a wrong model. Pass --copy-from the original base.")
+
+
 def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
     """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
     ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
@@ -179,6 +220,8 @@ def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLik
     if spec is None:
         raise CheckpointError(f"{ckpt}: not a LoRA run (its config has model.lora.rank = 0); nothing to export "
                               "as an adapter")
+    base_dir = base_model_name_or_path if base_model_name_or_path and Path(base_model_name_or_path).is_dir() else None
+    _refuse_overlapping_output(ckpt, out_dir, base_dir, {})
     stored = _model_tensors_md(ckpt)
     adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
     return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
@@ -272,7 +315,9 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     spec = checkpoint_lora_spec(ckpt)   # a LoRA run exports merged
     base = None
     if spec is not None and any(n not in stored for n in expected):  # adapter-only checkpoint
-        base = HFTensorReader(checkpoint_base_dir(ckpt, copy_from), args)
+        base_dir = checkpoint_base_dir(ckpt, copy_from)
+        check_export_base(ckpt, base_dir)
+        base = HFTensorReader(base_dir, args)
 
     problems = []
     missing = [n for n in expected if n not in stored and base is None]

@@ -177,9 +177,19 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         raise ValueError(f"model.lora: no module matches targets {list(spec.targets)}"
                          f"{' (experts on)' if spec.experts else ''}; module names look like "
                          "'model.language_model.layers.0.self_attn.q_proj'")
-    for pname, p in model.named_parameters():
-        trainable = is_adapter_param(pname) or any(fnmatch.fnmatchcase(pname, pat) for pat in spec.trainable)
-        p.requires_grad_(trainable)
+    # every name of a parameter counts: a tied lm_head.weight is the embedding's parameter under a second name
+    names_of: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), (p, []))[1].append(pname)
+    matched: set[str] = set()
+    for p, names in names_of.values():
+        hits = {pat for pat in spec.trainable if any(fnmatch.fnmatchcase(n, pat) for n in names)}
+        matched |= hits
+        p.requires_grad_(any(is_adapter_param(n) for n in names) or bool(hits))
+    unmatched = [pat for pat in spec.trainable if pat not in matched]
+    if unmatched:
+        raise ValueError(f"model.lora.trainable: {unmatched} match(es) no parameter; names look like "
+                         "'model.language_model.norm.weight' or 'lm_head.weight'")
     return adapted
 
 

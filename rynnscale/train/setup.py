@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -21,9 +20,10 @@ import numpy as np
 import torch
 
 from rynnscale.checkpoint.dcp import CheckpointError, config_changes
+from rynnscale.checkpoint.export import base_fingerprint
 from rynnscale.config import RootConfig
 from rynnscale.data.pipeline import build_train_data
-from rynnscale.fsutil import atomic_write_bytes, sha256_file
+from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.parallel.distributed import DistContext, init_distributed
 from rynnscale.parallel.layout import ParallelLayout
 from rynnscale.train.build import ResolvedRun, build, resolve_run
@@ -141,28 +141,6 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     return TrainComponents(run.args, model, optimizer, scheduler, data, ctx, run=run)
 
 
-def base_fingerprint(init_from: str, cache: Path) -> dict[str, Any]:
-    """Content hash of a LoRA run's base model directory (``config.json`` + weight files + index): a
-    sha256 over the per-file sha256s. Per-file hashes are cached in ``cache`` by (size, mtime), so a
-    restart re-reads only files that changed. Rank 0 only (it reads the whole base once per change)."""
-    root = Path(init_from)
-    files = sorted(p for p in root.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"
-                                                                 or p.name.endswith(".safetensors.index.json")))
-    try:
-        old = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        old = {}
-    per_file = {}
-    for p in files:
-        st = p.stat()
-        key = [st.st_size, st.st_mtime_ns]
-        hit = old.get(p.name)
-        per_file[p.name] = {"stat": key, "sha256": hit["sha256"] if hit and hit.get("stat") == key else sha256_file(p)}
-    atomic_write_bytes(cache, json.dumps(per_file, indent=1).encode())
-    total = hashlib.sha256("".join(f"{n}:{v['sha256']}\n" for n, v in per_file.items()).encode()).hexdigest()
-    return {"init_from": str(root.resolve()), "sha256": total, "files": len(per_file)}
-
-
 def shared_base_fingerprint(cfg: RootConfig, ctx: DistContext) -> dict[str, Any] | None:
     """``base_fingerprint`` of a LoRA run's ``model.init_from``, computed on rank 0 and given to all ranks;
     None for full fine-tunes and LoRA on a random base."""
@@ -195,7 +173,12 @@ def check_same_adapters(saved: dict[str, Any] | None, current: Any, path: Path) 
     ``saved``: the checkpoint's recorded ``model.lora`` section; ``current``: this run's ``LoRAConfig``."""
     if saved is None:
         return
-    changes = config_changes(saved, dataclasses.asdict(current), ignore=frozenset({"dropout"}), prefix="model.lora.")
+    now = dataclasses.asdict(current)
+    if int(saved.get("rank") or 0) <= 0 and int(now.get("rank") or 0) <= 0:
+        return   # no adapters either side: the unused settings do not matter
+    # a key the checkpoint's version did not have yet: its default then is today's
+    saved = {**dataclasses.asdict(type(current)()), **saved}
+    changes = config_changes(saved, now, ignore=frozenset({"dropout"}), prefix="model.lora.")
     if changes:
         raise CheckpointError(
             f"{path}: the checkpoint was trained with another LoRA structure (checkpoint -> now): {'; '.join(changes)}. "

@@ -278,6 +278,12 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
                 log.warning("preempted (signal %s): saved step %d, exiting", preempt.signum, state.step)
                 break
         manager.wait()
+    except Exception:
+        try:   # a background save that finished is committed, not lost with the failing run
+            manager.wait()
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+            log.error("the background checkpoint save did not complete: %s", e)
+        raise
     finally:
         preempt.uninstall()
         metrics.close()

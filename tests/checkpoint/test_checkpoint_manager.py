@@ -290,3 +290,36 @@ def test_tied_embedding_is_stored_once_and_loads_exactly(tmp_path, monkeypatch, 
     assert sorted(got_state) == sorted(want_state)
     assert not [k for k in want_state if not torch.equal(got_state[k], want_state[k])]
     assert w.train_step(fresh, fopt, fsched).hex() == want_loss.hex()
+
+
+def test_keep_last_and_auto_follow_the_save_order_not_the_clock(tmp_path, monkeypatch, caplog):
+    """Saves are ordered by the run directory's save counter (``save_seq``): a host whose clock is behind (a
+    resume on another machine) no longer gets its newest checkpoints pruned; a checkpoint committed after the one
+    ``latest`` names (the run died between the two writes) is what resume=auto picks, with a warning; a failure
+    after the commit says the checkpoint is saved instead of 'the partial directory was removed'."""
+    import time as time_module
+
+    real, skew = time_module.time, {"s": 0.0}
+    monkeypatch.setattr(ckpt.time, "time", lambda: real() + skew["s"])
+    torch.manual_seed(0)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 10)
+    for step, s in zip(range(1, 6), (0.0, 600.0, 1200.0, -1800.0, -1200.0)):   # steps 4, 5: a host 30 min behind
+        skew["s"] = s
+        mgr.save(step, model, opt, sched)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004", "step_000005"]
+    assert [json.loads((root / n / "trainer_state.json").read_text())["save_seq"] for n in ("step_000004",
+                                                                                             "step_000005")] == [3, 4]
+    (root / "latest").write_text("step_000004\n")     # as if killed before latest moved on to step 5
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint.dcp"):
+        assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000005"
+    assert "step_000005 was saved after it" in caplog.text
+    # a failure after the commit (here: writing 'latest')
+    def fail(name):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mgr, "_write_latest", fail)
+    with pytest.raises(ckpt.CheckpointCommittedError, match="step_000006 is saved and complete"):
+        mgr.save(6, model, opt, sched)
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"

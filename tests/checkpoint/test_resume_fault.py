@@ -33,3 +33,37 @@ def test_crashed_rank_restarts_and_resumes_from_last_checkpoint(tmp_path):
     rc, log2 = run(command(2, overrides(tmp_path / "straight", data, steps=steps, every=every, ep=2)))
     assert rc == 0, log2[-4000:]
     assert got == losses(tmp_path / "straight")
+
+
+class _Failure(RuntimeError):
+    pass
+
+
+class _FailAfter:
+    """A hook that fails the run at the end of step ``n`` (as a data error or a hook would)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, step, ctx):
+        if step == self.n:
+            raise _Failure(f"failure after step {step}")
+
+
+def test_a_failing_run_commits_its_finished_background_save(tmp_path):
+    """``checkpoint.async_save``: a save of step 3 still in the background when step 4 fails is waited for and
+    committed (it used to stay a ``step_000003.tmp-*`` directory that resume skips and the next save deletes)."""
+    from rynnscale.checkpoint.dcp import find_resume_checkpoint, list_checkpoints
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+        f"run.output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.async_save=true",
+        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+        "logging.wandb.mode=disabled"])
+    with pytest.raises(_Failure, match="failure after step 4"):
+        run_training(cfg, hooks=[_FailAfter(4)])
+    assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000003", True)]
+    assert find_resume_checkpoint(out, "auto") == out / "checkpoints" / "step_000003"

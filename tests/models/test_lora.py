@@ -158,3 +158,18 @@ def test_adapter_gradients_match_float64_and_base_gets_none():
             assert err < 1e-5, f"{n}: max|diff| = {err:.1e} x max|grad|"  # fp32 vs float64
         else:
             assert p.grad is None, n
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_trainable_patterns_match_a_tied_head_and_refuse_typos(tie: bool) -> None:
+    """``model.lora.trainable: ['lm_head.*']`` trains the head also when it is the tied embedding (the parameter
+    has two names; it used to be matched under the embedding's only, and stayed frozen); a pattern matching no
+    parameter is an error naming it."""
+    cfg = tiny_hf_config(moe=False)
+    cfg.tie_word_embeddings = tie
+    mc = ModelConfig(arch=cfg.to_dict(), lora=LoRAConfig(rank=2, trainable=["lm_head.*"]))
+    _, model = build_model(mc, seed=0)
+    assert model.lm_head.weight.requires_grad
+    assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == tie
+    with pytest.raises(ValueError, match=r"\['lm_haed\.\*'\] match\(es\) no parameter"):
+        build_model(ModelConfig(arch=cfg.to_dict(), lora=LoRAConfig(rank=2, trainable=["lm_haed.*"])), seed=0)

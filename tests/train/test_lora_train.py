@@ -138,3 +138,9 @@ def test_lora_checkpoint_holds_adapters_only_resumes_exactly_and_pins_its_base(t
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="trained on the base"):
         _run(base, tmp_path / "resumed", 8)
+    # and merging them into it on export is refused too (it would write a wrong model silently)
+    with pytest.raises(CheckpointError, match="were trained on the base"):
+        export_checkpoint_hf(ckpt, tmp_path / "merged_elsewhere")
+    # the adapter export may not replace the run it comes from
+    with pytest.raises(CheckpointError, match="would delete it"):
+        export_checkpoint_adapter(ckpt, tmp_path / "resumed", overwrite=True)

@@ -103,3 +103,20 @@ def test_lora_dropout_resume_is_bitwise_and_lora_structure_is_pinned(tmp_path, d
         run_training(_cfg(out, data_dir, 4, *LORA, "model.lora.alpha=16"))
     run_training(_cfg(out, data_dir, 4, *LORA))
     assert _losses(out) == _losses(straight), (_losses(out), _losses(straight))
+
+
+def test_lora_structure_check_ignores_unused_settings_and_fields_a_checkpoint_predates(tmp_path: Path) -> None:
+    """Both runs full fine-tunes: a differing unused ``model.lora.alpha`` is no reason to refuse; a checkpoint
+    written before a ``LoRAConfig`` field existed compares as that field's default; a real change is refused."""
+    import dataclasses
+
+    from rynnscale.config.schema import LoRAConfig
+    from rynnscale.train.setup import check_same_adapters
+
+    off = dataclasses.asdict(LoRAConfig())
+    check_same_adapters({**off, "alpha": 32.0}, LoRAConfig(), tmp_path)
+    lora = LoRAConfig(rank=4)
+    older = {k: v for k, v in dataclasses.asdict(lora).items() if k != "vision"}
+    check_same_adapters(older, lora, tmp_path)
+    with pytest.raises(CheckpointError, match="model.lora.alpha"):
+        check_same_adapters({**dataclasses.asdict(lora), "alpha": 32.0}, lora, tmp_path)
