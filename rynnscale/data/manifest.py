@@ -9,7 +9,6 @@ file names in the directory). The format is documented in ``docs/data_format.md`
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rynnscale.data.schema import is_finite_number
 from rynnscale.fsutil import sha256_file
 
 __all__ = ["sha256_file"]  # re-exported: the manifest's checksum, read by loader and converters
@@ -115,7 +115,7 @@ def _check_shard_entry(d: Any, i: int, where: str) -> ShardInfo:
                 f"{w}.sample_costs.{cname}: must be a list with one value per sample ({d['num_samples']}), "
                 f"got {len(vals) if isinstance(vals, list) else type(vals).__name__}"
             )
-        if not all(_finite_number(v) for v in vals):
+        if not all(is_finite_number(v) for v in vals):
             raise ManifestError(f"{w}.sample_costs.{cname}: values must be finite numbers")
         out_costs[cname] = list(vals)
     return ShardInfo(name=name, num_samples=d["num_samples"], num_bytes=d["num_bytes"], sha256=sha, sample_costs=out_costs)
@@ -168,14 +168,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{p}: invalid JSON: {str(e)[:200]}") from e
     return manifest_from_json(obj, where=str(p))
 
-
-def _finite_number(v: Any) -> bool:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:   # an int too large for a float
-        return False
 
 
 def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False) -> dict[str, ShardInfo]:

@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "SchemaError",
+    "is_finite_number",
     "parse_json",
     "META_SCHEMA_VERSION",
     "MAX_KEY_LEN",
@@ -227,7 +228,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
     """A finite int or float (not bool); an int too large for a float (400 digits) is not."""
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return False
@@ -244,7 +245,7 @@ def _validate_video_meta(v: Any, where: str) -> dict:
     out: dict[str, Any] = {}
     if "fps" not in v:
         raise _fail(where, "missing required field 'fps'")
-    if not _is_num(v["fps"]) or v["fps"] <= 0:
+    if not is_finite_number(v["fps"]) or v["fps"] <= 0:
         raise _fail(where, f"fps: must be a positive finite number, got {v['fps']!r}")
     out["fps"] = float(v["fps"])
     for k in ("num_frames", "width", "height"):
@@ -264,7 +265,7 @@ def _validate_video_meta(v: Any, where: str) -> dict:
         out["frame_indices"] = list(fi)
     if "timestamps" in v:
         ts = v["timestamps"]
-        if not isinstance(ts, list) or not all(_is_num(t) and t >= 0 for t in ts):
+        if not isinstance(ts, list) or not all(is_finite_number(t) and t >= 0 for t in ts):
             raise _fail(where, "timestamps: must be a list of finite non-negative numbers (seconds)")
         if any(b < a for a, b in zip(ts, ts[1:])):
             raise _fail(where, "timestamps: must be non-decreasing")
@@ -327,7 +328,7 @@ def validate_meta(meta: Any, *, where: str = "meta.json") -> dict:
             raise _fail(where, f"episode: must be an integer or a string, got {type(ep).__name__}")
         out["episode"] = ep
     if "clip_start_s" in meta:
-        if not _is_num(meta["clip_start_s"]) or meta["clip_start_s"] < 0:
+        if not is_finite_number(meta["clip_start_s"]) or meta["clip_start_s"] < 0:
             raise _fail(where, f"clip_start_s: must be a finite non-negative number, got {meta['clip_start_s']!r}")
         out["clip_start_s"] = float(meta["clip_start_s"])
     if "video" in meta:
