@@ -610,6 +610,20 @@ def _next_save_seq(output_dir: str | os.PathLike) -> int:
     return 1 + max((_save_order(e)[0] for e in list_checkpoints(output_dir) if e.complete), default=-1)
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory; a complete one is first renamed to a temporary name, so a kill midway
+    leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint whose
+    COMPLETE marker still stands."""
+    if _FINAL_RE.match(path.name):
+        trash = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            path.rename(trash)
+            path = trash
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
 # must share storage with its input (see ``rynnscale.checkpoint.ep_layout``).
 StateAdapter = Callable[[dict[str, Any]], dict[str, Any]]
@@ -799,7 +813,7 @@ class CheckpointManager:
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
             log.info("pruning checkpoint %s", e.path)
-            shutil.rmtree(e.path, ignore_errors=True)
+            _remove(e.path)
 
     # ------------------------------------------------------------------------------------------ load
     def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -323,3 +323,35 @@ def test_keep_last_and_auto_follow_the_save_order_not_the_clock(tmp_path, monkey
     with pytest.raises(ckpt.CheckpointCommittedError, match="step_000006 is saved and complete"):
         mgr.save(6, model, opt, sched)
     assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"
+
+
+def test_pruning_renames_before_deleting(tmp_path, monkeypatch):
+    """keep_last pruning renames a checkpoint to a temporary name before deleting it: a kill midway (here the delete
+    never happens) leaves a ``step_N.tmp-*`` that resume ignores, not a half-deleted checkpoint still marked
+    complete; the next save removes it."""
+    torch.manual_seed(0)
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 10)
+    mgr.save(1, model, opt, sched)
+    real_rmtree = ckpt.shutil.rmtree
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)    # killed before the delete
+    mgr.save(2, model, opt, sched)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step_000001" not in names and any(n.startswith("step_000001.tmp-") for n in names), names
+    assert find_resume_checkpoint(tmp_path, "auto") == tmp_path / "checkpoints" / "step_000002"
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    mgr.save(3, model, opt, sched)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003"]
+
+
+@pytest.mark.parametrize("adapter", ["same", "inside", "holding"])
+def test_export_refuses_an_adapter_dir_overlapping_out(tmp_path, capsys, adapter):
+    """``ckpt export-hf CKPT OUT --adapter DIR``: DIR equal to, inside or holding OUT is refused before anything is
+    written (one output would replace the other under --overwrite)."""
+    from rynnscale.cli import main as cli_main
+
+    out = tmp_path / "exports" / "hf"
+    where = {"same": out, "inside": out / "adapter", "holding": tmp_path / "exports"}[adapter]
+    rc = cli_main(["ckpt", "export-hf", str(tmp_path / "ckpt"), str(out), "--adapter", str(where), "--overwrite"])
+    assert rc == 2 and "overlap" in capsys.readouterr().err and not (tmp_path / "exports").exists()
