@@ -195,7 +195,7 @@ class DataStep:
     or every sample of a pack went bad); ``packs``: the packs the plan gave the whole step (ranks x grad_accum,
     fewer in an epoch's short last step); ``samples``: "<shard>:<key>" of the WHOLE global step (every rank's),
     sorted; ``rank_costs``: the estimated cost of every data-parallel rank's micro-batches; ``bad`` /
-    ``bad_distinct``: this rank's skipped samples by reason so far (occurrences, distinct samples);
+    ``bad_distinct``: the run's skipped samples by reason so far, every rank's (occurrences, distinct samples);
     ``state``: the loader state after this step (JSON-able, the same on every rank, loadable on any layout:
     resuming from it continues with the next step); ``metrics``: facts of the step's data to log with it (global
     values, the same on every rank: a GRPO step's rewards and rollout statistics)."""

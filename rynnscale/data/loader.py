@@ -18,9 +18,9 @@ import copy
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -80,6 +80,28 @@ class BudgetFit:
     too_long_share: float       # expected share of the samples read that are too long (mixture weights applied)
     unhinted_shards: int        # shards without hints (not counted)
     probe: tuple[str, int] | None = None   # (shard, ordinal) of the shortest sample too long by its hint
+
+
+class DataRanks(Protocol):
+    """What the training loader needs from the data-parallel world (``DistContext`` has it): sums and
+    gathers over the sample streams, every stream counted once."""
+
+    def sum_data(self, values: Iterable[float]) -> list[float]: ...
+
+    def gather_data(self, obj: Any) -> list[Any]: ...
+
+
+def _over_ranks(ranks: DataRanks, bad: dict[str, int], keys: list) -> tuple[dict[str, int], list]:
+    """A step's samples found bad decoding, of every data-parallel rank (each decodes only its own packs): one
+    scalar all-reduce per step; the reasons and names travel only when some rank found one."""
+    if ranks.sum_data([float(sum(bad.values()))])[0] == 0:
+        return {}, []
+    merged: Counter[str] = Counter()
+    names: list = []
+    for b, k in ranks.gather_data((bad, keys)):
+        merged.update(b)
+        names += k
+    return dict(merged), names
 
 
 def _expand_sources(cfg: LoaderConfig) -> list[Source]:
@@ -161,8 +183,12 @@ class _Loader:
         seen, bad = self.samples_seen, self.bad_counts
         total = sum(bad.values())
         if (seen >= self.cfg.min_samples_for_bad_check or whole) and total > self.cfg.max_bad_fraction * seen:
-            raise BadDataError(bad_message(total, seen, bad, self.cfg.max_bad_fraction, f"rank {self.rank}",
+            raise BadDataError(bad_message(total, seen, bad, self.cfg.max_bad_fraction, self._counted_by,
                                            self.bad_distinct, self.cfg.micro_batch_tokens))
+
+    @property
+    def _counted_by(self) -> str:
+        return f"rank {self.rank}"
 
     @property
     def samples_seen(self) -> int:
@@ -235,15 +261,21 @@ class TrainLoader(_Loader):
     ``encode(key, members) -> EncodedSample`` raising ``SampleError`` for bad samples
     (``rynnscale.data.encode.SampleEncoder``; picklable when workers are spawned); ``cost_estimator(key, members)
     -> (tokens, patches)``: an optional cheap size for samples without manifest hints. ``rank`` /
-    ``world_size`` are the DATA-parallel ones (the ranks of a context-parallel group pass the same)."""
+    ``world_size`` are the DATA-parallel ones (the ranks of a context-parallel group pass the same).
+
+    ``ranks``: the data-parallel world (``DataRanks``, e.g. the trainer's ``DistContext``). With it, the samples
+    found bad while decoding (each rank decodes only its own packs) are counted over all ranks, so the counts,
+    the ``max_bad_fraction`` check and the saved state are the run's, the same on every rank and at any world
+    size; every rank must then iterate in step (as training does). Without it they are this rank's."""
 
     pipeline = GlobalPipeline
 
     def __init__(self, cfg: LoaderConfig, encoder: Any, rank: int = 0, world_size: int = 1, *,
-                 cost_estimator: CostEstimator | None = None):
+                 cost_estimator: CostEstimator | None = None, ranks: DataRanks | None = None):
         super().__init__(cfg, encoder, rank, world_size, cost_estimator=cost_estimator)
+        self.ranks = ranks
         self._global: dict | None = None   # the layout-free state after the last step consumed
-        self._bad_decoding: Counter[str] = Counter()   # bad samples this rank found decoding its packs
+        self._bad_decoding: Counter[str] = Counter()   # bad samples found decoding packs (every rank's: ``ranks``)
         self._bad_decoding_keys: dict[str, set[tuple[int, int]]] = {}   # ... the distinct ones
         self._batches = self._samples_packed = 0   # this rank's, since this loader was built
         self._media_bytes_read = 0   # deferred media this rank read (its own samples', plus any measured)
@@ -300,8 +332,11 @@ class TrainLoader(_Loader):
             if gen != self._generation:
                 return   # a newer iterator (or a load_state_dict) took over
             self._global = state
-            self._bad_decoding.update(info["bad"])
-            for reason, shard, ordinal in info["bad_keys"]:
+            bad, bad_keys = info["bad"], info["bad_keys"]
+            if self.ranks is not None:
+                bad, bad_keys = _over_ranks(self.ranks, bad, bad_keys)
+            self._bad_decoding.update(bad)
+            for reason, shard, ordinal in bad_keys:
                 remember_bad(self._bad_decoding_keys, reason, (shard, ordinal))
             self._media_bytes_read += info["media_bytes_read"]
             self._overflow += info["overflow"]
@@ -318,7 +353,13 @@ class TrainLoader(_Loader):
         return [self._global] if self._global else []
 
     @property
+    def _counted_by(self) -> str:
+        return f"all {self.world_size} ranks" if self.ranks is not None else f"rank {self.rank}"
+
+    @property
     def bad_counts(self) -> dict[str, int]:
+        """Skipped samples by reason: the stream's (the same on every rank) and those found decoding packs (the
+        run's with ``ranks``, else this rank's), as of the last step consumed."""
         c = Counter(super().bad_counts)
         c.update(self._bad_decoding)
         return dict(c)

@@ -50,12 +50,13 @@ def build_encoder(cfg: RootConfig, args: Any):
     return SampleEncoder(load_tokenizer(tokenizer_source(cfg)), enc_cfg, token_ids=contract)
 
 
-def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
+def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int, ranks: Any = None):
     """The rank's ``TrainLoader`` (an endless iterable of ``DataStep``s of the global sample order).
 
     Only reads: a synthetic set must already exist (``rynnscale.train.data_files.prepare_data_files``).
     ``rank`` / ``world_size`` are the DATA-parallel rank and size (EP ranks hold different data, so today
-    the whole world; ranks of one context-parallel group would pass the same data rank)."""
+    the whole world; ranks of one context-parallel group would pass the same data rank); ``ranks`` (the
+    trainer's ``DistContext``) counts the samples found bad decoding over all of them (``TrainLoader``)."""
     from rynnscale.data.balance import CostModel
     from rynnscale.data.loader import LoaderConfig, TrainLoader
 
@@ -66,7 +67,8 @@ def build_train_data(cfg: RootConfig, args: Any, *, rank: int, world_size: int):
     log.info("data: %s, %d tokens per micro-batch, %d micro-batches per step",  # mixture: from data.mixture
              shards or [f"{m.name} (weight {m.weight:g}): {m.shards}" for m in loader_cfg.mixture],
              cfg.train.micro_batch_tokens, cfg.train.grad_accum)
-    loader = TrainLoader(loader_cfg, build_encoder(cfg, args), rank=rank, world_size=world_size)
+    loader = TrainLoader(loader_cfg, build_encoder(cfg, args), rank=rank, world_size=world_size,
+                         ranks=ranks if world_size > 1 else None)
     check_budget(cfg, loader, rank)
     return loader
 

@@ -28,6 +28,7 @@ import socket
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,6 +159,15 @@ class DistContext:
         if self.cp_size > 1 and self.cp_rank != 0:
             values = [0.0] * len(values)
         return self.sum(values)
+
+    def gather_data(self, obj: Any) -> list[Any]:
+        """Every sample stream's ``obj`` (picklable), in data-rank order, on every rank: one per CP group (its
+        first rank's). For rare facts of variable shape (names of bad samples); counts go through ``sum_data``."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj if self.cp_rank == 0 else None)
+        return out[::self.cp_size]
 
     def sum(self, values: Iterable[float]) -> list[float]:
         """Element-wise float64 sum over all ranks (identity for one process)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -317,13 +318,25 @@ class GRPOStage:
         rl = cfg.rl
         self.params = SamplingParams(rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                                      stop_ids=self.stop_ids)
-        self.bad: dict[str, int] = {}
+        self.bad: dict[str, int] = {}     # the run's skipped prompts and failed rewards by reason, every rank's
+        self._found: Counter[str] = Counter()   # ... this rank's of the rollout under way
 
     def decode(self, ids: list[int]) -> str:
         return self.encoder.tok.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
 
     def _count(self, reason: str, n: int = 1) -> None:
-        self.bad[reason] = self.bad.get(reason, 0) + n
+        self._found[reason] += n
+
+    def _settle_counts(self) -> None:
+        """Add the rollout's counts of every data-parallel rank to the run's (one scalar all-reduce; the reasons
+        travel only when some rank found one)."""
+        found, self._found = dict(self._found), Counter()
+        if self.ctx.sum_data([float(sum(found.values()))])[0] == 0:
+            return
+        total = Counter(self.bad)
+        for f in self.ctx.gather_data(found):
+            total.update(f)
+        self.bad = dict(total)
 
     # -- rollouts
     def _prompts(self, step: int) -> tuple[list[int], list[tuple[EncodedSample, str, str]]]:
@@ -365,6 +378,7 @@ class GRPOStage:
                             "the sample gets advantage 0" if math.isnan(r.reward) else "a weight-0 component: "
                             "the reward does not use it")
                 self._count("reward_failed")
+        self._settle_counts()
         return self._prepare(step, positions, rollouts, model, compute_dtype)
 
     def _all_done(self, done: bool) -> bool:
@@ -459,6 +473,7 @@ class GRPOStage:
         """The RolloutStep ``record`` describes, on this rank's share of its prompts (any layout)."""
         step = int(record["step"])
         positions, prompts = self._prompts(step)
+        self._found.clear()   # counted when this rollout was made: the checkpoint's counts hold them
         rollouts, olds = [], []
         for p, (prompt, _, key) in zip(positions, prompts):
             for s in record["samples"][str(p)]:
@@ -562,7 +577,7 @@ class RolloutSource:
         return DataStep(index=self.steps_done - 1, micro_batches=list(part), packs=len(part),
                         samples=sorted(f"{r.shard}:{r.key}" for r in refs), bad=dict(self.stage.bad),
                         bad_distinct=dict(self.stage.bad), metrics=metrics,
-                        state={"grpo": {"optimizer_steps": self.steps_done,
+                        state={"grpo": {"optimizer_steps": self.steps_done, "bad": dict(self.stage.bad),
                                         "rollout": self.saved_record if inside else None}})
 
     def load_state_dict(self, state: dict) -> None:
@@ -570,6 +585,7 @@ class RolloutSource:
         if st is None:
             raise ValueError("the checkpoint's data state is not a GRPO run's (train.objective changed?)")
         self.steps_done = int(st["optimizer_steps"])
+        self.stage.bad = {str(k): int(v) for k, v in st.get("bad", {}).items()}   # absent in older checkpoints
         self.saved_record = st.get("rollout")
         self.current = None
 

@@ -137,7 +137,7 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
     else:
         # every CP group is one data-parallel rank (EP ranks hold different data; the cp ranks of a CP group
         # the same micro-batches): data rank = global rank // cp
-        data = build_train_data(cfg, run.args, rank=ctx.data_rank, world_size=ctx.data_world_size)
+        data = build_train_data(cfg, run.args, rank=ctx.data_rank, world_size=ctx.data_world_size, ranks=ctx)
     return TrainComponents(run.args, model, optimizer, scheduler, data, ctx, run=run)
 
 
@@ -199,7 +199,7 @@ def rebuild_data(cfg: RootConfig, c: TrainComponents, data_seed: int) -> None:
         c.data.stage.prompts.reseed(data_seed)
         return
     cfg_d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=data_seed))
-    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.data_rank, world_size=c.ctx.data_world_size)
+    c.data = build_train_data(cfg_d, c.args, rank=c.ctx.data_rank, world_size=c.ctx.data_world_size, ranks=c.ctx)
 
 
 def layout_dict(cfg: RootConfig, ctx: DistContext) -> dict[str, int]:

@@ -191,7 +191,7 @@ def _step_record(step: int, c: TrainComponents, data: DataStep, stats: StepStats
         worst, per_layer = expert_load_max_over_mean(stats.expert_counts)
         record["expert_load_max_over_mean"] = worst
         record["expert_load_per_layer"] = per_layer
-    bad = dict(data.bad)   # this rank's count so far, by reason (every step, 0 included)
+    bad = dict(data.bad)   # the run's count so far, by reason (every step, 0 included)
     record["skipped_samples"], record["skipped_by_reason"] = sum(bad.values()), bad
     return record
 

@@ -338,24 +338,33 @@ def flaky(answer, reference, key):
 
 @pytest.mark.slow
 def test_failing_reward_function_in_a_real_run(tmp_path: Path) -> None:
-    """The same through the CLI and the trainer: the run finishes, the log names the samples and the function,
-    metrics.jsonl counts the failures (``reward_failures``, ``skipped_by_reason``)."""
+    """The same through the CLI and the trainer, on 2 ranks and then resumed on 1: the run finishes, the log names
+    the samples and the function, metrics.jsonl counts the failures of every rank (``reward_failures``) and the
+    run's running count (``skipped_by_reason``) carries across the resume."""
     from resume_run import command, overrides, run
 
     (tmp_path / "grpo_flaky.py").write_text(FLAKY)
     out = tmp_path / "run"
-    args = overrides(out, tmp_path / "data", steps=2, every=0, extra=(
-        "train.objective=grpo", "model.arch.text_config.num_hidden_layers=2", "train.micro_batch_tokens=600",
-        "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6", "rl.kl_coef=0",
-        "rl.reward.functions={grpo_flaky:flaky: 1.0}", "optim.warmup_steps=0",
-        "train.log_every=5"))      # a step that rolled out is logged whatever log_every says
-    rc, log = run(command(1, args), env_extra={"PYTHONPATH": f"{REPO}:{tmp_path}"})
+    env = {"PYTHONPATH": f"{REPO}:{tmp_path}"}
+
+    def args(steps: int) -> list[str]:
+        return overrides(out, tmp_path / "data", steps=steps, every=2, extra=(
+            "train.objective=grpo", "model.arch.text_config.num_hidden_layers=2", "train.micro_batch_tokens=600",
+            "rl.prompts_per_step=2", "rl.group_size=3", "rl.max_new_tokens=6", "rl.kl_coef=0",
+            "rl.reward.functions={grpo_flaky:flaky: 1.0}", "optim.warmup_steps=0",
+            "train.log_every=5"))      # a step that rolled out is logged whatever log_every says
+
+    # 2 ranks, one prompt x 3 answers each a step: each rank's 2nd call raises (step 1), its 4th is NaN (step 2)
+    rc, log = run(command(2, args(2)), env_extra=env)
     assert rc == 0, log[-4000:]
     assert re.search(r"step 1: reward function 'grpo_flaky:flaky' raised on sample '[^']+': RuntimeError: gripper "
                      r"offline \(the sample gets advantage 0; the run goes on\)", log), log[-4000:]
-    assert re.search(r"step 1: reward function 'grpo_flaky:flaky' returned nan on sample '[^']+'", log), log[-4000:]
+    assert re.search(r"step 2: reward function 'grpo_flaky:flaky' returned nan on sample '[^']+'", log), log[-4000:]
+    # 1 process from the step-2 checkpoint: its 6 calls of step 3 hold a raise and a NaN again
+    rc, log = run(command(1, args(3)), env_extra=env)
+    assert rc == 0, log[-4000:]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [1, 2]
-    assert [r["reward_failures"] for r in recs] == [2, 0]
-    assert [r["skipped_by_reason"] for r in recs] == [{"reward_failed": 2}] * 2    # running count of the run
+    assert [r["step"] for r in recs] == [1, 2, 3] and [r["world_size"] for r in recs] == [2, 2, 1]
+    assert [r["reward_failures"] for r in recs] == [2, 2, 2]
+    assert [r["skipped_by_reason"] for r in recs] == [{"reward_failed": n} for n in (2, 4, 6)]   # the run's count
     assert all(math.isfinite(r["reward_mean"]) and r["reward_flaky"] == 0.5 for r in recs)
