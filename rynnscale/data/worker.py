@@ -295,7 +295,9 @@ class WorkerPipeline:
     def _admit(self, s: RawSample) -> None:
         """One sample of the global stream into the shuffle buffer and on to the packer, behind the epoch
         barrier: the first sample of a source's next epoch starts closing its current one (``_wrap``), and
-        until that left the packing window the source's new samples wait (``held``)."""
+        until that left the packing window the source's new samples wait (``held``). At most a window of them
+        wait: then the window is packed out at once (a short step), since the other sources are not filling it
+        (a light or finished one); waiting on would hold a whole epoch in memory and make no step meanwhile."""
         k = self.source_of[s.shard]
         e = self._source_epoch(k)
         if e != self.epoch_in[k]:
@@ -304,6 +306,8 @@ class WorkerPipeline:
             self._ingest(s)
         elif k in self.closing:
             self.held.append(s)
+            if len(self.held) >= self.packer.window:
+                self._close_now()
         else:
             self._shuffle_in(s)
 

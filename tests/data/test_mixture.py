@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from test_loader_resume import (
     text_of,
 )
 
-from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader
+from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader, TrainLoader
 from rynnscale.data.reader import MixtureStream, ShardPatternError, ShardStream, iter_tar_samples
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,3 +250,26 @@ def test_recipe_mixture_reaches_the_loader(tmp_path: Path) -> None:
     it.close()
     assert {source_of(k) for k in keys} == {"planning", "spatial_grounding"}
     assert set(loader.stats()["sources"]) == {"planning", "spatial_grounding"}
+
+
+@pytest.mark.parametrize("pack_window,hot_weight", [(4, 0.5), (8, 0.9)])
+def test_a_source_left_alone_does_not_stall_behind_the_epoch_barrier(tmp_path: Path, pack_window: int,
+                                                                     hot_weight: float) -> None:
+    """Global order, a finite mixture whose light source finishes its epochs first: the heavy one's next-epoch
+    samples wait behind the barrier for a window that nothing else fills any more. They wait for at most a
+    window (then it is packed out at once); before, a whole epoch of them (200 samples) was read and held in
+    memory with no step made. Every sample still comes out num_epochs times."""
+    write_source(tmp_path, "hot", 4, 50, seed=1)
+    write_source(tmp_path, "cold", 2, 10, seed=2)
+    mix = [MixtureSource("hot", [str(tmp_path / "hot" / "*.tar")], hot_weight),
+           MixtureSource("cold", [str(tmp_path / "cold" / "*.tar")], 1 - hot_weight)]
+    cfg = LoaderConfig(mixture=mix, seed=1, micro_batch_tokens=300, pack_window=pack_window, shuffle_buffer=4,
+                       num_epochs=3)
+    loader = TrainLoader(cfg, ByteEncoder(), rank=0, world_size=2)
+    seen, names = [0], []
+    for step in loader:
+        seen.append(loader.samples_seen)
+        names += step.samples
+    window = pack_window * 2
+    assert max(b - a for a, b in zip(seen, seen[1:])) <= 3 * window + cfg.shuffle_buffer
+    assert len(names) == 3 * 220 and set(Counter(names).values()) == {3}
