@@ -181,9 +181,15 @@ def check_export_base(ckpt: str | os.PathLike, base_dir: Path) -> None:
 def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
     """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
     ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
-    for src in (((ts.get("config") or {}).get("model") or {}).get("init_from"), copy_from):
+    init_from = ((ts.get("config") or {}).get("model") or {}).get("init_from")
+    for src in (init_from, copy_from):
         if src is not None and (Path(src) / "config.json").is_file():
             return Path(src)
+    if init_from is None and copy_from is None:
+        raise CheckpointError(
+            f"{ckpt}: holds only LoRA adapters, trained on a randomly initialised base (the run had no "
+            "model.init_from), so there is no base model to merge them into; give LoRA a base model to train on "
+            "(model.init_from)")
     raise CheckpointError(f"{ckpt}: holds only the LoRA adapters and its base model (model.init_from) is not on "
                           "this machine; pass --copy-from BASE_DIR")
 

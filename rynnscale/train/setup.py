@@ -143,9 +143,11 @@ def build_components(cfg: RootConfig, ctx: DistContext) -> TrainComponents:
 
 def shared_base_fingerprint(cfg: RootConfig, ctx: DistContext) -> dict[str, Any] | None:
     """``base_fingerprint`` of a LoRA run's ``model.init_from``, computed on rank 0 and given to all ranks;
-    None for full fine-tunes and LoRA on a random base."""
-    if cfg.model.lora.rank <= 0 or cfg.model.init_from is None:
+    for LoRA on a random base the seed that draws it (``init_weights(run.seed)``); None for full fine-tunes."""
+    if cfg.model.lora.rank <= 0:
         return None
+    if cfg.model.init_from is None:
+        return {"init_from": None, "random_init_seed": int(cfg.run.seed)}
     fp = [base_fingerprint(cfg.model.init_from, Path(cfg.run.output_dir) / "base_fingerprint.json")
           if ctx.is_main else None]
     if ctx.distributed:
@@ -158,6 +160,16 @@ def shared_base_fingerprint(cfg: RootConfig, ctx: DistContext) -> dict[str, Any]
 def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, path: Path) -> None:
     """A LoRA checkpoint holds adapters only: resuming it on another base would train nonsense."""
     if saved is None or current is None:
+        return
+    if "random_init_seed" in saved or "random_init_seed" in current:
+        if saved.get("random_init_seed") != current.get("random_init_seed"):
+            was = (f"a random base drawn with run.seed={saved['random_init_seed']}" if "random_init_seed" in saved
+                   else f"the base {saved['init_from']}")
+            now = (f"run.seed={current['random_init_seed']} draws another random base" if "random_init_seed" in
+                   current else f"model.init_from={current['init_from']} is another base")
+            raise CheckpointError(
+                f"{path}: this LoRA checkpoint holds adapters only, trained on {was}, but {now}; the adapters only "
+                "make sense on their own base. Restore that setting, or start a new run (checkpoint.resume=none).")
         return
     if saved["sha256"] != current["sha256"]:
         raise CheckpointError(

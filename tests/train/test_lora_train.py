@@ -144,3 +144,30 @@ def test_lora_checkpoint_holds_adapters_only_resumes_exactly_and_pins_its_base(t
     # the adapter export may not replace the run it comes from
     with pytest.raises(CheckpointError, match="would delete it"):
         export_checkpoint_adapter(ckpt, tmp_path / "resumed", overwrite=True)
+
+
+@pytest.mark.slow
+def test_lora_on_a_random_base_pins_its_seed_and_export_says_there_is_no_base(tmp_path):
+    """Without ``model.init_from`` the frozen base is ``init_weights(run.seed)``: a resume under another seed
+    would put the adapters on another random base (refused, naming both); export-hf has no base to merge into
+    (a clear error, not "the base is not on this machine")."""
+    from rynnscale.checkpoint.dcp import CheckpointError
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+
+    def run(steps: int, seed: int) -> None:
+        run_training(load_config(REPO / "recipes" / "demo_tiny.yaml", [
+            "model.lora.rank=4", "model.lora.alpha=8", f"run.output_dir={out}", f"train.max_steps={steps}",
+            f"run.seed={seed}", "checkpoint.every_steps=2", "data.synthetic.num_samples=40",
+            "data.synthetic.samples_per_shard=20", "data.num_workers=0", "logging.progress=false",
+            "logging.plot=false", "logging.wandb.mode=disabled"]))
+
+    run(2, seed=5)
+    with pytest.raises(CheckpointError, match=r"trained on a random base drawn with run.seed=5, but run.seed=6"):
+        run(3, seed=6)
+    run(3, seed=5)    # the same seed resumes
+    with pytest.raises(CheckpointError, match="randomly initialised base .* no base model to merge them into"):
+        export_checkpoint_hf(out / "checkpoints" / "step_000002", tmp_path / "merged")
