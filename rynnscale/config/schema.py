@@ -430,3 +430,7 @@ def check_mixture_sources(sources, key: str = "data.mixture") -> None:
                               "shard paths, globs or brace patterns")
         if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
             raise ConfigError(f"config key '{k}.weight' = {weight!r} of source {name!r} must be a finite number > 0")
+    total = sum(float(src.weight) for src in sources)
+    if total == float("inf"):   # every draw would go to the last source
+        raise ConfigError(f"config key '{key}': the weights sum to {total} (too large to draw from); only their "
+                          "ratios matter, so scale them down")

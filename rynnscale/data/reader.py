@@ -626,6 +626,8 @@ class MixtureStream:
         for name, w in zip(self.names, self.weights):
             if not (w > 0 and w < float("inf")):
                 raise ValueError(f"mixture source {name!r} has weight {w!r}; weights must be finite and > 0")
+        if sum(self.weights) == float("inf"):
+            raise ValueError(f"mixture weights {self.weights} sum to inf; only their ratios matter: scale them down")
         self.seed, self.split = seed, split
         self.streams = [ShardStream(shards, seed=source_seed(seed, k), split=split, num_splits=num_splits,
                                     shuffle=shuffle, epochs=epochs, limits=limits, sample_split=True, name=name)

@@ -210,6 +210,11 @@ def test_mixture_errors_are_clear(mix_dir: Path) -> None:
         SplitLoader(LoaderConfig(train_shards=big, mixture=[MixtureSource("a", small)]), ByteEncoder())
     with pytest.raises(ValueError, match=r"mixture\[1\].weight' = 0 of source 'b' must be a finite number > 0"):
         SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("b", big, 0)]), ByteEncoder())
+    with pytest.raises(ValueError, match=r"the weights sum to inf .* scale them down"):   # draws: all the last's
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small, 1e308), MixtureSource("b", big, 1e308)]),
+                    ByteEncoder())
+    with pytest.raises(ValueError, match=r"weights \[1e\+308, 1e\+308\] sum to inf"):
+        MixtureStream([("a", 1e308, small), ("b", 1e308, big)], seed=0, split=0, num_splits=1)
     with pytest.raises(ValueError, match=r"mixture\[1\].name' = 'a' must be a non-empty name unique"):
         SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small), MixtureSource("a", big)]), ByteEncoder())
     with pytest.raises(ShardPatternError, match="mixture source 'gone': shard pattern .* matches no file"):
