@@ -36,6 +36,12 @@ from rynnscale.models.qwen3_5.text import GatedDeltaNet
 LENS = [5, 16, 0, 37, 16, 1]      # chunk 16: shorter, equal, empty, longer (3 chunks), equal, one token
 
 
+def _per_value_head(x_thd: torch.Tensor, Hv: int = 4) -> torch.Tensor:
+    """Query / key heads repeated for the value heads each serves (consecutive ones), as transformers' Qwen3.5
+    layer does before calling its rules: transformers < 5.2x's rule functions take equal head counts only."""
+    return x_thd.repeat_interleave(Hv // x_thd.shape[-2], dim=-2)
+
+
 def _inputs(lens, Hk=2, Hv=4, dk=8, dv=6, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     T = sum(lens)
@@ -75,8 +81,9 @@ def test_each_document_of_a_packed_row_equals_it_alone_and_transformers() -> Non
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         alone, _ = chunk_gated_delta_rule(q[a:b], k[a:b], v[a:b], gate[a:b], beta[a:b], torch.tensor([0, b - a]))
         assert torch.allclose(o[a:b], alone, rtol=0, atol=1e-6 * float(alone.abs().max()))
-        hf, _ = torch_chunk_gated_delta_rule(q[None, a:b], k[None, a:b], v[None, a:b], gate[None, a:b],
-                                             beta[None, a:b], use_qk_l2norm_in_kernel=True)
+        hf, _ = torch_chunk_gated_delta_rule(_per_value_head(q)[None, a:b], _per_value_head(k)[None, a:b],
+                                             v[None, a:b], gate[None, a:b], beta[None, a:b],
+                                             use_qk_l2norm_in_kernel=True)
         assert (o[a:b] - hf[0]).abs().max() <= 1e-5 * hf.abs().max()
 
 
@@ -124,7 +131,8 @@ def test_decoding_step_equals_the_definition_and_transformers() -> None:
         o32, state32 = recurrent_gated_delta_step(*(x[sl].float() for x in (q, k, v, gate, beta)), state32)
         outs32.append(o32)
         o_hf, state_hf = torch_recurrent_gated_delta_rule(
-            *(x[sl].float()[:, None] for x in (q, k, v, gate, beta)), initial_state=state_hf,
+            *(x[sl].float()[:, None] for x in (_per_value_head(q), _per_value_head(k), v, gate, beta)),
+            initial_state=state_hf,
             output_final_state=True, use_qk_l2norm_in_kernel=True)
         outs_hf.append(o_hf[:, 0])
     o = torch.stack(outs, dim=1).reshape(B * steps, 4, 6)           # sequence-major, as o_ref
