@@ -226,6 +226,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
+        overrides, per_stage = _split_stage_overrides(overrides)
         if overrides:
             cli = _from_dotlist(overrides)
             _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
@@ -236,8 +237,58 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    if cfg.stages:
+        _stages_under_command_line(cfg, overrides, per_stage)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _split_stage_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``stages.<name or index>.<key>=value`` (one stage's setting) apart from the rest of the command line."""
+    rest, per_stage = [], []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        parts = key.split(".", 2)
+        if parts[0] == "stages" and len(parts) == 3:
+            per_stage.append((parts[1], f"{parts[2]}={value}"))
+        else:
+            rest.append(item)
+    return rest, per_stage
+
+
+def _stages_under_command_line(cfg: RootConfig, overrides: list[str], per_stage: list[tuple[str, str]]) -> None:
+    """The command line is laid over every stage too: a key it sets leaves the stages' own overrides (so
+    ``train.max_steps=4`` shortens every stage), and ``stages.<name or index>.<key>=value`` sets one stage's."""
+    keys = [item.split("=", 1)[0] for item in overrides if not item.startswith("stages=")]
+    for st in cfg.stages:
+        for key in keys:
+            _drop_key(st.overrides, key.split("."))
+    names = [st.name for st in cfg.stages]
+    for sel, item in per_stage:
+        i = names.index(sel) if sel in names else int(sel) if sel.isdigit() and int(sel) < len(names) else None
+        if i is None:
+            raise ConfigError(f"override 'stages.{sel}.{item}': no stage {sel!r} (stages: {', '.join(names)}; name one "
+                              "or give its index)")
+        if item.startswith("overrides."):   # the long form stages.<i>.overrides.<key>
+            item = item[len("overrides."):]
+        try:
+            one = OmegaConf.to_container(_from_dotlist([item]), resolve=False)
+            cfg.stages[i].overrides = OmegaConf.to_container(OmegaConf.merge(cfg.stages[i].overrides, one))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override 'stages.{sel}.{item}': {_explain(e)}") from None
+
+
+def _drop_key(tree: dict, path: list[str]) -> None:
+    """Remove ``a.b.c`` from a nested dict (and the mappings it leaves empty)."""
+    head, *rest = path
+    if head not in tree:
+        return
+    if not rest:
+        del tree[head]
+    elif isinstance(tree[head], dict):
+        _drop_key(tree[head], rest)
+        if not tree[head]:
+            del tree[head]
 
 
 def _from_dotlist(overrides: list[str]) -> DictConfig:
@@ -407,7 +458,48 @@ def _validate_stages(cfg: RootConfig) -> None:
             raise ConfigError(f"config key 'stages[{i}].name' = {st.name!r} is used by another stage")
         if "stages" in st.overrides:
             raise ConfigError(f"config key 'stages[{i}].overrides' cannot hold 'stages'")
+        for key in _chain_keys(cfg, i):
+            if OmegaConf.select(OmegaConf.create(dict(st.overrides)), key, default=None) is not None:
+                raise ConfigError(f"config key 'stages[{i}].overrides.{key}': the chain sets it for every stage "
+                                  f"({_CHAIN_KEYS_WHY[key]}); set it for the whole recipe instead")
         stage_config(cfg, i, check_paths=False)   # every stage's recipe is valid before the first one starts
+    resume = cfg.checkpoint.resume
+    if cfg.stages and resume not in ("auto", "none") and _stage_of(cfg, resume) is None:
+        raise ConfigError(f"config key 'checkpoint.resume' = {resume!r}: in a staged recipe it must be a checkpoint "
+                          f"of one of its stages ({Path(cfg.run.output_dir)}/<stage>/checkpoints/step_N), which then "
+                          "continues from there; to start a chain from another model, set model.init_from")
+
+
+# what the chain sets in each stage's recipe (``stage_config``), and why a stage may not set it itself
+_CHAIN_KEYS_WHY = {
+    "run.output_dir": "each stage runs in <run.output_dir>/<stage name>",
+    "data.synthetic.output_dir": "the stages share one synthetic data set",
+    "checkpoint.export_hf": "every stage but the last exports its result for the next one",
+    "checkpoint.resume": "give checkpoint.resume=PATH on the command line: it applies to the stage holding PATH",
+    "model.init_from": "a stage starts from the previous stage's export",
+    "model.arch": "a stage starts from the previous stage's export",
+    "model.preset": "a stage starts from the previous stage's export",
+}
+
+
+def _chain_keys(cfg: RootConfig, i: int) -> list[str]:
+    """The keys the chain sets in stage ``i``'s recipe."""
+    keys = ["run.output_dir", "data.synthetic.output_dir", "checkpoint.resume"]
+    if i < len(cfg.stages) - 1:
+        keys.append("checkpoint.export_hf")
+    if i > 0:
+        keys += ["model.init_from", "model.arch", "model.preset"]
+    return keys
+
+
+def _stage_of(cfg: RootConfig, path: str) -> int | None:
+    """The index of the stage whose directory holds checkpoint ``path`` (None: no stage's)."""
+    target = Path(path).resolve()
+    root = Path(cfg.run.output_dir).resolve()
+    for i, st in enumerate(cfg.stages):
+        if (root / st.name) in target.parents:
+            return i
+    return None
 
 
 def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootConfig:
@@ -421,8 +513,11 @@ def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootCo
     chain: dict[str, Any] = {"run": {"output_dir": str(root / st.name)}}
     if cfg.data.synthetic.output_dir is None:
         chain["data"] = {"synthetic": {"output_dir": str(root / "synthetic_data")}}
+    # checkpoint.resume=PATH continues the stage that holds PATH; the others resume as usual
+    resume = cfg.checkpoint.resume
+    chain["checkpoint"] = {"resume": resume if resume in ("auto", "none") or _stage_of(cfg, resume) == i else "auto"}
     if i < len(cfg.stages) - 1:
-        chain["checkpoint"] = {"export_hf": True}
+        chain["checkpoint"]["export_hf"] = True
     if i > 0:
         chain["model"] = {"init_from": str(root / cfg.stages[i - 1].name / "hf"), "arch": None, "preset": None}
     try:

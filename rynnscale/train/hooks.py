@@ -12,12 +12,14 @@ A hook is any object with some of these methods (each optional), called on EVERY
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 from rynnscale.checkpoint.dcp import CHECKPOINTS_DIR, checkpoint_name
 from rynnscale.checkpoint.export import export_checkpoint_adapter, export_checkpoint_hf, tokenizer_origin
 from rynnscale.config import RootConfig
+from rynnscale.fsutil import TMP_MARK
 from rynnscale.train.model_card import summarize_run, write_model_card
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class HFExportHook:
             log.warning("no checkpoint of the last step %d (it was non-finite): nothing exported", step)
         elif ctx.is_main:
             cfg = self.cfg
+            for stale in output_dir.glob(f".hf{TMP_MARK}*"):   # an export killed midway (the run dir is locked)
+                shutil.rmtree(stale, ignore_errors=True)
             report = export_checkpoint_hf(ckpt, output_dir / "hf", overwrite=True)
             log.info("exported %s to %s (%d tensors, %.1f MB, tokenizer from %s)", ckpt.name, report.out_dir,
                      report.num_tensors, report.total_bytes / 1e6, tokenizer_origin(report))

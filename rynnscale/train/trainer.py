@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,16 @@ from rynnscale.train.step import NonFiniteLossError, StepStats, train_step
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run ended: the step reached, and whether a preemption signal stopped it (then the recipe's
+    end-of-run work, the HF export, was skipped: the next run of the same command does it)."""
+
+    output_dir: Path
+    step: int
+    preempted: bool
+
+
 def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     """Run a whole training job (this rank's part of it under torchrun), or the chain of its ``stages``; returns
     the output directory.
@@ -88,15 +99,15 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     # a bad setting or bad data: the message says it all (no traceback)
-    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError)):
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, NonFiniteLossError)):
         if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
             from rynnscale.train.stages import run_stages
 
             return run_stages(cfg, ctx, hooks)
-        return _train(cfg, ctx, hooks)
+        return _train(cfg, ctx, hooks).output_dir
 
 
-def train_run(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> Path:
+def train_run(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> RunOutcome:
     """One run (one stage of a chain) on an already set-up process group."""
     return _train(cfg, ctx, hooks)
 
@@ -209,7 +220,7 @@ def _check_nonfinite(step: int, stats: StepStats, run: int, limit: int) -> None:
             "optim.lr or check the data; resume from the last checkpoint")
 
 
-def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -> Path:
+def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -> RunOutcome:
     if not ctx.is_main:  # one rank reports progress; the others only warnings and errors
         logging.getLogger("rynnscale").setLevel(logging.WARNING)
     output_dir = Path(cfg.run.output_dir)
@@ -217,9 +228,12 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
         return _train_locked(cfg, ctx, output_dir, extra_hooks)
 
 
-def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hooks: Sequence[Any]) -> Path:
+def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hooks: Sequence[Any]) -> RunOutcome:
     c, manager, data_seed = _start(cfg, ctx, output_dir)
     model, state, tc, ck = c.model, c.state, cfg.train, cfg.checkpoint
+    if state.step > tc.max_steps:
+        log.warning("resumed at step %d, past train.max_steps=%d: nothing to train; the run's result is step %d's",
+                    state.step, tc.max_steps, state.step)
     run_config, layout = yaml.safe_load(to_yaml(cfg)), layout_dict(cfg, ctx)
 
     def save(data: DataStep) -> Path:
@@ -278,6 +292,10 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
                 log.warning("preempted (signal %s): saved step %d, exiting", preempt.signum, state.step)
                 break
         manager.wait()
+        if not preempted and preemption_requested(preempt):   # a signal after the last step's save
+            preempted = True
+            log.warning("preempted (signal %s) after the last step %d was saved: exiting without the end-of-run "
+                        "work (the same command again does it)", preempt.signum, state.step)
     except Exception:
         try:   # a background save that finished is committed, not lost with the failing run
             manager.wait()
@@ -293,4 +311,4 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     if cfg.logging.plot and ctx.is_main:
         log.info("plot: %s", plot_run(output_dir))
     log.info("done: %d steps, %d tokens; metrics in %s", state.step, state.tokens_seen, output_dir / "metrics.jsonl")
-    return output_dir
+    return RunOutcome(output_dir, state.step, preempted)

@@ -112,3 +112,111 @@ def test_chain_resumes_inside_its_grpo_stage_mid_rollout(tmp_path: Path) -> None
     got = grpo_lines(out)
     assert [g[0] for g in got] == list(range(1, GRPO_STEPS + 1)), f"every step once {where}"
     assert got == want, f"{where}\n{got}\n!=\n{want}"
+
+
+# ---------------------------------------------------------------- the chain's lifecycle, in process
+def test_chain_settings(tmp_path: Path) -> None:
+    """The command line is laid over every stage (a key it sets wins over the stages' own) and
+    ``stages.<name or index>.<key>=value`` sets one stage's; the keys the chain sets may not be stage overrides;
+    ``checkpoint.resume=PATH`` continues the stage holding PATH (the others resume as usual) and must be one."""
+    out = tmp_path / "run"
+    cfg = load_config(TINY_GRPO, [f"run.output_dir={out}", "train.max_steps=4", "optim.lr=1e-4",
+                                  "stages.grpo.rl.group_size=3", "stages.0.overrides.optim.warmup_steps=1"])
+    sft, grpo = stage_config(cfg, 0), stage_config(cfg, 1, check_paths=False)
+    assert (sft.train.max_steps, grpo.train.max_steps, sft.optim.lr, grpo.optim.lr) == (4, 4, 1e-4, 1e-4)
+    assert (sft.optim.warmup_steps, grpo.optim.warmup_steps, grpo.rl.group_size) == (1, 3, 3)
+    assert grpo.train.objective == "grpo"     # what the command line does not set stays the stage's
+    with pytest.raises(ConfigError, match=r"override 'stages.ppo.train.max_steps=1': no stage 'ppo'"):
+        load_config(TINY_GRPO, ["stages.ppo.train.max_steps=1"])
+    for stage, key, value in ((1, "run", {"output_dir": "x"}), (0, "data", {"synthetic": {"output_dir": "x"}}),
+                              (1, "model", {"init_from": "x"}), (0, "checkpoint", {"export_hf": False}),
+                              (1, "checkpoint", {"resume": "none"})):
+        stages = [{"name": "sft", "overrides": {}}, {"name": "grpo", "overrides": {"train": {"objective": "grpo"}}}]
+        stages[stage]["overrides"][key] = value
+        with pytest.raises(ConfigError, match=rf"stages\[{stage}\].overrides.{key}.*the chain sets it"):
+            load_config(TINY_GRPO, [f"stages={stages}"])   # (a command-line key would replace the stage's)
+    ckpt = out / "grpo" / "checkpoints" / "step_000002"
+    cfg = load_config(TINY_GRPO, [f"run.output_dir={out}", f"checkpoint.resume={ckpt}"], check_paths=False)
+    assert stage_config(cfg, 0, check_paths=False).checkpoint.resume == "auto"
+    assert stage_config(cfg, 1, check_paths=False).checkpoint.resume == str(ckpt)
+    with pytest.raises(ConfigError, match="in a staged recipe it must be a checkpoint of one of its stages"):
+        load_config(TINY_GRPO, [f"run.output_dir={out}", f"checkpoint.resume={tmp_path / 'other' / 'step_000002'}"],
+                    check_paths=False)
+
+
+class SignalAt:
+    """Hook: SIGTERM to this process at the ``n``-th step reached (counted over all stages), during the step
+    (``on_step``: the trainer saves and stops after it) or after its checkpoint (``on_step_end``)."""
+
+    def __init__(self, n: int, after_save: bool):
+        self.n, self.after_save, self.seen = n, after_save, 0
+
+    def _fire(self) -> None:
+        import os
+        import signal
+        self.seen += 1
+        if self.seen == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step(self, step, record, model, ctx):
+        if not self.after_save:
+            self._fire()
+
+    def on_step_end(self, step, ctx):
+        if self.after_save:
+            self._fire()
+
+
+def _chain(tmp_path: Path, out: Path, *extra: str, hooks=()) -> Path:
+    from rynnscale.train.trainer import run_training
+
+    cfg = load_config(chain_recipe(tmp_path, out, tmp_path / "data"), ["stages.grpo.train.max_steps=2", *extra])
+    return run_training(cfg, hooks=hooks)
+
+
+@pytest.fixture
+def reward_module(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "grpo_test_reward.py").write_text(REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_save", [False, True])
+def test_a_preempted_last_step_stops_the_chain_and_the_next_run_goes_on(tmp_path: Path, reward_module, caplog,
+                                                                      after_save: bool) -> None:
+    """SIGTERM at the SFT stage's last step (3), during it or after its checkpoint: the chain stops there, without
+    the SFT export and without marking the stage done (before: marked done unexported, and every later run failed
+    on the missing export; or, after the save, the signal was dropped and GRPO trained on); the same command
+    again exports SFT and runs GRPO."""
+    out = tmp_path / "run"
+    _chain(tmp_path, out, hooks=[SignalAt(3, after_save)])
+    assert "stage 'sft' was preempted at step 3" in caplog.text
+    assert not (out / "sft" / "stage_done.json").exists() and not (out / "sft" / "hf").exists()
+    assert not (out / "grpo").exists()
+    (out / "sft" / ".hf.tmp-0123abcd").mkdir()   # as an export killed midway leaves it
+    _chain(tmp_path, out)
+    assert (out / "sft" / "hf" / "config.json").is_file() and (out / "grpo" / "stage_done.json").is_file()
+    assert not list((out / "sft").glob(".hf.tmp-*"))
+    assert [r["step"] for r in metrics(out / "sft")] == [1, 2, 3]
+    assert [r["step"] for r in metrics(out / "grpo")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_finished_chain_grows_and_its_stages_lengthen(tmp_path: Path, reward_module) -> None:
+    """After the chain finished: a stage added after the last one starts from the last one's result (exported
+    then: the last stage had no export); the last stage's max_steps raised -> it trains on; an earlier stage's
+    raised while later stages started from its result -> a ConfigError saying what to do."""
+    out = tmp_path / "run"
+    _chain(tmp_path, out)
+    assert not (out / "grpo" / "hf").exists()
+    third = ("stages=[{name: sft, overrides: {train: {max_steps: 3}}}, "
+             "{name: grpo, overrides: {train: {objective: grpo, max_steps: 2}, optim: {lr: 0.001}, "
+             "rl: {reward: {weights: {format: 0.5}}}}}, {name: sft2, overrides: {train: {max_steps: 1}}}]")
+    _chain(tmp_path, out, third)
+    assert (out / "grpo" / "hf" / "config.json").is_file() and (out / "sft2" / "stage_done.json").is_file()
+    assert [r["step"] for r in metrics(out / "sft2")] == [1]
+    _chain(tmp_path, out, third, "stages.sft2.train.max_steps=2")   # the last stage lengthened: trains on
+    assert [r["step"] for r in metrics(out / "sft2")] == [1, 2]
+    with pytest.raises(ConfigError, match=r"stage 'sft' finished with 3 steps and the recipe now asks 5, but the "
+                                          r"stages after it \(grpo, sft2\) started from its 3-step result"):
+        _chain(tmp_path, out, third, "stages.sft.train.max_steps=5")
