@@ -67,6 +67,7 @@ DCP_DIR = "dcp"
 TRAINER_STATE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+ROLLBACK = "rollback.json"     # checkpoints a resume=PATH to an older one abandoned (``record_rollback``)
 _FINAL_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^step_(\d+)\.tmp-([0-9A-Za-z]+)$")
 
@@ -455,6 +456,43 @@ def read_latest(output_dir: str | os.PathLike) -> tuple[str | None, str]:
     return name, ""
 
 
+def _save_id(e: CheckpointEntry) -> list:
+    """What tells one save of a checkpoint name from another: its save order (a re-save under the same name
+    gets a new one)."""
+    return [e.path.name, *_save_order(e)[:2]]
+
+
+def _abandoned(output_dir: str | os.PathLike) -> list[list]:
+    path = Path(output_dir) / CHECKPOINTS_DIR / ROLLBACK
+    if not path.is_file():
+        return []
+    try:
+        rec = _read_json(path)
+    except CheckpointError as e:
+        log.warning("ignoring %s: %s", path, e)
+        return []
+    return rec.get("abandoned", []) if isinstance(rec, dict) else []
+
+
+def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
+    """A run resumed from ``path``, a checkpoint of ``output_dir`` saved before others (``checkpoint.resume=PATH``
+    rolling back): those later saves are an abandoned branch. They are recorded (``checkpoints/rollback.json``)
+    and ``latest`` names ``path``, so that ``resume=auto`` after a crash before the new branch's first save
+    continues the new branch, not the abandoned one. Returns the abandoned names; call on one rank."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    complete = [e for e in list_checkpoints(output_dir) if e.complete]
+    me = next((e for e in complete if e.path.resolve() == Path(path).resolve()), None)
+    if me is None:   # not one of this run's checkpoints: it abandons nothing here
+        return []
+    later = [e for e in complete if _save_order(e) > _save_order(me)]
+    if not later:
+        return []
+    known = _abandoned(output_dir)
+    _write_json(root / ROLLBACK, {"abandoned": known + [_save_id(e) for e in later if _save_id(e) not in known]})
+    atomic_write_bytes(root / LATEST, me.path.name + "\n")
+    return [e.path.name for e in later]
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_group=None) -> Path | None:
     """The checkpoint to resume from, per ``checkpoint.resume``.
 
@@ -471,7 +509,8 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         chosen = None
         if resume == "auto":
             entries = list_checkpoints(output_dir)
-            complete = [e for e in entries if e.complete]
+            abandoned = _abandoned(output_dir)   # by a rollback (``record_rollback``): never the newest
+            complete = [e for e in entries if e.complete and _save_id(e) not in abandoned]
             # follow ``latest`` (after a rollback with resume=PATH it names the new branch, not the highest
             # step); the newest complete checkpoint only when ``latest`` is missing or broken
             pointed, why = read_latest(output_dir)

@@ -40,7 +40,12 @@ import torch
 import yaml
 
 from rynnscale.batch import DataStep
-from rynnscale.checkpoint.dcp import CheckpointManager, find_resume_checkpoint, read_trainer_state
+from rynnscale.checkpoint.dcp import (
+    CheckpointManager,
+    find_resume_checkpoint,
+    read_trainer_state,
+    record_rollback,
+)
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
@@ -118,6 +123,11 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     path = find_resume_checkpoint(output_dir, cfg.checkpoint.resume)
     if path is None:
         return data_seed
+    if cfg.checkpoint.resume != "auto" and c.ctx.is_main:
+        abandoned = record_rollback(output_dir, path)
+        if abandoned:
+            log.warning("checkpoint.resume=%s rolls the run back: %s, saved after it, will not be resumed by "
+                        "resume=auto (checkpoints/rollback.json)", path, ", ".join(abandoned))
     saved_lora = ((read_trainer_state(path).get("config") or {}).get("model") or {}).get("lora")
     check_same_adapters(saved_lora, cfg.model.lora, path)
     rs = manager.load(path, c.model, c.optimizer, c.scheduler, layout=layout_dict(cfg, c.ctx),

@@ -56,6 +56,24 @@ def test_auto_resume_follows_latest_after_rollback_and_prune_keeps_it(tmp_path):
     assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000005"
 
 
+def test_a_rollback_interrupted_before_its_first_save_is_not_undone_by_auto(tmp_path):
+    """Saves at 2, 4, 6; resume=step_4 (a rollback: the trainer calls ``record_rollback``) and a crash before
+    the new branch saves: ``auto`` resumes step 4, not the abandoned step 6 (before: step 6, saved after 4 and
+    named by ``latest``). The new branch's own save under the abandoned name is resumed as usual."""
+    torch.manual_seed(0)
+    w.run(tmp_path, 6, save_at=(2, 4, 6), keep_last=3)
+    root = tmp_path / "checkpoints"
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"
+    assert ckpt.record_rollback(tmp_path, root / "step_000004") == ["step_000006"]
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000004"
+    assert ckpt.record_rollback(tmp_path, root / "step_000004") == ["step_000006"]   # again (a restart): the same
+    assert ckpt.record_rollback(tmp_path / "elsewhere", root / "step_000004") == []
+    w.run(tmp_path, 6, save_at=(6,), resume=str(root / "step_000004"), keep_last=3)   # the new branch's step 6
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"
+    (root / "rollback.json").write_text("{broken")
+    assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"   # a broken record is ignored
+
+
 def test_auto_resume_falls_back_with_warning_when_latest_is_broken(tmp_path, caplog):
     torch.manual_seed(0)
     w.run(tmp_path, 4, save_at=(2, 4), keep_last=3)
