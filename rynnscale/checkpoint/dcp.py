@@ -507,6 +507,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
     error: str | None = None
     if _rank(process_group) == 0:
         chosen = None
+        repair_interrupted_commits(output_dir)
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             abandoned = _abandoned(output_dir)   # by a rollback (``record_rollback``): never the newest
@@ -621,6 +622,33 @@ def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_OLD_RE = re.compile(r"^(step_\d+)\.old-[0-9A-Za-z]+$")
+
+
+def repair_interrupted_commits(output_dir: str | os.PathLike) -> None:
+    """Finish what a ``_commit`` cut between its two renames left (the same step saved again: ``step_N`` moved
+    aside to ``step_N.old-*``, the new save not yet renamed from ``step_N.tmp-*``), so neither copy is lost:
+    the new save becomes ``step_N`` if it is complete (its COMPLETE marker is written before the renames), else
+    the old copy goes back; an ``.old-*`` beside its ``step_N`` is deleted. Call on one rank, at start."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for old in sorted(root.iterdir()):
+        m = _OLD_RE.match(old.name)
+        if not m or not old.is_dir():
+            continue
+        final = root / m.group(1)
+        if not final.exists():
+            new = [t for t in sorted(root.glob(f"{final.name}.tmp-*"))
+                   if all((t / f).is_file() for f in (COMPLETE, TRAINER_STATE, f"{DCP_DIR}/.metadata"))]
+            (new[-1] if new else old).rename(final)
+            log.warning("checkpoint %s: a save interrupted while replacing it was completed (%s)", final,
+                        "the new copy" if new else "the previous copy restored")
+            fsync_dir(root)
+        if final.exists() and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_order(e: CheckpointEntry) -> tuple[int, float, int]:

@@ -74,6 +74,26 @@ def test_a_rollback_interrupted_before_its_first_save_is_not_undone_by_auto(tmp_
     assert find_resume_checkpoint(tmp_path, "auto") == root / "step_000006"   # a broken record is ignored
 
 
+@pytest.mark.parametrize("new_complete", [True, False])
+def test_a_save_cut_between_the_renames_of_its_commit_loses_neither_copy(tmp_path, new_complete):
+    """The same step saved again, the process killed after ``step_N`` was moved aside (``.old-*``) and before the
+    new save was renamed in: the next resume finds ``step_N`` again, the new copy when it was complete (its
+    COMPLETE marker is written first), else the old one (before: neither was found)."""
+    torch.manual_seed(0)
+    w.run(tmp_path, 4, save_at=(2, 4), keep_last=3)
+    root = tmp_path / "checkpoints"
+    final = root / "step_000004"
+    new = root / "step_000004.tmp-0a1b2c3d"
+    shutil.copytree(final, new)
+    (new / "marker").write_text("new")
+    if not new_complete:
+        (new / "COMPLETE").unlink()
+    final.rename(root / "step_000004.old-deadbeef")   # the commit's first rename; the kill comes before the second
+    assert find_resume_checkpoint(tmp_path, "auto") == final
+    assert (final / "marker").is_file() == new_complete
+    assert not list(root.glob("*.old-*"))
+
+
 def test_auto_resume_falls_back_with_warning_when_latest_is_broken(tmp_path, caplog):
     torch.manual_seed(0)
     w.run(tmp_path, 4, save_at=(2, 4), keep_last=3)
