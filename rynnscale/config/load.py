@@ -504,7 +504,8 @@ def _stage_of(cfg: RootConfig, path: str) -> int | None:
 
 def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootConfig:
     """Stage ``i`` of a staged recipe as a plain run: the recipe with ``stages[i].overrides`` laid over it, run in
-    ``<run.output_dir>/<name>``, the synthetic sets shared by all stages (``<run.output_dir>/synthetic_data``), and
+    ``<run.output_dir>/<name>``, the synthetic sets shared by the stages (``<run.output_dir>/synthetic_data``; a
+    stage that changes ``data.synthetic`` has its own, ``synthetic_data_<name>``), and
     after the first stage ``model.init_from`` = the previous stage's export (``<dir>/hf``, written because every
     stage but the last exports). Errors name ``stages[i]``."""
     st = cfg.stages[i]
@@ -512,7 +513,10 @@ def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootCo
     base = OmegaConf.structured(dataclasses.replace(cfg, stages=[]))
     chain: dict[str, Any] = {"run": {"output_dir": str(root / st.name)}}
     if cfg.data.synthetic.output_dir is None:
-        chain["data"] = {"synthetic": {"output_dir": str(root / "synthetic_data")}}
+        # one set for the stages that generate it alike; a stage whose overrides change it gets its own
+        own = "synthetic" in (st.overrides.get("data") or {})
+        chain["data"] = {"synthetic": {"output_dir": str(root / (f"synthetic_data_{st.name}" if own else
+                                                                 "synthetic_data"))}}
     # checkpoint.resume=PATH continues the stage that holds PATH; the others resume as usual
     resume = cfg.checkpoint.resume
     chain["checkpoint"] = {"resume": resume if resume in ("auto", "none") or _stage_of(cfg, resume) == i else "auto"}

@@ -126,6 +126,9 @@ def test_chain_settings(tmp_path: Path) -> None:
     assert (sft.train.max_steps, grpo.train.max_steps, sft.optim.lr, grpo.optim.lr) == (4, 4, 1e-4, 1e-4)
     assert (sft.optim.warmup_steps, grpo.optim.warmup_steps, grpo.rl.group_size) == (1, 3, 3)
     assert grpo.train.objective == "grpo"     # what the command line does not set stays the stage's
+    cfg = load_config(TINY_GRPO, [f"run.output_dir={out}", "stages.grpo.data.synthetic.num_samples=50"])
+    assert stage_config(cfg, 0).data.synthetic.output_dir == str(out / "synthetic_data")   # a stage that changes
+    assert stage_config(cfg, 1, check_paths=False).data.synthetic.output_dir == str(out / "synthetic_data_grpo")
     with pytest.raises(ConfigError, match=r"override 'stages.ppo.train.max_steps=1': no stage 'ppo'"):
         load_config(TINY_GRPO, ["stages.ppo.train.max_steps=1"])
     for stage, key, value in ((1, "run", {"output_dir": "x"}), (0, "data", {"synthetic": {"output_dir": "x"}}),
