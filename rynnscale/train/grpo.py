@@ -251,12 +251,15 @@ def objective_of(rl: Any, chunk_tokens: int) -> GRPO:
 
 
 def prompt_shards(cfg: Any) -> list[str]:
-    """The GRPO prompt shards: ``rl.prompts``, else the run's training data (train shards, mixture sources or the
-    synthetic set)."""
+    """The GRPO prompt shards: ``rl.prompts``, else the run's training data (train shards, the mixture sources'
+    shards, unweighted, or the synthetic set)."""
     from rynnscale.data.pipeline import synthetic_data_dir
     from rynnscale.data.reader import expand_shard_patterns
 
     patterns = list(cfg.rl.prompts) or list(cfg.data.train_shards) or [p for m in cfg.data.mixture for p in m.shards]
+    if not cfg.rl.prompts and cfg.data.mixture and len({m.weight for m in cfg.data.mixture}) > 1:
+        log.warning("GRPO draws its prompts from the shards of every data.mixture source alike: the mixture's "
+                    "weights are not applied to prompts (set rl.prompts to choose them)")
     if not patterns and cfg.data.synthetic.num_samples > 0:
         patterns = [str(synthetic_data_dir(cfg) / "*.tar")]
     if not patterns:
