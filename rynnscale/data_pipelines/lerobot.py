@@ -567,12 +567,21 @@ def compute_action_stats(actions: list[np.ndarray], dims: list[str], units: str 
 
 
 def action_to_bins(actions_td: np.ndarray, stats: dict) -> np.ndarray:
-    """Bin index per value, int64 [T, D]: the number of inner edges <= value (clamped to 0..N-1)."""
+    """Bin index per value, int64 [T, D]: the number of inner edges <= value (clamped to 0..N-1), except that a
+    value equal to a repeated edge (quantile edges of a value many rows share, e.g. a closed gripper) goes into the
+    zero-width bin [value, value] just below, so that it decodes (``bin_centres``) to itself rather than to the
+    middle of the next bin up."""
     edges = np.asarray(stats["edges"], np.float64)
     a = np.asarray(actions_td, np.float64)
     if a.ndim != 2 or a.shape[1] != edges.shape[0]:
         raise ValueError(f"actions must be [T, {edges.shape[0]}], got {a.shape}")
-    return np.stack([np.searchsorted(edges[d, 1:-1], a[:, d], side="right") for d in range(a.shape[1])], axis=1).astype(np.int64)
+    out = np.empty(a.shape, np.int64)
+    for d in range(a.shape[1]):
+        e = edges[d]
+        b = np.searchsorted(e[1:-1], a[:, d], side="right")
+        tied = (b >= 1) & (e[b] == a[:, d]) & (e[np.maximum(b - 1, 0)] == a[:, d])
+        out[:, d] = np.where(tied, b - 1, b)
+    return out
 
 
 def bin_centres(bins_td: np.ndarray, stats: dict) -> np.ndarray:

@@ -1,0 +1,124 @@
+"""Converters on hostile or unusual input (review of the dataset converters): small synthetic LeRobot v2.1
+datasets (32x32 H.264 at 30 fps, each frame's grey level its frame number, each row's action its row index) and
+frame folders built in tmp_path. A bad episode or clip is skipped and counted, never the whole run; frames pair
+with rows on the video's absolute clock; tied quantile bins decode to the tied value; malformed metadata is a
+ConvertError naming the file and field."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow", reason="LeRobot parquet needs pyarrow: pip install pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+av = pytest.importorskip("av")
+
+from rynnscale.data.manifest import read_manifest  # noqa: E402
+from rynnscale.data_pipelines.frames import convert_frames, list_frames, natural_key  # noqa: E402
+from rynnscale.data_pipelines.jsonl import ConvertError  # noqa: E402
+from rynnscale.data_pipelines.lerobot import (  # noqa: E402
+    action_to_bins,
+    bin_centres,
+    compute_action_stats,
+    convert_lerobot,
+    format_action_bins,
+    parse_action_bins,
+)
+
+CAM = "observation.images.cam"
+FPS = 30
+FAST = dict(progress=False, cost_hints=False, episodes_per_shard=1)
+
+
+def _write_video(path: Path, frames: list[int], *, w: int = 32, h: int = 32, codec: str = "libx264") -> None:
+    """Frames with pts ``frames`` (time base 1/FPS); frame k's pixels are grey level 4 * (k % 64)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=FPS)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            s.options = {"bf": "0"}
+        s.codec_context.time_base = Fraction(1, FPS)
+        for k in frames:
+            f = av.VideoFrame.from_ndarray(np.full((h, w, 3), 4 * (k % 64), np.uint8), format="rgb24")
+            f.pts, f.time_base = k, Fraction(1, FPS)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _table(ep: int, n: int, D: int = 3, S: int | None = None, action=None, ts=None) -> pa.Table:
+    act = np.tile(np.arange(n, dtype=np.float32)[:, None], (1, D)) if action is None else np.asarray(action, np.float32)
+    state = np.tile(np.arange(n, dtype=np.float32)[:, None], (1, S or D))
+    ts = np.arange(n) / FPS if ts is None else np.asarray(ts)
+    return pa.table({"timestamp": pa.array(ts.astype(np.float32)), "frame_index": pa.array(np.arange(n)),
+                     "episode_index": pa.array(np.full(n, ep)), "task_index": pa.array(np.zeros(n, np.int64)),
+                     "action": pa.array(list(act), pa.list_(pa.float32())),
+                     "observation.state": pa.array(list(state), pa.list_(pa.float32()))})
+
+
+def _make(root: Path, episodes: dict[int, int], *, info: dict | None = None, lines: dict[int, dict] | None = None,
+          tables: dict[int, pa.Table] | None = None, videos: dict[int, list[int]] | None = None, size=(32, 32)) -> Path:
+    """A LeRobot v2.1 dataset: ``episodes`` {index: frames}; a row per frame unless ``tables`` gives the table,
+    a frame per row unless ``videos`` gives the pts; ``lines`` overrides fields of an episodes.jsonl line."""
+    (root / "meta").mkdir(parents=True)
+    inf = {"codebase_version": "v2.1", "robot_type": "toy", "fps": FPS, "chunks_size": 1000, "license": "mit",
+           "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+           "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+           "features": {CAM: {"dtype": "video", "shape": [size[1], size[0], 3]}, "action": {"dtype": "float32", "shape": [3]},
+                        "observation.state": {"dtype": "float32", "shape": [3]}}}
+    (root / "meta/info.json").write_text(json.dumps({**inf, **(info or {})}))
+    (root / "meta/tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "do the thing"}) + "\n")
+    out = []
+    for e, n in episodes.items():
+        out.append(json.dumps({"episode_index": e, "tasks": ["do the thing"], "length": n, **(lines or {}).get(e, {})}))
+        p = root / f"data/chunk-000/episode_{e:06d}.parquet"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table((tables or {}).get(e) or _table(e, n), p)
+        _write_video(root / f"videos/chunk-000/{CAM}/episode_{e:06d}.mp4", (videos or {}).get(e, list(range(n))),
+                     w=size[0], h=size[1])
+    (root / "meta/episodes.jsonl").write_text("\n".join(out) + "\n")
+    return root
+
+
+def _samples(d: Path) -> dict[str, dict[str, bytes]]:
+    out = {}
+    for s in read_manifest(d).shards:
+        with tarfile.open(d / s.name) as tf:
+            for m in tf.getmembers():
+                key, member = m.name.split(".", 1)
+                out.setdefault(key, {})[member] = tf.extractfile(m).read()
+    return out
+
+
+def _grey(jpg: bytes) -> int:
+    from PIL import Image
+
+    return int(round(np.asarray(Image.open(io.BytesIO(jpg))).mean() / 4))
+
+
+# ------------------------------------------------------------------------------------ LeRobot
+
+
+def test_tied_quantile_bins_decode_to_the_tied_value():
+    """A gripper closed (0.0) in 80% of rows: its quantile edges repeat 0.0; closed went into the bin [0, 1] and
+    decoded to 0.5. Now every value decodes to itself or within its bin's range."""
+    rng = np.random.default_rng(0)
+    grip = np.where(rng.random(1000) < 0.8, 0.0, 1.0)
+    a = np.stack([rng.uniform(-1, 1, 1000), grip], 1).astype(np.float32)
+    st = compute_action_stats([a], ["arm", "gripper"], "unknown", "action", 16, "quantile")
+    assert st["edges"][1][:3] == [0.0, 0.0, 0.0]
+    _, dec = parse_action_bins(format_action_bins(action_to_bins([[0.0, 0.0], [0.0, 1.0]], st), 16), st)
+    assert dec[:, 1].tolist() == [0.0, 1.0]
+    bins = action_to_bins(a, st)
+    e = np.asarray(st["edges"])
+    d = np.arange(2)[None, :]
+    assert np.all(e[d, bins] <= a) and np.all(a <= e[d, bins + 1])
+    assert np.all(bin_centres(bins, st)[:, 1] == a[:, 1])
