@@ -94,8 +94,9 @@ def detect_licence(*dirs: str | os.PathLike, info: dict | None = None) -> tuple[
 
 
 def natural_key(name: str) -> list:
-    """Sort key that orders embedded numbers numerically (``f2.jpg`` < ``f10.jpg``)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+    """Sort key that orders embedded numbers numerically (``f2.jpg`` < ``f10.jpg``). Only ASCII digits count
+    as a number: ``\\d`` and ``str.isdigit`` also take '²' or '①', which ``int`` refuses."""
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def list_frames(directory: str | os.PathLike) -> list[str]:

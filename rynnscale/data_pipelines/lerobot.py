@@ -504,11 +504,13 @@ def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
 def episode_video_frames(info: Any, ep: Episode, src_fps: float) -> tuple[np.ndarray, np.ndarray]:
     """(indices into the video file [F], their times on the episode clock [F] in seconds).
 
+    Times are the file's absolute clock (``pts * time_base``, as LeRobot reads them), not times since the first
+    frame: a video missing its first frame must not shift every frame onto the row before its own.
     v2: every frame of the file; v3: the frames whose times fall in [from, to) of the episode
     (half a source frame of slack at both ends). Times are rounded to whole nanoseconds."""
     if info.pts.size != info.total_frames:
-        raise ConvertError(f"episode {ep.index}: video {ep.video_file} has frames without timestamps")
-    t = info.timestamps_s(np.arange(info.total_frames))
+        raise EpisodeError("undecodable_video", f"episode {ep.index}: video {ep.video_file} has frames without timestamps")
+    t = info.pts_s(np.arange(info.total_frames))
     half = 0.5 / src_fps
     if ep.video_to_s is None:
         idx = np.arange(info.total_frames)

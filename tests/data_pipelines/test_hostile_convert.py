@@ -107,6 +107,23 @@ def _grey(jpg: bytes) -> int:
 # ------------------------------------------------------------------------------------ LeRobot
 
 
+def test_video_missing_its_first_frame_pairs_on_the_absolute_clock(tmp_path):
+    """Frames at 1/30 .. 59/30 s (the first frame is gone), rows at 0 .. 59/30 s: before, times were measured from
+    the first frame, so every frame paired with the row before its own (action k with the image of frame k + 1)
+    and meta.json said 0.0 for the frame at 1/30 s. Now row 0 is the unpaired one and every frame keeps its row."""
+    root = _make(tmp_path / "src", {0: 60}, videos={0: list(range(1, 60))})
+    rep = convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, fps=10, media="frames", state_key=None, **FAST)
+    ep = rep["episodes"][0]
+    assert (ep["rows_unpaired"], ep["frames_unpaired"]) == (1, 0)
+    for key, m in _samples(tmp_path / "out").items():
+        meta = json.loads(m["meta.json"])
+        acts = np.load(io.BytesIO(m["action.npy"]))[:, 0].astype(int).tolist()
+        seen = [_grey(m[f"f{i:03d}.jpg"]) for i in range(len(acts))]
+        assert seen == acts, key                      # the image of frame k goes with row k
+        assert 0 not in meta["extra"]["rows"]
+        np.testing.assert_allclose(meta["extra"]["source_timestamps"], np.asarray(acts) / FPS, atol=1e-3)
+
+
 def test_tied_quantile_bins_decode_to_the_tied_value():
     """A gripper closed (0.0) in 80% of rows: its quantile edges repeat 0.0; closed went into the bin [0, 1] and
     decoded to 0.5. Now every value decodes to itself or within its bin's range."""
