@@ -131,9 +131,12 @@ def _read_json(path: Path) -> Any:
         raise ConvertError(f"{path}: invalid JSON: {e}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of ``path``; a line that is not a JSON object is a ConvertError."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist (is this a LeRobot v2 dataset root?)")
+    with open(path, encoding="utf-8", errors="replace") as f:
         for ln, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -142,7 +145,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                     raise ConvertError(f"{path}: line {ln}: invalid JSON: {e}") from None
                 if not isinstance(obj, dict):
                     raise ConvertError(f"{path}: line {ln}: expected an object")
-                out.append(obj)
+                out.append((ln, obj))
     return out
 
 
@@ -150,6 +153,35 @@ def _int(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise ConvertError(f"{what}: expected an integer, got {v!r:.60}")
     return int(v)
+
+
+def _length(v: Any, what: str) -> int | None:
+    """An episode's metadata ``length``: an integer >= 0, or None when absent."""
+    if v is None:
+        return None
+    n = _int(v, what)
+    if n < 0:
+        raise ConvertError(f"{what}: expected an integer >= 0, got {n}")
+    return n
+
+
+def _tasks_list(v: Any, what: str) -> list[str]:
+    """An episode's metadata ``tasks``: a list of strings (absent or null: none). A string is refused, not split
+    into its characters."""
+    if v is None:
+        return []
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+        raise ConvertError(f"{what}: expected a list of strings, got {v!r:.80}")
+    return list(v)
+
+
+def _parquet(path: Path, what: str, read: str = "table", **kw: Any) -> Any:
+    """``pq.read_table`` / ``pq.read_schema`` of ``path``; an unreadable file is a ConvertError naming it."""
+    pq = _pq()
+    try:
+        return pq.read_schema(path) if read == "schema" else pq.read_table(path, **kw)
+    except (OSError, ValueError, TypeError) as e:   # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise ConvertError(f"{what} ({path}): cannot read the parquet file: {type(e).__name__}: {e}") from None
 
 
 def _exists(root: Path, rel: str, where: str) -> bool:
@@ -163,11 +195,10 @@ def _exists(root: Path, rel: str, where: str) -> bool:
 
 
 def _tasks_v3(root: Path) -> dict[int, str]:
-    pq = _pq()
     p = root / "meta" / "tasks.parquet"
     if not p.is_file():
         raise ConvertError(f"{p} does not exist (v3.0 datasets keep their tasks there)")
-    t = pq.read_table(p)
+    t = _parquet(p, "meta/tasks.parquet")
     names = t.column_names
     task_col = "task" if "task" in names else None
     if task_col is None:  # pandas writes the task strings as the index
@@ -212,14 +243,18 @@ def _pick_video_key(root: Path, info: dict, video_key: str | None) -> tuple[str,
 def _episodes_v2(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
     """v2.x: (tasks from ``meta/tasks.jsonl``, episodes from ``meta/episodes.jsonl``), one file per episode."""
     allowed = _TEMPLATE_FIELDS["v2"]
-    chunks = info.get("chunks_size", 1000)
-    tasks = {_int(t.get("task_index"), "meta/tasks.jsonl: task_index"): str(t.get("task", ""))
-             for t in _read_jsonl(root / "meta" / "tasks.jsonl")}
+    chunks = _int(info.get("chunks_size", 1000), f"{root / 'meta/info.json'}: chunks_size")
+    if chunks < 1:
+        raise ConvertError(f"{root / 'meta/info.json'}: chunks_size must be >= 1, got {chunks}")
+    tp, ep_path = root / "meta" / "tasks.jsonl", root / "meta" / "episodes.jsonl"
+    tasks = {_int(t.get("task_index"), f"{tp}: line {ln}: task_index"): str(t.get("task", ""))
+             for ln, t in _read_jsonl(tp)}
     eps = []
-    for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
-        idx = _int(e.get("episode_index"), "meta/episodes.jsonl: episode_index")
+    for ln, e in _read_jsonl(ep_path):
+        w = f"{ep_path}: line {ln}"
+        idx = _int(e.get("episode_index"), f"{w}: episode_index")
         f = {"episode_chunk": idx // chunks, "episode_index": idx, "video_key": video_key}
-        eps.append(Episode(idx, e.get("length"), [str(t) for t in e.get("tasks", [])],
+        eps.append(Episode(idx, _length(e.get("length"), f"{w}: length"), _tasks_list(e.get("tasks"), f"{w}: tasks"),
                            _format_path(info.get("data_path"), f, allowed, "data_path"),
                            _format_path(info.get("video_path"), f, allowed, "video_path")))
     return tasks, eps
@@ -233,7 +268,7 @@ def _episode_v3(r: dict, p: Path, info: dict, video_key: str) -> Episode:
           "file_index": _int(r["data/file_index"], f"{p}: data/file_index"), "video_key": video_key}
     fv = {"chunk_index": _int(r[vp + "chunk_index"], f"{p}: {vp}chunk_index"),
           "file_index": _int(r[vp + "file_index"], f"{p}: {vp}file_index"), "video_key": video_key}
-    return Episode(idx, r["length"], [str(t) for t in (r["tasks"] or [])],
+    return Episode(idx, _length(r["length"], f"{p}: episode {idx}: length"), _tasks_list(r["tasks"], f"{p}: episode {idx}: tasks"),
                    _format_path(info.get("data_path"), fd, allowed, "data_path"),
                    _format_path(info.get("video_path"), fv, allowed, "video_path"),
                    float(r[vp + "from_timestamp"]), float(r[vp + "to_timestamp"]))
@@ -241,7 +276,6 @@ def _episode_v3(r: dict, p: Path, info: dict, video_key: str) -> Episode:
 
 def _episodes_v3(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
     """v3.0: (tasks from ``meta/tasks.parquet``, episodes from ``meta/episodes/chunk-*/file-*.parquet``)."""
-    pq = _pq()
     tasks = _tasks_v3(root)
     files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
@@ -251,11 +285,11 @@ def _episodes_v3(root: Path, info: dict, video_key: str) -> tuple[dict[int, str]
             vp + "chunk_index", vp + "file_index", vp + "from_timestamp", vp + "to_timestamp"]
     eps = []
     for p in files:
-        names = pq.read_schema(p).names
+        names = _parquet(p, "episode metadata", "schema").names
         missing = [c for c in want if c not in names]
         if missing:
             raise ConvertError(f"{p}: missing columns {missing}")
-        eps += [_episode_v3(r, p, info, video_key) for r in pq.read_table(p, columns=want).to_pylist()]
+        eps += [_episode_v3(r, p, info, video_key) for r in _parquet(p, "episode metadata", columns=want).to_pylist()]
     return tasks, eps
 
 
@@ -451,10 +485,10 @@ def _column_hint(schema, missing: str) -> str:
 def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_key: str | None) -> dict[str, np.ndarray]:
     """The episode's rows sorted by time: ``timestamp`` float64 [N], ``action`` [N, D],
     ``state`` [N, S] (if ``state_key``), ``task_index`` int64 [N] (if present), ``frame_index``."""
-    pq = _pq()
     path = resolve_under(meta.root, ep.data_file, f"episode {ep.index}")
     where = f"episode {ep.index} ({ep.data_file})"
-    names = pq.read_schema(path).names
+    schema = _parquet(path, f"episode {ep.index}", "schema")
+    names = schema.names
     want = [c for c in ("timestamp", "frame_index", "episode_index", "task_index", action_key, state_key) if c and c in names]
     if "timestamp" not in names:
         raise ConvertError(f"{where}: no column 'timestamp' (columns: {names})")
@@ -462,11 +496,11 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
                                                                                         "state.npy)")):
         if c and c not in names:
             raise ConvertError(f"{where}: no column {c!r}; pass {flag} NAME{extra}: columns that look like per-frame "
-                               f"vectors: {_column_hint(pq.read_schema(path), c)} (all columns: {names})")
+                               f"vectors: {_column_hint(schema, c)} (all columns: {names})")
     filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
     if filters and "episode_index" not in names:
         raise ConvertError(f"{where}: v3 data files need an episode_index column")
-    t = pq.read_table(path, columns=want, filters=filters)
+    t = _parquet(path, f"episode {ep.index}", columns=want, filters=filters)
     if t.num_rows == 0:
         raise ConvertError(f"{where}: no rows for this episode")
     ts = t.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)

@@ -81,7 +81,7 @@ def _make(root: Path, episodes: dict[int, int], *, info: dict | None = None, lin
         out.append(json.dumps({"episode_index": e, "tasks": ["do the thing"], "length": n, **(lines or {}).get(e, {})}))
         p = root / f"data/chunk-000/episode_{e:06d}.parquet"
         p.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table((tables or {}).get(e) or _table(e, n), p)
+        pq.write_table((tables or {})[e] if e in (tables or {}) else _table(e, n), p)
         _write_video(root / f"videos/chunk-000/{CAM}/episode_{e:06d}.mp4", (videos or {}).get(e, list(range(n))),
                      w=size[0], h=size[1])
     (root / "meta/episodes.jsonl").write_text("\n".join(out) + "\n")
@@ -139,3 +139,29 @@ def test_tied_quantile_bins_decode_to_the_tied_value():
     d = np.arange(2)[None, :]
     assert np.all(e[d, bins] <= a) and np.all(a <= e[d, bins + 1])
     assert np.all(bin_centres(bins, st)[:, 1] == a[:, 1])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("length", r"episodes.jsonl: line 2: length: expected an integer, got 'abc'"),
+    ("tasks_null", None),
+    ("tasks_str", r"episodes.jsonl: line 1: tasks: expected a list of strings, got 'Pick up'"),
+    ("chunks_zero", r"info.json: chunks_size must be >= 1, got 0"),
+    ("chunks_str", r"info.json: chunks_size: expected an integer, got '1000'"),
+    ("parquet", r"episode 1 \(.*episode_000001.parquet\): cannot read the parquet file"),
+])
+def test_malformed_metadata_names_the_file_and_field(tmp_path, case, match):
+    """Before: int('abc') mid-run after shard 0 was written, a TypeError / ZeroDivisionError traceback, a pyarrow
+    message naming no file, and tasks "Pick up" split into characters. Now a ConvertError up front naming the file,
+    line and field (tasks null is no tasks)."""
+    lines = {"length": {1: {"length": "abc"}}, "tasks_null": {0: {"tasks": None}},
+             "tasks_str": {0: {"tasks": "Pick up"}}}.get(case)
+    info = {"chunks_zero": {"chunks_size": 0}, "chunks_str": {"chunks_size": "1000"}}.get(case)
+    root = _make(tmp_path / "src", {0: 30, 1: 30}, lines=lines, info=info)
+    if case == "parquet":
+        (root / "data/chunk-000/episode_000001.parquet").write_bytes(b"not a parquet file" * 10)
+    if match is None:
+        assert convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="frames", **FAST)["totals"]["samples"] == 2
+        return
+    with pytest.raises(ConvertError, match=match):
+        convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="frames", **FAST)
+    assert not list((tmp_path / "out").glob("*.tar"))
