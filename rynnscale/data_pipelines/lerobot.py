@@ -502,11 +502,13 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
         raise ConvertError(f"{where}: v3 data files need an episode_index column")
     t = _parquet(path, f"episode {ep.index}", columns=want, filters=filters)
     if t.num_rows == 0:
-        raise ConvertError(f"{where}: no rows for this episode")
+        raise EpisodeError("empty_episode", f"{where}: no rows for this episode")
     ts = t.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(ts, kind="stable")
-    if np.any(np.diff(ts[order]) <= 0):
-        raise ConvertError(f"{where}: timestamps are not strictly increasing (duplicate times?)")
+    if not np.isfinite(ts).all() or np.any(np.diff(ts[order]) <= 0):
+        k = int(np.argmax(np.diff(ts[order]) <= 0)) if len(ts) > 1 else 0
+        raise EpisodeError("bad_timestamps", f"{where}: timestamps are not finite and strictly increasing "
+                                             f"(duplicate times? e.g. {ts[order][k:k + 2].tolist()})")
     out = {"timestamp": ts[order], "action": _col2d(t, action_key, where)[order]}
     if state_key:
         out["state"] = _col2d(t, state_key, where)[order]
@@ -518,9 +520,22 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
 
 _VIDEO_CACHE: dict[str, Any] = {}
 
+#: frames decoded from a source video in one call (a bounded chunk of the episode's clips, resized before the next)
+DECODE_CHUNK_FRAMES = 128
+
+
+def source_video_limits() -> Any:
+    """Limits for a LeRobot source video: a whole episode (v2) or many (v3), so far larger than the training limits
+    of one sample (``VideoLimits()``: 768 frames decoded, 200,000 in the file); decoding is done in chunks of
+    ``DECODE_CHUNK_FRAMES``."""
+    from rynnscale.data.video import VideoLimits
+
+    return VideoLimits(max_bytes=1 << 34, max_total_frames=5_000_000, max_frames=DECODE_CHUNK_FRAMES)
+
 
 def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
-    """(bytes, VideoInfo) of the episode's video file; the last file is cached (v3 files hold many episodes)."""
+    """(bytes, VideoInfo) of the episode's video file; the last file is cached (v3 files hold many episodes).
+    A file that cannot be indexed is an EpisodeError with the video's reason (the episode is skipped)."""
     from rynnscale.data.video import VideoError, probe_video
 
     path = str(resolve_under(meta.root, ep.video_file, f"episode {ep.index}"))
@@ -530,7 +545,7 @@ def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
         try:
             info = probe_video(data, limits)
         except VideoError as e:
-            raise ConvertError(f"episode {ep.index}: video {ep.video_file}: {e}") from None
+            raise EpisodeError(e.reason, f"episode {ep.index}: video {ep.video_file}: {e}") from None
         _VIDEO_CACHE.update(path=path, data=data, info=info)
     return _VIDEO_CACHE["data"], _VIDEO_CACHE["info"]
 
@@ -744,9 +759,13 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _resize(frames_thwc: np.ndarray, max_side: int | None) -> np.ndarray:
+def _resize(frames_thwc: np.ndarray, max_side: int | None, even: bool = False) -> np.ndarray:
+    """Downscale so the longer side is at most ``max_side`` (even sizes); ``even`` (H.264 output: yuv420p needs even
+    sizes) also crops the last row / column of an odd-sized frame that is not downscaled."""
     T, H, W, _ = frames_thwc.shape
     if max_side is None or max(H, W) <= max_side:
+        if even and (H % 2 or W % 2) and H > 1 and W > 1:
+            return np.ascontiguousarray(frames_thwc[:, : H // 2 * 2, : W // 2 * 2])
         return frames_thwc
     from PIL import Image
 
@@ -814,17 +833,38 @@ def _pick_clips(meta: LeRobotMeta, cfg: LeRobotConfig, ts: np.ndarray, vt: np.nd
     return out
 
 
-def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str
-                   ) -> tuple[np.ndarray, dict[int, int]]:
-    """Decode each video frame some clip samples, once: (frames [F, H, W, 3], file frame index -> row in it)."""
+def _clip_frames(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str,
+                 max_side: int | None, even: bool):
+    """Yield (k, frames [T, h, w, 3]) for each good clip ``k`` of ``picked``, in order, resized. Consecutive clips
+    are decoded together while the frames they need stay within ``limits.max_frames`` (a longer clip alone), each
+    frame once per chunk: memory is one chunk of source frames, whatever the episode's length. A decode failure
+    is an EpisodeError (the episode is skipped)."""
     from rynnscale.data.video import VideoError, decode_frames
 
-    need = np.unique(np.concatenate([vidx[j] for j in picked]))
-    try:
-        dv = decode_frames(data, indices=need, limits=limits)
-    except VideoError as e:
-        raise ConvertError(f"{where}: video {ep.video_file}: {e}") from None
-    return dv.frames_thwc, {int(g): i for i, g in enumerate(need)}
+    def decode(group: list[int]):
+        need = np.unique(np.concatenate([vidx[picked[k]] for k in group]))
+        lim = replace(limits, max_frames=max(limits.max_frames, len(need)))
+        try:
+            dv = decode_frames(data, indices=need, limits=lim)
+        except VideoError as e:
+            raise EpisodeError(e.reason, f"{where}: video {ep.video_file}: {e}") from None
+        pos = {int(g): i for i, g in enumerate(need)}
+        for k in group:
+            yield k, _resize(dv.frames_thwc[[pos[int(g)] for g in vidx[picked[k]]]], max_side, even)
+
+    group: list[int] = []
+    frames: set[int] = set()
+    for k, j in enumerate(picked):
+        if isinstance(j, EpisodeError):
+            continue
+        new = frames | {int(g) for g in vidx[j]}
+        if group and len(new) > limits.max_frames:
+            yield from decode(group)
+            group, new = [], {int(g) for g in vidx[j]}
+        group.append(k)
+        frames = new
+    if group:
+        yield from decode(group)
 
 
 @dataclass
@@ -947,12 +987,32 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
     is skipped and counted, an episode pairing less than ``MIN_MATCHED`` of its frames or rows is an
     EpisodeError (``frames_rows_misaligned``). ``ctx`` holds what the parent computed once: ``stats`` (action
     statistics), ``dims`` / ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
-    from rynnscale.data.video import VideoLimits
-
     where = f"episode {ep.index}"
     rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+    limits = source_video_limits()
+    data, vidx, vt, fi, ri, rep = _pair_episode(meta, ep, cfg, rows, limits)
+    N = rep["rows"]
+    rows = {k: v[ri] for k, v in rows.items()}
+    vidx, vt = vidx[fi], vt[fi]
+    picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
+    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt, fi, ri, rep["video_frames"], N)
+    for k, j in enumerate(picked):
+        if isinstance(j, EpisodeError):
+            rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
+    samples = [clips.sample(k, picked[k], picked[k], frames_thwc, key_prefix) for k, frames_thwc in
+               _clip_frames(data, vidx, picked, limits, ep, where, cfg.max_side, cfg.media == "video")]
+    rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in picked if not isinstance(j, EpisodeError)))
+    return samples, rep
+
+
+def _pair_episode(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, rows: dict[str, np.ndarray], limits: Any,
+                  quiet: bool = False) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Index the episode's video (no decoding) and pair its frames with its ``rows`` by time:
+    (video bytes, frame indices ``vidx`` [F] and times ``vt`` [F], paired frames ``fi`` and rows ``ri``, the episode
+    report so far). An EpisodeError when the video cannot be indexed or too few pair (``frames_rows_misaligned``).
+    Cheap enough for the parent to run over every episode before the action statistics (``quiet``: no warnings)."""
+    where = f"episode {ep.index}"
     N = len(rows["timestamp"])
-    limits = VideoLimits()
     data, vidx, vt = _episode_video(meta, ep, limits)
     tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 / meta.fps
     fi, ri = match_frames_rows(vt, rows["timestamp"], tol)
@@ -962,31 +1022,20 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
         raise EpisodeError("frames_rows_misaligned", f"{where}: only {len(fi)} of its {len(vidx)} video frames "
                            f"({ep.video_file}) and {N} parquet rows lie within tolerance_s={tol:.4g} of each other; "
                            "are the timestamps on one clock? (--tolerance-s widens the pairing)")
+    if quiet:
+        return data, vidx, vt, fi, ri, rep
     if len(fi) < len(vidx) or len(ri) < N:
         log.warning("%s: %d video frames and %d parquet rows have no partner within tolerance_s=%.4g and are left out "
                     "(video %d frames, parquet %d rows)", where, len(vidx) - len(fi), N - len(ri), tol, len(vidx), N)
-    if ep.length is not None and int(ep.length) != N:
+    if ep.length is not None and ep.length != N:
         log.warning("%s: the episode metadata says length %s but the parquet has %d rows", where, ep.length, N)
-    rows = {k: v[ri] for k, v in rows.items()}
-    vidx, vt = vidx[fi], vt[fi]
-    picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
-    good = [j for j in picked if not isinstance(j, EpisodeError)]
-    frames_fhwc, pos = _decode_picked(data, vidx, good, limits, ep, where) if good else (None, {})
-    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt, fi, ri, rep["video_frames"], N)
-    samples = []
-    for k, j in enumerate(picked):
-        if isinstance(j, EpisodeError):
-            rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
-            continue
-        frames_thwc = _resize(frames_fhwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
-        samples.append(clips.sample(k, j, j, frames_thwc, key_prefix))
-    rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in good))
-    return samples, rep
+    return data, vidx, vt, fi, ri, rep
 
 
 def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports]). An
     EpisodeError skips its episode (reported) unless it is non-finite values without ``skip_nonfinite``."""
+    # the parent ran the same checks before computing the statistics; a skip here is a file changed since
     from rynnscale.data.encode import SampleError
     from rynnscale.data_pipelines.shard_stats import cost_hints
 
@@ -1065,39 +1114,58 @@ def _answer_dims(cfg: LeRobotConfig, dims: list[str], D: int, std: np.ndarray) -
     return show
 
 
-def _readable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[list[dict], list[dict]]:
-    """Every episode's parquet rows, and the episodes skipped for non-finite values (``skip_nonfinite``; else such
-    an episode stops the run, its message saying how to skip): (tables, [{episode, reason, detail}])."""
+def _usable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """The parquet rows of every episode that will be converted, and the others, skipped and counted:
+    ([(episode index, rows)], [{episode, reason, detail}]). Runs the cheap checks of the workers (table, video
+    index, frame/row pairing; nothing decoded) first, so that the action statistics cover exactly the converted
+    episodes. Non-finite values stop the run (the message says how to skip) unless ``skip_nonfinite``."""
     tables, skipped = [], []
-    for ep in meta.episodes:
-        try:
-            tables.append(read_episode_table(meta, ep, cfg.action_key, cfg.state_key))
-        except EpisodeError as e:
-            if not cfg.skip_nonfinite:
-                raise
-            log.warning("skipping %s", e)
-            skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
+    limits = source_video_limits()
+    try:
+        for ep in meta.episodes:
+            try:
+                rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+                _pair_episode(meta, ep, cfg, rows, limits, quiet=True)
+                tables.append((ep.index, rows))
+            except EpisodeError as e:
+                if e.reason == "nonfinite_values" and not cfg.skip_nonfinite:
+                    raise
+                log.warning("skipping %s", e)
+                skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
+    finally:
+        _VIDEO_CACHE.clear()
     if not tables:
         raise ConvertError(f"{root}: every episode was skipped ({skipped[0]['detail'] if skipped else 'none listed'})")
     return tables, skipped
 
 
+def _same_width(root: Path, tables: list[tuple[int, dict]], col: str, key: str) -> int:
+    """The width of column ``col`` (feature ``key``) shared by every episode; else a ConvertError naming the widths
+    and (up to 5 of) the episodes of each."""
+    widths: dict[int, list[int]] = {}
+    for e, t in tables:
+        widths.setdefault(int(t[col].shape[1]), []).append(e)
+    if len(widths) > 1:
+        said = "; ".join(f"{w} in episodes {eps[:5]}{' ...' if len(eps) > 5 else ''}" for w, eps in sorted(widths.items()))
+        raise ConvertError(f"{root}: episodes have different {key} widths ({said}); convert the episodes of one width "
+                           "at a time (--episodes)")
+    return next(iter(widths))
+
+
 def _dataset_context(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, licence: str, source: str,
-                     tables: list[dict]) -> dict:
+                     tables: list[tuple[int, dict]]) -> dict:
     """The ``ctx`` every episode's samples share: dataset-wide action statistics (bins, answer dims)
     from every row of the converted episodes (``tables``), dim names / units, source and licence."""
-    D = tables[0]["action"].shape[1]
-    if any(t["action"].shape[1] != D for t in tables):
-        raise ConvertError(f"{root}: episodes have different action sizes")
+    D = _same_width(root, tables, "action", cfg.action_key)
     dims = _dim_names(meta.info, cfg.action_key, D)
     units = _units_of(meta.info, cfg.action_key, cfg.action_units)
     if isinstance(units, list) and len(units) != D:
         raise ConvertError(f"{root}: {cfg.action_key} has {D} dims but {len(units)} units")
-    stats = compute_action_stats([t["action"] for t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
+    stats = compute_action_stats([t["action"] for _, t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
     show = _answer_dims(cfg, dims, D, np.asarray(stats["std"]))
     ctx = {"stats": stats, "dims": dims, "units": units, "show": show, "source": source, "licence": licence}
     if cfg.state_key:
-        S = tables[0]["state"].shape[1]
+        S = _same_width(root, tables, "state", cfg.state_key)
         ctx["state_dims"] = _dim_names(meta.info, cfg.state_key, S)
         ctx["state_units"] = _units_of(meta.info, cfg.state_key, None)
     return ctx
@@ -1195,7 +1263,7 @@ def convert_lerobot(
     meta = read_lerobot(root, cfg.video_key, episodes, video_path=cfg.video_path, data_path=cfg.data_path)
     warnings = _episode_warnings(root, meta)
     licence, source = _licence_and_source(root, meta, cfg, warnings)
-    tables, skipped_before = _readable_tables(root, meta, cfg)
+    tables, skipped_before = _usable_tables(root, meta, cfg)
     gone = {e["episode"] for e in skipped_before}
     meta = replace(meta, episodes=[e for e in meta.episodes if e.index not in gone])
     ctx = _dataset_context(root, meta, cfg, licence, source, tables)

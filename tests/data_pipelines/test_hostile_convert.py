@@ -20,7 +20,6 @@ pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
 from rynnscale.data.manifest import read_manifest  # noqa: E402
-from rynnscale.data_pipelines.frames import convert_frames, list_frames, natural_key  # noqa: E402
 from rynnscale.data_pipelines.jsonl import ConvertError  # noqa: E402
 from rynnscale.data_pipelines.lerobot import (  # noqa: E402
     action_to_bins,
@@ -139,6 +138,73 @@ def test_tied_quantile_bins_decode_to_the_tied_value():
     d = np.arange(2)[None, :]
     assert np.all(e[d, bins] <= a) and np.all(a <= e[d, bins + 1])
     assert np.all(bin_centres(bins, st)[:, 1] == a[:, 1])
+
+
+def test_action_stats_cover_only_the_converted_episodes(tmp_path):
+    """Episode 1's timestamps are in milliseconds (skipped: frames_rows_misaligned) and its actions are 1000: before,
+    its rows set the statistics and the bin edges (max 1000; every action of episode 0 fell into bin 0)."""
+    ms = _table(1, 60, action=np.full((60, 3), 1000.0), ts=np.arange(60) / FPS * 1000)
+    root = _make(tmp_path / "src", {0: 60, 1: 60}, tables={1: ms})
+    rep = convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, fps=10, action_bins=4, media="frames", **FAST)
+    assert rep["bad_episodes"] == {"frames_rows_misaligned": 1} and rep["totals"]["rows"] == 60
+    st = json.loads((tmp_path / "out/action_stats.json").read_text())
+    assert st["count"] == 60 and st["max"] == [59.0] * 3
+    assert st["edges"][0] == pytest.approx([0.0, 14.75, 29.5, 44.25, 59.0])
+    assert read_manifest(tmp_path / "out").info["episodes"] == [0]
+
+
+def test_state_width_differing_between_episodes_is_refused(tmp_path):
+    """Episode 1's observation.state has 5 dims, episode 0's 3: before, both converted and meta.json named 3 state
+    dims for episode 1's 5-wide state.npy. Now refused up front like differing action widths, naming both."""
+    root = _make(tmp_path / "src", {0: 30, 1: 30}, tables={1: _table(1, 30, S=5)})
+    with pytest.raises(ConvertError, match=r"observation.state widths \(3 in episodes \[0\]; 5 in episodes \[1\]\)"):
+        convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="frames", **FAST)
+    assert not list((tmp_path / "out").glob("*.tar"))
+    bad_act = _table(1, 30, action=np.zeros((30, 4)))
+    root = _make(tmp_path / "src2", {0: 30, 1: 30}, tables={1: bad_act})
+    with pytest.raises(ConvertError, match=r"action widths \(3 in episodes \[0\]; 4 in episodes \[1\]\)"):
+        convert_lerobot(root, tmp_path / "out2", clip_seconds=1.0, media="frames", **FAST)
+
+
+def test_bad_episodes_are_skipped_and_counted(tmp_path):
+    """A corrupt video, a duplicated timestamp and an episode without parquet rows each stopped the whole run
+    (a ConvertError, even with --skip-nonfinite); now each is skipped and counted, and the rest convert."""
+    dup = np.arange(30) / FPS
+    dup[10] = dup[9]
+    root = _make(tmp_path / "src", {0: 30, 1: 30, 2: 30, 3: 30},
+                 tables={2: _table(2, 30, ts=dup), 3: _table(3, 30).slice(0, 0)})
+    v1 = root / f"videos/chunk-000/{CAM}/episode_000001.mp4"
+    v1.write_bytes(v1.read_bytes()[:200] + b"\0" * 3000)
+    rep = convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="frames", **FAST)
+    assert rep["bad_episodes"] == {"undecodable_video": 1, "bad_timestamps": 1, "empty_episode": 1}
+    by_ep = {e["episode"]: e for e in rep["skipped_episodes"]}
+    assert "episode 1" in by_ep[1]["detail"] and "episode_000001.mp4" in by_ep[1]["detail"]
+    assert "duplicate" in by_ep[2]["detail"] and "no rows" in by_ep[3]["detail"]
+    assert rep["totals"]["samples"] == 1 and read_manifest(tmp_path / "out").info["episodes"] == [0]
+
+
+def test_long_episode_converts(tmp_path):
+    """A 1000-frame episode sampled at its full 30 fps needs 1000 frames, more than the training limit of one
+    sample (max_frames=768), which stopped the run ('too_large: 1000 frames requested > max_frames=768'); the
+    converter now decodes a source video in bounded chunks under its own limits."""
+    root = _make(tmp_path / "src", {0: 1000}, size=(16, 16))
+    rep = convert_lerobot(root, tmp_path / "out", clip_seconds=10.0, fps=30, media="frames", state_key=None, **FAST)
+    assert rep["totals"]["samples"] == 3 and rep["bad_episodes"] == {}
+    for m in _samples(tmp_path / "out").values():
+        acts = np.load(io.BytesIO(m["action.npy"]))[:, 0].astype(int)
+        assert len(acts) == 300
+        assert [_grey(m[f"f{i:03d}.jpg"]) for i in range(0, 300, 37)] == [int(a) % 64 for a in acts[::37]]
+
+
+def test_odd_frame_size_converts_to_video(tmp_path):
+    """A 33x31 source (valid for AV1 / mpeg4) with --media video failed in the H.264 encoder ('frame size must be
+    even for yuv420p'); the frames are now cropped to 32x30."""
+    root = _make(tmp_path / "src", {0: 30}, videos={0: []})
+    _write_video(root / f"videos/chunk-000/{CAM}/episode_000000.mp4", list(range(30)), w=33, h=31, codec="mpeg4")
+    rep = convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="video", **FAST)
+    assert rep["totals"]["samples"] == 1
+    meta = json.loads(next(iter(_samples(tmp_path / "out").values()))["meta.json"])
+    assert (meta["video"]["width"], meta["video"]["height"]) == (32, 30)
 
 
 @pytest.mark.parametrize("case,match", [
