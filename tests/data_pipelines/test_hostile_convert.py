@@ -20,6 +20,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
 from rynnscale.data.manifest import read_manifest  # noqa: E402
+from rynnscale.data_pipelines.frames import convert_frames, list_frames, natural_key  # noqa: E402
 from rynnscale.data_pipelines.jsonl import ConvertError  # noqa: E402
 from rynnscale.data_pipelines.lerobot import (  # noqa: E402
     action_to_bins,
@@ -231,3 +232,43 @@ def test_malformed_metadata_names_the_file_and_field(tmp_path, case, match):
     with pytest.raises(ConvertError, match=match):
         convert_lerobot(root, tmp_path / "out", clip_seconds=1.0, media="frames", **FAST)
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+# ------------------------------------------------------------------------------------ frame folders
+
+
+def _frames(d: Path, n: int) -> Path:
+    from PIL import Image
+
+    d.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((16, 16, 3), 4 * i, np.uint8)).save(d / f"{i:03d}.jpg", quality=95)
+    return d
+
+
+def test_unicode_digit_in_a_frame_name_sorts(tmp_path):
+    """'²1.jpg': natural_key split on \\d (which takes '²') and int('²') raised ValueError naming no file."""
+    d = _frames(tmp_path / "nav", 3)
+    (d / "\u00b21.jpg").write_bytes((d / "000.jpg").read_bytes())
+    assert list_frames(d) == ["000.jpg", "001.jpg", "002.jpg", "\u00b21.jpg"]
+    assert sorted(["f10.jpg", "f\u2460.jpg", "f2.jpg"], key=natural_key) == ["f2.jpg", "f10.jpg", "f\u2460.jpg"]
+
+
+def test_truncated_frame_skips_its_clip_and_the_report_lists_it(tmp_path):
+    """A truncated jpg stopped the whole run with an uncaught BadItem and the report always said "bad": {}. Now its
+    clip is skipped and listed (under max_bad_fraction), the other clips convert, and the report is rewritten after
+    every shard, so a run that stops still leaves one (complete: false) and a resumed run keeps the earlier counts."""
+    d = _frames(tmp_path / "nav", 40)
+    good = (d / "013.jpg").read_bytes()
+    (d / "013.jpg").write_bytes(good[:200])
+    kw = dict(fps=2.0, clip_frames=4, task="walk", clips_per_shard=2, progress=False, cost_hints=False)
+    rep = convert_frames(d, tmp_path / "out", max_bad_fraction=0.2, **kw)
+    assert rep["complete"] and rep["bad"] == {"bad_media": 1} and rep["totals"]["samples"] == 9
+    assert rep["bad_items"][0]["key"] == "frames-nav-c00003" and "013.jpg" in rep["bad_items"][0]["detail"]
+    assert read_manifest(tmp_path / "out").total_samples == 9
+    with pytest.raises(ConvertError, match=r"1 of 10 clips are bad, more than max_bad_fraction=0.05 .*013.jpg"):
+        convert_frames(d, tmp_path / "strict", **kw)
+    partial = json.loads((tmp_path / "strict/convert_report.json").read_text())
+    assert partial["complete"] is False and partial["bad"] == {"bad_media": 1}
+    rep = convert_frames(d, tmp_path / "strict", max_bad_fraction=0.2, **kw)   # resumes: shard 0 kept, counts kept
+    assert rep["complete"] and rep["bad"] == {"bad_media": 1} and rep["totals"]["samples"] == 9
