@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import build_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -1195,26 +1196,40 @@ def _episode_jobs(meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, episodes_per
     return jobs
 
 
-def _episode_reports(out: Path, results: dict, skipped: list[int], jobs: list[ShardJob]) -> list[dict]:
-    """Per-episode reports by episode index: this run's, plus (from the old report) those of
-    shards finished in an earlier run."""
-    eps = [rep for res in results.values() for rep in res]
-    old = {}
-    if (out / REPORT_NAME).is_file():
-        try:
-            old = {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
-            old = {}
-    by_ep = {int(e["episode"]): e for e in eps}
-    for j in skipped:
-        for ep in jobs[j].payload["episodes"]:
-            if ep.index in old:
-                by_ep[ep.index] = old[ep.index]
+def _old_episode_reports(out: Path) -> dict[int, dict]:
+    """The per-episode reports of an earlier run's ``convert_report.json`` ({} when there is none or it is unreadable)."""
+    if not (out / REPORT_NAME).is_file():
+        return {}
+    try:
+        return {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _redo_unreported(out: Path, jobs: list[ShardJob], prefix: str, old: dict[int, dict]) -> None:
+    """Delete the finished shards of jobs whose episode reports the earlier report lacks, so they are redone and
+    counted (the report is written after every job, so only a crash between a shard and its report loses one)."""
+    done = completed_shards(out)
+    for jb in jobs:
+        name = shard_name(prefix, jb.index)
+        if name in done and any(ep.index not in old for ep in jb.payload["episodes"]):
+            (out / name).unlink()
+
+
+def _episode_reports(old: dict[int, dict], landed: dict, jobs: list[ShardJob]) -> list[dict]:
+    """Per-episode reports by episode index: this run's (``landed`` job index -> reports), plus (from the old
+    report) those of the other jobs' episodes, finished in an earlier run."""
+    by_ep = {int(e["episode"]): e for res in landed.values() for e in res}
+    for jb in jobs:
+        if jb.index not in landed:
+            for ep in jb.payload["episodes"]:
+                if ep.index in old:
+                    by_ep[ep.index] = old[ep.index]
     return [by_ep[k] for k in sorted(by_ep)]
 
 
 def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[str], episodes_rep: list[dict],
-                    skipped_before: list[dict]) -> dict:
+                    skipped_before: list[dict], final: bool = True) -> dict:
     """``convert_report.json``: totals over the episodes, skipped samples and skipped episodes counted by reason
     (``bad`` / ``bad_episodes``), unpaired frames and rows, the episode reports."""
     bad: dict[str, int] = {}
@@ -1229,7 +1244,7 @@ def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[
     if skipped:
         warnings = warnings + [f"{len(skipped)} episodes skipped: " + ", ".join(f"{k} {v}" for k, v in
                                                                            sorted(bad_episodes.items()))]
-    return {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
+    return {"converter": "lerobot", "input": str(root), "complete": final, "licence": licence, "warnings": warnings,
             "totals": {"episodes": len(meta.episodes) + len(skipped_before), "episodes_missing": len(meta.missing),
                        "episodes_skipped": len(skipped),
                        "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
@@ -1274,11 +1289,22 @@ def convert_lerobot(
     check_dataset_info(out, info)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / STATS_NAME, stats_json)
+    old = _old_episode_reports(out)
+    _redo_unreported(out, jobs, prefix, old)
+    landed: dict[int, list[dict]] = {}
+
+    def report(final: bool) -> dict:
+        rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(old, landed, jobs), skipped_before, final)
+        atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
+        return rep
+
+    def on_result(job: ShardJob, res: list[dict]) -> None:   # after every job: a stopped run leaves its counts
+        landed[job.index] = res
+        report(False)
+
     try:
-        results, skipped = run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers,
-                                          progress=progress, desc=f"lerobot {root.name}", unit="episode")
+        run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers, progress=progress,
+                       desc=f"lerobot {root.name}", unit="episode", on_result=on_result)
     finally:
         _VIDEO_CACHE.clear()
-    rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(out, results, skipped, jobs), skipped_before)
-    atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
-    return rep
+    return report(True)

@@ -234,6 +234,25 @@ def test_malformed_metadata_names_the_file_and_field(tmp_path, case, match):
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
+
+def test_report_after_a_restart_counts_every_episode(tmp_path):
+    """The report was written only at the end of a run, so a run that stopped left none and the resumed run's report
+    counted only the episodes it converted itself, yet said complete. It is now rewritten after every shard."""
+    root = _make(tmp_path / "src", {0: 30, 1: 31, 2: 32})
+    kw = dict(clip_seconds=1.0, media="frames", **FAST)
+    whole = convert_lerobot(root, tmp_path / "whole", **kw)
+    out = tmp_path / "out"
+    (out / "lerobot-000002.tar").mkdir(parents=True)   # the last shard cannot be renamed into place: the run stops
+    with pytest.raises(OSError):
+        convert_lerobot(root, out, **kw)
+    partial = json.loads((out / "convert_report.json").read_text())
+    assert partial["complete"] is False and [e["episode"] for e in partial["episodes"]] == [0, 1]
+    (out / "lerobot-000002.tar").rmdir()
+    rep = convert_lerobot(root, out, **kw)
+    assert rep["complete"] and rep["totals"] == whole["totals"] and rep["totals"]["rows"] == 93
+    assert rep["episodes"] == whole["episodes"]
+
+
 # ------------------------------------------------------------------------------------ frame folders
 
 
