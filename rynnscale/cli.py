@@ -107,7 +107,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
                                  keep_tail=args.keep_tail, task=args.task, question=args.question or DEFAULT_QUESTION,
                                  answer=args.answer or DEFAULT_ANSWER, annotations=args.annotations,
                                  source=args.source_name, licence=args.licence, embodiment=args.embodiment,
-                                 clips_per_shard=args.clips_per_shard, **common)
+                                 clips_per_shard=args.clips_per_shard, max_bad_fraction=args.max_bad_fraction, **common)
     except (ConvertError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)
         return 1
@@ -283,6 +283,8 @@ def _add_convert_parsers(dsub) -> None:
     cf.add_argument("--annotations", type=Path, default=None, help="jsonl of {start_frame, end_frame, question, answer}")
     cf.add_argument("--embodiment", default="unknown")
     cf.add_argument("--clips-per-shard", type=int, default=256)
+    cf.add_argument("--max-bad-fraction", type=float, default=0.05,
+                    help="fail when more clips than this are bad (an unreadable or mis-sized frame skips its clip)")
 
 
 def _add_inspect_parser(dsub) -> None:

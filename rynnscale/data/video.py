@@ -72,9 +72,15 @@ class VideoInfo:
     reordered: bool = False     # some packet's pts differs from its dts (B-frames: decode order != display)
 
     def timestamps_s(self, indices: np.ndarray) -> np.ndarray:
-        """Seconds since the first frame for frame ``indices`` (exact rational pts arithmetic)."""
+        """Seconds since the first frame for frame ``indices`` (exact rational pts arithmetic): the clip clock
+        the vision encoder sees."""
         p0 = int(self.pts[0])
         return np.array([float((int(self.pts[i]) - p0) * self.time_base) for i in indices], dtype=np.float64)
+
+    def pts_s(self, indices: np.ndarray) -> np.ndarray:
+        """Presentation times ``pts * time_base`` in seconds for frame ``indices``: the file's own clock, on which
+        LeRobot addresses frames (a video missing its first frame starts after 0)."""
+        return np.array([float(int(self.pts[i]) * self.time_base) for i in indices], dtype=np.float64)
 
 
 @dataclass

@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import IMAGE_EXTENSIONS, build_sample_members
 from rynnscale.data.tags import TagError, parse_tags
-from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, _old_job_reports, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, run_shard_jobs
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = ["detect_licence", "natural_key", "list_frames", "FramesConfig", "frame_clips", "convert_frames"]
@@ -94,8 +95,9 @@ def detect_licence(*dirs: str | os.PathLike, info: dict | None = None) -> tuple[
 
 
 def natural_key(name: str) -> list:
-    """Sort key that orders embedded numbers numerically (``f2.jpg`` < ``f10.jpg``)."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+    """Sort key that orders embedded numbers numerically (``f2.jpg`` < ``f10.jpg``). Only ASCII digits count
+    as a number: ``\\d`` and ``str.isdigit`` also take '²' or '①', which ``int`` refuses."""
+    return [int(t) if i % 2 else t.lower() for i, t in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def list_frames(directory: str | os.PathLike) -> list[str]:
@@ -259,18 +261,88 @@ def _clip_sample(folder: str, names: list[str], clip: dict, cfg: FramesConfig, k
 
 
 def _frames_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
-    """Worker: the clips of one job -> shard ``index``."""
+    """Worker: the clips of one job -> shard ``index``; returns (ShardInfo|None, {clips, good, bad: [[key, reason,
+    detail]]}). A clip with an unreadable or mis-sized frame (``BadItem``) is skipped and listed, the others go on."""
+    from rynnscale.data.encode import SampleError
     from rynnscale.data_pipelines.shard_stats import cost_hints
 
     cfg: FramesConfig = payload["cfg"]
+    bad = []
     with ShardWriter(out_dir, prefix, max_samples=1 << 62, max_bytes=1 << 62, start_index=index,
                      update_manifest=False) as w:
         for clip in payload["clips"]:
             key = f"{prefix}-{payload['stem']}-c{clip['index']:05d}"
-            members = _clip_sample(payload["folder"], payload["names"], clip, cfg, key, payload["source"], payload["licence"])
-            costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+            try:
+                members = _clip_sample(payload["folder"], payload["names"], clip, cfg, key, payload["source"],
+                                       payload["licence"])
+                costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+            except BadItem as e:
+                bad.append([key, e.reason, f"clip {clip['index']}: {e.detail}"])
+                continue
+            except SampleError as e:  # e.g. too_long for the training encoder: training would skip it too
+                bad.append([key, e.reason, f"clip {clip['index']}: {e.detail}"])
+                continue
             w.write(key, members, costs=costs)
-    return (w.shards[0] if w.shards else None), {"clips": len(payload["clips"])}
+    n = len(payload["clips"])
+    return (w.shards[0] if w.shards else None), {"clips": n, "good": n - len(bad), "bad": bad}
+
+
+@dataclass
+class _FramesRun:
+    """Bad-clip bookkeeping of one conversion (as jsonl's ``_JsonlRun`` for lines): the per-job results
+    (``str(job index)`` -> {clips, good, bad}), the ``max_bad_fraction`` threshold, and the report beside the
+    shards, rewritten after every finished job (``complete`` false until the end)."""
+
+    folder: Path
+    out: Path
+    n_clips: int
+    max_bad_fraction: float
+    base: dict          # the report's fixed part: totals of the folder, warnings, licence
+    per_job: dict
+
+    def n_bad(self) -> int:
+        return sum(len(r["bad"]) for r in self.per_job.values())
+
+    def write_report(self, final: bool) -> dict:
+        """Write ``convert_report.json`` (bad clips by reason, the first 1000 listed) and return it."""
+        bad: dict[str, int] = {}
+        items = []
+        for j in sorted(self.per_job, key=int):
+            for key, reason, detail in self.per_job[j]["bad"]:
+                bad[reason] = bad.get(reason, 0) + 1
+                if len(items) < 1000:
+                    items.append({"key": key, "reason": reason, "detail": detail[:500]})
+        rep = {"converter": "frames", "input": str(self.folder), "complete": final,
+               "totals": {**self.base["totals"], "samples": sum(r["good"] for r in self.per_job.values()),
+                          "bad_clips": sum(bad.values())},
+               "bad": dict(sorted(bad.items())), "bad_items": items, "warnings": self.base["warnings"],
+               "licence": self.base["licence"], "jobs": self.per_job}
+        atomic_write_bytes(self.out / REPORT_NAME, json.dumps(rep, indent=1).encode())
+        return rep
+
+    def on_result(self, job: ShardJob, res: dict) -> None:
+        """Record a finished job, log its bad clips, rewrite the report; stop once the bad clips pass the threshold."""
+        self.per_job[str(job.index)] = res
+        for _key, _reason, detail in res["bad"]:
+            log.warning("frames %s: skipped %s", self.folder.name, detail)
+        self.write_report(False)
+        if self.n_bad() > self.max_bad_fraction * self.n_clips:
+            first = next(b for j in sorted(self.per_job, key=int) for b in self.per_job[j]["bad"])
+            raise ConvertError(f"{self.folder}: {self.n_bad()} of {self.n_clips} clips are bad, more than "
+                               f"max_bad_fraction={self.max_bad_fraction} (e.g. {first[2]}); see "
+                               f"{self.out / REPORT_NAME} (shards written so far are kept)")
+
+    def resume(self, jobs: list[ShardJob], prefix: str) -> None:
+        """Keep the report entries of shards finished earlier; a finished shard whose entry is lost is redone (its
+        skipped clips must be counted again)."""
+        old = _old_job_reports(self.out / REPORT_NAME)
+        done = completed_shards(self.out)
+        for jb in jobs:
+            name = shard_name(prefix, jb.index)
+            if name in done and isinstance(old.get(str(jb.index)), dict) and "bad" in old[str(jb.index)]:
+                self.per_job[str(jb.index)] = old[str(jb.index)]
+            elif name in done:
+                (self.out / name).unlink()
 
 
 def convert_frames(
@@ -289,6 +361,7 @@ def convert_frames(
     licence: str | None = None,
     embodiment: str = "unknown",
     clips_per_shard: int = 256,
+    max_bad_fraction: float = 0.05,
     workers: int = 1,
     prefix: str = "frames",
     cost_hints: bool = True,
@@ -299,7 +372,10 @@ def convert_frames(
     """Convert one frame folder into clip samples under ``out_dir``; returns the run report.
 
     Restartable (finished shards are kept; a rerun with other settings or other frames is an
-    error); ``workers`` processes over shards of ``clips_per_shard`` clips."""
+    error); ``workers`` processes over shards of ``clips_per_shard`` clips. A clip with an unreadable or
+    mis-sized frame is skipped and reported; ``ConvertError`` once more than ``max_bad_fraction`` of the clips are."""
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     cfg = FramesConfig(fps=float(fps), clip_frames=int(clip_frames), stride=stride, keep_tail=keep_tail, task=task,
                        question=question, answer=answer, source=source, licence=licence, embodiment=embodiment,
                        cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg)
@@ -341,10 +417,12 @@ def convert_frames(
         chunk = clips[j:j + clips_per_shard]
         jobs.append(ShardJob(j // clips_per_shard, {"cfg": cfg, "folder": str(folder), "names": names, "clips": chunk,
                                                     "stem": stem, "source": source, "licence": lic}, weight=len(chunk)))
-    _, skipped = run_shard_jobs(out_dir, jobs, _frames_job, info=info, prefix=prefix, workers=workers, progress=progress,
-                                desc=f"frames {folder.name}", unit="clip")
-    rep = {"converter": "frames", "input": str(folder), "complete": True,
-           "totals": {"frames": len(names), "clips": len(clips), "frames_in_clips": sum(c["end"] - c["start"] for c in clips)},
-           "bad": {}, "warnings": warnings, "licence": lic}
-    atomic_write_bytes(Path(out_dir) / REPORT_NAME, json.dumps(rep, indent=1).encode())
-    return rep
+    base = {"totals": {"frames": len(names), "clips": len(clips),
+                       "frames_in_clips": sum(c["end"] - c["start"] for c in clips)}, "warnings": warnings, "licence": lic}
+    run = _FramesRun(folder, Path(out_dir), len(clips), max_bad_fraction, base, {})
+    check_dataset_info(run.out, info)  # before trusting anything in out_dir
+    run.out.mkdir(parents=True, exist_ok=True)
+    run.resume(jobs, prefix)
+    run_shard_jobs(out_dir, jobs, _frames_job, info=info, prefix=prefix, workers=workers, progress=progress,
+                   desc=f"frames {folder.name}", unit="clip", on_result=run.on_result)
+    return run.write_report(True)

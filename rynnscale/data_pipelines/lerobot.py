@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import build_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs
+from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -131,9 +132,12 @@ def _read_json(path: Path) -> Any:
         raise ConvertError(f"{path}: invalid JSON: {e}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of ``path``; a line that is not a JSON object is a ConvertError."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist (is this a LeRobot v2 dataset root?)")
+    with open(path, encoding="utf-8", errors="replace") as f:
         for ln, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -142,7 +146,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                     raise ConvertError(f"{path}: line {ln}: invalid JSON: {e}") from None
                 if not isinstance(obj, dict):
                     raise ConvertError(f"{path}: line {ln}: expected an object")
-                out.append(obj)
+                out.append((ln, obj))
     return out
 
 
@@ -150,6 +154,35 @@ def _int(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise ConvertError(f"{what}: expected an integer, got {v!r:.60}")
     return int(v)
+
+
+def _length(v: Any, what: str) -> int | None:
+    """An episode's metadata ``length``: an integer >= 0, or None when absent."""
+    if v is None:
+        return None
+    n = _int(v, what)
+    if n < 0:
+        raise ConvertError(f"{what}: expected an integer >= 0, got {n}")
+    return n
+
+
+def _tasks_list(v: Any, what: str) -> list[str]:
+    """An episode's metadata ``tasks``: a list of strings (absent or null: none). A string is refused, not split
+    into its characters."""
+    if v is None:
+        return []
+    if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+        raise ConvertError(f"{what}: expected a list of strings, got {v!r:.80}")
+    return list(v)
+
+
+def _parquet(path: Path, what: str, read: str = "table", **kw: Any) -> Any:
+    """``pq.read_table`` / ``pq.read_schema`` of ``path``; an unreadable file is a ConvertError naming it."""
+    pq = _pq()
+    try:
+        return pq.read_schema(path) if read == "schema" else pq.read_table(path, **kw)
+    except (OSError, ValueError, TypeError) as e:   # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise ConvertError(f"{what} ({path}): cannot read the parquet file: {type(e).__name__}: {e}") from None
 
 
 def _exists(root: Path, rel: str, where: str) -> bool:
@@ -163,11 +196,10 @@ def _exists(root: Path, rel: str, where: str) -> bool:
 
 
 def _tasks_v3(root: Path) -> dict[int, str]:
-    pq = _pq()
     p = root / "meta" / "tasks.parquet"
     if not p.is_file():
         raise ConvertError(f"{p} does not exist (v3.0 datasets keep their tasks there)")
-    t = pq.read_table(p)
+    t = _parquet(p, "meta/tasks.parquet")
     names = t.column_names
     task_col = "task" if "task" in names else None
     if task_col is None:  # pandas writes the task strings as the index
@@ -212,14 +244,18 @@ def _pick_video_key(root: Path, info: dict, video_key: str | None) -> tuple[str,
 def _episodes_v2(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
     """v2.x: (tasks from ``meta/tasks.jsonl``, episodes from ``meta/episodes.jsonl``), one file per episode."""
     allowed = _TEMPLATE_FIELDS["v2"]
-    chunks = info.get("chunks_size", 1000)
-    tasks = {_int(t.get("task_index"), "meta/tasks.jsonl: task_index"): str(t.get("task", ""))
-             for t in _read_jsonl(root / "meta" / "tasks.jsonl")}
+    chunks = _int(info.get("chunks_size", 1000), f"{root / 'meta/info.json'}: chunks_size")
+    if chunks < 1:
+        raise ConvertError(f"{root / 'meta/info.json'}: chunks_size must be >= 1, got {chunks}")
+    tp, ep_path = root / "meta" / "tasks.jsonl", root / "meta" / "episodes.jsonl"
+    tasks = {_int(t.get("task_index"), f"{tp}: line {ln}: task_index"): str(t.get("task", ""))
+             for ln, t in _read_jsonl(tp)}
     eps = []
-    for e in _read_jsonl(root / "meta" / "episodes.jsonl"):
-        idx = _int(e.get("episode_index"), "meta/episodes.jsonl: episode_index")
+    for ln, e in _read_jsonl(ep_path):
+        w = f"{ep_path}: line {ln}"
+        idx = _int(e.get("episode_index"), f"{w}: episode_index")
         f = {"episode_chunk": idx // chunks, "episode_index": idx, "video_key": video_key}
-        eps.append(Episode(idx, e.get("length"), [str(t) for t in e.get("tasks", [])],
+        eps.append(Episode(idx, _length(e.get("length"), f"{w}: length"), _tasks_list(e.get("tasks"), f"{w}: tasks"),
                            _format_path(info.get("data_path"), f, allowed, "data_path"),
                            _format_path(info.get("video_path"), f, allowed, "video_path")))
     return tasks, eps
@@ -233,7 +269,7 @@ def _episode_v3(r: dict, p: Path, info: dict, video_key: str) -> Episode:
           "file_index": _int(r["data/file_index"], f"{p}: data/file_index"), "video_key": video_key}
     fv = {"chunk_index": _int(r[vp + "chunk_index"], f"{p}: {vp}chunk_index"),
           "file_index": _int(r[vp + "file_index"], f"{p}: {vp}file_index"), "video_key": video_key}
-    return Episode(idx, r["length"], [str(t) for t in (r["tasks"] or [])],
+    return Episode(idx, _length(r["length"], f"{p}: episode {idx}: length"), _tasks_list(r["tasks"], f"{p}: episode {idx}: tasks"),
                    _format_path(info.get("data_path"), fd, allowed, "data_path"),
                    _format_path(info.get("video_path"), fv, allowed, "video_path"),
                    float(r[vp + "from_timestamp"]), float(r[vp + "to_timestamp"]))
@@ -241,7 +277,6 @@ def _episode_v3(r: dict, p: Path, info: dict, video_key: str) -> Episode:
 
 def _episodes_v3(root: Path, info: dict, video_key: str) -> tuple[dict[int, str], list[Episode]]:
     """v3.0: (tasks from ``meta/tasks.parquet``, episodes from ``meta/episodes/chunk-*/file-*.parquet``)."""
-    pq = _pq()
     tasks = _tasks_v3(root)
     files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
@@ -251,11 +286,11 @@ def _episodes_v3(root: Path, info: dict, video_key: str) -> tuple[dict[int, str]
             vp + "chunk_index", vp + "file_index", vp + "from_timestamp", vp + "to_timestamp"]
     eps = []
     for p in files:
-        names = pq.read_schema(p).names
+        names = _parquet(p, "episode metadata", "schema").names
         missing = [c for c in want if c not in names]
         if missing:
             raise ConvertError(f"{p}: missing columns {missing}")
-        eps += [_episode_v3(r, p, info, video_key) for r in pq.read_table(p, columns=want).to_pylist()]
+        eps += [_episode_v3(r, p, info, video_key) for r in _parquet(p, "episode metadata", columns=want).to_pylist()]
     return tasks, eps
 
 
@@ -451,10 +486,10 @@ def _column_hint(schema, missing: str) -> str:
 def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_key: str | None) -> dict[str, np.ndarray]:
     """The episode's rows sorted by time: ``timestamp`` float64 [N], ``action`` [N, D],
     ``state`` [N, S] (if ``state_key``), ``task_index`` int64 [N] (if present), ``frame_index``."""
-    pq = _pq()
     path = resolve_under(meta.root, ep.data_file, f"episode {ep.index}")
     where = f"episode {ep.index} ({ep.data_file})"
-    names = pq.read_schema(path).names
+    schema = _parquet(path, f"episode {ep.index}", "schema")
+    names = schema.names
     want = [c for c in ("timestamp", "frame_index", "episode_index", "task_index", action_key, state_key) if c and c in names]
     if "timestamp" not in names:
         raise ConvertError(f"{where}: no column 'timestamp' (columns: {names})")
@@ -462,17 +497,19 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
                                                                                         "state.npy)")):
         if c and c not in names:
             raise ConvertError(f"{where}: no column {c!r}; pass {flag} NAME{extra}: columns that look like per-frame "
-                               f"vectors: {_column_hint(pq.read_schema(path), c)} (all columns: {names})")
+                               f"vectors: {_column_hint(schema, c)} (all columns: {names})")
     filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
     if filters and "episode_index" not in names:
         raise ConvertError(f"{where}: v3 data files need an episode_index column")
-    t = pq.read_table(path, columns=want, filters=filters)
+    t = _parquet(path, f"episode {ep.index}", columns=want, filters=filters)
     if t.num_rows == 0:
-        raise ConvertError(f"{where}: no rows for this episode")
+        raise EpisodeError("empty_episode", f"{where}: no rows for this episode")
     ts = t.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(ts, kind="stable")
-    if np.any(np.diff(ts[order]) <= 0):
-        raise ConvertError(f"{where}: timestamps are not strictly increasing (duplicate times?)")
+    if not np.isfinite(ts).all() or np.any(np.diff(ts[order]) <= 0):
+        k = int(np.argmax(np.diff(ts[order]) <= 0)) if len(ts) > 1 else 0
+        raise EpisodeError("bad_timestamps", f"{where}: timestamps are not finite and strictly increasing "
+                                             f"(duplicate times? e.g. {ts[order][k:k + 2].tolist()})")
     out = {"timestamp": ts[order], "action": _col2d(t, action_key, where)[order]}
     if state_key:
         out["state"] = _col2d(t, state_key, where)[order]
@@ -484,9 +521,22 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
 
 _VIDEO_CACHE: dict[str, Any] = {}
 
+#: frames decoded from a source video in one call (a bounded chunk of the episode's clips, resized before the next)
+DECODE_CHUNK_FRAMES = 128
+
+
+def source_video_limits() -> Any:
+    """Limits for a LeRobot source video: a whole episode (v2) or many (v3), so far larger than the training limits
+    of one sample (``VideoLimits()``: 768 frames decoded, 200,000 in the file); decoding is done in chunks of
+    ``DECODE_CHUNK_FRAMES``."""
+    from rynnscale.data.video import VideoLimits
+
+    return VideoLimits(max_bytes=1 << 34, max_total_frames=5_000_000, max_frames=DECODE_CHUNK_FRAMES)
+
 
 def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
-    """(bytes, VideoInfo) of the episode's video file; the last file is cached (v3 files hold many episodes)."""
+    """(bytes, VideoInfo) of the episode's video file; the last file is cached (v3 files hold many episodes).
+    A file that cannot be indexed is an EpisodeError with the video's reason (the episode is skipped)."""
     from rynnscale.data.video import VideoError, probe_video
 
     path = str(resolve_under(meta.root, ep.video_file, f"episode {ep.index}"))
@@ -496,7 +546,7 @@ def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
         try:
             info = probe_video(data, limits)
         except VideoError as e:
-            raise ConvertError(f"episode {ep.index}: video {ep.video_file}: {e}") from None
+            raise EpisodeError(e.reason, f"episode {ep.index}: video {ep.video_file}: {e}") from None
         _VIDEO_CACHE.update(path=path, data=data, info=info)
     return _VIDEO_CACHE["data"], _VIDEO_CACHE["info"]
 
@@ -504,11 +554,13 @@ def _video(meta: LeRobotMeta, ep: Episode, limits) -> tuple[bytes, Any]:
 def episode_video_frames(info: Any, ep: Episode, src_fps: float) -> tuple[np.ndarray, np.ndarray]:
     """(indices into the video file [F], their times on the episode clock [F] in seconds).
 
+    Times are the file's absolute clock (``pts * time_base``, as LeRobot reads them), not times since the first
+    frame: a video missing its first frame must not shift every frame onto the row before its own.
     v2: every frame of the file; v3: the frames whose times fall in [from, to) of the episode
     (half a source frame of slack at both ends). Times are rounded to whole nanoseconds."""
     if info.pts.size != info.total_frames:
-        raise ConvertError(f"episode {ep.index}: video {ep.video_file} has frames without timestamps")
-    t = info.timestamps_s(np.arange(info.total_frames))
+        raise EpisodeError("undecodable_video", f"episode {ep.index}: video {ep.video_file} has frames without timestamps")
+    t = info.pts_s(np.arange(info.total_frames))
     half = 0.5 / src_fps
     if ep.video_to_s is None:
         idx = np.arange(info.total_frames)
@@ -567,12 +619,21 @@ def compute_action_stats(actions: list[np.ndarray], dims: list[str], units: str 
 
 
 def action_to_bins(actions_td: np.ndarray, stats: dict) -> np.ndarray:
-    """Bin index per value, int64 [T, D]: the number of inner edges <= value (clamped to 0..N-1)."""
+    """Bin index per value, int64 [T, D]: the number of inner edges <= value (clamped to 0..N-1), except that a
+    value equal to a repeated edge (quantile edges of a value many rows share, e.g. a closed gripper) goes into the
+    zero-width bin [value, value] just below, so that it decodes (``bin_centres``) to itself rather than to the
+    middle of the next bin up."""
     edges = np.asarray(stats["edges"], np.float64)
     a = np.asarray(actions_td, np.float64)
     if a.ndim != 2 or a.shape[1] != edges.shape[0]:
         raise ValueError(f"actions must be [T, {edges.shape[0]}], got {a.shape}")
-    return np.stack([np.searchsorted(edges[d, 1:-1], a[:, d], side="right") for d in range(a.shape[1])], axis=1).astype(np.int64)
+    out = np.empty(a.shape, np.int64)
+    for d in range(a.shape[1]):
+        e = edges[d]
+        b = np.searchsorted(e[1:-1], a[:, d], side="right")
+        tied = (b >= 1) & (e[b] == a[:, d]) & (e[np.maximum(b - 1, 0)] == a[:, d])
+        out[:, d] = np.where(tied, b - 1, b)
+    return out
 
 
 def bin_centres(bins_td: np.ndarray, stats: dict) -> np.ndarray:
@@ -699,9 +760,13 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _resize(frames_thwc: np.ndarray, max_side: int | None) -> np.ndarray:
+def _resize(frames_thwc: np.ndarray, max_side: int | None, even: bool = False) -> np.ndarray:
+    """Downscale so the longer side is at most ``max_side`` (even sizes); ``even`` (H.264 output: yuv420p needs even
+    sizes) also crops the last row / column of an odd-sized frame that is not downscaled."""
     T, H, W, _ = frames_thwc.shape
     if max_side is None or max(H, W) <= max_side:
+        if even and (H % 2 or W % 2) and H > 1 and W > 1:
+            return np.ascontiguousarray(frames_thwc[:, : H // 2 * 2, : W // 2 * 2])
         return frames_thwc
     from PIL import Image
 
@@ -769,17 +834,38 @@ def _pick_clips(meta: LeRobotMeta, cfg: LeRobotConfig, ts: np.ndarray, vt: np.nd
     return out
 
 
-def _decode_picked(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str
-                   ) -> tuple[np.ndarray, dict[int, int]]:
-    """Decode each video frame some clip samples, once: (frames [F, H, W, 3], file frame index -> row in it)."""
+def _clip_frames(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str,
+                 max_side: int | None, even: bool):
+    """Yield (k, frames [T, h, w, 3]) for each good clip ``k`` of ``picked``, in order, resized. Consecutive clips
+    are decoded together while the frames they need stay within ``limits.max_frames`` (a longer clip alone), each
+    frame once per chunk: memory is one chunk of source frames, whatever the episode's length. A decode failure
+    is an EpisodeError (the episode is skipped)."""
     from rynnscale.data.video import VideoError, decode_frames
 
-    need = np.unique(np.concatenate([vidx[j] for j in picked]))
-    try:
-        dv = decode_frames(data, indices=need, limits=limits)
-    except VideoError as e:
-        raise ConvertError(f"{where}: video {ep.video_file}: {e}") from None
-    return dv.frames_thwc, {int(g): i for i, g in enumerate(need)}
+    def decode(group: list[int]):
+        need = np.unique(np.concatenate([vidx[picked[k]] for k in group]))
+        lim = replace(limits, max_frames=max(limits.max_frames, len(need)))
+        try:
+            dv = decode_frames(data, indices=need, limits=lim)
+        except VideoError as e:
+            raise EpisodeError(e.reason, f"{where}: video {ep.video_file}: {e}") from None
+        pos = {int(g): i for i, g in enumerate(need)}
+        for k in group:
+            yield k, _resize(dv.frames_thwc[[pos[int(g)] for g in vidx[picked[k]]]], max_side, even)
+
+    group: list[int] = []
+    frames: set[int] = set()
+    for k, j in enumerate(picked):
+        if isinstance(j, EpisodeError):
+            continue
+        new = frames | {int(g) for g in vidx[j]}
+        if group and len(new) > limits.max_frames:
+            yield from decode(group)
+            group, new = [], {int(g) for g in vidx[j]}
+        group.append(k)
+        frames = new
+    if group:
+        yield from decode(group)
 
 
 @dataclass
@@ -902,12 +988,32 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
     is skipped and counted, an episode pairing less than ``MIN_MATCHED`` of its frames or rows is an
     EpisodeError (``frames_rows_misaligned``). ``ctx`` holds what the parent computed once: ``stats`` (action
     statistics), ``dims`` / ``state_dims``, ``units``, ``show`` (per-step answer dims), ``source``, ``licence``."""
-    from rynnscale.data.video import VideoLimits
-
     where = f"episode {ep.index}"
     rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+    limits = source_video_limits()
+    data, vidx, vt, fi, ri, rep = _pair_episode(meta, ep, cfg, rows, limits)
+    N = rep["rows"]
+    rows = {k: v[ri] for k, v in rows.items()}
+    vidx, vt = vidx[fi], vt[fi]
+    picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
+    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt, fi, ri, rep["video_frames"], N)
+    for k, j in enumerate(picked):
+        if isinstance(j, EpisodeError):
+            rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
+    samples = [clips.sample(k, picked[k], picked[k], frames_thwc, key_prefix) for k, frames_thwc in
+               _clip_frames(data, vidx, picked, limits, ep, where, cfg.max_side, cfg.media == "video")]
+    rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in picked if not isinstance(j, EpisodeError)))
+    return samples, rep
+
+
+def _pair_episode(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, rows: dict[str, np.ndarray], limits: Any,
+                  quiet: bool = False) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Index the episode's video (no decoding) and pair its frames with its ``rows`` by time:
+    (video bytes, frame indices ``vidx`` [F] and times ``vt`` [F], paired frames ``fi`` and rows ``ri``, the episode
+    report so far). An EpisodeError when the video cannot be indexed or too few pair (``frames_rows_misaligned``).
+    Cheap enough for the parent to run over every episode before the action statistics (``quiet``: no warnings)."""
+    where = f"episode {ep.index}"
     N = len(rows["timestamp"])
-    limits = VideoLimits()
     data, vidx, vt = _episode_video(meta, ep, limits)
     tol = cfg.tolerance_s if cfg.tolerance_s is not None else 0.5 / meta.fps
     fi, ri = match_frames_rows(vt, rows["timestamp"], tol)
@@ -917,31 +1023,20 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
         raise EpisodeError("frames_rows_misaligned", f"{where}: only {len(fi)} of its {len(vidx)} video frames "
                            f"({ep.video_file}) and {N} parquet rows lie within tolerance_s={tol:.4g} of each other; "
                            "are the timestamps on one clock? (--tolerance-s widens the pairing)")
+    if quiet:
+        return data, vidx, vt, fi, ri, rep
     if len(fi) < len(vidx) or len(ri) < N:
         log.warning("%s: %d video frames and %d parquet rows have no partner within tolerance_s=%.4g and are left out "
                     "(video %d frames, parquet %d rows)", where, len(vidx) - len(fi), N - len(ri), tol, len(vidx), N)
-    if ep.length is not None and int(ep.length) != N:
+    if ep.length is not None and ep.length != N:
         log.warning("%s: the episode metadata says length %s but the parquet has %d rows", where, ep.length, N)
-    rows = {k: v[ri] for k, v in rows.items()}
-    vidx, vt = vidx[fi], vt[fi]
-    picked = _pick_clips(meta, cfg, rows["timestamp"], vt, where)
-    good = [j for j in picked if not isinstance(j, EpisodeError)]
-    frames_fhwc, pos = _decode_picked(data, vidx, good, limits, ep, where) if good else (None, {})
-    clips = _EpisodeClips(meta, ep, cfg, ctx, rows, vidx, vt, fi, ri, rep["video_frames"], N)
-    samples = []
-    for k, j in enumerate(picked):
-        if isinstance(j, EpisodeError):
-            rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
-            continue
-        frames_thwc = _resize(frames_fhwc[[pos[int(g)] for g in vidx[j]]], cfg.max_side)
-        samples.append(clips.sample(k, j, j, frames_thwc, key_prefix))
-    rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in good))
-    return samples, rep
+    return data, vidx, vt, fi, ri, rep
 
 
 def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
     """Worker: the episodes of one job -> shard ``index``; returns (ShardInfo|None, [episode reports]). An
     EpisodeError skips its episode (reported) unless it is non-finite values without ``skip_nonfinite``."""
+    # the parent ran the same checks before computing the statistics; a skip here is a file changed since
     from rynnscale.data.encode import SampleError
     from rynnscale.data_pipelines.shard_stats import cost_hints
 
@@ -1020,39 +1115,58 @@ def _answer_dims(cfg: LeRobotConfig, dims: list[str], D: int, std: np.ndarray) -
     return show
 
 
-def _readable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[list[dict], list[dict]]:
-    """Every episode's parquet rows, and the episodes skipped for non-finite values (``skip_nonfinite``; else such
-    an episode stops the run, its message saying how to skip): (tables, [{episode, reason, detail}])."""
+def _usable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[list[tuple[int, dict]], list[dict]]:
+    """The parquet rows of every episode that will be converted, and the others, skipped and counted:
+    ([(episode index, rows)], [{episode, reason, detail}]). Runs the cheap checks of the workers (table, video
+    index, frame/row pairing; nothing decoded) first, so that the action statistics cover exactly the converted
+    episodes. Non-finite values stop the run (the message says how to skip) unless ``skip_nonfinite``."""
     tables, skipped = [], []
-    for ep in meta.episodes:
-        try:
-            tables.append(read_episode_table(meta, ep, cfg.action_key, cfg.state_key))
-        except EpisodeError as e:
-            if not cfg.skip_nonfinite:
-                raise
-            log.warning("skipping %s", e)
-            skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
+    limits = source_video_limits()
+    try:
+        for ep in meta.episodes:
+            try:
+                rows = read_episode_table(meta, ep, cfg.action_key, cfg.state_key)
+                _pair_episode(meta, ep, cfg, rows, limits, quiet=True)
+                tables.append((ep.index, rows))
+            except EpisodeError as e:
+                if e.reason == "nonfinite_values" and not cfg.skip_nonfinite:
+                    raise
+                log.warning("skipping %s", e)
+                skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
+    finally:
+        _VIDEO_CACHE.clear()
     if not tables:
         raise ConvertError(f"{root}: every episode was skipped ({skipped[0]['detail'] if skipped else 'none listed'})")
     return tables, skipped
 
 
+def _same_width(root: Path, tables: list[tuple[int, dict]], col: str, key: str) -> int:
+    """The width of column ``col`` (feature ``key``) shared by every episode; else a ConvertError naming the widths
+    and (up to 5 of) the episodes of each."""
+    widths: dict[int, list[int]] = {}
+    for e, t in tables:
+        widths.setdefault(int(t[col].shape[1]), []).append(e)
+    if len(widths) > 1:
+        said = "; ".join(f"{w} in episodes {eps[:5]}{' ...' if len(eps) > 5 else ''}" for w, eps in sorted(widths.items()))
+        raise ConvertError(f"{root}: episodes have different {key} widths ({said}); convert the episodes of one width "
+                           "at a time (--episodes)")
+    return next(iter(widths))
+
+
 def _dataset_context(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, licence: str, source: str,
-                     tables: list[dict]) -> dict:
+                     tables: list[tuple[int, dict]]) -> dict:
     """The ``ctx`` every episode's samples share: dataset-wide action statistics (bins, answer dims)
     from every row of the converted episodes (``tables``), dim names / units, source and licence."""
-    D = tables[0]["action"].shape[1]
-    if any(t["action"].shape[1] != D for t in tables):
-        raise ConvertError(f"{root}: episodes have different action sizes")
+    D = _same_width(root, tables, "action", cfg.action_key)
     dims = _dim_names(meta.info, cfg.action_key, D)
     units = _units_of(meta.info, cfg.action_key, cfg.action_units)
     if isinstance(units, list) and len(units) != D:
         raise ConvertError(f"{root}: {cfg.action_key} has {D} dims but {len(units)} units")
-    stats = compute_action_stats([t["action"] for t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
+    stats = compute_action_stats([t["action"] for _, t in tables], dims, units, cfg.action_key, cfg.action_bins, cfg.binning)
     show = _answer_dims(cfg, dims, D, np.asarray(stats["std"]))
     ctx = {"stats": stats, "dims": dims, "units": units, "show": show, "source": source, "licence": licence}
     if cfg.state_key:
-        S = tables[0]["state"].shape[1]
+        S = _same_width(root, tables, "state", cfg.state_key)
         ctx["state_dims"] = _dim_names(meta.info, cfg.state_key, S)
         ctx["state_units"] = _units_of(meta.info, cfg.state_key, None)
     return ctx
@@ -1082,26 +1196,40 @@ def _episode_jobs(meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, episodes_per
     return jobs
 
 
-def _episode_reports(out: Path, results: dict, skipped: list[int], jobs: list[ShardJob]) -> list[dict]:
-    """Per-episode reports by episode index: this run's, plus (from the old report) those of
-    shards finished in an earlier run."""
-    eps = [rep for res in results.values() for rep in res]
-    old = {}
-    if (out / REPORT_NAME).is_file():
-        try:
-            old = {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
-            old = {}
-    by_ep = {int(e["episode"]): e for e in eps}
-    for j in skipped:
-        for ep in jobs[j].payload["episodes"]:
-            if ep.index in old:
-                by_ep[ep.index] = old[ep.index]
+def _old_episode_reports(out: Path) -> dict[int, dict]:
+    """The per-episode reports of an earlier run's ``convert_report.json`` ({} when there is none or it is unreadable)."""
+    if not (out / REPORT_NAME).is_file():
+        return {}
+    try:
+        return {int(e["episode"]): e for e in json.loads((out / REPORT_NAME).read_text()).get("episodes", [])}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _redo_unreported(out: Path, jobs: list[ShardJob], prefix: str, old: dict[int, dict]) -> None:
+    """Delete the finished shards of jobs whose episode reports the earlier report lacks, so they are redone and
+    counted (the report is written after every job, so only a crash between a shard and its report loses one)."""
+    done = completed_shards(out)
+    for jb in jobs:
+        name = shard_name(prefix, jb.index)
+        if name in done and any(ep.index not in old for ep in jb.payload["episodes"]):
+            (out / name).unlink()
+
+
+def _episode_reports(old: dict[int, dict], landed: dict, jobs: list[ShardJob]) -> list[dict]:
+    """Per-episode reports by episode index: this run's (``landed`` job index -> reports), plus (from the old
+    report) those of the other jobs' episodes, finished in an earlier run."""
+    by_ep = {int(e["episode"]): e for res in landed.values() for e in res}
+    for jb in jobs:
+        if jb.index not in landed:
+            for ep in jb.payload["episodes"]:
+                if ep.index in old:
+                    by_ep[ep.index] = old[ep.index]
     return [by_ep[k] for k in sorted(by_ep)]
 
 
 def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[str], episodes_rep: list[dict],
-                    skipped_before: list[dict]) -> dict:
+                    skipped_before: list[dict], final: bool = True) -> dict:
     """``convert_report.json``: totals over the episodes, skipped samples and skipped episodes counted by reason
     (``bad`` / ``bad_episodes``), unpaired frames and rows, the episode reports."""
     bad: dict[str, int] = {}
@@ -1116,7 +1244,7 @@ def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[
     if skipped:
         warnings = warnings + [f"{len(skipped)} episodes skipped: " + ", ".join(f"{k} {v}" for k, v in
                                                                            sorted(bad_episodes.items()))]
-    return {"converter": "lerobot", "input": str(root), "complete": True, "licence": licence, "warnings": warnings,
+    return {"converter": "lerobot", "input": str(root), "complete": final, "licence": licence, "warnings": warnings,
             "totals": {"episodes": len(meta.episodes) + len(skipped_before), "episodes_missing": len(meta.missing),
                        "episodes_skipped": len(skipped),
                        "rows": sum(e["rows"] for e in episodes_rep), "clips": sum(e["clips"] for e in episodes_rep),
@@ -1150,7 +1278,7 @@ def convert_lerobot(
     meta = read_lerobot(root, cfg.video_key, episodes, video_path=cfg.video_path, data_path=cfg.data_path)
     warnings = _episode_warnings(root, meta)
     licence, source = _licence_and_source(root, meta, cfg, warnings)
-    tables, skipped_before = _readable_tables(root, meta, cfg)
+    tables, skipped_before = _usable_tables(root, meta, cfg)
     gone = {e["episode"] for e in skipped_before}
     meta = replace(meta, episodes=[e for e in meta.episodes if e.index not in gone])
     ctx = _dataset_context(root, meta, cfg, licence, source, tables)
@@ -1161,11 +1289,22 @@ def convert_lerobot(
     check_dataset_info(out, info)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / STATS_NAME, stats_json)
+    old = _old_episode_reports(out)
+    _redo_unreported(out, jobs, prefix, old)
+    landed: dict[int, list[dict]] = {}
+
+    def report(final: bool) -> dict:
+        rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(old, landed, jobs), skipped_before, final)
+        atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
+        return rep
+
+    def on_result(job: ShardJob, res: list[dict]) -> None:   # after every job: a stopped run leaves its counts
+        landed[job.index] = res
+        report(False)
+
     try:
-        results, skipped = run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers,
-                                          progress=progress, desc=f"lerobot {root.name}", unit="episode")
+        run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers, progress=progress,
+                       desc=f"lerobot {root.name}", unit="episode", on_result=on_result)
     finally:
         _VIDEO_CACHE.clear()
-    rep = _lerobot_report(root, meta, licence, warnings, _episode_reports(out, results, skipped, jobs), skipped_before)
-    atomic_write_bytes(out / REPORT_NAME, json.dumps(rep, indent=1).encode())
-    return rep
+    return report(True)

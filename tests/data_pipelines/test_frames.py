@@ -56,7 +56,7 @@ def test_navigation_folder_converts(tmp_path: Path):
     torch.manual_seed(0)
     out = tmp_path / "out"
     rep = convert_frames(NAV, out, fps=2.0, clip_frames=16, task=TASK, clips_per_shard=3, progress=False)
-    assert rep["totals"] == {"frames": 66, "clips": 4, "frames_in_clips": 64}
+    assert rep["totals"] == {"frames": 66, "clips": 4, "frames_in_clips": 64, "samples": 4, "bad_clips": 0}
     assert rep["licence"] == "Apache-2.0" and "last 2 frames" in rep["warnings"][0]
     samples = _samples(out)
     assert sorted(samples) == [f"frames-navigation-c{i:05d}" for i in range(4)]
@@ -101,7 +101,8 @@ def test_annotations(tmp_path: Path):
 
 
 def test_restart_after_corrupt_frame_and_parallel_bytes(tmp_path: Path):
-    """Frame 40 is truncated: shards 0-1 land, the run stops naming the file; repaired, the rerun
+    """Frame 40 is truncated: its clip is skipped and listed in the report; one bad clip of 4 passes
+    max_bad_fraction (0.05), so shards 0-1 land and the run stops naming the file; repaired, the rerun
     writes shards 2-3 only, and the result equals a clean run with 2 worker processes."""
     torch.manual_seed(0)
     src = tmp_path / "navigation"
@@ -116,6 +117,8 @@ def test_restart_after_corrupt_frame_and_parallel_bytes(tmp_path: Path):
         convert_frames(src, out, **kw)
     assert sorted(completed_shards(out)) == ["frames-000000.tar", "frames-000001.tar"]
     assert not list(out.glob(".*tmp*"))
+    partial = json.loads((out / "convert_report.json").read_text())
+    assert partial["complete"] is False and partial["bad"] == {"bad_media": 1} and "040.jpg" in partial["bad_items"][0]["detail"]
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     f40.write_bytes(good)
     convert_frames(src, out, **kw)

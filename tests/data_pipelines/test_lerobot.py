@@ -298,8 +298,9 @@ def test_v3_video_a_frame_short_of_its_table_pairs_by_time(v21, tmp_path):
     eps = {e["episode"]: e for e in rep["episodes"]}
     assert (eps[2]["rows"], eps[2]["video_frames"], eps[2]["rows_unpaired"], eps[2]["frames_unpaired"]) == (344, 343, 1, 0)
     assert eps[1]["rows_unpaired"] == eps[1]["frames_unpaired"] == 0
-    assert eps[4]["skipped_episode"]["reason"] == "frames_rows_misaligned"
-    assert "episode 4" in eps[4]["skipped_episode"]["detail"] and "--tolerance-s" in eps[4]["skipped_episode"]["detail"]
+    skipped = {e["episode"]: e for e in rep["skipped_episodes"]}   # found before the statistics: not converted
+    assert 4 not in eps and skipped[4]["reason"] == "frames_rows_misaligned"
+    assert "episode 4" in skipped[4]["detail"] and "--tolerance-s" in skipped[4]["detail"]
     assert rep["totals"]["episodes_skipped"] == 1 and rep["bad_episodes"] == {"frames_rows_misaligned": 1}
     assert rep["totals"]["rows_unpaired"] == 1 and rep["totals"]["samples"] == 6
     saved = json.loads((out / "convert_report.json").read_text())
@@ -364,8 +365,10 @@ def test_nonfinite_actions_stop_the_run_or_are_skipped_and_counted(tmp_path, cap
 
 
 def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
-    """Episode 4's video is corrupt: the run stops naming it after shards 0-1 landed; with the file
-    repaired the rerun writes only shard 2, and the result equals an uninterrupted run."""
+    """Episode 4's video is corrupt: it is skipped and counted (before, the whole run stopped), and a rerun after
+    repairing it into the same directory is refused (its rows change the action statistics). A run that does stop
+    after shards 0-1 landed (shard 2 cannot be renamed into place) leaves no temporaries; the rerun writes only
+    shard 2, and the result equals an uninterrupted run."""
     torch.manual_seed(0)
     out21, _ = v21
     src = tmp_path / "g1"
@@ -373,14 +376,23 @@ def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
     bad = src / f"videos/chunk-000/{VKEY}/episode_000004.mp4"
     good = bad.read_bytes()
     bad.write_bytes(good[:2000] + b"\0" * 5000)  # header intact, stream destroyed
+    skipped = tmp_path / "skipped"
+    rep = convert_lerobot(src, skipped, **OPTS)
+    assert rep["bad_episodes"] == {"undecodable_video": 1} and rep["skipped_episodes"][0]["episode"] == 4
+    assert "episode 4" in rep["skipped_episodes"][0]["detail"] and rep["totals"]["samples"] == 6
+    assert sorted(completed_shards(skipped)) == ["lerobot-000000.tar", "lerobot-000001.tar"]
+    bad.write_bytes(good)
+    with pytest.raises(ValueError, match="episodes"):
+        convert_lerobot(src, skipped, **OPTS)
     out = tmp_path / "out"
-    with pytest.raises(ConvertError, match="episode 4"):
+    (out / "lerobot-000002.tar").mkdir(parents=True)   # the last shard cannot be renamed into place
+    with pytest.raises(OSError):
         convert_lerobot(src, out, **OPTS)
+    (out / "lerobot-000002.tar").rmdir()
     assert sorted(completed_shards(out)) == ["lerobot-000000.tar", "lerobot-000001.tar"]
     assert sorted(p.name for p in out.glob("*.tar")) == ["lerobot-000000.tar", "lerobot-000001.tar"]
     assert not list(out.glob(".*tmp*"))
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    bad.write_bytes(good)
     (out / ".lerobot-000002.tar.tmp-4242").write_bytes(b"leftover of a killed worker")
     convert_lerobot(src, out, **OPTS)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("lerobot-00000[01].tar")} == stamps
