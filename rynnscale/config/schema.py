@@ -8,6 +8,7 @@ message naming the key. Keys listed in the issue as a contract (``run.output_dir
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,14 @@ class LoRAConfig:
     def validate(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"config key 'model.lora.rank' = {self.rank} must be >= 0 (0 = no LoRA)")
-        if self.rank == 0:
+        if self.rank == 0:   # LoRA off: any other LoRA key set would be silently ignored (a full fine-tune)
+            default = LoRAConfig()
+            stray = [f.name for f in dataclasses.fields(self) if f.name != "rank"
+                     and getattr(self, f.name) != getattr(default, f.name)]
+            if stray:
+                raise ConfigError(f"config key(s) {', '.join(f'model.lora.{k}' for k in stray)} set but "
+                                  "'model.lora.rank' = 0 (LoRA off: the run would train every parameter and ignore "
+                                  "them); set model.lora.rank > 0 or remove the LoRA keys")
             return
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"config key 'model.lora.alpha' = {self.alpha} must be a finite number > 0")

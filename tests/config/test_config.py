@@ -106,3 +106,15 @@ def test_command_line_init_from_replaces_the_recipe_arch(tmp_path):
     both.write_text(f"extends: {recipe}\nmodel:\n  init_from: /somewhere\n")
     with pytest.raises(ConfigError, match="exactly one of 'model.init_from'"):
         load_config(both, check_paths=False)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.lora.alpha=32", "model.lora.alpha"), ("model.lora.experts=true", "model.lora.experts"),
+    ("model.lora.vision=true", "model.lora.vision"), ("model.lora.targets=[x]", "model.lora.targets"),
+    ("model.lora.trainable=[lm_head.*]", "model.lora.trainable"),
+])
+def test_lora_keys_without_a_rank_are_refused(recipe, override, key):
+    """model.lora.rank=0 is LoRA off: another LoRA key set would be ignored and the run a full fine-tune."""
+    with pytest.raises(ConfigError, match=rf"{key}.*'model\.lora\.rank' = 0"):
+        load_config(recipe, [override])
+    assert load_config(recipe, [override, "model.lora.rank=4"]).model.lora.rank == 4

@@ -19,7 +19,8 @@ DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
 ])
 def test_one_string_is_a_one_element_list_on_the_command_line(key: str, value: str) -> None:
     cfg = load_config(DEMO, [f"{key}={value}", "data.synthetic.num_samples=0"] +
-                      (["data.train_shards=a.tar"] if key != "data.train_shards" else []), check_paths=False)
+                      (["data.train_shards=a.tar"] if key != "data.train_shards" else []) +
+                      (["model.lora.rank=4"] if key.startswith("model.lora.") else []), check_paths=False)
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
