@@ -118,3 +118,20 @@ def test_lora_keys_without_a_rank_are_refused(recipe, override, key):
     with pytest.raises(ConfigError, match=rf"{key}.*'model\.lora\.rank' = 0"):
         load_config(recipe, [override])
     assert load_config(recipe, [override, "model.lora.rank=4"]).model.lora.rank == 4
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.arch.model_type=qwen3_vl"], r"MoE key\(s\) \[.*'num_experts'.*\] in a dense qwen3_vl config"),
+    (["model.arch.text_config.num_experts=0"], r"num_experts=0 in a qwen3_vl_moe config"),
+])
+def test_qwen3_vl_model_type_must_agree_with_its_moe_keys(overrides, pattern):
+    """An inline Qwen3-VL arch whose model_type contradicts its MoE keys is refused, not silently made dense."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(REPO / "recipes" / "demo_tiny.yaml", overrides)
+
+
+def test_qwen3_vl_moe_without_num_experts_is_refused(tmp_path):
+    arch = TINY_ARCH.replace("model_type: qwen3_vl", "model_type: qwen3_vl_moe")
+    (tmp_path / "moe.yaml").write_text(arch)
+    with pytest.raises(ConfigError, match=r"num_experts=None in a qwen3_vl_moe config"):
+        load_config(tmp_path / "moe.yaml")
