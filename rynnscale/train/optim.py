@@ -154,5 +154,22 @@ def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
     return int(math.ceil(ratio * max_steps)) if ratio > 0 else cfg.warmup_steps
 
 
+def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """The start-of-run warning when the warmup covers the whole run (``None`` when it does not): the lr then
+    reaches ``optim.lr`` at the last step at best and never follows the schedule. A warning, not an error: a
+    resumed run may raise ``train.max_steps`` later and finish the warmup."""
+    warmup = warmup_steps(cfg, max_steps)
+    if warmup < max_steps:
+        return None
+    key = (f"optim.warmup_ratio={cfg.warmup_ratio} ({warmup} steps)" if getattr(cfg, "warmup_ratio", 0.0) > 0
+           else f"optim.warmup_steps={warmup}")
+    peak = lr_factor(max_steps - 1, cfg, max_steps)
+    reach = ("the lr reaches optim.lr only at the last step" if peak >= 1 else
+             f"the lr never reaches optim.lr={cfg.lr:g}: it peaks at {peak:.3g} x optim.lr = {peak * cfg.lr:.3g} "
+             "at the last step")
+    return (f"{key} >= train.max_steps={max_steps}: the whole run is warmup and {reach}, with no "
+            f"{cfg.schedule} schedule after it; lower the warmup or raise train.max_steps")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
