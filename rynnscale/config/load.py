@@ -375,6 +375,11 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if cfg.train.objective == "grpo" and cfg.parallel.cp > 1:
         raise ConfigError(f"config key 'parallel.cp' = {cfg.parallel.cp}: GRPO (train.objective=grpo) runs whole rows "
                           "(generation and per-token log-probs); use parallel.cp=1")
+    if cfg.train.objective == "grpo" and cfg.train.grad_accum != 1:   # GRPO never reads it
+        raise ConfigError(f"config key 'train.grad_accum' = {cfg.train.grad_accum}: GRPO (train.objective=grpo) "
+                          "does not accumulate; each rollout batch (rl.prompts_per_step x rl.group_size answers) is "
+                          "split into rl.policy_steps optimiser steps: set train.grad_accum=1 and use rl.policy_steps "
+                          "/ rl.prompts_per_step")
     _validate_stages(cfg)
     ckpt_resume = cfg.checkpoint.resume
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():

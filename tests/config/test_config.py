@@ -135,3 +135,19 @@ def test_qwen3_vl_moe_without_num_experts_is_refused(tmp_path):
     (tmp_path / "moe.yaml").write_text(arch)
     with pytest.raises(ConfigError, match=r"num_experts=None in a qwen3_vl_moe config"):
         load_config(tmp_path / "moe.yaml")
+
+
+def test_grad_accum_under_grpo_is_refused_pointing_at_policy_steps(tmp_path):
+    """GRPO never reads train.grad_accum (a rollout batch splits into rl.policy_steps steps): refused, also in a
+    stage; the model card of a GRPO run claims no accumulation."""
+    from rynnscale.train.model_card import write_model_card
+
+    demo = REPO / "recipes" / "demo_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"train\.grad_accum' = 4.*rl\.policy_steps"):
+        load_config(demo, ["train.objective=grpo", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=r"stages\[1\].*train\.grad_accum' = 2"):
+        load_config(demo, ["train.grad_accum=2", "stages=[{name: sft}, {name: rl, overrides: {train: "
+                                                 "{objective: grpo}}}]"])
+    cfg = load_config(demo, ["train.objective=grpo", "rl.policy_steps=2"])
+    card = write_model_card(tmp_path, cfg, {"steps": 1, "tokens_seen": 1, "final_loss": 1.0}).read_text()
+    assert "accumulation" not in card and "2 optimiser step(s) per rollout" in card
