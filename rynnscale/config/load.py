@@ -375,6 +375,8 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if cfg.train.objective == "grpo" and cfg.parallel.cp > 1:
         raise ConfigError(f"config key 'parallel.cp' = {cfg.parallel.cp}: GRPO (train.objective=grpo) runs whole rows "
                           "(generation and per-token log-probs); use parallel.cp=1")
+    if cfg.train.objective == "grpo":
+        cfg.rl.validate_rewards()
     if cfg.train.objective == "grpo" and cfg.train.grad_accum != 1:   # GRPO never reads it
         raise ConfigError(f"config key 'train.grad_accum' = {cfg.train.grad_accum}: GRPO (train.objective=grpo) "
                           "does not accumulate; each rollout batch (rl.prompts_per_step x rl.group_size answers) is "

@@ -9,7 +9,9 @@ message naming the key. Keys listed in the issue as a contract (``run.output_dir
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,6 +335,35 @@ class RewardConfig:
     functions: dict[str, float] = field(default_factory=dict)
 
 
+def load_reward_function(path: str) -> Callable[..., float]:
+    """``module:function`` -> the callable; ValueError naming the path when it cannot be imported. Here (not in
+    ``rynnscale.train.rewards``, which uses it) so that recipe validation imports a GRPO run's functions up front."""
+    mod_name, sep, fn_name = path.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"reward function {path!r}: expected 'module:function' (e.g. 'my_rewards:in_gripper')")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
+        raise ValueError(f"reward function {path!r}: cannot import module {mod_name!r} ({type(e).__name__}: {e})") from e
+    fn = mod
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"reward function {path!r}: module {mod_name!r} has no {fn_name!r}")
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r} is not callable")
+    return fn
+
+
+def function_component(path: str) -> str:
+    """A user function's component name: the function's own name (``pkg.mod:fn`` -> ``fn``)."""
+    return path.rpartition(":")[2].rpartition(".")[2]
+
+
+# the built-in GRPO reward components (rynnscale.train.rewards scores them)
+BUILTIN_REWARDS = ("point", "box", "traj", "format", "exact")
+
+
 @dataclass
 class RLConfig:
     """GRPO (``train.objective: grpo``; ``rynnscale.train.grpo``): prompts, sampling, the loss."""
@@ -369,7 +400,7 @@ class RLConfig:
         for name, w in {**r.weights, **r.functions}.items():
             if not (math.isfinite(w) and w >= 0):
                 raise ConfigError(f"config key 'rl.reward' weight of {name!r} = {w} must be a finite number >= 0")
-        unknown = sorted(set(r.weights) - {"point", "box", "traj", "format", "exact"})
+        unknown = sorted(set(r.weights) - set(BUILTIN_REWARDS))
         if unknown:
             raise ConfigError(f"config key 'rl.reward.weights' has unknown component(s) {unknown}; allowed: point, box, "
                               "traj, format, exact (a user function goes under 'rl.reward.functions' as "
@@ -379,6 +410,25 @@ class RLConfig:
                 raise ConfigError(f"config key 'rl.reward.functions' entry {path!r} must be 'module:function'")
         if not (r.point_scale > 0 and r.traj_scale > 0):
             raise ConfigError("config keys 'rl.reward.point_scale' and 'rl.reward.traj_scale' must be > 0")
+        names = [function_component(p) for p in r.functions]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in BUILTIN_REWARDS})
+        if clash:
+            raise ConfigError(f"config key 'rl.reward.functions' = {list(r.functions)}: component name(s) {clash} "
+                              "clash (a function's name must differ from the built-ins and from the others)")
+
+    def validate_rewards(self) -> None:
+        """What a GRPO run's reward needs (``rynnscale.train.rewards.GroundingReward``), checked when the recipe
+        loads, so that a chain's GRPO stage fails before its earlier stages train: some weight > 0, and every
+        ``rl.reward.functions`` entry imports (the user's module is imported now) and is callable."""
+        r = self.reward
+        if not any(w > 0 for w in (*r.weights.values(), *r.functions.values())):
+            raise ConfigError(f"config key 'rl.reward': every reward weight is 0 (weights {dict(r.weights)}, "
+                              f"functions {dict(r.functions)}): GRPO would have nothing to learn from")
+        for path in r.functions:
+            try:
+                load_reward_function(path)
+            except ValueError as e:
+                raise ConfigError(f"config key 'rl.reward.functions': {e}") from None
 
 
 @dataclass
