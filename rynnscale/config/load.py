@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from rynnscale.parallel.layout import LayoutError, check_layout_keys
+from rynnscale.parallel.layout import LayoutError, check_layout_keys, resolve_cp_attention
 
 from .model_args import resolve_model_args
 from .schema import CHOICES, ConfigError, RootConfig
@@ -390,6 +390,11 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     # model: one source of architecture, resolved the way the build and the planner resolve it
     arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
     _validate_layout(cfg, arch.args.text.num_experts if arch is not None else None)
+    if arch is not None and cfg.parallel.cp > 1:   # the build's rule, before any rank starts
+        try:
+            resolve_cp_attention(cfg.model.cp_attention, arch.args.text.num_attention_heads, cfg.parallel.cp)
+        except LayoutError as e:
+            raise ConfigError(f"config key 'model.cp_attention': {e}") from None
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
                           "or 'data.synthetic.num_samples' > 0")
