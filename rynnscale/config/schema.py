@@ -165,6 +165,11 @@ class DataConfig:
             raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
                               "a mixture source of their own)")
         check_mixture_sources(self.mixture, "data.mixture")
+        if self.mixture and self.synthetic.num_samples > 0:   # the loader draws from the mixture's sources only
+            raise ConfigError(f"set either 'data.mixture' or the synthetic set ('data.synthetic.num_samples' = "
+                              f"{self.synthetic.num_samples}), not both: a mixture draws only from its sources; "
+                              "write the set with 'rynnscale data synth DIR' and add DIR as a mixture source of its "
+                              "own, or set data.synthetic.num_samples=0")
 
 
 @dataclass

@@ -88,6 +88,15 @@ def test_command_line_mixture_replaces_recipe_train_shards_and_back(tmp_path: Pa
     assert cfg.data.mixture == [] and cfg.data.train_shards == ["/data/x"]
 
 
+def test_a_mixture_with_the_synthetic_set_is_refused_naming_both_keys() -> None:
+    """A mixture draws from its sources only: the synthetic set beside it would be generated and then refused by
+    the loader with a traceback."""
+    with pytest.raises(ConfigError, match=r"'data\.mixture' or the synthetic set \('data\.synthetic\.num_samples' = "
+                                          r"20\).*rynnscale data synth"):
+        load_config(DEMO, ["data.mixture=[{name: a, shards: /data/a}]", "data.synthetic.num_samples=20"],
+                    check_paths=False)
+
+
 # ----------------------------------------------------------------------------- recipe files
 
 
