@@ -34,7 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_training(cfg)
     except Exception as e:  # the run logged it (once, with its rank): exit non-zero without a second copy
         if not reported(e):
-            raise
+            if not isinstance(e, ConfigError):
+                raise
+            # a setting found before the run's report (run.device=cuda without a GPU): the message says it all
+            print(f"rynnscale train: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     return 0
 
@@ -43,11 +46,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
         from rynnscale.data_pipelines.synthetic import generate_synthetic
 
-        manifest = generate_synthetic(
-            args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
-            height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
-            **({"questions": args.questions.split(",")} if args.questions else {}),
-            **({"objects": [int(n) for n in args.objects.split(",")]} if args.objects else {}))
+        try:   # bad arguments (the generator's own checks, config.schema.check_synthetic_size) or OUT unusable
+            objects = None
+            if args.objects:
+                try:
+                    objects = [int(n) for n in args.objects.split(",")]
+                except ValueError:
+                    raise ValueError(f"--objects {args.objects!r}: expected fewest,most (two integers, e.g. 2,4)") \
+                        from None
+            manifest = generate_synthetic(
+                args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
+                height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                **({"questions": args.questions.split(",")} if args.questions else {}),
+                **({"objects": objects} if objects is not None else {}))
+        except (ValueError, OSError) as e:
+            print(f"rynnscale data synth: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":

@@ -387,6 +387,10 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
+    tok = cfg.data.tokenizer   # the file load_tokenizer reads: DIR/tokenizer.json, or the file itself
+    if check_paths and tok and not ((Path(tok) / "tokenizer.json").is_file() or Path(tok).is_file()):
+        raise ConfigError(f"config key 'data.tokenizer' = {tok!r}: no tokenizer there (expected a directory with "
+                          "tokenizer.json, or that file)")
     # model: one source of architecture, resolved the way the build and the planner resolve it
     arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
     _validate_layout(cfg, arch.args.text.num_experts if arch is not None else None)

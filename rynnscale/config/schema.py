@@ -96,6 +96,18 @@ class ModelConfig:
         self.lora.validate()
 
 
+def check_synthetic_size(frames: int, width: int, height: int, prefix: str = "") -> None:
+    """The synthetic generator's render bounds (``rynnscale.data_pipelines.synthetic``, which calls this too):
+    ``frames`` >= 2 (Qwen3-VL's temporal patch), ``width`` and ``height`` >= 16 and even (yuv420p video).
+    ``ConfigError`` naming the key (``prefix`` + name, e.g. ``data.synthetic.frames``), so that a recipe fails at
+    load and ``rynnscale data synth`` with a message."""
+    for key, value, ok, rule in (("frames", frames, frames >= 2, ">= 2 (Qwen3-VL's temporal patch)"),
+                                 ("width", width, width >= 16 and width % 2 == 0, "even and >= 16 (yuv420p video)"),
+                                 ("height", height, height >= 16 and height % 2 == 0, "even and >= 16 (yuv420p video)")):
+        if not ok:
+            raise ConfigError(f"{'config key ' if prefix else ''}'{prefix}{key}' = {value!r} must be {rule}")
+
+
 @dataclass
 class SyntheticDataConfig:
     """Built-in synthetic egocentric dataset, generated once into ``output_dir`` (default: under the run)."""
@@ -112,6 +124,9 @@ class SyntheticDataConfig:
     questions: list[str] = field(default_factory=lambda: ["traj", "locate_last", "locate_frame", "which_moved",
                                                           "affordance"])
     objects: list[int] = field(default_factory=lambda: [2, 4])   # [fewest, most] objects per clip
+
+    def validate(self) -> None:
+        check_synthetic_size(self.frames, self.width, self.height, "data.synthetic.")
 
 
 @dataclass
@@ -165,6 +180,10 @@ class DataConfig:
             raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
                               "a mixture source of their own)")
         check_mixture_sources(self.mixture, "data.mixture")
+        if self.tokenizer is not None and not self.tokenizer:
+            raise ConfigError("config key 'data.tokenizer' is empty; give a tokenizer directory or leave it unset "
+                              "(model.init_from's tokenizer, else the bundled Qwen3 one)")
+        self.synthetic.validate()
         if self.mixture and self.synthetic.num_samples > 0:   # the loader draws from the mixture's sources only
             raise ConfigError(f"set either 'data.mixture' or the synthetic set ('data.synthetic.num_samples' = "
                               f"{self.synthetic.num_samples}), not both: a mixture draws only from its sources; "

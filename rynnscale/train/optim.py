@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rynnscale.config.schema import OptimConfig
+from rynnscale.config.schema import ConfigError, OptimConfig
 from rynnscale.parallel.fqn import clean_fqn
 
 
@@ -35,13 +35,13 @@ def _named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str], key: str = "model.freeze") -> int:
     """``requires_grad=False`` for parameters matching any pattern; returns how many elements were frozen.
 
-    Raises ValueError naming ``key[i]`` for a pattern that matches nothing."""
+    Raises ConfigError naming ``key[i]`` for a pattern that matches nothing."""
     named = _named(model)
     frozen = 0
     for i, pat in enumerate(patterns):
         hits = [p for n, p in named if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"config key '{key}[{i}]' = {pat!r} matches no parameter "
+            raise ConfigError(f"config key '{key}[{i}]' = {pat!r} matches no parameter "
                              f"(names look like {named[0][0]!r}, {named[-1][0]!r})")
         for p in hits:
             if p.requires_grad:

@@ -60,6 +60,12 @@ def test_typo_names_key_and_suggests(recipe):
     ("model.arch.text_config.num_key_value_heads=3", r"num_key_value_heads"),
     ("model.init_from=/nonexistent", r"'model\.init_from' = '/nonexistent': no config\.json there"),
     ("checkpoint.resume=/no/such/ckpt", r"checkpoint\.resume"),
+    # the synthetic generator's own bounds, at load (not a traceback at run start)
+    ("data.synthetic.frames=1", r"'data\.synthetic\.frames' = 1 must be >= 2"),
+    ("data.synthetic.width=33", r"'data\.synthetic\.width' = 33 must be even and >= 16"),
+    ("data.synthetic.height=8", r"'data\.synthetic\.height' = 8 must be even and >= 16"),
+    ("data.tokenizer=/nonexistent", r"'data\.tokenizer' = '/nonexistent': no tokenizer there"),
+    ("data.tokenizer=''", r"'data\.tokenizer' is empty"),
 ])
 def test_invalid_values_fail_naming_key(recipe, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
