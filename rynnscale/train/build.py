@@ -23,6 +23,7 @@ from rynnscale.config.model_args import ResolvedArch, resolve_model_args
 from rynnscale.config.schema import ConfigError, ModelConfig, RootConfig
 from rynnscale.models import family_of
 from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+from rynnscale.ops.attention import require_varlen
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel import precision
 from rynnscale.parallel.fsdp import init_sharded_weights
@@ -78,6 +79,11 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         try:   # ``auto`` falls back per call; an explicit ``liger`` must be usable
             require_liger(device)
         except ValueError as e:   # the recipe's setting: reported briefly (exit code 2)
+            raise ConfigError(str(e)) from None
+    if cfg.attn_backend == "varlen" and not meta:
+        try:   # likewise an explicit flash varlen attention, before any data work
+            require_varlen(device)
+        except ValueError as e:
             raise ConfigError(str(e)) from None
     with torch.device("meta"):
         model = spec.new_model(args, attn_backend=cfg.attn_backend)

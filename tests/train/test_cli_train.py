@@ -1,5 +1,6 @@
 """`rynnscale train` on the demo recipe (shortened): kernels refused on CPU; settings found at run start (a
-freeze pattern or LoRA target matching nothing, shards matching no file, run.device=cuda without a GPU) are brief
+freeze pattern or LoRA target matching nothing, shards matching no file, model.attn_backend=varlen or run.device=cuda
+without a GPU) are brief
 messages with exit code 2, not tracebacks. Compiled vs eager through the CLI
 runs in tests/parallel/test_torchrun.py; the quick start itself (files written, metrics complete, loss falls)
 runs as the README writes it in tests/test_readme.py."""
@@ -29,6 +30,8 @@ def test_liger_kernels_on_cpu_fail_fast_naming_the_key(tmp_path):
     (["model.freeze=[nothing*]"], "config key 'model.freeze[0]' = 'nothing*' matches no parameter"),
     (["model.lora.rank=4", "model.lora.targets=[nomatch*]"], "model.lora: no module matches targets"),
     (["data.train_shards=/nonexistent/*.tar"], "shard pattern '/nonexistent/*.tar' matches no file"),
+    pytest.param(["model.attn_backend=varlen"], "model.attn_backend=varlen needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
     pytest.param(["run.device=cuda"], "config key 'run.device' = 'cuda' but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
 ])
