@@ -14,6 +14,7 @@ import difflib
 import logging
 import math
 import re
+import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,7 +72,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     parents = node.pop("extends", None)
     if parents is None:
         return node
-    parents = [parents] if isinstance(parents, str) else list(parents)
+    if isinstance(parents, ListConfig):
+        parents = list(parents)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p for p in parents)):
+        raise ConfigError(f"recipe {path}: 'extends:' must be a recipe path or a list of them (strings), got "
+                          f"{OmegaConf.to_container(parents) if isinstance(parents, DictConfig) else parents!r}")
+    _coerce_lists(node, RootConfig, f"recipe {path}")   # shapes checked before the merge over the parents
     merged = OmegaConf.create()
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
@@ -169,6 +177,13 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
                 _coerce_lists(child, tp, where, key + ".")
             continue
+        if _is_mapping(tp):   # model.arch, rl.reward.weights, stages[i].overrides: merging a list would TypeError
+            if isinstance(child, ListConfig) or (not isinstance(child, DictConfig) and child._value() is not None
+                                                 and not child._is_interpolation()):
+                shown = "a list" if isinstance(child, ListConfig) else f"{child._value()!r}"
+                raise ConfigError(f"{where}: config key '{key}' is {shown}; expected a mapping (key: value pairs), "
+                                  f"e.g. {key}={{name: value}}")
+            continue
         if typing.get_origin(tp) is not list:
             continue
         (elem,) = typing.get_args(tp)
@@ -192,6 +207,13 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
         if is_section:
             raise ConfigError(f"{where}: config key '{key}' = {value!r} is not a list; expected {_example(key, tp)}")
         node[k] = [value]
+
+
+def _is_mapping(tp: Any) -> bool:
+    """Whether schema type ``tp`` is a free-form mapping (``dict[...]``, optionally ``| None``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union,
+                                                                                              types.UnionType) else [tp]
+    return len(args) == 1 and (args[0] is dict or typing.get_origin(args[0]) is dict)
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -236,6 +258,9 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    except TypeError as e:   # omegaconf's "Cannot merge incompatible container types" where no check above caught it
+        raise ConfigError(f"{f'recipe {recipe} or ' if recipe is not None else ''}the overrides: a value has the "
+                          f"wrong shape ({e}); a section or mapping needs key: value pairs, a list [a, b]") from None
     validate(cfg, check_paths=check_paths)
     return cfg
 

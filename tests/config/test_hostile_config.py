@@ -142,3 +142,31 @@ def test_plain_references_still_work(tmp_path):
                  "run:\n  name: run-${train.max_steps}\n")
     cfg = load_config(p, check_paths=False)
     assert cfg.data.train_shards == ["/data/a-{0..1}.tar"] and cfg.run.name == "run-100"
+
+
+# ------------------------------------------------------------------------------ structure (not TypeError)
+@pytest.mark.parametrize("override, match", [
+    ("model.arch=[1]", r"config key 'model\.arch' is a list; expected a mapping"),
+    ("rl.reward.weights=[1]", r"config key 'rl\.reward\.weights' is a list; expected a mapping"),
+    ("rl.reward.functions=3", r"config key 'rl\.reward\.functions' is 3; expected a mapping"),
+    ("stages=[{name: a, overrides: [1]}]", r"config key 'stages\[0\]\.overrides' is a list; expected a mapping"),
+    ("stages=[{name: a, overrides: {model: {arch: [1]}}}]", r"stages\[0\]\.overrides.*'model\.arch' is a list"),
+])
+def test_a_list_or_scalar_for_a_mapping_names_the_key(recipe, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, [override])
+
+
+@pytest.mark.parametrize("extends", ["5", "{x: base.yaml}", "[base.yaml, 3]", "[]"])
+def test_extends_must_be_a_path_or_a_list_of_paths(tmp_path, extends):
+    (tmp_path / "base.yaml").write_text(TINY)
+    (tmp_path / "child.yaml").write_text(f"extends: {extends}\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: 'extends:' must be a recipe path or a list of them"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_a_list_for_a_mapping_in_a_recipe_file_names_the_key(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {arch: [1]}\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: config key 'model\.arch' is a list"):
+        load_config(tmp_path / "child.yaml")
