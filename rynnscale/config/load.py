@@ -165,7 +165,8 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
     """In one layer (recipe or command line), make a scalar given for a list-typed schema field a one-element list
     (``data.train_shards=path/*.tar``), generically over the schema, lists of sections included
     (``data.mixture[i].shards``). A value of the wrong kind (a mapping for a list of strings, a scalar for a list
-    of sections) is a ConfigError naming the key, the type expected and an example. Unknown keys are left to the
+    of sections, a number for a boolean, a list or scalar for a mapping) is a ConfigError naming the key, the type
+    expected and an example. Unknown keys are left to the
     merge (which names them with a suggestion); interpolations are kept as they are."""
     hints = _hints(cls)
     for k in list(node.keys()):
@@ -173,6 +174,10 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
             continue
         tp, key = hints[k], f"{prefix}{k}"
         child = node._get_node(k)
+        if tp is bool and isinstance(child._value(), (int, float)) and not isinstance(child._value(), bool):
+            # omegaconf would read model.compile=2 as true and logging.progress=0 as false
+            raise ConfigError(f"{where}: config key '{key}' = {child._value()!r} is a number; "
+                              f"{_example(key, tp)}")
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
                 _coerce_lists(child, tp, where, key + ".")

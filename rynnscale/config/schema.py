@@ -297,14 +297,16 @@ class PlanConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0                # 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2                  # the newest N complete checkpoints are kept; 0 keeps every one
     resume: str = "auto"                # auto | none | PATH
     export_hf: bool = False             # export the final checkpoint to <run.output_dir>/hf
     async_save: bool = False            # DCP write in the background (finished at the next save / the end)
 
     def validate(self) -> None:
         """This section's own rules (whether ``resume`` names an existing checkpoint is checked by ``config.load``)."""
-        _at_least_one("checkpoint.keep_last", self.keep_last)
+        if self.keep_last < 0:   # 0 = keep every checkpoint (CheckpointManager)
+            raise ConfigError(f"config key 'checkpoint.keep_last' = {self.keep_last} must be >= 0 (0 keeps every "
+                              "checkpoint)")
         if self.every_steps < 0:
             raise ConfigError(f"config key 'checkpoint.every_steps' = {self.every_steps} must be >= 0")
 

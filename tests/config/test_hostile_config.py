@@ -170,3 +170,22 @@ def test_a_list_for_a_mapping_in_a_recipe_file_names_the_key(tmp_path):
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {arch: [1]}\n")
     with pytest.raises(ConfigError, match=r"child\.yaml: config key 'model\.arch' is a list"):
         load_config(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("override, key", [("model.compile=2", "model.compile"),
+                                           ("checkpoint.export_hf=-1", "checkpoint.export_hf"),
+                                           ("logging.progress=0", "logging.progress")])
+def test_a_number_for_a_boolean_is_refused(recipe, tmp_path, override, key):
+    """omegaconf reads 2 as true and 0 as false: a number given for a boolean is refused, naming the key."""
+    with pytest.raises(ConfigError, match=rf"'{key}' = -?\d is a number; expected true or false"):
+        load_config(recipe, [override])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {recipe}\nlogging: {{progress: 1}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config key 'logging\.progress' = 1 is a number"):
+        load_config(bad)
+
+
+def test_keep_last_0_keeps_every_checkpoint(recipe):
+    assert load_config(recipe, ["checkpoint.keep_last=0"]).checkpoint.keep_last == 0
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last' = -1 must be >= 0"):
+        load_config(recipe, ["checkpoint.keep_last=-1"])
