@@ -364,7 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow option flags (``train R --print-config k=v``, ``plan R --nodes 2 k=v``):
+    # argparse stops the positional list at the first flag (and parse_intermixed_args refuses subparsers)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     return int(args.func(args) or 0)
 
 

@@ -41,3 +41,15 @@ def test_settings_found_at_run_start_are_brief_with_exit_code_2(tmp_path, overri
                           capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overrides_may_follow_option_flags(capsys):
+    """``train RECIPE --print-config k=v``: argparse alone refused the override after the flag."""
+    from rynnscale.cli import main
+
+    assert main(["train", str(REPO / "recipes" / "demo_tiny.yaml"), "train.max_steps=5", "--print-config",
+                 "train.max_steps=7", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "lr: 0.5" in out
+    with pytest.raises(SystemExit):
+        main(["train", str(REPO / "recipes" / "demo_tiny.yaml"), "--print-config", "--bogus"])
