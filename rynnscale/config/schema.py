@@ -176,6 +176,8 @@ class DataConfig:
             if getattr(self, lo) > getattr(self, hi):
                 raise ConfigError(f"config key 'data.{lo}' = {getattr(self, lo)} must be <= 'data.{hi}' = "
                                   f"{getattr(self, hi)}")
+        if any(not str(p) for p in self.train_shards):   # as eval.shards: an empty pattern matches nothing
+            raise ConfigError(f"config key 'data.train_shards' = {list(self.train_shards)} has an empty pattern")
         if self.mixture and self.train_shards:
             raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
                               "a mixture source of their own)")
@@ -412,6 +414,8 @@ class RLConfig:
     def validate(self) -> None:
         for key in ("prompts_per_step", "group_size", "max_new_tokens", "policy_steps", "epochs"):
             _at_least_one(f"rl.{key}", getattr(self, key))
+        if any(not str(p) for p in self.prompts):
+            raise ConfigError(f"config key 'rl.prompts' = {list(self.prompts)} has an empty pattern")
         if self.group_size < 2:
             raise ConfigError(f"config key 'rl.group_size' = {self.group_size} must be >= 2 (advantages compare "
                               "the answers of one prompt)")
@@ -509,9 +513,9 @@ def check_mixture_sources(sources, key: str = "data.mixture") -> None:
         if not isinstance(name, str) or not name or name in names:
             raise ConfigError(f"config key '{k}.name' = {name!r} must be a non-empty name unique in the mixture")
         names.add(name)
-        if not shards or isinstance(shards, str):
+        if not shards or isinstance(shards, str) or any(not str(p) for p in shards):
             raise ConfigError(f"config key '{k}.shards' = {shards!r} of source {name!r}: give a non-empty list of "
-                              "shard paths, globs or brace patterns")
+                              "shard paths, globs or brace patterns (none of them empty)")
         if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
             raise ConfigError(f"config key '{k}.weight' = {weight!r} of source {name!r} must be a finite number > 0")
     total = sum(float(src.weight) for src in sources)

@@ -97,6 +97,17 @@ def test_a_mixture_with_the_synthetic_set_is_refused_naming_both_keys() -> None:
                     check_paths=False)
 
 
+@pytest.mark.parametrize("override, match", [
+    ("data.train_shards=['']", r"'data\.train_shards' = \[''\] has an empty pattern"),
+    ("data.mixture=[{name: a, shards: ['']}]", r"'data\.mixture\[0\]\.shards' = .* \(none of them empty\)"),
+    ("rl.prompts=['', a.tar]", r"'rl\.prompts' = \['', 'a\.tar'\] has an empty pattern"),
+    ("eval.shards=['']", r"'eval\.shards' = \[''\] has an empty pattern"),
+])
+def test_an_empty_shard_pattern_is_refused_everywhere(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, [override], check_paths=False)
+
+
 # ----------------------------------------------------------------------------- recipe files
 
 
