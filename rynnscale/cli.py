@@ -311,6 +311,17 @@ def _add_inspect_parser(dsub) -> None:
     i.add_argument("--bins", type=int, default=10)
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a negative count would slice from the end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_ckpt_parser(sub) -> None:
     """``rynnscale ckpt export-hf | inspect``."""
     k = sub.add_parser("ckpt", help="checkpoint tools (export to Hugging Face, inspect)")
@@ -331,7 +342,8 @@ def _add_ckpt_parser(sub) -> None:
     ki = ksub.add_parser("inspect", help="print a checkpoint's step, tokens, config and tensors")
     ki.add_argument("ckpt", type=Path)
     ki.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ki.add_argument("--max-tensors", type=int, default=None, help="list at most this many tensors")
+    ki.add_argument("--max-tensors", type=_non_negative_int, default=None,
+                    help="list at most this many tensors (0: none; default: all)")
     k.set_defaults(func=_cmd_ckpt)
 
 
