@@ -34,7 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_training(cfg)
     except Exception as e:  # the run logged it (once, with its rank): exit non-zero without a second copy
         if not reported(e):
-            raise
+            if not isinstance(e, ConfigError):
+                raise
+            # a setting found before the run's report (run.device=cuda without a GPU): the message says it all
+            print(f"rynnscale train: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     return 0
 
@@ -43,11 +46,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
         from rynnscale.data_pipelines.synthetic import generate_synthetic
 
-        manifest = generate_synthetic(
-            args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
-            height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
-            **({"questions": args.questions.split(",")} if args.questions else {}),
-            **({"objects": [int(n) for n in args.objects.split(",")]} if args.objects else {}))
+        try:   # bad arguments (the generator's own checks, config.schema.check_synthetic_size) or OUT unusable
+            objects = None
+            if args.objects:
+                try:
+                    objects = [int(n) for n in args.objects.split(",")]
+                except ValueError:
+                    raise ValueError(f"--objects {args.objects!r}: expected fewest,most (two integers, e.g. 2,4)") \
+                        from None
+            manifest = generate_synthetic(
+                args.out, args.num_samples, seed=args.seed, frames=args.frames, width=args.width,
+                height=args.height, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                **({"questions": args.questions.split(",")} if args.questions else {}),
+                **({"objects": objects} if objects is not None else {}))
+        except (ValueError, OSError) as e:
+            print(f"rynnscale data synth: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {manifest}")
         return 0
     if args.data_cmd == "convert":
@@ -299,6 +313,17 @@ def _add_inspect_parser(dsub) -> None:
     i.add_argument("--bins", type=int, default=10)
 
 
+def _non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (a negative count would slice from the end)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_ckpt_parser(sub) -> None:
     """``rynnscale ckpt export-hf | inspect``."""
     k = sub.add_parser("ckpt", help="checkpoint tools (export to Hugging Face, inspect)")
@@ -319,7 +344,8 @@ def _add_ckpt_parser(sub) -> None:
     ki = ksub.add_parser("inspect", help="print a checkpoint's step, tokens, config and tensors")
     ki.add_argument("ckpt", type=Path)
     ki.add_argument("--json", action="store_true", help="print the summary as JSON")
-    ki.add_argument("--max-tensors", type=int, default=None, help="list at most this many tensors")
+    ki.add_argument("--max-tensors", type=_non_negative_int, default=None,
+                    help="list at most this many tensors (0: none; default: all)")
     k.set_defaults(func=_cmd_ckpt)
 
 
@@ -352,7 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may also follow option flags (``train R --print-config k=v``, ``plan R --nodes 2 k=v``):
+    # argparse stops the positional list at the first flag (and parse_intermixed_args refuses subparsers)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     return int(args.func(args) or 0)
 
 

@@ -14,6 +14,7 @@ import difflib
 import logging
 import math
 import re
+import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from rynnscale.parallel.layout import LayoutError, check_layout_keys
+from rynnscale.parallel.layout import LayoutError, check_layout_keys, resolve_cp_attention
 
 from .model_args import resolve_model_args
 from .schema import CHOICES, ConfigError, RootConfig
@@ -71,7 +72,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     parents = node.pop("extends", None)
     if parents is None:
         return node
-    parents = [parents] if isinstance(parents, str) else list(parents)
+    if isinstance(parents, ListConfig):
+        parents = list(parents)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p for p in parents)):
+        raise ConfigError(f"recipe {path}: 'extends:' must be a recipe path or a list of them (strings), got "
+                          f"{OmegaConf.to_container(parents) if isinstance(parents, DictConfig) else parents!r}")
+    _coerce_lists(node, RootConfig, f"recipe {path}")   # shapes checked before the merge over the parents
     merged = OmegaConf.create()
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
@@ -157,7 +165,8 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
     """In one layer (recipe or command line), make a scalar given for a list-typed schema field a one-element list
     (``data.train_shards=path/*.tar``), generically over the schema, lists of sections included
     (``data.mixture[i].shards``). A value of the wrong kind (a mapping for a list of strings, a scalar for a list
-    of sections) is a ConfigError naming the key, the type expected and an example. Unknown keys are left to the
+    of sections, a number for a boolean, a list or scalar for a mapping) is a ConfigError naming the key, the type
+    expected and an example. Unknown keys are left to the
     merge (which names them with a suggestion); interpolations are kept as they are."""
     hints = _hints(cls)
     for k in list(node.keys()):
@@ -165,9 +174,20 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
             continue
         tp, key = hints[k], f"{prefix}{k}"
         child = node._get_node(k)
+        if tp is bool and isinstance(child._value(), (int, float)) and not isinstance(child._value(), bool):
+            # omegaconf would read model.compile=2 as true and logging.progress=0 as false
+            raise ConfigError(f"{where}: config key '{key}' = {child._value()!r} is a number; "
+                              f"{_example(key, tp)}")
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
                 _coerce_lists(child, tp, where, key + ".")
+            continue
+        if _is_mapping(tp):   # model.arch, rl.reward.weights, stages[i].overrides: merging a list would TypeError
+            if isinstance(child, ListConfig) or (not isinstance(child, DictConfig) and child._value() is not None
+                                                 and not child._is_interpolation()):
+                shown = "a list" if isinstance(child, ListConfig) else f"{child._value()!r}"
+                raise ConfigError(f"{where}: config key '{key}' is {shown}; expected a mapping (key: value pairs), "
+                                  f"e.g. {key}={{name: value}}")
             continue
         if typing.get_origin(tp) is not list:
             continue
@@ -192,6 +212,13 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
         if is_section:
             raise ConfigError(f"{where}: config key '{key}' = {value!r} is not a list; expected {_example(key, tp)}")
         node[k] = [value]
+
+
+def _is_mapping(tp: Any) -> bool:
+    """Whether schema type ``tp`` is a free-form mapping (``dict[...]``, optionally ``| None``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (typing.Union,
+                                                                                              types.UnionType) else [tp]
+    return len(args) == 1 and (args[0] is dict or typing.get_origin(args[0]) is dict)
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -237,6 +264,9 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
+    except TypeError as e:   # omegaconf's "Cannot merge incompatible container types" where no check above caught it
+        raise ConfigError(f"{f'recipe {recipe} or ' if recipe is not None else ''}the overrides: a value has the "
+                          f"wrong shape ({e}); a section or mapping needs key: value pairs, a list [a, b]") from None
     if cfg.stages:
         _stages_under_command_line(cfg, overrides, per_stage)
     validate(cfg, check_paths=check_paths)
@@ -426,14 +456,30 @@ def validate(cfg: RootConfig, check_paths: bool = True) -> None:
     if cfg.train.objective == "grpo" and cfg.parallel.cp > 1:
         raise ConfigError(f"config key 'parallel.cp' = {cfg.parallel.cp}: GRPO (train.objective=grpo) runs whole rows "
                           "(generation and per-token log-probs); use parallel.cp=1")
+    if cfg.train.objective == "grpo":
+        cfg.rl.validate_rewards()
+    if cfg.train.objective == "grpo" and cfg.train.grad_accum != 1:   # GRPO never reads it
+        raise ConfigError(f"config key 'train.grad_accum' = {cfg.train.grad_accum}: GRPO (train.objective=grpo) "
+                          "does not accumulate; each rollout batch (rl.prompts_per_step x rl.group_size answers) is "
+                          "split into rl.policy_steps optimiser steps: set train.grad_accum=1 and use rl.policy_steps "
+                          "/ rl.prompts_per_step")
     _validate_stages(cfg)
     ckpt_resume = cfg.checkpoint.resume
     if check_paths and ckpt_resume not in ("auto", "none") and not Path(ckpt_resume).exists():
         raise ConfigError(f"config key 'checkpoint.resume' = {ckpt_resume!r}: expected auto, none or an existing "
                           "checkpoint directory")
+    tok = cfg.data.tokenizer   # the file load_tokenizer reads: DIR/tokenizer.json, or the file itself
+    if check_paths and tok and not ((Path(tok) / "tokenizer.json").is_file() or Path(tok).is_file()):
+        raise ConfigError(f"config key 'data.tokenizer' = {tok!r}: no tokenizer there (expected a directory with "
+                          "tokenizer.json, or that file)")
     # model: one source of architecture, resolved the way the build and the planner resolve it
     arch = resolve_model_args(cfg.model, check_paths=check_paths, required=False)
     _validate_layout(cfg, arch.args.text.num_experts if arch is not None else None)
+    if arch is not None and cfg.parallel.cp > 1:   # the build's rule, before any rank starts
+        try:
+            resolve_cp_attention(cfg.model.cp_attention, arch.args.text.num_attention_heads, cfg.parallel.cp)
+        except LayoutError as e:
+            raise ConfigError(f"config key 'model.cp_attention': {e}") from None
     if not cfg.data.train_shards and not cfg.data.mixture and cfg.data.synthetic.num_samples <= 0:
         raise ConfigError("no training data: set 'data.train_shards' (paths/globs/brace patterns), 'data.mixture' "
                           "or 'data.synthetic.num_samples' > 0")

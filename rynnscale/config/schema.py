@@ -8,7 +8,10 @@ message naming the key. Keys listed in the issue as a contract (``run.output_dir
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +50,14 @@ class LoRAConfig:
     def validate(self) -> None:
         if self.rank < 0:
             raise ConfigError(f"config key 'model.lora.rank' = {self.rank} must be >= 0 (0 = no LoRA)")
-        if self.rank == 0:
+        if self.rank == 0:   # LoRA off: any other LoRA key set would be silently ignored (a full fine-tune)
+            default = LoRAConfig()
+            stray = [f.name for f in dataclasses.fields(self) if f.name != "rank"
+                     and getattr(self, f.name) != getattr(default, f.name)]
+            if stray:
+                raise ConfigError(f"config key(s) {', '.join(f'model.lora.{k}' for k in stray)} set but "
+                                  "'model.lora.rank' = 0 (LoRA off: the run would train every parameter and ignore "
+                                  "them); set model.lora.rank > 0 or remove the LoRA keys")
             return
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"config key 'model.lora.alpha' = {self.alpha} must be a finite number > 0")
@@ -86,6 +96,18 @@ class ModelConfig:
         self.lora.validate()
 
 
+def check_synthetic_size(frames: int, width: int, height: int, prefix: str = "") -> None:
+    """The synthetic generator's render bounds (``rynnscale.data_pipelines.synthetic``, which calls this too):
+    ``frames`` >= 2 (Qwen3-VL's temporal patch), ``width`` and ``height`` >= 16 and even (yuv420p video).
+    ``ConfigError`` naming the key (``prefix`` + name, e.g. ``data.synthetic.frames``), so that a recipe fails at
+    load and ``rynnscale data synth`` with a message."""
+    for key, value, ok, rule in (("frames", frames, frames >= 2, ">= 2 (Qwen3-VL's temporal patch)"),
+                                 ("width", width, width >= 16 and width % 2 == 0, "even and >= 16 (yuv420p video)"),
+                                 ("height", height, height >= 16 and height % 2 == 0, "even and >= 16 (yuv420p video)")):
+        if not ok:
+            raise ConfigError(f"{'config key ' if prefix else ''}'{prefix}{key}' = {value!r} must be {rule}")
+
+
 @dataclass
 class SyntheticDataConfig:
     """Built-in synthetic egocentric dataset, generated once into ``output_dir`` (default: under the run)."""
@@ -102,6 +124,9 @@ class SyntheticDataConfig:
     questions: list[str] = field(default_factory=lambda: ["traj", "locate_last", "locate_frame", "which_moved",
                                                           "affordance"])
     objects: list[int] = field(default_factory=lambda: [2, 4])   # [fewest, most] objects per clip
+
+    def validate(self) -> None:
+        check_synthetic_size(self.frames, self.width, self.height, "data.synthetic.")
 
 
 @dataclass
@@ -151,10 +176,21 @@ class DataConfig:
             if getattr(self, lo) > getattr(self, hi):
                 raise ConfigError(f"config key 'data.{lo}' = {getattr(self, lo)} must be <= 'data.{hi}' = "
                                   f"{getattr(self, hi)}")
+        if any(not str(p) for p in self.train_shards):   # as eval.shards: an empty pattern matches nothing
+            raise ConfigError(f"config key 'data.train_shards' = {list(self.train_shards)} has an empty pattern")
         if self.mixture and self.train_shards:
             raise ConfigError("set either 'data.train_shards' or 'data.mixture', not both (put the plain shards into "
                               "a mixture source of their own)")
         check_mixture_sources(self.mixture, "data.mixture")
+        if self.tokenizer is not None and not self.tokenizer:
+            raise ConfigError("config key 'data.tokenizer' is empty; give a tokenizer directory or leave it unset "
+                              "(model.init_from's tokenizer, else the bundled Qwen3 one)")
+        self.synthetic.validate()
+        if self.mixture and self.synthetic.num_samples > 0:   # the loader draws from the mixture's sources only
+            raise ConfigError(f"set either 'data.mixture' or the synthetic set ('data.synthetic.num_samples' = "
+                              f"{self.synthetic.num_samples}), not both: a mixture draws only from its sources; "
+                              "write the set with 'rynnscale data synth DIR' and add DIR as a mixture source of its "
+                              "own, or set data.synthetic.num_samples=0")
 
 
 @dataclass
@@ -263,14 +299,16 @@ class PlanConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0                # 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2                  # the newest N complete checkpoints are kept; 0 keeps every one
     resume: str = "auto"                # auto | none | PATH
     export_hf: bool = False             # export the final checkpoint to <run.output_dir>/hf
     async_save: bool = False            # DCP write in the background (finished at the next save / the end)
 
     def validate(self) -> None:
         """This section's own rules (whether ``resume`` names an existing checkpoint is checked by ``config.load``)."""
-        _at_least_one("checkpoint.keep_last", self.keep_last)
+        if self.keep_last < 0:   # 0 = keep every checkpoint (CheckpointManager)
+            raise ConfigError(f"config key 'checkpoint.keep_last' = {self.keep_last} must be >= 0 (0 keeps every "
+                              "checkpoint)")
         if self.every_steps < 0:
             raise ConfigError(f"config key 'checkpoint.every_steps' = {self.every_steps} must be >= 0")
 
@@ -325,6 +363,35 @@ class RewardConfig:
     functions: dict[str, float] = field(default_factory=dict)
 
 
+def load_reward_function(path: str) -> Callable[..., float]:
+    """``module:function`` -> the callable; ValueError naming the path when it cannot be imported. Here (not in
+    ``rynnscale.train.rewards``, which uses it) so that recipe validation imports a GRPO run's functions up front."""
+    mod_name, sep, fn_name = path.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"reward function {path!r}: expected 'module:function' (e.g. 'my_rewards:in_gripper')")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
+        raise ValueError(f"reward function {path!r}: cannot import module {mod_name!r} ({type(e).__name__}: {e})") from e
+    fn = mod
+    for part in fn_name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"reward function {path!r}: module {mod_name!r} has no {fn_name!r}")
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r} is not callable")
+    return fn
+
+
+def function_component(path: str) -> str:
+    """A user function's component name: the function's own name (``pkg.mod:fn`` -> ``fn``)."""
+    return path.rpartition(":")[2].rpartition(".")[2]
+
+
+# the built-in GRPO reward components (rynnscale.train.rewards scores them)
+BUILTIN_REWARDS = ("point", "box", "traj", "format", "exact")
+
+
 @dataclass
 class RLConfig:
     """GRPO (``train.objective: grpo``; ``rynnscale.train.grpo``): prompts, sampling, the loss."""
@@ -347,6 +414,8 @@ class RLConfig:
     def validate(self) -> None:
         for key in ("prompts_per_step", "group_size", "max_new_tokens", "policy_steps", "epochs"):
             _at_least_one(f"rl.{key}", getattr(self, key))
+        if any(not str(p) for p in self.prompts):
+            raise ConfigError(f"config key 'rl.prompts' = {list(self.prompts)} has an empty pattern")
         if self.group_size < 2:
             raise ConfigError(f"config key 'rl.group_size' = {self.group_size} must be >= 2 (advantages compare "
                               "the answers of one prompt)")
@@ -361,7 +430,7 @@ class RLConfig:
         for name, w in {**r.weights, **r.functions}.items():
             if not (math.isfinite(w) and w >= 0):
                 raise ConfigError(f"config key 'rl.reward' weight of {name!r} = {w} must be a finite number >= 0")
-        unknown = sorted(set(r.weights) - {"point", "box", "traj", "format", "exact"})
+        unknown = sorted(set(r.weights) - set(BUILTIN_REWARDS))
         if unknown:
             raise ConfigError(f"config key 'rl.reward.weights' has unknown component(s) {unknown}; allowed: point, box, "
                               "traj, format, exact (a user function goes under 'rl.reward.functions' as "
@@ -371,6 +440,25 @@ class RLConfig:
                 raise ConfigError(f"config key 'rl.reward.functions' entry {path!r} must be 'module:function'")
         if not (r.point_scale > 0 and r.traj_scale > 0):
             raise ConfigError("config keys 'rl.reward.point_scale' and 'rl.reward.traj_scale' must be > 0")
+        names = [function_component(p) for p in r.functions]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in BUILTIN_REWARDS})
+        if clash:
+            raise ConfigError(f"config key 'rl.reward.functions' = {list(r.functions)}: component name(s) {clash} "
+                              "clash (a function's name must differ from the built-ins and from the others)")
+
+    def validate_rewards(self) -> None:
+        """What a GRPO run's reward needs (``rynnscale.train.rewards.GroundingReward``), checked when the recipe
+        loads, so that a chain's GRPO stage fails before its earlier stages train: some weight > 0, and every
+        ``rl.reward.functions`` entry imports (the user's module is imported now) and is callable."""
+        r = self.reward
+        if not any(w > 0 for w in (*r.weights.values(), *r.functions.values())):
+            raise ConfigError(f"config key 'rl.reward': every reward weight is 0 (weights {dict(r.weights)}, "
+                              f"functions {dict(r.functions)}): GRPO would have nothing to learn from")
+        for path in r.functions:
+            try:
+                load_reward_function(path)
+            except ValueError as e:
+                raise ConfigError(f"config key 'rl.reward.functions': {e}") from None
 
 
 @dataclass
@@ -425,9 +513,9 @@ def check_mixture_sources(sources, key: str = "data.mixture") -> None:
         if not isinstance(name, str) or not name or name in names:
             raise ConfigError(f"config key '{k}.name' = {name!r} must be a non-empty name unique in the mixture")
         names.add(name)
-        if not shards or isinstance(shards, str):
+        if not shards or isinstance(shards, str) or any(not str(p) for p in shards):
             raise ConfigError(f"config key '{k}.shards' = {shards!r} of source {name!r}: give a non-empty list of "
-                              "shard paths, globs or brace patterns")
+                              "shard paths, globs or brace patterns (none of them empty)")
         if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < float("inf")):
             raise ConfigError(f"config key '{k}.weight' = {weight!r} of source {name!r} must be a finite number > 0")
     total = sum(float(src.weight) for src in sources)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from braceexpand import braceexpand
 
+from rynnscale.config.schema import ConfigError
 from rynnscale.data.schema import SchemaError, member_kind, split_tar_name
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ _GLOB_CHARS = set("*?[")
 _MASK64 = (1 << 64) - 1
 
 
-class ShardPatternError(ValueError):
-    """A shard pattern that matches no file (or is malformed)."""
+class ShardPatternError(ConfigError):
+    """A shard pattern that matches no file (or is malformed): the recipe's setting, so a ``ConfigError`` (reported
+    without a traceback, exit code 2)."""
 
 
 class ReaderStateError(ValueError):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rynnscale.config.schema import check_synthetic_size
 from rynnscale.data.manifest import MANIFEST_NAME, ShardInfo, completed_shards, read_manifest
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
 from rynnscale.data.tags import (
@@ -532,8 +533,9 @@ def generate_synthetic(
 
     if num_samples < 1 or samples_per_shard < 1 or workers < 1:
         raise ValueError(f"num_samples, samples_per_shard and workers must be >= 1, got {num_samples}, {samples_per_shard}, {workers}")
-    if width % 2 or height % 2:
-        raise ValueError(f"width and height must be even (yuv420p video), got {width}x{height}")
+    check_synthetic_size(frames, width, height)   # before any file is written (a ConfigError, a ValueError)
+    check_question_types(questions)
+    check_object_counts(objects)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {

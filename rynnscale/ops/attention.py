@@ -44,11 +44,23 @@ def _varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and bool(_varlen_params())
 
 
+def require_varlen(device: torch.device) -> None:
+    """Raise, naming ``model.attn_backend``, unless the flash varlen kernel runs on ``device`` (CUDA, and this
+    torch has ``torch.nn.attention.varlen``): an explicit ``varlen`` elsewhere would fail in the first forward with
+    the dispatcher's wall of text."""
+    if not _varlen_available(device):
+        raise ValueError(f"model.attn_backend=varlen needs a CUDA device and a torch with "
+                         f"torch.nn.attention.varlen (this run uses {device}, torch {torch.__version__}); "
+                         "use model.attn_backend=auto, sdpa_mask or loop")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
         return "varlen" if _varlen_available(device) else "loop"
+    if backend == "varlen":
+        require_varlen(device)
     return backend
 
 

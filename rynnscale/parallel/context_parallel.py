@@ -44,8 +44,9 @@ import torch.distributed as dist
 from rynnscale.ops.attention import varlen_attention
 from rynnscale.ops.permute import inverse_permutation
 from rynnscale.parallel.expert_parallel import all_to_all
+from rynnscale.parallel.layout import CP_ATTENTION_MODES, resolve_cp_attention
 
-MODES = ("ulysses", "ring")
+MODES = CP_ATTENTION_MODES
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -379,17 +380,9 @@ def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CPShar
 # -------------------------------------------------------------------------------------- model-side pieces
 
 
-def resolve_mode(mode: str, num_heads: int, cp: int) -> str:
-    """``auto`` -> ``ulysses`` when ``cp`` divides the q heads (the local kernel sees whole documents; GQA kv
-    heads fewer than ``cp`` are replicated), else ``ring`` (any head count)."""
-    if mode not in (*MODES, "auto"):
-        raise ValueError(f"model.cp_attention={mode!r} is not one of {(*MODES, 'auto')}")
-    if mode == "auto":
-        return "ulysses" if num_heads % cp == 0 else "ring"
-    if mode == "ulysses" and num_heads % cp:
-        raise ValueError(f"model.cp_attention=ulysses needs the q heads ({num_heads}) divisible by parallel.cp={cp}; "
-                         "use model.cp_attention=ring (or auto)")
-    return mode
+# ``model.cp_attention`` -> ``ulysses`` | ``ring`` (the rule lives in the torch-free layout module: recipe
+# validation and the planner apply it too)
+resolve_mode = resolve_cp_attention
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,24 @@ def check_layout_keys(dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, nu
                               "num_experts / ep whole experts)")
 
 
+CP_ATTENTION_MODES = ("ulysses", "ring")
+
+
+def resolve_cp_attention(mode: str, num_heads: int, cp: int) -> str:
+    """``model.cp_attention`` -> the decoder attention under ``parallel.cp``: ``auto`` is ``ulysses`` when ``cp``
+    divides the q heads (the local kernel sees whole documents; GQA kv heads fewer than ``cp`` are replicated),
+    else ``ring`` (any head count); an explicit ``ulysses`` needs that divisibility. One rule for recipe
+    validation, the build (``rynnscale.parallel.context_parallel``) and the planner; ``LayoutError`` names the keys."""
+    if mode not in (*CP_ATTENTION_MODES, "auto"):
+        raise LayoutError(f"model.cp_attention={mode!r} is not one of {(*CP_ATTENTION_MODES, 'auto')}")
+    if mode == "auto":
+        return "ulysses" if num_heads % cp == 0 else "ring"
+    if mode == "ulysses" and num_heads % cp:
+        raise LayoutError(f"model.cp_attention=ulysses needs the q heads ({num_heads}) divisible by parallel.cp={cp}; "
+                          "use model.cp_attention=ring (or auto)")
+    return mode
+
+
 @dataclass(frozen=True)
 class ParallelLayout:
     """Resolved sizes of the mesh axes for one world size (``dp_shard`` never -1 here)."""

@@ -35,7 +35,7 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: PlanConfig | None = None
     w = Workload(micro_batch_tokens=cfg.train.micro_batch_tokens, grad_accum=cfg.train.grad_accum,
                  visual_tokens=pc.visual_tokens_per_micro_batch, doc_tokens=doc_tokens,
                  loss_chunk_tokens=cfg.train.loss_chunk_tokens, checkpointing=cfg.model.activation_checkpointing,
-                 every=cfg.model.activation_checkpointing_every)
+                 every=cfg.model.activation_checkpointing_every, cp_attention=cfg.model.cp_attention)
     return make_plan(recipe, arch.source, args, st, lay, w, c, Profile.named(profile))
 
 

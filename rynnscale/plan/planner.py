@@ -28,7 +28,7 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
 - context parallelism (``parallel.cp``): parameters, gradients and optimiser states are sharded over
   ``dp_shard x cp``; every per-token term (decoder and vision activations, loss buffers) counts the
   rank's ``micro_batch_tokens / cp`` tokens (and ``1/cp`` of the frames); Ulysses (``cp_attention_mode``:
-  the q heads divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
+  the recipe's ``model.cp_attention``, ``auto`` = Ulysses when the q heads are divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
   output per layer (``cp_attention_bytes_per_token``). Traffic per layer: Ulysses moves q, k, v and the
   output through all-to-alls, (cp-1)/cp of them, forward and backward; ring passes k/v cp-1 times in
   forward and k/v plus their fp32 gradients in backward (``estimate_comm``).
@@ -47,7 +47,7 @@ from rynnscale.config.schema import PlanConfig
 from rynnscale.models.registry import family_of
 from rynnscale.models.stats import ParamStats
 from rynnscale.ops.attention import varlen_takes_gqa
-from rynnscale.parallel.layout import LayoutError, ParallelLayout
+from rynnscale.parallel.layout import LayoutError, ParallelLayout, resolve_cp_attention
 
 GIB = 1024 ** 3
 
@@ -94,6 +94,7 @@ class Workload:
     label_fraction: float = 1.0     # share of tokens that carry a loss (1.0 = worst case)
     checkpointing: str = "none"     # none | full | every_k
     every: int = 2
+    cp_attention: str = "auto"      # model.cp_attention: auto | ulysses | ring
 
 
 def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int,
@@ -138,12 +139,17 @@ def decoder_layer_bytes_per_token(t: Any, moe: bool, p: Profile, ep: int = 1) ->
     return norm_inputs + norms_out + rotary_attn + attn_out + mlp
 
 
-def cp_attention_mode(t: Any, cp: int) -> str:
-    """What ``model.cp_attention=auto`` picks: Ulysses when cp divides the q heads, else ring."""
-    return "ulysses" if t.num_attention_heads % cp == 0 else "ring"
+def cp_attention_mode(t: Any, cp: int, mode: str = "auto") -> str:
+    """The attention ``model.cp_attention=mode`` runs under ``cp`` (the build's rule,
+    ``rynnscale.parallel.layout.resolve_cp_attention``): ``auto`` is Ulysses when cp divides the q heads, else
+    ring. ``PlanError`` when ``ulysses`` is asked of a head count cp does not divide."""
+    try:
+        return resolve_cp_attention(mode, t.num_attention_heads, cp)
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
 
 
-def cp_attention_bytes_per_token(t: Any, cp: int, p: Profile) -> float:
+def cp_attention_bytes_per_token(t: Any, cp: int, p: Profile, mode: str = "auto") -> float:
     """Extra bytes per LOCAL token a decoder layer saves under context parallelism: Ulysses keeps the
     head-sharded q, k, v (kv heads repeated ``cp / gcd(Hkv, cp)`` times) and output, which together hold as
     many elements as the local tokens' full-head ones; ring saves only what plain attention saves (+ fp32
@@ -152,7 +158,7 @@ def cp_attention_bytes_per_token(t: Any, cp: int, p: Profile) -> float:
     if cp <= 1:
         return 0.0
     D = t.head_dim
-    if cp_attention_mode(t, cp) == "ulysses":
+    if cp_attention_mode(t, cp, mode) == "ulysses":
         rep = cp // math.gcd(t.num_key_value_heads, cp)
         return (2 * t.num_attention_heads + 2 * t.num_key_value_heads * rep) * D * p.act_bytes
     return t.num_attention_heads * (D + 1) * 4
@@ -278,10 +284,10 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     spec = family_of(args)
     moe_layers = [t.layer_is_moe(i) for i in range(n_layers)]
     if spec.layer_activation_bytes is not None:
-        full_layer = [spec.layer_activation_bytes(args, i, p, lay.ep, T, doc) + cp_attention_bytes_per_token(t, cp, p) * T
+        full_layer = [spec.layer_activation_bytes(args, i, p, lay.ep, T, doc) + cp_attention_bytes_per_token(t, cp, p, w.cp_attention) * T
                       for i in range(n_layers)]
     else:
-        full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p)) * T
+        full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p, w.cp_attention)) * T
                       + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
@@ -384,7 +390,8 @@ def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c
     ep_bw = (c.ib_gbps if ep > c.gpus_per_node else c.nvlink_gbps) * 1e9
     if ep > 1 and moe_layers and lay.cp > 1:
         a2a /= lay.cp  # each rank routes its own shard's tokens
-    cp_layer, mode = cp_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.checkpointing == "full")
+    cp_layer, mode = cp_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.checkpointing == "full",
+                                          mode=w.cp_attention)
     cp_total = cp_layer * len(st.layer_dense) * w.grad_accum
     cp_bw = (c.ib_gbps if lay.cp > c.gpus_per_node else c.nvlink_gbps) * 1e9
     return Comm(ag, rs, hs, a2a, "InfiniBand" if fsdp_inter else "NVLink",
@@ -393,16 +400,16 @@ def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c
 
 
 def cp_traffic_per_layer(t: Any, cp: int, row_tokens: int, recompute: bool,
-                         act_bytes: int = 2) -> tuple[float, str]:
+                         act_bytes: int = 2, mode: str = "auto") -> tuple[float, str]:
     """Bytes one rank sends for one decoder layer's attention under context parallelism (one micro-batch,
-    forward + backward, + the recomputed forward under full checkpointing) and the mode ``auto`` picks.
+    forward + backward, + the recomputed forward under full checkpointing) and the mode ``mode`` runs as.
     Ulysses: q, k (repeated), v and the output through all-to-alls, (cp-1)/cp of the local bytes each way
     and pass. Ring: k/v shards passed cp-1 times forward; backward passes k/v again and their fp32 grads."""
     import math
     if cp <= 1:
         return 0.0, ""
     L_r = -(-row_tokens // cp)
-    D, mode = t.head_dim, cp_attention_mode(t, cp)
+    D, mode = t.head_dim, cp_attention_mode(t, cp, mode)
     fwd_passes = 2 if recompute else 1
     if mode == "ulysses":
         rep = cp // math.gcd(t.num_key_value_heads, cp)
@@ -418,7 +425,8 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
                  p: Profile) -> int | None:
     """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
     NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
-    <= GPU memory), other keys unchanged; None if none does."""
+    <= GPU memory), other keys unchanged (a recipe's ``model.cp_attention=ulysses`` only at degrees dividing the q
+    heads); None if none does."""
     budget = c.gpu_mem_gib * GIB / 1.15
     cp = 1
     while cp <= c.gpus_per_node:
@@ -426,6 +434,8 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
             lay2 = resolve_layout(lay.world_size, lay.dp_replicate, -1, lay.ep, st.num_experts, cp)
         except PlanError:
             lay2 = None
+        if w.cp_attention == "ulysses" and args.text.num_attention_heads % cp:
+            lay2 = None   # the recipe's ulysses cannot run at this cp
         if lay2 is not None and estimate_memory(args, st, lay2, w, p, c).total_with_reserve <= budget:
             return cp
         cp *= 2
@@ -498,7 +508,7 @@ def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
     cp = recommend_cp(args, st, lay, w, c, p)
     if cp is not None and cp != lay.cp:
         out.append(f"parallel.cp={cp} (context parallelism: the row split over {cp} GPUs, "
-                   f"{cp_attention_mode(args.text, cp)} attention)")
+                   f"{cp_attention_mode(args.text, cp, w.cp_attention)} attention)")
     T = w.micro_batch_tokens
     while T > 512:
         T //= 2

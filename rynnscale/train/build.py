@@ -20,9 +20,10 @@ from torch import nn
 
 from rynnscale.checkpoint.hf import load_hf_weights
 from rynnscale.config.model_args import ResolvedArch, resolve_model_args
-from rynnscale.config.schema import ModelConfig, RootConfig
+from rynnscale.config.schema import ConfigError, ModelConfig, RootConfig
 from rynnscale.models import family_of
 from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+from rynnscale.ops.attention import require_varlen
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel import precision
 from rynnscale.parallel.fsdp import init_sharded_weights
@@ -75,13 +76,24 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     if compute_dtype is None:
         compute_dtype = precision.compute_dtype("auto", device)
     if cfg.kernels == "liger" and not meta:
-        require_liger(device)  # ``auto`` falls back per call; an explicit ``liger`` must be usable
+        try:   # ``auto`` falls back per call; an explicit ``liger`` must be usable
+            require_liger(device)
+        except ValueError as e:   # the recipe's setting: reported briefly (exit code 2)
+            raise ConfigError(str(e)) from None
+    if cfg.attn_backend == "varlen" and not meta:
+        try:   # likewise an explicit flash varlen attention, before any data work
+            require_varlen(device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     with torch.device("meta"):
         model = spec.new_model(args, attn_backend=cfg.attn_backend)
     model.set_kernels(cfg.kernels)
     lora = lora_spec(cfg)
     if lora is not None:  # adapters on the meta model, before the plan: EP and FSDP2 split them too
-        apply_lora(model, lora, experts_of=spec.is_experts)
+        try:
+            apply_lora(model, lora, experts_of=spec.is_experts)
+        except ValueError as e:   # targets matching no module: the recipe's setting
+            raise ConfigError(str(e)) from None
         model.lora_spec = lora
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)

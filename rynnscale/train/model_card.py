@@ -104,7 +104,11 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
         f"| final train loss (last step) | {_fmt(summary['final_loss'])} |",
         f"| final train loss (mean of last {summary.get('mean_over_last_steps', 1)} steps) | "
         f"{_fmt(summary.get('final_loss_mean_last_steps'))} |",
-        f"| tokens per micro-batch | {_fmt(cfg.train.micro_batch_tokens)} x {cfg.train.grad_accum} accumulation |",
+        *([f"| tokens per micro-batch | {_fmt(cfg.train.micro_batch_tokens)} x {cfg.train.grad_accum} accumulation |"]
+          if cfg.train.objective != "grpo" else   # GRPO has no accumulation: a rollout batch splits into steps
+          [f"| tokens per micro-batch | {_fmt(cfg.train.micro_batch_tokens)} |",
+           f"| GRPO | {cfg.rl.prompts_per_step} prompts x {cfg.rl.group_size} answers per rollout, "
+           f"{cfg.rl.policy_steps} optimiser step(s) per rollout |"]),
         f"| optimiser | AdamW, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule |",
         "", "## Data", "", "| source | weight | shards |", "|---|---|---|", *data_rows, "",
     ]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rynnscale.config.schema import OptimConfig
+from rynnscale.config.schema import ConfigError, OptimConfig
 from rynnscale.parallel.fqn import clean_fqn
 
 
@@ -35,13 +35,13 @@ def _named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 def freeze_parameters(model: torch.nn.Module, patterns: Sequence[str], key: str = "model.freeze") -> int:
     """``requires_grad=False`` for parameters matching any pattern; returns how many elements were frozen.
 
-    Raises ValueError naming ``key[i]`` for a pattern that matches nothing."""
+    Raises ConfigError naming ``key[i]`` for a pattern that matches nothing."""
     named = _named(model)
     frozen = 0
     for i, pat in enumerate(patterns):
         hits = [p for n, p in named if fnmatch.fnmatchcase(n, pat)]
         if not hits:
-            raise ValueError(f"config key '{key}[{i}]' = {pat!r} matches no parameter "
+            raise ConfigError(f"config key '{key}[{i}]' = {pat!r} matches no parameter "
                              f"(names look like {named[0][0]!r}, {named[-1][0]!r})")
         for p in hits:
             if p.requires_grad:
@@ -152,6 +152,23 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
     ratio = getattr(cfg, "warmup_ratio", 0.0) or 0.0
     return int(math.ceil(ratio * max_steps)) if ratio > 0 else cfg.warmup_steps
+
+
+def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
+    """The start-of-run warning when the warmup covers the whole run (``None`` when it does not): the lr then
+    reaches ``optim.lr`` at the last step at best and never follows the schedule. A warning, not an error: a
+    resumed run may raise ``train.max_steps`` later and finish the warmup."""
+    warmup = warmup_steps(cfg, max_steps)
+    if warmup < max_steps:
+        return None
+    key = (f"optim.warmup_ratio={cfg.warmup_ratio} ({warmup} steps)" if getattr(cfg, "warmup_ratio", 0.0) > 0
+           else f"optim.warmup_steps={warmup}")
+    peak = lr_factor(max_steps - 1, cfg, max_steps)
+    reach = ("the lr reaches optim.lr only at the last step" if peak >= 1 else
+             f"the lr never reaches optim.lr={cfg.lr:g}: it peaks at {peak:.3g} x optim.lr = {peak * cfg.lr:.3g} "
+             "at the last step")
+    return (f"{key} >= train.max_steps={max_steps}: the whole run is warmup and {reach}, with no "
+            f"{cfg.schedule} schedule after it; lower the warmup or raise train.max_steps")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):

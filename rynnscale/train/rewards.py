@@ -32,15 +32,15 @@ advantage 0 and leaves it out of its group's statistics, as TRL does with a None
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from rynnscale.config.schema import BUILTIN_REWARDS, function_component, load_reward_function
 from rynnscale.data.tags import Grounding, TagError, parse_tags
 
-BUILTIN_COMPONENTS = ("point", "box", "traj", "format", "exact")
+BUILTIN_COMPONENTS = BUILTIN_REWARDS
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -136,30 +136,6 @@ class RewardResult:
     reward: float
     components: dict[str, float | None]
     error: str | None = None
-
-
-def load_reward_function(path: str) -> Callable[..., float]:
-    """``module:function`` -> the callable; ValueError naming the path when it cannot be imported."""
-    mod_name, sep, fn_name = path.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise ValueError(f"reward function {path!r}: expected 'module:function' (e.g. 'my_rewards:in_gripper')")
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
-        raise ValueError(f"reward function {path!r}: cannot import module {mod_name!r} ({type(e).__name__}: {e})") from e
-    fn = mod
-    for part in fn_name.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise ValueError(f"reward function {path!r}: module {mod_name!r} has no {fn_name!r}")
-    if not callable(fn):
-        raise ValueError(f"reward function {path!r} is not callable")
-    return fn
-
-
-def function_component(path: str) -> str:
-    """A user function's component name: the function's own name (``pkg.mod:fn`` -> ``fn``)."""
-    return path.rpartition(":")[2].rpartition(".")[2]
 
 
 class GroundingReward:

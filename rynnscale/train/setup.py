@@ -21,7 +21,7 @@ import torch
 
 from rynnscale.checkpoint.dcp import CheckpointError, config_changes
 from rynnscale.checkpoint.export import base_fingerprint
-from rynnscale.config import RootConfig
+from rynnscale.config import ConfigError, RootConfig
 from rynnscale.data.pipeline import build_train_data
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.parallel.distributed import DistContext, init_distributed
@@ -78,7 +78,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available")
+        raise ConfigError("config key 'run.device' = 'cuda' but no CUDA device is available; use run.device=auto "
+                          "or cpu")
     return torch.device(name)
 
 

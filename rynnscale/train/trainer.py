@@ -66,6 +66,7 @@ from rynnscale.train.metrics import (
     plot_run,
 )
 from rynnscale.train.objectives import TokenCrossEntropy
+from rynnscale.train.optim import warmup_warning
 from rynnscale.train.setup import (
     TrainComponents,
     build_components,
@@ -168,6 +169,9 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
         if cfg.optim.lr == 0:
             log.warning("optim.lr=0: every step runs forward, backward and the optimiser, but no weight changes "
                         "(a dry run); checkpoints and exports hold the initial model")
+        warmup_note = warmup_warning(cfg.optim, cfg.train.max_steps)
+        if warmup_note:
+            log.warning("%s", warmup_note)
     seed_everything(cfg.run.seed)
     c = build_components(cfg, ctx)
     ck = cfg.checkpoint

@@ -355,3 +355,12 @@ def test_export_refuses_an_adapter_dir_overlapping_out(tmp_path, capsys, adapter
     where = {"same": out, "inside": out / "adapter", "holding": tmp_path / "exports"}[adapter]
     rc = cli_main(["ckpt", "export-hf", str(tmp_path / "ckpt"), str(out), "--adapter", str(where), "--overwrite"])
     assert rc == 2 and "overlap" in capsys.readouterr().err and not (tmp_path / "exports").exists()
+
+
+def test_ckpt_inspect_refuses_a_negative_max_tensors(tmp_path, capsys):
+    """--max-tensors -1 listed all but the last tensor (a slice from the end); now a usage error (exit 2)."""
+    from rynnscale.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["ckpt", "inspect", str(tmp_path), "--max-tensors", "-1"])
+    assert e.value.code == 2 and "--max-tensors: must be >= 0, got -1" in capsys.readouterr().err

@@ -60,6 +60,12 @@ def test_typo_names_key_and_suggests(recipe):
     ("model.arch.text_config.num_key_value_heads=3", r"num_key_value_heads"),
     ("model.init_from=/nonexistent", r"'model\.init_from' = '/nonexistent': no config\.json there"),
     ("checkpoint.resume=/no/such/ckpt", r"checkpoint\.resume"),
+    # the synthetic generator's own bounds, at load (not a traceback at run start)
+    ("data.synthetic.frames=1", r"'data\.synthetic\.frames' = 1 must be >= 2"),
+    ("data.synthetic.width=33", r"'data\.synthetic\.width' = 33 must be even and >= 16"),
+    ("data.synthetic.height=8", r"'data\.synthetic\.height' = 8 must be even and >= 16"),
+    ("data.tokenizer=/nonexistent", r"'data\.tokenizer' = '/nonexistent': no tokenizer there"),
+    ("data.tokenizer=''", r"'data\.tokenizer' is empty"),
 ])
 def test_invalid_values_fail_naming_key(recipe, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -106,3 +112,48 @@ def test_command_line_init_from_replaces_the_recipe_arch(tmp_path):
     both.write_text(f"extends: {recipe}\nmodel:\n  init_from: /somewhere\n")
     with pytest.raises(ConfigError, match="exactly one of 'model.init_from'"):
         load_config(both, check_paths=False)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.lora.alpha=32", "model.lora.alpha"), ("model.lora.experts=true", "model.lora.experts"),
+    ("model.lora.vision=true", "model.lora.vision"), ("model.lora.targets=[x]", "model.lora.targets"),
+    ("model.lora.trainable=[lm_head.*]", "model.lora.trainable"),
+])
+def test_lora_keys_without_a_rank_are_refused(recipe, override, key):
+    """model.lora.rank=0 is LoRA off: another LoRA key set would be ignored and the run a full fine-tune."""
+    with pytest.raises(ConfigError, match=rf"{key}.*'model\.lora\.rank' = 0"):
+        load_config(recipe, [override])
+    assert load_config(recipe, [override, "model.lora.rank=4"]).model.lora.rank == 4
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.arch.model_type=qwen3_vl"], r"MoE key\(s\) \[.*'num_experts'.*\] in a dense qwen3_vl config"),
+    (["model.arch.text_config.num_experts=0"], r"num_experts=0 in a qwen3_vl_moe config"),
+])
+def test_qwen3_vl_model_type_must_agree_with_its_moe_keys(overrides, pattern):
+    """An inline Qwen3-VL arch whose model_type contradicts its MoE keys is refused, not silently made dense."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(REPO / "recipes" / "demo_tiny.yaml", overrides)
+
+
+def test_qwen3_vl_moe_without_num_experts_is_refused(tmp_path):
+    arch = TINY_ARCH.replace("model_type: qwen3_vl", "model_type: qwen3_vl_moe")
+    (tmp_path / "moe.yaml").write_text(arch)
+    with pytest.raises(ConfigError, match=r"num_experts=None in a qwen3_vl_moe config"):
+        load_config(tmp_path / "moe.yaml")
+
+
+def test_grad_accum_under_grpo_is_refused_pointing_at_policy_steps(tmp_path):
+    """GRPO never reads train.grad_accum (a rollout batch splits into rl.policy_steps steps): refused, also in a
+    stage; the model card of a GRPO run claims no accumulation."""
+    from rynnscale.train.model_card import write_model_card
+
+    demo = REPO / "recipes" / "demo_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"train\.grad_accum' = 4.*rl\.policy_steps"):
+        load_config(demo, ["train.objective=grpo", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=r"stages\[1\].*train\.grad_accum' = 2"):
+        load_config(demo, ["train.grad_accum=2", "stages=[{name: sft}, {name: rl, overrides: {train: "
+                                                 "{objective: grpo}}}]"])
+    cfg = load_config(demo, ["train.objective=grpo", "rl.policy_steps=2"])
+    card = write_model_card(tmp_path, cfg, {"steps": 1, "tokens_seen": 1, "final_loss": 1.0}).read_text()
+    assert "accumulation" not in card and "2 optimiser step(s) per rollout" in card

@@ -142,3 +142,50 @@ def test_plain_references_still_work(tmp_path):
                  "run:\n  name: run-${train.max_steps}\n")
     cfg = load_config(p, check_paths=False)
     assert cfg.data.train_shards == ["/data/a-{0..1}.tar"] and cfg.run.name == "run-100"
+
+
+# ------------------------------------------------------------------------------ structure (not TypeError)
+@pytest.mark.parametrize("override, match", [
+    ("model.arch=[1]", r"config key 'model\.arch' is a list; expected a mapping"),
+    ("rl.reward.weights=[1]", r"config key 'rl\.reward\.weights' is a list; expected a mapping"),
+    ("rl.reward.functions=3", r"config key 'rl\.reward\.functions' is 3; expected a mapping"),
+    ("stages=[{name: a, overrides: [1]}]", r"config key 'stages\[0\]\.overrides' is a list; expected a mapping"),
+    ("stages=[{name: a, overrides: {model: {arch: [1]}}}]", r"stages\[0\]\.overrides.*'model\.arch' is a list"),
+])
+def test_a_list_or_scalar_for_a_mapping_names_the_key(recipe, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(recipe, [override])
+
+
+@pytest.mark.parametrize("extends", ["5", "{x: base.yaml}", "[base.yaml, 3]", "[]"])
+def test_extends_must_be_a_path_or_a_list_of_paths(tmp_path, extends):
+    (tmp_path / "base.yaml").write_text(TINY)
+    (tmp_path / "child.yaml").write_text(f"extends: {extends}\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: 'extends:' must be a recipe path or a list of them"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_a_list_for_a_mapping_in_a_recipe_file_names_the_key(tmp_path):
+    (tmp_path / "base.yaml").write_text(TINY)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nmodel: {arch: [1]}\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: config key 'model\.arch' is a list"):
+        load_config(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("override, key", [("model.compile=2", "model.compile"),
+                                           ("checkpoint.export_hf=-1", "checkpoint.export_hf"),
+                                           ("logging.progress=0", "logging.progress")])
+def test_a_number_for_a_boolean_is_refused(recipe, tmp_path, override, key):
+    """omegaconf reads 2 as true and 0 as false: a number given for a boolean is refused, naming the key."""
+    with pytest.raises(ConfigError, match=rf"'{key}' = -?\d is a number; expected true or false"):
+        load_config(recipe, [override])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {recipe}\nlogging: {{progress: 1}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config key 'logging\.progress' = 1 is a number"):
+        load_config(bad)
+
+
+def test_keep_last_0_keeps_every_checkpoint(recipe):
+    assert load_config(recipe, ["checkpoint.keep_last=0"]).checkpoint.keep_last == 0
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last' = -1 must be >= 0"):
+        load_config(recipe, ["checkpoint.keep_last=-1"])

@@ -19,7 +19,8 @@ DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
 ])
 def test_one_string_is_a_one_element_list_on_the_command_line(key: str, value: str) -> None:
     cfg = load_config(DEMO, [f"{key}={value}", "data.synthetic.num_samples=0"] +
-                      (["data.train_shards=a.tar"] if key != "data.train_shards" else []), check_paths=False)
+                      (["data.train_shards=a.tar"] if key != "data.train_shards" else []) +
+                      (["model.lora.rank=4"] if key.startswith("model.lora.") else []), check_paths=False)
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
@@ -85,6 +86,26 @@ def test_command_line_mixture_replaces_recipe_train_shards_and_back(tmp_path: Pa
     recipe.write_text(f"extends: {DEMO}\ndata:\n  mixture: [{{name: r, shards: [/data/r]}}]\n")
     cfg = load_config(recipe, ["data.train_shards=/data/x"], check_paths=False)
     assert cfg.data.mixture == [] and cfg.data.train_shards == ["/data/x"]
+
+
+def test_a_mixture_with_the_synthetic_set_is_refused_naming_both_keys() -> None:
+    """A mixture draws from its sources only: the synthetic set beside it would be generated and then refused by
+    the loader with a traceback."""
+    with pytest.raises(ConfigError, match=r"'data\.mixture' or the synthetic set \('data\.synthetic\.num_samples' = "
+                                          r"20\).*rynnscale data synth"):
+        load_config(DEMO, ["data.mixture=[{name: a, shards: /data/a}]", "data.synthetic.num_samples=20"],
+                    check_paths=False)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.train_shards=['']", r"'data\.train_shards' = \[''\] has an empty pattern"),
+    ("data.mixture=[{name: a, shards: ['']}]", r"'data\.mixture\[0\]\.shards' = .* \(none of them empty\)"),
+    ("rl.prompts=['', a.tar]", r"'rl\.prompts' = \['', 'a\.tar'\] has an empty pattern"),
+    ("eval.shards=['']", r"'eval\.shards' = \[''\] has an empty pattern"),
+])
+def test_an_empty_shard_pattern_is_refused_everywhere(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, [override], check_paths=False)
 
 
 # ----------------------------------------------------------------------------- recipe files

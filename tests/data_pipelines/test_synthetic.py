@@ -255,3 +255,28 @@ def test_cli_synth_narrows_and_defaults(tmp_path):
     assert info["questions"] == ["affordance", "traj"] and info["objects"] == [1, 2]
     assert cli_main(["data", "synth", str(tmp_path / "d"), "--num-samples", "2"]) == 0
     assert not {"questions", "objects"} & set(read_manifest(tmp_path / "d").info)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "num_samples, samples_per_shard and workers must be >= 1"),
+    (["--frames", "1"], "'frames' = 1 must be >= 2"),
+    (["--width", "33"], "'width' = 33 must be even and >= 16"),
+    (["--questions", "bogus"], "synthetic question types must be distinct names"),
+    (["--workers", "0"], "workers must be >= 1"),
+    (["--objects", "2,x"], "--objects '2,x': expected fewest,most"),
+])
+def test_cli_synth_bad_arguments_are_messages_with_exit_code_2(tmp_path, capsys, flags, message):
+    """Checked before anything is written: no directory is left behind."""
+    from rynnscale.cli import main as cli_main
+
+    assert cli_main(["data", "synth", str(tmp_path / "out"), "--num-samples", "4", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_synth_into_a_file_is_a_message(tmp_path, capsys):
+    from rynnscale.cli import main as cli_main
+
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["data", "synth", str(tmp_path / "file"), "--num-samples", "4"]) == 2
+    assert "rynnscale data synth:" in capsys.readouterr().err

@@ -110,3 +110,10 @@ def test_varlen_backend_gradients_match_loop_on_cuda(causal):
         res[backend] = [out.float(), qq.grad.float(), kk.grad.float(), vv.grad.float()]
     for a, b in zip(res["varlen"], res["loop"]):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item() + 1e-3
+
+
+def test_explicit_varlen_on_cpu_names_the_key():
+    """An explicit flash varlen backend on CPU fails naming model.attn_backend (not the dispatcher's wall of text)."""
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match=r"model\.attn_backend=varlen needs a CUDA device"):
+        varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="varlen")

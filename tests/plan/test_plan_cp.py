@@ -39,3 +39,20 @@ def test_cp_modes_and_traffic():
     # q, k, v, out of 32768 local tokens, half of it leaves the rank, forward + backward, bf16
     assert uly == (2 * 32 + 2 * 4) * 128 * 32768 * 2 * 0.5 * 2
     assert cp_traffic_per_layer(t, 1, 65536, recompute=False) == (0.0, "")
+
+
+def test_the_plan_runs_the_recipes_cp_attention_and_refuses_an_impossible_ulysses():
+    """model.cp_attention=ring is planned as ring (not the auto rule's ulysses); ulysses with q heads that
+    parallel.cp does not divide fails at load (as the build would on every rank), not as a fitting plan."""
+    import pytest
+
+    from rynnscale.config import ConfigError
+
+    auto, ring = _plan(**{"parallel.cp": 2}), _plan(**{"parallel.cp": 2, "model.cp_attention": "ring"})
+    assert auto.comm.cp_mode == "ulysses" and ring.comm.cp_mode == "ring"
+    assert ring.memory.total_with_reserve != auto.memory.total_with_reserve and ring.comm.cp_bytes != auto.comm.cp_bytes
+    t = Qwen3VLArgs.from_hf_config(preset_config("qwen3-vl-30b-a3b")).text
+    assert cp_attention_mode(t, 2, "ring") == "ring"
+    with pytest.raises(ConfigError, match=r"model\.cp_attention.*q heads \(4\) divisible by parallel\.cp=3"):
+        load_config(RECIPES / "demo_tiny.yaml", ["parallel.cp=3", "model.cp_attention=ulysses"])
+    load_config(RECIPES / "demo_tiny.yaml", ["parallel.cp=3", "model.cp_attention=ring"])

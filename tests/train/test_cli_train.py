@@ -1,18 +1,55 @@
-"""`rynnscale train` on the demo recipe (shortened): kernels refused on CPU. Compiled vs eager through the CLI
+"""`rynnscale train` on the demo recipe (shortened): kernels refused on CPU; settings found at run start (a
+freeze pattern or LoRA target matching nothing, shards matching no file, model.attn_backend=varlen or run.device=cuda
+without a GPU) are brief
+messages with exit code 2, not tracebacks. Compiled vs eager through the CLI
 runs in tests/parallel/test_torchrun.py; the quick start itself (files written, metrics complete, loss falls)
 runs as the README writes it in tests/test_readme.py."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}   # this checkout's code
 
 
 def test_liger_kernels_on_cpu_fail_fast_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml"),
                            f"run.output_dir={tmp_path / 'run'}", "model.kernels=liger", "logging.progress=false"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "model.kernels=liger needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "synthetic_data").exists()  # failed before any data work
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.freeze=[nothing*]"], "config key 'model.freeze[0]' = 'nothing*' matches no parameter"),
+    (["model.lora.rank=4", "model.lora.targets=[nomatch*]"], "model.lora: no module matches targets"),
+    (["data.train_shards=/nonexistent/*.tar"], "shard pattern '/nonexistent/*.tar' matches no file"),
+    pytest.param(["model.attn_backend=varlen"], "model.attn_backend=varlen needs a CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+    pytest.param(["run.device=cuda"], "config key 'run.device' = 'cuda' but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+])
+def test_settings_found_at_run_start_are_brief_with_exit_code_2(tmp_path, overrides, message):
+    proc = subprocess.run([sys.executable, "-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml"),
+                           f"run.output_dir={tmp_path / 'run'}", "logging.progress=false", *overrides],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_overrides_may_follow_option_flags(capsys):
+    """``train RECIPE --print-config k=v``: argparse alone refused the override after the flag."""
+    from rynnscale.cli import main
+
+    assert main(["train", str(REPO / "recipes" / "demo_tiny.yaml"), "train.max_steps=5", "--print-config",
+                 "train.max_steps=7", "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "lr: 0.5" in out
+    with pytest.raises(SystemExit):
+        main(["train", str(REPO / "recipes" / "demo_tiny.yaml"), "--print-config", "--bogus"])

@@ -159,6 +159,33 @@ def test_configuration_errors(tmp_path: Path, monkeypatch) -> None:
         GroundingReward(RewardSpec(functions={f"{mod}:constant": 1.0, f"{mod}.x:constant": 1.0}))
 
 
+CHAIN = "stages=[{name: sft}, {name: rl, overrides: {train: {objective: grpo}}}]"
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("rl.reward.weights={point: 0, box: 0, traj: 0, format: 0, exact: 0}", r"every reward weight is 0"),
+    ("rl.reward.functions={no_such_mod_xyz:fn: 1}", r"rl\.reward\.functions.*cannot import module 'no_such_mod_xyz'"),
+    ("rl.reward.functions={my_rewards:missing: 1}", r"rl\.reward\.functions.*has no 'missing'"),
+    ("rl.reward.functions={my_rewards:LIMIT: 1}", r"rl\.reward\.functions.*'my_rewards:LIMIT' is not callable"),
+    ("rl.reward.functions={my_rewards:point: 1}", r"clash"),
+])
+def test_reward_settings_fail_when_the_recipe_loads(tmp_path: Path, monkeypatch, override, pattern) -> None:
+    """A chain's GRPO stage with unusable rewards fails at load (a ConfigError naming the stage), before the SFT
+    stage trains; an SFT-only run is not held to a reward it never uses (clashing names excepted)."""
+    from rynnscale.config import ConfigError, load_config
+
+    _user_module(tmp_path, monkeypatch)
+    (tmp_path / "my_rewards.py").write_text((tmp_path / "my_rewards.py").read_text() +
+                                           "LIMIT = 3\ndef point(answer, reference, key):\n    return 1.0\n")
+    demo = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    stage = "" if "clash" in pattern else r"stages\[1\] \(rl\): .*"   # a clash is refused in any run
+    with pytest.raises(ConfigError, match=stage + pattern):
+        load_config(demo, [CHAIN, override])
+    if "clash" not in pattern:
+        load_config(demo, [override])
+    load_config(demo, [CHAIN, "rl.reward.functions={my_rewards:constant: 1}"])
+
+
 def test_reward_is_in_unit_interval_on_random_answers() -> None:
     rng = random.Random(1)
     r = GroundingReward(RewardSpec(weights={"point": 1, "box": 1, "traj": 1, "format": 0.5, "exact": 0.1}))

@@ -11,7 +11,7 @@ from rynnscale.config.schema import OptimConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
-from rynnscale.train.optim import build_optimizer, lr_factor
+from rynnscale.train.optim import build_optimizer, lr_factor, warmup_warning
 from rynnscale.train.step import train_step
 
 VOCAB = 151936
@@ -175,6 +175,17 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     lin = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
     assert lr_factor(50, lin, 100) == pytest.approx(0.5)
     assert lr_factor(7, OptimConfig(lr=1.0, schedule="constant"), 100) == 1.0
+
+
+def test_warmup_covering_the_run_is_warned_about_naming_both_keys():
+    """optim.warmup_steps >= train.max_steps: a warning (a resumed run may raise max_steps), saying whether the
+    lr ever reaches optim.lr."""
+    assert warmup_warning(OptimConfig(lr=3e-3, warmup_steps=3), 4) is None
+    msg = warmup_warning(OptimConfig(lr=3e-3, warmup_steps=100), 4)
+    assert "optim.warmup_steps=100" in msg and "train.max_steps=4" in msg
+    assert "never reaches optim.lr=0.003" in msg and "peaks at 0.04 x optim.lr" in msg
+    assert "only at the last step" in warmup_warning(OptimConfig(lr=1.0, warmup_steps=4), 4)
+    assert "optim.warmup_ratio=0.99" in warmup_warning(OptimConfig(warmup_ratio=0.99), 10)
 
 
 class _WeightedSamples:

@@ -27,6 +27,11 @@ _HF_BOOKKEEPING = {
 }
 
 
+# TextArgs' MoE fields: a dense (qwen3_vl) recipe that sets one is refused (strict), not silently made dense.
+_MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+             "mlp_only_layers", "norm_topk_prob", "router_aux_loss_coef")
+
+
 # Documented maxima of architecture sizes (far above any published model; refused before allocation so that an
 # absurd config.json fails with the key named instead of an out-of-memory kill). See README "Troubleshooting".
 MAX_TEXT_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
@@ -120,8 +125,15 @@ class Qwen3VLArgs:
         if "num_local_experts" in text_cfg:
             text_cfg.setdefault("num_experts", text_cfg["num_local_experts"])
         model_type = str(cfg.get("model_type", ""))
-        if model_type == "qwen3_vl":  # dense checkpoints carry no MoE keys
+        if model_type == "qwen3_vl":  # dense checkpoints carry no MoE keys; a stray one would change the model silently
+            stray = sorted(k for k in (*_MOE_KEYS, "num_local_experts") if k in text_cfg)
+            if stray and strict:
+                raise ArchConfigError(f"{where}.text_config: MoE key(s) {stray} in a dense {model_type} config; "
+                                      "use model_type 'qwen3_vl_moe'")
             text_cfg["num_experts"] = 0
+        elif model_type == "qwen3_vl_moe" and strict and not text_cfg.get("num_experts"):
+            raise ArchConfigError(f"{where}.text_config.num_experts={text_cfg.get('num_experts')!r} in a {model_type} "
+                                  "config: an MoE model needs experts (or use model_type 'qwen3_vl' for a dense model)")
         tie = cfg.pop("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
         text_cfg.pop("tie_word_embeddings", None)
         text = _build(TextArgs, text_cfg, strict, f"{where}.text_config")
