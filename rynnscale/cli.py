@@ -79,7 +79,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"rynnscale data inspect: {e}", file=sys.stderr)
             return 2
         print(json.dumps(rep, indent=1) if args.json else format_report(rep))
-        return 1 if rep["shard_problems"] else 0
+        return 1 if rep["shard_problems"] or not rep["conversion_complete"] else 0
     return 2
 
 

@@ -147,13 +147,17 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
     return out
 
 
+_WARNED_INCOMPLETE: set[str] = set()
+
+
 def _directory_shards(d: str) -> list[str]:
     """The shards of directory ``d``: its manifest's (all must exist), else its ``*.tar`` sorted."""
     from rynnscale.data.manifest import MANIFEST_NAME, ManifestError, read_manifest
 
     if os.path.isfile(os.path.join(d, MANIFEST_NAME)):
         try:
-            names = [s.name for s in read_manifest(d).shards]
+            m = read_manifest(d)
+            names = [s.name for s in m.shards]
         except ManifestError as e:
             raise ShardPatternError(f"shard directory {d!r}: {e}") from None
         missing = [n for n in names if not os.path.isfile(os.path.join(d, n))]
@@ -163,6 +167,10 @@ def _directory_shards(d: str) -> list[str]:
                                     "conversion into this directory (it resumes) or name the shards with a glob")
         if not names:
             raise ShardPatternError(f"shard directory {d!r}: its {MANIFEST_NAME} lists no shard")
+        if m.info.get("complete") is False and d not in _WARNED_INCOMPLETE:
+            _WARNED_INCOMPLETE.add(d)
+            log.warning("shard directory %s: its conversion did not finish (%s says complete: false): reading the %d "
+                        "shards written so far; run the conversion again to finish it", d, MANIFEST_NAME, len(names))
         return [os.path.join(d, n) for n in names]
     tars = sorted(m for m in glob.glob(os.path.join(glob.escape(d), "*.tar")) if os.path.isfile(m))
     if not tars:

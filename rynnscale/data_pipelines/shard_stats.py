@@ -258,6 +258,7 @@ def inspect_shards(
         "manifest": {"shards": len(m.shards), "samples": m.total_samples, "bytes": m.total_bytes, "info": m.info},
         "samples_read": n_samples,
         "complete": max_samples is None or n_samples < max_samples,
+        "conversion_complete": m.info.get("complete") is not False,   # absent: written before the flag, or synth
         "shard_problems": shard_problems,
         "duration_s": {**_stats(durations), "histogram": histogram(durations, bins)},
         "tokens": {**_stats(tokens), "histogram": histogram(tokens, bins, integer=True), "from": "estimate" if enc else "manifest"},
@@ -284,6 +285,8 @@ def format_report(r: Mapping) -> str:
     lines = [f"{r['directory']}",
              f"  shards: {man['shards']}   samples: {man['samples']} (read {r['samples_read']})   bytes: "
              f"{man['bytes']} ({_mib(man['bytes'])})"]
+    if not r.get("conversion_complete", True):
+        lines.append("  ! the conversion did not finish (manifest.json: complete: false): run it again to finish it")
     for p in r["shard_problems"]:
         lines.append(f"  ! {p}")
     d = r["duration_s"]

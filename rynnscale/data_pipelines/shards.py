@@ -405,7 +405,9 @@ def run_shard_jobs(
     check_dataset_info(out, info)
     remove_stale_temp_files(out)
     done = completed_shards(out)
-    write_manifest(out, done.values(), info)  # records the settings; forgets shards that are gone
+    # records the settings and forgets shards that are gone; ``complete`` turns true once every job ran, so a
+    # stopped conversion's directory is not taken for a whole (smaller) dataset (the loader warns, inspect says so)
+    write_manifest(out, done.values(), {**info, "complete": False})
     skipped = [j.index for j in jobs if shard_name(prefix, j.index) in done]
     todo = [j for j in jobs if shard_name(prefix, j.index) not in done]
     results: dict[int, Any] = {}
@@ -440,4 +442,5 @@ def run_shard_jobs(
             ex.shutdown(wait=True)
     finally:
         bar.close()
+    update_manifest(out, [], {**info, "complete": True})
     return results, skipped

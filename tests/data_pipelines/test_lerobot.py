@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -364,7 +365,7 @@ def test_nonfinite_actions_stop_the_run_or_are_skipped_and_counted(tmp_path, cap
     assert read_manifest(tmp_path / "out").info["episodes"] == [2]
 
 
-def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
+def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path, caplog):
     """Episode 4's video is corrupt: it is skipped and counted (before, the whole run stopped), and a rerun after
     repairing it into the same directory is refused (its rows change the action statistics). A run that does stop
     after shards 0-1 landed (shard 2 cannot be renamed into place) leaves no temporaries; the rerun writes only
@@ -390,6 +391,15 @@ def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
         convert_lerobot(src, out, **OPTS)
     (out / "lerobot-000002.tar").rmdir()
     assert sorted(completed_shards(out)) == ["lerobot-000000.tar", "lerobot-000001.tar"]
+    # the stopped conversion's directory says so: the loader warns, inspect exits 1 (not a whole, smaller dataset)
+    assert read_manifest(out).info["complete"] is False and read_manifest(skipped).info["complete"] is True
+    from rynnscale.cli import main as cli_main
+    from rynnscale.data.reader import expand_shard_patterns
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data.reader"):
+        assert len(expand_shard_patterns([str(out)])) == 2
+    assert "its conversion did not finish" in caplog.text
+    assert cli_main(["data", "inspect", str(out), "--no-estimate"]) == 1
+    assert cli_main(["data", "inspect", str(skipped), "--no-estimate"]) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["lerobot-000000.tar", "lerobot-000001.tar"]
     assert not list(out.glob(".*tmp*"))
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
@@ -407,6 +417,7 @@ def test_restart_after_failure_redoes_only_missing_shards(v21, tmp_path):
         convert_lerobot(src, out, **{**OPTS, "fps": 4.0})
     assert sorted(completed_shards(out, verify_sha256=True)) == [f"lerobot-00000{i}.tar" for i in range(3)]
     assert json.loads((out / MANIFEST_NAME).read_text())["total_samples"] == 9
+    assert read_manifest(out).info["complete"] is True
 
 
 def test_jpg_frames_through_train_loader(v21, tmp_path):
