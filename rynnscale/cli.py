@@ -152,10 +152,16 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
 
             dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
             if args.adapter is not None:   # checked before writing: one output must not replace the other
+                from rynnscale.checkpoint.dcp import TRAINER_STATE
+                from rynnscale.checkpoint.export import checkpoint_lora_spec
+
                 a, o = args.adapter.resolve(), args.out.resolve()
                 if a == o or o in a.parents or a in o.parents:
                     raise ValueError(f"--adapter {args.adapter} and OUT {args.out} overlap: the adapter and the merged "
                                      "model need separate directories")
+                if (args.ckpt / TRAINER_STATE).is_file() and checkpoint_lora_spec(args.ckpt) is None:
+                    raise ValueError(f"--adapter: {args.ckpt} is not a LoRA run's checkpoint (its config has "
+                                     "model.lora.rank = 0), so there is no adapter to write; drop --adapter")
             report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
             print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "

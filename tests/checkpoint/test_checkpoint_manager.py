@@ -357,6 +357,18 @@ def test_export_refuses_an_adapter_dir_overlapping_out(tmp_path, capsys, adapter
     assert rc == 2 and "overlap" in capsys.readouterr().err and not (tmp_path / "exports").exists()
 
 
+def test_export_adapter_of_a_full_fine_tune_is_refused_before_writing(tmp_path, capsys):
+    """``--adapter`` on a checkpoint of a run without LoRA: refused up front (before: the merged model was written,
+    then the adapter export failed with exit 2)."""
+    from rynnscale.cli import main as cli_main
+
+    w.run(tmp_path / "run", 1, save_at=(1,))
+    out = tmp_path / "hf"
+    rc = cli_main(["ckpt", "export-hf", str(tmp_path / "run" / "checkpoints" / "step_000001"), str(out),
+                   "--adapter", str(tmp_path / "adapter")])
+    assert rc == 2 and "not a LoRA run's checkpoint" in capsys.readouterr().err and not out.exists()
+
+
 def test_ckpt_inspect_refuses_a_negative_max_tensors(tmp_path, capsys):
     """--max-tensors -1 listed all but the last tensor (a slice from the end); now a usage error (exit 2)."""
     from rynnscale.cli import main as cli_main
