@@ -159,6 +159,12 @@ def resolve_run(cfg: RootConfig, ctx: DistContext) -> ResolvedRun:
     arch = resolve_model_args(cfg.model)
     layout = resolve_layout(cfg, ctx.world_size, arch.args.text.num_experts) if ctx.distributed \
         else ParallelLayout.single()
+    p = cfg.parallel
+    asked = {k: v for k, v in (("ep", p.ep), ("cp", p.cp), ("dp_replicate", p.dp_replicate)) if v > 1}
+    if not ctx.distributed and asked:
+        log.warning("one process: %s ignored (a single process holds the whole model and every token; launch "
+                    "with torchrun on several processes to use them)",
+                    ", ".join(f"parallel.{k}={v}" for k, v in asked.items()))
     return ResolvedRun(cfg, arch, layout, precision.compute_dtype(cfg.train.dtype, ctx.device))
 
 

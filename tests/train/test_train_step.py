@@ -240,3 +240,22 @@ def test_a_new_objective_plugs_in_without_editing_the_step():
     want.backward()
     grad_ref = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ref.parameters() if p.grad is not None))
     assert s.grad_norm == pytest.approx(grad_ref, rel=1e-4)
+
+
+def test_one_process_says_it_ignores_the_parallel_sizes(caplog):
+    """parallel.ep / cp / dp_replicate > 1 in a single process: named in a warning (they were ignored silently)."""
+    import logging
+    from pathlib import Path
+
+    from rynnscale.config import load_config
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.build import resolve_run
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.build"):
+        resolve_run(load_config(recipe, ["parallel.ep=2"]), DistContext())
+    assert "one process: parallel.ep=2 ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.build"):
+        resolve_run(load_config(recipe), DistContext())
+    assert "ignored" not in caplog.text
