@@ -49,15 +49,16 @@ _SPELLINGS = {"object": "object", "area": "area", "affordance": "affordance", "t
 # canonical kind -> allowed point counts (min, max); None = unbounded
 _COUNTS = {"object": (1, 2), "area": (1, None), "affordance": (1, 1), "traj": (1, None), "grasp_pose": (4, 4)}
 
-_NUM = r"-?\d+(?:\.\d+)?"
+# ASCII digits only: ``\d`` also takes Arabic-Indic or fullwidth digits, which int() reads as numbers
+_NUM = r"-?[0-9]+(?:\.[0-9]+)?"
 _POINT = rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)"
 _POINT_RE = re.compile(_POINT)
-_FRAME_RE = re.compile(r"<frame\s*(\d+)>\s*[:;]?")
-_STRICT_BODY_RE = re.compile(rf"\s*(?:<frame\s*(\d+)>\s*[:;]?\s*)?((?:{_POINT})(?:\s*,\s*{_POINT})*)?\s*")
+_FRAME_RE = re.compile(r"<frame\s*([0-9]+)>\s*[:;]?")
+_STRICT_BODY_RE = re.compile(rf"\s*(?:<frame\s*([0-9]+)>\s*[:;]?\s*)?((?:{_POINT})(?:\s*,\s*{_POINT})*)?\s*")
 _TAG_ALT = "|".join(sorted(_SPELLINGS, key=len, reverse=True))
 _TAG_RE = re.compile(rf"<({_TAG_ALT})>(.*?)</\1>", re.DOTALL)
 _TAG_RE_I = re.compile(rf"<({_TAG_ALT})>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
-_ANY_TAG_RE = re.compile(rf"</?(?:{_TAG_ALT})>")
+_ANY_TAG_RE = re.compile(rf"</?(?:{_TAG_ALT})>", re.IGNORECASE)   # a mis-cased tag is a stray tag, not text
 
 
 class TagError(ValueError):

@@ -137,7 +137,15 @@ def filtered_probs(logits_bv: torch.Tensor, temperature: float, top_k: int = 0, 
     top-k, then top-p (the module docstring). ``temperature`` must be > 0."""
     if temperature <= 0:
         raise ValueError(f"filtered_probs: temperature={temperature} must be > 0 (0 is greedy: argmax)")
-    logits = logits_bv.float() / temperature
+    x = logits_bv.float()
+    bad = ~torch.isfinite(x.amax(-1))   # a NaN or +inf logit, or every logit -inf: no distribution to draw from
+    if bad.any():
+        raise ValueError(f"filtered_probs: the logits of sequence(s) {bad.nonzero().flatten().tolist()[:8]} are not "
+                         "finite (a NaN or +inf logit, or all -inf): the model's weights or inputs went bad")
+    logits = x / temperature
+    over = torch.isinf(logits.amax(-1))   # a tiny temperature overflowed the largest logits: shift them to 0 first
+    if over.any():
+        logits[over] = (x[over] - x[over].amax(-1, keepdim=True)) / temperature
     V = logits.shape[-1]
     if 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

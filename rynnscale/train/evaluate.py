@@ -11,13 +11,16 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   (``rynnscale.models.generate``: batches of prompts, KV cache), both answers' tags are parsed (``parse_tags``, lenient for the
   generation) and tags are paired by kind in order of appearance:
 
-  - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points (``<affordance>``,
-    ``<area>``, ``<grasp_pose>`` points index by index; ``<object>`` point vs point, or box vs point by
-    the box centre);
-  - ``grounding_box_iou``: mean IoU over paired ``<object>`` boxes;
+  - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points on the same frame
+    (``<affordance>``, ``<area>``, ``<grasp_pose>`` points index by index; ``<object>`` point vs point, or box
+    vs point by the box centre);
+  - ``grounding_box_iou``: mean IoU over paired ``<object>`` boxes (0 for a box on another frame, as the GRPO
+    reward scores it);
   - ``grounding_traj_error``: mean L2 over the trajectory points that fall on the same frame
     (point k of a ``<traj>`` starting at ``<frame f>`` is frame f + k);
   - ``grounding_tag_recall``: reference tags that got a same-kind tag in the generation;
+  - ``grounding_frame_match``: of those pairs, the ones on the reference's frame (a trajectory: sharing a frame);
+    point pairs on other frames count here, not in the point error;
   - ``grounding_format_valid``: generations whose tags pass the strict training-data syntax (and that
     have tags when the reference has);
   - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped).
@@ -68,7 +71,7 @@ def eval_shard_patterns(cfg: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- metrics
 GROUNDING_SUMS = ("point_err_sum", "points", "iou_sum", "boxes", "traj_err_sum", "traj_points", "ref_tags",
-                  "matched_tags", "format_valid", "exact_match", "samples")
+                  "matched_tags", "frame_match", "format_valid", "exact_match", "samples")
 
 
 def grounding_scores(generated: str, reference: str) -> dict[str, float]:
@@ -93,13 +96,19 @@ def grounding_scores(generated: str, reference: str) -> dict[str, float]:
             f_ref = 0 if r.frame is None else r.frame
             f_gen = 0 if g.frame is None else g.frame
             gen_at = {f_gen + k: p for k, p in enumerate(g.points)}
-            for k, p in enumerate(r.points):
-                if f_ref + k in gen_at:
-                    out["traj_err_sum"] += l2(p, gen_at[f_ref + k])
-                    out["traj_points"] += 1
-        elif r.kind == "object" and len(r.points) == 2 and len(g.points) == 2:
-            out["iou_sum"] += box_iou(box_of(r), box_of(g))
+            shared = [(p, gen_at[f_ref + k]) for k, p in enumerate(r.points) if f_ref + k in gen_at]
+            out["frame_match"] += float(bool(shared))
+            for p, q in shared:
+                out["traj_err_sum"] += l2(p, q)
+                out["traj_points"] += 1
+            continue
+        same_frame = r.frame == g.frame
+        out["frame_match"] += float(same_frame)
+        if r.kind == "object" and len(r.points) == 2 and len(g.points) == 2:
+            out["iou_sum"] += box_iou(box_of(r), box_of(g)) if same_frame else 0.0
             out["boxes"] += 1
+        elif not same_frame:       # a point on another frame: counted by frame_match, not as a distance
+            continue
         elif r.kind == "object":   # point vs point, or box vs point: compare centres
             out["point_err_sum"] += l2(centre(r), centre(g))
             out["points"] += 1
@@ -120,6 +129,7 @@ def summarize_grounding(t: dict[str, float]) -> dict[str, float | int | None]:
         "grounding_box_iou": ratio("iou_sum", "boxes"),
         "grounding_traj_error": ratio("traj_err_sum", "traj_points"),
         "grounding_tag_recall": ratio("matched_tags", "ref_tags"),
+        "grounding_frame_match": ratio("frame_match", "matched_tags"),
         "grounding_format_valid": ratio("format_valid", "samples"),
         "grounding_exact_match": ratio("exact_match", "samples"),
     }

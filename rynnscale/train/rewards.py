@@ -149,8 +149,9 @@ class GroundingReward:
         if unknown:
             raise ValueError(f"unknown reward component(s) {unknown}; built-in: {list(BUILTIN_COMPONENTS)} (a user "
                              "function goes under 'functions' as 'module:function')")
-        if not (spec.point_scale > 0 and spec.traj_scale > 0):
-            raise ValueError(f"reward point_scale={spec.point_scale} and traj_scale={spec.traj_scale} must be > 0")
+        if not (0 < spec.point_scale < math.inf and 0 < spec.traj_scale < math.inf):
+            raise ValueError(f"reward point_scale={spec.point_scale} and traj_scale={spec.traj_scale} must be finite "
+                             "and > 0")
         self.spec = spec
         names = [function_component(p) for p in spec.functions]
         clash = sorted({n for n in names if names.count(n) > 1 or n in BUILTIN_COMPONENTS})
@@ -158,9 +159,11 @@ class GroundingReward:
             raise ValueError(f"reward functions {list(spec.functions)}: component name(s) {clash} clash (a "
                              "function's name must differ from the built-ins and from the others)")
         self.functions = {path: load_reward_function(path) for path in spec.functions}
-        self.weights = {**spec.weights, **{function_component(p): w for p, w in spec.functions.items()}}
-        if not any(w > 0 for w in self.weights.values()):
+        weights = {**spec.weights, **{function_component(p): w for p, w in spec.functions.items()}}
+        if not any(w > 0 for w in weights.values()):
             raise ValueError("every reward weight is 0: nothing to learn from")
+        top = max(weights.values())   # only the ratios matter; scaled so that their sum cannot overflow (1e308s)
+        self.weights = {k: w / top for k, w in weights.items()}
 
     @property
     def components(self) -> list[str]:

@@ -209,6 +209,23 @@ def test_filtered_probs_match_transformers_warpers() -> None:
     assert (filtered_probs(tied[:1], 1.0, 0, 0.75)[0, :3] > 0).tolist() == [True, False, True]
 
 
+def test_non_finite_logits_are_an_error_and_a_tiny_temperature_is_greedy() -> None:
+    """A NaN or +inf logit, or a row of -inf, has no distribution: a clear error naming the sequence (before: a NaN
+    row whose draw was clamped to the last vocabulary id, every step). A temperature so small that logits / T
+    overflows: the argmax (before: NaN, then the last id)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    for i, bad in ((1, float("nan")), (2, float("inf"))):
+        x = logits.clone()
+        x[i, 7] = bad
+        with pytest.raises(ValueError, match=rf"sequence\(s\) \[{i}\] are not finite"):
+            filtered_probs(x, 1.0)
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[3\]"):
+        filtered_probs(torch.cat([logits[:3], torch.full((1, 300), float("-inf"))]), 1.0)
+    probs = filtered_probs(logits, 1e-39)
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.max(-1).values, torch.ones(4))
+    assert torch.equal(sample_from(probs, torch.rand(4, dtype=torch.float64)), logits.argmax(-1))
+
+
 def test_inverse_cdf_draws_follow_the_distribution() -> None:
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(40_000, 5)
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -62,8 +62,15 @@ def test_grounding_metrics_by_hand() -> None:
     assert m["grounding_format_valid"] == 0.0 and m["grounding_tag_recall"] == 0.0
     m = metrics("no tags at all", ref)
     assert m["grounding_format_valid"] == 0.0 and m["grounding_tag_recall"] == 0.0 and m["grounding_box_iou"] is None
-    m = metrics("<OBJECT> (200, 200) </OBJECT>", ref)  # a point for a box: centre distance, 0 here
+    m = metrics("<OBJECT> <frame 1>: (200, 200) </OBJECT>", ref)  # a point for a box: centre distance, 0 here
     assert m["grounding_point_error"] == 0.0 and m["grounding_format_valid"] == 0.0  # upper case is not the format
+    # the right place on another frame is a miss, as the GRPO reward scores it: box IoU 0, the point not a distance
+    m = metrics("<object> <frame 3>: (100, 100), (300, 300) </object> <affordance> <frame 2>: (500, 500) "
+                "</affordance>", ref)
+    assert m["grounding_box_iou"] == 0.0 and m["grounding_point_error"] is None
+    assert m["grounding_tag_recall"] == 1.0 and m["grounding_frame_match"] == 0.0
+    assert metrics(ref, ref)["grounding_frame_match"] == 1.0
+    assert metrics("<traj> <frame 7>: (0, 0) </traj>", ref_t)["grounding_frame_match"] == 0.0   # no common frame
     assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 1.0 and box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
     # totals of several samples are token-free sums: two samples -> means over both
     t = {k: grounding_scores(gen, ref)[k] + grounding_scores(ref, ref)[k] for k in grounding_scores(ref, ref)}

@@ -237,3 +237,34 @@ def test_a_number_of_hundreds_of_digits_scores_instead_of_crashing() -> None:
     assert res.components["point"] == 1.0 and res.components["format"] == 0.0   # clamped to 1000; not well formed
     res = r("<affordance> <frame " + "7" * 5000 + ">: (1000, 500) </affordance>", ref)
     assert res.components["point"] == 0.0 and res.error is None                 # another frame
+
+
+def test_mis_cased_tags_and_non_ascii_digits_are_not_the_format() -> None:
+    """``<OBJECT>`` passed the strict parse (it found nothing and flagged nothing), so the format component gave 1.0
+    and the whole reward was 1.0; Arabic-Indic / fullwidth digits were read as coordinates and frames. Both now
+    fail the strict parse (format 0) and the lenient one reads no such digits."""
+    from rynnscale.data.tags import TagError, parse_tags
+
+    reward = GroundingReward(RewardSpec())
+    ref = "<object> (500, 400) </object>"
+    assert reward(ref, ref).reward == 1.0
+    got = reward("<OBJECT> (500, 400) </OBJECT>", ref)
+    assert got.components["format"] == 0.0 and got.reward < 1.0
+    for text in ("<object> (\u0665\u0660\u0660, \u0664\u0660\u0660) </object>",
+                 "<object> (\uff15\uff10\uff10, \uff14\uff10\uff10) </object>",
+                 "<object> <frame \u0663>: (500, 400) </object>"):
+        with pytest.raises(TagError):
+            parse_tags(text, strict=True)
+        assert all(g.frame is None or g.frame < 10 for g in parse_tags(text, strict=False))
+        assert reward(text, ref).components["format"] == 0.0
+
+
+def test_huge_weights_give_the_same_reward() -> None:
+    """Weights of 1e308 (finite, accepted) summed to inf and the reward was inf / inf = NaN: a silent failed
+    sample. Only their ratios matter."""
+    ref, answer = "<object> (500, 400) </object>", "<object> (520, 400) </object>"
+    small = GroundingReward(RewardSpec(weights={"point": 1.0, "format": 0.5}))(answer, ref).reward
+    huge = GroundingReward(RewardSpec(weights={"point": 1e308, "format": 5e307}))(answer, ref).reward
+    assert math.isfinite(huge) and huge == pytest.approx(small, rel=1e-12)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        GroundingReward(RewardSpec(point_scale=math.inf))
