@@ -39,6 +39,8 @@ class GlobalPipeline(WorkerPipeline):
 
     def __init__(self, *args, **kw):
         self.steps: deque[list[list[PackItem]]] = deque()   # planned steps not yet taken
+        self.step_plans: deque[int] = deque()   # ... the plan each came from (a re-pack keeps plans apart)
+        self.plan_no = 0
         self.step_no = self.base = 0   # global steps taken from ``steps`` (all workers); at the restore
         self.bad_step: Counter[str] = Counter()  # bad samples found decoding this step's packs
         self.bad_step_keys: list[list] = []      # ... as [reason, shard #, ordinal]
@@ -73,7 +75,7 @@ class GlobalPipeline(WorkerPipeline):
                             micro_batches_per_step=1, cost_model=cm, seed=mix64(self.cfg.seed, 0))
 
     def _check_whole(self) -> bool:
-        return min(self.epoch_in) >= 1
+        return min(self.epoch_in) >= 1 or self.stream_ended
 
     def _estimate(self, s: RawSample) -> tuple[int, int]:
         hint = self.hints.get(s.shard, s.index)
@@ -118,6 +120,8 @@ class GlobalPipeline(WorkerPipeline):
         # plan[slot][i] is pack ``slot`` of the plan's step i (a short step is the plan's last)
         steps = [[p[i] for p in plan if i < len(p)] for i in range(max(len(p) for p in plan))]
         self.steps.extend(steps)
+        self.step_plans.extend([self.plan_no] * len(steps))
+        self.plan_no += 1
         self._step_before({_sample_id(it) for b in steps[-1] for it in b})
 
     def _step_before(self, ids: set[tuple[str, int]]) -> None:
@@ -203,6 +207,7 @@ class GlobalPipeline(WorkerPipeline):
         while True:
             if self.steps:
                 step = self.steps.popleft()
+                self.step_plans.popleft()
                 self.last_step = {_sample_id(it) for b in step for it in b}
                 mine = (self.step_no - self.base) % self.W == self.worker
                 if mine:
@@ -231,10 +236,12 @@ class GlobalPipeline(WorkerPipeline):
                        "emitted_tokens": self.packer.emitted_tokens,
                        "items": [pos(it) + [it.carried] for it in self.packer.items]},
             "steps": [[[pos(it) + [it.num_tokens, it.vision_patches] for it in b] for b in st] for st in self.steps],
+            "step_plans": [p - self.step_plans[0] for p in self.step_plans] if self.step_plans else [],
             "counter": self.counter, "seen": self.seen, "bad": dict(self.bad), "source_seen": list(self.source_seen),
             "bad_keys": self._keys_out(self.bad_keys), "epochs_in": list(self.epoch_in),
             "closing": sorted(self.closing), "held": [self._pos_out(x.position) for x in self.held],
             "last_step": sorted([self.shard_index[p], i] for p, i in self.last_step),
+            "shuffle_early_emits": self.buffer.early_emits, "stream_ended": self.stream_ended,
         }
 
 
@@ -258,23 +265,30 @@ class GlobalPipeline(WorkerPipeline):
         self.last_step = {self._pos_in([*x, ""])[:2] for x in st.get("last_step", [])}
         same = int(st["N"]) == self.N
         self._step_before({_sample_id(it) for b in steps[-1] for it in b} if steps and same else self.last_step)
+        plans = [int(x) for x in st.get("step_plans", [])]   # absent in states saved before plans were recorded
+        plans = plans if len(plans) == len(steps) else [0] * len(steps)
         if same:
-            self.steps = deque(steps)
+            self.steps, self.step_plans = deque(steps), deque(plans)
+            self.plan_no = plans[-1] + 1 if plans else 0
         else:
-            self._repack(steps)
+            self._repack(steps, plans)
 
-    def _repack(self, steps: list[list[list[PackItem]]]) -> None:
+    def _repack(self, steps: list[list[list[PackItem]]], plans: list[int]) -> None:
         """Another number of micro-batches per step: the planned steps' samples become the first steps again,
-        re-packed on their own (in order, a new group wherever a sample's copy of the next epoch follows),
-        so nothing is lost or repeated and the epoch barrier holds; the last re-packed step may be short."""
+        each plan's re-packed on its own (a plan never mixes a source's two epochs: the barrier), and in order a
+        new group wherever a sample's copy of the next epoch follows (states without plan ids), so nothing is lost
+        or repeated and the epoch barrier holds; each group's last re-packed step may be short."""
         groups: list[list[PackItem]] = [[]]
         ids: set[tuple[str, int]] = set()
-        for it in (it for bins in steps for b in bins for it in b):
-            if _sample_id(it) in ids:
-                groups.append([])
-                ids = set()
-            groups[-1].append(PackItem(it.key, it.num_tokens, it.vision_patches, it.ref))
-            ids.add(_sample_id(it))
+        prev = plans[0] if plans else 0
+        for plan, bins in zip(plans, steps):
+            for it in (it for b in bins for it in b):
+                if _sample_id(it) in ids or plan != prev:
+                    groups.append([])
+                    ids = set()
+                    prev = plan
+                groups[-1].append(PackItem(it.key, it.num_tokens, it.vision_patches, it.ref))
+                ids.add(_sample_id(it))
         for items in groups:
             if items:
                 p = self.packer

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -115,10 +116,11 @@ def _expand_sources(cfg: LoaderConfig) -> list[Source]:
         except ShardPatternError as e:
             raise ShardPatternError(f"mixture source {m.name!r}: {e}") from None
         for p in shards:
-            if p in owner:
-                raise ShardPatternError(f"shard {p!r} is in mixture sources {owner[p]!r} and {m.name!r}; a shard may "
-                                        "belong to one source only (weights would be wrong otherwise)")
-            owner[p] = m.name
+            real = os.path.realpath(p)   # the same file through a symlink is the same shard
+            if real in owner:
+                raise ShardPatternError(f"shard {p!r} is in mixture sources {owner[real]!r} and {m.name!r}; a shard "
+                                        "may belong to one source only (weights would be wrong otherwise)")
+            owner[real] = m.name
         out.append(Source(m.name, float(m.weight), shards))
     return out
 
@@ -341,7 +343,7 @@ class TrainLoader(_Loader):
             self._media_bytes_read += info["media_bytes_read"]
             self._overflow += info["overflow"]
             self._fillers += info["fillers"]
-            self._check_bad(whole=min(state.get("epochs_in", [0])) >= 1)
+            self._check_bad(whole=min(state.get("epochs_in", [0])) >= 1 or state.get("stream_ended", False))
             self._batches += len(batches)
             self._samples_packed += sum(b.num_samples for b in batches if not b.filler)
             # the worker built ``state`` for this step alone: the step carries it without a copy

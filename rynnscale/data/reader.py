@@ -112,7 +112,8 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
     Brace patterns are expanded first, then each result is globbed if it holds ``* ? [``
     (matches sorted) or must name an existing file or directory. A directory (what ``rynnscale data
     convert`` writes) means its shards: those its ``manifest.json`` lists, in manifest order, else its
-    ``*.tar`` files sorted. Order follows the patterns; a path listed twice is kept once. Raises
+    ``*.tar`` files sorted. Order follows the patterns; a file listed twice (also through a symlink) is kept
+    once. Raises
     ShardPatternError naming the pattern that matched nothing."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -140,9 +141,9 @@ def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
         if not found:
             raise ShardPatternError(f"shard pattern {pat!r} matches no file")
         for p in found:
-            ap = os.path.abspath(p)
-            if ap not in seen:
-                seen.add(ap)
+            ap, real = os.path.abspath(p), os.path.realpath(p)
+            if real not in seen:   # the same file, whatever path (a symlinked directory) reaches it
+                seen.add(real)
                 out.append(ap)
     return out
 

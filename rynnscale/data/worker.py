@@ -169,6 +169,11 @@ class WorkerPipeline:
         self.log_stream_bad = True   # whether this process names the stream's bad samples
         # the epoch barrier: the epoch of each source's samples entering the pipeline
         self.epoch_in = [0] * len(sources)
+        # usable samples each source gave in its current epoch (a restore assumes some: it cannot know), and the
+        # sources whose last whole epoch gave none; all of them: no step can ever come (BadDataError, not a hang)
+        self.epoch_good = [0] * len(sources)
+        self.empty_epoch = [False] * len(sources)
+        self.stream_ended = False   # a finite stream read to its end: every sample was seen
         self.closing: set[int] = set()      # sources whose last epoch is still in the packing window
         self.held: list[RawSample] = []     # ... and their next epoch's samples, waiting for it to leave
         self.batches = 0
@@ -282,6 +287,7 @@ class WorkerPipeline:
         except MediaReadError as e:   # deferred media read to measure the sample (every rank does)
             self._count_bad("corrupt_tar", s.position, str(e))
             return
+        self.epoch_good[self.source_of[s.shard]] += 1
         if plan is not None:
             self._add_plan(plan)
             if self.closing and not any(self._closing_item(it) for it in self.packer.items):
@@ -329,6 +335,10 @@ class WorkerPipeline:
         mine = self.source_of
         for out in self.buffer.evict(lambda x: mine[x.shard] == k):
             self._ingest(out)
+        self.empty_epoch[k], self.epoch_good[k] = self.epoch_good[k] == 0, 0   # the epoch's last samples are in
+        if all(self.empty_epoch):
+            raise BadDataError(f"{self.where}: a whole epoch of every data source held no usable sample "
+                               f"({bad_reasons(self.bad, distinct_counts(self.bad_keys))}); no step can be made")
         self.epoch_in[k] = epoch
         if any(mine[it.ref.pos[0]] == k for it in self.packer.items):
             self.closing.add(k)
@@ -421,6 +431,9 @@ class WorkerPipeline:
         if out is not None:
             self._ingest(out)
             return True
+        if not self.stream_ended:   # every sample was read: the bad fraction is known, however few they were
+            self.stream_ended = True
+            self._check_fraction()
         plan = self.packer.flush()
         if plan is None:
             return False
@@ -449,6 +462,7 @@ class WorkerPipeline:
         sh = st["shuffle"]
         self.buffer.load_state({"draws": sh["draws"], "buffer": [self._pos_in(x) for x in sh["buffer"]]},
                                self.limits)
+        self.buffer.early_emits = int(st.get("shuffle_early_emits", 0))
         p = st["packer"]
         self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
         self.packer.emitted_tokens = int(p["emitted_tokens"])
@@ -460,6 +474,8 @@ class WorkerPipeline:
         self.epoch_in = [int(x) for x in st.get("epochs_in", [self._source_epoch(k) for k in range(len(self.epoch_in))])]
         self.closing = {int(k) for k in st.get("closing", [])}
         self.held = read_positions([self._pos_in(x) for x in st.get("held", [])], self.limits)
+        self.epoch_good = [1] * len(self.epoch_in)   # unknown before the restore: assumed usable
+        self.stream_ended = bool(st.get("stream_ended", False))
 
 
 class SplitPipeline(WorkerPipeline):

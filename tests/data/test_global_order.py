@@ -300,3 +300,59 @@ def test_mixture_sources_cycle_whole_epochs(tmp_path: Path) -> None:
         assert epochs >= (10 if name != "big" else 1), (name, epochs)
     repeats = sum(bool(set(a) & set(b)) for a, b in zip(steps, steps[1:]))
     print(f"{repeats} of {len(steps) - 1} consecutive step pairs share a sample")
+
+
+def test_a_resume_on_another_layout_keeps_a_mixture_sources_epochs_apart(tmp_path: Path) -> None:
+    """A mixture's saved steps can hold two plans, the end of a source's epoch and then its next epoch's copies;
+    a resume at another N re-packed them as one group, putting both epochs' copies of a source in one step (a
+    sample trained twice before its epoch ended). Each plan is now re-packed on its own: in every step, the
+    samples of a source belong to one epoch, and the run still trains every sample exactly num_epochs times."""
+    import copy
+
+    from rynnscale.data.loader import MixtureSource
+    from tests.data.test_mixture import write_source
+
+    for i, (name, n) in enumerate([("asrc", 3), ("bsrc", 3), ("csrc", 8)]):
+        write_source(tmp_path, name, 1, n, seed=i + 375)
+    mix = [MixtureSource(n, [str(tmp_path / n / "*.tar")], w) for n, w in [("asrc", 0.3), ("bsrc", 0.3), ("csrc", 50.0)]]
+
+    def steps(world: int, ga: int, sd: dict | None = None) -> tuple[list[list[str]], list[dict]]:
+        cfg = LoaderConfig(mixture=mix, seed=65, micro_batch_tokens=100, pack_window=3, shuffle_buffer=0,
+                           num_epochs=2, balance="tokens", micro_batches_per_step=ga)
+        loaders = [TrainLoader(cfg, ByteEncoder(), rank=r, world_size=world) for r in range(world)]
+        for loader in loaders:
+            if sd is not None:
+                loader.load_state_dict(copy.deepcopy(sd))
+        out, sds = [], []
+        for got in zip(*loaders):
+            out.append([k for g in got for b in g.micro_batches if not b.filler for k in b.sample_keys])
+            sds.append(loaders[0].state_dict())
+        return out, sds
+
+    straight, sds = steps(2, 1)
+    resumed = straight[:7] + steps(2, 2, sd=sds[6])[0]     # after step 7, on grad_accum 2 (N 2 -> 4)
+    for run in (straight, resumed):
+        seen: Counter[str] = Counter()
+        for step in run:
+            epochs = {}
+            for key in step:
+                epochs.setdefault(key.rstrip("-0123456789"), set()).add(seen[key])
+                seen[key] += 1
+            assert all(len(e) == 1 for e in epochs.values()), (step, epochs)
+        assert set(seen.values()) == {2} and len(seen) == 14
+
+
+def test_shuffle_early_emits_are_counted_and_kept_across_a_resume(tmp_path: Path) -> None:
+    """A byte-bounded shuffle buffer lets samples out early: the training loader's stats counted 0 (its state
+    left the counter out), and a restore reset it."""
+    write_text_shards(tmp_path, 4, 10)
+    cfg = LoaderConfig(train_shards=[str(tmp_path / "*.tar")], micro_batch_tokens=100, pack_window=2,
+                       shuffle_buffer=20, shuffle_buffer_bytes=200, num_epochs=1)
+    loader = TrainLoader(cfg, ByteEncoder())
+    it = iter(loader)
+    next(it)
+    early = loader.stats()["shuffle_early_emits"]
+    assert early > 0
+    again = TrainLoader(cfg, ByteEncoder())
+    again.load_state_dict(loader.state_dict())
+    assert again.stats()["shuffle_early_emits"] == early

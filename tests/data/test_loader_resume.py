@@ -240,6 +240,25 @@ def test_bad_fraction_is_checked_once_a_small_data_set_was_read(tmp_path: Path) 
             pass
 
 
+def test_bad_fraction_is_checked_in_a_one_epoch_run_and_all_bad_data_is_an_error(tmp_path: Path) -> None:
+    """One epoch of fewer samples than ``min_samples_for_bad_check``: the fraction is judged when the stream ends
+    (before: never, as no next epoch came). Every sample bad with the guard off (max_bad_fraction=1): an error
+    once a whole epoch gave nothing (before: the endless loader re-read the data forever, no step, no error)."""
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as w:
+        for i in range(10):
+            w.write({"__key__": f"k{i}", "conv.json": json.dumps({"text": ("BAD " if i < 6 else "ok ") + str(i)}
+                                                                 ).encode()})
+    one = config(tmp_path, train_shards=[str(tmp_path / "shard-000.tar")], num_workers=0, num_epochs=1,
+                 micro_batch_tokens=100, pack_window=2, shuffle_buffer=4)
+    with pytest.raises(BadDataError, match=r"6 of 10 samples .* max_bad_fraction=0.05"):
+        for _ in TrainLoader(one, ByteEncoder()):
+            pass
+    allbad = config(tmp_path, train_shards=[str(tmp_path / "shard-000.tar")], num_workers=0, micro_batch_tokens=3,
+                    pack_window=2, shuffle_buffer=4, max_bad_fraction=1.0)
+    with pytest.raises(BadDataError, match="a whole epoch of every data source held no usable sample"):
+        next(iter(TrainLoader(allbad, ByteEncoder())))
+
+
 def test_bad_fraction_guard(tmp_path: Path) -> None:
     torch.manual_seed(0)
     write_text_shards(tmp_path, 1, 10)

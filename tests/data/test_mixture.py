@@ -22,7 +22,13 @@ from test_loader_resume import (
 )
 
 from rynnscale.data.loader import LoaderConfig, LoaderStateError, MixtureSource, SplitLoader, TrainLoader
-from rynnscale.data.reader import MixtureStream, ShardPatternError, ShardStream, iter_tar_samples
+from rynnscale.data.reader import (
+    MixtureStream,
+    ShardPatternError,
+    ShardStream,
+    expand_shard_patterns,
+    iter_tar_samples,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -221,6 +227,12 @@ def test_mixture_errors_are_clear(mix_dir: Path) -> None:
         SplitLoader(LoaderConfig(mixture=[MixtureSource("gone", [str(mix_dir / "nope-*.tar")])]), ByteEncoder())
     with pytest.raises(ShardPatternError, match="is in mixture sources 'a' and 'b'"):
         SplitLoader(LoaderConfig(mixture=[MixtureSource("a", small + big), MixtureSource("b", big)]), ByteEncoder())
+    # the same files through a symlinked directory: one source's shards once, two sources' refused
+    (mix_dir / "biglink").symlink_to(mix_dir / "big")
+    linked = [str(mix_dir / "biglink" / "*.tar")]
+    assert expand_shard_patterns(big + linked) == expand_shard_patterns(big)
+    with pytest.raises(ShardPatternError, match="is in mixture sources 'a' and 'b'"):
+        SplitLoader(LoaderConfig(mixture=[MixtureSource("a", big), MixtureSource("b", linked)]), ByteEncoder())
     # a state cannot be replayed under other weights, nor into a train_shards loader
     cfg = LoaderConfig(mixture=mixture(mix_dir), micro_batch_tokens=200, num_workers=0)
     a = SplitLoader(cfg, ByteEncoder())
