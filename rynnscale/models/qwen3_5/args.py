@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from rynnscale.models.hf_config import read_rope
 from rynnscale.models.spec import ArchConfigError
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
@@ -208,7 +209,7 @@ class _Qwen35ArgsBase:
             vision_cfg = dict(cfg.pop("vision_config", {}) or {})
             top = {k: v for k, v in cfg.items() if k not in _HF_BOOKKEEPING}
         text_where = where if text_only else f"{where}.text_config"
-        _read_rope(text_cfg, text_where)
+        read_rope(text_cfg, text_where, "Qwen3.5", ("rope_theta", "partial_rotary_factor", "mrope_section"))
         if "full_attention_interval" in text_cfg and "layer_types" not in text_cfg:
             interval = text_cfg["full_attention_interval"]
             if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
@@ -373,24 +374,6 @@ class Qwen35TextArgs(_Qwen35ArgsBase):
     """Text-only Qwen3.5 / Qwen3.5-MoE (``model_type`` ``qwen3_5_text`` / ``qwen3_5_moe_text``): ``vision`` is None."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_5_text", "qwen3_5_moe_text")
-
-
-def _read_rope(text_cfg: dict[str, Any], where: str) -> None:
-    """transformers 5 nests theta / partial factor / mrope_section in ``rope_parameters`` (4.x: ``rope_scaling``,
-    or top-level keys); lift them to our flat fields. Only the default (unscaled) rope exists in Qwen3.5."""
-    for rope_key in ("rope_parameters", "rope_scaling"):
-        rope = text_cfg.get(rope_key) or {}
-        if not isinstance(rope, dict):
-            raise ArchConfigError(f"{where}.{rope_key}={rope!r} must be a mapping")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "mrope"):
-            raise ArchConfigError(f"{where}.{rope_key}.rope_type={kind!r} is not supported; allowed: 'default'")
-        if rope.get("mrope_interleaved", True) is not True:
-            raise ArchConfigError(f"{where}.{rope_key}.mrope_interleaved={rope['mrope_interleaved']!r}: Qwen3.5 uses "
-                                  "interleaved MRoPE (transformers ignores the key and always interleaves)")
-        for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
-            if key in rope:
-                text_cfg.setdefault(key, rope[key])
 
 
 def _build(cls, values: dict[str, Any] | None, strict: bool, where: str, skip: set[str] = frozenset(),

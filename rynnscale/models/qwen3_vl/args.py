@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from rynnscale.models.hf_config import read_rope
 from rynnscale.models.spec import ArchConfigError
 
 # Keys transformers writes into every config that carry no architecture information.
@@ -116,12 +117,9 @@ class Qwen3VLArgs:
         text_cfg = dict(cfg.pop("text_config", {}) or {})
         vision_cfg = dict(cfg.pop("vision_config", {}) or {})
         # rope: transformers 5 nests theta / mrope_section in rope_parameters (4.x: rope_scaling)
-        for rope_key in ("rope_parameters", "rope_scaling"):
-            rope = text_cfg.get(rope_key) or {}
-            if "rope_theta" in rope:
-                text_cfg.setdefault("rope_theta", rope["rope_theta"])
-            if "mrope_section" in rope:
-                text_cfg.setdefault("mrope_section", list(rope["mrope_section"]))
+        read_rope(text_cfg, f"{where}.text_config", "Qwen3-VL", ("rope_theta", "mrope_section"))
+        if isinstance(text_cfg.get("mrope_section"), tuple):
+            text_cfg["mrope_section"] = list(text_cfg["mrope_section"])
         if "num_local_experts" in text_cfg:
             text_cfg.setdefault("num_experts", text_cfg["num_local_experts"])
         model_type = str(cfg.get("model_type", ""))

@@ -141,3 +141,18 @@ def test_demo_recipe_trains_a_transformers_qwen35_moe_and_its_loss_falls(tmp_pat
     assert len(losses) == 14 and all(r["model_tflops_per_s"] > 0 and r["aux_loss"] > 0 for r in records)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > 11 and last < first - 1.5, losses       # from ~ln(151936)
+
+
+@pytest.mark.parametrize("text_only", [True, False], ids=["text", "vl"])
+@pytest.mark.parametrize("flat", [{"rope_theta": 1e6}, {"partial_rotary_factor": 0.5},
+                                  {"rope_scaling": {"rope_type": "default", "rope_theta": 7e5,
+                                                    "partial_rotary_factor": 0.5}}],
+                         ids=["flat_theta", "flat_factor", "rope_scaling"])
+def test_rope_keys_resolve_as_in_transformers(text_only: bool, flat: dict) -> None:
+    """A config holding rope_theta / partial_rotary_factor both flat (or in 4.x rope_scaling) and in rope_parameters:
+    ours takes the value transformers uses."""
+    cfg = tiny_config(False, text_only=text_only, **flat)
+    hf = transformers.AutoConfig.for_model(**cfg)
+    hf_rope = (hf if text_only else hf.text_config).rope_parameters
+    ours = args_from_hf_config(cfg).text
+    assert (ours.rope_theta, ours.partial_rotary_factor) == (hf_rope["rope_theta"], hf_rope["partial_rotary_factor"])
