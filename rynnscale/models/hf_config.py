@@ -32,3 +32,14 @@ def read_rope(text_cfg: dict[str, Any], where: str, family: str, keys: tuple[str
     for key in keys:
         if key in rope:
             text_cfg[key] = rope[key]
+
+
+def read_tie(cfg: dict[str, Any], text_cfg: dict[str, Any], where: str) -> bool:
+    """``tie_word_embeddings`` from the top level of the config only, default False, as transformers reads it (a
+    ``text_config.tie_word_embeddings`` of a vision-language config is ignored there too); ``text_cfg``'s copy is
+    dropped so that it is not read as a text key."""
+    text_cfg.pop("tie_word_embeddings", None)
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ArchConfigError(f"{where}.tie_word_embeddings={tie!r} has type {type(tie).__name__}, expected bool")
+    return tie

@@ -194,6 +194,45 @@ def test_load_save_pretrained(sources, source, target):
     assert report.num_tensors == len(ref) - (source == "dense_tied")
 
 
+def test_tied_config_over_a_differing_stored_head_is_refused(sources, tmp_path):
+    """config.json ties embeddings but the checkpoint stores an lm_head that differs from the embedding (an untied
+    fine-tune whose flag was kept): transformers then uses both; we refuse naming both tensors and the difference,
+    rather than dropping the head. Equal stored copies load, tied."""
+    d, cfg, ref, _ = sources["dense"]   # untied: lm_head differs from embed_tokens
+    embed = "model.language_model.embed_tokens.weight"
+    bad = rewrite(d, tmp_path / "differ", ref, {"tie_word_embeddings": True})
+    tied_cfg = tiny_config(False, tie=True)
+    model = hf_model(tied_cfg, seed=1)
+    before = snapshot(model)
+    with pytest.raises(HFCheckpointError, match=rf"{embed} / lm_head\.weight: max\|lm_head\.weight - {embed}\| = "
+                                                r"[0-9.e+-]+ \(max\|"):
+        load_hf_weights(model, bad)
+    assert_same_state(model, before)
+    same = rewrite(d, tmp_path / "same", {**ref, "lm_head.weight": ref[embed].clone()}, {"tie_word_embeddings": True})
+    report = load_hf_weights(model, same)
+    assert report.tied == ["lm_head.weight"] and model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def test_tie_flag_is_read_from_the_top_level_only(sources, tmp_path):
+    """A VL config.json with text_config.tie_word_embeddings=true and no top-level key: transformers does not tie
+    (top-level default false), so neither do we; a tied model then fails naming what config.json actually says."""
+    from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+
+    d, cfg, ref, _ = sources["dense"]
+    raw = json.loads((d / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)
+    raw["text_config"]["tie_word_embeddings"] = True
+    assert transformers.AutoConfig.for_model(**raw).tie_word_embeddings is False
+    assert Qwen3VLArgs.from_hf_config(raw).tie_word_embeddings is False
+    src = tmp_path / "textonly_tie"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(raw))
+    shutil.copy(d / "model.safetensors", src / "model.safetensors")
+    model = hf_model(tiny_config(False, tie=True), seed=1)
+    with pytest.raises(HFCheckpointError, match="config.json sets no top-level tie_word_embeddings"):
+        load_hf_weights(model, src)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_load_meta_built_model(sources, target):
     d, cfg, ref, _ = sources["dense_tied"]

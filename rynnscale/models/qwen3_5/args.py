@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from rynnscale.models.hf_config import read_rope
+from rynnscale.models.hf_config import read_rope, read_tie
 from rynnscale.models.spec import ArchConfigError
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
@@ -230,10 +230,7 @@ class _Qwen35ArgsBase:
             text_cfg["num_experts"] = 256  # transformers' Qwen3_5MoeTextConfig default
         elif text_cfg["num_experts"] == 0:
             raise ArchConfigError(f"{text_where}.num_experts=0 in a {model_type} config: an MoE model needs experts")
-        tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-        text_cfg.pop("tie_word_embeddings", None)
-        if not isinstance(tie, bool):
-            raise ArchConfigError(f"{where}.tie_word_embeddings={tie!r} has type {type(tie).__name__}, expected bool")
+        tie = read_tie(cfg, text_cfg, where)
         text = _build(TextArgs, text_cfg, strict, text_where)
         vision = None if text_only else _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config",
                                                bookkeeping=_VISION_BOOKKEEPING)

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from rynnscale.models.hf_config import read_rope
+from rynnscale.models.hf_config import read_rope, read_tie
 from rynnscale.models.spec import ArchConfigError
 
 # Keys transformers writes into every config that carry no architecture information.
@@ -132,8 +132,8 @@ class Qwen3VLArgs:
         elif model_type == "qwen3_vl_moe" and strict and not text_cfg.get("num_experts"):
             raise ArchConfigError(f"{where}.text_config.num_experts={text_cfg.get('num_experts')!r} in a {model_type} "
                                   "config: an MoE model needs experts (or use model_type 'qwen3_vl' for a dense model)")
-        tie = cfg.pop("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-        text_cfg.pop("tie_word_embeddings", None)
+        tie = read_tie(cfg, text_cfg, where)
+        cfg.pop("tie_word_embeddings", None)
         text = _build(TextArgs, text_cfg, strict, f"{where}.text_config")
         vision = _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config")
         top = {k: v for k, v in cfg.items() if k not in _HF_BOOKKEEPING}
