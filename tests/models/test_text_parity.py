@@ -319,3 +319,15 @@ def test_rope_keys_resolve_as_in_transformers(text_over):
     ours = Qwen3VLArgs.from_hf_config(cfg).text
     assert ours.rope_theta == hf_text.rope_parameters["rope_theta"]
     assert ours.mrope_section == list(hf_text.rope_parameters["mrope_section"])
+
+
+def test_norm_topk_prob_false_is_refused():
+    """transformers' Qwen3-VL-MoE router always renormalises the top-k weights; a config asking otherwise would
+    train and export a model transformers runs differently, so it is refused naming the key."""
+    from rynnscale.models.spec import ArchConfigError
+
+    cfg = tiny_args(moe=True).to_hf_config()
+    assert cfg["text_config"]["norm_topk_prob"] is True and Qwen3VLArgs.from_hf_config(cfg).text.norm_topk_prob
+    cfg["text_config"]["norm_topk_prob"] = False
+    with pytest.raises(ArchConfigError, match=r"text_config\.norm_topk_prob=False is invalid: only true"):
+        Qwen3VLArgs.from_hf_config(cfg)

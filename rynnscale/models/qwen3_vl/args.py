@@ -64,7 +64,7 @@ class TextArgs:
     moe_intermediate_size: int = 768
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = True            # only True (validate): transformers always renormalises the top-k
     router_aux_loss_coef: float = 0.001
 
     @property
@@ -200,6 +200,9 @@ class Qwen3VLArgs:
              t.num_key_value_heads, f"must divide num_attention_heads={t.num_attention_heads}")
         need(sum(t.mrope_section) * 2 == t.head_dim, "text_config.mrope_section", t.mrope_section,
              f"must sum to head_dim/2={t.head_dim // 2}")
+        need(t.norm_topk_prob is True, "text_config.norm_topk_prob", t.norm_topk_prob,
+             "only true: transformers' Qwen3-VL-MoE router always renormalises the top-k weights (it has no such "
+             "key), so false would train a model that transformers runs differently")
         need(t.num_experts == 0 or 1 <= t.num_experts_per_tok <= t.num_experts, "text_config.num_experts_per_tok",
              t.num_experts_per_tok, f"must be in [1, num_experts={t.num_experts}]")
         need(v.out_hidden_size == t.hidden_size, "vision_config.out_hidden_size", v.out_hidden_size,
