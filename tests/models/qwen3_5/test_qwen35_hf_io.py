@@ -156,3 +156,19 @@ def test_rope_keys_resolve_as_in_transformers(text_only: bool, flat: dict) -> No
     hf_rope = (hf if text_only else hf.text_config).rope_parameters
     ours = args_from_hf_config(cfg).text
     assert (ours.rope_theta, ours.partial_rotary_factor) == (hf_rope["rope_theta"], hf_rope["partial_rotary_factor"])
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_text_only_config_over_vision_language_weights(tmp_path: Path, moe: bool) -> None:
+    """A qwen3_5(_moe)_text config.json over a vision-language save (``model.language_model.*`` + ``model.visual.*``):
+    transformers maps the decoder prefix and ignores the tower; so do we, with the tower named in a note."""
+    vl = hf_model(tiny_config(moe))
+    vl.save_pretrained(tmp_path)
+    text_cfg = {**json.loads((tmp_path / "config.json").read_text())["text_config"],
+                "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text"}
+    (tmp_path / "config.json").write_text(json.dumps(text_cfg))
+    model, report = _ours_from(tmp_path, text_cfg)
+    want = {k.replace("model.language_model.", "model."): v for k, v in vl.state_dict().items()
+            if not k.startswith("model.visual.")}
+    _assert_same_tensors(model.state_dict(), want)
+    assert any("model.visual." in n for n in report.notes)
