@@ -669,8 +669,8 @@ def export_hf(
     and tokenizer / processor files. Names and shapes are checked against ``hf_param_shapes(args)``
     (one ``HFCheckpointError`` listing every problem). ``dtype`` casts floating tensors.
     ``expert_layout="v5"`` (default) is what transformers 5 writes and loads for any shape; "hub" is
-    the released checkpoints' layout for older readers (refused when square: transformers 5 would
-    load it transposed). Everything is written into a temporary directory beside ``out_dir`` and
+    Qwen3-VL-MoE's released checkpoints' layout for older readers (refused when square: transformers 5 would
+    load it transposed; refused for families whose adapter does not list it in ``export_layouts``). Everything is written into a temporary directory beside ``out_dir`` and
     renamed when complete; a non-empty ``out_dir`` is refused unless ``overwrite``.
     DTensor values are gathered with ``full_tensor()`` (a collective: single-process use for now).
     """
@@ -679,8 +679,12 @@ def export_hf(
         raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPERT_LAYOUTS}")
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     expected = hf_param_shapes(args)
+    sd = family_of(args).state_dict
+    if expert_layout not in sd.export_layouts:
+        raise HFCheckpointError(f"expert_layout={expert_layout!r} is not a layout transformers reads for "
+                                f"{family_of(args).name} (allowed: {sd.export_layouts}); use expert_layout='v5'")
     if expert_layout == "hub":
-        square = [n for n, s in expected.items() if family_of(args).state_dict.expert_kind(n) and s[1] == s[2]]
+        square = [n for n, s in expected.items() if sd.expert_kind(n) and s[1] == s[2]]
         if square:
             raise HFCheckpointError(
                 f"expert_layout='hub' with square expert tensors ({square[0]} {list(expected[square[0]])}, ...): "

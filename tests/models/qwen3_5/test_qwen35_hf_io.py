@@ -172,3 +172,15 @@ def test_text_only_config_over_vision_language_weights(tmp_path: Path, moe: bool
             if not k.startswith("model.visual.")}
     _assert_same_tensors(model.state_dict(), want)
     assert any("model.visual." in n for n in report.notes)
+
+
+def test_hub_expert_layout_export_is_refused(tmp_path: Path) -> None:
+    """The transposed "hub" expert layout is Qwen3-VL-MoE's; transformers does not transpose Qwen3.5-MoE experts,
+    so such an export would not load (non-square) or load transposed (square): refused before anything is written."""
+    cfg = tiny_config(True, text_only=True)
+    args = args_from_hf_config(cfg)
+    model = new_model(args, attn_backend="loop")
+    model.init_weights(seed=0)
+    with pytest.raises(HFCheckpointError, match=r"expert_layout='hub' is not a layout transformers reads for"):
+        export_model(model, args, tmp_path / "hub", expert_layout="hub")
+    assert not (tmp_path / "hub").exists()
