@@ -199,3 +199,7 @@ class ModelSpec:
     # of that layer's backward
     layer_activation_bytes: Callable[..., float] | None = None
     layer_backward_bytes: Callable[..., float] | None = None
+    # model_type -> config.json keys ("text_config.rope_theta"; text-only types: top level) whose default differs
+    # between transformers and our args: a checkpoint's config.json lacking one would give two different models,
+    # so ``registry.read_hf_config`` refuses it (recipes' inline architectures keep our defaults)
+    hf_keys_without_shared_default: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -515,3 +515,21 @@ def test_export_is_atomic(sources, tmp_path):
     export_hf(ref.items(), args, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("moe,drop", [(False, "rope_theta"), (True, "num_experts"), (False, "hidden_size")])
+def test_config_without_a_key_whose_defaults_differ_is_refused(sources, tmp_path, moe, drop):
+    """transformers and we default e.g. Qwen3-VL's rope_theta (5e5 vs 5e6) and Qwen3-VL-MoE's num_experts (60 vs 0)
+    differently: a checkpoint's config.json that omits one would load as another model, so reading it fails naming
+    the key. (rope_theta inside rope_parameters counts: the fixtures' configs hold it only there.)"""
+    d = sources["moe_sharded" if moe else "dense"][0]
+    raw = json.loads((d / "config.json").read_text())
+    read_hf_config(d)
+    assert "rope_theta" not in raw["text_config"]
+    for k in (drop, "num_local_experts") if drop == "num_experts" else (drop,):   # transformers 5 writes the latter
+        raw["text_config"].pop(k, None)
+    raw["text_config"]["rope_parameters"].pop(drop, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(HFCheckpointError, match=rf"config lacks \['text_config\.{drop}'\]: transformers and rynnscale "
+                                                "default these differently"):
+        read_hf_config(tmp_path)

@@ -56,6 +56,11 @@ MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 
                     "patch_size": 1024, "num_position_embeddings": 1 << 22}
 MAX_PARAMS = 2 * 10**12
 VISION_ROPE_THETA = 10_000.0
+# config.json keys whose transformers default (Qwen3_5MoeTextConfig, 5.25) differs from ours: a checkpoint must set
+# them (ModelSpec.hf_keys_without_shared_default); the dense types' defaults agree
+_MOE_SIZES = ("hidden_size", "num_hidden_layers", "num_key_value_heads")
+HF_KEYS_WITHOUT_SHARED_DEFAULT = {"qwen3_5_moe": tuple("text_config." + k for k in _MOE_SIZES),
+                                  "qwen3_5_moe_text": _MOE_SIZES}
 
 
 def default_layer_types(num_layers: int, interval: int = 4) -> list[str]:

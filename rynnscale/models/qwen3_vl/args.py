@@ -42,6 +42,17 @@ MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 
                     "patch_size": 1024, "num_position_embeddings": 1 << 22}
 MAX_PARAMS = 2 * 10**12
 
+# config.json keys whose transformers default (Qwen3VL(Moe)TextConfig / VisionConfig, 5.25) differs from ours:
+# a checkpoint must set them (ModelSpec.hf_keys_without_shared_default)
+_T = "text_config."
+HF_KEYS_WITHOUT_SHARED_DEFAULT = {
+    "qwen3_vl": tuple(_T + k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "rope_theta")) + ("vision_config.out_hidden_size",),
+    "qwen3_vl_moe": tuple(_T + k for k in ("intermediate_size", "num_hidden_layers", "num_key_value_heads",
+                                           "rope_theta", "num_experts", "num_experts_per_tok",
+                                           "moe_intermediate_size")) + ("vision_config.out_hidden_size",),
+}
+
 
 @dataclass
 class TextArgs:

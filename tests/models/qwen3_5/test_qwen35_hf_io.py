@@ -184,3 +184,17 @@ def test_hub_expert_layout_export_is_refused(tmp_path: Path) -> None:
     with pytest.raises(HFCheckpointError, match=r"expert_layout='hub' is not a layout transformers reads for"):
         export_model(model, args, tmp_path / "hub", expert_layout="hub")
     assert not (tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize("text_only", [True, False], ids=["text", "vl"])
+def test_moe_config_without_a_key_whose_defaults_differ_is_refused(tmp_path: Path, text_only: bool) -> None:
+    """Qwen3.5-MoE's transformers defaults (hidden 2048, 40 layers, 2 kv heads) differ from ours: a checkpoint's
+    config.json that omits one would load as another model, so reading it fails naming the key."""
+    from rynnscale.models import read_hf_config
+
+    cfg = tiny_config(True, text_only=text_only)
+    (cfg if text_only else cfg["text_config"]).pop("num_key_value_heads")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    key = "num_key_value_heads" if text_only else "text_config.num_key_value_heads"
+    with pytest.raises(HFCheckpointError, match=rf"lacks \['{key}'\]"):
+        read_hf_config(tmp_path)
