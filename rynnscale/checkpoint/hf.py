@@ -308,12 +308,14 @@ class _LoadPlan:
 def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str]], expert_layout: str | None,
                report: LoadReport, sd: StateDictAdapter) -> _LoadPlan:
     """Check the checkpoint against the model from headers only: key canonicalisation, missing /
-    unexpected / tied / mis-shaped tensors (against the FULL shapes), expert layouts, dtypes. Raises one
-    ``HFCheckpointError`` listing every problem, before anything is read into the model."""
+    unexpected / tied / mis-shaped tensors (against the FULL shapes), expert layouts, dtypes; only the stored
+    copies of a tied tensor are read, to compare them (transformers unties differing copies; we refuse). Raises
+    one ``HFCheckpointError`` listing every problem, before anything is read into the model."""
     raw_cfg: dict[str, Any] = {}
+    tied_in_config = False   # as the family reads it (VL configs: the top-level key only, as in transformers)
     if (path / "config.json").is_file():
-        _, raw_cfg = read_hf_config(path)
-    tied_in_config = bool(raw_cfg.get("tie_word_embeddings", False))
+        cfg_args, raw_cfg = read_hf_config(path)
+        tied_in_config = bool(getattr(cfg_args, "tie_word_embeddings", False))
     files, sources, problems = _checkpoint_sources(path)
     report.files = [f.name for f in files]
 
@@ -338,7 +340,7 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
 
     # --- pair them up; aliases (tied weights) are filled once
     plan: list[str] = []               # names read from the checkpoint and copied into the model
-    missing, extra_alias = [], []
+    missing, extra_alias, untied = [], [], []
     for group in groups:
         present = [n for n in group if n in by_name]
         if not present:
@@ -350,6 +352,10 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
             continue
         if len(present) > 1 and not tied_in_config:
             extra_alias.append(" / ".join(present))
+        elif len(present) > 1:
+            differ = _stored_copies_differ([by_name[n] for n in present])
+            if differ:
+                untied.append(f"{' / '.join(present)}: {differ}")
         plan.append(present[0])
         report.tied += [n for n in group if n != present[0]]
         for dup in present[1:]:
@@ -357,8 +363,14 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
     if missing:
         problems.append(_listing("tensors the model needs but the checkpoint lacks", missing))
     if extra_alias:
-        problems.append(_listing("tensors tied in the model but stored separately while config.json says "
-                                 "tie_word_embeddings=false", extra_alias))
+        said = (f"config.json's top-level tie_word_embeddings is {raw_cfg['tie_word_embeddings']!r}"
+                if "tie_word_embeddings" in raw_cfg else
+                "config.json sets no top-level tie_word_embeddings (the default, as in transformers: false)")
+        problems.append(_listing(f"tensors tied in the model but stored separately while {said}", extra_alias))
+    if untied:
+        problems.append(_listing("tensors config.json ties (tie_word_embeddings=true) but the checkpoint stores with "
+                                 "different values; loading would drop one (transformers then does not tie them): "
+                                 "set tie_word_embeddings=false in config.json to keep both", untied))
     unexpected = [n for n in by_name if n not in targets]
     if unexpected:
         hint = ""
@@ -415,6 +427,25 @@ def _plan_load(path: Path, targets: dict[str, LocalPiece], groups: list[list[str
         problems.append(_listing("tensors with an unsupported dtype", bad_dtype))
     _raise_if(problems, f"cannot load Hugging Face checkpoint {path}")
     return _LoadPlan(files, {n: by_name[n] for n in plan}, plan, layout_of)
+
+
+def _stored_copies_differ(srcs: list[_Source], rows: int = 4096) -> str:
+    """'' if every stored copy of a tied tensor equals the first, else how they differ (shape, or max|diff| and
+    max|first|). Reads ``rows`` rows at a time, so memory stays at a few chunks of the embedding."""
+    first = srcs[0]
+    with _Files() as files:
+        for other in srcs[1:]:
+            if first.parts is not None or other.parts is not None or other.shape != first.shape:
+                return f"shapes {list(first.shape)} vs {list(other.shape)}"
+            diff = ref = 0.0
+            n = first.shape[0] if first.shape else 1
+            for lo in range(0, n, rows):
+                a = _read_source(files, first, lo, min(n, lo + rows)).float()
+                b = _read_source(files, other, lo, min(n, lo + rows)).float()
+                diff, ref = max(diff, float((a - b).abs().max())), max(ref, float(a.abs().max()))
+            if diff > 0:
+                return f"max|{other.key} - {first.key}| = {diff:.3g} (max|{first.key}| = {ref:.3g})"
+    return ""
 
 
 def _read_rows(st: Any, src: _Source, lo: int, hi: int) -> torch.Tensor:
@@ -638,8 +669,8 @@ def export_hf(
     and tokenizer / processor files. Names and shapes are checked against ``hf_param_shapes(args)``
     (one ``HFCheckpointError`` listing every problem). ``dtype`` casts floating tensors.
     ``expert_layout="v5"`` (default) is what transformers 5 writes and loads for any shape; "hub" is
-    the released checkpoints' layout for older readers (refused when square: transformers 5 would
-    load it transposed). Everything is written into a temporary directory beside ``out_dir`` and
+    Qwen3-VL-MoE's released checkpoints' layout for older readers (refused when square: transformers 5 would
+    load it transposed; refused for families whose adapter does not list it in ``export_layouts``). Everything is written into a temporary directory beside ``out_dir`` and
     renamed when complete; a non-empty ``out_dir`` is refused unless ``overwrite``.
     DTensor values are gathered with ``full_tensor()`` (a collective: single-process use for now).
     """
@@ -648,8 +679,12 @@ def export_hf(
         raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPERT_LAYOUTS}")
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     expected = hf_param_shapes(args)
+    sd = family_of(args).state_dict
+    if expert_layout not in sd.export_layouts:
+        raise HFCheckpointError(f"expert_layout={expert_layout!r} is not a layout transformers reads for "
+                                f"{family_of(args).name} (allowed: {sd.export_layouts}); use expert_layout='v5'")
     if expert_layout == "hub":
-        square = [n for n, s in expected.items() if family_of(args).state_dict.expert_kind(n) and s[1] == s[2]]
+        square = [n for n, s in expected.items() if sd.expert_kind(n) and s[1] == s[2]]
         if square:
             raise HFCheckpointError(
                 f"expert_layout='hub' with square expert tensors ({square[0]} {list(expected[square[0]])}, ...): "

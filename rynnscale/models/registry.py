@@ -123,7 +123,26 @@ def read_hf_config(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         method = quant.get("quant_method") if isinstance(quant, dict) else quant
         raise HFCheckpointError(f"{cfg_path}: quantized checkpoints are not supported "
                                 f"(quantization_config.quant_method={method!r}); use the bf16 release")
+    missing = [k for k in spec.hf_keys_without_shared_default.get(raw.get("model_type"), ()) if not _has_key(raw, k)]
+    if missing:
+        raise HFCheckpointError(f"{cfg_path}: {raw.get('model_type')} config lacks {missing}: transformers and "
+                                "rynnscale default these differently, so the model would be ambiguous; set them (the "
+                                "published config.json files do)")
     return spec.args_from_hf_config(raw, where=str(cfg_path)), raw
+
+
+def _has_key(cfg: dict[str, Any], dotted: str) -> bool:
+    """Whether ``cfg`` sets ``dotted`` ("text_config.rope_theta") under a name the readers take: ``rope_theta`` also
+    inside the section's ``rope_parameters`` / ``rope_scaling`` (transformers 5 / 4.x), ``num_experts`` also as
+    ``num_local_experts`` (what transformers 5 writes for Qwen3-VL-MoE)."""
+    section, _, key = dotted.rpartition(".")
+    d = cfg.get(section) if section else cfg
+    if not isinstance(d, dict):
+        return False
+    if key == "num_experts" and "num_local_experts" in d:
+        return True
+    return key in d or (key == "rope_theta" and any(isinstance(d.get(r), dict) and key in d[r]
+                                                    for r in ("rope_parameters", "rope_scaling")))
 
 
 def presets() -> dict[str, tuple[ModelSpec, dict[str, Any]]]:

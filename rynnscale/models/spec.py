@@ -153,13 +153,16 @@ class StateDictAdapter:
       tensor the family skips on purpose (e.g. a head transformers does not build either);
     - ``expert_kind(name)``: "gate_up" / "down" for a fused expert tensor (stored transposed by older
       checkpoints: ``rynnscale.checkpoint.hf``), else None;
-    - ``embed_key`` / ``lm_head_key``: the tensors a tied embedding shares."""
+    - ``embed_key`` / ``lm_head_key``: the tensors a tied embedding shares;
+    - ``export_layouts``: the fused-expert layouts transformers reads for this family ("hub", transposed, is a
+      Qwen3-VL-MoE notion: transformers converts it for ``qwen3_vl_moe`` only)."""
 
     param_shapes: Callable[..., dict[str, tuple[int, ...]]]
     canonical_key: Callable[[str], str | None]
     expert_kind: Callable[[str], str | None]
     embed_key: str
     lm_head_key: str = "lm_head.weight"
+    export_layouts: tuple[str, ...] = ("v5",)
 
 
 @dataclass(frozen=True)
@@ -196,3 +199,7 @@ class ModelSpec:
     # of that layer's backward
     layer_activation_bytes: Callable[..., float] | None = None
     layer_backward_bytes: Callable[..., float] | None = None
+    # model_type -> config.json keys ("text_config.rope_theta"; text-only types: top level) whose default differs
+    # between transformers and our args: a checkpoint's config.json lacking one would give two different models,
+    # so ``registry.read_hf_config`` refuses it (recipes' inline architectures keep our defaults)
+    hf_keys_without_shared_default: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

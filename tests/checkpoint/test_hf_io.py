@@ -194,6 +194,45 @@ def test_load_save_pretrained(sources, source, target):
     assert report.num_tensors == len(ref) - (source == "dense_tied")
 
 
+def test_tied_config_over_a_differing_stored_head_is_refused(sources, tmp_path):
+    """config.json ties embeddings but the checkpoint stores an lm_head that differs from the embedding (an untied
+    fine-tune whose flag was kept): transformers then uses both; we refuse naming both tensors and the difference,
+    rather than dropping the head. Equal stored copies load, tied."""
+    d, cfg, ref, _ = sources["dense"]   # untied: lm_head differs from embed_tokens
+    embed = "model.language_model.embed_tokens.weight"
+    bad = rewrite(d, tmp_path / "differ", ref, {"tie_word_embeddings": True})
+    tied_cfg = tiny_config(False, tie=True)
+    model = hf_model(tied_cfg, seed=1)
+    before = snapshot(model)
+    with pytest.raises(HFCheckpointError, match=rf"{embed} / lm_head\.weight: max\|lm_head\.weight - {embed}\| = "
+                                                r"[0-9.e+-]+ \(max\|"):
+        load_hf_weights(model, bad)
+    assert_same_state(model, before)
+    same = rewrite(d, tmp_path / "same", {**ref, "lm_head.weight": ref[embed].clone()}, {"tie_word_embeddings": True})
+    report = load_hf_weights(model, same)
+    assert report.tied == ["lm_head.weight"] and model.lm_head.weight is model.model.language_model.embed_tokens.weight
+
+
+def test_tie_flag_is_read_from_the_top_level_only(sources, tmp_path):
+    """A VL config.json with text_config.tie_word_embeddings=true and no top-level key: transformers does not tie
+    (top-level default false), so neither do we; a tied model then fails naming what config.json actually says."""
+    from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+
+    d, cfg, ref, _ = sources["dense"]
+    raw = json.loads((d / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)
+    raw["text_config"]["tie_word_embeddings"] = True
+    assert transformers.AutoConfig.for_model(**raw).tie_word_embeddings is False
+    assert Qwen3VLArgs.from_hf_config(raw).tie_word_embeddings is False
+    src = tmp_path / "textonly_tie"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(raw))
+    shutil.copy(d / "model.safetensors", src / "model.safetensors")
+    model = hf_model(tiny_config(False, tie=True), seed=1)
+    with pytest.raises(HFCheckpointError, match="config.json sets no top-level tie_word_embeddings"):
+        load_hf_weights(model, src)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_load_meta_built_model(sources, target):
     d, cfg, ref, _ = sources["dense_tied"]
@@ -476,3 +515,21 @@ def test_export_is_atomic(sources, tmp_path):
     export_hf(ref.items(), args, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("moe,drop", [(False, "rope_theta"), (True, "num_experts"), (False, "hidden_size")])
+def test_config_without_a_key_whose_defaults_differ_is_refused(sources, tmp_path, moe, drop):
+    """transformers and we default e.g. Qwen3-VL's rope_theta (5e5 vs 5e6) and Qwen3-VL-MoE's num_experts (60 vs 0)
+    differently: a checkpoint's config.json that omits one would load as another model, so reading it fails naming
+    the key. (rope_theta inside rope_parameters counts: the fixtures' configs hold it only there.)"""
+    d = sources["moe_sharded" if moe else "dense"][0]
+    raw = json.loads((d / "config.json").read_text())
+    read_hf_config(d)
+    assert "rope_theta" not in raw["text_config"]
+    for k in (drop, "num_local_experts") if drop == "num_experts" else (drop,):   # transformers 5 writes the latter
+        raw["text_config"].pop(k, None)
+    raw["text_config"]["rope_parameters"].pop(drop, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(HFCheckpointError, match=rf"config lacks \['text_config\.{drop}'\]: transformers and rynnscale "
+                                                "default these differently"):
+        read_hf_config(tmp_path)

@@ -287,3 +287,47 @@ def test_meta_init_and_tied_embeddings():
     samples = make_samples(torch.Generator().manual_seed(4), multimodal=False)
     out = m(pack(samples))
     assert torch.isfinite(out.hidden_ld).all() and torch.isfinite(out.aux_loss)
+
+
+def _hf_text_config(args: Qwen3VLArgs, text_over: dict) -> tuple[dict, object]:
+    """``args``' config.json with ``text_over`` merged into its text_config, and transformers' reading of it."""
+    cfg = args.to_hf_config()
+    cfg["text_config"] = {**cfg["text_config"], **text_over}
+    return cfg, transformers.AutoConfig.for_model(**cfg).text_config
+
+
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
+def test_scaled_rope_is_refused_naming_the_key(kind):
+    """transformers builds the scaled rope of these rope_types; ours is unscaled, so reading one must fail, not drop it."""
+    from rynnscale.models.spec import ArchConfigError
+
+    rope = {"rope_type": kind, "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    cfg, _ = _hf_text_config(tiny_args(moe=False), {"rope_parameters": rope})
+    with pytest.raises(ArchConfigError, match=rf"text_config\.rope_parameters\.rope_type='{kind}' is not supported"):
+        Qwen3VLArgs.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("text_over", [
+    {"rope_theta": 1e6},                                                        # flat 4.x key left over
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 7e5, "mrope_section": [2, 3, 3]}},
+    {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default", "mrope_section": [3, 3, 2]}},
+], ids=["flat_theta", "rope_scaling", "flat_theta_only"])
+def test_rope_keys_resolve_as_in_transformers(text_over):
+    """A config holding rope_theta / mrope_section in several places: the value transformers uses is ours."""
+    cfg, hf_text = _hf_text_config(tiny_args(moe=False), text_over)
+    ours = Qwen3VLArgs.from_hf_config(cfg).text
+    assert ours.rope_theta == hf_text.rope_parameters["rope_theta"]
+    assert ours.mrope_section == list(hf_text.rope_parameters["mrope_section"])
+
+
+def test_norm_topk_prob_false_is_refused():
+    """transformers' Qwen3-VL-MoE router always renormalises the top-k weights; a config asking otherwise would
+    train and export a model transformers runs differently, so it is refused naming the key."""
+    from rynnscale.models.spec import ArchConfigError
+
+    cfg = tiny_args(moe=True).to_hf_config()
+    assert cfg["text_config"]["norm_topk_prob"] is True and Qwen3VLArgs.from_hf_config(cfg).text.norm_topk_prob
+    cfg["text_config"]["norm_topk_prob"] = False
+    with pytest.raises(ArchConfigError, match=r"text_config\.norm_topk_prob=False is invalid: only true"):
+        Qwen3VLArgs.from_hf_config(cfg)

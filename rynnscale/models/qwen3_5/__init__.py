@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rynnscale.models.qwen3_5.args import Qwen35Args, Qwen35TextArgs
+from rynnscale.models.qwen3_5.args import HF_KEYS_WITHOUT_SHARED_DEFAULT, Qwen35Args, Qwen35TextArgs
 from rynnscale.models.qwen3_5.presets import PRESETS, PUBLISHED_PARAMS
 from rynnscale.models.qwen3_5.state_dict import ADAPTER, TEXT_ONLY_ADAPTER
 from rynnscale.models.registry import register
@@ -96,7 +96,8 @@ def layer_backward_bytes(*a: Any, **kw: Any) -> float:
 _COMMON = dict(new_model=new_model, parallelize=parallelize, step_flops=step_flops,
                cost_coefficients=cost_coefficients, data=data_contract, is_experts=is_experts,
                profile_parts=profile_parts, layer_activation_bytes=layer_activation_bytes,
-               layer_backward_bytes=layer_backward_bytes)
+               layer_backward_bytes=layer_backward_bytes,
+               hf_keys_without_shared_default=HF_KEYS_WITHOUT_SHARED_DEFAULT)
 
 SPEC = register(ModelSpec(
     name="qwen3_5", model_types=Qwen35Args.MODEL_TYPES, args_cls=Qwen35Args,

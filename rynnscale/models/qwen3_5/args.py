@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from rynnscale.models.hf_config import read_rope, read_tie
 from rynnscale.models.spec import ArchConfigError
 
 MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
@@ -55,6 +56,11 @@ MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 
                     "patch_size": 1024, "num_position_embeddings": 1 << 22}
 MAX_PARAMS = 2 * 10**12
 VISION_ROPE_THETA = 10_000.0
+# config.json keys whose transformers default (Qwen3_5MoeTextConfig, 5.25) differs from ours: a checkpoint must set
+# them (ModelSpec.hf_keys_without_shared_default); the dense types' defaults agree
+_MOE_SIZES = ("hidden_size", "num_hidden_layers", "num_key_value_heads")
+HF_KEYS_WITHOUT_SHARED_DEFAULT = {"qwen3_5_moe": tuple("text_config." + k for k in _MOE_SIZES),
+                                  "qwen3_5_moe_text": _MOE_SIZES}
 
 
 def default_layer_types(num_layers: int, interval: int = 4) -> list[str]:
@@ -208,7 +214,7 @@ class _Qwen35ArgsBase:
             vision_cfg = dict(cfg.pop("vision_config", {}) or {})
             top = {k: v for k, v in cfg.items() if k not in _HF_BOOKKEEPING}
         text_where = where if text_only else f"{where}.text_config"
-        _read_rope(text_cfg, text_where)
+        read_rope(text_cfg, text_where, "Qwen3.5", ("rope_theta", "partial_rotary_factor", "mrope_section"))
         if "full_attention_interval" in text_cfg and "layer_types" not in text_cfg:
             interval = text_cfg["full_attention_interval"]
             if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
@@ -229,10 +235,7 @@ class _Qwen35ArgsBase:
             text_cfg["num_experts"] = 256  # transformers' Qwen3_5MoeTextConfig default
         elif text_cfg["num_experts"] == 0:
             raise ArchConfigError(f"{text_where}.num_experts=0 in a {model_type} config: an MoE model needs experts")
-        tie = cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-        text_cfg.pop("tie_word_embeddings", None)
-        if not isinstance(tie, bool):
-            raise ArchConfigError(f"{where}.tie_word_embeddings={tie!r} has type {type(tie).__name__}, expected bool")
+        tie = read_tie(cfg, text_cfg, where)
         text = _build(TextArgs, text_cfg, strict, text_where)
         vision = None if text_only else _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config",
                                                bookkeeping=_VISION_BOOKKEEPING)
@@ -373,24 +376,6 @@ class Qwen35TextArgs(_Qwen35ArgsBase):
     """Text-only Qwen3.5 / Qwen3.5-MoE (``model_type`` ``qwen3_5_text`` / ``qwen3_5_moe_text``): ``vision`` is None."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen3_5_text", "qwen3_5_moe_text")
-
-
-def _read_rope(text_cfg: dict[str, Any], where: str) -> None:
-    """transformers 5 nests theta / partial factor / mrope_section in ``rope_parameters`` (4.x: ``rope_scaling``,
-    or top-level keys); lift them to our flat fields. Only the default (unscaled) rope exists in Qwen3.5."""
-    for rope_key in ("rope_parameters", "rope_scaling"):
-        rope = text_cfg.get(rope_key) or {}
-        if not isinstance(rope, dict):
-            raise ArchConfigError(f"{where}.{rope_key}={rope!r} must be a mapping")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "mrope"):
-            raise ArchConfigError(f"{where}.{rope_key}.rope_type={kind!r} is not supported; allowed: 'default'")
-        if rope.get("mrope_interleaved", True) is not True:
-            raise ArchConfigError(f"{where}.{rope_key}.mrope_interleaved={rope['mrope_interleaved']!r}: Qwen3.5 uses "
-                                  "interleaved MRoPE (transformers ignores the key and always interleaves)")
-        for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
-            if key in rope:
-                text_cfg.setdefault(key, rope[key])
 
 
 def _build(cls, values: dict[str, Any] | None, strict: bool, where: str, skip: set[str] = frozenset(),

@@ -5,7 +5,8 @@ Experts are ``mlp.experts.gate_up_proj [E, 2I, H]`` / ``mlp.experts.down_proj [E
 modules). transformers' ``save_pretrained`` and the released checkpoints store them per expert instead
 (``mlp.experts.{e}.gate_proj.weight [I, H]``, ``up_proj``, ``down_proj [H, I]``: the ``qwen2_moe`` conversion
 mapping); ``rynnscale.checkpoint.hf`` fuses those on import. The released checkpoints' multi-token-prediction
-head (``mtp.*``), which neither transformers nor we build, is skipped (``canonical_key`` -> None).
+head (``mtp.*``), which neither transformers nor we build, is skipped (``canonical_key`` -> None). The text-only
+layout also reads a vision-language checkpoint (``text_only_canonical_key``), as transformers does.
 """
 
 from __future__ import annotations
@@ -120,8 +121,15 @@ def canonical_key(key: str) -> str | None:
 
 
 def text_only_canonical_key(key: str) -> str | None:
-    """The text-only classes: ``mtp.*`` skipped; no prefix variants."""
-    return None if key.startswith("mtp.") else key
+    """The text-only classes: ``mtp.*`` skipped; a vision-language checkpoint's decoder (``model.language_model.*``)
+    read as ``model.*`` and its tower (``model.visual.*``) skipped, as transformers does for ``qwen3_5_text`` /
+    ``qwen3_5_moe_text`` (``PrefixChange(prefix_to_remove="language_model")``): the usual way to get a text-only
+    Qwen3.5 is a text config over the released weights."""
+    if key.startswith(("mtp.", "model.visual.")):
+        return None
+    if key.startswith("model.language_model."):
+        return "model." + key.removeprefix("model.language_model.")
+    return key
 
 
 ADAPTER = StateDictAdapter(param_shapes=param_shapes, canonical_key=canonical_key, expert_kind=expert_kind,

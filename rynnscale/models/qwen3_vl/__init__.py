@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
+from rynnscale.models.qwen3_vl.args import HF_KEYS_WITHOUT_SHARED_DEFAULT, Qwen3VLArgs
 from rynnscale.models.qwen3_vl.presets import PRESETS, PUBLISHED_PARAMS
 from rynnscale.models.qwen3_vl.state_dict import ADAPTER
 from rynnscale.models.registry import register
@@ -88,4 +88,5 @@ SPEC = register(ModelSpec(
     profile_parts=profile_parts,
     presets=PRESETS,
     published_params=PUBLISHED_PARAMS,
+    hf_keys_without_shared_default=HF_KEYS_WITHOUT_SHARED_DEFAULT,
 ))

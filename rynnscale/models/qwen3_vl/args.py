@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from rynnscale.models.hf_config import read_rope, read_tie
 from rynnscale.models.spec import ArchConfigError
 
 # Keys transformers writes into every config that carry no architecture information.
@@ -41,6 +42,17 @@ MAX_VISION_SIZES = {"depth": 1024, "hidden_size": 1 << 16, "intermediate_size": 
                     "patch_size": 1024, "num_position_embeddings": 1 << 22}
 MAX_PARAMS = 2 * 10**12
 
+# config.json keys whose transformers default (Qwen3VL(Moe)TextConfig / VisionConfig, 5.25) differs from ours:
+# a checkpoint must set them (ModelSpec.hf_keys_without_shared_default)
+_T = "text_config."
+HF_KEYS_WITHOUT_SHARED_DEFAULT = {
+    "qwen3_vl": tuple(_T + k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "rope_theta")) + ("vision_config.out_hidden_size",),
+    "qwen3_vl_moe": tuple(_T + k for k in ("intermediate_size", "num_hidden_layers", "num_key_value_heads",
+                                           "rope_theta", "num_experts", "num_experts_per_tok",
+                                           "moe_intermediate_size")) + ("vision_config.out_hidden_size",),
+}
+
 
 @dataclass
 class TextArgs:
@@ -63,7 +75,7 @@ class TextArgs:
     moe_intermediate_size: int = 768
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = True            # only True (validate): transformers always renormalises the top-k
     router_aux_loss_coef: float = 0.001
 
     @property
@@ -116,12 +128,9 @@ class Qwen3VLArgs:
         text_cfg = dict(cfg.pop("text_config", {}) or {})
         vision_cfg = dict(cfg.pop("vision_config", {}) or {})
         # rope: transformers 5 nests theta / mrope_section in rope_parameters (4.x: rope_scaling)
-        for rope_key in ("rope_parameters", "rope_scaling"):
-            rope = text_cfg.get(rope_key) or {}
-            if "rope_theta" in rope:
-                text_cfg.setdefault("rope_theta", rope["rope_theta"])
-            if "mrope_section" in rope:
-                text_cfg.setdefault("mrope_section", list(rope["mrope_section"]))
+        read_rope(text_cfg, f"{where}.text_config", "Qwen3-VL", ("rope_theta", "mrope_section"))
+        if isinstance(text_cfg.get("mrope_section"), tuple):
+            text_cfg["mrope_section"] = list(text_cfg["mrope_section"])
         if "num_local_experts" in text_cfg:
             text_cfg.setdefault("num_experts", text_cfg["num_local_experts"])
         model_type = str(cfg.get("model_type", ""))
@@ -134,8 +143,8 @@ class Qwen3VLArgs:
         elif model_type == "qwen3_vl_moe" and strict and not text_cfg.get("num_experts"):
             raise ArchConfigError(f"{where}.text_config.num_experts={text_cfg.get('num_experts')!r} in a {model_type} "
                                   "config: an MoE model needs experts (or use model_type 'qwen3_vl' for a dense model)")
-        tie = cfg.pop("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False))
-        text_cfg.pop("tie_word_embeddings", None)
+        tie = read_tie(cfg, text_cfg, where)
+        cfg.pop("tie_word_embeddings", None)
         text = _build(TextArgs, text_cfg, strict, f"{where}.text_config")
         vision = _build(VisionArgs, vision_cfg, strict, f"{where}.vision_config")
         top = {k: v for k, v in cfg.items() if k not in _HF_BOOKKEEPING}
@@ -202,6 +211,9 @@ class Qwen3VLArgs:
              t.num_key_value_heads, f"must divide num_attention_heads={t.num_attention_heads}")
         need(sum(t.mrope_section) * 2 == t.head_dim, "text_config.mrope_section", t.mrope_section,
              f"must sum to head_dim/2={t.head_dim // 2}")
+        need(t.norm_topk_prob is True, "text_config.norm_topk_prob", t.norm_topk_prob,
+             "only true: transformers' Qwen3-VL-MoE router always renormalises the top-k weights (it has no such "
+             "key), so false would train a model that transformers runs differently")
         need(t.num_experts == 0 or 1 <= t.num_experts_per_tok <= t.num_experts, "text_config.num_experts_per_tok",
              t.num_experts_per_tok, f"must be in [1, num_experts={t.num_experts}]")
         need(v.out_hidden_size == t.hidden_size, "vision_config.out_hidden_size", v.out_hidden_size,

@@ -99,4 +99,4 @@ def canonical_key(key: str) -> str:
 
 
 ADAPTER = StateDictAdapter(param_shapes=param_shapes, canonical_key=canonical_key, expert_kind=expert_kind,
-                           embed_key=EMBED, lm_head_key=LM_HEAD)
+                           embed_key=EMBED, lm_head_key=LM_HEAD, export_layouts=("v5", "hub"))

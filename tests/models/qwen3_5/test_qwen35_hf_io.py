@@ -141,3 +141,60 @@ def test_demo_recipe_trains_a_transformers_qwen35_moe_and_its_loss_falls(tmp_pat
     assert len(losses) == 14 and all(r["model_tflops_per_s"] > 0 and r["aux_loss"] > 0 for r in records)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > 11 and last < first - 1.5, losses       # from ~ln(151936)
+
+
+@pytest.mark.parametrize("text_only", [True, False], ids=["text", "vl"])
+@pytest.mark.parametrize("flat", [{"rope_theta": 1e6}, {"partial_rotary_factor": 0.5},
+                                  {"rope_scaling": {"rope_type": "default", "rope_theta": 7e5,
+                                                    "partial_rotary_factor": 0.5}}],
+                         ids=["flat_theta", "flat_factor", "rope_scaling"])
+def test_rope_keys_resolve_as_in_transformers(text_only: bool, flat: dict) -> None:
+    """A config holding rope_theta / partial_rotary_factor both flat (or in 4.x rope_scaling) and in rope_parameters:
+    ours takes the value transformers uses."""
+    cfg = tiny_config(False, text_only=text_only, **flat)
+    hf = transformers.AutoConfig.for_model(**cfg)
+    hf_rope = (hf if text_only else hf.text_config).rope_parameters
+    ours = args_from_hf_config(cfg).text
+    assert (ours.rope_theta, ours.partial_rotary_factor) == (hf_rope["rope_theta"], hf_rope["partial_rotary_factor"])
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_text_only_config_over_vision_language_weights(tmp_path: Path, moe: bool) -> None:
+    """A qwen3_5(_moe)_text config.json over a vision-language save (``model.language_model.*`` + ``model.visual.*``):
+    transformers maps the decoder prefix and ignores the tower; so do we, with the tower named in a note."""
+    vl = hf_model(tiny_config(moe))
+    vl.save_pretrained(tmp_path)
+    text_cfg = {**json.loads((tmp_path / "config.json").read_text())["text_config"],
+                "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text"}
+    (tmp_path / "config.json").write_text(json.dumps(text_cfg))
+    model, report = _ours_from(tmp_path, text_cfg)
+    want = {k.replace("model.language_model.", "model."): v for k, v in vl.state_dict().items()
+            if not k.startswith("model.visual.")}
+    _assert_same_tensors(model.state_dict(), want)
+    assert any("model.visual." in n for n in report.notes)
+
+
+def test_hub_expert_layout_export_is_refused(tmp_path: Path) -> None:
+    """The transposed "hub" expert layout is Qwen3-VL-MoE's; transformers does not transpose Qwen3.5-MoE experts,
+    so such an export would not load (non-square) or load transposed (square): refused before anything is written."""
+    cfg = tiny_config(True, text_only=True)
+    args = args_from_hf_config(cfg)
+    model = new_model(args, attn_backend="loop")
+    model.init_weights(seed=0)
+    with pytest.raises(HFCheckpointError, match=r"expert_layout='hub' is not a layout transformers reads for"):
+        export_model(model, args, tmp_path / "hub", expert_layout="hub")
+    assert not (tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize("text_only", [True, False], ids=["text", "vl"])
+def test_moe_config_without_a_key_whose_defaults_differ_is_refused(tmp_path: Path, text_only: bool) -> None:
+    """Qwen3.5-MoE's transformers defaults (hidden 2048, 40 layers, 2 kv heads) differ from ours: a checkpoint's
+    config.json that omits one would load as another model, so reading it fails naming the key."""
+    from rynnscale.models import read_hf_config
+
+    cfg = tiny_config(True, text_only=text_only)
+    (cfg if text_only else cfg["text_config"]).pop("num_key_value_heads")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    key = "num_key_value_heads" if text_only else "text_config.num_key_value_heads"
+    with pytest.raises(HFCheckpointError, match=rf"lacks \['{key}'\]"):
+        read_hf_config(tmp_path)
