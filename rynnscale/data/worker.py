@@ -336,15 +336,15 @@ class WorkerPipeline:
         for out in self.buffer.evict(lambda x: mine[x.shard] == k):
             self._ingest(out)
         self.empty_epoch[k], self.epoch_good[k] = self.epoch_good[k] == 0, 0   # the epoch's last samples are in
-        if all(self.empty_epoch):
-            raise BadDataError(f"{self.where}: a whole epoch of every data source held no usable sample "
-                               f"({bad_reasons(self.bad, distinct_counts(self.bad_keys))}); no step can be made")
         self.epoch_in[k] = epoch
         if any(mine[it.ref.pos[0]] == k for it in self.packer.items):
             self.closing.add(k)
             if len(self.epoch_in) == 1:   # nothing else fills the window
                 self._close_now()
         self._check_fraction()   # every source read once: the bad fraction is known whatever the data size
+        if all(self.empty_epoch):   # within max_bad_fraction (1.0), yet no step can ever come
+            raise BadDataError(f"{self.where}: a whole epoch of every data source held no usable sample "
+                               f"({bad_reasons(self.bad, distinct_counts(self.bad_keys))}); no step can be made")
 
     def _closing_item(self, it: PackItem) -> bool:
         return self.source_of[it.ref.pos[0]] in self.closing
