@@ -488,7 +488,7 @@ def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> l
     if not later:
         return []
     known = _abandoned(output_dir)
-    _write_json(root / ROLLBACK, {"abandoned": known + [_save_id(e) for e in later if _save_id(e) not in known]})
+    _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known]})
     atomic_write_bytes(root / LATEST, me.path.name + "\n")
     return [e.path.name for e in later]
 
@@ -511,7 +511,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             abandoned = _abandoned(output_dir)   # by a rollback (``record_rollback``): never the newest
-            complete = [e for e in entries if e.complete and _save_id(e) not in abandoned]
+            complete = [e for e in entries if e.complete and not (abandoned and _save_id(e) in abandoned)]
             # follow ``latest`` (after a rollback with resume=PATH it names the new branch, not the highest
             # step); the newest complete checkpoint only when ``latest`` is missing or broken
             pointed, why = read_latest(output_dir)

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -92,14 +92,15 @@ class DataRanks(Protocol):
     def gather_data(self, obj: Any) -> list[Any]: ...
 
 
-def _over_ranks(ranks: DataRanks, bad: dict[str, int], keys: list) -> tuple[dict[str, int], list]:
-    """A step's samples found bad decoding, of every data-parallel rank (each decodes only its own packs): one
-    scalar all-reduce per step; the reasons and names travel only when some rank found one."""
+def counts_over_ranks(ranks: DataRanks, bad: dict[str, int], keys: Sequence = ()) -> tuple[dict[str, int], list]:
+    """Counts by reason (and the names behind them) that each data-parallel rank found on its own (bad samples
+    decoding its packs, failed rewards of its rollouts), summed over the ranks: one scalar all-reduce; the
+    reasons and names travel only when some rank found one."""
     if ranks.sum_data([float(sum(bad.values()))])[0] == 0:
         return {}, []
     merged: Counter[str] = Counter()
     names: list = []
-    for b, k in ranks.gather_data((bad, keys)):
+    for b, k in ranks.gather_data((bad, list(keys))):
         merged.update(b)
         names += k
     return dict(merged), names
@@ -336,7 +337,7 @@ class TrainLoader(_Loader):
             self._global = state
             bad, bad_keys = info["bad"], info["bad_keys"]
             if self.ranks is not None:
-                bad, bad_keys = _over_ranks(self.ranks, bad, bad_keys)
+                bad, bad_keys = counts_over_ranks(self.ranks, bad, bad_keys)
             self._bad_decoding.update(bad)
             for reason, shard, ordinal in bad_keys:
                 remember_bad(self._bad_decoding_keys, reason, (shard, ordinal))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, DataStep, EncodedSample, PackedBatch, filler_batch
+from rynnscale.data.loader import counts_over_ranks
 from rynnscale.data.tags import parse_tags
 from rynnscale.models.generate import SamplingParams, generate, pack_rows
 from rynnscale.models.lora import adapters_disabled, is_adapter_param
@@ -334,12 +335,7 @@ class GRPOStage:
         """Add the rollout's counts of every data-parallel rank to the run's (one scalar all-reduce; the reasons
         travel only when some rank found one)."""
         found, self._found = dict(self._found), Counter()
-        if self.ctx.sum_data([float(sum(found.values()))])[0] == 0:
-            return
-        total = Counter(self.bad)
-        for f in self.ctx.gather_data(found):
-            total.update(f)
-        self.bad = dict(total)
+        self.bad = dict(Counter(self.bad) + Counter(counts_over_ranks(self.ctx, found)[0]))
 
     # -- rollouts
     def _prompts(self, step: int) -> tuple[list[int], list[tuple[EncodedSample, str, str]]]:
