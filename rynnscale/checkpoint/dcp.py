@@ -462,34 +462,61 @@ def _save_id(e: CheckpointEntry) -> list:
     return [e.path.name, *_save_order(e)[:2]]
 
 
-def _abandoned(output_dir: str | os.PathLike) -> list[list]:
+def _rollback_record(output_dir: str | os.PathLike) -> dict:
     path = Path(output_dir) / CHECKPOINTS_DIR / ROLLBACK
     if not path.is_file():
-        return []
+        return {}
     try:
         rec = _read_json(path)
     except CheckpointError as e:
         log.warning("ignoring %s: %s", path, e)
-        return []
-    return rec.get("abandoned", []) if isinstance(rec, dict) else []
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _abandoned(output_dir: str | os.PathLike) -> list[list]:
+    return _rollback_record(output_dir).get("abandoned", [])
+
+
+def _job_identity() -> tuple[str | None, bool]:
+    """This job as its scheduler names it (a SLURM job id, else torchrun's run id) and whether this process is a
+    restart of it (a SLURM requeue, a torchrun ``--max-restarts`` round): a restart runs the same command line."""
+    slurm, run = os.environ.get("SLURM_JOB_ID"), os.environ.get("TORCHELASTIC_RUN_ID")
+    job = f"slurm:{slurm}" if slurm else f"torchrun:{run}" if run else None
+    restarts = [os.environ.get(k, "0") for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")]
+    return job, any(r.isdigit() and int(r) > 0 for r in restarts)
+
+
+def rollback_applied(output_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``checkpoint.resume=path`` was already carried out by this job before it was restarted: a requeued
+    SLURM job or a torchrun restart runs the same command line, and rolling back again would throw away what
+    the new branch trained since. Outside a scheduler's restart, an explicit path always rolls back."""
+    job, restart = _job_identity()
+    if not restart or job is None:
+        return False
+    rec = _rollback_record(output_dir)
+    me = next((e for e in list_checkpoints(output_dir)
+               if e.complete and e.path.resolve() == Path(path).resolve()), None)
+    return me is not None and rec.get("job") == job and rec.get("rolled_back_to") == _save_id(me)
 
 
 def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
-    """A run resumed from ``path``, a checkpoint of ``output_dir`` saved before others (``checkpoint.resume=PATH``
-    rolling back): those later saves are an abandoned branch. They are recorded (``checkpoints/rollback.json``)
-    and ``latest`` names ``path``, so that ``resume=auto`` after a crash before the new branch's first save
-    continues the new branch, not the abandoned one. Returns the abandoned names; call on one rank."""
+    """A run resumed from ``path``, a checkpoint of ``output_dir`` (``checkpoint.resume=PATH``): the saves after
+    it are an abandoned branch. They are recorded (``checkpoints/rollback.json``, with the checkpoint rolled back
+    to and the job that did it, for ``rollback_applied``) and ``latest`` names ``path``, so that ``resume=auto``
+    after a crash before the new branch's first save continues the new branch, not the abandoned one. Returns
+    the abandoned names; call on one rank."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     complete = [e for e in list_checkpoints(output_dir) if e.complete]
     me = next((e for e in complete if e.path.resolve() == Path(path).resolve()), None)
     if me is None:   # not one of this run's checkpoints: it abandons nothing here
         return []
     later = [e for e in complete if _save_order(e) > _save_order(me)]
-    if not later:
-        return []
     known = _abandoned(output_dir)
-    _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known]})
-    atomic_write_bytes(root / LATEST, me.path.name + "\n")
+    _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known],
+                                  "rolled_back_to": _save_id(me), "job": _job_identity()[0]})
+    if later:
+        atomic_write_bytes(root / LATEST, me.path.name + "\n")
     return [e.path.name for e in later]
 
 
@@ -508,6 +535,10 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
     if _rank(process_group) == 0:
         chosen = None
         repair_interrupted_commits(output_dir)
+        if resume not in ("auto", "none") and rollback_applied(output_dir, resume):
+            log.warning("checkpoint.resume=%s: this job rolled back to it before it was restarted (%s); continuing "
+                        "the branch it has trained since, as resume=auto would", resume, _job_identity()[0])
+            resume = "auto"
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             abandoned = _abandoned(output_dir)   # by a rollback (``record_rollback``): never the newest
@@ -874,9 +905,12 @@ class CheckpointManager:
         # keep the most recently *saved* ones, and always the one ``latest`` names: after a rollback
         # (resume=PATH to an older step) the abandoned branch has higher steps but older saves
         pointed, _ = read_latest(self.output_dir)
+        # and the one the last rollback went back to: the command line naming it (checkpoint.resume=PATH) must
+        # still work when the job is requeued or restarted (``rollback_applied``)
+        target = _rollback_record(self.output_dir).get("rolled_back_to")
         by_time = sorted(complete, key=_save_order)
         kept = by_time[-self.keep_last:] if self.keep_last > 0 else by_time
-        doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
+        doomed = [e for e in by_time if e not in kept and e.path.name != pointed and _save_id(e) != target]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
             log.info("pruning checkpoint %s", e.path)

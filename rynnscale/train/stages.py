@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rynnscale.checkpoint.dcp import find_resume_checkpoint, read_trainer_state
+from rynnscale.checkpoint.dcp import find_resume_checkpoint, read_trainer_state, rollback_applied
 from rynnscale.config import ConfigError, RootConfig, save_resolved, stage_config
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.train.hooks import HFExportHook
@@ -99,7 +99,9 @@ def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> Path:
     for i, st in enumerate(cfg.stages):
         done = root / st.name / DONE
         scfg = stage_config(cfg, i)
-        rollback = scfg.checkpoint.resume not in ("auto", "none")   # checkpoint.resume=PATH names this stage's
+        # checkpoint.resume=PATH names this stage's (not when a restarted job already rolled it back)
+        rollback = (scfg.checkpoint.resume not in ("auto", "none")
+                    and not rollback_applied(scfg.run.output_dir, scfg.checkpoint.resume))
         if rollback and _started(cfg, i):
             raise ConfigError(f"checkpoint.resume={scfg.checkpoint.resume} rolls stage {st.name!r} back, but the "
                               f"stages after it ({', '.join(_started(cfg, i))}) started from its result: move them "

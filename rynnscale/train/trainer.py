@@ -124,7 +124,8 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     path = find_resume_checkpoint(output_dir, cfg.checkpoint.resume)
     if path is None:
         return data_seed
-    if cfg.checkpoint.resume != "auto" and c.ctx.is_main:
+    rolling_back = cfg.checkpoint.resume != "auto" and path.resolve() == Path(cfg.checkpoint.resume).resolve()
+    if rolling_back and c.ctx.is_main:   # (not when a restarted job continues the branch it rolled back to)
         abandoned = record_rollback(output_dir, path)
         if abandoned:
             log.warning("checkpoint.resume=%s rolls the run back: %s, saved after it, will not be resumed by "

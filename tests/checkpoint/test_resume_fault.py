@@ -67,3 +67,56 @@ def test_a_failing_run_commits_its_finished_background_save(tmp_path):
         run_training(cfg, hooks=[_FailAfter(4)])
     assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000003", True)]
     assert find_resume_checkpoint(out, "auto") == out / "checkpoints" / "step_000003"
+
+
+class _Steps:
+    """Records the steps a run trains (and optionally fails after step ``fail_at``)."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.steps, self.fail_at = [], fail_at
+
+    def on_step_end(self, step, ctx):
+        self.steps.append(step)
+        if step == self.fail_at:
+            raise _Failure(f"failure after step {step}")
+
+
+def test_a_requeued_job_does_not_roll_back_again(tmp_path, monkeypatch):
+    """``checkpoint.resume=PATH`` kept in the command of a job that SLURM requeues (or torchrun restarts) rolled the
+    run back to PATH at every restart, throwing away what the new branch trained in between. A restart of the job
+    that rolled back continues its branch; a new job with the same command rolls back again (the documented
+    meaning of an explicit path)."""
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+
+    def cfg(steps, *extra):
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled", *extra])
+
+    run_training(cfg(4))                                    # step_2, step_4
+    back = f"checkpoint.resume={out / 'checkpoints' / 'step_000002'}"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = _Steps(fail_at=5)
+    with pytest.raises(_Failure):
+        run_training(cfg(8, back), hooks=[first])           # the new branch saves step_4 again, dies after 5
+    assert first.steps == [3, 4, 5]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")          # the requeue: the same command line
+    requeued = _Steps(fail_at=7)
+    with pytest.raises(_Failure):
+        run_training(cfg(8, back), hooks=[requeued])
+    assert requeued.steps == [5, 6, 7]                      # from the new branch's step_4, not step_2 again
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")          # a later restart still continues the branch
+    again = _Steps()
+    run_training(cfg(8, back), hooks=[again])
+    assert again.steps == [7, 8]
+    monkeypatch.setenv("SLURM_JOB_ID", "78")                # a new job with the same command rolls back
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    new_job = _Steps()
+    run_training(cfg(8, back), hooks=[new_job])
+    assert new_job.steps == [3, 4, 5, 6, 7, 8]
