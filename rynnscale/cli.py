@@ -89,6 +89,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
     import logging
 
     from rynnscale.data_pipelines.jsonl import ConvertError
+    from rynnscale.fsutil import DirectoryLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     common = dict(workers=args.workers, progress=not args.no_progress, cost_hints=not args.no_cost_hints,
@@ -122,7 +123,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
                                  answer=args.answer or DEFAULT_ANSWER, annotations=args.annotations,
                                  source=args.source_name, licence=args.licence, embodiment=args.embodiment,
                                  clips_per_shard=args.clips_per_shard, max_bad_fraction=args.max_bad_fraction, **common)
-    except (ConvertError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ConvertError, ValueError, FileNotFoundError, ImportError, DirectoryLockedError) as e:
         print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)
         return 1
     printed = {"out": str(args.out), "totals": rep["totals"], "bad": rep.get("bad", {})}

@@ -10,9 +10,14 @@ a shared cluster.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
@@ -73,3 +78,39 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another process holds a directory's lock (``directory_lock``)."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str, holder: str, remedy: str, name: str = ".lock"):
+    """Hold an exclusive ``fcntl.flock`` on ``directory/name`` (holder's host, pid and start time written in it)
+    for the ``with`` block: two jobs writing one directory (a run's checkpoints, a converter's shards) would
+    overwrite each other's files. A second one fails at once naming the holder (``what`` says what the directory
+    is, ``holder`` what holds it, ``remedy`` what to do). The kernel releases the lock when the holder exits in any way, so a stale file is
+    never an obstacle. flock is advisory and per host on older network file system clients: a guard against
+    the common mistake, not a distributed lease."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            try:
+                h = json.loads(record)
+                who = (f"host {h.get('host')!s} pid {h.get('pid')!s}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(h.get('started', 0))))}")
+            except (ValueError, TypeError, AttributeError):
+                who = f"holder unknown ({record[:200]!r})"
+            raise DirectoryLockedError(f"{what} {directory} is in use by another {holder} ({who}; lock {path}); "
+                                       f"{remedy}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the flock (the file stays: its content names the last holder)

@@ -36,7 +36,14 @@ from rynnscale.data.schema import IMAGE_EXTENSIONS, build_sample_members
 from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, _old_job_reports, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
+from rynnscale.data_pipelines.shards import (
+    ShardJob,
+    ShardWriter,
+    check_dataset_info,
+    locks_output_dir,
+    run_shard_jobs,
+    shard_name,
+)
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = ["detect_licence", "natural_key", "list_frames", "FramesConfig", "frame_clips", "convert_frames"]
@@ -345,6 +352,7 @@ class _FramesRun:
                 (self.out / name).unlink()
 
 
+@locks_output_dir
 def convert_frames(
     folder: str | os.PathLike,
     out_dir: str | os.PathLike,

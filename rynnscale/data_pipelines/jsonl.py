@@ -38,7 +38,14 @@ from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import VIDEO_EXTENSIONS, SchemaError, build_sample_members, parse_json
 from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
+from rynnscale.data_pipelines.shards import (
+    ShardJob,
+    ShardWriter,
+    check_dataset_info,
+    locks_output_dir,
+    run_shard_jobs,
+    shard_name,
+)
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -530,6 +537,7 @@ class _JsonlRun:
                                f"see {self.report_path}")
 
 
+@locks_output_dir
 def convert_jsonl(
     jsonl: str | os.PathLike,
     out_dir: str | os.PathLike,

@@ -28,7 +28,14 @@ from rynnscale.data.schema import build_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
 from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
-from rynnscale.data_pipelines.shards import ShardJob, ShardWriter, check_dataset_info, run_shard_jobs, shard_name
+from rynnscale.data_pipelines.shards import (
+    ShardJob,
+    ShardWriter,
+    check_dataset_info,
+    locks_output_dir,
+    run_shard_jobs,
+    shard_name,
+)
 from rynnscale.fsutil import atomic_write_bytes
 
 __all__ = [
@@ -1254,6 +1261,7 @@ def _lerobot_report(root: Path, meta: LeRobotMeta, licence: str, warnings: list[
             "bad": bad, "bad_episodes": bad_episodes, "skipped_episodes": skipped, "episodes": episodes_rep}
 
 
+@locks_output_dir
 def convert_lerobot(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,

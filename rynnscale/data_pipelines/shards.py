@@ -17,7 +17,9 @@ The format is documented in ``docs/data_format.md``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -39,7 +41,7 @@ from rynnscale.data.manifest import (
     read_manifest,
 )
 from rynnscale.data.schema import CONV_MEMBER, META_MEMBER, SchemaError, validate_key, validate_member_name
-from rynnscale.fsutil import TMP_MARK, atomic_write_bytes, fsync_dir
+from rynnscale.fsutil import TMP_MARK, atomic_write_bytes, directory_lock, fsync_dir
 
 __all__ = [
     "ShardWriter",
@@ -355,6 +357,25 @@ def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
         detail = "; ".join(f"{k}: {str(a)[:120]!r} -> {str(b)[:120]!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{out} holds a dataset made with other settings or inputs ({detail}); "
                          "use an empty directory (or the original settings to resume)")
+
+
+CONVERT_LOCK = ".convert.lock"
+
+
+def locks_output_dir(convert: Any) -> Any:
+    """Decorates a converter ``convert(src, out_dir, ...)``: it runs holding ``out_dir``'s lock, so that a second
+    conversion into the same directory (a restarted command while the first still runs, two users) fails at once
+    naming the holder instead of both writing the same shards, manifest and reports."""
+    sig = inspect.signature(convert)
+
+    @functools.wraps(convert)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        out = sig.bind(*args, **kwargs).arguments["out_dir"]
+        with directory_lock(out, "output directory", "conversion", "wait for it to end, or convert into another "
+                            "directory", name=CONVERT_LOCK):
+            return convert(*args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)

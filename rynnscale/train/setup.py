@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import random
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,55 +19,25 @@ from rynnscale.checkpoint.dcp import CheckpointError, config_changes
 from rynnscale.checkpoint.export import base_fingerprint
 from rynnscale.config import ConfigError, RootConfig
 from rynnscale.data.pipeline import build_train_data
-from rynnscale.fsutil import atomic_write_bytes
+from rynnscale.fsutil import DirectoryLockedError, atomic_write_bytes, directory_lock
 from rynnscale.parallel.distributed import DistContext, init_distributed
 from rynnscale.parallel.layout import ParallelLayout
 from rynnscale.train.build import ResolvedRun, build, resolve_run
 from rynnscale.train.data_files import prepare_data_files
 from rynnscale.train.optim import build_optimizer, build_scheduler
 
-
-class RunDirLockedError(RuntimeError):
-    """Another run holds ``run.output_dir``'s lock."""
-
-
+RunDirLockedError = DirectoryLockedError   # another run holds ``run.output_dir``'s lock
 LOCK_NAME = ".lock"
 
 
-@contextlib.contextmanager
 def run_dir_lock(output_dir: Path, enabled: bool = True):
-    """Hold an exclusive ``fcntl.flock`` on ``output_dir/.lock`` (holder's host, pid and start time written in it)
-    for the ``with`` block: two runs writing one directory would interleave metrics.jsonl lines, prune each
-    other's checkpoints and move ``latest`` under each other. A second run fails at once naming the holder. The
-    kernel releases the lock when the holder exits in any way (exception, kill, crash), so a stale file is never
-    an obstacle. ``enabled=False`` (ranks other than 0) does nothing. flock is advisory and per host on most
-    network file systems' older clients; it is a guard against the common mistake, not a distributed lease."""
+    """``directory_lock`` on ``run.output_dir`` for a run: two runs writing one directory would interleave
+    metrics.jsonl lines, prune each other's checkpoints and move ``latest`` under each other. ``enabled=False``
+    (ranks other than 0) does nothing."""
     if not enabled:
-        yield
-        return
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            try:
-                h = json.loads(holder)
-                who = (f"host {h.get('host')!s} pid {h.get('pid')!s}, started "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(h.get('started', 0))))}")
-            except (ValueError, TypeError, AttributeError):
-                who = f"holder unknown ({holder[:200]!r})"
-            raise RunDirLockedError(
-                f"run.output_dir {output_dir} is in use by another run ({who}; lock {path}); wait for it to end, "
-                "stop it, or give this run another run.output_dir=...") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}).encode(), 0)
-        yield
-    finally:
-        os.close(fd)   # releases the flock (the file stays: its content names the last holder)
+        return contextlib.nullcontext()
+    return directory_lock(output_dir, "run.output_dir", "run", "wait for it to end, stop it, or give this run "
+                          "another run.output_dir=...", name=LOCK_NAME)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -291,3 +291,41 @@ def test_truncated_frame_skips_its_clip_and_the_report_lists_it(tmp_path):
     assert partial["complete"] is False and partial["bad"] == {"bad_media": 1}
     rep = convert_frames(d, tmp_path / "strict", max_bad_fraction=0.2, **kw)   # resumes: shard 0 kept, counts kept
     assert rep["complete"] and rep["bad"] == {"bad_media": 1} and rep["totals"]["samples"] == 9
+
+
+def test_a_second_conversion_into_the_same_directory_is_refused(tmp_path, capsys):
+    """Two conversions into one directory (a command restarted while the first still runs) both wrote its shards,
+    manifest and report. The second now stops at once naming the holder, writing nothing; once the first is gone
+    the directory converts."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from rynnscale.cli import main
+    from rynnscale.data_pipelines.shards import CONVERT_LOCK
+
+    d, out, flag = _frames(tmp_path / "nav", 8), tmp_path / "out", tmp_path / "flag"
+    holder = ("import sys, time\nfrom rynnscale.fsutil import directory_lock\n"
+              f"with directory_lock(sys.argv[1], 'output directory', 'conversion', '', name={CONVERT_LOCK!r}):\n"
+              "    open(sys.argv[2], 'w').write('x')\n    time.sleep(60)\n")
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out), str(flag)],
+                            env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    try:
+        for _ in range(300):
+            if flag.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert flag.exists(), "holder did not take the lock"
+        rc = main(["data", "convert", "frames", str(d), str(out), "--fps", "2", "--clip-frames", "4",
+                   "--task", "walk", "--no-progress", "--no-cost-hints"])
+        assert rc == 1
+        err = capsys.readouterr().err
+        assert "in use by another conversion (host" in err and f"pid {proc.pid}" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [CONVERT_LOCK]
+    finally:
+        proc.kill()
+        proc.wait()
+    rep = convert_frames(d, out, fps=2.0, clip_frames=4, task="walk", progress=False, cost_hints=False)
+    assert rep["complete"] and rep["totals"]["samples"] == 2
