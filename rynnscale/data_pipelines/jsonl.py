@@ -105,14 +105,15 @@ def resolve_under(root: str | os.PathLike, rel: Any, where: str = "") -> Path:
     return Path(real)
 
 
-def _read_limited(path: Path, max_bytes: int, where: str) -> bytes:
+def _read_limited(path: Path, max_bytes: int, where: str, limit: str | None = None) -> bytes:
+    limit = limit or f"max_media_bytes={max_bytes}"
     size = path.stat().st_size
     if size > max_bytes:
-        raise BadItem("too_large", f"{where}: {path.name} has {size} bytes > max_media_bytes={max_bytes}")
+        raise BadItem("too_large", f"{where}: {path.name} has {size} bytes > {limit}")
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise BadItem("too_large", f"{where}: {path.name} grew past max_media_bytes={max_bytes} while reading")
+        raise BadItem("too_large", f"{where}: {path.name} grew past {limit} while reading")
     return data
 
 
@@ -129,6 +130,7 @@ class JsonlConfig:
     frames_fps: float = 2.0             # fps of frame-list videos / images when the line has no "fps"
     max_line_bytes: int = 16 << 20
     max_media_bytes: int = 1 << 30
+    max_line_media_bytes: int = 2 << 30  # all media of one line: the loader's max_sample_bytes, over which it skips it
     max_media: int = 256                # media items per line
     max_frame_pixels: int = 4096 * 4096
     cost_hints: bool = True
@@ -139,6 +141,8 @@ class JsonlConfig:
         from rynnscale.data_pipelines.shard_stats import hint_settings
 
         d = {k: v for k, v in asdict(self).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")}
+        if self.max_line_media_bytes == 2 << 30:   # the default is absent: conversions begun before it still resume
+            del d["max_line_media_bytes"]
         d["media_root"] = os.path.realpath(self.media_root)
         d["cost_hints"] = hint_settings(self.cost_hints, self.tokenizer, self.encoder_cfg)
         return d
@@ -200,6 +204,19 @@ class _LineMedia:
     videos: list[tuple[dict, bytes, str, Any]] = field(default_factory=list)  # (placeholder item, data, ext, VideoInfo)
     n_frames: int = 0
     n_media: int = 0
+    n_bytes: int = 0
+
+    def read(self, path: Path, cfg: JsonlConfig, where: str) -> bytes:
+        """One media file's bytes, within ``max_media_bytes`` and the line's ``max_line_media_bytes`` (a frame list
+        may name any number of files: the line would otherwise be held in memory whatever its size)."""
+        left = cfg.max_line_media_bytes - self.n_bytes
+        if left < cfg.max_media_bytes:
+            data = _read_limited(path, max(left, 0), where, f"the {max(left, 0)} bytes left of max_line_media_bytes="
+                                 f"{cfg.max_line_media_bytes} (the line's media before it took {self.n_bytes})")
+        else:
+            data = _read_limited(path, cfg.max_media_bytes, where)
+        self.n_bytes += len(data)
+        return data
 
 
 def _parse_line(raw: bytes | str, where: str) -> dict:
@@ -214,13 +231,13 @@ def _parse_line(raw: bytes | str, where: str) -> dict:
     return obj
 
 
-def _read_frame_list(refs: list, cfg: JsonlConfig, iw: str) -> list[tuple[str, bytes]]:
+def _read_frame_list(refs: list, cfg: JsonlConfig, iw: str, media: _LineMedia) -> list[tuple[str, bytes]]:
     """Read and decode every frame of a ``{"type": "video", "video": [PATH, ...]}`` item -> [(ext, bytes)]."""
     if not refs:
         raise BadItem("bad_conversation", f"{iw}: empty frame list")
     frames = []
     for fi, r in enumerate(refs):
-        data = _read_limited(resolve_under(cfg.media_root, r, f"{iw} frame {fi}"), cfg.max_media_bytes, iw)
+        data = media.read(resolve_under(cfg.media_root, r, f"{iw} frame {fi}"), cfg, f"{iw} frame {fi}")
         ext, _ = _image_member(data, cfg, f"{iw} frame {fi} ({r!s:.80})")
         frames.append((ext, data))
     return frames
@@ -230,13 +247,13 @@ def _media_item(typ: str, ref: Any, cfg: JsonlConfig, iw: str, media: _LineMedia
     """Read and check one image / video file / frame-list item, record its bytes in ``media`` and
     return the item's placeholder for conv.json (member names are filled in by ``_name_media``)."""
     if typ == "video" and isinstance(ref, list):
-        frames = _read_frame_list(ref, cfg, iw)
+        frames = _read_frame_list(ref, cfg, iw, media)
         new = {"type": "video", "video": []}
         media.frames.append((new, None, frames))
         media.n_frames += len(frames)
         return new
     path = resolve_under(cfg.media_root, ref, iw)
-    data = _read_limited(path, cfg.max_media_bytes, iw)
+    data = media.read(path, cfg, iw)
     if typ == "image":
         ext, _ = _image_member(data, cfg, f"{iw} ({ref!s:.80})")
         new = {"type": "image", "image": ""}
@@ -554,17 +571,20 @@ def convert_jsonl(
     tokenizer: str | None = None,
     encoder_cfg: Any = None,
     progress: bool = True,
+    max_line_media_bytes: int = 2 << 30,
 ) -> dict:
     """Convert a conversation jsonl into shards under ``out_dir``; returns the run report.
 
     Lines ``[j * lines_per_shard, (j + 1) * lines_per_shard)`` go to shard ``j``. Bad lines are
     skipped and reported; ``ConvertError`` once the bad lines exceed ``max_bad_fraction`` of all
     lines (raised as soon as that is certain; finished shards stay and a rerun resumes).
-    Rerunning into a directory made from another file or with other settings is an error."""
+    Rerunning into a directory made from another file or with other settings is an error. A line whose media
+    add up to more than ``max_line_media_bytes`` (default: the loader's ``max_sample_bytes``) is a bad line."""
     path = Path(jsonl)
     _check_jsonl_args(path, media_root, lines_per_shard, max_bad_fraction, licence)
     cfg = JsonlConfig(media_root=str(media_root), source=source, licence=licence, frames_fps=float(frames_fps),
-                      cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg)
+                      cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg,
+                      max_line_media_bytes=max_line_media_bytes)
     spans, n_lines, sha = _scan(path, lines_per_shard)
     default_source = f"jsonl/{path.stem}"
     info = {"converter": "rynnscale.data_pipelines.jsonl", "input": str(path.resolve()), "input_sha256": sha,

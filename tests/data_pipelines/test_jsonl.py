@@ -197,3 +197,27 @@ def test_numbers_too_large_for_a_float_are_bad_lines(media: Path, tmp_path: Path
                         progress=False, cost_hints=cost_hints)
     assert rep["totals"] == {"lines": 4, "samples": 3, "bad_lines": 1}
     assert [b["line"] for b in rep["bad_items"]] == [4]
+
+
+def test_a_line_whose_media_add_up_past_the_line_limit_is_a_bad_line(media: Path, tmp_path: Path):
+    """Each media file was capped (max_media_bytes) but not their sum: a frame list may name any number of files,
+    and the converter held the whole line in memory (a 2000-frame list of 1 GiB files: 2 TB). The line's media now
+    share ``max_line_media_bytes`` (default the loader's max_sample_bytes, over which it would skip the sample
+    anyway): the line is skipped and counted as too_large, naming the file that crossed it; the others convert."""
+    frames = [f"frames/{i:03d}.jpg" for i in range(4)]
+    sizes = [(media / f).stat().st_size for f in frames]
+    long_list = [{**_turns([{"type": "video", "video": frames * 3}], "a"), "fps": 1}]            # line 4
+    src = _write(tmp_path / "data.jsonl", GOOD + long_list)
+    limit = sum(sizes) * 2                       # GOOD's 4-frame list fits; the 12-frame list does not
+    rep = convert_jsonl(src, tmp_path / "out", media_root=media, lines_per_shard=100, max_bad_fraction=1.0,
+                        progress=False, cost_hints=False, max_line_media_bytes=limit)
+    assert rep["totals"] == {"lines": 4, "samples": 3, "bad_lines": 1}
+    (bad,) = rep["bad_items"]
+    assert bad["line"] == 4 and bad["reason"] == "too_large" and f"max_line_media_bytes={limit}" in bad["detail"]
+    assert "frame 8" in bad["detail"], bad["detail"]       # the 9th file crosses 2x the 4 files' bytes
+    # the default is the loader's per-sample cap, and it is not recorded (conversions begun before it resume)
+    from rynnscale.data.reader import ReaderLimits
+    from rynnscale.data_pipelines.jsonl import JsonlConfig
+
+    assert JsonlConfig(media_root=str(media)).max_line_media_bytes == ReaderLimits().max_sample_bytes
+    assert "max_line_media_bytes" not in JsonlConfig(media_root=str(media), cost_hints=False).settings()
