@@ -148,6 +148,7 @@ class DataConfig:
     shuffle_buffer: int = 256
     pack_window: int = 64
     num_workers: int = 0
+    worker_timeout_s: float = 1800.0    # with workers: no batch for this long is an error naming it (0 = wait forever)
     balance: str = "cost"               # cost | tokens | none: how a step's packs are assigned to data-parallel ranks
     tune_malloc: bool = True            # glibc malloc keeps freed pixel buffers for reuse (per loader process)
     defer_media: bool = True            # read each sample's media by position, only on the rank that decodes it
@@ -169,6 +170,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _at_least_one("data.pack_window", self.pack_window)
+        if not (math.isfinite(self.worker_timeout_s) and self.worker_timeout_s >= 0):
+            raise ConfigError(f"config key 'data.worker_timeout_s' = {self.worker_timeout_s} must be a finite number "
+                              "of seconds >= 0 (0 = wait forever)")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"config key 'data.max_bad_fraction' = {self.max_bad_fraction} must be in [0, 1]")
         for lo, hi in (("video_min_frames", "video_max_frames"), ("image_min_pixels", "image_max_pixels"),

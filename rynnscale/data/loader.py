@@ -21,6 +21,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +34,7 @@ from rynnscale.data.loader_config import (
     BALANCE_MODES,
     BadDataError,
     CostEstimator,
+    DataStallError,
     LoaderConfig,
     LoaderStateError,
     MixtureSource,
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1             # the per-rank state of SplitLoader
 
-__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "LoaderConfig", "LoaderStateError", "MixtureSource",
+__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "LoaderConfig", "LoaderStateError", "MixtureSource",
            "SplitLoader", "TrainLoader"]
 
 _MALLOC_TUNED = False
@@ -171,12 +173,33 @@ class _Loader:
     def _dataloader(self, states: list[dict | None], rotation: int = 0) -> DataLoader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
-            kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
+            kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context,
+                      timeout=self.cfg.worker_timeout_s)
         # its own generator: by default each iterator draws its worker base seed from torch's global generator,
         # so a resumed run (a new iterator after the RNG restore) would draw once more than the straight run and
         # shift every later dropout mask; the data path seeds itself explicitly and needs none of the global state
         return DataLoader(_RankDataset(self, states, rotation), batch_size=None, num_workers=self.cfg.num_workers,
                           collate_fn=_identity, generator=torch.Generator(), **kw)
+
+    def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
+        """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
+        own message names neither the worker's data nor the setting)."""
+        it = iter(self._dataloader(states, rotation))
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                raise DataStallError(
+                    f"rank {self.rank}: no batch from its {self.cfg.num_workers} data workers in "
+                    f"{self.cfg.worker_timeout_s:g} s (data.worker_timeout_s): a decode hung or the file system "
+                    f"holding the shards ({', '.join(sorted({str(Path(p).parent) for p in self.shards})[:3])}) "
+                    "stalled; the run stops so that a restart resumes from the last checkpoint (raise "
+                    "data.worker_timeout_s if one batch really takes longer; 0 waits forever)") from None
+            yield item
 
     def _states(self) -> list[dict]:
         """The worker states the counters read (the global order: the one shared state)."""
@@ -331,7 +354,7 @@ class TrainLoader(_Loader):
         """Workers yield whole steps in step order (worker w: steps base + w, base + w + W, ...)."""
         self._generation += 1
         gen = self._generation
-        for (batches, info), _w, state in self._dataloader([self._global]):
+        for (batches, info), _w, state in self._read([self._global]):
             if gen != self._generation:
                 return   # a newer iterator (or a load_state_dict) took over
             self._global = state
@@ -456,7 +479,7 @@ class SplitLoader(_Loader):
         self._generation += 1
         gen = self._generation
         W = max(1, self.cfg.num_workers)
-        for batch, w, state in self._dataloader(list(self._worker_states), self._next_worker):
+        for batch, w, state in self._read(list(self._worker_states), self._next_worker):
             if gen != self._generation:
                 return  # a newer iterator (or a load_state_dict) took over
             self._worker_states[w] = state

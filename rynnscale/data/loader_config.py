@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,10 @@ CostEstimator = Callable[[str, dict], tuple[int, int]]
 
 class BadDataError(RuntimeError):
     """Too large a fraction of the samples was bad."""
+
+
+class DataStallError(RuntimeError):
+    """No batch came from a data worker within ``worker_timeout_s`` (a hung decode, a stalled file system)."""
 
 
 class LoaderStateError(ReaderStateError):
@@ -41,6 +46,7 @@ class LoaderConfig:
     num_workers: int = 0                  # dataloader worker processes per rank
     prefetch_factor: int = 2              # batches queued per worker
     multiprocessing_context: str | None = None  # None = torch's default (fork on Linux)
+    worker_timeout_s: float = 1800.0      # with workers: longest wait for one batch before DataStallError (0 = forever)
     max_bad_fraction: float = 0.05
     min_samples_for_bad_check: int = 200
     micro_batches_per_step: int = 1       # micro-batches per rank per optimizer step (grad_accum)
@@ -66,6 +72,7 @@ class LoaderConfig:
                   tune_malloc=bool(getattr(d, "tune_malloc", True)),
                   defer_media=bool(getattr(d, "defer_media", True)),
                   shuffle_buffer_bytes=int(getattr(d, "shuffle_buffer_bytes", 1 << 30)),
+                  worker_timeout_s=float(getattr(d, "worker_timeout_s", 1800.0)),
                   limits=ReaderLimits(max_member_bytes=int(getattr(d, "max_member_bytes", 1 << 30)),
                                       max_sample_bytes=int(getattr(d, "max_sample_bytes", 2 << 30)),
                                       verify_sha256=bool(getattr(d, "verify_shards", False))))
@@ -93,5 +100,7 @@ class LoaderConfig:
         for k in ("shuffle_buffer", "shuffle_buffer_bytes", "num_workers", "min_samples_for_bad_check"):
             need(isinstance(getattr(self, k), int) and getattr(self, k) >= 0, k, "must be an int >= 0")
         need(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        need(math.isfinite(self.worker_timeout_s) and self.worker_timeout_s >= 0, "worker_timeout_s",
+             "must be a finite number of seconds >= 0 (0 = wait forever)")
         need(self.balance in BALANCE_MODES, "balance", f"must be one of {list(BALANCE_MODES)}")
         need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be None (endless) or >= 1")

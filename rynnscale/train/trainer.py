@@ -49,7 +49,7 @@ from rynnscale.checkpoint.dcp import (
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
-from rynnscale.data.loader import BadDataError
+from rynnscale.data.loader import BadDataError, DataStallError
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
 from rynnscale.parallel.distributed import DistContext, report_failures
@@ -105,7 +105,7 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     # a bad setting or bad data: the message says it all (no traceback)
-    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, NonFiniteLossError)):
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
         if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
             from rynnscale.train.stages import run_stages
 

@@ -342,3 +342,30 @@ def test_iterating_draws_nothing_from_the_global_generators(tmp_path: Path, glob
     take(it, 2)
     it.close()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class _HangingEncoder(ByteEncoder):
+    """Hangs on one sample, as a decode stuck on a stalled file system would."""
+
+    def encode(self, key, members):
+        if key == "s0-03":
+            import time
+            time.sleep(3600)
+        return super().encode(key, members)
+
+
+def test_a_hung_worker_is_a_data_stall_error_not_a_hang(tmp_path):
+    """A data worker stuck in one sample's decode hung a single-process run forever (torch's DataLoader waits
+    without limit by default; a multi-rank run hit the collective timeout instead, naming nothing about the data).
+    With workers, no batch for ``worker_timeout_s`` is a DataStallError naming the setting, so a restart resumes."""
+    from rynnscale.data.loader import DataStallError
+
+    write_text_shards(tmp_path, 1, 8)
+    cfg = LoaderConfig(train_shards=[str(tmp_path / "*.tar")], micro_batch_tokens=64, pack_window=2,
+                       shuffle_buffer=0, num_workers=1, worker_timeout_s=2, num_epochs=1,
+                       multiprocessing_context="fork")
+    with pytest.raises(DataStallError, match=r"no batch from its 1 data workers in 2 s \(data.worker_timeout_s\)"):
+        for _ in TrainLoader(cfg, _HangingEncoder()):
+            pass
+    with pytest.raises(ValueError, match="worker_timeout_s"):
+        LoaderConfig(train_shards=["x"], worker_timeout_s=float("inf")).validate()
