@@ -23,6 +23,7 @@ import shutil
 import struct
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from rynnscale.checkpoint.hf import (
     _replace_dir,
     check_export_target,
     hf_param_shapes,
+    main_float_dtype,
     side_files,
     write_config_and_side_files,
 )
@@ -396,8 +398,11 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             files.append(INDEX_FILE)
-        float_dts = [out_dtype(n) for n in expected if out_dtype(n).is_floating_point]
-        main_dtype = dtype or (max(set(float_dts), key=float_dts.count) if float_dts else torch.float32)
+        float_bytes: Counter[torch.dtype] = Counter()
+        for n, shape in expected.items():
+            if out_dtype(n).is_floating_point:
+                float_bytes[out_dtype(n)] += _nbytes(out_dtype(n), shape)
+        main_dtype = main_float_dtype(float_bytes, dtype)
         files += write_config_and_side_files(tmp, args, main_dtype, sources)
         _replace_dir(tmp, out_dir)
     except BaseException:

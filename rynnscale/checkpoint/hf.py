@@ -620,6 +620,13 @@ def side_files(model_dir: str | os.PathLike | None, tokenizer: str | os.PathLike
     return out
 
 
+def main_float_dtype(float_bytes: Counter[torch.dtype], dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype config.json records for an export: ``dtype`` when the export casts, else the floating dtype holding
+    the most bytes (not the most tensors: many small fp32 norms beside bf16 matrices are a bf16 model); ties go to
+    the dtype seen first, so the choice does not depend on set order."""
+    return dtype or (float_bytes.most_common(1)[0][0] if float_bytes else torch.float32)
+
+
 def write_config_and_side_files(tmp: Path, args: Any, main_dtype: torch.dtype,
                                 files_from: Mapping[str, Path]) -> list[str]:
     """config.json (``args`` + dtype) and the files ``files_from`` maps (``side_files``) into an export
@@ -782,7 +789,7 @@ def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ..
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         files.append(INDEX_FILE)
 
-    main_dtype = dtype or (float_bytes.most_common(1)[0][0] if float_bytes else torch.float32)
+    main_dtype = main_float_dtype(float_bytes, dtype)
     files += write_config_and_side_files(tmp, args, main_dtype, side_files(copy_from))
     return ExportReport(out_dir="", files=files, num_tensors=len(seen), total_bytes=total,
                         dtype=_dtype_name(main_dtype), expert_layout=expert_layout, seconds=0.0)

@@ -173,3 +173,29 @@ def test_cli_export_gets_the_runs_tokenizer_and_processor_files(tmp_path, capsys
     assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_gone")]) == 2
     assert f"the run's model.init_from={init} does not exist on this machine" in capsys.readouterr().err
     assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out_gone"), "--copy-from", str(data_tok)]) == 0
+
+
+def test_both_exports_record_the_dtype_holding_most_bytes(tmp_path):
+    """bf16 matrices beside more (small) fp32 norms and biases: the export from a checkpoint recorded the dtype of the
+    most tensors (float32) and ``export_hf`` of the live model the one of the most bytes (bfloat16), so the same
+    weights came out as two different models under ``dtype="auto"``. Both record the bytes' choice now."""
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+    from rynnscale.checkpoint.hf import export_hf
+
+    torch.manual_seed(0)
+    cfg = w.tiny_hf_config(num_experts=0, tie=False)
+    model = w.build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.numel() > 512:     # the matrices; norms, biases, k/v of 512 stay fp32
+                p.data = p.data.to(torch.bfloat16)
+    dts = [p.dtype for p in model.parameters()]
+    assert dts.count(torch.float32) > dts.count(torch.bfloat16)                     # more fp32 tensors ...
+    size = {dt: sum(p.numel() for p in model.parameters() if p.dtype == dt) for dt in set(dts)}
+    assert 2 * size[torch.bfloat16] > 4 * size[torch.float32]                      # ... but more bf16 bytes
+    opt, sched = w.build_optim(model, 3)
+    ckpt = CheckpointManager(tmp_path / "run").save(1, model, opt, sched, model_config=cfg)
+    export_checkpoint_hf(ckpt, tmp_path / "from_ckpt")
+    export_hf(model.state_dict().items(), model.args, tmp_path / "live")
+    for d in ("from_ckpt", "live"):
+        assert json.loads((tmp_path / d / "config.json").read_text())["dtype"] == "bfloat16", d
