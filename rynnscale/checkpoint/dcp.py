@@ -419,12 +419,32 @@ def check_complete(path: str | os.PathLike) -> str:
         return (f"this is the {DCP_DIR}/ folder inside the checkpoint {path.parent}"
                 + (f", which is itself not complete: {inner}" if inner else f"; pass the step directory {path.parent}"))
     if not (path / COMPLETE).is_file():
+        run = path if (path / CHECKPOINTS_DIR).is_dir() else path.parent if (path / LATEST).is_file() or any(
+            _FINAL_RE.match(p.name) for p in path.iterdir()) else None
+        if run is not None:   # a run directory or its checkpoints/ folder: say which checkpoint to pass
+            newest = [e.path for e in list_checkpoints(run) if e.complete][-1:]
+            return (f"this is {'a run directory' if run == path else 'the checkpoints/ folder of a run'}, not one "
+                    "checkpoint; pass a step directory" + (f", e.g. the newest {newest[0]}" if newest else
+                                                            " (it holds no complete checkpoint)"))
+        if not (path / TRAINER_STATE).exists() and not (path / DCP_DIR).exists():
+            return f"not a checkpoint directory: no {COMPLETE}, {TRAINER_STATE} or {DCP_DIR}/ in it"
         return f"no {COMPLETE} marker (the save never finished)"
     if not (path / TRAINER_STATE).is_file():
         return f"no {TRAINER_STATE}"
     if not (path / DCP_DIR / ".metadata").is_file():
         return f"no {DCP_DIR}/.metadata"
     return ""
+
+
+def require_complete(path: str | os.PathLike) -> None:
+    """``CheckpointError`` unless ``path`` is a complete checkpoint whose data files are all there, each long enough
+    for what ``.metadata`` says it holds (a partial copy fails here in one line, not in DCP's reader)."""
+    reason = check_complete(path)
+    if not reason:
+        gone = missing_storage_files(Path(path) / DCP_DIR)   # also refuses storage paths outside the checkpoint
+        reason = f"data files: {'; '.join(gone[:5])}" if gone else ""
+    if reason:
+        raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
@@ -910,12 +930,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     dict; any architectural difference from the recorded one is refused (``check_same_architecture``, with
     ``normalize_model_config``). A tensor whose saved shape differs from the model's is refused by name."""
     path = Path(path)
-    reason = check_complete(path)
-    if reason:
-        raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
-    gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
-    if gone:
-        raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
+    require_complete(path)
     ts = read_trainer_state(path)
     if model_config is not None:
         check_same_architecture(path, ts.get("model_config"), model_config, normalize_model_config)

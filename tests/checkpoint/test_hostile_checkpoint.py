@@ -269,3 +269,106 @@ def test_inspect_reports_truncated_or_missing_data_files(tmp_path):
     assert not info["complete"] and "missing" in info["incomplete_reason"]
     assert json.loads((c / "COMPLETE").read_text())["step"] == 1   # the marker alone is not trusted
     assert ckpt.check_complete(c) == ""   # (the cheap marker check, unchanged)
+
+
+# ------------------------------------------------------------------------------------------ 9. damaged copies, export
+def test_export_of_a_truncated_copy_or_a_file_gone_midway_fails_in_one_line(tmp_path, capsys):
+    """``inspect`` called a truncated ``.distcp`` incomplete, but ``export-hf`` read it and died with DCP's
+    multi-line ``CheckpointException`` (``EOFError``), a traceback; the export now checks the data files first,
+    and a file that disappears while it reads (pruned by the run) is named with the tensor."""
+    from rynnscale.checkpoint.export import export_checkpoint_adapter, load_checkpoint_tensor
+
+    c = _tiny_ckpt(tmp_path / "run")
+    data = next((c / "dcp").glob("*.distcp"))
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "not a complete checkpoint" in err and "truncated" in err and data.name in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        export_checkpoint_adapter(c, tmp_path / "adapter")
+    data.unlink()   # gone after the up-front check (e.g. keep_last pruned it during a long export)
+    with pytest.raises(CheckpointError, match=r"model tensor 'lm_head.weight' could not be read .*FileNotFoundError"):
+        load_checkpoint_tensor(c, "lm_head.weight")
+
+
+def _edit_trainer_state(c: Path, **fields) -> None:
+    ts = json.loads((c / "trainer_state.json").read_text())
+    (c / "trainer_state.json").write_text(json.dumps({**ts, **fields}))
+
+
+@pytest.mark.parametrize("damage", ["list", "not_json", "config_is_text", "model_config_is_list",
+                                    "older_format", "complete_not_json"])
+def test_inspect_and_export_of_malformed_json_files_answer_in_one_line(tmp_path, capsys, damage):
+    """A hand-edited or damaged ``trainer_state.json`` / ``COMPLETE`` made ``inspect`` and ``export-hf`` die with an
+    ``AttributeError`` traceback (``'list' object has no attribute 'get'``), or print a bare JSON error that named no
+    file; ``inspect`` now reports the checkpoint incomplete naming the file, ``export-hf`` refuses in one line."""
+    c = _tiny_ckpt(tmp_path / "run")
+    if damage == "list":
+        (c / "trainer_state.json").write_text("[1]")
+    elif damage == "not_json":
+        (c / "trainer_state.json").write_text("{bad")
+    elif damage == "config_is_text":
+        _edit_trainer_state(c, config="x", model_config=None)
+    elif damage == "model_config_is_list":
+        _edit_trainer_state(c, model_config=[1])
+    elif damage == "older_format":
+        _edit_trainer_state(c, format_version=0)
+    else:
+        (c / "COMPLETE").write_text("{bad")
+    damaged_file = "COMPLETE" if damage == "complete_not_json" else "trainer_state.json"
+    assert cli_main(["ckpt", "inspect", str(c), "--max-tensors", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "complete:   NO (" in out and damaged_file in out, out
+    assert cli_main(["ckpt", "inspect", str(c), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert not info["complete"] and damaged_file in info["incomplete_reason"]
+    if damage != "complete_not_json":   # the marker's content is not needed to export
+        assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert str(c / "trainer_state.json") in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_directory_or_a_foreign_one_is_named_as_such(tmp_path, capsys):
+    """Passing the run directory (or its ``checkpoints/``) to ``inspect`` / ``export-hf`` / ``checkpoint.resume`` said
+    "no COMPLETE marker (the save never finished)", as if a save had failed; it now says what the directory is and
+    which checkpoint to pass. A directory that is no checkpoint at all says so too."""
+    run = tmp_path / "run"
+    c = _tiny_ckpt(run)
+    for d, what in ((run, "a run directory"), (run / "checkpoints", "the checkpoints/ folder of a run")):
+        hint = f"this is {what}, not one checkpoint; pass a step directory, e.g. the newest {c}"
+        assert ckpt.check_complete(d) == hint
+        assert cli_main(["ckpt", "export-hf", str(d), str(tmp_path / "hf")]) == 2
+        assert hint in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="pass a step directory"):
+            find_resume_checkpoint(run, str(d))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"x")
+    assert ckpt.check_complete(foreign) == "not a checkpoint directory: no COMPLETE, trainer_state.json or dcp/ in it"
+    assert cli_main(["ckpt", "inspect", str(foreign)]) == 1
+    assert "not a checkpoint directory" in capsys.readouterr().out
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export_and_answers_in_one_line(tmp_path, monkeypatch, capsys):
+    """``export-hf --overwrite`` onto a full disk ended in an ``OSError`` traceback; it now prints one line, and the
+    previous export is untouched (the new one is written beside it and renamed only when complete)."""
+    from rynnscale.checkpoint import export
+
+    c = _tiny_ckpt(tmp_path / "run")
+    out = tmp_path / "hf out ü"
+    assert cli_main(["ckpt", "export-hf", str(c), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export.os, "fsync", full_disk)
+    capsys.readouterr()
+    assert cli_main(["ckpt", "export-hf", str(c), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf out ü", "run"]   # no temporary directory left
