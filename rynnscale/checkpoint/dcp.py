@@ -30,7 +30,9 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -697,18 +699,52 @@ def _next_save_seq(output_dir: str | os.PathLike) -> int:
     return 1 + max((_save_order(e)[0] for e in list_checkpoints(output_dir) if e.complete), default=-1)
 
 
-def _remove(path: Path) -> None:
-    """Delete a checkpoint directory; a complete one is first renamed to a temporary name, so a kill midway
-    leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint whose
-    COMPLETE marker still stands."""
+@contextlib.contextmanager
+def reading_checkpoint(path: str | os.PathLike):
+    """Hold a shared ``flock`` on checkpoint ``path``'s ``COMPLETE`` marker while reading it (``ckpt export-hf``):
+    the run that wrote it leaves it alone meanwhile (keep_last pruning skips it until a later save).
+    Nothing is held where the marker is absent or the file system has no flock."""
+    fd = None
+    try:
+        fd = os.open(Path(path) / COMPLETE, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove(path: Path) -> bool:
+    """Delete a checkpoint directory, unless a reader holds it (``reading_checkpoint``): False then. A complete one
+    is first renamed to a temporary name (under an exclusive lock, so no reader starts in between), so a kill
+    midway leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint
+    whose COMPLETE marker still stands."""
     if _FINAL_RE.match(path.name):
         trash = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        fd = None
+        try:
+            fd = os.open(path / COMPLETE, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:   # no marker, or no flock here: delete as before
+            pass
         try:
             path.rename(trash)
             path = trash
         except OSError:
             pass
+        finally:
+            if fd is not None:
+                os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
@@ -899,8 +935,11 @@ class CheckpointManager:
         doomed = [e for e in by_time if e not in kept and e.path.name != pointed]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
-            log.info("pruning checkpoint %s", e.path)
-            _remove(e.path)
+            if _remove(e.path):
+                log.info("pruned checkpoint %s", e.path)
+            else:
+                log.warning("keep_last: checkpoint %s is being read (e.g. by ckpt export-hf); kept until a later "
+                            "save", e.path)
 
     # ------------------------------------------------------------------------------------------ load
     def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

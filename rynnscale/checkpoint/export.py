@@ -37,6 +37,7 @@ from rynnscale.checkpoint.dcp import (
     CheckpointError,
     read_dcp_metadata,
     read_trainer_state,
+    reading_checkpoint,
     require_complete,
     safe_dcp_load,
 )
@@ -219,8 +220,14 @@ def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None
 def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                               base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``); its base model
-    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``."""
-    ckpt = Path(ckpt)
+    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``. The checkpoint is held
+    (``reading_checkpoint``) meanwhile, so the run that wrote it does not prune it."""
+    with reading_checkpoint(ckpt):
+        return _export_checkpoint_adapter(Path(ckpt), out_dir, base_model_name_or_path, overwrite)
+
+
+def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                               overwrite: bool) -> Path:
     require_complete(ckpt)
     if base_model_name_or_path is None:
         ts = read_trainer_state(ckpt)
@@ -316,9 +323,15 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     replacing the run's own, ``export_side_files``; also the architecture when the checkpoint records none). ``dtype`` casts floating tensors (e.g.
     ``torch.bfloat16``); default keeps the stored dtype. Names and shapes are checked against the
     architecture before anything is written (one ``HFCheckpointError`` listing every problem). The
-    directory is written under a temporary name beside ``out_dir`` and renamed when complete."""
+    directory is written under a temporary name beside ``out_dir`` and renamed when complete. The checkpoint is
+    held (``reading_checkpoint``) meanwhile, so the run that wrote it does not prune it."""
+    with reading_checkpoint(ckpt):
+        return _export_checkpoint_hf(Path(ckpt), out_dir, copy_from, dtype, max_shard_bytes, overwrite)
+
+
+def _export_checkpoint_hf(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None,
+                          dtype: torch.dtype | None, max_shard_bytes: int, overwrite: bool) -> CheckpointExportReport:
     t0 = time.perf_counter()
-    ckpt = Path(ckpt)
     require_complete(ckpt)
     sources = export_side_files(ckpt, copy_from)
     _refuse_overlapping_output(ckpt, out_dir, copy_from, sources)

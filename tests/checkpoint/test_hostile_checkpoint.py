@@ -372,3 +372,41 @@ def test_export_on_a_full_disk_keeps_the_previous_export_and_answers_in_one_line
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf out ü", "run"]   # no temporary directory left
+
+
+def test_keep_last_does_not_prune_a_checkpoint_an_export_is_reading(tmp_path, monkeypatch, caplog):
+    """``ckpt export-hf RUN/checkpoints/step_N`` while the run trains on: keep_last pruned step_N under the export,
+    which died midway (its data file gone). Pruning now skips a checkpoint an export holds and removes it at the
+    first save after the export ends; the export is complete and equals the checkpoint tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from rynnscale.checkpoint import export
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep_last=1)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 10)
+    w.train_step(model, opt, sched)
+    c = mgr.save(1, model, opt, sched, model_config=w.tiny_hf_config())
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    real_read, saved = export.load_checkpoint_tensor, []
+
+    def read_while_the_run_saves(*a, **k):
+        if not saved:   # the run saves twice while the export reads its first tensor
+            for step in (2, 3):
+                w.train_step(model, opt, sched)
+                saved.append(mgr.save(step, model, opt, sched, model_config=w.tiny_hf_config()))
+        return real_read(*a, **k)
+    monkeypatch.setattr(export, "load_checkpoint_tensor", read_while_the_run_saves)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        report = export.export_checkpoint_hf(c, tmp_path / "hf")
+    assert any("is being read" in r.getMessage() and c.name in r.getMessage() for r in caplog.records)
+    assert _steps(run) == [1, 3] and (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    got = load_file(str(Path(report.out_dir) / "model.safetensors"))
+    assert got.keys() <= want.keys() and len(got) == report.num_tensors
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    w.train_step(model, opt, sched)
+    mgr.save(4, model, opt, sched, model_config=w.tiny_hf_config())   # the export ended: pruned now
+    assert _steps(run) == [4]
