@@ -410,3 +410,22 @@ def test_keep_last_does_not_prune_a_checkpoint_an_export_is_reading(tmp_path, mo
     w.train_step(model, opt, sched)
     mgr.save(4, model, opt, sched, model_config=w.tiny_hf_config())   # the export ended: pruned now
     assert _steps(run) == [4]
+
+
+def test_inspect_summarises_a_text_only_family_from_its_flat_config(tmp_path):
+    """A text-only family's config.json is flat (``qwen3_5_moe_text``: no ``text_config``): ``ckpt inspect`` read the
+    sizes from ``text_config`` only and printed a Qwen3.5-MoE checkpoint as ``num_experts=0`` with no sizes."""
+    from qwen35_helpers import tiny_config
+
+    from rynnscale.checkpoint.inspection import inspect_checkpoint
+    from rynnscale.models import args_from_hf_config
+    from rynnscale.models.qwen3_5.model import new_model
+
+    cfg = tiny_config(moe=True, text_only=True)
+    args = args_from_hf_config(cfg)
+    model = new_model(args, attn_backend="sdpa")
+    c = CheckpointManager(tmp_path).save(1, model, torch.optim.AdamW(model.parameters()),
+                                         model_config=args.to_hf_config())
+    got = inspect_checkpoint(c)["config_summary"]
+    assert (got["model_type"], got["hidden_size"], got["num_hidden_layers"], got["num_experts"], got["vocab_size"]) == (
+        "qwen3_5_moe_text", cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_experts"], cfg["vocab_size"])
