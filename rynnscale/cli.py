@@ -173,7 +173,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                                                 base_model_name_or_path=str(args.copy_from) if args.copy_from else None)
                 print(f"wrote the LoRA adapter (PEFT format) to {out}")
             return 0
-    except (CheckpointError, HFCheckpointError, FileExistsError, ValueError) as e:
+    except (CheckpointError, HFCheckpointError, OSError, ValueError) as e:   # OSError: disk full, permissions
         print(f"rynnscale ckpt {args.ckpt_cmd}: {e}", file=sys.stderr)
         return 2
     return 2

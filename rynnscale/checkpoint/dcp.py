@@ -30,7 +30,9 @@ Safe loading. Stock DCP reads ``.metadata`` with ``pickle.load`` and non-tensor 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -419,12 +421,32 @@ def check_complete(path: str | os.PathLike) -> str:
         return (f"this is the {DCP_DIR}/ folder inside the checkpoint {path.parent}"
                 + (f", which is itself not complete: {inner}" if inner else f"; pass the step directory {path.parent}"))
     if not (path / COMPLETE).is_file():
+        run = path if (path / CHECKPOINTS_DIR).is_dir() else path.parent if (path / LATEST).is_file() or any(
+            _FINAL_RE.match(p.name) for p in path.iterdir()) else None
+        if run is not None:   # a run directory or its checkpoints/ folder: say which checkpoint to pass
+            newest = [e.path for e in list_checkpoints(run) if e.complete][-1:]
+            return (f"this is {'a run directory' if run == path else 'the checkpoints/ folder of a run'}, not one "
+                    "checkpoint; pass a step directory" + (f", e.g. the newest {newest[0]}" if newest else
+                                                            " (it holds no complete checkpoint)"))
+        if not (path / TRAINER_STATE).exists() and not (path / DCP_DIR).exists():
+            return f"not a checkpoint directory: no {COMPLETE}, {TRAINER_STATE} or {DCP_DIR}/ in it"
         return f"no {COMPLETE} marker (the save never finished)"
     if not (path / TRAINER_STATE).is_file():
         return f"no {TRAINER_STATE}"
     if not (path / DCP_DIR / ".metadata").is_file():
         return f"no {DCP_DIR}/.metadata"
     return ""
+
+
+def require_complete(path: str | os.PathLike) -> None:
+    """``CheckpointError`` unless ``path`` is a complete checkpoint whose data files are all there, each long enough
+    for what ``.metadata`` says it holds (a partial copy fails here in one line, not in DCP's reader)."""
+    reason = check_complete(path)
+    if not reason:
+        gone = missing_storage_files(Path(path) / DCP_DIR)   # also refuses storage paths outside the checkpoint
+        reason = f"data files: {'; '.join(gone[:5])}" if gone else ""
+    if reason:
+        raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointEntry]:
@@ -708,18 +730,52 @@ def _next_save_seq(output_dir: str | os.PathLike) -> int:
     return 1 + max((_save_order(e)[0] for e in list_checkpoints(output_dir) if e.complete), default=-1)
 
 
-def _remove(path: Path) -> None:
-    """Delete a checkpoint directory; a complete one is first renamed to a temporary name, so a kill midway
-    leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint whose
-    COMPLETE marker still stands."""
+@contextlib.contextmanager
+def reading_checkpoint(path: str | os.PathLike):
+    """Hold a shared ``flock`` on checkpoint ``path``'s ``COMPLETE`` marker while reading it (``ckpt export-hf``):
+    the run that wrote it leaves it alone meanwhile (keep_last pruning skips it until a later save).
+    Nothing is held where the marker is absent or the file system has no flock."""
+    fd = None
+    try:
+        fd = os.open(Path(path) / COMPLETE, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _remove(path: Path) -> bool:
+    """Delete a checkpoint directory, unless a reader holds it (``reading_checkpoint``): False then. A complete one
+    is first renamed to a temporary name (under an exclusive lock, so no reader starts in between), so a kill
+    midway leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint
+    whose COMPLETE marker still stands."""
     if _FINAL_RE.match(path.name):
         trash = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+        fd = None
+        try:
+            fd = os.open(path / COMPLETE, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:   # no marker, or no flock here: delete as before
+            pass
         try:
             path.rename(trash)
             path = trash
         except OSError:
             pass
+        finally:
+            if fd is not None:
+                os.close(fd)
     shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 # ``{"model": sd, "optim": osd} -> same`` applied before DCP sees a state dict (save and load); the result
@@ -913,8 +969,11 @@ class CheckpointManager:
         doomed = [e for e in by_time if e not in kept and e.path.name != pointed and _save_id(e) != target]
         doomed += [e for e in entries if not e.complete and _TMP_RE.match(e.path.name) and e.step <= newest]
         for e in doomed:
-            log.info("pruning checkpoint %s", e.path)
-            _remove(e.path)
+            if _remove(e.path):
+                log.info("pruned checkpoint %s", e.path)
+            else:
+                log.warning("keep_last: checkpoint %s is being read (e.g. by ckpt export-hf); kept until a later "
+                            "save", e.path)
 
     # ------------------------------------------------------------------------------------------ load
     def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -944,12 +1003,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     dict; any architectural difference from the recorded one is refused (``check_same_architecture``, with
     ``normalize_model_config``). A tensor whose saved shape differs from the model's is refused by name."""
     path = Path(path)
-    reason = check_complete(path)
-    if reason:
-        raise CheckpointError(f"{path}: not a complete checkpoint ({reason})")
-    gone = missing_storage_files(path / DCP_DIR)   # also refuses storage paths outside the checkpoint
-    if gone:
-        raise CheckpointError(f"{path}: not a complete checkpoint (data files: {'; '.join(gone[:5])})")
+    require_complete(path)
     ts = read_trainer_state(path)
     if model_config is not None:
         check_same_architecture(path, ts.get("model_config"), model_config, normalize_model_config)

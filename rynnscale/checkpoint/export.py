@@ -29,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from rynnscale.checkpoint.adapter import export_adapter
 from rynnscale.checkpoint.dcp import (
     DCP_DIR,
     TRAINER_STATE,
     CheckpointError,
-    check_complete,
     read_dcp_metadata,
+    read_trainer_state,
+    reading_checkpoint,
+    require_complete,
     safe_dcp_load,
 )
 from rynnscale.checkpoint.hf import (
@@ -88,7 +91,7 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
     ts_path = ckpt / TRAINER_STATE
     if not ts_path.is_file():
         raise CheckpointError(f"{ts_path}: no such file (not a rynnscale checkpoint)")
-    ts = json.loads(ts_path.read_text())
+    ts = read_trainer_state(ckpt)
     if ts.get("model_config"):
         return args_from_hf_config(ts["model_config"], where=f"{ts_path}:model_config")
     model_cfg = (ts.get("config") or {}).get("model") or {}
@@ -114,7 +117,7 @@ def export_side_files(ckpt: str | os.PathLike, copy_from: str | os.PathLike | No
     if copy_from is not None:
         return side_files(copy_from)
     ts_path = Path(ckpt) / TRAINER_STATE
-    cfg = json.loads(ts_path.read_text()).get("config") or {}
+    cfg = read_trainer_state(ckpt).get("config") or {}
     init_from = (cfg.get("model") or {}).get("init_from")
     tokenizer = (cfg.get("data") or {}).get("tokenizer")
     for key, path in (("model.init_from", init_from), ("data.tokenizer", tokenizer)):
@@ -134,7 +137,7 @@ def tokenizer_origin(report: CheckpointExportReport) -> str:
 
 def checkpoint_lora_spec(ckpt: str | os.PathLike) -> LoRASpec | None:
     """The ``model.lora`` of the run that wrote ``ckpt`` (from its saved config), None for a full fine-tune."""
-    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    ts = read_trainer_state(ckpt)
     lc = ((ts.get("config") or {}).get("model") or {}).get("lora") or {}
     if int(lc.get("rank") or 0) <= 0:
         return None
@@ -168,7 +171,7 @@ def base_fingerprint(init_from: str | os.PathLike, cache: Path | None = None) ->
 def check_export_base(ckpt: str | os.PathLike, base_dir: Path) -> None:
     """An adapters-only checkpoint records its base's content hash (``extra.lora_base``): merging its adapters
     into another base writes a wrong model, so that is refused, naming both hashes."""
-    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    ts = read_trainer_state(ckpt)
     saved = (ts.get("extra") or {}).get("lora_base")
     if not isinstance(saved, dict) or "sha256" not in saved:
         return
@@ -182,7 +185,7 @@ def check_export_base(ckpt: str | os.PathLike, base_dir: Path) -> None:
 
 def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
     """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
-    ts = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    ts = read_trainer_state(ckpt)
     init_from = ((ts.get("config") or {}).get("model") or {}).get("init_from")
     for src in (init_from, copy_from):
         if src is not None and (Path(src) / "config.json").is_file():
@@ -219,10 +222,17 @@ def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None
 def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                               base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``); its base model
-    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``."""
-    ckpt = Path(ckpt)
+    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``. The checkpoint is held
+    (``reading_checkpoint``) meanwhile, so the run that wrote it does not prune it."""
+    with reading_checkpoint(ckpt):
+        return _export_checkpoint_adapter(Path(ckpt), out_dir, base_model_name_or_path, overwrite)
+
+
+def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                               overwrite: bool) -> Path:
+    require_complete(ckpt)
     if base_model_name_or_path is None:
-        ts = json.loads((ckpt / TRAINER_STATE).read_text())
+        ts = read_trainer_state(ckpt)
         base_model_name_or_path = ((ts.get("config") or {}).get("model") or {}).get("init_from")
     spec = checkpoint_lora_spec(ckpt)
     if spec is None:
@@ -253,7 +263,16 @@ def load_checkpoint_tensor(ckpt: str | os.PathLike, name: str, meta: Any | None 
         if meta is None:
             raise CheckpointError(f"{ckpt / DCP_DIR}: no model tensor {name!r}")
     target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-    safe_dcp_load({"model": {name: target}}, ckpt / DCP_DIR, local_only=True)  # one process, even inside a job
+    try:
+        safe_dcp_load({"model": {name: target}}, ckpt / DCP_DIR, local_only=True)  # one process, even inside a job
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:   # DCP's CheckpointException is a BaseException
+        errors = [f[0] for f in getattr(e, "failures", {}).values() if isinstance(f, tuple) and f] or [e]
+        why = "; ".join(f"{type(x).__name__}: {str(x)[:200]}" for x in errors)
+        raise CheckpointError(f"{ckpt / DCP_DIR}: model tensor {name!r} could not be read ({why}); its data files "
+                              "are damaged, or were removed while reading (e.g. pruned by the run that wrote "
+                              "them)") from e
     return target
 
 
@@ -306,12 +325,16 @@ def export_checkpoint_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
     replacing the run's own, ``export_side_files``; also the architecture when the checkpoint records none). ``dtype`` casts floating tensors (e.g.
     ``torch.bfloat16``); default keeps the stored dtype. Names and shapes are checked against the
     architecture before anything is written (one ``HFCheckpointError`` listing every problem). The
-    directory is written under a temporary name beside ``out_dir`` and renamed when complete."""
+    directory is written under a temporary name beside ``out_dir`` and renamed when complete. The checkpoint is
+    held (``reading_checkpoint``) meanwhile, so the run that wrote it does not prune it."""
+    with reading_checkpoint(ckpt):
+        return _export_checkpoint_hf(Path(ckpt), out_dir, copy_from, dtype, max_shard_bytes, overwrite)
+
+
+def _export_checkpoint_hf(ckpt: Path, out_dir: str | os.PathLike, copy_from: str | os.PathLike | None,
+                          dtype: torch.dtype | None, max_shard_bytes: int, overwrite: bool) -> CheckpointExportReport:
     t0 = time.perf_counter()
-    ckpt = Path(ckpt)
-    reason = check_complete(ckpt)
-    if reason:
-        raise CheckpointError(f"{ckpt}: not a complete checkpoint ({reason})")
+    require_complete(ckpt)
     sources = export_side_files(ckpt, copy_from)
     _refuse_overlapping_output(ckpt, out_dir, copy_from, sources)
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)

@@ -16,6 +16,7 @@ from rynnscale.checkpoint.dcp import (
     check_complete,
     missing_storage_files,
     read_dcp_metadata,
+    read_trainer_state,
 )
 from rynnscale.models import ArchConfigError, args_from_hf_config, family_of
 
@@ -38,20 +39,28 @@ def inspect_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: not a directory")
     reason = check_complete(ckpt)
+    damaged = []   # JSON files that are unreadable or malformed: reported, not a traceback
+    ts = _json_object(ckpt / TRAINER_STATE, damaged)
+    if ts and not damaged:
+        try:
+            read_trainer_state(ckpt)
+        except CheckpointError as e:
+            damaged.append(str(e))
+    if (ckpt / COMPLETE).is_file():
+        marker = _json_object(ckpt / COMPLETE, damaged)
+    reason = "; ".join(([reason] if reason else []) + damaged)
     out: dict[str, Any] = {"path": str(ckpt), "complete": not reason, "incomplete_reason": reason or None}
-    ts_path = ckpt / TRAINER_STATE
-    ts = json.loads(ts_path.read_text()) if ts_path.is_file() else {}
     out.update({k: ts.get(k) for k in ("step", "tokens_seen", "world_size", "layout", "torch_version")})
     if (ckpt / COMPLETE).is_file():
-        out["complete_marker"] = json.loads((ckpt / COMPLETE).read_text())
-    cfg = ts.get("config") or {}
-    mc = ts.get("model_config") or ((cfg.get("model") or {}).get("arch")) or {}
-    text = mc.get("text_config", {})
+        out["complete_marker"] = marker
+    cfg = _obj(ts.get("config"))
+    mc = _obj(ts.get("model_config") or _obj(cfg.get("model")).get("arch"))
+    text = _obj(mc.get("text_config", mc))   # a text-only family's config.json is flat
     out["config_summary"] = {
-        "model_type": mc.get("model_type"), "init_from": (cfg.get("model") or {}).get("init_from"),
+        "model_type": mc.get("model_type"), "init_from": _obj(cfg.get("model")).get("init_from"),
         "hidden_size": text.get("hidden_size"), "num_hidden_layers": text.get("num_hidden_layers"),
         "num_experts": text.get("num_experts", 0), "vocab_size": text.get("vocab_size"),
-        "max_steps": (cfg.get("train") or {}).get("max_steps"), "lr": (cfg.get("optim") or {}).get("lr"),
+        "max_steps": _obj(cfg.get("train")).get("max_steps"), "lr": _obj(cfg.get("optim")).get("lr"),
         "parallel": cfg.get("parallel"),
     }
     out["rank_files"] = sorted(p.name for p in ckpt.glob("rank_*.json"))
@@ -86,6 +95,27 @@ def inspect_checkpoint(ckpt: str | os.PathLike) -> dict[str, Any]:
     out["model_params"] = sum(_numel(t["shape"]) for t in tensors if "tied_to" not in t)
     out["optimizer"] = optim
     return out
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    """``v`` if it is a JSON object, else an empty one (a hand-edited file may hold anything)."""
+    return v if isinstance(v, dict) else {}
+
+
+def _json_object(path: Path, damaged: list[str]) -> dict[str, Any]:
+    """The JSON object in ``path`` ({} if absent); a file that cannot be read or holds no object is
+    added to ``damaged``, naming it, and reads as {}."""
+    if not path.is_file():
+        return {}
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        damaged.append(f"{path.name} unreadable ({type(e).__name__}: {e})")
+        return {}
+    if not isinstance(v, dict):
+        damaged.append(f"{path.name} holds a JSON {type(v).__name__}, expected an object")
+        return {}
+    return v
 
 
 def _tied_names(model_config: dict[str, Any]) -> dict[str, str]:

@@ -269,3 +269,163 @@ def test_inspect_reports_truncated_or_missing_data_files(tmp_path):
     assert not info["complete"] and "missing" in info["incomplete_reason"]
     assert json.loads((c / "COMPLETE").read_text())["step"] == 1   # the marker alone is not trusted
     assert ckpt.check_complete(c) == ""   # (the cheap marker check, unchanged)
+
+
+# ------------------------------------------------------------------------------------------ 9. damaged copies, export
+def test_export_of_a_truncated_copy_or_a_file_gone_midway_fails_in_one_line(tmp_path, capsys):
+    """``inspect`` called a truncated ``.distcp`` incomplete, but ``export-hf`` read it and died with DCP's
+    multi-line ``CheckpointException`` (``EOFError``), a traceback; the export now checks the data files first,
+    and a file that disappears while it reads (pruned by the run) is named with the tensor."""
+    from rynnscale.checkpoint.export import export_checkpoint_adapter, load_checkpoint_tensor
+
+    c = _tiny_ckpt(tmp_path / "run")
+    data = next((c / "dcp").glob("*.distcp"))
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "not a complete checkpoint" in err and "truncated" in err and data.name in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.tmp-*"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        export_checkpoint_adapter(c, tmp_path / "adapter")
+    data.unlink()   # gone after the up-front check (e.g. keep_last pruned it during a long export)
+    with pytest.raises(CheckpointError, match=r"model tensor 'lm_head.weight' could not be read .*FileNotFoundError"):
+        load_checkpoint_tensor(c, "lm_head.weight")
+
+
+def _edit_trainer_state(c: Path, **fields) -> None:
+    ts = json.loads((c / "trainer_state.json").read_text())
+    (c / "trainer_state.json").write_text(json.dumps({**ts, **fields}))
+
+
+@pytest.mark.parametrize("damage", ["list", "not_json", "config_is_text", "model_config_is_list",
+                                    "older_format", "complete_not_json"])
+def test_inspect_and_export_of_malformed_json_files_answer_in_one_line(tmp_path, capsys, damage):
+    """A hand-edited or damaged ``trainer_state.json`` / ``COMPLETE`` made ``inspect`` and ``export-hf`` die with an
+    ``AttributeError`` traceback (``'list' object has no attribute 'get'``), or print a bare JSON error that named no
+    file; ``inspect`` now reports the checkpoint incomplete naming the file, ``export-hf`` refuses in one line."""
+    c = _tiny_ckpt(tmp_path / "run")
+    if damage == "list":
+        (c / "trainer_state.json").write_text("[1]")
+    elif damage == "not_json":
+        (c / "trainer_state.json").write_text("{bad")
+    elif damage == "config_is_text":
+        _edit_trainer_state(c, config="x", model_config=None)
+    elif damage == "model_config_is_list":
+        _edit_trainer_state(c, model_config=[1])
+    elif damage == "older_format":
+        _edit_trainer_state(c, format_version=0)
+    else:
+        (c / "COMPLETE").write_text("{bad")
+    damaged_file = "COMPLETE" if damage == "complete_not_json" else "trainer_state.json"
+    assert cli_main(["ckpt", "inspect", str(c), "--max-tensors", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "complete:   NO (" in out and damaged_file in out, out
+    assert cli_main(["ckpt", "inspect", str(c), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert not info["complete"] and damaged_file in info["incomplete_reason"]
+    if damage != "complete_not_json":   # the marker's content is not needed to export
+        assert cli_main(["ckpt", "export-hf", str(c), str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert str(c / "trainer_state.json") in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_directory_or_a_foreign_one_is_named_as_such(tmp_path, capsys):
+    """Passing the run directory (or its ``checkpoints/``) to ``inspect`` / ``export-hf`` / ``checkpoint.resume`` said
+    "no COMPLETE marker (the save never finished)", as if a save had failed; it now says what the directory is and
+    which checkpoint to pass. A directory that is no checkpoint at all says so too."""
+    run = tmp_path / "run"
+    c = _tiny_ckpt(run)
+    for d, what in ((run, "a run directory"), (run / "checkpoints", "the checkpoints/ folder of a run")):
+        hint = f"this is {what}, not one checkpoint; pass a step directory, e.g. the newest {c}"
+        assert ckpt.check_complete(d) == hint
+        assert cli_main(["ckpt", "export-hf", str(d), str(tmp_path / "hf")]) == 2
+        assert hint in capsys.readouterr().err
+        with pytest.raises(CheckpointError, match="pass a step directory"):
+            find_resume_checkpoint(run, str(d))
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "a.jpg").write_bytes(b"x")
+    assert ckpt.check_complete(foreign) == "not a checkpoint directory: no COMPLETE, trainer_state.json or dcp/ in it"
+    assert cli_main(["ckpt", "inspect", str(foreign)]) == 1
+    assert "not a checkpoint directory" in capsys.readouterr().out
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export_and_answers_in_one_line(tmp_path, monkeypatch, capsys):
+    """``export-hf --overwrite`` onto a full disk ended in an ``OSError`` traceback; it now prints one line, and the
+    previous export is untouched (the new one is written beside it and renamed only when complete)."""
+    from rynnscale.checkpoint import export
+
+    c = _tiny_ckpt(tmp_path / "run")
+    out = tmp_path / "hf out ü"
+    assert cli_main(["ckpt", "export-hf", str(c), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export.os, "fsync", full_disk)
+    capsys.readouterr()
+    assert cli_main(["ckpt", "export-hf", str(c), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf out ü", "run"]   # no temporary directory left
+
+
+def test_keep_last_does_not_prune_a_checkpoint_an_export_is_reading(tmp_path, monkeypatch, caplog):
+    """``ckpt export-hf RUN/checkpoints/step_N`` while the run trains on: keep_last pruned step_N under the export,
+    which died midway (its data file gone). Pruning now skips a checkpoint an export holds and removes it at the
+    first save after the export ends; the export is complete and equals the checkpoint tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from rynnscale.checkpoint import export
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    mgr = CheckpointManager(run, keep_last=1)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 10)
+    w.train_step(model, opt, sched)
+    c = mgr.save(1, model, opt, sched, model_config=w.tiny_hf_config())
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    real_read, saved = export.load_checkpoint_tensor, []
+
+    def read_while_the_run_saves(*a, **k):
+        if not saved:   # the run saves twice while the export reads its first tensor
+            for step in (2, 3):
+                w.train_step(model, opt, sched)
+                saved.append(mgr.save(step, model, opt, sched, model_config=w.tiny_hf_config()))
+        return real_read(*a, **k)
+    monkeypatch.setattr(export, "load_checkpoint_tensor", read_while_the_run_saves)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.checkpoint"):
+        report = export.export_checkpoint_hf(c, tmp_path / "hf")
+    assert any("is being read" in r.getMessage() and c.name in r.getMessage() for r in caplog.records)
+    assert _steps(run) == [1, 3] and (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    got = load_file(str(Path(report.out_dir) / "model.safetensors"))
+    assert got.keys() <= want.keys() and len(got) == report.num_tensors
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+    w.train_step(model, opt, sched)
+    mgr.save(4, model, opt, sched, model_config=w.tiny_hf_config())   # the export ended: pruned now
+    assert _steps(run) == [4]
+
+
+def test_inspect_summarises_a_text_only_family_from_its_flat_config(tmp_path):
+    """A text-only family's config.json is flat (``qwen3_5_moe_text``: no ``text_config``): ``ckpt inspect`` read the
+    sizes from ``text_config`` only and printed a Qwen3.5-MoE checkpoint as ``num_experts=0`` with no sizes."""
+    from qwen35_helpers import tiny_config
+
+    from rynnscale.checkpoint.inspection import inspect_checkpoint
+    from rynnscale.models import args_from_hf_config
+    from rynnscale.models.qwen3_5.model import new_model
+
+    cfg = tiny_config(moe=True, text_only=True)
+    args = args_from_hf_config(cfg)
+    model = new_model(args, attn_backend="sdpa")
+    c = CheckpointManager(tmp_path).save(1, model, torch.optim.AdamW(model.parameters()),
+                                         model_config=args.to_hf_config())
+    got = inspect_checkpoint(c)["config_summary"]
+    assert (got["model_type"], got["hidden_size"], got["num_hidden_layers"], got["num_experts"], got["vocab_size"]) == (
+        "qwen3_5_moe_text", cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_experts"], cfg["vocab_size"])
