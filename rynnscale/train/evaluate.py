@@ -5,7 +5,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
 ``evaluate(model, ctx)`` returns (all ranks' totals, identical on every rank):
 
 - ``eval_loss``: mean next-token cross-entropy over ALL assistant tokens of the held-out set (or its
-  first ``eval.max_batches`` packed micro-batches per rank); ``eval_tokens``: that token count.
+  first ``eval.max_batches`` packed micro-batches per rank); ``eval_tokens``: that token count;
+  ``eval_skipped``: held-out samples skipped as bad (counted and logged by reason, as in training).
 - grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
   the prompt is the sample up to its first assistant token, the answer is greedily generated
   (``rynnscale.models.generate``: batches of prompts, KV cache), both answers' tags are parsed (``parse_tags``, lenient for the
@@ -286,22 +287,29 @@ class Evaluator:
         model.eval()
         try:
             with autocast(compute_dtype(self.cfg.train.dtype, device), device):
-                loss_sum, n_tokens = self._eval_loss(model, device, total)
+                loss_sum, n_tokens, skipped = self._eval_loss(model, device, total)
                 ground = self._grounding(model, device, total, lockstep=ctx is not None and ctx.distributed)
         finally:
             model.train(was_training)
             model.cp = cp
-        out: dict[str, Any] = {"eval_loss": loss_sum / n_tokens if n_tokens else None, "eval_tokens": int(n_tokens)}
+        out: dict[str, Any] = {"eval_loss": loss_sum / n_tokens if n_tokens else None, "eval_tokens": int(n_tokens),
+                               "eval_skipped": skipped}
         out.update(ground)
         return out
 
-    def _eval_loss(self, model, device, total) -> tuple[float, int]:
+    def _eval_loss(self, model, device, total) -> tuple[float, int, int]:
+        """(loss sum, target tokens, held-out samples skipped as bad), each summed over the ranks."""
         cap = self.cfg.eval.max_batches
         batches: list[PackedBatch] = []
-        for b in self.loader():
+        loader = self.loader()
+        for b in loader:
             batches.append(b)
             if cap and len(batches) >= cap:
                 break
+        skipped = sum(loader.bad_counts.values())
+        if skipped:   # the eval loss is over the other samples: say which were left out and why
+            log.warning("eval: %d held-out samples skipped on rank %d (%s); eval_loss is over the rest", skipped,
+                        self.rank, loader.bad_summary())
         counts = [0.0] * self.world_size
         counts[self.rank] = float(len(batches))
         n_forwards = int(max(total(counts)))       # every rank runs as many forwards as the busiest one
@@ -316,8 +324,8 @@ class Evaluator:
             if real:
                 loss_sum += float(ls)
                 n_tok += batch.num_target_tokens
-        loss_sum, n_tok = total([loss_sum, float(n_tok)])
-        return loss_sum, int(n_tok)
+        loss_sum, n_tok, skipped = total([loss_sum, float(n_tok), float(skipped)])
+        return loss_sum, int(n_tok), int(skipped)
 
     def _grounding(self, model, device, total, lockstep: bool = False) -> dict[str, Any]:
         """``lockstep`` (several processes): every rank decodes until all are done -- FSDP's collectives need the

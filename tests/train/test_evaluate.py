@@ -208,3 +208,43 @@ def test_split_prompt_keeps_only_the_prompts_media() -> None:
     # a text-only first turn: no media at all in its prompt
     p_text, _ = split_prompt(encode(turn([], "Hello?", "Hi.") + second), enc.ids, enc.spec.merge_size)
     assert p_text.pixel_values is None and p_text.image_grid_thw is None and p_text.pixel_values_videos is None
+
+
+def test_bad_held_out_samples_are_counted_and_the_loss_is_over_the_rest(tmp_path: Path, caplog) -> None:
+    """A held-out sample that fails to decode was skipped without a word: the eval loss silently covered fewer
+    samples. It is now counted (``eval_skipped``, summed over ranks) and logged by reason; the loss equals the
+    evaluation of the good samples alone."""
+    import io
+    import tarfile
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=0")
+    generate_eval_synthetic(cfg)
+    samples = [r for p in expand_shard_patterns(eval_shard_patterns(cfg)) for r in iter_tar_samples(p)]
+
+    def write(path: Path, rows) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as tf:
+            for key, members in rows:
+                for name, data in sorted(members.items()):
+                    ti = tarfile.TarInfo(f"{key}.{name}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+
+    rows = [(r.key, dict(r.members)) for r in samples]
+    bad = dict(rows[1][1], **{"conv.json": b"{not json"})
+    write(tmp_path / "with_bad" / "eval-000000.tar", [rows[0], (rows[1][0], bad), *rows[2:]])
+    write(tmp_path / "good_only" / "eval-000000.tar", [rows[0], *rows[2:]])
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+
+    def evaluate(d: str) -> dict:
+        c = tiny_cfg(tmp_path, "eval.grounding_samples=0", f"eval.shards=[{tmp_path / d / '*.tar'}]")
+        return Evaluator(c, args).evaluate(model)
+
+    with caplog.at_level("WARNING", logger="rynnscale.train.evaluate"):
+        got = evaluate("with_bad")
+    want = evaluate("good_only")
+    assert got["eval_skipped"] == 1 and want["eval_skipped"] == 0
+    assert "1 held-out samples skipped on rank 0 (bad_json=1" in caplog.text
+    assert got["eval_tokens"] == want["eval_tokens"] > 0
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
