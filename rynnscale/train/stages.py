@@ -87,8 +87,9 @@ def _still_done(cfg: RootConfig, i: int, scfg: RootConfig, ctx: Any) -> bool:
     return False
 
 
-def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> Path:
-    """Run (or continue) the chain of ``cfg.stages`` on this rank; returns ``run.output_dir``."""
+def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> tuple[str, Any]:
+    """Run (or continue) the chain of ``cfg.stages`` on this rank; returns the name of the stage it ended in and
+    that stage's ``RunOutcome`` (None when every stage had finished before)."""
     from rynnscale.train.trainer import train_run
 
     root = Path(cfg.run.output_dir)
@@ -96,6 +97,7 @@ def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, root / "config.yaml")
     last = len(cfg.stages) - 1
+    outcome = None
     for i, st in enumerate(cfg.stages):
         done = root / st.name / DONE
         scfg = stage_config(cfg, i)
@@ -123,7 +125,7 @@ def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> Path:
         if outcome.preempted:
             log.warning("stage %r was preempted at step %d; run the same command again to continue the chain",
                         st.name, outcome.step)
-            return root
+            return st.name, outcome
         if not stage_finished(scfg):
             raise NonFiniteLossError(
                 f"stage {st.name!r} ended at step {outcome.step} without a checkpoint of it (the loss or gradient of "
@@ -134,4 +136,4 @@ def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> Path:
                                                  "objective": scfg.train.objective}))
         ctx.barrier()
     log.info("all %d stages done: %s", len(cfg.stages), ", ".join(st.name for st in cfg.stages))
-    return root
+    return cfg.stages[-1].name, outcome

@@ -29,7 +29,9 @@ Evaluation (``eval.*``) and the HF export with its model card (``checkpoint.expo
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
 from rynnscale.data.loader import BadDataError, DataStallError
+from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
 from rynnscale.parallel.distributed import DistContext, report_failures
@@ -68,6 +71,7 @@ from rynnscale.train.metrics import (
 from rynnscale.train.objectives import TokenCrossEntropy
 from rynnscale.train.optim import warmup_warning
 from rynnscale.train.setup import (
+    RunDirLockedError,
     TrainComponents,
     build_components,
     check_same_adapters,
@@ -104,13 +108,45 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     after the recipe's own hooks."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
+    root = Path(cfg.run.output_dir)
     # a bad setting or bad data: the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
-        if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
-            from rynnscale.train.stages import run_stages
+        write_run_status(root, "running", enabled=ctx.is_main)
+        try:
+            if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
+                from rynnscale.train.stages import run_stages
 
-            return run_stages(cfg, ctx, hooks)
-        return _train(cfg, ctx, hooks).output_dir
+                stage, outcome = run_stages(cfg, ctx, hooks)
+            else:
+                stage, outcome = None, _train(cfg, ctx, hooks)
+        except BaseException as e:   # (not when another run holds the directory: the status is that run's)
+            write_run_status(root, "failed", enabled=ctx.is_main and not isinstance(e, RunDirLockedError),
+                             error=f"{type(e).__name__}: {str(e)[:500]}")
+            raise
+        preempted = outcome is not None and outcome.preempted
+        write_run_status(root, "preempted" if preempted else "finished", enabled=ctx.is_main,
+                         step=outcome.step if outcome is not None else None, stage=stage)
+        return root if cfg.stages else outcome.output_dir
+
+
+RUN_STATUS = "run_status.json"
+
+
+def write_run_status(output_dir: Path, status: str, *, enabled: bool = True, **fields: Any) -> None:
+    """``OUTPUT_DIR/run_status.json``: how the job's last process stands (running, finished, preempted -- a
+    checkpoint was saved and the same command continues --, or failed), for schedulers and scripts
+    (launchers/slurm.sbatch requeues a preempted job). Written by rank 0 only (``enabled``); a rank killed from
+    outside leaves "running"."""
+    if not enabled:
+        return
+    rec = {"status": status, "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID"),
+           "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "time": time.time(),
+           **{k: v for k, v in fields.items() if v is not None}}
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(output_dir) / RUN_STATUS, json.dumps(rec) + "\n")
+    except OSError as e:   # a status line must never be what stops (or hides the error of) a run
+        log.warning("could not write %s: %s", Path(output_dir) / RUN_STATUS, e)
 
 
 def train_run(cfg: RootConfig, ctx: DistContext, hooks: Sequence[Any] = ()) -> RunOutcome:

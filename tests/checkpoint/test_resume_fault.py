@@ -120,3 +120,51 @@ def test_a_requeued_job_does_not_roll_back_again(tmp_path, monkeypatch):
     new_job = _Steps()
     run_training(cfg(8, back), hooks=[new_job])
     assert new_job.steps == [3, 4, 5, 6, 7, 8]
+
+
+class _Term:
+    """Sends this process SIGTERM at the end of step ``n`` (a scheduler's preemption notice)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_step_end(self, step, ctx):
+        if step == self.n:
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_run_status_says_how_the_job_ended(tmp_path, monkeypatch):
+    """``run_status.json`` in the output directory: preempted (with the step saved), failed (with the error) or
+    finished, written by rank 0 for schedulers and launchers (launchers/slurm.sbatch requeues a preempted job). A
+    process killed from outside leaves "running", which no launcher takes for a preemption."""
+    import json
+
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training, write_run_status
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("SLURM_JOB_ID", "91")
+
+    def cfg(steps):
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=0",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled"])
+
+    def status():
+        return json.loads((out / "run_status.json").read_text())
+
+    run_training(cfg(4), hooks=[_Term(2)])
+    # the signal came after step 2's check: step 3 ran, was saved, and the process stopped
+    assert status()["status"] == "preempted" and status()["step"] == 3 and status()["job"] == "91"
+    assert (out / "checkpoints" / "step_000003" / "COMPLETE").is_file()
+    with pytest.raises(_Failure):
+        run_training(cfg(5), hooks=[_FailAfter(4)])
+    assert status()["status"] == "failed" and "failure after step 4" in status()["error"]
+    run_training(cfg(5))
+    assert status()["status"] == "finished" and status()["step"] == 5
+    write_run_status(out, "running", enabled=False)      # other ranks write nothing
+    assert status()["status"] == "finished"
