@@ -291,13 +291,16 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
                       + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
-    patches = -(-w.visual_tokens // cp) * v.spatial_merge_size ** 2  # CP: each rank encodes 1/cp of the frames
+    patches = _visual_patches(args, w, cp)  # CP: each rank encodes 1/cp of the frames
     n_blocks = len(st.vision_block)
     vckpt = _checkpointed(n_blocks, w)
-    vblock_full = (vision_block_bytes_per_patch(v, p) * patches
-                   + attention_s2_bytes(v.num_heads, min(w.frame_patches, patches) or 1, patches, p))
+    vblock_full = vother = 0.0
+    if patches:
+        vblock_full = (vision_block_bytes_per_patch(v, p) * patches
+                       + attention_s2_bytes(v.num_heads, min(w.frame_patches, patches) or 1, patches, p))
+        vother = vision_other_bytes_per_patch(v, p) * patches
     vsaved = [patches * v.hidden_size * a if c else vblock_full for c in vckpt]
-    vision_acts = sum(vsaved) + vision_other_bytes_per_patch(v, p) * patches
+    vision_acts = sum(vsaved) + vother
     # outside the blocks: cos/sin tables, final norm (fp32 input, y, output); in backward only the
     # tables and the final hidden states (held by the step's output) remain
     other = 2 * T * t.head_dim * a + T * t.hidden_size * (4 + 2 * a)
@@ -329,7 +332,7 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     vgrads = [n * p.grad_bytes / shard for n in st.vision_block_trainable]
     for j in reversed(range(n_blocks)):
         done_grads += vgrads[j]
-        live = sum(vsaved[:j]) + vision_other_bytes_per_patch(v, p) * patches
+        live = sum(vsaved[:j]) + vother
         current = vblock_full if vckpt[j] else 0.0
         events.append(static + ws + live + current + 2 * patches * v.hidden_size * a + done_grads)
     peak_bwd = max(events)
@@ -344,6 +347,17 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
         loss=loss_saved + loss_transient, backward_workspace=max(events) - static - ws, optimizer_temporaries=opt_tmp,
         peak_forward=peak_fwd, peak_backward=peak_bwd, peak_optimizer=peak_opt, peak=peak, reserve=reserve,
         total_with_reserve=peak + reserve, peak_phase=phase)
+
+
+def _visual_patches(args: Any, w: Workload, cp: int = 1) -> int:
+    """Vision patches one rank encodes per micro-batch (``w.visual_tokens`` merged tokens x merge^2, 1/cp of
+    them under CP); a model without a vision tower takes none (``PlanError`` if the workload assumes some)."""
+    if args.vision is None:
+        if w.visual_tokens:
+            raise PlanError(f"plan.visual_tokens_per_micro_batch={w.visual_tokens} but this model has no vision "
+                            "tower (a text-only model): set plan.visual_tokens_per_micro_batch=0")
+        return 0
+    return -(-w.visual_tokens // cp) * args.vision.spatial_merge_size ** 2
 
 
 def _checkpointed(n: int, w: Workload) -> list[bool]:
@@ -443,18 +457,24 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
 
 
 def model_flops_per_step(args: Any, st: ParamStats, w: Workload) -> float:
-    """6 x active matmul params per token (decoder incl. lm_head, without the embedding lookup) +
-    causal attention 6 x layers x s x heads x head_dim per token (half of the full 12: causal), the
-    same for the vision tower's patches (non-causal: 12 x ...), per micro-batch x grad_accum."""
-    t, v = args.text, args.vision
+    """Model FLOPs of one optimiser step on one data-parallel rank: the family's ``step_flops`` (what
+    metrics.jsonl's ``model_tflops_per_s`` counts: decoder matmuls, lm_head on every token, causal softmax
+    attention per document -- only in the layers that have it --, linear attention, the vision tower) of one
+    micro-batch of documents of ``w.doc_tokens`` tokens (the last one shorter) holding
+    ``w.visual_tokens`` merged visual tokens in frames of ``w.frame_patches`` patches, x ``grad_accum``."""
+    import torch
+
     T = w.micro_batch_tokens
-    doc = w.doc_tokens or T
-    text_matmul = st.text_active - st.embed + (st.embed if args.tie_word_embeddings else 0)
-    f = 6 * text_matmul * T + 6 * len(st.layer_dense) * doc * t.num_attention_heads * t.head_dim * T
-    patches = w.visual_tokens * v.spatial_merge_size ** 2
-    if patches:
-        f += 6 * st.vision_total * patches + 12 * len(st.vision_block) * min(w.frame_patches, patches) * v.hidden_size * patches
-    return f * w.grad_accum
+    doc = min(w.doc_tokens or T, T)
+    full, rest = divmod(T, doc)
+    doc_lens = [doc] * full + ([rest] if rest else [])
+    patches = _visual_patches(args, w)
+    grid_thw = None
+    if patches:   # only h * w per frame enters the count: frames as [t, 1, patches per frame]
+        frame = min(w.frame_patches, patches)
+        n_frames, left = divmod(patches, frame)
+        grid_thw = torch.tensor([[n_frames, 1, frame]] + ([[1, 1, left]] if left else []))
+    return family_of(args).step_flops(args, st, doc_lens, grid_thw).total * w.grad_accum
 
 
 def make_plan(recipe: str, model_name: str, args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
