@@ -95,6 +95,7 @@ class Workload:
     checkpointing: str = "none"     # none | full | every_k
     every: int = 2
     cp_attention: str = "auto"      # model.cp_attention: auto | ulysses | ring
+    objective: str = "sft"          # train.objective: grpo runs whole rows (no CP) and never accumulates
 
 
 def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int,
@@ -440,7 +441,9 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
     """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
     NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
     <= GPU memory), other keys unchanged (a recipe's ``model.cp_attention=ulysses`` only at degrees dividing the q
-    heads); None if none does."""
+    heads); None if none does, or under GRPO, which config validation refuses CP for."""
+    if w.objective == "grpo":
+        return None
     budget = c.gpu_mem_gib * GIB / 1.15
     cp = 1
     while cp <= c.gpus_per_node:
@@ -532,18 +535,25 @@ def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
     T = w.micro_batch_tokens
     while T > 512:
         T //= 2
-        w2 = replace(w, micro_batch_tokens=T, visual_tokens=min(w.visual_tokens, T),
-                     doc_tokens=min(w.doc_tokens or T, T))
+        # smaller packs of the same data: the same share of visual tokens (the recipe's visual budget must
+        # stay within the micro-batch, or validation refuses the suggestion)
+        visual = w.visual_tokens * T // w.micro_batch_tokens
+        w2 = replace(w, micro_batch_tokens=T, visual_tokens=visual, doc_tokens=min(w.doc_tokens or T, T))
         if fits(w2=w2):
-            out.append(f"train.micro_batch_tokens={T} (and train.grad_accum={w.grad_accum * w.micro_batch_tokens // T} "
-                       "to keep the tokens per step)")
+            text = f"train.micro_batch_tokens={T}"
+            if w.visual_tokens:
+                text += f" plan.visual_tokens_per_micro_batch={visual}"
+            if w.objective != "grpo":   # GRPO never accumulates (train.grad_accum must stay 1)
+                text += (f" (and train.grad_accum={w.grad_accum * w.micro_batch_tokens // T} to keep the tokens "
+                         "per step)")
+            out.append(text)
             break
     for nodes in (2, 4, 8, 16, 32):
         if nodes <= c.nodes:
             continue
         world = nodes * c.gpus_per_node
         try:
-            lay2 = resolve_layout(world, lay.dp_replicate, -1, lay.ep, st.num_experts)
+            lay2 = resolve_layout(world, lay.dp_replicate, -1, lay.ep, st.num_experts, lay.cp)
         except PlanError:
             continue
         if fits(lay2=lay2):
@@ -599,7 +609,7 @@ def format_plan(pl: Plan) -> str:
         f"  EP all-to-all (bf16)           {cm.ep_all_to_all_bytes / 1e9:8.2f} GB   over {cm.ep_link}",
         f"  CP attention ({cm.cp_mode or 'off'})" + " " * max(1, 17 - len(cm.cp_mode or 'off'))
         + f"{cm.cp_bytes / 1e9:8.2f} GB   ({cm.cp_bytes_per_layer / 1e6:.1f} MB per layer per micro-batch)",
-        f"  recommended parallel.cp        {pl.recommended_cp if pl.recommended_cp else 'none fits'}",
+        f"  recommended parallel.cp        {pl.recommended_cp or ('n/a (GRPO)' if pl.workload['objective'] == 'grpo' else 'none fits')}",
         "",
         f"step time  compute {pl.compute_s:.2f} s, FSDP comm {cm.fsdp_s:.2f} s (overlapped), EP all-to-all "
         f"{cm.ep_s:.2f} s, CP attention {cm.cp_s:.2f} s -> ~{pl.step_s:.2f} s/step, ~{pl.tokens_per_s_per_gpu:,.0f} tokens/s/GPU "

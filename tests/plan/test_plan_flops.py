@@ -70,3 +70,30 @@ def test_text_only_model_plans(tmp_path: Path) -> None:
     assert plan.memory.vision_activations == 0 and plan.memory.peak > 0 and plan.flops_per_step > 0
     with pytest.raises(PlanError, match=r"plan\.visual_tokens_per_micro_batch=64 .*no vision tower"):
         plan_recipe(_text_only_cfg(tmp_path, 64), "text_only")
+
+
+def _suggested_overrides(suggestion: str) -> list[str]:
+    import re
+
+    return re.findall(r"\b([a-z_]+\.[a-z_.]+=\S+?)(?=[\s)]|$)", suggestion)
+
+
+@pytest.mark.parametrize("recipe, over, cluster", [
+    # GRPO: config validation refuses parallel.cp > 1 and train.grad_accum != 1
+    ("finetune/chain_of_point_grpo.yaml", ["train.micro_batch_tokens=131072", "model.activation_checkpointing=full"],
+     []),
+    # a visual budget of 40,000 tokens: a smaller micro-batch must carry a smaller budget, or validation refuses it
+    ("base/qwen3_vl_8b.yaml", ["train.micro_batch_tokens=65536", "plan.visual_tokens_per_micro_batch=40000",
+                               "model.activation_checkpointing=full"], ["plan.gpu_mem_gib=40", "plan.gpus_per_node=2"]),
+])
+def test_every_suggestion_passes_the_recipes_validation(recipe: str, over: list[str], cluster: list[str]) -> None:
+    """What `rynnscale plan` advises for a recipe that does not fit is a set of recipe overrides that load (the
+    same validation training runs)."""
+    plan = plan_recipe(_cfg(recipe, *over, *cluster), recipe)
+    assert not plan.fits
+    changes = [_suggested_overrides(s) for s in plan.suggestions]
+    assert any(changes), plan.suggestions
+    for keys in changes:
+        _cfg(recipe, *over, *cluster, *keys)   # raises ConfigError on an override training would refuse
+    if "grpo" in recipe:
+        assert plan.recommended_cp is None
