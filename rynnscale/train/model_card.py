@@ -20,28 +20,22 @@ CARD_NAME = "README.md"
 def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Steps, tokens, final train loss (mean of the last min(10, n) steps and the last step's), and the
     latest eval metrics (``eval_*`` / ``grounding_*`` keys) from ``output_dir/metrics.jsonl``."""
-    from rynnscale.train.metrics import METRICS_FILE
+    from rynnscale.train.metrics import METRICS_FILE, read_metrics
 
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"summarize_run: {path} does not exist (has the run logged any step?)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"summarize_run: {path} line {i} is not JSON: {e}") from None
-        by_step[int(rec["step"])] = rec
+    by_step = {int(rec["step"]): rec for rec in read_metrics(Path(output_dir))}
     if not by_step:
         raise ValueError(f"summarize_run: {path} has no records")
     recs = [by_step[s] for s in sorted(by_step)]
     last = recs[-1]
-    tail = [r["loss"] for r in recs[-10:] if r.get("loss") is not None]
+    # a skipped (non-finite) step's loss is null (NaN in files written before): left out of the mean
+    tail = [r["loss"] for r in recs[-10:] if r.get("loss") is not None and math.isfinite(r["loss"])]
     summary: dict[str, Any] = {
         "steps": int(last["step"]), "tokens_seen": int(last.get("tokens_seen", 0)),
-        "final_loss": float(last["loss"]), "final_loss_mean_last_steps": sum(tail) / len(tail) if tail else None,
+        "final_loss": None if last.get("loss") is None else float(last["loss"]),
+        "final_loss_mean_last_steps": sum(tail) / len(tail) if tail else None,
         "mean_over_last_steps": len(tail),
     }
     evals = [r for r in recs if r.get("eval_loss") is not None]
