@@ -45,6 +45,18 @@ def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
     return summary
 
 
+def _exported_model(out: Path, cfg: Any) -> tuple[str, bool]:
+    """(model_type, text-only) of the exported model: its config.json (the export writes it), else the recipe's
+    inline ``model.arch`` (a card written without an export's config)."""
+    try:
+        hf = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = dict(cfg.model.arch or {})
+    model_type = str(hf.get("model_type") or "qwen3_vl")
+    text_only = any(str(a).endswith("ForCausalLM") for a in hf.get("architectures") or ()) or model_type.endswith("_text")
+    return model_type, text_only
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
@@ -71,7 +83,9 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
     name = cfg.run.name or out.parent.name
     base = summary.get("base") or (cfg.model.init_from if cfg.model.init_from else
                                    "random initialisation (inline architecture `model.arch`)")
-    arch = "MoE" if ((cfg.model.arch or {}).get("text_config", {}).get("num_experts") or 0) > 0 else None
+    model_type, text_only = _exported_model(out, cfg)
+    arch = "MoE" if "moe" in model_type else None
+    auto_class = "AutoModelForCausalLM" if text_only else "AutoModelForImageTextToText"
     if cfg.data.mixture:
         data_rows = [f"| {m.name} | {m.weight:g} | {', '.join(f'`{s}`' for s in m.shards)} |" for m in cfg.data.mixture]
     else:
@@ -81,15 +95,16 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
         data_rows = [f"| train | 1 | {', '.join(shards)} |"]
     metric_rows = [f"| {k} | {_fmt(v)} |" for k, v in summary.items()
                    if k.startswith(("eval_", "grounding_")) and k != "eval_step"]
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:", "- rynnscale",
-             "- qwen3-vl", "- embodied"]
+    front = ["---", "library_name: transformers",
+             f"pipeline_tag: {'text-generation' if text_only else 'image-text-to-text'}", "tags:", "- rynnscale",
+             f"- {model_type}", "- embodied"]
     if cfg.model.init_from:
         front.append(f"base_model: {json.dumps(str(base))}")
     front.append("---")
     lines = front + [
         "", f"# {name}", "",
         f"Trained with rynnscale from **{base}**{f' ({arch})' if arch else ''}. Load with "
-        "`transformers.AutoModelForImageTextToText.from_pretrained(<this directory>)`.", "",
+        f"`transformers.{auto_class}.from_pretrained(<this directory>)`.", "",
         "## Training", "",
         "| | |", "|---|---|",
         f"| base | {base} |",
