@@ -35,8 +35,19 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: PlanConfig | None = None
     w = Workload(micro_batch_tokens=cfg.train.micro_batch_tokens, grad_accum=cfg.train.grad_accum,
                  visual_tokens=pc.visual_tokens_per_micro_batch, doc_tokens=doc_tokens,
                  loss_chunk_tokens=cfg.train.loss_chunk_tokens, checkpointing=cfg.model.activation_checkpointing,
-                 every=cfg.model.activation_checkpointing_every, cp_attention=cfg.model.cp_attention)
+                 every=cfg.model.activation_checkpointing_every, cp_attention=cfg.model.cp_attention,
+                 objective="grpo" if _runs_grpo(cfg) else cfg.train.objective)
     return make_plan(recipe, arch.source, args, st, lay, w, c, Profile.named(profile))
+
+
+
+def _runs_grpo(cfg: Any) -> bool:
+    """The recipe, or one of its stages, trains with GRPO: a suggested override applies to every stage, and
+    validation refuses CP and accumulation for GRPO."""
+    from rynnscale.config.load import stage_config
+
+    return cfg.train.objective == "grpo" or any(
+        stage_config(cfg, i, check_paths=False).train.objective == "grpo" for i in range(len(cfg.stages)))
 
 
 __all__ = ["ParamStats", "Plan", "PlanError", "Profile", "Workload", "estimate_memory", "format_plan",

@@ -95,6 +95,7 @@ class Workload:
     checkpointing: str = "none"     # none | full | every_k
     every: int = 2
     cp_attention: str = "auto"      # model.cp_attention: auto | ulysses | ring
+    objective: str = "sft"          # train.objective: grpo runs whole rows (no CP) and never accumulates
 
 
 def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int,
@@ -291,13 +292,16 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
                       + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
-    patches = -(-w.visual_tokens // cp) * v.spatial_merge_size ** 2  # CP: each rank encodes 1/cp of the frames
+    patches = _visual_patches(args, w, cp)  # CP: each rank encodes 1/cp of the frames
     n_blocks = len(st.vision_block)
     vckpt = _checkpointed(n_blocks, w)
-    vblock_full = (vision_block_bytes_per_patch(v, p) * patches
-                   + attention_s2_bytes(v.num_heads, min(w.frame_patches, patches) or 1, patches, p))
+    vblock_full = vother = 0.0
+    if patches:
+        vblock_full = (vision_block_bytes_per_patch(v, p) * patches
+                       + attention_s2_bytes(v.num_heads, min(w.frame_patches, patches) or 1, patches, p))
+        vother = vision_other_bytes_per_patch(v, p) * patches
     vsaved = [patches * v.hidden_size * a if c else vblock_full for c in vckpt]
-    vision_acts = sum(vsaved) + vision_other_bytes_per_patch(v, p) * patches
+    vision_acts = sum(vsaved) + vother
     # outside the blocks: cos/sin tables, final norm (fp32 input, y, output); in backward only the
     # tables and the final hidden states (held by the step's output) remain
     other = 2 * T * t.head_dim * a + T * t.hidden_size * (4 + 2 * a)
@@ -329,7 +333,7 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     vgrads = [n * p.grad_bytes / shard for n in st.vision_block_trainable]
     for j in reversed(range(n_blocks)):
         done_grads += vgrads[j]
-        live = sum(vsaved[:j]) + vision_other_bytes_per_patch(v, p) * patches
+        live = sum(vsaved[:j]) + vother
         current = vblock_full if vckpt[j] else 0.0
         events.append(static + ws + live + current + 2 * patches * v.hidden_size * a + done_grads)
     peak_bwd = max(events)
@@ -344,6 +348,17 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
         loss=loss_saved + loss_transient, backward_workspace=max(events) - static - ws, optimizer_temporaries=opt_tmp,
         peak_forward=peak_fwd, peak_backward=peak_bwd, peak_optimizer=peak_opt, peak=peak, reserve=reserve,
         total_with_reserve=peak + reserve, peak_phase=phase)
+
+
+def _visual_patches(args: Any, w: Workload, cp: int = 1) -> int:
+    """Vision patches one rank encodes per micro-batch (``w.visual_tokens`` merged tokens x merge^2, 1/cp of
+    them under CP); a model without a vision tower takes none (``PlanError`` if the workload assumes some)."""
+    if args.vision is None:
+        if w.visual_tokens:
+            raise PlanError(f"plan.visual_tokens_per_micro_batch={w.visual_tokens} but this model has no vision "
+                            "tower (a text-only model): set plan.visual_tokens_per_micro_batch=0")
+        return 0
+    return -(-w.visual_tokens // cp) * args.vision.spatial_merge_size ** 2
 
 
 def _checkpointed(n: int, w: Workload) -> list[bool]:
@@ -426,7 +441,9 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
     """The smallest CP degree (1, 2, 4, ... up to the GPUs of a node, so the attention traffic stays on
     NVLink) with which this workload fits with the planner's stated accuracy as headroom (estimate x 1.15
     <= GPU memory), other keys unchanged (a recipe's ``model.cp_attention=ulysses`` only at degrees dividing the q
-    heads); None if none does."""
+    heads); None if none does, or under GRPO, which config validation refuses CP for."""
+    if w.objective == "grpo":
+        return None
     budget = c.gpu_mem_gib * GIB / 1.15
     cp = 1
     while cp <= c.gpus_per_node:
@@ -443,18 +460,24 @@ def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c:
 
 
 def model_flops_per_step(args: Any, st: ParamStats, w: Workload) -> float:
-    """6 x active matmul params per token (decoder incl. lm_head, without the embedding lookup) +
-    causal attention 6 x layers x s x heads x head_dim per token (half of the full 12: causal), the
-    same for the vision tower's patches (non-causal: 12 x ...), per micro-batch x grad_accum."""
-    t, v = args.text, args.vision
+    """Model FLOPs of one optimiser step on one data-parallel rank: the family's ``step_flops`` (what
+    metrics.jsonl's ``model_tflops_per_s`` counts: decoder matmuls, lm_head on every token, causal softmax
+    attention per document -- only in the layers that have it --, linear attention, the vision tower) of one
+    micro-batch of documents of ``w.doc_tokens`` tokens (the last one shorter) holding
+    ``w.visual_tokens`` merged visual tokens in frames of ``w.frame_patches`` patches, x ``grad_accum``."""
+    import torch
+
     T = w.micro_batch_tokens
-    doc = w.doc_tokens or T
-    text_matmul = st.text_active - st.embed + (st.embed if args.tie_word_embeddings else 0)
-    f = 6 * text_matmul * T + 6 * len(st.layer_dense) * doc * t.num_attention_heads * t.head_dim * T
-    patches = w.visual_tokens * v.spatial_merge_size ** 2
-    if patches:
-        f += 6 * st.vision_total * patches + 12 * len(st.vision_block) * min(w.frame_patches, patches) * v.hidden_size * patches
-    return f * w.grad_accum
+    doc = min(w.doc_tokens or T, T)
+    full, rest = divmod(T, doc)
+    doc_lens = [doc] * full + ([rest] if rest else [])
+    patches = _visual_patches(args, w)
+    grid_thw = None
+    if patches:   # only h * w per frame enters the count: frames as [t, 1, patches per frame]
+        frame = min(w.frame_patches, patches)
+        n_frames, left = divmod(patches, frame)
+        grid_thw = torch.tensor([[n_frames, 1, frame]] + ([[1, 1, left]] if left else []))
+    return family_of(args).step_flops(args, st, doc_lens, grid_thw).total * w.grad_accum
 
 
 def make_plan(recipe: str, model_name: str, args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
@@ -512,18 +535,25 @@ def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
     T = w.micro_batch_tokens
     while T > 512:
         T //= 2
-        w2 = replace(w, micro_batch_tokens=T, visual_tokens=min(w.visual_tokens, T),
-                     doc_tokens=min(w.doc_tokens or T, T))
+        # smaller packs of the same data: the same share of visual tokens (the recipe's visual budget must
+        # stay within the micro-batch, or validation refuses the suggestion)
+        visual = w.visual_tokens * T // w.micro_batch_tokens
+        w2 = replace(w, micro_batch_tokens=T, visual_tokens=visual, doc_tokens=min(w.doc_tokens or T, T))
         if fits(w2=w2):
-            out.append(f"train.micro_batch_tokens={T} (and train.grad_accum={w.grad_accum * w.micro_batch_tokens // T} "
-                       "to keep the tokens per step)")
+            text = f"train.micro_batch_tokens={T}"
+            if w.visual_tokens:
+                text += f" plan.visual_tokens_per_micro_batch={visual}"
+            if w.objective != "grpo":   # GRPO never accumulates (train.grad_accum must stay 1)
+                text += (f" (and train.grad_accum={w.grad_accum * w.micro_batch_tokens // T} to keep the tokens "
+                         "per step)")
+            out.append(text)
             break
     for nodes in (2, 4, 8, 16, 32):
         if nodes <= c.nodes:
             continue
         world = nodes * c.gpus_per_node
         try:
-            lay2 = resolve_layout(world, lay.dp_replicate, -1, lay.ep, st.num_experts)
+            lay2 = resolve_layout(world, lay.dp_replicate, -1, lay.ep, st.num_experts, lay.cp)
         except PlanError:
             continue
         if fits(lay2=lay2):
@@ -579,7 +609,7 @@ def format_plan(pl: Plan) -> str:
         f"  EP all-to-all (bf16)           {cm.ep_all_to_all_bytes / 1e9:8.2f} GB   over {cm.ep_link}",
         f"  CP attention ({cm.cp_mode or 'off'})" + " " * max(1, 17 - len(cm.cp_mode or 'off'))
         + f"{cm.cp_bytes / 1e9:8.2f} GB   ({cm.cp_bytes_per_layer / 1e6:.1f} MB per layer per micro-batch)",
-        f"  recommended parallel.cp        {pl.recommended_cp if pl.recommended_cp else 'none fits'}",
+        f"  recommended parallel.cp        {pl.recommended_cp or ('n/a (GRPO)' if pl.workload['objective'] == 'grpo' else 'none fits')}",
         "",
         f"step time  compute {pl.compute_s:.2f} s, FSDP comm {cm.fsdp_s:.2f} s (overlapped), EP all-to-all "
         f"{cm.ep_s:.2f} s, CP attention {cm.cp_s:.2f} s -> ~{pl.step_s:.2f} s/step, ~{pl.tokens_per_s_per_gpu:,.0f} tokens/s/GPU "

@@ -135,7 +135,7 @@ class MetricsLogger:
         if not self.is_main:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         step = record["step"]
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
@@ -175,11 +175,37 @@ def _init_wandb(cfg: RootConfig, output_dir: Path):
         settings=wandb.Settings(console="off"))
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every non-finite float (a skipped step's NaN loss, an idle layer's expert load) as None:
+    metrics.jsonl is strict JSON (null), which has no NaN / Infinity for other readers (jq, JavaScript) to parse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``output_dir/metrics.jsonl``; a torn last line (a run killed while writing it) is left out,
+    any other line that is not JSON is an error naming the file and the line."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                log.warning("%s: the last line is incomplete (a run killed while writing it); left out", path)
+                continue
+            raise ValueError(f"{path} line {i} is not JSON: {e}") from None
+    return records
 
 
 def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
@@ -192,19 +218,23 @@ def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def series(key: str) -> list[float]:   # null (a non-finite value) -> a gap in the line
+        return [math.nan if r.get(key) is None else r[key] for r in records]
+
     steps = [r["step"] for r in records]
     rl = [r for r in records if r.get("reward_mean") is not None]
     fig, axes = plt.subplots(1, 4 if rl else 3, figsize=(20 if rl else 15, 4))
-    axes[0].plot(steps, [r["loss"] for r in records], label="loss")
+    loss = series("loss")
+    axes[0].plot(steps, loss, label="loss")
     if any(r.get("aux_loss") for r in records):
-        axes[0].plot(steps, [r["aux_loss"] for r in records], label="aux (load balance)")
-    if all(r["loss"] > 0 for r in records):   # a policy-gradient loss can be negative
+        axes[0].plot(steps, series("aux_loss"), label="aux (load balance)")
+    if all(x > 0 for x in loss if not math.isnan(x)):   # a policy-gradient loss can be negative
         axes[0].set_yscale("log")
     axes[0].legend()
     axes[0].set_title("loss (mean over assistant tokens)" if not rl else "loss")
-    axes[1].plot(steps, [r["lr"] for r in records])
+    axes[1].plot(steps, series("lr"))
     axes[1].set_title("learning rate")
-    axes[2].plot(steps, [r["tokens_per_s"] for r in records])
+    axes[2].plot(steps, series("tokens_per_s"))
     axes[2].set_title("tokens / s")
     if rl:
         ax = axes[3]

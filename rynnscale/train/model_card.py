@@ -20,28 +20,22 @@ CARD_NAME = "README.md"
 def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
     """Steps, tokens, final train loss (mean of the last min(10, n) steps and the last step's), and the
     latest eval metrics (``eval_*`` / ``grounding_*`` keys) from ``output_dir/metrics.jsonl``."""
-    from rynnscale.train.metrics import METRICS_FILE
+    from rynnscale.train.metrics import METRICS_FILE, read_metrics
 
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"summarize_run: {path} does not exist (has the run logged any step?)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"summarize_run: {path} line {i} is not JSON: {e}") from None
-        by_step[int(rec["step"])] = rec
+    by_step = {int(rec["step"]): rec for rec in read_metrics(Path(output_dir))}
     if not by_step:
         raise ValueError(f"summarize_run: {path} has no records")
     recs = [by_step[s] for s in sorted(by_step)]
     last = recs[-1]
-    tail = [r["loss"] for r in recs[-10:] if r.get("loss") is not None]
+    # a skipped (non-finite) step's loss is null (NaN in files written before): left out of the mean
+    tail = [r["loss"] for r in recs[-10:] if r.get("loss") is not None and math.isfinite(r["loss"])]
     summary: dict[str, Any] = {
         "steps": int(last["step"]), "tokens_seen": int(last.get("tokens_seen", 0)),
-        "final_loss": float(last["loss"]), "final_loss_mean_last_steps": sum(tail) / len(tail) if tail else None,
+        "final_loss": None if last.get("loss") is None else float(last["loss"]),
+        "final_loss_mean_last_steps": sum(tail) / len(tail) if tail else None,
         "mean_over_last_steps": len(tail),
     }
     evals = [r for r in recs if r.get("eval_loss") is not None]
@@ -49,6 +43,18 @@ def summarize_run(output_dir: str | os.PathLike) -> dict[str, Any]:
         summary["eval_step"] = int(evals[-1]["step"])
         summary.update({k: v for k, v in evals[-1].items() if k.startswith(("eval_", "grounding_"))})
     return summary
+
+
+def _exported_model(out: Path, cfg: Any) -> tuple[str, bool]:
+    """(model_type, text-only) of the exported model: its config.json (the export writes it), else the recipe's
+    inline ``model.arch`` (a card written without an export's config)."""
+    try:
+        hf = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = dict(cfg.model.arch or {})
+    model_type = str(hf.get("model_type") or "qwen3_vl")
+    text_only = any(str(a).endswith("ForCausalLM") for a in hf.get("architectures") or ()) or model_type.endswith("_text")
+    return model_type, text_only
 
 
 def _fmt(v: Any) -> str:
@@ -77,7 +83,9 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
     name = cfg.run.name or out.parent.name
     base = summary.get("base") or (cfg.model.init_from if cfg.model.init_from else
                                    "random initialisation (inline architecture `model.arch`)")
-    arch = "MoE" if ((cfg.model.arch or {}).get("text_config", {}).get("num_experts") or 0) > 0 else None
+    model_type, text_only = _exported_model(out, cfg)
+    arch = "MoE" if "moe" in model_type else None
+    auto_class = "AutoModelForCausalLM" if text_only else "AutoModelForImageTextToText"
     if cfg.data.mixture:
         data_rows = [f"| {m.name} | {m.weight:g} | {', '.join(f'`{s}`' for s in m.shards)} |" for m in cfg.data.mixture]
     else:
@@ -87,15 +95,16 @@ def write_model_card(out_dir: str | os.PathLike, cfg: Any, summary: dict[str, An
         data_rows = [f"| train | 1 | {', '.join(shards)} |"]
     metric_rows = [f"| {k} | {_fmt(v)} |" for k, v in summary.items()
                    if k.startswith(("eval_", "grounding_")) and k != "eval_step"]
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:", "- rynnscale",
-             "- qwen3-vl", "- embodied"]
+    front = ["---", "library_name: transformers",
+             f"pipeline_tag: {'text-generation' if text_only else 'image-text-to-text'}", "tags:", "- rynnscale",
+             f"- {model_type}", "- embodied"]
     if cfg.model.init_from:
         front.append(f"base_model: {json.dumps(str(base))}")
     front.append("---")
     lines = front + [
         "", f"# {name}", "",
         f"Trained with rynnscale from **{base}**{f' ({arch})' if arch else ''}. Load with "
-        "`transformers.AutoModelForImageTextToText.from_pretrained(<this directory>)`.", "",
+        f"`transformers.{auto_class}.from_pretrained(<this directory>)`.", "",
         "## Training", "",
         "| | |", "|---|---|",
         f"| base | {base} |",

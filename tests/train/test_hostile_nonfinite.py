@@ -47,6 +47,8 @@ def test_one_nonfinite_step_is_skipped_and_not_saved(tmp_path, monkeypatch):
     assert names == ["step_000001", "step_000002", "step_000004"]
     m = _metrics(run)
     assert [r["nonfinite_steps"] for r in m] == [0, 0, 1, 1]
+    # the NaN gradient norm is JSON null (metrics.jsonl has no NaN token for strict readers)
+    assert m[2]["grad_norm"] is None and all(r["grad_norm"] is not None for r in m[:2] + m[3:])
 
 
 def test_nonfinite_steps_in_a_row_abort_without_saving(tmp_path, monkeypatch):
