@@ -144,7 +144,13 @@ def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:   # a line torn by a killed run (the trainer's read_metrics reads past it too)
+            continue
+    return out
 
 
 def _fmt(x: float | None, spec: str = ".2e") -> str:
@@ -242,7 +248,8 @@ def sec_trainer(c: Check) -> dict:
         tps = sorted(m["tokens_per_s"] for m in straight[1:] or straight)
         r["straight"] |= dict(loss_first=straight[0]["loss"], loss_last=straight[-1]["loss"],
                               tokens_per_s_median=tps[len(tps) // 2],
-                              step_time_s_median=sorted(m["step_time_s"] for m in straight)[len(straight) // 2])
+                              step_time_s_median=sorted(m["step_time_s"] for m in straight[1:] or straight)[
+                                  len(straight[1:] or straight) // 2])   # the first step (warm-up) left out, as above
     log_text = (c.logs / "trainer_straight.log").read_text(errors="replace")
     m = re.search(r"device (\S+), world size (\d+)", log_text)
     r["device"] = m.group(1).rstrip(",") if m else None
