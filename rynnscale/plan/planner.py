@@ -96,6 +96,9 @@ class Workload:
     every: int = 2
     cp_attention: str = "auto"      # model.cp_attention: auto | ulysses | ring
     objective: str = "sft"          # train.objective: grpo runs whole rows (no CP) and never accumulates
+    reference_copy: bool = False    # GRPO with rl.kl_coef > 0 on a full fine-tune: a frozen copy of the weights
+    rollout_sequences: int = 0      # GRPO: answers one rank generates per step (its prompts x rl.group_size)
+    rollout_new_tokens: int = 0     # GRPO: rl.max_new_tokens
 
 
 def resolve_layout(world: int, dp_replicate: int, dp_shard: int, ep: int, num_experts: int,
@@ -199,6 +202,7 @@ class MemoryBreakdown:
     params: float
     optimizer: float
     grads: float
+    reference: float                # GRPO's frozen reference copy (parameters, sharded like the policy's)
     fsdp_working_set: float
     activations_saved: float        # all blocks' saved tensors at the end of forward
     activations_text_per_layer: float
@@ -269,6 +273,7 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     n_layers = len(st.layer_dense)
 
     params = st.total * p.param_bytes / shard
+    reference = params if w.reference_copy else 0.0
     optim = st.trainable * p.optim_bytes / shard
     layer_grads = [n * p.grad_bytes / shard for n in st.layer_trainable]
     grads_total = st.trainable * p.grad_bytes / shard
@@ -316,7 +321,7 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     loss_transient = chunk * V * 4 + (chunk * V * 2 * a if a < 4 else 0) + V * H * (a + (4 if a < 4 else 0))
     lm_gather = V * H * 2 if p.fsdp_working_set else 0.0
 
-    static = params + optim
+    static = params + reference + optim
     acts_all = sum(saved_layer) + vision_acts + other
     peak_fwd = static + ws + acts_all + loss_saved + loss_transient + lm_gather
     # backward: loss node, then decoder layers n-1..0, then vision blocks
@@ -343,7 +348,7 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     phase = {peak_fwd: "forward (loss)", peak_bwd: "backward", peak_opt: "optimizer step"}[peak]
     reserve = p.reserve_gib * GIB + p.fragmentation * peak
     return MemoryBreakdown(
-        params=params, optimizer=optim, grads=grads_total, fsdp_working_set=ws, activations_saved=acts_all,
+        params=params, optimizer=optim, grads=grads_total, reference=reference, fsdp_working_set=ws, activations_saved=acts_all,
         activations_text_per_layer=max(saved_layer) if saved_layer else 0.0, vision_activations=vision_acts,
         loss=loss_saved + loss_transient, backward_workspace=max(events) - static - ws, optimizer_temporaries=opt_tmp,
         peak_forward=peak_fwd, peak_backward=peak_bwd, peak_optimizer=peak_opt, peak=peak, reserve=reserve,
@@ -509,11 +514,39 @@ def make_plan(recipe: str, model_name: str, args: Any, st: ParamStats, lay: Para
             f"InfiniBand {c.ib_gbps:g} GB/s per GPU; FSDP traffic overlaps compute, EP all-to-all does not",
             "every token labelled (upper bound for the loss buffers)" if w.label_fraction >= 1 else
             f"{w.label_fraction:.0%} of tokens labelled",
+            *_grpo_assumptions(args, w, p),
         ])
     plan.recommended_cp = recommend_cp(args, st, lay, w, c, p)
     if not fits:
         plan.suggestions = _suggest(recipe, model_name, args, st, lay, w, c, p)
     return plan
+
+
+def kv_cache_bytes_per_token(t: Any, p: Profile) -> float:
+    """KV-cache bytes of one generated or prompt token: k and v of every softmax-attention layer (a hybrid's linear
+    attention layers keep a fixed-size state instead)."""
+    layer_types = getattr(t, "layer_types", None) or []
+    n_attn = sum(1 for x in layer_types if x == "full_attention") if layer_types else t.num_hidden_layers
+    return n_attn * 2 * t.num_key_value_heads * t.head_dim * p.act_bytes
+
+
+def _bytes(n: float) -> str:
+    return f"{n:.0f} B" if n < 1024 else f"{n / 1024:.0f} KiB" if n < 1024 ** 2 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def _grpo_assumptions(args: Any, w: Workload, p: Profile) -> list[str]:
+    if w.objective != "grpo":
+        return []
+    out = [("GRPO: the reference policy is a frozen copy of the weights (a full fine-tune with rl.kl_coef > 0), "
+            "counted above" if w.reference_copy else
+            "GRPO: no reference copy (a LoRA run's reference is its base with the adapters off, or rl.kl_coef = 0)")]
+    if w.rollout_sequences:
+        per_token = kv_cache_bytes_per_token(args.text, p)
+        answers = w.rollout_sequences * w.rollout_new_tokens * per_token
+        out.append(f"GRPO rollouts (between steps, gradients freed; not in the peak above): {w.rollout_sequences} "
+                   f"answers per rank, KV cache {_bytes(per_token)} per token of prompt + answer, "
+                   f"{answers / GIB:.2f} GiB for their {w.rollout_new_tokens} new tokens each plus each prompt's tokens")
+    return out
 
 
 def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
@@ -590,6 +623,7 @@ def format_plan(pl: Plan) -> str:
         "memory per GPU",
         f"  parameters (fp32 shard)        {_gib(m.params)}",
         f"  AdamW states (fp32 shard)      {_gib(m.optimizer)}",
+        *([f"  GRPO reference (frozen copy)   {_gib(m.reference)}"] if m.reference else []),
         f"  gradients (fp32 shard)         {_gib(m.grads)}",
         f"  FSDP working set (bf16 blocks) {_gib(m.fsdp_working_set)}",
         f"  activations saved (all layers) {_gib(m.activations_saved)}",

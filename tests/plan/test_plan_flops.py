@@ -97,3 +97,24 @@ def test_every_suggestion_passes_the_recipes_validation(recipe: str, over: list[
         _cfg(recipe, *over, *cluster, *keys)   # raises ConfigError on an override training would refuse
     if "grpo" in recipe:
         assert plan.recommended_cp is None
+
+
+@pytest.mark.parametrize("extra,copy", [([], True), (["stages.grpo.rl.kl_coef=0"], False),
+                                        (["stages.grpo.model.lora.rank=4"], False)])
+def test_a_grpo_chain_counts_its_reference_copy(extra: list[str], copy: bool) -> None:
+    """A GRPO stage of a full fine-tune with rl.kl_coef > 0 holds a frozen copy of the weights (the trainer builds it
+    like the policy): the plan left it out, under-estimating the chain's memory by a whole parameter shard. It is
+    the bytes of the model the trainer builds (CPU profile: fp32, one rank); no copy with LoRA or without KL. The
+    rollouts' KV cache is stated per token (k and v of every layer, bf16 on the GPU profile)."""
+    from rynnscale.train.build import build_model
+
+    cfg = _cfg("tiny/finetune/grpo_grounding.yaml", "plan.nodes=1", "plan.gpus_per_node=1", *extra)
+    plan = plan_recipe(cfg, "grpo", profile="cpu")
+    args, model = build_model(cfg.model, meta=True)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert plan.memory.reference == (weights if copy else 0)
+    assert plan.workload["objective"] == "grpo" and plan.workload["rollout_sequences"] == 4 * 8
+    t = args.text
+    per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * 2
+    kv = [a for a in plan_recipe(cfg, "grpo").assumptions if "KV cache" in a]
+    assert kv and f"KV cache {per_token} B per token" in kv[0], kv
