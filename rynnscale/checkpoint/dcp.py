@@ -517,26 +517,28 @@ def rollback_applied(output_dir: str | os.PathLike, path: str | os.PathLike) -> 
     if not restart or job is None:
         return False
     rec = _rollback_record(output_dir)
+    if rec.get("job") != job or rec.get("resumed_from") != str(Path(path).resolve()):
+        return False
     me = next((e for e in list_checkpoints(output_dir)
                if e.complete and e.path.resolve() == Path(path).resolve()), None)
-    return me is not None and rec.get("job") == job and rec.get("rolled_back_to") == _save_id(me)
+    return me is None or rec.get("rolled_back_to") == _save_id(me)   # (one of this run's: not re-saved since)
 
 
 def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
-    """A run resumed from ``path``, a checkpoint of ``output_dir`` (``checkpoint.resume=PATH``): the saves after
-    it are an abandoned branch. They are recorded (``checkpoints/rollback.json``, with the checkpoint rolled back
-    to and the job that did it, for ``rollback_applied``) and ``latest`` names ``path``, so that ``resume=auto``
-    after a crash before the new branch's first save continues the new branch, not the abandoned one. Returns
-    the abandoned names; call on one rank."""
+    """A run resumed from ``path`` (``checkpoint.resume=PATH``), recorded with the job that did it in
+    ``checkpoints/rollback.json`` (for ``rollback_applied``). When ``path`` is one of ``output_dir``'s own
+    checkpoints, the saves after it are an abandoned branch: they are recorded there too and ``latest`` names
+    ``path``, so that ``resume=auto`` after a crash before the new branch's first save continues the new branch,
+    not the abandoned one. Returns the abandoned names; call on one rank."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     complete = [e for e in list_checkpoints(output_dir) if e.complete]
     me = next((e for e in complete if e.path.resolve() == Path(path).resolve()), None)
-    if me is None:   # not one of this run's checkpoints: it abandons nothing here
-        return []
-    later = [e for e in complete if _save_order(e) > _save_order(me)]
+    later = [] if me is None else [e for e in complete if _save_order(e) > _save_order(me)]
     known = _abandoned(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
     _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known],
-                                  "rolled_back_to": _save_id(me), "job": _job_identity()[0]})
+                                  "rolled_back_to": None if me is None else _save_id(me),
+                                  "resumed_from": str(Path(path).resolve()), "job": _job_identity()[0]})
     if later:
         atomic_write_bytes(root / LATEST, me.path.name + "\n")
     return [e.path.name for e in later]
@@ -557,10 +559,11 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
     if _rank(process_group) == 0:
         chosen = None
         repair_interrupted_commits(output_dir)
+        explicit = None
         if resume not in ("auto", "none") and rollback_applied(output_dir, resume):
-            log.warning("checkpoint.resume=%s: this job rolled back to it before it was restarted (%s); continuing "
-                        "the branch it has trained since, as resume=auto would", resume, _job_identity()[0])
-            resume = "auto"
+            log.warning("checkpoint.resume=%s: this job resumed from it before it was restarted (%s); continuing "
+                        "what it has trained since, as resume=auto would", resume, _job_identity()[0])
+            explicit, resume = resume, "auto"
         if resume == "auto":
             entries = list_checkpoints(output_dir)
             abandoned = _abandoned(output_dir)   # by a rollback (``record_rollback``): never the newest
@@ -586,10 +589,12 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
             for e in skipped + older_bad:
                 log.warning("ignoring incomplete checkpoint %s (%s)", e.path, e.reason)
             chosen = str(newest.path) if newest else None
-            if newest is None:
+            if newest is None and explicit is not None:   # restarted before its first save: from PATH again
+                resume = explicit
+            elif newest is None:
                 log.info("resume=auto: no complete checkpoint under %s; starting fresh",
                          Path(output_dir) / CHECKPOINTS_DIR)
-        else:
+        if resume not in ("auto", "none"):
             reason = check_complete(resume)
             if reason:
                 error = f"checkpoint.resume={resume!r}: not a complete checkpoint ({reason})"

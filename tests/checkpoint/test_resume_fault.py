@@ -168,3 +168,34 @@ def test_run_status_says_how_the_job_ended(tmp_path, monkeypatch):
     assert status()["status"] == "finished" and status()["step"] == 5
     write_run_status(out, "running", enabled=False)      # other ranks write nothing
     assert status()["status"] == "finished"
+
+
+def test_a_requeued_job_started_from_another_runs_checkpoint_continues_its_own(tmp_path, monkeypatch):
+    """``run.output_dir=B checkpoint.resume=A/step_N`` (a new run branched from another's checkpoint) requeued: it
+    started from A/step_N again, throwing away B's checkpoints. A restart of that job continues B's own latest
+    checkpoint, or, restarted before B's first save, starts from A/step_N as the command says."""
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    def cfg(out, steps, *extra):
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled", *extra])
+
+    run_training(cfg(tmp_path / "a", 2))
+    start = f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_000002'}"
+    monkeypatch.setenv("SLURM_JOB_ID", "79")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    first = _Steps(fail_at=3)                               # dies before B's first save (step 4)
+    with pytest.raises(_Failure):
+        run_training(cfg(tmp_path / "b", 6, start), hooks=[first])
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    again = _Steps(fail_at=5)                               # nothing of B's to continue: from A's step 2 again
+    with pytest.raises(_Failure):
+        run_training(cfg(tmp_path / "b", 6, start), hooks=[again])
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    last = _Steps()                                         # B saved step 4: from there
+    run_training(cfg(tmp_path / "b", 6, start), hooks=[last])
+    assert (first.steps, again.steps, last.steps) == ([3], [3, 4, 5], [5, 6])
