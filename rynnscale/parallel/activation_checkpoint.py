@@ -43,10 +43,47 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _profiler_ops() -> frozenset:
+    ops = set()
+    for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
+        packet = getattr(torch.ops.profiler, name, None)
+        if packet is not None:
+            ops.update(getattr(packet, overload) for overload in packet.overloads())
+    return frozenset(ops)
+
+
+# profiler ranges (``record_function``) are not computation, but torch's selective-checkpoint modes count them as
+# ops and refuse a recomputation that opens one more: FSDP2's hooks on an expert module whose expert mesh is one
+# rank (ep = dp_shard x cp, no HSDP) do ("..._record_function_enter_new.default invocation index 2 encountered
+# during backward but not found in storage" in the first backward). They run untouched by the cache instead.
+PROFILER_OPS = _profiler_ops()
+
+
+class _PassProfilerOps:
+    """Mixin for torch's selective-checkpoint dispatch modes: ``PROFILER_OPS`` bypass the cache and its counts."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PROFILER_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+@functools.cache
+def _passing_profiler_ops(cls: type) -> type:
+    return type(cls.__name__, (_PassProfilerOps, cls), {})
+
+
+def _selective_contexts():
+    """torch's selective-checkpoint contexts for ``_selective_policy``, with profiler ranges left out."""
+    modes = create_selective_checkpoint_contexts(_selective_policy)
+    for mode in modes:
+        mode.__class__ = _passing_profiler_ops(type(mode))
+    return modes
+
+
 def _wrap(block: nn.Module, selective: bool) -> nn.Module:
     if selective:
-        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                  context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy))
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, context_fn=_selective_contexts)
     return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 

@@ -40,11 +40,9 @@ CONFIGS = {
     "fsdp2+ac_selective": (2, 1, "selective", False),
     "fsdp2_ep2": (2, 2, "none", False),
     "fsdp2_ep2+ac_full": (2, 2, "full", False),
+    "fsdp2_ep2+ac_selective": (2, 2, "selective", False),   # expert meshes of one rank (tests/parallel/test_selective_ep.py)
     "fsdp2_ep2+compile": (2, 2, "none", True),
 }
-# not here: selective checkpointing with ep == the data-parallel size (an expert mesh of one rank) fails in the
-# generic path for Qwen3-VL too (torch 2.13: FSDP's post-forward record_function runs once more in the
-# recomputation than in the forward: "invocation index 2 encountered during backward but not found in storage")
 STEP_KW = dict(device=torch.device("cpu"), compute_dtype=torch.float32, loss_chunk_tokens=16, max_grad_norm=MAX_NORM)
 GEN_CONFIGS, NEW_TOKENS = ("fsdp2", "fsdp2_ep2"), 5
 
