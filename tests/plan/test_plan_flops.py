@@ -118,3 +118,24 @@ def test_a_grpo_chain_counts_its_reference_copy(extra: list[str], copy: bool) ->
     per_token = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim * 2
     kv = [a for a in plan_recipe(cfg, "grpo").assumptions if "KV cache" in a]
     assert kv and f"KV cache {per_token} B per token" in kv[0], kv
+
+
+def test_ep_traffic_counts_a_pass_more_in_every_recomputed_moe_layer() -> None:
+    """The all-to-alls of a recomputed MoE layer run again in backward: under full and selective checkpointing
+    every layer's (selective saves the matmuls, not the collectives: 16 all-to-all calls per step like full vs 10
+    without, measured on 4 gloo ranks with ep=2), under every_k the checkpointed ones'. The plan counted the
+    extra pass for full only."""
+    from rynnscale.plan.planner import estimate_comm, resolve_layout
+
+    cfg = _cfg("base/qwen3_vl_30b_a3b.yaml")
+    args, model = build_model(cfg.model, meta=True)
+    st = param_stats(model)
+    lay = resolve_layout(16, 1, -1, 8, args.text.num_experts, 1)
+    t = args.text
+    per_pass = 2 * 4096 * t.num_experts_per_tok * t.hidden_size * 2 * 7 / 8      # dispatch + combine, one layer
+    n_moe = sum(t.layer_is_moe(i) for i in range(t.num_hidden_layers))
+    every2 = sum(1 for i in range(t.num_hidden_layers) if t.layer_is_moe(i) and i % 2 == 0)
+    want = {"none": 2 * n_moe, "full": 3 * n_moe, "selective": 3 * n_moe, "every_k": 2 * n_moe + every2}
+    for mode, passes in want.items():
+        w = Workload(micro_batch_tokens=4096, checkpointing=mode, every=2)
+        assert estimate_comm(args, st, lay, w, cfg.plan).ep_all_to_all_bytes == pytest.approx(passes * per_pass), mode
