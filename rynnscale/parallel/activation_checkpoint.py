@@ -26,7 +26,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, create_selective_checkpoint_contexts
 
 MODES = ("none", "full", "every_k", "selective")
 
@@ -37,6 +37,20 @@ _SAVE_OP_NAMES = ("mm", "addmm", "bmm", "linear", "_grouped_mm", "_scaled_dot_pr
                   "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
                   "_efficient_attention_forward", "_scaled_dot_product_fused_attention_overrideable")
 SELECTIVE_SAVE_OPS = frozenset(getattr(_aten, n).default for n in _SAVE_OP_NAMES if hasattr(_aten, n))
+
+
+# Profiler annotations are not computation, yet selective checkpointing counts them like any op and fails when the
+# recomputation issues more of them than the forward did: FSDP2's hooks do (an FSDP unit nested in a checkpointed
+# block, e.g. the experts under EP, re-enters its root pre-forward during recomputation; "record_function_enter_new
+# invocation index 2 encountered during backward but not found in storage" at ep = dp_shard x cp). Torch's own set
+# of ops that selective checkpointing passes through untracked takes them (as upstream PR pytorch#196862 does).
+_PROFILER_OPS = frozenset(getattr(getattr(torch.ops.profiler, name), overload)
+                          for name, overloads in (("_record_function_enter_new", ("default",)),
+                                                  ("_record_function_enter", ("default",)),
+                                                  ("_record_function_exit", ("default", "_RecordFunction")))
+                          if hasattr(torch.ops.profiler, name)
+                          for overload in overloads if hasattr(getattr(torch.ops.profiler, name), overload))
+SAC_IGNORED_OPS.update(_PROFILER_OPS)
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

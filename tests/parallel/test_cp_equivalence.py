@@ -6,7 +6,8 @@ both ranks fed the SAME micro-batches) == 1 process on the same global batch, pe
   sides): ``max|g - g_ref| <= 1e-4 * ||g_ref||``.
 
 Configs cover dense and MoE, ``ulysses`` and ``ring``, kv heads < cp (Ulysses replicates them), full
-activation checkpointing and cp=2 with ep=2 (the EP group is the CP group); a second launch of 4 processes
+activation checkpointing and cp=2 with ep=2 (the EP group is the CP group; also under selective checkpointing,
+whose recomputation once failed on the profiler annotations of the experts' nested FSDP unit); a second launch of 4 processes
 runs 2 sample streams x cp=2 (FSDP over all 4 ranks), with ring attention, and with EP 2 + full checkpointing. Rows mix text-only documents,
 an image and a 2-frame video (so the vision tower's frames are split over the ranks, and a rank with no
 frame runs the tower on a dummy), 1-3 documents of uneven lengths that cross the zigzag shard boundaries,
@@ -48,6 +49,8 @@ CONFIGS = {
     "dense_ulysses_kv1+ac_full": (False, 1, "ulysses", "full", 1),
     "moe_ring_kv1+ac_full": (True, 1, "ring", "full", 1),
     "moe_auto_ep2": (True, 2, "auto", "none", 2),
+    # ep = dp_shard x cp: the experts' FSDP unit (a 1-rank mesh) nested in a selectively checkpointed block
+    "moe_ulysses_ep2+ac_selective": (True, 2, "ulysses", "selective", 2),
 }
 
 
