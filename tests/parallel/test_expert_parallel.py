@@ -141,6 +141,10 @@ def test_collective_timeout_raises(tmp_path):
     (8, 1, -1, 8, 4, "not divisible by parallel.ep"),
     (4, 1, -1, 2, 0, "needs an MoE model"),
     (4, 2, 2, 4, 8, "must divide parallel.dp_shard=2"),
+    # trained, then failed at the first checkpoint save: 1 expert per EP rank cannot be FSDP-split over 2 ranks
+    (4, 1, -1, 2, 2, r"2 / parallel.ep=2 = 1 experts per EP rank must be divisible by the expert FSDP degree "
+                     r"parallel.dp_shard=4 / parallel.ep = 2"),
+    (16, 1, -1, 8, 8, "1 experts per EP rank must be divisible"),   # 8 experts, ep 8 over two 8-GPU nodes
 ])
 def test_impossible_layouts_are_rejected(world, rep, shard, ep, experts, match):
     with pytest.raises(LayoutError, match=match):
@@ -150,6 +154,9 @@ def test_impossible_layouts_are_rejected(world, rep, shard, ep, experts, match):
 def test_layout_resolves_remaining_ranks():
     lay = ParallelLayout.resolve(16, dp_replicate=2, dp_shard=-1, ep=4, num_experts=8)
     assert (lay.dp_shard, lay.edp_shard, lay.dp_size) == (8, 2, 16)
+    # the same 16 ranks with ep 8: HSDP over the nodes keeps one expert per rank
+    assert ParallelLayout.resolve(16, dp_replicate=2, dp_shard=-1, ep=8, num_experts=8).edp_shard == 1
+
 
 
 def test_config_rejects_ep_that_does_not_divide_experts():
@@ -159,3 +166,8 @@ def test_config_rejects_ep_that_does_not_divide_experts():
         load_config(recipe, ["parallel.ep=3"])
     with pytest.raises(ConfigError, match="must divide parallel.dp_shard=2"):
         load_config(recipe, ["parallel.ep=4", "parallel.dp_shard=2"])
+    # known without the world size when dp_shard is given: 8 experts / ep 2 = 4 per EP rank over 8 / 2 = 4 is fine,
+    # over 16 / 2 = 8 ranks is not
+    load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=8"])
+    with pytest.raises(ConfigError, match="4 experts per EP rank must be divisible by the expert FSDP degree"):
+        load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=16"])
