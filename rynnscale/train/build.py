@@ -176,7 +176,7 @@ def build(run: ResolvedRun, ctx: DistContext) -> nn.Module:
     """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under ``run.layout``, whose
     meshes are stored in ``ctx.meshes``."""
     if ctx.distributed:
-        ctx.meshes = build_meshes(run.layout, device_type_of(ctx.device))
+        ctx.meshes = build_meshes(run.layout, device_type_of(ctx.device), timeout_s=run.cfg.parallel.timeout_s)
         log.info("parallel layout: %s", run.layout)
     return build_model(run.cfg.model, ctx.device, run.cfg.run.seed, meshes=ctx.meshes,
                        compute_dtype=run.compute_dtype, arch=run.arch)[1]

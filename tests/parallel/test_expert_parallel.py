@@ -134,6 +134,46 @@ def test_collective_timeout_raises(tmp_path):
     assert 1.5 < waited < 10
 
 
+def _mesh_timeout_worker(rank: int, world: int) -> float:
+    """The run's build (``rynnscale.train.build``: demo recipe, ep=2 on 4 ranks, ``parallel.timeout_s=3``), then rank
+    1 joins an all-reduce on its EP group (a sub-group of the mesh) 8 s late: rank 0 must have given up after ~3 s."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from rynnscale.config import load_config
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.build import build, resolve_run
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    cfg = load_config(recipe, ["parallel.ep=2", "parallel.timeout_s=3"])
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world)
+    build(resolve_run(cfg, ctx), ctx)
+    dist.barrier()   # (the default group: 120 s)
+    t0 = time.perf_counter()
+    try:
+        if rank == 1:
+            time.sleep(8)
+        dist.all_reduce(torch.ones(1), group=ctx.meshes.ep_group)
+        waited = -(time.perf_counter() - t0)   # completed: a negative time
+    except RuntimeError as e:   # (rank 1, late, may instead find its peer gone)
+        assert rank == 1 or "timeout" in str(e).lower() or "timed out" in str(e).lower(), e
+        waited = time.perf_counter() - t0
+    # the world-sized FSDP group is the default group, now at 3 s too: the harness's closing barrier needs more
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    _set_pg_timeout(datetime.timedelta(seconds=120))
+    return waited
+
+
+@pytest.mark.slow
+def test_mesh_sub_groups_time_out_after_parallel_timeout_s(tmp_path):
+    waited = run_ranks(_mesh_timeout_worker, 4, tmp_path)
+    # rank 0 gave up after ~3 s (not the 30 min gloo default of a new group); ranks 2 and 3 (the other EP group)
+    # were not affected
+    assert 2.5 < waited[0] < 7.5, waited
+    assert waited[2] < 0 and waited[3] < 0, waited
+
+
 @pytest.mark.parametrize("world,rep,shard,ep,experts,match", [
     (4, 3, -1, 1, 8, "dp_replicate=3 does not divide"),
     (4, 1, 3, 1, 8, "must equal the world size"),
