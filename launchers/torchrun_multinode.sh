@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Multi-node launch with torchrun (c10d rendezvous). Run the SAME command on every node.
 #
-#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=0 GPUS_PER_NODE=8 launchers/torchrun_multinode.sh recipes/demo_tiny.yaml parallel.ep=8
-#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=1 GPUS_PER_NODE=8 launchers/torchrun_multinode.sh recipes/demo_tiny.yaml parallel.ep=8
+#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=0 GPUS_PER_NODE=8 launchers/torchrun_multinode.sh recipes/demo_tiny.yaml parallel.ep=8 parallel.dp_replicate=2
+#   MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=1 GPUS_PER_NODE=8 launchers/torchrun_multinode.sh recipes/demo_tiny.yaml parallel.ep=8 parallel.dp_replicate=2
 #
 # Env: MASTER_ADDR (host of node 0, reachable from all nodes), MASTER_PORT (default 29500), NNODES,
 # NODE_RANK (0..NNODES-1), GPUS_PER_NODE (default: all visible GPUs, else 1 process on CPU),

@@ -26,7 +26,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, create_selective_checkpoint_contexts
 
 MODES = ("none", "full", "every_k", "selective")
 
@@ -39,51 +39,28 @@ _SAVE_OP_NAMES = ("mm", "addmm", "bmm", "linear", "_grouped_mm", "_scaled_dot_pr
 SELECTIVE_SAVE_OPS = frozenset(getattr(_aten, n).default for n in _SAVE_OP_NAMES if hasattr(_aten, n))
 
 
+# Profiler annotations are not computation, yet selective checkpointing counts them like any op and fails when the
+# recomputation issues more of them than the forward did: FSDP2's hooks do (an FSDP unit nested in a checkpointed
+# block, e.g. the experts under EP, re-enters its root pre-forward during recomputation; "record_function_enter_new
+# invocation index 2 encountered during backward but not found in storage" at ep = dp_shard x cp). Torch's own set
+# of ops that selective checkpointing passes through untracked takes them (as upstream PR pytorch#196862 does).
+_PROFILER_OPS = frozenset(getattr(getattr(torch.ops.profiler, name), overload)
+                          for name, overloads in (("_record_function_enter_new", ("default",)),
+                                                  ("_record_function_enter", ("default",)),
+                                                  ("_record_function_exit", ("default", "_RecordFunction")))
+                          if hasattr(torch.ops.profiler, name)
+                          for overload in overloads if hasattr(getattr(torch.ops.profiler, name), overload))
+SAC_IGNORED_OPS.update(_PROFILER_OPS)
+
+
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _profiler_ops() -> frozenset:
-    ops = set()
-    for name in ("_record_function_enter", "_record_function_enter_new", "_record_function_exit"):
-        packet = getattr(torch.ops.profiler, name, None)
-        if packet is not None:
-            ops.update(getattr(packet, overload) for overload in packet.overloads())
-    return frozenset(ops)
-
-
-# profiler ranges (``record_function``) are not computation, but torch's selective-checkpoint modes count them as
-# ops and refuse a recomputation that opens one more: FSDP2's hooks on an expert module whose expert mesh is one
-# rank (ep = dp_shard x cp, no HSDP) do ("..._record_function_enter_new.default invocation index 2 encountered
-# during backward but not found in storage" in the first backward). They run untouched by the cache instead.
-PROFILER_OPS = _profiler_ops()
-
-
-class _PassProfilerOps:
-    """Mixin for torch's selective-checkpoint dispatch modes: ``PROFILER_OPS`` bypass the cache and its counts."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in PROFILER_OPS:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-@functools.cache
-def _passing_profiler_ops(cls: type) -> type:
-    return type(cls.__name__, (_PassProfilerOps, cls), {})
-
-
-def _selective_contexts():
-    """torch's selective-checkpoint contexts for ``_selective_policy``, with profiler ranges left out."""
-    modes = create_selective_checkpoint_contexts(_selective_policy)
-    for mode in modes:
-        mode.__class__ = _passing_profiler_ops(type(mode))
-    return modes
-
-
 def _wrap(block: nn.Module, selective: bool) -> nn.Module:
     if selective:
-        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, context_fn=_selective_contexts)
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                  context_fn=functools.partial(create_selective_checkpoint_contexts, _selective_policy))
     return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 

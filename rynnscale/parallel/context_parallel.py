@@ -357,12 +357,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CPSh
 # -------------------------------------------------------------------------------------------------- entry
 
 
+@torch.compiler.disable  # collectives inside autograd Functions: eager inside compiled blocks (``model.compile``)
 def cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CPShardPlan, group,
                  mode: str = "ulysses", causal: bool = True, scale: float | None = None,
                  backend: str = "auto") -> torch.Tensor:
     """Attention of this rank's shard (``plan``) of a packed row over the CP ``group`` (size ``plan.cp``).
     ``mode``: ``ulysses`` (heads divisible by cp; ``backend`` picks the local varlen kernel) or ``ring``
-    (any head count). See the module docstring for which fits which shape."""
+    (any head count). See the module docstring for which fits which shape. Runs eagerly inside a compiled
+    block: dynamo failed on Ulysses' differentiable all-to-alls ("Argument ... does not belong to this Graph")."""
     if mode not in MODES:
         raise ValueError(f"context-parallel mode {mode!r} is not one of {MODES}")
     if mode == "ulysses" and q.dim() == 3 and q.shape[1] % plan.cp:

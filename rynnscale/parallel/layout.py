@@ -29,7 +29,8 @@ def check_layout_keys(dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, nu
                       cp: int = 1) -> None:
     """The rules that hold for every world size: sizes >= 1 (``dp_shard`` may be -1 = all remaining
     ranks), ``ep`` divides a given ``dp_shard x cp`` (the FSDP ranks), and ``ep > 1`` needs an MoE model
-    whose ``num_experts`` it divides (``num_experts=None``: not known yet, skipped)."""
+    whose ``num_experts`` it divides into ``edp_shard`` even chunks per EP rank (``check_expert_chunks``;
+    ``num_experts=None``: not known yet, skipped)."""
     if dp_replicate < 1:
         raise LayoutError(f"parallel.dp_replicate={dp_replicate} must be >= 1")
     if ep < 1:
@@ -47,6 +48,20 @@ def check_layout_keys(dp_replicate: int = 1, dp_shard: int = -1, ep: int = 1, nu
         if num_experts % ep:
             raise LayoutError(f"num_experts={num_experts} is not divisible by parallel.ep={ep} (each EP rank holds "
                               "num_experts / ep whole experts)")
+        if dp_shard != -1:
+            check_expert_chunks(num_experts, ep, dp_shard * cp // ep, _fsdp_keys(dp_shard, cp))
+
+
+def check_expert_chunks(num_experts: int, ep: int, edp_shard: int, fsdp_keys: str) -> None:
+    """Under EP (``ep > 1``) the ``num_experts / ep`` experts of an EP rank must split evenly over the
+    ``edp_shard`` ranks that FSDP-shard them: checkpoints store the GLOBAL expert tensors in even chunks
+    (``rynnscale.checkpoint.ep_layout``), so any other split would train and then fail at the first save."""
+    per_rank = num_experts // ep
+    if ep > 1 and per_rank % edp_shard:
+        raise LayoutError(f"num_experts={num_experts} / parallel.ep={ep} = {per_rank} experts per EP rank must be "
+                          f"divisible by the expert FSDP degree {fsdp_keys} / parallel.ep = {edp_shard} (checkpoints "
+                          "store each expert tensor in even chunks of whole experts); raise parallel.ep, or lower "
+                          "parallel.dp_shard with parallel.dp_replicate (HSDP)")
 
 
 CP_ATTENTION_MODES = ("ulysses", "ring")
@@ -143,4 +158,9 @@ class ParallelLayout:
         if (dp_shard * cp) % ep:
             raise LayoutError(f"parallel.ep={ep} must divide {_fsdp_keys(dp_shard, cp)} (EP is carved out of the "
                               f"FSDP ranks) {where}")
+        if num_experts is not None:
+            try:
+                check_expert_chunks(num_experts, ep, dp_shard * cp // ep, _fsdp_keys(dp_shard, cp))
+            except LayoutError as e:
+                raise LayoutError(f"{e} {where}") from None
         return cls(world_size, dp_replicate, dp_shard, ep, cp)

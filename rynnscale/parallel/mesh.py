@@ -20,6 +20,7 @@ ranks (the same node when ``ep <= GPUs per node``, where the all-to-all runs ove
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,13 @@ class Meshes:
         return None if self.ep is None else self.ep.get_group()
 
 
-def build_meshes(layout: ParallelLayout, device_type: str) -> Meshes:
+def build_meshes(layout: ParallelLayout, device_type: str, timeout_s: float | None = None) -> Meshes:
     """Create the world mesh ``[dp_replicate, edp_shard, ep]`` and its views, and (cp > 1) the CP mesh
     ``[data, cp]`` over the same ranks (needs an initialised default process group of
-    ``layout.world_size`` ranks)."""
+    ``layout.world_size`` ranks). ``timeout_s`` (``parallel.timeout_s``): the collective timeout of every
+    sub-group the meshes create (FSDP, EP, CP, HSDP); torch gives them its defaults (30 min on gloo, 10 on
+    NCCL), not the default group's, so a hung EP all-to-all waited 30 min whatever the recipe said. None:
+    torch's defaults."""
     if dist.get_world_size() != layout.world_size:
         raise LayoutError(f"layout is for {layout.world_size} ranks but the process group has {dist.get_world_size()}")
     world = init_device_mesh(device_type, (layout.dp_replicate, layout.edp_shard, layout.ep),
@@ -81,7 +85,26 @@ def build_meshes(layout: ParallelLayout, device_type: str) -> Meshes:
     if layout.cp > 1:
         ranks = torch.arange(layout.world_size).reshape(layout.data_world_size, layout.cp)
         cp = DeviceMesh(device_type, ranks, mesh_dim_names=("data", "cp"))["cp"]
-    return Meshes(layout, world, dense, expert, dp_shard, ep, cp)
+    meshes = Meshes(layout, world, dense, expert, dp_shard, ep, cp)
+    if timeout_s is not None:
+        set_group_timeouts(meshes, timeout_s)
+    return meshes
+
+
+def set_group_timeouts(meshes: Meshes, timeout_s: float) -> None:
+    """Set the collective timeout of every process group of ``meshes`` (each dimension of the world, the
+    flattened FSDP and the CP mesh; the dense / expert / EP views share those groups)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # (torchtitan sets its mesh timeouts so)
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups: dict[int, dist.ProcessGroup] = {}
+    for mesh in (meshes.world, meshes.dp_shard, meshes.cp):
+        if mesh is not None:
+            for dim in range(mesh.ndim):
+                group = mesh.get_group(dim)
+                groups[id(group)] = group
+    for group in groups.values():
+        _set_pg_timeout(timeout, group)
 
 
 def device_type_of(device: torch.device) -> str:

@@ -27,7 +27,7 @@ from rynnscale.ops.attention import require_varlen
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel import precision
 from rynnscale.parallel.fsdp import init_sharded_weights
-from rynnscale.parallel.layout import ParallelLayout
+from rynnscale.parallel.layout import LayoutError, ParallelLayout
 from rynnscale.parallel.mesh import build_meshes, device_type_of
 from rynnscale.train.optim import freeze_parameters
 
@@ -155,10 +155,14 @@ class ResolvedRun:
 
 
 def resolve_run(cfg: RootConfig, ctx: DistContext) -> ResolvedRun:
-    """``cfg`` on ``ctx``'s world size and device (errors name the keys)."""
+    """``cfg`` on ``ctx``'s world size and device (errors name the keys). A layout this world size cannot take is
+    the recipe's setting: a ``ConfigError`` (one line per rank, exit code 2), not a traceback."""
     arch = resolve_model_args(cfg.model)
-    layout = resolve_layout(cfg, ctx.world_size, arch.args.text.num_experts) if ctx.distributed \
-        else ParallelLayout.single()
+    try:
+        layout = resolve_layout(cfg, ctx.world_size, arch.args.text.num_experts) if ctx.distributed \
+            else ParallelLayout.single()
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
     p = cfg.parallel
     asked = {k: v for k, v in (("ep", p.ep), ("cp", p.cp), ("dp_replicate", p.dp_replicate)) if v > 1}
     if not ctx.distributed and asked:
@@ -172,7 +176,7 @@ def build(run: ResolvedRun, ctx: DistContext) -> nn.Module:
     """The run's model on ``ctx``: one process, or (torchrun) this rank's shards under ``run.layout``, whose
     meshes are stored in ``ctx.meshes``."""
     if ctx.distributed:
-        ctx.meshes = build_meshes(run.layout, device_type_of(ctx.device))
+        ctx.meshes = build_meshes(run.layout, device_type_of(ctx.device), timeout_s=run.cfg.parallel.timeout_s)
         log.info("parallel layout: %s", run.layout)
     return build_model(run.cfg.model, ctx.device, run.cfg.run.seed, meshes=ctx.meshes,
                        compute_dtype=run.compute_dtype, arch=run.arch)[1]

@@ -134,6 +134,46 @@ def test_collective_timeout_raises(tmp_path):
     assert 1.5 < waited < 10
 
 
+def _mesh_timeout_worker(rank: int, world: int) -> float:
+    """The run's build (``rynnscale.train.build``: demo recipe, ep=2 on 4 ranks, ``parallel.timeout_s=3``), then rank
+    1 joins an all-reduce on its EP group (a sub-group of the mesh) 8 s late: rank 0 must have given up after ~3 s."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from rynnscale.config import load_config
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.build import build, resolve_run
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    cfg = load_config(recipe, ["parallel.ep=2", "parallel.timeout_s=3"])
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world)
+    build(resolve_run(cfg, ctx), ctx)
+    dist.barrier()   # (the default group: 120 s)
+    t0 = time.perf_counter()
+    try:
+        if rank == 1:
+            time.sleep(8)
+        dist.all_reduce(torch.ones(1), group=ctx.meshes.ep_group)
+        waited = -(time.perf_counter() - t0)   # completed: a negative time
+    except RuntimeError as e:   # (rank 1, late, may instead find its peer gone)
+        assert rank == 1 or "timeout" in str(e).lower() or "timed out" in str(e).lower(), e
+        waited = time.perf_counter() - t0
+    # the world-sized FSDP group is the default group, now at 3 s too: the harness's closing barrier needs more
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+    _set_pg_timeout(datetime.timedelta(seconds=120))
+    return waited
+
+
+@pytest.mark.slow
+def test_mesh_sub_groups_time_out_after_parallel_timeout_s(tmp_path):
+    waited = run_ranks(_mesh_timeout_worker, 4, tmp_path)
+    # rank 0 gave up after ~3 s (not the 30 min gloo default of a new group); ranks 2 and 3 (the other EP group)
+    # were not affected
+    assert 2.5 < waited[0] < 7.5, waited
+    assert waited[2] < 0 and waited[3] < 0, waited
+
+
 @pytest.mark.parametrize("world,rep,shard,ep,experts,match", [
     (4, 3, -1, 1, 8, "dp_replicate=3 does not divide"),
     (4, 1, 3, 1, 8, "must equal the world size"),
@@ -141,6 +181,10 @@ def test_collective_timeout_raises(tmp_path):
     (8, 1, -1, 8, 4, "not divisible by parallel.ep"),
     (4, 1, -1, 2, 0, "needs an MoE model"),
     (4, 2, 2, 4, 8, "must divide parallel.dp_shard=2"),
+    # trained, then failed at the first checkpoint save: 1 expert per EP rank cannot be FSDP-split over 2 ranks
+    (4, 1, -1, 2, 2, r"2 / parallel.ep=2 = 1 experts per EP rank must be divisible by the expert FSDP degree "
+                     r"parallel.dp_shard=4 / parallel.ep = 2"),
+    (16, 1, -1, 8, 8, "1 experts per EP rank must be divisible"),   # 8 experts, ep 8 over two 8-GPU nodes
 ])
 def test_impossible_layouts_are_rejected(world, rep, shard, ep, experts, match):
     with pytest.raises(LayoutError, match=match):
@@ -150,6 +194,9 @@ def test_impossible_layouts_are_rejected(world, rep, shard, ep, experts, match):
 def test_layout_resolves_remaining_ranks():
     lay = ParallelLayout.resolve(16, dp_replicate=2, dp_shard=-1, ep=4, num_experts=8)
     assert (lay.dp_shard, lay.edp_shard, lay.dp_size) == (8, 2, 16)
+    # the same 16 ranks with ep 8: HSDP over the nodes keeps one expert per rank
+    assert ParallelLayout.resolve(16, dp_replicate=2, dp_shard=-1, ep=8, num_experts=8).edp_shard == 1
+
 
 
 def test_config_rejects_ep_that_does_not_divide_experts():
@@ -159,3 +206,8 @@ def test_config_rejects_ep_that_does_not_divide_experts():
         load_config(recipe, ["parallel.ep=3"])
     with pytest.raises(ConfigError, match="must divide parallel.dp_shard=2"):
         load_config(recipe, ["parallel.ep=4", "parallel.dp_shard=2"])
+    # known without the world size when dp_shard is given: 8 experts / ep 2 = 4 per EP rank over 8 / 2 = 4 is fine,
+    # over 16 / 2 = 8 ranks is not
+    load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=8"])
+    with pytest.raises(ConfigError, match="4 experts per EP rank must be divisible by the expert FSDP degree"):
+        load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=16"])

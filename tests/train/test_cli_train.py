@@ -53,3 +53,19 @@ def test_overrides_may_follow_option_flags(capsys):
     assert "max_steps: 7" in out and "lr: 0.5" in out
     with pytest.raises(SystemExit):
         main(["train", str(REPO / "recipes" / "demo_tiny.yaml"), "--print-config", "--bogus"])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.dp_replicate=2"], 3, "parallel.dp_replicate=2 does not divide the world size 3"),
+    (["parallel.cp=2", "parallel.dp_shard=2"], 6, "must equal the world size 6"),
+])
+def test_layout_the_world_size_cannot_take_is_a_brief_config_error(overrides, world, message):
+    """The launch's layout check (world size known only under torchrun) raises the recipe's ``ConfigError``, which
+    every rank reports in one line with exit code 2 (``report_failures``' brief types), not a traceback per rank."""
+    from rynnscale.config import ConfigError, load_config
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.build import resolve_run
+
+    cfg = load_config(REPO / "recipes" / "demo_tiny.yaml", overrides)
+    with pytest.raises(ConfigError, match=message):
+        resolve_run(cfg, DistContext(world_size=world))
