@@ -171,5 +171,22 @@ def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
             f"{cfg.schedule} schedule after it; lower the warmup or raise train.max_steps")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+class RecipeSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose checkpointed state is the step only: on resume the base learning rates and the schedule
+    come from the current recipe (``optim.lr``, ``optim.groups[].lr_scale``, ``train.max_steps``, warmup), not from
+    the checkpoint, and the restored optimiser's groups get the lr of the resumed step at once. (A plain
+    ``LambdaLR`` restores the saved base lrs, so a changed ``optim.lr`` was ignored for the rest of the run, and
+    the first resumed step ran with the lr the OLD ``max_steps`` gave it, e.g. 0 after a finished linear decay.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base_lrs = list(self.base_lrs)   # this run's optim.lr x lr_scale, set at construction
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> RecipeSchedule:
+    """The lr schedule of ``lr_factor`` over ``max_steps``; its state (the step) resumes under a changed recipe."""
+    return RecipeSchedule(optimizer, lambda s: lr_factor(s, cfg, max_steps))
