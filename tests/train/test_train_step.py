@@ -85,12 +85,13 @@ def test_grad_accum_equals_one_big_batch(num_experts):
 
 @pytest.mark.parametrize("num_experts", [0, 4])
 def test_filler_micro_batch_trains_nothing(num_experts):
-    """[batch, filler] == [batch]: same loss, token / sample / expert counts and updated weights; the filler
-    still runs forward and backward (it keeps a rank's collectives in step with its peers)."""
+    """[batch, filler] == [batch]: same loss, MoE balancing loss, token / sample / expert counts and updated
+    weights; the filler still runs forward and backward (it keeps a rank's collectives in step with its peers).
+    The balancing loss is a mean over the REAL forwards: counting the filler's halved it (and its gradient)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
     real = pack([text_sample(gen, n) for n in (19, 13)])
-    m1, m2, o1, o2 = twin_models(tiny_args(num_experts))
+    m1, m2, o1, o2 = twin_models(tiny_args(num_experts, aux_coef=0.01))
     fill = filler_batch(7)
     assert fill.filler and fill.num_target_tokens == 1 and not real.filler
     calls = []
@@ -105,6 +106,7 @@ def test_filler_micro_batch_trains_nothing(num_experts):
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7, msg=n)
     if num_experts:
         assert torch.equal(s1.expert_counts, s2.expert_counts)
+        assert s2.aux_loss > 0 and s1.aux_loss == pytest.approx(s2.aux_loss, rel=1e-12)
 
 
 def test_step_of_fillers_only_leaves_weights_alone():
