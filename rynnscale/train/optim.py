@@ -171,18 +171,32 @@ def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
             f"{cfg.schedule} schedule after it; lower the warmup or raise train.max_steps")
 
 
+RECIPE_HYPERPARAMETERS = ("weight_decay", "betas", "eps")   # AdamW settings of a group the recipe, not a checkpoint, sets
+
+
 class RecipeSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """``LambdaLR`` whose checkpointed state is the step only: on resume the base learning rates and the schedule
-    come from the current recipe (``optim.lr``, ``optim.groups[].lr_scale``, ``train.max_steps``, warmup), not from
-    the checkpoint, and the restored optimiser's groups get the lr of the resumed step at once. (A plain
-    ``LambdaLR`` restores the saved base lrs, so a changed ``optim.lr`` was ignored for the rest of the run, and
-    the first resumed step ran with the lr the OLD ``max_steps`` gave it, e.g. 0 after a finished linear decay.)"""
+    """``LambdaLR`` whose checkpointed state is the step only: on resume the base learning rates, the schedule
+    (``optim.lr``, ``optim.groups[].lr_scale``, ``train.max_steps``, warmup) and the groups' ``weight_decay`` /
+    betas / eps come from the current recipe, not from the checkpoint, and the restored optimiser's groups get
+    the lr of the resumed step at once. Loaded right after the optimiser, whose ``load_state_dict`` brings the
+    saved groups' settings back. (A plain ``LambdaLR`` restores the saved base lrs, so a changed ``optim.lr`` was
+    ignored for the rest of the run, and the first resumed step ran with the lr the OLD ``max_steps`` gave it,
+    e.g. 0 after a finished linear decay.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor) -> None:
+        self.recipe_groups = [{k: g[k] for k in RECIPE_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        super().__init__(optimizer, factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "recipe_groups"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         base_lrs = list(self.base_lrs)   # this run's optim.lr x lr_scale, set at construction
-        super().load_state_dict(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "recipe_groups"})
         self.base_lrs = base_lrs
-        for group, base, factor in zip(self.optimizer.param_groups, base_lrs, self.lr_lambdas):
+        for group, recipe, base, factor in zip(self.optimizer.param_groups, self.recipe_groups, base_lrs,
+                                               self.lr_lambdas):
+            group.update(recipe)
             group["initial_lr"], group["lr"] = base, base * factor(self.last_epoch)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 

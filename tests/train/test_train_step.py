@@ -11,7 +11,7 @@ from rynnscale.config.schema import OptimConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
-from rynnscale.train.optim import build_optimizer, lr_factor, warmup_warning
+from rynnscale.train.optim import build_optimizer, build_scheduler, lr_factor, warmup_warning
 from rynnscale.train.step import train_step
 
 VOCAB = 151936
@@ -177,6 +177,39 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     lin = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
     assert lr_factor(50, lin, 100) == pytest.approx(0.5)
     assert lr_factor(7, OptimConfig(lr=1.0, schedule="constant"), 100) == 1.0
+
+
+def test_resumed_optimizer_takes_the_recipes_settings_and_keeps_its_moments():
+    """What a resume does (optimiser state, then scheduler state, loaded into objects built from the NEW recipe):
+    weight decay, betas, eps and lr are the new recipe's -- equal to a fresh build of it at that step -- while
+    Adam's moments and step counts are the checkpoint's. Before, the saved groups' settings came back and a changed
+    ``optim.weight_decay`` (or lr) was silently ignored."""
+    gen = torch.Generator().manual_seed(4)
+    model = make_model(tiny_args(0))
+    old_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, beta2=0.95, warmup_steps=2)
+    opt = build_optimizer(model, old_cfg)
+    sched = build_scheduler(opt, old_cfg, 10)
+    train_step(model, opt, [pack([text_sample(gen, 21)])], **STEP_KW)
+    sched.step()
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    new_cfg = OptimConfig(lr=3e-3, weight_decay=0.0, beta2=0.99, eps=1e-6, warmup_steps=0, schedule="linear")
+    resumed = build_optimizer(model, new_cfg)
+    resumed_sched = build_scheduler(resumed, new_cfg, 20)
+    resumed.load_state_dict(saved_opt)
+    resumed_sched.load_state_dict(saved_sched)
+    fresh = build_optimizer(model, new_cfg)
+    fresh_sched = build_scheduler(fresh, new_cfg, 20)
+    fresh.step()
+    fresh_sched.step()   # a fresh run of the new recipe, one step in
+    keys = ("weight_decay", "betas", "eps", "lr", "initial_lr")
+    assert [{k: g[k] for k in keys} for g in resumed.param_groups] == \
+        [{k: g[k] for k in keys} for g in fresh.param_groups]
+    assert resumed_sched.get_last_lr() == fresh_sched.get_last_lr()
+    trained = [p for p in model.parameters() if p in opt.state]   # (the vision tower saw no image)
+    assert trained and all(p in resumed.state for p in trained)
+    for p in trained:
+        assert torch.equal(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+        assert int(resumed.state[p]["step"]) == 1
 
 
 def test_warmup_covering_the_run_is_warned_about_naming_both_keys():
