@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -150,8 +151,10 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    """``optim.warmup_steps``, or ``ceil(warmup_ratio x max_steps)`` computed on the ratio as written (decimal):
+    in binary floating point 0.07 x 100 is 7.000000000000001, whose ceil made a 7% warmup of 100 steps 8 steps."""
     ratio = getattr(cfg, "warmup_ratio", 0.0) or 0.0
-    return int(math.ceil(ratio * max_steps)) if ratio > 0 else cfg.warmup_steps
+    return math.ceil(Fraction(repr(float(ratio))) * max_steps) if ratio > 0 else cfg.warmup_steps
 
 
 def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:

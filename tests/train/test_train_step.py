@@ -11,7 +11,7 @@ from rynnscale.config.schema import OptimConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
-from rynnscale.train.optim import build_optimizer, build_scheduler, lr_factor, warmup_warning
+from rynnscale.train.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps, warmup_warning
 from rynnscale.train.step import train_step
 
 VOCAB = 151936
@@ -210,6 +210,17 @@ def test_resumed_optimizer_takes_the_recipes_settings_and_keeps_its_moments():
     for p in trained:
         assert torch.equal(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"])
         assert int(resumed.state[p]["step"]) == 1
+
+
+def test_warmup_ratio_is_the_ceiling_of_the_exact_fraction():
+    """warmup_ratio=0.07 of 100 steps is 7 warmup steps (exact decimal arithmetic as the reference); the float
+    product 7.000000000000001 rounded up to 8."""
+    from fractions import Fraction
+
+    for ratio, steps in ((0.1, 30), (0.07, 100), (0.3, 10), (0.15, 7), (0.01, 50), (0.25, 8)):
+        want = math.ceil(Fraction(str(ratio)) * steps)
+        assert warmup_steps(OptimConfig(warmup_ratio=ratio), steps) == want, (ratio, steps)
+    assert warmup_steps(OptimConfig(warmup_ratio=0.07), 100) == 7
 
 
 def test_warmup_covering_the_run_is_warned_about_naming_both_keys():
