@@ -204,7 +204,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0          # <= 0 disables clipping
     loss_chunk_tokens: int = 2048       # tokens per chunk of the fused linear + cross-entropy
-    log_every: int = 1                  # metrics.jsonl every N steps (and the last); GRPO: also every step that rolled out
+    log_every: int = 1                  # metrics.jsonl every N steps (and the last); also every step that evaluated (or GRPO rolled out)
     dtype: str = "auto"                 # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
     max_nonfinite_steps: int = 5        # inf/NaN loss or grad norm: step skipped, no save; abort after this many in a row
     objective: str = "sft"              # sft (next-token cross-entropy) | grpo (rollouts + rewards, the rl.* section)

@@ -4,7 +4,8 @@ with a model card). Tests inject faults through the same protocol.
 A hook is any object with some of these methods (each optional), called on EVERY rank:
 
 - ``on_step(step, record, model, ctx)``: after the optimiser step, before the step's metrics are
-  logged; may add entries to ``record`` (the line ``metrics.jsonl`` gets);
+  logged; may add entries to ``record`` (the line ``metrics.jsonl`` gets; a step whose record a hook added to is
+  logged whatever ``train.log_every`` says);
 - ``on_step_end(step, ctx)``: after the step's log and checkpoint;
 - ``on_train_end(step, output_dir, ctx, preempted)``: after the loop and the last checkpoint.
 """

@@ -12,9 +12,9 @@ An objective is called in two phases per optimiser step:
    ``sums`` are detached per-rank sums the step adds up over micro-batches and ranks for the metrics.
 
 ``TokenCrossEntropy`` is supervised fine-tuning: the mean next-token cross-entropy over every assistant token
-of the step, plus the model's auxiliary loss (MoE load balancing) averaged over all (sample stream,
-micro-batch) forwards. ``GRPO`` is the policy-gradient loss of group relative policy optimisation on
-``RolloutBatch`` micro-batches (``rynnscale.train.grpo`` makes them). Another objective (distillation)
+of the step, plus the model's auxiliary loss (MoE load balancing) averaged over all real (sample stream,
+micro-batch) forwards (a filler's is weighted 0 and not counted). ``GRPO`` is the policy-gradient loss of group
+relative policy optimisation on ``RolloutBatch`` micro-batches (``rynnscale.train.grpo`` makes them). Another objective (distillation)
 implements the same two calls.
 """
 
@@ -34,7 +34,20 @@ class StepNormalizer:
     """Global values one step's loss is normalised by (the same on every rank)."""
 
     count: int              # the unit the loss is averaged over (e.g. target tokens); 0: nothing to learn
-    forwards: int           # (sample stream, micro-batch) forwards of the step over all ranks
+    forwards: int           # real (not filler) (sample stream, micro-batch) forwards of the step over all ranks
+
+    @property
+    def aux_divisor(self) -> int:
+        """What a forward's auxiliary loss is divided by: the mean over the real forwards (a filler's aux loss is
+        weighted 0, so counting it would shrink every other forward's balancing term)."""
+        return max(self.forwards, 1)
+
+
+def step_normalizer(micro_batches: list[PackedBatch], local_count: int, ctx: DistContext) -> StepNormalizer:
+    """``StepNormalizer`` of ``local_count`` (this rank's units) and this rank's real micro-batches, both summed over
+    the sample streams (a CP group counts once) in one all-reduce."""
+    count, forwards = ctx.sum_data([local_count, sum(1 for b in micro_batches if not b.filler)])
+    return StepNormalizer(count=int(count), forwards=int(forwards))
 
 
 @dataclass
@@ -75,13 +88,13 @@ class TokenCrossEntropy:
     def normalizer(self, micro_batches: list[PackedBatch], ctx: DistContext) -> StepNormalizer:
         local = sum(b.num_target_tokens for b in micro_batches if not b.filler)
         # a CP group's rows are counted once (every rank of the group holds the same micro-batches)
-        return StepNormalizer(count=int(ctx.sum_data([local])[0]), forwards=len(micro_batches) * ctx.dp_size)
+        return step_normalizer(micro_batches, local, ctx)
 
     def loss(self, model: torch.nn.Module, batch: PackedBatch, norm: StepNormalizer,
              ctx: DistContext) -> MicroBatchLoss:
         out = model(batch, counts_reducer=ctx.counts_reducer)
         loss_sum = model.loss_sum(batch, out, self.chunk_tokens)
-        aux = out.aux_loss / norm.forwards
+        aux = out.aux_loss / norm.aux_divisor
         return MicroBatchLoss(loss_sum / max(norm.count, 1) + aux,
                               {"loss": loss_sum.detach(), "aux_loss": aux.detach()}, out.expert_counts)
 
@@ -169,7 +182,7 @@ class GRPO:
     def normalizer(self, micro_batches: list[PackedBatch], ctx: DistContext) -> StepNormalizer:
         real = [b for b in micro_batches if not b.filler]
         local = sum(b.num_target_tokens if self.loss_averaging == "token" else b.num_samples for b in real)
-        return StepNormalizer(count=int(ctx.sum_data([local])[0]), forwards=len(micro_batches) * ctx.dp_size)
+        return step_normalizer(micro_batches, local, ctx)
 
     def loss(self, model: torch.nn.Module, batch: PackedBatch, norm: StepNormalizer,
              ctx: DistContext) -> MicroBatchLoss:
@@ -191,7 +204,7 @@ class GRPO:
         weight_l = mask_l if self.loss_averaging == "token" else sequence_token_weights(
             batch.cu_seqlens, mask_l).to(logp_l.dtype)
         loss_sum = (terms["loss"] * weight_l).sum()
-        aux = out.aux_loss / norm.forwards
+        aux = out.aux_loss / norm.aux_divisor
         with torch.no_grad():
             sums = {"loss": loss_sum.detach(), "aux_loss": aux.detach(),
                     "kl_sum": (terms["kl"] * mask_l).sum(), "clipped_tokens": (terms["clipped"] * mask_l).sum(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -150,8 +151,10 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def warmup_steps(cfg: OptimConfig, max_steps: int) -> int:
+    """``optim.warmup_steps``, or ``ceil(warmup_ratio x max_steps)`` computed on the ratio as written (decimal):
+    in binary floating point 0.07 x 100 is 7.000000000000001, whose ceil made a 7% warmup of 100 steps 8 steps."""
     ratio = getattr(cfg, "warmup_ratio", 0.0) or 0.0
-    return int(math.ceil(ratio * max_steps)) if ratio > 0 else cfg.warmup_steps
+    return math.ceil(Fraction(repr(float(ratio))) * max_steps) if ratio > 0 else cfg.warmup_steps
 
 
 def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
@@ -171,5 +174,36 @@ def warmup_warning(cfg: OptimConfig, max_steps: int) -> str | None:
             f"{cfg.schedule} schedule after it; lower the warmup or raise train.max_steps")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+RECIPE_HYPERPARAMETERS = ("weight_decay", "betas", "eps")   # AdamW settings of a group the recipe, not a checkpoint, sets
+
+
+class RecipeSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose checkpointed state is the step only: on resume the base learning rates, the schedule
+    (``optim.lr``, ``optim.groups[].lr_scale``, ``train.max_steps``, warmup) and the groups' ``weight_decay`` /
+    betas / eps come from the current recipe, not from the checkpoint, and the restored optimiser's groups get
+    the lr of the resumed step at once. Loaded right after the optimiser, whose ``load_state_dict`` brings the
+    saved groups' settings back. (A plain ``LambdaLR`` restores the saved base lrs, so a changed ``optim.lr`` was
+    ignored for the rest of the run, and the first resumed step ran with the lr the OLD ``max_steps`` gave it,
+    e.g. 0 after a finished linear decay.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor) -> None:
+        self.recipe_groups = [{k: g[k] for k in RECIPE_HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+        super().__init__(optimizer, factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "recipe_groups"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base_lrs = list(self.base_lrs)   # this run's optim.lr x lr_scale, set at construction
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "recipe_groups"})
+        self.base_lrs = base_lrs
+        for group, recipe, base, factor in zip(self.optimizer.param_groups, self.recipe_groups, base_lrs,
+                                               self.lr_lambdas):
+            group.update(recipe)
+            group["initial_lr"], group["lr"] = base, base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> RecipeSchedule:
+    """The lr schedule of ``lr_factor`` over ``max_steps``; its state (the step) resumes under a changed recipe."""
+    return RecipeSchedule(optimizer, lambda s: lr_factor(s, cfg, max_steps))

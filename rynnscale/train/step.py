@@ -8,9 +8,9 @@ carved out of data parallelism), and the step's quantities are global. The loss 
   divided by their total count (all-reduced BEFORE backward), so N ranks x M micro-batches give the same
   loss and gradient as one process with N*M micro-batches of gradient accumulation; FSDP sums (does not
   average) the ranks' gradients (``rynnscale.parallel.fsdp.sum_gradient_reduction``);
-- plus the MoE load-balancing loss averaged over all (rank, micro-batch) forwards, each computed with
-  expert counts all-reduced over the data-parallel ranks (``DistContext.counts_reducer``: global-batch
-  balance);
+- plus the MoE load-balancing loss averaged over all real (rank, micro-batch) forwards (not fillers), each
+  computed with expert counts all-reduced over the data-parallel ranks (``DistContext.counts_reducer``:
+  global-batch balance);
 - the gradient norm for clipping covers every shard and every expert group;
 - logged loss / tokens are sums over all ranks;
 - context parallelism (``parallel.cp``): the ranks of a CP group get the SAME micro-batches and the model

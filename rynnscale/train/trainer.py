@@ -329,9 +329,12 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             record.update(objective.summary(stats.metrics))
             if tc.objective == "grpo":   # the data step was the rollout (generation, rewards, reference)
                 record.update(data.metrics, rollout_s=t_data, train_s=dt - t_data)
+            n_entries = len(record)
             call_hooks(hooks, "on_step", state.step, record, model, ctx)
-            # a GRPO step that rolled out carries that rollout's rewards, which no other step repeats
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps or data.metrics:
+            # a GRPO step that rolled out carries that rollout's rewards, and a step a hook added to (an
+            # evaluation) its results, which no other step repeats: logged whatever train.log_every says
+            if (state.step % tc.log_every == 0 or state.step == tc.max_steps or data.metrics
+                    or len(record) > n_entries):
                 metrics.log(record)
             preempted = preemption_requested(preempt)
             if not stats.finite:

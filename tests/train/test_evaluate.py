@@ -248,3 +248,18 @@ def test_bad_held_out_samples_are_counted_and_the_loss_is_over_the_rest(tmp_path
     assert "1 held-out samples skipped on rank 0 (bad_json=1" in caplog.text
     assert got["eval_tokens"] == want["eval_tokens"] > 0
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+
+
+def test_every_evaluation_reaches_the_metrics_file_whatever_log_every_says(tmp_path: Path) -> None:
+    """eval.every_steps=1 with train.log_every=2: the evaluation of step 1 ran but its line was not written, so its
+    results were lost (they are computed only then). Every evaluated step now has its line with ``eval_loss``."""
+    from rynnscale.train.trainer import run_training
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path, "train.max_steps=3", "train.log_every=2", "eval.grounding_samples=0",
+                   "eval.synthetic_samples=4", "data.num_workers=0", "logging.progress=false", "logging.plot=false",
+                   "logging.wandb.mode=disabled")
+    run_training(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(math.isfinite(r["eval_loss"]) and r["eval_tokens"] > 0 for r in lines)

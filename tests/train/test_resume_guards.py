@@ -88,6 +88,27 @@ def test_settings_that_are_not_architecture_may_change_on_resume(tmp_path, data_
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_resume_follows_the_recipes_learning_rate_and_max_steps(tmp_path, data_dir):
+    """A run resumed with a new ``optim.lr`` and a longer ``train.max_steps`` continues the schedule of the NEW
+    recipe from the resumed step (reference: torch's own LinearLR over the new settings). Before, the checkpoint's
+    base lr was kept for the rest of the run and the first resumed step ran with the old schedule's lr (0 here,
+    the end of its linear decay)."""
+    out = tmp_path / "run"
+    sched = ("optim.schedule=linear", "optim.warmup_steps=0", "optim.min_lr_ratio=0")
+    run_training(_cfg(out, data_dir, 1, "optim.lr=1e-3", *sched))
+    run_training(_cfg(out, data_dir, 3, "optim.lr=5e-4", *sched))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    ref = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=3)
+    expected = []
+    for _ in range(3):
+        expected.append(ref.get_last_lr()[0])
+        opt.step()
+        ref.step()
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(1e-3, rel=1e-12)
+    assert lrs[1:] == pytest.approx(expected[1:], rel=1e-12)
+
+
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.3", "optim.lr=2e-2")
 
 

@@ -11,7 +11,7 @@ from rynnscale.config.schema import OptimConfig
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs
 from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
 from rynnscale.parallel.activation_checkpoint import apply_activation_checkpointing
-from rynnscale.train.optim import build_optimizer, lr_factor, warmup_warning
+from rynnscale.train.optim import build_optimizer, build_scheduler, lr_factor, warmup_steps, warmup_warning
 from rynnscale.train.step import train_step
 
 VOCAB = 151936
@@ -85,12 +85,13 @@ def test_grad_accum_equals_one_big_batch(num_experts):
 
 @pytest.mark.parametrize("num_experts", [0, 4])
 def test_filler_micro_batch_trains_nothing(num_experts):
-    """[batch, filler] == [batch]: same loss, token / sample / expert counts and updated weights; the filler
-    still runs forward and backward (it keeps a rank's collectives in step with its peers)."""
+    """[batch, filler] == [batch]: same loss, MoE balancing loss, token / sample / expert counts and updated
+    weights; the filler still runs forward and backward (it keeps a rank's collectives in step with its peers).
+    The balancing loss is a mean over the REAL forwards: counting the filler's halved it (and its gradient)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
     real = pack([text_sample(gen, n) for n in (19, 13)])
-    m1, m2, o1, o2 = twin_models(tiny_args(num_experts))
+    m1, m2, o1, o2 = twin_models(tiny_args(num_experts, aux_coef=0.01))
     fill = filler_batch(7)
     assert fill.filler and fill.num_target_tokens == 1 and not real.filler
     calls = []
@@ -105,6 +106,7 @@ def test_filler_micro_batch_trains_nothing(num_experts):
         torch.testing.assert_close(p1, p2, rtol=1e-6, atol=1e-7, msg=n)
     if num_experts:
         assert torch.equal(s1.expert_counts, s2.expert_counts)
+        assert s2.aux_loss > 0 and s1.aux_loss == pytest.approx(s2.aux_loss, rel=1e-12)
 
 
 def test_step_of_fillers_only_leaves_weights_alone():
@@ -175,6 +177,50 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     lin = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
     assert lr_factor(50, lin, 100) == pytest.approx(0.5)
     assert lr_factor(7, OptimConfig(lr=1.0, schedule="constant"), 100) == 1.0
+
+
+def test_resumed_optimizer_takes_the_recipes_settings_and_keeps_its_moments():
+    """What a resume does (optimiser state, then scheduler state, loaded into objects built from the NEW recipe):
+    weight decay, betas, eps and lr are the new recipe's -- equal to a fresh build of it at that step -- while
+    Adam's moments and step counts are the checkpoint's. Before, the saved groups' settings came back and a changed
+    ``optim.weight_decay`` (or lr) was silently ignored."""
+    gen = torch.Generator().manual_seed(4)
+    model = make_model(tiny_args(0))
+    old_cfg = OptimConfig(lr=1e-2, weight_decay=0.1, beta2=0.95, warmup_steps=2)
+    opt = build_optimizer(model, old_cfg)
+    sched = build_scheduler(opt, old_cfg, 10)
+    train_step(model, opt, [pack([text_sample(gen, 21)])], **STEP_KW)
+    sched.step()
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    new_cfg = OptimConfig(lr=3e-3, weight_decay=0.0, beta2=0.99, eps=1e-6, warmup_steps=0, schedule="linear")
+    resumed = build_optimizer(model, new_cfg)
+    resumed_sched = build_scheduler(resumed, new_cfg, 20)
+    resumed.load_state_dict(saved_opt)
+    resumed_sched.load_state_dict(saved_sched)
+    fresh = build_optimizer(model, new_cfg)
+    fresh_sched = build_scheduler(fresh, new_cfg, 20)
+    fresh.step()
+    fresh_sched.step()   # a fresh run of the new recipe, one step in
+    keys = ("weight_decay", "betas", "eps", "lr", "initial_lr")
+    assert [{k: g[k] for k in keys} for g in resumed.param_groups] == \
+        [{k: g[k] for k in keys} for g in fresh.param_groups]
+    assert resumed_sched.get_last_lr() == fresh_sched.get_last_lr()
+    trained = [p for p in model.parameters() if p in opt.state]   # (the vision tower saw no image)
+    assert trained and all(p in resumed.state for p in trained)
+    for p in trained:
+        assert torch.equal(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+        assert int(resumed.state[p]["step"]) == 1
+
+
+def test_warmup_ratio_is_the_ceiling_of_the_exact_fraction():
+    """warmup_ratio=0.07 of 100 steps is 7 warmup steps (exact decimal arithmetic as the reference); the float
+    product 7.000000000000001 rounded up to 8."""
+    from fractions import Fraction
+
+    for ratio, steps in ((0.1, 30), (0.07, 100), (0.3, 10), (0.15, 7), (0.01, 50), (0.25, 8)):
+        want = math.ceil(Fraction(str(ratio)) * steps)
+        assert warmup_steps(OptimConfig(warmup_ratio=ratio), steps) == want, (ratio, steps)
+    assert warmup_steps(OptimConfig(warmup_ratio=0.07), 100) == 7
 
 
 def test_warmup_covering_the_run_is_warned_about_naming_both_keys():
