@@ -147,6 +147,14 @@ def load_prompts(refs: Sequence[PromptRef], encoder: Any) -> list[tuple[EncodedS
     return out
 
 
+def policy_part(index: int, per_step: int, parts: int) -> int:
+    """Which of a rollout's ``parts`` optimiser steps (``rl.policy_steps``) trains the prompt at place ``index``
+    (0 .. ``per_step`` - 1) of its step: consecutive places, the parts as even as can be -- a function of the
+    global position only, so the same on every layout (a rank's share of a part may be empty: fillers)."""
+    bounds = np.linspace(0, per_step, parts + 1).round().astype(int)
+    return int(np.searchsorted(bounds, index, side="right")) - 1
+
+
 # ----------------------------------------------------------------------------------------- rollouts
 def rollout_seed(seed: int, position: int, sample: int) -> int:
     """The sampling seed of answer ``sample`` of the prompt at global position ``position`` (layout-free)."""
@@ -286,7 +294,8 @@ class GRPOStage:
     Every rank generates for its own prompts (``PromptSet.positions``), G answers each, with the KV cache on
     the training model in place; rewards and group advantages stay on the rank (a group never spans ranks). A
     prompt whose sample cannot be encoded is skipped and counted (``bad``). The rollouts are split into
-    ``rl.policy_steps`` parts of whole groups, each packed into micro-batches of ``train.micro_batch_tokens``;
+    ``rl.policy_steps`` parts of whole groups by the prompts' global positions (``policy_part``: the same prompts
+    per optimiser step on any layout), each packed into micro-batches of ``train.micro_batch_tokens``;
     the reference policy's log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial
     weights for a full fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``, with
     ``base_values``, the initial values of the base parameters it trains, swapped in) and, when a rollout feeds
@@ -302,13 +311,15 @@ class GRPOStage:
         from rynnscale.data.pipeline import build_encoder
 
         self.cfg, self.rl, self.ctx = cfg, cfg.rl, ctx
-        fewest = cfg.rl.prompts_per_step // ctx.data_world_size
-        if cfg.rl.policy_steps > fewest:   # a warning, not an error: a resume on more ranks must still run
-            log.warning("rl.policy_steps=%d exceeds the prompts some rank gets per rollout (%d: rl.prompts_per_step=%d "
-                        "over %d data-parallel ranks): a rank's rollouts are split into policy_steps parts of whole "
-                        "groups, so some of its optimiser steps train on nothing (fillers); lower rl.policy_steps or "
-                        "raise rl.prompts_per_step", cfg.rl.policy_steps, fewest, cfg.rl.prompts_per_step,
-                        ctx.data_world_size)
+        pps, k, world = cfg.rl.prompts_per_step, cfg.rl.policy_steps, ctx.data_world_size
+        if k > pps:        # a warning, not an error: a run that did so before must still resume
+            log.warning("rl.policy_steps=%d exceeds rl.prompts_per_step=%d: a rollout's prompts are split into "
+                        "policy_steps parts, so %d of its optimiser steps train on nothing; lower rl.policy_steps "
+                        "or raise rl.prompts_per_step", k, pps, k - pps)
+        elif k > pps // world:
+            log.warning("rl.policy_steps=%d exceeds the prompts a rank gets per rollout (%d: rl.prompts_per_step=%d "
+                        "over %d data-parallel ranks): each optimiser step trains on its share of the prompts, and "
+                        "a rank without a prompt in that share runs fillers (idles) in it", k, pps // world, pps, world)
         self.encoder = encoder if encoder is not None else build_encoder(cfg, args)
         self.prompts = prompt_set if prompt_set is not None else PromptSet(prompt_shards(cfg), seed=cfg.data.seed)
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
@@ -385,16 +396,19 @@ class GRPOStage:
 
     def _prepare(self, step: int, positions: list[int], rollouts: list[Rollout], model: torch.nn.Module,
                  compute_dtype: torch.dtype, old_logps: list[list[float]] | None = None) -> RolloutStep:
-        parts = self._parts(rollouts)
+        parts = self._parts(step, positions, rollouts)
         self._score(model, parts, compute_dtype, old_logps)
         return RolloutStep(step, positions, rollouts, parts)
 
-    def _parts(self, rollouts: list[Rollout]) -> list[list[PackedBatch]]:
-        """``rl.policy_steps`` parts of whole groups (in order, as even as can be), each packed; every rank gets as
-        many micro-batches per part as the busiest rank (fillers)."""
+    def _parts(self, step: int, positions: list[int], rollouts: list[Rollout]) -> list[list[PackedBatch]]:
+        """``rl.policy_steps`` parts of whole groups, each packed: part k holds the groups of the prompts whose
+        place in the step (global position) falls in its share of ``rl.prompts_per_step`` (``policy_part``), so
+        an optimiser step trains on the same prompts on any layout; every rank gets as many micro-batches per
+        part as the busiest rank (fillers)."""
         k, g = self.rl.policy_steps, self.rl.group_size
-        bounds = np.linspace(0, len(rollouts) // g, k + 1).round().astype(int) * g
-        parts = [pack_rollouts(rollouts[a:b], self.cfg.train.micro_batch_tokens) for a, b in zip(bounds, bounds[1:])]
+        part_of = [policy_part(p - step * self.rl.prompts_per_step, self.rl.prompts_per_step, k) for p in positions]
+        parts = [pack_rollouts([r for i, r in enumerate(rollouts) if part_of[i // g] == j],
+                               self.cfg.train.micro_batch_tokens) for j in range(k)]
         counts = [0.0] * (k * self.ctx.world_size)
         for i, p in enumerate(parts):
             counts[self.ctx.rank * k + i] = float(len(p))
