@@ -3,6 +3,7 @@ group-normalised advantages -> ``RolloutBatch`` micro-batches for the ``GRPO`` o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, DataStep, EncodedSample, PackedBatch, filler_batch
+from rynnscale.config.schema import ConfigError
 from rynnscale.data.loader import counts_over_ranks
 from rynnscale.data.tags import parse_tags
 from rynnscale.models.generate import SamplingParams, generate, pack_rows
@@ -557,7 +559,9 @@ class RolloutSource:
     optimiser steps; its parts are the micro-batches of those steps. ``DataStep.metrics`` carries the rollout's
     reward statistics on its first optimiser step; ``DataStep.state`` (the same on every rank) holds the optimiser
     step count and, inside a rollout, the rollout itself (``GRPOStage.record``), so a resume anywhere continues
-    exactly on any layout."""
+    exactly on any layout. The prompt position follows from the step count and ``settings`` (the ``rl`` keys it
+    depends on and the prompt set), saved with it: a resume whose settings differ is refused naming the key (it
+    would skip or repeat prompts)."""
 
     def __init__(self, stage: GRPOStage, model: torch.nn.Module, compute_dtype: torch.dtype):
         self.stage, self.model, self.compute_dtype = stage, model, compute_dtype
@@ -567,6 +571,10 @@ class RolloutSource:
         self.current: RolloutStep | None = None
         self.saved_record: dict | None = None
         self.objective = stage.objective
+        keys = hashlib.sha256("\n".join(r.key for r in stage.prompts.refs).encode()).hexdigest()[:16]
+        self.settings = {"prompts_per_step": rl.prompts_per_step, "policy_steps": rl.policy_steps,
+                         "epochs": rl.epochs, "group_size": rl.group_size,
+                         "prompts": f"{len(stage.prompts)} prompts, keys sha256 {keys}"}
 
     def __iter__(self) -> RolloutSource:
         return self
@@ -591,16 +599,35 @@ class RolloutSource:
                         samples=sorted(f"{r.shard}:{r.key}" for r in refs), bad=dict(self.stage.bad),
                         bad_distinct=dict(self.stage.bad), metrics=metrics,
                         state={"grpo": {"optimizer_steps": self.steps_done, "bad": dict(self.stage.bad),
-                                        "rollout": self.saved_record if inside else None}})
+                                        "rollout": self.saved_record if inside else None,
+                                        "settings": dict(self.settings)}})
 
     def load_state_dict(self, state: dict) -> None:
         st = state.get("grpo") if isinstance(state, dict) else None
         if st is None:
             raise ValueError("the checkpoint's data state is not a GRPO run's (train.objective changed?)")
+        self._check_settings(st.get("settings") or {}, inside=st.get("rollout") is not None)  # absent: older states
         self.steps_done = int(st["optimizer_steps"])
         self.stage.bad = {str(k): int(v) for k, v in st.get("bad", {}).items()}   # absent in older checkpoints
         self.saved_record = st.get("rollout")
         self.current = None
+
+    def _check_settings(self, saved: dict, inside: bool) -> None:
+        """The saved run's ``settings`` against this one's: the rollout index and prompt position of a step follow
+        from ``rl.prompts_per_step``, ``rl.policy_steps`` and ``rl.epochs`` and the prompt set, the groups of a
+        saved rollout from ``rl.group_size`` (only inside one): another value would skip or repeat prompts."""
+        for key, now in self.settings.items():
+            if key not in saved or saved[key] == now or (key == "group_size" and not inside):
+                continue
+            if key == "prompts":
+                raise ConfigError(f"GRPO resume: the prompt set (rl.prompts, else the run's data) is {now}, but the "
+                                  f"checkpoint's was {saved[key]}: its prompt position would point at other prompts; "
+                                  "resume with the checkpoint's prompt shards, or start a new run from its export "
+                                  "(model.init_from)")
+            raise ConfigError(f"GRPO resume: config key 'rl.{key}' = {now!r}, but the checkpoint was saved with "
+                              f"{saved[key]!r}: the prompt position follows from the optimiser step and these keys, "
+                              "so the run would skip or repeat prompts (or regroup a saved rollout); resume with "
+                              "the checkpoint's value, or start a new run from its export (model.init_from)")
 
     @property
     def bad_counts(self) -> dict[str, int]:

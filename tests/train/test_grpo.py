@@ -406,3 +406,37 @@ def test_optimiser_steps_of_a_rollout_hold_the_same_prompts_on_any_layout(tmp_pa
     assert [len(p) for p in one] == [6, 6]    # 3 groups of 2 answers per optimiser step
     ranks = [part_keys(r, 2) for r in range(2)]
     assert [sorted(k for r in ranks for k in r[i]) for i in range(2)] == one
+
+
+def test_a_resume_with_other_rollout_settings_or_prompts_is_refused(tmp_path: Path, shards) -> None:
+    """A step's prompt position is its rollout index x ``rl.prompts_per_step``, the rollout index the optimiser
+    step over ``rl.policy_steps x rl.epochs``: a resume with other values silently skipped or repeated prompts
+    (2 prompts a step for 2 steps, resumed with 4 a step: prompts 4-7 next, 2 and 3 never seen). Such a resume,
+    or one on another prompt set, or inside a rollout with another ``rl.group_size``, is refused naming the key;
+    the same settings (or a group size changed between rollouts) resume."""
+    from rynnscale.config.schema import ConfigError
+
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2")
+    args, model = build_model(cfg.model, seed=0)
+    source = RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)
+    inside = next(source).state        # inside the first rollout (its record saved)
+    boundary = next(source).state      # after it
+
+    def resume(state, *extra: str, prompt_shards=shards) -> RolloutSource:
+        c = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2", *extra)
+        other = RolloutSource(stage_for(c, model, args, prompt_shards), model, torch.float32)
+        other.load_state_dict(state)
+        return other
+
+    assert resume(boundary).steps_done == 2 and resume(inside).saved_record is not None
+    assert resume(boundary, "rl.group_size=4").steps_done == 2
+    for extra, match in (("rl.prompts_per_step=4", r"'rl.prompts_per_step' = 4, but the checkpoint was saved with 2"),
+                         ("rl.policy_steps=1", r"'rl.policy_steps' = 1, but .* saved with 2"),
+                         ("rl.epochs=2", r"'rl.epochs' = 2, but .* saved with 1")):
+        with pytest.raises(ConfigError, match=match):
+            resume(boundary, extra)
+    with pytest.raises(ConfigError, match=r"'rl.group_size' = 4, but .* saved with 3: .*regroup a saved rollout"):
+        resume(inside, "rl.group_size=4")
+    with pytest.raises(ConfigError, match=r"the prompt set .* is 6 prompts, keys sha256 \w+, but the checkpoint's "
+                                          r"was 12 prompts"):
+        resume(boundary, prompt_shards=shards[:1])
