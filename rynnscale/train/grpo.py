@@ -103,8 +103,11 @@ class PromptSet:
                     continue
                 self.refs.append(PromptRef(raw.shard, raw.index, raw.key, ref))
         if not self.refs:
-            raise ValueError(f"no prompt with a tagged reference answer in {len(shards)} shard(s) "
-                             f"({self.skipped} samples skipped): GRPO needs grounding questions")
+            raise ConfigError(f"GRPO prompts (rl.prompts, else the run's data): no sample in {len(shards)} shard(s) "
+                              f"({shards[0] if shards else '-'}{', ...' if len(shards) > 1 else ''}) has a reference "
+                              f"answer with grounding tags ({self.skipped} samples skipped): GRPO needs grounding "
+                              "questions whose first assistant turn holds <object> / <area> / <affordance> / <traj> / "
+                              "<grasp_pose> tags; point rl.prompts at such shards")
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -684,6 +687,7 @@ def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -
     values."""
     from rynnscale.train.build import build_model
 
+    prompts = PromptSet(prompt_shards(cfg), seed=cfg.data.seed)   # before the reference: a bad set fails fast
     reference, base_values = None, {}
     if cfg.rl.kl_coef > 0 and cfg.model.lora.rank <= 0:
         _, reference = build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes,
@@ -697,7 +701,7 @@ def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -
         log.info("GRPO reference policy: the base model (adapters disabled)%s", "" if not base_values else
                  f", with the initial values of the {len(base_values)} base parameter(s) model.lora.trainable trains "
                  f"({next(iter(base_values))}, ...), kept: {sum(v.numel() for v in base_values.values()):,} numbers")
-    stage = GRPOStage(cfg, run.args, ctx, reference=reference, base_values=base_values)
+    stage = GRPOStage(cfg, run.args, ctx, reference=reference, base_values=base_values, prompt_set=prompts)
     log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
              len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)
     return RolloutSource(stage, model, run.compute_dtype)

@@ -440,3 +440,34 @@ def test_a_resume_with_other_rollout_settings_or_prompts_is_refused(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"the prompt set .* is 6 prompts, keys sha256 \w+, but the checkpoint's "
                                           r"was 12 prompts"):
         resume(boundary, prompt_shards=shards[:1])
+
+
+def test_prompts_without_tagged_answers_fail_fast_naming_the_key(tmp_path: Path, shards, monkeypatch) -> None:
+    """Shards without a grounding question: a one-line ``ConfigError`` naming ``rl.prompts`` and the shard (it was
+    a ValueError with a traceback), raised before the full fine-tune's reference copy of the model is built."""
+    import io
+    import tarfile
+    from types import SimpleNamespace
+
+    import rynnscale.train.build as build
+    from rynnscale.config.schema import ConfigError
+    from rynnscale.train.grpo import build_rollout_source
+
+    shard = tmp_path / "chat-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        conv = json.dumps({"conversation": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]})
+        info = tarfile.TarInfo("s0000.conv.json")
+        info.size = len(conv.encode())
+        tar.addfile(info, io.BytesIO(conv.encode()))
+    cfg = cfg_for(tmp_path, shards, f"rl.prompts=[{shard}]", "rl.kl_coef=0.02")
+    args, model = build_model(cfg.model, seed=0)
+
+    def no_copy(*a, **k):
+        raise AssertionError("the reference copy was built before the prompts were checked")
+
+    monkeypatch.setattr(build, "build_model", no_copy)
+    run = SimpleNamespace(compute_dtype=torch.float32, arch=None, args=args)
+    with pytest.raises(ConfigError, match=rf"rl.prompts.*no sample in 1 shard\(s\) \({re.escape(str(shard))}\) has "
+                                          r"a reference answer with grounding tags \(1 samples skipped\)"):
+        build_rollout_source(cfg, run, DistContext(device=torch.device("cpu")), model)
