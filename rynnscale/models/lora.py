@@ -18,6 +18,7 @@ Adapter tensors are always named ``*lora_A`` / ``*lora_B`` (``is_adapter_param``
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rynnscale.ops.grouped_gemm import grouped_mm
+
+log = logging.getLogger(__name__)
 
 #: default ``model.lora.targets``: attention q/k/v/o and dense MLP projections of the language model
 DEFAULT_TARGETS = ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj",
@@ -177,6 +180,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         raise ValueError(f"model.lora: no module matches targets {list(spec.targets)}"
                          f"{' (experts on)' if spec.experts else ''}; module names look like "
                          "'model.language_model.layers.0.self_attn.q_proj'")
+    _check_targets(model, spec, [n for n in adapted if isinstance(model.get_submodule(n), LoRALinear)])
     # every name of a parameter counts: a tied lm_head.weight is the embedding's parameter under a second name
     names_of: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -191,6 +195,33 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         raise ValueError(f"model.lora.trainable: {unmatched} match(es) no parameter; names look like "
                          "'model.language_model.norm.weight' or 'lm_head.weight'")
     return adapted
+
+
+def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[str]) -> None:
+    """Every ``spec.targets`` pattern must adapt something: one that matches modules LoRA cannot adapt (not an
+    ``nn.Linear``, e.g. ``lm_head`` or fused experts; a vision module without ``spec.vision``) is an error saying
+    what to do instead; one that matches no module at all is warned of (a typo, or a recipe's pattern for another
+    layout of the family: dense vs MoE) unless it is a default target."""
+    modules = dict(model.named_modules())
+    for pat in spec.targets:
+        if any(fnmatch.fnmatchcase(n, pat) for n in adapted_linear):
+            continue
+        hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            if pat not in DEFAULT_TARGETS:
+                log.warning("model.lora.targets pattern %r matches no module of this model, so nothing is adapted "
+                            "for it (a typo, or a pattern for another layout of the family, dense vs MoE? module names "
+                            "look like 'model.language_model.layers.0.self_attn.q_proj')", pat)
+            continue
+        vision = [n for n in hits if n.startswith(VISION_PREFIX) and type(modules[n]) is nn.Linear]
+        if vision and not spec.vision:
+            raise ValueError(f"model.lora.targets pattern {pat!r} matches vision modules ({vision[0]}, ...), which "
+                             "are adapted only with model.lora.vision: true")
+        kinds = sorted({f"{n} ({type(modules[n]).__name__})" for n in hits})
+        raise ValueError(f"model.lora.targets pattern {pat!r} matches {', '.join(kinds[:3])}"
+                         f"{', ...' if len(kinds) > 3 else ''}: LoRA adapts nn.Linear modules only (fused MoE experts: "
+                         "model.lora.experts: true; to train a tensor such as the head fully: model.lora.trainable, "
+                         "e.g. ['lm_head.weight'])")
 
 
 @contextmanager

@@ -3,6 +3,7 @@ group-normalised advantages -> ``RolloutBatch`` micro-batches for the ``GRPO`` o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from rynnscale.batch import IGNORE_INDEX, DataStep, EncodedSample, PackedBatch, filler_batch
+from rynnscale.config.schema import ConfigError
 from rynnscale.data.loader import counts_over_ranks
 from rynnscale.data.tags import parse_tags
 from rynnscale.models.generate import SamplingParams, generate, pack_rows
@@ -101,8 +103,11 @@ class PromptSet:
                     continue
                 self.refs.append(PromptRef(raw.shard, raw.index, raw.key, ref))
         if not self.refs:
-            raise ValueError(f"no prompt with a tagged reference answer in {len(shards)} shard(s) "
-                             f"({self.skipped} samples skipped): GRPO needs grounding questions")
+            raise ConfigError(f"GRPO prompts (rl.prompts, else the run's data): no sample in {len(shards)} shard(s) "
+                              f"({shards[0] if shards else '-'}{', ...' if len(shards) > 1 else ''}) has a reference "
+                              f"answer with grounding tags ({self.skipped} samples skipped): GRPO needs grounding "
+                              "questions whose first assistant turn holds <object> / <area> / <affordance> / <traj> / "
+                              "<grasp_pose> tags; point rl.prompts at such shards")
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -145,6 +150,14 @@ def load_prompts(refs: Sequence[PromptRef], encoder: Any) -> list[tuple[EncodedS
         prompt, _ = split_prompt(encoder.encode(raw.key, members), encoder.ids, encoder.spec.merge_size)
         out.append((prompt, ref.reference, raw.key))
     return out
+
+
+def policy_part(index: int, per_step: int, parts: int) -> int:
+    """Which of a rollout's ``parts`` optimiser steps (``rl.policy_steps``) trains the prompt at place ``index``
+    (0 .. ``per_step`` - 1) of its step: consecutive places, the parts as even as can be -- a function of the
+    global position only, so the same on every layout (a rank's share of a part may be empty: fillers)."""
+    bounds = np.linspace(0, per_step, parts + 1).round().astype(int)
+    return int(np.searchsorted(bounds, index, side="right")) - 1
 
 
 # ----------------------------------------------------------------------------------------- rollouts
@@ -286,7 +299,8 @@ class GRPOStage:
     Every rank generates for its own prompts (``PromptSet.positions``), G answers each, with the KV cache on
     the training model in place; rewards and group advantages stay on the rank (a group never spans ranks). A
     prompt whose sample cannot be encoded is skipped and counted (``bad``). The rollouts are split into
-    ``rl.policy_steps`` parts of whole groups, each packed into micro-batches of ``train.micro_batch_tokens``;
+    ``rl.policy_steps`` parts of whole groups by the prompts' global positions (``policy_part``: the same prompts
+    per optimiser step on any layout), each packed into micro-batches of ``train.micro_batch_tokens``;
     the reference policy's log-probs (``rl.kl_coef`` > 0: ``reference`` -- a frozen copy of the stage's initial
     weights for a full fine-tune -- or, for a LoRA run, the same model inside ``adapters_disabled``, with
     ``base_values``, the initial values of the base parameters it trains, swapped in) and, when a rollout feeds
@@ -302,13 +316,15 @@ class GRPOStage:
         from rynnscale.data.pipeline import build_encoder
 
         self.cfg, self.rl, self.ctx = cfg, cfg.rl, ctx
-        fewest = cfg.rl.prompts_per_step // ctx.data_world_size
-        if cfg.rl.policy_steps > fewest:   # a warning, not an error: a resume on more ranks must still run
-            log.warning("rl.policy_steps=%d exceeds the prompts some rank gets per rollout (%d: rl.prompts_per_step=%d "
-                        "over %d data-parallel ranks): a rank's rollouts are split into policy_steps parts of whole "
-                        "groups, so some of its optimiser steps train on nothing (fillers); lower rl.policy_steps or "
-                        "raise rl.prompts_per_step", cfg.rl.policy_steps, fewest, cfg.rl.prompts_per_step,
-                        ctx.data_world_size)
+        pps, k, world = cfg.rl.prompts_per_step, cfg.rl.policy_steps, ctx.data_world_size
+        if k > pps:        # a warning, not an error: a run that did so before must still resume
+            log.warning("rl.policy_steps=%d exceeds rl.prompts_per_step=%d: a rollout's prompts are split into "
+                        "policy_steps parts, so %d of its optimiser steps train on nothing; lower rl.policy_steps "
+                        "or raise rl.prompts_per_step", k, pps, k - pps)
+        elif k > pps // world:
+            log.warning("rl.policy_steps=%d exceeds the prompts a rank gets per rollout (%d: rl.prompts_per_step=%d "
+                        "over %d data-parallel ranks): each optimiser step trains on its share of the prompts, and "
+                        "a rank without a prompt in that share runs fillers (idles) in it", k, pps // world, pps, world)
         self.encoder = encoder if encoder is not None else build_encoder(cfg, args)
         self.prompts = prompt_set if prompt_set is not None else PromptSet(prompt_shards(cfg), seed=cfg.data.seed)
         self.reward = GroundingReward(reward_spec(cfg.rl.reward))
@@ -385,16 +401,19 @@ class GRPOStage:
 
     def _prepare(self, step: int, positions: list[int], rollouts: list[Rollout], model: torch.nn.Module,
                  compute_dtype: torch.dtype, old_logps: list[list[float]] | None = None) -> RolloutStep:
-        parts = self._parts(rollouts)
+        parts = self._parts(step, positions, rollouts)
         self._score(model, parts, compute_dtype, old_logps)
         return RolloutStep(step, positions, rollouts, parts)
 
-    def _parts(self, rollouts: list[Rollout]) -> list[list[PackedBatch]]:
-        """``rl.policy_steps`` parts of whole groups (in order, as even as can be), each packed; every rank gets as
-        many micro-batches per part as the busiest rank (fillers)."""
+    def _parts(self, step: int, positions: list[int], rollouts: list[Rollout]) -> list[list[PackedBatch]]:
+        """``rl.policy_steps`` parts of whole groups, each packed: part k holds the groups of the prompts whose
+        place in the step (global position) falls in its share of ``rl.prompts_per_step`` (``policy_part``), so
+        an optimiser step trains on the same prompts on any layout; every rank gets as many micro-batches per
+        part as the busiest rank (fillers)."""
         k, g = self.rl.policy_steps, self.rl.group_size
-        bounds = np.linspace(0, len(rollouts) // g, k + 1).round().astype(int) * g
-        parts = [pack_rollouts(rollouts[a:b], self.cfg.train.micro_batch_tokens) for a, b in zip(bounds, bounds[1:])]
+        part_of = [policy_part(p - step * self.rl.prompts_per_step, self.rl.prompts_per_step, k) for p in positions]
+        parts = [pack_rollouts([r for i, r in enumerate(rollouts) if part_of[i // g] == j],
+                               self.cfg.train.micro_batch_tokens) for j in range(k)]
         counts = [0.0] * (k * self.ctx.world_size)
         for i, p in enumerate(parts):
             counts[self.ctx.rank * k + i] = float(len(p))
@@ -543,7 +562,9 @@ class RolloutSource:
     optimiser steps; its parts are the micro-batches of those steps. ``DataStep.metrics`` carries the rollout's
     reward statistics on its first optimiser step; ``DataStep.state`` (the same on every rank) holds the optimiser
     step count and, inside a rollout, the rollout itself (``GRPOStage.record``), so a resume anywhere continues
-    exactly on any layout."""
+    exactly on any layout. The prompt position follows from the step count and ``settings`` (the ``rl`` keys it
+    depends on and the prompt set), saved with it: a resume whose settings differ is refused naming the key (it
+    would skip or repeat prompts)."""
 
     def __init__(self, stage: GRPOStage, model: torch.nn.Module, compute_dtype: torch.dtype):
         self.stage, self.model, self.compute_dtype = stage, model, compute_dtype
@@ -553,6 +574,10 @@ class RolloutSource:
         self.current: RolloutStep | None = None
         self.saved_record: dict | None = None
         self.objective = stage.objective
+        keys = hashlib.sha256("\n".join(r.key for r in stage.prompts.refs).encode()).hexdigest()[:16]
+        self.settings = {"prompts_per_step": rl.prompts_per_step, "policy_steps": rl.policy_steps,
+                         "epochs": rl.epochs, "group_size": rl.group_size,
+                         "prompts": f"{len(stage.prompts)} prompts, keys sha256 {keys}"}
 
     def __iter__(self) -> RolloutSource:
         return self
@@ -577,16 +602,35 @@ class RolloutSource:
                         samples=sorted(f"{r.shard}:{r.key}" for r in refs), bad=dict(self.stage.bad),
                         bad_distinct=dict(self.stage.bad), metrics=metrics,
                         state={"grpo": {"optimizer_steps": self.steps_done, "bad": dict(self.stage.bad),
-                                        "rollout": self.saved_record if inside else None}})
+                                        "rollout": self.saved_record if inside else None,
+                                        "settings": dict(self.settings)}})
 
     def load_state_dict(self, state: dict) -> None:
         st = state.get("grpo") if isinstance(state, dict) else None
         if st is None:
             raise ValueError("the checkpoint's data state is not a GRPO run's (train.objective changed?)")
+        self._check_settings(st.get("settings") or {}, inside=st.get("rollout") is not None)  # absent: older states
         self.steps_done = int(st["optimizer_steps"])
         self.stage.bad = {str(k): int(v) for k, v in st.get("bad", {}).items()}   # absent in older checkpoints
         self.saved_record = st.get("rollout")
         self.current = None
+
+    def _check_settings(self, saved: dict, inside: bool) -> None:
+        """The saved run's ``settings`` against this one's: the rollout index and prompt position of a step follow
+        from ``rl.prompts_per_step``, ``rl.policy_steps`` and ``rl.epochs`` and the prompt set, the groups of a
+        saved rollout from ``rl.group_size`` (only inside one): another value would skip or repeat prompts."""
+        for key, now in self.settings.items():
+            if key not in saved or saved[key] == now or (key == "group_size" and not inside):
+                continue
+            if key == "prompts":
+                raise ConfigError(f"GRPO resume: the prompt set (rl.prompts, else the run's data) is {now}, but the "
+                                  f"checkpoint's was {saved[key]}: its prompt position would point at other prompts; "
+                                  "resume with the checkpoint's prompt shards, or start a new run from its export "
+                                  "(model.init_from)")
+            raise ConfigError(f"GRPO resume: config key 'rl.{key}' = {now!r}, but the checkpoint was saved with "
+                              f"{saved[key]!r}: the prompt position follows from the optimiser step and these keys, "
+                              "so the run would skip or repeat prompts (or regroup a saved rollout); resume with "
+                              "the checkpoint's value, or start a new run from its export (model.init_from)")
 
     @property
     def bad_counts(self) -> dict[str, int]:
@@ -643,6 +687,7 @@ def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -
     values."""
     from rynnscale.train.build import build_model
 
+    prompts = PromptSet(prompt_shards(cfg), seed=cfg.data.seed)   # before the reference: a bad set fails fast
     reference, base_values = None, {}
     if cfg.rl.kl_coef > 0 and cfg.model.lora.rank <= 0:
         _, reference = build_model(cfg.model, ctx.device, cfg.run.seed, meshes=ctx.meshes,
@@ -656,7 +701,7 @@ def build_rollout_source(cfg: Any, run: Any, ctx: Any, model: torch.nn.Module) -
         log.info("GRPO reference policy: the base model (adapters disabled)%s", "" if not base_values else
                  f", with the initial values of the {len(base_values)} base parameter(s) model.lora.trainable trains "
                  f"({next(iter(base_values))}, ...), kept: {sum(v.numel() for v in base_values.values()):,} numbers")
-    stage = GRPOStage(cfg, run.args, ctx, reference=reference, base_values=base_values)
+    stage = GRPOStage(cfg, run.args, ctx, reference=reference, base_values=base_values, prompt_set=prompts)
     log.info("GRPO prompts: %d tagged questions (%d samples without tags skipped); %d per step x %d answers",
              len(stage.prompts), stage.prompts.skipped, cfg.rl.prompts_per_step, cfg.rl.group_size)
     return RolloutSource(stage, model, run.compute_dtype)

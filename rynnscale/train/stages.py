@@ -87,6 +87,18 @@ def _still_done(cfg: RootConfig, i: int, scfg: RootConfig, ctx: Any) -> bool:
     return False
 
 
+def _check_prompt_shards(cfg: RootConfig) -> None:
+    """Every GRPO stage's ``rl.prompts`` patterns match files now (``ShardPatternError`` naming the pattern), so a
+    typo fails the chain before its earlier stages train, not hours later (the prompts' tags are read when the
+    stage starts)."""
+    from rynnscale.data.reader import expand_shard_patterns
+
+    for i in range(len(cfg.stages)):
+        scfg = stage_config(cfg, i, check_paths=False)
+        if scfg.train.objective == "grpo" and scfg.rl.prompts:
+            expand_shard_patterns(list(scfg.rl.prompts))
+
+
 def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> tuple[str, Any]:
     """Run (or continue) the chain of ``cfg.stages`` on this rank; returns the name of the stage it ended in and
     that stage's ``RunOutcome`` (None when every stage had finished before)."""
@@ -98,6 +110,7 @@ def run_stages(cfg: RootConfig, ctx: Any, hooks: Sequence[Any] = ()) -> tuple[st
         save_resolved(cfg, root / "config.yaml")
     last = len(cfg.stages) - 1
     outcome = None
+    _check_prompt_shards(cfg)
     for i, st in enumerate(cfg.stages):
         done = root / st.name / DONE
         scfg = stage_config(cfg, i)

@@ -173,3 +173,36 @@ def test_trainable_patterns_match_a_tied_head_and_refuse_typos(tie: bool) -> Non
     assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == tie
     with pytest.raises(ValueError, match=r"\['lm_haed\.\*'\] match\(es\) no parameter"):
         build_model(ModelConfig(arch=cfg.to_dict(), lora=LoRAConfig(rank=2, trainable=["lm_haed.*"])), seed=0)
+
+
+def test_target_patterns_that_adapt_nothing_are_named(caplog) -> None:
+    """A ``model.lora.targets`` pattern used to be dropped silently when it adapted nothing while another one
+    matched (``lm_head``, ``*.mlp.experts``, a vision block without ``model.lora.vision``, a typo): the run trained
+    fewer adapters than asked. One that matches modules LoRA cannot adapt is an error saying what to use; one that
+    matches no module is warned of (a recipe may list the dense and the MoE layouts' projections together)."""
+    import logging
+
+    cfg = tiny_hf_config(moe=True).to_dict()
+
+    def build(*targets: str, vision: bool = False):
+        lc = LoRAConfig(rank=2, targets=["*.self_attn.q_proj", *targets], vision=vision)
+        return build_model(ModelConfig(arch=cfg, lora=lc), seed=0)[1]
+
+    with pytest.raises(ValueError, match=r"'lm_head' matches lm_head \(LMHead\): LoRA adapts nn.Linear modules only"
+                                         r".*model.lora.trainable"):
+        build("lm_head")
+    with pytest.raises(ValueError, match=r"'\*.mlp.experts' matches .*mlp.experts \(GroupedExperts\).*"
+                                         r"model.lora.experts: true"):
+        build("*.mlp.experts")
+    with pytest.raises(ValueError, match=r"matches vision modules \(model.visual.blocks.0.attn.qkv, ...\).*"
+                                         r"model.lora.vision: true"):
+        build("model.visual.blocks.*.attn.qkv")
+    assert isinstance(build("model.visual.blocks.*.attn.qkv", vision=True).model.visual.blocks[0].attn.qkv, LoRALinear)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        model = build("*.self_attn.v_prj")
+    assert "pattern '*.self_attn.v_prj' matches no module of this model" in caplog.text
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, LoRALinear)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        build_model(ModelConfig(arch=cfg, lora=LoRAConfig(rank=2)), seed=0)   # defaults: dense MLP names on a MoE
+    assert "matches no module" not in caplog.text

@@ -29,6 +29,8 @@ def test_liger_kernels_on_cpu_fail_fast_naming_the_key(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model.freeze=[nothing*]"], "config key 'model.freeze[0]' = 'nothing*' matches no parameter"),
     (["model.lora.rank=4", "model.lora.targets=[nomatch*]"], "model.lora: no module matches targets"),
+    (["model.lora.rank=4", "model.lora.targets=['*.self_attn.q_proj', lm_head]"],
+     "model.lora.targets pattern 'lm_head' matches lm_head (LMHead): LoRA adapts nn.Linear modules only"),
     (["data.train_shards=/nonexistent/*.tar"], "shard pattern '/nonexistent/*.tar' matches no file"),
     pytest.param(["model.attn_backend=varlen"], "model.attn_backend=varlen needs a CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),

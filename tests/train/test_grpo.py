@@ -13,7 +13,8 @@
 - a LoRA run's reference is the adapter-disabled base: no second model; one that also trains base parameters
   (``model.lora.trainable``) keeps their initial values and swaps them in: its log-probs stay the initial base's;
 - the rollout policy's log-probs are scored in eval mode, as sampled (LoRA dropout does not draw them);
-- more optimiser steps per rollout than prompts per rank is warned of (some steps would train on nothing).
+- a rollout's optimiser steps (``rl.policy_steps``) hold the same prompts on any layout (a resume inside a rollout on
+  another world size trains each group once); more of them than prompts is warned of (some would train on nothing).
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def test_pack_rollouts_labels_only_the_answer(tmp_path: Path, shards) -> None:
 def stage_for(cfg, model, args, shards, reference=None):
     ctx = DistContext(device=torch.device("cpu"))
     return GRPOStage(cfg, args, ctx, prompt_set=PromptSet(shards, seed=cfg.data.seed), reference=reference)
+
+
+class _RankView(DistContext):
+    """Rank ``rank`` of ``world_size`` as ``GRPOStage`` sees it, run alone: sums are this rank's own (only the
+    filler counts and the generation's lockstep use them)."""
+
+    def sum(self, values):
+        return list(values)
 
 
 def optimiser_step(source: RolloutSource, model, opt, sched) -> tuple[StepStats, dict]:
@@ -314,11 +323,17 @@ def test_rollout_log_probs_are_the_sampling_policys(tmp_path: Path, shards) -> N
 
 def test_more_policy_steps_than_prompts_per_rank_is_warned(tmp_path: Path, shards, caplog) -> None:
     """Warned, not refused: a run resumed on more ranks must go on."""
-    cfg = cfg_for(tmp_path, shards, "rl.policy_steps=3")     # 2 prompts a step on 1 rank
+    cfg = cfg_for(tmp_path, shards, "rl.policy_steps=3")     # 2 prompts a step
     args, model = build_model(cfg.model, seed=0)
     with caplog.at_level(logging.WARNING, logger="rynnscale.train.grpo"):
         stage_for(cfg, model, args, shards)
-    assert "rl.policy_steps=3 exceeds the prompts some rank gets per rollout (2" in caplog.text
+    assert "rl.policy_steps=3 exceeds rl.prompts_per_step=2: " in caplog.text
+    assert "so 1 of its optimiser steps train on nothing" in caplog.text
+    caplog.clear()
+    cfg = cfg_for(tmp_path, shards, "rl.policy_steps=2")     # 1 prompt a step on each of 2 ranks
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.grpo"):
+        GRPOStage(cfg, args, _RankView(rank=0, world_size=2), prompt_set=PromptSet(shards, seed=0))
+    assert "rl.policy_steps=2 exceeds the prompts a rank gets per rollout (1: " in caplog.text
 
 
 FLAKY = '''
@@ -368,3 +383,91 @@ def test_failing_reward_function_in_a_real_run(tmp_path: Path) -> None:
     assert [r["reward_failures"] for r in recs] == [2, 2, 2]
     assert [r["skipped_by_reason"] for r in recs] == [{"reward_failed": n} for n in (2, 4, 6)]   # the run's count
     assert all(math.isfinite(r["reward_mean"]) and r["reward_flaky"] == 0.5 for r in recs)
+
+
+def test_optimiser_steps_of_a_rollout_hold_the_same_prompts_on_any_layout(tmp_path: Path, shards) -> None:
+    """``rl.policy_steps`` splits a rollout by the prompts' global positions, so optimiser step k trains on the
+    same groups whatever the world size: a resume inside a rollout on another layout (its record restores every
+    rank's share) trains each group once. Split per rank, 6 prompts in 2 steps made steps of 3 + 3 groups on
+    one rank but 4 + 2 on two (2 + 1 on each): a resume after step 1 from one rank to two dropped a group, from
+    two to one trained one twice."""
+    cfg = cfg_for(tmp_path, shards, "rl.prompts_per_step=6", "rl.group_size=2", "rl.policy_steps=2",
+                  "rl.max_new_tokens=2", "rl.kl_coef=0")
+    args, model = build_model(cfg.model, seed=0)
+    ps = PromptSet(shards, seed=cfg.data.seed)
+
+    def part_keys(rank: int, world: int) -> list[list[str]]:
+        ctx = _RankView(rank=rank, world_size=world, device=torch.device("cpu"))
+        stage = GRPOStage(cfg, args, ctx, prompt_set=ps)
+        rs = stage.rollout(0, model, torch.float32)
+        return [sorted(k for b in part if isinstance(b, RolloutBatch) for k in b.sample_keys) for part in rs.parts]
+
+    one = part_keys(0, 1)
+    assert [len(p) for p in one] == [6, 6]    # 3 groups of 2 answers per optimiser step
+    ranks = [part_keys(r, 2) for r in range(2)]
+    assert [sorted(k for r in ranks for k in r[i]) for i in range(2)] == one
+
+
+def test_a_resume_with_other_rollout_settings_or_prompts_is_refused(tmp_path: Path, shards) -> None:
+    """A step's prompt position is its rollout index x ``rl.prompts_per_step``, the rollout index the optimiser
+    step over ``rl.policy_steps x rl.epochs``: a resume with other values silently skipped or repeated prompts
+    (2 prompts a step for 2 steps, resumed with 4 a step: prompts 4-7 next, 2 and 3 never seen). Such a resume,
+    or one on another prompt set, or inside a rollout with another ``rl.group_size``, is refused naming the key;
+    the same settings (or a group size changed between rollouts) resume."""
+    from rynnscale.config.schema import ConfigError
+
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2")
+    args, model = build_model(cfg.model, seed=0)
+    source = RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)
+    inside = next(source).state        # inside the first rollout (its record saved)
+    boundary = next(source).state      # after it
+
+    def resume(state, *extra: str, prompt_shards=shards) -> RolloutSource:
+        c = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2", *extra)
+        other = RolloutSource(stage_for(c, model, args, prompt_shards), model, torch.float32)
+        other.load_state_dict(state)
+        return other
+
+    assert resume(boundary).steps_done == 2 and resume(inside).saved_record is not None
+    assert resume(boundary, "rl.group_size=4").steps_done == 2
+    for extra, match in (("rl.prompts_per_step=4", r"'rl.prompts_per_step' = 4, but the checkpoint was saved with 2"),
+                         ("rl.policy_steps=1", r"'rl.policy_steps' = 1, but .* saved with 2"),
+                         ("rl.epochs=2", r"'rl.epochs' = 2, but .* saved with 1")):
+        with pytest.raises(ConfigError, match=match):
+            resume(boundary, extra)
+    with pytest.raises(ConfigError, match=r"'rl.group_size' = 4, but .* saved with 3: .*regroup a saved rollout"):
+        resume(inside, "rl.group_size=4")
+    with pytest.raises(ConfigError, match=r"the prompt set .* is 6 prompts, keys sha256 \w+, but the checkpoint's "
+                                          r"was 12 prompts"):
+        resume(boundary, prompt_shards=shards[:1])
+
+
+def test_prompts_without_tagged_answers_fail_fast_naming_the_key(tmp_path: Path, shards, monkeypatch) -> None:
+    """Shards without a grounding question: a one-line ``ConfigError`` naming ``rl.prompts`` and the shard (it was
+    a ValueError with a traceback), raised before the full fine-tune's reference copy of the model is built."""
+    import io
+    import tarfile
+    from types import SimpleNamespace
+
+    import rynnscale.train.build as build
+    from rynnscale.config.schema import ConfigError
+    from rynnscale.train.grpo import build_rollout_source
+
+    shard = tmp_path / "chat-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        conv = json.dumps({"conversation": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                            {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]})
+        info = tarfile.TarInfo("s0000.conv.json")
+        info.size = len(conv.encode())
+        tar.addfile(info, io.BytesIO(conv.encode()))
+    cfg = cfg_for(tmp_path, shards, f"rl.prompts=[{shard}]", "rl.kl_coef=0.02")
+    args, model = build_model(cfg.model, seed=0)
+
+    def no_copy(*a, **k):
+        raise AssertionError("the reference copy was built before the prompts were checked")
+
+    monkeypatch.setattr(build, "build_model", no_copy)
+    run = SimpleNamespace(compute_dtype=torch.float32, arch=None, args=args)
+    with pytest.raises(ConfigError, match=rf"rl.prompts.*no sample in 1 shard\(s\) \({re.escape(str(shard))}\) has "
+                                          r"a reference answer with grounding tags \(1 samples skipped\)"):
+        build_rollout_source(cfg, run, DistContext(device=torch.device("cpu")), model)

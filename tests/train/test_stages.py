@@ -223,3 +223,21 @@ def test_a_finished_chain_grows_and_its_stages_lengthen(tmp_path: Path, reward_m
     with pytest.raises(ConfigError, match=r"stage 'sft' finished with 3 steps and the recipe now asks 5, but the "
                                           r"stages after it \(grpo, sft2\) started from its 3-step result"):
         _chain(tmp_path, out, third, "stages.sft.train.max_steps=5")
+
+
+def test_a_grpo_stage_prompt_pattern_matching_nothing_fails_before_the_first_stage(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """``stages.grpo.rl.prompts`` with a typo: the chain stops at once naming the pattern (a one-line
+    ``ShardPatternError``), not after the SFT stage trained (for hours at full size)."""
+    import rynnscale.train.trainer as trainer
+    from rynnscale.data.reader import ShardPatternError
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.stages import run_stages
+
+    def no_training(*a, **k):
+        raise AssertionError("a stage trained before the GRPO stage's prompts were checked")
+
+    monkeypatch.setattr(trainer, "train_run", no_training)
+    cfg = load_config(TINY_GRPO, [f"run.output_dir={tmp_path / 'run'}", f"stages.grpo.rl.prompts=[{tmp_path}/x*.tar]"])
+    with pytest.raises(ShardPatternError, match=rf"shard pattern '{re.escape(str(tmp_path))}/x\*.tar' matches no file"):
+        run_stages(cfg, DistContext())
