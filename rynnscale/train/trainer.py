@@ -339,6 +339,10 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             preempted = preemption_requested(preempt)
             if not stats.finite:
                 _check_nonfinite(state.step, stats, nonfinite_run, tc.max_nonfinite_steps)
+                if preempted:   # never a checkpoint of a skipped step: the next step saves (the flag stays set)
+                    log.warning("preempted (signal %s) at step %d, which was non-finite and is not saved: training "
+                                "one more step to save", preempt.signum, state.step)
+                    preempted = False
             elif preempted or state.step == tc.max_steps or (ck.every_steps and state.step % ck.every_steps == 0):
                 save(data)
             call_hooks(hooks, "on_step_end", state.step, ctx)

@@ -58,3 +58,23 @@ def test_nonfinite_steps_in_a_row_abort_without_saving(tmp_path, monkeypatch):
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000001", "step_000002"]
     assert (root / "latest").read_text().strip() == "step_000002"
+
+
+def test_a_preemption_at_a_nonfinite_step_saves_the_next_step(tmp_path, monkeypatch):
+    """SIGTERM whose step turns out non-finite: that step is not saved (never a NaN checkpoint), and the run used to
+    exit there anyway, logging "saved step N" and losing everything since the last periodic checkpoint. It now
+    trains one more step, saves it and exits."""
+    import os
+    import signal
+
+    class Term:
+        def on_step_end(self, step_no, ctx):
+            if step_no == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    _nan_grad_norm_at(monkeypatch, {3})
+    run = trainer.run_training(_cfg(tmp_path, **{"train.max_steps": 8, "checkpoint.every_steps": 0}), hooks=[Term()])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_000004"]
+    assert [r["step"] for r in _metrics(run)][-1] == 4
+    assert json.loads((run / "run_status.json").read_text())["status"] == "preempted"
