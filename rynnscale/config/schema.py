@@ -227,7 +227,7 @@ class OptimGroupConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1           # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.1           # where the cosine and linear decays end, as a fraction of lr
     warmup_steps: int = 0
     schedule: str = "cosine"            # cosine | constant | linear
     weight_decay: float = 0.0
