@@ -34,7 +34,7 @@ out=""
 for a in "$@"; do [[ "$a" == run.output_dir=* ]] && out="${a#run.output_dir=}"; done
 if [[ -n "${STUB_STATUS:-}" ]]; then
   mkdir -p "$out"
-  printf '{"status": "%s", "job": "%s", "slurm_restart": "%s", "step": 7}\\n' \\
+  printf '{"status": "%s", "job": "slurm:%s", "slurm_restart": "%s", "step": 7}\\n' \\
     "$STUB_STATUS" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" > "$out/run_status.json"
 fi
 exit "${STUB_RC:-0}"
@@ -78,6 +78,6 @@ def test_a_status_left_by_an_earlier_attempt_does_not_requeue(tmp_path: Path) ->
     must not requeue it again, or a job failing at start-up would requeue forever."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run_status.json").write_text(json.dumps({"status": "preempted", "job": "4242", "slurm_restart": "0"}))
+    (out / "run_status.json").write_text(json.dumps({"status": "preempted", "job": "slurm:4242", "slurm_restart": "0"}))
     rc, log, calls = _sbatch(tmp_path, out, STUB_RC="1", SLURM_RESTART_COUNT="1")
     assert rc == 1 and "run status stale" in log and not any("requeue" in c for c in calls), (log, calls)

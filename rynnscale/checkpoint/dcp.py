@@ -500,7 +500,7 @@ def _abandoned(output_dir: str | os.PathLike) -> list[list]:
     return _rollback_record(output_dir).get("abandoned", [])
 
 
-def _job_identity() -> tuple[str | None, bool]:
+def job_identity() -> tuple[str | None, bool]:
     """This job as its scheduler names it (a SLURM job id, else torchrun's run id) and whether this process is a
     restart of it (a SLURM requeue, a torchrun ``--max-restarts`` round): a restart runs the same command line."""
     slurm, run = os.environ.get("SLURM_JOB_ID"), os.environ.get("TORCHELASTIC_RUN_ID")
@@ -513,7 +513,7 @@ def rollback_applied(output_dir: str | os.PathLike, path: str | os.PathLike) -> 
     """Whether ``checkpoint.resume=path`` was already carried out by this job before it was restarted: a requeued
     SLURM job or a torchrun restart runs the same command line, and rolling back again would throw away what
     the new branch trained since. Outside a scheduler's restart, an explicit path always rolls back."""
-    job, restart = _job_identity()
+    job, restart = job_identity()
     if not restart or job is None:
         return False
     rec = _rollback_record(output_dir)
@@ -538,7 +538,7 @@ def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> l
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known],
                                   "rolled_back_to": None if me is None else _save_id(me),
-                                  "resumed_from": str(Path(path).resolve()), "job": _job_identity()[0]})
+                                  "resumed_from": str(Path(path).resolve()), "job": job_identity()[0]})
     if later:
         atomic_write_bytes(root / LATEST, me.path.name + "\n")
     return [e.path.name for e in later]
@@ -562,7 +562,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         explicit = None
         if resume not in ("auto", "none") and rollback_applied(output_dir, resume):
             log.warning("checkpoint.resume=%s: this job resumed from it before it was restarted (%s); continuing "
-                        "what it has trained since, as resume=auto would", resume, _job_identity()[0])
+                        "what it has trained since, as resume=auto would", resume, job_identity()[0])
             explicit, resume = resume, "auto"
         if resume == "auto":
             entries = list_checkpoints(output_dir)

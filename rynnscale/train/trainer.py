@@ -45,6 +45,7 @@ from rynnscale.batch import DataStep
 from rynnscale.checkpoint.dcp import (
     CheckpointManager,
     find_resume_checkpoint,
+    job_identity,
     read_trainer_state,
     record_rollback,
 )
@@ -139,8 +140,8 @@ def write_run_status(output_dir: Path, status: str, *, enabled: bool = True, **f
     outside leaves "running"."""
     if not enabled:
         return
-    rec = {"status": status, "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID"),
-           "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"), "time": time.time(),
+    rec = {"status": status, "job": job_identity()[0], "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+           "time": time.time(),
            **{k: v for k, v in fields.items() if v is not None}}
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)

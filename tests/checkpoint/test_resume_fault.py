@@ -159,7 +159,7 @@ def test_run_status_says_how_the_job_ended(tmp_path, monkeypatch):
 
     run_training(cfg(4), hooks=[_Term(2)])
     # the signal came after step 2's check: step 3 ran, was saved, and the process stopped
-    assert status()["status"] == "preempted" and status()["step"] == 3 and status()["job"] == "91"
+    assert status()["status"] == "preempted" and status()["step"] == 3 and status()["job"] == "slurm:91"
     assert (out / "checkpoints" / "step_000003" / "COMPLETE").is_file()
     with pytest.raises(_Failure):
         run_training(cfg(5), hooks=[_FailAfter(4)])
