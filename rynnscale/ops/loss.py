@@ -137,6 +137,8 @@ class _LinearLogProbs(torch.autograd.Function):
         logp_n -= lse_n
         ctx.save_for_backward(rows_n, h_nh, weight_vh, y_n, lse_n)
         ctx.chunk_tokens, ctx.inv_temp, ctx.length = chunk_tokens, inv_temp, hidden_ld.shape[0]
+        dev = hidden_ld.device.type   # backward recomputes the logits under the forward's autocast (same lse)
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return logp_n.new_zeros(hidden_ld.shape[0]).index_copy_(0, rows_n, logp_n)
 
     @staticmethod
@@ -147,17 +149,19 @@ class _LinearLogProbs(torch.autograd.Function):
         grad_h_nh = torch.empty_like(h_nh) if need_h else None
         grad_w_vh = torch.zeros(weight_vh.shape, dtype=lse_n.dtype, device=weight_vh.device) if need_w else None
         c = ctx.chunk_tokens
-        for s in range(0, h_nh.shape[0], c):
-            h_ch = h_nh[s:s + c]
-            logits_cv = (h_ch @ weight_vh.t()).to(lse_n.dtype) * ctx.inv_temp
-            # d logp / d logits = onehot - softmax, times the token's incoming gradient, times 1/T (chain rule)
-            d_cv = logits_cv.sub_(lse_n[s:s + c, None]).exp_().mul_(-g_n[s:s + c, None])
-            d_cv.scatter_add_(1, y_n[s:s + c, None], g_n[s:s + c, None])
-            d_cv = (d_cv * ctx.inv_temp).to(h_nh.dtype)
-            if need_h:
-                grad_h_nh[s:s + c] = d_cv @ weight_vh
-            if need_w:
-                grad_w_vh += (d_cv.t() @ h_ch).to(lse_n.dtype)
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            for s in range(0, h_nh.shape[0], c):
+                h_ch = h_nh[s:s + c]
+                logits_cv = (h_ch @ weight_vh.t()).to(lse_n.dtype) * ctx.inv_temp
+                # d logp / d logits = onehot - softmax, times the token's incoming gradient, times 1/T (chain rule)
+                d_cv = logits_cv.sub_(lse_n[s:s + c, None]).exp_().mul_(-g_n[s:s + c, None])
+                d_cv.scatter_add_(1, y_n[s:s + c, None], g_n[s:s + c, None])
+                d_cv = (d_cv * ctx.inv_temp).to(h_nh.dtype)
+                if need_h:
+                    grad_h_nh[s:s + c] = d_cv @ weight_vh
+                if need_w:
+                    grad_w_vh += (d_cv.t() @ h_ch).to(lse_n.dtype)
         grad_h = grad_w = None
         if need_h:
             grad_h = grad_h_nh.new_zeros(ctx.length, h_nh.shape[1]).index_copy_(0, rows_n, grad_h_nh)
