@@ -285,20 +285,21 @@ class _RingAttention(torch.autograd.Function):
         groups = q.shape[1] // k.shape[1]
         q32 = q.float()
         q_idx = plan.indices[rank].to(q.device)
-        kv = torch.stack([k, v])  # one message per step
-        out = lse = None
-        for step in range(cp):
-            src = (rank - step) % cp
-            reqs = None
-            if step < cp - 1:
-                nxt_kv, reqs = _ring_shift(kv, group, kv.shape)
-            mask = _block_mask(plan, q_idx, plan.indices[src].to(q.device), causal)
-            blk_out, blk_lse = _block_forward(q32, kv[0].float(), kv[1].float(), mask, scale, groups)
-            out, lse = (blk_out, blk_lse) if out is None else _merge(out, lse, blk_out, blk_lse)
-            if reqs is not None:
-                for r in reqs:
-                    r.wait()
-                kv = nxt_kv
+        with torch.autocast(q.device.type, enabled=False):   # fp32 as the backward (bf16 autocast: lse mismatch)
+            kv = torch.stack([k, v])  # one message per step
+            out = lse = None
+            for step in range(cp):
+                src = (rank - step) % cp
+                reqs = None
+                if step < cp - 1:
+                    nxt_kv, reqs = _ring_shift(kv, group, kv.shape)
+                mask = _block_mask(plan, q_idx, plan.indices[src].to(q.device), causal)
+                blk_out, blk_lse = _block_forward(q32, kv[0].float(), kv[1].float(), mask, scale, groups)
+                out, lse = (blk_out, blk_lse) if out is None else _merge(out, lse, blk_out, blk_lse)
+                if reqs is not None:
+                    for r in reqs:
+                        r.wait()
+                    kv = nxt_kv
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.group, ctx.causal, ctx.scale, ctx.rank = plan, group, causal, scale, rank
         return out.to(q.dtype)
