@@ -328,8 +328,9 @@ class SampleEncoder:
                     if self.text_only:
                         raise SampleError("media_unsupported", key, f"{where}: a {kind} item, but the model has "
                                                                     "no vision tower (a text-only model family)")
-                    if role == "system":
-                        raise SampleError("bad_conversation", key, f"{where}: system messages cannot hold media")
+                    if role != "user":   # the template drops a system turn's media; an answer cannot produce one
+                        raise SampleError("bad_conversation", key, f"{where}: {role} messages cannot hold media "
+                                                                   "(images / videos go in user turns)")
                     if len(media) >= self.cfg.max_media:
                         raise SampleError("too_large", key, f"more than max_media={self.cfg.max_media} media items")
                     ref = item.get(kind)

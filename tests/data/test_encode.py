@@ -147,6 +147,30 @@ def test_empty_answers_rejected_like_the_schema_but_an_empty_turn_beside_an_answ
     assert tok.decode(lab, skip_special_tokens=False) == "<|im_end|>c<|im_end|>"
 
 
+@pytest.mark.parametrize("role", ["system", "assistant"])
+def test_media_outside_user_turns_rejected_by_schema_and_encoder_alike(enc, role):
+    """The writer's schema and the training encoder agree on where media may be: the schema used to accept a
+    system-turn image (the encoder then refused every such sample at training) and the encoder an
+    assistant-turn image (the schema refuses it; an answer cannot produce an image)."""
+    from rynnscale.data.schema import SchemaError, validate_conv
+
+    turn = {"role": role, "content": [{"type": "image", "image": "f000.jpg"}, {"type": "text", "text": "ok"}]}
+    conv = [turn, {"role": "user", "content": [{"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    if role == "assistant":
+        conv = conv[1:] + [turn]
+    with pytest.raises(SchemaError, match=f"only allowed in user turns, not in {role} turns"):
+        validate_conv({"conversation": conv}, ["f000.jpg"])
+    for f in (enc.encode, enc.estimate):
+        with pytest.raises(SampleError, match=f"{role} messages cannot hold media") as e:
+            f("m", sample(conv, **{"f000.jpg": jpeg()}))
+        assert e.value.reason == "bad_conversation"
+    user = [{"role": "user", "content": [turn["content"][0], {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    validate_conv({"conversation": user}, ["f000.jpg"])
+    assert enc.encode("u", sample(user, **{"f000.jpg": jpeg()})).image_grid_thw.tolist() == [[1, 14, 20]]
+
+
 def test_string_and_list_content_render_the_same(enc):
     a = enc.encode("a", sample([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]))
     b = enc.encode("b", sample([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
