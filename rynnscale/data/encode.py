@@ -306,6 +306,7 @@ class SampleEncoder:
                 ) -> tuple[_Render, list[_Media]]:
         r, media = _Render(), []
         vision_tokens = 0   # a lower bound on where the next media item starts in the token sequence
+        has_answer = False  # some assistant text that is not blank (as schema.validate_conv requires)
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             assistant = role == "assistant"
@@ -322,12 +323,14 @@ class SampleEncoder:
                     if not isinstance(text, str):
                         raise SampleError("bad_conversation", key, f"{where}: text item needs a string 'text'")
                     r.text(text, labeled=assistant)
+                    has_answer = has_answer or (assistant and bool(text.strip()))
                 elif kind in ("image", "video"):
                     if self.text_only:
                         raise SampleError("media_unsupported", key, f"{where}: a {kind} item, but the model has "
                                                                     "no vision tower (a text-only model family)")
-                    if role == "system":
-                        raise SampleError("bad_conversation", key, f"{where}: system messages cannot hold media")
+                    if role != "user":   # the template drops a system turn's media; an answer cannot produce one
+                        raise SampleError("bad_conversation", key, f"{where}: {role} messages cannot hold media "
+                                                                   "(images / videos go in user turns)")
                     if len(media) >= self.cfg.max_media:
                         raise SampleError("too_large", key, f"more than max_media={self.cfg.max_media} media items")
                     ref = item.get(kind)
@@ -344,6 +347,9 @@ class SampleEncoder:
                                                                "(allowed: text, image, video)")
             r.special(self.ids.im_end, labeled=assistant)
             r.text("\n")
+        if not has_answer:   # only <|im_end|> would be labeled: the sample would teach empty answers
+            raise SampleError("bad_conversation", key, "no assistant message has any text (every answer is empty "
+                                                       "or blank): nothing to train on but <|im_end|>")
         return r, media
 
     def _member(self, key: str, where: str, name: Any, members: dict[str, bytes]) -> bytes:

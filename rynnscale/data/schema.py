@@ -357,7 +357,7 @@ def validate_conv(conv: Any, member_names: Iterable[str] | None = None, *, where
     {"type": "video", "video": "video.mp4" or ["f000.jpg", "f001.jpg", ...]}]}]}``.
     Media items must name members of the same sample (checked against ``member_names`` when
     given); images/frame lists name frame members, a video string names a video member.
-    Media may not appear in assistant turns; at least one assistant turn must carry text."""
+    Media only in user turns; at least one assistant turn must carry text."""
     names = set(member_names) if member_names is not None else None
     if not isinstance(conv, Mapping) or "conversation" not in conv:
         raise _fail(where, "must be a JSON object with a 'conversation' list")
@@ -389,8 +389,8 @@ def validate_conv(conv: Any, member_names: Iterable[str] | None = None, *, where
                 if role == "assistant" and item["text"].strip():
                     has_answer = True
                 continue
-            if role == "assistant":
-                raise _fail(iw, f"{typ} items are not allowed in assistant turns")
+            if role != "user":   # as the encoder: media in a system turn would make every sample bad at training
+                raise _fail(iw, f"{typ} items are only allowed in user turns, not in {role} turns")
             refs = item.get(typ)
             if typ == "video" and isinstance(refs, list):
                 if not refs:
