@@ -162,6 +162,7 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     if path is None:
         return data_seed
     rolling_back = cfg.checkpoint.resume != "auto" and path.resolve() == Path(cfg.checkpoint.resume).resolve()
+    c.rolled_back = rolling_back
     if rolling_back and c.ctx.is_main:   # (not when a restarted job continues the branch it rolled back to)
         abandoned = record_rollback(output_dir, path)
         if abandoned:
@@ -303,7 +304,9 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True, arch=c.run.arch)[1]),
                            peak_tflops(ctx.device, cfg.logging.peak_tflops))
     steps = iter(c.data)
-    metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
+    # a restart continues the wandb run it logged to; a rollback (steps again that wandb has) starts a new one
+    metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step,
+                            resume_wandb=state.step > 0 and not c.rolled_back)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
     preempt = install_preemption_handler()
     preempted = False

@@ -1,0 +1,48 @@
+"""wandb (offline) across restarts: a run resumed from a checkpoint logs to the same wandb run as before (it used
+to start a new one at every restart, splitting one training run's curves over several wandb runs); a fresh
+start or a rollback to an earlier checkpoint starts a new one. Real wandb in offline mode, no network."""
+
+from __future__ import annotations
+
+import pytest
+
+from rynnscale.config.schema import RootConfig
+from rynnscale.train.metrics import WANDB_RUN_ID_FILE, MetricsLogger
+
+wandb = pytest.importorskip("wandb")
+
+
+def _run(out, steps, **kw) -> str:
+    cfg = RootConfig()
+    cfg.train.max_steps, cfg.logging.progress, cfg.logging.wandb.mode = 10, False, "offline"
+    cfg.run.name = "resume-test"
+    logger = MetricsLogger(cfg, out, is_main=True, **kw)
+    run_id = logger._wandb.id
+    for s in steps:
+        logger.log({"step": s, "loss": 1.0 / s, "lr": 1e-3, "tokens_per_s": 10.0})
+    logger.close()
+    return run_id
+
+
+@pytest.fixture(autouse=True)
+def _no_user_run_id(monkeypatch):
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.delenv("WANDB_RESUME", raising=False)
+
+
+def test_a_restart_continues_the_same_wandb_run(tmp_path):
+    first = _run(tmp_path, [1, 2, 3])
+    assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == first
+    again = _run(tmp_path, [4, 5], start_step=3)
+    assert again == first
+    # both offline directories carry the one id, so `wandb sync --id ID` uploads them as one run
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")) == [first, first]
+
+
+def test_a_fresh_start_or_a_rollback_starts_a_new_wandb_run(tmp_path):
+    first = _run(tmp_path, [1, 2, 3])
+    fresh = _run(tmp_path, [1], start_step=0)
+    assert fresh != first
+    rollback = _run(tmp_path, [2], start_step=1, resume_wandb=False)
+    assert rollback not in (first, fresh)
+    assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == rollback   # the next restart continues this one
