@@ -112,6 +112,8 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     root = Path(cfg.run.output_dir)
     # a bad setting or bad data: the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
+        if ctx.is_main:
+            _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)
         try:
             if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
@@ -131,6 +133,17 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
 
 
 RUN_STATUS = "run_status.json"
+
+
+def _make_output_dir(root: Path) -> None:
+    """``run.output_dir`` created, or a ConfigError (a typo, a read-only or foreign path is a setting to fix: one
+    line, exit 2, instead of a traceback from deep in the run)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.output_dir {str(root)!r} cannot be created: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(root) else ''}; "
+                          "pass a writable run.output_dir=...") from None
 
 
 def write_run_status(output_dir: Path, status: str, *, enabled: bool = True, **fields: Any) -> None:
