@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rynnscale.config.schema import RootConfig
+from rynnscale.config.schema import ConfigError, RootConfig
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,15 @@ def _init_wandb(cfg: RootConfig, output_dir: Path, resume: bool = False):
             run_id = id_file.read_text().strip() or None
         except OSError:   # none yet (the first run logged without wandb) or unreadable: a new run
             pass
-    run = wandb.init(
-        project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
-        name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),
-        settings=wandb.Settings(console="off"), **({"id": run_id, "resume": "allow"} if run_id else {}))
+    try:
+        run = wandb.init(
+            project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
+            name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),
+            settings=wandb.Settings(console="off"), **({"id": run_id, "resume": "allow"} if run_id else {}))
+    except wandb.errors.UsageError as e:   # no API key for online mode, a bad entity: a setting, not a crash
+        raise ConfigError(f"logging.wandb.mode={wcfg.mode}: wandb refused to start: {e} (log in with `wandb login` "
+                          "or WANDB_API_KEY, or set logging.wandb.mode=offline and upload later with `wandb sync`)"
+                          ) from None
     try:
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run.id + "\n")

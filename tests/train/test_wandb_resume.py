@@ -46,3 +46,20 @@ def test_a_fresh_start_or_a_rollback_starts_a_new_wandb_run(tmp_path):
     rollback = _run(tmp_path, [2], start_step=1, resume_wandb=False)
     assert rollback not in (first, fresh)
     assert (tmp_path / WANDB_RUN_ID_FILE).read_text().strip() == rollback   # the next restart continues this one
+
+
+def test_online_mode_without_an_api_key_is_a_config_error(tmp_path, monkeypatch):
+    """logging.wandb.mode=online with no API key: wandb's UsageError ended the run with a traceback (exit 1)
+    after the data and the model were built; now a ConfigError (one line, exit 2) saying what to do."""
+    from rynnscale.config import ConfigError
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    cfg = RootConfig()
+    cfg.logging.progress, cfg.logging.wandb.mode = False, "online"
+    with pytest.raises(ConfigError, match=r"logging\.wandb\.mode=online: wandb refused to start: .*API key.*"
+                                          r"logging\.wandb\.mode=offline"):
+        MetricsLogger(cfg, tmp_path / "run", is_main=True)
