@@ -156,13 +156,26 @@ class MetricsLogger:
                      100 * step // max(self._total, 1), record["loss"], record["lr"], record["tokens_per_s"],
                      _clock(elapsed), _clock(eta))
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self._wandb.log(wandb_values(record), step=record["step"])
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record for wandb: top-level numbers, and the numbers of a mapping as ``key/name``
+    (``skipped_by_reason/bad_json``: the bad-sample counts by reason, which were left out); lists (the per-layer
+    expert load) and nulls are left out."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif isinstance(v, dict):
+            out.update({f"{k}/{name}": x for name, x in v.items() if isinstance(x, (int, float))})
+    return out
 
 
 def _init_wandb(cfg: RootConfig, output_dir: Path, resume: bool = False):

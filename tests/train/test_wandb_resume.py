@@ -63,3 +63,21 @@ def test_online_mode_without_an_api_key_is_a_config_error(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"logging\.wandb\.mode=online: wandb refused to start: .*API key.*"
                                           r"logging\.wandb\.mode=offline"):
         MetricsLogger(cfg, tmp_path / "run", is_main=True)
+
+
+def test_wandb_gets_the_bad_sample_counts_by_reason(tmp_path):
+    """Each record's skipped_by_reason (a mapping) was dropped from wandb: only top-level numbers were logged."""
+    cfg = RootConfig()
+    cfg.logging.progress, cfg.logging.wandb.mode = False, "disabled"
+    logger = MetricsLogger(cfg, tmp_path, is_main=True)
+    logged = []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+    logger._wandb = FakeRun()
+    logger.log({"step": 4, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 9.0, "mfu": None, "skipped_samples": 3,
+                "skipped_by_reason": {"bad_json": 2, "too_long": 1}, "expert_load_per_layer": [1.0, 2.0]})
+    assert logged == [(4, {"step": 4, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 9.0, "skipped_samples": 3,
+                           "skipped_by_reason/bad_json": 2, "skipped_by_reason/too_long": 1})]
