@@ -158,11 +158,12 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(wandb_values(record), step=record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run ends with an error, and wandb marks its run failed (not finished)."""
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)
 
 
 def wandb_values(record: dict[str, Any]) -> dict[str, float]:

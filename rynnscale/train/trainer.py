@@ -324,6 +324,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     preempt = install_preemption_handler()
     preempted = False
     nonfinite_run = nonfinite_total = 0
+    failed = True   # until the loop ends normally (or by preemption): wandb marks the run failed, not finished
     try:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
@@ -371,6 +372,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             preempted = True
             log.warning("preempted (signal %s) after the last step %d was saved: exiting without the end-of-run "
                         "work (the same command again does it)", preempt.signum, state.step)
+        failed = False
     except Exception:
         try:   # a background save that finished is committed, not lost with the failing run
             manager.wait()
@@ -379,7 +381,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         raise
     finally:
         preempt.uninstall()
-        metrics.close()
+        metrics.close(failed=failed)
         if c.data.bad_counts:
             log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)

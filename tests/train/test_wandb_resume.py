@@ -81,3 +81,37 @@ def test_wandb_gets_the_bad_sample_counts_by_reason(tmp_path):
                 "skipped_by_reason": {"bad_json": 2, "too_long": 1}, "expert_load_per_layer": [1.0, 2.0]})
     assert logged == [(4, {"step": 4, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 9.0, "skipped_samples": 3,
                            "skipped_by_reason/bad_json": 2, "skipped_by_reason/too_long": 1})]
+
+
+def test_a_run_that_fails_marks_its_wandb_run_failed(tmp_path, monkeypatch):
+    """The trainer closed wandb with finish() (exit code 0) whatever happened: a crashed run showed as finished."""
+    from pathlib import Path
+
+    import rynnscale.train.metrics as metrics
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    finished = []
+
+    class FakeRun:
+        id = "fake"
+
+        def log(self, values, step):
+            pass
+
+        def finish(self, exit_code=0):
+            finished.append(exit_code)
+
+    class Boom:
+        def on_step(self, step, record, model, ctx):
+            raise RuntimeError("boom at step 1")
+
+    monkeypatch.setattr(metrics, "_init_wandb", lambda cfg, out, resume=False: FakeRun())
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml"
+    cfg = load_config(recipe, [f"run.output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                               "data.synthetic.num_samples=16", "logging.plot=false", "logging.progress=false"])
+    with pytest.raises(RuntimeError, match="boom"):
+        run_training(cfg, hooks=[Boom()])
+    assert finished == [1]
+    run_training(cfg)   # resumes nothing (no checkpoint), trains 2 steps and ends normally
+    assert finished == [1, 0]
