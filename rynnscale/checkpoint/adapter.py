@@ -90,7 +90,7 @@ def export_adapter(adapters: dict[str, torch.Tensor], spec: LoRASpec, out_dir: s
         raise ValueError(f"model.lora.trainable={list(spec.trainable)} trains whole base tensors, which a PEFT "
                          "adapter directory does not carry; use the merged export")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

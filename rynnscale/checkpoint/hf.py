@@ -648,7 +648,7 @@ def check_export_target(out_dir: str | os.PathLike, copy_from: str | os.PathLike
         raise ValueError(f"max_shard_bytes={max_shard_bytes} must be positive")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     copy_from = Path(copy_from) if copy_from is not None else None
     if copy_from is not None and not copy_from.is_dir():
         raise HFCheckpointError(f"copy_from={copy_from}: not a directory")

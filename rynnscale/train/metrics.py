@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rynnscale.config.schema import RootConfig
+from rynnscale.config.schema import ConfigError, RootConfig
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+#: under the run directory: the id of the wandb run this directory logs to, so that a restart resumes it
+WANDB_RUN_ID_FILE = "wandb/rynnscale_run_id"
 
 
 def expert_load_max_over_mean(counts_le) -> tuple[float, list[float]]:
@@ -108,9 +110,14 @@ class MetricsLogger:
 
     Progress (``logging.progress``): a tqdm bar when stderr is a terminal; otherwise (a log file, a batch
     job's output) one plain line every ``logging.progress_every`` steps and at the last, so redirected logs
-    hold readable lines instead of carriage-return bar redraws."""
+    hold readable lines instead of carriage-return bar redraws.
 
-    def __init__(self, cfg: RootConfig, output_dir: Path, *, is_main: bool, start_step: int = 0):
+    wandb: a run resumed from a checkpoint (``start_step`` > 0) continues the wandb run the directory logged to
+    before (its id is kept in ``WANDB_RUN_ID_FILE``); a fresh start, or ``resume_wandb=False`` (a rollback to an
+    earlier checkpoint: wandb drops steps at or below ones it already has), starts a new one."""
+
+    def __init__(self, cfg: RootConfig, output_dir: Path, *, is_main: bool, start_step: int = 0,
+                 resume_wandb: bool | None = None):
         self.is_main = is_main
         self.path = output_dir / METRICS_FILE
         self._bar = None
@@ -129,7 +136,7 @@ class MetricsLogger:
         else:
             self._lines = cfg.logging.progress
         if cfg.logging.wandb.mode != "disabled":
-            self._wandb = _init_wandb(cfg, output_dir)
+            self._wandb = _init_wandb(cfg, output_dir, start_step > 0 if resume_wandb is None else resume_wandb)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -149,16 +156,30 @@ class MetricsLogger:
                      100 * step // max(self._total, 1), record["loss"], record["lr"], record["tokens_per_s"],
                      _clock(elapsed), _clock(eta))
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self._wandb.log(wandb_values(record), step=record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run ends with an error, and wandb marks its run failed (not finished)."""
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if failed else 0)
 
 
-def _init_wandb(cfg: RootConfig, output_dir: Path):
+def wandb_values(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record for wandb: top-level numbers, and the numbers of a mapping as ``key/name``
+    (``skipped_by_reason/bad_json``: the bad-sample counts by reason, which were left out); lists (the per-layer
+    expert load) and nulls are left out."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, (int, float)):
+            out[k] = v
+        elif isinstance(v, dict):
+            out.update({f"{k}/{name}": x for name, x in v.items() if isinstance(x, (int, float))})
+    return out
+
+
+def _init_wandb(cfg: RootConfig, output_dir: Path, resume: bool = False):
     try:
         import wandb
     except ImportError:
@@ -169,10 +190,29 @@ def _init_wandb(cfg: RootConfig, output_dir: Path):
     import yaml
 
     from rynnscale.config import to_yaml
-    return wandb.init(
-        project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
-        name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),
-        settings=wandb.Settings(console="off"))
+    id_file = output_dir / WANDB_RUN_ID_FILE
+    run_id = None
+    if resume and "WANDB_RUN_ID" not in os.environ:   # (an id the user set wins)
+        try:
+            run_id = id_file.read_text().strip() or None
+        except OSError:   # none yet (the first run logged without wandb) or unreadable: a new run
+            pass
+    try:
+        run = wandb.init(
+            project=wcfg.project or "rynnscale", entity=wcfg.entity, mode=wcfg.mode,
+            name=cfg.run.name or output_dir.name, dir=str(output_dir), config=yaml.safe_load(to_yaml(cfg)),
+            settings=wandb.Settings(console="off"), **({"id": run_id, "resume": "allow"} if run_id else {}))
+    except wandb.errors.UsageError as e:   # no API key for online mode, a bad entity: a setting, not a crash
+        raise ConfigError(f"logging.wandb.mode={wcfg.mode}: wandb refused to start: {e} (log in with `wandb login` "
+                          "or WANDB_API_KEY, or set logging.wandb.mode=offline and upload later with `wandb sync`)"
+                          ) from None
+    try:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run.id + "\n")
+    except OSError as e:
+        log.warning("could not record the wandb run id in %s (%s): a restart will start a new wandb run", id_file, e)
+    log.info("wandb (%s): %s run %s in %s", wcfg.mode, "resumed" if run_id else "new", run.id, output_dir / "wandb")
+    return run
 
 
 def finite_or_null(value: Any) -> Any:

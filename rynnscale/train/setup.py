@@ -80,6 +80,7 @@ class TrainComponents:
     state: TrainState = field(default_factory=TrainState)
     base: dict[str, Any] | None = None  # LoRA: content fingerprint of the frozen base (model.init_from)
     run: ResolvedRun | None = None       # the recipe resolved once (architecture, layout, compute dtype)
+    rolled_back: bool = False            # resumed from the checkpoint checkpoint.resume=PATH names (a new branch)
 
 
 def setup_distributed(cfg: RootConfig) -> DistContext:

@@ -112,6 +112,8 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     root = Path(cfg.run.output_dir)
     # a bad setting or bad data: the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
+        if ctx.is_main:
+            _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)
         try:
             if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
@@ -131,6 +133,17 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
 
 
 RUN_STATUS = "run_status.json"
+
+
+def _make_output_dir(root: Path) -> None:
+    """``run.output_dir`` created, or a ConfigError (a typo, a read-only or foreign path is a setting to fix: one
+    line, exit 2, instead of a traceback from deep in the run)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.output_dir {str(root)!r} cannot be created: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(root) else ''}; "
+                          "pass a writable run.output_dir=...") from None
 
 
 def write_run_status(output_dir: Path, status: str, *, enabled: bool = True, **fields: Any) -> None:
@@ -162,6 +175,7 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
     if path is None:
         return data_seed
     rolling_back = cfg.checkpoint.resume != "auto" and path.resolve() == Path(cfg.checkpoint.resume).resolve()
+    c.rolled_back = rolling_back
     if rolling_back and c.ctx.is_main:   # (not when a restarted job continues the branch it rolled back to)
         abandoned = record_rollback(output_dir, path)
         if abandoned:
@@ -303,11 +317,14 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     flops = StepFlopsMeter(c.args, param_stats(build_model(cfg.model, meta=True, arch=c.run.arch)[1]),
                            peak_tflops(ctx.device, cfg.logging.peak_tflops))
     steps = iter(c.data)
-    metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step)
+    # a restart continues the wandb run it logged to; a rollback (steps again that wandb has) starts a new one
+    metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step,
+                            resume_wandb=state.step > 0 and not c.rolled_back)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
     preempt = install_preemption_handler()
     preempted = False
     nonfinite_run = nonfinite_total = 0
+    failed = True   # until the loop ends normally (or by preemption): wandb marks the run failed, not finished
     try:
         while state.step < tc.max_steps:
             t0 = time.perf_counter()
@@ -355,6 +372,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             preempted = True
             log.warning("preempted (signal %s) after the last step %d was saved: exiting without the end-of-run "
                         "work (the same command again does it)", preempt.signum, state.step)
+        failed = False
     except Exception:
         try:   # a background save that finished is committed, not lost with the failing run
             manager.wait()
@@ -363,7 +381,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         raise
     finally:
         preempt.uninstall()
-        metrics.close()
+        metrics.close(failed=failed)
         if c.data.bad_counts:
             log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)

@@ -199,3 +199,18 @@ def test_both_exports_record_the_dtype_holding_most_bytes(tmp_path):
     export_hf(model.state_dict().items(), model.args, tmp_path / "live")
     for d in ("from_ckpt", "live"):
         assert json.loads((tmp_path / d / "config.json").read_text())["dtype"] == "bfloat16", d
+
+
+def test_cli_export_into_a_non_empty_directory_names_the_flag(tmp_path, capsys):
+    """The refusal told a command-line user to 'pass overwrite=True' (the Python keyword), not the flag."""
+    cfg = w.tiny_hf_config(num_experts=0)
+    model = w.build_model(cfg)
+    opt, sched = w.build_optim(model, 1)
+    ckpt = CheckpointManager(tmp_path / "run").save(1, model, opt, sched, model_config=cfg,
+                                                    config={"model": {"arch": cfg}, "data": {"tokenizer": None}})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not empty; pass --overwrite" in err, err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -71,3 +71,17 @@ def test_layout_the_world_size_cannot_take_is_a_brief_config_error(overrides, wo
     cfg = load_config(REPO / "recipes" / "demo_tiny.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
         resolve_run(cfg, DistContext(world_size=world))
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_and_exit_code_2(tmp_path):
+    """run.output_dir under a regular file (a typo, a read-only or foreign path): was a FileNotFoundError /
+    NotADirectoryError traceback from the run-directory lock, exit code 1, after two 'could not write
+    run_status.json' warnings."""
+    (tmp_path / "afile").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "rynnscale", "train", str(REPO / "recipes" / "demo_tiny.yaml"),
+                           f"run.output_dir={tmp_path / 'afile' / 'run'}", "logging.progress=false"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "run_status.json" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("cannot be created") == 1 and "pass a writable run.output_dir" in proc.stderr, \
+        proc.stderr[-2000:]
