@@ -89,8 +89,8 @@ def directory_lock(directory: str | os.PathLike, what: str, holder: str, remedy:
     """Hold an exclusive ``fcntl.flock`` on ``directory/name`` (holder's host, pid and start time written in it)
     for the ``with`` block: two jobs writing one directory (a run's checkpoints, a converter's shards) would
     overwrite each other's files. A second one fails at once naming the holder (``what`` says what the directory
-    is, ``holder`` what holds it, ``remedy`` what to do). The kernel releases the lock when the holder exits in any way, so a stale file is
-    never an obstacle. flock is advisory and per host on older network file system clients: a guard against
+    is, ``holder`` what holds it, ``remedy`` what to do). The kernel releases the lock when the holder exits in
+    any way, so a stale file is never an obstacle. flock is advisory and per host on older network file system clients: a guard against
     the common mistake, not a distributed lease."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

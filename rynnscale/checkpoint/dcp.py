@@ -509,6 +509,12 @@ def job_identity() -> tuple[str | None, bool]:
     return job, any(r.isdigit() and int(r) > 0 for r in restarts)
 
 
+def _own_checkpoint(output_dir: str | os.PathLike, path: str | os.PathLike) -> CheckpointEntry | None:
+    """``path`` as one of ``output_dir``'s complete checkpoints, or None (another run's, or not complete)."""
+    return next((e for e in list_checkpoints(output_dir)
+                 if e.complete and e.path.resolve() == Path(path).resolve()), None)
+
+
 def rollback_applied(output_dir: str | os.PathLike, path: str | os.PathLike) -> bool:
     """Whether ``checkpoint.resume=path`` was already carried out by this job before it was restarted: a requeued
     SLURM job or a torchrun restart runs the same command line, and rolling back again would throw away what
@@ -519,8 +525,7 @@ def rollback_applied(output_dir: str | os.PathLike, path: str | os.PathLike) -> 
     rec = _rollback_record(output_dir)
     if rec.get("job") != job or rec.get("resumed_from") != str(Path(path).resolve()):
         return False
-    me = next((e for e in list_checkpoints(output_dir)
-               if e.complete and e.path.resolve() == Path(path).resolve()), None)
+    me = _own_checkpoint(output_dir, path)
     return me is None or rec.get("rolled_back_to") == _save_id(me)   # (one of this run's: not re-saved since)
 
 
@@ -531,9 +536,9 @@ def record_rollback(output_dir: str | os.PathLike, path: str | os.PathLike) -> l
     ``path``, so that ``resume=auto`` after a crash before the new branch's first save continues the new branch,
     not the abandoned one. Returns the abandoned names; call on one rank."""
     root = Path(output_dir) / CHECKPOINTS_DIR
-    complete = [e for e in list_checkpoints(output_dir) if e.complete]
-    me = next((e for e in complete if e.path.resolve() == Path(path).resolve()), None)
-    later = [] if me is None else [e for e in complete if _save_order(e) > _save_order(me)]
+    me = _own_checkpoint(output_dir, path)
+    later = [] if me is None else [e for e in list_checkpoints(output_dir)
+                                   if e.complete and _save_order(e) > _save_order(me)]
     known = _abandoned(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _write_json(root / ROLLBACK, {"abandoned": known + [i for i in map(_save_id, later) if i not in known],

@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1             # the per-rank state of SplitLoader
 
-__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "LoaderConfig", "LoaderStateError", "MixtureSource",
-           "SplitLoader", "TrainLoader"]
+__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "LoaderConfig", "LoaderStateError",
+           "MixtureSource", "SplitLoader", "TrainLoader"]
 
 _MALLOC_TUNED = False
 

@@ -32,18 +32,16 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: PlanConfig | None = None
     st = param_stats(model, largest_param_group(model, cfg.optim))
     lay = resolve_layout(c.world, cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.ep,
                          args.text.num_experts, cfg.parallel.cp)
-    grpo = _grpo_config(cfg)
-    data_ranks = lay.data_world_size   # GRPO's prompts of a step are split over the data-parallel ranks
+    grpo = _grpo_config(cfg)   # (a GRPO step's prompts are split over the data-parallel ranks)
     w = Workload(micro_batch_tokens=cfg.train.micro_batch_tokens, grad_accum=cfg.train.grad_accum,
                  visual_tokens=pc.visual_tokens_per_micro_batch, doc_tokens=doc_tokens,
                  loss_chunk_tokens=cfg.train.loss_chunk_tokens, checkpointing=cfg.model.activation_checkpointing,
                  every=cfg.model.activation_checkpointing_every, cp_attention=cfg.model.cp_attention,
                  objective="grpo" if grpo is not None else cfg.train.objective,
                  reference_copy=grpo is not None and grpo.rl.kl_coef > 0 and grpo.model.lora.rank <= 0,
-                 rollout_sequences=0 if grpo is None else -(-grpo.rl.prompts_per_step // data_ranks) * grpo.rl.group_size,
+                 rollout_sequences=0 if grpo is None else -(-grpo.rl.prompts_per_step // lay.data_world_size) * grpo.rl.group_size,
                  rollout_new_tokens=0 if grpo is None else grpo.rl.max_new_tokens)
     return make_plan(recipe, arch.source, args, st, lay, w, c, Profile.named(profile))
-
 
 
 def _grpo_config(cfg: Any) -> Any | None:
