@@ -84,11 +84,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_convert(args: argparse.Namespace) -> int:
-    """``rynnscale data convert {lerobot,jsonl,frames} ...``: runs one converter, prints its totals."""
+    """``rynnscale data convert {lerobot,jsonl,frames} ...``: runs one converter, prints its totals. Exit 2 for a
+    bad path or option (as ``train``), 1 when the conversion itself fails."""
     import json
     import logging
 
-    from rynnscale.data_pipelines.jsonl import ConvertError
+    from rynnscale.data_pipelines.shards import ConvertError, ConvertUsageError
     from rynnscale.fsutil import DirectoryLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -123,7 +124,10 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
                                  answer=args.answer or DEFAULT_ANSWER, annotations=args.annotations,
                                  source=args.source_name, licence=args.licence, embodiment=args.embodiment,
                                  clips_per_shard=args.clips_per_shard, max_bad_fraction=args.max_bad_fraction, **common)
-    except (ConvertError, ValueError, FileNotFoundError, ImportError, DirectoryLockedError) as e:
+    except (ConvertUsageError, ValueError, FileNotFoundError) as e:   # ValueError: an option's value, other settings
+        print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)   # than OUT's manifest records
+        return 2
+    except (ConvertError, ImportError, DirectoryLockedError, OSError) as e:   # OSError: disk full, permissions
         print(f"rynnscale data convert {args.source}: {e}", file=sys.stderr)
         return 1
     printed = {"out": str(args.out), "totals": rep["totals"], "bad": rep.get("bad", {})}

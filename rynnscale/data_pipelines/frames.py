@@ -34,9 +34,11 @@ from typing import Any
 from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import IMAGE_EXTENSIONS, build_sample_members
 from rynnscale.data.tags import TagError, parse_tags
-from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, _old_job_reports, resolve_under
+from rynnscale.data_pipelines.jsonl import BadItem, _old_job_reports, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.shards import (
+    ConvertError,
+    ConvertUsageError,
     ShardJob,
     ShardWriter,
     check_dataset_info,
@@ -391,7 +393,7 @@ def convert_frames(
     folder = Path(folder)
     names = list_frames(folder)
     if not names:
-        raise ConvertError(f"{folder}: no jpg/png frames")
+        raise ConvertUsageError(f"{folder}: no jpg/png frames")
     warnings = []
     lic = licence
     if lic is None:
@@ -407,7 +409,8 @@ def convert_frames(
             raise ValueError("the default answer is the task string: give --task (or --answer / --annotations)")
         spans = frame_clips(len(names), cfg.clip_frames, cfg.stride, cfg.keep_tail)
         if not spans:
-            raise ConvertError(f"{folder}: {len(names)} frames, fewer than one clip of {cfg.clip_frames}")
+            raise ConvertUsageError(f"{folder}: {len(names)} frames, fewer than one clip of --clip-frames "
+                                    f"{cfg.clip_frames}")
         clips = [{"index": i, "start": s, "end": e} for i, (s, e) in enumerate(spans)]
         ann = None
         used = spans[-1][1]

@@ -39,6 +39,7 @@ from rynnscale.data.schema import VIDEO_EXTENSIONS, SchemaError, build_sample_me
 from rynnscale.data.tags import TagError, parse_tags
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME
 from rynnscale.data_pipelines.shards import (
+    ConvertError,
     ShardJob,
     ShardWriter,
     check_dataset_info,
@@ -61,10 +62,6 @@ log = logging.getLogger(__name__)
 
 #: why a jsonl line was skipped (plus the encoder's reasons, e.g. ``too_long``, from the cost hints)
 LINE_REASONS = ("bad_json", "bad_conversation", "unsafe_path", "missing_media", "bad_media", "bad_tags", "too_large")
-
-
-class ConvertError(RuntimeError):
-    """A conversion that cannot go on (too many bad inputs, inconsistent source data)."""
 
 
 class BadItem(ValueError):
@@ -467,7 +464,7 @@ def _check_jsonl_args(path: Path, media_root: str | os.PathLike, lines_per_shard
                       licence: str) -> None:
     """Refuse a missing input / media root and out-of-range settings; warn when no licence is given."""
     if not path.is_file():
-        raise FileNotFoundError(f"jsonl file {path} does not exist")
+        raise FileNotFoundError(f"jsonl file {path} " + ("is a directory, not a file" if path.is_dir() else "does not exist"))
     if not Path(media_root).is_dir():
         raise FileNotFoundError(f"--media-root {media_root} is not a directory")
     if lines_per_shard < 1:

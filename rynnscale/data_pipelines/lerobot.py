@@ -26,9 +26,11 @@ import numpy as np
 from rynnscale.data.manifest import completed_shards
 from rynnscale.data.schema import build_sample_members
 from rynnscale.data_pipelines.frames import detect_licence
-from rynnscale.data_pipelines.jsonl import BadItem, ConvertError, resolve_under
+from rynnscale.data_pipelines.jsonl import BadItem, resolve_under
 from rynnscale.data_pipelines.shard_stats import REPORT_NAME, hint_settings
 from rynnscale.data_pipelines.shards import (
+    ConvertError,
+    ConvertUsageError,
     ShardJob,
     ShardWriter,
     check_dataset_info,
@@ -134,7 +136,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConvertError(f"{path} does not exist (is this a LeRobot dataset root?)") from None
+        raise ConvertUsageError(f"{path} does not exist (is this a LeRobot dataset root?)") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path}: invalid JSON: {e}") from None
 
@@ -220,6 +222,9 @@ def _tasks_v3(root: Path) -> dict[int, str]:
 
 def _read_info(root: Path) -> tuple[dict, str, str, float]:
     """``meta/info.json`` checked: (info, codebase_version, major "v2" | "v3", fps)."""
+    if not root.is_dir():
+        raise ConvertUsageError(f"LeRobot dataset root {root} " + ("is a file, not a directory" if root.exists()
+                                                                   else "does not exist"))
     info = _read_json(root / "meta" / "info.json")
     if not isinstance(info, dict):
         raise ConvertError(f"{root / 'meta/info.json'}: expected an object")
@@ -244,7 +249,7 @@ def _pick_video_key(root: Path, info: dict, video_key: str | None) -> tuple[str,
             raise ConvertError(f"{root}: no video feature in meta/info.json (image-only datasets are not supported)")
         video_key = vkeys[0]
     elif video_key not in vkeys:
-        raise ConvertError(f"{root}: video key {video_key!r} is not a video feature (have: {vkeys})")
+        raise ConvertUsageError(f"{root}: video key {video_key!r} is not a video feature (have: {vkeys})")
     return video_key, vkeys
 
 
@@ -309,7 +314,7 @@ def _select_episodes(root: Path, eps: list[Episode], episodes: list[int] | None)
         known = {e.index for e in eps}
         unknown = sorted(set(episodes) - known)
         if unknown:
-            raise ConvertError(f"{root}: episodes {unknown[:10]} are not in the episode metadata")
+            raise ConvertUsageError(f"{root}: episodes {unknown[:10]} are not in the episode metadata")
         eps = [e for e in eps if e.index in set(episodes)]
     return eps
 
@@ -503,7 +508,7 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
     for c, flag, extra in ((action_key, "--action-key", ""), (state_key, "--state-key", " (or 'none' to leave out "
                                                                                         "state.npy)")):
         if c and c not in names:
-            raise ConvertError(f"{where}: no column {c!r}; pass {flag} NAME{extra}: columns that look like per-frame "
+            raise ConvertUsageError(f"{where}: no column {c!r}; pass {flag} NAME{extra}: columns that look like per-frame "
                                f"vectors: {_column_hint(schema, c)} (all columns: {names})")
     filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
     if filters and "episode_index" not in names:

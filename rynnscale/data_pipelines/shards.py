@@ -44,6 +44,8 @@ from rynnscale.data.schema import CONV_MEMBER, META_MEMBER, SchemaError, validat
 from rynnscale.fsutil import TMP_MARK, atomic_write_bytes, directory_lock, fsync_dir
 
 __all__ = [
+    "ConvertError",
+    "ConvertUsageError",
     "ShardWriter",
     "shard_name",
     "write_manifest",
@@ -59,6 +61,15 @@ TAR_MODE = 0o644
 _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _TAR_BLOCK = 512
 _TAR_RECORD = 10240  # tarfile pads the archive to a multiple of this
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot go on (too many bad inputs, inconsistent source data): ``data convert`` exits 1."""
+
+
+class ConvertUsageError(ConvertError):
+    """A path or option the user gave is wrong (a missing source, an unusable output directory, an episode, camera
+    or column the dataset does not have): ``data convert`` exits 2, as ``train`` does for a bad config or path."""
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -370,7 +381,12 @@ def locks_output_dir(convert: Any) -> Any:
 
     @functools.wraps(convert)
     def locked(*args: Any, **kwargs: Any) -> Any:
-        out = sig.bind(*args, **kwargs).arguments["out_dir"]
+        out = Path(sig.bind(*args, **kwargs).arguments["out_dir"])
+        try:   # here rather than in the lock: an OSError of the conversion itself is no usage error
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConvertUsageError(f"output directory {out} " + ("is a file" if out.is_file() else
+                                                                  f"cannot be created: {e.strerror or e}")) from None
         with directory_lock(out, "output directory", "conversion", "wait for it to end, or convert into another "
                             "directory", name=CONVERT_LOCK):
             return convert(*args, **kwargs)

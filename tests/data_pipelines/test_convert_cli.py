@@ -1,0 +1,84 @@
+"""``rynnscale data convert`` exit codes and output-directory handling: a bad path or option exits 2 with one line
+(as ``rynnscale train`` does for a bad config or path), a conversion that fails on its data exits 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rynnscale.cli import main
+
+
+def _frames(d: Path, n: int, *, truncate: int | None = None) -> Path:
+    """``n`` 16x16 jpg frames; frame ``truncate`` cut to 40 bytes (unreadable)."""
+    from PIL import Image
+
+    d.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((16, 16, 3), 4 * i, np.uint8)).save(d / f"{i:03d}.jpg", quality=95)
+    if truncate is not None:
+        p = d / f"{truncate:03d}.jpg"
+        p.write_bytes(p.read_bytes()[:40])
+    return d
+
+
+def _convert(*args: str) -> int:
+    return main(["data", "convert", *args, "--no-progress", "--no-cost-hints"])
+
+
+FRAMES = ["--fps", "2", "--clip-frames", "4", "--task", "walk"]
+
+
+@pytest.mark.parametrize("case", ["lerobot_root_missing", "lerobot_root_is_file", "jsonl_missing", "jsonl_is_dir",
+                                  "frames_missing", "frames_bad_option", "frames_too_few", "out_is_file",
+                                  "out_made_with_other_settings"])
+def test_user_errors_exit_2(tmp_path: Path, capsys, case: str) -> None:
+    """Each used to exit 1 like a failed conversion (OUT being a file: a FileExistsError traceback)."""
+    d = _frames(tmp_path / "nav", 8)
+    out = tmp_path / "out"
+    (tmp_path / "file").write_text("x")
+    args = {
+        "lerobot_root_missing": ["lerobot", str(tmp_path / "nowhere"), str(out)],
+        "lerobot_root_is_file": ["lerobot", str(tmp_path / "file"), str(out)],
+        "jsonl_missing": ["jsonl", str(tmp_path / "nowhere.jsonl"), str(out), "--media-root", str(tmp_path)],
+        "jsonl_is_dir": ["jsonl", str(d), str(out), "--media-root", str(tmp_path)],
+        "frames_missing": ["frames", str(tmp_path / "nowhere"), str(out), *FRAMES],
+        "frames_bad_option": ["frames", str(d), str(out), "--fps", "2", "--clip-frames", "0", "--task", "walk"],
+        "frames_too_few": ["frames", str(d), str(out), "--fps", "2", "--clip-frames", "9", "--task", "walk"],
+        "out_is_file": ["frames", str(d), str(tmp_path / "file"), *FRAMES],
+        "out_made_with_other_settings": ["frames", str(d), str(out), *FRAMES[:-1], "run"],
+    }[case]
+    if case == "out_made_with_other_settings":
+        assert _convert("frames", str(d), str(out), *FRAMES) == 0
+        capsys.readouterr()
+    assert _convert(*args) == 2
+    err = capsys.readouterr().err.strip()
+    expect = {"lerobot_root_missing": "nowhere does not exist", "lerobot_root_is_file": "file is a file",
+              "jsonl_missing": "nowhere.jsonl does not exist", "jsonl_is_dir": "is a directory, not a file",
+              "frames_missing": "is not a directory", "frames_bad_option": "clip_frames must be >= 1",
+              "frames_too_few": "8 frames, fewer than one clip of --clip-frames 9",
+              "out_is_file": "file is a file", "out_made_with_other_settings": "other settings"}[case]
+    assert err.startswith(f"rynnscale data convert {args[0]}: ") and expect in err and "\n" not in err, err
+
+
+def test_failed_conversion_exits_1(tmp_path: Path, capsys) -> None:
+    """More bad clips than --max-bad-fraction is the data's fault, not a usage error: still exit 1."""
+    d = _frames(tmp_path / "nav", 8, truncate=1)
+    assert _convert("frames", str(d), str(tmp_path / "out"), *FRAMES) == 1
+    assert "clips are bad, more than" in capsys.readouterr().err
+
+
+def test_lerobot_unknown_episode_and_column_exit_2(tmp_path: Path, capsys) -> None:
+    """--episodes / --action-key naming what the (real G1) dataset does not have: options to fix, exit 2."""
+    pytest.importorskip("pyarrow")
+    from shared_data import SHARED_DATA
+
+    g1 = SHARED_DATA / "lerobot_g1_subset"
+    if not g1.is_dir():
+        pytest.skip(f"shared sample data not found at {g1}")
+    assert _convert("lerobot", str(g1), str(tmp_path / "a"), "--episodes", "999") == 2
+    assert "episodes [999] are not in the episode metadata" in capsys.readouterr().err
+    assert _convert("lerobot", str(g1), str(tmp_path / "b"), "--episodes", "1", "--action-key", "actions") == 2
+    assert "no column 'actions'; pass --action-key NAME" in capsys.readouterr().err
