@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,8 @@ __all__ = [
     "ShardJob",
     "run_shard_jobs",
 ]
+
+log = logging.getLogger(__name__)
 
 TAR_MTIME = 0
 TAR_MODE = 0o644
@@ -357,15 +360,20 @@ def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
     """Refuse to resume into ``out_dir`` when its manifest was written with other settings.
 
     Compares every key of ``info`` with the stored manifest info; raises ValueError listing the
-    differences (nothing is changed on disk). No manifest yet -> nothing to check."""
+    differences (nothing is changed on disk). No manifest yet, or one listing no shard (a run stopped before its
+    first shard, e.g. by a bad option found at the first sample) -> nothing to resume, nothing to check."""
     out = Path(out_dir)
     if not (out / MANIFEST_NAME).exists():
         return
-    old = read_manifest(out).info
+    manifest = read_manifest(out)
+    old = manifest.info
     info = json.loads(json.dumps(info))  # compare as stored (tuples -> lists, ...)
     diff = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
     if diff:
         detail = "; ".join(f"{k}: {str(a)[:120]!r} -> {str(b)[:120]!r}" for k, (a, b) in diff.items())
+        if not manifest.shards:
+            log.info("%s holds no finished shard: starting over with the new settings (%s)", out, detail)
+            return
         raise ValueError(f"{out} holds a dataset made with other settings or inputs ({detail}); "
                          "use an empty directory (or the original settings to resume)")
 

@@ -82,3 +82,20 @@ def test_lerobot_unknown_episode_and_column_exit_2(tmp_path: Path, capsys) -> No
     assert "episodes [999] are not in the episode metadata" in capsys.readouterr().err
     assert _convert("lerobot", str(g1), str(tmp_path / "b"), "--episodes", "1", "--action-key", "actions") == 2
     assert "no column 'actions'; pass --action-key NAME" in capsys.readouterr().err
+
+
+def test_bad_template_does_not_lock_out_a_fixed_rerun(tmp_path: Path, capsys) -> None:
+    """A question template with an unknown placeholder is found at the first sample, after the manifest records the
+    settings: the rerun with the template fixed was refused ('holds a dataset made with other settings') until OUT
+    was deleted by hand. A manifest listing no shard has nothing to resume: the new settings start over."""
+    from rynnscale.data.manifest import read_manifest
+
+    d, out = _frames(tmp_path / "nav", 8), tmp_path / "out"
+    assert _convert("frames", str(d), str(out), *FRAMES, "--question", "{nope}") == 2
+    assert "question template '{nope}'" in capsys.readouterr().err
+    assert _convert("frames", str(d), str(out), *FRAMES, "--question", "What is done in {duration_s} s?") == 0
+    m = read_manifest(out)
+    assert m.info["complete"] and m.info["question"] == "What is done in {duration_s} s?" and m.total_samples == 2
+    # a directory holding shards still refuses other settings
+    assert _convert("frames", str(d), str(out), *FRAMES) == 2
+    assert "other settings" in capsys.readouterr().err
