@@ -325,6 +325,7 @@ def decode_frames(
     max_frames: int = 768, num_frames: int | None = None, method: str = "auto",
     limits: VideoLimits = VideoLimits(), threads: int = 1,
     resize_to: Callable[[int, int, int], tuple[int, int]] | None = None, channels_first: bool = False,
+    info: VideoInfo | None = None,
 ) -> DecodedVideo:
     """Decode the frames of a video held in ``data``.
 
@@ -337,12 +338,15 @@ def decode_frames(
     ``T`` output frames, ``T <= max_frames``; the pixel count of a frame is checked from the stream
     header before anything is decoded. ``channels_first``: ``frames_thwc`` is a [T, H, W, 3] view of
     channel-planar [T, 3, H, W] memory (what :func:`~rynnscale.data.vision_preprocess.patchify` reads
-    without a reorder copy; same values). Raises :class:`VideoError`."""
+    without a reorder copy; same values). ``info``: :func:`probe_video` of the same ``data`` under the same
+    ``limits``, which then is not demuxed again (a caller decoding one long file in many calls). Raises
+    :class:`VideoError`."""
     if method not in ("auto", "seek", "sequential"):
         raise ValueError(f"method must be auto|seek|sequential, got {method!r}")
     container = _open(data, limits)
     try:
-        info = _index(container, limits)
+        if info is None:
+            info = _index(container, limits)
         if _needs_plain_open(container, info):
             container.close()
             container = _open(data, limits, plain=True)

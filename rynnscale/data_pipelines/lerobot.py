@@ -495,6 +495,26 @@ def _column_hint(schema, missing: str) -> str:
     return ", ".join(repr(c) for c in sorted(cands, key=rank)) or "none"
 
 
+_TABLE_CACHE: dict[str, Any] = {}
+
+
+def _data_file_table(path: Path, columns: list[str], what: str) -> Any:
+    """Columns ``columns`` of the parquet file ``path``; the last file read is cached, since a v3 file holds many
+    consecutive episodes (reading it whole once per episode made the reading quadratic in episodes per file)."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size, tuple(columns))   # a file rewritten in place is read again
+    if _TABLE_CACHE.get("key") != key:
+        _TABLE_CACHE.clear()
+        _TABLE_CACHE.update(key=key, table=_parquet(path, what, columns=columns))
+    return _TABLE_CACHE["table"]
+
+
+def _clear_caches() -> None:
+    """Drop the cached video file and parquet table (end of a pass over the episodes)."""
+    _VIDEO_CACHE.clear()
+    _TABLE_CACHE.clear()
+
+
 def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_key: str | None) -> dict[str, np.ndarray]:
     """The episode's rows sorted by time: ``timestamp`` float64 [N], ``action`` [N, D],
     ``state`` [N, S] (if ``state_key``), ``task_index`` int64 [N] (if present), ``frame_index``."""
@@ -513,7 +533,11 @@ def read_episode_table(meta: LeRobotMeta, ep: Episode, action_key: str, state_ke
     filters = [("episode_index", "=", ep.index)] if meta.version.startswith("v3") or "episode_index" in names else None
     if filters and "episode_index" not in names:
         raise ConvertError(f"{where}: v3 data files need an episode_index column")
-    t = _parquet(path, f"episode {ep.index}", columns=want, filters=filters)
+    t = _data_file_table(path, want, f"episode {ep.index}")
+    if filters:
+        import pyarrow.compute as pc
+
+        t = t.filter(pc.equal(t.column("episode_index"), ep.index))
     if t.num_rows == 0:
         raise EpisodeError("empty_episode", f"{where}: no rows for this episode")
     ts = t.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -846,11 +870,12 @@ def _pick_clips(meta: LeRobotMeta, cfg: LeRobotConfig, ts: np.ndarray, vt: np.nd
     return out
 
 
-def _clip_frames(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str,
+def _clip_frames(data: bytes, vinfo: Any, vidx: np.ndarray, picked: list, limits: Any, ep: Episode, where: str,
                  max_side: int | None, even: bool):
     """Yield (k, frames [T, h, w, 3]) for each good clip ``k`` of ``picked``, in order, resized. Consecutive clips
     are decoded together while the frames they need stay within ``limits.max_frames`` (a longer clip alone), each
-    frame once per chunk: memory is one chunk of source frames, whatever the episode's length. A decode failure
+    frame once per chunk: memory is one chunk of source frames, whatever the episode's length. Every chunk reuses
+    the file's index ``vinfo`` (a v3 file of many episodes is demuxed once, not once per chunk). A decode failure
     is an EpisodeError (the episode is skipped)."""
     from rynnscale.data.video import VideoError, decode_frames
 
@@ -858,7 +883,7 @@ def _clip_frames(data: bytes, vidx: np.ndarray, picked: list, limits: Any, ep: E
         need = np.unique(np.concatenate([vidx[picked[k]] for k in group]))
         lim = replace(limits, max_frames=max(limits.max_frames, len(need)))
         try:
-            dv = decode_frames(data, indices=need, limits=lim)
+            dv = decode_frames(data, indices=need, limits=lim, info=vinfo)
         except VideoError as e:
             raise EpisodeError(e.reason, f"{where}: video {ep.video_file}: {e}") from None
         pos = {int(g): i for i, g in enumerate(need)}
@@ -1012,8 +1037,9 @@ def episode_samples(meta: LeRobotMeta, ep: Episode, cfg: LeRobotConfig, ctx: dic
     for k, j in enumerate(picked):
         if isinstance(j, EpisodeError):
             rep["skipped"].append([f"{key_prefix}-e{ep.index:06d}-c{k:04d}", j.reason, str(j)])
+    vinfo = _video(meta, ep, limits)[1]   # the index _pair_episode made (cached with the file)
     samples = [clips.sample(k, picked[k], picked[k], frames_thwc, key_prefix) for k, frames_thwc in
-               _clip_frames(data, vidx, picked, limits, ep, where, cfg.max_side, cfg.media == "video")]
+               _clip_frames(data, vinfo, vidx, picked, limits, ep, where, cfg.max_side, cfg.media == "video")]
     rep.update(clips=len(picked), frames_sampled=sum(len(j) for j in picked if not isinstance(j, EpisodeError)))
     return samples, rep
 
@@ -1146,7 +1172,7 @@ def _usable_tables(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig) -> tuple[l
                 log.warning("skipping %s", e)
                 skipped.append({"episode": ep.index, "reason": e.reason, "detail": str(e)})
     finally:
-        _VIDEO_CACHE.clear()
+        _clear_caches()
     if not tables:
         raise ConvertError(f"{root}: every episode was skipped ({skipped[0]['detail'] if skipped else 'none listed'})")
     return tables, skipped
@@ -1319,5 +1345,5 @@ def convert_lerobot(
         run_shard_jobs(out, jobs, _lerobot_job, info=info, prefix=prefix, workers=workers, progress=progress,
                        desc=f"lerobot {root.name}", unit="episode", on_result=on_result)
     finally:
-        _VIDEO_CACHE.clear()
+        _clear_caches()
     return report(True)

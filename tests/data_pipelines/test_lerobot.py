@@ -284,6 +284,39 @@ def test_v3_fixture_gives_the_same_samples(v21, tmp_path):
     assert (out21 / STATS_NAME).read_bytes() == (out3 / STATS_NAME).read_bytes()
 
 
+def test_v3_shared_files_are_read_and_indexed_once_per_pass(tmp_path, monkeypatch):
+    """A v3 file holds many episodes: each episode read the whole data parquet (and its filter pruned nothing, one
+    row group), and each decode chunk demuxed the whole video file again, so both grew with episodes x file size.
+    Now the parent's checks and the writing pass each read the parquet file once and index the video once (the
+    samples are unchanged: test_v3_fixture_gives_the_same_samples)."""
+    import rynnscale.data.video as video
+    import rynnscale.data_pipelines.lerobot as lr
+
+    src = tmp_path / "g1_v3"
+    _make_v3(src)
+    reads, indexed = [], []
+    real_parquet, real_index = lr._parquet, video._index
+
+    def parquet(path, what, read="table", **kw):
+        if read == "table" and Path(path).parent.name == "chunk-000" and Path(path).parents[1].name == "data":
+            reads.append(what)
+        return real_parquet(path, what, read, **kw)
+
+    def index(container, limits):
+        indexed.append(1)
+        return real_index(container, limits)
+
+    monkeypatch.setattr(lr, "_parquet", parquet)
+    monkeypatch.setattr(video, "_index", index)
+    # 2 s clips every 2 s at 15 fps: 30 frames a clip, chunks of 32 frames: one decode call per clip
+    monkeypatch.setattr(lr, "DECODE_CHUNK_FRAMES", 32)
+    rep = convert_lerobot(src, tmp_path / "out", **{**OPTS, "stride_seconds": 2.0, "fps": 15.0}, cost_hints=False,
+                          media="frames")
+    assert rep["totals"]["samples"] == 16 and rep["totals"]["episodes"] == 3
+    assert len(reads) == 2, reads          # was 6: every episode, in both passes
+    assert len(indexed) == 2, len(indexed)  # was 2 + one per decode chunk (16 clips, one per chunk)
+
+
 def test_v3_video_a_frame_short_of_its_table_pairs_by_time(v21, tmp_path):
     """Issue 28.5: episode 2's table has one row more than its video has frames (427 vs 426 in the report) and
     episode 4's timestamps are in milliseconds. Before, the whole conversion stopped at the first ('video has 343
