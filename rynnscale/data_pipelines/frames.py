@@ -183,7 +183,7 @@ def _check_answer(text: str, n_frames: int, where: str) -> None:
 def _read_annotations(path: str | os.PathLike, num_frames: int) -> list[dict]:
     """Parse and check the annotations jsonl (errors name the line)."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a byte order mark (Windows editors) is not JSON
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -24,6 +24,7 @@ each, over processes; restartable like every converter (finished shards are kept
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -396,13 +397,16 @@ def line_to_sample(line_no: int, raw: bytes | str, cfg: JsonlConfig, *, default_
 
 
 def _read_lines(path: str, offset: int, count: int, max_line_bytes: int):
-    """Yield (raw bytes or None if over the limit) for ``count`` lines starting at byte ``offset``."""
+    """Yield (raw bytes or None if over the limit) for ``count`` lines starting at byte ``offset``. A UTF-8 byte
+    order mark opening the file (Windows editors write one) is dropped: json refuses it, which lost line 1."""
     with open(path, "rb") as f:
         f.seek(offset)
-        for _ in range(count):
+        for i in range(count):
             line = f.readline(max_line_bytes + 1)
             if not line:
                 return
+            if offset == 0 and i == 0 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
                 while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                     pass

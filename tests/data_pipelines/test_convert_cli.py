@@ -99,3 +99,28 @@ def test_bad_template_does_not_lock_out_a_fixed_rerun(tmp_path: Path, capsys) ->
     # a directory holding shards still refuses other settings
     assert _convert("frames", str(d), str(out), *FRAMES) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_byte_order_mark_opening_a_jsonl_or_annotations_file(tmp_path: Path) -> None:
+    """Windows editors open UTF-8 files with a byte order mark: json refuses it, so a conversation jsonl lost line 1
+    (a bad_json line) and a frames --annotations file stopped the run ('line 1: invalid JSON')."""
+    import json
+
+    from rynnscale.data_pipelines.frames import convert_frames
+    from rynnscale.data_pipelines.jsonl import convert_jsonl
+
+    media = _frames(tmp_path / "media", 4)
+    line = {"conversation": [
+        {"role": "user", "content": [{"type": "image", "image": "000.jpg"}, {"type": "text", "text": "where?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "here"}]}]}
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + (json.dumps(line) + "\r\n").encode() * 3)
+    rep = convert_jsonl(src, tmp_path / "out", media_root=media, licence="MIT", max_bad_fraction=1.0,
+                        progress=False, cost_hints=False)
+    assert rep["totals"]["samples"] == 3 and rep["bad"] == {}, rep["bad_items"]
+    ann = tmp_path / "ann.jsonl"
+    ann.write_bytes(b"\xef\xbb\xbf" + json.dumps({"start_frame": 0, "end_frame": 4, "question": "What?",
+                                                   "answer": "walk"}).encode() + b"\n")
+    rep = convert_frames(media, tmp_path / "out_frames", fps=2.0, clip_frames=4, annotations=ann,
+                         progress=False, cost_hints=False)
+    assert rep["totals"]["samples"] == 1
