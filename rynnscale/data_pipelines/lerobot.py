@@ -788,6 +788,23 @@ class LeRobotConfig:
             raise ValueError(f"max_side must be >= 16, got {self.max_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        # found at the first clip these stopped the run only after every episode had been read and indexed
+        fill_question(self.question, task="t", fps=1.0, duration_s=1.0, num_frames=1, robot="r")
+        if self.media == "video":
+            from rynnscale.data_pipelines.synthetic import pick_video_codec
+
+            pick_video_codec(self.codec)
+
+
+def fill_question(template: str, *, task: str, fps: float, duration_s: float, num_frames: int, robot: str) -> str:
+    """The user's text of a clip: ``template`` (``--question``) with its placeholders filled; a ValueError naming
+    the template and the placeholders there are."""
+    values = {"task": task, "fps": fps, "duration_s": duration_s, "num_frames": num_frames, "robot": robot}
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ValueError(f"question template {template!r}: {type(e).__name__}: {e} (placeholders: "
+                         f"{sorted(values)})") from None
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -971,12 +988,8 @@ class _EpisodeClips:
     def _question(self, task: str, T: int) -> str:
         """The user's text: the ``question`` template filled with the clip's task, fps, duration, ..."""
         cfg = self.cfg
-        values = {"task": task, "fps": cfg.fps, "duration_s": round(T / cfg.fps, 3), "num_frames": T,
-                  "robot": self.meta.robot_type}
-        try:
-            return cfg.question.format(**values)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"question template {cfg.question!r}: {e} (placeholders: {sorted(values)})") from None
+        return fill_question(cfg.question, task=task, fps=cfg.fps, duration_s=round(T / cfg.fps, 3), num_frames=T,
+                             robot=self.meta.robot_type)
 
     def _answer(self, actions_td: np.ndarray) -> str:
         """The assistant's text for the clip's actions [T, D], with the action-bin block when asked for."""

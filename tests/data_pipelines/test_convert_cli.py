@@ -124,3 +124,15 @@ def test_byte_order_mark_opening_a_jsonl_or_annotations_file(tmp_path: Path) -> 
     rep = convert_frames(media, tmp_path / "out_frames", fps=2.0, clip_frames=4, annotations=ann,
                          progress=False, cost_hints=False)
     assert rep["totals"]["samples"] == 1
+
+
+@pytest.mark.parametrize("option", [{"question": "Do {taks}"}, {"codec": "h265"}])
+def test_lerobot_bad_question_or_codec_is_refused_before_reading(tmp_path: Path, option: dict) -> None:
+    """Found at the first clip, a --question typo or an unknown --codec stopped the run only after every episode's
+    parquet and video had been read and indexed (and after OUT's manifest recorded it); now before anything."""
+    from rynnscale.data_pipelines import lerobot
+
+    with pytest.raises(ValueError, match="question template|unsupported codec"):
+        lerobot.convert_lerobot(tmp_path / "no_dataset_here", tmp_path / "out", progress=False, cost_hints=False,
+                                **option)
+    assert not (tmp_path / "out" / "manifest.json").exists()
