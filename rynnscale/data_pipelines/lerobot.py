@@ -1334,6 +1334,7 @@ def convert_lerobot(
     gone = {e["episode"] for e in skipped_before}
     meta = replace(meta, episodes=[e for e in meta.episodes if e.index not in gone])
     ctx = _dataset_context(root, meta, cfg, licence, source, tables)
+    del tables   # every row of every episode: not to be held while the episodes convert
     stats_json = json.dumps(ctx["stats"], indent=1).encode()
     info = _lerobot_info(root, meta, cfg, ctx, stats_json, episodes_per_shard, prefix)
     out = Path(out_dir)

@@ -317,6 +317,36 @@ def test_v3_shared_files_are_read_and_indexed_once_per_pass(tmp_path, monkeypatc
     assert len(indexed) == 2, len(indexed)  # was 2 + one per decode chunk (16 clips, one per chunk)
 
 
+def test_rows_read_for_the_statistics_are_freed_before_converting(tmp_path, monkeypatch):
+    """The parent reads every row of every episode for the action statistics; it held them (~0.8 GB for 10k
+    episodes of a 26-D humanoid) for the whole conversion. Checked from inside a job, after a gc."""
+    import gc
+    import weakref
+
+    import rynnscale.data_pipelines.lerobot as lr
+
+    first_pass, alive = [], []
+    real_read, real_job = lr.read_episode_table, lr._lerobot_job
+
+    def read(*a, **kw):
+        rows = real_read(*a, **kw)
+        if len(first_pass) < 2:   # the parent's checks read episodes 1 and 2 first, then the jobs read them again
+            first_pass.append(weakref.ref(rows["action"]))
+        return rows
+
+    def job(*a, **kw):
+        gc.collect()
+        alive.append(sum(r() is not None for r in first_pass))
+        return real_job(*a, **kw)
+
+    monkeypatch.setattr(lr, "read_episode_table", read)
+    monkeypatch.setattr(lr, "_lerobot_job", job)
+    rep = convert_lerobot(G1, tmp_path / "out", episodes=[1, 2], clip_seconds=2.0, stride_seconds=6.0, fps=1.0,
+                          media="frames", cost_hints=False, progress=False)
+    assert rep["totals"]["episodes"] == 2 and len(first_pass) == 2
+    assert alive == [0], alive
+
+
 def test_v3_video_a_frame_short_of_its_table_pairs_by_time(v21, tmp_path):
     """Issue 28.5: episode 2's table has one row more than its video has frames (427 vs 426 in the report) and
     episode 4's timestamps are in milliseconds. Before, the whole conversion stopped at the first ('video has 343
