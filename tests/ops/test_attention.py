@@ -233,10 +233,14 @@ def test_model_under_autocast_hands_flash_one_half_dtype(fake_flash, family):
         model = Qwen3VLForConditionalGeneration(tiny_args(moe=True))
         model.init_weights(seed=5, std=0.1)
     else:
-        from qwen35_helpers import build_pair, make_samples, pack, tiny_config
+        from qwen35_helpers import make_samples, pack, tiny_config
+
+        from rynnscale.models import args_from_hf_config
+        from rynnscale.models.qwen3_5.model import new_model
 
         batch = pack(make_samples(torch.Generator().manual_seed(7), multimodal=True))
-        model = build_pair(tiny_config(moe=False), attn_backend="auto")[2]
+        model = new_model(args_from_hf_config(tiny_config(moe=False)))
+        model.init_weights(seed=5, std=0.1)
     losses = {}
     for backend in ("auto", "loop"):
         for m in model.modules():
