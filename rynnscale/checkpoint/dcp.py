@@ -242,6 +242,32 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def _agree(what: str, error: BaseException | None, group=None) -> None:
+    """Collective: every rank learns whether any rank failed ``what``; if one did, every rank raises at once (the
+    failing rank its own error, the others a ``CheckpointError`` naming the rank and its error), where the others
+    would wait at the next barrier or inside DCP's collectives until the process group's timeout."""
+    if _dist_on() and _world(group) > 1:
+        mine = None if error is None else (type(error).__name__, str(error)[:300])
+        everyone: list[Any] = [None] * _world(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+        if failed and error is None:
+            rank, (kind, message) = failed[0]
+            cls = CheckpointCommittedError if kind == CheckpointCommittedError.__name__ else CheckpointError
+            raise cls(f"{what} failed on rank {rank}: {kind}: {message}")
+    if error is not None:
+        raise error
+
+
+def _error_of(fn: Callable[[], None]) -> Exception | None:
+    """Run ``fn``; the exception it raised, or None (handed to ``_agree``, which re-raises it on this rank)."""
+    try:
+        fn()
+    except Exception as e:   # noqa: BLE001
+        return e
+    return None
+
+
 def _broadcast(obj: Any, group=None) -> Any:
     """Rank 0's ``obj`` on every rank (small JSON-able values only)."""
     if not _dist_on() or _world(group) == 1:
@@ -838,11 +864,13 @@ class CheckpointManager:
         rank = _rank(pg)
         final = self.root / checkpoint_name(step)
         tmp = self.root / _broadcast(f"{final.name}.tmp-{uuid.uuid4().hex[:12]}", pg)
-        if rank == 0:
-            self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
-            tmp.mkdir(parents=True)
-        _barrier(pg)
+
+        def make_tmp() -> None:
+            if rank == 0:
+                self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
+                tmp.mkdir(parents=True)
         try:
+            _agree(f"checkpoint {final.name} save", _error_of(make_tmp), pg)
             return self._save_into(tmp, final, step, model, optimizer, scheduler, tokens_seen, config, layout,
                                    model_config, extra_state, per_rank_state)
         except BaseException as e:
@@ -894,17 +922,20 @@ class CheckpointManager:
         state = {"model": _stored_model_state(model, model_sd, self.trainable_only), "optim": optim_sd}
         if self.state_adapter is not None:
             state = self.state_adapter(state)
-        # small JSON files first, so that the DCP write is the last thing that can still be in flight
-        _write_json(tmp / rank_file(rank), {
-            "format_version": FORMAT_VERSION, "step": step, "rank": rank, "world_size": world,
-            "rng": capture_rng_state(), "state": per_rank_state or {}})
-        if rank == 0:
-            _write_json(tmp / TRAINER_STATE, {
-                "format_version": FORMAT_VERSION, "step": step, "tokens_seen": int(tokens_seen),
-                "world_size": world, "layout": layout or {}, "scheduler": _scheduler_state(scheduler),
-                "config": config, "model_config": model_config, "extra": extra_state or {},
-                "torch_version": torch.__version__, "saved_at": time.time(),
-                "save_seq": _next_save_seq(self.output_dir)})
+
+        def write_json_files() -> None:
+            # small JSON files first, so that the DCP write is the last thing that can still be in flight
+            _write_json(tmp / rank_file(rank), {
+                "format_version": FORMAT_VERSION, "step": step, "rank": rank, "world_size": world,
+                "rng": capture_rng_state(), "state": per_rank_state or {}})
+            if rank == 0:
+                _write_json(tmp / TRAINER_STATE, {
+                    "format_version": FORMAT_VERSION, "step": step, "tokens_seen": int(tokens_seen),
+                    "world_size": world, "layout": layout or {}, "scheduler": _scheduler_state(scheduler),
+                    "config": config, "model_config": model_config, "extra": extra_state or {},
+                    "torch_version": torch.__version__, "saved_at": time.time(),
+                    "save_seq": _next_save_seq(self.output_dir)})
+        _agree(f"checkpoint {final.name} save", _error_of(write_json_files), pg)
         complete = {"format_version": FORMAT_VERSION, "step": step, "world_size": world,
                     "rank_files": [rank_file(r) for r in range(world)]}
         if self.async_save:
@@ -945,7 +976,10 @@ class CheckpointManager:
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
         pg = self.process_group
         _barrier(pg)   # every rank's DCP shard and rank file is on disk
-        if _rank(pg) == 0:
+
+        def commit() -> None:
+            if _rank(pg) != 0:
+                return
             _commit(tmp, final, complete)
             try:
                 self._write_latest(final.name)   # last: points only at a complete checkpoint
@@ -955,7 +989,7 @@ class CheckpointManager:
                     f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
                     f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
                     "latest save)") from e
-        _barrier(pg)
+        _agree(f"checkpoint {final.name} save", _error_of(commit), pg)
 
     def _write_latest(self, name: str) -> None:
         atomic_write_bytes(self.root / LATEST, name + "\n")

@@ -355,20 +355,37 @@ def _open_image(data: bytes, max_pixels: int, max_bytes: int):
     return im
 
 
+_EXIF_ORIENTATION = 0x0112   # 1 = upright; 5-8 are transposed (width and height swap)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation of a PIL image (1 when absent or unreadable)."""
+    try:
+        o = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:   # noqa: BLE001 - a damaged EXIF block: the pixels are used as stored
+        return 1
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
 def image_size(data: bytes, max_pixels: int = 8192 * 8192, max_bytes: int = 256 << 20) -> tuple[int, int]:
-    """(H, W) of an encoded image from its header alone (no pixel decoding)."""
-    w, h = _open_image(data, max_pixels, max_bytes).size
-    return h, w
+    """(H, W) of an encoded image, upright (its EXIF orientation applied), from its header alone (no pixel
+    decoding)."""
+    im = _open_image(data, max_pixels, max_bytes)
+    w, h = im.size
+    return (w, h) if _orientation(im) >= 5 else (h, w)
 
 
 def decode_image(data: bytes, max_pixels: int = 8192 * 8192, max_bytes: int = 256 << 20) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 [H, W, 3], transparency composited onto white (as HF does).
+    """Encoded image bytes -> RGB uint8 [H, W, 3], upright (the EXIF orientation a camera wrote applied, as
+    transformers' ``load_image`` does), transparency composited onto white (as HF does).
 
     The pixel count is checked from the header before the pixels are decoded."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     im = _open_image(data, max_pixels, max_bytes)
     try:
+        if _orientation(im) != 1:
+            im = ImageOps.exif_transpose(im)
         has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
         if has_alpha:
             im = im.convert("RGBA")

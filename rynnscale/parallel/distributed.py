@@ -207,12 +207,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def global_grad_norm(params: Iterable[torch.nn.Parameter], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """L2 norm of all gradients of the model (all shards, all expert groups) as an fp32 0-dim tensor."""
+    """L2 norm of all gradients of the model (all shards, all expert groups) as a 0-dim tensor: fp32, or fp64
+    when a gradient is fp64 (as torch's clip_grad_norm_ keeps it), on the parameters' device."""
+    params = list(params)
     grads = [_local(p.grad) for p in params if p.grad is not None]
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     if grads:
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
-    else:
-        sq = torch.zeros((), dtype=torch.float32)
+        sq = torch.stack([g.to(dtype).pow(2).sum() for g in grads]).sum()
+    else:   # this rank holds no gradient: its share is zero, on the device the collective runs on (NCCL: CUDA)
+        sq = torch.zeros((), dtype=dtype, device=_local(params[0]).device if params else None)
     if group is not None:
         dist.all_reduce(sq, group=group)
     return sq.sqrt()
@@ -224,11 +227,11 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
     """``torch.nn.utils.clip_grad_norm_`` over the whole sharded model: the norm is global (all ranks),
     the scaling is applied to each rank's local shards. ``max_norm <= 0`` only measures. Returns the
     total norm before clipping."""
-    params = [p for p in params if p.grad is not None]
+    params = list(params)
     total = global_grad_norm(params, group)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
+        for p in (p for p in params if p.grad is not None):
             g = _local(p.grad)
             g.mul_(coef.to(g.device, g.dtype))
     return total

@@ -369,6 +369,23 @@ def test_export_adapter_of_a_full_fine_tune_is_refused_before_writing(tmp_path, 
     assert rc == 2 and "not a LoRA run's checkpoint" in capsys.readouterr().err and not out.exists()
 
 
+def test_export_refuses_a_non_empty_adapter_dir_before_writing(tmp_path, capsys):
+    """``--adapter DIR`` with DIR non-empty (no --overwrite): refused before the merged model is written (before: OUT
+    was written in full, then the adapter export failed, leaving half of what was asked for)."""
+    from rynnscale.cli import main as cli_main
+
+    w.run(tmp_path / "run", 1, save_at=(1,))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "keep.txt").write_text("mine")
+    out = tmp_path / "hf"
+    rc = cli_main(["ckpt", "export-hf", str(tmp_path / "run" / "checkpoints" / "step_000001"), str(out),
+                   "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{adapter} exists and is not empty" in err and "--overwrite" in err, err
+    assert not out.exists() and (adapter / "keep.txt").read_text() == "mine"
+
+
 def test_ckpt_inspect_refuses_a_negative_max_tensors(tmp_path, capsys):
     """--max-tensors -1 listed all but the last tensor (a slice from the end); now a usage error (exit 2)."""
     from rynnscale.cli import main as cli_main

@@ -268,3 +268,31 @@ def test_wide_patch_copy_and_planar_frames_equal_the_byte_copy(T, planar):
     assert not buf[:5].any() and not buf[5 + ref.shape[0]:].any()
     assert torch.equal(resize_thwc(frames, (64, 96)), thwc)   # unchanged size: returned as is
     assert torch.equal(resize_thwc(frames, (32, 64)), resize_thwc(thwc, (32, 64)))
+
+
+def _with_orientation(fmt: str, orientation: int, size=(6, 4)) -> bytes:
+    rng = np.random.default_rng(orientation)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), mode="RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_image_applies_exif_orientation_as_transformers_load_image(fmt, orientation):
+    """A photo whose EXIF says "rotated" (phones write orientation 6 for portrait shots) is decoded upright, as
+    transformers' ``load_image`` does (``ImageOps.exif_transpose``); ``image_size`` gives the upright (H, W) from the
+    header, so token budgets match the decoded pixels. Before, the stored (sideways) pixels were used."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image
+
+    from rynnscale.data.vision_preprocess import image_size
+
+    data = _with_orientation(fmt, orientation)
+    want = convert_to_rgb(load_image(Image.open(io.BytesIO(data))), return_numpy=True)
+    got = decode_image(data)
+    np.testing.assert_array_equal(got, want)
+    assert image_size(data) == want.shape[:2] == ((4, 6) if orientation < 5 else (6, 4))
