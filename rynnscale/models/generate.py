@@ -32,7 +32,8 @@ batch or on the device's RNG -- up to the last bits of the logits, which can cha
 between a prompt decoded alone and in a batch.
 
 Lockstep (FSDP / EP: every forward is a collective): every rank must call ``generate`` with the same
-number of prompts and samples (pad with filler prompts), and pass ``all_done(local_done) -> bool`` telling
+number of prompts and samples (pad with filler prompts, marked in ``fillers``: their sequences count as stopped
+from the start, so a rank waits only for its real ones), and pass ``all_done(local_done) -> bool`` telling
 whether every rank is done (an all-reduce); ranks then run the same number of forwards. Context
 parallelism is switched off for the call (whole rows on every rank).
 """
@@ -192,14 +193,19 @@ class _Picker:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingParams, *, num_samples: int = 1,
              seeds: Sequence[int] | None = None, device: torch.device | None = None, use_cache: bool | None = None,
-             all_done: Callable[[bool], bool] | None = None) -> list[list[int]]:
+             all_done: Callable[[bool], bool] | None = None,
+             fillers: Sequence[bool] | None = None) -> list[list[int]]:
     """New token ids of ``num_samples`` continuations of every prompt, prompt-major (prompt 0's samples,
     then prompt 1's, ...). ``seeds``: one per continuation, same order (sampling only). ``use_cache`` None:
     the KV cache when the model supports it. ``all_done``: the lockstep agreement of distributed ranks
-    (module docstring). Put the model in eval mode yourself (``rynnscale.train.evaluate`` does)."""
+    (module docstring). ``fillers[i]`` True: prompt i only keeps this rank in lockstep; it runs in every
+    forward but is never waited for, and its continuations come back empty. Put the model in eval mode
+    yourself (``rynnscale.train.evaluate`` does)."""
     if num_samples < 1:
         raise ValueError(f"generate: num_samples={num_samples} must be >= 1")
     P = len(prompts)
+    if fillers is not None and len(fillers) != P:
+        raise ValueError(f"generate: fillers has {len(fillers)} entries for {P} prompts")
     B = P * num_samples
     if B == 0 or params.max_new_tokens == 0:
         return [[] for _ in range(B)]
@@ -214,7 +220,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingPar
     prompt_of = [i // num_samples for i in range(B)]
     next_pos = [mrope_next_position(torch.as_tensor(prompts[prompt_of[b]].position_ids_3l)) for b in range(B)]
     out: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
+    filler_b = [bool(fillers[prompt_of[b]]) if fillers is not None else False for b in range(B)]
+    finished = list(filler_b)   # a filler is stopped from the start: nobody waits for it
+    last = [0] * B              # the token each sequence feeds to the next step (a filler's: whatever it drew)
     saved_cp, model.cp = getattr(model, "cp", None), None   # whole rows on every rank
     try:
         if cached:
@@ -232,10 +240,11 @@ def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingPar
                 if not finished[b]:
                     out[b].append(t)
                     finished[b] = t in stop
+                last[b] = out[b][-1] if out[b] else t
             if k == params.max_new_tokens - 1 or all_done(all(finished)):
                 break
             if cached:
-                row = _decode_row([o[-1] for o in out], [p + k for p in next_pos], device)
+                row = _decode_row(last, [p + k for p in next_pos], device)
                 logits = model.logits(cached_forward(model, row, cache).hidden_ld)
             else:
                 row = pack_rows(rows, out, device)

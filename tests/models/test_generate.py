@@ -269,6 +269,31 @@ def test_stops_at_eos_and_checks_arguments(prompts) -> None:
         greedy_generate(ours, prompts["image"], -1)
 
 
+def test_filler_prompts_are_decoded_but_not_waited_for(prompts) -> None:
+    """A lockstep filler (``fillers``) runs in every forward but counts as stopped from the start: decoding ends
+    when the real prompts have stopped, the real continuations are those of the real prompts alone, and a filler's
+    come back empty (before, a filler had to hit a stop token itself, so a padded rank decoded to the end)."""
+    _, ours = build_model(ModelConfig(arch=tiny_hf_config(False).to_dict(), attn_backend="loop"), seed=0)
+    ours.eval()
+    real, filler = prompts["image"], prompts["text"]
+    free = generate(ours, [real, filler], SamplingParams(6))
+    stop = (free[0][2],)
+    assert stop[0] not in free[1]                      # the filler would never stop by itself
+    forwards: list[int] = []
+    ours.register_forward_pre_hook(lambda *_: forwards.append(1))
+    for use_cache in (True, False):
+        forwards.clear()
+        got = generate(ours, [real, filler], SamplingParams(6, stop_ids=stop), fillers=[False, True],
+                       use_cache=use_cache)
+        assert got == [free[0][:3], []] and len(forwards) == 3, (use_cache, got, len(forwards))
+    forwards.clear()   # sampled, 2 samples per prompt: the real prompt's draws are its own seeds'
+    params = SamplingParams(6, temperature=1.0)
+    assert generate(ours, [filler, real], params, num_samples=2, seeds=[1, 2, 3, 4], fillers=[True, False]) == \
+        [[], [], *generate(ours, [real], params, num_samples=2, seeds=[3, 4])]
+    with pytest.raises(ValueError, match="fillers has 1 entries for 2 prompts"):
+        generate(ours, [real, filler], SamplingParams(2), fillers=[True])
+
+
 def test_generation_runs_through_active_lora_adapters(prompts) -> None:
     """On a LoRA model the cache and the no-cache paths both decode through the adapters; inside
     ``adapters_disabled`` the tokens are the base model's (GRPO's reference for a LoRA run)."""
