@@ -88,7 +88,7 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
     ids, pos, lens = [], [], []
     media: dict[str, list[torch.Tensor]] = {k: [] for k in ("pixel_values", "image_grid_thw",
                                                             "pixel_values_videos", "video_grid_thw")}
-    norm = None
+    pixels: list[tuple[int, str, int, Any]] = []   # (prompt, key, index in media[key], its pixel_norm)
     for i, p in enumerate(prompts):
         ids_l = torch.as_tensor(p.input_ids_l, dtype=torch.long).reshape(-1)
         pos_3l = torch.as_tensor(p.position_ids_3l, dtype=torch.long)
@@ -107,8 +107,10 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
         for k, parts in media.items():
             v = getattr(p, k, None)
             if v is not None:
+                if k.startswith("pixel_values"):
+                    pixels.append((i, k, len(parts), getattr(p, "pixel_norm", None)))
                 parts.append(torch.as_tensor(v))
-        norm = norm or getattr(p, "pixel_norm", None)
+    norm = _common_pixels(media, pixels)
     ids_l = torch.cat(ids)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     batch = PackedBatch(
@@ -116,6 +118,25 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
         cu_seqlens=cu, max_seqlen=max(lens), pixel_norm=norm,
         **{k: (torch.cat(v) if v else None) for k, v in media.items()})
     return batch.to(device) if device is not None else batch
+
+
+def _common_pixels(media: dict[str, list[torch.Tensor]], pixels: list[tuple[int, str, int, Any]]) -> Any:
+    """The row's ``pixel_norm``: the prompts' own when all their pixels are raw uint8 under one norm; otherwise
+    (raw and normalised prompts mixed, or two norms) every raw part is normalised here with its prompt's norm
+    (in ``media``, in place) and the row carries none -- one norm for the row must not be applied to pixels it
+    does not describe, nor raw 0..255 values reach the tower as if normalised."""
+    raw = [(i, k, j, n) for i, k, j, n in pixels if media[k][j].dtype == torch.uint8]
+    for i, k, _, n in raw:
+        if n is None:
+            raise ValueError(f"prompt {i}: {k} is uint8 (raw pixels) but its pixel_norm is None: set it from the "
+                             "processor settings (VisionSpec.pixel_norm) or pass normalised float pixels")
+    if not raw:
+        return None
+    if len(raw) == len(pixels) and len({n for *_, n in raw}) == 1:
+        return raw[0][3]
+    for _, k, j, n in raw:
+        media[k][j] = n.normalize(media[k][j])
+    return None
 
 
 def prompt_batch(prompt: Any, new_ids: list[int], device: torch.device | None = None) -> PackedBatch:

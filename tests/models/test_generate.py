@@ -294,6 +294,32 @@ def test_filler_prompts_are_decoded_but_not_waited_for(prompts) -> None:
         generate(ours, [real, filler], SamplingParams(2), fillers=[True])
 
 
+def test_raw_and_normalised_pixels_in_one_batch(prompts) -> None:
+    """Prompts with raw uint8 pixels (+ pixel_norm, the loader's) and prompts with normalised float pixels (HF's)
+    in one batch: before, ``torch.cat`` turned the raw ones into floats of 0..255 that reached the vision tower
+    as if normalised (silently other tokens than the prompt alone). Now they are normalised with their prompt's
+    norm: the row's pixels equal the float prompts' bitwise (``PixelNorm`` is HF's arithmetic)."""
+    import dataclasses
+
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(
+        max_tokens=4096, vision=VisionSpec(image_min_pixels=1024, image_max_pixels=96 * 64)))
+    raw = enc.encode(*image_sample(), normalize=False)
+    raw = dataclasses.replace(prompt_of(raw), pixel_norm=raw.pixel_norm)
+    normed = prompts["image"]
+    assert raw.pixel_values.dtype == torch.uint8 and normed.pixel_values.dtype == torch.float32
+    both = pack_rows([normed, raw, prompts["text"]])
+    assert both.pixel_norm is None
+    assert torch.equal(both.pixel_values, torch.cat([normed.pixel_values, normed.pixel_values]))
+    same = pack_rows([raw, raw])                       # all raw under one norm: stays raw (the model normalises)
+    assert same.pixel_values.dtype == torch.uint8 and same.pixel_norm == raw.pixel_norm
+    _, ours = build_model(ModelConfig(arch=tiny_hf_config(False).to_dict(), attn_backend="loop"), seed=0)
+    ours.eval()
+    alone = generate(ours, [normed], SamplingParams(6))[0]
+    assert generate(ours, [normed, raw], SamplingParams(6)) == [alone, alone]
+    with pytest.raises(ValueError, match=r"prompt 1: pixel_values is uint8 \(raw pixels\) but its pixel_norm is None"):
+        pack_rows([normed, dataclasses.replace(raw, pixel_norm=None)])
+
+
 def test_generation_runs_through_active_lora_adapters(prompts) -> None:
     """On a LoRA model the cache and the no-cache paths both decode through the adapters; inside
     ``adapters_disabled`` the tokens are the base model's (GRPO's reference for a LoRA run)."""
