@@ -41,6 +41,7 @@ parallelism is switched off for the call (whole rows on every rank).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ from rynnscale.models.mrope import mrope_next_position, text_position_ids
 @dataclass(frozen=True)
 class SamplingParams:
     """How continuations are picked. ``temperature`` 0 = greedy (argmax; ties: lowest id); ``top_k`` 0 and
-    ``top_p`` 1.0 = off; ``stop_ids``: token ids that end a continuation (kept in it)."""
+    ``top_p`` 1.0 = off; ``stop_ids``: token ids that end a continuation (kept in it), or one id."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -71,11 +72,26 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p={self.top_p} must be in (0, 1]")
-        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+        object.__setattr__(self, "stop_ids", _token_ids(self.stop_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _token_ids(stop_ids: Any) -> tuple[int, ...]:
+    """``stop_ids`` (one id or an iterable of ids: ints, NumPy / 0-d tensor integers) as a tuple of ints."""
+    try:
+        return (operator.index(stop_ids),)
+    except TypeError:
+        pass
+    try:
+        if isinstance(stop_ids, (str, bytes)):
+            raise TypeError
+        return tuple(operator.index(t) for t in stop_ids)
+    except TypeError:
+        raise ValueError(f"SamplingParams: stop_ids={stop_ids!r} must be token ids (ints), e.g. "
+                         "tokenizer.token_to_id('<|im_end|>'), which is None for a token the tokenizer lacks") from None
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -294,12 +310,12 @@ def _last_logits(model: torch.nn.Module, hidden_ld: torch.Tensor, cu_seqlens: to
     return model.logits(hidden_ld.index_select(0, last))
 
 
-def greedy_generate(model: torch.nn.Module, prompt: Any, max_new_tokens: int, eos_ids: Iterable[int] = (),
+def greedy_generate(model: torch.nn.Module, prompt: Any, max_new_tokens: int, eos_ids: Iterable[int] | int = (),
                     *, device: torch.device | None = None, run_all_steps: bool = False,
                     use_cache: bool | None = None) -> list[int]:
     """Greedy continuation of ONE prompt (``generate`` with one prompt). ``run_all_steps``: always run
     ``max_new_tokens`` steps (the lockstep of ranks that each generate one prompt) and cut at the first
     stop token afterwards."""
-    params = SamplingParams(max_new_tokens, stop_ids=tuple(eos_ids))
+    params = SamplingParams(max_new_tokens, stop_ids=eos_ids)
     return generate(model, [prompt], params, device=device, use_cache=use_cache,
                     all_done=(lambda done: False) if run_all_steps else None)[0]

@@ -226,6 +226,19 @@ def test_non_finite_logits_are_an_error_and_a_tiny_temperature_is_greedy() -> No
     assert torch.equal(sample_from(probs, torch.rand(4, dtype=torch.float64)), logits.argmax(-1))
 
 
+def test_stop_ids_take_one_id_and_reject_what_is_not_a_token_id() -> None:
+    """``stop_ids=tokenizer.token_to_id('<|im_end|>')`` (one int) was a bare "'int' object is not iterable", a
+    missing token (None) a bare int() error, and a string of digits silently became one stop id per digit."""
+    import numpy as np
+
+    assert SamplingParams(4, stop_ids=IM_END).stop_ids == (IM_END,)
+    assert SamplingParams(4, stop_ids=[np.int64(7), torch.tensor(8)]).stop_ids == (7, 8)
+    assert SamplingParams(4, stop_ids=torch.tensor([IM_END, 9])).stop_ids == (IM_END, 9)
+    for bad in ([None], "151645", [2.5]):
+        with pytest.raises(ValueError, match="stop_ids=.* must be token ids"):
+            SamplingParams(4, stop_ids=bad)
+
+
 def test_inverse_cdf_draws_follow_the_distribution() -> None:
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(40_000, 5)
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -262,6 +275,7 @@ def test_stops_at_eos_and_checks_arguments(prompts) -> None:
     first = greedy_generate(ours, prompts["image"], 3)
     assert len(first) == 3
     assert greedy_generate(ours, prompts["image"], 3, eos_ids=[first[0]]) == first[:1]
+    assert greedy_generate(ours, prompts["image"], 3, eos_ids=first[0]) == first[:1]   # one id
     # lockstep mode (FSDP ranks): all forwards run, the answer is still cut at the first eos
     assert greedy_generate(ours, prompts["image"], 3, eos_ids=[first[0]], run_all_steps=True) == first[:1]
     assert greedy_generate(ours, prompts["image"], 0) == []
