@@ -32,7 +32,8 @@ batch or on the device's RNG -- up to the last bits of the logits, which can cha
 between a prompt decoded alone and in a batch.
 
 Lockstep (FSDP / EP: every forward is a collective): every rank must call ``generate`` with the same
-number of prompts and samples (pad with filler prompts), and pass ``all_done(local_done) -> bool`` telling
+number of prompts and samples (pad with filler prompts, marked in ``fillers``: their sequences count as stopped
+from the start, so a rank waits only for its real ones), and pass ``all_done(local_done) -> bool`` telling
 whether every rank is done (an all-reduce); ranks then run the same number of forwards. Context
 parallelism is switched off for the call (whole rows on every rank).
 """
@@ -40,6 +41,7 @@ parallelism is switched off for the call (whole rows on every rank).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +55,7 @@ from rynnscale.models.mrope import mrope_next_position, text_position_ids
 @dataclass(frozen=True)
 class SamplingParams:
     """How continuations are picked. ``temperature`` 0 = greedy (argmax; ties: lowest id); ``top_k`` 0 and
-    ``top_p`` 1.0 = off; ``stop_ids``: token ids that end a continuation (kept in it)."""
+    ``top_p`` 1.0 = off; ``stop_ids``: token ids that end a continuation (kept in it), or one id."""
 
     max_new_tokens: int
     temperature: float = 0.0
@@ -70,11 +72,26 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams: top_p={self.top_p} must be in (0, 1]")
-        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+        object.__setattr__(self, "stop_ids", _token_ids(self.stop_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _token_ids(stop_ids: Any) -> tuple[int, ...]:
+    """``stop_ids`` (one id or an iterable of ids: ints, NumPy / 0-d tensor integers) as a tuple of ints."""
+    try:
+        return (operator.index(stop_ids),)
+    except TypeError:
+        pass
+    try:
+        if isinstance(stop_ids, (str, bytes)):
+            raise TypeError
+        return tuple(operator.index(t) for t in stop_ids)
+    except TypeError:
+        raise ValueError(f"SamplingParams: stop_ids={stop_ids!r} must be token ids (ints), e.g. "
+                         "tokenizer.token_to_id('<|im_end|>'), which is None for a token the tokenizer lacks") from None
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -87,7 +104,7 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
     ids, pos, lens = [], [], []
     media: dict[str, list[torch.Tensor]] = {k: [] for k in ("pixel_values", "image_grid_thw",
                                                             "pixel_values_videos", "video_grid_thw")}
-    norm = None
+    pixels: list[tuple[int, str, int, Any]] = []   # (prompt, key, index in media[key], its pixel_norm)
     for i, p in enumerate(prompts):
         ids_l = torch.as_tensor(p.input_ids_l, dtype=torch.long).reshape(-1)
         pos_3l = torch.as_tensor(p.position_ids_3l, dtype=torch.long)
@@ -106,8 +123,10 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
         for k, parts in media.items():
             v = getattr(p, k, None)
             if v is not None:
+                if k.startswith("pixel_values"):
+                    pixels.append((i, k, len(parts), getattr(p, "pixel_norm", None)))
                 parts.append(torch.as_tensor(v))
-        norm = norm or getattr(p, "pixel_norm", None)
+    norm = _common_pixels(media, pixels)
     ids_l = torch.cat(ids)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     batch = PackedBatch(
@@ -115,6 +134,25 @@ def pack_rows(prompts: Sequence[Any], continuations: Sequence[Sequence[int]] | N
         cu_seqlens=cu, max_seqlen=max(lens), pixel_norm=norm,
         **{k: (torch.cat(v) if v else None) for k, v in media.items()})
     return batch.to(device) if device is not None else batch
+
+
+def _common_pixels(media: dict[str, list[torch.Tensor]], pixels: list[tuple[int, str, int, Any]]) -> Any:
+    """The row's ``pixel_norm``: the prompts' own when all their pixels are raw uint8 under one norm; otherwise
+    (raw and normalised prompts mixed, or two norms) every raw part is normalised here with its prompt's norm
+    (in ``media``, in place) and the row carries none -- one norm for the row must not be applied to pixels it
+    does not describe, nor raw 0..255 values reach the tower as if normalised."""
+    raw = [(i, k, j, n) for i, k, j, n in pixels if media[k][j].dtype == torch.uint8]
+    for i, k, _, n in raw:
+        if n is None:
+            raise ValueError(f"prompt {i}: {k} is uint8 (raw pixels) but its pixel_norm is None: set it from the "
+                             "processor settings (VisionSpec.pixel_norm) or pass normalised float pixels")
+    if not raw:
+        return None
+    if len(raw) == len(pixels) and len({n for *_, n in raw}) == 1:
+        return raw[0][3]
+    for _, k, j, n in raw:
+        media[k][j] = n.normalize(media[k][j])
+    return None
 
 
 def prompt_batch(prompt: Any, new_ids: list[int], device: torch.device | None = None) -> PackedBatch:
@@ -192,14 +230,19 @@ class _Picker:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingParams, *, num_samples: int = 1,
              seeds: Sequence[int] | None = None, device: torch.device | None = None, use_cache: bool | None = None,
-             all_done: Callable[[bool], bool] | None = None) -> list[list[int]]:
+             all_done: Callable[[bool], bool] | None = None,
+             fillers: Sequence[bool] | None = None) -> list[list[int]]:
     """New token ids of ``num_samples`` continuations of every prompt, prompt-major (prompt 0's samples,
     then prompt 1's, ...). ``seeds``: one per continuation, same order (sampling only). ``use_cache`` None:
     the KV cache when the model supports it. ``all_done``: the lockstep agreement of distributed ranks
-    (module docstring). Put the model in eval mode yourself (``rynnscale.train.evaluate`` does)."""
+    (module docstring). ``fillers[i]`` True: prompt i only keeps this rank in lockstep; it runs in every
+    forward but is never waited for, and its continuations come back empty. Put the model in eval mode
+    yourself (``rynnscale.train.evaluate`` does)."""
     if num_samples < 1:
         raise ValueError(f"generate: num_samples={num_samples} must be >= 1")
     P = len(prompts)
+    if fillers is not None and len(fillers) != P:
+        raise ValueError(f"generate: fillers has {len(fillers)} entries for {P} prompts")
     B = P * num_samples
     if B == 0 or params.max_new_tokens == 0:
         return [[] for _ in range(B)]
@@ -214,7 +257,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingPar
     prompt_of = [i // num_samples for i in range(B)]
     next_pos = [mrope_next_position(torch.as_tensor(prompts[prompt_of[b]].position_ids_3l)) for b in range(B)]
     out: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
+    filler_b = [bool(fillers[prompt_of[b]]) if fillers is not None else False for b in range(B)]
+    finished = list(filler_b)   # a filler is stopped from the start: nobody waits for it
+    last = [0] * B              # the token each sequence feeds to the next step (a filler's: whatever it drew)
     saved_cp, model.cp = getattr(model, "cp", None), None   # whole rows on every rank
     try:
         if cached:
@@ -232,10 +277,11 @@ def generate(model: torch.nn.Module, prompts: Sequence[Any], params: SamplingPar
                 if not finished[b]:
                     out[b].append(t)
                     finished[b] = t in stop
+                last[b] = out[b][-1] if out[b] else t
             if k == params.max_new_tokens - 1 or all_done(all(finished)):
                 break
             if cached:
-                row = _decode_row([o[-1] for o in out], [p + k for p in next_pos], device)
+                row = _decode_row(last, [p + k for p in next_pos], device)
                 logits = model.logits(cached_forward(model, row, cache).hidden_ld)
             else:
                 row = pack_rows(rows, out, device)
@@ -264,12 +310,12 @@ def _last_logits(model: torch.nn.Module, hidden_ld: torch.Tensor, cu_seqlens: to
     return model.logits(hidden_ld.index_select(0, last))
 
 
-def greedy_generate(model: torch.nn.Module, prompt: Any, max_new_tokens: int, eos_ids: Iterable[int] = (),
+def greedy_generate(model: torch.nn.Module, prompt: Any, max_new_tokens: int, eos_ids: Iterable[int] | int = (),
                     *, device: torch.device | None = None, run_all_steps: bool = False,
                     use_cache: bool | None = None) -> list[int]:
     """Greedy continuation of ONE prompt (``generate`` with one prompt). ``run_all_steps``: always run
     ``max_new_tokens`` steps (the lockstep of ranks that each generate one prompt) and cut at the first
     stop token afterwards."""
-    params = SamplingParams(max_new_tokens, stop_ids=tuple(eos_ids))
+    params = SamplingParams(max_new_tokens, stop_ids=eos_ids)
     return generate(model, [prompt], params, device=device, use_cache=use_cache,
                     all_done=(lambda done: False) if run_all_steps else None)[0]

@@ -30,8 +30,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
 
 Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
 eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run for
-the same number of prompts on every rank (filler prompts) until every rank's prompts have stopped (an
-all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
+the same number of prompts on every rank (filler prompts, not waited for) until every rank's real prompts have
+stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
 """
 
 from __future__ import annotations
@@ -345,8 +345,11 @@ class Evaluator:
         sums = dict.fromkeys(GROUNDING_SUMS, 0.0)
         params = SamplingParams(self.cfg.eval.max_new_tokens, stop_ids=tuple(self.eos_ids))
         prompts = [mine[i][0] if i < len(mine) else _text_prompt([self.eos_ids[0]] * 2) for i in range(n_prompts)]
+        fillers = [i >= len(mine) for i in range(n_prompts)]   # keep this rank in lockstep; never waited for
         for start in range(0, n_prompts, GENERATION_BATCH):   # batched greedy decoding with a KV cache
-            gens = generate(model, prompts[start:start + GENERATION_BATCH], params, device=device, all_done=all_done)
+            end = start + GENERATION_BATCH
+            gens = generate(model, prompts[start:end], params, device=device, all_done=all_done,
+                            fillers=fillers[start:end])
             for i, new_ids in enumerate(gens, start):
                 if i >= len(mine):
                     continue

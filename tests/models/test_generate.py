@@ -226,6 +226,19 @@ def test_non_finite_logits_are_an_error_and_a_tiny_temperature_is_greedy() -> No
     assert torch.equal(sample_from(probs, torch.rand(4, dtype=torch.float64)), logits.argmax(-1))
 
 
+def test_stop_ids_take_one_id_and_reject_what_is_not_a_token_id() -> None:
+    """``stop_ids=tokenizer.token_to_id('<|im_end|>')`` (one int) was a bare "'int' object is not iterable", a
+    missing token (None) a bare int() error, and a string of digits silently became one stop id per digit."""
+    import numpy as np
+
+    assert SamplingParams(4, stop_ids=IM_END).stop_ids == (IM_END,)
+    assert SamplingParams(4, stop_ids=[np.int64(7), torch.tensor(8)]).stop_ids == (7, 8)
+    assert SamplingParams(4, stop_ids=torch.tensor([IM_END, 9])).stop_ids == (IM_END, 9)
+    for bad in ([None], "151645", [2.5]):
+        with pytest.raises(ValueError, match="stop_ids=.* must be token ids"):
+            SamplingParams(4, stop_ids=bad)
+
+
 def test_inverse_cdf_draws_follow_the_distribution() -> None:
     probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(40_000, 5)
     u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -262,11 +275,63 @@ def test_stops_at_eos_and_checks_arguments(prompts) -> None:
     first = greedy_generate(ours, prompts["image"], 3)
     assert len(first) == 3
     assert greedy_generate(ours, prompts["image"], 3, eos_ids=[first[0]]) == first[:1]
+    assert greedy_generate(ours, prompts["image"], 3, eos_ids=first[0]) == first[:1]   # one id
     # lockstep mode (FSDP ranks): all forwards run, the answer is still cut at the first eos
     assert greedy_generate(ours, prompts["image"], 3, eos_ids=[first[0]], run_all_steps=True) == first[:1]
     assert greedy_generate(ours, prompts["image"], 0) == []
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(ours, prompts["image"], -1)
+
+
+def test_filler_prompts_are_decoded_but_not_waited_for(prompts) -> None:
+    """A lockstep filler (``fillers``) runs in every forward but counts as stopped from the start: decoding ends
+    when the real prompts have stopped, the real continuations are those of the real prompts alone, and a filler's
+    come back empty (before, a filler had to hit a stop token itself, so a padded rank decoded to the end)."""
+    _, ours = build_model(ModelConfig(arch=tiny_hf_config(False).to_dict(), attn_backend="loop"), seed=0)
+    ours.eval()
+    real, filler = prompts["image"], prompts["text"]
+    free = generate(ours, [real, filler], SamplingParams(6))
+    stop = (free[0][2],)
+    assert stop[0] not in free[1]                      # the filler would never stop by itself
+    forwards: list[int] = []
+    ours.register_forward_pre_hook(lambda *_: forwards.append(1))
+    for use_cache in (True, False):
+        forwards.clear()
+        got = generate(ours, [real, filler], SamplingParams(6, stop_ids=stop), fillers=[False, True],
+                       use_cache=use_cache)
+        assert got == [free[0][:3], []] and len(forwards) == 3, (use_cache, got, len(forwards))
+    forwards.clear()   # sampled, 2 samples per prompt: the real prompt's draws are its own seeds'
+    params = SamplingParams(6, temperature=1.0)
+    assert generate(ours, [filler, real], params, num_samples=2, seeds=[1, 2, 3, 4], fillers=[True, False]) == \
+        [[], [], *generate(ours, [real], params, num_samples=2, seeds=[3, 4])]
+    with pytest.raises(ValueError, match="fillers has 1 entries for 2 prompts"):
+        generate(ours, [real, filler], SamplingParams(2), fillers=[True])
+
+
+def test_raw_and_normalised_pixels_in_one_batch(prompts) -> None:
+    """Prompts with raw uint8 pixels (+ pixel_norm, the loader's) and prompts with normalised float pixels (HF's)
+    in one batch: before, ``torch.cat`` turned the raw ones into floats of 0..255 that reached the vision tower
+    as if normalised (silently other tokens than the prompt alone). Now they are normalised with their prompt's
+    norm: the row's pixels equal the float prompts' bitwise (``PixelNorm`` is HF's arithmetic)."""
+    import dataclasses
+
+    enc = SampleEncoder(load_tokenizer(None), EncoderConfig(
+        max_tokens=4096, vision=VisionSpec(image_min_pixels=1024, image_max_pixels=96 * 64)))
+    raw = enc.encode(*image_sample(), normalize=False)
+    raw = dataclasses.replace(prompt_of(raw), pixel_norm=raw.pixel_norm)
+    normed = prompts["image"]
+    assert raw.pixel_values.dtype == torch.uint8 and normed.pixel_values.dtype == torch.float32
+    both = pack_rows([normed, raw, prompts["text"]])
+    assert both.pixel_norm is None
+    assert torch.equal(both.pixel_values, torch.cat([normed.pixel_values, normed.pixel_values]))
+    same = pack_rows([raw, raw])                       # all raw under one norm: stays raw (the model normalises)
+    assert same.pixel_values.dtype == torch.uint8 and same.pixel_norm == raw.pixel_norm
+    _, ours = build_model(ModelConfig(arch=tiny_hf_config(False).to_dict(), attn_backend="loop"), seed=0)
+    ours.eval()
+    alone = generate(ours, [normed], SamplingParams(6))[0]
+    assert generate(ours, [normed, raw], SamplingParams(6)) == [alone, alone]
+    with pytest.raises(ValueError, match=r"prompt 1: pixel_values is uint8 \(raw pixels\) but its pixel_norm is None"):
+        pack_rows([normed, dataclasses.replace(raw, pixel_norm=None)])
 
 
 def test_generation_runs_through_active_lora_adapters(prompts) -> None:

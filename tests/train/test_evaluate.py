@@ -263,3 +263,28 @@ def test_every_evaluation_reaches_the_metrics_file_whatever_log_every_says(tmp_p
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert all(math.isfinite(r["eval_loss"]) and r["eval_tokens"] > 0 for r in lines)
+
+
+def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> None:
+    """A rank with fewer grounding samples than its peers pads with filler prompts (lockstep). Before, a filler
+    never stopped, so such a rank (and through the all-reduce, every rank) decoded all ``eval.max_new_tokens`` steps
+    whatever its real answers did; now decoding ends when the real prompts have stopped."""
+    from rynnscale.models.generate import SamplingParams, generate
+    from rynnscale.train.evaluate import _text_prompt
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=3")   # eval.max_new_tokens=6
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    model.eval()
+    ev = Evaluator(cfg, args, rank=1, world_size=2)          # rank 1 of 2, 3 samples: 1 real prompt + 1 filler
+    mine = ev.grounding_samples()
+    assert len(mine) == 1 and ev._num_found == 3
+    first = generate(model, [mine[0][0]], SamplingParams(1))[0]
+    ev.eos_ids = first                                       # the real answer stops at its first token
+    assert generate(model, [_text_prompt(first * 2)], SamplingParams(1))[0] != first   # the filler would not
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    out = ev._grounding(model, torch.device("cpu"), lambda v: list(v), lockstep=True)
+    assert len(forwards) == 1, f"{len(forwards)} forwards: decoding waited for the filler (1 = the prefill only)"
+    assert out["grounding_samples"] == 1
