@@ -382,7 +382,8 @@ class GRPOStage:
         try:
             with autocast(compute_dtype, ctx.device):
                 completions = generate(model, gen_prompts, self.params, num_samples=rl.group_size, seeds=seeds,
-                                       device=ctx.device, all_done=self._all_done)
+                                       device=ctx.device, all_done=self._all_done,
+                                       fillers=None if prompts else [True])   # a filler is not waited for
         finally:
             model.train(was_training)
         rollouts = score_rollouts(prompts, completions[:len(prompts) * rl.group_size], rl.group_size, self.reward,

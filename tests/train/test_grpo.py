@@ -336,6 +336,26 @@ def test_more_policy_steps_than_prompts_per_rank_is_warned(tmp_path: Path, shard
     assert "rl.policy_steps=2 exceeds the prompts a rank gets per rollout (1: " in caplog.text
 
 
+def test_a_rank_without_prompts_does_not_decode_its_filler(tmp_path: Path, shards, monkeypatch) -> None:
+    """A rank whose prompts of a step were all skipped (bad samples) runs a filler to stay in lockstep. The filler
+    counts as stopped from the start, so that rank does not hold every rank to ``rl.max_new_tokens`` decode steps
+    (before: its filler rarely produced a stop token, so the step's rollouts ran all of them)."""
+    import rynnscale.train.grpo as grpo
+    from rynnscale.data.encode import SampleError
+
+    def unreadable(refs, encoder):
+        raise SampleError("undecodable_image", refs[0].key, "injected")
+
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=6", "rl.kl_coef=0")
+    args, model = build_model(cfg.model, seed=0)
+    stage = stage_for(cfg, model, args, shards)
+    monkeypatch.setattr(grpo, "load_prompts", unreadable)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    rs = stage.rollout(0, model, torch.float32)
+    assert rs.rollouts == [] and len(forwards) == 1, (len(forwards), rs.rollouts)   # the prefill only
+
+
 FLAKY = '''
 calls = []
 
