@@ -14,7 +14,7 @@ the SAME micro-batches) == 1 process. The Gated DeltaNet layers hand their state
   model's own A_log gradient is 2.0e-4 (dt_bias 1.3e-4) from its float64 value (measured, dense config, step 0),
   and the shards cut the chunks elsewhere (measured CP vs unsharded: 1.95e-4 / 1.1e-4; every other tensor
   < 2e-5); MoE + Ulysses, dense + ring + full activation checkpointing, MoE + EP 2 (the EP group is the CP
-  group)."""
+  group); a step whose micro-batches include a filler row (2 tokens)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,36 @@ def worker(rank: int, world: int, configs: dict) -> dict:
             s = train_step(model, opt, [cp_batch(step, ctx.data_rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
             stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
         results[name] = {"stats": stats, "grads": opt.grads}
+    model = _model(False, 2)
+    layout = ParallelLayout.resolve(world, 1, -1, 1, model.args.text.num_experts, cp=world)
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
+                      meshes=build_meshes(layout, "cpu"))
+    results["filler"] = _filler_step(model, ctx)
     return results
+
+
+def filler_or_cp_batch(step: int, rank: int, micro: int):
+    """``cp_batch`` rows, micro-batch 1 a filler (``filler_batch``: 2 tokens, so under cp=2 every run of rank 0
+    starts a document: the pad document is 2 tokens too)."""
+    from rynnscale.batch import filler_batch
+
+    return filler_batch() if micro == 1 else cp_batch(step, rank, micro)
+
+
+def _filler_step(model, ctx=None) -> tuple[float, float, int]:
+    """(loss, grad norm, target tokens) of one step whose micro-batches include a filler (the trainer's row for
+    a stream with no real micro-batch left); ``ctx`` None: one process."""
+    if ctx is not None:
+        from rynnscale.models import family_of
+
+        family_of(model).parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode="none",
+                                     cp_attention="ulysses")
+        s = train_step(model, torch.optim.SGD(model.parameters(), lr=LR), [
+            filler_or_cp_batch(0, ctx.data_rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
+    else:
+        s = reference_step(model, torch.optim.SGD(model.parameters(), lr=LR), 0, 1, MICRO,
+                           batch_fn=filler_or_cp_batch, **STEP_KW)
+    return s.loss, s.grad_norm, s.target_tokens
 
 
 def reference_run(configs: dict) -> dict:
@@ -131,6 +160,7 @@ def reference_run(configs: dict) -> dict:
             s = reference_step(model, opt, step, 1, MICRO, batch_fn=cp_batch, **STEP_KW)
             stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
         out[name] = {"stats": stats, "grads": opt.grads}
+    out["filler"] = _filler_step(_model(False, 2))
     return out
 
 
@@ -177,3 +207,14 @@ def test_cp2_matches_one_process(runs, name):
         assert gnorm == pytest.approx(want[2], rel=1e-5), f"step {step} grad norm"
         if moe:
             assert torch.equal(counts, want[5])
+
+
+def test_a_step_with_a_filler_micro_batch_equals_one_process(runs):
+    """A filler row (2 tokens) under cp=2 used to abort the ranks (gloo; NCCL would hang): rank 0's DeltaNet runs
+    all start documents, so its graph skipped the state maps' gather and its backward collective."""
+    results, ref = runs
+    loss, gnorm, n_tgt = results[0]["filler"]
+    assert results[1]["filler"] == results[0]["filler"]
+    assert n_tgt == ref["filler"][2]
+    assert loss == pytest.approx(ref["filler"][0], rel=1e-5)
+    assert gnorm == pytest.approx(ref["filler"][1], rel=1e-5)
