@@ -14,7 +14,8 @@ the SAME micro-batches) == 1 process. The Gated DeltaNet layers hand their state
   model's own A_log gradient is 2.0e-4 (dt_bias 1.3e-4) from its float64 value (measured, dense config, step 0),
   and the shards cut the chunks elsewhere (measured CP vs unsharded: 1.95e-4 / 1.1e-4; every other tensor
   < 2e-5); MoE + Ulysses, dense + ring + full activation checkpointing, MoE + EP 2 (the EP group is the CP
-  group); a step whose micro-batches include a filler row (2 tokens)."""
+  group); a step whose micro-batches include a filler row (2 tokens); the state scan under bf16 autocast is the
+  fp32 one."""
 
 from __future__ import annotations
 
@@ -91,6 +92,22 @@ def _layer_run(lens, cp=None):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
+def _entry_states(cp, autocast: bool) -> torch.Tensor:
+    """The states entering this rank's DeltaNet runs (``cp.initial_states``: the scan over the CP group) from random
+    fp32 q / k / v / g / beta of the row, under CPU bf16 autocast or not."""
+    from rynnscale.models.qwen3_5 import cp as cp_scan
+    from rynnscale.models.qwen3_5.gated_delta import chunk_gated_delta_rule
+
+    g = torch.Generator().manual_seed(5)
+    T = cp.plan.padded_length
+    q, k, v = torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, 8, generator=g), torch.randn(T, 4, 8, generator=g)
+    gate, beta = -torch.rand(T, 4, generator=g) * 0.05, torch.rand(T, 4, generator=g)
+    lay = cp_scan.run_layout(cp)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return cp_scan.initial_states(chunk_gated_delta_rule, *(cp.shard(x) for x in (q, k, v, gate, beta)),
+                                      lay.local_cu_seqlens(cp.rank), lay, cp)
+
+
 def worker(rank: int, world: int, configs: dict) -> dict:
     import torch.distributed as dist
 
@@ -106,6 +123,7 @@ def worker(rank: int, world: int, configs: dict) -> dict:
         for p in grads.values():   # parameter gradients are partial per rank: sum them as FSDP would
             dist.all_reduce(p)
         results["layer"].append((out, gx, grads, cp.plan))
+        results.setdefault("entry_states", []).append([_entry_states(cp, autocast) for autocast in (True, False)])
     for name, (moe, kv, mode, ac, ep) in configs.items():
         model = _model(moe, kv)
         layout = ParallelLayout.resolve(world, 1, -1, ep, model.args.text.num_experts, cp=world)
@@ -218,3 +236,14 @@ def test_a_step_with_a_filler_micro_batch_equals_one_process(runs):
     assert n_tgt == ref["filler"][2]
     assert loss == pytest.approx(ref["filler"][0], rel=1e-5)
     assert gnorm == pytest.approx(ref["filler"][1], rel=1e-5)
+
+
+def test_state_scan_under_bf16_autocast_is_the_fp32_function(runs):
+    """The states handed across the CP ranks are composed in fp32 whatever autocast is active (a bf16 step), as the
+    chunked rule computes: equal to the scan without autocast (1e-6). Before, the maps' products ran in bf16 (rank 0,
+    first row: rel 6e-4 off)."""
+    results, _ = runs
+    for rank in range(2):
+        for row, (with_autocast, without) in enumerate(results[rank]["entry_states"]):
+            assert with_autocast.dtype == without.dtype == torch.float32
+            torch.testing.assert_close(with_autocast, without, rtol=1e-6, atol=1e-6, msg=f"rank {rank} row {row}")
