@@ -31,9 +31,8 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
   the recipe's ``model.cp_attention``, ``auto`` = Ulysses when the q heads are divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
   output per layer (``cp_attention_bytes_per_token``). Traffic per layer: Ulysses moves q, k, v and the
   output through all-to-alls, (cp-1)/cp of them, forward and backward; ring passes k/v cp-1 times in
-  forward and k/v plus their fp32 gradients in backward (``estimate_comm``). A linear-attention layer (Qwen3.5's
-  Gated DeltaNet) attends through neither: it all-gathers its runs' state maps and convolution tails
-  (``deltanet_scan_traffic_per_layer``).
+  forward and k/v plus their fp32 gradients in backward (``estimate_comm``); a Gated DeltaNet layer (Qwen3.5)
+  gathers its runs' state maps and convolution tails instead (``deltanet_scan_traffic_per_layer``).
 - peak = max(forward/loss peak, every point of backward (saved activations of the layers not yet
   back-propagated + gradients already produced + the current layer's recompute / workspace),
   optimiser step (gradients + foreach temporaries)). The GPU profile adds a reserve for the CUDA
