@@ -31,7 +31,8 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
   the recipe's ``model.cp_attention``, ``auto`` = Ulysses when the q heads are divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
   output per layer (``cp_attention_bytes_per_token``). Traffic per layer: Ulysses moves q, k, v and the
   output through all-to-alls, (cp-1)/cp of them, forward and backward; ring passes k/v cp-1 times in
-  forward and k/v plus their fp32 gradients in backward (``estimate_comm``).
+  forward and k/v plus their fp32 gradients in backward (``estimate_comm``); a Gated DeltaNet layer (Qwen3.5)
+  gathers its runs' state maps and convolution tails instead (``deltanet_scan_traffic_per_layer``).
 - peak = max(forward/loss peak, every point of backward (saved activations of the layers not yet
   back-propagated + gradients already produced + the current layer's recompute / workspace),
   optimiser step (gradients + foreach temporaries)). The GPU profile adds a reserve for the CUDA
@@ -417,7 +418,10 @@ def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c
         a2a /= lay.cp  # each rank routes its own shard's tokens
     cp_layer, mode = cp_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.checkpointing == "full",
                                           mode=w.cp_attention)
-    cp_total = cp_layer * len(st.layer_dense) * w.grad_accum
+    linear = [bool(getattr(args.text, "is_linear", lambda i: False)(i)) for i in range(n_layers)]
+    scan_layer = deltanet_scan_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.doc_tokens,
+                                                 w.checkpointing == "full") if any(linear) else 0.0
+    cp_total = (cp_layer * linear.count(False) + scan_layer * linear.count(True)) * w.grad_accum
     cp_bw = (c.ib_gbps if lay.cp > c.gpus_per_node else c.nvlink_gbps) * 1e9
     return Comm(ag, rs, hs, a2a, "InfiniBand" if fsdp_inter else "NVLink",
                 "InfiniBand" if ep > c.gpus_per_node else "NVLink", (ag + rs + hs) / fsdp_bw, a2a / ep_bw,
@@ -444,6 +448,22 @@ def cp_traffic_per_layer(t: Any, cp: int, row_tokens: int, recompute: bool,
     fwd = (cp - 1) * kv * act_bytes
     bwd = (cp - 1) * kv * act_bytes + cp * kv * 4
     return fwd * fwd_passes + bwd, mode
+
+
+def deltanet_scan_traffic_per_layer(t: Any, cp: int, row_tokens: int, doc_tokens: int, recompute: bool,
+                                    act_bytes: int = 2) -> float:
+    """Bytes one rank sends for one Gated DeltaNet layer under context parallelism (``models/qwen3_5/cp.py``; one
+    micro-batch, forward + backward, + the recomputed forward under full checkpointing): each zigzag run's state map
+    (fp32 [Hv, dk, dk + dv]) and its last K-1 convolution inputs are all-gathered ((cp-1)/cp of them leave a rank),
+    their gradients all-reduced in backward (2 (cp-1)/cp). A document of ``doc_tokens`` (0: the row) has 2 cp - 1
+    runs (the two middle chunks are one run of rank cp - 1)."""
+    if cp <= 1:
+        return 0.0
+    docs = -(-row_tokens // max(min(doc_tokens or row_tokens, row_tokens), 1))
+    runs = docs * (2 * cp - 1)
+    Hv, dk, dv = t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim
+    per_run = Hv * dk * (dk + dv) * 4 + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * act_bytes
+    return runs * per_run * (cp - 1) / cp * ((2 if recompute else 1) + 2)
 
 
 def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: PlanConfig,

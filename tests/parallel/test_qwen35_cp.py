@@ -3,7 +3,8 @@ the SAME micro-batches) == 1 process. The Gated DeltaNet layers hand their state
 ``rynnscale/models/qwen3_5/cp.py``), the gated full-attention layers use Ulysses or ring attention.
 
 - one DeltaNet layer alone, rows with documents longer than a DeltaNet chunk (150 tokens: runs of ~37 tokens)
-  and shorter than the 4 zigzag chunks: the shards' outputs put together == the unsharded output (rel 1e-5),
+  and shorter than the 4 zigzag chunks, and a row of 2-token documents only (rank 0 then holds only document
+  starts): the shards' outputs put together == the unsharded output (rel 1e-5),
   every parameter and input gradient within 1e-4 of its norm (measured worst: 1.03e-5, dt_bias: fp32 sums
   over the tokens in another order);
 - the whole model through the trainer (tests/parallel/test_cp_equivalence.py's machinery and rows: text, an
@@ -13,7 +14,8 @@ the SAME micro-batches) == 1 process. The Gated DeltaNet layers hand their state
   model's own A_log gradient is 2.0e-4 (dt_bias 1.3e-4) from its float64 value (measured, dense config, step 0),
   and the shards cut the chunks elsewhere (measured CP vs unsharded: 1.95e-4 / 1.1e-4; every other tensor
   < 2e-5); MoE + Ulysses, dense + ring + full activation checkpointing, MoE + EP 2 (the EP group is the CP
-  group)."""
+  group); a step whose micro-batches include a filler row (2 tokens); the state scan under bf16 autocast is the
+  fp32 one."""
 
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ CONFIGS = {
     "dense_ring+ac_full": (False, 2, "ring", "full", 1),
     "moe_auto_ep2": (True, 2, "auto", "none", 2),
 }
-LAYER_ROWS = ([150, 37, 5], [64, 3, 1, 90])
+# the last row: documents shorter than the 4 zigzag chunks, so every run of rank 0 starts a document (its outputs
+# do not depend on the gathered maps; the gather's backward collective must run on it all the same)
+LAYER_ROWS = ([150, 37, 5], [64, 3, 1, 90], [2, 2, 2, 2, 2, 2, 2])
 
 
 def _model(moe: bool, kv: int):
@@ -88,6 +92,22 @@ def _layer_run(lens, cp=None):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
+def _entry_states(cp, autocast: bool) -> torch.Tensor:
+    """The states entering this rank's DeltaNet runs (``cp.initial_states``: the scan over the CP group) from random
+    fp32 q / k / v / g / beta of the row, under CPU bf16 autocast or not."""
+    from rynnscale.models.qwen3_5 import cp as cp_scan
+    from rynnscale.models.qwen3_5.gated_delta import chunk_gated_delta_rule
+
+    g = torch.Generator().manual_seed(5)
+    T = cp.plan.padded_length
+    q, k, v = torch.randn(T, 2, 8, generator=g), torch.randn(T, 2, 8, generator=g), torch.randn(T, 4, 8, generator=g)
+    gate, beta = -torch.rand(T, 4, generator=g) * 0.05, torch.rand(T, 4, generator=g)
+    lay = cp_scan.run_layout(cp)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return cp_scan.initial_states(chunk_gated_delta_rule, *(cp.shard(x) for x in (q, k, v, gate, beta)),
+                                      lay.local_cu_seqlens(cp.rank), lay, cp)
+
+
 def worker(rank: int, world: int, configs: dict) -> dict:
     import torch.distributed as dist
 
@@ -103,6 +123,7 @@ def worker(rank: int, world: int, configs: dict) -> dict:
         for p in grads.values():   # parameter gradients are partial per rank: sum them as FSDP would
             dist.all_reduce(p)
         results["layer"].append((out, gx, grads, cp.plan))
+        results.setdefault("entry_states", []).append([_entry_states(cp, autocast) for autocast in (True, False)])
     for name, (moe, kv, mode, ac, ep) in configs.items():
         model = _model(moe, kv)
         layout = ParallelLayout.resolve(world, 1, -1, ep, model.args.text.num_experts, cp=world)
@@ -115,7 +136,36 @@ def worker(rank: int, world: int, configs: dict) -> dict:
             s = train_step(model, opt, [cp_batch(step, ctx.data_rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
             stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
         results[name] = {"stats": stats, "grads": opt.grads}
+    model = _model(False, 2)
+    layout = ParallelLayout.resolve(world, 1, -1, 1, model.args.text.num_experts, cp=world)
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
+                      meshes=build_meshes(layout, "cpu"))
+    results["filler"] = _filler_step(model, ctx)
     return results
+
+
+def filler_or_cp_batch(step: int, rank: int, micro: int):
+    """``cp_batch`` rows, micro-batch 1 a filler (``filler_batch``: 2 tokens, so under cp=2 every run of rank 0
+    starts a document: the pad document is 2 tokens too)."""
+    from rynnscale.batch import filler_batch
+
+    return filler_batch() if micro == 1 else cp_batch(step, rank, micro)
+
+
+def _filler_step(model, ctx=None) -> tuple[float, float, int]:
+    """(loss, grad norm, target tokens) of one step whose micro-batches include a filler (the trainer's row for
+    a stream with no real micro-batch left); ``ctx`` None: one process."""
+    if ctx is not None:
+        from rynnscale.models import family_of
+
+        family_of(model).parallelize(model, ctx.meshes, compute_dtype=torch.float32, ac_mode="none",
+                                     cp_attention="ulysses")
+        s = train_step(model, torch.optim.SGD(model.parameters(), lr=LR), [
+            filler_or_cp_batch(0, ctx.data_rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
+    else:
+        s = reference_step(model, torch.optim.SGD(model.parameters(), lr=LR), 0, 1, MICRO,
+                           batch_fn=filler_or_cp_batch, **STEP_KW)
+    return s.loss, s.grad_norm, s.target_tokens
 
 
 def reference_run(configs: dict) -> dict:
@@ -128,6 +178,7 @@ def reference_run(configs: dict) -> dict:
             s = reference_step(model, opt, step, 1, MICRO, batch_fn=cp_batch, **STEP_KW)
             stats.append((s.loss, s.aux_loss, s.grad_norm, s.target_tokens, s.tokens, s.expert_counts))
         out[name] = {"stats": stats, "grads": opt.grads}
+    out["filler"] = _filler_step(_model(False, 2))
     return out
 
 
@@ -174,3 +225,25 @@ def test_cp2_matches_one_process(runs, name):
         assert gnorm == pytest.approx(want[2], rel=1e-5), f"step {step} grad norm"
         if moe:
             assert torch.equal(counts, want[5])
+
+
+def test_a_step_with_a_filler_micro_batch_equals_one_process(runs):
+    """A filler row (2 tokens) under cp=2 used to abort the ranks (gloo; NCCL would hang): rank 0's DeltaNet runs
+    all start documents, so its graph skipped the state maps' gather and its backward collective."""
+    results, ref = runs
+    loss, gnorm, n_tgt = results[0]["filler"]
+    assert results[1]["filler"] == results[0]["filler"]
+    assert n_tgt == ref["filler"][2]
+    assert loss == pytest.approx(ref["filler"][0], rel=1e-5)
+    assert gnorm == pytest.approx(ref["filler"][1], rel=1e-5)
+
+
+def test_state_scan_under_bf16_autocast_is_the_fp32_function(runs):
+    """The states handed across the CP ranks are composed in fp32 whatever autocast is active (a bf16 step), as the
+    chunked rule computes: equal to the scan without autocast (1e-6). Before, the maps' products ran in bf16 (rank 0,
+    first row: rel 6e-4 off)."""
+    results, _ = runs
+    for rank in range(2):
+        for row, (with_autocast, without) in enumerate(results[rank]["entry_states"]):
+            assert with_autocast.dtype == without.dtype == torch.float32
+            torch.testing.assert_close(with_autocast, without, rtol=1e-6, atol=1e-6, msg=f"rank {rank} row {row}")

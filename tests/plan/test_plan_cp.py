@@ -56,3 +56,33 @@ def test_the_plan_runs_the_recipes_cp_attention_and_refuses_an_impossible_ulysse
     with pytest.raises(ConfigError, match=r"model\.cp_attention.*q heads \(4\) divisible by parallel\.cp=3"):
         load_config(RECIPES / "demo_tiny.yaml", ["parallel.cp=3", "model.cp_attention=ulysses"])
     load_config(RECIPES / "demo_tiny.yaml", ["parallel.cp=3", "model.cp_attention=ring"])
+
+
+def test_qwen35_cp_traffic_counts_ulysses_on_its_attention_layers_only():
+    """Qwen3.5's Gated DeltaNet layers do not all-to-all under CP: they gather their runs' state maps and convolution
+    tails (``models/qwen3_5/cp.py``). The plan counts Ulysses on the full-attention layers (1 in 4) and the scan's
+    gathers on the others; before, every layer was charged a Ulysses layer's traffic (4x for Qwen3.5-9B)."""
+    import torch
+
+    from rynnscale.config.model_args import resolve_model_args
+    from rynnscale.models.qwen3_5 import cp as cp_scan
+    from rynnscale.parallel.context_parallel import CPShard, shard_plan
+    from rynnscale.plan.planner import deltanet_scan_traffic_per_layer
+
+    cfg = load_config(RECIPES / "base/qwen3_5_9b.yaml", ["parallel.cp=2"], check_paths=False)
+    plan = plan_recipe(cfg, "recipes/base/qwen3_5_9b.yaml")
+    t = resolve_model_args(cfg.model, check_paths=False).args.text
+    n_linear = sum(t.is_linear(i) for i in range(t.num_hidden_layers))
+    n_full = t.num_hidden_layers - n_linear
+    assert 0 < n_full < n_linear
+    w = plan.workload
+    full_ckpt = w["checkpointing"] == "full"
+    uly, mode = cp_traffic_per_layer(t, 2, w["micro_batch_tokens"], full_ckpt, mode=w["cp_attention"])
+    scan = deltanet_scan_traffic_per_layer(t, 2, w["micro_batch_tokens"], w["doc_tokens"], full_ckpt)
+    assert mode == "ulysses" and 0 < scan < uly / 4
+    assert plan.comm.cp_bytes == (uly * n_full + scan * n_linear) * w["grad_accum"]
+    # the scan's count of runs (2 cp - 1 per document) is the layout's: documents of 100 tokens, cp 2 and 4
+    for cp in (2, 4):
+        cu = torch.arange(0, 801, 100)
+        lay = cp_scan.run_layout(CPShard(shard_plan(cu, cp), 0, None, "auto"))
+        assert len(lay.run_len) == 8 * (2 * cp - 1)

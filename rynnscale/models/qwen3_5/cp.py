@@ -121,11 +121,15 @@ def initial_states(rule, q, k, v, g, beta, cu_local: torch.Tensor, lay: RunLayou
             chain.append(p)
             p = lay.prev[p]
         S = maps.new_zeros(Hv, dk, dv)
-        for p in reversed(chain):   # S <- P_p S + Q_p, in document order
-            if p in states:
-                S = states[p]
-                continue
-            S = maps[p, :, :, :dk] @ S + maps[p, :, :, dk:]
-            states[p] = S
+        with torch.autocast(maps.device.type, enabled=False):   # in the rule's fp32, also in a bf16 step
+            for p in reversed(chain):   # S <- P_p S + Q_p, in document order
+                if p in states:
+                    S = states[p]
+                    continue
+                S = maps[p, :, :, :dk] @ S + maps[p, :, :, dk:]
+                states[p] = S
         out.append(S)
-    return torch.stack(out) if out else maps.new_zeros(0, Hv, dk, dv)
+    # a rank whose runs all start documents uses none of the maps; its result must still depend on them, or the
+    # gather's backward (a collective) would not run on it while it runs on the others (a mismatch / hang)
+    in_graph = maps.reshape(-1)[:0].sum()
+    return (torch.stack(out) if out else maps.new_zeros(0, Hv, dk, dv)) + in_graph

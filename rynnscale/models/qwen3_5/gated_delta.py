@@ -20,7 +20,8 @@ Causal convolution (depthwise, kernel K, no bias, SiLU after): ``y_t = silu(sum_
 the taps inside the token's document only (``causal_conv1d``; GPU: ``causal-conv1d``'s kernel with ``seq_idx``).
 
 Shapes: T tokens of the row, Hk key heads of dk, Hv value heads of dv (Hv a multiple of Hk: each key head serves
-Hv/Hk consecutive value heads), N documents, C channels. Arithmetic in fp32 (float64 stays float64).
+Hv/Hk consecutive value heads), N documents, C channels. Arithmetic in fp32 (float64 stays float64), also under
+autocast (a bf16 step): the rule turns it off, as ring attention does (bf16 matmuls tripled its error).
 """
 
 from __future__ import annotations
@@ -95,7 +96,17 @@ def _prepare(q_thd, k_thd, v_thd, g_th, beta_th, use_qk_l2norm: bool):
     return q * (q.shape[-1] ** -0.5), k, v, g, beta
 
 
+def no_autocast(fn):
+    """``fn(x, ...)`` with autocast off on x's device: its arithmetic in the dtypes it chooses (module docstring)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+    return wrapper
+
+
 @torch.compiler.disable  # data-dependent chunk layout and scan: runs eagerly inside compiled blocks
+@no_autocast
 def chunk_gated_delta_rule(
     q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor, g_th: torch.Tensor, beta_th: torch.Tensor,
     cu_seqlens: torch.Tensor, *, initial_state: torch.Tensor | None = None, output_final_state: bool = False,

@@ -2,7 +2,8 @@
 definitions, and the whole linear-attention layer's gradients against a float64 reference.
 
 - chunked delta rule == token-by-token definition in float64 (outputs, final states, gradients: 1e-10), over
-  documents shorter than, equal to and longer than a chunk, an empty one, with and without initial states;
+  documents shorter than, equal to and longer than a chunk, an empty one, with and without initial states; under
+  bf16 autocast it is the fp32 function (outputs, states, gradients);
 - each document of a packed row == that document alone (the state restarts at boundaries), and == transformers'
   own chunked rule (``torch_chunk_gated_delta_rule``, fp32, 1e-5);
 - causal convolution == ``F.conv1d`` per document (+ SiLU), and with ``initial_tc`` == the convolution of the
@@ -195,3 +196,25 @@ def test_linear_attention_layer_gradients_equal_a_float64_reference(monkeypatch)
         g64 = ref_params[name].grad
         assert float(g64.norm()) > 0, name
         assert (p.grad.double() - g64).norm() <= 1e-4 * g64.norm(), name
+
+
+def test_chunked_rule_under_bf16_autocast_is_the_fp32_function() -> None:
+    """The chunked rule computes in fp32 whatever autocast is active (a bf16 training step hands it bf16 q / k / v
+    under autocast): output, final states and gradients equal the fp32 ones (fp32 inputs, CPU bf16 autocast).
+    Before, autocast ran its matmuls (UT transform, intra-chunk scores, the state updates) in bf16: output 5e-3 off
+    over 256 tokens, 3x the error of bf16 inputs with fp32 arithmetic."""
+    q, k, v, gate, beta, cu = _inputs([150, 106], dk=16, dv=16, dtype=torch.float32, seed=3)
+    gate = gate * 0.05   # slow decay: the state carries far, as in a trained layer
+    init = torch.randn(2, 4, 16, 16)
+
+    def run(autocast: bool):
+        ts = [t.clone().requires_grad_() for t in (q, k, v, gate, beta, init)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o, final = chunk_gated_delta_rule(*ts[:5], cu, initial_state=ts[5], output_final_state=True)
+        (o.square().sum() + final.square().sum()).backward()
+        return [o.detach(), final.detach(), *(t.grad for t in ts)]
+
+    names = ("out", "final", "dq", "dk", "dv", "dg", "dbeta", "dinit")
+    for got, want, name in zip(run(True), run(False), names):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
