@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ from rynnscale.data.loader_config import (
     BadDataError,
     CostEstimator,
     DataStallError,
+    DataWorkerError,
     LoaderConfig,
     LoaderStateError,
     MixtureSource,
@@ -57,8 +59,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1             # the per-rank state of SplitLoader
 
-__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "LoaderConfig", "LoaderStateError",
-           "MixtureSource", "SplitLoader", "TrainLoader"]
+__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "DataWorkerError", "LoaderConfig",
+           "LoaderStateError", "MixtureSource", "SplitLoader", "TrainLoader", "data_worker_error"]
 
 _MALLOC_TUNED = False
 
@@ -106,6 +108,26 @@ def counts_over_ranks(ranks: DataRanks, bad: dict[str, int], keys: Sequence = ()
         merged.update(b)
         names += k
     return dict(merged), names
+
+
+# torch's messages for a dead worker: from the SIGCHLD handler (raised in the main thread wherever it runs) or
+# from the DataLoader's own check while it waits for a batch
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
+
+
+def data_worker_error(e: BaseException, rank: int, num_workers: int) -> DataWorkerError | None:
+    """A ``DataWorkerError`` saying what to do for torch's error about a data worker that died (None for any other
+    error). torch raises it from its SIGCHLD handler wherever the main thread is (in the middle of a training
+    step too), so the trainer converts what reaches it, and the loader what reaches its wait for a batch."""
+    if isinstance(e, DataWorkerError):
+        return e
+    if not isinstance(e, RuntimeError) or not _WORKER_DIED.search(str(e)):
+        return None
+    return DataWorkerError(
+        f"rank {rank}: one of its {num_workers} data workers died ({e}); 'Killed' is most often the kernel's "
+        "out-of-memory killer: lower data.num_workers, data.shuffle_buffer_bytes or train.micro_batch_tokens, or "
+        "give the job more memory (the kernel log, dmesg, names OOM kills); the run stops so that a restart resumes "
+        "from the last checkpoint")
 
 
 def _expand_sources(cfg: LoaderConfig) -> list[Source]:
@@ -183,7 +205,7 @@ class _Loader:
 
     def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
         """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
-        own message names neither the worker's data nor the setting)."""
+        own message names neither the worker's data nor the setting), a worker that died a DataWorkerError."""
         it = iter(self._dataloader(states, rotation))
         while True:
             try:
@@ -191,6 +213,12 @@ class _Loader:
             except StopIteration:
                 return
             except RuntimeError as e:
+                died = data_worker_error(e, self.rank, self.cfg.num_workers)
+                if died is not None:
+                    # stop the other workers now and unregister them from torch's SIGCHLD handler, which would
+                    # otherwise raise again wherever the next child process of this one exits
+                    getattr(it, "_shutdown_workers", lambda: None)()
+                    raise died from None
                 if "DataLoader timed out" not in str(e):
                     raise
                 raise DataStallError(

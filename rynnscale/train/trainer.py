@@ -52,7 +52,7 @@ from rynnscale.checkpoint.dcp import (
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
-from rynnscale.data.loader import BadDataError, DataStallError
+from rynnscale.data.loader import BadDataError, DataStallError, DataWorkerError, data_worker_error
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
@@ -111,7 +111,8 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     ctx = setup_distributed(cfg)
     root = Path(cfg.run.output_dir)
     # a bad setting or bad data: the message says it all (no traceback)
-    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError,
+                                                        DataWorkerError, NonFiniteLossError)):
         if ctx.is_main:
             _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)
@@ -373,11 +374,15 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             log.warning("preempted (signal %s) after the last step %d was saved: exiting without the end-of-run "
                         "work (the same command again does it)", preempt.signum, state.step)
         failed = False
-    except Exception:
+    except Exception as error:
         try:   # a background save that finished is committed, not lost with the failing run
             manager.wait()
         except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
             log.error("the background checkpoint save did not complete: %s", e)
+        # torch reports a dead data worker from its SIGCHLD handler, wherever the step was: say what to do
+        died = data_worker_error(error, ctx.rank, cfg.data.num_workers)
+        if died is not None and died is not error:
+            raise died from None
         raise
     finally:
         preempt.uninstall()
