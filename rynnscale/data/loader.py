@@ -14,11 +14,14 @@ read mixtures, keep epochs whole, skip and count bad samples (``bad_counts``, ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
 import re
+import signal
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -110,21 +113,37 @@ def counts_over_ranks(ranks: DataRanks, bad: dict[str, int], keys: Sequence = ()
     return dict(merged), names
 
 
+_BLOCKS_SIGNALS = hasattr(signal, "pthread_sigmask") and hasattr(signal, "SIGCHLD")
 # torch's messages for a dead worker: from the SIGCHLD handler (raised in the main thread wherever it runs) or
 # from the DataLoader's own check while it waits for a batch
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
 
 
-def data_worker_error(e: BaseException, rank: int, num_workers: int) -> DataWorkerError | None:
-    """A ``DataWorkerError`` saying what to do for torch's error about a data worker that died (None for any other
-    error). torch raises it from its SIGCHLD handler wherever the main thread is (in the middle of a training
-    step too), so the trainer converts what reaches it, and the loader what reaches its wait for a batch."""
+@contextlib.contextmanager
+def _sigchld_held() -> Iterator[None]:
+    """SIGCHLD held back (where the platform can) while a dead data worker is dealt with."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD}) if _BLOCKS_SIGNALS else None
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def data_worker_error(e: BaseException, rank: int, num_workers: int, dead: str | None = None
+                      ) -> DataWorkerError | None:
+    """A ``DataWorkerError`` saying what to do for an error due to a data worker that died (None for any other
+    error): torch's own (raised from its SIGCHLD handler wherever the main thread is, in the middle of a training
+    step too), or any error while ``dead`` (``_Loader._dead_worker``) says one died (e.g. the connection that
+    passes a batch's shared tensors reset by the dead worker)."""
     if isinstance(e, DataWorkerError):
         return e
-    if not isinstance(e, RuntimeError) or not _WORKER_DIED.search(str(e)):
+    if isinstance(e, RuntimeError) and _WORKER_DIED.search(str(e)):
+        dead = str(e).strip()
+    if dead is None:
         return None
     return DataWorkerError(
-        f"rank {rank}: one of its {num_workers} data workers died ({e}); 'Killed' is most often the kernel's "
+        f"rank {rank}: one of its {num_workers} data workers died ({dead}); 'Killed' is most often the kernel's "
         "out-of-memory killer: lower data.num_workers, data.shuffle_buffer_bytes or train.micro_batch_tokens, or "
         "give the job more memory (the kernel log, dmesg, names OOM kills); the run stops so that a restart resumes "
         "from the last checkpoint")
@@ -191,6 +210,7 @@ class _Loader:
         self.sources = _expand_sources(cfg)
         self.shards = [p for s in self.sources for p in s.shards]
         self._generation = 0
+        self._workers: Any = None   # the DataLoader iterator read last
 
     def _dataloader(self, states: list[dict | None], rotation: int = 0) -> DataLoader:
         kw: dict[str, Any] = {}
@@ -203,22 +223,69 @@ class _Loader:
         return DataLoader(_RankDataset(self, states, rotation), batch_size=None, num_workers=self.cfg.num_workers,
                           collate_fn=_identity, generator=torch.Generator(), **kw)
 
+    def __iter__(self) -> Iterator[Any]:
+        """The loader's items (``_iterate``). An error due to a data worker that died is a DataWorkerError: torch's
+        own, raised from its SIGCHLD handler wherever this process was (waiting for a batch, or between two), or any
+        other while a worker is found dead (e.g. a reset connection that was passing a batch's shared tensors)."""
+        try:
+            yield from self._iterate()
+        except Exception as e:
+            if self._workers is None:
+                raise
+            with _sigchld_held():
+                died = data_worker_error(e, self.rank, self.cfg.num_workers, self._dead_worker())
+                if died is not None:
+                    self.stop_workers()
+            if died is None:
+                raise
+            raise died from None
+
+    def stop_workers(self) -> None:
+        """Shut the data workers down now (after a worker died: torch's SIGCHLD handler raises again at every exit of
+        a child process while a dead worker is registered with it; shutting down unregisters them)."""
+        it, self._workers = self._workers, None
+        with _sigchld_held():
+            try:
+                getattr(it, "_shutdown_workers", lambda: None)()
+            except RuntimeError as e:   # the handler, for a SIGCHLD that came before it was held back
+                if not _WORKER_DIED.search(str(e)):
+                    raise
+
+    def _iterate(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _dead_worker(self) -> str | None:
+        """How a data worker of the DataLoader read last ended, if one died (killed by a signal, or a non-zero exit).
+        Asked after an error (a dying worker resets its connections before it can be reaped): waits up to 1 s."""
+        workers = getattr(self._workers, "_workers", None) or ()
+        deadline = time.monotonic() + 1.0
+        for w in workers:
+            try:
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+            except RuntimeError as e:   # torch's SIGCHLD handler: it says which
+                if _WORKER_DIED.search(str(e)):
+                    return str(e).strip()
+                raise
+        for w in workers:
+            code = w.exitcode
+            if code:
+                try:
+                    how = f"is killed by signal: {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                except ValueError:
+                    how = f"is killed by signal {-code}"
+                return f"DataLoader worker (pid {w.pid}) {how}"
+        return None
+
     def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
         """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
         own message names neither the worker's data nor the setting), a worker that died a DataWorkerError."""
-        it = iter(self._dataloader(states, rotation))
+        it = self._workers = iter(self._dataloader(states, rotation))
         while True:
             try:
                 item = next(it)
             except StopIteration:
                 return
             except RuntimeError as e:
-                died = data_worker_error(e, self.rank, self.cfg.num_workers)
-                if died is not None:
-                    # stop the other workers now and unregister them from torch's SIGCHLD handler, which would
-                    # otherwise raise again wherever the next child process of this one exits
-                    getattr(it, "_shutdown_workers", lambda: None)()
-                    raise died from None
                 if "DataLoader timed out" not in str(e):
                     raise
                 raise DataStallError(
@@ -378,7 +445,7 @@ class TrainLoader(_Loader):
             return False if e.reason == "too_long" else None
         return int(tokens) <= self.cfg.micro_batch_tokens
 
-    def __iter__(self) -> Iterator[DataStep]:
+    def _iterate(self) -> Iterator[DataStep]:
         """Workers yield whole steps in step order (worker w: steps base + w, base + w + W, ...)."""
         self._generation += 1
         gen = self._generation
@@ -503,7 +570,7 @@ class SplitLoader(_Loader):
         self._worker_states: list[dict | None] = [None] * max(1, cfg.num_workers)
         self._next_worker = 0
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def _iterate(self) -> Iterator[PackedBatch]:
         self._generation += 1
         gen = self._generation
         W = max(1, self.cfg.num_workers)

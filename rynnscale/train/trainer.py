@@ -382,6 +382,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         # torch reports a dead data worker from its SIGCHLD handler, wherever the step was: say what to do
         died = data_worker_error(error, ctx.rank, cfg.data.num_workers)
         if died is not None and died is not error:
+            getattr(c.data, "stop_workers", lambda: None)()
             raise died from None
         raise
     finally:
