@@ -376,6 +376,11 @@ class _Loader:
         return fp
 
 
+# what a global-order state may be continued with another value of: the layout, and the packing
+_MAY_CHANGE = ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step", "micro_batch_tokens",
+               "pack_window")
+
+
 class TrainLoader(_Loader):
     """The training loader of one data-parallel rank: iterating yields ``DataStep``s of the global order
     (endless unless ``num_epochs``; iterating again continues from the last step consumed). ``encoder``:
@@ -513,9 +518,10 @@ class TrainLoader(_Loader):
         return out
 
     def _global_fingerprint(self) -> dict:
+        """What a state must have been saved with to continue; the layout and the packing settings may change
+        (another micro-batch count or ``micro_batch_tokens`` re-packs the samples drawn but not trained)."""
         c = self.cfg
-        fp = {k: v for k, v in self._fingerprint().items()
-              if k not in ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step")}
+        fp = {k: v for k, v in self._fingerprint().items() if k not in _MAY_CHANGE}
         return fp | {"order": "global", "num_epochs": c.num_epochs}
 
     def state_dict(self) -> dict:
@@ -538,11 +544,13 @@ class TrainLoader(_Loader):
                 "global sample order); it cannot be continued in the global order (the trainer then restarts the "
                 "data order deterministically, with a warning)")
         mine = self._global_fingerprint()
-        for k in list(mine) + [k for k in sd["config"] if k not in mine]:
+        for k in list(mine) + [k for k in sd["config"] if k not in mine and k not in _MAY_CHANGE]:
             if sd["config"].get(k) != mine.get(k):
                 raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
                                        f"{k}={mine.get(k)!r}; the global sample order cannot be continued")
         self._global = copy.deepcopy(sd["state"])
+        if self._global is not None and "budget" not in self._global:   # saved before the state recorded it
+            self._global["budget"] = sd["config"].get("micro_batch_tokens", self.cfg.micro_batch_tokens)
         self._bad_decoding = Counter({k: int(v) for k, v in sd.get("bad_decoding", {}).items()})
         self._bad_decoding_keys = {str(k): {(int(a), int(b)) for a, b in v}
                                    for k, v in sd.get("bad_decoding_keys", {}).items()}
