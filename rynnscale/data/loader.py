@@ -380,6 +380,12 @@ class _Loader:
 _MAY_CHANGE = ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step", "micro_batch_tokens",
                "pack_window")
 
+# the recipe keys behind the settings a global-order state must have been saved with
+_SHARDS = "data.train_shards / data.mixture / data.synthetic"
+_RECIPE_KEY = {"seed": "data.seed", "shuffle_buffer": "data.shuffle_buffer", "shuffle_buffer_bytes":
+               "data.shuffle_buffer_bytes", "num_shards": _SHARDS, "shards_sha": _SHARDS,
+               "mixture": "data.mixture: names, weights, number of shards"}
+
 
 class TrainLoader(_Loader):
     """The training loader of one data-parallel rank: iterating yields ``DataStep``s of the global order
@@ -546,8 +552,12 @@ class TrainLoader(_Loader):
         mine = self._global_fingerprint()
         for k in list(mine) + [k for k in sd["config"] if k not in mine and k not in _MAY_CHANGE]:
             if sd["config"].get(k) != mine.get(k):
-                raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
-                                       f"{k}={mine.get(k)!r}; the global sample order cannot be continued")
+                if k == "shards_sha":
+                    what = "another shard list (the same number of shards, other names or another order)"
+                else:
+                    what = f"{k}={sd['config'].get(k)!r}, this loader has {mine.get(k)!r}"
+                raise LoaderStateError(f"loader state was saved with {what} (recipe: {_RECIPE_KEY.get(k, k)}); the "
+                                       "global sample order cannot be continued")
         self._global = copy.deepcopy(sd["state"])
         if self._global is not None and "budget" not in self._global:   # saved before the state recorded it
             self._global["budget"] = sd["config"].get("micro_batch_tokens", self.cfg.micro_batch_tokens)

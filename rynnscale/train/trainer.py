@@ -52,7 +52,13 @@ from rynnscale.checkpoint.dcp import (
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
-from rynnscale.data.loader import BadDataError, DataStallError, DataWorkerError, data_worker_error
+from rynnscale.data.loader import (
+    BadDataError,
+    DataStallError,
+    DataWorkerError,
+    LoaderStateError,
+    data_worker_error,
+)
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
@@ -194,7 +200,13 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
         data_seed = int(order.get("data_seed", cfg.data.seed))
         if data_seed != cfg.data.seed:
             rebuild_data(cfg, c, data_seed)
-        c.data.load_state_dict(order["loader"])
+        try:
+            c.data.load_state_dict(order["loader"])
+        except LoaderStateError as e:   # a data setting changed: one line naming it and the ways on
+            raise ConfigError(
+                f"checkpoint {path}: {e}. Set it back to continue this run; or start a new run from these weights "
+                f"(rynnscale ckpt export-hf {path} OUT, then model.init_from=OUT: the optimiser state and the data "
+                "order start afresh)") from None
         if not rs.exact:
             seed_everything(data_seed)
             if c.ctx.is_main:
