@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rynnscale.batch import DataStep, PackedBatch
+from rynnscale.config.schema import ConfigError
 from rynnscale.data.encode import SampleError
 from rynnscale.data.global_order import GLOBAL_STATE_VERSION, GlobalPipeline
 from rynnscale.data.loader_config import (
@@ -45,7 +46,13 @@ from rynnscale.data.loader_config import (
     MixtureSource,
 )
 from rynnscale.data.manifest import ManifestHints
-from rynnscale.data.reader import ShardPatternError, expand_shard_patterns, iter_tar_samples
+from rynnscale.data.reader import (
+    ReaderStateError,
+    ShardIntegrityError,
+    ShardPatternError,
+    expand_shard_patterns,
+    iter_tar_samples,
+)
 from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 from rynnscale.data.worker import (
     MAX_DISTINCT_BAD,
@@ -189,10 +196,28 @@ class _RankDataset(IterableDataset):
         if self.cfg.tune_malloc:
             _tune_malloc_once()
         state = self.states[0] if len(self.states) == 1 else self.states[w]
-        pipe = self.pipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
-                             w, self.cfg.num_workers, state)
-        for item, state in pipe:
-            yield item, w, state
+        try:
+            pipe = self.pipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
+                                 w, self.cfg.num_workers, state)
+            for item, state in pipe:
+                yield item, w, state
+        except _PASSED_ON as e:
+            if info is None:
+                raise
+            yield _WorkerFailure(e), w, None   # the main process raises it (``_Loader._read``)
+
+
+# errors whose message says it all (too much bad data, a shard that changed, a state or setting that does not fit):
+# a worker passes them to the main process as they are; torch would re-raise them with the worker's whole traceback
+# in the message, which the trainer then printed as its "one-line" error
+_PASSED_ON = (BadDataError, ShardIntegrityError, ReaderStateError, ConfigError)
+
+
+@dataclass(frozen=True)
+class _WorkerFailure:
+    """A ``_PASSED_ON`` error of a data worker, sent to the main process as an item."""
+
+    error: Exception
 
 
 class _Loader:
@@ -230,7 +255,7 @@ class _Loader:
         try:
             yield from self._iterate()
         except Exception as e:
-            if self._workers is None:
+            if self._workers is None or isinstance(e, _PASSED_ON):
                 raise
             with _sigchld_held():
                 died = data_worker_error(e, self.rank, self.cfg.num_workers, self._dead_worker())
@@ -294,6 +319,8 @@ class _Loader:
                     f"holding the shards ({', '.join(sorted({str(Path(p).parent) for p in self.shards})[:3])}) "
                     "stalled; the run stops so that a restart resumes from the last checkpoint (raise "
                     "data.worker_timeout_s if one batch really takes longer; 0 waits forever)") from None
+            if isinstance(item[0], _WorkerFailure):
+                raise item[0].error
             yield item
 
     def _states(self) -> list[dict]:

@@ -59,6 +59,7 @@ from rynnscale.data.loader import (
     LoaderStateError,
     data_worker_error,
 )
+from rynnscale.data.reader import ReaderStateError, ShardIntegrityError
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
@@ -116,9 +117,9 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     root = Path(cfg.run.output_dir)
-    # a bad setting or bad data: the message says it all (no traceback)
-    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError,
-                                                        DataWorkerError, NonFiniteLossError)):
+    # a bad setting or bad data (a shard changed, a state that no longer fits it): the message says it all (no traceback)
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, DataWorkerError,
+                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError)):
         if ctx.is_main:
             _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)
