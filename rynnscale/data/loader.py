@@ -22,8 +22,9 @@ import os
 import re
 import signal
 import time
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -235,7 +236,8 @@ class _Loader:
         self.sources = _expand_sources(cfg)
         self.shards = [p for s in self.sources for p in s.shards]
         self._generation = 0
-        self._workers: Any = None   # the DataLoader iterator read last
+        # the DataLoader iterator read last (weakly: a closed iteration's workers must not outlive it)
+        self._workers_ref: Callable[[], Any] = lambda: None
 
     def _dataloader(self, states: list[dict | None], rotation: int = 0) -> DataLoader:
         kw: dict[str, Any] = {}
@@ -255,7 +257,7 @@ class _Loader:
         try:
             yield from self._iterate()
         except Exception as e:
-            if self._workers is None or isinstance(e, _PASSED_ON):
+            if self._workers_ref() is None or isinstance(e, _PASSED_ON):
                 raise
             with _sigchld_held():
                 died = data_worker_error(e, self.rank, self.cfg.num_workers, self._dead_worker())
@@ -268,7 +270,7 @@ class _Loader:
     def stop_workers(self) -> None:
         """Shut the data workers down now (after a worker died: torch's SIGCHLD handler raises again at every exit of
         a child process while a dead worker is registered with it; shutting down unregisters them)."""
-        it, self._workers = self._workers, None
+        it, self._workers_ref = self._workers_ref(), lambda: None
         with _sigchld_held():
             try:
                 getattr(it, "_shutdown_workers", lambda: None)()
@@ -282,7 +284,7 @@ class _Loader:
     def _dead_worker(self) -> str | None:
         """How a data worker of the DataLoader read last ended, if one died (killed by a signal, or a non-zero exit).
         Asked after an error (a dying worker resets its connections before it can be reaped): waits up to 1 s."""
-        workers = getattr(self._workers, "_workers", None) or ()
+        workers = getattr(self._workers_ref(), "_workers", None) or ()
         deadline = time.monotonic() + 1.0
         for w in workers:
             try:
@@ -304,7 +306,8 @@ class _Loader:
     def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
         """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
         own message names neither the worker's data nor the setting), a worker that died a DataWorkerError."""
-        it = self._workers = iter(self._dataloader(states, rotation))
+        it = iter(self._dataloader(states, rotation))
+        self._workers_ref = weakref.ref(it)
         while True:
             try:
                 item = next(it)

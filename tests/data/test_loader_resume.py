@@ -400,3 +400,24 @@ def test_a_killed_worker_is_a_data_worker_error_saying_what_to_do(tmp_path):
     died = data_worker_error(RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. "), 2, 4)
     assert isinstance(died, DataWorkerError) and "rank 2: one of its 4 data workers died" in str(died)
     assert data_worker_error(RuntimeError("CUDA out of memory"), 0, 1) is None
+
+
+def test_closing_an_iteration_stops_its_data_workers(tmp_path):
+    """An iteration closed early (evaluation's, a test's) leaves no data worker process behind."""
+    import gc
+    import multiprocessing
+    import time
+
+    write_text_shards(tmp_path, 2, 10)
+    loader = TrainLoader(LoaderConfig(train_shards=[str(tmp_path / "*.tar")], micro_batch_tokens=100, num_workers=2,
+                                      multiprocessing_context="fork"), ByteEncoder())
+    it = iter(loader)
+    next(it)
+    assert len(multiprocessing.active_children()) == 2
+    it.close()
+    del it
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
