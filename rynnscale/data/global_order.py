@@ -18,9 +18,10 @@ from collections.abc import Iterator
 
 from rynnscale.batch import PackedBatch, filler_batch
 from rynnscale.data.balance import CostModel, assign_equal_count
+from rynnscale.data.encode import SampleError
 from rynnscale.data.manifest import ManifestHints
 from rynnscale.data.packing import PackItem, WindowPacker
-from rynnscale.data.reader import RawSample, mix64, read_positions
+from rynnscale.data.reader import MediaReadError, RawSample, mix64, read_positions
 from rynnscale.data.worker import Entry, WorkerPipeline, relative_names
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class GlobalPipeline(WorkerPipeline):
         self.last_step: set[tuple[str, int]] = set()   # the samples of the last step taken
         self._warned_encode_estimate = False
         self.hints = ManifestHints()
+        self.resized = False   # restored from a state saved with another micro_batch_tokens
         super().__init__(*args, **kw)
         self.names = relative_names(self.shards)   # "<shard>:<key>" names of the sample log
         # stream-level bad samples are the same on every rank and worker: one of them names them
@@ -232,6 +234,7 @@ class GlobalPipeline(WorkerPipeline):
         shuffle["buffer"] = [self._pos_out(tuple(p)) for p in shuffle["buffer"]]
         return {
             "stream": self.stream.state, "shuffle": shuffle, "step_no": self.step_no, "N": self.N,
+            "budget": self.cfg.micro_batch_tokens,
             "packer": {"plans": self.packer.plans, "emitted_bins": self.packer.emitted_bins,
                        "emitted_tokens": self.packer.emitted_tokens,
                        "items": [pos(it) + [it.carried] for it in self.packer.items]},
@@ -246,24 +249,38 @@ class GlobalPipeline(WorkerPipeline):
 
 
     def _restore(self, st: dict) -> None:
+        """Continue from a state. Saved with another micro-batch count (``N``) or budget (``micro_batch_tokens``;
+        states without it are the loader's): the planned steps are re-packed (``_repack``), and with another budget
+        every sample drawn but not trained is sized again, a sample over the new budget skipped as ``too_long``."""
+        self.log_stream_bad = self.rank == 0 and self.worker == 0   # (set again after the base class' __init__)
+        self.counter, self.seen = int(st["counter"]), int(st["seen"])
+        self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
+        self.bad_keys = self._keys_in(st.get("bad_keys", {}))
+        saved_budget = int(st.get("budget", self.cfg.micro_batch_tokens))
+        self.resized = saved_budget != self.cfg.micro_batch_tokens
+        if self.resized and self.log_stream_bad:
+            log.info("data: the state was saved with micro_batch_tokens=%d, this run has %d: the samples drawn but "
+                     "not trained yet are sized again and re-packed (nothing lost or repeated; one that no longer "
+                     "fits is skipped as too_long)", saved_budget, self.cfg.micro_batch_tokens)
         items = self._restore_reading(st)
         steps = []
         for saved in st["steps"]:
             bins = []
             for b in saved:
                 raws = read_positions([self._pos_in(x) for x in b], self.limits)
-                bins.append([PackItem(s.key, int(x[3]), int(x[4]), Entry(s.position, s.members, deferred=s.deferred))
-                             for s, x in zip(raws, b)])
+                if self.resized:
+                    sized = [self._restored_item(s) for s in raws]
+                    bins.append([it for it in sized if it is not None])
+                else:
+                    bins.append([PackItem(s.key, int(x[3]), int(x[4]), Entry(s.position, s.members, deferred=s.deferred))
+                                 for s, x in zip(raws, b)])
             steps.append(bins)
         self.packer.items = items
         self.step_no = self.base = int(st["step_no"])
-        self.counter, self.seen = int(st["counter"]), int(st["seen"])
-        self.bad = Counter({k: int(v) for k, v in st["bad"].items()})
-        self.bad_keys = self._keys_in(st.get("bad_keys", {}))
         self.source_seen = [int(x) for x in st["source_seen"]]
         self._restore_barrier(st)
         self.last_step = {self._pos_in([*x, ""])[:2] for x in st.get("last_step", [])}
-        same = int(st["N"]) == self.N
+        same = int(st["N"]) == self.N and not self.resized
         self._step_before({_sample_id(it) for b in steps[-1] for it in b} if steps and same else self.last_step)
         plans = [int(x) for x in st.get("step_plans", [])]   # absent in states saved before plans were recorded
         plans = plans if len(plans) == len(steps) else [0] * len(steps)
@@ -272,6 +289,26 @@ class GlobalPipeline(WorkerPipeline):
             self.plan_no = plans[-1] + 1 if plans else 0
         else:
             self._repack(steps, plans)
+
+    def _restored_item(self, s: RawSample, carried: int = 0) -> PackItem | None:
+        """A sample drawn but not trained, sized for this budget; after a resume with another
+        ``micro_batch_tokens`` one that is bad or too long now is skipped and counted (None), as it would be
+        arriving from the stream."""
+        if not self.resized:
+            return self._item(s, carried)
+        try:
+            it = self._item(s, carried)
+        except SampleError as e:
+            self._count_bad(e.reason, s.position, e.detail)
+            return None
+        except MediaReadError as e:
+            self._count_bad("corrupt_tar", s.position, str(e))
+            return None
+        if it.num_tokens > self.cfg.micro_batch_tokens:
+            self._count_bad("too_long", s.position, f"{it.num_tokens} tokens do not fit micro_batch_tokens="
+                            f"{self.cfg.micro_batch_tokens} (the run resumed with a smaller budget)")
+            return None
+        return it
 
     def _repack(self, steps: list[list[list[PackItem]]], plans: list[int]) -> None:
         """Another number of micro-batches per step: the planned steps' samples become the first steps again,

@@ -14,12 +14,17 @@ read mixtures, keep epochs whole, skip and count bad samples (``bad_counts``, ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
+import re
+import signal
+import time
+import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rynnscale.batch import DataStep, PackedBatch
+from rynnscale.config.schema import ConfigError
 from rynnscale.data.encode import SampleError
 from rynnscale.data.global_order import GLOBAL_STATE_VERSION, GlobalPipeline
 from rynnscale.data.loader_config import (
@@ -35,12 +41,19 @@ from rynnscale.data.loader_config import (
     BadDataError,
     CostEstimator,
     DataStallError,
+    DataWorkerError,
     LoaderConfig,
     LoaderStateError,
     MixtureSource,
 )
 from rynnscale.data.manifest import ManifestHints
-from rynnscale.data.reader import ShardPatternError, expand_shard_patterns, iter_tar_samples
+from rynnscale.data.reader import (
+    ReaderStateError,
+    ShardIntegrityError,
+    ShardPatternError,
+    expand_shard_patterns,
+    iter_tar_samples,
+)
 from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
 from rynnscale.data.worker import (
     MAX_DISTINCT_BAD,
@@ -57,8 +70,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1             # the per-rank state of SplitLoader
 
-__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "LoaderConfig", "LoaderStateError",
-           "MixtureSource", "SplitLoader", "TrainLoader"]
+__all__ = ["BALANCE_MODES", "BadDataError", "BudgetFit", "DataStallError", "DataWorkerError", "LoaderConfig",
+           "LoaderStateError", "MixtureSource", "SplitLoader", "TrainLoader", "data_worker_error"]
 
 _MALLOC_TUNED = False
 
@@ -108,6 +121,42 @@ def counts_over_ranks(ranks: DataRanks, bad: dict[str, int], keys: Sequence = ()
     return dict(merged), names
 
 
+_BLOCKS_SIGNALS = hasattr(signal, "pthread_sigmask") and hasattr(signal, "SIGCHLD")
+# torch's messages for a dead worker: from the SIGCHLD handler (raised in the main thread wherever it runs) or
+# from the DataLoader's own check while it waits for a batch
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid.*?\) (is killed by signal|exited unexpectedly)")
+
+
+@contextlib.contextmanager
+def _sigchld_held() -> Iterator[None]:
+    """SIGCHLD held back (where the platform can) while a dead data worker is dealt with."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD}) if _BLOCKS_SIGNALS else None
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def data_worker_error(e: BaseException, rank: int, num_workers: int, dead: str | None = None
+                      ) -> DataWorkerError | None:
+    """A ``DataWorkerError`` saying what to do for an error due to a data worker that died (None for any other
+    error): torch's own (raised from its SIGCHLD handler wherever the main thread is, in the middle of a training
+    step too), or any error while ``dead`` (``_Loader._dead_worker``) says one died (e.g. the connection that
+    passes a batch's shared tensors reset by the dead worker)."""
+    if isinstance(e, DataWorkerError):
+        return e
+    if isinstance(e, RuntimeError) and _WORKER_DIED.search(str(e)):
+        dead = str(e).strip()
+    if dead is None:
+        return None
+    return DataWorkerError(
+        f"rank {rank}: one of its {num_workers} data workers died ({dead}); 'Killed' is most often the kernel's "
+        "out-of-memory killer: lower data.num_workers, data.shuffle_buffer_bytes or train.micro_batch_tokens, or "
+        "give the job more memory (the kernel log, dmesg, names OOM kills); the run stops so that a restart resumes "
+        "from the last checkpoint")
+
+
 def _expand_sources(cfg: LoaderConfig) -> list[Source]:
     """Expand every source's patterns; a shard file may belong to one source only."""
     if not cfg.mixture:
@@ -148,10 +197,28 @@ class _RankDataset(IterableDataset):
         if self.cfg.tune_malloc:
             _tune_malloc_once()
         state = self.states[0] if len(self.states) == 1 else self.states[w]
-        pipe = self.pipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
-                             w, self.cfg.num_workers, state)
-        for item, state in pipe:
-            yield item, w, state
+        try:
+            pipe = self.pipeline(self.cfg, self.encoder, self.estimator, self.sources, self.rank, self.world_size,
+                                 w, self.cfg.num_workers, state)
+            for item, state in pipe:
+                yield item, w, state
+        except _PASSED_ON as e:
+            if info is None:
+                raise
+            yield _WorkerFailure(e), w, None   # the main process raises it (``_Loader._read``)
+
+
+# errors whose message says it all (too much bad data, a shard that changed, a state or setting that does not fit):
+# a worker passes them to the main process as they are; torch would re-raise them with the worker's whole traceback
+# in the message, which the trainer then printed as its "one-line" error
+_PASSED_ON = (BadDataError, ShardIntegrityError, ReaderStateError, ConfigError)
+
+
+@dataclass(frozen=True)
+class _WorkerFailure:
+    """A ``_PASSED_ON`` error of a data worker, sent to the main process as an item."""
+
+    error: Exception
 
 
 class _Loader:
@@ -169,6 +236,8 @@ class _Loader:
         self.sources = _expand_sources(cfg)
         self.shards = [p for s in self.sources for p in s.shards]
         self._generation = 0
+        # the DataLoader iterator read last (weakly: a closed iteration's workers must not outlive it)
+        self._workers_ref: Callable[[], Any] = lambda: None
 
     def _dataloader(self, states: list[dict | None], rotation: int = 0) -> DataLoader:
         kw: dict[str, Any] = {}
@@ -181,10 +250,64 @@ class _Loader:
         return DataLoader(_RankDataset(self, states, rotation), batch_size=None, num_workers=self.cfg.num_workers,
                           collate_fn=_identity, generator=torch.Generator(), **kw)
 
+    def __iter__(self) -> Iterator[Any]:
+        """The loader's items (``_iterate``). An error due to a data worker that died is a DataWorkerError: torch's
+        own, raised from its SIGCHLD handler wherever this process was (waiting for a batch, or between two), or any
+        other while a worker is found dead (e.g. a reset connection that was passing a batch's shared tensors)."""
+        try:
+            yield from self._iterate()
+        except Exception as e:
+            if self._workers_ref() is None or isinstance(e, _PASSED_ON):
+                raise
+            with _sigchld_held():
+                died = data_worker_error(e, self.rank, self.cfg.num_workers, self._dead_worker())
+                if died is not None:
+                    self.stop_workers()
+            if died is None:
+                raise
+            raise died from None
+
+    def stop_workers(self) -> None:
+        """Shut the data workers down now (after a worker died: torch's SIGCHLD handler raises again at every exit of
+        a child process while a dead worker is registered with it; shutting down unregisters them)."""
+        it, self._workers_ref = self._workers_ref(), lambda: None
+        with _sigchld_held():
+            try:
+                getattr(it, "_shutdown_workers", lambda: None)()
+            except RuntimeError as e:   # the handler, for a SIGCHLD that came before it was held back
+                if not _WORKER_DIED.search(str(e)):
+                    raise
+
+    def _iterate(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _dead_worker(self) -> str | None:
+        """How a data worker of the DataLoader read last ended, if one died (killed by a signal, or a non-zero exit).
+        Asked after an error (a dying worker resets its connections before it can be reaped): waits up to 1 s."""
+        workers = getattr(self._workers_ref(), "_workers", None) or ()
+        deadline = time.monotonic() + 1.0
+        for w in workers:
+            try:
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+            except RuntimeError as e:   # torch's SIGCHLD handler: it says which
+                if _WORKER_DIED.search(str(e)):
+                    return str(e).strip()
+                raise
+        for w in workers:
+            code = w.exitcode
+            if code:
+                try:
+                    how = f"is killed by signal: {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                except ValueError:
+                    how = f"is killed by signal {-code}"
+                return f"DataLoader worker (pid {w.pid}) {how}"
+        return None
+
     def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
         """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
-        own message names neither the worker's data nor the setting)."""
+        own message names neither the worker's data nor the setting), a worker that died a DataWorkerError."""
         it = iter(self._dataloader(states, rotation))
+        self._workers_ref = weakref.ref(it)
         while True:
             try:
                 item = next(it)
@@ -199,6 +322,8 @@ class _Loader:
                     f"holding the shards ({', '.join(sorted({str(Path(p).parent) for p in self.shards})[:3])}) "
                     "stalled; the run stops so that a restart resumes from the last checkpoint (raise "
                     "data.worker_timeout_s if one batch really takes longer; 0 waits forever)") from None
+            if isinstance(item[0], _WorkerFailure):
+                raise item[0].error
             yield item
 
     def _states(self) -> list[dict]:
@@ -281,6 +406,17 @@ class _Loader:
         return fp
 
 
+# what a global-order state may be continued with another value of: the layout, and the packing
+_MAY_CHANGE = ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step", "micro_batch_tokens",
+               "pack_window")
+
+# the recipe keys behind the settings a global-order state must have been saved with
+_SHARDS = "data.train_shards / data.mixture / data.synthetic"
+_RECIPE_KEY = {"seed": "data.seed", "shuffle_buffer": "data.shuffle_buffer", "shuffle_buffer_bytes":
+               "data.shuffle_buffer_bytes", "num_shards": _SHARDS, "shards_sha": _SHARDS,
+               "mixture": "data.mixture: names, weights, number of shards"}
+
+
 class TrainLoader(_Loader):
     """The training loader of one data-parallel rank: iterating yields ``DataStep``s of the global order
     (endless unless ``num_epochs``; iterating again continues from the last step consumed). ``encoder``:
@@ -350,7 +486,7 @@ class TrainLoader(_Loader):
             return False if e.reason == "too_long" else None
         return int(tokens) <= self.cfg.micro_batch_tokens
 
-    def __iter__(self) -> Iterator[DataStep]:
+    def _iterate(self) -> Iterator[DataStep]:
         """Workers yield whole steps in step order (worker w: steps base + w, base + w + W, ...)."""
         self._generation += 1
         gen = self._generation
@@ -418,9 +554,10 @@ class TrainLoader(_Loader):
         return out
 
     def _global_fingerprint(self) -> dict:
+        """What a state must have been saved with to continue; the layout and the packing settings may change
+        (another micro-batch count or ``micro_batch_tokens`` re-packs the samples drawn but not trained)."""
         c = self.cfg
-        fp = {k: v for k, v in self._fingerprint().items()
-              if k not in ("world_size", "rank", "num_workers", "balance_group", "micro_batches_per_step")}
+        fp = {k: v for k, v in self._fingerprint().items() if k not in _MAY_CHANGE}
         return fp | {"order": "global", "num_epochs": c.num_epochs}
 
     def state_dict(self) -> dict:
@@ -443,11 +580,17 @@ class TrainLoader(_Loader):
                 "global sample order); it cannot be continued in the global order (the trainer then restarts the "
                 "data order deterministically, with a warning)")
         mine = self._global_fingerprint()
-        for k in list(mine) + [k for k in sd["config"] if k not in mine]:
+        for k in list(mine) + [k for k in sd["config"] if k not in mine and k not in _MAY_CHANGE]:
             if sd["config"].get(k) != mine.get(k):
-                raise LoaderStateError(f"loader state was saved with {k}={sd['config'].get(k)!r} but this loader has "
-                                       f"{k}={mine.get(k)!r}; the global sample order cannot be continued")
+                if k == "shards_sha":
+                    what = "another shard list (the same number of shards, other names or another order)"
+                else:
+                    what = f"{k}={sd['config'].get(k)!r}, this loader has {mine.get(k)!r}"
+                raise LoaderStateError(f"loader state was saved with {what} (recipe: {_RECIPE_KEY.get(k, k)}); the "
+                                       "global sample order cannot be continued")
         self._global = copy.deepcopy(sd["state"])
+        if self._global is not None and "budget" not in self._global:   # saved before the state recorded it
+            self._global["budget"] = sd["config"].get("micro_batch_tokens", self.cfg.micro_batch_tokens)
         self._bad_decoding = Counter({k: int(v) for k, v in sd.get("bad_decoding", {}).items()})
         self._bad_decoding_keys = {str(k): {(int(a), int(b)) for a, b in v}
                                    for k, v in sd.get("bad_decoding_keys", {}).items()}
@@ -475,7 +618,7 @@ class SplitLoader(_Loader):
         self._worker_states: list[dict | None] = [None] * max(1, cfg.num_workers)
         self._next_worker = 0
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def _iterate(self) -> Iterator[PackedBatch]:
         self._generation += 1
         gen = self._generation
         W = max(1, self.cfg.num_workers)

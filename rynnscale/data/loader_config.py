@@ -26,6 +26,10 @@ class DataStallError(RuntimeError):
     """No batch came from a data worker within ``worker_timeout_s`` (a hung decode, a stalled file system)."""
 
 
+class DataWorkerError(RuntimeError):
+    """A data worker process died (killed by a signal, most often the kernel's out-of-memory killer, or exited)."""
+
+
 class LoaderStateError(ReaderStateError):
     """A loader state that does not fit this loader (other config, world size, shards...)."""
 

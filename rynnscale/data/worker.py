@@ -467,7 +467,12 @@ class WorkerPipeline:
         self.packer.plans, self.packer.emitted_bins = int(p["plans"]), int(p["emitted_bins"])
         self.packer.emitted_tokens = int(p["emitted_tokens"])
         raws = read_positions([self._pos_in(x) for x in p["items"]], self.limits)
-        return [self._item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        items = [self._restored_item(s, carried=int(x[3])) for s, x in zip(raws, p["items"])]
+        return [it for it in items if it is not None]
+
+    def _restored_item(self, s: RawSample, carried: int = 0) -> PackItem | None:
+        """A packer item of a restored state, sized again (``_item``); None for one a mode drops (counted)."""
+        return self._item(s, carried)
 
     def _restore_barrier(self, st: dict) -> None:
         """The epoch barrier's state (states saved before it existed: the epochs the stream is in)."""

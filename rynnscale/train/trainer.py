@@ -52,7 +52,14 @@ from rynnscale.checkpoint.dcp import (
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
 from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
-from rynnscale.data.loader import BadDataError, DataStallError
+from rynnscale.data.loader import (
+    BadDataError,
+    DataStallError,
+    DataWorkerError,
+    LoaderStateError,
+    data_worker_error,
+)
+from rynnscale.data.reader import ReaderStateError, ShardIntegrityError
 from rynnscale.fsutil import atomic_write_bytes
 from rynnscale.models import args_from_hf_config
 from rynnscale.models.stats import param_stats
@@ -110,8 +117,9 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     root = Path(cfg.run.output_dir)
-    # a bad setting or bad data: the message says it all (no traceback)
-    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, NonFiniteLossError)):
+    # a bad setting or bad data (a shard changed, a state that no longer fits it): the message says it all (no traceback)
+    with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, DataWorkerError,
+                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError)):
         if ctx.is_main:
             _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)
@@ -193,7 +201,13 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
         data_seed = int(order.get("data_seed", cfg.data.seed))
         if data_seed != cfg.data.seed:
             rebuild_data(cfg, c, data_seed)
-        c.data.load_state_dict(order["loader"])
+        try:
+            c.data.load_state_dict(order["loader"])
+        except LoaderStateError as e:   # a data setting changed: one line naming it and the ways on
+            raise ConfigError(
+                f"checkpoint {path}: {e}. Set it back to continue this run; or start a new run from these weights "
+                f"(rynnscale ckpt export-hf {path} OUT, then model.init_from=OUT: the optimiser state and the data "
+                "order start afresh)") from None
         if not rs.exact:
             seed_everything(data_seed)
             if c.ctx.is_main:
@@ -373,11 +387,16 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             log.warning("preempted (signal %s) after the last step %d was saved: exiting without the end-of-run "
                         "work (the same command again does it)", preempt.signum, state.step)
         failed = False
-    except Exception:
+    except Exception as error:
         try:   # a background save that finished is committed, not lost with the failing run
             manager.wait()
         except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
             log.error("the background checkpoint save did not complete: %s", e)
+        # torch reports a dead data worker from its SIGCHLD handler, wherever the step was: say what to do
+        died = data_worker_error(error, ctx.rank, cfg.data.num_workers)
+        if died is not None and died is not error:
+            getattr(c.data, "stop_workers", lambda: None)()
+            raise died from None
         raise
     finally:
         preempt.uninstall()

@@ -356,3 +356,47 @@ def test_shuffle_early_emits_are_counted_and_kept_across_a_resume(tmp_path: Path
     again = TrainLoader(cfg, ByteEncoder())
     again.load_state_dict(loader.state_dict())
     assert again.stats()["shuffle_early_emits"] == early
+
+
+@pytest.mark.parametrize("budget, window", [(50, 4), (200, 8)])
+def test_resume_with_another_micro_batch_budget_loses_and_repeats_nothing(tmp_path: Path, budget: int,
+                                                                          window: int) -> None:
+    """A run that resumes with another ``train.micro_batch_tokens`` (lowered after an out-of-memory error) or
+    ``data.pack_window`` was refused with a LoaderStateError traceback, so its checkpoints could not be continued at
+    all. The samples drawn but not trained (packer window, planned steps) are sized again and re-packed, like a
+    resume on another micro-batch count: to the end of the epoch each sample is trained exactly once, except those
+    over the new budget, skipped and counted as too_long (a 12..72-token sample does not fit 50). A state saved
+    before it recorded its budget (the fingerprint's value) loads the same way."""
+    keys = write_text_shards(tmp_path, 4, 30)
+    size = {k: len(text_of_key(tmp_path, k)) for k in keys}
+    cfg = dict(num_epochs=1, micro_batch_tokens=100, pack_window=8, max_bad_fraction=1.0)
+    first = _layout(tmp_path, 2, 1, **cfg)
+    before = _steps(first, 1, 7)
+    sd = json.loads(json.dumps(first[0].state_dict()))
+    assert len(sd["state"]["steps"]) > 1 and sd["state"]["packer"]["items"], "the test wants planned steps, a window"
+    old = json.loads(json.dumps(sd))   # as saved before: the budget in the fingerprint only
+    del old["state"]["budget"]
+    old["config"] |= {"micro_batch_tokens": 100, "pack_window": 8}
+    for state in (sd, old):
+        resumed = _layout(tmp_path, 1, 2, workers=2, **(cfg | dict(micro_batch_tokens=budget, pack_window=window)))
+        resumed[0].load_state_dict(state)
+        its = [iter(x) for x in resumed]
+        after = []
+        for st in its[0]:
+            assert all(b.num_tokens <= budget for b in st.micro_batches)
+            after.append(sorted(k for b in st.micro_batches for k in b.sample_keys))
+        trained = [k for st in before + after for k in st]
+        done = {k for st in before for k in st}
+        too_long = {k for k in keys if k not in done and size[k] > budget}
+        assert Counter(trained) == Counter({k: 1 for k in keys if k not in too_long})
+        assert resumed[0].bad_counts == ({"too_long": len(too_long)} if too_long else {})
+        assert bool(too_long) == (budget == 50)
+
+
+def text_of_key(d: Path, key: str) -> str:
+    """The text of sample ``key`` as written (its ByteEncoder token count is its byte length)."""
+    shard = d / f"shard-{int(key[1:key.index('-')]):03d}.tar"
+    for s in wds.WebDataset(str(shard), shardshuffle=False):
+        if s["__key__"] == key:
+            return json.loads(s["conv.json"])["text"]
+    raise KeyError(key)

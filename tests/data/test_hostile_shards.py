@@ -64,6 +64,31 @@ def test_size_mismatch_is_an_error_naming_the_shard(tmp_path):
             pass
 
 
+def test_a_data_workers_error_reaches_the_main_process_as_its_own_message(tmp_path):
+    """With data workers, torch re-raised a worker's error as ``Caught ShardIntegrityError in DataLoader worker
+    process 0. Original Traceback ...``: the trainer's one-line report of a changed shard or of too much bad data
+    printed the worker's whole traceback. The error now arrives as raised, its message alone."""
+    from rynnscale.data.loader import BadDataError
+
+    write(tmp_path)
+    shard = tmp_path / read_manifest(tmp_path).shards[1].name
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 10240)
+    with pytest.raises(ShardIntegrityError) as e:
+        for _ in TrainLoader(cfg(tmp_path, num_epochs=1, num_workers=1), ByteEncoder()):
+            pass
+    assert str(e.value).startswith(f"shard {shard}: ") and "Traceback" not in str(e.value)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with ShardWriter(bad, max_samples=50) as w:
+        for i in range(20):
+            w.write(f"k{i:03d}", {"meta.json": b"{}"})   # no conv.json: missing_member
+    with pytest.raises(BadDataError) as e:
+        for _ in TrainLoader(cfg(bad, num_epochs=1, num_workers=1), ByteEncoder()):
+            pass
+    assert str(e.value).startswith("20 of 20 samples (100.0%) were bad") and "Traceback" not in str(e.value)
+
+
 def test_sha256_is_checked_with_verify_shards(tmp_path):
     write(tmp_path)
     shard = tmp_path / read_manifest(tmp_path).shards[2].name

@@ -369,3 +369,55 @@ def test_a_hung_worker_is_a_data_stall_error_not_a_hang(tmp_path):
             pass
     with pytest.raises(ValueError, match="worker_timeout_s"):
         LoaderConfig(train_shards=["x"], worker_timeout_s=float("inf")).validate()
+
+
+class _KilledEncoder(ByteEncoder):
+    """SIGKILLs the data worker process on one sample, as the kernel's out-of-memory killer would."""
+
+    def encode(self, key, members):
+        from torch.utils.data import get_worker_info
+
+        if key == "s0-03" and get_worker_info() is not None:   # never the test process itself
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode(key, members)
+
+
+def test_a_killed_worker_is_a_data_worker_error_saying_what_to_do(tmp_path):
+    """A data worker killed by the OOM killer surfaced as torch's bare ``RuntimeError: DataLoader worker (pid(s) N)
+    exited unexpectedly`` with a traceback, naming neither the rank nor what to change."""
+    from rynnscale.data.loader import DataWorkerError, data_worker_error
+
+    write_text_shards(tmp_path, 1, 8)
+    cfg = LoaderConfig(train_shards=[str(tmp_path / "*.tar")], micro_batch_tokens=64, pack_window=2,
+                       shuffle_buffer=0, num_workers=1, worker_timeout_s=60, num_epochs=1,
+                       multiprocessing_context="fork")
+    with pytest.raises(DataWorkerError, match=r"rank 0: one of its 1 data workers died .*data.num_workers"):
+        for _ in TrainLoader(cfg, _KilledEncoder()):
+            pass
+    # torch's other message, raised by its SIGCHLD handler wherever the main thread is (the trainer converts it)
+    died = data_worker_error(RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. "), 2, 4)
+    assert isinstance(died, DataWorkerError) and "rank 2: one of its 4 data workers died" in str(died)
+    assert data_worker_error(RuntimeError("CUDA out of memory"), 0, 1) is None
+
+
+def test_closing_an_iteration_stops_its_data_workers(tmp_path):
+    """An iteration closed early (evaluation's, a test's) leaves no data worker process behind."""
+    import gc
+    import multiprocessing
+    import time
+
+    write_text_shards(tmp_path, 2, 10)
+    loader = TrainLoader(LoaderConfig(train_shards=[str(tmp_path / "*.tar")], micro_batch_tokens=100, num_workers=2,
+                                      multiprocessing_context="fork"), ByteEncoder())
+    it = iter(loader)
+    next(it)
+    assert len(multiprocessing.active_children()) == 2
+    it.close()
+    del it
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()

@@ -78,6 +78,18 @@ def test_resume_onto_another_architecture_is_refused(four_layer_run, data_dir, o
     assert len(_losses(four_layer_run)) == 2   # refused before any step
 
 
+def test_resume_with_another_data_order_setting_is_a_one_line_config_error(four_layer_run, data_dir):
+    """A resume with another ``data.shuffle_buffer`` (or shard list, mixture) cannot continue the data order: it
+    was a ``LoaderStateError`` traceback naming the loader's field, not the recipe key, nor a way on. Now a
+    ConfigError (reported in one line) naming the key and what to do; nothing is trained."""
+    from rynnscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"saved with shuffle_buffer=128, this loader has 7 \(recipe: "
+                                          r"data.shuffle_buffer\).*Set it back to continue this run.*model.init_from"):
+        run_training(_cfg(four_layer_run, data_dir, 3, "data.shuffle_buffer=7"))
+    assert len(_losses(four_layer_run)) == 2
+
+
 def test_settings_that_are_not_architecture_may_change_on_resume(tmp_path, data_dir, caplog):
     out = tmp_path / "run"
     run_training(_cfg(out, data_dir, 2))
