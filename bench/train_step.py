@@ -3,7 +3,9 @@
 For each case the model is built in transformers from the case's config with random weights
 (HF's own init), the same state dict is loaded into rynnscale's model (HF-identical keys), the
 losses of the first step (same weights, same data) are checked to agree (rel 1e-5 in fp32 on
-CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant:
+CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant, each side
+training on the cross-entropy alone (transformers computes no load-balancing loss without
+``output_router_logits``, as in ../shared/ANCHORS.md; ours leaves its own out to do the same work):
 tokens/s, model TFLOP/s (the family's step_flops, rynnscale/models/qwen3_vl/flops.py: decoder + lm_head + causal attention as
 sum s^2 + vision tower), MFU against a matmul rate measured in this run (bf16 8192^3 on GPU, the
 run's dtype on CPU), peak memory, and ours' ratios against each transformers variant. Then one
@@ -339,10 +341,10 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
                            ckpt=ckpt, compile=variant == "ours-compile", lora=variant == "ours-lora")
         batch = case.batch.to(device, float_dtype=dtype)
 
-        def step():
+        def step():  # cross-entropy alone, as transformers trains without output_router_logits (below)
             out = model(batch)
             ce = model.loss_sum(batch, out) / case.n_targets
-            (ce + out.aux_loss).backward()
+            ce.backward()
             return ce.detach()
     else:
         model = build_hf(case.args, device, dtype)
@@ -355,7 +357,7 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
         def step():
             out = model(**inputs, use_cache=False)
             out.loss.backward()
-            aux = getattr(out, "aux_loss", None)   # only with output_router_logits; compare the CE part
+            aux = getattr(out, "aux_loss", None)   # None: no output_router_logits, no load-balancing term
             return (out.loss - coef * aux if aux is not None else out.loss).detach()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
