@@ -326,6 +326,15 @@ def sec_parity(c: Check) -> dict:
     return dict(status=status, key="; ".join(parts) or "no result", result=r)
 
 
+def _vs_best_liger(row: dict) -> str:
+    """Ours against transformers + liger's fastest row of the case (any ckpt mode) and that row's peak
+    memory: the A3B target's terms."""
+    if not row.get("x_best_liger"):
+        return ""
+    peak = f", {row['peak_vs_best_liger']:.2f}x its peak" if row.get("peak_vs_best_liger") else ""
+    return f" {row['x_best_liger']:.2f}x best liger ({row['best_liger_ckpt']}{peak})"
+
+
 def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None = None) -> Callable[[Check], dict]:
     """bench/train_step.py on one case in one process (its JSON is written after every row)."""
 
@@ -348,6 +357,7 @@ def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None 
                 continue
             parts.append(f"{row['variant']}/{row['ckpt']} {_fmt(row.get('x_hf'), '.2f')}x HF"
                          + (f" {row['x_liger']:.2f}x liger" if row.get("x_liger") else "")
+                         + _vs_best_liger(row)
                          + f" MFU {_fmt(100 * row['mfu'], '.0f')}%"
                          + ("" if row.get("loss_ok", True) else " LOSS MISMATCH"))
         status = o.status

@@ -75,3 +75,27 @@ def test_both_sides_train_on_the_same_loss_every_step():
                               flops=flops, ceiling=1.0, profile=False) for v in ("hf", "ours-torch")]
     assert bench.add_comparisons(rows, rtol=1e-5)
     assert rows[1]["loss_max_rel_vs_hf"] <= 1e-6, (rows[0]["losses"], rows[1]["losses"])
+
+
+def test_ours_is_compared_with_the_fastest_liger_row_and_its_peak_memory():
+    """The A3B target is "ours >= 1.25x transformers + liger's best at no more peak memory": the best row is
+    liger's fastest over every ckpt mode, and ours' peak is set against that row's (here 40 vs 32 GiB)."""
+    bench = _load_bench()
+    rows = [dict(case="a3b", variant="hf", ckpt="none", tokens_per_s=100.0, peak_gib=60.0, losses=[2.0]),
+            dict(case="a3b", variant="liger", ckpt="none", tokens_per_s=300.0, peak_gib=32.0, losses=[2.0]),
+            dict(case="a3b", variant="liger", ckpt="full", tokens_per_s=250.0, peak_gib=25.0, losses=[2.0]),
+            dict(case="a3b", variant="ours", ckpt="full", tokens_per_s=390.0, peak_gib=40.0, losses=[2.0])]
+    assert bench.add_comparisons(rows, rtol=1e-5)
+    ours = rows[3]
+    assert abs(ours["x_liger"] - 390 / 250) < 1e-12          # same ckpt
+    assert abs(ours["x_best_liger"] - 1.3) < 1e-12 and ours["best_liger_ckpt"] == "none"
+    assert abs(ours["peak_vs_best_liger"] - 1.25) < 1e-12    # faster, but at more memory than that row
+    for r in rows:
+        r |= dict(tflops=1.0, mfu=0.5)
+    table = bench.format_table(rows, 1.0, "cpu", torch.float32)
+    assert "pkxBLig" in table and table.splitlines()[-1].rstrip().endswith("1.25")
+    spec = importlib.util.spec_from_file_location("gpu_check_driver", ROOT / "bench" / "gpu_check.py")
+    driver = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = driver  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(driver)
+    assert driver._vs_best_liger(ours) == " 1.30x best liger (none, 1.25x its peak)"
