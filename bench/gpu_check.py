@@ -475,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         return probe_export_loss(a.hf, a.data, a.json)
 
     started = float(os.environ.get("GPU_CHECK_T0") or time.time())
-    deadline_s = a.deadline or float(os.environ.get("GPU_CHECK_DEADLINE") or DEFAULT_DEADLINE_S[dry])
+    try:
+        deadline_s = a.deadline or float(os.environ.get("GPU_CHECK_DEADLINE") or DEFAULT_DEADLINE_S[dry])
+    except ValueError:
+        p.error(f"GPU_CHECK_DEADLINE={os.environ['GPU_CHECK_DEADLINE']!r}: must be a number of seconds")
+    if deadline_s <= 0:
+        p.error(f"--deadline {deadline_s:g}: must be > 0 seconds")
     by_name = {s.name: s for s in SECTIONS}
     names = [n for n in (a.sections or ",".join(by_name)).split(",") if n]
     for n in names:
@@ -486,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         n, _, v = item.partition("=")
         if n not in by_name:
             p.error(f"--cap: unknown section {n!r}; allowed: {list(by_name)}")
-        caps[n] = float(v)
+        try:
+            caps[n] = float(v)
+        except ValueError:
+            p.error(f"--cap {item!r}: SECONDS must be a number")
 
     out, work = resolve_dirs(a.out, os.environ)
     out.mkdir(parents=True, exist_ok=True)

@@ -477,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
                    "hf,liger,ours on CPU, where Inductor's C++ compile would dominate)")
     p.add_argument("--json", type=Path, help="write all rows, FLOPs and breakdowns here")
     a = p.parse_args(argv)
+    for flag, value, least in (("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--layers", a.layers, 1),
+                               ("--experts", a.experts, 1), ("--seq-div", a.seq_div, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
+    if a.device not in ("auto", "cpu", "cuda"):
+        p.error(f"--device {a.device!r}: allowed auto, cpu, cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     gpu = device.type == "cuda"
