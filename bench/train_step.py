@@ -528,15 +528,24 @@ def main(argv: list[str] | None = None) -> int:
             partial=loss_ok is None, flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
         tmp.replace(a.json)
     for name in cases:
-        case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
-        built[name] = case
-        st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
-        flops_of[name] = batch_flops(case.args, st, case.batch)
-        torch.manual_seed(0)
-        hf = build_hf(case.args, device, dtype)
-        weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
-        del hf
-        _free(device)
+        try:   # e.g. transformers without the case's model class, or out of memory: report it, run the next case
+            case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
+            st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
+            flops_of[name] = batch_flops(case.args, st, case.batch)
+            torch.manual_seed(0)
+            hf = build_hf(case.args, device, dtype)
+            weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
+            built[name] = case
+        except Exception as e:
+            err = f"case setup: {type(e).__name__}: {str(e)[:200]}"
+            rows += [dict(case=name, variant=v, ckpt=ckpt, error=err) for ckpt in ckpts for v in variants]
+            flops_of.pop(name, None)
+            dump(None)
+            print(f"{name}: {err}", flush=True)
+            continue
+        finally:
+            hf = None
+            _free(device)
         for ckpt in ckpts:
             for variant in [v for v in variants if v != "liger"]:
                 try:
@@ -550,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("breakdown",)}), flush=True)
     if "liger" in variants:
         have = liger_available()
-        for name in cases:
+        for name in built:
             for ckpt in ckpts:
                 if not have:
                     rows.append(dict(case=name, variant="liger", ckpt=ckpt, na="liger_kernel does not import"))
@@ -577,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(model FLOPs incl. the vision tower; loss = first-step CE, rel tol {rtol:g}; ratios = ours tok/s / "
           "theirs, same ckpt or their fastest row over all ckpt modes (xbest*), pkxBLig = ours' peakGiB / that liger row's; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
           "forward + backward creates (activations, temporaries, gradients), memxHF = ours / transformers)")
-    for name in cases:
+    for name in flops_of:
         f = flops_of[name]
         print(f"FLOPs/step {name}: total {f.total / 1e12:.4g} T (decoder {f.decoder / 1e12:.4g}, "
               f"vision {f.vision / 1e12:.4g}, attention {f.text_attention / 1e12:.4g})")
@@ -588,7 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     dump(ok)
     if not ok:
         print("LOSS MISMATCH between transformers and rynnscale (see rel.vsHF)", file=sys.stderr)
-    return 0 if ok else 1
+    failed = sorted({f"{r['case']}/{r['variant']}" for r in rows if "error" in r})
+    if failed:
+        print(f"FAILED (see ERROR rows): {', '.join(failed)}", file=sys.stderr)
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":

@@ -99,3 +99,27 @@ def test_ours_is_compared_with_the_fastest_liger_row_and_its_peak_memory():
     sys.modules[spec.name] = driver  # its dataclasses look their module up while being defined
     spec.loader.exec_module(driver)
     assert driver._vs_best_liger(ours) == " 1.30x best liger (none, 1.25x its peak)"
+
+
+def test_a_case_that_cannot_be_set_up_is_reported_and_the_next_case_runs(tmp_path, monkeypatch, capsys):
+    """E.g. q35moe on a transformers without Qwen3.5, or an out-of-memory building the reference weights:
+    that case's rows say so, the next case is still measured, the table prints, and the exit status is 1."""
+    bench = _load_bench()
+    real_build_case = bench.build_case
+
+    def build_case(name, *a, **kw):
+        if name == "a3b":
+            raise ImportError("transformers has no Qwen3VLMoe here")
+        return real_build_case(name, *a, **kw)
+
+    monkeypatch.setattr(bench, "build_case", build_case)
+    out_json = tmp_path / "bench.json"
+    rc = bench.main(["--tiny", "--cases", "a3b,packed", "--variants", "hf,ours-torch", "--steps", "1", "--warmup", "0",
+                     "--json", str(out_json)])
+    assert rc == 1
+    rows = {(r["case"], r["variant"]): r for r in json.loads(out_json.read_text())["rows"]}
+    assert "ImportError: transformers has no Qwen3VLMoe here" in rows["a3b", "hf"]["error"]
+    assert "error" in rows["a3b", "ours-torch"]
+    assert rows["packed", "ours-torch"]["loss_ok"] and rows["packed", "ours-torch"]["x_hf"] > 0
+    out = capsys.readouterr().out
+    assert "ERROR: case setup: ImportError" in out and "FLOPs/step packed" in out
