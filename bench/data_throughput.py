@@ -42,7 +42,7 @@ work. Each path is measured with glibc's default malloc (the loader's own tuning
 so always second).
 
 The breakdown (ms per sample) times the components one by one on the same samples: tar read, video
-decode, visual preprocessing, tokenisation (``estimate`` minus the container probe), MRoPE positions,
+decode (the call ``encode`` makes: resized as decoded, channel-planar), visual preprocessing, tokenisation (``estimate`` minus the container probe), MRoPE positions,
 the rest of ``encode``, packing (``build_packed_batch`` on FFD groups); HF: decode, video processor,
 tokenisation + placeholder expansion (processor minus video processor).
 
@@ -324,6 +324,20 @@ class _HF:
         return self.vp(videos=[frames], video_metadata=[md], do_sample_frames=False, return_tensors="pt")
 
 
+def decode_as_encoder(enc, video: bytes):
+    """``video`` decoded with the call ``SampleEncoder.encode`` makes (rynnscale/data/encode.py): frames resized
+    to the model's size as they are decoded, into channel-planar memory. The breakdown times this call, so its
+    decode and preprocess parts are the loader's own work (a plain ``decode_frames`` converts to packed RGB,
+    2-4 ms more per clip, and patchify then reorders: "rest of encode" came out negative)."""
+    from rynnscale.data import video as video_mod
+    from rynnscale.data.vision_preprocess import video_target_size
+
+    cfg, spec = enc.cfg, enc.cfg.vision
+    return video_mod.decode_frames(video, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
+                                   method=cfg.decode_method, limits=enc._video_limits, threads=cfg.decode_threads,
+                                   resize_to=lambda t, h, w: video_target_size(t, h, w, spec), channels_first=True)
+
+
 def _rate_stats(samples: int, secs: list[float]) -> dict:
     """samples/s per pass -> best / median / all."""
     xs = [samples / t for t in secs]
@@ -349,7 +363,7 @@ def _measure(spec_path: str) -> None:
     from rynnscale.data.packing import build_packed_batch
     from rynnscale.data.reader import expand_shard_patterns, iter_tar_samples
     from rynnscale.data.tokenizer import load_tokenizer
-    from rynnscale.data.video import decode_frames, probe_video
+    from rynnscale.data.video import probe_video
     from rynnscale.data.vision_preprocess import preprocess_video, tune_malloc_for_pixel_buffers
     from rynnscale.models.mrope import mrope_position_ids
 
@@ -470,8 +484,7 @@ def _measure(spec_path: str) -> None:
         for key, members, _ in items:
             video = members["video.mp4"]
             c0 = cpu()
-            dv = decode_frames(video, fps=ecfg.fps, min_frames=ecfg.min_frames, max_frames=ecfg.max_frames,
-                               method=ecfg.decode_method, threads=ecfg.decode_threads)
+            dv = decode_as_encoder(enc, video)
             c1 = cpu()
             vi = preprocess_video(dv.frames_thwc, dv.timestamps_s, vspec)
             c2 = cpu()
