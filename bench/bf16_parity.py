@@ -174,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    for flag, value in (("--steps", a.steps), ("--layers", a.layers), ("--positions", a.positions)):
+        if value < 1:
+            p.error(f"{flag} {value}: must be >= 1")
+    if a.device not in ("auto", "cpu", "cuda"):
+        p.error(f"--device {a.device!r}: allowed auto, cpu, cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     cases = [c for c in a.cases.split(",") if c]
     for c in cases:
         if c not in CASES:

@@ -102,12 +102,21 @@ def estimate(cp: int, tokens: int) -> float:
     return (per_tok + cp_attention_bytes_per_token(t, cp, p)) * (-(-tokens // cp))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--mode", choices=("ulysses", "ring"), default="ulysses")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    heads = slice_args().num_attention_heads
+    for T in a.tokens:
+        if T < DOC or T % DOC:
+            ap.error(f"--tokens {T}: must be a positive multiple of the {DOC}-token document")
+    for cp in a.cp:
+        if cp < 1:
+            ap.error(f"--cp {cp}: must be >= 1")
+        if a.mode == "ulysses" and heads % cp:
+            ap.error(f"--cp {cp}: ulysses splits the {heads} q heads over the ranks; use a divisor or --mode ring")
     print(f"one decoder layer, narrow A3B slice (hidden 256, 32/4 heads x 8, 16 experts top-8), {a.mode}, "
           f"fp32, documents of {DOC} tokens")
     print(f"{'tokens':>7} {'cp':>3} {'measured MiB/rank (max)':>24} {'planner MiB':>12} {'est/meas':>9}")

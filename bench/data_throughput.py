@@ -42,7 +42,8 @@ work. Each path is measured with glibc's default malloc (the loader's own tuning
 so always second).
 
 The breakdown (ms per sample) times the components one by one on the same samples: tar read, video
-decode, visual preprocessing, tokenisation (``estimate`` minus the container probe), MRoPE positions,
+decode and visual preprocessing (as ``encode`` does them: resized as decoded into channel-planar
+frames, patchified from those), tokenisation (``estimate`` minus the container probe), MRoPE positions,
 the rest of ``encode``, packing (``build_packed_batch`` on FFD groups); HF: decode, video processor,
 tokenisation + placeholder expansion (processor minus video processor).
 
@@ -324,6 +325,33 @@ class _HF:
         return self.vp(videos=[frames], video_metadata=[md], do_sample_frames=False, return_tensors="pt")
 
 
+def decode_as_encoder(enc, video: bytes):
+    """``video`` decoded with the call ``SampleEncoder.encode`` makes (rynnscale/data/encode.py): frames resized
+    to the model's size as they are decoded, into channel-planar memory. The breakdown times this call, so its
+    decode and preprocess parts are the loader's own work (a plain ``decode_frames`` converts to packed RGB,
+    2-4 ms more per clip, and patchify then reorders: "rest of encode" came out negative)."""
+    from rynnscale.data import video as video_mod
+    from rynnscale.data.vision_preprocess import video_target_size
+
+    cfg, spec = enc.cfg, enc.cfg.vision
+    return video_mod.decode_frames(video, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames,
+                                   method=cfg.decode_method, limits=enc._video_limits, threads=cfg.decode_threads,
+                                   resize_to=lambda t, h, w: video_target_size(t, h, w, spec), channels_first=True)
+
+
+def preprocess_as_encoder(enc, dv):
+    """uint8 patches of ``decode_as_encoder``'s frames, made as ``encode`` makes them: resize (a no-op at the
+    decoded size) and patchify straight from the channel-planar frames (``preprocess_video`` first copies
+    them to packed RGB, ~15 ms a clip that encode never spends)."""
+    import torch
+
+    from rynnscale.data.vision_preprocess import patchify, resize_thwc, video_target_size
+
+    spec = enc.cfg.vision
+    frames = torch.from_numpy(dv.frames_thwc)
+    return patchify(resize_thwc(frames, video_target_size(*frames.shape[:3], spec)), spec, normalize=False)[0]
+
+
 def _rate_stats(samples: int, secs: list[float]) -> dict:
     """samples/s per pass -> best / median / all."""
     xs = [samples / t for t in secs]
@@ -349,8 +377,8 @@ def _measure(spec_path: str) -> None:
     from rynnscale.data.packing import build_packed_batch
     from rynnscale.data.reader import expand_shard_patterns, iter_tar_samples
     from rynnscale.data.tokenizer import load_tokenizer
-    from rynnscale.data.video import decode_frames, probe_video
-    from rynnscale.data.vision_preprocess import preprocess_video, tune_malloc_for_pixel_buffers
+    from rynnscale.data.video import probe_video
+    from rynnscale.data.vision_preprocess import tune_malloc_for_pixel_buffers
     from rynnscale.models.mrope import mrope_position_ids
 
     cpu = time.process_time
@@ -470,10 +498,9 @@ def _measure(spec_path: str) -> None:
         for key, members, _ in items:
             video = members["video.mp4"]
             c0 = cpu()
-            dv = decode_frames(video, fps=ecfg.fps, min_frames=ecfg.min_frames, max_frames=ecfg.max_frames,
-                               method=ecfg.decode_method, threads=ecfg.decode_threads)
+            dv = decode_as_encoder(enc, video)
             c1 = cpu()
-            vi = preprocess_video(dv.frames_thwc, dv.timestamps_s, vspec)
+            vi = preprocess_as_encoder(enc, dv)
             c2 = cpu()
             del dv, vi
             c3 = cpu()

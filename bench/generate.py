@@ -167,7 +167,7 @@ def timed_passes(variants: dict, repeats: int) -> tuple[dict[str, list], dict[st
     return results, times
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", choices=("qwen3_vl", "qwen3_5"), default="qwen3_vl")
     ap.add_argument("--hidden", type=int, default=256)
@@ -178,7 +178,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: on a shared machine OpenMP spinning makes tiny matmuls 10x slower)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for flag, value in (("--layers", a.layers), ("--new-tokens", a.new_tokens), ("--repeats", a.repeats),
+                        ("--threads", a.threads)):
+        if value < 1:
+            ap.error(f"{flag} {value}: must be >= 1")
+    if a.hidden < 64 or a.hidden % 64:
+        ap.error(f"--hidden {a.hidden}: must be a multiple of 64 (4 heads, MRoPE sections over a quarter of each)")
     torch.set_num_threads(a.threads)
     import tempfile
 

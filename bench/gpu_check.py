@@ -326,6 +326,15 @@ def sec_parity(c: Check) -> dict:
     return dict(status=status, key="; ".join(parts) or "no result", result=r)
 
 
+def _vs_best_liger(row: dict) -> str:
+    """Ours against transformers + liger's fastest row of the case (any ckpt mode) and that row's peak
+    memory: the A3B target's terms."""
+    if not row.get("x_best_liger"):
+        return ""
+    peak = f", {row['peak_vs_best_liger']:.2f}x its peak" if row.get("peak_vs_best_liger") else ""
+    return f" {row['x_best_liger']:.2f}x best liger ({row['best_liger_ckpt']}{peak})"
+
+
 def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None = None) -> Callable[[Check], dict]:
     """bench/train_step.py on one case in one process (its JSON is written after every row)."""
 
@@ -348,6 +357,7 @@ def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None 
                 continue
             parts.append(f"{row['variant']}/{row['ckpt']} {_fmt(row.get('x_hf'), '.2f')}x HF"
                          + (f" {row['x_liger']:.2f}x liger" if row.get("x_liger") else "")
+                         + _vs_best_liger(row)
                          + f" MFU {_fmt(100 * row['mfu'], '.0f')}%"
                          + ("" if row.get("loss_ok", True) else " LOSS MISMATCH"))
         status = o.status
@@ -465,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         return probe_export_loss(a.hf, a.data, a.json)
 
     started = float(os.environ.get("GPU_CHECK_T0") or time.time())
-    deadline_s = a.deadline or float(os.environ.get("GPU_CHECK_DEADLINE") or DEFAULT_DEADLINE_S[dry])
+    try:
+        deadline_s = a.deadline or float(os.environ.get("GPU_CHECK_DEADLINE") or DEFAULT_DEADLINE_S[dry])
+    except ValueError:
+        p.error(f"GPU_CHECK_DEADLINE={os.environ['GPU_CHECK_DEADLINE']!r}: must be a number of seconds")
+    if deadline_s <= 0:
+        p.error(f"--deadline {deadline_s:g}: must be > 0 seconds")
     by_name = {s.name: s for s in SECTIONS}
     names = [n for n in (a.sections or ",".join(by_name)).split(",") if n]
     for n in names:
@@ -476,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         n, _, v = item.partition("=")
         if n not in by_name:
             p.error(f"--cap: unknown section {n!r}; allowed: {list(by_name)}")
-        caps[n] = float(v)
+        try:
+            caps[n] = float(v)
+        except ValueError:
+            p.error(f"--cap {item!r}: SECONDS must be a number")
 
     out, work = resolve_dirs(a.out, os.environ)
     out.mkdir(parents=True, exist_ok=True)

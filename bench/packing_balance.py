@@ -9,11 +9,12 @@ sequence length) and ``--micro-batches`` micro-batches per rank per step.
 - ours: ``WindowPacker`` (FFD over a window of ``--window`` samples per rank, carry-over, steps
   of ranks x micro-batches bins assigned by cost with LPT + swap refinement).
 - baseline (RynnScale-style): each step takes samples until ranks x micro-batches x budget
-  tokens, splits them over ranks greedily by token count, then (generously) FFD-packs each
-  rank's share; all ranks run as many micro-batches as the busiest one.
+  tokens and splits them over ranks greedily by token count; each rank concatenates its share
+  with no per-micro-batch budget (a rank may exceed it: the "over budget" column), and its
+  efficiency is real tokens / that step capacity (generous: nothing is counted for the excess).
 - ablation: our packing, but the bins assigned to ranks by token count instead of cost.
 
-Efficiency = real tokens / (micro-batches run x budget) over all ranks; balance = max/mean of
+Efficiency (ours) = real tokens / (micro-batches run x budget) over all ranks; balance = max/mean of
 the ranks' step cost (a*s + b*s^2 + c*patches, coefficients of the Qwen3-VL-30B-A3B
 architecture via CostModel.from_args), mean and worst over steps.
 

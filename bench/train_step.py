@@ -3,7 +3,9 @@
 For each case the model is built in transformers from the case's config with random weights
 (HF's own init), the same state dict is loaded into rynnscale's model (HF-identical keys), the
 losses of the first step (same weights, same data) are checked to agree (rel 1e-5 in fp32 on
-CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant:
+CPU, 1e-2 in bf16 on GPU), then forward + backward + AdamW step are timed for every variant, each side
+training on the cross-entropy alone (transformers computes no load-balancing loss without
+``output_router_logits``, as in ../shared/ANCHORS.md; ours leaves its own out to do the same work):
 tokens/s, model TFLOP/s (the family's step_flops, rynnscale/models/qwen3_vl/flops.py: decoder + lm_head + causal attention as
 sum s^2 + vision tower), MFU against a matmul rate measured in this run (bf16 8192^3 on GPU, the
 run's dtype on CPU), peak memory, and ours' ratios against each transformers variant. Then one
@@ -339,10 +341,10 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
                            ckpt=ckpt, compile=variant == "ours-compile", lora=variant == "ours-lora")
         batch = case.batch.to(device, float_dtype=dtype)
 
-        def step():
+        def step():  # cross-entropy alone, as transformers trains without output_router_logits (below)
             out = model(batch)
             ce = model.loss_sum(batch, out) / case.n_targets
-            (ce + out.aux_loss).backward()
+            ce.backward()
             return ce.detach()
     else:
         model = build_hf(case.args, device, dtype)
@@ -355,7 +357,7 @@ def run_variant(variant: str, case: Case, weights: dict, ckpt: str, device, dtyp
         def step():
             out = model(**inputs, use_cache=False)
             out.loss.backward()
-            aux = getattr(out, "aux_loss", None)   # only with output_router_logits; compare the CE part
+            aux = getattr(out, "aux_loss", None)   # None: no output_router_logits, no load-balancing term
             return (out.loss - coef * aux if aux is not None else out.loss).detach()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
@@ -428,17 +430,20 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
                     r[f"x_{v}"] = r["tokens_per_s"] / other["tokens_per_s"]
                     if r.get("step_alloc_gib") and other.get("step_alloc_gib"):
                         r[f"mem_vs_{v}"] = r["step_alloc_gib"] / other["step_alloc_gib"]
-                best = [x["tokens_per_s"] for x in rows if x["case"] == r["case"] and x["variant"] == v
-                        and "tokens_per_s" in x]
-                if best:
-                    r[f"x_best_{v}"] = r["tokens_per_s"] / max(best)
+                theirs = [x for x in rows if x["case"] == r["case"] and x["variant"] == v and "tokens_per_s" in x]
+                if theirs:   # their fastest row over every ckpt mode, and ours' peak memory against that row's
+                    best = max(theirs, key=lambda x: x["tokens_per_s"])
+                    r[f"x_best_{v}"] = r["tokens_per_s"] / best["tokens_per_s"]
+                    r[f"best_{v}_ckpt"] = best["ckpt"]
+                    if r.get("peak_gib") and best.get("peak_gib"):
+                        r[f"peak_vs_best_{v}"] = r["peak_gib"] / best["peak_gib"]
     return ok
 
 
 def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> str:
     out = [f"device {device_name}; {str(dtype).removeprefix('torch.')} matmul rate measured {ceiling:.3g} TFLOP/s",
            f"{'case':8} {'variant':12} {'ckpt':9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peakGiB':>8} "
-           f"{'stepGiB':>8} {'memxHF':>6} {'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8}"]
+           f"{'stepGiB':>8} {'memxHF':>6} {'loss':>9} {'rel.vsHF':>9} {'xHF':>6} {'xliger':>6} {'xbestHF':>7} {'xbestLig':>8} {'pkxBLig':>7}"]
     for r in rows:
         head = f"{r['case']:8} {r['variant']:12} {r['ckpt']:9}"
         if "na" in r or "error" in r:
@@ -450,7 +455,8 @@ def format_table(rows: list[dict], ceiling: float, device_name: str, dtype) -> s
                    f"{_fmt(r['peak_gib'], '8.1f'):>8} {_fmt(r.get('step_alloc_gib'), '8.3f'):>8} "
                    f"{_fmt(r.get('mem_vs_hf'), '6.2f', '-'):>6} {r['losses'][0]:9.5f} {_fmt(rel, '9.1e', '-'):>9} "
                    f"{_fmt(r.get('x_hf'), '6.2f', '-'):>6} {_fmt(r.get('x_liger'), '6.2f', '-'):>6} "
-                   f"{_fmt(r.get('x_best_hf'), '7.2f', '-'):>7} {_fmt(r.get('x_best_liger'), '8.2f', '-'):>8}{flag}")
+                   f"{_fmt(r.get('x_best_hf'), '7.2f', '-'):>7} {_fmt(r.get('x_best_liger'), '8.2f', '-'):>8} "
+                   f"{_fmt(r.get('peak_vs_best_liger'), '7.2f', '-'):>7}{flag}")
     return "\n".join(out)
 
 
@@ -471,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
                    "hf,liger,ours on CPU, where Inductor's C++ compile would dominate)")
     p.add_argument("--json", type=Path, help="write all rows, FLOPs and breakdowns here")
     a = p.parse_args(argv)
+    for flag, value, least in (("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--layers", a.layers, 1),
+                               ("--experts", a.experts, 1), ("--seq-div", a.seq_div, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} {value}: must be >= {least}")
+    if a.device not in ("auto", "cpu", "cuda"):
+        p.error(f"--device {a.device!r}: allowed auto, cpu, cuda")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     gpu = device.type == "cuda"
@@ -514,15 +528,24 @@ def main(argv: list[str] | None = None) -> int:
             partial=loss_ok is None, flops={n: f.as_dict() for n, f in flops_of.items()}, rows=rows), indent=1))
         tmp.replace(a.json)
     for name in cases:
-        case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
-        built[name] = case
-        st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
-        flops_of[name] = batch_flops(case.args, st, case.batch)
-        torch.manual_seed(0)
-        hf = build_hf(case.args, device, dtype)
-        weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
-        del hf
-        _free(device)
+        try:   # e.g. transformers without the case's model class, or out of memory: report it, run the next case
+            case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
+            st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
+            flops_of[name] = batch_flops(case.args, st, case.batch)
+            torch.manual_seed(0)
+            hf = build_hf(case.args, device, dtype)
+            weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
+            built[name] = case
+        except Exception as e:
+            err = f"case setup: {type(e).__name__}: {str(e)[:200]}"
+            rows += [dict(case=name, variant=v, ckpt=ckpt, error=err) for ckpt in ckpts for v in variants]
+            flops_of.pop(name, None)
+            dump(None)
+            print(f"{name}: {err}", flush=True)
+            continue
+        finally:
+            hf = None
+            _free(device)
         for ckpt in ckpts:
             for variant in [v for v in variants if v != "liger"]:
                 try:
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("breakdown",)}), flush=True)
     if "liger" in variants:
         have = liger_available()
-        for name in cases:
+        for name in built:
             for ckpt in ckpts:
                 if not have:
                     rows.append(dict(case=name, variant="liger", ckpt=ckpt, na="liger_kernel does not import"))
@@ -561,9 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, ceiling, device_name, dtype))
     print(f"(model FLOPs incl. the vision tower; loss = first-step CE, rel tol {rtol:g}; ratios = ours tok/s / "
-          "theirs, same ckpt or their best row; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
+          "theirs, same ckpt or their fastest row over all ckpt modes (xbest*), pkxBLig = ours' peakGiB / that liger row's; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
           "forward + backward creates (activations, temporaries, gradients), memxHF = ours / transformers)")
-    for name in cases:
+    for name in flops_of:
         f = flops_of[name]
         print(f"FLOPs/step {name}: total {f.total / 1e12:.4g} T (decoder {f.decoder / 1e12:.4g}, "
               f"vision {f.vision / 1e12:.4g}, attention {f.text_attention / 1e12:.4g})")
@@ -574,7 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     dump(ok)
     if not ok:
         print("LOSS MISMATCH between transformers and rynnscale (see rel.vsHF)", file=sys.stderr)
-    return 0 if ok else 1
+    failed = sorted({f"{r['case']}/{r['variant']}" for r in rows if "error" in r})
+    if failed:
+        print(f"FAILED (see ERROR rows): {', '.join(failed)}", file=sys.stderr)
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":
