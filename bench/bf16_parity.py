@@ -84,6 +84,8 @@ def run_case(name: str, tiny: bool, layers: int | None, device: torch.device, st
              positions: int, rtol: float) -> dict:
     dtype = torch.bfloat16
     t0 = time.perf_counter()
+    if device.type == "cuda":   # peak_gib is this case's (both models, the fp32 reference), not the run's so far
+        torch.cuda.reset_peak_memory_stats(device)
     case = build_case(name, tiny, layers=layers)
     B, S = case.hf_inputs["input_ids"].shape
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in case.hf_inputs.items()}
