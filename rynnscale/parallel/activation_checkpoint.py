@@ -36,7 +36,21 @@ _SAVE_OP_NAMES = ("mm", "addmm", "bmm", "linear", "_grouped_mm", "_scaled_dot_pr
                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                   "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
                   "_efficient_attention_forward", "_scaled_dot_product_fused_attention_overrideable")
-SELECTIVE_SAVE_OPS = frozenset(getattr(_aten, n).default for n in _SAVE_OP_NAMES if hasattr(_aten, n))
+
+
+def _varlen_attention_ops() -> frozenset:
+    """torch's flash varlen attention (``torch.nn.attention.varlen``, our ``varlen`` backend) is a custom op: the
+    selective policy sees ``torch_attn._varlen_attn`` itself, never the aten flash kernel inside it."""
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers the torch_attn ops)
+    except ImportError:
+        return frozenset()
+    namespace = getattr(torch.ops, "torch_attn", None)
+    return frozenset(getattr(namespace, n).default for n in ("_varlen_attn",) if hasattr(namespace, n))
+
+
+SELECTIVE_SAVE_OPS = frozenset(getattr(_aten, n).default for n in _SAVE_OP_NAMES if hasattr(_aten, n)) \
+    | _varlen_attention_ops()
 
 
 # Profiler annotations are not computation, yet selective checkpointing counts them like any op and fails when the

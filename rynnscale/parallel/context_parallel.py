@@ -468,6 +468,7 @@ class _GatherRows(torch.autograd.Function):
         return grad[lo: lo + ctx.sizes[ctx.rank]], None, None, None
 
 
+@torch.compiler.disable  # a collective inside an autograd Function: eager inside compiled blocks (as ``all_to_all``)
 def gather_rows(x: torch.Tensor, sizes: list[int], rank: int, group) -> torch.Tensor:
     """Differentiable all-gather of ``x`` [sizes[rank], ...] from every rank of ``group`` -> [sum(sizes), ...]
     in rank order (gloo-safe: equal-size collective on padded blocks)."""

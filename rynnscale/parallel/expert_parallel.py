@@ -40,6 +40,9 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
+# eager inside compiled blocks (``model.compile``): torch 2.11's dynamo traces the Function's backward and loses the
+# in-place collective there (the gradient through the all-to-all came out zero); see context_parallel's collectives
+@torch.compiler.disable
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Rows ``x[sum(in_splits[:j]) : sum(in_splits[:j+1])]`` go to rank j of ``group``; returns the rows
     received from every rank in rank order (``out_splits[j]`` from rank j). Autograd-capable."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_text_parity import make_samples, pack, tiny_args
@@ -49,3 +51,27 @@ def test_bad_mode():
         apply_activation_checkpointing(model, "bogus")
     with pytest.raises(ValueError, match="positive integer"):
         apply_activation_checkpointing(model, "every_k", 0)
+
+
+def test_selective_keeps_the_flash_varlen_attention_output():
+    """The ``varlen`` backend's kernel (torch.nn.attention.varlen) is a custom op: the selective policy sees that op,
+    not the aten flash kernel inside it, so it must be on the save list or every layer's attention is recomputed
+    in backward on the GPU. The op the dispatch mode sees is read off a real call (it fails on the CPU after)."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rynnscale.parallel.activation_checkpoint import SELECTIVE_SAVE_OPS
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(4, 2, 8, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=q.device)
+    with Record(), contextlib.suppress(RuntimeError, NotImplementedError):
+        varlen.varlen_attn(q, q, q, cu, cu, 4, 4)
+    assert seen, "varlen_attn dispatched no op"
+    assert seen[0] in SELECTIVE_SAVE_OPS, f"{seen[0]} (the varlen kernel as selective checkpointing sees it)"

@@ -211,3 +211,46 @@ def test_config_rejects_ep_that_does_not_divide_experts():
     load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=8"])
     with pytest.raises(ConfigError, match="4 experts per EP rank must be divisible by the expert FSDP degree"):
         load_config(recipe, ["parallel.ep=2", "parallel.dp_shard=16"])
+
+
+@pytest.mark.parametrize("collective", ["ep_all_to_all", "cp_gather_rows"])
+def test_collective_functions_run_eagerly_inside_a_compiled_block(collective):
+    """The collectives' autograd Functions stay out of compiled graphs (``model.compile``): torch 2.11's dynamo traced
+    the all-to-all's backward and lost the in-place collective, so every gradient through it was zero (EP + compile
+    trained wrong); CP's row gather (Qwen3.5's linear attention, inside the compiled layers) has the same shape. One
+    gloo rank in this process; the compiled gradient must equal the eager one (fp32, rel 1e-6) and no graph may
+    hold the Function."""
+    import torch.distributed as dist
+
+    from rynnscale.parallel.context_parallel import gather_rows
+    from rynnscale.parallel.expert_parallel import all_to_all
+
+    def through(t_sh):
+        n = t_sh.shape[0]
+        if collective == "ep_all_to_all":
+            return all_to_all(t_sh, [n], [n], dist.group.WORLD)
+        return gather_rows(t_sh, [n], 0, dist.group.WORLD)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        def loss(x_sh, w_h):
+            y_sh = through(x_sh * w_h)
+            return (y_sh * y_sh).sum()
+
+        x_sh = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+        w_h = torch.randn(4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss(x_sh, w_h).backward()
+        eager, w_h.grad = w_h.grad.clone(), None
+        torch._dynamo.reset()
+        torch.compile(loss, backend=record)(x_sh, w_h).backward()
+        torch.testing.assert_close(w_h.grad, eager, rtol=1e-6, atol=0)
+        assert not any("autograd_function_apply" in g for g in graphs), graphs
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
