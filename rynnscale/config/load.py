@@ -71,6 +71,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
+        _coerce_lists(node, RootConfig, f"recipe {path}")   # an unknown key is named with the file that has it
         return node
     if isinstance(parents, ListConfig):
         parents = list(parents)
@@ -166,11 +167,14 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
     (``data.train_shards=path/*.tar``), generically over the schema, lists of sections included
     (``data.mixture[i].shards``). A value of the wrong kind (a mapping for a list of strings, a scalar for a list
     of sections, a number for a boolean, a list or scalar for a mapping) is a ConfigError naming the key, the type
-    expected and an example. Unknown keys are left to the
-    merge (which names them with a suggestion); interpolations are kept as they are."""
+    expected and an example. An unknown key is a ConfigError naming it (list items included:
+    ``data.mixture[0].weigth``), the closest key and ``where`` (the recipe file that holds it); interpolations are
+    kept as they are."""
     hints = _hints(cls)
     for k in list(node.keys()):
-        if not isinstance(k, str) or k not in hints:
+        if isinstance(k, str) and k not in hints:
+            raise ConfigError(f"{where}: {_unknown_key(prefix + k, sorted(hints))}")
+        if not isinstance(k, str):
             continue
         tp, key = hints[k], f"{prefix}{k}"
         child = node._get_node(k)
@@ -221,16 +225,27 @@ def _is_mapping(tp: Any) -> bool:
     return len(args) == 1 and (args[0] is dict or typing.get_origin(args[0]) is dict)
 
 
+def _unknown_key(key: str, allowed: list[str] | None = None) -> str:
+    """'unknown config key ...' for dotted ``key``, with the closest schema key and what its section allows
+    (``allowed``: the section's field names; by default looked up in the schema, which cannot step into a list
+    item such as ``data.mixture[0].weigth``: there the item's fields are suggested)."""
+    parent, _, leaf = key.rpartition(".")
+    if allowed is None:
+        allowed = sorted(k.rsplit(".", 1)[-1] for k in _all_keys(RootConfig)
+                         if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+    if "[" in key:
+        close = [f"{parent}.{c}" for c in difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, _all_keys(RootConfig), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
     if isinstance(e, ConfigKeyError) and key:
-        close = difflib.get_close_matches(key, _all_keys(RootConfig), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = sorted(k.rsplit(".", 1)[-1] for k in _all_keys(RootConfig)
-                         if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
-        return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
+        return _unknown_key(key)
     if isinstance(e, ValidationError) and key:
         tp = _schema_type(key)
         return f"config key '{key}': {msg}" + (f"; {_example(key, tp)}" if tp is not None else "")
@@ -577,6 +592,8 @@ def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootCo
         out: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"stages[{i}] ({st.name}): {_explain(e)}") from None
+    except ConfigError as e:   # _coerce_lists: names the key under stages[i].overrides
+        raise ConfigError(f"stages[{i}] ({st.name}): {e}") from None
     try:
         validate(out, check_paths=check_paths)
     except ConfigError as e:

@@ -157,3 +157,25 @@ def test_grad_accum_under_grpo_is_refused_pointing_at_policy_steps(tmp_path):
     cfg = load_config(demo, ["train.objective=grpo", "rl.policy_steps=2"])
     card = write_model_card(tmp_path, cfg, {"steps": 1, "tokens_seen": 1, "final_loss": 1.0}).read_text()
     assert "accumulation" not in card and "2 optimiser step(s) per rollout" in card
+
+
+def test_typo_inside_a_list_item_names_the_item_key_and_the_file(recipe, tmp_path):
+    """A typo'd key in a list of sections (``data.mixture[i]``, ``optim.groups[i]``) names the item's key, its
+    allowed fields and the recipe file that holds it (was: "unknown config key 'weigth' (allowed under '<root>':
+    checkpoint, data, ...)"), also when the typo is in a parent recipe."""
+    parent = tmp_path / "mix_parent.yaml"
+    parent.write_text(TINY_ARCH.replace("synthetic: {num_samples: 8}", "synthetic: {num_samples: 0}\n  mixture:\n"
+                                        "    - {name: a, shards: [x.tar], weigth: 2}\n"))
+    child = tmp_path / "mix_child.yaml"
+    child.write_text("extends: mix_parent.yaml\ntrain: {max_steps: 9}\n")
+    want = (r"recipe .*mix_parent\.yaml: unknown config key 'data\.mixture\[0\]\.weigth'; did you mean "
+            r"'data\.mixture\[0\]\.weight'\? \(allowed under 'data\.mixture\[0\]': name, shards, weight\)")
+    for path in (parent, child):
+        with pytest.raises(ConfigError, match=want):
+            load_config(path, check_paths=False)
+    with pytest.raises(ConfigError, match=r"^override: unknown config key 'optim\.groups\[0\]\.lr_scal'; did you "
+                                          r"mean 'optim\.groups\[0\]\.lr_scale'"):
+        load_config(recipe, ["optim.groups=[{pattern: 'model.visual.*', lr_scal: 0.1}]"])
+    with pytest.raises(ConfigError, match=r"recipe .*base\.yaml: unknown config key 'train\.max_step'"):
+        (tmp_path / "base.yaml").write_text(TINY_ARCH + "train: {max_step: 7}\n")
+        load_config(recipe, check_paths=False)
