@@ -179,3 +179,23 @@ def test_typo_inside_a_list_item_names_the_item_key_and_the_file(recipe, tmp_pat
     with pytest.raises(ConfigError, match=r"recipe .*base\.yaml: unknown config key 'train\.max_step'"):
         (tmp_path / "base.yaml").write_text(TINY_ARCH + "train: {max_step: 7}\n")
         load_config(recipe, check_paths=False)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("data.synthetic.objects=[4,2]", r"config key 'data\.synthetic\.objects'.*fewest <= most <= 5, got \[4, 2\]"),
+    ("data.synthetic.objects=[0,1]", r"config key 'data\.synthetic\.objects'"),
+    ("data.synthetic.objects=[1,2,3]", r"config key 'data\.synthetic\.objects'"),
+    ("data.synthetic.questions=[affordance,pointing]", r"config key 'data\.synthetic\.questions'.*'pointing'"),
+    ("data.synthetic.questions=[]", r"config key 'data\.synthetic\.questions'"),
+])
+def test_synthetic_content_is_checked_at_load(recipe, override, pattern):
+    """``data.synthetic.objects`` / ``questions`` fail at load (``--print-config``, ``plan``), not when the run
+    starts generating; in a staged recipe, before the first stage trains (was: after it)."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(recipe, [override])
+    staged = recipe.parent / "staged.yaml"
+    key, value = override.split("=", 1)
+    staged.write_text(f"extends: {recipe.name}\nstages:\n  - {{name: sft, overrides: {{}}}}\n"
+                      f"  - {{name: more, overrides: {{data: {{synthetic: {{{key.rsplit('.', 1)[1]}: {value}}}}}}}}}\n")
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(more\).*" + pattern):
+        load_config(staged)
