@@ -269,6 +269,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         overrides, per_stage = _split_stage_overrides(overrides)
+        overrides, per_item = _split_item_overrides(overrides)
         if overrides:
             cli = _from_dotlist(overrides)
             _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
@@ -276,6 +277,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             _replace_recipe_sources(layers, cli)
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
+        _apply_item_overrides(merged, per_item)
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
@@ -340,26 +342,68 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
     """omegaconf's dotlist parsing, except that a value YAML cannot parse as a scalar is the plain string it reads
     as (``model.lora.targets=*.q_proj``: a leading ``*`` is a YAML alias); a broken ``[...]`` / ``{...}`` or a YAML
     tag is an error naming the override."""
+    cli = OmegaConf.create()
+    for item in overrides:
+        OmegaConf.update(cli, item.split("=", 1)[0], _override_value(item))
+    return cli
+
+
+def _override_value(item: str) -> Any:
+    """The value of override ``key=value`` as YAML reads it (see ``_from_dotlist``)."""
     import yaml
     try:   # omegaconf's loader: yaml's SafeLoader plus its float / key rules (no tags that build objects)
         from omegaconf._yaml import get_yaml_loader
     except ImportError:   # omegaconf < 2.4
         from omegaconf._utils import get_yaml_loader  # type: ignore[attr-defined,no-redef]
 
-    cli = OmegaConf.create()
+    key, text = item.split("=", 1)
+    try:
+        return yaml.load(text, Loader=get_yaml_loader())
+    except yaml.YAMLError as e:
+        if text.lstrip()[:1] in ("[", "{", "!"):
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: "
+                              f"{getattr(e, 'problem', None) or e}); write lists as key=[a,b] and mappings as "
+                              "key={a: 1}, and quote a value that starts with a special character: "
+                              f"{key}='\"{text}\"'") from None
+        return text
+
+
+# ``data.mixture[1].weight=2`` or ``data.mixture.1.weight=2``: one field of one item of a list of sections
+_ITEM_KEY = re.compile(r"([A-Za-z_][\w.]*?)(?:\[(\d+)\]|\.(\d+))\.(.+)")
+
+
+def _split_item_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, int, str, str]]]:
+    """``<list of sections>[i].<field>=value`` overrides, as (list key, i, field, item), apart from the rest."""
+    rest, items = [], []
     for item in overrides:
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.load(text, Loader=get_yaml_loader())
-        except yaml.YAMLError as e:
-            if text.lstrip()[:1] in ("[", "{", "!"):
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: "
-                                  f"{getattr(e, 'problem', None) or e}); write lists as key=[a,b] and mappings as "
-                                  "key={a: 1}, and quote a value that starts with a special character: "
-                                  f"{key}='\"{text}\"'") from None
-            value = text
-        OmegaConf.update(cli, key, value)
-    return cli
+        m = _ITEM_KEY.fullmatch(item.split("=", 1)[0])
+        tp = _schema_type(m.group(1)) if m else None
+        elem = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if m and m.group(1) != "stages" and dataclasses.is_dataclass(elem):
+            items.append((m.group(1), int(m.group(2) or m.group(3)), m.group(4), item))
+        else:
+            rest.append(item)
+    return rest, items
+
+
+def _apply_item_overrides(merged: DictConfig, items: list[tuple[str, int, str, str]]) -> None:
+    """Set one field of one item of a list the recipe (and command line) built, e.g. a mixture source's weight;
+    an index past the list's end or a field the item does not have is a ConfigError naming the override."""
+    for key, i, field, item in items:
+        n = len(OmegaConf.select(merged, key) or [])
+        if i >= n:
+            raise ConfigError(f"override {item!r}: '{key}' has {n} item(s){f' (indices 0 to {n - 1})' if n else ''}; "
+                              f"to add or replace items give the whole list, e.g. {key}=[{{...}}, ...]")
+        full = f"{key}[{i}].{field}"
+        tp = _schema_type(full)
+        if tp is None:
+            elem = typing.get_args(_schema_type(key))[0]
+            raise ConfigError(f"override: {_unknown_key(full, sorted(f.name for f in dataclasses.fields(elem)))}")
+        value = _override_value(item)
+        _refuse_resolvers({full: value}, "override")
+        if typing.get_origin(tp) is list and value is not None and not isinstance(value, list):
+            value = [value]   # as _coerce_lists: one string means a one-element list
+        OmegaConf.update(merged, full, value, merge=False)
 
 
 # A command-line key replaces the recipe's sources of the same thing: (command-line key, [(recipe key, value that

@@ -199,3 +199,23 @@ def test_synthetic_content_is_checked_at_load(recipe, override, pattern):
                       f"  - {{name: more, overrides: {{data: {{synthetic: {{{key.rsplit('.', 1)[1]}: {value}}}}}}}}}\n")
     with pytest.raises(ConfigError, match=r"stages\[1\] \(more\).*" + pattern):
         load_config(staged)
+
+
+def test_one_field_of_a_list_item_can_be_overridden(tmp_path):
+    """``data.mixture[1].weight=2`` (or ``data.mixture.1.weight=2``) changes that source's weight and keeps the
+    recipe's other sources (was: "unknown config key '0' (allowed under '<root>': ...)"); a wrong index or field
+    is refused naming the override."""
+    r = tmp_path / "mix.yaml"
+    r.write_text(TINY_ARCH.replace("synthetic: {num_samples: 8}", "synthetic: {num_samples: 0}\n  mixture:\n"
+                                   "    - {name: a, shards: [a.tar], weight: 1}\n"
+                                   "    - {name: b, shards: [b.tar], weight: 1}\n"))
+    for key in ("data.mixture[1].weight", "data.mixture.1.weight"):
+        cfg = load_config(r, [f"{key}=3", "data.mixture[0].shards=z.tar"])
+        assert [(s.name, s.shards, s.weight) for s in cfg.data.mixture] == [("a", ["z.tar"], 1.0), ("b", ["b.tar"], 3.0)]
+    with pytest.raises(ConfigError, match=r"'data\.mixture\[2\]\.weight=3'.*'data\.mixture' has 2 item\(s\)"):
+        load_config(r, ["data.mixture[2].weight=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.mixture\[0\]\.wieght'; did you mean "
+                                          r"'data\.mixture\[0\]\.weight'"):
+        load_config(r, ["data.mixture[0].wieght=3"])
+    with pytest.raises(ConfigError, match=r"'data\.mixture\[0\]\.weight' = 0\.0 of source 'a' must be"):
+        load_config(r, ["data.mixture[0].weight=0"])
