@@ -278,6 +278,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
         _apply_item_overrides(merged, per_item)
+        references = _references(OmegaConf.to_container(merged, resolve=False))
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
@@ -286,8 +287,49 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
                           f"wrong shape ({e}); a section or mapping needs key: value pairs, a list [a, b]") from None
     if cfg.stages:
         _stages_under_command_line(cfg, overrides, per_stage)
+        _refuse_stage_overrides_of_references(cfg, references)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+# a plain ``${a.b}`` reference (no resolver; ``\${`` is a literal)
+_REFERENCE = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.]*)\s*\}")
+
+
+def _references(tree: Any, prefix: str = "", out: dict[str, str] | None = None) -> dict[str, str]:
+    """{referenced key: the first key whose value refers to it} over an unresolved config tree."""
+    out = {} if out is None else out
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}{'.' if prefix else ''}{k}"
+        if isinstance(v, str):
+            for ref in _REFERENCE.findall(v):
+                out.setdefault(ref, key)
+        else:
+            _references(v, key, out)
+    return out
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves (lists included) of a nested dict."""
+    keys = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        keys += _leaf_keys(v, key + ".") if isinstance(v, dict) and v else [key]
+    return keys
+
+
+def _refuse_stage_overrides_of_references(cfg: RootConfig, references: dict[str, str]) -> None:
+    """A stage cannot change a key that other values refer to (``data.root`` in ``${data.root}/x/*.tar``): the
+    references were resolved once, for the whole recipe, so the stage's value would reach only the key itself."""
+    for i, st in enumerate(cfg.stages):
+        for key in _leaf_keys(st.overrides):
+            for ref, by in references.items():
+                if ref == key or ref.startswith(key + ".") or key.startswith(ref + "."):
+                    raise ConfigError(f"config key 'stages[{i}].overrides.{key}' ({st.name}): '{by}' refers to "
+                                      f"'{ref}' (${{{ref}}}), resolved once for the whole recipe, so the stage's "
+                                      f"value would not reach it; set the keys that refer to it in the stage instead, "
+                                      f"or '{ref}' for the whole recipe")
 
 
 def _split_stage_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

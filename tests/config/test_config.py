@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rynnscale.config import ConfigError, load_config, save_resolved
+from rynnscale.config.load import stage_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -219,3 +220,25 @@ def test_one_field_of_a_list_item_can_be_overridden(tmp_path):
         load_config(r, ["data.mixture[0].wieght=3"])
     with pytest.raises(ConfigError, match=r"'data\.mixture\[0\]\.weight' = 0\.0 of source 'a' must be"):
         load_config(r, ["data.mixture[0].weight=0"])
+
+
+def test_a_stage_cannot_change_a_key_the_recipe_refers_to(tmp_path):
+    """``${data.root}`` references are resolved once for the whole recipe: a stage's ``data.root`` reached
+    ``data.root`` only, and the stage silently trained on the recipe's root's shards. Refused naming the stage key
+    and the reference; a stage that sets the referring key itself, or a command-line ``data.root``, still works."""
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_ARCH.replace("synthetic: {num_samples: 8}", "root: /shared\n  train_shards: "
+                                      "['${data.root}/a/*.tar']"))
+    staged = tmp_path / "staged.yaml"
+    staged.write_text("extends: base.yaml\nstages:\n  - {name: one, overrides: {}}\n"
+                      "  - {name: two, overrides: {data: {root: /other}}}\n")
+    want = r"'stages\[1\]\.overrides\.data\.root' \(two\): 'data\.train_shards\[0\]' refers to 'data\.root'"
+    with pytest.raises(ConfigError, match=want):
+        load_config(staged)
+    staged.write_text("extends: base.yaml\nstages:\n  - {name: one, overrides: {}}\n"
+                      "  - {name: two, overrides: {}}\n")
+    with pytest.raises(ConfigError, match=want):
+        load_config(staged, ["stages.two.data.root=/other"])
+    cfg = load_config(staged, ["stages.two.data.train_shards=/other/a/*.tar", "data.root=/cli"])
+    assert cfg.data.train_shards == ["/cli/a/*.tar"]
+    assert stage_config(cfg, 1, check_paths=False).data.train_shards == ["/other/a/*.tar"]
