@@ -349,10 +349,14 @@ def _stages_under_command_line(cfg: RootConfig, overrides: list[str], per_stage:
     """The command line is laid over every stage too: a key it sets leaves the stages' own overrides (so
     ``train.max_steps=4`` shortens every stage), and ``stages.<name or index>.<key>=value`` sets one stage's."""
     keys = [item.split("=", 1)[0] for item in overrides if not item.startswith("stages=")]
+    for given, replaced in _COMMAND_LINE_REPLACES:   # a command-line source replaces the stages' own sources too
+        if given in keys and _get(cfg, given) not in (None, []):
+            keys += [key for key, _, keep in replaced if not any(k == keep or k.startswith(keep + ".") for k in keys)]
     for st in cfg.stages:
         for key in keys:
             _drop_key(st.overrides, key.split("."))
     names = [st.name for st in cfg.stages]
+    stage_keys: dict[int, list[str]] = {}
     for sel, item in per_stage:
         i = names.index(sel) if sel in names else int(sel) if sel.isdigit() and int(sel) < len(names) else None
         if i is None:
@@ -365,6 +369,18 @@ def _stages_under_command_line(cfg: RootConfig, overrides: list[str], per_stage:
             cfg.stages[i].overrides = OmegaConf.to_container(OmegaConf.merge(cfg.stages[i].overrides, one))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override 'stages.{sel}.{item}': {_explain(e)}") from None
+        stage_keys.setdefault(i, []).append(item.split("=", 1)[0])
+    for i, given_keys in stage_keys.items():   # stages.<s>.data.train_shards=X: that stage trains on X only
+        over = OmegaConf.create(cfg.stages[i].overrides)
+        for given, replaced in _COMMAND_LINE_REPLACES:
+            if given not in given_keys or OmegaConf.select(over, given, default=None) in (None, []):
+                continue
+            for key, off, keep in replaced:
+                if not any(k == keep or k.startswith(keep + ".") for k in given_keys):
+                    OmegaConf.update(over, key, off, force_add=True, merge=False)
+                    log.info("command-line stages.%s.%s replaces the stage's %s -> %r", cfg.stages[i].name, given,
+                             key, off)
+        cfg.stages[i].overrides = OmegaConf.to_container(over)
 
 
 def _drop_key(tree: dict, path: list[str]) -> None:

@@ -242,3 +242,25 @@ def test_a_stage_cannot_change_a_key_the_recipe_refers_to(tmp_path):
     cfg = load_config(staged, ["stages.two.data.train_shards=/other/a/*.tar", "data.root=/cli"])
     assert cfg.data.train_shards == ["/cli/a/*.tar"]
     assert stage_config(cfg, 1, check_paths=False).data.train_shards == ["/other/a/*.tar"]
+
+
+def test_a_command_line_data_source_replaces_the_stages_sources_too(tmp_path):
+    """As for the recipe (README: a command-line source replaces the recipe's), ``data.train_shards=X`` drops
+    a stage's own synthetic set / mixture, and ``stages.<s>.data.train_shards=X`` switches the recipe's synthetic
+    set off in that stage; before, those stages trained on X mixed with the synthetic set."""
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_ARCH)   # data.synthetic.num_samples: 8
+    staged = tmp_path / "staged.yaml"
+    staged.write_text("extends: base.yaml\nstages:\n  - {name: one, overrides: {}}\n"
+                      "  - {name: two, overrides: {data: {synthetic: {num_samples: 16}}}}\n")
+    cfg = load_config(staged, ["data.train_shards=/x/*.tar"])
+    for i in (0, 1):
+        st = stage_config(cfg, i, check_paths=False)
+        assert (st.data.train_shards, st.data.synthetic.num_samples) == (["/x/*.tar"], 0), i
+    cfg = load_config(staged, ["stages.one.data.train_shards=/x/*.tar"])
+    one, two = (stage_config(cfg, i, check_paths=False) for i in (0, 1))
+    assert (one.data.train_shards, one.data.synthetic.num_samples) == (["/x/*.tar"], 0)
+    assert (two.data.train_shards, two.data.synthetic.num_samples) == ([], 16)
+    # a data.synthetic.* key beside it keeps the synthetic set, as on the recipe's command line
+    cfg = load_config(staged, ["stages.one.data.train_shards=/x/*.tar", "stages.one.data.synthetic.seed=5"])
+    assert stage_config(cfg, 0, check_paths=False).data.synthetic.num_samples == 8
