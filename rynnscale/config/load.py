@@ -470,7 +470,7 @@ def _apply_item_overrides(merged: DictConfig, items: list[tuple[str, int, str, s
 # silently mixing in the recipe's synthetic set (unless the command line also sets ``data.synthetic.*``).
 _COMMAND_LINE_REPLACES: tuple[tuple[str, tuple[tuple[str, Any, str], ...]], ...] = (
     ("model.init_from", (("model.arch", None, "model.arch"),)),
-    ("model.arch", (("model.init_from", None, "model.init_from"),)),
+    ("model.arch", (("model.init_from", None, "model.init_from"), ("model.preset", None, "model.preset"))),
     ("data.train_shards", (("data.mixture", [], "data.mixture"),
                            ("data.synthetic.num_samples", 0, "data.synthetic"))),
     ("data.mixture", (("data.train_shards", [], "data.train_shards"),

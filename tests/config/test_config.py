@@ -115,6 +115,21 @@ def test_command_line_init_from_replaces_the_recipe_arch(tmp_path):
         load_config(both, check_paths=False)
 
 
+def test_command_line_arch_replaces_a_recipe_init_from_and_its_preset():
+    """``model.arch=...`` on the command line of a full-size recipe (a tiny smoke test of it) replaces the recipe's
+    ``model.init_from`` and the ``model.preset`` naming that directory's architecture; before, the preset was kept
+    and the load failed with "'model.preset' ... cannot be combined with an inline 'model.arch'"."""
+    arch = ("model.arch={model_type: qwen3_vl, text_config: {vocab_size: 151936, hidden_size: 32, num_hidden_layers: 2, "
+            "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, intermediate_size: 64, mrope_section: "
+            "[2, 3, 3]}, vision_config: {depth: 1, hidden_size: 32, num_heads: 2, intermediate_size: 64, "
+            "out_hidden_size: 32, deepstack_visual_indexes: [0]}}")
+    for name in ("base/qwen3_vl_2b.yaml", "finetune/planning.yaml"):
+        cfg = load_config(REPO / "recipes" / name, [arch])
+        assert (cfg.model.init_from, cfg.model.preset, cfg.model.arch["text_config"]["hidden_size"]) == (None, None, 32)
+    with pytest.raises(ConfigError, match=r"'model\.preset'.*cannot be combined with an inline 'model\.arch'"):
+        load_config(REPO / "recipes" / "base/qwen3_vl_2b.yaml", [arch, "model.preset=qwen3-vl-2b"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.lora.alpha=32", "model.lora.alpha"), ("model.lora.experts=true", "model.lora.experts"),
     ("model.lora.vision=true", "model.lora.vision"), ("model.lora.targets=[x]", "model.lora.targets"),
