@@ -58,6 +58,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         if tag:   # !!python/object/apply:... : yaml's safe loader refuses it; say so, never build the object
             raise ConfigError(f"recipe {path} uses the YAML tag {tag.group(1)!r}{where}: tags are not allowed in "
                               "recipes (they would build Python objects); write plain values") from None
+        dup = re.fullmatch(r"found duplicate key ([A-Za-z_][A-Za-z0-9_]{0,63})", str(getattr(e, "problem", "") or ""))
+        if dup:   # yaml would keep only the last; a second `train:` section dropping the first is refused
+            raise ConfigError(f"recipe {path} sets the key {dup.group(1)!r} twice in one mapping{where}: merge the two "
+                              "into one (the second would replace the whole first one)") from None
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
                           "recipe mapping") from None
     if not isinstance(node, DictConfig):

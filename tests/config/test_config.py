@@ -279,3 +279,12 @@ def test_a_command_line_data_source_replaces_the_stages_sources_too(tmp_path):
     # a data.synthetic.* key beside it keeps the synthetic set, as on the recipe's command line
     cfg = load_config(staged, ["stages.one.data.train_shards=/x/*.tar", "stages.one.data.synthetic.seed=5"])
     assert stage_config(cfg, 0, check_paths=False).data.synthetic.num_samples == 8
+
+
+def test_a_key_set_twice_in_a_recipe_is_named(tmp_path):
+    """A second ``train:`` section (appended at the end of a recipe) names the key and its line, instead of
+    "is not valid YAML (line 6, column 1): ConstructorError"."""
+    r = tmp_path / "dup.yaml"
+    r.write_text(TINY_ARCH + "train:\n  max_steps: 7\n  grad_accum: 2\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml sets the key 'train' twice in one mapping \(line \d+, column 1\)"):
+        load_config(r)
