@@ -75,7 +75,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
-        _coerce_lists(node, RootConfig, f"recipe {path}")   # an unknown key is named with the file that has it
+        _check_layer(node, path)
         return node
     if isinstance(parents, ListConfig):
         parents = list(parents)
@@ -84,11 +84,25 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p for p in parents)):
         raise ConfigError(f"recipe {path}: 'extends:' must be a recipe path or a list of them (strings), got "
                           f"{OmegaConf.to_container(parents) if isinstance(parents, DictConfig) else parents!r}")
-    _coerce_lists(node, RootConfig, f"recipe {path}")   # shapes checked before the merge over the parents
+    _check_layer(node, path)   # before the merge over the parents, so that errors name this file
     merged = OmegaConf.create()
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
     return OmegaConf.merge(merged, node)
+
+
+def _check_layer(node: DictConfig, path: Path) -> None:
+    """One recipe file's keys, shapes and value types against the schema, so that an error names the file that
+    holds the bad value (an unknown key, a list for a mapping, ``max_steps: abc``)."""
+    where = f"recipe {path}"
+    _coerce_lists(node, RootConfig, where)
+    try:
+        OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_explain(e)}") from None
+    except TypeError as e:   # "Cannot merge incompatible container types" where _coerce_lists caught nothing
+        raise ConfigError(f"{where}: a value has the wrong shape ({e}); a section or mapping needs key: value "
+                          "pairs, a list [a, b]") from None
 
 
 # ``${name:...}`` calls a resolver (``oc.env`` reads the environment, ``oc.decode`` parses strings, custom ones

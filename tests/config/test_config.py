@@ -288,3 +288,11 @@ def test_a_key_set_twice_in_a_recipe_is_named(tmp_path):
     r.write_text(TINY_ARCH + "train:\n  max_steps: 7\n  grad_accum: 2\ntrain:\n  max_steps: 5\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml sets the key 'train' twice in one mapping \(line \d+, column 1\)"):
         load_config(r)
+
+
+def test_a_wrong_type_in_a_parent_recipe_names_that_file(recipe, tmp_path):
+    """In an ``extends`` chain a value of the wrong type names the file that holds it (was: the key only)."""
+    (tmp_path / "base.yaml").write_text(TINY_ARCH + "train: {grad_accum: abc}\n")
+    with pytest.raises(ConfigError, match=r"^recipe .*base\.yaml: config key 'train\.grad_accum': .*expected an "
+                                          r"integer"):
+        load_config(recipe)
