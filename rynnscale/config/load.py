@@ -203,6 +203,14 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
                 _coerce_lists(child, tp, where, key + ".")
+            elif not isinstance(child, DictConfig) and child._value() is None:
+                del node[k]   # `train:` with every key commented out: sets nothing (was "'train' is not Optional")
+            elif isinstance(child, ListConfig) or (not isinstance(child, DictConfig)
+                                                   and not child._is_interpolation()):
+                shown = "a list" if isinstance(child, ListConfig) else f"{child._value()!r}"
+                fields = ", ".join(f.name for f in dataclasses.fields(tp))
+                raise ConfigError(f"{where}: config key '{key}' is {shown}; it is a section: give its keys "
+                                  f"({fields}), e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
             continue
         if _is_mapping(tp):   # model.arch, rl.reward.weights, stages[i].overrides: merging a list would TypeError
             if isinstance(child, ListConfig) or (not isinstance(child, DictConfig) and child._value() is not None

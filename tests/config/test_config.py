@@ -296,3 +296,23 @@ def test_a_wrong_type_in_a_parent_recipe_names_that_file(recipe, tmp_path):
     with pytest.raises(ConfigError, match=r"^recipe .*base\.yaml: config key 'train\.grad_accum': .*expected an "
                                           r"integer"):
         load_config(recipe)
+
+
+@pytest.mark.parametrize("text, override, outcome", [
+    ("train:\n#  max_steps: 5\neval:\n", None, None),   # every key of a section commented out: sets nothing
+    ("", "train=5", r"^override: config key 'train' is 5; it is a section: give its keys \(max_steps, "),
+    ("data:\n  synthetic: [1]\n", None, r"recipe .*sec\.yaml: config key 'data\.synthetic' is a list; it is a "
+                                         r"section"),
+    ("", "stages=[{name: a, overrides: {train: 5}}]", r"stages\[0\] \(a\).*config key 'train' is 5; it is a section"),
+])
+def test_a_section_given_a_value_or_left_empty(recipe, tmp_path, text, override, outcome):
+    """A scalar or list given for a whole section is refused naming the section and its keys (was: "Merge error:
+    int is not a subclass of TrainConfig"); an empty section (its keys commented out) is accepted as setting
+    nothing (was: "field 'train' is not Optional")."""
+    r = tmp_path / "sec.yaml"
+    r.write_text(f"extends: {recipe.name}\n{text}")
+    if outcome is None:
+        assert load_config(r).train.max_steps == 9
+        return
+    with pytest.raises(ConfigError, match=outcome):
+        load_config(r, [override] if override else [])
