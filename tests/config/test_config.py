@@ -316,3 +316,17 @@ def test_a_section_given_a_value_or_left_empty(recipe, tmp_path, text, override,
         return
     with pytest.raises(ConfigError, match=outcome):
         load_config(r, [override] if override else [])
+
+
+def test_print_config_shows_a_recipe_whose_weights_are_elsewhere(capsys):
+    """``rynnscale train base/qwen3_vl_8b.yaml --print-config`` off-cluster prints the resolved config, then says
+    on stderr why this machine cannot train it (exit 2); before, it printed only the missing ``model.init_from``."""
+    import yaml
+
+    from rynnscale.cli import main
+    assert main(["train", str(REPO / "recipes" / "base" / "qwen3_vl_8b.yaml"), "--print-config",
+                 "train.max_steps=7"]) == 2
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    assert printed["train"]["max_steps"] == 7 and printed["model"]["preset"] == "qwen3-vl-8b"
+    assert "'model.init_from' = 'checkpoints/hf/Qwen3-VL-8B-Instruct': no config.json there" in err
