@@ -18,14 +18,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # before loading: the config's own notes (a command-line source replacing the recipe's) are start-up lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.recipe, args.overrides)
+    try:   # --print-config shows a recipe whose weights / checkpoint are not on this machine too (then exit 2)
+        cfg = load_config(args.recipe, args.overrides, check_paths=not args.print_config)
     except ConfigError as e:
         print(f"rynnscale train: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         from rynnscale.config import to_yaml
         print(to_yaml(cfg))
+        try:
+            load_config(args.recipe, args.overrides)
+        except ConfigError as e:
+            print(f"rynnscale train: {e} (the config above is the recipe's; this machine cannot train it as it is)",
+                  file=sys.stderr)
+            return 2
         return 0
     from rynnscale.parallel.distributed import reported
     from rynnscale.train.trainer import run_training

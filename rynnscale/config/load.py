@@ -58,6 +58,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         if tag:   # !!python/object/apply:... : yaml's safe loader refuses it; say so, never build the object
             raise ConfigError(f"recipe {path} uses the YAML tag {tag.group(1)!r}{where}: tags are not allowed in "
                               "recipes (they would build Python objects); write plain values") from None
+        dup = re.fullmatch(r"found duplicate key ([A-Za-z_][A-Za-z0-9_]{0,63})", str(getattr(e, "problem", "") or ""))
+        if dup:   # yaml would keep only the last; a second `train:` section dropping the first is refused
+            raise ConfigError(f"recipe {path} sets the key {dup.group(1)!r} twice in one mapping{where}: merge the two "
+                              "into one (the second would replace the whole first one)") from None
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {type(e).__name__}; it is not a valid "
                           "recipe mapping") from None
     if not isinstance(node, DictConfig):
@@ -71,6 +75,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     _refuse_resolvers(OmegaConf.to_container(node, resolve=False), f"recipe {path}")
     parents = node.pop("extends", None)
     if parents is None:
+        _check_layer(node, path)
         return node
     if isinstance(parents, ListConfig):
         parents = list(parents)
@@ -79,11 +84,25 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p for p in parents)):
         raise ConfigError(f"recipe {path}: 'extends:' must be a recipe path or a list of them (strings), got "
                           f"{OmegaConf.to_container(parents) if isinstance(parents, DictConfig) else parents!r}")
-    _coerce_lists(node, RootConfig, f"recipe {path}")   # shapes checked before the merge over the parents
+    _check_layer(node, path)   # before the merge over the parents, so that errors name this file
     merged = OmegaConf.create()
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), chain + (path,)))
     return OmegaConf.merge(merged, node)
+
+
+def _check_layer(node: DictConfig, path: Path) -> None:
+    """One recipe file's keys, shapes and value types against the schema, so that an error names the file that
+    holds the bad value (an unknown key, a list for a mapping, ``max_steps: abc``)."""
+    where = f"recipe {path}"
+    _coerce_lists(node, RootConfig, where)
+    try:
+        OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {_explain(e)}") from None
+    except TypeError as e:   # "Cannot merge incompatible container types" where _coerce_lists caught nothing
+        raise ConfigError(f"{where}: a value has the wrong shape ({e}); a section or mapping needs key: value "
+                          "pairs, a list [a, b]") from None
 
 
 # ``${name:...}`` calls a resolver (``oc.env`` reads the environment, ``oc.decode`` parses strings, custom ones
@@ -166,11 +185,14 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
     (``data.train_shards=path/*.tar``), generically over the schema, lists of sections included
     (``data.mixture[i].shards``). A value of the wrong kind (a mapping for a list of strings, a scalar for a list
     of sections, a number for a boolean, a list or scalar for a mapping) is a ConfigError naming the key, the type
-    expected and an example. Unknown keys are left to the
-    merge (which names them with a suggestion); interpolations are kept as they are."""
+    expected and an example. An unknown key is a ConfigError naming it (list items included:
+    ``data.mixture[0].weigth``), the closest key and ``where`` (the recipe file that holds it); interpolations are
+    kept as they are."""
     hints = _hints(cls)
     for k in list(node.keys()):
-        if not isinstance(k, str) or k not in hints:
+        if isinstance(k, str) and k not in hints:
+            raise ConfigError(f"{where}: {_unknown_key(prefix + k, sorted(hints))}")
+        if not isinstance(k, str):
             continue
         tp, key = hints[k], f"{prefix}{k}"
         child = node._get_node(k)
@@ -181,6 +203,14 @@ def _coerce_lists(node: DictConfig, cls: type, where: str, prefix: str = "") -> 
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
                 _coerce_lists(child, tp, where, key + ".")
+            elif not isinstance(child, DictConfig) and child._value() is None:
+                del node[k]   # `train:` with every key commented out: sets nothing (was "'train' is not Optional")
+            elif isinstance(child, ListConfig) or (not isinstance(child, DictConfig)
+                                                   and not child._is_interpolation()):
+                shown = "a list" if isinstance(child, ListConfig) else f"{child._value()!r}"
+                fields = ", ".join(f.name for f in dataclasses.fields(tp))
+                raise ConfigError(f"{where}: config key '{key}' is {shown}; it is a section: give its keys "
+                                  f"({fields}), e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
             continue
         if _is_mapping(tp):   # model.arch, rl.reward.weights, stages[i].overrides: merging a list would TypeError
             if isinstance(child, ListConfig) or (not isinstance(child, DictConfig) and child._value() is not None
@@ -221,16 +251,27 @@ def _is_mapping(tp: Any) -> bool:
     return len(args) == 1 and (args[0] is dict or typing.get_origin(args[0]) is dict)
 
 
+def _unknown_key(key: str, allowed: list[str] | None = None) -> str:
+    """'unknown config key ...' for dotted ``key``, with the closest schema key and what its section allows
+    (``allowed``: the section's field names; by default looked up in the schema, which cannot step into a list
+    item such as ``data.mixture[0].weigth``: there the item's fields are suggested)."""
+    parent, _, leaf = key.rpartition(".")
+    if allowed is None:
+        allowed = sorted(k.rsplit(".", 1)[-1] for k in _all_keys(RootConfig)
+                         if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+    if "[" in key:
+        close = [f"{parent}.{c}" for c in difflib.get_close_matches(leaf, allowed, n=1, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, _all_keys(RootConfig), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
     if isinstance(e, ConfigKeyError) and key:
-        close = difflib.get_close_matches(key, _all_keys(RootConfig), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = sorted(k.rsplit(".", 1)[-1] for k in _all_keys(RootConfig)
-                         if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
-        return f"unknown config key '{key}'{hint} (allowed under '{parent or '<root>'}': {', '.join(allowed)})"
+        return _unknown_key(key)
     if isinstance(e, ValidationError) and key:
         tp = _schema_type(key)
         return f"config key '{key}': {msg}" + (f"; {_example(key, tp)}" if tp is not None else "")
@@ -254,6 +295,7 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value")
         overrides, per_stage = _split_stage_overrides(overrides)
+        overrides, per_item = _split_item_overrides(overrides)
         if overrides:
             cli = _from_dotlist(overrides)
             _refuse_resolvers(OmegaConf.to_container(cli, resolve=False), "override")
@@ -261,6 +303,8 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
             _replace_recipe_sources(layers, cli)
             layers.append(cli)
         merged = OmegaConf.merge(*layers)
+        _apply_item_overrides(merged, per_item)
+        references = _references(OmegaConf.to_container(merged, resolve=False))
         cfg: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e)) from None
@@ -269,8 +313,49 @@ def load_config(recipe: str | Path | None, overrides: Iterable[str] = (), *, che
                           f"wrong shape ({e}); a section or mapping needs key: value pairs, a list [a, b]") from None
     if cfg.stages:
         _stages_under_command_line(cfg, overrides, per_stage)
+        _refuse_stage_overrides_of_references(cfg, references)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+# a plain ``${a.b}`` reference (no resolver; ``\${`` is a literal)
+_REFERENCE = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_][\w.]*)\s*\}")
+
+
+def _references(tree: Any, prefix: str = "", out: dict[str, str] | None = None) -> dict[str, str]:
+    """{referenced key: the first key whose value refers to it} over an unresolved config tree."""
+    out = {} if out is None else out
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else f"{prefix}{'.' if prefix else ''}{k}"
+        if isinstance(v, str):
+            for ref in _REFERENCE.findall(v):
+                out.setdefault(ref, key)
+        else:
+            _references(v, key, out)
+    return out
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves (lists included) of a nested dict."""
+    keys = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        keys += _leaf_keys(v, key + ".") if isinstance(v, dict) and v else [key]
+    return keys
+
+
+def _refuse_stage_overrides_of_references(cfg: RootConfig, references: dict[str, str]) -> None:
+    """A stage cannot change a key that other values refer to (``data.root`` in ``${data.root}/x/*.tar``): the
+    references were resolved once, for the whole recipe, so the stage's value would reach only the key itself."""
+    for i, st in enumerate(cfg.stages):
+        for key in _leaf_keys(st.overrides):
+            for ref, by in references.items():
+                if ref == key or ref.startswith(key + ".") or key.startswith(ref + "."):
+                    raise ConfigError(f"config key 'stages[{i}].overrides.{key}' ({st.name}): '{by}' refers to "
+                                      f"'{ref}' (${{{ref}}}), resolved once for the whole recipe, so the stage's "
+                                      f"value would not reach it; set the keys that refer to it in the stage instead, "
+                                      f"or '{ref}' for the whole recipe")
 
 
 def _split_stage_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -290,10 +375,14 @@ def _stages_under_command_line(cfg: RootConfig, overrides: list[str], per_stage:
     """The command line is laid over every stage too: a key it sets leaves the stages' own overrides (so
     ``train.max_steps=4`` shortens every stage), and ``stages.<name or index>.<key>=value`` sets one stage's."""
     keys = [item.split("=", 1)[0] for item in overrides if not item.startswith("stages=")]
+    for given, replaced in _COMMAND_LINE_REPLACES:   # a command-line source replaces the stages' own sources too
+        if given in keys and _get(cfg, given) not in (None, []):
+            keys += [key for key, _, keep in replaced if not any(k == keep or k.startswith(keep + ".") for k in keys)]
     for st in cfg.stages:
         for key in keys:
             _drop_key(st.overrides, key.split("."))
     names = [st.name for st in cfg.stages]
+    stage_keys: dict[int, list[str]] = {}
     for sel, item in per_stage:
         i = names.index(sel) if sel in names else int(sel) if sel.isdigit() and int(sel) < len(names) else None
         if i is None:
@@ -306,6 +395,18 @@ def _stages_under_command_line(cfg: RootConfig, overrides: list[str], per_stage:
             cfg.stages[i].overrides = OmegaConf.to_container(OmegaConf.merge(cfg.stages[i].overrides, one))
         except OmegaConfBaseException as e:
             raise ConfigError(f"override 'stages.{sel}.{item}': {_explain(e)}") from None
+        stage_keys.setdefault(i, []).append(item.split("=", 1)[0])
+    for i, given_keys in stage_keys.items():   # stages.<s>.data.train_shards=X: that stage trains on X only
+        over = OmegaConf.create(cfg.stages[i].overrides)
+        for given, replaced in _COMMAND_LINE_REPLACES:
+            if given not in given_keys or OmegaConf.select(over, given, default=None) in (None, []):
+                continue
+            for key, off, keep in replaced:
+                if not any(k == keep or k.startswith(keep + ".") for k in given_keys):
+                    OmegaConf.update(over, key, off, force_add=True, merge=False)
+                    log.info("command-line stages.%s.%s replaces the stage's %s -> %r", cfg.stages[i].name, given,
+                             key, off)
+        cfg.stages[i].overrides = OmegaConf.to_container(over)
 
 
 def _drop_key(tree: dict, path: list[str]) -> None:
@@ -325,26 +426,68 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
     """omegaconf's dotlist parsing, except that a value YAML cannot parse as a scalar is the plain string it reads
     as (``model.lora.targets=*.q_proj``: a leading ``*`` is a YAML alias); a broken ``[...]`` / ``{...}`` or a YAML
     tag is an error naming the override."""
+    cli = OmegaConf.create()
+    for item in overrides:
+        OmegaConf.update(cli, item.split("=", 1)[0], _override_value(item))
+    return cli
+
+
+def _override_value(item: str) -> Any:
+    """The value of override ``key=value`` as YAML reads it (see ``_from_dotlist``)."""
     import yaml
     try:   # omegaconf's loader: yaml's SafeLoader plus its float / key rules (no tags that build objects)
         from omegaconf._yaml import get_yaml_loader
     except ImportError:   # omegaconf < 2.4
         from omegaconf._utils import get_yaml_loader  # type: ignore[attr-defined,no-redef]
 
-    cli = OmegaConf.create()
+    key, text = item.split("=", 1)
+    try:
+        return yaml.load(text, Loader=get_yaml_loader())
+    except yaml.YAMLError as e:
+        if text.lstrip()[:1] in ("[", "{", "!"):
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: "
+                              f"{getattr(e, 'problem', None) or e}); write lists as key=[a,b] and mappings as "
+                              "key={a: 1}, and quote a value that starts with a special character: "
+                              f"{key}='\"{text}\"'") from None
+        return text
+
+
+# ``data.mixture[1].weight=2`` or ``data.mixture.1.weight=2``: one field of one item of a list of sections
+_ITEM_KEY = re.compile(r"([A-Za-z_][\w.]*?)(?:\[(\d+)\]|\.(\d+))\.(.+)")
+
+
+def _split_item_overrides(overrides: list[str]) -> tuple[list[str], list[tuple[str, int, str, str]]]:
+    """``<list of sections>[i].<field>=value`` overrides, as (list key, i, field, item), apart from the rest."""
+    rest, items = [], []
     for item in overrides:
-        key, text = item.split("=", 1)
-        try:
-            value = yaml.load(text, Loader=get_yaml_loader())
-        except yaml.YAMLError as e:
-            if text.lstrip()[:1] in ("[", "{", "!"):
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(e).__name__}: "
-                                  f"{getattr(e, 'problem', None) or e}); write lists as key=[a,b] and mappings as "
-                                  "key={a: 1}, and quote a value that starts with a special character: "
-                                  f"{key}='\"{text}\"'") from None
-            value = text
-        OmegaConf.update(cli, key, value)
-    return cli
+        m = _ITEM_KEY.fullmatch(item.split("=", 1)[0])
+        tp = _schema_type(m.group(1)) if m else None
+        elem = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if m and m.group(1) != "stages" and dataclasses.is_dataclass(elem):
+            items.append((m.group(1), int(m.group(2) or m.group(3)), m.group(4), item))
+        else:
+            rest.append(item)
+    return rest, items
+
+
+def _apply_item_overrides(merged: DictConfig, items: list[tuple[str, int, str, str]]) -> None:
+    """Set one field of one item of a list the recipe (and command line) built, e.g. a mixture source's weight;
+    an index past the list's end or a field the item does not have is a ConfigError naming the override."""
+    for key, i, field, item in items:
+        n = len(OmegaConf.select(merged, key) or [])
+        if i >= n:
+            raise ConfigError(f"override {item!r}: '{key}' has {n} item(s){f' (indices 0 to {n - 1})' if n else ''}; "
+                              f"to add or replace items give the whole list, e.g. {key}=[{{...}}, ...]")
+        full = f"{key}[{i}].{field}"
+        tp = _schema_type(full)
+        if tp is None:
+            elem = typing.get_args(_schema_type(key))[0]
+            raise ConfigError(f"override: {_unknown_key(full, sorted(f.name for f in dataclasses.fields(elem)))}")
+        value = _override_value(item)
+        _refuse_resolvers({full: value}, "override")
+        if typing.get_origin(tp) is list and value is not None and not isinstance(value, list):
+            value = [value]   # as _coerce_lists: one string means a one-element list
+        OmegaConf.update(merged, full, value, merge=False)
 
 
 # A command-line key replaces the recipe's sources of the same thing: (command-line key, [(recipe key, value that
@@ -353,7 +496,7 @@ def _from_dotlist(overrides: list[str]) -> DictConfig:
 # silently mixing in the recipe's synthetic set (unless the command line also sets ``data.synthetic.*``).
 _COMMAND_LINE_REPLACES: tuple[tuple[str, tuple[tuple[str, Any, str], ...]], ...] = (
     ("model.init_from", (("model.arch", None, "model.arch"),)),
-    ("model.arch", (("model.init_from", None, "model.init_from"),)),
+    ("model.arch", (("model.init_from", None, "model.init_from"), ("model.preset", None, "model.preset"))),
     ("data.train_shards", (("data.mixture", [], "data.mixture"),
                            ("data.synthetic.num_samples", 0, "data.synthetic"))),
     ("data.mixture", (("data.train_shards", [], "data.train_shards"),
@@ -577,6 +720,8 @@ def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootCo
         out: RootConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(f"stages[{i}] ({st.name}): {_explain(e)}") from None
+    except ConfigError as e:   # _coerce_lists: names the key under stages[i].overrides
+        raise ConfigError(f"stages[{i}] ({st.name}): {e}") from None
     try:
         validate(out, check_paths=check_paths)
     except ConfigError as e:

@@ -108,6 +108,29 @@ def check_synthetic_size(frames: int, width: int, height: int, prefix: str = "")
             raise ConfigError(f"{'config key ' if prefix else ''}'{prefix}{key}' = {value!r} must be {rule}")
 
 
+# The synthetic generator's question types and its most objects per clip (its palette's size:
+# ``rynnscale.data_pipelines.synthetic``, which checks with these too); here so a recipe is checked at load.
+SYNTHETIC_QUESTION_TYPES = ("traj", "locate_last", "locate_frame", "which_moved", "affordance")
+SYNTHETIC_MAX_OBJECTS = 5
+
+
+def check_object_counts(objects) -> tuple[int, int]:
+    """``objects`` = (fewest, most) objects per clip, checked: 1 <= fewest <= most <= the palette's size."""
+    if len(objects) != 2 or not 1 <= objects[0] <= objects[1] <= SYNTHETIC_MAX_OBJECTS:
+        raise ValueError(f"synthetic object counts must be [fewest, most] with 1 <= fewest <= most <= "
+                         f"{SYNTHETIC_MAX_OBJECTS}, got {list(objects)}")
+    return int(objects[0]), int(objects[1])
+
+
+def check_question_types(questions) -> tuple[str, ...]:
+    """``questions`` as a tuple after checking it is a non-empty list of known question types."""
+    bad = [q for q in questions if q not in SYNTHETIC_QUESTION_TYPES]
+    if not questions or bad or len(set(questions)) != len(questions):
+        raise ValueError(f"synthetic question types must be distinct names from {list(SYNTHETIC_QUESTION_TYPES)}, "
+                         f"got {list(questions)}")
+    return tuple(questions)
+
+
 @dataclass
 class SyntheticDataConfig:
     """Built-in synthetic egocentric dataset, generated once into ``output_dir`` (default: under the run)."""
@@ -127,6 +150,11 @@ class SyntheticDataConfig:
 
     def validate(self) -> None:
         check_synthetic_size(self.frames, self.width, self.height, "data.synthetic.")
+        for key, check in (("questions", check_question_types), ("objects", check_object_counts)):
+            try:
+                check(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"config key 'data.synthetic.{key}': {e}") from None
 
 
 @dataclass

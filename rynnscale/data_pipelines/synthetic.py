@@ -36,7 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rynnscale.config.schema import check_synthetic_size
+from rynnscale.config.schema import (
+    SYNTHETIC_MAX_OBJECTS,
+    check_object_counts,
+    check_question_types,
+    check_synthetic_size,
+)
+from rynnscale.config.schema import SYNTHETIC_QUESTION_TYPES as QUESTION_TYPES
 from rynnscale.data.manifest import MANIFEST_NAME, ShardInfo, completed_shards, read_manifest
 from rynnscale.data.schema import validate_conv, validate_meta, validate_sample_members
 from rynnscale.data.tags import (
@@ -73,8 +79,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 210, 40),
     "purple": (150, 60, 195),
 }
+assert len(PALETTE) == SYNTHETIC_MAX_OBJECTS, "config.schema.SYNTHETIC_MAX_OBJECTS is the palette's size"
 SHAPES = ("cube", "ball")
-QUESTION_TYPES = ("traj", "locate_last", "locate_frame", "which_moved", "affordance")
 OBJECTS = (2, 4)  # fewest and most objects per clip
 # codec preference for codec="auto": (PyAV encoder, container format, member extension)
 _CODECS = {
@@ -193,14 +199,6 @@ def _draw_object(img: np.ndarray, shape: str, color: np.ndarray, cx: float, cy: 
         shade = np.where(py > 0.55 * r, 0.75, shade)
     region = img[sl]
     region[mask] = (color[None, :] * shade[mask][:, None]).astype(np.float32)
-
-
-def check_object_counts(objects: Sequence[int]) -> tuple[int, int]:
-    """``objects`` = (fewest, most) objects per clip, checked: 1 <= fewest <= most <= the palette's size."""
-    if len(objects) != 2 or not 1 <= objects[0] <= objects[1] <= len(PALETTE):
-        raise ValueError(f"synthetic object counts must be [fewest, most] with 1 <= fewest <= most <= {len(PALETTE)}, "
-                         f"got {list(objects)}")
-    return int(objects[0]), int(objects[1])
 
 
 def render_clip(
@@ -333,14 +331,6 @@ def _region(x: float, y: float, width: int, height: int, table_top: float) -> st
     side = ("left", "middle", "right")[min(2, int(3 * x / width))]
     depth = "far" if y < (table_top + height) / 2 else "near"
     return f"{depth} {side}"
-
-
-def check_question_types(questions: Sequence[str]) -> tuple[str, ...]:
-    """``questions`` as a tuple after checking it is a non-empty list of known question types."""
-    bad = [q for q in questions if q not in QUESTION_TYPES]
-    if not questions or bad or len(set(questions)) != len(questions):
-        raise ValueError(f"synthetic question types must be distinct names from {list(QUESTION_TYPES)}, got {list(questions)}")
-    return tuple(questions)
 
 
 def _question_answer(

@@ -51,7 +51,7 @@ def test_inheritance_overrides_parent_and_keeps_the_rest() -> None:
     base = load_config(RECIPES / "base/qwen3_vl_8b.yaml", check_paths=False)
     nav = load_config(RECIPES / "finetune/navigation.yaml", check_paths=False)
     assert base.train.micro_batch_tokens == nav.train.micro_batch_tokens == 16384   # from base/_base.yaml
-    assert nav.model.init_from == "runs/base_8b/export" and base.model.init_from.endswith("Qwen3-VL-8B-Instruct")
+    assert nav.model.init_from == "runs/base_8b/hf" and base.model.init_from.endswith("Qwen3-VL-8B-Instruct")
     assert [s.name for s in nav.data.mixture] == ["navigation"]                     # list replaced, not merged
     assert nav.data.video_max_frames == 64 and base.data.video_max_frames == 512
     moe = load_config(RECIPES / "base/qwen3_vl_30b_a3b.yaml", check_paths=False)
@@ -144,3 +144,20 @@ def test_optimizer_groups_and_freezing() -> None:
         freeze_parameters(model, ["model.vision.*"])
     with pytest.raises(ValueError, match=r"optim.groups\[0\].pattern"):
         build_optimizer(model, OptimConfig(groups=[OptimGroupConfig("visual.*")]))
+
+
+def test_fine_tunes_start_from_a_base_recipe_export() -> None:
+    """A fine-tune's ``model.init_from`` under ``runs/`` is where a base recipe of the repo writes its export
+    (``checkpoint.export_hf``: ``<run.output_dir>/hf``), so running the base then the fine-tune chains."""
+    exports = {}
+    for p in ALL:
+        cfg = load_config(p, check_paths=False)
+        if cfg.checkpoint.export_hf and not cfg.stages:
+            exports[str(Path(cfg.run.output_dir) / "hf")] = p.relative_to(RECIPES)
+    fine_tunes = [p for p in ALL if "finetune" in p.parts]
+    assert fine_tunes
+    for p in fine_tunes:
+        init = load_config(p, check_paths=False).model.init_from
+        if init is not None and init.startswith("runs/"):
+            assert init in exports, f"{p.relative_to(RECIPES)}: model.init_from={init!r} is no recipe's export " \
+                                    f"(exports: {sorted(exports)})"
