@@ -197,8 +197,9 @@ def _remux(paths: list[Path], dst: Path) -> list[float]:
         for p in paths:
             with av.open(str(p)) as ic:
                 ist = ic.streams.video[0]
+                time_base = ist.time_base   # read while open: PyAV >= 19 refuses a closed container's streams
                 ost = ost or oc.add_stream_from_template(ist, opaque=True)
-                starts.append(float(offset * ist.time_base))
+                starts.append(float(offset * time_base))
                 end = 0
                 for pkt in ic.demux(ist):
                     if pkt.dts is None:
@@ -209,7 +210,7 @@ def _remux(paths: list[Path], dst: Path) -> list[float]:
                     pkt.stream = ost
                     oc.mux(pkt)
                 offset += end
-    return starts + [float(offset * ist.time_base)]
+    return starts + [float(offset * time_base)]
 
 
 def _make_v3(dst: Path, *, extra_row: int | None = None, ms_timestamps: int | None = None,
