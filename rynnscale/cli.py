@@ -14,7 +14,7 @@ from pathlib import Path
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from rynnscale.config import ConfigError, load_config
+    from rynnscale.config import ConfigError, load_config, validate
 
     # before loading: the config's own notes (a command-line source replacing the recipe's) are start-up lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -27,7 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from rynnscale.config import to_yaml
         print(to_yaml(cfg))
         try:
-            load_config(args.recipe, args.overrides)
+            validate(cfg, check_paths=True)   # what load_config checks beyond the printed config: the paths
         except ConfigError as e:
             print(f"rynnscale train: {e} (the config above is the recipe's; this machine cannot train it as it is)",
                   file=sys.stderr)

@@ -577,8 +577,7 @@ class TrainLoader(_Loader):
         if sd.get("version") != GLOBAL_STATE_VERSION:
             raise LoaderStateError(
                 f"loader state version {sd.get('version')!r} was saved by the per-rank split loader (before the "
-                "global sample order); it cannot be continued in the global order (the trainer then restarts the "
-                "data order deterministically, with a warning)")
+                "global sample order); it cannot be continued in the global order")
         mine = self._global_fingerprint()
         for k in list(mine) + [k for k in sd["config"] if k not in mine and k not in _MAY_CHANGE]:
             if sd["config"].get(k) != mine.get(k):
@@ -586,8 +585,10 @@ class TrainLoader(_Loader):
                     what = "another shard list (the same number of shards, other names or another order)"
                 else:
                     what = f"{k}={sd['config'].get(k)!r}, this loader has {mine.get(k)!r}"
-                raise LoaderStateError(f"loader state was saved with {what} (recipe: {_RECIPE_KEY.get(k, k)}); the "
+                err = LoaderStateError(f"loader state was saved with {what} (recipe: {_RECIPE_KEY.get(k, k)}); the "
                                        "global sample order cannot be continued")
+                err.recipe_key = _RECIPE_KEY.get(k, k)   # a setting the user can set back
+                raise err
         self._global = copy.deepcopy(sd["state"])
         if self._global is not None and "budget" not in self._global:   # saved before the state recorded it
             self._global["budget"] = sd["config"].get("micro_batch_tokens", self.cfg.micro_batch_tokens)

@@ -211,7 +211,8 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], group: dist.ProcessGr
     when a gradient is fp64 (as torch's clip_grad_norm_ keeps it), on the parameters' device."""
     params = list(params)
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    # from the parameters, not this rank's gradients: every rank must all-reduce the same dtype
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     if grads:
         sq = torch.stack([g.to(dtype).pow(2).sum() for g in grads]).sum()
     else:   # this rank holds no gradient: its share is zero, on the device the collective runs on (NCCL: CUDA)

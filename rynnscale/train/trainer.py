@@ -204,10 +204,10 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
         try:
             c.data.load_state_dict(order["loader"])
         except LoaderStateError as e:   # a data setting changed: one line naming it and the ways on
+            set_back = "Set it back to continue this run; or s" if getattr(e, "recipe_key", None) else "S"
             raise ConfigError(
-                f"checkpoint {path}: {e}. Set it back to continue this run; or start a new run from these weights "
-                f"(rynnscale ckpt export-hf {path} OUT, then model.init_from=OUT: the optimiser state and the data "
-                "order start afresh)") from None
+                f"checkpoint {path}: {e}. {set_back}tart a new run from these weights (rynnscale ckpt export-hf "
+                f"{path} OUT, then model.init_from=OUT: the optimiser state and the data order start afresh)") from None
         if not rs.exact:
             seed_everything(data_seed)
             if c.ctx.is_main:
