@@ -177,10 +177,15 @@ def _png(mode: str, size=(40, 30)) -> bytes:
 
 @pytest.mark.parametrize("mode", ["RGBA", "RGB", "L", "LA"])
 def test_decode_image_rgb_conversion_matches_transformers(mode):
+    import inspect
+
     from transformers.image_transforms import convert_to_rgb
 
+    if "A" in mode and "return_numpy" not in inspect.signature(convert_to_rgb).parameters:
+        pytest.skip("this transformers' convert_to_rgb drops transparency (e.g. 5.17); newer ones composite it onto "
+                    "white, as decode_image does")
     data = _png(mode)
-    want = convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+    want = np.asarray(convert_to_rgb(Image.open(io.BytesIO(data))))
     np.testing.assert_array_equal(decode_image(data), want)
 
 
@@ -292,7 +297,7 @@ def test_decode_image_applies_exif_orientation_as_transformers_load_image(fmt, o
     from rynnscale.data.vision_preprocess import image_size
 
     data = _with_orientation(fmt, orientation)
-    want = convert_to_rgb(load_image(Image.open(io.BytesIO(data))), return_numpy=True)
+    want = np.asarray(convert_to_rgb(load_image(Image.open(io.BytesIO(data)))))
     got = decode_image(data)
     np.testing.assert_array_equal(got, want)
     assert image_size(data) == want.shape[:2] == ((4, 6) if orientation < 5 else (6, 4))
