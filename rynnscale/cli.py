@@ -165,14 +165,13 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
             if args.adapter is not None:   # checked before writing: one output must not replace the other
                 from rynnscale.checkpoint.dcp import TRAINER_STATE
                 from rynnscale.checkpoint.export import checkpoint_lora_spec
+                from rynnscale.checkpoint.hf import check_export_target
 
                 a, o = args.adapter.resolve(), args.out.resolve()
                 if a == o or o in a.parents or a in o.parents:
                     raise ValueError(f"--adapter {args.adapter} and OUT {args.out} overlap: the adapter and the merged "
                                      "model need separate directories")
-                if a.exists() and (not a.is_dir() or any(a.iterdir())) and not args.overwrite:
-                    raise FileExistsError(f"--adapter {args.adapter} exists and is not empty; pass --overwrite to "
-                                          "replace it")
+                check_export_target(args.adapter, None, 1, args.overwrite)   # a non-empty one, before any writing
                 if (args.ckpt / TRAINER_STATE).is_file() and checkpoint_lora_spec(args.ckpt) is None:
                     raise ValueError(f"--adapter: {args.ckpt} is not a LoRA run's checkpoint (its config has "
                                      "model.lora.rank = 0), so there is no adapter to write; drop --adapter")
