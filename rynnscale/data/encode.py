@@ -1,10 +1,19 @@
 """One webdataset sample (``conv.json`` + media members) -> :class:`EncodedSample`.
 
-The conversation is rendered like the Qwen3-VL-Instruct chat template, token for token:
+The conversation is rendered like the model's chat template (``DataContract.chat_template``), token for token.
+Qwen3-VL-Instruct's ("qwen3_vl"):
 
     <|im_start|>system\\n{text}<|im_end|>\\n            (only if the first message is a system one)
     <|im_start|>user\\n{text | media ...}<|im_end|>\\n
     <|im_start|>assistant\\n{text}<|im_end|>\\n
+
+Qwen3.5's ("qwen3_5", the template its checkpoints ship): the same turns, each message's content stripped of
+white space at its two ends (jinja's ``|trim``), and every assistant turn after the last user query opens with
+its reasoning, ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` (an empty block when it has none). The
+reasoning is the message's ``reasoning_content`` string, else the text before ``</think>`` in its content; earlier
+assistant turns keep only their answer. Of the block, the reasoning and its ``\\n</think>\\n\\n`` are labelled
+when there is reasoning and nothing of it when there is none, so a prompt cut at the first labelled token ends as
+the template's generation prompt does: ``<think>\\n`` (thinking) or ``<think>\\n\\n</think>\\n\\n`` (not).
 
 An image becomes ``<|vision_start|><|image_pad|>*n<|vision_end|>``. A video becomes what
 transformers' ``Qwen3VLProcessor`` makes of the template's ``<|vision_start|><|video_pad|><|vision_end|>``:
@@ -12,8 +21,8 @@ the single pad is replaced by, per temporal patch, ``<{t:.1f} seconds>`` +
 ``<|vision_start|><|video_pad|>*n<|vision_end|>``, so the template's OUTER start/end tokens stay
 around the whole thing (a transformers quirk the Qwen3-VL checkpoints were trained with; we match it).
 
-Labels (HF convention, unshifted): the assistant's content tokens and its ``<|im_end|>``; all else
-is -100, so the first token of a sample is always -100. Media are decoded, sized and counted
+Labels (HF convention, unshifted): the assistant's content tokens (and reasoning, above) and its ``<|im_end|>``;
+all else is -100, so the first token of a sample is always -100. Media are decoded, sized and counted
 first; the expensive patchify runs only for media that survive the length check / truncation,
 and writes straight into the sample's one ``pixel_values`` tensor (no concatenation copy).
 
@@ -151,8 +160,70 @@ class _Render:
 
 
 _ROLES = ("system", "user", "assistant")
+#: Chat templates a conversation can be rendered with (module docstring).
+CHAT_TEMPLATES = ("qwen3_vl", "qwen3_5")
 _MIN_FPS, _MAX_FPS = 1e-6, 1e6   # frame-list rates outside are data errors (a frame every 11 days .. 1 MHz)
 _META_FPS_KEYS = ("fps", "video_fps", "frames_fps")
+
+
+def _last_user_query(key: str, messages: list[dict]) -> int:
+    """Index of the last user message that is not a ``<tool_response>`` (Qwen3.5's template: ``last_query_index``)."""
+    for i in reversed(range(len(messages))):
+        m = messages[i]
+        if m["role"] != "user":
+            continue
+        c = m["content"]
+        items = c if isinstance(c, list) else [{"text": c}]
+        text = "".join(_item_text(it) for it in items).strip()
+        if not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
+            return i
+    raise SampleError("bad_conversation", key, "no user message: Qwen3.5's chat template needs a user query")
+
+
+def _item_text(item: Any) -> str:
+    """A content item's text as the template renders it, a media item as its first token (enough for a
+    ``startswith`` / ``endswith`` test)."""
+    if not isinstance(item, dict):
+        return ""
+    if item.get("type") in ("image", "video") or "image" in item or "video" in item:
+        return "<|vision_start|>"
+    return item["text"] if isinstance(item.get("text"), str) else ""
+
+
+def _trim_pieces(pieces: list[tuple], start: int) -> None:
+    """jinja's ``|trim`` of the content rendered into ``pieces[start:]``: white space stripped off its two ends
+    (text pieces only: a media item ends the strip)."""
+    while start < len(pieces) and pieces[start][0] == "text":
+        s = pieces[start][1].lstrip()
+        if s:
+            pieces[start] = ("text", s, pieces[start][2])
+            break
+        del pieces[start]
+    while len(pieces) > start and pieces[-1][0] == "text":
+        s = pieces[-1][1].rstrip()
+        if s:
+            pieces[-1] = ("text", s, pieces[-1][2])
+            break
+        pieces.pop()
+
+
+def _render_qwen35_answer(r: _Render, text: str, reasoning_content: Any, think: bool) -> bool:
+    """An assistant turn's content as Qwen3.5's template renders it (module docstring); whether anything of it is
+    labelled text that is not blank."""
+    content = text.strip()
+    reasoning = reasoning_content if isinstance(reasoning_content, str) else ""
+    if not isinstance(reasoning_content, str) and "</think>" in content:
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+        content = content.split("</think>")[-1].lstrip("\n")
+    reasoning = reasoning.strip() if think else ""
+    if think:
+        r.text("<think>\n")
+        if reasoning:
+            r.text(reasoning + "\n</think>\n\n", labeled=True)
+        else:
+            r.text("\n</think>\n\n")
+    r.text(content, labeled=True)
+    return bool(content or reasoning)
 
 
 @dataclass
@@ -195,8 +266,13 @@ class SampleEncoder:
         self.tok = as_rust_tokenizer(tokenizer)
         self.spec = self.cfg.vision
         self.text_only = False
+        self.chat_template = "qwen3_vl"
         if isinstance(token_ids, DataContract):
             contract, self.text_only = token_ids, token_ids.vision is None
+            if contract.chat_template not in CHAT_TEMPLATES:
+                raise ValueError(f"DataContract.chat_template={contract.chat_template!r} is not one of "
+                                 f"{CHAT_TEMPLATES}")
+            self.chat_template = contract.chat_template
             for k in ("patch_size", "temporal_patch_size", "merge_size"):
                 if not self.text_only and getattr(contract.vision, k) != getattr(self.spec, k):
                     raise ValueError(f"EncoderConfig.vision.{k}={getattr(self.spec, k)} but the model's {k} is "
@@ -307,11 +383,15 @@ class SampleEncoder:
         r, media = _Render(), []
         vision_tokens = 0   # a lower bound on where the next media item starts in the token sequence
         has_answer = False  # some assistant text that is not blank (as schema.validate_conv requires)
+        qwen35 = self.chat_template == "qwen3_5"
+        last_query = _last_user_query(key, messages) if qwen35 else len(messages)
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             assistant = role == "assistant"
             r.special(self.ids.im_start)
             r.text(role + "\n")
+            content_start = len(r.pieces)
+            answer: list[str] = []   # qwen3_5: an assistant's text, split into reasoning and answer below
             items = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for j, item in enumerate(items):
                 where = f"message {i} item {j}"
@@ -322,6 +402,9 @@ class SampleEncoder:
                     text = item.get("text")
                     if not isinstance(text, str):
                         raise SampleError("bad_conversation", key, f"{where}: text item needs a string 'text'")
+                    if qwen35 and assistant:
+                        answer.append(text)
+                        continue
                     r.text(text, labeled=assistant)
                     has_answer = has_answer or (assistant and bool(text.strip()))
                 elif kind in ("image", "video"):
@@ -345,6 +428,11 @@ class SampleEncoder:
                 else:
                     raise SampleError("bad_conversation", key, f"{where}: unknown item type {kind!r} "
                                                                "(allowed: text, image, video)")
+            if qwen35 and assistant:
+                has_answer = _render_qwen35_answer(r, "".join(answer), m.get("reasoning_content"),
+                                                   think=i > last_query) or has_answer
+            elif qwen35:
+                _trim_pieces(r.pieces, content_start)
             r.special(self.ids.im_end, labeled=assistant)
             r.text("\n")
         if not has_answer:   # only <|im_end|> would be labeled: the sample would teach empty answers

@@ -354,7 +354,8 @@ def validate_conv(conv: Any, member_names: Iterable[str] | None = None, *, where
 
     Form (RynnScale style): ``{"conversation": [{"role": "user"|"assistant"|"system",
     "content": [{"type": "text", "text": str} | {"type": "image", "image": "f000.jpg"} |
-    {"type": "video", "video": "video.mp4" or ["f000.jpg", "f001.jpg", ...]}]}]}``.
+    {"type": "video", "video": "video.mp4" or ["f000.jpg", "f001.jpg", ...]}]}]}``; an assistant turn may carry
+    ``"reasoning_content": str`` (rendered by Qwen3.5's template only: ``rynnscale.data.encode``).
     Media items must name members of the same sample (checked against ``member_names`` when
     given); images/frame lists name frame members, a video string names a video member.
     Media only in user turns; at least one assistant turn must carry text."""
@@ -370,10 +371,12 @@ def validate_conv(conv: Any, member_names: Iterable[str] | None = None, *, where
         tw = f"{where}: conversation[{ti}]"
         if not isinstance(turn, Mapping):
             raise _fail(tw, "must be an object with 'role' and 'content'")
-        _unknown_keys(turn, {"role", "content"}, tw)
+        _unknown_keys(turn, {"role", "content", "reasoning_content"}, tw)
         role = turn.get("role")
         if role not in _ROLES:
             raise _fail(tw, f"role: must be one of {_ROLES}, got {role!r}")
+        if "reasoning_content" in turn and (role != "assistant" or not isinstance(turn["reasoning_content"], str)):
+            raise _fail(tw, "reasoning_content: must be a string, in an assistant turn")
         content = turn.get("content")
         if not isinstance(content, list) or not content:
             raise _fail(tw, "content: must be a non-empty list of items")

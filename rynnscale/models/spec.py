@@ -132,7 +132,8 @@ PositionIdsFn = Callable[..., "torch.Tensor"]
 class DataContract:
     """What the data path needs of a model: the ids of its vision placeholder tokens, the patch geometry
     (``vision`` None: a text-only model, samples with media are refused) and the position ids of one
-    encoded sample (always [3, L]: three equal rows for a model with plain 1-D positions)."""
+    encoded sample (always [3, L]: three equal rows for a model with plain 1-D positions). ``chat_template``:
+    which chat template a conversation is rendered with (``rynnscale.data.encode.CHAT_TEMPLATES``)."""
 
     image_token_id: int
     video_token_id: int
@@ -140,6 +141,7 @@ class DataContract:
     vision_end_token_id: int
     vision: VisionGeometry | None
     position_ids: PositionIdsFn
+    chat_template: str = "qwen3_vl"
 
 
 @dataclass(frozen=True)

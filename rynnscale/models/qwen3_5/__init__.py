@@ -63,7 +63,8 @@ def profile_parts() -> tuple[ProfilePart, ...]:
 def data_contract(args: Any) -> DataContract:
     """Vision token ids from the config; MRoPE positions by the same rule as Qwen3-VL (transformers'
     ``Qwen3_5Model.get_rope_index`` equals ``Qwen3VLModel.get_rope_index``: tests/models/qwen3_5). A text-only
-    model: plain positions, samples with media refused."""
+    model: plain positions, samples with media refused. Conversations are rendered with Qwen3.5's chat template
+    (its ``<think>`` block: ``rynnscale.data.encode``)."""
     from functools import partial
 
     from rynnscale.models.mrope import mrope_position_ids, text_position_ids
@@ -72,13 +73,14 @@ def data_contract(args: Any) -> DataContract:
     if v is None:
         return DataContract(args.image_token_id, args.video_token_id, args.vision_start_token_id,
                             args.vision_end_token_id, vision=None,
-                            position_ids=lambda ids_l, *_: text_position_ids(len(ids_l)))
+                            position_ids=lambda ids_l, *_: text_position_ids(len(ids_l)), chat_template="qwen3_5")
     return DataContract(
         image_token_id=args.image_token_id, video_token_id=args.video_token_id,
         vision_start_token_id=args.vision_start_token_id, vision_end_token_id=args.vision_end_token_id,
         vision=VisionGeometry(v.patch_size, v.temporal_patch_size, v.spatial_merge_size),
         position_ids=partial(mrope_position_ids, spatial_merge_size=v.spatial_merge_size,
-                             image_token_id=args.image_token_id, video_token_id=args.video_token_id))
+                             image_token_id=args.image_token_id, video_token_id=args.video_token_id),
+        chat_template="qwen3_5")
 
 
 def layer_activation_bytes(*a: Any, **kw: Any) -> float:
