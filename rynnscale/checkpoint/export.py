@@ -8,7 +8,8 @@ chunk DCP reads for it (at most 2x the largest tensor, about 1x + 1/N for a chec
 ranks), independent of the shard size and of the model size. Runs in one process, no process group.
 
 Output is what ``rynnscale.checkpoint.hf.export_hf`` writes (same file names, index, config.json,
-``rynnscale.expert_layout`` shard metadata = "v5"), plus the tokenizer / processor files ``export_side_files``
+experts in the family's default layout ``export_layouts[0]`` named in the ``rynnscale.expert_layout`` shard
+metadata), plus the tokenizer / processor files ``export_side_files``
 picks (the run's own, or ``copy_from``'s), so transformers loads it with ``from_pretrained`` (model, tokenizer
 and processor) and ``load_hf_weights`` reads it back.
 """
@@ -51,6 +52,8 @@ from rynnscale.checkpoint.hf import (
     _listing,
     _replace_dir,
     check_export_target,
+    export_entries,
+    export_pieces,
     hf_param_shapes,
     main_float_dtype,
     side_files,
@@ -388,11 +391,13 @@ def _export_checkpoint_hf(ckpt: Path, out_dir: str | os.PathLike, copy_from: str
     total = largest = 0
     tied_checked = False
     try:
-        meta = {"format": "pt", LAYOUT_METADATA_KEY: "v5"}
+        layout = keys.export_layouts[0]
+        meta = {"format": "pt", LAYOUT_METADATA_KEY: layout}
         for fname, names in zip(fnames, shards):
             entries = [(n, out_dtype(n), expected[n]) for n in names]
+            stored_as = {n: export_entries(n, expected[n], keys.expert_kind(n), layout) for n in names}
             with open(tmp / fname, "wb") as f:
-                f.write(_header(entries, meta))
+                f.write(_header([(sn, dt, shape) for n, dt, _ in entries for sn, shape, _ in stored_as[n]], meta))
                 for name, dt, _ in entries:
                     x = _merged(ckpt, name, stored, spec, base)
                     if args.tie_word_embeddings and name == embed_key and head_key in stored \
@@ -406,8 +411,9 @@ def _export_checkpoint_hf(ckpt: Path, out_dir: str | os.PathLike, copy_from: str
                     if x.dtype != dt:
                         x = x.to(dt)
                     nbytes = x.numel() * x.element_size()
-                    if nbytes:
-                        f.write(memoryview(x.contiguous().view(torch.uint8).numpy()))
+                    for _, piece in export_pieces(name, x.contiguous(), keys.expert_kind(name), layout):
+                        if piece.numel():
+                            f.write(memoryview(piece.contiguous().view(torch.uint8).numpy()))
                     total += nbytes
                     largest = max(largest, nbytes)
                     del x
@@ -415,7 +421,8 @@ def _export_checkpoint_hf(ckpt: Path, out_dir: str | os.PathLike, copy_from: str
                 os.fsync(f.fileno())
         files = list(fnames)
         if len(fnames) > 1:
-            weight_map = {n: fname for fname, names in zip(fnames, shards) for n in names}
+            weight_map = {sn: fname for fname, names in zip(fnames, shards) for n in names
+                          for sn, _, _ in export_entries(n, expected[n], keys.expert_kind(n), layout)}
             index = {"metadata": {"total_parameters": sum(_nbytes(torch.uint8, s) for s in expected.values()),
                                   "total_size": total},
                      "weight_map": dict(sorted(weight_map.items()))}

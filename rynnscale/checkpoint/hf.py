@@ -13,9 +13,10 @@ Fused-expert layouts ("expert_layout")
   Qwen3-VL-MoE checkpoints store (written by transformers 4.57) and what transformers 5 transposes
   on load (``conversion_mapping.py``: ``qwen3_vl_moe`` -> ``Transpose(1, 2, check_dims=True)``).
   Released Qwen3-VL-MoE checkpoints hold no per-expert tensors.
-- ``"per_expert"`` (read only): ``experts.{e}.gate_proj.weight [I, H]``, ``up_proj [I, H]``, ``down_proj [H, I]``
+- ``"per_expert"``: ``experts.{e}.gate_proj.weight [I, H]``, ``up_proj [I, H]``, ``down_proj [H, I]``
   per expert, what transformers 5's ``save_pretrained`` writes for families whose conversion mapping fuses them
-  on load (``qwen2_moe`` rules: Qwen3.5-MoE; also the released Qwen3.5-MoE checkpoints). Such a group is read
+  on load (``qwen2_moe`` rules: Qwen3.5-MoE; also the released Qwen3.5-MoE checkpoints, and so what other readers
+  of them expect: Qwen3.5-MoE exports it by default, ``StateDictAdapter.export_layouts``). Such a group is read
   as the fused tensor of the family's ``StateDictAdapter`` (``expert_kind``: ``{prefix}.gate_up_proj`` rows
   ``[gate_e; up_e]``, ``{prefix}.down_proj``), expert by expert (an EP / FSDP rank reads only its experts);
   every expert must be present, with consistent shapes.
@@ -62,7 +63,8 @@ from rynnscale.parallel.fqn import clean_fqn
 if TYPE_CHECKING:
     from rynnscale.parallel.fsdp import LocalPiece
 
-EXPERT_LAYOUTS = ("v5", "hub")
+EXPERT_LAYOUTS = ("v5", "hub")                  # the fused layouts
+EXPORT_LAYOUTS = (*EXPERT_LAYOUTS, "per_expert")  # what an export may write
 LAYOUT_METADATA_KEY = "rynnscale.expert_layout"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -93,6 +95,31 @@ def hf_param_shapes(args: Any, *, include_tied: bool = False) -> dict[str, tuple
 def _to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     """Convert a fused expert tensor between "hub" and "v5" (the two differ by a transpose of dims 1, 2)."""
     return x if src == dst else x.transpose(1, 2).contiguous()
+
+
+def export_entries(name: str, shape: tuple[int, ...], kind: str | None, layout: str
+                   ) -> list[tuple[str, tuple[int, ...], tuple[int, slice] | None]]:
+    """How tensor ``name`` (our "v5" shape ``shape``; ``kind``: the adapter's ``expert_kind``) is stored by an
+    export in ``layout``: [(stored name, stored shape, (expert, row slice) of the v5 tensor or None: all of it)].
+    "per_expert" splits ``{prefix}.gate_up_proj [E, 2I, H]`` into ``{prefix}.{e}.gate_proj.weight`` (rows ``:I``)
+    and ``up_proj`` (rows ``I:``), ``{prefix}.down_proj [E, H, I]`` into ``{prefix}.{e}.down_proj.weight``."""
+    if kind is None or layout != "per_expert":
+        stored = (shape[0], shape[2], shape[1]) if kind is not None and layout == "hub" else shape
+        return [(name, tuple(stored), None)]
+    prefix, (n_experts, rows, cols) = name.rsplit(".", 1)[0], shape
+    if kind == "gate_up":
+        half = rows // 2
+        return [(f"{prefix}.{e}.{proj}.weight", (half, cols), (e, slice(k * half, (k + 1) * half)))
+                for e in range(n_experts) for k, proj in enumerate(("gate_proj", "up_proj"))]
+    return [(f"{prefix}.{e}.down_proj.weight", (rows, cols), (e, slice(None))) for e in range(n_experts)]
+
+
+def export_pieces(name: str, x: torch.Tensor, kind: str | None, layout: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ``export_entries`` names, cut from ``x`` (our "v5" value of ``name``): contiguous views of a
+    contiguous ``x`` when split per expert."""
+    if kind is None or layout != "per_expert":
+        return [(name, _to_layout(x, "v5", layout) if kind is not None else x)]
+    return [(n, x[where]) for n, _, where in export_entries(name, tuple(x.shape), kind, layout)]
 
 
 def _listing(title: str, items: Iterable[str]) -> str:
@@ -253,8 +280,10 @@ def _declared_layout(arg: str | None, files: list[Path], raw_cfg: dict[str, Any]
         raise HFCheckpointError(f"shards disagree on metadata {LAYOUT_METADATA_KEY}: {sorted(tagged)}")
     if tagged:
         layout = tagged.pop()
-        if layout not in EXPERT_LAYOUTS:
-            raise HFCheckpointError(f"shard metadata {LAYOUT_METADATA_KEY}={layout!r} is not one of {EXPERT_LAYOUTS}")
+        if layout not in EXPORT_LAYOUTS:
+            raise HFCheckpointError(f"shard metadata {LAYOUT_METADATA_KEY}={layout!r} is not one of {EXPORT_LAYOUTS}")
+        if layout == "per_expert":   # our per-expert export: it stores no fused expert tensor to declare
+            return None, f"shard metadata {LAYOUT_METADATA_KEY}='per_expert' (no fused expert tensors)"
         return layout, f"shard metadata {LAYOUT_METADATA_KEY}"
     version_layout = _version_layout(raw_cfg)
     if version_layout is not None:
@@ -663,7 +692,7 @@ def export_hf(
     copy_from: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
-    expert_layout: str = "v5",
+    expert_layout: str | None = None,
     overwrite: bool = False,
 ) -> ExportReport:
     """Write a Hugging Face directory that ``transformers`` loads with ``from_pretrained``.
@@ -675,21 +704,24 @@ def export_hf(
     (``args.to_hf_config()`` + dtype), and from ``copy_from`` (the init model) ``generation_config.json``
     and tokenizer / processor files. Names and shapes are checked against ``hf_param_shapes(args)``
     (one ``HFCheckpointError`` listing every problem). ``dtype`` casts floating tensors.
-    ``expert_layout="v5"`` (default) is what transformers 5 writes and loads for any shape; "hub" is
-    Qwen3-VL-MoE's released checkpoints' layout for older readers (refused when square: transformers 5 would
-    load it transposed; refused for families whose adapter does not list it in ``export_layouts``). Everything is written into a temporary directory beside ``out_dir`` and
+    ``expert_layout`` (module docstring; default: the family's ``export_layouts[0]``, the layout transformers'
+    ``save_pretrained`` writes for it: "v5" for Qwen3-VL-MoE, "per_expert" for Qwen3.5-MoE): "v5" transformers 5
+    loads for any shape; "hub" is Qwen3-VL-MoE's released checkpoints' layout for older readers (refused when
+    square: transformers 5 would load it transposed); a layout not in the family's ``export_layouts`` is refused.
+    Everything is written into a temporary directory beside ``out_dir`` and
     renamed when complete; a non-empty ``out_dir`` is refused unless ``overwrite``.
     DTensor values are gathered with ``full_tensor()`` (a collective: single-process use for now).
     """
     t0 = time.perf_counter()
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPERT_LAYOUTS}")
+    sd = family_of(args).state_dict
+    expert_layout = sd.export_layouts[0] if expert_layout is None else expert_layout
+    if expert_layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"expert_layout={expert_layout!r} is not one of {EXPORT_LAYOUTS}")
     out_dir, copy_from = check_export_target(out_dir, copy_from, max_shard_bytes, overwrite)
     expected = hf_param_shapes(args)
-    sd = family_of(args).state_dict
     if expert_layout not in sd.export_layouts:
         raise HFCheckpointError(f"expert_layout={expert_layout!r} is not a layout transformers reads for "
-                                f"{family_of(args).name} (allowed: {sd.export_layouts}); use expert_layout='v5'")
+                                f"{family_of(args).name} (allowed: {sd.export_layouts})")
     if expert_layout == "hub":
         square = [n for n, s in expected.items() if sd.expert_kind(n) and s[1] == s[2]]
         if square:
@@ -747,15 +779,15 @@ def _write_dir(named_tensors, args, tmp: Path, expected: dict[str, tuple[int, ..
         x = x.detach().to("cpu")
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
-        if family_of(args).state_dict.expert_kind(name):
-            x = _to_layout(x, "v5", expert_layout)
-        x = x.contiguous()
-        if any(x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for y in shard.values()):
-            x = x.clone()  # safetensors refuses tensors sharing storage (e.g. tied weights)
+        pieces = export_pieces(name, x, family_of(args).state_dict.expert_kind(name), expert_layout)
         nbytes = x.numel() * x.element_size()
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
-        shard[name] = x
+        for stored_name, piece in pieces:
+            piece = piece.clone() if len(pieces) > 1 else piece.contiguous()   # safetensors: no shared storage
+            if any(piece.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for y in shard.values()):
+                piece = piece.clone()  # safetensors refuses tensors sharing storage (e.g. tied weights)
+            shard[stored_name] = piece
         shard_bytes += nbytes
         total += nbytes
         total_params += x.numel()

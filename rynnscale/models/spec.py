@@ -156,8 +156,9 @@ class StateDictAdapter:
     - ``expert_kind(name)``: "gate_up" / "down" for a fused expert tensor (stored transposed by older
       checkpoints: ``rynnscale.checkpoint.hf``), else None;
     - ``embed_key`` / ``lm_head_key``: the tensors a tied embedding shares;
-    - ``export_layouts``: the fused-expert layouts transformers reads for this family ("hub", transposed, is a
-      Qwen3-VL-MoE notion: transformers converts it for ``qwen3_vl_moe`` only)."""
+    - ``export_layouts``: the expert layouts an export may write for this family (``rynnscale.checkpoint.hf``),
+      the first the default: the one transformers' ``save_pretrained`` writes for it ("hub", transposed, is a
+      Qwen3-VL-MoE notion: transformers converts it for ``qwen3_vl_moe`` only; "per_expert" is Qwen3.5-MoE's)."""
 
     param_shapes: Callable[..., dict[str, tuple[int, ...]]]
     canonical_key: Callable[[str], str | None]

@@ -4,9 +4,10 @@ vision-language (``model.language_model.*`` + ``model.visual.*``) and the text-o
 Experts are ``mlp.experts.gate_up_proj [E, 2I, H]`` / ``mlp.experts.down_proj [E, H, I]`` (transformers 5's
 modules). transformers' ``save_pretrained`` and the released checkpoints store them per expert instead
 (``mlp.experts.{e}.gate_proj.weight [I, H]``, ``up_proj``, ``down_proj [H, I]``: the ``qwen2_moe`` conversion
-mapping); ``rynnscale.checkpoint.hf`` fuses those on import. The released checkpoints' multi-token-prediction
-head (``mtp.*``), which neither transformers nor we build, is skipped (``canonical_key`` -> None). The text-only
-layout also reads a vision-language checkpoint (``text_only_canonical_key``), as transformers does.
+mapping); ``rynnscale.checkpoint.hf`` fuses those on import and stores them so on export. The released
+checkpoints' multi-token-prediction head (``mtp.*``), which neither transformers nor we build, is skipped
+(``canonical_key`` -> None). The text-only layout also reads a vision-language checkpoint
+(``text_only_canonical_key``), as transformers does.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def text_only_canonical_key(key: str) -> str | None:
     return key
 
 
+# exports store experts one by one, as transformers' save_pretrained and the released checkpoints do ("v5" on request)
+EXPORT_LAYOUTS = ("per_expert", "v5")
 ADAPTER = StateDictAdapter(param_shapes=param_shapes, canonical_key=canonical_key, expert_kind=expert_kind,
-                           embed_key=EMBED, lm_head_key=LM_HEAD)
+                           embed_key=EMBED, lm_head_key=LM_HEAD, export_layouts=EXPORT_LAYOUTS)
 TEXT_ONLY_ADAPTER = StateDictAdapter(param_shapes=param_shapes, canonical_key=text_only_canonical_key,
-                                     expert_kind=expert_kind, embed_key=TEXT_ONLY_EMBED, lm_head_key=LM_HEAD)
+                                     expert_kind=expert_kind, embed_key=TEXT_ONLY_EMBED, lm_head_key=LM_HEAD,
+                                     export_layouts=EXPORT_LAYOUTS)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from qwen35_helpers import hf_model, make_samples, pack, tiny_config, tiny_moe_dir
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rynnscale.checkpoint.hf import HFCheckpointError, export_model, load_hf_weights
@@ -172,6 +173,45 @@ def test_text_only_config_over_vision_language_weights(tmp_path: Path, moe: bool
             if not k.startswith("model.visual.")}
     _assert_same_tensors(model.state_dict(), want)
     assert any("model.visual." in n for n in report.notes)
+
+
+def _stored(d: Path) -> dict[str, tuple[list[int], str]]:
+    """Every tensor a directory's safetensors files store -> (shape, dtype), from their headers."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out |= {k: (st.get_slice(k).get_shape(), st.get_slice(k).get_dtype()) for k in st.keys()}
+    return out
+
+
+@pytest.mark.parametrize("text_only", [False, True], ids=["vl", "text"])
+def test_moe_exports_store_the_tensors_transformers_save_pretrained_stores(tmp_path: Path, text_only: bool) -> None:
+    """Both exports (a model, a DCP checkpoint) of a Qwen3.5-MoE hold the tensor names, shapes and dtypes that
+    transformers' own ``save_pretrained`` writes for that class (experts one by one, as the released checkpoints
+    and their other readers have them), sharded with an index, and transformers loads them bit for bit."""
+    from rynnscale.checkpoint.dcp import CheckpointManager
+    from rynnscale.checkpoint.export import export_checkpoint_hf
+
+    cfg = tiny_config(True, text_only=text_only)
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path / "theirs")
+    model, _ = _ours_from(tmp_path / "theirs", cfg)
+    export_model(model, args_from_hf_config(cfg), tmp_path / "ours", max_shard_bytes=64 << 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ckpt = CheckpointManager(tmp_path / "run").save(1, model, opt, model_config=cfg)
+    export_checkpoint_hf(ckpt, tmp_path / "ours_ckpt", max_shard_bytes=64 << 10)
+    want = _stored(tmp_path / "theirs")
+    auto = transformers.AutoModelForCausalLM if text_only else transformers.AutoModelForImageTextToText
+    for out in ("ours", "ours_ckpt"):
+        assert _stored(tmp_path / out) == want, out
+        index = json.loads((tmp_path / out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert sorted(index) == sorted(want)
+        _assert_same_tensors(auto.from_pretrained(tmp_path / out, dtype=torch.float32).state_dict(), hf.state_dict())
+        back, report = _ours_from(tmp_path / out, cfg)   # and we read it back
+        _assert_same_tensors(back.state_dict(), hf.state_dict())
+        assert report.expert_layout == {"per_expert": 2 * 4}
+    v5 = export_model(model, args_from_hf_config(cfg), tmp_path / "v5", expert_layout="v5")   # on request
+    assert v5.expert_layout == "v5" and any(k.endswith("mlp.experts.gate_up_proj") for k in _stored(tmp_path / "v5"))
 
 
 def test_hub_expert_layout_export_is_refused(tmp_path: Path) -> None:
