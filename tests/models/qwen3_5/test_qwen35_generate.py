@@ -8,7 +8,8 @@ recurrent state + convolution window of the Gated DeltaNet layers), through ``ry
   than a DeltaNet chunk of 64 tokens) in one row;
 - greedy KV-cache generation of that batch equals transformers' ``generate`` (its own hybrid cache: chunked rule in
   prefill, ``torch_recurrent_gated_delta_rule`` per new token) prompt by prompt, token for token, from the same
-  weights; the cache-less generator gives the same tokens;
+  weights; the cache-less generator gives the same tokens; text prompts also equal transformers' batched
+  ``generate`` with the prompts left-padded;
 - a forward that fails part-way leaves the cache as it was; G samples per prompt share one prefill;
 - sampled generation is reproducible from its seeds (a sequence's draws depend on its seed only).
 """
@@ -127,6 +128,21 @@ def test_greedy_generate_matches_transformers(moe: bool, text_only: bool) -> Non
             assert got_nc == want, f"prompt {i} ({kind}, no cache): ours {got_nc} != transformers {want}"
             assert len(set(got)) > 1, f"prompt {i}: degenerate continuation {got} would make parity meaningless"
     assert greedy_generate(ours, ps[1], NEW_TOKENS) == batched[1]
+    if text_only:   # transformers' batched generate, prompts left-padded (its masked conv / recurrent state)
+        assert batched == hf_greedy_left_padded(hf, ps)
+
+
+def hf_greedy_left_padded(hf, prompts: list[EncodedSample], n: int = NEW_TOKENS) -> list[list[int]]:
+    """transformers' greedy ``generate`` on the text prompts in one batch, left-padded with an attention mask."""
+    longest = max(p.input_ids_l.numel() for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - p.input_ids_l.numel():] = p.input_ids_l
+        mask[i, longest - p.input_ids_l.numel():] = 1
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                      pad_token_id=0)
+    return out[:, longest:].tolist()
 
 
 def test_a_failed_forward_leaves_the_cache_as_it_was() -> None:
