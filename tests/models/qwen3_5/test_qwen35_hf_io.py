@@ -61,6 +61,19 @@ def test_load_a_transformers_save_pretrained_directory(tmp_path: Path, moe: bool
     assert report.tied == (["lm_head.weight"] if tie else [])
 
 
+@pytest.mark.parametrize("moe,tie", [(True, False), (False, True)], ids=["moe-untied", "dense-tied"])
+def test_load_a_bf16_save_sharded_with_an_index(tmp_path: Path, moe: bool, tie: bool) -> None:
+    """A bf16 ``save_pretrained`` in many shards + ``model.safetensors.index.json`` (as the released checkpoints):
+    every tensor equals transformers' bf16 value (into our fp32 parameters, exactly), the tie honoured."""
+    cfg = tiny_config(moe, tie)
+    hf = hf_model(cfg).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 5
+    model, report = _ours_from(tmp_path, cfg)
+    _assert_same_tensors({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, hf.state_dict())
+    assert report.tied == (["lm_head.weight"] if tie else [])
+
+
 def test_fused_layout_and_mtp_head_and_a_missing_expert(tmp_path: Path) -> None:
     cfg = tiny_config(True)
     hf = hf_model(cfg)
