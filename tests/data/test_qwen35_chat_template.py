@@ -1,4 +1,4 @@
-"""Qwen3.5 conversations -> tokens against Qwen3.5's own chat template (``fixtures/qwen3_5_chat_template.jinja``,
+"""Qwen3.5 conversations -> tokens against Qwen3.5's own chat template (trl's ``chat_templates/qwen3_5_nothink.jinja``,
 rendered by transformers' ``apply_chat_template`` and tokenised by transformers' tokenizer): text, image,
 multi-turn, system prompt, reasoning in ``<think>`` tags / ``reasoning_content`` and none, white space around
 content. Every token equal; the labelled tokens are the answer (with its reasoning when it has one) and
@@ -10,9 +10,9 @@ video placeholder ``tests/data/test_hf_processor_parity.py`` checks."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +24,9 @@ from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
 from rynnscale.models import args_from_hf_config, family_of
 
 transformers = pytest.importorskip("transformers")
-TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen3_5_chat_template.jinja").read_text()
+# the oracle: trl's copy of the template the Qwen3.5-2B and smaller checkpoints ship (trl's README; 4B and larger
+# ship it with thinking on by default, the only difference), read from the installed trl (a test dependency)
+TEMPLATE = (importlib.resources.files("trl") / "chat_templates" / "qwen3_5_nothink.jinja").read_text()
 IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 TEXT = dict(vocab_size=151936, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, layer_types=["linear_attention"] * 3 + ["full_attention"])
