@@ -114,7 +114,7 @@ def linear_cross_entropy(
     if chunk_tokens <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be positive, got {chunk_tokens}")
     # liger computes the gradients inside its forward: use it for training only
-    if torch.is_grad_enabled() and labels_l.numel() and fused.pick(kernels, hidden_ld, weight_vh) == "liger":
+    if torch.is_grad_enabled() and labels_l.numel() and fused.pick(kernels, hidden_ld, params=(weight_vh,)) == "liger":
         return _liger_linear_cross_entropy(hidden_ld, weight_vh, labels_l, ignore_index)
     # inside Function.forward grad mode is off, so decide here whether gradients are wanted (eval: no)
     return _LinearCrossEntropy.apply(hidden_ld, weight_vh, labels_l, int(chunk_tokens), int(ignore_index),
