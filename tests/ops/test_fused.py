@@ -306,7 +306,8 @@ def _fake_liger_modules(calls: list) -> dict:
     rstd in fp32, casts x / rms back to x's dtype, multiplies by the weight as it is (fp32 weights: an fp32
     product) and stores in x's dtype; RoPE loads q / k in cos / sin's dtype, rotates there and stores in q / k's
     dtype; SwiGLU takes silu in fp32, cast to up's dtype; the fused linear cross-entropy is
-    ``torch.amp.custom_fwd`` (its matmuls run under the caller's autocast), loss fp32."""
+    ``torch.amp.custom_fwd`` (its matmuls run under the caller's autocast), loss fp32, gradients computed in its
+    forward."""
     import types
 
     def rms_norm(x, w, eps, offset, casting_mode, in_place):
@@ -334,12 +335,28 @@ def _fake_liger_modules(calls: list) -> dict:
         gate, up = y.chunk(2, dim=-1)
         return silu_mul(gate, up)
 
-    def linear_cross_entropy(h, w, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
-                             reduction, softcap, return_z_loss, accum_dtype):
-        _check_operands(calls, "linear_cross_entropy", (h,), (w,))
-        assert bias is None and ce_weight is None and reduction == "sum" and accum_dtype == torch.float32
-        logits = h @ w.t()   # custom_fwd: the caller's autocast applies
-        return F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum"), None, None, None
+    class LinearCrossEntropy(torch.autograd.Function):
+        """liger computes the gradients inside its forward -- and only when ``_input`` requires grad (0.8.5: then
+        the weight's too, if it requires grad; else no gradient at all) -- its backward scales them."""
+
+        @staticmethod
+        def forward(ctx, h, w, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction,
+                    softcap, return_z_loss, accum_dtype):
+            _check_operands(calls, "linear_cross_entropy", (h,), (w,))
+            assert bias is None and ce_weight is None and reduction == "sum" and accum_dtype == torch.float32
+            with torch.enable_grad():
+                hh = h.detach().requires_grad_(h.requires_grad)
+                ww = w.detach().requires_grad_(h.requires_grad and w.requires_grad)
+                logits = hh @ ww.t()   # custom_fwd: the caller's autocast applies
+                loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+                wanted = [t for t in (hh, ww) if t.requires_grad]
+                grads = dict(zip(map(id, wanted), torch.autograd.grad(loss, wanted))) if wanted else {}
+            ctx.grads = [grads.get(id(t)) for t in (hh, ww)]
+            return loss.detach(), None, None, None
+
+        @staticmethod
+        def backward(ctx, grad_loss, *unused):
+            return (*[g if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads], *[None] * 10)
 
     def fn(f):
         return type("Function", (), {"apply": staticmethod(f)})
@@ -351,7 +368,7 @@ def _fake_liger_modules(calls: list) -> dict:
     mods["liger_kernel.ops.rope"].LigerRopeFunction = fn(rope)
     mods["liger_kernel.ops.swiglu"].LigerSiLUMulFunction = fn(silu_mul)
     mods["liger_kernel.ops.swiglu"].LigerFusedGateUpSiLUMulFunction = fn(silu_mul_packed)
-    mods["liger_kernel.ops.fused_linear_cross_entropy"].LigerFusedLinearCrossEntropyFunction = fn(linear_cross_entropy)
+    mods["liger_kernel.ops.fused_linear_cross_entropy"].LigerFusedLinearCrossEntropyFunction = LinearCrossEntropy
     for name in ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy"):
         setattr(mods["liger_kernel.ops"], name, mods[f"liger_kernel.ops.{name}"])
     return mods
@@ -465,3 +482,24 @@ def test_auto_falls_back_only_where_liger_cannot_run_and_says_so_once(fake_liger
     assert [r.getMessage() for r in caplog.records] == [
         "model.kernels=auto: liger-kernel does not import (ImportError: no module named liger_kernel); the plain "
         "PyTorch RMSNorm / RoPE / SwiGLU / loss run. pip install -e '.[gpu]' for its kernels"]
+
+
+def test_fused_loss_trains_the_head_when_nothing_before_it_needs_a_gradient(fake_liger):
+    """``model.freeze`` over everything but ``lm_head`` (a linear probe): the hidden states need no gradient, and
+    liger's fused linear cross-entropy then computes none -- not the weight's either (0.8.5 computes gradients only
+    when its input requires grad). The loss must not hand it that case: lm_head's gradient equals the torch
+    path's (fp32: rtol 1e-5); with hidden states that need a gradient liger is used, with the same gradients."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 16)
+    w = 0.1 * torch.randn(50, 16)
+    y = torch.randint(0, 50, (40,))
+    y[::3] = -100
+    grads = {}
+    for kernels, h_grad in (("torch", False), ("liger", False), ("auto", False), ("liger", True)):
+        hh, ww = h.clone().requires_grad_(h_grad), w.clone().requires_grad_()
+        linear_cross_entropy(hh, ww, y, chunk_tokens=16, kernels=kernels).backward()
+        assert ww.grad is not None, kernels
+        grads[kernels, h_grad] = ww.grad
+    assert [op for op, _ in fake_liger] == ["linear_cross_entropy"]   # only where the hidden states need grad
+    for key, g in grads.items():
+        torch.testing.assert_close(g, grads["torch", False], rtol=1e-5, atol=1e-6, msg=str(key))
