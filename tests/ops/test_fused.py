@@ -246,7 +246,7 @@ def test_liger_norm_and_rope_take_fp32_weights_beside_bf16_activations():
 def test_liger_in_single_gpu_training_matches_torch(monkeypatch):
     """The single-GPU trainer's setting on the real kernels (fp32 parameters, bf16 autocast, no FSDP): tiny MoE
     model, ``kernels=liger`` and ``auto`` against the fp32 run without autocast: loss within 1e-2 (relative), worst
-    gradient error at most 1.25x + 5e-3 that of ``kernels=torch`` under the same autocast; ``auto`` runs the
+    gradient error at most 1.5x + 1e-2 that of ``kernels=torch`` under the same autocast; ``auto`` runs the
     attention's q/k norms and RoPE on liger (they used to fall back to torch there)."""
     from test_text_parity import make_samples, pack, tiny_args
 
@@ -276,7 +276,7 @@ def test_liger_in_single_gpu_training_matches_torch(monkeypatch):
         res[kernels] = loss.detach().float(), {k: p.grad.float() for k, p in model.named_parameters()
                                                if p.grad is not None}
         assert set(backends) == {"torch" if kernels == "torch" else "liger"}, (kernels, backends)
-    bound = 1.25 * _worst_grad_error(res["torch"][1], ref) + 5e-3
+    bound = 1.5 * _worst_grad_error(res["torch"][1], ref) + 1e-2   # looser than the CPU test's: real kernels
     for kernels in ("liger", "auto"):
         torch.testing.assert_close(res[kernels][0], ref_loss, rtol=1e-2, atol=0)
         assert _worst_grad_error(res[kernels][1], ref) <= bound, kernels
