@@ -460,7 +460,7 @@ def test_auto_falls_back_only_where_liger_cannot_run_and_says_so_once(fake_liger
     silently; an explicit ``liger`` names the dtypes. liger not importing on a GPU under ``auto``: logged once."""
     import logging
 
-    monkeypatch.setattr(fused, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(fused, "_WARNED", set())
     x_bf16, w_fp32 = torch.zeros(4, 8, dtype=torch.bfloat16), torch.ones(8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused.pick("auto", x_bf16, params=(w_fp32,)) == "liger"
