@@ -5,10 +5,17 @@
 - ``liger``: liger-kernel's Triton kernels (CUDA only), which fuse each op into one kernel and keep
   fewer activations for backward.
 
-``kernels`` (the ``model.kernels`` recipe key) is ``auto`` (liger where it applies, else torch),
-``torch`` or ``liger`` (fails with a clear error where liger cannot run). ``pick`` resolves it per
-call: liger needs every tensor on CUDA in ONE dtype (liger's RMSNorm would otherwise return
-the input dtype where transformers promotes to the weight's dtype).
+``kernels`` (the ``model.kernels`` recipe key) is ``auto`` (liger where it applies, else torch; on CUDA
+the fallback is logged once per reason), ``torch`` or ``liger`` (fails with a clear error where liger cannot
+run). ``pick`` resolves it per call from the op's activations and its weights / cos / sin (``params``), all on
+CUDA: the activations in ONE dtype, the params in that dtype -- or in fp32 beside activations in the active
+autocast dtype. The latter is one-GPU training (fp32 parameters, bf16 autocast, no FSDP mixed precision):
+autocast does not reach liger's Triton kernels, but they take such operands as they are (as liger's own
+transformers patches hand them under AMP) -- RMSNorm ("llama" casting) computes rstd in fp32 and multiplies
+by the fp32 weight in fp32, RoPE rotates in cos / sin's fp32; both store in the activations' dtype, the one
+the attention casts to anyway -- and the fused loss is ``custom_fwd``, so its matmuls run in the autocast
+dtype. Outside autocast such a pair stays on the torch path: there liger's RMSNorm would return bf16 where
+the torch path (and transformers) promotes to the weight's fp32.
 
 In-place hazard: liger's RoPE writes into contiguous q/k. That is only safe when nothing saved
 q/k for backward, i.e. when they come from liger's RMSNorm (which saves its input, not its output);
@@ -19,6 +26,7 @@ callers therefore pick ONE backend for the q/k norms and the rotary together (se
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +52,14 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
+def liger_runs_on(device: torch.device) -> bool:
+    """Whether liger's Triton kernels can take tensors on ``device`` (CUDA; the CPU tests stand it in)."""
+    return device.type == "cuda"
+
+
 def require_liger(device: torch.device) -> None:
     """Raise, naming ``model.kernels``, unless liger-kernel can run on ``device`` (CUDA, and it imports)."""
-    if device.type != "cuda":
+    if not liger_runs_on(device):
         raise ValueError(f"model.kernels=liger needs a CUDA device, this run uses {device}; "
                          "use model.kernels=auto or torch")
     err = liger_import_error()
@@ -55,20 +68,64 @@ def require_liger(device: torch.device) -> None:
                          "pip install -e '.[gpu]' or use model.kernels=auto")
 
 
-def pick(kernels: str, *tensors: torch.Tensor) -> str:
-    """``"liger"`` or ``"torch"`` for an op over ``tensors`` (see the module docstring)."""
+LIGER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes matmuls in on ``device``'s type, None where it is off."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _operand_dtype_error(activations: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...]) -> str | None:
+    """Why liger cannot take these operands (module docstring), None where it can."""
+    act = {t.dtype for t in activations}
+    if len(act) != 1 or not act <= set(LIGER_DTYPES):
+        return f"activations of one floating dtype, got {sorted(map(str, act))}"
+    (dtype,) = act
+    allowed = {dtype, torch.float32} if dtype == autocast_dtype(activations[0].device) else {dtype}
+    bad = {t.dtype for t in params} - allowed
+    if bad:
+        return (f"weights in the activations' dtype {dtype} (or fp32 under autocast to it), got "
+                f"{sorted(map(str, bad))}")
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+def pick(kernels: str, *activations: torch.Tensor, params: tuple[torch.Tensor, ...] = ()) -> str:
+    """``"liger"`` or ``"torch"`` for an op over ``activations`` and its weights / cos / sin ``params`` (module
+    docstring). ``auto`` logs once per reason where it takes the torch path on a device liger runs on."""
     check_kernels(kernels)
     if kernels == "torch":
         return "torch"
-    dtypes = {t.dtype for t in tensors}
-    on_cuda = all(t.device.type == "cuda" for t in tensors)
-    one_dtype = len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16, torch.float32}
+    tensors = (*activations, *params)
+    off_device = next((t.device for t in tensors if not liger_runs_on(t.device)), None)
     if kernels == "auto":
-        return "liger" if on_cuda and one_dtype and liger_import_error() is None else "torch"
-    require_liger(torch.device("cuda") if on_cuda else next(t.device for t in tensors if t.device.type != "cuda"))
-    if not one_dtype:
-        raise ValueError(f"model.kernels=liger needs tensors of one floating dtype, got {sorted(map(str, dtypes))}; "
-                         "use model.kernels=auto to fall back to the torch path")
+        if off_device is not None:   # the CPU path: nothing to report
+            return "torch"
+        err = liger_import_error()
+        if err is not None:
+            _warn_once(f"model.kernels=auto: liger-kernel does not import ({err}); the plain PyTorch RMSNorm / "
+                       "RoPE / SwiGLU / loss run. pip install -e '.[gpu]' for its kernels")
+            return "torch"
+        why = _operand_dtype_error(activations, params)
+        if why is not None:
+            _warn_once(f"model.kernels=auto: the plain PyTorch op runs where liger needs {why}")
+            return "torch"
+        return "liger"
+    require_liger(off_device or tensors[0].device)
+    why = _operand_dtype_error(activations, params)
+    if why is not None:
+        raise ValueError(f"model.kernels=liger needs {why}; use model.kernels=auto to fall back to the torch path")
     return "liger"
 
 

@@ -19,7 +19,8 @@ logits (4 vocabulary matmuls per chunk instead of 3) and keeps only the log-sum-
 Backends (``backend``; the ``model.kernels`` choice): ``torch`` = the chunked PyTorch code above (CPU
 path and reference); ``liger`` = liger-kernel's ``LigerFusedLinearCrossEntropyFunction`` (CUDA; its
 Triton cross-entropy works on the chunk's logits in place in their own dtype, no fp32 copy), with
-fp32 gradient accumulation and ``reduction="sum"`` so both return the same sum.
+fp32 gradient accumulation and ``reduction="sum"`` so both return the same sum; used for training where the
+hidden states need a gradient (it computes no gradient at all otherwise, not even the weight's).
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: labels shape {tuple(labels_l.shape)} != ({hidden_ld.shape[0]},)")
     if chunk_tokens <= 0:
         raise ValueError(f"linear_cross_entropy: chunk_tokens must be positive, got {chunk_tokens}")
-    # liger computes the gradients inside its forward: use it for training only
-    if torch.is_grad_enabled() and labels_l.numel() and fused.pick(kernels, hidden_ld, weight_vh) == "liger":
+    # liger computes the gradients inside its forward: use it for training only, and only where the hidden
+    # states need a gradient (liger computes none otherwise, not the weight's either: a frozen trunk under a
+    # trainable lm_head would get no head gradient)
+    if (torch.is_grad_enabled() and hidden_ld.requires_grad and labels_l.numel()
+            and fused.pick(kernels, hidden_ld, params=(weight_vh,)) == "liger"):
         return _liger_linear_cross_entropy(hidden_ld, weight_vh, labels_l, ignore_index)
     # inside Function.forward grad mode is off, so decide here whether gradients are wanted (eval: no)
     return _LinearCrossEntropy.apply(hidden_ld, weight_vh, labels_l, int(chunk_tokens), int(ignore_index),

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        backend = backend or fused.pick(self.kernels, x, self.weight)
+        backend = backend or fused.pick(self.kernels, x, params=(self.weight,))
         return fused.rms_norm(x, self.weight, self.eps, backend)
 
     def reset_parameters(self) -> None:
@@ -107,7 +107,8 @@ class Attention(nn.Module):
         v_lhd = self.v_proj(x_lh).view(L, self.num_kv_heads, self.head_dim)
         # one backend for the q/k norms AND the rotary: liger's RoPE writes into q/k in place, which
         # is only safe on the outputs of liger's RMSNorm (it saves its input, not its output)
-        backend = fused.pick(self.kernels, q_lhd, k_lhd, self.q_norm.weight, self.k_norm.weight, cos_ld, sin_ld)
+        backend = fused.pick(self.kernels, q_lhd, k_lhd,
+                             params=(self.q_norm.weight, self.k_norm.weight, cos_ld, sin_ld))
         q_lhd, k_lhd = self.q_norm(q_lhd, backend), self.k_norm(k_lhd, backend)
         q_lhd, k_lhd = fused.rotary_qk(q_lhd, k_lhd, cos_ld, sin_ld, backend)
         if cache is not None:
