@@ -698,6 +698,25 @@ def _scheduler_state(scheduler) -> dict[str, Any] | None:
     return sd
 
 
+def _await_write(future: Any) -> None:
+    """Wait for the background write of a ``dcp.async_save`` (its upload too, in newer torch); raises its error."""
+    upload = getattr(future.result(), "upload_completion", None)   # AsyncSaveResponse in newer torch
+    if upload is not None:
+        upload.result()
+
+
+def _write_failed_with(future: Any, error: BaseException) -> bool:
+    """Whether ``error`` is what the background write ``future`` failed with, not an exception raised into the
+    waiting thread meanwhile (torch's SIGCHLD handler for a dead data worker, ^C) while the write goes on."""
+    def failed(f: Any) -> bool:
+        return f.done() and not f.cancelled() and f.exception() is error
+    if failed(future):
+        return True
+    upload = getattr(future.result(), "upload_completion", None) if future.done() and not future.cancelled() and \
+        future.exception() is None else None
+    return upload is not None and failed(upload)
+
+
 def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
     """Rank 0: write COMPLETE into the finished ``tmp`` and rename it to ``final`` (an existing ``final``, e.g.
     the same step saved again, is moved aside first and deleted after)."""
@@ -961,16 +980,41 @@ class CheckpointManager:
         if self._pending is None:
             return None
         future, tmp, final, complete = self._pending
+        try:
+            _await_write(future)
+        except BaseException as e:
+            if not _write_failed_with(future, e):   # the write goes on: a later wait finishes it
+                raise
+            self._pending = None
+            self._abandon(tmp, final, e)
+            raise
         self._pending = None
         try:
-            result = future.result()
-            upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
-            if upload is not None:
-                upload.result()
             self._finish(tmp, final, complete)
         except BaseException as e:
             self._abandon(tmp, final, e)
             raise
+        return final
+
+    def wait_after_failure(self) -> Path | None:
+        """``wait`` for a rank whose run failed, without a collective (the other ranks are elsewhere: in a step's
+        collectives, or failing too). Rank 0 commits the pending save once its background write has finished:
+        DCP's coordinator writes ``.metadata`` only after every rank's shards are written, and the rank files were
+        written before the write began. Elsewhere, or when the write failed, the save stays uncommitted (a
+        ``step_N.tmp-*`` that resume ignores and the next save removes). Returns the committed path or None."""
+        if self._pending is None:
+            return None
+        future, tmp, final, complete = self._pending
+        self._pending = None
+        try:
+            _await_write(future)
+        except BaseException as e:
+            if _write_failed_with(future, e) and _rank(self.process_group) == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if _rank(self.process_group) != 0:
+            return None
+        self._commit_and_prune(tmp, final, complete)
         return final
 
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
@@ -978,18 +1022,21 @@ class CheckpointManager:
         _barrier(pg)   # every rank's DCP shard and rank file is on disk
 
         def commit() -> None:
-            if _rank(pg) != 0:
-                return
-            _commit(tmp, final, complete)
-            try:
-                self._write_latest(final.name)   # last: points only at a complete checkpoint
-                self._prune()
-            except Exception as e:
-                raise CheckpointCommittedError(
-                    f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
-                    f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
-                    "latest save)") from e
+            if _rank(pg) == 0:
+                self._commit_and_prune(tmp, final, complete)
         _agree(f"checkpoint {final.name} save", _error_of(commit), pg)
+
+    def _commit_and_prune(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
+        """Rank 0, every rank's part written: rename to ``final``, point ``latest`` at it, prune."""
+        _commit(tmp, final, complete)
+        try:
+            self._write_latest(final.name)   # last: points only at a complete checkpoint
+            self._prune()
+        except Exception as e:
+            raise CheckpointCommittedError(
+                f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
+                f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
+                "latest save)") from e
 
     def _write_latest(self, name: str) -> None:
         atomic_write_bytes(self.root / LATEST, name + "\n")
