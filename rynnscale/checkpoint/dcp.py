@@ -808,7 +808,7 @@ def reading_checkpoint(path: str | os.PathLike):
 def _remove(path: Path) -> bool:
     """Delete a checkpoint directory, unless a reader holds it (``reading_checkpoint``): False then. A complete one
     is first renamed to a temporary name (under an exclusive lock, so no reader starts in between), so a kill
-    midway leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint
+    midway leaves a ``step_N.tmp-*`` that resume ignores and the next run or save removes, not a half-deleted checkpoint
     whose COMPLETE marker still stands."""
     if _FINAL_RE.match(path.name):
         trash = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -886,7 +886,7 @@ class CheckpointManager:
 
         def make_tmp() -> None:
             if rank == 0:
-                self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
+                self.remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
                 tmp.mkdir(parents=True)
         try:
             _agree(f"checkpoint {final.name} save", _error_of(make_tmp), pg)
@@ -896,8 +896,10 @@ class CheckpointManager:
             self._abandon(tmp, final, e)
             raise
 
-    def _remove_stale_tmp(self) -> None:
-        """Rank 0, no save pending: delete every ``step_*.tmp-*`` directory (left by a crash or a failed save)."""
+    def remove_stale_tmp(self) -> None:
+        """Rank 0, no save pending, the run directory locked (``run_dir_lock``): delete every ``step_*.tmp-*``
+        directory (left by a save that crashed or failed, or by a pruning killed midway). Called by each save and
+        at the start of a run (after ``repair_interrupted_commits``, which may still need one)."""
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():

@@ -248,6 +248,7 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
                                 trainable_only=cfg.model.lora.rank > 0)
     data_seed = _resume(cfg, c, manager, output_dir)
     if ctx.is_main:
+        manager.remove_stale_tmp()   # killed saves' / prunings' leftovers: a run that saves nothing keeps none
         for name in ("metrics.jsonl", SAMPLES_FILE):
             dropped = truncate_metrics(output_dir / name, c.state.step)
             if dropped:

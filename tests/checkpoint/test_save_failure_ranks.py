@@ -30,7 +30,7 @@ def _save_with_one_rank_failing(rank: int, world: int, *, out: str, where: str, 
             real = dcp._write_json
             dcp._write_json = lambda path, obj: broken() if path.name.startswith("rank") else real(path, obj)
         elif where == "mkdir":
-            dcp.CheckpointManager._remove_stale_tmp = broken
+            dcp.CheckpointManager.remove_stale_tmp = broken
     mgr = dcp.CheckpointManager(out, keep_last=2)
     t0 = time.monotonic()
     try:
