@@ -65,7 +65,7 @@ def _alive(pid: int) -> bool:
 
 class KillOneDataWorkerDuringASlowSave:
     """After step 1 (its checkpoint is being written in the background, held back by ``gate``), SIGKILL one of two
-    data workers; 3 s later note whether the other still runs, then let the save finish."""
+    data workers; note whether the other one runs on while the save is held back, then let the save finish."""
 
     def __init__(self, gate):
         self.gate, self.before = gate, set(multiprocessing.active_children())
@@ -79,8 +79,10 @@ class KillOneDataWorkerDuringASlowSave:
         workers = sorted(set(multiprocessing.active_children()) - self.before, key=lambda p: p.pid)
         assert len(workers) == 2, "the test wants two data worker processes"
 
-        def release():
-            time.sleep(3)
+        def release():   # once the other worker is gone, or after 15 s of it running on
+            deadline = time.monotonic() + 15
+            while _alive(workers[1].pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
             self.survivor_alive_during_save = _alive(workers[1].pid)
             self.gate.set()
         threading.Thread(target=release, daemon=True).start()
@@ -102,7 +104,7 @@ def test_a_dead_data_worker_stops_the_others_and_the_pending_save_still_commits(
     gate = threading.Event()
     gated_async_save(monkeypatch, gate)
     out = tmp_path / "run"
-    cfg = _cfg(out, tmp_path / "data", 4, "data.num_workers=2", "checkpoint.every_steps=1",
+    cfg = _cfg(out, tmp_path / "data", 2, "data.num_workers=2", "checkpoint.every_steps=1",
                "checkpoint.async_save=true")
     hook = KillOneDataWorkerDuringASlowSave(gate)
     with pytest.raises(DataWorkerError, match=r"rank 0: one of its 2 data workers died"):
