@@ -998,6 +998,11 @@ class CheckpointManager:
             raise
         return final
 
+    @property
+    def pending(self) -> Path | None:
+        """The final path of the asynchronous save still to be finished (``wait``), or None."""
+        return None if self._pending is None else self._pending[2]
+
     def wait_after_failure(self) -> Path | None:
         """``wait`` for a rank whose run failed, without a collective (the other ranks are elsewhere: in a step's
         collectives, or failing too). Rank 0 commits the pending save once its background write has finished:

@@ -395,6 +395,9 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
         died = data_worker_error(error, ctx.rank, cfg.data.num_workers)
         if died is not None and died is not error:
             getattr(c.data, "stop_workers", lambda: None)()
+        if manager.pending is not None:   # said now: the write may take minutes at scale
+            log.error("rank %d: the run failed (%s); finishing the background save of %s before stopping", ctx.rank,
+                      str(died or error)[:300], manager.pending.name)
         try:   # a background save that finished is committed, not lost with the failing run (no collective:
             manager.wait_after_failure()   # the other ranks are not here)
         except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise

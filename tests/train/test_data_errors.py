@@ -67,9 +67,9 @@ class KillOneDataWorkerDuringASlowSave:
     """After step 1 (its checkpoint is being written in the background, held back by ``gate``), SIGKILL one of two
     data workers; note whether the other one runs on while the save is held back, then let the save finish."""
 
-    def __init__(self, gate):
-        self.gate, self.before = gate, set(multiprocessing.active_children())
-        self.survivor_alive_during_save: bool | None = None
+    def __init__(self, gate, caplog):
+        self.gate, self.caplog, self.before = gate, caplog, set(multiprocessing.active_children())
+        self.survivor_alive_during_save = self.said_before_save_finished = None
 
     def on_step_end(self, step, ctx):
         import threading
@@ -84,17 +84,22 @@ class KillOneDataWorkerDuringASlowSave:
             while _alive(workers[1].pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             self.survivor_alive_during_save = _alive(workers[1].pid)
+            time.sleep(0.5)
+            self.said_before_save_finished = any("finishing the background save of step_000001" in r.getMessage()
+                                                 and "data workers died" in r.getMessage() for r in self.caplog.records)
             self.gate.set()
         threading.Thread(target=release, daemon=True).start()
         os.kill(workers[0].pid, signal.SIGKILL)
         time.sleep(30)   # torch's SIGCHLD handler raises in here
 
 
-def test_a_dead_data_worker_stops_the_others_and_the_pending_save_still_commits(tmp_path: Path, monkeypatch) -> None:
+def test_a_dead_data_worker_stops_the_others_and_the_pending_save_still_commits(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:
     """``checkpoint.async_save`` with step 1's save still writing when a data worker dies: the run waited for the save
     first, with a collective the other ranks (in their step, under torchrun) could not join, and only then
-    stopped the other workers, which kept running (holding memory) meanwhile. Now the others stop at once, the pending
-    save is committed without a collective, and the run ends with the DataWorkerError."""
+    stopped the other workers, which kept running (holding memory) meanwhile, with nothing said. Now the others stop at
+    once, the error is logged, the pending save is committed without a collective, and the run ends with the
+    DataWorkerError."""
     import threading
 
     from ckpt_worker import gated_async_save
@@ -106,10 +111,11 @@ def test_a_dead_data_worker_stops_the_others_and_the_pending_save_still_commits(
     out = tmp_path / "run"
     cfg = _cfg(out, tmp_path / "data", 2, "data.num_workers=2", "checkpoint.every_steps=1",
                "checkpoint.async_save=true")
-    hook = KillOneDataWorkerDuringASlowSave(gate)
-    with pytest.raises(DataWorkerError, match=r"rank 0: one of its 2 data workers died"):
+    hook = KillOneDataWorkerDuringASlowSave(gate, caplog)
+    with caplog.at_level(logging.ERROR), pytest.raises(DataWorkerError, match=r"rank 0: one of its 2 data workers died"):
         run_training(cfg, hooks=[hook])
     assert hook.survivor_alive_during_save is False, "the other data worker ran on while the save was waited for"
+    assert hook.said_before_save_finished, "nothing said while the save was waited for"
     assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000001", True)]
     assert find_resume_checkpoint(out, "auto") == out / "checkpoints" / "step_000001"
 
