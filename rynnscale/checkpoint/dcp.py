@@ -698,6 +698,25 @@ def _scheduler_state(scheduler) -> dict[str, Any] | None:
     return sd
 
 
+def _await_write(future: Any) -> None:
+    """Wait for the background write of a ``dcp.async_save`` (its upload too, in newer torch); raises its error."""
+    upload = getattr(future.result(), "upload_completion", None)   # AsyncSaveResponse in newer torch
+    if upload is not None:
+        upload.result()
+
+
+def _write_failed_with(future: Any, error: BaseException) -> bool:
+    """Whether ``error`` is what the background write ``future`` failed with, not an exception raised into the
+    waiting thread meanwhile (torch's SIGCHLD handler for a dead data worker, ^C) while the write goes on."""
+    def failed(f: Any) -> bool:
+        return f.done() and not f.cancelled() and f.exception() is error
+    if failed(future):
+        return True
+    upload = getattr(future.result(), "upload_completion", None) if future.done() and not future.cancelled() and \
+        future.exception() is None else None
+    return upload is not None and failed(upload)
+
+
 def _commit(tmp: Path, final: Path, complete: dict[str, Any]) -> None:
     """Rank 0: write COMPLETE into the finished ``tmp`` and rename it to ``final`` (an existing ``final``, e.g.
     the same step saved again, is moved aside first and deleted after)."""
@@ -789,7 +808,7 @@ def reading_checkpoint(path: str | os.PathLike):
 def _remove(path: Path) -> bool:
     """Delete a checkpoint directory, unless a reader holds it (``reading_checkpoint``): False then. A complete one
     is first renamed to a temporary name (under an exclusive lock, so no reader starts in between), so a kill
-    midway leaves a ``step_N.tmp-*`` that resume ignores and the next save removes, not a half-deleted checkpoint
+    midway leaves a ``step_N.tmp-*`` that resume ignores and the next run or save removes, not a half-deleted checkpoint
     whose COMPLETE marker still stands."""
     if _FINAL_RE.match(path.name):
         trash = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
@@ -867,7 +886,7 @@ class CheckpointManager:
 
         def make_tmp() -> None:
             if rank == 0:
-                self._remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
+                self.remove_stale_tmp()   # a crashed / disk-full save's leftovers would fill the disk again
                 tmp.mkdir(parents=True)
         try:
             _agree(f"checkpoint {final.name} save", _error_of(make_tmp), pg)
@@ -877,8 +896,10 @@ class CheckpointManager:
             self._abandon(tmp, final, e)
             raise
 
-    def _remove_stale_tmp(self) -> None:
-        """Rank 0, no save pending: delete every ``step_*.tmp-*`` directory (left by a crash or a failed save)."""
+    def remove_stale_tmp(self) -> None:
+        """Rank 0, no save pending, the run directory locked (``run_dir_lock``): delete every ``step_*.tmp-*``
+        directory (left by a save that crashed or failed, or by a pruning killed midway). Called by each save and
+        at the start of a run (after ``repair_interrupted_commits``, which may still need one)."""
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
@@ -961,16 +982,46 @@ class CheckpointManager:
         if self._pending is None:
             return None
         future, tmp, final, complete = self._pending
+        try:
+            _await_write(future)
+        except BaseException as e:
+            if not _write_failed_with(future, e):   # the write goes on: a later wait finishes it
+                raise
+            self._pending = None
+            self._abandon(tmp, final, e)
+            raise
         self._pending = None
         try:
-            result = future.result()
-            upload = getattr(result, "upload_completion", None)   # AsyncSaveResponse in newer torch
-            if upload is not None:
-                upload.result()
             self._finish(tmp, final, complete)
         except BaseException as e:
             self._abandon(tmp, final, e)
             raise
+        return final
+
+    @property
+    def pending(self) -> Path | None:
+        """The final path of the asynchronous save still to be finished (``wait``), or None."""
+        return None if self._pending is None else self._pending[2]
+
+    def wait_after_failure(self) -> Path | None:
+        """``wait`` for a rank whose run failed, without a collective (the other ranks are elsewhere: in a step's
+        collectives, or failing too). Rank 0 commits the pending save once its background write has finished:
+        DCP's coordinator writes ``.metadata`` only after every rank's shards are written, and the rank files were
+        written before the write began. Elsewhere, or when the write failed, the save stays uncommitted (a
+        ``step_N.tmp-*`` that resume ignores and the next save removes). Returns the committed path or None."""
+        if self._pending is None:
+            return None
+        future, tmp, final, complete = self._pending
+        self._pending = None
+        try:
+            _await_write(future)
+        except BaseException as e:
+            if _write_failed_with(future, e) and _rank(self.process_group) == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if _rank(self.process_group) != 0:
+            return None
+        self._commit_and_prune(tmp, final, complete)
         return final
 
     def _finish(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
@@ -978,18 +1029,21 @@ class CheckpointManager:
         _barrier(pg)   # every rank's DCP shard and rank file is on disk
 
         def commit() -> None:
-            if _rank(pg) != 0:
-                return
-            _commit(tmp, final, complete)
-            try:
-                self._write_latest(final.name)   # last: points only at a complete checkpoint
-                self._prune()
-            except Exception as e:
-                raise CheckpointCommittedError(
-                    f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
-                    f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
-                    "latest save)") from e
+            if _rank(pg) == 0:
+                self._commit_and_prune(tmp, final, complete)
         _agree(f"checkpoint {final.name} save", _error_of(commit), pg)
+
+    def _commit_and_prune(self, tmp: Path, final: Path, complete: dict[str, Any]) -> None:
+        """Rank 0, every rank's part written: rename to ``final``, point ``latest`` at it, prune."""
+        _commit(tmp, final, complete)
+        try:
+            self._write_latest(final.name)   # last: points only at a complete checkpoint
+            self._prune()
+        except Exception as e:
+            raise CheckpointCommittedError(
+                f"checkpoint {final} is saved and complete, but updating '{LATEST}' or pruning older "
+                f"checkpoints then failed ({type(e).__name__}: {str(e)[:300]}); resume=auto still picks it (the "
+                "latest save)") from e
 
     def _write_latest(self, name: str) -> None:
         atomic_write_bytes(self.root / LATEST, name + "\n")

@@ -66,8 +66,11 @@ class HFExportHook:
             log.warning("no checkpoint of the last step %d (it was non-finite): nothing exported", step)
         elif ctx.is_main:
             cfg = self.cfg
-            for stale in output_dir.glob(f".hf{TMP_MARK}*"):   # an export killed midway (the run dir is locked)
-                shutil.rmtree(stale, ignore_errors=True)
+            # what an export killed midway left (the run dir is locked): its temporary directory, or the previous
+            # export moved aside (``_replace_dir``), each as large as the model
+            for pattern in (f".hf{TMP_MARK}*", ".hf.old-*", f".adapter{TMP_MARK}*"):
+                for stale in output_dir.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
             report = export_checkpoint_hf(ckpt, output_dir / "hf", overwrite=True)
             log.info("exported %s to %s (%d tensors, %.1f MB, tokenizer from %s)", ckpt.name, report.out_dir,
                      report.num_tensors, report.total_bytes / 1e6, tokenizer_origin(report))

@@ -248,6 +248,7 @@ def _start(cfg: RootConfig, ctx: DistContext, output_dir: Path) -> tuple[TrainCo
                                 trainable_only=cfg.model.lora.rank > 0)
     data_seed = _resume(cfg, c, manager, output_dir)
     if ctx.is_main:
+        manager.remove_stale_tmp()   # killed saves' / prunings' leftovers: a run that saves nothing keeps none
         for name in ("metrics.jsonl", SAMPLES_FILE):
             dropped = truncate_metrics(output_dir / name, c.state.step)
             if dropped:
@@ -388,14 +389,20 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
                         "work (the same command again does it)", preempt.signum, state.step)
         failed = False
     except Exception as error:
-        try:   # a background save that finished is committed, not lost with the failing run
-            manager.wait()
-        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
-            log.error("the background checkpoint save did not complete: %s", e)
-        # torch reports a dead data worker from its SIGCHLD handler, wherever the step was: say what to do
+        # torch reports a dead data worker from its SIGCHLD handler, wherever the step was: say what to do. The
+        # other workers stop first: they hold memory (the OOM killer's usual victim), and while a dead one is
+        # registered, each child's exit raises again in this thread, as in the wait below
         died = data_worker_error(error, ctx.rank, cfg.data.num_workers)
         if died is not None and died is not error:
             getattr(c.data, "stop_workers", lambda: None)()
+        if manager.pending is not None:   # said now: the write may take minutes at scale
+            log.error("rank %d: the run failed (%s); finishing the background save of %s before stopping", ctx.rank,
+                      str(died or error)[:300], manager.pending.name)
+        try:   # a background save that finished is committed, not lost with the failing run (no collective:
+            manager.wait_after_failure()   # the other ranks are not here)
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+            log.error("the background checkpoint save did not complete: %s", e)
+        if died is not None and died is not error:
             raise died from None
         raise
     finally:

@@ -202,6 +202,27 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+def gated_async_save(monkeypatch, gate):
+    """Make DCP's background write finish only once ``gate`` (a threading.Event) is set: a slow save, as at scale."""
+    import threading
+    from concurrent.futures import Future
+
+    real = ckpt_dcp.dcp.async_save
+
+    def slow(*args, **kwargs):
+        inner, outer = real(*args, **kwargs), Future()
+
+        def finish():
+            gate.wait(30)
+            try:
+                outer.set_result(inner.result())
+            except BaseException as e:   # noqa: BLE001
+                outer.set_exception(e)
+        threading.Thread(target=finish, daemon=True).start()
+        return outer
+    monkeypatch.setattr(ckpt_dcp.dcp, "async_save", slow)
+
+
 def launch(world: int, argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
     """Run this script as ``world`` ranks (gloo over 127.0.0.1, on a TCPStore this process hosts for the job:
     its port is bound once and held, never chosen and released); returns the finished processes."""

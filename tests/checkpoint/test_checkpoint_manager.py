@@ -393,3 +393,42 @@ def test_ckpt_inspect_refuses_a_negative_max_tensors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["ckpt", "inspect", str(tmp_path), "--max-tensors", "-1"])
     assert e.value.code == 2 and "--max-tensors: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_an_error_raised_while_waiting_for_a_background_save_leaves_the_save_to_finish(tmp_path, monkeypatch):
+    """An exception raised into the main thread while it waits for a background save (torch's SIGCHLD handler
+    raises ``DataLoader worker ... is killed`` wherever the main thread is) is not the save's failure: the save is
+    kept pending, not deleted while its background thread still writes into it, and finishes complete afterwards.
+    It used to be removed (``rmtree`` of the directory being written) and reported as a failed save."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    model = w.build_model(w.tiny_hf_config())
+    opt, sched = w.build_optim(model, 4)
+    w.train_step(model, opt, sched)
+    gate = threading.Event()
+    w.gated_async_save(monkeypatch, gate)
+    mgr = CheckpointManager(tmp_path, keep_last=2, async_save=True)
+    path = mgr.save(1, model, opt, sched)
+
+    def worker_died(signum, frame):
+        raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed.")
+
+    def interrupt_then_release():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.3)
+        gate.set()
+
+    old = signal.signal(signal.SIGUSR1, worker_died)
+    try:
+        threading.Thread(target=interrupt_then_release, daemon=True).start()
+        with pytest.raises(RuntimeError) as info:
+            mgr.wait()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        gate.set()
+    assert type(info.value) is RuntimeError, f"reported as the save's failure: {info.value!r}"
+    assert mgr.wait() == path and ckpt.check_complete(path) == ""
+    assert [(e.path.name, e.complete) for e in list_checkpoints(tmp_path)] == [(path.name, True)]

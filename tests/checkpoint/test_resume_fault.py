@@ -199,3 +199,55 @@ def test_a_requeued_job_started_from_another_runs_checkpoint_continues_its_own(t
     last = _Steps()                                         # B saved step 4: from there
     run_training(cfg(tmp_path / "b", 6, start), hooks=[last])
     assert (first.steps, again.steps, last.steps) == ([3], [3, 4, 5], [5, 6])
+
+
+def test_a_restart_removes_what_killed_saves_and_prunes_left_even_when_it_saves_nothing(tmp_path):
+    """A ``kill -9`` inside a save leaves its ``step_N.tmp-*``, and inside the pruning the renamed, half-deleted old
+    checkpoint (``_remove``): each as large as a checkpoint (hundreds of GB at 30B). They were removed only by the
+    next save, so a restart with nothing left to train (killed while pruning after its last save; a stage of a
+    chain) kept them for good. The restart removes them (the run directory is locked), the checkpoints stay."""
+    from rynnscale.checkpoint.dcp import list_checkpoints
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+
+    def cfg():
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled"])
+
+    run_training(cfg())
+    root = out / "checkpoints"
+    pruned = root / "step_000001.tmp-0123456789ab"      # as a kill inside the pruning of step 1 leaves it
+    torn = root / "step_000003.tmp-ba9876543210"        # as a kill inside a save of step 3 leaves it
+    for d in (pruned, torn):
+        (d / "dcp").mkdir(parents=True)
+        (d / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 4096)
+    run_training(cfg())                                  # resumes at step 2 = max_steps: no step, no save
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
+    assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000002", True)]
+
+
+def test_the_end_of_run_export_removes_what_a_killed_export_left(tmp_path):
+    """``checkpoint.export_hf``: an export killed after moving the previous ``hf`` aside (``.hf.old-*``), or inside a
+    LoRA adapter export (``.adapter.tmp-*``), left a model-sized directory that no later run removed (only
+    ``.hf.tmp-*`` was); the same command again exports and removes them."""
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+        f"run.output_dir={out}", "train.max_steps=1", "checkpoint.export_hf=true",
+        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+        "logging.wandb.mode=disabled"])
+    run_training(cfg)
+    for left in (".hf.old-0123abcd", ".hf.tmp-0123abcd", ".adapter.tmp-0123abcd"):
+        (out / left).mkdir()
+        (out / left / "model.safetensors").write_bytes(b"\0" * 4096)
+    run_training(cfg)                     # resumes at its last step: exports again
+    assert (out / "hf" / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.is_dir()) == []

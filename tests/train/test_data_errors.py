@@ -55,6 +55,70 @@ def test_a_data_worker_killed_mid_step_is_a_one_line_error(tmp_path: Path) -> No
     assert status["status"] == "failed" and status["error"].startswith("DataWorkerError: rank 0")
 
 
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class KillOneDataWorkerDuringASlowSave:
+    """After step 1 (its checkpoint is being written in the background, held back by ``gate``), SIGKILL one of two
+    data workers; note whether the other one runs on while the save is held back, then let the save finish."""
+
+    def __init__(self, gate, caplog):
+        self.gate, self.caplog, self.before = gate, caplog, set(multiprocessing.active_children())
+        self.survivor_alive_during_save = self.said_before_save_finished = None
+
+    def on_step_end(self, step, ctx):
+        import threading
+
+        if step != 1:
+            return
+        workers = sorted(set(multiprocessing.active_children()) - self.before, key=lambda p: p.pid)
+        assert len(workers) == 2, "the test wants two data worker processes"
+
+        def release():   # once the other worker is gone, or after 15 s of it running on
+            deadline = time.monotonic() + 15
+            while _alive(workers[1].pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.survivor_alive_during_save = _alive(workers[1].pid)
+            time.sleep(0.5)
+            self.said_before_save_finished = any("finishing the background save of step_000001" in r.getMessage()
+                                                 and "data workers died" in r.getMessage() for r in self.caplog.records)
+            self.gate.set()
+        threading.Thread(target=release, daemon=True).start()
+        os.kill(workers[0].pid, signal.SIGKILL)
+        time.sleep(30)   # torch's SIGCHLD handler raises in here
+
+
+def test_a_dead_data_worker_stops_the_others_and_the_pending_save_still_commits(tmp_path: Path, monkeypatch,
+                                                                              caplog) -> None:
+    """``checkpoint.async_save`` with step 1's save still writing when a data worker dies: the run waited for the save
+    first, with a collective the other ranks (in their step, under torchrun) could not join, and only then
+    stopped the other workers, which kept running (holding memory) meanwhile, with nothing said. Now the others stop at
+    once, the error is logged, the pending save is committed without a collective, and the run ends with the
+    DataWorkerError."""
+    import threading
+
+    from ckpt_worker import gated_async_save
+
+    from rynnscale.checkpoint.dcp import find_resume_checkpoint, list_checkpoints
+
+    gate = threading.Event()
+    gated_async_save(monkeypatch, gate)
+    out = tmp_path / "run"
+    cfg = _cfg(out, tmp_path / "data", 2, "data.num_workers=2", "checkpoint.every_steps=1",
+               "checkpoint.async_save=true")
+    hook = KillOneDataWorkerDuringASlowSave(gate, caplog)
+    with caplog.at_level(logging.ERROR), pytest.raises(DataWorkerError, match=r"rank 0: one of its 2 data workers died"):
+        run_training(cfg, hooks=[hook])
+    assert hook.survivor_alive_during_save is False, "the other data worker ran on while the save was waited for"
+    assert hook.said_before_save_finished, "nothing said while the save was waited for"
+    assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000001", True)]
+    assert find_resume_checkpoint(out, "auto") == out / "checkpoints" / "step_000001"
+
 def test_a_truncated_shard_is_reported_in_one_line_with_data_workers(tmp_path: Path, caplog) -> None:
     from rynnscale.data.reader import ShardIntegrityError
 
