@@ -332,7 +332,8 @@ def test_planner_counts_a_deltanet_layer_under_cp(runs):
     """The planner's count of a DeltaNet decoder layer on the busiest CP rank (``cpu`` profile: the family's
     ``layer_activation_bytes`` over the rank's tokens + ``cp_layer_bytes``: the runs' chunk padding, the convolution's
     context rows, the composed maps) is within 15% of the bytes the layer saves (measured 0.93), and its backward term
-    within 15% of what the recomputed map passes hold (measured 0.95). Before, the family had no CP term: the layer
+    within 15% of what the recomputed map passes hold (measured 0.95; it also counts the maps' gradient buffers, <1%
+    here). Before, the family had no CP term: the layer
     was counted as unsharded over the rank's tokens (0.56 of what it saves here: its runs of 32 tokens are padded to
     64) plus the Ulysses buffers of a full-attention layer, which a DeltaNet layer does not have."""
     from rynnscale.models.qwen3_5 import SPEC

@@ -1,4 +1,5 @@
-"""What a Qwen3.5 decoder layer saves for backward (the planner's activation term, ``ModelSpec.layer_activation_bytes``).
+"""What a Qwen3.5 decoder layer saves for backward (the planner's activation term, ``ModelSpec.layer_activation_bytes``),
+and what a DeltaNet layer adds and sends under context parallelism (``cp_layer_bytes`` / ``cp_layer_traffic``).
 
 Counted from the code of ``text.py`` / ``gated_delta.py`` (``cpu`` profile: the plain PyTorch path, checked against
 saved-tensor hooks and against measured CPU steps by tests/plan/test_qwen35_memory.py) and, for the ``gpu``
@@ -108,7 +109,9 @@ def cp_layer_bytes(args: Any, layer_idx: int, profile: Any, cp: int, row_tokens:
       (``P`` [Hv, dk, dk] + the state it multiplies [Hv, dk, dv], fp32) per document;
     - backward: the two map passes recomputed while the layer's backward runs (``cpu``: both passes' chunk tensors,
       the identity states and zero values; ``gpu``: fla's A of both passes, the zero values, the identity states and
-      the chunk states fla recomputes for the dk-wide pass), and on the GPU the chunk states of the runs' padding."""
+      the chunk states fla recomputes for the dk-wide pass), on the GPU the chunk states of the runs' padding, and
+      the gradient of the gathered maps of all ``docs (2 cp - 1)`` runs with its all-reduced copy (two fp32 buffers;
+      counted, not measured)."""
     t = args.text
     if cp <= 1 or not t.is_linear(layer_idx):
         return None
@@ -122,16 +125,17 @@ def cp_layer_bytes(args: Any, layer_idx: int, profile: Any, cp: int, row_tokens:
     ext_rows = T + runs * (K - 1)
     maps = len(docs) * max(2 * cp - 3, 0) * Hv * dk * (dk + dv) * 4
     eye = runs * Hv * dk * dk * 4
+    maps_grad = 2 * len(docs) * (2 * cp - 1) * Hv * dk * (dk + dv) * 4
     if profile.attention == "flash":   # the GPU profile: fla + causal-conv1d outside CP
         a = profile.act_bytes
         saved = ((K + 1) * ext_rows - T) * Cd * a + maps   # its K + 1 copies replace causal-conv1d's saved input
         backward = (2 * T * Hv * C * 4 + T * Hv * dk * a + eye + padded_runs / C * Hv * dk * dk * 4
-                    + max(padded_runs - padded_docs, 0) / C * Hv * dk * dv * 4)
+                    + max(padded_runs - padded_docs, 0) / C * Hv * dk * dv * 4 + maps_grad)
         return saved, backward
     saved = (_rule_bytes_per_padded_token(t, dv) * (padded_runs - padded_docs)
              + (K * runs * (K - 1) + ext_rows) * Cd * 4 + maps)
     backward = ((_rule_bytes_per_padded_token(t, dv) + _rule_bytes_per_padded_token(t, dk)) * padded_runs
-                + eye + T * Hv * dk * 4)
+                + eye + T * Hv * dk * 4 + maps_grad)
     return saved, backward
 
 
