@@ -15,7 +15,9 @@ callables may import the family's torch modules on first use, so that resolving 
 - ``is_experts(module)``: whether a module holds fused experts (LoRA, statistics);
 - ``profile_parts()``: the module classes of the step-time breakdown;
 - optionally ``layer_activation_bytes`` / ``layer_backward_bytes``: the planner's per-layer activation terms for
-  layers that are not Qwen3-VL-shaped (e.g. Qwen3.5's linear-attention layers and their chunk states).
+  layers that are not Qwen3-VL-shaped (e.g. Qwen3.5's linear-attention layers and their chunk states), and
+  ``cp_layer_bytes`` / ``cp_layer_traffic``: what such a layer costs under context parallelism when it does not
+  split its attention heads or pass k/v around (Qwen3.5's DeltaNet state scan).
 
 Args objects are the family's own dataclasses, named after transformers' config keys. The generic code
 reads only what ``ModelArgs`` lists; models follow ``TrainableModel``.
@@ -202,6 +204,12 @@ class ModelSpec:
     # of that layer's backward
     layer_activation_bytes: Callable[..., float] | None = None
     layer_backward_bytes: Callable[..., float] | None = None
+    # under context parallelism (None, or a callable returning None for a layer: the planner's Ulysses / ring count):
+    # (args, layer_idx, profile, cp, row_tokens, doc_tokens) -> (saved, backward transient) bytes the layer adds on
+    # the busiest rank beyond the two terms above over its row_tokens / cp tokens; (args, layer_idx, cp, row_tokens,
+    # doc_tokens, recompute) -> bytes one rank sends for the layer per micro-batch
+    cp_layer_bytes: Callable[..., tuple[float, float] | None] | None = None
+    cp_layer_traffic: Callable[..., float | None] | None = None
     # model_type -> config.json keys ("text_config.rope_theta"; text-only types: top level) whose default differs
     # between transformers and our args: a checkpoint's config.json lacking one would give two different models,
     # so ``registry.read_hf_config`` refuses it (recipes' inline architectures keep our defaults)

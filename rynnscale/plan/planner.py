@@ -31,8 +31,8 @@ FSDP, which is the same per-GPU fraction -- and replicates over ``dp_replicate``
   the recipe's ``model.cp_attention``, ``auto`` = Ulysses when the q heads are divisible by cp) also keeps its head-sharded q, k (kv heads replicated up to cp), v and
   output per layer (``cp_attention_bytes_per_token``). Traffic per layer: Ulysses moves q, k, v and the
   output through all-to-alls, (cp-1)/cp of them, forward and backward; ring passes k/v cp-1 times in
-  forward and k/v plus their fp32 gradients in backward (``estimate_comm``); a Gated DeltaNet layer (Qwen3.5)
-  gathers its runs' state maps and convolution tails instead (``deltanet_scan_traffic_per_layer``).
+  forward and k/v plus their fp32 gradients in backward (``estimate_comm``); a layer that does neither (Qwen3.5's
+  DeltaNet state scan) counts its own: ``ModelSpec.cp_layer_bytes`` / ``cp_layer_traffic``.
 - peak = max(forward/loss peak, every point of backward (saved activations of the layers not yet
   back-propagated + gradients already produced + the current layer's recompute / workspace),
   optimiser step (gradients + foreach temporaries)). The GPU profile adds a reserve for the CUDA
@@ -290,12 +290,16 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
     # activations (a family whose layers are not Qwen3-VL-shaped gives its own per-layer terms: ModelSpec)
     spec = family_of(args)
     moe_layers = [t.layer_is_moe(i) for i in range(n_layers)]
+    # under CP a layer either shards its attention (the planner's Ulysses / ring terms) or counts itself (ModelSpec)
+    cp_own = [spec.cp_layer_bytes(args, i, p, cp, w.micro_batch_tokens, w.doc_tokens)
+              if cp > 1 and spec.cp_layer_bytes is not None else None for i in range(n_layers)]
+    cp_attn = cp_attention_bytes_per_token(t, cp, p, w.cp_attention) * T
+    cp_saved = [own[0] if own is not None else cp_attn for own in cp_own]
     if spec.layer_activation_bytes is not None:
-        full_layer = [spec.layer_activation_bytes(args, i, p, lay.ep, T, doc) + cp_attention_bytes_per_token(t, cp, p, w.cp_attention) * T
-                      for i in range(n_layers)]
+        full_layer = [spec.layer_activation_bytes(args, i, p, lay.ep, T, doc) + cp_saved[i] for i in range(n_layers)]
     else:
-        full_layer = [(decoder_layer_bytes_per_token(t, m, p, lay.ep) + cp_attention_bytes_per_token(t, cp, p, w.cp_attention)) * T
-                      + attention_s2_bytes(t.num_attention_heads, doc, T, p) for m in moe_layers]
+        full_layer = [decoder_layer_bytes_per_token(t, m, p, lay.ep) * T + cp_saved[i]
+                      + attention_s2_bytes(t.num_attention_heads, doc, T, p) for i, m in enumerate(moe_layers)]
     ckpt = _checkpointed(n_layers, w)
     saved_layer = [T * t.hidden_size * a if c else full for c, full in zip(ckpt, full_layer)]
     patches = _visual_patches(args, w, cp)  # CP: each rank encodes 1/cp of the frames
@@ -335,6 +339,8 @@ def estimate_memory(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload,
         work = _layer_backward_workspace(t, moe_layers[i], T, doc, p)
         if spec.layer_backward_bytes is not None:
             work += spec.layer_backward_bytes(args, i, p, T, doc)
+        if cp_own[i] is not None:
+            work += cp_own[i][1]
         events.append(static + ws + live_saved + current + work + grad_flow + done_grads)
     vgrads = [n * p.grad_bytes / shard for n in st.vision_block_trainable]
     for j in reversed(range(n_blocks)):
@@ -418,10 +424,10 @@ def estimate_comm(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c
         a2a /= lay.cp  # each rank routes its own shard's tokens
     cp_layer, mode = cp_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.checkpointing == "full",
                                           mode=w.cp_attention)
-    linear = [bool(getattr(args.text, "is_linear", lambda i: False)(i)) for i in range(n_layers)]
-    scan_layer = deltanet_scan_traffic_per_layer(args.text, lay.cp, w.micro_batch_tokens, w.doc_tokens,
-                                                 w.checkpointing == "full") if any(linear) else 0.0
-    cp_total = (cp_layer * linear.count(False) + scan_layer * linear.count(True)) * w.grad_accum
+    spec = family_of(args)
+    own = [spec.cp_layer_traffic(args, i, lay.cp, w.micro_batch_tokens, w.doc_tokens, w.checkpointing == "full")
+           if spec.cp_layer_traffic is not None else None for i in range(n_layers)]
+    cp_total = sum(cp_layer if sent is None else sent for sent in own) * w.grad_accum
     cp_bw = (c.ib_gbps if lay.cp > c.gpus_per_node else c.nvlink_gbps) * 1e9
     return Comm(ag, rs, hs, a2a, "InfiniBand" if fsdp_inter else "NVLink",
                 "InfiniBand" if ep > c.gpus_per_node else "NVLink", (ag + rs + hs) / fsdp_bw, a2a / ep_bw,
@@ -448,22 +454,6 @@ def cp_traffic_per_layer(t: Any, cp: int, row_tokens: int, recompute: bool,
     fwd = (cp - 1) * kv * act_bytes
     bwd = (cp - 1) * kv * act_bytes + cp * kv * 4
     return fwd * fwd_passes + bwd, mode
-
-
-def deltanet_scan_traffic_per_layer(t: Any, cp: int, row_tokens: int, doc_tokens: int, recompute: bool,
-                                    act_bytes: int = 2) -> float:
-    """Bytes one rank sends for one Gated DeltaNet layer under context parallelism (``models/qwen3_5/cp.py``; one
-    micro-batch, forward + backward, + the recomputed forward under full checkpointing): each zigzag run's state map
-    (fp32 [Hv, dk, dk + dv]) and its last K-1 convolution inputs are all-gathered ((cp-1)/cp of them leave a rank),
-    their gradients all-reduced in backward (2 (cp-1)/cp). A document of ``doc_tokens`` (0: the row) has 2 cp - 1
-    runs (the two middle chunks are one run of rank cp - 1)."""
-    if cp <= 1:
-        return 0.0
-    docs = -(-row_tokens // max(min(doc_tokens or row_tokens, row_tokens), 1))
-    runs = docs * (2 * cp - 1)
-    Hv, dk, dv = t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim
-    per_run = Hv * dk * (dk + dv) * 4 + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * act_bytes
-    return runs * per_run * (cp - 1) / cp * ((2 if recompute else 1) + 2)
 
 
 def recommend_cp(args: Any, st: ParamStats, lay: ParallelLayout, w: Workload, c: PlanConfig,

@@ -65,20 +65,25 @@ def test_qwen35_cp_traffic_counts_ulysses_on_its_attention_layers_only():
     import torch
 
     from rynnscale.config.model_args import resolve_model_args
+    from rynnscale.models import family_of
     from rynnscale.models.qwen3_5 import cp as cp_scan
     from rynnscale.parallel.context_parallel import CPShard, shard_plan
-    from rynnscale.plan.planner import deltanet_scan_traffic_per_layer
 
     cfg = load_config(RECIPES / "base/qwen3_5_9b.yaml", ["parallel.cp=2"], check_paths=False)
     plan = plan_recipe(cfg, "recipes/base/qwen3_5_9b.yaml")
-    t = resolve_model_args(cfg.model, check_paths=False).args.text
+    args = resolve_model_args(cfg.model, check_paths=False).args
+    t = args.text
     n_linear = sum(t.is_linear(i) for i in range(t.num_hidden_layers))
     n_full = t.num_hidden_layers - n_linear
     assert 0 < n_full < n_linear
     w = plan.workload
     full_ckpt = w["checkpointing"] == "full"
     uly, mode = cp_traffic_per_layer(t, 2, w["micro_batch_tokens"], full_ckpt, mode=w["cp_attention"])
-    scan = deltanet_scan_traffic_per_layer(t, 2, w["micro_batch_tokens"], w["doc_tokens"], full_ckpt)
+    scan_of = family_of(args).cp_layer_traffic   # the family's count (models/qwen3_5/memory.py)
+    linear_layer = next(i for i in range(t.num_hidden_layers) if t.is_linear(i))
+    scan = scan_of(args, linear_layer, 2, w["micro_batch_tokens"], w["doc_tokens"], full_ckpt)
+    assert scan_of(args, t.layer_types.index("full_attention"), 2, w["micro_batch_tokens"], w["doc_tokens"],
+                   full_ckpt) is None
     assert mode == "ulysses" and 0 < scan < uly / 4
     assert plan.comm.cp_bytes == (uly * n_full + scan * n_linear) * w["grad_accum"]
     # the scan's count of runs (2 cp - 1 per document) is the layout's: documents of 100 tokens, cp 2 and 4

@@ -95,10 +95,23 @@ def layer_backward_bytes(*a: Any, **kw: Any) -> float:
     return count(*a, **kw)
 
 
+def cp_layer_bytes(*a: Any, **kw: Any) -> tuple[float, float] | None:
+    from rynnscale.models.qwen3_5.memory import cp_layer_bytes as count
+
+    return count(*a, **kw)
+
+
+def cp_layer_traffic(*a: Any, **kw: Any) -> float | None:
+    from rynnscale.models.qwen3_5.memory import cp_layer_traffic as count
+
+    return count(*a, **kw)
+
+
 _COMMON = dict(new_model=new_model, parallelize=parallelize, step_flops=step_flops,
                cost_coefficients=cost_coefficients, data=data_contract, is_experts=is_experts,
                profile_parts=profile_parts, layer_activation_bytes=layer_activation_bytes,
-               layer_backward_bytes=layer_backward_bytes,
+               layer_backward_bytes=layer_backward_bytes, cp_layer_bytes=cp_layer_bytes,
+               cp_layer_traffic=cp_layer_traffic,
                hf_keys_without_shared_default=HF_KEYS_WITHOUT_SHARED_DEFAULT)
 
 SPEC = register(ModelSpec(

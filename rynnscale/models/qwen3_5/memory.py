@@ -1,4 +1,5 @@
-"""What a Qwen3.5 decoder layer saves for backward (the planner's activation term, ``ModelSpec.layer_activation_bytes``).
+"""What a Qwen3.5 decoder layer saves for backward (the planner's activation term, ``ModelSpec.layer_activation_bytes``),
+and what a DeltaNet layer adds and sends under context parallelism (``cp_layer_bytes`` / ``cp_layer_traffic``).
 
 Counted from the code of ``text.py`` / ``gated_delta.py`` (``cpu`` profile: the plain PyTorch path, checked against
 saved-tensor hooks and against measured CPU steps by tests/plan/test_qwen35_memory.py) and, for the ``gpu``
@@ -36,6 +37,12 @@ def _padded(tokens: int, doc_tokens: int) -> int:
     return full * CHUNK * math.ceil(doc_tokens / CHUNK) + CHUNK * math.ceil(rest / CHUNK)
 
 
+def _rule_bytes_per_padded_token(t: Any, dv: int) -> float:
+    """What the plain PyTorch chunked rule saves per chunk-padded token with values ``dv`` wide (module docstring)."""
+    C, dk = CHUNK, t.linear_key_head_dim
+    return 4 * t.linear_num_value_heads * (5 * C + 8 * dk + 2 * dv + dk * dv / C)
+
+
 def _mlp_bytes(t: Any, a: int, ep: int) -> float:
     if not t.is_moe:
         return (3 * t.intermediate_size + t.hidden_size) * a
@@ -58,7 +65,7 @@ def layer_activation_bytes(args: Any, layer_idx: int, profile: Any, ep: int, tok
             rule = 0.0
         else:
             mixer = (5 * t.linear_conv_dim + 6 * t.linear_value_dim + 2 * Hv * dk + 6 * Hv + H) * 4
-            rule = 4 * Hv * (5 * C + 8 * dk + 2 * dv + dk * dv / C) * _padded(tokens, doc_tokens)
+            rule = _rule_bytes_per_padded_token(t, dv) * _padded(tokens, doc_tokens)
         return (norms + mixer + _mlp_bytes(t, a, ep)) * tokens + rule
     qd, kvd, nh = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim, t.num_attention_heads
     mixer = (7 * qd + 3 * kvd + H) * a
@@ -81,3 +88,71 @@ def layer_backward_bytes(args: Any, layer_idx: int, profile: Any, tokens: int, d
         return 0.0
     states = _padded(tokens, doc_tokens) / CHUNK
     return states * t.linear_num_value_heads * t.linear_key_head_dim * t.linear_value_head_dim * 4
+
+
+def _doc_lens(row_tokens: int, doc_tokens: int) -> list[int]:
+    full, rest = divmod(row_tokens, max(min(doc_tokens or row_tokens, row_tokens), 1))
+    return [min(doc_tokens or row_tokens, row_tokens)] * full + ([rest] if rest else [])
+
+
+def cp_layer_bytes(args: Any, layer_idx: int, profile: Any, cp: int, row_tokens: int,
+                   doc_tokens: int) -> tuple[float, float] | None:
+    """(bytes saved for backward, transient bytes of its backward) that DeltaNet layer ``layer_idx`` adds on rank 0 (the
+    rank with the most runs) under context parallelism ``cp`` (``cp.py``), beyond ``layer_activation_bytes`` /
+    ``layer_backward_bytes`` over the rank's ``row_tokens / cp`` tokens in documents of ``doc_tokens`` (0: the row);
+    None for a full-attention layer (the planner's Ulysses / ring count). Rank 0 holds two runs of about
+    ``n / (2 cp)`` tokens of each document of n tokens:
+
+    - saved: the chunked rule pads every run, not every document, to whole chunks (``cpu``); the convolution runs
+      on the runs with their K-1 context rows prepended (the extended input, its K-1 shifted copies and the SiLU
+      input; on the GPU too: the plain PyTorch convolution, not causal-conv1d's); the scan keeps ``2 cp - 3`` maps' worth
+      (``P`` [Hv, dk, dk] + the state it multiplies [Hv, dk, dv], fp32) per document;
+    - backward: the two map passes recomputed while the layer's backward runs (``cpu``: both passes' chunk tensors,
+      the identity states and zero values; ``gpu``: fla's A of both passes, the zero values, the identity states and
+      the chunk states fla recomputes for the dk-wide pass), on the GPU the chunk states of the runs' padding, and
+      the gradient of the gathered maps of all ``docs (2 cp - 1)`` runs with its all-reduced copy (two fp32 buffers;
+      counted, not measured)."""
+    t = args.text
+    if cp <= 1 or not t.is_linear(layer_idx):
+        return None
+    C, K, Cd = CHUNK, t.linear_conv_kernel_dim, t.linear_conv_dim
+    Hv, dk, dv = t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim
+    docs = _doc_lens(row_tokens, doc_tokens)
+    T = -(-row_tokens // cp)
+    runs = 2 * len(docs)
+    padded_runs = sum(2 * C * math.ceil(n / (2 * cp) / C) for n in docs)
+    padded_docs = _padded(T, min(doc_tokens or T, T))
+    ext_rows = T + runs * (K - 1)
+    maps = len(docs) * max(2 * cp - 3, 0) * Hv * dk * (dk + dv) * 4
+    eye = runs * Hv * dk * dk * 4
+    maps_grad = 2 * len(docs) * (2 * cp - 1) * Hv * dk * (dk + dv) * 4
+    if profile.attention == "flash":   # the GPU profile: fla + causal-conv1d outside CP
+        a = profile.act_bytes
+        saved = ((K + 1) * ext_rows - T) * Cd * a + maps   # its K + 1 copies replace causal-conv1d's saved input
+        backward = (2 * T * Hv * C * 4 + T * Hv * dk * a + eye + padded_runs / C * Hv * dk * dk * 4
+                    + max(padded_runs - padded_docs, 0) / C * Hv * dk * dv * 4 + maps_grad)
+        return saved, backward
+    saved = (_rule_bytes_per_padded_token(t, dv) * (padded_runs - padded_docs)
+             + (K * runs * (K - 1) + ext_rows) * Cd * 4 + maps)
+    backward = ((_rule_bytes_per_padded_token(t, dv) + _rule_bytes_per_padded_token(t, dk)) * padded_runs
+                + eye + T * Hv * dk * 4 + maps_grad)
+    return saved, backward
+
+
+def cp_layer_traffic(args: Any, layer_idx: int, cp: int, row_tokens: int, doc_tokens: int, recompute: bool,
+                     act_bytes: int = 2) -> float | None:
+    """Bytes one rank sends for DeltaNet layer ``layer_idx`` under context parallelism (``cp.py``; one micro-batch,
+    forward + backward, + the recomputed forward under full checkpointing), None for a full-attention layer (the
+    planner's Ulysses / ring count): each zigzag run's state map (fp32 [Hv, dk, dk + dv]) and its last K-1
+    convolution inputs are all-gathered ((cp-1)/cp of them leave a rank), their gradients all-reduced in backward
+    (2 (cp-1)/cp). A document of ``doc_tokens`` (0: the row) has 2 cp - 1 runs (the two middle chunks are one run of
+    rank cp - 1)."""
+    t = args.text
+    if not t.is_linear(layer_idx):
+        return None
+    if cp <= 1:
+        return 0.0
+    runs = len(_doc_lens(row_tokens, doc_tokens)) * (2 * cp - 1)
+    Hv, dk, dv = t.linear_num_value_heads, t.linear_key_head_dim, t.linear_value_head_dim
+    per_run = Hv * dk * (dk + dv) * 4 + (t.linear_conv_kernel_dim - 1) * t.linear_conv_dim * act_bytes
+    return runs * per_run * (cp - 1) / cp * ((2 if recompute else 1) + 2)
