@@ -123,7 +123,10 @@ def _require_av() -> None:
         raise ImportError(f"PyAV (`av`) is needed to decode videos: {_AV_IMPORT_ERROR}")
 
 
-_OPEN_WITHOUT_DECODING = [{"skip_frame": "all"}]   # find_stream_info's decoder skips every frame
+# find_stream_info's decoders skip every frame. Given as ``options`` (PyAV hands them to every stream known before
+# find_stream_info on 18 and 19), not ``stream_options``: PyAV 19 dropped that keyword, and the TypeError sent every
+# open down the plain (decoding) path without a word
+_OPEN_WITHOUT_DECODING = {"skip_frame": "all"}
 _REORDER_CODECS = ("h264", "hevc")   # find_stream_info guesses their reorder depth by decoding frames
 
 
@@ -138,8 +141,8 @@ def _open(data: bytes, limits: VideoLimits, plain: bool = False):
     container = None
     if not plain:
         try:
-            container = av.open(io.BytesIO(data), mode="r", stream_options=_OPEN_WITHOUT_DECODING)
-        except Exception:  # e.g. MPEG-TS exposes no stream before find_stream_info: the plain open decides
+            container = av.open(io.BytesIO(data), mode="r", options=_OPEN_WITHOUT_DECODING)
+        except Exception:  # the plain open decides (and names the error)
             container = None
     try:
         if container is None:

@@ -393,6 +393,60 @@ def test_resume_with_another_micro_batch_budget_loses_and_repeats_nothing(tmp_pa
         assert bool(too_long) == (budget == 50)
 
 
+def test_resume_with_a_smaller_budget_counts_skipped_samples_as_a_straight_run(tmp_path: Path) -> None:
+    """After a resume with a smaller ``micro_batch_tokens`` the samples drawn but not trained are sized again and
+    re-packed: no skipped sample may be counted twice (stream-level bad ones, too_long) or also trained. Over two
+    epochs with every kind of bad sample, the run's counts (as logged with each step and as its final loader
+    state carries them) are a straight run's at the new budget, but for the samples over it that the first leg
+    trained legitimately at the old budget (one fewer too_long each, one more trained)."""
+    from tests.data.test_loader_resume import add_bad_shards
+
+    rng = np.random.default_rng(1)
+    size = {}
+    for s in range(4):
+        with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as w:
+            for i in range(16):
+                k = f"s{s}-{i:02d}"
+                text = ("BAD " if i % 7 == 3 else "") + (k + " ") * int(rng.integers(2, 12))   # 12..72 tokens
+                w.write({"__key__": k, "conv.json": json.dumps({"text": text}).encode()})
+                size[k] = len(text)
+    add_bad_shards(tmp_path, 100)   # a bad member name, a rejected conversation, 101 tokens, a truncated tar
+
+    def loader(budget: int, window: int = 8, workers: int = 0) -> TrainLoader:
+        return TrainLoader(LoaderConfig(train_shards=[str(tmp_path / "shard-*.tar")], seed=3, shuffle_buffer=6,
+                                        micro_batch_tokens=budget, pack_window=window, num_epochs=2,
+                                        max_bad_fraction=1.0, micro_batches_per_step=2, num_workers=workers),
+                           ByteEncoder())
+
+    def keys(st) -> list[str]:
+        return [k for b in st.micro_batches for k in b.sample_keys]
+
+    straight = loader(50)
+    straight_trained = Counter(k for st in straight for k in keys(st))
+    first = loader(100)
+    it = iter(first)
+    before = [k for _ in range(4) for k in keys(next(it))]
+    sd = json.loads(json.dumps(first.state_dict()))
+    drawn = [x[2] for st in sd["state"]["steps"] for b in st for x in b] + [x[2] for x in sd["state"]["packer"]["items"]]
+    assert any(size.get(k, 0) > 50 for k in drawn), "the test wants drawn samples over the new budget"
+    resumed = loader(50, window=4, workers=2)
+    resumed.load_state_dict(sd)
+    steps = list(resumed)
+    after = [k for st in steps for k in keys(st)]
+    over = Counter(k for k in before if size.get(k, 0) > 50)   # trained at the old budget: not skipped as too_long
+    assert over, "the test wants the first leg to train a sample over the new budget"
+    assert Counter(before + after) == straight_trained + over
+    want = Counter(straight.bad_counts)
+    want.subtract({"too_long": sum(over.values())})
+    assert steps[-1].bad == resumed.bad_counts == dict(+want)
+    assert resumed.samples_seen == straight.samples_seen == sum(want.values()) + len(before) + len(after)
+    bad_distinct = {k: v for k, v in resumed.bad_distinct.items() if k != "too_long"}
+    assert bad_distinct == {k: v for k, v in straight.bad_distinct.items() if k != "too_long"}
+    again = loader(50)   # what the final checkpoint carries
+    again.load_state_dict(json.loads(json.dumps(resumed.state_dict())))
+    assert again.bad_counts == dict(+want) and list(again) == []
+
+
 def text_of_key(d: Path, key: str) -> str:
     """The text of sample ``key`` as written (its ByteEncoder token count is its byte length)."""
     shard = d / f"shard-{int(key[1:key.index('-')]):03d}.tar"

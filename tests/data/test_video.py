@@ -255,7 +255,8 @@ def _noisy_gop(codec: str, fmt: str, opts: dict, w: int = 96, h: int = 64, n: in
 
 def test_h264_open_skips_the_frames_find_stream_info_would_decode():
     """The H.264 open really skips decoding (pixel format unknown until the first frame), and a stream with
-    B-frames keeps the declared reorder depth, so no plain re-open is needed."""
+    B-frames keeps the declared reorder depth, so no plain re-open is needed. On PyAV 19 the open passed
+    ``stream_options``, a keyword it no longer has: the TypeError fell back to the plain open, which decodes."""
     from rynnscale.data.video import _index, _needs_plain_open, _open
     data = _noisy_gop("libx264", "mp4", {"g": 8, "bf": 2})
     c = _open(data, VideoLimits())
