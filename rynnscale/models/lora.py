@@ -224,6 +224,18 @@ def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[st
                          "e.g. ['lm_head.weight'])")
 
 
+def frozen_adapters(model: nn.Module) -> list[str]:
+    """Adapters none of whose factors trains (``requires_grad`` off on both ``lora_A`` and ``lora_B``, e.g. by
+    ``model.freeze`` after ``apply_lora``), named by their ``lora_A`` parameter. With ``B = 0`` at init such an
+    adapter never changes the model: asking for it and freezing it is a contradiction in the recipe."""
+    trains: dict[str, bool] = {}
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            unit = name[:-1] + "A"
+            trains[unit] = trains.get(unit, False) or p.requires_grad
+    return [n for n, t in trains.items() if not t]
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[int]:
     """Within the block every LoRA adapter of ``model`` is skipped (the base model's function); yields how many

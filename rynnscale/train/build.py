@@ -11,6 +11,7 @@ A single process is the same path with no meshes (checkpointing and compile only
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from rynnscale.checkpoint.hf import load_hf_weights
 from rynnscale.config.model_args import ResolvedArch, resolve_model_args
 from rynnscale.config.schema import ConfigError, ModelConfig, RootConfig
 from rynnscale.models import family_of
-from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+from rynnscale.models.lora import LoRASpec, apply_lora, frozen_adapters, is_adapter_param
 from rynnscale.ops.attention import require_varlen
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel import precision
@@ -97,6 +98,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         model.lora_spec = lora
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
+        if lora is not None:
+            _refuse_frozen_adapters(model, cfg.freeze)
     spec.parallelize(model, meshes, compute_dtype=compute_dtype, ac_mode=cfg.activation_checkpointing,
                      ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
                      reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
@@ -121,6 +124,20 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     else:
         model.init_weights(seed, select=select)
     return args, model
+
+
+def _refuse_frozen_adapters(model: nn.Module, freeze: list[str]) -> None:
+    """``model.freeze`` must not freeze whole LoRA adapters: they would never train (a ``model.lora.vision: true``
+    run on a recipe that freezes ``model.visual.blocks.*`` trained no vision adapter, silently)."""
+    dead = frozen_adapters(model)
+    if not dead:
+        return
+    names = dead + [n[:-1] + "B" for n in dead]
+    patterns = [p for p in freeze if any(fnmatch.fnmatchcase(n, p) for n in names)]
+    raise ConfigError(f"config key 'model.freeze' pattern(s) {patterns} freeze the LoRA adapters of {len(dead)} "
+                      f"adapted tensor(s) ({dead[0].removesuffix('lora_A').rstrip('._')}, ...), which would then "
+                      "never train; LoRA freezes the base by itself: remove those patterns from model.freeze (e.g. "
+                      "model.freeze=[]), or leave those modules out of model.lora (targets / vision / experts)")
 
 
 def lora_spec(cfg: ModelConfig) -> LoRASpec | None:

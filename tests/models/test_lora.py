@@ -206,3 +206,26 @@ def test_target_patterns_that_adapt_nothing_are_named(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
         build_model(ModelConfig(arch=cfg, lora=LoRAConfig(rank=2)), seed=0)   # defaults: dense MLP names on a MoE
     assert "matches no module" not in caplog.text
+
+
+def test_freeze_patterns_that_freeze_whole_adapters_are_refused() -> None:
+    """``model.freeze`` applies after LoRA; a pattern freezing both factors of adapters left them at ``B = 0`` for
+    good: ``recipes/finetune/planning_lora.yaml model.lora.vision=true`` (the fine-tune's freeze of
+    ``model.visual.blocks.*``) trained no vision adapter and said nothing. Such a pattern is an error naming it;
+    freezing one factor only (``*.lora_A``, LoRA-FA) stays allowed."""
+    from rynnscale.config.schema import ConfigError
+
+    cfg = tiny_hf_config(moe=True).to_dict()
+    vision_freeze = ["model.visual.blocks.*", "model.visual.patch_embed.*"]
+    with pytest.raises(ConfigError, match=r"'model.freeze' pattern\(s\) \['model.visual.blocks.\*'\] freeze the LoRA "
+                                          r"adapters of 8 adapted tensor\(s\) \(model.visual.blocks.0.attn.qkv, "):
+        build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2, vision=True)), seed=0)
+    with pytest.raises(ConfigError, match=r"\['\*.mlp.experts.\*'\] freeze .*mlp.experts.gate_up_proj, "):
+        build_model(ModelConfig(arch=cfg, freeze=["*.mlp.experts.*"], lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    # the same freeze without vision adapters, and a freeze of the A factors only, build
+    _, model = build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2)), seed=0)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.visual."))
+    _, model = build_model(ModelConfig(arch=cfg, freeze=["*lora_A"], lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all(n.endswith("lora_B") for n in trains)
+    assert any("experts.gate_up_proj_lora_B" in n for n in trains)
