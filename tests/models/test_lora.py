@@ -229,3 +229,22 @@ def test_freeze_patterns_that_freeze_whole_adapters_are_refused() -> None:
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains and all(n.endswith("lora_B") for n in trains)
     assert any("experts.gate_up_proj_lora_B" in n for n in trains)
+
+
+def test_options_with_nothing_to_act_on_are_warned_of(caplog) -> None:
+    """``model.lora.experts: true`` on a dense model and ``model.lora.dropout`` with only expert adapters (which
+    take no dropout) used to be accepted and ignored without a word."""
+    import logging
+
+    dense, moe = tiny_hf_config(moe=False).to_dict(), tiny_hf_config(moe=True).to_dict()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        build_model(ModelConfig(arch=dense, lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    assert "model.lora.experts: true, but this model has no MoE experts" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        build_model(ModelConfig(arch=moe, lora=LoRAConfig(rank=2, experts=True, targets=[], dropout=0.1)), seed=0)
+    assert "model.lora.dropout=0.1 has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):   # both options act here
+        build_model(ModelConfig(arch=moe, lora=LoRAConfig(rank=2, experts=True, dropout=0.1)), seed=0)
+    assert "has no effect" not in caplog.text and "no MoE experts" not in caplog.text
