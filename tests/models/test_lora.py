@@ -212,7 +212,8 @@ def test_freeze_patterns_that_freeze_whole_adapters_are_refused() -> None:
     """``model.freeze`` applies after LoRA; a pattern freezing both factors of adapters left them at ``B = 0`` for
     good: ``recipes/finetune/planning_lora.yaml model.lora.vision=true`` (the fine-tune's freeze of
     ``model.visual.blocks.*``) trained no vision adapter and said nothing. Such a pattern is an error naming it;
-    freezing one factor only (``*.lora_A``, LoRA-FA) stays allowed."""
+    freezing one factor only (``*.lora_A``, LoRA-FA) stays allowed. A ``model.lora.trainable`` pattern that
+    ``model.freeze`` freezes entirely is refused the same way (it trained nothing, silently)."""
     from rynnscale.config.schema import ConfigError
 
     cfg = tiny_hf_config(moe=True).to_dict()
@@ -229,6 +230,11 @@ def test_freeze_patterns_that_freeze_whole_adapters_are_refused() -> None:
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trains and all(n.endswith("lora_B") for n in trains)
     assert any("experts.gate_up_proj_lora_B" in n for n in trains)
+    # likewise a model.lora.trainable pattern whose every parameter model.freeze freezes
+    with pytest.raises(ConfigError, match=r"'model.lora.trainable' pattern 'lm_head.weight' asks to train "
+                                          r"lm_head.weight, but 'model.freeze' pattern\(s\) \['lm_head.\*'\] freeze it"):
+        build_model(ModelConfig(arch=cfg, freeze=["lm_head.*"], lora=LoRAConfig(rank=2, trainable=["lm_head.weight"])),
+                    seed=0)
 
 
 def test_options_with_nothing_to_act_on_are_warned_of(caplog) -> None:
