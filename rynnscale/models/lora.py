@@ -237,16 +237,30 @@ def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[st
                          "e.g. ['lm_head.weight'])")
 
 
-def frozen_adapters(model: nn.Module) -> list[str]:
-    """Adapters none of whose factors trains (``requires_grad`` off on both ``lora_A`` and ``lora_B``, e.g. by
-    ``model.freeze`` after ``apply_lora``), named by their ``lora_A`` parameter. With ``B = 0`` at init such an
-    adapter never changes the model: asking for it and freezing it is a contradiction in the recipe."""
+def frozen_adapters(model: nn.Module, spec: LoRASpec) -> tuple[list[str], list[str]]:
+    """Adapters that do not train (``requires_grad`` off on both factors, e.g. by ``model.freeze`` after
+    ``apply_lora``; with ``B = 0`` at init they never change the model): ``(options, frozen)``, the ``model.lora``
+    options ALL of whose adapters are frozen (the option then does nothing) and every frozen adapter, named by its
+    ``lora_A`` parameter."""
     trains: dict[str, bool] = {}
     for name, p in model.named_parameters():
         if is_adapter_param(name):
             unit = name[:-1] + "A"
             trains[unit] = trains.get(unit, False) or p.requires_grad
-    return [n for n, t in trains.items() if not t]
+    frozen = [u for u, t in trains.items() if not t]
+
+    def all_frozen(units: list[str]) -> bool:
+        return bool(units) and not any(trains[u] for u in units)
+
+    options = []
+    if spec.vision and all_frozen([u for u in trains if u.startswith(VISION_PREFIX)]):
+        options.append("model.lora.vision")
+    if spec.experts and all_frozen([u for u in trains if u.endswith("_lora_A")]):
+        options.append("model.lora.experts")
+    for pat in spec.targets:
+        if all_frozen([u for u in trains if u.endswith(".lora_A") and fnmatch.fnmatchcase(u[:-len(".lora_A")], pat)]):
+            options.append(f"model.lora.targets pattern {pat!r}")
+    return options, frozen
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
         if lora is not None:
-            _refuse_frozen_lora(model, cfg.freeze, lora.trainable)
+            _refuse_frozen_lora(model, cfg.freeze, lora)
     spec.parallelize(model, meshes, compute_dtype=compute_dtype, ac_mode=cfg.activation_checkpointing,
                      ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
                      reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
@@ -126,22 +126,26 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     return args, model
 
 
-def _refuse_frozen_lora(model: nn.Module, freeze: list[str], trainable: tuple[str, ...]) -> None:
-    """``model.freeze`` (applied after LoRA) must not undo what ``model.lora`` asked to train: whole adapters
+def _refuse_frozen_lora(model: nn.Module, freeze: list[str], spec: LoRASpec) -> None:
+    """``model.freeze`` (applied after LoRA) must not undo a ``model.lora`` option: freeze all of its adapters
     (a ``model.lora.vision: true`` run on a recipe that freezes ``model.visual.blocks.*`` trained no vision
-    adapter, silently) or every parameter of a ``model.lora.trainable`` pattern."""
+    adapter, silently) or every parameter of a ``model.lora.trainable`` pattern. Freezing some adapters is said."""
     def culprits(names: list[str]) -> list[str]:
         return [p for p in freeze if any(fnmatch.fnmatchcase(n, p) for n in names)]
 
-    dead = frozen_adapters(model)
-    if dead:
-        raise ConfigError(f"config key 'model.freeze' pattern(s) {culprits(dead + [n[:-1] + 'B' for n in dead])} "
-                          f"freeze the LoRA adapters of {len(dead)} adapted tensor(s) "
-                          f"({dead[0].removesuffix('lora_A').rstrip('._')}, ...), which would then never train; LoRA "
-                          "freezes the base by itself: remove those patterns from model.freeze (e.g. model.freeze=[]), "
-                          "or leave those modules out of model.lora (targets / vision / experts)")
+    options, frozen = frozen_adapters(model, spec)
+    if frozen:
+        where = f"{frozen[0].removesuffix('lora_A').rstrip('._')}{', ...' if len(frozen) > 1 else ''}"
+        patterns = culprits(frozen + [n[:-1] + "B" for n in frozen])
+        if options:
+            raise ConfigError(f"config key 'model.freeze' pattern(s) {patterns} freeze every LoRA adapter of "
+                              f"{', '.join(options)} ({where}), which would then train nothing; LoRA freezes the "
+                              "base by itself: remove those patterns from model.freeze (e.g. model.freeze=[]), or drop "
+                              "the option")
+        log.warning("model.freeze pattern(s) %s freeze %d LoRA adapter(s) (%s): they stay at B = 0 and change nothing",
+                    patterns, len(frozen), where)
     named = list(model.named_parameters(remove_duplicate=False))
-    for pat in trainable:
+    for pat in spec.trainable:
         hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pat)]
         if hits and not any(p.requires_grad for _, p in hits):
             raise ConfigError(f"config key 'model.lora.trainable' pattern {pat!r} asks to train {hits[0][0]}"

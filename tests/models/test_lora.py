@@ -208,21 +208,33 @@ def test_target_patterns_that_adapt_nothing_are_named(caplog) -> None:
     assert "matches no module" not in caplog.text
 
 
-def test_freeze_patterns_that_freeze_whole_adapters_are_refused() -> None:
-    """``model.freeze`` applies after LoRA; a pattern freezing both factors of adapters left them at ``B = 0`` for
+def test_freeze_patterns_that_undo_a_lora_option_are_refused(caplog) -> None:
+    """``model.freeze`` applies after LoRA; a pattern freezing both factors of adapters leaves them at ``B = 0`` for
     good: ``recipes/finetune/planning_lora.yaml model.lora.vision=true`` (the fine-tune's freeze of
-    ``model.visual.blocks.*``) trained no vision adapter and said nothing. Such a pattern is an error naming it;
-    freezing one factor only (``*.lora_A``, LoRA-FA) stays allowed. A ``model.lora.trainable`` pattern that
-    ``model.freeze`` freezes entirely is refused the same way (it trained nothing, silently)."""
+    ``model.visual.blocks.*``) trained no vision adapter and said nothing. A freeze that leaves a ``model.lora``
+    option (vision, experts, a targets pattern) nothing to train is an error naming the freeze pattern; one that
+    freezes some of an option's adapters is warned of; freezing one factor only (``*.lora_A``, LoRA-FA) is fine. A
+    ``model.lora.trainable`` pattern that ``model.freeze`` freezes entirely is refused the same way."""
+    import logging
+
     from rynnscale.config.schema import ConfigError
 
     cfg = tiny_hf_config(moe=True).to_dict()
     vision_freeze = ["model.visual.blocks.*", "model.visual.patch_embed.*"]
-    with pytest.raises(ConfigError, match=r"'model.freeze' pattern\(s\) \['model.visual.blocks.\*'\] freeze the LoRA "
-                                          r"adapters of 8 adapted tensor\(s\) \(model.visual.blocks.0.attn.qkv, "):
+    with pytest.raises(ConfigError, match=r"'model.freeze' pattern\(s\) \['model.visual.blocks.\*'\] freeze every LoRA "
+                                          r"adapter of model.lora.vision \(model.visual.blocks.0.attn.qkv, \.\.\.\)"):
         build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2, vision=True)), seed=0)
-    with pytest.raises(ConfigError, match=r"\['\*.mlp.experts.\*'\] freeze .*mlp.experts.gate_up_proj, "):
+    with pytest.raises(ConfigError, match=r"\['\*.mlp.experts.\*'\] freeze every LoRA adapter of model.lora.experts "):
         build_model(ModelConfig(arch=cfg, freeze=["*.mlp.experts.*"], lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    with pytest.raises(ConfigError, match=r"\['\*.q_proj.\*'\] freeze every LoRA adapter of model.lora.targets "
+                                          r"pattern '\*.self_attn.q_proj'"):
+        build_model(ModelConfig(arch=cfg, freeze=["*.q_proj.*"], lora=LoRAConfig(rank=2)), seed=0)
+    # one layer's expert adapters frozen: the option still trains the others (said, not refused)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.build"):
+        _, model = build_model(ModelConfig(arch=cfg, freeze=["model.language_model.layers.0.mlp.experts.*"],
+                                           lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    assert "freeze 2 LoRA adapter(s) (model.language_model.layers.0.mlp.experts.gate_up_proj, ...)" in caplog.text
+    assert model.model.language_model.layers[2].mlp.experts.down_proj_lora_B.requires_grad
     # the same freeze without vision adapters, and a freeze of the A factors only, build
     _, model = build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2)), seed=0)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.visual."))
