@@ -158,3 +158,8 @@ def test_lora_structure_check_ignores_unused_settings_and_fields_a_checkpoint_pr
     check_same_adapters(older, lora, tmp_path)
     with pytest.raises(CheckpointError, match="model.lora.alpha"):
         check_same_adapters({**dataclasses.asdict(lora), "alpha": 32.0}, lora, tmp_path)
+    # the same target patterns in another order (a reformatted recipe) adapt the same modules: no reason to refuse
+    reordered = LoRAConfig(rank=4, targets=list(reversed(lora.targets)))
+    check_same_adapters(dataclasses.asdict(lora), reordered, tmp_path)
+    with pytest.raises(CheckpointError, match="model.lora.targets"):
+        check_same_adapters(dataclasses.asdict(lora), LoRAConfig(rank=4, targets=lora.targets[:-1]), tmp_path)
