@@ -143,6 +143,19 @@ def test_lora_dropout_resume_is_bitwise_and_lora_structure_is_pinned(tmp_path, d
     assert _losses(out) == _losses(straight), (_losses(out), _losses(straight))
 
 
+def test_resume_that_freezes_trained_adapters_is_refused(tmp_path, data_dir):
+    """A LoRA checkpoint holds only what trained; a resume whose ``model.freeze`` now covers some trained adapters
+    (here layer 0's experts: a warning at build, the option keeps its other layers) left them out of the load: they
+    went back to ``B = 0`` and the next checkpoint and export no longer had them, silently. Refused, naming them."""
+    out = tmp_path / "run"
+    lora = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.experts=true", "optim.lr=2e-2")
+    run_training(_cfg(out, data_dir, 2, *lora))
+    with pytest.raises(CheckpointError, match=r"holds 4 trained tensor\(s\) that this run freezes \(model.language_model"
+                                              r".layers.0.mlp.experts.down_proj_lora_A, .*reset them to their initial"):
+        run_training(_cfg(out, data_dir, 4, *lora, "model.freeze=[model.language_model.layers.0.mlp.experts.*]"))
+    assert len(_losses(out)) == 2
+
+
 def test_lora_structure_check_ignores_unused_settings_and_fields_a_checkpoint_predates(tmp_path: Path) -> None:
     """Both runs full fine-tunes: a differing unused ``model.lora.alpha`` is no reason to refuse; a checkpoint
     written before a ``LoRAConfig`` field existed compares as that field's default; a real change is refused."""
