@@ -163,6 +163,7 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
 
             dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
             if args.adapter is not None:   # checked before writing: one output must not replace the other
+                from rynnscale.checkpoint.adapter import check_exportable
                 from rynnscale.checkpoint.dcp import TRAINER_STATE
                 from rynnscale.checkpoint.export import checkpoint_lora_spec
                 from rynnscale.checkpoint.hf import check_export_target
@@ -172,9 +173,15 @@ def _cmd_ckpt(args: argparse.Namespace) -> int:
                     raise ValueError(f"--adapter {args.adapter} and OUT {args.out} overlap: the adapter and the merged "
                                      "model need separate directories")
                 check_export_target(args.adapter, None, 1, args.overwrite)   # a non-empty one, before any writing
-                if (args.ckpt / TRAINER_STATE).is_file() and checkpoint_lora_spec(args.ckpt) is None:
-                    raise ValueError(f"--adapter: {args.ckpt} is not a LoRA run's checkpoint (its config has "
-                                     "model.lora.rank = 0), so there is no adapter to write; drop --adapter")
+                if (args.ckpt / TRAINER_STATE).is_file():
+                    spec = checkpoint_lora_spec(args.ckpt)
+                    if spec is None:
+                        raise ValueError(f"--adapter: {args.ckpt} is not a LoRA run's checkpoint (its config has "
+                                         "model.lora.rank = 0), so there is no adapter to write; drop --adapter")
+                    try:   # e.g. model.lora.trainable: the merged model alone carries what trained
+                        check_exportable(spec)
+                    except ValueError as e:
+                        raise ValueError(f"--adapter: {e} (OUT, without --adapter)") from None
             report = export_checkpoint_hf(args.ckpt, args.out, copy_from=args.copy_from, dtype=dtype,
                                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
             print(f"wrote {report.out_dir}: {report.num_tensors} tensors, {report.total_bytes / 2**20:.1f} MiB "

@@ -78,6 +78,13 @@ def adapter_config(spec: LoRASpec, names: Iterable[str], base_model_name_or_path
     }
 
 
+def check_exportable(spec: LoRASpec) -> None:
+    """Raise ``ValueError`` when a PEFT adapter directory cannot carry what a run with ``spec`` trained."""
+    if spec.trainable:
+        raise ValueError(f"model.lora.trainable={list(spec.trainable)} trains whole base tensors, which a PEFT "
+                         "adapter directory does not carry; use the merged export")
+
+
 def export_adapter(adapters: dict[str, torch.Tensor], spec: LoRASpec, out_dir: str | os.PathLike, *,
                    base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """Write the PEFT adapter directory from full (unsharded) adapter tensors keyed by our names.
@@ -86,9 +93,7 @@ def export_adapter(adapters: dict[str, torch.Tensor], spec: LoRASpec, out_dir: s
     names = sorted(n for n in adapters if is_adapter_param(n))
     if not names:
         raise ValueError("export_adapter: no LoRA adapter tensors given")
-    if spec.trainable:
-        raise ValueError(f"model.lora.trainable={list(spec.trainable)} trains whole base tensors, which a PEFT "
-                         "adapter directory does not carry; use the merged export")
+    check_exportable(spec)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1115,6 +1115,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         model_sd = get_model_state_dict(model, options=_options(trainable_only))
         state = {"model": _stored_model_state(model, model_sd, trainable_only)}
     _check_keys(path, state)
+    if trainable_only:
+        _check_nothing_trained_is_dropped(path, model, state)
     absent = _drop_absent_optimizer_state(path, state)
     adapted = state_adapter(state) if state_adapter is not None else state
     _check_shapes(path, adapted)
@@ -1164,6 +1166,21 @@ def _check_keys(path: Path, state: dict[str, Any]) -> None:
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise CheckpointError(f"{path / DCP_DIR}: the model has {len(missing)} tensor(s) the checkpoint lacks: {shown}")
+
+
+def _check_nothing_trained_is_dropped(path: Path, model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """A checkpoint of what trained (``trainable_only``) may hold tensors of this model that are frozen now (e.g. LoRA
+    adapters a resume's ``model.freeze`` covers): loading would skip them and keep their initial values, losing
+    what they learnt, silently. Fail naming them."""
+    md = read_dcp_metadata(path / DCP_DIR)
+    aliases = tied_aliases(model)
+    names = {clean_fqn(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    dropped = sorted(k for k in names - set(state["model"]) - set(aliases) if f"model.{k}" in md.state_dict_metadata)
+    if dropped:
+        shown = ", ".join(dropped[:5]) + (f", ... and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        raise CheckpointError(f"{path}: the checkpoint holds {len(dropped)} trained tensor(s) that this run freezes "
+                              f"({shown}): resuming would reset them to their initial values; resume with the "
+                              "recorded model.freeze / model.lora settings")
 
 
 def _tensor_leaves(obj: Any, prefix: str = ""):

@@ -180,7 +180,9 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         raise ValueError(f"model.lora: no module matches targets {list(spec.targets)}"
                          f"{' (experts on)' if spec.experts else ''}; module names look like "
                          "'model.language_model.layers.0.self_attn.q_proj'")
-    _check_targets(model, spec, [n for n in adapted if isinstance(model.get_submodule(n), LoRALinear)])
+    adapted_linear = [n for n in adapted if isinstance(model.get_submodule(n), LoRALinear)]
+    _check_targets(model, spec, adapted_linear)
+    _warn_ignored_options(spec, adapted_linear, len(adapted) - len(adapted_linear))
     # every name of a parameter counts: a tied lm_head.weight is the embedding's parameter under a second name
     names_of: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -195,6 +197,17 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
         raise ValueError(f"model.lora.trainable: {unmatched} match(es) no parameter; names look like "
                          "'model.language_model.norm.weight' or 'lm_head.weight'")
     return adapted
+
+
+def _warn_ignored_options(spec: LoRASpec, adapted_linear: Sequence[str], adapted_experts: int) -> None:
+    """Options that this model gives nothing to act on are said so, not silently dropped: ``experts`` on a model
+    without MoE experts, ``dropout`` when only expert adapters exist (they take none)."""
+    if spec.experts and not adapted_experts:
+        log.warning("model.lora.experts: true, but this model has no MoE experts (a dense model): no expert "
+                    "adapters are added")
+    if spec.dropout and not adapted_linear:
+        log.warning("model.lora.dropout=%g has no effect: it applies to the Linear adapters and this run adapts only "
+                    "fused experts, which take no dropout", spec.dropout)
 
 
 def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[str]) -> None:
@@ -222,6 +235,32 @@ def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[st
                          f"{', ...' if len(kinds) > 3 else ''}: LoRA adapts nn.Linear modules only (fused MoE experts: "
                          "model.lora.experts: true; to train a tensor such as the head fully: model.lora.trainable, "
                          "e.g. ['lm_head.weight'])")
+
+
+def frozen_adapters(model: nn.Module, spec: LoRASpec) -> tuple[list[str], list[str]]:
+    """Adapters that do not train (``requires_grad`` off on both factors, e.g. by ``model.freeze`` after
+    ``apply_lora``; with ``B = 0`` at init they never change the model): ``(options, frozen)``, the ``model.lora``
+    options ALL of whose adapters are frozen (the option then does nothing) and every frozen adapter, named by its
+    ``lora_A`` parameter."""
+    trains: dict[str, bool] = {}
+    for name, p in model.named_parameters():
+        if is_adapter_param(name):
+            unit = name[:-1] + "A"
+            trains[unit] = trains.get(unit, False) or p.requires_grad
+    frozen = [u for u, t in trains.items() if not t]
+
+    def all_frozen(units: list[str]) -> bool:
+        return bool(units) and not any(trains[u] for u in units)
+
+    options = []
+    if spec.vision and all_frozen([u for u in trains if u.startswith(VISION_PREFIX)]):
+        options.append("model.lora.vision")
+    if spec.experts and all_frozen([u for u in trains if u.endswith("_lora_A")]):
+        options.append("model.lora.experts")
+    for pat in spec.targets:
+        if all_frozen([u for u in trains if u.endswith(".lora_A") and fnmatch.fnmatchcase(u[:-len(".lora_A")], pat)]):
+            options.append(f"model.lora.targets pattern {pat!r}")
+    return options, frozen
 
 
 @contextmanager

@@ -11,6 +11,7 @@ A single process is the same path with no meshes (checkpointing and compile only
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from rynnscale.checkpoint.hf import load_hf_weights
 from rynnscale.config.model_args import ResolvedArch, resolve_model_args
 from rynnscale.config.schema import ConfigError, ModelConfig, RootConfig
 from rynnscale.models import family_of
-from rynnscale.models.lora import LoRASpec, apply_lora, is_adapter_param
+from rynnscale.models.lora import LoRASpec, apply_lora, frozen_adapters, is_adapter_param
 from rynnscale.ops.attention import require_varlen
 from rynnscale.ops.fused import require_liger
 from rynnscale.parallel import precision
@@ -97,6 +98,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
         model.lora_spec = lora
     if cfg.freeze:
         freeze_parameters(model, cfg.freeze)
+        if lora is not None:
+            _refuse_frozen_lora(model, cfg.freeze, lora)
     spec.parallelize(model, meshes, compute_dtype=compute_dtype, ac_mode=cfg.activation_checkpointing,
                      ac_every=cfg.activation_checkpointing_every, compile=cfg.compile,
                      reshard_after_forward=reshard_after_forward, cp_attention=cfg.cp_attention)
@@ -121,6 +124,33 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None, seed
     else:
         model.init_weights(seed, select=select)
     return args, model
+
+
+def _refuse_frozen_lora(model: nn.Module, freeze: list[str], spec: LoRASpec) -> None:
+    """``model.freeze`` (applied after LoRA) must not undo a ``model.lora`` option: freeze all of its adapters
+    (a ``model.lora.vision: true`` run on a recipe that freezes ``model.visual.blocks.*`` trained no vision
+    adapter, silently) or every parameter of a ``model.lora.trainable`` pattern. Freezing some adapters is said."""
+    def culprits(names: list[str]) -> list[str]:
+        return [p for p in freeze if any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    options, frozen = frozen_adapters(model, spec)
+    if frozen:
+        where = f"{frozen[0].removesuffix('lora_A').rstrip('._')}{', ...' if len(frozen) > 1 else ''}"
+        patterns = culprits(frozen + [n[:-1] + "B" for n in frozen])
+        if options:
+            raise ConfigError(f"config key 'model.freeze' pattern(s) {patterns} freeze every LoRA adapter of "
+                              f"{', '.join(options)} ({where}), which would then train nothing; LoRA freezes the "
+                              "base by itself: remove those patterns from model.freeze (e.g. model.freeze=[]), or drop "
+                              "the option")
+        log.warning("model.freeze pattern(s) %s freeze %d LoRA adapter(s) (%s): they stay at B = 0 and change nothing",
+                    patterns, len(frozen), where)
+    named = list(model.named_parameters(remove_duplicate=False))
+    for pat in spec.trainable:
+        hits = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, pat)]
+        if hits and not any(p.requires_grad for _, p in hits):
+            raise ConfigError(f"config key 'model.lora.trainable' pattern {pat!r} asks to train {hits[0][0]}"
+                              f"{', ...' if len(hits) > 1 else ''}, but 'model.freeze' pattern(s) "
+                              f"{culprits([n for n, _ in hits])} freeze it; remove one of the two")
 
 
 def lora_spec(cfg: ModelConfig) -> LoRASpec | None:

@@ -158,7 +158,11 @@ def check_same_adapters(saved: dict[str, Any] | None, current: Any, path: Path) 
         return   # no adapters either side: the unused settings do not matter
     # a key the checkpoint's version did not have yet: its default then is today's
     saved = {**dataclasses.asdict(type(current)()), **saved}
-    changes = config_changes(saved, now, ignore=frozenset({"dropout"}), prefix="model.lora.")
+
+    def as_sets(lc: dict[str, Any]) -> dict[str, Any]:   # pattern lists: their order and repeats adapt nothing else
+        return {k: sorted(set(v)) if k in ("targets", "trainable") and isinstance(v, list) else v for k, v in lc.items()}
+
+    changes = config_changes(as_sets(saved), as_sets(now), ignore=frozenset({"dropout"}), prefix="model.lora.")
     if changes:
         raise CheckpointError(
             f"{path}: the checkpoint was trained with another LoRA structure (checkpoint -> now): {'; '.join(changes)}. "

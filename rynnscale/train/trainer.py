@@ -43,6 +43,7 @@ import yaml
 
 from rynnscale.batch import DataStep
 from rynnscale.checkpoint.dcp import (
+    CheckpointError,
     CheckpointManager,
     find_resume_checkpoint,
     job_identity,
@@ -117,9 +118,11 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = setup_distributed(cfg)
     root = Path(cfg.run.output_dir)
-    # a bad setting or bad data (a shard changed, a state that no longer fits it): the message says it all (no traceback)
+    # a bad setting or bad data (a shard changed, a state that no longer fits it), a checkpoint refused or unusable
+    # (another architecture / LoRA structure / LoRA base, incomplete, disk full): the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, DataWorkerError,
-                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError)):
+                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError,
+                                                        CheckpointError)):
         if ctx.is_main:
             _make_output_dir(root)
         write_run_status(root, "running", enabled=ctx.is_main)

@@ -20,7 +20,7 @@ def _optim_cfg():
     return OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.1)
 
 
-EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")  # split over EP by expert (dim 0)
+EXPERT_TENSORS = ".mlp.experts."  # the fused expert weights and their LoRA factors: split over EP by expert (dim 0)
 
 
 def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _full(t: torch.Tensor, name: str, meshes) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     t = t.full_tensor() if isinstance(t, DTensor) else t
-    if meshes is not None and meshes.ep is not None and name.endswith(EXPERT_WEIGHTS):
+    if meshes is not None and meshes.ep is not None and EXPERT_TENSORS in name:
         parts = [torch.empty_like(t) for _ in range(meshes.layout.ep)]
         dist.all_gather(parts, t.contiguous(), group=meshes.ep_group)
         t = torch.cat(parts)
@@ -49,7 +49,7 @@ def full_state(model, opt, meshes) -> dict[str, torch.Tensor]:
     return out
 
 
-def _build(rank: int, world: int, ep: int):
+def _build(rank: int, world: int, ep: int, lora: bool = False):
     from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
     from rynnscale.models.qwen3_vl.parallelize import parallelize
     from rynnscale.parallel.distributed import DistContext
@@ -58,6 +58,9 @@ def _build(rank: int, world: int, ep: int):
 
     args = tiny_moe_args()
     model = make_model(args, seed=world)  # a different init per world size: the load must overwrite it
+    if lora:   # adapters on attention, MLP, every expert and the vision blocks; the base frozen
+        from lora_helpers import add_random_lora
+        add_random_lora(model, seed=world)
     ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
     if world > 1:
         layout = ParallelLayout.resolve(world, 1, -1, ep, args.text.num_experts)
@@ -135,3 +138,37 @@ def test_ep2_checkpoint_reshards_to_ep1_and_one_process(tmp_path, caplog):
     assert _groups(opt) == want_groups
     assert not rs.exact and rs.step == 2
     assert sched.get_last_lr() == two[0]["lr"]
+
+
+def lora_save_worker(rank: int, world: int, out: str) -> dict:
+    from rynnscale.checkpoint.dcp import CheckpointManager
+    from rynnscale.train.step import train_step
+
+    torch.manual_seed(0)
+    model, opt, sched, ctx, adapter = _build(rank, world, 2, lora=True)
+    for step in range(2):
+        train_step(model, opt, [micro_batch(step, rank, 0)], ctx=ctx, **STEP_KW)
+        sched.step()
+    CheckpointManager(out, keep_last=1, state_adapter=adapter, trainable_only=True).save(
+        2, model, opt, sched, layout={"dp_replicate": 1, "dp_shard": world, "ep": 2})
+    return {"state": full_state(model, opt, ctx.meshes)}
+
+
+@pytest.mark.slow
+def test_lora_ep2_checkpoint_reshards_its_adapters_to_one_process(tmp_path):
+    """A LoRA run's checkpoint (adapters and their AdamW moments only) saved by 2 ranks with ``ep=2`` -- each rank
+    holding half of every expert adapter -- loads in 1 process with every adapter and moment equal (bitwise) to the
+    saved ones: the expert adapters of both EP ranks are kept, as for the expert weights."""
+    from rynnscale.checkpoint.dcp import load_checkpoint
+    from rynnscale.models.lora import is_adapter_param
+
+    saved = run_ranks(lora_save_worker, 2, tmp_path / "save", out=str(tmp_path / "run"))
+    want = {k: v for k, v in saved[0]["state"].items() if is_adapter_param(k)}
+    key = "param:model.language_model.layers.0.mlp.experts.down_proj_lora_B"
+    assert want[key].shape[0] == E and not torch.equal(want[key][:4], want[key][4:])
+    assert any(k.startswith("exp_avg_sq:") and "experts" in k for k in want)
+    model, opt, sched, _, _ = _build(0, 1, 1, lora=True)
+    load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000002", model, opt, sched, trainable_only=True,
+                    layout={"dp_replicate": 1, "dp_shard": 1, "ep": 1})
+    got = {k: v for k, v in full_state(model, opt, None).items() if is_adapter_param(k)}
+    _assert_same(got, want, "1 process")

@@ -206,3 +206,63 @@ def test_target_patterns_that_adapt_nothing_are_named(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
         build_model(ModelConfig(arch=cfg, lora=LoRAConfig(rank=2)), seed=0)   # defaults: dense MLP names on a MoE
     assert "matches no module" not in caplog.text
+
+
+def test_freeze_patterns_that_undo_a_lora_option_are_refused(caplog) -> None:
+    """``model.freeze`` applies after LoRA; a pattern freezing both factors of adapters leaves them at ``B = 0`` for
+    good: ``recipes/finetune/planning_lora.yaml model.lora.vision=true`` (the fine-tune's freeze of
+    ``model.visual.blocks.*``) trained no vision adapter and said nothing. A freeze that leaves a ``model.lora``
+    option (vision, experts, a targets pattern) nothing to train is an error naming the freeze pattern; one that
+    freezes some of an option's adapters is warned of; freezing one factor only (``*.lora_A``, LoRA-FA) is fine. A
+    ``model.lora.trainable`` pattern that ``model.freeze`` freezes entirely is refused the same way."""
+    import logging
+
+    from rynnscale.config.schema import ConfigError
+
+    cfg = tiny_hf_config(moe=True).to_dict()
+    vision_freeze = ["model.visual.blocks.*", "model.visual.patch_embed.*"]
+    with pytest.raises(ConfigError, match=r"'model.freeze' pattern\(s\) \['model.visual.blocks.\*'\] freeze every LoRA "
+                                          r"adapter of model.lora.vision \(model.visual.blocks.0.attn.qkv, \.\.\.\)"):
+        build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2, vision=True)), seed=0)
+    with pytest.raises(ConfigError, match=r"\['\*.mlp.experts.\*'\] freeze every LoRA adapter of model.lora.experts "):
+        build_model(ModelConfig(arch=cfg, freeze=["*.mlp.experts.*"], lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    with pytest.raises(ConfigError, match=r"\['\*.q_proj.\*'\] freeze every LoRA adapter of model.lora.targets "
+                                          r"pattern '\*.self_attn.q_proj'"):
+        build_model(ModelConfig(arch=cfg, freeze=["*.q_proj.*"], lora=LoRAConfig(rank=2)), seed=0)
+    # one layer's expert adapters frozen: the option still trains the others (said, not refused)
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.build"):
+        _, model = build_model(ModelConfig(arch=cfg, freeze=["model.language_model.layers.0.mlp.experts.*"],
+                                           lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    assert "freeze 2 LoRA adapter(s) (model.language_model.layers.0.mlp.experts.gate_up_proj, ...)" in caplog.text
+    assert model.model.language_model.layers[2].mlp.experts.down_proj_lora_B.requires_grad
+    # the same freeze without vision adapters, and a freeze of the A factors only, build
+    _, model = build_model(ModelConfig(arch=cfg, freeze=vision_freeze, lora=LoRAConfig(rank=2)), seed=0)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.visual."))
+    _, model = build_model(ModelConfig(arch=cfg, freeze=["*lora_A"], lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all(n.endswith("lora_B") for n in trains)
+    assert any("experts.gate_up_proj_lora_B" in n for n in trains)
+    # likewise a model.lora.trainable pattern whose every parameter model.freeze freezes
+    with pytest.raises(ConfigError, match=r"'model.lora.trainable' pattern 'lm_head.weight' asks to train "
+                                          r"lm_head.weight, but 'model.freeze' pattern\(s\) \['lm_head.\*'\] freeze it"):
+        build_model(ModelConfig(arch=cfg, freeze=["lm_head.*"], lora=LoRAConfig(rank=2, trainable=["lm_head.weight"])),
+                    seed=0)
+
+
+def test_options_with_nothing_to_act_on_are_warned_of(caplog) -> None:
+    """``model.lora.experts: true`` on a dense model and ``model.lora.dropout`` with only expert adapters (which
+    take no dropout) used to be accepted and ignored without a word."""
+    import logging
+
+    dense, moe = tiny_hf_config(moe=False).to_dict(), tiny_hf_config(moe=True).to_dict()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        build_model(ModelConfig(arch=dense, lora=LoRAConfig(rank=2, experts=True)), seed=0)
+    assert "model.lora.experts: true, but this model has no MoE experts" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+        build_model(ModelConfig(arch=moe, lora=LoRAConfig(rank=2, experts=True, targets=[], dropout=0.1)), seed=0)
+    assert "model.lora.dropout=0.1 has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):   # both options act here
+        build_model(ModelConfig(arch=moe, lora=LoRAConfig(rank=2, experts=True, dropout=0.1)), seed=0)
+    assert "has no effect" not in caplog.text and "no MoE experts" not in caplog.text

@@ -4,7 +4,8 @@ ranks' micro-batches: loss and aux loss rel 1e-5 per step; every adapter's gradi
 all-gather, then EP all-gather by expert) within 1e-4 of that gradient's norm; the base gets none.
 
 Adapters on attention, the dense MLP, every expert and the vision blocks; ``B`` starts non-zero so both
-factors get gradients in the first step. SGD, 2 steps."""
+factors get gradients in the first step. SGD, 2 steps. Qwen3.5-MoE on 2 ranks with EP 2 (one step): adapters on the
+shared expert and its gate, the DeltaNet and every routed expert, same tolerances."""
 
 from __future__ import annotations
 
@@ -85,3 +86,56 @@ def test_lora_run_equals_one_process(runs, layout):
         errs = norm_relative_errors(g, r, zero_floor=1e-6)
         worst = max(errs, key=errs.get)
         assert errs[worst] < 1e-4, f"step {step}: {worst} gradient error {errs[worst]:.1e} of its norm"
+
+
+# Qwen3.5-MoE: adapters on the shared expert (its projections and its gate), the DeltaNet and attention projections
+# and every routed expert; EP 2 on 2 ranks splits the routed experts' adapters, the shared expert's stay dense
+QWEN35_TARGETS = ("*.self_attn.q_proj", "*.self_attn.o_proj", "*.linear_attn.in_proj_qkv", "*.linear_attn.out_proj",
+                  "*.mlp.shared_expert.gate_proj", "*.mlp.shared_expert.down_proj", "*.mlp.shared_expert_gate")
+
+
+def qwen35_lora_model():
+    from lora_helpers import randomize_adapters
+    from test_qwen35_parallel import _model
+
+    from rynnscale.models import family_of
+    from rynnscale.models.lora import LoRASpec, apply_lora
+
+    model = _model()
+    apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, targets=QWEN35_TARGETS),
+               experts_of=family_of(model).is_experts)
+    randomize_adapters(model, seed=5)
+    return model
+
+
+def qwen35_lora_worker(rank: int, world: int) -> dict:
+    from rynnscale.models import family_of
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.parallel.mesh import ParallelLayout, build_meshes
+    from rynnscale.train.step import train_step
+
+    model = qwen35_lora_model()
+    ctx = DistContext(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"),
+                      meshes=build_meshes(ParallelLayout.resolve(world, 1, world, 2, 8), "cpu"))
+    family_of(model).parallelize(model, ctx.meshes, compute_dtype=torch.float32)
+    opt = GradRecordingOptimizer(_sgd(model), model)
+    stats = train_step(model, opt, [micro_batch(0, rank, m) for m in range(MICRO)], ctx=ctx, **STEP_KW)
+    return {"loss": stats.loss, "grads": opt.grads[0]}
+
+
+@pytest.mark.slow
+def test_qwen35_lora_with_shared_and_routed_experts_under_ep2_equals_one_process(tmp_path):
+    from rynnscale.models.lora import is_adapter_param
+
+    ranks = run_ranks(qwen35_lora_worker, 2, tmp_path)
+    model = qwen35_lora_model()
+    opt = GradRecordingOptimizer(_sgd(model), model)
+    ref = reference_step(model, opt, 0, 2, MICRO, **STEP_KW)
+    assert ranks[0]["loss"] == pytest.approx(ref.loss, rel=1e-5)
+    g = {k: v for k, v in assemble_full([r["grads"] for r in ranks]).items() if v is not None}
+    r = {k: v for k, v in assemble_full([opt.grads[0]]).items() if v is not None}
+    assert set(g) == set(r) and all(is_adapter_param(n) for n in r), "only adapters get gradients"
+    assert any("shared_expert_gate.lora_B" in n for n in r) and any("experts.down_proj_lora_A" in n for n in r)
+    errs = norm_relative_errors(g, r, zero_floor=1e-6)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-4, f"{worst} gradient error {errs[worst]:.1e} of its norm"

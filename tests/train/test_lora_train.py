@@ -171,3 +171,21 @@ def test_lora_on_a_random_base_pins_its_seed_and_export_says_there_is_no_base(tm
     run(3, seed=5)    # the same seed resumes
     with pytest.raises(CheckpointError, match="randomly initialised base .* no base model to merge them into"):
         export_checkpoint_hf(out / "checkpoints" / "step_000002", tmp_path / "merged")
+
+
+@pytest.mark.slow
+def test_export_adapter_of_a_run_with_trainable_base_tensors_is_refused_before_writing(tmp_path, capsys):
+    """``ckpt export-hf CKPT OUT --adapter DIR`` of a run with ``model.lora.trainable``: a PEFT directory cannot
+    carry the fully trained tensors. That was found only after the merged model had been written (minutes for a
+    30B model), then the command failed with exit 2, half done; now it is refused before anything is written."""
+    from rynnscale.cli import main as cli_main
+
+    base = tiny_moe_dir(tmp_path)
+    _run(base, tmp_path / "run", 1, "model.lora.trainable=[model.language_model.norm.weight]",
+         "checkpoint.every_steps=1")
+    out, adapter = tmp_path / "merged", tmp_path / "adapter"
+    rc = cli_main(["ckpt", "export-hf", str(tmp_path / "run" / "checkpoints" / "step_000001"), str(out),
+                   "--adapter", str(adapter)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--adapter: model.lora.trainable=['model.language_model.norm.weight'] trains whole base" in err
+    assert not out.exists() and not adapter.exists()

@@ -124,18 +124,36 @@ def test_resume_follows_the_recipes_learning_rate_and_max_steps(tmp_path, data_d
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.dropout=0.3", "optim.lr=2e-2")
 
 
-def test_lora_dropout_resume_is_bitwise_and_lora_structure_is_pinned(tmp_path, data_dir):
+def test_lora_dropout_resume_is_bitwise_and_lora_structure_is_pinned(tmp_path, data_dir, caplog):
     """Dropout draws from torch's generator after the resume: without the RNG restore the masks, hence the
-    losses of steps 3-4, differ from the straight run."""
+    losses of steps 3-4, differ from the straight run. The refused resume is reported in one line (it was logged
+    with a 20-frame traceback, like a crash, although the message says what to do)."""
     straight = tmp_path / "straight"
     run_training(_cfg(straight, data_dir, 4, *LORA))
     out = tmp_path / "resumed"
     with pytest.raises(_Crash):
         run_training(_cfg(out, data_dir, 4, *LORA), hooks=[CrashAfter(3)])   # last checkpoint: step 2
-    with pytest.raises(CheckpointError, match=r"another LoRA structure .*model\.lora\.alpha: 8\.0 -> 16\.0"):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="rynnscale.parallel.distributed"), \
+            pytest.raises(CheckpointError, match=r"another LoRA structure .*model\.lora\.alpha: 8\.0 -> 16\.0"):
         run_training(_cfg(out, data_dir, 4, *LORA, "model.lora.alpha=16"))
+    [report] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "another LoRA structure" in report and "Traceback" not in report, report
     run_training(_cfg(out, data_dir, 4, *LORA))
     assert _losses(out) == _losses(straight), (_losses(out), _losses(straight))
+
+
+def test_resume_that_freezes_trained_adapters_is_refused(tmp_path, data_dir):
+    """A LoRA checkpoint holds only what trained; a resume whose ``model.freeze`` now covers some trained adapters
+    (here layer 0's experts: a warning at build, the option keeps its other layers) left them out of the load: they
+    went back to ``B = 0`` and the next checkpoint and export no longer had them, silently. Refused, naming them."""
+    out = tmp_path / "run"
+    lora = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.experts=true", "optim.lr=2e-2")
+    run_training(_cfg(out, data_dir, 2, *lora))
+    with pytest.raises(CheckpointError, match=r"holds 4 trained tensor\(s\) that this run freezes \(model.language_model"
+                                              r".layers.0.mlp.experts.down_proj_lora_A, .*reset them to their initial"):
+        run_training(_cfg(out, data_dir, 4, *lora, "model.freeze=[model.language_model.layers.0.mlp.experts.*]"))
+    assert len(_losses(out)) == 2
 
 
 def test_lora_structure_check_ignores_unused_settings_and_fields_a_checkpoint_predates(tmp_path: Path) -> None:
@@ -153,3 +171,8 @@ def test_lora_structure_check_ignores_unused_settings_and_fields_a_checkpoint_pr
     check_same_adapters(older, lora, tmp_path)
     with pytest.raises(CheckpointError, match="model.lora.alpha"):
         check_same_adapters({**dataclasses.asdict(lora), "alpha": 32.0}, lora, tmp_path)
+    # the same target patterns in another order (a reformatted recipe) adapt the same modules: no reason to refuse
+    reordered = LoRAConfig(rank=4, targets=list(reversed(lora.targets)))
+    check_same_adapters(dataclasses.asdict(lora), reordered, tmp_path)
+    with pytest.raises(CheckpointError, match="model.lora.targets"):
+        check_same_adapters(dataclasses.asdict(lora), LoRAConfig(rank=4, targets=lora.targets[:-1]), tmp_path)
