@@ -288,6 +288,14 @@ def _step_record(step: int, c: TrainComponents, data: DataStep, stats: StepStats
     return record
 
 
+def log_skipped(data: Any, ctx: DistContext) -> None:
+    """The end-of-run line of skipped samples by reason: the run's counts (every rank's, the same on all ranks: the
+    loader and the GRPO source add them over ranks), so rank 0 alone says them."""
+    if ctx.is_main and data.bad_counts:
+        log.warning("skipped samples by reason: %s (the run's count, all %d ranks together)", data.bad_summary(),
+                    ctx.world_size)
+
+
 def _check_nonfinite(step: int, stats: StepStats, run: int, limit: int) -> None:
     """A non-finite step saves nothing; ``limit`` of them in a row stop the run (the last good checkpoint
     and ``latest`` stay as they are)."""
@@ -403,8 +411,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     finally:
         preempt.uninstall()
         metrics.close(failed=failed)
-        if c.data.bad_counts:
-            log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
+        log_skipped(c.data, ctx)
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)
     if cfg.logging.plot and ctx.is_main:
         log.info("plot: %s", plot_run(output_dir))

@@ -105,3 +105,27 @@ def test_the_plot_command(tmp_path: Path, capsys) -> None:
     (empty / METRICS_FILE).write_text("")
     assert main(["plot", str(empty)]) == 2
     assert "holds no step yet: nothing to plot" in capsys.readouterr().err
+
+
+def test_the_end_of_run_skipped_samples_line_is_the_runs_and_said_once(caplog) -> None:
+    """The counts are the run's (the loader adds every rank's; the same on all ranks), but every rank logged them as
+    its own: 2 ranks printed "rank 0 skipped ... too_long=59" and "rank 1 skipped ... too_long=59" for 59 skipped in
+    all (seen in a torchrun run of the demo at train.micro_batch_tokens=80), read as 118. Rank 0 alone says them."""
+    import logging
+
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.trainer import log_skipped
+
+    class Data:
+        bad_counts = {"too_long": 59}
+
+        def bad_summary(self) -> str:
+            return "too_long=59"
+
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.trainer"):
+        for rank in (0, 1):
+            log_skipped(Data(), DistContext(rank=rank, world_size=2))
+        Data.bad_counts = {}
+        log_skipped(Data(), DistContext())   # nothing skipped: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped samples by reason: too_long=59 (the run's count, all 2 ranks together)"]
