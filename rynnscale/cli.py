@@ -224,6 +224,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    """``rynnscale plot RUN_DIR``: the end-of-run plot again (a run killed or failed before its end has none; a
+    chain's directory gets one per stage). Exit 2 when there is nothing to plot, naming why."""
+    from rynnscale.train.metrics import METRICS_FILE, plot_run
+
+    run = args.run_dir
+    if not run.is_dir():
+        print(f"rynnscale plot: {run} is not a directory (pass a run's run.output_dir)", file=sys.stderr)
+        return 2
+    # a stage chain's directory: one run per stage folder
+    runs = [run] if (run / METRICS_FILE).is_file() else sorted(d for d in run.iterdir() if (d / METRICS_FILE).is_file())
+    if not runs:
+        print(f"rynnscale plot: {run} has no {METRICS_FILE} (not a run directory, or the run logged no step yet)",
+              file=sys.stderr)
+        return 2
+    status = 0
+    for r in runs:
+        try:
+            out = plot_run(r, args.out)
+        except (ValueError, OSError) as e:   # a damaged line, an unwritable directory
+            print(f"rynnscale plot: {e}", file=sys.stderr)
+            status = 2
+            continue
+        if out is None:
+            print(f"rynnscale plot: {r / METRICS_FILE} holds no step yet: nothing to plot", file=sys.stderr)
+            status = 2
+        else:
+            print(f"wrote {out}")
+    return status
+
+
 def _add_train_parser(sub) -> None:
     """``rynnscale train RECIPE [key=value ...]``."""
     t = sub.add_parser("train", help="train from a YAML recipe", description=(
@@ -396,10 +427,21 @@ def _add_plan_parser(sub) -> None:
     pl.set_defaults(func=_cmd_plan)
 
 
+def _add_plot_parser(sub) -> None:
+    """``rynnscale plot RUN_DIR``."""
+    pt = sub.add_parser("plot", help="plot a run's metrics.jsonl (loss, lr, tokens/s; GRPO: reward and KL)",
+                        description=(
+        "Writes RUN_DIR/training.png from RUN_DIR/metrics.jsonl, as a run does at its end: for a run that was killed "
+        "or is still running, or a stage chain's directory (one plot per stage)."))
+    pt.add_argument("run_dir", type=Path, help="the run's run.output_dir")
+    pt.add_argument("--out", default="training.png", help="file name inside the run directory (default training.png)")
+    pt.set_defaults(func=_cmd_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rynnscale", description="Distributed training for embodied Qwen3-VL brain models.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_data_parser, _add_ckpt_parser, _add_plan_parser):
+    for add in (_add_train_parser, _add_data_parser, _add_ckpt_parser, _add_plan_parser, _add_plot_parser):
         add(sub)
     return p
 

@@ -693,14 +693,17 @@ def _stage_of(cfg: RootConfig, path: str) -> int | None:
 
 def stage_config(cfg: RootConfig, i: int, *, check_paths: bool = True) -> RootConfig:
     """Stage ``i`` of a staged recipe as a plain run: the recipe with ``stages[i].overrides`` laid over it, run in
-    ``<run.output_dir>/<name>``, the synthetic sets shared by the stages (``<run.output_dir>/synthetic_data``; a
-    stage that changes ``data.synthetic`` has its own, ``synthetic_data_<name>``), and
+    ``<run.output_dir>/<name>`` named ``<run.name>/<name>`` (unless the stage sets its own ``run.name``), the
+    synthetic sets shared by the stages (``<run.output_dir>/synthetic_data``; a stage that changes
+    ``data.synthetic`` has its own, ``synthetic_data_<name>``), and
     after the first stage ``model.init_from`` = the previous stage's export (``<dir>/hf``, written because every
     stage but the last exports). Errors name ``stages[i]``."""
     st = cfg.stages[i]
     root = Path(cfg.run.output_dir)
     base = OmegaConf.structured(dataclasses.replace(cfg, stages=[]))
     chain: dict[str, Any] = {"run": {"output_dir": str(root / st.name)}}
+    if "name" not in (st.overrides.get("run") or {}):   # wandb (and the model card) tell the stages apart
+        chain["run"]["name"] = f"{cfg.run.name or root.name}/{st.name}"
     if cfg.data.synthetic.output_dir is None:
         # one set for the stages that generate it alike; a stage whose overrides change it gets its own
         own = "synthetic" in (st.overrides.get("data") or {})

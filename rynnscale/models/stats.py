@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from rynnscale.batch import PackedBatch
-from rynnscale.models.lora import is_adapter_param
 from rynnscale.models.registry import family_of
 
 
@@ -32,7 +31,7 @@ class ParamStats:
     embed: int                        # token embedding [V, H]
     lm_head: int                      # 0 when tied to the embedding
     layer_dense: list[int] = field(default_factory=list)     # per decoder layer: all but the routed experts
-    layer_experts: list[int] = field(default_factory=list)   # per decoder layer: routed experts (0 for dense layers)
+    layer_experts: list[int] = field(default_factory=list)   # per decoder layer: routed experts, their LoRA factors too (0 for dense layers)
     layer_trainable: list[int] = field(default_factory=list)
     vision_block: list[int] = field(default_factory=list)
     vision_block_trainable: list[int] = field(default_factory=list)
@@ -100,8 +99,9 @@ def param_stats(model: torch.nn.Module, largest_group: int = 0) -> ParamStats:
     args = model.args
     layer_dense, layer_experts, layer_train = [], [], []
     for layer in model.decoder_layers():
-        experts = sum(p.numel() for m in layer.modules() if spec.is_experts(m)
-                      for n, p in m.named_parameters(recurse=False) if not is_adapter_param(n))
+        # an experts module's LoRA factors ([E, r, in] / [E, out, r]) are per expert too: a token uses its top-k
+        # experts' factors only (FLOPs), and expert parallelism splits them with their experts (memory)
+        experts = sum(p.numel() for m in layer.modules() if spec.is_experts(m) for p in m.parameters(recurse=False))
         layer_dense.append(_count(layer.parameters()) - experts)
         layer_experts.append(experts)
         layer_train.append(_count(layer.parameters(), trainable_only=True))

@@ -57,25 +57,34 @@ def synthetic_content(cfg: RootConfig) -> dict[str, Any]:
     return out
 
 
-def generate_train_synthetic(cfg: RootConfig) -> None:
-    """Write the training synthetic set (restartable: finished shards are kept)."""
+def _generate(out: Path, num_samples: int, **kw: Any) -> None:
+    """``generate_synthetic``; what it refuses (``out`` holds a set generated with other settings: a recipe's
+    ``data.synthetic`` changed on an existing run directory) is a setting to fix, a ConfigError (one line, exit 2)
+    instead of a traceback."""
     from rynnscale.data_pipelines.synthetic import generate_synthetic
 
+    try:
+        generate_synthetic(out, num_samples, **kw)
+    except ValueError as e:
+        raise ConfigError(f"data.synthetic: {e} (set data.synthetic.output_dir, or the data.synthetic keys back)"
+                          ) from None
+
+
+def generate_train_synthetic(cfg: RootConfig) -> None:
+    """Write the training synthetic set (restartable: finished shards are kept)."""
     s = cfg.data.synthetic
-    generate_synthetic(synthetic_data_dir(cfg), s.num_samples, seed=s.seed, frames=s.frames, width=s.width,
-                       height=s.height, fps=s.fps, samples_per_shard=s.samples_per_shard,
-                       progress=progress_bars(cfg), **synthetic_content(cfg))
+    _generate(synthetic_data_dir(cfg), s.num_samples, seed=s.seed, frames=s.frames, width=s.width,
+              height=s.height, fps=s.fps, samples_per_shard=s.samples_per_shard,
+              progress=progress_bars(cfg), **synthetic_content(cfg))
 
 
 def generate_eval_synthetic(cfg: RootConfig) -> None:
     """Write the held-out synthetic set (seed = ``data.synthetic.seed + EVAL_SEED_OFFSET``)."""
-    from rynnscale.data_pipelines.synthetic import generate_synthetic
-
     s = cfg.data.synthetic
-    generate_synthetic(eval_data_dir(cfg), cfg.eval.synthetic_samples, seed=s.seed + EVAL_SEED_OFFSET,
-                       frames=s.frames, width=s.width, height=s.height, fps=s.fps,
-                       samples_per_shard=s.samples_per_shard, prefix="synthetic_eval",
-                       progress=False, **synthetic_content(cfg))
+    _generate(eval_data_dir(cfg), cfg.eval.synthetic_samples, seed=s.seed + EVAL_SEED_OFFSET,
+              frames=s.frames, width=s.width, height=s.height, fps=s.fps,
+              samples_per_shard=s.samples_per_shard, prefix="synthetic_eval",
+              progress=False, **synthetic_content(cfg))
 
 
 def prepare_data_files(cfg: RootConfig, ctx: Any) -> None:

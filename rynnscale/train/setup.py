@@ -61,6 +61,7 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
+    nonfinite_steps: int = 0     # skipped (inf/NaN) steps of the run so far: metrics.jsonl's count goes on after a resume
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen}

@@ -199,6 +199,7 @@ def _resume(cfg: RootConfig, c: TrainComponents, manager: CheckpointManager, out
                       normalize_model_config=lambda d: args_from_hf_config(d).to_hf_config())
     check_same_base(rs.extra.get("lora_base"), c.base, path)
     c.state.step, c.state.tokens_seen = rs.step, rs.tokens_seen
+    c.state.nonfinite_steps = int(rs.extra.get("nonfinite_steps", 0))   # (0 from a checkpoint saved before it was kept)
     order = rs.extra.get("data_order")   # the layout-free loader state (global sample order), if saved
     if order is not None:
         data_seed = int(order.get("data_seed", cfg.data.seed))
@@ -291,6 +292,14 @@ def _step_record(step: int, c: TrainComponents, data: DataStep, stats: StepStats
     return record
 
 
+def log_skipped(data: Any, ctx: DistContext) -> None:
+    """The end-of-run line of skipped samples by reason: the run's counts (every rank's, the same on all ranks: the
+    loader and the GRPO source add them over ranks), so rank 0 alone says them."""
+    if ctx.is_main and data.bad_counts:
+        log.warning("skipped samples by reason: %s (the run's count, all %d ranks together)", data.bad_summary(),
+                    ctx.world_size)
+
+
 def _check_nonfinite(step: int, stats: StepStats, run: int, limit: int) -> None:
     """A non-finite step saves nothing; ``limit`` of them in a row stop the run (the last good checkpoint
     and ``latest`` stay as they are)."""
@@ -323,7 +332,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     def save(data: DataStep) -> Path:
         """Checkpoint after the step just trained; ``data.state`` (the loader state after it, the same on every
         rank) continues the data on any layout."""
-        extra: dict = {"data_order": {"loader": data.state, "data_seed": data_seed}}
+        extra: dict = {"data_order": {"loader": data.state, "data_seed": data_seed},
+                       "nonfinite_steps": state.nonfinite_steps}
         if c.base is not None:
             extra["lora_base"] = c.base
         return manager.save(state.step, model, c.optimizer, c.scheduler, tokens_seen=state.tokens_seen,
@@ -341,7 +351,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
     preempt = install_preemption_handler()
     preempted = False
-    nonfinite_run = nonfinite_total = 0
+    nonfinite_run = 0   # (a checkpoint is never saved from a non-finite step: a resumed run starts a new row)
     failed = True   # until the loop ends normally (or by preemption): wandb marks the run failed, not finished
     try:
         while state.step < tc.max_steps:
@@ -359,8 +369,8 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             state.tokens_seen += stats.tokens
             sample_log.log(state.step, data.samples)
             nonfinite_run = 0 if stats.finite else nonfinite_run + 1
-            nonfinite_total += 0 if stats.finite else 1
-            record = _step_record(state.step, c, data, stats, lr, dt, t_data, nonfinite_total, flops,
+            state.nonfinite_steps += 0 if stats.finite else 1
+            record = _step_record(state.step, c, data, stats, lr, dt, t_data, state.nonfinite_steps, flops,
                                   flops.local(data.micro_batches, ctx.cp_rank))
             record.update(objective.summary(stats.metrics))
             if tc.objective == "grpo":   # the data step was the rollout (generation, rewards, reference)
@@ -411,8 +421,7 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     finally:
         preempt.uninstall()
         metrics.close(failed=failed)
-        if c.data.bad_counts:
-            log.warning("rank %d skipped samples by reason: %s", ctx.rank, c.data.bad_summary())
+        log_skipped(c.data, ctx)
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)
     if cfg.logging.plot and ctx.is_main:
         log.info("plot: %s", plot_run(output_dir))

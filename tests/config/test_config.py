@@ -330,3 +330,19 @@ def test_print_config_shows_a_recipe_whose_weights_are_elsewhere(capsys):
     printed = yaml.safe_load(out)
     assert printed["train"]["max_steps"] == 7 and printed["model"]["preset"] == "qwen3-vl-8b"
     assert "'model.init_from' = 'checkpoints/hf/Qwen3-VL-8B-Instruct': no config.json there" in err
+
+
+def test_the_stages_of_a_chain_get_run_names_of_their_own(tmp_path):
+    """Both stages of a chain (SFT, then GRPO) logged to wandb under the recipe's one ``run.name``: two runs of one
+    name, each counting steps from 1, that a comparison could not tell apart. Each stage is ``<run.name>/<stage>``
+    now, unless the stage names itself."""
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_ARCH)
+    staged = tmp_path / "staged.yaml"
+    staged.write_text("extends: base.yaml\nrun: {name: chain, output_dir: " + str(tmp_path / "out") + "}\n"
+                      "stages:\n  - {name: sft, overrides: {}}\n  - {name: grpo, overrides: {}}\n"
+                      "  - {name: extra, overrides: {run: {name: mine}}}\n")
+    names = [stage_config(load_config(staged), i, check_paths=False).run.name for i in range(3)]
+    assert names == ["chain/sft", "chain/grpo", "mine"]
+    cfg = load_config(staged, ["run.name=''"])   # no name: the chain's folder names it
+    assert stage_config(cfg, 0, check_paths=False).run.name == "out/sft"

@@ -136,3 +136,21 @@ def test_a_truncated_shard_is_reported_in_one_line_with_data_workers(tmp_path: P
     assert failed[0].endswith(f"failed with ShardIntegrityError: shard {shard}: {shard.stat().st_size} bytes but its "
                               f"manifest.json records {shard.stat().st_size + 4096}; the shard is truncated or was "
                               "replaced (rewrite it or its manifest)")
+
+
+def test_a_synthetic_set_of_other_settings_is_a_config_error(tmp_path: Path) -> None:
+    """A recipe's data.synthetic changed on an existing run directory: the generator refuses the directory, and the
+    run ended with that ValueError's traceback (exit 1); now a ConfigError (one line, exit 2) naming the keys."""
+    from rynnscale.config import ConfigError
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.data_files import prepare_data_files
+
+    def cfg(n: int):
+        return load_config(REPO / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={tmp_path / 'run'}", f"data.synthetic.num_samples={n}",
+            "data.synthetic.samples_per_shard=2", "logging.progress=false"])
+
+    prepare_data_files(cfg(2), DistContext())
+    with pytest.raises(ConfigError, match=r"data\.synthetic: .*synthetic_data holds a dataset generated with other "
+                                          r"settings \(num_samples: 2 -> 4\).*set data\.synthetic\.output_dir"):
+        prepare_data_files(cfg(4), DistContext())

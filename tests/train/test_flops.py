@@ -157,6 +157,36 @@ def test_matches_torch_flop_counter():
     assert min(ours.as_dict().values()) > 0
 
 
+def test_expert_lora_factors_count_for_the_routed_tokens_only():
+    """LoRA on the experts (``model.lora.experts``) gives every expert factors of its own, and a token runs through
+    its top-k experts' only; the count charged every token all E experts' factors (they were counted with the dense
+    weights), so model TFLOP/s and MFU of such a run read high (about +20% of the decoder's linear FLOPs on
+    Qwen3-VL-30B-A3B at rank 16). torch's FlopCounterMode on the tiny model, with every parameter trainable (every
+    backward matmul runs, as the count assumes), must match to 1e-9 relative."""
+    from rynnscale.models.lora import LoRASpec, apply_lora
+    from rynnscale.models.registry import family_of
+
+    torch.manual_seed(0)
+    args = tiny_args()
+    model = Qwen3VLForConditionalGeneration(args, attn_backend="loop", gemm_backend="loop")
+    model.init_weights(seed=0)
+    apply_lora(model, LoRASpec(rank=4, alpha=8.0, targets=("*.q_proj",), experts=True), family_of(model).is_experts)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():   # B = 0 at init: nonzero, so that the factors' gradients are real work
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.02)
+    batch = _batch(args, torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+        out = model(batch)
+        loss = model.loss_sum(batch, out, chunk_tokens=16) / batch.num_target_tokens + out.aux_loss
+        loss.backward()
+    ours = batch_flops(args, param_stats(model), batch, loss_tokens=batch.num_target_tokens)
+    expected = ours.total + ours.text_attention  # torch counts causal attention as full: 2 x ours
+    assert abs(counter.get_total_flops() - expected) <= 1e-9 * expected, (counter.get_total_flops(), expected)
+
+
 def test_step_flops_meter_counts_real_micro_batches_once_per_cp_group() -> None:
     """The trainer's model TFLOP/s and MFU (metrics.jsonl): the family's FLOPs of the rank's real micro-batches,
     none for fillers nor for ranks other than the first of a context-parallel group."""

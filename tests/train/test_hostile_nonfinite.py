@@ -78,3 +78,14 @@ def test_a_preemption_at_a_nonfinite_step_saves_the_next_step(tmp_path, monkeypa
     assert names == ["step_000004"]
     assert [r["step"] for r in _metrics(run)][-1] == 4
     assert json.loads((run / "run_status.json").read_text())["status"] == "preempted"
+
+
+def test_the_nonfinite_count_goes_on_after_a_resume(tmp_path, monkeypatch):
+    """``nonfinite_steps`` is the run's count so far, but a resumed run started it at 0 again: a run with a skipped
+    step read 1, 1 and then 0, 0 after a restart, as if the skip had never happened. The checkpoint now keeps it."""
+    _nan_grad_norm_at(monkeypatch, {3})
+    trainer.run_training(_cfg(tmp_path, **{"train.max_steps": 4, "checkpoint.every_steps": 0}))   # saves step 4
+    monkeypatch.undo()
+    run = trainer.run_training(_cfg(tmp_path, **{"train.max_steps": 6, "checkpoint.every_steps": 0}))   # resumes there
+    assert [(r["step"], r["nonfinite_steps"]) for r in _metrics(run)] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1),
+                                                                          (6, 1)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,65 @@ def test_a_torn_last_line_is_read_past_and_a_torn_middle_line_named(tmp_path: Pa
     path.write_text(lines[0] + "\n{\"step\": 2, \"lo\n" + lines[1] + "\n")
     with pytest.raises(ValueError, match=r"metrics\.jsonl line 2 is not JSON"):
         read_metrics(tmp_path)
+
+
+def test_the_plot_command(tmp_path: Path, capsys) -> None:
+    """``rynnscale plot RUN_DIR`` draws the end-of-run plot again (a run killed before its end had none, and there was
+    no command for it): a run with a skipped step and a torn last line, a GRPO run (the reward panel), a stage
+    chain's directory (a plot per stage); one line and exit 2, never a traceback, when there is nothing to plot."""
+    from rynnscale.cli import main
+
+    sft, grpo = tmp_path / "chain" / "sft", tmp_path / "chain" / "grpo"
+    for run, extra in ((sft, {}), (grpo, {"reward_mean": 0.4, "reward_std": 0.1, "reward_format": 0.5, "kl": 0.01})):
+        logger = _logger(run)
+        for step, loss in [(1, 4.0), (2, math.nan), (3, 2.0)]:
+            logger.log(_record(step, loss) | extra)
+        logger.close()
+    with (sft / METRICS_FILE).open("a") as f:
+        f.write('{"step": 4, "lo')   # killed mid-write
+    assert main(["plot", str(sft)]) == 0
+    assert capsys.readouterr().out == f"wrote {sft / 'training.png'}\n" and (sft / "training.png").is_file()
+    (sft / "training.png").unlink()
+    assert main(["plot", str(tmp_path / "chain"), "--out", "again.png"]) == 0
+    assert (sft / "again.png").is_file() and (grpo / "again.png").is_file()
+    capsys.readouterr()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / METRICS_FILE).write_text(json.dumps(_record(1, 4.0)) + '\n{"step": 2, "lo\n' + json.dumps(_record(3, 2.0)))
+    for run, exit_code, message in [
+            (tmp_path / "nowhere", 2, r"nowhere is not a directory"),
+            (empty, 2, r"empty has no metrics\.jsonl \(not a run directory, or the run logged no step yet\)"),
+            (bad, 2, r"bad/metrics\.jsonl line 2 is not JSON")]:
+        assert main(["plot", str(run)]) == exit_code, run
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, err
+    (empty / METRICS_FILE).write_text("")
+    assert main(["plot", str(empty)]) == 2
+    assert "holds no step yet: nothing to plot" in capsys.readouterr().err
+
+
+def test_the_end_of_run_skipped_samples_line_is_the_runs_and_said_once(caplog) -> None:
+    """The counts are the run's (the loader adds every rank's; the same on all ranks), but every rank logged them as
+    its own: 2 ranks printed "rank 0 skipped ... too_long=59" and "rank 1 skipped ... too_long=59" for 59 skipped in
+    all (seen in a torchrun run of the demo at train.micro_batch_tokens=80), read as 118. Rank 0 alone says them."""
+    import logging
+
+    from rynnscale.parallel.distributed import DistContext
+    from rynnscale.train.trainer import log_skipped
+
+    class Data:
+        bad_counts = {"too_long": 59}
+
+        def bad_summary(self) -> str:
+            return "too_long=59"
+
+    with caplog.at_level(logging.WARNING, logger="rynnscale.train.trainer"):
+        for rank in (0, 1):
+            log_skipped(Data(), DistContext(rank=rank, world_size=2))
+        Data.bad_counts = {}
+        log_skipped(Data(), DistContext())   # nothing skipped: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped samples by reason: too_long=59 (the run's count, all 2 ranks together)"]
