@@ -84,10 +84,10 @@ from rynnscale.train.setup import (
     build_components,
     check_same_adapters,
     check_same_base,
+    hold_run_dir,
     layout_dict,
     rebuild_data,
     restart_data_seed,
-    run_dir_lock,
     seed_everything,
     setup_distributed,
     shared_base_fingerprint,
@@ -119,25 +119,28 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     root = Path(cfg.run.output_dir)
     # a bad setting or bad data (a shard changed, a state that no longer fits it): the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, DataWorkerError,
-                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError)):
+                                                        ShardIntegrityError, ReaderStateError, NonFiniteLossError,
+                                                        RunDirLockedError)):
         if ctx.is_main:
             _make_output_dir(root)
-        write_run_status(root, "running", enabled=ctx.is_main)
-        try:
-            if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
-                from rynnscale.train.stages import run_stages
+        # before anything is written: the status (and config, checkpoints) of a directory another run holds are
+        # that run's
+        with hold_run_dir(root, ctx):
+            write_run_status(root, "running", enabled=ctx.is_main)
+            try:
+                if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
+                    from rynnscale.train.stages import run_stages
 
-                stage, outcome = run_stages(cfg, ctx, hooks)
-            else:
-                stage, outcome = None, _train(cfg, ctx, hooks)
-        except BaseException as e:   # (not when another run holds the directory: the status is that run's)
-            write_run_status(root, "failed", enabled=ctx.is_main and not isinstance(e, RunDirLockedError),
-                             error=f"{type(e).__name__}: {str(e)[:500]}")
-            raise
-        preempted = outcome is not None and outcome.preempted
-        write_run_status(root, "preempted" if preempted else "finished", enabled=ctx.is_main,
-                         step=outcome.step if outcome is not None else None, stage=stage)
-        return root if cfg.stages else outcome.output_dir
+                    stage, outcome = run_stages(cfg, ctx, hooks)
+                else:
+                    stage, outcome = None, _train(cfg, ctx, hooks)
+            except BaseException as e:
+                write_run_status(root, "failed", enabled=ctx.is_main, error=f"{type(e).__name__}: {str(e)[:500]}")
+                raise
+            preempted = outcome is not None and outcome.preempted
+            write_run_status(root, "preempted" if preempted else "finished", enabled=ctx.is_main,
+                             step=outcome.step if outcome is not None else None, stage=stage)
+            return root if cfg.stages else outcome.output_dir
 
 
 RUN_STATUS = "run_status.json"
@@ -304,7 +307,7 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
     if not ctx.is_main:  # one rank reports progress; the others only warnings and errors
         logging.getLogger("rynnscale").setLevel(logging.WARNING)
     output_dir = Path(cfg.run.output_dir)
-    with run_dir_lock(output_dir, enabled=ctx.is_main):
+    with hold_run_dir(output_dir, ctx):   # a stage's directory (the run's own is held by run_training)
         return _train_locked(cfg, ctx, output_dir, extra_hooks)
 
 
