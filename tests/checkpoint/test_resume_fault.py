@@ -199,3 +199,49 @@ def test_a_requeued_job_started_from_another_runs_checkpoint_continues_its_own(t
     last = _Steps()                                         # B saved step 4: from there
     run_training(cfg(tmp_path / "b", 6, start), hooks=[last])
     assert (first.steps, again.steps, last.steps) == ([3], [3, 4, 5], [5, 6])
+
+
+def test_a_sigterm_during_the_setup_ends_the_run_preempted_at_its_checkpoint(tmp_path, monkeypatch):
+    """SLURM's time-limit SIGTERM (or a scheduler's) while the run is still setting up (rendezvous, model build,
+    resume, data): the run exits 0 as "preempted" at the step it resumed from, training nothing and saving nothing,
+    so the sbatch requeues it. It used to kill the process, leaving "running" (never requeued)."""
+    import json
+    import os
+    import signal
+
+    import rynnscale.train.setup as setup
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+
+    def cfg(steps):
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=0",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled"])
+
+    run_training(cfg(2))
+    prepare = setup.prepare_data_files
+
+    def prepare_then_signal(*args, **kwargs):   # the signal comes in the middle of the setup
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "prepare_data_files", prepare_then_signal)
+    got = []   # (without rynnscale's handler the signal lands here, not on pytest's process)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        run_training(cfg(4))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["status"], status["step"]) == ("preempted", 2), (status, got)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002"]
+    assert got == []   # rynnscale's handler took it
+    monkeypatch.undo()
+    run_training(cfg(4))   # the requeued run goes on from step 2
+    assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
