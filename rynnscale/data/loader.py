@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import weakref
 from collections import Counter
@@ -181,6 +182,37 @@ def _identity(x):
     return x
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sigterm_from_trainer_only(worker_id: int) -> None:
+    """A data worker's ``worker_init_fn``: a SIGTERM from anyone but the trainer process is left to the trainer.
+    SLURM's time-limit / preemption signal goes to every process of the job step, the workers too; one dying of it
+    made torch's SIGCHLD handler fail the step the trainer was finishing to save its checkpoint. SIGTERM is blocked
+    here and a thread takes it: from the trainer (its DataLoader stopping a hung worker) or once the trainer is gone,
+    the worker exits at once as torch's own handler does; from anyone else it is dropped (the worker ends with the
+    loader, or SLURM's SIGKILL). Where the platform lacks ``sigwaitinfo``, torch's handler stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    trainer = getattr(get_worker_info().dataset, "trainer_pid", os.getppid())   # (the parent, unless forkserver)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == trainer or not _process_exists(trainer):
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="rynnscale-sigterm", daemon=True).start()
+
+
 class _RankDataset(IterableDataset):
     """What each DataLoader worker runs: the pipeline of its (rotated) logical worker id."""
 
@@ -189,6 +221,7 @@ class _RankDataset(IterableDataset):
         self.cfg, self.encoder, self.estimator = loader.cfg, loader.encoder, loader.cost_estimator
         self.sources, self.rank, self.world_size = loader.sources, loader.rank, loader.world_size
         self.states, self.rotation = states, rotation
+        self.trainer_pid = os.getpid()   # whose SIGTERM a worker obeys (``_sigterm_from_trainer_only``)
 
     def __iter__(self):
         info = get_worker_info()
@@ -243,7 +276,7 @@ class _Loader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context,
-                      timeout=self.cfg.worker_timeout_s)
+                      timeout=self.cfg.worker_timeout_s, worker_init_fn=_sigterm_from_trainer_only)
         # its own generator: by default each iterator draws its worker base seed from torch's global generator,
         # so a resumed run (a new iterator after the RNG restore) would draw once more than the straight run and
         # shift every later dropout mask; the data path seeds itself explicitly and needs none of the global state

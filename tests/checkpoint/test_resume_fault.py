@@ -245,3 +245,43 @@ def test_a_sigterm_during_the_setup_ends_the_run_preempted_at_its_checkpoint(tmp
     run_training(cfg(4))   # the requeued run goes on from step 2
     assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+class _TermJobStep:
+    """After step ``n``: SIGTERM to this process and its data workers from another process (``kill``), as SLURM's
+    ``--signal`` (and scancel) delivers it to every process of the job step."""
+
+    def __init__(self, n: int):
+        self.n, self.workers = n, 0
+
+    def on_step_end(self, step, ctx):
+        if step == self.n:
+            import multiprocessing
+            import os
+            import subprocess
+            workers = multiprocessing.active_children()
+            self.workers = len(workers)
+            subprocess.run(["kill", "-s", "TERM", *(str(w.pid) for w in workers), str(os.getpid())], check=True)
+
+
+def test_a_sigterm_to_the_data_workers_too_still_saves_and_ends_preempted(tmp_path):
+    """The signal reaches the data workers as well as the trainer (SLURM signals the whole job step): the run still
+    finishes its step, saves and says "preempted". A worker dying of the signal used to fail the run (DataWorkerError
+    blaming the OOM killer): no checkpoint, status "failed", never requeued."""
+    import json
+
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+        f"run.output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=0", "data.num_workers=2",
+        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20",
+        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+        "logging.wandb.mode=disabled"])
+    term = _TermJobStep(2)
+    run_training(cfg, hooks=[term])
+    assert term.workers == 2
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["status"], status["step"]) == ("preempted", 3), status
+    assert (out / "checkpoints" / "step_000003" / "COMPLETE").is_file()
