@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launchers" / "slurm.sbatch"
 
 SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$CALLS"
 while [[ "$1" == --* ]]; do shift; done
 exec "$@"
 """
@@ -102,3 +103,11 @@ def test_jobs_sharing_a_node_rendezvous_on_different_ports(tmp_path: Path) -> No
     assert all(20000 <= int(e.rsplit(":", 1)[1]) < 32768 for e in ends), ends   # below Linux's ephemeral ports
     _, log, calls = _sbatch(tmp_path / "set", tmp_path / "set" / "run", STUB_STATUS="finished", MASTER_PORT="29555")
     assert _rdzv_endpoint(calls) == "--rdzv-endpoint=node1:29555", calls
+
+
+def test_the_job_step_gets_the_cpus_of_the_allocation(tmp_path: Path) -> None:
+    """srun of SLURM 22.05-23.02 does not inherit the batch job's --cpus-per-task: without passing it again, torchrun,
+    every rank and its data workers share one CPU per node."""
+    _, log, calls = _sbatch(tmp_path, tmp_path / "run", STUB_STATUS="finished", SLURM_CPUS_PER_TASK="64")
+    [srun] = [c for c in calls if c.startswith("srun")]
+    assert "--cpus-per-task=64" in srun.split(" torchrun ")[0], calls
