@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launchers" / "slurm.sbatch"
 
 SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$CALLS"
 while [[ "$1" == --* ]]; do shift; done
 exec "$@"
 """
@@ -43,7 +44,7 @@ exit "${STUB_RC:-0}"
 
 def _sbatch(tmp_path: Path, out: Path, **env: str) -> tuple[int, str, list[str]]:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("torchrun", TORCHRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -51,7 +52,9 @@ def _sbatch(tmp_path: Path, out: Path, **env: str) -> tuple[int, str, list[str]]
     calls.write_text("")
     full = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CALLS=str(calls), PYTHON=sys.executable,
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), SLURM_JOB_ID="4242",
-                SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="1", **env)
+                SLURM_JOB_NODELIST="node1", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="1")
+    full.pop("MASTER_PORT", None)
+    full.update(env)
     p = subprocess.run(["bash", str(SBATCH), str(ROOT / "recipes" / "demo_tiny.yaml"), f"run.output_dir={out}"],
                        env=full, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     return p.returncode, p.stdout + p.stderr, calls.read_text().splitlines()
@@ -81,3 +84,30 @@ def test_a_status_left_by_an_earlier_attempt_does_not_requeue(tmp_path: Path) ->
     (out / "run_status.json").write_text(json.dumps({"status": "preempted", "job": "slurm:4242", "slurm_restart": "0"}))
     rc, log, calls = _sbatch(tmp_path, out, STUB_RC="1", SLURM_RESTART_COUNT="1")
     assert rc == 1 and "run status stale" in log and not any("requeue" in c for c in calls), (log, calls)
+
+
+def _rdzv_endpoint(calls: list[str]) -> str:
+    [torchrun] = [c for c in calls if c.startswith("torchrun")]
+    return next(a for a in torchrun.split() if a.startswith("--rdzv-endpoint="))
+
+
+def test_jobs_sharing_a_node_rendezvous_on_different_ports(tmp_path: Path) -> None:
+    """Two jobs whose first node is the same host (a node shared by jobs that each take some of its GPUs): with one
+    fixed port the later job's torchrun finds the port taken, joins the earlier job's store as a client and dies
+    when that job ends (RendezvousConnectionError). Each job gets its own port; MASTER_PORT still overrides it."""
+    ends = []
+    for job in ("4242", "4243"):
+        _, log, calls = _sbatch(tmp_path / job, tmp_path / job / "run", STUB_STATUS="finished", SLURM_JOB_ID=job)
+        ends.append(_rdzv_endpoint(calls))
+    assert ends[0] != ends[1], ends
+    assert all(20000 <= int(e.rsplit(":", 1)[1]) < 32768 for e in ends), ends   # below Linux's ephemeral ports
+    _, log, calls = _sbatch(tmp_path / "set", tmp_path / "set" / "run", STUB_STATUS="finished", MASTER_PORT="29555")
+    assert _rdzv_endpoint(calls) == "--rdzv-endpoint=node1:29555", calls
+
+
+def test_the_job_step_gets_the_cpus_of_the_allocation(tmp_path: Path) -> None:
+    """srun of SLURM 22.05-23.02 does not inherit the batch job's --cpus-per-task: without passing it again, torchrun,
+    every rank and its data workers share one CPU per node."""
+    _, log, calls = _sbatch(tmp_path, tmp_path / "run", STUB_STATUS="finished", SLURM_CPUS_PER_TASK="64")
+    [srun] = [c for c in calls if c.startswith("srun")]
+    assert "--cpus-per-task=64" in srun.split(" torchrun ")[0], calls

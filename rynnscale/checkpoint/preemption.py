@@ -1,8 +1,10 @@
 """Preemption: SIGTERM (SLURM, Kubernetes) sets a flag; the loop finishes its step, saves and exits 0.
-Every rank learns of a signal any rank got (one all-reduce per step)."""
+Every rank learns of a signal any rank got (one all-reduce per step). ``preemption_watch`` holds the handler for a
+whole run, its setup and end-of-run work included (a signal there is acted on at the next check, not fatal)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -40,6 +42,27 @@ def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> 
     for sig in signals:
         flag.previous[sig] = signal.signal(sig, handler)
     return flag
+
+
+_watching: PreemptionFlag | None = None   # the flag of the outermost ``preemption_watch`` of this process
+
+
+@contextlib.contextmanager
+def preemption_watch(signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """``install_preemption_handler`` for the ``with`` block, then the previous handlers again. Nested blocks share
+    the outermost one's flag: a signal during a run's setup (before its training loop watches) or during one
+    stage's end is still seen by the loop that checks next."""
+    global _watching
+    if _watching is not None:
+        yield _watching
+        return
+    flag = install_preemption_handler(signals)
+    _watching = flag
+    try:
+        yield flag
+    finally:
+        _watching = None
+        flag.uninstall()
 
 
 def preemption_requested(flag: PreemptionFlag, process_group=None) -> bool:

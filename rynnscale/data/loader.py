@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import weakref
 from collections import Counter
@@ -181,6 +182,51 @@ def _identity(x):
     return x
 
 
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """SIGTERM blocked in this thread while data workers are forked: they, and every thread started in them before
+    their ``worker_init_fn`` (a library's fork hook), inherit the mask, so the signal reaches only the thread that
+    ``_sigterm_from_trainer_only`` starts. A SIGTERM for the trainer meanwhile waits, and is handled, after."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if hasattr(signal, "sigwaitinfo") else None
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sigterm_from_trainer_only(worker_id: int) -> None:
+    """A data worker's ``worker_init_fn``: a SIGTERM from anyone but the trainer process is left to the trainer.
+    SLURM's time-limit / preemption signal goes to every process of the job step, the workers too; one dying of it
+    made torch's SIGCHLD handler fail the step the trainer was finishing to save its checkpoint. SIGTERM is blocked
+    (from the fork, ``_sigterm_held``; here again for other start methods) and a thread takes it: from the trainer
+    (its DataLoader stopping a hung worker) or once the trainer is gone, the worker exits at once as torch's own
+    handler does; from anyone else it is dropped (the worker ends with the loader, or SLURM's SIGKILL). Where the
+    platform lacks ``sigwaitinfo``, torch's handler stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    trainer = getattr(get_worker_info().dataset, "trainer_pid", os.getppid())   # (the parent, unless forkserver)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == trainer or not _process_exists(trainer):
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="rynnscale-sigterm", daemon=True).start()
+
+
 class _RankDataset(IterableDataset):
     """What each DataLoader worker runs: the pipeline of its (rotated) logical worker id."""
 
@@ -189,6 +235,7 @@ class _RankDataset(IterableDataset):
         self.cfg, self.encoder, self.estimator = loader.cfg, loader.encoder, loader.cost_estimator
         self.sources, self.rank, self.world_size = loader.sources, loader.rank, loader.world_size
         self.states, self.rotation = states, rotation
+        self.trainer_pid = os.getpid()   # whose SIGTERM a worker obeys (``_sigterm_from_trainer_only``)
 
     def __iter__(self):
         info = get_worker_info()
@@ -243,7 +290,7 @@ class _Loader:
         kw: dict[str, Any] = {}
         if self.cfg.num_workers > 0:
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context,
-                      timeout=self.cfg.worker_timeout_s)
+                      timeout=self.cfg.worker_timeout_s, worker_init_fn=_sigterm_from_trainer_only)
         # its own generator: by default each iterator draws its worker base seed from torch's global generator,
         # so a resumed run (a new iterator after the RNG restore) would draw once more than the straight run and
         # shift every later dropout mask; the data path seeds itself explicitly and needs none of the global state
@@ -306,7 +353,8 @@ class _Loader:
     def _read(self, states: list[dict | None], rotation: int = 0) -> Iterator[Any]:
         """The DataLoader's items; a worker silent for ``worker_timeout_s`` is a DataStallError saying so (torch's
         own message names neither the worker's data nor the setting), a worker that died a DataWorkerError."""
-        it = iter(self._dataloader(states, rotation))
+        with _sigterm_held():   # the workers start with it blocked in every thread (``_sigterm_from_trainer_only``)
+            it = iter(self._dataloader(states, rotation))
         self._workers_ref = weakref.ref(it)
         while True:
             try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +158,28 @@ class MetricsLogger:
                      100 * step // max(self._total, 1), record["loss"], record["lr"], record["tokens_per_s"],
                      _clock(elapsed), _clock(eta))
         if self._wandb is not None:
-            self._wandb.log(wandb_values(record), step=record["step"])
+            self._call_wandb("log", lambda run: run.log(wandb_values(record), step=record["step"]))
 
     def close(self, failed: bool = False) -> None:
         """``failed``: the run ends with an error, and wandb marks its run failed (not finished)."""
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
-            self._wandb.finish(exit_code=1 if failed else 0)
+            self._call_wandb("finish", lambda run: run.finish(exit_code=1 if failed else 0))
+            self._wandb = None
+
+    def _call_wandb(self, what: str, call: Callable[[Any], Any]) -> None:
+        """A wandb call; wandb failing stops wandb for the rest of the run, never the run (its service process dies
+        of the SIGTERM SLURM sends every process of the job step, before the trainer's preemption save)."""
+        try:
+            call(self._wandb)
+        except Exception as e:  # noqa: BLE001 - any wandb failure: metrics.jsonl keeps every step
+            self._wandb = None
+            with contextlib.suppress(Exception):   # now, quietly: its exit hook would print the error again
+                import wandb
+                wandb.teardown()
+            log.warning("wandb failed in %s (%s: %s): wandb is off for the rest of this run; %s keeps every step",
+                        what, type(e).__name__, e, self.path)
 
 
 def wandb_values(record: dict[str, Any]) -> dict[str, float]:

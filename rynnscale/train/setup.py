@@ -40,6 +40,41 @@ def run_dir_lock(output_dir: Path, enabled: bool = True):
                           "another run.output_dir=...", name=LOCK_NAME)
 
 
+_held_run_dirs: set[Path] = set()   # the run directories this process holds (``hold_run_dir``)
+
+
+@contextlib.contextmanager
+def hold_run_dir(output_dir: Path, ctx: DistContext):
+    """``run_dir_lock`` for a run of ``ctx``'s ranks, called on every rank: rank 0 takes the lock and tells the
+    others, so when another run holds the directory every rank fails at once with the same one-line
+    ``RunDirLockedError`` (not the other ranks with a lost connection to rank 0). A directory this process holds
+    already (the run inside ``run_training``'s hold) is not taken again."""
+    key = Path(output_dir).resolve()
+    if key in _held_run_dirs:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(run_dir_lock(output_dir))
+            except RunDirLockedError as e:
+                refused = str(e)
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused is not None:
+            raise RunDirLockedError(refused if ctx.is_main else f"rank 0 was refused: {refused}")
+        _held_run_dirs.add(key)
+        try:
+            yield
+        finally:
+            _held_run_dirs.discard(key)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,7 +21,8 @@ Checkpoints (``checkpoint.*``, see ``rynnscale.checkpoint.dcp``):
 - saves every ``checkpoint.every_steps`` steps and after the last step (never before the first optimiser
   step); with expert parallelism the state dict DCP sees holds global expert tensors
   (``ExpertCheckpointLayout``), so checkpoints reshard to any ``ep`` and export without gathering.
-- SIGTERM (preemption): the current step finishes, a checkpoint is saved, the process exits 0.
+- SIGTERM (preemption): the current step finishes, a checkpoint is saved, the process exits 0; a SIGTERM during
+  the setup (or between two stages) ends the run before its first step, at the checkpoint it resumed from.
 
 Evaluation (``eval.*``) and the HF export with its model card (``checkpoint.export_hf``) are hooks
 (``rynnscale.train.hooks``), as are the objects passed in ``hooks`` (tests inject faults through them).
@@ -51,7 +52,7 @@ from rynnscale.checkpoint.dcp import (
     record_rollback,
 )
 from rynnscale.checkpoint.ep_layout import ExpertCheckpointLayout
-from rynnscale.checkpoint.preemption import install_preemption_handler, preemption_requested
+from rynnscale.checkpoint.preemption import PreemptionFlag, preemption_requested, preemption_watch
 from rynnscale.config import ConfigError, RootConfig, save_resolved, to_yaml
 from rynnscale.data.loader import (
     BadDataError,
@@ -85,10 +86,10 @@ from rynnscale.train.setup import (
     build_components,
     check_same_adapters,
     check_same_base,
+    hold_run_dir,
     layout_dict,
     rebuild_data,
     restart_data_seed,
-    run_dir_lock,
     seed_everything,
     setup_distributed,
     shared_base_fingerprint,
@@ -116,31 +117,40 @@ def run_training(cfg: RootConfig, hooks: Sequence[Any] = ()) -> Path:
     ``hooks``: extra objects following the hook protocol (``rynnscale.train.hooks``), called on every rank
     after the recipe's own hooks."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # from the start: a SIGTERM during the setup (rendezvous, model build, resume) or between stages is acted on at
+    # the training loop's next check (the run says "preempted" and is requeued) instead of killing the process
+    with preemption_watch():
+        return _run_training(cfg, hooks)
+
+
+def _run_training(cfg: RootConfig, hooks: Sequence[Any]) -> Path:
     ctx = setup_distributed(cfg)
     root = Path(cfg.run.output_dir)
     # a bad setting or bad data (a shard changed, a state that no longer fits it), a checkpoint refused or unusable
     # (another architecture / LoRA structure / LoRA base, incomplete, disk full): the message says it all (no traceback)
     with report_failures(ctx.rank, ctx.world_size, brief=(ConfigError, BadDataError, DataStallError, DataWorkerError,
                                                         ShardIntegrityError, ReaderStateError, NonFiniteLossError,
-                                                        CheckpointError)):
+                                                        CheckpointError, RunDirLockedError)):
         if ctx.is_main:
             _make_output_dir(root)
-        write_run_status(root, "running", enabled=ctx.is_main)
-        try:
-            if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
-                from rynnscale.train.stages import run_stages
+        # before anything is written: the status (and config, checkpoints) of a directory another run holds are
+        # that run's
+        with hold_run_dir(root, ctx):
+            write_run_status(root, "running", enabled=ctx.is_main)
+            try:
+                if cfg.stages:   # a chain of runs (e.g. SFT then GRPO): rynnscale.train.stages
+                    from rynnscale.train.stages import run_stages
 
-                stage, outcome = run_stages(cfg, ctx, hooks)
-            else:
-                stage, outcome = None, _train(cfg, ctx, hooks)
-        except BaseException as e:   # (not when another run holds the directory: the status is that run's)
-            write_run_status(root, "failed", enabled=ctx.is_main and not isinstance(e, RunDirLockedError),
-                             error=f"{type(e).__name__}: {str(e)[:500]}")
-            raise
-        preempted = outcome is not None and outcome.preempted
-        write_run_status(root, "preempted" if preempted else "finished", enabled=ctx.is_main,
-                         step=outcome.step if outcome is not None else None, stage=stage)
-        return root if cfg.stages else outcome.output_dir
+                    stage, outcome = run_stages(cfg, ctx, hooks)
+                else:
+                    stage, outcome = None, _train(cfg, ctx, hooks)
+            except BaseException as e:
+                write_run_status(root, "failed", enabled=ctx.is_main, error=f"{type(e).__name__}: {str(e)[:500]}")
+                raise
+            preempted = outcome is not None and outcome.preempted
+            write_run_status(root, "preempted" if preempted else "finished", enabled=ctx.is_main,
+                             step=outcome.step if outcome is not None else None, stage=stage)
+            return root if cfg.stages else outcome.output_dir
 
 
 RUN_STATUS = "run_status.json"
@@ -317,11 +327,13 @@ def _train(cfg: RootConfig, ctx: DistContext, extra_hooks: Sequence[Any] = ()) -
     if not ctx.is_main:  # one rank reports progress; the others only warnings and errors
         logging.getLogger("rynnscale").setLevel(logging.WARNING)
     output_dir = Path(cfg.run.output_dir)
-    with run_dir_lock(output_dir, enabled=ctx.is_main):
-        return _train_locked(cfg, ctx, output_dir, extra_hooks)
+    # a stage's directory (the run's own is held by run_training); the signal handler is run_training's when it runs
+    with hold_run_dir(output_dir, ctx), preemption_watch() as preempt:
+        return _train_locked(cfg, ctx, output_dir, extra_hooks, preempt)
 
 
-def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hooks: Sequence[Any]) -> RunOutcome:
+def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hooks: Sequence[Any],
+                  preempt: PreemptionFlag) -> RunOutcome:
     c, manager, data_seed = _start(cfg, ctx, output_dir)
     model, state, tc, ck = c.model, c.state, cfg.train, cfg.checkpoint
     if state.step > tc.max_steps:
@@ -349,12 +361,16 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
     metrics = MetricsLogger(cfg, output_dir, is_main=ctx.is_main, start_step=state.step,
                             resume_wandb=state.step > 0 and not c.rolled_back)
     sample_log = SampleLog(output_dir, enabled=cfg.logging.sample_log and ctx.is_main)
-    preempt = install_preemption_handler()
-    preempted = False
     nonfinite_run = 0   # (a checkpoint is never saved from a non-finite step: a resumed run starts a new row)
     failed = True   # until the loop ends normally (or by preemption): wandb marks the run failed, not finished
     try:
-        while state.step < tc.max_steps:
+        # a signal before the first step (during the setup, or a previous stage's export): nothing trained, nothing
+        # to save -- the checkpoint this run resumed from stands
+        preempted = preemption_requested(preempt)
+        if preempted:
+            log.warning("preempted (signal %s) before the first step: exiting at step %d without training",
+                        preempt.signum, state.step)
+        while not preempted and state.step < tc.max_steps:
             t0 = time.perf_counter()
             data = next(steps)
             t_data = time.perf_counter() - t0
@@ -419,7 +435,6 @@ def _train_locked(cfg: RootConfig, ctx: DistContext, output_dir: Path, extra_hoo
             raise died from None
         raise
     finally:
-        preempt.uninstall()
         metrics.close(failed=failed)
         log_skipped(c.data, ctx)
     call_hooks(hooks, "on_train_end", state.step, output_dir, ctx, preempted)

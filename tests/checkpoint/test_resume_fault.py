@@ -251,3 +251,113 @@ def test_the_end_of_run_export_removes_what_a_killed_export_left(tmp_path):
     run_training(cfg)                     # resumes at its last step: exports again
     assert (out / "hf" / "config.json").is_file()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.is_dir()) == []
+
+
+def test_a_sigterm_during_the_setup_ends_the_run_preempted_at_its_checkpoint(tmp_path, monkeypatch):
+    """SLURM's time-limit SIGTERM (or a scheduler's) while the run is still setting up (rendezvous, model build,
+    resume, data): the run exits 0 as "preempted" at the step it resumed from, training nothing and saving nothing,
+    so the sbatch requeues it. It used to kill the process, leaving "running" (never requeued)."""
+    import json
+    import os
+    import signal
+
+    import rynnscale.train.setup as setup
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+
+    def cfg(steps):
+        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=0",
+            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
+            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
+            "logging.wandb.mode=disabled"])
+
+    run_training(cfg(2))
+    prepare = setup.prepare_data_files
+
+    def prepare_then_signal(*args, **kwargs):   # the signal comes in the middle of the setup
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "prepare_data_files", prepare_then_signal)
+    got = []   # (without rynnscale's handler the signal lands here, not on pytest's process)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        run_training(cfg(4))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["status"], status["step"]) == ("preempted", 2), (status, got)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000002"]
+    assert got == []   # rynnscale's handler took it
+    monkeypatch.undo()
+    run_training(cfg(4))   # the requeued run goes on from step 2
+    assert json.loads((out / "run_status.json").read_text())["status"] == "finished"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+class _TermJobStep:
+    """After step ``n``: SIGTERM to this process and all its child processes (data workers, wandb's service) from
+    another process (``kill``), as SLURM's ``--signal`` (and scancel) delivers it to every process of the job step."""
+
+    def __init__(self, n: int):
+        self.n, self.children = n, []
+        self.before = set(self._child_pids())   # (other tests' processes are left alone)
+
+    @staticmethod
+    def _child_pids() -> list[str]:
+        import os
+        me, pids = str(os.getpid()), []
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                    pids.append(d)
+            except OSError:
+                pass
+        return pids
+
+    def on_step_end(self, step, ctx):
+        if step == self.n:
+            import os
+            import subprocess
+            for pid in set(self._child_pids()) - self.before:
+                try:
+                    self.children.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+                except OSError:
+                    continue
+                subprocess.run(["kill", "-s", "TERM", pid], check=False)
+            subprocess.run(["kill", "-s", "TERM", str(os.getpid())], check=True)
+
+
+@pytest.mark.parametrize("child", ["data workers", "wandb"])
+def test_a_sigterm_to_every_process_of_the_job_step_still_saves_and_ends_preempted(tmp_path, child):
+    """The signal reaches the trainer's child processes as well (SLURM signals the whole job step): the run still
+    finishes its step, saves and says "preempted". A data worker dying of it used to fail the run (DataWorkerError
+    blaming the OOM killer), and wandb's service (offline mode, the default) dying of it made the step's wandb.log
+    raise ConnectionResetError: no checkpoint, status "failed", never requeued."""
+    import json
+
+    from rynnscale.config import load_config
+    from rynnscale.train.trainer import run_training
+
+    out = tmp_path / "run"
+    extra = ["data.num_workers=2", "logging.wandb.mode=disabled"] if child == "data workers" else \
+        ["data.num_workers=0", "logging.wandb.mode=offline"]
+    if child == "wandb":   # a service of this run's own (wandb keeps one per process, started by the first run)
+        import wandb
+        wandb.teardown()
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+        f"run.output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=0", *extra,
+        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20",
+        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false"])
+    term = _TermJobStep(2)
+    run_training(cfg, hooks=[term])
+    assert len(term.children) >= (2 if child == "data workers" else 1), term.children
+    if child == "wandb":
+        assert any("wandb" in c for c in term.children), term.children
+    status = json.loads((out / "run_status.json").read_text())
+    assert (status["status"], status["step"]) == ("preempted", 3), status
+    assert (out / "checkpoints" / "step_000003" / "COMPLETE").is_file()

@@ -74,12 +74,44 @@ def test_trainer_takes_the_lock_for_the_run(tmp_path: Path) -> None:
 
     run_dir = tmp_path / "run"
     proc = _start_holder(run_dir, tmp_path)
+    holders_status = '{"status": "running", "job": "slurm:1"}\n'   # the holder's, as its rank 0 wrote it
+    (run_dir / "run_status.json").write_text(holders_status)
     try:
         cfg = load_config(ROOT / "recipes" / "demo_tiny.yaml", [f"run.output_dir={run_dir}", "train.max_steps=1",
                                                                 "logging.wandb.mode=disabled"])
         with pytest.raises(RunDirLockedError, match=f"pid {proc.pid}"):
             run_training(cfg)
         assert not (run_dir / "config.yaml").exists()
+        # the refused run wrote no status of its own over the holder's (a monitor would see the wrong job)
+        assert (run_dir / "run_status.json").read_text() == holders_status
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_refused_torchrun_job_says_why_in_one_line(tmp_path: Path) -> None:
+    """Two ranks under torchrun and a directory another run holds: every rank fails at once with the lock's one-line
+    message (no traceback), not rank 1 with a gloo "Connection closed by peer" that names nothing."""
+    run_dir = tmp_path / "run"
+    proc = _start_holder(run_dir, tmp_path)
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        job = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rynnscale",
+             "train", str(ROOT / "recipes" / "demo_tiny.yaml"), f"run.output_dir={run_dir}", "train.max_steps=1",
+             "logging.wandb.mode=disabled", f"data.synthetic.output_dir={tmp_path / 'data'}", "parallel.timeout_s=60"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    log = job.stdout + job.stderr
+    assert job.returncode != 0
+    lines = [line for line in log.splitlines() if "failed with" in line]
+    assert len(lines) == 2, log[-4000:]
+    assert all(any(f"rank {rank}/2 on" in line for line in lines) for rank in (0, 1)), log[-4000:]
+    for line in lines:
+        assert "failed with DirectoryLockedError" in line, log[-4000:]
+        assert f"pid {proc.pid}" in line and "in use by another run" in line, log[-4000:]
+    assert str(ROOT / "rynnscale") not in log, log[-4000:]   # no traceback through the package
+    assert not (tmp_path / "data").exists()   # refused before any work
