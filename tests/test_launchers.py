@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -111,3 +112,8 @@ def test_the_job_step_gets_the_cpus_of_the_allocation(tmp_path: Path) -> None:
     _, log, calls = _sbatch(tmp_path, tmp_path / "run", STUB_STATUS="finished", SLURM_CPUS_PER_TASK="64")
     [srun] = [c for c in calls if c.startswith("srun")]
     assert "--cpus-per-task=64" in srun.split(" torchrun ")[0], calls
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"}   # a job that does not set it
+    with mock.patch.dict(os.environ, env, clear=True):
+        _, log, calls = _sbatch(tmp_path / "unset", tmp_path / "unset" / "run", STUB_STATUS="finished")
+    [srun] = [c for c in calls if c.startswith("srun")]
+    assert "--cpus-per-task" not in srun, calls   # srun's own default, not one CPU
