@@ -14,6 +14,17 @@ from resume_run import command, losses, overrides, run
 HOOKED = Path(__file__).resolve().parent / "train_with_hooks.py"
 
 
+def _tiny_run(out: Path, *overrides: str):
+    """``recipes/demo_tiny.yaml`` shrunk for these tests (2 layers, 40 samples, no data workers, no progress, plot or
+    wandb) into ``out``, then ``overrides``."""
+    from rynnscale.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
+        f"run.output_dir={out}", "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20",
+        "data.num_workers=0", "model.arch.text_config.num_hidden_layers=2", "logging.progress=false",
+        "logging.plot=false", "logging.wandb.mode=disabled", *overrides])
+
+
 @pytest.mark.slow
 def test_crashed_rank_restarts_and_resumes_from_last_checkpoint(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
@@ -54,15 +65,10 @@ def test_a_failing_run_commits_its_finished_background_save(tmp_path):
     """``checkpoint.async_save``: a save of step 3 still in the background when step 4 fails is waited for and
     committed (it used to stay a ``step_000003.tmp-*`` directory that resume skips and the next save deletes)."""
     from rynnscale.checkpoint.dcp import find_resume_checkpoint, list_checkpoints
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     out = tmp_path / "run"
-    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-        f"run.output_dir={out}", "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.async_save=true",
-        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-        "logging.wandb.mode=disabled"])
+    cfg = _tiny_run(out, "train.max_steps=6", "checkpoint.every_steps=3", "checkpoint.async_save=true")
     with pytest.raises(_Failure, match="failure after step 4"):
         run_training(cfg, hooks=[_FailAfter(4)])
     assert [(e.path.name, e.complete) for e in list_checkpoints(out)] == [("step_000003", True)]
@@ -86,17 +92,12 @@ def test_a_requeued_job_does_not_roll_back_again(tmp_path, monkeypatch):
     run back to PATH at every restart, throwing away what the new branch trained in between. A restart of the job
     that rolled back continues its branch; a new job with the same command rolls back again (the documented
     meaning of an explicit path)."""
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     out = tmp_path / "run"
 
     def cfg(steps, *extra):
-        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
-            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-            "logging.wandb.mode=disabled", *extra])
+        return _tiny_run(out, f"train.max_steps={steps}", "checkpoint.every_steps=2", *extra)
 
     run_training(cfg(4))                                    # step_2, step_4
     back = f"checkpoint.resume={out / 'checkpoints' / 'step_000002'}"
@@ -141,18 +142,13 @@ def test_run_status_says_how_the_job_ended(tmp_path, monkeypatch):
     process killed from outside leaves "running", which no launcher takes for a preemption."""
     import json
 
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training, write_run_status
 
     out = tmp_path / "run"
     monkeypatch.setenv("SLURM_JOB_ID", "91")
 
     def cfg(steps):
-        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=0",
-            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-            "logging.wandb.mode=disabled"])
+        return _tiny_run(out, f"train.max_steps={steps}", "checkpoint.every_steps=0")
 
     def status():
         return json.loads((out / "run_status.json").read_text())
@@ -174,15 +170,10 @@ def test_a_requeued_job_started_from_another_runs_checkpoint_continues_its_own(t
     """``run.output_dir=B checkpoint.resume=A/step_N`` (a new run branched from another's checkpoint) requeued: it
     started from A/step_N again, throwing away B's checkpoints. A restart of that job continues B's own latest
     checkpoint, or, restarted before B's first save, starts from A/step_N as the command says."""
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     def cfg(out, steps, *extra):
-        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
-            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-            "logging.wandb.mode=disabled", *extra])
+        return _tiny_run(out, f"train.max_steps={steps}", "checkpoint.every_steps=2", *extra)
 
     run_training(cfg(tmp_path / "a", 2))
     start = f"checkpoint.resume={tmp_path / 'a' / 'checkpoints' / 'step_000002'}"
@@ -207,17 +198,12 @@ def test_a_restart_removes_what_killed_saves_and_prunes_left_even_when_it_saves_
     next save, so a restart with nothing left to train (killed while pruning after its last save; a stage of a
     chain) kept them for good. The restart removes them (the run directory is locked), the checkpoints stay."""
     from rynnscale.checkpoint.dcp import list_checkpoints
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     out = tmp_path / "run"
 
     def cfg():
-        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-            f"run.output_dir={out}", "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=1",
-            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-            "logging.wandb.mode=disabled"])
+        return _tiny_run(out, "train.max_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=1")
 
     run_training(cfg())
     root = out / "checkpoints"
@@ -235,15 +221,10 @@ def test_the_end_of_run_export_removes_what_a_killed_export_left(tmp_path):
     """``checkpoint.export_hf``: an export killed after moving the previous ``hf`` aside (``.hf.old-*``), or inside a
     LoRA adapter export (``.adapter.tmp-*``), left a model-sized directory that no later run removed (only
     ``.hf.tmp-*`` was); the same command again exports and removes them."""
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     out = tmp_path / "run"
-    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-        f"run.output_dir={out}", "train.max_steps=1", "checkpoint.export_hf=true",
-        "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-        "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-        "logging.wandb.mode=disabled"])
+    cfg = _tiny_run(out, "train.max_steps=1", "checkpoint.export_hf=true")
     run_training(cfg)
     for left in (".hf.old-0123abcd", ".hf.tmp-0123abcd", ".adapter.tmp-0123abcd"):
         (out / left).mkdir()
@@ -262,17 +243,12 @@ def test_a_sigterm_during_the_setup_ends_the_run_preempted_at_its_checkpoint(tmp
     import signal
 
     import rynnscale.train.setup as setup
-    from rynnscale.config import load_config
     from rynnscale.train.trainer import run_training
 
     out = tmp_path / "run"
 
     def cfg(steps):
-        return load_config(Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny.yaml", [
-            f"run.output_dir={out}", f"train.max_steps={steps}", "checkpoint.every_steps=0",
-            "data.synthetic.num_samples=40", "data.synthetic.samples_per_shard=20", "data.num_workers=0",
-            "model.arch.text_config.num_hidden_layers=2", "logging.progress=false", "logging.plot=false",
-            "logging.wandb.mode=disabled"])
+        return _tiny_run(out, f"train.max_steps={steps}", "checkpoint.every_steps=0")
 
     run_training(cfg(2))
     prepare = setup.prepare_data_files
