@@ -136,17 +136,22 @@ def _batch(args: Qwen3VLArgs, g: torch.Generator) -> PackedBatch:
     return b
 
 
+def _torch_counted_flops(model, batch) -> int:
+    """FLOPs of one forward + backward of the training loss, counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
+        out = model(batch)
+        loss = model.loss_sum(batch, out, chunk_tokens=16) / batch.num_target_tokens + out.aux_loss
+        loss.backward()
+    return counter.get_total_flops()
+
+
 def test_matches_torch_flop_counter():
     torch.manual_seed(0)
     args = tiny_args()
     model = Qwen3VLForConditionalGeneration(args, attn_backend="loop", gemm_backend="loop")
     model.init_weights(seed=0)
     batch = _batch(args, torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
-        out = model(batch)
-        loss = model.loss_sum(batch, out, chunk_tokens=16) / batch.num_target_tokens + out.aux_loss
-        loss.backward()
-    counted = counter.get_total_flops()
+    counted = _torch_counted_flops(model, batch)
     # the fused linear + CE runs on the rows that have a target after the shift
     st = param_stats(build_model(model_config_for(args), meta=True)[1])
     ours = batch_flops(args, st, batch, loss_tokens=batch.num_target_tokens)
@@ -178,13 +183,10 @@ def test_expert_lora_factors_count_for_the_routed_tokens_only():
             if name.endswith("lora_B"):
                 p.normal_(std=0.02)
     batch = _batch(args, torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as counter:
-        out = model(batch)
-        loss = model.loss_sum(batch, out, chunk_tokens=16) / batch.num_target_tokens + out.aux_loss
-        loss.backward()
+    counted = _torch_counted_flops(model, batch)
     ours = batch_flops(args, param_stats(model), batch, loss_tokens=batch.num_target_tokens)
     expected = ours.total + ours.text_attention  # torch counts causal attention as full: 2 x ours
-    assert abs(counter.get_total_flops() - expected) <= 1e-9 * expected, (counter.get_total_flops(), expected)
+    assert abs(counted - expected) <= 1e-9 * expected, (counted, expected)
 
 
 def test_step_flops_meter_counts_real_micro_batches_once_per_cp_group() -> None:
