@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rynnscale.batch import PackedBatch
+from rynnscale.config.schema import LoRAConfig
 from rynnscale.models.mrope import mrope_position_ids
 from rynnscale.models.qwen3_vl.args import Qwen3VLArgs, TextArgs, VisionArgs
 from rynnscale.models.qwen3_vl.flops import anchor_flops_per_step, step_flops
@@ -187,6 +188,71 @@ def test_expert_lora_factors_count_for_the_routed_tokens_only():
     ours = batch_flops(args, param_stats(model), batch, loss_tokens=batch.num_target_tokens)
     expected = ours.total + ours.text_attention  # torch counts causal attention as full: 2 x ours
     assert abs(counted - expected) <= 1e-9 * expected, (counted, expected)
+
+
+def _counted_and_ours(args, batch, **model_keys):
+    """torch's count of one forward + backward of the model a recipe with ``model_keys`` (lora, freeze) builds, and
+    ours as the trainer counts it (``param_stats`` of the same recipe's meta model), per-document attention ("loop")
+    and per-expert GEMMs (FlopCounterMode sees them all)."""
+    cfg = model_config_for(args, attn_backend="loop", **model_keys)
+    model = build_model(cfg, "cpu")[1]
+    for m in model.modules():
+        if hasattr(m, "gemm_backend"):
+            m.gemm_backend = "loop"
+    counted = _torch_counted_flops(model, batch)
+    ours = batch_flops(args, param_stats(build_model(cfg, meta=True)[1]), batch, loss_tokens=batch.num_target_tokens)
+    return counted, ours
+
+
+@pytest.mark.parametrize("keys", [
+    dict(lora=LoRAConfig(rank=4, experts=True)),    # adapters on attention, dense MLP and experts; base frozen
+    dict(lora=LoRAConfig(rank=4, vision=True)),     # ... and on the vision blocks
+    dict(freeze=["model.visual.*"]),                # a frozen vision tower under a trained decoder
+    dict(freeze=["model.visual.*", "model.language_model.embed_tokens.*", "model.language_model.layers.0.*"]),
+], ids=["lora_experts", "lora_vision", "frozen_tower", "frozen_first_layer"])
+def test_frozen_weights_count_what_the_backward_computes(keys):
+    """A frozen weight needs no weight gradient (4 FLOPs per weight and token), nor an input gradient where nothing
+    below it trains (2: forward only; attention likewise 1/3); the count charged every weight 6, so MFU of a LoRA run
+    or one with a frozen vision tower read high. Against torch's FlopCounterMode on the real forward + backward of the
+    tiny multimodal MoE model as the recipe builds it, 1e-9 relative (torch counts causal attention as full)."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    batch = _batch(args, torch.Generator().manual_seed(0))
+    counted, ours = _counted_and_ours(args, batch, **keys)
+    full = batch_flops(args, param_stats(build_model(model_config_for(args), meta=True)[1]), batch,
+                       loss_tokens=batch.num_target_tokens)
+    expected = ours.total + ours.text_attention
+    assert ours.total < full.total
+    assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
+
+
+def test_frozen_weights_qwen35_hybrid_lora() -> None:
+    """Qwen3.5 (hybrid DeltaNet / gated attention, MoE + shared expert, vision) under the default LoRA targets: the
+    three DeltaNet layers have no adapter and nothing below them trains, so they run forward only, as does the frozen
+    vision tower; the full-attention layer's adapters make everything above it need gradients. torch's FlopCounterMode
+    sees every matmul but the DeltaNet layers' depthwise convolution (element-wise shifted products here) and the
+    delta rule's triangular solve (no counter formula), forward-only here: subtracted as we count them; it counts
+    causal attention as full (2 x ours). 1e-9 relative."""
+    from qwen35_helpers import make_samples, pack, tiny_config
+
+    from rynnscale.models import args_from_hf_config
+    from rynnscale.models.qwen3_5.gated_delta import CHUNK
+
+    torch.manual_seed(0)
+    args = args_from_hf_config(tiny_config(True))
+    batch = pack(make_samples(torch.Generator().manual_seed(0), multimodal=True))
+    counted, ours = _counted_and_ours(args, batch, lora=LoRAConfig(rank=4))
+    t = args.text
+    cu = batch.cu_seqlens.tolist()
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    n_lin, T = t.num_linear_layers, sum(lens)
+    assert n_lin == 3 and t.num_hidden_layers == 4
+    full_attn = 6 * t.num_attention_heads * t.head_dim * sum(s * s for s in lens)   # one layer, with its backward
+    conv_fwd = 2 * n_lin * t.linear_conv_dim * t.linear_conv_kernel_dim * T
+    padded = sum(CHUNK * math.ceil(s / CHUNK) for s in lens)
+    solve_fwd = 2 * n_lin * t.linear_num_value_heads * padded * CHUNK * (t.linear_key_head_dim + t.linear_value_head_dim) / 2
+    expected = ours.total + full_attn - conv_fwd - solve_fwd
+    assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
 
 
 def test_step_flops_meter_counts_real_micro_batches_once_per_cp_group() -> None:

@@ -20,6 +20,9 @@ packed documents, and the data path's balancing cost coefficients. Parameter cou
   i.e. what ``gated_delta.chunk_gated_delta_rule`` multiplies (the l2norm, gates, decays and the conv are
   element-wise / counted above); linear in tokens, unlike softmax attention.
 - ``vision_linear`` / ``vision_attention``: Qwen3-VL's tower without DeepStack mergers (``qwen3_vl/flops.py``).
+
+Frozen weights and token mixers with nothing trainable below them cost less, as in ``qwen3_vl/flops.py``
+(``rynnscale.models.stats.backward_skips``).
 """
 
 from __future__ import annotations
@@ -84,21 +87,26 @@ def step_flops(args: Any, st: ParamStats, doc_lens: Sequence[int], vision_grid_t
     lens = [int(s) for s in doc_lens]
     T = sum(lens)
     n_tok = T if loss_tokens is None else int(loss_tokens)
-    n_linear = t.num_linear_layers
-    n_full = t.num_hidden_layers - n_linear
-    text_linear = 6.0 * text_linear_params_per_token(args, st) * T
-    lm_head = 6.0 * t.vocab_size * t.hidden_size * n_tok
+    has_vision = v is not None and vision_grid_thw is not None and vision_grid_thw.numel() > 0
+    sk = st.backward_skips(has_vision)
+    text_linear = (6.0 * text_linear_params_per_token(args, st) - 2.0 * sk.text) * T
+    lm_head = (6.0 * t.vocab_size * t.hidden_size - 2.0 * sk.lm_head) * n_tok
     padded = sum(CHUNK * math.ceil(s / CHUNK) for s in lens)
-    text_attention = (6.0 * n_full * t.num_attention_heads * t.head_dim * sum(s * s for s in lens)
-                      + 6.0 * n_linear * t.linear_num_value_heads * padded * gdn_macs_per_token_head(args))
+    passes = sk.mixer_passes(sk.text_mixer_forward_only, t.num_hidden_layers)
+    full_passes = sum(n for i, n in enumerate(passes) if not t.is_linear(i))
+    linear_passes = sum(n for i, n in enumerate(passes) if t.is_linear(i))
+    text_attention = (2.0 * full_passes * t.num_attention_heads * t.head_dim * sum(s * s for s in lens)
+                      + 2.0 * linear_passes * t.linear_num_value_heads * padded * gdn_macs_per_token_head(args))
     vision_linear = vision_attention = 0.0
-    if v is not None and vision_grid_thw is not None and vision_grid_thw.numel():
+    if has_vision:
         g = vision_grid_thw.detach().to("cpu", torch.int64).reshape(-1, 3)
         hw = g[:, 1] * g[:, 2]
         P = int((g[:, 0] * hw).sum())
         blocks, embed, merger = vision_linear_params(args, st)
-        vision_linear = 6.0 * blocks * P + 4.0 * embed * P + 6.0 * merger * P / v.spatial_merge_size ** 2
-        vision_attention = 12.0 * len(st.vision_block) * v.hidden_size * float((g[:, 0] * hw * hw).sum())
+        vision_linear = ((6.0 * blocks - 2.0 * sk.vision_blocks) * P + (4.0 * embed - 2.0 * sk.vision_embed) * P
+                         + (6.0 * merger - 2.0 * sk.vision_mergers) * P / v.spatial_merge_size ** 2)
+        v_passes = sum(sk.mixer_passes(sk.vision_mixer_forward_only, len(st.vision_block)))
+        vision_attention = 4.0 * v_passes * v.hidden_size * float((g[:, 0] * hw * hw).sum())
     return StepFlops(text_linear, lm_head, text_attention, vision_linear, vision_attention)
 
 

@@ -22,6 +22,11 @@ weights that take part in a matmul count. Per part (T tokens, P vision patches):
                        DeepStack mergers run once per merged token).
 - ``vision_attention`` = 12 * depth * D * sum_f (h_f * w_f)^2 (non-causal, one document per frame).
 
+Frozen weights (LoRA, ``model.freeze``) take 4 FLOPs per weight and row instead of 6 (no weight gradient), 2 where
+nothing below them trains (no input gradient either: a frozen vision tower feeding a trainable decoder runs forward
+only); a token mixer (attention) with nothing trainable below it runs forward only (1/3 of its term). Which passes a
+step skips comes from the module tree (``rynnscale.models.stats.backward_skips``); LoRA factors count as weights.
+
 torch's ``FlopCounterMode`` counts exactly these matmuls, except that it counts causal attention
 as full (2 x ``text_attention``); tests/train/test_flops.py checks both.
 """
@@ -75,17 +80,22 @@ def step_flops(
     lens = [int(s) for s in doc_lens]
     T = sum(lens)
     n_tok = T if loss_tokens is None else int(loss_tokens)
-    text_linear = 6.0 * text_linear_params_per_token(args, st) * T
-    lm_head = 6.0 * t.vocab_size * t.hidden_size * n_tok
-    text_attention = 6.0 * len(st.layer_dense) * t.num_attention_heads * t.head_dim * sum(s * s for s in lens)
+    has_vision = vision_grid_thw is not None and vision_grid_thw.numel() > 0
+    sk = st.backward_skips(has_vision)
+    text_linear = (6.0 * text_linear_params_per_token(args, st) - 2.0 * sk.text) * T
+    lm_head = (6.0 * t.vocab_size * t.hidden_size - 2.0 * sk.lm_head) * n_tok
+    passes = sum(sk.mixer_passes(sk.text_mixer_forward_only, len(st.layer_dense)))
+    text_attention = 2.0 * passes * t.num_attention_heads * t.head_dim * sum(s * s for s in lens)
     vision_linear = vision_attention = 0.0
-    if vision_grid_thw is not None and vision_grid_thw.numel():
+    if has_vision:
         g = vision_grid_thw.detach().to("cpu", torch.int64).reshape(-1, 3)
         hw = g[:, 1] * g[:, 2]
         P = int((g[:, 0] * hw).sum())
         blocks, embed, mergers = vision_linear_params(args, st)
-        vision_linear = 6.0 * blocks * P + 4.0 * embed * P + 6.0 * mergers * P / v.spatial_merge_size ** 2
-        vision_attention = 12.0 * len(st.vision_block) * v.hidden_size * float((g[:, 0] * hw * hw).sum())
+        vision_linear = ((6.0 * blocks - 2.0 * sk.vision_blocks) * P + (4.0 * embed - 2.0 * sk.vision_embed) * P
+                         + (6.0 * mergers - 2.0 * sk.vision_mergers) * P / v.spatial_merge_size ** 2)
+        v_passes = sum(sk.mixer_passes(sk.vision_mixer_forward_only, len(st.vision_block)))
+        vision_attention = 4.0 * v_passes * v.hidden_size * float((g[:, 0] * hw * hw).sum())
     return StepFlops(text_linear, lm_head, text_attention, vision_linear, vision_attention)
 
 
