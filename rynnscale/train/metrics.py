@@ -49,7 +49,7 @@ KNOWN_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835
 
 def peak_tflops(device: Any, configured: float = 0.0) -> float | None:
     """Per-device peak used for MFU: ``configured`` (> 0), else the known rate of this CUDA device's name,
-    else None (CPU, or an unknown card: MFU is then not logged)."""
+    else None (CPU, or an unknown card, logged once by name: MFU is then null)."""
     if configured > 0:
         return float(configured)
     if getattr(device, "type", None) != "cuda":
@@ -57,7 +57,15 @@ def peak_tflops(device: Any, configured: float = 0.0) -> float | None:
     import torch
 
     name = torch.cuda.get_device_name(device)
-    return next((rate for frag, rate in KNOWN_PEAK_TFLOPS if frag in name), None)
+    rate = next((rate for frag, rate in KNOWN_PEAK_TFLOPS if frag in name), None)
+    if rate is None and name not in _UNKNOWN_CARDS_LOGGED:
+        _UNKNOWN_CARDS_LOGGED.add(name)
+        log.warning("mfu is null in metrics.jsonl: no known peak rate for the GPU %r; set logging.peak_tflops to its "
+                    "dense bf16 TFLOP/s per device (e.g. logging.peak_tflops=989 for an H100 SXM)", name)
+    return rate
+
+
+_UNKNOWN_CARDS_LOGGED: set[str] = set()   # device names peak_tflops has warned about (once each per process)
 
 
 class StepFlopsMeter:

@@ -286,3 +286,26 @@ def test_peak_rate_by_card_name(monkeypatch, name, rate):
     assert peak_tflops(torch.device("cuda", 0)) == rate
     assert peak_tflops(torch.device("cuda", 0), configured=500.0) == 500.0
     assert peak_tflops(torch.device("cpu")) is None
+
+
+def test_unknown_card_logs_once_how_to_set_the_peak(monkeypatch, caplog):
+    """A card missing from the rate table gave mfu null without a word: the run's log must name the card and the
+    setting, once (not every step), and say nothing for a known card or a configured rate."""
+    import logging
+
+    from rynnscale.train import metrics
+
+    monkeypatch.setattr(metrics, "_UNKNOWN_CARDS_LOGGED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX PRO 6000 Blackwell")
+    dev = torch.device("cuda", 0)
+    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
+        assert metrics.peak_tflops(dev) is None
+        assert metrics.peak_tflops(dev) is None
+        assert metrics.peak_tflops(dev, configured=400.0) == 400.0
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "RTX PRO 6000 Blackwell" in msgs[0] and "logging.peak_tflops" in msgs[0], msgs
+    caplog.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
+        assert metrics.peak_tflops(dev) == 989.0
+    assert not caplog.records
