@@ -335,6 +335,18 @@ def _vs_best_liger(row: dict) -> str:
     return f" {row['x_best_liger']:.2f}x best liger ({row['best_liger_ckpt']}{peak})"
 
 
+def bench_row_key(row: dict) -> str:
+    """One measured row of ours in the summary: its speed ratios (a LoRA step against ours' full step only, never
+    against transformers' full fine-tune), MFU, a loss mismatch."""
+    if row["variant"] == "ours-lora":
+        speed = f"{row['tokens_per_s']:.0f} tok/s" + (f" {row['x_ours']:.2f}x ours full" if row.get("x_ours") else "")
+    else:
+        speed = (f"{_fmt(row.get('x_hf'), '.2f')}x HF" + (f" {row['x_liger']:.2f}x liger" if row.get("x_liger") else "")
+                 + _vs_best_liger(row))
+    return (f"{row['variant']}/{row['ckpt']} {speed} MFU {_fmt(100 * row['mfu'], '.0f')}%"
+            + ("" if row.get("loss_ok", True) else " LOSS MISMATCH"))
+
+
 def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None = None) -> Callable[[Check], dict]:
     """bench/train_step.py on one case in one process (its JSON is written after every row)."""
 
@@ -355,11 +367,7 @@ def bench_section(case: str, ckpt: str, variants: str, dry_variants: str | None 
                 continue
             if row["variant"] == "liger":
                 continue
-            parts.append(f"{row['variant']}/{row['ckpt']} {_fmt(row.get('x_hf'), '.2f')}x HF"
-                         + (f" {row['x_liger']:.2f}x liger" if row.get("x_liger") else "")
-                         + _vs_best_liger(row)
-                         + f" MFU {_fmt(100 * row['mfu'], '.0f')}%"
-                         + ("" if row.get("loss_ok", True) else " LOSS MISMATCH"))
+            parts.append(bench_row_key(row))
         status = o.status
         if status == "ok" and (bad or not r.get("loss_ok") or not parts):
             status = "fail"

@@ -35,7 +35,9 @@ liger's RMSNorm / RoPE / SwiGLU / fused loss where liger imports), ``ours-torch`
 element-wise ops), ``ours-compile`` (plain ops + regional ``torch.compile``, ``model.compile=true``;
 its warmup steps include the compile) and ``ours-lora`` (``ours`` as a LoRA fine-tune: base frozen, rank-16
 adapters on attention, dense MLP and, for MoE cases, every expert; its first loss equals the base's since
-fresh adapters change nothing). All variants of a case share the weights and the data.
+fresh adapters change nothing; its model FLOPs leave out the frozen weights' gradients, and it gets no ratio
+against transformers, whose rows are full fine-tunes: ``x_ours`` = its tokens/s over ``ours``' full step, when both
+ran). All variants of a case share the weights and the data.
 
 CPU smoke run (each case, as bench/gpu_check.sh --dry-run runs it: tests/bench/test_gpu_check.py)::
 
@@ -270,14 +272,27 @@ def build_hf(args: Qwen3VLArgs | Qwen35Args, device: torch.device, dtype: torch.
         return cls._from_config(cfg, **kw)
 
 
+def lora_config(args: Qwen3VLArgs, lora: bool):
+    """``model.lora`` of the ``ours-lora`` variant (rank-16 adapters on attention, dense MLP and, for MoE, every
+    expert), or LoRA off."""
+    from rynnscale.config.schema import LoRAConfig
+
+    return LoRAConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, experts=args.text.is_moe) if lora else LoRAConfig()
+
+
+def variant_flops(case: Case, variant: str) -> StepFlops:
+    """Model FLOPs of one step of ``variant`` on ``case``: a full fine-tune for every variant but ``ours-lora``,
+    whose frozen base weights take no weight gradient (``rynnscale.models.stats.backward_skips``)."""
+    mc = model_config_for(case.args, lora=lora_config(case.args, variant == "ours-lora"))
+    return batch_flops(case.args, param_stats(build_model(mc, meta=True)[1]), case.batch)
+
+
 def build_ours(args: Qwen3VLArgs, weights: dict, device: torch.device, dtype: torch.dtype, *, kernels: str = "auto",
                ckpt: str = "none", compile: bool = False, lora: bool = False):
     """Our model as training builds it (``rynnscale.train.build``), in ``dtype``, with ``weights``
     (``lora``: plus fresh adapters, which leave the first loss unchanged)."""
-    from rynnscale.config.schema import LoRAConfig
-
-    lc = LoRAConfig(rank=LORA_RANK, alpha=2.0 * LORA_RANK, experts=args.text.is_moe) if lora else LoRAConfig()
-    mc = model_config_for(args, kernels=kernels, activation_checkpointing=ckpt, compile=compile, lora=lc)
+    mc = model_config_for(args, kernels=kernels, activation_checkpointing=ckpt, compile=compile,
+                          lora=lora_config(args, lora))
     _, m = build_model(mc, device, param_dtype=dtype)
     m.load_state_dict(weights, strict=not lora)  # the adapters are not in the base weights
     return m
@@ -423,7 +438,11 @@ def add_comparisons(rows: list[dict], rtol: float) -> bool:
             r["loss_max_rel_vs_hf"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
             r["loss_ok"] = rel <= rtol
             ok &= r["loss_ok"]
-        if r["variant"] in OURS:
+        if r["variant"] == "ours-lora":   # a LoRA step is not a full fine-tune's work: against ours' full step only
+            full = key.get((r["case"], r["ckpt"], "ours"))
+            if full is not None and "tokens_per_s" in full:
+                r["x_ours"] = r["tokens_per_s"] / full["tokens_per_s"]
+        elif r["variant"] in OURS:
             for v in ("hf", "liger"):
                 other = key.get((r["case"], r["ckpt"], v))
                 if other is not None and "tokens_per_s" in other:
@@ -530,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         try:   # e.g. transformers without the case's model class, or out of memory: report it, run the next case
             case = build_case(name, a.tiny, layers=a.layers, seq_div=a.seq_div, experts=a.experts)
-            st = param_stats(build_model(model_config_for(case.args), meta=True)[1])
-            flops_of[name] = batch_flops(case.args, st, case.batch)
+            flops_of[name] = variant_flops(case, "hf")
+            if "ours-lora" in variants:
+                flops_of[f"{name}/ours-lora"] = variant_flops(case, "ours-lora")
             torch.manual_seed(0)
             hf = build_hf(case.args, device, dtype)
             weights_of[name] = {k: v.detach().to("cpu", copy=True) for k, v in hf.state_dict().items()}
@@ -540,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             err = f"case setup: {type(e).__name__}: {str(e)[:200]}"
             rows += [dict(case=name, variant=v, ckpt=ckpt, error=err) for ckpt in ckpts for v in variants]
             flops_of.pop(name, None)
+            flops_of.pop(f"{name}/ours-lora", None)
             dump(None)
             print(f"{name}: {err}", flush=True)
             continue
@@ -550,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in [v for v in variants if v != "liger"]:
                 try:
                     r = run_variant(variant, case, weights_of[name], ckpt, device, dtype, steps, warmup,
-                                    flops_of[name], ceiling, profile=variant == "ours")
+                                    flops_of.get(f"{name}/{variant}", flops_of[name]), ceiling,
+                                    profile=variant == "ours")
                 except Exception as e:  # e.g. out of memory: keep the other rows
                     r = dict(case=name, variant=variant, ckpt=ckpt, error=f"{type(e).__name__}: {str(e)[:200]}")
                     _free(device)
@@ -584,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, ceiling, device_name, dtype))
     print(f"(model FLOPs incl. the vision tower; loss = first-step CE, rel tol {rtol:g}; ratios = ours tok/s / "
-          "theirs, same ckpt or their fastest row over all ckpt modes (xbest*), pkxBLig = ours' peakGiB / that liger row's; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
+          "theirs, same ckpt or their fastest row over all ckpt modes (xbest*); ours-lora, a LoRA step, is set against "
+          "no transformers full step: x_ours in the JSON = its tok/s / ours' full step's, its FLOPs without the "
+          "frozen weights' gradients; pkxBLig = ours' peakGiB / that liger row's; peakGiB = CUDA max allocated; stepGiB = bytes of the tensors one "
           "forward + backward creates (activations, temporaries, gradients), memxHF = ours / transformers)")
     for name in flops_of:
         f = flops_of[name]

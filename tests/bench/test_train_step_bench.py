@@ -123,3 +123,46 @@ def test_a_case_that_cannot_be_set_up_is_reported_and_the_next_case_runs(tmp_pat
     assert rows["packed", "ours-torch"]["loss_ok"] and rows["packed", "ours-torch"]["x_hf"] > 0
     out = capsys.readouterr().out
     assert "ERROR: case setup: ImportError" in out and "FLOPs/step packed" in out
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_driver", ROOT / "bench" / "gpu_check.py")
+    driver = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = driver  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(driver)
+    return driver
+
+
+def test_lora_step_is_not_compared_with_a_transformers_full_step():
+    """ours-lora trains adapters only (no weight gradient for the frozen base): its tokens/s over transformers'
+    full fine-tune read as a speed-up of ours (1.82x "xHF" on the tiny video case) that is the work LoRA skips, not
+    the implementation. It is set against ours' full step (``x_ours``), in the table and in gpu_check's summary."""
+    bench = _load_bench()
+    rows = [dict(case="video", variant="hf", ckpt="none", tokens_per_s=100.0, step_alloc_gib=2.0, peak_gib=9.0,
+                 losses=[2.0]),
+            dict(case="video", variant="ours", ckpt="none", tokens_per_s=120.0, step_alloc_gib=1.5, peak_gib=8.0,
+                 losses=[2.0]),
+            dict(case="video", variant="ours-lora", ckpt="none", tokens_per_s=180.0, step_alloc_gib=1.0, peak_gib=6.0,
+                 losses=[2.0])]
+    assert bench.add_comparisons(rows, rtol=1e-5)
+    lora = rows[2]
+    assert not any(k.startswith(("x_hf", "x_liger", "x_best", "mem_vs", "peak_vs")) for k in lora), lora
+    assert abs(lora["x_ours"] - 1.5) < 1e-12 and abs(rows[1]["x_hf"] - 1.2) < 1e-12
+    lora |= dict(mfu=0.4)
+    key = _load_gpu_check().bench_row_key(lora)
+    assert key == "ours-lora/none 180 tok/s 1.50x ours full MFU 40%", key
+
+
+def test_lora_variant_flops_leave_out_the_frozen_weights_gradients():
+    """ours-lora's TFLOP/s and MFU were the full fine-tune's FLOPs over the LoRA step's time (MFU high by the
+    frozen weights' gradients). Its FLOPs must be those of the model the variant builds (its trainable set)."""
+    from rynnscale.models.stats import batch_flops, param_stats
+
+    bench = _load_bench()
+    case = bench.build_case("video", tiny=True)
+    torch.manual_seed(0)
+    weights = bench.build_hf(case.args, torch.device("cpu"), torch.float32).state_dict()
+    model = bench.build_ours(case.args, weights, torch.device("cpu"), torch.float32, lora=True)
+    lora, full = bench.variant_flops(case, "ours-lora"), bench.variant_flops(case, "hf")
+    assert lora.total == batch_flops(case.args, param_stats(model), case.batch).total
+    assert lora.total < full.total and lora.vision < 0.5 * full.vision   # a frozen tower runs forward only
