@@ -274,10 +274,11 @@ def test_step_flops_meter_counts_real_micro_batches_once_per_cp_group() -> None:
 
 @pytest.mark.parametrize("name,rate", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 NVL", 835.0),
                                        ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
-                                       ("NVIDIA H20", 148.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+                                       ("NVIDIA H20", 148.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H800 PCIe", 756.0),
+                                       ("NVIDIA H800", 989.0), ("Tesla T4", None)])
 def test_peak_rate_by_card_name(monkeypatch, name, rate):
     """MFU's denominator from the card's name (vendor's dense bf16 rate): an H100 NVL was taken for the SXM card
-    (989 instead of 835 TFLOP/s, MFU 16% low); an unknown card gives None (MFU not logged)."""
+    (989 instead of 835 TFLOP/s, MFU 16% low), an H800 PCIe likewise (989 for 756); an unknown card gives None (MFU not logged)."""
     import torch
 
     from rynnscale.train.metrics import peak_tflops
