@@ -42,8 +42,8 @@ def max_over_mean(values) -> float | None:
 
 #: dense bf16 tensor-core rate (TFLOP/s, the vendor's spec) by device-name fragment, for MFU when
 #: ``logging.peak_tflops`` is 0; first match wins (H100 / H800 PCIe and NVL before the generic SXM names)
-KNOWN_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
-                     ("H200", 989.0), ("H800", 989.0), ("H20", 148.0), ("GH200", 989.0), ("B200", 2250.0),
+KNOWN_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H800 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0),
+                     ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("H20", 148.0), ("GH200", 989.0), ("B200", 2250.0),
                      ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0))
 
 
