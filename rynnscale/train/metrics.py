@@ -70,7 +70,8 @@ _UNKNOWN_CARDS_LOGGED: set[str] = set()   # device names peak_tflops has warned 
 
 class StepFlopsMeter:
     """Model FLOPs of a step (forward + backward of the family's ``step_flops``: decoder, lm_head on every
-    token, causal attention over the packed documents, the vision tower; recomputation not counted) from the
+    token, causal attention over the packed documents, the vision tower; frozen weights without their gradients,
+    ``rynnscale.models.stats.backward_skips``; recomputation not counted) from the
     micro-batches a rank trained, for ``model_tflops_per_s`` and ``mfu`` in metrics.jsonl."""
 
     def __init__(self, args: Any, stats: Any, peak: float | None):
