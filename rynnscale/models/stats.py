@@ -203,7 +203,8 @@ def backward_skips(model: torch.nn.Module, has_vision: bool) -> BackwardSkips:
     vision_trains = tower is not None and any(p.requires_grad for p in tower.parameters())
     v_blocks = v_embed = v_mergers = 0.0
     v_mixer: list[bool] = []
-    if tower is not None and has_vision:
+    # the Qwen3-VL tower layout (both families); another family's tower counts as full work
+    if tower is not None and has_vision and all(hasattr(tower, a) for a in ("patch_embed", "pos_embed", "merger")):
         embed_w = tower.patch_embed.proj.weight
         v_embed = float((not embed_w.requires_grad) * embed_w.numel())
         grad = any(p.requires_grad for p in tower.patch_embed.parameters()) or tower.pos_embed.weight.requires_grad
@@ -215,7 +216,8 @@ def backward_skips(model: torch.nn.Module, has_vision: bool) -> BackwardSkips:
             out_of.append(grad)
         mergers = [(tower.merger, out_of[-1] if out_of else grad)]
         ds = list(getattr(tower, "deepstack_merger_list", None) or [])
-        mergers += [(m, out_of[i]) for m, i in zip(ds, getattr(args.vision, "deepstack_visual_indexes", ()))]
+        mergers += [(m, out_of[min(i, len(out_of) - 1)] if out_of else grad)
+                    for m, i in zip(ds, getattr(args.vision, "deepstack_visual_indexes", ()))]
         for merger, below in mergers:
             v_mergers += _stage_skips(merger, MERGER_STAGES, below)[0]
     embed = model.input_embeddings().weight
