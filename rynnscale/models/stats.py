@@ -149,18 +149,13 @@ VISION_BLOCK_STAGES: tuple = (("norm1.*",), ("attn.qkv.*",), MIXER, ("attn.proj.
 MERGER_STAGES: tuple = (("norm.*",), ("linear_fc1.*",), ("linear_fc2.*",))
 
 
-def _is_matmul(name: str, p: torch.Tensor) -> bool:
-    """A weight that takes part in a matmul (the FLOP count's N_lin): matrices, expert tensors, convolutions and
-    LoRA factors; not norms, biases, gates' scalars."""
-    return p.ndim >= 2
-
-
 def _stage_skips(module: torch.nn.Module, stages: Sequence, trains_below: bool, expert_scale: float = 1.0,
-                 is_experts=None) -> tuple[float, bool, bool]:
+                 is_experts=None, adapters: bool = True) -> tuple[float, bool, bool]:
     """-> (skipped passes per row over ``module``'s matmul weights, whether its token mixer runs forward only,
     whether its output needs a gradient). ``trains_below``: the module's input needs a gradient. Routed experts'
     weights count ``expert_scale`` (top_k / num_experts) per row. A parameter in no stage counts as full work and
-    as trainable below everything after it (never under-counted)."""
+    as trainable below everything after it (never under-counted). Matmul weights: matrices, expert tensors,
+    convolutions and (``adapters``: where the family's count has them) LoRA factors; not norms, biases, scalars."""
     experts = set()
     if is_experts is not None:
         experts = {id(p) for m in module.modules() if is_experts(m) for p in m.parameters(recurse=False)}
@@ -179,7 +174,7 @@ def _stage_skips(module: torch.nn.Module, stages: Sequence, trains_below: bool, 
             mixer_fwd_only = not grad_in
             continue
         for name, p in members:
-            if not _is_matmul(name, p):
+            if p.ndim < 2 or (not adapters and name.endswith(("lora_A", "lora_B"))):
                 continue
             needs_in = grad_in
             if name.endswith("lora_B"):   # B's input is A's output
@@ -219,7 +214,7 @@ def backward_skips(model: torch.nn.Module, has_vision: bool) -> BackwardSkips:
         mergers += [(m, out_of[min(i, len(out_of) - 1)] if out_of else grad)
                     for m, i in zip(ds, getattr(args.vision, "deepstack_visual_indexes", ()))]
         for merger, below in mergers:
-            v_mergers += _stage_skips(merger, MERGER_STAGES, below)[0]
+            v_mergers += _stage_skips(merger, MERGER_STAGES, below, adapters=False)[0]   # counted from args
     embed = model.input_embeddings().weight
     grad = embed.requires_grad or (has_vision and vision_trains)
     scale = t.num_experts_per_tok / t.num_experts if t.is_moe else 1.0
