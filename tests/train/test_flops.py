@@ -226,6 +226,19 @@ def test_frozen_weights_count_what_the_backward_computes(keys):
     assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
 
 
+def test_trainable_tower_on_a_text_only_batch():
+    """Vision adapters (``model.lora.vision``) make the decoder's input need a gradient only on a batch that runs the
+    tower: on a text-only row the first layer's q / k / v take no input gradient. torch, 1e-9 relative."""
+    args = tiny_args()
+    b = _batch(args, torch.Generator().manual_seed(0))
+    n = int(b.cu_seqlens[1])   # the first document: text only
+    text = PackedBatch(b.input_ids_l[:n], b.labels_l[:n], b.position_ids_3l[:, :n], b.cu_seqlens[:2], n)
+    counted, ours = _counted_and_ours(args, text, lora=LoRAConfig(rank=4, vision=True))
+    expected = ours.total + ours.text_attention
+    assert ours.vision == 0
+    assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
+
+
 def test_frozen_weights_qwen35_hybrid_lora() -> None:
     """Qwen3.5 (hybrid DeltaNet / gated attention, MoE + shared expert, vision) under the default LoRA targets: the
     three DeltaNet layers have no adapter and nothing below them trains, so they run forward only, as does the frozen
