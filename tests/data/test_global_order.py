@@ -454,3 +454,61 @@ def text_of_key(d: Path, key: str) -> str:
         if s["__key__"] == key:
             return json.loads(s["conv.json"])["text"]
     raise KeyError(key)
+
+
+# -- manifest cost hints made with other encoder settings than the run's -----------------------------------
+
+
+def test_cost_hints_made_with_other_settings_lose_no_sample(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Shards converted with the default encoder settings (the jsonl converter's cost hints), trained with a
+    higher ``image_min_pixels``: every image is larger than its hint, and packs planned on the hints overflowed
+    the budget once decoded (8 of 12 samples skipped as estimate_overflow). Such hints are now left unused (a
+    warning names the setting) and every sample trains once; with a lower ``image_max_pixels`` the hints are
+    upper bounds and are used (a warning: packs may be part empty); with the same settings, silence."""
+    import logging
+
+    from PIL import Image
+
+    from rynnscale.data.encode import EncoderConfig, SampleEncoder
+    from rynnscale.data.manifest import read_manifest
+    from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
+    from rynnscale.data_pipelines.jsonl import convert_jsonl
+
+    (tmp_path / "media").mkdir()
+    lines = []
+    for i in range(12):
+        Image.new("RGB", (64, 64), (20 * i, 100, 50)).save(tmp_path / "media" / f"{i}.jpg")
+        lines.append(json.dumps({"conversation": [
+            {"role": "user", "content": [{"type": "image", "image": f"{i}.jpg"}, {"type": "text", "text": "Where?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<object> (400, 200) </object>"}]}],
+            "licence": "CC0-1.0"}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    convert_jsonl(tmp_path / "d.jsonl", out, media_root=tmp_path / "media", lines_per_shard=4, progress=False)
+    hints = [t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"]]
+    tok = load_tokenizer()
+
+    def run(vision: VisionSpec) -> tuple[list[str], list[int], dict]:
+        enc = SampleEncoder(tok, EncoderConfig(vision=vision, max_tokens=4096))
+        loader = TrainLoader(LoaderConfig(train_shards=[str(out / "*.tar")], micro_batch_tokens=4096, pack_window=4,
+                                          shuffle_buffer=0, num_epochs=1, max_bad_fraction=1.0), enc)
+        batches = [b for st in loader for b in st.micro_batches if not b.filler]
+        return ([k for b in batches for k in b.sample_keys], [int(n) for b in batches for n in b.cu_seqlens.diff()],
+                loader.bad_counts)
+
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec(image_min_pixels=1_000_000))
+    assert bad == {} and len(keys) == len(set(keys)) == 12
+    assert min(sizes) > max(hints)   # the hints were low for every sample
+    assert "vision.image_min_pixels: 65536, this run 1000000" in caplog.text and "not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec(image_min_pixels=4096, image_max_pixels=16384))
+    assert bad == {} and len(set(keys)) == 12 and max(sizes) < min(hints)
+    assert "vision.image_max_pixels: 16777216, this run 16384" in caplog.text and "part empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec())
+    assert bad == {} and len(set(keys)) == 12 and sorted(sizes) == sorted(hints)
+    assert "cost hints" not in caplog.text
