@@ -106,16 +106,23 @@ class GlobalPipeline(WorkerPipeline):
         # media whatever the world size; the rank that decodes the sample reads them again)
         members = s.members if s.deferred is None else self._read_deferred(s.shard, s.key, s.members, s.deferred)
         if self.estimator is not None:
-            t, v = self.estimator(s.key, members)
-            return int(t), int(v)
+            try:
+                t, v = (int(x) for x in self.estimator(s.key, members))
+            except SampleError:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"cost_estimator failed on shard {s.shard!r} key {s.key!r}: "
+                                   f"{type(e).__name__}: {e}") from e
+            if 1 <= t <= self.cfg.micro_batch_tokens:
+                return t, v
+            # a cheap estimate over the budget (or below one token) skips no sample: the encoder measures it
         if self.can_estimate:
             t, v = self._call("estimate", s.shard, s.key, s.key, members)
             return int(t), int(v)
-        if not self._warned_encode_estimate:
+        if not self._warned_encode_estimate and self.estimator is None:
             self._warned_encode_estimate = True
-            log.warning("%s but shard %s has no per-sample cost hints and no cost_estimator was given: every rank "
-                        "encodes every sample of its group to measure it",
-                        "global order", s.shard)
+            log.warning("global order: shard %s has no per-sample cost hints and no cost_estimator was given: every "
+                        "rank encodes every sample to measure it", s.shard)
         enc = self._encode(s.shard, s.key, members)
         return enc.num_tokens, enc.num_vision_patches
 

@@ -512,3 +512,25 @@ def test_cost_hints_made_with_other_settings_lose_no_sample(tmp_path: Path, capl
         keys, sizes, bad = run(VisionSpec())
     assert bad == {} and len(set(keys)) == 12 and sorted(sizes) == sorted(hints)
     assert "cost hints" not in caplog.text
+
+
+def test_a_cost_estimate_over_the_budget_skips_no_sample(tmp_path: Path) -> None:
+    """``cost_estimator`` is a cheap guess: one over the budget (or below one token) for a sample that fits was
+    final, and the sample was skipped as too_long (a 0 crashed the loader with a traceback naming no sample);
+    now the encoder measures such a sample, and every sample of the epoch trains once. An estimator that fails
+    is an error naming the shard and key."""
+    keys = write_text_shards(tmp_path, 4, 12)   # ByteEncoder: every sample 4..70 tokens, within the budget of 300
+
+    def rough(key: str, members: dict) -> tuple[int, int]:
+        n = len(json.loads(members["conv.json"])["text"].encode())
+        return (10 * n if key.endswith("3") else 0 if key.endswith("5") else n), 0
+
+    loader = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder(), cost_estimator=rough)
+    trained = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
+    assert loader.bad_counts == {} and sorted(trained) == sorted(keys)
+
+    def broken(key: str, members: dict) -> tuple[int, int]:
+        raise KeyError("video.mp4")
+
+    with pytest.raises(RuntimeError, match=r"cost_estimator failed on shard .*shard-00\d\.tar' key 's\d-\d\d'"):
+        next(iter(TrainLoader(_cfg(tmp_path), ByteEncoder(), cost_estimator=broken)))
