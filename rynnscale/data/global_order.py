@@ -92,14 +92,15 @@ class GlobalPipeline(WorkerPipeline):
         if d not in self._warned_hints and (d in self.hints.ignored or d in self.hints.upper_bounds):
             self._warned_hints.add(d)
             if self.log_stream_bad:
-                ignored = d in self.hints.ignored
-                log.warning("%s: the cost hints of %s were made with other data settings than this run's (%s), %s. "
-                            "Convert the shards with this run's encoder settings (the converters' encoder_cfg) for "
-                            "hints that fit", self.where, d,
-                            "; ".join(self.hints.ignored[d] if ignored else self.hints.upper_bounds[d]),
-                            "under which samples may be larger than the hints say: they are not used, every sample "
-                            "is measured instead, on every rank (slower)" if ignored else
-                            "under which samples can only be smaller: packs planned on them may be part empty")
+                ignored = d in self.hints.ignored   # (upper bounds: info, the samples they overstate may be few)
+                log.log(logging.WARNING if ignored else logging.INFO,
+                        "%s: the cost hints of %s were made with other data settings than this run's (%s), %s. "
+                        "Convert the shards with this run's encoder settings (the converters' encoder_cfg) for hints "
+                        "that fit", self.where, d,
+                        "; ".join(self.hints.ignored[d] if ignored else self.hints.upper_bounds[d]),
+                        "under which samples may be larger than the hints say: they are not used, every sample is "
+                        "measured instead, on every rank (slower)" if ignored else
+                        "under which samples can only be smaller: packs planned on them may be part empty")
         if hint is not None and 1 <= hint[0] <= self.cfg.micro_batch_tokens:
             return hint  # the manifest is untrusted too: implausible hints are measured instead
         # measuring needs the media: every rank reads them for that, then lets them go (the window holds no
