@@ -265,5 +265,5 @@ def _differences(recorded: Mapping, mine: Mapping, prefix: str = "") -> tuple[li
             larger, smaller = larger + a, smaller + b
         elif r != v:
             shrinks = key in _GROWING and is_finite_number(r) and is_finite_number(v) and v < r
-            (smaller if shrinks else larger).append(f"{key}: {r!r}, this run {v!r}")
+            (smaller if shrinks else larger).append(f"{key}: {repr(r)[:60]}, this run {v!r}")   # (untrusted: cut)
     return larger, smaller
