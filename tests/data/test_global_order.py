@@ -534,3 +534,23 @@ def test_a_cost_estimate_over_the_budget_skips_no_sample(tmp_path: Path) -> None
 
     with pytest.raises(RuntimeError, match=r"cost_estimator failed on shard .*shard-00\d\.tar' key 's\d-\d\d'"):
         next(iter(TrainLoader(_cfg(tmp_path), ByteEncoder(), cost_estimator=broken)))
+
+
+def test_hint_settings_from_a_hostile_manifest_neither_flood_the_log_nor_pass(tmp_path: Path) -> None:
+    """``info.cost_hints.encoder`` is untrusted: a value of another type makes the hints unused (as another
+    setting would), and the value is cut in the log line (a 100k-character string was logged whole)."""
+    from rynnscale.data.encode import EncoderConfig
+    from rynnscale.data.manifest import ManifestHints, sha256_file
+
+    write_text_shards(tmp_path, 1, 3)
+    shard = tmp_path / "shard-000.tar"
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "rynnscale-shards", "version": 1, "info": {"cost_hints": {"encoder": {
+            "fps": "x" * 100_000, "vision": [1, 2], "max_frames": 768}}},
+        "shards": [{"name": shard.name, "num_samples": 3, "num_bytes": shard.stat().st_size,
+                    "sha256": sha256_file(shard), "sample_costs": {"num_tokens": [5, 6, 7]}}]}))
+    hints = ManifestHints(EncoderConfig().size_settings())
+    assert hints.get(str(shard), 0) is None
+    diff = hints.ignored[str(tmp_path)]
+    assert [d.split(":")[0] for d in diff] == ["vision", "fps"] and max(map(len, diff)) < 400, diff
+    assert ManifestHints().get(str(shard), 2) == (7, 0)   # an encoder without settings: hints as they are
