@@ -4,6 +4,7 @@ the layout-free state resumes on another layout with nothing lost or repeated.""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -554,3 +555,34 @@ def test_hint_settings_from_a_hostile_manifest_neither_flood_the_log_nor_pass(tm
     diff = hints.ignored[str(tmp_path)]
     assert [d.split(":")[0] for d in diff] == ["vision", "fps"] and max(map(len, diff)) < 400, diff
     assert ManifestHints().get(str(shard), 2) == (7, 0)   # an encoder without settings: hints as they are
+
+
+def test_a_shard_order_that_changed_under_a_saved_state_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The state keeps the position in an epoch's shard order, which numpy's seeded permutation recomputes on
+    resume; numpy does not promise that permutation across versions, and another one made the resumed epoch
+    read some shards twice and skip others, silently. The state now carries a digest of the order: a mid-epoch
+    resume under another order is a clear error, and states without the digest still load."""
+    import numpy as np
+
+    from rynnscale.data import reader
+
+    keys = write_text_shards(tmp_path, 4, 12)
+    first = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    it = iter(first)
+    before = [k for _ in range(3) for b in next(it).micro_batches for k in b.sample_keys]
+    sd = first.state_dict()
+    assert sd["state"]["stream"]["order_pos"] > 0, "the test wants a state saved mid-epoch"
+    old = copy.deepcopy(sd)
+    del old["state"]["stream"]["order"]   # saved before the digest
+    resumed = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    resumed.load_state_dict(old)
+    after = [k for st in resumed for b in st.micro_batches for k in b.sample_keys]
+    assert Counter(before + after) == Counter(keys)
+
+    numpy_order = reader.epoch_shard_order
+    monkeypatch.setattr(reader, "epoch_shard_order",   # another numpy's draws: the same seed, another permutation
+                        lambda n, seed, epoch, shuffle=True: list(np.roll(numpy_order(n, seed, epoch, shuffle), 1)))
+    other = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    other.load_state_dict(sd)
+    with pytest.raises(reader.ReaderStateError, match=r"shard order of epoch 0 is not the one the state was saved"):
+        next(iter(other))
