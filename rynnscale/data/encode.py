@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -116,6 +116,15 @@ class EncoderConfig:
     max_media: int = 256                # media items in one sample
     decode_method: str = "auto"         # video decode: auto (seek, falling back) | seek | sequential
     decode_threads: int = 1
+
+    def size_settings(self) -> dict:
+        """The settings that decide a sample's token and vision-patch counts, as ``asdict`` spells them (what
+        a manifest's cost hints depend on, the tokenizer aside): the vision bounds and patching, frame rate and
+        frame counts; pixel normalisation, input limits and the token budget (a hint over it is measured
+        anyway) left out."""
+        vision = {k: v for k, v in asdict(self.vision).items() if k not in ("image_mean", "image_std", "rescale_factor")}
+        return {"vision": vision, "fps": self.fps, "min_frames": self.min_frames, "max_frames": self.max_frames,
+                "frames_fps": self.frames_fps}
 
     def validate(self) -> None:
         def need(ok: bool, key: str, rule: str) -> None:

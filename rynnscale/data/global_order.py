@@ -13,13 +13,15 @@ nothing is lost or repeated. docs/data_loader.md has the whole design.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter, deque
 from collections.abc import Iterator
+from functools import cached_property
 
 from rynnscale.batch import PackedBatch, filler_batch
 from rynnscale.data.balance import CostModel, assign_equal_count
 from rynnscale.data.encode import SampleError
-from rynnscale.data.manifest import ManifestHints
+from rynnscale.data.manifest import ManifestHints, size_settings
 from rynnscale.data.packing import PackItem, WindowPacker
 from rynnscale.data.reader import MediaReadError, RawSample, mix64, read_positions
 from rynnscale.data.worker import Entry, WorkerPipeline, relative_names
@@ -47,7 +49,7 @@ class GlobalPipeline(WorkerPipeline):
         self.bad_step_keys: list[list] = []      # ... as [reason, shard #, ordinal]
         self.last_step: set[tuple[str, int]] = set()   # the samples of the last step taken
         self._warned_encode_estimate = False
-        self.hints = ManifestHints()
+        self._warned_hints: set[str] = set()   # shard directories whose hints were made with other settings
         self.resized = False   # restored from a state saved with another micro_batch_tokens
         super().__init__(*args, **kw)
         self.names = relative_names(self.shards)   # "<shard>:<key>" names of the sample log
@@ -79,24 +81,49 @@ class GlobalPipeline(WorkerPipeline):
     def _check_whole(self) -> bool:
         return min(self.epoch_in) >= 1 or self.stream_ended
 
+    @cached_property
+    def hints(self) -> ManifestHints:
+        """The manifests' cost hints, of those made with this run's encoder settings (``ManifestHints``)."""
+        return ManifestHints(size_settings(self.encoder))
+
     def _estimate(self, s: RawSample) -> tuple[int, int]:
         hint = self.hints.get(s.shard, s.index)
+        d = os.path.dirname(s.shard)
+        if d not in self._warned_hints and (d in self.hints.ignored or d in self.hints.upper_bounds):
+            self._warned_hints.add(d)
+            if self.log_stream_bad:
+                ignored = d in self.hints.ignored   # (upper bounds: info, the samples they overstate may be few)
+                log.log(logging.WARNING if ignored else logging.INFO,
+                        "%s: the cost hints of %s were made with other data settings than this run's (%s), %s. "
+                        "Convert the shards with this run's encoder settings (the converters' encoder_cfg) for hints "
+                        "that fit", self.where, d,
+                        "; ".join(self.hints.ignored[d] if ignored else self.hints.upper_bounds[d]),
+                        "under which samples may be larger than the hints say: they are not used, every sample is "
+                        "measured instead, on every rank (slower)" if ignored else
+                        "under which samples can only be smaller: packs planned on them may be part empty")
         if hint is not None and 1 <= hint[0] <= self.cfg.micro_batch_tokens:
             return hint  # the manifest is untrusted too: implausible hints are measured instead
         # measuring needs the media: every rank reads them for that, then lets them go (the window holds no
         # media whatever the world size; the rank that decodes the sample reads them again)
         members = s.members if s.deferred is None else self._read_deferred(s.shard, s.key, s.members, s.deferred)
         if self.estimator is not None:
-            t, v = self.estimator(s.key, members)
-            return int(t), int(v)
+            try:
+                t, v = (int(x) for x in self.estimator(s.key, members))
+            except SampleError:
+                raise
+            except Exception as e:
+                raise RuntimeError(f"cost_estimator failed on shard {s.shard!r} key {s.key!r}: "
+                                   f"{type(e).__name__}: {e}") from e
+            if 1 <= t <= self.cfg.micro_batch_tokens:
+                return t, v
+            # a cheap estimate over the budget (or below one token) skips no sample: the encoder measures it
         if self.can_estimate:
             t, v = self._call("estimate", s.shard, s.key, s.key, members)
             return int(t), int(v)
-        if not self._warned_encode_estimate:
+        if not self._warned_encode_estimate and self.estimator is None:
             self._warned_encode_estimate = True
-            log.warning("%s but shard %s has no per-sample cost hints and no cost_estimator was given: every rank "
-                        "encodes every sample of its group to measure it",
-                        "global order", s.shard)
+            log.warning("global order: shard %s has no per-sample cost hints and no cost_estimator was given: every "
+                        "rank encodes every sample to measure it", s.shard)
         enc = self._encode(s.shard, s.key, members)
         return enc.num_tokens, enc.num_vision_patches
 
@@ -155,8 +182,9 @@ class GlobalPipeline(WorkerPipeline):
             e = it.ref
             self._count_bad("estimate_overflow", e.pos,
                             f"{it.num_tokens} tokens after encoding, estimated {estimates[id(e)]}: the step's {k} "
-                            f"micro-batches of {budget} tokens have no room left for it (fix the cost hints: "
-                            "rynnscale data stats)", decoding=True)
+                            f"micro-batches of {budget} tokens have no room left for it (the size estimate was low: the "
+                            "shards' manifest cost hints, made by another tokenizer?, or the cost_estimator)",
+                            decoding=True)
         return bins, overflowed
 
     def _assign(self, step: list[list[PackItem]]) -> tuple[list[list[int]], list[float]]:

