@@ -118,3 +118,28 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
             assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
             assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
             start += n
+
+
+def test_targets_that_leave_decoder_layers_without_adapters_are_warned_of(caplog) -> None:
+    """Qwen3.5-MoE under the default targets (Qwen3-VL's attention + dense MLP names) adapted the q/k/v/o of its one
+    full-attention layer in four and nothing else, without a word (each pattern matched something, or was a default
+    that a MoE model lacks). Decoder layers left without any adapter are now named with their projections; dense
+    Qwen3.5 (the MLP adapted in every layer), the recipe's targets and expert adapters leave none out: no warning."""
+    import logging
+
+    from rynnscale.models import args_from_hf_config, family_of
+    from rynnscale.models.lora import LoRASpec, apply_lora
+    from rynnscale.models.qwen3_5.model import new_model
+
+    def adapt(moe: bool, **spec) -> str:
+        model = new_model(args_from_hf_config(tiny_config(moe)), attn_backend="loop")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+            apply_lora(model, LoRASpec(rank=2, alpha=4.0, **spec), experts_of=family_of(model).is_experts)
+        return caplog.text
+
+    assert "model.lora: 3 of 4 decoder layers get no adapter (model.language_model.layers.0, ...): their projections " \
+           "(linear_attn.out_proj, linear_attn.in_proj_qkv" in adapt(True)
+    assert "'*.linear_attn.out_proj'" in adapt(True)
+    for moe, spec in ((False, {}), (True, {"targets": tuple(TARGETS)}), (True, {"experts": True})):
+        assert "decoder layers get no adapter" not in adapt(moe, **spec), (moe, spec)
