@@ -260,8 +260,12 @@ def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_mode
     _refuse_overlapping_output(ckpt, out_dir, base_dir, {})
     stored = _model_tensors_md(ckpt)
     adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
+    try:   # the base's transformers class, for peft's AutoPeftModel (optional: the adapter loads without it)
+        base_class = (checkpoint_model_args(ckpt, base_dir).to_hf_config().get("architectures") or [None])[0]
+    except CheckpointError:
+        base_class = None
     return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
-                          overwrite=overwrite)
+                          base_model_class=base_class, overwrite=overwrite)
 
 
 def _model_tensors_md(ckpt: Path) -> dict[str, Any]:

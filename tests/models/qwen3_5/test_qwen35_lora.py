@@ -86,7 +86,8 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
     working directory: the base is the one the run recorded with its content hash (``extra.lora_base``, absolute).
     Before, the export was refused: "the run's model.init_from=runs/base does not exist on this machine". The
     adapter names its base absolutely; peft's model on transformers' and the merged export both compute our logits
-    (rel 1e-5, every sample of a packed text / image / video row)."""
+    (rel 1e-5, every sample of a packed text / image / video row). ``peft.AutoPeftModel.from_pretrained(adapter)``
+    failed ("Cannot infer the auto class from the config"): the adapter now names the base's class as peft does."""
     train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
     elsewhere.mkdir()
     hf_model(tiny_config(True)).save_pretrained(train_dir / "runs" / "base")
@@ -107,6 +108,8 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
     assert cfg["base_model_name_or_path"] == str(base.resolve())
     hf = transformers.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    # peft's one-liner builds the base by itself from the adapter's config (auto_mapping, as peft writes it)
+    auto = peft.AutoPeftModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32).eval()
     merged = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     samples = make_samples(torch.Generator().manual_seed(0), multimodal=True)
     with torch.no_grad():
@@ -117,6 +120,7 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
             ref = hf_forward(pm, s).logits[0]
             assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
             assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
+            assert _rel(hf_forward(auto, s).logits[0], ref) < 1e-6, f"sample of {n} tokens: AutoPeftModel vs peft"
             start += n
 
 
