@@ -262,7 +262,9 @@ def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_mode
     adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
     try:   # the base's transformers class, for peft's AutoPeftModel (optional: the adapter loads without it)
         base_class = (checkpoint_model_args(ckpt, base_dir).to_hf_config().get("architectures") or [None])[0]
-    except CheckpointError:
+    except (CheckpointError, ValueError) as e:   # no architecture recorded, or one that no longer parses
+        log.warning("%s: the adapter's config names no base model class (%s); peft.PeftModel.from_pretrained(base, "
+                    "adapter) applies it all the same", ckpt, e)
         base_class = None
     return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
                           base_model_class=base_class, overwrite=overwrite)
