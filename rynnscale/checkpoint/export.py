@@ -88,11 +88,11 @@ class CheckpointExportReport:
 
 def run_init_from(ckpt: str | os.PathLike) -> str | None:
     """The ``model.init_from`` of the run that wrote ``ckpt``, as this process reaches it. A relative path is the
-    training command's, relative to its working directory: where it does not resolve from here, a LoRA run's base
-    is the absolute directory recorded with the base's content hash (``extra.lora_base.init_from``)."""
+    training command's, relative to its working directory, not to this one: a LoRA run's base is then the absolute
+    directory the run recorded with the base's content hash (``extra.lora_base.init_from``) while it exists."""
     ts = read_trainer_state(ckpt)
     init_from = ((ts.get("config") or {}).get("model") or {}).get("init_from")
-    if init_from is None or Path(init_from).is_absolute() or Path(init_from).exists():
+    if init_from is None or Path(init_from).is_absolute():
         return init_from
     recorded = ((ts.get("extra") or {}).get("lora_base") or {}).get("init_from")
     return recorded if recorded and Path(recorded).is_dir() else init_from

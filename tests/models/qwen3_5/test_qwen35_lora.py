@@ -83,7 +83,8 @@ def test_peft_on_transformers_and_merged_export_equal_ours(tmp_path: Path, moe: 
 def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp_path: Path, monkeypatch) -> None:
     """A Qwen3.5-MoE LoRA checkpoint (adapters only, as a LoRA run saves it) of a run that named its base relatively
     (``model.init_from: runs/base``, as the tiny recipes do), exported by ``ckpt export-hf --adapter`` from another
-    working directory: the base is the one the run recorded with its content hash (``extra.lora_base``, absolute).
+    working directory, where ``runs/base`` is another model: the base is the one the run recorded with its content
+    hash (``extra.lora_base``, absolute).
     Before, the export was refused: "the run's model.init_from=runs/base does not exist on this machine". The
     adapter names its base absolutely; peft's model on transformers' and the merged export both compute our logits
     (rel 1e-5, every sample of a packed text / image / video row). ``peft.AutoPeftModel.from_pretrained(adapter)``
@@ -101,6 +102,7 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
         model_config=args.to_hf_config(), extra_state={"lora_base": base_fingerprint("runs/base")})
 
     monkeypatch.chdir(elsewhere)
+    hf_model(tiny_config(True), seed=1).save_pretrained(elsewhere / "runs" / "base")   # same relative name, not it
     assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "merged"), "--adapter",
                      str(tmp_path / "adapter")]) == 0
     base = train_dir / "runs" / "base"
