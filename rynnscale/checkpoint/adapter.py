@@ -9,7 +9,8 @@ Key mapping (our names are transformers' module names, ``rynnscale.models.lora``
   (column ``k*E + e``). peft nests one wrapper per targeted parameter in the order of
   ``target_parameters``: the first (``gate_up_proj``) sits innermost, so its keys carry ``base_layer.``.
 Tensors are written in fp32; ``lora_dropout`` is written as 0 (peft refuses dropout on expert
-parameters, and dropout plays no part at inference).
+parameters, and dropout plays no part at inference). Given the base's transformers class, ``auto_mapping`` names it
+as peft's own ``save_pretrained`` does, so ``peft.AutoPeftModel.from_pretrained(dir)`` builds the base by itself.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def to_peft_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def adapter_config(spec: LoRASpec, names: Iterable[str], base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """peft's ``LoraConfig`` fields for the adapters ``names`` (our names)."""
+def adapter_config(spec: LoRASpec, names: Iterable[str], base_model_name_or_path: str | None = None,
+                   base_model_class: str | None = None) -> dict[str, Any]:
+    """peft's ``LoraConfig`` fields for the adapters ``names`` (our names); ``base_model_class``: the base's
+    transformers class (config.json ``architectures[0]``, e.g. ``Qwen3_5MoeForConditionalGeneration``)."""
     linear = sorted({_split(n)[0] for n in names if _split(n)[1] is None})
     # peft matches target_parameters by suffix: the experts module's last two name parts (e.g. "mlp.experts")
     experts = sorted({(".".join(_split(n)[0].split(".")[-2:]), _split(n)[1]) for n in names
@@ -75,6 +78,8 @@ def adapter_config(spec: LoRASpec, names: Iterable[str], base_model_name_or_path
         "target_parameters": [f"{module}.{param}" for module, param in experts] or None,
         "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "auto_mapping": {"base_model_class": base_model_class, "parent_library": "transformers"}
+        if base_model_class else None,
     }
 
 
@@ -86,7 +91,8 @@ def check_exportable(spec: LoRASpec) -> None:
 
 
 def export_adapter(adapters: dict[str, torch.Tensor], spec: LoRASpec, out_dir: str | os.PathLike, *,
-                   base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+                   base_model_name_or_path: str | None = None, base_model_class: str | None = None,
+                   overwrite: bool = False) -> Path:
     """Write the PEFT adapter directory from full (unsharded) adapter tensors keyed by our names.
     Written beside ``out_dir`` under a temporary name, then renamed."""
     out_dir = Path(out_dir)
@@ -102,7 +108,7 @@ def export_adapter(adapters: dict[str, torch.Tensor], spec: LoRASpec, out_dir: s
     try:
         save_file({peft_key(n): to_peft_tensor(n, adapters[n]) for n in names}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
-        cfg = adapter_config(spec, names, base_model_name_or_path)
+        cfg = adapter_config(spec, names, base_model_name_or_path, base_model_class)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

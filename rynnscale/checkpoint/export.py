@@ -86,6 +86,18 @@ class CheckpointExportReport:
     side_files: dict[str, str]     # tokenizer / processor file -> the file it was copied from
 
 
+def run_init_from(ckpt: str | os.PathLike) -> str | None:
+    """The ``model.init_from`` of the run that wrote ``ckpt``, as this process reaches it. A relative path is the
+    training command's, relative to its working directory, not to this one: a LoRA run's base is then the absolute
+    directory the run recorded with the base's content hash (``extra.lora_base.init_from``) while it exists."""
+    ts = read_trainer_state(ckpt)
+    init_from = ((ts.get("config") or {}).get("model") or {}).get("init_from")
+    if init_from is None or Path(init_from).is_absolute():
+        return init_from
+    recorded = ((ts.get("extra") or {}).get("lora_base") or {}).get("init_from")
+    return recorded if recorded and Path(recorded).is_dir() else init_from
+
+
 def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Any:
     """The model architecture of checkpoint ``ckpt``, from its ``trainer_state.json``: ``model_config``
     (HF config.json dict written by the trainer), else the run config's ``model.arch``, else the
@@ -101,7 +113,7 @@ def checkpoint_model_args(ckpt: str | os.PathLike, copy_from: str | os.PathLike 
     if model_cfg.get("arch"):
         return args_from_hf_config(dict(model_cfg["arch"]), strict=True, where=f"{ts_path}:config.model.arch")
     tried = []
-    for src in (model_cfg.get("init_from"), copy_from):
+    for src in (run_init_from(ckpt), copy_from):
         if src is not None:
             tried.append(str(src))
             if (Path(src) / "config.json").is_file():
@@ -121,11 +133,13 @@ def export_side_files(ckpt: str | os.PathLike, copy_from: str | os.PathLike | No
         return side_files(copy_from)
     ts_path = Path(ckpt) / TRAINER_STATE
     cfg = read_trainer_state(ckpt).get("config") or {}
-    init_from = (cfg.get("model") or {}).get("init_from")
+    init_from = run_init_from(ckpt)
     tokenizer = (cfg.get("data") or {}).get("tokenizer")
     for key, path in (("model.init_from", init_from), ("data.tokenizer", tokenizer)):
         if path and not Path(path).exists():
-            raise CheckpointError(f"{ts_path}: the run's {key}={path} does not exist on this machine, so its "
+            where = "" if Path(path).is_absolute() else \
+                f" (a path relative to the directory the run was started in, not to {Path.cwd()})"
+            raise CheckpointError(f"{ts_path}: the run's {key}={path} does not exist on this machine{where}, so its "
                                   "tokenizer / processor files cannot be exported; pass --copy-from DIR (a directory "
                                   "holding them, e.g. the init model)")
     tok = run_tokenizer(tokenizer, init_from) or default_tokenizer_dir()
@@ -188,8 +202,7 @@ def check_export_base(ckpt: str | os.PathLike, base_dir: Path) -> None:
 
 def checkpoint_base_dir(ckpt: str | os.PathLike, copy_from: str | os.PathLike | None = None) -> Path:
     """The base model directory of a LoRA run's checkpoint: its ``model.init_from`` (else ``copy_from``)."""
-    ts = read_trainer_state(ckpt)
-    init_from = ((ts.get("config") or {}).get("model") or {}).get("init_from")
+    init_from = run_init_from(ckpt)
     for src in (init_from, copy_from):
         if src is not None and (Path(src) / "config.json").is_file():
             return Path(src)
@@ -225,7 +238,8 @@ def _merged(ckpt: Path, name: str, stored: dict[str, Any], spec: LoRASpec | None
 def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
                               base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """The PEFT adapter directory of a LoRA run's checkpoint (``rynnscale.checkpoint.adapter``); its base model
-    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from``. The checkpoint is held
+    is recorded as ``base_model_name_or_path``, by default the run's ``model.init_from`` (``run_init_from``; absolute
+    when it is a directory here). The checkpoint is held
     (``reading_checkpoint``) meanwhile, so the run that wrote it does not prune it."""
     with reading_checkpoint(ckpt):
         return _export_checkpoint_adapter(Path(ckpt), out_dir, base_model_name_or_path, overwrite)
@@ -234,9 +248,10 @@ def export_checkpoint_adapter(ckpt: str | os.PathLike, out_dir: str | os.PathLik
 def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
                                overwrite: bool) -> Path:
     require_complete(ckpt)
-    if base_model_name_or_path is None:
-        ts = read_trainer_state(ckpt)
-        base_model_name_or_path = ((ts.get("config") or {}).get("model") or {}).get("init_from")
+    if base_model_name_or_path is None:   # a directory found from here is named absolutely (peft resolves it later)
+        base_model_name_or_path = run_init_from(ckpt)
+        if base_model_name_or_path is not None and Path(base_model_name_or_path).is_dir():
+            base_model_name_or_path = str(Path(base_model_name_or_path).resolve())
     spec = checkpoint_lora_spec(ckpt)
     if spec is None:
         raise CheckpointError(f"{ckpt}: not a LoRA run (its config has model.lora.rank = 0); nothing to export "
@@ -245,8 +260,14 @@ def _export_checkpoint_adapter(ckpt: Path, out_dir: str | os.PathLike, base_mode
     _refuse_overlapping_output(ckpt, out_dir, base_dir, {})
     stored = _model_tensors_md(ckpt)
     adapters = {n: load_checkpoint_tensor(ckpt, n, stored[n]) for n in stored if is_adapter_param(n)}
+    try:   # the base's transformers class, for peft's AutoPeftModel (optional: the adapter loads without it)
+        base_class = (checkpoint_model_args(ckpt, base_dir).to_hf_config().get("architectures") or [None])[0]
+    except (CheckpointError, ValueError) as e:   # no architecture recorded, or one that no longer parses
+        log.warning("%s: the adapter's config names no base model class (%s); peft.PeftModel.from_pretrained(base, "
+                    "adapter) applies it all the same", ckpt, e)
+        base_class = None
     return export_adapter(adapters, spec, out_dir, base_model_name_or_path=base_model_name_or_path,
-                          overwrite=overwrite)
+                          base_model_class=base_class, overwrite=overwrite)
 
 
 def _model_tensors_md(ckpt: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -183,6 +184,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec, experts_of: Callable[[nn.Module
     adapted_linear = [n for n in adapted if isinstance(model.get_submodule(n), LoRALinear)]
     _check_targets(model, spec, adapted_linear)
     _warn_ignored_options(spec, adapted_linear, len(adapted) - len(adapted_linear))
+    _warn_unadapted_layers(model, adapted)
     # every name of a parameter counts: a tied lm_head.weight is the embedding's parameter under a second name
     names_of: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -208,6 +210,30 @@ def _warn_ignored_options(spec: LoRASpec, adapted_linear: Sequence[str], adapted
     if spec.dropout and not adapted_linear:
         log.warning("model.lora.dropout=%g has no effect: it applies to the Linear adapters and this run adapts only "
                     "fused experts, which take no dropout", spec.dropout)
+
+
+_DECODER_LAYER = re.compile(r"^(?!model\.visual\.)(.*\.layers\.(\d+))\.")
+
+
+def _warn_unadapted_layers(model: nn.Module, adapted: Sequence[str]) -> None:
+    """Decoder layers that get no adapter at all while others do are warned of, naming their projections: on a hybrid
+    decoder the targets may name only one kind of layer (Qwen3.5-MoE under the default targets: the full-attention
+    layers' q/k/v/o, one layer in four; its DeltaNet layers hold ``linear_attn.*`` and its MLP is experts)."""
+    def layer_of(name: str) -> tuple[int, str] | None:
+        m = _DECODER_LAYER.match(name)
+        return (int(m.group(2)), m.group(1)) if m else None
+
+    linears = [(layer_of(n), n) for n, m in model.named_modules() if isinstance(m, nn.Linear) and layer_of(n)]
+    got = {layer_of(n) for n in adapted} - {None}
+    missing = sorted({lay for lay, _ in linears} - got)
+    if not got or not missing:
+        return
+    first = missing[0][1]
+    names = [n.removeprefix(first + ".") for lay, n in linears if lay == missing[0]]
+    log.warning("model.lora: %d of %d decoder layers get no adapter (%s%s): their projections (%s%s) match no "
+                "model.lora.targets pattern; add patterns such as '*.%s' to adapt them", len(missing),
+                len(missing) + len(got), first, ", ..." if len(missing) > 1 else "", ", ".join(names[:4]),
+                ", ..." if len(names) > 4 else "", names[0])
 
 
 def _check_targets(model: nn.Module, spec: LoRASpec, adapted_linear: Sequence[str]) -> None:

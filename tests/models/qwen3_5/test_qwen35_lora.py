@@ -4,11 +4,15 @@ dense MLP or the shared expert, and the routed experts (per expert), exported in
 - ``peft.PeftModel.from_pretrained(transformers model, our adapter)`` computes our model's logits (rel 1e-5, fp32,
   every sample of a packed row of text / image / video samples);
 - our merged export loaded by transformers computes the same (rel 1e-5);
-- fresh adapters leave the model bitwise unchanged; only adapters train; every targeted kind got adapters.
+- fresh adapters leave the model bitwise unchanged; only adapters train; every targeted kind got adapters;
+- ``rynnscale ckpt export-hf CKPT OUT --adapter DIR`` of a LoRA checkpoint (adapters only) does the same from the
+  checkpoint, also run from another directory than the training's when the run named its base relatively.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,10 @@ from lora_helpers import randomize_adapters
 from qwen35_helpers import hf_forward, hf_model, make_samples, pack, tiny_config
 
 from rynnscale.checkpoint.adapter import export_adapter
+from rynnscale.checkpoint.dcp import CheckpointManager
+from rynnscale.checkpoint.export import base_fingerprint
 from rynnscale.checkpoint.hf import export_model
+from rynnscale.cli import main as cli_main
 from rynnscale.config.schema import LoRAConfig, ModelConfig
 from rynnscale.parallel.fqn import clean_fqn
 from rynnscale.train.build import build_model
@@ -71,3 +78,74 @@ def test_peft_on_transformers_and_merged_export_equal_ours(tmp_path: Path, moe: 
             assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
             assert _rel(base_ld[start:start + n], ref) > 1e-3   # the adapters really change the model
             start += n
+
+
+def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp_path: Path, monkeypatch) -> None:
+    """A Qwen3.5-MoE LoRA checkpoint (adapters only, as a LoRA run saves it) of a run that named its base relatively
+    (``model.init_from: runs/base``, as the tiny recipes do), exported by ``ckpt export-hf --adapter`` from another
+    working directory, where ``runs/base`` is another model: the base is the one the run recorded with its content
+    hash (``extra.lora_base``, absolute).
+    Before, the export was refused: "the run's model.init_from=runs/base does not exist on this machine". The
+    adapter names its base absolutely; peft's model on transformers' and the merged export both compute our logits
+    (rel 1e-5, every sample of a packed text / image / video row). ``peft.AutoPeftModel.from_pretrained(adapter)``
+    failed ("Cannot infer the auto class from the config"): the adapter now names the base's class as peft does."""
+    train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    hf_model(tiny_config(True)).save_pretrained(train_dir / "runs" / "base")
+    monkeypatch.chdir(train_dir)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS, experts=True)
+    args, ours = build_model(ModelConfig(init_from="runs/base", attn_backend="loop", lora=lora), torch.device("cpu"))
+    randomize_adapters(ours, seed=3, std=0.05)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.0)
+    ckpt = CheckpointManager(train_dir / "run", trainable_only=True).save(
+        1, ours, opt, config={"model": {"init_from": "runs/base", "lora": dataclasses.asdict(lora)}},
+        model_config=args.to_hf_config(), extra_state={"lora_base": base_fingerprint("runs/base")})
+
+    monkeypatch.chdir(elsewhere)
+    hf_model(tiny_config(True), seed=1).save_pretrained(elsewhere / "runs" / "base")   # same relative name, not it
+    assert cli_main(["ckpt", "export-hf", str(ckpt), str(tmp_path / "merged"), "--adapter",
+                     str(tmp_path / "adapter")]) == 0
+    base = train_dir / "runs" / "base"
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    # peft's one-liner builds the base by itself from the adapter's config (auto_mapping, as peft writes it)
+    auto = peft.AutoPeftModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32).eval()
+    merged = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    samples = make_samples(torch.Generator().manual_seed(0), multimodal=True)
+    with torch.no_grad():
+        ours_ld = ours.eval().logits(ours(pack(samples)).hidden_ld)
+        start = 0
+        for s in samples:
+            n = s["ids"].numel()
+            ref = hf_forward(pm, s).logits[0]
+            assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
+            assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
+            assert _rel(hf_forward(auto, s).logits[0], ref) < 1e-6, f"sample of {n} tokens: AutoPeftModel vs peft"
+            start += n
+
+
+def test_targets_that_leave_decoder_layers_without_adapters_are_warned_of(caplog) -> None:
+    """Qwen3.5-MoE under the default targets (Qwen3-VL's attention + dense MLP names) adapted the q/k/v/o of its one
+    full-attention layer in four and nothing else, without a word (each pattern matched something, or was a default
+    that a MoE model lacks). Decoder layers left without any adapter are now named with their projections; dense
+    Qwen3.5 (the MLP adapted in every layer), the recipe's targets and expert adapters leave none out: no warning."""
+    import logging
+
+    from rynnscale.models import args_from_hf_config, family_of
+    from rynnscale.models.lora import LoRASpec, apply_lora
+    from rynnscale.models.qwen3_5.model import new_model
+
+    def adapt(moe: bool, **spec) -> str:
+        model = new_model(args_from_hf_config(tiny_config(moe)), attn_backend="loop")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rynnscale.models.lora"):
+            apply_lora(model, LoRASpec(rank=2, alpha=4.0, **spec), experts_of=family_of(model).is_experts)
+        return caplog.text
+
+    assert "model.lora: 3 of 4 decoder layers get no adapter (model.language_model.layers.0, ...): their projections " \
+           "(linear_attn.out_proj, linear_attn.in_proj_qkv" in adapt(True)
+    assert "'*.linear_attn.out_proj'" in adapt(True)
+    for moe, spec in ((False, {}), (True, {"targets": tuple(TARGETS)}), (True, {"experts": True})):
+        assert "decoder layers get no adapter" not in adapt(moe, **spec), (moe, spec)
