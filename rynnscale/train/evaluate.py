@@ -24,7 +24,9 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
     point pairs on other frames count here, not in the point error;
   - ``grounding_format_valid``: generations whose tags pass the strict training-data syntax (and that
     have tags when the reference has);
-  - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped).
+  - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped);
+  - ``grounding_truncated``: generations cut by ``eval.max_new_tokens`` before their stop token (a cut answer
+    scores as a miss however right it was; a warning names the references longer than the cap).
 
   A metric with nothing to average is None (e.g. no boxes in the eval set).
 
@@ -72,12 +74,13 @@ def eval_shard_patterns(cfg: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- metrics
 GROUNDING_SUMS = ("point_err_sum", "points", "iou_sum", "boxes", "traj_err_sum", "traj_points", "ref_tags",
-                  "matched_tags", "frame_match", "format_valid", "exact_match", "samples")
+                  "matched_tags", "frame_match", "format_valid", "exact_match", "truncated", "samples")
 
 
 def grounding_scores(generated: str, reference: str) -> dict[str, float]:
     """Sums and counts (keys GROUNDING_SUMS) comparing one generated answer with its reference;
-    :func:`summarize_grounding` turns totals of these into the metrics."""
+    :func:`summarize_grounding` turns totals of these into the metrics. ``truncated`` stays 0 here: whether the
+    generation ran out of tokens is the caller's to add."""
     out = dict.fromkeys(GROUNDING_SUMS, 0.0)
     out["samples"] = 1.0
     ref = parse_tags(reference, strict=False)
@@ -133,6 +136,7 @@ def summarize_grounding(t: dict[str, float]) -> dict[str, float | int | None]:
         "grounding_frame_match": ratio("frame_match", "matched_tags"),
         "grounding_format_valid": ratio("format_valid", "samples"),
         "grounding_exact_match": ratio("exact_match", "samples"),
+        "grounding_truncated": ratio("truncated", "samples"),
     }
 
 
@@ -243,6 +247,7 @@ class Evaluator:
         from rynnscale.data.reader import iter_tar_samples
 
         want, found, mine = self.cfg.eval.grounding_samples, 0, []
+        cap, too_long, longest = self.cfg.eval.max_new_tokens, 0, 0
         for shard in self.shards:
             if found >= want:
                 break
@@ -262,8 +267,14 @@ class Evaluator:
                 if found % self.world_size == self.rank:
                     mine.append((prompt, ref_ids))
                 found += 1
+                too_long += len(ref_ids) > cap   # (with its stop token: a right answer needs them all)
+                longest = max(longest, len(ref_ids))
         if found < want:
             log.warning("eval: only %d of eval.grounding_samples=%d held-out samples have tagged answers", found, want)
+        if too_long and self.rank == 0:
+            log.warning("eval: %d of %d grounding references are longer than eval.max_new_tokens=%d (longest %d tokens "
+                        "with the stop token): their generations are cut and score as misses however right they are "
+                        "(grounding_truncated); raise eval.max_new_tokens", too_long, found, cap, longest)
         self._samples = mine
         self._num_found = found
         return mine
@@ -354,6 +365,7 @@ class Evaluator:
                 if i >= len(mine):
                     continue
                 s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
+                s["truncated"] = float(not new_ids or new_ids[-1] not in self.eos_ids)   # out of tokens, not stopped
                 for k in GROUNDING_SUMS:
                     sums[k] += s[k]
         totals = dict(zip(GROUNDING_SUMS, total([sums[k] for k in GROUNDING_SUMS])))

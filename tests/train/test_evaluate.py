@@ -123,8 +123,8 @@ def test_evaluator_matches_transformers(tmp_path: Path) -> None:
             kw = hf_inputs(prompt)
             gen = hf.generate(**kw, attention_mask=torch.ones_like(kw["input_ids"]), do_sample=False,
                               max_new_tokens=6, eos_token_id=[IM_END], pad_token_id=IM_END)
-            grounding.append(grounding_scores(ev._decode(gen[0, kw["input_ids"].shape[1]:].tolist()),
-                                              ev._decode(ref_ids)))
+            new = gen[0, kw["input_ids"].shape[1]:].tolist()
+            grounding.append(grounding_scores(ev._decode(new), ev._decode(ref_ids)) | {"truncated": float(IM_END not in new)})
     assert out["eval_tokens"] == n_tok
     assert out["eval_loss"] == pytest.approx(loss_sum / n_tok, rel=1e-5)
     assert math.isfinite(out["eval_loss"]) and out["eval_loss"] > 5  # random init on a 152k vocabulary
@@ -288,3 +288,33 @@ def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> Non
     out = ev._grounding(model, torch.device("cpu"), lambda v: list(v), lockstep=True)
     assert len(forwards) == 1, f"{len(forwards)} forwards: decoding waited for the filler (1 = the prefill only)"
     assert out["grounding_samples"] == 1
+
+
+def test_generations_cut_by_max_new_tokens_are_counted_and_warned(tmp_path: Path, caplog) -> None:
+    """An answer longer than ``eval.max_new_tokens`` is cut and scores as a miss (no closing tag, no exact match)
+    however right it is, and nothing said so: with the default of 96 tokens, long trajectories lost their tags
+    silently. Now ``grounding_truncated`` is the share of generations that ran out of tokens without the stop
+    token, and a warning names the references that cannot fit in ``eval.max_new_tokens``."""
+    from rynnscale.models.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path)   # eval.max_new_tokens=6, eval.grounding_samples=2
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    mine = ev.grounding_samples()
+    ref_lens = [len(ref) for _, ref in mine]
+    assert len(mine) == 2 and min(ref_lens) > 6   # every reference needs more than 6 tokens
+    with caplog.at_level("WARNING", logger="rynnscale.train.evaluate"):
+        out = ev.evaluate(model)
+    assert f"2 of 2 grounding references are longer than eval.max_new_tokens=6 (longest {max(ref_lens)} tokens" \
+        in caplog.text
+    # the oracle: the same greedy generations, one prompt at a time, checked for the stop token by hand
+    model.eval()
+    gens = [generate(model, [p], SamplingParams(6, stop_ids=(IM_END,)))[0] for p, _ in mine]
+    want = sum(IM_END not in g for g in gens) / 2
+    assert want == 1.0 and out["grounding_truncated"] == want
+
+    # answers that stop (the stop token set to each answer's first token) are not truncated
+    ev.eos_ids = [g[0] for g in gens]
+    assert ev.evaluate(model)["grounding_truncated"] == 0.0
