@@ -31,7 +31,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   A metric with nothing to average is None (e.g. no boxes in the eval set).
 
 Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
-eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run for
+eval batches are streamed (one all-reduce per forward says whether any rank has one left; a rank that has none
+runs a throw-away repeat), and generations run for
 the same number of prompts on every rank (filler prompts, not waited for) until every rank's real prompts have
 stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
 """
@@ -309,32 +310,32 @@ class Evaluator:
         return out
 
     def _eval_loss(self, model, device, total) -> tuple[float, int, int]:
-        """(loss sum, target tokens, held-out samples skipped as bad), each summed over the ranks."""
+        """(loss sum, target tokens, held-out samples skipped as bad), each summed over the ranks. Batches are
+        evaluated as they are read (never all held at once); every forward, the ranks agree by an all-reduce whether
+        any still has a batch, and a rank that has none runs a throw-away repeat of its first (FSDP's collectives)."""
         cap = self.cfg.eval.max_batches
-        batches: list[PackedBatch] = []
         loader = self.loader()
-        for b in loader:
-            batches.append(b)
-            if cap and len(batches) >= cap:
+        batches = iter(loader)
+        first: PackedBatch | None = None
+        loss_sum, n_tok, n_read = 0.0, 0, 0
+        chunk = self.cfg.train.loss_chunk_tokens
+        while True:
+            real = None if cap and n_read >= cap else next(batches, None)
+            if real is not None:
+                n_read += 1
+                if first is None:
+                    first = real
+            if total([0.0 if real is None else 1.0])[0] == 0:   # every rank is out of batches
                 break
+            batch = (real if real is not None else first or filler_batch(self.eos_ids[0])).to(device)
+            ls = model.loss_sum(batch, model(batch), chunk)
+            if real is not None:
+                loss_sum += float(ls)
+                n_tok += batch.num_target_tokens
         skipped = sum(loader.bad_counts.values())
         if skipped:   # the eval loss is over the other samples: say which were left out and why
             log.warning("eval: %d held-out samples skipped on rank %d (%s); eval_loss is over the rest", skipped,
                         self.rank, loader.bad_summary())
-        counts = [0.0] * self.world_size
-        counts[self.rank] = float(len(batches))
-        n_forwards = int(max(total(counts)))       # every rank runs as many forwards as the busiest one
-        filler = batches[0] if batches else filler_batch(self.eos_ids[0])
-        loss_sum, n_tok = 0.0, 0
-        chunk = self.cfg.train.loss_chunk_tokens
-        for i in range(n_forwards):
-            real = i < len(batches)
-            batch = (batches[i] if real else filler).to(device)
-            out = model(batch)
-            ls = model.loss_sum(batch, out, chunk)
-            if real:
-                loss_sum += float(ls)
-                n_tok += batch.num_target_tokens
         loss_sum, n_tok, skipped = total([loss_sum, float(n_tok), float(skipped)])
         return loss_sum, int(n_tok), int(skipped)
 

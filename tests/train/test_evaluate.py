@@ -318,3 +318,41 @@ def test_generations_cut_by_max_new_tokens_are_counted_and_warned(tmp_path: Path
     # answers that stop (the stop token set to each answer's first token) are not truncated
     ev.eos_ids = [g[0] for g in gens]
     assert ev.evaluate(model)["grounding_truncated"] == 0.0
+
+
+def test_the_held_out_set_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """The eval loss read EVERY held-out micro-batch into a list before the first forward (to know how many forwards
+    the busiest rank runs), so host memory grew with the held-out set: ~10 MB of pixels per video sample, thousands
+    of samples per rank. Batches are now evaluated as they are read (the ranks agree on one more forward by an
+    all-reduce each): at most the current batch and the first (the filler of a rank that runs out) are alive."""
+    import weakref
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=0", "eval.synthetic_samples=8")
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    want = ev.evaluate(model)
+    read, alive = [], []
+
+    class Tracked:
+        """The real loader, remembering (weakly) every batch it yields."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            for b in self.inner:
+                read.append(weakref.ref(b))
+                yield b
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    real_loader = ev.loader
+    ev.loader = lambda: Tracked(real_loader())
+    model.register_forward_pre_hook(lambda *_: alive.append(sum(r() is not None for r in read)))
+    got = ev.evaluate(model)
+    assert len(read) >= 4 and len(alive) == len(read)   # one forward per held-out batch
+    assert max(alive) <= 2, f"{max(alive)} of {len(read)} held-out batches alive at once"
+    assert got == want
