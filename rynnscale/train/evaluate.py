@@ -237,7 +237,8 @@ class Evaluator:
                                           shuffle_buffer=0, shuffle_shards=False, num_workers=0,
                                           micro_batches_per_step=1, min_samples_for_bad_check=1 << 62,
                                           cost_model=self.cost_model)
-        return SplitLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size)
+        return SplitLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size,
+                           shards_name="eval.shards" if self.cfg.eval.shards else "the synthetic eval set")
 
     def grounding_samples(self) -> list[tuple[EncodedSample, list[int]]]:
         """This rank's (prompt, reference ids) pairs: of the first ``eval.grounding_samples`` held-out samples

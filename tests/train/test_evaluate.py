@@ -356,3 +356,19 @@ def test_the_held_out_set_is_streamed_not_held_in_memory(tmp_path: Path) -> None
     assert len(read) >= 4 and len(alive) == len(read)   # one forward per held-out batch
     assert max(alive) <= 2, f"{max(alive)} of {len(read)} held-out batches alive at once"
     assert got == want
+
+
+def test_the_sample_level_split_warning_names_the_held_out_set(tmp_path: Path, caplog) -> None:
+    """A one-shard held-out set (the synthetic one by default) on several ranks is split by sample, with a warning
+    that said ``train_shards has 1 shards for 2 readers`` at every evaluation: the user was sent to re-shard the
+    TRAINING data, which was fine. It names the held-out set (``eval.shards`` when given)."""
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=0")
+    generate_eval_synthetic(cfg)
+    args, _ = build_model(cfg.model, meta=True)
+    (shard,) = expand_shard_patterns(eval_shard_patterns(cfg))
+    for c, name in ((cfg, "the synthetic eval set"),
+                    (tiny_cfg(tmp_path, "eval.grounding_samples=0", f"eval.shards=[{shard}]"), "eval.shards")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rynnscale.data.loader"):
+            Evaluator(c, args, rank=0, world_size=2).loader()
+        assert f"{name} has 1 shards for 2 readers" in caplog.text and "train_shards" not in caplog.text, caplog.text
