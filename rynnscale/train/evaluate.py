@@ -9,8 +9,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   ``eval_skipped``: held-out samples skipped as bad (counted and logged by reason, as in training).
 - grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
   the prompt is the sample up to its first assistant token, the answer is greedily generated
-  (``rynnscale.models.generate``: batches of prompts, KV cache), both answers' tags are parsed (``parse_tags``, lenient for the
-  generation) and tags are paired by kind in order of appearance:
+  (``rynnscale.models.generate``: batches of prompts up to ``train.micro_batch_tokens`` tokens, KV cache), both
+  answers' tags are parsed (``parse_tags``, lenient for the generation) and tags are paired by kind in order of appearance:
 
   - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points on the same frame
     (``<affordance>``, ``<area>``, ``<grasp_pose>`` points index by index; ``<object>`` point vs point, or box
@@ -32,9 +32,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
 
 Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
 eval batches are streamed (one all-reduce per forward says whether any rank has one left; a rank that has none
-runs a throw-away repeat), and generations run for
-the same number of prompts on every rank (filler prompts, not waited for) until every rank's real prompts have
-stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
+runs a throw-away repeat), and every rank makes as many generate calls as the busiest (a rank out of prompts
+decodes a filler, not waited for), each until every rank's real prompts have stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
 """
 
 from __future__ import annotations
@@ -53,12 +52,13 @@ from rynnscale.parallel.precision import autocast, compute_dtype
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
 from rynnscale.train.rewards import box_iou, box_of, centre, l2, pair_by_kind
 
-__all__ = ["Evaluator", "box_iou", "eval_shard_patterns", "grounding_scores", "split_prompt", "summarize_grounding"]
+__all__ = ["Evaluator", "box_iou", "eval_shard_patterns", "grounding_scores", "prompt_groups", "split_prompt",
+           "summarize_grounding"]
 
 log = logging.getLogger(__name__)
 
 IM_END = "<|im_end|>"
-GENERATION_BATCH = 16   # grounding prompts decoded together (one prefill row, one KV cache)
+GENERATION_BATCH = 16   # at most this many grounding prompts decoded together (one prefill row, one KV cache)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -181,6 +181,21 @@ def _media_before(sample: EncodedSample, ids_l: torch.Tensor, pad_id: int, grid_
     if k == 0:
         return None, None
     return grid_n3[:k], pixels[: int(grid_n3[:k].prod(-1).sum())]
+
+
+def prompt_groups(lengths: list[int], budget_tokens: int) -> list[list[int]]:
+    """Indices of the prompts prefilled together, in order: consecutive, at most ``GENERATION_BATCH``, their tokens
+    within ``budget_tokens`` (``train.micro_batch_tokens``: the memory the run planned a forward for); a longer
+    prompt alone."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not groups or len(groups[-1]) == GENERATION_BATCH or used + n > budget_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
 
 
 def _text_prompt(ids: list[int]) -> EncodedSample:
@@ -350,22 +365,24 @@ class Evaluator:
 
         mine = self.grounding_samples()
         lockstep = lockstep or self.world_size > 1
-        n_prompts = len(mine)
+        groups = prompt_groups([int(p.input_ids_l.numel()) for p, _ in mine], self.cfg.train.micro_batch_tokens)
+        n_groups = len(groups)
         all_done = None
-        if lockstep:  # same number of prompts and forwards on every rank
-            n_prompts = -(-self._num_found // self.world_size)
+        if lockstep:  # same number of generate calls and forwards on every rank
+            counts = [0.0] * self.world_size
+            counts[self.rank] = float(n_groups)
+            n_groups = int(max(total(counts)))
             all_done = lambda done: total([0.0 if done else 1.0])[0] == 0  # noqa: E731
         sums = dict.fromkeys(GROUNDING_SUMS, 0.0)
         params = SamplingParams(self.cfg.eval.max_new_tokens, stop_ids=tuple(self.eos_ids))
-        prompts = [mine[i][0] if i < len(mine) else _text_prompt([self.eos_ids[0]] * 2) for i in range(n_prompts)]
-        fillers = [i >= len(mine) for i in range(n_prompts)]   # keep this rank in lockstep; never waited for
-        for start in range(0, n_prompts, GENERATION_BATCH):   # batched greedy decoding with a KV cache
-            end = start + GENERATION_BATCH
-            gens = generate(model, prompts[start:end], params, device=device, all_done=all_done,
-                            fillers=fillers[start:end])
-            for i, new_ids in enumerate(gens, start):
-                if i >= len(mine):
-                    continue
+        for g in range(n_groups):   # batched greedy decoding with a KV cache
+            idx = groups[g] if g < len(groups) else []
+            if not idx:   # this rank has no prompt left: a filler keeps it in lockstep, never waited for
+                generate(model, [_text_prompt([self.eos_ids[0]] * 2)], params, device=device, all_done=all_done,
+                         fillers=[True])
+                continue
+            gens = generate(model, [mine[i][0] for i in idx], params, device=device, all_done=all_done)
+            for i, new_ids in zip(idx, gens):
                 s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
                 s["truncated"] = float(not new_ids or new_ids[-1] not in self.eos_ids)   # out of tokens, not stopped
                 for k in GROUNDING_SUMS:

@@ -1,8 +1,8 @@
 """Evaluation on 2 data-parallel gloo ranks (FSDP2 + EP 2, the tiny demo MoE) equals one process: a held-out set
 of 7 samples (one bad) in 4 shards of 2, 2, 2, 1 -- 4 micro-batches on rank 0, 2 on rank 1 -- gives the single-process
 eval loss (rel 1e-5: only the reduction order differs), the same target tokens (every sample once: none dropped,
-no padding repeat counted), one skipped sample, and the same grounding metrics over 3 prompts (one rank decodes
-a filler in lockstep). The held-out batches are streamed, the ranks agreeing on each forward."""
+no padding repeat counted), one skipped sample, and the same grounding metrics over 5 prompts (3 on rank 0 in two
+prefill rows of at most train.micro_batch_tokens, 2 in one on rank 1, which decodes a filler in lockstep). The held-out batches are streamed, the ranks agreeing on each forward."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _cfg(out: Path, shards: str):
 
     return load_config(RECIPES / "demo_tiny.yaml", [
         f"run.output_dir={out}", "data.synthetic.num_samples=2", "eval.synthetic_samples=7", f"eval.shards=[{shards}]",
-        "eval.grounding_samples=3", "eval.max_new_tokens=3", "train.micro_batch_tokens=160",
+        "eval.grounding_samples=5", "eval.max_new_tokens=3", "train.micro_batch_tokens=100",
         "model.attn_backend=loop", "model.arch.text_config.num_hidden_layers=2"])
 
 
@@ -80,6 +80,6 @@ def test_two_ranks_evaluate_every_held_out_sample_once_like_one_process(tmp_path
     assert got["eval_skipped"] == one["eval_skipped"] == 1
     assert got["eval_tokens"] == one["eval_tokens"] > 0
     assert got["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
-    assert got["grounding_samples"] == one["grounding_samples"] == 3
+    assert got["grounding_samples"] == one["grounding_samples"] == 5
     assert {k: v for k, v in got.items() if k.startswith("grounding_")} == \
         pytest.approx({k: v for k, v in one.items() if k.startswith("grounding_")})

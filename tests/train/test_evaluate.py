@@ -372,3 +372,30 @@ def test_the_sample_level_split_warning_names_the_held_out_set(tmp_path: Path, c
         with caplog.at_level("WARNING", logger="rynnscale.data.loader"):
             Evaluator(c, args, rank=0, world_size=2).loader()
         assert f"{name} has 1 shards for 2 readers" in caplog.text and "train_shards" not in caplog.text, caplog.text
+
+
+def test_grounding_prefill_rows_keep_to_the_micro_batch_budget(tmp_path: Path) -> None:
+    """The grounding prompts were prefilled 16 to a row whatever their length: 16 video prompts of a few thousand
+    tokens made one forward many times the ``train.micro_batch_tokens`` the run's memory was planned for (an
+    out-of-memory in the middle of training, at its first evaluation). A prefill row now holds prompts up to that
+    budget (a longer prompt alone); the answers are those of each prompt decoded alone."""
+    from rynnscale.models.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=4", "train.micro_batch_tokens=100", "eval.max_new_tokens=3")
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    mine = ev.grounding_samples()
+    lens = [int(p.input_ids_l.numel()) for p, _ in mine]
+    assert len(mine) == 4 and max(lens) <= 100 < sum(lens)   # each fits the budget, all four together do not
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, a: rows.append(int(a[0].input_ids_l.numel())))
+    got = ev._grounding(model.eval(), torch.device("cpu"), lambda v: list(v))
+    hook.remove()
+    prefills = [n for n in rows if n > len(mine)]   # the decode rows hold one token per sequence
+    assert prefills and max(prefills) <= 100, rows
+    alone = [generate(model, [p], SamplingParams(3, stop_ids=(IM_END,)))[0] for p, _ in mine]
+    want = [grounding_scores(ev._decode(g), ev._decode(ref)) | {"truncated": float(IM_END not in g)}
+            for g, (_, ref) in zip(alone, mine)]
+    assert got == pytest.approx(summarize_grounding({k: sum(w[k] for w in want) for k in want[0]}))
