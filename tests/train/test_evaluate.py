@@ -266,9 +266,9 @@ def test_every_evaluation_reaches_the_metrics_file_whatever_log_every_says(tmp_p
 
 
 def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> None:
-    """A rank with fewer grounding samples than its peers pads with filler prompts (lockstep). Before, a filler
-    never stopped, so such a rank (and through the all-reduce, every rank) decoded all ``eval.max_new_tokens`` steps
-    whatever its real answers did; now decoding ends when the real prompts have stopped."""
+    """A rank with fewer prompt groups than its peers decodes a filler prompt in lockstep. Before, a filler never
+    stopped, so such a rank (and through the all-reduce, every rank) decoded all ``eval.max_new_tokens`` steps
+    whatever the real answers did; now decoding ends when the real prompts have stopped."""
     from rynnscale.models.generate import SamplingParams, generate
     from rynnscale.train.evaluate import _text_prompt
 
@@ -277,7 +277,7 @@ def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> Non
     generate_eval_synthetic(cfg)
     args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
     model.eval()
-    ev = Evaluator(cfg, args, rank=1, world_size=2)          # rank 1 of 2, 3 samples: 1 real prompt + 1 filler
+    ev = Evaluator(cfg, args, rank=1, world_size=2)          # rank 1 of 2, 3 samples: 1 real prompt
     mine = ev.grounding_samples()
     assert len(mine) == 1 and ev._num_found == 3
     first = generate(model, [mine[0][0]], SamplingParams(1))[0]
@@ -285,8 +285,11 @@ def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> Non
     assert generate(model, [_text_prompt(first * 2)], SamplingParams(1))[0] != first   # the filler would not
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    out = ev._grounding(model, torch.device("cpu"), lambda v: list(v), lockstep=True)
-    assert len(forwards) == 1, f"{len(forwards)} forwards: decoding waited for the filler (1 = the prefill only)"
+    # the all-reduce as rank 1 sees it: rank 0 has two prompt groups (the per-rank group counts are the one
+    # 2-element vector), and is done whenever rank 1 is; so rank 1 decodes its prompt, then a filler
+    peers = lambda v: [2.0, *v[1:]] if len(v) == 2 else list(v)  # noqa: E731
+    out = ev._grounding(model, torch.device("cpu"), peers, lockstep=True)
+    assert len(forwards) == 2, f"{len(forwards)} forwards: decoding waited for the filler (2 = the two prefills)"
     assert out["grounding_samples"] == 1
 
 
