@@ -651,19 +651,20 @@ class SplitLoader(_Loader):
     """Per-rank splits: reader split (rank, worker) of ``world_size x num_workers`` reads its share of the shards
     (disjoint, every shard once per epoch; a shard set with fewer shards than readers is split by sample, with a
     warning); iterating yields ``PackedBatch``es, the workers' taken round-robin. What evaluation reads (one
-    epoch, no shuffling); its ``state_dict`` resumes on the same world size, workers and settings only."""
+    epoch, no shuffling); its ``state_dict`` resumes on the same world size, workers and settings only.
+    ``shards_name``: what the messages call ``cfg.train_shards`` (evaluation: its held-out set)."""
 
     pipeline = SplitPipeline
 
     def __init__(self, cfg: LoaderConfig, encoder: Any, rank: int = 0, world_size: int = 1, *,
-                 cost_estimator: CostEstimator | None = None):
+                 cost_estimator: CostEstimator | None = None, shards_name: str = "train_shards"):
         super().__init__(cfg, encoder, rank, world_size, cost_estimator=cost_estimator)
         readers = world_size * max(1, cfg.num_workers)
         for s in self.sources:
             if len(s.shards) < readers and rank == 0:
                 log.warning("%s has %d shards for %d readers (%d ranks x %d workers): splitting it at the sample "
                             "level, so every reader walks all of its tars; write more, smaller shards to avoid that",
-                            f"mixture source {s.name!r}" if cfg.mixture else "train_shards", len(s.shards), readers,
+                            f"mixture source {s.name!r}" if cfg.mixture else shards_name, len(s.shards), readers,
                             world_size, max(1, cfg.num_workers))
         self._worker_states: list[dict | None] = [None] * max(1, cfg.num_workers)
         self._next_worker = 0

@@ -9,8 +9,8 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
   ``eval_skipped``: held-out samples skipped as bad (counted and logged by reason, as in training).
 - grounding, over the first ``eval.grounding_samples`` held-out samples whose reference answer has tags:
   the prompt is the sample up to its first assistant token, the answer is greedily generated
-  (``rynnscale.models.generate``: batches of prompts, KV cache), both answers' tags are parsed (``parse_tags``, lenient for the
-  generation) and tags are paired by kind in order of appearance:
+  (``rynnscale.models.generate``: batches of prompts up to ``train.micro_batch_tokens`` tokens, KV cache), both
+  answers' tags are parsed (``parse_tags``, lenient for the generation) and tags are paired by kind in order of appearance:
 
   - ``grounding_point_error``: mean L2 distance (0-1000 units) over paired points on the same frame
     (``<affordance>``, ``<area>``, ``<grasp_pose>`` points index by index; ``<object>`` point vs point, or box
@@ -24,14 +24,16 @@ eval set generated with another seed than the training set, see ``rynnscale.trai
     point pairs on other frames count here, not in the point error;
   - ``grounding_format_valid``: generations whose tags pass the strict training-data syntax (and that
     have tags when the reference has);
-  - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped).
+  - ``grounding_exact_match``: generations equal to the reference answer text (whitespace-stripped);
+  - ``grounding_truncated``: generations cut by ``eval.max_new_tokens`` before their stop token (a cut answer
+    scores as a miss however right it was; a warning names the references longer than the cap).
 
   A metric with nothing to average is None (e.g. no boxes in the eval set).
 
 Distributed (FSDP / EP): every forward is a collective, so all ranks run the same number of forwards:
-eval batches are padded with a throw-away repeat up to the largest rank's count, and generations run for
-the same number of prompts on every rank (filler prompts, not waited for) until every rank's real prompts have
-stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
+eval batches are streamed (one all-reduce per forward says whether any rank has one left; a rank that has none
+runs a throw-away repeat), and every rank makes as many generate calls as the busiest (a rank out of prompts
+decodes a filler, not waited for), each until every rank's real prompts have stopped (an all-reduce per decoding step) or ``eval.max_new_tokens`` are out. The model is put in eval mode under ``torch.no_grad`` and restored to its previous mode.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ from rynnscale.parallel.precision import autocast, compute_dtype
 from rynnscale.train.data_files import eval_data_dir, prepare_eval_files, synthetic_eval_enabled
 from rynnscale.train.rewards import box_iou, box_of, centre, l2, pair_by_kind
 
-__all__ = ["Evaluator", "box_iou", "eval_shard_patterns", "grounding_scores", "split_prompt", "summarize_grounding"]
+__all__ = ["Evaluator", "box_iou", "eval_shard_patterns", "grounding_scores", "prompt_groups", "split_prompt",
+           "summarize_grounding"]
 
 log = logging.getLogger(__name__)
 
 IM_END = "<|im_end|>"
-GENERATION_BATCH = 16   # grounding prompts decoded together (one prefill row, one KV cache)
+GENERATION_BATCH = 16   # at most this many grounding prompts decoded together (one prefill row, one KV cache)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -72,12 +75,13 @@ def eval_shard_patterns(cfg: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------------------- metrics
 GROUNDING_SUMS = ("point_err_sum", "points", "iou_sum", "boxes", "traj_err_sum", "traj_points", "ref_tags",
-                  "matched_tags", "frame_match", "format_valid", "exact_match", "samples")
+                  "matched_tags", "frame_match", "format_valid", "exact_match", "truncated", "samples")
 
 
 def grounding_scores(generated: str, reference: str) -> dict[str, float]:
     """Sums and counts (keys GROUNDING_SUMS) comparing one generated answer with its reference;
-    :func:`summarize_grounding` turns totals of these into the metrics."""
+    :func:`summarize_grounding` turns totals of these into the metrics. ``truncated`` stays 0 here: whether the
+    generation ran out of tokens is the caller's to add."""
     out = dict.fromkeys(GROUNDING_SUMS, 0.0)
     out["samples"] = 1.0
     ref = parse_tags(reference, strict=False)
@@ -133,6 +137,7 @@ def summarize_grounding(t: dict[str, float]) -> dict[str, float | int | None]:
         "grounding_frame_match": ratio("frame_match", "matched_tags"),
         "grounding_format_valid": ratio("format_valid", "samples"),
         "grounding_exact_match": ratio("exact_match", "samples"),
+        "grounding_truncated": ratio("truncated", "samples"),
     }
 
 
@@ -176,6 +181,21 @@ def _media_before(sample: EncodedSample, ids_l: torch.Tensor, pad_id: int, grid_
     if k == 0:
         return None, None
     return grid_n3[:k], pixels[: int(grid_n3[:k].prod(-1).sum())]
+
+
+def prompt_groups(lengths: list[int], budget_tokens: int) -> list[list[int]]:
+    """Indices of the prompts prefilled together, in order: consecutive, at most ``GENERATION_BATCH``, their tokens
+    within ``budget_tokens`` (``train.micro_batch_tokens``: the memory the run planned a forward for); a longer
+    prompt alone."""
+    groups: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not groups or len(groups[-1]) == GENERATION_BATCH or used + n > budget_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n
+    return groups
 
 
 def _text_prompt(ids: list[int]) -> EncodedSample:
@@ -232,7 +252,8 @@ class Evaluator:
                                           shuffle_buffer=0, shuffle_shards=False, num_workers=0,
                                           micro_batches_per_step=1, min_samples_for_bad_check=1 << 62,
                                           cost_model=self.cost_model)
-        return SplitLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size)
+        return SplitLoader(lc, self.encoder, rank=self.rank, world_size=self.world_size,
+                           shards_name="eval.shards" if self.cfg.eval.shards else "the synthetic eval set")
 
     def grounding_samples(self) -> list[tuple[EncodedSample, list[int]]]:
         """This rank's (prompt, reference ids) pairs: of the first ``eval.grounding_samples`` held-out samples
@@ -243,6 +264,7 @@ class Evaluator:
         from rynnscale.data.reader import iter_tar_samples
 
         want, found, mine = self.cfg.eval.grounding_samples, 0, []
+        cap, too_long, longest = self.cfg.eval.max_new_tokens, 0, 0
         for shard in self.shards:
             if found >= want:
                 break
@@ -262,8 +284,14 @@ class Evaluator:
                 if found % self.world_size == self.rank:
                     mine.append((prompt, ref_ids))
                 found += 1
+                too_long += len(ref_ids) > cap   # (with its stop token: a right answer needs them all)
+                longest = max(longest, len(ref_ids))
         if found < want:
             log.warning("eval: only %d of eval.grounding_samples=%d held-out samples have tagged answers", found, want)
+        if too_long and self.rank == 0:
+            log.warning("eval: %d of %d grounding references are longer than eval.max_new_tokens=%d (longest %d tokens "
+                        "with the stop token): their generations are cut and score as misses however right they are "
+                        "(grounding_truncated); raise eval.max_new_tokens", too_long, found, cap, longest)
         self._samples = mine
         self._num_found = found
         return mine
@@ -298,32 +326,32 @@ class Evaluator:
         return out
 
     def _eval_loss(self, model, device, total) -> tuple[float, int, int]:
-        """(loss sum, target tokens, held-out samples skipped as bad), each summed over the ranks."""
+        """(loss sum, target tokens, held-out samples skipped as bad), each summed over the ranks. Batches are
+        evaluated as they are read (never all held at once); every forward, the ranks agree by an all-reduce whether
+        any still has a batch, and a rank that has none runs a throw-away repeat of its first (FSDP's collectives)."""
         cap = self.cfg.eval.max_batches
-        batches: list[PackedBatch] = []
         loader = self.loader()
-        for b in loader:
-            batches.append(b)
-            if cap and len(batches) >= cap:
+        batches = iter(loader)
+        first: PackedBatch | None = None
+        loss_sum, n_tok, n_read = 0.0, 0, 0
+        chunk = self.cfg.train.loss_chunk_tokens
+        while True:
+            real = None if cap and n_read >= cap else next(batches, None)
+            if real is not None:
+                n_read += 1
+                if first is None:
+                    first = real
+            if total([0.0 if real is None else 1.0])[0] == 0:   # every rank is out of batches
                 break
+            batch = (real if real is not None else first or filler_batch(self.eos_ids[0])).to(device)
+            ls = model.loss_sum(batch, model(batch), chunk)
+            if real is not None:
+                loss_sum += float(ls)
+                n_tok += batch.num_target_tokens
         skipped = sum(loader.bad_counts.values())
         if skipped:   # the eval loss is over the other samples: say which were left out and why
             log.warning("eval: %d held-out samples skipped on rank %d (%s); eval_loss is over the rest", skipped,
                         self.rank, loader.bad_summary())
-        counts = [0.0] * self.world_size
-        counts[self.rank] = float(len(batches))
-        n_forwards = int(max(total(counts)))       # every rank runs as many forwards as the busiest one
-        filler = batches[0] if batches else filler_batch(self.eos_ids[0])
-        loss_sum, n_tok = 0.0, 0
-        chunk = self.cfg.train.loss_chunk_tokens
-        for i in range(n_forwards):
-            real = i < len(batches)
-            batch = (batches[i] if real else filler).to(device)
-            out = model(batch)
-            ls = model.loss_sum(batch, out, chunk)
-            if real:
-                loss_sum += float(ls)
-                n_tok += batch.num_target_tokens
         loss_sum, n_tok, skipped = total([loss_sum, float(n_tok), float(skipped)])
         return loss_sum, int(n_tok), int(skipped)
 
@@ -337,23 +365,26 @@ class Evaluator:
 
         mine = self.grounding_samples()
         lockstep = lockstep or self.world_size > 1
-        n_prompts = len(mine)
+        groups = prompt_groups([int(p.input_ids_l.numel()) for p, _ in mine], self.cfg.train.micro_batch_tokens)
+        n_groups = len(groups)
         all_done = None
-        if lockstep:  # same number of prompts and forwards on every rank
-            n_prompts = -(-self._num_found // self.world_size)
+        if lockstep:  # same number of generate calls and forwards on every rank
+            counts = [0.0] * self.world_size
+            counts[self.rank] = float(n_groups)
+            n_groups = int(max(total(counts)))
             all_done = lambda done: total([0.0 if done else 1.0])[0] == 0  # noqa: E731
         sums = dict.fromkeys(GROUNDING_SUMS, 0.0)
         params = SamplingParams(self.cfg.eval.max_new_tokens, stop_ids=tuple(self.eos_ids))
-        prompts = [mine[i][0] if i < len(mine) else _text_prompt([self.eos_ids[0]] * 2) for i in range(n_prompts)]
-        fillers = [i >= len(mine) for i in range(n_prompts)]   # keep this rank in lockstep; never waited for
-        for start in range(0, n_prompts, GENERATION_BATCH):   # batched greedy decoding with a KV cache
-            end = start + GENERATION_BATCH
-            gens = generate(model, prompts[start:end], params, device=device, all_done=all_done,
-                            fillers=fillers[start:end])
-            for i, new_ids in enumerate(gens, start):
-                if i >= len(mine):
-                    continue
+        for g in range(n_groups):   # batched greedy decoding with a KV cache
+            idx = groups[g] if g < len(groups) else []
+            if not idx:   # this rank has no prompt left: a filler keeps it in lockstep, never waited for
+                generate(model, [_text_prompt([self.eos_ids[0]] * 2)], params, device=device, all_done=all_done,
+                         fillers=[True])
+                continue
+            gens = generate(model, [mine[i][0] for i in idx], params, device=device, all_done=all_done)
+            for i, new_ids in zip(idx, gens):
                 s = grounding_scores(self._decode(new_ids), self._decode(mine[i][1]))
+                s["truncated"] = float(not new_ids or new_ids[-1] not in self.eos_ids)   # out of tokens, not stopped
                 for k in GROUNDING_SUMS:
                     sums[k] += s[k]
         totals = dict(zip(GROUNDING_SUMS, total([sums[k] for k in GROUNDING_SUMS])))

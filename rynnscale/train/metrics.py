@@ -274,7 +274,7 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
-    """PNG with loss (and aux loss), learning rate and tokens/s against the step; a GRPO run (lines with
+    """PNG with loss (aux loss, held-out ``eval_loss``), learning rate and tokens/s against the step; a GRPO run (lines with
     ``reward_mean``) gets a fourth panel: the mean reward with its components, and the KL to the reference."""
     records = read_metrics(output_dir)
     if not records:
@@ -293,6 +293,9 @@ def plot_run(output_dir: Path, out_name: str = "training.png") -> Path | None:
     axes[0].plot(steps, loss, label="loss")
     if any(r.get("aux_loss") for r in records):
         axes[0].plot(steps, series("aux_loss"), label="aux (load balance)")
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if evals:   # the held-out loss at the steps that evaluated
+        axes[0].plot(*zip(*evals), marker="o", label="eval_loss")
     if all(x > 0 for x in loss if not math.isnan(x)):   # a policy-gradient loss can be negative
         axes[0].set_yscale("log")
     axes[0].legend()

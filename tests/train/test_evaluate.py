@@ -123,8 +123,8 @@ def test_evaluator_matches_transformers(tmp_path: Path) -> None:
             kw = hf_inputs(prompt)
             gen = hf.generate(**kw, attention_mask=torch.ones_like(kw["input_ids"]), do_sample=False,
                               max_new_tokens=6, eos_token_id=[IM_END], pad_token_id=IM_END)
-            grounding.append(grounding_scores(ev._decode(gen[0, kw["input_ids"].shape[1]:].tolist()),
-                                              ev._decode(ref_ids)))
+            new = gen[0, kw["input_ids"].shape[1]:].tolist()
+            grounding.append(grounding_scores(ev._decode(new), ev._decode(ref_ids)) | {"truncated": float(IM_END not in new)})
     assert out["eval_tokens"] == n_tok
     assert out["eval_loss"] == pytest.approx(loss_sum / n_tok, rel=1e-5)
     assert math.isfinite(out["eval_loss"]) and out["eval_loss"] > 5  # random init on a 152k vocabulary
@@ -266,9 +266,9 @@ def test_every_evaluation_reaches_the_metrics_file_whatever_log_every_says(tmp_p
 
 
 def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> None:
-    """A rank with fewer grounding samples than its peers pads with filler prompts (lockstep). Before, a filler
-    never stopped, so such a rank (and through the all-reduce, every rank) decoded all ``eval.max_new_tokens`` steps
-    whatever its real answers did; now decoding ends when the real prompts have stopped."""
+    """A rank with fewer prompt groups than its peers decodes a filler prompt in lockstep. Before, a filler never
+    stopped, so such a rank (and through the all-reduce, every rank) decoded all ``eval.max_new_tokens`` steps
+    whatever the real answers did; now decoding ends when the real prompts have stopped."""
     from rynnscale.models.generate import SamplingParams, generate
     from rynnscale.train.evaluate import _text_prompt
 
@@ -277,7 +277,7 @@ def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> Non
     generate_eval_synthetic(cfg)
     args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
     model.eval()
-    ev = Evaluator(cfg, args, rank=1, world_size=2)          # rank 1 of 2, 3 samples: 1 real prompt + 1 filler
+    ev = Evaluator(cfg, args, rank=1, world_size=2)          # rank 1 of 2, 3 samples: 1 real prompt
     mine = ev.grounding_samples()
     assert len(mine) == 1 and ev._num_found == 3
     first = generate(model, [mine[0][0]], SamplingParams(1))[0]
@@ -285,6 +285,120 @@ def test_filler_prompts_do_not_hold_up_a_ranks_generation(tmp_path: Path) -> Non
     assert generate(model, [_text_prompt(first * 2)], SamplingParams(1))[0] != first   # the filler would not
     forwards: list[int] = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    out = ev._grounding(model, torch.device("cpu"), lambda v: list(v), lockstep=True)
-    assert len(forwards) == 1, f"{len(forwards)} forwards: decoding waited for the filler (1 = the prefill only)"
+    # the all-reduce as rank 1 sees it: rank 0 has two prompt groups (the per-rank group counts are the one
+    # 2-element vector), and is done whenever rank 1 is; so rank 1 decodes its prompt, then a filler
+    peers = lambda v: [2.0, *v[1:]] if len(v) == 2 else list(v)  # noqa: E731
+    out = ev._grounding(model, torch.device("cpu"), peers, lockstep=True)
+    assert len(forwards) == 2, f"{len(forwards)} forwards: decoding waited for the filler (2 = the two prefills)"
     assert out["grounding_samples"] == 1
+
+
+def test_generations_cut_by_max_new_tokens_are_counted_and_warned(tmp_path: Path, caplog) -> None:
+    """An answer longer than ``eval.max_new_tokens`` is cut and scores as a miss (no closing tag, no exact match)
+    however right it is, and nothing said so: with the default of 96 tokens, long trajectories lost their tags
+    silently. Now ``grounding_truncated`` is the share of generations that ran out of tokens without the stop
+    token, and a warning names the references that cannot fit in ``eval.max_new_tokens``."""
+    from rynnscale.models.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path)   # eval.max_new_tokens=6, eval.grounding_samples=2
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    mine = ev.grounding_samples()
+    ref_lens = [len(ref) for _, ref in mine]
+    assert len(mine) == 2 and min(ref_lens) > 6   # every reference needs more than 6 tokens
+    with caplog.at_level("WARNING", logger="rynnscale.train.evaluate"):
+        out = ev.evaluate(model)
+    assert f"2 of 2 grounding references are longer than eval.max_new_tokens=6 (longest {max(ref_lens)} tokens" \
+        in caplog.text
+    # the oracle: the same greedy generations, one prompt at a time, checked for the stop token by hand
+    model.eval()
+    gens = [generate(model, [p], SamplingParams(6, stop_ids=(IM_END,)))[0] for p, _ in mine]
+    want = sum(IM_END not in g for g in gens) / 2
+    assert want == 1.0 and out["grounding_truncated"] == want
+
+    # answers that stop (the stop token set to each answer's first token) are not truncated
+    ev.eos_ids = [g[0] for g in gens]
+    assert ev.evaluate(model)["grounding_truncated"] == 0.0
+
+
+def test_the_held_out_set_is_streamed_not_held_in_memory(tmp_path: Path) -> None:
+    """The eval loss read EVERY held-out micro-batch into a list before the first forward (to know how many forwards
+    the busiest rank runs), so host memory grew with the held-out set: ~10 MB of pixels per video sample, thousands
+    of samples per rank. Batches are now evaluated as they are read (the ranks agree on one more forward by an
+    all-reduce each): at most the current batch and the first (the filler of a rank that runs out) are alive."""
+    import weakref
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=0", "eval.synthetic_samples=8")
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    want = ev.evaluate(model)
+    read, alive = [], []
+
+    class Tracked:
+        """The real loader, remembering (weakly) every batch it yields."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __iter__(self):
+            for b in self.inner:
+                read.append(weakref.ref(b))
+                yield b
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    real_loader = ev.loader
+    ev.loader = lambda: Tracked(real_loader())
+    model.register_forward_pre_hook(lambda *_: alive.append(sum(r() is not None for r in read)))
+    got = ev.evaluate(model)
+    assert len(read) >= 4 and len(alive) == len(read)   # one forward per held-out batch
+    assert max(alive) <= 2, f"{max(alive)} of {len(read)} held-out batches alive at once"
+    assert got == want
+
+
+def test_the_sample_level_split_warning_names_the_held_out_set(tmp_path: Path, caplog) -> None:
+    """A one-shard held-out set (the synthetic one by default) on several ranks is split by sample, with a warning
+    that said ``train_shards has 1 shards for 2 readers`` at every evaluation: the user was sent to re-shard the
+    TRAINING data, which was fine. It names the held-out set (``eval.shards`` when given)."""
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=0")
+    generate_eval_synthetic(cfg)
+    args, _ = build_model(cfg.model, meta=True)
+    (shard,) = expand_shard_patterns(eval_shard_patterns(cfg))
+    for c, name in ((cfg, "the synthetic eval set"),
+                    (tiny_cfg(tmp_path, "eval.grounding_samples=0", f"eval.shards=[{shard}]"), "eval.shards")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="rynnscale.data.loader"):
+            Evaluator(c, args, rank=0, world_size=2).loader()
+        assert f"{name} has 1 shards for 2 readers" in caplog.text and "train_shards" not in caplog.text, caplog.text
+
+
+def test_grounding_prefill_rows_keep_to_the_micro_batch_budget(tmp_path: Path) -> None:
+    """The grounding prompts were prefilled 16 to a row whatever their length: 16 video prompts of a few thousand
+    tokens made one forward many times the ``train.micro_batch_tokens`` the run's memory was planned for (an
+    out-of-memory in the middle of training, at its first evaluation). A prefill row now holds prompts up to that
+    budget (a longer prompt alone); the answers are those of each prompt decoded alone."""
+    from rynnscale.models.generate import SamplingParams, generate
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tmp_path, "eval.grounding_samples=4", "train.micro_batch_tokens=100", "eval.max_new_tokens=3")
+    generate_eval_synthetic(cfg)
+    args, model = build_model(cfg.model, torch.device("cpu"), seed=0)
+    ev = Evaluator(cfg, args)
+    mine = ev.grounding_samples()
+    lens = [int(p.input_ids_l.numel()) for p, _ in mine]
+    assert len(mine) == 4 and max(lens) <= 100 < sum(lens)   # each fits the budget, all four together do not
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, a: rows.append(int(a[0].input_ids_l.numel())))
+    got = ev._grounding(model.eval(), torch.device("cpu"), lambda v: list(v))
+    hook.remove()
+    prefills = [n for n in rows if n > len(mine)]   # the decode rows hold one token per sequence
+    assert prefills and max(prefills) <= 100, rows
+    alone = [generate(model, [p], SamplingParams(3, stop_ids=(IM_END,)))[0] for p, _ in mine]
+    want = [grounding_scores(ev._decode(g), ev._decode(ref)) | {"truncated": float(IM_END not in g)}
+            for g, (_, ref) in zip(alone, mine)]
+    assert got == pytest.approx(summarize_grounding({k: sum(w[k] for w in want) for k in want[0]}))

@@ -57,6 +57,25 @@ def test_plot_and_card_of_a_run_with_a_skipped_step(tmp_path: Path) -> None:
     assert summary["mean_over_last_steps"] == 3
 
 
+def test_the_plot_shows_the_eval_loss(tmp_path: Path, monkeypatch) -> None:
+    """training.png drew the training loss only: the held-out loss that ``eval.every_steps`` logged (every K steps,
+    the line without it elsewhere) was in metrics.jsonl but on no plot. The loss panel now has it at the steps
+    that evaluated (a null eval loss, an evaluation without target tokens, left out)."""
+    import matplotlib.figure
+
+    figures: list = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    logger = _logger(tmp_path)
+    for step, loss, ev in [(1, 4.0, None), (2, 3.0, 3.5), (3, 2.5, None), (4, 2.0, 2.75), (5, 1.5, math.nan)]:
+        logger.log(_record(step, loss) | ({} if ev is None else {"eval_loss": ev, "eval_tokens": 10}))
+    logger.close()
+    assert plot_run(tmp_path).is_file()
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    assert list(lines["eval_loss"].get_xdata()) == [2, 4] and list(lines["eval_loss"].get_ydata()) == [3.5, 2.75]
+    assert list(lines["loss"].get_ydata()) == [4.0, 3.0, 2.5, 2.0, 1.5]
+
+
 def test_a_torn_last_line_is_read_past_and_a_torn_middle_line_named(tmp_path: Path) -> None:
     lines = [json.dumps(_record(1, 4.0)), json.dumps(_record(2, 3.0))]
     path = tmp_path / METRICS_FILE
