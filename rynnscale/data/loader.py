@@ -679,7 +679,8 @@ class SplitLoader(_Loader):
             self._worker_states[w] = state
             self._next_worker = (w + 1) % W
             self._check_bad()
-            yield batch
+            if batch is not None:   # None: a reader's end, carrying its final counts
+                yield batch
 
     def _states(self) -> list[dict]:
         return [st for st in self._worker_states if st is not None]

@@ -485,7 +485,8 @@ class WorkerPipeline:
 
 class SplitPipeline(WorkerPipeline):
     """Per-rank splits (``SplitLoader``): reader split (rank, worker) of ``world_size x workers`` reads its share
-    of the shards, packs a window of ``pack_window`` samples and emits its packs in order, one batch each."""
+    of the shards, packs a window of ``pack_window`` samples and emits its packs in order, one batch each, then
+    ``(None, state)`` when its share ends (its final counts: samples skipped after its last batch)."""
 
     def __init__(self, *args: Any, **kw: Any):
         self.pending: deque[list[PackItem]] = deque()   # this reader's packs, in emission order
@@ -538,6 +539,7 @@ class SplitPipeline(WorkerPipeline):
                     yield batch, self.state()
                 continue
             if not self._feed(src):
+                yield None, self.state()   # the final counts (bad samples read after the last batch, or with none)
                 return
 
     def state(self) -> dict:

@@ -200,6 +200,26 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path: Path, caplog: pyte
     assert loader.stats()["bad"] == loader.bad_counts
 
 
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_after_a_splits_last_batch_are_counted(tmp_path: Path, workers: int) -> None:
+    """Evaluation's one-epoch splits: bad samples read after a reader's last batch, or by a reader whose share
+    yields no batch at all, are counted too (the counts used to arrive only with a batch: 0 here)."""
+    with wds.TarWriter(str(tmp_path / "shard-000.tar")) as w:   # rank 0's split: a good sample, then 2 bad
+        for i, text in enumerate(["fine sample", "BAD one", "BAD two"]):
+            w.write({"__key__": f"a{i}", "conv.json": json.dumps({"text": text}).encode()})
+    with wds.TarWriter(str(tmp_path / "shard-001.tar")) as w:   # rank 1's split: bad only
+        for i in range(3):
+            w.write({"__key__": f"b{i}", "conv.json": json.dumps({"text": f"BAD {i}"}).encode()})
+    counts, seen = [], []
+    for rank in range(2):
+        lc = LoaderConfig(train_shards=[str(tmp_path / "shard-00{0,1}.tar")], num_epochs=1, shuffle_buffer=0,
+                          shuffle_shards=False, micro_batch_tokens=300, max_bad_fraction=1.0, num_workers=workers)
+        loader = SplitLoader(lc, ByteEncoder(), rank=rank, world_size=2)
+        seen += [k for b in loader for k in b.sample_keys]
+        counts.append(loader.bad_counts.get("bad_conversation", 0))
+    assert seen == ["a0"] and sum(counts) == 5, counts
+
 def _too_long_shard(d: Path, n: int, budget: int) -> None:
     with wds.TarWriter(str(d / "shard-009.tar")) as w:
         for i in range(n):
