@@ -198,8 +198,9 @@ class ManifestHints:
     LARGER (a higher pixel bound, frame rate or frame count; another patching), the hints may be low, and a
     pack planned on them overflows the budget once decoded (samples skipped): the directory has no hints for
     this run (``ignored``: its samples are measured). Where they can only make samples smaller the hints are
-    upper bounds and are used (``upper_bounds``: packs may be part empty). Settings a manifest does not record
-    (older converters) are taken as the same."""
+    upper bounds and are used (``upper_bounds``: packs may be part empty); another chat template (Qwen3.5's adds a
+    reasoning block) may make it larger too. Settings a manifest does not record (older converters) are taken as
+    the same; a missing chat template is Qwen3-VL's (the only one converters rendered with before recording it)."""
 
     def __init__(self, settings: Mapping | None = None):
         self.settings = settings
@@ -220,6 +221,8 @@ class ManifestHints:
                 recorded = m.info.get("cost_hints")
                 recorded = recorded.get("encoder") if isinstance(recorded, Mapping) else None
                 if isinstance(recorded, Mapping) and self.settings:
+                    # recorded only when another: every converter rendered with Qwen3-VL's before
+                    recorded = {"chat_template": "qwen3_vl", **recorded}
                     larger, smaller = _differences(recorded, self.settings)
                     if larger:
                         self.ignored[d] = larger + smaller
@@ -241,10 +244,12 @@ class ManifestHints:
 
 
 def size_settings(encoder: Any) -> dict | None:
-    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``); None for an encoder without
-    one (its hints cannot be judged: used as they are)."""
+    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``) and the chat template it
+    renders conversations with; None for an encoder without them (its hints cannot be judged: used as they are)."""
     f = getattr(getattr(encoder, "cfg", None), "size_settings", None)
-    return f() if callable(f) else None
+    if not callable(f):
+        return None
+    return {**f(), "chat_template": getattr(encoder, "chat_template", "qwen3_vl")}
 
 
 # size settings under which a larger value never makes a sample smaller (pixel bounds, frames, frame rate)
