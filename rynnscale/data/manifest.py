@@ -224,6 +224,7 @@ class ManifestHints:
                     # recorded only when another: every converter rendered with Qwen3-VL's before
                     recorded = {"chat_template": "qwen3_vl", **recorded}
                     larger, smaller = _differences(recorded, self.settings)
+                    larger += _truncation_difference(recorded, self.settings)
                     if larger:
                         self.ignored[d] = larger + smaller
                         self._dirs[d] = None
@@ -244,17 +245,31 @@ class ManifestHints:
 
 
 def size_settings(encoder: Any) -> dict | None:
-    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``) and the chat template it
-    renders conversations with; None for an encoder without them (its hints cannot be judged: used as they are)."""
+    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``), the chat template it renders
+    conversations with and the budget it cuts long samples to (``truncate_at``, None: it does not cut them); None
+    for an encoder without them (its hints cannot be judged: used as they are)."""
     f = getattr(getattr(encoder, "cfg", None), "size_settings", None)
     if not callable(f):
         return None
-    return {**f(), "chat_template": getattr(encoder, "chat_template", "qwen3_vl")}
+    cfg = encoder.cfg
+    return {**f(), "chat_template": getattr(encoder, "chat_template", "qwen3_vl"),
+            "truncate_at": cfg.max_tokens if getattr(cfg, "truncate", False) else None}
 
 
 # size settings under which a larger value never makes a sample smaller (pixel bounds, frames, frame rate)
 _GROWING = {"vision.image_min_pixels", "vision.image_max_pixels", "vision.video_min_pixels", "vision.video_max_pixels",
             "vision.max_video_tokens", "fps", "min_frames", "max_frames"}
+
+
+def _truncation_difference(recorded: Mapping, mine: Mapping) -> list[str]:
+    """Hints made by an encoder that cut long samples to its ``max_tokens`` are the cut sizes: a run that does not
+    cut them, or cuts them longer, may see those samples larger (``["key: recorded, this run's"]``, else [])."""
+    cut = recorded.get("max_tokens") if recorded.get("truncate") is True else None
+    mine_cut = mine.get("truncate_at")
+    if not is_finite_number(cut) or (mine_cut is not None and mine_cut <= cut):
+        return []
+    return [f"truncate at max_tokens: {repr(cut)[:60]}, this run "
+            f"{'does not truncate' if mine_cut is None else mine_cut}"]
 
 
 def _differences(recorded: Mapping, mine: Mapping, prefix: str = "") -> tuple[list[str], list[str]]:
