@@ -206,3 +206,17 @@ def test_hints_of_truncated_samples_are_not_used_with_a_longer_budget(tmp_path: 
     with caplog.at_level(logging.INFO, logger="rynnscale.data"):
         sizes, alone, bad = run(40)
     assert sizes == alone == hints and bad == {} and "cost hints" not in caplog.text
+
+
+def test_resume_with_other_recipe_settings_names_the_setting(tmp_path: Path, capsys) -> None:
+    """A rerun into the directory with another recipe override is refused naming the encoder setting that differs;
+    the message used to show the same first 120 characters of the two settings dicts."""
+    src, media = _jsonl(tmp_path)
+    out = tmp_path / "out"
+    args = ["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress",
+            "--recipe", str(_recipe(tmp_path, out))]
+    assert main([*args, *OVERRIDES]) == 0
+    capsys.readouterr()
+    assert main([*args, *OVERRIDES[:-1], "data.video_max_frames=6"]) == 2
+    err = capsys.readouterr().err
+    assert "cost_hints.encoder.max_frames: '4' -> '6'" in err
