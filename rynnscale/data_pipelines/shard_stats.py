@@ -226,6 +226,7 @@ def inspect_shards(
     estimate: bool = True,
     tokenizer: str | None = None,
     encoder_cfg: Any = None,
+    recipe: Any = None,
     max_samples: int | None = None,
     verify_sha256: bool = False,
     bins: int = 10,
@@ -234,7 +235,8 @@ def inspect_shards(
     """Read the manifest and shards of ``directory`` and summarise them (a JSON-able dict).
 
     ``estimate`` runs ``SampleEncoder.estimate`` per sample (tokens and vision patches); without
-    it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present.
+    it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present. ``recipe`` (``hint_recipe``):
+    estimate with the encoder a run of that recipe trains with (``get_estimator``).
     ``max_samples`` stops early (the counts then cover the samples read)."""
     from rynnscale.data.manifest import read_manifest, sha256_file
     from rynnscale.data.reader import iter_tar_samples
@@ -242,7 +244,8 @@ def inspect_shards(
 
     d = Path(directory)
     m = read_manifest(d)
-    enc = get_estimator(tokenizer, encoder_cfg) if estimate else None
+    _check_hint_source(tokenizer, encoder_cfg, recipe)
+    enc = get_estimator(tokenizer, encoder_cfg, recipe) if estimate else None
     merge2 = (enc.cfg.vision.merge_size ** 2) if enc is not None else 4
     if enc is not None:
         from rynnscale.data.encode import SampleError

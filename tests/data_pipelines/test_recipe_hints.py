@@ -220,3 +220,26 @@ def test_resume_with_other_recipe_settings_names_the_setting(tmp_path: Path, cap
     assert main([*args, *OVERRIDES[:-1], "data.video_max_frames=6"]) == 2
     err = capsys.readouterr().err
     assert "cost_hints.encoder.max_frames: '4' -> '6'" in err
+
+
+def test_inspect_with_the_recipe_counts_the_runs_tokens(tmp_path: Path, capsys) -> None:
+    """``rynnscale data inspect DIR --recipe RECIPE [key=value]``: the token counts are the run's encoder's (here
+    Qwen3.5's template and raised image bounds); they used to be the default settings' only."""
+    from rynnscale.config import load_config
+    from rynnscale.config.model_args import resolve_model_args
+    from rynnscale.data.pipeline import build_encoder
+    from rynnscale.data.reader import iter_tar_samples
+
+    src, media = _jsonl(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress"]) == 0
+    recipe = _recipe(tmp_path, out)
+    cfg = load_config(recipe, OVERRIDES, check_paths=False)
+    enc = build_encoder(cfg, resolve_model_args(cfg.model).args)
+    want = [enc.encode(r.key, r.members).num_tokens for t in sorted(out.glob("*.tar")) for r in iter_tar_samples(str(t))]
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--json", "--recipe", str(recipe), *OVERRIDES]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    assert (tokens["count"], tokens["sum"], tokens["min"], tokens["max"]) == (6, sum(want), min(want), max(want))
+    assert main(["data", "inspect", str(out), "--json", *OVERRIDES]) == 2   # overrides without a recipe
+    assert "give the recipe with --recipe" in capsys.readouterr().err
