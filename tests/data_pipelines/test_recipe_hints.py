@@ -139,6 +139,7 @@ def test_default_hints_under_another_chat_template_are_not_used(tmp_path: Path,
     assert len(sizes) == 6 and loader.bad_counts == {}
     assert all(a > b for a, b in zip(sizes, hints, strict=True))   # every sample larger than its hint
     assert "chat_template: 'qwen3_vl', this run 'qwen3_5'" in caplog.text and "not used" in caplog.text
+    assert "data convert ... --recipe RECIPE.yaml" in caplog.text   # the way to hints that fit (was: encoder_cfg)
 
 
 @pytest.mark.parametrize("case", ["other_tokenizer", "overrides_without_recipe", "bad_override"])
