@@ -528,3 +528,10 @@ def test_a_resume_under_another_prompt_permutation_is_refused(tmp_path: Path, sh
     assert resume(old, permuted=True).steps_done == 1                         # saved before the digest: unchecked
     boundary = {"grpo": {**state["grpo"], "optimizer_steps": 6}}
     assert resume(boundary, permuted=True).steps_done == 6                    # epoch 1 starts: nothing to repeat
+
+    # inside the first rollout (2 optimiser steps each): its saved answers would pair with other prompts
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2")
+    inside = json.loads(json.dumps(next(RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)).state))
+    assert inside["grpo"]["rollout"] is not None and resume(inside, permuted=False).saved_record is not None
+    with pytest.raises(ConfigError, match=r"prompt order of epoch 0 is not the one"):
+        resume(inside, permuted=True)
