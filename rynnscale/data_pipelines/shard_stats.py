@@ -50,7 +50,10 @@ def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None, recipe:
     ``encoder_cfg`` is an ``EncoderConfig`` (default: the Qwen3-VL checkpoint settings). ``recipe`` (a loaded
     ``RootConfig``, ``hint_recipe``) replaces both: the encoder a run of that recipe trains with, built by the
     trainer's own ``build_encoder`` (its data settings, token budget, tokenizer and the model family's
-    ``DataContract``: chat template, vision token ids, patching)."""
+    ``DataContract``: chat template, vision token ids, patching), whose budget is at least the default's when it
+    does not truncate (the sizes of the samples the run trains are the same)."""
+    from dataclasses import replace
+
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
 
@@ -61,6 +64,11 @@ def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None, recipe:
             from rynnscale.config.model_args import resolve_model_args
             from rynnscale.data.pipeline import build_encoder
 
+            budget = recipe.train.micro_batch_tokens
+            if not recipe.data.truncate and budget < EncoderConfig.max_tokens:
+                # a sample over the run's budget keeps its (exact) size as hint, the run skips it as too_long: the
+                # shards do not lose what a run with a larger budget would train (the default encoder's budget)
+                recipe = replace(recipe, train=replace(recipe.train, micro_batch_tokens=EncoderConfig.max_tokens))
             enc = _ENCODERS[k] = build_encoder(recipe, resolve_model_args(recipe.model, check_paths=False).args)
         return enc
     cfg = encoder_cfg if encoder_cfg is not None else EncoderConfig()

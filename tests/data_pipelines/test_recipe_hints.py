@@ -244,3 +244,36 @@ def test_inspect_with_the_recipe_counts_the_runs_tokens(tmp_path: Path, capsys) 
     assert (tokens["count"], tokens["sum"], tokens["min"], tokens["max"]) == (6, sum(want), min(want), max(want))
     assert main(["data", "inspect", str(out), "--json", *OVERRIDES]) == 2   # overrides without a recipe
     assert "give the recipe with --recipe" in capsys.readouterr().err
+
+
+def test_samples_over_the_recipes_budget_stay_in_the_shards(tmp_path: Path) -> None:
+    """A recipe whose budget (170 tokens) three of the six samples (174 tokens) exceed, without data.truncate:
+    they used to be left out of the shards as too_long (3 of 6 bad: the conversion failed, and a run with a larger
+    budget could never have them). Now they are written with their exact sizes as hints; the run skips them as
+    too_long (counted), the others train."""
+    from rynnscale.config import load_config
+    from rynnscale.config.model_args import resolve_model_args
+    from rynnscale.data.balance import CostModel
+    from rynnscale.data.loader import LoaderConfig, TrainLoader
+    from rynnscale.data.manifest import read_manifest
+    from rynnscale.data.pipeline import build_encoder
+    from rynnscale.data.reader import iter_tar_samples
+
+    src, media = _jsonl(tmp_path)
+    out = tmp_path / "out"
+    recipe = _recipe(tmp_path, out)
+    overrides = [*OVERRIDES[1:], "train.micro_batch_tokens=170"]
+    assert main(["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress",
+                 "--recipe", str(recipe), *overrides]) == 0
+    hints = [t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"]]
+    big = load_config(recipe, [*OVERRIDES[1:], "train.micro_batch_tokens=4096"], check_paths=False)
+    enc = build_encoder(big, resolve_model_args(big.model).args)
+    sizes = [enc.encode(r.key, r.members).num_tokens for t in sorted(out.glob("*.tar")) for r in iter_tar_samples(str(t))]
+    assert hints == sizes and len(sizes) == 6 and sum(n > 170 for n in sizes) == 3
+
+    cfg = load_config(recipe, overrides, check_paths=False)
+    args = resolve_model_args(cfg.model).args
+    lc = LoaderConfig.from_run_config(cfg, train_shards=[str(out / "*.tar")], cost_model=CostModel.from_args(args))
+    loader = TrainLoader(replace(lc, num_epochs=1, num_workers=0, max_bad_fraction=1.0), build_encoder(cfg, args))
+    trained = sorted(int(n) for st in loader for b in st.micro_batches if not b.filler for n in b.cu_seqlens.diff())
+    assert trained == sorted(n for n in sizes if n <= 170) and loader.bad_counts == {"too_long": 3}
