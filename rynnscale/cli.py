@@ -78,10 +78,19 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from rynnscale.data.manifest import ManifestError
         from rynnscale.data_pipelines.shard_stats import format_report, inspect_shards
 
+        if args.overrides and args.recipe is None:
+            print(f"rynnscale data inspect: key=value overrides ({' '.join(args.overrides)}) are a recipe's: give "
+                  "the recipe with --recipe RECIPE.yaml", file=sys.stderr)
+            return 2
         try:
-            rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer,
+            recipe = None
+            if args.recipe is not None and not args.no_estimate:
+                from rynnscale.data_pipelines.shard_stats import hint_recipe
+
+                recipe = hint_recipe(args.recipe, args.overrides)
+            rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer, recipe=recipe,
                                  max_samples=args.max_samples, verify_sha256=args.verify, bins=args.bins)
-        except (ManifestError, FileNotFoundError) as e:
+        except (ManifestError, FileNotFoundError, ValueError) as e:
             print(f"rynnscale data inspect: {e}", file=sys.stderr)
             return 2
         print(json.dumps(rep, indent=1) if args.json else format_report(rep))
@@ -103,7 +112,15 @@ def _cmd_data_convert(args: argparse.Namespace) -> int:
                   tokenizer=args.tokenizer)
     if args.prefix:
         common["prefix"] = args.prefix
+    if args.overrides and args.recipe is None:
+        print(f"rynnscale data convert {args.source}: key=value overrides ({' '.join(args.overrides)}) are a "
+              "recipe's: give the recipe with --recipe RECIPE.yaml", file=sys.stderr)
+        return 2
     try:
+        if args.recipe is not None and not args.no_cost_hints:   # the hints are the encoder's of a run of it
+            from rynnscale.data_pipelines.shard_stats import hint_recipe
+
+            common["recipe"] = hint_recipe(args.recipe, args.overrides)
         if args.source == "lerobot":
             from rynnscale.data_pipelines.lerobot import convert_lerobot
 
@@ -301,8 +318,13 @@ def _add_convert_parsers(dsub) -> None:
         cp.add_argument("--source-name", default=None, help="meta.json 'source' (default derived from the input)")
         cp.add_argument("--licence", default=None, help="licence of the data (default: detected, else 'unknown')")
         cp.add_argument("--tokenizer", default=None, help="tokenizer dir for the manifest's token-count hints")
+        cp.add_argument("--recipe", type=Path, default=None, metavar="RECIPE.yaml",
+                        help="make the cost hints with the encoder a run of this training recipe uses (its data "
+                             "settings, token budget, tokenizer and model family's chat template); key=value "
+                             "overrides of it follow the other arguments, as for 'rynnscale train'")
         cp.add_argument("--no-cost-hints", action="store_true", help="skip num_tokens / vision_patches hints")
         cp.add_argument("--no-progress", action="store_true")
+        cp.set_defaults(overrides=[])   # key=value arguments (main() collects them): the --recipe's overrides
         return cp
 
     cl = convert_parser("lerobot", "LeRobotDataset v2.x / v3.0 -> clip shards", "LeRobot dataset root (with meta/info.json)")
@@ -365,6 +387,10 @@ def _add_inspect_parser(dsub) -> None:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--no-estimate", action="store_true", help="use the manifest's token hints instead of the encoder")
     i.add_argument("--tokenizer", default=None)
+    i.add_argument("--recipe", type=Path, default=None, metavar="RECIPE.yaml",
+                   help="estimate with the encoder a run of this training recipe uses (its data settings, token "
+                        "budget, tokenizer, chat template); key=value overrides of it follow the other arguments")
+    i.set_defaults(overrides=[])   # key=value arguments (main() collects them): the --recipe's overrides
     i.add_argument("--max-samples", type=int, default=None)
     i.add_argument("--verify", action="store_true", help="also re-hash every shard")
     i.add_argument("--bins", type=int, default=10)

@@ -95,8 +95,8 @@ class GlobalPipeline(WorkerPipeline):
                 ignored = d in self.hints.ignored   # (upper bounds: info, the samples they overstate may be few)
                 log.log(logging.WARNING if ignored else logging.INFO,
                         "%s: the cost hints of %s were made with other data settings than this run's (%s), %s. "
-                        "Convert the shards with this run's encoder settings (the converters' encoder_cfg) for hints "
-                        "that fit", self.where, d,
+                        "Convert the shards with this run's recipe (rynnscale data convert ... --recipe RECIPE.yaml "
+                        "[key=value ...]) for hints that fit", self.where, d,
                         "; ".join(self.hints.ignored[d] if ignored else self.hints.upper_bounds[d]),
                         "under which samples may be larger than the hints say: they are not used, every sample is "
                         "measured instead, on every rank (slower)" if ignored else

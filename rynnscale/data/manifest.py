@@ -198,8 +198,9 @@ class ManifestHints:
     LARGER (a higher pixel bound, frame rate or frame count; another patching), the hints may be low, and a
     pack planned on them overflows the budget once decoded (samples skipped): the directory has no hints for
     this run (``ignored``: its samples are measured). Where they can only make samples smaller the hints are
-    upper bounds and are used (``upper_bounds``: packs may be part empty). Settings a manifest does not record
-    (older converters) are taken as the same."""
+    upper bounds and are used (``upper_bounds``: packs may be part empty); another chat template (Qwen3.5's adds a
+    reasoning block) may make it larger too. Settings a manifest does not record (older converters) are taken as
+    the same; a missing chat template is Qwen3-VL's (the only one converters rendered with before recording it)."""
 
     def __init__(self, settings: Mapping | None = None):
         self.settings = settings
@@ -220,7 +221,10 @@ class ManifestHints:
                 recorded = m.info.get("cost_hints")
                 recorded = recorded.get("encoder") if isinstance(recorded, Mapping) else None
                 if isinstance(recorded, Mapping) and self.settings:
+                    # recorded only when another: every converter rendered with Qwen3-VL's before
+                    recorded = {"chat_template": "qwen3_vl", **recorded}
                     larger, smaller = _differences(recorded, self.settings)
+                    larger += _truncation_difference(recorded, self.settings)
                     if larger:
                         self.ignored[d] = larger + smaller
                         self._dirs[d] = None
@@ -241,15 +245,31 @@ class ManifestHints:
 
 
 def size_settings(encoder: Any) -> dict | None:
-    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``); None for an encoder without
-    one (its hints cannot be judged: used as they are)."""
+    """The size settings of ``encoder``'s config (``EncoderConfig.size_settings``), the chat template it renders
+    conversations with and the budget it cuts long samples to (``truncate_at``, None: it does not cut them); None
+    for an encoder without them (its hints cannot be judged: used as they are)."""
     f = getattr(getattr(encoder, "cfg", None), "size_settings", None)
-    return f() if callable(f) else None
+    if not callable(f):
+        return None
+    cfg = encoder.cfg
+    return {**f(), "chat_template": getattr(encoder, "chat_template", "qwen3_vl"),
+            "truncate_at": cfg.max_tokens if getattr(cfg, "truncate", False) else None}
 
 
 # size settings under which a larger value never makes a sample smaller (pixel bounds, frames, frame rate)
 _GROWING = {"vision.image_min_pixels", "vision.image_max_pixels", "vision.video_min_pixels", "vision.video_max_pixels",
             "vision.max_video_tokens", "fps", "min_frames", "max_frames"}
+
+
+def _truncation_difference(recorded: Mapping, mine: Mapping) -> list[str]:
+    """Hints made by an encoder that cut long samples to its ``max_tokens`` are the cut sizes: a run that does not
+    cut them, or cuts them longer, may see those samples larger (``["key: recorded, this run's"]``, else [])."""
+    cut = recorded.get("max_tokens") if recorded.get("truncate") is True else None
+    mine_cut = mine.get("truncate_at")
+    if not is_finite_number(cut) or (mine_cut is not None and mine_cut <= cut):
+        return []
+    return [f"truncate at max_tokens: {repr(cut)[:60]}, this run "
+            f"{'does not truncate' if mine_cut is None else mine_cut}"]
 
 
 def _differences(recorded: Mapping, mine: Mapping, prefix: str = "") -> tuple[list[str], list[str]]:

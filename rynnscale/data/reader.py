@@ -205,6 +205,13 @@ def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = Tr
     return [int(i) for i in rng.permutation(num_shards)]
 
 
+def order_digest(order: Sequence[int]) -> str:
+    """A short digest of a seeded order that a resume state's position indexes (the shard order of an epoch, GRPO's
+    prompt order): saved with the position, it tells a resume whether it recomputed the same order (numpy does
+    not promise a seeded permutation's stream across versions)."""
+    return hashlib.sha256(",".join(str(int(i)) for i in order).encode()).hexdigest()[:16]
+
+
 def split_shard_order(order: Sequence[int], split: int, num_splits: int) -> list[int]:
     """Split ``split`` of ``num_splits``: every ``num_splits``-th shard of the epoch order."""
     if not 0 <= split < num_splits:
@@ -579,8 +586,7 @@ class ShardStream:
     def _order_digest(self, epoch: int) -> str:
         """A digest of ``epoch``'s shard order (cached per epoch): the state's position indexes that order."""
         if self._digest[0] != epoch:
-            order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-            self._digest = (epoch, hashlib.sha256(",".join(map(str, order)).encode()).hexdigest()[:16])
+            self._digest = (epoch, order_digest(epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)))
         return self._digest[1]
 
     @property

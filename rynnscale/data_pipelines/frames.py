@@ -136,6 +136,7 @@ class FramesConfig:
     cost_hints: bool = True
     tokenizer: str | None = None
     encoder_cfg: Any = None
+    recipe: Any = None                  # a loaded training recipe: the hints are its encoder's (shard_stats.hint_recipe)
 
     def validate(self) -> None:
         if not (self.fps > 0 and self.fps < float("inf")):
@@ -284,7 +285,7 @@ def _frames_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
             try:
                 members = _clip_sample(payload["folder"], payload["names"], clip, cfg, key, payload["source"],
                                        payload["licence"])
-                costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+                costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg, cfg.recipe) if cfg.cost_hints else None
             except BadItem as e:
                 bad.append([key, e.reason, f"clip {clip['index']}: {e.detail}"])
                 continue
@@ -377,6 +378,7 @@ def convert_frames(
     cost_hints: bool = True,
     tokenizer: str | None = None,
     encoder_cfg: Any = None,
+    recipe: Any = None,
     progress: bool = True,
 ) -> dict:
     """Convert one frame folder into clip samples under ``out_dir``; returns the run report.
@@ -388,7 +390,7 @@ def convert_frames(
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     cfg = FramesConfig(fps=float(fps), clip_frames=int(clip_frames), stride=stride, keep_tail=keep_tail, task=task,
                        question=question, answer=answer, source=source, licence=licence, embodiment=embodiment,
-                       cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg)
+                       cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg, recipe=recipe)
     cfg.validate()
     folder = Path(folder)
     names = list_frames(folder)
@@ -420,8 +422,8 @@ def convert_frames(
     source = source or f"frames/{folder.name}"
     info = {"converter": "rynnscale.data_pipelines.frames", "input": str(folder.resolve()), "frames": names,
             "annotations": ann, "prefix": prefix, "clips_per_shard": clips_per_shard, "licence_used": lic,
-            "source_used": source, **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")},
-            "cost_hints": hint_settings(cost_hints, tokenizer, encoder_cfg)}
+            "source_used": source, **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "recipe", "cost_hints")},
+            "cost_hints": hint_settings(cost_hints, tokenizer, encoder_cfg, recipe)}
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", folder.name)[:40] or "frames"
     jobs = []
     for j in range(0, len(clips), clips_per_shard):

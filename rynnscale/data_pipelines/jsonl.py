@@ -134,15 +134,16 @@ class JsonlConfig:
     cost_hints: bool = True
     tokenizer: str | None = None
     encoder_cfg: Any = None             # rynnscale.data.encode.EncoderConfig for the hints
+    recipe: Any = None                  # a loaded training recipe: the hints are its encoder's (shard_stats.hint_recipe)
 
     def settings(self) -> dict:
         from rynnscale.data_pipelines.shard_stats import hint_settings
 
-        d = {k: v for k, v in asdict(self).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("tokenizer", "encoder_cfg", "recipe", "cost_hints")}
         if self.max_line_media_bytes == 2 << 30:   # the default is absent: conversions begun before it still resume
             del d["max_line_media_bytes"]
         d["media_root"] = os.path.realpath(self.media_root)
-        d["cost_hints"] = hint_settings(self.cost_hints, self.tokenizer, self.encoder_cfg)
+        d["cost_hints"] = hint_settings(self.cost_hints, self.tokenizer, self.encoder_cfg, self.recipe)
         return d
 
 
@@ -434,7 +435,7 @@ def _jsonl_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
             try:
                 key, members = line_to_sample(line_no, raw, cfg, default_source=payload["default_source"],
                                               key_prefix=prefix)
-                costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+                costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg, cfg.recipe) if cfg.cost_hints else None
             except BadItem as e:
                 bad.append([line_no, e.reason, e.detail])
                 continue
@@ -571,6 +572,7 @@ def convert_jsonl(
     cost_hints: bool = True,
     tokenizer: str | None = None,
     encoder_cfg: Any = None,
+    recipe: Any = None,
     progress: bool = True,
     max_line_media_bytes: int = 2 << 30,
 ) -> dict:
@@ -584,7 +586,7 @@ def convert_jsonl(
     path = Path(jsonl)
     _check_jsonl_args(path, media_root, lines_per_shard, max_bad_fraction, licence)
     cfg = JsonlConfig(media_root=str(media_root), source=source, licence=licence, frames_fps=float(frames_fps),
-                      cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg,
+                      cost_hints=cost_hints, tokenizer=tokenizer, encoder_cfg=encoder_cfg, recipe=recipe,
                       max_line_media_bytes=max_line_media_bytes)
     spans, n_lines, sha = _scan(path, lines_per_shard)
     default_source = f"jsonl/{path.stem}"

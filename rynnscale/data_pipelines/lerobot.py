@@ -768,6 +768,7 @@ class LeRobotConfig:
     cost_hints: bool = True
     tokenizer: str | None = None
     encoder_cfg: Any = None
+    recipe: Any = None                  # a loaded training recipe: the hints are its encoder's (shard_stats.hint_recipe)
 
     def validate(self) -> None:
         for k in ("clip_seconds", "fps"):
@@ -1107,7 +1108,7 @@ def _lerobot_job(out_dir: str, prefix: str, index: int, payload: dict) -> tuple:
                 continue
             for key, members in samples:
                 try:
-                    costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg) if cfg.cost_hints else None
+                    costs = cost_hints(key, members, cfg.tokenizer, cfg.encoder_cfg, cfg.recipe) if cfg.cost_hints else None
                 except SampleError as e:  # e.g. too_long for the training encoder: training would skip it too
                     rep["skipped"].append([key, e.reason, e.detail])
                     continue
@@ -1231,10 +1232,10 @@ def _lerobot_info(root: Path, meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, 
             "episodes": [e.index for e in meta.episodes], "episodes_per_shard": episodes_per_shard, "prefix": prefix,
             "source_used": ctx["source"], "licence_used": ctx["licence"], "answer_dims_used": [ctx["dims"][i] for i in ctx["show"]],
             "action_stats_sha256": hashlib.sha256(stats_json).hexdigest(),
-            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "cost_hints")
+            **{k: v for k, v in asdict(cfg).items() if k not in ("tokenizer", "encoder_cfg", "recipe", "cost_hints")
                and not (k in ("video_path", "data_path") and v is None)   # absent unless given: older runs resume
                and not (k == "skip_nonfinite" and not v)},
-            "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg)}
+            "cost_hints": hint_settings(cfg.cost_hints, cfg.tokenizer, cfg.encoder_cfg, cfg.recipe)}
 
 
 def _episode_jobs(meta: LeRobotMeta, cfg: LeRobotConfig, ctx: dict, episodes_per_shard: int) -> list[ShardJob]:

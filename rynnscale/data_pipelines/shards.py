@@ -368,7 +368,7 @@ def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
     manifest = read_manifest(out)
     old = manifest.info
     info = json.loads(json.dumps(info))  # compare as stored (tuples -> lists, ...)
-    diff = {k: (old.get(k), v) for k, v in info.items() if old.get(k) != v}
+    diff = dict(_differing_leaves(old, info))
     if diff:
         detail = "; ".join(f"{k}: {str(a)[:120]!r} -> {str(b)[:120]!r}" for k, (a, b) in diff.items())
         if not manifest.shards:
@@ -376,6 +376,18 @@ def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
             return
         raise ValueError(f"{out} holds a dataset made with other settings or inputs ({detail}); "
                          "use an empty directory (or the original settings to resume)")
+
+
+def _differing_leaves(old: Mapping, new: Mapping, prefix: str = ""):
+    """(dotted key, (old value, new value)) of each key of ``new`` whose value differs, nested objects (the cost
+    hints' encoder settings) compared key by key so that the key named is the one that differs."""
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(o, Mapping) and isinstance(v, Mapping):
+            yield from _differing_leaves(o, v, f"{prefix}{k}.")
+            yield from ((f"{prefix}{k}.{g}", (o[g], None)) for g in o if g not in v)
+        elif o != v:
+            yield f"{prefix}{k}", (o, v)
 
 
 CONVERT_LOCK = ".convert.lock"

@@ -86,7 +86,8 @@ class PromptSet:
     Order: a permutation of the index per epoch (``seed``, epoch); global position ``p`` is prompt
     ``order(p // N)[p % N]``. A step takes the next ``prompts_per_step`` positions; data rank ``r`` of ``R``
     gets the positions ``== r (mod R)``: which prompts a step sees depends on the step only, not on the layout,
-    so the position (``step * prompts_per_step``) is the whole resume state."""
+    so the position (``step * prompts_per_step``) is the whole resume state, with a digest of the orders it
+    indexes (``order_digest``: a resume that draws another permutation is refused)."""
 
     def __init__(self, shards: Sequence[str], *, seed: int = 0, require_tags: bool = True):
         from rynnscale.data.reader import ReaderLimits, iter_tar_samples
@@ -120,6 +121,17 @@ class PromptSet:
 
     def order(self, epoch: int) -> list[int]:
         return self._permutation(epoch).tolist()
+
+    def order_digest(self, epoch: int) -> str:
+        """Digest of epoch ``epoch``'s order (``rynnscale.data.reader.order_digest``)."""
+        from rynnscale.data.reader import order_digest
+
+        return order_digest(self._permutation(epoch).tolist())
+
+    def epochs_of(self, first: int, count: int) -> range:
+        """The epochs positions ``first`` .. ``first + count - 1`` fall in."""
+        n = len(self.refs)
+        return range(first // n, (first + max(count, 1) - 1) // n + 1)
 
     def reseed(self, seed: int) -> None:
         """Another order (a resume whose checkpoint recorded another ``data.seed`` than the config's)."""
@@ -604,13 +616,40 @@ class RolloutSource:
                         bad_distinct=dict(self.stage.bad), metrics=metrics,
                         state={"grpo": {"optimizer_steps": self.steps_done, "bad": dict(self.stage.bad),
                                         "rollout": self.saved_record if inside else None,
-                                        "settings": dict(self.settings)}})
+                                        "settings": dict(self.settings),
+                                        "order": self._order_digests(self.steps_done)}})
+
+    def _order_digests(self, steps_done: int) -> dict[str, str]:
+        """Epoch -> digest of its prompt order, for the epochs of the positions a resume after ``steps_done``
+        optimiser steps uses (those of its rollout: a saved one's, or the next)."""
+        per_step = self.stage.rl.prompts_per_step
+        first = steps_done // self.per_rollout * per_step
+        return {str(e): self.stage.prompts.order_digest(e) for e in self.stage.prompts.epochs_of(first, per_step)}
+
+    def _check_order(self, saved: dict, steps_done: int, inside: bool) -> None:
+        """ConfigError if an epoch a resume continues inside (the next position not its first, or a saved rollout's
+        positions in it) now has another prompt order than the state was saved with: the position would point into
+        another permutation (numpy's seeded permutation is not promised across numpy versions), training some
+        prompts of the epoch twice and skipping others (or pairing a saved rollout's answers with other prompts).
+        States saved before the digests load unchecked."""
+        per_step, n = self.stage.rl.prompts_per_step, len(self.stage.prompts)
+        first = steps_done // self.per_rollout * per_step
+        epochs = self.stage.prompts.epochs_of(first, per_step) if inside else \
+            ([first // n] if first % n else [])
+        for e in epochs:
+            if str(e) in saved and saved[str(e)] != self.stage.prompts.order_digest(e):
+                raise ConfigError(
+                    f"GRPO resume: the prompt order of epoch {e} is not the one the checkpoint was saved with (the same "
+                    f"seed and prompts give another permutation: numpy {np.__version__} draws differently from the "
+                    "numpy that saved it?); continuing would train some prompts of this epoch twice and skip others. "
+                    "Resume with the numpy version the run was saved with")
 
     def load_state_dict(self, state: dict) -> None:
         st = state.get("grpo") if isinstance(state, dict) else None
         if st is None:
             raise ValueError("the checkpoint's data state is not a GRPO run's (train.objective changed?)")
         self._check_settings(st.get("settings") or {}, inside=st.get("rollout") is not None)  # absent: older states
+        self._check_order(st.get("order") or {}, int(st["optimizer_steps"]), inside=st.get("rollout") is not None)
         self.steps_done = int(st["optimizer_steps"])
         self.stage.bad = {str(k): int(v) for k, v in st.get("bad", {}).items()}   # absent in older checkpoints
         self.saved_record = st.get("rollout")

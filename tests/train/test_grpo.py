@@ -491,3 +491,47 @@ def test_prompts_without_tagged_answers_fail_fast_naming_the_key(tmp_path: Path,
     with pytest.raises(ConfigError, match=rf"rl.prompts.*no sample in 1 shard\(s\) \({re.escape(str(shard))}\) has "
                                           r"a reference answer with grounding tags \(1 samples skipped\)"):
         build_rollout_source(cfg, run, DistContext(device=torch.device("cpu")), model)
+
+
+def test_a_resume_under_another_prompt_permutation_is_refused(tmp_path: Path, shards) -> None:
+    """The prompt order is numpy's seeded permutation, which numpy does not promise across versions, and the state
+    held only the step count: a resume mid-epoch under another permutation trained some prompts of the epoch twice
+    and skipped others without a word. The state now carries a digest of the order (as the data loader's does):
+    such a resume is refused; one under the same order, one at an epoch's start (a fresh order) and a state saved
+    before the digest resume."""
+    from rynnscale.config.schema import ConfigError
+
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0")
+    args, model = build_model(cfg.model, seed=0)
+    source = RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)
+    state = json.loads(json.dumps(next(source).state))   # 2 of the 12 prompts of epoch 0 done (as a checkpoint holds it)
+    trained = {source.stage.prompts.at(p).key for p in range(2)}
+
+    def permute(ps: PromptSet) -> PromptSet:   # what another numpy's seeded permutation does
+        ps._permutation = lambda epoch, f=ps._permutation: f(epoch)[::-1].copy()
+        return ps
+
+    def resume(st: dict, permuted: bool) -> RolloutSource:
+        other = RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)
+        if permuted:
+            permute(other.stage.prompts)
+        other.load_state_dict(st)
+        return other
+
+    again = resume(state, permuted=False)
+    rest = {again.stage.prompts.at(p).key for p in range(2, 12)}
+    assert again.steps_done == 1 and len(rest) == 10 and not rest & trained   # the epoch goes on: each prompt once
+    assert {permute(PromptSet(shards, seed=cfg.data.seed)).at(p).key for p in range(2, 12)} & trained  # (repeats)
+    with pytest.raises(ConfigError, match=r"prompt order of epoch 0 is not the one the checkpoint was saved with"):
+        resume(state, permuted=True)
+    old = {"grpo": {k: v for k, v in state["grpo"].items() if k != "order"}}
+    assert resume(old, permuted=True).steps_done == 1                         # saved before the digest: unchecked
+    boundary = {"grpo": {**state["grpo"], "optimizer_steps": 6}}
+    assert resume(boundary, permuted=True).steps_done == 6                    # epoch 1 starts: nothing to repeat
+
+    # inside the first rollout (2 optimiser steps each): its saved answers would pair with other prompts
+    cfg = cfg_for(tmp_path, shards, "rl.max_new_tokens=2", "rl.kl_coef=0", "rl.policy_steps=2")
+    inside = json.loads(json.dumps(next(RolloutSource(stage_for(cfg, model, args, shards), model, torch.float32)).state))
+    assert inside["grpo"]["rollout"] is not None and resume(inside, permuted=False).saved_record is not None
+    with pytest.raises(ConfigError, match=r"prompt order of epoch 0 is not the one"):
+        resume(inside, permuted=True)
