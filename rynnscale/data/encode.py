@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,13 @@ import torch
 
 from rynnscale.batch import IGNORE_INDEX, EncodedSample
 from rynnscale.data.schema import SchemaError, parse_json, validate_member_name
-from rynnscale.data.tokenizer import BudgetTokenizer, TextTokens, VisionTokenIds, as_rust_tokenizer
+from rynnscale.data.tokenizer import (
+    BudgetTokenizer,
+    TextTokens,
+    VisionTokenIds,
+    as_rust_tokenizer,
+    tokenizer_fingerprint,
+)
 from rynnscale.data.video import VideoError, VideoLimits, decode_frames, probe_video, sample_frame_indices
 from rynnscale.data.vision_preprocess import (
     ImageError,
@@ -330,6 +336,12 @@ class SampleEncoder:
         tensors are then those views. Raw uint8 pixels come with ``pixel_norm`` set."""
         return self._finish(p.key, p.input_ids, p.labels, p.media, pixel_values_out, pixel_values_videos_out,
                             normalize)
+
+    @cached_property
+    def tokenizer_sha256(self) -> str:
+        """``tokenizer_fingerprint`` of the tokenizer (computed once; a manifest's cost hints record the one they
+        were made with)."""
+        return tokenizer_fingerprint(self.tok)
 
     def estimate(self, key: str, members: dict[str, bytes]) -> tuple[int, int]:
         """(tokens, vision patches) that :meth:`encode` would produce, without decoding any pixels.

@@ -193,14 +193,15 @@ def completed_shards(out_dir: str | os.PathLike, *, verify_sha256: bool = False)
 class ManifestHints:
     """Per-sample (num_tokens, vision_patches) hints from the manifest.json beside each shard.
 
-    ``settings``: the run's ``EncoderConfig.size_settings()``. A manifest records the settings its hints were
+    ``settings``: the run's ``size_settings(encoder)``. A manifest records the settings its hints were
     made with (``info.cost_hints.encoder``, written by the converters); where this run's may make a sample
     LARGER (a higher pixel bound, frame rate or frame count; another patching), the hints may be low, and a
     pack planned on them overflows the budget once decoded (samples skipped): the directory has no hints for
     this run (``ignored``: its samples are measured). Where they can only make samples smaller the hints are
     upper bounds and are used (``upper_bounds``: packs may be part empty); another chat template (Qwen3.5's adds a
-    reasoning block) may make it larger too. Settings a manifest does not record (older converters) are taken as
-    the same; a missing chat template is Qwen3-VL's (the only one converters rendered with before recording it)."""
+    reasoning block) or another tokenizer (``_tokenizer_difference``) may make it larger too. Settings a manifest
+    does not record (older converters) are taken as the same; a missing chat template is Qwen3-VL's (the only one
+    converters rendered with before recording it)."""
 
     def __init__(self, settings: Mapping | None = None):
         self.settings = settings
@@ -218,13 +219,9 @@ class ManifestHints:
                 self._dirs[d] = None
             else:
                 self._dirs[d] = m.by_name()
-                recorded = m.info.get("cost_hints")
-                recorded = recorded.get("encoder") if isinstance(recorded, Mapping) else None
-                if isinstance(recorded, Mapping) and self.settings:
-                    # recorded only when another: every converter rendered with Qwen3-VL's before
-                    recorded = {"chat_template": "qwen3_vl", **recorded}
-                    larger, smaller = _differences(recorded, self.settings)
-                    larger += _truncation_difference(recorded, self.settings)
+                made = m.info.get("cost_hints")
+                if isinstance(made, Mapping) and self.settings:
+                    larger, smaller = _hint_differences(made, self.settings)
                     if larger:
                         self.ignored[d] = larger + smaller
                         self._dirs[d] = None
@@ -253,7 +250,49 @@ def size_settings(encoder: Any) -> dict | None:
         return None
     cfg = encoder.cfg
     return {**f(), "chat_template": getattr(encoder, "chat_template", "qwen3_vl"),
-            "truncate_at": cfg.max_tokens if getattr(cfg, "truncate", False) else None}
+            "truncate_at": cfg.max_tokens if getattr(cfg, "truncate", False) else None,
+            "tokenizer_sha256": getattr(encoder, "tokenizer_sha256", None)}
+
+
+def _hint_differences(made: Mapping, settings: Mapping) -> tuple[list[str], list[str]]:
+    """How the settings a manifest's hints were ``made`` with (``info.cost_hints``) differ from a run's
+    (``size_settings``): (those under which a sample may be larger, those under which it can only be smaller)."""
+    larger = _tokenizer_difference(made, settings.get("tokenizer_sha256"))
+    recorded = made.get("encoder")
+    if not isinstance(recorded, Mapping):
+        return larger, []
+    # recorded only when another: every converter rendered with Qwen3-VL's before
+    recorded = {"chat_template": "qwen3_vl", **recorded}
+    mine = {k: v for k, v in settings.items() if k != "tokenizer_sha256"}
+    grow, smaller = _differences(recorded, mine)
+    return larger + grow + _truncation_difference(recorded, mine), smaller
+
+
+def _tokenizer_difference(made: Mapping, mine: str | None) -> list[str]:
+    """Hints made with another tokenizer may be low (its text splits into more tokens): ``["tokenizer: ..."]`` when
+    the fingerprint ``made`` records (``tokenizer_sha256``, ``tokenizer_fingerprint``) is not this run's (``mine``;
+    None: not judged), else []. A manifest without one (converters before it) is judged by the tokenizer at its
+    recorded path (``tokenizer``; None: the bundled one) where that is on this machine, else taken as the same."""
+    if mine is None:
+        return []
+    where = made.get("tokenizer")
+    if "tokenizer_sha256" in made:
+        theirs = made["tokenizer_sha256"]
+    elif "tokenizer" not in made:
+        return []
+    elif where is None or isinstance(where, str):
+        from rynnscale.data.tokenizer import tokenizer_path_fingerprint
+
+        theirs = tokenizer_path_fingerprint(where)
+        if theirs is None:
+            return []
+    else:
+        theirs = None
+    if theirs == mine:
+        return []
+    name = "the bundled Qwen3 tokenizer" if where is None else repr(where)[:200]   # (untrusted: cut)
+    theirs = theirs[:16] if isinstance(theirs, str) else repr(theirs)[:60]
+    return [f"tokenizer: {name} (sha256 {theirs}), this run's sha256 {mine[:16]}"]
 
 
 # size settings under which a larger value never makes a sample smaller (pixel bounds, frames, frame rate)

@@ -7,6 +7,7 @@ transformers import in the hot path). Its ``tokenizer.json`` is the same file tr
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -55,6 +56,28 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
         return Tokenizer.from_file(str(f))
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load {f}: {type(e).__name__}: {e}") from None
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """sha256 of ``tok``'s serialized pipeline (vocabulary, merges, added and special tokens, normalizer,
+    pre-tokenizer): what decides its token counts. The content decides, not the file or directory it was loaded
+    from (a copy elsewhere has the same fingerprint; one more added token, another)."""
+    return hashlib.sha256(as_rust_tokenizer(tok).to_str().encode("utf-8")).hexdigest()
+
+
+_PATH_FINGERPRINTS: dict[str, str | None] = {}
+
+
+def tokenizer_path_fingerprint(path: str | None) -> str | None:
+    """``tokenizer_fingerprint`` of the tokenizer at ``path`` (None: the bundled one), None when it is not on
+    this machine or does not load; computed once per process and path."""
+    key = str(path)
+    if key not in _PATH_FINGERPRINTS:
+        try:
+            _PATH_FINGERPRINTS[key] = tokenizer_fingerprint(load_tokenizer(path))
+        except (OSError, ValueError):
+            _PATH_FINGERPRINTS[key] = None
+    return _PATH_FINGERPRINTS[key]
 
 
 def as_rust_tokenizer(tok: Any) -> Tokenizer:

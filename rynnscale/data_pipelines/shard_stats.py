@@ -131,9 +131,9 @@ def cost_hints(key: str, members: Mapping[str, bytes], tokenizer: str | None = N
 
 
 def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any, recipe: Any = None) -> dict | None:
-    """What the manifest ``info`` records about how the hints were made (None when off): the tokenizer, and
-    the encoder's settings with the chat template it renders conversations with (``ManifestHints`` compares
-    them with a run's)."""
+    """What the manifest ``info`` records about how the hints were made (None when off): the tokenizer (its path,
+    and ``tokenizer_sha256``: a fingerprint of its content, ``tokenizer_fingerprint``), and the encoder's settings
+    with the chat template it renders conversations with (``ManifestHints`` compares them with a run's)."""
     if not enabled:
         return None
     from dataclasses import asdict
@@ -143,6 +143,7 @@ def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any, recipe
     _check_hint_source(tokenizer, encoder_cfg, recipe)
     if recipe is None:
         return {"tokenizer": None if tokenizer is None else str(tokenizer),
+                "tokenizer_sha256": get_estimator(tokenizer, encoder_cfg).tokenizer_sha256,
                 "encoder": asdict(encoder_cfg if encoder_cfg is not None else EncoderConfig())}
     from rynnscale.data.pipeline import tokenizer_source
 
@@ -150,7 +151,8 @@ def hint_settings(enabled: bool, tokenizer: str | None, encoder_cfg: Any, recipe
     encoder = asdict(enc.cfg)
     if enc.chat_template != "qwen3_vl":   # absent: Qwen3-VL's (what every converter rendered with before)
         encoder["chat_template"] = enc.chat_template
-    return {"tokenizer": None if tokenizer is None else str(tokenizer), "encoder": encoder}
+    return {"tokenizer": None if tokenizer is None else str(tokenizer), "tokenizer_sha256": enc.tokenizer_sha256,
+            "encoder": encoder}
 
 
 # ----------------------------------------------------------------------------------- histograms

@@ -369,6 +369,9 @@ def check_dataset_info(out_dir: str | os.PathLike, info: Mapping) -> None:
     old = manifest.info
     info = json.loads(json.dumps(info))  # compare as stored (tuples -> lists, ...)
     diff = dict(_differing_leaves(old, info))
+    if isinstance(old.get("cost_hints"), Mapping) and "tokenizer_sha256" not in old["cost_hints"]:
+        # converted before the tokenizer's fingerprint was recorded: resumed by its path (compared), as then
+        diff.pop("cost_hints.tokenizer_sha256", None)
     if diff:
         detail = "; ".join(f"{k}: {str(a)[:120]!r} -> {str(b)[:120]!r}" for k, (a, b) in diff.items())
         if not manifest.shards:

@@ -277,3 +277,116 @@ def test_samples_over_the_recipes_budget_stay_in_the_shards(tmp_path: Path) -> N
     loader = TrainLoader(replace(lc, num_epochs=1, num_workers=0, max_bad_fraction=1.0), build_encoder(cfg, args))
     trained = sorted(int(n) for st in loader for b in st.micro_batches if not b.filler for n in b.cu_seqlens.diff())
     assert trained == sorted(n for n in sizes if n <= 170) and loader.bad_counts == {"too_long": 3}
+
+
+def _tokenizer_dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(A: the bundled Qwen3 tokenizer, B: A with "e" and "o" as added tokens: text splits at every e and o, so
+    samples are longer under B; C: a copy of A in another directory)."""
+    from rynnscale.data.tokenizer import default_tokenizer_dir, load_tokenizer
+
+    a, b, c = tmp_path / "tok_a", tmp_path / "tok_b", tmp_path / "tok_c"
+    for d in (a, b, c):
+        d.mkdir()
+    data = (default_tokenizer_dir() / "tokenizer.json").read_bytes()
+    (a / "tokenizer.json").write_bytes(data)
+    (c / "tokenizer.json").write_bytes(data)
+    tok = load_tokenizer(a)
+    tok.add_tokens(["e", "o"])
+    tok.save(str(b / "tokenizer.json"))
+    return a, b, c
+
+
+def _run_tokens(out: Path, tokenizer: Path, budget: int, caplog: pytest.LogCaptureFixture, monkeypatch=None):
+    """(sizes of the samples trained, bad counts, keys measured by ``estimate``) of one epoch over ``out`` under a
+    run reading its data with ``tokenizer`` at the default settings and a ``budget`` token budget."""
+    from rynnscale.data.encode import EncoderConfig, SampleEncoder
+    from rynnscale.data.loader import LoaderConfig, TrainLoader
+    from rynnscale.data.tokenizer import load_tokenizer
+
+    measured: list[str] = []
+    if monkeypatch is not None:
+        estimate = SampleEncoder.estimate
+        monkeypatch.setattr(SampleEncoder, "estimate", lambda self, key, members: measured.append(key) or
+                            estimate(self, key, members))
+    enc = SampleEncoder(load_tokenizer(tokenizer), EncoderConfig(max_tokens=budget))
+    loader = TrainLoader(LoaderConfig(train_shards=[str(out / "*.tar")], micro_batch_tokens=budget, pack_window=8,
+                                      shuffle_buffer=0, num_epochs=1, max_bad_fraction=1.0), enc)
+    with caplog.at_level(logging.INFO, logger="rynnscale.data"):
+        sizes = sorted(int(n) for st in loader for b in st.micro_batches if not b.filler for n in b.cu_seqlens.diff())
+    return sizes, loader.bad_counts, measured
+
+
+@pytest.mark.parametrize("manifest", ["fingerprint", "path_only"])
+def test_hints_of_another_tokenizer_are_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 manifest: str) -> None:
+    """Hints made with tokenizer A, a run reading with B (A plus two added tokens: every sample longer than its
+    hint). Manifests recorded the tokenizer only as a path, which the loader did not compare: packs planned on
+    the low hints overflowed the budget and samples were lost as estimate_overflow. Now the manifest records a
+    fingerprint of the tokenizer's content; another one leaves the hints unused (every sample measured, one
+    warning naming the way to hints that fit). A manifest without the fingerprint (older converters) is judged by
+    the tokenizer at its recorded path, where that is on this machine."""
+    from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
+
+    src, media = _jsonl(tmp_path)
+    tok_a, tok_b, _ = _tokenizer_dirs(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress",
+                 "--tokenizer", str(tok_a)]) == 0
+    if manifest == "path_only":
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        m["info"]["cost_hints"].pop("tokenizer_sha256", None)
+        (out / MANIFEST_NAME).write_text(json.dumps(m))
+    hints = sorted(t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"])
+    budget = hints[-1] + hints[-2]   # the two longest fill a pack by their hints
+    sizes, bad, _ = _run_tokens(out, tok_b, budget, caplog)
+    assert len(sizes) == 6 and bad == {}, bad   # was {'estimate_overflow': 2}
+    assert all(a > b for a, b in zip(sizes, hints, strict=True))   # every sample longer than its hint
+    assert f"tokenizer: {str(tok_a)!r} (sha256 " in caplog.text and "not used" in caplog.text
+    assert caplog.text.count("cost hints") == 1 and "data convert ... --recipe RECIPE.yaml" in caplog.text
+
+
+def test_hints_of_the_same_tokenizer_elsewhere_are_used(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch) -> None:
+    """The run's tokenizer is a copy of the converter's in another directory: the content decides, not the path
+    (the hints are used: no sample measured, no warning). Also for a manifest without the fingerprint whose
+    recorded tokenizer path is not on this machine (converted elsewhere): used as before."""
+    from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
+
+    src, media = _jsonl(tmp_path)
+    tok_a, _, tok_c = _tokenizer_dirs(tmp_path)
+    out = tmp_path / "out"
+    assert main(["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress",
+                 "--tokenizer", str(tok_a)]) == 0
+    assert len(read_manifest(out).info["cost_hints"]["tokenizer_sha256"]) == 64
+    hints = sorted(t for s in read_manifest(out).shards for t in s.sample_costs["num_tokens"])
+    sizes, bad, measured = _run_tokens(out, tok_c, 4096, caplog, monkeypatch)
+    assert sizes == hints and bad == {} and measured == [] and "cost hints" not in caplog.text
+
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    del m["info"]["cost_hints"]["tokenizer_sha256"]
+    m["info"]["cost_hints"]["tokenizer"] = str(tmp_path / "elsewhere")
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    caplog.clear()
+    sizes, bad, measured = _run_tokens(out, tok_c, 4096, caplog, monkeypatch)
+    assert sizes == hints and bad == {} and measured == [] and "cost hints" not in caplog.text
+
+
+def test_a_conversion_from_before_the_fingerprint_resumes(tmp_path: Path, capsys) -> None:
+    """A directory whose manifest has no tokenizer fingerprint (converted before it was recorded) resumes with the
+    same tokenizer path (the new fingerprint is not 'another setting'); another path is still refused."""
+    from rynnscale.data.manifest import MANIFEST_NAME, read_manifest
+
+    src, media = _jsonl(tmp_path)
+    tok_a, _, tok_c = _tokenizer_dirs(tmp_path)
+    out = tmp_path / "out"
+    args = ["data", "convert", "jsonl", str(src), str(out), "--media-root", str(media), "--no-progress"]
+    assert main([*args, "--tokenizer", str(tok_a)]) == 0
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    sha = m["info"]["cost_hints"].pop("tokenizer_sha256")
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main([*args, "--tokenizer", str(tok_a)]) == 0, capsys.readouterr().err
+    assert read_manifest(out).info["cost_hints"]["tokenizer_sha256"] == sha
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    assert main([*args, "--tokenizer", str(tok_c)]) == 2
+    assert "cost_hints.tokenizer:" in capsys.readouterr().err
