@@ -28,6 +28,7 @@ NOT_CONFIG_KEYS = {
     "model.new_cache",   # docs/model_families.md: a model method
 }
 PARAMETER_NAMES = ("model.visual.", "model.language_model.", "model.layers.")   # HF parameter-name patterns
+PACKAGES = "|".join(sorted(p.name for p in (REPO / "rynnscale").iterdir() if (p / "__init__.py").is_file()))
 FILE_SUFFIXES = {"py", "yaml", "json", "jsonl", "md", "safetensors", "tar", "png", "sh"}
 
 
@@ -167,6 +168,7 @@ def missing_paths(text: str, where: str, base: Path) -> list[str]:
         cands = set(re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", line))
         cands |= set(re.findall(r"(?<![\w/.$~-])((?:rynnscale|recipes|tests|bench|docs|launchers|\.ci)/[\w./{},-]*\w)",
                                 line))
+        cands |= {"rynnscale/" + m for m in re.findall(rf"(?<![\w/.$~-])((?:{PACKAGES})/[\w/]*\.py)\b", line)}
         for cand in cands:
             m = re.fullmatch(r"(.*)\{([^}]*)\}(.*)", cand)
             for path in ([m.group(1) + x + m.group(3) for x in m.group(2).split(",")] if m else [cand]):
@@ -220,12 +222,13 @@ def test_recipe_commands_in_the_docs_load_and_plan() -> None:
 def test_the_checkers_find_planted_mistakes(tmp_path: Path) -> None:
     """A misspelt key, an unknown flag, a missing recipe path and a refused override are each reported."""
     text = ("Set `optim.lr_max=1e-3` or `model.lora.rnk`, run `rynnscale data convert jsonl F OUT --media-dir D`\n"
-            "and see `recipes/finetune/no_such.yaml`:\n\n"
+            "and see `recipes/finetune/no_such.yaml` and `train/no_such.py`:\n\n"
             "    rynnscale plan recipes/base/qwen3_vl_8b.yaml train.micro_batch_tokens=8192 --nodes 2\n")
     assert [p.split(": ", 1)[1] for p in unknown_config_keys(text, "t")] == [
         "config key 'optim.lr_max' is not in rynnscale/config/schema.py",
         "config key 'model.lora.rnk' is not in rynnscale/config/schema.py"]
     flags = unknown_cli_flags(text, "t")
     assert len(flags) == 1 and "`rynnscale data convert jsonl` has no option --media-dir" in flags[0], flags
-    assert missing_paths(text, "t", tmp_path) == ["t:2: recipes/finetune/no_such.yaml does not exist"]
+    assert sorted(missing_paths(text, "t", tmp_path)) == ["t:2: recipes/finetune/no_such.yaml does not exist",
+                                                          "t:2: rynnscale/train/no_such.py does not exist"]
     assert recipe_commands(text) == [(4, "plan", "recipes/base/qwen3_vl_8b.yaml", ["train.micro_batch_tokens=8192"])]
