@@ -144,6 +144,11 @@ def unknown_cli_flags(text: str, where: str) -> list[str]:
                 break
         if not path:
             continue   # prose such as "rynnscale is ..."
+        subcommands = {k[len(path)] for k in table if len(k) > len(path) and k[:len(path)] == path}
+        rest = argv[len(path):]
+        if subcommands and rest and re.fullmatch(r"[a-z][\w-]*", rest[0]):   # not `synth|convert`, `{a,b}`, a flag
+            problems.append(f"{where}:{n}: `rynnscale {' '.join(path)}` has no subcommand {rest[0]!r} "
+                            f"(it has {sorted(subcommands)})")
         for tok in argv:
             flag = tok.split("=")[0]
             if flag.startswith("--") and flag not in table[path]:
@@ -194,41 +199,51 @@ def test_paths_in_the_docs_exist(doc: Path) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_recipe_commands_in_the_docs_load_and_plan() -> None:
-    """Every ``rynnscale train|plan recipes/...`` command outside the README's bash blocks (tests/test_readme.py runs
-    those) loads as ``train`` would load it (paths unchecked: ``/mnt/...`` is the user's); a ``plan`` also plans."""
+def refused_recipe_commands(text: str, where: str) -> tuple[int, list[str]]:
+    """(how many ``rynnscale train|plan recipes/...`` commands, ``where:line: ...`` for each that does not load as
+    ``train`` would load it (paths unchecked: ``/mnt/...`` is the user's) or, for ``plan``, does not plan)."""
     from rynnscale.config.load import load_config
     from rynnscale.plan import plan_recipe
 
+    commands, problems = recipe_commands(text), []
+    for n, cmd, recipe, overrides in commands:
+        overrides = [o for o in overrides if "<" not in o]   # `model.init_from=<Qwen3.5-MoE dir>`
+        try:
+            cfg = load_config(REPO / recipe, overrides, check_paths=False)
+            if cmd == "plan":
+                plan_recipe(cfg, recipe)
+        except Exception as e:   # noqa: BLE001 - every refusal is the finding
+            problems.append(f"{where}:{n}: rynnscale {cmd} {recipe} {' '.join(overrides)}: {type(e).__name__}: {e}")
+    return len(commands), problems
+
+
+def test_recipe_commands_in_the_docs_load_and_plan() -> None:
+    """Every ``rynnscale train|plan recipes/...`` command outside the README's bash blocks (tests/test_readme.py runs
+    those) loads, and a ``plan`` plans."""
     seen, problems = 0, []
     for doc in DOCS:
         text = doc.read_text()
-        if doc.name == "README.md" and doc.parent == REPO:   # drop the bash blocks test_readme.py runs
+        if doc == REPO / "README.md":   # blank out the bash blocks test_readme.py runs (keeping line numbers)
             text = re.sub(r"```bash\n.*?```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S)
-        for n, cmd, recipe, overrides in recipe_commands(text):
-            overrides = [o for o in overrides if "<" not in o]   # `model.init_from=<Qwen3.5-MoE dir>`
-            seen += 1
-            try:
-                cfg = load_config(REPO / recipe, overrides, check_paths=False)
-                if cmd == "plan":
-                    plan_recipe(cfg, recipe)
-            except Exception as e:   # noqa: BLE001 - every refusal is the finding
-                problems.append(f"{doc.relative_to(REPO)}:{n}: rynnscale {cmd} {recipe} {' '.join(overrides)}: "
-                                f"{type(e).__name__}: {e}")
+        n, found = refused_recipe_commands(text, str(doc.relative_to(REPO)))
+        seen, problems = seen + n, problems + found
     assert seen >= 5, f"only {seen} recipe commands found in the docs"
     assert not problems, "\n".join(problems)
 
 
 def test_the_checkers_find_planted_mistakes(tmp_path: Path) -> None:
-    """A misspelt key, an unknown flag, a missing recipe path and a refused override are each reported."""
+    """A misspelt key, an unknown flag or subcommand, a missing path and a refused override are each reported."""
     text = ("Set `optim.lr_max=1e-3` or `model.lora.rnk`, run `rynnscale data convert jsonl F OUT --media-dir D`\n"
-            "and see `recipes/finetune/no_such.yaml` and `train/no_such.py`:\n\n"
+            "or `rynnscale ckpt export CKPT OUT`; see `recipes/finetune/no_such.yaml` and `train/no_such.py`:\n\n"
             "    rynnscale plan recipes/base/qwen3_vl_8b.yaml train.micro_batch_tokens=8192 --nodes 2\n")
     assert [p.split(": ", 1)[1] for p in unknown_config_keys(text, "t")] == [
         "config key 'optim.lr_max' is not in rynnscale/config/schema.py",
         "config key 'model.lora.rnk' is not in rynnscale/config/schema.py"]
     flags = unknown_cli_flags(text, "t")
-    assert len(flags) == 1 and "`rynnscale data convert jsonl` has no option --media-dir" in flags[0], flags
+    assert len(flags) == 2 and "t:1: `rynnscale data convert jsonl` has no option --media-dir" in flags[0], flags
+    assert "t:2: `rynnscale ckpt` has no subcommand 'export' (it has ['export-hf', 'inspect'])" in flags[1], flags
     assert sorted(missing_paths(text, "t", tmp_path)) == ["t:2: recipes/finetune/no_such.yaml does not exist",
                                                           "t:2: rynnscale/train/no_such.py does not exist"]
     assert recipe_commands(text) == [(4, "plan", "recipes/base/qwen3_vl_8b.yaml", ["train.micro_batch_tokens=8192"])]
+    n, refused = refused_recipe_commands(text, "t")
+    assert n == 1 and len(refused) == 1 and "PlanError: plan.visual_tokens_per_micro_batch=10240" in refused[0], refused
