@@ -58,6 +58,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from rynnscale.checkpoint.rng import capture_rng_state, restore_rng_state
+from rynnscale.config.schema import ConfigError
 from rynnscale.fsutil import atomic_write_bytes, fsync_dir
 from rynnscale.parallel.fqn import clean_fqn
 
@@ -76,6 +77,11 @@ _TMP_RE = re.compile(r"^step_(\d+)\.tmp-([0-9A-Za-z]+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, unsafe or does not fit; the message names the path / key."""
+
+
+class ResumePathError(CheckpointError, ConfigError):
+    """``checkpoint.resume=PATH`` names no complete checkpoint: a setting to fix (``rynnscale train`` exits 2, as
+    for a PATH that does not exist, which the recipe's load refuses)."""
 
 
 class CheckpointCommittedError(CheckpointError):
@@ -635,7 +641,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume: str, process_g
         res = None
     chosen, error = _broadcast(res, process_group)
     if error:
-        raise CheckpointError(error)
+        raise ResumePathError(error)
     return Path(chosen) if chosen is not None else None
 
 

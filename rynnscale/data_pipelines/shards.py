@@ -405,6 +405,7 @@ def locks_output_dir(convert: Any) -> Any:
     @functools.wraps(convert)
     def locked(*args: Any, **kwargs: Any) -> Any:
         out = Path(sig.bind(*args, **kwargs).arguments["out_dir"])
+        created = not out.exists()
         try:   # here rather than in the lock: an OSError of the conversion itself is no usage error
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -412,7 +413,13 @@ def locks_output_dir(convert: Any) -> Any:
                                                                   f"cannot be created: {e.strerror or e}")) from None
         with directory_lock(out, "output directory", "conversion", "wait for it to end, or convert into another "
                             "directory", name=CONVERT_LOCK):
-            return convert(*args, **kwargs)
+            try:
+                return convert(*args, **kwargs)
+            except Exception:   # a mistyped source or option: leave no OUT that holds only our lock behind
+                if created and {p.name for p in out.iterdir()} == {CONVERT_LOCK}:
+                    (out / CONVERT_LOCK).unlink()
+                    out.rmdir()
+                raise
 
     return locked
 

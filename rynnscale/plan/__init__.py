@@ -27,6 +27,10 @@ def plan_recipe(cfg: Any, recipe: str = "", *, cluster: PlanConfig | None = None
     one training would build (``rynnscale.train.build``), on the meta device."""
     arch = resolve_model_args(cfg.model, check_paths=False)
     pc = cfg.plan
+    if pc.visual_tokens_per_micro_batch > cfg.train.micro_batch_tokens:
+        raise PlanError(f"plan.visual_tokens_per_micro_batch={pc.visual_tokens_per_micro_batch} visual tokens do not fit "
+                        f"in one micro-batch of train.micro_batch_tokens={cfg.train.micro_batch_tokens}: set "
+                        f"plan.visual_tokens_per_micro_batch to at most {cfg.train.micro_batch_tokens}")
     c = cluster or pc
     args, model = build_model(cfg.model, meta=True, arch=arch)
     st = param_stats(model, largest_param_group(model, cfg.optim))

@@ -584,7 +584,7 @@ def _suggest(recipe, model_name, args, st, lay, w, c, p) -> list[str]:
     while T > 512:
         T //= 2
         # smaller packs of the same data: the same share of visual tokens (the recipe's visual budget must
-        # stay within the micro-batch, or validation refuses the suggestion)
+        # stay within the micro-batch, or plan_recipe refuses the suggestion)
         visual = w.visual_tokens * T // w.micro_batch_tokens
         w2 = replace(w, micro_batch_tokens=T, visual_tokens=visual, doc_tokens=min(w.doc_tokens or T, T))
         if fits(w2=w2):

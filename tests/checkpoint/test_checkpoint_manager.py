@@ -253,6 +253,22 @@ def test_inner_dcp_folder_is_recognised_and_points_at_the_step_directory(tmp_pat
                                           "complete: no COMPLETE marker (the save never finished)")
 
 
+def test_a_resume_path_naming_no_checkpoint_is_a_setting_to_fix(tmp_path):
+    """``checkpoint.resume=`` naming the run directory or a step's dcp/ folder stopped ``rynnscale train`` with exit
+    1, the code of a failed run, while every other bad setting (a PATH that does not exist included) exits 2
+    (README: "A bad setting is a one-line message naming the key and exit code 2")."""
+    from rynnscale.config import ConfigError
+
+    model = w.build_model(w.tiny_hf_config(num_experts=0))
+    opt, sched = w.build_optim(model, 2)
+    step = CheckpointManager(tmp_path / "run").save(1, model, opt, sched, model_config=w.tiny_hf_config(num_experts=0))
+    for path in (step / "dcp", tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        with pytest.raises(ConfigError, match=r"checkpoint\.resume=.*not a complete checkpoint") as e:
+            find_resume_checkpoint(tmp_path / "run", str(path))
+        assert isinstance(e.value, CheckpointError)   # what callers of the checkpoint layer catch
+    assert find_resume_checkpoint(tmp_path / "run", str(step)) == step
+
+
 @pytest.mark.parametrize("written_by", ["now", "before"])
 def test_tied_embedding_is_stored_once_and_loads_exactly(tmp_path, monkeypatch, written_by):
     """Issue 28, item 6: a tied ``lm_head.weight`` was stored beside the token embedding it is (``ckpt inspect``

@@ -35,7 +35,8 @@ FRAMES = ["--fps", "2", "--clip-frames", "4", "--task", "walk"]
                                   "frames_missing", "frames_bad_option", "frames_too_few", "out_is_file",
                                   "out_made_with_other_settings"])
 def test_user_errors_exit_2(tmp_path: Path, capsys, case: str) -> None:
-    """Each used to exit 1 like a failed conversion (OUT being a file: a FileExistsError traceback)."""
+    """Each used to exit 1 like a failed conversion (OUT being a file: a FileExistsError traceback). An OUT the
+    refused command created is not left behind (it was: an empty directory holding the conversion's lock file)."""
     d = _frames(tmp_path / "nav", 8)
     out = tmp_path / "out"
     (tmp_path / "file").write_text("x")
@@ -61,6 +62,7 @@ def test_user_errors_exit_2(tmp_path: Path, capsys, case: str) -> None:
               "frames_too_few": "8 frames, fewer than one clip of --clip-frames 9",
               "out_is_file": "file is a file", "out_made_with_other_settings": "other settings"}[case]
     assert err.startswith(f"rynnscale data convert {args[0]}: ") and expect in err and "\n" not in err, err
+    assert out.exists() == (case == "out_made_with_other_settings"), case
 
 
 def test_failed_conversion_exits_1(tmp_path: Path, capsys) -> None:

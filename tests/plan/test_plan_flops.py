@@ -82,19 +82,21 @@ def _suggested_overrides(suggestion: str) -> list[str]:
     # GRPO: config validation refuses parallel.cp > 1 and train.grad_accum != 1
     ("finetune/chain_of_point_grpo.yaml", ["train.micro_batch_tokens=131072", "model.activation_checkpointing=full"],
      []),
-    # a visual budget of 40,000 tokens: a smaller micro-batch must carry a smaller budget, or validation refuses it
+    # a visual budget of 40,000 tokens: a smaller micro-batch must carry a smaller budget, or the planner refuses it
     ("base/qwen3_vl_8b.yaml", ["train.micro_batch_tokens=65536", "plan.visual_tokens_per_micro_batch=40000",
                                "model.activation_checkpointing=full"], ["plan.gpu_mem_gib=40", "plan.gpus_per_node=2"]),
 ])
 def test_every_suggestion_passes_the_recipes_validation(recipe: str, over: list[str], cluster: list[str]) -> None:
     """What `rynnscale plan` advises for a recipe that does not fit is a set of recipe overrides that load (the
-    same validation training runs)."""
+    same validation training runs) and plan."""
     plan = plan_recipe(_cfg(recipe, *over, *cluster), recipe)
     assert not plan.fits
     changes = [_suggested_overrides(s) for s in plan.suggestions]
     assert any(changes), plan.suggestions
     for keys in changes:
-        _cfg(recipe, *over, *cluster, *keys)   # raises ConfigError on an override training would refuse
+        cfg = _cfg(recipe, *over, *cluster, *keys)   # raises ConfigError on an override training would refuse
+        if any(k.startswith("train.micro_batch_tokens=") for k in keys):
+            plan_recipe(cfg, recipe)   # PlanError on a visual budget the smaller micro-batch cannot hold
     if "grpo" in recipe:
         assert plan.recommended_cp is None
 
@@ -139,3 +141,18 @@ def test_ep_traffic_counts_a_pass_more_in_every_recomputed_moe_layer() -> None:
     for mode, passes in want.items():
         w = Workload(micro_batch_tokens=4096, checkpointing=mode, every=2)
         assert estimate_comm(args, st, lay, w, cfg.plan).ep_all_to_all_bytes == pytest.approx(passes * per_pass), mode
+
+
+def test_a_smaller_micro_batch_trains_and_the_planner_names_its_visual_budget() -> None:
+    """`plan.visual_tokens_per_micro_batch` is the planner's assumption, not a training setting: lowering
+    `train.micro_batch_tokens` under the base recipes' 10,240-token visual budget (what one does after an
+    out-of-memory error) was refused by `rynnscale train` too. The planner still refuses to plan more visual tokens
+    than a micro-batch holds, naming both keys; with both set it plans."""
+    cfg = _cfg("base/qwen3_vl_8b.yaml", "train.micro_batch_tokens=8192")   # loads: a training run starts
+    assert cfg.train.micro_batch_tokens == 8192 and cfg.plan.visual_tokens_per_micro_batch == 10240
+    with pytest.raises(PlanError, match=r"plan\.visual_tokens_per_micro_batch=10240 .*train\.micro_batch_tokens=8192"
+                                        r".*at most 8192"):
+        plan_recipe(cfg, "8b")
+    ok = plan_recipe(_cfg("base/qwen3_vl_8b.yaml", "train.micro_batch_tokens=8192",
+                          "plan.visual_tokens_per_micro_batch=5120"), "8b")
+    assert ok.workload["visual_tokens"] == 5120
