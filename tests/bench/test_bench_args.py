@@ -4,11 +4,11 @@ error in a spawned rank) or a run that "succeeds" with no timed step."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench.bench_scripts import load_bench_script
 
 pytest.importorskip("transformers")
 import torch  # noqa: E402
@@ -17,15 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCH))   # bf16_parity imports train_step from beside it
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up while being defined
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench_script(name)
 
 
 BAD = [

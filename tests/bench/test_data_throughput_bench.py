@@ -5,12 +5,12 @@ negative and the "decode excluded" ratio absurd (37x)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.bench.bench_scripts import load_bench_script
 
 pytest.importorskip("av")
 
@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("data_throughput_bench", ROOT / "bench" / "data_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("data_throughput")
 
 
 def test_breakdown_decodes_as_encode_does(monkeypatch):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,12 +31,9 @@ def test_generate_bench_runs_and_matches_transformers(tmp_path: Path) -> None:
 def test_every_variant_is_warmed_up_before_it_is_timed() -> None:
     """Only ``ours-kv-batch`` and ``hf`` were warmed up: the first (timed) call of the others carried their first-call
     costs, the whole figure with ``--repeats 1``. A variant whose first call burns CPU is now timed without it."""
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "generate.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_script("generate")
     calls = {"ours-kv-batch": 0, "ours-nocache": 0, "hf-batch": 0}
 
     def variant(name: str):

@@ -7,7 +7,6 @@ the deadline are skipped and reported rather than run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,17 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 NAME_OK = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def _load_driver():
-    spec = importlib.util.spec_from_file_location("gpu_check_driver", ROOT / "bench" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("gpu_check")
 
 
 driver = _load_driver()

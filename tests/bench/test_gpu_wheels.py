@@ -5,12 +5,13 @@ here it runs on stand-in wheels carrying the pinned versions' recorded requireme
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from tests.bench.bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_wheels.sh"
@@ -30,10 +31,7 @@ RECORDED = {
 
 
 def _load_checker():
-    spec = importlib.util.spec_from_file_location("wheel_deps", ROOT / "bench" / "wheel_deps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("wheel_deps")
 
 
 def _bash_array(name: str) -> list[str]:

@@ -4,7 +4,6 @@ transformers, the table, the step-time breakdown) run in bench/gpu_check.sh's dr
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.bench.bench_scripts import load_bench_script
+
 pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,11 +21,7 @@ BENCH = ROOT / "bench" / "train_step.py"
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("train_step_bench", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("train_step")
 
 
 @pytest.mark.slow  # Inductor's C++ compile on the CPU
@@ -94,10 +91,7 @@ def test_ours_is_compared_with_the_fastest_liger_row_and_its_peak_memory():
         r |= dict(tflops=1.0, mfu=0.5)
     table = bench.format_table(rows, 1.0, "cpu", torch.float32)
     assert "pkxBLig" in table and table.splitlines()[-1].rstrip().endswith("1.25")
-    spec = importlib.util.spec_from_file_location("gpu_check_driver", ROOT / "bench" / "gpu_check.py")
-    driver = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = driver  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(driver)
+    driver = load_bench_script("gpu_check")
     assert driver._vs_best_liger(ours) == " 1.30x best liger (none, 1.25x its peak)"
 
 
@@ -125,12 +119,6 @@ def test_a_case_that_cannot_be_set_up_is_reported_and_the_next_case_runs(tmp_pat
     assert "ERROR: case setup: ImportError" in out and "FLOPs/step packed" in out
 
 
-def _load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_driver", ROOT / "bench" / "gpu_check.py")
-    driver = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = driver  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(driver)
-    return driver
 
 
 def test_lora_step_is_not_compared_with_a_transformers_full_step():
@@ -149,7 +137,7 @@ def test_lora_step_is_not_compared_with_a_transformers_full_step():
     assert not any(k.startswith(("x_hf", "x_liger", "x_best", "mem_vs", "peak_vs")) for k in lora), lora
     assert abs(lora["x_ours"] - 1.5) < 1e-12 and abs(rows[1]["x_hf"] - 1.2) < 1e-12
     lora |= dict(mfu=0.4)
-    key = _load_gpu_check().bench_row_key(lora)
+    key = load_bench_script("gpu_check").bench_row_key(lora)
     assert key == "ours-lora/none 180 tok/s 1.50x ours full MFU 40%", key
 
 

@@ -97,18 +97,23 @@ QWEN35_TARGETS = ("*.self_attn.q_proj", "*.self_attn.o_proj", "*.linear_attn.in_
                   "*.mlp.shared_expert.gate_proj", "*.mlp.shared_expert.down_proj", "*.mlp.shared_expert_gate")
 
 
-def qwen35_lora_model():
+def _with_random_adapters(model, targets: tuple[str, ...]):
+    """``model`` with rank-4 adapters (experts included) on ``targets``, their weights drawn from seed 5."""
     from lora_helpers import randomize_adapters
-    from test_qwen35_parallel import _model
 
     from rynnscale.models import family_of
     from rynnscale.models.lora import LoRASpec, apply_lora
 
-    model = _model()
-    apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, targets=QWEN35_TARGETS),
+    apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, targets=targets),
                experts_of=family_of(model).is_experts)
     randomize_adapters(model, seed=5)
     return model
+
+
+def qwen35_lora_model():
+    from test_qwen35_parallel import _model
+
+    return _with_random_adapters(_model(), QWEN35_TARGETS)
 
 
 def qwen35_lora_worker(rank: int, world: int) -> dict:
@@ -153,17 +158,9 @@ QWEN35_CP_TARGETS = ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_
 
 
 def qwen35_lora_cp_model():
-    from lora_helpers import randomize_adapters
     from test_qwen35_cp import _model
 
-    from rynnscale.models import family_of
-    from rynnscale.models.lora import LoRASpec, apply_lora
-
-    model = _model(True, 2)
-    apply_lora(model, LoRASpec(rank=4, alpha=8.0, experts=True, targets=QWEN35_CP_TARGETS),
-               experts_of=family_of(model).is_experts)
-    randomize_adapters(model, seed=5)
-    return model
+    return _with_random_adapters(_model(True, 2), QWEN35_CP_TARGETS)
 
 
 def qwen35_lora_cp_worker(rank: int, world: int) -> dict:

@@ -68,17 +68,23 @@ def test_peft_on_transformers_and_merged_export_equal_ours(tmp_path: Path, moe: 
     export_model(ours.eval(), args, tmp_path / "merged", copy_from=src)
     merged = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
-        ours_ld = ours.logits(ours(batch).hidden_ld)
         base_ld = base.logits(base(batch).hidden_ld)
-        start = 0
-        for s in samples:
-            n = s["ids"].numel()
-            ref = hf_forward(pm, s).logits[0]
-            assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
-            assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
-            assert _rel(base_ld[start:start + n], ref) > 1e-3   # the adapters really change the model
-            start += n
+        for _, rows, ref in _peft_matches_ours_and_merged(ours.logits(ours(batch).hidden_ld), samples, pm, merged):
+            assert _rel(base_ld[rows], ref) > 1e-3   # the adapters really change the model
 
+
+
+def _peft_matches_ours_and_merged(ours_ld, samples, pm, merged):
+    """Per sample of a packed row: peft's logits (``pm``) equal ours and the merged export's (rel 1e-5); yields
+    (sample, its rows in ``ours_ld``, peft's logits) for further checks."""
+    start = 0
+    for s in samples:
+        n = s["ids"].numel()
+        ref = hf_forward(pm, s).logits[0]
+        assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
+        assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
+        yield s, slice(start, start + n), ref
+        start += n
 
 def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp_path: Path, monkeypatch) -> None:
     """A Qwen3.5-MoE LoRA checkpoint (adapters only, as a LoRA run saves it) of a run that named its base relatively
@@ -116,14 +122,8 @@ def test_ckpt_export_of_a_lora_checkpoint_from_another_directory_equals_ours(tmp
     samples = make_samples(torch.Generator().manual_seed(0), multimodal=True)
     with torch.no_grad():
         ours_ld = ours.eval().logits(ours(pack(samples)).hidden_ld)
-        start = 0
-        for s in samples:
-            n = s["ids"].numel()
-            ref = hf_forward(pm, s).logits[0]
-            assert _rel(ours_ld[start:start + n], ref) < 1e-5, f"sample of {n} tokens: ours vs peft"
-            assert _rel(hf_forward(merged, s).logits[0], ref) < 1e-5, f"sample of {n} tokens: merged vs peft"
-            assert _rel(hf_forward(auto, s).logits[0], ref) < 1e-6, f"sample of {n} tokens: AutoPeftModel vs peft"
-            start += n
+        for s, _, ref in _peft_matches_ours_and_merged(ours_ld, samples, pm, merged):
+            assert _rel(hf_forward(auto, s).logits[0], ref) < 1e-6, "AutoPeftModel vs peft"
 
 
 def test_targets_that_leave_decoder_layers_without_adapters_are_warned_of(caplog) -> None:
