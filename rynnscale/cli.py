@@ -76,21 +76,25 @@ def _cmd_data(args: argparse.Namespace) -> int:
         import json
 
         from rynnscale.data.manifest import ManifestError
-        from rynnscale.data_pipelines.shard_stats import format_report, inspect_shards
+        from rynnscale.data_pipelines.shard_stats import HintSourceError, format_report, inspect_shards
 
         if args.overrides and args.recipe is None:
             print(f"rynnscale data inspect: key=value overrides ({' '.join(args.overrides)}) are a recipe's: give "
                   "the recipe with --recipe RECIPE.yaml", file=sys.stderr)
             return 2
+        if args.recipe is not None and args.no_estimate:
+            print("rynnscale data inspect: --recipe sets how tokens are counted, --no-estimate counts none: give one",
+                  file=sys.stderr)
+            return 2
         try:
             recipe = None
-            if args.recipe is not None and not args.no_estimate:
+            if args.recipe is not None:
                 from rynnscale.data_pipelines.shard_stats import hint_recipe
 
                 recipe = hint_recipe(args.recipe, args.overrides)
             rep = inspect_shards(args.dir, estimate=not args.no_estimate, tokenizer=args.tokenizer, recipe=recipe,
                                  max_samples=args.max_samples, verify_sha256=args.verify, bins=args.bins)
-        except (ManifestError, FileNotFoundError, ValueError) as e:
+        except (ManifestError, FileNotFoundError, HintSourceError) as e:
             print(f"rynnscale data inspect: {e}", file=sys.stderr)
             return 2
         print(json.dumps(rep, indent=1) if args.json else format_report(rep))

@@ -27,12 +27,17 @@ __all__ = [
     "HINT_NAMES",
     "get_estimator",
     "cost_hints",
+    "HintSourceError",
     "hint_settings",
     "inspect_shards",
     "histogram",
     "format_histogram",
     "format_report",
 ]
+
+class HintSourceError(ValueError):
+    """The recipe / tokenizer / encoder settings given for cost hints do not load or contradict each other."""
+
 
 #: converters write their run summary (counts, bad items by reason) beside the shards under this name
 REPORT_NAME = "convert_report.json"
@@ -81,32 +86,32 @@ def get_estimator(tokenizer: str | None = None, encoder_cfg: Any = None, recipe:
 
 def hint_recipe(recipe: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
     """The training recipe (``RECIPE.yaml`` + ``key=value`` overrides, loaded as ``rynnscale train`` loads
-    them) whose encoder the converters' cost hints are to be made with (their ``recipe``). Raises ``ValueError``
+    them) whose encoder the converters' cost hints are to be made with (their ``recipe``). Raises ``HintSourceError``
     for a recipe that does not load, or whose tokenizer or architecture is not on this machine."""
     from rynnscale.config import ConfigError, load_config
 
     try:
         cfg = load_config(recipe, list(overrides), check_paths=False)   # the run's paths may be another machine's
     except ConfigError as e:
-        raise ValueError(f"recipe {recipe}: {e}") from None
+        raise HintSourceError(f"recipe {recipe}: {e}") from None
     init_from = cfg.model.init_from
     if init_from and not Path(init_from).is_dir() and not cfg.data.tokenizer:
-        raise ValueError(f"recipe {recipe}: model.init_from={init_from!r} is not on this machine, and the run reads "
+        raise HintSourceError(f"recipe {recipe}: model.init_from={init_from!r} is not on this machine, and the run reads "
                          "its tokenizer from there: convert where it is, or set data.tokenizer=DIR (its tokenizer)")
     try:
         get_estimator(recipe=cfg)
     except ConfigError as e:   # the architecture (model.init_from without config.json here, no model.preset)
-        raise ValueError(f"recipe {recipe}: {e}") from None
+        raise HintSourceError(f"recipe {recipe}: {e}") from None
     return cfg
 
 
 def _check_hint_source(tokenizer: str | None, encoder_cfg: Any, recipe: Any) -> None:
     """A recipe gives the hints' tokenizer and encoder settings: a ``tokenizer`` / ``encoder_cfg`` given besides it
-    must not say otherwise (ValueError)."""
+    must not say otherwise (HintSourceError)."""
     if recipe is None:
         return
     if encoder_cfg is not None:
-        raise ValueError("give the encoder settings of the cost hints once: a recipe or an encoder_cfg, not both")
+        raise HintSourceError("give the encoder settings of the cost hints once: a recipe or an encoder_cfg, not both")
     from rynnscale.data.pipeline import tokenizer_source
     from rynnscale.data.tokenizer import default_tokenizer_dir
 
@@ -116,7 +121,7 @@ def _check_hint_source(tokenizer: str | None, encoder_cfg: Any, recipe: Any) -> 
 
     theirs = tokenizer_source(recipe)
     if tokenizer is not None and where(tokenizer) != where(theirs):
-        raise ValueError(f"--tokenizer {tokenizer} is not the tokenizer the recipe trains with "
+        raise HintSourceError(f"--tokenizer {tokenizer} is not the tokenizer the recipe trains with "
                          f"({theirs or 'the bundled Qwen3 tokenizer'}): drop --tokenizer (the recipe's is used), or "
                          "set data.tokenizer in the recipe")
 

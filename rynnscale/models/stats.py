@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rynnscale.batch import PackedBatch
+from rynnscale.models.lora import is_adapter_param
 from rynnscale.models.registry import family_of
 
 
@@ -174,7 +175,7 @@ def _stage_skips(module: torch.nn.Module, stages: Sequence, trains_below: bool, 
             mixer_fwd_only = not grad_in
             continue
         for name, p in members:
-            if p.ndim < 2 or (not adapters and name.endswith(("lora_A", "lora_B"))):
+            if p.ndim < 2 or (not adapters and is_adapter_param(name)):
                 continue
             needs_in = grad_in
             if name.endswith("lora_B"):   # B's input is A's output

@@ -244,6 +244,10 @@ def test_inspect_with_the_recipe_counts_the_runs_tokens(tmp_path: Path, capsys) 
     assert (tokens["count"], tokens["sum"], tokens["min"], tokens["max"]) == (6, sum(want), min(want), max(want))
     assert main(["data", "inspect", str(out), "--json", *OVERRIDES]) == 2   # overrides without a recipe
     assert "give the recipe with --recipe" in capsys.readouterr().err
+    assert main(["data", "inspect", str(out), "--recipe", str(recipe), "--no-estimate"]) == 2   # was ignored
+    assert "--no-estimate counts none" in capsys.readouterr().err
+    assert main(["data", "inspect", str(out), "--recipe", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
 
 
 def test_samples_over_the_recipes_budget_stay_in_the_shards(tmp_path: Path) -> None:

@@ -226,6 +226,28 @@ def test_frozen_weights_count_what_the_backward_computes(keys):
     assert abs(counted - expected) <= 1e-9 * expected, (counted, expected, ours.as_dict())
 
 
+
+@pytest.mark.parametrize("keys", [dict(lora=LoRAConfig(rank=4, experts=True, vision=True)),
+                                  dict(freeze=["model.visual.*"])], ids=["lora", "frozen_tower"])
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_checkpointed_blocks_count_as_the_plain_ones(keys, ac):
+    """The trainer counts the meta model its recipe builds, its blocks wrapped for activation checkpointing (the
+    model's parameter names carry ``_checkpoint_wrapped_module.``; the stage patterns match names within a block):
+    the frozen weights' skipped passes are those of the plain blocks, as the base recipes checkpoint. Exact."""
+    args = tiny_args()
+    batch = _batch(args, torch.Generator().manual_seed(0))
+
+    def counted(**extra):
+        model = build_model(model_config_for(args, **keys, **extra), meta=True)[1]
+        return model, batch_flops(args, param_stats(model), batch, loss_tokens=batch.num_target_tokens)
+
+    wrapped, ours = counted(activation_checkpointing=ac)
+    assert any("_checkpoint_wrapped_module." in n for n, _ in wrapped.named_parameters())
+    plain, full = counted()
+    assert ours.as_dict() == full.as_dict()
+    assert ours.total < batch_flops(args, param_stats(build_model(model_config_for(args), meta=True)[1]), batch,
+                                    loss_tokens=batch.num_target_tokens).total
+
 def test_trainable_tower_on_a_text_only_batch():
     """Vision adapters (``model.lora.vision``) make the decoder's input need a gradient only on a batch that runs the
     tower: on a text-only row the first layer's q / k / v take no input gradient. torch, 1e-9 relative."""
